@@ -1,0 +1,50 @@
+"""The `leakaudit` command. Thin: each topic module registers its commands; bad input exits 2 in one line."""
+
+from __future__ import annotations
+
+import importlib
+import sys
+
+import typer
+
+from leakaudit.errors import InputError
+
+app = typer.Typer(
+    name="leakaudit",
+    help="Measure what a fine-tuned language model leaks about the data it was tuned on.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+
+# One module per topic; each defines register(app). Kept as names so a topic in progress cannot break the rest.
+TOPICS = ["core", "mia", "train", "generate", "pii", "backdoor", "run"]
+
+for _topic in TOPICS:
+    _module = importlib.import_module(f"leakaudit.cli.{_topic}")
+    _module.register(app)
+
+
+def main() -> None:
+    """Console entry point: run the app, turning InputError into `error: ...` and exit status 2."""
+    try:
+        code = app(standalone_mode=False)
+        if isinstance(code, int) and code != 0:
+            sys.exit(code)
+    except InputError as exc:
+        print(f"error: {exc.format()}", file=sys.stderr)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        print("interrupted: finished work is saved; rerun the same command to resume", file=sys.stderr)
+        sys.exit(130)
+    except SystemExit:
+        raise
+    except Exception as exc:  # click usage errors carry their own exit code
+        import click
+
+        if isinstance(exc, click.exceptions.ClickException):
+            exc.show()
+            sys.exit(2 if isinstance(exc, click.exceptions.UsageError) else exc.exit_code)
+        if isinstance(exc, click.exceptions.Abort):
+            sys.exit(1)
+        raise

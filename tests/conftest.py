@@ -1,0 +1,44 @@
+"""Shared fixtures: tiny seeded models (Pythia and OPT architectures) and an isolated cache dir."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+# Converted models persist between runs in the repo's own (git-ignored) cache, apart from the user's.
+os.environ.setdefault("LEAKAUDIT_CACHE", str(Path(__file__).resolve().parent.parent / ".cache" / "test"))
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("LEAKAUDIT_DTYPE", "fp32")  # exact comparisons in tests; bf16 is exercised explicitly
+
+
+@pytest.fixture(scope="session")
+def tiny_neox():
+    """Tiny GPT-NeoX (Pythia architecture), fp32, eval mode."""
+    from leakaudit.models import load_model
+
+    return load_model("tiny-gpt-neox", dtype="fp32")
+
+
+@pytest.fixture(scope="session")
+def tiny_opt():
+    """Tiny OPT, fp32, eval mode."""
+    from leakaudit.models import load_model
+
+    return load_model("tiny-opt", dtype="fp32")
+
+
+@pytest.fixture(scope="session")
+def default_model():
+    """The embedded default model (SmolLM2-135M-Instruct from the shipped GGUF)."""
+    from leakaudit.models import load_model
+
+    return load_model("default", dtype="fp32")
+
+
+@pytest.fixture(params=["tiny-gpt-neox", "tiny-opt"])
+def tiny_model(request, tiny_neox, tiny_opt):
+    """Each tiny architecture in turn."""
+    return tiny_neox if request.param == "tiny-gpt-neox" else tiny_opt
