@@ -1,0 +1,399 @@
+"""The performance core: teacher-forced token statistics for many texts from batched forward passes.
+
+For each text x = (x_1..x_T) (tokenised with the tokenizer's own special-token policy) it returns
+  logp[t] = log p(x_t | x_<t)                   for every scored token,
+and on request the Min-K%++ moments of the next-token distribution at the same positions,
+  mu[t]  = E_{v~p(.|x_<t)} log p(v | x_<t),     var[t] = Var_{v~p(.|x_<t)} log p(v | x_<t).
+Without a prefix the first token has no context and is not scored (T-1 scores); with a prefix
+(ReCaLL, prompt/response) every text token is scored, conditioned on the prefix.
+
+Why it is fast and lean:
+- texts are sorted by length and packed into batches under a token budget (little padding);
+- the backbone runs once per batch; the LM head runs only on real (non-padding) positions, in
+  chunks, so the full T x V logits tensor never exists and nothing vocabulary-sized leaves the device;
+- results are cached on disk (SQLite), content-addressed by model fingerprint, options and text, so
+  a rerun does no forward pass.
+Texts longer than the window (`max_length`, default the model's context) are scored with a strided
+window: each window of `max_length` tokens advances by `stride` (default max_length // 2) and scores
+only the tokens not scored before, each with at least max_length - stride tokens of context.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import sqlite3
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from leakaudit.errors import InputError
+from leakaudit.models import LoadedModel, cache_dir
+
+SCORING_VERSION = 1
+CPU_TOKEN_BUDGET = 8192
+HEAD_CHUNK_ELEMENTS = 1 << 25  # logits elements per LM-head chunk (128 MiB in fp32)
+
+
+@dataclass
+class TokenScores:
+    """Teacher-forced statistics of one text (arrays are float32, one entry per scored token)."""
+
+    logp: np.ndarray
+    mu: np.ndarray | None = None
+    var: np.ndarray | None = None
+
+    @property
+    def n_tokens(self) -> int:
+        return int(self.logp.shape[0])
+
+    @property
+    def sum_logp(self) -> float:
+        return float(self.logp.astype(np.float64).sum())
+
+    @property
+    def mean_logp(self) -> float:
+        """Mean token log-likelihood (= -NLL); NaN for a text with no scored token."""
+        return float(self.logp.astype(np.float64).mean()) if self.n_tokens else float("nan")
+
+
+@dataclass(frozen=True)
+class ScoreOptions:
+    """Everything besides model and text that changes the numbers (part of the cache key)."""
+
+    max_length: int
+    stride: int
+    moments: bool
+    dtype: str
+
+    def key(self) -> str:
+        return json.dumps({"v": SCORING_VERSION, "L": self.max_length, "s": self.stride, "dtype": self.dtype},
+                          sort_keys=True)
+
+
+# ----------------------------------------------------------------------------------------- cache
+class ScoreCache:
+    """SQLite store of TokenScores keyed by sha256(model fingerprint, options, prefix, text)."""
+
+    def __init__(self, path: Path | None = None):
+        self.path = Path(path) if path else cache_dir() / "scores.sqlite"
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._conn = sqlite3.connect(str(self.path), timeout=120)
+        with contextlib.suppress(sqlite3.OperationalError):
+            self._conn.execute("PRAGMA journal_mode=WAL")
+        self._conn.execute("CREATE TABLE IF NOT EXISTS scores (key TEXT PRIMARY KEY, logp BLOB NOT NULL,"
+                           " mu BLOB, var BLOB)")
+        self._conn.commit()
+
+    @staticmethod
+    def make_key(fingerprint: str, options: ScoreOptions, prefix: str | None, text: str) -> str:
+        h = hashlib.sha256()
+        for part in (fingerprint, options.key(), "\x00" if prefix is None else "P" + prefix, text):
+            h.update(part.encode("utf-8", "surrogatepass"))
+            h.update(b"\x1f")
+        return h.hexdigest()
+
+    def get_many(self, keys: Sequence[str], need_moments: bool) -> dict[str, TokenScores]:
+        found: dict[str, TokenScores] = {}
+        for start in range(0, len(keys), 500):
+            chunk = list(keys[start:start + 500])
+            marks = ",".join("?" * len(chunk))
+            for key, lp, mu, var in self._conn.execute(f"SELECT key, logp, mu, var FROM scores WHERE key IN ({marks})",
+                                                       chunk):
+                if need_moments and mu is None:
+                    continue
+                found[key] = TokenScores(np.frombuffer(lp, dtype=np.float32).copy(),
+                                         None if mu is None else np.frombuffer(mu, dtype=np.float32).copy(),
+                                         None if var is None else np.frombuffer(var, dtype=np.float32).copy())
+        return found
+
+    def put_many(self, items: Sequence[tuple[str, TokenScores]]) -> None:
+        rows = [(k, s.logp.astype(np.float32).tobytes(),
+                 None if s.mu is None else s.mu.astype(np.float32).tobytes(),
+                 None if s.var is None else s.var.astype(np.float32).tobytes()) for k, s in items]
+        self._conn.executemany("INSERT OR REPLACE INTO scores VALUES (?, ?, ?, ?)", rows)
+        self._conn.commit()
+
+    def close(self) -> None:
+        self._conn.close()
+
+
+# ----------------------------------------------------------------------------------------- segments
+@dataclass
+class _Segment:
+    text_index: int
+    order: int  # window number within the text
+    ids: list[int]
+    first_scored: int  # index (in ids) of the first token to score; tokens first_scored..len-1 are scored
+
+
+def _segments(index: int, ctx: list[int], ids: list[int], window: int, stride: int) -> list[_Segment]:
+    """Split context+text into windows; each token of the text is scored exactly once."""
+    seq = ctx + ids
+    start_score = max(len(ctx), 1)
+    if len(seq) <= window:
+        return [_Segment(index, 0, seq, start_score)]
+    segs: list[_Segment] = []
+    prev_end = 0
+    begin = 0
+    while True:
+        end = min(begin + window, len(seq))
+        first = max(prev_end, start_score)  # absolute position of the first new token to score
+        if first < end:
+            segs.append(_Segment(index, len(segs), seq[begin:end], first - begin))
+        prev_end = end
+        if end == len(seq):
+            return segs
+        begin += stride
+
+
+def _batches(segs: list[_Segment], batch_size: int | None, token_budget: int) -> list[list[_Segment]]:
+    """Length-sorted batches: a fixed number of sequences, or as many as fit the token budget."""
+    order = sorted(segs, key=lambda s: len(s.ids), reverse=True)
+    out: list[list[_Segment]] = []
+    cur: list[_Segment] = []
+    for seg in order:
+        width = len(cur[0].ids) if cur else len(seg.ids)
+        full = (len(cur) >= batch_size) if batch_size else (len(cur) + 1) * width > token_budget
+        if cur and full:
+            out.append(cur)
+            cur = []
+        cur.append(seg)
+    if cur:
+        out.append(cur)
+    return out
+
+
+# ----------------------------------------------------------------------------------------- forward
+@contextlib.contextmanager
+def _hidden_state_head(model):
+    """Temporarily replace the LM head by identity so the forward returns final hidden states."""
+    head = model.get_output_embeddings()
+    owner, attr = None, None
+    for mod in model.modules():
+        for name, child in mod.named_children():
+            if child is head:
+                owner, attr = mod, name
+                break
+        if owner is not None:
+            break
+    if owner is None:
+        raise RuntimeError("cannot locate the LM head of this model")
+    setattr(owner, attr, torch.nn.Identity())
+    try:
+        yield head
+    finally:
+        setattr(owner, attr, head)
+
+
+def _head_logits(model, head, hidden: torch.Tensor) -> torch.Tensor:
+    """Apply the LM head (plus any logit scaling/soft-capping the architecture defines) in fp32."""
+    logits = head(hidden).float()
+    cfg = model.config
+    scale = getattr(cfg, "logit_scale", None)
+    if isinstance(scale, (int, float)) and scale != 1:
+        logits = logits * scale
+    cap = getattr(cfg, "final_logit_softcapping", None)
+    if cap:
+        logits = cap * torch.tanh(logits / cap)
+    return logits
+
+
+@torch.inference_mode()
+def _score_batch(lm: LoadedModel, batch: list[_Segment], moments: bool) -> list[TokenScores]:
+    model, dev = lm.model, lm.device
+    pad = lm.tokenizer.pad_token_id or 0
+    width = max(len(s.ids) for s in batch)
+    ids = torch.full((len(batch), width), pad, dtype=torch.long)
+    mask = torch.zeros((len(batch), width), dtype=torch.long)
+    for row, seg in enumerate(batch):
+        ids[row, : len(seg.ids)] = torch.tensor(seg.ids)
+        mask[row, : len(seg.ids)] = 1
+    ids, mask = ids.to(dev), mask.to(dev)
+    with _hidden_state_head(model) as head:
+        hidden = model(input_ids=ids, attention_mask=mask, use_cache=False).logits  # (B, W, H)
+        # Position p predicts token p+1: take predicting positions first_scored-1 .. len-2.
+        rows, cols = [], []
+        for row, seg in enumerate(batch):
+            span = range(seg.first_scored - 1, len(seg.ids) - 1)
+            rows.extend([row] * len(span))
+            cols.extend(span)
+        r = torch.tensor(rows, dtype=torch.long, device=dev)
+        c = torch.tensor(cols, dtype=torch.long, device=dev)
+        h = hidden[r, c]  # (N, H): real positions only
+        targets = ids[r, c + 1]
+        vocab = head.weight.shape[0] if hasattr(head, "weight") else hidden.shape[-1]
+        chunk = max(1, HEAD_CHUNK_ELEMENTS // max(vocab, 1))
+        lp_parts, mu_parts, var_parts = [], [], []
+        for start in range(0, h.shape[0], chunk):
+            logits = _head_logits(model, head, h[start:start + chunk])
+            logprobs = torch.log_softmax(logits, dim=-1)
+            lp_parts.append(logprobs.gather(1, targets[start:start + chunk, None])[:, 0])
+            if moments:
+                probs = logprobs.exp()
+                mu = (probs * logprobs).sum(-1)
+                second = (probs * logprobs.square()).sum(-1)
+                mu_parts.append(mu)
+                var_parts.append((second - mu.square()).clamp_min(0))
+    lp = torch.cat(lp_parts).cpu().numpy() if lp_parts else np.zeros(0, np.float32)
+    mu_all = torch.cat(mu_parts).cpu().numpy() if mu_parts else None
+    var_all = torch.cat(var_parts).cpu().numpy() if var_parts else None
+    out: list[TokenScores] = []
+    pos = 0
+    for seg in batch:
+        n = len(seg.ids) - seg.first_scored
+        out.append(TokenScores(lp[pos:pos + n].astype(np.float32),
+                               None if mu_all is None else mu_all[pos:pos + n].astype(np.float32),
+                               None if var_all is None else var_all[pos:pos + n].astype(np.float32)))
+        pos += n
+    return out
+
+
+def _token_budget(lm: LoadedModel) -> int:
+    """Tokens per batch for `--batch-size auto`: a fixed budget on CPU, sized to free memory on GPU."""
+    env = os.environ.get("LEAKAUDIT_TOKEN_BUDGET")
+    if env:
+        return int(env)
+    if lm.device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(lm.device)
+        cfg = lm.model.config
+        hidden = getattr(cfg, "hidden_size", 1024)
+        layers = getattr(cfg, "num_hidden_layers", 24)
+        per_token = hidden * 4 * 24 + layers * 64  # activations of one layer at a time, generous
+        return int(max(1024, min(262144, free * 0.5 // per_token)))
+    return CPU_TOKEN_BUDGET
+
+
+def _tokenize(lm: LoadedModel, texts: Sequence[str], prefixes: Sequence[str | None]):
+    tok = lm.tokenizer
+    if all(p is None for p in prefixes):
+        enc = tok(list(texts), add_special_tokens=True)["input_ids"]
+        return [[] for _ in texts], enc
+    ctx = [tok(p, add_special_tokens=True)["input_ids"] if p is not None else [] for p in prefixes]
+    ids = [tok(t, add_special_tokens=p is None)["input_ids"] for t, p in zip(texts, prefixes, strict=True)]
+    return ctx, ids
+
+
+def score_texts(
+    lm: LoadedModel,
+    texts: Sequence[str],
+    *,
+    prefixes: str | Sequence[str | None] | None = None,
+    moments: bool = False,
+    batch_size: int | str = "auto",
+    max_length: int | None = None,
+    stride: int | None = None,
+    cache: bool | ScoreCache = True,
+    progress: bool = True,
+    description: str = "scoring",
+) -> list[TokenScores]:
+    """Score every text (optionally conditioned on a prefix) in batched, cached forward passes.
+
+    `batch_size`: "auto" (token budget; env LEAKAUDIT_TOKEN_BUDGET overrides) or a number of sequences.
+    `moments=True` also returns mu/var for Min-K%++. Results come back in input order.
+    """
+    texts = list(texts)
+    if isinstance(prefixes, str) or prefixes is None:
+        prefix_list: list[str | None] = [prefixes] * len(texts)
+    else:
+        prefix_list = list(prefixes)
+        if len(prefix_list) != len(texts):
+            raise ValueError("prefixes must match texts in length")
+    window = max_length or lm.max_length
+    if window < 2:
+        raise InputError("max length must be at least 2 tokens", field="--max-length")
+    step = stride or max(1, window // 2)
+    if not 0 < step < window:
+        raise InputError(f"stride must be between 1 and max length - 1 ({window - 1})", field="--stride")
+    if batch_size != "auto":
+        try:
+            batch_size = int(batch_size)
+        except ValueError:
+            raise InputError("must be 'auto' or a positive integer", field="--batch-size") from None
+        if batch_size < 1:
+            raise InputError("must be 'auto' or a positive integer", field="--batch-size")
+    options = ScoreOptions(window, step, moments, str(lm.dtype).replace("torch.", ""))
+
+    store: ScoreCache | None = None
+    if cache is True:
+        store = ScoreCache()
+    elif isinstance(cache, ScoreCache):
+        store = cache
+    keys = [ScoreCache.make_key(lm.fingerprint, options, p, t) for t, p in zip(texts, prefix_list, strict=True)]
+    results: dict[int, TokenScores] = {}
+    if store is not None:
+        hits = store.get_many(list(dict.fromkeys(keys)), moments)
+        for i, k in enumerate(keys):
+            if k in hits:
+                results[i] = hits[k]
+    todo_keys: dict[str, int] = {}
+    for i, k in enumerate(keys):
+        if i not in results and k not in todo_keys:
+            todo_keys[k] = i  # identical (prefix, text) pairs are scored once
+    todo = list(todo_keys.values())
+    if todo:
+        ctx, ids = _tokenize(lm, [texts[i] for i in todo], [prefix_list[i] for i in todo])
+        segs: list[_Segment] = []
+        for j, (c, x) in enumerate(zip(ctx, ids, strict=True)):
+            segs.extend(_segments(j, c, x, window, step))
+        batches = _batches(segs, batch_size if isinstance(batch_size, int) else None, _token_budget(lm))
+        pieces: dict[int, list[tuple[int, TokenScores]]] = {j: [] for j in range(len(todo))}
+        was_training = lm.model.training
+        lm.model.eval()
+        try:
+            with _progress(progress, description, sum(len(s.ids) for s in segs)) as advance:
+                for batch in batches:
+                    for seg, res in zip(batch, _score_batch(lm, batch, moments), strict=True):
+                        pieces[seg.text_index].append((seg.order, res))
+                    advance(sum(len(s.ids) for s in batch))
+        finally:
+            lm.model.train(was_training)
+        new_items = []
+        for j, i in enumerate(todo):
+            parts = [r for _, r in sorted(pieces[j], key=lambda x: x[0])]
+            merged = _concat(parts, moments)
+            results[i] = merged
+            new_items.append((keys[i], merged))
+        if store is not None:
+            store.put_many(new_items)
+    for i, k in enumerate(keys):  # duplicates of a text scored in this call
+        if i not in results:
+            results[i] = results[todo_keys[k]]
+    if cache is True and store is not None:
+        store.close()
+    return [results[i] for i in range(len(texts))]
+
+
+def _concat(parts: list[TokenScores], moments: bool) -> TokenScores:
+    if not parts:
+        return TokenScores(np.zeros(0, np.float32), np.zeros(0, np.float32) if moments else None,
+                           np.zeros(0, np.float32) if moments else None)
+    if len(parts) == 1:
+        return parts[0]
+    return TokenScores(np.concatenate([p.logp for p in parts]),
+                       np.concatenate([p.mu for p in parts]) if moments else None,
+                       np.concatenate([p.var for p in parts]) if moments else None)
+
+
+@contextlib.contextmanager
+def _progress(enabled: bool, description: str, total: int):
+    """A rich progress bar over tokens (shown on stderr only for long work)."""
+    if not enabled or total < 20000:
+        yield lambda n: None
+        return
+    from rich.console import Console
+    from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
+
+    columns = [TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total} tok"),
+               TimeRemainingColumn()]
+    with Progress(*columns, console=Console(stderr=True), transient=True) as bar:
+        task = bar.add_task(description, total=total)
+        started = time.perf_counter()
+        yield lambda n: bar.update(task, advance=n)
+        del started
