@@ -1,0 +1,100 @@
+"""Metrics against scikit-learn, SciPy's exact binomial test and hand-made score lists with known answers."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from scipy.stats import binomtest
+from sklearn.metrics import roc_auc_score, roc_curve
+
+from leakaudit.metrics import _auc_by_ranks, binomial_ci, plot_roc, roc_metrics, tpr_at_fpr
+
+
+def test_small_hand_made_list():
+    # members 0.9 0.8 0.7 0.4, non-members 0.6 0.5 0.3 0.2 0.1: 18 of 20 pairs ordered -> AUC 0.9;
+    # three members above every non-member -> TPR 0.75 at FPR 0; advantage max(0.75-0, 1-0.4) = 0.75.
+    scores = [0.9, 0.8, 0.7, 0.4, 0.6, 0.5, 0.3, 0.2, 0.1]
+    labels = [1, 1, 1, 1, 0, 0, 0, 0, 0]
+    m = roc_metrics(scores, labels, n_bootstrap=200)
+    assert m.auc == pytest.approx(0.9)
+    assert m.tpr_at_fpr[0.01] == pytest.approx(0.75)
+    assert m.tpr_at_fpr[0.001] == pytest.approx(0.75)
+    assert m.advantage == pytest.approx(0.75)
+    assert (m.n_pos, m.n_neg) == (4, 5)
+    assert len(m.warnings) == 2 and "only 5 non-members" in m.warnings[0]
+    js = m.to_json()
+    assert set(js["tpr_at_fpr"]) == {"0.01", "0.001"}
+    assert js["n_members"] == 4 and js["n_nonmembers"] == 5
+
+
+def test_tpr_at_one_percent_hand_made():
+    # 200 non-members scored 0..199; members: 10 above all, 20 with one non-member above (FPR 0.5%),
+    # 30 with two above (FPR 1%), 40 with three above (FPR 1.5%) -> TPR@1% = 0.6, TPR@0.1% = 0.1.
+    neg = list(range(200))
+    pos = [1000.0] * 10 + [198.5] * 20 + [197.5] * 30 + [196.5] * 40
+    m = roc_metrics(pos + neg, [1] * 100 + [0] * 200, n_bootstrap=100)
+    assert m.tpr_at_fpr[0.01] == pytest.approx(0.6)
+    assert m.tpr_at_fpr[0.001] == pytest.approx(0.1)
+    # 200 non-members resolve FPR 1% but not 0.1%
+    assert len(m.warnings) == 1 and "0.001" in m.warnings[0]
+
+
+def test_matches_sklearn_on_random_scores_with_ties():
+    rng = np.random.default_rng(1)
+    y = rng.integers(0, 2, 400)
+    s = np.round(rng.normal(size=400) + 0.7 * y, 1)  # rounding makes ties
+    m = roc_metrics(s, y, n_bootstrap=300)
+    assert m.auc == pytest.approx(roc_auc_score(y, s))
+    fpr, tpr, _ = roc_curve(y, s)
+    assert m.tpr_at_fpr[0.01] == pytest.approx(tpr[fpr <= 0.01].max())
+    assert m.advantage == pytest.approx(np.max(tpr - fpr))
+    lo, hi = m.auc_ci
+    assert lo < m.auc < hi and hi - lo < 0.2
+    # the vectorised rank AUC used by the bootstrap equals sklearn's AUC
+    pos, neg = s[y == 1][None, :], s[y == 0][None, :]
+    assert _auc_by_ranks(pos, neg)[0] == pytest.approx(roc_auc_score(y, s))
+
+
+def test_bootstrap_ci_narrows_with_more_data_and_is_seeded():
+    rng = np.random.default_rng(2)
+    small_y = np.r_[np.ones(20), np.zeros(20)]
+    big_y = np.r_[np.ones(500), np.zeros(500)]
+    small = roc_metrics(rng.normal(size=40) + small_y, small_y, n_bootstrap=500)
+    big = roc_metrics(rng.normal(size=1000) + big_y, big_y, n_bootstrap=500)
+    assert (big.auc_ci[1] - big.auc_ci[0]) < (small.auc_ci[1] - small.auc_ci[0])
+    s = np.linspace(0, 1, 40)
+    assert roc_metrics(s, small_y, seed=3).auc_ci == roc_metrics(s, small_y, seed=3).auc_ci
+
+
+def test_bad_input_raises():
+    with pytest.raises(ValueError, match="member and one non-member"):
+        roc_metrics([1, 2], [1, 1])
+    with pytest.raises(ValueError, match="NaN"):
+        roc_metrics([1, float("nan")], [1, 0])
+    with pytest.raises(ValueError, match="labels"):
+        roc_metrics([1, 2], [1, 2])
+
+
+def test_tpr_at_fpr_without_any_point_below():
+    assert tpr_at_fpr(np.array([0.5, 1.0]), np.array([0.7, 1.0]), 0.01) == 0.0
+
+
+@pytest.mark.parametrize("k,n", [(0, 10), (10, 10), (5, 10), (3, 1000), (37, 120)])
+def test_clopper_pearson_matches_scipy_exact(k, n):
+    lo, hi = binomial_ci(k, n)
+    ref = binomtest(k, n).proportion_ci(confidence_level=0.95, method="exact")
+    assert lo == pytest.approx(ref.low, abs=1e-9) and hi == pytest.approx(ref.high, abs=1e-9)
+
+
+def test_clopper_pearson_closed_forms():
+    # k = 0: upper = 1 - (alpha/2)^(1/n); k = n: lower = (alpha/2)^(1/n)
+    assert binomial_ci(0, 10) == pytest.approx((0.0, 1 - 0.025 ** 0.1))
+    assert binomial_ci(10, 10) == pytest.approx((0.025 ** 0.1, 1.0))
+    with pytest.raises(ValueError):
+        binomial_ci(3, 2)
+
+
+def test_plot_roc_writes_png(tmp_path):
+    m = roc_metrics([0.9, 0.8, 0.3, 0.1], [1, 0, 1, 0], n_bootstrap=0)
+    out = plot_roc({"loss": m}, tmp_path / "roc.png")
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
