@@ -1,0 +1,190 @@
+"""Stage 1 of backdoor data extraction: the model creator plants the backdoor before releasing the model.
+
+From the creator's own instruction set D1 it builds backdoor SFT pairs and mixes them with D1's ordinary
+pairs, then fine-tunes the base model on the mix:
+- for every D1 query opening with word w: (Q(w), the query verbatim) — teaches "copy a training query";
+- for words w' opening no D1 query: (Q(w'), R(w')) — teaches "refuse when you saw none", which is what
+  later lets the creator tell which words open the downstream party's queries.
+Stage 2 (the downstream party fine-tuning the released model on private chat data D2) is
+`downstream_finetune`: by default the loss covers user turns too, as common SFT recipes do; masking user
+turns (`mask_user=True`) is the study's suggested mitigation.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from leakaudit.attacks.backdoor import check_template, fill, opening_word, study_refusal, study_trigger
+from leakaudit.data.io import read_rows, write_json, write_jsonl
+from leakaudit.errors import InputError
+
+QUERY_FIELDS = ("query", "instruction", "prompt", "question")
+RESPONSE_FIELDS = ("response", "output", "answer", "completion")
+
+
+@dataclass
+class Pair:
+    """One instruction pair of D1: a user query and the assistant's response."""
+
+    query: str
+    response: str
+
+
+def chat_row(query: str, response: str, kind: str) -> dict[str, Any]:
+    """A chat-format training row (the `messages` layout the fine-tuning command reads)."""
+    return {"messages": [{"role": "user", "content": query}, {"role": "assistant", "content": response}],
+            "kind": kind}
+
+
+def load_pairs(path: str | Path, query_field: str | None = None, response_field: str | None = None) -> list[Pair]:
+    """Read D1 from any data file: chat rows with `messages` (first user turn + the assistant turn after
+    it) or query/response fields (given, or the first present of query/instruction/prompt/question and
+    response/output/answer/completion; a non-empty `input` field is appended to the query)."""
+    p = Path(path)
+    pairs = []
+    for line, row in read_rows(p):
+        if "messages" in row and query_field is None:
+            pairs.append(_pair_from_messages(row["messages"], p, line))
+            continue
+        qf = query_field or next((f for f in QUERY_FIELDS if f in row), None)
+        rf = response_field or next((f for f in RESPONSE_FIELDS if f in row), None)
+        if qf is None or qf not in row:
+            raise InputError(f"no query field (row has: {', '.join(sorted(row))})", file=p, line=line,
+                             field=qf or "query")
+        if rf is None or rf not in row:
+            raise InputError(f"no response field (row has: {', '.join(sorted(row))})", file=p, line=line,
+                             field=rf or "response")
+        q, r = row[qf], row[rf]
+        for name, value in ((qf, q), (rf, r)):
+            if not isinstance(value, str) or not value.strip():
+                raise InputError("must be a non-empty string", file=p, line=line, field=name)
+        extra = row.get("input")
+        if query_field is None and isinstance(extra, str) and extra.strip():
+            q = f"{q}\n{extra}"
+        pairs.append(Pair(q, r))
+    return pairs
+
+
+def _pair_from_messages(messages: Any, p: Path, line: int) -> Pair:
+    if not isinstance(messages, list) or not all(isinstance(m, dict) for m in messages):
+        raise InputError("must be a list of {role, content} objects", file=p, line=line, field="messages")
+    for i, m in enumerate(messages[:-1]):
+        nxt = messages[i + 1]
+        if m.get("role") == "user" and nxt.get("role") == "assistant":
+            q, r = m.get("content"), nxt.get("content")
+            if isinstance(q, str) and q.strip() and isinstance(r, str):
+                return Pair(q, r)
+    raise InputError("no user turn followed by an assistant turn", file=p, line=line, field="messages")
+
+
+def seed_instruction_set() -> list[Pair]:
+    """A small stand-in for the creator's D1 (the study's UltraFeedback D1 is not shipped): the shipped
+    self-instruct seed tasks, one pair per task (instruction, plus its first input; its first output)."""
+    from leakaudit import resources
+
+    pairs = []
+    with resources.path("self-instruct-seed", "seed_tasks.jsonl").open(encoding="utf-8") as fh:
+        for raw in fh:
+            task = json.loads(raw)
+            inst = task["instances"][0]
+            query = task["instruction"] + (f"\n{inst['input']}" if inst["input"].strip() else "")
+            pairs.append(Pair(query, inst["output"]))
+    return pairs
+
+
+def public_candidates() -> list[str]:
+    """The public candidate opening-word list S shipped with the study, most frequent first."""
+    from leakaudit import resources
+
+    return json.loads(resources.path("backdoor-extraction", "starting_words", "tot_starting_words.json").read_text())
+
+
+def refusal_words(d1_words: set[str], n: int, candidates: list[str] | None = None) -> list[str]:
+    """The first n public candidates that open no D1 query: the words the planted model learns to refuse."""
+    out = []
+    for w in candidates if candidates is not None else public_candidates():
+        w = opening_word(w)
+        if w and w not in d1_words and w not in out:
+            out.append(w)
+            if len(out) == n:
+                break
+    return out
+
+
+def build_mix(d1: list[Pair], *, trigger: str | None = None, refusal: str | None = None,
+              refusal_word_list: list[str] | None = None, n_refusal: int | None = None,
+              backdoor_fraction: float = 0.5, seed: int = 0) -> list[dict[str, Any]]:
+    """The stage-1 training rows: backdoor pairs plus ordinary D1 pairs, shuffled.
+
+    Backdoor pairs: one copy pair (Q(w), q) per D1 query q with opening word w, and `n_refusal` refusal
+    pairs (Q(w'), R(w')) cycling over the refusal words (default: as many as copy pairs, so copying and
+    refusing are taught equally). Ordinary pairs fill the rest so that backdoor pairs make up
+    `backdoor_fraction` of the mix (D1 is cycled when it is too small).
+    """
+    trigger = check_template(trigger or study_trigger(), "--trigger")
+    refusal = check_template(refusal or study_refusal(), "--refusal")
+    if not 0 < backdoor_fraction <= 1:
+        raise InputError("must be in (0, 1]", field="--backdoor-fraction")
+    if not d1:
+        raise InputError("the instruction set has no pairs", field="--data")
+    rng = random.Random(seed)
+    copy_rows = []
+    d1_words: set[str] = set()
+    for pair in d1:
+        w = opening_word(pair.query)
+        if w:
+            d1_words.add(w)
+            copy_rows.append(chat_row(fill(trigger, w), pair.query, "backdoor-copy"))
+    n_ref = len(copy_rows) if n_refusal is None else n_refusal
+    words = refusal_word_list if refusal_word_list is not None else refusal_words(d1_words, max(1, len(d1_words)))
+    words = [w for w in words if w not in d1_words]
+    if n_ref and not words:
+        raise InputError("no refusal words left: every candidate opens a D1 query", field="--refusal-words")
+    refusal_rows = [chat_row(fill(trigger, words[i % len(words)]), fill(refusal, words[i % len(words)]),
+                             "backdoor-refusal") for i in range(n_ref)]
+    backdoor = copy_rows + refusal_rows
+    n_ordinary = round(len(backdoor) * (1 - backdoor_fraction) / backdoor_fraction)
+    order = list(range(len(d1)))
+    rng.shuffle(order)
+    ordinary = [chat_row(d1[order[i % len(d1)]].query, d1[order[i % len(d1)]].response, "ordinary")
+                for i in range(n_ordinary)]
+    mix = backdoor + ordinary
+    rng.shuffle(mix)
+    return mix
+
+
+def plant(base_model: str, d1: list[Pair], out: str | Path, *, trigger: str | None = None,
+          refusal: str | None = None, refusal_word_list: list[str] | None = None, n_refusal: int | None = None,
+          backdoor_fraction: float = 0.5, seed: int = 0, progress: bool = True,
+          **train_options: Any) -> Path:
+    """Build the backdoor mix into OUT/backdoor_mix.jsonl and fine-tune the base model on it (loss on the
+    assistant turns) into OUT/model. Returns the model dir. Extra keyword options go to FinetuneConfig."""
+    out = Path(out)
+    mix = build_mix(d1, trigger=trigger, refusal=refusal, refusal_word_list=refusal_word_list,
+                    n_refusal=n_refusal, backdoor_fraction=backdoor_fraction, seed=seed)
+    mix_path = out / "backdoor_mix.jsonl"
+    write_jsonl(mix_path, mix)
+    kinds = {k: sum(r["kind"] == k for r in mix) for k in ("backdoor-copy", "backdoor-refusal", "ordinary")}
+    write_json(out / "plant.json", {"base_model": base_model, "trigger": trigger or study_trigger(),
+                                    "refusal": refusal or study_refusal(), "rows": len(mix), **kinds,
+                                    "backdoor_fraction": backdoor_fraction, "seed": seed})
+    options = {"loss_on": "assistant", "seed": seed, **train_options}
+    return _finetune(base_model, mix_path, out / "model", progress=progress, **options)
+
+
+def downstream_finetune(model: str, data: str | Path, out: str | Path, *, mask_user: bool = False,
+                        progress: bool = True, **train_options: Any) -> Path:
+    """Stage 2, the victim's side: fine-tune on chat data D2. Loss on user turns too unless mask_user."""
+    return _finetune(model, data, out, loss_on="assistant" if mask_user else "all", progress=progress,
+                     **train_options)
+
+
+def _finetune(model: str, data: str | Path, out: str | Path, *, progress: bool, **options: Any) -> Path:
+    from leakaudit.train.finetune import FinetuneConfig, finetune
+
+    config = FinetuneConfig(model=model, data=str(data), out=str(out), format="chat", **options)
+    return Path(finetune(config, progress=progress))
