@@ -1,0 +1,406 @@
+"""Batched, seeded, resumable text sampling: many prompts x many samples, written to disk as it goes.
+
+Why it is built this way:
+- Every (prompt_id, sample_index) row draws its randomness from its *own* generator, seeded from
+  (seed, prompt_id, sample_index). Sampling uses the Gumbel-max trick: token = argmax(filtered logits / T
+  + Gumbel noise), an exact draw from the top-k / top-p / temperature distribution. So a row's text does
+  not depend on which other rows share its batch: results are the same for any batch size, and a run
+  killed half-way resumes to exactly the rows an uninterrupted run writes.
+- Prompts are sorted by token length and batched with left padding; decoding uses the KV cache
+  (`model.generate`), so one forward step serves a whole batch.
+- With `out_path`, each finished batch is appended to a JSONL file and flushed; a rerun reads it, skips
+  the (prompt_id, sample_index) pairs already there and drops a half-written last line, so a kill loses
+  at most the batch in flight and never duplicates a row.
+The HF backend is the reference; `backend="vllm"` is a thin adapter for GPUs with vLLM installed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import importlib.util
+import json
+import os
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+from leakaudit.errors import InputError
+from leakaudit.models import LoadedModel
+
+SAMPLING_VERSION = 1
+CPU_MAX_ROWS = 64          # rows per batch on CPU: beyond this a step gets no faster per row
+CPU_KV_TOKEN_BUDGET = 65536  # prompt+new tokens held in the KV cache per batch on CPU
+GPU_MAX_ROWS = 512
+BACKENDS = ("hf", "vllm")
+
+
+@dataclass
+class SamplingConfig:
+    """How to sample. `greedy=True` takes the most likely token (temperature, top-k, top-p ignored)."""
+
+    max_new_tokens: int = 15
+    temperature: float = 1.0
+    top_k: int | None = None
+    top_p: float | None = None
+    num_samples: int = 1        # samples per prompt
+    greedy: bool = False        # True => greedy decoding (temperature ignored)
+    seed: int = 0
+    stop_at_eos: bool = True
+
+    def validate(self) -> None:
+        """Raise InputError naming the option for any value that cannot work."""
+        if self.max_new_tokens < 1:
+            raise InputError("must be at least 1", field="--max-new-tokens")
+        if self.num_samples < 1:
+            raise InputError("must be at least 1", field="--num-samples")
+        if not self.greedy and not self.temperature > 0:
+            raise InputError("must be > 0 (use greedy decoding for temperature 0)", field="--temperature")
+        if self.top_k is not None and self.top_k < 1:
+            raise InputError("must be at least 1", field="--top-k")
+        if self.top_p is not None and not 0 < self.top_p <= 1:
+            raise InputError("must be in (0, 1]", field="--top-p")
+
+
+@dataclass
+class Sample:
+    """One generated continuation of one prompt."""
+
+    prompt_id: str
+    sample_index: int
+    prompt: str
+    text: str                  # the newly generated text only (decoded, special tokens skipped)
+    n_new_tokens: int          # tokens the model generated, up to and including a stopping EOS
+
+
+@dataclass
+class _Row:
+    position: int              # index in the returned list (prompt-major, then sample_index)
+    prompt_id: str
+    sample_index: int
+    prompt: str
+    ids: list[int]
+
+
+def row_seed(seed: int, prompt_id: str, sample_index: int) -> int:
+    """The seed of one row's random stream: a hash, so rows are independent of each other and of batching."""
+    h = hashlib.sha256(f"{seed}\x1f{prompt_id}\x1f{sample_index}".encode("utf-8", "surrogatepass")).digest()
+    return int.from_bytes(h[:8], "little") & ((1 << 63) - 1)
+
+
+def run_key(lm: LoadedModel, config: SamplingConfig, backend: str) -> str:
+    """What identifies a sampling run in its output file: model weights, options, backend, engine version."""
+    blob = json.dumps({"v": SAMPLING_VERSION, "model": lm.fingerprint, "dtype": str(lm.dtype),
+                       "config": asdict(config), "backend": backend}, sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+# ----------------------------------------------------------------------------------------- public entry
+def sample(lm: LoadedModel, prompts: Sequence[str], config: SamplingConfig, *,
+           prompt_ids: Sequence[str] | None = None, out_path: str | Path | None = None,
+           batch_size: int | str = "auto", progress: bool = True, backend: str = "hf") -> list[Sample]:
+    """Generate `config.num_samples` continuations of every prompt; return them in input order.
+
+    `batch_size`: "auto" (sized to the device and the longest prompt + max_new_tokens) or a number of
+    rows per batch. With `out_path`, rows already in that JSONL (same model and options) are reused.
+    """
+    config.validate()
+    if backend not in BACKENDS:
+        raise InputError(f"unknown backend '{backend}'; use one of {', '.join(BACKENDS)}", field="--backend")
+    rows_per_batch = _parse_batch_size(batch_size)
+    ids_list = [str(i) for i in range(len(prompts))] if prompt_ids is None else [str(p) for p in prompt_ids]
+    if len(ids_list) != len(prompts):
+        raise InputError(f"{len(ids_list)} prompt ids for {len(prompts)} prompts", field="prompt_ids")
+    seen: set[str] = set()
+    for pid in ids_list:
+        if pid in seen:
+            raise InputError(f"duplicate prompt id '{pid}'", field="prompt_ids")
+        seen.add(pid)
+    if not prompts:
+        return []
+    if config.max_new_tokens >= lm.max_length:
+        raise InputError(f"{config.max_new_tokens} new tokens do not fit the model's context of "
+                         f"{lm.max_length} tokens", field="--max-new-tokens")
+
+    key = run_key(lm, config, backend)
+    token_ids = _tokenize_prompts(lm, prompts, lm.max_length - config.max_new_tokens)
+    rows = [_Row(i * config.num_samples + s, pid, s, prompt, ids)
+            for i, (pid, prompt, ids) in enumerate(zip(ids_list, prompts, token_ids, strict=True))
+            for s in range(config.num_samples)]
+    results: list[Sample | None] = [None] * len(rows)
+
+    done: dict[tuple[str, int], Sample] = {}
+    if out_path is not None:
+        done = _read_checkpoint(Path(out_path), key)
+    todo = []
+    for row in rows:
+        got = done.get((row.prompt_id, row.sample_index))
+        if got is not None and got.prompt == row.prompt:
+            results[row.position] = got
+        elif got is not None:
+            raise InputError(f"prompt '{row.prompt_id}' differs from the one already sampled in this file; "
+                             "use a new output file", file=out_path)
+        else:
+            todo.append(row)
+
+    generate = _hf_generate if backend == "hf" else _vllm_generate
+    todo.sort(key=lambda r: (len(r.ids), r.position))  # length-sorted: little padding per batch
+    batches = _make_batches(lm, todo, config, rows_per_batch)
+    with _progress(progress and bool(todo), "sampling", len(todo)) as advance, _appender(out_path) as append:
+        for batch in batches:
+            new_ids = generate(lm, batch, config)
+            samples = [_to_sample(lm, row, ids, config) for row, ids in zip(batch, new_ids, strict=True)]
+            append([{**asdict(s), "run": key} for s in samples])
+            for row, s in zip(batch, samples, strict=True):
+                results[row.position] = s
+            advance(len(batch))
+    return [s for s in results if s is not None]
+
+
+# ----------------------------------------------------------------------------------------- preparation
+def _parse_batch_size(batch_size: int | str) -> int | None:
+    if batch_size == "auto":
+        return None
+    try:
+        n = int(batch_size)
+    except (TypeError, ValueError):
+        raise InputError("must be 'auto' or a positive integer", field="--batch-size") from None
+    if n < 1:
+        raise InputError("must be 'auto' or a positive integer", field="--batch-size")
+    return n
+
+
+def _tokenize_prompts(lm: LoadedModel, prompts: Sequence[str], max_prompt_tokens: int) -> list[list[int]]:
+    """Token ids per prompt (tokenizer's own special tokens); an empty prompt starts from BOS/EOS;
+    prompts longer than the room left for new tokens keep their last tokens."""
+    tok = lm.tokenizer
+    enc = tok(list(prompts), add_special_tokens=True)["input_ids"]
+    start = tok.bos_token_id if tok.bos_token_id is not None else tok.eos_token_id
+    out = []
+    for ids in enc:
+        ids = list(ids) or [start]
+        out.append(ids[-max_prompt_tokens:])
+    return out
+
+
+def _auto_rows(lm: LoadedModel, width: int) -> int:
+    """Rows per batch for `batch_size="auto"`, given prompt + new tokens per row."""
+    if lm.device.type == "cuda":
+        cfg = lm.model.config
+        layers = getattr(cfg, "num_hidden_layers", 24)
+        hidden = getattr(cfg, "hidden_size", 1024)
+        heads = getattr(cfg, "num_attention_heads", 16)
+        kv_heads = getattr(cfg, "num_key_value_heads", None) or heads
+        kv_bytes = 2 * layers * kv_heads * (hidden // heads) * torch.finfo(lm.dtype).bits // 8
+        vocab = getattr(cfg, "vocab_size", 50000)
+        per_row = kv_bytes * width + vocab * 4 * 4  # KV cache + a few fp32 copies of one step's logits
+        free, _ = torch.cuda.mem_get_info(lm.device)
+        return int(max(1, min(GPU_MAX_ROWS, free * 0.6 // per_row)))
+    return int(max(1, min(CPU_MAX_ROWS, CPU_KV_TOKEN_BUDGET // width)))
+
+
+def _make_batches(lm: LoadedModel, rows: list[_Row], config: SamplingConfig,
+                  rows_per_batch: int | None) -> list[list[_Row]]:
+    batches: list[list[_Row]] = []
+    cur: list[_Row] = []
+    for row in rows:  # rows are sorted by length, so the last row of a batch is its longest
+        limit = rows_per_batch or _auto_rows(lm, len(row.ids) + config.max_new_tokens)
+        if cur and len(cur) >= limit:
+            batches.append(cur)
+            cur = []
+        cur.append(row)
+    if cur:
+        batches.append(cur)
+    return batches
+
+
+def _to_sample(lm: LoadedModel, row: _Row, new_ids: list[int], config: SamplingConfig) -> Sample:
+    """Cut at the first EOS (when stopping at EOS) and decode without special tokens."""
+    eos = _eos_ids(lm)
+    n = len(new_ids)
+    if config.stop_at_eos:
+        for i, t in enumerate(new_ids):
+            if t in eos:
+                n = i + 1
+                break
+    text = lm.tokenizer.decode(new_ids[:n], skip_special_tokens=True)
+    return Sample(row.prompt_id, row.sample_index, row.prompt, text, n)
+
+
+def _eos_ids(lm: LoadedModel) -> set[int]:
+    ids: set[int] = set()
+    gen_eos = getattr(getattr(lm.model, "generation_config", None), "eos_token_id", None)
+    for value in (lm.tokenizer.eos_token_id, gen_eos):
+        if isinstance(value, int):
+            ids.add(value)
+        elif isinstance(value, (list, tuple)):
+            ids.update(int(v) for v in value)
+    return ids
+
+
+# ----------------------------------------------------------------------------------------- HF backend
+class _GumbelSampler:
+    """Logits processor: temperature, top-k, top-p, then per-row Gumbel noise, so greedy argmax = a sample.
+
+    Each row owns a torch.Generator seeded by row_seed(); it draws one noise vector per step.
+    """
+
+    def __init__(self, rows: list[_Row], config: SamplingConfig, device: torch.device):
+        from transformers.generation.logits_process import (
+            LogitsProcessorList,
+            TemperatureLogitsWarper,
+            TopKLogitsWarper,
+            TopPLogitsWarper,
+        )
+
+        warpers = []
+        if config.temperature != 1.0:
+            warpers.append(TemperatureLogitsWarper(config.temperature))
+        if config.top_k is not None:
+            warpers.append(TopKLogitsWarper(config.top_k))
+        if config.top_p is not None and config.top_p < 1.0:
+            warpers.append(TopPLogitsWarper(config.top_p))
+        self.warpers = LogitsProcessorList(warpers)
+        gen_device = device if device.type == "cuda" else torch.device("cpu")
+        self.generators = []
+        for row in rows:
+            g = torch.Generator(device=gen_device)
+            g.manual_seed(row_seed(config.seed, row.prompt_id, row.sample_index))
+            self.generators.append(g)
+        self.gen_device = gen_device
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        scores = self.warpers(input_ids, scores.float())
+        vocab = scores.shape[-1]
+        u = torch.stack([torch.rand(vocab, generator=g, device=self.gen_device) for g in self.generators])
+        u = u.to(scores.device).clamp_(min=torch.finfo(torch.float32).tiny, max=1.0 - 1e-7)
+        return scores - torch.log(-torch.log(u))
+
+
+def _hf_generate(lm: LoadedModel, batch: list[_Row], config: SamplingConfig) -> list[list[int]]:
+    """New token ids per row of one left-padded batch, decoded with the KV cache."""
+    from transformers import GenerationConfig
+    from transformers.generation.logits_process import LogitsProcessorList
+
+    tok = lm.tokenizer
+    pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+    width = max(len(r.ids) for r in batch)
+    input_ids = torch.full((len(batch), width), pad, dtype=torch.long)
+    mask = torch.zeros((len(batch), width), dtype=torch.long)
+    for i, r in enumerate(batch):
+        input_ids[i, width - len(r.ids):] = torch.tensor(r.ids, dtype=torch.long)
+        mask[i, width - len(r.ids):] = 1
+    eos = sorted(_eos_ids(lm)) if config.stop_at_eos else None
+    # Every field that could change tokens is set here, so the model's own generation_config cannot
+    # slip in a repetition penalty or sampling defaults; sampling itself is done by _GumbelSampler.
+    gen_config = GenerationConfig(
+        max_new_tokens=config.max_new_tokens, min_new_tokens=0, do_sample=False, num_beams=1,
+        num_return_sequences=1, repetition_penalty=1.0, no_repeat_ngram_size=0, pad_token_id=pad, eos_token_id=eos,
+        bos_token_id=tok.bos_token_id, use_cache=True,
+    )
+    processors = LogitsProcessorList([] if config.greedy else [_GumbelSampler(batch, config, lm.device)])
+    with torch.inference_mode():
+        out = lm.model.generate(input_ids=input_ids.to(lm.device), attention_mask=mask.to(lm.device),
+                                generation_config=gen_config, logits_processor=processors)
+    new = out[:, width:].tolist()
+    return new
+
+
+# ----------------------------------------------------------------------------------------- vLLM backend
+def _vllm_generate(lm: LoadedModel, batch: list[_Row], config: SamplingConfig) -> list[list[int]]:
+    """Thin adapter: same rows, per-row seeds and stopping rule, decoded by vLLM (GPU only)."""
+    llm = _vllm_engine(lm)
+    from vllm import SamplingParams
+
+    params = [SamplingParams(n=1, max_tokens=config.max_new_tokens, ignore_eos=not config.stop_at_eos,
+                             temperature=0.0 if config.greedy else config.temperature,
+                             top_k=config.top_k or -1, top_p=config.top_p or 1.0,
+                             seed=row_seed(config.seed, r.prompt_id, r.sample_index)) for r in batch]
+    prompts = [{"prompt_token_ids": r.ids} for r in batch]
+    outputs = llm.generate(prompts, params, use_tqdm=False)
+    return [list(o.outputs[0].token_ids) for o in outputs]
+
+
+_VLLM_ENGINES: dict[str, object] = {}
+
+
+def _vllm_engine(lm: LoadedModel):
+    if importlib.util.find_spec("vllm") is None:
+        raise InputError("vLLM is not installed (pip install vllm); use --backend hf", field="--backend")
+    if not torch.cuda.is_available():
+        raise InputError("the vLLM backend needs a GPU; use --backend hf", field="--backend")
+    from leakaudit.models import resolve_spec
+
+    kind, where = resolve_spec(lm.spec)
+    if kind == "adapter":
+        raise InputError("the vLLM backend takes full models; merge the adapter first (leakaudit merge)",
+                         field="--backend")
+    if lm.spec not in _VLLM_ENGINES:
+        from vllm import LLM
+
+        dtype = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}[lm.dtype]
+        _VLLM_ENGINES[lm.spec] = LLM(model=str(where), dtype=dtype, trust_remote_code=False)
+    return _VLLM_ENGINES[lm.spec]
+
+
+# ----------------------------------------------------------------------------------------- checkpoint file
+def _read_checkpoint(path: Path, key: str) -> dict[tuple[str, int], Sample]:
+    """Rows already written by this run; a half-written last line (a kill mid-write) is cut off."""
+    if not path.exists():
+        return {}
+    raw = path.read_bytes()
+    good_end = raw.rfind(b"\n") + 1
+    if good_end < len(raw):  # unterminated last line: the write was interrupted
+        with path.open("r+b") as fh:
+            fh.truncate(good_end)
+        raw = raw[:good_end]
+    done: dict[tuple[str, int], Sample] = {}
+    for lineno, line in enumerate(raw.decode("utf-8").splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            obj = json.loads(line)
+            if obj.get("run") != key:
+                raise InputError("this file holds samples from another model or other sampling options; "
+                                 "use a new output file or delete it", file=path, line=lineno, field="run")
+            s = Sample(str(obj["prompt_id"]), int(obj["sample_index"]), obj["prompt"], obj["text"],
+                       int(obj["n_new_tokens"]))
+        except (json.JSONDecodeError, KeyError, TypeError, ValueError, AttributeError) as exc:
+            raise InputError(f"not a sample row ({type(exc).__name__}: {exc})", file=path, line=lineno) from None
+        done[(s.prompt_id, s.sample_index)] = s
+    return done
+
+
+@contextlib.contextmanager
+def _appender(path: str | Path | None):
+    """Append rows to JSONL, one write + fsync per batch, so finished batches survive a kill."""
+    if path is None:
+        yield lambda rows: None
+        return
+    p = Path(path)
+    p.parent.mkdir(parents=True, exist_ok=True)
+    with p.open("a", encoding="utf-8") as fh:
+        def append(rows: list[dict]) -> None:
+            fh.write("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+            fh.flush()
+            os.fsync(fh.fileno())
+
+        yield append
+
+
+@contextlib.contextmanager
+def _progress(enabled: bool, description: str, total: int):
+    """A rich progress bar over rows (prompt x sample), on stderr."""
+    if not enabled:
+        yield lambda n: None
+        return
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
+                  console=Console(stderr=True), transient=True) as bar:
+        task = bar.add_task(description, total=total)
+        advance: Callable[[int], None] = lambda n: bar.update(task, advance=n)  # noqa: E731
+        yield advance

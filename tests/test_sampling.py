@@ -1,0 +1,155 @@
+"""Sampling engine: greedy matches a hand-written argmax loop, batching changes nothing, seeds reproduce,
+the sampled distribution honours top-k, and a run killed mid-way resumes to the same rows."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from leakaudit import sampling
+from leakaudit.errors import InputError
+from leakaudit.sampling import SamplingConfig, sample
+
+PROMPTS = ["Karen Arnold <", "What is the relation between the given pairs?", "Generate a one-sentence",
+           "", "Is there anything I can eat for a breakfast that doesn't include eggs"]
+
+
+def _texts(samples):
+    return [(s.prompt_id, s.sample_index, s.text, s.n_new_tokens) for s in samples]
+
+
+def _manual_greedy(lm, prompt: str, n: int) -> list[int]:
+    """Reference: no padding, no KV cache, full forward each step, argmax; stops after EOS."""
+    ids = lm.tokenizer(prompt)["input_ids"] or [lm.tokenizer.eos_token_id]
+    out: list[int] = []
+    with torch.no_grad():
+        for _ in range(n):
+            logits = lm.model(torch.tensor([ids + out])).logits[0, -1]
+            out.append(int(logits.argmax()))
+            if out[-1] == lm.tokenizer.eos_token_id:
+                break
+    return out
+
+
+def test_greedy_matches_manual_argmax_loop(tiny_model):
+    cfg = SamplingConfig(max_new_tokens=10, greedy=True)
+    got = sample(tiny_model, PROMPTS, cfg, batch_size=5, progress=False)
+    for prompt, s in zip(PROMPTS, got, strict=True):
+        ref = _manual_greedy(tiny_model, prompt, 10)
+        assert s.n_new_tokens == len(ref)
+        assert s.text == tiny_model.tokenizer.decode(ref, skip_special_tokens=True)
+
+
+@pytest.mark.parametrize("greedy", [True, False])
+def test_identical_across_batch_sizes(tiny_model, greedy):
+    cfg = SamplingConfig(max_new_tokens=12, greedy=greedy, top_k=40, num_samples=2, seed=3)
+    runs = [_texts(sample(tiny_model, PROMPTS, cfg, batch_size=b, progress=False)) for b in (1, 3, "auto")]
+    assert runs[0] == runs[1] == runs[2]
+    assert [(r[0], r[1]) for r in runs[0]] == [(str(i), s) for i in range(len(PROMPTS)) for s in range(2)]
+
+
+def test_seed_reproduces_and_changes_samples(tiny_neox):
+    cfg = SamplingConfig(max_new_tokens=12, top_k=100, num_samples=3, seed=7)
+    a = _texts(sample(tiny_neox, PROMPTS, cfg, progress=False))
+    b = _texts(sample(tiny_neox, PROMPTS, cfg, progress=False))
+    c = _texts(sample(tiny_neox, PROMPTS, SamplingConfig(max_new_tokens=12, top_k=100, num_samples=3, seed=8),
+                      progress=False))
+    assert a == b
+    assert a != c
+    # samples of one prompt differ from each other (each row has its own random stream)
+    assert len({t[2] for t in a[:3]}) > 1
+
+
+def test_top_k_one_equals_greedy(tiny_opt):
+    greedy = sample(tiny_opt, PROMPTS, SamplingConfig(max_new_tokens=8, greedy=True), progress=False)
+    top1 = sample(tiny_opt, PROMPTS, SamplingConfig(max_new_tokens=8, top_k=1, temperature=0.7, seed=5),
+                  progress=False)
+    assert _texts(greedy) == _texts(top1)
+
+
+def test_gumbel_draws_follow_the_top_k_distribution(tiny_neox):
+    """The first sampled token's frequencies match softmax over the top-k logits (chi-square style bound)."""
+    prompt = "What is the relation"
+    k = 4
+    n = 400
+    cfg = SamplingConfig(max_new_tokens=1, top_k=k, num_samples=n, seed=11, stop_at_eos=False)
+    got = sample(tiny_neox, [prompt], cfg, progress=False)
+    with torch.no_grad():
+        logits = tiny_neox.model(torch.tensor([tiny_neox.tokenizer(prompt)["input_ids"]])).logits[0, -1]
+    top = torch.topk(logits, k)
+    probs = torch.softmax(top.values, -1)
+    first_ids = [tiny_neox.tokenizer(s.text, add_special_tokens=False)["input_ids"][0] for s in got]
+    assert set(first_ids) <= set(top.indices.tolist())
+    for tid, p in zip(top.indices.tolist(), probs.tolist(), strict=True):
+        freq = first_ids.count(tid) / n
+        assert abs(freq - p) < 4 * (p * (1 - p) / n) ** 0.5 + 1e-9
+
+
+def test_killed_run_resumes_to_the_same_rows(tiny_neox, tmp_path, monkeypatch):
+    cfg = SamplingConfig(max_new_tokens=10, top_k=50, num_samples=2, seed=1)
+    full = _texts(sample(tiny_neox, PROMPTS, cfg, batch_size=3, progress=False))
+
+    out = tmp_path / "samples.jsonl"
+    real = sampling._hf_generate
+    calls = {"n": 0}
+
+    def dies_on_third_batch(lm, batch, config):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise KeyboardInterrupt
+        return real(lm, batch, config)
+
+    monkeypatch.setattr(sampling, "_hf_generate", dies_on_third_batch)
+    with pytest.raises(KeyboardInterrupt):
+        sample(tiny_neox, PROMPTS, cfg, out_path=out, batch_size=3, progress=False)
+    assert len(out.read_text().splitlines()) == 6  # two finished batches of 3 rows
+    # a kill in the middle of a write leaves a partial line; it must be dropped, not parsed
+    with out.open("a") as fh:
+        fh.write('{"prompt_id": "4", "sample_')
+    monkeypatch.setattr(sampling, "_hf_generate", real)
+    resumed = sample(tiny_neox, PROMPTS, cfg, out_path=out, batch_size=4, progress=False)
+    assert _texts(resumed) == full
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    pairs = [(r["prompt_id"], r["sample_index"]) for r in rows]
+    assert len(pairs) == len(set(pairs)) == len(PROMPTS) * 2
+    assert sorted((r["prompt_id"], r["sample_index"], r["text"], r["n_new_tokens"]) for r in rows) == sorted(full)
+
+    # a complete file is reused without any generation
+    monkeypatch.setattr(sampling, "_hf_generate", lambda *a: pytest.fail("should not generate"))
+    assert _texts(sample(tiny_neox, PROMPTS, cfg, out_path=out, progress=False)) == full
+
+
+def test_checkpoint_from_other_options_is_refused(tiny_neox, tmp_path):
+    out = tmp_path / "s.jsonl"
+    sample(tiny_neox, PROMPTS[:2], SamplingConfig(max_new_tokens=3, seed=1), out_path=out, progress=False)
+    with pytest.raises(InputError, match="another model or other sampling options") as err:
+        sample(tiny_neox, PROMPTS[:2], SamplingConfig(max_new_tokens=3, seed=2), out_path=out, progress=False)
+    assert err.value.line == 1 and err.value.file == str(out)
+
+
+@pytest.mark.parametrize("kwargs, field", [
+    ({"max_new_tokens": 0}, "--max-new-tokens"),
+    ({"temperature": 0.0}, "--temperature"),
+    ({"top_p": 1.5}, "--top-p"),
+    ({"top_k": 0}, "--top-k"),
+    ({"max_new_tokens": 10_000}, "--max-new-tokens"),
+])
+def test_bad_options_name_the_option(tiny_neox, kwargs, field):
+    with pytest.raises(InputError) as err:
+        sample(tiny_neox, ["hi"], SamplingConfig(**kwargs), progress=False)
+    assert err.value.field == field
+
+
+def test_bad_batch_size_and_duplicate_ids(tiny_neox):
+    with pytest.raises(InputError, match="positive integer"):
+        sample(tiny_neox, ["a"], SamplingConfig(), batch_size="many", progress=False)
+    with pytest.raises(InputError, match="duplicate prompt id"):
+        sample(tiny_neox, ["a", "b"], SamplingConfig(), prompt_ids=["x", "x"], progress=False)
+
+
+def test_vllm_backend_reports_missing_install(tiny_neox):
+    with pytest.raises(InputError) as err:
+        sample(tiny_neox, ["a"], SamplingConfig(), backend="vllm", progress=False)
+    assert err.value.field == "--backend"
