@@ -338,13 +338,13 @@ def _grid_change(rs: Sequence[CellResult], brs: Sequence[CellResult], seed: int)
 
 
 # ----------------------------------------------------------------------------------------- the attack
-def run_pii(model: str, targets: Sequence[Target], cells: Sequence[Cell], out: str | Path, *,
-            baseline: str | None = None, samples_per_prompt: int = 1, seed: int = 0,
+def run_pii(model: Any, targets: Sequence[Target], cells: Sequence[Cell], out: str | Path, *,
+            baseline: Any = None, samples_per_prompt: int = 1, seed: int = 0,
             batch_size: int | str = "auto", show_pii: bool = False, progress: bool = True,
-            log: Callable[[str], None] = print) -> dict[str, Any]:
+            log: Callable[[str], None] = print, **load_options: Any) -> dict[str, Any]:
     """Run every cell on the model (and the baseline), write the three output files, return the summary.
 
-    Raw samples are checkpointed under OUT/.samples (so a killed run resumes) and deleted once the masked
+    `model` and `baseline` are model specs (loaded with `load_options`) or already loaded models. Raw samples are checkpointed under OUT/.samples (so a killed run resumes) and deleted once the masked
     outputs are written, unless show_pii is set.
     """
     from leakaudit.data.io import write_json, write_jsonl
@@ -357,10 +357,12 @@ def run_pii(model: str, targets: Sequence[Target], cells: Sequence[Cell], out: s
     out = Path(out)
     work = out / ".samples"
     runs: dict[str, list[CellResult]] = {}
+    names: dict[str, str] = {}
     for role, spec in (("model", model), ("baseline", baseline)):
         if spec is None:
             continue
-        lm = load_model(spec)
+        lm = load_model(spec, **load_options) if isinstance(spec, str) else spec
+        names[role] = lm.spec
         results = []
         for i, cell in enumerate(cells, start=1):
             log(f"[{role} {i}/{len(cells)}] {cell.template.name} temperature={cell.temperature:g}")
@@ -369,12 +371,12 @@ def run_pii(model: str, targets: Sequence[Target], cells: Sequence[Cell], out: s
                                     show_pii=show_pii, role=role))
         runs[role] = results
         del lm
-    rows = [purified_row(model, r) for r in runs["model"]]
+    rows = [purified_row(names["model"], r) for r in runs["model"]]
     if baseline is not None:
-        rows += [purified_row(baseline, r, "baseline") for r in runs["baseline"]]
+        rows += [purified_row(names["baseline"], r, "baseline") for r in runs["baseline"]]
     write_jsonl(out / "results_purified.jsonl", rows)
     write_jsonl(out / "extractions.jsonl", (x for rs in runs.values() for r in rs for x in r.extractions))
-    summary = summarize(model, runs["model"], targets, baseline, runs.get("baseline"), seed)
+    summary = summarize(names["model"], runs["model"], targets, names.get("baseline"), runs.get("baseline"), seed)
     summary["show_pii"] = show_pii
     write_json(out / "pii.json", summary)
     if not show_pii:
