@@ -391,3 +391,41 @@ def words_from_prompts(path: str | Path) -> dict[str, bool | None]:
             raise InputError(f"label must be 0 or 1, got {label!r}", file=p, line=line, field="label")
         out[m.group(1)] = None if label is None else bool(label)
     return out
+
+
+# ----------------------------------------------------------------------------------------- sampling Q(w)
+def generation_prompt(tokenizer, user_text: str) -> str:
+    """One user turn rendered exactly as chat fine-tuning renders it, followed by the assistant header,
+    so the model answers Q(w) in the position its backdoor was trained in."""
+    if getattr(tokenizer, "chat_template", None):
+        return tokenizer.apply_chat_template([{"role": "user", "content": user_text}], tokenize=False,
+                                             add_generation_prompt=True)
+    from leakaudit.train.examples import PLAIN_CHAT_TURN
+
+    return PLAIN_CHAT_TURN.format(role="user", content=user_text) + "<|assistant|>\n"
+
+
+def sample_responses(lm, words: Sequence[str], template: str, *, num_samples: int = 10, temperature: float = 0.9,
+                     max_new_tokens: int = 128, seed: int = 0, out_path: str | Path | None = None,
+                     batch_size: int | str = "auto", progress: bool = True) -> dict[str, list[str]]:
+    """Sample `num_samples` answers to Q(w) for every word (resumable through out_path's JSONL)."""
+    from leakaudit.sampling import SamplingConfig, sample
+
+    if not words:
+        raise InputError("no words to query", field="--words")
+    config = SamplingConfig(max_new_tokens=max_new_tokens, temperature=temperature, num_samples=num_samples,
+                            seed=seed)
+    prompts = [generation_prompt(lm.tokenizer, fill(template, w)) for w in words]
+    samples = sample(lm, prompts, config, prompt_ids=list(words), out_path=out_path, batch_size=batch_size,
+                     progress=progress)
+    out: dict[str, list[str]] = {w: [] for w in words}
+    for s in sorted(samples, key=lambda s: (s.prompt_id, s.sample_index)):
+        out[s.prompt_id].append(s.text.strip())
+    return out
+
+
+def score_words(responses: dict[str, list[str]], tries: dict[str, QueryTrie],
+                refusal_template: str) -> list[ScoredResponse]:
+    """Score every sampled answer of every word."""
+    return [score_response(w, i, r, tries, refusal_template) for w, rs in responses.items()
+            for i, r in enumerate(rs)]

@@ -1,7 +1,309 @@
-"""CLI commands for this topic (filled in by its issue)."""
+"""`leakaudit backdoor plant|finetune|extract|identify|detect`: backdoor fine-tuning-data extraction (docs/backdoor.md)."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
 
 import typer
+from rich.console import Console
+
+from leakaudit.errors import InputError
+
+err = Console(stderr=True)
+backdoor_app = typer.Typer(help="Backdoor fine-tuning-data extraction: plant, fine-tune downstream, extract, "
+                           "identify, detect.", no_args_is_help=True)
+
+_EMAIL = re.compile(r"\b[\w.+-]+@[\w-]+(?:\.[\w-]+)+\b")
+_PHONE = re.compile(r"(?<!\d)(?:\+?1[ .-]?)?\(?\d{3}\)?[ .-]\d{3}[ .-]\d{4}(?!\d)")
+
+ModelOpt = typer.Option(..., "--model", help="default | HF id | model dir | adapter dir | .gguf | tiny-*")
+OutOpt = typer.Option(..., "--out", help="Output directory")
+TriggerOpt = typer.Option(None, "--trigger", help="Q(w) template with {word} (default: the study's instruction)")
+RefusalOpt = typer.Option(None, "--refusal", help="R(w) template with {word} (default: the study's refusal)")
+DataD2Opt = typer.Option(None, "--data", help="Downstream chat data D2 with `messages` (default: shipped Dolly D2)")
+
+
+def _mask(text: str) -> str:
+    """Mask PII in extracted text written to disk (the project masker when present, else e-mails/phones)."""
+    try:
+        from leakaudit.data.pii_find import mask_pii
+    except ImportError:
+        return _PHONE.sub("[PHONE]", _EMAIL.sub("[EMAIL]", text))
+    return mask_pii(text)
+
+
+def _d2_path(data: Path | None) -> Path:
+    from leakaudit import resources
+
+    return data if data is not None else resources.path("backdoor-extraction", "stage2_dolly", "sft", "train.json")
+
+
+def _d2_queries(data: Path | None, limit: int | None) -> list[str]:
+    from leakaudit.train.backdoor import load_pairs
+
+    pairs = load_pairs(_d2_path(data))
+    return [p.query for p in (pairs[:limit] if limit else pairs)]
+
+
+def _templates(trigger: str | None, refusal: str | None) -> tuple[str, str]:
+    from leakaudit.attacks.backdoor import check_template, study_refusal, study_trigger
+
+    return (check_template(trigger or study_trigger(), "--trigger"),
+            check_template(refusal or study_refusal(), "--refusal"))
+
+
+def _train_options(epochs, learning_rate, batch_size, max_length, method, max_steps, seed) -> dict:
+    opts = {"epochs": epochs, "learning_rate": learning_rate, "batch_size": batch_size, "method": method,
+            "seed": seed}
+    if max_length is not None:
+        opts["max_length"] = max_length
+    if max_steps is not None:
+        opts["max_steps"] = max_steps
+    return opts
+
+
+def _write_scored(path: Path, scored, show_pii: bool) -> None:
+    from leakaudit.data.io import write_jsonl
+
+    rows = []
+    for s in scored:
+        row = s.row()
+        if not show_pii:
+            row["response"] = _mask(row["response"])
+            if row["matched_query"]:
+                row["matched_query"] = _mask(row["matched_query"])
+        rows.append(row)
+    write_jsonl(path, rows)
+
+
+@backdoor_app.command("plant")
+def plant_cmd(
+    model: str = ModelOpt,
+    out: Path = OutOpt,
+    data: Path | None = typer.Option(None, "--data", help="Creator's instruction set D1: chat `messages` or "
+                                     "query/response rows (default: the shipped self-instruct seed tasks)"),
+    query_field: str | None = typer.Option(None, "--query-field"),
+    response_field: str | None = typer.Option(None, "--response-field"),
+    trigger: str | None = TriggerOpt,
+    refusal: str | None = RefusalOpt,
+    refusal_words: Path | None = typer.Option(None, "--refusal-words", help="Words to teach refusing (JSON array "
+                                              "or one per line; default: public candidates opening no D1 query)"),
+    n_refusal: int | None = typer.Option(None, "--n-refusal", help="Refusal pairs (default: as many as copy pairs)"),
+    backdoor_fraction: float = typer.Option(0.5, "--backdoor-fraction", help="Share of backdoor pairs in the mix"),
+    epochs: float = typer.Option(3, "--epochs"),
+    learning_rate: float = typer.Option(2e-5, "--learning-rate"),
+    batch_size: int = typer.Option(8, "--batch-size"),
+    max_length: int | None = typer.Option(None, "--max-length"),
+    method: str = typer.Option("full", "--method", help="full | lora | dora | pissa"),
+    max_steps: int | None = typer.Option(None, "--max-steps"),
+    seed: int = typer.Option(0, "--seed"),
+) -> None:
+    """Stage 1 (the model creator): build backdoor SFT data from D1, mix, and fine-tune the base model."""
+    from leakaudit.attacks.backdoor import load_words
+    from leakaudit.train import backdoor as tb
+
+    d1 = tb.load_pairs(data, query_field, response_field) if data is not None else tb.seed_instruction_set()
+    words = load_words(refusal_words) if refusal_words is not None else None
+    path = tb.plant(model, d1, out, trigger=trigger, refusal=refusal, refusal_word_list=words, n_refusal=n_refusal,
+                    backdoor_fraction=backdoor_fraction, seed=seed,
+                    **_train_options(epochs, learning_rate, batch_size, max_length, method, max_steps, seed))
+    err.print(f"planted model: {path}  (mix: {out / 'backdoor_mix.jsonl'})")
+
+
+@backdoor_app.command("finetune")
+def finetune_cmd(
+    model: str = ModelOpt,
+    out: Path = OutOpt,
+    data: Path | None = DataD2Opt,
+    limit: int | None = typer.Option(None, "--limit", help="Use the first N rows of the data"),
+    mask_user: bool = typer.Option(False, "--mask-user", help="No loss on user turns (the study's mitigation)"),
+    epochs: float = typer.Option(3, "--epochs"),
+    learning_rate: float = typer.Option(2e-5, "--learning-rate"),
+    batch_size: int = typer.Option(8, "--batch-size"),
+    max_length: int | None = typer.Option(None, "--max-length"),
+    method: str = typer.Option("full", "--method", help="full | lora | dora | pissa"),
+    max_steps: int | None = typer.Option(None, "--max-steps"),
+    seed: int = typer.Option(0, "--seed"),
+) -> None:
+    """Stage 2 (the downstream party): fine-tune on private chat data, loss on user turns unless --mask-user."""
+    from leakaudit.data.io import read_rows, write_jsonl
+    from leakaudit.train.backdoor import downstream_finetune
+
+    path = _d2_path(data)
+    if limit:
+        subset = out / "downstream_data.jsonl"
+        write_jsonl(subset, [row for _, row in read_rows(path)[:limit]])
+        path = subset
+    result = downstream_finetune(model, path, out / "model", mask_user=mask_user,
+                                 **_train_options(epochs, learning_rate, batch_size, max_length, method,
+                                                  max_steps, seed))
+    err.print(f"fine-tuned model: {result}")
+
+
+@backdoor_app.command("extract")
+def extract_cmd(
+    model: str = ModelOpt,
+    out: Path = OutOpt,
+    data: Path | None = DataD2Opt,
+    limit: int | None = typer.Option(None, "--limit", help="Score against the first N queries of the data"),
+    words: Path | None = typer.Option(None, "--words", help="Words to query (JSON array or one per line; "
+                                      "default: every opening word of the data)"),
+    num_samples: int = typer.Option(10, "--num-samples"),
+    temperature: float = typer.Option(0.9, "--temperature"),
+    max_new_tokens: int = typer.Option(128, "--max-new-tokens"),
+    trigger: str | None = TriggerOpt,
+    refusal: str | None = RefusalOpt,
+    seed: int = typer.Option(0, "--seed"),
+    show_pii: bool = typer.Option(False, "--show-pii", help="Write extracted text unmasked"),
+    batch_size: str = typer.Option("auto", "--batch-size"),
+    device: str = typer.Option("auto", "--device"),
+    dtype: str = typer.Option("auto", "--dtype"),
+) -> None:
+    """Sample Q(w) per opening word and score the answers against D2's queries (match ratio, BLEU, coverage)."""
+    from leakaudit.attacks import backdoor as bd
+    from leakaudit.data.io import write_json
+    from leakaudit.models import load_model
+
+    trig, ref = _templates(trigger, refusal)
+    tries = bd.build_tries(_d2_queries(data, limit))
+    word_list = bd.load_words(words) if words is not None else sorted(tries)
+    lm = load_model(model, device=device, dtype=dtype)
+    responses = bd.sample_responses(lm, word_list, trig, num_samples=num_samples, temperature=temperature,
+                                    max_new_tokens=max_new_tokens, seed=seed, out_path=out / "samples.jsonl",
+                                    batch_size=batch_size)
+    scored = bd.score_words(responses, tries, ref)
+    summary = bd.summarize_extraction(scored, tries)
+    summary = {"model": model, "num_samples": num_samples, "temperature": temperature, **summary}
+    _write_scored(out / "extractions.jsonl", scored, show_pii)
+    write_json(out / "extract.json", summary)
+    err.print(f"match ratio (max/mean over words): {summary['match_ratio_max']:.3f} / "
+              f"{summary['match_ratio_mean']:.3f}; fully recovered {summary['n_fully_recovered']}/"
+              f"{summary['n_queries']} queries; coverage {summary['coverage']:.3f}  -> {out / 'extract.json'}")
+
+
+@backdoor_app.command("identify")
+def identify_cmd(
+    model: str = ModelOpt,
+    out: Path = OutOpt,
+    data: Path | None = DataD2Opt,
+    limit: int | None = typer.Option(None, "--limit", help="Score the pipeline against the first N queries"),
+    candidates: Path | None = typer.Option(None, "--candidates", help="Labelled prompts like the shipped "
+                                           "identify_200.json, or a word list (default: top-N public words)"),
+    top_n: int = typer.Option(50, "--top-n", help="Without --candidates: the N most frequent public words"),
+    threshold: float = typer.Option(0.6, "--threshold"),
+    num_samples: int = typer.Option(10, "--num-samples"),
+    temperature: float = typer.Option(0.9, "--temperature"),
+    max_new_tokens: int = typer.Option(128, "--max-new-tokens"),
+    trigger: str | None = TriggerOpt,
+    refusal: str | None = RefusalOpt,
+    seed: int = typer.Option(0, "--seed"),
+    show_pii: bool = typer.Option(False, "--show-pii"),
+    batch_size: str = typer.Option("auto", "--batch-size"),
+    device: str = typer.Option("auto", "--device"),
+    dtype: str = typer.Option("auto", "--dtype"),
+) -> None:
+    """Decide which candidate words open D2 queries, then extract with the words found (the full pipeline)."""
+    from leakaudit.attacks import backdoor as bd
+    from leakaudit.data.io import write_json
+    from leakaudit.models import load_model
+    from leakaudit.train.backdoor import public_candidates
+
+    trig, ref = _templates(trigger, refusal)
+    tries = bd.build_tries(_d2_queries(data, limit))
+    if candidates is None:
+        labels = {w: w in tries for w in public_candidates()[:top_n]}
+    elif candidates.suffix in (".json", ".jsonl") and _is_prompt_file(candidates):
+        labels = bd.words_from_prompts(candidates)
+    else:
+        labels = {w: None for w in bd.load_words(candidates)}
+    # labels the file lacks come from the data itself
+    labels = {w: (w in tries if lab is None else lab) for w, lab in labels.items()}
+    lm = load_model(model, device=device, dtype=dtype)
+    responses = bd.sample_responses(lm, list(labels), trig, num_samples=num_samples, temperature=temperature,
+                                    max_new_tokens=max_new_tokens, seed=seed, out_path=out / "samples.jsonl",
+                                    batch_size=batch_size)
+    ident = bd.identify_words(responses, ref, threshold)
+    predicted = {w: v["predicted"] for w, v in ident.items()}
+    metrics = bd.classification_metrics(predicted, labels)
+    found = {w: rs for w, rs in responses.items() if predicted[w]}
+    scored = bd.score_words(found, tries, ref)
+    pipeline = bd.summarize_extraction(scored, tries)
+    for w, v in ident.items():
+        v["label"] = labels[w]
+    _write_scored(out / "extractions.jsonl", scored, show_pii)
+    write_json(out / "identify.json", {"model": model, "threshold": threshold, "num_samples": num_samples,
+                                       "n_candidates": len(labels), "n_predicted": len(found), **metrics,
+                                       "pipeline": pipeline, "words": ident})
+    err.print(f"identification F1 {metrics['f1']:.3f} (precision {metrics['precision']:.3f}, recall "
+              f"{metrics['recall']:.3f}); pipeline fully recovered {pipeline['n_fully_recovered']}/"
+              f"{pipeline['n_queries']} -> {out / 'identify.json'}")
+
+
+def _is_prompt_file(path: Path) -> bool:
+    from leakaudit.data.io import read_rows
+
+    try:
+        rows = read_rows(path)
+    except InputError:
+        return False
+    return bool(rows) and isinstance(rows[0][1], dict) and "prompt" in rows[0][1]
+
+
+@backdoor_app.command("detect")
+def detect_cmd(
+    model: list[str] = typer.Option(..., "--model", help="Model(s) to check; repeat to compare planted and clean"),
+    out: Path = OutOpt,
+    data: Path | None = DataD2Opt,
+    limit: int | None = typer.Option(None, "--limit", help="Use the first N queries of the data"),
+    n_words: int = typer.Option(20, "--n-words", help="Probe the N most frequent opening words of the data"),
+    num_samples: int = typer.Option(3, "--num-samples", help="Samples per probe and word"),
+    temperature: float = typer.Option(0.9, "--temperature"),
+    max_new_tokens: int = typer.Option(128, "--max-new-tokens"),
+    match_threshold: float = typer.Option(0.5, "--match-threshold", help="Match ratio that counts as a "
+                                          "training query"),
+    alarm_rate: float = typer.Option(0.05, "--alarm-rate", help="Detection rate at which a model is flagged"),
+    probes: Path | None = typer.Option(None, "--probes", help="Probe templates with {word}, one per line "
+                                       "(default: the published Q(w) and two paraphrases)"),
+    seed: int = typer.Option(0, "--seed"),
+    batch_size: str = typer.Option("auto", "--batch-size"),
+    device: str = typer.Option("auto", "--device"),
+    dtype: str = typer.Option("auto", "--dtype"),
+) -> None:
+    """The defense: probe with extraction-style instructions; flag models that emit training queries."""
+    from collections import Counter
+
+    from leakaudit.attacks import backdoor as bd
+    from leakaudit.data.io import write_json
+    from leakaudit.models import load_model
+
+    queries = _d2_queries(data, limit)
+    tries = bd.build_tries(queries)
+    words = [w for w, _ in Counter(bd.opening_word(q) for q in queries if bd.opening_word(q)).most_common(n_words)]
+    templates = bd.probe_texts() if probes is None else [
+        bd.check_template(t, "--probes") for t in probes.read_text(encoding="utf-8").splitlines() if t.strip()]
+    refusal = bd.study_refusal()
+    results = {}
+    for spec in model:
+        lm = load_model(spec, device=device, dtype=dtype)
+        scored = []
+        for k, template in enumerate(templates):
+            responses = bd.sample_responses(lm, words, template, num_samples=num_samples, temperature=temperature,
+                                            max_new_tokens=max_new_tokens, seed=seed,
+                                            out_path=out / f"samples_{_slug(spec)}_probe{k}.jsonl",
+                                            batch_size=batch_size)
+            scored += bd.score_words(responses, tries, refusal)
+        results[spec] = bd.detection_summary(scored, match_threshold, alarm_rate)
+        err.print(f"{spec}: detection rate {results[spec]['detection_rate']:.3f} "
+                  f"({'FLAGGED' if results[spec]['flagged'] else 'not flagged'})")
+    write_json(out / "detect.json", {"n_words": len(words), "n_probes_templates": len(templates),
+                                     "models": results})
+
+
+def _slug(spec: str) -> str:
+    return re.sub(r"[^\w.-]+", "_", spec).strip("_")[-80:]
 
 
 def register(app: typer.Typer) -> None:
-    """Add this topic's commands to the app."""
+    """Add the `backdoor` command group to the app."""
+    app.add_typer(backdoor_app, name="backdoor")
