@@ -206,22 +206,29 @@ def _head_logits(model, head, hidden: torch.Tensor) -> torch.Tensor:
 
 
 @torch.inference_mode()
-def _score_batch(lm: LoadedModel, batch: list[_Segment], moments: bool) -> list[TokenScores]:
+def _score_batch(lm: LoadedModel, batch: list[_Segment], moments: bool,
+                 padding_side: str = "right") -> list[TokenScores]:
     model, dev = lm.model, lm.device
     pad = lm.tokenizer.pad_token_id or 0
     width = max(len(s.ids) for s in batch)
     ids = torch.full((len(batch), width), pad, dtype=torch.long)
     mask = torch.zeros((len(batch), width), dtype=torch.long)
+    offsets = []
     for row, seg in enumerate(batch):
-        ids[row, : len(seg.ids)] = torch.tensor(seg.ids)
-        mask[row, : len(seg.ids)] = 1
-    ids, mask = ids.to(dev), mask.to(dev)
+        off = width - len(seg.ids) if padding_side == "left" else 0
+        ids[row, off:off + len(seg.ids)] = torch.tensor(seg.ids)
+        mask[row, off:off + len(seg.ids)] = 1
+        offsets.append(off)
+    # Explicit positions make left padding equivalent to right padding (each text starts at position 0).
+    positions = (mask.cumsum(-1) - 1).clamp_min(0)
+    ids, mask, positions = ids.to(dev), mask.to(dev), positions.to(dev)
     with _hidden_state_head(model) as head:
-        hidden = model(input_ids=ids, attention_mask=mask, use_cache=False).logits  # (B, W, H)
+        hidden = model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=False).logits
         # Position p predicts token p+1: take predicting positions first_scored-1 .. len-2.
         rows, cols = [], []
         for row, seg in enumerate(batch):
-            span = range(seg.first_scored - 1, len(seg.ids) - 1)
+            off = offsets[row]
+            span = range(off + seg.first_scored - 1, off + len(seg.ids) - 1)
             rows.extend([row] * len(span))
             cols.extend(span)
         r = torch.tensor(rows, dtype=torch.long, device=dev)
@@ -242,8 +249,9 @@ def _score_batch(lm: LoadedModel, batch: list[_Segment], moments: bool) -> list[
                 mu_parts.append(mu)
                 var_parts.append((second - mu.square()).clamp_min(0))
     lp = torch.cat(lp_parts).cpu().numpy() if lp_parts else np.zeros(0, np.float32)
-    mu_all = torch.cat(mu_parts).cpu().numpy() if mu_parts else None
-    var_all = torch.cat(var_parts).cpu().numpy() if var_parts else None
+    empty = np.zeros(0, np.float32)
+    mu_all = (torch.cat(mu_parts).cpu().numpy() if mu_parts else empty) if moments else None
+    var_all = (torch.cat(var_parts).cpu().numpy() if var_parts else empty) if moments else None
     out: list[TokenScores] = []
     pos = 0
     for seg in batch:
@@ -292,11 +300,13 @@ def score_texts(
     cache: bool | ScoreCache = True,
     progress: bool = True,
     description: str = "scoring",
+    padding_side: str = "right",
 ) -> list[TokenScores]:
     """Score every text (optionally conditioned on a prefix) in batched, cached forward passes.
 
     `batch_size`: "auto" (token budget; env LEAKAUDIT_TOKEN_BUDGET overrides) or a number of sequences.
     `moments=True` also returns mu/var for Min-K%++. Results come back in input order.
+    `padding_side` only matters for testing: both sides give the same numbers (explicit position ids).
     """
     texts = list(texts)
     if isinstance(prefixes, str) or prefixes is None:
@@ -349,7 +359,7 @@ def score_texts(
         try:
             with _progress(progress, description, sum(len(s.ids) for s in segs)) as advance:
                 for batch in batches:
-                    for seg, res in zip(batch, _score_batch(lm, batch, moments), strict=True):
+                    for seg, res in zip(batch, _score_batch(lm, batch, moments, padding_side), strict=True):
                         pieces[seg.text_index].append((seg.order, res))
                     advance(sum(len(s.ids) for s in batch))
         finally:

@@ -26,25 +26,9 @@ for _topic in TOPICS:
 
 
 def main() -> None:
-    """Console entry point: run the app, turning InputError into `error: ...` and exit status 2."""
+    """Console entry point: usage errors exit 2 (click), InputError prints `error: ...` and exits 2."""
     try:
-        code = app(standalone_mode=False)
-        if isinstance(code, int) and code != 0:
-            sys.exit(code)
+        app()
     except InputError as exc:
         print(f"error: {exc.format()}", file=sys.stderr)
         sys.exit(2)
-    except KeyboardInterrupt:
-        print("interrupted: finished work is saved; rerun the same command to resume", file=sys.stderr)
-        sys.exit(130)
-    except SystemExit:
-        raise
-    except Exception as exc:  # click usage errors carry their own exit code
-        import click
-
-        if isinstance(exc, click.exceptions.ClickException):
-            exc.show()
-            sys.exit(2 if isinstance(exc, click.exceptions.UsageError) else exc.exit_code)
-        if isinstance(exc, click.exceptions.Abort):
-            sys.exit(1)
-        raise

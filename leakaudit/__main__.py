@@ -1,0 +1,5 @@
+"""`python -m leakaudit` is the same as the `leakaudit` command."""
+
+from leakaudit.cli import main
+
+main()

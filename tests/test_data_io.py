@@ -1,0 +1,88 @@
+"""Data loading: every format, and every bad-input case gives a one-line error naming file, line, field."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from leakaudit.data.io import load_records
+from leakaudit.errors import InputError
+
+ROWS = [{"id": "a", "text": "first text", "user": "u1"}, {"id": "b", "text": "second text", "user": "u2"}]
+
+
+def _check(records):
+    assert [r.id for r in records] == ["a", "b"]
+    assert [r.text for r in records] == ["first text", "second text"]
+    assert [r.user for r in records] == ["u1", "u2"]
+
+
+def test_jsonl_json_csv(tmp_path):
+    (tmp_path / "d.jsonl").write_text("\n".join(json.dumps(r) for r in ROWS) + "\n")
+    (tmp_path / "d.json").write_text(json.dumps(ROWS))
+    (tmp_path / "d.csv").write_text("id,text,user\na,first text,u1\nb,second text,u2\n")
+    for name in ("d.jsonl", "d.json", "d.csv"):
+        _check(load_records(tmp_path / name, id_field="id", user_field="user"))
+
+
+def test_parquet_arrow_and_hf_dir(tmp_path):
+    import datasets
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    table = pa.Table.from_pylist(ROWS)
+    pq.write_table(table, tmp_path / "d.parquet")
+    with pa.OSFile(str(tmp_path / "d.arrow"), "wb") as sink, pa.ipc.new_stream(sink, table.schema) as writer:
+        writer.write_table(table)
+    datasets.Dataset.from_list(ROWS).save_to_disk(str(tmp_path / "hf"))
+    for name in ("d.parquet", "d.arrow", "hf"):
+        _check(load_records(tmp_path / name, id_field="id", user_field="user"))
+
+
+def test_default_ids_are_file_and_line(tmp_path):
+    (tmp_path / "x.jsonl").write_text('{"text": "a"}\n\n{"text": "b"}\n')
+    assert [r.id for r in load_records(tmp_path / "x.jsonl")] == ["x:1", "x:3"]
+
+
+@pytest.mark.parametrize(
+    ("content", "suffix", "expected"),
+    [
+        ('{"text": "ok"}\n{"text": "broken"\n', ".jsonl", "x.jsonl:2: malformed JSON"),
+        ('{"text": "ok"}\n{"body": "no text"}\n', ".jsonl", "x.jsonl:2: field 'text': missing"),
+        ('{"text": "ok"}\n{"text": 42}\n', ".jsonl", "x.jsonl:2: field 'text': must be a string, got int"),
+        ("", ".jsonl", "x.jsonl: file is empty"),
+        ("\n\n", ".jsonl", "x.jsonl: file is empty"),
+        ('{"id": 1, "text": "a"}\n{"id": 1, "text": "b"}\n', ".jsonl", "x.jsonl:2: field 'id': duplicate id '1'"),
+        ('[{"text": "a"}, 5]', ".json", "x.json:2: element 2: expected an object"),
+        ("text\nfine\n", ".txt", "unsupported file type '.txt'"),
+        ("id,text\n1,a,extra\n", ".csv", "x.csv:2: row has more columns"),
+        ('{"text": "   "}\n', ".jsonl", "x.jsonl:1: field 'text': text is empty"),
+    ],
+)
+def test_bad_input_errors(tmp_path, content, suffix, expected):
+    path = tmp_path / f"x{suffix}"
+    path.write_text(content)
+    with pytest.raises(InputError) as info:
+        load_records(path, id_field="id" if '"id"' in content or "id," in content else None)
+    assert expected in info.value.format()
+    assert "\n" not in info.value.format()
+
+
+def test_missing_user_field(tmp_path):
+    (tmp_path / "x.jsonl").write_text('{"text": "a", "user": "u"}\n{"text": "b"}\n')
+    with pytest.raises(InputError, match=r"x.jsonl:2: field 'user': missing"):
+        load_records(tmp_path / "x.jsonl", user_field="user")
+
+
+def test_cli_bad_input_is_one_line_exit_2(tmp_path):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"text": "fine"}\n{"text": \n')
+    proc = subprocess.run([sys.executable, "-m", "leakaudit", "score", "--model", "tiny-gpt-neox", "--data", str(bad),
+                           "--out", str(tmp_path / "o.jsonl")], capture_output=True, text=True)
+    assert proc.returncode == 2
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and "bad.jsonl:2" in lines[0]
+    assert "Traceback" not in proc.stderr

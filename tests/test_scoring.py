@@ -1,0 +1,167 @@
+"""Scoring engine: hand-computed values, batching/padding invariance, moments, windows, cache."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from leakaudit import scoring
+from leakaudit.scoring import ScoreCache, score_texts
+
+TEXTS = [
+    "The quick brown fox jumps over the lazy dog.",
+    "Hi",
+    "Please forward the contract to Karen before Friday, thanks.",
+    "Another slightly longer text, with more words in it, so that padding matters in a batch of texts.",
+    "x",
+]
+
+
+def _reference(lm, text, prefix=None):
+    """Direct full-vocabulary computation: log_softmax over all logits, one text at a time."""
+    tok = lm.tokenizer
+    if prefix is None:
+        ids = tok(text)["input_ids"]
+        start = 1
+    else:
+        ctx = tok(prefix)["input_ids"]
+        ids = ctx + tok(text, add_special_tokens=False)["input_ids"]
+        start = len(ctx)
+    with torch.no_grad():
+        logits = lm.model(torch.tensor([ids])).logits[0].double()
+    logp = torch.log_softmax(logits, -1)
+    rows = torch.arange(start - 1, len(ids) - 1)
+    tgt = torch.tensor(ids[start:], dtype=torch.long)
+    lp = logp[rows, tgt]
+    p = logp[rows].exp()
+    mu = (p * logp[rows]).sum(-1)
+    var = (p * (logp[rows] - mu[:, None]) ** 2).sum(-1)
+    return lp.numpy(), mu.numpy(), var.numpy()
+
+
+def test_matches_hand_computation(tiny_model):
+    for text in TEXTS:
+        got = score_texts(tiny_model, [text], moments=True, cache=False)[0]
+        lp, mu, var = _reference(tiny_model, text)
+        assert got.n_tokens == len(lp)
+        np.testing.assert_allclose(got.logp, lp, atol=1e-4)
+        np.testing.assert_allclose(got.mu, mu, atol=1e-4)
+        np.testing.assert_allclose(got.var, var, atol=1e-3)
+        if len(lp):
+            assert math.isclose(got.mean_logp, float(lp.mean()), abs_tol=1e-4)
+
+
+def test_batched_equals_one_at_a_time(tiny_model):
+    single = [score_texts(tiny_model, [t], cache=False)[0] for t in TEXTS]
+    for bs in (2, len(TEXTS), "auto"):
+        batched = score_texts(tiny_model, TEXTS, batch_size=bs, cache=False)
+        for a, b in zip(single, batched, strict=True):
+            np.testing.assert_allclose(a.logp, b.logp, atol=1e-4)
+
+
+def test_left_and_right_padding_agree(tiny_model):
+    right = score_texts(tiny_model, TEXTS, batch_size=len(TEXTS), moments=True, cache=False)
+    left = score_texts(tiny_model, TEXTS, batch_size=len(TEXTS), moments=True, cache=False, padding_side="left")
+    for a, b in zip(right, left, strict=True):
+        np.testing.assert_allclose(a.logp, b.logp, atol=1e-4)
+        np.testing.assert_allclose(a.mu, b.mu, atol=1e-4)
+
+
+def test_prefix_conditioning(tiny_model):
+    prefix = "Subject: meeting notes"
+    got = score_texts(tiny_model, TEXTS[:3], prefixes=prefix, cache=False)
+    for text, res in zip(TEXTS[:3], got, strict=True):
+        lp, _, _ = _reference(tiny_model, text, prefix=prefix)
+        np.testing.assert_allclose(res.logp, lp, atol=1e-4)
+
+
+def test_strided_window_scores_every_token_once(tiny_neox):
+    text = " ".join(f"word{i}" for i in range(150))
+    n = len(tiny_neox.tokenizer(text)["input_ids"])
+    assert n > 200  # longer than the 64-token window below
+    res = score_texts(tiny_neox, [text], max_length=64, stride=16, cache=False)[0]
+    assert res.n_tokens == n - 1
+    # The first window is scored with full context from the start: equal to scoring the first 64 tokens.
+    first = tiny_neox.tokenizer.decode(tiny_neox.tokenizer(text)["input_ids"][:64])
+    head = score_texts(tiny_neox, [first], cache=False)[0]
+    np.testing.assert_allclose(res.logp[:63], head.logp[:63], atol=1e-4)
+    # A text that fits in the window is unaffected by the window options.
+    short = score_texts(tiny_neox, [TEXTS[0]], max_length=64, stride=16, cache=False)[0]
+    np.testing.assert_allclose(short.logp, score_texts(tiny_neox, [TEXTS[0]], cache=False)[0].logp, atol=1e-5)
+
+
+def test_segments_cover_each_token_once():
+    ids = list(range(50))
+    for window, stride in [(10, 5), (10, 9), (7, 3), (60, 30)]:
+        segs = scoring._segments(0, [], ids, window, stride)
+        covered = []
+        for s in segs:
+            assert len(s.ids) <= window and s.first_scored >= 1
+            start = ids.index(s.ids[0])
+            covered.extend(range(start + s.first_scored, start + len(s.ids)))
+        assert covered == list(range(1, 50))
+
+
+def test_cache_hit_does_not_call_model(tiny_neox, tmp_path, monkeypatch):
+    store = ScoreCache(tmp_path / "c.sqlite")
+    first = score_texts(tiny_neox, TEXTS, moments=True, cache=store)
+
+    def boom(*args, **kwargs):
+        raise AssertionError("model called on a cache hit")
+
+    monkeypatch.setattr(scoring, "_score_batch", boom)
+    again = score_texts(tiny_neox, TEXTS, moments=True, cache=store)
+    for a, b in zip(first, again, strict=True):
+        assert np.array_equal(a.logp, b.logp) and np.array_equal(a.mu, b.mu) and np.array_equal(a.var, b.var)
+    # A run without moments is served by rows that have them.
+    plain = score_texts(tiny_neox, TEXTS, cache=store)
+    assert np.array_equal(plain[0].logp, first[0].logp)
+    # Different options are a different key: this must compute (and hit the patched function).
+    with pytest.raises(AssertionError, match="cache hit"):
+        score_texts(tiny_neox, TEXTS, max_length=32, cache=store)
+
+
+def test_duplicate_texts_scored_once(tiny_neox, monkeypatch):
+    calls = []
+    real = scoring._score_batch
+
+    def counting(lm, batch, *a, **k):
+        calls.append(len(batch))
+        return real(lm, batch, *a, **k)
+
+    monkeypatch.setattr(scoring, "_score_batch", counting)
+    out = score_texts(tiny_neox, ["same text", "same text", "other"], cache=False, batch_size=1)
+    assert sum(calls) == 2
+    assert np.array_equal(out[0].logp, out[1].logp)
+
+
+def test_score_cli_writes_rows(tmp_path):
+    from typer.testing import CliRunner
+
+    from leakaudit.cli import app
+
+    data = tmp_path / "t.jsonl"
+    data.write_text("".join(json.dumps({"id": str(i), "text": t}) + "\n" for i, t in enumerate(TEXTS)))
+    out = tmp_path / "s.jsonl"
+    res = CliRunner().invoke(app, ["score", "--model", "tiny-opt", "--data", str(data), "--id-field", "id",
+                                   "--out", str(out), "--token-logprobs", "--no-cache"])
+    assert res.exit_code == 0, res.output
+    rows = [json.loads(x) for x in out.read_text().splitlines()]
+    assert [r["id"] for r in rows] == [str(i) for i in range(len(TEXTS))]
+    for r in rows:
+        assert len(r["token_logprobs"]) == r["n_tokens"]
+        if r["n_tokens"]:
+            assert math.isclose(r["sum_logp"], sum(r["token_logprobs"]), abs_tol=1e-3)
+
+
+@pytest.mark.default_model
+def test_default_model_scores_finite(default_model):
+    res = score_texts(default_model, ["The email address of Karen Arnold is"], moments=True, cache=False)[0]
+    assert res.n_tokens > 3
+    assert np.isfinite(res.logp).all() and np.isfinite(res.mu).all() and (res.logp <= 0).all()
+    lp, _, _ = _reference(default_model, "The email address of Karen Arnold is")
+    np.testing.assert_allclose(res.logp, lp, atol=1e-3)
