@@ -1,7 +1,64 @@
-"""CLI commands for this topic (filled in by its issue)."""
+"""`leakaudit run EXPERIMENT.yaml`, `leakaudit report DIR` and `leakaudit demo`."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
 
 import typer
+from rich.console import Console
+
+console = Console(stderr=True)
+
+
+def _log(message: str) -> None:
+    """Stage progress lines (stages draw their own progress bars in between)."""
+    style = "green" if message.endswith("cached") or " done in " in message else "cyan"
+    console.print(f"[{style}]{message}[/]", highlight=False)
+
+
+def run(
+    experiment: Path = typer.Argument(..., help="Experiment file (YAML); see experiments/ and docs/experiments.md"),
+    out: Path = typer.Option(..., "--out", help="Output dir; rerunning with the same dir resumes"),
+    no_report: bool = typer.Option(False, "--no-report", help="Skip writing report.html and summary.json"),
+) -> None:
+    """Run every stage of an experiment file (cached by a hash of its inputs), then write the report."""
+    from leakaudit.config import load_experiment
+    from leakaudit.experiment import run_experiment
+
+    exp = load_experiment(experiment)
+    t0 = time.perf_counter()
+    status = run_experiment(exp, out, config_text=experiment.read_text(encoding="utf-8"), log=_log,
+                            report=not no_report)
+    ran = sum(1 for s in status.values() if s == "ran")
+    console.print(f"{len(status)} stages ({ran} ran, {len(status) - ran} cached) in "
+                  f"{time.perf_counter() - t0:.0f}s; outputs in {out}")
+
+
+def report(
+    out: Path = typer.Argument(..., help="Output dir of `leakaudit run` or `leakaudit demo`"),
+) -> None:
+    """(Re)write report.html and summary.json from what a run left in DIR."""
+    from leakaudit.report.html import write_report
+
+    path = write_report(out)
+    console.print(f"report: {path}")
+
+
+def demo(
+    out: Path = typer.Option(Path("out/demo"), "--out", help="Output dir; rerunning resumes"),
+) -> None:
+    """The first study at laptop scale on the embedded default model (CPU, about 10 minutes)."""
+    from leakaudit.demo import run_demo
+
+    t0 = time.perf_counter()
+    status = run_demo(out, log=_log)
+    console.print(f"demo finished: {len(status)} stages in {time.perf_counter() - t0:.0f}s; "
+                  f"open {out / 'report.html'}")
 
 
 def register(app: typer.Typer) -> None:
-    """Add this topic's commands to the app."""
+    """Add `run`, `report` and `demo` to the app."""
+    app.command("run")(run)
+    app.command("report")(report)
+    app.command("demo")(demo)

@@ -1,0 +1,308 @@
+"""The experiment file: a validated (pydantic) description of a whole study, from data to report.
+
+Why a schema: a typo in a 40-minute study should fail in the first second with one line naming the
+file, the line, the key path and what is wrong, not after the fine-tuning finished.
+
+An experiment names
+  models     name -> model spec (`default`, `tiny-gpt-neox`, an HF id, a local dir, ...),
+  datasets   name -> a data file or a built-in source, optionally split (`emails.members`),
+  generate   name -> a data-generation step (continuation, self-instruct, replace-pii),
+  finetune   name -> a fine-tuning variant (method, data, options, defenses, grid),
+  evaluate   name -> an evaluation (mia, user-inference, pii, perplexity, backdoor) of some targets.
+`grid:` on a finetune or an evaluation sweeps options: every combination becomes its own variant.
+Data references are `dataset`, `dataset.split` or a generate step; model references are a `models`
+name or a `finetune` name (meaning all its grid variants).
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from leakaudit.errors import InputError
+
+GENERATE_KINDS = ("continuation", "self-instruct", "replace-pii")
+FINETUNE_METHODS = ("full", "lora", "dora", "pissa")
+EVALUATION_KINDS = ("mia", "user-inference", "pii", "perplexity", "backdoor")
+BUILTIN_DATASETS = ("enron", "enron-synthetic", "dolly")
+
+
+class Strict(BaseModel):
+    """Unknown keys are errors (a misspelt option must not be silently ignored)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+
+class DatasetSpec(Strict):
+    """A data file (`path`) or a built-in source (`builtin`), optionally limited, shuffled and split."""
+
+    path: str | None = None
+    builtin: Literal["enron", "enron-synthetic", "dolly"] | None = None
+    text_field: str = "text"
+    id_field: str | None = None
+    user_field: str | None = None
+    limit: int | None = Field(default=None, gt=0)
+    max_chars: int | None = Field(default=None, gt=0)
+    split: dict[str, float] = Field(default_factory=dict)
+
+    @model_validator(mode="after")
+    def _one_source(self) -> DatasetSpec:
+        if (self.path is None) == (self.builtin is None):
+            raise ValueError("give exactly one of 'path' or 'builtin'")
+        return self
+
+    @field_validator("split")
+    @classmethod
+    def _fractions(cls, v: dict[str, float]) -> dict[str, float]:
+        for name, frac in v.items():
+            if not 0 < frac <= 1:
+                raise ValueError(f"fraction of '{name}' must be in (0, 1], got {frac}")
+        if sum(v.values()) > 1 + 1e-9:
+            raise ValueError(f"fractions add up to {sum(v.values()):g} > 1")
+        return v
+
+
+class GenerateSpec(Strict):
+    """A data-generation step; its output is a data file other steps can reference by its name."""
+
+    kind: Literal["continuation", "self-instruct", "replace-pii"]
+    data: str | None = None
+    model: str | None = None
+    options: dict[str, Any] = Field(default_factory=dict)
+
+    @model_validator(mode="after")
+    def _needs(self) -> GenerateSpec:
+        if self.kind in ("continuation", "replace-pii") and self.data is None:
+            raise ValueError(f"'{self.kind}' needs 'data'")
+        if self.kind in ("continuation", "self-instruct") and self.model is None:
+            raise ValueError(f"'{self.kind}' needs 'model'")
+        return self
+
+
+class FinetuneSpec(Strict):
+    """A fine-tuning variant: base model, data, method, options, defenses; `grid` sweeps options."""
+
+    model: str
+    data: str
+    method: Literal["full", "lora", "dora", "pissa"] = "lora"
+    options: dict[str, Any] = Field(default_factory=dict)
+    defenses: dict[str, Any] = Field(default_factory=dict)
+    grid: dict[str, list[Any]] = Field(default_factory=dict)
+
+
+class EvaluationSpec(Strict):
+    """One evaluation kind run on each target (a model or a fine-tuning variant)."""
+
+    kind: Literal["mia", "user-inference", "pii", "perplexity", "backdoor"]
+    targets: list[str] = Field(min_length=1)
+    reference: str | None = None
+    baseline: str | None = None
+    members: str | None = None
+    nonmembers: str | None = None
+    data: str | None = None
+    options: dict[str, Any] = Field(default_factory=dict)
+    grid: dict[str, list[Any]] = Field(default_factory=dict)
+
+    @model_validator(mode="after")
+    def _needs(self) -> EvaluationSpec:
+        if self.kind == "mia" and (self.members is None or self.nonmembers is None):
+            raise ValueError("'mia' needs 'members' and 'nonmembers'")
+        if self.kind in ("perplexity", "user-inference") and self.data is None:
+            raise ValueError(f"'{self.kind}' needs 'data'")
+        if self.kind == "user-inference" and self.reference is None:
+            raise ValueError("'user-inference' needs 'reference'")
+        return self
+
+
+class ReportSpec(Strict):
+    title: str | None = None
+    show_pii: bool = False
+
+
+class Experiment(Strict):
+    """The whole study."""
+
+    name: str
+    seed: int = 0
+    models: dict[str, str] = Field(min_length=1)
+    datasets: dict[str, DatasetSpec] = Field(default_factory=dict)
+    generate: dict[str, GenerateSpec] = Field(default_factory=dict)
+    finetune: dict[str, FinetuneSpec] = Field(default_factory=dict)
+    evaluate: dict[str, EvaluationSpec] = Field(default_factory=dict)
+    report: ReportSpec = Field(default_factory=ReportSpec)
+
+
+# ----------------------------------------------------------------------------------------- grids
+def expand_grid(name: str, grid: dict[str, list[Any]]) -> list[tuple[str, dict[str, Any]]]:
+    """Every combination of a grid as (variant name, overrides); no grid gives the name itself."""
+    if not grid:
+        return [(name, {})]
+    keys = list(grid)
+    out = []
+    for values in itertools.product(*(grid[k] for k in keys)):
+        overrides = dict(zip(keys, values, strict=True))
+        label = ",".join(f"{k}={_short(v)}" for k, v in overrides.items())
+        out.append((f"{name}[{label}]", overrides))
+    return out
+
+
+def _short(v: Any) -> str:
+    return v if isinstance(v, str) else json.dumps(v, separators=(",", ":"))
+
+
+# ----------------------------------------------------------------------------------------- loading
+class ConfigError(Exception):
+    """A problem at a key path of the experiment file (turned into an InputError with its line)."""
+
+    def __init__(self, loc: tuple[Any, ...], message: str):
+        self.loc = loc
+        self.message = message
+        super().__init__(message)
+
+
+def key_path(loc: tuple[Any, ...]) -> str:
+    """('evaluate', 'mia', 'targets', 0) -> 'evaluate.mia.targets[0]'."""
+    out = ""
+    for part in loc:
+        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
+    return out
+
+
+def line_of(text: str, loc: tuple[Any, ...]) -> int | None:
+    """The 1-based line of a key path in YAML text (the deepest part that exists)."""
+    try:
+        node = yaml.compose(text)
+    except yaml.YAMLError:
+        return None
+    line = None
+    for part in loc:
+        if isinstance(node, yaml.MappingNode):
+            for k, v in node.value:
+                if k.value == str(part):
+                    line, node = k.start_mark.line + 1, v
+                    break
+            else:
+                return line
+        elif isinstance(node, yaml.SequenceNode) and isinstance(part, int) and part < len(node.value):
+            node = node.value[part]
+            line = node.start_mark.line + 1
+        else:
+            return line
+    return line
+
+
+def _pydantic_message(err: dict[str, Any]) -> str:
+    msg = err["msg"]
+    if err["type"] == "extra_forbidden":
+        return "unknown key"
+    if err["type"] == "missing":
+        return "required key is missing"
+    return msg.removeprefix("Value error, ")
+
+
+def parse_experiment(text: str, file: str | Path = "<experiment>") -> Experiment:
+    """Parse and validate YAML text; every problem is one InputError naming file, line and key path."""
+    try:
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        raise InputError(f"not valid YAML: {problem}", file=file,
+                         line=mark.line + 1 if mark else None) from None
+    if not isinstance(raw, dict):
+        raise InputError("an experiment file must be a YAML mapping (name:, models:, ...)", file=file, line=1)
+    try:
+        exp = Experiment.model_validate(raw)
+        check_references(exp)
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        loc = tuple(err["loc"])
+        # Literal unions report the union member in loc; drop pydantic's internal tags.
+        loc = tuple(p for p in loc if not (isinstance(p, str) and p.startswith(("literal[", "function-"))))
+        raise InputError(_pydantic_message(err), file=file, line=line_of(text, loc), field=key_path(loc)) from None
+    except ConfigError as exc:
+        raise InputError(exc.message, file=file, line=line_of(text, exc.loc), field=key_path(exc.loc)) from None
+    return exp
+
+
+def load_experiment(path: str | Path) -> Experiment:
+    """Read an experiment file; relative data paths are resolved against the file's folder."""
+    p = Path(path)
+    if not p.is_file():
+        raise InputError("experiment file not found", file=p)
+    exp = parse_experiment(p.read_text(encoding="utf-8"), p)
+    for ds in exp.datasets.values():
+        if ds.path is not None and not Path(ds.path).expanduser().is_absolute():
+            ds.path = str((p.parent / ds.path).resolve())
+    return exp
+
+
+# ----------------------------------------------------------------------------------------- references
+def data_names(exp: Experiment) -> set[str]:
+    """Every valid data reference."""
+    names = set(exp.generate)
+    for name, ds in exp.datasets.items():
+        names.add(name)
+        names.update(f"{name}.{split}" for split in ds.split)
+    return names
+
+
+def model_names(exp: Experiment) -> set[str]:
+    return set(exp.models) | set(exp.finetune)
+
+
+def check_references(exp: Experiment) -> None:
+    """Every data and model reference points at something defined; no name is used twice; no cycles."""
+    clash = (set(exp.models) & set(exp.finetune)) | (set(exp.datasets) & set(exp.generate))
+    if clash:
+        name = sorted(clash)[0]
+        section = "finetune" if name in exp.finetune else "generate"
+        raise ConfigError((section, name), f"name '{name}' is already used in "
+                          f"{'models' if section == 'finetune' else 'datasets'}")
+    datas, models = data_names(exp), model_names(exp)
+    base_models = set(exp.models)
+
+    def need(ref: str | None, valid: set[str], loc: tuple[Any, ...], what: str) -> None:
+        if ref is not None and ref not in valid:
+            raise ConfigError(loc, f"unknown {what} '{ref}'; defined: {', '.join(sorted(valid)) or 'none'}")
+
+    for name, g in exp.generate.items():
+        need(g.data, datas, ("generate", name, "data"), "data")
+        need(g.model, models, ("generate", name, "model"), "model")
+    for name, f in exp.finetune.items():
+        need(f.model, base_models, ("finetune", name, "model"), "base model")
+        need(f.data, datas, ("finetune", name, "data"), "data")
+        for key, values in f.grid.items():
+            if not isinstance(values, list) or not values:
+                raise ConfigError(("finetune", name, "grid", key), "a grid needs a non-empty list of values")
+    for name, e in exp.evaluate.items():
+        for i, t in enumerate(e.targets):
+            need(t, models, ("evaluate", name, "targets", i), "model")
+        for field in ("reference", "baseline"):
+            need(getattr(e, field), models, ("evaluate", name, field), "model")
+        for field in ("members", "nonmembers", "data"):
+            need(getattr(e, field), datas, ("evaluate", name, field), "data")
+    _check_generate_cycles(exp)
+
+
+def _check_generate_cycles(exp: Experiment) -> None:
+    state: dict[str, int] = {}
+
+    def visit(name: str) -> None:
+        if state.get(name) == 1:
+            raise ConfigError(("generate", name, "data"), f"generate step '{name}' depends on itself")
+        if state.get(name) == 2:
+            return
+        state[name] = 1
+        ref = exp.generate[name].data
+        if ref in exp.generate:
+            visit(ref)
+        state[name] = 2
+
+    for name in exp.generate:
+        visit(name)

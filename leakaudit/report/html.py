@@ -1,0 +1,282 @@
+"""The experiment report: one self-contained HTML file plus `summary.json` with every headline number.
+
+It is built only from what a run left on disk (`run.json` and each stage's files), so `leakaudit report
+DIR` can redraw it at any time, including for a run that is still half done. Figures are inline PNGs
+and the page has no scripts and no external links: it opens offline. PII is masked unless the
+experiment sets `report.show_pii: true`.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import math
+import re
+from pathlib import Path
+from typing import Any
+
+from leakaudit.data.io import write_json
+from leakaudit.errors import InputError
+from leakaudit.report import plots
+
+_EMAIL = re.compile(r"\b[\w.+-]+@[\w-]+(?:\.[\w-]+)+\b")
+_PHONE = re.compile(r"(?<!\d)(?:\+?1[ .-]?)?\(?\d{3}\)?[ .-]\d{3}[ .-]\d{4}(?!\d)")
+
+
+def mask(text: str) -> str:
+    """Mask PII in text shown in the report (leakaudit.data.pii_find when available, else addresses/phones)."""
+    try:
+        from leakaudit.data.pii_find import mask_pii
+    except ImportError:
+        mask_pii = None
+    if mask_pii is not None:
+        return mask_pii(text)
+    return _PHONE.sub("[PHONE]", _EMAIL.sub("[EMAIL]", text))
+
+
+def _fmt(x: Any, digits: int = 3) -> str:
+    if x is None or (isinstance(x, float) and not math.isfinite(x)):
+        return "–"
+    if isinstance(x, float):
+        return f"{x:.{digits}f}" if abs(x) < 1000 else f"{x:.4g}"
+    return str(x)
+
+
+def _read_jsonl(path: Path) -> list[dict[str, Any]]:
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+
+
+# ----------------------------------------------------------------------------------------- headline numbers
+def headline(stages: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Every headline number as {variant, evaluation, metric, value, ci} (what summary.json lists)."""
+    rows: list[dict[str, Any]] = []
+
+    def add(stage, metric, value, ci=None):
+        if value is None:
+            return
+        rows.append({"variant": stage["params"].get("target_label"), "evaluation": stage["params"].get("evaluation"),
+                     "kind": stage["kind"], "metric": metric, "value": value,
+                     "ci": list(ci) if ci is not None else None})
+
+    for s in stages:
+        res = s.get("result")
+        if not res or not s["id"].startswith("evaluate/"):
+            continue
+        kind = s["kind"]
+        if kind == "mia":
+            for attack, m in res.get("attacks", {}).items():
+                add(s, f"{attack} AUC", m.get("auc"), m.get("auc_ci"))
+                tpr = (m.get("tpr_at_fpr") or {}).get("0.01")
+                add(s, f"{attack} TPR@1%FPR", tpr)
+        elif kind == "user-inference":
+            add(s, "user AUC", res.get("auc"), res.get("auc_ci"))
+        elif kind == "pii":
+            add(s, "PII match rate", res.get("match_rate"), res.get("match_rate_ci"))
+            if res.get("match_rate_minus_baseline") is not None:
+                add(s, "PII match rate − baseline", res.get("match_rate_minus_baseline"))
+        elif kind == "perplexity":
+            add(s, "perplexity", res.get("perplexity"))
+        elif kind == "backdoor":
+            for k, v in (res.get("headline") or {}).items():
+                add(s, k, v)
+    return rows
+
+
+def _headline_table(rows: list[dict[str, Any]]) -> tuple[list[str], list[dict[str, Any]]]:
+    cols: list[str] = []
+    by_variant: dict[str, dict[str, Any]] = {}
+    for r in rows:
+        col = f"{r['evaluation']}: {r['metric']}"
+        if col not in cols:
+            cols.append(col)
+        ci = r["ci"]
+        cell = {"value": _fmt(r["value"]), "ci": f"{_fmt(ci[0])}, {_fmt(ci[1])}" if ci else ""}
+        by_variant.setdefault(r["variant"], {})[col] = cell
+    return cols, [{"variant": v, "cells": c} for v, c in by_variant.items()]
+
+
+# ----------------------------------------------------------------------------------------- sections
+def _stage_dir(out: Path, s: dict[str, Any]) -> Path:
+    return out / s["folder"]
+
+
+def _mia_section(out: Path, stages: list[dict[str, Any]]) -> dict[str, Any] | None:
+    from leakaudit.metrics import roc_metrics
+
+    done = [s for s in stages if s["kind"] == "mia" and s.get("result")]
+    if not done:
+        return None
+    figures, table = [], []
+    for s in done:
+        label = f"{s['params']['evaluation']} · {s['params']['target_label']}"
+        rows = _read_jsonl(_stage_dir(out, s) / s["result"].get("scores_file", "scores.jsonl"))
+        curves = {}
+        for attack in s["result"].get("attacks", {}):
+            pairs = [(r[attack], int(r["label"])) for r in rows
+                     if isinstance(r.get(attack), (int, float)) and math.isfinite(r[attack])]
+            if pairs and len({y for _, y in pairs}) == 2:
+                curves[attack] = roc_metrics([p[0] for p in pairs], [p[1] for p in pairs], n_bootstrap=0)
+        if curves:
+            figures.append({"uri": plots.roc_figure(curves, f"ROC: {label}"),
+                            "caption": f"Membership inference ROC, {label} (log-scale FPR)"})
+        for attack, m in s["result"].get("attacks", {}).items():
+            ci = m.get("auc_ci") or [None, None]
+            tpr = m.get("tpr_at_fpr") or {}
+            table.append([s["params"]["target_label"], s["params"]["evaluation"], attack, _fmt(m.get("auc")),
+                          f"{_fmt(ci[0])} – {_fmt(ci[1])}", _fmt(tpr.get("0.01")), _fmt(tpr.get("0.001")),
+                          m.get("n_members", ""), m.get("n_nonmembers", "")])
+    return {"id": "mia", "title": "Membership inference",
+            "note": "ROC curves on a log-scale false-positive axis; the low-FPR region is what matters for privacy.",
+            "figures": figures,
+            "tables": [{"header": ["variant", "evaluation", "attack", "AUC", "95% CI", "TPR@1%FPR", "TPR@0.1%FPR",
+                                   "members", "non-members"], "rows": table}]}
+
+
+def _user_section(out: Path, stages: list[dict[str, Any]]) -> dict[str, Any] | None:
+    from leakaudit.metrics import roc_metrics
+
+    done = [s for s in stages if s["kind"] == "user-inference" and s.get("result")]
+    if not done:
+        return None
+    figures, table = [], []
+    for s in done:
+        res = s["result"]
+        rows = _read_jsonl(_stage_dir(out, s) / res.get("scores_file", "user_scores.jsonl"))
+        pairs = [(r["score"], int(r["label"])) for r in rows if "score" in r and "label" in r]
+        if pairs and len({y for _, y in pairs}) == 2:
+            curve = roc_metrics([p[0] for p in pairs], [p[1] for p in pairs], n_bootstrap=0)
+            figures.append({"uri": plots.roc_figure({"user score": curve}, f"User inference: "
+                                                    f"{s['params']['target_label']}"),
+                            "caption": f"User inference ROC, {s['params']['target_label']}"})
+        ci = res.get("auc_ci") or [None, None]
+        tpr = res.get("tpr_at_fpr") or {}
+        table.append([s["params"]["target_label"], s["params"]["evaluation"], _fmt(res.get("auc")),
+                      f"{_fmt(ci[0])} – {_fmt(ci[1])}", _fmt(tpr.get("0.01")), res.get("n_users_in", ""),
+                      res.get("n_users_out", "")])
+    return {"id": "user-inference", "title": "User inference", "figures": figures,
+            "note": "Score per user: mean over the user's samples of log p_target(x) − log p_ref(x).",
+            "tables": [{"header": ["variant", "evaluation", "AUC", "95% CI", "TPR@1%FPR", "users in", "users out"],
+                        "rows": table}]}
+
+
+def _pii_section(out: Path, stages: list[dict[str, Any]]) -> dict[str, Any] | None:
+    done = [s for s in stages if s["kind"] == "pii" and s.get("result")]
+    if not done:
+        return None
+    figures, table = [], []
+    for s in done:
+        rows = s["result"].get("rows") or []
+        cells: dict[tuple[str, str], list[float]] = {}
+        for r in rows:
+            if r.get("n_targets"):
+                key = (str(r["template"]), _fmt(float(r["temperature"]), 2))
+                cells.setdefault(key, []).append(r["matches"] / r["n_targets"])
+            table.append([s["params"]["target_label"], r.get("model", ""), r.get("template"), r.get("temperature"),
+                          r.get("top_k", ""), r.get("matches"), r.get("exact_matches", ""), r.get("n_targets")])
+        if cells:
+            templates = sorted({k[0] for k in cells})
+            temps = sorted({k[1] for k in cells}, key=float)
+            values = {k: sum(v) / len(v) for k, v in cells.items()}
+            figures.append({"uri": plots.heatmap_figure(templates, temps, values,
+                                                        f"PII match rate: {s['params']['target_label']}",
+                                                        "temperature", "template"),
+                            "caption": f"PII extraction match rate by template and temperature, "
+                                       f"{s['params']['target_label']}"})
+    return {"id": "pii", "title": "PII extraction", "figures": figures,
+            "note": "Match rate = matched targets / targets, per prompt template and sampling temperature. "
+                    "Extracted text is not shown.",
+            "tables": [{"header": ["variant", "model", "template", "temperature", "top-k", "matches", "exact",
+                                   "targets"], "rows": table}]}
+
+
+def _perplexity_section(out: Path, stages: list[dict[str, Any]]) -> dict[str, Any] | None:
+    done = [s for s in stages if s["kind"] == "perplexity" and s.get("result")]
+    if not done:
+        return None
+    series: dict[str, list[tuple[float, float]]] = {}
+    table = []
+    for s in done:
+        res = s["result"]
+        label = f"{s['params']['target_label']} ({s['params']['evaluation']})"
+        for c in res.get("checkpoints") or []:
+            series.setdefault(label, []).append((float(c["step"]), float(c["perplexity"])))
+            table.append([s["params"]["target_label"], s["params"]["evaluation"], c.get("name", c["step"]),
+                          _fmt(c["perplexity"])])
+        table.append([s["params"]["target_label"], s["params"]["evaluation"], "final", _fmt(res.get("perplexity"))])
+    figures = []
+    if any(len(v) > 1 for v in series.values()):
+        figures.append({"uri": plots.lines_figure(series, "Perplexity per checkpoint", "epoch", "perplexity",
+                                                  log_y=True),
+                        "caption": "Perplexity on the evaluation data after each epoch"})
+    else:
+        finals = {s["params"]["target_label"]: s["result"]["perplexity"] for s in done
+                  if isinstance(s["result"].get("perplexity"), (int, float))}
+        if finals:
+            figures.append({"uri": plots.bars_figure(finals, "Perplexity", "perplexity"),
+                            "caption": "Perplexity on the evaluation data"})
+    return {"id": "perplexity", "title": "Perplexity", "figures": figures,
+            "note": "exp(mean token NLL) over all evaluation tokens; lower is a better fit.",
+            "tables": [{"header": ["variant", "evaluation", "checkpoint", "perplexity"], "rows": table}]}
+
+
+def _backdoor_section(out: Path, stages: list[dict[str, Any]]) -> dict[str, Any] | None:
+    done = [s for s in stages if s["kind"] == "backdoor" and s.get("result")]
+    if not done:
+        return None
+    table = []
+    for s in done:
+        for k, v in (s["result"].get("headline") or {}).items():
+            table.append([s["params"]["target_label"], s["params"]["evaluation"], k, _fmt(v)])
+    return {"id": "backdoor", "title": "Backdoor data extraction", "figures": [],
+            "tables": [{"header": ["variant", "evaluation", "metric", "value"], "rows": table}]}
+
+
+# ----------------------------------------------------------------------------------------- assembly
+def load_run(out: str | Path) -> dict[str, Any]:
+    p = Path(out) / "run.json"
+    if not p.exists():
+        raise InputError("no run.json here: not the output dir of `leakaudit run`", file=Path(out))
+    return json.loads(p.read_text(encoding="utf-8"))
+
+
+def build(out: str | Path) -> tuple[str, dict[str, Any]]:
+    """Render the report HTML and the summary dict from an output dir."""
+    import jinja2
+
+    out = Path(out)
+    run = load_run(out)
+    exp = run["experiment"]
+    show_pii = bool(exp.get("report", {}).get("show_pii"))
+    stages = run["stages"]
+    rows = headline(stages)
+    cols, table_rows = _headline_table(rows)
+    sections = [sec for sec in (_mia_section(out, stages), _user_section(out, stages), _pii_section(out, stages),
+                                _perplexity_section(out, stages), _backdoor_section(out, stages)) if sec]
+    config_text = run.get("config_text") or json.dumps(exp, indent=2)
+    env = jinja2.Environment(loader=jinja2.PackageLoader("leakaudit.report", "templates"),
+                             autoescape=True, undefined=jinja2.StrictUndefined)
+    title = exp.get("report", {}).get("title") or f"leakaudit report: {exp['name']}"
+    html = env.get_template("report.html.j2").render(
+        title=title, name=exp["name"], show_pii=show_pii, headline_cols=cols, headline_rows=table_rows,
+        sections=sections, stages=stages, n_done=sum(1 for s in stages if s.get("result") is not None),
+        n_stages=len(stages), config_text=config_text if show_pii else mask(config_text),
+        versions=run.get("versions", {}))
+    if not show_pii:  # a last pass over the whole page: addresses and phone numbers never reach it
+        html = _PHONE.sub("[PHONE]", _EMAIL.sub("[EMAIL]", html))
+    summary = {"experiment": exp["name"], "generated": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+               "headline": rows, "stages": {s["id"]: s.get("result") for s in stages},
+               "versions": run.get("versions", {})}
+    return html, summary
+
+
+def write_report(out: str | Path) -> Path:
+    """Write `report.html` and `summary.json` into the output dir; returns the HTML path."""
+    out = Path(out)
+    html, summary = build(out)
+    tmp = out / "report.html.tmp"
+    tmp.write_text(html, encoding="utf-8")
+    tmp.replace(out / "report.html")
+    write_json(out / "summary.json", summary)
+    return out / "report.html"
