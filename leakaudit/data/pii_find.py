@@ -1,0 +1,174 @@
+"""Find and mask the PII this project measures: e-mail addresses, phone numbers and personal names.
+
+Why regexes and lists, not NER: the studies reproduced here measure leakage of *known* PII (the
+Enron name/e-mail pairs, addresses in the source data). Names come from a given list (e.g. the shipped
+pii-enron-pil pairs) plus the people named in e-mail header fields (From:/To:/Cc:/X-From:/X-To:/X-cc:),
+which is precise and needs no heavy model. Masking keeps enough shape to read a report
+("k*******@flash.net") without revealing the value.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+
+# local part: letters, digits and ._%+-; domain: labels separated by dots, ending in a 2+ letter TLD.
+EMAIL_RE = re.compile(r"(?<![\w.%+-])[A-Za-z0-9][A-Za-z0-9._%+-]*@(?:[A-Za-z0-9-]+\.)+[A-Za-z]{2,}(?![\w-])")
+# North American numbers as written in the Enron data: 713-853-1234, (713) 853-1234, 713.853.1234,
+# +1 713 853 1234. Seven-digit local numbers are left out: too many false hits (ranges, ids).
+PHONE_RE = re.compile(r"(?<![\w+])(?:\+?1[ .-]?)?(?:\(\d{3}\)\s?|\d{3}[ .-])\d{3}[ .-]\d{4}(?!\d)")
+# Header lines that name people; X-* headers carry display names ("Karen Arnold <klarnold@flash.net>").
+HEADER_RE = re.compile(r"^(?:X-)?(?:From|To|Cc|Bcc|X-cc|X-bcc):[ \t]*(.*(?:\n[ \t]+.*)*)",
+                       re.IGNORECASE | re.MULTILINE)
+NAME_WORD = r"[A-Z][a-zA-Z'\-]*\.?"
+NAME_RE = re.compile(rf"^{NAME_WORD}(?: {NAME_WORD}){{1,3}}$")
+NOT_NAMES = {"Enron", "Corp", "Inc", "Team", "Group", "Mail", "Delivery", "Subsystem", "Announcements",
+             "Administrator", "Center", "Committee", "Department", "Services", "Support", "Desk", "List"}
+
+
+@dataclass(frozen=True)
+class PiiSpan:
+    """One PII value found in a text: its kind ("email", "phone", "name") and where it is."""
+
+    kind: str
+    start: int
+    end: int
+    value: str
+
+
+def find_emails(text: str) -> list[str]:
+    """Every e-mail address in `text`, in order of appearance (duplicates kept)."""
+    return [m.group(0).rstrip(".") for m in EMAIL_RE.finditer(text)]
+
+
+def find_phones(text: str) -> list[str]:
+    """Every North American phone number in `text`, in order of appearance."""
+    return [m.group(0) for m in PHONE_RE.finditer(text)]
+
+
+def phone_digits(phone: str) -> str:
+    """The 10 digits identifying a phone number (country code dropped), for comparing spellings."""
+    digits = re.sub(r"\D", "", phone)
+    return digits[-10:]
+
+
+def names_from_headers(text: str) -> list[str]:
+    """Personal names in e-mail header fields ("X-From: Karen Arnold <...>", "X-To: A Smith, B Jones")."""
+    names: list[str] = []
+    for m in HEADER_RE.finditer(text):
+        value = re.sub(r"<[^>]*>", ",", m.group(1))      # drop <address> parts
+        value = EMAIL_RE.sub(",", value)
+        for part in re.split(r"[,;\n]", value):
+            cand = " ".join(part.replace('"', " ").replace("'", " ").split())
+            if NAME_RE.match(cand) and not (set(cand.replace(".", "").split()) & NOT_NAMES):
+                names.append(cand)
+    return names
+
+
+def load_name_list(path: str | Path) -> list[str]:
+    """Names from a JSONL file of objects with a "name" field (e.g. pii-enron-pil/name2email.jsonl)
+    or a plain text file with one name per line."""
+    from leakaudit.errors import InputError
+
+    p = Path(path)
+    if not p.exists():
+        raise InputError("file not found", file=p, field="--names")
+    names = []
+    with p.open(encoding="utf-8") as fh:
+        for lineno, raw in enumerate(fh, start=1):
+            raw = raw.strip()
+            if not raw:
+                continue
+            if p.suffix == ".jsonl":
+                try:
+                    obj = json.loads(raw)
+                except json.JSONDecodeError as exc:
+                    raise InputError(f"malformed JSON: {exc.msg}", file=p, line=lineno) from None
+                if not isinstance(obj, dict) or not isinstance(obj.get("name"), str):
+                    raise InputError("expected an object with a string 'name'", file=p, line=lineno, field="name")
+                raw = obj["name"].strip()
+            if raw:
+                names.append(raw)
+    return names
+
+
+def shipped_names() -> list[str]:
+    """The names of the shipped Enron name/e-mail pairs."""
+    from leakaudit import resources
+
+    return load_name_list(resources.path("pii-enron-pil", "name2email.jsonl"))
+
+
+class NameFinder:
+    """Finds whole-word occurrences of known full names (longest first, so "Mary Ann Lee" beats "Mary Ann")."""
+
+    def __init__(self, names: Iterable[str]):
+        uniq = sorted({" ".join(n.split()) for n in names if len(n.split()) >= 1 and len(n.strip()) >= 3},
+                      key=lambda n: (-len(n), n))
+        self.names = uniq
+        if uniq:
+            alternation = "|".join(r"\s+".join(re.escape(w) for w in n.split()) for n in uniq)
+            self._re: re.Pattern | None = re.compile(rf"(?<![\w@.])(?:{alternation})(?![\w@])")
+        else:
+            self._re = None
+
+    def find(self, text: str) -> list[re.Match]:
+        return list(self._re.finditer(text)) if self._re is not None else []
+
+
+def find_pii(text: str, names: NameFinder | None = None) -> list[PiiSpan]:
+    """E-mails, phones and (given) names in `text`, sorted by position, overlaps resolved left-first."""
+    spans = [PiiSpan("email", m.start(), m.start() + len(m.group(0).rstrip(".")), m.group(0).rstrip("."))
+             for m in EMAIL_RE.finditer(text)]
+    spans += [PiiSpan("phone", m.start(), m.end(), m.group(0)) for m in PHONE_RE.finditer(text)]
+    if names is not None:
+        spans += [PiiSpan("name", m.start(), m.end(), " ".join(m.group(0).split())) for m in names.find(text)]
+    spans.sort(key=lambda s: (s.start, -(s.end - s.start)))
+    kept: list[PiiSpan] = []
+    for s in spans:
+        if not kept or s.start >= kept[-1].end:
+            kept.append(s)
+    return kept
+
+
+# ----------------------------------------------------------------------------------------- masking
+def mask_email(email: str) -> str:
+    """Keep the first character of the local part and the domain: "klarnold@flash.net" -> "k*******@flash.net"."""
+    local, _, domain = email.partition("@")
+    if not local:
+        return email
+    return local[0] + "*" * (len(local) - 1) + "@" + domain
+
+
+def mask_phone(phone: str) -> str:
+    """Keep the layout and the last two digits: "713-853-1234" -> "***-***-**34"."""
+    n_digits = sum(c.isdigit() for c in phone)
+    out, seen = [], 0
+    for c in phone:
+        if c.isdigit():
+            seen += 1
+            out.append(c if seen > n_digits - 2 else "*")
+        else:
+            out.append(c)
+    return "".join(out)
+
+
+def mask_name(name: str) -> str:
+    """Keep initials: "Karen Arnold" -> "K**** A*****"."""
+    return " ".join(w[0] + "*" * (len(w) - 1) for w in name.split())
+
+
+def mask_pii(text: str, names: NameFinder | Iterable[str] | None = None) -> str:
+    """`text` with every e-mail address and phone number (and the given names) masked."""
+    finder = names if isinstance(names, NameFinder) or names is None else NameFinder(names)
+    masks = {"email": mask_email, "phone": mask_phone, "name": mask_name}
+    out, pos = [], 0
+    for s in find_pii(text, finder):
+        out.append(text[pos:s.start])
+        out.append(masks[s.kind](text[s.start:s.end]))
+        pos = s.end
+    out.append(text[pos:])
+    return "".join(out)

@@ -1,0 +1,105 @@
+"""Replace names, e-mail addresses and phone numbers with consistent fake ones (the "replaced data" variant).
+
+Why consistent: a model trained on replaced data should still see the *structure* of the original
+(the same person writing many e-mails), only not the real values. So one real value always maps to the
+same fake value across a whole file: the fake is drawn by Faker seeded with (seed, kind, real value),
+which also makes the mapping independent of row order and stable across files for a given seed.
+Fakes never collide with each other or with a real value seen so far. Phones keep their layout and use
+the fictional 555 exchange. The originals are never logged: callers get counts only.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from collections import Counter
+from collections.abc import Iterable
+
+from faker import Faker
+
+from leakaudit.data.pii_find import NameFinder, find_pii, phone_digits
+
+KINDS = ("email", "name", "phone")
+
+
+class PiiReplacer:
+    """Maps real PII to fake PII, consistently for the lifetime of the object (one file)."""
+
+    def __init__(self, names: Iterable[str] = (), seed: int = 0, locale: str = "en_US"):
+        self.names = NameFinder(names)
+        self.seed = seed
+        self._faker = Faker(locale)
+        self._map: dict[tuple[str, str], str] = {}
+        self._used: set[str] = {n.lower() for n in self.names.names}
+        self.counts: Counter[str] = Counter()
+
+    def add_names(self, names: Iterable[str]) -> None:
+        """Add more names to detect (e.g. names found in the headers of the whole file)."""
+        self.names = NameFinder([*self.names.names, *names])
+        self._used.update(n.lower() for n in self.names.names)
+
+    def replace(self, text: str) -> tuple[str, Counter[str]]:
+        """`text` with every detected e-mail, phone and name replaced; returns it with per-kind counts."""
+        counts: Counter[str] = Counter()
+        out, pos = [], 0
+        for span in find_pii(text, self.names):
+            out.append(text[pos:span.start])
+            out.append(self.fake(span.kind, text[span.start:span.end]))
+            counts[span.kind] += 1
+            pos = span.end
+        out.append(text[pos:])
+        self.counts.update(counts)
+        return "".join(out), counts
+
+    @property
+    def n_distinct(self) -> dict[str, int]:
+        """How many distinct real values of each kind have been replaced so far."""
+        c = Counter(kind for kind, _ in self._map)
+        return {k: c.get(k, 0) for k in KINDS}
+
+    def fake(self, kind: str, real: str) -> str:
+        """The fake value standing for `real` (the same one every time)."""
+        key = (kind, self._normal(kind, real))
+        if key not in self._map:
+            self._map[key] = self._draw(kind, key[1])
+        fake = self._map[key]
+        if kind == "phone":
+            return _with_layout(real, fake)
+        return fake
+
+    @staticmethod
+    def _normal(kind: str, real: str) -> str:
+        if kind == "email":
+            return real.lower()
+        if kind == "phone":
+            return phone_digits(real)
+        return " ".join(real.split())
+
+    def _draw(self, kind: str, real: str) -> str:
+        for attempt in range(1000):
+            digest = hashlib.sha256(f"{self.seed}\x1f{kind}\x1f{real}\x1f{attempt}".encode()).digest()
+            self._faker.seed_instance(int.from_bytes(digest[:8], "little"))
+            fake = self._make(kind, real)
+            if fake.lower() not in self._used and fake.lower() != real.lower():
+                self._used.add(fake.lower())
+                return fake
+        raise RuntimeError(f"could not draw a fresh fake {kind}")  # pragma: no cover - 1000 collisions
+
+    def _make(self, kind: str, real: str) -> str:
+        f = self._faker
+        if kind == "email":
+            domain = f.free_email_domain() if f.boolean() else f.domain_name()
+            return f"{f.first_name().lower()}.{f.last_name().lower()}{f.random_int(1, 99)}@{domain}"
+        if kind == "phone":
+            return f"{f.random_int(201, 989)}555{f.random_int(0, 9999):04d}"
+        n_words = len(real.split())
+        middle = [f"{f.random_uppercase_letter()}." if n_words == 3 else f.first_name()
+                  for _ in range(max(0, n_words - 2))]
+        return " ".join([f.first_name(), *middle, f.last_name()])
+
+
+def _with_layout(original: str, digits10: str) -> str:
+    """Write the fake 10 digits in the original's layout ("(713) 853-1234" -> "(415) 555-0199")."""
+    n = sum(c.isdigit() for c in original)
+    fill = iter(("1" * max(0, n - 10)) + digits10)  # a leading country code stays "1"
+    return re.sub(r"\d", lambda _: next(fill), original)
