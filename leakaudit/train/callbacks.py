@@ -1,0 +1,86 @@
+"""Trainer callbacks: a resumable JSONL training log, loadable checkpoints, and a rich progress bar."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from transformers import TrainerCallback
+
+
+class JsonlLogCallback(TrainerCallback):
+    """Append every logged step to train_log.jsonl; on resume, drop rows past the resumed step first."""
+
+    def __init__(self, path: Path):
+        self.path = Path(path)
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        if not state.is_world_process_zero or not self.path.exists():
+            return
+        rows = [json.loads(x) for x in self.path.read_text().splitlines() if x.strip()]
+        kept = [r for r in rows if r.get("step", 0) <= state.global_step]
+        tmp = self.path.with_suffix(".tmp")
+        tmp.write_text("".join(json.dumps(r) + "\n" for r in kept))
+        tmp.replace(self.path)
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if not state.is_world_process_zero or not logs:
+            return
+        row = {"step": state.global_step, "epoch": round(state.epoch or 0.0, 4), **logs}
+        with self.path.open("a", encoding="utf-8") as fh:
+            fh.write(json.dumps(row) + "\n")
+
+
+class LoadableCheckpointCallback(TrainerCallback):
+    """Make each checkpoint loadable with --model: adapters name the original base spec; PiSSA gets a
+    converted adapter in checkpoint-N/adapter/ (the raw PiSSA state stays for resuming)."""
+
+    def __init__(self, config, model, tokenizer):
+        self.config = config
+        self.model = model
+        self.tokenizer = tokenizer
+
+    def on_save(self, args, state, control, **kwargs):
+        if not state.is_world_process_zero:
+            return
+        from leakaudit.train.finetune import fix_adapter_base, save_loadable
+
+        ckpt = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+        if not ckpt.exists():
+            return
+        (ckpt / "training_args.bin").unlink(missing_ok=True)  # a pickle; not needed to resume
+        if self.config.method == "pissa":
+            save_loadable(self.model, ckpt / "adapter", self.config, self.tokenizer)
+        else:
+            fix_adapter_base(ckpt, self.config.model)
+
+
+class RichProgressCallback(TrainerCallback):
+    """A rich progress bar over optimizer steps with the latest loss (stderr)."""
+
+    def __init__(self):
+        self.bar = None
+        self.task = None
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        from rich.console import Console
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+        self.bar = Progress(TextColumn("fine-tuning"), BarColumn(), MofNCompleteColumn(),
+                            TextColumn("loss {task.fields[loss]}"), TimeRemainingColumn(),
+                            console=Console(stderr=True), transient=True)
+        self.bar.start()
+        self.task = self.bar.add_task("train", total=state.max_steps, completed=state.global_step, loss="-")
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if self.bar is not None:
+            self.bar.update(self.task, completed=state.global_step)
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if self.bar is not None and logs and "loss" in logs:
+            self.bar.update(self.task, loss=f"{logs['loss']:.4f}")
+
+    def on_train_end(self, args, state, control, **kwargs):
+        if self.bar is not None:
+            self.bar.stop()
+            self.bar = None

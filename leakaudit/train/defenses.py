@@ -1,0 +1,82 @@
+"""Training-data defenses applied before fine-tuning, each aimed at one kind of leak.
+
+- `dedup_within_user`: drop exact repeats of a text within one user. Protects against memorisation
+  driven by duplication (repeated samples are memorised and extracted far more often).
+- `max_samples_per_user N`: keep at most the first N samples (file order, after dedup) of each user.
+  Bounds any one user's influence on the model, the signal user-inference attacks measure.
+- `scrub_pii`: replace e-mail addresses and phone numbers in the training text before training, so the
+  model never sees them (protects against PII extraction). Uses the project's PII replacement
+  (`leakaudit.data.pii_replace.replace_pii`) when present, else typed placeholders `[EMAIL]`, `[PHONE]`.
+Batch gradient clipping (`max_grad_norm`), early stopping and DP-SGD live in the training loop.
+"""
+
+from __future__ import annotations
+
+import re
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+EMAIL_RE = re.compile(r"[A-Za-z0-9._%+\-']+@[A-Za-z0-9.\-]+\.[A-Za-z]{2,}")
+PHONE_RE = re.compile(r"(?<!\w)(?:\+?\d{1,2}[\s.\-]?)?(?:\(\d{3}\)|\d{3})[\s.\-]?\d{3}[\s.\-]?\d{4}(?!\w)")
+
+
+@dataclass
+class DefenseReport:
+    """What the data defenses changed (written to the run's `defenses.json`)."""
+
+    n_in: int = 0
+    n_out: int = 0
+    dropped_duplicates: int = 0
+    dropped_over_cap: int = 0
+    pii_replaced: int = 0
+    per_user_out: dict[str, int] = field(default_factory=dict)
+
+
+def dedup_and_cap(rows: list[tuple[str | None, str]], *, dedup_within_user: bool = False,
+                  max_samples_per_user: int | None = None) -> tuple[list[int], DefenseReport]:
+    """Indices of rows (user, text) to keep after within-user dedup then the per-user cap, in file order."""
+    report = DefenseReport(n_in=len(rows))
+    seen: set[tuple[str | None, str]] = set()
+    count: Counter[str | None] = Counter()
+    keep: list[int] = []
+    for i, (user, text) in enumerate(rows):
+        if dedup_within_user:
+            key = (user, text)
+            if key in seen:
+                report.dropped_duplicates += 1
+                continue
+            seen.add(key)
+        if max_samples_per_user is not None and count[user] >= max_samples_per_user:
+            report.dropped_over_cap += 1
+            continue
+        count[user] += 1
+        keep.append(i)
+    report.n_out = len(keep)
+    report.per_user_out = {str(u): n for u, n in count.items()}
+    return keep, report
+
+
+def placeholder_scrub(text: str) -> tuple[str, int]:
+    """Replace e-mails and phone numbers by `[EMAIL]` / `[PHONE]`; returns (text, number replaced)."""
+    text, n_email = EMAIL_RE.subn("[EMAIL]", text)
+    text, n_phone = PHONE_RE.subn("[PHONE]", text)
+    return text, n_email + n_phone
+
+
+def pii_scrubber() -> Callable[[list[str]], tuple[list[str], int]]:
+    """The project's PII replacement when it is installed, else placeholder scrubbing."""
+    try:
+        from leakaudit.data.pii_replace import replace_pii  # type: ignore[attr-defined]
+    except ImportError:
+        replace_pii = None
+    if replace_pii is not None:
+        def project(texts: list[str]) -> tuple[list[str], int]:
+            out = list(replace_pii(texts))
+            return out, sum(a != b for a, b in zip(texts, out, strict=True))
+        return project
+
+    def own(texts: list[str]) -> tuple[list[str], int]:
+        results = [placeholder_scrub(t) for t in texts]
+        return [r[0] for r in results], sum(r[1] for r in results)
+    return own

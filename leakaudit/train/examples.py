@@ -1,0 +1,200 @@
+"""Turn data rows into training examples (token ids + labels) and batch them without wasted compute.
+
+Formats (labels of -100 carry no loss; padding never carries loss):
+- `plain`: the text plus EOS; loss on every token. Texts longer than max_length are split into chunks.
+- `instruction`: the documented template below; loss on the response (and its EOS) only:
+      ### Instruction:\\n{prompt}\\n\\n### Response:\\n{response}<eos>
+- `chat`: rows with `messages` [{role, content}], rendered with the tokenizer's chat template when it has
+  one, else the plain template `<|role|>\\n{content}\\n` per turn with EOS after each assistant turn.
+  `loss_on="assistant"` puts loss on assistant turns only (including their header and end marker);
+  `"all"` on every token.
+
+Batching: `packed` concatenates a batch into one row with per-example position ids, which (with no
+attention mask) gives a block-diagonal causal mask, so the loss equals the unpacked loss while no compute
+goes to padding. `padded` pads right to the batch's longest example.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from leakaudit.errors import InputError
+
+INSTRUCTION_TEMPLATE = "### Instruction:\n{prompt}\n\n### Response:\n"
+PLAIN_CHAT_TURN = "<|{role}|>\n{content}\n"
+IGNORE = -100
+
+
+@dataclass
+class Example:
+    """One training sequence; `labels[i] == -100` means no loss on token i."""
+
+    input_ids: list[int]
+    labels: list[int]
+
+
+def _eos(tokenizer) -> list[int]:
+    return [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+
+
+def plain_examples(tokenizer, texts: list[str], max_length: int) -> list[Example]:
+    """Text + EOS, split into chunks of at most max_length tokens; loss on all tokens."""
+    out: list[Example] = []
+    if not texts:
+        return out
+    for ids in tokenizer(texts, add_special_tokens=True)["input_ids"]:
+        ids = list(ids) + _eos(tokenizer)
+        for start in range(0, len(ids), max_length):
+            chunk = ids[start:start + max_length]
+            if len(chunk) >= 2:
+                out.append(Example(chunk, list(chunk)))
+    return out
+
+
+def _from_segments(tokenizer, segments: list[tuple[str | list[int], bool]], max_length: int,
+                   first_special: bool) -> Example:
+    """Tokenise (text, trainable) segments one by one so label boundaries are exact; truncate to max_length."""
+    ids: list[int] = []
+    labels: list[int] = []
+    for i, (seg, trainable) in enumerate(segments):
+        if isinstance(seg, str):
+            seg_ids = tokenizer(seg, add_special_tokens=first_special and i == 0)["input_ids"] if seg else []
+        else:
+            seg_ids = seg
+        ids.extend(seg_ids)
+        labels.extend(seg_ids if trainable else [IGNORE] * len(seg_ids))
+    return Example(ids[:max_length], labels[:max_length])
+
+
+def instruction_example(tokenizer, prompt: str, response: str, max_length: int) -> Example:
+    """The instruction template with loss on the response and EOS only."""
+    return _from_segments(tokenizer, [(INSTRUCTION_TEMPLATE.format(prompt=prompt), False), (response, True),
+                                      (_eos(tokenizer), True)], max_length, first_special=True)
+
+
+def chat_segments(tokenizer, messages: list[dict[str, str]], loss_on: str) -> list[tuple[str | list[int], bool]]:
+    """Split a rendered conversation into (text, trainable) pieces at turn boundaries."""
+    if getattr(tokenizer, "chat_template", None):
+        def render(msgs, gen=False):
+            if not msgs:
+                return ""
+            return tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=gen)
+
+        full = render(messages)
+        segments: list[tuple[str | list[int], bool]] = []
+        pos = 0
+        for k, msg in enumerate(messages):
+            end = render(messages[:k + 1])
+            start = render(messages[:k], gen=True) if msg["role"] == "assistant" else render(messages[:k])
+            if not (full.startswith(end) and end.startswith(start) and len(start) >= pos):
+                raise ValueError("the tokenizer's chat template does not render turns as prefixes")
+            train = loss_on == "all" or msg["role"] == "assistant"
+            if loss_on == "all":
+                segments.append((full[pos:len(end)], True))
+            else:
+                segments.append((full[pos:len(start)], False))
+                segments.append((full[len(start):len(end)], train))
+            pos = len(end)
+        if pos < len(full):
+            segments.append((full[pos:], loss_on == "all"))
+        return [s for s in segments if s[0]]
+    segments = []
+    for msg in messages:
+        header = f"<|{msg['role']}|>\n"
+        train = loss_on == "all" or msg["role"] == "assistant"
+        segments.append((header, loss_on == "all"))
+        segments.append((msg["content"] + "\n", train))
+        if msg["role"] == "assistant":
+            segments.append((_eos(tokenizer), train))
+    return segments
+
+
+def chat_example(tokenizer, messages: list[dict[str, str]], loss_on: str, max_length: int) -> Example:
+    """A conversation with loss on assistant turns (or on all turns)."""
+    first_special = not getattr(tokenizer, "chat_template", None)
+    return _from_segments(tokenizer, chat_segments(tokenizer, messages, loss_on), max_length, first_special)
+
+
+def validate_messages(value: Any, file: Path, line: int, field: str) -> list[dict[str, str]]:
+    """Check a `messages` value is a non-empty list of {role, content} strings."""
+    if not isinstance(value, list) or not value:
+        raise InputError("must be a non-empty list of {role, content}", file=file, line=line, field=field)
+    for m in value:
+        if not (isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)):
+            raise InputError("every message needs string 'role' and 'content'", file=file, line=line, field=field)
+        if m["role"] not in ("system", "user", "assistant"):
+            raise InputError(f"unknown role '{m['role']}' (use system, user, assistant)", file=file, line=line,
+                             field=field)
+    return [{"role": m["role"], "content": m["content"]} for m in value]
+
+
+class ExampleDataset(torch.utils.data.Dataset):
+    """A list of Examples as the dict items the Trainer expects."""
+
+    def __init__(self, examples: list[Example]):
+        self.examples = examples
+
+    def __len__(self) -> int:
+        return len(self.examples)
+
+    def __getitem__(self, i: int) -> dict[str, list[int]]:
+        ex = self.examples[i]
+        return {"input_ids": ex.input_ids, "labels": ex.labels}
+
+
+class PackedCollator:
+    """Concatenate a batch into one row; position ids restart per example; no loss across examples."""
+
+    def __call__(self, batch: list[dict[str, list[int]]]) -> dict[str, Any]:
+        ids: list[int] = []
+        labels: list[int] = []
+        pos: list[int] = []
+        for item in batch:
+            n = len(item["input_ids"])
+            ids.extend(item["input_ids"])
+            labels.extend([IGNORE] + list(item["labels"][1:]))  # first token is never predicted from the last
+            pos.extend(range(n))
+        return {"input_ids": torch.tensor([ids]), "labels": torch.tensor([labels]),
+                "position_ids": torch.tensor([pos]), "use_cache": False}
+
+
+class PaddedCollator:
+    """Right-pad to the longest example in the batch (or to `pad_to`); padding gets no loss."""
+
+    def __init__(self, pad_id: int, pad_to: int | None = None):
+        self.pad_id = pad_id
+        self.pad_to = pad_to
+
+    def __call__(self, batch: list[dict[str, list[int]]]) -> dict[str, Any]:
+        width = self.pad_to or max(len(b["input_ids"]) for b in batch)
+        ids = torch.full((len(batch), width), self.pad_id, dtype=torch.long)
+        labels = torch.full((len(batch), width), IGNORE, dtype=torch.long)
+        mask = torch.zeros((len(batch), width), dtype=torch.long)
+        for i, b in enumerate(batch):
+            n = len(b["input_ids"])
+            ids[i, :n] = torch.tensor(b["input_ids"])
+            labels[i, :n] = torch.tensor(b["labels"])
+            mask[i, :n] = 1
+        return {"input_ids": ids, "labels": labels, "attention_mask": mask, "use_cache": False}
+
+
+@torch.no_grad()
+def packing_is_exact(model, tokenizer) -> bool:
+    """Probe whether this architecture honours packed position ids (block-diagonal mask); e.g. OPT does not."""
+    a = tokenizer("The first short text.", add_special_tokens=True)["input_ids"]
+    b = tokenizer("A second, different text here.", add_special_tokens=True)["input_ids"]
+    dev = next(model.parameters()).device
+    pos = torch.tensor([list(range(len(a))) + list(range(len(b)))], device=dev)
+    was = model.training
+    model.eval()
+    try:
+        alone = model(input_ids=torch.tensor([b], device=dev), use_cache=False).logits[0]
+        packed = model(input_ids=torch.tensor([a + b], device=dev), position_ids=pos,
+                       use_cache=False).logits[0, len(a):]
+    finally:
+        model.train(was)
+    return bool(torch.allclose(alone.float(), packed.float(), atol=1e-3, rtol=1e-3))

@@ -1,0 +1,379 @@
+"""Fine-tune a causal LM (full, LoRA, DoRA, PiSSA) on plain, instruction or chat data, resumably.
+
+Engine: the transformers Trainer, which gives epoch checkpoints, exact resume (optimizer, scheduler,
+RNG and data position), gradient accumulation, and DDP/FSDP under `accelerate launch` / `torchrun`
+without extra code. DP-SGD runs through Opacus instead (see leakaudit.train.dp).
+
+Defaults follow the original study's scripts: per-device batch 1, gradient accumulation 8, 4 epochs,
+lr 2e-6, linear schedule, AdamW, weight decay 0, warmup 0.
+
+The output dir holds the final model (full) or adapter (LoRA/DoRA/PiSSA, with base_model_name_or_path =
+the spec trained from), `train_log.jsonl`, `defenses.json`, `finetune_config.json`, and one
+`checkpoint-N/` per epoch. Every one of them loads with `--model DIR`; for PiSSA the loadable adapter of a
+checkpoint is `checkpoint-N/adapter/` (the checkpoint root keeps the raw PiSSA state needed to resume).
+Rerunning the same command resumes from the last checkpoint; a finished run is returned as is.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import random
+import shutil
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from leakaudit.data.io import read_rows, write_json
+from leakaudit.errors import InputError
+from leakaudit.train import examples as ex
+from leakaudit.train.defenses import DefenseReport, dedup_and_cap, pii_scrubber
+
+DEFAULT_TARGETS = {"gpt_neox": ["query_key_value"], "opt": ["q_proj", "v_proj"], "llama": ["q_proj", "v_proj"]}
+DONE_MARKER = "finetune_done.json"
+
+
+class FinetuneConfig(BaseModel):
+    """Every option of `leakaudit finetune` (CLI options are these names in kebab-case)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    model: str
+    data: str
+    out: str
+    method: Literal["full", "lora", "dora", "pissa"] = "lora"
+    format: Literal["plain", "instruction", "chat"] = "plain"
+    epochs: float = Field(4, gt=0)
+    learning_rate: float = Field(2e-6, gt=0)
+    batch_size: int = Field(1, ge=1)
+    gradient_accumulation: int = Field(8, ge=1)
+    weight_decay: float = Field(0.0, ge=0)
+    warmup_steps: int = Field(0, ge=0)
+    lr_scheduler: str = "linear"
+    lora_r: int = Field(8, ge=1)
+    lora_alpha: float = Field(16, gt=0)
+    lora_dropout: float = Field(0.05, ge=0, lt=1)
+    target_modules: list[str] | None = None
+    max_length: int = Field(512, ge=2)
+    packing: bool = True
+    text_field: str = "text"
+    prompt_field: str = "prompt"
+    response_field: str = "response"
+    messages_field: str = "messages"
+    loss_on: Literal["assistant", "all"] = "assistant"
+    user_field: str | None = None
+    # defenses
+    max_samples_per_user: int | None = Field(None, ge=1)
+    dedup_within_user: bool = False
+    max_grad_norm: float | None = Field(1.0, gt=0)
+    early_stopping_patience: int | None = Field(None, ge=1)
+    eval_fraction: float = Field(0.0, ge=0, lt=1)
+    scrub_pii: bool = False
+    dp_epsilon: float | None = Field(None, gt=0)
+    dp_delta: float | None = Field(None, gt=0, lt=1)
+    dp_max_grad_norm: float = Field(1.0, gt=0)
+    # engine
+    seed: int = 0
+    max_steps: int | None = Field(None, ge=1)
+    save_steps: int | None = Field(None, ge=1)
+    bf16: bool | None = None  # None: bf16 autocast only where the hardware runs it fast
+    device: str | None = None
+
+    @field_validator("target_modules", mode="before")
+    @classmethod
+    def _split_modules(cls, v: Any) -> Any:
+        if isinstance(v, str):
+            return [m.strip() for m in v.split(",") if m.strip()] or None
+        return v
+
+    def fingerprint(self) -> str:
+        """Hash of everything that changes the trained weights (to refuse resuming a different run)."""
+        keep = self.model_dump(exclude={"out", "device"})
+        return hashlib.sha256(json.dumps(keep, sort_keys=True).encode()).hexdigest()[:16]
+
+
+# ----------------------------------------------------------------------------------------- data
+def _field(row: dict[str, Any], name: str, path: Path, line: int, kind: type = str) -> Any:
+    if name not in row:
+        raise InputError(f"missing (row has: {', '.join(sorted(row))})", file=path, line=line, field=name)
+    value = row[name]
+    if kind is str and (not isinstance(value, str) or not value.strip()):
+        raise InputError("must be a non-empty string", file=path, line=line, field=name)
+    return value
+
+
+def load_examples(config: FinetuneConfig, tokenizer) -> tuple[list[ex.Example], list[ex.Example], DefenseReport]:
+    """Read, validate, defend and tokenise the data; returns (train, held-out, what the defenses did)."""
+    path = Path(config.data)
+    rows = read_rows(path)
+    items: list[tuple[str | None, Any]] = []  # (user, content) per row
+    for line, row in rows:
+        user = None
+        if config.user_field:
+            u = _field(row, config.user_field, path, line, kind=object)
+            if u is None or str(u).strip() == "":
+                raise InputError("user is empty", file=path, line=line, field=config.user_field)
+            user = str(u)
+        if config.format == "plain":
+            content: Any = _field(row, config.text_field, path, line)
+        elif config.format == "instruction":
+            content = (_field(row, config.prompt_field, path, line), _field(row, config.response_field, path, line))
+        else:
+            content = ex.validate_messages(_field(row, config.messages_field, path, line, kind=object), path, line,
+                                           config.messages_field)
+        items.append((user, content))
+    keep, report = dedup_and_cap([(u, json.dumps(c, sort_keys=True)) for u, c in items],
+                                 dedup_within_user=config.dedup_within_user,
+                                 max_samples_per_user=config.max_samples_per_user)
+    items = [items[i] for i in keep]
+    if config.scrub_pii:
+        items, report.pii_replaced = _scrub(items, config.format)
+    contents = [c for _, c in items]
+    if not contents:
+        raise InputError("no training rows left after the defenses", file=path)
+    rng = random.Random(config.seed)
+    order = list(range(len(contents)))
+    n_eval = int(round(len(contents) * config.eval_fraction))
+    held: set[int] = set(rng.sample(order, n_eval)) if n_eval else set()
+    if n_eval and n_eval == len(contents):
+        raise InputError("the held-out split would take every row", field="--eval-fraction")
+
+    def build(idx: list[int]) -> list[ex.Example]:
+        if config.format == "plain":
+            return ex.plain_examples(tokenizer, [contents[i] for i in idx], config.max_length)
+        if config.format == "instruction":
+            return [ex.instruction_example(tokenizer, *contents[i], config.max_length) for i in idx]
+        try:
+            return [ex.chat_example(tokenizer, contents[i], config.loss_on, config.max_length) for i in idx]
+        except ValueError as exc:
+            raise InputError(str(exc), file=path, field=config.messages_field) from None
+
+    train = build([i for i in order if i not in held])
+    held_out = build(sorted(held))
+    train = [e for e in train if any(label != ex.IGNORE for label in e.labels[1:])]
+    if not train:
+        raise InputError("no example has a token to train on (all truncated or masked)", file=path,
+                         field="--max-length")
+    return train, held_out, report
+
+
+def _scrub(items: list[tuple[str | None, Any]], fmt: str) -> tuple[list[tuple[str | None, Any]], int]:
+    scrub = pii_scrubber()
+    if fmt == "plain":
+        texts, n = scrub([c for _, c in items])
+        return [(u, t) for (u, _), t in zip(items, texts, strict=True)], n
+    if fmt == "instruction":
+        flat = [s for _, c in items for s in c]
+        texts, n = scrub(flat)
+        return [(u, (texts[2 * i], texts[2 * i + 1])) for i, (u, _) in enumerate(items)], n
+    flat = [m["content"] for _, c in items for m in c]
+    texts, n = scrub(flat)
+    it = iter(texts)
+    return [(u, [{"role": m["role"], "content": next(it)} for m in c]) for u, c in items], n
+
+
+# ----------------------------------------------------------------------------------------- model
+def target_modules_for(model, requested: list[str] | None) -> list[str] | None:
+    """Requested modules, else the study's defaults per architecture, else PEFT's own default (None)."""
+    if requested:
+        names = {n.split(".")[-1] for n, _ in model.named_modules()}
+        missing = [m for m in requested if m not in names]
+        if missing:
+            raise InputError(f"no module named {', '.join(missing)} in this model", field="--target-modules")
+        return requested
+    return DEFAULT_TARGETS.get(getattr(model.config, "model_type", ""))
+
+
+def build_model(config: FinetuneConfig, out: Path):
+    """Load the base in fp32 and wrap it for the chosen method; PiSSA also saves its initial adapter."""
+    from leakaudit.models import load_model, resolve_spec
+
+    kind, _ = resolve_spec(config.model)
+    if kind == "adapter":
+        raise InputError("fine-tuning starts from a full model; merge the adapter first (leakaudit merge)",
+                         field="--model")
+    lm = load_model(config.model, device=config.device, dtype="fp32", for_training=True)
+    model = lm.model
+    if config.method == "full":
+        return lm, model
+    from peft import LoraConfig, get_peft_model
+
+    peft_cfg = LoraConfig(task_type="CAUSAL_LM", r=config.lora_r, lora_alpha=config.lora_alpha,
+                          lora_dropout=config.lora_dropout,
+                          target_modules=target_modules_for(model, config.target_modules),
+                          use_dora=config.method == "dora",
+                          init_lora_weights="pissa" if config.method == "pissa" else True)
+    model = get_peft_model(model, peft_cfg)
+    if config.method == "pissa":
+        init_dir = out / "pissa_init"
+        if not (init_dir / "adapter_config.json").exists():
+            # The initial PiSSA adapter lets saves convert to a plain LoRA against the *original* base.
+            model.peft_config["default"].init_lora_weights = True
+            model.save_pretrained(str(init_dir))
+            model.peft_config["default"].init_lora_weights = "pissa"
+    return lm, model
+
+
+def base_reference(spec: str) -> str:
+    """What adapter_config.json names as base: the spec itself, made absolute when it is a local path."""
+    p = Path(spec).expanduser()
+    return str(p.resolve()) if p.exists() else spec
+
+
+def save_loadable(model, directory: Path, config: FinetuneConfig, tokenizer=None) -> None:
+    """Save the model/adapter so `load_model(directory)` works (adapters name the original base spec)."""
+    directory.mkdir(parents=True, exist_ok=True)
+    if config.method == "pissa":
+        model.save_pretrained(str(directory), path_initial_model_for_weight_conversion=str(
+            Path(config.out) / "pissa_init"))
+    else:
+        model.save_pretrained(str(directory))
+    if tokenizer is not None:
+        tokenizer.save_pretrained(str(directory))
+    fix_adapter_base(directory, config.model)
+
+
+def fix_adapter_base(directory: Path, spec: str) -> None:
+    cfg_path = directory / "adapter_config.json"
+    if cfg_path.exists():
+        cfg = json.loads(cfg_path.read_text())
+        cfg["base_model_name_or_path"] = base_reference(spec)
+        write_json(cfg_path, cfg)
+
+
+# ----------------------------------------------------------------------------------------- run
+def _check_out(config: FinetuneConfig, out: Path) -> bool:
+    """True when `out` already holds this finished run; refuse an out dir holding a different run."""
+    saved = out / "finetune_config.json"
+    if saved.exists():
+        previous = json.loads(saved.read_text())
+        if previous.get("fingerprint") != config.fingerprint():
+            raise InputError("this output dir holds a run with different options; use a new --out",
+                             file=out, field="--out")
+        return (out / DONE_MARKER).exists()
+    if out.exists() and any(out.iterdir()):
+        raise InputError("output dir exists and is not a leakaudit fine-tuning run; use a new --out",
+                         file=out, field="--out")
+    return False
+
+
+def is_main_process() -> bool:
+    return int(os.environ.get("RANK", "0")) == 0
+
+
+def finetune(config: FinetuneConfig, progress: bool = True, callbacks: list | None = None) -> Path:
+    """Train as configured and return the output dir (loadable with models.load_model(str(dir)))."""
+    out = Path(config.out)
+    if _check_out(config, out):
+        return out
+    if is_main_process():
+        out.mkdir(parents=True, exist_ok=True)
+        write_json(out / "finetune_config.json", {"fingerprint": config.fingerprint(), **config.model_dump()})
+    torch.manual_seed(config.seed)
+    lm, model = build_model(config, out)
+    train, held_out, report = load_examples(config, lm.tokenizer)
+    if is_main_process():
+        write_json(out / "defenses.json", {**report.__dict__, "n_train_examples": len(train),
+                                           "n_heldout_examples": len(held_out)})
+    if config.dp_epsilon is not None:
+        from leakaudit.train.dp import train_dp
+
+        train_dp(config, lm, model, train, out, progress=progress)
+    else:
+        _train_trainer(config, lm, model, train, held_out, out, progress, callbacks or [])
+    if is_main_process():
+        write_json(out / DONE_MARKER, {"fingerprint": config.fingerprint()})
+    return out
+
+
+def _use_bf16(config: FinetuneConfig, device: torch.device) -> bool:
+    from leakaudit.models import cpu_has_fast_bf16
+
+    if config.bf16 is not None:
+        return config.bf16
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    return cpu_has_fast_bf16()
+
+
+def _train_trainer(config: FinetuneConfig, lm, model, train: list[ex.Example], held_out: list[ex.Example],
+                   out: Path, progress: bool, extra_callbacks: list) -> None:
+    from transformers import EarlyStoppingCallback, Trainer, TrainingArguments
+    from transformers.trainer_callback import PrinterCallback, ProgressCallback
+
+    from leakaudit.train.callbacks import JsonlLogCallback, LoadableCheckpointCallback, RichProgressCallback
+
+    pack = config.packing and config.format == "plain" and ex.packing_is_exact(model, lm.tokenizer)
+    collator = ex.PackedCollator() if pack else ex.PaddedCollator(lm.tokenizer.pad_token_id)
+    evaluate = bool(held_out) and (config.early_stopping_patience is not None or config.eval_fraction > 0)
+    strategy = "steps" if config.save_steps else "epoch"
+    args = TrainingArguments(
+        output_dir=str(out),
+        per_device_train_batch_size=config.batch_size,
+        per_device_eval_batch_size=config.batch_size,
+        gradient_accumulation_steps=config.gradient_accumulation,
+        num_train_epochs=config.epochs,
+        max_steps=config.max_steps or -1,
+        learning_rate=config.learning_rate,
+        weight_decay=config.weight_decay,
+        warmup_steps=config.warmup_steps,
+        lr_scheduler_type=config.lr_scheduler,
+        optim="adamw_torch",
+        max_grad_norm=config.max_grad_norm or 0.0,
+        save_strategy=strategy,
+        save_steps=config.save_steps or 500,
+        eval_strategy=strategy if evaluate else "no",
+        eval_steps=config.save_steps if evaluate else None,
+        load_best_model_at_end=evaluate and config.early_stopping_patience is not None,
+        metric_for_best_model="eval_loss" if evaluate else None,
+        greater_is_better=False if evaluate else None,
+        logging_steps=1,
+        report_to="none",
+        seed=config.seed,
+        data_seed=config.seed,
+        bf16=_use_bf16(config, lm.device),
+        use_cpu=lm.device.type == "cpu",
+        ddp_backend="gloo" if lm.device.type == "cpu" and int(os.environ.get("WORLD_SIZE", "1")) > 1 else None,
+        train_sampling_strategy="random" if pack else "group_by_length",
+        remove_unused_columns=False,
+        disable_tqdm=True,
+        dataloader_num_workers=0,
+    )
+    callbacks = [JsonlLogCallback(out / "train_log.jsonl"), LoadableCheckpointCallback(config, model, lm.tokenizer)]
+    if progress and is_main_process():
+        callbacks.append(RichProgressCallback())
+    if config.early_stopping_patience is not None and evaluate:
+        callbacks.append(EarlyStoppingCallback(early_stopping_patience=config.early_stopping_patience))
+    trainer = Trainer(model=model, args=args, train_dataset=ex.ExampleDataset(train),
+                      eval_dataset=ex.ExampleDataset(held_out) if evaluate else None, data_collator=collator,
+                      processing_class=lm.tokenizer, callbacks=callbacks + list(extra_callbacks))
+    trainer.remove_callback(PrinterCallback)
+    trainer.remove_callback(ProgressCallback)
+    resume = last_checkpoint(out)
+    trainer.train(resume_from_checkpoint=str(resume) if resume else None)
+    if trainer.is_world_process_zero():
+        model = trainer.model
+        save_loadable(model, out, config, lm.tokenizer)
+        if config.method == "full":
+            model.config.save_pretrained(str(out))
+        (out / "training_args.bin").unlink(missing_ok=True)
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and torch.distributed.is_initialized():
+        torch.distributed.barrier()
+
+
+def checkpoint_dirs(out: Path) -> list[Path]:
+    """Trainer checkpoints under a run dir, in step order."""
+    found = [p for p in Path(out).glob("checkpoint-*") if p.is_dir() and p.name.split("-")[-1].isdigit()]
+    return sorted(found, key=lambda p: int(p.name.split("-")[-1]))
+
+
+def last_checkpoint(out: Path) -> Path | None:
+    """The newest complete checkpoint (one with trainer_state.json), to resume from."""
+    for ckpt in reversed(checkpoint_dirs(out)):
+        if (ckpt / "trainer_state.json").exists():
+            return ckpt
+        shutil.rmtree(ckpt, ignore_errors=True)  # half-written by a kill
+    return None
