@@ -1,7 +1,118 @@
-"""CLI commands for this topic (filled in by its issue)."""
+"""CLI: `finetune`, `merge`, `perplexity`."""
+
+from __future__ import annotations
+
+from pathlib import Path
 
 import typer
+from pydantic import ValidationError
+
+from leakaudit.errors import InputError
+
+
+def _config(**options):
+    from leakaudit.train.finetune import FinetuneConfig
+
+    try:
+        return FinetuneConfig(**options)
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        name = "--" + str(err["loc"][0]).replace("_", "-") if err["loc"] else "option"
+        raise InputError(err["msg"], field=name) from None
 
 
 def register(app: typer.Typer) -> None:
-    """Add this topic's commands to the app."""
+    """Add the training commands."""
+
+    @app.command()
+    def finetune(
+        model: str = typer.Option(..., help="Base model spec (default, tiny-gpt-neox, HF id, dir, .gguf)."),
+        data: str = typer.Option(..., help="Training data file (.jsonl/.json/.csv/.parquet/.arrow/HF dir)."),
+        out: str = typer.Option(..., help="Output dir (rerun the same command to resume)."),
+        method: str = typer.Option("lora", help="full | lora | dora | pissa"),
+        format: str = typer.Option("plain", help="plain | instruction | chat"),
+        epochs: float = typer.Option(4, help="Training epochs."),
+        learning_rate: float = typer.Option(2e-6, help="Peak learning rate (linear decay, no warmup)."),
+        batch_size: int = typer.Option(1, help="Per-device batch size."),
+        gradient_accumulation: int = typer.Option(8, help="Batches per optimizer step."),
+        weight_decay: float = typer.Option(0.0),
+        warmup_steps: int = typer.Option(0),
+        lora_r: int = typer.Option(8, help="LoRA rank."),
+        lora_alpha: float = typer.Option(16, help="LoRA alpha."),
+        lora_dropout: float = typer.Option(0.05, help="LoRA dropout."),
+        target_modules: str = typer.Option(None, help="Comma list; default per architecture."),
+        max_length: int = typer.Option(512, help="Max tokens per example (plain text is chunked)."),
+        packing: bool = typer.Option(True, help="Pack plain-text batches into one row (no padding)."),
+        text_field: str = typer.Option("text"),
+        prompt_field: str = typer.Option("prompt"),
+        response_field: str = typer.Option("response"),
+        messages_field: str = typer.Option("messages"),
+        loss_on: str = typer.Option("assistant", help="chat: assistant | all"),
+        user_field: str = typer.Option(None, help="Field naming each row's user (for per-user defenses)."),
+        max_samples_per_user: int = typer.Option(None, help="Defense: keep the first N samples of each user."),
+        dedup_within_user: bool = typer.Option(False, help="Defense: drop repeated texts within a user."),
+        max_grad_norm: float = typer.Option(1.0, help="Batch gradient clipping norm (0 = off)."),
+        early_stopping_patience: int = typer.Option(None, help="Defense: stop after N evals without gain."),
+        eval_fraction: float = typer.Option(0.0, help="Held-out fraction for early stopping (0.1 if unset)."),
+        scrub_pii: bool = typer.Option(False, help="Defense: replace e-mails/phones before training."),
+        dp_epsilon: float = typer.Option(None, help="Defense: DP-SGD to this epsilon (Opacus)."),
+        dp_delta: float = typer.Option(None, help="DP delta (default min(1e-5, 1/n))."),
+        dp_max_grad_norm: float = typer.Option(1.0, help="DP per-example clipping norm."),
+        seed: int = typer.Option(0),
+        max_steps: int = typer.Option(None, help="Stop after this many optimizer steps."),
+        save_steps: int = typer.Option(None, help="Checkpoint every N steps instead of every epoch."),
+        bf16: bool = typer.Option(None, help="bf16 autocast (default: only where the hardware is fast)."),
+        device: str = typer.Option(None, help="cpu, cuda, ... (default auto)."),
+        progress: bool = typer.Option(True, help="Show a progress bar."),
+    ) -> None:
+        """Fine-tune a model (full, LoRA, DoRA, PiSSA); writes a loadable dir, train_log.jsonl, checkpoints."""
+        from leakaudit.train.finetune import finetune as run
+
+        if user_field is None and (max_samples_per_user or dedup_within_user):
+            raise InputError("needs --user-field", field="--max-samples-per-user" if max_samples_per_user
+                             else "--dedup-within-user")
+        if early_stopping_patience and not eval_fraction:
+            eval_fraction = 0.1
+        options = {k: v for k, v in locals().items() if k not in ("run", "progress")}
+        options["max_grad_norm"] = max_grad_norm or None
+        path = run(_config(**options), progress=progress)
+        typer.echo(str(path))
+
+    @app.command()
+    def merge(
+        adapter: str = typer.Option(..., help="Adapter dir (LoRA/DoRA/PiSSA) from finetune."),
+        out: str = typer.Option(..., help="Where to write the merged full model."),
+    ) -> None:
+        """Merge an adapter into its base model and save a full model dir."""
+        from leakaudit.train.merge import merge_adapter
+
+        typer.echo(str(merge_adapter(adapter, out)))
+
+    @app.command()
+    def perplexity(
+        model: str = typer.Option(..., help="Model spec, or a finetune run dir with --all-checkpoints."),
+        data: str = typer.Option(..., help="Texts to measure."),
+        out: str = typer.Option(..., help="Output dir for perplexity.json."),
+        text_field: str = typer.Option("text"),
+        all_checkpoints: bool = typer.Option(False, help="Every checkpoint of a run dir plus its final model."),
+        batch_size: str = typer.Option("auto"),
+        max_length: int = typer.Option(None, help="Window in tokens (default the model's context)."),
+        dtype: str = typer.Option(None, help="auto | fp32 | bf16"),
+        device: str = typer.Option(None),
+    ) -> None:
+        """Perplexity (corpus and mean per text) of a model or of every checkpoint; writes perplexity.json."""
+        from leakaudit.data.io import load_records, write_json
+        from leakaudit.models import load_model
+        from leakaudit.perplexity import perplexity as ppl
+        from leakaudit.perplexity import perplexity_per_checkpoint
+
+        texts = [r.text for r in load_records(data, text_field=text_field)]
+        if all_checkpoints:
+            results = perplexity_per_checkpoint(model, texts, device=device, dtype=dtype, batch_size=batch_size)
+        else:
+            lm = load_model(model, device=device, dtype=dtype)
+            results = [ppl(lm, texts, batch_size=batch_size, max_length=max_length)]
+        payload = {"data": str(Path(data)), "results": [r.to_dict() for r in results]}
+        write_json(Path(out) / "perplexity.json", payload)
+        for r in results:
+            typer.echo(f"{r.model}\tppl={r.ppl:.4f}\tmean_text_ppl={r.mean_text_ppl:.4f}\ttokens={r.n_tokens}")

@@ -1,0 +1,115 @@
+"""DP-SGD fine-tuning through Opacus: per-example clipping + Gaussian noise, with the epsilon spent.
+
+Protects against membership and extraction attacks with a formal bound: any one training example
+changes the output distribution by at most (epsilon, delta). Opacus samples batches with Poisson
+sampling (expected size batch_size x gradient_accumulation) as its RDP accountant assumes, clips each
+example's gradient to `dp_max_grad_norm` and adds noise calibrated to reach `dp_epsilon` after the
+configured epochs. Each example's loss is its own mean token NLL, so clipping acts on whole examples.
+Default delta: min(1e-5, 1 / n_examples). The result is written to `privacy.json`.
+A killed DP run restarts from the beginning (the accountant must see every step).
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import torch
+
+from leakaudit.data.io import write_json
+from leakaudit.errors import InputError
+from leakaudit.train import examples as ex
+
+
+def _tensors(train: list[ex.Example], pad_id: int) -> torch.utils.data.TensorDataset:
+    """Fixed-width tensors so Opacus can form (possibly empty) Poisson batches; trimmed per batch later."""
+    width = max(len(e.input_ids) for e in train)
+    ids = torch.full((len(train), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(train), width), dtype=torch.long)
+    labels = torch.full((len(train), width), ex.IGNORE, dtype=torch.long)
+    for i, e in enumerate(train):
+        n = len(e.input_ids)
+        ids[i, :n] = torch.tensor(e.input_ids)
+        mask[i, :n] = 1
+        labels[i, :n] = torch.tensor(e.labels)
+    return torch.utils.data.TensorDataset(ids, mask, labels)
+
+
+def per_example_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Mean token NLL of each example (shifted labels; -100 ignored)."""
+    logits = logits[:, :-1].float()
+    target = labels[:, 1:]
+    nll = torch.nn.functional.cross_entropy(logits.transpose(1, 2), target, ignore_index=ex.IGNORE,
+                                            reduction="none")
+    counts = (target != ex.IGNORE).sum(1).clamp(min=1)
+    return nll.sum(1) / counts
+
+
+def train_dp(config, lm, model, train: list[ex.Example], out: Path, progress: bool = True) -> dict:
+    """Train with DP-SGD; saves a checkpoint per epoch and the final model; returns the privacy report."""
+    import json
+    import warnings
+
+    from opacus import PrivacyEngine
+
+    from leakaudit.train.finetune import is_main_process, save_loadable
+
+    if config.method in ("dora", "pissa"):
+        raise InputError("DP-SGD supports --method lora or full", field="--method")
+    if int(__import__("os").environ.get("WORLD_SIZE", "1")) > 1:
+        raise InputError("DP-SGD runs in a single process here", field="--dp-epsilon")
+    n = len(train)
+    delta = config.dp_delta or min(1e-5, 1.0 / n)
+    epochs = max(1, math.ceil(config.epochs))
+    data = _tensors(train, lm.tokenizer.pad_token_id)
+    logical_batch = min(n, config.batch_size * config.gradient_accumulation)
+    loader = torch.utils.data.DataLoader(data, batch_size=logical_batch, shuffle=True,
+                                         generator=torch.Generator().manual_seed(config.seed))
+    model.train()
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=config.learning_rate, weight_decay=config.weight_decay)
+    engine = PrivacyEngine(accountant="rdp", secure_mode=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        try:
+            dp_model, optimizer, loader = engine.make_private_with_epsilon(
+                module=model, optimizer=optimizer, data_loader=loader, target_epsilon=config.dp_epsilon,
+                target_delta=delta, epochs=epochs, max_grad_norm=config.dp_max_grad_norm, poisson_sampling=True)
+        except (NotImplementedError, ValueError) as exc:
+            raise InputError(f"Opacus cannot make this model private: {str(exc).splitlines()[0]}",
+                             field="--dp-epsilon") from None
+    total = epochs * len(loader) if config.max_steps is None else min(config.max_steps, epochs * len(loader))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: max(0.0, 1 - s / max(1, total)))
+    log_path = out / "train_log.jsonl"
+    log_path.unlink(missing_ok=True)
+    step = 0
+    for epoch in range(epochs):
+        for ids, mask, labels in loader:
+            if step >= total:
+                break
+            step += 1
+            if ids.shape[0] == 0:  # an empty Poisson batch still costs privacy: account it
+                engine.accountant.step(noise_multiplier=optimizer.noise_multiplier,
+                                       sample_rate=optimizer.expected_batch_size / n)
+                continue
+            width = int(mask.sum(1).max())
+            ids, mask, labels = (t[:, :width].to(lm.device) for t in (ids, mask, labels))
+            logits = dp_model(input_ids=ids, attention_mask=mask, use_cache=False).logits
+            loss = per_example_loss(logits, labels).mean()
+            loss.backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            scheduler.step()
+            with log_path.open("a", encoding="utf-8") as fh:
+                fh.write(json.dumps({"step": step, "epoch": round(epoch + 1, 4), "loss": float(loss),
+                                     "learning_rate": scheduler.get_last_lr()[0], "batch": int(ids.shape[0]),
+                                     "epsilon": engine.get_epsilon(delta)}) + "\n")
+        if is_main_process():
+            save_loadable(model, out / f"checkpoint-{step}", config, lm.tokenizer)
+    report = {"epsilon": engine.get_epsilon(delta), "target_epsilon": config.dp_epsilon, "delta": delta,
+              "noise_multiplier": optimizer.noise_multiplier, "max_grad_norm": config.dp_max_grad_norm,
+              "expected_batch_size": logical_batch, "sample_rate": logical_batch / n, "steps": step,
+              "epochs": epochs, "accountant": "rdp"}
+    save_loadable(model, out, config, lm.tokenizer)
+    write_json(out / "privacy.json", report)
+    return report

@@ -1,0 +1,29 @@
+"""Merge a LoRA/DoRA/PiSSA adapter into its base, giving a full model dir that loads anywhere."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from leakaudit.data.io import write_json
+from leakaudit.errors import InputError
+
+
+def merge_adapter(adapter_dir: str | Path, out_dir: str | Path) -> Path:
+    """Load base + adapter in fp32, fold the adapter into the weights, save safetensors + tokenizer."""
+    from leakaudit.models import load_model
+
+    adapter = Path(adapter_dir)
+    if not (adapter / "adapter_config.json").exists():
+        raise InputError("not an adapter dir (no adapter_config.json)", file=adapter, field="--adapter")
+    out = Path(out_dir)
+    if out.exists() and any(out.iterdir()):
+        raise InputError("output dir exists and is not empty", file=out, field="--out")
+    lm = load_model(str(adapter), device="cpu", dtype="fp32")
+    merged = lm.model.merge_and_unload()
+    out.mkdir(parents=True, exist_ok=True)
+    merged.save_pretrained(str(out), safe_serialization=True)
+    lm.tokenizer.save_pretrained(str(out))
+    base = json.loads((adapter / "adapter_config.json").read_text()).get("base_model_name_or_path")
+    write_json(out / "leakaudit_merge.json", {"adapter": str(adapter.resolve()), "base": base})
+    return out
