@@ -1,0 +1,94 @@
+"""PII detection, masking and consistent fake replacement (library and `generate replace-pii`)."""
+
+from __future__ import annotations
+
+import json
+import re
+import sys
+
+import pytest
+from typer.testing import CliRunner
+
+from leakaudit import resources
+from leakaudit.cli import app, main
+from leakaudit.data.pii_find import (
+    find_emails,
+    find_phones,
+    mask_email,
+    mask_name,
+    mask_phone,
+    mask_pii,
+    names_from_headers,
+    shipped_names,
+)
+from leakaudit.data.pii_replace import PiiReplacer
+
+MAIL = ("Message-ID: <1.JavaMail.evans@thyme>\nFrom: klarnold@flash.net\nTo: epao3@yahoo.com\n"
+        "X-From: Karen Arnold <klarnold@flash.net>\nX-To: Zed Quinlan, Enron Announcements\n\n"
+        "Zed Quinlan, call (713) 853-1234 or 713.853.1234. Copy KLARNOLD@flash.net and Eva Pao.")
+
+
+def test_find_and_mask():
+    assert find_emails(MAIL) == ["klarnold@flash.net", "epao3@yahoo.com", "klarnold@flash.net",
+                                 "KLARNOLD@flash.net"]
+    assert find_emails("mail a.b@c.co. Then x@y") == ["a.b@c.co"]
+    assert find_phones(MAIL) == ["(713) 853-1234", "713.853.1234"]
+    assert find_phones("id 12345678901234 and 2001-2004") == []
+    assert names_from_headers(MAIL) == ["Karen Arnold", "Zed Quinlan"]  # "Enron Announcements" is no person
+    assert mask_email("klarnold@flash.net") == "k*******@flash.net"
+    assert mask_phone("(713) 853-1234") == "(***) ***-**34"
+    assert mask_name("Karen Arnold") == "K**** A*****"
+    masked = mask_pii(MAIL, ["Eva Pao"])
+    assert "klarnold" not in masked.lower() and "853-1234" not in masked and "Eva Pao" not in masked
+    assert "E** P**" in masked and "Message-ID: <1.JavaMail.evans@thyme>" in masked
+
+
+def test_replacement_is_consistent_and_complete():
+    rows = [MAIL, "Ask klarnold@flash.net or Karen Arnold; fax 713-853-1234.", "Nothing private here."]
+    rep = PiiReplacer(["Eva Pao", *names_from_headers(MAIL)], seed=3)
+    out = [rep.replace(t) for t in rows]
+    texts = [t for t, _ in out]
+    for t in texts:
+        for real in ("klarnold", "epao3", "Karen Arnold", "Zed Quinlan", "Eva Pao", "853-1234", "853.1234"):
+            assert real.lower() not in t.lower()
+    fake_for = {e.lower() for e in find_emails(texts[1])}
+    assert fake_for <= {e.lower() for e in find_emails(texts[0])}  # the same address maps to the same fake
+    assert len({e.lower() for e in find_emails(texts[0])}) == 2  # two real addresses -> two fakes
+    fake_phone = find_phones(texts[1])[0]
+    assert re.fullmatch(r"\d{3}-555-\d{4}", fake_phone)  # layout kept, fictional exchange
+    assert [re.sub(r"\D", "", p) for p in find_phones(texts[0])] == [re.sub(r"\D", "", fake_phone)] * 2
+    assert texts[2] == rows[2] and out[2][1] == {}
+    assert out[0][1] == {"email": 4, "name": 4, "phone": 2}
+    assert rep.n_distinct == {"email": 2, "name": 3, "phone": 1}
+    # seeded: the same seed gives the same output, another seed another one
+    again = PiiReplacer(["Eva Pao", *names_from_headers(MAIL)], seed=3)
+    assert [again.replace(t)[0] for t in rows] == texts
+    other = PiiReplacer(["Eva Pao", *names_from_headers(MAIL)], seed=4)
+    assert other.replace(rows[0])[0] != texts[0]
+
+
+def test_replace_pii_command(tmp_path, monkeypatch, capsys):
+    src = tmp_path / "mails.jsonl"
+    pairs = [json.loads(line) for line in
+             resources.path("pii-enron-pil", "name2email.jsonl").read_text().splitlines()[:3]]
+    assert [p["name"] for p in pairs] == shipped_names()[:3]
+    lines = [{"id": i, "text": f"X-From: {p['name']} <{p['email']}>\n\nHi, it is {p['name']}: {p['email']}.",
+              "note": "kept"} for i, p in enumerate(pairs)]
+    src.write_text("".join(json.dumps(x) + "\n" for x in lines))
+    out = tmp_path / "replaced.jsonl"
+    res = CliRunner().invoke(app, ["generate", "replace-pii", "--data", str(src), "--out", str(out)])
+    assert res.exit_code == 0, res.output
+    for p in pairs:
+        assert p["email"] not in res.output and p["name"] not in res.output  # counts only in logs
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [r["note"] for r in rows] == ["kept"] * 3
+    for p, r in zip(pairs, rows, strict=True):
+        assert p["email"] not in r["text"] and p["name"] not in r["text"]
+        assert r["pii_replaced"] == {"email": 2, "name": 2, "phone": 0}
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"text": "ok"}\n{"text": 5}\n')
+    monkeypatch.setattr(sys, "argv", ["leakaudit", "generate", "replace-pii", "--data", str(bad), "--out", str(out)])
+    with pytest.raises(SystemExit) as exit_info:
+        main()
+    assert exit_info.value.code == 2
+    assert capsys.readouterr().err.strip() == f"error: {bad}:2: field 'text': missing or not a string"
