@@ -1,0 +1,373 @@
+"""Membership inference attacks on text and `run_mia`, which scores members and non-members with each.
+
+Every score is oriented so that higher => member. Notation for a text x tokenised as x_1..x_T:
+log p(x_t | x_<t) is the target's token log-probability over the scored tokens (all but an unconditioned
+first token), NLL(x) = -mean_t log p(x_t | x_<t).
+"""
+
+from __future__ import annotations
+
+import math
+import zlib
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+from pydantic import Field
+
+from leakaudit.attacks.base import ATTACKS, Attack, AttackConfig, ScoringContext, get_attack, register
+from leakaudit.errors import InputError
+from leakaudit.metrics import RocMetrics, roc_metrics
+from leakaudit.models import LoadedModel
+
+REFERENCE_FREE = ("loss", "zlib", "min_k", "min_k_pp")
+
+
+def _lowest_k_mean(values: np.ndarray, k: float) -> float:
+    """Mean of the max(1, floor(k*T)) smallest of T values."""
+    n = max(1, int(k * len(values)))
+    return float(np.sort(values.astype(np.float64))[:n].mean())
+
+
+def _need_tokens(ctx: ScoringContext) -> None:
+    for i, s in enumerate(ctx.target_scores):
+        if s.n_tokens == 0:
+            raise TooShortError(i)
+
+
+class TooShortError(InputError):
+    """A text with no scored token (a single token without a BOS): no score can be defined."""
+
+    def __init__(self, index: int):
+        self.index = index
+        super().__init__(f"text #{index + 1} has fewer than 2 tokens, so no token can be scored")
+
+
+@register
+class LossAttack(Attack):
+    """loss = -NLL(x) = mean_t log p(x_t | x_<t). Members were fit, so their loss is lower (score higher).
+
+    Yeom et al., "Privacy Risk in Machine Learning", CSF 2018.
+    """
+
+    name = "loss"
+    paper = "Yeom et al. 2018, Privacy Risk in Machine Learning"
+
+    def score(self, ctx):
+        _need_tokens(ctx)
+        return np.array([s.mean_logp for s in ctx.target_scores])
+
+
+@register
+class ZlibAttack(Attack):
+    """zlib = -NLL(x) / len(zlib.compress(utf-8 bytes of x)): loss calibrated by how compressible the text is,
+    so trivially predictable (repetitive) text does not look like a member. Higher => member.
+
+    Carlini et al., "Extracting Training Data from Large Language Models", USENIX Security 2021.
+    """
+
+    name = "zlib"
+    paper = "Carlini et al. 2021, Extracting Training Data from Large Language Models"
+
+    def score(self, ctx):
+        _need_tokens(ctx)
+        return np.array([s.mean_logp / len(zlib.compress(t.encode("utf-8")))
+                         for s, t in zip(ctx.target_scores, ctx.texts, strict=True)])
+
+
+class MinKConfig(AttackConfig):
+    k: float = Field(0.2, gt=0, le=1, description="fraction of lowest-scoring tokens averaged")
+
+
+@register
+class MinKAttack(Attack):
+    """min_k = mean of the max(1, floor(k*T)) lowest token log-probs log p(x_t | x_<t) (k = 0.2).
+    Non-members contain a few very unlikely tokens; members rarely do. Higher => member.
+
+    Shi et al., "Detecting Pretraining Data from Large Language Models", ICLR 2024.
+    """
+
+    name = "min_k"
+    paper = "Shi et al. 2024, Detecting Pretraining Data from Large Language Models (Min-K%)"
+    Config = MinKConfig
+
+    def score(self, ctx):
+        _need_tokens(ctx)
+        return np.array([_lowest_k_mean(s.logp, self.config.k) for s in ctx.target_scores])
+
+
+@register
+class MinKPlusPlusAttack(Attack):
+    """min_k_pp = mean of the lowest max(1, floor(k*T)) values of z_t = (log p(x_t|x_<t) - mu_t) / sigma_t,
+    where mu_t and sigma_t^2 are the mean and variance of log p(v|x_<t) for v ~ p(.|x_<t). Members sit at
+    local maxima of the likelihood, so their tokens score high relative to the model's own distribution.
+    Higher => member. (sigma_t is floored at 1e-6.)
+
+    Zhang et al., "Min-K%++: Improved Baseline for Detecting Pre-Training Data from LLMs", ICLR 2025.
+    """
+
+    name = "min_k_pp"
+    paper = "Zhang et al. 2025, Min-K%++"
+    needs_moments = True
+    Config = MinKConfig
+
+    def score(self, ctx):
+        _need_tokens(ctx)
+        out = []
+        for s in ctx.target_scores:
+            if s.mu is None or s.var is None:
+                raise RuntimeError("min_k_pp needs the scoring pass with moments")
+            sigma = np.sqrt(np.maximum(s.var.astype(np.float64), 1e-12))
+            out.append(_lowest_k_mean((s.logp - s.mu) / sigma, self.config.k))
+        return np.array(out)
+
+
+@register
+class ReferenceAttack(Attack):
+    """ref = NLL_ref(x) - NLL_target(x): how much more the target likes x than a reference model that did not
+    see it, which removes the intrinsic difficulty of x. Each model scores the text with its own tokenizer
+    (per-token means), so target and reference may differ in vocabulary. Higher => member.
+
+    Carlini et al. 2021 (reference-model comparison); Mireshghallah et al., "Quantifying Privacy Risks of
+    Masked Language Models Using Membership Inference Attacks", EMNLP 2022.
+    """
+
+    name = "ref"
+    paper = "Carlini et al. 2021; Mireshghallah et al. 2022 (reference model calibration)"
+    needs_reference = True
+
+    def score(self, ctx):
+        _need_tokens(ctx)
+        ref = ctx.scores("reference", moments=False)
+        for i, s in enumerate(ref):
+            if s.n_tokens == 0:
+                raise TooShortError(i)
+        return np.array([t.mean_logp - r.mean_logp for t, r in zip(ctx.target_scores, ref, strict=True)])
+
+
+@register
+class LowercaseAttack(Attack):
+    """lowercase = NLL(lower(x)) / NLL(x): a member's exact casing was memorised, so lowercasing it costs
+    relatively more likelihood than it does for unseen text. Texts without capitals score 1. Higher => member.
+
+    Carlini et al., "Extracting Training Data from Large Language Models", USENIX Security 2021.
+    """
+
+    name = "lowercase"
+    paper = "Carlini et al. 2021, Extracting Training Data from Large Language Models"
+
+    def score(self, ctx):
+        _need_tokens(ctx)
+        lower = ctx.scores("target", texts=[t.lower() for t in ctx.texts], moments=False)
+        out = []
+        for orig, low in zip(ctx.target_scores, lower, strict=True):
+            nll_orig = max(-orig.mean_logp, 1e-8)
+            nll_low = -low.mean_logp if low.n_tokens else nll_orig
+            out.append(nll_low / nll_orig)
+        return np.array(out)
+
+
+class RecallConfig(AttackConfig):
+    prefix: tuple[str, ...] = Field((), description="non-member texts that form the prefix P")
+    shots: int = Field(3, ge=1, description="non-members taken for P when no prefix is given")
+    separator: str = "\n\n"
+
+
+@register
+class RecallAttack(Attack):
+    """recall = mean_t log p(x_t | x_<t) - mean_t log p(x_t | P, x_<t) = LL(x) - LL(x|P), over the same tokens,
+    with P a concatenation of known non-member texts. Conditioning on non-members lowers the likelihood of
+    members more than that of non-members (ReCaLL's finding), so LL(x|P) - LL(x) is more negative for
+    members; its negation is used so that higher => member.
+
+    Xie et al., "ReCaLL: Membership Inference via Relative Conditional Log-Likelihoods", EMNLP 2024.
+    """
+
+    name = "recall"
+    paper = "Xie et al. 2024, ReCaLL"
+    Config = RecallConfig
+
+    def prefix_text(self) -> str:
+        if not self.config.prefix:
+            raise InputError("recall needs non-member prefix texts", field="--recall-prefix")
+        sep = self.config.separator
+        return sep.join(self.config.prefix) + sep
+
+    def score(self, ctx):
+        _need_tokens(ctx)
+        cond = ctx.scores("target", prefix=self.prefix_text(), moments=False)
+        out = []
+        for plain, c in zip(ctx.target_scores, cond, strict=True):
+            # Without a prefix the first token may be unscored; compare over the same (last n) tokens.
+            n = plain.n_tokens
+            out.append(plain.mean_logp - float(c.logp[-n:].astype(np.float64).mean()))
+        return np.array(out)
+
+
+class GradNormConfig(AttackConfig):
+    max_length: int | None = Field(None, ge=2, description="tokens per text (default: the model's window)")
+
+
+@register
+class GradNormAttack(Attack):
+    """gradnorm = -||grad_theta NLL(x)||_2 over all parameters (white-box). Training drove the loss gradient
+    of members towards zero, so members have smaller gradient norms; the negative norm makes higher => member.
+    One text per backward pass; texts longer than the window are cut to the first window.
+
+    Nasr, Shokri, Houmansadr, "Comprehensive Privacy Analysis of Deep Learning: Passive and Active White-box
+    Inference Attacks", IEEE S&P 2019 (gradient norms as the white-box membership signal).
+    """
+
+    name = "gradnorm"
+    paper = "Nasr et al. 2019, Comprehensive Privacy Analysis of Deep Learning (white-box gradients)"
+    Config = GradNormConfig
+
+    def score(self, ctx):
+        from leakaudit.distributed import gather_floats, shard
+
+        _need_tokens(ctx)
+        mine = shard(len(ctx.texts))
+        local = [gradient_norm(ctx.target, ctx.texts[i], self.config.max_length) for i in mine]
+        return -gather_floats(local, len(ctx.texts))
+
+
+def gradient_norm(lm: LoadedModel, text: str, max_length: int | None = None) -> float:
+    """L2 norm of d NLL(x) / d theta over all parameters, in eval mode (no dropout)."""
+    import torch
+
+    model = lm.model
+    ids = lm.tokenizer(text, add_special_tokens=True)["input_ids"][: max_length or lm.max_length]
+    x = torch.tensor([ids], device=lm.device)
+    params = list(model.parameters())
+    flags = [p.requires_grad for p in params]
+    was_training = model.training
+    model.eval()
+    try:
+        for p in params:
+            p.requires_grad_(True)
+        with torch.enable_grad():
+            logits = model(input_ids=x, use_cache=False).logits[0, :-1].float()
+            nll = torch.nn.functional.cross_entropy(logits, x[0, 1:])
+            grads = torch.autograd.grad(nll, params, allow_unused=True)
+        total = sum(float(g.double().square().sum()) for g in grads if g is not None)
+    finally:
+        for p, f in zip(params, flags, strict=True):
+            p.requires_grad_(f)
+        model.train(was_training)
+    return math.sqrt(total)
+
+
+# ----------------------------------------------------------------------------------------- running
+@dataclass
+class MiaReport:
+    """Per-attack ROC metrics and per-sample scores (members first, then non-members, in input order)."""
+
+    metrics: dict[str, RocMetrics]
+    scores: dict[str, np.ndarray]
+    labels: np.ndarray
+    member_index: list[int]
+    nonmember_index: list[int]
+    warnings: list[str] = field(default_factory=list)
+    recall_prefix_index: list[int] = field(default_factory=list)  # non-members used as ReCaLL prefix, not scored
+
+    def to_json(self) -> dict:
+        """The DESIGN.md `mia.json` shape (plus advantage, warnings)."""
+        return {"attacks": {name: m.to_json() for name, m in self.metrics.items()},
+                "warnings": list(self.warnings),
+                "recall_prefix_nonmembers": list(self.recall_prefix_index)}
+
+    def rows(self, member_ids: Sequence[str] | None = None, nonmember_ids: Sequence[str] | None = None) -> list[dict]:
+        """One row per scored sample: id, label, a score per attack (for scores.jsonl)."""
+        mids = list(member_ids) if member_ids is not None else [f"member:{i}" for i in range(max(self.member_index,
+                                                                                                  default=-1) + 1)]
+        nids = list(nonmember_ids) if nonmember_ids is not None else [
+            f"nonmember:{i}" for i in range(max(self.nonmember_index, default=-1) + 1)]
+        ids = [mids[i] for i in self.member_index] + [nids[i] for i in self.nonmember_index]
+        out = []
+        for j, rid in enumerate(ids):
+            row = {"id": rid, "label": int(self.labels[j])}
+            row.update({name: float(s[j]) for name, s in self.scores.items()})
+            out.append(row)
+        return out
+
+
+def split_warnings(members: Sequence[str], nonmembers: Sequence[str], threshold: float = 0.6) -> list[str]:
+    """Warn when the two sets share texts, or when text length alone separates them (AUC of length far
+    from 0.5): then an attack may measure how the split was made rather than what the model learned."""
+    from sklearn.metrics import roc_auc_score
+
+    out = []
+    norm = {" ".join(t.split()) for t in members}
+    shared = sum(1 for t in nonmembers if " ".join(t.split()) in norm)
+    if shared:
+        out.append(f"{shared} non-member texts also appear among the members; remove them for a clean measurement")
+    lengths = [len(t) for t in members] + [len(t) for t in nonmembers]
+    labels = [1] * len(members) + [0] * len(nonmembers)
+    if len(set(labels)) == 2 and len(set(lengths)) > 1:
+        auc = float(roc_auc_score(labels, lengths))
+        if max(auc, 1 - auc) >= threshold:
+            out.append(f"text length alone separates members from non-members (AUC {auc:.2f}); the attacks may "
+                       "measure the split rather than the model — match the length distributions")
+    return out
+
+
+def _resolve(attacks: Sequence[str | Attack], attack_options: dict[str, dict] | None) -> list[Attack]:
+    opts = attack_options or {}
+    unknown = set(opts) - {a if isinstance(a, str) else a.name for a in attacks}
+    if unknown:
+        raise InputError(f"options given for attacks not run: {', '.join(sorted(unknown))}", field="--attacks")
+    out = [a if isinstance(a, Attack) else get_attack(a, **opts.get(a, {})) for a in attacks]
+    names = [a.name for a in out]
+    if len(set(names)) != len(names):
+        raise InputError(f"an attack is listed twice: {', '.join(names)}", field="--attacks")
+    if not out:
+        raise InputError("no attack given", field="--attacks")
+    return out
+
+
+def run_mia(target: LoadedModel, members: list[str], nonmembers: list[str], attacks: Sequence[str | Attack],
+            reference: LoadedModel | None = None, *, attack_options: dict[str, dict] | None = None,
+            n_bootstrap: int = 1000, seed: int = 0, batch_size: int | str = "auto", max_length: int | None = None,
+            stride: int | None = None, cache: bool = True, progress: bool = True) -> MiaReport:
+    """Score members and non-members with each attack and summarise each attack's ROC.
+
+    All reference-free attacks read one shared scoring pass of the target. For `recall` without explicit
+    prefix texts, the first `shots` non-members become the prefix and are left out of every attack's evaluation
+    (so all attacks are compared on the same samples).
+    """
+    chosen = _resolve(attacks, attack_options)
+    if any(a.needs_reference for a in chosen) and reference is None:
+        need = [a.name for a in chosen if a.needs_reference]
+        raise InputError(f"attack(s) {', '.join(need)} need a reference model", field="--reference")
+    nonmember_index = list(range(len(nonmembers)))
+    prefix_index: list[int] = []
+    for i, a in enumerate(chosen):
+        if isinstance(a, RecallAttack) and not a.config.prefix:
+            shots = a.config.shots
+            if len(nonmembers) <= shots + 1:
+                raise InputError(f"recall takes {shots} non-members as its prefix; need more than {shots + 1}",
+                                 field="--nonmembers")
+            prefix_index = list(range(shots))
+            chosen[i] = RecallAttack(a.config.model_copy(update={"prefix": tuple(nonmembers[:shots])}))
+            nonmember_index = nonmember_index[shots:]
+    if not members or not nonmember_index:
+        raise InputError("need at least one member and one non-member", field="--members")
+    evaluated_nonmembers = [nonmembers[i] for i in nonmember_index]
+    texts = list(members) + evaluated_nonmembers
+    labels = np.array([1] * len(members) + [0] * len(evaluated_nonmembers))
+    ctx = ScoringContext(target, texts, reference, moments=any(a.needs_moments for a in chosen),
+                         score_options={"batch_size": batch_size, "max_length": max_length, "stride": stride,
+                                        "cache": cache, "progress": progress})
+    warnings = split_warnings(members, evaluated_nonmembers)
+    if prefix_index:
+        warnings.append(f"recall: the first {len(prefix_index)} non-members form the prefix and are not evaluated")
+    scores: dict[str, np.ndarray] = {}
+    metrics: dict[str, RocMetrics] = {}
+    for a in chosen:
+        s = np.asarray(a.score(ctx), dtype=np.float64)
+        scores[a.name] = s
+        metrics[a.name] = roc_metrics(s, labels, n_bootstrap=n_bootstrap, seed=seed)
+    return MiaReport(metrics, scores, labels, list(range(len(members))), nonmember_index, warnings, prefix_index)
+
+
+__all__ = ["ATTACKS", "REFERENCE_FREE", "MiaReport", "run_mia", "split_warnings", "gradient_norm", "get_attack"]

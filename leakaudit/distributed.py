@@ -1,0 +1,122 @@
+"""Data-parallel scoring under `accelerate launch` or `torchrun`: each process scores a shard, all gather.
+
+Why: scoring is embarrassingly parallel over texts. Process r of W takes texts r, r+W, r+2W, ... (an even
+mix of lengths), scores them with the ordinary engine, and the per-token arrays are all-gathered as
+plain float32 tensors (no pickling) and put back in input order, so every process ends with the list a
+single process would have produced. With one process (no WORLD_SIZE, or 1) these helpers just call
+through. Only the main process should write outputs (`is_main()`).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+
+from leakaudit.scoring import TokenScores, score_texts
+
+
+def world() -> tuple[int, int]:
+    """(rank, world size) from the launcher's environment; (0, 1) when not launched in parallel."""
+    return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+
+
+def is_main() -> bool:
+    return world()[0] == 0
+
+
+def _group() -> None:
+    """Join the launcher's process group once (gloo for the CPU tensors this module exchanges)."""
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        backend = "cpu:gloo,cuda:nccl" if torch.cuda.is_available() else "gloo"
+        dist.init_process_group(backend=backend)
+
+
+def barrier() -> None:
+    """Wait for every process (no-op with one process)."""
+    if world()[1] > 1:
+        import torch.distributed as dist
+
+        _group()
+        dist.barrier()
+
+
+def shard(n: int) -> list[int]:
+    """Indices of the items this process handles: rank, rank + W, ... (all of them with one process)."""
+    rank, size = world()
+    return list(range(rank, n, size))
+
+
+def _all_gather(t: torch.Tensor) -> list[torch.Tensor]:
+    import torch.distributed as dist
+
+    out = [torch.empty_like(t) for _ in range(world()[1])]
+    dist.all_gather(out, t)
+    return out
+
+
+def gather_ragged(local: Sequence[np.ndarray], n_total: int) -> list[np.ndarray]:
+    """All-gather float32 1-D arrays produced for `shard(n_total)` on each process; return all in input order."""
+    rank, size = world()
+    if size == 1:
+        return [np.asarray(a, dtype=np.float32) for a in local]
+    _group()
+    per_rank = [len(range(r, n_total, size)) for r in range(size)]
+    if len(local) != per_rank[rank]:
+        raise RuntimeError(f"rank {rank} has {len(local)} results, expected {per_rank[rank]}")
+    width = max(per_rank)
+    lengths = torch.zeros(width, dtype=torch.int64)
+    lengths[: len(local)] = torch.tensor([len(a) for a in local], dtype=torch.int64)
+    all_lengths = _all_gather(lengths)
+    totals = [int(x.sum()) for x in all_lengths]
+    flat = torch.zeros(max(max(totals), 1), dtype=torch.float32)
+    if local:
+        values = np.concatenate([np.asarray(a, dtype=np.float32) for a in local])
+        flat[: len(values)] = torch.from_numpy(values)
+    all_flat = _all_gather(flat)
+    out: list[np.ndarray | None] = [None] * n_total
+    for r in range(size):
+        pos = 0
+        for j, i in enumerate(range(r, n_total, size)):
+            n = int(all_lengths[r][j])
+            out[i] = all_flat[r][pos:pos + n].numpy().copy()
+            pos += n
+    return out  # type: ignore[return-value]
+
+
+def gather_floats(local: Sequence[float], n_total: int) -> np.ndarray:
+    """All-gather one number per item (e.g. a gradient norm) computed for `shard(n_total)`."""
+    parts = gather_ragged([np.array([x], dtype=np.float32) for x in local], n_total)
+    return np.array([p[0] for p in parts], dtype=np.float64)
+
+
+def score_texts_distributed(lm, texts: Sequence[str], *, prefixes: str | Sequence[str | None] | None = None,
+                            moments: bool = False, **kwargs) -> list[TokenScores]:
+    """`scoring.score_texts` with the same signature, data-parallel across launched processes.
+
+    Every process returns the full list in input order. With one process it is exactly score_texts.
+    """
+    rank, size = world()
+    if size == 1:
+        return score_texts(lm, texts, prefixes=prefixes, moments=moments, **kwargs)
+    texts = list(texts)
+    mine = shard(len(texts))
+    if prefixes is None or isinstance(prefixes, str):
+        my_prefixes = prefixes
+    else:
+        prefixes = list(prefixes)
+        if len(prefixes) != len(texts):
+            raise ValueError("prefixes must match texts in length")
+        my_prefixes = [prefixes[i] for i in mine]
+    local = score_texts(lm, [texts[i] for i in mine], prefixes=my_prefixes, moments=moments,
+                        progress=kwargs.pop("progress", True) and rank == 0, **kwargs)
+    logp = gather_ragged([s.logp for s in local], len(texts))
+    if not moments:
+        return [TokenScores(lp) for lp in logp]
+    mu = gather_ragged([s.mu for s in local], len(texts))
+    var = gather_ragged([s.var for s in local], len(texts))
+    return [TokenScores(a, b, c) for a, b, c in zip(logp, mu, var, strict=True)]

@@ -1,0 +1,219 @@
+"""Each MIA score against a value computed by hand from the tiny models' logits; the shared pass; the sign
+convention on a tiny model fine-tuned on the members; batched = unbatched; bad input."""
+
+from __future__ import annotations
+
+import copy
+import math
+import zlib
+
+import numpy as np
+import pytest
+import torch
+
+from leakaudit.attacks import ATTACKS, ScoringContext, get_attack
+from leakaudit.attacks.mia import REFERENCE_FREE, TooShortError, run_mia, split_warnings
+from leakaudit.errors import InputError
+from leakaudit.models import LoadedModel
+
+TEXTS = [
+    "Write a Poem about the Sea in the style of Emily Dickinson.",
+    "Give three tips for staying healthy.",
+    "Alice Smith <alice.smith@enron.com> sent the quarterly report to John.",
+    "What Is The Capital Of France?",
+]
+NO_CACHE = {"cache": False, "progress": False}
+
+
+@torch.no_grad()
+def hand(lm: LoadedModel, text: str, prefix: str | None = None) -> dict[str, np.ndarray]:
+    """Token log-probs and Min-K%++ moments straight from one unbatched forward pass (float64)."""
+    tok = lm.tokenizer
+    if prefix is None:
+        ctx, ids = [], tok(text)["input_ids"]
+    else:
+        ctx, ids = tok(prefix)["input_ids"], tok(text, add_special_tokens=False)["input_ids"]
+    seq = ctx + ids
+    logits = lm.model(input_ids=torch.tensor([seq])).logits[0].double()
+    lp = torch.log_softmax(logits, -1)
+    p = lp.exp()
+    pos = list(range(max(len(ctx), 1), len(seq)))
+    logp = np.array([lp[t - 1, seq[t]].item() for t in pos])
+    mu = np.array([(p[t - 1] * lp[t - 1]).sum().item() for t in pos])
+    var = np.array([(p[t - 1] * lp[t - 1] ** 2).sum().item() for t in pos]) - mu**2
+    return {"logp": logp, "mu": mu, "var": var}
+
+
+def lowest_mean(values, k=0.2):
+    n = max(1, math.floor(k * len(values)))
+    return float(np.mean(sorted(values)[:n]))
+
+
+def score(name, lm, texts=TEXTS, reference=None, **config):
+    ctx = ScoringContext(lm, list(texts), reference, moments=True, score_options=NO_CACHE)
+    return get_attack(name, **config).score(ctx)
+
+
+def test_registry_lists_every_attack_and_rejects_unknown():
+    assert set(ATTACKS) == {"loss", "zlib", "min_k", "min_k_pp", "ref", "lowercase", "recall", "gradnorm"}
+    with pytest.raises(InputError, match="valid attacks: loss, zlib"):
+        get_attack("lira")
+    with pytest.raises(InputError, match="attack 'min_k'") as err:
+        get_attack("min_k", k=0)
+    assert err.value.field == "k"
+    with pytest.raises(InputError):
+        get_attack("loss", k=0.5)  # loss takes no options
+
+
+def test_reference_free_scores_by_hand(tiny_model):
+    h = [hand(tiny_model, t) for t in TEXTS]
+    assert np.allclose(score("loss", tiny_model), [x["logp"].mean() for x in h], rtol=1e-5)
+    zl = [x["logp"].mean() / len(zlib.compress(t.encode())) for x, t in zip(h, TEXTS, strict=True)]
+    assert np.allclose(score("zlib", tiny_model), zl, rtol=1e-5)
+    assert np.allclose(score("min_k", tiny_model), [lowest_mean(x["logp"]) for x in h], rtol=1e-5)
+    assert np.allclose(score("min_k", tiny_model, k=0.5), [lowest_mean(x["logp"], 0.5) for x in h], rtol=1e-5)
+    zpp = [lowest_mean((x["logp"] - x["mu"]) / np.sqrt(x["var"])) for x in h]
+    # the engine keeps the moments in float32 (var = E[lp^2] - mu^2), good to ~2e-4 relative
+    assert np.allclose(score("min_k_pp", tiny_model), zpp, rtol=1e-3)
+
+
+def test_ref_across_tokenizers_by_hand(tiny_neox, tiny_opt):
+    # OPT's tokenizer adds a BOS token, GPT-NeoX's does not: each model scores the text its own way.
+    want = [hand(tiny_neox, t)["logp"].mean() - hand(tiny_opt, t)["logp"].mean() for t in TEXTS]
+    assert np.allclose(score("ref", tiny_neox, reference=tiny_opt), want, rtol=1e-5, atol=1e-6)
+
+
+def test_lowercase_by_hand(tiny_neox):
+    want = [-hand(tiny_neox, t.lower())["logp"].mean() / -hand(tiny_neox, t)["logp"].mean() for t in TEXTS]
+    assert np.allclose(score("lowercase", tiny_neox), want, rtol=1e-5)
+
+
+def test_recall_by_hand(tiny_model):
+    prefix_texts = ("Sort these numbers.", "Translate the sentence into German.")
+    prefix = "\n\n".join(prefix_texts) + "\n\n"
+    want = []
+    for t in TEXTS:
+        plain = hand(tiny_model, t)["logp"]
+        cond = hand(tiny_model, t, prefix)["logp"]
+        want.append(plain.mean() - cond[-len(plain):].mean())
+    assert np.allclose(score("recall", tiny_model, prefix=prefix_texts), want, rtol=1e-4, atol=1e-6)
+
+
+def test_gradnorm_by_hand(tiny_opt):
+    want = []
+    model = copy.deepcopy(tiny_opt.model)
+    for t in TEXTS:
+        model.zero_grad()
+        ids = torch.tensor([tiny_opt.tokenizer(t)["input_ids"]])
+        model(input_ids=ids, labels=ids).loss.backward()  # the library's own causal-LM loss
+        want.append(-math.sqrt(sum(float(p.grad.double().square().sum()) for p in model.parameters()
+                                   if p.grad is not None)))
+    assert np.allclose(score("gradnorm", tiny_opt), want, rtol=1e-4)
+    assert all(p.grad is None for p in tiny_opt.model.parameters())  # the shared model is left untouched
+
+
+def test_reference_free_attacks_share_one_scoring_pass(tiny_neox, monkeypatch):
+    import leakaudit.distributed as dist
+
+    calls = []
+    real = dist.score_texts
+
+    def counting(lm, texts, **kw):
+        calls.append(kw.get("moments"))
+        return real(lm, texts, **kw)
+
+    monkeypatch.setattr(dist, "score_texts", counting)
+    report = run_mia(tiny_neox, TEXTS[:2], TEXTS[2:], list(REFERENCE_FREE), n_bootstrap=10, **NO_CACHE)
+    assert calls == [True]
+    assert set(report.scores) == set(REFERENCE_FREE)
+
+
+def test_batched_and_unbatched_agree(tiny_opt):
+    attacks = ["loss", "zlib", "min_k", "min_k_pp", "lowercase"]
+    one = run_mia(tiny_opt, TEXTS[:2], TEXTS[2:], attacks, n_bootstrap=10, batch_size=1, **NO_CACHE)
+    auto = run_mia(tiny_opt, TEXTS[:2], TEXTS[2:], attacks, n_bootstrap=10, batch_size="auto", **NO_CACHE)
+    for name in attacks:
+        assert np.allclose(one.scores[name], auto.scores[name], rtol=1e-5, atol=1e-6), name
+
+
+def _seed_instructions(n: int) -> list[str]:
+    import json
+
+    from leakaudit import resources
+
+    rows = resources.path("self-instruct-seed", "seed_tasks.jsonl").read_text().splitlines()
+    texts = [json.loads(r)["instruction"] for r in rows]
+    return [t for t in texts if 40 <= len(t) <= 120][:n]
+
+
+@pytest.fixture(scope="module")
+def member_split(tiny_neox):
+    """A copy of tiny GPT-NeoX fine-tuned for 300 steps on 24 members; 24 similar texts held out."""
+    texts = _seed_instructions(48)
+    rng = np.random.default_rng(0)
+    order = rng.permutation(len(texts))
+    members = [texts[i] for i in order[:24]]
+    nonmembers = [texts[i] for i in order[24:]]
+    model = copy.deepcopy(tiny_neox.model)
+    tok = tiny_neox.tokenizer
+    model.train()
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    torch.manual_seed(0)
+    for step in range(300):
+        batch = [members[i] for i in rng.choice(len(members), 8, replace=False)]
+        enc = tok(batch, return_tensors="pt", padding=True)
+        labels = enc["input_ids"].masked_fill(enc["attention_mask"] == 0, -100)
+        loss = model(**enc, labels=labels).loss
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        del step
+    model.eval()
+    tuned = LoadedModel(model, tok, "tiny-gpt-neox+members", "test-tuned-neox-300", tiny_neox.device, tiny_neox.dtype)
+    return tuned, members, nonmembers
+
+
+def test_model_trained_on_members_ranks_them_higher(member_split, tiny_neox):
+    tuned, members, nonmembers = member_split
+    attacks = ["loss", "zlib", "min_k", "min_k_pp", "ref", "gradnorm"]
+    report = run_mia(tuned, members, nonmembers, attacks, reference=tiny_neox, n_bootstrap=200, **NO_CACHE)
+    aucs = {name: m.auc for name, m in report.metrics.items()}
+    assert aucs["loss"] > 0.8, aucs
+    assert aucs["ref"] > 0.8, aucs
+    for name in attacks:  # every score is oriented higher => member
+        assert aucs[name] > 0.6, aucs
+    lo, hi = report.metrics["loss"].auc_ci
+    assert lo <= aucs["loss"] <= hi
+    # the untrained model cannot tell the two sets apart as well
+    base = run_mia(tiny_neox, members, nonmembers, ["loss"], n_bootstrap=0, **NO_CACHE)
+    assert base.metrics["loss"].auc < aucs["loss"]
+    js = report.to_json()
+    assert set(js["attacks"]["loss"]) >= {"auc", "auc_ci", "tpr_at_fpr", "n_members", "n_nonmembers"}
+    rows = report.rows()
+    assert len(rows) == 48 and rows[0]["label"] == 1 and rows[-1]["label"] == 0 and "gradnorm" in rows[0]
+
+
+def test_recall_holds_out_its_prefix(tiny_neox):
+    report = run_mia(tiny_neox, TEXTS[:2], TEXTS[2:] + ["Tell me a joke.", "List five fruits."], ["loss", "recall"],
+                     attack_options={"recall": {"shots": 2}}, n_bootstrap=10, **NO_CACHE)
+    assert report.recall_prefix_index == [0, 1]
+    assert report.nonmember_index == [2, 3]
+    assert report.metrics["loss"].n_neg == 2 and report.metrics["recall"].n_neg == 2
+
+
+def test_bad_input(tiny_neox):
+    with pytest.raises(InputError, match="need a reference"):
+        run_mia(tiny_neox, TEXTS[:2], TEXTS[2:], ["ref"], **NO_CACHE)
+    with pytest.raises(InputError, match="listed twice"):
+        run_mia(tiny_neox, TEXTS[:2], TEXTS[2:], ["loss", "loss"], **NO_CACHE)
+    with pytest.raises(TooShortError) as err:
+        run_mia(tiny_neox, TEXTS[:2], TEXTS[2:] + ["a"], ["loss"], **NO_CACHE)
+    assert err.value.index == 4
+
+
+def test_split_warnings():
+    assert split_warnings(["a b c", "d e f"], ["g h i", "j k l"]) == []
+    overlap = split_warnings(["same text", "other"], ["same  text", "third"])
+    assert any("also appear among the members" in w for w in overlap)
+    lengths = split_warnings(["x" * 100, "y" * 120, "z" * 110], ["short", "tiny", "small"])
+    assert any("text length alone" in w for w in lengths)
