@@ -1,0 +1,77 @@
+"""audit-data: planted PII and planted verbatim spans are found, clean text scores zero, counts match hand counts."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from typer.testing import CliRunner
+
+from leakaudit.audit_data import audit, word_ngrams
+from leakaudit.cli import app
+
+SOURCE = [
+    "X-From: Karen Arnold <klarnold@flash.net>\nX-To: Zed Quinlan\n\nPlease call me at 713-853-1234 about the "
+    "quarterly gas storage contract renewal before Friday morning so we can close it.",
+    "From: epao3@yahoo.com\n\nThe meeting with Eva Pao moved to room 32C; bring the signed transmission agreement.",
+]
+CLEAN = "The weather was mild and the river was calm, so we walked along the bank until dusk."
+PLANTED_PII = "You can reach her at KLARNOLD@flash.net or (713) 853-1234, says Zed Quinlan."
+# 10 words copied from source 0 => 10 - 8 + 1 = 3 verbatim 8-grams; the text has 12 words => 5 8-grams
+PLANTED_SPAN = "Sure: the quarterly gas storage contract renewal before Friday morning so okay"
+
+
+def test_word_ngrams_by_hand():
+    assert word_ngrams("a b c d", 3) == ["a b c", "b c d"]
+    assert word_ngrams("a b", 3) == []
+
+
+def test_finds_planted_pii_and_spans_and_nothing_in_clean_text():
+    summary, records = audit(SOURCE, [("clean", CLEAN), ("pii", PLANTED_PII), ("span", PLANTED_SPAN)],
+                             names=["Eva Pao", "Nobody Here"], n=8)
+    clean, pii, span = records
+    assert (clean.emails, clean.phones, clean.names, clean.ngrams) == ([], [], [], 0)
+    assert clean.n_ngrams == len(CLEAN.split()) - 7
+    assert pii.emails == ["klarnold@flash.net"]  # case-insensitive match, reported as in the source
+    assert pii.phones == ["713-853-1234"]         # same digits, other spelling
+    assert pii.names == ["Zed Quinlan"]           # a header name of the source
+    assert pii.ngrams == 0
+    assert (span.ngrams, span.n_ngrams) == (3, 5)
+    assert span.ngram_fraction == pytest.approx(0.6)
+    s = summary["pii"]
+    # source holds 2 e-mails, 1 phone, 3 names (Karen Arnold, Zed Quinlan from headers; Eva Pao from the list)
+    assert s["emails"] == {"in_source": 2, "reproduced": 1, "fraction": 0.5, "records_with_any": 1}
+    assert s["phones"] == {"in_source": 1, "reproduced": 1, "fraction": 1.0, "records_with_any": 1}
+    assert s["names"]["in_source"] == 3 and s["names"]["reproduced"] == 1
+    assert summary["records_with_any_pii"] == 1
+    total = clean.n_ngrams + pii.n_ngrams + span.n_ngrams
+    assert summary["verbatim"]["ngrams_reproduced"] == 3 and summary["verbatim"]["ngrams_total"] == total
+    assert summary["verbatim"]["records_with_any"] == 1
+
+
+def test_zero_on_clean_data():
+    summary, records = audit(SOURCE, [("a", CLEAN), ("b", "Another harmless sentence about apples.")])
+    assert summary["records_with_any_pii"] == 0
+    assert all(v["reproduced"] == 0 for v in summary["pii"].values())
+    assert summary["verbatim"]["ngrams_reproduced"] == 0 and summary["verbatim"]["fraction"] == 0.0
+
+
+def test_audit_data_command_masks_and_skips_prompts(tmp_path):
+    src = tmp_path / "src.jsonl"
+    src.write_text("".join(json.dumps({"text": t}) + "\n" for t in SOURCE))
+    gen = tmp_path / "gen.jsonl"  # continuation layout: the prompt is part of `text` but not of `generated`
+    gen.write_text("".join(json.dumps({"id": i, "text": SOURCE[0][:60] + g, "generated": g}) + "\n"
+                           for i, g in enumerate([CLEAN, PLANTED_PII])))
+    out = tmp_path / "audit"
+    res = CliRunner().invoke(app, ["audit-data", "--source", str(src), "--generated", str(gen), "--out", str(out),
+                                   "--id-field", "id"])
+    assert res.exit_code == 0, res.output
+    summary = json.loads((out / "audit_data.json").read_text())
+    assert summary["generated_field"] == "generated"
+    assert summary["pii"]["emails"]["reproduced"] == 1 and summary["pii"]["phones"]["reproduced"] == 1
+    rows = [json.loads(line) for line in (out / "audit_records.jsonl").read_text().splitlines()]
+    assert [r["n_emails"] for r in rows] == [0, 1]
+    assert rows[0]["names"] == []  # the prompt's "Karen Arnold" is not counted against the generator
+    assert rows[1]["emails"] == ["k*******@flash.net"] and rows[1]["phones"] == ["***-***-**34"]
+    text = (out / "audit_records.jsonl").read_text() + res.output
+    assert "klarnold" not in text and "853-1234" not in text and "emails" in res.output
