@@ -497,55 +497,115 @@ def run_pii_stage(ctx: StageContext) -> dict[str, Any]:
     return result
 
 
-def _finetune_options() -> set[str]:
+def _finetune_config(stage: Stage, out: str) -> Any:
+    """The FinetuneConfig of a variant: options and defenses are its fields (validated by it)."""
+    from pydantic import ValidationError
+
     config_cls = _api("leakaudit.train.finetune", "FinetuneConfig", "finetune")
-    fields = getattr(config_cls, "model_fields", None) or getattr(config_cls, "__dataclass_fields__", {})
-    return set(fields) - {"model", "data", "method", "out", "output_dir"}
+    p = stage.params
+    fields = {**p["options"], **p["defenses"]}
+    fields.setdefault("seed", p.get("seed", 0))
+    try:
+        return config_cls(model=p["model"]["spec"].split("#", 1)[0], data=str(p.get("data_path", "-")),
+                          method=p["method"], out=out, **fields)
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        key = ".".join(str(x) for x in err["loc"])
+        section = "defenses" if key in p["defenses"] else "options"
+        msg = "unknown option" if err["type"] == "extra_forbidden" else err["msg"]
+        raise InputError(msg, field=f"finetune.{stage.id.split('/', 1)[1]}.{section}.{key}") from None
 
 
 def run_finetune_stage(ctx: StageContext) -> dict[str, Any]:
-    """Fine-tune the base model on the data with the variant's method and options; resumes from checkpoints."""
-    config_cls = _api("leakaudit.train.finetune", "FinetuneConfig", "finetune")
+    """Fine-tune the base model on the data with the variant's method, options and defenses.
+
+    The trainer checkpoints every epoch inside the stage dir, so a killed stage resumes mid-training.
+    """
     finetune = _api("leakaudit.train.finetune", "finetune", "finetune")
-    p = ctx.stage.params
-    kwargs = {"model": p["model"]["spec"].split("#", 1)[0], "data": str(ctx.data_path()), "method": p["method"],
-              "out": str(ctx.dir / "model"), **ctx.options}
-    if p["defenses"]:
-        kwargs["defenses"] = p["defenses"]
-    kwargs.setdefault("seed", ctx.seed)
-    fields = _finetune_options() | {"model", "data", "method", "out", "output_dir", "defenses"}
-    if "out" not in fields:
-        kwargs["output_dir"] = kwargs.pop("out")
-    model_dir = Path(finetune(config_cls(**kwargs)))
-    checkpoints = sorted(str(c.relative_to(ctx.dir)) for c in model_dir.glob("checkpoint*") if c.is_dir())
+    from leakaudit.perplexity import model_dirs
+
+    stage = Stage(ctx.stage.id, ctx.stage.kind, {**ctx.stage.params, "data_path": ctx.data_path(),
+                                                   "seed": ctx.seed})
+    model_dir = Path(finetune(_finetune_config(stage, str(ctx.dir / "model"))))
+    checkpoints = [str(d.relative_to(ctx.dir)) for d in model_dirs(model_dir) if d != model_dir]
     return {"model_dir": str(model_dir.relative_to(ctx.dir)), "checkpoints": checkpoints}
 
 
 def run_perplexity_stage(ctx: StageContext) -> dict[str, Any]:
-    """Perplexity of the target on the data, and on each saved checkpoint of a fine-tuned target."""
+    """Perplexity of the target on the data; for a fine-tuned target also after each epoch's checkpoint."""
     perplexity = _api("leakaudit.perplexity", "perplexity", "perplexity")
     from leakaudit.models import load_model
 
     texts = [r.text for r in _records(ctx.data_path())]
-    value = _perplexity_value(perplexity(_load(ctx.model("target")), texts, **ctx.options))
+    final = perplexity(_load(ctx.model("target")), texts, progress=False, **ctx.options)
     checkpoints = []
     target = ctx.stage.params["target"]
     if "stage" in target:
         sdir = ctx.out / ctx.plan.stages[target["stage"]].folder
         for i, rel in enumerate(ctx.results[target["stage"]].get("checkpoints") or [], start=1):
             lm = load_model(str(sdir / rel))
-            checkpoints.append({"name": Path(rel).name, "step": i,
-                                "perplexity": _perplexity_value(perplexity(lm, texts, **ctx.options))})
+            ppl = perplexity(lm, texts, progress=False, **ctx.options).ppl
+            checkpoints.append({"name": Path(rel).parent.name if Path(rel).name == "adapter" else Path(rel).name,
+                                "step": i, "perplexity": ppl})
             del lm
-    result = {"perplexity": value, "n_texts": len(texts), "checkpoints": checkpoints}
+        checkpoints.append({"name": "final", "step": len(checkpoints) + 1, "perplexity": final.ppl})
+    result = {"perplexity": final.ppl, "mean_text_perplexity": final.mean_text_ppl, "n_texts": final.n_texts,
+              "n_tokens": final.n_tokens, "checkpoints": checkpoints}
     write_json(ctx.dir / "perplexity.json", result)
     return result
 
 
-def _perplexity_value(x: Any) -> float:
-    if isinstance(x, dict):
-        return float(x["perplexity"])
-    return float(getattr(x, "perplexity", x))
+SAMPLING_OPTIONS = {"max_new_tokens", "temperature", "top_k", "top_p", "num_samples", "greedy", "stop_at_eos"}
+GENERATE_OPTIONS = {
+    "continuation": SAMPLING_OPTIONS | {"prompt_tokens", "prompt_field", "batch_size"},
+    "self-instruct": {"n", "seed_tasks", "requests_per_round", "max_rounds", "max_new_tokens", "temperature",
+                      "top_p", "batch_size"},
+    "replace-pii": {"names", "header_names"},
+}
+
+
+def run_generate_stage(ctx: StageContext) -> dict[str, Any]:
+    """Make a data file (`data.jsonl`, every row with a `text`) from a model and/or a data file."""
+    kind = ctx.stage.params["kind"]
+    opts = ctx.options
+    out = ctx.dir / "data.jsonl"
+    if kind == "continuation":
+        generate = _api("leakaudit.data.synth", "generate_continuations", "generate")
+        from leakaudit.sampling import SamplingConfig
+
+        config = SamplingConfig(**{k: opts.pop(k) for k in list(opts) if k in SAMPLING_OPTIONS}, seed=ctx.seed)
+        rows = generate(_load(ctx.model("model")), _records(ctx.data_path()), out, config, **opts)
+        return {"rows": len(rows)}
+    if kind == "self-instruct":
+        synth_self_instruct = _api("leakaudit.data.synth", "self_instruct", "generate")
+        from leakaudit import resources
+        from leakaudit.data.synth import load_seed_tasks
+
+        seeds = load_seed_tasks(opts.pop("seed_tasks", None) or resources.path("self-instruct-seed",
+                                                                                "seed_tasks.jsonl"))
+        tasks = synth_self_instruct(_load(ctx.model("model")), seeds, ctx.dir / "tasks.jsonl", int(opts.pop("n", 50)),
+                                    seed=ctx.seed, **opts)
+        flat = [{"id": f"{t['id']}#{j}", "instruction": t["instruction"], "input": inst["input"],
+                 "output": inst["output"],
+                 "text": "\n".join(x for x in (t["instruction"], inst["input"], inst["output"]) if x)}
+                for t in tasks for j, inst in enumerate(t["instances"])]
+        write_jsonl(out, flat)
+        return {"rows": len(flat), "tasks": len(tasks)}
+    replacer_cls = _api("leakaudit.data.pii_replace", "PiiReplacer", "generate")
+    from leakaudit.data.pii_find import load_name_list, names_from_headers, shipped_names
+    from leakaudit.data.pii_replace import KINDS
+
+    rows = [json.loads(line) for line in ctx.data_path().read_text(encoding="utf-8").splitlines() if line.strip()]
+    names = load_name_list(opts["names"]) if opts.get("names") else shipped_names()
+    replacer = replacer_cls(names, seed=ctx.seed)
+    if opts.get("header_names", True):
+        replacer.add_names(n for row in rows for n in names_from_headers(row["text"]))
+    for row in rows:
+        row["text"], counts = replacer.replace(row["text"])
+        row["pii_replaced"] = {k: counts.get(k, 0) for k in KINDS}
+    write_jsonl(out, rows)
+    return {"rows": len(rows), "replaced": {k: replacer.counts.get(k, 0) for k in KINDS},
+            "distinct": replacer.n_distinct}
 
 
 def _not_yet(module: str, name: str, kind: str) -> Callable[[StageContext], dict[str, Any]]:
@@ -557,7 +617,7 @@ def _not_yet(module: str, name: str, kind: str) -> Callable[[StageContext], dict
 
 
 RUNNERS: dict[str, Callable[[StageContext], dict[str, Any]]] = {
-    "generate": _not_yet("leakaudit.data.synth", "continuation", "generate"),
+    "generate": run_generate_stage,
     "user-inference": _not_yet("leakaudit.attacks.user_inference", "run_user_inference", "user-inference"),
     "backdoor": _not_yet("leakaudit.attacks.backdoor", "run_backdoor", "backdoor"),
     "dataset": run_dataset,
@@ -570,6 +630,7 @@ RUNNERS: dict[str, Callable[[StageContext], dict[str, Any]]] = {
 CHECKS: dict[str, Callable[[Stage], None]] = {
     "mia": lambda s: _check_options(s, _mia_options(), "evaluate"),
     "pii": lambda s: _check_options(s, _pii_options(), "evaluate"),
-    "finetune": lambda s: _check_options(s, _finetune_options(), "finetune"),
-    "perplexity": lambda s: _api("leakaudit.perplexity", "perplexity", "perplexity"),
+    "finetune": lambda s: _finetune_config(s, "-"),
+    "perplexity": lambda s: _check_options(s, {"batch_size", "max_length"}, "evaluate"),
+    "generate": lambda s: _check_options(s, GENERATE_OPTIONS[s.params["kind"]], "generate"),
 }

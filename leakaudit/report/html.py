@@ -19,7 +19,7 @@ from leakaudit.data.io import write_json
 from leakaudit.errors import InputError
 from leakaudit.report import plots
 
-_EMAIL = re.compile(r"\b[\w.+-]+@[\w-]+(?:\.[\w-]+)+\b")
+_EMAIL = re.compile(r"\b[\w.+-]+@[\w-]+(?:\.[\w-]+)*\.[A-Za-z]{2,}\b")
 _PHONE = re.compile(r"(?<!\d)(?:\+?1[ .-]?)?\(?\d{3}\)?[ .-]\d{3}[ .-]\d{4}(?!\d)")
 
 
@@ -88,6 +88,8 @@ def _headline_table(rows: list[dict[str, Any]]) -> tuple[list[str], list[dict[st
     cols: list[str] = []
     by_variant: dict[str, dict[str, Any]] = {}
     for r in rows:
+        if "TPR@" in r["metric"]:  # in summary.json and the sections; the table keeps to one number per score
+            continue
         col = f"{r['evaluation']}: {r['metric']}"
         if col not in cols:
             cols.append(col)
@@ -173,7 +175,7 @@ def _pii_section(out: Path, stages: list[dict[str, Any]]) -> dict[str, Any] | No
             if r.get("n_targets"):
                 key = (str(r["template"]), _fmt(float(r["temperature"]), 2))
                 cells.setdefault(key, []).append(r["matches"] / r["n_targets"])
-            table.append([s["params"]["target_label"], r.get("model", ""), r.get("template"), r.get("temperature"),
+            table.append([s["params"]["target_label"], r.get("template"), r.get("temperature"),
                           r.get("top_k", ""), r.get("matches"), r.get("exact_matches", ""), r.get("n_targets")])
         if cells:
             templates = sorted({k[0] for k in cells})
@@ -187,7 +189,7 @@ def _pii_section(out: Path, stages: list[dict[str, Any]]) -> dict[str, Any] | No
     return {"id": "pii", "title": "PII extraction", "figures": figures,
             "note": "Match rate = matched targets / targets, per prompt template and sampling temperature. "
                     "Extracted text is not shown.",
-            "tables": [{"header": ["variant", "model", "template", "temperature", "top-k", "matches", "exact",
+            "tables": [{"header": ["variant", "template", "temperature", "top-k", "matches", "exact",
                                    "targets"], "rows": table}]}
 
 
@@ -207,7 +209,8 @@ def _perplexity_section(out: Path, stages: list[dict[str, Any]]) -> dict[str, An
         table.append([s["params"]["target_label"], s["params"]["evaluation"], "final", _fmt(res.get("perplexity"))])
     figures = []
     if any(len(v) > 1 for v in series.values()):
-        figures.append({"uri": plots.lines_figure(series, "Perplexity per checkpoint", "epoch", "perplexity",
+        figures.append({"uri": plots.lines_figure(series, "Perplexity per checkpoint", "checkpoint (epoch)",
+                                                  "perplexity",
                                                   log_y=True),
                         "caption": "Perplexity on the evaluation data after each epoch"})
     else:
