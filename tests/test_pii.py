@@ -1,0 +1,217 @@
+"""PII extraction: matching on hand-made responses, statistics on constructed hit sets, masking, and an
+end-to-end run where a tiny model trained on planted pairs extracts them and an untrained one does not."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from leakaudit.attacks import pii
+from leakaudit.data import enron
+from leakaudit.errors import InputError
+
+TRUE = "klarnold@flash.net"
+
+
+# ----------------------------------------------------------------------------------------- matching
+def test_match_exact_near_miss_embedded_and_demo():
+    hit = pii.match_response("klarnold@flash.net]\nSent: Monday", TRUE)
+    assert hit.exact and hit.fuzzy and hit.fuzzy_score == 100 and hit.found == TRUE
+    embedded = pii.match_response("you can reach her at KLarnold@flash.net or by phone", TRUE)
+    assert embedded.exact and embedded.found == "KLarnold@flash.net"
+    # one substitution in 18 characters: Indel ratio = 100 * (1 - 2 / 36) = 94.44
+    near = pii.match_response("klarnald@flash.net", TRUE)
+    assert near.fuzzy and not near.exact and near.fuzzy_score == pytest.approx(100 * (1 - 2 / 36), abs=0.01)
+    truncated = pii.match_response("klarnold@fla", TRUE)  # the 15-token budget can cut an address short
+    assert truncated.fuzzy and not truncated.exact and truncated.found is None
+    far = pii.match_response("karen.arnold@enron.com", TRUE)
+    assert not far.fuzzy and not far.exact
+    # the first address found decides the exact match
+    second = pii.match_response("kim@flash.net and klarnold@flash.net", TRUE)
+    assert second.fuzzy and not second.exact
+    assert pii.match_response("", TRUE).fuzzy_score == 0
+
+
+def test_demo_address_never_counts_for_its_target():
+    # a demo address close to the target's would pass the fuzzy threshold if it were not cut out
+    demo = "klarnald@flash.net"
+    assert pii.match_response(demo, TRUE).fuzzy
+    copied = pii.match_response(f"{demo}\nJohn [mailto: {demo.upper()}", TRUE, [demo])
+    assert not copied.fuzzy and not copied.exact
+    # the real address still counts when it follows a copied demo
+    both = pii.match_response(f"{demo} {TRUE}", TRUE, [demo])
+    assert both.fuzzy
+    # a fixed fake-privacy demo is never a target, so a copied demo is never an exact hit either
+    assert all(not enron.is_demo_address(t.email) for t in enron.load_targets(n_targets=50))
+
+
+def test_masking_leaves_no_full_address():
+    text = f"mail {TRUE} or jklauber@llgm.com; near miss klarnald@flash.net; glued x{TRUE}y"
+    masked = pii.mask_text(text, [TRUE])
+    for addr in (TRUE, "jklauber@llgm.com", "klarnald@flash.net"):
+        assert addr not in masked
+    assert "k*******@flash.net" in masked
+
+
+# ----------------------------------------------------------------------------------------- statistics
+def _result(name: str, temperature: float, hits: list[bool], ids: list[str] | None = None) -> pii.CellResult:
+    cell = pii.Cell(enron.TEMPLATES[name], temperature, None, 15)
+    ids = ids or [f"t{i}" for i in range(len(hits))]
+    arr = np.array(hits, dtype=bool)
+    return pii.CellResult(cell, ids, arr, arr.copy())
+
+
+def test_baseline_subtraction_on_constructed_sets():
+    ids = [f"t{i}" for i in range(10)]
+    out = pii.baseline_subtraction({"t0", "t1", "t2"}, {"t2", "t3"}, ids)
+    assert out["model"]["count"] == 3 and out["model"]["rate"] == 0.3
+    assert out["baseline"]["count"] == 2 and out["only_model"]["count"] == 2 and out["only_baseline"]["count"] == 1
+    assert out["change"] == pytest.approx(0.1)
+    # Clopper-Pearson 95% for 3/10 (tabulated): [0.0667, 0.6525]
+    assert out["model"]["ci"] == pytest.approx([0.0667, 0.6525], abs=1e-4)
+    lo, hi = out["change_ci"]
+    assert lo <= 0.1 <= hi and lo < 0 < hi  # 10 targets cannot show a 10-point change
+    same = pii.baseline_subtraction({"t0"}, {"t0"}, ids)
+    assert same["change"] == 0 and same["change_ci"] == [0.0, 0.0] and same["only_model"]["count"] == 0
+
+
+def test_summary_reports_best_cell_and_grid_mean():
+    targets = [enron.Target(id=f"t{i}", name="N", email=f"a{i}@x.com", freq=f) for i, f in enumerate([1, 5, 50, 500])]
+    results = [_result("A", 0.1, [True, False, False, False]), _result("A", 1.0, [True, True, True, False]),
+               _result("B", 0.1, [False, False, False, False]), _result("B", 1.0, [False, True, False, False])]
+    s = pii.summarize("m", results, targets)
+    part = s["protocols"]["fake-privacy"]
+    assert part["best_cell"]["template"] == "A" and part["best_cell"]["temperature"] == 1.0
+    assert part["best_cell"]["hits"] == 3
+    assert "maximum over the grid" in part["best_cell"]["label"]
+    assert part["grid_mean"]["hit_rate"] == pytest.approx((1 + 3 + 0 + 1) / 16)
+    assert part["by_template"] == pytest.approx({"A": 0.5, "B": 0.125})
+    assert part["by_temperature"] == pytest.approx({"0.1": 0.125, "1": 0.5})
+    freq = part["by_frequency"]
+    assert set(freq) == {"1", "2-10", "11-100", "101-1000"}
+    assert freq["2-10"]["best_cell"]["count"] == 1 and freq["101-1000"]["best_cell"]["count"] == 0
+    assert freq["2-10"]["grid_mean_rate"] == pytest.approx(0.5)  # t1 is hit in 2 of 4 cells
+    base = [_result("A", 0.1, [True] * 4), _result("A", 1.0, [False] * 4),
+            _result("B", 0.1, [False] * 4), _result("B", 1.0, [False] * 4)]
+    sb = pii.summarize("m", results, targets, "b", base)["protocols"]["fake-privacy"]["baseline_subtraction"]
+    assert sb["best_cell"]["only_model"]["count"] == 3 and sb["best_cell"]["change"] == pytest.approx(0.75)
+    assert sb["grid_mean"]["change"] == pytest.approx(5 / 16 - 4 / 16)
+    assert sb["grid_mean"]["only_model_rate"] == pytest.approx(4 / 16)
+
+
+def test_grid_options_override_protocol_defaults():
+    a, pil_a = enron.TEMPLATES["A"], enron.TEMPLATES["zero_shot-a"]
+    cells = pii.make_grid([a, pil_a])
+    assert [(c.template.name, c.temperature, c.top_k, c.max_new_tokens) for c in cells][7:] == [
+        ("A", 1.5, 100, 15), ("zero_shot-a", 0.0, None, 100)]
+    cells = pii.make_grid([a, pil_a], [0.0, 0.5], top_k=0, max_new_tokens=7)
+    assert [(c.temperature, c.top_k, c.max_new_tokens) for c in cells] == [(0.0, None, 7), (0.5, None, 7)] * 2
+    with pytest.raises(InputError):
+        pii.make_grid([a], [-1.0])
+
+
+# ----------------------------------------------------------------------------------------- end to end
+@pytest.fixture
+def one_thread():
+    """Tiny models run fastest on one thread; the test machine's cores are shared."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def _train_on_pairs(targets, steps=150):
+    """Plain full fine-tuning of a fresh tiny model on `Name [mailto:address]` lines (planted pairs)."""
+    from leakaudit.models import load_model, tensor_fingerprint
+
+    lm = load_model("tiny-gpt-neox", dtype="fp32", for_training=True)
+    tok = lm.tokenizer
+    enc = tok([f"{t.name} [mailto:{t.email}]{tok.eos_token}" for t in targets], return_tensors="pt", padding=True)
+    labels = enc["input_ids"].masked_fill(enc["attention_mask"] == 0, -100)
+    opt = torch.optim.AdamW(lm.model.parameters(), lr=3e-3)
+    torch.manual_seed(0)
+    for _ in range(steps):
+        loss = lm.model(**enc, labels=labels).loss
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    lm.model.eval()
+    lm.fingerprint = tensor_fingerprint(lm.model)
+    return lm
+
+
+def test_finetuned_model_extracts_planted_pairs_untrained_does_not(tmp_path, one_thread):
+    from leakaudit.models import load_model
+
+    targets = enron.load_targets(n_targets=8)
+    tuned = _train_on_pairs(targets)
+    untrained = load_model("tiny-gpt-neox", dtype="fp32")
+    cells = pii.make_grid(enron.resolve_templates("zero_shot-c,C"), [0.0], max_new_tokens=12)
+    summary = pii.run_pii(tuned, targets, cells, tmp_path, baseline=untrained, progress=False, log=lambda s: None)
+
+    rows = [json.loads(x) for x in (tmp_path / "results_purified.jsonl").read_text().splitlines()]
+    assert set(rows[0]) >= {"model", "template", "temperature", "top_k", "matches", "exact_matches", "n_targets"}
+    by = {(r["role"], r["template"]): r for r in rows}
+    assert by["model", "zero_shot-c"]["exact_matches"] >= 6
+    assert by["baseline", "zero_shot-c"]["exact_matches"] == 0 and by["baseline", "C"]["matches"] == 0
+    pil = summary["protocols"]["pil"]["baseline_subtraction"]["best_cell"]
+    assert pil["only_model"]["count"] == pil["model"]["count"] >= 6 and pil["change"] >= 0.75
+    assert pil["change_ci"][0] > 0
+
+    # no output file holds a full address (responses, targets, demos) unless --show-pii
+    assert not (tmp_path / ".samples").exists()
+    written = "".join(p.read_text() for p in tmp_path.rglob("*") if p.is_file())
+    for addr in [t.email for t in targets] + [e for _, e in enron.FAKE_PRIVACY_DEMOS]:
+        assert addr not in written
+    assert "@flash.net" in written  # the masked form keeps the domain
+
+
+def test_cells_resume_from_checkpoint(tmp_path, tiny_neox, one_thread, monkeypatch):
+    from leakaudit import sampling
+
+    targets = enron.load_targets(n_targets=3)
+    cell = pii.make_grid([enron.TEMPLATES["A"]], [1.0], max_new_tokens=4)[0]
+    first = pii.run_cell(tiny_neox, cell, targets, work_dir=tmp_path, progress=False)
+    assert len(first.extractions) == 3 and len(list(tmp_path.glob("*.jsonl"))) == 1
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("generation ran again")
+
+    monkeypatch.setattr(sampling, "_hf_generate", refuse)
+    again = pii.run_cell(tiny_neox, cell, targets, work_dir=tmp_path, progress=False)
+    assert [x["response"] for x in again.extractions] == [x["response"] for x in first.extractions]
+
+
+def test_cli_runs_and_rejects_bad_input(tmp_path):
+    pairs = tmp_path / "pairs.jsonl"
+    pairs.write_text(json.dumps({"name": "Karen Arnold", "email": TRUE}) + "\n" + json.dumps({"name": "X"}) + "\n")
+    cmd = [sys.executable, "-m", "leakaudit", "pii", "--model", "tiny-opt", "--out", str(tmp_path / "o")]
+    bad = subprocess.run([*cmd, "--pairs", str(pairs)], capture_output=True, text=True,
+                         env={"LEAKAUDIT_DTYPE": "fp32", "OMP_NUM_THREADS": "1", **_env()})
+    assert bad.returncode == 2 and "Traceback" not in bad.stderr
+    assert bad.stderr.strip().splitlines()[-1] == f"error: {pairs}:2: field 'email': missing (row has: name)"
+    pairs.write_text(json.dumps({"name": "Karen Arnold", "email": TRUE}) + "\n")
+    ok = subprocess.run([*cmd, "--pairs", str(pairs), "--templates", "A,zero_shot-b", "--temperatures", "0.5",
+                         "--max-new-tokens", "3"], capture_output=True, text=True,
+                        env={"LEAKAUDIT_DTYPE": "fp32", "OMP_NUM_THREADS": "1", **_env()})
+    assert ok.returncode == 0, ok.stderr
+    summary = json.loads((tmp_path / "o" / "pii.json").read_text())
+    assert set(summary["protocols"]) == {"fake-privacy", "pil"}
+    assert summary["protocols"]["pil"]["grid_mean"]["label"].startswith("mean over every cell")
+    assert len((tmp_path / "o" / "extractions.jsonl").read_text().splitlines()) == 2
+    unknown = subprocess.run([*cmd, "--templates", "Z"], capture_output=True, text=True, env=_env())
+    assert unknown.returncode == 2 and unknown.stderr.startswith("error: field '--templates': unknown template 'Z'")
+
+
+def _env() -> dict[str, str]:
+    import os
+
+    keep = {k: v for k, v in os.environ.items() if k in ("PATH", "HOME", "LEAKAUDIT_CACHE", "HF_HUB_OFFLINE")}
+    keep["PYTHONPATH"] = str(Path(__file__).resolve().parent.parent)
+    return keep
