@@ -4,9 +4,7 @@ end-to-end run where a tiny model trained on planted pairs extracts them and an 
 from __future__ import annotations
 
 import json
-import subprocess
 import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -188,30 +186,37 @@ def test_cells_resume_from_checkpoint(tmp_path, tiny_neox, one_thread, monkeypat
     assert [x["response"] for x in again.extractions] == [x["response"] for x in first.extractions]
 
 
-def test_cli_runs_and_rejects_bad_input(tmp_path):
+def _cli(monkeypatch, capsys, *args: str) -> tuple[int, str]:
+    """Run the console entry point in-process; return (exit status, stderr)."""
+    from leakaudit.cli import main
+
+    monkeypatch.setattr(sys, "argv", ["leakaudit", *args])
+    try:
+        main()
+        code = 0
+    except SystemExit as exc:
+        code = exc.code or 0
+    return code, capsys.readouterr().err
+
+
+def test_cli_runs_and_rejects_bad_input(tmp_path, monkeypatch, capsys, one_thread):
     pairs = tmp_path / "pairs.jsonl"
     pairs.write_text(json.dumps({"name": "Karen Arnold", "email": TRUE}) + "\n" + json.dumps({"name": "X"}) + "\n")
-    cmd = [sys.executable, "-m", "leakaudit", "pii", "--model", "tiny-opt", "--out", str(tmp_path / "o")]
-    bad = subprocess.run([*cmd, "--pairs", str(pairs)], capture_output=True, text=True,
-                         env={"LEAKAUDIT_DTYPE": "fp32", "OMP_NUM_THREADS": "1", **_env()})
-    assert bad.returncode == 2 and "Traceback" not in bad.stderr
-    assert bad.stderr.strip().splitlines()[-1] == f"error: {pairs}:2: field 'email': missing (row has: name)"
+    base = ["pii", "--model", "tiny-opt", "--out", str(tmp_path / "o")]
+    code, err = _cli(monkeypatch, capsys, *base, "--pairs", str(pairs))
+    assert code == 2 and "Traceback" not in err
+    assert err.strip().splitlines()[-1] == f"error: {pairs}:2: field 'email': missing (row has: name)"
+    code, err = _cli(monkeypatch, capsys, *base, "--templates", "Z")
+    assert code == 2 and err.startswith("error: field '--templates': unknown template 'Z'")
+    code, err = _cli(monkeypatch, capsys, *base, "--temperatures", "0.5,hot")
+    assert code == 2 and "'hot' is not a number" in err
+
     pairs.write_text(json.dumps({"name": "Karen Arnold", "email": TRUE}) + "\n")
-    ok = subprocess.run([*cmd, "--pairs", str(pairs), "--templates", "A,zero_shot-b", "--temperatures", "0.5",
-                         "--max-new-tokens", "3"], capture_output=True, text=True,
-                        env={"LEAKAUDIT_DTYPE": "fp32", "OMP_NUM_THREADS": "1", **_env()})
-    assert ok.returncode == 0, ok.stderr
+    code, err = _cli(monkeypatch, capsys, *base, "--pairs", str(pairs), "--templates", "A,zero_shot-b",
+                     "--temperatures", "0.5", "--max-new-tokens", "3")
+    assert code == 0, err
     summary = json.loads((tmp_path / "o" / "pii.json").read_text())
     assert set(summary["protocols"]) == {"fake-privacy", "pil"}
     assert summary["protocols"]["pil"]["grid_mean"]["label"].startswith("mean over every cell")
     assert len((tmp_path / "o" / "extractions.jsonl").read_text().splitlines()) == 2
-    unknown = subprocess.run([*cmd, "--templates", "Z"], capture_output=True, text=True, env=_env())
-    assert unknown.returncode == 2 and unknown.stderr.startswith("error: field '--templates': unknown template 'Z'")
-
-
-def _env() -> dict[str, str]:
-    import os
-
-    keep = {k: v for k, v in os.environ.items() if k in ("PATH", "HOME", "LEAKAUDIT_CACHE", "HF_HUB_OFFLINE")}
-    keep["PYTHONPATH"] = str(Path(__file__).resolve().parent.parent)
-    return keep
+    assert len((tmp_path / "o" / "results_purified.jsonl").read_text().splitlines()) == 2
