@@ -25,6 +25,15 @@ TEXTS = [
 NO_CACHE = {"cache": False, "progress": False}
 
 
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny models run fastest on one thread, and the 2-core test machine is shared by parallel test runs."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @torch.no_grad()
 def hand(lm: LoadedModel, text: str, prefix: str | None = None) -> dict[str, np.ndarray]:
     """Token log-probs and Min-K%++ moments straight from one unbatched forward pass (float64)."""
