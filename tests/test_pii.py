@@ -170,7 +170,7 @@ def test_finetuned_model_extracts_planted_pairs_untrained_does_not(tmp_path, one
     assert "@flash.net" in written  # the masked form keeps the domain
 
 
-def test_cells_resume_from_checkpoint(tmp_path, tiny_neox, one_thread, monkeypatch):
+def test_cells_resume_from_checkpoint_and_batching_does_not_matter(tmp_path, tiny_neox, one_thread, monkeypatch):
     from leakaudit import sampling
 
     targets = enron.load_targets(n_targets=3)
@@ -184,6 +184,10 @@ def test_cells_resume_from_checkpoint(tmp_path, tiny_neox, one_thread, monkeypat
     monkeypatch.setattr(sampling, "_hf_generate", refuse)
     again = pii.run_cell(tiny_neox, cell, targets, work_dir=tmp_path, progress=False)
     assert [x["response"] for x in again.extractions] == [x["response"] for x in first.extractions]
+    monkeypatch.undo()
+    one_by_one = pii.run_cell(tiny_neox, cell, targets, batch_size=1, progress=False)  # batched == unbatched
+    assert [x["response"] for x in one_by_one.extractions] == [x["response"] for x in first.extractions]
+    assert (one_by_one.fuzzy == first.fuzzy).all() and (one_by_one.exact == first.exact).all()
 
 
 def _cli(monkeypatch, capsys, *args: str) -> tuple[int, str]:
