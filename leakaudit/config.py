@@ -179,7 +179,7 @@ def line_of(text: str, loc: tuple[Any, ...]) -> int | None:
         node = yaml.compose(text)
     except yaml.YAMLError:
         return None
-    line = None
+    line = 1  # a key missing at the top level: the file's first line
     for part in loc:
         if isinstance(node, yaml.MappingNode):
             for k, v in node.value:

@@ -1,0 +1,321 @@
+"""Experiment files end to end on the tiny model: run, resume after a kill, rerun only what an edit touches,
+and one-line errors for invalid files."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+
+from leakaudit.config import expand_grid, key_path, line_of, parse_experiment
+from leakaudit.errors import InputError
+from leakaudit.experiment import Plan, run_experiment
+
+REPO = Path(__file__).resolve().parent.parent
+
+STUDY = """\
+name: tiny-study
+seed: 0
+models:
+  base: tiny-gpt-neox
+datasets:
+  emails:
+    builtin: enron-synthetic
+    limit: 16
+    max_chars: 200
+    split: {members: 0.5, nonmembers: 0.5}
+generate:
+  continued:
+    kind: continuation
+    model: base
+    data: emails.members
+    options: {prompt_tokens: 8, max_new_tokens: 8, top_k: 40}
+  replaced:
+    kind: replace-pii
+    data: emails.members
+finetune:
+  real:
+    model: base
+    data: emails.members
+    method: lora
+    options: {epochs: 2, learning_rate: 0.001, batch_size: 4, gradient_accumulation: 1, max_length: 64}
+  generated:
+    model: base
+    data: continued
+    method: lora
+    options: {epochs: 1, learning_rate: 0.001, batch_size: 4, gradient_accumulation: 1, max_length: 64}
+evaluate:
+  mia:
+    kind: mia
+    targets: [real, generated]
+    reference: base
+    members: emails.members
+    nonmembers: emails.nonmembers
+    options: {attacks: [loss, zlib, min_k, min_k_pp, ref], n_bootstrap: 50}
+  ppl:
+    kind: perplexity
+    targets: [real]
+    data: emails.nonmembers
+  pii:
+    kind: pii
+    targets: [real]
+    baseline: base
+    options: {templates: A, temperatures: [1.0], n_targets: 3, max_new_tokens: 6}
+"""
+
+SMALL = """\
+name: small
+models:
+  base: tiny-gpt-neox
+datasets:
+  emails:
+    builtin: enron-synthetic
+    limit: 12
+    max_chars: 160
+    split: {members: 0.5, nonmembers: 0.5}
+finetune:
+  real:
+    model: base
+    data: emails.members
+    options: {epochs: 1, learning_rate: 0.001, batch_size: 6, gradient_accumulation: 1, max_length: 48}
+evaluate:
+  mia:
+    kind: mia
+    targets: [real]
+    members: emails.members
+    nonmembers: emails.nonmembers
+    options: {attacks: [loss, zlib], n_bootstrap: 20}
+  ppl:
+    kind: perplexity
+    targets: [base]
+    data: emails.nonmembers
+"""
+
+
+def _quiet(_msg: str) -> None:
+    pass
+
+
+def _env() -> dict[str, str]:
+    env = dict(os.environ)
+    env["PYTHONPATH"] = str(REPO)
+    return env
+
+
+def _read_jsonl(p: Path) -> list[dict]:
+    return [json.loads(x) for x in p.read_text().splitlines() if x.strip()]
+
+
+# ----------------------------------------------------------------------------------------- end to end
+def test_tiny_study_end_to_end(tmp_path):
+    from sklearn.metrics import roc_auc_score
+
+    out = tmp_path / "out"
+    exp = parse_experiment(STUDY)
+    status = run_experiment(exp, out, config_text=STUDY, log=_quiet)
+    assert set(status.values()) == {"ran"}
+    assert list(status) == ["data/emails", "generate/continued", "generate/replaced", "finetune/real",
+                            "finetune/generated", "evaluate/mia/real", "evaluate/mia/generated", "evaluate/ppl/real",
+                            "evaluate/pii/real"]
+
+    members = _read_jsonl(out / "data/emails/members.jsonl")
+    nonmembers = _read_jsonl(out / "data/emails/nonmembers.jsonl")
+    assert len(members) == len(nonmembers) == 8
+    assert not {r["id"] for r in members} & {r["id"] for r in nonmembers}
+    continued = _read_jsonl(out / "generate/continued/data.jsonl")
+    assert {r["source_id"] for r in continued} == {r["id"] for r in members}
+    replaced = _read_jsonl(out / "generate/replaced/data.jsonl")
+    for orig, new in zip(members, replaced, strict=True):  # sender addresses are gone from the replaced copy
+        assert orig["user"] not in new["text"]
+    assert (out / "finetune/real/model/adapter_config.json").exists()
+
+    summary = json.loads((out / "summary.json").read_text())
+    mia = json.loads((out / "evaluate/mia/real/mia.json").read_text())
+    scores = _read_jsonl(out / "evaluate/mia/real/scores.jsonl")
+    assert len(scores) == 16
+    labels = [r["label"] for r in scores]
+    for attack in ("loss", "zlib", "min_k", "min_k_pp", "ref"):
+        auc = roc_auc_score(labels, [r[attack] for r in scores])  # recomputed from the per-sample file
+        assert mia["attacks"][attack]["auc"] == pytest.approx(auc)
+        row = next(h for h in summary["headline"] if h["variant"] == "real" and h["metric"] == f"{attack} AUC")
+        assert row["value"] == pytest.approx(auc)
+        assert row["ci"][0] <= auc <= row["ci"][1]
+    ppl = json.loads((out / "evaluate/ppl/real/perplexity.json").read_text())
+    assert [c["name"] for c in ppl["checkpoints"]][-1] == "final" and len(ppl["checkpoints"]) == 3
+    assert ppl["checkpoints"][-1]["perplexity"] == pytest.approx(ppl["perplexity"])
+    pii_rows = _read_jsonl(out / "evaluate/pii/real/results_purified.jsonl")
+    assert {r["role"] for r in pii_rows} == {"model", "baseline"}
+    pii_head = next(h for h in summary["headline"] if h["metric"] == "PII match rate")
+    model_rows = [r for r in pii_rows if r["role"] == "model"]
+    assert pii_head["value"] == pytest.approx(np.mean([r["hits"] / r["n_targets"] for r in model_rows]))
+    html = (out / "report.html").read_text()
+    for section in ('id="headline-table"', 'id="mia"', 'id="pii"', 'id="perplexity"', 'id="config"'):
+        assert section in html
+    assert "http://" not in html and "https://" not in html
+
+    again = run_experiment(parse_experiment(STUDY), out, config_text=STUDY, log=_quiet)
+    assert set(again.values()) == {"cached"}
+
+
+# ----------------------------------------------------------------------------------------- kill, resume, edit
+@pytest.fixture(scope="module")
+def resumed_run(tmp_path_factory):
+    """Run SMALL in a subprocess, SIGKILL it once the evaluations have started, then resume in-process."""
+    root = tmp_path_factory.mktemp("resume")
+    cfg = root / "small.yaml"
+    cfg.write_text(SMALL)
+    out = root / "out"
+    proc = subprocess.Popen([sys.executable, "-m", "leakaudit", "run", str(cfg), "--out", str(out)],
+                            env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    started = out / "evaluate/mia/real/.key"
+    deadline = time.time() + 120
+    while not started.exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.02)
+    assert proc.poll() is None, "the run ended before it could be killed"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    before = {p.parent.name: p.stat().st_mtime_ns for p in out.rglob("stage.json")}
+    status = run_experiment(parse_experiment(SMALL), out, config_text=SMALL, log=_quiet)
+    return out, before, status
+
+
+def test_killed_run_resumes_without_redoing_finished_stages(resumed_run):
+    out, before, status = resumed_run
+    assert set(before) == {"emails", "real"}  # data and fine-tuning had finished when the kill came
+    assert status == {"data/emails": "cached", "finetune/real": "cached", "evaluate/mia/real": "ran",
+                      "evaluate/ppl/base": "ran"}
+    after = {p.parent.name: p.stat().st_mtime_ns for p in out.rglob("stage.json")}
+    assert after["emails"] == before["emails"] and after["real"] == before["real"]
+    assert (out / "report.html").exists()
+
+
+def test_edit_reruns_only_downstream_stages(resumed_run, tmp_path):
+    src, _, _ = resumed_run
+    out = tmp_path / "out"
+    shutil.copytree(src, out)
+    cfg = yaml.safe_load(SMALL)
+
+    cfg["evaluate"]["mia"]["options"]["n_bootstrap"] = 30  # an evaluation option: that evaluation only
+    status = run_experiment(parse_experiment(yaml.safe_dump(cfg)), out, log=_quiet, report=False)
+    assert status == {"data/emails": "cached", "finetune/real": "cached", "evaluate/mia/real": "ran",
+                      "evaluate/ppl/base": "cached"}
+
+    cfg["finetune"]["real"]["options"]["learning_rate"] = 0.002  # training: the model and what evaluates it
+    status = run_experiment(parse_experiment(yaml.safe_dump(cfg)), out, log=_quiet, report=False)
+    assert status == {"data/emails": "cached", "finetune/real": "ran", "evaluate/mia/real": "ran",
+                      "evaluate/ppl/base": "cached"}
+    assert json.loads((out / "finetune/real/model/finetune_config.json").read_text())["learning_rate"] == 0.002
+
+    cfg["datasets"]["emails"]["limit"] = 10  # the data: everything
+    status = run_experiment(parse_experiment(yaml.safe_dump(cfg)), out, log=_quiet, report=False)
+    assert set(status.values()) == {"ran"}
+    assert len(_read_jsonl(out / "data/emails/all.jsonl")) == 10
+
+
+def test_edited_input_file_reruns_its_readers(tmp_path):
+    data = tmp_path / "texts.jsonl"
+    data.write_text("".join(json.dumps({"text": f"line number {i} of the file"}) + "\n" for i in range(6)))
+    text = f"name: f\nmodels: {{base: tiny-gpt-neox}}\ndatasets:\n  d: {{path: {data}, split: {{a: 0.5, b: 0.5}}}}\n"
+    first = Plan(parse_experiment(text)).stages["data/d"].key
+    assert Plan(parse_experiment(text)).stages["data/d"].key == first  # stable
+    data.write_text(data.read_text() + json.dumps({"text": "one more"}) + "\n")
+    assert Plan(parse_experiment(text)).stages["data/d"].key != first
+
+
+# ----------------------------------------------------------------------------------------- grids
+def test_grid_sweeps_become_variants():
+    cfg = yaml.safe_load(SMALL)
+    cfg["finetune"]["real"]["grid"] = {"learning_rate": [0.001, 0.01], "method": ["lora", "dora"]}
+    cfg["evaluate"]["mia"]["grid"] = {"n_bootstrap": [10, 20]}
+    plan = Plan(parse_experiment(yaml.safe_dump(cfg)))
+    tunes = [s for s in plan.stages.values() if s.kind == "finetune"]
+    assert len(tunes) == 4
+    assert {s.params["method"] for s in tunes} == {"lora", "dora"}
+    assert {s.params["options"]["learning_rate"] for s in tunes} == {0.001, 0.01}
+    mias = [s for s in plan.stages.values() if s.kind == "mia"]
+    assert len(mias) == 8  # 2 evaluation variants x 4 fine-tuned targets
+    assert len({s.key for s in mias}) == 8
+    assert expand_grid("x", {}) == [("x", {})]
+    assert [n for n, _ in expand_grid("x", {"a": [1, 2]})] == ["x[a=1]", "x[a=2]"]
+
+
+# ----------------------------------------------------------------------------------------- invalid files
+BAD = [
+    ("models: {base: tiny-opt}\n", "name", 1, "required key is missing"),
+    ("name: x\nmodels: {base: tiny-opt}\nmodles: {}\n", "modles", 3, "unknown key"),
+    ("name: x\nmodels: {base: tiny-opt}\ndatasets:\n  d:\n    builtin: enron\n    limit: -3\n",
+     "datasets.d.limit", 6, "greater than 0"),
+    ("name: x\nmodels: {base: tiny-opt}\ndatasets:\n  d: {builtin: nope}\n", "datasets.d.builtin", 4, "'enron'"),
+    ("name: x\nmodels: {base: tiny-opt}\ndatasets:\n  d: {builtin: enron, split: {a: 0.7, b: 0.6}}\n",
+     "datasets.d.split", 4, "add up to 1.3"),
+    ("name: x\nmodels: {base: tiny-opt}\ndatasets:\n  d: {builtin: enron}\nevaluate:\n  m:\n    kind: mia\n"
+     "    targets: [base, ghost]\n    members: d\n    nonmembers: d\n", "evaluate.m.targets[1]", 8,
+     "unknown model 'ghost'"),
+    ("name: x\nmodels: {base: tiny-opt}\ndatasets:\n  d: {builtin: enron}\nevaluate:\n  m:\n    kind: mia\n"
+     "    targets: [base]\n    members: d.train\n    nonmembers: d\n", "evaluate.m.members", 9, "unknown data 'd.train'"),
+    ("name: x\nmodels: {base: tiny-opt}\nevaluate:\n  m:\n    kind: mia\n    targets: [base]\n",
+     "evaluate.m", 4, "needs 'members' and 'nonmembers'"),
+    ("name: x\nmodels: {base: tiny-opt}\nevaluate:\n  m: {kind: attack, targets: [base]}\n", "evaluate.m.kind", 4,
+     "'mia'"),
+    ("name: x\nmodels: {base: tiny-opt}\ndatasets:\n  d: {builtin: enron}\nfinetune:\n  base: {model: base, data: d}\n",
+     "finetune.base", 6, "already used"),
+    ("name: x\nmodels: {base: tiny-opt}\ndatasets:\n  d: {builtin: enron}\ngenerate:\n"
+     "  a: {kind: replace-pii, data: b}\n  b: {kind: replace-pii, data: a}\n", "generate.a.data", 6, "depends on itself"),
+]
+
+
+@pytest.mark.parametrize("text,where,line,message", BAD)
+def test_invalid_files_give_one_line_errors(text, where, line, message):
+    with pytest.raises(InputError) as info:
+        parse_experiment(text, "exp.yaml")
+    err = info.value
+    assert err.file == "exp.yaml" and err.field == where and err.line == line
+    assert message in err.message
+    assert "\n" not in err.format()
+
+
+def test_bad_yaml_names_its_line():
+    with pytest.raises(InputError) as info:
+        parse_experiment("name: x\nmodels:\n  base: [unclosed\n", "exp.yaml")
+    assert info.value.line is not None and info.value.line >= 3 and "not valid YAML" in info.value.message
+
+
+def test_unknown_stage_option_fails_before_any_work(tmp_path):
+    cfg = yaml.safe_load(SMALL)
+    cfg["evaluate"]["mia"]["options"]["n_bootstrp"] = 5
+    with pytest.raises(InputError) as info:
+        run_experiment(parse_experiment(yaml.safe_dump(cfg)), tmp_path / "out", log=_quiet)
+    assert info.value.field == "evaluate.mia.options.n_bootstrp" and "unknown option" in info.value.message
+    cfg = yaml.safe_load(SMALL)
+    cfg["finetune"]["real"]["options"]["learning_rate"] = -1
+    with pytest.raises(InputError) as info:
+        run_experiment(parse_experiment(yaml.safe_dump(cfg)), tmp_path / "out", log=_quiet)
+    assert info.value.field == "finetune.real.options.learning_rate"
+    assert not (tmp_path / "out" / "data").exists()
+
+
+def test_cli_prints_one_error_line_and_exits_2(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("name: x\nmodels: {base: tiny-opt}\ndatasets:\n  d: {builtin: enron}\nevaluate:\n  m:\n"
+                   "    kind: perplexity\n    targets: [ghost]\n    data: d\n")
+    proc = subprocess.run([sys.executable, "-m", "leakaudit", "run", str(bad), "--out", str(tmp_path / "o")],
+                          env=_env(), capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2
+    lines = proc.stderr.strip().splitlines()
+    assert lines == [f"error: {bad}:8: field 'evaluate.m.targets[0]': unknown model 'ghost'; defined: base"]
+
+
+def test_key_path_and_line_helpers():
+    assert key_path(("evaluate", "mia", "targets", 0)) == "evaluate.mia.targets[0]"
+    text = "a:\n  b:\n    - x\n    - y\n"
+    assert line_of(text, ("a", "b", 1)) == 4
+    assert line_of(text, ("a", "missing")) == 1
