@@ -1,0 +1,126 @@
+"""User inference (Kandpal et al., "User Inference Attacks on Large Language Models", 2023): was this
+person's data used for fine-tuning, judged from m samples of theirs (not necessarily the trained ones)?
+
+Per-user statistic, higher => the user was in training:
+    S(u) = (1/m) * sum_{i=1..m} [ log p_target(x_i) - log p_ref(x_i) ]
+with log p(x) a sequence log-likelihood (sum of token log-probs, each model with its own tokenizer) and
+x_1..x_m the first m samples of user u in input order. Users with fewer than m samples are left out of the
+result for that m (the counts say how many users each m covers). The ROC runs across users.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from leakaudit.data.io import Record
+from leakaudit.distributed import score_texts_distributed
+from leakaudit.errors import InputError
+from leakaudit.metrics import RocMetrics, roc_metrics
+from leakaudit.models import LoadedModel
+
+ALL = "all"
+
+
+@dataclass
+class UserInferenceReport:
+    """ROC metrics across users for each number m of samples per user, and each user's statistic per m."""
+
+    per_m: dict[str, RocMetrics]
+    users: list[str]
+    labels: dict[str, int]
+    n_samples: dict[str, int]
+    user_scores: dict[str, dict[str, float]]  # m -> user -> statistic
+    warnings: list[str] = field(default_factory=list)
+
+    @property
+    def headline(self) -> str:
+        """The m reported at the top level: all samples when computed, else the largest m."""
+        return ALL if ALL in self.per_m else max(self.per_m, key=int)
+
+    def to_json(self) -> dict:
+        """`user_inference.json`: the headline m's auc, auc_ci, tpr_at_fpr, n_users_in/out, plus every m."""
+
+        def one(m: RocMetrics) -> dict:
+            js = m.to_json()
+            return {"auc": js["auc"], "auc_ci": js["auc_ci"], "tpr_at_fpr": js["tpr_at_fpr"],
+                    "advantage": js["advantage"], "n_users_in": m.n_pos, "n_users_out": m.n_neg,
+                    "warnings": js["warnings"]}
+
+        top = one(self.per_m[self.headline])
+        return {**top, "samples_per_user": self.headline, "per_m": {m: one(r) for m, r in self.per_m.items()},
+                "warnings": self.warnings + top["warnings"]}
+
+    def rows(self) -> list[dict]:
+        """`user_scores.jsonl`: one row per user with its label, sample count and statistic per m."""
+        return [{"user": u, "label": self.labels[u], "n_samples": self.n_samples[u],
+                 "scores": {m: s[u] for m, s in self.user_scores.items() if u in s}} for u in self.users]
+
+
+def _group(records: Sequence[Record], label: int, into: dict[str, list[str]], labels: dict[str, int]) -> None:
+    for r in records:
+        if r.user is None:
+            raise InputError("record has no user", line=r.line, field="--user-field")
+        if labels.setdefault(r.user, label) != label:
+            raise InputError(f"user '{r.user}' appears among both in-training and held-out users", line=r.line,
+                             field="--user-field")
+        into.setdefault(r.user, []).append(r.text)
+
+
+def parse_m_values(spec: str | Sequence[int | str]) -> list[str]:
+    """'1,2,4,all' -> ['1', '2', '4', 'all'] (validated)."""
+    items = spec.split(",") if isinstance(spec, str) else list(spec)
+    out = []
+    for raw in items:
+        item = str(raw).strip().lower()
+        if item == ALL:
+            out.append(ALL)
+            continue
+        if not item.isdigit() or int(item) < 1:
+            raise InputError(f"'{raw}' is not a positive number of samples or 'all'", field="--samples-per-user")
+        out.append(str(int(item)))
+    if not out:
+        raise InputError("give at least one value", field="--samples-per-user")
+    return list(dict.fromkeys(out))
+
+
+def run_user_inference(target: LoadedModel, reference: LoadedModel, records_in: Sequence[Record],
+                       records_out: Sequence[Record], m_values: str | Sequence[int | str] = (1, 2, 4, 8, ALL), *,
+                       n_bootstrap: int = 1000, seed: int = 0, batch_size: int | str = "auto",
+                       max_length: int | None = None, cache: bool = True, progress: bool = True,
+                       ) -> UserInferenceReport:
+    """Score every sample once under target and reference, then aggregate per user for each m."""
+    samples: dict[str, list[str]] = {}
+    labels: dict[str, int] = {}
+    _group(records_in, 1, samples, labels)
+    _group(records_out, 0, samples, labels)
+    users = list(samples)
+    ms = parse_m_values(m_values)
+    texts = [t for u in users for t in samples[u]]
+    opts = {"batch_size": batch_size, "max_length": max_length, "cache": cache, "progress": progress}
+    tgt = score_texts_distributed(target, texts, description="scoring (target)", **opts)
+    ref = score_texts_distributed(reference, texts, description="scoring (reference)", **opts)
+    ratio = np.array([t.sum_logp - r.sum_logp for t, r in zip(tgt, ref, strict=True)])
+    per_user: dict[str, np.ndarray] = {}
+    pos = 0
+    for u in users:
+        per_user[u] = ratio[pos:pos + len(samples[u])]
+        pos += len(samples[u])
+    per_m: dict[str, RocMetrics] = {}
+    user_scores: dict[str, dict[str, float]] = {}
+    warnings: list[str] = []
+    for m in ms:
+        keep = [u for u in users if m == ALL or len(per_user[u]) >= int(m)]
+        stats = {u: float(per_user[u][: None if m == ALL else int(m)].mean()) for u in keep}
+        y = [labels[u] for u in keep]
+        if len(set(y)) < 2:
+            warnings.append(f"m={m}: too few users with {m} samples in both groups; no result for this m")
+            continue
+        user_scores[m] = stats
+        per_m[m] = roc_metrics([stats[u] for u in keep], y, n_bootstrap=n_bootstrap, seed=seed)
+    if not per_m:
+        raise InputError("no value of samples-per-user leaves users both in and out of training",
+                         field="--samples-per-user")
+    return UserInferenceReport(per_m, users, labels, {u: len(samples[u]) for u in users}, user_scores, warnings)
