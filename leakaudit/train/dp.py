@@ -101,7 +101,7 @@ def train_dp(config, lm, model, train: list[ex.Example], out: Path, progress: bo
             optimizer.zero_grad(set_to_none=True)
             scheduler.step()
             with log_path.open("a", encoding="utf-8") as fh:
-                fh.write(json.dumps({"step": step, "epoch": round(epoch + 1, 4), "loss": float(loss),
+                fh.write(json.dumps({"step": step, "epoch": round(epoch + 1, 4), "loss": loss.item(),
                                      "learning_rate": scheduler.get_last_lr()[0], "batch": int(ids.shape[0]),
                                      "epsilon": engine.get_epsilon(delta)}) + "\n")
         if is_main_process():

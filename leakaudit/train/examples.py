@@ -6,7 +6,8 @@ Formats (labels of -100 carry no loss; padding never carries loss):
       ### Instruction:\\n{prompt}\\n\\n### Response:\\n{response}<eos>
 - `chat`: rows with `messages` [{role, content}], rendered with the tokenizer's chat template when it has
   one, else the plain template `<|role|>\\n{content}\\n` per turn with EOS after each assistant turn.
-  `loss_on="assistant"` puts loss on assistant turns only (including their header and end marker);
+  `loss_on="assistant"` puts loss on the assistant turns' content and end marker only (their header is
+  the generation prompt, so it is masked like the user turns);
   `"all"` on every token.
 
 Batching: `packed` concatenates a batch into one row with per-example position ids, which (with no

@@ -1,0 +1,84 @@
+"""Defenses: per-user cap and dedup change the data as specified; PII scrubbing; DP-SGD trains and reports epsilon."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from safetensors.torch import load_file
+
+from leakaudit.models import load_model
+from leakaudit.perplexity import perplexity
+from leakaudit.train.defenses import dedup_and_cap, placeholder_scrub
+from leakaudit.train.finetune import FinetuneConfig, finetune, load_examples
+
+
+def test_dedup_then_cap_keeps_first_samples_per_user_in_file_order():
+    rows = [("a", "x"), ("a", "x"), ("b", "x"), ("a", "y"), ("a", "z"), ("b", "y"), ("a", "w")]
+    keep, report = dedup_and_cap(rows, dedup_within_user=True, max_samples_per_user=2)
+    assert keep == [0, 2, 3, 5]  # a: x (dup dropped), y; b: x, y; a's z and w are over the cap
+    assert (report.dropped_duplicates, report.dropped_over_cap, report.n_out) == (1, 2, 4)
+    assert report.per_user_out == {"a": 2, "b": 2}
+    keep, _ = dedup_and_cap(rows, dedup_within_user=False, max_samples_per_user=None)
+    assert keep == list(range(len(rows)))
+    keep, _ = dedup_and_cap(rows, dedup_within_user=True)  # the same text from two users is kept for both
+    assert keep == [0, 2, 3, 4, 5, 6]
+
+
+def test_placeholder_scrub_removes_emails_and_phones():
+    text, n = placeholder_scrub("Mail jeff.skilling@enron.com or call (713) 853-6161 / 713.853.6161 today")
+    assert text == "Mail [EMAIL] or call [PHONE] / [PHONE] today" and n == 3
+
+
+@pytest.fixture(scope="module")
+def user_data(tmp_path_factory):
+    p = tmp_path_factory.mktemp("users") / "train.jsonl"
+    rows = [{"text": f"Note {i} from user {u}: contact me at person{i}@example.com", "user": u}
+            for i, u in enumerate(["a", "a", "a", "b", "b", "c"])]
+    rows.append(dict(rows[0]))  # a duplicate of user a's first text
+    p.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return p
+
+
+def test_finetune_applies_user_defenses_and_scrubbing(user_data, tmp_path, tiny_neox):
+    cfg = FinetuneConfig(model="tiny-gpt-neox", data=str(user_data), out=str(tmp_path / "o"), user_field="user",
+                         max_samples_per_user=2, dedup_within_user=True, scrub_pii=True, max_length=64)
+    train, held, report = load_examples(cfg, tiny_neox.tokenizer)
+    texts = [tiny_neox.tokenizer.decode(e.input_ids) for e in train]
+    assert len(train) == 5 and not held  # a: 2 of 3 (+1 duplicate dropped), b: 2, c: 1
+    assert report.dropped_duplicates == 1 and report.dropped_over_cap == 1 and report.pii_replaced == 5
+    assert not any("@example.com" in t for t in texts) and all("[EMAIL]" in t for t in texts)
+    assert not any(t.startswith("Note 2 ") for t in texts)  # user a's third sample is over the cap
+
+
+def test_early_stopping_holds_out_rows_and_stops(user_data, tmp_path):
+    cfg = FinetuneConfig(model="tiny-gpt-neox", data=str(user_data), out=str(tmp_path / "es"), method="full",
+                         epochs=8, batch_size=4, gradient_accumulation=1, learning_rate=0.5,
+                         early_stopping_patience=1, eval_fraction=0.3, max_grad_norm=None)
+    out = finetune(cfg, progress=False)
+    report = json.loads((out / "defenses.json").read_text())
+    assert report["n_heldout_examples"] == 2 and report["n_train_examples"] == 5
+    log = [json.loads(x) for x in (out / "train_log.jsonl").read_text().splitlines()]
+    evals = [r["eval_loss"] for r in log if "eval_loss" in r]
+    assert len(evals) >= 2
+    # stopped as soon as the held-out loss failed to improve, well before the 8 epochs
+    assert len(evals) < 8 and evals[-1] >= min(evals[:-1])
+
+
+def test_dp_sgd_lora_changes_adapter_lowers_loss_and_reports_epsilon(tmp_path, tiny_neox):
+    data = tmp_path / "d.jsonl"
+    texts = [f"The secret code of row {i} is alpha bravo charlie." for i in range(16)]
+    data.write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
+    cfg = FinetuneConfig(model="tiny-gpt-neox", data=str(data), out=str(tmp_path / "dp"), method="lora",
+                         epochs=3, batch_size=4, gradient_accumulation=2, learning_rate=3e-2, lora_dropout=0.0,
+                         dp_epsilon=8.0)
+    out = finetune(cfg, progress=False)
+    privacy = json.loads((out / "privacy.json").read_text())
+    assert 0 < privacy["epsilon"] <= 8.0 + 1e-6 and privacy["noise_multiplier"] > 0.5
+    assert privacy["delta"] == pytest.approx(1e-5)
+    weights = load_file(str(out / "adapter_model.safetensors"))
+    lora_b = [v for k, v in weights.items() if "lora_B" in k]
+    assert lora_b and all(float(v.abs().max()) > 0 for v in lora_b)  # B starts at zero: it must have moved
+    trained = load_model(str(out), dtype="fp32")
+    after = perplexity(trained, texts, progress=False).nll_per_token
+    assert after < perplexity(tiny_neox, texts, progress=False).nll_per_token - 0.02  # nats per token

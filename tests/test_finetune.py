@@ -1,0 +1,150 @@
+"""Fine-tuning: every method lowers the loss, masking and packing are exact, resume continues exactly."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from leakaudit.errors import InputError
+from leakaudit.models import load_model
+from leakaudit.perplexity import perplexity
+from leakaudit.train import examples as ex
+from leakaudit.train.finetune import FinetuneConfig, finetune
+
+TEXTS = [f"Record {i}: the quick brown fox number {i} jumps over the lazy dog." for i in range(12)]
+
+
+@pytest.fixture(scope="module")
+def plain_data(tmp_path_factory):
+    p = tmp_path_factory.mktemp("data") / "train.jsonl"
+    p.write_text("".join(json.dumps({"text": t, "user": f"u{i % 3}"}) + "\n" for i, t in enumerate(TEXTS)))
+    return p
+
+
+def _cfg(data, out, **kw):
+    base = dict(model="tiny-gpt-neox", data=str(data), out=str(out), epochs=1, batch_size=4,
+                gradient_accumulation=1, learning_rate=1e-2, max_steps=4, save_steps=2)
+    base.update(kw)
+    return FinetuneConfig(**base)
+
+
+@pytest.mark.parametrize("method", ["full", "lora", "dora", "pissa"])
+def test_each_method_lowers_loss_and_output_loads(method, plain_data, tmp_path, tiny_neox):
+    lr = 3e-3 if method == "full" else 1e-2
+    out = finetune(_cfg(plain_data, tmp_path / method, method=method, learning_rate=lr), progress=False)
+    trained = load_model(str(out), dtype="fp32")
+    before = perplexity(tiny_neox, TEXTS, progress=False).ppl
+    after = perplexity(trained, TEXTS, progress=False).ppl
+    assert after < 0.9 * before
+    log = [json.loads(x) for x in (out / "train_log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in log if "loss" in r] == [1, 2, 3, 4]
+    if method != "full":
+        cfg = json.loads((out / "adapter_config.json").read_text())
+        assert cfg["base_model_name_or_path"] == "tiny-gpt-neox"
+        assert cfg["target_modules"] == ["query_key_value"]
+    # a mid-run checkpoint loads too and sits between the base and the final model
+    ckpt = out / "checkpoint-2" / ("adapter" if method == "pissa" else "")
+    mid = perplexity(load_model(str(ckpt), dtype="fp32"), TEXTS, progress=False).ppl
+    assert after < mid < before
+
+
+def test_opt_lora_defaults_and_padded_fallback(plain_data, tmp_path, tiny_opt):
+    out = finetune(_cfg(plain_data, tmp_path / "opt", model="tiny-opt"), progress=False)
+    cfg = json.loads((out / "adapter_config.json").read_text())
+    assert sorted(cfg["target_modules"]) == ["q_proj", "v_proj"]
+    assert not ex.packing_is_exact(tiny_opt.model, tiny_opt.tokenizer)  # OPT ignores packed position ids
+    after = perplexity(load_model(str(out), dtype="fp32"), TEXTS, progress=False).ppl
+    assert after < 0.9 * perplexity(tiny_opt, TEXTS, progress=False).ppl
+
+
+def test_instruction_format_masks_prompt(tiny_neox):
+    tok = tiny_neox.tokenizer
+    e = ex.instruction_example(tok, "Name a colour.", "Blue is a colour.", max_length=256)
+    trained = [i for i, lab in zip(e.input_ids, e.labels, strict=True) if lab != ex.IGNORE]
+    masked = [i for i, lab in zip(e.input_ids, e.labels, strict=True) if lab == ex.IGNORE]
+    assert tok.decode(trained) == "Blue is a colour." + tok.eos_token
+    assert tok.decode(masked) == ex.INSTRUCTION_TEMPLATE.format(prompt="Name a colour.")
+    assert e.labels[len(masked):] == e.input_ids[len(masked):]
+
+
+def test_chat_format_loss_on_assistant_or_all(tiny_neox):
+    tok = tiny_neox.tokenizer
+    msgs = [{"role": "user", "content": "Say hi."}, {"role": "assistant", "content": "Hi there."}]
+    e = ex.chat_example(tok, msgs, "assistant", 256)
+    trained = tok.decode([i for i, lab in zip(e.input_ids, e.labels, strict=True) if lab != ex.IGNORE])
+    assert trained == "Hi there.\n" + tok.eos_token
+    e_all = ex.chat_example(tok, msgs, "all", 256)
+    assert e_all.labels == e_all.input_ids
+    # with a real chat template: user turn and assistant header masked, assistant content + end marker trained
+    tok2 = load_model("tiny-gpt-neox", dtype="fp32").tokenizer
+    tok2.chat_template = ("{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}</s>{% endfor %}"
+                          "{% if add_generation_prompt %}<assistant>{% endif %}")
+    e2 = ex.chat_example(tok2, msgs, "assistant", 256)
+    assert tok2.decode([i for i, lab in zip(e2.input_ids, e2.labels, strict=True) if lab != ex.IGNORE]) == \
+        "Hi there.</s>"
+    assert tok2.decode(e2.input_ids) == "<user>Say hi.</s><assistant>Hi there.</s>"
+
+
+def test_packing_gives_the_unpacked_loss_and_padding_gets_none(tiny_neox):
+    tok = tiny_neox.tokenizer
+    examples = ex.plain_examples(tok, TEXTS[:3] + ["short one"], max_length=64)
+    items = ex.ExampleDataset(examples)
+    model = tiny_neox.model
+
+    def loss_sum(batch):
+        batch = dict(batch)
+        n = int((batch["labels"][:, 1:] != ex.IGNORE).sum())
+        with torch.no_grad():
+            return float(model(**batch).loss) * n
+
+    unpacked = sum(loss_sum(ex.PaddedCollator(tok.pad_token_id)([items[i]])) for i in range(len(items)))
+    packed = loss_sum(ex.PackedCollator()([items[i] for i in range(len(items))]))
+    padded = loss_sum(ex.PaddedCollator(tok.pad_token_id)([items[i] for i in range(len(items))]))
+    assert packed == pytest.approx(unpacked, rel=1e-5)
+    assert padded == pytest.approx(unpacked, rel=1e-5)
+    assert ex.packing_is_exact(model, tok)
+
+
+class _Kill(Exception):
+    pass
+
+
+def test_resume_continues_where_it_stopped(plain_data, tmp_path):
+    from transformers import TrainerCallback
+
+    class KillAtStep3(TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            if state.global_step == 3:
+                raise _Kill
+
+    cfg = _cfg(plain_data, tmp_path / "resumed", lora_dropout=0.0)
+    with pytest.raises(_Kill):
+        finetune(cfg, progress=False, callbacks=[KillAtStep3()])
+    assert (tmp_path / "resumed" / "checkpoint-2").exists() and not (tmp_path / "resumed" / "finetune_done.json").exists()
+    out = finetune(cfg, progress=False)
+    log = [json.loads(x) for x in (out / "train_log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in log if "loss" in r] == [1, 2, 3, 4]
+    straight = finetune(_cfg(plain_data, tmp_path / "straight", lora_dropout=0.0), progress=False)
+    a = load_file(str(out / "adapter_model.safetensors"))
+    b = load_file(str(straight / "adapter_model.safetensors"))
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-6)
+    assert finetune(cfg, progress=False) == out  # a finished run is returned as is
+
+
+def test_bad_input_names_file_line_field(tmp_path):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps({"text": "fine"}) + "\n" + json.dumps({"txt": "oops"}) + "\n")
+    with pytest.raises(InputError) as err:
+        finetune(_cfg(bad, tmp_path / "o"), progress=False)
+    assert err.value.line == 2 and err.value.field == "text" and err.value.file == str(bad)
+
+
+def test_output_dir_of_another_run_is_refused(plain_data, tmp_path):
+    finetune(_cfg(plain_data, tmp_path / "run", max_steps=1), progress=False)
+    with pytest.raises(InputError, match="different options"):
+        finetune(_cfg(plain_data, tmp_path / "run", max_steps=2), progress=False)

@@ -1,0 +1,75 @@
+"""Merge gives identical logits; perplexity matches a hand computation; every checkpoint is measured."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from leakaudit.models import load_model
+from leakaudit.perplexity import perplexity, perplexity_per_checkpoint
+from leakaudit.train.finetune import FinetuneConfig, finetune
+from leakaudit.train.merge import merge_adapter
+
+TEXTS = ["alpha beta gamma delta", "The quick brown fox jumps over the lazy dog.", "Hello world"]
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    p = tmp_path_factory.mktemp("mp") / "d.jsonl"
+    p.write_text("".join(json.dumps({"text": t}) + "\n" for t in TEXTS * 3))
+    return p
+
+
+@pytest.mark.parametrize("spec,method", [("tiny-gpt-neox", "lora"), ("tiny-opt", "lora"),
+                                         ("tiny-gpt-neox", "dora"), ("tiny-opt", "pissa")])
+def test_adapter_reloads_and_merges_with_identical_logits(spec, method, data, tmp_path):
+    out = finetune(FinetuneConfig(model=spec, data=str(data), out=str(tmp_path / "a"), method=method,
+                                  epochs=1, batch_size=3, gradient_accumulation=1, learning_rate=2e-2,
+                                  max_steps=2, lora_dropout=0.0), progress=False)
+    adapter = load_model(str(out), dtype="fp32")
+    base = load_model(spec, dtype="fp32")
+    merged_dir = merge_adapter(out, tmp_path / "merged")
+    merged = load_model(str(merged_dir), dtype="fp32")
+    ids = torch.tensor([adapter.tokenizer(TEXTS[1])["input_ids"]])
+    with torch.no_grad():
+        a, m, b = (x.model(input_ids=ids).logits for x in (adapter, merged, base))
+    assert not torch.allclose(a, b, atol=1e-4)  # the adapter does something
+    torch.testing.assert_close(m, a, atol=2e-5, rtol=1e-5)
+
+
+def test_perplexity_matches_hand_computation(tiny_neox):
+    res = perplexity(tiny_neox, TEXTS, batch_size=2, progress=False)
+    nll, n, per_text = 0.0, 0, []
+    for t in TEXTS:
+        ids = torch.tensor([tiny_neox.tokenizer(t)["input_ids"]])
+        with torch.no_grad():
+            logp = torch.log_softmax(tiny_neox.model(input_ids=ids).logits[0, :-1].double(), -1)
+        tok_lp = logp.gather(1, ids[0, 1:, None])[:, 0]
+        nll -= float(tok_lp.sum())
+        n += tok_lp.numel()
+        per_text.append(math.exp(-float(tok_lp.mean())))
+    assert res.n_tokens == n and res.n_texts == 3
+    assert res.ppl == pytest.approx(math.exp(nll / n), rel=1e-4)
+    assert res.mean_text_ppl == pytest.approx(sum(per_text) / 3, rel=1e-4)
+    unbatched = perplexity(tiny_neox, TEXTS, batch_size=1, progress=False)
+    assert unbatched.ppl == pytest.approx(res.ppl, rel=1e-5)
+
+
+def test_perplexity_cli_over_every_checkpoint(data, tmp_path):
+    from leakaudit.cli import app
+
+    run = tmp_path / "run"
+    finetune(FinetuneConfig(model="tiny-gpt-neox", data=str(data), out=str(run), epochs=2, batch_size=3,
+                            gradient_accumulation=1, learning_rate=2e-2), progress=False)
+    results = perplexity_per_checkpoint(run, TEXTS, progress=False)
+    assert len(results) == 3  # checkpoint per epoch (2) + final
+    assert results[-1].ppl < results[0].ppl
+    res = CliRunner().invoke(app, ["perplexity", "--model", str(run), "--data", str(data), "--out",
+                                   str(tmp_path / "p"), "--all-checkpoints"])
+    assert res.exit_code == 0, res.output
+    saved = json.loads((tmp_path / "p" / "perplexity.json").read_text())["results"]
+    assert [r["ppl"] for r in saved] == pytest.approx([r.ppl for r in results])
