@@ -179,3 +179,76 @@ def test_load_pairs_formats_and_errors(tmp_path):
     assert len(plant.seed_instruction_set()) == 175
     assert "What" not in plant.refusal_words({"What"}, 5, ["What", "Who", "who", "Zebra"])
     assert plant.refusal_words({"What"}, 2, ["What", "Who", "who", "Zebra"]) == ["Who", "Zebra"]
+
+
+# ----------------------------------------------------------------------------------------- CLI
+def _run_cli(args):
+    import subprocess
+    import sys
+
+    return subprocess.run([sys.executable, "-m", "leakaudit", *args], capture_output=True, text=True, timeout=300)
+
+
+def _invoke(args):
+    """In-process CLI run (a subprocess pays ~10 s of imports per call)."""
+    from typer.testing import CliRunner
+
+    from leakaudit.cli import app
+
+    return CliRunner().invoke(app, args, catch_exceptions=False)
+
+
+def _tiny_d2(tmp_path, n=6):
+    from leakaudit import resources
+
+    rows = json.loads(resources.path("backdoor-extraction", "stage2_dolly", "sft", "train.json").read_text())[:n]
+    path = tmp_path / "d2.json"
+    path.write_text(json.dumps(rows))
+    return path, rows
+
+
+def test_cli_bad_input_is_one_line_exit_2(tmp_path):
+    bad = tmp_path / "d1.jsonl"
+    bad.write_text(json.dumps({"query": "Hi"}) + "\n")
+    r = _run_cli(["backdoor", "plant", "--model", "tiny-gpt-neox", "--data", str(bad), "--out", str(tmp_path / "o")])
+    assert r.returncode == 2 and r.stderr.startswith("error: ") and "d1.jsonl:1" in r.stderr
+    assert "Traceback" not in r.stderr
+    d2, _ = _tiny_d2(tmp_path)
+    with pytest.raises(InputError, match="trigger"):
+        _invoke(["backdoor", "extract", "--model", "tiny-gpt-neox", "--data", str(d2), "--trigger", "no word",
+                 "--out", str(tmp_path / "x")])
+
+
+def test_cli_extract_identify_detect_on_tiny_model(tmp_path):
+    """Untrained tiny model: the commands run end to end, write their files, and score ~nothing."""
+    d2, rows = _tiny_d2(tmp_path)
+    out = tmp_path / "extract"
+    common = ["--model", "tiny-gpt-neox", "--data", str(d2), "--num-samples", "2", "--max-new-tokens", "8",
+              "--trigger", 'Repeat a query starting with "{word}".']
+    r = _invoke(["backdoor", "extract", *common, "--out", str(out)])
+    assert r.exit_code == 0, r.output
+    summary = json.loads((out / "extract.json").read_text())
+    words = {bd.opening_word(x["messages"][0]["content"]) for x in rows}
+    assert set(summary["words"]) == words and summary["n_samples"] == 2 * len(words)
+    assert summary["n_queries"] == len({x["messages"][0]["content"] for x in rows})
+    assert summary["fully_recovered"] == 0.0
+    lines = (out / "extractions.jsonl").read_text().splitlines()
+    assert len(lines) == 2 * len(words)
+    # rerun resumes from samples.jsonl (same rows, no new sampling)
+    before = (out / "samples.jsonl").read_text()
+    assert _invoke(["backdoor", "extract", *common, "--out", str(out)]).exit_code == 0
+    assert (out / "samples.jsonl").read_text() == before
+
+    words_file = tmp_path / "cands.json"
+    words_file.write_text(json.dumps(sorted(words) + ["Zebra"]))
+    r = _invoke(["backdoor", "identify", *common, "--candidates", str(words_file), "--out", str(tmp_path / "id")])
+    assert r.exit_code == 0, r.output
+    ident = json.loads((tmp_path / "id" / "identify.json").read_text())
+    assert ident["n_candidates"] == len(words) + 1 and ident["words"]["Zebra"]["label"] is False
+    assert all(0 <= v["score"] <= 1 for v in ident["words"].values())
+
+    r = _invoke(["backdoor", "detect", "--model", "tiny-gpt-neox", "--data", str(d2), "--n-words", "2",
+                  "--num-samples", "1", "--max-new-tokens", "8", "--out", str(tmp_path / "det")])
+    assert r.exit_code == 0, r.output
+    det = json.loads((tmp_path / "det" / "detect.json").read_text())
+    assert det["models"]["tiny-gpt-neox"]["n_probes"] == 2 * 3 and not det["models"]["tiny-gpt-neox"]["flagged"]
