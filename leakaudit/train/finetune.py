@@ -209,7 +209,7 @@ def build_model(config: FinetuneConfig, out: Path):
     model = get_peft_model(model, peft_cfg)
     if config.method == "pissa":
         init_dir = out / "pissa_init"
-        if not (init_dir / "adapter_config.json").exists():
+        if is_main_process() and not (init_dir / "adapter_config.json").exists():
             # The initial PiSSA adapter lets saves convert to a plain LoRA against the *original* base.
             model.peft_config["default"].init_lora_weights = True
             model.save_pretrained(str(init_dir))
@@ -254,7 +254,7 @@ def _check_out(config: FinetuneConfig, out: Path) -> bool:
             raise InputError("this output dir holds a run with different options; use a new --out",
                              file=out, field="--out")
         return (out / DONE_MARKER).exists()
-    if out.exists() and any(out.iterdir()):
+    if is_main_process() and out.exists() and any(out.iterdir()):
         raise InputError("output dir exists and is not a leakaudit fine-tuning run; use a new --out",
                          file=out, field="--out")
     return False
