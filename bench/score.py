@@ -1,0 +1,160 @@
+"""Benchmark the scoring engine against the naive loop common MIA code uses, in one run.
+
+Naive loop (as in mimir / LLM-PBE style code): one text per forward pass, fp32, full logits, then a
+Python loop over positions gathering log p of each next token.
+Engine: leakaudit.scoring.score_texts with the default dtype policy, length-bucketed batches, cache off.
+Also measured in the same run: the matmul peak (GFLOP/s) of fp32 and bf16 on this device, and the
+achieved GFLOP/s of the engine (forward FLOPs = 2 x linear-layer parameters per token + attention).
+
+Usage: python bench/score.py [--model default] [--texts 48] [--device auto] [--json out.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+
+import torch
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+
+from leakaudit import resources  # noqa: E402
+from leakaudit.models import load_model, resolve_device, resolve_dtype  # noqa: E402
+from leakaudit.scoring import score_texts  # noqa: E402
+
+
+def bench_texts(n: int) -> list[str]:
+    """Varied-length texts from shipped data (self-instruct seed tasks), 20 to ~400 tokens."""
+    rows = [json.loads(x) for x in resources.path("self-instruct-seed", "seed_tasks.jsonl").open()]
+    texts = []
+    for i, row in enumerate(rows):
+        inst = row["instances"][0]
+        body = f"{row['instruction']}\n{inst['input']}\n{inst['output']}"
+        texts.append((body + "\n") * (1 + i % 4))
+        if len(texts) == n:
+            break
+    return texts
+
+
+def sync(dev: torch.device) -> None:
+    if dev.type == "cuda":
+        torch.cuda.synchronize(dev)
+
+
+def matmul_peak(dtype: torch.dtype, dev: torch.device, budget_s: float = 2.0) -> float:
+    """GFLOP/s of a square matmul, sized so the measurement takes about budget_s."""
+    size = 256
+    while True:
+        a = torch.randn(size, size, dtype=dtype, device=dev)
+        b = torch.randn(size, size, dtype=dtype, device=dev)
+        a @ b
+        sync(dev)
+        t = time.perf_counter()
+        a @ b
+        sync(dev)
+        one = time.perf_counter() - t
+        if one > 0.05 or size >= 8192:
+            break
+        size *= 2
+    reps = max(1, int(budget_s / max(one, 1e-6)))
+    t = time.perf_counter()
+    for _ in range(reps):
+        a @ b
+    sync(dev)
+    return 2 * size**3 * reps / (time.perf_counter() - t) / 1e9
+
+
+def forward_flops(model, n_tokens_per_text: list[int]) -> float:
+    """2 x (linear weights incl. LM head) per token, plus causal attention (QK^T and AV)."""
+    linear = sum(m.weight.numel() for m in model.modules() if isinstance(m, torch.nn.Linear))
+    head = model.get_output_embeddings()
+    if not any(head is m for m in model.modules() if isinstance(m, torch.nn.Linear)):
+        linear += head.weight.numel()
+    cfg = model.config
+    layers, hidden = cfg.num_hidden_layers, cfg.hidden_size
+    total = 0.0
+    for t in n_tokens_per_text:
+        total += 2 * linear * t + 2 * 2 * layers * hidden * t * (t + 1) / 2
+    return total
+
+
+def naive_loop(lm, texts: list[str]) -> list[float]:
+    """One text per forward, fp32 full logits, per-token Python gather."""
+    out = []
+    with torch.no_grad():
+        for text in texts:
+            ids = lm.tokenizer(text, return_tensors="pt").input_ids.to(lm.device)
+            logits = lm.model(ids).logits[0].float()
+            total = 0.0
+            for t in range(ids.shape[1] - 1):
+                total += torch.log_softmax(logits[t], dim=-1)[ids[0, t + 1]].item()
+            out.append(total)
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--model", default="default")
+    ap.add_argument("--texts", type=int, default=48)
+    ap.add_argument("--device", default="auto")
+    ap.add_argument("--json", default=None)
+    args = ap.parse_args()
+
+    dev = resolve_device(args.device)
+    texts = bench_texts(args.texts)
+    engine_dtype = resolve_dtype(None, dev)
+    lm_fp32 = load_model(args.model, device=str(dev), dtype="fp32")
+    n_tok = [len(lm_fp32.tokenizer(t)["input_ids"]) for t in texts]
+    total_tokens = sum(n_tok)
+
+    peaks = {"fp32": matmul_peak(torch.float32, dev), "bf16": matmul_peak(torch.bfloat16, dev)}
+
+    naive_loop(lm_fp32, texts[:2])  # warm-up
+    t = time.perf_counter()
+    naive = naive_loop(lm_fp32, texts)
+    sync(dev)
+    naive_s = time.perf_counter() - t
+
+    lm = lm_fp32 if engine_dtype == torch.float32 else load_model(args.model, device=str(dev), dtype=engine_dtype)
+    score_texts(lm, texts[:4], cache=False, progress=False)  # warm-up
+    runs = []
+    for _ in range(3):
+        sync(dev)
+        t = time.perf_counter()
+        res = score_texts(lm, texts, cache=False, progress=False)
+        sync(dev)
+        runs.append(time.perf_counter() - t)
+    engine_s = statistics.median(runs)
+
+    max_diff = max(abs(a - r.sum_logp) / max(1, r.n_tokens) for a, r in zip(naive, res, strict=True))
+    flops = forward_flops(lm.model, n_tok)
+    engine_gflops = flops / engine_s / 1e9
+    dname = "bf16" if engine_dtype == torch.bfloat16 else "fp32"
+    result = {
+        "model": args.model,
+        "device": str(dev) if dev.type == "cpu" else torch.cuda.get_device_name(dev),
+        "threads": torch.get_num_threads(),
+        "texts": len(texts),
+        "tokens": total_tokens,
+        "naive_tokens_per_s": total_tokens / naive_s,
+        "engine_dtype": dname,
+        "engine_tokens_per_s": total_tokens / engine_s,
+        "speedup_vs_naive": naive_s / engine_s,
+        "matmul_peak_gflops": peaks,
+        "engine_gflops": engine_gflops,
+        "engine_fraction_of_own_dtype_peak": engine_gflops / peaks[dname],
+        "engine_fraction_of_bf16_peak": engine_gflops / peaks["bf16"],
+        "max_abs_diff_mean_logp_vs_naive": max_diff,
+    }
+    print(json.dumps(result, indent=2))
+    if args.json:
+        with open(args.json, "w") as fh:
+            json.dump(result, fh, indent=2)
+
+
+if __name__ == "__main__":
+    main()
