@@ -49,6 +49,7 @@ class DatasetSpec(Strict):
     limit: int | None = Field(default=None, gt=0)
     max_chars: int | None = Field(default=None, gt=0)
     split: dict[str, float] = Field(default_factory=dict)
+    split_by: Literal["row", "user"] = "row"
 
     @model_validator(mode="after")
     def _one_source(self) -> DatasetSpec:
@@ -110,9 +111,9 @@ class EvaluationSpec(Strict):
 
     @model_validator(mode="after")
     def _needs(self) -> EvaluationSpec:
-        if self.kind == "mia" and (self.members is None or self.nonmembers is None):
-            raise ValueError("'mia' needs 'members' and 'nonmembers'")
-        if self.kind in ("perplexity", "user-inference") and self.data is None:
+        if self.kind in ("mia", "user-inference") and (self.members is None or self.nonmembers is None):
+            raise ValueError(f"'{self.kind}' needs 'members' and 'nonmembers'")
+        if self.kind == "perplexity" and self.data is None:
             raise ValueError(f"'{self.kind}' needs 'data'")
         if self.kind == "user-inference" and self.reference is None:
             raise ValueError("'user-inference' needs 'reference'")

@@ -339,8 +339,14 @@ def shuffled(rows: list[Any], seed: int, salt: str) -> list[Any]:
     return rows
 
 
-def split_rows(rows: list[dict[str, Any]], split: dict[str, float]) -> dict[str, list[dict[str, Any]]]:
-    """Disjoint consecutive slices by fraction (rows are shuffled before)."""
+def split_rows(rows: list[dict[str, Any]], split: dict[str, float], by: str = "row"
+               ) -> dict[str, list[dict[str, Any]]]:
+    """Disjoint consecutive slices by fraction (rows are shuffled before); `by="user"` slices the users,
+    so every user's rows land in one part (what user inference needs)."""
+    if by == "user":
+        users = list(dict.fromkeys(r.get("user") for r in rows))
+        parts = split_rows([{"user": u} for u in users], split)
+        return {name: [r for r in rows if r.get("user") in {p["user"] for p in part}] for name, part in parts.items()}
     out, start = {}, 0
     for name, frac in split.items():
         n = int(round(frac * len(rows)))
@@ -374,7 +380,10 @@ def run_dataset(ctx: StageContext) -> dict[str, Any]:
             row["text"] = row["text"][:p["max_chars"]]
     write_jsonl(ctx.dir / "all.jsonl", rows)
     counts = {"all": len(rows)}
-    for name, part in split_rows(rows, p["split"]).items():
+    if p.get("split_by") == "user" and any(not r.get("user") for r in rows):
+        raise InputError("split_by: user needs a user on every row (set user_field)",
+                         field=f"datasets.{p['name']}.user_field")
+    for name, part in split_rows(rows, p["split"], p.get("split_by", "row")).items():
         if not part:
             raise InputError(f"split '{name}' is empty ({len(rows)} rows in all)",
                              field=f"datasets.{p['name']}.split.{name}")
@@ -616,9 +625,34 @@ def _not_yet(module: str, name: str, kind: str) -> Callable[[StageContext], dict
     return runner
 
 
+def _user_inference_options() -> set[str]:
+    fn = _api("leakaudit.attacks.user_inference", "run_user_inference", "user-inference")
+    return _signature_options(fn, {"target", "reference", "records_in", "records_out", "progress"})
+
+
+def run_user_inference_stage(ctx: StageContext) -> dict[str, Any]:
+    """User inference: users of `members` were in training, users of `nonmembers` were not."""
+    fn = _api("leakaudit.attacks.user_inference", "run_user_inference", "user-inference")
+    ins = load_records(ctx.data_path("members"), id_field="id", user_field="user")
+    outs = load_records(ctx.data_path("nonmembers"), id_field="id", user_field="user")
+    shared = {r.user for r in ins} & {r.user for r in outs}
+    if shared:
+        raise InputError(f"{len(shared)} users are in both members and nonmembers; split the dataset with "
+                         "split_by: user", field="members")
+    opts = ctx.options
+    opts.setdefault("seed", ctx.seed)
+    report = fn(_load(ctx.model("target")), _load(ctx.model("reference")), ins, outs, **opts)
+    rows = report.rows()
+    m = report.headline
+    write_jsonl(ctx.dir / "user_scores.jsonl", [{**r, "score": r["scores"].get(m)} for r in rows])
+    result = report.to_json()
+    write_json(ctx.dir / "user_inference.json", result)
+    return {**result, "scores_file": "user_scores.jsonl"}
+
+
 RUNNERS: dict[str, Callable[[StageContext], dict[str, Any]]] = {
     "generate": run_generate_stage,
-    "user-inference": _not_yet("leakaudit.attacks.user_inference", "run_user_inference", "user-inference"),
+    "user-inference": run_user_inference_stage,
     "backdoor": _not_yet("leakaudit.attacks.backdoor", "run_backdoor", "backdoor"),
     "dataset": run_dataset,
     "finetune": run_finetune_stage,
@@ -630,6 +664,7 @@ RUNNERS: dict[str, Callable[[StageContext], dict[str, Any]]] = {
 CHECKS: dict[str, Callable[[Stage], None]] = {
     "mia": lambda s: _check_options(s, _mia_options(), "evaluate"),
     "pii": lambda s: _check_options(s, _pii_options(), "evaluate"),
+    "user-inference": lambda s: _check_options(s, _user_inference_options(), "evaluate"),
     "finetune": lambda s: _finetune_config(s, "-"),
     "perplexity": lambda s: _check_options(s, {"batch_size", "max_length"}, "evaluate"),
     "generate": lambda s: _check_options(s, GENERATE_OPTIONS[s.params["kind"]], "generate"),

@@ -33,6 +33,7 @@ datasets:
     limit: 16
     max_chars: 200
     split: {members: 0.5, nonmembers: 0.5}
+    split_by: user
 generate:
   continued:
     kind: continuation
@@ -61,6 +62,13 @@ evaluate:
     members: emails.members
     nonmembers: emails.nonmembers
     options: {attacks: [loss, zlib, min_k, min_k_pp, ref], n_bootstrap: 50}
+  users:
+    kind: user-inference
+    targets: [real]
+    reference: base
+    members: emails.members
+    nonmembers: emails.nonmembers
+    options: {m_values: [1], n_bootstrap: 50}
   ppl:
     kind: perplexity
     targets: [real]
@@ -124,8 +132,8 @@ def test_tiny_study_end_to_end(tmp_path):
     status = run_experiment(exp, out, config_text=STUDY, log=_quiet)
     assert set(status.values()) == {"ran"}
     assert list(status) == ["data/emails", "generate/continued", "generate/replaced", "finetune/real",
-                            "finetune/generated", "evaluate/mia/real", "evaluate/mia/generated", "evaluate/ppl/real",
-                            "evaluate/pii/real"]
+                            "finetune/generated", "evaluate/mia/real", "evaluate/mia/generated",
+                            "evaluate/users/real", "evaluate/ppl/real", "evaluate/pii/real"]
 
     members = _read_jsonl(out / "data/emails/members.jsonl")
     nonmembers = _read_jsonl(out / "data/emails/nonmembers.jsonl")
@@ -149,6 +157,11 @@ def test_tiny_study_end_to_end(tmp_path):
         row = next(h for h in summary["headline"] if h["variant"] == "real" and h["metric"] == f"{attack} AUC")
         assert row["value"] == pytest.approx(auc)
         assert row["ci"][0] <= auc <= row["ci"][1]
+    users = _read_jsonl(out / "evaluate/users/real/user_scores.jsonl")
+    assert {u["user"] for u in users} == {r["user"] for r in members + nonmembers}
+    ui = json.loads((out / "evaluate/users/real/user_inference.json").read_text())
+    assert ui["auc"] == pytest.approx(roc_auc_score([u["label"] for u in users], [u["score"] for u in users]))
+    assert next(h for h in summary["headline"] if h["metric"] == "user AUC")["value"] == ui["auc"]
     ppl = json.loads((out / "evaluate/ppl/real/perplexity.json").read_text())
     assert [c["name"] for c in ppl["checkpoints"]][-1] == "final" and len(ppl["checkpoints"]) == 3
     assert ppl["checkpoints"][-1]["perplexity"] == pytest.approx(ppl["perplexity"])
@@ -158,7 +171,7 @@ def test_tiny_study_end_to_end(tmp_path):
     model_rows = [r for r in pii_rows if r["role"] == "model"]
     assert pii_head["value"] == pytest.approx(np.mean([r["hits"] / r["n_targets"] for r in model_rows]))
     html = (out / "report.html").read_text()
-    for section in ('id="headline-table"', 'id="mia"', 'id="pii"', 'id="perplexity"', 'id="config"'):
+    for section in ('id="headline-table"', 'id="mia"', 'id="user-inference"', 'id="pii"', 'id="perplexity"', 'id="config"'):
         assert section in html
     assert "http://" not in html and "https://" not in html
 
@@ -229,6 +242,18 @@ def test_edited_input_file_reruns_its_readers(tmp_path):
     assert Plan(parse_experiment(text)).stages["data/d"].key == first  # stable
     data.write_text(data.read_text() + json.dumps({"text": "one more"}) + "\n")
     assert Plan(parse_experiment(text)).stages["data/d"].key != first
+
+
+def test_split_by_user_keeps_each_user_in_one_part():
+    from leakaudit.experiment import split_rows
+
+    rows = [{"id": str(i), "user": f"u{i % 5}"} for i in range(20)]
+    parts = split_rows(rows, {"a": 0.6, "b": 0.4}, by="user")
+    users_a, users_b = {r["user"] for r in parts["a"]}, {r["user"] for r in parts["b"]}
+    assert len(users_a) == 3 and len(users_b) == 2 and not users_a & users_b
+    assert len(parts["a"]) + len(parts["b"]) == 20
+    by_row = split_rows(rows, {"a": 0.5, "b": 0.5})
+    assert [r["id"] for r in by_row["a"]] == [str(i) for i in range(10)]
 
 
 # ----------------------------------------------------------------------------------------- grids

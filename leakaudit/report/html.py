@@ -146,7 +146,7 @@ def _user_section(out: Path, stages: list[dict[str, Any]]) -> dict[str, Any] | N
     for s in done:
         res = s["result"]
         rows = _read_jsonl(_stage_dir(out, s) / res.get("scores_file", "user_scores.jsonl"))
-        pairs = [(r["score"], int(r["label"])) for r in rows if "score" in r and "label" in r]
+        pairs = [(r["score"], int(r["label"])) for r in rows if r.get("score") is not None and "label" in r]
         if pairs and len({y for _, y in pairs}) == 2:
             curve = roc_metrics([p[0] for p in pairs], [p[1] for p in pairs], n_bootstrap=0)
             figures.append({"uri": plots.roc_figure({"user score": curve}, f"User inference: "
