@@ -1,0 +1,98 @@
+"""`mia` and `user-inference` launched as 2 CPU processes (torchrun, gloo) give the results of one process."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from leakaudit.distributed import gather_ragged, score_texts_distributed, shard, world
+from leakaudit.scoring import score_texts
+
+ATTACKS = "loss,zlib,min_k,min_k_pp,ref,lowercase,recall,gradnorm"
+
+
+def _write_data(d: Path) -> None:
+    from leakaudit import resources
+
+    rows = resources.path("self-instruct-seed", "seed_tasks.jsonl").read_text().splitlines()
+    texts = [json.loads(r)["instruction"] for r in rows][:27]
+    with (d / "labelled.jsonl").open("w") as fh:
+        for i, t in enumerate(texts):  # 13 members, 14 non-members; users of 3 samples each
+            fh.write(json.dumps({"text": t, "label": int(i % 2 == 0), "user": f"u{i // 3}",
+                                 "ulabel": int((i // 3) % 2 == 0)}) + "\n")
+
+
+def _commands(out: Path, data: Path) -> list[list[str]]:
+    common = ["--n-bootstrap", "50", "--no-cache", "--dtype", "fp32"]
+    return [["mia", "--target", "tiny-gpt-neox", "--reference", "tiny-opt", "--data", str(data), "--attacks", ATTACKS,
+             "--out", str(out / "mia"), *common],
+            ["user-inference", "--target", "tiny-gpt-neox", "--reference", "tiny-opt", "--data", str(data),
+             "--user-field", "user", "--label-field", "ulabel", "--samples-per-user", "1,2,all",
+             "--out", str(out / "ui"), *common]]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_single_process_helpers_call_through(tiny_neox):
+    assert world() == (0, 1) and shard(3) == [0, 1, 2]
+    arrays = [np.arange(3, dtype=np.float32), np.zeros(0, np.float32)]
+    assert [a.tolist() for a in gather_ragged(arrays, 2)] == [[0, 1, 2], []]
+    texts = ["Give three tips for staying healthy.", "Sort these numbers."]
+    a = score_texts_distributed(tiny_neox, texts, moments=True, cache=False, progress=False)
+    b = score_texts(tiny_neox, texts, moments=True, cache=False, progress=False)
+    assert all(np.array_equal(x.logp, y.logp) and np.array_equal(x.var, y.var) for x, y in zip(a, b, strict=True))
+
+
+def test_mia_and_user_inference_in_two_processes_match_one_process(tmp_path):
+    import torch
+
+    from leakaudit.cli import app
+
+    torch.set_num_threads(1)
+
+    _write_data(tmp_path)
+    data = tmp_path / "labelled.jsonl"
+    one, two = tmp_path / "one", tmp_path / "two"
+    try:
+        for argv in _commands(one, data):
+            app(argv, standalone_mode=False)
+    finally:
+        torch.set_num_threads(threads)
+    driver = tmp_path / "driver.py"
+    driver.write_text("import json, sys\nfrom leakaudit.cli import app\n"
+                      "for argv in json.loads(sys.argv[1]):\n    app(argv, standalone_mode=False)\n")
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "LEAKAUDIT_DTYPE": "fp32"}
+    # torchrun is what `accelerate launch --multi_gpu` runs underneath (it sets the same RANK/WORLD_SIZE/
+    # MASTER_* environment) and starts ~10 s faster; docs/attacks.md shows the accelerate form.
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+           str(_free_port()), str(driver), json.dumps(_commands(two, data))]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+
+    m1, m2 = (json.loads((d / "mia" / "mia.json").read_text()) for d in (one, two))
+    for name in ATTACKS.split(","):
+        for key in ("auc", "auc_ci", "tpr_at_fpr", "n_members", "n_nonmembers"):
+            assert m1["attacks"][name][key] == pytest.approx(m2["attacks"][name][key], abs=1e-9), (name, key)
+    s1, s2 = ([json.loads(x) for x in (d / "mia" / "scores.jsonl").read_text().splitlines()] for d in (one, two))
+    assert [r["id"] for r in s1] == [r["id"] for r in s2]
+    for name in ATTACKS.split(","):
+        assert np.allclose([r[name] for r in s1], [r[name] for r in s2], rtol=1e-5, atol=1e-7), name
+
+    u1, u2 = (json.loads((d / "ui" / "user_inference.json").read_text()) for d in (one, two))
+    assert u1["n_users_in"] == u2["n_users_in"] == 5 and u1["n_users_out"] == u2["n_users_out"] == 4
+    for m in ("1", "2", "all"):
+        assert u1["per_m"][m]["auc"] == pytest.approx(u2["per_m"][m]["auc"], abs=1e-9)
+    r1, r2 = ([json.loads(x) for x in (d / "ui" / "user_scores.jsonl").read_text().splitlines()] for d in (one, two))
+    assert [r["user"] for r in r1] == [r["user"] for r in r2]
+    assert np.allclose([r["scores"]["all"] for r in r1], [r["scores"]["all"] for r in r2], rtol=1e-5)
