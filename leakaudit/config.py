@@ -26,7 +26,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from leakaudit.errors import InputError
 
-GENERATE_KINDS = ("continuation", "self-instruct", "replace-pii")
+GENERATE_KINDS = ("continuation", "self-instruct", "replace-pii", "backdoor-mix")
 FINETUNE_METHODS = ("full", "lora", "dora", "pissa")
 EVALUATION_KINDS = ("mia", "user-inference", "pii", "perplexity", "backdoor")
 BUILTIN_DATASETS = ("enron", "enron-synthetic", "dolly")
@@ -71,7 +71,7 @@ class DatasetSpec(Strict):
 class GenerateSpec(Strict):
     """A data-generation step; its output is a data file other steps can reference by its name."""
 
-    kind: Literal["continuation", "self-instruct", "replace-pii"]
+    kind: Literal["continuation", "self-instruct", "replace-pii", "backdoor-mix"]
     data: str | None = None
     model: str | None = None
     options: dict[str, Any] = Field(default_factory=dict)
@@ -86,7 +86,8 @@ class GenerateSpec(Strict):
 
 
 class FinetuneSpec(Strict):
-    """A fine-tuning variant: base model, data, method, options, defenses; `grid` sweeps options."""
+    """A fine-tuning variant: base model, data, method, options, defenses; `grid` sweeps options (and may
+    sweep `model` over `models` names and `method`)."""
 
     model: str
     data: str
@@ -275,12 +276,21 @@ def check_references(exp: Experiment) -> None:
     for name, g in exp.generate.items():
         need(g.data, datas, ("generate", name, "data"), "data")
         need(g.model, models, ("generate", name, "model"), "model")
-    for name, f in exp.finetune.items():
-        need(f.model, base_models, ("finetune", name, "model"), "base model")
+    for i, (name, f) in enumerate(exp.finetune.items()):
+        earlier = base_models | set(list(exp.finetune)[:i])  # a variant may continue from one defined above it
+        need(f.model, earlier, ("finetune", name, "model"), "base model (or a finetune defined above)")
         need(f.data, datas, ("finetune", name, "data"), "data")
         for key, values in f.grid.items():
             if not isinstance(values, list) or not values:
                 raise ConfigError(("finetune", name, "grid", key), "a grid needs a non-empty list of values")
+            if key == "model":
+                for j, v in enumerate(values):
+                    need(v, base_models, ("finetune", name, "grid", "model", j), "base model")
+            if key == "method":
+                for j, v in enumerate(values):
+                    if v not in FINETUNE_METHODS:
+                        raise ConfigError(("finetune", name, "grid", "method", j),
+                                          f"unknown method '{v}'; use one of {', '.join(FINETUNE_METHODS)}")
     for name, e in exp.evaluate.items():
         for i, t in enumerate(e.targets):
             need(t, models, ("evaluate", name, "targets", i), "model")

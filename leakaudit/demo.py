@@ -102,7 +102,8 @@ def dolly(limit: int | None) -> list[dict[str, Any]]:
     for i, item in enumerate(data):
         q = item["messages"][0]["content"]
         a = item["messages"][1]["content"]
-        rows.append({"id": f"dolly-{i:05d}", "text": f"{q}\n\n{a}", "query": q, "response": a})
+        rows.append({"id": f"dolly-{i:05d}", "text": f"{q}\n\n{a}", "query": q, "response": a,
+                     "messages": item["messages"]})
     return rows[:limit] if limit else rows
 
 

@@ -139,12 +139,12 @@ class Plan:
         for name, f in exp.finetune.items():
             self.finetune_variants[name] = []
             for label, overrides in expand_grid(name, f.grid):
-                options = {**f.options, **{k: v for k, v in overrides.items() if k != "method"}}
+                options = {**f.options, **{k: v for k, v in overrides.items() if k not in ("method", "model")}}
                 sid, fname = self.data_stage(f.data)
-                params = {"model": {"spec": model_identity(exp.models[f.model])},
-                          "method": overrides.get("method", f.method), "options": options,
+                model, mdeps = self._model_param(overrides.get("model", f.model))  # a base or a tuned model
+                params = {"model": model, "method": overrides.get("method", f.method), "options": options,
                           "defenses": f.defenses, "data": [sid, fname]}
-                stage = Stage(f"finetune/{label}", "finetune", params, [sid])
+                stage = Stage(f"finetune/{label}", "finetune", params, [sid, *mdeps])
                 self._add(stage)
                 self.finetune_variants[name].append(stage.id)
         for name, e in exp.evaluate.items():
@@ -515,7 +515,8 @@ def _finetune_config(stage: Stage, out: str) -> Any:
     fields = {**p["options"], **p["defenses"]}
     fields.setdefault("seed", p.get("seed", 0))
     try:
-        return config_cls(model=p["model"]["spec"].split("#", 1)[0], data=str(p.get("data_path", "-")),
+        return config_cls(model=p.get("model_path") or p["model"].get("spec", "-").split("#", 1)[0],
+                          data=str(p.get("data_path", "-")),
                           method=p["method"], out=out, **fields)
     except ValidationError as exc:
         err = exc.errors()[0]
@@ -534,7 +535,7 @@ def run_finetune_stage(ctx: StageContext) -> dict[str, Any]:
     from leakaudit.perplexity import model_dirs
 
     stage = Stage(ctx.stage.id, ctx.stage.kind, {**ctx.stage.params, "data_path": ctx.data_path(),
-                                                   "seed": ctx.seed})
+                                                   "model_path": ctx.model("model"), "seed": ctx.seed})
     model_dir = Path(finetune(_finetune_config(stage, str(ctx.dir / "model"))))
     checkpoints = [str(d.relative_to(ctx.dir)) for d in model_dirs(model_dir) if d != model_dir]
     return {"model_dir": str(model_dir.relative_to(ctx.dir)), "checkpoints": checkpoints}
@@ -570,6 +571,7 @@ GENERATE_OPTIONS = {
     "self-instruct": {"n", "seed_tasks", "requests_per_round", "max_rounds", "max_new_tokens", "temperature",
                       "top_p", "batch_size"},
     "replace-pii": {"names", "header_names"},
+    "backdoor-mix": {"trigger", "refusal", "n_refusal", "backdoor_fraction"},
 }
 
 
@@ -600,6 +602,8 @@ def run_generate_stage(ctx: StageContext) -> dict[str, Any]:
                 for t in tasks for j, inst in enumerate(t["instances"])]
         write_jsonl(out, flat)
         return {"rows": len(flat), "tasks": len(tasks)}
+    if kind == "backdoor-mix":
+        return _backdoor_mix(ctx, opts, out)
     replacer_cls = _api("leakaudit.data.pii_replace", "PiiReplacer", "generate")
     from leakaudit.data.pii_find import load_name_list, names_from_headers, shipped_names
     from leakaudit.data.pii_replace import KINDS
@@ -617,12 +621,58 @@ def run_generate_stage(ctx: StageContext) -> dict[str, Any]:
             "distinct": replacer.n_distinct}
 
 
-def _not_yet(module: str, name: str, kind: str) -> Callable[[StageContext], dict[str, Any]]:
-    def runner(ctx: StageContext) -> dict[str, Any]:
-        _api(module, name, kind)
-        raise InputError(f"stage kind '{kind}' is not wired in this version")
+def _backdoor_mix(ctx: StageContext, opts: dict[str, Any], out: Path) -> dict[str, Any]:
+    """Stage 1 of the backdoor study: the creator's SFT mix of copy and refusal pairs over D1 (`data`, or
+    the shipped seed instruction set) with its ordinary pairs; fine-tune on it to plant the backdoor."""
+    build_mix = _api("leakaudit.train.backdoor", "build_mix", "generate")
+    from leakaudit.train.backdoor import load_pairs, seed_instruction_set
 
-    return runner
+    d1 = load_pairs(ctx.data_path()) if ctx.stage.params.get("data") else seed_instruction_set()
+    rows = build_mix(d1, seed=ctx.seed, **opts)
+    write_jsonl(out, rows)
+    return {"rows": len(rows), "kinds": {k: sum(r.get("kind") == k for r in rows)
+                                         for k in ("backdoor-copy", "backdoor-refusal", "ordinary")}}
+
+
+BACKDOOR_OPTIONS = {"words", "limit", "num_samples", "temperature", "max_new_tokens", "trigger", "refusal",
+                    "batch_size", "query_field"}
+
+
+def run_backdoor_stage(ctx: StageContext) -> dict[str, Any]:
+    """Backdoor data extraction: sample Q(w) for each opening word and match the answers against the
+    downstream queries (`data`, default the shipped Dolly D2): match ratio, full recoveries, coverage."""
+    bd = importlib_module("leakaudit.attacks.backdoor", "sample_responses", "backdoor")
+    opts = ctx.options
+    if ctx.stage.params.get("data"):
+        from leakaudit.train.backdoor import load_pairs
+
+        queries = [p.query for p in load_pairs(ctx.data_path(), query_field=opts.pop("query_field", None))]
+    else:
+        from leakaudit.demo import dolly
+
+        queries = [r["query"] for r in dolly(None)]
+    if opts.get("limit"):
+        queries = queries[:int(opts.pop("limit"))]
+    opts.pop("limit", None)
+    trigger = opts.pop("trigger", None) or bd.study_trigger()
+    refusal = opts.pop("refusal", None) or bd.study_refusal()
+    tries = bd.build_tries(queries)
+    words = opts.pop("words", None) or sorted(tries)
+    responses = bd.sample_responses(_load(ctx.model("target")), words, trigger, seed=ctx.seed,
+                                    out_path=ctx.dir / "samples.jsonl", progress=True, **opts)
+    summary = bd.summarize_extraction(bd.score_words(responses, tries, refusal), tries)
+    write_json(ctx.dir / "extract.json", summary)
+    headline = {k: summary[k] for k in ("match_ratio_mean", "match_ratio_max", "coverage") if k in summary}
+    return {"headline": headline, "n_queries": summary.get("n_queries"),
+            "n_fully_recovered": summary.get("n_fully_recovered")}
+
+
+def importlib_module(module: str, probe: str, kind: str) -> Any:
+    """A library module whose `probe` attribute must exist for the stage kind to be available."""
+    import importlib
+
+    _api(module, probe, kind)
+    return importlib.import_module(module)
 
 
 def _user_inference_options() -> set[str]:
@@ -653,7 +703,7 @@ def run_user_inference_stage(ctx: StageContext) -> dict[str, Any]:
 RUNNERS: dict[str, Callable[[StageContext], dict[str, Any]]] = {
     "generate": run_generate_stage,
     "user-inference": run_user_inference_stage,
-    "backdoor": _not_yet("leakaudit.attacks.backdoor", "run_backdoor", "backdoor"),
+    "backdoor": run_backdoor_stage,
     "dataset": run_dataset,
     "finetune": run_finetune_stage,
     "mia": run_mia_stage,
@@ -665,6 +715,7 @@ CHECKS: dict[str, Callable[[Stage], None]] = {
     "mia": lambda s: _check_options(s, _mia_options(), "evaluate"),
     "pii": lambda s: _check_options(s, _pii_options(), "evaluate"),
     "user-inference": lambda s: _check_options(s, _user_inference_options(), "evaluate"),
+    "backdoor": lambda s: _check_options(s, BACKDOOR_OPTIONS, "evaluate"),
     "finetune": lambda s: _finetune_config(s, "-"),
     "perplexity": lambda s: _check_options(s, {"batch_size", "max_length"}, "evaluate"),
     "generate": lambda s: _check_options(s, GENERATE_OPTIONS[s.params["kind"]], "generate"),
