@@ -141,8 +141,10 @@ def _targets_from_file(p: Path) -> list[Target]:
         if context is not None and not isinstance(context, str):
             raise InputError("must be a string", file=p, line=lineno, field="context")
         f = row.get("freq", freq.get(email.lower()))
+        if f is not None and (isinstance(f, bool) or not isinstance(f, int) or f < 0):
+            raise InputError("must be a non-negative integer", file=p, line=lineno, field="freq")
         targets.append(Target(id=str(row.get("id", f"{p.stem}:{lineno}")), name=name, email=email,
-                              freq=int(f) if f is not None else None, demos=demos, context=context))
+                              freq=f, demos=demos, context=context))
     return targets
 
 
