@@ -344,3 +344,13 @@ def test_key_path_and_line_helpers():
     text = "a:\n  b:\n    - x\n    - y\n"
     assert line_of(text, ("a", "b", 1)) == 4
     assert line_of(text, ("a", "missing")) == 1
+
+
+@pytest.mark.parametrize("path", sorted((REPO / "experiments").glob("*.yaml")), ids=lambda p: p.name)
+def test_shipped_experiment_files_validate_and_plan(path):
+    from leakaudit.config import load_experiment
+    from leakaudit.experiment import check_plan
+
+    plan = Plan(load_experiment(path))
+    check_plan(plan)  # every stage kind is available and every option is known to its API
+    assert any(s.kind in ("mia", "pii", "perplexity", "user-inference", "backdoor") for s in plan.stages.values())
