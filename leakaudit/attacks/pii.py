@@ -365,7 +365,7 @@ def run_pii(model: Any, targets: Sequence[Target], cells: Sequence[Cell], out: s
         names[role] = lm.spec
         results = []
         for i, cell in enumerate(cells, start=1):
-            log(f"[{role} {i}/{len(cells)}] {cell.template.name} temperature={cell.temperature:g}")
+            log(f"{role} cell {i}/{len(cells)}: {cell.template.name} temperature={cell.temperature:g}")
             results.append(run_cell(lm, cell, targets, samples_per_prompt=samples_per_prompt, seed=seed,
                                     work_dir=work, batch_size=batch_size, progress=progress,
                                     show_pii=show_pii, role=role))
