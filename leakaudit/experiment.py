@@ -242,6 +242,7 @@ def run_plan(plan: Plan, out: Path, *, log: Callable[[str], None] = print,
     """Run every stage not already finished with its current key. Returns stage id → 'ran' | 'cached'."""
     out.mkdir(parents=True, exist_ok=True)
     table = RUNNERS
+    _LOADED.clear()  # models on disk may have been retrained since an earlier run in this process
     status: dict[str, str] = {}
     results: dict[str, dict[str, Any]] = {}
     n = len(plan.stages)
@@ -258,6 +259,8 @@ def run_plan(plan: Plan, out: Path, *, log: Callable[[str], None] = print,
             shutil.rmtree(sdir)  # outputs of an older version of this stage: start clean
         sdir.mkdir(parents=True, exist_ok=True)
         keyfile.write_text(stage.key)
+        if stage.kind == "finetune":
+            _LOADED.clear()  # free memory for training; nothing loaded so far is needed by it
         log(f"[{i}/{n}] {stage.id}: running ({stage.kind})")
         t0 = time.perf_counter()
         ctx = StageContext(stage, sdir, out, plan, results)

@@ -222,8 +222,11 @@ def test_edit_reruns_only_downstream_stages(resumed_run, tmp_path):
     assert status == {"data/emails": "cached", "finetune/real": "cached", "evaluate/mia/real": "ran",
                       "evaluate/ppl/base": "cached"}
 
+    loss_before = [r["loss"] for r in _read_jsonl(out / "evaluate/mia/real/scores.jsonl")]
     cfg["finetune"]["real"]["options"]["learning_rate"] = 0.002  # training: the model and what evaluates it
     status = run_experiment(parse_experiment(yaml.safe_dump(cfg)), out, log=_quiet, report=False)
+    loss_after = [r["loss"] for r in _read_jsonl(out / "evaluate/mia/real/scores.jsonl")]
+    assert loss_after != loss_before  # the evaluation saw the retrained model, not a stale one
     assert status == {"data/emails": "cached", "finetune/real": "ran", "evaluate/mia/real": "ran",
                       "evaluate/ppl/base": "cached"}
     assert json.loads((out / "finetune/real/model/finetune_config.json").read_text())["learning_rate"] == 0.002
