@@ -49,15 +49,10 @@ finetune:
     data: emails.members
     method: lora
     options: {epochs: 2, learning_rate: 0.001, batch_size: 4, gradient_accumulation: 1, max_length: 64}
-  generated:
-    model: base
-    data: continued
-    method: lora
-    options: {epochs: 1, learning_rate: 0.001, batch_size: 4, gradient_accumulation: 1, max_length: 64}
 evaluate:
   mia:
     kind: mia
-    targets: [real, generated]
+    targets: [real]
     reference: base
     members: emails.members
     nonmembers: emails.nonmembers
@@ -132,8 +127,7 @@ def test_tiny_study_end_to_end(tmp_path):
     status = run_experiment(exp, out, config_text=STUDY, log=_quiet)
     assert set(status.values()) == {"ran"}
     assert list(status) == ["data/emails", "generate/continued", "generate/replaced", "finetune/real",
-                            "finetune/generated", "evaluate/mia/real", "evaluate/mia/generated",
-                            "evaluate/users/real", "evaluate/ppl/real", "evaluate/pii/real"]
+                            "evaluate/mia/real", "evaluate/users/real", "evaluate/ppl/real", "evaluate/pii/real"]
 
     members = _read_jsonl(out / "data/emails/members.jsonl")
     nonmembers = _read_jsonl(out / "data/emails/nonmembers.jsonl")
