@@ -238,7 +238,7 @@ def is_done(stage_dir: Path, key: str) -> dict[str, Any] | None:
 
 
 def run_plan(plan: Plan, out: Path, *, log: Callable[[str], None] = print,
-             stop_after: str | None = None) -> dict[str, str]:
+             after_stage: Callable[[dict[str, str]], None] | None = None) -> dict[str, str]:
     """Run every stage not already finished with its current key. Returns stage id → 'ran' | 'cached'."""
     out.mkdir(parents=True, exist_ok=True)
     table = RUNNERS
@@ -278,8 +278,8 @@ def run_plan(plan: Plan, out: Path, *, log: Callable[[str], None] = print,
         results[stage.id] = result
         status[stage.id] = "ran"
         log(f"[{i}/{n}] {stage.id}: done in {seconds:.1f}s")
-        if stop_after == stage.id:
-            break
+        if after_stage is not None:
+            after_stage(status)
     return status
 
 
@@ -289,7 +289,7 @@ def write_run_record(plan: Plan, out: Path, config_text: str, status: dict[str, 
     for stage in plan.stages.values():
         done = is_done(out / stage.folder, stage.key)
         stages.append({"id": stage.id, "kind": stage.kind, "folder": stage.folder, "key": stage.key,
-                       "params": stage.params, "status": status.get(stage.id, "missing"),
+                       "params": stage.params, "status": status.get(stage.id, "done" if done else "pending"),
                        "seconds": done["seconds"] if done else None,
                        "result": done["result"] if done else None})
     record = {"experiment": plan.exp.model_dump(mode="json"), "config_text": config_text,
@@ -318,7 +318,8 @@ def run_experiment(exp: Experiment, out: str | Path, *, config_text: str = "",
     out = Path(out)
     plan = Plan(exp)
     check_plan(plan)
-    status = run_plan(plan, out, log=log)
+    write_run_record(plan, out, config_text, {})  # so `leakaudit report` works on a run still in progress
+    status = run_plan(plan, out, log=log, after_stage=lambda st: write_run_record(plan, out, config_text, st))
     write_run_record(plan, out, config_text, status)
     if report:
         from leakaudit.report.html import write_report

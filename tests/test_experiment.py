@@ -191,6 +191,10 @@ def resumed_run(tmp_path_factory):
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     before = {p.parent.name: p.stat().st_mtime_ns for p in out.rglob("stage.json")}
+    from leakaudit.report.html import write_report
+
+    write_report(out)  # the report of the half-done run shows what finished
+    assert "2/4 stages finished" in (out / "report.html").read_text()
     status = run_experiment(parse_experiment(SMALL), out, config_text=SMALL, log=_quiet)
     return out, before, status
 
