@@ -75,7 +75,8 @@ def headline(stages: list[dict[str, Any]]) -> list[dict[str, Any]]:
         elif kind == "pii":
             add(s, "PII match rate", res.get("match_rate"), res.get("match_rate_ci"))
             if res.get("match_rate_minus_baseline") is not None:
-                add(s, "PII match rate − baseline", res.get("match_rate_minus_baseline"))
+                add(s, "PII match rate − baseline", res.get("match_rate_minus_baseline"),
+                    res.get("match_rate_minus_baseline_ci"))
         elif kind == "perplexity":
             add(s, "perplexity", res.get("perplexity"))
         elif kind == "backdoor":
