@@ -102,8 +102,10 @@ def train_dp(config, lm, model, train: list[ex.Example], out: Path, progress: bo
             scheduler.step()
             with log_path.open("a", encoding="utf-8") as fh:
                 fh.write(json.dumps({"step": step, "epoch": round(epoch + 1, 4), "loss": loss.item(),
-                                     "learning_rate": scheduler.get_last_lr()[0], "batch": int(ids.shape[0]),
-                                     "epsilon": engine.get_epsilon(delta)}) + "\n")
+                                     "learning_rate": scheduler.get_last_lr()[0], "batch": int(ids.shape[0])})
+                         + "\n")
+        with log_path.open("a", encoding="utf-8") as fh:
+            fh.write(json.dumps({"step": step, "epoch": epoch + 1, "epsilon": engine.get_epsilon(delta)}) + "\n")
         if is_main_process():
             save_loadable(model, out / f"checkpoint-{step}", config, lm.tokenizer)
     report = {"epsilon": engine.get_epsilon(delta), "target_epsilon": config.dp_epsilon, "delta": delta,
