@@ -47,7 +47,8 @@ def test_finetune_applies_user_defenses_and_scrubbing(user_data, tmp_path, tiny_
     texts = [tiny_neox.tokenizer.decode(e.input_ids) for e in train]
     assert len(train) == 5 and not held  # a: 2 of 3 (+1 duplicate dropped), b: 2, c: 1
     assert report.dropped_duplicates == 1 and report.dropped_over_cap == 1 and report.pii_replaced == 5
-    assert not any("@example.com" in t for t in texts) and all("[EMAIL]" in t for t in texts)
+    assert not any(f"person{i}@example.com" in t for t in texts for i in range(7))
+    assert all("@" in t for t in texts)  # consistent fake addresses from the PII replacer
     assert not any(t.startswith("Note 2 ") for t in texts)  # user a's third sample is over the cap
 
 

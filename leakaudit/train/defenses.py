@@ -5,8 +5,8 @@
 - `max_samples_per_user N`: keep at most the first N samples (file order, after dedup) of each user.
   Bounds any one user's influence on the model, the signal user-inference attacks measure.
 - `scrub_pii`: replace e-mail addresses and phone numbers in the training text before training, so the
-  model never sees them (protects against PII extraction). Uses the project's PII replacement
-  (`leakaudit.data.pii_replace.replace_pii`) when present, else typed placeholders `[EMAIL]`, `[PHONE]`.
+  model never sees them (protects against PII extraction). Uses the project's consistent fake
+  replacement (`leakaudit.data.pii_replace`, also names) when present, else placeholders `[EMAIL]`, `[PHONE]`.
 Batch gradient clipping (`max_grad_norm`), early stopping and DP-SGD live in the training loop.
 """
 
@@ -64,16 +64,20 @@ def placeholder_scrub(text: str) -> tuple[str, int]:
     return text, n_email + n_phone
 
 
-def pii_scrubber() -> Callable[[list[str]], tuple[list[str], int]]:
-    """The project's PII replacement when it is installed, else placeholder scrubbing."""
+def pii_scrubber(seed: int = 0) -> Callable[[list[str]], tuple[list[str], int]]:
+    """The project's consistent fake replacement (names from the shipped list and e-mail headers, e-mails,
+    phones) when it is installed, else placeholder scrubbing. Returns texts -> (texts, number replaced)."""
     try:
-        from leakaudit.data.pii_replace import replace_pii  # type: ignore[attr-defined]
+        from leakaudit.data.pii_find import names_from_headers, shipped_names
+        from leakaudit.data.pii_replace import PiiReplacer
     except ImportError:
-        replace_pii = None
-    if replace_pii is not None:
+        PiiReplacer = None  # noqa: N806 - optional module
+    if PiiReplacer is not None:
         def project(texts: list[str]) -> tuple[list[str], int]:
-            out = list(replace_pii(texts))
-            return out, sum(a != b for a, b in zip(texts, out, strict=True))
+            replacer = PiiReplacer(names=shipped_names(), seed=seed)
+            replacer.add_names({n for t in texts for n in names_from_headers(t)})
+            out = [replacer.replace(t)[0] for t in texts]
+            return out, sum(replacer.counts.values())
         return project
 
     def own(texts: list[str]) -> tuple[list[str], int]:

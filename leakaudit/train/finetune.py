@@ -130,7 +130,7 @@ def load_examples(config: FinetuneConfig, tokenizer) -> tuple[list[ex.Example], 
                                  max_samples_per_user=config.max_samples_per_user)
     items = [items[i] for i in keep]
     if config.scrub_pii:
-        items, report.pii_replaced = _scrub(items, config.format)
+        items, report.pii_replaced = _scrub(items, config.format, config.seed)
     contents = [c for _, c in items]
     if not contents:
         raise InputError("no training rows left after the defenses", file=path)
@@ -160,8 +160,8 @@ def load_examples(config: FinetuneConfig, tokenizer) -> tuple[list[ex.Example], 
     return train, held_out, report
 
 
-def _scrub(items: list[tuple[str | None, Any]], fmt: str) -> tuple[list[tuple[str | None, Any]], int]:
-    scrub = pii_scrubber()
+def _scrub(items: list[tuple[str | None, Any]], fmt: str, seed: int) -> tuple[list[tuple[str | None, Any]], int]:
+    scrub = pii_scrubber(seed)
     if fmt == "plain":
         texts, n = scrub([c for _, c in items])
         return [(u, t) for (u, _), t in zip(items, texts, strict=True)], n
