@@ -188,7 +188,7 @@ def target_modules_for(model, requested: list[str] | None) -> list[str] | None:
 
 
 def build_model(config: FinetuneConfig, out: Path):
-    """Load the base in fp32 and wrap it for the chosen method; PiSSA also saves its initial adapter."""
+    """Load the base in fp32 and wrap it for the chosen method."""
     from leakaudit.models import load_model, resolve_spec
 
     kind, _ = resolve_spec(config.model)
@@ -206,15 +206,16 @@ def build_model(config: FinetuneConfig, out: Path):
                           target_modules=target_modules_for(model, config.target_modules),
                           use_dora=config.method == "dora",
                           init_lora_weights="pissa" if config.method == "pissa" else True)
-    model = get_peft_model(model, peft_cfg)
-    if config.method == "pissa":
-        init_dir = out / "pissa_init"
-        if is_main_process() and not (init_dir / "adapter_config.json").exists():
-            # The initial PiSSA adapter lets saves convert to a plain LoRA against the *original* base.
-            model.peft_config["default"].init_lora_weights = True
-            model.save_pretrained(str(init_dir))
-            model.peft_config["default"].init_lora_weights = "pissa"
-    return lm, model
+    return lm, get_peft_model(model, peft_cfg)
+
+
+def save_pissa_init(model, out: Path) -> None:
+    """Keep the initial PiSSA adapter: saves then convert to a plain LoRA against the *original* base."""
+    init_dir = out / "pissa_init"
+    if is_main_process() and not (init_dir / "adapter_config.json").exists():
+        model.peft_config["default"].init_lora_weights = True
+        model.save_pretrained(str(init_dir))
+        model.peft_config["default"].init_lora_weights = "pissa"
 
 
 def base_reference(spec: str) -> str:
@@ -269,15 +270,16 @@ def finetune(config: FinetuneConfig, progress: bool = True, callbacks: list | No
     out = Path(config.out)
     if _check_out(config, out):
         return out
+    torch.manual_seed(config.seed)
+    lm, model = build_model(config, out)
+    train, held_out, report = load_examples(config, lm.tokenizer)  # bad data fails before anything is written
     if is_main_process():
         out.mkdir(parents=True, exist_ok=True)
         write_json(out / "finetune_config.json", {"fingerprint": config.fingerprint(), **config.model_dump()})
-    torch.manual_seed(config.seed)
-    lm, model = build_model(config, out)
-    train, held_out, report = load_examples(config, lm.tokenizer)
-    if is_main_process():
         write_json(out / "defenses.json", {**report.__dict__, "n_train_examples": len(train),
                                            "n_heldout_examples": len(held_out)})
+    if config.method == "pissa":
+        save_pissa_init(model, out)
     if config.dp_epsilon is not None:
         from leakaudit.train.dp import train_dp
 
