@@ -34,7 +34,8 @@ class RocMetrics:
 
     def to_json(self) -> dict:
         """The DESIGN.md shape: tpr_at_fpr keys are the FPRs as strings ("0.01", "0.001")."""
-        return {"auc": self.auc, "auc_ci": list(self.auc_ci),
+        ci = None if any(math.isnan(x) for x in self.auc_ci) else list(self.auc_ci)  # no bootstrap: null
+        return {"auc": self.auc, "auc_ci": ci,
                 "tpr_at_fpr": {_fpr_key(f): v for f, v in self.tpr_at_fpr.items()},
                 "advantage": self.advantage, "n_members": self.n_pos, "n_nonmembers": self.n_neg,
                 "warnings": list(self.warnings)}

@@ -226,3 +226,66 @@ def test_split_warnings():
     assert any("also appear among the members" in w for w in overlap)
     lengths = split_warnings(["x" * 100, "y" * 120, "z" * 110], ["short", "tiny", "small"])
     assert any("text length alone" in w for w in lengths)
+
+
+# ----------------------------------------------------------------------------------------- CLI
+def _cli(monkeypatch, capsys, *argv: str) -> tuple[int, str]:
+    import sys
+
+    from leakaudit.cli import main
+
+    monkeypatch.setattr(sys, "argv", ["leakaudit", *argv])
+    code = 0
+    try:
+        main()
+    except SystemExit as exc:
+        code = int(exc.code or 0)
+    return code, capsys.readouterr().err
+
+
+def _jsonl(path, rows):
+    import json
+
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return str(path)
+
+
+def test_mia_cli_writes_design_outputs(tmp_path, monkeypatch, capsys):
+    import json
+
+    texts = _seed_instructions(12)
+    members = _jsonl(tmp_path / "m.jsonl", [{"text": t, "id": f"m{i}"} for i, t in enumerate(texts[:6])])
+    nonmembers = _jsonl(tmp_path / "n.jsonl", [{"text": t, "id": f"n{i}"} for i, t in enumerate(texts[6:])])
+    code, err = _cli(monkeypatch, capsys, "mia", "--target", "tiny-gpt-neox", "--members", members, "--nonmembers",
+                     nonmembers, "--id-field", "id", "--attacks", "loss,min_k,recall", "--recall-shots", "2",
+                     "--out", str(tmp_path / "out"), "--n-bootstrap", "20", "--no-cache")
+    assert code == 0, err
+    mia = json.loads((tmp_path / "out" / "mia.json").read_text())
+    assert set(mia["attacks"]) == {"loss", "min_k", "recall"}
+    loss = mia["attacks"]["loss"]
+    assert loss["n_members"] == 6 and loss["n_nonmembers"] == 4 and len(loss["auc_ci"]) == 2
+    assert set(loss["tpr_at_fpr"]) == {"0.01", "0.001"}
+    rows = [json.loads(x) for x in (tmp_path / "out" / "scores.jsonl").read_text().splitlines()]
+    assert [r["id"] for r in rows] == [f"m{i}" for i in range(6)] + ["n2", "n3", "n4", "n5"]
+    assert all(set(r) == {"id", "label", "loss", "min_k", "recall"} for r in rows)
+    assert (tmp_path / "out" / "roc.png").stat().st_size > 1000
+    assert "recall: the first 2 non-members" in err
+
+
+@pytest.mark.parametrize("rows,args,expect", [
+    ([{"text": "Give three tips.", "label": "maybe"}], [], "data.jsonl:1: field 'label': label 'maybe'"),
+    ([{"text": "Give three tips.", "label": 1}, {"body": "x", "label": 0}], [], "data.jsonl:2: field 'text': missing"),
+    ([{"text": "Give three tips.", "label": 1}, {"text": "Sort.", "label": 0}], ["--attacks", "loss,lira"],
+     "unknown attack 'lira'; valid attacks: loss"),
+    ([{"text": "Give three tips.", "label": 1}, {"text": "Sort these.", "label": 0}, {"text": "a", "label": 0}], [],
+     "data.jsonl:3: field 'text': text has fewer than 2 tokens"),
+    ([{"text": "Give three tips.", "label": 1}], [], "no non-members"),
+])
+def test_mia_cli_bad_input_is_one_line_exit_2(tmp_path, monkeypatch, capsys, rows, args, expect):
+    data = _jsonl(tmp_path / "data.jsonl", rows)
+    code, err = _cli(monkeypatch, capsys, "mia", "--target", "tiny-gpt-neox", "--data", data, "--out",
+                     str(tmp_path / "out"), "--no-cache", "--n-bootstrap", "0", *args)
+    assert code == 2
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and expect in lines[0], err
+    assert "Traceback" not in err

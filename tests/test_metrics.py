@@ -98,3 +98,10 @@ def test_plot_roc_writes_png(tmp_path):
     m = roc_metrics([0.9, 0.8, 0.3, 0.1], [1, 0, 1, 0], n_bootstrap=0)
     out = plot_roc({"loss": m}, tmp_path / "roc.png")
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_without_bootstrap_the_ci_is_null_in_json():
+    import json
+
+    m = roc_metrics([0.9, 0.8, 0.3, 0.1], [1, 0, 1, 0], n_bootstrap=0)
+    assert json.loads(json.dumps(m.to_json(), allow_nan=False))["auc_ci"] is None
