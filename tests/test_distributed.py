@@ -59,8 +59,8 @@ def test_mia_and_user_inference_in_two_processes_match_one_process(tmp_path):
 
     from leakaudit.cli import app
 
+    threads = torch.get_num_threads()
     torch.set_num_threads(1)
-
     _write_data(tmp_path)
     data = tmp_path / "labelled.jsonl"
     one, two = tmp_path / "one", tmp_path / "two"
