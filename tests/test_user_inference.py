@@ -114,3 +114,36 @@ def test_bad_m_values_and_conflicting_users(users, tiny_neox):
     clash = [Record("x", "harbor harbor.", "user0", 1)]
     with pytest.raises(InputError, match="both in-training and held-out"):
         run_user_inference(tuned, tiny_neox, attack_in, clash, n_bootstrap=0, **NO_CACHE)
+
+
+def test_user_inference_cli(tmp_path, monkeypatch, capsys):
+    import sys
+
+    from leakaudit.cli import main
+
+    rng = np.random.default_rng(1)
+    rows = [{"text": t, "who": f"user{u}", "in": int(u < 2)} for u in range(4) for t in user_samples(u, 2, rng)]
+    data = tmp_path / "users.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+    def run(*argv):
+        monkeypatch.setattr(sys, "argv", ["leakaudit", "user-inference", "--target", "tiny-gpt-neox", "--reference",
+                                          "tiny-opt", "--user-field", "who", "--label-field", "in", "--no-cache",
+                                          "--n-bootstrap", "10", *argv])
+        try:
+            main()
+        except SystemExit as exc:
+            return int(exc.code or 0), capsys.readouterr().err
+        return 0, capsys.readouterr().err
+
+    code, err = run("--data", str(data), "--samples-per-user", "1,all", "--out", str(tmp_path / "o"))
+    assert code == 0, err
+    js = json.loads((tmp_path / "o" / "user_inference.json").read_text())
+    assert js["n_users_in"] == 2 and js["n_users_out"] == 2 and set(js["per_m"]) == {"1", "all"}
+    assert len((tmp_path / "o" / "user_scores.jsonl").read_text().splitlines()) == 4
+    rows[3]["in"] = 0  # user1 now has rows labelled in and out
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    code, err = run("--data", str(data), "--out", str(tmp_path / "o2"))
+    assert code == 2 and err.strip().startswith("error: ") and "users.jsonl:4: field 'in'" in err, err
+    code, err = run("--data", str(data), "--samples-per-user", "0", "--out", str(tmp_path / "o2"))
+    assert code == 2 and "field '--samples-per-user'" in err
