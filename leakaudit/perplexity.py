@@ -67,7 +67,7 @@ def model_dirs(run_dir: str | Path) -> list[Path]:
 
 def perplexity_per_checkpoint(run_dir: str | Path, texts: Sequence[str], *, device: str | None = None,
                               dtype: str | None = None, batch_size: int | str = "auto",
-                              progress: bool = True) -> list[PerplexityResult]:
+                              max_length: int | None = None, progress: bool = True) -> list[PerplexityResult]:
     """Perplexity of every checkpoint and the final model of a run (one model in memory at a time)."""
     from leakaudit.models import load_model
 
@@ -77,6 +77,6 @@ def perplexity_per_checkpoint(run_dir: str | Path, texts: Sequence[str], *, devi
     results = []
     for d in dirs:
         lm = load_model(str(d), device=device, dtype=dtype)
-        results.append(perplexity(lm, texts, batch_size=batch_size, progress=progress))
+        results.append(perplexity(lm, texts, batch_size=batch_size, max_length=max_length, progress=progress))
         del lm
     return results

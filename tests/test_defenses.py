@@ -25,6 +25,18 @@ def test_dedup_then_cap_keeps_first_samples_per_user_in_file_order():
     assert keep == [0, 2, 3, 4, 5, 6]
 
 
+def test_cli_user_defenses_need_a_user_field(tmp_path):
+    from typer.testing import CliRunner
+
+    from leakaudit.cli import app
+    from leakaudit.errors import InputError
+
+    res = CliRunner().invoke(app, ["finetune", "--model", "tiny-gpt-neox", "--data", str(tmp_path / "d.jsonl"),
+                                   "--out", str(tmp_path / "o"), "--dedup-within-user"])
+    assert isinstance(res.exception, InputError) and res.exception.field == "--dedup-within-user"
+    assert not (tmp_path / "o").exists()
+
+
 def test_placeholder_scrub_removes_emails_and_phones():
     text, n = placeholder_scrub("Mail jeff.skilling@enron.com or call (713) 853-6161 / 713.853.6161 today")
     assert text == "Mail [EMAIL] or call [PHONE] / [PHONE] today" and n == 3

@@ -108,7 +108,8 @@ def register(app: typer.Typer) -> None:
 
         texts = [r.text for r in load_records(data, text_field=text_field)]
         if all_checkpoints:
-            results = perplexity_per_checkpoint(model, texts, device=device, dtype=dtype, batch_size=batch_size)
+            results = perplexity_per_checkpoint(model, texts, device=device, dtype=dtype, batch_size=batch_size,
+                                                max_length=max_length)
         else:
             lm = load_model(model, device=device, dtype=dtype)
             results = [ppl(lm, texts, batch_size=batch_size, max_length=max_length)]
