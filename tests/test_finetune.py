@@ -148,3 +148,16 @@ def test_output_dir_of_another_run_is_refused(plain_data, tmp_path):
     finetune(_cfg(plain_data, tmp_path / "run", max_steps=1), progress=False)
     with pytest.raises(InputError, match="different options"):
         finetune(_cfg(plain_data, tmp_path / "run", max_steps=2), progress=False)
+
+
+@pytest.mark.parametrize("fmt", ["instruction", "chat"])
+def test_instruction_and_chat_formats_train_end_to_end(fmt, tmp_path):
+    p = tmp_path / "d.jsonl"
+    rows = [{"prompt": f"Question {i}?", "response": f"Answer {i}.",
+             "messages": [{"role": "user", "content": f"Question {i}?"},
+                          {"role": "assistant", "content": f"Answer {i}."}]} for i in range(6)]
+    p.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    out = finetune(_cfg(p, tmp_path / fmt, format=fmt, max_steps=2, save_steps=None), progress=False)
+    log = [json.loads(x) for x in (out / "train_log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in log if "loss" in r] == [1, 2] and (out / "adapter_model.safetensors").exists()
+    assert json.loads((out / "defenses.json").read_text())["n_train_examples"] == 6
