@@ -95,3 +95,43 @@ def test_dp_sgd_lora_changes_adapter_lowers_loss_and_reports_epsilon(tmp_path, t
     trained = load_model(str(out), dtype="fp32")
     after = perplexity(trained, texts, progress=False).nll_per_token
     assert after < perplexity(tiny_neox, texts, progress=False).nll_per_token - 0.02  # nats per token
+
+
+def test_dp_sgd_resumes_after_a_kill_with_the_same_privacy_spent(tmp_path, monkeypatch):
+    from leakaudit.train import dp
+
+    data = tmp_path / "d.jsonl"
+    data.write_text("".join(json.dumps({"text": f"Private row {i} says hello."}) + "\n" for i in range(8)))
+
+    def cfg(name):
+        return FinetuneConfig(model="tiny-gpt-neox", data=str(data), out=str(tmp_path / name), method="lora",
+                              epochs=2, batch_size=4, gradient_accumulation=1, learning_rate=1e-2, dp_epsilon=4.0)
+
+    real_write = dp.write_json
+
+    class Kill(Exception):
+        pass
+
+    def kill_after_first_epoch(path, obj):
+        real_write(path, obj)
+        if str(path).endswith("dp_state.json"):
+            raise Kill
+
+    monkeypatch.setattr(dp, "write_json", kill_after_first_epoch)
+    with pytest.raises(Kill):
+        finetune(cfg("resumed"), progress=False)
+    monkeypatch.setattr(dp, "write_json", real_write)
+    resumed = finetune(cfg("resumed"), progress=False)
+    privacy = json.loads((resumed / "privacy.json").read_text())
+    # the privacy spent counts the steps before and after the kill: recompute it from scratch for all steps
+    from opacus.accountants import RDPAccountant
+
+    accountant = RDPAccountant()
+    accountant.history = [(privacy["noise_multiplier"], privacy["sample_rate"], privacy["steps"])]
+    assert privacy["steps"] == 4  # 2 epochs x 8 rows / expected batch 4
+    assert privacy["epsilon"] == pytest.approx(accountant.get_epsilon(privacy["delta"]), rel=1e-6)
+    assert privacy["epsilon"] <= 4.0 + 1e-6
+    log = [json.loads(x) for x in (resumed / "train_log.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in log if "epsilon" in r] == [1, 2]
+    steps = [r["step"] for r in log if "loss" in r]
+    assert steps == sorted(set(steps)) and steps[0] == 1

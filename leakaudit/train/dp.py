@@ -6,7 +6,9 @@ sampling (expected size batch_size x gradient_accumulation) as its RDP accountan
 example's gradient to `dp_max_grad_norm` and adds noise calibrated to reach `dp_epsilon` after the
 configured epochs. Each example's loss is its own mean token NLL, so clipping acts on whole examples.
 Default delta: min(1e-5, 1 / n_examples). The result is written to `privacy.json`.
-A killed DP run restarts from the beginning (the accountant must see every step).
+Resume: after each epoch the trainable weights, the optimizer state and the accountant's history are
+saved, so a killed run continues from the last finished epoch with the privacy spent so far (the
+Poisson batches drawn after a resume differ from an uninterrupted run; the accounting does not).
 """
 
 from __future__ import annotations
@@ -45,6 +47,18 @@ def per_example_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor
     return nll.sum(1) / counts
 
 
+def _load_trainable(model, ckpt: Path, method: str) -> None:
+    """Restore the trained weights of an epoch checkpoint into the (wrapped) model."""
+    from safetensors.torch import load_file
+
+    if method == "full":
+        model.load_state_dict(load_file(str(ckpt / "model.safetensors")), strict=False)
+    else:
+        from peft import set_peft_model_state_dict
+
+        set_peft_model_state_dict(model, load_file(str(ckpt / "adapter_model.safetensors")))
+
+
 def train_dp(config, lm, model, train: list[ex.Example], out: Path, progress: bool = True) -> dict:
     """Train with DP-SGD; saves a checkpoint per epoch and the final model; returns the privacy report."""
     import json
@@ -52,7 +66,7 @@ def train_dp(config, lm, model, train: list[ex.Example], out: Path, progress: bo
 
     from opacus import PrivacyEngine
 
-    from leakaudit.train.finetune import is_main_process, save_loadable
+    from leakaudit.train.finetune import save_loadable
 
     if config.method in ("dora", "pissa"):
         raise InputError("DP-SGD supports --method lora or full", field="--method")
@@ -81,9 +95,22 @@ def train_dp(config, lm, model, train: list[ex.Example], out: Path, progress: bo
     total = epochs * len(loader) if config.max_steps is None else min(config.max_steps, epochs * len(loader))
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: max(0.0, 1 - s / max(1, total)))
     log_path = out / "train_log.jsonl"
-    log_path.unlink(missing_ok=True)
-    step = 0
-    for epoch in range(epochs):
+    state_path = out / "dp_state.json"
+    start_epoch, step = 0, 0
+    if state_path.exists():
+        state = json.loads(state_path.read_text())
+        ckpt = out / state["checkpoint"]
+        _load_trainable(model, ckpt, config.method)
+        optimizer.original_optimizer.load_state_dict(torch.load(ckpt / "dp_optimizer.pt", weights_only=True))
+        engine.accountant.history = [tuple(h) for h in state["accountant_history"]]
+        start_epoch, step = state["epoch"], state["step"]
+        for _ in range(step):
+            scheduler.step()
+        rows = [json.loads(x) for x in log_path.read_text().splitlines()] if log_path.exists() else []
+        log_path.write_text("".join(json.dumps(r) + "\n" for r in rows if r["step"] <= step))
+    else:
+        log_path.unlink(missing_ok=True)
+    for epoch in range(start_epoch, epochs):
         for ids, mask, labels in loader:
             if step >= total:
                 break
@@ -106,8 +133,11 @@ def train_dp(config, lm, model, train: list[ex.Example], out: Path, progress: bo
                          + "\n")
         with log_path.open("a", encoding="utf-8") as fh:
             fh.write(json.dumps({"step": step, "epoch": epoch + 1, "epsilon": engine.get_epsilon(delta)}) + "\n")
-        if is_main_process():
-            save_loadable(model, out / f"checkpoint-{step}", config, lm.tokenizer)
+        ckpt = out / f"checkpoint-{step}"
+        save_loadable(model, ckpt, config, lm.tokenizer)
+        torch.save(optimizer.original_optimizer.state_dict(), ckpt / "dp_optimizer.pt")
+        write_json(state_path, {"checkpoint": ckpt.name, "epoch": epoch + 1, "step": step,
+                                "accountant_history": [list(h) for h in engine.accountant.history]})
     report = {"epsilon": engine.get_epsilon(delta), "target_epsilon": config.dp_epsilon, "delta": delta,
               "noise_multiplier": optimizer.noise_multiplier, "max_grad_norm": config.dp_max_grad_norm,
               "expected_batch_size": logical_batch, "sample_rate": logical_batch / n, "steps": step,
