@@ -119,15 +119,40 @@ def _read_jsonl(p: Path) -> list[dict]:
 
 
 # ----------------------------------------------------------------------------------------- end to end
-def test_tiny_study_end_to_end(tmp_path):
+STAGES = ["data/emails", "generate/continued", "generate/replaced", "finetune/real",
+          "evaluate/mia/real", "evaluate/users/real", "evaluate/ppl/real", "evaluate/pii/real"]
+
+
+@pytest.fixture(scope="module")
+def study_run(tmp_path_factory):
+    """Run STUDY with the CLI in a subprocess, SIGKILL it once the evaluations have started, resume in-process."""
+    root = tmp_path_factory.mktemp("study")
+    cfg = root / "study.yaml"
+    cfg.write_text(STUDY)
+    out = root / "out"
+    proc = subprocess.Popen([sys.executable, "-m", "leakaudit", "run", str(cfg), "--out", str(out)],
+                            env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    started = out / "evaluate/mia/real/.key"
+    deadline = time.time() + 300
+    while not started.exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.02)
+    assert proc.poll() is None, "the run ended before it could be killed"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    before = {str(p.parent.relative_to(out)): p.stat().st_mtime_ns for p in out.rglob("stage.json")}
+    from leakaudit.report.html import write_report
+
+    write_report(out)  # a half-done run has a report of what finished
+    assert "4/8 stages finished" in (out / "report.html").read_text()
+    status = run_experiment(parse_experiment(STUDY), out, config_text=STUDY, log=_quiet)
+    return out, before, status
+
+
+def test_tiny_study_end_to_end(study_run):
     from sklearn.metrics import roc_auc_score
 
-    out = tmp_path / "out"
-    exp = parse_experiment(STUDY)
-    status = run_experiment(exp, out, config_text=STUDY, log=_quiet)
-    assert set(status.values()) == {"ran"}
-    assert list(status) == ["data/emails", "generate/continued", "generate/replaced", "finetune/real",
-                            "evaluate/mia/real", "evaluate/users/real", "evaluate/ppl/real", "evaluate/pii/real"]
+    out, _, status = study_run
+    assert list(status) == STAGES
 
     members = _read_jsonl(out / "data/emails/members.jsonl")
     nonmembers = _read_jsonl(out / "data/emails/nonmembers.jsonl")
@@ -174,65 +199,39 @@ def test_tiny_study_end_to_end(tmp_path):
 
 
 # ----------------------------------------------------------------------------------------- kill, resume, edit
-@pytest.fixture(scope="module")
-def resumed_run(tmp_path_factory):
-    """Run SMALL in a subprocess, SIGKILL it once the evaluations have started, then resume in-process."""
-    root = tmp_path_factory.mktemp("resume")
-    cfg = root / "small.yaml"
-    cfg.write_text(SMALL)
-    out = root / "out"
-    proc = subprocess.Popen([sys.executable, "-m", "leakaudit", "run", str(cfg), "--out", str(out)],
-                            env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    started = out / "evaluate/mia/real/.key"
-    deadline = time.time() + 120
-    while not started.exists() and proc.poll() is None and time.time() < deadline:
-        time.sleep(0.02)
-    assert proc.poll() is None, "the run ended before it could be killed"
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    before = {p.parent.name: p.stat().st_mtime_ns for p in out.rglob("stage.json")}
-    from leakaudit.report.html import write_report
-
-    write_report(out)  # the report of the half-done run shows what finished
-    assert "2/4 stages finished" in (out / "report.html").read_text()
-    status = run_experiment(parse_experiment(SMALL), out, config_text=SMALL, log=_quiet)
-    return out, before, status
+def test_killed_run_resumes_without_redoing_finished_stages(study_run):
+    out, before, status = study_run
+    assert set(before) == set(STAGES[:4])  # data, generation and fine-tuning had finished when the kill came
+    assert status == {**dict.fromkeys(STAGES[:4], "cached"), **dict.fromkeys(STAGES[4:], "ran")}
+    after = {str(p.parent.relative_to(out)): p.stat().st_mtime_ns for p in out.rglob("stage.json")}
+    assert {k: after[k] for k in before} == before  # finished stages were not rewritten
 
 
-def test_killed_run_resumes_without_redoing_finished_stages(resumed_run):
-    out, before, status = resumed_run
-    assert set(before) == {"emails", "real"}  # data and fine-tuning had finished when the kill came
-    assert status == {"data/emails": "cached", "finetune/real": "cached", "evaluate/mia/real": "ran",
-                      "evaluate/ppl/base": "ran"}
-    after = {p.parent.name: p.stat().st_mtime_ns for p in out.rglob("stage.json")}
-    assert after["emails"] == before["emails"] and after["real"] == before["real"]
-    assert (out / "report.html").exists()
-
-
-def test_edit_reruns_only_downstream_stages(resumed_run, tmp_path):
-    src, _, _ = resumed_run
+def test_edit_reruns_only_downstream_stages(study_run, tmp_path):
+    src, _, _ = study_run
     out = tmp_path / "out"
     shutil.copytree(src, out)
-    cfg = yaml.safe_load(SMALL)
+    cfg = yaml.safe_load(STUDY)
 
     cfg["evaluate"]["mia"]["options"]["n_bootstrap"] = 30  # an evaluation option: that evaluation only
     status = run_experiment(parse_experiment(yaml.safe_dump(cfg)), out, log=_quiet, report=False)
-    assert status == {"data/emails": "cached", "finetune/real": "cached", "evaluate/mia/real": "ran",
-                      "evaluate/ppl/base": "cached"}
+    assert [k for k, v in status.items() if v == "ran"] == ["evaluate/mia/real"]
 
     loss_before = [r["loss"] for r in _read_jsonl(out / "evaluate/mia/real/scores.jsonl")]
     cfg["finetune"]["real"]["options"]["learning_rate"] = 0.002  # training: the model and what evaluates it
     status = run_experiment(parse_experiment(yaml.safe_dump(cfg)), out, log=_quiet, report=False)
+    assert {k for k, v in status.items() if v == "ran"} == set(STAGES[3:])
     loss_after = [r["loss"] for r in _read_jsonl(out / "evaluate/mia/real/scores.jsonl")]
     assert loss_after != loss_before  # the evaluation saw the retrained model, not a stale one
-    assert status == {"data/emails": "cached", "finetune/real": "ran", "evaluate/mia/real": "ran",
-                      "evaluate/ppl/base": "cached"}
     assert json.loads((out / "finetune/real/model/finetune_config.json").read_text())["learning_rate"] == 0.002
 
-    cfg["datasets"]["emails"]["limit"] = 10  # the data: everything
-    status = run_experiment(parse_experiment(yaml.safe_dump(cfg)), out, log=_quiet, report=False)
-    assert set(status.values()) == {"ran"}
-    assert len(_read_jsonl(out / "data/emails/all.jsonl")) == 10
+    keys = {sid: s.key for sid, s in Plan(parse_experiment(yaml.safe_dump(cfg))).stages.items()}
+    cfg["generate"]["replaced"]["options"] = {"header_names": False}  # a generation step nothing reads here
+    edited = {sid: s.key for sid, s in Plan(parse_experiment(yaml.safe_dump(cfg))).stages.items()}
+    assert [sid for sid in keys if keys[sid] != edited[sid]] == ["generate/replaced"]
+    cfg["datasets"]["emails"]["limit"] = 10  # the data: everything downstream of it
+    edited = {sid: s.key for sid, s in Plan(parse_experiment(yaml.safe_dump(cfg))).stages.items()}
+    assert all(keys[sid] != edited[sid] for sid in keys)
 
 
 def test_edited_input_file_reruns_its_readers(tmp_path):
