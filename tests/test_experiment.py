@@ -354,3 +354,18 @@ def test_shipped_experiment_files_validate_and_plan(path):
     plan = Plan(load_experiment(path))
     check_plan(plan)  # every stage kind is available and every option is known to its API
     assert any(s.kind in ("mia", "pii", "perplexity", "user-inference", "backdoor") for s in plan.stages.values())
+
+
+def test_builtin_enron_keeps_headers_and_falls_back_to_synthetic(monkeypatch):
+    from leakaudit import demo
+
+    raw = ("Message-ID: <1.JavaMail>\nDate: Mon, 26 Jun 2000\nFrom: a.b@enron.com\nTo: c@d.com\n"
+           "Subject: Re: loan\nX-Folder: x\n\nMary,\n\nThe total is $1,140.\n")
+    text, sender = demo.clean_message(raw)
+    assert text == "From: a.b@enron.com\nTo: c@d.com\nSubject: Re: loan\n\nMary,\n\nThe total is $1,140.\n"
+    assert sender == "a.b@enron.com"
+    monkeypatch.setattr(demo, "enron_messages_path", lambda: None)
+    rows = demo.builtin_dataset("enron", seed=3, limit=5)
+    assert len(rows) == 5 and {r["source"] for r in rows} == {"enron-synthetic"}
+    assert rows == demo.builtin_dataset("enron-synthetic", seed=3, limit=5)  # deterministic for a seed
+    assert all(r["text"].startswith("From: " + r["user"]) for r in rows)
