@@ -4,7 +4,7 @@ All four read one shared scoring pass with the Min-K%++ moments, so the ratio sh
 <= 1.2x). For contrast it also times the naive way: one separate pass per attack. Timings alternate and
 repeat (`--repeats`) and the medians are compared, all in this one run. The score cache is off.
 
-    .venv/bin/python bench/attacks.py [--model default] [--texts 64] [--repeats 3]
+    .venv/bin/python bench/attacks.py [--model default] [--texts 64] [--repeats 3] [--threads N]
 """
 
 from __future__ import annotations
@@ -13,6 +13,8 @@ import argparse
 import json
 import statistics
 import time
+
+import torch
 
 from leakaudit import resources
 from leakaudit.attacks import ScoringContext, get_attack
@@ -36,12 +38,16 @@ def main() -> None:
     ap.add_argument("--texts", type=int, default=64)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--device", default="auto")
+    ap.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)  # on a shared, loaded CPU one thread avoids oversubscription
     lm = load_model(args.model, device=args.device)
     data = texts(args.texts)
     opts = {"cache": False, "progress": False}
     n_tok = sum(s.n_tokens for s in score_texts(lm, data, **opts))  # warm-up
-    print(f"model={args.model} device={lm.device} dtype={lm.dtype} texts={len(data)} scored_tokens={n_tok}")
+    print(f"model={args.model} device={lm.device} dtype={lm.dtype} threads={torch.get_num_threads()} "
+          f"texts={len(data)} scored_tokens={n_tok}")
 
     def loss_only():
         ctx = ScoringContext(lm, data, moments=False, score_options=opts)
