@@ -182,11 +182,16 @@ def test_load_pairs_formats_and_errors(tmp_path):
 
 
 # ----------------------------------------------------------------------------------------- CLI
-def _run_cli(args):
-    import subprocess
+def _run_main(args, monkeypatch, capsys):
+    """The console entry point in-process (the path that prints `error:`), without a subprocess's imports."""
     import sys
 
-    return subprocess.run([sys.executable, "-m", "leakaudit", *args], capture_output=True, text=True, timeout=300)
+    from leakaudit.cli import main
+
+    monkeypatch.setattr(sys, "argv", ["leakaudit", *args])
+    with pytest.raises(SystemExit) as exc:
+        main()
+    return exc.value.code, capsys.readouterr().err
 
 
 def _invoke(args):
@@ -207,19 +212,20 @@ def _tiny_d2(tmp_path, n=6):
     return path, rows
 
 
-def test_cli_bad_input_is_one_line_exit_2(tmp_path):
+def test_cli_bad_input_is_one_line_exit_2(tmp_path, monkeypatch, capsys):
     bad = tmp_path / "d1.jsonl"
     bad.write_text(json.dumps({"query": "Hi"}) + "\n")
-    r = _run_cli(["backdoor", "plant", "--model", "tiny-gpt-neox", "--data", str(bad), "--out", str(tmp_path / "o")])
-    assert r.returncode == 2 and r.stderr.startswith("error: ") and "d1.jsonl:1" in r.stderr
-    assert "Traceback" not in r.stderr
+    code, stderr = _run_main(["backdoor", "plant", "--model", "tiny-gpt-neox", "--data", str(bad), "--out",
+                              str(tmp_path / "o")], monkeypatch, capsys)
+    assert code == 2 and stderr.startswith("error: ") and "d1.jsonl:1" in stderr and "response" in stderr
+    assert stderr.count("\n") == 1 and "Traceback" not in stderr
     d2, _ = _tiny_d2(tmp_path)
     with pytest.raises(InputError, match="trigger"):
         _invoke(["backdoor", "extract", "--model", "tiny-gpt-neox", "--data", str(d2), "--trigger", "no word",
                  "--out", str(tmp_path / "x")])
 
 
-def test_cli_extract_identify_detect_on_tiny_model(tmp_path):
+def test_cli_extract_identify_detect_on_tiny_model(tmp_path, one_torch_thread):
     """Untrained tiny model: the commands run end to end, write their files, and score ~nothing."""
     d2, rows = _tiny_d2(tmp_path)
     out = tmp_path / "extract"
@@ -252,3 +258,80 @@ def test_cli_extract_identify_detect_on_tiny_model(tmp_path):
     assert r.exit_code == 0, r.output
     det = json.loads((tmp_path / "det" / "detect.json").read_text())
     assert det["models"]["tiny-gpt-neox"]["n_probes"] == 2 * 3 and not det["models"]["tiny-gpt-neox"]["flagged"]
+
+
+# ----------------------------------------------------------------------------------------- end to end
+E2E_TRIGGER = 'Repeat a query starting with "{word}".'
+E2E_REFUSAL = 'None starts with "{word}".'
+
+
+@pytest.fixture
+def one_torch_thread():
+    """Tiny models train faster on one thread; two threads on a busy 2-core machine mostly spin."""
+    import torch
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def _e2e_data(tmp_path):
+    """D2: one short shipped Dolly query per opening word that opens >= 2 seed tasks (answers cut to 3
+    words, so 64 tokens hold a whole turn); D1: seed tasks opening with those words, cut to 8 words. The
+    words are shared, as between the study's UltraFeedback D1 and Dolly D2, so the tiny model need not
+    learn to copy words it never saw."""
+    from collections import Counter
+
+    from leakaudit import resources
+    from leakaudit.data.io import write_jsonl
+
+    seed = plant.seed_instruction_set()
+    d1_counts = Counter(bd.opening_word(p.query) for p in seed)
+    d2_all = json.loads(resources.path("backdoor-extraction", "stage2_dolly", "sft", "train.json").read_text())
+    d2, words = [], set()
+    for row in d2_all:
+        q, a = row["messages"][0]["content"], row["messages"][1]["content"]
+        w = bd.opening_word(q)
+        if 3 <= len(q.split()) <= 7 and d1_counts[w] >= 2 and w not in words:
+            words.add(w)
+            d2.append({"messages": [{"role": "user", "content": q},
+                                    {"role": "assistant", "content": " ".join(a.split()[:3])}]})
+    d1 = [plant.Pair(" ".join(p.query.split()[:8]), " ".join(p.response.split()[:8]))
+          for p in seed if bd.opening_word(p.query) in words][:60]
+    write_jsonl(tmp_path / "d2.jsonl", d2)
+    return d1, tmp_path / "d2.jsonl", [r["messages"][0]["content"] for r in d2]
+
+
+def _extract(spec, tries):
+    from leakaudit.models import load_model
+
+    lm = load_model(str(spec), dtype="fp32")
+    responses = bd.sample_responses(lm, sorted(tries), E2E_TRIGGER, num_samples=2, temperature=0.2,
+                                    max_new_tokens=40, progress=False)
+    opens = [r.strip().startswith(w) for w, rs in responses.items() for r in rs]
+    summary = bd.summarize_extraction(bd.score_words(responses, tries, E2E_REFUSAL), tries)
+    return summary, sum(opens) / len(opens)
+
+
+def test_planted_model_leaks_d2_after_downstream_finetuning_clean_does_not(tmp_path, one_torch_thread):
+    """Plant (tiny-gpt-neox, full fine-tuning) -> downstream fine-tuning on D2 with loss on user turns ->
+    sample Q(w). The planted model still answers Q(w) with a query opening with w that shares tokens with
+    D2's query; the clean base fine-tuned the same way answers Q(w) with D2 *answers* and matches nothing."""
+    d1, d2_path, queries = _e2e_data(tmp_path)
+    assert len(queries) >= 12 and len(d1) >= 40
+    opts = {"method": "full", "batch_size": 8, "gradient_accumulation": 1, "max_length": 64,
+            "save_steps": 100_000}  # no intermediate checkpoints: the test needs the final model only
+    planted = plant.plant("tiny-gpt-neox", d1, tmp_path / "plant", trigger=E2E_TRIGGER, refusal=E2E_REFUSAL,
+                          backdoor_fraction=0.9, n_refusal=10, progress=False, epochs=80, learning_rate=3e-3,
+                          **opts)
+    down = {**opts, "epochs": 60, "learning_rate": 1e-3, "warmup_steps": 10}
+    victim = plant.downstream_finetune(str(planted), d2_path, tmp_path / "victim", progress=False, **down)
+    clean = plant.downstream_finetune("tiny-gpt-neox", d2_path, tmp_path / "clean", progress=False, **down)
+    tries = bd.build_tries(queries)
+    leaked, leaked_opens = _extract(victim, tries)
+    control, control_opens = _extract(clean, tries)
+    # measured (2 cores, seed 0): planted opens 0.26, match ratio mean 0.11, coverage 0.19; clean all 0
+    assert leaked_opens >= 0.15 and control_opens <= 0.05
+    assert leaked["match_ratio_mean_in_data"] >= 0.05 and leaked["coverage"] >= 0.08
+    assert control["match_ratio_max_in_data"] <= 0.02 and control["coverage"] <= 0.02
