@@ -245,9 +245,10 @@ def _score_batch(lm: LoadedModel, batch: list[_Segment], moments: bool,
             if moments:
                 probs = logprobs.exp()
                 mu = (probs * logprobs).sum(-1)
-                second = (probs * logprobs.square()).sum(-1)
+                # Two-pass variance: E[(lp - mu)^2] is stable where E[lp^2] - mu^2 cancels in fp32.
+                var = (probs * (logprobs - mu[:, None]).square()).sum(-1)
                 mu_parts.append(mu)
-                var_parts.append((second - mu.square()).clamp_min(0))
+                var_parts.append(var)
     lp = torch.cat(lp_parts).cpu().numpy() if lp_parts else np.zeros(0, np.float32)
     empty = np.zeros(0, np.float32)
     mu_all = (torch.cat(mu_parts).cpu().numpy() if mu_parts else empty) if moments else None

@@ -50,7 +50,7 @@ def test_matches_hand_computation(tiny_model):
         assert got.n_tokens == len(lp)
         np.testing.assert_allclose(got.logp, lp, atol=1e-4)
         np.testing.assert_allclose(got.mu, mu, atol=1e-4)
-        np.testing.assert_allclose(got.var, var, atol=1e-3)
+        np.testing.assert_allclose(got.var, var, atol=1e-4)
         if len(lp):
             assert math.isclose(got.mean_logp, float(lp.mean()), abs_tol=1e-4)
 
