@@ -20,7 +20,7 @@ from leakaudit import resources
 from leakaudit.errors import InputError
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
-DEMO_EXPERIMENT = REPO_ROOT / "experiments" / "demo.yaml"
+DEMO_EXPERIMENT = resources.ROOT / "experiments" / "demo.yaml"  # also linked from experiments/
 ENRON_MESSAGES = Path("enron-emails") / "messages.jsonl"
 KEEP_HEADERS = ("From", "To", "Subject")
 
