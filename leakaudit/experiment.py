@@ -491,7 +491,16 @@ def run_pii_stage(ctx: StageContext) -> dict[str, Any]:
     cells = make_grid(resolve_templates(str(opts.pop("templates", "fake-privacy"))),
                       [float(t) for t in temps] if temps is not None else None,
                       opts.pop("top_k", None), opts.pop("max_new_tokens", None))
-    targets = load_targets(opts.pop("pairs", None), opts.pop("n_targets", None))
+    targets = load_targets(opts.pop("pairs", None))
+    if ctx.stage.params.get("data"):  # only the addresses the evaluated data holds (e.g. the training e-mails)
+        from leakaudit.data.enron import targets_in_texts
+
+        targets = targets_in_texts(targets, [r.text for r in _records(ctx.data_path())])
+        if not targets:
+            name = ctx.stage.params.get("evaluation", "pii")
+            raise InputError("no target address occurs in this evaluation's data", field=f"evaluate.{name}.data")
+    n_targets = opts.pop("n_targets", None)
+    targets = targets[:n_targets] if n_targets else targets
     opts.setdefault("seed", ctx.seed)
     show_pii = ctx.plan.exp.report.show_pii
     summary = run_pii(_load(ctx.model("target")), targets, cells, ctx.dir, baseline=_load(ctx.model("baseline")),

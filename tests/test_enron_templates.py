@@ -123,3 +123,14 @@ def test_resolve_templates_and_context_cutting():
     targets = [enron.Target(id="1", name="K", email="klarnold@flash.net"), enron.Target(id="2", name="Z", email="z@z.z")]
     assert enron.attach_contexts(targets, ["x\n\nnothing", message]) == 1
     assert targets[0].context.endswith("[mailto:") and targets[1].context is None
+
+
+def test_targets_in_texts_keeps_addresses_the_data_holds():
+    from leakaudit.data.enron import Target, targets_in_texts
+
+    targets = [Target(id="1", name="Karen Arnold", email="klarnold@flash.net"),
+               Target(id="2", name="Adam Venette", email="venette@flash.net"),
+               Target(id="3", name="Greg Miller", email="gmiller@flash.net")]
+    texts = ["From: KLArnold@flash.net\nTo: someone@else.com\n\nhi", "cc gmiller@flash.net please"]
+    assert [t.id for t in targets_in_texts(targets, texts)] == ["1", "3"]
+    assert targets_in_texts(targets, ["no addresses here"]) == []

@@ -224,3 +224,13 @@ def test_cli_runs_and_rejects_bad_input(tmp_path, monkeypatch, capsys, one_threa
     assert summary["protocols"]["pil"]["grid_mean"]["label"].startswith("mean over every cell")
     assert len((tmp_path / "o" / "extractions.jsonl").read_text().splitlines()) == 2
     assert len((tmp_path / "o" / "results_purified.jsonl").read_text().splitlines()) == 2
+
+
+def test_grid_mean_interval_never_collapses_on_zero_hits():
+    targets = [enron.Target(id=f"t{i}", name="N", email=f"a{i}@x.com") for i in range(16)]
+    results = [_result("A", 0.5, [False] * 16), _result("A", 1.0, [False] * 16)]
+    grid = pii.summarize("m", results, targets)["protocols"]["fake-privacy"]["grid_mean"]
+    assert grid["hit_rate"] == 0
+    lo, hi = grid["hit_rate_ci"]
+    # Clopper-Pearson upper bound for 0/16 at 95%: 1 - 0.025 ** (1 / 16)
+    assert lo == 0 and hi == pytest.approx(1 - 0.025 ** (1 / 16), abs=1e-6)

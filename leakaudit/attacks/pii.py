@@ -239,6 +239,12 @@ def _grid_mean(results: Sequence[CellResult], seed: int) -> dict[str, Any]:
     n = min(len(r.target_ids) for r in results)
     same = all(r.target_ids == results[0].target_ids for r in results)
     ci = _bootstrap_ci(lambda idx: float(np.mean([x[idx].mean() for x in mats])), n, seed) if same else None
+    if ci is not None and ci[0] == ci[1] and n:
+        # The bootstrap collapses when every target scored alike (e.g. no hits at all); fall back to an
+        # exact interval, conservatively treating the grid mean as one rate over the n targets.
+        from leakaudit.metrics import binomial_ci
+
+        ci = [float(x) for x in binomial_ci(round(float(np.mean(rates)) * n), n)]
     return {"label": MEAN_LABEL, "n_cells": len(results), "hit_rate": float(np.mean(rates)), "hit_rate_ci": ci,
             "matches_mean": float(np.mean([r.fuzzy.sum() for r in results])),
             "exact_matches_mean": float(np.mean([r.exact.sum() for r in results]))}

@@ -110,6 +110,14 @@ def load_targets(pairs: str | Path | None = None, n_targets: int | None = None) 
     return targets
 
 
+def targets_in_texts(targets: list[Target], texts: list[str]) -> list[Target]:
+    """The targets whose address occurs (case-insensitively) in the texts: the PII a model was trained on."""
+    from leakaudit.data.pii_find import find_emails
+
+    seen = {e.lower() for text in texts for e in find_emails(text)}
+    return [t for t in targets if t.email.lower() in seen]
+
+
 def _targets_from_file(p: Path) -> list[Target]:
     freq = email_frequencies()
     targets: list[Target] = []
