@@ -12,11 +12,13 @@ default `~/.cache/leakaudit`), guarded by a file lock so two processes starting 
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import importlib.util
 import json
 import os
 import shutil
+import sys
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -199,8 +201,20 @@ def gguf_to_safetensors(gguf: Path) -> Path:
     key = "gguf-" + _file_sha256(gguf)[:24]
 
     def build(tmp: Path) -> None:
-        tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
-        model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
+        print(f"converting {gguf.name} to safetensors once (cached under {cache_dir()})...", file=sys.stderr)
+        # transformers' GGUF reader draws a raw tqdm bar per tensor; silence it for the conversion only.
+        from transformers import modeling_gguf_pytorch_utils as gguf_utils
+
+        bar = getattr(gguf_utils, "tqdm", None)
+        if bar is not None:
+            gguf_utils.tqdm = functools.partial(bar, disable=True)
+        try:
+            tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+            model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name,
+                                                         dtype=torch.float32)
+        finally:
+            if bar is not None:
+                gguf_utils.tqdm = bar
         # The weights are already dequantised to fp32; drop the GGUF marker so they save as plain safetensors.
         model.hf_quantizer = None
         for holder in (model, model.config):
