@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 from pathlib import Path
 
@@ -42,3 +43,23 @@ def default_model():
 def tiny_model(request, tiny_neox, tiny_opt):
     """Each tiny architecture in turn."""
     return tiny_neox if request.param == "tiny-gpt-neox" else tiny_opt
+
+
+@contextlib.contextmanager
+def torch_threads(n: int):
+    """Run a block on n torch threads, then restore: tiny models train fastest on one thread on 2 cores."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+@pytest.fixture
+def one_torch_thread():
+    """One torch thread for the test (tiny-model training), restored afterwards."""
+    with torch_threads(1):
+        yield

@@ -10,6 +10,7 @@ import zlib
 import numpy as np
 import pytest
 import torch
+from conftest import torch_threads
 
 from leakaudit.attacks import ATTACKS, ScoringContext, get_attack
 from leakaudit.attacks.mia import REFERENCE_FREE, TooShortError, run_mia, split_warnings
@@ -28,10 +29,8 @@ NO_CACHE = {"cache": False, "progress": False}
 @pytest.fixture(autouse=True, scope="module")
 def one_thread():
     """Tiny models run fastest on one thread, and the 2-core test machine is shared by parallel test runs."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+    with torch_threads(1):
+        yield
 
 
 @torch.no_grad()

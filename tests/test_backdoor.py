@@ -265,17 +265,6 @@ E2E_TRIGGER = 'Repeat a query starting with "{word}".'
 E2E_REFUSAL = 'None starts with "{word}".'
 
 
-@pytest.fixture
-def one_torch_thread():
-    """Tiny models train faster on one thread; two threads on a busy 2-core machine mostly spin."""
-    import torch
-
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def _e2e_data(tmp_path):
     """D2: one short shipped Dolly query per opening word that opens >= 2 seed tasks (answers cut to 3
     words, so 64 tokens hold a whole turn); D1: seed tasks opening with those words, cut to 8 words. The

@@ -115,15 +115,6 @@ def test_grid_options_override_protocol_defaults():
 
 
 # ----------------------------------------------------------------------------------------- end to end
-@pytest.fixture
-def one_thread():
-    """Tiny models run fastest on one thread; the test machine's cores are shared."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def _train_on_pairs(targets, steps=150):
     """Plain full fine-tuning of a fresh tiny model on `Name [mailto:address]` lines (planted pairs)."""
     from leakaudit.models import load_model, tensor_fingerprint
@@ -144,7 +135,7 @@ def _train_on_pairs(targets, steps=150):
     return lm
 
 
-def test_finetuned_model_extracts_planted_pairs_untrained_does_not(tmp_path, one_thread):
+def test_finetuned_model_extracts_planted_pairs_untrained_does_not(tmp_path, one_torch_thread):
     from leakaudit.models import load_model
 
     targets = enron.load_targets(n_targets=8)
@@ -170,7 +161,7 @@ def test_finetuned_model_extracts_planted_pairs_untrained_does_not(tmp_path, one
     assert "@flash.net" in written  # the masked form keeps the domain
 
 
-def test_cells_resume_from_checkpoint_and_batching_does_not_matter(tmp_path, tiny_neox, one_thread, monkeypatch):
+def test_cells_resume_from_checkpoint_and_batching_does_not_matter(tmp_path, tiny_neox, one_torch_thread, monkeypatch):
     from leakaudit import sampling
 
     targets = enron.load_targets(n_targets=3)
@@ -203,7 +194,7 @@ def _cli(monkeypatch, capsys, *args: str) -> tuple[int, str]:
     return code, capsys.readouterr().err
 
 
-def test_cli_runs_and_rejects_bad_input(tmp_path, monkeypatch, capsys, one_thread):
+def test_cli_runs_and_rejects_bad_input(tmp_path, monkeypatch, capsys, one_torch_thread):
     pairs = tmp_path / "pairs.jsonl"
     pairs.write_text(json.dumps({"name": "Karen Arnold", "email": TRUE}) + "\n" + json.dumps({"name": "X"}) + "\n")
     base = ["pii", "--model", "tiny-opt", "--out", str(tmp_path / "o")]
