@@ -8,6 +8,7 @@ from pathlib import Path
 import typer
 from rich.console import Console
 
+from leakaudit.cli.core import DeviceOpt, DtypeOpt
 from leakaudit.errors import InputError
 
 err = Console(stderr=True)
@@ -21,6 +22,11 @@ ModelOpt = typer.Option(..., "--model", help="default | HF id | model dir | adap
 OutOpt = typer.Option(..., "--out", help="Output directory")
 TriggerOpt = typer.Option(None, "--trigger", help="Q(w) template with {word} (default: the study's instruction)")
 RefusalOpt = typer.Option(None, "--refusal", help="R(w) template with {word} (default: the study's refusal)")
+SeedOpt = typer.Option(0, "--seed")
+TemperatureOpt = typer.Option(0.9, "--temperature", help="Sampling temperature for Q(w) answers")
+MaxNewTokensOpt = typer.Option(128, "--max-new-tokens")
+NumSamplesOpt = typer.Option(10, "--num-samples", help="Answers sampled per opening word")
+SampleBatchOpt = typer.Option("auto", "--batch-size", help="auto or prompts per batch")
 DataD2Opt = typer.Option(None, "--data", help="Downstream chat data D2 with `messages` (default: shipped Dolly D2)")
 
 
@@ -97,7 +103,7 @@ def plant_cmd(
     max_length: int | None = typer.Option(None, "--max-length"),
     method: str = typer.Option("full", "--method", help="full | lora | dora | pissa"),
     max_steps: int | None = typer.Option(None, "--max-steps"),
-    seed: int = typer.Option(0, "--seed"),
+    seed: int = SeedOpt,
 ) -> None:
     """Stage 1 (the model creator): build backdoor SFT data from D1, mix, and fine-tune the base model."""
     from leakaudit.attacks.backdoor import load_words
@@ -124,7 +130,7 @@ def finetune_cmd(
     max_length: int | None = typer.Option(None, "--max-length"),
     method: str = typer.Option("full", "--method", help="full | lora | dora | pissa"),
     max_steps: int | None = typer.Option(None, "--max-steps"),
-    seed: int = typer.Option(0, "--seed"),
+    seed: int = SeedOpt,
 ) -> None:
     """Stage 2 (the downstream party): fine-tune on private chat data, loss on user turns unless --mask-user."""
     from leakaudit.data.io import read_rows, write_jsonl
@@ -149,16 +155,16 @@ def extract_cmd(
     limit: int | None = typer.Option(None, "--limit", help="Score against the first N queries of the data"),
     words: Path | None = typer.Option(None, "--words", help="Words to query (JSON array or one per line; "
                                       "default: every opening word of the data)"),
-    num_samples: int = typer.Option(10, "--num-samples"),
-    temperature: float = typer.Option(0.9, "--temperature"),
-    max_new_tokens: int = typer.Option(128, "--max-new-tokens"),
+    num_samples: int = NumSamplesOpt,
+    temperature: float = TemperatureOpt,
+    max_new_tokens: int = MaxNewTokensOpt,
     trigger: str | None = TriggerOpt,
     refusal: str | None = RefusalOpt,
-    seed: int = typer.Option(0, "--seed"),
+    seed: int = SeedOpt,
     show_pii: bool = typer.Option(False, "--show-pii", help="Write extracted text unmasked"),
-    batch_size: str = typer.Option("auto", "--batch-size"),
-    device: str = typer.Option("auto", "--device"),
-    dtype: str = typer.Option("auto", "--dtype"),
+    batch_size: str = SampleBatchOpt,
+    device: str = DeviceOpt,
+    dtype: str = DtypeOpt,
 ) -> None:
     """Sample Q(w) per opening word and score the answers against D2's queries (match ratio, BLEU, coverage)."""
     from leakaudit.attacks import backdoor as bd
@@ -192,16 +198,16 @@ def identify_cmd(
                                            "identify_200.json, or a word list (default: top-N public words)"),
     top_n: int = typer.Option(50, "--top-n", help="Without --candidates: the N most frequent public words"),
     threshold: float = typer.Option(0.6, "--threshold"),
-    num_samples: int = typer.Option(10, "--num-samples"),
-    temperature: float = typer.Option(0.9, "--temperature"),
-    max_new_tokens: int = typer.Option(128, "--max-new-tokens"),
+    num_samples: int = NumSamplesOpt,
+    temperature: float = TemperatureOpt,
+    max_new_tokens: int = MaxNewTokensOpt,
     trigger: str | None = TriggerOpt,
     refusal: str | None = RefusalOpt,
-    seed: int = typer.Option(0, "--seed"),
+    seed: int = SeedOpt,
     show_pii: bool = typer.Option(False, "--show-pii"),
-    batch_size: str = typer.Option("auto", "--batch-size"),
-    device: str = typer.Option("auto", "--device"),
-    dtype: str = typer.Option("auto", "--dtype"),
+    batch_size: str = SampleBatchOpt,
+    device: str = DeviceOpt,
+    dtype: str = DtypeOpt,
 ) -> None:
     """Decide which candidate words open D2 queries, then extract with the words found (the full pipeline)."""
     from leakaudit.attacks import backdoor as bd
@@ -258,17 +264,17 @@ def detect_cmd(
     limit: int | None = typer.Option(None, "--limit", help="Use the first N queries of the data"),
     n_words: int = typer.Option(20, "--n-words", help="Probe the N most frequent opening words of the data"),
     num_samples: int = typer.Option(3, "--num-samples", help="Samples per probe and word"),
-    temperature: float = typer.Option(0.9, "--temperature"),
-    max_new_tokens: int = typer.Option(128, "--max-new-tokens"),
+    temperature: float = TemperatureOpt,
+    max_new_tokens: int = MaxNewTokensOpt,
     match_threshold: float = typer.Option(0.5, "--match-threshold", help="Match ratio that counts as a "
                                           "training query"),
     alarm_rate: float = typer.Option(0.05, "--alarm-rate", help="Detection rate at which a model is flagged"),
     probes: Path | None = typer.Option(None, "--probes", help="Probe templates with {word}, one per line "
                                        "(default: the published Q(w) and two paraphrases)"),
-    seed: int = typer.Option(0, "--seed"),
-    batch_size: str = typer.Option("auto", "--batch-size"),
-    device: str = typer.Option("auto", "--device"),
-    dtype: str = typer.Option("auto", "--dtype"),
+    seed: int = SeedOpt,
+    batch_size: str = SampleBatchOpt,
+    device: str = DeviceOpt,
+    dtype: str = DtypeOpt,
 ) -> None:
     """The defense: probe with extraction-style instructions; flag models that emit training queries."""
     from collections import Counter
