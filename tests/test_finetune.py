@@ -144,6 +144,17 @@ def test_bad_input_names_file_line_field(tmp_path):
     assert err.value.line == 2 and err.value.field == "text" and err.value.file == str(bad)
 
 
+def test_fsdp_is_refused_where_it_cannot_run(plain_data, tmp_path):
+    """FSDP needs GPUs (accelerate shards on accelerators only); the GPU run itself is tests/gpu."""
+    with pytest.raises(InputError, match="on CPU scale out with DDP") as err:
+        finetune(_cfg(plain_data, tmp_path / "cpu", fsdp=True, device="cpu"), progress=False)
+    assert err.value.field == "--fsdp" and not (tmp_path / "cpu").exists()
+    with pytest.raises(InputError, match="DP-SGD"):
+        finetune(_cfg(plain_data, tmp_path / "dp", fsdp=True, dp_epsilon=8.0), progress=False)
+    with pytest.raises(InputError, match="PiSSA"):
+        finetune(_cfg(plain_data, tmp_path / "pissa", fsdp=True, method="pissa"), progress=False)
+
+
 def test_output_dir_of_another_run_is_refused(plain_data, tmp_path):
     finetune(_cfg(plain_data, tmp_path / "run", max_steps=1), progress=False)
     with pytest.raises(InputError, match="different options"):

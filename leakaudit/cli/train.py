@@ -63,6 +63,8 @@ def register(app: typer.Typer) -> None:
         save_steps: int = typer.Option(None, help="Checkpoint every N steps instead of every epoch."),
         bf16: bool = typer.Option(None, help="bf16 autocast (default: only where the hardware is fast)."),
         device: str = typer.Option(None, help="cpu, cuda, ... (default auto)."),
+        fsdp: bool = typer.Option(False, help="Shard the model over the GPUs (FSDP2) when launched with "
+                                  "torchrun/accelerate; GPUs only."),
         progress: bool = typer.Option(True, help="Show a progress bar."),
     ) -> None:
         """Fine-tune a model (full, LoRA, DoRA, PiSSA); writes a loadable dir, train_log.jsonl, checkpoints."""

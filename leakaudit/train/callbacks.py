@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 
 from transformers import TrainerCallback
@@ -13,8 +14,10 @@ class JsonlLogCallback(TrainerCallback):
 
     def __init__(self, path: Path):
         self.path = Path(path)
+        self.start = time.perf_counter()
 
     def on_train_begin(self, args, state, control, **kwargs):
+        self.start = time.perf_counter()
         if not state.is_world_process_zero or not self.path.exists():
             return
         rows = [json.loads(x) for x in self.path.read_text().splitlines() if x.strip()]
@@ -26,7 +29,8 @@ class JsonlLogCallback(TrainerCallback):
     def on_log(self, args, state, control, logs=None, **kwargs):
         if not state.is_world_process_zero or not logs:
             return
-        row = {"step": state.global_step, "epoch": round(state.epoch or 0.0, 4), **logs}
+        row = {"step": state.global_step, "epoch": round(state.epoch or 0.0, 4),
+               "elapsed_s": round(time.perf_counter() - self.start, 3), **logs}
         with self.path.open("a", encoding="utf-8") as fh:
             fh.write(json.dumps(row) + "\n")
 

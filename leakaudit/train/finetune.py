@@ -81,6 +81,7 @@ class FinetuneConfig(BaseModel):
     save_steps: int | None = Field(None, ge=1)
     bf16: bool | None = None  # None: bf16 autocast only where the hardware runs it fast
     device: str | None = None
+    fsdp: bool = False  # shard parameters, gradients and optimizer state over the GPUs (accelerate FSDP2)
 
     @field_validator("target_modules", mode="before")
     @classmethod
@@ -91,7 +92,7 @@ class FinetuneConfig(BaseModel):
 
     def fingerprint(self) -> str:
         """Hash of everything that changes the trained weights (to refuse resuming a different run)."""
-        keep = self.model_dump(exclude={"out", "device"})
+        keep = self.model_dump(exclude={"out", "device", "fsdp"})
         return hashlib.sha256(json.dumps(keep, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -224,14 +225,16 @@ def base_reference(spec: str) -> str:
     return str(p.resolve()) if p.exists() else spec
 
 
-def save_loadable(model, directory: Path, config: FinetuneConfig, tokenizer=None) -> None:
-    """Save the model/adapter so `load_model(directory)` works (adapters name the original base spec)."""
+def save_loadable(model, directory: Path, config: FinetuneConfig, tokenizer=None, state_dict=None) -> None:
+    """Save the model/adapter so `load_model(directory)` works (adapters name the original base spec).
+
+    `state_dict`: the full weights gathered from every rank when the model is sharded (FSDP)."""
     directory.mkdir(parents=True, exist_ok=True)
     if config.method == "pissa":
         model.save_pretrained(str(directory), path_initial_model_for_weight_conversion=str(
             Path(config.out) / "pissa_init"))
     else:
-        model.save_pretrained(str(directory))
+        model.save_pretrained(str(directory), state_dict=state_dict)
     if tokenizer is not None:
         tokenizer.save_pretrained(str(directory))
     fix_adapter_base(directory, config.model)
@@ -270,8 +273,12 @@ def finetune(config: FinetuneConfig, progress: bool = True, callbacks: list | No
     out = Path(config.out)
     if _check_out(config, out):
         return out
+    _check_engine(config)
     torch.manual_seed(config.seed)
     lm, model = build_model(config, out)
+    if config.fsdp and lm.device.type != "cuda":
+        raise InputError("FSDP shards over GPUs and accelerate runs it on accelerators only; on CPU scale out "
+                         "with DDP instead (torchrun --nproc-per-node N leakaudit finetune ...)", field="--fsdp")
     train, held_out, report = load_examples(config, lm.tokenizer)  # bad data fails before anything is written
     if is_main_process():
         out.mkdir(parents=True, exist_ok=True)
@@ -289,6 +296,15 @@ def finetune(config: FinetuneConfig, progress: bool = True, callbacks: list | No
     if is_main_process():
         write_json(out / DONE_MARKER, {"fingerprint": config.fingerprint()})
     return out
+
+
+def _check_engine(config: FinetuneConfig) -> None:
+    """Refuse engine combinations that would fail late (after loading the model)."""
+    if config.fsdp and config.dp_epsilon is not None:
+        raise InputError("DP-SGD (Opacus) runs in one process; drop --fsdp", field="--fsdp")
+    if config.fsdp and config.method == "pissa":
+        raise InputError("PiSSA's adapter conversion needs the whole adapter in one process; use lora/dora "
+                         "with --fsdp, or DDP for PiSSA", field="--fsdp")
 
 
 def _use_bf16(config: FinetuneConfig, device: torch.device) -> bool:
@@ -339,6 +355,8 @@ def _train_trainer(config: FinetuneConfig, lm, model, train: list[ex.Example], h
         bf16=_use_bf16(config, lm.device),
         use_cpu=lm.device.type == "cpu",
         ddp_backend="gloo" if lm.device.type == "cpu" and int(os.environ.get("WORLD_SIZE", "1")) > 1 else None,
+        fsdp="full_shard auto_wrap" if config.fsdp else None,
+        fsdp_config={"version": 2} if config.fsdp else None,
         train_sampling_strategy="random" if pack else "group_by_length",
         remove_unused_columns=False,
         disable_tqdm=True,
@@ -356,9 +374,11 @@ def _train_trainer(config: FinetuneConfig, lm, model, train: list[ex.Example], h
     trainer.remove_callback(ProgressCallback)
     resume = last_checkpoint(out)
     trainer.train(resume_from_checkpoint=str(resume) if resume else None)
+    # Under FSDP every rank holds a shard: gather the full weights (a collective, so on every rank) first.
+    state_dict = trainer.accelerator.get_state_dict(trainer.model) if trainer.is_fsdp_enabled else None
     if trainer.is_world_process_zero():
-        model = trainer.model
-        save_loadable(model, out, config, lm.tokenizer)
+        model = trainer.accelerator.unwrap_model(trainer.model)
+        save_loadable(model, out, config, lm.tokenizer, state_dict=state_dict)
         if config.method == "full":
             model.config.save_pretrained(str(out))
         (out / "training_args.bin").unlink(missing_ok=True)
