@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib
 import sys
+import warnings
 
 import typer
 
@@ -27,6 +28,8 @@ for _topic in TOPICS:
 
 def main() -> None:
     """Console entry point: usage errors exit 2 (click), InputError prints `error: ...` and exits 2."""
+    # peft (<= 0.21) reads transformers' deprecated `is_gradient_checkpointing` on every adapter: noise to users.
+    warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
     try:
         app()
     except InputError as exc:
