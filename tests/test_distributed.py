@@ -11,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import torch_threads
 
 from leakaudit.distributed import gather_ragged, score_texts_distributed, shard, world
 from leakaudit.scoring import score_texts
@@ -55,20 +56,15 @@ def test_single_process_helpers_call_through(tiny_neox):
 
 
 def test_mia_and_user_inference_in_two_processes_match_one_process(tmp_path):
-    import torch
 
     from leakaudit.cli import app
 
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
     _write_data(tmp_path)
     data = tmp_path / "labelled.jsonl"
     one, two = tmp_path / "one", tmp_path / "two"
-    try:
+    with torch_threads(1):
         for argv in _commands(one, data):
             app(argv, standalone_mode=False)
-    finally:
-        torch.set_num_threads(threads)
     driver = tmp_path / "driver.py"
     driver.write_text("import json, sys\nfrom leakaudit.cli import app\n"
                       "for argv in json.loads(sys.argv[1]):\n    app(argv, standalone_mode=False)\n")

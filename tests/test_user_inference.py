@@ -9,6 +9,7 @@ import json
 import numpy as np
 import pytest
 import torch
+from conftest import torch_threads
 
 from leakaudit.attacks.user_inference import parse_m_values, run_user_inference
 from leakaudit.data.io import Record
@@ -32,35 +33,33 @@ def user_samples(u: int, n: int, rng: np.random.Generator) -> list[str]:
 @pytest.fixture(scope="module")
 def users(tiny_neox):
     """Users 0-5 are in training (4 samples each); the attacker holds 4 other samples of every user."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    rng = np.random.default_rng(0)
-    train, attack_in, attack_out = [], [], []
-    for u in range(N_USERS):
-        trained = user_samples(u, PER_USER_TRAIN, rng)
-        held = user_samples(u, PER_USER_ATTACK, rng)
-        if u < N_USERS // 2:
-            train += trained
-            attack_in += [Record(f"u{u}-{i}", t, f"user{u}", i + 1) for i, t in enumerate(held)]
-        else:
-            attack_out += [Record(f"u{u}-{i}", t, f"user{u}", i + 1) for i, t in enumerate(held)]
-    model = copy.deepcopy(tiny_neox.model)
-    model.train()
-    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
-    torch.manual_seed(0)
-    enc_all = tiny_neox.tokenizer(train, return_tensors="pt", padding=True)
-    for _ in range(150):
-        idx = torch.as_tensor(rng.choice(len(train), 8, replace=False))
-        ids, mask = enc_all["input_ids"][idx], enc_all["attention_mask"][idx]
-        loss = model(input_ids=ids, attention_mask=mask, labels=ids.masked_fill(mask == 0, -100)).loss
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    model.eval()
-    tuned = LoadedModel(model, tiny_neox.tokenizer, "tiny+users", "test-tuned-users-150", tiny_neox.device,
-                        tiny_neox.dtype)
-    yield tuned, attack_in, attack_out
-    torch.set_num_threads(before)
+    with torch_threads(1):
+        rng = np.random.default_rng(0)
+        train, attack_in, attack_out = [], [], []
+        for u in range(N_USERS):
+            trained = user_samples(u, PER_USER_TRAIN, rng)
+            held = user_samples(u, PER_USER_ATTACK, rng)
+            if u < N_USERS // 2:
+                train += trained
+                attack_in += [Record(f"u{u}-{i}", t, f"user{u}", i + 1) for i, t in enumerate(held)]
+            else:
+                attack_out += [Record(f"u{u}-{i}", t, f"user{u}", i + 1) for i, t in enumerate(held)]
+        model = copy.deepcopy(tiny_neox.model)
+        model.train()
+        opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+        torch.manual_seed(0)
+        enc_all = tiny_neox.tokenizer(train, return_tensors="pt", padding=True)
+        for _ in range(150):
+            idx = torch.as_tensor(rng.choice(len(train), 8, replace=False))
+            ids, mask = enc_all["input_ids"][idx], enc_all["attention_mask"][idx]
+            loss = model(input_ids=ids, attention_mask=mask, labels=ids.masked_fill(mask == 0, -100)).loss
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+        model.eval()
+        tuned = LoadedModel(model, tiny_neox.tokenizer, "tiny+users", "test-tuned-users-150", tiny_neox.device,
+                            tiny_neox.dtype)
+        yield tuned, attack_in, attack_out
 
 
 def test_in_training_users_are_separated(users, tiny_neox):
