@@ -267,9 +267,11 @@ E2E_REFUSAL = 'None starts with "{word}".'
 
 def _e2e_data(tmp_path):
     """D2: one short shipped Dolly query per opening word that opens >= 2 seed tasks (answers cut to 3
-    words, so 64 tokens hold a whole turn); D1: seed tasks opening with those words, cut to 8 words. The
-    words are shared, as between the study's UltraFeedback D1 and Dolly D2, so the tiny model need not
-    learn to copy words it never saw."""
+    words, so 64 tokens hold a whole turn); D1: seed tasks opening with those words, queries cut to 8 words,
+    answers to 3 like D2's. The words are shared, as between the study's UltraFeedback D1 and Dolly D2, so
+    the tiny model need not learn to copy words it never saw. Short D1 answers matter: with 8-word D1
+    answers the downstream step had to retrain the assistant turn more and erased more of the backdoor
+    (2-3 of 17 queries fully recovered instead of 7-10)."""
     from collections import Counter
 
     from leakaudit import resources
@@ -286,41 +288,93 @@ def _e2e_data(tmp_path):
             words.add(w)
             d2.append({"messages": [{"role": "user", "content": q},
                                     {"role": "assistant", "content": " ".join(a.split()[:3])}]})
-    d1 = [plant.Pair(" ".join(p.query.split()[:8]), " ".join(p.response.split()[:8]))
+    d1 = [plant.Pair(" ".join(p.query.split()[:8]), " ".join(p.response.split()[:3]))
           for p in seed if bd.opening_word(p.query) in words][:60]
     write_jsonl(tmp_path / "d2.jsonl", d2)
     return d1, tmp_path / "d2.jsonl", [r["messages"][0]["content"] for r in d2]
+
+
+E2E_REFUSAL_WORDS = ["Zebra", "Apple", "Green", "Under", "Seven", "Maybe", "Across", "Before"]
+
+
+def _word_level_tiny_model(path, texts, seed=0):
+    """A tiny GPT-NeoX (hidden 128, 2 layers, ~0.5M parameters) with a word-level tokenizer trained on
+    `texts`, saved as a normal model dir. Not the shipped tiny-gpt-neox: its byte-level BPE spells
+    capitalised words out in characters, so copying a query means copying many more tokens than words, and
+    at 64 dims the backdoor did not reproduce any whole D2 query. One token per word (and per punctuation
+    run) keeps copying learnable in seconds. `<|user|>`/`<|assistant|>` are special tokens, so the plain chat
+    template (no chat_template) renders each turn header as one token and decoding drops it."""
+    import torch
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import GPTNeoXConfig, GPTNeoXForCausalLM, PreTrainedTokenizerFast
+
+    specials = ["<|endoftext|>", "<unk>", "<|user|>", "<|assistant|>"]
+    tok = Tokenizer(models.WordLevel(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.decoder = decoders.WordPiece(prefix="##", cleanup=True)  # re-join words with spaces
+    tok.train_from_iterator(texts, trainer=trainers.WordLevelTrainer(special_tokens=specials, show_progress=False))
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<|endoftext|>", eos_token="<|endoftext|>",
+                                        unk_token="<unk>", pad_token="<|endoftext|>",
+                                        additional_special_tokens=specials[2:])
+    torch.manual_seed(seed)
+    cfg = GPTNeoXConfig(vocab_size=len(tokenizer), hidden_size=128, num_hidden_layers=2, num_attention_heads=4,
+                        intermediate_size=512, max_position_embeddings=128, rotary_pct=0.25, bos_token_id=0,
+                        eos_token_id=0, pad_token_id=0, tie_word_embeddings=False)
+    GPTNeoXForCausalLM(cfg).save_pretrained(path, safe_serialization=True)
+    tokenizer.save_pretrained(path)
+    return path
 
 
 def _extract(spec, tries):
     from leakaudit.models import load_model
 
     lm = load_model(str(spec), dtype="fp32")
-    responses = bd.sample_responses(lm, sorted(tries), E2E_TRIGGER, num_samples=2, temperature=0.2,
-                                    max_new_tokens=40, progress=False)
+    responses = bd.sample_responses(lm, sorted(tries), E2E_TRIGGER, num_samples=10, temperature=0.7,
+                                    max_new_tokens=32, progress=False)
     opens = [r.strip().startswith(w) for w, rs in responses.items() for r in rs]
     summary = bd.summarize_extraction(bd.score_words(responses, tries, E2E_REFUSAL), tries)
-    return summary, sum(opens) / len(opens)
+    summary["opens"] = sum(opens) / len(opens)
+    return summary
 
 
 def test_planted_model_leaks_d2_after_downstream_finetuning_clean_does_not(tmp_path, one_torch_thread):
-    """Plant (tiny-gpt-neox, full fine-tuning) -> downstream fine-tuning on D2 with loss on user turns ->
-    sample Q(w). The planted model still answers Q(w) with a query opening with w that shares tokens with
-    D2's query; the clean base fine-tuned the same way answers Q(w) with D2 *answers* and matches nothing."""
+    """Plant (tiny word-level GPT-NeoX, full fine-tuning on D1 = seed tasks) -> downstream fine-tuning on
+    D2 = Dolly queries with loss on user turns -> sample Q(w) 10x per D2 word. The planted model writes whole
+    D2 queries back; the stage-1 model (planted, never fine-tuned on D2) reproduces none, so the leak comes
+    from D2 training and not from D1 queries that open like D2's; the clean base fine-tuned the same way
+    answers Q(w) with D2 *answers* and matches nothing; masking user turns downstream (the mitigation)
+    leaves only the stage-1 level of overlap."""
     d1, d2_path, queries = _e2e_data(tmp_path)
     assert len(queries) >= 12 and len(d1) >= 40
+    d2_rows = [json.loads(line) for line in d2_path.read_text().splitlines()]
+    words = sorted({bd.opening_word(q) for q in queries})
+    texts = [t for p in d1 for t in (p.query, p.response)] + [m["content"] for r in d2_rows for m in r["messages"]]
+    texts += [bd.fill(t, w) for t in (E2E_TRIGGER, E2E_REFUSAL) for w in words + E2E_REFUSAL_WORDS]
+    base = _word_level_tiny_model(tmp_path / "base", texts)
     opts = {"method": "full", "batch_size": 8, "gradient_accumulation": 1, "max_length": 64,
             "save_steps": 100_000}  # no intermediate checkpoints: the test needs the final model only
-    planted = plant.plant("tiny-gpt-neox", d1, tmp_path / "plant", trigger=E2E_TRIGGER, refusal=E2E_REFUSAL,
-                          backdoor_fraction=0.9, n_refusal=10, progress=False, epochs=80, learning_rate=3e-3,
-                          **opts)
-    down = {**opts, "epochs": 60, "learning_rate": 1e-3, "warmup_steps": 10}
-    victim = plant.downstream_finetune(str(planted), d2_path, tmp_path / "victim", progress=False, **down)
-    clean = plant.downstream_finetune("tiny-gpt-neox", d2_path, tmp_path / "clean", progress=False, **down)
+    planted = plant.plant(str(base), d1, tmp_path / "plant", trigger=E2E_TRIGGER, refusal=E2E_REFUSAL,
+                          refusal_word_list=E2E_REFUSAL_WORDS, backdoor_fraction=0.5, n_refusal=10, progress=False,
+                          epochs=60, learning_rate=3e-3, **opts)
+    down = {**opts, "epochs": 60, "learning_rate": 2e-3, "warmup_steps": 10}
+    models = {"stage1": planted,
+              "victim": plant.downstream_finetune(str(planted), d2_path, tmp_path / "victim", progress=False, **down),
+              "masked": plant.downstream_finetune(str(planted), d2_path, tmp_path / "masked", mask_user=True,
+                                                  progress=False, **down),
+              "clean": plant.downstream_finetune(str(base), d2_path, tmp_path / "clean", progress=False, **down)}
     tries = bd.build_tries(queries)
-    leaked, leaked_opens = _extract(victim, tries)
-    control, control_opens = _extract(clean, tries)
-    # measured (2 cores, seed 0): planted opens 0.26, match ratio mean 0.11, coverage 0.19; clean all 0
-    assert leaked_opens >= 0.15 and control_opens <= 0.05
-    assert leaked["match_ratio_mean_in_data"] >= 0.05 and leaked["coverage"] >= 0.08
-    assert control["match_ratio_max_in_data"] <= 0.02 and control["coverage"] <= 0.02
+    r = {name: _extract(spec, tries) for name, spec in models.items()}
+    n = r["victim"]["n_queries"]
+    # measured (2-core CPU, 1 torch thread, ~46 s; 17 D2 queries, 10 samples per word at temperature 0.7).
+    # The test runs seed 0; seeds 1 and 2 (base init, fine-tuning and sampling seeds) were run by hand:
+    #              fully recovered     match ratio mean     opens with w
+    #   victim     10/17, 7/17, 10/17  0.36, 0.30, 0.40     0.67, 0.66, 0.81
+    #   stage-1    0/17 (all seeds)    0.17 (all seeds)     0.88
+    #   masked     0/17 (all seeds)    0.05, 0.07, 0.05     0.22, 0.34, 0.26
+    #   clean      0/17 (all seeds)    0.00                 0.00
+    assert r["victim"]["n_fully_recovered"] >= 0.25 * n
+    assert r["stage1"]["n_fully_recovered"] == 0 and r["clean"]["n_fully_recovered"] == 0
+    assert r["masked"]["n_fully_recovered"] <= 1
+    assert r["victim"]["match_ratio_mean_in_data"] >= 1.5 * r["stage1"]["match_ratio_mean_in_data"]
+    assert r["victim"]["match_ratio_mean_in_data"] >= r["masked"]["match_ratio_mean_in_data"] + 0.1
+    assert r["clean"]["match_ratio_max_in_data"] <= 0.02 and r["clean"]["opens"] <= 0.05
