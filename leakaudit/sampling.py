@@ -28,7 +28,7 @@ from pathlib import Path
 import torch
 
 from leakaudit.errors import InputError
-from leakaudit.models import LoadedModel
+from leakaudit.models import LoadedModel, attention_kernels
 
 SAMPLING_VERSION = 1
 CPU_MAX_ROWS = 64          # rows per batch on CPU: beyond this a step gets no faster per row
@@ -301,7 +301,7 @@ def _hf_generate(lm: LoadedModel, batch: list[_Row], config: SamplingConfig) -> 
         bos_token_id=tok.bos_token_id, use_cache=True,
     )
     processors = LogitsProcessorList([] if config.greedy else [_GumbelSampler(batch, config, lm.device)])
-    with torch.inference_mode():
+    with torch.inference_mode(), attention_kernels(lm.device):
         out = lm.model.generate(input_ids=input_ids.to(lm.device), attention_mask=mask.to(lm.device),
                                 generation_config=gen_config, logits_processor=processors)
     new = out[:, width:].tolist()

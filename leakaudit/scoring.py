@@ -34,7 +34,7 @@ import numpy as np
 import torch
 
 from leakaudit.errors import InputError
-from leakaudit.models import LoadedModel, cache_dir
+from leakaudit.models import LoadedModel, attention_kernels, cache_dir
 
 SCORING_VERSION = 1
 CPU_TOKEN_BUDGET = 8192
@@ -222,7 +222,7 @@ def _score_batch(lm: LoadedModel, batch: list[_Segment], moments: bool,
     # Explicit positions make left padding equivalent to right padding (each text starts at position 0).
     positions = (mask.cumsum(-1) - 1).clamp_min(0)
     ids, mask, positions = ids.to(dev), mask.to(dev), positions.to(dev)
-    with _hidden_state_head(model) as head:
+    with _hidden_state_head(model) as head, attention_kernels(dev):
         hidden = model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=False).logits
         # Position p predicts token p+1: take predicting positions first_scored-1 .. len-2.
         rows, cols = [], []

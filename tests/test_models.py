@@ -131,3 +131,16 @@ def test_default_model_from_gguf(default_model):
     kind, where = models.resolve_spec("default")
     assert kind == "dir" and (where / "model.safetensors").exists()
     assert json.loads((where / "leakaudit_source.json").read_text())["gguf"].endswith(".gguf")
+
+
+def test_attention_kernels_leave_out_cudnn_on_cuda_only_and_restore():
+    """The flag is process-wide, so the context must restore it, and work when entered again and again."""
+    from leakaudit.models import attention_kernels
+
+    assert torch.backends.cuda.cudnn_sdp_enabled()
+    for _ in range(2):
+        with attention_kernels(torch.device("cuda")):
+            assert not torch.backends.cuda.cudnn_sdp_enabled()
+        assert torch.backends.cuda.cudnn_sdp_enabled()
+    with attention_kernels(torch.device("cpu")):
+        assert torch.backends.cuda.cudnn_sdp_enabled()

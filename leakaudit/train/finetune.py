@@ -29,6 +29,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from leakaudit.data.io import read_rows, write_json
 from leakaudit.errors import InputError
+from leakaudit.models import attention_kernels
 from leakaudit.train import examples as ex
 from leakaudit.train.defenses import DefenseReport, dedup_and_cap, pii_scrubber
 
@@ -373,7 +374,8 @@ def _train_trainer(config: FinetuneConfig, lm, model, train: list[ex.Example], h
     trainer.remove_callback(PrinterCallback)
     trainer.remove_callback(ProgressCallback)
     resume = last_checkpoint(out)
-    trainer.train(resume_from_checkpoint=str(resume) if resume else None)
+    with attention_kernels(lm.device):
+        trainer.train(resume_from_checkpoint=str(resume) if resume else None)
     # Under FSDP every rank holds a shard: gather the full weights (a collective, so on every rank) first.
     state_dict = trainer.accelerator.get_state_dict(trainer.model) if trainer.is_fsdp_enabled else None
     if trainer.is_world_process_zero():
