@@ -1,9 +1,11 @@
 """The laptop-scale first study (`leakaudit demo`), and the built-in data sources experiment files can name.
 
 Built-in datasets (`datasets.<name>.builtin`):
-- `enron`: real Enron messages (From/To/Subject + body, sender as user) from the shared data folder
-  (`$LEAKAUDIT_SHARED_DATA/enron-emails/messages.jsonl` or `../shared/data/...` next to the repo); when
-  that file is absent, the synthetic version below (the report says which one ran);
+- `enron`: real Enron messages (From/To/Subject + body, sender as user): all 17,787 of the shared data
+  folder's file (`$LEAKAUDIT_SHARED_DATA/enron-emails/messages.jsonl` or `../shared/data/...` next to the
+  repo) when present, else the 600 of them shipped in the package (the log says which one ran);
+- `enron-sample`: always the 600 shipped real messages, so a study (the demo) gives the same data on
+  every machine;
 - `enron-synthetic`: Enron-style e-mails between the shipped Enron name/address pairs, with Faker bodies;
 - `dolly`: the Dolly fine-tuning set shipped with the backdoor study (query + answer).
 """
@@ -22,6 +24,7 @@ from leakaudit.errors import InputError
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DEMO_EXPERIMENT = resources.ROOT / "experiments" / "demo.yaml"  # also linked from experiments/
 ENRON_MESSAGES = Path("enron-emails") / "messages.jsonl"
+ENRON_SAMPLE = ("enron-emails", "sample.jsonl")  # inside leakaudit/resources
 KEEP_HEADERS = ("From", "To", "Subject")
 
 
@@ -54,7 +57,7 @@ def clean_message(raw: str) -> tuple[str, str | None]:
     return "\n".join(kept) + "\n\n" + body.strip() + "\n", sender
 
 
-def enron_real(path: Path, seed: int, limit: int | None) -> list[dict[str, Any]]:
+def enron_real(path: Path, seed: int, limit: int | None, source: str = "enron") -> list[dict[str, Any]]:
     """Real Enron messages, a seeded random subset of `limit` (all when None)."""
     with path.open(encoding="utf-8") as fh:
         lines = fh.readlines()
@@ -67,7 +70,7 @@ def enron_real(path: Path, seed: int, limit: int | None) -> list[dict[str, Any]]
         except json.JSONDecodeError:
             raise InputError("malformed JSON", file=path, line=i + 1) from None
         text, sender = clean_message(msg["text"])
-        rows.append({"id": msg["id"], "text": text, "user": sender or "unknown", "source": "enron"})
+        rows.append({"id": msg["id"], "text": text, "user": sender or "unknown", "source": source})
     return rows
 
 
@@ -111,7 +114,10 @@ def builtin_dataset(name: str, seed: int, limit: int | None) -> list[dict[str, A
     """Rows {id, text, user?, ...} of a built-in source."""
     if name == "enron":
         path = enron_messages_path()
-        return enron_real(path, seed, limit) if path else enron_synthetic(seed, limit)
+        return enron_real(path, seed, limit) if path else enron_real(resources.path(*ENRON_SAMPLE), seed, limit,
+                                                                     source="enron-sample")
+    if name == "enron-sample":
+        return enron_real(resources.path(*ENRON_SAMPLE), seed, limit, source="enron-sample")
     if name == "enron-synthetic":
         return enron_synthetic(seed, limit)
     if name == "dolly":
@@ -127,6 +133,5 @@ def run_demo(out: str | Path, log=print) -> dict[str, str]:
     if not DEMO_EXPERIMENT.is_file():
         raise InputError("the demo experiment file is missing (run from a source checkout)", file=DEMO_EXPERIMENT)
     exp = load_experiment(DEMO_EXPERIMENT)
-    source = "real Enron messages" if enron_messages_path() else "synthetic Enron-style e-mails (shared data absent)"
-    log(f"demo: {exp.name} on {source}")
+    log(f"demo: {exp.name} on real Enron messages (the sample shipped in the package)")
     return run_experiment(exp, out, config_text=DEMO_EXPERIMENT.read_text(encoding="utf-8"), log=log)

@@ -356,7 +356,7 @@ def test_shipped_experiment_files_validate_and_plan(path):
     assert any(s.kind in ("mia", "pii", "perplexity", "user-inference", "backdoor") for s in plan.stages.values())
 
 
-def test_builtin_enron_keeps_headers_and_falls_back_to_synthetic(monkeypatch):
+def test_builtin_enron_keeps_headers_and_falls_back_to_the_shipped_sample(monkeypatch):
     from leakaudit import demo
 
     raw = ("Message-ID: <1.JavaMail>\nDate: Mon, 26 Jun 2000\nFrom: a.b@enron.com\nTo: c@d.com\n"
@@ -366,6 +366,10 @@ def test_builtin_enron_keeps_headers_and_falls_back_to_synthetic(monkeypatch):
     assert sender == "a.b@enron.com"
     monkeypatch.setattr(demo, "enron_messages_path", lambda: None)
     rows = demo.builtin_dataset("enron", seed=3, limit=5)
-    assert len(rows) == 5 and {r["source"] for r in rows} == {"enron-synthetic"}
-    assert rows == demo.builtin_dataset("enron-synthetic", seed=3, limit=5)  # deterministic for a seed
+    assert len(rows) == 5 and {r["source"] for r in rows} == {"enron-sample"}
+    assert rows == demo.builtin_dataset("enron-sample", seed=3, limit=5)  # deterministic for a seed
     assert all(r["text"].startswith("From: " + r["user"]) for r in rows)
+    assert len(demo.builtin_dataset("enron-sample", seed=0, limit=None)) == 600
+    synthetic = demo.builtin_dataset("enron-synthetic", seed=3, limit=5)
+    assert synthetic == demo.builtin_dataset("enron-synthetic", seed=3, limit=5)
+    assert all(r["text"].startswith("From: " + r["user"]) for r in synthetic)
