@@ -112,11 +112,10 @@ def dolly(limit: int | None) -> list[dict[str, Any]]:
 
 def builtin_dataset(name: str, seed: int, limit: int | None) -> list[dict[str, Any]]:
     """Rows {id, text, user?, ...} of a built-in source."""
-    if name == "enron":
-        path = enron_messages_path()
-        return enron_real(path, seed, limit) if path else enron_real(resources.path(*ENRON_SAMPLE), seed, limit,
-                                                                     source="enron-sample")
-    if name == "enron-sample":
+    full = enron_messages_path() if name == "enron" else None
+    if full:
+        return enron_real(full, seed, limit)
+    if name in ("enron", "enron-sample"):
         return enron_real(resources.path(*ENRON_SAMPLE), seed, limit, source="enron-sample")
     if name == "enron-synthetic":
         return enron_synthetic(seed, limit)

@@ -277,9 +277,6 @@ def finetune(config: FinetuneConfig, progress: bool = True, callbacks: list | No
     _check_engine(config)
     torch.manual_seed(config.seed)
     lm, model = build_model(config, out)
-    if config.fsdp and lm.device.type != "cuda":
-        raise InputError("FSDP shards over GPUs and accelerate runs it on accelerators only; on CPU scale out "
-                         "with DDP instead (torchrun --nproc-per-node N leakaudit finetune ...)", field="--fsdp")
     train, held_out, report = load_examples(config, lm.tokenizer)  # bad data fails before anything is written
     if is_main_process():
         out.mkdir(parents=True, exist_ok=True)
@@ -301,6 +298,11 @@ def finetune(config: FinetuneConfig, progress: bool = True, callbacks: list | No
 
 def _check_engine(config: FinetuneConfig) -> None:
     """Refuse engine combinations that would fail late (after loading the model)."""
+    from leakaudit.models import resolve_device
+
+    if config.fsdp and resolve_device(config.device).type != "cuda":
+        raise InputError("FSDP shards over GPUs and accelerate runs it on accelerators only; on CPU scale out "
+                         "with DDP instead (torchrun --nproc-per-node N leakaudit finetune ...)", field="--fsdp")
     if config.fsdp and config.dp_epsilon is not None:
         raise InputError("DP-SGD (Opacus) runs in one process; drop --fsdp", field="--fsdp")
     if config.fsdp and config.method == "pissa":
