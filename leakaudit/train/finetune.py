@@ -300,14 +300,14 @@ def _check_engine(config: FinetuneConfig) -> None:
     """Refuse engine combinations that would fail late (after loading the model)."""
     from leakaudit.models import resolve_device
 
-    if config.fsdp and resolve_device(config.device).type != "cuda":
-        raise InputError("FSDP shards over GPUs and accelerate runs it on accelerators only; on CPU scale out "
-                         "with DDP instead (torchrun --nproc-per-node N leakaudit finetune ...)", field="--fsdp")
     if config.fsdp and config.dp_epsilon is not None:
         raise InputError("DP-SGD (Opacus) runs in one process; drop --fsdp", field="--fsdp")
     if config.fsdp and config.method == "pissa":
         raise InputError("PiSSA's adapter conversion needs the whole adapter in one process; use lora/dora "
                          "with --fsdp, or DDP for PiSSA", field="--fsdp")
+    if config.fsdp and resolve_device(config.device).type != "cuda":
+        raise InputError("FSDP shards over GPUs and accelerate runs it on accelerators only; on CPU scale out "
+                         "with DDP instead (torchrun --nproc-per-node N leakaudit finetune ...)", field="--fsdp")
 
 
 def _use_bf16(config: FinetuneConfig, device: torch.device) -> bool:
