@@ -18,15 +18,8 @@ for m in "${models[@]}"; do
   python3 bench/train.py --model "$m" --device cuda --steps 6 2>&1 | tail -5 | tee "$out/train_$tag.txt"
 done
 # The same finetune command under torchrun + FSDP2 (one process per GPU), LoRA and full, timed by the Trainer.
-python3 - "$out/seed.jsonl" <<'PY'
-import json, sys
-from leakaudit import resources
-rows = [json.loads(x) for x in resources.path("self-instruct-seed", "seed_tasks.jsonl").read_text().splitlines()]
-with open(sys.argv[1], "w") as fh:
-    for r in rows[:96]:
-        i = r["instances"][0]
-        fh.write(json.dumps({"text": f"{r['instruction']}\n{i['input']}\n{i['output']}".strip()}) + "\n")
-PY
+python3 -c "import json, sys; sys.path.insert(0, 'bench'); import train; \
+open(sys.argv[1], 'w').writelines(json.dumps({'text': t}) + '\n' for t in train.texts(96))" "$out/seed.jsonl"
 ngpu=$(nvidia-smi -L | wc -l)
 for m in "${models[@]}"; do
   for method in lora full; do
