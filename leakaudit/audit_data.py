@@ -22,9 +22,9 @@ from typing import Any
 import numpy as np
 
 from leakaudit.data.pii_find import (
-    EMAIL_RE,
-    PHONE_RE,
     NameFinder,
+    find_emails,
+    find_phones,
     mask_email,
     mask_name,
     mask_phone,
@@ -66,10 +66,10 @@ class SourceIndex:
         finder = NameFinder(candidates)
         chunks = []
         for t in texts:
-            for m in EMAIL_RE.finditer(t):
-                idx.emails.setdefault(m.group(0).rstrip(".").lower(), m.group(0).rstrip("."))
-            for m in PHONE_RE.finditer(t):
-                idx.phones.setdefault(phone_digits(m.group(0)), m.group(0))
+            for e in find_emails(t):
+                idx.emails.setdefault(e.lower(), e)
+            for p in find_phones(t):
+                idx.phones.setdefault(phone_digits(p), p)
             for m in finder.find(t):
                 name = " ".join(m.group(0).split())
                 idx.names.setdefault(name, name)
@@ -105,8 +105,8 @@ class RecordAudit:
 
 
 def audit_record(idx: SourceIndex, rid: str, text: str) -> RecordAudit:
-    emails = {m.group(0).rstrip(".").lower() for m in EMAIL_RE.finditer(text)} & idx.emails.keys()
-    phones = {phone_digits(m.group(0)) for m in PHONE_RE.finditer(text)} & idx.phones.keys()
+    emails = {e.lower() for e in find_emails(text)} & idx.emails.keys()
+    phones = {phone_digits(p) for p in find_phones(text)} & idx.phones.keys()
     names = {" ".join(m.group(0).split()) for m in idx.name_finder.find(text)} if idx.name_finder else set()
     grams = _hashes(word_ngrams(text, idx.n))
     hits = int(np.isin(grams, idx.ngram_hashes, assume_unique=False).sum()) if grams.size else 0

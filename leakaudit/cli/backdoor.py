@@ -15,9 +15,6 @@ err = Console(stderr=True)
 backdoor_app = typer.Typer(help="Backdoor fine-tuning-data extraction: plant, fine-tune downstream, extract, "
                            "identify, detect.", no_args_is_help=True)
 
-_EMAIL = re.compile(r"\b[\w.+-]+@[\w-]+(?:\.[\w-]+)+\b")
-_PHONE = re.compile(r"(?<!\d)(?:\+?1[ .-]?)?\(?\d{3}\)?[ .-]\d{3}[ .-]\d{4}(?!\d)")
-
 ModelOpt = typer.Option(..., "--model", help="default | HF id | model dir | adapter dir | .gguf | tiny-*")
 OutOpt = typer.Option(..., "--out", help="Output directory")
 TriggerOpt = typer.Option(None, "--trigger", help="Q(w) template with {word} (default: the study's instruction)")
@@ -28,15 +25,6 @@ MaxNewTokensOpt = typer.Option(128, "--max-new-tokens")
 NumSamplesOpt = typer.Option(10, "--num-samples", help="Answers sampled per opening word")
 SampleBatchOpt = typer.Option("auto", "--batch-size", help="auto or prompts per batch")
 DataD2Opt = typer.Option(None, "--data", help="Downstream chat data D2 with `messages` (default: shipped Dolly D2)")
-
-
-def _mask(text: str) -> str:
-    """Mask PII in extracted text written to disk (the project masker when present, else e-mails/phones)."""
-    try:
-        from leakaudit.data.pii_find import mask_pii
-    except ImportError:
-        return _PHONE.sub("[PHONE]", _EMAIL.sub("[EMAIL]", text))
-    return mask_pii(text)
 
 
 def _d2_path(data: Path | None) -> Path:
@@ -71,14 +59,15 @@ def _train_options(epochs, learning_rate, batch_size, max_length, method, max_st
 
 def _write_scored(path: Path, scored, show_pii: bool) -> None:
     from leakaudit.data.io import write_jsonl
+    from leakaudit.data.pii_find import mask_pii
 
     rows = []
     for s in scored:
         row = s.row()
         if not show_pii:
-            row["response"] = _mask(row["response"])
+            row["response"] = mask_pii(row["response"])
             if row["matched_query"]:
-                row["matched_query"] = _mask(row["matched_query"])
+                row["matched_query"] = mask_pii(row["matched_query"])
         rows.append(row)
     write_jsonl(path, rows)
 

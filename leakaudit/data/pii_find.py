@@ -1,25 +1,40 @@
-"""Find and mask the PII this project measures: e-mail addresses, phone numbers and personal names.
+"""The one PII module: find and mask e-mail addresses, phone numbers and personal names.
 
-Why regexes and lists, not NER: the studies reproduced here measure leakage of *known* PII (the
-Enron name/e-mail pairs, addresses in the source data). Names come from a given list (e.g. the shipped
-pii-enron-pil pairs) plus the people named in e-mail header fields (From:/To:/Cc:/X-From:/X-To:/X-cc:),
-which is precise and needs no heavy model. Masking keeps enough shape to read a report
-("k*******@flash.net") without revealing the value.
+Every part of leakaudit that detects or masks PII (reports, summaries, run records, extraction outputs,
+the data audit, the fake replacement, the training-data scrubber) uses this module, so a value hidden
+in one artifact is hidden in all of them.
+
+Why a regex for addresses, a library for phones and lists for names, not NER: the studies reproduced here
+measure leakage of *known* PII (the Enron name/e-mail pairs, addresses in the source data). Addresses
+have a simple shape; phone numbers do not (10 bare digits, "(713) 853-6164", "+1 713 853 6164",
+extensions, foreign numbers), so they are found by Google's libphonenumber (`phonenumbers`), which
+accepts only numbers valid for their region and so leaves years, ids, amounts and dates alone. Names
+come from a given list (e.g. the shipped pii-enron-pil pairs) plus the people named in e-mail header
+fields (From:/To:/Cc:/X-From:/X-To:/X-cc:), which is precise and needs no heavy model. Masking keeps
+enough shape to read a report ("k*******@flash.net", "***-***-**64") without revealing the value.
 """
 
 from __future__ import annotations
 
 import json
 import re
-from collections.abc import Iterable
+from collections.abc import Collection, Iterable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
+
+import phonenumbers
 
 # local part: letters, digits and ._%+-; domain: labels separated by dots, ending in a 2+ letter TLD.
 EMAIL_RE = re.compile(r"(?<![\w.%+-])[A-Za-z0-9][A-Za-z0-9._%+-]*@(?:[A-Za-z0-9-]+\.)+[A-Za-z]{2,}(?![\w-])")
-# North American numbers as written in the Enron data: 713-853-1234, (713) 853-1234, 713.853.1234,
-# +1 713 853 1234. Seven-digit local numbers are left out: too many false hits (ranges, ids).
-PHONE_RE = re.compile(r"(?<![\w+])(?:\+?1[ .-]?)?(?:\(\d{3}\)\s?|\d{3}[ .-])\d{3}[ .-]\d{4}(?!\d)")
+# Phones: numbers libphonenumber finds and judges valid, read as US numbers unless written with a country
+# code (+44 ..., 011 44 ...). Seven-digit local numbers are not valid without an area code, so they are
+# left out (too many false hits: ranges, ids). The matcher never spans lines and is slow, so it only
+# reads lines that hold at least 7 digits in a phone-like run.
+PHONE_REGION = "US"
+_PHONE_LENIENCY = phonenumbers.Leniency.VALID
+_DIGIT_RUN = re.compile(r"\d(?:[^\S\n]{0,2}[().\-/]?[^\S\n]{0,2}\d){6,}")
+_LINE = re.compile(r"[^\n]+")
 # Header lines that name people; X-* headers carry display names ("Karen Arnold <klarnold@flash.net>").
 HEADER_RE = re.compile(r"^(?:X-)?(?:From|To|Cc|Bcc|X-cc|X-bcc):[ \t]*(.*(?:\n[ \t]+.*)*)",
                        re.IGNORECASE | re.MULTILINE)
@@ -41,18 +56,43 @@ class PiiSpan:
 
 def find_emails(text: str) -> list[str]:
     """Every e-mail address in `text`, in order of appearance (duplicates kept)."""
-    return [m.group(0).rstrip(".") for m in EMAIL_RE.finditer(text)]
+    return [text[a:b] for a, b in email_spans(text)]
+
+
+def email_spans(text: str) -> list[tuple[int, int]]:
+    """(start, end) of every e-mail address in `text` (a sentence's final dot is not part of it)."""
+    return [(m.start(), m.start() + len(m.group(0).rstrip("."))) for m in EMAIL_RE.finditer(text)]
+
+
+def phone_spans(text: str) -> list[tuple[int, int]]:
+    """(start, end) of every phone number in `text`, in order (see PHONE_REGION for how they are found)."""
+    spans = []
+    for line in _LINE.finditer(text):
+        if _DIGIT_RUN.search(line.group(0)):
+            spans += [(line.start() + m.start, line.start() + m.end)
+                      for m in phonenumbers.PhoneNumberMatcher(line.group(0), PHONE_REGION, leniency=_PHONE_LENIENCY)]
+    return spans
 
 
 def find_phones(text: str) -> list[str]:
-    """Every North American phone number in `text`, in order of appearance."""
-    return [m.group(0) for m in PHONE_RE.finditer(text)]
+    """Every phone number in `text` as written, in order of appearance (duplicates kept)."""
+    return [text[a:b] for a, b in phone_spans(text)]
+
+
+def is_phone(text: str) -> bool:
+    """Whether `text` is exactly one phone number that `find_phones` would find."""
+    return phone_spans(text) == [(0, len(text))]
 
 
 def phone_digits(phone: str) -> str:
-    """The 10 digits identifying a phone number (country code dropped), for comparing spellings."""
-    digits = re.sub(r"\D", "", phone)
-    return digits[-10:]
+    """The digits identifying a phone number, for comparing spellings: the 10 digits of a North American
+    number ("+1 (713) 853-6164" -> "7138536164"), else country code + national number; no extension."""
+    try:
+        num = phonenumbers.parse(phone, PHONE_REGION)
+    except phonenumbers.NumberParseException:
+        return re.sub(r"\D", "", phone)[-10:]
+    national = phonenumbers.national_significant_number(num)
+    return national if num.country_code == 1 else f"{num.country_code}{national}"
 
 
 def names_from_headers(text: str) -> list[str]:
@@ -121,9 +161,8 @@ class NameFinder:
 
 def find_pii(text: str, names: NameFinder | None = None) -> list[PiiSpan]:
     """E-mails, phones and (given) names in `text`, sorted by position, overlaps resolved left-first."""
-    spans = [PiiSpan("email", m.start(), m.start() + len(m.group(0).rstrip(".")), m.group(0).rstrip("."))
-             for m in EMAIL_RE.finditer(text)]
-    spans += [PiiSpan("phone", m.start(), m.end(), m.group(0)) for m in PHONE_RE.finditer(text)]
+    spans = [PiiSpan("email", a, b, text[a:b]) for a, b in email_spans(text)]
+    spans += [PiiSpan("phone", a, b, text[a:b]) for a, b in phone_spans(text)]
     if names is not None:
         spans += [PiiSpan("name", m.start(), m.end(), " ".join(m.group(0).split())) for m in names.find(text)]
     spans.sort(key=lambda s: (s.start, -(s.end - s.start)))
@@ -172,3 +211,27 @@ def mask_pii(text: str, names: NameFinder | Iterable[str] | None = None) -> str:
         pos = s.end
     out.append(text[pos:])
     return "".join(out)
+
+
+def mask_obj(obj: Any, names: NameFinder | Iterable[str] | None = None, *, keep: Collection[str] = ()) -> Any:
+    """A copy of a JSON-like value with every string in it masked by `mask_pii`, dict keys included
+    (stage ids and labels are keys and can hold an address). Values under a key in `keep` are copied as
+    they are: e.g. a run record's stage `folder`, a path on disk the report must still open."""
+    finder = names if isinstance(names, NameFinder) or names is None else NameFinder(names)
+
+    def walk(x: Any) -> Any:
+        if isinstance(x, str):
+            return mask_pii(x, finder)
+        if isinstance(x, dict):
+            out: dict[Any, Any] = {}
+            for k, v in x.items():
+                mk = mask_pii(k, finder) if isinstance(k, str) else k
+                while mk in out:  # two keys that mask alike stay two entries
+                    mk = f"{mk}'"
+                out[mk] = v if k in keep else walk(v)
+            return out
+        if isinstance(x, (list, tuple)):
+            return [walk(v) for v in x]
+        return x
+
+    return walk(obj)

@@ -5,7 +5,8 @@ Why consistent: a model trained on replaced data should still see the *structure
 same fake value across a whole file: the fake is drawn by Faker seeded with (seed, kind, real value),
 which also makes the mapping independent of row order and stable across files for a given seed.
 Fakes never collide with each other or with a real value seen so far. Phones keep their layout and use
-the fictional 555 exchange. The originals are never logged: callers get counts only.
+the fictional 555 exchange, with an area code in service, so the shared detector (pii_find) finds them
+as it found the real ones. The originals are never logged: callers get counts only.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from collections.abc import Iterable
 
 from faker import Faker
 
-from leakaudit.data.pii_find import NameFinder, find_pii, phone_digits
+from leakaudit.data.pii_find import NameFinder, find_pii, is_phone, phone_digits
 
 KINDS = ("email", "name", "phone")
 
@@ -80,7 +81,7 @@ class PiiReplacer:
             digest = hashlib.sha256(f"{self.seed}\x1f{kind}\x1f{real}\x1f{attempt}".encode()).digest()
             self._faker.seed_instance(int.from_bytes(digest[:8], "little"))
             fake = self._make(kind, real)
-            if fake.lower() not in self._used and fake.lower() != real.lower():
+            if fake.lower() not in self._used and fake.lower() != real.lower() and (kind != "phone" or is_phone(fake)):
                 self._used.add(fake.lower())
                 return fake
         raise RuntimeError(f"could not draw a fresh fake {kind}")  # pragma: no cover - 1000 collisions

@@ -16,22 +16,18 @@ from pathlib import Path
 from typing import Any
 
 from leakaudit.data.io import write_json
+from leakaudit.data.pii_find import mask_obj
+from leakaudit.data.pii_find import mask_pii as mask
 from leakaudit.errors import InputError
 from leakaudit.report import plots
 
-_EMAIL = re.compile(r"\b[\w.+-]+@[\w-]+(?:\.[\w-]+)*\.[A-Za-z]{2,}\b")
-_PHONE = re.compile(r"(?<!\d)(?:\+?1[ .-]?)?\(?\d{3}\)?[ .-]\d{3}[ .-]\d{4}(?!\d)")
+# inline figures: base64 data, never PII, and masking must not touch it
+_DATA_URI = re.compile(r"(data:[\w/+.-]+;base64,[A-Za-z0-9+/=]+)")
 
 
-def mask(text: str) -> str:
-    """Mask PII in text shown in the report (leakaudit.data.pii_find when available, else addresses/phones)."""
-    try:
-        from leakaudit.data.pii_find import mask_pii
-    except ImportError:
-        mask_pii = None
-    if mask_pii is not None:
-        return mask_pii(text)
-    return _PHONE.sub("[PHONE]", _EMAIL.sub("[EMAIL]", text))
+def _mask_page(html: str) -> str:
+    """Mask every address and phone number in the page's text, leaving inline figures alone."""
+    return "".join(part if i % 2 else mask(part) for i, part in enumerate(_DATA_URI.split(html)))
 
 
 def _fmt(x: Any, digits: int = 3) -> str:
@@ -268,10 +264,12 @@ def build(out: str | Path) -> tuple[str, dict[str, Any]]:
         n_stages=len(stages), config_text=config_text if show_pii else mask(config_text),
         versions=run.get("versions", {}))
     if not show_pii:  # a last pass over the whole page: addresses and phone numbers never reach it
-        html = _PHONE.sub("[PHONE]", _EMAIL.sub("[EMAIL]", html))
+        html = _mask_page(html)
     summary = {"experiment": exp["name"], "generated": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
                "headline": rows, "stages": {s["id"]: s.get("result") for s in stages},
                "versions": run.get("versions", {})}
+    if not show_pii:  # run.json is masked when written, but it may predate that or have been edited
+        summary = mask_obj(summary)
     return html, summary
 
 

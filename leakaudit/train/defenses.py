@@ -12,13 +12,9 @@ Batch gradient clipping (`max_grad_norm`), early stopping and DP-SGD live in the
 
 from __future__ import annotations
 
-import re
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
-
-EMAIL_RE = re.compile(r"[A-Za-z0-9._%+\-']+@[A-Za-z0-9.\-]+\.[A-Za-z]{2,}")
-PHONE_RE = re.compile(r"(?<!\w)(?:\+?\d{1,2}[\s.\-]?)?(?:\(\d{3}\)|\d{3})[\s.\-]?\d{3}[\s.\-]?\d{4}(?!\w)")
 
 
 @dataclass
@@ -59,9 +55,12 @@ def dedup_and_cap(rows: list[tuple[str | None, str]], *, dedup_within_user: bool
 
 def placeholder_scrub(text: str) -> tuple[str, int]:
     """Replace e-mails and phone numbers by `[EMAIL]` / `[PHONE]`; returns (text, number replaced)."""
-    text, n_email = EMAIL_RE.subn("[EMAIL]", text)
-    text, n_phone = PHONE_RE.subn("[PHONE]", text)
-    return text, n_email + n_phone
+    from leakaudit.data.pii_find import find_pii
+
+    spans = find_pii(text)
+    for s in reversed(spans):
+        text = text[:s.start] + f"[{s.kind.upper()}]" + text[s.end:]
+    return text, len(spans)
 
 
 def pii_scrubber(seed: int = 0) -> Callable[[list[str]], tuple[list[str], int]]:

@@ -1,0 +1,162 @@
+"""The one PII module (leakaudit.data.pii_find): what it detects, what it leaves alone, how it masks, and that
+every artifact of an experiment run (run.json, summary.json, report.html) goes through it."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from leakaudit.data.pii_find import (
+    find_emails,
+    find_phones,
+    find_pii,
+    is_phone,
+    mask_obj,
+    mask_pii,
+    phone_digits,
+)
+
+PHONE = "7138536164"
+ADDRESS = "jeff.skilling@enron.com"
+
+
+@pytest.mark.parametrize("written", [
+    "7138536164", "(713) 853-6164", "713.853.6164", "+1 713 853 6164", "713-853-6164", "1-713-853-6164",
+    "713/853-6164", "(713)853-6164", "713 853 6164",
+])
+def test_each_phone_spelling_is_found_and_means_the_same_number(written):
+    assert find_phones(f"Call me at {written}, thanks.") == [written]
+    assert phone_digits(written) == PHONE
+    assert is_phone(written)
+
+
+def test_phone_with_extension_and_foreign_number_are_found():
+    assert find_phones("desk (713) 629-1381 Ext 206 or London +44 20 7946 0958") == [
+        "(713) 629-1381 Ext 206", "+44 20 7946 0958"]
+    assert phone_digits("(713) 629-1381 Ext 206") == "7136291381"  # the extension is not part of the number
+    assert phone_digits("+44 20 7946 0958") == "442079460958"
+
+
+@pytest.mark.parametrize("text", [
+    "In 2001 the company filed.", "user id 2001", "a deal worth $1,000,000", "signed 10/23/2001",
+    "on 2001-10-23 at 10:30", "1999-2001", "amount 1,234,567.89", "zip 77002", "call 853-6164",
+    "ticket 1234567890", "Message-ID: <12345678.1075855378110.JavaMail.evans@thyme>", "version 2.4.1+cu121",
+    "seed a3f7138536164be (a hash)", "ip 192.168.100.101", "ssn-like 123-45-6789",
+])
+def test_ordinary_numbers_are_not_phones(text):
+    assert find_phones(text) == []
+    assert mask_pii(text) == text
+
+
+@pytest.mark.parametrize("text,expected", [
+    ("write to jeff@enron.com today", "jeff@enron.com"),
+    ("cc Name.Surname@ECT.ENRON.COM.", "Name.Surname@ECT.ENRON.COM"),
+    ("<a href='mailto:kenneth.lay@enron.com'>Ken</a>", "kenneth.lay@enron.com"),
+    ("mailto:john_doe+deals@mail.enron.com?subject=hi", "john_doe+deals@mail.enron.com"),
+    ("From: \"Lay, Kenneth\" <kenneth.lay@enron.com>", "kenneth.lay@enron.com"),
+])
+def test_email_forms_are_found(text, expected):
+    assert find_emails(text) == [expected]
+    masked = mask_pii(text)
+    assert expected not in masked and expected.split("@")[1] in masked  # the domain stays readable
+
+
+def test_mask_text_hides_the_local_part_and_the_phone_digits_in_the_existing_format():
+    text = f"Mail {ADDRESS} or Name.Surname@ECT.ENRON.COM, call {PHONE} or (713) 853-6164 in 2001."
+    masked = mask_pii(text)
+    assert masked == ("Mail j************@enron.com or N***********@ECT.ENRON.COM, call ********64 or "
+                      "(***) ***-**64 in 2001.")
+    assert mask_pii(masked) == masked  # masking twice changes nothing: a last pass over a page is safe
+    assert [s.kind for s in find_pii(text)] == ["email", "email", "phone", "phone"]
+
+
+def test_mask_obj_masks_every_string_and_key_recursively():
+    obj = {"name": f"study of {ADDRESS}", "n": 7138536164, "ok": True, "none": None,
+           f"stage/{ADDRESS}": [PHONE, {"deep": (f"tel {PHONE}", 2001)}],
+           "folder": f"data/{PHONE}", "x": 0.5}
+    masked = mask_obj(obj, keep={"folder"})
+    text = json.dumps(masked)
+    assert ADDRESS not in text and text.count(PHONE) == 2  # only the int (not a string) and the kept folder
+    assert masked["n"] == 7138536164 and masked["ok"] is True and masked["none"] is None and masked["x"] == 0.5
+    assert masked["stage/j************@enron.com"] == ["********64", {"deep": ["tel ********64", 2001]}]
+    assert masked["folder"] == f"data/{PHONE}"
+    assert obj["name"] == f"study of {ADDRESS}"  # the input is not changed
+    # two keys that mask alike stay two entries
+    assert len(mask_obj({"a1@x.com": 1, "a2@x.com": 2})) == 2
+
+
+def test_fake_phones_are_valid_numbers_the_detector_finds():
+    from leakaudit.data.pii_replace import PiiReplacer
+
+    rep = PiiReplacer(seed=0)
+    fakes = [rep.fake("phone", f"713-853-{i:04d}") for i in range(40)]
+    assert all(is_phone(f) and f[4:7] == "555" for f in fakes)
+    assert len(set(fakes)) == 40
+
+
+def test_placeholder_scrub_uses_the_shared_detector():
+    from leakaudit.train.defenses import placeholder_scrub
+
+    text, n = placeholder_scrub(f"Mail {ADDRESS} or call {PHONE} in 2001")
+    assert (text, n) == ("Mail [EMAIL] or call [PHONE] in 2001", 2)
+
+
+# ----------------------------------------------------------------------------------------- artifacts
+EXPERIMENT = f"""\
+# owner: Name.Surname@ECT.ENRON.COM, {PHONE}
+name: "leak {ADDRESS} {PHONE}"
+models:
+  base: tiny-gpt-neox
+datasets:
+  emails:
+    builtin: enron-synthetic
+    limit: 4
+    max_chars: 100
+report:
+  title: "call {PHONE} or mailto:{ADDRESS}"
+"""
+RAW = (ADDRESS, PHONE, "Name.Surname@ECT.ENRON.COM")
+
+
+def _run(text, out):
+    from leakaudit.config import parse_experiment
+    from leakaudit.experiment import run_experiment
+
+    run_experiment(parse_experiment(text), out, config_text=text, log=lambda m: None)
+    return {f: (out / f).read_text(encoding="utf-8") for f in ("run.json", "summary.json", "report.html")}
+
+
+def test_run_artifacts_carry_no_raw_address_or_phone(tmp_path):
+    files = _run(EXPERIMENT, tmp_path / "out")
+    for name, text in files.items():
+        for raw in RAW:
+            assert raw not in text, (name, raw)
+    run = json.loads(files["run.json"])
+    assert run["experiment"]["name"] == "leak j************@enron.com ********64"
+    assert "N***********@ECT.ENRON.COM, ********64" in run["config_text"]
+    assert json.loads(files["summary.json"])["stages"]["data/emails"]["rows"] == {"all": 4}  # numbers intact
+    assert [s["folder"] for s in run["stages"]] == ["data/emails"]
+
+
+def test_show_pii_keeps_the_raw_values(tmp_path):
+    files = _run(EXPERIMENT + "  show_pii: true\n", tmp_path / "out")
+    assert json.loads(files["run.json"])["experiment"]["name"] == f"leak {ADDRESS} {PHONE}"
+    assert json.loads(files["summary.json"])["experiment"] == f"leak {ADDRESS} {PHONE}"
+
+
+def test_report_masks_a_summary_built_from_an_unmasked_run_record(tmp_path):
+    """A run.json written before masking existed (or edited by hand) still gives a masked summary and page."""
+    from leakaudit.report.html import write_report
+
+    (tmp_path / "run.json").write_text(json.dumps({
+        "experiment": {"name": f"x {ADDRESS}", "report": {"title": f"t {PHONE}"}},
+        "config_text": f"name: x {ADDRESS}", "versions": {}, "stages": [
+            {"id": f"data/{PHONE}", "kind": "dataset", "folder": "data/d", "key": "k", "params": {},
+             "status": "done", "seconds": 1.0, "result": {"note": f"by {ADDRESS}"}}]}), encoding="utf-8")
+    write_report(tmp_path)
+    for f in ("summary.json", "report.html"):
+        text = (tmp_path / f).read_text(encoding="utf-8")
+        assert ADDRESS not in text and PHONE not in text, f
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["stages"] == {"data/********64": {"note": "by j************@enron.com"}}
