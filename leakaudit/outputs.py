@@ -12,7 +12,6 @@ The rule, the same for every command:
 from __future__ import annotations
 
 import json
-import os
 import tempfile
 from collections.abc import Iterable, Mapping
 from pathlib import Path
@@ -50,9 +49,8 @@ def prepare_output(out: str | Path, *, command: str, inputs: Mapping[str, str | 
         _writable_dir(p.parent, p, option)
     else:
         _check_dir(p, command, tuple(files), option)
-        _writable_dir(p, p, option)
-        if marker:
-            _mark(p, command)
+        # the marker is the write test where there is one (no stray temp file another rank could see)
+        _writable_dir(p, p, option, mark=command if marker else None)
     return p
 
 
@@ -89,8 +87,9 @@ def _check_dir(p: Path, command: str, files: tuple[str, ...], option: str) -> No
                          f"{option} or empty it", file=p, field=option)
 
 
-def _writable_dir(directory: Path, out: Path, option: str) -> None:
-    """Create `directory` (and its parents) and prove a file can be written there."""
+def _writable_dir(directory: Path, out: Path, option: str, mark: str | None = None) -> None:
+    """Create `directory` (and its parents) and prove a file can be written there: write the marker
+    naming command `mark`, or else a temporary file."""
     existing = directory
     while not existing.exists() and existing != existing.parent:
         existing = existing.parent
@@ -98,12 +97,13 @@ def _writable_dir(directory: Path, out: Path, option: str) -> None:
         raise InputError(f"{existing} is a file, not a directory", file=out, field=option)
     try:
         directory.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryFile(dir=directory):
-            pass
+        if mark is not None:
+            _mark(directory, mark)
+        else:
+            with tempfile.TemporaryFile(dir=directory):
+                pass
     except OSError as exc:
         raise InputError(f"cannot write here: {exc.strerror or exc}", file=out, field=option) from None
-    if not os.access(directory, os.W_OK | os.X_OK):
-        raise InputError("cannot write here: permission denied", file=out, field=option)
 
 
 def _mark(p: Path, command: str) -> None:
