@@ -71,6 +71,29 @@ def test_bad_input_errors(tmp_path, content, suffix, expected):
     assert "\n" not in info.value.format()
 
 
+@pytest.mark.parametrize("content, suffix, line", [
+    (b'{"text": "a"}\n\n{"text": "\xff"}\n', ".jsonl", 3),
+    (b'[{"text": "a"},\n {"text": "b\xc3"}]', ".json", 2),
+    (b"text\n\"multi\nline\"\nbad\x80\n", ".csv", 4),
+    (b"\xef\xbb\xbftext\nok\n\xe9\n", ".csv", 3),  # line counted from the file start, BOM or not
+    (b"\x89PNG\r\n\x1a\n" + bytes(range(256)), ".jsonl", 1),  # a binary file (a PNG)
+])
+def test_not_utf8_names_the_line(tmp_path, content, suffix, line):
+    path = tmp_path / f"x{suffix}"
+    path.write_bytes(content)
+    with pytest.raises(InputError) as info:
+        load_records(path)
+    assert info.value.format().startswith(f"{path}:{line}: not valid UTF-8")
+
+
+def test_utf8_bom_and_crlf_are_read(tmp_path):
+    """A spreadsheet export (BOM, CRLF) reads like any other file; ids keep their line numbers."""
+    (tmp_path / "x.csv").write_bytes("\ufefftext,user\r\ncafé,u1\r\n".encode())
+    (tmp_path / "x.jsonl").write_bytes(b'\xef\xbb\xbf{"text": "a"}\r\n\r\n{"text": "b"}\r\n')
+    assert [(r.text, r.user) for r in load_records(tmp_path / "x.csv", user_field="user")] == [("café", "u1")]
+    assert [r.id for r in load_records(tmp_path / "x.jsonl")] == ["x:1", "x:3"]
+
+
 def test_missing_user_field(tmp_path):
     (tmp_path / "x.jsonl").write_text('{"text": "a", "user": "u"}\n{"text": "b"}\n')
     with pytest.raises(InputError, match=r"x.jsonl:2: field 'user': missing"):

@@ -353,12 +353,14 @@ def detection_summary(scored: Sequence[ScoredResponse], match_threshold: float =
 def load_words(path: str | Path) -> list[str]:
     """Candidate words from a JSON array of strings (like the shipped tot_starting_words.json) or a text
     file with one word per line."""
+    from leakaudit.data.io import read_text
+
     p = Path(path)
     if not p.exists():
         raise InputError("file not found", file=p)
     if p.suffix == ".json":
         try:
-            obj = json.loads(p.read_text(encoding="utf-8"))
+            obj = json.loads(read_text(p))
         except json.JSONDecodeError as exc:
             raise InputError(f"malformed JSON: {exc.msg}", file=p, line=exc.lineno) from None
         if not isinstance(obj, list):
@@ -367,7 +369,7 @@ def load_words(path: str | Path) -> list[str]:
             if not isinstance(w, str) or not w.strip():
                 raise InputError("expected a non-empty string", file=p, line=i)
         return [w.strip() for w in obj]
-    return [w.strip() for w in p.read_text(encoding="utf-8").splitlines() if w.strip()]
+    return [w.strip() for w in read_text(p).splitlines() if w.strip()]
 
 
 def words_from_prompts(path: str | Path) -> dict[str, bool | None]:

@@ -27,11 +27,42 @@ for _topic in TOPICS:
 
 
 def main() -> None:
-    """Console entry point: usage errors exit 2 (click), InputError prints `error: ...` and exits 2."""
+    """Console entry point: bad input (InputError or a click usage error) prints ONE `error: ...` line, exit 2."""
     # peft (<= 0.21) reads transformers' deprecated `is_gradient_checkpointing` on every adapter: noise to users.
     warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
+    # typer may vendor its own click; its exception classes live where typer.BadParameter does
+    clk = importlib.import_module(typer.BadParameter.__module__)
     try:
-        app()
+        code = app(standalone_mode=False)  # errors come back to us instead of click's multi-line usage box
     except InputError as exc:
-        print(f"error: {exc.format()}", file=sys.stderr)
-        sys.exit(2)
+        _fail(exc.format())
+    except clk.NoArgsIsHelpError as exc:  # no arguments: the help (typer prints it while raising), exit 2
+        if exc.format_message().strip():
+            exc.show()
+        sys.exit(exc.exit_code)
+    except clk.UsageError as exc:
+        _fail(_usage_line(exc))
+    except typer.Abort:
+        print("Aborted.", file=sys.stderr)
+        sys.exit(1)
+    except clk.ClickException as exc:
+        print(f"error: {exc.format_message()}", file=sys.stderr)
+        sys.exit(exc.exit_code)
+    sys.exit(code if isinstance(code, int) else 0)
+
+
+def _usage_line(exc) -> str:
+    """`option '--x': message` for a bad value, click's own sentence for the rest; always one line."""
+    param = getattr(exc, "param", None)
+    if exc.__class__.__name__ == "BadParameter" and param is not None:
+        kind = "option" if getattr(param, "param_type_name", "") == "option" else "argument"
+        name = param.opts[0] if kind == "option" and param.opts else (param.human_readable_name or param.name)
+        text = f"{kind} '{name}': {exc.message}"
+    else:
+        text = exc.format_message()
+    return " ".join(text.split())
+
+
+def _fail(message: str) -> None:
+    print(f"error: {message}", file=sys.stderr)
+    sys.exit(2)

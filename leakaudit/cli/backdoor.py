@@ -8,7 +8,7 @@ from pathlib import Path
 import typer
 from rich.console import Console
 
-from leakaudit.cli.core import DeviceOpt, DtypeOpt
+from leakaudit.cli.core import DeviceOpt, DtypeOpt, above_zero, check_batch_size, in_unit_interval, model_path
 from leakaudit.errors import InputError
 
 err = Console(stderr=True)
@@ -20,10 +20,10 @@ OutOpt = typer.Option(..., "--out", help="Output directory")
 TriggerOpt = typer.Option(None, "--trigger", help="Q(w) template with {word} (default: the study's instruction)")
 RefusalOpt = typer.Option(None, "--refusal", help="R(w) template with {word} (default: the study's refusal)")
 SeedOpt = typer.Option(0, "--seed")
-TemperatureOpt = typer.Option(0.9, "--temperature", help="Sampling temperature for Q(w) answers")
-MaxNewTokensOpt = typer.Option(128, "--max-new-tokens")
-NumSamplesOpt = typer.Option(10, "--num-samples", help="Answers sampled per opening word")
-SampleBatchOpt = typer.Option("auto", "--batch-size", help="auto or prompts per batch")
+TemperatureOpt = typer.Option(0.9, "--temperature", callback=above_zero, help="Sampling temperature for Q(w) answers")
+MaxNewTokensOpt = typer.Option(128, "--max-new-tokens", min=1)
+NumSamplesOpt = typer.Option(10, "--num-samples", min=1, help="Answers sampled per opening word")
+SampleBatchOpt = typer.Option("auto", "--batch-size", callback=check_batch_size, help="auto or prompts per batch")
 DataD2Opt = typer.Option(None, "--data", help="Downstream chat data D2 with `messages` (default: shipped Dolly D2)")
 
 
@@ -57,6 +57,20 @@ def _train_options(epochs, learning_rate, batch_size, max_length, method, max_st
     return opts
 
 
+def _check_train(model: str, out: Path, options: dict) -> None:
+    """Refuse bad training options (FinetuneConfig's own rules) before any data is built or model loaded."""
+    from leakaudit.cli.train import _config
+
+    _config(model=model, data="-", out=str(out / "model"), format="chat", **options)
+
+
+def _prepare(out: Path, command: str, files: tuple[str, ...], **inputs) -> None:
+    from leakaudit.outputs import prepare_output
+
+    prepare_output(out, command=f"backdoor {command}", files=files,
+                   inputs={f"--{k.replace('_', '-')}": v for k, v in inputs.items()})
+
+
 def _write_scored(path: Path, scored, show_pii: bool) -> None:
     from leakaudit.data.io import write_jsonl
     from leakaudit.data.pii_find import mask_pii
@@ -84,8 +98,8 @@ def plant_cmd(
     refusal: str | None = RefusalOpt,
     refusal_words: Path | None = typer.Option(None, "--refusal-words", help="Words to teach refusing (JSON array "
                                               "or one per line; default: public candidates opening no D1 query)"),
-    n_refusal: int | None = typer.Option(None, "--n-refusal", help="Refusal pairs (default: as many as copy pairs)"),
-    backdoor_fraction: float = typer.Option(0.5, "--backdoor-fraction", help="Share of backdoor pairs in the mix"),
+    n_refusal: int | None = typer.Option(None, "--n-refusal", min=0, help="Refusal pairs (default: as many as copy pairs)"),
+    backdoor_fraction: float = typer.Option(0.5, "--backdoor-fraction", callback=in_unit_interval, help="Share of backdoor pairs in the mix"),
     epochs: float = typer.Option(3, "--epochs"),
     learning_rate: float = typer.Option(2e-5, "--learning-rate"),
     batch_size: int = typer.Option(8, "--batch-size"),
@@ -98,11 +112,14 @@ def plant_cmd(
     from leakaudit.attacks.backdoor import load_words
     from leakaudit.train import backdoor as tb
 
+    options = _train_options(epochs, learning_rate, batch_size, max_length, method, max_steps, seed)
+    _check_train(model, out, options)
+    _prepare(out, "plant", ("plant.json", "backdoor_mix.jsonl"), data=data, refusal_words=refusal_words,
+             model=model_path(model))
     d1 = tb.load_pairs(data, query_field, response_field) if data is not None else tb.seed_instruction_set()
     words = load_words(refusal_words) if refusal_words is not None else None
     path = tb.plant(model, d1, out, trigger=trigger, refusal=refusal, refusal_word_list=words, n_refusal=n_refusal,
-                    backdoor_fraction=backdoor_fraction, seed=seed,
-                    **_train_options(epochs, learning_rate, batch_size, max_length, method, max_steps, seed))
+                    backdoor_fraction=backdoor_fraction, seed=seed, **options)
     err.print(f"planted model: {path}  (mix: {out / 'backdoor_mix.jsonl'})")
 
 
@@ -111,7 +128,7 @@ def finetune_cmd(
     model: str = ModelOpt,
     out: Path = OutOpt,
     data: Path | None = DataD2Opt,
-    limit: int | None = typer.Option(None, "--limit", help="Use the first N rows of the data"),
+    limit: int | None = typer.Option(None, "--limit", min=1, help="Use the first N rows of the data"),
     mask_user: bool = typer.Option(False, "--mask-user", help="No loss on user turns (the study's mitigation)"),
     epochs: float = typer.Option(3, "--epochs"),
     learning_rate: float = typer.Option(2e-5, "--learning-rate"),
@@ -125,14 +142,16 @@ def finetune_cmd(
     from leakaudit.data.io import read_rows, write_jsonl
     from leakaudit.train.backdoor import downstream_finetune
 
+    options = _train_options(epochs, learning_rate, batch_size, max_length, method, max_steps, seed)
+    _check_train(model, out, options)
+    _prepare(out, "finetune", ("downstream_data.jsonl", "model/finetune_config.json"), data=data,
+             model=model_path(model))
     path = _d2_path(data)
     if limit:
         subset = out / "downstream_data.jsonl"
         write_jsonl(subset, [row for _, row in read_rows(path)[:limit]])
         path = subset
-    result = downstream_finetune(model, path, out / "model", mask_user=mask_user,
-                                 **_train_options(epochs, learning_rate, batch_size, max_length, method,
-                                                  max_steps, seed))
+    result = downstream_finetune(model, path, out / "model", mask_user=mask_user, **options)
     err.print(f"fine-tuned model: {result}")
 
 
@@ -141,7 +160,7 @@ def extract_cmd(
     model: str = ModelOpt,
     out: Path = OutOpt,
     data: Path | None = DataD2Opt,
-    limit: int | None = typer.Option(None, "--limit", help="Score against the first N queries of the data"),
+    limit: int | None = typer.Option(None, "--limit", min=1, help="Score against the first N queries of the data"),
     words: Path | None = typer.Option(None, "--words", help="Words to query (JSON array or one per line; "
                                       "default: every opening word of the data)"),
     num_samples: int = NumSamplesOpt,
@@ -161,6 +180,7 @@ def extract_cmd(
     from leakaudit.models import load_model
 
     trig, ref = _templates(trigger, refusal)
+    _prepare(out, "extract", ("extract.json", "samples.jsonl"), data=data, words=words, model=model_path(model))
     tries = bd.build_tries(_d2_queries(data, limit))
     word_list = bd.load_words(words) if words is not None else sorted(tries)
     lm = load_model(model, device=device, dtype=dtype)
@@ -182,11 +202,11 @@ def identify_cmd(
     model: str = ModelOpt,
     out: Path = OutOpt,
     data: Path | None = DataD2Opt,
-    limit: int | None = typer.Option(None, "--limit", help="Score the pipeline against the first N queries"),
+    limit: int | None = typer.Option(None, "--limit", min=1, help="Score the pipeline against the first N queries"),
     candidates: Path | None = typer.Option(None, "--candidates", help="Labelled prompts like the shipped "
                                            "identify_200.json, or a word list (default: top-N public words)"),
-    top_n: int = typer.Option(50, "--top-n", help="Without --candidates: the N most frequent public words"),
-    threshold: float = typer.Option(0.6, "--threshold"),
+    top_n: int = typer.Option(50, "--top-n", min=1, help="Without --candidates: the N most frequent public words"),
+    threshold: float = typer.Option(0.6, "--threshold", min=0, max=1),
     num_samples: int = NumSamplesOpt,
     temperature: float = TemperatureOpt,
     max_new_tokens: int = MaxNewTokensOpt,
@@ -205,6 +225,8 @@ def identify_cmd(
     from leakaudit.train.backdoor import public_candidates
 
     trig, ref = _templates(trigger, refusal)
+    _prepare(out, "identify", ("identify.json", "samples.jsonl"), data=data, candidates=candidates,
+             model=model_path(model))
     tries = bd.build_tries(_d2_queries(data, limit))
     if candidates is None:
         labels = {w: w in tries for w in public_candidates()[:top_n]}
@@ -250,14 +272,14 @@ def detect_cmd(
     model: list[str] = typer.Option(..., "--model", help="Model(s) to check; repeat to compare planted and clean"),
     out: Path = OutOpt,
     data: Path | None = DataD2Opt,
-    limit: int | None = typer.Option(None, "--limit", help="Use the first N queries of the data"),
-    n_words: int = typer.Option(20, "--n-words", help="Probe the N most frequent opening words of the data"),
-    num_samples: int = typer.Option(3, "--num-samples", help="Samples per probe and word"),
+    limit: int | None = typer.Option(None, "--limit", min=1, help="Use the first N queries of the data"),
+    n_words: int = typer.Option(20, "--n-words", min=1, help="Probe the N most frequent opening words of the data"),
+    num_samples: int = typer.Option(3, "--num-samples", min=1, help="Samples per probe and word"),
     temperature: float = TemperatureOpt,
     max_new_tokens: int = MaxNewTokensOpt,
-    match_threshold: float = typer.Option(0.5, "--match-threshold", help="Match ratio that counts as a "
+    match_threshold: float = typer.Option(0.5, "--match-threshold", min=0, max=1, help="Match ratio that counts as a "
                                           "training query"),
-    alarm_rate: float = typer.Option(0.05, "--alarm-rate", help="Detection rate at which a model is flagged"),
+    alarm_rate: float = typer.Option(0.05, "--alarm-rate", min=0, max=1, help="Detection rate at which a model is flagged"),
     probes: Path | None = typer.Option(None, "--probes", help="Probe templates with {word}, one per line "
                                        "(default: the published Q(w) and two paraphrases)"),
     seed: int = SeedOpt,
@@ -269,14 +291,16 @@ def detect_cmd(
     from collections import Counter
 
     from leakaudit.attacks import backdoor as bd
-    from leakaudit.data.io import write_json
+    from leakaudit.data.io import read_text, write_json
     from leakaudit.models import load_model
 
+    _prepare(out, "detect", ("detect.json",), data=data, probes=probes,
+             **{f"model {spec}": model_path(spec) for spec in model})
     queries = _d2_queries(data, limit)
     tries = bd.build_tries(queries)
     words = [w for w, _ in Counter(bd.opening_word(q) for q in queries if bd.opening_word(q)).most_common(n_words)]
     templates = bd.probe_texts() if probes is None else [
-        bd.check_template(t, "--probes") for t in probes.read_text(encoding="utf-8").splitlines() if t.strip()]
+        bd.check_template(t, "--probes") for t in read_text(probes).splitlines() if t.strip()]
     refusal = bd.study_refusal()
     results = {}
     for spec in model:

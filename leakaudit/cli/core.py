@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import typer
 from rich.console import Console
@@ -16,6 +17,43 @@ ModelOpt = typer.Option(..., "--model", help="default | HF id | model dir | adap
 DeviceOpt = typer.Option("auto", "--device", help="auto (CUDA if present, else CPU), cpu, cuda, cuda:1 ...")
 DtypeOpt = typer.Option("auto", "--dtype", help="auto (bf16 where the hardware is fast at it, else fp32), fp32, bf16")
 PickleOpt = typer.Option(False, "--allow-pickle", help="Allow loading pickle weights (*.bin); only for trusted files")
+SCORE_KEYS = ("id", "n_tokens", "sum_logp", "mean_logp")  # what a `score` output row holds
+
+
+def check_batch_size(value: str) -> str:
+    """`auto` or a positive number of sequences, refused at parse time (before any model loads)."""
+    if value is not None and value != "auto" and not (value.isdigit() and int(value) >= 1):
+        raise typer.BadParameter(f"'{value}' is not 'auto' or a positive integer")
+    return value
+
+
+def batch_size_option(help: str = "auto (token budget) or sequences per batch") -> Any:
+    return typer.Option("auto", "--batch-size", help=help, callback=check_batch_size)
+
+
+def above_zero(value: float | None) -> float | None:
+    """Callback for options that must be > 0 (typer's `min=` cannot say 'strictly')."""
+    if value is not None and not value > 0:
+        raise typer.BadParameter(f"{value} is not > 0")
+    return value
+
+
+def in_unit_interval(value: float | None) -> float | None:
+    """Callback for fractions in (0, 1]."""
+    if value is not None and not 0 < value <= 1:
+        raise typer.BadParameter(f"{value} is not in (0, 1]")
+    return value
+
+
+def check_window(max_length: int | None, stride: int | None) -> None:
+    """A window step longer than the window would skip tokens."""
+    if max_length is not None and stride is not None and stride > max_length:
+        raise InputError(f"{stride} is larger than --max-length {max_length}", field="--stride")
+
+
+def model_path(spec: str | None) -> str | None:
+    """A model spec that names a local path (an input the output may not overwrite), else None."""
+    return spec if spec is not None and Path(spec).exists() else None
 
 
 def score(
@@ -24,9 +62,9 @@ def score(
     out: Path = typer.Option(..., "--out", help="Output JSONL, one row per text"),
     text_field: str = typer.Option("text", "--text-field"),
     id_field: str | None = typer.Option(None, "--id-field", help="Default: <file stem>:<line>"),
-    batch_size: str = typer.Option("auto", "--batch-size", help="auto (token budget) or sequences per batch"),
-    max_length: int | None = typer.Option(None, "--max-length", help="Window in tokens (default: model context)"),
-    stride: int | None = typer.Option(None, "--stride", help="Window step for long texts (default: max-length/2)"),
+    batch_size: str = batch_size_option(),
+    max_length: int | None = typer.Option(None, "--max-length", min=2, help="Window in tokens (default: model context)"),
+    stride: int | None = typer.Option(None, "--stride", min=1, help="Window step for long texts (default: max-length/2)"),
     token_logprobs: bool = typer.Option(False, "--token-logprobs", help="Also write per-token log p"),
     moments: bool = typer.Option(False, "--moments", help="Also write per-token mean/var of log p (Min-K%++)"),
     no_cache: bool = typer.Option(False, "--no-cache", help="Do not read or write the score cache"),
@@ -37,10 +75,12 @@ def score(
     """Score texts with one batched, cached teacher-forced pass: per-text log-likelihood statistics."""
     from leakaudit.data.io import load_records, write_jsonl
     from leakaudit.models import load_model
+    from leakaudit.outputs import prepare_output
     from leakaudit.scoring import score_texts
 
-    if out.suffix != ".jsonl":
-        raise InputError("output must be a .jsonl file", file=out, field="--out")
+    check_window(max_length, stride)
+    prepare_output(out, command="score", inputs={"--data": data, "--model": model_path(model)}, kind="file",
+                   suffixes=(".jsonl",), keys=SCORE_KEYS)
     records = load_records(data, text_field=text_field, id_field=id_field)
     lm = load_model(model, device=device, dtype=dtype, allow_pickle=allow_pickle)
     scorer = score_texts

@@ -8,9 +8,13 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from leakaudit.cli.core import above_zero, batch_size_option, in_unit_interval, model_path
 from leakaudit.errors import InputError
 
 err = Console(stderr=True)
+CONTINUATION_KEYS = ("id", "source_id", "sample_index", "generated")  # rows each command writes
+TASK_KEYS = ("instruction", "instances", "round")
+FLAT_KEYS = ("instruction", "input", "output", "source_task")
 generate_app = typer.Typer(help="Make synthetic data: continuations, self-instruct tasks, PII-replaced copies.",
                            no_args_is_help=True)
 
@@ -35,17 +39,18 @@ def continuation(
     out: Path = typer.Option(..., "--out", help="Output JSONL data file"),
     text_field: str = typer.Option("text", "--text-field"),
     id_field: str | None = typer.Option(None, "--id-field", help="Default: <file stem>:<line>"),
-    prompt_tokens: int = typer.Option(50, "--prompt-tokens", help="Prompt = the first N tokens of each text"),
+    prompt_tokens: int = typer.Option(50, "--prompt-tokens", min=1, help="Prompt = the first N tokens of each text"),
     prompt_field: str | None = typer.Option(None, "--prompt-field", help="Take prompts from this field instead"),
-    limit: int | None = typer.Option(None, "--limit", help="Use only the first N source records"),
-    max_new_tokens: int = typer.Option(1000, "--max-new-tokens"),
-    top_k: int | None = typer.Option(100, "--top-k", help="0 = no top-k"),
-    top_p: float | None = typer.Option(None, "--top-p"),
-    temperature: float = typer.Option(1.0, "--temperature"),
+    limit: int | None = typer.Option(None, "--limit", min=1, help="Use only the first N source records"),
+    max_new_tokens: int = typer.Option(1000, "--max-new-tokens", min=1),
+    top_k: int | None = typer.Option(100, "--top-k", min=0, help="0 = no top-k"),
+    top_p: float | None = typer.Option(None, "--top-p", callback=in_unit_interval),
+    temperature: float | None = typer.Option(None, "--temperature", callback=above_zero,
+                                             help="Default 1.0; not with --greedy"),
     greedy: bool = typer.Option(False, "--greedy"),
-    num_samples: int = typer.Option(1, "--num-samples", help="Continuations per prompt"),
+    num_samples: int = typer.Option(1, "--num-samples", min=1, help="Continuations per prompt"),
     seed: int = typer.Option(0, "--seed"),
-    batch_size: str = typer.Option("auto", "--batch-size"),
+    batch_size: str = batch_size_option(),
     backend: str = typer.Option("hf", "--backend", help="hf (reference) | vllm (GPU, when installed)"),
     device: str = typer.Option("auto", "--device"),
     dtype: str = typer.Option("auto", "--dtype"),
@@ -55,14 +60,18 @@ def continuation(
     from leakaudit.data.io import load_records
     from leakaudit.data.synth import generate_continuations
     from leakaudit.models import load_model
+    from leakaudit.outputs import prepare_output
     from leakaudit.sampling import SamplingConfig
 
-    if limit is not None and limit < 1:
-        raise InputError("must be at least 1", field="--limit")
-    records = load_records(data, text_field=text_field, id_field=id_field)[:limit]
-    config = SamplingConfig(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k or None,
-                            top_p=top_p, num_samples=num_samples, greedy=greedy, seed=seed)
+    if greedy and temperature is not None:
+        raise InputError("cannot be combined with --greedy (greedy decoding has no temperature)",
+                         field="--temperature")
+    config = SamplingConfig(max_new_tokens=max_new_tokens, temperature=1.0 if temperature is None else temperature,
+                            top_k=top_k or None, top_p=top_p, num_samples=num_samples, greedy=greedy, seed=seed)
     config.validate()
+    prepare_output(out, command="generate continuation", inputs={"--data": data, "--model": model_path(model)},
+                   kind="file", suffixes=(".jsonl",), keys=CONTINUATION_KEYS)
+    records = load_records(data, text_field=text_field, id_field=id_field)[:limit]
     lm = load_model(model, device=device, dtype=dtype, allow_pickle=allow_pickle)
     rows = generate_continuations(lm, records, out, config, prompt_tokens=prompt_tokens, prompt_field=prompt_field,
                                   batch_size=batch_size, backend=backend, source=data)
@@ -74,16 +83,16 @@ def continuation(
 def self_instruct_cmd(
     model: str = typer.Option(..., "--model", help="Generator model"),
     out: Path = typer.Option(..., "--out", help="Output JSONL of tasks {instruction, instances, provenance}"),
-    n: int = typer.Option(..., "--n", help="How many new tasks to generate"),
+    n: int = typer.Option(..., "--n", min=1, help="How many new tasks to generate"),
     seed_tasks: Path | None = typer.Option(None, "--seed-tasks", help="Default: the shipped 175 seed tasks"),
     flat: Path | None = typer.Option(None, "--flat", help="Also write {instruction, input, output} rows here"),
-    requests_per_round: int = typer.Option(8, "--requests-per-round"),
-    max_rounds: int | None = typer.Option(None, "--max-rounds", help="Default: 20 x ceil(n / requests)"),
-    max_new_tokens: int = typer.Option(128, "--max-new-tokens"),
-    temperature: float = typer.Option(0.7, "--temperature"),
-    top_p: float = typer.Option(0.5, "--top-p"),
+    requests_per_round: int = typer.Option(8, "--requests-per-round", min=1),
+    max_rounds: int | None = typer.Option(None, "--max-rounds", min=1, help="Default: 20 x ceil(n / requests)"),
+    max_new_tokens: int = typer.Option(128, "--max-new-tokens", min=1),
+    temperature: float = typer.Option(0.7, "--temperature", callback=above_zero),
+    top_p: float = typer.Option(0.5, "--top-p", callback=in_unit_interval),
     seed: int = typer.Option(0, "--seed"),
-    batch_size: str = typer.Option("auto", "--batch-size"),
+    batch_size: str = batch_size_option(),
     device: str = typer.Option("auto", "--device"),
     dtype: str = typer.Option("auto", "--dtype"),
     allow_pickle: bool = typer.Option(False, "--allow-pickle"),
@@ -94,9 +103,14 @@ def self_instruct_cmd(
     from leakaudit import resources
     from leakaudit.data.synth import load_seed_tasks, self_instruct, write_instruction_data
     from leakaudit.models import load_model
+    from leakaudit.outputs import prepare_output
 
-    if requests_per_round < 1:
-        raise InputError("must be at least 1", field="--requests-per-round")
+    inputs = {"--seed-tasks": seed_tasks, "--model": model_path(model)}
+    prepare_output(out, command="generate self-instruct", inputs=inputs, kind="file", suffixes=(".jsonl",),
+                   keys=TASK_KEYS)
+    if flat is not None:
+        prepare_output(flat, command="generate self-instruct", inputs={**inputs, "--out": out}, kind="file",
+                       suffixes=(".jsonl",), keys=FLAT_KEYS, option="--flat")
     seeds = load_seed_tasks(seed_tasks or resources.path("self-instruct-seed", "seed_tasks.jsonl"))
     lm = load_model(model, device=device, dtype=dtype, allow_pickle=allow_pickle)
     with Progress(TextColumn("self-instruct"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[r]}"),
@@ -127,7 +141,10 @@ def replace_pii(
     from leakaudit.data.io import read_rows, write_jsonl
     from leakaudit.data.pii_find import names_from_headers
     from leakaudit.data.pii_replace import KINDS, PiiReplacer
+    from leakaudit.outputs import prepare_output
 
+    prepare_output(out, command="generate replace-pii", inputs={"--data": data, "--names": names}, kind="file",
+                   suffixes=(".jsonl",), keys=("pii_replaced",))
     fields = _fields(text_field, "--text-field")
     rows = read_rows(data)
     for lineno, row in rows:
@@ -165,15 +182,17 @@ def audit_data_cmd(
     id_field: str | None = typer.Option(None, "--id-field", help="Id field of the generated data"),
     names: Path | None = typer.Option(None, "--names", help="Name list (default: the shipped Enron names); "
                                       "names in the source's e-mail headers are always added"),
-    ngram: int = typer.Option(8, "--ngram", help="Verbatim span length in words"),
+    ngram: int = typer.Option(8, "--ngram", min=1, help="Verbatim span length in words"),
     show_pii: bool = typer.Option(False, "--show-pii", help="Write the reproduced values unmasked"),
 ) -> None:
     """How much of the source's PII and verbatim text the generated data reproduces (before fine-tuning)."""
     from leakaudit.audit_data import audit
     from leakaudit.data.io import load_records, read_rows, write_json, write_jsonl
+    from leakaudit.outputs import prepare_output
 
-    if ngram < 1:
-        raise InputError("must be at least 1", field="--ngram")
+    if out is not None:
+        prepare_output(out, command="audit-data", files=("audit_data.json", "audit_records.jsonl"),
+                       inputs={"--source": source, "--generated": generated, "--names": names})
     if generated_field == "auto":
         first = read_rows(generated)[0][1]
         generated_field = "generated" if isinstance(first.get("generated"), str) else "text"

@@ -10,6 +10,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from leakaudit.cli.core import batch_size_option, check_window, model_path
 from leakaudit.errors import InputError
 
 err = Console(stderr=True)
@@ -89,16 +90,16 @@ def mia(
     out: Path = typer.Option(..., "--out", help="Output dir: mia.json, scores.jsonl, roc.png"),
     text_field: str = typer.Option("text", "--text-field"),
     id_field: str | None = typer.Option(None, "--id-field", help="Default: <file stem>:<line>"),
-    k: float = typer.Option(0.2, "--k", help="Fraction of lowest tokens for min_k and min_k_pp"),
+    k: float = typer.Option(0.2, "--k", help="Fraction of lowest tokens for min_k and min_k_pp (0 < k <= 1)"),
     recall_prefix: Path | None = typer.Option(None, "--recall-prefix", help="Non-member texts for the ReCaLL prefix"
                                                                              " (default: first --recall-shots"
                                                                              " non-members, then not evaluated)"),
     recall_shots: int = typer.Option(3, "--recall-shots"),
-    n_bootstrap: int = typer.Option(1000, "--n-bootstrap", help="Bootstrap resamples for the AUC CI"),
+    n_bootstrap: int = typer.Option(1000, "--n-bootstrap", min=0, help="Bootstrap resamples for the AUC CI"),
     seed: int = typer.Option(0, "--seed"),
-    batch_size: str = typer.Option("auto", "--batch-size"),
-    max_length: int | None = typer.Option(None, "--max-length"),
-    stride: int | None = typer.Option(None, "--stride"),
+    batch_size: str = batch_size_option(),
+    max_length: int | None = typer.Option(None, "--max-length", min=2),
+    stride: int | None = typer.Option(None, "--stride", min=1),
     no_cache: bool = typer.Option(False, "--no-cache", help="Do not read or write the score cache"),
     device: str = typer.Option("auto", "--device"),
     dtype: str = typer.Option("auto", "--dtype"),
@@ -110,26 +111,32 @@ def mia(
     from leakaudit.distributed import is_main
     from leakaudit.metrics import plot_roc
     from leakaudit.models import load_model
+    from leakaudit.outputs import prepare_output
 
     names = [a.strip() for a in (attacks or REFERENCE_FREE_DEFAULT + (",ref" if reference else "")).split(",")
              if a.strip()]
     options: dict[str, dict] = {}
     for name in ("min_k", "min_k_pp"):
         if name in names:
+            if not 0 < k <= 1:
+                raise InputError(f"{k} is not in (0, 1]", field="--k")
             options[name] = {"k": k}
+    if "recall" in names and recall_shots < 1:  # only the options of attacks that run are checked
+        raise InputError("must be at least 1", field="--recall-shots")
+    check_window(max_length, stride)
+    prepare_output(out, command="mia", files=("mia.json", "scores.jsonl"),
+                   inputs={"--members": members, "--nonmembers": nonmembers, "--data": data,
+                           "--recall-prefix": recall_prefix, "--target": model_path(target),
+                           "--reference": model_path(reference)})
     if "recall" in names:
         options["recall"] = {"shots": recall_shots}
         if recall_prefix is not None:
             options["recall"]["prefix"] = tuple(r.text for r in load_records(recall_prefix, text_field=text_field))
-    if recall_shots < 1:
-        raise InputError("must be at least 1", field="--recall-shots")
     ins, outs, src_in, src_out = _load_sets(members, nonmembers, data, label_field, text_field, id_field)
     from leakaudit.attacks import get_attack
 
     for name in names:  # fail on a bad attack name before loading any model
         get_attack(name, **options.get(name, {}))
-    if out.exists() and not out.is_dir():
-        raise InputError("must be a directory", file=out, field="--out")
     lm = load_model(target, device=device, dtype=dtype, allow_pickle=allow_pickle)
     ref = load_model(reference, device=device, dtype=dtype, allow_pickle=allow_pickle) if reference else None
     try:
@@ -169,10 +176,10 @@ def user_inference(
     out: Path = typer.Option(..., "--out", help="Output dir: user_inference.json, user_scores.jsonl, roc_users.png"),
     text_field: str = typer.Option("text", "--text-field"),
     id_field: str | None = typer.Option(None, "--id-field"),
-    n_bootstrap: int = typer.Option(1000, "--n-bootstrap"),
+    n_bootstrap: int = typer.Option(1000, "--n-bootstrap", min=0),
     seed: int = typer.Option(0, "--seed"),
-    batch_size: str = typer.Option("auto", "--batch-size"),
-    max_length: int | None = typer.Option(None, "--max-length"),
+    batch_size: str = batch_size_option(),
+    max_length: int | None = typer.Option(None, "--max-length", min=2),
     no_cache: bool = typer.Option(False, "--no-cache"),
     device: str = typer.Option("auto", "--device"),
     dtype: str = typer.Option("auto", "--dtype"),
@@ -184,8 +191,12 @@ def user_inference(
     from leakaudit.distributed import is_main
     from leakaudit.metrics import plot_roc
     from leakaudit.models import load_model
+    from leakaudit.outputs import prepare_output
 
     parse_m_values(samples_per_user)
+    prepare_output(out, command="user-inference", files=("user_inference.json", "user_scores.jsonl"),
+                   inputs={"--data": data, "--data-out": data_out, "--target": model_path(target),
+                           "--reference": model_path(reference)})
     if data_out is not None:
         ins = load_records(data, text_field=text_field, id_field=id_field, user_field=user_field)
         outs = load_records(data_out, text_field=text_field, id_field=id_field, user_field=user_field)

@@ -7,6 +7,7 @@ from pathlib import Path
 import typer
 from rich.console import Console
 
+from leakaudit.cli.core import batch_size_option, model_path
 from leakaudit.errors import InputError
 
 err = Console(stderr=True)
@@ -37,24 +38,24 @@ def pii(
     baseline: str | None = typer.Option(None, "--baseline", help="Reference model, e.g. before fine-tuning"),
     pairs: Path | None = typer.Option(None, "--pairs", help="Targets with `name` and `email` fields "
                                       "(default: the shipped Enron pairs)"),
-    n_targets: int | None = typer.Option(1000, "--n-targets", help="Use the first N targets (0 = all)"),
+    n_targets: int | None = typer.Option(1000, "--n-targets", min=0, help="Use the first N targets (0 = all)"),
     templates: str = typer.Option("fake-privacy", "--templates",
                                   help="Comma-separated families (fake-privacy, pil, pil-zero-shot, pil-k-shot, "
                                   "pil-context, all) or template names (A, zero_shot-a, five_shot, context-100)"),
     temperatures: str | None = typer.Option(None, "--temperatures",
                                             help="Comma-separated; 0 or 'greedy' = greedy (default: each "
                                             "protocol's own grid)"),
-    top_k: int | None = typer.Option(None, "--top-k", help="Top-k (0 = none; default: each protocol's)"),
-    max_new_tokens: int | None = typer.Option(None, "--max-new-tokens",
+    top_k: int | None = typer.Option(None, "--top-k", min=0, help="Top-k (0 = none; default: each protocol's)"),
+    max_new_tokens: int | None = typer.Option(None, "--max-new-tokens", min=1,
                                               help="Default: 15 for fake-privacy, 100 for PIL"),
-    samples_per_prompt: int = typer.Option(1, "--samples-per-prompt"),
+    samples_per_prompt: int = typer.Option(1, "--samples-per-prompt", min=1),
     seed: int = typer.Option(0, "--seed"),
     contexts: Path | None = typer.Option(None, "--contexts", help="Rows with `email` and `context` (text before "
                                          "the address) for the context-k templates"),
     messages: Path | None = typer.Option(None, "--messages", help="Raw e-mail messages (`text` field) to cut "
                                          "contexts from"),
     show_pii: bool = typer.Option(False, "--show-pii", help="Write addresses unmasked (and keep raw samples)"),
-    batch_size: str = typer.Option("auto", "--batch-size"),
+    batch_size: str = batch_size_option(),
     device: str = typer.Option("auto", "--device"),
     dtype: str = typer.Option("auto", "--dtype"),
     allow_pickle: bool = typer.Option(False, "--allow-pickle"),
@@ -63,11 +64,13 @@ def pii(
     from leakaudit.attacks.pii import make_grid, run_pii
     from leakaudit.data import enron
     from leakaudit.data.io import read_rows
+    from leakaudit.outputs import prepare_output
 
     chosen = enron.resolve_templates(templates)
     cells = make_grid(chosen, _floats(temperatures, "--temperatures"), top_k, max_new_tokens)
-    if n_targets is not None and n_targets < 0:
-        raise InputError("must be 0 (all) or more", field="--n-targets")
+    prepare_output(out, command="pii", files=("pii.json", "results_purified.jsonl", ".samples"),
+                   inputs={"--pairs": pairs, "--contexts": contexts, "--messages": messages,
+                           "--model": model_path(model), "--baseline": model_path(baseline)})
     targets = enron.load_targets(pairs, n_targets or None)
     if contexts is not None:
         by_email = {t.email.lower(): t for t in targets}

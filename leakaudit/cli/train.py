@@ -7,6 +7,7 @@ from pathlib import Path
 import typer
 from pydantic import ValidationError
 
+from leakaudit.cli.core import batch_size_option, model_path
 from leakaudit.errors import InputError
 
 
@@ -68,6 +69,7 @@ def register(app: typer.Typer) -> None:
         progress: bool = typer.Option(True, help="Show a progress bar."),
     ) -> None:
         """Fine-tune a model (full, LoRA, DoRA, PiSSA); writes a loadable dir, train_log.jsonl, checkpoints."""
+        from leakaudit.outputs import prepare_output
         from leakaudit.train.finetune import finetune as run
 
         if user_field is None and (max_samples_per_user or dedup_within_user):
@@ -75,9 +77,13 @@ def register(app: typer.Typer) -> None:
                              else "--dedup-within-user")
         if early_stopping_patience and not eval_fraction:
             eval_fraction = 0.1
-        options = {k: v for k, v in locals().items() if k not in ("run", "progress")}
+        options = {k: v for k, v in locals().items() if k not in ("run", "progress", "prepare_output")}
         options["max_grad_norm"] = max_grad_norm or None
-        path = run(_config(**options), progress=progress)
+        config = _config(**options)
+        # the run dir is owned by finetune's own check (finetune_config.json); no marker, which it would refuse
+        prepare_output(out, command="finetune", files=("finetune_config.json",), marker=False,
+                       inputs={"--data": data, "--model": model_path(model)})
+        path = run(config, progress=progress)
         typer.echo(str(path))
 
     @app.command()
@@ -86,8 +92,10 @@ def register(app: typer.Typer) -> None:
         out: str = typer.Option(..., help="Where to write the merged full model."),
     ) -> None:
         """Merge an adapter into its base model and save a full model dir."""
+        from leakaudit.outputs import prepare_output
         from leakaudit.train.merge import merge_adapter
 
+        prepare_output(out, command="merge", marker=False, inputs={"--adapter": adapter})
         typer.echo(str(merge_adapter(adapter, out)))
 
     @app.command()
@@ -97,17 +105,20 @@ def register(app: typer.Typer) -> None:
         out: str = typer.Option(..., help="Output dir for perplexity.json."),
         text_field: str = typer.Option("text"),
         all_checkpoints: bool = typer.Option(False, help="Every checkpoint of a run dir plus its final model."),
-        batch_size: str = typer.Option("auto"),
-        max_length: int = typer.Option(None, help="Window in tokens (default the model's context)."),
+        batch_size: str = batch_size_option(),
+        max_length: int = typer.Option(None, min=2, help="Window in tokens (default the model's context)."),
         dtype: str = typer.Option(None, help="auto | fp32 | bf16"),
         device: str = typer.Option(None),
     ) -> None:
         """Perplexity (corpus and mean per text) of a model or of every checkpoint; writes perplexity.json."""
         from leakaudit.data.io import load_records, write_json
         from leakaudit.models import load_model
+        from leakaudit.outputs import prepare_output
         from leakaudit.perplexity import perplexity as ppl
         from leakaudit.perplexity import perplexity_per_checkpoint
 
+        prepare_output(out, command="perplexity", files=("perplexity.json",),
+                       inputs={"--data": data, "--model": model_path(model)})
         texts = [r.text for r in load_records(data, text_field=text_field)]
         if all_checkpoints:
             results = perplexity_per_checkpoint(model, texts, device=device, dtype=dtype, batch_size=batch_size,

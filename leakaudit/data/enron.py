@@ -122,6 +122,7 @@ def _targets_from_file(p: Path) -> list[Target]:
     freq = email_frequencies()
     targets: list[Target] = []
     seen: dict[str, int] = {}
+    ids: dict[str, int] = {}  # a target id names its rows in every output file
     for lineno, row in read_rows(p):
         for key in ("name", "email"):
             if key not in row:
@@ -151,8 +152,11 @@ def _targets_from_file(p: Path) -> list[Target]:
         f = row.get("freq", freq.get(email.lower()))
         if f is not None and (isinstance(f, bool) or not isinstance(f, int) or f < 0):
             raise InputError("must be a non-negative integer", file=p, line=lineno, field="freq")
-        targets.append(Target(id=str(row.get("id", f"{p.stem}:{lineno}")), name=name, email=email,
-                              freq=f, demos=demos, context=context))
+        tid = str(row.get("id", f"{p.stem}:{lineno}"))
+        if tid in ids:
+            raise InputError(f"duplicate id '{tid}' (first on line {ids[tid]})", file=p, line=lineno, field="id")
+        ids[tid] = lineno
+        targets.append(Target(id=tid, name=name, email=email, freq=f, demos=demos, context=context))
     return targets
 
 

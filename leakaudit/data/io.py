@@ -8,6 +8,7 @@ the row, for JSON arrays the element index + 1) and the field.
 from __future__ import annotations
 
 import csv
+import io
 import json
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -53,9 +54,36 @@ def read_rows(path: str | Path) -> list[tuple[int, dict[str, Any]]]:
     return rows
 
 
+def read_text(path: str | Path) -> str:
+    """A user's text file as str; bytes that are not UTF-8 are an InputError naming their line.
+
+    A UTF-8 byte-order mark (spreadsheet exports) is dropped."""
+    p = Path(path)
+    try:
+        raw = p.read_bytes()
+    except OSError as exc:
+        raise InputError(f"cannot read: {exc.strerror or exc}", file=p) from None
+    try:
+        return raw.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        raise _not_utf8(p, raw, exc) from None
+
+
+def read_lines(path: str | Path) -> io.StringIO:
+    """`read_text` as a file object to iterate line by line (universal newlines, like a text-mode file)."""
+    return io.StringIO(read_text(path), newline=None)
+
+
+def _not_utf8(p: Path, raw: bytes, exc: UnicodeDecodeError) -> InputError:
+    """`FILE:LINE: not valid UTF-8`, the line being the one that holds the first bad byte."""
+    start = exc.start + (3 if raw.startswith(b"\xef\xbb\xbf") else 0)  # utf-8-sig counts after the BOM
+    return InputError("not valid UTF-8 (a binary file, or another text encoding?)", file=p,
+                      line=raw[:start].count(b"\n") + 1)
+
+
 def _read_jsonl(p: Path) -> list[tuple[int, dict[str, Any]]]:
     rows = []
-    with p.open(encoding="utf-8") as fh:
+    with read_lines(p) as fh:
         for lineno, raw in enumerate(fh, start=1):
             if not raw.strip():
                 continue
@@ -70,7 +98,7 @@ def _read_jsonl(p: Path) -> list[tuple[int, dict[str, Any]]]:
 
 
 def _read_json(p: Path) -> list[tuple[int, dict[str, Any]]]:
-    text = p.read_text(encoding="utf-8")
+    text = read_text(p)
     if not text.strip():
         return []
     try:
@@ -101,7 +129,7 @@ def _read_json(p: Path) -> list[tuple[int, dict[str, Any]]]:
 
 def _read_csv(p: Path) -> list[tuple[int, dict[str, Any]]]:
     rows = []
-    with p.open(encoding="utf-8", newline="") as fh:
+    with io.StringIO(read_text(p), newline="") as fh:
         reader = csv.DictReader(fh)
         if not reader.fieldnames:
             return []

@@ -111,13 +111,14 @@ def names_from_headers(text: str) -> list[str]:
 def load_name_list(path: str | Path) -> list[str]:
     """Names from a JSONL file of objects with a "name" field (e.g. pii-enron-pil/name2email.jsonl)
     or a plain text file with one name per line."""
+    from leakaudit.data.io import read_lines
     from leakaudit.errors import InputError
 
     p = Path(path)
     if not p.exists():
         raise InputError("file not found", file=p, field="--names")
     names = []
-    with p.open(encoding="utf-8") as fh:
+    with read_lines(p) as fh:  # bytes that are not UTF-8: an InputError naming the line
         for lineno, raw in enumerate(fh, start=1):
             raw = raw.strip()
             if not raw:

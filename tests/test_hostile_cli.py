@@ -1,0 +1,322 @@
+"""Hostile command lines: outputs that would overwrite inputs or unrelated files, outputs that cannot be
+written, undecodable data, duplicate ids, zero and contradictory option values. Each is refused with exit 2
+and ONE `error:` line, before any model is loaded, and leaves every file outside the output untouched."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+from leakaudit.errors import InputError
+from leakaudit.outputs import MARKER, prepare_output
+
+
+class ModelLoaded(Exception):
+    """Raised in place of loading a model: reaching it means the command checked everything first."""
+
+
+def _snapshot(root: Path) -> dict[Path, str]:
+    return {p: hashlib.sha256(p.read_bytes()).hexdigest() if p.is_file() else "dir" for p in root.rglob("*")}
+
+
+@pytest.fixture
+def cli(tmp_path, monkeypatch, capsys):
+    """Run the console entry point in-process with model loading replaced by ModelLoaded.
+
+    Returns (exit code, the one stderr line); asserts the one-line contract and that nothing outside
+    `allowed` (the output path) appeared or changed under tmp_path."""
+    import leakaudit.models
+    from leakaudit.cli import main
+
+    def no_model(*args, **kwargs):
+        raise ModelLoaded(args[0] if args else kwargs)
+
+    monkeypatch.setattr(leakaudit.models, "load_model", no_model)
+
+    def run(*args, allowed: Path | None = None, code: int = 2) -> str:
+        before = _snapshot(tmp_path)
+        monkeypatch.setattr(sys, "argv", ["leakaudit", *map(str, args)])
+        with pytest.raises(SystemExit) as exc:
+            main()
+        err = capsys.readouterr().err
+        assert exc.value.code == code, err
+        assert "Traceback" not in err
+        lines = err.splitlines()
+        assert len(lines) == 1 and lines[0].startswith("error: "), err
+        after = _snapshot(tmp_path)
+        for p, digest in before.items():
+            assert after.get(p) == digest, f"{p} changed"
+        for p in set(after) - set(before):
+            assert allowed is not None and (p == allowed or allowed in p.parents), f"{p} was created"
+        return lines[0]
+
+    return run
+
+
+@pytest.fixture
+def texts(tmp_path):
+    path = tmp_path / "texts.jsonl"
+    path.write_text("".join(json.dumps({"text": t, "label": i % 2}) + "\n"
+                            for i, t in enumerate(["one two three", "four five six", "seven eight", "nine ten"])))
+    return path
+
+
+@pytest.fixture
+def notes(tmp_path):
+    """An unrelated JSONL file a user keeps next to their data."""
+    path = tmp_path / "notes.jsonl"
+    path.write_text('{"note": "call Bob"}\n')
+    return path
+
+
+# ----------------------------------------------------------------------------------------- outputs vs inputs
+def test_score_out_is_its_input(cli, texts):
+    line = cli("score", "--model", "tiny-gpt-neox", "--data", texts, "--out", texts)
+    assert "'--out'" in line and "same path as --data" in line
+
+
+def test_generate_out_is_its_input(cli, texts):
+    line = cli("generate", "continuation", "--model", "tiny-gpt-neox", "--data", texts, "--out", texts)
+    assert "'--out'" in line and "same path as --data" in line
+
+
+def test_out_dir_contains_an_input(cli, tmp_path, texts):
+    line = cli("mia", "--target", "tiny-gpt-neox", "--data", texts, "--out", tmp_path)
+    assert "contains the --data path" in line
+
+
+def test_out_inside_an_input_dir(cli, tmp_path, texts):
+    model_dir = tmp_path / "my-model"
+    model_dir.mkdir()
+    line = cli("score", "--model", model_dir, "--data", texts, "--out", model_dir / "s.jsonl")
+    assert "inside the --model directory" in line
+
+
+def test_self_instruct_flat_is_its_out(cli, tmp_path):
+    out = tmp_path / "tasks.jsonl"
+    line = cli("generate", "self-instruct", "--model", "tiny-gpt-neox", "--n", "2", "--out", out, "--flat", out,
+               allowed=out)
+    assert "'--flat'" in line and "same path as --out" in line
+
+
+def test_generate_out_is_an_unrelated_file(cli, texts, notes):
+    line = cli("generate", "continuation", "--model", "tiny-gpt-neox", "--data", texts, "--out", notes)
+    assert "not written by `leakaudit generate continuation`" in line
+
+
+def test_self_instruct_out_is_an_unrelated_file(cli, notes):
+    line = cli("generate", "self-instruct", "--model", "tiny-gpt-neox", "--n", "2", "--out", notes)
+    assert "not written by" in line
+
+
+def test_score_out_is_a_text_file(cli, tmp_path, texts):
+    txt = tmp_path / "notes.txt"
+    txt.write_text("my notes\n")
+    line = cli("score", "--model", "tiny-gpt-neox", "--data", texts, "--out", txt)
+    assert "must be a .jsonl file" in line
+
+
+def test_out_is_an_unrelated_dir(cli, tmp_path, texts):
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    (photos / "cat.jpg").write_bytes(b"\xff\xd8")
+    line = cli("mia", "--target", "tiny-gpt-neox", "--data", texts, "--out", photos)
+    assert "not empty and was not written by `leakaudit mia`" in line
+
+
+def test_out_under_a_file(cli, texts, notes):
+    line = cli("score", "--model", "tiny-gpt-neox", "--data", texts, "--out", notes / "s.jsonl")
+    assert "is a file, not a directory" in line
+
+
+def test_finetune_out_under_a_file_fails_before_training(cli, texts, notes):
+    line = cli("finetune", "--model", "tiny-gpt-neox", "--data", texts, "--out", notes / "run")
+    assert "is a file, not a directory" in line
+
+
+def test_out_in_proc(cli, texts):
+    line = cli("mia", "--target", "tiny-gpt-neox", "--data", texts, "--out", "/proc/x")
+    assert line.startswith("error: /proc/x: field '--out': cannot write here")
+
+
+def test_out_file_where_a_dir_is_needed(cli, texts, notes):
+    line = cli("pii", "--model", "tiny-gpt-neox", "--out", notes)
+    assert "exists and is a file; expected a directory" in line
+
+
+def test_rerun_into_our_own_outputs_is_allowed(cli, tmp_path, texts):
+    """What leakaudit wrote is resumed/replaced: the check passes and the command goes on to load the model."""
+    scores = tmp_path / "s.jsonl"
+    scores.write_text(json.dumps({"id": "a", "n_tokens": 3, "sum_logp": -1.0, "mean_logp": -0.3}) + "\n")
+    with pytest.raises(ModelLoaded):
+        cli("score", "--model", "tiny-gpt-neox", "--data", texts, "--out", scores)
+    out = tmp_path / "m"
+    with pytest.raises(ModelLoaded):
+        cli("mia", "--target", "tiny-gpt-neox", "--data", texts, "--out", out, allowed=out)
+    assert (out / MARKER).read_text() == "mia\n"
+    (out / "roc.png").write_bytes(b"png")
+    with pytest.raises(ModelLoaded):  # the marker makes the non-empty dir ours
+        cli("mia", "--target", "tiny-gpt-neox", "--data", texts, "--out", out, allowed=out)
+
+
+def test_prepare_output_rules(tmp_path):
+    data = tmp_path / "d.jsonl"
+    data.write_text('{"text": "x"}\n')
+    with pytest.raises(InputError, match="same path as --data"):
+        prepare_output(tmp_path / "." / "d.jsonl", command="t", inputs={"--data": data}, kind="file")
+    empty = tmp_path / "empty.jsonl"
+    empty.touch()
+    assert prepare_output(empty, command="t", kind="file", keys=("id",)) == empty  # nothing to lose
+    ours = tmp_path / "ours.jsonl"
+    ours.write_text('\n{"id": 1, "x": 2}\n')
+    prepare_output(ours, command="t", kind="file", keys=("id",))
+    with pytest.raises(InputError, match="not written by"):
+        prepare_output(ours, command="t", kind="file", keys=("id", "y"))
+    binary = tmp_path / "b.jsonl"
+    binary.write_bytes(b"\xff\xfe\x00")
+    with pytest.raises(InputError, match="not written by"):
+        prepare_output(binary, command="t", kind="file", keys=("id",))
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "finetune_config.json").write_text("{}")
+    prepare_output(run, command="finetune", files=("finetune_config.json",), marker=False)
+    assert not (run / MARKER).exists()
+    merged = tmp_path / "merged"
+    prepare_output(merged, command="merge", marker=False)
+    assert merged.is_dir() and not any(merged.iterdir())
+
+
+# ----------------------------------------------------------------------------------------- undecodable data
+def test_invalid_utf8_jsonl(cli, tmp_path):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_bytes(b'{"text": "fine"}\n{"text": "caf\xe9"}\n')
+    out = tmp_path / "o" / "s.jsonl"
+    line = cli("score", "--model", "tiny-gpt-neox", "--data", bad, "--out", out, allowed=out.parent)
+    assert line.startswith(f"error: {bad}:2: not valid UTF-8")
+
+
+def test_invalid_utf8_csv(cli, tmp_path):
+    bad = tmp_path / "bad.csv"
+    bad.write_bytes(b"text,label\nfine,1\n\"two\nlines\",0\nna\xefve,1\n")
+    out = tmp_path / "o"
+    line = cli("mia", "--target", "tiny-gpt-neox", "--data", bad, "--out", out, allowed=out)
+    assert line.startswith(f"error: {bad}:5: not valid UTF-8")
+
+
+def test_invalid_utf8_json_with_bom(cli, tmp_path):
+    bad = tmp_path / "bad.json"
+    bad.write_bytes(b'\xef\xbb\xbf[\n{"text": "a"},\n{"text": "\x80"}\n]')
+    out = tmp_path / "g.jsonl"
+    line = cli("generate", "continuation", "--model", "tiny-gpt-neox", "--data", bad, "--out", out, allowed=out)
+    assert line.startswith(f"error: {bad}:3: not valid UTF-8")
+
+
+def test_binary_file(cli, tmp_path):
+    png = tmp_path / "image.jsonl"
+    png.write_bytes(b"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR" + bytes(range(256)))
+    out = tmp_path / "r.jsonl"
+    line = cli("generate", "replace-pii", "--data", png, "--out", out, allowed=out)
+    assert line.startswith(f"error: {png}:1: not valid UTF-8")
+
+
+def test_invalid_utf8_word_and_name_lists(cli, tmp_path):
+    words = tmp_path / "words.txt"
+    words.write_bytes(b"When\nWh\xffy\n")
+    out = tmp_path / "x"
+    line = cli("backdoor", "extract", "--model", "tiny-gpt-neox", "--words", words, "--out", out, allowed=out)
+    assert line.startswith(f"error: {words}:2: not valid UTF-8")
+    names = tmp_path / "names.txt"
+    names.write_bytes(b"Ann\nB\xf6b\n")
+    data = tmp_path / "d.jsonl"
+    data.write_text('{"text": "hi"}\n')
+    out = tmp_path / "r.jsonl"
+    line = cli("generate", "replace-pii", "--data", data, "--names", names, "--out", out, allowed=out)
+    assert line.startswith(f"error: {names}:2: not valid UTF-8")
+
+
+# ----------------------------------------------------------------------------------------- duplicate ids
+def test_pii_pairs_duplicate_id(cli, tmp_path):
+    pairs = tmp_path / "pairs.jsonl"
+    pairs.write_text("".join(json.dumps(r) + "\n" for r in [
+        {"id": "p1", "name": "Ann Lee", "email": "ann@corp.com"},
+        {"id": "p2", "name": "Bob Roe", "email": "bob@corp.com"},
+        {"id": "p1", "name": "Cy Doe", "email": "cy@corp.com"}]))
+    out = tmp_path / "o"
+    line = cli("pii", "--model", "tiny-gpt-neox", "--pairs", pairs, "--out", out, allowed=out)
+    assert line == f"error: {pairs}:3: field 'id': duplicate id 'p1' (first on line 1)"
+
+
+# ----------------------------------------------------------------------------------------- option values
+SCORE = ["score", "--model", "tiny-gpt-neox", "--data", "{texts}", "--out", "{out}/s.jsonl"]
+CONT = ["generate", "continuation", "--model", "tiny-gpt-neox", "--data", "{texts}", "--out", "{out}/g.jsonl"]
+MIA = ["mia", "--target", "tiny-gpt-neox", "--data", "{texts}", "--out", "{out}"]
+TUNE = ["finetune", "--model", "tiny-gpt-neox", "--data", "{texts}", "--out", "{out}"]
+PII = ["pii", "--model", "tiny-gpt-neox", "--out", "{out}"]
+EXTRACT = ["backdoor", "extract", "--model", "tiny-gpt-neox", "--out", "{out}"]
+PLANT = ["backdoor", "plant", "--model", "tiny-gpt-neox", "--out", "{out}"]
+
+
+@pytest.mark.parametrize("command, extra, option", [
+    (SCORE, ["--max-length", "0"], "--max-length"),
+    (SCORE, ["--stride", "0"], "--stride"),
+    (SCORE, ["--max-length", "8", "--stride", "9"], "--stride"),
+    (SCORE, ["--batch-size", "0"], "--batch-size"),
+    (SCORE, ["--batch-size", "-4"], "--batch-size"),
+    (CONT, ["--max-new-tokens", "0"], "--max-new-tokens"),
+    (CONT, ["--top-k", "-1"], "--top-k"),
+    (CONT, ["--temperature", "-1"], "--temperature"),
+    (CONT, ["--temperature", "0"], "--temperature"),
+    (CONT, ["--greedy", "--temperature", "0.7"], "--temperature"),
+    (CONT, ["--num-samples", "0"], "--num-samples"),
+    (CONT, ["--top-p", "0"], "--top-p"),
+    (CONT, ["--limit", "0"], "--limit"),
+    (["generate", "self-instruct", "--model", "tiny-gpt-neox", "--out", "{out}/t.jsonl"], ["--n", "0"], "--n"),
+    (MIA, ["--attacks", "loss,recall", "--recall-shots", "0"], "--recall-shots"),
+    (MIA, ["--k", "0"], "--k"),
+    (MIA, ["--max-length", "0"], "--max-length"),
+    (MIA, ["--batch-size", "zero"], "--batch-size"),
+    (TUNE, ["--epochs", "0"], "--epochs"),
+    (TUNE, ["--learning-rate", "0"], "--learning-rate"),
+    (TUNE, ["--learning-rate", "-1e-5"], "--learning-rate"),
+    (TUNE, ["--batch-size", "0"], "--batch-size"),
+    (TUNE, ["--max-length", "0"], "--max-length"),
+    (PII, ["--max-new-tokens", "0"], "--max-new-tokens"),
+    (PII, ["--top-k", "-1"], "--top-k"),
+    (PII, ["--samples-per-prompt", "0"], "--samples-per-prompt"),
+    (PII, ["--temperatures", "-0.5"], "--temperatures"),
+    (EXTRACT, ["--num-samples", "0"], "--num-samples"),
+    (EXTRACT, ["--temperature", "0"], "--temperature"),
+    (EXTRACT, ["--max-new-tokens", "0"], "--max-new-tokens"),
+    (PLANT, ["--epochs", "0"], "--epochs"),
+    (PLANT, ["--learning-rate", "0"], "--learning-rate"),
+    (PLANT, ["--backdoor-fraction", "0"], "--backdoor-fraction"),
+])
+def test_zero_and_contradictory_values(cli, tmp_path, texts, command, extra, option):
+    out = tmp_path / "out"
+    args = [a.format(texts=texts, out=out) for a in command] + extra
+    line = cli(*args)  # nothing at all is created: the values are checked before the output
+    assert f"'{option}'" in line
+
+
+def test_recall_shots_zero_is_fine_without_recall(cli, tmp_path, texts):
+    out = tmp_path / "out"
+    with pytest.raises(ModelLoaded):  # got past every check, up to loading the target
+        cli("mia", "--target", "tiny-gpt-neox", "--data", texts, "--recall-shots", "0", "--out", out, allowed=out)
+
+
+def test_help_and_usage_errors_stay_click_like(tmp_path, monkeypatch, capsys):
+    from leakaudit.cli import main
+
+    monkeypatch.setattr(sys, "argv", ["leakaudit", "score", "--help"])
+    with pytest.raises(SystemExit) as exc:
+        main()
+    assert exc.value.code == 0 and "--max-length" in capsys.readouterr().out
+    monkeypatch.setattr(sys, "argv", ["leakaudit", "score", "--model", "x"])
+    with pytest.raises(SystemExit) as exc:
+        main()
+    err = capsys.readouterr().err
+    assert exc.value.code == 2 and err.count("\n") == 1 and err.startswith("error: ") and "--data" in err
