@@ -18,11 +18,20 @@ from __future__ import annotations
 
 import itertools
 import json
+import re
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    PrivateAttr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from leakaudit.errors import InputError
 
@@ -30,6 +39,10 @@ GENERATE_KINDS = ("continuation", "self-instruct", "replace-pii", "backdoor-mix"
 FINETUNE_METHODS = ("full", "lora", "dora", "pissa")
 EVALUATION_KINDS = ("mia", "user-inference", "pii", "perplexity", "backdoor")
 BUILTIN_DATASETS = ("enron", "enron-synthetic", "dolly")
+# Names become folders under --out: no separators, no '.'/'..', nothing that starts a path or an option.
+SAFE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
+# Dataset and split names also may not contain '.', which separates them in a data reference (`emails.members`).
+SAFE_DATA_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]*")
 
 
 class Strict(BaseModel):
@@ -137,6 +150,13 @@ class Experiment(Strict):
     finetune: dict[str, FinetuneSpec] = Field(default_factory=dict)
     evaluate: dict[str, EvaluationSpec] = Field(default_factory=dict)
     report: ReportSpec = Field(default_factory=ReportSpec)
+    _file: str = PrivateAttr("<experiment>")  # where it was read from, so later checks can name FILE:LINE
+    _text: str = PrivateAttr("")
+
+    def error(self, loc: tuple[Any, ...], message: str) -> InputError:
+        """An InputError at a key path of this experiment's file (its line when the text is known)."""
+        return InputError(message, file=self._file, line=line_of(self._text, loc) if self._text else None,
+                          field=key_path(loc))
 
 
 # ----------------------------------------------------------------------------------------- grids
@@ -198,7 +218,7 @@ def line_of(text: str, loc: tuple[Any, ...]) -> int | None:
     return line
 
 
-def _pydantic_message(err: dict[str, Any]) -> str:
+def pydantic_message(err: dict[str, Any]) -> str:
     msg = err["msg"]
     if err["type"] == "extra_forbidden":
         return "unknown key"
@@ -226,9 +246,10 @@ def parse_experiment(text: str, file: str | Path = "<experiment>") -> Experiment
         loc = tuple(err["loc"])
         # Literal unions report the union member in loc; drop pydantic's internal tags.
         loc = tuple(p for p in loc if not (isinstance(p, str) and p.startswith(("literal[", "function-"))))
-        raise InputError(_pydantic_message(err), file=file, line=line_of(text, loc), field=key_path(loc)) from None
+        raise InputError(pydantic_message(err), file=file, line=line_of(text, loc), field=key_path(loc)) from None
     except ConfigError as exc:
         raise InputError(exc.message, file=file, line=line_of(text, exc.loc), field=key_path(exc.loc)) from None
+    exp._file, exp._text = str(file), text
     return exp
 
 
@@ -258,8 +279,30 @@ def model_names(exp: Experiment) -> set[str]:
     return set(exp.models) | set(exp.finetune)
 
 
+def check_names(exp: Experiment) -> None:
+    """Every user-given name is safe as a folder name under --out (a dataset named '../..' must not be
+    able to write to, or on a rerun delete, the folders above it)."""
+    sections: dict[str, dict[str, Any]] = {"models": exp.models, "datasets": exp.datasets,
+                                           "generate": exp.generate, "finetune": exp.finetune,
+                                           "evaluate": exp.evaluate}
+    for section, entries in sections.items():
+        pattern = SAFE_DATA_NAME if section == "datasets" else SAFE_NAME
+        for name in entries:
+            _check_name(name, pattern, (section, name))
+    for name, ds in exp.datasets.items():
+        for split in ds.split:
+            _check_name(split, SAFE_DATA_NAME, ("datasets", name, "split", split))
+
+
+def _check_name(name: str, pattern: re.Pattern[str], loc: tuple[Any, ...]) -> None:
+    if not pattern.fullmatch(name):
+        allowed = "letters, digits, '_' and '-'" + (", '.'" if pattern is SAFE_NAME else "")
+        raise ConfigError(loc, f"invalid name {json.dumps(name)}: use {allowed}, starting with a letter or digit")
+
+
 def check_references(exp: Experiment) -> None:
     """Every data and model reference points at something defined; no name is used twice; no cycles."""
+    check_names(exp)
     clash = (set(exp.models) & set(exp.finetune)) | (set(exp.datasets) & set(exp.generate))
     if clash:
         name = sorted(clash)[0]

@@ -15,8 +15,10 @@ Layout under the output dir: `data/<name>/`, `generate/<name>/`, `finetune/<vari
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
+import os
 import random
 import re
 import shutil
@@ -24,9 +26,11 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
-from leakaudit.config import Experiment, expand_grid
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from leakaudit.config import ConfigError, Experiment, expand_grid, pydantic_message
 from leakaudit.data.io import load_records, write_json, write_jsonl
 from leakaudit.errors import InputError
 
@@ -42,6 +46,9 @@ class Stage:
     params: dict[str, Any]
     deps: list[str] = field(default_factory=list)
     key: str = ""
+    # Not hashed: where the stage comes from in the file (section, name) and its grid overrides, for errors.
+    origin: tuple[str, str] = ("", "")
+    overrides: dict[str, Any] = field(default_factory=dict)
 
     @property
     def folder(self) -> str:
@@ -49,8 +56,34 @@ class Stage:
 
 
 def _slug(part: str) -> str:
-    """A file-system-safe folder name for a stage id part (grid labels contain brackets, commas...)."""
-    return re.sub(r"[^A-Za-z0-9._=+-]+", "_", part).strip("_") or "_"
+    """A file-system-safe folder name for a stage id part (grid labels contain brackets, commas...);
+    never '.' or '..' (a grid value like 'a/..' splits into such parts)."""
+    slug = re.sub(r"[^A-Za-z0-9._=+-]+", "_", part).strip("_")
+    return slug if slug.strip(".") else "_"
+
+
+def stage_dir(out: Path, stage: Stage) -> Path:
+    """The stage's folder under `out`; refuses one that would resolve outside it (a symlink, a bad name)."""
+    return inside(out, out / stage.folder)
+
+
+def inside(out: Path, path: Path) -> Path:
+    """`path` itself when it resolves strictly inside `out`; else an InputError (nothing is written or deleted)."""
+    root, real = Path(out).resolve(), Path(path).resolve()
+    if real == root or not real.is_relative_to(root):
+        raise InputError(f"resolves to {real}, outside the output dir {root}; refusing to write or delete it",
+                         file=path, field="--out")
+    return path
+
+
+def remove_stale(out: Path, path: Path) -> None:
+    """Delete the outputs of an older version of a stage: the one place the engine deletes a folder, and
+    only ever one inside `out`."""
+    inside(out, path)
+    if path.is_symlink() or not path.is_dir():
+        path.unlink()
+    else:
+        shutil.rmtree(path)
 
 
 def _hash(obj: Any) -> str:
@@ -124,7 +157,7 @@ class Plan:
                     raise InputError("data file not found", file=p, field=f"datasets.{name}.path")
                 params["content"] = file_identity(p)
             params["name"] = name
-            self._add(Stage(f"data/{name}", "dataset", params))
+            self._add(Stage(f"data/{name}", "dataset", params, origin=("datasets", name)))
         for name in _generate_order(exp):
             g = exp.generate[name]
             params: dict[str, Any] = {"kind": g.kind, "options": g.options}
@@ -135,7 +168,7 @@ class Plan:
                 deps.append(sid)
             model, mdeps = self._model_param(g.model)
             params["model"] = model
-            self._add(Stage(f"generate/{name}", "generate", params, deps + mdeps))
+            self._add(Stage(f"generate/{name}", "generate", params, deps + mdeps, origin=("generate", name)))
         for name, f in exp.finetune.items():
             self.finetune_variants[name] = []
             for label, overrides in expand_grid(name, f.grid):
@@ -144,7 +177,8 @@ class Plan:
                 model, mdeps = self._model_param(overrides.get("model", f.model))  # a base or a tuned model
                 params = {"model": model, "method": overrides.get("method", f.method), "options": options,
                           "defenses": f.defenses, "data": [sid, fname]}
-                stage = Stage(f"finetune/{label}", "finetune", params, [sid, *mdeps])
+                stage = Stage(f"finetune/{label}", "finetune", params, [sid, *mdeps], origin=("finetune", name),
+                              overrides=overrides)
                 self._add(stage)
                 self.finetune_variants[name].append(stage.id)
         for name, e in exp.evaluate.items():
@@ -168,7 +202,8 @@ class Plan:
                         params = {**common, "target": target_param, "target_label": tlabel,
                                   "evaluation": label}
                         stage = Stage(f"evaluate/{label}/{tlabel}", e.kind, params,
-                                      deps + ([tsid] if tsid else []))
+                                      deps + ([tsid] if tsid else []), origin=("evaluate", name),
+                                      overrides=overrides)
                         self._add(stage)
 
 
@@ -202,7 +237,11 @@ class StageContext:
 
     @property
     def options(self) -> dict[str, Any]:
-        return dict(self.stage.params.get("options") or {})
+        """The stage's options as validated at plan time (types coerced, e.g. a path to a str)."""
+        try:
+            return stage_options(self.stage)
+        except ConfigError as exc:
+            raise self.plan.exp.error(exc.loc, exc.message) from None
 
     @property
     def seed(self) -> int:
@@ -247,7 +286,7 @@ def run_plan(plan: Plan, out: Path, *, log: Callable[[str], None] = print,
     results: dict[str, dict[str, Any]] = {}
     n = len(plan.stages)
     for i, stage in enumerate(plan.stages.values(), start=1):
-        sdir = out / stage.folder
+        sdir = stage_dir(out, stage)
         done = is_done(sdir, stage.key)
         if done is not None:
             results[stage.id] = done["result"]
@@ -256,7 +295,7 @@ def run_plan(plan: Plan, out: Path, *, log: Callable[[str], None] = print,
             continue
         keyfile = sdir / ".key"
         if sdir.exists() and (not keyfile.exists() or keyfile.read_text().strip() != stage.key):
-            shutil.rmtree(sdir)  # outputs of an older version of this stage: start clean
+            remove_stale(out, sdir)  # outputs of an older version of this stage: start clean
         sdir.mkdir(parents=True, exist_ok=True)
         keyfile.write_text(stage.key)
         if stage.kind == "finetune":
@@ -266,6 +305,8 @@ def run_plan(plan: Plan, out: Path, *, log: Callable[[str], None] = print,
         ctx = StageContext(stage, sdir, out, plan, results)
         try:
             result = table[stage.kind](ctx)
+        except ConfigError as exc:
+            raise plan.exp.error(exc.loc, exc.message) from None
         except InputError as exc:  # say which stage, and map an API's --option to the experiment's key
             if exc.file is not None:
                 raise
@@ -317,10 +358,13 @@ def versions() -> dict[str, str]:
 
 def run_experiment(exp: Experiment, out: str | Path, *, config_text: str = "",
                    log: Callable[[str], None] = print, report: bool = True) -> dict[str, str]:
-    """Plan, run (resuming), record and report an experiment."""
+    """Plan, check everything that can be checked without running a stage (options, model specs, the
+    output dir), then run (resuming), record and report an experiment."""
     out = Path(out)
     plan = Plan(exp)
     check_plan(plan)
+    resolve_models(plan)
+    prepare_out(plan, out)
     write_run_record(plan, out, config_text, {})  # so `leakaudit report` works on a run still in progress
     status = run_plan(plan, out, log=log, after_stage=lambda st: write_run_record(plan, out, config_text, st))
     write_run_record(plan, out, config_text, status)
@@ -332,10 +376,256 @@ def run_experiment(exp: Experiment, out: str | Path, *, config_text: str = "",
     return status
 
 
+# ----------------------------------------------------------------------------------------- checks
 def check_plan(plan: Plan) -> None:
-    """Fail before any work if a stage kind is not available or an option is unknown to its API."""
+    """Fail before any work if a stage kind is not available, or an option is unknown to its API or has a
+    value the API would refuse; the error names the experiment file, line and key path."""
     for stage in plan.stages.values():
-        CHECKS.get(stage.kind, lambda s: None)(stage)
+        try:
+            if stage.kind == "finetune":
+                _finetune_config(stage, "-")
+            elif stage.kind != "dataset":
+                stage_options(stage)
+        except ConfigError as exc:
+            raise plan.exp.error(exc.loc, exc.message) from None
+
+
+def resolve_models(plan: Plan) -> None:
+    """Resolve every model spec of the `models` section (and an adapter's base) before any stage runs, so a
+    typo or a model that is not available fails in the first second, not after the data stage. Each spec is
+    resolved once (tiny and default models are converted on first use, then found in the cache)."""
+    from leakaudit.models import resolve_spec
+
+    done: set[str] = set()
+    for name, spec in plan.exp.models.items():
+        todo = [spec]
+        while todo:
+            one = todo.pop()
+            if one in done:
+                continue
+            done.add(one)
+            try:
+                kind, where = resolve_spec(one)
+                if kind == "adapter":
+                    base = json.loads((Path(where) / "adapter_config.json").read_text()).get("base_model_name_or_path")
+                    if not base:
+                        raise InputError("adapter_config.json has no base_model_name_or_path")
+                    todo.append(base)
+            except InputError as exc:
+                what = f"model '{one}'" if one == spec else f"base model '{one}' of '{spec}'"
+                raise plan.exp.error(("models", name), f"{what}: {exc.message}") from None
+            except (OSError, ValueError) as exc:
+                raise plan.exp.error(("models", name), f"model '{one}': {exc}") from None
+
+
+def prepare_out(plan: Plan, out: Path) -> None:
+    """Create the output dir and make sure every stage folder can be written inside it, before any stage
+    runs: an unwritable --out, a file where a folder is needed or a link out of it fails here."""
+    if out.exists() and not out.is_dir():
+        raise InputError("exists and is not a directory", file=out, field="--out")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe = out / f".write-test-{os.getpid()}"
+        probe.write_text("")
+        probe.unlink()
+    except OSError as exc:
+        raise InputError(f"cannot write the output dir: {exc.strerror or exc}", file=out, field="--out") from None
+    for stage in plan.stages.values():
+        sdir = stage_dir(out, stage)
+        for p in [*reversed(sdir.relative_to(out).parents), sdir.relative_to(out)]:
+            q = out / p
+            if q != out and q.exists() and not q.is_dir():
+                raise InputError("exists and is not a directory (a stage folder goes here)", file=q, field="--out")
+
+
+def _option_loc(stage: Stage, key: Any, section: str = "options", *sub: Any) -> tuple[Any, ...]:
+    """The key path of a stage option in the file: under `grid` when the variant's value came from there."""
+    kind, name = stage.origin
+    if key in stage.overrides:
+        return (kind, name, "grid", key)
+    return (kind, name, section, key, *sub)
+
+
+def _option_kind(stage: Stage) -> str:
+    return stage.params["kind"] if stage.kind == "generate" else stage.kind
+
+
+def stage_options(stage: Stage) -> dict[str, Any]:
+    """A stage's options validated against its API: unknown keys, wrong types, out-of-range values and the
+    API's own checks (attack names, templates, sampling) are ConfigErrors at the option's key path."""
+    kind = _option_kind(stage)
+    model = _options_model(kind)
+    raw = dict(stage.params.get("options") or {})
+    for key in raw:
+        if key not in model.model_fields:
+            valid = ", ".join(sorted(model.model_fields))
+            raise ConfigError(_option_loc(stage, key), f"unknown option '{key}' for {kind}; valid: {valid}")
+    try:
+        opts = model.model_validate(raw).model_dump(exclude_unset=True)
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        key, *sub = err["loc"]
+        raise ConfigError(_option_loc(stage, key, "options", *(x for x in sub if isinstance(x, int))),
+                          pydantic_message(err)) from None
+    check = _SEMANTIC_CHECKS.get(kind)
+    if check is not None:
+        check(stage, opts)
+    return opts
+
+
+def _api_check(stage: Stage, opts: dict[str, Any], key: str, fn: Callable[..., Any], *args: Any,
+               **kwargs: Any) -> Any:
+    """Run a library validator; its InputError (naming a CLI option) becomes a ConfigError at the option."""
+    try:
+        return fn(*args, **kwargs)
+    except InputError as exc:
+        named = (exc.field or "").removeprefix("--").replace("-", "_")
+        raise ConfigError(_option_loc(stage, named if named in opts else key), exc.message) from None
+
+
+def _check_mia(stage: Stage, opts: dict[str, Any]) -> None:
+    from leakaudit.attacks import get_attack
+
+    given = opts.get("attacks")
+    names = mia_attacks(given, stage.params.get("reference") is not None)
+    per_attack = opts.get("attack_options") or {}
+    for i, name in enumerate(names):
+        loc = _option_loc(stage, "attacks", "options", *([i] if isinstance(given, list) else []))
+        try:
+            attack = get_attack(name, **per_attack.get(name, {}))
+        except InputError as exc:
+            raise ConfigError(loc, exc.message) from None
+        if attack.needs_reference and stage.params.get("reference") is None:
+            raise ConfigError(loc, f"attack '{name}' needs a reference model; set 'reference' on this evaluation")
+    if len(set(names)) != len(names):
+        raise ConfigError(_option_loc(stage, "attacks"), f"an attack is listed twice: {', '.join(names)}")
+    for name in per_attack:
+        if name not in names:
+            raise ConfigError(_option_loc(stage, "attack_options", "options", name), f"attack '{name}' is not run")
+
+
+def _check_pii(stage: Stage, opts: dict[str, Any]) -> None:
+    from leakaudit.attacks.pii import make_grid
+    from leakaudit.data.enron import resolve_templates
+
+    templates = _api_check(stage, opts, "templates", resolve_templates, str(opts.get("templates", "fake-privacy")))
+    _api_check(stage, opts, "temperatures", make_grid, templates, opts.get("temperatures"), opts.get("top_k"),
+               opts.get("max_new_tokens"))
+
+
+def _check_user_inference(stage: Stage, opts: dict[str, Any]) -> None:
+    from leakaudit.attacks.user_inference import parse_m_values
+
+    if "m_values" in opts:
+        _api_check(stage, opts, "m_values", parse_m_values, opts["m_values"])
+
+
+def _check_sampling(stage: Stage, opts: dict[str, Any]) -> None:
+    from leakaudit.sampling import SamplingConfig
+
+    config = SamplingConfig(**{k: v for k, v in opts.items() if k in SAMPLING_OPTIONS})
+    _api_check(stage, opts, "max_new_tokens", config.validate)
+
+
+def _check_templates(stage: Stage, opts: dict[str, Any]) -> None:
+    """Backdoor trigger and refusal templates must say where the opening word goes."""
+    from leakaudit.attacks.backdoor import check_template
+
+    for key in ("trigger", "refusal"):
+        if opts.get(key):
+            _api_check(stage, opts, key, check_template, opts[key], key)
+
+
+_SEMANTIC_CHECKS: dict[str, Callable[[Stage, dict[str, Any]], None]] = {
+    "mia": _check_mia, "pii": _check_pii, "user-inference": _check_user_inference,
+    "continuation": _check_sampling, "backdoor-mix": _check_templates, "backdoor": _check_templates,
+}
+
+# One option name means the same thing in every API, so its bounds are stated once (types come from the APIs).
+OPTION_BOUNDS: dict[str, dict[str, float]] = {
+    "max_length": {"ge": 2}, "stride": {"ge": 1}, "n_bootstrap": {"ge": 0}, "max_new_tokens": {"ge": 1},
+    "num_samples": {"ge": 1}, "samples_per_prompt": {"ge": 1}, "temperature": {"ge": 0},
+    "top_p": {"gt": 0, "le": 1}, "top_k": {"ge": 0}, "prompt_tokens": {"ge": 1}, "n": {"ge": 1},
+    "n_targets": {"ge": 1}, "limit": {"ge": 1}, "requests_per_round": {"ge": 1}, "max_rounds": {"ge": 1},
+    "n_refusal": {"ge": 0}, "backdoor_fraction": {"gt": 0, "le": 1},
+}
+
+
+def _batch_size(v: int | str) -> int | str:
+    if v == "auto" or (isinstance(v, int) and not isinstance(v, bool) and v >= 1):
+        return v
+    raise ValueError("must be 'auto' or a positive integer")
+
+
+def _api_types(fn: Any, names: set[str] | None = None, exclude: set[str] = frozenset()) -> dict[str, Any]:
+    """Option name -> type annotation of a function's keyword parameters (or a dataclass's fields)."""
+    import inspect
+    import typing
+
+    hints = typing.get_type_hints(fn)
+    params = inspect.signature(fn).parameters
+    return {n: hints.get(n, Any) for n, prm in params.items()
+            if prm.kind in (prm.KEYWORD_ONLY, prm.POSITIONAL_OR_KEYWORD)
+            and (names is None or n in names) and n not in exclude}
+
+
+def _option_types(kind: str) -> dict[str, Any]:
+    """Every option a stage kind accepts, typed by the API it calls."""
+    if kind == "mia":
+        run_mia = _api("leakaudit.attacks.mia", "run_mia", "mia")
+        return {**_api_types(run_mia, exclude={"target", "members", "nonmembers", "reference", "progress",
+                                               "attacks"}), "attacks": list[str] | str | None}
+    if kind == "pii":
+        run_pii = _api("leakaudit.attacks.pii", "run_pii", "pii")
+        return {**_api_types(run_pii, exclude={"model", "targets", "cells", "out", "baseline", "show_pii",
+                                               "progress", "log"}),
+                "templates": str, "temperatures": list[float] | None, "top_k": int | None,
+                "max_new_tokens": int | None, "n_targets": int | None, "pairs": str | None}
+    if kind == "user-inference":
+        fn = _api("leakaudit.attacks.user_inference", "run_user_inference", "user-inference")
+        return _api_types(fn, exclude={"target", "reference", "records_in", "records_out", "progress"})
+    if kind == "perplexity":
+        return _api_types(_api("leakaudit.perplexity", "perplexity", "perplexity"), {"batch_size", "max_length"})
+    if kind == "backdoor":
+        fn = _api("leakaudit.attacks.backdoor", "sample_responses", "backdoor")
+        return {**_api_types(fn, {"num_samples", "temperature", "max_new_tokens", "batch_size"}),
+                "words": list[str] | None, "limit": int | None, "trigger": str | None, "refusal": str | None,
+                "query_field": str | None}
+    if kind == "continuation":
+        from leakaudit.sampling import SamplingConfig
+
+        fn = _api("leakaudit.data.synth", "generate_continuations", "generate")
+        return {**_api_types(SamplingConfig, SAMPLING_OPTIONS),
+                **_api_types(fn, {"prompt_tokens", "prompt_field", "batch_size"})}
+    if kind == "self-instruct":
+        fn = _api("leakaudit.data.synth", "self_instruct", "generate")
+        return {**_api_types(fn, {"n", "requests_per_round", "max_rounds", "max_new_tokens", "temperature", "top_p",
+                                  "batch_size"}), "seed_tasks": str | None}
+    if kind == "backdoor-mix":
+        fn = _api("leakaudit.train.backdoor", "build_mix", "generate")
+        return _api_types(fn, {"trigger", "refusal", "n_refusal", "backdoor_fraction"})
+    if kind == "replace-pii":
+        return {"names": str | None, "header_names": bool}
+    raise InputError(f"stage kind '{kind}' is not available in this version")
+
+
+@functools.cache
+def _options_model(kind: str) -> type[BaseModel]:
+    """A pydantic model of a stage kind's options: the API's types plus the shared bounds."""
+    from pydantic import AfterValidator, PydanticSchemaGenerationError, TypeAdapter, create_model
+
+    fields: dict[str, Any] = {}
+    for name, hint in _option_types(kind).items():
+        try:
+            TypeAdapter(hint)
+        except PydanticSchemaGenerationError:  # a type pydantic cannot check: the API checks it at run time
+            hint = Any
+        if name == "batch_size":
+            hint = Annotated[int | str, AfterValidator(_batch_size)]
+        elif name in OPTION_BOUNDS:
+            hint = Annotated[hint, Field(**OPTION_BOUNDS[name])]
+        fields[name] = (hint, None)
+    return create_model(f"{kind}_options", __config__=ConfigDict(extra="forbid"), **fields)
 
 
 # ----------------------------------------------------------------------------------------- datasets
@@ -433,27 +723,14 @@ def _records(path: Path) -> list[Any]:
     return load_records(path, id_field="id")
 
 
-def _signature_options(fn: Callable[..., Any], exclude: set[str]) -> set[str]:
-    import inspect
-
-    return {n for n, p in inspect.signature(fn).parameters.items()
-            if n not in exclude and p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD)}
-
-
-def _check_options(stage: Stage, allowed: set[str], section: str) -> None:
-    for key in stage.params.get("options") or {}:
-        if key not in allowed:
-            name = stage.params.get("evaluation") or stage.id.split("/", 1)[1]
-            raise InputError(f"unknown option '{key}' for {stage.kind}; valid: {', '.join(sorted(allowed))}",
-                             field=f"{section}.{name}.options.{key}")
-
-
 MIA_DEFAULT_ATTACKS = ("loss", "zlib", "min_k", "min_k_pp")
 
 
-def _mia_options() -> set[str]:
-    run_mia = _api("leakaudit.attacks.mia", "run_mia", "mia")
-    return _signature_options(run_mia, {"target", "members", "nonmembers", "reference", "progress"}) | {"attacks"}
+def mia_attacks(option: str | list[str] | None, has_reference: bool) -> list[str]:
+    """The attacks an MIA stage runs: its `attacks` option (a list or 'a,b'), else the defaults (+ ref)."""
+    if isinstance(option, str):
+        option = [a.strip() for a in option.split(",") if a.strip()]
+    return list(option) if option else [*MIA_DEFAULT_ATTACKS, *(["ref"] if has_reference else [])]
 
 
 def run_mia_stage(ctx: StageContext) -> dict[str, Any]:
@@ -461,9 +738,7 @@ def run_mia_stage(ctx: StageContext) -> dict[str, Any]:
     run_mia = _api("leakaudit.attacks.mia", "run_mia", "mia")
     opts = ctx.options
     reference_spec = ctx.model("reference")
-    attacks = opts.pop("attacks", None) or list(MIA_DEFAULT_ATTACKS) + (["ref"] if reference_spec else [])
-    if isinstance(attacks, str):
-        attacks = [a.strip() for a in attacks.split(",") if a.strip()]
+    attacks = mia_attacks(opts.pop("attacks", None), reference_spec is not None)
     opts.setdefault("seed", ctx.seed)
     members, nonmembers = _records(ctx.data_path("members")), _records(ctx.data_path("nonmembers"))
     target = _load(ctx.model("target"))
@@ -474,13 +749,6 @@ def run_mia_stage(ctx: StageContext) -> dict[str, Any]:
     result = report.to_json()
     write_json(ctx.dir / "mia.json", result)
     return {**result, "scores_file": "scores.jsonl"}
-
-
-def _pii_options() -> set[str]:
-    run_pii = _api("leakaudit.attacks.pii", "run_pii", "pii")
-    return ({"templates", "temperatures", "top_k", "max_new_tokens", "n_targets", "pairs"}
-            | _signature_options(run_pii, {"model", "targets", "cells", "out", "baseline", "show_pii", "progress",
-                                           "log", "load_options"}))
 
 
 def run_pii_stage(ctx: StageContext) -> dict[str, Any]:
@@ -536,10 +804,10 @@ def _finetune_config(stage: Stage, out: str) -> Any:
                           method=p["method"], out=out, **fields)
     except ValidationError as exc:
         err = exc.errors()[0]
-        key = ".".join(str(x) for x in err["loc"])
+        key = err["loc"][0] if err["loc"] else "options"
         section = "defenses" if key in p["defenses"] else "options"
-        msg = "unknown option" if err["type"] == "extra_forbidden" else err["msg"]
-        raise InputError(msg, field=f"finetune.{stage.id.split('/', 1)[1]}.{section}.{key}") from None
+        msg = "unknown option" if err["type"] == "extra_forbidden" else pydantic_message(err)
+        raise ConfigError(_option_loc(stage, key, section), msg) from None
 
 
 def run_finetune_stage(ctx: StageContext) -> dict[str, Any]:
@@ -582,15 +850,6 @@ def run_perplexity_stage(ctx: StageContext) -> dict[str, Any]:
 
 
 SAMPLING_OPTIONS = {"max_new_tokens", "temperature", "top_k", "top_p", "num_samples", "greedy", "stop_at_eos"}
-GENERATE_OPTIONS = {
-    "continuation": SAMPLING_OPTIONS | {"prompt_tokens", "prompt_field", "batch_size"},
-    "self-instruct": {"n", "seed_tasks", "requests_per_round", "max_rounds", "max_new_tokens", "temperature",
-                      "top_p", "batch_size"},
-    "replace-pii": {"names", "header_names"},
-    "backdoor-mix": {"trigger", "refusal", "n_refusal", "backdoor_fraction"},
-}
-
-
 def run_generate_stage(ctx: StageContext) -> dict[str, Any]:
     """Make a data file (`data.jsonl`, every row with a `text`) from a model and/or a data file."""
     kind = ctx.stage.params["kind"]
@@ -650,10 +909,6 @@ def _backdoor_mix(ctx: StageContext, opts: dict[str, Any], out: Path) -> dict[st
                                          for k in ("backdoor-copy", "backdoor-refusal", "ordinary")}}
 
 
-BACKDOOR_OPTIONS = {"words", "limit", "num_samples", "temperature", "max_new_tokens", "trigger", "refusal",
-                    "batch_size", "query_field"}
-
-
 def run_backdoor_stage(ctx: StageContext) -> dict[str, Any]:
     """Backdoor data extraction: sample Q(w) for each opening word and match the answers against the
     downstream queries (`data`, default the shipped Dolly D2): match ratio, full recoveries, coverage."""
@@ -691,11 +946,6 @@ def importlib_module(module: str, probe: str, kind: str) -> Any:
     return importlib.import_module(module)
 
 
-def _user_inference_options() -> set[str]:
-    fn = _api("leakaudit.attacks.user_inference", "run_user_inference", "user-inference")
-    return _signature_options(fn, {"target", "reference", "records_in", "records_out", "progress"})
-
-
 def run_user_inference_stage(ctx: StageContext) -> dict[str, Any]:
     """User inference: users of `members` were in training, users of `nonmembers` were not."""
     fn = _api("leakaudit.attacks.user_inference", "run_user_inference", "user-inference")
@@ -725,14 +975,4 @@ RUNNERS: dict[str, Callable[[StageContext], dict[str, Any]]] = {
     "mia": run_mia_stage,
     "pii": run_pii_stage,
     "perplexity": run_perplexity_stage,
-}
-
-CHECKS: dict[str, Callable[[Stage], None]] = {
-    "mia": lambda s: _check_options(s, _mia_options(), "evaluate"),
-    "pii": lambda s: _check_options(s, _pii_options(), "evaluate"),
-    "user-inference": lambda s: _check_options(s, _user_inference_options(), "evaluate"),
-    "backdoor": lambda s: _check_options(s, BACKDOOR_OPTIONS, "evaluate"),
-    "finetune": lambda s: _finetune_config(s, "-"),
-    "perplexity": lambda s: _check_options(s, {"batch_size", "max_length"}, "evaluate"),
-    "generate": lambda s: _check_options(s, GENERATE_OPTIONS[s.params["kind"]], "generate"),
 }

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 console = Console(stderr=True)
 
@@ -14,7 +15,7 @@ console = Console(stderr=True)
 def _log(message: str) -> None:
     """Stage progress lines (stages draw their own progress bars in between)."""
     style = "green" if message.endswith("cached") or " done in " in message else "cyan"
-    console.print(f"[{style}]{message}[/]", highlight=False)
+    console.print(f"[{style}]{escape(message)}[/]", highlight=False)  # grid labels hold [brackets]
 
 
 def run(
@@ -32,7 +33,7 @@ def run(
                             report=not no_report)
     ran = sum(1 for s in status.values() if s == "ran")
     console.print(f"{len(status)} stages ({ran} ran, {len(status) - ran} cached) in "
-                  f"{time.perf_counter() - t0:.0f}s; outputs in {out}")
+                  f"{time.perf_counter() - t0:.0f}s; outputs in {escape(str(out))}")
 
 
 def report(

@@ -1,0 +1,289 @@
+"""Hostile experiment files: names that would escape --out, bad option values, unknown attacks, model specs
+that cannot be resolved and output dirs that cannot be written all fail before any stage runs, in one
+`error: FILE:LINE: ...` line with exit 2, and nothing outside the output dir is created or deleted."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+from leakaudit.errors import InputError
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _tiny_model_built():
+    """Build the tiny model before the tests: a first build's progress output is not what they check."""
+    from leakaudit.models import resolve_spec
+
+    resolve_spec("tiny-gpt-neox")
+
+
+DATA_ROWS = [{"text": f"line {i} of the data file", "user": f"u{i}"} for i in range(6)]
+
+
+def _experiment(dataset: str = "d", options: str = "{attacks: [loss, zlib]}", model: str = "tiny-gpt-neox",
+                split: str = "a") -> str:
+    """A small valid experiment; line 5 is the dataset name, line 7 its split, line 15 the MIA options."""
+    return (
+        "name: hostile\n"                                   # 1
+        "models:\n"                                         # 2
+        f"  base: {json.dumps(model)}\n"                    # 3
+        "datasets:\n"                                       # 4
+        f"  {json.dumps(dataset)}:\n"                       # 5
+        "    path: data.jsonl\n"                            # 6
+        f"    split: {{{json.dumps(split)}: 0.5, b: 0.5}}\n"  # 7
+        "evaluate:\n"                                       # 8
+        "  m:\n"                                            # 9
+        "    kind: mia\n"                                   # 10
+        "    targets: [base]\n"                             # 11
+        f"    members: {json.dumps(dataset + '.' + split)}\n"  # 12
+        f"    nonmembers: {json.dumps(dataset + '.b')}\n"   # 13
+        "    options:\n"                                    # 14
+        f"      {options}\n"                                # 15
+    )
+
+
+def _setup(tmp_path: Path, text: str) -> tuple[Path, Path]:
+    """The experiment in tmp/study/ next to its data; the output dir is tmp/study/out (not yet created)."""
+    study = tmp_path / "study"
+    study.mkdir()
+    (study / "data.jsonl").write_text("".join(json.dumps(r) + "\n" for r in DATA_ROWS))
+    (study / "keep.txt").write_text("precious")
+    cfg = study / "exp.yaml"
+    cfg.write_text(text)
+    return cfg, study / "out"
+
+
+def _tree(root: Path, skip: Path | None = None) -> dict[str, tuple[int, int]]:
+    """Every file and folder under root (except `skip`) with its size and mtime: to see nothing changed."""
+    out = {}
+    for p in sorted(root.rglob("*")):
+        if skip is not None and (p == skip or skip in p.parents):
+            continue
+        st = p.lstat()
+        out[str(p.relative_to(root))] = (st.st_size if p.is_file() else 0, st.st_mtime_ns)
+    return out
+
+
+def _run_main(args: list[str], monkeypatch, capsys) -> tuple[int, str]:
+    """The console entry point in-process (the path that prints `error:`), without a subprocess's imports."""
+    from leakaudit.cli import main
+
+    monkeypatch.setattr(sys, "argv", ["leakaudit", *args])
+    with pytest.raises(SystemExit) as exc:
+        main()
+    return exc.value.code, capsys.readouterr().err
+
+
+def _refused(tmp_path: Path, text: str, monkeypatch, capsys, out: Path | None = None) -> str:
+    """Run `leakaudit run`; assert exit 2, one error line, no traceback, no stage ran, nothing outside
+    --out changed. Returns the error line."""
+    cfg, default_out = _setup(tmp_path, text)
+    out = out or default_out
+    before = _tree(tmp_path, skip=out)
+    code, err = _run_main(["run", str(cfg), "--out", str(out), "--no-report"], monkeypatch, capsys)
+    assert code == 2, err
+    assert err.count("\n") == 1 and err.startswith("error: ") and "Traceback" not in err, err
+    assert _tree(tmp_path, skip=out) == before
+    assert not (out / "data").exists()  # the first stage never started
+    return err.strip()
+
+
+# ----------------------------------------------------------------------------------------- names
+@pytest.mark.parametrize("name", ["..", "../..", "a/b", "", ".", "-d", "a\\b"])
+def test_unsafe_dataset_names_are_refused(name, tmp_path, monkeypatch, capsys):
+    err = _refused(tmp_path, _experiment(dataset=name), monkeypatch, capsys)
+    cfg = tmp_path / "study" / "exp.yaml"
+    assert err.startswith(f"error: {cfg}:5: field 'datasets.") and "invalid name" in err
+    assert not (tmp_path / "study" / "out").exists()
+
+
+@pytest.mark.parametrize("text,line,where", [
+    (_experiment(split="../x"), 7, "datasets.d.split"),
+    (_experiment().replace("  base:", "  '../m':").replace("[base]", "['../m']"), 3, "models"),
+    (_experiment().replace("  m:\n", "  ../../e:\n"), 9, "evaluate"),
+    (_experiment().replace("datasets:\n", "finetune:\n  ..: {model: base, data: d}\ndatasets:\n"), 5, "finetune"),
+])
+def test_unsafe_names_in_every_section_are_refused(text, line, where, tmp_path, monkeypatch, capsys):
+    err = _refused(tmp_path, text, monkeypatch, capsys)
+    assert err.startswith(f"error: {tmp_path / 'study' / 'exp.yaml'}:{line}: field '{where}.")
+    assert "invalid name" in err
+
+
+def test_shipped_and_dotted_names_stay_valid():
+    from leakaudit.config import parse_experiment
+    from leakaudit.experiment import Plan
+
+    text = _experiment().replace("  base:", "  pythia-1.4b_v2:").replace("[base]", "[pythia-1.4b_v2]")
+    plan = Plan(parse_experiment(text.replace("data.jsonl", str(Path(__file__)))))
+    assert "evaluate/m/pythia-1.4b_v2" in plan.stages
+
+
+def test_stale_output_removal_refuses_paths_outside_out(tmp_path):
+    from leakaudit.experiment import remove_stale
+
+    out = tmp_path / "out"
+    (out / "data" / "d").mkdir(parents=True)
+    victim = tmp_path / "victim"
+    victim.mkdir()
+    (victim / "file.txt").write_text("precious")
+    for path in (out / "data" / ".." / ".." / "victim", out / "data" / "..", out, victim, tmp_path):
+        with pytest.raises(InputError, match="outside the output dir"):
+            remove_stale(out, path)
+    link = out / "data" / "link"
+    link.symlink_to(victim, target_is_directory=True)
+    with pytest.raises(InputError, match="outside the output dir"):
+        remove_stale(out, link)
+    with pytest.raises(InputError, match="outside the output dir"):
+        remove_stale(out, link / "file.txt")
+    assert (victim / "file.txt").read_text() == "precious" and link.is_symlink()
+    remove_stale(out, out / "data" / "d")  # inside: removed
+    assert not (out / "data" / "d").exists() and (out / "data").is_dir()
+
+
+def test_a_stage_folder_linked_out_of_out_is_refused_before_any_stage(tmp_path, monkeypatch, capsys):
+    cfg, out = _setup(tmp_path, _experiment())
+    victim = tmp_path / "victim"
+    victim.mkdir()
+    (out / "data").mkdir(parents=True)
+    (out / "data" / "d").symlink_to(victim, target_is_directory=True)
+    code, err = _run_main(["run", str(cfg), "--out", str(out), "--no-report"], monkeypatch, capsys)
+    assert code == 2 and err.count("\n") == 1 and "outside the output dir" in err
+    assert list(victim.iterdir()) == []
+
+
+def test_grid_values_cannot_make_folders_outside_out(tmp_path):
+    from leakaudit.config import parse_experiment
+    from leakaudit.experiment import Plan, stage_dir
+
+    text = _experiment().replace("data.jsonl", str(Path(__file__))) + (
+        "finetune:\n  t:\n    model: base\n    data: d.a\n"
+        "    grid: {lr_scheduler: ['../../../x', '..', '/etc']}\n")
+    plan = Plan(parse_experiment(text))
+    out = tmp_path / "out"
+    tunes = [s for s in plan.stages.values() if s.kind == "finetune"]
+    assert len(tunes) == 3
+    for stage in plan.stages.values():
+        assert out.resolve() in stage_dir(out, stage).resolve().parents
+
+
+# ----------------------------------------------------------------------------------------- options
+@pytest.mark.parametrize("options,where,message", [
+    ("{batch_size: -3}", "evaluate.m.options.batch_size", "'auto' or a positive integer"),
+    ("{batch_size: many}", "evaluate.m.options.batch_size", "'auto' or a positive integer"),
+    ("{n_bootstrp: 5}", "evaluate.m.options.n_bootstrp", "unknown option 'n_bootstrp'"),
+    ("{n_bootstrap: -1}", "evaluate.m.options.n_bootstrap", "greater than or equal to 0"),
+    ("{n_bootstrap: lots}", "evaluate.m.options.n_bootstrap", "valid integer"),
+    ("{max_length: 1}", "evaluate.m.options.max_length", "greater than or equal to 2"),
+    ("{attacks: [loss, lira]}", "evaluate.m.options.attacks[1]", "unknown attack 'lira'"),
+    ("{attacks: [ref]}", "evaluate.m.options.attacks[0]", "needs a reference model"),
+    ("{attacks: [loss], attack_options: {min_k: {k: 0.2}}}", "evaluate.m.options.attack_options.min_k",
+     "not run"),
+    ("{attacks: [min_k], attack_options: {min_k: {k: 7}}}", "evaluate.m.options.attacks[0]", "min_k"),
+])
+def test_bad_evaluation_options_fail_before_any_stage(options, where, message, tmp_path, monkeypatch, capsys):
+    err = _refused(tmp_path, _experiment(options=options), monkeypatch, capsys)
+    assert err.startswith(f"error: {tmp_path / 'study' / 'exp.yaml'}:15: field '{where}': ")
+    assert message in err
+    assert not (tmp_path / "study" / "out").exists()
+
+
+FINETUNE = ("finetune:\n"              # line 16
+            "  t:\n"
+            "    model: base\n"
+            "    data: d.a\n"
+            "    options:\n"
+            "      {options}\n")          # line 21
+
+GENERATE = ("generate:\n"
+            "  g:\n"
+            "    kind: continuation\n"
+            "    model: base\n"
+            "    data: d.a\n"
+            "    options:\n"
+            "      {options}\n")          # line 22
+
+
+@pytest.mark.parametrize("section,options,line,where,message", [
+    (FINETUNE, "{batch_size: -3}", 21, "finetune.t.options.batch_size", "greater than or equal to 1"),
+    (FINETUNE, "{epochz: 1}", 21, "finetune.t.options.epochz", "unknown option"),
+    (GENERATE, "{top_k: 0}", 22, "generate.g.options.top_k", "at least 1"),
+    (GENERATE, "{temperature: -1}", 22, "generate.g.options.temperature", "greater than or equal to 0"),
+    (GENERATE, "{prompt_tokenz: 5}", 22, "generate.g.options.prompt_tokenz", "unknown option"),
+])
+def test_bad_training_and_generation_options_fail_before_any_stage(section, options, line, where, message,
+                                                                    tmp_path, monkeypatch, capsys):
+    text = _experiment() + section.replace("{options}", options)
+    err = _refused(tmp_path, text, monkeypatch, capsys)
+    assert err.startswith(f"error: {tmp_path / 'study' / 'exp.yaml'}:{line}: field '{where}': ")
+    assert message in err
+
+
+def test_a_bad_value_from_a_grid_names_the_grid(tmp_path, monkeypatch, capsys):
+    text = _experiment().replace("    options:\n", "    grid: {batch_size: [4, 0]}\n    options:\n")
+    err = _refused(tmp_path, text, monkeypatch, capsys)
+    assert err.startswith(f"error: {tmp_path / 'study' / 'exp.yaml'}:14: field 'evaluate.m.grid.batch_size': ")
+
+
+# ----------------------------------------------------------------------------------------- models
+def test_a_missing_local_model_is_refused_at_plan_time(tmp_path, monkeypatch, capsys):
+    err = _refused(tmp_path, _experiment(model="./no-such-model"), monkeypatch, capsys)
+    assert err.startswith(f"error: {tmp_path / 'study' / 'exp.yaml'}:3: field 'models.base': ")
+    assert "no-such-model" in err
+
+
+def test_an_unknown_hub_model_is_refused_at_plan_time_offline(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    err = _refused(tmp_path, _experiment(model="bogus-model-xyz"), monkeypatch, capsys)
+    assert err.startswith(f"error: {tmp_path / 'study' / 'exp.yaml'}:3: field 'models.base': ")
+    assert "bogus-model-xyz" in err
+
+
+def test_model_specs_are_resolved_once_before_the_data_stage(tmp_path, monkeypatch):
+    """The tiny model is built once in a fresh cache although planning resolves it before the stages load it;
+    and planning resolves it before the data stage runs."""
+    from leakaudit import experiment, models
+    from leakaudit.config import parse_experiment
+
+    monkeypatch.setenv("LEAKAUDIT_CACHE", str(tmp_path / "cache"))
+    builds: list[str] = []
+    real_build = models.build_tiny_model
+    monkeypatch.setattr(models, "build_tiny_model", lambda arch, seed=0: builds.append(arch) or real_build(arch, seed))
+    order: list[str] = []
+    real_resolve = models.resolve_spec
+    monkeypatch.setattr(models, "resolve_spec", lambda spec: order.append(f"resolve {spec}") or real_resolve(spec))
+    text = (_experiment().replace("data.jsonl", str(tmp_path / "data.jsonl"))
+            .replace("kind: mia", "kind: perplexity").replace("members: \"d.a\"", "data: \"d.a\"")
+            .replace("    nonmembers: \"d.b\"\n", "").replace("{attacks: [loss, zlib]}", "{batch_size: 2}"))
+    (tmp_path / "data.jsonl").write_text("".join(json.dumps(r) + "\n" for r in DATA_ROWS))
+    status = experiment.run_experiment(parse_experiment(text), tmp_path / "out", report=False,
+                                       log=lambda m: order.append(m))
+    assert status == {"data/d": "ran", "evaluate/m/base": "ran"}
+    assert builds == ["tiny-gpt-neox"]
+    assert order[0] == "resolve tiny-gpt-neox" and any("data/d: running" in m for m in order)
+
+
+# ----------------------------------------------------------------------------------------- --out
+def test_unwritable_out_is_refused_before_any_stage(tmp_path, monkeypatch, capsys):
+    a_file = tmp_path / "a-file"
+    a_file.write_text("x")
+    for out, message in ((a_file, "exists and is not a directory"), (a_file / "sub", "cannot write"),
+                         (Path("/proc/leakaudit-test/out"), "cannot write")):
+        sub = tmp_path / f"case{len(list(tmp_path.iterdir()))}"
+        sub.mkdir()
+        err = _refused(sub, _experiment(), monkeypatch, capsys, out=out)
+        assert err.startswith(f"error: {out}: field '--out': ") and message in err
+    assert a_file.read_text() == "x"
+
+
+def test_a_file_where_a_stage_folder_goes_is_refused_before_any_stage(tmp_path, monkeypatch, capsys):
+    cfg, out = _setup(tmp_path, _experiment())
+    out.mkdir()
+    (out / "evaluate").write_text("not a folder")
+    code, err = _run_main(["run", str(cfg), "--out", str(out), "--no-report"], monkeypatch, capsys)
+    assert code == 2 and err.count("\n") == 1
+    assert err.startswith(f"error: {out / 'evaluate'}: field '--out': exists and is not a directory")
+    assert not (out / "data").exists()
