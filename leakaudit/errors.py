@@ -23,3 +23,16 @@ class InputError(Exception):
             where += ": "
         field = f"field '{self.field}': " if self.field else ""
         return f"{where}{field}{self.message}"
+
+
+class OptionError(Exception):
+    """A bad option value at a key path inside a kind's options, e.g. ('attacks', 1).
+
+    Why separate from InputError: the same check serves the CLI (which names the flag) and an experiment
+    file (which names FILE:LINE and the key path); each front end turns it into its own InputError.
+    """
+
+    def __init__(self, loc: tuple, message: str):
+        self.loc = tuple(loc)
+        self.message = message
+        super().__init__(message)

@@ -32,7 +32,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from leakaudit.config import ConfigError, Experiment, expand_grid, pydantic_message
 from leakaudit.data.io import load_records, write_json, write_jsonl
-from leakaudit.errors import InputError
+from leakaudit.errors import InputError, OptionError
+from leakaudit.kinds.base import ModelCache
 
 STAGE_VERSION = 1
 
@@ -304,7 +305,7 @@ def run_plan(plan: Plan, out: Path, *, log: Callable[[str], None] = print,
         t0 = time.perf_counter()
         ctx = StageContext(stage, sdir, out, plan, results)
         try:
-            result = table[stage.kind](ctx)
+            result = table.get(stage.kind, run_kind_stage)(ctx)
         except ConfigError as exc:
             raise plan.exp.error(exc.loc, exc.message) from None
         except InputError as exc:  # say which stage, and map an API's --option to the experiment's key
@@ -454,7 +455,8 @@ def stage_options(stage: Stage) -> dict[str, Any]:
     """A stage's options validated against its API: unknown keys, wrong types, out-of-range values and the
     API's own checks (attack names, templates, sampling) are ConfigErrors at the option's key path."""
     kind = _option_kind(stage)
-    model = _options_model(kind)
+    registered = _registered(kind)
+    model = registered.Options if registered is not None else _options_model(kind)
     raw = dict(stage.params.get("options") or {})
     for key in raw:
         if key not in model.model_fields:
@@ -467,10 +469,24 @@ def stage_options(stage: Stage) -> dict[str, Any]:
         key, *sub = err["loc"]
         raise ConfigError(_option_loc(stage, key, "options", *(x for x in sub if isinstance(x, int))),
                           pydantic_message(err)) from None
+    if registered is not None:
+        try:
+            registered.check(model.model_validate(raw), stage_roles(stage))
+        except OptionError as exc:
+            key, *sub = exc.loc
+            raise ConfigError(_option_loc(stage, key, "options", *sub), exc.message) from None
+        return opts
     check = _SEMANTIC_CHECKS.get(kind)
     if check is not None:
         check(stage, opts)
     return opts
+
+
+def _registered(kind: str) -> Any:
+    """The registered kind (leakaudit.kinds) of this name, or None for kinds still run from this module."""
+    from leakaudit.kinds import get_kind, kind_names
+
+    return get_kind(kind) if kind in kind_names() else None
 
 
 def _api_check(stage: Stage, opts: dict[str, Any], key: str, fn: Callable[..., Any], *args: Any,
@@ -584,8 +600,6 @@ def _option_types(kind: str) -> dict[str, Any]:
     if kind == "user-inference":
         fn = _api("leakaudit.attacks.user_inference", "run_user_inference", "user-inference")
         return _api_types(fn, exclude={"target", "reference", "records_in", "records_out", "progress"})
-    if kind == "perplexity":
-        return _api_types(_api("leakaudit.perplexity", "perplexity", "perplexity"), {"batch_size", "max_length"})
     if kind == "backdoor":
         fn = _api("leakaudit.attacks.backdoor", "sample_responses", "backdoor")
         return {**_api_types(fn, {"num_samples", "temperature", "max_new_tokens", "batch_size"}),
@@ -703,20 +717,12 @@ def _api(module: str, name: str, kind: str) -> Any:
         raise InputError(f"stage kind '{kind}' is not available in this version (needs {module}.{name})") from None
 
 
-_LOADED: dict[str, Any] = {}
+_LOADED = ModelCache()
 
 
 def _load(spec: str | None) -> Any:
     """Load a model for inference, keeping the two most recent in memory (reference models repeat)."""
-    if spec is None:
-        return None
-    from leakaudit.models import load_model
-
-    if spec not in _LOADED:
-        while len(_LOADED) >= 2:
-            _LOADED.pop(next(iter(_LOADED)))
-        _LOADED[spec] = load_model(spec)
-    return _LOADED[spec]
+    return _LOADED.get(spec)
 
 
 def _records(path: Path) -> list[Any]:
@@ -823,30 +829,6 @@ def run_finetune_stage(ctx: StageContext) -> dict[str, Any]:
     model_dir = Path(finetune(_finetune_config(stage, str(ctx.dir / "model"))))
     checkpoints = [str(d.relative_to(ctx.dir)) for d in model_dirs(model_dir) if d != model_dir]
     return {"model_dir": str(model_dir.relative_to(ctx.dir)), "checkpoints": checkpoints}
-
-
-def run_perplexity_stage(ctx: StageContext) -> dict[str, Any]:
-    """Perplexity of the target on the data; for a fine-tuned target also after each epoch's checkpoint."""
-    perplexity = _api("leakaudit.perplexity", "perplexity", "perplexity")
-    from leakaudit.models import load_model
-
-    texts = [r.text for r in _records(ctx.data_path())]
-    final = perplexity(_load(ctx.model("target")), texts, progress=False, **ctx.options)
-    checkpoints = []
-    target = ctx.stage.params["target"]
-    if "stage" in target:
-        sdir = ctx.out / ctx.plan.stages[target["stage"]].folder
-        for i, rel in enumerate(ctx.results[target["stage"]].get("checkpoints") or [], start=1):
-            lm = load_model(str(sdir / rel))
-            ppl = perplexity(lm, texts, progress=False, **ctx.options).ppl
-            checkpoints.append({"name": Path(rel).parent.name if Path(rel).name == "adapter" else Path(rel).name,
-                                "step": i, "perplexity": ppl})
-            del lm
-        checkpoints.append({"name": "final", "step": len(checkpoints) + 1, "perplexity": final.ppl})
-    result = {"perplexity": final.ppl, "mean_text_perplexity": final.mean_text_ppl, "n_texts": final.n_texts,
-              "n_tokens": final.n_tokens, "checkpoints": checkpoints}
-    write_json(ctx.dir / "perplexity.json", result)
-    return result
 
 
 SAMPLING_OPTIONS = {"max_new_tokens", "temperature", "top_k", "top_p", "num_samples", "greedy", "stop_at_eos"}
@@ -966,6 +948,33 @@ def run_user_inference_stage(ctx: StageContext) -> dict[str, Any]:
     return {**result, "scores_file": "user_scores.jsonl"}
 
 
+def stage_roles(stage: Stage) -> set[str]:
+    """The data and model roles an evaluation stage was given (members, reference, ...)."""
+    return {r for r in ("members", "nonmembers", "data", "reference", "baseline", "model")
+            if stage.params.get(r) is not None}
+
+
+def run_kind_stage(ctx: StageContext) -> dict[str, Any]:
+    """Run a registered kind (leakaudit.kinds) on one stage: its inputs and models come from the plan."""
+    from leakaudit.kinds import get_kind
+    from leakaudit.kinds.base import KindContext
+
+    stage = ctx.stage
+    kind = get_kind(stage.kind)
+    options = kind.Options.model_validate(ctx.options)
+    data = {role: ctx.data_path(role) for role in ("members", "nonmembers", "data") if stage.params.get(role)}
+    models = {role: ctx.model(role) for role in ("target", "reference", "baseline", "model")
+              if stage.params.get(role) is not None}
+    checkpoints = []
+    target = stage.params.get("target") or {}
+    if "stage" in target:
+        tdir = ctx.out / ctx.plan.stages[target["stage"]].folder
+        checkpoints = [str(tdir / rel) for rel in ctx.results[target["stage"]].get("checkpoints") or []]
+    kctx = KindContext(out=ctx.dir, seed=ctx.seed, data=data, models=models, checkpoints=checkpoints,
+                       show_pii=ctx.plan.exp.report.show_pii, cache=_LOADED, log=lambda m: None, progress=False)
+    return kind.run(kctx, options).to_json()
+
+
 RUNNERS: dict[str, Callable[[StageContext], dict[str, Any]]] = {
     "generate": run_generate_stage,
     "user-inference": run_user_inference_stage,
@@ -974,5 +983,4 @@ RUNNERS: dict[str, Callable[[StageContext], dict[str, Any]]] = {
     "finetune": run_finetune_stage,
     "mia": run_mia_stage,
     "pii": run_pii_stage,
-    "perplexity": run_perplexity_stage,
 }

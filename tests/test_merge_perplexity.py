@@ -71,5 +71,6 @@ def test_perplexity_cli_over_every_checkpoint(data, tmp_path):
     res = CliRunner().invoke(app, ["perplexity", "--model", str(run), "--data", str(data), "--out",
                                    str(tmp_path / "p"), "--all-checkpoints"])
     assert res.exit_code == 0, res.output
-    saved = json.loads((tmp_path / "p" / "perplexity.json").read_text())["results"]
-    assert [r["ppl"] for r in saved] == pytest.approx([r.ppl for r in results])
+    saved = json.loads((tmp_path / "p" / "perplexity.json").read_text())  # the experiment stage's shape
+    assert [c["perplexity"] for c in saved["checkpoints"]] == pytest.approx([r.ppl for r in results])
+    assert saved["perplexity"] == pytest.approx(results[-1].ppl)

@@ -20,6 +20,22 @@ PickleOpt = typer.Option(False, "--allow-pickle", help="Allow loading pickle wei
 SCORE_KEYS = ("id", "n_tokens", "sum_logp", "mean_logp")  # what a `score` output row holds
 
 
+def build_options(kind: Any, **values: Any) -> Any:
+    """A kind's options from CLI flags (None = not given, the kind's default applies); a bad value is one
+    `error:` line naming the flag, from the same validators an experiment file goes through."""
+    from pydantic import ValidationError
+
+    from leakaudit.config import pydantic_message
+
+    given = {k: v for k, v in values.items() if v is not None}
+    try:
+        return kind.Options(**given)
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        flag = "--" + str(err["loc"][0]).replace("_", "-") if err["loc"] else "option"
+        raise InputError(pydantic_message(err), field=flag) from None
+
+
 def check_batch_size(value: str) -> str:
     """`auto` or a positive number of sequences, refused at parse time (before any model loads)."""
     if value is not None and value != "auto" and not (value.isdigit() and int(value) >= 1):

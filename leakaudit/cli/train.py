@@ -7,7 +7,7 @@ from pathlib import Path
 import typer
 from pydantic import ValidationError
 
-from leakaudit.cli.core import batch_size_option, model_path
+from leakaudit.cli.core import batch_size_option, build_options, model_path
 from leakaudit.errors import InputError
 
 
@@ -111,22 +111,24 @@ def register(app: typer.Typer) -> None:
         device: str = typer.Option(None),
     ) -> None:
         """Perplexity (corpus and mean per text) of a model or of every checkpoint; writes perplexity.json."""
-        from leakaudit.data.io import load_records, write_json
-        from leakaudit.models import load_model
+        from leakaudit.kinds import get_kind
+        from leakaudit.kinds.base import KindContext, ModelCache
         from leakaudit.outputs import prepare_output
-        from leakaudit.perplexity import perplexity as ppl
-        from leakaudit.perplexity import perplexity_per_checkpoint
+        from leakaudit.perplexity import model_dirs
 
         prepare_output(out, command="perplexity", files=("perplexity.json",),
                        inputs={"--data": data, "--model": model_path(model)})
-        texts = [r.text for r in load_records(data, text_field=text_field)]
+        kind = get_kind("perplexity")
+        options = build_options(kind, batch_size=batch_size, max_length=max_length)
+        target, checkpoints = model, []
         if all_checkpoints:
-            results = perplexity_per_checkpoint(model, texts, device=device, dtype=dtype, batch_size=batch_size,
-                                                max_length=max_length)
-        else:
-            lm = load_model(model, device=device, dtype=dtype)
-            results = [ppl(lm, texts, batch_size=batch_size, max_length=max_length)]
-        payload = {"data": str(Path(data)), "results": [r.to_dict() for r in results]}
-        write_json(Path(out) / "perplexity.json", payload)
-        for r in results:
-            typer.echo(f"{r.model}\tppl={r.ppl:.4f}\tmean_text_ppl={r.mean_text_ppl:.4f}\ttokens={r.n_tokens}")
+            dirs = model_dirs(model)
+            if not dirs:
+                raise InputError("no model or checkpoint found in this dir", file=model, field="--model")
+            target, checkpoints = str(dirs[-1]), [str(d) for d in dirs[:-1]]
+        ctx = KindContext(out=Path(out), data={"data": Path(data)}, data_fields={"data": {"text_field": text_field}},
+                          models={"target": target}, checkpoints=checkpoints,
+                          cache=ModelCache(keep=1, device=device, dtype=dtype))
+        res = kind.run(ctx, options).to_json()
+        for c in res["checkpoints"] or [{"name": "final", **res}]:
+            typer.echo(f"{c['name']}\tppl={c['perplexity']:.4f}\tmean_text_ppl={c['mean_text_perplexity']:.4f}")

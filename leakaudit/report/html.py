@@ -19,6 +19,8 @@ from leakaudit.data.io import write_json
 from leakaudit.data.pii_find import mask_obj
 from leakaudit.data.pii_find import mask_pii as mask
 from leakaudit.errors import InputError
+from leakaudit.kinds import get_kind, kind_names
+from leakaudit.kinds.base import StageView
 from leakaudit.report import plots
 
 # inline figures: base64 data, never PII, and masking must not touch it
@@ -61,7 +63,10 @@ def headline(stages: list[dict[str, Any]]) -> list[dict[str, Any]]:
         if not res or not s["id"].startswith("evaluate/"):
             continue
         kind = s["kind"]
-        if kind == "mia":
+        if kind in kind_names():
+            for h in get_kind(kind).Result(res).headline():
+                add(s, h.metric, h.value, h.ci)
+        elif kind == "mia":
             for attack, m in res.get("attacks", {}).items():
                 add(s, f"{attack} AUC", m.get("auc"), m.get("auc_ci"))
                 tpr = (m.get("tpr_at_fpr") or {}).get("0.01")
@@ -73,8 +78,6 @@ def headline(stages: list[dict[str, Any]]) -> list[dict[str, Any]]:
             if res.get("match_rate_minus_baseline") is not None:
                 add(s, "PII match rate − baseline", res.get("match_rate_minus_baseline"),
                     res.get("match_rate_minus_baseline_ci"))
-        elif kind == "perplexity":
-            add(s, "perplexity", res.get("perplexity"))
         elif kind == "backdoor":
             for k, v in (res.get("headline") or {}).items():
                 add(s, k, v)
@@ -190,37 +193,6 @@ def _pii_section(out: Path, stages: list[dict[str, Any]]) -> dict[str, Any] | No
                                    "targets"], "rows": table}]}
 
 
-def _perplexity_section(out: Path, stages: list[dict[str, Any]]) -> dict[str, Any] | None:
-    done = [s for s in stages if s["kind"] == "perplexity" and s.get("result")]
-    if not done:
-        return None
-    series: dict[str, list[tuple[float, float]]] = {}
-    table = []
-    for s in done:
-        res = s["result"]
-        label = f"{s['params']['target_label']} ({s['params']['evaluation']})"
-        for c in res.get("checkpoints") or []:
-            series.setdefault(label, []).append((float(c["step"]), float(c["perplexity"])))
-            table.append([s["params"]["target_label"], s["params"]["evaluation"], c.get("name", c["step"]),
-                          _fmt(c["perplexity"])])
-        table.append([s["params"]["target_label"], s["params"]["evaluation"], "final", _fmt(res.get("perplexity"))])
-    figures = []
-    if any(len(v) > 1 for v in series.values()):
-        figures.append({"uri": plots.lines_figure(series, "Perplexity per checkpoint", "checkpoint (epoch)",
-                                                  "perplexity",
-                                                  log_y=True),
-                        "caption": "Perplexity on the evaluation data after each epoch"})
-    else:
-        finals = {s["params"]["target_label"]: s["result"]["perplexity"] for s in done
-                  if isinstance(s["result"].get("perplexity"), (int, float))}
-        if finals:
-            figures.append({"uri": plots.bars_figure(finals, "Perplexity", "perplexity"),
-                            "caption": "Perplexity on the evaluation data"})
-    return {"id": "perplexity", "title": "Perplexity", "figures": figures,
-            "note": "exp(mean token NLL) over all evaluation tokens; lower is a better fit.",
-            "tables": [{"header": ["variant", "evaluation", "checkpoint", "perplexity"], "rows": table}]}
-
-
 def _backdoor_section(out: Path, stages: list[dict[str, Any]]) -> dict[str, Any] | None:
     done = [s for s in stages if s["kind"] == "backdoor" and s.get("result")]
     if not done:
@@ -231,6 +203,13 @@ def _backdoor_section(out: Path, stages: list[dict[str, Any]]) -> dict[str, Any]
             table.append([s["params"]["target_label"], s["params"]["evaluation"], k, _fmt(v)])
     return {"id": "backdoor", "title": "Backdoor data extraction", "figures": [],
             "tables": [{"header": ["variant", "evaluation", "metric", "value"], "rows": table}]}
+
+
+def kind_sections(out: Path, stages: list[dict[str, Any]]) -> list[dict[str, Any] | None]:
+    """One section per registered evaluation kind, each drawn by its Result from its finished stages."""
+    return [get_kind(name).Result.section([StageView(s, out) for s in stages
+                                           if s["kind"] == name and s.get("result")])
+            for name in kind_names("evaluate")]
 
 
 # ----------------------------------------------------------------------------------------- assembly
@@ -253,7 +232,7 @@ def build(out: str | Path) -> tuple[str, dict[str, Any]]:
     rows = headline(stages)
     cols, table_rows = _headline_table(rows)
     sections = [sec for sec in (_mia_section(out, stages), _user_section(out, stages), _pii_section(out, stages),
-                                _perplexity_section(out, stages), _backdoor_section(out, stages)) if sec]
+                                _backdoor_section(out, stages), *kind_sections(out, stages)) if sec]
     config_text = run.get("config_text") or json.dumps(exp, indent=2)
     env = jinja2.Environment(loader=jinja2.PackageLoader("leakaudit.report", "templates"),
                              autoescape=True, undefined=jinja2.StrictUndefined)

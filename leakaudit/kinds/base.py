@@ -1,0 +1,175 @@
+"""The contract every evaluation and generation kind follows (see docs/architecture.md).
+
+A kind is one file under `leakaudit/kinds/` holding
+  - `Options`: a pydantic model (`extra="forbid"`, bounds): the only place its options are typed and checked,
+    used alike by the CLI (built from flags) and by experiment files (validated at plan time, FILE:LINE);
+  - `run(ctx, options) -> Result`: the job, reading inputs from a `KindContext` and writing its files into
+    `ctx.out`;
+  - `Result`: what `run` returns; it knows its JSON (kept in stage.json / run.json), its headline numbers
+    (summary.json and the report's first table) and its report section (built from what runs left on disk).
+Kinds register themselves with `@register` (leakaudit.kinds); the experiment schema, the plan check and the
+report are derived from that registry, so adding a kind is adding one file.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar, Literal
+
+from pydantic import BaseModel, ConfigDict
+
+from leakaudit.errors import InputError
+
+Section = Literal["evaluate", "generate"]
+
+
+class KindOptions(BaseModel):
+    """Base of every kind's options: unknown keys are errors, values are checked when built."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+@dataclass
+class Headline:
+    """One headline number (summary.json, the report's first table)."""
+
+    metric: str
+    value: Any
+    ci: list[float] | None = None
+
+
+@dataclass
+class StageView:
+    """A finished stage of a run as the report sees it (one entry of run.json's `stages`)."""
+
+    record: dict[str, Any]
+    out: Path
+
+    @property
+    def result(self) -> dict[str, Any]:
+        return self.record.get("result") or {}
+
+    @property
+    def dir(self) -> Path:
+        return self.out / self.record["folder"]
+
+    @property
+    def target(self) -> str:
+        return str(self.record["params"].get("target_label") or self.record["id"].split("/", 1)[-1])
+
+    @property
+    def evaluation(self) -> str:
+        return str(self.record["params"].get("evaluation") or self.record["id"].split("/")[1])
+
+
+class Result:
+    """A kind's outcome: JSON data plus how to read it. Kinds subclass it to add headline and section."""
+
+    def __init__(self, data: dict[str, Any]):
+        self.data = data
+
+    def to_json(self) -> dict[str, Any]:
+        return self.data
+
+    def headline(self) -> list[Headline]:
+        """The numbers that summarise this result (none by default: generation kinds)."""
+        return []
+
+    @classmethod
+    def section(cls, stages: list[StageView]) -> dict[str, Any] | None:
+        """The report section for every finished stage of this kind: {id, title, note, figures, tables}."""
+        return None
+
+
+class ModelCache:
+    """Loaded models, shared by the stages of one run: the two most recently used stay in memory
+    (reference and baseline models repeat across targets). The engine owns one; the CLI makes its own."""
+
+    def __init__(self, keep: int = 2, **load_options: Any):
+        self.keep = keep
+        self.load_options = load_options
+        self._loaded: dict[str, Any] = {}
+
+    def get(self, spec: str | None) -> Any:
+        if spec is None:
+            return None
+        if spec not in self._loaded:
+            from leakaudit.models import load_model
+
+            while len(self._loaded) >= self.keep:
+                self._loaded.pop(next(iter(self._loaded)))
+            self._loaded[spec] = load_model(spec, **self.load_options)
+        return self._loaded[spec]
+
+    def clear(self) -> None:
+        self._loaded.clear()
+
+
+@dataclass
+class KindContext:
+    """What a kind's `run` sees, from the engine (one stage) or from a CLI command alike."""
+
+    out: Path                                   # the folder it writes into (exists)
+    seed: int = 0
+    data: dict[str, Path] = field(default_factory=dict)          # role -> data file (members, nonmembers, data)
+    models: dict[str, str | None] = field(default_factory=dict)  # role -> model spec (target, reference, ...)
+    checkpoints: list[str] = field(default_factory=list)         # the target's per-epoch checkpoint dirs
+    data_fields: dict[str, dict[str, Any]] = field(default_factory=dict)  # role -> load_records fields (CLI)
+    show_pii: bool = False
+    cache: ModelCache = field(default_factory=ModelCache)
+    log: Callable[[str], None] = print
+    progress: bool = True
+
+    def model(self, role: str = "target") -> Any:
+        """The loaded model of a role (None when the role is not given)."""
+        return self.cache.get(self.models.get(role))
+
+    def records(self, role: str = "data") -> list[Any]:
+        """The records of a data role, read with the fields the caller gave (text_field, id_field, ...)."""
+        from leakaudit.data.io import load_records
+
+        if role not in self.data:
+            raise InputError(f"this evaluation needs '{role}'", field=role)
+        return load_records(self.data[role], **self.data_fields.get(role, {}))
+
+
+class Kind:
+    """One evaluation or generation kind. Subclasses set the class attributes and implement `run`."""
+
+    name: ClassVar[str]
+    section: ClassVar[Section]
+    Options: ClassVar[type[KindOptions]] = KindOptions
+    Result: ClassVar[type[Result]] = Result
+    #: data roles (members, nonmembers, data) and model roles (reference, baseline, model) it reads;
+    #: True = required. `target` is implied for evaluations.
+    roles: ClassVar[dict[str, bool]] = {}
+    summary: ClassVar[str] = ""
+
+    def check(self, options: KindOptions, roles: set[str]) -> None:
+        """Checks that need more than the options (e.g. an attack that needs a reference model).
+        Raise leakaudit.errors.OptionError(loc, message)."""
+
+    def run(self, ctx: KindContext, options: KindOptions) -> Result:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+
+# ----------------------------------------------------------------------------------------- report helpers
+def fmt(x: Any, digits: int = 3) -> str:
+    """A number as the report shows it ('–' for missing or not finite)."""
+    if x is None or (isinstance(x, float) and not math.isfinite(x)):
+        return "–"
+    if isinstance(x, float):
+        return f"{x:.{digits}f}" if abs(x) < 1000 else f"{x:.4g}"
+    return str(x)
+
+
+def read_jsonl(path: Path) -> list[dict[str, Any]]:
+    """Rows of a JSONL file a stage wrote (empty when it is not there yet)."""
+    import json
+
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]

@@ -1,0 +1,92 @@
+"""Evaluation kind `perplexity`: how well the target fits some texts, and after each epoch's checkpoint.
+
+Why: perplexity is the utility side of every privacy number here (a defense that stops leakage by wrecking
+the model is no defense). Definitions live in leakaudit/perplexity.py (corpus and mean per-text perplexity).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from pydantic import Field
+
+from leakaudit.kinds.base import Headline, Kind, KindContext, KindOptions, Result, StageView, fmt
+from leakaudit.kinds.registry import register
+from leakaudit.options import BatchSize
+
+
+class PerplexityOptions(KindOptions):
+    batch_size: BatchSize = "auto"
+    max_length: int | None = Field(default=None, ge=2, description="window in tokens (default: the context)")
+
+
+class PerplexityResult(Result):
+    """`perplexity.json`: the final model's numbers plus one row per checkpoint (`checkpoints`, with `final`
+    last) when the target is a fine-tuning run with per-epoch checkpoints."""
+
+    def headline(self) -> list[Headline]:
+        return [Headline("perplexity", self.data.get("perplexity"))]
+
+    @classmethod
+    def section(cls, stages: list[StageView]) -> dict[str, Any] | None:
+        from leakaudit.report import plots
+
+        if not stages:
+            return None
+        series: dict[str, list[tuple[float, float]]] = {}
+        table = []
+        for s in stages:
+            res = s.result
+            label = f"{s.target} ({s.evaluation})"
+            for c in res.get("checkpoints") or []:
+                series.setdefault(label, []).append((float(c["step"]), float(c["perplexity"])))
+                table.append([s.target, s.evaluation, c.get("name", c["step"]), fmt(c["perplexity"])])
+            if not res.get("checkpoints"):
+                table.append([s.target, s.evaluation, "final", fmt(res.get("perplexity"))])
+        figures = []
+        if any(len(v) > 1 for v in series.values()):
+            figures.append({"uri": plots.lines_figure(series, "Perplexity per checkpoint", "checkpoint (epoch)",
+                                                      "perplexity", log_y=True),
+                            "caption": "Perplexity on the evaluation data after each epoch"})
+        else:
+            finals = {s.target: s.result["perplexity"] for s in stages
+                      if isinstance(s.result.get("perplexity"), (int, float))}
+            if finals:
+                figures.append({"uri": plots.bars_figure(finals, "Perplexity", "perplexity"),
+                                "caption": "Perplexity on the evaluation data"})
+        return {"id": "perplexity", "title": "Perplexity", "figures": figures,
+                "note": "exp(mean token NLL) over all evaluation tokens; lower is a better fit.",
+                "tables": [{"header": ["variant", "evaluation", "checkpoint", "perplexity"], "rows": table}]}
+
+
+@register
+class Perplexity(Kind):
+    name = "perplexity"
+    section = "evaluate"
+    Options = PerplexityOptions
+    Result = PerplexityResult
+    roles = {"data": True}
+    summary = "perplexity of the target on `data` (and of each epoch's checkpoint of a fine-tuned target)"
+
+    def run(self, ctx: KindContext, options: PerplexityOptions) -> PerplexityResult:
+        from leakaudit.data.io import write_json
+        from leakaudit.perplexity import perplexity
+
+        texts = [r.text for r in ctx.records("data")]
+        kwargs = {"batch_size": options.batch_size, "max_length": options.max_length, "progress": ctx.progress}
+        final = perplexity(ctx.model("target"), texts, **kwargs)
+        checkpoints = []
+        for i, path in enumerate(ctx.checkpoints, start=1):
+            one = perplexity(ctx.cache.get(path), texts, **kwargs)
+            name = Path(path).parent.name if Path(path).name == "adapter" else Path(path).name
+            checkpoints.append({"name": name, "step": i, "perplexity": one.ppl,
+                                "mean_text_perplexity": one.mean_text_ppl})
+        if checkpoints:
+            checkpoints.append({"name": "final", "step": len(checkpoints) + 1, "perplexity": final.ppl,
+                                "mean_text_perplexity": final.mean_text_ppl})
+        data = {"model": final.model, "perplexity": final.ppl, "mean_text_perplexity": final.mean_text_ppl,
+                "nll_per_token": final.nll_per_token, "n_texts": final.n_texts, "n_tokens": final.n_tokens,
+                "checkpoints": checkpoints}
+        write_json(ctx.out / "perplexity.json", data)
+        return PerplexityResult(data)
