@@ -390,6 +390,9 @@ VALID_SPECS = ("default, tiny-gpt-neox, tiny-opt, random:NAME (e.g. random:pythi
 SAFE_WEIGHTS = ("model.safetensors", "model.safetensors.index.json")
 PICKLE_WEIGHTS = ("pytorch_model.bin", "pytorch_model.bin.index.json")
 ADAPTER_SAFE, ADAPTER_PICKLE = "adapter_model.safetensors", "adapter_model.bin"
+# Other JSON files the loaders read when present; each must hold an object (else AttributeError deep inside).
+SIDE_JSON = ("tokenizer_config.json", "special_tokens_map.json", "generation_config.json", "tokenizer.json",
+             "added_tokens.json")
 HUB_TIMEOUT_S = 10  # one metadata request decides whether a hub id can load; no minute of download retries
 
 
@@ -483,8 +486,16 @@ def check_model_spec(spec: str, *, allow_pickle: bool = False) -> None:
 
 
 def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
+    """A library's message fit for one line: its first line (and the next, when the first ends in ':')."""
+    lines = [x.strip() for x in str(exc).splitlines() if x.strip()]
+    if not lines:
+        return type(exc).__name__
+    text = lines[0]
+    for more in lines[1:]:
+        if not text.endswith(":"):
+            break
+        text += " " + more
+    return f"missing key {text}" if isinstance(exc, KeyError) else text
 
 
 def _read_json_object(file: Path) -> dict:
@@ -503,6 +514,8 @@ def _check_model_dir(path: Path, allow_pickle: bool) -> None:
     cfg_file = path / "config.json"
     cfg = _read_json_object(cfg_file)
     _check_architecture(cfg_file, cfg)
+    _check_side_json(path)
+    _check_config_fields(path)
     for weights in _weight_files(path, cfg, allow_pickle):
         if weights.name.endswith(".safetensors"):
             _check_safetensors(weights)
@@ -527,6 +540,23 @@ def _check_architecture(cfg_file: Path, cfg: dict) -> None:
                          file=cfg_file, field="--model")
     if model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
         raise InputError(f"model_type '{model_type}' is not a causal language model", file=cfg_file, field="--model")
+
+
+def _check_side_json(path: Path) -> None:
+    for name in SIDE_JSON:
+        if (path / name).is_file():
+            _read_json_object(path / name)
+
+
+def _check_config_fields(path: Path) -> None:
+    """Build the config (no weights): transformers validates field types, e.g. hidden_size must be an int."""
+    from huggingface_hub.errors import StrictDataclassError
+    from transformers import AutoConfig
+
+    try:
+        AutoConfig.from_pretrained(str(path), trust_remote_code=False)
+    except (OSError, ValueError, TypeError, KeyError, StrictDataclassError) as exc:
+        raise InputError(f"invalid config ({_first_line(exc)})", file=path / "config.json", field="--model") from None
 
 
 def _weight_files(path: Path, cfg: dict, allow_pickle: bool) -> list[Path]:
@@ -584,10 +614,21 @@ def _adapter_base(path: Path, allow_pickle: bool) -> str:
     """Check an adapter dir (config, the weights file PEFT will open) and return its base spec, itself checked
     to resolve; a base that is itself an adapter is refused (PEFT does not stack saved adapters this way)."""
     cfg_file = path / "adapter_config.json"
-    base = _read_json_object(cfg_file).get("base_model_name_or_path")
+    cfg = _read_json_object(cfg_file)
+    base = cfg.get("base_model_name_or_path")
     if not isinstance(base, str) or not base.strip():
         raise InputError("adapter_config.json has no base_model_name_or_path (the model it was trained on)",
                          file=cfg_file, field="base_model_name_or_path")
+    from peft import PeftConfig
+    from peft.mapping import PEFT_TYPE_TO_CONFIG_MAPPING
+
+    if cfg.get("peft_type") not in PEFT_TYPE_TO_CONFIG_MAPPING:
+        raise InputError(f"unknown peft_type {cfg.get('peft_type')!r} (e.g. LORA)", file=cfg_file, field="peft_type")
+    try:
+        PeftConfig.from_pretrained(str(path))
+    except (OSError, ValueError, TypeError, KeyError) as exc:
+        raise InputError(f"invalid adapter config ({_first_line(exc)})", file=cfg_file, field="--model") from None
+    _check_side_json(path)
     if (path / ADAPTER_SAFE).is_file():
         _check_safetensors(path / ADAPTER_SAFE)
     elif (path / ADAPTER_PICKLE).is_file():
@@ -609,9 +650,10 @@ def _load_errors() -> tuple[type[BaseException], ...]:
     """What from_pretrained raises for bad files (our checks catch most first); never CUDA OOM or bugs."""
     import pickle
 
+    from huggingface_hub.errors import StrictDataclassError
     from safetensors import SafetensorError
 
-    return OSError, ValueError, SafetensorError, pickle.UnpicklingError, EOFError
+    return OSError, ValueError, SafetensorError, StrictDataclassError, pickle.UnpicklingError, EOFError
 
 
 def load_model(spec: str, *, device: str | None = None, dtype: str | torch.dtype | None = None,
@@ -633,8 +675,11 @@ def load_model(spec: str, *, device: str | None = None, dtype: str | torch.dtype
         fingerprint = dir_fingerprint(Path(where))
     else:
         fingerprint = f"hub:{where}"
-    try:
+    try:  # the tokenizers library raises a bare Exception for a tokenizer.json it cannot read
         tokenizer = AutoTokenizer.from_pretrained(str(where), trust_remote_code=False)
+    except Exception as exc:
+        raise InputError(f"cannot load tokenizer: {_first_line(exc)}", file=str(where), field="--model") from None
+    try:
         # use_safetensors=True: transformers then never falls back to a pickle file; None prefers safetensors.
         model = AutoModelForCausalLM.from_pretrained(str(where), dtype=dt, trust_remote_code=False,
                                                      use_safetensors=None if allow_pickle else True)
@@ -656,14 +701,17 @@ def _load_adapter(spec: str, path: Path, dev: torch.device, dt: torch.dtype, all
     base = load_model(base_spec, device=str(dev), dtype=dt, allow_pickle=allow_pickle, for_training=for_training)
     try:
         model = PeftModel.from_pretrained(base.model, str(path), is_trainable=for_training)
-        tokenizer = base.tokenizer
-        if (path / "tokenizer_config.json").exists():
-            from transformers import AutoTokenizer
-
-            tokenizer = AutoTokenizer.from_pretrained(str(path), trust_remote_code=False)
-            _finish_tokenizer(tokenizer)
     except (*_load_errors(), KeyError, TypeError) as exc:  # PEFT reads its config fields with little checking
         raise InputError(f"cannot load adapter: {_first_line(exc)}", file=path, field="--model") from None
+    tokenizer = base.tokenizer
+    if (path / "tokenizer_config.json").exists():
+        from transformers import AutoTokenizer
+
+        try:  # the tokenizers library raises a bare Exception for a tokenizer.json it cannot read
+            tokenizer = AutoTokenizer.from_pretrained(str(path), trust_remote_code=False)
+        except Exception as exc:
+            raise InputError(f"cannot load tokenizer: {_first_line(exc)}", file=path, field="--model") from None
+        _finish_tokenizer(tokenizer)
     fingerprint = hashlib.sha256((base.fingerprint + dir_fingerprint(path)).encode()).hexdigest()[:32]
     model.to(dev)
     model.train(for_training)

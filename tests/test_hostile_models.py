@@ -170,6 +170,39 @@ def test_malformed_model_config_json(model_copy, tmp_path, monkeypatch, capsys):
     d = model_copy("m")
     (d / "config.json").write_text("{not json")
     _refused(_info(d), monkeypatch, capsys, tmp_path, "config.json", "not valid JSON")
+    (d / "config.json").write_text(json.dumps({**json.loads((models.tiny_model_dir("tiny-opt") / "config.json")
+                                                           .read_text()), "hidden_size": "big"}))
+    _refused(_info(d), monkeypatch, capsys, tmp_path, "config.json", "hidden_size", "expected int")
+
+
+def test_malformed_tokenizer_files(model_copy, tmp_path, monkeypatch, capsys):
+    d = model_copy("list")
+    (d / "tokenizer_config.json").write_text("[1]")
+    _refused(_info(d), monkeypatch, capsys, tmp_path, "tokenizer_config.json", "JSON object")
+    d = model_copy("shape")
+    (d / "tokenizer.json").write_text(json.dumps({"model": 3}))
+    _refused(_info(d), monkeypatch, capsys, tmp_path, "cannot load tokenizer", str(d))
+
+
+@pytest.mark.parametrize(("changes", "expect"), [
+    ({"peft_type": "NOPE"}, "unknown peft_type 'NOPE'"),
+    ({"r": "x"}, "cannot load adapter"),
+    ({"base_model_name_or_path": "tiny-opt"}, "query_key_value"),  # a base without the adapted modules
+])
+def test_adapter_config_fields_that_peft_cannot_use(changes, expect, tmp_path, monkeypatch, capsys):
+    d = _lora_adapter(tmp_path / "adapter", safe=True)
+    cfg = json.loads((d / "adapter_config.json").read_text())
+    (d / "adapter_config.json").write_text(json.dumps({**cfg, **changes}))
+    _refused(_info(d), monkeypatch, capsys, tmp_path, str(d), expect)
+
+
+def test_adapter_without_weights_or_on_an_adapter(tmp_path, monkeypatch, capsys):
+    d = _lora_adapter(tmp_path / "adapter", safe=True)
+    cfg_file = d / "adapter_config.json"
+    cfg_file.write_text(json.dumps({**json.loads(cfg_file.read_text()), "base_model_name_or_path": str(d)}))
+    _refused(_info(d), monkeypatch, capsys, tmp_path, "adapter_config.json", "is itself an adapter")
+    (d / "adapter_model.safetensors").unlink()
+    _refused(_info(d), monkeypatch, capsys, tmp_path, "no adapter weights", "adapter_model.safetensors")
 
 
 # ----------------------------------------------------------------------------------------- devices
