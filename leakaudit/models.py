@@ -431,7 +431,7 @@ def resolve_spec(spec: str) -> tuple[str, Path | str]:
 
 def _resolve_hub(spec: str) -> tuple[str, Path | str]:
     """A hub id: a cached snapshot when offline, else ('hub', id) once one quick request says it exists."""
-    from huggingface_hub import HfApi, is_offline_mode, snapshot_download
+    from huggingface_hub import HfApi, is_offline_mode
     from huggingface_hub.errors import GatedRepoError, HFValidationError, RepositoryNotFoundError
     from huggingface_hub.utils import validate_repo_id
 
@@ -442,29 +442,31 @@ def _resolve_hub(spec: str) -> tuple[str, Path | str]:
     except HFValidationError:
         raise InputError(f"{what} or a valid Hugging Face id{valid}", field="--model") from None
     how = f"download it first (hf download {spec}) or pass a local model dir{valid}"
-    cached = _cached_snapshot(spec, snapshot_download)
+    cached = _cached_snapshot(spec)
     if is_offline_mode():
         if cached is not None:
             return "dir", cached
         raise InputError(f"{what} and not in the local Hugging Face cache (HF_HUB_OFFLINE=1); {how}", field="--model")
     try:
         HfApi().model_info(spec, timeout=HUB_TIMEOUT_S)
-    except GatedRepoError:
-        raise InputError(f"'{spec}' is gated on the Hugging Face Hub; accept its terms there and log in (hf auth login)",
-                         field="--model") from None
-    except RepositoryNotFoundError:
-        raise InputError(f"{what} and not a model on the Hugging Face Hub (if it is private: hf auth login){valid}",
-                         field="--model") from None
-    except Exception as exc:  # unreachable hub, proxy, timeout: anything that is not a definite answer
+    except Exception as exc:  # no definite yes: use the cached copy if there is one, else say why not
         if cached is not None:
             return "dir", cached
+        if isinstance(exc, GatedRepoError):
+            raise InputError(f"'{spec}' is gated on the Hugging Face Hub; accept its terms there and log in "
+                             "(hf auth login)", field="--model") from None
+        if isinstance(exc, RepositoryNotFoundError):
+            raise InputError(f"{what} and not a model on the Hugging Face Hub (if it is private: hf auth login)"
+                             f"{valid}", field="--model") from None
         raise InputError(f"{what}, not in the local Hugging Face cache, and the hub is unreachable "
                          f"({_first_line(exc)}); {how}", field="--model") from None
     return "hub", spec
 
 
-def _cached_snapshot(spec: str, snapshot_download) -> Path | None:
+def _cached_snapshot(spec: str) -> Path | None:
     """The local cache's snapshot dir of a hub id (no network), or None when it holds no config.json."""
+    from huggingface_hub import snapshot_download
+
     try:
         snap = Path(snapshot_download(spec, local_files_only=True))
     except Exception:  # not cached (LocalEntryNotFoundError) or an unreadable cache: treated as not cached

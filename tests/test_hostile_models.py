@@ -300,3 +300,24 @@ def test_check_model_spec_loads_no_weights(model_copy, tmp_path, monkeypatch):
     assert info.value.file == str(bad / "model.safetensors") and info.value.field == "--model"
     with pytest.raises(InputError, match="path not found"):
         models.check_model_spec("./no/such/model")
+
+
+def test_online_hub_ids_keep_the_hub_path_and_fall_back_to_the_cache(tmp_path, monkeypatch):
+    """Online, a hub id the hub knows loads from the hub as before; unreachable, a cached copy is used."""
+    import huggingface_hub
+
+    answer: list[BaseException | None] = [None]
+
+    def model_info(self, repo_id, **kwargs):
+        if answer[0] is not None:
+            raise answer[0]
+        return {"id": repo_id}
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setattr(huggingface_hub.HfApi, "model_info", model_info)
+    assert models.resolve_spec("org/online") == ("hub", "org/online")
+    snap = _fake_hub_cache(tmp_path / "hub", "org/tiny")
+    answer[0] = ConnectionError("Name or service not known")
+    kind, where = models.resolve_spec("org/tiny")
+    assert kind == "dir" and Path(where).resolve() == snap.resolve()
