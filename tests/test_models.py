@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -144,3 +145,16 @@ def test_attention_kernels_leave_out_cudnn_on_cuda_only_and_restore():
         assert torch.backends.cuda.cudnn_sdp_enabled()
     with attention_kernels(torch.device("cpu")):
         assert torch.backends.cuda.cudnn_sdp_enabled()
+
+
+def test_allow_pickle_still_prefers_safetensors(tmp_path):
+    """With --allow-pickle transformers picks model.safetensors first, as it does by default: a pickle beside it
+    is never the file loaded (use_safetensors=None, not False)."""
+    d = tmp_path / "m"
+    shutil.copytree(models.tiny_model_dir("tiny-opt"), d)
+    other, _ = models.build_tiny_model("tiny-opt", seed=1)
+    torch.save(other.state_dict(), d / "pytorch_model.bin")
+    lm = load_model(str(d), allow_pickle=True)
+    want, _ = models.build_tiny_model("tiny-opt")
+    assert models.tensor_fingerprint(lm.model) == models.tensor_fingerprint(want)
+    assert models.tensor_fingerprint(lm.model) != models.tensor_fingerprint(other)
