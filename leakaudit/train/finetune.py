@@ -80,7 +80,7 @@ class FinetuneConfig(BaseModel):
     seed: int = 0
     max_steps: int | None = Field(None, ge=1)
     save_steps: int | None = Field(None, ge=1)
-    bf16: bool | None = None  # None: bf16 autocast only where the hardware runs it fast
+    bf16: bool | None = None  # None: models.default_autocast_bf16 (LEAKAUDIT_DTYPE, else the hardware)
     device: str | None = None
     fsdp: bool = False  # shard parameters, gradients and optimizer state over the GPUs (accelerate FSDP2)
 
@@ -311,13 +311,10 @@ def _check_engine(config: FinetuneConfig) -> None:
 
 
 def _use_bf16(config: FinetuneConfig, device: torch.device) -> bool:
-    from leakaudit.models import cpu_has_fast_bf16
+    """`--bf16/--no-bf16` when given, else the one policy shared with the load dtype (LEAKAUDIT_DTYPE)."""
+    from leakaudit.models import default_autocast_bf16
 
-    if config.bf16 is not None:
-        return config.bf16
-    if device.type == "cuda":
-        return torch.cuda.is_bf16_supported()
-    return cpu_has_fast_bf16()
+    return config.bf16 if config.bf16 is not None else default_autocast_bf16(device)
 
 
 def _train_trainer(config: FinetuneConfig, lm, model, train: list[ex.Example], held_out: list[ex.Example],
