@@ -75,14 +75,20 @@ def baseline(model_spec: str, data: list[str], steps: int, max_length: int, devi
 
 def leakaudit_run(model_spec: str, data: list[str], steps: int, max_length: int, device: str) -> float:
     """`leakaudit finetune` with packing. Returns the Trainer's train_runtime (s) from train_log.jsonl."""
+    import torch
+
+    from leakaudit.models import resolve_device
     from leakaudit.train.finetune import FinetuneConfig, finetune
 
+    # Explicit: LEAKAUDIT_DTYPE=fp32 (set above) would otherwise turn autocast off on the GPU too.
+    bf16 = resolve_device(device).type == "cuda" and torch.cuda.is_bf16_supported()
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "d.jsonl"
         path.write_text("".join(json.dumps({"text": t}) + "\n" for t in data))
         out = finetune(FinetuneConfig(model=model_spec, data=str(path), out=str(Path(tmp) / "out"), method="lora",
                                       batch_size=8, gradient_accumulation=1, max_steps=steps,
-                                      max_length=max_length, save_steps=10_000, device=device), progress=False)
+                                      max_length=max_length, save_steps=10_000, device=device, bf16=bf16),
+                       progress=False)
         rows = [json.loads(x) for x in (out / "train_log.jsonl").read_text().splitlines()]
     print("leakaudit step end times (s):", [r["elapsed_s"] for r in rows if "loss" in r])
     return float(next(r["train_runtime"] for r in rows if "train_runtime" in r))

@@ -141,14 +141,28 @@ def cpu_has_fast_bf16() -> bool:
     return False
 
 
+DTYPE_ENV = "LEAKAUDIT_DTYPE"  # auto|fp32|bf16: the default load dtype and the default training autocast
+
+
+def _env_dtype() -> str | None:
+    """LEAKAUDIT_DTYPE when set to something other than `auto`."""
+    value = os.environ.get(DTYPE_ENV, "").strip()
+    return None if value in ("", "auto") else value
+
+
 def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torch.dtype:
-    """Pick the dtype: bf16 where the hardware runs it fast, else fp32; never fp16 on CPU (~600x slower)."""
+    """Pick the dtype: bf16 where the hardware runs it fast, else fp32; never fp16 on CPU (~600x slower).
+
+    `auto`/None defers to LEAKAUDIT_DTYPE first, so one variable pins the precision of a whole run (tests)."""
     if isinstance(dtype, torch.dtype):
         chosen = dtype
     elif dtype in (None, "auto"):
-        env = os.environ.get("LEAKAUDIT_DTYPE")
+        env = _env_dtype()
         if env:
-            return resolve_dtype(env, device)
+            try:
+                return resolve_dtype(env, device)
+            except InputError as exc:
+                raise InputError(exc.message, field=DTYPE_ENV) from None
         if device.type == "cuda":
             chosen = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
         else:
@@ -162,6 +176,18 @@ def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torc
     if chosen == torch.float16 and device.type == "cpu":
         raise InputError("fp16 on CPU is about 600x slower than fp32; use --dtype bf16 or fp32", field="--dtype")
     return chosen
+
+
+def default_autocast_bf16(device: torch.device) -> bool:
+    """Whether training autocasts to bf16 when the caller does not say (`--bf16/--no-bf16` unset).
+
+    The same policy as the default load dtype: LEAKAUDIT_DTYPE=bf16 turns it on and fp32 off everywhere;
+    otherwise on only where the hardware runs bf16 fast (emulated bf16 on CPU is ~300x slower)."""
+    if _env_dtype():
+        return resolve_dtype(None, device) == torch.bfloat16
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    return cpu_has_fast_bf16()
 
 
 # ----------------------------------------------------------------------------------------- fingerprints

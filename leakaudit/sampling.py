@@ -27,7 +27,7 @@ from pathlib import Path
 
 import torch
 
-from leakaudit.errors import InputError
+from leakaudit.errors import InputError, warn_once
 from leakaudit.models import LoadedModel, attention_kernels
 
 SAMPLING_VERSION = 1
@@ -105,6 +105,8 @@ def sample(lm: LoadedModel, prompts: Sequence[str], config: SamplingConfig, *,
 
     `batch_size`: "auto" (sized to the device and the longest prompt + max_new_tokens) or a number of
     rows per batch. With `out_path`, rows already in that JSONL (same model and options) are reused.
+    Prompt + `max_new_tokens` must fit the model's context: `max_new_tokens` of the context or more is an
+    InputError; a prompt too long for the room left keeps its last tokens, with a warning.
     """
     config.validate()
     if backend not in BACKENDS:
@@ -125,7 +127,7 @@ def sample(lm: LoadedModel, prompts: Sequence[str], config: SamplingConfig, *,
                          f"{lm.max_length} tokens", field="--max-new-tokens")
 
     key = run_key(lm, config, backend)
-    token_ids = _tokenize_prompts(lm, prompts, lm.max_length - config.max_new_tokens)
+    token_ids = _tokenize_prompts(lm, prompts, config.max_new_tokens)
     rows = [_Row(i * config.num_samples + s, pid, s, prompt, ids)
             for i, (pid, prompt, ids) in enumerate(zip(ids_list, prompts, token_ids, strict=True))
             for s in range(config.num_samples)]
@@ -172,16 +174,25 @@ def _parse_batch_size(batch_size: int | str) -> int | None:
     return n
 
 
-def _tokenize_prompts(lm: LoadedModel, prompts: Sequence[str], max_prompt_tokens: int) -> list[list[int]]:
-    """Token ids per prompt (tokenizer's own special tokens); an empty prompt starts from BOS/EOS;
-    prompts longer than the room left for new tokens keep their last tokens."""
+def _tokenize_prompts(lm: LoadedModel, prompts: Sequence[str], max_new_tokens: int) -> list[list[int]]:
+    """Token ids per prompt (tokenizer's own special tokens); an empty prompt starts from BOS/EOS.
+
+    Prompt + new tokens must fit the context (positions past it do not exist for OPT's learned embeddings,
+    and were never trained for RoPE). A longer prompt keeps its last tokens, the ones next to the text to be
+    generated (what a chat UI or an extraction attack needs), with one warning saying how many were cut."""
+    room = lm.max_length - max_new_tokens
     tok = lm.tokenizer
     enc = tok(list(prompts), add_special_tokens=True)["input_ids"]
     start = tok.bos_token_id if tok.bos_token_id is not None else tok.eos_token_id
     out = []
+    cut = 0
     for ids in enc:
         ids = list(ids) or [start]
-        out.append(ids[-max_prompt_tokens:])
+        cut += len(ids) > room
+        out.append(ids[-room:])
+    if cut:
+        warn_once(f"{cut} prompt(s) do not fit the context of {lm.spec} ({lm.max_length} tokens) with "
+                  f"--max-new-tokens {max_new_tokens}; keeping the last {room} tokens of each")
     return out
 
 

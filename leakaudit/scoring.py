@@ -13,8 +13,8 @@ Why it is fast and lean:
   chunks, so the full T x V logits tensor never exists and nothing vocabulary-sized leaves the device;
 - results are cached on disk (SQLite), content-addressed by model fingerprint, options and text, so
   a rerun does no forward pass.
-Texts longer than the window (`max_length`, default the model's context) are scored with a strided
-window: each window of `max_length` tokens advances by `stride` (default max_length // 2) and scores
+Texts longer than the window (`max_length`, default and at most the model's context) are scored with a
+strided window: each window of `max_length` tokens advances by `stride` (default max_length // 2) and scores
 only the tokens not scored before, each with at least max_length - stride tokens of context.
 """
 
@@ -33,7 +33,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from leakaudit.errors import InputError
+from leakaudit.errors import InputError, warn_once
 from leakaudit.models import LoadedModel, attention_kernels, cache_dir
 
 SCORING_VERSION = 1
@@ -289,6 +289,21 @@ def _tokenize(lm: LoadedModel, texts: Sequence[str], prefixes: Sequence[str | No
     return ctx, ids
 
 
+def fit_window(lm: LoadedModel, max_length: int | None) -> int:
+    """The scoring window: `max_length`, default the model's context; a longer one is clamped to the context
+    (one warning) since positions past it do not exist (OPT) or were never trained (RoPE). Long texts still
+    get every token scored, by the strided window."""
+    if max_length is None:
+        return lm.max_length
+    if max_length < 2:
+        raise InputError("max length must be at least 2 tokens", field="--max-length")
+    if max_length > lm.max_length:
+        warn_once(f"--max-length {max_length} is longer than the context of {lm.spec} ({lm.max_length} tokens); "
+                  f"scoring with windows of {lm.max_length}")
+        return lm.max_length
+    return max_length
+
+
 def score_texts(
     lm: LoadedModel,
     texts: Sequence[str],
@@ -316,9 +331,7 @@ def score_texts(
         prefix_list = list(prefixes)
         if len(prefix_list) != len(texts):
             raise ValueError("prefixes must match texts in length")
-    window = max_length or lm.max_length
-    if window < 2:
-        raise InputError("max length must be at least 2 tokens", field="--max-length")
+    window = fit_window(lm, max_length)
     step = stride or max(1, window // 2)
     if not 0 < step < window:
         raise InputError(f"stride must be between 1 and max length - 1 ({window - 1})", field="--stride")

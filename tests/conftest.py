@@ -12,7 +12,9 @@ import pytest
 os.environ.setdefault("LEAKAUDIT_CACHE", str(Path(__file__).resolve().parent.parent / ".cache" / "test"))
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("LEAKAUDIT_DTYPE", "fp32")  # exact comparisons in tests; bf16 is exercised explicitly
+# The one precision switch (load dtype and training autocast, models.default_autocast_bf16): fp32 unless the
+# caller sets it, so `LEAKAUDIT_DTYPE=bf16 pytest` runs the suite as a CPU with fast bf16 would.
+os.environ.setdefault("LEAKAUDIT_DTYPE", "fp32")
 
 
 @pytest.fixture(scope="session")

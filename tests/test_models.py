@@ -31,7 +31,7 @@ def test_local_dir_and_adapter_dir(tiny_neox, tmp_path):
     from peft import LoraConfig, get_peft_model
 
     base_dir = models.tiny_model_dir("tiny-gpt-neox")
-    lm = load_model(str(base_dir))
+    lm = load_model(str(base_dir), dtype="fp32")
     assert lm.fingerprint == tiny_neox.fingerprint
     model, _ = models.build_tiny_model("tiny-gpt-neox")
     peft_model = get_peft_model(model, LoraConfig(r=4, target_modules=["query_key_value"], init_lora_weights=False))
@@ -40,7 +40,7 @@ def test_local_dir_and_adapter_dir(tiny_neox, tmp_path):
     cfg = json.loads(cfg_path.read_text())
     cfg["base_model_name_or_path"] = "tiny-gpt-neox"
     cfg_path.write_text(json.dumps(cfg))
-    loaded = load_model(str(tmp_path / "adapter"))
+    loaded = load_model(str(tmp_path / "adapter"), dtype="fp32")  # compared with fp32 logits below
     ids = torch.tensor([[5, 6, 7, 8]])
     with torch.no_grad():
         want = peft_model.eval()(ids).logits
@@ -63,16 +63,43 @@ def test_pickle_weights_refused_unless_allowed(tmp_path):
     assert type(lm.model).__name__ == "OPTForCausalLM"
 
 
-def test_dtype_policy():
+@pytest.mark.parametrize("fast", [True, False])
+def test_dtype_policy(monkeypatch, fast):
+    """LEAKAUDIT_DTYPE is the one switch for load dtype and training autocast; both CPU kinds are simulated."""
+    from leakaudit.train.finetune import FinetuneConfig, _use_bf16
+
     cpu = torch.device("cpu")
+    monkeypatch.setattr(models, "cpu_has_fast_bf16", lambda: fast)
     with pytest.raises(InputError, match="fp16 on CPU"):
         models.resolve_dtype("fp16", cpu)
     with pytest.raises(InputError, match="unknown dtype"):
         models.resolve_dtype("int3", cpu)
     assert models.resolve_dtype("bf16", cpu) == torch.bfloat16
-    auto = models.resolve_dtype(None, cpu) if "LEAKAUDIT_DTYPE" not in os.environ else None
-    if auto is not None:
-        assert auto == (torch.bfloat16 if models.cpu_has_fast_bf16() else torch.float32)
+
+    def policy():
+        return models.resolve_dtype(None, cpu), models.resolve_dtype("auto", cpu), models.default_autocast_bf16(cpu)
+
+    monkeypatch.delenv("LEAKAUDIT_DTYPE", raising=False)
+    hw = torch.bfloat16 if fast else torch.float32
+    assert policy() == (hw, hw, fast)
+    monkeypatch.setenv("LEAKAUDIT_DTYPE", "auto")
+    assert policy() == (hw, hw, fast)
+    monkeypatch.setenv("LEAKAUDIT_DTYPE", "bf16")
+    assert policy() == (torch.bfloat16, torch.bfloat16, True)
+    assert models.resolve_dtype("fp32", cpu) == torch.float32  # an explicit dtype beats the variable
+    monkeypatch.setenv("LEAKAUDIT_DTYPE", "fp32")
+    assert policy() == (torch.float32, torch.float32, False)
+    cfg = dict(model="tiny-gpt-neox", data="d.jsonl", out="o")
+    assert _use_bf16(FinetuneConfig(**cfg), cpu) is False
+    assert _use_bf16(FinetuneConfig(**cfg, bf16=True), cpu) is True  # --bf16 beats the variable
+    monkeypatch.setenv("LEAKAUDIT_DTYPE", "bf16")
+    assert _use_bf16(FinetuneConfig(**cfg), cpu) is True
+    assert _use_bf16(FinetuneConfig(**cfg, bf16=False), cpu) is False
+    for bad in ("fp16", "int3"):
+        monkeypatch.setenv("LEAKAUDIT_DTYPE", bad)
+        with pytest.raises(InputError) as info:
+            models.default_autocast_bf16(cpu)
+        assert info.value.field == "LEAKAUDIT_DTYPE"
 
 
 def test_missing_default_model_says_how_to_install(monkeypatch):

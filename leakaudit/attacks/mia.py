@@ -236,7 +236,9 @@ def gradient_norm(lm: LoadedModel, text: str, max_length: int | None = None) -> 
     import torch
 
     model = lm.model
-    ids = lm.tokenizer(text, add_special_tokens=True)["input_ids"][: max_length or lm.max_length]
+    from leakaudit.scoring import fit_window
+
+    ids = lm.tokenizer(text, add_special_tokens=True)["input_ids"][: fit_window(lm, max_length)]
     x = torch.tensor([ids], device=lm.device)
     params = list(model.parameters())
     flags = [p.requires_grad for p in params]

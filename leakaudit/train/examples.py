@@ -10,9 +10,9 @@ Formats (labels of -100 carry no loss; padding never carries loss):
   the generation prompt, so it is masked like the user turns);
   `"all"` on every token.
 
-Batching: `packed` concatenates a batch into one row with per-example position ids, which (with no
-attention mask) gives a block-diagonal causal mask, so the loss equals the unpacked loss while no compute
-goes to padding. `padded` pads right to the batch's longest example.
+Batching: `packed` concatenates a batch into one row (several rows where one would outgrow the model's
+context) with per-example position ids, which (with no attention mask) gives a block-diagonal causal mask,
+so the loss equals the unpacked loss while (almost) no compute goes to padding. `padded` pads right to the batch's longest example.
 """
 
 from __future__ import annotations
@@ -148,19 +148,35 @@ class ExampleDataset(torch.utils.data.Dataset):
 
 
 class PackedCollator:
-    """Concatenate a batch into one row; position ids restart per example; no loss across examples."""
+    """Concatenate a batch into one row; position ids restart per example; no loss across examples.
+
+    With `max_tokens` (the model's context) a row never grows past it: the batch then fills several rows,
+    each right-padded to the longest with loss-free tokens that only later (padding) positions could see,
+    so the loss stays exact. Every example must itself fit (finetune clamps --max-length to the context)."""
+
+    def __init__(self, max_tokens: int | None = None):
+        self.max_tokens = max_tokens
 
     def __call__(self, batch: list[dict[str, list[int]]]) -> dict[str, Any]:
-        ids: list[int] = []
-        labels: list[int] = []
-        pos: list[int] = []
+        rows: list[tuple[list[int], list[int], list[int]]] = []
         for item in batch:
             n = len(item["input_ids"])
+            if self.max_tokens is not None and n > self.max_tokens:
+                raise ValueError(f"an example of {n} tokens is longer than the packed row limit {self.max_tokens}")
+            if not rows or (self.max_tokens is not None and len(rows[-1][0]) + n > self.max_tokens):
+                rows.append(([], [], []))
+            ids, labels, pos = rows[-1]
             ids.extend(item["input_ids"])
             labels.extend([IGNORE] + list(item["labels"][1:]))  # first token is never predicted from the last
             pos.extend(range(n))
-        return {"input_ids": torch.tensor([ids]), "labels": torch.tensor([labels]),
-                "position_ids": torch.tensor([pos]), "use_cache": False}
+        width = max(len(ids) for ids, _, _ in rows)
+        for ids, labels, pos in rows:
+            pad = width - len(ids)
+            ids.extend([ids[-1]] * pad)
+            labels.extend([IGNORE] * pad)
+            pos.extend(range(pad))
+        return {"input_ids": torch.tensor([r[0] for r in rows]), "labels": torch.tensor([r[1] for r in rows]),
+                "position_ids": torch.tensor([r[2] for r in rows]), "use_cache": False}
 
 
 class PaddedCollator:

@@ -28,7 +28,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from leakaudit.data.io import read_rows, write_json
-from leakaudit.errors import InputError
+from leakaudit.errors import InputError, warn_once
 from leakaudit.models import attention_kernels
 from leakaudit.train import examples as ex
 from leakaudit.train.defenses import DefenseReport, dedup_and_cap, pii_scrubber
@@ -80,7 +80,7 @@ class FinetuneConfig(BaseModel):
     seed: int = 0
     max_steps: int | None = Field(None, ge=1)
     save_steps: int | None = Field(None, ge=1)
-    bf16: bool | None = None  # None: bf16 autocast only where the hardware runs it fast
+    bf16: bool | None = None  # None: models.default_autocast_bf16 (LEAKAUDIT_DTYPE, else the hardware)
     device: str | None = None
     fsdp: bool = False  # shard parameters, gradients and optimizer state over the GPUs (accelerate FSDP2)
 
@@ -107,9 +107,13 @@ def _field(row: dict[str, Any], name: str, path: Path, line: int, kind: type = s
     return value
 
 
-def load_examples(config: FinetuneConfig, tokenizer) -> tuple[list[ex.Example], list[ex.Example], DefenseReport]:
-    """Read, validate, defend and tokenise the data; returns (train, held-out, what the defenses did)."""
+def load_examples(config: FinetuneConfig, tokenizer, max_length: int | None = None
+                  ) -> tuple[list[ex.Example], list[ex.Example], DefenseReport]:
+    """Read, validate, defend and tokenise the data; returns (train, held-out, what the defenses did).
+
+    `max_length`: tokens per example when it must be below `config.max_length` (the model's context)."""
     path = Path(config.data)
+    max_length = max_length or config.max_length
     rows = read_rows(path)
     items: list[tuple[str | None, Any]] = []  # (user, content) per row
     for line, row in rows:
@@ -145,11 +149,11 @@ def load_examples(config: FinetuneConfig, tokenizer) -> tuple[list[ex.Example], 
 
     def build(idx: list[int]) -> list[ex.Example]:
         if config.format == "plain":
-            return ex.plain_examples(tokenizer, [contents[i] for i in idx], config.max_length)
+            return ex.plain_examples(tokenizer, [contents[i] for i in idx], max_length)
         if config.format == "instruction":
-            return [ex.instruction_example(tokenizer, *contents[i], config.max_length) for i in idx]
+            return [ex.instruction_example(tokenizer, *contents[i], max_length) for i in idx]
         try:
-            return [ex.chat_example(tokenizer, contents[i], config.loss_on, config.max_length) for i in idx]
+            return [ex.chat_example(tokenizer, contents[i], config.loss_on, max_length) for i in idx]
         except ValueError as exc:
             raise InputError(str(exc), file=path, field=config.messages_field) from None
 
@@ -277,7 +281,8 @@ def finetune(config: FinetuneConfig, progress: bool = True, callbacks: list | No
     _check_engine(config)
     torch.manual_seed(config.seed)
     lm, model = build_model(config, out)
-    train, held_out, report = load_examples(config, lm.tokenizer)  # bad data fails before anything is written
+    # bad data fails before anything is written
+    train, held_out, report = load_examples(config, lm.tokenizer, fit_context(config, lm))
     if is_main_process():
         out.mkdir(parents=True, exist_ok=True)
         write_json(out / "finetune_config.json", {"fingerprint": config.fingerprint(), **config.model_dump()})
@@ -296,6 +301,17 @@ def finetune(config: FinetuneConfig, progress: bool = True, callbacks: list | No
     return out
 
 
+def fit_context(config: FinetuneConfig, lm) -> int:
+    """Tokens per example: `--max-length`, clamped (with one warning) to the model's context, because longer
+    sequences index past learned position embeddings (OPT: IndexError) or leave the trained range (RoPE).
+    The fingerprint keeps the option as given, so rerunning the same command still resumes."""
+    if config.max_length <= lm.max_length:
+        return config.max_length
+    warn_once(f"--max-length {config.max_length} is longer than the context of {config.model} ({lm.max_length} "
+              f"tokens); training on examples of at most {lm.max_length} tokens")
+    return lm.max_length
+
+
 def _check_engine(config: FinetuneConfig) -> None:
     """Refuse engine combinations that would fail late (after loading the model)."""
     from leakaudit.models import resolve_device
@@ -311,13 +327,10 @@ def _check_engine(config: FinetuneConfig) -> None:
 
 
 def _use_bf16(config: FinetuneConfig, device: torch.device) -> bool:
-    from leakaudit.models import cpu_has_fast_bf16
+    """`--bf16/--no-bf16` when given, else the one policy shared with the load dtype (LEAKAUDIT_DTYPE)."""
+    from leakaudit.models import default_autocast_bf16
 
-    if config.bf16 is not None:
-        return config.bf16
-    if device.type == "cuda":
-        return torch.cuda.is_bf16_supported()
-    return cpu_has_fast_bf16()
+    return config.bf16 if config.bf16 is not None else default_autocast_bf16(device)
 
 
 def _train_trainer(config: FinetuneConfig, lm, model, train: list[ex.Example], held_out: list[ex.Example],
@@ -328,7 +341,7 @@ def _train_trainer(config: FinetuneConfig, lm, model, train: list[ex.Example], h
     from leakaudit.train.callbacks import JsonlLogCallback, LoadableCheckpointCallback, RichProgressCallback
 
     pack = config.packing and config.format == "plain" and ex.packing_is_exact(model, lm.tokenizer)
-    collator = ex.PackedCollator() if pack else ex.PaddedCollator(lm.tokenizer.pad_token_id)
+    collator = ex.PackedCollator(lm.max_length) if pack else ex.PaddedCollator(lm.tokenizer.pad_token_id)
     evaluate = bool(held_out) and (config.early_stopping_patience is not None or config.eval_fraction > 0)
     strategy = "steps" if config.save_steps else "epoch"
     args = TrainingArguments(

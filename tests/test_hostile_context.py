@@ -1,0 +1,139 @@
+"""Inputs longer than the model's context: fine-tuning, scoring and sampling clamp with one warning line or
+refuse with one error line (exit 2), never an IndexError from OPT's learned position embeddings."""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from leakaudit import errors
+from leakaudit.errors import InputError
+from leakaudit.train import examples as ex
+
+WORDS = "alpha beta gamma delta epsilon zeta eta theta iota kappa lambda mu".split()
+
+
+def _long_texts(n: int, words: int = 300) -> list[str]:
+    rng = np.random.default_rng(0)
+    return [" ".join(f"{WORDS[rng.integers(len(WORDS))]}{rng.integers(1000)}" for _ in range(words)) for _ in range(n)]
+
+
+@pytest.fixture(autouse=True)
+def _fresh_warnings():
+    """warn_once prints each message once per process; each test here checks its own."""
+    errors._WARNED.clear()
+    yield
+    errors._WARNED.clear()
+
+
+def _run_main(args, monkeypatch, capsys) -> tuple[int, str]:
+    """The console entry point in-process: exit code and stderr (the path that prints `error:`/`warning:`)."""
+    from leakaudit.cli import main
+
+    monkeypatch.setattr(sys, "argv", ["leakaudit", *args])
+    code = 0
+    try:
+        main()
+    except SystemExit as exc:
+        code = int(exc.code or 0)
+    return code, capsys.readouterr().err
+
+
+def _lines(stderr: str, prefix: str) -> list[str]:
+    return [x for x in stderr.splitlines() if x.startswith(prefix)]
+
+
+def test_tiny_opt_lora_finetune_on_texts_longer_than_the_context(tmp_path, monkeypatch, capsys, tiny_opt,
+                                                                 one_torch_thread):
+    texts = _long_texts(3)
+    assert all(len(tiny_opt.tokenizer(t)["input_ids"]) > 2 * tiny_opt.max_length for t in texts)
+    data = tmp_path / "long.jsonl"
+    data.write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
+    out = tmp_path / "run"
+    argv = ["finetune", "--model", "tiny-opt", "--method", "lora", "--data", str(data), "--out", str(out),
+            "--epochs", "1", "--max-steps", "1", "--gradient-accumulation", "1", "--batch-size", "2", "--no-bf16"]
+    code, err = _run_main(argv, monkeypatch, capsys)  # default --max-length 512 > tiny-opt's 256
+    assert code == 0, err
+    assert "Traceback" not in err and not _lines(err, "error:")
+    warned = _lines(err, "warning:")
+    assert len(warned) == 1 and "--max-length 512" in warned[0] and "256" in warned[0], err
+    assert (out / "adapter_model.safetensors").exists()
+    losses = [r["loss"] for r in map(json.loads, (out / "train_log.jsonl").read_text().splitlines()) if "loss" in r]
+    assert len(losses) == 1 and math.isfinite(losses[0])
+    # Every text was split into chunks that fit (>= 3 chunks per text), none longer than the context.
+    assert json.loads((out / "defenses.json").read_text())["n_train_examples"] >= 9
+    # The clamp leaves the run's fingerprint alone: the same command finds its finished run.
+    code, err = _run_main(argv, monkeypatch, capsys)
+    assert code == 0 and "holds a run with different options" not in err, err
+
+
+def test_packed_rows_never_outgrow_the_context_and_keep_the_loss(tiny_neox):
+    tok, model = tiny_neox.tokenizer, tiny_neox.model
+    items = ex.ExampleDataset(ex.plain_examples(tok, _long_texts(3, words=20), max_length=64))
+    batch = [items[i] for i in range(len(items))]
+    assert sum(len(b["input_ids"]) for b in batch) > 80
+
+    def loss_sum(collated):
+        n = int((collated["labels"][:, 1:] != ex.IGNORE).sum())
+        with torch.no_grad():
+            return float(model(**collated).loss) * n
+
+    one_row = ex.PackedCollator()(batch)
+    capped = ex.PackedCollator(max_tokens=80)(batch)
+    assert one_row["input_ids"].shape[0] == 1
+    assert capped["input_ids"].shape[0] > 1 and capped["input_ids"].shape[1] <= 80
+    assert int((capped["labels"] != ex.IGNORE).sum()) == int((one_row["labels"] != ex.IGNORE).sum())
+    assert loss_sum(capped) == pytest.approx(loss_sum(one_row), rel=1e-5)
+    with pytest.raises(ValueError, match="longer than the packed row limit"):
+        ex.PackedCollator(max_tokens=10)(batch)
+
+
+def test_scoring_with_a_window_above_the_context_is_clamped(tmp_path, monkeypatch, capsys, tiny_opt):
+    from leakaudit.attacks.mia import gradient_norm
+    from leakaudit.scoring import score_texts
+
+    texts = _long_texts(2)
+    data = tmp_path / "t.jsonl"
+    data.write_text("".join(json.dumps({"id": str(i), "text": t}) + "\n" for i, t in enumerate(texts)))
+    out = tmp_path / "s.jsonl"
+    code, err = _run_main(["score", "--model", "tiny-opt", "--data", str(data), "--id-field", "id", "--out", str(out),
+                           "--max-length", "4096", "--no-cache", "--dtype", "fp32"], monkeypatch, capsys)
+    assert code == 0, err
+    warned = _lines(err, "warning:")
+    assert len(warned) == 1 and "--max-length 4096" in warned[0] and "256" in warned[0], err
+    rows = [json.loads(x) for x in out.read_text().splitlines()]
+    want = score_texts(tiny_opt, texts, max_length=256, cache=False, progress=False)
+    for row, w in zip(rows, want, strict=True):
+        assert row["n_tokens"] == w.n_tokens == len(tiny_opt.tokenizer(texts[int(row["id"])])["input_ids"]) - 1
+        assert row["sum_logp"] == pytest.approx(w.sum_logp, rel=1e-6)
+    # The gradient-norm attack takes the same option: clamped, not an IndexError.
+    assert gradient_norm(tiny_opt, texts[0], 4096) == pytest.approx(gradient_norm(tiny_opt, texts[0], 256), rel=1e-6)
+
+
+def test_sampling_a_long_prompt_with_many_new_tokens(tmp_path, monkeypatch, capsys, tiny_opt):
+    from leakaudit.sampling import SamplingConfig, sample
+
+    prompt = _long_texts(1)[0]
+    assert len(tiny_opt.tokenizer(prompt)["input_ids"]) > tiny_opt.max_length
+    got = sample(tiny_opt, [prompt, "short prompt"], SamplingConfig(max_new_tokens=200, greedy=True,
+                                                                   stop_at_eos=False), progress=False)
+    assert [s.n_new_tokens for s in got] == [200, 200]
+    warned = _lines(capsys.readouterr().err, "warning:")
+    assert len(warned) == 1 and "1 prompt(s)" in warned[0] and "last 56 tokens" in warned[0], warned
+    with pytest.raises(InputError) as info:  # no room left for any prompt token
+        sample(tiny_opt, ["short prompt"], SamplingConfig(max_new_tokens=256), progress=False)
+    assert info.value.field == "--max-new-tokens"
+
+    data = tmp_path / "src.jsonl"
+    data.write_text(json.dumps({"text": prompt}) + "\n")
+    out = tmp_path / "g.jsonl"
+    code, err = _run_main(["generate", "continuation", "--model", "tiny-opt", "--data", str(data), "--out", str(out),
+                           "--prompt-tokens", "400", "--max-new-tokens", "1000"], monkeypatch, capsys)
+    assert code == 2 and err.count("\n") == 1 and err.startswith("error: ") and "Traceback" not in err, err
+    assert "'--max-new-tokens'" in err and "256" in err
+    assert not out.exists()
