@@ -62,7 +62,7 @@ def register(app: typer.Typer) -> None:
         seed: int = typer.Option(0),
         max_steps: int = typer.Option(None, help="Stop after this many optimizer steps."),
         save_steps: int = typer.Option(None, help="Checkpoint every N steps instead of every epoch."),
-        bf16: bool = typer.Option(None, help="bf16 autocast (default: only where the hardware is fast)."),
+        bf16: bool = typer.Option(None, help="bf16 autocast (default: LEAKAUDIT_DTYPE if set, else only where the hardware is fast)."),
         device: str = typer.Option(None, help="cpu, cuda, ... (default auto)."),
         fsdp: bool = typer.Option(False, help="Shard the model over the GPUs (FSDP2) when launched with "
                                   "torchrun/accelerate; GPUs only."),
