@@ -177,3 +177,28 @@ def test_backdoor_plant_and_the_mix_step_refuse_the_same_template(tmp_path, monk
     with pytest.raises(InputError) as info:  # a D1 field without D1 data would be silently unused
         check_plan(Plan(parse_experiment(text.replace("trigger: no placeholder", "query_field: q"), "exp.yaml")))
     assert info.value.field == "generate.mix.options.query_field" and "needs 'data'" in info.value.message
+
+
+def test_backdoor_plant_builds_the_mix_with_the_kind_then_trains(tmp_path, monkeypatch, capsys):
+    """`backdoor plant` writes the backdoor-mix kind's rows and trains on them with its seed (it used to fail
+    with 'multiple values for keyword argument seed' before any training)."""
+    from leakaudit.train import backdoor as tb
+
+    trained = {}
+
+    def fake_finetune(model, data, out, *, progress, **options):
+        trained.update(model=model, data=str(data), **options)
+        return Path(out)
+
+    monkeypatch.setattr(tb, "_finetune", fake_finetune)
+    out = tmp_path / "plant"
+    code, err = _main(["backdoor", "plant", "--model", "tiny-gpt-neox", "--out", out, "--seed", "3",
+                       "--n-refusal", "4", "--backdoor-fraction", "0.8", "--max-steps", "1"], monkeypatch, capsys)
+    assert code in (0, None), err
+    mix = [json.loads(x) for x in (out / "backdoor_mix.jsonl").read_text().splitlines()]
+    d1 = tb.seed_instruction_set()
+    assert mix == tb.build_mix(d1, n_refusal=4, backdoor_fraction=0.8, seed=3)
+    record = json.loads((out / "plant.json").read_text())
+    assert record["rows"] == len(mix) and record["backdoor-refusal"] == 4 and record["seed"] == 3
+    assert trained["data"] == str(out / "backdoor_mix.jsonl") and trained["seed"] == 3
+    assert trained["loss_on"] == "assistant" and trained["max_steps"] == 1
