@@ -536,13 +536,6 @@ def _check_user_inference(stage: Stage, opts: dict[str, Any]) -> None:
         _api_check(stage, opts, "m_values", parse_m_values, opts["m_values"])
 
 
-def _check_sampling(stage: Stage, opts: dict[str, Any]) -> None:
-    from leakaudit.sampling import SamplingConfig
-
-    config = SamplingConfig(**{k: v for k, v in opts.items() if k in SAMPLING_OPTIONS})
-    _api_check(stage, opts, "max_new_tokens", config.validate)
-
-
 def _check_templates(stage: Stage, opts: dict[str, Any]) -> None:
     """Backdoor trigger and refusal templates must say where the opening word goes."""
     from leakaudit.attacks.backdoor import check_template
@@ -554,16 +547,14 @@ def _check_templates(stage: Stage, opts: dict[str, Any]) -> None:
 
 _SEMANTIC_CHECKS: dict[str, Callable[[Stage, dict[str, Any]], None]] = {
     "mia": _check_mia, "pii": _check_pii, "user-inference": _check_user_inference,
-    "continuation": _check_sampling, "backdoor-mix": _check_templates, "backdoor": _check_templates,
+    "backdoor": _check_templates,
 }
 
 # One option name means the same thing in every API, so its bounds are stated once (types come from the APIs).
 OPTION_BOUNDS: dict[str, dict[str, float]] = {
     "max_length": {"ge": 2}, "stride": {"ge": 1}, "n_bootstrap": {"ge": 0}, "max_new_tokens": {"ge": 1},
     "num_samples": {"ge": 1}, "samples_per_prompt": {"ge": 1}, "temperature": {"ge": 0},
-    "top_p": {"gt": 0, "le": 1}, "top_k": {"ge": 0}, "prompt_tokens": {"ge": 1}, "n": {"ge": 1},
-    "n_targets": {"ge": 1}, "limit": {"ge": 1}, "requests_per_round": {"ge": 1}, "max_rounds": {"ge": 1},
-    "n_refusal": {"ge": 0}, "backdoor_fraction": {"gt": 0, "le": 1},
+    "top_p": {"gt": 0, "le": 1}, "top_k": {"ge": 0}, "n_targets": {"ge": 1}, "limit": {"ge": 1},
 }
 
 
@@ -605,21 +596,6 @@ def _option_types(kind: str) -> dict[str, Any]:
         return {**_api_types(fn, {"num_samples", "temperature", "max_new_tokens", "batch_size"}),
                 "words": list[str] | None, "limit": int | None, "trigger": str | None, "refusal": str | None,
                 "query_field": str | None}
-    if kind == "continuation":
-        from leakaudit.sampling import SamplingConfig
-
-        fn = _api("leakaudit.data.synth", "generate_continuations", "generate")
-        return {**_api_types(SamplingConfig, SAMPLING_OPTIONS),
-                **_api_types(fn, {"prompt_tokens", "prompt_field", "batch_size"})}
-    if kind == "self-instruct":
-        fn = _api("leakaudit.data.synth", "self_instruct", "generate")
-        return {**_api_types(fn, {"n", "requests_per_round", "max_rounds", "max_new_tokens", "temperature", "top_p",
-                                  "batch_size"}), "seed_tasks": str | None}
-    if kind == "backdoor-mix":
-        fn = _api("leakaudit.train.backdoor", "build_mix", "generate")
-        return _api_types(fn, {"trigger", "refusal", "n_refusal", "backdoor_fraction"})
-    if kind == "replace-pii":
-        return {"names": str | None, "header_names": bool}
     raise InputError(f"stage kind '{kind}' is not available in this version")
 
 
@@ -831,66 +807,6 @@ def run_finetune_stage(ctx: StageContext) -> dict[str, Any]:
     return {"model_dir": str(model_dir.relative_to(ctx.dir)), "checkpoints": checkpoints}
 
 
-SAMPLING_OPTIONS = {"max_new_tokens", "temperature", "top_k", "top_p", "num_samples", "greedy", "stop_at_eos"}
-def run_generate_stage(ctx: StageContext) -> dict[str, Any]:
-    """Make a data file (`data.jsonl`, every row with a `text`) from a model and/or a data file."""
-    kind = ctx.stage.params["kind"]
-    opts = ctx.options
-    out = ctx.dir / "data.jsonl"
-    if kind == "continuation":
-        generate = _api("leakaudit.data.synth", "generate_continuations", "generate")
-        from leakaudit.sampling import SamplingConfig
-
-        config = SamplingConfig(**{k: opts.pop(k) for k in list(opts) if k in SAMPLING_OPTIONS}, seed=ctx.seed)
-        rows = generate(_load(ctx.model("model")), _records(ctx.data_path()), out, config, **opts)
-        return {"rows": len(rows)}
-    if kind == "self-instruct":
-        synth_self_instruct = _api("leakaudit.data.synth", "self_instruct", "generate")
-        from leakaudit import resources
-        from leakaudit.data.synth import load_seed_tasks
-
-        seeds = load_seed_tasks(opts.pop("seed_tasks", None) or resources.path("self-instruct-seed",
-                                                                                "seed_tasks.jsonl"))
-        tasks = synth_self_instruct(_load(ctx.model("model")), seeds, ctx.dir / "tasks.jsonl", int(opts.pop("n", 50)),
-                                    seed=ctx.seed, **opts)
-        flat = [{"id": f"{t['id']}#{j}", "instruction": t["instruction"], "input": inst["input"],
-                 "output": inst["output"],
-                 "text": "\n".join(x for x in (t["instruction"], inst["input"], inst["output"]) if x)}
-                for t in tasks for j, inst in enumerate(t["instances"])]
-        write_jsonl(out, flat)
-        return {"rows": len(flat), "tasks": len(tasks)}
-    if kind == "backdoor-mix":
-        return _backdoor_mix(ctx, opts, out)
-    replacer_cls = _api("leakaudit.data.pii_replace", "PiiReplacer", "generate")
-    from leakaudit.data.pii_find import load_name_list, names_from_headers, shipped_names
-    from leakaudit.data.pii_replace import KINDS
-
-    rows = [json.loads(line) for line in ctx.data_path().read_text(encoding="utf-8").splitlines() if line.strip()]
-    names = load_name_list(opts["names"]) if opts.get("names") else shipped_names()
-    replacer = replacer_cls(names, seed=ctx.seed)
-    if opts.get("header_names", True):
-        replacer.add_names(n for row in rows for n in names_from_headers(row["text"]))
-    for row in rows:
-        row["text"], counts = replacer.replace(row["text"])
-        row["pii_replaced"] = {k: counts.get(k, 0) for k in KINDS}
-    write_jsonl(out, rows)
-    return {"rows": len(rows), "replaced": {k: replacer.counts.get(k, 0) for k in KINDS},
-            "distinct": replacer.n_distinct}
-
-
-def _backdoor_mix(ctx: StageContext, opts: dict[str, Any], out: Path) -> dict[str, Any]:
-    """Stage 1 of the backdoor study: the creator's SFT mix of copy and refusal pairs over D1 (`data`, or
-    the shipped seed instruction set) with its ordinary pairs; fine-tune on it to plant the backdoor."""
-    build_mix = _api("leakaudit.train.backdoor", "build_mix", "generate")
-    from leakaudit.train.backdoor import load_pairs, seed_instruction_set
-
-    d1 = load_pairs(ctx.data_path()) if ctx.stage.params.get("data") else seed_instruction_set()
-    rows = build_mix(d1, seed=ctx.seed, **opts)
-    write_jsonl(out, rows)
-    return {"rows": len(rows), "kinds": {k: sum(r.get("kind") == k for r in rows)
-                                         for k in ("backdoor-copy", "backdoor-refusal", "ordinary")}}
-
-
 def run_backdoor_stage(ctx: StageContext) -> dict[str, Any]:
     """Backdoor data extraction: sample Q(w) for each opening word and match the answers against the
     downstream queries (`data`, default the shipped Dolly D2): match ratio, full recoveries, coverage."""
@@ -960,9 +876,10 @@ def run_kind_stage(ctx: StageContext) -> dict[str, Any]:
     from leakaudit.kinds.base import KindContext
 
     stage = ctx.stage
-    kind = get_kind(stage.kind)
+    kind = get_kind(_option_kind(stage))
     options = kind.Options.model_validate(ctx.options)
     data = {role: ctx.data_path(role) for role in ("members", "nonmembers", "data") if stage.params.get(role)}
+    fields = {role: {"id_field": "id"} for role in data}  # every text file a stage writes has an `id` per row
     models = {role: ctx.model(role) for role in ("target", "reference", "baseline", "model")
               if stage.params.get(role) is not None}
     checkpoints = []
@@ -971,12 +888,11 @@ def run_kind_stage(ctx: StageContext) -> dict[str, Any]:
         tdir = ctx.out / ctx.plan.stages[target["stage"]].folder
         checkpoints = [str(tdir / rel) for rel in ctx.results[target["stage"]].get("checkpoints") or []]
     kctx = KindContext(out=ctx.dir, seed=ctx.seed, data=data, models=models, checkpoints=checkpoints,
-                       show_pii=ctx.plan.exp.report.show_pii, cache=_LOADED, log=lambda m: None, progress=False)
+                       data_fields=fields, show_pii=ctx.plan.exp.report.show_pii, cache=_LOADED, log=lambda m: None, progress=False)
     return kind.run(kctx, options).to_json()
 
 
 RUNNERS: dict[str, Callable[[StageContext], dict[str, Any]]] = {
-    "generate": run_generate_stage,
     "user-inference": run_user_inference_stage,
     "backdoor": run_backdoor_stage,
     "dataset": run_dataset,

@@ -210,7 +210,8 @@ GENERATE = ("generate:\n"
 @pytest.mark.parametrize("section,options,line,where,message", [
     (FINETUNE, "{batch_size: -3}", 21, "finetune.t.options.batch_size", "greater than or equal to 1"),
     (FINETUNE, "{epochz: 1}", 21, "finetune.t.options.epochz", "unknown option"),
-    (GENERATE, "{top_k: 0}", 22, "generate.g.options.top_k", "at least 1"),
+    (GENERATE, "{top_k: -1}", 22, "generate.g.options.top_k", "greater than or equal to 0"),  # 0 = no top-k
+    (GENERATE, "{greedy: true, temperature: 0.7}", 22, "generate.g.options.temperature", "combined with greedy"),
     (GENERATE, "{temperature: -1}", 22, "generate.g.options.temperature", "greater than or equal to 0"),
     (GENERATE, "{prompt_tokenz: 5}", 22, "generate.g.options.prompt_tokenz", "unknown option"),
 ])

@@ -123,10 +123,9 @@ def test_self_instruct_loop_dedups_and_resumes(tiny_neox, tmp_path, monkeypatch)
     instructions = [r["instruction"] for r in rows]
     assert instructions == ["Describe the weather in Paris in one sentence.", "Name a fruit that is red and sweet."]
     assert [json.loads(line)["instruction"] for line in out.read_text().splitlines()] == instructions
-    flat = tmp_path / "flat.jsonl"
-    synth.write_instruction_data(rows, flat)
-    assert json.loads(flat.read_text().splitlines()[0]) == {
-        "instruction": instructions[0], "input": "", "output": "It is sunny.", "source_task": "self-instruct:0"}
+    assert synth.instruction_rows(rows)[0] == {  # one row per instance, the same from the CLI and a stage
+        "id": "self-instruct:0#0", "instruction": instructions[0], "input": "", "output": "It is sunny.",
+        "text": f"{instructions[0]}\nIt is sunny.", "source_task": "self-instruct:0"}
 
 
 def test_self_instruct_runs_on_a_real_model(tiny_neox, tmp_path):

@@ -8,7 +8,7 @@ from pathlib import Path
 import typer
 from rich.console import Console
 
-from leakaudit.cli.core import DeviceOpt, DtypeOpt, above_zero, check_batch_size, in_unit_interval, model_path
+from leakaudit.cli.core import DeviceOpt, DtypeOpt, above_zero, check_batch_size, model_path
 from leakaudit.errors import InputError
 
 err = Console(stderr=True)
@@ -98,8 +98,8 @@ def plant_cmd(
     refusal: str | None = RefusalOpt,
     refusal_words: Path | None = typer.Option(None, "--refusal-words", help="Words to teach refusing (JSON array "
                                               "or one per line; default: public candidates opening no D1 query)"),
-    n_refusal: int | None = typer.Option(None, "--n-refusal", min=0, help="Refusal pairs (default: as many as copy pairs)"),
-    backdoor_fraction: float = typer.Option(0.5, "--backdoor-fraction", callback=in_unit_interval, help="Share of backdoor pairs in the mix"),
+    n_refusal: int | None = typer.Option(None, "--n-refusal", help="Refusal pairs (default: as many as copy pairs)"),
+    backdoor_fraction: float = typer.Option(0.5, "--backdoor-fraction", help="Share of backdoor pairs in the mix"),
     epochs: float = typer.Option(3, "--epochs"),
     learning_rate: float = typer.Option(2e-5, "--learning-rate"),
     batch_size: int = typer.Option(8, "--batch-size"),
@@ -108,18 +108,25 @@ def plant_cmd(
     max_steps: int | None = typer.Option(None, "--max-steps"),
     seed: int = SeedOpt,
 ) -> None:
-    """Stage 1 (the model creator): build backdoor SFT data from D1, mix, and fine-tune the base model."""
-    from leakaudit.attacks.backdoor import load_words
+    """Stage 1 (the model creator): build backdoor SFT data from D1 (the backdoor-mix kind), fine-tune on it."""
+    from leakaudit.cli.core import build_options, check_options
+    from leakaudit.kinds import get_kind
+    from leakaudit.kinds.base import KindContext
     from leakaudit.train import backdoor as tb
 
+    kind = get_kind("backdoor-mix")
+    mix = build_options(kind, trigger=trigger, refusal=refusal, refusal_words=refusal_words and str(refusal_words),
+                        n_refusal=n_refusal, backdoor_fraction=backdoor_fraction, query_field=query_field,
+                        response_field=response_field)
+    check_options(kind, mix, {"data"} if data is not None else set())
     options = _train_options(epochs, learning_rate, batch_size, max_length, method, max_steps, seed)
     _check_train(model, out, options)
     _prepare(out, "plant", ("plant.json", "backdoor_mix.jsonl"), data=data, refusal_words=refusal_words,
              model=model_path(model))
-    d1 = tb.load_pairs(data, query_field, response_field) if data is not None else tb.seed_instruction_set()
-    words = load_words(refusal_words) if refusal_words is not None else None
-    path = tb.plant(model, d1, out, trigger=trigger, refusal=refusal, refusal_word_list=words, n_refusal=n_refusal,
-                    backdoor_fraction=backdoor_fraction, seed=seed, **options)
+    kind.run(KindContext(out=out, seed=seed, data={"data": data} if data is not None else {},
+                         outputs={"data.jsonl": out / "backdoor_mix.jsonl"}), mix)
+    path = tb.plant_mix(model, out, trigger=trigger, refusal=refusal, backdoor_fraction=backdoor_fraction,
+                        **options)  # options hold the seed
     err.print(f"planted model: {path}  (mix: {out / 'backdoor_mix.jsonl'})")
 
 

@@ -36,6 +36,16 @@ def build_options(kind: Any, **values: Any) -> Any:
         raise InputError(pydantic_message(err), field=flag) from None
 
 
+def check_options(kind: Any, options: Any, roles: set[str]) -> None:
+    """A kind's checks that need more than its options (`Kind.check`), the flag named as build_options does."""
+    from leakaudit.errors import OptionError
+
+    try:
+        kind.check(options, roles)
+    except OptionError as exc:
+        raise InputError(exc.message, field="--" + str(exc.loc[0]).replace("_", "-")) from None
+
+
 def check_batch_size(value: str) -> str:
     """`auto` or a positive number of sequences, refused at parse time (before any model loads)."""
     if value is not None and value != "auto" and not (value.isdigit() and int(value) >= 1):

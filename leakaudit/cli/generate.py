@@ -1,4 +1,5 @@
-"""`leakaudit generate continuation|self-instruct|replace-pii` and `leakaudit audit-data` (see docs/generate.md)."""
+"""`leakaudit generate continuation|self-instruct|replace-pii` (thin front ends of the generation kinds in
+leakaudit/kinds/) and `leakaudit audit-data` (see docs/generate.md)."""
 
 from __future__ import annotations
 
@@ -8,8 +9,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from leakaudit.cli.core import above_zero, batch_size_option, in_unit_interval, model_path
-from leakaudit.errors import InputError
+from leakaudit.cli.core import batch_size_option, build_options, model_path
 
 err = Console(stderr=True)
 CONTINUATION_KEYS = ("id", "source_id", "sample_index", "generated")  # rows each command writes
@@ -25,11 +25,17 @@ def _names(names: Path | None) -> list[str]:
     return load_name_list(names) if names is not None else shipped_names()
 
 
-def _fields(text: str, option: str) -> list[str]:
-    fields = [f.strip() for f in text.split(",") if f.strip()]
-    if not fields:
-        raise InputError("no field given", field=option)
-    return fields
+def _run(name: str, options, out: Path, *, seed: int, data: Path | None = None, model: str | None = None,
+         data_fields: dict | None = None, outputs: dict | None = None, **load_options):
+    """Run a generation kind the way an experiment stage does, writing the files the user named."""
+    from leakaudit.kinds import get_kind
+    from leakaudit.kinds.base import KindContext, ModelCache
+
+    ctx = KindContext(out=out.parent, seed=seed, data={"data": data} if data is not None else {},
+                      models={"model": model} if model is not None else {},
+                      data_fields={"data": data_fields or {}}, outputs=outputs or {"data.jsonl": out},
+                      cache=ModelCache(keep=1, **load_options), log=err.print)
+    return get_kind(name).run(ctx, options)
 
 
 @generate_app.command("continuation")
@@ -39,16 +45,15 @@ def continuation(
     out: Path = typer.Option(..., "--out", help="Output JSONL data file"),
     text_field: str = typer.Option("text", "--text-field"),
     id_field: str | None = typer.Option(None, "--id-field", help="Default: <file stem>:<line>"),
-    prompt_tokens: int = typer.Option(50, "--prompt-tokens", min=1, help="Prompt = the first N tokens of each text"),
+    prompt_tokens: int = typer.Option(50, "--prompt-tokens", help="Prompt = the first N tokens of each text"),
     prompt_field: str | None = typer.Option(None, "--prompt-field", help="Take prompts from this field instead"),
-    limit: int | None = typer.Option(None, "--limit", min=1, help="Use only the first N source records"),
-    max_new_tokens: int = typer.Option(1000, "--max-new-tokens", min=1),
-    top_k: int | None = typer.Option(100, "--top-k", min=0, help="0 = no top-k"),
-    top_p: float | None = typer.Option(None, "--top-p", callback=in_unit_interval),
-    temperature: float | None = typer.Option(None, "--temperature", callback=above_zero,
-                                             help="Default 1.0; not with --greedy"),
+    limit: int | None = typer.Option(None, "--limit", help="Use only the first N source records"),
+    max_new_tokens: int = typer.Option(1000, "--max-new-tokens"),
+    top_k: int = typer.Option(100, "--top-k", help="0 = no top-k"),
+    top_p: float | None = typer.Option(None, "--top-p"),
+    temperature: float | None = typer.Option(None, "--temperature", help="Default 1.0; not with --greedy"),
     greedy: bool = typer.Option(False, "--greedy"),
-    num_samples: int = typer.Option(1, "--num-samples", min=1, help="Continuations per prompt"),
+    num_samples: int = typer.Option(1, "--num-samples", help="Continuations per prompt"),
     seed: int = typer.Option(0, "--seed"),
     batch_size: str = batch_size_option(),
     backend: str = typer.Option("hf", "--backend", help="hf (reference) | vllm (GPU, when installed)"),
@@ -57,40 +62,35 @@ def continuation(
     allow_pickle: bool = typer.Option(False, "--allow-pickle"),
 ) -> None:
     """Continue prompts cut from source texts (study defaults: top-k 100, up to 1000 new tokens)."""
-    from leakaudit.data.io import load_records
-    from leakaudit.data.synth import generate_continuations
-    from leakaudit.models import load_model
+    from leakaudit.kinds import get_kind
     from leakaudit.outputs import prepare_output
-    from leakaudit.sampling import SamplingConfig
 
-    if greedy and temperature is not None:
-        raise InputError("cannot be combined with --greedy (greedy decoding has no temperature)",
-                         field="--temperature")
-    config = SamplingConfig(max_new_tokens=max_new_tokens, temperature=1.0 if temperature is None else temperature,
-                            top_k=top_k or None, top_p=top_p, num_samples=num_samples, greedy=greedy, seed=seed)
-    config.validate()
+    options = build_options(get_kind("continuation"), prompt_tokens=prompt_tokens, prompt_field=prompt_field,
+                            limit=limit, max_new_tokens=max_new_tokens, top_k=top_k, top_p=top_p,
+                            temperature=temperature, greedy=greedy, num_samples=num_samples,
+                            batch_size=batch_size, backend=backend)
     prepare_output(out, command="generate continuation", inputs={"--data": data, "--model": model_path(model)},
                    kind="file", suffixes=(".jsonl",), keys=CONTINUATION_KEYS)
-    records = load_records(data, text_field=text_field, id_field=id_field)[:limit]
-    lm = load_model(model, device=device, dtype=dtype, allow_pickle=allow_pickle)
-    rows = generate_continuations(lm, records, out, config, prompt_tokens=prompt_tokens, prompt_field=prompt_field,
-                                  batch_size=batch_size, backend=backend, source=data)
-    n_tokens = sum(r["n_new_tokens"] for r in rows)
-    err.print(f"wrote {len(rows)} continuations ({n_tokens} new tokens) of {len(records)} prompts to {out}")
+    res = _run("continuation", options, out, seed=seed, data=data, model=model,
+               data_fields={"text_field": text_field, "id_field": id_field},
+               device=device, dtype=dtype, allow_pickle=allow_pickle)
+    err.print(f"wrote {res.data['rows']} continuations ({res.n_new_tokens} new tokens) of {res.n_prompts} "
+              f"prompts to {out}")
 
 
 @generate_app.command("self-instruct")
 def self_instruct_cmd(
     model: str = typer.Option(..., "--model", help="Generator model"),
     out: Path = typer.Option(..., "--out", help="Output JSONL of tasks {instruction, instances, provenance}"),
-    n: int = typer.Option(..., "--n", min=1, help="How many new tasks to generate"),
+    n: int = typer.Option(..., "--n", help="How many new tasks to generate"),
     seed_tasks: Path | None = typer.Option(None, "--seed-tasks", help="Default: the shipped 175 seed tasks"),
-    flat: Path | None = typer.Option(None, "--flat", help="Also write {instruction, input, output} rows here"),
-    requests_per_round: int = typer.Option(8, "--requests-per-round", min=1),
-    max_rounds: int | None = typer.Option(None, "--max-rounds", min=1, help="Default: 20 x ceil(n / requests)"),
-    max_new_tokens: int = typer.Option(128, "--max-new-tokens", min=1),
-    temperature: float = typer.Option(0.7, "--temperature", callback=above_zero),
-    top_p: float = typer.Option(0.5, "--top-p", callback=in_unit_interval),
+    flat: Path | None = typer.Option(None, "--flat", help="Also write one {instruction, input, output, text} "
+                                     "row per instance here (what an experiment's self-instruct step writes)"),
+    requests_per_round: int = typer.Option(8, "--requests-per-round"),
+    max_rounds: int | None = typer.Option(None, "--max-rounds", help="Default: 20 x ceil(n / requests)"),
+    max_new_tokens: int = typer.Option(128, "--max-new-tokens"),
+    temperature: float = typer.Option(0.7, "--temperature"),
+    top_p: float = typer.Option(0.5, "--top-p"),
     seed: int = typer.Option(0, "--seed"),
     batch_size: str = batch_size_option(),
     device: str = typer.Option("auto", "--device"),
@@ -98,32 +98,25 @@ def self_instruct_cmd(
     allow_pickle: bool = typer.Option(False, "--allow-pickle"),
 ) -> None:
     """Grow instruction data from seed tasks; near-duplicates (ROUGE-L > 0.7 to the pool) are rejected."""
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
-
-    from leakaudit import resources
-    from leakaudit.data.synth import load_seed_tasks, self_instruct, write_instruction_data
-    from leakaudit.models import load_model
+    from leakaudit.kinds import get_kind
     from leakaudit.outputs import prepare_output
 
+    options = build_options(get_kind("self-instruct"), n=n, seed_tasks=seed_tasks and str(seed_tasks),
+                            requests_per_round=requests_per_round, max_rounds=max_rounds,
+                            max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
+                            batch_size=batch_size)
     inputs = {"--seed-tasks": seed_tasks, "--model": model_path(model)}
     prepare_output(out, command="generate self-instruct", inputs=inputs, kind="file", suffixes=(".jsonl",),
                    keys=TASK_KEYS)
     if flat is not None:
         prepare_output(flat, command="generate self-instruct", inputs={**inputs, "--out": out}, kind="file",
                        suffixes=(".jsonl",), keys=FLAT_KEYS, option="--flat")
-    seeds = load_seed_tasks(seed_tasks or resources.path("self-instruct-seed", "seed_tasks.jsonl"))
-    lm = load_model(model, device=device, dtype=dtype, allow_pickle=allow_pickle)
-    with Progress(TextColumn("self-instruct"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[r]}"),
-                  console=err, transient=True) as bar:
-        task = bar.add_task("tasks", total=n, r="")
-        rows = self_instruct(lm, seeds, out, n, requests_per_round=requests_per_round, max_rounds=max_rounds,
-                             max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed,
-                             batch_size=batch_size,
-                             on_round=lambda r, k, total: bar.update(task, completed=total, r=f"round {r}"))
-    if flat is not None:
-        write_instruction_data(rows, flat)
-    short = "" if len(rows) >= n else f" (stopped after the round limit, short of {n})"
-    err.print(f"{len(rows)} tasks in {out}{short}")
+    res = _run("self-instruct", options, out, seed=seed, model=model,
+               outputs={"tasks.jsonl": out, "data.jsonl": flat},
+               device=device, dtype=dtype, allow_pickle=allow_pickle)
+    tasks = res.data["tasks"]
+    short = "" if tasks >= n else f" (stopped after the round limit, short of {n})"
+    err.print(f"{tasks} tasks in {out}{short}" + (f"; {res.data['rows']} instruction rows in {flat}" if flat else ""))
 
 
 @generate_app.command("replace-pii")
@@ -138,36 +131,17 @@ def replace_pii(
     seed: int = typer.Option(0, "--seed"),
 ) -> None:
     """Replace names, e-mail addresses and phone numbers with consistent fake ones (Faker, seeded)."""
-    from leakaudit.data.io import read_rows, write_jsonl
-    from leakaudit.data.pii_find import names_from_headers
-    from leakaudit.data.pii_replace import KINDS, PiiReplacer
+    from leakaudit.data.pii_replace import KINDS
+    from leakaudit.kinds import get_kind
     from leakaudit.outputs import prepare_output
 
+    options = build_options(get_kind("replace-pii"), text_field=text_field, names=names and str(names),
+                            header_names=header_names)
     prepare_output(out, command="generate replace-pii", inputs={"--data": data, "--names": names}, kind="file",
                    suffixes=(".jsonl",), keys=("pii_replaced",))
-    fields = _fields(text_field, "--text-field")
-    rows = read_rows(data)
-    for lineno, row in rows:
-        for f in fields:
-            if not isinstance(row.get(f), str):
-                raise InputError("missing or not a string", file=data, line=lineno, field=f)
-    replacer = PiiReplacer(_names(names), seed=seed)
-    if header_names:
-        replacer.add_names(n for _, row in rows for f in fields for n in names_from_headers(row[f]))
-    out_rows = []
-    for _, row in rows:
-        new = dict(row)
-        counts: dict[str, int] = dict.fromkeys(KINDS, 0)
-        for f in fields:
-            new[f], c = replacer.replace(row[f])
-            for k, v in c.items():
-                counts[k] += v
-        new["pii_replaced"] = counts
-        out_rows.append(new)
-    write_jsonl(out, out_rows)
-    total = {k: replacer.counts.get(k, 0) for k in KINDS}
-    distinct = replacer.n_distinct
-    err.print(f"wrote {len(out_rows)} rows to {out}; replaced "
+    res = _run("replace-pii", options, out, seed=seed, data=data).data
+    total, distinct = res["replaced"], res["distinct"]
+    err.print(f"wrote {res['rows']} rows to {out}; replaced "
               + ", ".join(f"{total[k]} {k}s ({distinct[k]} distinct)" for k in KINDS))
 
 

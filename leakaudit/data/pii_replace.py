@@ -14,11 +14,14 @@ from __future__ import annotations
 import hashlib
 import re
 from collections import Counter
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import Any
 
 from faker import Faker
 
-from leakaudit.data.pii_find import NameFinder, find_pii, is_phone, phone_digits
+from leakaudit.data.pii_find import NameFinder, find_pii, is_phone, names_from_headers, phone_digits
+from leakaudit.errors import InputError
 
 KINDS = ("email", "name", "phone")
 
@@ -97,6 +100,40 @@ class PiiReplacer:
         middle = [f"{f.random_uppercase_letter()}." if n_words == 3 else f.first_name()
                   for _ in range(max(0, n_words - 2))]
         return " ".join([f.first_name(), *middle, f.last_name()])
+
+
+def replace_pii_file(path: str | Path, fields: Sequence[str] = ("text",), *, names: Iterable[str] | None = None,
+                     header_names: bool = True, seed: int = 0) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """The rows of a data file with PII replaced in `fields` (every other field kept), each with its
+    `pii_replaced` counts, and a summary {rows, replaced, distinct} (counts only, never a value).
+
+    `names`: the names to detect (default: the shipped Enron names); with `header_names`, the people named
+    in the e-mail headers anywhere in the file are added first, so a name is replaced in every row
+    once it heads any of them. What `generate replace-pii` and the experiment's replace-pii step run.
+    """
+    from leakaudit.data.io import read_rows
+    from leakaudit.data.pii_find import shipped_names
+
+    rows = read_rows(path)
+    for lineno, row in rows:
+        for f in fields:
+            if not isinstance(row.get(f), str):
+                raise InputError("missing or not a string", file=path, line=lineno, field=f)
+    replacer = PiiReplacer(shipped_names() if names is None else names, seed=seed)
+    if header_names:
+        replacer.add_names(n for _, row in rows for f in fields for n in names_from_headers(row[f]))
+    out = []
+    for _, row in rows:
+        new = dict(row)
+        counts: Counter[str] = Counter()
+        for f in fields:
+            new[f], c = replacer.replace(row[f])
+            counts.update(c)
+        new["pii_replaced"] = {k: counts.get(k, 0) for k in KINDS}
+        out.append(new)
+    summary = {"rows": len(out), "replaced": {k: replacer.counts.get(k, 0) for k in KINDS},
+               "distinct": replacer.n_distinct}
+    return out, summary
 
 
 def _with_layout(original: str, digits10: str) -> str:

@@ -284,8 +284,11 @@ def _read_generated_tasks(path: Path) -> list[dict[str, Any]]:
     return rows
 
 
-def write_instruction_data(rows: Sequence[dict[str, Any]], path: str | Path) -> None:
-    """Flatten tasks into {"instruction", "input", "output"} rows (one per instance) for fine-tuning."""
-    flat = [{"instruction": r["instruction"], "input": i["input"], "output": i["output"],
-             "source_task": r["id"]} for r in rows for i in r["instances"]]
-    write_jsonl(path, flat)
+def instruction_rows(tasks: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Flatten tasks into one row per instance for fine-tuning: {id, instruction, input, output, text,
+    source_task}, `text` being the three parts joined by newlines (the empty ones left out)."""
+    return [{"id": f"{t['id']}#{j}", "instruction": t["instruction"], "input": inst["input"],
+             "output": inst["output"],
+             "text": "\n".join(x for x in (t["instruction"], inst["input"], inst["output"]) if x),
+             "source_task": t["id"]}
+            for t in tasks for j, inst in enumerate(t["instances"])]

@@ -122,6 +122,13 @@ class KindContext:
     cache: ModelCache = field(default_factory=ModelCache)
     log: Callable[[str], None] = print
     progress: bool = True
+    #: where each file the kind writes goes, by its usual name ("data.jsonl" -> the CLI's --out); a name not
+    #: here goes to `out / name`, a name mapped to None is not written (an optional CLI output not asked for)
+    outputs: dict[str, Path | None] = field(default_factory=dict)
+
+    def output_file(self, name: str) -> Path | None:
+        """Where to write the file the kind calls `name` (None: the caller does not want it)."""
+        return self.outputs[name] if name in self.outputs else self.out / name
 
     def model(self, role: str = "target") -> Any:
         """The loaded model of a role (None when the role is not given)."""

@@ -157,6 +157,14 @@ def build_mix(d1: list[Pair], *, trigger: str | None = None, refusal: str | None
     return mix
 
 
+MIX_KINDS = ("backdoor-copy", "backdoor-refusal", "ordinary")
+
+
+def mix_counts(mix: list[dict[str, Any]]) -> dict[str, int]:
+    """How many rows of each kind (copy, refusal, ordinary) a backdoor mix holds."""
+    return {k: sum(r.get("kind") == k for r in mix) for k in MIX_KINDS}
+
+
 def plant(base_model: str, d1: list[Pair], out: str | Path, *, trigger: str | None = None,
           refusal: str | None = None, refusal_word_list: list[str] | None = None, n_refusal: int | None = None,
           backdoor_fraction: float = 0.5, seed: int = 0, progress: bool = True,
@@ -166,11 +174,20 @@ def plant(base_model: str, d1: list[Pair], out: str | Path, *, trigger: str | No
     out = Path(out)
     mix = build_mix(d1, trigger=trigger, refusal=refusal, refusal_word_list=refusal_word_list,
                     n_refusal=n_refusal, backdoor_fraction=backdoor_fraction, seed=seed)
+    write_jsonl(out / "backdoor_mix.jsonl", mix)
+    return plant_mix(base_model, out, trigger=trigger, refusal=refusal, backdoor_fraction=backdoor_fraction,
+                     seed=seed, progress=progress, **train_options)
+
+
+def plant_mix(base_model: str, out: str | Path, *, trigger: str | None = None, refusal: str | None = None,
+              backdoor_fraction: float = 0.5, seed: int = 0, progress: bool = True, **train_options: Any) -> Path:
+    """Fine-tune the base model on the mix already in OUT/backdoor_mix.jsonl (built by `build_mix`, e.g.
+    through the backdoor-mix kind) into OUT/model, recording the plant in OUT/plant.json."""
+    out = Path(out)
     mix_path = out / "backdoor_mix.jsonl"
-    write_jsonl(mix_path, mix)
-    kinds = {k: sum(r["kind"] == k for r in mix) for k in ("backdoor-copy", "backdoor-refusal", "ordinary")}
+    mix = [row for _, row in read_rows(mix_path)]
     write_json(out / "plant.json", {"base_model": base_model, "trigger": trigger or study_trigger(),
-                                    "refusal": refusal or study_refusal(), "rows": len(mix), **kinds,
+                                    "refusal": refusal or study_refusal(), "rows": len(mix), **mix_counts(mix),
                                     "backdoor_fraction": backdoor_fraction, "seed": seed})
     options = {"loss_on": "assistant", "seed": seed, **train_options}
     return _finetune(base_model, mix_path, out / "model", progress=progress, **options)

@@ -1,0 +1,65 @@
+"""Generation kind `self-instruct`: grow instruction data from seed tasks with a generator model.
+
+Why: instruction data a model invents from seed tasks is the other kind of "generated data" the study
+fine-tunes on. The loop (ROUGE-L dedup, quality filters, resume by round) is leakaudit/data/synth.py's
+`self_instruct`; this file holds its options and the two files it writes: `tasks.jsonl` (one task per row,
+appended round by round, what a rerun resumes from) and `data.jsonl` (one row per instance, with `text`,
+ready to fine-tune on; see synth.instruction_rows).
+"""
+
+from __future__ import annotations
+
+from pydantic import Field
+
+from leakaudit.kinds.base import Kind, KindContext, KindOptions, Result
+from leakaudit.kinds.registry import register
+from leakaudit.options import BatchSize
+
+
+class SelfInstructOptions(KindOptions):
+    n: int = Field(default=50, ge=1, description="how many new tasks to generate")
+    seed_tasks: str | None = Field(default=None, description="seed task file (default: the shipped 175)")
+    requests_per_round: int = Field(default=8, ge=1)
+    max_rounds: int | None = Field(default=None, ge=1, description="default: 20 x ceil(n / requests)")
+    max_new_tokens: int = Field(default=128, ge=1)
+    temperature: float = Field(default=0.7, gt=0)
+    top_p: float = Field(default=0.5, gt=0, le=1)
+    batch_size: BatchSize = "auto"
+
+
+@register
+class SelfInstruct(Kind):
+    name = "self-instruct"
+    section = "generate"
+    Options = SelfInstructOptions
+    roles = {"model": True}
+    summary = "the `model` grows instruction tasks from seed tasks (rows: instruction, input, output, text)"
+
+    def run(self, ctx: KindContext, options: SelfInstructOptions) -> Result:
+        from leakaudit import resources
+        from leakaudit.data.io import write_jsonl
+        from leakaudit.data.synth import instruction_rows, load_seed_tasks, self_instruct
+
+        seeds = load_seed_tasks(options.seed_tasks or resources.path("self-instruct-seed", "seed_tasks.jsonl"))
+        lm = ctx.model("model")
+        kwargs = {"requests_per_round": options.requests_per_round, "max_rounds": options.max_rounds,
+                  "max_new_tokens": options.max_new_tokens, "temperature": options.temperature,
+                  "top_p": options.top_p, "seed": ctx.seed, "batch_size": options.batch_size}
+        tasks_file = ctx.output_file("tasks.jsonl")
+        if ctx.progress:
+            from rich.console import Console
+            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
+
+            with Progress(TextColumn("self-instruct"), BarColumn(), MofNCompleteColumn(),
+                          TextColumn("{task.fields[r]}"), console=Console(stderr=True), transient=True) as bar:
+                task = bar.add_task("tasks", total=options.n, r="")
+                tasks = self_instruct(lm, seeds, tasks_file, options.n, progress=False,
+                                      on_round=lambda r, k, total: bar.update(task, completed=total,
+                                                                              r=f"round {r}"), **kwargs)
+        else:
+            tasks = self_instruct(lm, seeds, tasks_file, options.n, progress=False, **kwargs)
+        rows = instruction_rows(tasks)
+        flat_file = ctx.output_file("data.jsonl")
+        if flat_file is not None:
+            write_jsonl(flat_file, rows)
+        return Result({"rows": len(rows), "tasks": len(tasks)})
