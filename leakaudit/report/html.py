@@ -40,12 +40,6 @@ def _fmt(x: Any, digits: int = 3) -> str:
     return str(x)
 
 
-def _read_jsonl(path: Path) -> list[dict[str, Any]]:
-    if not path.exists():
-        return []
-    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
-
-
 # ----------------------------------------------------------------------------------------- headline numbers
 def headline(stages: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Every headline number as {variant, evaluation, metric, value, ci} (what summary.json lists)."""
@@ -93,10 +87,6 @@ def _headline_table(rows: list[dict[str, Any]]) -> tuple[list[str], list[dict[st
 
 
 # ----------------------------------------------------------------------------------------- sections
-def _stage_dir(out: Path, s: dict[str, Any]) -> Path:
-    return out / s["folder"]
-
-
 def _pii_section(out: Path, stages: list[dict[str, Any]]) -> dict[str, Any] | None:
     done = [s for s in stages if s["kind"] == "pii" and s.get("result")]
     if not done:
