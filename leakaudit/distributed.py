@@ -24,6 +24,7 @@ def world() -> tuple[int, int]:
 
 
 def is_main() -> bool:
+    """Whether this is the process that writes outputs (rank 0, or the only process): the one such check."""
     return world()[0] == 0
 
 

@@ -499,27 +499,6 @@ def _api_check(stage: Stage, opts: dict[str, Any], key: str, fn: Callable[..., A
         raise ConfigError(_option_loc(stage, named if named in opts else key), exc.message) from None
 
 
-def _check_mia(stage: Stage, opts: dict[str, Any]) -> None:
-    from leakaudit.attacks import get_attack
-
-    given = opts.get("attacks")
-    names = mia_attacks(given, stage.params.get("reference") is not None)
-    per_attack = opts.get("attack_options") or {}
-    for i, name in enumerate(names):
-        loc = _option_loc(stage, "attacks", "options", *([i] if isinstance(given, list) else []))
-        try:
-            attack = get_attack(name, **per_attack.get(name, {}))
-        except InputError as exc:
-            raise ConfigError(loc, exc.message) from None
-        if attack.needs_reference and stage.params.get("reference") is None:
-            raise ConfigError(loc, f"attack '{name}' needs a reference model; set 'reference' on this evaluation")
-    if len(set(names)) != len(names):
-        raise ConfigError(_option_loc(stage, "attacks"), f"an attack is listed twice: {', '.join(names)}")
-    for name in per_attack:
-        if name not in names:
-            raise ConfigError(_option_loc(stage, "attack_options", "options", name), f"attack '{name}' is not run")
-
-
 def _check_pii(stage: Stage, opts: dict[str, Any]) -> None:
     from leakaudit.attacks.pii import make_grid
     from leakaudit.data.enron import resolve_templates
@@ -529,11 +508,6 @@ def _check_pii(stage: Stage, opts: dict[str, Any]) -> None:
                opts.get("max_new_tokens"))
 
 
-def _check_user_inference(stage: Stage, opts: dict[str, Any]) -> None:
-    from leakaudit.attacks.user_inference import parse_m_values
-
-    if "m_values" in opts:
-        _api_check(stage, opts, "m_values", parse_m_values, opts["m_values"])
 
 
 def _check_templates(stage: Stage, opts: dict[str, Any]) -> None:
@@ -546,8 +520,7 @@ def _check_templates(stage: Stage, opts: dict[str, Any]) -> None:
 
 
 _SEMANTIC_CHECKS: dict[str, Callable[[Stage, dict[str, Any]], None]] = {
-    "mia": _check_mia, "pii": _check_pii, "user-inference": _check_user_inference,
-    "backdoor": _check_templates,
+    "pii": _check_pii, "backdoor": _check_templates,
 }
 
 # One option name means the same thing in every API, so its bounds are stated once (types come from the APIs).
@@ -578,19 +551,12 @@ def _api_types(fn: Any, names: set[str] | None = None, exclude: set[str] = froze
 
 def _option_types(kind: str) -> dict[str, Any]:
     """Every option a stage kind accepts, typed by the API it calls."""
-    if kind == "mia":
-        run_mia = _api("leakaudit.attacks.mia", "run_mia", "mia")
-        return {**_api_types(run_mia, exclude={"target", "members", "nonmembers", "reference", "progress",
-                                               "attacks"}), "attacks": list[str] | str | None}
     if kind == "pii":
         run_pii = _api("leakaudit.attacks.pii", "run_pii", "pii")
         return {**_api_types(run_pii, exclude={"model", "targets", "cells", "out", "baseline", "show_pii",
                                                "progress", "log"}),
                 "templates": str, "temperatures": list[float] | None, "top_k": int | None,
                 "max_new_tokens": int | None, "n_targets": int | None, "pairs": str | None}
-    if kind == "user-inference":
-        fn = _api("leakaudit.attacks.user_inference", "run_user_inference", "user-inference")
-        return _api_types(fn, exclude={"target", "reference", "records_in", "records_out", "progress"})
     if kind == "backdoor":
         fn = _api("leakaudit.attacks.backdoor", "sample_responses", "backdoor")
         return {**_api_types(fn, {"num_samples", "temperature", "max_new_tokens", "batch_size"}),
@@ -705,34 +671,6 @@ def _records(path: Path) -> list[Any]:
     return load_records(path, id_field="id")
 
 
-MIA_DEFAULT_ATTACKS = ("loss", "zlib", "min_k", "min_k_pp")
-
-
-def mia_attacks(option: str | list[str] | None, has_reference: bool) -> list[str]:
-    """The attacks an MIA stage runs: its `attacks` option (a list or 'a,b'), else the defaults (+ ref)."""
-    if isinstance(option, str):
-        option = [a.strip() for a in option.split(",") if a.strip()]
-    return list(option) if option else [*MIA_DEFAULT_ATTACKS, *(["ref"] if has_reference else [])]
-
-
-def run_mia_stage(ctx: StageContext) -> dict[str, Any]:
-    """Membership inference: scores.jsonl (one row per sample), mia.json (AUC with CI, TPR@FPR per attack)."""
-    run_mia = _api("leakaudit.attacks.mia", "run_mia", "mia")
-    opts = ctx.options
-    reference_spec = ctx.model("reference")
-    attacks = mia_attacks(opts.pop("attacks", None), reference_spec is not None)
-    opts.setdefault("seed", ctx.seed)
-    members, nonmembers = _records(ctx.data_path("members")), _records(ctx.data_path("nonmembers"))
-    target = _load(ctx.model("target"))
-    reference = _load(reference_spec)
-    report = run_mia(target, [r.text for r in members], [r.text for r in nonmembers], attacks,
-                     reference=reference, **opts)
-    write_jsonl(ctx.dir / "scores.jsonl", report.rows([r.id for r in members], [r.id for r in nonmembers]))
-    result = report.to_json()
-    write_json(ctx.dir / "mia.json", result)
-    return {**result, "scores_file": "scores.jsonl"}
-
-
 def run_pii_stage(ctx: StageContext) -> dict[str, Any]:
     """PII extraction (results_purified.jsonl, pii.json, masked extractions.jsonl) with baseline subtraction."""
     run_pii = _api("leakaudit.attacks.pii", "run_pii", "pii")
@@ -844,26 +782,6 @@ def importlib_module(module: str, probe: str, kind: str) -> Any:
     return importlib.import_module(module)
 
 
-def run_user_inference_stage(ctx: StageContext) -> dict[str, Any]:
-    """User inference: users of `members` were in training, users of `nonmembers` were not."""
-    fn = _api("leakaudit.attacks.user_inference", "run_user_inference", "user-inference")
-    ins = load_records(ctx.data_path("members"), id_field="id", user_field="user")
-    outs = load_records(ctx.data_path("nonmembers"), id_field="id", user_field="user")
-    shared = {r.user for r in ins} & {r.user for r in outs}
-    if shared:
-        raise InputError(f"{len(shared)} users are in both members and nonmembers; split the dataset with "
-                         "split_by: user", field="members")
-    opts = ctx.options
-    opts.setdefault("seed", ctx.seed)
-    report = fn(_load(ctx.model("target")), _load(ctx.model("reference")), ins, outs, **opts)
-    rows = report.rows()
-    m = report.headline
-    write_jsonl(ctx.dir / "user_scores.jsonl", [{**r, "score": r["scores"].get(m)} for r in rows])
-    result = report.to_json()
-    write_json(ctx.dir / "user_inference.json", result)
-    return {**result, "scores_file": "user_scores.jsonl"}
-
-
 def stage_roles(stage: Stage) -> set[str]:
     """The data and model roles an evaluation stage was given (members, reference, ...)."""
     return {r for r in ("members", "nonmembers", "data", "reference", "baseline", "model")
@@ -893,10 +811,8 @@ def run_kind_stage(ctx: StageContext) -> dict[str, Any]:
 
 
 RUNNERS: dict[str, Callable[[StageContext], dict[str, Any]]] = {
-    "user-inference": run_user_inference_stage,
     "backdoor": run_backdoor_stage,
     "dataset": run_dataset,
     "finetune": run_finetune_stage,
-    "mia": run_mia_stage,
     "pii": run_pii_stage,
 }

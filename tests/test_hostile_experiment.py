@@ -182,7 +182,7 @@ def test_grid_values_cannot_make_folders_outside_out(tmp_path):
     ("{attacks: [ref]}", "evaluate.m.options.attacks[0]", "needs a reference model"),
     ("{attacks: [loss], attack_options: {min_k: {k: 0.2}}}", "evaluate.m.options.attack_options.min_k",
      "not run"),
-    ("{attacks: [min_k], attack_options: {min_k: {k: 7}}}", "evaluate.m.options.attacks[0]", "min_k"),
+    ("{attacks: [min_k], attack_options: {min_k: {k: 7}}}", "evaluate.m.options.attack_options.min_k.k", "min_k"),
 ])
 def test_bad_evaluation_options_fail_before_any_stage(options, where, message, tmp_path, monkeypatch, capsys):
     err = _refused(tmp_path, _experiment(options=options), monkeypatch, capsys)

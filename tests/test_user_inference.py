@@ -143,6 +143,6 @@ def test_user_inference_cli(tmp_path, monkeypatch, capsys):
     rows[3]["in"] = 0  # user1 now has rows labelled in and out
     data.write_text("".join(json.dumps(r) + "\n" for r in rows))
     code, err = run("--data", str(data), "--out", str(tmp_path / "o2"))
-    assert code == 2 and err.strip().startswith("error: ") and "users.jsonl:4: field 'in'" in err, err
+    assert code == 2 and err.strip().startswith("error: ") and "users.jsonl:4: field 'who'" in err, err
     code, err = run("--data", str(data), "--samples-per-user", "0", "--out", str(tmp_path / "o2"))
     assert code == 2 and "field '--samples-per-user'" in err

@@ -8,6 +8,7 @@ once, and the scoring engine caches it on disk.
 
 from __future__ import annotations
 
+import difflib
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
@@ -91,12 +92,19 @@ def register(cls: type[Attack]) -> type[Attack]:
     return cls
 
 
-def get_attack(name: str, **config: Any) -> Attack:
-    """An attack by name with validated options; unknown names and bad options are InputErrors."""
-    import leakaudit.attacks.mia  # noqa: F401  (registers the attacks)
+def unknown_attack_message(name: str) -> str:
+    """"unknown attack 'mink'; did you mean 'min_k'? valid attacks: ..." (every front end says the same)."""
+    close = difflib.get_close_matches(name, list(ATTACKS), n=1)
+    hint = f"; did you mean '{close[0]}'?" if close else ";"
+    return f"unknown attack '{name}'{hint} valid attacks: {', '.join(ATTACKS)}"
 
+
+def get_attack(name: str, **config: Any) -> Attack:
+    """An attack by name with validated options; unknown names and bad options are InputErrors (field: the
+    option's name inside the attack's config). The registry is filled by importing `leakaudit.attacks`,
+    which every import of this module does first."""
     if name not in ATTACKS:
-        raise InputError(f"unknown attack '{name}'; valid attacks: {', '.join(ATTACKS)}", field="--attacks")
+        raise InputError(unknown_attack_message(name), field="attacks")
     cls = ATTACKS[name]
     try:
         return cls(cls.Config(**config))

@@ -36,10 +36,14 @@ def _need_tokens(ctx: ScoringContext) -> None:
 
 
 class TooShortError(InputError):
-    """A text with no scored token (a single token without a BOS): no score can be defined."""
+    """A text with no scored token (a single token without a BOS): no score can be defined. `index` is its
+    place among the scored texts; `run_mia` adds `role` ('members' or 'nonmembers') and `row` (its index in
+    that input list) so a front end can name the file and line."""
 
     def __init__(self, index: int):
         self.index = index
+        self.role: str | None = None
+        self.row: int | None = None
         super().__init__(f"text #{index + 1} has fewer than 2 tokens, so no token can be scored")
 
 
@@ -189,7 +193,7 @@ class RecallAttack(Attack):
 
     def prefix_text(self) -> str:
         if not self.config.prefix:
-            raise InputError("recall needs non-member prefix texts", field="--recall-prefix")
+            raise InputError("recall needs non-member prefix texts", field="prefix")
         sep = self.config.separator
         return sep.join(self.config.prefix) + sep
 
@@ -317,13 +321,13 @@ def _resolve(attacks: Sequence[str | Attack], attack_options: dict[str, dict] | 
     opts = attack_options or {}
     unknown = set(opts) - {a if isinstance(a, str) else a.name for a in attacks}
     if unknown:
-        raise InputError(f"options given for attacks not run: {', '.join(sorted(unknown))}", field="--attacks")
+        raise InputError(f"options given for attacks not run: {', '.join(sorted(unknown))}", field="attack_options")
     out = [a if isinstance(a, Attack) else get_attack(a, **opts.get(a, {})) for a in attacks]
     names = [a.name for a in out]
     if len(set(names)) != len(names):
-        raise InputError(f"an attack is listed twice: {', '.join(names)}", field="--attacks")
+        raise InputError(f"an attack is listed twice: {', '.join(names)}", field="attacks")
     if not out:
-        raise InputError("no attack given", field="--attacks")
+        raise InputError("no attack given", field="attacks")
     return out
 
 
@@ -340,7 +344,7 @@ def run_mia(target: LoadedModel, members: list[str], nonmembers: list[str], atta
     chosen = _resolve(attacks, attack_options)
     if any(a.needs_reference for a in chosen) and reference is None:
         need = [a.name for a in chosen if a.needs_reference]
-        raise InputError(f"attack(s) {', '.join(need)} need a reference model", field="--reference")
+        raise InputError(f"attack(s) {', '.join(need)} need a reference model", field="reference")
     nonmember_index = list(range(len(nonmembers)))
     prefix_index: list[int] = []
     for i, a in enumerate(chosen):
@@ -348,12 +352,12 @@ def run_mia(target: LoadedModel, members: list[str], nonmembers: list[str], atta
             shots = a.config.shots
             if len(nonmembers) <= shots + 1:
                 raise InputError(f"recall takes {shots} non-members as its prefix; need more than {shots + 1}",
-                                 field="--nonmembers")
+                                 field="nonmembers")
             prefix_index = list(range(shots))
             chosen[i] = RecallAttack(a.config.model_copy(update={"prefix": tuple(nonmembers[:shots])}))
             nonmember_index = nonmember_index[shots:]
     if not members or not nonmember_index:
-        raise InputError("need at least one member and one non-member", field="--members")
+        raise InputError("need at least one member and one non-member", field="members")
     evaluated_nonmembers = [nonmembers[i] for i in nonmember_index]
     texts = list(members) + evaluated_nonmembers
     labels = np.array([1] * len(members) + [0] * len(evaluated_nonmembers))
@@ -366,7 +370,13 @@ def run_mia(target: LoadedModel, members: list[str], nonmembers: list[str], atta
     scores: dict[str, np.ndarray] = {}
     metrics: dict[str, RocMetrics] = {}
     for a in chosen:
-        s = np.asarray(a.score(ctx), dtype=np.float64)
+        try:
+            s = np.asarray(a.score(ctx), dtype=np.float64)
+        except TooShortError as exc:
+            i = exc.index
+            exc.role, exc.row = ("members", i) if i < len(members) else ("nonmembers",
+                                                                         nonmember_index[i - len(members)])
+            raise
         scores[a.name] = s
         metrics[a.name] = roc_metrics(s, labels, n_bootstrap=n_bootstrap, seed=seed)
     return MiaReport(metrics, scores, labels, list(range(len(members))), nonmember_index, warnings, prefix_index)

@@ -22,6 +22,7 @@ from leakaudit.metrics import RocMetrics, roc_metrics
 from leakaudit.models import LoadedModel
 
 ALL = "all"
+DEFAULT_M_VALUES = ("1", "2", "4", "8", ALL)  # the numbers of samples per user tried unless told otherwise
 
 
 @dataclass
@@ -54,19 +55,37 @@ class UserInferenceReport:
                 "warnings": self.warnings + top["warnings"]}
 
     def rows(self) -> list[dict]:
-        """`user_scores.jsonl`: one row per user with its label, sample count and statistic per m."""
+        """`user_scores.jsonl`: one row per user with its label, sample count, statistic per m (`scores`) and
+        the statistic at the headline m (`score`; null when the user has too few samples for it)."""
+        top = self.user_scores.get(self.headline, {})
         return [{"user": u, "label": self.labels[u], "n_samples": self.n_samples[u],
-                 "scores": {m: s[u] for m, s in self.user_scores.items() if u in s}} for u in self.users]
+                 "scores": {m: s[u] for m, s in self.user_scores.items() if u in s}, "score": top.get(u)}
+                for u in self.users]
 
 
-def _group(records: Sequence[Record], label: int, into: dict[str, list[str]], labels: dict[str, int]) -> None:
-    for r in records:
-        if r.user is None:
-            raise InputError("record has no user", line=r.line, field="--user-field")
-        if labels.setdefault(r.user, label) != label:
-            raise InputError(f"user '{r.user}' appears among both in-training and held-out users", line=r.line,
-                             field="--user-field")
-        into.setdefault(r.user, []).append(r.text)
+class UserClashError(InputError):
+    """A held-out record whose user is also among the in-training users: the one check that the two sets
+    of users are disjoint (the front ends name the file and field from `record`)."""
+
+    def __init__(self, record: Record):
+        self.record = record
+        super().__init__(f"user '{record.user}' appears among both in-training and held-out users; split the "
+                         "data by user", line=record.line, field="user")
+
+
+def group_users(records_in: Sequence[Record], records_out: Sequence[Record]
+                ) -> tuple[dict[str, list[str]], dict[str, int]]:
+    """Each user's texts in input order and label (1 = in training); a user on both sides is an error."""
+    samples: dict[str, list[str]] = {}
+    labels: dict[str, int] = {}
+    for records, label in ((records_in, 1), (records_out, 0)):
+        for r in records:
+            if r.user is None:
+                raise InputError("record has no user", line=r.line, field="user")
+            if labels.setdefault(r.user, label) != label:
+                raise UserClashError(r)
+            samples.setdefault(r.user, []).append(r.text)
+    return samples, labels
 
 
 def parse_m_values(spec: str | Sequence[int | str]) -> list[str]:
@@ -79,23 +98,20 @@ def parse_m_values(spec: str | Sequence[int | str]) -> list[str]:
             out.append(ALL)
             continue
         if not item.isdigit() or int(item) < 1:
-            raise InputError(f"'{raw}' is not a positive number of samples or 'all'", field="--samples-per-user")
+            raise InputError(f"'{raw}' is not a positive number of samples or 'all'", field="m_values")
         out.append(str(int(item)))
     if not out:
-        raise InputError("give at least one value", field="--samples-per-user")
+        raise InputError("give at least one value", field="m_values")
     return list(dict.fromkeys(out))
 
 
 def run_user_inference(target: LoadedModel, reference: LoadedModel, records_in: Sequence[Record],
-                       records_out: Sequence[Record], m_values: str | Sequence[int | str] = (1, 2, 4, 8, ALL), *,
+                       records_out: Sequence[Record], m_values: str | Sequence[int | str] = DEFAULT_M_VALUES, *,
                        n_bootstrap: int = 1000, seed: int = 0, batch_size: int | str = "auto",
                        max_length: int | None = None, cache: bool = True, progress: bool = True,
                        ) -> UserInferenceReport:
     """Score every sample once under target and reference, then aggregate per user for each m."""
-    samples: dict[str, list[str]] = {}
-    labels: dict[str, int] = {}
-    _group(records_in, 1, samples, labels)
-    _group(records_out, 0, samples, labels)
+    samples, labels = group_users(records_in, records_out)
     users = list(samples)
     ms = parse_m_values(m_values)
     texts = [t for u in users for t in samples[u]]
@@ -122,5 +138,5 @@ def run_user_inference(target: LoadedModel, reference: LoadedModel, records_in: 
         per_m[m] = roc_metrics([stats[u] for u in keep], y, n_bootstrap=n_bootstrap, seed=seed)
     if not per_m:
         raise InputError("no value of samples-per-user leaves users both in and out of training",
-                         field="--samples-per-user")
+                         field="m_values")
     return UserInferenceReport(per_m, users, labels, {u: len(samples[u]) for u in users}, user_scores, warnings)

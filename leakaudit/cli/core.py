@@ -20,20 +20,35 @@ PickleOpt = typer.Option(False, "--allow-pickle", help="Allow loading pickle wei
 SCORE_KEYS = ("id", "n_tokens", "sum_logp", "mean_logp")  # what a `score` output row holds
 
 
-def build_options(kind: Any, **values: Any) -> Any:
+def build_options(kind: Any, *, flags: dict[tuple, str] | None = None, roles: set[str] | None = None,
+                  **values: Any) -> Any:
     """A kind's options from CLI flags (None = not given, the kind's default applies); a bad value is one
-    `error:` line naming the flag, from the same validators an experiment file goes through."""
+    `error:` line naming the flag, from the same validators an experiment file goes through. With `roles`
+    (the data and model roles the command was given) the kind's `check` runs too. `flags` names the flag of
+    an option path that is not simply `--option-name` (the longest matching prefix wins)."""
     from pydantic import ValidationError
 
     from leakaudit.config import pydantic_message
+    from leakaudit.errors import OptionError
+
+    def flag(loc: tuple) -> str:
+        for n in range(len(loc), 0, -1):
+            if tuple(loc[:n]) in (flags or {}):
+                return flags[tuple(loc[:n])]
+        return "--" + str(loc[0]).replace("_", "-") if loc else "option"
 
     given = {k: v for k, v in values.items() if v is not None}
     try:
-        return kind.Options(**given)
+        options = kind.Options(**given)
     except ValidationError as exc:
         err = exc.errors()[0]
-        flag = "--" + str(err["loc"][0]).replace("_", "-") if err["loc"] else "option"
-        raise InputError(pydantic_message(err), field=flag) from None
+        raise InputError(pydantic_message(err), field=flag(tuple(err["loc"]))) from None
+    if roles is not None:
+        try:
+            kind.check(options, roles)
+        except OptionError as exc:
+            raise InputError(exc.message, field=flag(exc.loc)) from None
+    return options
 
 
 def check_options(kind: Any, options: Any, roles: set[str]) -> None:
@@ -100,23 +115,18 @@ def score(
 ) -> None:
     """Score texts with one batched, cached teacher-forced pass: per-text log-likelihood statistics."""
     from leakaudit.data.io import load_records, write_jsonl
+    from leakaudit.distributed import is_main, score_texts_distributed
     from leakaudit.models import load_model
     from leakaudit.outputs import prepare_output
-    from leakaudit.scoring import score_texts
 
     check_window(max_length, stride)
     prepare_output(out, command="score", inputs={"--data": data, "--model": model_path(model)}, kind="file",
                    suffixes=(".jsonl",), keys=SCORE_KEYS)
     records = load_records(data, text_field=text_field, id_field=id_field)
     lm = load_model(model, device=device, dtype=dtype, allow_pickle=allow_pickle)
-    scorer = score_texts
-    try:  # data-parallel under accelerate/torchrun when the distributed helper is present
-        from leakaudit.distributed import score_texts_distributed as scorer  # type: ignore[no-redef]
-    except ImportError:
-        pass
-    results = scorer(lm, [r.text for r in records], moments=moments, batch_size=batch_size,
-                     max_length=max_length, stride=stride, cache=not no_cache)
-    if not _is_main_process():
+    results = score_texts_distributed(lm, [r.text for r in records], moments=moments, batch_size=batch_size,
+                                      max_length=max_length, stride=stride, cache=not no_cache)
+    if not is_main():
         return
     rows = []
     for rec, res in zip(records, results, strict=True):
@@ -153,12 +163,6 @@ def model_info(
         "fingerprint": lm.fingerprint,
     }
     typer.echo(json.dumps(info, indent=2))
-
-
-def _is_main_process() -> bool:
-    import os
-
-    return int(os.environ.get("RANK", "0")) == 0
 
 
 def register(app: typer.Typer) -> None:

@@ -1,12 +1,14 @@
 """Evaluation and generation kinds: one file per kind, each registering itself (see base.py for the contract,
 docs/architecture.md for where kinds sit in the flow). Importing this package fills the registry."""
 
-from leakaudit.kinds import (
-    backdoor_mix,  # noqa: F401
-    continuation,  # noqa: F401
-    perplexity,  # noqa: F401  (built-in kinds register on import)
-    replace_pii,  # noqa: F401
-    self_instruct,  # noqa: F401
+from leakaudit.kinds import (  # noqa: F401  (built-in kinds register on import)
+    backdoor_mix,
+    continuation,
+    mia,
+    perplexity,
+    replace_pii,
+    self_instruct,
+    user_inference,
 )
 from leakaudit.kinds.registry import get_kind, kind_names, register, unknown_kind_message
 

@@ -118,6 +118,9 @@ class KindContext:
     models: dict[str, str | None] = field(default_factory=dict)  # role -> model spec (target, reference, ...)
     checkpoints: list[str] = field(default_factory=list)         # the target's per-epoch checkpoint dirs
     data_fields: dict[str, dict[str, Any]] = field(default_factory=dict)  # role -> load_records fields (CLI)
+    #: role -> records the caller already read (the CLI's one --data file split by --label-field); used
+    #: instead of reading `data[role]`, which then only names the file in error messages
+    loaded: dict[str, list[Any]] = field(default_factory=dict)
     show_pii: bool = False
     cache: ModelCache = field(default_factory=ModelCache)
     log: Callable[[str], None] = print
@@ -134,13 +137,16 @@ class KindContext:
         """The loaded model of a role (None when the role is not given)."""
         return self.cache.get(self.models.get(role))
 
-    def records(self, role: str = "data") -> list[Any]:
-        """The records of a data role, read with the fields the caller gave (text_field, id_field, ...)."""
+    def records(self, role: str = "data", **defaults: Any) -> list[Any]:
+        """The records of a data role, read with the fields the caller gave (text_field, id_field, ...);
+        `defaults` are the kind's own defaults for fields the caller did not give (e.g. user_field='user')."""
         from leakaudit.data.io import load_records
 
+        if role in self.loaded:
+            return self.loaded[role]
         if role not in self.data:
             raise InputError(f"this evaluation needs '{role}'", field=role)
-        return load_records(self.data[role], **self.data_fields.get(role, {}))
+        return load_records(self.data[role], **{**defaults, **self.data_fields.get(role, {})})
 
 
 class Kind:

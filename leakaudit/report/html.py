@@ -40,12 +40,6 @@ def _fmt(x: Any, digits: int = 3) -> str:
     return str(x)
 
 
-def _read_jsonl(path: Path) -> list[dict[str, Any]]:
-    if not path.exists():
-        return []
-    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
-
-
 # ----------------------------------------------------------------------------------------- headline numbers
 def headline(stages: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Every headline number as {variant, evaluation, metric, value, ci} (what summary.json lists)."""
@@ -66,13 +60,6 @@ def headline(stages: list[dict[str, Any]]) -> list[dict[str, Any]]:
         if kind in kind_names():
             for h in get_kind(kind).Result(res).headline():
                 add(s, h.metric, h.value, h.ci)
-        elif kind == "mia":
-            for attack, m in res.get("attacks", {}).items():
-                add(s, f"{attack} AUC", m.get("auc"), m.get("auc_ci"))
-                tpr = (m.get("tpr_at_fpr") or {}).get("0.01")
-                add(s, f"{attack} TPR@1%FPR", tpr)
-        elif kind == "user-inference":
-            add(s, "user AUC", res.get("auc"), res.get("auc_ci"))
         elif kind == "pii":
             add(s, "PII match rate", res.get("match_rate"), res.get("match_rate_ci"))
             if res.get("match_rate_minus_baseline") is not None:
@@ -100,69 +87,6 @@ def _headline_table(rows: list[dict[str, Any]]) -> tuple[list[str], list[dict[st
 
 
 # ----------------------------------------------------------------------------------------- sections
-def _stage_dir(out: Path, s: dict[str, Any]) -> Path:
-    return out / s["folder"]
-
-
-def _mia_section(out: Path, stages: list[dict[str, Any]]) -> dict[str, Any] | None:
-    from leakaudit.metrics import roc_metrics
-
-    done = [s for s in stages if s["kind"] == "mia" and s.get("result")]
-    if not done:
-        return None
-    figures, table = [], []
-    for s in done:
-        label = f"{s['params']['evaluation']} · {s['params']['target_label']}"
-        rows = _read_jsonl(_stage_dir(out, s) / s["result"].get("scores_file", "scores.jsonl"))
-        curves = {}
-        for attack in s["result"].get("attacks", {}):
-            pairs = [(r[attack], int(r["label"])) for r in rows
-                     if isinstance(r.get(attack), (int, float)) and math.isfinite(r[attack])]
-            if pairs and len({y for _, y in pairs}) == 2:
-                curves[attack] = roc_metrics([p[0] for p in pairs], [p[1] for p in pairs], n_bootstrap=0)
-        if curves:
-            figures.append({"uri": plots.roc_figure(curves, f"ROC: {label}"),
-                            "caption": f"Membership inference ROC, {label} (log-scale FPR)"})
-        for attack, m in s["result"].get("attacks", {}).items():
-            ci = m.get("auc_ci") or [None, None]
-            tpr = m.get("tpr_at_fpr") or {}
-            table.append([s["params"]["target_label"], s["params"]["evaluation"], attack, _fmt(m.get("auc")),
-                          f"{_fmt(ci[0])} – {_fmt(ci[1])}", _fmt(tpr.get("0.01")), _fmt(tpr.get("0.001")),
-                          m.get("n_members", ""), m.get("n_nonmembers", "")])
-    return {"id": "mia", "title": "Membership inference",
-            "note": "ROC curves on a log-scale false-positive axis; the low-FPR region is what matters for privacy.",
-            "figures": figures,
-            "tables": [{"header": ["variant", "evaluation", "attack", "AUC", "95% CI", "TPR@1%FPR", "TPR@0.1%FPR",
-                                   "members", "non-members"], "rows": table}]}
-
-
-def _user_section(out: Path, stages: list[dict[str, Any]]) -> dict[str, Any] | None:
-    from leakaudit.metrics import roc_metrics
-
-    done = [s for s in stages if s["kind"] == "user-inference" and s.get("result")]
-    if not done:
-        return None
-    figures, table = [], []
-    for s in done:
-        res = s["result"]
-        rows = _read_jsonl(_stage_dir(out, s) / res.get("scores_file", "user_scores.jsonl"))
-        pairs = [(r["score"], int(r["label"])) for r in rows if r.get("score") is not None and "label" in r]
-        if pairs and len({y for _, y in pairs}) == 2:
-            curve = roc_metrics([p[0] for p in pairs], [p[1] for p in pairs], n_bootstrap=0)
-            figures.append({"uri": plots.roc_figure({"user score": curve}, f"User inference: "
-                                                    f"{s['params']['target_label']}"),
-                            "caption": f"User inference ROC, {s['params']['target_label']}"})
-        ci = res.get("auc_ci") or [None, None]
-        tpr = res.get("tpr_at_fpr") or {}
-        table.append([s["params"]["target_label"], s["params"]["evaluation"], _fmt(res.get("auc")),
-                      f"{_fmt(ci[0])} – {_fmt(ci[1])}", _fmt(tpr.get("0.01")), res.get("n_users_in", ""),
-                      res.get("n_users_out", "")])
-    return {"id": "user-inference", "title": "User inference", "figures": figures,
-            "note": "Score per user: mean over the user's samples of log p_target(x) − log p_ref(x).",
-            "tables": [{"header": ["variant", "evaluation", "AUC", "95% CI", "TPR@1%FPR", "users in", "users out"],
-                        "rows": table}]}
-
-
 def _pii_section(out: Path, stages: list[dict[str, Any]]) -> dict[str, Any] | None:
     done = [s for s in stages if s["kind"] == "pii" and s.get("result")]
     if not done:
@@ -231,8 +155,8 @@ def build(out: str | Path) -> tuple[str, dict[str, Any]]:
     stages = run["stages"]
     rows = headline(stages)
     cols, table_rows = _headline_table(rows)
-    sections = [sec for sec in (_mia_section(out, stages), _user_section(out, stages), _pii_section(out, stages),
-                                _backdoor_section(out, stages), *kind_sections(out, stages)) if sec]
+    sections = [sec for sec in (*kind_sections(out, stages), _pii_section(out, stages),
+                                _backdoor_section(out, stages)) if sec]
     config_text = run.get("config_text") or json.dumps(exp, indent=2)
     env = jinja2.Environment(loader=jinja2.PackageLoader("leakaudit.report", "templates"),
                              autoescape=True, undefined=jinja2.StrictUndefined)

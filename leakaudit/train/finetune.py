@@ -28,6 +28,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from leakaudit.data.io import read_rows, write_json
+from leakaudit.distributed import is_main
 from leakaudit.errors import InputError, warn_once
 from leakaudit.models import attention_kernels
 from leakaudit.train import examples as ex
@@ -218,7 +219,7 @@ def build_model(config: FinetuneConfig, out: Path):
 def save_pissa_init(model, out: Path) -> None:
     """Keep the initial PiSSA adapter: saves then convert to a plain LoRA against the *original* base."""
     init_dir = out / "pissa_init"
-    if is_main_process() and not (init_dir / "adapter_config.json").exists():
+    if is_main() and not (init_dir / "adapter_config.json").exists():
         model.peft_config["default"].init_lora_weights = True
         model.save_pretrained(str(init_dir))
         model.peft_config["default"].init_lora_weights = "pissa"
@@ -263,14 +264,10 @@ def _check_out(config: FinetuneConfig, out: Path) -> bool:
             raise InputError("this output dir holds a run with different options; use a new --out",
                              file=out, field="--out")
         return (out / DONE_MARKER).exists()
-    if is_main_process() and out.exists() and any(out.iterdir()):
+    if is_main() and out.exists() and any(out.iterdir()):
         raise InputError("output dir exists and is not a leakaudit fine-tuning run; use a new --out",
                          file=out, field="--out")
     return False
-
-
-def is_main_process() -> bool:
-    return int(os.environ.get("RANK", "0")) == 0
 
 
 def finetune(config: FinetuneConfig, progress: bool = True, callbacks: list | None = None) -> Path:
@@ -283,7 +280,7 @@ def finetune(config: FinetuneConfig, progress: bool = True, callbacks: list | No
     lm, model = build_model(config, out)
     # bad data fails before anything is written
     train, held_out, report = load_examples(config, lm.tokenizer, fit_context(config, lm))
-    if is_main_process():
+    if is_main():
         out.mkdir(parents=True, exist_ok=True)
         write_json(out / "finetune_config.json", {"fingerprint": config.fingerprint(), **config.model_dump()})
         write_json(out / "defenses.json", {**report.__dict__, "n_train_examples": len(train),
@@ -296,7 +293,7 @@ def finetune(config: FinetuneConfig, progress: bool = True, callbacks: list | No
         train_dp(config, lm, model, train, out, progress=progress)
     else:
         _train_trainer(config, lm, model, train, held_out, out, progress, callbacks or [])
-    if is_main_process():
+    if is_main():
         write_json(out / DONE_MARKER, {"fingerprint": config.fingerprint()})
     return out
 
@@ -379,7 +376,7 @@ def _train_trainer(config: FinetuneConfig, lm, model, train: list[ex.Example], h
         dataloader_num_workers=0,
     )
     callbacks = [JsonlLogCallback(out / "train_log.jsonl"), LoadableCheckpointCallback(config, model, lm.tokenizer)]
-    if progress and is_main_process():
+    if progress and is_main():
         callbacks.append(RichProgressCallback())
     if config.early_stopping_patience is not None and evaluate:
         callbacks.append(EarlyStoppingCallback(early_stopping_patience=config.early_stopping_patience))

@@ -1,0 +1,164 @@
+"""Evaluation kind `mia`: membership inference, how well each attack tells the target's training texts
+(`members`) from texts it did not see (`nonmembers`).
+
+Why: the AUC, and above all the true-positive rate at a low false-positive rate, is the standard measure of
+what a model leaks about its training set. The attacks and their definitions live in leakaudit/attacks/mia.py;
+this file says which options a run takes, checks them, writes `scores.jsonl` (one row per sample), `mia.json`
+(per attack: AUC with CI, TPR at 1% and 0.1% FPR) and `roc.png`, and draws the report section.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Annotated, Any
+
+from pydantic import AfterValidator, BeforeValidator, Field
+
+from leakaudit.errors import InputError, OptionError
+from leakaudit.kinds.base import Headline, Kind, KindContext, KindOptions, Result, StageView, fmt, read_jsonl
+from leakaudit.kinds.registry import register
+from leakaudit.options import BatchSize
+
+
+def _known_attack(name: str) -> str:
+    from leakaudit.attacks.base import ATTACKS, unknown_attack_message  # the package import fills ATTACKS
+
+    if name not in ATTACKS:
+        raise ValueError(unknown_attack_message(name))
+    return name
+
+
+def _split(value: Any) -> Any:
+    """'loss, zlib' (a CLI flag, or a string in an experiment file) -> ['loss', 'zlib']."""
+    return [a.strip() for a in value.split(",") if a.strip()] if isinstance(value, str) else value
+
+
+class MiaOptions(KindOptions):
+    attacks: Annotated[list[Annotated[str, AfterValidator(_known_attack)]] | None, BeforeValidator(_split),
+                       Field(min_length=1)] = Field(
+        None, description="attacks to run (default: the reference-free attacks, plus `ref` with a reference)")
+    attack_options: dict[str, dict[str, Any]] = Field(
+        default_factory=dict, description="per-attack options, e.g. {min_k: {k: 0.1}, recall: {shots: 4}}")
+    n_bootstrap: int = Field(1000, ge=0, description="bootstrap resamples for the AUC confidence interval")
+    seed: int | None = Field(None, description="bootstrap seed (default: the run's seed)")
+    batch_size: BatchSize = "auto"
+    max_length: int | None = Field(None, ge=2, description="window in tokens (default: the model's context)")
+    stride: int | None = Field(None, ge=1, description="window step for long texts (default: max_length/2)")
+    cache: bool = Field(True, description="read and write the score cache")
+
+
+def attack_names(attacks: list[str] | str | None, has_reference: bool) -> list[str]:
+    """The attacks a run performs: those given, else the reference-free ones (plus `ref` with a reference)."""
+    from leakaudit.attacks.mia import REFERENCE_FREE
+
+    given = _split(attacks)
+    return list(given) if given else [*REFERENCE_FREE, *(["ref"] if has_reference else [])]
+
+
+class MiaResult(Result):
+    """`mia.json`: {attacks: {name: {auc, auc_ci, tpr_at_fpr: {"0.01", "0.001"}, advantage, n_members,
+    n_nonmembers, warnings}}, warnings, recall_prefix_nonmembers, target, reference, members, nonmembers,
+    scores_file}."""
+
+    def headline(self) -> list[Headline]:
+        out = []
+        for attack, m in (self.data.get("attacks") or {}).items():
+            out.append(Headline(f"{attack} AUC", m.get("auc"), m.get("auc_ci")))
+            out.append(Headline(f"{attack} TPR@1%FPR", (m.get("tpr_at_fpr") or {}).get("0.01")))
+        return out
+
+    @classmethod
+    def section(cls, stages: list[StageView]) -> dict[str, Any] | None:
+        from leakaudit.metrics import roc_metrics
+        from leakaudit.report import plots
+
+        if not stages:
+            return None
+        figures, table = [], []
+        for s in stages:
+            res = s.result
+            label = f"{s.evaluation} · {s.target}"
+            rows = read_jsonl(s.dir / res.get("scores_file", "scores.jsonl"))
+            curves = {}
+            for attack in res.get("attacks", {}):
+                pairs = [(r[attack], int(r["label"])) for r in rows
+                         if isinstance(r.get(attack), (int, float)) and math.isfinite(r[attack])]
+                if pairs and len({y for _, y in pairs}) == 2:
+                    curves[attack] = roc_metrics([p[0] for p in pairs], [p[1] for p in pairs], n_bootstrap=0)
+            if curves:
+                figures.append({"uri": plots.roc_figure(curves, f"ROC: {label}"),
+                                "caption": f"Membership inference ROC, {label} (log-scale FPR)"})
+            for attack, m in res.get("attacks", {}).items():
+                ci = m.get("auc_ci") or [None, None]
+                tpr = m.get("tpr_at_fpr") or {}
+                table.append([s.target, s.evaluation, attack, fmt(m.get("auc")), f"{fmt(ci[0])} – {fmt(ci[1])}",
+                              fmt(tpr.get("0.01")), fmt(tpr.get("0.001")), m.get("n_members", ""),
+                              m.get("n_nonmembers", "")])
+        return {"id": "mia", "title": "Membership inference",
+                "note": "ROC curves on a log-scale false-positive axis; the low-FPR region is what matters for "
+                        "privacy.",
+                "figures": figures,
+                "tables": [{"header": ["variant", "evaluation", "attack", "AUC", "95% CI", "TPR@1%FPR",
+                                       "TPR@0.1%FPR", "members", "non-members"], "rows": table}]}
+
+
+@register
+class Mia(Kind):
+    name = "mia"
+    section = "evaluate"
+    Options = MiaOptions
+    Result = MiaResult
+    roles = {"members": True, "nonmembers": True, "reference": False}
+    summary = "membership inference attacks on `members` vs `nonmembers`: AUC with CI, TPR at low FPR"
+
+    def check(self, options: MiaOptions, roles: set[str]) -> None:
+        """Attacks that need a reference only with one; options only for attacks that run; no attack twice."""
+        from leakaudit.attacks import get_attack
+
+        names = attack_names(options.attacks, "reference" in roles)
+        for i, name in enumerate(names):
+            loc = ("attacks", i) if options.attacks else ("attacks",)
+            try:
+                attack = get_attack(name, **options.attack_options.get(name, {}))
+            except InputError as exc:
+                raise OptionError(("attack_options", name, *(exc.field or "").split(".")), exc.message) from None
+            if attack.needs_reference and "reference" not in roles:
+                raise OptionError(loc, f"attack '{name}' needs a reference model; give a reference")
+        if len(set(names)) != len(names):
+            raise OptionError(("attacks",), f"an attack is listed twice: {', '.join(names)}")
+        for name in options.attack_options:
+            if name not in names:
+                raise OptionError(("attack_options", name), f"attack '{name}' is not run")
+        if options.max_length is not None and options.stride is not None and options.stride > options.max_length:
+            raise OptionError(("stride",), f"{options.stride} is larger than max_length {options.max_length}")
+
+    def run(self, ctx: KindContext, options: MiaOptions) -> MiaResult:
+        from leakaudit.attacks.mia import TooShortError, run_mia
+        from leakaudit.data.io import write_json, write_jsonl
+        from leakaudit.distributed import is_main
+        from leakaudit.metrics import plot_roc
+
+        members, nonmembers = ctx.records("members"), ctx.records("nonmembers")
+        names = attack_names(options.attacks, ctx.models.get("reference") is not None)
+        target, reference = ctx.model("target"), ctx.model("reference")
+        try:
+            report = run_mia(target, [r.text for r in members], [r.text for r in nonmembers], names,
+                             reference=reference, attack_options=dict(options.attack_options),
+                             n_bootstrap=options.n_bootstrap, seed=ctx.seed if options.seed is None else options.seed,
+                             batch_size=options.batch_size, max_length=options.max_length, stride=options.stride,
+                             cache=options.cache, progress=ctx.progress)
+        except TooShortError as exc:
+            role = exc.role or "members"
+            rec = (members if role == "members" else nonmembers)[exc.row or 0]
+            raise InputError("text has fewer than 2 tokens; no token can be scored", file=ctx.data.get(role),
+                             line=rec.line, field=ctx.data_fields.get(role, {}).get("text_field", "text")) from None
+        data = {**report.to_json(), "target": ctx.models.get("target"), "reference": ctx.models.get("reference"),
+                **{role: str(ctx.data[role]) if role in ctx.data else None for role in ("members", "nonmembers")},
+                "scores_file": "scores.jsonl"}
+        if is_main():  # under a launcher every process has the result; one writes it
+            write_jsonl(ctx.out / "scores.jsonl", report.rows([r.id for r in members], [r.id for r in nonmembers]))
+            plot_roc(report.metrics, ctx.out / "roc.png", title=f"membership inference: {ctx.models.get('target')}")
+            write_json(ctx.out / "mia.json", data)
+            for w in data["warnings"]:
+                ctx.log(f"warning: {w}")
+        return MiaResult(data)

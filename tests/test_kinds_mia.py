@@ -1,0 +1,133 @@
+"""The `mia` and `user-inference` kinds behind both front ends: the CLI and an experiment file refuse a bad
+option with the same message, and on the same texts they write the same numbers."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+ROWS = [{"id": f"r{i}", "user": f"u{i // 2}", "text": t} for i, t in enumerate([
+    "Give three tips for staying healthy.", "Sort these numbers from small to large.",
+    "Write a short poem about the sea.", "Name the capital city of France.",
+    "Explain why the sky looks blue.", "List five fruits that are red.",
+    "Translate good morning into Spanish.", "Describe a cat in one sentence.",
+    "Suggest a name for a bakery.", "Summarise the plot of a fairy tale.",
+    "Count the vowels in the word banana.", "Tell me a joke about computers.",
+])]
+
+
+def _experiment(options: str, evaluations: str = "") -> str:
+    return ("name: kinds\n"
+            "models: {base: tiny-gpt-neox, ref: tiny-opt}\n"
+            "datasets:\n"
+            "  d: {path: data.jsonl, user_field: user, split: {a: 0.5, b: 0.5}, split_by: user}\n"
+            "evaluate:\n"
+            "  m:\n"
+            "    kind: mia\n"
+            "    targets: [base]\n"
+            "    members: d.a\n"
+            "    nonmembers: d.b\n"
+            f"    options: {options}\n" + evaluations)
+
+
+def _main(args: list, monkeypatch, capsys) -> tuple[int, str]:
+    """The console entry point in-process: its exit code and stderr."""
+    from leakaudit.cli import main
+
+    monkeypatch.setattr(sys, "argv", ["leakaudit", *map(str, args)])
+    try:
+        main()
+    except SystemExit as exc:
+        return int(exc.code or 0), capsys.readouterr().err
+    return 0, capsys.readouterr().err
+
+
+@pytest.fixture
+def study(tmp_path) -> Path:
+    (tmp_path / "data.jsonl").write_text("".join(json.dumps(r) + "\n" for r in ROWS))
+    return tmp_path
+
+
+def _message(err: str) -> str:
+    """The message of a one-line `error: [FILE:LINE: ]field 'X': message`."""
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and "Traceback" not in err, err
+    return lines[0].split("': ", 1)[1]
+
+
+@pytest.mark.parametrize("cli_args, option, where", [
+    (["--attacks", "loss,mink"], "{attacks: [loss, mink]}", ("--attacks", "evaluate.m.options.attacks[1]")),
+    (["--attacks", "lira"], "{attacks: [lira]}", ("--attacks", "evaluate.m.options.attacks[0]")),
+    (["--attacks", "min_k", "--k", "0"], "{attacks: [min_k], attack_options: {min_k: {k: 0}}}",
+     ("--k", "evaluate.m.options.attack_options.min_k.k")),
+    (["--attacks", "loss,ref"], "{attacks: [loss, ref]}", ("--attacks", "evaluate.m.options.attacks[1]")),
+    (["--attacks", "loss,loss"], "{attacks: [loss, loss]}", ("--attacks", "evaluate.m.options.attacks")),
+])
+def test_cli_and_experiment_refuse_a_bad_option_alike(study, monkeypatch, capsys, cli_args, option, where):
+    code, cli_err = _main(["mia", "--target", "tiny-gpt-neox", "--data", study / "data.jsonl", "--out",
+                           study / "cli", *cli_args], monkeypatch, capsys)
+    assert code == 2 and f"field '{where[0]}'" in cli_err, cli_err
+    (study / "exp.yaml").write_text(_experiment(option))
+    code, exp_err = _main(["run", study / "exp.yaml", "--out", study / "run", "--no-report"], monkeypatch, capsys)
+    assert code == 2 and f"exp.yaml:11: field '{where[1]}'" in exp_err, exp_err
+    assert _message(cli_err) == _message(exp_err)
+    if "mink" in option:
+        assert "unknown attack 'mink'; did you mean 'min_k'? valid attacks: loss, zlib" in cli_err
+    assert not (study / "cli").exists() and not (study / "run" / "data").exists()
+
+
+def test_cli_and_experiment_give_the_same_numbers(study, monkeypatch, capsys):
+    from leakaudit.config import load_experiment
+    from leakaudit.experiment import run_experiment
+
+    users = ("  u:\n    kind: user-inference\n    targets: [base]\n    reference: ref\n    members: d.a\n"
+             "    nonmembers: d.b\n    options: {m_values: [1, all], n_bootstrap: 30, cache: false}\n")
+    text = _experiment("{attacks: [loss, zlib, min_k, ref], n_bootstrap: 30, cache: false}", users).replace(
+        "    members: d.a\n    nonmembers: d.b\n    options: {attacks", "    reference: ref\n    members: d.a\n"
+        "    nonmembers: d.b\n    options: {attacks", 1)
+    run = study / "run"
+    (study / "exp.yaml").write_text(text)
+    run_experiment(load_experiment(study / "exp.yaml"), run, log=lambda m: None, report=False)
+    members, nonmembers = run / "data/d/a.jsonl", run / "data/d/b.jsonl"
+    assert members.exists() and nonmembers.exists()
+
+    common = ["--target", "tiny-gpt-neox", "--reference", "tiny-opt", "--n-bootstrap", "30", "--no-cache",
+              "--id-field", "id"]
+    code, err = _main(["mia", *common, "--members", members, "--nonmembers", nonmembers, "--attacks",
+                       "loss,zlib,min_k,ref", "--out", study / "cli"], monkeypatch, capsys)
+    assert code == 0, err
+    cli, exp = (json.loads((d / "mia.json").read_text()) for d in (study / "cli", run / "evaluate/m/base"))
+    assert set(cli["attacks"]) == {"loss", "zlib", "min_k", "ref"}
+    for attack, m in cli["attacks"].items():
+        assert m["auc"] == pytest.approx(exp["attacks"][attack]["auc"], abs=1e-12)
+        assert m["auc_ci"] == pytest.approx(exp["attacks"][attack]["auc_ci"], abs=1e-12)
+        assert m["tpr_at_fpr"] == pytest.approx(exp["attacks"][attack]["tpr_at_fpr"], abs=1e-12)
+    for name in ("scores.jsonl", "roc.png"):  # the same files from both front ends
+        assert (study / "cli" / name).exists() and (run / "evaluate/m/base" / name).exists()
+    rows = [(study / "cli" / "scores.jsonl").read_text(), (run / "evaluate/m/base/scores.jsonl").read_text()]
+    assert [json.loads(x)["id"] for x in rows[0].splitlines()] == [json.loads(x)["id"] for x in rows[1].splitlines()]
+
+    code, err = _main(["user-inference", *common, "--data", members, "--data-out", nonmembers, "--user-field",
+                       "user", "--samples-per-user", "1,all", "--out", study / "cli-u"], monkeypatch, capsys)
+    assert code == 0, err
+    cli, exp = (json.loads((d / "user_inference.json").read_text()) for d in (study / "cli-u", run / "evaluate/u/base"))
+    for m in ("1", "all"):
+        assert cli["per_m"][m]["auc"] == pytest.approx(exp["per_m"][m]["auc"], abs=1e-12)
+    cli_rows, exp_rows = ([json.loads(x) for x in (d / "user_scores.jsonl").read_text().splitlines()]
+                          for d in (study / "cli-u", run / "evaluate/u/base"))
+    assert [set(r) for r in cli_rows] == [set(r) for r in exp_rows]  # one shape of user_scores.jsonl
+    assert [r["score"] for r in cli_rows] == pytest.approx([r["score"] for r in exp_rows], abs=1e-9)
+
+
+def test_a_user_on_both_sides_is_one_error_naming_the_file(study, monkeypatch, capsys):
+    a, b = study / "a.jsonl", study / "b.jsonl"
+    a.write_text("".join(json.dumps(r) + "\n" for r in ROWS[:6]))
+    b.write_text("".join(json.dumps(r) + "\n" for r in [ROWS[6], {**ROWS[7], "user": "u1"}]))
+    code, err = _main(["user-inference", "--target", "tiny-gpt-neox", "--reference", "tiny-opt", "--data", a,
+                       "--data-out", b, "--user-field", "user", "--out", study / "o"], monkeypatch, capsys)
+    assert code == 2
+    assert _message(err) == "user 'u1' appears among both in-training and held-out users; split the data by user"
+    assert err.startswith(f"error: {b}:2: field 'user': ")
