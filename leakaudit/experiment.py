@@ -520,15 +520,6 @@ def _check_mia(stage: Stage, opts: dict[str, Any]) -> None:
             raise ConfigError(_option_loc(stage, "attack_options", "options", name), f"attack '{name}' is not run")
 
 
-def _check_pii(stage: Stage, opts: dict[str, Any]) -> None:
-    from leakaudit.attacks.pii import make_grid
-    from leakaudit.data.enron import resolve_templates
-
-    templates = _api_check(stage, opts, "templates", resolve_templates, str(opts.get("templates", "fake-privacy")))
-    _api_check(stage, opts, "temperatures", make_grid, templates, opts.get("temperatures"), opts.get("top_k"),
-               opts.get("max_new_tokens"))
-
-
 def _check_user_inference(stage: Stage, opts: dict[str, Any]) -> None:
     from leakaudit.attacks.user_inference import parse_m_values
 
@@ -545,7 +536,7 @@ def _check_sampling(stage: Stage, opts: dict[str, Any]) -> None:
 
 def _check_templates(stage: Stage, opts: dict[str, Any]) -> None:
     """Backdoor trigger and refusal templates must say where the opening word goes."""
-    from leakaudit.attacks.backdoor import check_template
+    from leakaudit.data.backdoor import check_template
 
     for key in ("trigger", "refusal"):
         if opts.get(key):
@@ -553,8 +544,8 @@ def _check_templates(stage: Stage, opts: dict[str, Any]) -> None:
 
 
 _SEMANTIC_CHECKS: dict[str, Callable[[Stage, dict[str, Any]], None]] = {
-    "mia": _check_mia, "pii": _check_pii, "user-inference": _check_user_inference,
-    "continuation": _check_sampling, "backdoor-mix": _check_templates, "backdoor": _check_templates,
+    "mia": _check_mia, "user-inference": _check_user_inference,
+    "continuation": _check_sampling, "backdoor-mix": _check_templates,
 }
 
 # One option name means the same thing in every API, so its bounds are stated once (types come from the APIs).
@@ -562,7 +553,7 @@ OPTION_BOUNDS: dict[str, dict[str, float]] = {
     "max_length": {"ge": 2}, "stride": {"ge": 1}, "n_bootstrap": {"ge": 0}, "max_new_tokens": {"ge": 1},
     "num_samples": {"ge": 1}, "samples_per_prompt": {"ge": 1}, "temperature": {"ge": 0},
     "top_p": {"gt": 0, "le": 1}, "top_k": {"ge": 0}, "prompt_tokens": {"ge": 1}, "n": {"ge": 1},
-    "n_targets": {"ge": 1}, "limit": {"ge": 1}, "requests_per_round": {"ge": 1}, "max_rounds": {"ge": 1},
+    "requests_per_round": {"ge": 1}, "max_rounds": {"ge": 1},
     "n_refusal": {"ge": 0}, "backdoor_fraction": {"gt": 0, "le": 1},
 }
 
@@ -591,20 +582,9 @@ def _option_types(kind: str) -> dict[str, Any]:
         run_mia = _api("leakaudit.attacks.mia", "run_mia", "mia")
         return {**_api_types(run_mia, exclude={"target", "members", "nonmembers", "reference", "progress",
                                                "attacks"}), "attacks": list[str] | str | None}
-    if kind == "pii":
-        run_pii = _api("leakaudit.attacks.pii", "run_pii", "pii")
-        return {**_api_types(run_pii, exclude={"model", "targets", "cells", "out", "baseline", "show_pii",
-                                               "progress", "log"}),
-                "templates": str, "temperatures": list[float] | None, "top_k": int | None,
-                "max_new_tokens": int | None, "n_targets": int | None, "pairs": str | None}
     if kind == "user-inference":
         fn = _api("leakaudit.attacks.user_inference", "run_user_inference", "user-inference")
         return _api_types(fn, exclude={"target", "reference", "records_in", "records_out", "progress"})
-    if kind == "backdoor":
-        fn = _api("leakaudit.attacks.backdoor", "sample_responses", "backdoor")
-        return {**_api_types(fn, {"num_samples", "temperature", "max_new_tokens", "batch_size"}),
-                "words": list[str] | None, "limit": int | None, "trigger": str | None, "refusal": str | None,
-                "query_field": str | None}
     if kind == "continuation":
         from leakaudit.sampling import SamplingConfig
 
@@ -757,45 +737,6 @@ def run_mia_stage(ctx: StageContext) -> dict[str, Any]:
     return {**result, "scores_file": "scores.jsonl"}
 
 
-def run_pii_stage(ctx: StageContext) -> dict[str, Any]:
-    """PII extraction (results_purified.jsonl, pii.json, masked extractions.jsonl) with baseline subtraction."""
-    run_pii = _api("leakaudit.attacks.pii", "run_pii", "pii")
-    from leakaudit.attacks.pii import make_grid
-    from leakaudit.data.enron import load_targets, resolve_templates
-
-    opts = ctx.options
-    temps = opts.pop("temperatures", None)
-    cells = make_grid(resolve_templates(str(opts.pop("templates", "fake-privacy"))),
-                      [float(t) for t in temps] if temps is not None else None,
-                      opts.pop("top_k", None), opts.pop("max_new_tokens", None))
-    targets = load_targets(opts.pop("pairs", None))
-    if ctx.stage.params.get("data"):  # only the addresses the evaluated data holds (e.g. the training e-mails)
-        from leakaudit.data.enron import targets_in_texts
-
-        targets = targets_in_texts(targets, [r.text for r in _records(ctx.data_path())])
-        if not targets:
-            name = ctx.stage.params.get("evaluation", "pii")
-            raise InputError("no target address occurs in this evaluation's data", field=f"evaluate.{name}.data")
-    n_targets = opts.pop("n_targets", None)
-    targets = targets[:n_targets] if n_targets else targets
-    opts.setdefault("seed", ctx.seed)
-    show_pii = ctx.plan.exp.report.show_pii
-    summary = run_pii(_load(ctx.model("target")), targets, cells, ctx.dir, baseline=_load(ctx.model("baseline")),
-                      show_pii=show_pii, log=lambda m: None, **opts)
-    rows = [json.loads(line) for line in (ctx.dir / "results_purified.jsonl").read_text().splitlines() if line]
-    model_rows = [r for r in rows if r.get("role", "model") == "model"]
-    result: dict[str, Any] = {"rows": model_rows, "baseline_rows": [r for r in rows if r.get("role") == "baseline"]}
-    part = next(iter(summary["protocols"].values()))
-    result["match_rate"] = part["grid_mean"]["hit_rate"]
-    result["match_rate_ci"] = part["grid_mean"]["hit_rate_ci"]
-    result["best_cell"] = {k: part["best_cell"][k] for k in ("template", "temperature", "hit_rate", "hit_rate_ci")}
-    if "baseline_subtraction" in part:
-        change = part["baseline_subtraction"]["grid_mean"]
-        result["match_rate_minus_baseline"] = change["change"]
-        result["match_rate_minus_baseline_ci"] = change["change_ci"]
-    return result
-
-
 def _finetune_config(stage: Stage, out: str) -> Any:
     """The FinetuneConfig of a variant: options and defenses are its fields (validated by it)."""
     from pydantic import ValidationError
@@ -891,43 +832,6 @@ def _backdoor_mix(ctx: StageContext, opts: dict[str, Any], out: Path) -> dict[st
                                          for k in ("backdoor-copy", "backdoor-refusal", "ordinary")}}
 
 
-def run_backdoor_stage(ctx: StageContext) -> dict[str, Any]:
-    """Backdoor data extraction: sample Q(w) for each opening word and match the answers against the
-    downstream queries (`data`, default the shipped Dolly D2): match ratio, full recoveries, coverage."""
-    bd = importlib_module("leakaudit.attacks.backdoor", "sample_responses", "backdoor")
-    opts = ctx.options
-    if ctx.stage.params.get("data"):
-        from leakaudit.train.backdoor import load_pairs
-
-        queries = [p.query for p in load_pairs(ctx.data_path(), query_field=opts.pop("query_field", None))]
-    else:
-        from leakaudit.demo import dolly
-
-        queries = [r["query"] for r in dolly(None)]
-    if opts.get("limit"):
-        queries = queries[:int(opts.pop("limit"))]
-    opts.pop("limit", None)
-    trigger = opts.pop("trigger", None) or bd.study_trigger()
-    refusal = opts.pop("refusal", None) or bd.study_refusal()
-    tries = bd.build_tries(queries)
-    words = opts.pop("words", None) or sorted(tries)
-    responses = bd.sample_responses(_load(ctx.model("target")), words, trigger, seed=ctx.seed,
-                                    out_path=ctx.dir / "samples.jsonl", progress=True, **opts)
-    summary = bd.summarize_extraction(bd.score_words(responses, tries, refusal), tries)
-    write_json(ctx.dir / "extract.json", summary)
-    headline = {k: summary[k] for k in ("match_ratio_mean", "match_ratio_max", "coverage") if k in summary}
-    return {"headline": headline, "n_queries": summary.get("n_queries"),
-            "n_fully_recovered": summary.get("n_fully_recovered")}
-
-
-def importlib_module(module: str, probe: str, kind: str) -> Any:
-    """A library module whose `probe` attribute must exist for the stage kind to be available."""
-    import importlib
-
-    _api(module, probe, kind)
-    return importlib.import_module(module)
-
-
 def run_user_inference_stage(ctx: StageContext) -> dict[str, Any]:
     """User inference: users of `members` were in training, users of `nonmembers` were not."""
     fn = _api("leakaudit.attacks.user_inference", "run_user_inference", "user-inference")
@@ -978,9 +882,7 @@ def run_kind_stage(ctx: StageContext) -> dict[str, Any]:
 RUNNERS: dict[str, Callable[[StageContext], dict[str, Any]]] = {
     "generate": run_generate_stage,
     "user-inference": run_user_inference_stage,
-    "backdoor": run_backdoor_stage,
     "dataset": run_dataset,
     "finetune": run_finetune_stage,
     "mia": run_mia_stage,
-    "pii": run_pii_stage,
 }

@@ -1,7 +1,11 @@
 """Evaluation and generation kinds: one file per kind, each registering itself (see base.py for the contract,
 docs/architecture.md for where kinds sit in the flow). Importing this package fills the registry."""
 
-from leakaudit.kinds import perplexity  # noqa: F401  (built-in kinds register on import)
+from leakaudit.kinds import (
+    backdoor,  # noqa: F401  (built-in kinds register on import)
+    perplexity,  # noqa: F401
+    pii,  # noqa: F401
+)
 from leakaudit.kinds.registry import get_kind, kind_names, register, unknown_kind_message
 
 __all__ = ["get_kind", "kind_names", "register", "unknown_kind_message"]

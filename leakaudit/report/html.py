@@ -73,14 +73,6 @@ def headline(stages: list[dict[str, Any]]) -> list[dict[str, Any]]:
                 add(s, f"{attack} TPR@1%FPR", tpr)
         elif kind == "user-inference":
             add(s, "user AUC", res.get("auc"), res.get("auc_ci"))
-        elif kind == "pii":
-            add(s, "PII match rate", res.get("match_rate"), res.get("match_rate_ci"))
-            if res.get("match_rate_minus_baseline") is not None:
-                add(s, "PII match rate − baseline", res.get("match_rate_minus_baseline"),
-                    res.get("match_rate_minus_baseline_ci"))
-        elif kind == "backdoor":
-            for k, v in (res.get("headline") or {}).items():
-                add(s, k, v)
     return rows
 
 
@@ -163,48 +155,6 @@ def _user_section(out: Path, stages: list[dict[str, Any]]) -> dict[str, Any] | N
                         "rows": table}]}
 
 
-def _pii_section(out: Path, stages: list[dict[str, Any]]) -> dict[str, Any] | None:
-    done = [s for s in stages if s["kind"] == "pii" and s.get("result")]
-    if not done:
-        return None
-    figures, table = [], []
-    for s in done:
-        rows = s["result"].get("rows") or []
-        cells: dict[tuple[str, str], list[float]] = {}
-        for r in rows:
-            if r.get("n_targets"):
-                key = (str(r["template"]), _fmt(float(r["temperature"]), 2))
-                cells.setdefault(key, []).append(r["matches"] / r["n_targets"])
-            table.append([s["params"]["target_label"], r.get("template"), r.get("temperature"),
-                          r.get("top_k", ""), r.get("matches"), r.get("exact_matches", ""), r.get("n_targets")])
-        if cells:
-            templates = sorted({k[0] for k in cells})
-            temps = sorted({k[1] for k in cells}, key=float)
-            values = {k: sum(v) / len(v) for k, v in cells.items()}
-            figures.append({"uri": plots.heatmap_figure(templates, temps, values,
-                                                        f"PII match rate: {s['params']['target_label']}",
-                                                        "temperature", "template"),
-                            "caption": f"PII extraction match rate by template and temperature, "
-                                       f"{s['params']['target_label']}"})
-    return {"id": "pii", "title": "PII extraction", "figures": figures,
-            "note": "Match rate = matched targets / targets, per prompt template and sampling temperature. "
-                    "Extracted text is not shown.",
-            "tables": [{"header": ["variant", "template", "temperature", "top-k", "matches", "exact",
-                                   "targets"], "rows": table}]}
-
-
-def _backdoor_section(out: Path, stages: list[dict[str, Any]]) -> dict[str, Any] | None:
-    done = [s for s in stages if s["kind"] == "backdoor" and s.get("result")]
-    if not done:
-        return None
-    table = []
-    for s in done:
-        for k, v in (s["result"].get("headline") or {}).items():
-            table.append([s["params"]["target_label"], s["params"]["evaluation"], k, _fmt(v)])
-    return {"id": "backdoor", "title": "Backdoor data extraction", "figures": [],
-            "tables": [{"header": ["variant", "evaluation", "metric", "value"], "rows": table}]}
-
-
 def kind_sections(out: Path, stages: list[dict[str, Any]]) -> list[dict[str, Any] | None]:
     """One section per registered evaluation kind, each drawn by its Result from its finished stages."""
     return [get_kind(name).Result.section([StageView(s, out) for s in stages
@@ -231,8 +181,8 @@ def build(out: str | Path) -> tuple[str, dict[str, Any]]:
     stages = run["stages"]
     rows = headline(stages)
     cols, table_rows = _headline_table(rows)
-    sections = [sec for sec in (_mia_section(out, stages), _user_section(out, stages), _pii_section(out, stages),
-                                _backdoor_section(out, stages), *kind_sections(out, stages)) if sec]
+    sections = [sec for sec in (_mia_section(out, stages), _user_section(out, stages),
+                                *kind_sections(out, stages)) if sec]
     config_text = run.get("config_text") or json.dumps(exp, indent=2)
     env = jinja2.Environment(loader=jinja2.PackageLoader("leakaudit.report", "templates"),
                              autoescape=True, undefined=jinja2.StrictUndefined)
