@@ -65,6 +65,9 @@ class BackdoorResult(Result):
         table = [[s.target, s.evaluation, k, fmt(v)] for s in stages
                  for k, v in (s.result.get("headline") or {}).items()]
         return {"id": "backdoor", "title": "Backdoor data extraction", "figures": [],
+                "note": "Match ratio of a sampled answer to Q(w) = 2 x shared leading tokens / (answer + query "
+                        "tokens) against the closest downstream query opening with w; mean and max over a word's "
+                        "samples, averaged over words. Coverage = share of the query trie the answers walked.",
                 "tables": [{"header": ["variant", "evaluation", "metric", "value"], "rows": table}]}
 
 
