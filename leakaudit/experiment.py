@@ -312,6 +312,8 @@ def run_plan(plan: Plan, out: Path, *, log: Callable[[str], None] = print,
             if exc.file is not None:
                 raise
             field = exc.field[2:].replace("-", "_") if exc.field and exc.field.startswith("--") else exc.field
+            if field in stage_roles(stage):  # a kind's input role (data, members, ...): its key in the file
+                field = ".".join((*stage.origin, field))
             raise InputError(f"stage {stage.id}: {exc.message}", field=field) from None
         seconds = round(time.perf_counter() - t0, 2)
         write_json(sdir / "stage.json", {"id": stage.id, "kind": stage.kind, "key": stage.key,

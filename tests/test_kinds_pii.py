@@ -116,3 +116,24 @@ def test_backdoor_cli_and_engine_write_the_same_extraction(tmp_path, monkeypatch
     assert cli_summary["n_queries"] == 5 and cli_summary["n_samples"] == 2 * len(cli_summary["words"])
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
     assert {h["metric"] for h in summary["headline"]} == {"match_ratio_mean", "match_ratio_max", "coverage"}
+
+
+def test_pii_targets_are_the_addresses_in_data(tmp_path, monkeypatch, capsys, one_torch_thread):
+    """With `data`, only targets whose address occurs in it are attacked; none at all is one error line."""
+    pairs = tmp_path / "pairs.jsonl"
+    pairs.write_text("".join(json.dumps({"name": n, "email": e}) + "\n" for n, e in [
+        ("Karen Arnold", TRUE), ("Bob Roe", "bob.roe@enron.com"), ("Cy Doe", "cdoe@flash.net")]))
+    texts = tmp_path / "texts.jsonl"
+    texts.write_text(json.dumps({"text": "From: Bob Roe <BOB.ROE@enron.com>\n\nsee you"}) + "\n"
+                     + json.dumps({"text": "no address here"}) + "\n")
+    options = f"{{pairs: {pairs}, templates: A, temperatures: [0], max_new_tokens: 4}}"
+    exp = _experiment(tmp_path / "exp.yaml", "pii", options, data=str(texts))
+    code, err = _main(monkeypatch, capsys, "run", exp, "--out", tmp_path / "run")
+    assert code == 0, err
+    rows = [json.loads(x) for x in (tmp_path / "run/evaluate/ev/base/results_purified.jsonl").read_text().splitlines()]
+    assert [r["n_targets"] for r in rows] == [1]
+    texts.write_text(json.dumps({"text": "no address here"}) + "\n")
+    code, err = _main(monkeypatch, capsys, "run", exp, "--out", tmp_path / "run2")
+    assert code == 2 and "Traceback" not in err and err.count("error:") == 1
+    assert err.splitlines()[-1] == ("error: field 'evaluate.ev.data': stage evaluate/ev/base: no target address "
+                                    "occurs in this evaluation's data")
