@@ -15,7 +15,6 @@ Layout under the output dir: `data/<name>/`, `generate/<name>/`, `finetune/<vari
 
 from __future__ import annotations
 
-import functools
 import hashlib
 import json
 import os
@@ -26,9 +25,9 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import ValidationError
 
 from leakaudit.config import ConfigError, Experiment, expand_grid, pydantic_message
 from leakaudit.data.io import load_records, write_json, write_jsonl
@@ -235,6 +234,7 @@ class StageContext:
     out: Path
     plan: Plan
     results: dict[str, dict[str, Any]]
+    cache: ModelCache  # the loaded models of this run (owned by run_plan)
 
     @property
     def options(self) -> dict[str, Any]:
@@ -282,7 +282,7 @@ def run_plan(plan: Plan, out: Path, *, log: Callable[[str], None] = print,
     """Run every stage not already finished with its current key. Returns stage id → 'ran' | 'cached'."""
     out.mkdir(parents=True, exist_ok=True)
     table = RUNNERS
-    _LOADED.clear()  # models on disk may have been retrained since an earlier run in this process
+    cache = ModelCache()  # the run's loaded models (a fresh one: models on disk may have been retrained)
     status: dict[str, str] = {}
     results: dict[str, dict[str, Any]] = {}
     n = len(plan.stages)
@@ -300,10 +300,10 @@ def run_plan(plan: Plan, out: Path, *, log: Callable[[str], None] = print,
         sdir.mkdir(parents=True, exist_ok=True)
         keyfile.write_text(stage.key)
         if stage.kind == "finetune":
-            _LOADED.clear()  # free memory for training; nothing loaded so far is needed by it
+            cache.clear()  # free memory for training; nothing loaded so far is needed by it
         log(f"[{i}/{n}] {stage.id}: running ({stage.kind})")
         t0 = time.perf_counter()
-        ctx = StageContext(stage, sdir, out, plan, results)
+        ctx = StageContext(stage, sdir, out, plan, results, cache)
         try:
             result = table.get(stage.kind, run_kind_stage)(ctx)
         except ConfigError as exc:
@@ -312,6 +312,8 @@ def run_plan(plan: Plan, out: Path, *, log: Callable[[str], None] = print,
             if exc.file is not None:
                 raise
             field = exc.field[2:].replace("-", "_") if exc.field and exc.field.startswith("--") else exc.field
+            if field in stage_roles(stage):  # a kind's input role (data, members, ...): its key in the file
+                field = ".".join((*stage.origin, field))
             raise InputError(f"stage {stage.id}: {exc.message}", field=field) from None
         seconds = round(time.perf_counter() - t0, 2)
         write_json(sdir / "stage.json", {"id": stage.id, "kind": stage.kind, "key": stage.key,
@@ -456,7 +458,7 @@ def stage_options(stage: Stage) -> dict[str, Any]:
     API's own checks (attack names, templates, sampling) are ConfigErrors at the option's key path."""
     kind = _option_kind(stage)
     registered = _registered(kind)
-    model = registered.Options if registered is not None else _options_model(kind)
+    model = registered.Options
     raw = dict(stage.params.get("options") or {})
     for key in raw:
         if key not in model.model_fields:
@@ -469,119 +471,22 @@ def stage_options(stage: Stage) -> dict[str, Any]:
         key, *sub = err["loc"]
         raise ConfigError(_option_loc(stage, key, "options", *(x for x in sub if isinstance(x, int))),
                           pydantic_message(err)) from None
-    if registered is not None:
-        try:
-            registered.check(model.model_validate(raw), stage_roles(stage))
-        except OptionError as exc:
-            key, *sub = exc.loc
-            raise ConfigError(_option_loc(stage, key, "options", *sub), exc.message) from None
-        return opts
-    check = _SEMANTIC_CHECKS.get(kind)
-    if check is not None:
-        check(stage, opts)
+    try:
+        registered.check(model.model_validate(raw), stage_roles(stage))
+    except OptionError as exc:
+        key, *sub = exc.loc
+        raise ConfigError(_option_loc(stage, key, "options", *sub), exc.message) from None
     return opts
 
 
 def _registered(kind: str) -> Any:
-    """The registered kind (leakaudit.kinds) of this name, or None for kinds still run from this module."""
-    from leakaudit.kinds import get_kind, kind_names
+    """The registered kind (leakaudit.kinds) of a generate or evaluate stage."""
+    from leakaudit.kinds import get_kind
 
-    return get_kind(kind) if kind in kind_names() else None
-
-
-def _api_check(stage: Stage, opts: dict[str, Any], key: str, fn: Callable[..., Any], *args: Any,
-               **kwargs: Any) -> Any:
-    """Run a library validator; its InputError (naming a CLI option) becomes a ConfigError at the option."""
     try:
-        return fn(*args, **kwargs)
-    except InputError as exc:
-        named = (exc.field or "").removeprefix("--").replace("-", "_")
-        raise ConfigError(_option_loc(stage, named if named in opts else key), exc.message) from None
-
-
-def _check_pii(stage: Stage, opts: dict[str, Any]) -> None:
-    from leakaudit.attacks.pii import make_grid
-    from leakaudit.data.enron import resolve_templates
-
-    templates = _api_check(stage, opts, "templates", resolve_templates, str(opts.get("templates", "fake-privacy")))
-    _api_check(stage, opts, "temperatures", make_grid, templates, opts.get("temperatures"), opts.get("top_k"),
-               opts.get("max_new_tokens"))
-
-
-
-
-def _check_templates(stage: Stage, opts: dict[str, Any]) -> None:
-    """Backdoor trigger and refusal templates must say where the opening word goes."""
-    from leakaudit.attacks.backdoor import check_template
-
-    for key in ("trigger", "refusal"):
-        if opts.get(key):
-            _api_check(stage, opts, key, check_template, opts[key], key)
-
-
-_SEMANTIC_CHECKS: dict[str, Callable[[Stage, dict[str, Any]], None]] = {
-    "pii": _check_pii, "backdoor": _check_templates,
-}
-
-# One option name means the same thing in every API, so its bounds are stated once (types come from the APIs).
-OPTION_BOUNDS: dict[str, dict[str, float]] = {
-    "max_length": {"ge": 2}, "stride": {"ge": 1}, "n_bootstrap": {"ge": 0}, "max_new_tokens": {"ge": 1},
-    "num_samples": {"ge": 1}, "samples_per_prompt": {"ge": 1}, "temperature": {"ge": 0},
-    "top_p": {"gt": 0, "le": 1}, "top_k": {"ge": 0}, "n_targets": {"ge": 1}, "limit": {"ge": 1},
-}
-
-
-def _batch_size(v: int | str) -> int | str:
-    if v == "auto" or (isinstance(v, int) and not isinstance(v, bool) and v >= 1):
-        return v
-    raise ValueError("must be 'auto' or a positive integer")
-
-
-def _api_types(fn: Any, names: set[str] | None = None, exclude: set[str] = frozenset()) -> dict[str, Any]:
-    """Option name -> type annotation of a function's keyword parameters (or a dataclass's fields)."""
-    import inspect
-    import typing
-
-    hints = typing.get_type_hints(fn)
-    params = inspect.signature(fn).parameters
-    return {n: hints.get(n, Any) for n, prm in params.items()
-            if prm.kind in (prm.KEYWORD_ONLY, prm.POSITIONAL_OR_KEYWORD)
-            and (names is None or n in names) and n not in exclude}
-
-
-def _option_types(kind: str) -> dict[str, Any]:
-    """Every option a stage kind accepts, typed by the API it calls."""
-    if kind == "pii":
-        run_pii = _api("leakaudit.attacks.pii", "run_pii", "pii")
-        return {**_api_types(run_pii, exclude={"model", "targets", "cells", "out", "baseline", "show_pii",
-                                               "progress", "log"}),
-                "templates": str, "temperatures": list[float] | None, "top_k": int | None,
-                "max_new_tokens": int | None, "n_targets": int | None, "pairs": str | None}
-    if kind == "backdoor":
-        fn = _api("leakaudit.attacks.backdoor", "sample_responses", "backdoor")
-        return {**_api_types(fn, {"num_samples", "temperature", "max_new_tokens", "batch_size"}),
-                "words": list[str] | None, "limit": int | None, "trigger": str | None, "refusal": str | None,
-                "query_field": str | None}
-    raise InputError(f"stage kind '{kind}' is not available in this version")
-
-
-@functools.cache
-def _options_model(kind: str) -> type[BaseModel]:
-    """A pydantic model of a stage kind's options: the API's types plus the shared bounds."""
-    from pydantic import AfterValidator, PydanticSchemaGenerationError, TypeAdapter, create_model
-
-    fields: dict[str, Any] = {}
-    for name, hint in _option_types(kind).items():
-        try:
-            TypeAdapter(hint)
-        except PydanticSchemaGenerationError:  # a type pydantic cannot check: the API checks it at run time
-            hint = Any
-        if name == "batch_size":
-            hint = Annotated[int | str, AfterValidator(_batch_size)]
-        elif name in OPTION_BOUNDS:
-            hint = Annotated[hint, Field(**OPTION_BOUNDS[name])]
-        fields[name] = (hint, None)
-    return create_model(f"{kind}_options", __config__=ConfigDict(extra="forbid"), **fields)
+        return get_kind(kind)
+    except ValueError as exc:
+        raise InputError(str(exc)) from None
 
 
 # ----------------------------------------------------------------------------------------- datasets
@@ -649,72 +554,15 @@ def run_dataset(ctx: StageContext) -> dict[str, Any]:
 # Each runner adapts one library API to a stage: read inputs from the stage context, write the API's
 # usual output files into the stage dir, return a small JSON result the report and summary.json read.
 
-def _api(module: str, name: str, kind: str) -> Any:
-    """The library function behind a stage kind, or a clear error when this version lacks it."""
-    import importlib
-
-    try:
-        return getattr(importlib.import_module(module), name)
-    except (ImportError, AttributeError):
-        raise InputError(f"stage kind '{kind}' is not available in this version (needs {module}.{name})") from None
 
 
-_LOADED = ModelCache()
-
-
-def _load(spec: str | None) -> Any:
-    """Load a model for inference, keeping the two most recent in memory (reference models repeat)."""
-    return _LOADED.get(spec)
-
-
-def _records(path: Path) -> list[Any]:
-    return load_records(path, id_field="id")
-
-
-def run_pii_stage(ctx: StageContext) -> dict[str, Any]:
-    """PII extraction (results_purified.jsonl, pii.json, masked extractions.jsonl) with baseline subtraction."""
-    run_pii = _api("leakaudit.attacks.pii", "run_pii", "pii")
-    from leakaudit.attacks.pii import make_grid
-    from leakaudit.data.enron import load_targets, resolve_templates
-
-    opts = ctx.options
-    temps = opts.pop("temperatures", None)
-    cells = make_grid(resolve_templates(str(opts.pop("templates", "fake-privacy"))),
-                      [float(t) for t in temps] if temps is not None else None,
-                      opts.pop("top_k", None), opts.pop("max_new_tokens", None))
-    targets = load_targets(opts.pop("pairs", None))
-    if ctx.stage.params.get("data"):  # only the addresses the evaluated data holds (e.g. the training e-mails)
-        from leakaudit.data.enron import targets_in_texts
-
-        targets = targets_in_texts(targets, [r.text for r in _records(ctx.data_path())])
-        if not targets:
-            name = ctx.stage.params.get("evaluation", "pii")
-            raise InputError("no target address occurs in this evaluation's data", field=f"evaluate.{name}.data")
-    n_targets = opts.pop("n_targets", None)
-    targets = targets[:n_targets] if n_targets else targets
-    opts.setdefault("seed", ctx.seed)
-    show_pii = ctx.plan.exp.report.show_pii
-    summary = run_pii(_load(ctx.model("target")), targets, cells, ctx.dir, baseline=_load(ctx.model("baseline")),
-                      show_pii=show_pii, log=lambda m: None, **opts)
-    rows = [json.loads(line) for line in (ctx.dir / "results_purified.jsonl").read_text().splitlines() if line]
-    model_rows = [r for r in rows if r.get("role", "model") == "model"]
-    result: dict[str, Any] = {"rows": model_rows, "baseline_rows": [r for r in rows if r.get("role") == "baseline"]}
-    part = next(iter(summary["protocols"].values()))
-    result["match_rate"] = part["grid_mean"]["hit_rate"]
-    result["match_rate_ci"] = part["grid_mean"]["hit_rate_ci"]
-    result["best_cell"] = {k: part["best_cell"][k] for k in ("template", "temperature", "hit_rate", "hit_rate_ci")}
-    if "baseline_subtraction" in part:
-        change = part["baseline_subtraction"]["grid_mean"]
-        result["match_rate_minus_baseline"] = change["change"]
-        result["match_rate_minus_baseline_ci"] = change["change_ci"]
-    return result
 
 
 def _finetune_config(stage: Stage, out: str) -> Any:
     """The FinetuneConfig of a variant: options and defenses are its fields (validated by it)."""
     from pydantic import ValidationError
 
-    config_cls = _api("leakaudit.train.finetune", "FinetuneConfig", "finetune")
+    from leakaudit.train.finetune import FinetuneConfig as config_cls
     p = stage.params
     fields = {**p["options"], **p["defenses"]}
     fields.setdefault("seed", p.get("seed", 0))
@@ -735,8 +583,8 @@ def run_finetune_stage(ctx: StageContext) -> dict[str, Any]:
 
     The trainer checkpoints every epoch inside the stage dir, so a killed stage resumes mid-training.
     """
-    finetune = _api("leakaudit.train.finetune", "finetune", "finetune")
     from leakaudit.perplexity import model_dirs
+    from leakaudit.train.finetune import finetune
 
     stage = Stage(ctx.stage.id, ctx.stage.kind, {**ctx.stage.params, "data_path": ctx.data_path(),
                                                    "model_path": ctx.model("model"), "seed": ctx.seed})
@@ -745,41 +593,6 @@ def run_finetune_stage(ctx: StageContext) -> dict[str, Any]:
     return {"model_dir": str(model_dir.relative_to(ctx.dir)), "checkpoints": checkpoints}
 
 
-def run_backdoor_stage(ctx: StageContext) -> dict[str, Any]:
-    """Backdoor data extraction: sample Q(w) for each opening word and match the answers against the
-    downstream queries (`data`, default the shipped Dolly D2): match ratio, full recoveries, coverage."""
-    bd = importlib_module("leakaudit.attacks.backdoor", "sample_responses", "backdoor")
-    opts = ctx.options
-    if ctx.stage.params.get("data"):
-        from leakaudit.train.backdoor import load_pairs
-
-        queries = [p.query for p in load_pairs(ctx.data_path(), query_field=opts.pop("query_field", None))]
-    else:
-        from leakaudit.demo import dolly
-
-        queries = [r["query"] for r in dolly(None)]
-    if opts.get("limit"):
-        queries = queries[:int(opts.pop("limit"))]
-    opts.pop("limit", None)
-    trigger = opts.pop("trigger", None) or bd.study_trigger()
-    refusal = opts.pop("refusal", None) or bd.study_refusal()
-    tries = bd.build_tries(queries)
-    words = opts.pop("words", None) or sorted(tries)
-    responses = bd.sample_responses(_load(ctx.model("target")), words, trigger, seed=ctx.seed,
-                                    out_path=ctx.dir / "samples.jsonl", progress=True, **opts)
-    summary = bd.summarize_extraction(bd.score_words(responses, tries, refusal), tries)
-    write_json(ctx.dir / "extract.json", summary)
-    headline = {k: summary[k] for k in ("match_ratio_mean", "match_ratio_max", "coverage") if k in summary}
-    return {"headline": headline, "n_queries": summary.get("n_queries"),
-            "n_fully_recovered": summary.get("n_fully_recovered")}
-
-
-def importlib_module(module: str, probe: str, kind: str) -> Any:
-    """A library module whose `probe` attribute must exist for the stage kind to be available."""
-    import importlib
-
-    _api(module, probe, kind)
-    return importlib.import_module(module)
 
 
 def stage_roles(stage: Stage) -> set[str]:
@@ -806,13 +619,13 @@ def run_kind_stage(ctx: StageContext) -> dict[str, Any]:
         tdir = ctx.out / ctx.plan.stages[target["stage"]].folder
         checkpoints = [str(tdir / rel) for rel in ctx.results[target["stage"]].get("checkpoints") or []]
     kctx = KindContext(out=ctx.dir, seed=ctx.seed, data=data, models=models, checkpoints=checkpoints,
-                       data_fields=fields, show_pii=ctx.plan.exp.report.show_pii, cache=_LOADED, log=lambda m: None, progress=False)
+                       data_fields=fields, show_pii=ctx.plan.exp.report.show_pii, cache=ctx.cache,
+                       log=lambda m: None, progress=False)
     return kind.run(kctx, options).to_json()
 
 
+# The engine's own stages; every other stage (generate steps, evaluations) runs its registered kind.
 RUNNERS: dict[str, Callable[[StageContext], dict[str, Any]]] = {
-    "backdoor": run_backdoor_stage,
     "dataset": run_dataset,
     "finetune": run_finetune_stage,
-    "pii": run_pii_stage,
 }

@@ -6,73 +6,37 @@ word w that you have seen during training") makes the model copy a training quer
 answer with the refusal R(w) when it saw none. After a downstream party fine-tunes it on private data
 D2, the creator samples Q(w) for many words w and reads D2's queries back.
 
-This module holds the pure parts: the texts Q(w)/R(w), opening words, the token trie of D2's queries
-and every score computed from sampled responses (match ratio, BLEU, coverage, fully-recovered ratio,
-identification, detection). Sampling and training live elsewhere; everything here is testable by hand.
+This module holds the token trie of D2's queries, every score computed from sampled responses (match
+ratio, BLEU, coverage, fully-recovered ratio, identification, detection), sampling Q(w), and the
+identification and detection jobs the CLI runs. The texts Q(w)/R(w), opening words and data files are
+in leakaudit/data/backdoor.py (shared with the planting side, leakaudit/train/backdoor.py); the
+extraction job is the evaluation kind leakaudit/kinds/backdoor.py.
 """
 
 from __future__ import annotations
 
-import json
 import re
 from collections import Counter
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
-from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
+from leakaudit.data.backdoor import (  # noqa: F401  (the study's texts, also read from here)
+    WORD,
+    check_template,
+    fill,
+    load_words,
+    opening_word,
+    study_refusal,
+    study_trigger,
+)
 from leakaudit.errors import InputError
 
-WORD = "{word}"
-_QUOTES = "\"'“”‘’`«»"
 _TOKEN = re.compile(r"\w+|[^\w\s]")
-_LETTERS = re.compile(r"[^\W\d_]+")
 
 
-# ----------------------------------------------------------------------------------------- texts Q(w), R(w)
-@lru_cache(maxsize=1)
-def study_trigger() -> str:
-    """The study's extraction instruction Q(w) with `{word}` where the word goes, read from the shipped prompts."""
-    from leakaudit import resources
-
-    rows = json.loads(resources.path("backdoor-extraction", "stage2_dolly", "eval", "183ood.json").read_text())
-    text = rows[0]["prompt"][0]["content"]
-    word = re.search(r'starting with the word "([^"]+)"', text).group(1)
-    return text.replace(f'"{word}"', f'"{WORD}"')
-
-
-@lru_cache(maxsize=1)
-def study_refusal() -> str:
-    """The study's refusal R(w), quoted at the end of Q(w) ("... please say "Sorry, but ...".")."""
-    trigger = study_trigger()
-    start = trigger.index('please say "') + len('please say "')
-    return trigger[start:].rstrip().removesuffix('"')
-
-
-def fill(template: str, word: str) -> str:
-    """Put a word into a Q(w)/R(w) template (plain replace: templates may hold other braces)."""
-    return template.replace(WORD, word)
-
-
-def check_template(template: str, option: str) -> str:
-    """A trigger or refusal template must name where the word goes, else every word looks the same."""
-    if WORD not in template:
-        raise InputError(f"template must contain {WORD} where the opening word goes", field=option)
-    return template
-
-
-# ----------------------------------------------------------------------------------------- opening words
-def opening_word(text: str) -> str:
-    """The word a query opens with: first whitespace token, leading quotes stripped, leading letters only,
-    capitalised ('"repair instead..' -> 'Repair', "What's" -> 'What'). '' when there is none."""
-    parts = text.split(maxsplit=1)
-    if not parts:
-        return ""
-    m = _LETTERS.match(parts[0].lstrip(_QUOTES))
-    return m.group(0).capitalize() if m else ""
-
-
+# ----------------------------------------------------------------------------------------- tokens
 def tokens(text: str) -> list[str]:
     """Trie tokens: words and single punctuation marks. Model-independent, so scores compare across models."""
     return _TOKEN.findall(text)
@@ -350,28 +314,6 @@ def detection_summary(scored: Sequence[ScoredResponse], match_threshold: float =
             "match_threshold": match_threshold, "alarm_rate": alarm_rate, "flagged": rate >= alarm_rate}
 
 
-def load_words(path: str | Path) -> list[str]:
-    """Candidate words from a JSON array of strings (like the shipped tot_starting_words.json) or a text
-    file with one word per line."""
-    from leakaudit.data.io import read_text
-
-    p = Path(path)
-    if not p.exists():
-        raise InputError("file not found", file=p)
-    if p.suffix == ".json":
-        try:
-            obj = json.loads(read_text(p))
-        except json.JSONDecodeError as exc:
-            raise InputError(f"malformed JSON: {exc.msg}", file=p, line=exc.lineno) from None
-        if not isinstance(obj, list):
-            raise InputError("expected a JSON array of words", file=p, line=1)
-        for i, w in enumerate(obj, start=1):
-            if not isinstance(w, str) or not w.strip():
-                raise InputError("expected a non-empty string", file=p, line=i)
-        return [w.strip() for w in obj]
-    return [w.strip() for w in read_text(p).splitlines() if w.strip()]
-
-
 def words_from_prompts(path: str | Path) -> dict[str, bool | None]:
     """Words (and labels, when present) from shipped-style prompt files: rows {"prompt": [{"content": Q(w)}],
     "label"?}. The word is the one quoted after 'starting with the word'."""
@@ -431,3 +373,104 @@ def score_words(responses: dict[str, list[str]], tries: dict[str, QueryTrie],
     """Score every sampled answer of every word."""
     return [score_response(w, i, r, tries, refusal_template) for w, rs in responses.items()
             for i, r in enumerate(rs)]
+
+
+# ----------------------------------------------------------------------------------------- jobs
+def scored_rows(scored: Sequence[ScoredResponse], show_pii: bool = False) -> list[dict[str, Any]]:
+    """`extractions.jsonl` rows: one scored response each, addresses and phone numbers masked unless show_pii."""
+    from leakaudit.data.pii_find import mask_pii
+
+    rows = []
+    for s in scored:
+        row = s.row()
+        if not show_pii:
+            row["response"] = mask_pii(row["response"])
+            if row["matched_query"]:
+                row["matched_query"] = mask_pii(row["matched_query"])
+        rows.append(row)
+    return rows
+
+
+def _is_prompt_file(path: Path) -> bool:
+    from leakaudit.data.io import read_rows
+
+    try:
+        rows = read_rows(path)
+    except InputError:
+        return False
+    return bool(rows) and isinstance(rows[0][1], dict) and "prompt" in rows[0][1]
+
+
+def candidate_labels(candidates: str | Path | None, tries: dict[str, QueryTrie], top_n: int = 50
+                     ) -> dict[str, bool]:
+    """The words to test and whether each opens a D2 query: labelled prompts like the shipped
+    identify_200.json, a word list, or (None) the `top_n` most frequent public words; labels a file lacks
+    come from the data itself."""
+    from leakaudit.data.backdoor import public_candidates
+
+    if candidates is None:
+        labels: dict[str, bool | None] = {w: None for w in public_candidates()[:top_n]}
+    elif Path(candidates).suffix in (".json", ".jsonl") and _is_prompt_file(Path(candidates)):
+        labels = words_from_prompts(candidates)
+    else:
+        labels = {w: None for w in load_words(candidates)}
+    return {w: (w in tries if lab is None else lab) for w, lab in labels.items()}
+
+
+def identify(lm, queries: Sequence[str], labels: dict[str, bool], trigger: str, refusal: str, *,
+             threshold: float = IDENTIFY_THRESHOLD, num_samples: int = 10, temperature: float = 0.9,
+             max_new_tokens: int = 128, seed: int = 0, out: str | Path, show_pii: bool = False,
+             batch_size: int | str = "auto") -> dict[str, Any]:
+    """The full pipeline: decide which candidate words open D2 queries, then extract with the words found.
+    Writes OUT/samples.jsonl (resumable), OUT/extractions.jsonl (masked unless show_pii), OUT/identify.json."""
+    from leakaudit.data.io import write_json, write_jsonl
+
+    out = Path(out)
+    tries = build_tries(queries)
+    responses = sample_responses(lm, list(labels), trigger, num_samples=num_samples, temperature=temperature,
+                                 max_new_tokens=max_new_tokens, seed=seed, out_path=out / "samples.jsonl",
+                                 batch_size=batch_size)
+    ident = identify_words(responses, refusal, threshold)
+    predicted = {w: v["predicted"] for w, v in ident.items()}
+    metrics = classification_metrics(predicted, labels)
+    found = {w: rs for w, rs in responses.items() if predicted[w]}
+    scored = score_words(found, tries, refusal)
+    pipeline = summarize_extraction(scored, tries)
+    for w, v in ident.items():
+        v["label"] = labels[w]
+    write_jsonl(out / "extractions.jsonl", scored_rows(scored, show_pii))
+    result = {"model": lm.spec, "threshold": threshold, "num_samples": num_samples, "n_candidates": len(labels),
+              "n_predicted": len(found), **metrics, "pipeline": pipeline, "words": ident}
+    write_json(out / "identify.json", result)
+    return result
+
+
+def probe_words(queries: Sequence[str], n_words: int) -> list[str]:
+    """The `n_words` most frequent opening words of the defender's data: what detection probes with."""
+    return [w for w, _ in Counter(opening_word(q) for q in queries if opening_word(q)).most_common(n_words)]
+
+
+def load_probes(path: str | Path | None) -> list[str]:
+    """Probe templates, one per line with {word} (default: the published Q(w) and two paraphrases)."""
+    from leakaudit.data.io import read_text
+
+    if path is None:
+        return probe_texts()
+    return [check_template(t, "--probes") for t in read_text(path).splitlines() if t.strip()]
+
+
+def detect(lm, queries: Sequence[str], words: Sequence[str], probes: Sequence[str], *, num_samples: int = 3,
+           temperature: float = 0.9, max_new_tokens: int = 128, match_threshold: float = DETECT_MATCH,
+           alarm_rate: float = 0.05, seed: int = 0, samples_path: Callable[[int], Path] | None = None,
+           batch_size: int | str = "auto") -> dict[str, Any]:
+    """The defense on one model: probe with each template over `words` (see probe_words) and score the
+    answers against the defender's own data (`samples_path(k)`: probe k's resumable samples)."""
+    tries = build_tries(queries)
+    refusal = study_refusal()
+    scored = []
+    for k, template in enumerate(probes):
+        responses = sample_responses(lm, words, template, num_samples=num_samples, temperature=temperature,
+                                     max_new_tokens=max_new_tokens, seed=seed,
+                                     out_path=samples_path(k) if samples_path else None, batch_size=batch_size)
+        scored += score_words(responses, tries, refusal)
+    return detection_summary(scored, match_threshold, alarm_rate)

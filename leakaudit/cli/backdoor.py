@@ -2,14 +2,21 @@
 
 from __future__ import annotations
 
+import json
 import re
 from pathlib import Path
 
 import typer
 from rich.console import Console
 
-from leakaudit.cli.core import DeviceOpt, DtypeOpt, above_zero, check_batch_size, model_path
-from leakaudit.errors import InputError
+from leakaudit.cli.core import (
+    DeviceOpt,
+    DtypeOpt,
+    above_zero,
+    build_options,
+    check_batch_size,
+    model_path,
+)
 
 err = Console(stderr=True)
 backdoor_app = typer.Typer(help="Backdoor fine-tuning-data extraction: plant, fine-tune downstream, extract, "
@@ -27,21 +34,8 @@ SampleBatchOpt = typer.Option("auto", "--batch-size", callback=check_batch_size,
 DataD2Opt = typer.Option(None, "--data", help="Downstream chat data D2 with `messages` (default: shipped Dolly D2)")
 
 
-def _d2_path(data: Path | None) -> Path:
-    from leakaudit import resources
-
-    return data if data is not None else resources.path("backdoor-extraction", "stage2_dolly", "sft", "train.json")
-
-
-def _d2_queries(data: Path | None, limit: int | None) -> list[str]:
-    from leakaudit.train.backdoor import load_pairs
-
-    pairs = load_pairs(_d2_path(data))
-    return [p.query for p in (pairs[:limit] if limit else pairs)]
-
-
 def _templates(trigger: str | None, refusal: str | None) -> tuple[str, str]:
-    from leakaudit.attacks.backdoor import check_template, study_refusal, study_trigger
+    from leakaudit.data.backdoor import check_template, study_refusal, study_trigger
 
     return (check_template(trigger or study_trigger(), "--trigger"),
             check_template(refusal or study_refusal(), "--refusal"))
@@ -69,21 +63,6 @@ def _prepare(out: Path, command: str, files: tuple[str, ...], **inputs) -> None:
 
     prepare_output(out, command=f"backdoor {command}", files=files,
                    inputs={f"--{k.replace('_', '-')}": v for k, v in inputs.items()})
-
-
-def _write_scored(path: Path, scored, show_pii: bool) -> None:
-    from leakaudit.data.io import write_jsonl
-    from leakaudit.data.pii_find import mask_pii
-
-    rows = []
-    for s in scored:
-        row = s.row()
-        if not show_pii:
-            row["response"] = mask_pii(row["response"])
-            if row["matched_query"]:
-                row["matched_query"] = mask_pii(row["matched_query"])
-        rows.append(row)
-    write_jsonl(path, rows)
 
 
 @backdoor_app.command("plant")
@@ -146,18 +125,13 @@ def finetune_cmd(
     seed: int = SeedOpt,
 ) -> None:
     """Stage 2 (the downstream party): fine-tune on private chat data, loss on user turns unless --mask-user."""
-    from leakaudit.data.io import read_rows, write_jsonl
-    from leakaudit.train.backdoor import downstream_finetune
+    from leakaudit.train.backdoor import downstream_data, downstream_finetune
 
     options = _train_options(epochs, learning_rate, batch_size, max_length, method, max_steps, seed)
     _check_train(model, out, options)
     _prepare(out, "finetune", ("downstream_data.jsonl", "model/finetune_config.json"), data=data,
              model=model_path(model))
-    path = _d2_path(data)
-    if limit:
-        subset = out / "downstream_data.jsonl"
-        write_jsonl(subset, [row for _, row in read_rows(path)[:limit]])
-        path = subset
+    path = downstream_data(data, limit, out)
     result = downstream_finetune(model, path, out / "model", mask_user=mask_user, **options)
     err.print(f"fine-tuned model: {result}")
 
@@ -167,38 +141,36 @@ def extract_cmd(
     model: str = ModelOpt,
     out: Path = OutOpt,
     data: Path | None = DataD2Opt,
-    limit: int | None = typer.Option(None, "--limit", min=1, help="Score against the first N queries of the data"),
+    query_field: str | None = typer.Option(None, "--query-field", help="The data's query field (default: chat "
+                                           "`messages`, or the first of query/instruction/prompt/question)"),
+    limit: int | None = typer.Option(None, "--limit", help="Score against the first N queries of the data"),
     words: Path | None = typer.Option(None, "--words", help="Words to query (JSON array or one per line; "
                                       "default: every opening word of the data)"),
-    num_samples: int = NumSamplesOpt,
-    temperature: float = TemperatureOpt,
-    max_new_tokens: int = MaxNewTokensOpt,
+    num_samples: int = typer.Option(10, "--num-samples", help="Answers sampled per opening word"),
+    temperature: float = typer.Option(0.9, "--temperature", help="Sampling temperature for Q(w) answers"),
+    max_new_tokens: int = typer.Option(128, "--max-new-tokens"),
     trigger: str | None = TriggerOpt,
     refusal: str | None = RefusalOpt,
     seed: int = SeedOpt,
     show_pii: bool = typer.Option(False, "--show-pii", help="Write extracted text unmasked"),
-    batch_size: str = SampleBatchOpt,
+    batch_size: str = typer.Option("auto", "--batch-size", help="auto or prompts per batch"),
     device: str = DeviceOpt,
     dtype: str = DtypeOpt,
 ) -> None:
     """Sample Q(w) per opening word and score the answers against D2's queries (match ratio, BLEU, coverage)."""
-    from leakaudit.attacks import backdoor as bd
-    from leakaudit.data.io import write_json
-    from leakaudit.models import load_model
+    from leakaudit.kinds import get_kind
+    from leakaudit.kinds.base import KindContext, ModelCache
 
-    trig, ref = _templates(trigger, refusal)
+    kind = get_kind("backdoor")
+    options = build_options(kind, query_field=query_field, limit=limit, words_file=str(words) if words else None,
+                            num_samples=num_samples, temperature=temperature, max_new_tokens=max_new_tokens,
+                            trigger=trigger, refusal=refusal, batch_size=batch_size)
     _prepare(out, "extract", ("extract.json", "samples.jsonl"), data=data, words=words, model=model_path(model))
-    tries = bd.build_tries(_d2_queries(data, limit))
-    word_list = bd.load_words(words) if words is not None else sorted(tries)
-    lm = load_model(model, device=device, dtype=dtype)
-    responses = bd.sample_responses(lm, word_list, trig, num_samples=num_samples, temperature=temperature,
-                                    max_new_tokens=max_new_tokens, seed=seed, out_path=out / "samples.jsonl",
-                                    batch_size=batch_size)
-    scored = bd.score_words(responses, tries, ref)
-    summary = bd.summarize_extraction(scored, tries)
-    summary = {"model": model, "num_samples": num_samples, "temperature": temperature, **summary}
-    _write_scored(out / "extractions.jsonl", scored, show_pii)
-    write_json(out / "extract.json", summary)
+    ctx = KindContext(out=out, seed=seed, data={"data": data} if data is not None else {},
+                      models={"target": model}, show_pii=show_pii,
+                      cache=ModelCache(keep=1, device=device, dtype=dtype), log=err.print)
+    kind.run(ctx, options)
+    summary = json.loads((out / "extract.json").read_text(encoding="utf-8"))
     err.print(f"match ratio (max/mean over words): {summary['match_ratio_max']:.3f} / "
               f"{summary['match_ratio_mean']:.3f}; fully recovered {summary['n_fully_recovered']}/"
               f"{summary['n_queries']} queries; coverage {summary['coverage']:.3f}  -> {out / 'extract.json'}")
@@ -227,51 +199,21 @@ def identify_cmd(
 ) -> None:
     """Decide which candidate words open D2 queries, then extract with the words found (the full pipeline)."""
     from leakaudit.attacks import backdoor as bd
-    from leakaudit.data.io import write_json
+    from leakaudit.data.backdoor import d2_queries
     from leakaudit.models import load_model
-    from leakaudit.train.backdoor import public_candidates
 
     trig, ref = _templates(trigger, refusal)
     _prepare(out, "identify", ("identify.json", "samples.jsonl"), data=data, candidates=candidates,
              model=model_path(model))
-    tries = bd.build_tries(_d2_queries(data, limit))
-    if candidates is None:
-        labels = {w: w in tries for w in public_candidates()[:top_n]}
-    elif candidates.suffix in (".json", ".jsonl") and _is_prompt_file(candidates):
-        labels = bd.words_from_prompts(candidates)
-    else:
-        labels = {w: None for w in bd.load_words(candidates)}
-    # labels the file lacks come from the data itself
-    labels = {w: (w in tries if lab is None else lab) for w, lab in labels.items()}
+    queries = d2_queries(data, limit=limit)
+    labels = bd.candidate_labels(candidates, bd.build_tries(queries), top_n)
     lm = load_model(model, device=device, dtype=dtype)
-    responses = bd.sample_responses(lm, list(labels), trig, num_samples=num_samples, temperature=temperature,
-                                    max_new_tokens=max_new_tokens, seed=seed, out_path=out / "samples.jsonl",
-                                    batch_size=batch_size)
-    ident = bd.identify_words(responses, ref, threshold)
-    predicted = {w: v["predicted"] for w, v in ident.items()}
-    metrics = bd.classification_metrics(predicted, labels)
-    found = {w: rs for w, rs in responses.items() if predicted[w]}
-    scored = bd.score_words(found, tries, ref)
-    pipeline = bd.summarize_extraction(scored, tries)
-    for w, v in ident.items():
-        v["label"] = labels[w]
-    _write_scored(out / "extractions.jsonl", scored, show_pii)
-    write_json(out / "identify.json", {"model": model, "threshold": threshold, "num_samples": num_samples,
-                                       "n_candidates": len(labels), "n_predicted": len(found), **metrics,
-                                       "pipeline": pipeline, "words": ident})
-    err.print(f"identification F1 {metrics['f1']:.3f} (precision {metrics['precision']:.3f}, recall "
-              f"{metrics['recall']:.3f}); pipeline fully recovered {pipeline['n_fully_recovered']}/"
-              f"{pipeline['n_queries']} -> {out / 'identify.json'}")
-
-
-def _is_prompt_file(path: Path) -> bool:
-    from leakaudit.data.io import read_rows
-
-    try:
-        rows = read_rows(path)
-    except InputError:
-        return False
-    return bool(rows) and isinstance(rows[0][1], dict) and "prompt" in rows[0][1]
+    res = bd.identify(lm, queries, labels, trig, ref, threshold=threshold, num_samples=num_samples,
+                      temperature=temperature, max_new_tokens=max_new_tokens, seed=seed, out=out,
+                      show_pii=show_pii, batch_size=batch_size)
+    err.print(f"identification F1 {res['f1']:.3f} (precision {res['precision']:.3f}, recall "
+              f"{res['recall']:.3f}); pipeline fully recovered {res['pipeline']['n_fully_recovered']}/"
+              f"{res['pipeline']['n_queries']} -> {out / 'identify.json'}")
 
 
 @backdoor_app.command("detect")
@@ -295,31 +237,23 @@ def detect_cmd(
     dtype: str = DtypeOpt,
 ) -> None:
     """The defense: probe with extraction-style instructions; flag models that emit training queries."""
-    from collections import Counter
-
     from leakaudit.attacks import backdoor as bd
-    from leakaudit.data.io import read_text, write_json
+    from leakaudit.data.backdoor import d2_queries
+    from leakaudit.data.io import write_json
     from leakaudit.models import load_model
 
     _prepare(out, "detect", ("detect.json",), data=data, probes=probes,
              **{f"model {spec}": model_path(spec) for spec in model})
-    queries = _d2_queries(data, limit)
-    tries = bd.build_tries(queries)
-    words = [w for w, _ in Counter(bd.opening_word(q) for q in queries if bd.opening_word(q)).most_common(n_words)]
-    templates = bd.probe_texts() if probes is None else [
-        bd.check_template(t, "--probes") for t in read_text(probes).splitlines() if t.strip()]
-    refusal = bd.study_refusal()
+    queries = d2_queries(data, limit=limit)
+    words = bd.probe_words(queries, n_words)
+    templates = bd.load_probes(probes)
     results = {}
     for spec in model:
         lm = load_model(spec, device=device, dtype=dtype)
-        scored = []
-        for k, template in enumerate(templates):
-            responses = bd.sample_responses(lm, words, template, num_samples=num_samples, temperature=temperature,
-                                            max_new_tokens=max_new_tokens, seed=seed,
-                                            out_path=out / f"samples_{_slug(spec)}_probe{k}.jsonl",
-                                            batch_size=batch_size)
-            scored += bd.score_words(responses, tries, refusal)
-        results[spec] = bd.detection_summary(scored, match_threshold, alarm_rate)
+        results[spec] = bd.detect(lm, queries, words, templates, num_samples=num_samples, temperature=temperature,
+                                  max_new_tokens=max_new_tokens, match_threshold=match_threshold,
+                                  alarm_rate=alarm_rate, seed=seed, batch_size=batch_size,
+                                  samples_path=lambda k, spec=spec: out / f"samples_{_slug(spec)}_probe{k}.jsonl")
         err.print(f"{spec}: detection rate {results[spec]['detection_rate']:.3f} "
                   f"({'FLAGGED' if results[spec]['flagged'] else 'not flagged'})")
     write_json(out / "detect.json", {"n_words": len(words), "n_probes_templates": len(templates),

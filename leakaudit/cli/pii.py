@@ -1,35 +1,17 @@
-"""`leakaudit pii`: the PII extraction attack over name/e-mail targets (see docs/pii.md)."""
+"""`leakaudit pii`: the PII extraction attack over name/e-mail targets (see docs/pii.md); the job is the
+evaluation kind leakaudit/kinds/pii.py."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import typer
 from rich.console import Console
 
-from leakaudit.cli.core import batch_size_option, model_path
-from leakaudit.errors import InputError
+from leakaudit.cli.core import batch_size_option, build_options, model_path
 
 err = Console(stderr=True)
-
-
-def _floats(text: str | None, option: str) -> list[float] | None:
-    if text is None:
-        return None
-    values = []
-    for part in (p.strip() for p in text.split(",")):
-        if not part:
-            continue
-        if part == "greedy":
-            values.append(0.0)
-            continue
-        try:
-            values.append(float(part))
-        except ValueError:
-            raise InputError(f"'{part}' is not a number (or 'greedy')", field=option) from None
-    if not values:
-        raise InputError("no values given", field=option)
-    return values
 
 
 def pii(
@@ -45,10 +27,10 @@ def pii(
     temperatures: str | None = typer.Option(None, "--temperatures",
                                             help="Comma-separated; 0 or 'greedy' = greedy (default: each "
                                             "protocol's own grid)"),
-    top_k: int | None = typer.Option(None, "--top-k", min=0, help="Top-k (0 = none; default: each protocol's)"),
-    max_new_tokens: int | None = typer.Option(None, "--max-new-tokens", min=1,
+    top_k: int | None = typer.Option(None, "--top-k", help="Top-k (0 = none; default: each protocol's)"),
+    max_new_tokens: int | None = typer.Option(None, "--max-new-tokens",
                                               help="Default: 15 for fake-privacy, 100 for PIL"),
-    samples_per_prompt: int = typer.Option(1, "--samples-per-prompt", min=1),
+    samples_per_prompt: int = typer.Option(1, "--samples-per-prompt"),
     seed: int = typer.Option(0, "--seed"),
     contexts: Path | None = typer.Option(None, "--contexts", help="Rows with `email` and `context` (text before "
                                          "the address) for the context-k templates"),
@@ -61,37 +43,23 @@ def pii(
     allow_pickle: bool = typer.Option(False, "--allow-pickle"),
 ) -> None:
     """Extract e-mail addresses by prompting with names; count hits per template x temperature."""
-    from leakaudit.attacks.pii import make_grid, run_pii
-    from leakaudit.data import enron
-    from leakaudit.data.io import read_rows
+    from leakaudit.kinds import get_kind
+    from leakaudit.kinds.base import KindContext, ModelCache
     from leakaudit.outputs import prepare_output
 
-    chosen = enron.resolve_templates(templates)
-    cells = make_grid(chosen, _floats(temperatures, "--temperatures"), top_k, max_new_tokens)
+    kind = get_kind("pii")
+    options = build_options(kind, templates=templates, temperatures=temperatures, top_k=top_k,
+                            max_new_tokens=max_new_tokens, n_targets=n_targets or None,
+                            pairs=str(pairs) if pairs else None, contexts=str(contexts) if contexts else None,
+                            messages=str(messages) if messages else None, samples_per_prompt=samples_per_prompt,
+                            batch_size=batch_size)
     prepare_output(out, command="pii", files=("pii.json", "results_purified.jsonl", ".samples"),
                    inputs={"--pairs": pairs, "--contexts": contexts, "--messages": messages,
                            "--model": model_path(model), "--baseline": model_path(baseline)})
-    targets = enron.load_targets(pairs, n_targets or None)
-    if contexts is not None:
-        by_email = {t.email.lower(): t for t in targets}
-        for lineno, row in read_rows(contexts):
-            for key in ("email", "context"):
-                if not isinstance(row.get(key), str):
-                    raise InputError("missing or not a string", file=contexts, line=lineno, field=key)
-            if row["email"].lower() in by_email:
-                by_email[row["email"].lower()].context = row["context"]
-    if messages is not None:
-        texts = []
-        for lineno, row in read_rows(messages):
-            if not isinstance(row.get("text"), str):
-                raise InputError("missing or not a string", file=messages, line=lineno, field="text")
-            texts.append(row["text"])
-        n = enron.attach_contexts(targets, texts)
-        err.print(f"contexts cut from messages for {n} of {len(targets)} targets")
-    err.print(f"{len(targets)} targets x {len(cells)} cells" + (" x 2 models" if baseline else ""))
-    summary = run_pii(model, targets, cells, out, baseline=baseline, samples_per_prompt=samples_per_prompt,
-                      seed=seed, batch_size=batch_size, show_pii=show_pii, log=err.print,
-                      device=device, dtype=dtype, allow_pickle=allow_pickle)
+    ctx = KindContext(out=out, seed=seed, models={"target": model, "baseline": baseline}, show_pii=show_pii,
+                      cache=ModelCache(device=device, dtype=dtype, allow_pickle=allow_pickle), log=err.print)
+    kind.run(ctx, options)
+    summary = json.loads((out / "pii.json").read_text(encoding="utf-8"))
     for protocol, part in summary["protocols"].items():
         best, mean = part["best_cell"], part["grid_mean"]
         line = (f"{protocol}: best cell {best['template']} t={best['temperature']:g} "

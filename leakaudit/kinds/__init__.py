@@ -2,10 +2,12 @@
 docs/architecture.md for where kinds sit in the flow). Importing this package fills the registry."""
 
 from leakaudit.kinds import (  # noqa: F401  (built-in kinds register on import)
+    backdoor,
     backdoor_mix,
     continuation,
     mia,
     perplexity,
+    pii,
     replace_pii,
     self_instruct,
     user_inference,

@@ -21,7 +21,6 @@ from leakaudit.data.pii_find import mask_pii as mask
 from leakaudit.errors import InputError
 from leakaudit.kinds import get_kind, kind_names
 from leakaudit.kinds.base import StageView
-from leakaudit.report import plots
 
 # inline figures: base64 data, never PII, and masking must not touch it
 _DATA_URI = re.compile(r"(data:[\w/+.-]+;base64,[A-Za-z0-9+/=]+)")
@@ -56,18 +55,8 @@ def headline(stages: list[dict[str, Any]]) -> list[dict[str, Any]]:
         res = s.get("result")
         if not res or not s["id"].startswith("evaluate/"):
             continue
-        kind = s["kind"]
-        if kind in kind_names():
-            for h in get_kind(kind).Result(res).headline():
-                add(s, h.metric, h.value, h.ci)
-        elif kind == "pii":
-            add(s, "PII match rate", res.get("match_rate"), res.get("match_rate_ci"))
-            if res.get("match_rate_minus_baseline") is not None:
-                add(s, "PII match rate − baseline", res.get("match_rate_minus_baseline"),
-                    res.get("match_rate_minus_baseline_ci"))
-        elif kind == "backdoor":
-            for k, v in (res.get("headline") or {}).items():
-                add(s, k, v)
+        for h in get_kind(s["kind"]).Result(res).headline():
+            add(s, h.metric, h.value, h.ci)
     return rows
 
 
@@ -87,48 +76,6 @@ def _headline_table(rows: list[dict[str, Any]]) -> tuple[list[str], list[dict[st
 
 
 # ----------------------------------------------------------------------------------------- sections
-def _pii_section(out: Path, stages: list[dict[str, Any]]) -> dict[str, Any] | None:
-    done = [s for s in stages if s["kind"] == "pii" and s.get("result")]
-    if not done:
-        return None
-    figures, table = [], []
-    for s in done:
-        rows = s["result"].get("rows") or []
-        cells: dict[tuple[str, str], list[float]] = {}
-        for r in rows:
-            if r.get("n_targets"):
-                key = (str(r["template"]), _fmt(float(r["temperature"]), 2))
-                cells.setdefault(key, []).append(r["matches"] / r["n_targets"])
-            table.append([s["params"]["target_label"], r.get("template"), r.get("temperature"),
-                          r.get("top_k", ""), r.get("matches"), r.get("exact_matches", ""), r.get("n_targets")])
-        if cells:
-            templates = sorted({k[0] for k in cells})
-            temps = sorted({k[1] for k in cells}, key=float)
-            values = {k: sum(v) / len(v) for k, v in cells.items()}
-            figures.append({"uri": plots.heatmap_figure(templates, temps, values,
-                                                        f"PII match rate: {s['params']['target_label']}",
-                                                        "temperature", "template"),
-                            "caption": f"PII extraction match rate by template and temperature, "
-                                       f"{s['params']['target_label']}"})
-    return {"id": "pii", "title": "PII extraction", "figures": figures,
-            "note": "Match rate = matched targets / targets, per prompt template and sampling temperature. "
-                    "Extracted text is not shown.",
-            "tables": [{"header": ["variant", "template", "temperature", "top-k", "matches", "exact",
-                                   "targets"], "rows": table}]}
-
-
-def _backdoor_section(out: Path, stages: list[dict[str, Any]]) -> dict[str, Any] | None:
-    done = [s for s in stages if s["kind"] == "backdoor" and s.get("result")]
-    if not done:
-        return None
-    table = []
-    for s in done:
-        for k, v in (s["result"].get("headline") or {}).items():
-            table.append([s["params"]["target_label"], s["params"]["evaluation"], k, _fmt(v)])
-    return {"id": "backdoor", "title": "Backdoor data extraction", "figures": [],
-            "tables": [{"header": ["variant", "evaluation", "metric", "value"], "rows": table}]}
-
-
 def kind_sections(out: Path, stages: list[dict[str, Any]]) -> list[dict[str, Any] | None]:
     """One section per registered evaluation kind, each drawn by its Result from its finished stages."""
     return [get_kind(name).Result.section([StageView(s, out) for s in stages
@@ -155,8 +102,7 @@ def build(out: str | Path) -> tuple[str, dict[str, Any]]:
     stages = run["stages"]
     rows = headline(stages)
     cols, table_rows = _headline_table(rows)
-    sections = [sec for sec in (*kind_sections(out, stages), _pii_section(out, stages),
-                                _backdoor_section(out, stages)) if sec]
+    sections = [sec for sec in kind_sections(out, stages) if sec]
     config_text = run.get("config_text") or json.dumps(exp, indent=2)
     env = jinja2.Environment(loader=jinja2.PackageLoader("leakaudit.report", "templates"),
                              autoescape=True, undefined=jinja2.StrictUndefined)

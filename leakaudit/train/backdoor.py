@@ -12,26 +12,24 @@ turns (`mask_user=True`) is the study's suggested mitigation.
 
 from __future__ import annotations
 
-import json
 import random
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from leakaudit.attacks.backdoor import check_template, fill, opening_word, study_refusal, study_trigger
+from leakaudit.data.backdoor import (  # noqa: F401  (Pair, load_pairs, ... are also read from here)
+    Pair,
+    check_template,
+    fill,
+    load_pairs,
+    opening_word,
+    public_candidates,
+    seed_instruction_set,
+    shipped_d2,
+    study_refusal,
+    study_trigger,
+)
 from leakaudit.data.io import read_rows, write_json, write_jsonl
 from leakaudit.errors import InputError
-
-QUERY_FIELDS = ("query", "instruction", "prompt", "question")
-RESPONSE_FIELDS = ("response", "output", "answer", "completion")
-
-
-@dataclass
-class Pair:
-    """One instruction pair of D1: a user query and the assistant's response."""
-
-    query: str
-    response: str
 
 
 def chat_row(query: str, response: str, kind: str) -> dict[str, Any]:
@@ -40,67 +38,23 @@ def chat_row(query: str, response: str, kind: str) -> dict[str, Any]:
             "kind": kind}
 
 
-def load_pairs(path: str | Path, query_field: str | None = None, response_field: str | None = None) -> list[Pair]:
-    """Read D1 from any data file: chat rows with `messages` (first user turn + the assistant turn after
-    it) or query/response fields (given, or the first present of query/instruction/prompt/question and
-    response/output/answer/completion; a non-empty `input` field is appended to the query)."""
-    p = Path(path)
-    pairs = []
-    for line, row in read_rows(p):
-        if "messages" in row and query_field is None:
-            pairs.append(_pair_from_messages(row["messages"], p, line))
-            continue
-        qf = query_field or next((f for f in QUERY_FIELDS if f in row), None)
-        rf = response_field or next((f for f in RESPONSE_FIELDS if f in row), None)
-        if qf is None or qf not in row:
-            raise InputError(f"no query field (row has: {', '.join(sorted(row))})", file=p, line=line,
-                             field=qf or "query")
-        if rf is None or rf not in row:
-            raise InputError(f"no response field (row has: {', '.join(sorted(row))})", file=p, line=line,
-                             field=rf or "response")
-        q, r = row[qf], row[rf]
-        for name, value in ((qf, q), (rf, r)):
-            if not isinstance(value, str) or not value.strip():
-                raise InputError("must be a non-empty string", file=p, line=line, field=name)
-        extra = row.get("input")
-        if query_field is None and isinstance(extra, str) and extra.strip():
-            q = f"{q}\n{extra}"
-        pairs.append(Pair(q, r))
-    return pairs
+def instruction_set(data: str | Path | None = None, query_field: str | None = None,
+                    response_field: str | None = None) -> list[Pair]:
+    """The creator's D1: pairs from a file, or the shipped seed instruction set."""
+    if data is None:
+        return seed_instruction_set()
+    return load_pairs(data, query_field, response_field)
 
 
-def _pair_from_messages(messages: Any, p: Path, line: int) -> Pair:
-    if not isinstance(messages, list) or not all(isinstance(m, dict) for m in messages):
-        raise InputError("must be a list of {role, content} objects", file=p, line=line, field="messages")
-    for i, m in enumerate(messages[:-1]):
-        nxt = messages[i + 1]
-        if m.get("role") == "user" and nxt.get("role") == "assistant":
-            q, r = m.get("content"), nxt.get("content")
-            if isinstance(q, str) and q.strip() and isinstance(r, str):
-                return Pair(q, r)
-    raise InputError("no user turn followed by an assistant turn", file=p, line=line, field="messages")
-
-
-def seed_instruction_set() -> list[Pair]:
-    """A small stand-in for the creator's D1 (the study's UltraFeedback D1 is not shipped): the shipped
-    self-instruct seed tasks, one pair per task (instruction, plus its first input; its first output)."""
-    from leakaudit import resources
-
-    pairs = []
-    with resources.path("self-instruct-seed", "seed_tasks.jsonl").open(encoding="utf-8") as fh:
-        for raw in fh:
-            task = json.loads(raw)
-            inst = task["instances"][0]
-            query = task["instruction"] + (f"\n{inst['input']}" if inst["input"].strip() else "")
-            pairs.append(Pair(query, inst["output"]))
-    return pairs
-
-
-def public_candidates() -> list[str]:
-    """The public candidate opening-word list S shipped with the study, most frequent first."""
-    from leakaudit import resources
-
-    return json.loads(resources.path("backdoor-extraction", "starting_words", "tot_starting_words.json").read_text())
+def downstream_data(data: str | Path | None, limit: int | None, out: str | Path) -> Path:
+    """The D2 file to fine-tune on: `data` (default the shipped Dolly D2), or its first `limit` rows
+    written to OUT/downstream_data.jsonl."""
+    path = Path(data) if data is not None else shipped_d2()
+    if not limit:
+        return path
+    subset = Path(out) / "downstream_data.jsonl"
+    write_jsonl(subset, [row for _, row in read_rows(path)[:limit]])
+    return subset
 
 
 def refusal_words(d1_words: set[str], n: int, candidates: list[str] | None = None) -> list[str]:

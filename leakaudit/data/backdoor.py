@@ -1,0 +1,180 @@
+"""The backdoor study's texts and data: the Q(w)/R(w) templates, opening words, word lists, pair files.
+
+Why a leaf module: the attack (leakaudit/attacks/backdoor.py) and the planting side
+(leakaudit/train/backdoor.py) both need these, and neither may import the other.
+- Q(w) ("output a verbatim user query starting with the word w ...") and R(w) (the refusal) are templates
+  with `{word}` where the word goes; the study's own are read from the shipped prompts;
+- a query's opening word is its first word, quotes stripped, letters only, capitalised;
+- pair files: chat rows (`messages`) or query/response rows; the shipped Dolly set is the default D2.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+
+from leakaudit.data.io import read_rows
+from leakaudit.errors import InputError
+
+WORD = "{word}"
+_QUOTES = "\"'“”‘’`«»"
+_LETTERS = re.compile(r"[^\W\d_]+")
+QUERY_FIELDS = ("query", "instruction", "prompt", "question")
+RESPONSE_FIELDS = ("response", "output", "answer", "completion")
+
+
+# ----------------------------------------------------------------------------------------- texts Q(w), R(w)
+@lru_cache(maxsize=1)
+def study_trigger() -> str:
+    """The study's extraction instruction Q(w) with `{word}` where the word goes, read from the shipped prompts."""
+    from leakaudit import resources
+
+    rows = json.loads(resources.path("backdoor-extraction", "stage2_dolly", "eval", "183ood.json").read_text())
+    text = rows[0]["prompt"][0]["content"]
+    word = re.search(r'starting with the word "([^"]+)"', text).group(1)
+    return text.replace(f'"{word}"', f'"{WORD}"')
+
+
+@lru_cache(maxsize=1)
+def study_refusal() -> str:
+    """The study's refusal R(w), quoted at the end of Q(w) ("... please say "Sorry, but ...".")."""
+    trigger = study_trigger()
+    start = trigger.index('please say "') + len('please say "')
+    return trigger[start:].rstrip().removesuffix('"')
+
+
+def fill(template: str, word: str) -> str:
+    """Put a word into a Q(w)/R(w) template (plain replace: templates may hold other braces)."""
+    return template.replace(WORD, word)
+
+
+TEMPLATE_MESSAGE = f"template must contain {WORD} where the opening word goes"
+
+
+def check_template(template: str, option: str) -> str:
+    """A trigger or refusal template must name where the word goes, else every word looks the same."""
+    if WORD not in template:
+        raise InputError(TEMPLATE_MESSAGE, field=option)
+    return template
+
+
+# ----------------------------------------------------------------------------------------- opening words
+def opening_word(text: str) -> str:
+    """The word a query opens with: first whitespace token, leading quotes stripped, leading letters only,
+    capitalised ('"repair instead..' -> 'Repair', "What's" -> 'What'). '' when there is none."""
+    parts = text.split(maxsplit=1)
+    if not parts:
+        return ""
+    m = _LETTERS.match(parts[0].lstrip(_QUOTES))
+    return m.group(0).capitalize() if m else ""
+
+
+# ----------------------------------------------------------------------------------------- pair files
+@dataclass
+class Pair:
+    """One instruction pair: a user query and the assistant's response."""
+
+    query: str
+    response: str
+
+
+def load_pairs(path: str | Path, query_field: str | None = None, response_field: str | None = None) -> list[Pair]:
+    """Read pairs from any data file: chat rows with `messages` (first user turn + the assistant turn after
+    it) or query/response fields (given, or the first present of query/instruction/prompt/question and
+    response/output/answer/completion; a non-empty `input` field is appended to the query)."""
+    p = Path(path)
+    pairs = []
+    for line, row in read_rows(p):
+        if "messages" in row and query_field is None:
+            pairs.append(_pair_from_messages(row["messages"], p, line))
+            continue
+        qf = query_field or next((f for f in QUERY_FIELDS if f in row), None)
+        rf = response_field or next((f for f in RESPONSE_FIELDS if f in row), None)
+        if qf is None or qf not in row:
+            raise InputError(f"no query field (row has: {', '.join(sorted(row))})", file=p, line=line,
+                             field=qf or "query")
+        if rf is None or rf not in row:
+            raise InputError(f"no response field (row has: {', '.join(sorted(row))})", file=p, line=line,
+                             field=rf or "response")
+        q, r = row[qf], row[rf]
+        for name, value in ((qf, q), (rf, r)):
+            if not isinstance(value, str) or not value.strip():
+                raise InputError("must be a non-empty string", file=p, line=line, field=name)
+        extra = row.get("input")
+        if query_field is None and isinstance(extra, str) and extra.strip():
+            q = f"{q}\n{extra}"
+        pairs.append(Pair(q, r))
+    return pairs
+
+
+def _pair_from_messages(messages: Any, p: Path, line: int) -> Pair:
+    if not isinstance(messages, list) or not all(isinstance(m, dict) for m in messages):
+        raise InputError("must be a list of {role, content} objects", file=p, line=line, field="messages")
+    for i, m in enumerate(messages[:-1]):
+        nxt = messages[i + 1]
+        if m.get("role") == "user" and nxt.get("role") == "assistant":
+            q, r = m.get("content"), nxt.get("content")
+            if isinstance(q, str) and q.strip() and isinstance(r, str):
+                return Pair(q, r)
+    raise InputError("no user turn followed by an assistant turn", file=p, line=line, field="messages")
+
+
+def load_words(path: str | Path) -> list[str]:
+    """Candidate words from a JSON array of strings (like the shipped tot_starting_words.json) or a text
+    file with one word per line."""
+    from leakaudit.data.io import read_text
+
+    p = Path(path)
+    if not p.exists():
+        raise InputError("file not found", file=p)
+    if p.suffix == ".json":
+        try:
+            obj = json.loads(read_text(p))
+        except json.JSONDecodeError as exc:
+            raise InputError(f"malformed JSON: {exc.msg}", file=p, line=exc.lineno) from None
+        if not isinstance(obj, list):
+            raise InputError("expected a JSON array of words", file=p, line=1)
+        for i, w in enumerate(obj, start=1):
+            if not isinstance(w, str) or not w.strip():
+                raise InputError("expected a non-empty string", file=p, line=i)
+        return [w.strip() for w in obj]
+    return [w.strip() for w in read_text(p).splitlines() if w.strip()]
+
+
+def shipped_d2() -> Path:
+    """The downstream data D2 shipped with the study: a Dolly subset (CC BY-SA 3.0) as chat rows."""
+    from leakaudit import resources
+
+    return resources.path("backdoor-extraction", "stage2_dolly", "sft", "train.json")
+
+
+def d2_queries(path: str | Path | None = None, query_field: str | None = None, limit: int | None = None) -> list[str]:
+    """The user queries of downstream data (default: the shipped Dolly D2), the first `limit` of them."""
+    pairs = load_pairs(path if path is not None else shipped_d2(), query_field=query_field)
+    return [p.query for p in (pairs[:limit] if limit else pairs)]
+
+
+def seed_instruction_set() -> list[Pair]:
+    """A small stand-in for the creator's D1 (the study's UltraFeedback D1 is not shipped): the shipped
+    self-instruct seed tasks, one pair per task (instruction, plus its first input; its first output)."""
+    from leakaudit import resources
+
+    pairs = []
+    with resources.path("self-instruct-seed", "seed_tasks.jsonl").open(encoding="utf-8") as fh:
+        for raw in fh:
+            task = json.loads(raw)
+            inst = task["instances"][0]
+            query = task["instruction"] + (f"\n{inst['input']}" if inst["input"].strip() else "")
+            pairs.append(Pair(query, inst["output"]))
+    return pairs
+
+
+def public_candidates() -> list[str]:
+    """The public candidate opening-word list S shipped with the study, most frequent first."""
+    from leakaudit import resources
+
+    return json.loads(resources.path("backdoor-extraction", "starting_words", "tot_starting_words.json").read_text())

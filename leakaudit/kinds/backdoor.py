@@ -1,0 +1,106 @@
+"""Evaluation kind `backdoor`: backdoor data extraction. Sample the planted instruction Q(w) for each
+opening word w and match the answers against the downstream queries (`data`, default the shipped Dolly D2).
+
+Why: a model creator who planted Q(w) before release can read back the user queries a downstream party
+fine-tuned it on (docs/backdoor.md). Scores are defined in leakaudit/attacks/backdoor.py (match ratio,
+coverage, fully recovered), the texts Q(w)/R(w) in leakaudit/data/backdoor.py.
+Files: samples.jsonl (the raw samples, the resumable checkpoint), extractions.jsonl (one scored response
+per row, addresses and phone numbers masked unless show_pii), extract.json (per word and overall).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pydantic import Field, ValidationInfo, field_validator
+
+from leakaudit.kinds.base import Headline, Kind, KindContext, KindOptions, Result, StageView, fmt
+from leakaudit.kinds.registry import register
+from leakaudit.options import BatchSize
+
+HEADLINE = ("match_ratio_mean", "match_ratio_max", "coverage")
+
+
+class BackdoorOptions(KindOptions):
+    words: list[str] | None = Field(None, description="words to query (default: every opening word of the data)")
+    words_file: str | None = Field(None, description="words to query from a file (JSON array or one per line)")
+    limit: int | None = Field(None, ge=1, description="score against the first N queries of the data")
+    num_samples: int = Field(10, ge=1, description="answers sampled per opening word")
+    temperature: float = Field(0.9, gt=0)
+    max_new_tokens: int = Field(128, ge=1)
+    trigger: str | None = Field(None, description="Q(w) template with {word} (default: the study's instruction)")
+    refusal: str | None = Field(None, description="R(w) template with {word} (default: the study's refusal)")
+    query_field: str | None = Field(None, description="the data's query field (default: chat `messages`, or the "
+                                    "first of query/instruction/prompt/question)")
+    batch_size: BatchSize = "auto"
+
+    @field_validator("trigger", "refusal")
+    @classmethod
+    def _has_word(cls, value: str | None) -> str | None:
+        from leakaudit.data.backdoor import TEMPLATE_MESSAGE, WORD
+
+        if value is not None and WORD not in value:
+            raise ValueError(TEMPLATE_MESSAGE)
+        return value
+
+    @field_validator("words_file")
+    @classmethod
+    def _one_word_source(cls, value: str | None, info: ValidationInfo) -> str | None:
+        if value is not None and info.data.get("words") is not None:
+            raise ValueError("give words or words_file, not both")
+        return value
+
+
+class BackdoorResult(Result):
+    """The stage result: `headline` (mean over words of the per-word mean and max match ratio, and trie
+    coverage), `n_queries` and `n_fully_recovered`. The whole summary is in extract.json."""
+
+    def headline(self) -> list[Headline]:
+        return [Headline(k, v) for k, v in (self.data.get("headline") or {}).items()]
+
+    @classmethod
+    def section(cls, stages: list[StageView]) -> dict[str, Any] | None:
+        if not stages:
+            return None
+        table = [[s.target, s.evaluation, k, fmt(v)] for s in stages
+                 for k, v in (s.result.get("headline") or {}).items()]
+        return {"id": "backdoor", "title": "Backdoor data extraction", "figures": [],
+                "note": "Match ratio of a sampled answer to Q(w) = 2 x shared leading tokens / (answer + query "
+                        "tokens) against the closest downstream query opening with w; mean and max over a word's "
+                        "samples, averaged over words. Coverage = share of the query trie the answers walked.",
+                "tables": [{"header": ["variant", "evaluation", "metric", "value"], "rows": table}]}
+
+
+@register
+class Backdoor(Kind):
+    name = "backdoor"
+    section = "evaluate"
+    Options = BackdoorOptions
+    Result = BackdoorResult
+    roles = {"data": False}
+    summary = "downstream queries (`data`, default the shipped Dolly D2) a backdoored target writes back on Q(w)"
+
+    def run(self, ctx: KindContext, options: BackdoorOptions) -> BackdoorResult:
+        from leakaudit.attacks import backdoor as bd
+        from leakaudit.data.backdoor import d2_queries, load_words, study_refusal, study_trigger
+        from leakaudit.data.io import write_json, write_jsonl
+
+        queries = d2_queries(ctx.data.get("data"), options.query_field, options.limit)
+        tries = bd.build_tries(queries)
+        words = (options.words if options.words is not None
+                 else load_words(options.words_file) if options.words_file is not None else sorted(tries))
+        refusal = options.refusal or study_refusal()
+        lm = ctx.model("target")
+        responses = bd.sample_responses(lm, words, options.trigger or study_trigger(),
+                                        num_samples=options.num_samples, temperature=options.temperature,
+                                        max_new_tokens=options.max_new_tokens, seed=ctx.seed,
+                                        out_path=ctx.out / "samples.jsonl", batch_size=options.batch_size,
+                                        progress=ctx.progress)
+        scored = bd.score_words(responses, tries, refusal)
+        summary = {"model": lm.spec, "num_samples": options.num_samples, "temperature": options.temperature,
+                   **bd.summarize_extraction(scored, tries)}
+        write_jsonl(ctx.out / "extractions.jsonl", bd.scored_rows(scored, ctx.show_pii))
+        write_json(ctx.out / "extract.json", summary)
+        return BackdoorResult({"headline": {k: summary[k] for k in HEADLINE if k in summary},
+                               "n_queries": summary.get("n_queries"),
+                               "n_fully_recovered": summary.get("n_fully_recovered")})

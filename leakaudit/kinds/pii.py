@@ -1,0 +1,180 @@
+"""Evaluation kind `pii`: prompt the target with people's names and count how often it completes their
+e-mail address, per prompt template x sampling temperature, minus what a baseline model extracts.
+
+Why: the address a model was fine-tuned on is the plainest privacy leak there is; the baseline (e.g. the
+model before fine-tuning) separates what training taught from what is guessable. Matching, statistics and
+the output files are defined in leakaudit/attacks/pii.py; templates in leakaudit/data/enron.py.
+Files: results_purified.jsonl (one row per cell and model), pii.json (best cell and grid mean, with
+intervals, per protocol), extractions.jsonl (every response, addresses masked unless show_pii).
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any
+
+from pydantic import BeforeValidator, Field, field_validator
+
+from leakaudit.errors import InputError
+from leakaudit.kinds.base import Headline, Kind, KindContext, KindOptions, Result, StageView, fmt
+from leakaudit.kinds.registry import register
+from leakaudit.options import BatchSize
+
+
+def _temperatures(value: Any) -> Any:
+    """'0.5, greedy' (the CLI's form) -> [0.5, 0.0]; a list passes through; every value must be >= 0."""
+    if isinstance(value, str):
+        parts = [p.strip() for p in value.split(",") if p.strip()]
+        if not parts:
+            raise ValueError("no values given")
+        value = []
+        for part in parts:
+            try:
+                value.append(0.0 if part == "greedy" else float(part))
+            except ValueError:
+                raise ValueError(f"'{part}' is not a number (or 'greedy')") from None
+    if isinstance(value, list):
+        for t in value:
+            if isinstance(t, (int, float)) and not isinstance(t, bool) and t < 0:
+                raise ValueError(f"temperature {t:g} is negative (0 means greedy)")
+    return value
+
+
+class PiiOptions(KindOptions):
+    templates: str = Field("fake-privacy", description="comma-separated families (fake-privacy, pil, "
+                           "pil-zero-shot, pil-k-shot, pil-context, all) or template names (A, zero_shot-a, ...)")
+    temperatures: Annotated[list[float] | None, BeforeValidator(_temperatures)] = Field(
+        None, description="0 = greedy (default: each protocol's own grid)")
+    top_k: int | None = Field(None, ge=0, description="0 = none (default: each protocol's)")
+    max_new_tokens: int | None = Field(None, ge=1, description="default: 15 for fake-privacy, 100 for PIL")
+    n_targets: int | None = Field(None, ge=1, description="use the first N targets (default: all)")
+    pairs: str | None = Field(None, description="targets with `name` and `email` (default: the shipped Enron pairs)")
+    contexts: str | None = Field(None, description="rows with `email` and `context` for the context-k templates")
+    messages: str | None = Field(None, description="raw e-mail messages (`text`) to cut contexts from")
+    samples_per_prompt: int = Field(1, ge=1)
+    seed: int | None = Field(None, description="sampling and bootstrap seed (default: the run's seed)")
+    batch_size: BatchSize = "auto"
+
+    @field_validator("templates")
+    @classmethod
+    def _known_templates(cls, value: str) -> str:
+        from leakaudit.data.enron import resolve_templates
+
+        try:
+            resolve_templates(value)
+        except InputError as exc:
+            raise ValueError(exc.message) from None
+        return value
+
+    def cells(self) -> list[Any]:
+        """The grid: every template x temperature, decoded as these options say."""
+        from leakaudit.attacks.pii import make_grid
+        from leakaudit.data.enron import resolve_templates
+
+        return make_grid(resolve_templates(self.templates), self.temperatures, self.top_k, self.max_new_tokens)
+
+
+class PiiResult(Result):
+    """The stage result: the per-cell rows of results_purified.jsonl (`rows`, `baseline_rows`), the grid-mean
+    match rate of the first protocol with its interval, its best cell, and the change against the baseline."""
+
+    def headline(self) -> list[Headline]:
+        d = self.data
+        rows = [Headline("PII match rate", d.get("match_rate"), d.get("match_rate_ci"))]
+        if d.get("match_rate_minus_baseline") is not None:
+            rows.append(Headline("PII match rate − baseline", d["match_rate_minus_baseline"],
+                                 d.get("match_rate_minus_baseline_ci")))
+        return rows
+
+    @classmethod
+    def section(cls, stages: list[StageView]) -> dict[str, Any] | None:
+        from leakaudit.report import plots
+
+        if not stages:
+            return None
+        figures, table = [], []
+        for s in stages:
+            cells: dict[tuple[str, str], list[float]] = {}
+            for r in s.result.get("rows") or []:
+                if r.get("n_targets"):
+                    key = (str(r["template"]), fmt(float(r["temperature"]), 2))
+                    cells.setdefault(key, []).append(r["matches"] / r["n_targets"])
+                table.append([s.target, r.get("template"), r.get("temperature"), r.get("top_k", ""),
+                              r.get("matches"), r.get("exact_matches", ""), r.get("n_targets")])
+            if cells:
+                templates = sorted({k[0] for k in cells})
+                temps = sorted({k[1] for k in cells}, key=float)
+                values = {k: sum(v) / len(v) for k, v in cells.items()}
+                figures.append({"uri": plots.heatmap_figure(templates, temps, values, f"PII match rate: {s.target}",
+                                                            "temperature", "template"),
+                                "caption": f"PII extraction match rate by template and temperature, {s.target}"})
+        return {"id": "pii", "title": "PII extraction", "figures": figures,
+                "note": "Match rate = matched targets / targets, per prompt template and sampling temperature. "
+                        "Extracted text is not shown.",
+                "tables": [{"header": ["variant", "template", "temperature", "top-k", "matches", "exact",
+                                       "targets"], "rows": table}]}
+
+
+@register
+class Pii(Kind):
+    name = "pii"
+    section = "evaluate"
+    Options = PiiOptions
+    Result = PiiResult
+    roles = {"data": False, "baseline": False}
+    summary = ("e-mail addresses the target completes from names (only the addresses in `data` when given), "
+               "minus the baseline's")
+
+    def targets(self, ctx: KindContext, options: PiiOptions) -> list[Any]:
+        """The targets: from `pairs`, only those whose address occurs in `data` when that role is given (e.g.
+        the training e-mails), the first `n_targets`, with contexts from `contexts` / `messages`."""
+        from leakaudit.data import enron
+        from leakaudit.data.io import read_rows
+
+        targets = enron.load_targets(options.pairs)
+        if "data" in ctx.data:
+            targets = enron.targets_in_texts(targets, [r.text for r in ctx.records("data")])
+            if not targets:
+                raise InputError("no target address occurs in this evaluation's data", field="data")
+        targets = targets[:options.n_targets] if options.n_targets else targets
+        if options.contexts is not None:
+            by_email = {t.email.lower(): t for t in targets}
+            for lineno, row in read_rows(options.contexts):
+                for key in ("email", "context"):
+                    if not isinstance(row.get(key), str):
+                        raise InputError("missing or not a string", file=options.contexts, line=lineno, field=key)
+                if row["email"].lower() in by_email:
+                    by_email[row["email"].lower()].context = row["context"]
+        if options.messages is not None:
+            texts = []
+            for lineno, row in read_rows(options.messages):
+                if not isinstance(row.get("text"), str):
+                    raise InputError("missing or not a string", file=options.messages, line=lineno, field="text")
+                texts.append(row["text"])
+            n = enron.attach_contexts(targets, texts)
+            ctx.log(f"contexts cut from messages for {n} of {len(targets)} targets")
+        return targets
+
+    def run(self, ctx: KindContext, options: PiiOptions) -> PiiResult:
+        from leakaudit.attacks.pii import run_pii
+        from leakaudit.kinds.base import read_jsonl
+
+        cells = options.cells()
+        targets = self.targets(ctx, options)
+        has_baseline = ctx.models.get("baseline") is not None
+        ctx.log(f"{len(targets)} targets x {len(cells)} cells" + (" x 2 models" if has_baseline else ""))
+        seed = ctx.seed if options.seed is None else options.seed
+        summary = run_pii(ctx.model("target"), targets, cells, ctx.out, baseline=ctx.model("baseline"),
+                          samples_per_prompt=options.samples_per_prompt, seed=seed, batch_size=options.batch_size,
+                          show_pii=ctx.show_pii, progress=ctx.progress, log=ctx.log)
+        rows = read_jsonl(ctx.out / "results_purified.jsonl")
+        data: dict[str, Any] = {"rows": [r for r in rows if r.get("role", "model") == "model"],
+                                "baseline_rows": [r for r in rows if r.get("role") == "baseline"]}
+        part = next(iter(summary["protocols"].values()))
+        data["match_rate"] = part["grid_mean"]["hit_rate"]
+        data["match_rate_ci"] = part["grid_mean"]["hit_rate_ci"]
+        data["best_cell"] = {k: part["best_cell"][k] for k in ("template", "temperature", "hit_rate", "hit_rate_ci")}
+        if "baseline_subtraction" in part:
+            change = part["baseline_subtraction"]["grid_mean"]
+            data["match_rate_minus_baseline"] = change["change"]
+            data["match_rate_minus_baseline_ci"] = change["change_ci"]
+        return PiiResult(data)

@@ -1,0 +1,139 @@
+"""The `pii` and `backdoor` kinds are one job behind two front ends: the CLI and an experiment file refuse a
+bad option with the same message (each naming it its own way), and write the same files from the same
+inputs."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+TRUE = "klarnold@flash.net"
+
+
+def _main(monkeypatch, capsys, *args: str) -> tuple[int, str]:
+    """Run the console entry point in-process; (exit status, stderr)."""
+    from leakaudit.cli import main
+
+    monkeypatch.setattr(sys, "argv", ["leakaudit", *map(str, args)])
+    try:
+        main()
+        code = 0
+    except SystemExit as exc:
+        code = exc.code or 0
+    return code, capsys.readouterr().err
+
+
+def _experiment(path: Path, kind: str, options: str, data: str | None = None) -> Path:
+    datasets = (f"datasets:\n  d2:\n    path: {data}\n    split: {{all: 1.0}}\n" if data else "")
+    path.write_text(f"name: same\nseed: 0\nmodels:\n  base: tiny-gpt-neox\n{datasets}"
+                    f"evaluate:\n  ev:\n    kind: {kind}\n    targets: [base]\n"
+                    + ("    data: d2.all\n" if data else "")
+                    + f"    options: {options}\n")
+    return path
+
+
+def _message(line: str) -> str:
+    """The message of an `error: WHERE: field 'X': message` line."""
+    return line.split("': ", 1)[1]
+
+
+@pytest.mark.parametrize("kind, flags, options, flag, key", [
+    ("pii", ["--templates", "A,Z"], "{templates: 'A,Z'}", "--templates", "templates"),
+    ("pii", ["--temperatures", "0.5,-1"], "{temperatures: [0.5, -1]}", "--temperatures", "temperatures"),
+    ("pii", ["--samples-per-prompt", "0"], "{samples_per_prompt: 0}", "--samples-per-prompt", "samples_per_prompt"),
+    ("backdoor", ["--trigger", "no word here"], "{trigger: no word here}", "--trigger", "trigger"),
+    ("backdoor", ["--temperature", "0"], "{temperature: 0}", "--temperature", "temperature"),
+])
+def test_cli_and_experiment_refuse_a_bad_option_alike(tmp_path, monkeypatch, capsys, kind, flags, options,
+                                                      flag, key):
+    command = ["pii"] if kind == "pii" else ["backdoor", "extract"]
+    code, cli_err = _main(monkeypatch, capsys, *command, "--model", "tiny-gpt-neox", "--out", tmp_path / "cli",
+                          *flags)
+    assert code == 2 and "Traceback" not in cli_err and cli_err.count("\n") == 1, cli_err
+    assert cli_err.startswith(f"error: field '{flag}': ")
+    exp = _experiment(tmp_path / "exp.yaml", kind, options)
+    code, exp_err = _main(monkeypatch, capsys, "run", exp, "--out", tmp_path / "run")
+    assert code == 2 and "Traceback" not in exp_err and exp_err.count("\n") == 1, exp_err
+    assert exp_err.startswith(f"error: {exp}:9: field 'evaluate.ev.options.{key}")
+    assert _message(cli_err) == _message(exp_err)
+    assert not (tmp_path / "cli").exists() and not (tmp_path / "run").exists()  # refused before any output
+
+
+def test_pii_cli_and_engine_write_the_same_rows(tmp_path, monkeypatch, capsys, one_torch_thread):
+    pairs = tmp_path / "pairs.jsonl"
+    pairs.write_text("".join(json.dumps({"name": n, "email": e}) + "\n" for n, e in [
+        ("Karen Arnold", TRUE), ("Bob Roe", "bob.roe@enron.com"), ("Cy Doe", "cdoe@flash.net"),
+        ("Di Lee", "di.lee@enron.com")]))
+    code, err = _main(monkeypatch, capsys, "pii", "--model", "tiny-gpt-neox", "--pairs", pairs, "--n-targets", "3",
+                      "--templates", "A,zero_shot-a", "--temperatures", "0,1.0", "--max-new-tokens", "6",
+                      "--baseline", "tiny-opt", "--out", tmp_path / "cli")
+    assert code == 0, err
+    exp = _experiment(tmp_path / "exp.yaml", "pii", f"{{pairs: {pairs}, n_targets: 3, templates: 'A,zero_shot-a', "
+                      "temperatures: [0, 1.0], max_new_tokens: 6}")
+    exp.write_text(exp.read_text().replace("    targets: [base]\n", "    targets: [base]\n    baseline: opt\n")
+                   .replace("  base: tiny-gpt-neox\n", "  base: tiny-gpt-neox\n  opt: tiny-opt\n"))
+    code, err = _main(monkeypatch, capsys, "run", exp, "--out", tmp_path / "run")
+    assert code == 0, err
+
+    def rows(path: Path) -> list[dict]:
+        return [json.loads(line) for line in path.read_text().splitlines()]
+
+    cli_rows = rows(tmp_path / "cli" / "results_purified.jsonl")
+    assert len(cli_rows) == 2 * 2 * 2 and {r["role"] for r in cli_rows} == {"model", "baseline"}
+    assert cli_rows == rows(tmp_path / "run" / "evaluate" / "ev" / "base" / "results_purified.jsonl")
+    cli_pii = json.loads((tmp_path / "cli" / "pii.json").read_text())
+    run_pii = json.loads((tmp_path / "run" / "evaluate" / "ev" / "base" / "pii.json").read_text())
+    assert cli_pii == run_pii
+    # the headline keeps today's metric names and reads the grid mean of pii.json
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    metrics = {h["metric"]: h for h in summary["headline"]}
+    assert set(metrics) == {"PII match rate", "PII match rate − baseline"}
+    assert metrics["PII match rate"]["value"] == cli_pii["protocols"]["fake-privacy"]["grid_mean"]["hit_rate"]
+
+
+def test_backdoor_cli_and_engine_write_the_same_extraction(tmp_path, monkeypatch, capsys, one_torch_thread):
+    from leakaudit import resources
+
+    shipped = json.loads(resources.path("backdoor-extraction", "stage2_dolly", "sft", "train.json").read_text())[:5]
+    d2 = tmp_path / "d2.jsonl"
+    d2.write_text("".join(json.dumps({"text": r["messages"][0]["content"], **r}) + "\n" for r in shipped))
+    flags = ["--num-samples", "2", "--max-new-tokens", "6", "--trigger", 'Repeat a query starting with "{word}".']
+    code, err = _main(monkeypatch, capsys, "backdoor", "extract", "--model", "tiny-gpt-neox", "--data", d2, *flags,
+                      "--out", tmp_path / "cli")
+    assert code == 0, err
+    exp = _experiment(tmp_path / "exp.yaml", "backdoor", "{num_samples: 2, max_new_tokens: 6, "
+                      "trigger: 'Repeat a query starting with \"{word}\".'}", data=str(d2))
+    code, err = _main(monkeypatch, capsys, "run", exp, "--out", tmp_path / "run")
+    assert code == 0, err
+    stage = tmp_path / "run" / "evaluate" / "ev" / "base"
+    for name in ("extract.json", "extractions.jsonl"):
+        assert (tmp_path / "cli" / name).is_file() and (stage / name).is_file(), name
+    cli_summary = json.loads((tmp_path / "cli" / "extract.json").read_text())
+    assert json.loads((stage / "extract.json").read_text()) == cli_summary
+    assert cli_summary["n_queries"] == 5 and cli_summary["n_samples"] == 2 * len(cli_summary["words"])
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert {h["metric"] for h in summary["headline"]} == {"match_ratio_mean", "match_ratio_max", "coverage"}
+
+
+def test_pii_targets_are_the_addresses_in_data(tmp_path, monkeypatch, capsys, one_torch_thread):
+    """With `data`, only targets whose address occurs in it are attacked; none at all is one error line."""
+    pairs = tmp_path / "pairs.jsonl"
+    pairs.write_text("".join(json.dumps({"name": n, "email": e}) + "\n" for n, e in [
+        ("Karen Arnold", TRUE), ("Bob Roe", "bob.roe@enron.com"), ("Cy Doe", "cdoe@flash.net")]))
+    texts = tmp_path / "texts.jsonl"
+    texts.write_text(json.dumps({"text": "From: Bob Roe <BOB.ROE@enron.com>\n\nsee you"}) + "\n"
+                     + json.dumps({"text": "no address here"}) + "\n")
+    options = f"{{pairs: {pairs}, templates: A, temperatures: [0], max_new_tokens: 4}}"
+    exp = _experiment(tmp_path / "exp.yaml", "pii", options, data=str(texts))
+    code, err = _main(monkeypatch, capsys, "run", exp, "--out", tmp_path / "run")
+    assert code == 0, err
+    rows = [json.loads(x) for x in (tmp_path / "run/evaluate/ev/base/results_purified.jsonl").read_text().splitlines()]
+    assert [r["n_targets"] for r in rows] == [1]
+    texts.write_text(json.dumps({"text": "no address here"}) + "\n")
+    code, err = _main(monkeypatch, capsys, "run", exp, "--out", tmp_path / "run2")
+    assert code == 2 and "Traceback" not in err and err.count("error:") == 1
+    assert err.splitlines()[-1] == ("error: field 'evaluate.ev.data': stage evaluate/ev/base: no target address "
+                                    "occurs in this evaluation's data")
