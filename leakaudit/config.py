@@ -36,9 +36,6 @@ from pydantic import (
 from leakaudit.errors import InputError
 
 FINETUNE_METHODS = ("full", "lora", "dora", "pissa")
-# Until ported: evaluation kinds still run from leakaudit/experiment.py's RUNNERS (not yet in the registry),
-# with their role rules (see EvaluationSpec._needs). The lead removes this once they are registered.
-UNPORTED_EVALUATIONS = ("mia", "user-inference", "pii", "backdoor")
 BUILTIN_DATASETS = ("enron", "enron-synthetic", "dolly")
 # Names become folders under --out: no separators, no '.'/'..', nothing that starts a path or an option.
 SAFE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
@@ -82,23 +79,13 @@ class DatasetSpec(Strict):
         return v
 
 
-def _kind_name(name: str, section: str, also: tuple[str, ...] = ()) -> str:
-    """A registered kind of the section (the did-you-mean message otherwise). `also`: names accepted until
-    ported (evaluations still run from experiment.py), listed among the valid ones."""
-    import difflib
-
+def _kind_name(name: str, section: str) -> str:
+    """A registered kind of the section (the registry's did-you-mean message otherwise)."""
     from leakaudit.kinds import kind_names, unknown_kind_message
 
-    valid = kind_names(section)
-    extra = [n for n in also if n not in valid]
-    if name in valid or name in extra:
+    if name in kind_names(section):
         return name
-    if not extra:
-        raise ValueError(unknown_kind_message(name, section))
-    valid += extra  # until ported: the same message over registered + unported names
-    close = difflib.get_close_matches(name, valid, n=1)
-    hint = f"; did you mean '{close[0]}'?" if close else ""
-    raise ValueError(f"unknown kind '{name}'{hint} valid: {', '.join(valid)}")
+    raise ValueError(unknown_kind_message(name, section))
 
 
 def _missing_roles(spec: BaseModel, kind: str) -> None:
@@ -164,20 +151,11 @@ class EvaluationSpec(Strict):
     @field_validator("kind")
     @classmethod
     def _kind(cls, v: str) -> str:
-        return _kind_name(v, "evaluate", also=UNPORTED_EVALUATIONS)
+        return _kind_name(v, "evaluate")
 
     @model_validator(mode="after")
     def _needs(self) -> EvaluationSpec:
-        from leakaudit.kinds import kind_names
-
-        if self.kind in kind_names("evaluate"):
-            _missing_roles(self, self.kind)
-            return self
-        # until ported: the rules of the evaluations still run from experiment.py
-        if self.kind in ("mia", "user-inference") and (self.members is None or self.nonmembers is None):
-            raise ValueError(f"'{self.kind}' needs 'members' and 'nonmembers'")
-        if self.kind == "user-inference" and self.reference is None:
-            raise ValueError("'user-inference' needs 'reference'")
+        _missing_roles(self, self.kind)
         return self
 
 
