@@ -670,7 +670,7 @@ def run_dataset(ctx: StageContext) -> dict[str, Any]:
     """Load (file or built-in), shuffle with the experiment seed, limit, truncate, split; write JSONL."""
     p = ctx.stage.params
     if p["builtin"] is not None:
-        from leakaudit.demo import builtin_dataset
+        from leakaudit.data.builtin import builtin_dataset
 
         rows = builtin_dataset(p["builtin"], seed=ctx.seed, limit=p["limit"])
     else:
@@ -901,7 +901,7 @@ def run_backdoor_stage(ctx: StageContext) -> dict[str, Any]:
 
         queries = [p.query for p in load_pairs(ctx.data_path(), query_field=opts.pop("query_field", None))]
     else:
-        from leakaudit.demo import dolly
+        from leakaudit.data.builtin import dolly
 
         queries = [r["query"] for r in dolly(None)]
     if opts.get("limit"):
