@@ -1,5 +1,5 @@
 """`leakaudit mia` and `leakaudit user-inference`: thin wrappers that load data and models, run the attacks
-from leakaudit.attacks and write the files docs/attacks.md lists (on the main process only under a launcher)."""
+from leakaudit.attacks and write the files docs/attacks.md lists (only the main process, under a launcher)."""
 
 from __future__ import annotations
 
