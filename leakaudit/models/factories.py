@@ -112,4 +112,3 @@ def random_model_config(name: str):
     return OPTConfig(vocab_size=50272, hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads,
                      ffn_dim=ffn, max_position_embeddings=2048, word_embed_proj_dim=hidden, bos_token_id=0,
                      eos_token_id=0, pad_token_id=0)
-

@@ -61,6 +61,7 @@ def tensor_fingerprint(model: torch.nn.Module) -> str:
         h.update(p.detach().to("cpu").contiguous().view(-1).view(torch.uint8).numpy().tobytes())
     return h.hexdigest()[:32]
 
+
 def _converted_dir(key: str) -> Path:
     return cache_dir() / "models" / key
 
@@ -83,4 +84,3 @@ def build_once(key: str, build) -> Path:
         shutil.rmtree(target, ignore_errors=True)
         tmp.rename(target)
     return target
-

@@ -62,4 +62,3 @@ def gguf_to_safetensors(gguf: Path) -> Path:
         (tmp / "leakaudit_source.json").write_text(json.dumps({"gguf": gguf.name}))
 
     return build_once(key, build)
-

@@ -129,4 +129,3 @@ def _load_random(spec: str, dev: torch.device, dt: torch.dtype, for_training: bo
     model.train(for_training)
     # CPU and CUDA random streams differ, so the weights (and the fingerprint) depend on the device type.
     return LoadedModel(model, tokenizer, spec, f"{spec}:seed0:{dev.type}", dev, dt)
-

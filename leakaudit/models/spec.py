@@ -280,4 +280,3 @@ def adapter_base(path: Path, allow_pickle: bool) -> str:
         inner = exc.message if exc.file is None else f"{exc.file}: {exc.message}"
         raise InputError(f"base model: {inner}", file=cfg_file, field="base_model_name_or_path") from None
     return base
-
