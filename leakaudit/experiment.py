@@ -92,12 +92,12 @@ def _hash(obj: Any) -> str:
 
 def file_identity(path: str | Path) -> str:
     """Content hash of an input file or model dir, so an edited file reruns what reads it."""
-    from leakaudit.models import _file_sha256, dir_fingerprint
+    from leakaudit.models import dir_fingerprint, file_sha256
 
     p = Path(path)
     if p.is_dir():
         return dir_fingerprint(p)
-    return _file_sha256(p)
+    return file_sha256(p)
 
 
 def model_identity(spec: str) -> str:
@@ -517,7 +517,7 @@ def run_dataset(ctx: StageContext) -> dict[str, Any]:
     """Load (file or built-in), shuffle with the experiment seed, limit, truncate, split; write JSONL."""
     p = ctx.stage.params
     if p["builtin"] is not None:
-        from leakaudit.demo import builtin_dataset
+        from leakaudit.data.builtin import builtin_dataset
 
         rows = builtin_dataset(p["builtin"], seed=ctx.seed, limit=p["limit"])
     else:

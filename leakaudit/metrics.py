@@ -33,7 +33,7 @@ class RocMetrics:
     warnings: list[str] = field(default_factory=list)
 
     def to_json(self) -> dict:
-        """The DESIGN.md shape: tpr_at_fpr keys are the FPRs as strings ("0.01", "0.001")."""
+        """The documented shape (docs/attacks.md): tpr_at_fpr keys are the FPRs as strings ("0.01", "0.001")."""
         ci = None if any(math.isnan(x) for x in self.auc_ci) else list(self.auc_ci)  # no bootstrap: null
         return {"auc": self.auc, "auc_ci": ci,
                 "tpr_at_fpr": {_fpr_key(f): v for f, v in self.tpr_at_fpr.items()},

@@ -52,7 +52,7 @@ def perplexity(lm: LoadedModel, texts: Sequence[str], *, batch_size: int | str =
 
 def model_dirs(run_dir: str | Path) -> list[Path]:
     """Every loadable model in a fine-tuning run dir: each checkpoint (in step order), then the final one."""
-    from leakaudit.train.finetune import checkpoint_dirs
+    from leakaudit.train.artifacts import checkpoint_dirs
 
     run = Path(run_dir)
     found = []

@@ -357,19 +357,43 @@ def test_shipped_experiment_files_validate_and_plan(path):
 
 
 def test_builtin_enron_keeps_headers_and_falls_back_to_the_shipped_sample(monkeypatch):
-    from leakaudit import demo
+    from leakaudit.data import builtin
 
     raw = ("Message-ID: <1.JavaMail>\nDate: Mon, 26 Jun 2000\nFrom: a.b@enron.com\nTo: c@d.com\n"
            "Subject: Re: loan\nX-Folder: x\n\nMary,\n\nThe total is $1,140.\n")
-    text, sender = demo.clean_message(raw)
+    text, sender = builtin.clean_message(raw)
     assert text == "From: a.b@enron.com\nTo: c@d.com\nSubject: Re: loan\n\nMary,\n\nThe total is $1,140.\n"
     assert sender == "a.b@enron.com"
-    monkeypatch.setattr(demo, "enron_messages_path", lambda: None)
-    rows = demo.builtin_dataset("enron", seed=3, limit=5)
+    monkeypatch.delenv("LEAKAUDIT_ENRON_MESSAGES", raising=False)
+    rows = builtin.builtin_dataset("enron", seed=3, limit=5)
     assert len(rows) == 5 and {r["source"] for r in rows} == {"enron-sample"}
-    assert rows == demo.builtin_dataset("enron-sample", seed=3, limit=5)  # deterministic for a seed
+    assert rows == builtin.builtin_dataset("enron-sample", seed=3, limit=5)  # deterministic for a seed
     assert all(r["text"].startswith("From: " + r["user"]) for r in rows)
-    assert len(demo.builtin_dataset("enron-sample", seed=0, limit=None)) == 600
-    synthetic = demo.builtin_dataset("enron-synthetic", seed=3, limit=5)
-    assert synthetic == demo.builtin_dataset("enron-synthetic", seed=3, limit=5)
+    assert len(builtin.builtin_dataset("enron-sample", seed=0, limit=None)) == 600
+    synthetic = builtin.builtin_dataset("enron-synthetic", seed=3, limit=5)
+    assert synthetic == builtin.builtin_dataset("enron-synthetic", seed=3, limit=5)
     assert all(r["text"].startswith("From: " + r["user"]) for r in synthetic)
+
+
+def test_builtin_enron_reads_the_full_corpus_the_user_points_at(tmp_path, monkeypatch):
+    """LEAKAUDIT_ENRON_MESSAGES names the full corpus; set to something that is not a file, it is refused
+    (no silent fallback to the sample), and a line without the raw message is refused at its line."""
+    from leakaudit.data import builtin
+
+    corpus = tmp_path / "messages.jsonl"
+    corpus.write_text("".join(json.dumps({"id": f"m{i}", "text": f"From: u{i}@enron.com\nX: y\n\nbody {i}"}) + "\n"
+                              for i in range(3)))
+    monkeypatch.setenv("LEAKAUDIT_ENRON_MESSAGES", str(corpus))
+    rows = builtin.builtin_dataset("enron", seed=0, limit=None)
+    assert sorted(r["id"] for r in rows) == ["m0", "m1", "m2"] and {r["source"] for r in rows} == {"enron"}
+    assert {r["user"] for r in rows} == {"u0@enron.com", "u1@enron.com", "u2@enron.com"}
+    assert len(builtin.builtin_dataset("enron-sample", seed=0, limit=None)) == 600  # the sample ignores it
+    with corpus.open("a") as fh:
+        fh.write(json.dumps({"id": "m3"}) + "\n")
+    with pytest.raises(InputError) as info:
+        builtin.builtin_dataset("enron", seed=0, limit=None)
+    assert info.value.file == str(corpus) and info.value.line == 4
+    monkeypatch.setenv("LEAKAUDIT_ENRON_MESSAGES", str(tmp_path / "missing.jsonl"))
+    with pytest.raises(InputError) as info:
+        builtin.builtin_dataset("enron", seed=0, limit=5)
+    assert info.value.field == "LEAKAUDIT_ENRON_MESSAGES" and info.value.file == str(tmp_path / "missing.jsonl")

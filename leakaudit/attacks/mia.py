@@ -277,7 +277,7 @@ class MiaReport:
     recall_prefix_index: list[int] = field(default_factory=list)  # non-members used as ReCaLL prefix, not scored
 
     def to_json(self) -> dict:
-        """The DESIGN.md `mia.json` shape (plus advantage, warnings)."""
+        """The `mia.json` shape of docs/attacks.md (plus advantage, warnings)."""
         return {"attacks": {name: m.to_json() for name, m in self.metrics.items()},
                 "warnings": list(self.warnings),
                 "recall_prefix_nonmembers": list(self.recall_prefix_index)}

@@ -47,7 +47,7 @@ class LoadableCheckpointCallback(TrainerCallback):
     def on_save(self, args, state, control, **kwargs):
         if not state.is_world_process_zero:
             return
-        from leakaudit.train.finetune import fix_adapter_base, save_loadable
+        from leakaudit.train.artifacts import fix_adapter_base, save_loadable
 
         ckpt = Path(args.output_dir) / f"checkpoint-{state.global_step}"
         if not ckpt.exists():

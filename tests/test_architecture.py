@@ -1,0 +1,117 @@
+"""Package structure: no import cycles among leakaudit's modules, and no paths into a development checkout.
+
+Cycles count every `import leakaudit.x` / `from leakaudit.x import y`, at module level or inside a function:
+a function-level import that closes a cycle only hides the tangle until someone moves it up."""
+
+from __future__ import annotations
+
+import ast
+import graphlib
+from pathlib import Path
+
+PACKAGE = Path(__file__).resolve().parent.parent / "leakaudit"
+
+
+def _module_name(file: Path) -> str:
+    parts = file.relative_to(PACKAGE.parent).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def _modules() -> dict[str, Path]:
+    return {_module_name(f): f for f in sorted(PACKAGE.rglob("*.py"))}
+
+
+def _resolve(name: str, modules: dict[str, Path]) -> str | None:
+    """The module a dotted name refers to: itself, else its longest prefix that is a module."""
+    while name and name not in modules:
+        name = name.rpartition(".")[0]
+    return name or None
+
+
+def _imports(module: str, file: Path, modules: dict[str, Path]) -> set[str]:
+    """leakaudit modules `module` imports anywhere in its file (`from pkg import mod` counts as `pkg.mod`)."""
+    found: set[str] = set()
+    is_package = file.name == "__init__.py"
+    for node in ast.walk(ast.parse(file.read_text(encoding="utf-8"), str(file))):
+        if isinstance(node, ast.Import):
+            targets = [alias.name for alias in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:  # relative: from the module's package, up level-1 more
+                anchor = module.split(".")
+                anchor = anchor[: len(anchor) - node.level + (1 if is_package else 0)]
+                base = ".".join([*anchor, base] if base else anchor)
+            targets = [f"{base}.{alias.name}" for alias in node.names]
+        else:
+            continue
+        for target in targets:
+            if target == "leakaudit" or target.startswith("leakaudit."):
+                resolved = _resolve(target, modules)
+                if resolved and resolved != module:
+                    found.add(resolved)
+    return found
+
+
+def import_graph() -> dict[str, set[str]]:
+    modules = _modules()
+    return {name: _imports(name, file, modules) for name, file in modules.items()}
+
+
+def find_cycles(graph: dict[str, set[str]]) -> list[list[str]]:
+    """Distinct cycles, found one at a time by graphlib and broken at their first edge until none is left."""
+    graph = {k: set(v) for k, v in graph.items()}
+    cycles = []
+    while True:
+        try:
+            graphlib.TopologicalSorter(graph).prepare()
+            return cycles
+        except graphlib.CycleError as exc:
+            cycle = exc.args[1]  # [a, b, ..., a] where each imports... is imported by the previous one
+            cycles.append(cycle)
+            graph[cycle[1]].discard(cycle[0])
+
+
+def test_import_graph_sees_every_import_form():
+    """The graph builder is what the cycle check relies on: it must see each form of import."""
+    graph = import_graph()
+    assert "leakaudit.errors" in graph["leakaudit.models.spec"]  # from leakaudit.errors import X (module level)
+    assert "leakaudit.resources" in graph["leakaudit.models.factories"]  # from leakaudit import resources (in a def)
+    assert "leakaudit.experiment" in graph["leakaudit.demo"]  # from leakaudit.experiment import run_experiment
+    assert "leakaudit.models" in graph["leakaudit.scoring"]  # a package's re-exports go to its __init__
+    assert find_cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) != []
+    assert find_cycles({"a": {"b"}, "b": set(), "c": {"a", "b"}}) == []
+
+
+def test_no_import_cycles():
+    cycles = find_cycles(import_graph())
+    assert not cycles, "import cycles (each module imports the one before it):\n" + "\n".join(
+        " <- ".join(c) for c in cycles)
+
+
+def test_no_paths_into_a_development_checkout():
+    """The installed package must work anywhere: nothing reaches beside the repo for data."""
+    hits = [f"{f.relative_to(PACKAGE.parent)}: {needle.decode()}" for f in sorted(PACKAGE.rglob("*"))
+            if f.is_file() and "__pycache__" not in f.parts for needle in (b"../shared", b"shared/data") if needle in f.read_bytes()]
+    assert not hits, hits
+
+
+def test_the_report_has_no_per_kind_branches():
+    """Each kind draws its own report section and headline (leakaudit/kinds): the report only asks the registry."""
+    hits = [f"{f.name}:{i}" for f in sorted((PACKAGE / "report").glob("*.py"))
+            for i, line in enumerate(f.read_text().splitlines(), start=1) if "kind ==" in line]
+    assert not hits, hits
+
+
+def test_every_experiment_kind_is_registered_and_complete():
+    """The schema, the plan check and the report come from the registry: every kind has typed options that
+    refuse unknown keys, a run method and a Result."""
+    from leakaudit.kinds import get_kind, kind_names
+    from leakaudit.kinds.base import Kind, KindOptions, Result
+
+    assert set(kind_names("evaluate")) == {"mia", "user-inference", "pii", "perplexity", "backdoor"}
+    assert set(kind_names("generate")) == {"continuation", "self-instruct", "replace-pii", "backdoor-mix"}
+    for name in kind_names():
+        kind = get_kind(name)
+        assert type(kind).run is not Kind.run, name
+        assert issubclass(kind.Options, KindOptions) and kind.Options.model_config.get("extra") == "forbid", name
+        assert issubclass(kind.Result, Result), name
