@@ -290,3 +290,44 @@ def test_a_file_where_a_stage_folder_goes_is_refused_before_any_stage(tmp_path, 
     assert code == 2 and err.count("\n") == 1
     assert err.startswith(f"error: {out / 'evaluate'}: field '--out': exists and is not a directory")
     assert not (out / "data").exists()
+
+
+FINETUNE_STUDY = (
+    "name: defenses\n"                       # 1
+    "models:\n"                              # 2
+    "  base: tiny-gpt-neox\n"                # 3
+    "datasets:\n"                            # 4
+    "  d:\n"                                 # 5
+    "    path: data.jsonl\n"                 # 6
+    "finetune:\n"                            # 7
+    "  capped:\n"                            # 8
+    "    model: base\n"                      # 9
+    "    data: d\n"                          # 10
+    "    defenses:\n"                        # 11
+    "      max_samples_per_user: 2\n"        # 12
+)
+
+
+def test_a_per_user_cap_without_users_is_refused_by_both_front_ends(tmp_path, monkeypatch, capsys):
+    """Once a CLI-only rule, skipped in experiment files (where it capped the whole training set as one user):
+    now a FinetuneConfig validator, so `finetune` and `run` refuse it alike, naming the option."""
+    line = _refused(tmp_path, FINETUNE_STUDY, monkeypatch, capsys)
+    assert "exp.yaml:12:" in line and "finetune.capped.defenses.max_samples_per_user" in line
+    assert "needs user_field" in line
+    data = tmp_path / "study" / "data.jsonl"
+    code, err = _run_main(["finetune", "--model", "tiny-gpt-neox", "--data", str(data), "--max-samples-per-user",
+                           "2", "--out", str(tmp_path / "ft")], monkeypatch, capsys)
+    lines = err.strip().splitlines()
+    assert code == 2 and len(lines) == 1 and "Traceback" not in err, err
+    assert "'--max-samples-per-user'" in lines[0] and "needs user_field" in lines[0]
+    assert not (tmp_path / "ft").exists()
+
+
+def test_early_stopping_without_eval_fraction_holds_out_data_in_both_front_ends():
+    """The other CLI-only rule: early stopping needs held-out data, so both front ends hold out 10%."""
+    from leakaudit.train.finetune import FinetuneConfig
+
+    config = FinetuneConfig(model="m", data="d", out="o", early_stopping_patience=2)
+    assert config.eval_fraction == 0.1
+    assert FinetuneConfig(model="m", data="d", out="o", early_stopping_patience=2, eval_fraction=0.2).eval_fraction == 0.2
+    assert FinetuneConfig(model="m", data="d", out="o").eval_fraction == 0.0

@@ -12,6 +12,7 @@ from leakaudit.errors import InputError
 
 
 def _config(**options):
+    from leakaudit.config import pydantic_message
     from leakaudit.train.finetune import FinetuneConfig
 
     try:
@@ -19,7 +20,7 @@ def _config(**options):
     except ValidationError as exc:
         err = exc.errors()[0]
         name = "--" + str(err["loc"][0]).replace("_", "-") if err["loc"] else "option"
-        raise InputError(err["msg"], field=name) from None
+        raise InputError(pydantic_message(err), field=name) from None
 
 
 def register(app: typer.Typer) -> None:
@@ -72,11 +73,6 @@ def register(app: typer.Typer) -> None:
         from leakaudit.outputs import prepare_output
         from leakaudit.train.finetune import finetune as run
 
-        if user_field is None and (max_samples_per_user or dedup_within_user):
-            raise InputError("needs --user-field", field="--max-samples-per-user" if max_samples_per_user
-                             else "--dedup-within-user")
-        if early_stopping_patience and not eval_fraction:
-            eval_fraction = 0.1
         options = {k: v for k, v in locals().items() if k not in ("run", "progress", "prepare_output")}
         options["max_grad_norm"] = max_grad_norm or None
         config = _config(**options)

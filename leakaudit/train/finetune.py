@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
 from leakaudit.data.io import read_rows, write_json
 from leakaudit.distributed import is_main
@@ -90,6 +90,23 @@ class FinetuneConfig(BaseModel):
     def _split_modules(cls, v: Any) -> Any:
         if isinstance(v, str):
             return [m.strip() for m in v.split(",") if m.strip()] or None
+        return v
+
+    @model_validator(mode="before")
+    @classmethod
+    def _early_stopping_holds_out(cls, data: Any) -> Any:
+        """Early stopping needs held-out data to watch: without `eval_fraction` it holds out 10% (before, an
+        experiment file silently trained without stopping)."""
+        if isinstance(data, dict) and data.get("early_stopping_patience") and not data.get("eval_fraction"):
+            data = {**data, "eval_fraction": 0.1}
+        return data
+
+    @field_validator("max_samples_per_user", "dedup_within_user")
+    @classmethod
+    def _per_user_defenses_need_users(cls, v: Any, info: ValidationInfo) -> Any:
+        """A per-user cap or dedup without `user_field` would treat the whole training set as one user."""
+        if v and info.data.get("user_field") is None:
+            raise ValueError("needs user_field (without it the whole training set counts as one user)")
         return v
 
     def fingerprint(self) -> str:
