@@ -1,0 +1,150 @@
+"""Checks before any stage runs: every option against its kind's typed options (FILE:LINE and key path), every
+model spec resolved, the output dir writable. What a newcomer's typo meets in the first second."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+from pydantic import ValidationError
+
+from leakaudit.config import ConfigError, pydantic_message
+from leakaudit.errors import InputError, OptionError
+from leakaudit.experiment.plan import Plan, Stage, stage_dir
+
+
+def check_plan(plan: Plan) -> None:
+    """Fail before any work if a stage kind is not available, or an option is unknown to its API or has a
+    value the API would refuse; the error names the experiment file, line and key path."""
+    for stage in plan.stages.values():
+        try:
+            if stage.kind == "finetune":
+                _finetune_config(stage, "-")
+            elif stage.kind != "dataset":
+                stage_options(stage)
+        except ConfigError as exc:
+            raise plan.exp.error(exc.loc, exc.message) from None
+
+
+def resolve_models(plan: Plan) -> None:
+    """Resolve every model spec of the `models` section (and an adapter's base) before any stage runs, so a
+    typo or a model that is not available fails in the first second, not after the data stage. Each spec is
+    resolved once (tiny and default models are converted on first use, then found in the cache)."""
+    from leakaudit.models import resolve_spec
+
+    done: set[str] = set()
+    for name, spec in plan.exp.models.items():
+        todo = [spec]
+        while todo:
+            one = todo.pop()
+            if one in done:
+                continue
+            done.add(one)
+            try:
+                kind, where = resolve_spec(one)
+                if kind == "adapter":
+                    base = json.loads((Path(where) / "adapter_config.json").read_text()).get("base_model_name_or_path")
+                    if not base:
+                        raise InputError("adapter_config.json has no base_model_name_or_path")
+                    todo.append(base)
+            except InputError as exc:
+                what = f"model '{one}'" if one == spec else f"base model '{one}' of '{spec}'"
+                raise plan.exp.error(("models", name), f"{what}: {exc.message}") from None
+            except (OSError, ValueError) as exc:
+                raise plan.exp.error(("models", name), f"model '{one}': {exc}") from None
+
+
+def prepare_out(plan: Plan, out: Path) -> None:
+    """Create the output dir and make sure every stage folder can be written inside it, before any stage
+    runs: an unwritable --out, a file where a folder is needed or a link out of it fails here."""
+    if out.exists() and not out.is_dir():
+        raise InputError("exists and is not a directory", file=out, field="--out")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe = out / f".write-test-{os.getpid()}"
+        probe.write_text("")
+        probe.unlink()
+    except OSError as exc:
+        raise InputError(f"cannot write the output dir: {exc.strerror or exc}", file=out, field="--out") from None
+    for stage in plan.stages.values():
+        sdir = stage_dir(out, stage)
+        for p in [*reversed(sdir.relative_to(out).parents), sdir.relative_to(out)]:
+            q = out / p
+            if q != out and q.exists() and not q.is_dir():
+                raise InputError("exists and is not a directory (a stage folder goes here)", file=q, field="--out")
+
+
+def _option_loc(stage: Stage, key: Any, section: str = "options", *sub: Any) -> tuple[Any, ...]:
+    """The key path of a stage option in the file: under `grid` when the variant's value came from there."""
+    kind, name = stage.origin
+    if key in stage.overrides:
+        return (kind, name, "grid", key)
+    return (kind, name, section, key, *sub)
+
+
+def _option_kind(stage: Stage) -> str:
+    return stage.params["kind"] if stage.kind == "generate" else stage.kind
+
+
+def stage_options(stage: Stage) -> dict[str, Any]:
+    """A stage's options validated against its API: unknown keys, wrong types, out-of-range values and the
+    API's own checks (attack names, templates, sampling) are ConfigErrors at the option's key path."""
+    kind = _option_kind(stage)
+    registered = _registered(kind)
+    model = registered.Options
+    raw = dict(stage.params.get("options") or {})
+    for key in raw:
+        if key not in model.model_fields:
+            valid = ", ".join(sorted(model.model_fields))
+            raise ConfigError(_option_loc(stage, key), f"unknown option '{key}' for {kind}; valid: {valid}")
+    try:
+        opts = model.model_validate(raw).model_dump(exclude_unset=True)
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        key, *sub = err["loc"]
+        raise ConfigError(_option_loc(stage, key, "options", *(x for x in sub if isinstance(x, int))),
+                          pydantic_message(err)) from None
+    try:
+        registered.check(model.model_validate(raw), stage_roles(stage))
+    except OptionError as exc:
+        key, *sub = exc.loc
+        raise ConfigError(_option_loc(stage, key, "options", *sub), exc.message) from None
+    return opts
+
+
+def _registered(kind: str) -> Any:
+    """The registered kind (leakaudit.kinds) of a generate or evaluate stage."""
+    from leakaudit.kinds import get_kind
+
+    try:
+        return get_kind(kind)
+    except ValueError as exc:
+        raise InputError(str(exc)) from None
+
+
+def stage_roles(stage: Stage) -> set[str]:
+    """The data and model roles an evaluation stage was given (members, reference, ...)."""
+    return {r for r in ("members", "nonmembers", "data", "reference", "baseline", "model")
+            if stage.params.get(r) is not None}
+
+
+def _finetune_config(stage: Stage, out: str) -> Any:
+    """The FinetuneConfig of a variant: options and defenses are its fields (validated by it)."""
+    from pydantic import ValidationError
+
+    from leakaudit.train.finetune import FinetuneConfig as config_cls
+    p = stage.params
+    fields = {**p["options"], **p["defenses"]}
+    fields.setdefault("seed", p.get("seed", 0))
+    try:
+        return config_cls(model=p.get("model_path") or p["model"].get("spec", "-").split("#", 1)[0],
+                          data=str(p.get("data_path", "-")),
+                          method=p["method"], out=out, **fields)
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        key = err["loc"][0] if err["loc"] else "options"
+        section = "defenses" if key in p["defenses"] else "options"
+        msg = "unknown option" if err["type"] == "extra_forbidden" else pydantic_message(err)
+        raise ConfigError(_option_loc(stage, key, section), msg) from None

@@ -1,0 +1,131 @@
+"""The engine: run every stage not finished with its current key (resuming the rest), record the run in
+run.json, then write the report."""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from leakaudit.config import ConfigError, Experiment
+from leakaudit.data.io import write_json
+from leakaudit.errors import InputError
+from leakaudit.experiment.checks import check_plan, prepare_out, resolve_models, stage_roles
+from leakaudit.experiment.plan import Plan, remove_stale, stage_dir
+from leakaudit.experiment.stages import RUNNERS, StageContext, run_kind_stage
+from leakaudit.kinds.base import ModelCache
+
+
+def is_done(stage_dir: Path, key: str) -> dict[str, Any] | None:
+    marker = stage_dir / "stage.json"
+    if not marker.exists():
+        return None
+    try:
+        info = json.loads(marker.read_text())
+    except json.JSONDecodeError:
+        return None
+    return info if info.get("key") == key else None
+
+
+def run_plan(plan: Plan, out: Path, *, log: Callable[[str], None] = print,
+             after_stage: Callable[[dict[str, str]], None] | None = None) -> dict[str, str]:
+    """Run every stage not already finished with its current key. Returns stage id → 'ran' | 'cached'."""
+    out.mkdir(parents=True, exist_ok=True)
+    table = RUNNERS
+    cache = ModelCache()  # the run's loaded models (a fresh one: models on disk may have been retrained)
+    status: dict[str, str] = {}
+    results: dict[str, dict[str, Any]] = {}
+    n = len(plan.stages)
+    for i, stage in enumerate(plan.stages.values(), start=1):
+        sdir = stage_dir(out, stage)
+        done = is_done(sdir, stage.key)
+        if done is not None:
+            results[stage.id] = done["result"]
+            status[stage.id] = "cached"
+            log(f"[{i}/{n}] {stage.id}: cached")
+            continue
+        keyfile = sdir / ".key"
+        if sdir.exists() and (not keyfile.exists() or keyfile.read_text().strip() != stage.key):
+            remove_stale(out, sdir)  # outputs of an older version of this stage: start clean
+        sdir.mkdir(parents=True, exist_ok=True)
+        keyfile.write_text(stage.key)
+        if stage.kind == "finetune":
+            cache.clear()  # free memory for training; nothing loaded so far is needed by it
+        log(f"[{i}/{n}] {stage.id}: running ({stage.kind})")
+        t0 = time.perf_counter()
+        ctx = StageContext(stage, sdir, out, plan, results, cache)
+        try:
+            result = table.get(stage.kind, run_kind_stage)(ctx)
+        except ConfigError as exc:
+            raise plan.exp.error(exc.loc, exc.message) from None
+        except InputError as exc:  # say which stage, and map an API's --option to the experiment's key
+            if exc.file is not None:
+                raise
+            field = exc.field[2:].replace("-", "_") if exc.field and exc.field.startswith("--") else exc.field
+            if field in stage_roles(stage):  # a kind's input role (data, members, ...): its key in the file
+                field = ".".join((*stage.origin, field))
+            raise InputError(f"stage {stage.id}: {exc.message}", field=field) from None
+        seconds = round(time.perf_counter() - t0, 2)
+        write_json(sdir / "stage.json", {"id": stage.id, "kind": stage.kind, "key": stage.key,
+                                          "params": stage.params, "deps": stage.deps, "seconds": seconds,
+                                          "result": result})
+        results[stage.id] = result
+        status[stage.id] = "ran"
+        log(f"[{i}/{n}] {stage.id}: done in {seconds:.1f}s")
+        if after_stage is not None:
+            after_stage(status)
+    return status
+
+
+def write_run_record(plan: Plan, out: Path, config_text: str, status: dict[str, str]) -> Path:
+    """`run.json`: the exact configuration, versions and every stage's result (what the report reads)."""
+    stages = []
+    for stage in plan.stages.values():
+        done = is_done(out / stage.folder, stage.key)
+        stages.append({"id": stage.id, "kind": stage.kind, "folder": stage.folder, "key": stage.key,
+                       "params": stage.params, "status": status.get(stage.id, "done" if done else "pending"),
+                       "seconds": done["seconds"] if done else None,
+                       "result": done["result"] if done else None})
+    record = {"experiment": plan.exp.model_dump(mode="json"), "config_text": config_text,
+              "versions": versions(), "stages": stages}
+    if not plan.exp.report.show_pii:  # the stage folder stays as on disk: the report opens it
+        from leakaudit.data.pii_find import mask_obj
+        record = mask_obj(record, keep={"folder"})
+    write_json(out / "run.json", record)
+    return out / "run.json"
+
+
+def versions() -> dict[str, str]:
+    """Versions of leakaudit and the libraries that change the numbers."""
+    import importlib.metadata as md
+    import platform
+
+    out = {"python": platform.python_version()}
+    for pkg in ("leakaudit", "torch", "transformers", "peft", "tokenizers", "numpy", "scikit-learn"):
+        try:
+            out[pkg] = md.version(pkg)
+        except md.PackageNotFoundError:
+            out[pkg] = "not installed"
+    return out
+
+
+def run_experiment(exp: Experiment, out: str | Path, *, config_text: str = "",
+                   log: Callable[[str], None] = print, report: bool = True) -> dict[str, str]:
+    """Plan, check everything that can be checked without running a stage (options, model specs, the
+    output dir), then run (resuming), record and report an experiment."""
+    out = Path(out)
+    plan = Plan(exp)
+    check_plan(plan)
+    resolve_models(plan)
+    prepare_out(plan, out)
+    write_run_record(plan, out, config_text, {})  # so `leakaudit report` works on a run still in progress
+    status = run_plan(plan, out, log=log, after_stage=lambda st: write_run_record(plan, out, config_text, st))
+    write_run_record(plan, out, config_text, status)
+    if report:
+        from leakaudit.report.html import write_report
+
+        path = write_report(out)
+        log(f"report: {path}")
+    return status

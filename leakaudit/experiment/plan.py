@@ -1,0 +1,204 @@
+"""The plan of an experiment: its stages in run order, each with a key hashing everything that changes its
+outputs, and the folder each stage owns under --out (never outside it). See leakaudit/experiment/__init__.py."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from leakaudit.config import Experiment, expand_grid
+from leakaudit.errors import InputError
+
+STAGE_VERSION = 1
+
+
+@dataclass
+class Stage:
+    """One unit of cached work."""
+
+    id: str
+    kind: str
+    params: dict[str, Any]
+    deps: list[str] = field(default_factory=list)
+    key: str = ""
+    # Not hashed: where the stage comes from in the file (section, name) and its grid overrides, for errors.
+    origin: tuple[str, str] = ("", "")
+    overrides: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def folder(self) -> str:
+        return "/".join(_slug(p) for p in self.id.split("/"))
+
+
+def _slug(part: str) -> str:
+    """A file-system-safe folder name for a stage id part (grid labels contain brackets, commas...);
+    never '.' or '..' (a grid value like 'a/..' splits into such parts)."""
+    slug = re.sub(r"[^A-Za-z0-9._=+-]+", "_", part).strip("_")
+    return slug if slug.strip(".") else "_"
+
+
+def stage_dir(out: Path, stage: Stage) -> Path:
+    """The stage's folder under `out`; refuses one that would resolve outside it (a symlink, a bad name)."""
+    return inside(out, out / stage.folder)
+
+
+def inside(out: Path, path: Path) -> Path:
+    """`path` itself when it resolves strictly inside `out`; else an InputError (nothing is written or deleted)."""
+    root, real = Path(out).resolve(), Path(path).resolve()
+    if real == root or not real.is_relative_to(root):
+        raise InputError(f"resolves to {real}, outside the output dir {root}; refusing to write or delete it",
+                         file=path, field="--out")
+    return path
+
+
+def remove_stale(out: Path, path: Path) -> None:
+    """Delete the outputs of an older version of a stage: the one place the engine deletes a folder, and
+    only ever one inside `out`."""
+    inside(out, path)
+    if path.is_symlink() or not path.is_dir():
+        path.unlink()
+    else:
+        shutil.rmtree(path)
+
+
+def _hash(obj: Any) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def file_identity(path: str | Path) -> str:
+    """Content hash of an input file or model dir, so an edited file reruns what reads it."""
+    from leakaudit.models import dir_fingerprint, file_sha256
+
+    p = Path(path)
+    if p.is_dir():
+        return dir_fingerprint(p)
+    return file_sha256(p)
+
+
+def model_identity(spec: str) -> str:
+    """A model spec as it enters a key: local files by content, names (default, tiny-*, HF ids) as is."""
+    p = Path(spec).expanduser()
+    return f"{spec}#{file_identity(p)}" if p.exists() else spec
+
+
+# ----------------------------------------------------------------------------------------- planning
+class Plan:
+    """The stages of an experiment in run order, with reference resolution."""
+
+    def __init__(self, exp: Experiment):
+        self.exp = exp
+        self.stages: dict[str, Stage] = {}
+        self.finetune_variants: dict[str, list[str]] = {}
+        self._build()
+
+    # references ---------------------------------------------------------------------------
+    def data_stage(self, ref: str) -> tuple[str, str]:
+        """A data reference → (stage id, file name inside the stage dir)."""
+        if ref in self.exp.generate:
+            return f"generate/{ref}", "data.jsonl"
+        name, _, split = ref.partition(".")
+        return f"data/{name}", f"{split or 'all'}.jsonl"
+
+    def model_refs(self, ref: str) -> list[tuple[str, str | None]]:
+        """A model reference → [(label, finetune stage id or None for a plain spec)]."""
+        if ref in self.exp.models:
+            return [(ref, None)]
+        return [(sid.split("/", 1)[1], sid) for sid in self.finetune_variants[ref]]
+
+    def _model_param(self, ref: str | None) -> tuple[Any, list[str]]:
+        if ref is None:
+            return None, []
+        if ref in self.exp.models:
+            return {"spec": model_identity(self.exp.models[ref])}, []
+        sids = self.finetune_variants[ref]
+        if len(sids) != 1:
+            raise InputError(f"'{ref}' is a grid of {len(sids)} variants; name one model here", field=ref)
+        return {"stage": sids[0]}, [sids[0]]
+
+    def _add(self, stage: Stage) -> None:
+        payload = {"v": STAGE_VERSION, "kind": stage.kind, "params": stage.params, "seed": self.exp.seed,
+                   "deps": {d: self.stages[d].key for d in stage.deps}}
+        stage.key = _hash(payload)[:24]
+        self.stages[stage.id] = stage
+
+    # building -----------------------------------------------------------------------------
+    def _build(self) -> None:
+        exp = self.exp
+        for name, ds in exp.datasets.items():
+            params = ds.model_dump()
+            if ds.path is not None:
+                p = Path(ds.path).expanduser()
+                if not p.exists():
+                    raise InputError("data file not found", file=p, field=f"datasets.{name}.path")
+                params["content"] = file_identity(p)
+            params["name"] = name
+            self._add(Stage(f"data/{name}", "dataset", params, origin=("datasets", name)))
+        for name in _generate_order(exp):
+            g = exp.generate[name]
+            params: dict[str, Any] = {"kind": g.kind, "options": g.options}
+            deps: list[str] = []
+            if g.data:
+                sid, fname = self.data_stage(g.data)
+                params["data"] = [sid, fname]
+                deps.append(sid)
+            model, mdeps = self._model_param(g.model)
+            params["model"] = model
+            self._add(Stage(f"generate/{name}", "generate", params, deps + mdeps, origin=("generate", name)))
+        for name, f in exp.finetune.items():
+            self.finetune_variants[name] = []
+            for label, overrides in expand_grid(name, f.grid):
+                options = {**f.options, **{k: v for k, v in overrides.items() if k not in ("method", "model")}}
+                sid, fname = self.data_stage(f.data)
+                model, mdeps = self._model_param(overrides.get("model", f.model))  # a base or a tuned model
+                params = {"model": model, "method": overrides.get("method", f.method), "options": options,
+                          "defenses": f.defenses, "data": [sid, fname]}
+                stage = Stage(f"finetune/{label}", "finetune", params, [sid, *mdeps], origin=("finetune", name),
+                              overrides=overrides)
+                self._add(stage)
+                self.finetune_variants[name].append(stage.id)
+        for name, e in exp.evaluate.items():
+            for label, overrides in expand_grid(name, e.grid):
+                options = {**e.options, **overrides}
+                common: dict[str, Any] = {"options": options}
+                deps: list[str] = []
+                for role in ("members", "nonmembers", "data"):
+                    ref = getattr(e, role)
+                    if ref is not None:
+                        sid, fname = self.data_stage(ref)
+                        common[role] = [sid, fname]
+                        deps.append(sid)
+                for role in ("reference", "baseline"):
+                    model, mdeps = self._model_param(getattr(e, role))
+                    common[role] = model
+                    deps += mdeps
+                for target in e.targets:
+                    for tlabel, tsid in self.model_refs(target):
+                        target_param = {"stage": tsid} if tsid else {"spec": model_identity(exp.models[target])}
+                        params = {**common, "target": target_param, "target_label": tlabel,
+                                  "evaluation": label}
+                        stage = Stage(f"evaluate/{label}/{tlabel}", e.kind, params,
+                                      deps + ([tsid] if tsid else []), origin=("evaluate", name),
+                                      overrides=overrides)
+                        self._add(stage)
+
+
+def _generate_order(exp: Experiment) -> list[str]:
+    """Generate steps with the ones they read from first (cycles were rejected by the config check)."""
+    order: list[str] = []
+
+    def visit(name: str) -> None:
+        if name in order:
+            return
+        ref = exp.generate[name].data
+        if ref in exp.generate:
+            visit(ref)
+        order.append(name)
+
+    for name in exp.generate:
+        visit(name)
+    return order

@@ -1,0 +1,173 @@
+"""What each stage does: the engine's own stages (a dataset, a fine-tuning variant) and every generate or
+evaluate step, which runs its registered kind (leakaudit/kinds) with inputs and models found through the plan."""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from leakaudit.config import ConfigError
+from leakaudit.data.io import load_records, write_jsonl
+from leakaudit.errors import InputError
+from leakaudit.experiment.checks import _finetune_config, _option_kind, stage_options
+from leakaudit.experiment.plan import Plan, Stage
+from leakaudit.kinds.base import ModelCache
+
+
+@dataclass
+class StageContext:
+    """What a stage runner sees: its folder, its params, and where its inputs are."""
+
+    stage: Stage
+    dir: Path
+    out: Path
+    plan: Plan
+    results: dict[str, dict[str, Any]]
+    cache: ModelCache  # the loaded models of this run (owned by run_plan)
+
+    @property
+    def options(self) -> dict[str, Any]:
+        """The stage's options as validated at plan time (types coerced, e.g. a path to a str)."""
+        try:
+            return stage_options(self.stage)
+        except ConfigError as exc:
+            raise self.plan.exp.error(exc.loc, exc.message) from None
+
+    @property
+    def seed(self) -> int:
+        return self.plan.exp.seed
+
+    def data_path(self, role: str = "data") -> Path:
+        sid, fname = self.stage.params[role]
+        return self.out / self.plan.stages[sid].folder / fname
+
+    def model(self, role: str = "target") -> str | None:
+        """A model role → a spec `load_model` understands (a spec string or a fine-tuned model dir)."""
+        param = self.stage.params.get(role)
+        if param is None:
+            return None
+        if "stage" in param:
+            sid = param["stage"]
+            return str(self.out / self.plan.stages[sid].folder / self.results[sid]["model_dir"])
+        return param["spec"].split("#", 1)[0]
+
+
+Runner = Callable[[StageContext], dict[str, Any]]
+
+
+def shuffled(rows: list[Any], seed: int, salt: str) -> list[Any]:
+    rng = random.Random(f"{seed}:{salt}")
+    rows = list(rows)
+    rng.shuffle(rows)
+    return rows
+
+
+def split_rows(rows: list[dict[str, Any]], split: dict[str, float], by: str = "row"
+               ) -> dict[str, list[dict[str, Any]]]:
+    """Disjoint consecutive slices by fraction (rows are shuffled before); `by="user"` slices the users,
+    so every user's rows land in one part (what user inference needs)."""
+    if by == "user":
+        users = list(dict.fromkeys(r.get("user") for r in rows))
+        parts = split_rows([{"user": u} for u in users], split)
+        return {name: [r for r in rows if r.get("user") in {p["user"] for p in part}] for name, part in parts.items()}
+    out, start = {}, 0
+    for name, frac in split.items():
+        n = int(round(frac * len(rows)))
+        out[name] = rows[start:start + n]
+        start += n
+    return out
+
+
+def run_dataset(ctx: StageContext) -> dict[str, Any]:
+    """Load (file or built-in), shuffle with the experiment seed, limit, truncate, split; write JSONL."""
+    p = ctx.stage.params
+    if p["builtin"] is not None:
+        from leakaudit.data.builtin import builtin_dataset
+
+        rows = builtin_dataset(p["builtin"], seed=ctx.seed, limit=p["limit"])
+    else:
+        records = load_records(p["path"], text_field=p["text_field"], id_field=p["id_field"],
+                               user_field=p["user_field"])
+        rows = []
+        for r in records:
+            row = {k: v for k, v in r.extra.items() if k not in ("id", "text", "user")}
+            row.update({"id": r.id, "text": r.text})
+            if r.user is not None:
+                row["user"] = r.user
+            rows.append(row)
+    rows = shuffled(rows, ctx.seed, p["name"])
+    if p["limit"]:
+        rows = rows[:p["limit"]]
+    if p["max_chars"]:
+        for row in rows:
+            row["text"] = row["text"][:p["max_chars"]]
+    write_jsonl(ctx.dir / "all.jsonl", rows)
+    counts = {"all": len(rows)}
+    if p.get("split_by") == "user" and any(not r.get("user") for r in rows):
+        raise InputError("split_by: user needs a user on every row (set user_field)",
+                         field=f"datasets.{p['name']}.user_field")
+    for name, part in split_rows(rows, p["split"], p.get("split_by", "row")).items():
+        if not part:
+            raise InputError(f"split '{name}' is empty ({len(rows)} rows in all)",
+                             field=f"datasets.{p['name']}.split.{name}")
+        write_jsonl(ctx.dir / f"{name}.jsonl", part)
+        counts[name] = len(part)
+    return {"rows": counts}
+
+
+# ----------------------------------------------------------------------------------------- stage runners
+# Each runner adapts one library API to a stage: read inputs from the stage context, write the API's
+# usual output files into the stage dir, return a small JSON result the report and summary.json read.
+
+
+
+
+
+def run_finetune_stage(ctx: StageContext) -> dict[str, Any]:
+    """Fine-tune the base model on the data with the variant's method, options and defenses.
+
+    The trainer checkpoints every epoch inside the stage dir, so a killed stage resumes mid-training.
+    """
+    from leakaudit.perplexity import model_dirs
+    from leakaudit.train.finetune import finetune
+
+    stage = Stage(ctx.stage.id, ctx.stage.kind, {**ctx.stage.params, "data_path": ctx.data_path(),
+                                                   "model_path": ctx.model("model"), "seed": ctx.seed})
+    model_dir = Path(finetune(_finetune_config(stage, str(ctx.dir / "model"))))
+    checkpoints = [str(d.relative_to(ctx.dir)) for d in model_dirs(model_dir) if d != model_dir]
+    return {"model_dir": str(model_dir.relative_to(ctx.dir)), "checkpoints": checkpoints}
+
+
+
+
+def run_kind_stage(ctx: StageContext) -> dict[str, Any]:
+    """Run a registered kind (leakaudit.kinds) on one stage: its inputs and models come from the plan."""
+    from leakaudit.kinds import get_kind
+    from leakaudit.kinds.base import KindContext
+
+    stage = ctx.stage
+    kind = get_kind(_option_kind(stage))
+    options = kind.Options.model_validate(ctx.options)
+    data = {role: ctx.data_path(role) for role in ("members", "nonmembers", "data") if stage.params.get(role)}
+    fields = {role: {"id_field": "id"} for role in data}  # every text file a stage writes has an `id` per row
+    models = {role: ctx.model(role) for role in ("target", "reference", "baseline", "model")
+              if stage.params.get(role) is not None}
+    checkpoints = []
+    target = stage.params.get("target") or {}
+    if "stage" in target:
+        tdir = ctx.out / ctx.plan.stages[target["stage"]].folder
+        checkpoints = [str(tdir / rel) for rel in ctx.results[target["stage"]].get("checkpoints") or []]
+    kctx = KindContext(out=ctx.dir, seed=ctx.seed, data=data, models=models, checkpoints=checkpoints,
+                       data_fields=fields, show_pii=ctx.plan.exp.report.show_pii, cache=ctx.cache,
+                       log=lambda m: None, progress=False)
+    return kind.run(kctx, options).to_json()
+
+
+# The engine's own stages; every other stage (generate steps, evaluations) runs its registered kind.
+RUNNERS: dict[str, Callable[[StageContext], dict[str, Any]]] = {
+    "dataset": run_dataset,
+    "finetune": run_finetune_stage,
+}
