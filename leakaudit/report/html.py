@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import datetime as dt
 import json
-import math
 import re
 from pathlib import Path
 from typing import Any
@@ -20,7 +19,7 @@ from leakaudit.data.pii_find import mask_obj
 from leakaudit.data.pii_find import mask_pii as mask
 from leakaudit.errors import InputError
 from leakaudit.kinds import get_kind, kind_names
-from leakaudit.kinds.base import StageView
+from leakaudit.kinds.base import StageView, fmt
 
 # inline figures: base64 data, never PII, and masking must not touch it
 _DATA_URI = re.compile(r"(data:[\w/+.-]+;base64,[A-Za-z0-9+/=]+)")
@@ -29,14 +28,6 @@ _DATA_URI = re.compile(r"(data:[\w/+.-]+;base64,[A-Za-z0-9+/=]+)")
 def _mask_page(html: str) -> str:
     """Mask every address and phone number in the page's text, leaving inline figures alone."""
     return "".join(part if i % 2 else mask(part) for i, part in enumerate(_DATA_URI.split(html)))
-
-
-def _fmt(x: Any, digits: int = 3) -> str:
-    if x is None or (isinstance(x, float) and not math.isfinite(x)):
-        return "–"
-    if isinstance(x, float):
-        return f"{x:.{digits}f}" if abs(x) < 1000 else f"{x:.4g}"
-    return str(x)
 
 
 # ----------------------------------------------------------------------------------------- headline numbers
@@ -70,7 +61,7 @@ def _headline_table(rows: list[dict[str, Any]]) -> tuple[list[str], list[dict[st
         if col not in cols:
             cols.append(col)
         ci = r["ci"]
-        cell = {"value": _fmt(r["value"]), "ci": f"{_fmt(ci[0])}, {_fmt(ci[1])}" if ci else ""}
+        cell = {"value": fmt(r["value"]), "ci": f"{fmt(ci[0])}, {fmt(ci[1])}" if ci else ""}
         by_variant.setdefault(r["variant"], {})[col] = cell
     return cols, [{"variant": v, "cells": c} for v, c in by_variant.items()]
 
