@@ -21,7 +21,7 @@ from leakaudit.data.builtin import clean_message
 
 SEED = "enron-users:0"
 USERS = 160  # senders drawn
-MIN_PER_USER = 12  # senders with fewer messages are not eligible
+MIN_PER_USER = 12  # senders with fewer distinct (cleaned, truncated) messages are not eligible
 MAX_PER_USER = 24  # a sender with more keeps a seeded choice of this many (so senders contribute 12..24)
 BODY_CHARS = 500  # body truncated (CPU budget of the study)
 DEFAULT_OUT = Path(__file__).resolve().parents[1] / "leakaudit" / "resources" / "enron-users" / "messages.jsonl"
@@ -40,13 +40,16 @@ def draw(source: Path) -> list[dict[str, str]]:
                 continue
             by_user[sender].append({"id": msg["id"], "text": f"{head}\n\n{body[:BODY_CHARS].rstrip()}\n",
                                     "user": sender})
-    rng = random.Random(SEED)
-    eligible = sorted(u for u, rows in by_user.items() if len(rows) >= MIN_PER_USER)
+    kept = {}  # each sender's seeded choice of at most MAX_PER_USER messages, in source order
+    for user, mine in sorted(by_user.items()):
+        pick = random.Random(f"{SEED}:{user}").sample(range(len(mine)), min(MAX_PER_USER, len(mine)))
+        kept[user] = [mine[i] for i in sorted(pick)]
+    # eligible: at least MIN_PER_USER distinct texts among the kept ones (duplicates stay in the rows, but a
+    # held-out attacker sample must be a text the user's training part does not also hold)
+    eligible = sorted(u for u, rows in kept.items() if len({r["text"] for r in rows}) >= MIN_PER_USER)
     rows = []
-    for user in sorted(rng.sample(eligible, min(USERS, len(eligible)))):
-        mine = by_user[user]
-        keep = sorted(rng.sample(range(len(mine)), min(MAX_PER_USER, len(mine))))
-        rows.extend(mine[i] for i in keep)
+    for user in sorted(random.Random(SEED).sample(eligible, min(USERS, len(eligible)))):
+        rows.extend(kept[user])
     return rows
 
 
@@ -58,6 +61,8 @@ def stats(rows: list[dict[str, str]]) -> dict[str, object]:
     return {"users": len(per_user), "messages": len(rows), "per_user_min": counts[0],
             "per_user_median": statistics.median(counts), "per_user_max": counts[-1],
             "users_at_max": sum(1 for c in counts if c == MAX_PER_USER),
+            "users_at_min": sum(1 for c in counts if c == MIN_PER_USER),
+            "distinct_per_user_min": min(len({t for (u, t) in texts if u == user}) for user in per_user),
             "within_user_duplicate_rows": sum(n - 1 for n in texts.values() if n > 1),
             "users_with_duplicates": len({u for (u, _), n in texts.items() if n > 1})}
 
