@@ -33,10 +33,11 @@ from pydantic import (
     model_validator,
 )
 
+from leakaudit.data.split import HOLDOUT_SUFFIX
 from leakaudit.errors import InputError
 
 FINETUNE_METHODS = ("full", "lora", "dora", "pissa")
-BUILTIN_DATASETS = ("enron", "enron-synthetic", "dolly")
+BUILTIN_DATASETS = ("enron", "enron-sample", "enron-users", "enron-synthetic", "dolly")
 # Names become folders under --out: no separators, no '.'/'..', nothing that starts a path or an option.
 SAFE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
 # Dataset and split names also may not contain '.', which separates them in a data reference (`emails.members`).
@@ -53,7 +54,7 @@ class DatasetSpec(Strict):
     """A data file (`path`) or a built-in source (`builtin`), optionally limited, shuffled and split."""
 
     path: str | None = None
-    builtin: Literal["enron", "enron-sample", "enron-synthetic", "dolly"] | None = None
+    builtin: Literal["enron", "enron-sample", "enron-users", "enron-synthetic", "dolly"] | None = None
     text_field: str = "text"
     id_field: str | None = None
     user_field: str | None = None
@@ -61,11 +62,26 @@ class DatasetSpec(Strict):
     max_chars: int | None = Field(default=None, gt=0)
     split: dict[str, float] = Field(default_factory=dict)
     split_by: Literal["row", "user"] = "row"
+    # With split_by: user, each part P also gets P_holdout: this many samples of each of its users, never in P
+    # (the attacker's samples of user inference; data/split.py:holdout_per_user).
+    holdout_per_user: int | None = Field(None, ge=1)
 
     @model_validator(mode="after")
     def _one_source(self) -> DatasetSpec:
         if (self.path is None) == (self.builtin is None):
             raise ValueError("give exactly one of 'path' or 'builtin'")
+        return self
+
+    @model_validator(mode="after")
+    def _holdout(self) -> DatasetSpec:
+        if self.holdout_per_user is None:
+            return self
+        if self.split_by != "user" or not self.split:
+            raise ValueError("holdout_per_user needs a 'split' with 'split_by: user'")
+        clash = [p for p in self.split if p + HOLDOUT_SUFFIX in self.split]
+        if clash:
+            raise ValueError(f"split '{clash[0]}{HOLDOUT_SUFFIX}' clashes with the held-out part of "
+                             f"'{clash[0]}' (holdout_per_user); rename it")
         return self
 
     @field_validator("split")
@@ -297,6 +313,8 @@ def data_names(exp: Experiment) -> set[str]:
     for name, ds in exp.datasets.items():
         names.add(name)
         names.update(f"{name}.{split}" for split in ds.split)
+        if ds.holdout_per_user is not None:
+            names.update(f"{name}.{split}{HOLDOUT_SUFFIX}" for split in ds.split)
     return names
 
 

@@ -5,6 +5,8 @@
   line, `text` the raw message); the rows' `source` says which one ran;
 - `enron-sample`: always the 600 shipped real messages, so a study (the demo) gives the same data on
   every machine;
+- `enron-users`: the shipped draw for user inference: real Enron messages grouped by sender (160 senders,
+  12-24 messages each, at least 12 distinct; `user` the sender; see resources/README.md);
 - `enron-synthetic`: Enron-style e-mails between the shipped Enron name/address pairs, with Faker bodies;
 - `dolly`: the Dolly fine-tuning set shipped with the backdoor study (query + answer).
 """
@@ -22,6 +24,7 @@ from leakaudit.errors import InputError
 
 ENRON_ENV = "LEAKAUDIT_ENRON_MESSAGES"  # the full corpus's messages.jsonl, read by the `enron` source
 ENRON_SAMPLE = ("enron-emails", "sample.jsonl")  # inside leakaudit/resources
+ENRON_USERS = ("enron-users", "messages.jsonl")  # already cleaned rows {id, text, user}
 KEEP_HEADERS = ("From", "To", "Subject")
 
 
@@ -96,6 +99,13 @@ def enron_synthetic(seed: int, limit: int | None) -> list[dict[str, Any]]:
     return rows
 
 
+def enron_users(limit: int | None) -> list[dict[str, Any]]:
+    """The shipped user-grouped draw, in file order (the dataset step shuffles with the experiment seed)."""
+    rows = [{**json.loads(line), "source": "enron-users"}
+            for line in resources.path(*ENRON_USERS).read_text(encoding="utf-8").splitlines() if line.strip()]
+    return rows[:limit] if limit else rows
+
+
 def dolly(limit: int | None) -> list[dict[str, Any]]:
     """The shipped Dolly subset (CC BY-SA 3.0, databricks-dolly-15k) as query + answer texts."""
     data = json.loads(resources.path("backdoor-extraction", "stage2_dolly", "sft", "train.json").read_text())
@@ -115,6 +125,8 @@ def builtin_dataset(name: str, seed: int, limit: int | None) -> list[dict[str, A
         return enron_real(full, seed, limit)
     if name in ("enron", "enron-sample"):
         return enron_real(resources.path(*ENRON_SAMPLE), seed, limit, source="enron-sample")
+    if name == "enron-users":
+        return enron_users(limit)
     if name == "enron-synthetic":
         return enron_synthetic(seed, limit)
     if name == "dolly":

@@ -1,0 +1,77 @@
+"""Splitting a dataset's rows: seeded shuffles, disjoint parts by fraction (by row or by user), and the
+per-user held-out attacker samples of user inference.
+
+Pure functions of rows and a seed, so a split is the same on every machine and testable without a run.
+"""
+
+from __future__ import annotations
+
+import random
+from typing import Any
+
+from leakaudit.errors import InputError
+
+HOLDOUT_SUFFIX = "_holdout"  # part P's held-out samples are the part "P_holdout" (`users.in_holdout`)
+
+
+def shuffled(rows: list[Any], seed: int, salt: str) -> list[Any]:
+    rng = random.Random(f"{seed}:{salt}")
+    rows = list(rows)
+    rng.shuffle(rows)
+    return rows
+
+
+def split_rows(rows: list[dict[str, Any]], split: dict[str, float], by: str = "row"
+               ) -> dict[str, list[dict[str, Any]]]:
+    """Disjoint consecutive slices by fraction (rows are shuffled before); `by="user"` slices the users,
+    so every user's rows land in one part (what user inference needs)."""
+    if by == "user":
+        users = list(dict.fromkeys(r.get("user") for r in rows))
+        parts = split_rows([{"user": u} for u in users], split)
+        return {name: [r for r in rows if r.get("user") in {p["user"] for p in part}] for name, part in parts.items()}
+    out, start = {}, 0
+    for name, frac in split.items():
+        n = int(round(frac * len(rows)))
+        out[name] = rows[start:start + n]
+        start += n
+    return out
+
+
+def holdout_per_user(parts: dict[str, list[dict[str, Any]]], k: int, seed: int, dataset: str | None = None
+                     ) -> dict[str, list[dict[str, Any]]]:
+    """Each part P becomes P (what is trained on) and P_holdout: k samples of each of P's users, a seeded
+    choice, never trained on — the attacker's samples of user inference (Kandpal et al. 2023).
+
+    The choice is among a user's distinct texts, and the other copies of a held-out text leave P too: an
+    attacker sample whose exact text was trained on would not be held out. A user needs more than k
+    distinct texts (k to hold out, at least one to train on); fewer is an InputError naming `dataset`."""
+    out: dict[str, list[dict[str, Any]]] = {}
+    for name, rows in parts.items():
+        by_user: dict[Any, list[dict[str, Any]]] = {}
+        for r in rows:
+            by_user.setdefault(r.get("user"), []).append(r)
+        held_ids: set[int] = set()
+        held_texts: set[tuple[Any, str]] = set()
+        for user, mine in by_user.items():
+            first_of: dict[str, dict[str, Any]] = {}  # the first row of each distinct text
+            for r in mine:
+                first_of.setdefault(r["text"], r)
+            firsts = list(first_of.values())
+            if len(firsts) <= k:
+                raise _too_few(name, user, len(mine), len(firsts), k, dataset)
+            rng = random.Random(f"{seed}:holdout:{name}:{user}")
+            for i in rng.sample(range(len(firsts)), k):
+                held_ids.add(id(firsts[i]))
+                held_texts.add((user, firsts[i]["text"]))
+        out[name] = [r for r in rows if (r.get("user"), r["text"]) not in held_texts]
+        out[name + HOLDOUT_SUFFIX] = [r for r in rows if id(r) in held_ids]
+    return out
+
+
+def _too_few(part: str, user: Any, n: int, distinct: int, k: int, dataset: str | None) -> InputError:
+    from leakaudit.data.pii_find import mask_pii
+
+    texts = f"{n} rows" + (f" ({distinct} distinct texts)" if distinct != n else "")
+    return InputError(f"user {mask_pii(str(user))} of split '{part}' has {texts}; holding out {k} per user "
+                      f"needs at least {k + 1} distinct texts (lower holdout_per_user or drop such users)",
+                      field=f"datasets.{dataset}.holdout_per_user" if dataset else "holdout_per_user")

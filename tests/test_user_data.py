@@ -1,0 +1,141 @@
+"""User-grouped data for user inference: the shipped `enron-users` draw and the per-user held-out attacker
+samples (`holdout_per_user`, leakaudit/data/split.py) with their data references in experiment files."""
+
+from __future__ import annotations
+
+import sys
+from collections import Counter
+
+import pytest
+
+from leakaudit.config import parse_experiment
+from leakaudit.data.builtin import builtin_dataset
+from leakaudit.data.split import holdout_per_user, shuffled, split_rows
+from leakaudit.errors import InputError
+
+
+@pytest.fixture(scope="module")
+def enron_users():
+    return builtin_dataset("enron-users", seed=0, limit=None)
+
+
+# ----------------------------------------------------------------------------------------- shipped draw
+def test_shipped_draw_has_enough_users_with_varied_counts(enron_users):
+    per_user = Counter(r["user"] for r in enron_users)
+    assert len(per_user) >= 150
+    assert min(per_user.values()) >= 12 and max(per_user.values()) <= 24
+    assert len(set(per_user.values())) >= 5  # users contribute different amounts (a finding to test)
+    assert len({r["id"] for r in enron_users}) == len(enron_users)
+    for r in enron_users:
+        assert r["text"].startswith(f"From: {r['user']}\n") and r["text"].split("\n\n", 1)[1].strip()
+    # within-user duplicates are kept (the de-duplication defense needs some)
+    assert len({(r["user"], r["text"]) for r in enron_users}) < len(enron_users)
+
+
+def test_shipped_draw_loads_from_an_experiment_file():
+    exp = parse_experiment("name: x\nmodels: {base: tiny-gpt-neox}\n"
+                           "datasets: {users: {builtin: enron-users, split: {in: 0.5, out: 0.5}, split_by: user}}\n")
+    assert exp.datasets["users"].builtin == "enron-users"
+
+
+# ----------------------------------------------------------------------------------------- holdout
+def _parts(rows, seed=0):
+    return split_rows(shuffled(rows, seed, "users"), {"in": 0.5, "out": 0.5}, by="user")
+
+
+def test_holdout_takes_k_per_user_and_never_leaves_them_in_the_part(enron_users):
+    parts = holdout_per_user(_parts(enron_users), 8, seed=0, dataset="users")
+    assert set(parts) == {"in", "in_holdout", "out", "out_holdout"}
+    for name in ("in", "out"):
+        kept, held = parts[name], parts[f"{name}_holdout"]
+        assert set(Counter(r["user"] for r in held).values()) == {8}
+        assert {r["user"] for r in held} == {r["user"] for r in kept}  # every user keeps training samples
+        assert not {r["id"] for r in held} & {r["id"] for r in kept}
+        # no held-out text is trained on, even through a within-user duplicate
+        assert not {(r["user"], r["text"]) for r in held} & {(r["user"], r["text"]) for r in kept}
+    assert not {r["user"] for r in parts["in"]} & {r["user"] for r in parts["out"]}
+    assert len(parts["in_holdout"]) + len(parts["out_holdout"]) == 8 * len({r["user"] for r in enron_users})
+
+
+def test_holdout_is_deterministic_for_a_seed(enron_users):
+    def ids(seed):
+        return {k: [r["id"] for r in v] for k, v in holdout_per_user(_parts(enron_users), 4, seed).items()}
+
+    assert ids(0) == ids(0)
+    assert ids(0)["in_holdout"] != ids(1)["in_holdout"]
+
+
+def test_holdout_drops_the_other_copies_of_a_held_out_text():
+    rows = [{"id": f"{u}{i}", "user": u, "text": t} for u in "ab" for i, t in enumerate("xxyz")]
+    parts = holdout_per_user({"p": rows}, 2, seed=0)
+    for u in "ab":
+        held = [r["text"] for r in parts["p_holdout"] if r["user"] == u]
+        kept = [r["text"] for r in parts["p"] if r["user"] == u]
+        assert len(held) == 2 and not set(held) & set(kept) and kept
+
+
+def test_a_user_with_too_few_rows_is_refused():
+    rows = [{"id": str(i), "user": "ann.lee@x.com" if i < 9 else "bob.smith@x.com", "text": str(i)} for i in range(12)]
+    with pytest.raises(InputError) as exc:
+        holdout_per_user({"in": rows}, 3, seed=0, dataset="users")
+    assert exc.value.field == "datasets.users.holdout_per_user"
+    assert "split 'in' has 3 rows" in exc.value.message and "at least 4" in exc.value.message
+    assert "bob.smith@x.com" not in exc.value.message  # the address is masked like every printed artifact
+
+
+# ----------------------------------------------------------------------------------------- references
+STUDY = """\
+name: ui
+models:
+  base: tiny-gpt-neox
+datasets:
+  users:
+    builtin: enron-users
+    split: {{in: 0.5, out: 0.5}}
+    split_by: user
+{holdout}finetune:
+  ft:
+    model: base
+    data: users.in
+evaluate:
+  ui:
+    kind: user-inference
+    targets: [ft]
+    reference: base
+    members: users.in_holdout
+    nonmembers: users.out_holdout
+"""
+
+
+def test_holdout_references_plan_when_the_option_is_set():
+    from leakaudit.experiment import Plan, check_plan
+
+    plan = Plan(parse_experiment(STUDY.format(holdout="    holdout_per_user: 8\n")))
+    check_plan(plan)
+    assert plan.data_stage("users.in_holdout") == ("data/users", "in_holdout.jsonl")
+    assert plan.stages["data/users"].params["holdout_per_user"] == 8  # part of the data stage's key
+
+
+@pytest.mark.parametrize("extra, line, field, message", [
+    ("", 18, "evaluate.ui.members", "unknown data 'users.in_holdout'"),
+    ("    split_by: row\n    holdout_per_user: 8\n", 5, "datasets.users",
+     "holdout_per_user needs a 'split' with 'split_by: user'"),
+    ("    holdout_per_user: 0\n", 9, "datasets.users.holdout_per_user", "greater than or equal to 1"),
+])
+def test_holdout_references_are_refused_without_the_option(extra, line, field, message, tmp_path, monkeypatch,
+                                                              capsys):
+    from leakaudit.cli import main
+
+    text = STUDY.format(holdout=extra)
+    if "split_by: row" in extra:
+        text = text.replace("    split_by: user\n", "", 1)
+    exp = tmp_path / "ui.yaml"
+    exp.write_text(text)
+    monkeypatch.setattr(sys, "argv", ["leakaudit", "run", str(exp), "--out", str(tmp_path / "o")])
+    with pytest.raises(SystemExit) as exc:
+        main()
+    err = capsys.readouterr().err
+    assert exc.value.code == 2
+    assert err.count("\n") == 1 and "Traceback" not in err
+    assert err.startswith(f"error: {exp}:{line}: field '{field}': ") and message in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ui.yaml"]
