@@ -139,3 +139,22 @@ def test_holdout_references_are_refused_without_the_option(extra, line, field, m
     assert err.count("\n") == 1 and "Traceback" not in err
     assert err.startswith(f"error: {exp}:{line}: field '{field}': ") and message in err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ui.yaml"]
+
+
+def test_the_dataset_stage_writes_the_held_out_parts(tmp_path):
+    """End to end through the engine: `users.in` (training) and `users.in_holdout` (the attacker's samples) hold
+    the same users and no shared text; every in-user keeps training rows."""
+    import json
+
+    from leakaudit.experiment import run_experiment
+
+    exp = parse_experiment("name: u\nmodels: {base: tiny-gpt-neox}\ndatasets:\n  users:\n    builtin: enron-users\n"
+                           "    split: {in: 0.5, out: 0.5}\n    split_by: user\n    holdout_per_user: 8\n")
+    run_experiment(exp, tmp_path, report=False, log=lambda m: None)
+    read = {p: [json.loads(x) for x in (tmp_path / "data/users" / f"{p}.jsonl").read_text().splitlines()]
+            for p in ("in", "in_holdout", "out", "out_holdout")}
+    users_in = {r["user"] for r in read["in"]}
+    assert users_in == {r["user"] for r in read["in_holdout"]}
+    assert not users_in & {r["user"] for r in read["out_holdout"]}
+    assert not {r["text"] for r in read["in"]} & {r["text"] for r in read["in_holdout"]}
+    assert set(Counter(r["user"] for r in read["in_holdout"]).values()) == {8}

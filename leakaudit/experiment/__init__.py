@@ -17,6 +17,7 @@ runs), `stages.py` (what each stage does; generate and evaluate steps run their 
 resume, run.json, report).
 """
 
+from leakaudit.data.split import shuffled, split_rows
 from leakaudit.experiment.checks import check_plan, prepare_out, resolve_models, stage_options
 from leakaudit.experiment.engine import is_done, run_experiment, run_plan, versions, write_run_record
 from leakaudit.experiment.plan import (
@@ -28,7 +29,7 @@ from leakaudit.experiment.plan import (
            remove_stale,
            stage_dir,
 )
-from leakaudit.experiment.stages import RUNNERS, StageContext, run_kind_stage, shuffled, split_rows
+from leakaudit.experiment.stages import RUNNERS, StageContext, run_kind_stage
 
 __all__ = ["RUNNERS", "Plan", "Stage", "StageContext", "check_plan", "file_identity", "inside", "is_done",
            "model_identity", "prepare_out", "remove_stale", "resolve_models", "run_experiment", "run_kind_stage",

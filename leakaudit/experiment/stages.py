@@ -3,7 +3,6 @@ evaluate step, which runs its registered kind (leakaudit/kinds) with inputs and 
 
 from __future__ import annotations
 
-import random
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -11,6 +10,7 @@ from typing import Any
 
 from leakaudit.config import ConfigError
 from leakaudit.data.io import load_records, write_jsonl
+from leakaudit.data.split import holdout_per_user, shuffled, split_rows
 from leakaudit.errors import InputError
 from leakaudit.experiment.checks import _finetune_config, _option_kind, stage_options
 from leakaudit.experiment.plan import Plan, Stage
@@ -58,29 +58,6 @@ class StageContext:
 Runner = Callable[[StageContext], dict[str, Any]]
 
 
-def shuffled(rows: list[Any], seed: int, salt: str) -> list[Any]:
-    rng = random.Random(f"{seed}:{salt}")
-    rows = list(rows)
-    rng.shuffle(rows)
-    return rows
-
-
-def split_rows(rows: list[dict[str, Any]], split: dict[str, float], by: str = "row"
-               ) -> dict[str, list[dict[str, Any]]]:
-    """Disjoint consecutive slices by fraction (rows are shuffled before); `by="user"` slices the users,
-    so every user's rows land in one part (what user inference needs)."""
-    if by == "user":
-        users = list(dict.fromkeys(r.get("user") for r in rows))
-        parts = split_rows([{"user": u} for u in users], split)
-        return {name: [r for r in rows if r.get("user") in {p["user"] for p in part}] for name, part in parts.items()}
-    out, start = {}, 0
-    for name, frac in split.items():
-        n = int(round(frac * len(rows)))
-        out[name] = rows[start:start + n]
-        start += n
-    return out
-
-
 def run_dataset(ctx: StageContext) -> dict[str, Any]:
     """Load (file or built-in), shuffle with the experiment seed, limit, truncate, split; write JSONL."""
     p = ctx.stage.params
@@ -109,7 +86,10 @@ def run_dataset(ctx: StageContext) -> dict[str, Any]:
     if p.get("split_by") == "user" and any(not r.get("user") for r in rows):
         raise InputError("split_by: user needs a user on every row (set user_field)",
                          field=f"datasets.{p['name']}.user_field")
-    for name, part in split_rows(rows, p["split"], p.get("split_by", "row")).items():
+    parts = split_rows(rows, p["split"], p.get("split_by", "row"))
+    if p.get("holdout_per_user"):  # the attacker's samples of each user, never in that user's training part
+        parts = holdout_per_user(parts, p["holdout_per_user"], ctx.seed, p["name"])
+    for name, part in parts.items():
         if not part:
             raise InputError(f"split '{name}' is empty ({len(rows)} rows in all)",
                              field=f"datasets.{p['name']}.split.{name}")
