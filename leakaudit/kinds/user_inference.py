@@ -127,7 +127,7 @@ class UserInferenceResult(Result):
         figures += _vulnerability_figures(stages, groups)
         tables = [
             {"header": ["variant", "evaluation", "m", "user AUC", "95% CI", "TPR@1%FPR", "users in", "users out",
-                        "ρ(score, n_train) [CI] (n)", "ρ(score, ref NLL) [CI] (n)"], "rows": table},
+                        "ρ(score, n_train) [CI], n", "ρ(score, ref NLL) [CI], n"], "rows": table},
             {"header": ["variant", "evaluation", *(f"AUC m={m}" for m in order)], "rows": by_m_rows}]
         comparisons = cls.comparisons(stages)
         if comparisons:
@@ -194,7 +194,7 @@ def _auc_text(m: dict[str, Any] | None) -> str:
 def _rho_text(v: dict[str, Any] | None) -> str:
     if not v:
         return "–"
-    return f"{fmt(v.get('rho'))} [{_ci_text(v.get('ci'))}] ({v.get('n', 0)})"
+    return f"{fmt(v.get('rho'))} [{_ci_text(v.get('ci'))}], n = {v.get('n', 0)}"
 
 
 def _score_at(row: dict[str, Any], m: str) -> float | None:
