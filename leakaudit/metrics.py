@@ -24,7 +24,7 @@ class RocMetrics:
 
     auc: float
     auc_ci: tuple[float, float]
-    tpr_at_fpr: dict[float, float]
+    tpr_at_fpr: dict[float, float | None]  # None: fewer than 1/FPR non-members, so that FPR is not resolved
     advantage: float
     fpr: np.ndarray
     tpr: np.ndarray
@@ -33,10 +33,12 @@ class RocMetrics:
     warnings: list[str] = field(default_factory=list)
 
     def to_json(self) -> dict:
-        """The documented shape (docs/attacks.md): tpr_at_fpr keys are the FPRs as strings ("0.01", "0.001")."""
+        """The documented shape (docs/attacks.md): tpr_at_fpr keys are the FPRs as strings ("0.01", "0.001"),
+        values null where too few non-members resolve that FPR (`tpr_needs_nonmembers` says how many)."""
         ci = None if any(math.isnan(x) for x in self.auc_ci) else list(self.auc_ci)  # no bootstrap: null
         return {"auc": self.auc, "auc_ci": ci,
                 "tpr_at_fpr": {_fpr_key(f): v for f, v in self.tpr_at_fpr.items()},
+                "tpr_needs_nonmembers": {_fpr_key(f): needed_negatives(f) for f in self.tpr_at_fpr},
                 "advantage": self.advantage, "n_members": self.n_pos, "n_nonmembers": self.n_neg,
                 "warnings": list(self.warnings)}
 
@@ -60,6 +62,18 @@ def _check(scores, labels) -> tuple[np.ndarray, np.ndarray]:
     return s, y
 
 
+def needed_negatives(fpr: float) -> int:
+    """Non-members needed before a false-positive rate `fpr` is resolved at all (one false positive = 1/n)."""
+    return math.ceil(1 / fpr - 1e-9)
+
+
+def tpr_text(value: float | None, needed: int | None, unit: str = "non-members", digits: int = 3) -> str:
+    """A TPR at low FPR as the report and CLI show it: 'n/a (needs ≥ N non-members)' when not resolved."""
+    if value is None:
+        return f"n/a (needs ≥ {needed} {unit})" if needed else "n/a"
+    return f"{value:.{digits}f}"
+
+
 def tpr_at_fpr(fpr: np.ndarray, tpr: np.ndarray, target: float) -> float:
     """Highest TPR over thresholds whose FPR does not exceed `target` (no interpolation)."""
     ok = fpr <= target + 1e-12
@@ -71,7 +85,8 @@ def roc_metrics(scores: Sequence[float], labels: Sequence[int], n_bootstrap: int
     """ROC curve, AUC with a percentile bootstrap CI (members and non-members resampled separately),
     TPR at each FPR in `fprs`, and attacker advantage max_t (TPR - FPR).
 
-    A TPR at FPR f needs at least 1/f non-members to mean anything; with fewer the result carries a warning.
+    A TPR at FPR f needs at least 1/f non-members to mean anything; with fewer it is None and the result
+    carries a warning.
     """
     from sklearn.metrics import roc_auc_score, roc_curve
 
@@ -79,10 +94,11 @@ def roc_metrics(scores: Sequence[float], labels: Sequence[int], n_bootstrap: int
     fpr, tpr, _ = roc_curve(y, s, drop_intermediate=False)
     auc = float(roc_auc_score(y, s))
     n_pos, n_neg = int(y.sum()), int(len(y) - y.sum())
-    warnings = [f"only {n_neg} non-members: TPR at FPR {f:g} needs at least {math.ceil(1 / f)} to be resolved"
-                for f in fprs if n_neg < math.ceil(1 / f - 1e-9)]
+    warnings = [f"only {n_neg} non-members: TPR at FPR {f:g} needs at least {needed_negatives(f)} to be resolved"
+                for f in fprs if n_neg < needed_negatives(f)]
     lo, hi = bootstrap_auc_ci(s, y, n_bootstrap, seed, ci) if n_bootstrap > 0 else (float("nan"), float("nan"))
-    return RocMetrics(auc=auc, auc_ci=(lo, hi), tpr_at_fpr={float(f): tpr_at_fpr(fpr, tpr, f) for f in fprs},
+    tprs = {float(f): tpr_at_fpr(fpr, tpr, f) if n_neg >= needed_negatives(f) else None for f in fprs}
+    return RocMetrics(auc=auc, auc_ci=(lo, hi), tpr_at_fpr=tprs,
                       advantage=float(np.max(tpr - fpr)), fpr=fpr, tpr=tpr, n_pos=n_pos, n_neg=n_neg,
                       warnings=warnings)
 
@@ -113,6 +129,85 @@ def bootstrap_auc_ci(scores: np.ndarray, labels: np.ndarray, n_bootstrap: int = 
     all_aucs = np.concatenate(aucs)
     alpha = (1 - ci) / 2
     return float(np.quantile(all_aucs, alpha)), float(np.quantile(all_aucs, 1 - alpha))
+
+
+def _auc_rows(scores: np.ndarray, labels: np.ndarray) -> np.ndarray:
+    """AUC of each row of `scores` against the same row of `labels` (class sizes may differ by row; a row
+    with one class gives NaN), by tie-averaged ranks."""
+    from scipy.stats import rankdata
+
+    ranks = rankdata(scores, axis=1)
+    n_pos = labels.sum(axis=1).astype(np.float64)
+    n_neg = labels.shape[1] - n_pos
+    u = (ranks * labels).sum(axis=1) - n_pos * (n_pos + 1) / 2
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where((n_pos > 0) & (n_neg > 0), u / (n_pos * n_neg), np.nan)
+
+
+def _percentile_ci(values: np.ndarray, ci: float) -> list[float] | None:
+    values = values[np.isfinite(values)]
+    if values.size == 0:
+        return None
+    alpha = (1 - ci) / 2
+    return [float(np.quantile(values, alpha)), float(np.quantile(values, 1 - alpha))]
+
+
+def paired_auc_difference(scores_a: Sequence[float], scores_b: Sequence[float], labels: Sequence[int],
+                          n_bootstrap: int = 1000, seed: int = 0, ci: float = 0.95) -> dict:
+    """AUC(b) − AUC(a) on the same items (e.g. the same users attacked on two models) with a paired
+    percentile bootstrap: each resample draws items once and scores both a and b on it, so what the two share
+    (which users are easy) cancels. Resamples left with one class are skipped.
+
+    Returns {delta, ci ([lo, hi], None without resamples), auc_a, auc_b, n, n_pos, n_neg, n_bootstrap (used)}.
+    """
+    a, y = _check(scores_a, labels)
+    b, _ = _check(scores_b, labels)  # both the length of labels
+    auc_a, auc_b = (float(v) for v in _auc_rows(np.stack([a, b]), np.stack([y, y])))
+    rng = np.random.default_rng(seed)
+    deltas = []
+    rows = max(1, 1_000_000 // max(len(y), 1))  # bounded memory per chunk
+    for start in range(0, n_bootstrap, rows):
+        idx = rng.integers(0, len(y), size=(min(rows, n_bootstrap - start), len(y)))
+        deltas.append(_auc_rows(b[idx], y[idx]) - _auc_rows(a[idx], y[idx]))
+    d = np.concatenate(deltas) if deltas else np.empty(0)
+    n_pos = int(y.sum())
+    return {"delta": auc_b - auc_a, "ci": _percentile_ci(d, ci), "auc_a": auc_a, "auc_b": auc_b, "n": len(y),
+            "n_pos": n_pos, "n_neg": len(y) - n_pos, "n_bootstrap": int(np.isfinite(d).sum())}
+
+
+def spearman_with_ci(x: Sequence[float], y: Sequence[float], n_bootstrap: int = 1000, seed: int = 0,
+                     ci: float = 0.95) -> dict:
+    """Spearman rank correlation of paired values with a percentile bootstrap CI over pairs (resamples where
+    either side is constant are skipped). {rho, ci, n}; rho None with fewer than 3 pairs or a constant side."""
+    from scipy.stats import rankdata
+
+    xs, ys = np.asarray(x, dtype=np.float64), np.asarray(y, dtype=np.float64)
+    if xs.shape != ys.shape or xs.ndim != 1:
+        raise ValueError(f"x and y must be 1-D of equal length (got {xs.shape} and {ys.shape})")
+    ok = np.isfinite(xs) & np.isfinite(ys)
+    xs, ys = xs[ok], ys[ok]
+    n = len(xs)
+
+    def rho_rows(px: np.ndarray, py: np.ndarray) -> np.ndarray:
+        rx, ry = rankdata(px, axis=1), rankdata(py, axis=1)
+        rx -= rx.mean(axis=1, keepdims=True)
+        ry -= ry.mean(axis=1, keepdims=True)
+        den = np.sqrt((rx * rx).sum(axis=1) * (ry * ry).sum(axis=1))
+        with np.errstate(invalid="ignore", divide="ignore"):
+            return np.where(den > 0, (rx * ry).sum(axis=1) / den, np.nan)
+
+    if n < 3:
+        return {"rho": None, "ci": None, "n": n}
+    rho = float(rho_rows(xs[None], ys[None])[0])
+    if not math.isfinite(rho):
+        return {"rho": None, "ci": None, "n": n}
+    rng = np.random.default_rng(seed)
+    rhos = []
+    rows = max(1, 1_000_000 // n)
+    for start in range(0, n_bootstrap, rows):
+        idx = rng.integers(0, n, size=(min(rows, n_bootstrap - start), n))
+        rhos.append(rho_rows(xs[idx], ys[idx]))
+    return {"rho": rho, "ci": _percentile_ci(np.concatenate(rhos), ci) if rhos else None, "n": n}
 
 
 def binomial_ci(k: int, n: int, alpha: float = 0.05) -> tuple[float, float]:

@@ -7,23 +7,36 @@ import pytest
 from scipy.stats import binomtest
 from sklearn.metrics import roc_auc_score, roc_curve
 
-from leakaudit.metrics import _auc_by_ranks, binomial_ci, plot_roc, roc_metrics, tpr_at_fpr
+from leakaudit.metrics import (
+    _auc_by_ranks,
+    binomial_ci,
+    paired_auc_difference,
+    plot_roc,
+    roc_metrics,
+    spearman_with_ci,
+    tpr_at_fpr,
+    tpr_text,
+)
 
 
 def test_small_hand_made_list():
     # members 0.9 0.8 0.7 0.4, non-members 0.6 0.5 0.3 0.2 0.1: 18 of 20 pairs ordered -> AUC 0.9;
     # three members above every non-member -> TPR 0.75 at FPR 0; advantage max(0.75-0, 1-0.4) = 0.75.
+    # Five non-members resolve no FPR below 20%: TPR at 1% and 0.1% are not numbers (None, shown "n/a").
     scores = [0.9, 0.8, 0.7, 0.4, 0.6, 0.5, 0.3, 0.2, 0.1]
     labels = [1, 1, 1, 1, 0, 0, 0, 0, 0]
     m = roc_metrics(scores, labels, n_bootstrap=200)
     assert m.auc == pytest.approx(0.9)
-    assert m.tpr_at_fpr[0.01] == pytest.approx(0.75)
-    assert m.tpr_at_fpr[0.001] == pytest.approx(0.75)
+    assert m.tpr_at_fpr == {0.01: None, 0.001: None}
+    assert tpr_at_fpr(m.fpr, m.tpr, 0.01) == pytest.approx(0.75)
     assert m.advantage == pytest.approx(0.75)
     assert (m.n_pos, m.n_neg) == (4, 5)
     assert len(m.warnings) == 2 and "only 5 non-members" in m.warnings[0]
     js = m.to_json()
-    assert set(js["tpr_at_fpr"]) == {"0.01", "0.001"}
+    assert js["tpr_at_fpr"] == {"0.01": None, "0.001": None}
+    assert js["tpr_needs_nonmembers"] == {"0.01": 100, "0.001": 1000}
+    assert tpr_text(js["tpr_at_fpr"]["0.01"], 100, "non-member users") == "n/a (needs ≥ 100 non-member users)"
+    assert tpr_text(0.25, 100) == "0.250"
     assert js["n_members"] == 4 and js["n_nonmembers"] == 5
 
 
@@ -34,8 +47,9 @@ def test_tpr_at_one_percent_hand_made():
     pos = [1000.0] * 10 + [198.5] * 20 + [197.5] * 30 + [196.5] * 40
     m = roc_metrics(pos + neg, [1] * 100 + [0] * 200, n_bootstrap=100)
     assert m.tpr_at_fpr[0.01] == pytest.approx(0.6)
-    assert m.tpr_at_fpr[0.001] == pytest.approx(0.1)
+    assert tpr_at_fpr(m.fpr, m.tpr, 0.001) == pytest.approx(0.1)
     # 200 non-members resolve FPR 1% but not 0.1%
+    assert m.tpr_at_fpr[0.001] is None
     assert len(m.warnings) == 1 and "0.001" in m.warnings[0]
 
 
@@ -105,3 +119,47 @@ def test_without_bootstrap_the_ci_is_null_in_json():
 
     m = roc_metrics([0.9, 0.8, 0.3, 0.1], [1, 0, 1, 0], n_bootstrap=0)
     assert json.loads(json.dumps(m.to_json(), allow_nan=False))["auc_ci"] is None
+
+
+def test_paired_auc_difference_b_better_on_every_pair():
+    # a orders only half the member/non-member pairs right (AUC 0.5), b orders all of them (AUC 1): on every
+    # resample with both classes b is at least as good, and strictly better on most -> the CI lies above 0.
+    labels = [1] * 10 + [0] * 10
+    a = [i % 2 for i in range(20)]                      # ties everywhere: AUC 0.5
+    b = [10 + i for i in range(10)] + list(range(10))   # members above every non-member: AUC 1
+    d = paired_auc_difference(a, b, labels, n_bootstrap=500, seed=1)
+    assert d["auc_a"] == pytest.approx(0.5) and d["auc_b"] == pytest.approx(1.0)
+    assert d["delta"] == pytest.approx(0.5)
+    assert d["ci"][0] > 0 and d["ci"][1] <= 1
+    assert (d["n"], d["n_pos"], d["n_neg"]) == (20, 10, 10) and 0 < d["n_bootstrap"] <= 500
+    # the same resamples: swapping a and b mirrors the interval exactly
+    r = paired_auc_difference(b, a, labels, n_bootstrap=500, seed=1)
+    assert r["delta"] == pytest.approx(-0.5) and r["ci"] == pytest.approx([-d["ci"][1], -d["ci"][0]])
+
+
+def test_paired_auc_difference_identical_scores_and_skipped_one_class_resamples():
+    rng = np.random.default_rng(0)
+    s = rng.normal(size=6)
+    labels = [1, 0, 0, 0, 0, 0]  # one member in six: many resamples miss it and are skipped
+    d = paired_auc_difference(s, s, labels, n_bootstrap=300)
+    assert d["delta"] == 0 and d["ci"] == [0.0, 0.0]
+    assert d["n_bootstrap"] < 300  # about (5/6)^6 = 33% of resamples hold no member
+    assert paired_auc_difference(s, s, labels, n_bootstrap=0)["ci"] is None
+    with pytest.raises(ValueError, match="equal length"):
+        paired_auc_difference([1, 2], [1, 2, 3], [1, 0])
+
+
+def test_spearman_with_ci():
+    x = np.arange(30.0)
+    up = spearman_with_ci(x, np.exp(x / 5), n_bootstrap=200)  # monotone, not linear
+    assert up["rho"] == pytest.approx(1.0) and up["n"] == 30 and up["ci"] == pytest.approx([1.0, 1.0])
+    assert spearman_with_ci(x, -x**3, n_bootstrap=50)["rho"] == pytest.approx(-1.0)
+    from scipy.stats import spearmanr
+
+    rng = np.random.default_rng(3)
+    a, b = rng.normal(size=40), np.round(rng.normal(size=40), 0)  # ties on one side
+    r = spearman_with_ci(a + b, b, n_bootstrap=300, seed=2)
+    assert r["rho"] == pytest.approx(spearmanr(a + b, b).statistic)
+    assert r["ci"][0] < r["rho"] < r["ci"][1]
+    assert spearman_with_ci([1, 2], [2, 1])["rho"] is None  # too few pairs
+    assert spearman_with_ci([1, 2, 3], [5, 5, 5])["rho"] is None  # one side constant

@@ -146,3 +146,142 @@ def test_user_inference_cli(tmp_path, monkeypatch, capsys):
     assert code == 2 and err.strip().startswith("error: ") and "users.jsonl:4: field 'who'" in err, err
     code, err = run("--data", str(data), "--samples-per-user", "0", "--out", str(tmp_path / "o2"))
     assert code == 2 and "field '--samples-per-user'" in err
+
+
+# ----------------------------------------------------------------------------------------- who is vulnerable
+def test_planted_heavy_user_is_top_and_the_cap_brings_it_down(tmp_path, tiny_neox, one_torch_thread):
+    """user0's two training texts appear 20 times each in the fine-tuning data: uncapped, user0 gets the top
+    score of all users; the per-user cap (2 rows per user) brings its score down. n_train and ref_nll are in
+    every user row, and the vulnerability correlations are in the result."""
+    from leakaudit.kinds import get_kind
+    from leakaudit.kinds.base import KindContext, ModelCache
+    from leakaudit.train.finetune import FinetuneConfig, finetune
+
+    rng = np.random.default_rng(5)
+    train, members, nonmembers = [], [], []
+    for u in range(10):
+        trained, held = user_samples(u, 2, rng), user_samples(u, 3, rng)
+        rows = [{"id": f"h{u}-{i}", "text": t, "user": f"user{u}"} for i, t in enumerate(held)]
+        if u < 5:
+            train += [{"text": t, "user": f"user{u}"} for t in trained * (20 if u == 0 else 1)]
+            members += rows
+        else:
+            nonmembers += rows
+    files = {}
+    for name, rows in (("training", train), ("members", members), ("nonmembers", nonmembers)):
+        files[name] = tmp_path / f"{name}.jsonl"
+        files[name].write_text("".join(json.dumps(r) + "\n" for r in rows))
+    kind = get_kind("user-inference")
+    options = kind.Options(m_values="all", n_bootstrap=50, cache=False)
+    scores = {}
+    for arm, cap in (("none", None), ("cap", 2)):
+        model_dir = finetune(FinetuneConfig(
+            model="tiny-gpt-neox", data=str(files["training"]), out=str(tmp_path / arm), method="full",
+            user_field="user", max_samples_per_user=cap, epochs=4, batch_size=8, gradient_accumulation=1,
+            learning_rate=3e-3, max_length=32, max_grad_norm=None), progress=False)
+        out = tmp_path / f"ui-{arm}"
+        out.mkdir()
+        ctx = KindContext(out=out, data=files, models={"target": str(model_dir), "reference": "tiny-gpt-neox"},
+                          data_fields={r: {"id_field": "id"} for r in ("members", "nonmembers")},
+                          cache=ModelCache(dtype="fp32"), log=lambda m: None, progress=False)
+        res = kind.run(ctx, options).to_json()
+        rows = [json.loads(x) for x in (out / "user_scores.jsonl").read_text().splitlines()]
+        assert all(isinstance(r["ref_nll"], float) and r["ref_nll"] > 0 for r in rows)
+        n_train = {r["user"]: r["n_train"] for r in rows}
+        assert n_train["user0"] == 40 and n_train["user1"] == 2 and n_train["user7"] == 0  # the file as given
+        scores[arm] = {r["user"]: r["score"] for r in rows}
+        vul = res["vulnerability"]
+        assert vul["n_train"]["n"] == 5 and vul["ref_nll"]["n"] == 5 and res["training"] == str(files["training"])
+    top = max(scores["none"], key=scores["none"].get)
+    assert top == "user0", scores["none"]
+    assert scores["cap"]["user0"] < scores["none"]["user0"] - 1.0  # nats per sample
+    # and not only because the capped model trained fewer steps: user0 is no longer above the other members
+    assert scores["cap"]["user0"] < max(scores["cap"][f"user{u}"] for u in range(1, 5)), scores["cap"]
+    # without the training file: no n_train in the rows, its correlation is null
+    out = tmp_path / "ui-no-training"
+    out.mkdir()
+    ctx = KindContext(out=out, data={k: v for k, v in files.items() if k != "training"},
+                      models={"target": str(tmp_path / "none"), "reference": "tiny-gpt-neox"},
+                      data_fields={r: {"id_field": "id"} for r in ("members", "nonmembers")},
+                      cache=ModelCache(dtype="fp32"), log=lambda m: None, progress=False)
+    res = kind.run(ctx, options).to_json()
+    assert res["vulnerability"]["n_train"] is None and res["vulnerability"]["ref_nll"]["n"] == 5
+    assert not any("n_train" in json.loads(x) for x in (out / "user_scores.jsonl").read_text().splitlines())
+
+
+# ----------------------------------------------------------------------------------------- arms compared
+def _stage(out, evaluation, target, scores, options=None, per_m=None):
+    """A finished user-inference stage written by hand: user_scores.jsonl and its run.json entry."""
+    folder = f"evaluate/{evaluation}/{target}"
+    (out / folder).mkdir(parents=True)
+    (out / folder / "user_scores.jsonl").write_text("".join(
+        json.dumps({"user": u, "label": y, "n_samples": 3, "scores": {"all": s}, "score": s, "ref_nll": 3.0 + s,
+                    "n_train": 1 + i % 4}) + "\n" for i, (u, (y, s)) in enumerate(scores.items())))
+    n_in = sum(y for y, _ in scores.values())
+    result = {"auc": 0.5, "auc_ci": [0.4, 0.6], "tpr_at_fpr": {"0.01": 0.2, "0.001": 0.1},
+              "n_users_in": n_in, "n_users_out": len(scores) - n_in, "samples_per_user": "all",
+              "per_m": per_m or {"1": {"auc": 0.55, "auc_ci": [0.5, 0.6]}, "all": {"auc": 0.6, "auc_ci": [0.5, 0.7]}},
+              "vulnerability": {"n_train": {"rho": 0.5, "ci": [0.1, 0.8], "n": n_in}, "ref_nll": None},
+              "scores_file": "user_scores.jsonl", "n_bootstrap": 400, "seed": 0}
+    return {"id": folder, "kind": "user-inference", "folder": folder, "key": "k", "status": "ran", "seconds": 1,
+            "params": {"target_label": target, "evaluation": evaluation, "options": options or {}},
+            "result": result}
+
+
+def test_comparisons_from_hand_written_stages(tmp_path):
+    from leakaudit.kinds.base import StageView
+    from leakaudit.kinds.user_inference import UserInferenceResult, verdict
+    from leakaudit.report.html import build
+
+    n = 20
+    members, others = [f"in{i}" for i in range(n)], [f"out{i}" for i in range(n)]
+    # none: every member above every non-member (AUC 1); cap: members and non-members tied (AUC 0.5);
+    # same: the none scores shifted by a constant (AUC 1, Δ 0 on every resample); cap holds one extra user
+    # that none lacks: it is left out of the pairing
+    none = {**{u: (1, 100.0 + i) for i, u in enumerate(members)}, **{u: (0, float(i)) for i, u in enumerate(others)}}
+    cap = {**{u: (1, 1.0) for u in members}, **{u: (0, 1.0) for u in others}, "stray": (1, 99.0)}
+    same = {u: (y, s + 7.0) for u, (y, s) in none.items()}
+    opts = {"compare_to": "none"}
+    stages = [_stage(tmp_path, "users", "none", none, opts), _stage(tmp_path, "users", "cap", cap, opts),
+              _stage(tmp_path, "users", "same", same, opts)]
+    comps = UserInferenceResult.comparisons([StageView(s, tmp_path) for s in stages])
+    by = {c["variant"]: c for c in comps}
+    assert set(by) == {"cap", "same"} and all(c["baseline"] == "none" and c["m"] == "all" for c in comps)
+    assert by["cap"]["n_users"] == 2 * n and (by["cap"]["n_users_in"], by["cap"]["n_users_out"]) == (n, n)
+    assert by["cap"]["auc_baseline"] == pytest.approx(1.0) and by["cap"]["auc_variant"] == pytest.approx(0.5)
+    assert by["cap"]["delta"] == pytest.approx(-0.5)  # by hand: 0.5 − 1
+    lo, hi = by["cap"]["ci"]
+    assert lo <= -0.5 <= hi < 0 and by["cap"]["verdict"] == "reduces"
+    assert by["cap"]["detectable_effect"] == pytest.approx((hi - lo) / 2)
+    assert by["same"]["delta"] == 0 and by["same"]["ci"] == [0.0, 0.0]
+    assert by["same"]["verdict"].startswith("no detectable effect (|Δ| < 0.000")
+    # the verdict follows the interval alone
+    assert verdict([0.01, 0.2]) == "increases" and verdict([-0.3, -0.02]) == "reduces"
+    assert verdict([-0.1, 0.05]) == "no detectable effect (|Δ| < 0.075, the CI half-width)"
+    assert verdict(None).startswith("no CI")
+
+    # summary.json and report.html carry them, with TPR@1% shown n/a for 20 held-out users
+    (tmp_path / "run.json").write_text(json.dumps({"experiment": {"name": "ui"}, "stages": stages}))
+    html, summary = build(tmp_path)
+    assert [(c["kind"], c["variant"], c["verdict"]) for c in summary["comparisons"]] == [
+        ("user-inference", "cap", "reduces"), ("user-inference", "same", by["same"]["verdict"])]
+    assert summary["comparisons"][0]["delta"] == pytest.approx(-0.5)
+    assert "n/a (needs ≥ 100 non-member users)" in html and "reduces" in html
+    assert "User AUC against the attacker&#39;s samples per user m" in html
+    # AUC vs m, then score vs n_train and vs ref NLL for the compare_to target only: three figures in all
+    assert html.count("<figure>") == 3
+    assert "Who is vulnerable (training samples)" in html and "Who is vulnerable (outlier measure)" in html
+    assert "users · none" in html and "users · cap" not in html
+
+
+def test_compare_to_naming_no_target_is_a_note(tmp_path):
+    from leakaudit.kinds.base import StageView
+    from leakaudit.kinds.user_inference import UserInferenceResult
+
+    scores = {"a": (1, 2.0), "b": (0, 1.0), "c": (1, 0.5)}
+    stages = [StageView(_stage(tmp_path, "users", t, scores, {"compare_to": "nonee"}), tmp_path)
+              for t in ("none", "cap")]
+    assert UserInferenceResult.comparisons(stages) == []
+    section = UserInferenceResult.section(stages)
+    assert "compare_to 'nonee' names no finished target of evaluation 'users' (finished: none, cap)" in section["note"]
+    assert len(section["tables"]) == 2  # no comparison table

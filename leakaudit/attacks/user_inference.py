@@ -35,6 +35,9 @@ class UserInferenceReport:
     n_samples: dict[str, int]
     user_scores: dict[str, dict[str, float]]  # m -> user -> statistic
     warnings: list[str] = field(default_factory=list)
+    #: user -> mean per-token NLL of all the user's samples under the reference: how unusual the user's
+    #: writing is to a model that never saw it (an outlier measure for "who is vulnerable")
+    ref_nll: dict[str, float | None] = field(default_factory=dict)
 
     @property
     def headline(self) -> str:
@@ -47,7 +50,8 @@ class UserInferenceReport:
         def one(m: RocMetrics) -> dict:
             js = m.to_json()
             return {"auc": js["auc"], "auc_ci": js["auc_ci"], "tpr_at_fpr": js["tpr_at_fpr"],
-                    "advantage": js["advantage"], "n_users_in": m.n_pos, "n_users_out": m.n_neg,
+                    "tpr_needs_nonmembers": js["tpr_needs_nonmembers"], "advantage": js["advantage"],
+                    "n_users_in": m.n_pos, "n_users_out": m.n_neg,
                     "warnings": js["warnings"]}
 
         top = one(self.per_m[self.headline])
@@ -55,11 +59,13 @@ class UserInferenceReport:
                 "warnings": self.warnings + top["warnings"]}
 
     def rows(self) -> list[dict]:
-        """`user_scores.jsonl`: one row per user with its label, sample count, statistic per m (`scores`) and
-        the statistic at the headline m (`score`; null when the user has too few samples for it)."""
+        """`user_scores.jsonl`: one row per user with its label, sample count, statistic per m (`scores`),
+        the statistic at the headline m (`score`; null when the user has too few samples for it) and the
+        user's mean token NLL under the reference (`ref_nll`)."""
         top = self.user_scores.get(self.headline, {})
         return [{"user": u, "label": self.labels[u], "n_samples": self.n_samples[u],
-                 "scores": {m: s[u] for m, s in self.user_scores.items() if u in s}, "score": top.get(u)}
+                 "scores": {m: s[u] for m, s in self.user_scores.items() if u in s}, "score": top.get(u),
+                 "ref_nll": self.ref_nll.get(u)}
                 for u in self.users]
 
 
@@ -120,9 +126,13 @@ def run_user_inference(target: LoadedModel, reference: LoadedModel, records_in: 
     ref = score_texts_distributed(reference, texts, description="scoring (reference)", **opts)
     ratio = np.array([t.sum_logp - r.sum_logp for t, r in zip(tgt, ref, strict=True)])
     per_user: dict[str, np.ndarray] = {}
+    ref_nll: dict[str, float | None] = {}
     pos = 0
     for u in users:
         per_user[u] = ratio[pos:pos + len(samples[u])]
+        scored = ref[pos:pos + len(samples[u])]
+        n_tok = sum(r.n_tokens for r in scored)
+        ref_nll[u] = -sum(r.sum_logp for r in scored) / n_tok if n_tok else None
         pos += len(samples[u])
     per_m: dict[str, RocMetrics] = {}
     user_scores: dict[str, dict[str, float]] = {}
@@ -139,4 +149,5 @@ def run_user_inference(target: LoadedModel, reference: LoadedModel, records_in: 
     if not per_m:
         raise InputError("no value of samples-per-user leaves users both in and out of training",
                          field="m_values")
-    return UserInferenceReport(per_m, users, labels, {u: len(samples[u]) for u in users}, user_scores, warnings)
+    return UserInferenceReport(per_m, users, labels, {u: len(samples[u]) for u in users}, user_scores, warnings,
+                               ref_nll)

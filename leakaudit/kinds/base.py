@@ -83,6 +83,13 @@ class Result:
         """The report section for every finished stage of this kind: {id, title, note, figures, tables}."""
         return None
 
+    @classmethod
+    def comparisons(cls, stages: list[StageView]) -> list[dict[str, Any]]:
+        """Paired comparisons between targets of one evaluation (e.g. a mitigation against none), each a
+        dict with at least evaluation, metric, baseline, variant, delta, ci and verdict; summary.json lists
+        them. None by default."""
+        return []
+
 
 class ModelCache:
     """Loaded models, shared by the stages of one run: the two most recently used stay in memory

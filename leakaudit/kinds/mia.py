@@ -69,7 +69,7 @@ class MiaResult(Result):
 
     @classmethod
     def section(cls, stages: list[StageView]) -> dict[str, Any] | None:
-        from leakaudit.metrics import roc_metrics
+        from leakaudit.metrics import roc_metrics, tpr_text
         from leakaudit.report import plots
 
         if not stages:
@@ -90,9 +90,10 @@ class MiaResult(Result):
                                 "caption": f"Membership inference ROC, {label} (log-scale FPR)"})
             for attack, m in res.get("attacks", {}).items():
                 ci = m.get("auc_ci") or [None, None]
-                tpr = m.get("tpr_at_fpr") or {}
+                tpr, needs = m.get("tpr_at_fpr") or {}, m.get("tpr_needs_nonmembers") or {}
                 table.append([s.target, s.evaluation, attack, fmt(m.get("auc")), f"{fmt(ci[0])} – {fmt(ci[1])}",
-                              fmt(tpr.get("0.01")), fmt(tpr.get("0.001")), m.get("n_members", ""),
+                              tpr_text(tpr.get("0.01"), needs.get("0.01")),
+                              tpr_text(tpr.get("0.001"), needs.get("0.001")), m.get("n_members", ""),
                               m.get("n_nonmembers", "")])
         return {"id": "mia", "title": "Membership inference",
                 "note": "ROC curves on a log-scale false-positive axis; the low-FPR region is what matters for "

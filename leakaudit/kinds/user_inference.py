@@ -5,10 +5,17 @@ user wants to know is whether *they* were in the training data. The statistic (m
 log p_target − log p_reference) lives in leakaudit/attacks/user_inference.py; this file types the options,
 reads the users of `members` (in training) and `nonmembers` (held out), writes `user_inference.json`,
 `user_scores.jsonl` (one row per user) and `roc_users.png`, and draws the report section.
+
+Who is vulnerable: each user row carries `ref_nll` (how unusual the user's writing is to the reference) and,
+given the `training` file, `n_train` (the user's rows in it); the result holds their rank correlations with
+the score over in-training users. Which mitigation helps: with `compare_to` naming one target (e.g. the
+unmitigated model), every other target of the evaluation gets a paired Δ AUC against it (same users,
+resampled together) and a verdict that only claims what the interval shows.
 """
 
 from __future__ import annotations
 
+from collections import Counter
 from typing import Annotated, Any
 
 from pydantic import BeforeValidator, Field
@@ -43,40 +50,221 @@ class UserInferenceOptions(KindOptions):
     batch_size: BatchSize = "auto"
     max_length: int | None = Field(None, ge=2, description="window in tokens (default: the model's context)")
     cache: bool = Field(True, description="read and write the score cache")
+    compare_to: str | None = Field(
+        None, min_length=1,
+        description="a target of this evaluation (e.g. the unmitigated model) every other target is compared "
+                    "with: paired Δ user AUC with CI and a verdict in the report and summary.json")
+
+
+#: TPR at this FPR is in the table; it needs 1/FPR held-out users to be resolved at all
+TABLE_FPR = "0.01"
 
 
 class UserInferenceResult(Result):
-    """`user_inference.json`: auc, auc_ci, tpr_at_fpr, advantage, n_users_in, n_users_out at the headline m
-    (`samples_per_user`), the same per m (`per_m`), warnings, target, reference, members, nonmembers,
-    scores_file."""
+    """`user_inference.json`: auc, auc_ci, tpr_at_fpr, tpr_needs_nonmembers, advantage, n_users_in, n_users_out
+    at the headline m (`samples_per_user`), the same per m (`per_m`), `vulnerability` ({n_train, ref_nll}:
+    Spearman {rho, ci, n} of the score over in-training users, n_train null without `training`), warnings,
+    target, reference, members, nonmembers, training, compare_to, n_bootstrap, seed, scores_file."""
 
     def headline(self) -> list[Headline]:
         return [Headline("user AUC", self.data.get("auc"), self.data.get("auc_ci"))]
 
     @classmethod
+    def comparisons(cls, stages: list[StageView]) -> list[dict[str, Any]]:
+        """Per evaluation with `compare_to`: each other target's paired Δ user AUC at the headline m against it."""
+        out = []
+        for group in _by_evaluation(stages).values():
+            base, _ = _baseline(group)
+            if base is None:
+                continue
+            for s in group:
+                if s is not base:
+                    out.append(compare_stages(base, s))
+        return out
+
+    @classmethod
     def section(cls, stages: list[StageView]) -> dict[str, Any] | None:
-        from leakaudit.metrics import roc_metrics
+        from leakaudit.metrics import tpr_text
         from leakaudit.report import plots
 
         if not stages:
             return None
-        figures, table = [], []
+        groups = _by_evaluation(stages)
+        several = len(groups) > 1
+        order = _m_order(list(dict.fromkeys(m for s in stages for m in (s.result.get("per_m") or {}))))
+        figures, notes, table, by_m_rows = [], [], [], []
+        for evaluation, group in groups.items():
+            series, bands = {}, {}
+            for s in group:
+                name = f"{evaluation} · {s.target}" if several else s.target
+                per_m = s.result.get("per_m") or {}
+                series[name] = [(order[m], r["auc"]) for m, r in per_m.items() if r.get("auc") is not None]
+                bands[name] = [(order[m], *r["auc_ci"]) for m, r in per_m.items() if r.get("auc_ci")]
+            if any(series.values()):
+                figures.append({"uri": plots.lines_figure(
+                    series, f"User AUC vs samples per user ({evaluation})", "samples per user m", "user AUC",
+                    bands=bands, xticks=[(x, m) for m, x in order.items()]),
+                    "caption": f"User AUC against the attacker's samples per user m, one line per target, "
+                               f"shaded 95% bootstrap CI ({evaluation})"})
+            problem = _baseline(group)[1]
+            if problem:
+                notes.append(problem)
         for s in stages:
             res = s.result
-            rows = read_jsonl(s.dir / res.get("scores_file", "user_scores.jsonl"))
-            pairs = [(r["score"], int(r["label"])) for r in rows if r.get("score") is not None and "label" in r]
-            if pairs and len({y for _, y in pairs}) == 2:
-                curve = roc_metrics([p[0] for p in pairs], [p[1] for p in pairs], n_bootstrap=0)
-                figures.append({"uri": plots.roc_figure({"user score": curve}, f"User inference: {s.target}"),
-                                "caption": f"User inference ROC, {s.target}"})
             ci = res.get("auc_ci") or [None, None]
-            tpr = res.get("tpr_at_fpr") or {}
-            table.append([s.target, s.evaluation, fmt(res.get("auc")), f"{fmt(ci[0])} – {fmt(ci[1])}",
-                          fmt(tpr.get("0.01")), res.get("n_users_in", ""), res.get("n_users_out", "")])
+            n_out = res.get("n_users_out")
+            tpr = (res.get("tpr_at_fpr") or {}).get(TABLE_FPR)
+            needs = (res.get("tpr_needs_nonmembers") or {}).get(TABLE_FPR, 100)
+            if isinstance(n_out, int) and n_out < needs:  # results written before null meant "not resolved"
+                tpr = None
+            vul = res.get("vulnerability") or {}
+            table.append([s.target, s.evaluation, res.get("samples_per_user", ""), fmt(res.get("auc")),
+                          f"{fmt(ci[0])} – {fmt(ci[1])}", tpr_text(tpr, needs, "non-member users"),
+                          res.get("n_users_in", ""), n_out if n_out is not None else "",
+                          _rho_text(vul.get("n_train")), _rho_text(vul.get("ref_nll"))])
+            per_m = res.get("per_m") or {}
+            by_m_rows.append([s.target, s.evaluation, *(_auc_text(per_m.get(m)) for m in order)])
+        figures += _vulnerability_figures(stages, groups)
+        tables = [
+            {"header": ["variant", "evaluation", "m", "user AUC", "95% CI", "TPR@1%FPR", "users in", "users out",
+                        "ρ(score, n_train) [CI], n", "ρ(score, ref NLL) [CI], n"], "rows": table},
+            {"header": ["variant", "evaluation", *(f"AUC m={m}" for m in order)], "rows": by_m_rows}]
+        comparisons = cls.comparisons(stages)
+        if comparisons:
+            tables.append({"header": ["variant", "vs", "evaluation", "m", "AUC vs", "AUC variant", "Δ AUC",
+                                      "95% CI (paired)", "users paired (in/out)", "verdict"],
+                           "rows": [[c["variant"], c["baseline"], c["evaluation"], c["m"], fmt(c["auc_baseline"]),
+                                     fmt(c["auc_variant"]), fmt(c["delta"]), _ci_text(c["ci"]),
+                                     f"{c['n_users']} ({c['n_users_in']}/{c['n_users_out']})", c["verdict"]]
+                                    for c in comparisons]})
+        note = ("Score per user: mean over the user's samples of log p_target(x) − log p_ref(x); the table's AUC "
+                "is at the headline m. ρ: Spearman rank correlation over in-training users of the score with "
+                "the user's rows in the training file (n_train, before the fine-tune's own cap or dedup) and "
+                "with their mean token NLL under the reference (an outlier measure), 95% bootstrap CI. "
+                "Δ AUC = AUC(variant) − AUC(vs) on the same users, resampled together; its CI half-width is "
+                "the smallest effect these users can detect.")
         return {"id": "user-inference", "title": "User inference", "figures": figures,
-                "note": "Score per user: mean over the user's samples of log p_target(x) − log p_ref(x).",
-                "tables": [{"header": ["variant", "evaluation", "AUC", "95% CI", "TPR@1%FPR", "users in",
-                                       "users out"], "rows": table}]}
+                "note": " ".join([note, *notes]), "tables": tables}
+
+
+# ----------------------------------------------------------------------------------------- report helpers
+def _by_evaluation(stages: list[StageView]) -> dict[str, list[StageView]]:
+    groups: dict[str, list[StageView]] = {}
+    for s in stages:
+        groups.setdefault(s.evaluation, []).append(s)
+    return groups
+
+
+def _option(s: StageView, name: str) -> Any:
+    """An option of the stage: from its result, else from the options the plan gave it."""
+    if name in s.result:
+        return s.result[name]
+    return (s.record.get("params", {}).get("options") or {}).get(name)
+
+
+def _baseline(group: list[StageView]) -> tuple[StageView | None, str | None]:
+    """The stage `compare_to` names in one evaluation, or a note saying why there is none."""
+    wanted = next((v for v in (_option(s, "compare_to") for s in group) if v), None)
+    if wanted is None:
+        return None, None
+    for s in group:
+        if s.target == wanted:
+            return s, None
+    return None, (f"compare_to '{wanted}' names no finished target of evaluation '{group[0].evaluation}' "
+                  f"(finished: {', '.join(s.target for s in group)}); no comparison drawn.")
+
+
+def _m_order(ms: list[str]) -> dict[str, int]:
+    """x position of each m: numbers ascending, then 'all'."""
+    nums = sorted((m for m in ms if m.isdigit()), key=int)
+    return {m: i for i, m in enumerate(nums + [m for m in ms if not m.isdigit()])}
+
+
+def _ci_text(ci: list[float] | None) -> str:
+    return f"{fmt(ci[0])} – {fmt(ci[1])}" if ci else "–"
+
+
+def _auc_text(m: dict[str, Any] | None) -> str:
+    if not m:
+        return "–"
+    ci = m.get("auc_ci")
+    return f"{fmt(m.get('auc'))} [{_ci_text(ci)}]" if ci else fmt(m.get("auc"))
+
+
+def _rho_text(v: dict[str, Any] | None) -> str:
+    if not v:
+        return "–"
+    return f"{fmt(v.get('rho'))} [{_ci_text(v.get('ci'))}], n = {v.get('n', 0)}"
+
+
+def _score_at(row: dict[str, Any], m: str) -> float | None:
+    return (row.get("scores") or {}).get(m) if "scores" in row else row.get("score")
+
+
+def verdict(ci: list[float] | None) -> str:
+    """What a paired Δ AUC's interval supports: a direction only when it excludes 0; otherwise how large an
+    effect could still hide in it (the half-width)."""
+    if not ci:
+        return "no CI (n_bootstrap = 0 or no resample with both groups)"
+    lo, hi = ci
+    if hi < 0:
+        return "reduces"
+    if lo > 0:
+        return "increases"
+    return f"no detectable effect (|Δ| < {(hi - lo) / 2:.3f}, the CI half-width)"
+
+
+def compare_stages(base: StageView, other: StageView) -> dict[str, Any]:
+    """Paired Δ user AUC of `other` against `base` at base's headline m, users paired by `user`."""
+    from leakaudit.metrics import paired_auc_difference
+
+    m = str(base.result.get("samples_per_user") or "all")
+    rows = {}
+    for s in (base, other):
+        rows[s.target] = {r["user"]: r for r in read_jsonl(s.dir / s.result.get("scores_file", "user_scores.jsonl"))}
+    a_rows, b_rows = rows[base.target], rows[other.target]
+    users = [u for u, r in a_rows.items() if u in b_rows and r.get("label") == b_rows[u].get("label")
+             and _score_at(r, m) is not None and _score_at(b_rows[u], m) is not None]
+    labels = [int(a_rows[u]["label"]) for u in users]
+    n_in = sum(labels)
+    entry: dict[str, Any] = {"evaluation": base.evaluation, "metric": "user AUC", "m": m,
+                             "baseline": base.target, "variant": other.target, "n_users": len(users),
+                             "n_users_in": n_in, "n_users_out": len(users) - n_in, "auc_baseline": None,
+                             "auc_variant": None, "delta": None, "ci": None, "detectable_effect": None}
+    if n_in == 0 or n_in == len(users):
+        return {**entry, "verdict": "not comparable: the two targets share no users of both groups"}
+    n_boot = _option(base, "n_bootstrap")
+    seed = _option(base, "seed")
+    d = paired_auc_difference([_score_at(a_rows[u], m) for u in users], [_score_at(b_rows[u], m) for u in users],
+                              labels, n_bootstrap=1000 if n_boot is None else int(n_boot),
+                              seed=0 if seed is None else int(seed))
+    ci = d["ci"]
+    return {**entry, "auc_baseline": d["auc_a"], "auc_variant": d["auc_b"], "delta": d["delta"], "ci": ci,
+            "detectable_effect": (ci[1] - ci[0]) / 2 if ci else None, "verdict": verdict(ci)}
+
+
+def _vulnerability_figures(stages: list[StageView], groups: dict[str, list[StageView]]) -> list[dict[str, Any]]:
+    """Score against n_train and against ref NLL over in-training users, for one target only (the first
+    evaluation's `compare_to` target, else the first stage): two figures at most, the page stays readable."""
+    from leakaudit.report import plots
+
+    pick = next((b for b in (_baseline(g)[0] for g in groups.values()) if b is not None), stages[0])
+    rows = [r for r in read_jsonl(pick.dir / pick.result.get("scores_file", "user_scores.jsonl"))
+            if r.get("label") == 1 and r.get("score") is not None]
+    vul = pick.result.get("vulnerability") or {}
+    figures = []
+    for key, xlabel, what in (("n_train", "user's samples in the training data (n_train)", "training samples"),
+                              ("ref_nll", "user's mean token NLL under the reference", "outlier measure")):
+        pts = [(r[key], r["score"]) for r in rows if r.get(key) is not None]
+        if len(pts) < 2:
+            continue
+        rho = vul.get(key) or {}
+        figures.append({"uri": plots.scatter_figure(
+            [p[0] for p in pts], [p[1] for p in pts], f"{pick.target}: ρ = {_rho_text(rho)}", xlabel,
+            "user score"),
+            "caption": f"Who is vulnerable ({what}): per-user score of in-training users, {pick.evaluation} · "
+                       f"{pick.target}"})
+    return figures
 
 
 @register
@@ -85,7 +273,8 @@ class UserInference(Kind):
     section = "evaluate"
     Options = UserInferenceOptions
     Result = UserInferenceResult
-    roles = {"members": True, "nonmembers": True, "reference": True}
+    #: `training`: the target's fine-tuning data, read with its user field, for each user's n_train
+    roles = {"members": True, "nonmembers": True, "reference": True, "training": False}
     summary = "user inference: users of `members` (in training) vs of `nonmembers`, from m samples each"
 
     def run(self, ctx: KindContext, options: UserInferenceOptions) -> UserInferenceResult:
@@ -101,19 +290,45 @@ class UserInference(Kind):
         except UserClashError as exc:
             field = ctx.data_fields.get("nonmembers", {}).get("user_field", "user")
             raise InputError(exc.message, file=ctx.data.get("nonmembers"), line=exc.record.line, field=field) from None
+        has_training = "training" in ctx.data or "training" in ctx.loaded
+        train_counts = Counter(r.user for r in ctx.records("training", user_field="user")) if has_training else None
+        seed = ctx.seed if options.seed is None else options.seed
         report = run_user_inference(ctx.model("target"), ctx.model("reference"), ins, outs, options.m_values,
-                                    n_bootstrap=options.n_bootstrap,
-                                    seed=ctx.seed if options.seed is None else options.seed,
+                                    n_bootstrap=options.n_bootstrap, seed=seed,
                                     batch_size=options.batch_size, max_length=options.max_length,
                                     cache=options.cache, progress=ctx.progress)
+        rows = report.rows()
+        if train_counts is not None:
+            for r in rows:
+                r["n_train"] = train_counts.get(r["user"], 0)
         data = {**report.to_json(), "target": ctx.models.get("target"), "reference": ctx.models.get("reference"),
-                **{role: str(ctx.data[role]) if role in ctx.data else None for role in ("members", "nonmembers")},
+                **{role: str(ctx.data[role]) if role in ctx.data else None
+                   for role in ("members", "nonmembers", "training")},
+                "vulnerability": vulnerability(rows, options.n_bootstrap, seed),
+                "compare_to": options.compare_to, "n_bootstrap": options.n_bootstrap, "seed": seed,
                 "scores_file": "user_scores.jsonl"}
         if is_main():  # under a launcher every process has the result; one writes it
-            write_jsonl(ctx.out / "user_scores.jsonl", report.rows())
+            write_jsonl(ctx.out / "user_scores.jsonl", rows)
             plot_roc({f"m={m}": r for m, r in report.per_m.items()}, ctx.out / "roc_users.png",
                      title=f"user inference: {ctx.models.get('target')}")
             write_json(ctx.out / "user_inference.json", data)
             for w in data["warnings"]:
                 ctx.log(f"warning: {w}")
         return UserInferenceResult(data)
+
+
+def vulnerability(rows: list[dict[str, Any]], n_bootstrap: int, seed: int) -> dict[str, Any]:
+    """Spearman ρ (bootstrap CI, n) over in-training users of the headline score with n_train (null when
+    the training data was not given) and with ref_nll: are the users who give themselves away the ones with
+    more training data, or the unusual ones?"""
+    from leakaudit.metrics import spearman_with_ci
+
+    members = [r for r in rows if r["label"] == 1 and r.get("score") is not None]
+    out: dict[str, Any] = {}
+    for key in ("n_train", "ref_nll"):
+        pts = [(r["score"], r[key]) for r in members if r.get(key) is not None]
+        if key == "n_train" and not any(key in r for r in rows):
+            out[key] = None
+            continue
+        out[key] = spearman_with_ci([p[0] for p in pts], [p[1] for p in pts], n_bootstrap=n_bootstrap, seed=seed)
+    return out

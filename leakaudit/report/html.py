@@ -67,11 +67,19 @@ def _headline_table(rows: list[dict[str, Any]]) -> tuple[list[str], list[dict[st
 
 
 # ----------------------------------------------------------------------------------------- sections
+def _finished(out: Path, stages: list[dict[str, Any]], name: str) -> list[StageView]:
+    return [StageView(s, out) for s in stages if s["kind"] == name and s.get("result")]
+
+
 def kind_sections(out: Path, stages: list[dict[str, Any]]) -> list[dict[str, Any] | None]:
     """One section per registered evaluation kind, each drawn by its Result from its finished stages."""
-    return [get_kind(name).Result.section([StageView(s, out) for s in stages
-                                           if s["kind"] == name and s.get("result")])
-            for name in kind_names("evaluate")]
+    return [get_kind(name).Result.section(_finished(out, stages, name)) for name in kind_names("evaluate")]
+
+
+def kind_comparisons(out: Path, stages: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Every kind's paired comparisons between targets (e.g. Δ user AUC of each mitigation vs none)."""
+    return [{"kind": name, **c} for name in kind_names("evaluate")
+            for c in get_kind(name).Result.comparisons(_finished(out, stages, name))]
 
 
 # ----------------------------------------------------------------------------------------- assembly
@@ -106,7 +114,8 @@ def build(out: str | Path) -> tuple[str, dict[str, Any]]:
     if not show_pii:  # a last pass over the whole page: addresses and phone numbers never reach it
         html = _mask_page(html)
     summary = {"experiment": exp["name"], "generated": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-               "headline": rows, "stages": {s["id"]: s.get("result") for s in stages},
+               "headline": rows, "comparisons": kind_comparisons(out, stages),
+               "stages": {s["id"]: s.get("result") for s in stages},
                "versions": run.get("versions", {})}
     if not show_pii:  # run.json is masked when written, but it may predate that or have been edited
         summary = mask_obj(summary)

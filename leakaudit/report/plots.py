@@ -73,20 +73,44 @@ def heatmap_figure(rows: list[str], cols: list[str], values: dict[tuple[str, str
 
 
 def lines_figure(series: dict[str, list[tuple[float, float]]], title: str, xlabel: str, ylabel: str,
-                 log_y: bool = False) -> str:
-    """One line per series of (x, y) points, e.g. perplexity per checkpoint for each variant."""
+                 log_y: bool = False, bands: dict[str, list[tuple[float, float, float]]] | None = None,
+                 xticks: list[tuple[float, str]] | None = None) -> str:
+    """One line per series of (x, y) points, e.g. perplexity per checkpoint for each variant; `bands` adds a
+    shaded (x, low, high) interval per series (a CI), `xticks` names positions (e.g. m = 1, 2, ..., all)."""
     plt = _plt()
     fig, ax = plt.subplots(figsize=(6, 3.8))
     for name, points in series.items():
         pts = sorted(points)
-        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=name)
+        line, = ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=name)
+        band = sorted((bands or {}).get(name) or [])
+        if band:
+            ax.fill_between([b[0] for b in band], [b[1] for b in band], [b[2] for b in band],
+                            color=line.get_color(), alpha=0.15, linewidth=0)
     if log_y:
         ax.set_yscale("log")
+    if xticks:
+        ax.set_xticks([t[0] for t in xticks], labels=[t[1] for t in xticks])
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
     ax.set_title(title)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
+    fig.tight_layout()
+    return _data_uri(fig)
+
+
+def scatter_figure(x: list[float], y: list[float], title: str, xlabel: str, ylabel: str,
+                   log_x: bool = False) -> str:
+    """Points of two per-item measures (e.g. a user's score against their number of training samples)."""
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(5, 3.8))
+    ax.scatter(x, y, s=14, alpha=0.7)
+    if log_x:
+        ax.set_xscale("log")
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
     fig.tight_layout()
     return _data_uri(fig)
 
