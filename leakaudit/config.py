@@ -35,6 +35,7 @@ from pydantic import (
 
 from leakaudit.data.split import HOLDOUT_SUFFIX
 from leakaudit.errors import InputError
+from leakaudit.kinds.base import DATA_ROLES
 
 FINETUNE_METHODS = ("full", "lora", "dora", "pissa")
 BUILTIN_DATASETS = ("enron", "enron-sample", "enron-users", "enron-synthetic", "dolly")
@@ -161,6 +162,7 @@ class EvaluationSpec(Strict):
     members: str | None = None
     nonmembers: str | None = None
     data: str | None = None
+    training: str | None = None  # the targets' fine-tuning data, for per-user sample counts (user inference)
     options: dict[str, Any] = Field(default_factory=dict)
     grid: dict[str, list[Any]] = Field(default_factory=dict)
 
@@ -382,7 +384,7 @@ def check_references(exp: Experiment) -> None:
             need(t, models, ("evaluate", name, "targets", i), "model")
         for field in ("reference", "baseline"):
             need(getattr(e, field), models, ("evaluate", name, field), "model")
-        for field in ("members", "nonmembers", "data"):
+        for field in DATA_ROLES:
             need(getattr(e, field), datas, ("evaluate", name, field), "data")
     _check_generate_cycles(exp)
 

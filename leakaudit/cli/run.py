@@ -22,12 +22,15 @@ def run(
     experiment: Path = typer.Argument(..., help="Experiment file (YAML); see experiments/ and docs/experiments.md"),
     out: Path = typer.Option(..., "--out", help="Output dir; rerunning with the same dir resumes"),
     no_report: bool = typer.Option(False, "--no-report", help="Skip writing report.html and summary.json"),
+    seed: int | None = typer.Option(None, "--seed", help="Override the file's `seed` (one output dir per seed)"),
 ) -> None:
     """Run every stage of an experiment file (cached by a hash of its inputs), then write the report."""
     from leakaudit.config import load_experiment
     from leakaudit.experiment import run_experiment
 
     exp = load_experiment(experiment)
+    if seed is not None:
+        exp.seed = seed
     t0 = time.perf_counter()
     status = run_experiment(exp, out, config_text=experiment.read_text(encoding="utf-8"), log=_log,
                             report=not no_report)

@@ -13,6 +13,7 @@ from pydantic import ValidationError
 from leakaudit.config import ConfigError, pydantic_message
 from leakaudit.errors import InputError, OptionError
 from leakaudit.experiment.plan import Plan, Stage, stage_dir
+from leakaudit.kinds.base import DATA_ROLES, MODEL_ROLES
 
 
 def check_plan(plan: Plan) -> None:
@@ -126,7 +127,7 @@ def _registered(kind: str) -> Any:
 
 def stage_roles(stage: Stage) -> set[str]:
     """The data and model roles an evaluation stage was given (members, reference, ...)."""
-    return {r for r in ("members", "nonmembers", "data", "reference", "baseline", "model")
+    return {r for r in (*DATA_ROLES, *MODEL_ROLES)
             if stage.params.get(r) is not None}
 
 

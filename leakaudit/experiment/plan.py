@@ -13,6 +13,7 @@ from typing import Any
 
 from leakaudit.config import Experiment, expand_grid
 from leakaudit.errors import InputError
+from leakaudit.kinds.base import DATA_ROLES
 
 STAGE_VERSION = 1
 
@@ -166,7 +167,7 @@ class Plan:
                 options = {**e.options, **overrides}
                 common: dict[str, Any] = {"options": options}
                 deps: list[str] = []
-                for role in ("members", "nonmembers", "data"):
+                for role in DATA_ROLES:
                     ref = getattr(e, role)
                     if ref is not None:
                         sid, fname = self.data_stage(ref)

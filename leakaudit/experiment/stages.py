@@ -14,7 +14,7 @@ from leakaudit.data.split import holdout_per_user, shuffled, split_rows
 from leakaudit.errors import InputError
 from leakaudit.experiment.checks import _finetune_config, _option_kind, stage_options
 from leakaudit.experiment.plan import Plan, Stage
-from leakaudit.kinds.base import ModelCache
+from leakaudit.kinds.base import DATA_ROLES, ModelCache
 
 
 @dataclass
@@ -131,7 +131,7 @@ def run_kind_stage(ctx: StageContext) -> dict[str, Any]:
     stage = ctx.stage
     kind = get_kind(_option_kind(stage))
     options = kind.Options.model_validate(ctx.options)
-    data = {role: ctx.data_path(role) for role in ("members", "nonmembers", "data") if stage.params.get(role)}
+    data = {role: ctx.data_path(role) for role in DATA_ROLES if stage.params.get(role)}
     fields = {role: {"id_field": "id"} for role in data}  # every text file a stage writes has an `id` per row
     models = {role: ctx.model(role) for role in ("target", "reference", "baseline", "model")
               if stage.params.get(role) is not None}

@@ -24,6 +24,9 @@ from pydantic import BaseModel, ConfigDict
 from leakaudit.errors import InputError
 
 Section = Literal["evaluate", "generate"]
+#: The data roles a step can be given in an experiment file (a data reference each) and the model roles.
+DATA_ROLES = ("members", "nonmembers", "data", "training")
+MODEL_ROLES = ("reference", "baseline", "model")
 
 
 class KindOptions(BaseModel):
