@@ -60,6 +60,8 @@ class DatasetSpec(Strict):
     id_field: str | None = None
     user_field: str | None = None
     limit: int | None = Field(default=None, gt=0)
+    max_users: int | None = Field(default=None, gt=0)  # keep every row of the first N users (after the shuffle)
+    min_texts_per_user: int | None = Field(default=None, gt=0)  # leave out users with fewer distinct texts
     max_chars: int | None = Field(default=None, gt=0)
     split: dict[str, float] = Field(default_factory=dict)
     split_by: Literal["row", "user"] = "row"

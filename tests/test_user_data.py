@@ -158,3 +158,36 @@ def test_the_dataset_stage_writes_the_held_out_parts(tmp_path):
     assert not users_in & {r["user"] for r in read["out_holdout"]}
     assert not {r["text"] for r in read["in"]} & {r["text"] for r in read["in_holdout"]}
     assert set(Counter(r["user"] for r in read["in_holdout"]).values()) == {8}
+
+
+def test_max_users_keeps_whole_users(tmp_path):
+    """`max_users: N` keeps every row of N users (a user's samples are never cut, unlike `limit`)."""
+    import json
+
+    from leakaudit.experiment import run_experiment
+
+    exp = parse_experiment("name: u\nmodels: {base: tiny-gpt-neox}\ndatasets:\n  users:\n    builtin: enron-users\n"
+                           "    max_users: 10\n")
+    run_experiment(exp, tmp_path, report=False, log=lambda m: None)
+    rows = [json.loads(x) for x in (tmp_path / "data/users/all.jsonl").read_text().splitlines()]
+    full = Counter(r["user"] for r in builtin_dataset("enron-users", seed=0, limit=None))
+    kept = Counter(r["user"] for r in rows)
+    assert len(kept) == 10 and all(kept[u] == full[u] for u in kept)
+
+
+def test_min_texts_per_user_leaves_out_users_whose_truncated_texts_repeat(tmp_path):
+    """After `max_chars`, a sender's messages can become identical; `min_texts_per_user` leaves such users out,
+    so a hold-out of K distinct texts works for every user kept."""
+    import json
+
+    from leakaudit.experiment import run_experiment
+
+    exp = parse_experiment("name: u\nmodels: {base: tiny-gpt-neox}\ndatasets:\n  users:\n    builtin: enron-users\n"
+                           "    max_chars: 120\n    min_texts_per_user: 12\n")
+    run_experiment(exp, tmp_path, report=False, log=lambda m: None)
+    rows = [json.loads(x) for x in (tmp_path / "data/users/all.jsonl").read_text().splitlines()]
+    distinct: dict[str, set[str]] = {}
+    for r in rows:
+        distinct.setdefault(r["user"], set()).add(r["text"])
+    assert all(len(t) >= 12 for t in distinct.values())
+    assert len(distinct) < len({r["user"] for r in builtin_dataset("enron-users", seed=0, limit=None)})

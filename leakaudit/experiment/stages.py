@@ -59,7 +59,8 @@ Runner = Callable[[StageContext], dict[str, Any]]
 
 
 def run_dataset(ctx: StageContext) -> dict[str, Any]:
-    """Load (file or built-in), shuffle with the experiment seed, limit, truncate, split; write JSONL."""
+    """Load (file or built-in), shuffle with the experiment seed, truncate, keep users with enough distinct
+    texts, keep the first users / rows, split (and hold out per user); write JSONL."""
     p = ctx.stage.params
     if p["builtin"] is not None:
         from leakaudit.data.builtin import builtin_dataset
@@ -76,11 +77,19 @@ def run_dataset(ctx: StageContext) -> dict[str, Any]:
                 row["user"] = r.user
             rows.append(row)
     rows = shuffled(rows, ctx.seed, p["name"])
-    if p["limit"]:
-        rows = rows[:p["limit"]]
     if p["max_chars"]:
         for row in rows:
             row["text"] = row["text"][:p["max_chars"]]
+    if p.get("min_texts_per_user"):  # users with fewer distinct texts (after truncation) are left out
+        distinct: dict[Any, set[str]] = {}
+        for r in rows:
+            distinct.setdefault(r.get("user"), set()).add(r["text"])
+        rows = [r for r in rows if len(distinct[r.get("user")]) >= p["min_texts_per_user"]]
+    if p.get("max_users"):  # whole users, so a user keeps all their samples (what user inference needs)
+        keep = set(list(dict.fromkeys(r.get("user") for r in rows))[:p["max_users"]])
+        rows = [r for r in rows if r.get("user") in keep]
+    if p["limit"]:
+        rows = rows[:p["limit"]]
     write_jsonl(ctx.dir / "all.jsonl", rows)
     counts = {"all": len(rows)}
     if p.get("split_by") == "user" and any(not r.get("user") for r in rows):
