@@ -130,3 +130,28 @@ def test_unknown_template_refused_with_the_pii_message(tmp_path, monkeypatch, ca
     assert err.startswith(f"error: {exp}:9: field 'evaluate.ev.options.templates")
     assert "unknown template 'Z'" in err
     assert not (tmp_path / "run").exists()
+
+
+def test_cli_writes_the_kind_files_and_refuses_a_bad_option(tmp_path, monkeypatch, capsys):
+    from leakaudit.cli import main
+
+    def run(*args) -> tuple[int, str, str]:
+        monkeypatch.setattr(sys, "argv", ["leakaudit", "pii-logprob", "--model", "tiny-gpt-neox", *map(str, args)])
+        try:
+            main()
+            code = 0
+        except SystemExit as exc:
+            code = exc.code or 0
+        cap = capsys.readouterr()
+        return code, cap.out, cap.err
+
+    pairs = _pairs_file(tmp_path)
+    code, out, err = run("--pairs", pairs, "--templates", "B", "--n-candidates", "3", "--out", tmp_path / "cli")
+    assert code == 0, err
+    assert "mean log p(address): " in out
+    saved = json.loads((tmp_path / "cli" / "pii_logprob.json").read_text())
+    res, _ = _run(tmp_path, "lib", {"target": "tiny-gpt-neox"}, pairs=str(pairs), templates="B", n_candidates=3)
+    assert saved["templates"] == res.data["templates"]  # same job, same seed, same numbers
+    code, _, err = run("--n-candidates", "0", "--out", tmp_path / "bad")
+    assert code == 2 and err.count("\n") == 1 and err.startswith("error: field '--n-candidates': ")
+    assert not (tmp_path / "bad").exists()
