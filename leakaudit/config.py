@@ -55,7 +55,7 @@ class DatasetSpec(Strict):
     """A data file (`path`) or a built-in source (`builtin`), optionally limited, shuffled and split."""
 
     path: str | None = None
-    builtin: Literal["enron", "enron-sample", "enron-users", "enron-synthetic", "dolly"] | None = None
+    builtin: Literal["enron", "enron-sample", "enron-users", "enron-exposure", "enron-synthetic", "dolly"] | None = None
     text_field: str = "text"
     id_field: str | None = None
     user_field: str | None = None

@@ -344,12 +344,49 @@ def score_texts(
             raise InputError("must be 'auto' or a positive integer", field="--batch-size")
     options = ScoreOptions(window, step, moments, str(lm.dtype).replace("torch.", ""))
 
+    keys = [ScoreCache.make_key(lm.fingerprint, options, p, t) for t, p in zip(texts, prefix_list, strict=True)]
+    return _score_keyed(lm, keys, lambda todo: _tokenize(lm, [texts[i] for i in todo], [prefix_list[i] for i in todo]),
+                        options, batch_size, cache, progress, description, padding_side)
+
+
+def score_ids(
+    lm: LoadedModel,
+    contexts: Sequence[Sequence[int]],
+    ids: Sequence[Sequence[int]],
+    *,
+    batch_size: int | str = "auto",
+    cache: bool | ScoreCache = True,
+    progress: bool = True,
+    description: str = "scoring",
+) -> list[TokenScores]:
+    """`score_texts` for sequences already tokenised: every token of `ids[i]` scored after `contexts[i]`
+    (no special tokens added). Why: a prompt and a continuation tokenised apart (the continuation a sampler
+    would emit after the prompt's tokens) can differ from the two texts tokenised together, where BPE merges
+    across the boundary."""
+    if len(contexts) != len(ids):
+        raise ValueError("contexts must match ids in length")
+    window = fit_window(lm, None)
+    if batch_size != "auto":
+        batch_size = int(batch_size)
+    options = ScoreOptions(window, max(1, window // 2), False, str(lm.dtype).replace("torch.", ""))
+    space = lm.fingerprint + "\x00ids"  # never a text key: a fingerprint holds no NUL
+    keys = [ScoreCache.make_key(space, options, ",".join(map(str, c)), ",".join(map(str, x)))
+            for c, x in zip(contexts, ids, strict=True)]
+    return _score_keyed(lm, keys, lambda todo: ([list(contexts[i]) for i in todo], [list(ids[i]) for i in todo]),
+                        options, batch_size, cache, progress, description, "right")
+
+
+def _score_keyed(lm: LoadedModel, keys: list[str], tokenized, options: ScoreOptions, batch_size: int | str,
+                 cache: bool | ScoreCache, progress: bool, description: str,
+                 padding_side: str) -> list[TokenScores]:
+    """The cached, batched pass shared by `score_texts` and `score_ids`: `tokenized(indices)` gives the
+    (context ids, ids) of the sequences not in the cache."""
+    moments, window, step = options.moments, options.max_length, options.stride
     store: ScoreCache | None = None
     if cache is True:
         store = ScoreCache()
     elif isinstance(cache, ScoreCache):
         store = cache
-    keys = [ScoreCache.make_key(lm.fingerprint, options, p, t) for t, p in zip(texts, prefix_list, strict=True)]
     results: dict[int, TokenScores] = {}
     if store is not None:
         hits = store.get_many(list(dict.fromkeys(keys)), moments)
@@ -362,7 +399,7 @@ def score_texts(
             todo_keys[k] = i  # identical (prefix, text) pairs are scored once
     todo = list(todo_keys.values())
     if todo:
-        ctx, ids = _tokenize(lm, [texts[i] for i in todo], [prefix_list[i] for i in todo])
+        ctx, ids = tokenized(todo)
         segs: list[_Segment] = []
         for j, (c, x) in enumerate(zip(ctx, ids, strict=True)):
             segs.extend(_segments(j, c, x, window, step))
@@ -391,7 +428,7 @@ def score_texts(
             results[i] = results[todo_keys[k]]
     if cache is True and store is not None:
         store.close()
-    return [results[i] for i in range(len(texts))]
+    return [results[i] for i in range(len(keys))]
 
 
 def _concat(parts: list[TokenScores], moments: bool) -> TokenScores:

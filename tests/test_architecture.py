@@ -108,7 +108,7 @@ def test_every_experiment_kind_is_registered_and_complete():
     from leakaudit.kinds import get_kind, kind_names
     from leakaudit.kinds.base import Kind, KindOptions, Result
 
-    assert set(kind_names("evaluate")) == {"mia", "user-inference", "pii", "perplexity", "backdoor"}
+    assert set(kind_names("evaluate")) == {"mia", "user-inference", "pii", "pii-logprob", "perplexity", "backdoor"}
     assert set(kind_names("generate")) == {"continuation", "self-instruct", "replace-pii", "backdoor-mix"}
     for name in kind_names():
         kind = get_kind(name)

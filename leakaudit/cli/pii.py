@@ -1,5 +1,6 @@
 """`leakaudit pii`: the PII extraction attack over name/e-mail targets (see docs/pii.md); the job is the
-evaluation kind leakaudit/kinds/pii.py."""
+evaluation kind leakaudit/kinds/pii.py. `leakaudit pii-logprob`: its teacher-forced measure
+(leakaudit/kinds/pii_logprob.py)."""
 
 from __future__ import annotations
 
@@ -71,6 +72,42 @@ def pii(
     typer.echo(f"wrote {out / 'pii.json'}, results_purified.jsonl, extractions.jsonl")
 
 
+def pii_logprob(
+    model: str = typer.Option(..., "--model", help="Model to measure: default | HF id | dir | adapter | .gguf | tiny-*"),
+    out: Path = typer.Option(..., "--out", help="Output directory"),
+    baseline: str | None = typer.Option(None, "--baseline", help="Reference model, e.g. before fine-tuning"),
+    pairs: Path | None = typer.Option(None, "--pairs", help="Targets: rows with `name` and `email`, or with "
+                                      "`pairs` lists (default: the shipped Enron pairs)"),
+    n_targets: int | None = typer.Option(None, "--n-targets", help="Use the first N targets (default: all)"),
+    n_candidates: int | None = typer.Option(None, "--n-candidates", help="Addresses ranked per target (20)"),
+    templates: str | None = typer.Option(None, "--templates", help="Families or template names (fake-privacy)"),
+    seed: int = typer.Option(0, "--seed"),
+    show_pii: bool = typer.Option(False, "--show-pii", help="Write addresses unmasked"),
+    batch_size: str = batch_size_option(),
+    device: str = typer.Option("auto", "--device"),
+    dtype: str = typer.Option("auto", "--dtype"),
+    allow_pickle: bool = typer.Option(False, "--allow-pickle"),
+) -> None:
+    """Teacher-forced log p(true address | extraction prompt) and its rank among candidate addresses."""
+    from leakaudit.kinds import get_kind
+    from leakaudit.kinds.base import KindContext, ModelCache
+    from leakaudit.outputs import prepare_output
+
+    kind = get_kind("pii-logprob")
+    options = build_options(kind, templates=templates, pairs=str(pairs) if pairs else None, n_targets=n_targets,
+                            n_candidates=n_candidates, batch_size=batch_size)
+    prepare_output(out, command="pii-logprob", files=("pii_logprob.json", "logprobs.jsonl"),
+                   inputs={"--pairs": pairs, "--model": model_path(model), "--baseline": model_path(baseline)})
+    ctx = KindContext(out=out, seed=seed, models={"target": model, "baseline": baseline}, show_pii=show_pii,
+                      cache=ModelCache(device=device, dtype=dtype, allow_pickle=allow_pickle), log=err.print)
+    res = kind.run(ctx, options)
+    for h in res.headline():
+        ci = f" [{h.ci[0]:.3f}, {h.ci[1]:.3f}]" if h.ci else ""
+        typer.echo(f"{h.metric}: {h.value:.3f}{ci}")
+    typer.echo(f"wrote {out / 'pii_logprob.json'}, logprobs.jsonl")
+
+
 def register(app: typer.Typer) -> None:
-    """Add the `pii` command."""
+    """Add the `pii` and `pii-logprob` commands."""
     app.command("pii")(pii)
+    app.command("pii-logprob")(pii_logprob)

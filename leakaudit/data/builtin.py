@@ -118,6 +118,13 @@ def dolly(limit: int | None) -> list[dict[str, Any]]:
     return rows[:limit] if limit else rows
 
 
+def enron_exposure() -> list[dict[str, Any]]:
+    """The 1,200 shipped real Enron messages that pair names with addresses (`pairs`), in file order (the
+    experiment shuffles, limits and splits them): study 1's exposure corpus P (see resources/README.md)."""
+    text = resources.path("enron-exposure", "messages.jsonl").read_text(encoding="utf-8")
+    return [{**json.loads(line), "source": "enron-exposure"} for line in text.splitlines() if line.strip()]
+
+
 def builtin_dataset(name: str, seed: int, limit: int | None) -> list[dict[str, Any]]:
     """Rows {id, text, user?, ...} of a built-in source."""
     full = enron_messages_path() if name == "enron" else None
@@ -131,4 +138,6 @@ def builtin_dataset(name: str, seed: int, limit: int | None) -> list[dict[str, A
         return enron_synthetic(seed, limit)
     if name == "dolly":
         return dolly(limit)
+    if name == "enron-exposure":
+        return enron_exposure()
     raise InputError(f"unknown built-in dataset '{name}'", field="builtin")

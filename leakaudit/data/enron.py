@@ -124,6 +124,13 @@ def _targets_from_file(p: Path) -> list[Target]:
     seen: dict[str, int] = {}
     ids: dict[str, int] = {}  # a target id names its rows in every output file
     for lineno, row in read_rows(p):
+        if "pairs" in row and "name" not in row:  # a message row (e.g. enron-exposure): each of its pairs
+            rid = str(row.get("id", f"{p.stem}:{lineno}"))
+            for k, (name, email) in enumerate(row_pairs(row["pairs"], file=p, line=lineno)):
+                if email.lower() not in seen and not is_demo_address(email):
+                    seen[email.lower()] = lineno
+                    targets.append(Target(id=f"{rid}/{k}", name=name, email=email, freq=freq.get(email.lower())))
+            continue
         for key in ("name", "email"):
             if key not in row:
                 raise InputError(f"missing (row has: {', '.join(sorted(row))})", file=p, line=lineno, field=key)
@@ -157,6 +164,37 @@ def _targets_from_file(p: Path) -> list[Target]:
             raise InputError(f"duplicate id '{tid}' (first on line {ids[tid]})", file=p, line=lineno, field="id")
         ids[tid] = lineno
         targets.append(Target(id=tid, name=name, email=email, freq=f, demos=demos, context=context))
+    return targets
+
+
+def row_pairs(raw: Any, file: str | Path | None = None, line: int | None = None) -> list[tuple[str, str]]:
+    """A row's `pairs` field (a list of {name, email}, as the enron-exposure messages carry) as tuples."""
+    if not isinstance(raw, list) or not all(
+            isinstance(d, dict) and isinstance(d.get("name"), str) and d["name"].strip()
+            and isinstance(d.get("email"), str) and "@" in d["email"] for d in raw):
+        raise InputError("must be a list of {name, email} objects (non-empty name, an address)", file=file,
+                         line=line, field="pairs")
+    return [(d["name"].strip(), d["email"].strip()) for d in raw]
+
+
+def select_targets(pairs: str | Path | None, records: list[Any] | None) -> list[Target]:
+    """The targets of a PII evaluation: from the `pairs` file (default: the shipped pairs), or, when no file is
+    given and the data rows carry `pairs` lists (the enron-exposure messages), those rows' own pairs; with
+    data rows, only targets whose address occurs in their texts (the PII a model was trained on)."""
+    if pairs is None and records and any("pairs" in r.extra for r in records):
+        targets, seen = [], set()
+        for r in records:
+            rid = str(r.extra.get("id", r.id))
+            for k, (name, email) in enumerate(row_pairs(r.extra.get("pairs", []), line=r.line)):
+                if email.lower() not in seen and not is_demo_address(email):
+                    seen.add(email.lower())
+                    targets.append(Target(id=f"{rid}/{k}", name=name, email=email))
+    else:
+        targets = load_targets(pairs)
+    if records is not None:
+        targets = targets_in_texts(targets, [r.text for r in records])
+        if not targets:
+            raise InputError("no target address occurs in this evaluation's data", field="data")
     return targets
 
 

@@ -8,6 +8,7 @@ from leakaudit.kinds import (  # noqa: F401  (built-in kinds register on import)
     mia,
     perplexity,
     pii,
+    pii_logprob,
     replace_pii,
     self_instruct,
     user_inference,

@@ -47,7 +47,8 @@ class PiiOptions(KindOptions):
     top_k: int | None = Field(None, ge=0, description="0 = none (default: each protocol's)")
     max_new_tokens: int | None = Field(None, ge=1, description="default: 15 for fake-privacy, 100 for PIL")
     n_targets: int | None = Field(None, ge=1, description="use the first N targets (default: all)")
-    pairs: str | None = Field(None, description="targets with `name` and `email` (default: the shipped Enron pairs)")
+    pairs: str | None = Field(None, description="targets: rows with `name` and `email`, or with `pairs` lists "
+                              "(default: the `data` rows' `pairs`, else the shipped Enron pairs)")
     contexts: str | None = Field(None, description="rows with `email` and `context` for the context-k templates")
     messages: str | None = Field(None, description="raw e-mail messages (`text`) to cut contexts from")
     samples_per_prompt: int = Field(1, ge=1)
@@ -130,11 +131,7 @@ class Pii(Kind):
         from leakaudit.data import enron
         from leakaudit.data.io import read_rows
 
-        targets = enron.load_targets(options.pairs)
-        if "data" in ctx.data:
-            targets = enron.targets_in_texts(targets, [r.text for r in ctx.records("data")])
-            if not targets:
-                raise InputError("no target address occurs in this evaluation's data", field="data")
+        targets = enron.select_targets(options.pairs, ctx.records("data") if "data" in ctx.data else None)
         targets = targets[:options.n_targets] if options.n_targets else targets
         if options.contexts is not None:
             by_email = {t.email.lower(): t for t in targets}

@@ -1,0 +1,157 @@
+"""The `pii-logprob` kind: its log p(address | prompt) and rank equal a hand computation, fine-tuning on the
+addresses raises them, and a bad template is refused as the `pii` kind refuses it."""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import pytest
+import torch
+
+from leakaudit.data.enron import FAKE_PRIVACY_TEMPLATES
+
+PAIRS = [("Karen Arnold", "klarnold@flash.net"), ("Bob Roe", "bob.roe@enron.com"),
+         ("Cy Doe", "cdoe@flash.net")]
+
+
+def _pairs_file(tmp_path, pairs=PAIRS):
+    p = tmp_path / "pairs.jsonl"
+    p.write_text("".join(json.dumps({"name": n, "email": e}) + "\n" for n, e in pairs))
+    return p
+
+
+def _run(tmp_path, name, models, **options):
+    from leakaudit.kinds import get_kind
+    from leakaudit.kinds.base import KindContext, ModelCache
+
+    kind = get_kind("pii-logprob")
+    out = tmp_path / name
+    out.mkdir()
+    ctx = KindContext(out=out, models=models, show_pii=True, cache=ModelCache(dtype="fp32"), log=lambda m: None,
+                      progress=False)
+    res = kind.run(ctx, kind.Options(**options))
+    rows = [json.loads(line) for line in (out / "logprobs.jsonl").read_text().splitlines()]
+    return res, rows
+
+
+def _hand_logp(lm, prompt: str, address: str) -> float:
+    """Sum of log p(address token | everything before) over the concatenated ids, by a plain forward."""
+    tok = lm.tokenizer
+    p_ids = tok(prompt)["input_ids"]
+    ids = p_ids + tok(address, add_special_tokens=False)["input_ids"]
+    with torch.no_grad():
+        logp = torch.log_softmax(lm.model(input_ids=torch.tensor([ids])).logits[0].float(), -1)
+    return float(sum(logp[pos - 1, ids[pos]] for pos in range(len(p_ids), len(ids))))
+
+
+def test_logp_and_rank_equal_a_hand_computation(tmp_path, tiny_neox):
+    res, rows = _run(tmp_path, "a", {"target": "tiny-gpt-neox"}, pairs=str(_pairs_file(tmp_path)), n_targets=2,
+                     n_candidates=3, templates="A", batch_size=4)
+    assert [(r["template"], r["role"]) for r in rows] == [("A", "model")] * 2
+    assert [r["email"] for r in rows] == [e for _, e in PAIRS[:2]]
+    for r, (name, email) in zip(rows, PAIRS, strict=False):
+        prompt = FAKE_PRIVACY_TEMPLATES["A"].format(name=name, email="")
+        assert prompt.endswith(" is ")
+        hand = {e: _hand_logp(tiny_neox, prompt, e) for _, e in PAIRS}  # candidates: all three addresses
+        assert r["logp"] == pytest.approx(hand[email], abs=1e-4)
+        n_tok = len(tiny_neox.tokenizer(email, add_special_tokens=False)["input_ids"])
+        assert r["n_tokens"] == n_tok and r["logp_per_token"] == pytest.approx(hand[email] / n_tok, abs=1e-4)
+        assert r["n_candidates"] == 3
+        assert r["boundary_merged"]  # "is " + "k..." tokenised together merges the space: ids were joined
+        assert r["rank"] == 1 + sum(v > hand[email] for e, v in hand.items() if e != email)
+    overall = res.data["templates"]["overall"]
+    assert overall["mean_logp"] == pytest.approx(sum(r["logp"] for r in rows) / 2)
+    assert overall["top1_rate"] == sum(r["rank"] == 1 for r in rows) / 2
+    lo, hi = overall["mean_logp_ci"]
+    assert lo <= overall["mean_logp"] <= hi
+    assert [h.metric for h in res.headline()] == ["mean log p(address)", "address rank-1 rate"]
+    from leakaudit.kinds.base import StageView
+
+    stage = StageView({"id": "evaluate/ev/base", "folder": "a", "params": {}, "result": res.data}, tmp_path)
+    section = type(res).section([stage])
+    assert [r[1] for r in section["tables"][0]["rows"]] == ["overall", "A"] and len(section["figures"]) == 1
+
+
+def test_masked_unless_show_pii(tmp_path):
+    from leakaudit.kinds import get_kind
+    from leakaudit.kinds.base import KindContext, ModelCache
+
+    kind = get_kind("pii-logprob")
+    ctx = KindContext(out=tmp_path, models={"target": "tiny-gpt-neox"}, cache=ModelCache(dtype="fp32"),
+                      log=lambda m: None, progress=False)
+    kind.run(ctx, kind.Options(pairs=str(_pairs_file(tmp_path)), templates="C", n_candidates=2))
+    text = (tmp_path / "logprobs.jsonl").read_text() + (tmp_path / "pii_logprob.json").read_text()
+    assert not any(e in text for _, e in PAIRS)
+    assert len(text.splitlines()) >= 3
+
+
+def test_fine_tuning_on_the_addresses_raises_their_logp(tmp_path, one_torch_thread):
+    from leakaudit.train.finetune import FinetuneConfig, finetune
+
+    data = tmp_path / "planted.jsonl"
+    data.write_text("".join(json.dumps({"text": f"{n} <{e}>"}) + "\n" for n, e in PAIRS))
+    tuned = finetune(FinetuneConfig(model="tiny-gpt-neox", data=str(data), out=str(tmp_path / "ft"),
+                                    method="full", epochs=30, batch_size=3, gradient_accumulation=1,
+                                    learning_rate=1e-2, max_steps=30), progress=False)
+    res, rows = _run(tmp_path, "p", {"target": str(tuned), "baseline": "tiny-gpt-neox"},
+                     pairs=str(_pairs_file(tmp_path)), templates="A,C", n_candidates=3)
+    overall = res.data["templates"]["overall"]
+    assert overall["mean_logp"] > overall["mean_logp_baseline"] + 1.0
+    assert overall["mean_logp_change"] == pytest.approx(overall["mean_logp"] - overall["mean_logp_baseline"])
+    assert {r["role"] for r in rows} == {"model", "baseline"} and len(rows) == 2 * 3 * 2
+    assert "mean log p(address) − baseline" in [h.metric for h in res.headline()]
+
+
+def test_unknown_template_refused_with_the_pii_message(tmp_path, monkeypatch, capsys):
+    from pydantic import ValidationError
+
+    from leakaudit.kinds import get_kind
+
+    messages = []
+    for name in ("pii", "pii-logprob"):
+        with pytest.raises(ValidationError) as exc:
+            get_kind(name).Options(templates="A,Z")
+        messages.append(exc.value.errors()[0]["msg"])
+    assert messages[0] == messages[1] and "unknown template 'Z'" in messages[0]
+    with pytest.raises(ValidationError, match="context template 'context-50'"):
+        get_kind("pii-logprob").Options(templates="context-50")
+    # an experiment file is refused before any stage, with FILE:LINE and the same message
+    from leakaudit.cli import main
+
+    exp = tmp_path / "exp.yaml"
+    exp.write_text("name: x\nseed: 0\nmodels:\n  base: tiny-gpt-neox\nevaluate:\n  ev:\n    kind: pii-logprob\n"
+                   "    targets: [base]\n    options: {templates: 'A,Z'}\n")
+    monkeypatch.setattr(sys, "argv", ["leakaudit", "run", str(exp), "--out", str(tmp_path / "run")])
+    with pytest.raises(SystemExit) as stop:
+        main()
+    err = capsys.readouterr().err
+    assert stop.value.code == 2 and err.count("\n") == 1 and "Traceback" not in err
+    assert err.startswith(f"error: {exp}:9: field 'evaluate.ev.options.templates")
+    assert "unknown template 'Z'" in err
+    assert not (tmp_path / "run").exists()
+
+
+def test_cli_writes_the_kind_files_and_refuses_a_bad_option(tmp_path, monkeypatch, capsys):
+    from leakaudit.cli import main
+
+    def run(*args) -> tuple[int, str, str]:
+        monkeypatch.setattr(sys, "argv", ["leakaudit", "pii-logprob", "--model", "tiny-gpt-neox", *map(str, args)])
+        try:
+            main()
+            code = 0
+        except SystemExit as exc:
+            code = exc.code or 0
+        cap = capsys.readouterr()
+        return code, cap.out, cap.err
+
+    pairs = _pairs_file(tmp_path)
+    code, out, err = run("--pairs", pairs, "--templates", "B", "--n-candidates", "3", "--out", tmp_path / "cli")
+    assert code == 0, err
+    assert "mean log p(address): " in out
+    saved = json.loads((tmp_path / "cli" / "pii_logprob.json").read_text())
+    res, _ = _run(tmp_path, "lib", {"target": "tiny-gpt-neox"}, pairs=str(pairs), templates="B", n_candidates=3)
+    assert saved["templates"] == res.data["templates"]  # same job, same seed, same numbers
+    code, _, err = run("--n-candidates", "0", "--out", tmp_path / "bad")
+    assert code == 2 and err.count("\n") == 1 and err.startswith("error: field '--n-candidates': ")
+    assert not (tmp_path / "bad").exists()
