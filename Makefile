@@ -22,7 +22,7 @@ demo: $(STAMP)
 	$(BIN)/leakaudit demo --out out/demo
 
 lint: $(STAMP)
-	$(BIN)/ruff check leakaudit tests bench
+	$(BIN)/ruff check leakaudit tests bench scripts
 
 test: $(STAMP) lint
 	$(BIN)/python -m pytest -q -ra

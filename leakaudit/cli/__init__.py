@@ -18,12 +18,11 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 
-# One module per topic; each defines register(app). Kept as names so a topic in progress cannot break the rest.
-TOPICS = ["core", "mia", "train", "generate", "pii", "backdoor", "run"]
+# One module per topic; each defines register(app).
+from leakaudit.cli import backdoor, core, generate, mia, pii, run, train  # noqa: E402
 
-for _topic in TOPICS:
-    _module = importlib.import_module(f"leakaudit.cli.{_topic}")
-    _module.register(app)
+for _topic in (core, mia, train, generate, pii, backdoor, run):
+    _topic.register(app)
 
 
 def main() -> None:
