@@ -79,13 +79,6 @@ def above_zero(value: float | None) -> float | None:
     return value
 
 
-def in_unit_interval(value: float | None) -> float | None:
-    """Callback for fractions in (0, 1]."""
-    if value is not None and not 0 < value <= 1:
-        raise typer.BadParameter(f"{value} is not in (0, 1]")
-    return value
-
-
 def check_window(max_length: int | None, stride: int | None) -> None:
     """A window step longer than the window would skip tokens."""
     if max_length is not None and stride is not None and stride > max_length:
