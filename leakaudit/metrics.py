@@ -152,27 +152,78 @@ def _percentile_ci(values: np.ndarray, ci: float) -> list[float] | None:
     return [float(np.quantile(values, alpha)), float(np.quantile(values, 1 - alpha))]
 
 
+def paired_difference(values_a: Sequence[float], values_b: Sequence[float], labels: Sequence[int] | None = None,
+                      n_bootstrap: int = 1000, seed: int = 0, ci: float = 0.95,
+                      clusters: Sequence[object] | None = None) -> dict:
+    """stat(b) − stat(a) on the same items (two models scored on the same texts, targets or users), with a
+    paired percentile bootstrap: each resample draws items once and computes both statistics on it, so what
+    the two share (which items are easy) cancels. stat is the AUC against `labels` when they are given (a
+    resample left with one class is skipped), else the mean. `clusters` (one key per item, e.g. the target of
+    a target x template row) makes the resampling unit the cluster: its items are drawn together.
+
+    The relative change is delta / |stat(a)| (so its sign is the delta's, also for a negative log p), its
+    interval computed per resample (resamples where stat(a) is 0 left out); None when stat(a) is 0.
+    Returns {value_a, value_b, delta, ci, relative, relative_ci, n, n_bootstrap (resamples used)} (ci and
+    relative_ci None without resamples).
+    """
+    a = np.asarray(values_a, dtype=np.float64)
+    b = np.asarray(values_b, dtype=np.float64)
+    if a.shape != b.shape or a.ndim != 1:
+        raise ValueError(f"values must be 1-D of equal length (got {a.shape} and {b.shape})")
+    y = None
+    if labels is not None:
+        a, y = _check(a, labels)
+        b, _ = _check(b, labels)
+    if y is not None and clusters is not None:
+        raise ValueError("clusters are for means; an AUC resamples single items")
+    if clusters is None:
+        groups = np.arange(len(a))
+    else:
+        _, groups = np.unique(np.asarray([str(c) for c in clusters]), return_inverse=True)
+    n_groups = int(groups.max()) + 1 if len(a) else 0
+    if y is None:
+        value_a, value_b = float(a.mean()) if len(a) else math.nan, float(b.mean()) if len(b) else math.nan
+    else:
+        value_a, value_b = (float(v) for v in _auc_rows(np.stack([a, b]), np.stack([y, y])))
+    rng = np.random.default_rng(seed)
+    sa, sb = [], []
+    rows = max(1, 1_000_000 // max(len(a), 1))  # bounded memory per chunk
+    for start in range(0, n_bootstrap if n_groups else 0, rows):
+        draw = rng.integers(0, n_groups, size=(min(rows, n_bootstrap - start), n_groups))
+        if y is not None:  # index rows: an item drawn k times is k tied copies
+            sa.append(_auc_rows(a[draw], y[draw]))
+            sb.append(_auc_rows(b[draw], y[draw]))
+            continue
+        # weight rows: how often each item's cluster was drawn
+        w = np.stack([np.bincount(d, minlength=n_groups) for d in draw])[:, groups].astype(np.float64)
+        sa.append((w * a).sum(axis=1) / w.sum(axis=1))
+        sb.append((w * b).sum(axis=1) / w.sum(axis=1))
+    ra = np.concatenate(sa) if sa else np.empty(0)
+    rb = np.concatenate(sb) if sb else np.empty(0)
+    d = rb - ra
+    delta = value_b - value_a
+    relative = relative_ci = None
+    if value_a != 0 and math.isfinite(value_a):
+        relative = delta / abs(value_a)
+        with np.errstate(invalid="ignore", divide="ignore"):
+            relative_ci = _percentile_ci(np.where(ra != 0, d / np.abs(ra), np.nan), ci)
+    return {"value_a": value_a, "value_b": value_b, "delta": delta, "ci": _percentile_ci(d, ci),
+            "relative": relative, "relative_ci": relative_ci, "n": len(a), "n_bootstrap": int(np.isfinite(d).sum())}
+
+
 def paired_auc_difference(scores_a: Sequence[float], scores_b: Sequence[float], labels: Sequence[int],
                           n_bootstrap: int = 1000, seed: int = 0, ci: float = 0.95) -> dict:
     """AUC(b) − AUC(a) on the same items (e.g. the same users attacked on two models) with a paired
-    percentile bootstrap: each resample draws items once and scores both a and b on it, so what the two share
-    (which users are easy) cancels. Resamples left with one class are skipped.
+    percentile bootstrap (`paired_difference` with labels). Resamples left with one class are skipped.
 
-    Returns {delta, ci ([lo, hi], None without resamples), auc_a, auc_b, n, n_pos, n_neg, n_bootstrap (used)}.
+    Returns {delta, ci ([lo, hi], None without resamples), auc_a, auc_b, relative, relative_ci, n, n_pos,
+    n_neg, n_bootstrap (used)}.
     """
-    a, y = _check(scores_a, labels)
-    b, _ = _check(scores_b, labels)  # both the length of labels
-    auc_a, auc_b = (float(v) for v in _auc_rows(np.stack([a, b]), np.stack([y, y])))
-    rng = np.random.default_rng(seed)
-    deltas = []
-    rows = max(1, 1_000_000 // max(len(y), 1))  # bounded memory per chunk
-    for start in range(0, n_bootstrap, rows):
-        idx = rng.integers(0, len(y), size=(min(rows, n_bootstrap - start), len(y)))
-        deltas.append(_auc_rows(b[idx], y[idx]) - _auc_rows(a[idx], y[idx]))
-    d = np.concatenate(deltas) if deltas else np.empty(0)
-    n_pos = int(y.sum())
-    return {"delta": auc_b - auc_a, "ci": _percentile_ci(d, ci), "auc_a": auc_a, "auc_b": auc_b, "n": len(y),
-            "n_pos": n_pos, "n_neg": len(y) - n_pos, "n_bootstrap": int(np.isfinite(d).sum())}
+    d = paired_difference(scores_a, scores_b, labels, n_bootstrap=n_bootstrap, seed=seed, ci=ci)
+    n_pos = int(np.asarray(labels).sum())
+    return {"delta": d["delta"], "ci": d["ci"], "auc_a": d["value_a"], "auc_b": d["value_b"],
+            "relative": d["relative"], "relative_ci": d["relative_ci"], "n": d["n"], "n_pos": n_pos,
+            "n_neg": d["n"] - n_pos, "n_bootstrap": d["n_bootstrap"]}
 
 
 def spearman_with_ci(x: Sequence[float], y: Sequence[float], n_bootstrap: int = 1000, seed: int = 0,

@@ -230,7 +230,8 @@ def _stage(out, evaluation, target, scores, options=None, per_m=None):
 
 def test_comparisons_from_hand_written_stages(tmp_path):
     from leakaudit.kinds.base import StageView
-    from leakaudit.kinds.user_inference import UserInferenceResult, verdict
+    from leakaudit.kinds.compare import verdict
+    from leakaudit.kinds.user_inference import UserInferenceResult
     from leakaudit.report.html import build
 
     n = 20
@@ -256,8 +257,8 @@ def test_comparisons_from_hand_written_stages(tmp_path):
     assert by["same"]["delta"] == 0 and by["same"]["ci"] == [0.0, 0.0]
     assert by["same"]["verdict"].startswith("no detectable effect (|Δ| < 0.000")
     # the verdict follows the interval alone
-    assert verdict([0.01, 0.2]) == "increases" and verdict([-0.3, -0.02]) == "reduces"
-    assert verdict([-0.1, 0.05]) == "no detectable effect (|Δ| < 0.075, the CI half-width)"
+    assert verdict([0.01, 0.2], "effect") == "increases" and verdict([-0.3, -0.02], "effect") == "reduces"
+    assert verdict([-0.1, 0.05], "effect") == "no detectable effect (|Δ| < 0.075, the CI half-width)"
     assert verdict(None).startswith("no CI")
 
     # summary.json and report.html carry them, with TPR@1% shown n/a for 20 held-out users

@@ -15,6 +15,7 @@ from typing import Annotated, Any
 from pydantic import AfterValidator, BeforeValidator, Field
 
 from leakaudit.errors import InputError, OptionError
+from leakaudit.kinds import compare
 from leakaudit.kinds.base import Headline, Kind, KindContext, KindOptions, Result, StageView, fmt, read_jsonl
 from leakaudit.kinds.registry import register
 from leakaudit.options import BatchSize
@@ -45,6 +46,11 @@ class MiaOptions(KindOptions):
     max_length: int | None = Field(None, ge=2, description="window in tokens (default: the model's context)")
     stride: int | None = Field(None, ge=1, description="window step for long texts (default: max_length/2)")
     cache: bool = Field(True, description="read and write the score cache")
+    compare_to: str | None = Field(
+        None, min_length=1,
+        description="a target of this evaluation (e.g. the model before a fine-tune) every other target is "
+                    "compared with: paired Δ AUC per attack (same texts, resampled together) with CI and a "
+                    "verdict in the report and summary.json")
 
 
 def attack_names(attacks: list[str] | str | None, has_reference: bool) -> list[str]:
@@ -66,6 +72,12 @@ class MiaResult(Result):
             out.append(Headline(f"{attack} AUC", m.get("auc"), m.get("auc_ci")))
             out.append(Headline(f"{attack} TPR@1%FPR", (m.get("tpr_at_fpr") or {}).get("0.01")))
         return out
+
+    @classmethod
+    def comparisons(cls, stages: list[StageView]) -> list[dict[str, Any]]:
+        """Per evaluation with `compare_to`, per attack: each other target's paired Δ AUC against it, texts
+        paired by (label, id) in scores.jsonl (kinds/compare.py)."""
+        return compare.comparisons(stages, _series)
 
     @classmethod
     def section(cls, stages: list[StageView]) -> dict[str, Any] | None:
@@ -96,11 +108,21 @@ class MiaResult(Result):
                               tpr_text(tpr.get("0.001"), needs.get("0.001")), m.get("n_members", ""),
                               m.get("n_nonmembers", "")])
         return {"id": "mia", "title": "Membership inference",
-                "note": "ROC curves on a log-scale false-positive axis; the low-FPR region is what matters for "
-                        "privacy.",
+                "note": " ".join(["ROC curves on a log-scale false-positive axis; the low-FPR region is what "
+                                  "matters for privacy.", *compare.notes(stages)]),
                 "figures": figures,
                 "tables": [{"header": ["variant", "evaluation", "attack", "AUC", "95% CI", "TPR@1%FPR",
                                        "TPR@0.1%FPR", "members", "non-members"], "rows": table}]}
+
+
+def _series(s: StageView, base: StageView) -> list[compare.Series]:
+    """Per attack of the stage, its per-text scores keyed by (label, id): a member and a non-member may share
+    an id, and a text is paired only with itself."""
+    rows = compare.unique(read_jsonl(s.dir / s.result.get("scores_file", "scores.jsonl")),
+                          lambda r: (r.get("label"), r.get("id")))
+    return [compare.Series(f"{attack} AUC", {k: r.get(attack) for k, r in rows.items()},
+                           labels={k: r.get("label") for k, r in rows.items()}, items="texts")
+            for attack in s.result.get("attacks") or {}]
 
 
 @register

@@ -10,12 +10,14 @@ intervals, per protocol), extractions.jsonl (every response, addresses masked un
 
 from __future__ import annotations
 
+from operator import itemgetter
 from typing import Annotated, Any
 
 from pydantic import BeforeValidator, Field, field_validator
 
 from leakaudit.errors import InputError
-from leakaudit.kinds.base import Headline, Kind, KindContext, KindOptions, Result, StageView, fmt
+from leakaudit.kinds import compare
+from leakaudit.kinds.base import Headline, Kind, KindContext, KindOptions, Result, StageView, fmt, read_jsonl
 from leakaudit.kinds.registry import register
 from leakaudit.options import BatchSize
 
@@ -54,6 +56,11 @@ class PiiOptions(KindOptions):
     samples_per_prompt: int = Field(1, ge=1)
     seed: int | None = Field(None, description="sampling and bootstrap seed (default: the run's seed)")
     batch_size: BatchSize = "auto"
+    compare_to: str | None = Field(
+        None, min_length=1,
+        description="a target of this evaluation (e.g. the model before a fine-tune) every other target is "
+                    "compared with: paired Δ match rate (same targets and cells, targets resampled together) "
+                    "with CI and a verdict in the report and summary.json")
 
     @field_validator("templates")
     @classmethod
@@ -87,6 +94,12 @@ class PiiResult(Result):
         return rows
 
     @classmethod
+    def comparisons(cls, stages: list[StageView]) -> list[dict[str, Any]]:
+        """Per evaluation with `compare_to`: each other target's paired Δ match rate against it, per protocol;
+        items = target x cell hits from extractions.jsonl, resampled by target (kinds/compare.py)."""
+        return compare.comparisons(stages, _series)
+
+    @classmethod
     def section(cls, stages: list[StageView]) -> dict[str, Any] | None:
         from leakaudit.report import plots
 
@@ -109,10 +122,33 @@ class PiiResult(Result):
                                                             "temperature", "template"),
                                 "caption": f"PII extraction match rate by template and temperature, {s.target}"})
         return {"id": "pii", "title": "PII extraction", "figures": figures,
-                "note": "Match rate = matched targets / targets, per prompt template and sampling temperature. "
-                        "Extracted text is not shown.",
+                "note": " ".join(["Match rate = matched targets / targets, per prompt template and sampling "
+                                  "temperature. Extracted text is not shown.", *compare.notes(stages)]),
                 "tables": [{"header": ["variant", "template", "temperature", "top-k", "matches", "exact",
                                        "targets"], "rows": table}]}
+
+
+def _series(s: StageView, base: StageView) -> list[compare.Series]:
+    """Per protocol, the target model's hit (any sample matched, the protocol's criterion) per target x cell,
+    from extractions.jsonl (one row per sample). Their mean is the grid-mean match rate. A key whose samples
+    repeat (target ids masked into one another) is left out."""
+    hits: dict[str, dict[tuple[Any, ...], float]] = {}
+    seen: dict[tuple[Any, ...], set[Any]] = {}
+    twice: set[tuple[Any, ...]] = set()
+    for r in read_jsonl(s.dir / "extractions.jsonl"):
+        if r.get("role", "model") != "model":
+            continue
+        key = (r.get("target"), r.get("template"), r.get("temperature"), r.get("top_k"))
+        if r.get("sample_index") in seen.setdefault(key, set()):
+            twice.add(key)
+        seen[key].add(r.get("sample_index"))
+        cell = hits.setdefault(str(r.get("protocol")), {})
+        cell[key] = max(cell.get(key, 0.0), float(bool(r.get("hit"))))
+    several = len(hits) > 1
+    return [compare.Series("PII match rate" + (f" ({protocol})" if several else ""),
+                           {k: v for k, v in values.items() if k not in twice}, cluster=itemgetter(0),
+                           items="targets")
+            for protocol, values in hits.items()]
 
 
 @register
@@ -153,7 +189,6 @@ class Pii(Kind):
 
     def run(self, ctx: KindContext, options: PiiOptions) -> PiiResult:
         from leakaudit.attacks.pii import run_pii
-        from leakaudit.kinds.base import read_jsonl
 
         cells = options.cells()
         targets = self.targets(ctx, options)

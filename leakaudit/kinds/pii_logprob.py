@@ -24,13 +24,15 @@ from __future__ import annotations
 
 import random
 from collections.abc import Callable
+from operator import itemgetter
 from typing import Any
 
 import numpy as np
 from pydantic import Field, field_validator
 
 from leakaudit.errors import InputError
-from leakaudit.kinds.base import Headline, Kind, KindContext, KindOptions, Result, StageView, fmt
+from leakaudit.kinds import compare
+from leakaudit.kinds.base import Headline, Kind, KindContext, KindOptions, Result, StageView, fmt, read_jsonl
 from leakaudit.kinds.registry import register
 from leakaudit.options import BatchSize
 
@@ -48,6 +50,11 @@ class PiiLogprobOptions(KindOptions):
                               "N-1 other targets' addresses")
     batch_size: BatchSize = "auto"
     seed: int | None = Field(None, description="candidate draw and bootstrap seed (default: the run's seed)")
+    compare_to: str | None = Field(
+        None, min_length=1,
+        description="a target of this evaluation (e.g. the model before a fine-tune) every other target is "
+                    "compared with: paired Δ mean log p(address) and Δ rank-1 rate (same targets x templates, "
+                    "targets resampled together) with CI and a verdict in the report and summary.json")
 
     @field_validator("templates")
     @classmethod
@@ -180,6 +187,13 @@ class PiiLogprobResult(Result):
         return rows
 
     @classmethod
+    def comparisons(cls, stages: list[StageView]) -> list[dict[str, Any]]:
+        """Per evaluation with `compare_to`: each other target's paired Δ mean log p(address) and Δ rank-1
+        rate against it, target x template rows of logprobs.jsonl paired by (target, template), resampled
+        by target (a target's templates move together), see kinds/compare.py."""
+        return compare.comparisons(stages, _series)
+
+    @classmethod
     def section(cls, stages: list[StageView]) -> dict[str, Any] | None:
         from leakaudit.report import plots
 
@@ -200,11 +214,24 @@ class PiiLogprobResult(Result):
                             "caption": "Teacher-forced log-probability of the true address after the extraction "
                                        "prompt, mean over targets and templates (higher = more memorised)"})
         return {"id": "pii-logprob", "title": "PII log-probability (teacher-forced)", "figures": figures,
-                "note": "log p = summed log-probability of the address tokens after the template prompt; rank "
-                        "among the candidate addresses (1 = the true one is most likely); 95% bootstrap "
-                        "intervals over targets. Addresses are not shown.",
+                "note": " ".join(["log p = summed log-probability of the address tokens after the template "
+                                  "prompt; rank among the candidate addresses (1 = the true one is most "
+                                  "likely); 95% bootstrap intervals over targets. Addresses are not shown.",
+                                  *compare.notes(stages)]),
                 "tables": [{"header": ["variant", "template", "mean log p", "95% CI", "rank-1 rate", "MRR",
                                        "change vs baseline"], "rows": table}]}
+
+
+def _series(s: StageView, base: StageView) -> list[compare.Series]:
+    """The target model's rows (not its baseline's) keyed by (target, template); a target id masked into
+    another's is left out (compare.unique)."""
+    rows = compare.unique((r for r in read_jsonl(s.dir / "logprobs.jsonl") if r.get("role", "model") == "model"),
+                          lambda r: (r.get("target"), r.get("template")))
+    target = itemgetter(0)  # the resampling unit of a (target, template) row
+    return [compare.Series("mean log p(address)", {k: r.get("logp") for k, r in rows.items()}, cluster=target,
+                           items="targets"),
+            compare.Series("address rank-1 rate", {k: float(r["rank"] == 1) for k, r in rows.items()
+                                                   if "rank" in r}, cluster=target, items="targets")]
 
 
 @register

@@ -21,6 +21,7 @@ from typing import Annotated, Any
 from pydantic import BeforeValidator, Field
 
 from leakaudit.errors import InputError
+from leakaudit.kinds import compare
 from leakaudit.kinds.base import Headline, Kind, KindContext, KindOptions, Result, StageView, fmt, read_jsonl
 from leakaudit.kinds.registry import register
 from leakaudit.options import BatchSize
@@ -71,16 +72,11 @@ class UserInferenceResult(Result):
 
     @classmethod
     def comparisons(cls, stages: list[StageView]) -> list[dict[str, Any]]:
-        """Per evaluation with `compare_to`: each other target's paired Δ user AUC at the headline m against it."""
-        out = []
-        for group in _by_evaluation(stages).values():
-            base, _ = _baseline(group)
-            if base is None:
-                continue
-            for s in group:
-                if s is not base:
-                    out.append(compare_stages(base, s))
-        return out
+        """Per evaluation with `compare_to`: each other target's paired Δ user AUC at the headline m against
+        it (kinds/compare.py), with this kind's names kept: auc_baseline, auc_variant, n_users(_in/_out)."""
+        rows = compare.comparisons(stages, _series, style="effect")
+        return [{**c, "auc_baseline": c["value_baseline"], "auc_variant": c["value_variant"], "n_users": c["n"],
+                 "n_users_in": c.get("n_pos", 0), "n_users_out": c.get("n_neg", 0)} for c in rows]
 
     @classmethod
     def section(cls, stages: list[StageView]) -> dict[str, Any] | None:
@@ -89,7 +85,7 @@ class UserInferenceResult(Result):
 
         if not stages:
             return None
-        groups = _by_evaluation(stages)
+        groups = compare.by_evaluation(stages)
         several = len(groups) > 1
         order = _m_order(list(dict.fromkeys(m for s in stages for m in (s.result.get("per_m") or {}))))
         figures, notes, table, by_m_rows = [], [], [], []
@@ -106,7 +102,7 @@ class UserInferenceResult(Result):
                     bands=bands, xticks=[(x, m) for m, x in order.items()]),
                     "caption": f"User AUC against the attacker's samples per user m, one line per target, "
                                f"shaded 95% bootstrap CI ({evaluation})"})
-            problem = _baseline(group)[1]
+            problem = compare.baseline(group)[1]
             if problem:
                 notes.append(problem)
         for s in stages:
@@ -148,32 +144,6 @@ class UserInferenceResult(Result):
 
 
 # ----------------------------------------------------------------------------------------- report helpers
-def _by_evaluation(stages: list[StageView]) -> dict[str, list[StageView]]:
-    groups: dict[str, list[StageView]] = {}
-    for s in stages:
-        groups.setdefault(s.evaluation, []).append(s)
-    return groups
-
-
-def _option(s: StageView, name: str) -> Any:
-    """An option of the stage: from its result, else from the options the plan gave it."""
-    if name in s.result:
-        return s.result[name]
-    return (s.record.get("params", {}).get("options") or {}).get(name)
-
-
-def _baseline(group: list[StageView]) -> tuple[StageView | None, str | None]:
-    """The stage `compare_to` names in one evaluation, or a note saying why there is none."""
-    wanted = next((v for v in (_option(s, "compare_to") for s in group) if v), None)
-    if wanted is None:
-        return None, None
-    for s in group:
-        if s.target == wanted:
-            return s, None
-    return None, (f"compare_to '{wanted}' names no finished target of evaluation '{group[0].evaluation}' "
-                  f"(finished: {', '.join(s.target for s in group)}); no comparison drawn.")
-
-
 def _m_order(ms: list[str]) -> dict[str, int]:
     """x position of each m: numbers ascending, then 'all'."""
     nums = sorted((m for m in ms if m.isdigit()), key=int)
@@ -201,46 +171,12 @@ def _score_at(row: dict[str, Any], m: str) -> float | None:
     return (row.get("scores") or {}).get(m) if "scores" in row else row.get("score")
 
 
-def verdict(ci: list[float] | None) -> str:
-    """What a paired Δ AUC's interval supports: a direction only when it excludes 0; otherwise how large an
-    effect could still hide in it (the half-width)."""
-    if not ci:
-        return "no CI (n_bootstrap = 0 or no resample with both groups)"
-    lo, hi = ci
-    if hi < 0:
-        return "reduces"
-    if lo > 0:
-        return "increases"
-    return f"no detectable effect (|Δ| < {(hi - lo) / 2:.3f}, the CI half-width)"
-
-
-def compare_stages(base: StageView, other: StageView) -> dict[str, Any]:
-    """Paired Δ user AUC of `other` against `base` at base's headline m, users paired by `user`."""
-    from leakaudit.metrics import paired_auc_difference
-
+def _series(s: StageView, base: StageView) -> list[compare.Series]:
+    """A stage's user scores at the base's headline m, users keyed by `user`, labelled in/out."""
     m = str(base.result.get("samples_per_user") or "all")
-    rows = {}
-    for s in (base, other):
-        rows[s.target] = {r["user"]: r for r in read_jsonl(s.dir / s.result.get("scores_file", "user_scores.jsonl"))}
-    a_rows, b_rows = rows[base.target], rows[other.target]
-    users = [u for u, r in a_rows.items() if u in b_rows and r.get("label") == b_rows[u].get("label")
-             and _score_at(r, m) is not None and _score_at(b_rows[u], m) is not None]
-    labels = [int(a_rows[u]["label"]) for u in users]
-    n_in = sum(labels)
-    entry: dict[str, Any] = {"evaluation": base.evaluation, "metric": "user AUC", "m": m,
-                             "baseline": base.target, "variant": other.target, "n_users": len(users),
-                             "n_users_in": n_in, "n_users_out": len(users) - n_in, "auc_baseline": None,
-                             "auc_variant": None, "delta": None, "ci": None, "detectable_effect": None}
-    if n_in == 0 or n_in == len(users):
-        return {**entry, "verdict": "not comparable: the two targets share no users of both groups"}
-    n_boot = _option(base, "n_bootstrap")
-    seed = _option(base, "seed")
-    d = paired_auc_difference([_score_at(a_rows[u], m) for u in users], [_score_at(b_rows[u], m) for u in users],
-                              labels, n_bootstrap=1000 if n_boot is None else int(n_boot),
-                              seed=0 if seed is None else int(seed))
-    ci = d["ci"]
-    return {**entry, "auc_baseline": d["auc_a"], "auc_variant": d["auc_b"], "delta": d["delta"], "ci": ci,
-            "detectable_effect": (ci[1] - ci[0]) / 2 if ci else None, "verdict": verdict(ci)}
+    rows = compare.unique(read_jsonl(s.dir / s.result.get("scores_file", "user_scores.jsonl")), lambda r: r["user"])
+    return [compare.Series("user AUC", {u: _score_at(r, m) for u, r in rows.items()},
+                           labels={u: r.get("label") for u, r in rows.items()}, items="users", extra={"m": m})]
 
 
 def _vulnerability_figures(stages: list[StageView], groups: dict[str, list[StageView]]) -> list[dict[str, Any]]:
@@ -248,7 +184,7 @@ def _vulnerability_figures(stages: list[StageView], groups: dict[str, list[Stage
     evaluation's `compare_to` target, else the first stage): two figures at most, the page stays readable."""
     from leakaudit.report import plots
 
-    pick = next((b for b in (_baseline(g)[0] for g in groups.values()) if b is not None), stages[0])
+    pick = next((b for b in (compare.baseline(g)[0] for g in groups.values()) if b is not None), stages[0])
     rows = [r for r in read_jsonl(pick.dir / pick.result.get("scores_file", "user_scores.jsonl"))
             if r.get("label") == 1 and r.get("score") is not None]
     vul = pick.result.get("vulnerability") or {}

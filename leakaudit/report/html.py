@@ -82,6 +82,26 @@ def kind_comparisons(out: Path, stages: list[dict[str, Any]]) -> list[dict[str, 
             for c in get_kind(name).Result.comparisons(_finished(out, stages, name))]
 
 
+def _signed(x: float, digits: int = 3) -> str:
+    return ("+" if x > 0 else "") + fmt(float(x), digits)
+
+
+def _interval(ci: list[float] | None, scale: float = 1.0, digits: int = 3, unit: str = "") -> str:
+    return f" [{fmt(ci[0] * scale, digits)}{unit}, {fmt(ci[1] * scale, digits)}{unit}]" if ci else ""
+
+
+def verdict_sentence(c: dict[str, Any]) -> str:
+    """One comparison as the verdict section states it: "<evaluation>: <variant> vs <baseline>: <metric>
+    <value variant> vs <value baseline>, Δ <delta> [CI] (<relative>% [CI]) → <verdict>"."""
+    head = f"{c.get('evaluation')}: {c.get('variant')} vs {c.get('baseline')}: {c.get('metric')}"
+    if c.get("delta") is None:
+        return f"{head} → {c.get('verdict')}"
+    rel = c.get("relative")
+    rel_text = "" if rel is None else f" ({_signed(rel * 100, 1)}%{_interval(c.get('relative_ci'), 100, 1, '%')})"
+    return (f"{head} {fmt(c.get('value_variant'))} vs {fmt(c.get('value_baseline'))}, "
+            f"Δ {_signed(c['delta'])}{_interval(c.get('delta_ci') or c.get('ci'))}{rel_text} → {c.get('verdict')}")
+
+
 # ----------------------------------------------------------------------------------------- assembly
 def load_run(out: str | Path) -> dict[str, Any]:
     p = Path(out) / "run.json"
@@ -102,19 +122,21 @@ def build(out: str | Path) -> tuple[str, dict[str, Any]]:
     rows = headline(stages)
     cols, table_rows = _headline_table(rows)
     sections = [sec for sec in kind_sections(out, stages) if sec]
+    comparisons = kind_comparisons(out, stages)
     config_text = run.get("config_text") or json.dumps(exp, indent=2)
     env = jinja2.Environment(loader=jinja2.PackageLoader("leakaudit.report", "templates"),
                              autoescape=True, undefined=jinja2.StrictUndefined)
     title = exp.get("report", {}).get("title") or f"leakaudit report: {exp['name']}"
     html = env.get_template("report.html.j2").render(
         title=title, name=exp["name"], show_pii=show_pii, headline_cols=cols, headline_rows=table_rows,
+        verdicts=[verdict_sentence(c) for c in comparisons],
         sections=sections, stages=stages, n_done=sum(1 for s in stages if s.get("result") is not None),
         n_stages=len(stages), config_text=config_text if show_pii else mask(config_text),
         versions=run.get("versions", {}))
     if not show_pii:  # a last pass over the whole page: addresses and phone numbers never reach it
         html = _mask_page(html)
     summary = {"experiment": exp["name"], "generated": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-               "headline": rows, "comparisons": kind_comparisons(out, stages),
+               "headline": rows, "comparisons": comparisons,
                "stages": {s["id"]: s.get("result") for s in stages},
                "versions": run.get("versions", {})}
     if not show_pii:  # run.json is masked when written, but it may predate that or have been edited

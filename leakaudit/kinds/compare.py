@@ -1,0 +1,163 @@
+"""Paired comparisons between the targets of one evaluation: every target against the one its `compare_to`
+option names (e.g. each fine-tune against the model it started from, or each mitigation against none).
+
+Why paired: two models scored on the same texts, targets or users share most of their variance (which items
+are easy); resampling the items once and computing both models' statistics on every resample cancels it, so
+the interval of the difference is far narrower than two separate intervals would suggest. A verdict claims
+a direction only when that interval excludes 0; otherwise it says how large an effect could still hide in it
+(the half-width), which is what "no change" means at this sample size.
+
+A kind supplies, per finished stage, its per-item values as `Series` (one per metric); `comparisons` pairs
+them and returns the rows summary.json lists and the report's verdict section reads (see Result.comparisons).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Hashable, Iterable
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from leakaudit.kinds.base import StageView
+
+#: verdict wording: "change" (a fine-tune against its base: study 1), "effect" (a mitigation against none)
+Style = Literal["change", "effect"]
+_WORDS = {"change": ("decrease", "increase", "no detectable change at this size", ".3g"),
+          "effect": ("reduces", "increases", "no detectable effect", ".3f")}
+
+
+@dataclass
+class Series:
+    """One metric's per-item values on one target: item key -> value. With `labels`, the statistic is the
+    AUC of the values against them (items are pairs only when both targets give the same label); else the
+    mean. `cluster` maps an item key to its resampling unit (e.g. a target x template row to its target)."""
+
+    metric: str
+    values: dict[Hashable, float]
+    labels: dict[Hashable, int] | None = None
+    cluster: Callable[[Hashable], Hashable] | None = None
+    items: str = "items"  # what an item is, for the messages ("texts", "targets", "users")
+    extra: dict[str, Any] = field(default_factory=dict)  # copied into each comparison row (e.g. {"m": "all"})
+
+
+def unique(rows: Iterable[dict[str, Any]], key: Callable[[dict[str, Any]], Hashable]) -> dict[Hashable, dict[str, Any]]:
+    """Rows by key, leaving out every key that occurs twice: an ambiguous item (e.g. two ids that masking
+    made equal) cannot be paired."""
+    out: dict[Hashable, dict[str, Any]] = {}
+    twice: set[Hashable] = set()
+    for r in rows:
+        k = key(r)
+        if k in out:
+            twice.add(k)
+        out[k] = r
+    return {k: r for k, r in out.items() if k not in twice}
+
+
+def finite(x: Any) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+
+
+# ----------------------------------------------------------------------------------------- verdicts
+def verdict(ci: list[float] | None, style: Style = "change") -> str:
+    """What a paired difference's interval supports: a direction only when it excludes 0; otherwise how large
+    an effect could still hide in it (the half-width)."""
+    down, up, none, digits = _WORDS[style]
+    if not ci:
+        return "no CI (n_bootstrap = 0 or no usable resample)"
+    lo, hi = ci
+    if hi < 0:
+        return down
+    if lo > 0:
+        return up
+    return f"{none} (|Δ| < {(hi - lo) / 2:{digits}}, the CI half-width)"
+
+
+# ----------------------------------------------------------------------------------------- stages
+def by_evaluation(stages: list[StageView]) -> dict[str, list[StageView]]:
+    groups: dict[str, list[StageView]] = {}
+    for s in stages:
+        groups.setdefault(s.evaluation, []).append(s)
+    return groups
+
+
+def option(s: StageView, name: str) -> Any:
+    """An option of the stage: from its result, else from the options the plan gave it."""
+    if name in s.result:
+        return s.result[name]
+    return (s.record.get("params", {}).get("options") or {}).get(name)
+
+
+def baseline(group: list[StageView]) -> tuple[StageView | None, str | None]:
+    """The stage `compare_to` names in one evaluation, or a note saying why there is none."""
+    wanted = next((v for v in (option(s, "compare_to") for s in group) if v), None)
+    if wanted is None:
+        return None, None
+    for s in group:
+        if s.target == wanted:
+            return s, None
+    return None, (f"compare_to '{wanted}' names no finished target of evaluation '{group[0].evaluation}' "
+                  f"(finished: {', '.join(s.target for s in group)}); no comparison drawn.")
+
+
+def notes(stages: list[StageView]) -> list[str]:
+    """Why an evaluation with `compare_to` has no comparison (for the kind's section note)."""
+    return [n for n in (baseline(g)[1] for g in by_evaluation(stages).values()) if n]
+
+
+# ----------------------------------------------------------------------------------------- pairing
+def compare(base: StageView, other: StageView, a: Series, b: Series, style: Style = "change") -> dict[str, Any]:
+    """One comparison row: `b` (other's values) against `a` (base's) on the items both have, paired."""
+    from leakaudit.metrics import paired_difference
+
+    keys = [k for k, v in a.values.items() if finite(v) and finite(b.values.get(k))]
+    if a.labels is not None:
+        keys = [k for k in keys if a.labels.get(k) in (0, 1) and (b.labels or {}).get(k) == a.labels[k]]
+    entry: dict[str, Any] = {"evaluation": base.evaluation, "metric": a.metric, "baseline": base.target,
+                             "variant": other.target, **a.extra, "value_baseline": None, "value_variant": None,
+                             "delta": None, "delta_ci": None, "ci": None, "relative": None, "relative_ci": None,
+                             "n": len(keys), "detectable_effect": None}
+    labels = [int(a.labels[k]) for k in keys] if a.labels is not None else None
+    if labels is not None:
+        n_pos = sum(labels)
+        entry.update(n_pos=n_pos, n_neg=len(keys) - n_pos)
+        if n_pos == 0 or n_pos == len(keys):
+            return {**entry, "verdict": f"not comparable: the two targets share no {a.items} of both groups"}
+    elif not keys:
+        return {**entry, "verdict": f"not comparable: the two targets share no {a.items}"}
+    clusters = [a.cluster(k) for k in keys] if a.cluster is not None else None
+    if clusters is not None:
+        entry["n_units"] = len(set(clusters))
+    n_boot, seed = option(base, "n_bootstrap"), option(base, "seed")
+    d = paired_difference([a.values[k] for k in keys], [b.values[k] for k in keys], labels,
+                          n_bootstrap=1000 if n_boot is None else int(n_boot), seed=0 if seed is None else int(seed),
+                          clusters=clusters)
+    ci = d["ci"]
+    return {**entry, "value_baseline": d["value_a"], "value_variant": d["value_b"], "delta": d["delta"],
+            "delta_ci": ci, "ci": ci, "relative": d["relative"], "relative_ci": d["relative_ci"],
+            "n_bootstrap": d["n_bootstrap"], "detectable_effect": (ci[1] - ci[0]) / 2 if ci else None,
+            "verdict": verdict(ci, style)}
+
+
+def comparisons(stages: list[StageView], series: Callable[[StageView, StageView], list[Series]],
+                style: Style = "change") -> list[dict[str, Any]]:
+    """Per evaluation with `compare_to`: every other target against it, per metric both give.
+    `series(stage, base)` is a stage's per-item values, read as the base stage says where that matters
+    (e.g. at the base's headline m).
+
+    Row keys: evaluation, metric, baseline, variant, value_baseline, value_variant, delta, delta_ci (also as
+    `ci`), relative (delta / |value_baseline|), relative_ci, n (items paired), n_pos/n_neg (AUC), n_units
+    (resampling units when items cluster), detectable_effect (the CI half-width), verdict.
+    """
+    out = []
+    for group in by_evaluation(stages).values():
+        base, _ = baseline(group)
+        if base is None:
+            continue
+        base_series = {x.metric: x for x in series(base, base)}
+        for s in group:
+            if s is base:
+                continue
+            for x in series(s, base):
+                if x.metric in base_series:
+                    out.append(compare(base, s, base_series[x.metric], x, style))
+    return out

@@ -1,0 +1,215 @@
+"""Paired comparisons between the targets of one evaluation (leakaudit/kinds/compare.py), from stage folders
+written by hand with known values: deltas and relative changes computed by hand, intervals that must or must
+not exclude 0, the verdict wording, the report's verdict section; and the study-1 CPU draft plans. No model
+is loaded anywhere in this file."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from leakaudit.kinds.base import StageView
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def _write_stage(out: Path, kind: str, evaluation: str, target: str, files: dict[str, list[dict]],
+                 result: dict, options: dict | None = None) -> dict:
+    """A finished stage written by hand: its files and its run.json entry."""
+    folder = f"evaluate/{evaluation}/{target}"
+    (out / folder).mkdir(parents=True)
+    for name, rows in files.items():
+        (out / folder / name).write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return {"id": folder, "kind": kind, "folder": folder, "key": "k", "status": "ran", "seconds": 1,
+            "params": {"target_label": target, "evaluation": evaluation, "options": options or {}},
+            "result": result}
+
+
+def _logprob_rows(values: dict[tuple[str, str], tuple[float, int]], role: str = "model") -> list[dict]:
+    return [{"role": role, "model": "m", "target": t, "email": "x", "template": tpl, "logp": lp, "rank": rank,
+             "n_candidates": 5} for (t, tpl), (lp, rank) in values.items()]
+
+
+LOGPROB_RESULT = {"templates": {"overall": {"mean_logp": -1.0, "mean_logp_ci": [-2.0, 0.0], "top1_rate": 0.5}}}
+
+
+def _logprob_stages(tmp_path: Path) -> tuple[list[dict], dict, dict]:
+    """m0, ft (every row's log p up by 1 + its index / 10; one more rank-1 row) and same (m0's rows, in
+    another order, plus a row m0 lacks and a baseline row that must be ignored)."""
+    targets, templates = [f"t{i}" for i in range(10)], ["A", "B"]
+    m0 = {(t, tpl): (-20.0 - i - j, 1 if i < 3 else 2) for i, t in enumerate(targets) for j, tpl in enumerate(templates)}
+    ft = {k: (lp + 1 + n / 10, 1 if k[0] in ("t0", "t1", "t2", "t3") else 2) for n, (k, (lp, _)) in enumerate(m0.items())}
+    same = dict(reversed(list(m0.items())))
+    same[("stray", "A")] = (0.0, 1)
+    opts = {"compare_to": "m0", "n_bootstrap": 400}
+    return [_write_stage(tmp_path, "pii-logprob", "logprob", name,
+                         {"logprobs.jsonl": _logprob_rows(rows) + _logprob_rows({("t0", "A"): (99.0, 1)}, "baseline")},
+                         LOGPROB_RESULT, opts)
+            for name, rows in (("m0", m0), ("ft", ft), ("same", same))], m0, ft
+
+
+def test_logprob_comparison_by_hand(tmp_path):
+    from leakaudit.kinds.pii_logprob import PiiLogprobResult
+
+    stages, m0, ft = _logprob_stages(tmp_path)
+    comps = PiiLogprobResult.comparisons([StageView(s, tmp_path) for s in stages])
+    by = {(c["variant"], c["metric"]): c for c in comps}
+    assert set(by) == {(v, m) for v in ("ft", "same") for m in ("mean log p(address)", "address rank-1 rate")}
+    c = by[("ft", "mean log p(address)")]
+    base_mean = sum(lp for lp, _ in m0.values()) / 20            # -20 - 4.5 - 0.5 = -25
+    ft_mean = sum(lp for lp, _ in ft.values()) / 20
+    assert base_mean == pytest.approx(-25.0) and c["value_baseline"] == pytest.approx(base_mean)
+    assert c["value_variant"] == pytest.approx(ft_mean)
+    assert c["delta"] == pytest.approx(1 + 0.95)                  # 1 + mean(0, 0.1, ..., 1.9)
+    assert c["relative"] == pytest.approx(1.95 / 25)              # Δ / |baseline|: positive like Δ
+    lo, hi = c["delta_ci"]
+    assert 1.0 <= lo < 1.95 < hi <= 2.9 and c["ci"] == c["delta_ci"]  # every pair moved up: CI excludes 0
+    rlo, rhi = c["relative_ci"]
+    assert 0 < rlo < 1.95 / 25 < rhi
+    assert c["verdict"] == "increase" and c["detectable_effect"] == pytest.approx((hi - lo) / 2)
+    assert (c["n"], c["n_units"], c["baseline"], c["evaluation"]) == (20, 10, "m0", "logprob")
+    r = by[("ft", "address rank-1 rate")]
+    assert (r["value_baseline"], r["value_variant"]) == (pytest.approx(0.3), pytest.approx(0.4))
+    assert r["delta"] == pytest.approx(0.1) and r["relative"] == pytest.approx(0.1 / 0.3)
+    # identical rows (order and a stray row aside): Δ 0 on every resample
+    s = by[("same", "mean log p(address)")]
+    assert s["n"] == 20 and s["delta"] == 0 and s["delta_ci"] == [0.0, 0.0] and s["relative_ci"] == [0.0, 0.0]
+    assert s["verdict"] == "no detectable change at this size (|Δ| < 0, the CI half-width)"
+
+
+def test_verdict_wording():
+    from leakaudit.kinds.compare import verdict
+
+    assert verdict([0.01, 0.2]) == "increase" and verdict([-0.3, -0.02]) == "decrease"
+    assert verdict([-0.1, 0.05]) == "no detectable change at this size (|Δ| < 0.075, the CI half-width)"
+    assert verdict([-2.5, 1.0]) == "no detectable change at this size (|Δ| < 1.75, the CI half-width)"
+    assert verdict([0.0, 0.3]) == "no detectable change at this size (|Δ| < 0.15, the CI half-width)"  # 0 in it
+    assert verdict([0.01, 0.2], "effect") == "increases" and verdict([-0.3, -0.02], "effect") == "reduces"
+    assert verdict([-0.1, 0.05], "effect") == "no detectable effect (|Δ| < 0.075, the CI half-width)"
+    assert verdict(None).startswith("no CI")
+
+
+def _mia_stages(tmp_path: Path) -> list[dict]:
+    """m0: every member above every non-member (AUC 1); ft: all tied (AUC 0.5), rows in another order, one
+    id shared by a member and a non-member, a stray text m0 lacks; flat: m0's scores + 3 (Δ 0)."""
+    n = 12
+    m0 = [{"id": f"m{i}", "label": 1, "loss": 100.0 + i} for i in range(n)] + \
+         [{"id": f"n{i}", "label": 0, "loss": float(i)} for i in range(n)]
+    m0 += [{"id": "both", "label": 1, "loss": 500.0}, {"id": "both", "label": 0, "loss": -5.0}]
+    ft = [{"id": r["id"], "label": r["label"], "loss": 1.0} for r in reversed(m0)] + [{"id": "x", "label": 1, "loss": 9.0}]
+    flat = [{**r, "loss": r["loss"] + 3} for r in m0]
+    result = {"attacks": {"loss": {"auc": 0.5, "auc_ci": [0.4, 0.6]}}, "scores_file": "scores.jsonl"}
+    return [_write_stage(tmp_path, "mia", "mia", name, {"scores.jsonl": rows}, result,
+                         {"compare_to": "m0", "n_bootstrap": 300})
+            for name, rows in (("m0", m0), ("ft", ft), ("flat", flat))]
+
+
+def test_mia_comparison_pairs_texts_by_id(tmp_path):
+    from leakaudit.kinds.mia import MiaResult
+
+    comps = MiaResult.comparisons([StageView(s, tmp_path) for s in _mia_stages(tmp_path)])
+    by = {c["variant"]: c for c in comps}
+    assert set(by) == {"ft", "flat"} and all(c["metric"] == "loss AUC" for c in comps)
+    c = by["ft"]
+    assert (c["n"], c["n_pos"], c["n_neg"]) == (26, 13, 13)  # the stray text is not paired
+    assert c["value_baseline"] == pytest.approx(1.0) and c["value_variant"] == pytest.approx(0.5)
+    assert c["delta"] == pytest.approx(-0.5) and c["relative"] == pytest.approx(-0.5)
+    lo, hi = c["delta_ci"]
+    assert lo <= -0.5 <= hi < 0 and c["verdict"] == "decrease"
+    assert by["flat"]["delta"] == 0 and by["flat"]["delta_ci"] == [0.0, 0.0]
+    assert by["flat"]["verdict"].startswith("no detectable change at this size")
+
+
+def test_pii_comparison_from_extraction_rows(tmp_path):
+    """Per-sample rows of extractions.jsonl: a target x cell is hit when any of its samples is."""
+    from leakaudit.kinds.pii import PiiResult
+
+    def rows(hit_targets: set[str], role: str = "model") -> list[dict]:
+        out = []
+        for t in [f"t{i}" for i in range(10)]:
+            for temp in (0.5, 1.0):
+                for k in range(2):  # sample 1 hits when sample 0 does not: any() counts
+                    out.append({"role": role, "template": "A", "protocol": "fake-privacy", "temperature": temp,
+                                "top_k": 100, "target": t, "sample_index": k, "hit": t in hit_targets and k == 1})
+        return out
+
+    opts = {"compare_to": "m0"}
+    result = {"rows": [], "match_rate": 0.1}
+    stages = [_write_stage(tmp_path, "pii", "extraction", "m0", {"extractions.jsonl": rows({"t0"}) + rows(
+                  {f"t{i}" for i in range(10)}, "baseline")}, result, opts),
+              _write_stage(tmp_path, "pii", "extraction", "ft", {"extractions.jsonl": rows({"t0", "t1", "t2"})},
+                           result, opts)]
+    (c,) = PiiResult.comparisons([StageView(s, tmp_path) for s in stages])
+    assert (c["metric"], c["n"], c["n_units"]) == ("PII match rate", 20, 10)
+    assert c["value_baseline"] == pytest.approx(0.1) and c["value_variant"] == pytest.approx(0.3)
+    assert c["delta"] == pytest.approx(0.2) and c["relative"] == pytest.approx(2.0)  # "+200%"
+
+
+def test_report_opens_with_the_verdicts(tmp_path):
+    from leakaudit.report.html import build
+
+    stages = _logprob_stages(tmp_path)[0] + _mia_stages(tmp_path)
+    (tmp_path / "run.json").write_text(json.dumps({"experiment": {"name": "s1"}, "stages": stages}))
+    html, summary = build(tmp_path)
+    kinds = [(c["kind"], c["variant"], c["metric"]) for c in summary["comparisons"]]
+    assert ("pii-logprob", "ft", "mean log p(address)") in kinds and ("mia", "ft", "loss AUC") in kinds
+    assert len(kinds) == 6
+    assert html.index('id="verdicts"') < html.index('id="headline"')
+    c = next(c for c in summary["comparisons"] if c["variant"] == "ft" and c["metric"] == "loss AUC")
+    lo, hi = c["delta_ci"]
+    rlo, rhi = c["relative_ci"]
+    sentence = (f"mia: ft vs m0: loss AUC 0.500 vs 1.000, Δ -0.500 [{lo:.3f}, {hi:.3f}] "
+                f"(-50.0% [{100 * rlo:.1f}%, {100 * rhi:.1f}%]) → decrease")
+    assert sentence in html.replace("&gt;", ">")
+    assert "logprob: ft vs m0: mean log p(address) -23.050 vs -25.000, Δ +1.950 [" in html
+    assert "logprob: same vs m0: address rank-1 rate 0.300 vs 0.300, Δ 0.000 [0.000, 0.000] (0.0% [0.0%, 0.0%])" in html
+
+
+def test_paired_difference_clusters_and_negative_baseline():
+    from leakaudit.metrics import paired_difference
+
+    a = [-10.0, -10.0, -30.0, -30.0]
+    b = [-9.0, -9.0, -27.0, -27.0]
+    d = paired_difference(a, b, n_bootstrap=200, seed=3, clusters=["x", "x", "y", "y"])
+    assert d["delta"] == pytest.approx(2.0) and d["relative"] == pytest.approx(2.0 / 20)
+    # resampling whole clusters: every resample's Δ is 1 (all x), 3 (all y) or 2 (one of each)
+    lo, hi = d["ci"]
+    assert 1.0 <= lo <= hi <= 3.0 and d["n"] == 4
+    assert paired_difference(a, b, n_bootstrap=0)["ci"] is None
+    assert paired_difference([0.0, 0.0], [0.0, 1.0], n_bootstrap=50)["relative"] is None  # nothing to divide by
+
+
+def test_fake_privacy_draft_plans_and_passes_the_plan_check():
+    from leakaudit.config import load_experiment
+    from leakaudit.experiment import check_plan
+    from leakaudit.experiment.plan import Plan
+
+    plan = Plan(load_experiment(REPO / "leakaudit" / "resources" / "experiments" / "fake-privacy-cpu.yaml"))
+    check_plan(plan)  # every option known to its kind or to FinetuneConfig, values in range
+    ids = list(plan.stages)
+    # the exposed model first, then what it generates, then the fine-tunes on that, then the evaluations
+    assert ids.index("finetune/m0") < ids.index("generate/gen") < ids.index("generate/replaced") \
+        < ids.index("finetune/ft_replaced") < ids.index("evaluate/mia/m0")
+    assert ids.index("finetune/m0") < ids.index("generate/selfinstruct") < ids.index("finetune/ft_selfinstruct")
+    assert plan.stages["generate/gen"].params["model"] == {"stage": "finetune/m0"}
+    for name in ("ft_gen", "ft_replaced", "ft_selfinstruct", "ft_control"):
+        assert plan.stages[f"finetune/{name}"].params["model"] == {"stage": "finetune/m0"}
+    evals = [s for s in plan.stages.values() if s.id.startswith("evaluate/")]
+    assert {s.kind for s in evals} == {"pii", "pii-logprob", "mia"} and len(evals) == 15
+    assert all(s.params["options"]["compare_to"] == "m0" for s in evals)
+
+
+def test_a_finetune_on_data_its_own_output_generated_is_one_error():
+    from leakaudit.config import parse_experiment
+    from leakaudit.errors import InputError
+    from leakaudit.experiment.plan import Plan
+
+    text = ("name: x\nmodels: {base: tiny-gpt-neox}\ndatasets: {d: {builtin: enron-exposure}}\n"
+            "generate:\n  gen: {kind: continuation, model: m0, data: d}\n"
+            "finetune:\n  m0:\n    model: base\n    data: gen\n")
+    with pytest.raises(InputError) as exc:
+        Plan(parse_experiment(text, "exp.yaml"))
+    assert (exc.value.line, exc.value.field) == (9, "finetune.m0.data")
+    assert exc.value.message == "'m0' depends on itself (through generate 'gen')"
