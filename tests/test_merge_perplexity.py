@@ -74,3 +74,24 @@ def test_perplexity_cli_over_every_checkpoint(data, tmp_path):
     saved = json.loads((tmp_path / "p" / "perplexity.json").read_text())  # the experiment stage's shape
     assert [c["perplexity"] for c in saved["checkpoints"]] == pytest.approx([r.ppl for r in results])
     assert saved["perplexity"] == pytest.approx(results[-1].ppl)
+
+
+def test_perplexity_kind_measures_checkpoints_only_when_asked(data, tmp_path):
+    from leakaudit.kinds import get_kind
+    from leakaudit.kinds.base import KindContext, ModelCache
+    from leakaudit.perplexity import model_dirs
+
+    run = tmp_path / "run"
+    finetune(FinetuneConfig(model="tiny-gpt-neox", data=str(data), out=str(run), epochs=2, batch_size=3,
+                            gradient_accumulation=1, learning_rate=2e-2), progress=False)
+    kind = get_kind("perplexity")
+    checkpoints = [str(d) for d in model_dirs(run) if d != run]
+    results = {}
+    for flag in (True, False):
+        out = tmp_path / f"ppl-{flag}"
+        out.mkdir()
+        ctx = KindContext(out=out, models={"target": str(run)}, data={"data": data}, checkpoints=checkpoints,
+                          cache=ModelCache(dtype="fp32"), log=lambda m: None, progress=False)
+        results[flag] = kind.run(ctx, kind.Options(checkpoints=flag)).data
+    assert len(results[True]["checkpoints"]) == 3 and results[False]["checkpoints"] == []
+    assert results[False]["perplexity"] == pytest.approx(results[True]["perplexity"])

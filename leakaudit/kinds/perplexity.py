@@ -19,6 +19,8 @@ from leakaudit.options import BatchSize
 class PerplexityOptions(KindOptions):
     batch_size: BatchSize = "auto"
     max_length: int | None = Field(default=None, ge=2, description="window in tokens (default: the context)")
+    checkpoints: bool = Field(default=True, description="also measure each epoch's checkpoint of a fine-tuned "
+                              "target (one more pass over `data` per epoch)")
 
 
 class PerplexityResult(Result):
@@ -77,7 +79,7 @@ class Perplexity(Kind):
         kwargs = {"batch_size": options.batch_size, "max_length": options.max_length, "progress": ctx.progress}
         final = perplexity(ctx.model("target"), texts, **kwargs)
         checkpoints = []
-        for i, path in enumerate(ctx.checkpoints, start=1):
+        for i, path in enumerate(ctx.checkpoints if options.checkpoints else [], start=1):
             one = perplexity(ctx.cache.get(path), texts, **kwargs)
             name = Path(path).parent.name if Path(path).name == "adapter" else Path(path).name
             checkpoints.append({"name": name, "step": i, "perplexity": one.ppl,
