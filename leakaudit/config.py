@@ -68,6 +68,9 @@ class DatasetSpec(Strict):
     # With split_by: user, each part P also gets P_holdout: this many samples of each of its users, never in P
     # (the attacker's samples of user inference; data/split.py:holdout_per_user).
     holdout_per_user: int | None = Field(None, ge=1)
+    # A fixed seed for this step, unaffected by the experiment's `seed` and `--seed`: what a study holds fixed
+    # across its seeds (a pre-training stand-in, a data split), so other seeds' runs reuse it (run --reuse).
+    seed: int | None = None
 
     @model_validator(mode="after")
     def _one_source(self) -> DatasetSpec:
@@ -124,6 +127,7 @@ class GenerateSpec(Strict):
     data: str | None = None
     model: str | None = None
     options: dict[str, Any] = Field(default_factory=dict)
+    seed: int | None = None  # fixed seed for this step (see DatasetSpec.seed)
 
     @field_validator("kind")
     @classmethod
@@ -152,6 +156,7 @@ class FinetuneSpec(Strict):
     options: dict[str, Any] = Field(default_factory=dict)
     defenses: dict[str, Any] = Field(default_factory=dict)
     grid: dict[str, list[Any]] = Field(default_factory=dict)
+    seed: int | None = None  # fixed seed for this step (see DatasetSpec.seed)
 
 
 class EvaluationSpec(Strict):
@@ -167,6 +172,7 @@ class EvaluationSpec(Strict):
     training: str | None = None  # the targets' fine-tuning data, for per-user sample counts (user inference)
     options: dict[str, Any] = Field(default_factory=dict)
     grid: dict[str, list[Any]] = Field(default_factory=dict)
+    seed: int | None = None  # fixed seed for this step (see DatasetSpec.seed)
 
     @field_validator("kind")
     @classmethod

@@ -397,3 +397,35 @@ def test_builtin_enron_reads_the_full_corpus_the_user_points_at(tmp_path, monkey
     with pytest.raises(InputError) as info:
         builtin.builtin_dataset("enron", seed=0, limit=5)
     assert info.value.field == "LEAKAUDIT_ENRON_MESSAGES" and info.value.file == str(tmp_path / "missing.jsonl")
+
+
+def test_fixed_seed_steps_are_shared_across_seeds_and_reused(tmp_path):
+    """A step with its own `seed` keeps its key (and output) when the experiment's seed changes; `--reuse`
+    copies it from the other seed's run instead of running it, and the seed-dependent steps still run."""
+    cfg = yaml.safe_load(SMALL)
+    cfg["datasets"]["emails"]["seed"] = 7
+    cfg["finetune"]["real"]["seed"] = 7
+
+    def plan_keys(seed: int) -> dict[str, str]:
+        exp = parse_experiment(yaml.safe_dump(cfg))
+        exp.seed = seed
+        return {sid: s.key for sid, s in Plan(exp).stages.items()}
+
+    k0, k1 = plan_keys(0), plan_keys(1)
+    assert [sid for sid in k0 if k0[sid] == k1[sid]] == ["data/emails", "finetune/real"]
+    exp0 = parse_experiment(yaml.safe_dump(cfg))
+    run_experiment(exp0, tmp_path / "s0", log=_quiet, report=False)
+    exp1 = parse_experiment(yaml.safe_dump(cfg))
+    exp1.seed = 1
+    status = run_experiment(exp1, tmp_path / "s1", log=_quiet, report=False, reuse=tmp_path / "s0")
+    assert status == {"data/emails": "reused", "finetune/real": "reused", "evaluate/mia/real": "ran",
+                      "evaluate/ppl/base": "ran"}
+    for rel in ("data/emails/members.jsonl", "finetune/real/model/adapter_model.safetensors"):
+        assert (tmp_path / "s1" / rel).read_bytes() == (tmp_path / "s0" / rel).read_bytes()
+    again = run_experiment(exp1, tmp_path / "s1", log=_quiet, report=False, reuse=tmp_path / "s0")
+    assert set(again.values()) == {"cached"}  # reused stages are this run's own from now on
+
+
+def test_reuse_needs_a_run_dir(tmp_path):
+    with pytest.raises(InputError, match="not a run dir"):
+        run_experiment(parse_experiment(SMALL), tmp_path / "out", log=_quiet, reuse=tmp_path / "missing")

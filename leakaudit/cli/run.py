@@ -14,7 +14,7 @@ console = Console(stderr=True)
 
 def _log(message: str) -> None:
     """Stage progress lines (stages draw their own progress bars in between)."""
-    style = "green" if message.endswith("cached") or " done in " in message else "cyan"
+    style = "green" if message.endswith("cached") or " done in " in message or ": reused from " in message else "cyan"
     console.print(f"[{style}]{escape(message)}[/]", highlight=False)  # grid labels hold [brackets]
 
 
@@ -23,6 +23,9 @@ def run(
     out: Path = typer.Option(..., "--out", help="Output dir; rerunning with the same dir resumes"),
     no_report: bool = typer.Option(False, "--no-report", help="Skip writing report.html and summary.json"),
     seed: int | None = typer.Option(None, "--seed", help="Override the file's `seed` (one output dir per seed)"),
+    reuse: Path | None = typer.Option(None, "--reuse", help="Another run's dir: copy (hard-link) the stages it "
+                                      "finished with the same key instead of running them, e.g. the steps "
+                                      "with a fixed `seed` that every seed's run shares"),
 ) -> None:
     """Run every stage of an experiment file (cached by a hash of its inputs), then write the report."""
     from leakaudit.config import load_experiment
@@ -33,9 +36,10 @@ def run(
         exp.seed = seed
     t0 = time.perf_counter()
     status = run_experiment(exp, out, config_text=experiment.read_text(encoding="utf-8"), log=_log,
-                            report=not no_report)
+                            report=not no_report, reuse=reuse)
     ran = sum(1 for s in status.values() if s == "ran")
-    console.print(f"{len(status)} stages ({ran} ran, {len(status) - ran} cached) in "
+    reused = sum(1 for s in status.values() if s == "reused")
+    console.print(f"{len(status)} stages ({ran} ran, {reused} reused, {len(status) - ran - reused} cached) in "
                   f"{time.perf_counter() - t0:.0f}s; outputs in {escape(str(out))}")
 
 

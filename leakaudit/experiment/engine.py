@@ -4,6 +4,8 @@ run.json, then write the report."""
 from __future__ import annotations
 
 import json
+import os
+import shutil
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -13,7 +15,7 @@ from leakaudit.config import ConfigError, Experiment
 from leakaudit.data.io import write_json
 from leakaudit.errors import InputError
 from leakaudit.experiment.checks import check_plan, prepare_out, resolve_models, stage_roles
-from leakaudit.experiment.plan import Plan, remove_stale, stage_dir
+from leakaudit.experiment.plan import Plan, inside, remove_stale, stage_dir
 from leakaudit.experiment.stages import RUNNERS, StageContext, run_kind_stage
 from leakaudit.kinds.base import ModelCache
 
@@ -29,9 +31,31 @@ def is_done(stage_dir: Path, key: str) -> dict[str, Any] | None:
     return info if info.get("key") == key else None
 
 
+def reuse_stage(source: Path, stage_folder: str, key: str, dest: Path) -> dict[str, Any] | None:
+    """Copy a stage another run finished with the same key (a step with a fixed `seed`, shared by every seed's
+    run) into `dest`; files are hard-linked where the file system allows. None when `source` lacks it."""
+    src = source / stage_folder
+    done = is_done(src, key)
+    if done is None or src.resolve() == dest.resolve():
+        return None
+    if dest.exists():
+        shutil.rmtree(dest)
+
+    def link_or_copy(a: str, b: str) -> None:
+        try:
+            os.link(a, b)
+        except OSError:
+            shutil.copy2(a, b)
+
+    shutil.copytree(src, dest, copy_function=link_or_copy)
+    return done
+
+
 def run_plan(plan: Plan, out: Path, *, log: Callable[[str], None] = print,
-             after_stage: Callable[[dict[str, str]], None] | None = None) -> dict[str, str]:
-    """Run every stage not already finished with its current key. Returns stage id → 'ran' | 'cached'."""
+             after_stage: Callable[[dict[str, str]], None] | None = None,
+             reuse: Path | None = None) -> dict[str, str]:
+    """Run every stage not already finished with its current key (or finished with it in the run dir
+    `reuse`, then copied). Returns stage id → 'ran' | 'cached' | 'reused'."""
     out.mkdir(parents=True, exist_ok=True)
     table = RUNNERS
     cache = ModelCache()  # the run's loaded models (a fresh one: models on disk may have been retrained)
@@ -46,6 +70,14 @@ def run_plan(plan: Plan, out: Path, *, log: Callable[[str], None] = print,
             status[stage.id] = "cached"
             log(f"[{i}/{n}] {stage.id}: cached")
             continue
+        if reuse is not None:
+            inside(out, sdir)
+            done = reuse_stage(Path(reuse), stage.folder, stage.key, sdir)
+            if done is not None:
+                results[stage.id] = done["result"]
+                status[stage.id] = "reused"
+                log(f"[{i}/{n}] {stage.id}: reused from {reuse}")
+                continue
         keyfile = sdir / ".key"
         if sdir.exists() and (not keyfile.exists() or keyfile.read_text().strip() != stage.key):
             remove_stale(out, sdir)  # outputs of an older version of this stage: start clean
@@ -112,7 +144,8 @@ def versions() -> dict[str, str]:
 
 
 def run_experiment(exp: Experiment, out: str | Path, *, config_text: str = "",
-                   log: Callable[[str], None] = print, report: bool = True) -> dict[str, str]:
+                   log: Callable[[str], None] = print, report: bool = True,
+                   reuse: str | Path | None = None) -> dict[str, str]:
     """Plan, check everything that can be checked without running a stage (options, model specs, the
     output dir), then run (resuming), record and report an experiment."""
     out = Path(out)
@@ -121,7 +154,10 @@ def run_experiment(exp: Experiment, out: str | Path, *, config_text: str = "",
     resolve_models(plan)
     prepare_out(plan, out)
     write_run_record(plan, out, config_text, {})  # so `leakaudit report` works on a run still in progress
-    status = run_plan(plan, out, log=log, after_stage=lambda st: write_run_record(plan, out, config_text, st))
+    if reuse is not None and not Path(reuse).is_dir():
+        raise InputError("not a run dir", file=reuse, field="--reuse")
+    status = run_plan(plan, out, log=log, after_stage=lambda st: write_run_record(plan, out, config_text, st),
+                      reuse=Path(reuse) if reuse is not None else None)
     write_run_record(plan, out, config_text, status)
     if report:
         from leakaudit.report.html import write_report

@@ -27,6 +27,7 @@ class Stage:
     params: dict[str, Any]
     deps: list[str] = field(default_factory=list)
     key: str = ""
+    seed: int = 0  # the step's own `seed` when it has one, else the experiment's
     # Not hashed: where the stage comes from in the file (section, name) and its grid overrides, for errors.
     origin: tuple[str, str] = ("", "")
     overrides: dict[str, Any] = field(default_factory=dict)
@@ -122,23 +123,26 @@ class Plan:
         return {"stage": sids[0]}, [sids[0]]
 
     def _add(self, stage: Stage) -> None:
-        payload = {"v": STAGE_VERSION, "kind": stage.kind, "params": stage.params, "seed": self.exp.seed,
+        payload = {"v": STAGE_VERSION, "kind": stage.kind, "params": stage.params, "seed": stage.seed,
                    "deps": {d: self.stages[d].key for d in stage.deps}}
         stage.key = _hash(payload)[:24]
         self.stages[stage.id] = stage
+
+    def _seed(self, spec: Any) -> int:
+        return self.exp.seed if spec.seed is None else spec.seed
 
     # building -----------------------------------------------------------------------------
     def _build(self) -> None:
         exp = self.exp
         for name, ds in exp.datasets.items():
-            params = ds.model_dump()
+            params = ds.model_dump(exclude={"seed"})  # the seed enters the key as the stage's seed
             if ds.path is not None:
                 p = Path(ds.path).expanduser()
                 if not p.exists():
                     raise InputError("data file not found", file=p, field=f"datasets.{name}.path")
                 params["content"] = file_identity(p)
             params["name"] = name
-            self._add(Stage(f"data/{name}", "dataset", params, origin=("datasets", name)))
+            self._add(Stage(f"data/{name}", "dataset", params, origin=("datasets", name), seed=self._seed(ds)))
         for section, name in _build_order(exp):  # a step after the steps it reads from
             if section == "generate":
                 self._add_generate(name)
@@ -166,7 +170,7 @@ class Plan:
                                   "evaluation": label}
                         stage = Stage(f"evaluate/{label}/{tlabel}", e.kind, params,
                                       deps + ([tsid] if tsid else []), origin=("evaluate", name),
-                                      overrides=overrides)
+                                      overrides=overrides, seed=self._seed(e))
                         self._add(stage)
 
     def _add_generate(self, name: str) -> None:
@@ -179,7 +183,8 @@ class Plan:
             deps.append(sid)
         model, mdeps = self._model_param(g.model)
         params["model"] = model
-        self._add(Stage(f"generate/{name}", "generate", params, deps + mdeps, origin=("generate", name)))
+        self._add(Stage(f"generate/{name}", "generate", params, deps + mdeps, origin=("generate", name),
+                        seed=self._seed(g)))
 
     def _add_finetune(self, name: str) -> None:
         f = self.exp.finetune[name]
@@ -191,7 +196,7 @@ class Plan:
             params = {"model": model, "method": overrides.get("method", f.method), "options": options,
                       "defenses": f.defenses, "data": [sid, fname]}
             stage = Stage(f"finetune/{label}", "finetune", params, [sid, *mdeps], origin=("finetune", name),
-                          overrides=overrides)
+                          overrides=overrides, seed=self._seed(f))
             self._add(stage)
             self.finetune_variants[name].append(stage.id)
 

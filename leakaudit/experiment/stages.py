@@ -38,7 +38,7 @@ class StageContext:
 
     @property
     def seed(self) -> int:
-        return self.plan.exp.seed
+        return self.stage.seed
 
     def data_path(self, role: str = "data") -> Path:
         sid, fname = self.stage.params[role]
