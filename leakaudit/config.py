@@ -68,6 +68,9 @@ class DatasetSpec(Strict):
     # With split_by: user, each part P also gets P_holdout: this many samples of each of its users, never in P
     # (the attacker's samples of user inference; data/split.py:holdout_per_user).
     holdout_per_user: int | None = Field(None, ge=1)
+    # Extra parts made of whole split parts, e.g. {trained: [targets, prompts]}: one model trains on both while
+    # other steps read each alone (a study's disjoint rows for extraction targets and generation prompts).
+    unions: dict[str, list[str]] = Field(default_factory=dict)
     # A fixed seed for this step, unaffected by the experiment's `seed` and `--seed`: what a study holds fixed
     # across its seeds (a pre-training stand-in, a data split), so other seeds' runs reuse it (run --reuse).
     seed: int | None = None
@@ -88,6 +91,16 @@ class DatasetSpec(Strict):
         if clash:
             raise ValueError(f"split '{clash[0]}{HOLDOUT_SUFFIX}' clashes with the held-out part of "
                              f"'{clash[0]}' (holdout_per_user); rename it")
+        return self
+
+    @model_validator(mode="after")
+    def _unions(self) -> DatasetSpec:
+        for name, parts in self.unions.items():
+            if name in self.split:
+                raise ValueError(f"union '{name}' clashes with the split part of that name")
+            unknown = [p for p in parts if p not in self.split]
+            if unknown or not parts:
+                raise ValueError(f"union '{name}' must list parts of 'split' (not {unknown or 'nothing'})")
         return self
 
     @field_validator("split")
@@ -322,7 +335,7 @@ def data_names(exp: Experiment) -> set[str]:
     names = set(exp.generate)
     for name, ds in exp.datasets.items():
         names.add(name)
-        names.update(f"{name}.{split}" for split in ds.split)
+        names.update(f"{name}.{split}" for split in [*ds.split, *ds.unions])
         if ds.holdout_per_user is not None:
             names.update(f"{name}.{split}{HOLDOUT_SUFFIX}" for split in ds.split)
     return names
@@ -345,6 +358,8 @@ def check_names(exp: Experiment) -> None:
     for name, ds in exp.datasets.items():
         for split in ds.split:
             _check_name(split, SAFE_DATA_NAME, ("datasets", name, "split", split))
+        for union in ds.unions:
+            _check_name(union, SAFE_DATA_NAME, ("datasets", name, "unions", union))
 
 
 def _check_name(name: str, pattern: re.Pattern[str], loc: tuple[Any, ...]) -> None:

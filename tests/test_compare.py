@@ -181,7 +181,7 @@ def test_paired_difference_clusters_and_negative_baseline():
     assert paired_difference([0.0, 0.0], [0.0, 1.0], n_bootstrap=50)["relative"] is None  # nothing to divide by
 
 
-def test_fake_privacy_draft_plans_and_passes_the_plan_check():
+def test_fake_privacy_cpu_plans_and_passes_the_plan_check():
     from leakaudit.config import load_experiment
     from leakaudit.experiment import check_plan
     from leakaudit.experiment.plan import Plan
@@ -197,7 +197,16 @@ def test_fake_privacy_draft_plans_and_passes_the_plan_check():
     for name in ("ft_gen", "ft_replaced", "ft_selfinstruct", "ft_control"):
         assert plan.stages[f"finetune/{name}"].params["model"] == {"stage": "finetune/m0"}
     evals = [s for s in plan.stages.values() if s.id.startswith("evaluate/")]
-    assert {s.kind for s in evals} == {"pii", "pii-logprob", "mia"} and len(evals) == 15
+    assert {s.kind for s in evals} == {"pii", "pii-logprob", "mia"} and len(evals) == 17
+    # the exposure is fixed across the study's seeds (reused by `run --reuse`); what follows varies
+    exp1 = load_experiment(REPO / "leakaudit" / "resources" / "experiments" / "fake-privacy-cpu.yaml")
+    exp1.seed = 1
+    other = Plan(exp1)
+    same = [sid for sid, s in plan.stages.items() if other.stages[sid].key == s.key]
+    assert same == ["data/P", "finetune/m0"]
+    targets = plan.stages["evaluate/logprob/m0"].params["data"]
+    prompts = plan.stages["generate/gen"].params["data"]
+    assert targets == ["data/P", "targets.jsonl"] and prompts == ["data/P", "prompts.jsonl"]
     assert all(s.params["options"]["compare_to"] == "m0" for s in evals)
 
 

@@ -429,3 +429,19 @@ def test_fixed_seed_steps_are_shared_across_seeds_and_reused(tmp_path):
 def test_reuse_needs_a_run_dir(tmp_path):
     with pytest.raises(InputError, match="not a run dir"):
         run_experiment(parse_experiment(SMALL), tmp_path / "out", log=_quiet, reuse=tmp_path / "missing")
+
+
+def test_dataset_unions_join_whole_parts(tmp_path):
+    cfg = yaml.safe_load(SMALL)
+    cfg["datasets"]["emails"]["split"] = {"targets": 0.4, "prompts": 0.2, "nonmembers": 0.4}
+    cfg["datasets"]["emails"]["unions"] = {"trained": ["targets", "prompts"]}
+    cfg["finetune"]["real"]["data"] = "emails.trained"
+    cfg["evaluate"] = {}
+    exp = parse_experiment(yaml.safe_dump(cfg))
+    run_experiment(exp, tmp_path, log=_quiet, report=False)
+    d = tmp_path / "data/emails"
+    ids = {p: [r["id"] for r in _read_jsonl(d / f"{p}.jsonl")] for p in ("targets", "prompts", "trained")}
+    assert ids["trained"] == ids["targets"] + ids["prompts"] and not set(ids["targets"]) & set(ids["prompts"])
+    cfg["datasets"]["emails"]["unions"] = {"trained": ["targets", "other"]}
+    with pytest.raises(InputError, match="union 'trained' must list parts of 'split'"):
+        parse_experiment(yaml.safe_dump(cfg))

@@ -135,7 +135,8 @@ class Plan:
     def _build(self) -> None:
         exp = self.exp
         for name, ds in exp.datasets.items():
-            params = ds.model_dump(exclude={"seed"})  # the seed enters the key as the stage's seed
+            # the seed enters the key as the stage's seed; no unions = the key of files written before unions
+            params = ds.model_dump(exclude={"seed"} | (set() if ds.unions else {"unions"}))
             if ds.path is not None:
                 p = Path(ds.path).expanduser()
                 if not p.exists():

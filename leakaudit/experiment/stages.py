@@ -60,7 +60,7 @@ Runner = Callable[[StageContext], dict[str, Any]]
 
 def run_dataset(ctx: StageContext) -> dict[str, Any]:
     """Load (file or built-in), shuffle with the experiment seed, truncate, keep users with enough distinct
-    texts, keep the first users / rows, split (and hold out per user); write JSONL."""
+    texts, keep the first users / rows, split (and hold out per user), add the unions of parts; write JSONL."""
     p = ctx.stage.params
     if p["builtin"] is not None:
         from leakaudit.data.builtin import builtin_dataset
@@ -104,6 +104,10 @@ def run_dataset(ctx: StageContext) -> dict[str, Any]:
                              field=f"datasets.{p['name']}.split.{name}")
         write_jsonl(ctx.dir / f"{name}.jsonl", part)
         counts[name] = len(part)
+    for name, members in (p.get("unions") or {}).items():
+        union = [row for part in members for row in parts[part]]
+        write_jsonl(ctx.dir / f"{name}.jsonl", union)
+        counts[name] = len(union)
     return {"rows": counts}
 
 
