@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: setup demo test lint bench clean
+.PHONY: setup demo test lint bench clean study-users study-fake-privacy
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -29,6 +29,18 @@ test: $(STAMP) lint
 
 bench: $(STAMP)
 	$(BIN)/python bench/score.py
+
+# The two CPU studies of docs/studies.md, every seed, then their tables (about 30 min per seed each).
+EXP := leakaudit/resources/experiments
+study-users: $(STAMP)
+	for s in 0 1 2; do $(BIN)/leakaudit run $(EXP)/user-inference.yaml --out out/users-s$$s --seed $$s || exit 1; done
+	$(BIN)/python scripts/summarize_user_study.py out/users-s0 out/users-s1 out/users-s2
+
+study-fake-privacy: $(STAMP)
+	$(BIN)/leakaudit run $(EXP)/fake-privacy-cpu.yaml --out out/fake-privacy-s0 --seed 0
+	for s in 1 2; do $(BIN)/leakaudit run $(EXP)/fake-privacy-cpu.yaml --out out/fake-privacy-s$$s --seed $$s \
+	  --reuse out/fake-privacy-s0 || exit 1; done
+	$(BIN)/python scripts/summarize_comparisons.py out/fake-privacy-s0 out/fake-privacy-s1 out/fake-privacy-s2
 
 clean:
 	rm -rf $(VENV) out
