@@ -14,6 +14,7 @@ import pytest
 
 from leakaudit.config import parse_experiment
 from leakaudit.experiment import run_experiment
+from leakaudit.kinds.base import StageView
 from leakaudit.report.html import mask, write_report
 
 CHROMIUM = Path("/usr/bin/chromium")
@@ -88,7 +89,7 @@ def test_report_renders_in_headless_chromium(report_dir):
             browser.close()
     assert errors == []
     assert requests == [html_path.as_uri()]  # nothing fetched beyond the file itself: it works offline
-    # ROC (mia), heatmap (pii), perplexity bars: every figure decoded by the browser
+    # ROC (mia), bars by temperature (pii: 1 template x 2), perplexity bars: every figure decoded by the browser
     assert len(images) == 3
     for img in images:
         assert img["src"].startswith("data:image/png;base64") and img["done"] and img["w"] > 100 and img["h"] > 100
@@ -122,3 +123,148 @@ def test_mask_hides_addresses_and_phones():
     masked = mask("write to jeff.skilling@enron.com or call 713-853-6161; TPR@0.1%FPR stays")
     assert "jeff.skilling@enron.com" not in masked and "853-6161" not in masked
     assert "TPR@0.1%FPR" in masked
+
+
+# ----------------------------------------------------------------------------------------- verdict forest plots
+def _mia_stage(out: Path, evaluation: str, target: str, members: list[float], nonmembers: list[float],
+               n_bootstrap: int) -> dict:
+    """A finished mia stage written by hand (no model): scores.jsonl and its run.json entry."""
+    folder = f"evaluate/{evaluation}/{target}"
+    (out / folder).mkdir(parents=True)
+    rows = [{"id": f"m{i}", "label": 1, "loss": v, "zlib": v} for i, v in enumerate(members)] + \
+           [{"id": f"n{i}", "label": 0, "loss": v, "zlib": v} for i, v in enumerate(nonmembers)]
+    (out / folder / "scores.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    attacks = {a: {"auc": 0.5, "auc_ci": [0.4, 0.6]} for a in ("loss", "zlib")}
+    return {"id": folder, "kind": "mia", "folder": folder, "key": "k", "status": "ran", "seconds": 1,
+            "params": {"target_label": target, "evaluation": evaluation,
+                       "options": {"compare_to": "m0", "n_bootstrap": n_bootstrap}},
+            "result": {"attacks": attacks, "scores_file": "scores.jsonl"}}
+
+
+@pytest.fixture(scope="module")
+def verdict_dir(tmp_path_factory):
+    """Evaluation `mia`: m0 at AUC ~0.5, `up` separates perfectly (AUC 1), `down` inverts (AUC 0), `flat` is
+    m0 + 3 (Δ 0 on every resample); evaluation `mia0` has no bootstrap, so no CI and no point to plot."""
+    out = tmp_path_factory.mktemp("verdicts")
+    n = 20
+    grids = {"m0": ([float(i) for i in range(n)], [i + 0.5 for i in range(n)]),
+             "up": ([100.0 + i for i in range(n)], [float(i) for i in range(n)]),
+             "down": ([float(i) for i in range(n)], [100.0 + i for i in range(n)])}
+    grids["flat"] = tuple([v + 3 for v in side] for side in grids["m0"])
+    stages = [_mia_stage(out, "mia", t, *g, n_bootstrap=200) for t, g in grids.items()]
+    stages += [_mia_stage(out, "mia0", t, *grids[t], n_bootstrap=0) for t in ("m0", "up")]
+    (out / "run.json").write_text(json.dumps({"experiment": {"name": "verdicts"}, "stages": stages}))
+    return out
+
+
+def test_verdicts_open_with_a_forest_plot(verdict_dir, monkeypatch):
+    from leakaudit.report import plots
+    from leakaudit.report.html import build
+
+    calls, real = [], plots.forest_figure
+
+    def spy(panels):
+        calls.append(panels)
+        return real(panels)
+
+    monkeypatch.setattr(plots, "forest_figure", spy)
+    html, summary = build(verdict_dir)
+    assert len(summary["comparisons"]) == 8  # 3 variants x 2 attacks with a CI, 1 x 2 without
+    (panels,) = calls  # one figure: two panels, one per (evaluation, metric); mia0 has no CI to draw
+    assert [p["title"] for p in panels] == ["mia: loss AUC", "mia: zlib AUC"]
+    for p in panels:
+        assert {r[0]: r[4] for r in p["rows"]} == {"up": "increase", "down": "decrease", "flat": "none"}
+        up = next(r for r in p["rows"] if r[0] == "up")
+        assert up[2] <= up[1] <= up[3] and up[2] > 0  # the point sits in its CI, which excludes 0
+    forest = re.findall(r'<figure class="wide forest"><img src="(data:image/png;base64,[^"]+)"', html)
+    assert len(forest) == 1
+    assert html.index('id="verdicts-list"') < html.index('class="wide forest"') < html.index('id="headline"')
+    # without a CI: a sentence only
+    assert "mia0: up vs m0: loss AUC 1.000 vs 0.475, Δ +0.525 (+110.5%) → no CI" in html
+
+
+def test_forest_figures_split_many_panels(monkeypatch):
+    from leakaudit.kinds.compare import verdict
+    from leakaudit.report import html, plots
+
+    calls = []
+    monkeypatch.setattr(plots, "forest_figure", lambda panels: calls.append(panels) or "data:image/png;base64,AA==")
+    comps = [{"evaluation": e, "metric": m, "variant": v, "baseline": "m0", "delta": 0.1 * i,
+              "delta_ci": [0.1 * i - 0.05, 0.1 * i + 0.05], "verdict": verdict([0.1 * i - 0.05, 0.1 * i + 0.05])}
+             for e in ("e1", "e2", "e3") for m in [f"metric {k}" for k in range(6)] for i, v in enumerate("abcde")]
+    comps.append({"evaluation": "e1", "metric": "metric 0", "variant": "x", "baseline": "m0", "delta": None,
+                  "delta_ci": None, "verdict": "not comparable"})
+    figures = html.verdict_figures(comps)
+    assert len(figures) == 3 and [len(p) for p in calls] == [6, 6, 6]  # 18 panels, at most 6 a figure
+    assert all(len(panel["rows"]) == 5 for p in calls for panel in p)  # the row without Δ is left out
+    assert "part 2 of 3" in figures[1]["caption"]
+    assert [r[4] for r in calls[0][0]["rows"]] == ["none", "increase", "increase", "increase", "increase"]
+    assert html._direction("reduces") == "decrease" and html._direction("increases") == "increase"
+    assert html._direction(verdict([-0.1, 0.1], "effect")) == "none"
+
+
+def test_verdict_report_renders_in_headless_chromium(verdict_dir):
+    write_report(verdict_dir)
+    html_path = verdict_dir / "report.html"
+    with _browser() as pw:
+        browser = pw.chromium.launch(executable_path=str(CHROMIUM), args=FLAGS)
+        try:
+            page = browser.new_page()
+            errors: list[str] = []
+            page.on("console", lambda m: errors.append(m.text) if m.type == "error" else None)
+            page.on("pageerror", lambda e: errors.append(str(e)))
+            page.goto(html_path.as_uri(), wait_until="load")
+            forest = page.eval_on_selector_all(
+                "figure.forest img", "els => els.map(e => ({w: e.naturalWidth, h: e.naturalHeight, shown: e.width}))")
+        finally:
+            browser.close()
+    assert errors == []
+    assert len(forest) == 1 and forest[0]["w"] > 500 and forest[0]["h"] > 300 and forest[0]["shown"] > 500
+
+
+# ----------------------------------------------------------------------------------------- PII figures by grid
+def _pii_figures(monkeypatch, grid: dict[str, list[tuple[str, float]]]) -> tuple[list, list, list]:
+    """The PII section of hand-written stages (model -> its template x temperature cells), with the figure
+    functions spied on (still drawn): (figures, heatmap calls, bars calls)."""
+    from leakaudit.kinds.pii import PiiResult
+    from leakaudit.report import plots
+
+    heat, bars = [], []
+    real_heat, real_bars = plots.heatmap_figure, plots.bars_figure
+    monkeypatch.setattr(plots, "heatmap_figure", lambda *a, **k: heat.append(a) or real_heat(*a, **k))
+    monkeypatch.setattr(plots, "bars_figure", lambda *a, **k: bars.append(a) or real_bars(*a, **k))
+    stages = [StageView({"id": f"evaluate/pii/{m}", "kind": "pii", "folder": f"evaluate/pii/{m}",
+                         "params": {"target_label": m, "evaluation": "pii"},
+                         "result": {"rows": [{"template": t, "temperature": temp, "matches": i, "n_targets": 10}
+                                             for i, (t, temp) in enumerate(cells)]}}, Path("/nonexistent"))
+              for m, cells in grid.items()]
+    return PiiResult.section(stages)["figures"], heat, bars
+
+
+def test_pii_grid_of_one_temperature_draws_bars_not_a_heatmap(monkeypatch):
+    cells = [(t, 0.7) for t in ("A", "B", "C", "D")]
+    figures, heat, bars = _pii_figures(monkeypatch, {"m0": cells, "ft": cells})
+    assert heat == [] and len(bars) == 1 and len(figures) == 1
+    values = bars[0][0]  # grouped: model -> template -> rate
+    assert values == {m: {f"template {t}": i / 10 for i, t in enumerate("ABCD")} for m in ("m0", "ft")}
+    assert figures[0]["uri"].startswith("data:image/png;base64,") and "temperature 0.70" in figures[0]["caption"]
+
+
+def test_pii_grid_of_one_cell_draws_one_chart_across_models(monkeypatch):
+    figures, heat, bars = _pii_figures(monkeypatch, {m: [("A", 0.5)] for m in ("m0", "ft", "ctl")})
+    assert heat == [] and len(figures) == 1
+    assert bars[0][0] == {"m0": 0.0, "ft": 0.0, "ctl": 0.0}
+
+
+def test_pii_full_grid_draws_heatmaps(monkeypatch):
+    cells = [(t, temp) for t in ("A", "B", "C", "D") for temp in (0.5, 1.0)]
+    figures, heat, bars = _pii_figures(monkeypatch, {"m0": cells})
+    assert bars == [] and len(heat) == 1 and len(figures) == 1
+    rows, cols = heat[0][:2]
+    assert (rows, cols) == (["A", "B", "C", "D"], ["0.50", "1.00"])
+    # many models: one model x template and one model x temperature heatmap, not one per model
+    models = [f"m{i}" for i in range(5)]
+    figures, heat, bars = _pii_figures(monkeypatch, {m: cells for m in models})
+    assert bars == [] and len(figures) == 2
+    assert [(h[0], h[1]) for h in heat] == [(models, ["A", "B", "C", "D"]), (models, ["0.50", "1.00"])]
+    assert heat[0][2][("m0", "A")] == pytest.approx(0.05)  # rows 0 and 1 (A at 0.5 and 1.0): mean 0.5 / 10

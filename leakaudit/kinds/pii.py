@@ -101,11 +101,10 @@ class PiiResult(Result):
 
     @classmethod
     def section(cls, stages: list[StageView]) -> dict[str, Any] | None:
-        from leakaudit.report import plots
-
         if not stages:
             return None
-        figures, table = [], []
+        rates: dict[str, dict[tuple[str, str], float]] = {}
+        table = []
         for s in stages:
             cells: dict[tuple[str, str], list[float]] = {}
             for r in s.result.get("rows") or []:
@@ -115,17 +114,71 @@ class PiiResult(Result):
                 table.append([s.target, r.get("template"), r.get("temperature"), r.get("top_k", ""),
                               r.get("matches"), r.get("exact_matches", ""), r.get("n_targets")])
             if cells:
-                templates = sorted({k[0] for k in cells})
-                temps = sorted({k[1] for k in cells}, key=float)
-                values = {k: sum(v) / len(v) for k, v in cells.items()}
-                figures.append({"uri": plots.heatmap_figure(templates, temps, values, f"PII match rate: {s.target}",
-                                                            "temperature", "template"),
-                                "caption": f"PII extraction match rate by template and temperature, {s.target}"})
-        return {"id": "pii", "title": "PII extraction", "figures": figures,
+                rates[s.target] = {k: sum(v) / len(v) for k, v in cells.items()}
+        return {"id": "pii", "title": "PII extraction", "figures": _figures(rates),
                 "note": " ".join(["Match rate = matched targets / targets, per prompt template and sampling "
                                   "temperature. Extracted text is not shown.", *compare.notes(stages)]),
                 "tables": [{"header": ["variant", "template", "temperature", "top-k", "matches", "exact",
                                        "targets"], "rows": table}]}
+
+
+#: up to this many evaluated models get a template x temperature heatmap each; more get one figure per axis
+MAX_HEATMAPS = 3
+#: bars in one chart (models x templates or temperatures) before a heatmap reads better
+MAX_BARS = 30
+
+
+def _figures(rates: dict[str, dict[tuple[str, str], float]]) -> list[dict[str, str]]:
+    """The figure that fits the grid of match rates (model -> (template, temperature) -> rate): bars when a
+    grid axis has one value (a heatmap of one row says nothing a bar does not), a heatmap per model when
+    both vary, and for many models a model x template and a model x temperature heatmap, each the mean
+    over the other axis (the table has every cell)."""
+    from leakaudit.report import plots
+
+    if not rates:
+        return []
+    models = list(rates)
+    templates = sorted({k[0] for cells in rates.values() for k in cells})
+    temps = sorted({k[1] for cells in rates.values() for k in cells}, key=float)
+
+    def mean_over(axis: int) -> dict[tuple[str, str], float]:
+        """(model, value on the other axis) -> mean rate over this axis."""
+        acc: dict[tuple[str, str], list[float]] = {}
+        for m, cells in rates.items():
+            for k, v in cells.items():
+                acc.setdefault((m, k[1 - axis]), []).append(v)
+        return {k: sum(v) / len(v) for k, v in acc.items()}
+
+    if len(templates) == 1 and len(temps) == 1:
+        cell = f"template {templates[0]}, temperature {temps[0]}"
+        return [{"uri": plots.bars_figure({m: rates[m][(templates[0], temps[0])] for m in models},
+                                          f"PII match rate ({cell})", "match rate"),
+                 "caption": f"PII extraction match rate per model, {cell}"}]
+    if len(templates) == 1 or len(temps) == 1:
+        axis, name, values = (1, "temperature", temps) if len(templates) == 1 else (0, "template", templates)
+        fixed = f"{'template' if axis else 'temperature'} {(templates if axis else temps)[0]}"
+        by = mean_over(1 - axis)  # (model, value on the varying axis) -> rate
+        caption = f"PII extraction match rate by {name} ({fixed})"
+        if len(models) * len(values) > MAX_BARS:
+            uri = plots.heatmap_figure(models, values, by, f"PII match rate ({fixed})", name, "model")
+        elif len(models) == 1:
+            uri = plots.bars_figure({v: by[(models[0], v)] for v in values if (models[0], v) in by},
+                                    f"PII match rate: {models[0]} ({fixed})", "match rate", name)
+            caption += f", {models[0]}"
+        else:
+            uri = plots.bars_figure({m: {f"{name} {v}": by[(m, v)] for v in values if (m, v) in by} for m in models},
+                                    f"PII match rate by {name} ({fixed})", "match rate")
+            caption += ", a bar group per model"
+        return [{"uri": uri, "caption": caption}]
+    if len(models) <= MAX_HEATMAPS:
+        return [{"uri": plots.heatmap_figure(templates, temps, rates[m], f"PII match rate: {m}", "temperature",
+                                             "template"),
+                 "caption": f"PII extraction match rate by template and temperature, {m}"} for m in models]
+    return [{"uri": plots.heatmap_figure(models, values, mean_over(axis), f"PII match rate, mean over {other}s",
+                                         name, "model"),
+             "caption": f"PII extraction match rate by model and {name} (mean over {other}s)"}
+            for axis, name, other, values in ((1, "template", "temperature", templates),
+                                              (0, "temperature", "template", temps))]
 
 
 def _series(s: StageView, base: StageView) -> list[compare.Series]:

@@ -102,6 +102,55 @@ def verdict_sentence(c: dict[str, Any]) -> str:
             f"Δ {_signed(c['delta'])}{_interval(c.get('delta_ci') or c.get('ci'))}{rel_text} → {c.get('verdict')}")
 
 
+#: panels per forest figure: 3 evaluations x 6 metrics become 3 figures of 6, each still legible
+MAX_FOREST_PANELS = 6
+
+
+def _direction(verdict: Any) -> str:
+    """'increase', 'decrease' or 'none', from compare.verdict's wording in either style (asked of it, so a
+    rewording there cannot silently turn every point grey)."""
+    from typing import get_args
+
+    from leakaudit.kinds.compare import Style
+    from leakaudit.kinds.compare import verdict as word
+
+    for style in get_args(Style):
+        if verdict == word([0.5, 1.0], style):
+            return "increase"
+        if verdict == word([-1.0, -0.5], style):
+            return "decrease"
+    return "none"
+
+
+def verdict_figures(comparisons: list[dict[str, Any]]) -> list[dict[str, str]]:
+    """The verdicts as forest plots: a panel per (evaluation, metric) (their scales differ), a row per variant
+    at Δ with its CI; comparisons without Δ or CI stay sentences only. At most MAX_FOREST_PANELS panels a
+    figure, so many metrics make several figures rather than one unreadably tall one."""
+    from leakaudit.kinds.compare import finite
+    from leakaudit.report import plots
+
+    panels: dict[tuple[Any, Any], dict[str, Any]] = {}
+    for c in comparisons:
+        ci = c.get("delta_ci") or c.get("ci")
+        if not (finite(c.get("delta")) and ci and len(ci) == 2 and all(finite(x) for x in ci)):
+            continue
+        metric = str(c.get("metric"))
+        panel = panels.setdefault((c.get("evaluation"), metric), {
+            "title": f"{c.get('evaluation')}: {metric}",
+            "xlabel": f"Δ {metric} (variant − {c.get('baseline')})", "rows": []})
+        panel["rows"].append((str(c.get("variant")), float(c["delta"]), float(ci[0]), float(ci[1]),
+                              _direction(c.get("verdict"))))
+    ordered = list(panels.values())
+    chunks = [ordered[i:i + MAX_FOREST_PANELS] for i in range(0, len(ordered), MAX_FOREST_PANELS)]
+    figures = []
+    for i, chunk in enumerate(chunks):
+        part = f" (part {i + 1} of {len(chunks)})" if len(chunks) > 1 else ""
+        figures.append({"uri": plots.forest_figure(chunk), "caption": (
+            f"Paired Δ (variant − baseline) with its 95% bootstrap CI, one panel per evaluation and metric{part}: "
+            "red = increase, blue = decrease (CI excludes 0), grey = no detectable change.")})
+    return figures
+
+
 # ----------------------------------------------------------------------------------------- assembly
 def load_run(out: str | Path) -> dict[str, Any]:
     p = Path(out) / "run.json"
@@ -129,7 +178,7 @@ def build(out: str | Path) -> tuple[str, dict[str, Any]]:
     title = exp.get("report", {}).get("title") or f"leakaudit report: {exp['name']}"
     html = env.get_template("report.html.j2").render(
         title=title, name=exp["name"], show_pii=show_pii, headline_cols=cols, headline_rows=table_rows,
-        verdicts=[verdict_sentence(c) for c in comparisons],
+        verdicts=[verdict_sentence(c) for c in comparisons], verdict_figures=verdict_figures(comparisons),
         sections=sections, stages=stages, n_done=sum(1 for s in stages if s.get("result") is not None),
         n_stages=len(stages), config_text=config_text if show_pii else mask(config_text),
         versions=run.get("versions", {}))

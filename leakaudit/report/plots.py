@@ -115,14 +115,73 @@ def scatter_figure(x: list[float], y: list[float], title: str, xlabel: str, ylab
     return _data_uri(fig)
 
 
-def bars_figure(values: dict[str, float], title: str, ylabel: str) -> str:
-    """Simple labelled bars (e.g. backdoor match ratio per variant)."""
+def bars_figure(values: dict[str, float] | dict[str, dict[str, float]], title: str, ylabel: str,
+                xlabel: str | None = None) -> str:
+    """Labelled bars (e.g. backdoor match ratio per variant). Grouped bars when each value is itself a dict
+    (group -> bar name -> value, e.g. target -> template -> match rate): one colour per bar name, a legend;
+    a bar a group lacks is left out."""
+    import numpy as np
+
     plt = _plt()
-    fig, ax = plt.subplots(figsize=(max(4.0, 0.8 * len(values) + 2), 3.5))
-    names = list(values)
-    ax.bar(range(len(names)), [values[n] for n in names])
-    ax.set_xticks(range(len(names)), labels=names, rotation=20, ha="right")
+    groups = list(values)
+    nested = any(isinstance(v, dict) for v in values.values())
+    names = list(dict.fromkeys(k for v in values.values() for k in v)) if nested else [""]
+    width = 0.8 / len(names)
+    n_bars = len(groups) * len(names)
+    fig, ax = plt.subplots(figsize=(min(12.0, max(4.0, 0.35 * n_bars + 0.5 * len(groups) + 2)), 3.5))
+    for j, name in enumerate(names):
+        heights = [(values[g].get(name, np.nan) if nested else values[g]) for g in groups]
+        ax.bar(np.arange(len(groups)) + (j - (len(names) - 1) / 2) * width, heights, width,
+               label=name if nested else None)
+    ax.set_xticks(range(len(groups)), labels=groups, rotation=20 if len(groups) > 1 else 0, ha="right"
+                  if len(groups) > 1 else "center")
     ax.set_ylabel(ylabel)
+    if xlabel:
+        ax.set_xlabel(xlabel)
     ax.set_title(title)
+    if nested:
+        ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)
     fig.tight_layout()
+    return _data_uri(fig)
+
+
+#: forest-plot colours by verdict direction (compare.verdict): up, down, CI containing 0
+FOREST_COLOURS = {"increase": "#c0392b", "decrease": "#2166ac", "none": "#8c8c8c"}
+_FOREST_LABELS = {"increase": "increase (CI > 0)", "decrease": "decrease (CI < 0)",
+                  "none": "no detectable change (CI contains 0)"}
+
+
+def forest_figure(panels: list[dict[str, Any]]) -> str:
+    """Paired differences at a glance: one panel per {title, xlabel, rows}, each row (label, delta, ci_low,
+    ci_high, direction) a point at Δ with its CI as a horizontal bar, a vertical line at 0, coloured by
+    direction ('increase', 'decrease', 'none'). Panels are stacked, each on its own x scale (Δ AUC and
+    Δ mean log p do not share one), rows top to bottom in the given order."""
+    plt = _plt()
+    heights = [len(p["rows"]) * 0.32 + 0.9 for p in panels]
+    fig, axes = plt.subplots(len(panels), 1, figsize=(7.5, sum(heights) + 0.6),
+                             gridspec_kw={"height_ratios": heights}, squeeze=False)
+    seen: set[str] = set()
+    for ax, panel in zip(axes[:, 0], panels, strict=True):
+        rows = panel["rows"]
+        ys = list(range(len(rows) - 1, -1, -1))
+        for y, (_label, delta, lo, hi, direction) in zip(ys, rows, strict=True):
+            colour = FOREST_COLOURS.get(direction, FOREST_COLOURS["none"])
+            ax.hlines(y, lo, hi, color=colour, linewidth=2.2)
+            ax.plot([delta], [y], "o", color=colour, markersize=6)
+            seen.add(direction if direction in FOREST_COLOURS else "none")
+        ax.axvline(0, color="black", linewidth=0.8)
+        left = min(0.0, *(r[2] for r in rows), *(r[1] for r in rows))
+        right = max(0.0, *(r[3] for r in rows), *(r[1] for r in rows))
+        pad = (right - left) * 0.08 or 0.05
+        ax.set_xlim(left - pad, right + pad)
+        ax.set_ylim(-0.6, len(rows) - 0.4)
+        ax.set_yticks(ys, labels=[str(r[0]) for r in rows])
+        ax.set_title(panel["title"], fontsize=10, loc="left")
+        ax.set_xlabel(panel.get("xlabel", "Δ"), fontsize=9)
+        ax.grid(axis="x", alpha=0.3)
+    handles = [plt.Line2D([], [], color=FOREST_COLOURS[d], marker="o", linewidth=2.2, label=_FOREST_LABELS[d])
+               for d in FOREST_COLOURS if d in seen]
+    fig.legend(handles=handles, loc="upper center", ncols=len(handles), fontsize=8, frameon=False,
+               bbox_to_anchor=(0.5, 1.0))
+    fig.tight_layout(rect=(0, 0, 1, 1 - 0.35 / fig.get_figheight()))
     return _data_uri(fig)
