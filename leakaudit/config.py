@@ -28,7 +28,9 @@ from pydantic import (
     ConfigDict,
     Field,
     PrivateAttr,
+    StrictInt,
     ValidationError,
+    ValidationInfo,
     field_validator,
     model_validator,
 )
@@ -71,6 +73,10 @@ class DatasetSpec(Strict):
     # Extra parts made of whole split parts, e.g. {trained: [targets, prompts]}: one model trains on both while
     # other steps read each alone (a study's disjoint rows for extraction targets and generation prompts).
     unions: dict[str, list[str]] = Field(default_factory=dict)
+    # Parts as row ranges in the source's own order, {part: [start, end]} with Python slice meaning (end null =
+    # to the end, negative = counted from the end), e.g. a study's fixed rows: targets = rows 0-999, prompts =
+    # rows 1110 on. Rows are not shuffled (an index must mean a file row); parts may overlap, unlike `split`.
+    ranges: dict[str, list[StrictInt | None]] = Field(default_factory=dict)
     # A fixed seed for this step, unaffected by the experiment's `seed` and `--seed`: what a study holds fixed
     # across its seeds (a pre-training stand-in, a data split), so other seeds' runs reuse it (run --reuse).
     seed: int | None = None
@@ -102,6 +108,26 @@ class DatasetSpec(Strict):
             if unknown or not parts:
                 raise ValueError(f"union '{name}' must list parts of 'split' (not {unknown or 'nothing'})")
         return self
+
+    @field_validator("ranges")
+    @classmethod
+    def _ranges(cls, v: dict[str, list[int | None]], info: ValidationInfo) -> dict[str, list[int | None]]:
+        # The other ways of making parts shuffle or partition the rows; mixed with file-order ranges, row
+        # indices would mean nothing, so refuse the mix rather than pick an order.
+        for other in ("split", "unions", "holdout_per_user"):
+            if v and info.data.get(other):
+                raise ValueError(f"cannot be combined with '{other}' (ranges are parts in file order; "
+                                 f"use one or the other)")
+        for name, bounds in v.items():
+            if name == "all":
+                raise ValueError("part 'all' is the whole dataset (all.jsonl); name the range otherwise")
+            if len(bounds) != 2:
+                raise ValueError(f"range of '{name}' must be [start, end] (null end = to the end), "
+                                 f"got {len(bounds)} value(s)")
+            start, end = bounds
+            if start is not None and end is not None and (start >= 0) == (end >= 0) and start >= end:
+                raise ValueError(f"range of '{name}' is empty: start {start} is not before end {end}")
+        return v
 
     @field_validator("split")
     @classmethod
@@ -335,7 +361,7 @@ def data_names(exp: Experiment) -> set[str]:
     names = set(exp.generate)
     for name, ds in exp.datasets.items():
         names.add(name)
-        names.update(f"{name}.{split}" for split in [*ds.split, *ds.unions])
+        names.update(f"{name}.{split}" for split in [*ds.split, *ds.unions, *ds.ranges])
         if ds.holdout_per_user is not None:
             names.update(f"{name}.{split}{HOLDOUT_SUFFIX}" for split in ds.split)
     return names
@@ -360,6 +386,8 @@ def check_names(exp: Experiment) -> None:
             _check_name(split, SAFE_DATA_NAME, ("datasets", name, "split", split))
         for union in ds.unions:
             _check_name(union, SAFE_DATA_NAME, ("datasets", name, "unions", union))
+        for part in ds.ranges:
+            _check_name(part, SAFE_DATA_NAME, ("datasets", name, "ranges", part))
 
 
 def _check_name(name: str, pattern: re.Pattern[str], loc: tuple[Any, ...]) -> None:

@@ -11,7 +11,8 @@ Why it is built this way:
 - With `out_path`, each finished batch is appended to a JSONL file and flushed; a rerun reads it, skips
   the (prompt_id, sample_index) pairs already there and drops a half-written last line, so a kill loses
   at most the batch in flight and never duplicates a row.
-The HF backend is the reference; `backend="vllm"` is a thin adapter for GPUs with vLLM installed.
+The HF backend is the reference; `backend="vllm"` is a thin adapter for GPUs with vLLM installed;
+`backend="auto"` takes vLLM where it can run (installed, a GPU, a full saved model) and HF elsewhere.
 """
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ SAMPLING_VERSION = 1
 CPU_MAX_ROWS = 64          # rows per batch on CPU: beyond this a step gets no faster per row
 CPU_KV_TOKEN_BUDGET = 65536  # prompt+new tokens held in the KV cache per batch on CPU
 GPU_MAX_ROWS = 512
-BACKENDS = ("hf", "vllm")
+BACKENDS = ("hf", "vllm", "auto")
 
 
 @dataclass
@@ -90,6 +91,20 @@ def row_seed(seed: int, prompt_id: str, sample_index: int) -> int:
     return int.from_bytes(h[:8], "little") & ((1 << 63) - 1)
 
 
+def resolve_backend(lm: LoadedModel, backend: str) -> str:
+    """`auto` -> `vllm` where the vLLM adapter can run (vLLM installed, a CUDA GPU, a full saved model: not
+    an adapter or a `random:` model), else the `hf` reference; so one experiment file runs on a laptop and
+    uses vLLM on a GPU machine. Any other backend is returned as is."""
+    if backend != "auto":
+        return backend
+    if importlib.util.find_spec("vllm") is None or not torch.cuda.is_available():
+        return "hf"
+    from leakaudit.models import resolve_spec
+
+    kind, _ = resolve_spec(lm.spec)
+    return "hf" if kind in ("adapter", "random") else "vllm"
+
+
 def run_key(lm: LoadedModel, config: SamplingConfig, backend: str) -> str:
     """What identifies a sampling run in its output file: model weights, options, backend, engine version."""
     blob = json.dumps({"v": SAMPLING_VERSION, "model": lm.fingerprint, "dtype": str(lm.dtype),
@@ -111,6 +126,7 @@ def sample(lm: LoadedModel, prompts: Sequence[str], config: SamplingConfig, *,
     config.validate()
     if backend not in BACKENDS:
         raise InputError(f"unknown backend '{backend}'; use one of {', '.join(BACKENDS)}", field="--backend")
+    backend = resolve_backend(lm, backend)
     rows_per_batch = _parse_batch_size(batch_size)
     ids_list = [str(i) for i in range(len(prompts))] if prompt_ids is None else [str(p) for p in prompt_ids]
     if len(ids_list) != len(prompts):

@@ -56,7 +56,7 @@ def continuation(
     num_samples: int = typer.Option(1, "--num-samples", help="Continuations per prompt"),
     seed: int = typer.Option(0, "--seed"),
     batch_size: str = batch_size_option(),
-    backend: str = typer.Option("hf", "--backend", help="hf (reference) | vllm (GPU, when installed)"),
+    backend: str = typer.Option("hf", "--backend", help="hf (reference) | vllm (GPU, when installed) | auto (vllm where it can run, else hf)"),
     device: str = typer.Option("auto", "--device"),
     dtype: str = typer.Option("auto", "--dtype"),
     allow_pickle: bool = typer.Option(False, "--allow-pickle"),

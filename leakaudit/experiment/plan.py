@@ -135,8 +135,10 @@ class Plan:
     def _build(self) -> None:
         exp = self.exp
         for name, ds in exp.datasets.items():
-            # the seed enters the key as the stage's seed; no unions = the key of files written before unions
-            params = ds.model_dump(exclude={"seed"} | (set() if ds.unions else {"unions"}))
+            # the seed enters the key as the stage's seed; no unions (ranges) = the key of files written
+            # before unions (ranges) existed
+            unset = {f for f in ("unions", "ranges") if not getattr(ds, f)}
+            params = ds.model_dump(exclude={"seed"} | unset)
             if ds.path is not None:
                 p = Path(ds.path).expanduser()
                 if not p.exists():

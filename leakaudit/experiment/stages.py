@@ -59,8 +59,9 @@ Runner = Callable[[StageContext], dict[str, Any]]
 
 
 def run_dataset(ctx: StageContext) -> dict[str, Any]:
-    """Load (file or built-in), shuffle with the experiment seed, truncate, keep users with enough distinct
-    texts, keep the first users / rows, split (and hold out per user), add the unions of parts; write JSONL."""
+    """Load (file or built-in), shuffle with the experiment seed (not with `ranges`: they index the source's
+    order), truncate, keep users with enough distinct texts, keep the first users / rows, split (and hold
+    out per user) or cut the row ranges, add the unions of parts; write JSONL."""
     p = ctx.stage.params
     if p["builtin"] is not None:
         from leakaudit.data.builtin import builtin_dataset
@@ -76,7 +77,9 @@ def run_dataset(ctx: StageContext) -> dict[str, Any]:
             if r.user is not None:
                 row["user"] = r.user
             rows.append(row)
-    rows = shuffled(rows, ctx.seed, p["name"])
+    ranges = p.get("ranges") or {}
+    if not ranges:  # row ranges index the source's own order
+        rows = shuffled(rows, ctx.seed, p["name"])
     if p["max_chars"]:
         for row in rows:
             row["text"] = row["text"][:p["max_chars"]]
@@ -95,13 +98,17 @@ def run_dataset(ctx: StageContext) -> dict[str, Any]:
     if p.get("split_by") == "user" and any(not r.get("user") for r in rows):
         raise InputError("split_by: user needs a user on every row (set user_field)",
                          field=f"datasets.{p['name']}.user_field")
-    parts = split_rows(rows, p["split"], p.get("split_by", "row"))
+    if ranges:  # possibly overlapping parts by row index (config: no split, unions or holdout with them)
+        parts = {name: rows[slice(start, end)] for name, (start, end) in ranges.items()}
+    else:
+        parts = split_rows(rows, p["split"], p.get("split_by", "row"))
     if p.get("holdout_per_user"):  # the attacker's samples of each user, never in that user's training part
         parts = holdout_per_user(parts, p["holdout_per_user"], ctx.seed, p["name"])
     for name, part in parts.items():
         if not part:
-            raise InputError(f"split '{name}' is empty ({len(rows)} rows in all)",
-                             field=f"datasets.{p['name']}.split.{name}")
+            what, section = ("range", "ranges") if ranges else ("split", "split")
+            raise InputError(f"{what} '{name}' is empty ({len(rows)} rows in all)",
+                             field=f"datasets.{p['name']}.{section}.{name}")
         write_jsonl(ctx.dir / f"{name}.jsonl", part)
         counts[name] = len(part)
     for name, members in (p.get("unions") or {}).items():

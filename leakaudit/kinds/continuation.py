@@ -29,7 +29,8 @@ class ContinuationOptions(KindOptions):
     num_samples: int = Field(default=1, ge=1, description="continuations per prompt")
     stop_at_eos: bool = True
     batch_size: BatchSize = "auto"
-    backend: Literal["hf", "vllm"] = "hf"
+    backend: Literal["hf", "vllm", "auto"] = Field(
+        default="hf", description="hf (reference) | vllm (GPU, installed) | auto (vllm where it can run, else hf)")
 
     @field_validator("temperature")
     @classmethod
