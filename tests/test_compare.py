@@ -192,8 +192,9 @@ def test_fake_privacy_cpu_plans_and_passes_the_plan_check():
     # the exposed model first, then what it generates, then the fine-tunes on that, then the evaluations
     assert ids.index("finetune/m0") < ids.index("generate/gen") < ids.index("generate/replaced") \
         < ids.index("finetune/ft_replaced") < ids.index("evaluate/mia/m0")
-    assert ids.index("finetune/m0") < ids.index("generate/selfinstruct") < ids.index("finetune/ft_selfinstruct")
+    assert ids.index("generate/selfinstruct") < ids.index("finetune/ft_selfinstruct")
     assert plan.stages["generate/gen"].params["model"] == {"stage": "finetune/m0"}
+    assert plan.stages["generate/selfinstruct"].params["model"]["spec"] == "default"  # not the exposed model
     for name in ("ft_gen", "ft_replaced", "ft_selfinstruct", "ft_control"):
         assert plan.stages[f"finetune/{name}"].params["model"] == {"stage": "finetune/m0"}
     evals = [s for s in plan.stages.values() if s.id.startswith("evaluate/")]

@@ -202,3 +202,25 @@ def test_backdoor_plant_builds_the_mix_with_the_kind_then_trains(tmp_path, monke
     assert record["rows"] == len(mix) and record["backdoor-refusal"] == 4 and record["seed"] == 3
     assert trained["data"] == str(out / "backdoor_mix.jsonl") and trained["seed"] == 3
     assert trained["loss_on"] == "assistant" and trained["max_steps"] == 1
+
+
+def test_self_instruct_that_writes_no_task_fails_at_its_own_step(tmp_path, monkeypatch):
+    """A generator that cannot follow the self-instruct prompt (e.g. a model tuned on e-mails only) fails the
+    generate step with one message, not a later step with "file is empty"."""
+    from leakaudit.data import synth
+    from leakaudit.errors import InputError
+    from leakaudit.kinds import get_kind
+    from leakaudit.kinds.base import KindContext
+    from leakaudit.sampling import Sample
+
+    monkeypatch.setattr(synth, "sample", lambda lm, prompts, config, **kw: [
+        Sample(str(i), 0, p, "", 1) for i, p in enumerate(prompts)])
+
+    class Model:
+        spec, fingerprint = "scripted", "0"
+
+    kind = get_kind("self-instruct")
+    ctx = KindContext(out=tmp_path, models={"model": "m"}, progress=False)
+    ctx.cache._loaded["m"] = Model()
+    with pytest.raises(InputError, match="wrote no task that passed the filters in 2 rounds"):
+        kind.run(ctx, kind.Options(n=1, requests_per_round=1, max_rounds=2))

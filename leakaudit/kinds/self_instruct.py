@@ -39,6 +39,7 @@ class SelfInstruct(Kind):
         from leakaudit import resources
         from leakaudit.data.io import write_jsonl
         from leakaudit.data.synth import instruction_rows, load_seed_tasks, self_instruct
+        from leakaudit.errors import InputError
 
         seeds = load_seed_tasks(options.seed_tasks or resources.path("self-instruct-seed", "seed_tasks.jsonl"))
         lm = ctx.model("model")
@@ -58,6 +59,10 @@ class SelfInstruct(Kind):
                                                                               r=f"round {r}"), **kwargs)
         else:
             tasks = self_instruct(lm, seeds, tasks_file, options.n, progress=False, **kwargs)
+        if not tasks:  # else the failure surfaces later as "empty file" in whatever trains on it
+            raise InputError(f"the model wrote no task that passed the filters in "
+                             f"{options.max_rounds or 'the default number of'} rounds; self-instruct needs an "
+                             "instruction-following generator", field="model")
         rows = instruction_rows(tasks)
         flat_file = ctx.output_file("data.jsonl")
         if flat_file is not None:
