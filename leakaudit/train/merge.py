@@ -10,7 +10,7 @@ from leakaudit.errors import InputError
 
 
 def merge_adapter(adapter_dir: str | Path, out_dir: str | Path) -> Path:
-    """Load base + adapter in fp32, fold the adapter into the weights, save safetensors + tokenizer."""
+    """Load base + adapter in fp32 (folded into the weights on load), save safetensors + tokenizer."""
     from leakaudit.models import load_model
 
     adapter = Path(adapter_dir)
@@ -20,7 +20,7 @@ def merge_adapter(adapter_dir: str | Path, out_dir: str | Path) -> Path:
     if out.exists() and any(out.iterdir()):
         raise InputError("output dir exists and is not empty", file=out, field="--out")
     lm = load_model(str(adapter), device="cpu", dtype="fp32")
-    merged = lm.model.merge_and_unload()
+    merged = lm.model  # load_model folds an adapter loaded for inference into the weights
     out.mkdir(parents=True, exist_ok=True)
     merged.save_pretrained(str(out), safe_serialization=True)
     lm.tokenizer.save_pretrained(str(out))
