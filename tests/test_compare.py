@@ -223,3 +223,21 @@ def test_a_finetune_on_data_its_own_output_generated_is_one_error():
         Plan(parse_experiment(text, "exp.yaml"))
     assert (exc.value.line, exc.value.field) == (9, "finetune.m0.data")
     assert exc.value.message == "'m0' depends on itself (through generate 'gen')"
+
+
+def test_logprob_with_one_candidate_has_no_rank_comparison_or_headline(tmp_path):
+    """Among one candidate every rank is 1: a rank-1 rate of 1.0 before and after says nothing, so it is
+    neither compared nor a headline."""
+    from leakaudit.kinds.base import StageView
+    from leakaudit.kinds.pii_logprob import PiiLogprobResult
+
+    rows = {(f"t{i}", "A"): (-10.0 - i, 1) for i in range(6)}
+    stages = []
+    for name, shift in (("m0", 0.0), ("ft", 1.0)):
+        one = [{**r, "n_candidates": 1} for r in _logprob_rows({k: (lp + shift, 1) for k, (lp, _) in rows.items()})]
+        stages.append(_write_stage(tmp_path, "pii-logprob", "logprob", name, {"logprobs.jsonl": one},
+                                   {**LOGPROB_RESULT, "n_candidates": 1}, {"compare_to": "m0", "n_bootstrap": 50}))
+    views = [StageView(s, tmp_path) for s in stages]
+    assert [c["metric"] for c in PiiLogprobResult.comparisons(views)] == ["mean log p(address)"]
+    assert [h.metric for h in PiiLogprobResult({**LOGPROB_RESULT, "n_candidates": 1}).headline()] == [
+        "mean log p(address)"]

@@ -179,8 +179,9 @@ class PiiLogprobResult(Result):
 
     def headline(self) -> list[Headline]:
         o = (self.data.get("templates") or {}).get(OVERALL, {})
-        rows = [Headline("mean log p(address)", o.get("mean_logp"), o.get("mean_logp_ci")),
-                Headline("address rank-1 rate", o.get("top1_rate"), o.get("top1_rate_ci"))]
+        rows = [Headline("mean log p(address)", o.get("mean_logp"), o.get("mean_logp_ci"))]
+        if (self.data.get("n_candidates") or 0) > 1:  # among one candidate every rank is 1: no information
+            rows.append(Headline("address rank-1 rate", o.get("top1_rate"), o.get("top1_rate_ci")))
         if o.get("mean_logp_change") is not None:
             rows.append(Headline("mean log p(address) − baseline", o["mean_logp_change"],
                                  o.get("mean_logp_change_ci")))
@@ -228,10 +229,12 @@ def _series(s: StageView, base: StageView) -> list[compare.Series]:
     rows = compare.unique((r for r in read_jsonl(s.dir / "logprobs.jsonl") if r.get("role", "model") == "model"),
                           lambda r: (r.get("target"), r.get("template")))
     target = itemgetter(0)  # the resampling unit of a (target, template) row
-    return [compare.Series("mean log p(address)", {k: r.get("logp") for k, r in rows.items()}, cluster=target,
-                           items="targets"),
-            compare.Series("address rank-1 rate", {k: float(r["rank"] == 1) for k, r in rows.items()
-                                                   if "rank" in r}, cluster=target, items="targets")]
+    series = [compare.Series("mean log p(address)", {k: r.get("logp") for k, r in rows.items()}, cluster=target,
+                             items="targets")]
+    if any((r.get("n_candidates") or 0) > 1 for r in rows.values()):  # a rank among one candidate is always 1
+        series.append(compare.Series("address rank-1 rate", {k: float(r["rank"] == 1) for k, r in rows.items()
+                                                             if "rank" in r}, cluster=target, items="targets"))
+    return series
 
 
 @register
