@@ -198,17 +198,20 @@ def test_fake_privacy_cpu_plans_and_passes_the_plan_check():
     for name in ("ft_gen", "ft_replaced", "ft_selfinstruct", "ft_control"):
         assert plan.stages[f"finetune/{name}"].params["model"] == {"stage": "finetune/m0"}
     evals = [s for s in plan.stages.values() if s.id.startswith("evaluate/")]
-    assert {s.kind for s in evals} == {"pii", "pii-logprob", "mia"} and len(evals) == 17
+    assert {s.kind for s in evals} == {"pii", "pii-logprob", "mia"} and len(evals) == 19
     # the exposure is fixed across the study's seeds (reused by `run --reuse`); what follows varies
     exp1 = load_experiment(REPO / "leakaudit" / "resources" / "experiments" / "fake-privacy-cpu.yaml")
     exp1.seed = 1
     other = Plan(exp1)
     same = [sid for sid, s in plan.stages.items() if other.stages[sid].key == s.key]
     assert same == ["data/P", "finetune/m0"]
+    # the exposure (base -> M0) is compared apart from the fine-tunes (M0 -> each), so neither sets the other's scale
+    assert plan.stages["evaluate/exposure_mia/m0"].params["options"]["compare_to"] == "base"
+    assert "evaluate/mia/base" not in plan.stages and plan.stages["evaluate/mia/m0"].params["options"]["compare_to"] == "m0"
     targets = plan.stages["evaluate/logprob/m0"].params["data"]
     prompts = plan.stages["generate/gen"].params["data"]
     assert targets == ["data/P", "targets.jsonl"] and prompts == ["data/P", "prompts.jsonl"]
-    assert all(s.params["options"]["compare_to"] == "m0" for s in evals)
+    assert all(s.params["options"]["compare_to"] == ("base" if "exposure" in s.id else "m0") for s in evals)
 
 
 def test_a_finetune_on_data_its_own_output_generated_is_one_error():
