@@ -15,7 +15,7 @@ from leakaudit.config import ConfigError, Experiment
 from leakaudit.data.io import write_json
 from leakaudit.errors import InputError
 from leakaudit.experiment.checks import check_plan, prepare_out, resolve_models, stage_roles
-from leakaudit.experiment.plan import Plan, inside, remove_stale, stage_dir
+from leakaudit.experiment.plan import Plan, remove_stale, stage_dir
 from leakaudit.experiment.stages import RUNNERS, StageContext, run_kind_stage
 from leakaudit.kinds.base import ModelCache
 
@@ -31,15 +31,15 @@ def is_done(stage_dir: Path, key: str) -> dict[str, Any] | None:
     return info if info.get("key") == key else None
 
 
-def reuse_stage(source: Path, stage_folder: str, key: str, dest: Path) -> dict[str, Any] | None:
+def reuse_stage(source: Path, stage_folder: str, key: str, out: Path, dest: Path) -> dict[str, Any] | None:
     """Copy a stage another run finished with the same key (a step with a fixed `seed`, shared by every seed's
     run) into `dest`; files are hard-linked where the file system allows. None when `source` lacks it."""
     src = source / stage_folder
     done = is_done(src, key)
     if done is None or src.resolve() == dest.resolve():
         return None
-    if dest.exists():
-        shutil.rmtree(dest)
+    if dest.exists() or dest.is_symlink():
+        remove_stale(out, dest)  # the engine's one deleting path, which refuses anything outside --out
 
     def link_or_copy(a: str, b: str) -> None:
         try:
@@ -71,8 +71,7 @@ def run_plan(plan: Plan, out: Path, *, log: Callable[[str], None] = print,
             log(f"[{i}/{n}] {stage.id}: cached")
             continue
         if reuse is not None:
-            inside(out, sdir)
-            done = reuse_stage(Path(reuse), stage.folder, stage.key, sdir)
+            done = reuse_stage(Path(reuse), stage.folder, stage.key, out, sdir)
             if done is not None:
                 results[stage.id] = done["result"]
                 status[stage.id] = "reused"
