@@ -11,6 +11,8 @@ Why it is fast and lean:
 - texts are sorted by length and packed into batches under a token budget (little padding);
 - the backbone runs once per batch; the LM head runs only on real (non-padding) positions, in
   chunks, so the full T x V logits tensor never exists and nothing vocabulary-sized leaves the device;
+- sequences that begin with the same tokens (an extraction template's 5-shot demonstrations, a ReCaLL
+  prefix) run that prefix once: its keys and values are reused by every row of the group;
 - results are cached on disk (SQLite), content-addressed by model fingerprint, options and text, so
   a rerun does no forward pass.
 Texts longer than the window (`max_length`, default and at most the model's context) are scored with a
@@ -21,7 +23,9 @@ only the tokens not scored before, each with at least max_length - stride tokens
 from __future__ import annotations
 
 import contextlib
+import copy
 import hashlib
+import inspect
 import json
 import os
 import sqlite3
@@ -36,9 +40,12 @@ import torch
 from leakaudit.errors import InputError, warn_once
 from leakaudit.models import LoadedModel, attention_kernels, cache_dir
 
-SCORING_VERSION = 1
+# 2: rows after a shared prefix run on its cached keys/values; in bf16 that rounds differently (same numbers in
+# fp32), so scores cached by version 1 are not mixed with new ones in one paired comparison
+SCORING_VERSION = 2
 CPU_TOKEN_BUDGET = 8192
 HEAD_CHUNK_ELEMENTS = 1 << 25  # logits elements per LM-head chunk (128 MiB in fp32)
+MIN_SHARED_PREFIX = 16  # tokens; a shorter shared prefix saves less than its own forward pass costs
 
 
 @dataclass
@@ -154,7 +161,8 @@ def _segments(index: int, ctx: list[int], ids: list[int], window: int, stride: i
 
 
 def _batches(segs: list[_Segment], batch_size: int | None, token_budget: int) -> list[list[_Segment]]:
-    """Length-sorted batches: a fixed number of sequences, or as many as fit the token budget."""
+    """Length-sorted batches: a fixed number of sequences, or as many as fit the token budget (a row after a
+    shared prefix counts it too: its attention spans it and its cache holds it)."""
     order = sorted(segs, key=lambda s: len(s.ids), reverse=True)
     out: list[list[_Segment]] = []
     cur: list[_Segment] = []
@@ -168,6 +176,38 @@ def _batches(segs: list[_Segment], batch_size: int | None, token_budget: int) ->
     if cur:
         out.append(cur)
     return out
+
+
+def _shared_prefixes(segs: list[_Segment]) -> list[tuple[int, list[_Segment]]]:
+    """Group segments whose first tokens agree, at least MIN_SHARED_PREFIX of them: (common length, segments)
+    groups, and the rest in one group with common length 0."""
+    groups: list[tuple[list[int], list[_Segment]]] = []
+    common: list[int] = []
+    members: list[_Segment] = []
+    for seg in sorted(segs, key=lambda s: s.ids):  # sequences with a common start become neighbours
+        if members:
+            n = _common_length(common, seg.ids)
+            if n >= MIN_SHARED_PREFIX and 2 * n >= len(common):
+                common = common[:n]
+                members.append(seg)
+                continue
+            groups.append((common, members))
+        common, members = seg.ids, [seg]
+    if members:
+        groups.append((common, members))
+    def shared(c: list[int], m: list[_Segment]) -> bool:
+        return len(m) > 1 and len(c) >= MIN_SHARED_PREFIX
+    rest = [s for c, m in groups if not shared(c, m) for s in m]
+    return [(len(c), m) for c, m in groups if shared(c, m)] + ([(0, rest)] if rest else [])
+
+
+def _common_length(a: list[int], b: list[int]) -> int:
+    n = 0
+    for x, y in zip(a, b, strict=False):
+        if x != y:
+            break
+        n += 1
+    return n
 
 
 # ----------------------------------------------------------------------------------------- forward
@@ -205,9 +245,54 @@ def _head_logits(model, head, hidden: torch.Tensor) -> torch.Tensor:
     return logits
 
 
+def _cache_argument(model) -> str:
+    """The forward's keyword for a key/value cache: `cache` (transformers >= 5.x) or `past_key_values`."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return "cache" if "cache" in inspect.signature(base.forward).parameters else "past_key_values"
+
+
+@dataclass
+class _Prefix:
+    """A group's shared first tokens, run once: the keys and values of ids[:length] and the scores of tokens
+    1..length (predicted at positions 0..length-1, the same in every row of the group)."""
+
+    length: int
+    cache: object
+    scores: TokenScores
+
+    def cut(self, seg: _Segment) -> tuple[_Segment, TokenScores | None]:
+        """The row the batch runs (tokens from `length` on) and the prefix's part of the segment's scores."""
+        row = _Segment(seg.text_index, seg.order, seg.ids[self.length:], max(seg.first_scored - self.length, 1))
+        if seg.first_scored > self.length:
+            return row, None
+        s = self.scores
+        part = slice(seg.first_scored - 1, self.length)
+        return row, TokenScores(s.logp[part], None if s.mu is None else s.mu[part],
+                                None if s.var is None else s.var[part])
+
+
+@torch.inference_mode()
+def _run_prefix(lm: LoadedModel, common: list[int], moments: bool) -> _Prefix:
+    """One forward pass over a group's shared tokens. The cache holds all but the last common token, so every
+    row still feeds at least one token (a row's first prediction then comes from its own pass)."""
+    length = len(common) - 1
+    ids = torch.tensor([common[:length]], dtype=torch.long, device=lm.device)
+    positions = torch.arange(length, device=lm.device)[None]
+    with _hidden_state_head(lm.model) as head, attention_kernels(lm.device):
+        out = lm.model(input_ids=ids, attention_mask=torch.ones_like(ids), position_ids=positions,
+                       use_cache=True)
+        targets = torch.tensor(common[1:length + 1], dtype=torch.long, device=lm.device)
+        lp, mu, var = _head_scores(lm.model, head, out.logits[0], targets, moments)
+    cache = out.cache if hasattr(out, "cache") else out.past_key_values
+    return _Prefix(length, cache, TokenScores(lp, mu, var))
+
+
 @torch.inference_mode()
 def _score_batch(lm: LoadedModel, batch: list[_Segment], moments: bool,
-                 padding_side: str = "right") -> list[TokenScores]:
+                 padding_side: str = "right", prefix: _Prefix | None = None) -> list[TokenScores]:
+    """Scores of one batch; with `prefix`, the rows are cut to what follows it and run on its cache."""
+    parts = [prefix.cut(seg) for seg in batch] if prefix else [(seg, None) for seg in batch]
+    batch = [row for row, _ in parts]
     model, dev = lm.model, lm.device
     pad = lm.tokenizer.pad_token_id or 0
     width = max(len(s.ids) for s in batch)
@@ -219,11 +304,19 @@ def _score_batch(lm: LoadedModel, batch: list[_Segment], moments: bool,
         ids[row, off:off + len(seg.ids)] = torch.tensor(seg.ids)
         mask[row, off:off + len(seg.ids)] = 1
         offsets.append(off)
-    # Explicit positions make left padding equivalent to right padding (each text starts at position 0).
-    positions = (mask.cumsum(-1) - 1).clamp_min(0)
+    # Explicit positions make left padding equivalent to right padding (each text starts at position 0,
+    # or right after the shared prefix).
+    start = prefix.length if prefix else 0
+    positions = (mask.cumsum(-1) - 1).clamp_min(0) + start
+    past: dict[str, object] = {"use_cache": False}
+    if prefix:
+        cache = copy.deepcopy(prefix.cache)  # the forward appends the rows' keys and values to it
+        cache.batch_repeat_interleave(len(batch))
+        past = {_cache_argument(model): cache, "use_cache": True}
+        mask = torch.cat([torch.ones((len(batch), start), dtype=torch.long), mask], dim=1)
     ids, mask, positions = ids.to(dev), mask.to(dev), positions.to(dev)
     with _hidden_state_head(model) as head, attention_kernels(dev):
-        hidden = model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=False).logits
+        hidden = model(input_ids=ids, attention_mask=mask, position_ids=positions, **past).logits
         # Position p predicts token p+1: take predicting positions first_scored-1 .. len-2.
         rows, cols = [], []
         for row, seg in enumerate(batch):
@@ -234,34 +327,41 @@ def _score_batch(lm: LoadedModel, batch: list[_Segment], moments: bool,
         r = torch.tensor(rows, dtype=torch.long, device=dev)
         c = torch.tensor(cols, dtype=torch.long, device=dev)
         h = hidden[r, c]  # (N, H): real positions only
-        targets = ids[r, c + 1]
-        vocab = head.weight.shape[0] if hasattr(head, "weight") else hidden.shape[-1]
-        chunk = max(1, HEAD_CHUNK_ELEMENTS // max(vocab, 1))
-        lp_parts, mu_parts, var_parts = [], [], []
-        for start in range(0, h.shape[0], chunk):
-            logits = _head_logits(model, head, h[start:start + chunk])
-            logprobs = torch.log_softmax(logits, dim=-1)
-            lp_parts.append(logprobs.gather(1, targets[start:start + chunk, None])[:, 0])
-            if moments:
-                probs = logprobs.exp()
-                mu = (probs * logprobs).sum(-1)
-                # Two-pass variance: E[(lp - mu)^2] is stable where E[lp^2] - mu^2 cancels in fp32.
-                var = (probs * (logprobs - mu[:, None]).square()).sum(-1)
-                mu_parts.append(mu)
-                var_parts.append(var)
-    lp = torch.cat(lp_parts).cpu().numpy() if lp_parts else np.zeros(0, np.float32)
-    empty = np.zeros(0, np.float32)
-    mu_all = (torch.cat(mu_parts).cpu().numpy() if mu_parts else empty) if moments else None
-    var_all = (torch.cat(var_parts).cpu().numpy() if var_parts else empty) if moments else None
+        lp, mu_all, var_all = _head_scores(model, head, h, ids[r, c + 1], moments)
     out: list[TokenScores] = []
     pos = 0
-    for seg in batch:
+    for seg, (_, before) in zip(batch, parts, strict=True):
         n = len(seg.ids) - seg.first_scored
-        out.append(TokenScores(lp[pos:pos + n].astype(np.float32),
-                               None if mu_all is None else mu_all[pos:pos + n].astype(np.float32),
-                               None if var_all is None else var_all[pos:pos + n].astype(np.float32)))
+        mine = TokenScores(lp[pos:pos + n], None if mu_all is None else mu_all[pos:pos + n],
+                           None if var_all is None else var_all[pos:pos + n])
+        out.append(mine if before is None else _concat([before, mine], moments))
         pos += n
     return out
+
+
+def _head_scores(model, head, h: torch.Tensor, targets: torch.Tensor,
+                 moments: bool) -> tuple[np.ndarray, np.ndarray | None, np.ndarray | None]:
+    """log p(target) (and the Min-K%++ moments) from final hidden states `h` (N, H), through the LM head in
+    chunks so the N x V logits never exist at once."""
+    vocab = head.weight.shape[0] if hasattr(head, "weight") else h.shape[-1]
+    chunk = max(1, HEAD_CHUNK_ELEMENTS // max(vocab, 1))
+    lp_parts, mu_parts, var_parts = [], [], []
+    for first in range(0, h.shape[0], chunk):
+        logprobs = torch.log_softmax(_head_logits(model, head, h[first:first + chunk]), dim=-1)
+        lp_parts.append(logprobs.gather(1, targets[first:first + chunk, None])[:, 0])
+        if moments:  # in place where possible: these vocabulary-wide passes are memory-bound
+            probs = logprobs.exp()
+            mu = (probs * logprobs).sum(-1)
+            # Two-pass variance: E[(lp - mu)^2] is stable where E[lp^2] - mu^2 cancels in fp32.
+            centred = logprobs.sub_(mu[:, None])
+            mu_parts.append(mu)
+            var_parts.append(probs.mul_(centred).mul_(centred).sum(-1))
+    empty = np.zeros(0, np.float32)
+
+    def joined(parts: list[torch.Tensor]) -> np.ndarray:
+        return torch.cat(parts).float().cpu().numpy() if parts else empty
+
+    return joined(lp_parts), joined(mu_parts) if moments else None, joined(var_parts) if moments else None
 
 
 def _token_budget(lm: LoadedModel) -> int:
@@ -403,16 +503,19 @@ def _score_keyed(lm: LoadedModel, keys: list[str], tokenized, options: ScoreOpti
         segs: list[_Segment] = []
         for j, (c, x) in enumerate(zip(ctx, ids, strict=True)):
             segs.extend(_segments(j, c, x, window, step))
-        batches = _batches(segs, batch_size if isinstance(batch_size, int) else None, _token_budget(lm))
+        rows = batch_size if isinstance(batch_size, int) else None
         pieces: dict[int, list[tuple[int, TokenScores]]] = {j: [] for j in range(len(todo))}
         was_training = lm.model.training
         lm.model.eval()
         try:
             with _progress(progress, description, sum(len(s.ids) for s in segs)) as advance:
-                for batch in batches:
-                    for seg, res in zip(batch, _score_batch(lm, batch, moments, padding_side), strict=True):
-                        pieces[seg.text_index].append((seg.order, res))
-                    advance(sum(len(s.ids) for s in batch))
+                for common, group in _shared_prefixes(segs):
+                    prefix = _run_prefix(lm, group[0].ids[:common], moments) if common else None
+                    for batch in _batches(group, rows, _token_budget(lm)):
+                        for seg, res in zip(batch, _score_batch(lm, batch, moments, padding_side, prefix),
+                                            strict=True):
+                            pieces[seg.text_index].append((seg.order, res))
+                        advance(sum(len(s.ids) for s in batch))
         finally:
             lm.model.train(was_training)
         new_items = []

@@ -115,3 +115,40 @@ def test_every_experiment_kind_is_registered_and_complete():
         assert type(kind).run is not Kind.run, name
         assert issubclass(kind.Options, KindOptions) and kind.Options.model_config.get("extra") == "forbid", name
         assert issubclass(kind.Result, Result), name
+
+
+def test_model_cache_keeps_recently_used_models_within_memory_budget(monkeypatch):
+    """A run's stages share loaded models: all stay while they fit the budget, least recently used leave
+    first, and a model still held is never loaded again."""
+    import types
+
+    import torch
+
+    import leakaudit.models as models
+    from leakaudit.kinds import base
+
+    loads: list[str] = []
+
+    def fake_load(spec, **options):
+        loads.append(spec)
+        weights = torch.nn.Linear(256, 256, bias=False)  # 256 KiB of fp32 weights
+        return types.SimpleNamespace(model=weights, device=torch.device("cpu"))
+
+    monkeypatch.setattr(models, "load_model", fake_load)
+    size = 256 * 256 * 4
+    monkeypatch.setattr(base, "_memory_budget", lambda device: 10 * size)
+    cache = base.ModelCache()
+    for spec in ["a", "b", "c", "a", "b", "c"]:
+        cache.get(spec)
+    assert loads == ["a", "b", "c"]  # all three fit: each loaded once
+    monkeypatch.setattr(base, "_memory_budget", lambda device: 2 * size + 1)
+    cache = base.ModelCache()
+    loads.clear()
+    for spec in ["a", "b", "a", "c", "a", "b"]:
+        cache.get(spec)
+    assert loads == ["a", "b", "c", "b"]  # c evicts b (least recently used), then b evicts c
+    cache = base.ModelCache(keep=1)
+    loads.clear()
+    for spec in ["a", "b", "a"]:
+        cache.get(spec)
+    assert loads == ["a", "b", "a"]

@@ -79,6 +79,74 @@ def test_prefix_conditioning(tiny_model):
         np.testing.assert_allclose(res.logp, lp, atol=1e-4)
 
 
+SHARED = ("Complete the following sentences: 1. the email address of Karen Arnold is karen@enron.com "
+          "2. the email address of Mark Taylor is mark@enron.com 3. the email address of")
+ENDINGS = [" Sally Beck is", " John Lavorato is sally", " Louise Kitchen is", " Jeff", " Tana Jones is tana@enron.com"]
+
+
+def _count_prefix_runs(monkeypatch) -> list[int]:
+    calls: list[int] = []
+    real = scoring._run_prefix
+
+    def counting(lm, common, moments):
+        calls.append(len(common))
+        return real(lm, common, moments)
+
+    monkeypatch.setattr(scoring, "_run_prefix", counting)
+    return calls
+
+
+def test_shared_prefix_runs_once_and_matches_hand_computation(tiny_model, monkeypatch):
+    """Texts that begin alike (an extraction template's demonstrations) run the common start once and reuse
+    its keys and values; every number still equals the one-text-at-a-time full-vocabulary computation, with
+    either padding side, and a text that shares nothing is scored as before."""
+    texts = [SHARED + e for e in ENDINGS] + [TEXTS[2]]
+    calls = _count_prefix_runs(monkeypatch)
+    for side in ("right", "left"):
+        got = score_texts(tiny_model, texts, moments=True, cache=False, batch_size=3, padding_side=side)
+        for text, res in zip(texts, got, strict=True):
+            lp, mu, var = _reference(tiny_model, text)
+            np.testing.assert_allclose(res.logp, lp, atol=1e-4)
+            np.testing.assert_allclose(res.mu, mu, atol=1e-4)
+            np.testing.assert_allclose(res.var, var, atol=1e-4)
+    assert len(calls) == 2 and calls[0] >= scoring.MIN_SHARED_PREFIX  # one prefix pass per call
+
+
+def test_shared_prefix_with_conditioning_prefix(tiny_neox, monkeypatch):
+    """A ReCaLL-style prefix shared by every text is one group: scores equal the hand computation."""
+    prefix = SHARED
+    calls = _count_prefix_runs(monkeypatch)
+    got = score_texts(tiny_neox, TEXTS, prefixes=prefix, cache=False)
+    assert len(calls) == 1
+    for text, res in zip(TEXTS, got, strict=True):
+        lp, _, _ = _reference(tiny_neox, text, prefix=prefix)
+        np.testing.assert_allclose(res.logp, lp, atol=1e-4)
+
+
+def test_shared_prefix_groups():
+    """Segments group by a common start of at least MIN_SHARED_PREFIX tokens; the rest form one plain group."""
+    n = scoring.MIN_SHARED_PREFIX
+    common = list(range(100, 100 + n + 4))
+    segs = [scoring._Segment(0, 0, common + [1, 2, 3], 1),
+            scoring._Segment(1, 0, list(range(n + 8)), 1),
+            scoring._Segment(2, 0, common + [2, 6, 7], n + 5),
+            scoring._Segment(3, 0, common[:n - 1] + [9, 9], 1)]
+    groups = scoring._shared_prefixes(segs)
+    assert [(c, sorted(s.text_index for s in m)) for c, m in groups] == [(n + 4, [0, 2]), (0, [1, 3])]
+
+
+def test_prefix_cut_scores_each_token_once():
+    """A row after a shared prefix of length L feeds tokens L.. and takes tokens first_scored..L from the
+    prefix's own scores: together every scored token exactly once."""
+    scores = scoring.TokenScores(np.arange(1, 11, dtype=np.float32))  # tokens 1..10 of the prefix
+    prefix = scoring._Prefix(10, None, scores)
+    for first, expect in [(1, list(range(1, 11))), (4, list(range(4, 11))), (11, []), (13, [])]:
+        row, before = prefix.cut(scoring._Segment(0, 0, list(range(20)), first))
+        assert row.ids == list(range(10, 20)) and row.first_scored == max(first - 10, 1)
+        assert ([] if before is None else before.logp.tolist()) == expect
+        assert len(expect) + len(row.ids) - row.first_scored == 20 - first
+
+
 def test_strided_window_scores_every_token_once(tiny_neox):
     text = " ".join(f"word{i}" for i in range(150))
     n = len(tiny_neox.tokenizer(text)["input_ids"])
@@ -165,3 +233,7 @@ def test_default_model_scores_finite(default_model):
     assert np.isfinite(res.logp).all() and np.isfinite(res.mu).all() and (res.logp <= 0).all()
     lp, _, _ = _reference(default_model, "The email address of Karen Arnold is")
     np.testing.assert_allclose(res.logp, lp, atol=1e-3)
+    # Rows after a shared prefix (its keys and values reused) equal the hand computation on this architecture.
+    texts = [SHARED + e for e in ENDINGS[:3]]
+    for text, got in zip(texts, score_texts(default_model, texts, cache=False), strict=True):
+        np.testing.assert_allclose(got.logp, _reference(default_model, text)[0], atol=1e-3)

@@ -95,10 +95,12 @@ class Result:
 
 
 class ModelCache:
-    """Loaded models, shared by the stages of one run: the two most recently used stay in memory
-    (reference and baseline models repeat across targets). The engine owns one; the CLI makes its own."""
+    """Loaded models, shared by the stages of one run. The most recently used stay in memory while their weights
+    fit a quarter of the machine's memory (of the GPU's, on a GPU) and `keep` allows: a study scores the same
+    few models in several evaluations, and loading one again costs seconds each time. The engine owns one;
+    the CLI makes its own."""
 
-    def __init__(self, keep: int = 2, **load_options: Any):
+    def __init__(self, keep: int | None = None, **load_options: Any):
         self.keep = keep
         self.load_options = load_options
         self._loaded: dict[str, Any] = {}
@@ -106,16 +108,43 @@ class ModelCache:
     def get(self, spec: str | None) -> Any:
         if spec is None:
             return None
-        if spec not in self._loaded:
-            from leakaudit.models import load_model
+        if spec in self._loaded:
+            self._loaded[spec] = self._loaded.pop(spec)  # most recently used last
+            return self._loaded[spec]
+        from leakaudit.models import load_model
 
-            while len(self._loaded) >= self.keep:
-                self._loaded.pop(next(iter(self._loaded)))
-            self._loaded[spec] = load_model(spec, **self.load_options)
-        return self._loaded[spec]
+        lm = load_model(spec, **self.load_options)
+        while self._loaded and self._full(lm):
+            self._loaded.pop(next(iter(self._loaded)))  # least recently used first
+        self._loaded[spec] = lm
+        return lm
+
+    def _full(self, incoming: Any) -> bool:
+        if self.keep is not None and len(self._loaded) >= self.keep:
+            return True
+        held = sum(_weight_bytes(lm) for lm in self._loaded.values())
+        return held + _weight_bytes(incoming) > _memory_budget(incoming.device)
 
     def clear(self) -> None:
         self._loaded.clear()
+
+
+def _weight_bytes(lm: Any) -> int:
+    return sum(p.numel() * p.element_size() for p in lm.model.parameters())
+
+
+def _memory_budget(device: Any) -> int:
+    """Bytes of weights the model cache may hold: a quarter of RAM, or of the GPU's memory."""
+    import os
+
+    import torch
+
+    if getattr(device, "type", "cpu") == "cuda":
+        return torch.cuda.get_device_properties(device).total_memory // 4
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // 4
+    except (ValueError, OSError, AttributeError):  # pragma: no cover - not POSIX
+        return 4 << 30
 
 
 @dataclass
