@@ -30,6 +30,7 @@ import torch
 
 from leakaudit.errors import InputError, warn_once
 from leakaudit.models import LoadedModel, attention_kernels
+from leakaudit.scoring import MIN_SHARED_PREFIX, cache_keyword, common_length
 
 SAMPLING_VERSION = 1
 CPU_MAX_ROWS = 64          # rows per batch on CPU: beyond this a step gets no faster per row
@@ -314,11 +315,19 @@ def _hf_generate(lm: LoadedModel, batch: list[_Row], config: SamplingConfig) -> 
     tok = lm.tokenizer
     pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
     width = max(len(r.ids) for r in batch)
+    # Prompts that begin alike (a template's demonstrations) run their common start once: rows are
+    # [shared start][padding][rest of the prompt], positions follow the mask, the cache holds the start.
+    common = min(common_length(batch[0].ids, r.ids) for r in batch)
+    shared = common - 1 if len(batch) > 1 and common >= MIN_SHARED_PREFIX else 0
     input_ids = torch.full((len(batch), width), pad, dtype=torch.long)
     mask = torch.zeros((len(batch), width), dtype=torch.long)
     for i, r in enumerate(batch):
-        input_ids[i, width - len(r.ids):] = torch.tensor(r.ids, dtype=torch.long)
-        mask[i, width - len(r.ids):] = 1
+        input_ids[i, :shared] = torch.tensor(r.ids[:shared], dtype=torch.long)
+        mask[i, :shared] = 1
+        rest = r.ids[shared:]
+        input_ids[i, width - len(rest):] = torch.tensor(rest, dtype=torch.long)
+        mask[i, width - len(rest):] = 1
+    extra = {cache_keyword(lm.model): _prefix_cache(lm, batch[0].ids[:shared], len(batch))} if shared else {}
     eos = sorted(_eos_ids(lm)) if config.stop_at_eos else None
     # Every field that could change tokens is set here, so the model's own generation_config cannot
     # slip in a repetition penalty or sampling defaults; sampling itself is done by _GumbelSampler.
@@ -330,9 +339,19 @@ def _hf_generate(lm: LoadedModel, batch: list[_Row], config: SamplingConfig) -> 
     processors = LogitsProcessorList([] if config.greedy else [_GumbelSampler(batch, config, lm.device)])
     with torch.inference_mode(), attention_kernels(lm.device):
         out = lm.model.generate(input_ids=input_ids.to(lm.device), attention_mask=mask.to(lm.device),
-                                generation_config=gen_config, logits_processor=processors)
+                                generation_config=gen_config, logits_processor=processors, **extra)
     new = out[:, width:].tolist()
     return new
+
+
+def _prefix_cache(lm: LoadedModel, ids: list[int], rows: int):
+    """Keys and values of the prompts' shared start, computed once and repeated for each row."""
+    with torch.inference_mode(), attention_kernels(lm.device):
+        t = torch.tensor([ids], dtype=torch.long, device=lm.device)
+        out = lm.model(input_ids=t, attention_mask=torch.ones_like(t), use_cache=True)
+    cache = out.cache if hasattr(out, "cache") else out.past_key_values
+    cache.batch_repeat_interleave(rows)
+    return cache
 
 
 # ----------------------------------------------------------------------------------------- vLLM backend

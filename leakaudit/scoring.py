@@ -186,7 +186,7 @@ def _shared_prefixes(segs: list[_Segment]) -> list[tuple[int, list[_Segment]]]:
     members: list[_Segment] = []
     for seg in sorted(segs, key=lambda s: s.ids):  # sequences with a common start become neighbours
         if members:
-            n = _common_length(common, seg.ids)
+            n = common_length(common, seg.ids)
             if n >= MIN_SHARED_PREFIX and 2 * n >= len(common):
                 common = common[:n]
                 members.append(seg)
@@ -201,7 +201,8 @@ def _shared_prefixes(segs: list[_Segment]) -> list[tuple[int, list[_Segment]]]:
     return [(len(c), m) for c, m in groups if shared(c, m)] + ([(0, rest)] if rest else [])
 
 
-def _common_length(a: list[int], b: list[int]) -> int:
+def common_length(a: Sequence[int], b: Sequence[int]) -> int:
+    """How many first tokens two sequences share."""
     n = 0
     for x, y in zip(a, b, strict=False):
         if x != y:
@@ -245,8 +246,9 @@ def _head_logits(model, head, hidden: torch.Tensor) -> torch.Tensor:
     return logits
 
 
-def _cache_argument(model) -> str:
-    """The forward's keyword for a key/value cache: `cache` (transformers >= 5.x) or `past_key_values`."""
+def cache_keyword(model) -> str:
+    """The keyword of forward/generate for a key/value cache: `cache` (later transformers 5.x releases) or
+    `past_key_values` (earlier ones)."""
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     return "cache" if "cache" in inspect.signature(base.forward).parameters else "past_key_values"
 
@@ -312,7 +314,7 @@ def _score_batch(lm: LoadedModel, batch: list[_Segment], moments: bool,
     if prefix:
         cache = copy.deepcopy(prefix.cache)  # the forward appends the rows' keys and values to it
         cache.batch_repeat_interleave(len(batch))
-        past = {_cache_argument(model): cache, "use_cache": True}
+        past = {cache_keyword(model): cache, "use_cache": True}
         mask = torch.cat([torch.ones((len(batch), start), dtype=torch.long), mask], dim=1)
     ids, mask, positions = ids.to(dev), mask.to(dev), positions.to(dev)
     with _hidden_state_head(model) as head, attention_kernels(dev):

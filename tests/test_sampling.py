@@ -50,6 +50,34 @@ def test_identical_across_batch_sizes(tiny_model, greedy):
     assert [(r[0], r[1]) for r in runs[0]] == [(str(i), s) for i in range(len(PROMPTS)) for s in range(2)]
 
 
+SHARED_START = ("Complete the following sentences: 1. the email address of Karen Arnold is karen@enron.com "
+                "2. the email address of Mark Taylor is mark@enron.com 3. the email address of ")
+
+
+@pytest.mark.parametrize("greedy", [True, False])
+def test_shared_prompt_start_runs_once_and_changes_nothing(tiny_model, greedy, monkeypatch):
+    """Prompts that begin alike (a template's demonstrations) share the start's keys and values within a
+    batch; greedy rows still equal the hand-written loop, and sampled rows equal one-prompt-at-a-time runs."""
+    prompts = [SHARED_START + n for n in ("Sally Beck is", "Jeff Dasovich is", "Tana", "Louise Kitchen is the")]
+    calls: list[int] = []
+    real = sampling._prefix_cache
+
+    def counting(lm, ids, rows):
+        calls.append(rows)
+        return real(lm, ids, rows)
+
+    monkeypatch.setattr(sampling, "_prefix_cache", counting)
+    cfg = SamplingConfig(max_new_tokens=8, greedy=greedy, top_k=40, seed=5)
+    one = _texts(sample(tiny_model, prompts, cfg, batch_size=1, progress=False))
+    assert calls == []  # a batch of one row has nothing to share
+    shared = _texts(sample(tiny_model, prompts, cfg, batch_size=4, progress=False))
+    assert calls == [4] and shared == one
+    if greedy:
+        for prompt, row in zip(prompts, shared, strict=True):
+            assert row[2] == tiny_model.tokenizer.decode(_manual_greedy(tiny_model, prompt, 8),
+                                                         skip_special_tokens=True)
+
+
 def test_seed_reproduces_and_changes_samples(tiny_neox):
     cfg = SamplingConfig(max_new_tokens=12, top_k=100, num_samples=3, seed=7)
     a = _texts(sample(tiny_neox, PROMPTS, cfg, progress=False))
