@@ -5,6 +5,7 @@ Chromium is Debian's (/usr/bin/chromium, installed by .ci/run); under CI=true a 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -57,7 +58,10 @@ def report_dir(tmp_path_factory):
     return out
 
 
-def _browser():
+@contextlib.contextmanager
+def _page(html_path: Path):
+    """The report opened in headless Chromium: (page, console/page errors, requested URLs). Chromium comes
+    from PATH; missing, it skips here and fails in CI."""
     if not CHROMIUM.exists():
         message = f"{CHROMIUM} is missing (apt-get install chromium)"
         if os.environ.get("CI", "").lower() == "true":
@@ -65,12 +69,7 @@ def _browser():
         pytest.skip(message)
     from playwright.sync_api import sync_playwright
 
-    return sync_playwright()
-
-
-def test_report_renders_in_headless_chromium(report_dir):
-    html_path = report_dir / "report.html"
-    with _browser() as pw:
+    with sync_playwright() as pw:
         browser = pw.chromium.launch(executable_path=str(CHROMIUM), args=FLAGS)
         try:
             page = browser.new_page()
@@ -80,13 +79,19 @@ def test_report_renders_in_headless_chromium(report_dir):
             page.on("pageerror", lambda e: errors.append(str(e)))
             page.on("request", lambda r: requests.append(r.url))
             page.goto(html_path.as_uri(), wait_until="load")
-            images = page.eval_on_selector_all(
-                "img", "els => els.map(e => ({src: e.src.slice(0, 22), w: e.naturalWidth, h: e.naturalHeight,"
-                       " done: e.complete}))")
-            headline = page.inner_text("#headline-table")
-            text = page.inner_text("body")
+            yield page, errors, requests
         finally:
             browser.close()
+
+
+def test_report_renders_in_headless_chromium(report_dir):
+    html_path = report_dir / "report.html"
+    with _page(html_path) as (page, errors, requests):
+        images = page.eval_on_selector_all(
+            "img", "els => els.map(e => ({src: e.src.slice(0, 22), w: e.naturalWidth, h: e.naturalHeight,"
+                   " done: e.complete}))")
+        headline = page.inner_text("#headline-table")
+        text = page.inner_text("body")
     assert errors == []
     assert requests == [html_path.as_uri()]  # nothing fetched beyond the file itself: it works offline
     # ROC (mia), bars by temperature (pii: 1 template x 2), perplexity bars: every figure decoded by the browser
@@ -205,19 +210,9 @@ def test_forest_figures_split_many_panels(monkeypatch):
 
 def test_verdict_report_renders_in_headless_chromium(verdict_dir):
     write_report(verdict_dir)
-    html_path = verdict_dir / "report.html"
-    with _browser() as pw:
-        browser = pw.chromium.launch(executable_path=str(CHROMIUM), args=FLAGS)
-        try:
-            page = browser.new_page()
-            errors: list[str] = []
-            page.on("console", lambda m: errors.append(m.text) if m.type == "error" else None)
-            page.on("pageerror", lambda e: errors.append(str(e)))
-            page.goto(html_path.as_uri(), wait_until="load")
-            forest = page.eval_on_selector_all(
-                "figure.forest img", "els => els.map(e => ({w: e.naturalWidth, h: e.naturalHeight, shown: e.width}))")
-        finally:
-            browser.close()
+    with _page(verdict_dir / "report.html") as (page, errors, _):
+        forest = page.eval_on_selector_all(
+            "figure.forest img", "els => els.map(e => ({w: e.naturalWidth, h: e.naturalHeight, shown: e.width}))")
     assert errors == []
     assert len(forest) == 1 and forest[0]["w"] > 500 and forest[0]["h"] > 300 and forest[0]["shown"] > 500
 
