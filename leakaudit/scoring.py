@@ -187,7 +187,8 @@ def _shared_prefixes(segs: list[_Segment]) -> list[tuple[int, list[_Segment]]]:
     for seg in sorted(segs, key=lambda s: s.ids):  # sequences with a common start become neighbours
         if members:
             n = common_length(common, seg.ids)
-            if n >= MIN_SHARED_PREFIX and 2 * n >= len(common):
+            # join when the group's saving, (rows - 1) x common tokens, does not shrink
+            if n >= MIN_SHARED_PREFIX and len(members) * n >= (len(members) - 1) * len(common):
                 common = common[:n]
                 members.append(seg)
                 continue
