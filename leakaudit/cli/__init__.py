@@ -9,6 +9,7 @@ import warnings
 import typer
 
 from leakaudit.errors import InputError
+from leakaudit.threads import configure_threads
 
 app = typer.Typer(
     name="leakaudit",
@@ -29,6 +30,7 @@ def main() -> None:
     """Console entry point: bad input (InputError or a click usage error) prints ONE `error: ...` line, exit 2."""
     # peft (<= 0.21) reads transformers' deprecated `is_gradient_checkpointing` on every adapter: noise to users.
     warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
+    configure_threads()  # before torch starts: one thread per CPU this process may use (leakaudit/threads.py)
     # typer may vendor its own click; its exception classes live where typer.BadParameter does
     clk = importlib.import_module(typer.BadParameter.__module__)
     try:

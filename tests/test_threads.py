@@ -1,0 +1,56 @@
+"""Thread choice: explicit settings first, else the CPUs the process may use (affinity, cgroup quota)."""
+
+from __future__ import annotations
+
+import pytest
+
+from leakaudit import threads
+
+
+@pytest.fixture
+def no_env(monkeypatch):
+    monkeypatch.delenv("LEAKAUDIT_THREADS", raising=False)
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+
+
+def test_cgroup_quota_caps_affinity(no_env, monkeypatch, tmp_path):
+    monkeypatch.setattr(threads, "CGROUP_ROOT", tmp_path)
+    monkeypatch.setattr(threads.os, "sched_getaffinity", lambda pid: set(range(64)))
+    assert threads.choose_threads() == 64  # no cgroup files: the affinity
+    (tmp_path / "cpu.max").write_text("150000 100000\n")  # 1.5 CPUs (v2) -> 2 threads
+    assert threads.choose_threads() == 2
+    (tmp_path / "cpu.max").write_text("max 100000\n")
+    assert threads.choose_threads() == 64
+    (tmp_path / "cpu.max").unlink()
+    (tmp_path / "cpu").mkdir()
+    (tmp_path / "cpu" / "cpu.cfs_quota_us").write_text("300000\n")  # v1: 3 CPUs
+    (tmp_path / "cpu" / "cpu.cfs_period_us").write_text("100000\n")
+    assert threads.choose_threads() == 3
+    (tmp_path / "cpu" / "cpu.cfs_quota_us").write_text("-1\n")  # v1 unlimited
+    assert threads.choose_threads() == 64
+    monkeypatch.setattr(threads.os, "sched_getaffinity", lambda pid: {5})
+    (tmp_path / "cpu" / "cpu.cfs_quota_us").write_text("800000\n")
+    assert threads.choose_threads() == 1  # the affinity is the smaller
+
+
+def test_explicit_settings_win(no_env, monkeypatch):
+    monkeypatch.setattr(threads, "usable_cpus", lambda: 8)
+    assert threads.choose_threads() == 8
+    monkeypatch.setenv("OMP_NUM_THREADS", "3")
+    assert threads.choose_threads() == 3
+    monkeypatch.setenv("LEAKAUDIT_THREADS", "1")
+    assert threads.choose_threads() == 1
+    monkeypatch.setenv("LEAKAUDIT_THREADS", "zero")  # not a count: ignored
+    assert threads.choose_threads() == 3
+
+
+def test_configure_sets_torch_and_children(no_env, monkeypatch):
+    import torch
+
+    before = torch.get_num_threads()
+    monkeypatch.setenv("LEAKAUDIT_THREADS", "1")
+    try:
+        assert threads.configure_threads() == 1
+        assert torch.get_num_threads() == 1 and threads.os.environ["OMP_NUM_THREADS"] == "1"
+    finally:
+        torch.set_num_threads(before)
