@@ -39,6 +39,10 @@ def test_adapter_reloads_and_merges_with_identical_logits(spec, method, data, tm
         a, m, b = (x.model(input_ids=ids).logits for x in (adapter, merged, base))
     assert not torch.allclose(a, b, atol=1e-4)  # the adapter does something
     torch.testing.assert_close(m, a, atol=2e-5, rtol=1e-5)
+    # folded for inference, the weights are in the state a plain load leaves them (torch's matmul picks a
+    # 3.5x slower LM-head path in generate for frozen weights: leakaudit/models/load.py)
+    assert all(p.requires_grad for p in adapter.model.parameters()) == all(
+        p.requires_grad for p in base.model.parameters())
 
 
 def test_perplexity_matches_hand_computation(tiny_neox):

@@ -110,6 +110,11 @@ def _load_adapter(spec: str, path: Path, dev: torch.device, dt: torch.dtype, all
         # for every token (measured: sampling 2x slower with r 64 on all linear layers); equal logits up to
         # the dtype's rounding (tests/test_merge_perplexity.py).
         model = model.merge_and_unload()
+        # PEFT froze the base weights; a plain load leaves them requiring grad. torch.matmul keys a heuristic
+        # on that: for a frozen weight and a non-contiguous 3D input (generate's last-position hidden states)
+        # it expands the LM head to one copy per row and runs bmm instead of one mm (measured: extraction
+        # sampling 3.5x slower, 13.5 s vs 3.9 s for 32 prompts). Inference never builds a graph either way.
+        model.requires_grad_(True)
     model.to(dev)
     model.train(for_training)
     return LoadedModel(model, tokenizer, spec, fingerprint, dev, dt)
