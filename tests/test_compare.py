@@ -199,12 +199,14 @@ def test_fake_privacy_cpu_plans_and_passes_the_plan_check():
         assert plan.stages[f"finetune/{name}"].params["model"] == {"stage": "finetune/m0"}
     evals = [s for s in plan.stages.values() if s.id.startswith("evaluate/")]
     assert {s.kind for s in evals} == {"pii", "pii-logprob", "mia"} and len(evals) == 19
-    # the exposure is fixed across the study's seeds (reused by `run --reuse`); what follows varies
+    # the exposure, the base model's self-instruct data and the base-vs-M0 comparison are fixed across the
+    # study's seeds (reused by `run --reuse`); what follows M0 varies
     exp1 = load_experiment(REPO / "leakaudit" / "resources" / "experiments" / "fake-privacy-cpu.yaml")
     exp1.seed = 1
     other = Plan(exp1)
     same = [sid for sid, s in plan.stages.items() if other.stages[sid].key == s.key]
-    assert same == ["data/P", "finetune/m0"]
+    assert same == ["data/P", "finetune/m0", "generate/selfinstruct", "evaluate/exposure_logprob/base",
+                    "evaluate/exposure_logprob/m0", "evaluate/exposure_mia/base", "evaluate/exposure_mia/m0"]
     # the exposure (base -> M0) is compared apart from the fine-tunes (M0 -> each), so neither sets the other's scale
     assert plan.stages["evaluate/exposure_mia/m0"].params["options"]["compare_to"] == "base"
     assert "evaluate/mia/base" not in plan.stages and plan.stages["evaluate/mia/m0"].params["options"]["compare_to"] == "m0"
