@@ -30,7 +30,7 @@ import torch
 
 from leakaudit.errors import InputError, warn_once
 from leakaudit.models import LoadedModel, attention_kernels
-from leakaudit.scoring import MIN_SHARED_PREFIX, cache_keyword, common_length
+from leakaudit.scoring import MIN_SHARED_PREFIX, cache_keyword, common_length, returned_cache
 
 SAMPLING_VERSION = 1
 CPU_MAX_ROWS = 64          # rows per batch on CPU: beyond this a step gets no faster per row
@@ -349,7 +349,7 @@ def _prefix_cache(lm: LoadedModel, ids: list[int], rows: int):
     with torch.inference_mode(), attention_kernels(lm.device):
         t = torch.tensor([ids], dtype=torch.long, device=lm.device)
         out = lm.model(input_ids=t, attention_mask=torch.ones_like(t), use_cache=True)
-    cache = out.cache if hasattr(out, "cache") else out.past_key_values
+    cache = returned_cache(out)
     cache.batch_repeat_interleave(rows)
     return cache
 

@@ -196,6 +196,7 @@ def _shared_prefixes(segs: list[_Segment]) -> list[tuple[int, list[_Segment]]]:
         common, members = seg.ids, [seg]
     if members:
         groups.append((common, members))
+
     def shared(c: list[int], m: list[_Segment]) -> bool:
         return len(m) > 1 and len(c) >= MIN_SHARED_PREFIX
     rest = [s for c, m in groups if not shared(c, m) for s in m]
@@ -254,6 +255,11 @@ def cache_keyword(model) -> str:
     return "cache" if "cache" in inspect.signature(base.forward).parameters else "past_key_values"
 
 
+def returned_cache(output):
+    """The key/value cache a forward returned: `cache` (later transformers 5.x) or `past_key_values`."""
+    return output.cache if hasattr(output, "cache") else output.past_key_values
+
+
 @dataclass
 class _Prefix:
     """A group's shared first tokens, run once: the keys and values of ids[:length] and the scores of tokens
@@ -286,8 +292,7 @@ def _run_prefix(lm: LoadedModel, common: list[int], moments: bool) -> _Prefix:
                        use_cache=True)
         targets = torch.tensor(common[1:length + 1], dtype=torch.long, device=lm.device)
         lp, mu, var = _head_scores(lm.model, head, out.logits[0], targets, moments)
-    cache = out.cache if hasattr(out, "cache") else out.past_key_values
-    return _Prefix(length, cache, TokenScores(lp, mu, var))
+    return _Prefix(length, returned_cache(out), TokenScores(lp, mu, var))
 
 
 @torch.inference_mode()
@@ -507,6 +512,7 @@ def _score_keyed(lm: LoadedModel, keys: list[str], tokenized, options: ScoreOpti
         for j, (c, x) in enumerate(zip(ctx, ids, strict=True)):
             segs.extend(_segments(j, c, x, window, step))
         rows = batch_size if isinstance(batch_size, int) else None
+        budget = _token_budget(lm)
         pieces: dict[int, list[tuple[int, TokenScores]]] = {j: [] for j in range(len(todo))}
         was_training = lm.model.training
         lm.model.eval()
@@ -514,7 +520,7 @@ def _score_keyed(lm: LoadedModel, keys: list[str], tokenized, options: ScoreOpti
             with _progress(progress, description, sum(len(s.ids) for s in segs)) as advance:
                 for common, group in _shared_prefixes(segs):
                     prefix = _run_prefix(lm, group[0].ids[:common], moments) if common else None
-                    for batch in _batches(group, rows, _token_budget(lm)):
+                    for batch in _batches(group, rows, budget):
                         for seg, res in zip(batch, _score_batch(lm, batch, moments, padding_side, prefix),
                                             strict=True):
                             pieces[seg.text_index].append((seg.order, res))
