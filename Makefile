@@ -24,8 +24,9 @@ demo: $(STAMP)
 lint: $(STAMP)
 	$(BIN)/ruff check leakaudit tests bench scripts
 
+# One test process per CPU (at most 4), one torch thread each (tests/conftest.py); a file's tests share a process.
 test: $(STAMP) lint
-	$(BIN)/python -m pytest -q -ra
+	$(BIN)/python -m pytest -q -ra -n auto --maxprocesses 4 --dist loadfile
 
 bench: $(STAMP)
 	$(BIN)/python bench/score.py

@@ -4,7 +4,9 @@ Why: torch starts one OpenMP thread per core it sees on the host. In a container
 64-core host that is 64 threads time-sliced onto 2 CPUs, and on any machine more threads than usable CPUs
 make each forward pass wait on preempted siblings (3-10x slower, BENCHMARKS.md). The choice, in order:
 `LEAKAUDIT_THREADS`, then `OMP_NUM_THREADS` (which torch already honours), then the CPUs this process may
-use: its CPU affinity, capped by a cgroup CPU quota (`cpu.max`, cgroup v2; `cpu.cfs_quota_us`, v1).
+use: its CPU affinity, capped by a cgroup CPU quota (`cpu.max`, cgroup v2; `cpu.cfs_quota_us`, v1), less the
+CPUs other processes keep busy when the process sees the whole machine (a thread sharing a core with another
+busy process stalls every parallel region of its siblings; measured in bench/threads.py).
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ from __future__ import annotations
 import math
 import os
 import sys
+import time
 from pathlib import Path
 
 CGROUP_ROOT = Path("/sys/fs/cgroup")
@@ -44,13 +47,35 @@ def _cgroup_quota() -> int | None:
     return None
 
 
+def busy_elsewhere(samples: int = 5, interval_s: float = 0.01) -> int:
+    """CPUs kept busy by other processes now: the median over a few samples of the kernel's count of running
+    tasks (/proc/stat `procs_running`) less this process's own thread. 0 when unknown."""
+    counts = []
+    for i in range(samples):
+        try:
+            text = Path("/proc/stat").read_text()
+        except OSError:
+            return 0
+        line = next((x for x in text.splitlines() if x.startswith("procs_running")), None)
+        if line is None:
+            return 0
+        counts.append(max(0, int(line.split()[1]) - 1))
+        if i + 1 < samples:
+            time.sleep(interval_s)
+    return sorted(counts)[len(counts) // 2]
+
+
 def choose_threads() -> int:
     """The thread count for torch (see the module docstring for the order)."""
     for var in ("LEAKAUDIT_THREADS", "OMP_NUM_THREADS"):
         value = os.environ.get(var, "").strip()
         if value.isdigit() and int(value) > 0:
             return int(value)
-    return usable_cpus()
+    cpus = usable_cpus()
+    # /proc/stat counts the whole machine: compare it only when this process may use the whole machine
+    if cpus == (os.cpu_count() or cpus):
+        cpus = max(1, cpus - busy_elsewhere())
+    return cpus
 
 
 def configure_threads() -> int:

@@ -15,6 +15,17 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 # The one precision switch (load dtype and training autocast, models.default_autocast_bf16): fp32 unless the
 # caller sets it, so `LEAKAUDIT_DTYPE=bf16 pytest` runs the suite as a CPU with fast bf16 would.
 os.environ.setdefault("LEAKAUDIT_DTYPE", "fp32")
+# One torch thread per test process: tiny models are thread-bound, not compute-bound, and with two threads
+# anything else running on the machine stalls a forward pass 3-10x (BENCHMARKS.md). `make test` runs two
+# such processes (pytest-xdist) instead. Set before torch is imported, so OpenMP never starts more.
+os.environ.setdefault("LEAKAUDIT_THREADS", "1")
+os.environ.setdefault("OMP_NUM_THREADS", os.environ["LEAKAUDIT_THREADS"])
+
+
+def pytest_configure(config):
+    import torch
+
+    torch.set_num_threads(int(os.environ["LEAKAUDIT_THREADS"]))
 
 
 @pytest.fixture(scope="session")

@@ -76,7 +76,7 @@ def test_logprob_comparison_by_hand(tmp_path):
     # identical rows (order and a stray row aside): Δ 0 on every resample
     s = by[("same", "mean log p(address)")]
     assert s["n"] == 20 and s["delta"] == 0 and s["delta_ci"] == [0.0, 0.0] and s["relative_ci"] == [0.0, 0.0]
-    assert s["verdict"] == "no detectable change at this size (|Δ| < 0, the CI half-width)"
+    assert s["verdict"] == "no change: Δ = 0 in every bootstrap resample"
 
 
 def test_verdict_wording():
@@ -89,6 +89,7 @@ def test_verdict_wording():
     assert verdict([0.01, 0.2], "effect") == "increases" and verdict([-0.3, -0.02], "effect") == "reduces"
     assert verdict([-0.1, 0.05], "effect") == "no detectable effect (|Δ| < 0.075, the CI half-width)"
     assert verdict(None).startswith("no CI")
+    assert verdict([0.0, 0.0]) == "no change: Δ = 0 in every bootstrap resample"  # e.g. both AUCs at 1
 
 
 def _mia_stages(tmp_path: Path) -> list[dict]:
@@ -119,7 +120,7 @@ def test_mia_comparison_pairs_texts_by_id(tmp_path):
     lo, hi = c["delta_ci"]
     assert lo <= -0.5 <= hi < 0 and c["verdict"] == "decrease"
     assert by["flat"]["delta"] == 0 and by["flat"]["delta_ci"] == [0.0, 0.0]
-    assert by["flat"]["verdict"].startswith("no detectable change at this size")
+    assert by["flat"]["verdict"] == "no change: Δ = 0 in every bootstrap resample"  # scores + 3: same order
 
 
 def test_pii_comparison_from_extraction_rows(tmp_path):

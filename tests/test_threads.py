@@ -11,6 +11,7 @@ from leakaudit import threads
 def no_env(monkeypatch):
     monkeypatch.delenv("LEAKAUDIT_THREADS", raising=False)
     monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.setattr(threads, "busy_elsewhere", lambda: 0)  # an idle machine, whatever runs beside the test
 
 
 def test_cgroup_quota_caps_affinity(no_env, monkeypatch, tmp_path):
@@ -54,3 +55,30 @@ def test_configure_sets_torch_and_children(no_env, monkeypatch):
         assert torch.get_num_threads() == 1 and threads.os.environ["OMP_NUM_THREADS"] == "1"
     finally:
         torch.set_num_threads(before)
+
+
+def test_other_busy_processes_take_cpus(no_env, monkeypatch):
+    """Seeing the whole machine, threads = CPUs less those other processes keep busy (at least 1)."""
+    monkeypatch.setattr(threads, "usable_cpus", lambda: 4)
+    monkeypatch.setattr(threads.os, "cpu_count", lambda: 4)
+    monkeypatch.setattr(threads, "busy_elsewhere", lambda: 1)
+    assert threads.choose_threads() == 3
+    monkeypatch.setattr(threads, "busy_elsewhere", lambda: 9)
+    assert threads.choose_threads() == 1
+    monkeypatch.setattr(threads.os, "cpu_count", lambda: 64)  # a quota or affinity: /proc/stat is not ours
+    assert threads.choose_threads() == 4
+
+
+def test_busy_elsewhere_sees_a_busy_loop():
+    import subprocess
+    import sys
+
+    loop = subprocess.Popen([sys.executable, "-c", "while True: pass"])
+    try:
+        import time
+
+        time.sleep(0.3)
+        assert threads.busy_elsewhere() >= 1
+    finally:
+        loop.kill()
+        loop.wait()

@@ -69,6 +69,8 @@ def verdict(ci: list[float] | None, style: Style = "change") -> str:
         return down
     if lo > 0:
         return up
+    if lo == hi == 0:  # e.g. both AUCs at 1, or no extraction by either: no width to read an effect size from
+        return "no change: Δ = 0 in every bootstrap resample"
     return f"{none} (|Δ| < {(hi - lo) / 2:{digits}}, the CI half-width)"
 
 
