@@ -86,9 +86,9 @@ def engine_attacks(target, reference, texts: list[str]) -> dict[str, list[float]
     return {a: list(get_attack(a).score(ctx)) for a in ATTACKS}
 
 
-def timed(fn, *args):
+def timed(fn, *args, **kwargs):
     t = time.perf_counter()
-    res = fn(*args)
+    res = fn(*args, **kwargs)
     return time.perf_counter() - t, res
 
 
