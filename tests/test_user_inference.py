@@ -255,7 +255,7 @@ def test_comparisons_from_hand_written_stages(tmp_path):
     assert lo <= -0.5 <= hi < 0 and by["cap"]["verdict"] == "reduces"
     assert by["cap"]["detectable_effect"] == pytest.approx((hi - lo) / 2)
     assert by["same"]["delta"] == 0 and by["same"]["ci"] == [0.0, 0.0]
-    assert by["same"]["verdict"].startswith("no detectable effect (|Δ| < 0.000")
+    assert by["same"]["verdict"] == "no change: Δ = 0 in every bootstrap resample"
     # the verdict follows the interval alone
     assert verdict([0.01, 0.2], "effect") == "increases" and verdict([-0.3, -0.02], "effect") == "reduces"
     assert verdict([-0.1, 0.05], "effect") == "no detectable effect (|Δ| < 0.075, the CI half-width)"
