@@ -247,3 +247,23 @@ def test_logprob_with_one_candidate_has_no_rank_comparison_or_headline(tmp_path)
     assert [c["metric"] for c in PiiLogprobResult.comparisons(views)] == ["mean log p(address)"]
     assert [h.metric for h in PiiLogprobResult({**LOGPROB_RESULT, "n_candidates": 1}).headline()] == [
         "mean log p(address)"]
+
+
+def test_a_run_ends_with_the_verdict_lines(tmp_path, capsys):
+    """`leakaudit run` / `demo` print the report's verdicts last, one line each, unwrapped."""
+    from leakaudit.cli.run import print_verdicts
+    from leakaudit.report.html import write_report
+
+    stages = _logprob_stages(tmp_path)[0] + _mia_stages(tmp_path)
+    (tmp_path / "run.json").write_text(json.dumps({"experiment": {"name": "s1"}, "stages": stages}))
+    write_report(tmp_path)
+    capsys.readouterr()
+    print_verdicts(tmp_path)
+    lines = capsys.readouterr().err.splitlines()
+    assert lines[0].startswith("verdicts")
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert len(lines) == 1 + len(summary["comparisons"]) == 7
+    mia = next(line for line in lines if "mia: ft vs m0: loss AUC 0.500 vs 1.000, Δ -0.500 [" in line)
+    assert mia.endswith("→ decrease")
+    print_verdicts(tmp_path / "missing")  # no summary: nothing printed, no error
+    assert capsys.readouterr().err == ""

@@ -18,6 +18,22 @@ def _log(message: str) -> None:
     console.print(f"[{style}]{escape(message)}[/]", highlight=False)  # grid labels hold [brackets]
 
 
+def print_verdicts(out: Path) -> None:
+    """End a run the way its report opens: one verdict line per paired comparison (summary.json), so the answer
+    is on the terminal without opening report.html. Nothing when the experiment compares nothing."""
+    import json
+
+    from leakaudit.report.html import verdict_sentence
+
+    summary = out / "summary.json"
+    comparisons = json.loads(summary.read_text(encoding="utf-8")).get("comparisons") if summary.is_file() else None
+    if not comparisons:
+        return
+    console.print("verdicts (paired Δ with its 95% CI; details in report.html):", highlight=False)
+    for c in comparisons:
+        console.print(f"  {escape(verdict_sentence(c))}", highlight=False, soft_wrap=True)
+
+
 def run(
     experiment: Path = typer.Argument(..., help="Experiment file (YAML); see experiments/ and docs/experiments.md"),
     out: Path = typer.Option(..., "--out", help="Output dir; rerunning with the same dir resumes"),
@@ -37,6 +53,8 @@ def run(
     t0 = time.perf_counter()
     status = run_experiment(exp, out, config_text=experiment.read_text(encoding="utf-8"), log=_log,
                             report=not no_report, reuse=reuse)
+    if not no_report:
+        print_verdicts(out)
     ran = sum(1 for s in status.values() if s == "ran")
     reused = sum(1 for s in status.values() if s == "reused")
     console.print(f"{len(status)} stages ({ran} ran, {reused} reused, {len(status) - ran - reused} cached) in "
@@ -61,6 +79,7 @@ def demo(
 
     t0 = time.perf_counter()
     status = run_demo(out, log=_log)
+    print_verdicts(out)
     console.print(f"demo finished: {len(status)} stages in {time.perf_counter() - t0:.0f}s; "
                   f"open {out / 'report.html'}")
 
