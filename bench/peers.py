@@ -29,7 +29,6 @@ import time
 import zlib
 from pathlib import Path
 
-import numpy as np
 import torch
 
 sys.path.insert(0, os.path.dirname(__file__))
@@ -38,22 +37,24 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 from score import bench_texts, forward_flops, matmul_peak, naive_loop  # noqa: E402
 
 from leakaudit.attacks import ScoringContext, get_attack  # noqa: E402
+from leakaudit.data.io import write_jsonl  # noqa: E402
+from leakaudit.metrics import spearman_with_ci  # noqa: E402
 from leakaudit.models import load_model, resolve_dtype  # noqa: E402
+from leakaudit.models.dtype import cpu_has_fast_bf16  # noqa: E402
 from leakaudit.scoring import score_texts  # noqa: E402
 
 ATTACKS = ("loss", "zlib", "min_k", "min_k_pp", "ref")
 
 
 def cpu_kind() -> str:
-    """'fast bf16 (AMX/AVX512-BF16)' or 'no native bf16', from /proc/cpuinfo flags, plus the model name."""
+    """The CPU's model name (/proc/cpuinfo) and whether it has fast bf16 (the probe dtype `auto` uses)."""
     try:
         info = Path("/proc/cpuinfo").read_text()
     except OSError:
-        return "unknown CPU"
-    flags = next((line for line in info.splitlines() if line.startswith("flags")), "")
-    name = next((line.split(":", 1)[1].strip() for line in info.splitlines() if line.startswith("model name")), "?")
-    fast = any(f in flags.split() for f in ("amx_bf16", "avx512_bf16"))
-    return f"{name}, {'fast bf16 (AMX/AVX512-BF16)' if fast else 'no native bf16'}"
+        info = ""
+    name = next((line.split(":", 1)[1].strip() for line in info.splitlines() if line.startswith("model name")),
+                "unknown CPU")
+    return f"{name}, {'fast bf16 (AMX/AVX512-BF16)' if cpu_has_fast_bf16() else 'no native bf16'}"
 
 
 def mimir_style(target, reference, texts: list[str], k: float = 0.2) -> dict[str, list[float]]:
@@ -92,18 +93,13 @@ def timed(fn, *args, **kwargs):
     return time.perf_counter() - t, res
 
 
-def spearman(a, b) -> float:
-    ra, rb = np.argsort(np.argsort(a)), np.argsort(np.argsort(b))
-    return float(np.corrcoef(ra, rb)[0, 1])
-
-
 def whole_process(args, texts: list[str], threads: int, tmp: Path) -> dict[str, float]:
     """`leakaudit score` (loss statistics) and `leakaudit mia` (5 attacks) as a user runs them, wall time."""
     data = tmp / "texts.jsonl"
     half = len(texts) // 2
-    data.write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
-    (tmp / "m.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in texts[:half]))
-    (tmp / "n.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in texts[half:]))
+    write_jsonl(data, ({"text": t} for t in texts))
+    write_jsonl(tmp / "m.jsonl", ({"text": t} for t in texts[:half]))
+    write_jsonl(tmp / "n.jsonl", ({"text": t} for t in texts[half:]))
     env = {**os.environ, "LEAKAUDIT_THREADS": str(threads)}
     exe = [sys.executable, "-m", "leakaudit"]
     score_cmd = exe + ["score", "--model", args.model, "--data", str(data), "--out", str(tmp / "s.jsonl"),
@@ -174,7 +170,8 @@ def main() -> None:
                 f"engine 5 attacks / mimir-style {dname}": t_mimir / t_engine,
                 "leakaudit mia whole process / mimir-style fp32 scoring time": t_mimir32 / proc["mia"],
             },
-            "agreement_spearman_engine_vs_mimir_fp32": {a: spearman(engine[a], mimir32[a]) for a in ATTACKS},
+            "agreement_spearman_engine_vs_mimir_fp32": {
+                a: spearman_with_ci(engine[a], mimir32[a], n_bootstrap=0)["rho"] for a in ATTACKS},
             "max_abs_diff_loss_naive_vs_mimir_fp32": max(
                 abs(n / max(1, c - 1) - m) for n, c, m in zip(naive, n_tok, mimir32["loss"], strict=True)),
         }
