@@ -44,6 +44,7 @@ from leakaudit.models import LoadedModel, attention_kernels, cache_dir
 # fp32), so scores cached by version 1 are not mixed with new ones in one paired comparison
 SCORING_VERSION = 2
 CPU_TOKEN_BUDGET = 8192
+MAX_PADDING = 0.1  # padded positions per real token an auto-sized batch may carry (BENCHMARKS.md)
 HEAD_CHUNK_ELEMENTS = 1 << 25  # logits elements per LM-head chunk (128 MiB in fp32)
 MIN_SHARED_PREFIX = 16  # tokens; a shorter shared prefix saves less than its own forward pass costs
 
@@ -162,17 +163,24 @@ def _segments(index: int, ctx: list[int], ids: list[int], window: int, stride: i
 
 def _batches(segs: list[_Segment], batch_size: int | None, token_budget: int) -> list[list[_Segment]]:
     """Length-sorted batches: a fixed number of sequences, or as many as fit the token budget (a row after a
-    shared prefix counts it too: its attention spans it and its cache holds it)."""
+    shared prefix counts it too: its attention spans it and its cache holds it) while padding stays within
+    MAX_PADDING of the real tokens. Why the padding cap: on texts of mixed lengths a budget-only batch pads
+    short rows to the longest one, and those positions cost as much as real ones (1.65x the real tokens on
+    20-400-token texts at 8192)."""
     order = sorted(segs, key=lambda s: len(s.ids), reverse=True)
     out: list[list[_Segment]] = []
     cur: list[_Segment] = []
+    real = 0
     for seg in order:
-        width = len(cur[0].ids) if cur else len(seg.ids)
-        full = (len(cur) >= batch_size) if batch_size else (len(cur) + 1) * width > token_budget
-        if cur and full:
-            out.append(cur)
-            cur = []
+        if cur:
+            padded = (len(cur) + 1) * len(cur[0].ids)
+            full = (len(cur) >= batch_size if batch_size else
+                    padded > token_budget or padded > (1 + MAX_PADDING) * (real + len(seg.ids)))
+            if full:
+                out.append(cur)
+                cur, real = [], 0
         cur.append(seg)
+        real += len(seg.ids)
     if cur:
         out.append(cur)
     return out

@@ -178,6 +178,24 @@ def test_segments_cover_each_token_once():
         assert covered == list(range(1, 50))
 
 
+
+def test_auto_batches_cap_padding_and_budget():
+    """Auto-sized batches hold every segment once, in length order, within the token budget, and pad at most
+    MAX_PADDING of their real tokens (rows of 100, 96, 95, 60, 58, 20, 20, 20 tokens); a fixed batch size
+    takes exactly that many rows, padding or not."""
+    lengths = [60, 100, 20, 95, 58, 20, 96, 20]
+    segs = [scoring._Segment(i, 0, list(range(n)), 1) for i, n in enumerate(lengths)]
+    batches = scoring._batches(segs, None, token_budget=300)
+    assert [[len(s.ids) for s in b] for b in batches] == [[100, 96, 95], [60, 58], [20, 20, 20]]
+    for b in batches:
+        padded, real = len(b) * len(b[0].ids), sum(len(s.ids) for s in b)
+        assert padded <= 300 and padded <= (1 + scoring.MAX_PADDING) * real
+    # the budget alone cuts a run of equal rows
+    assert [len(b) for b in scoring._batches(segs[2:3] * 7, None, token_budget=60)] == [3, 3, 1]
+    fixed = scoring._batches(segs, 3, token_budget=300)
+    assert [[len(s.ids) for s in b] for b in fixed] == [[100, 96, 95], [60, 58, 20], [20, 20]]
+    assert sorted(s.text_index for b in fixed for s in b) == list(range(8))
+
 def test_cache_hit_does_not_call_model(tiny_neox, tmp_path, monkeypatch):
     store = ScoreCache(tmp_path / "c.sqlite")
     first = score_texts(tiny_neox, TEXTS, moments=True, cache=store)
