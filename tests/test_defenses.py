@@ -117,12 +117,25 @@ def test_dp_sgd_resumes_after_a_kill_with_the_same_privacy_spent(tmp_path, monke
         if str(path).endswith("dp_state.json"):
             raise Kill
 
+    import opacus.privacy_engine
+
+    searches = []
+    real_search = opacus.privacy_engine.get_noise_multiplier
+
+    def counted_search(**kwargs):
+        searches.append(kwargs)
+        return real_search(**kwargs)
+
+    monkeypatch.setattr(opacus.privacy_engine, "get_noise_multiplier", counted_search)
     monkeypatch.setattr(dp, "write_json", kill_after_first_epoch)
     with pytest.raises(Kill):
         finetune(cfg("resumed"), progress=False)
+    noise = json.loads((tmp_path / "resumed" / "dp_state.json").read_text())["noise_multiplier"]
     monkeypatch.setattr(dp, "write_json", real_write)
     resumed = finetune(cfg("resumed"), progress=False)
     privacy = json.loads((resumed / "privacy.json").read_text())
+    # the resumed run reuses the saved noise instead of searching for it again (seconds of RDP accounting)
+    assert len(searches) == 1 and privacy["noise_multiplier"] == noise
     # the privacy spent counts the steps before and after the kill: recompute it from scratch for all steps
     from opacus.accountants import RDPAccountant
 

@@ -6,8 +6,8 @@ sampling (expected size batch_size x gradient_accumulation) as its RDP accountan
 example's gradient to `dp_max_grad_norm` and adds noise calibrated to reach `dp_epsilon` after the
 configured epochs. Each example's loss is its own mean token NLL, so clipping acts on whole examples.
 Default delta: min(1e-5, 1 / n_examples). The result is written to `privacy.json`.
-Resume: after each epoch the trainable weights, the optimizer state and the accountant's history are
-saved, so a killed run continues from the last finished epoch with the privacy spent so far (the
+Resume: after each epoch the trainable weights, the optimizer state, the noise multiplier and the accountant's
+history are saved, so a killed run continues from the last finished epoch with the privacy spent so far (the
 Poisson batches drawn after a resume differ from an uninterrupted run; the accounting does not).
 """
 
@@ -83,22 +83,29 @@ def train_dp(config, lm, model, train: list[ex.Example], out: Path, progress: bo
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=config.learning_rate, weight_decay=config.weight_decay)
     engine = PrivacyEngine(accountant="rdp", secure_mode=False)
+    state_path = out / "dp_state.json"
+    state = json.loads(state_path.read_text()) if state_path.exists() else None
+    common = {"module": model, "optimizer": optimizer, "data_loader": loader,
+              "max_grad_norm": config.dp_max_grad_norm, "poisson_sampling": True}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         try:
-            dp_model, optimizer, loader = engine.make_private_with_epsilon(
-                module=model, optimizer=optimizer, data_loader=loader, target_epsilon=config.dp_epsilon,
-                target_delta=delta, epochs=epochs, max_grad_norm=config.dp_max_grad_norm, poisson_sampling=True)
+            if state and "noise_multiplier" in state:
+                # a resumed run (same config: finetune checks the out dir) needs the same noise; Opacus' search
+                # for it evaluates the RDP accountant ~15 times, seconds on a CPU
+                dp_model, optimizer, loader = engine.make_private(noise_multiplier=state["noise_multiplier"],
+                                                                  **common)
+            else:
+                dp_model, optimizer, loader = engine.make_private_with_epsilon(
+                    target_epsilon=config.dp_epsilon, target_delta=delta, epochs=epochs, **common)
         except (NotImplementedError, ValueError) as exc:
             raise InputError(f"Opacus cannot make this model private: {str(exc).splitlines()[0]}",
                              field="--dp-epsilon") from None
     total = epochs * len(loader) if config.max_steps is None else min(config.max_steps, epochs * len(loader))
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: max(0.0, 1 - s / max(1, total)))
     log_path = out / "train_log.jsonl"
-    state_path = out / "dp_state.json"
     start_epoch, step = 0, 0
-    if state_path.exists():
-        state = json.loads(state_path.read_text())
+    if state:
         ckpt = out / state["checkpoint"]
         _load_trainable(model, ckpt, config.method)
         optimizer.original_optimizer.load_state_dict(torch.load(ckpt / "dp_optimizer.pt", weights_only=True))
@@ -137,6 +144,7 @@ def train_dp(config, lm, model, train: list[ex.Example], out: Path, progress: bo
         save_loadable(model, ckpt, config, lm.tokenizer)
         torch.save(optimizer.original_optimizer.state_dict(), ckpt / "dp_optimizer.pt")
         write_json(state_path, {"checkpoint": ckpt.name, "epoch": epoch + 1, "step": step,
+                                "noise_multiplier": optimizer.noise_multiplier,
                                 "accountant_history": [list(h) for h in engine.accountant.history]})
     report = {"epsilon": engine.get_epsilon(delta), "target_epsilon": config.dp_epsilon, "delta": delta,
               "noise_multiplier": optimizer.noise_multiplier, "max_grad_norm": config.dp_max_grad_norm,
