@@ -178,7 +178,6 @@ def test_segments_cover_each_token_once():
         assert covered == list(range(1, 50))
 
 
-
 def test_auto_batches_cap_padding_and_budget():
     """Auto-sized batches hold every segment once, in length order, within the token budget, and pad at most
     MAX_PADDING of their real tokens (rows of 100, 96, 95, 60, 58, 20, 20, 20 tokens); a fixed batch size
@@ -195,6 +194,7 @@ def test_auto_batches_cap_padding_and_budget():
     fixed = scoring._batches(segs, 3, token_budget=300)
     assert [[len(s.ids) for s in b] for b in fixed] == [[100, 96, 95], [60, 58, 20], [20, 20]]
     assert sorted(s.text_index for b in fixed for s in b) == list(range(8))
+
 
 def test_cache_hit_does_not_call_model(tiny_neox, tmp_path, monkeypatch):
     store = ScoreCache(tmp_path / "c.sqlite")
