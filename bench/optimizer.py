@@ -32,8 +32,9 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=5)
     args = ap.parse_args()
     import torch
+    from peers import cpu_kind  # noqa: PLC0415
 
-    from leakaudit.models import cpu_has_fast_bf16, load_model
+    from leakaudit.models import load_model
 
     torch.set_num_threads(args.threads)
     lm = load_model(args.model, dtype="fp32", for_training=True)
@@ -41,7 +42,7 @@ def main() -> None:
     for p in params:
         p.grad = torch.randn_like(p) * 1e-3
     print(f"{args.model}: {sum(p.numel() for p in params) / 1e6:.1f}M parameters in {len(params)} tensors, "
-          f"{args.threads} threads, CPU fast bf16: {cpu_has_fast_bf16()}")
+          f"{args.threads} threads; CPU: {cpu_kind()}")
     loop = step_seconds(params, args.repeats, foreach=False)
     foreach = step_seconds(params, args.repeats, foreach=True)
     fused = step_seconds(params, args.repeats, fused=True)
