@@ -2,12 +2,15 @@
 
 Why it is built this way:
 - Every (prompt_id, sample_index) row draws its randomness from its *own* generator, seeded from
-  (seed, prompt_id, sample_index). Sampling uses the Gumbel-max trick: token = argmax(filtered logits / T
-  + Gumbel noise), an exact draw from the top-k / top-p / temperature distribution. So a row's text does
-  not depend on which other rows share its batch: results are the same for any batch size, and a run
-  killed half-way resumes to exactly the rows an uninterrupted run writes.
+  (seed, prompt_id, sample_index) (or a `seed_ids` entry in place of the prompt id). Sampling uses the
+  Gumbel-max trick: token = argmax(filtered logits / T + Gumbel noise), an exact draw from the top-k /
+  top-p / temperature distribution. So a row's text does not depend on which other rows share its batch:
+  results are the same for any batch size (in fp32), and a run killed half-way resumes to exactly the rows
+  an uninterrupted run writes.
 - Prompts are sorted by token length and batched with left padding; decoding uses the KV cache
-  (`model.generate`), so one forward step serves a whole batch.
+  (`model.generate`), so one forward step serves a whole batch. Prompts that begin alike (a template's
+  demonstrations) run their common start once per batch; a batch may hold several such groups (e.g. the
+  templates of an extraction grid), so decoding steps serve more rows.
 - With `out_path`, each finished batch is appended to a JSONL file and flushed; a rerun reads it, skips
   the (prompt_id, sample_index) pairs already there and drops a half-written last line, so a kill loses
   at most the batch in flight and never duplicates a row.
@@ -30,11 +33,13 @@ import torch
 
 from leakaudit.errors import InputError, warn_once
 from leakaudit.models import LoadedModel, attention_kernels
-from leakaudit.scoring import MIN_SHARED_PREFIX, cache_keyword, common_length, returned_cache
+from leakaudit.scoring import cache_keyword, returned_cache, shared_prefixes
 
 SAMPLING_VERSION = 1
-CPU_MAX_ROWS = 64          # rows per batch on CPU: beyond this a step gets no faster per row
-CPU_KV_TOKEN_BUDGET = 65536  # prompt+new tokens held in the KV cache per batch on CPU
+CPU_MAX_ROWS = 256         # rows per batch on CPU: a decoding step of the default model (130-token prompts)
+#                            costs 4.0-4.6 ms per row at 61 rows, 2.5 ms at 244 (bf16; fp32 5.6-6.9, 5.1)
+CPU_KV_BYTES = 4 << 30     # key/value cache (+ a step's logits) per batch on CPU, at most RAM / 8: rows of
+#                            170 tokens in fp32: 256 (the cap) for the default model, 63 for Pythia-1.4B
 GPU_MAX_ROWS = 512
 BACKENDS = ("hf", "vllm", "auto")
 
@@ -84,6 +89,7 @@ class _Row:
     sample_index: int
     prompt: str
     ids: list[int]
+    seed_id: str               # what seeds its random stream (the prompt id unless given)
 
 
 def row_seed(seed: int, prompt_id: str, sample_index: int) -> int:
@@ -115,12 +121,15 @@ def run_key(lm: LoadedModel, config: SamplingConfig, backend: str) -> str:
 
 # ----------------------------------------------------------------------------------------- public entry
 def sample(lm: LoadedModel, prompts: Sequence[str], config: SamplingConfig, *,
-           prompt_ids: Sequence[str] | None = None, out_path: str | Path | None = None,
+           prompt_ids: Sequence[str] | None = None, seed_ids: Sequence[str] | None = None,
+           out_path: str | Path | None = None,
            batch_size: int | str = "auto", progress: bool = True, backend: str = "hf") -> list[Sample]:
     """Generate `config.num_samples` continuations of every prompt; return them in input order.
 
     `batch_size`: "auto" (sized to the device and the longest prompt + max_new_tokens) or a number of
-    rows per batch. With `out_path`, rows already in that JSONL (same model and options) are reused.
+    rows per batch. `seed_ids` (default: the prompt ids) seed each prompt's rows, so prompts sampled
+    together under new ids (several cells of a grid at once) draw what they draw when sampled alone.
+    With `out_path`, rows already in that JSONL (same model and options) are reused.
     Prompt + `max_new_tokens` must fit the model's context: `max_new_tokens` of the context or more is an
     InputError; a prompt too long for the room left keeps its last tokens, with a warning.
     """
@@ -132,6 +141,9 @@ def sample(lm: LoadedModel, prompts: Sequence[str], config: SamplingConfig, *,
     ids_list = [str(i) for i in range(len(prompts))] if prompt_ids is None else [str(p) for p in prompt_ids]
     if len(ids_list) != len(prompts):
         raise InputError(f"{len(ids_list)} prompt ids for {len(prompts)} prompts", field="prompt_ids")
+    seed_list = ids_list if seed_ids is None else [str(x) for x in seed_ids]
+    if len(seed_list) != len(prompts):
+        raise InputError(f"{len(seed_list)} seed ids for {len(prompts)} prompts", field="seed_ids")
     seen: set[str] = set()
     for pid in ids_list:
         if pid in seen:
@@ -145,8 +157,8 @@ def sample(lm: LoadedModel, prompts: Sequence[str], config: SamplingConfig, *,
 
     key = run_key(lm, config, backend)
     token_ids = _tokenize_prompts(lm, prompts, config.max_new_tokens)
-    rows = [_Row(i * config.num_samples + s, pid, s, prompt, ids)
-            for i, (pid, prompt, ids) in enumerate(zip(ids_list, prompts, token_ids, strict=True))
+    rows = [_Row(i * config.num_samples + s, pid, s, prompt, ids, sid)
+            for i, (pid, sid, prompt, ids) in enumerate(zip(ids_list, seed_list, prompts, token_ids, strict=True))
             for s in range(config.num_samples)]
     results: list[Sample | None] = [None] * len(rows)
 
@@ -214,19 +226,25 @@ def _tokenize_prompts(lm: LoadedModel, prompts: Sequence[str], max_new_tokens: i
 
 
 def _auto_rows(lm: LoadedModel, width: int) -> int:
-    """Rows per batch for `batch_size="auto"`, given prompt + new tokens per row."""
+    """Rows per batch for `batch_size="auto"`, given prompt + new tokens per row: as many as the key/value
+    cache and a step's logits fit in 60% of the GPU's free memory, or on CPU in CPU_KV_BYTES (at most an
+    eighth of RAM)."""
+    cfg = lm.model.config
+    layers = getattr(cfg, "num_hidden_layers", 24)
+    hidden = getattr(cfg, "hidden_size", 1024)
+    heads = getattr(cfg, "num_attention_heads", 16)
+    kv_heads = getattr(cfg, "num_key_value_heads", None) or heads
+    kv_bytes = 2 * layers * kv_heads * (hidden // heads) * torch.finfo(lm.dtype).bits // 8
+    vocab = getattr(cfg, "vocab_size", 50000)
+    per_row = kv_bytes * width + vocab * 4 * 4  # KV cache + a few fp32 copies of one step's logits
     if lm.device.type == "cuda":
-        cfg = lm.model.config
-        layers = getattr(cfg, "num_hidden_layers", 24)
-        hidden = getattr(cfg, "hidden_size", 1024)
-        heads = getattr(cfg, "num_attention_heads", 16)
-        kv_heads = getattr(cfg, "num_key_value_heads", None) or heads
-        kv_bytes = 2 * layers * kv_heads * (hidden // heads) * torch.finfo(lm.dtype).bits // 8
-        vocab = getattr(cfg, "vocab_size", 50000)
-        per_row = kv_bytes * width + vocab * 4 * 4  # KV cache + a few fp32 copies of one step's logits
         free, _ = torch.cuda.mem_get_info(lm.device)
         return int(max(1, min(GPU_MAX_ROWS, free * 0.6 // per_row)))
-    return int(max(1, min(CPU_MAX_ROWS, CPU_KV_TOKEN_BUDGET // width)))
+    try:
+        ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):  # pragma: no cover - not POSIX
+        ram = 16 << 30
+    return int(max(1, min(CPU_MAX_ROWS, min(CPU_KV_BYTES, ram // 8) // per_row)))
 
 
 def _make_batches(lm: LoadedModel, rows: list[_Row], config: SamplingConfig,
@@ -295,7 +313,7 @@ class _GumbelSampler:
         self.generators = []
         for row in rows:
             g = torch.Generator(device=gen_device)
-            g.manual_seed(row_seed(config.seed, row.prompt_id, row.sample_index))
+            g.manual_seed(row_seed(config.seed, row.seed_id, row.sample_index))
             self.generators.append(g)
         self.gen_device = gen_device
 
@@ -314,20 +332,24 @@ def _hf_generate(lm: LoadedModel, batch: list[_Row], config: SamplingConfig) -> 
 
     tok = lm.tokenizer
     pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
-    width = max(len(r.ids) for r in batch)
-    # Prompts that begin alike (a template's demonstrations) run their common start once: rows are
-    # [shared start][padding][rest of the prompt], positions follow the mask, the cache holds the start.
-    common = min(common_length(batch[0].ids, r.ids) for r in batch)
-    shared = common - 1 if len(batch) > 1 and common >= MIN_SHARED_PREFIX else 0
+    # Prompts that begin alike run their common start once: each group's start is computed once and held in
+    # the cache, left-padded to the longest start; rows are [padding][their group's start][padding][rest of
+    # the prompt], positions follow the mask. The cache keeps all but the last common token, so every row
+    # still feeds at least one token.
+    groups = [(max(common - 1, 0), rows) for common, rows in shared_prefixes(batch)]
+    shared = {id(r): n for n, rows in groups for r in rows}
+    start = max(shared.values())
+    width = start + max(len(r.ids) - shared[id(r)] for r in batch)
     input_ids = torch.full((len(batch), width), pad, dtype=torch.long)
     mask = torch.zeros((len(batch), width), dtype=torch.long)
     for i, r in enumerate(batch):
-        input_ids[i, :shared] = torch.tensor(r.ids[:shared], dtype=torch.long)
-        mask[i, :shared] = 1
-        rest = r.ids[shared:]
+        n = shared[id(r)]
+        input_ids[i, start - n:start] = torch.tensor(r.ids[:n], dtype=torch.long)
+        mask[i, start - n:start] = 1
+        rest = r.ids[n:]
         input_ids[i, width - len(rest):] = torch.tensor(rest, dtype=torch.long)
         mask[i, width - len(rest):] = 1
-    extra = {cache_keyword(lm.model): _prefix_cache(lm, batch[0].ids[:shared], len(batch))} if shared else {}
+    extra = {cache_keyword(lm.model): _prefix_cache(lm, batch, groups, start)} if start else {}
     eos = sorted(_eos_ids(lm)) if config.stop_at_eos else None
     # Every field that could change tokens is set here, so the model's own generation_config cannot
     # slip in a repetition penalty or sampling defaults; sampling itself is done by _GumbelSampler.
@@ -344,13 +366,31 @@ def _hf_generate(lm: LoadedModel, batch: list[_Row], config: SamplingConfig) -> 
     return new
 
 
-def _prefix_cache(lm: LoadedModel, ids: list[int], rows: int):
-    """Keys and values of the prompts' shared start, computed once and repeated for each row."""
-    with torch.inference_mode(), attention_kernels(lm.device):
-        t = torch.tensor([ids], dtype=torch.long, device=lm.device)
-        out = lm.model(input_ids=t, attention_mask=torch.ones_like(t), use_cache=True)
-    cache = returned_cache(out)
-    cache.batch_repeat_interleave(rows)
+def _prefix_cache(lm: LoadedModel, batch: list[_Row], groups: list[tuple[int, list[_Row]]], length: int):
+    """Keys and values of each group's shared start, computed once per group, in every row of the group,
+    left-padded (masked out) to `length` positions."""
+    from transformers import DynamicCache
+
+    where = {id(r): i for i, r in enumerate(batch)}
+    layers: list[tuple[torch.Tensor, torch.Tensor]] = []
+    for n, rows in groups:
+        if not n:
+            continue
+        with torch.inference_mode(), attention_kernels(lm.device):
+            t = torch.tensor([rows[0].ids[:n]], dtype=torch.long, device=lm.device)
+            out = lm.model(input_ids=t, attention_mask=torch.ones_like(t), use_cache=True)
+        index = torch.tensor([where[id(r)] for r in rows], device=lm.device)
+        for i, layer in enumerate(returned_cache(out).layers):
+            k, v = layer.keys, layer.values  # (1, heads, n, head dim)
+            if i == len(layers):
+                layers.append((k.new_zeros((len(batch), k.shape[1], length, k.shape[3])),
+                               v.new_zeros((len(batch), v.shape[1], length, v.shape[3]))))
+            keys, values = layers[i]
+            keys[index, :, length - n:] = k
+            values[index, :, length - n:] = v
+    cache = DynamicCache()
+    for i, (keys, values) in enumerate(layers):
+        cache.update(keys, values, i)
     return cache
 
 
@@ -363,7 +403,7 @@ def _vllm_generate(lm: LoadedModel, batch: list[_Row], config: SamplingConfig) -
     params = [SamplingParams(n=1, max_tokens=config.max_new_tokens, ignore_eos=not config.stop_at_eos,
                              temperature=0.0 if config.greedy else config.temperature,
                              top_k=config.top_k or -1, top_p=config.top_p or 1.0,
-                             seed=row_seed(config.seed, r.prompt_id, r.sample_index)) for r in batch]
+                             seed=row_seed(config.seed, r.seed_id, r.sample_index)) for r in batch]
     prompts = [{"prompt_token_ids": r.ids} for r in batch]
     outputs = llm.generate(prompts, params, use_tqdm=False)
     return [list(o.outputs[0].token_ids) for o in outputs]

@@ -33,6 +33,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -186,12 +187,13 @@ def _batches(segs: list[_Segment], batch_size: int | None, token_budget: int) ->
     return out
 
 
-def _shared_prefixes(segs: list[_Segment]) -> list[tuple[int, list[_Segment]]]:
-    """Group segments whose first tokens agree, at least MIN_SHARED_PREFIX of them: (common length, segments)
-    groups, and the rest in one group with common length 0."""
-    groups: list[tuple[list[int], list[_Segment]]] = []
+def shared_prefixes(segs: Sequence[Any]) -> list[tuple[int, list[Any]]]:
+    """Group token sequences (anything with `.ids`: segments to score, prompts to sample) whose first tokens
+    agree, at least MIN_SHARED_PREFIX of them: (common length, members) groups, and the rest in one group
+    with common length 0."""
+    groups: list[tuple[list[int], list[Any]]] = []
     common: list[int] = []
-    members: list[_Segment] = []
+    members: list[Any] = []
     for seg in sorted(segs, key=lambda s: s.ids):  # sequences with a common start become neighbours
         if members:
             n = common_length(common, seg.ids)
@@ -205,7 +207,7 @@ def _shared_prefixes(segs: list[_Segment]) -> list[tuple[int, list[_Segment]]]:
     if members:
         groups.append((common, members))
 
-    def shared(c: list[int], m: list[_Segment]) -> bool:
+    def shared(c: list[int], m: list[Any]) -> bool:
         return len(m) > 1 and len(c) >= MIN_SHARED_PREFIX
     rest = [s for c, m in groups if not shared(c, m) for s in m]
     return [(len(c), m) for c, m in groups if shared(c, m)] + ([(0, rest)] if rest else [])
@@ -526,7 +528,7 @@ def _score_keyed(lm: LoadedModel, keys: list[str], tokenized, options: ScoreOpti
         lm.model.eval()
         try:
             with _progress(progress, description, sum(len(s.ids) for s in segs)) as advance:
-                for common, group in _shared_prefixes(segs):
+                for common, group in shared_prefixes(segs):
                     prefix = _run_prefix(lm, group[0].ids[:common], moments) if common else None
                     for batch in _batches(group, rows, budget):
                         for seg, res in zip(batch, _score_batch(lm, batch, moments, padding_side, prefix),

@@ -181,6 +181,31 @@ def test_cells_resume_from_checkpoint_and_batching_does_not_matter(tmp_path, tin
     assert (one_by_one.fuzzy == first.fuzzy).all() and (one_by_one.exact == first.exact).all()
 
 
+
+def test_cells_decoding_alike_share_batches_and_draw_what_they_draw_alone(tiny_neox, one_torch_thread):
+    """Templates A-D at one temperature go through one sampling call (one batch here) and each cell's
+    responses equal its own run; a second temperature is sampled apart."""
+    from leakaudit import sampling
+
+    targets = enron.load_targets(n_targets=4)
+    cells = pii.make_grid([enron.TEMPLATES[n] for n in "ABCD"], [1.0, 0.7], max_new_tokens=4)
+    batches: list[int] = []
+    real = sampling._hf_generate
+
+    def counting(lm, batch, config):
+        batches.append(len(batch))
+        return real(lm, batch, config)
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(sampling, "_hf_generate", counting)
+        together = pii.run_cells(tiny_neox, cells, targets, progress=False)
+    assert batches == [16, 16]  # 4 templates x 4 targets, once per temperature
+    for cell, res in zip(cells, together, strict=True):
+        alone = pii.run_cell(tiny_neox, cell, targets, progress=False)
+        assert res.cell == cell and res.target_ids == alone.target_ids
+        assert [x["response"] for x in res.extractions] == [x["response"] for x in alone.extractions]
+        assert (res.fuzzy == alone.fuzzy).all() and (res.exact == alone.exact).all()
+
 def _cli(monkeypatch, capsys, *args: str) -> tuple[int, str]:
     """Run the console entry point in-process; return (exit status, stderr)."""
     from leakaudit.cli import main

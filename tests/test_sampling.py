@@ -62,18 +62,47 @@ def test_shared_prompt_start_runs_once_and_changes_nothing(tiny_model, greedy, m
     calls: list[int] = []
     real = sampling._prefix_cache
 
-    def counting(lm, ids, rows):
-        calls.append(rows)
-        return real(lm, ids, rows)
+    def counting(lm, batch, groups, length):
+        calls.append(sorted(len(rows) for n, rows in groups if n))
+        return real(lm, batch, groups, length)
 
     monkeypatch.setattr(sampling, "_prefix_cache", counting)
     cfg = SamplingConfig(max_new_tokens=8, greedy=greedy, top_k=40, seed=5)
     one = _texts(sample(tiny_model, prompts, cfg, batch_size=1, progress=False))
     assert calls == []  # a batch of one row has nothing to share
     shared = _texts(sample(tiny_model, prompts, cfg, batch_size=4, progress=False))
-    assert calls == [4] and shared == one
+    assert calls == [[4]] and shared == one
     if greedy:
         for prompt, row in zip(prompts, shared, strict=True):
+            assert row[2] == tiny_model.tokenizer.decode(_manual_greedy(tiny_model, prompt, 8),
+                                                         skip_special_tokens=True)
+
+
+OTHER_START = ("Here is a list of people and the addresses they write from, one per line: Vince Kaminski writes "
+               "from vince@enron.com, Sara Shackleton writes from ")
+
+
+@pytest.mark.parametrize("greedy", [True, False])
+def test_prompts_of_several_starts_share_a_batch_and_change_nothing(tiny_model, greedy, monkeypatch):
+    """Two templates' prompts and one unlike either decode in one batch: each template's start runs once,
+    left-padded to the longer start in the cache, and every row equals its one-prompt-at-a-time run (greedy:
+    the hand-written loop too). Fails if a shorter start's padding or positions are off."""
+    prompts = ([SHARED_START + n for n in ("Sally Beck is", "Jeff Dasovich is", "Tana")]
+               + [OTHER_START + n for n in ("Kay Mann", "Ben Rogers")] + ["An unrelated short prompt"])
+    calls: list[list[int]] = []
+    real = sampling._prefix_cache
+
+    def counting(lm, batch, groups, length):
+        calls.append(sorted(len(rows) for n, rows in groups if n))
+        return real(lm, batch, groups, length)
+
+    monkeypatch.setattr(sampling, "_prefix_cache", counting)
+    cfg = SamplingConfig(max_new_tokens=8, greedy=greedy, top_k=40, seed=5)
+    one = _texts(sample(tiny_model, prompts, cfg, batch_size=1, progress=False))
+    together = _texts(sample(tiny_model, prompts, cfg, batch_size=len(prompts), progress=False))
+    assert calls == [[2, 3]] and together == one
+    if greedy:
+        for prompt, row in zip(prompts, together, strict=True):
             assert row[2] == tiny_model.tokenizer.decode(_manual_greedy(tiny_model, prompt, 8),
                                                          skip_special_tokens=True)
 

@@ -131,12 +131,12 @@ def test_shared_prefix_groups():
             scoring._Segment(1, 0, list(range(n + 8)), 1),
             scoring._Segment(2, 0, common + [2, 6, 7], n + 5),
             scoring._Segment(3, 0, common[:n - 1] + [9, 9], 1)]
-    groups = scoring._shared_prefixes(segs)
+    groups = scoring.shared_prefixes(segs)
     assert [(c, sorted(s.text_index for s in m)) for c, m in groups] == [(n + 4, [0, 2]), (0, [1, 3])]
     # a long first text and texts that share only its first MIN_SHARED_PREFIX tokens (a ReCaLL prefix)
     long = [scoring._Segment(0, 0, common[:n] + list(range(500)), n)]
     others = [scoring._Segment(i, 0, common[:n] + [1000 + i, 7], n) for i in (1, 2, 3)]
-    assert [(c, len(m)) for c, m in scoring._shared_prefixes(long + others)] == [(n, 4)]
+    assert [(c, len(m)) for c, m in scoring.shared_prefixes(long + others)] == [(n, 4)]
 
 
 def test_prefix_cut_scores_each_token_once():

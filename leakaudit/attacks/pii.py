@@ -129,40 +129,74 @@ class CellResult:
         return {t for t, h in zip(self.target_ids, self.hits, strict=True) if h}
 
 
-def run_cell(lm, cell: Cell, targets: Sequence[Target], *, samples_per_prompt: int = 1, seed: int = 0,
-             work_dir: Path | None = None, batch_size: int | str = "auto", progress: bool = True,
-             show_pii: bool = False, role: str = "model") -> CellResult:
-    """Sample every eligible target's prompt for one cell (resumable in work_dir) and match the responses."""
+def run_cell(lm, cell: Cell, targets: Sequence[Target], **options: Any) -> CellResult:
+    """One cell: `run_cells` with a grid of one."""
+    return run_cells(lm, [cell], targets, **options)[0]
+
+
+def run_cells(lm, cells: Sequence[Cell], targets: Sequence[Target], *, samples_per_prompt: int = 1, seed: int = 0,
+              work_dir: Path | None = None, batch_size: int | str = "auto", progress: bool = True,
+              show_pii: bool = False, role: str = "model") -> list[CellResult]:
+    """Sample every eligible target's prompt for each cell (resumable in work_dir), match the responses.
+
+    Cells that decode alike (temperature, top-k, new tokens) are sampled together: their templates' prompts
+    share batches, each template's demonstrations still run once per batch, and a decoding step serves more
+    rows. Every row is seeded by its target id, so a cell draws the same text whatever it is sampled with."""
     from leakaudit.sampling import SamplingConfig, run_key, sample
 
-    needs_context = cell.template.name.startswith("context-")
-    eligible = [t for t in targets if t.context is not None] if needs_context else list(targets)
-    if not eligible:
-        raise InputError(f"template '{cell.template.name}' needs contexts and no target has one "
-                         "(give --contexts or --messages)", field="--templates")
-    config = SamplingConfig(max_new_tokens=cell.max_new_tokens, temperature=cell.temperature or 1.0,
-                            top_k=cell.top_k, num_samples=samples_per_prompt, greedy=cell.temperature == 0,
-                            seed=seed)
-    prompts = [cell.template.render(t, lm.tokenizer) for t in eligible]
-    out_path = None
-    if work_dir is not None:
-        out_path = work_dir / f"{role}-{cell.template.name}-{run_key(lm, config, 'hf')}.jsonl"
-    samples = sample(lm, prompts, config, prompt_ids=[t.id for t in eligible], out_path=out_path,
-                     batch_size=batch_size, progress=progress)
-    by_target: dict[str, list] = {}
-    for s in samples:
-        by_target.setdefault(s.prompt_id, []).append(s)
-    fuzzy = np.zeros(len(eligible), dtype=bool)
-    exact = np.zeros(len(eligible), dtype=bool)
-    rows = []
-    for i, t in enumerate(eligible):
-        demos = cell.template.demo_addresses(t)
-        for s in by_target.get(t.id, []):
-            m = match_response(s.text, t.email, demos)
-            fuzzy[i] |= m.fuzzy
-            exact[i] |= m.exact
-            rows.append(_extraction_row(role, lm.spec, cell, t, s.sample_index, s.text, m, demos, show_pii))
-    return CellResult(cell, [t.id for t in eligible], fuzzy, exact, rows)
+    plans = []
+    for cell in cells:
+        needs_context = cell.template.name.startswith("context-")
+        eligible = [t for t in targets if t.context is not None] if needs_context else list(targets)
+        if not eligible:
+            raise InputError(f"template '{cell.template.name}' needs contexts and no target has one "
+                             "(give --contexts or --messages)", field="--templates")
+        plans.append((cell, eligible))
+    together: dict[tuple[Any, ...], list[int]] = {}
+    for i, (cell, _) in enumerate(plans):
+        together.setdefault((cell.temperature, cell.top_k, cell.max_new_tokens), []).append(i)
+    drawn: dict[tuple[int, str], list[Any]] = {}  # (cell index, target id) -> its samples
+    for members in together.values():
+        first = plans[members[0]][0]
+        config = SamplingConfig(max_new_tokens=first.max_new_tokens, temperature=first.temperature or 1.0,
+                                top_k=first.top_k, num_samples=samples_per_prompt, greedy=first.temperature == 0,
+                                seed=seed)
+        prompts, prompt_ids, seed_ids, owner = [], [], [], {}
+        for i in members:
+            cell, eligible = plans[i]
+            for t in eligible:
+                prompts.append(cell.template.render(t, lm.tokenizer))
+                prompt_ids.append(f"{cell.template.name}|{t.id}")
+                seed_ids.append(t.id)
+                owner[prompt_ids[-1]] = (i, t.id)
+        out_path = None
+        if work_dir is not None:
+            names = "+".join(plans[i][0].template.name for i in members)
+            out_path = work_dir / f"{role}-{names if len(names) <= 64 else _short_hash(names)}-" \
+                                  f"{run_key(lm, config, 'hf')}.jsonl"
+        for s in sample(lm, prompts, config, prompt_ids=prompt_ids, seed_ids=seed_ids, out_path=out_path,
+                        batch_size=batch_size, progress=progress):
+            drawn.setdefault(owner[s.prompt_id], []).append(s)
+    results = []
+    for i, (cell, eligible) in enumerate(plans):
+        fuzzy = np.zeros(len(eligible), dtype=bool)
+        exact = np.zeros(len(eligible), dtype=bool)
+        rows = []
+        for j, t in enumerate(eligible):
+            demos = cell.template.demo_addresses(t)
+            for s in drawn.get((i, t.id), []):
+                m = match_response(s.text, t.email, demos)
+                fuzzy[j] |= m.fuzzy
+                exact[j] |= m.exact
+                rows.append(_extraction_row(role, lm.spec, cell, t, s.sample_index, s.text, m, demos, show_pii))
+        results.append(CellResult(cell, [t.id for t in eligible], fuzzy, exact, rows))
+    return results
+
+
+def _short_hash(text: str) -> str:
+    import hashlib
+
+    return hashlib.sha256(text.encode()).hexdigest()[:12]
 
 
 def _extraction_row(role: str, spec: str, cell: Cell, t: Target, sample_index: int, text: str, m: Match,
@@ -369,13 +403,10 @@ def run_pii(model: Any, targets: Sequence[Target], cells: Sequence[Cell], out: s
             continue
         lm = load_model(spec, **load_options) if isinstance(spec, str) else spec
         names[role] = lm.spec
-        results = []
-        for i, cell in enumerate(cells, start=1):
-            log(f"{role} cell {i}/{len(cells)}: {cell.template.name} temperature={cell.temperature:g}")
-            results.append(run_cell(lm, cell, targets, samples_per_prompt=samples_per_prompt, seed=seed,
-                                    work_dir=work, batch_size=batch_size, progress=progress,
-                                    show_pii=show_pii, role=role))
-        runs[role] = results
+        log(f"{role}: {len(cells)} cell(s), {', '.join(c.key for c in cells)}")
+        runs[role] = run_cells(lm, cells, targets, samples_per_prompt=samples_per_prompt, seed=seed,
+                               work_dir=work, batch_size=batch_size, progress=progress, show_pii=show_pii,
+                               role=role)
         del lm
     rows = [purified_row(names["model"], r) for r in runs["model"]]
     if baseline is not None:
