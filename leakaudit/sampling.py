@@ -388,7 +388,7 @@ def _prefix_cache(lm: LoadedModel, batch: list[_Row], groups: list[tuple[int, li
             keys, values = layers[i]
             keys[index, :, length - n:] = k
             values[index, :, length - n:] = v
-    cache = DynamicCache()
+    cache = DynamicCache(config=lm.model.config)  # the model's layer kinds (full or sliding window)
     for i, (keys, values) in enumerate(layers):
         cache.update(keys, values, i)
     return cache
