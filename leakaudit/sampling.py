@@ -337,6 +337,9 @@ def _hf_generate(lm: LoadedModel, batch: list[_Row], config: SamplingConfig) -> 
     # the prompt], positions follow the mask. The cache keeps all but the last common token, so every row
     # still feeds at least one token.
     groups = [(max(common - 1, 0), rows) for common, rows in shared_prefixes(batch)]
+    window = getattr(lm.model.config, "sliding_window", None)
+    if isinstance(window, int) and max(n for n, _ in groups) >= window:
+        groups = [(0, batch)]  # a sliding-window layer keeps only part of a start this long: no sharing
     shared = {id(r): n for n, rows in groups for r in rows}
     start = max(shared.values())
     width = start + max(len(r.ids) - shared[id(r)] for r in batch)

@@ -210,3 +210,19 @@ def test_vllm_backend_reports_missing_install(tiny_neox):
     with pytest.raises(InputError) as err:
         sample(tiny_neox, ["a"], SamplingConfig(), backend="vllm", progress=False)
     assert err.value.field == "--backend"
+
+
+def test_a_start_longer_than_a_sliding_window_is_not_shared(tiny_neox, monkeypatch):
+    """A sliding-window layer keeps only the window's last keys, so a start that long is not cached whole:
+    the batch runs without a shared start (and still equals one-at-a-time runs)."""
+    prompts = [SHARED_START + n for n in ("Sally Beck is", "Jeff Dasovich is")]
+    calls: list[int] = []
+    real = sampling._prefix_cache
+    monkeypatch.setattr(sampling, "_prefix_cache", lambda *a: calls.append(1) or real(*a))
+    monkeypatch.setattr(tiny_neox.model.config, "sliding_window", 16, raising=False)
+    cfg = SamplingConfig(max_new_tokens=6, greedy=True)
+    together = _texts(sample(tiny_neox, prompts, cfg, batch_size=2, progress=False))
+    assert calls == [] and together == _texts(sample(tiny_neox, prompts, cfg, batch_size=1, progress=False))
+    monkeypatch.setattr(tiny_neox.model.config, "sliding_window", None)
+    sample(tiny_neox, prompts, cfg, batch_size=2, progress=False)
+    assert calls == [1]
