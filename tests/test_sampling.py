@@ -54,12 +54,9 @@ SHARED_START = ("Complete the following sentences: 1. the email address of Karen
                 "2. the email address of Mark Taylor is mark@enron.com 3. the email address of ")
 
 
-@pytest.mark.parametrize("greedy", [True, False])
-def test_shared_prompt_start_runs_once_and_changes_nothing(tiny_model, greedy, monkeypatch):
-    """Prompts that begin alike (a template's demonstrations) share the start's keys and values within a
-    batch; greedy rows still equal the hand-written loop, and sampled rows equal one-prompt-at-a-time runs."""
-    prompts = [SHARED_START + n for n in ("Sally Beck is", "Jeff Dasovich is", "Tana", "Louise Kitchen is the")]
-    calls: list[int] = []
+def _count_shared_starts(monkeypatch) -> list[list[int]]:
+    """Record, per batch that shares starts, the sizes of its groups (each group's start runs once)."""
+    calls: list[list[int]] = []
     real = sampling._prefix_cache
 
     def counting(lm, batch, groups, length):
@@ -67,6 +64,14 @@ def test_shared_prompt_start_runs_once_and_changes_nothing(tiny_model, greedy, m
         return real(lm, batch, groups, length)
 
     monkeypatch.setattr(sampling, "_prefix_cache", counting)
+    return calls
+
+@pytest.mark.parametrize("greedy", [True, False])
+def test_shared_prompt_start_runs_once_and_changes_nothing(tiny_model, greedy, monkeypatch):
+    """Prompts that begin alike (a template's demonstrations) share the start's keys and values within a
+    batch; greedy rows still equal the hand-written loop, and sampled rows equal one-prompt-at-a-time runs."""
+    prompts = [SHARED_START + n for n in ("Sally Beck is", "Jeff Dasovich is", "Tana", "Louise Kitchen is the")]
+    calls = _count_shared_starts(monkeypatch)
     cfg = SamplingConfig(max_new_tokens=8, greedy=greedy, top_k=40, seed=5)
     one = _texts(sample(tiny_model, prompts, cfg, batch_size=1, progress=False))
     assert calls == []  # a batch of one row has nothing to share
@@ -89,14 +94,7 @@ def test_prompts_of_several_starts_share_a_batch_and_change_nothing(tiny_model, 
     the hand-written loop too). Fails if a shorter start's padding or positions are off."""
     prompts = ([SHARED_START + n for n in ("Sally Beck is", "Jeff Dasovich is", "Tana")]
                + [OTHER_START + n for n in ("Kay Mann", "Ben Rogers")] + ["An unrelated short prompt"])
-    calls: list[list[int]] = []
-    real = sampling._prefix_cache
-
-    def counting(lm, batch, groups, length):
-        calls.append(sorted(len(rows) for n, rows in groups if n))
-        return real(lm, batch, groups, length)
-
-    monkeypatch.setattr(sampling, "_prefix_cache", counting)
+    calls = _count_shared_starts(monkeypatch)
     cfg = SamplingConfig(max_new_tokens=8, greedy=greedy, top_k=40, seed=5)
     one = _texts(sample(tiny_model, prompts, cfg, batch_size=1, progress=False))
     together = _texts(sample(tiny_model, prompts, cfg, batch_size=len(prompts), progress=False))
@@ -216,13 +214,11 @@ def test_a_start_longer_than_a_sliding_window_is_not_shared(tiny_neox, monkeypat
     """A sliding-window layer keeps only the window's last keys, so a start that long is not cached whole:
     the batch runs without a shared start (and still equals one-at-a-time runs)."""
     prompts = [SHARED_START + n for n in ("Sally Beck is", "Jeff Dasovich is")]
-    calls: list[int] = []
-    real = sampling._prefix_cache
-    monkeypatch.setattr(sampling, "_prefix_cache", lambda *a: calls.append(1) or real(*a))
+    calls = _count_shared_starts(monkeypatch)
     monkeypatch.setattr(tiny_neox.model.config, "sliding_window", 16, raising=False)
     cfg = SamplingConfig(max_new_tokens=6, greedy=True)
     together = _texts(sample(tiny_neox, prompts, cfg, batch_size=2, progress=False))
     assert calls == [] and together == _texts(sample(tiny_neox, prompts, cfg, batch_size=1, progress=False))
     monkeypatch.setattr(tiny_neox.model.config, "sliding_window", None)
     sample(tiny_neox, prompts, cfg, batch_size=2, progress=False)
-    assert calls == [1]
+    assert calls == [[2]]
