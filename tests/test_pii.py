@@ -181,7 +181,6 @@ def test_cells_resume_from_checkpoint_and_batching_does_not_matter(tmp_path, tin
     assert (one_by_one.fuzzy == first.fuzzy).all() and (one_by_one.exact == first.exact).all()
 
 
-
 def test_cells_decoding_alike_share_batches_and_draw_what_they_draw_alone(tiny_neox, one_torch_thread):
     """Templates A-D at one temperature go through one sampling call (one batch here) and each cell's
     responses equal its own run; a second temperature is sampled apart."""
@@ -205,6 +204,7 @@ def test_cells_decoding_alike_share_batches_and_draw_what_they_draw_alone(tiny_n
         assert res.cell == cell and res.target_ids == alone.target_ids
         assert [x["response"] for x in res.extractions] == [x["response"] for x in alone.extractions]
         assert (res.fuzzy == alone.fuzzy).all() and (res.exact == alone.exact).all()
+
 
 def _cli(monkeypatch, capsys, *args: str) -> tuple[int, str]:
     """Run the console entry point in-process; return (exit status, stderr)."""
