@@ -40,7 +40,7 @@ CPU_MAX_ROWS = 256         # rows per batch on CPU: a decoding step of the defau
 #                            costs 4.0-4.6 ms per row at 61 rows, 2.5 ms at 244 (bf16; fp32 5.6-6.9, 5.1)
 CPU_KV_BYTES = 4 << 30     # key/value cache (+ a step's logits) per batch on CPU, at most RAM / 8: rows of
 #                            170 tokens in fp32: 256 (the cap) for the default model, 63 for Pythia-1.4B
-#                            (44 on a 24 GB machine)
+#                            (46 with 24 GB of RAM)
 GPU_MAX_ROWS = 512
 BACKENDS = ("hf", "vllm", "auto")
 
