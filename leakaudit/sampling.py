@@ -32,7 +32,7 @@ from pathlib import Path
 import torch
 
 from leakaudit.errors import InputError, warn_once
-from leakaudit.models import LoadedModel, attention_kernels
+from leakaudit.models import LoadedModel, attention_kernels, host_memory
 from leakaudit.scoring import cache_keyword, returned_cache, shared_prefixes
 
 SAMPLING_VERSION = 1
@@ -241,11 +241,7 @@ def _auto_rows(lm: LoadedModel, width: int) -> int:
     if lm.device.type == "cuda":
         free, _ = torch.cuda.mem_get_info(lm.device)
         return int(max(1, min(GPU_MAX_ROWS, free * 0.6 // per_row)))
-    try:
-        ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    except (ValueError, OSError, AttributeError):  # pragma: no cover - not POSIX
-        ram = 16 << 30
-    return int(max(1, min(CPU_MAX_ROWS, min(CPU_KV_BYTES, ram // 8) // per_row)))
+    return int(max(1, min(CPU_MAX_ROWS, min(CPU_KV_BYTES, host_memory() // 8) // per_row)))
 
 
 def _make_batches(lm: LoadedModel, rows: list[_Row], config: SamplingConfig,

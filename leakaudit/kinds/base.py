@@ -135,16 +135,13 @@ def _weight_bytes(lm: Any) -> int:
 
 def _memory_budget(device: Any) -> int:
     """Bytes of weights the model cache may hold: a quarter of RAM, or of the GPU's memory."""
-    import os
-
     import torch
+
+    from leakaudit.models import host_memory
 
     if getattr(device, "type", "cpu") == "cuda":
         return torch.cuda.get_device_properties(device).total_memory // 4
-    try:
-        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // 4
-    except (ValueError, OSError, AttributeError):  # pragma: no cover - not POSIX
-        return 4 << 30
+    return host_memory() // 4
 
 
 @dataclass

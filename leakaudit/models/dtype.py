@@ -14,6 +14,13 @@ import torch
 from leakaudit.errors import InputError
 
 
+def host_memory() -> int:
+    """Bytes of RAM on this machine (16 GiB where the OS does not say): what CPU-side budgets are cut from."""
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):  # pragma: no cover - not POSIX
+        return 16 << 30
+
 def resolve_device(device: str | None = None) -> torch.device:
     """`auto`/None → CUDA when present (honouring LOCAL_RANK under torchrun/accelerate), else CPU; a device
     this machine lacks (or a bogus name) is an InputError on `--device` now, not a traceback at `model.to`."""
