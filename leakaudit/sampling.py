@@ -7,8 +7,8 @@ Why it is built this way:
   top-p / temperature distribution. So a row's text does not depend on which other rows share its batch:
   results are the same for any batch size (in fp32), and a run killed half-way resumes to exactly the rows
   an uninterrupted run writes.
-- Prompts are sorted by token length and batched with left padding; decoding uses the KV cache
-  (`model.generate`), so one forward step serves a whole batch. Prompts that begin alike (a template's
+- Prompts are sorted by token length and batched with left padding; decoding uses a key/value cache
+  allocated once for the whole batch (`model.generate`), so one forward step serves a whole batch. Prompts that begin alike (a template's
   demonstrations) run their common start once per batch; a batch may hold several such groups (e.g. the
   templates of an extraction grid), so decoding steps serve more rows.
 - With `out_path`, each finished batch is appended to a JSONL file and flushed; a rerun reads it, skips
@@ -349,28 +349,38 @@ def _hf_generate(lm: LoadedModel, batch: list[_Row], config: SamplingConfig) -> 
         rest = r.ids[n:]
         input_ids[i, width - len(rest):] = torch.tensor(rest, dtype=torch.long)
         mask[i, width - len(rest):] = 1
-    extra = {cache_keyword(lm.model): _prefix_cache(lm, batch, groups, start)} if start else {}
+    cache = _decoding_cache(lm, batch, groups, start, width + config.max_new_tokens)
     eos = sorted(_eos_ids(lm)) if config.stop_at_eos else None
     # Every field that could change tokens is set here, so the model's own generation_config cannot
     # slip in a repetition penalty or sampling defaults; sampling itself is done by _GumbelSampler.
     gen_config = GenerationConfig(
         max_new_tokens=config.max_new_tokens, min_new_tokens=0, do_sample=False, num_beams=1,
         num_return_sequences=1, repetition_penalty=1.0, no_repeat_ngram_size=0, pad_token_id=pad, eos_token_id=eos,
-        bos_token_id=tok.bos_token_id, use_cache=True,
+        bos_token_id=tok.bos_token_id, use_cache=True, disable_compile=True,
     )
     processors = LogitsProcessorList([] if config.greedy else [_GumbelSampler(batch, config, lm.device)])
     with torch.inference_mode(), attention_kernels(lm.device):
         out = lm.model.generate(input_ids=input_ids.to(lm.device), attention_mask=mask.to(lm.device),
-                                generation_config=gen_config, logits_processor=processors, **extra)
+                                generation_config=gen_config, logits_processor=processors,
+                                **{cache_keyword(lm.model): cache})
     new = out[:, width:].tolist()
     return new
 
 
-def _prefix_cache(lm: LoadedModel, batch: list[_Row], groups: list[tuple[int, list[_Row]]], length: int):
-    """Keys and values of each group's shared start, computed once per group, in every row of the group,
-    left-padded (masked out) to `length` positions."""
-    from transformers import DynamicCache
+def _decoding_cache(lm: LoadedModel, batch: list[_Row], groups: list[tuple[int, list[_Row]]], length: int,
+                    size: int):
+    """The batch's key/value cache, preallocated for `size` positions (prompt and new tokens), holding each
+    group's shared start, computed once per group, in every row of the group, left-padded (masked out) to
+    `length` positions.
 
+    Why preallocated (a StaticCache written in place): a growing cache copies all of itself at every decoding
+    step, as costly on a CPU as the step's matmuls once prompts are long (BENCHMARKS.md). `disable_compile`
+    in the generation config keeps transformers from compiling the forward for it on a GPU."""
+    from transformers import StaticCache
+
+    cache = StaticCache(config=lm.model.config, max_cache_len=size)  # the model's layer kinds (full or sliding)
+    if not length:
+        return cache
     where = {id(r): i for i, r in enumerate(batch)}
     layers: list[tuple[torch.Tensor, torch.Tensor]] = []
     for n, rows in groups:
@@ -388,7 +398,6 @@ def _prefix_cache(lm: LoadedModel, batch: list[_Row], groups: list[tuple[int, li
             keys, values = layers[i]
             keys[index, :, length - n:] = k
             values[index, :, length - n:] = v
-    cache = DynamicCache(config=lm.model.config)  # the model's layer kinds (full or sliding window)
     for i, (keys, values) in enumerate(layers):
         cache.update(keys, values, i)
     return cache

@@ -57,13 +57,14 @@ SHARED_START = ("Complete the following sentences: 1. the email address of Karen
 def _count_shared_starts(monkeypatch) -> list[list[int]]:
     """Record, per batch that shares starts, the sizes of its groups (each group's start runs once)."""
     calls: list[list[int]] = []
-    real = sampling._prefix_cache
+    real = sampling._decoding_cache
 
-    def counting(lm, batch, groups, length):
-        calls.append(sorted(len(rows) for n, rows in groups if n))
-        return real(lm, batch, groups, length)
+    def counting(lm, batch, groups, length, size):
+        if length:
+            calls.append(sorted(len(rows) for n, rows in groups if n))
+        return real(lm, batch, groups, length, size)
 
-    monkeypatch.setattr(sampling, "_prefix_cache", counting)
+    monkeypatch.setattr(sampling, "_decoding_cache", counting)
     return calls
 
 @pytest.mark.parametrize("greedy", [True, False])
