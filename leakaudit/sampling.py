@@ -7,10 +7,10 @@ Why it is built this way:
   top-p / temperature distribution. So a row's text does not depend on which other rows share its batch:
   results are the same for any batch size (in fp32), and a run killed half-way resumes to exactly the rows
   an uninterrupted run writes.
-- Prompts are sorted by token length and batched with left padding; decoding uses a key/value cache
-  allocated once for the whole batch (`model.generate`), so one forward step serves a whole batch. Prompts that begin alike (a template's
-  demonstrations) run their common start once per batch; a batch may hold several such groups (e.g. the
-  templates of an extraction grid), so decoding steps serve more rows.
+- Prompts are sorted by token length and batched with left padding; decoding (`model.generate`) uses a
+  key/value cache allocated once per batch, so one forward step serves a whole batch. Prompts that begin
+  alike (a template's demonstrations) run their common start once per batch; a batch may hold several such
+  groups (e.g. the templates of an extraction grid), so decoding steps serve more rows.
 - With `out_path`, each finished batch is appended to a JSONL file and flushed; a rerun reads it, skips
   the (prompt_id, sample_index) pairs already there and drops a half-written last line, so a kill loses
   at most the batch in flight and never duplicates a row.
