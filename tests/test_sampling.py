@@ -67,6 +67,7 @@ def _count_shared_starts(monkeypatch) -> list[list[int]]:
     monkeypatch.setattr(sampling, "_decoding_cache", counting)
     return calls
 
+
 @pytest.mark.parametrize("greedy", [True, False])
 def test_shared_prompt_start_runs_once_and_changes_nothing(tiny_model, greedy, monkeypatch):
     """Prompts that begin alike (a template's demonstrations) share the start's keys and values within a

@@ -16,6 +16,7 @@ each, hits only the fine-tuned model makes, and the change in rate with a paired
 
 from __future__ import annotations
 
+import hashlib
 import re
 import shutil
 from collections.abc import Callable, Sequence
@@ -172,8 +173,9 @@ def run_cells(lm, cells: Sequence[Cell], targets: Sequence[Target], *, samples_p
         out_path = None
         if work_dir is not None:
             names = "+".join(plans[i][0].template.name for i in members)
-            out_path = work_dir / f"{role}-{names if len(names) <= 64 else _short_hash(names)}-" \
-                                  f"{run_key(lm, config, 'hf')}.jsonl"
+            if len(names) > 64:  # many templates: a stable short name for the checkpoint file
+                names = hashlib.sha256(names.encode()).hexdigest()[:12]
+            out_path = work_dir / f"{role}-{names}-{run_key(lm, config, 'hf')}.jsonl"
         for s in sample(lm, prompts, config, prompt_ids=prompt_ids, seed_ids=seed_ids, out_path=out_path,
                         batch_size=batch_size, progress=progress):
             drawn.setdefault(owner[s.prompt_id], []).append(s)
@@ -191,12 +193,6 @@ def run_cells(lm, cells: Sequence[Cell], targets: Sequence[Target], *, samples_p
                 rows.append(_extraction_row(role, lm.spec, cell, t, s.sample_index, s.text, m, demos, show_pii))
         results.append(CellResult(cell, [t.id for t in eligible], fuzzy, exact, rows))
     return results
-
-
-def _short_hash(text: str) -> str:
-    import hashlib
-
-    return hashlib.sha256(text.encode()).hexdigest()[:12]
 
 
 def _extraction_row(role: str, spec: str, cell: Cell, t: Target, sample_index: int, text: str, m: Match,

@@ -60,6 +60,6 @@ __all__ = [
     "HUB_TIMEOUT_S", "PICKLE_WEIGHTS", "RANDOM_PREFIX", "RANDOM_SHAPES", "SAFE_WEIGHTS", "SIDE_JSON", "TINY_SPECS",
     "TINY_VOCAB", "VALID_SPECS", "LoadedModel", "attention_kernels", "build_tiny_model", "build_tiny_tokenizer",
     "cache_dir", "check_model_spec", "cpu_has_fast_bf16", "default_autocast_bf16", "default_gguf_path",
-    "dir_fingerprint", "file_sha256", "gguf_to_safetensors", "host_memory", "load_model", "random_model_config", "resolve_device",
-    "resolve_dtype", "resolve_spec", "tensor_fingerprint", "tiny_corpus", "tiny_model_dir",
+    "dir_fingerprint", "file_sha256", "gguf_to_safetensors", "host_memory", "load_model", "random_model_config",
+    "resolve_device", "resolve_dtype", "resolve_spec", "tensor_fingerprint", "tiny_corpus", "tiny_model_dir",
 ]

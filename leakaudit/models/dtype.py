@@ -21,6 +21,7 @@ def host_memory() -> int:
     except (ValueError, OSError, AttributeError):  # pragma: no cover - not POSIX
         return 16 << 30
 
+
 def resolve_device(device: str | None = None) -> torch.device:
     """`auto`/None → CUDA when present (honouring LOCAL_RANK under torchrun/accelerate), else CPU; a device
     this machine lacks (or a bogus name) is an InputError on `--device` now, not a traceback at `model.to`."""
