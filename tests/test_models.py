@@ -161,6 +161,30 @@ def test_default_model_from_gguf(default_model):
     assert json.loads((where / "leakaudit_source.json").read_text())["gguf"].endswith(".gguf")
 
 
+def test_conversion_reads_the_gguf_file_once_and_restores_what_it_wrapped(monkeypatch):
+    """Within one conversion, transformers' three readings of the file share one reader and the tensor-name
+    table is built once per architecture; afterwards gguf and transformers are as they were. (A stand-in
+    reader: parsing the default model's file takes ~7 s.)"""
+    import gguf
+    from transformers import modeling_gguf_pytorch_utils as gguf_utils
+
+    from leakaudit.models.gguf import _one_parse_quietly
+
+    class Reader:
+        def __init__(self, path):
+            self.path = path
+
+    monkeypatch.setattr(gguf, "GGUFReader", Reader)
+    before = (gguf.GGUFReader, gguf.get_tensor_name_map, gguf_utils.tqdm)
+    with _one_parse_quietly():
+        first = gguf.GGUFReader("model.gguf")
+        assert gguf.GGUFReader("model.gguf") is first and gguf.GGUFReader("other.gguf") is not first
+        assert gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, 30) is gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, 30)
+        assert gguf_utils.tqdm(range(3)).disable
+    assert (gguf.GGUFReader, gguf.get_tensor_name_map, gguf_utils.tqdm) == before
+    assert gguf.GGUFReader("model.gguf") is not first
+
+
 def test_attention_kernels_leave_out_cudnn_on_cuda_only_and_restore():
     """The flag is process-wide, so the context must restore it, and work when entered again and again."""
     from leakaudit.models import attention_kernels
