@@ -131,8 +131,10 @@ def test_dp_sgd_resumes_after_a_kill_with_the_same_privacy_spent(tmp_path, monke
     with pytest.raises(Kill):
         finetune(cfg("resumed"), progress=False)
     noise = json.loads((tmp_path / "resumed" / "dp_state.json").read_text())["noise_multiplier"]
+    assert [p.name for p in (tmp_path / "resumed").glob("checkpoint-*/dp_optimizer.pt")]  # kept to resume
     monkeypatch.setattr(dp, "write_json", real_write)
     resumed = finetune(cfg("resumed"), progress=False)
+    assert not list(resumed.glob("checkpoint-*/dp_optimizer.pt")) and list(resumed.glob("checkpoint-*/adapter_*"))
     privacy = json.loads((resumed / "privacy.json").read_text())
     # the resumed run reuses the saved noise instead of searching for it again (seconds of RDP accounting)
     assert len(searches) == 1 and privacy["noise_multiplier"] == noise

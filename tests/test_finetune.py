@@ -124,7 +124,12 @@ def test_resume_continues_where_it_stopped(plain_data, tmp_path):
     with pytest.raises(_Kill):
         finetune(cfg, progress=False, callbacks=[KillAtStep3()])
     assert (tmp_path / "resumed" / "checkpoint-2").exists() and not (tmp_path / "resumed" / "finetune_done.json").exists()
+    assert (tmp_path / "resumed" / "checkpoint-2" / "optimizer.pt").exists()  # a killed run keeps what resumes it
     out = finetune(cfg, progress=False)
+    # a finished run drops what only a resume reads; its checkpoints keep their weights
+    kept = {p.name for ckpt in out.glob("checkpoint-*") for p in ckpt.iterdir()}
+    assert "adapter_model.safetensors" in kept and "trainer_state.json" in kept
+    assert not {n for n in kept if n.startswith(("optimizer", "scheduler", "rng_state"))}, kept
     log = [json.loads(x) for x in (out / "train_log.jsonl").read_text().splitlines()]
     assert [r["step"] for r in log if "loss" in r] == [1, 2, 3, 4]
     straight = finetune(_cfg(plain_data, tmp_path / "straight", lora_dropout=0.0), progress=False)

@@ -11,7 +11,8 @@ The output dir holds the final model (full) or adapter (LoRA/DoRA/PiSSA, with ba
 the spec trained from), `train_log.jsonl`, `defenses.json`, `finetune_config.json`, and one
 `checkpoint-N/` per epoch. Every one of them loads with `--model DIR`; for PiSSA the loadable adapter of a
 checkpoint is `checkpoint-N/adapter/` (the checkpoint root keeps the raw PiSSA state needed to resume).
-Rerunning the same command resumes from the last checkpoint; a finished run is returned as is.
+Rerunning the same command resumes from the last checkpoint; a finished run is returned as is, and its
+checkpoints keep their weights but drop the optimizer, scheduler and RNG states that only a resume reads.
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ from leakaudit.distributed import is_main
 from leakaudit.errors import InputError, warn_once
 from leakaudit.models import attention_kernels
 from leakaudit.train import examples as ex
-from leakaudit.train.artifacts import last_checkpoint, save_loadable
+from leakaudit.train.artifacts import drop_resume_state, last_checkpoint, save_loadable
 from leakaudit.train.defenses import DefenseReport, dedup_and_cap, pii_scrubber
 
 DEFAULT_TARGETS = {"gpt_neox": ["query_key_value"], "opt": ["q_proj", "v_proj"], "llama": ["q_proj", "v_proj"]}
@@ -283,6 +284,7 @@ def finetune(config: FinetuneConfig, progress: bool = True, callbacks: list | No
         _train_trainer(config, lm, model, train, held_out, out, progress, callbacks or [])
     if is_main():
         write_json(out / DONE_MARKER, {"fingerprint": config.fingerprint()})
+        drop_resume_state(out)  # after the marker: a kill in between must not resume without them
     return out
 
 
