@@ -25,9 +25,10 @@ demo: $(STAMP)
 lint: $(STAMP)
 	$(BIN)/ruff check leakaudit tests bench scripts
 
-# One test process per CPU (at most 4), one torch thread each (tests/conftest.py); a file's tests share a process.
+# One test process per CPU (at most 4), one torch thread each (tests/conftest.py); a file's tests share a process,
+# the longest files first (tests/conftest.py).
 test: $(STAMP) lint
-	$(BIN)/python -m pytest -q -ra -n auto --maxprocesses 4 --dist loadfile
+	$(BIN)/python -m pytest -q -ra -n auto --maxprocesses 4 --dist loadfile --no-loadscope-reorder
 
 bench: $(STAMP)
 	$(BIN)/python bench/score.py

@@ -28,6 +28,19 @@ def pytest_configure(config):
     torch.set_num_threads(int(os.environ["LEAKAUDIT_THREADS"]))
 
 
+# The files whose tests take longest (each 11-75 s summed on the 2-core CI machine, BENCHMARKS.md), longest
+# first. `make test` hands whole files to two workers in collection order (--dist loadfile
+# --no-loadscope-reorder), so with these first the last files handed out are short and both workers finish
+# together; xdist's default order puts the fewest-test files last, and those are these slow one-test files.
+LONGEST_FILES = ["test_backdoor.py", "test_experiment.py", "test_distributed.py", "test_models.py", "test_ddp.py",
+                 "test_report.py", "test_user_inference.py", "test_defenses.py", "test_kinds_pii_logprob.py"]
+
+
+def pytest_collection_modifyitems(config, items):
+    rank = {name: i for i, name in enumerate(LONGEST_FILES)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: the rest keep their order
+
+
 @pytest.fixture(scope="session")
 def tiny_neox():
     """Tiny GPT-NeoX (Pythia architecture), fp32, eval mode."""

@@ -152,3 +152,11 @@ def test_model_cache_keeps_recently_used_models_within_memory_budget(monkeypatch
     for spec in ["a", "b", "a"]:
         cache.get(spec)
     assert loads == ["a", "b", "a"]
+
+
+def test_the_files_the_suite_runs_first_exist():
+    """conftest.LONGEST_FILES orders the suite for two workers; a renamed file would silently drop out of it."""
+    from conftest import LONGEST_FILES
+
+    here = Path(__file__).parent
+    assert [name for name in LONGEST_FILES if not (here / name).exists()] == []
