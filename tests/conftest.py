@@ -28,8 +28,8 @@ def pytest_configure(config):
     torch.set_num_threads(int(os.environ["LEAKAUDIT_THREADS"]))
 
 
-# The files whose tests take longest (each 11-75 s summed on the 2-core CI machine, BENCHMARKS.md), longest
-# first. `make test` hands whole files to two workers in collection order (--dist loadfile
+# The files whose tests take longest (11-75 s each, summed over a file's tests, fp32, on the 2-core machine;
+# BENCHMARKS.md), longest first. `make test` hands whole files to two workers in collection order (--dist loadfile
 # --no-loadscope-reorder), so with these first the last files handed out are short and both workers finish
 # together; xdist's default order puts the fewest-test files last, and those are these slow one-test files.
 LONGEST_FILES = ["test_backdoor.py", "test_experiment.py", "test_distributed.py", "test_models.py", "test_ddp.py",
