@@ -37,7 +37,7 @@ def _one_parse_quietly():
     """During one conversion: read the GGUF file once and build gguf's tensor-name table once, and silence
     the raw tqdm bar transformers draws per tensor. transformers reads the file again for the config, the
     tokenizer and the weights (~7 s each for the default model's 49k-token vocabulary) and rebuilds the
-    table for every tensor (~10 s in all). Measured: 32-37 s per conversion before, 11-15 s with this.
+    table for every module (~10 s in all). Measured: 32-37 s per conversion before, 11-15 s with this.
     Patched names that a transformers or gguf release lacks are left alone."""
     import gguf as gguf_lib
     from transformers import modeling_gguf_pytorch_utils as gguf_utils
