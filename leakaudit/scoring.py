@@ -30,7 +30,9 @@ import json
 import os
 import sqlite3
 import time
-from collections.abc import Sequence
+import weakref
+from collections.abc import Iterable, Iterator, Sequence
+from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -42,12 +44,14 @@ from leakaudit.errors import InputError, warn_once
 from leakaudit.models import LoadedModel, attention_kernels, cache_dir
 
 # 2: rows after a shared prefix run on its cached keys/values; in bf16 that rounds differently (same numbers in
-# fp32), so scores cached by version 1 are not mixed with new ones in one paired comparison
-SCORING_VERSION = 2
+# fp32), so scores cached by version 1 are not mixed with new ones in one paired comparison. 3: on a CPU with 2+
+# torch threads batches run on a share of the threads each (_batch_workers), which rounds differently in bf16
+SCORING_VERSION = 3
 CPU_TOKEN_BUDGET = 8192
 MAX_PADDING = 0.1  # padded positions per real token an auto-sized batch may carry (BENCHMARKS.md)
 HEAD_CHUNK_ELEMENTS = 1 << 25  # logits elements per LM-head chunk (128 MiB in fp32)
 MIN_SHARED_PREFIX = 16  # tokens; a shorter shared prefix saves less than its own forward pass costs
+CPU_BATCH_WORKERS = 2  # batches scored at once on a CPU, each on its share of the torch threads (BENCHMARKS.md)
 
 
 @dataclass
@@ -224,9 +228,16 @@ def common_length(a: Sequence[int], b: Sequence[int]) -> int:
 
 
 # ----------------------------------------------------------------------------------------- forward
+_SWAPPED_HEADS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> its LM head while swapped
+
+
 @contextlib.contextmanager
 def _hidden_state_head(model):
-    """Temporarily replace the LM head by identity so the forward returns final hidden states."""
+    """Temporarily replace the LM head by identity so the forward returns final hidden states. Inside an
+    enclosing swap of the same model it only hands out the head: the batch workers share one swap."""
+    if model in _SWAPPED_HEADS:
+        yield _SWAPPED_HEADS[model]
+        return
     head = model.get_output_embeddings()
     owner, attr = None, None
     for mod in model.modules():
@@ -239,9 +250,11 @@ def _hidden_state_head(model):
     if owner is None:
         raise RuntimeError("cannot locate the LM head of this model")
     setattr(owner, attr, torch.nn.Identity())
+    _SWAPPED_HEADS[model] = head
     try:
         yield head
     finally:
+        del _SWAPPED_HEADS[model]
         setattr(owner, attr, head)
 
 
@@ -524,17 +537,25 @@ def _score_keyed(lm: LoadedModel, keys: list[str], tokenized, options: ScoreOpti
         rows = batch_size if isinstance(batch_size, int) else None
         budget = _token_budget(lm)
         pieces: dict[int, list[tuple[int, TokenScores]]] = {j: [] for j in range(len(todo))}
+
+        def jobs() -> Iterator[tuple[list[_Segment], _Prefix | None]]:
+            for common, group in shared_prefixes(segs):
+                prefix = _run_prefix(lm, group[0].ids[:common], moments) if common else None
+                for batch in _batches(group, rows, budget):
+                    yield batch, prefix
+
+        def run(job: tuple[list[_Segment], _Prefix | None]) -> list[TokenScores]:
+            return _score_batch(lm, job[0], moments, padding_side, job[1])
+
         was_training = lm.model.training
         lm.model.eval()
         try:
-            with _progress(progress, description, sum(len(s.ids) for s in segs)) as advance:
-                for common, group in shared_prefixes(segs):
-                    prefix = _run_prefix(lm, group[0].ids[:common], moments) if common else None
-                    for batch in _batches(group, rows, budget):
-                        for seg, res in zip(batch, _score_batch(lm, batch, moments, padding_side, prefix),
-                                            strict=True):
-                            pieces[seg.text_index].append((seg.order, res))
-                        advance(sum(len(s.ids) for s in batch))
+            with (_progress(progress, description, sum(len(s.ids) for s in segs)) as advance,
+                  _hidden_state_head(lm.model), _batch_workers(lm) as (pool, workers)):
+                for (batch, _), scored in _as_finished(pool, workers, run, jobs()):
+                    for seg, res in zip(batch, scored, strict=True):
+                        pieces[seg.text_index].append((seg.order, res))
+                    advance(sum(len(s.ids) for s in batch))
         finally:
             lm.model.train(was_training)
         new_items = []
@@ -551,6 +572,44 @@ def _score_keyed(lm: LoadedModel, keys: list[str], tokenized, options: ScoreOpti
     if cache is True and store is not None:
         store.close()
     return [results[i] for i in range(len(keys))]
+
+
+@contextlib.contextmanager
+def _batch_workers(lm: LoadedModel):
+    """(pool, workers): a pool that scores CPU_BATCH_WORKERS batches at once, each on its share of torch's
+    threads, or (None, 1), one batch at a time, on an accelerator or with one torch thread. Why: on a 2-core CPU two batches
+    on one thread each ran 1.1-1.2x faster than one batch on two threads (bench/score.py): a pass of a small
+    model is many small matmuls, attention and elementwise kernels that split poorly across threads."""
+    threads = torch.get_num_threads()
+    workers = min(CPU_BATCH_WORKERS, threads)
+    if lm.device.type != "cpu" or workers < 2:
+        yield None, 1
+        return
+    share = threads // workers
+    torch.set_num_threads(share)
+    try:
+        with ThreadPoolExecutor(workers, initializer=torch.set_num_threads, initargs=(share,)) as pool:
+            yield pool, workers
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _as_finished(pool: ThreadPoolExecutor | None, workers: int, fn, items: Iterable) -> Iterator[tuple[Any, Any]]:
+    """(item, fn(item)) for every item, in order without a pool; with one, as they finish, drawing the next
+    item only when one of the `workers` is free (so at most one batch per worker exists at a time)."""
+    if pool is None:
+        for item in items:
+            yield item, fn(item)
+        return
+    running: dict[Any, Any] = {}
+    for item in items:
+        running[pool.submit(fn, item)] = item
+        if len(running) >= workers:
+            done, _ = wait(running, return_when=FIRST_COMPLETED)
+            for future in done:
+                yield running.pop(future), future.result()
+    for future in list(running):
+        yield running.pop(future), future.result()
 
 
 def _concat(parts: list[TokenScores], moments: bool) -> TokenScores:

@@ -123,6 +123,62 @@ def test_shared_prefix_with_conditioning_prefix(tiny_neox, monkeypatch):
         np.testing.assert_allclose(res.logp, lp, atol=1e-4)
 
 
+def _threads_seen(monkeypatch) -> list[tuple[str, int]]:
+    """(thread name, torch threads) of every batch scored from now on."""
+    import threading
+
+    seen: list[tuple[str, int]] = []
+    real = scoring._score_batch
+
+    def recording(*args, **kwargs):
+        seen.append((threading.current_thread().name, torch.get_num_threads()))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(scoring, "_score_batch", recording)
+    return seen
+
+
+def test_batch_workers_give_the_serial_numbers(tiny_model, monkeypatch):
+    """With 2 torch threads on a CPU, two batches run at once on one thread each: every number equals the
+    one-thread serial run's (the same batches on the same thread count), shared prefixes, moments and strided
+    windows included; the threads, the LM head and the model's mode are restored afterwards."""
+    from conftest import torch_threads
+
+    texts = [SHARED + e for e in ENDINGS] + TEXTS + [" ".join(f"word{i}" for i in range(150))]
+    kwargs = dict(moments=True, cache=False, batch_size=2, max_length=64, stride=16)
+    seen = _threads_seen(monkeypatch)
+    with torch_threads(1):
+        serial = score_texts(tiny_model, texts, **kwargs)
+    assert {name for name, _ in seen} == {"MainThread"}
+    seen.clear()
+    head = tiny_model.model.get_output_embeddings()
+    tiny_model.model.train()
+    with torch_threads(2):
+        parallel = score_texts(tiny_model, texts, **kwargs)
+        assert torch.get_num_threads() == 2
+    assert tiny_model.model.training and tiny_model.model.get_output_embeddings() is head
+    tiny_model.model.eval()
+    workers = {name for name, _ in seen}
+    assert len(workers) == 2 and "MainThread" not in workers and {n for _, n in seen} == {1}
+    for a, b in zip(serial, parallel, strict=True):
+        assert np.array_equal(a.logp, b.logp) and np.array_equal(a.mu, b.mu) and np.array_equal(a.var, b.var)
+
+
+def test_a_failing_batch_worker_restores_threads_and_head(tiny_neox, monkeypatch):
+    from conftest import torch_threads
+
+    def boom(*args, **kwargs):
+        raise RuntimeError("out of memory")
+
+    monkeypatch.setattr(scoring, "_score_batch", boom)
+    head = tiny_neox.model.get_output_embeddings()
+    with torch_threads(2):
+        with pytest.raises(RuntimeError, match="out of memory"):
+            score_texts(tiny_neox, TEXTS, cache=False, batch_size=1)
+        assert torch.get_num_threads() == 2
+    assert tiny_neox.model.get_output_embeddings() is head and not tiny_neox.model.training
+
+
 def test_shared_prefix_groups():
     """Segments group by a common start of at least MIN_SHARED_PREFIX tokens; the rest form one plain group."""
     n = scoring.MIN_SHARED_PREFIX

@@ -1,0 +1,107 @@
+"""Batch workers on a CPU: one batch at a time on all torch threads against two batches at once, one thread
+each (leakaudit.scoring.CPU_BATCH_WORKERS), alternating in one process, on the same texts and batches.
+
+Also measured in the same run: the bf16 matmul peak as one matmul on all threads and as one matmul per thread
+at once (the engine with workers runs like the second), and the largest difference in per-token log p and in
+the Min-K%++ moments between the two ways (they run the same batches, so only thread-count rounding differs).
+
+Usage: python bench/batch_workers.py [--model default] [--texts 40] [--pairs 3] [--dtypes bf16,fp32]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import torch
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+sys.path.insert(0, os.path.dirname(__file__))
+
+from score import bench_texts, forward_flops  # noqa: E402
+
+from leakaudit import scoring  # noqa: E402
+from leakaudit.models import cpu_has_fast_bf16, load_model  # noqa: E402
+
+
+def peaks(dtype: torch.dtype, threads: int, size: int = 2048, reps: int = 12) -> dict[str, float]:
+    """GFLOP/s of square matmuls: one on `threads` threads, and `threads` at once on one thread each."""
+    a, b = torch.randn(size, size, dtype=dtype), torch.randn(size, size, dtype=dtype)
+
+    def run(n: int) -> None:
+        for _ in range(n):
+            a @ b
+
+    flop = 2 * size**3
+    torch.set_num_threads(threads)
+    run(2)
+    t = time.perf_counter()
+    run(reps)
+    one = flop * reps / (time.perf_counter() - t) / 1e9
+    torch.set_num_threads(1)
+    with ThreadPoolExecutor(threads, initializer=torch.set_num_threads, initargs=(1,)) as pool:
+        list(pool.map(run, [1] * threads))
+        t = time.perf_counter()
+        list(pool.map(run, [reps // threads] * threads))
+        each = flop * (reps // threads) * threads / (time.perf_counter() - t) / 1e9
+    torch.set_num_threads(threads)
+    return {"one_matmul_all_threads": one, "one_matmul_per_thread": each}
+
+
+def timed(lm, texts, moments: bool, workers: int):
+    scoring.CPU_BATCH_WORKERS = workers
+    t = time.perf_counter()
+    res = scoring.score_texts(lm, texts, moments=moments, cache=False, progress=False)
+    return time.perf_counter() - t, res
+
+
+def largest_difference(a, b, field: str) -> float:
+    return max(float(np.max(np.abs(getattr(x, field) - getattr(y, field)), initial=0.0)) for x, y in zip(a, b, strict=True))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--model", default="default")
+    ap.add_argument("--texts", type=int, default=40)
+    ap.add_argument("--pairs", type=int, default=3)
+    ap.add_argument("--dtypes", default="bf16,fp32")
+    args = ap.parse_args()
+    threads = torch.get_num_threads()
+    texts = bench_texts(args.texts)
+    report = {"cpu_fast_bf16": cpu_has_fast_bf16(), "threads": threads, "texts": len(texts), "runs": []}
+    for dname in args.dtypes.split(","):
+        lm = load_model(args.model, dtype=dname)
+        n_tok = [len(lm.tokenizer(t)["input_ids"]) for t in texts]
+        flops = forward_flops(lm.model, n_tok)
+        report["tokens"] = sum(n_tok)
+        report[f"peak_gflops_{dname}"] = peaks(torch.bfloat16 if dname == "bf16" else torch.float32, threads)
+        scoring.score_texts(lm, texts[:4], cache=False, progress=False)  # warm-up
+        for moments in (False, True):
+            times: dict[int, list[float]] = {1: [], 2: []}
+            results = {}
+            for _ in range(args.pairs):
+                for workers in (1, 2):
+                    seconds, results[workers] = timed(lm, texts, moments, workers)
+                    times[workers].append(seconds)
+            one, two = statistics.median(times[1]), statistics.median(times[2])
+            run = {"dtype": dname, "moments": moments, "seconds_1_worker": times[1], "seconds_2_workers": times[2],
+                   "tokens_per_s_1_worker": report["tokens"] / one, "tokens_per_s_2_workers": report["tokens"] / two,
+                   "speedup": one / two, "gflops_2_workers": flops / two / 1e9,
+                   "max_diff_logp": largest_difference(results[1], results[2], "logp")}
+            if moments:
+                run["max_diff_mu"] = largest_difference(results[1], results[2], "mu")
+                run["max_diff_var"] = largest_difference(results[1], results[2], "var")
+            report["runs"].append(run)
+            print(json.dumps(run), flush=True)
+    scoring.CPU_BATCH_WORKERS = 2
+    print(json.dumps(report, indent=2))
+
+
+if __name__ == "__main__":
+    main()
