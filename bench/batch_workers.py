@@ -16,7 +16,6 @@ import os
 import statistics
 import sys
 import time
-from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import torch
@@ -24,34 +23,10 @@ import torch
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 sys.path.insert(0, os.path.dirname(__file__))
 
-from score import bench_texts, forward_flops  # noqa: E402
+from score import bench_texts, forward_flops, matmul_peak, matmul_peak_per_thread  # noqa: E402
 
 from leakaudit import scoring  # noqa: E402
 from leakaudit.models import cpu_has_fast_bf16, load_model  # noqa: E402
-
-
-def peaks(dtype: torch.dtype, threads: int, size: int = 2048, reps: int = 12) -> dict[str, float]:
-    """GFLOP/s of square matmuls: one on `threads` threads, and `threads` at once on one thread each."""
-    a, b = torch.randn(size, size, dtype=dtype), torch.randn(size, size, dtype=dtype)
-
-    def run(n: int) -> None:
-        for _ in range(n):
-            a @ b
-
-    flop = 2 * size**3
-    torch.set_num_threads(threads)
-    run(2)
-    t = time.perf_counter()
-    run(reps)
-    one = flop * reps / (time.perf_counter() - t) / 1e9
-    torch.set_num_threads(1)
-    with ThreadPoolExecutor(threads, initializer=torch.set_num_threads, initargs=(1,)) as pool:
-        list(pool.map(run, [1] * threads))
-        t = time.perf_counter()
-        list(pool.map(run, [reps // threads] * threads))
-        each = flop * (reps // threads) * threads / (time.perf_counter() - t) / 1e9
-    torch.set_num_threads(threads)
-    return {"one_matmul_all_threads": one, "one_matmul_per_thread": each}
 
 
 def timed(lm, texts, moments: bool, workers: int):
@@ -80,7 +55,9 @@ def main() -> None:
         n_tok = [len(lm.tokenizer(t)["input_ids"]) for t in texts]
         flops = forward_flops(lm.model, n_tok)
         report["tokens"] = sum(n_tok)
-        report[f"peak_gflops_{dname}"] = peaks(torch.bfloat16 if dname == "bf16" else torch.float32, threads)
+        dtype = torch.bfloat16 if dname == "bf16" else torch.float32
+        report[f"peak_gflops_{dname}"] = {"one_matmul_all_threads": matmul_peak(dtype, lm.device),
+                                          "one_matmul_per_thread": matmul_peak_per_thread(dtype, threads)}
         scoring.score_texts(lm, texts[:4], cache=False, progress=False)  # warm-up
         for moments in (False, True):
             times: dict[int, list[float]] = {1: [], 2: []}

@@ -69,6 +69,29 @@ def matmul_peak(dtype: torch.dtype, dev: torch.device, budget_s: float = 2.0) ->
     return 2 * size**3 * reps / (time.perf_counter() - t) / 1e9
 
 
+def matmul_peak_per_thread(dtype: torch.dtype, threads: int, size: int = 2048, reps: int = 12) -> float:
+    """GFLOP/s of `threads` square matmuls at once, each on one thread (CPU): the peak the scoring engine's
+    batch workers (one batch per thread) can reach, which on some CPUs exceeds one matmul on all threads."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    a, b = torch.randn(size, size, dtype=dtype), torch.randn(size, size, dtype=dtype)
+
+    def run(n: int) -> None:
+        for _ in range(n):
+            a @ b
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        with ThreadPoolExecutor(threads, initializer=torch.set_num_threads, initargs=(1,)) as pool:
+            list(pool.map(run, [1] * threads))
+            t = time.perf_counter()
+            list(pool.map(run, [reps] * threads))
+            return 2 * size**3 * reps * threads / (time.perf_counter() - t) / 1e9
+    finally:
+        torch.set_num_threads(before)
+
+
 def forward_flops(model, n_tokens_per_text: list[int]) -> float:
     """2 x (linear weights incl. LM head) per token, plus causal attention (QK^T and AV)."""
     linear = sum(m.weight.numel() for m in model.modules() if isinstance(m, torch.nn.Linear))

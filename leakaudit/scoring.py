@@ -538,10 +538,12 @@ def _score_keyed(lm: LoadedModel, keys: list[str], tokenized, options: ScoreOpti
         budget = _token_budget(lm)
         pieces: dict[int, list[tuple[int, TokenScores]]] = {j: [] for j in range(len(todo))}
 
+        plan = [(common, group, _batches(group, rows, budget)) for common, group in shared_prefixes(segs)]
+
         def jobs() -> Iterator[tuple[list[_Segment], _Prefix | None]]:
-            for common, group in shared_prefixes(segs):
+            for common, group, batches in plan:
                 prefix = _run_prefix(lm, group[0].ids[:common], moments) if common else None
-                for batch in _batches(group, rows, budget):
+                for batch in batches:
                     yield batch, prefix
 
         def run(job: tuple[list[_Segment], _Prefix | None]) -> list[TokenScores]:
@@ -551,7 +553,8 @@ def _score_keyed(lm: LoadedModel, keys: list[str], tokenized, options: ScoreOpti
         lm.model.eval()
         try:
             with (_progress(progress, description, sum(len(s.ids) for s in segs)) as advance,
-                  _hidden_state_head(lm.model), _batch_workers(lm) as (pool, workers)):
+                  _hidden_state_head(lm.model),
+                  _batch_workers(lm, sum(len(b) for _, _, b in plan)) as (pool, workers)):
                 for (batch, _), scored in _as_finished(pool, workers, run, jobs()):
                     for seg, res in zip(batch, scored, strict=True):
                         pieces[seg.text_index].append((seg.order, res))
@@ -575,13 +578,15 @@ def _score_keyed(lm: LoadedModel, keys: list[str], tokenized, options: ScoreOpti
 
 
 @contextlib.contextmanager
-def _batch_workers(lm: LoadedModel):
+def _batch_workers(lm: LoadedModel, n_batches: int):
     """(pool, workers): a pool that scores CPU_BATCH_WORKERS batches at once, each on its share of torch's
-    threads, or (None, 1), one batch at a time, on an accelerator or with one torch thread. Why: on a 2-core CPU two batches
-    on one thread each ran 1.1-1.2x faster than one batch on two threads (bench/score.py): a pass of a small
-    model is many small matmuls, attention and elementwise kernels that split poorly across threads."""
+    threads; or (None, 1), one batch at a time on all of them, on an accelerator, with one thread or one batch.
+    Why: on a 2-core CPU two batches on one thread each scored 1.14-1.28x faster than one batch on two threads
+    (bench/batch_workers.py): a small model's pass is many small matmuls, attention and elementwise kernels
+    that split poorly across threads. The last batch may run alone on its share; with many batches that costs
+    little, and a single batch keeps every thread."""
     threads = torch.get_num_threads()
-    workers = min(CPU_BATCH_WORKERS, threads)
+    workers = min(CPU_BATCH_WORKERS, threads, n_batches)
     if lm.device.type != "cpu" or workers < 2:
         yield None, 1
         return

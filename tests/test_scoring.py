@@ -141,7 +141,8 @@ def _threads_seen(monkeypatch) -> list[tuple[str, int]]:
 def test_batch_workers_give_the_serial_numbers(tiny_model, monkeypatch):
     """With 2 torch threads on a CPU, two batches run at once on one thread each: every number equals the
     one-thread serial run's (the same batches on the same thread count), shared prefixes, moments and strided
-    windows included; the threads, the LM head and the model's mode are restored afterwards."""
+    windows included; the threads, the LM head and the model's mode are restored afterwards. A single batch
+    runs on both threads."""
     from conftest import torch_threads
 
     texts = [SHARED + e for e in ENDINGS] + TEXTS + [" ".join(f"word{i}" for i in range(150))]
@@ -160,6 +161,10 @@ def test_batch_workers_give_the_serial_numbers(tiny_model, monkeypatch):
     tiny_model.model.eval()
     workers = {name for name, _ in seen}
     assert len(workers) == 2 and "MainThread" not in workers and {n for _, n in seen} == {1}
+    seen.clear()
+    with torch_threads(2):  # one batch keeps both threads
+        score_texts(tiny_model, TEXTS[:1], cache=False)
+    assert seen == [("MainThread", 2)]
     for a, b in zip(serial, parallel, strict=True):
         assert np.array_equal(a.logp, b.logp) and np.array_equal(a.mu, b.mu) and np.array_equal(a.var, b.var)
 
