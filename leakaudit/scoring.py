@@ -581,7 +581,7 @@ def _score_keyed(lm: LoadedModel, keys: list[str], tokenized, options: ScoreOpti
 def _batch_workers(lm: LoadedModel, n_batches: int):
     """(pool, workers): a pool that scores CPU_BATCH_WORKERS batches at once, each on its share of torch's
     threads; or (None, 1), one batch at a time on all of them, on an accelerator, with one thread or one batch.
-    Why: on a 2-core CPU two batches on one thread each scored 1.14-1.28x faster than one batch on two threads
+    Why: on a 2-core CPU two batches on one thread each scored 1.07-1.29x faster than one batch on two threads
     (bench/batch_workers.py): a small model's pass is many small matmuls, attention and elementwise kernels
     that split poorly across threads. The last batch may run alone on its share; with many batches that costs
     little, and a single batch keeps every thread."""
