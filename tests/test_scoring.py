@@ -320,3 +320,12 @@ def test_default_model_scores_finite(default_model):
     texts = [SHARED + e for e in ENDINGS[:3]]
     for text, got in zip(texts, score_texts(default_model, texts, cache=False), strict=True):
         np.testing.assert_allclose(got.logp, _reference(default_model, text)[0], atol=1e-3)
+    # Two batch workers on this architecture (Llama) give the one-thread serial numbers.
+    from conftest import torch_threads
+
+    with torch_threads(1):
+        serial = score_texts(default_model, TEXTS, moments=True, cache=False, batch_size=1)
+    with torch_threads(2):
+        parallel = score_texts(default_model, TEXTS, moments=True, cache=False, batch_size=1)
+    for a, b in zip(serial, parallel, strict=True):
+        assert np.array_equal(a.logp, b.logp) and np.array_equal(a.var, b.var)
