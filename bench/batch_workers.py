@@ -5,7 +5,10 @@ Also measured in the same run: the bf16 matmul peak as one matmul on all threads
 at once (the engine with workers runs like the second), and the largest difference in per-token log p and in
 the Min-K%++ moments between the two ways (they run the same batches, so only thread-count rounding differs).
 
-Usage: python bench/batch_workers.py [--model default] [--texts 40] [--pairs 3] [--dtypes bf16,fp32]
+Usage: python bench/batch_workers.py [--model default] [--texts 40] [--data a.jsonl,b.jsonl] [--pairs 3]
+                                    [--dtypes bf16,fp32]
+(--data: score the `text` field of these JSONL files instead, e.g. the demo's MIA texts, out/demo/data/P/
+targets.jsonl and nonmembers.jsonl.)
 """
 
 from __future__ import annotations
@@ -44,11 +47,15 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--model", default="default")
     ap.add_argument("--texts", type=int, default=40)
+    ap.add_argument("--data", default=None, help="comma-separated JSONL files whose `text` fields to score")
     ap.add_argument("--pairs", type=int, default=3)
     ap.add_argument("--dtypes", default="bf16,fp32")
     args = ap.parse_args()
     threads = torch.get_num_threads()
-    texts = bench_texts(args.texts)
+    if args.data:
+        texts = [json.loads(line)["text"] for path in args.data.split(",") for line in open(path) if line.strip()]
+    else:
+        texts = bench_texts(args.texts)
     report = {"cpu_fast_bf16": cpu_has_fast_bf16(), "threads": threads, "texts": len(texts), "runs": []}
     for dname in args.dtypes.split(","):
         lm = load_model(args.model, dtype=dname)

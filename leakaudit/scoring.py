@@ -48,6 +48,7 @@ from leakaudit.models import LoadedModel, attention_kernels, cache_dir
 # torch threads batches run on a share of the threads each (_batch_workers), which rounds differently in bf16
 SCORING_VERSION = 3
 CPU_TOKEN_BUDGET = 8192
+MIN_CPU_TOKEN_BUDGET = 1024  # smaller batches when splitting work between batch workers, down to this
 MAX_PADDING = 0.1  # padded positions per real token an auto-sized batch may carry (BENCHMARKS.md)
 HEAD_CHUNK_ELEMENTS = 1 << 25  # logits elements per LM-head chunk (128 MiB in fp32)
 MIN_SHARED_PREFIX = 16  # tokens; a shorter shared prefix saves less than its own forward pass costs
@@ -395,8 +396,12 @@ def _head_scores(model, head, h: torch.Tensor, targets: torch.Tensor,
     return joined(lp_parts), joined(mu_parts) if moments else None, joined(var_parts) if moments else None
 
 
-def _token_budget(lm: LoadedModel) -> int:
-    """Tokens per batch for `--batch-size auto`: a fixed budget on CPU, sized to free memory on GPU."""
+def _token_budget(lm: LoadedModel, total: int) -> int:
+    """Tokens per batch for `--batch-size auto`: sized to free memory on GPU; on CPU a fixed budget, cut for
+    batch workers so that `total` tokens make at least two batches per worker (not below MIN_CPU_TOKEN_BUDGET).
+    Why: with fewer, uneven batches one worker runs the last, largest one alone on its share of the threads:
+    the demo's 64 MIA texts made 3 batches of 1,853, 3,854 and 450 padded tokens at 8,192, and two workers
+    scored them 0.87x as fast as one (fp32); at a budget of 1,400, 1.10x (BENCHMARKS.md)."""
     env = os.environ.get("LEAKAUDIT_TOKEN_BUDGET")
     if env:
         return int(env)
@@ -407,7 +412,10 @@ def _token_budget(lm: LoadedModel) -> int:
         layers = getattr(cfg, "num_hidden_layers", 24)
         per_token = hidden * 4 * 24 + layers * 64  # activations of one layer at a time, generous
         return int(max(1024, min(262144, free * 0.5 // per_token)))
-    return CPU_TOKEN_BUDGET
+    workers = _cpu_workers(lm)
+    if workers < 2:
+        return CPU_TOKEN_BUDGET
+    return min(CPU_TOKEN_BUDGET, max(MIN_CPU_TOKEN_BUDGET, -(-total // (2 * workers))))
 
 
 def _tokenize(lm: LoadedModel, texts: Sequence[str], prefixes: Sequence[str | None]):
@@ -535,7 +543,7 @@ def _score_keyed(lm: LoadedModel, keys: list[str], tokenized, options: ScoreOpti
         for j, (c, x) in enumerate(zip(ctx, ids, strict=True)):
             segs.extend(_segments(j, c, x, window, step))
         rows = batch_size if isinstance(batch_size, int) else None
-        budget = _token_budget(lm)
+        budget = _token_budget(lm, sum(len(s.ids) for s in segs))
         pieces: dict[int, list[tuple[int, TokenScores]]] = {j: [] for j in range(len(todo))}
 
         plan = [(common, group, _batches(group, rows, budget)) for common, group in shared_prefixes(segs)]
@@ -586,8 +594,8 @@ def _batch_workers(lm: LoadedModel, n_batches: int):
     that split poorly across threads. The last batch may run alone on its share; with many batches that costs
     little, and a single batch keeps every thread."""
     threads = torch.get_num_threads()
-    workers = min(CPU_BATCH_WORKERS, threads, n_batches)
-    if lm.device.type != "cpu" or workers < 2:
+    workers = min(_cpu_workers(lm), n_batches)
+    if workers < 2:
         yield None, 1
         return
     share = threads // workers
@@ -597,6 +605,11 @@ def _batch_workers(lm: LoadedModel, n_batches: int):
             yield pool, workers
     finally:
         torch.set_num_threads(threads)
+
+
+def _cpu_workers(lm: LoadedModel) -> int:
+    """How many batches `_batch_workers` may score at once: CPU_BATCH_WORKERS on a CPU, up to one per thread."""
+    return min(CPU_BATCH_WORKERS, torch.get_num_threads()) if lm.device.type == "cpu" else 1
 
 
 def _as_finished(pool: ThreadPoolExecutor | None, workers: int, fn, items: Iterable) -> Iterator[tuple[Any, Any]]:

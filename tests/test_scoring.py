@@ -257,6 +257,24 @@ def test_auto_batches_cap_padding_and_budget():
     assert sorted(s.text_index for b in fixed for s in b) == list(range(8))
 
 
+def test_cpu_budget_gives_each_batch_worker_two_batches(tiny_neox, monkeypatch):
+    """With batch workers (2 torch threads here) the auto budget shrinks so the tokens make at least two
+    batches per worker, not below MIN_CPU_TOKEN_BUDGET nor above CPU_TOKEN_BUDGET; one thread keeps the full
+    budget, and LEAKAUDIT_TOKEN_BUDGET still decides when set."""
+    from conftest import torch_threads
+
+    monkeypatch.delenv("LEAKAUDIT_TOKEN_BUDGET", raising=False)
+    full, least = scoring.CPU_TOKEN_BUDGET, scoring.MIN_CPU_TOKEN_BUDGET
+    with torch_threads(1):
+        assert scoring._token_budget(tiny_neox, 5625) == full
+    with torch_threads(2):
+        assert scoring._token_budget(tiny_neox, 5625) == 1407  # ceil(5625 / 4)
+        assert scoring._token_budget(tiny_neox, 10 * full) == full
+        assert scoring._token_budget(tiny_neox, 100) == least
+        monkeypatch.setenv("LEAKAUDIT_TOKEN_BUDGET", "300")
+        assert scoring._token_budget(tiny_neox, 5625) == 300
+
+
 def test_cache_hit_does_not_call_model(tiny_neox, tmp_path, monkeypatch):
     store = ScoreCache(tmp_path / "c.sqlite")
     first = score_texts(tiny_neox, TEXTS, moments=True, cache=store)
