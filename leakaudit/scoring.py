@@ -30,7 +30,6 @@ import json
 import os
 import sqlite3
 import time
-import weakref
 from collections.abc import Iterable, Iterator, Sequence
 from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 from dataclasses import dataclass
@@ -229,16 +228,10 @@ def common_length(a: Sequence[int], b: Sequence[int]) -> int:
 
 
 # ----------------------------------------------------------------------------------------- forward
-_SWAPPED_HEADS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> its LM head while swapped
-
-
 @contextlib.contextmanager
 def _hidden_state_head(model):
-    """Temporarily replace the LM head by identity so the forward returns final hidden states. Inside an
-    enclosing swap of the same model it only hands out the head: the batch workers share one swap."""
-    if model in _SWAPPED_HEADS:
-        yield _SWAPPED_HEADS[model]
-        return
+    """Temporarily replace the LM head by identity so the forward returns final hidden states (one swap per
+    scoring pass: its batches, on any worker, get the head passed in)."""
     head = model.get_output_embeddings()
     owner, attr = None, None
     for mod in model.modules():
@@ -251,11 +244,9 @@ def _hidden_state_head(model):
     if owner is None:
         raise RuntimeError("cannot locate the LM head of this model")
     setattr(owner, attr, torch.nn.Identity())
-    _SWAPPED_HEADS[model] = head
     try:
         yield head
     finally:
-        del _SWAPPED_HEADS[model]
         setattr(owner, attr, head)
 
 
@@ -305,13 +296,13 @@ class _Prefix:
 
 
 @torch.inference_mode()
-def _run_prefix(lm: LoadedModel, common: list[int], moments: bool) -> _Prefix:
+def _run_prefix(lm: LoadedModel, common: list[int], moments: bool, head) -> _Prefix:
     """One forward pass over a group's shared tokens. The cache holds all but the last common token, so every
     row still feeds at least one token (a row's first prediction then comes from its own pass)."""
     length = len(common) - 1
     ids = torch.tensor([common[:length]], dtype=torch.long, device=lm.device)
     positions = torch.arange(length, device=lm.device)[None]
-    with _hidden_state_head(lm.model) as head, attention_kernels(lm.device):
+    with attention_kernels(lm.device):
         out = lm.model(input_ids=ids, attention_mask=torch.ones_like(ids), position_ids=positions,
                        use_cache=True)
         targets = torch.tensor(common[1:length + 1], dtype=torch.long, device=lm.device)
@@ -320,9 +311,10 @@ def _run_prefix(lm: LoadedModel, common: list[int], moments: bool) -> _Prefix:
 
 
 @torch.inference_mode()
-def _score_batch(lm: LoadedModel, batch: list[_Segment], moments: bool,
-                 padding_side: str = "right", prefix: _Prefix | None = None) -> list[TokenScores]:
-    """Scores of one batch; with `prefix`, the rows are cut to what follows it and run on its cache."""
+def _score_batch(lm: LoadedModel, batch: list[_Segment], moments: bool, padding_side: str, prefix: _Prefix | None,
+                 head) -> list[TokenScores]:
+    """Scores of one batch through the LM `head` (swapped out of the model by `_hidden_state_head`); with
+    `prefix`, the rows are cut to what follows it and run on its cache."""
     parts = [prefix.cut(seg) for seg in batch] if prefix else [(seg, None) for seg in batch]
     batch = [row for row, _ in parts]
     model, dev = lm.model, lm.device
@@ -347,7 +339,7 @@ def _score_batch(lm: LoadedModel, batch: list[_Segment], moments: bool,
         past = {cache_keyword(model): cache, "use_cache": True}
         mask = torch.cat([torch.ones((len(batch), start), dtype=torch.long), mask], dim=1)
     ids, mask, positions = ids.to(dev), mask.to(dev), positions.to(dev)
-    with _hidden_state_head(model) as head, attention_kernels(dev):
+    with attention_kernels(dev):
         hidden = model(input_ids=ids, attention_mask=mask, position_ids=positions, **past).logits
         # Position p predicts token p+1: take predicting positions first_scored-1 .. len-2.
         rows, cols = [], []
@@ -543,25 +535,25 @@ def _score_keyed(lm: LoadedModel, keys: list[str], tokenized, options: ScoreOpti
         for j, (c, x) in enumerate(zip(ctx, ids, strict=True)):
             segs.extend(_segments(j, c, x, window, step))
         rows = batch_size if isinstance(batch_size, int) else None
-        budget = _token_budget(lm, sum(len(s.ids) for s in segs))
+        total = sum(len(s.ids) for s in segs)
+        budget = _token_budget(lm, total)
         pieces: dict[int, list[tuple[int, TokenScores]]] = {j: [] for j in range(len(todo))}
 
         plan = [(common, group, _batches(group, rows, budget)) for common, group in shared_prefixes(segs)]
 
         def jobs() -> Iterator[tuple[list[_Segment], _Prefix | None]]:
             for common, group, batches in plan:
-                prefix = _run_prefix(lm, group[0].ids[:common], moments) if common else None
+                prefix = _run_prefix(lm, group[0].ids[:common], moments, head) if common else None
                 for batch in batches:
                     yield batch, prefix
 
         def run(job: tuple[list[_Segment], _Prefix | None]) -> list[TokenScores]:
-            return _score_batch(lm, job[0], moments, padding_side, job[1])
+            return _score_batch(lm, job[0], moments, padding_side, job[1], head)
 
         was_training = lm.model.training
         lm.model.eval()
         try:
-            with (_progress(progress, description, sum(len(s.ids) for s in segs)) as advance,
-                  _hidden_state_head(lm.model),
+            with (_progress(progress, description, total) as advance, _hidden_state_head(lm.model) as head,
                   _batch_workers(lm, sum(len(b) for _, _, b in plan)) as (pool, workers)):
                 for (batch, _), scored in _as_finished(pool, workers, run, jobs()):
                     for seg, res in zip(batch, scored, strict=True):

@@ -8,6 +8,7 @@ import math
 import numpy as np
 import pytest
 import torch
+from conftest import torch_threads
 
 from leakaudit import scoring
 from leakaudit.scoring import ScoreCache, score_texts
@@ -88,9 +89,9 @@ def _count_prefix_runs(monkeypatch) -> list[int]:
     calls: list[int] = []
     real = scoring._run_prefix
 
-    def counting(lm, common, moments):
+    def counting(lm, common, *args):
         calls.append(len(common))
-        return real(lm, common, moments)
+        return real(lm, common, *args)
 
     monkeypatch.setattr(scoring, "_run_prefix", counting)
     return calls
@@ -143,8 +144,6 @@ def test_batch_workers_give_the_serial_numbers(tiny_model, monkeypatch):
     one-thread serial run's (the same batches on the same thread count), shared prefixes, moments and strided
     windows included; the threads, the LM head and the model's mode are restored afterwards. A single batch
     runs on both threads."""
-    from conftest import torch_threads
-
     texts = [SHARED + e for e in ENDINGS] + TEXTS + [" ".join(f"word{i}" for i in range(150))]
     kwargs = dict(moments=True, cache=False, batch_size=2, max_length=64, stride=16)
     seen = _threads_seen(monkeypatch)
@@ -170,8 +169,6 @@ def test_batch_workers_give_the_serial_numbers(tiny_model, monkeypatch):
 
 
 def test_a_failing_batch_worker_restores_threads_and_head(tiny_neox, monkeypatch):
-    from conftest import torch_threads
-
     def boom(*args, **kwargs):
         raise RuntimeError("out of memory")
 
@@ -261,8 +258,6 @@ def test_cpu_budget_gives_each_batch_worker_two_batches(tiny_neox, monkeypatch):
     """With batch workers (2 torch threads here) the auto budget shrinks so the tokens make at least two
     batches per worker, not below MIN_CPU_TOKEN_BUDGET nor above CPU_TOKEN_BUDGET; one thread keeps the full
     budget, and LEAKAUDIT_TOKEN_BUDGET still decides when set."""
-    from conftest import torch_threads
-
     monkeypatch.delenv("LEAKAUDIT_TOKEN_BUDGET", raising=False)
     full, least = scoring.CPU_TOKEN_BUDGET, scoring.MIN_CPU_TOKEN_BUDGET
     with torch_threads(1):
@@ -339,8 +334,6 @@ def test_default_model_scores_finite(default_model):
     for text, got in zip(texts, score_texts(default_model, texts, cache=False), strict=True):
         np.testing.assert_allclose(got.logp, _reference(default_model, text)[0], atol=1e-3)
     # Two batch workers on this architecture (Llama) give the one-thread serial numbers.
-    from conftest import torch_threads
-
     with torch_threads(1):
         serial = score_texts(default_model, TEXTS, moments=True, cache=False, batch_size=1)
     with torch_threads(2):
