@@ -50,6 +50,9 @@ CPU_TOKEN_BUDGET = 8192
 MIN_CPU_TOKEN_BUDGET = 1024  # smaller batches when splitting work between batch workers, down to this
 MAX_PADDING = 0.1  # padded positions per real token an auto-sized batch may carry (BENCHMARKS.md)
 HEAD_CHUNK_ELEMENTS = 1 << 25  # logits elements per LM-head chunk (128 MiB in fp32)
+# On a CPU, log-softmax and the moments run over slices of a chunk's logits this size (4 MiB in fp32), which stay in
+# cache across their several vocabulary-wide passes: same numbers, 4-6x faster than over the whole chunk (BENCHMARKS.md)
+CPU_SOFTMAX_SLICE_ELEMENTS = 1 << 20
 MIN_SHARED_PREFIX = 16  # tokens; a shorter shared prefix saves less than its own forward pass costs
 CPU_BATCH_WORKERS = 2  # batches scored at once on a CPU, each on its share of the torch threads (BENCHMARKS.md)
 
@@ -250,9 +253,9 @@ def _hidden_state_head(model):
         setattr(owner, attr, head)
 
 
-def _head_logits(model, head, hidden: torch.Tensor) -> torch.Tensor:
-    """Apply the LM head (plus any logit scaling/soft-capping the architecture defines) in fp32."""
-    logits = head(hidden).float()
+def _fp32_logits(model, raw: torch.Tensor) -> torch.Tensor:
+    """The LM head's output in fp32, with any logit scaling/soft-capping the architecture defines."""
+    logits = raw.float()
     cfg = model.config
     scale = getattr(cfg, "logit_scale", None)
     if isinstance(scale, (int, float)) and scale != 1:
@@ -369,17 +372,22 @@ def _head_scores(model, head, h: torch.Tensor, targets: torch.Tensor,
     chunks so the N x V logits never exist at once."""
     vocab = head.weight.shape[0] if hasattr(head, "weight") else h.shape[-1]
     chunk = max(1, HEAD_CHUNK_ELEMENTS // max(vocab, 1))
+    # The matmul runs per chunk (the head's weights are read once per chunk); the memory-bound passes per slice.
+    piece = max(1, CPU_SOFTMAX_SLICE_ELEMENTS // max(vocab, 1)) if h.device.type == "cpu" else chunk
     lp_parts, mu_parts, var_parts = [], [], []
     for first in range(0, h.shape[0], chunk):
-        logprobs = torch.log_softmax(_head_logits(model, head, h[first:first + chunk]), dim=-1)
-        lp_parts.append(logprobs.gather(1, targets[first:first + chunk, None])[:, 0])
-        if moments:  # in place where possible: these vocabulary-wide passes are memory-bound
-            probs = logprobs.exp()
-            mu = (probs * logprobs).sum(-1)
-            # Two-pass variance: E[(lp - mu)^2] is stable where E[lp^2] - mu^2 cancels in fp32.
-            centred = logprobs.sub_(mu[:, None])
-            mu_parts.append(mu)
-            var_parts.append(probs.mul_(centred).mul_(centred).sum(-1))
+        raw = head(h[first:first + chunk])
+        for start in range(0, raw.shape[0], piece):
+            logprobs = torch.log_softmax(_fp32_logits(model, raw[start:start + piece]), dim=-1)
+            at = first + start
+            lp_parts.append(logprobs.gather(1, targets[at:at + logprobs.shape[0], None])[:, 0])
+            if moments:  # in place where possible: these vocabulary-wide passes are memory-bound
+                probs = logprobs.exp()
+                mu = (probs * logprobs).sum(-1)
+                # Two-pass variance: E[(lp - mu)^2] is stable where E[lp^2] - mu^2 cancels in fp32.
+                centred = logprobs.sub_(mu[:, None])
+                mu_parts.append(mu)
+                var_parts.append(probs.mul_(centred).mul_(centred).sum(-1))
     empty = np.zeros(0, np.float32)
 
     def joined(parts: list[torch.Tensor]) -> np.ndarray:

@@ -64,6 +64,24 @@ def test_batched_equals_one_at_a_time(tiny_model):
             np.testing.assert_allclose(a.logp, b.logp, atol=1e-4)
 
 
+def test_softmax_slices_give_the_unsliced_numbers(tiny_model, monkeypatch):
+    """Log-softmax and moments over cache-sized slices of each LM-head chunk change no number (slices of 2 rows
+    here); with chunks of 5 rows too (slices of 2, 2, 1 per chunk) each token still gets its own numbers (the
+    matmul of fewer rows may round its last bit differently)."""
+    vocab = tiny_model.model.get_output_embeddings().weight.shape[0]
+    whole = score_texts(tiny_model, TEXTS, moments=True, cache=False)
+    monkeypatch.setattr(scoring, "CPU_SOFTMAX_SLICE_ELEMENTS", 2 * vocab)
+    sliced = score_texts(tiny_model, TEXTS, moments=True, cache=False)
+    for a, b in zip(whole, sliced, strict=True):
+        assert np.array_equal(a.logp, b.logp) and np.array_equal(a.mu, b.mu) and np.array_equal(a.var, b.var)
+    monkeypatch.setattr(scoring, "HEAD_CHUNK_ELEMENTS", 5 * vocab)
+    chunked = score_texts(tiny_model, TEXTS, moments=True, cache=False)
+    for text, a, b in zip(TEXTS, whole, chunked, strict=True):
+        for field in ("logp", "mu", "var"):
+            np.testing.assert_allclose(getattr(b, field), getattr(a, field), rtol=0, atol=1e-5)
+        np.testing.assert_allclose(b.var, _reference(tiny_model, text)[2], atol=1e-4)
+
+
 def test_left_and_right_padding_agree(tiny_model):
     right = score_texts(tiny_model, TEXTS, batch_size=len(TEXTS), moments=True, cache=False)
     left = score_texts(tiny_model, TEXTS, batch_size=len(TEXTS), moments=True, cache=False, padding_side="left")
