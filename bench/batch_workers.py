@@ -18,7 +18,7 @@ import json
 import os
 import statistics
 import sys
-import time
+from functools import partial
 
 import numpy as np
 import torch
@@ -26,17 +26,16 @@ import torch
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 sys.path.insert(0, os.path.dirname(__file__))
 
-from score import bench_texts, forward_flops, matmul_peak, matmul_peak_per_thread  # noqa: E402
+from score import (  # noqa: E402
+    alternating_passes,
+    bench_texts,
+    forward_flops,
+    matmul_peak,
+    matmul_peak_per_thread,
+)
 
 from leakaudit import scoring  # noqa: E402
 from leakaudit.models import cpu_has_fast_bf16, load_model  # noqa: E402
-
-
-def timed(lm, texts, moments: bool, workers: int):
-    scoring.CPU_BATCH_WORKERS = workers
-    t = time.perf_counter()
-    res = scoring.score_texts(lm, texts, moments=moments, cache=False, progress=False)
-    return time.perf_counter() - t, res
 
 
 def largest_difference(a, b, field: str) -> float:
@@ -67,12 +66,8 @@ def main() -> None:
                                           "one_matmul_per_thread": matmul_peak_per_thread(dtype, threads)}
         scoring.score_texts(lm, texts[:4], cache=False, progress=False)  # warm-up
         for moments in (False, True):
-            times: dict[int, list[float]] = {1: [], 2: []}
-            results = {}
-            for _ in range(args.pairs):
-                for workers in (1, 2):
-                    seconds, results[workers] = timed(lm, texts, moments, workers)
-                    times[workers].append(seconds)
+            settings = {n: partial(setattr, scoring, "CPU_BATCH_WORKERS", n) for n in (1, 2)}
+            times, results = alternating_passes(lm, texts, moments, settings, args.pairs)
             one, two = statistics.median(times[1]), statistics.median(times[2])
             run = {"dtype": dname, "moments": moments, "seconds_1_worker": times[1], "seconds_2_workers": times[2],
                    "tokens_per_s_1_worker": report["tokens"] / one, "tokens_per_s_2_workers": report["tokens"] / two,

@@ -106,6 +106,21 @@ def forward_flops(model, n_tokens_per_text: list[int]) -> float:
     return total
 
 
+def alternating_passes(lm, texts: list[str], moments: bool, settings: dict, pairs: int) -> tuple[dict, dict]:
+    """An A/B of engine settings in one process: `pairs` rounds, each timing one pass (cache off) per setting in
+    turn, so drift in the host's speed hits every setting alike. `settings` maps a label to a function that
+    applies it; returns (label -> seconds of each round, label -> the last round's results)."""
+    times: dict = {label: [] for label in settings}
+    results: dict = {}
+    for _ in range(pairs):
+        for label, apply in settings.items():
+            apply()
+            t = time.perf_counter()
+            results[label] = score_texts(lm, texts, moments=moments, cache=False, progress=False)
+            times[label].append(time.perf_counter() - t)
+    return times, results
+
+
 def naive_loop(lm, texts: list[str]) -> list[float]:
     """One text per forward, fp32 full logits, per-token Python gather."""
     out = []

@@ -13,7 +13,7 @@ import json
 import os
 import statistics
 import sys
-import time
+from functools import partial
 
 import torch
 
@@ -21,20 +21,13 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 sys.path.insert(0, os.path.dirname(__file__))
 
 from batch_workers import largest_difference  # noqa: E402
-from score import bench_texts  # noqa: E402
+from score import alternating_passes, bench_texts  # noqa: E402
 
 from leakaudit import scoring  # noqa: E402
 from leakaudit.models import cpu_has_fast_bf16, load_model  # noqa: E402
 
 SLICED = scoring.CPU_SOFTMAX_SLICE_ELEMENTS
 WHOLE_CHUNK = scoring.HEAD_CHUNK_ELEMENTS  # a slice as large as a chunk: the way before slices
-
-
-def timed(lm, texts, moments: bool, slice_elements: int):
-    scoring.CPU_SOFTMAX_SLICE_ELEMENTS = slice_elements
-    t = time.perf_counter()
-    res = scoring.score_texts(lm, texts, moments=moments, cache=False, progress=False)
-    return time.perf_counter() - t, res
 
 
 def main() -> None:
@@ -52,12 +45,8 @@ def main() -> None:
         report["tokens"] = tokens = sum(len(lm.tokenizer(t)["input_ids"]) for t in texts)
         scoring.score_texts(lm, texts[:4], cache=False, progress=False)  # warm-up
         for moments in (False, True):
-            times: dict[int, list[float]] = {WHOLE_CHUNK: [], SLICED: []}
-            results = {}
-            for _ in range(args.pairs):
-                for size in times:
-                    seconds, results[size] = timed(lm, texts, moments, size)
-                    times[size].append(seconds)
+            settings = {size: partial(setattr, scoring, "CPU_SOFTMAX_SLICE_ELEMENTS", size) for size in (WHOLE_CHUNK, SLICED)}
+            times, results = alternating_passes(lm, texts, moments, settings, args.pairs)
             whole, sliced = statistics.median(times[WHOLE_CHUNK]), statistics.median(times[SLICED])
             run = {"dtype": dname, "moments": moments, "seconds_whole_chunk": times[WHOLE_CHUNK],
                    "seconds_sliced": times[SLICED], "tokens_per_s_whole_chunk": tokens / whole,
