@@ -40,12 +40,13 @@ import numpy as np
 import torch
 
 from leakaudit.errors import InputError, warn_once
-from leakaudit.models import LoadedModel, attention_kernels, cache_dir
+from leakaudit.models import LoadedModel, attention_kernels, cache_dir, scoring_attention
 
 # 2: rows after a shared prefix run on its cached keys/values; in bf16 that rounds differently (same numbers in
 # fp32), so scores cached by version 1 are not mixed with new ones in one paired comparison. 3: on a CPU with 2+
-# torch threads batches run on a share of the threads each (_batch_workers), which rounds differently in bf16
-SCORING_VERSION = 3
+# torch threads batches run on a share of the threads each (_batch_workers), which rounds differently in bf16. 4: in
+# bf16 on a CPU attention runs in causal blocks on bf16 matmuls (models.cpu_attention), which rounds differently
+SCORING_VERSION = 4
 CPU_TOKEN_BUDGET = 8192
 MIN_CPU_TOKEN_BUDGET = 1024  # smaller batches when splitting work between batch workers, down to this
 MAX_PADDING = 0.1  # padded positions per real token an auto-sized batch may carry (BENCHMARKS.md)
@@ -562,6 +563,7 @@ def _score_keyed(lm: LoadedModel, keys: list[str], tokenized, options: ScoreOpti
         lm.model.eval()
         try:
             with (_progress(progress, description, total) as advance, _hidden_state_head(lm.model) as head,
+                  scoring_attention(lm.model, lm.device),
                   _batch_workers(lm, sum(len(b) for _, _, b in plan)) as (pool, workers)):
                 for (batch, _), scored in _as_finished(pool, workers, run, jobs()):
                     for seg, res in zip(batch, scored, strict=True):

@@ -15,10 +15,12 @@ GGUF and tiny models are converted once to safetensors under the cache dir (`LEA
 default `~/.cache/leakaudit`), guarded by a file lock so two processes starting at once do not clash.
 
 One module per job: spec (what a spec names, whether it can load), load (LoadedModel, load_model), dtype
-(device and precision policy), fingerprint (cache dir, content hashes), gguf (GGUF conversion), factories
-(tiny and random: models). This package re-exports their public names.
+(device and precision policy), cpu_attention (the attention scoring runs in bf16 on a CPU), fingerprint (cache
+dir, content hashes), gguf (GGUF conversion), factories (tiny and random: models). This package re-exports
+their public names.
 """
 
+from leakaudit.models.cpu_attention import scoring_attention
 from leakaudit.models.dtype import (
     DTYPE_ENV,
     attention_kernels,
@@ -61,5 +63,6 @@ __all__ = [
     "TINY_VOCAB", "VALID_SPECS", "LoadedModel", "attention_kernels", "build_tiny_model", "build_tiny_tokenizer",
     "cache_dir", "check_model_spec", "cpu_has_fast_bf16", "default_autocast_bf16", "default_gguf_path",
     "dir_fingerprint", "file_sha256", "gguf_to_safetensors", "host_memory", "load_model", "random_model_config",
-    "resolve_device", "resolve_dtype", "resolve_spec", "tensor_fingerprint", "tiny_corpus", "tiny_model_dir",
+    "resolve_device", "resolve_dtype", "resolve_spec", "scoring_attention", "tensor_fingerprint", "tiny_corpus",
+    "tiny_model_dir",
 ]

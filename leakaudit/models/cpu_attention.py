@@ -1,0 +1,89 @@
+"""Attention for scoring on a CPU in bf16: causal query blocks on plain bf16 matmuls instead of torch's CPU
+flash kernel.
+
+Why: on a 2-core AMD EPYC with AVX512-BF16, torch's CPU flash-attention kernel ran the scoring engine's shapes
+(9 heads of 64, rows of 128-400 tokens) at 30-70 GFLOP/s in bf16, a tenth of the bf16 matmul peak, and took a
+third of a scoring pass for 5% of its FLOPs. Here each block of BLOCK query rows is one bf16 matmul against
+only the keys causality lets it see (so about half of the L x L scores are never computed), a softmax that
+reads bf16 and reduces in fp32, and one matmul with the values; grouped-query heads share their key/value head
+without copying it. On the same CPU that is 2.2-3.1x the flash kernel on those shapes with one thread and
+2.4-2.8x with two (BENCHMARKS.md). Precision: scores are rounded to bf16 before the softmax (the flash kernel
+keeps them in fp32), which doubles the attention output's own error against fp32 on random inputs; through the
+whole model the per-token log p of the default model stays as far from fp32 as with the flash kernel (mean
+|difference| 0.0189 against 0.0186 nats, 40 texts).
+
+Scoring only (`scoring_attention`): training and sampling keep the model's own implementation. Anything this
+does not handle the way sdpa does (a float mask such as ALiBi's, soft-capping, attention sinks, a position
+bias, dropout) goes to transformers' sdpa function unchanged.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+from transformers import AttentionInterface
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+NAME = "leakaudit_cpu_blocks"
+BLOCK = 64  # query rows per block: 64 and 96 measured alike and ahead of 128 and 192 (BENCHMARKS.md)
+_UNHANDLED = ("softcap", "s_aux", "sinks", "position_bias")
+
+
+def blocked_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                      attention_mask: torch.Tensor | None, dropout: float = 0.0, scaling: float | None = None,
+                      is_causal: bool | None = None, **kwargs) -> tuple[torch.Tensor, None]:
+    """transformers' attention interface: query (b, heads, lq, d), key/value (b, kv_heads, lk, d), the boolean
+    mask sdpa would get (True = may attend) or None for plain causal attention; returns (b, lq, heads, d_v).
+    The queries are the last lq positions of the keys (a cache's keys come first)."""
+    if (dropout or (attention_mask is not None and attention_mask.dtype != torch.bool)
+            or any(kwargs.get(k) is not None for k in _UNHANDLED)):
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
+                                      is_causal=is_causal, **kwargs)
+    b, heads, lq, d = query.shape
+    kv_heads, lk, dv = key.shape[1], key.shape[2], value.shape[-1]
+    group = heads // kv_heads
+    causal = getattr(module, "is_causal", True) if is_causal is None else is_causal
+    scaling = d ** -0.5 if scaling is None else scaling
+    if attention_mask is None:
+        attention_mask = torch.ones(lq, lk, dtype=torch.bool, device=query.device)
+        attention_mask = attention_mask.tril(lk - lq) if causal else attention_mask
+        attention_mask = attention_mask[None, None]
+    hidden = ~attention_mask[:, :, None]  # (b or 1, 1, 1, lq, lk): True where a query may not look
+    q = query.view(b, kv_heads, group, lq, d)
+    keys_t = key.transpose(-1, -2)
+    low = torch.finfo(query.dtype).min  # finite: a row with every key hidden (left padding) stays finite
+    out = query.new_empty(b, lq, kv_heads, group, dv)
+    for first in range(0, lq, BLOCK):
+        last = min(lq, first + BLOCK)
+        rows = last - first
+        seen = min(lk, last + lk - lq) if causal else lk  # keys the block's last query may see
+        # (b, kv, group x rows, d) @ (b, kv, d, seen): one matmul per key/value head for its whole group
+        scores = torch.matmul(q[:, :, :, first:last].reshape(b, kv_heads, group * rows, d), keys_t[..., :seen])
+        scores = scores.view(b, kv_heads, group, rows, seen).masked_fill_(hidden[..., first:last, :seen], low)
+        probs = torch.softmax(scores.mul_(scaling), dim=-1).view(b, kv_heads, group * rows, seen)
+        out[:, first:last] = (torch.matmul(probs, value[:, :, :seen]).view(b, kv_heads, group, rows, dv)
+                              .permute(0, 3, 1, 2, 4))
+    return out.view(b, lq, heads, dv), None
+
+
+AttentionInterface.register(NAME, blocked_attention)
+AttentionMaskInterface.register(NAME, sdpa_mask)  # the same boolean masks sdpa gets
+
+
+@contextlib.contextmanager
+def scoring_attention(model: torch.nn.Module, device: torch.device):
+    """Within this block a bf16 model on a CPU whose attention is sdpa runs `blocked_attention`; any other
+    model, dtype or device is untouched. Restored afterwards."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    config = base.config
+    if (device.type != "cpu" or getattr(config, "_attn_implementation", None) != "sdpa"
+            or next(base.parameters()).dtype != torch.bfloat16):
+        yield
+        return
+    base.set_attn_implementation(NAME)
+    try:
+        yield
+    finally:
+        base.set_attn_implementation("sdpa")
