@@ -53,7 +53,6 @@ def blocked_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.T
     hidden = ~attention_mask[:, :, None]  # (b or 1, 1, 1, lq, lk): True where a query may not look
     q = query.view(b, kv_heads, group, lq, d)
     keys_t = key.transpose(-1, -2)
-    low = torch.finfo(query.dtype).min  # finite: a row with every key hidden (left padding) stays finite
     out = query.new_empty(b, lq, kv_heads, group, dv)
     for first in range(0, lq, BLOCK):
         last = min(lq, first + BLOCK)
@@ -61,6 +60,8 @@ def blocked_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.T
         seen = min(lk, last + lk - lq) if causal else lk  # keys the block's last query may see
         # (b, kv, group x rows, d) @ (b, kv, d, seen): one matmul per key/value head for its whole group
         scores = torch.matmul(q[:, :, :, first:last].reshape(b, kv_heads, group * rows, d), keys_t[..., :seen])
+        # finite: a row with every key hidden (left padding) stays finite; in the scores' dtype (autocast's bf16)
+        low = torch.finfo(scores.dtype).min
         scores = scores.view(b, kv_heads, group, rows, seen).masked_fill_(hidden[..., first:last, :seen], low)
         probs = torch.softmax(scores.mul_(scaling), dim=-1).view(b, kv_heads, group * rows, seen)
         out[:, first:last] = (torch.matmul(probs, value[:, :, :seen]).view(b, kv_heads, group, rows, dv)
