@@ -6,8 +6,8 @@ Why: on a 2-core AMD EPYC with AVX512-BF16, torch's CPU flash-attention kernel r
 third of a scoring pass for 5% of its FLOPs. Here each block of BLOCK query rows is one bf16 matmul against
 only the keys causality lets it see (so about half of the L x L scores are never computed), a softmax that
 reads bf16 and reduces in fp32, and one matmul with the values; grouped-query heads share their key/value head
-without copying it. On the same CPU that is 2.2-3.1x the flash kernel on those shapes with one thread and
-2.4-2.8x with two (BENCHMARKS.md). Precision: scores are rounded to bf16 before the softmax (the flash kernel
+without copying it. On the same CPU that is 1.6-2.8x the flash kernel on those shapes with one thread and
+2.1-2.8x with two (BENCHMARKS.md). Precision: scores are rounded to bf16 before the softmax (the flash kernel
 keeps them in fp32), which doubles the attention output's own error against fp32 on random inputs; through the
 whole model the per-token log p of the default model stays as far from fp32 as with the flash kernel (mean
 |difference| 0.0189 against 0.0186 nats, 40 texts).
