@@ -412,16 +412,22 @@ def _vllm_generate(lm: LoadedModel, batch: list[_Row], config: SamplingConfig) -
     params = [SamplingParams(n=1, max_tokens=config.max_new_tokens, ignore_eos=not config.stop_at_eos,
                              temperature=0.0 if config.greedy else config.temperature,
                              top_k=config.top_k or -1, top_p=config.top_p or 1.0,
-                             seed=row_seed(config.seed, r.seed_id, r.sample_index)) for r in batch]
+                             seed=row_seed(config.seed, r.seed_id, r.sample_index),
+                             detokenize=False) for r in batch]  # leakaudit decodes the ids itself
     prompts = [{"prompt_token_ids": r.ids} for r in batch]
     outputs = llm.generate(prompts, params, use_tqdm=False)
     return [list(o.outputs[0].token_ids) for o in outputs]
 
 
-_VLLM_ENGINES: dict[str, object] = {}
+_VLLM_ENGINES: dict[tuple[str, str], object] = {}
+VLLM_MEMORY_SHARE = 0.9  # of the GPU memory still free when the engine starts
 
 
 def _vllm_engine(lm: LoadedModel):
+    """One vLLM engine per (model, dtype), kept for the process. It takes 90% of the GPU memory that is free
+    when it starts, not vLLM's default share of the whole card: the HF model leakaudit scores with (and any
+    engine started before) already holds some, and vLLM refuses to start when its share exceeds what is
+    free."""
     if importlib.util.find_spec("vllm") is None:
         raise InputError("vLLM is not installed (pip install vllm); use --backend hf", field="--backend")
     if not torch.cuda.is_available():
@@ -435,12 +441,14 @@ def _vllm_engine(lm: LoadedModel):
     if kind == "random":
         raise InputError("the vLLM backend loads saved weights; random: models run on --backend hf",
                          field="--backend")
-    if lm.spec not in _VLLM_ENGINES:
+    dtype = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}[lm.dtype]
+    if (lm.spec, dtype) not in _VLLM_ENGINES:
         from vllm import LLM
 
-        dtype = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}[lm.dtype]
-        _VLLM_ENGINES[lm.spec] = LLM(model=str(where), dtype=dtype, trust_remote_code=False)
-    return _VLLM_ENGINES[lm.spec]
+        free, total = torch.cuda.mem_get_info()
+        _VLLM_ENGINES[lm.spec, dtype] = LLM(model=str(where), dtype=dtype, trust_remote_code=False,
+                                            gpu_memory_utilization=VLLM_MEMORY_SHARE * free / total)
+    return _VLLM_ENGINES[lm.spec, dtype]
 
 
 # ----------------------------------------------------------------------------------------- checkpoint file

@@ -212,6 +212,73 @@ def test_vllm_backend_reports_missing_install(tiny_neox):
     assert err.value.field == "--backend"
 
 
+class _FakeVllm:
+    """Stands in for the vllm package (no GPU here): records what the adapter asks of it and answers with
+    token ids made from each request's seed, so a test sees which row got which seed."""
+
+    def __init__(self):
+        import importlib.machinery
+        import types
+
+        self.engines: list[dict] = []
+        self.requests: list[tuple[list[int], dict]] = []
+        self.module = types.ModuleType("vllm")
+        self.module.__spec__ = importlib.machinery.ModuleSpec("vllm", None)
+        fake = self
+
+        class LLM:
+            def __init__(self, **kwargs):
+                fake.engines.append(kwargs)
+
+            def generate(self, prompts, params, use_tqdm=True):
+                out = []
+                for prompt, p in zip(prompts, params, strict=True):
+                    fake.requests.append((prompt["prompt_token_ids"], p))
+                    ids = [(p["seed"] + i) % 50 + 10 for i in range(p["max_tokens"])]
+                    out.append(types.SimpleNamespace(outputs=[types.SimpleNamespace(token_ids=ids)]))
+                return out
+
+        self.module.LLM = LLM
+        self.module.SamplingParams = lambda **kwargs: kwargs
+
+
+def test_vllm_adapter_asks_for_what_leakaudit_promises(tiny_neox, monkeypatch):
+    """Per-row seeds, no detokenising (leakaudit decodes), one engine per model and dtype, and a memory
+    share of what is free (vLLM refuses to start when its share of the card exceeds the free memory, and
+    the HF model already holds some). The real engine runs in tests/gpu/test_vllm.py."""
+    import dataclasses
+    import sys
+
+    from leakaudit.models import resolve_spec
+    from leakaudit.sampling import row_seed
+
+    fake = _FakeVllm()
+    monkeypatch.setitem(sys.modules, "vllm", fake.module)
+    monkeypatch.setattr(sampling, "_VLLM_ENGINES", {})
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda *a: (60 * 2**30, 140 * 2**30))
+    cfg = SamplingConfig(max_new_tokens=5, num_samples=2, seed=3, top_k=7)
+    got = sample(tiny_neox, ["Hello there", "Dear Jeff"], cfg, backend="vllm", progress=False)
+    (engine,) = fake.engines
+    assert engine["dtype"] == "float32" and engine["trust_remote_code"] is False
+    assert engine["gpu_memory_utilization"] == pytest.approx(0.9 * 60 / 140)
+    assert engine["model"] == str(resolve_spec("tiny-gpt-neox")[1])
+    assert len(fake.requests) == 4
+    for (ids, p), s in zip(sorted(fake.requests, key=lambda r: r[1]["seed"]),
+                           sorted(got, key=lambda s: row_seed(3, s.prompt_id, s.sample_index)), strict=True):
+        assert p["seed"] == row_seed(3, s.prompt_id, s.sample_index) and p["detokenize"] is False
+        assert p["top_k"] == 7 and p["temperature"] == 1.0 and p["max_tokens"] == 5
+        assert p["ignore_eos"] is False
+        assert ids == sampling._tokenize_prompts(tiny_neox, [s.prompt], 5)[0]
+        assert s.text == tiny_neox.tokenizer.decode([(p["seed"] + i) % 50 + 10 for i in range(5)])
+    sample(tiny_neox, ["Hello there"], SamplingConfig(greedy=True), backend="vllm", progress=False)
+    assert len(fake.engines) == 1 and fake.requests[-1][1]["temperature"] == 0.0
+    assert fake.requests[-1][1]["top_k"] == -1 and fake.requests[-1][1]["top_p"] == 1.0
+    bf16 = dataclasses.replace(tiny_neox, dtype=torch.bfloat16)
+    sample(bf16, ["Hello there"], cfg, backend="vllm", progress=False)
+    assert [e["dtype"] for e in fake.engines] == ["float32", "bfloat16"]
+
+
 def test_a_start_longer_than_a_sliding_window_is_not_shared(tiny_neox, monkeypatch):
     """A sliding-window layer keeps only the window's last keys, so a start that long is not cached whole:
     the batch runs without a shared start (and still equals one-at-a-time runs)."""
