@@ -6,7 +6,7 @@
 #   here:      bash bench/vllm_device.sh bundle  -> .dev1/ (missing wheels + part 1), .dev2/ (part 2)
 #   device 1:  bash .dev1/vllm_device.sh stash $OUT (carry .dev1): wheels, keep part 1, run the GPU tests
 #   device 2:  bash .dev2/vllm_device.sh test $OUT (carry .dev2): the next call, while the machine is warm
-# .dev1/ and .dev2/ must be ignored (.git/info/exclude) so that each travels only when carried.
+# bundle adds .dev1/ and .dev2/ to .git/info/exclude, so that each travels only when carried.
 set -u
 step=${1:?usage: bench/vllm_device.sh bundle|stash OUT|test OUT}
 VLLM=0.26.0
@@ -20,6 +20,7 @@ bundle)
   plat="--only-binary=:all: --python-version 3.12 --implementation cp --platform any"
   for t in manylinux1 manylinux2014 manylinux_2_17 manylinux_2_24 manylinux_2_26 manylinux_2_27 \
            manylinux_2_28; do plat="$plat --platform ${t}_x86_64"; done
+  grep -qx /.dev1/ .git/info/exclude 2>/dev/null || printf '/.dev1/\n/.dev2/\n' >> .git/info/exclude
   rm -rf .dev1 .dev2 && mkdir -p .dev1 .dev2
   for w in $WHEELS; do python3 -m pip download -q --no-deps $plat -d .dev1 "$w" || exit 2; done
   python3 -m pip download -q --no-deps $plat -d "$tmp" "vllm==$VLLM" || exit 2
