@@ -94,7 +94,7 @@ def timed(fn, *args, **kwargs):
     return time.perf_counter() - t, res
 
 
-def whole_process(args, texts: list[str], threads: int, tmp: Path) -> dict[str, float]:
+def whole_process(args, texts: list[str], threads: int, tmp: Path, mia: bool = True) -> dict[str, float]:
     """`leakaudit score` (loss statistics) and `leakaudit mia` (5 attacks) as a user runs them, wall time."""
     data = tmp / "texts.jsonl"
     half = len(texts) // 2
@@ -109,7 +109,7 @@ def whole_process(args, texts: list[str], threads: int, tmp: Path) -> dict[str, 
                      "--nonmembers", str(tmp / "n.jsonl"), "--attacks", ",".join(ATTACKS), "--n-bootstrap", "0",
                      "--out", str(tmp / "mia"), "--no-cache"]
     out = {}
-    for name, cmd in (("score", score_cmd), ("mia", mia_cmd)):
+    for name, cmd in (("score", score_cmd), ("mia", mia_cmd))[:2 if mia else 1]:
         t = time.perf_counter()
         subprocess.run(cmd, check=True, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         out[name] = time.perf_counter() - t
@@ -122,6 +122,8 @@ def main() -> None:
     ap.add_argument("--texts", type=int, default=60)
     ap.add_argument("--threads", default="1,2")
     ap.add_argument("--json", default=None)
+    ap.add_argument("--score-only", action="store_true",
+                    help="only the naive loop, the engine and `leakaudit score` whole-process (large --texts)")
     args = ap.parse_args()
 
     texts = bench_texts(args.texts)
@@ -144,6 +146,19 @@ def main() -> None:
         naive_loop(lm32, texts[:2])
         score_texts(lm, texts[:4], cache=False, progress=False)  # warm-ups
         t_naive, naive = timed(naive_loop, lm32, texts)
+        if args.score_only:
+            t_loss = timed(score_texts, lm, texts, cache=False, progress=False)[0]
+            with tempfile.TemporaryDirectory() as tmp:
+                t_proc = whole_process(args, texts, threads, Path(tmp), mia=False)["score"]
+            run = {"threads": threads, "seconds": {"naive loop, fp32, scoring time": t_naive,
+                                                   "engine score_texts, scoring time": t_loss,
+                                                   "leakaudit score, whole process": t_proc},
+                   "ratios": {"engine / naive (scoring time)": t_naive / t_loss,
+                              "leakaudit score whole process / naive scoring time": t_naive / t_proc},
+                   "start-up, load, tokenise, write (s)": t_proc - t_loss}
+            results["runs"].append(run)
+            print(json.dumps(run, indent=2))
+            continue
         t_loss = statistics.median(timed(score_texts, lm, texts, cache=False, progress=False)[0] for _ in range(3))
         t_mimir32, mimir32 = timed(mimir_style, lm32, lm32, texts)
         t_mimir, _ = (t_mimir32, mimir32) if lm is lm32 else timed(mimir_style, lm, lm, texts)

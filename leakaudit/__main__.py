@@ -2,4 +2,5 @@
 
 from leakaudit.cli import main
 
-main()
+if __name__ == "__main__":  # not when a spawned child process (vLLM's engine, say) re-imports this module
+    main()

@@ -320,3 +320,18 @@ def test_help_and_usage_errors_stay_click_like(tmp_path, monkeypatch, capsys):
         main()
     err = capsys.readouterr().err
     assert exc.value.code == 2 and err.count("\n") == 1 and err.startswith("error: ") and "--data" in err
+
+
+def test_python_m_leakaudit_runs_the_cli_only_as_the_main_module(monkeypatch):
+    """A child process started with `spawn` (vLLM's engine core, for one) re-imports the parent's main module
+    under another name; `python -m leakaudit` must not run the command again there."""
+    import runpy
+
+    import leakaudit.cli
+
+    calls = []
+    monkeypatch.setattr(leakaudit.cli, "main", lambda: calls.append(1))
+    runpy.run_module("leakaudit.__main__", run_name="__mp_main__")
+    assert calls == []
+    runpy.run_module("leakaudit.__main__", run_name="__main__")
+    assert calls == [1]
