@@ -45,8 +45,10 @@ from leakaudit.models import LoadedModel, attention_kernels, cache_dir, scoring_
 # 2: rows after a shared prefix run on its cached keys/values; in bf16 that rounds differently (same numbers in
 # fp32), so scores cached by version 1 are not mixed with new ones in one paired comparison. 3: on a CPU with 2+
 # torch threads batches run on a share of the threads each (_batch_workers), which rounds differently in bf16. 4: in
-# bf16 on a CPU attention runs in causal blocks on bf16 matmuls (models.cpu_attention), which rounds differently
-SCORING_VERSION = 4
+# bf16 on a CPU attention runs in causal blocks on bf16 matmuls (models.cpu_attention), which rounds differently.
+# 5: those blocks scale the queries, not the scores (bit for bit the same at head size 64, a power of two; other
+# head sizes round differently)
+SCORING_VERSION = 5
 CPU_TOKEN_BUDGET = 8192
 MIN_CPU_TOKEN_BUDGET = 1024  # smaller batches when splitting work between batch workers, down to this
 MAX_PADDING = 0.1  # padded positions per real token an auto-sized batch may carry (BENCHMARKS.md)

@@ -6,11 +6,13 @@ Why: on a 2-core AMD EPYC with AVX512-BF16, torch's CPU flash-attention kernel r
 third of a scoring pass for 5% of its FLOPs. Here each block of BLOCK query rows is one bf16 matmul against
 only the keys causality lets it see (so about half of the L x L scores are never computed), a softmax that
 reads bf16 and reduces in fp32, and one matmul with the values; grouped-query heads share their key/value head
-without copying it. On the same CPU that is 1.6-2.8x the flash kernel on those shapes with one thread and
-2.1-2.8x with two (BENCHMARKS.md). Precision: scores are rounded to bf16 before the softmax (the flash kernel
-keeps them in fp32), which doubles the attention output's own error against fp32 on random inputs; through the
-whole model the per-token log p of the default model stays as far from fp32 as with the flash kernel (mean
-|difference| 0.0189 against 0.0186 nats, 40 texts).
+without copying it. Queries are scaled before the scores, and each block masks only from the first key one of
+its queries may not see (without left padding, its diagonal tile), worked out once per forward's mask: on
+4k-token texts masking and scaling the L x L scores had taken 15% of a pass. On the same CPU that is 1.6-2.8x
+the flash kernel on those shapes with one thread and 2.1-2.8x with two (BENCHMARKS.md). Precision: scores are
+rounded to bf16 before the softmax (the flash kernel keeps them in fp32), which doubles the attention output's
+own error against fp32 on random inputs; through the whole model the per-token log p of the default model
+stays as far from fp32 as with the flash kernel (mean |difference| 0.0189 against 0.0186 nats, 40 texts).
 
 Scoring only (`scoring_attention`): training and sampling keep the model's own implementation. Anything this
 does not handle the way sdpa does (a float mask such as ALiBi's, soft-capping, attention sinks, a position
@@ -22,6 +24,7 @@ from __future__ import annotations
 import contextlib
 
 import torch
+from torch.utils.weak import WeakIdKeyDictionary
 from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
@@ -29,6 +32,10 @@ from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 NAME = "leakaudit_cpu_blocks"
 BLOCK = 64  # query rows per block: 64 and 96 measured alike and ahead of 128 and 192 (BENCHMARKS.md)
 _UNHANDLED = ("softcap", "s_aux", "sinks", "position_bias")
+# Per mask tensor (transformers passes every layer of one forward the same object): its negation and where
+# each query block's masking starts. Keyed weakly by identity: an entry goes with its mask, so a new mask
+# never meets an old plan.
+_PLANS = WeakIdKeyDictionary()
 
 
 def blocked_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
@@ -46,27 +53,54 @@ def blocked_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.T
     group = heads // kv_heads
     causal = getattr(module, "is_causal", True) if is_causal is None else is_causal
     scaling = d ** -0.5 if scaling is None else scaling
-    if attention_mask is None:
-        attention_mask = torch.ones(lq, lk, dtype=torch.bool, device=query.device)
-        attention_mask = attention_mask.tril(lk - lq) if causal else attention_mask
-        attention_mask = attention_mask[None, None]
-    hidden = ~attention_mask[:, :, None]  # (b or 1, 1, 1, lq, lk): True where a query may not look
-    q = query.view(b, kv_heads, group, lq, d)
+    hidden, blocks = _mask_plan(attention_mask, lq, lk, causal, query.device)
+    # scaled before the scores: lq x d multiplies instead of lq x lk (exact for d = 64, a power of two)
+    q = (query * scaling).view(b, kv_heads, group, lq, d)
     keys_t = key.transpose(-1, -2)
     out = query.new_empty(b, lq, kv_heads, group, dv)
+    for (first, last, seen, start), blk_hidden in zip(blocks, hidden, strict=True):
+        rows = last - first
+        # (b, kv, group x rows, d) @ (b, kv, d, seen): one matmul per key/value head for its whole group
+        scores = torch.matmul(q[:, :, :, first:last].reshape(b, kv_heads, group * rows, d), keys_t[..., :seen])
+        scores = scores.view(b, kv_heads, group, rows, seen)
+        if start < seen:  # keys before `start` are visible to every query of the block: nothing to mask
+            # finite: a row with every key hidden (left padding) stays finite; in the scores' dtype (autocast)
+            scores[..., start:].masked_fill_(blk_hidden, torch.finfo(scores.dtype).min)
+        probs = torch.softmax(scores, dim=-1).view(b, kv_heads, group * rows, seen)
+        out[:, first:last] = (torch.matmul(probs, value[:, :, :seen]).view(b, kv_heads, group, rows, dv)
+                              .permute(0, 3, 1, 2, 4))
+    return out.view(b, lq, heads, dv), None
+
+
+def _mask_plan(mask: torch.Tensor | None, lq: int, lk: int, causal: bool, device: torch.device):
+    """Per query block (first row, end row, keys it may see, first key column to mask) and the hidden part
+    of the mask from that column on, broadcastable to (b, kv, group, rows, cols). Masking only from the first
+    column any query of the block may not see spares the L x L masked_fill: with no padding on the left, only
+    the block's diagonal tile. Worked out once per mask object and reused by every layer."""
+    # _version counts in-place changes (inference tensors keep none; the engine's masks are made per forward)
+    key = (lq, lk, causal, BLOCK, 0 if mask is None or mask.is_inference() else mask._version)
+    if mask is not None and key in _PLANS.get(mask, {}):
+        return _PLANS[mask][key]
+    blocks, hidden = [], []
+    tile = torch.ones(BLOCK, BLOCK, dtype=torch.bool, device=device).triu(1)  # key after query: hidden
+    not_mask = None if mask is None else ~mask[:, :, None]  # (b or 1, 1, 1, lq, lk)
     for first in range(0, lq, BLOCK):
         last = min(lq, first + BLOCK)
         rows = last - first
         seen = min(lk, last + lk - lq) if causal else lk  # keys the block's last query may see
-        # (b, kv, group x rows, d) @ (b, kv, d, seen): one matmul per key/value head for its whole group
-        scores = torch.matmul(q[:, :, :, first:last].reshape(b, kv_heads, group * rows, d), keys_t[..., :seen])
-        # finite: a row with every key hidden (left padding) stays finite; in the scores' dtype (autocast's bf16)
-        low = torch.finfo(scores.dtype).min
-        scores = scores.view(b, kv_heads, group, rows, seen).masked_fill_(hidden[..., first:last, :seen], low)
-        probs = torch.softmax(scores.mul_(scaling), dim=-1).view(b, kv_heads, group * rows, seen)
-        out[:, first:last] = (torch.matmul(probs, value[:, :, :seen]).view(b, kv_heads, group, rows, dv)
-                              .permute(0, 3, 1, 2, 4))
-    return out.view(b, lq, heads, dv), None
+        if not_mask is None:
+            start = seen - rows if causal else seen
+            hidden.append(tile[:rows, :rows] if causal else None)
+        else:
+            block = not_mask[..., first:last, :seen]
+            cols = block.flatten(0, -2).any(dim=0)
+            start = int(cols.int().argmax()) if bool(cols.any()) else seen
+            hidden.append(block[..., start:])
+        blocks.append((first, last, seen, start))
+    plan = (hidden, blocks)
+    if mask is not None:
+        _PLANS.setdefault(mask, {})[key] = plan
+    return plan
 
 
 AttentionInterface.register(NAME, blocked_attention)
