@@ -87,13 +87,13 @@ def test_mask_plan_is_worked_out_once_per_mask(monkeypatch):
     mask = torch.ones(9, 9, dtype=torch.bool).tril()[None, None] & keep[:, None, None, :]
     plan = cpu_attention._mask_plan(mask, 9, 9, True, mask.device)
     assert cpu_attention._mask_plan(mask, 9, 9, True, mask.device) is plan
-    assert [start for *_, start in plan[1]] == [1, 5, 6]  # the diagonal's first hidden key; row 1's padding
+    assert [start for *_, start, _ in plan] == [1, 5, 6]  # the diagonal's first hidden key; row 1's padding
     mask[1, :, :, 2] = False  # in place: key 2 hidden from every query of row 1
     assert cpu_attention._mask_plan(mask, 9, 9, True, mask.device) is not plan
     out, _ = cpu_attention.blocked_attention(CAUSAL, q, k, v, mask)
     torch.testing.assert_close(out[:, :6], _sdpa(q, k, v, mask)[:, :6], rtol=0, atol=1e-5)
     monkeypatch.setattr(cpu_attention, "BLOCK", 2)
-    assert len(cpu_attention._mask_plan(mask, 9, 9, True, mask.device)[1]) == 5
+    assert len(cpu_attention._mask_plan(mask, 9, 9, True, mask.device)) == 5
 
 
 def test_bf16_within_rounding_of_fp32():

@@ -53,19 +53,19 @@ def blocked_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.T
     group = heads // kv_heads
     causal = getattr(module, "is_causal", True) if is_causal is None else is_causal
     scaling = d ** -0.5 if scaling is None else scaling
-    hidden, blocks = _mask_plan(attention_mask, lq, lk, causal, query.device)
+    blocks = _mask_plan(attention_mask, lq, lk, causal, query.device)
     # scaled before the scores: lq x d multiplies instead of lq x lk (exact for d = 64, a power of two)
     q = (query * scaling).view(b, kv_heads, group, lq, d)
     keys_t = key.transpose(-1, -2)
     out = query.new_empty(b, lq, kv_heads, group, dv)
-    for (first, last, seen, start), blk_hidden in zip(blocks, hidden, strict=True):
+    for first, last, seen, start, hidden in blocks:
         rows = last - first
         # (b, kv, group x rows, d) @ (b, kv, d, seen): one matmul per key/value head for its whole group
         scores = torch.matmul(q[:, :, :, first:last].reshape(b, kv_heads, group * rows, d), keys_t[..., :seen])
         scores = scores.view(b, kv_heads, group, rows, seen)
         if start < seen:  # keys before `start` are visible to every query of the block: nothing to mask
             # finite: a row with every key hidden (left padding) stays finite; in the scores' dtype (autocast)
-            scores[..., start:].masked_fill_(blk_hidden, torch.finfo(scores.dtype).min)
+            scores[..., start:].masked_fill_(hidden, torch.finfo(scores.dtype).min)
         probs = torch.softmax(scores, dim=-1).view(b, kv_heads, group * rows, seen)
         out[:, first:last] = (torch.matmul(probs, value[:, :, :seen]).view(b, kv_heads, group, rows, dv)
                               .permute(0, 3, 1, 2, 4))
@@ -73,7 +73,7 @@ def blocked_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.T
 
 
 def _mask_plan(mask: torch.Tensor | None, lq: int, lk: int, causal: bool, device: torch.device):
-    """Per query block (first row, end row, keys it may see, first key column to mask) and the hidden part
+    """Per query block: first row, end row, keys it may see, first key column to mask, and the hidden part
     of the mask from that column on, broadcastable to (b, kv, group, rows, cols). Masking only from the first
     column any query of the block may not see spares the L x L masked_fill: with no padding on the left, only
     the block's diagonal tile. Worked out once per mask object and reused by every layer."""
@@ -81,8 +81,9 @@ def _mask_plan(mask: torch.Tensor | None, lq: int, lk: int, causal: bool, device
     key = (lq, lk, causal, BLOCK, 0 if mask is None or mask.is_inference() else mask._version)
     if mask is not None and key in _PLANS.get(mask, {}):
         return _PLANS[mask][key]
-    blocks, hidden = [], []
-    tile = torch.ones(BLOCK, BLOCK, dtype=torch.bool, device=device).triu(1)  # key after query: hidden
+    blocks = []
+    if mask is None:
+        tile = torch.ones(BLOCK, BLOCK, dtype=torch.bool, device=device).triu(1)  # key after query: hidden
     not_mask = None if mask is None else ~mask[:, :, None]  # (b or 1, 1, 1, lq, lk)
     for first in range(0, lq, BLOCK):
         last = min(lq, first + BLOCK)
@@ -90,17 +91,16 @@ def _mask_plan(mask: torch.Tensor | None, lq: int, lk: int, causal: bool, device
         seen = min(lk, last + lk - lq) if causal else lk  # keys the block's last query may see
         if not_mask is None:
             start = seen - rows if causal else seen
-            hidden.append(tile[:rows, :rows] if causal else None)
+            hidden = tile[:rows, :rows] if causal else None
         else:
             block = not_mask[..., first:last, :seen]
             cols = block.flatten(0, -2).any(dim=0)
             start = int(cols.int().argmax()) if bool(cols.any()) else seen
-            hidden.append(block[..., start:])
-        blocks.append((first, last, seen, start))
-    plan = (hidden, blocks)
+            hidden = block[..., start:]
+        blocks.append((first, last, seen, start, hidden))
     if mask is not None:
-        _PLANS.setdefault(mask, {})[key] = plan
-    return plan
+        _PLANS.setdefault(mask, {})[key] = blocks
+    return blocks
 
 
 AttentionInterface.register(NAME, blocked_attention)
