@@ -53,6 +53,10 @@ CPU_TOKEN_BUDGET = 8192
 MIN_CPU_TOKEN_BUDGET = 1024  # smaller batches when splitting work between batch workers, down to this
 MAX_PADDING = 0.1  # padded positions per real token an auto-sized batch may carry (BENCHMARKS.md)
 HEAD_CHUNK_ELEMENTS = 1 << 25  # logits elements per LM-head chunk (128 MiB in fp32)
+# A bf16 head on a CPU writes its chunk at the bf16 matmul's speed, and a 64 MiB chunk outgrew the cache before the
+# slices below read it: chunks of 16 MiB ran the head 1.4x (1 thread) and 1.5x (2 threads) faster, same numbers.
+# fp32 heads are compute-bound and keep the larger chunk (BENCHMARKS.md).
+CPU_BF16_HEAD_CHUNK_ELEMENTS = 1 << 23
 # On a CPU, log-softmax and the moments run over slices of a chunk's logits this size (4 MiB in fp32), which stay in
 # cache across their several vocabulary-wide passes: same numbers, 4-6x faster than over the whole chunk (BENCHMARKS.md)
 CPU_SOFTMAX_SLICE_ELEMENTS = 1 << 20
@@ -374,9 +378,11 @@ def _head_scores(model, head, h: torch.Tensor, targets: torch.Tensor,
     """log p(target) (and the Min-K%++ moments) from final hidden states `h` (N, H), through the LM head in
     chunks so the N x V logits never exist at once."""
     vocab = head.weight.shape[0] if hasattr(head, "weight") else h.shape[-1]
-    chunk = max(1, HEAD_CHUNK_ELEMENTS // max(vocab, 1))
+    cpu = h.device.type == "cpu"
+    size = CPU_BF16_HEAD_CHUNK_ELEMENTS if cpu and h.dtype == torch.bfloat16 else HEAD_CHUNK_ELEMENTS
+    chunk = max(1, size // max(vocab, 1))
     # The matmul runs per chunk (the head's weights are read once per chunk); the memory-bound passes per slice.
-    piece = max(1, CPU_SOFTMAX_SLICE_ELEMENTS // max(vocab, 1)) if h.device.type == "cpu" else chunk
+    piece = max(1, CPU_SOFTMAX_SLICE_ELEMENTS // max(vocab, 1)) if cpu else chunk
     lp_parts, mu_parts, var_parts = [], [], []
     for first in range(0, h.shape[0], chunk):
         raw = head(h[first:first + chunk])
