@@ -54,7 +54,7 @@ MIN_CPU_TOKEN_BUDGET = 1024  # smaller batches when splitting work between batch
 MAX_PADDING = 0.1  # padded positions per real token an auto-sized batch may carry (BENCHMARKS.md)
 HEAD_CHUNK_ELEMENTS = 1 << 25  # logits elements per LM-head chunk (128 MiB in fp32)
 # A bf16 head on a CPU writes its chunk at the bf16 matmul's speed, and a 64 MiB chunk outgrew the cache before the
-# slices below read it: chunks of 16 MiB ran the head 1.4x (1 thread) and 1.5x (2 threads) faster, same numbers.
+# slices below read it: chunks of 16 MiB ran the head 1.4x faster (1 and 2 threads), with the same numbers.
 # fp32 heads are compute-bound and keep the larger chunk (BENCHMARKS.md).
 CPU_BF16_HEAD_CHUNK_ELEMENTS = 1 << 23
 # On a CPU, log-softmax and the moments run over slices of a chunk's logits this size (4 MiB in fp32), which stay in

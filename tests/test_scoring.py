@@ -89,7 +89,7 @@ def test_bf16_head_on_a_cpu_runs_in_its_own_smaller_chunks(monkeypatch):
 
     torch.manual_seed(0)
     vocab, hidden, n = 50, 16, 23
-    cfg = types.SimpleNamespace(config=types.SimpleNamespace())
+    model = types.SimpleNamespace(config=types.SimpleNamespace())  # no logit scaling or soft-capping
     monkeypatch.setattr(scoring, "HEAD_CHUNK_ELEMENTS", 7 * vocab)
     monkeypatch.setattr(scoring, "CPU_BF16_HEAD_CHUNK_ELEMENTS", 3 * vocab)
     monkeypatch.setattr(scoring, "CPU_SOFTMAX_SLICE_ELEMENTS", 2 * vocab)
@@ -100,7 +100,7 @@ def test_bf16_head_on_a_cpu_runs_in_its_own_smaller_chunks(monkeypatch):
         h = torch.randn(n, hidden, dtype=dtype)
         targets = torch.randint(0, vocab, (n,))
         with torch.no_grad():
-            lp, _, _ = scoring._head_scores(cfg, head, h, targets, moments=False)
+            lp, _, _ = scoring._head_scores(model, head, h, targets, moments=False)
             expected = torch.log_softmax(head(h).float(), -1).gather(1, targets[:, None])[:, 0].numpy()
         assert seen[:-1] == [rows] * (n // rows) + [n % rows]
         np.testing.assert_allclose(lp, expected, rtol=0, atol=1e-5)
