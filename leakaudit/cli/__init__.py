@@ -8,7 +8,6 @@ import warnings
 
 import typer
 
-from leakaudit.allocator import keep_freed_memory
 from leakaudit.errors import InputError
 from leakaudit.threads import configure_threads
 
@@ -32,7 +31,6 @@ def main() -> None:
     # peft (<= 0.21) reads transformers' deprecated `is_gradient_checkpointing` on every adapter: noise to users.
     warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
     configure_threads()  # before torch starts: one thread per CPU this process may use (leakaudit/threads.py)
-    keep_freed_memory()  # batches reuse freed memory instead of faulting it in again (leakaudit/allocator.py)
     # typer may vendor its own click; its exception classes live where typer.BadParameter does
     clk = importlib.import_module(typer.BadParameter.__module__)
     try:
