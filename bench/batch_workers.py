@@ -20,7 +20,6 @@ import statistics
 import sys
 from functools import partial
 
-import numpy as np
 import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
@@ -30,16 +29,13 @@ from score import (  # noqa: E402
     alternating_passes,
     bench_texts,
     forward_flops,
+    largest_difference,
     matmul_peak,
     matmul_peak_per_thread,
 )
 
 from leakaudit import scoring  # noqa: E402
 from leakaudit.models import cpu_has_fast_bf16, load_model  # noqa: E402
-
-
-def largest_difference(a, b, field: str) -> float:
-    return max(float(np.max(np.abs(getattr(x, field) - getattr(y, field)), initial=0.0)) for x, y in zip(a, b, strict=True))
 
 
 def main() -> None:

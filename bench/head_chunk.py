@@ -28,9 +28,8 @@ import torch
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 sys.path.insert(0, os.path.dirname(__file__))
 
-from batch_workers import largest_difference  # noqa: E402
 from peers import cpu_kind  # noqa: E402
-from score import alternating_passes, bench_texts  # noqa: E402
+from score import ab_summary, alternating_passes, bench_texts  # noqa: E402
 
 from leakaudit import scoring  # noqa: E402
 from leakaudit.models import load_model  # noqa: E402
@@ -49,6 +48,8 @@ def head_alone(sizes: list[int]) -> list[dict]:
         head = torch.nn.Linear(HIDDEN, VOCAB, bias=False).to(dtype)
         h = torch.randn(ROWS, HIDDEN, dtype=dtype)
         targets = torch.randint(0, VOCAB, (ROWS,))
+        setting = "CPU_BF16_HEAD_CHUNK_ELEMENTS" if dtype == torch.bfloat16 else "HEAD_CHUNK_ELEMENTS"
+        saved = getattr(scoring, setting)
         for moments in (False, True):
             times: dict[int, list[float]] = {rows: [] for rows in sizes}
             first = None
@@ -56,19 +57,17 @@ def head_alone(sizes: list[int]) -> list[dict]:
             with torch.inference_mode():
                 for _ in range(3):
                     for rows in sizes:
-                        setting = "CPU_BF16_HEAD_CHUNK_ELEMENTS" if dtype == torch.bfloat16 else "HEAD_CHUNK_ELEMENTS"
-                        saved = getattr(scoring, setting)
                         setattr(scoring, setting, rows * VOCAB)
                         t = time.perf_counter()
                         lp = scoring._head_scores(bare, head, h, targets, moments)[0]
                         times[rows].append(time.perf_counter() - t)
-                        setattr(scoring, setting, saved)
                         first = lp if first is None else first
                         diff = max(diff, float(abs(lp - first).max()))
             run = {"dtype": str(dtype).removeprefix("torch."), "moments": moments, "max_diff_logp": diff,
                    "ms": {rows: round(statistics.median(v) * 1e3, 1) for rows, v in times.items()}}
             out.append(run)
             print(json.dumps(run), flush=True)
+        setattr(scoring, setting, saved)
     return out
 
 
@@ -87,10 +86,8 @@ def main() -> None:
     for moments in (False, True):
         settings = {size: partial(setattr, scoring, "CPU_BF16_HEAD_CHUNK_ELEMENTS", size) for size in (FORMER, BF16)}
         times, results = alternating_passes(lm, texts, moments, settings, args.pairs)
-        former, new = statistics.median(times[FORMER]), statistics.median(times[BF16])
-        run = {"moments": moments, "seconds_former": times[FORMER], "seconds_bf16_chunk": times[BF16],
-               "tokens_per_s_former": report["tokens"] / former, "tokens_per_s_bf16_chunk": report["tokens"] / new,
-               "speedup": former / new, "max_diff_logp": largest_difference(results[FORMER], results[BF16], "logp")}
+        run = {"moments": moments, **ab_summary(times, results, (FORMER, "former"), (BF16, "bf16_chunk"),
+                                                report["tokens"], ("logp",))}
         report["passes"].append(run)
         print(json.dumps(run), flush=True)
     scoring.CPU_BF16_HEAD_CHUNK_ELEMENTS = BF16

@@ -18,6 +18,7 @@ import statistics
 import sys
 import time
 
+import numpy as np
 import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
@@ -119,6 +120,23 @@ def alternating_passes(lm, texts: list[str], moments: bool, settings: dict, pair
             results[label] = score_texts(lm, texts, moments=moments, cache=False, progress=False)
             times[label].append(time.perf_counter() - t)
     return times, results
+
+
+def largest_difference(a, b, field: str) -> float:
+    """The largest |a - b| of one per-token field (logp, mu, var) over two lists of TokenScores."""
+    return max(float(np.max(np.abs(getattr(x, field) - getattr(y, field)), initial=0.0)) for x, y in zip(a, b, strict=True))
+
+
+def ab_summary(times: dict, results: dict, before: tuple, after: tuple, tokens: int, fields: tuple[str, ...]) -> dict:
+    """One A/B of `alternating_passes` as a JSON row: `before` and `after` are (label, name) pairs; seconds of
+    each round, tokens/s of the medians and their ratio under each name, and the largest difference per field."""
+    (a, a_name), (b, b_name) = before, after
+    ta, tb = statistics.median(times[a]), statistics.median(times[b])
+    run = {f"seconds_{a_name}": times[a], f"seconds_{b_name}": times[b], f"tokens_per_s_{a_name}": tokens / ta,
+           f"tokens_per_s_{b_name}": tokens / tb, "speedup": ta / tb}
+    for field in fields:
+        run[f"max_diff_{field}"] = largest_difference(results[a], results[b], field)
+    return run
 
 
 def naive_loop(lm, texts: list[str]) -> list[float]:

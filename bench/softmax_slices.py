@@ -11,7 +11,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 import sys
 from functools import partial
 
@@ -20,8 +19,7 @@ import torch
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 sys.path.insert(0, os.path.dirname(__file__))
 
-from batch_workers import largest_difference  # noqa: E402
-from score import alternating_passes, bench_texts  # noqa: E402
+from score import ab_summary, alternating_passes, bench_texts  # noqa: E402
 
 from leakaudit import scoring  # noqa: E402
 from leakaudit.models import cpu_has_fast_bf16, load_model  # noqa: E402
@@ -47,12 +45,9 @@ def main() -> None:
         for moments in (False, True):
             settings = {size: partial(setattr, scoring, "CPU_SOFTMAX_SLICE_ELEMENTS", size) for size in (WHOLE_CHUNK, SLICED)}
             times, results = alternating_passes(lm, texts, moments, settings, args.pairs)
-            whole, sliced = statistics.median(times[WHOLE_CHUNK]), statistics.median(times[SLICED])
-            run = {"dtype": dname, "moments": moments, "seconds_whole_chunk": times[WHOLE_CHUNK],
-                   "seconds_sliced": times[SLICED], "tokens_per_s_whole_chunk": tokens / whole,
-                   "tokens_per_s_sliced": tokens / sliced, "speedup": whole / sliced}
-            for field in ("logp", "mu", "var") if moments else ("logp",):
-                run[f"max_diff_{field}"] = largest_difference(results[WHOLE_CHUNK], results[SLICED], field)
+            run = {"dtype": dname, "moments": moments,
+                   **ab_summary(times, results, (WHOLE_CHUNK, "whole_chunk"), (SLICED, "sliced"), tokens,
+                                ("logp", "mu", "var") if moments else ("logp",))}
             report["runs"].append(run)
             print(json.dumps(run), flush=True)
     scoring.CPU_SOFTMAX_SLICE_ELEMENTS = SLICED
