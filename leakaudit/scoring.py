@@ -39,6 +39,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from leakaudit.allocator import freed_memory_kept
 from leakaudit.errors import InputError, warn_once
 from leakaudit.models import LoadedModel, attention_kernels, cache_dir, scoring_attention
 
@@ -571,7 +572,7 @@ def _score_keyed(lm: LoadedModel, keys: list[str], tokenized, options: ScoreOpti
         lm.model.eval()
         try:
             with (_progress(progress, description, total) as advance, _hidden_state_head(lm.model) as head,
-                  scoring_attention(lm.model, lm.device),
+                  scoring_attention(lm.model, lm.device), freed_memory_kept(),
                   _batch_workers(lm, sum(len(b) for _, _, b in plan)) as (pool, workers)):
                 for (batch, _), scored in _as_finished(pool, workers, run, jobs()):
                     for seg, res in zip(batch, scored, strict=True):
