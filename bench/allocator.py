@@ -1,7 +1,7 @@
-"""`leakaudit score` as a whole process with glibc's default malloc thresholds against both fixed at 1 GiB (freed
-memory kept for reuse: MALLOC_MMAP_THRESHOLD_ and MALLOC_TRIM_THRESHOLD_, which glibc reads at start),
-alternating, on the same texts, in one run: wall time, time in the kernel (system CPU time, mostly page faults)
-and peak RSS of each process. Not leakaudit's default: BENCHMARKS.md says why.
+"""`leakaudit score` as a whole process with glibc's default malloc thresholds (`LEAKAUDIT_KEEP_FREED_MEMORY=0`)
+against leakaudit's default, both fixed at 1 GiB while the engine scores (freed memory kept for reuse,
+leakaudit/allocator.py), alternating, on the same texts, in one run: wall time, time in the kernel (system CPU
+time, mostly page faults) and peak RSS of each process.
 
 Usage: python bench/allocator.py [--texts 200] [--pairs 2] [--threads 1]
 """
@@ -24,19 +24,15 @@ sys.path.insert(0, os.path.dirname(__file__))
 from peers import cpu_kind  # noqa: E402
 from score import bench_texts  # noqa: E402
 
+from leakaudit.allocator import USER_SETTINGS  # noqa: E402
 from leakaudit.data.io import write_jsonl  # noqa: E402
-
-# Setting the trim threshold alone stops glibc adjusting the mmap threshold (then 128 KiB): set both.
-KEEP_FREED_MEMORY = {"MALLOC_MMAP_THRESHOLD_": str(1 << 30), "MALLOC_TRIM_THRESHOLD_": str(1 << 30)}
 
 
 def run_once(data: Path, out: Path, threads: int, keep: bool) -> dict[str, float]:
     """One `leakaudit score` process: wall seconds, system CPU seconds and peak RSS (MiB), from its own rusage."""
-    env = {**os.environ, "LEAKAUDIT_THREADS": str(threads)}
-    for var in KEEP_FREED_MEMORY:
+    env = {**os.environ, "LEAKAUDIT_THREADS": str(threads), "LEAKAUDIT_KEEP_FREED_MEMORY": "1" if keep else "0"}
+    for var in (*USER_SETTINGS, "GLIBC_TUNABLES"):  # a user's own malloc settings would switch it off
         env.pop(var, None)
-    if keep:
-        env.update(KEEP_FREED_MEMORY)
     cmd = [sys.executable, "-m", "leakaudit", "score", "--model", "default", "--data", str(data), "--out", str(out),
            "--no-cache"]
     t = time.perf_counter()

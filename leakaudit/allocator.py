@@ -24,7 +24,7 @@ from collections.abc import Iterator
 M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # glibc's mallopt parameters (malloc.h)
 KEEP_BYTES = 1 << 30  # while scoring: no fresh mappings below this, and no trimming
 AFTER_MMAP_BYTES, AFTER_TRIM_BYTES = 32 << 20, 64 << 20  # afterwards: glibc's own adjusted maxima
-_USER_SETTINGS = ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_", "MALLOC_TOP_PAD_", "MALLOC_MMAP_MAX_")
+USER_SETTINGS = ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_", "MALLOC_TOP_PAD_", "MALLOC_MMAP_MAX_")
 _lock = threading.Lock()
 _depth = 0  # nested or concurrent scoring passes: the first in sets, the last out restores
 
@@ -33,7 +33,7 @@ def _glibc():
     """glibc's mallopt and malloc_trim, or None (not glibc, or switched off, or the user tuned malloc)."""
     if os.environ.get("LEAKAUDIT_KEEP_FREED_MEMORY", "1").strip() == "0":
         return None
-    if any(k in os.environ for k in _USER_SETTINGS) or "glibc.malloc" in os.environ.get("GLIBC_TUNABLES", ""):
+    if any(k in os.environ for k in USER_SETTINGS) or "glibc.malloc" in os.environ.get("GLIBC_TUNABLES", ""):
         return None
     try:
         libc = ctypes.CDLL(None)

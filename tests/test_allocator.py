@@ -28,7 +28,7 @@ def libc():
 
 @pytest.fixture(autouse=True)
 def _no_user_malloc_settings(monkeypatch):
-    for name in (*allocator._USER_SETTINGS, "GLIBC_TUNABLES", "LEAKAUDIT_KEEP_FREED_MEMORY"):
+    for name in (*allocator.USER_SETTINGS, "GLIBC_TUNABLES", "LEAKAUDIT_KEEP_FREED_MEMORY"):
         monkeypatch.delenv(name, raising=False)
 
 
