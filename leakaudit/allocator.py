@@ -3,13 +3,13 @@
 Why: a scoring pass allocates and frees the same large activations batch after batch. glibc's malloc serves
 blocks above its mmap threshold (adjusted on the fly, 128 KiB to 32 MiB) with fresh mappings and returns free
 heap memory past its trim threshold, so each batch faults those pages in again, zeroed by the kernel. On a
-2-core AMD EPYC, `leakaudit score` over 100 texts on 1 thread made 1.6-2.5 M page faults and spent 3-5 s of
-43-45 s in the kernel; with both thresholds at 1 GiB, 0.3 M faults, 1 s, and a lower peak RSS (BENCHMARKS.md).
-Kept for the whole process, though, freed memory piles up across a fine-tune and the scoring after it (the
-demo's peak RSS rose from 6.0 to 9.0 GB), so the setting holds only while scoring runs: on the way out
-`malloc_trim` returns what is free and the thresholds go to 32 / 64 MiB, the values glibc's own adjustment
-reaches in a process that frees large tensors. glibc only (elsewhere nothing happens); a user's own
-`MALLOC_MMAP_THRESHOLD_` / `MALLOC_TRIM_THRESHOLD_` / `GLIBC_TUNABLES` malloc settings are left alone, and
+2-core AMD EPYC, `leakaudit score` over 100 texts on 1 thread made 1.6-2.7 M page faults and spent 3-5 s of
+43-45 s in the kernel; with both thresholds at 1 GiB, 0.3-0.4 M faults and 1 s (1.05x over 200 texts,
+BENCHMARKS.md). Kept for the whole process, though, freed memory piled up across a fine-tune and the scoring
+after it (the demo's peak RSS rose from 6.0 to 9.0 GB), so the setting holds only while scoring runs: on the
+way out `malloc_trim` returns what is free (the demo's peak fell from 6.0 to 4.35 GB) and the thresholds go to 32 / 64
+MiB, the values glibc's own adjustment reaches in a process that frees large tensors. glibc only (elsewhere
+nothing happens); a user's own `MALLOC_*` / `GLIBC_TUNABLES` malloc settings are left alone, and
 `LEAKAUDIT_KEEP_FREED_MEMORY=0` turns it off.
 """
 
