@@ -7,8 +7,8 @@ heap memory past its trim threshold, so each batch faults those pages in again, 
 43-45 s in the kernel; with both thresholds at 1 GiB, 0.3-0.4 M faults and 1 s (1.05x over 200 texts,
 BENCHMARKS.md). Kept for the whole process, though, freed memory piled up across a fine-tune and the scoring
 after it (the demo's peak RSS rose from 6.0 to 9.0 GB), so the setting holds only while scoring runs: on the
-way out `malloc_trim` returns what is free (the demo's peak fell from 6.0 to 4.35 GB) and the thresholds go to 32 / 64
-MiB, the values glibc's own adjustment reaches in a process that frees large tensors. glibc only (elsewhere
+way out `malloc_trim` returns what is free (the demo's peak fell from 6.0 to 4.35 GB) and the thresholds go to
+32 / 64 MiB, the values glibc's own adjustment reaches in a process that frees large tensors. glibc only (elsewhere
 nothing happens); a user's own `MALLOC_*` / `GLIBC_TUNABLES` malloc settings are left alone, and
 `LEAKAUDIT_KEEP_FREED_MEMORY=0` turns it off.
 """
