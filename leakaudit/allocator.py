@@ -7,8 +7,9 @@ heap memory past its trim threshold, so each batch faults those pages in again, 
 43-45 s in the kernel; with both thresholds at 1 GiB, 0.3-0.4 M faults and 1 s (1.05x over 200 texts,
 BENCHMARKS.md). Kept for the whole process, though, freed memory piled up across a fine-tune and the scoring
 after it (the demo's peak RSS rose from 6.0 to 9.0 GB), so the setting holds only while scoring runs: on the
-way out `malloc_trim` returns what is free (the demo's peak fell from 6.0 to 4.35 GB) and the thresholds go to
-32 / 64 MiB, the values glibc's own adjustment reaches in a process that frees large tensors. glibc only (elsewhere
+way out `malloc_trim` returns what is free when that is over 64 MiB (the demo's peak fell from 6.0 to 4.35 GB)
+and the thresholds go to 32 / 64 MiB, the values glibc's own adjustment reaches in a process that frees large
+tensors. glibc only (elsewhere
 nothing happens); a user's own `MALLOC_*` / `GLIBC_TUNABLES` malloc settings are left alone, and
 `LEAKAUDIT_KEEP_FREED_MEMORY=0` turns it off.
 """
@@ -17,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import functools
 import os
 import threading
 from collections.abc import Iterator
@@ -35,14 +37,33 @@ def _glibc():
         return None
     if any(k in os.environ for k in USER_SETTINGS) or "glibc.malloc" in os.environ.get("GLIBC_TUNABLES", ""):
         return None
+    return _functions()
+
+
+class _MallInfo2(ctypes.Structure):
+    _fields_ = [(name, ctypes.c_size_t) for name in ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks",
+                                                      "fsmblks", "uordblks", "fordblks", "keepcost")]
+
+
+@functools.cache
+def _functions():
+    """mallopt, and a function that gives free heap memory back to the OS when there is more than
+    AFTER_TRIM_BYTES of it (glibc's own rule for the heap's top): trimming after every small pass, then faulting
+    the pages in again, cost a tiny model's pass a fifth of its time."""
     try:
         libc = ctypes.CDLL(None)
-        mallopt, trim = libc.mallopt, libc.malloc_trim
-    except (OSError, AttributeError):
+        mallopt, trim, info = libc.mallopt, libc.malloc_trim, libc.mallinfo2
+    except (OSError, AttributeError):  # not glibc (or older than 2.33: no mallinfo2)
         return None
     mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
     trim.argtypes, trim.restype = [ctypes.c_size_t], ctypes.c_int
-    return mallopt, trim
+    info.argtypes, info.restype = [], _MallInfo2
+
+    def give_back() -> None:
+        if info().fordblks > AFTER_TRIM_BYTES:
+            trim(0)
+
+    return mallopt, give_back
 
 
 @contextlib.contextmanager
@@ -53,7 +74,7 @@ def freed_memory_kept() -> Iterator[bool]:
     if libc is None:
         yield False
         return
-    mallopt, trim = libc
+    mallopt, give_back = libc
     with _lock:
         if _depth == 0:
             mallopt(M_MMAP_THRESHOLD, KEEP_BYTES)
@@ -67,4 +88,4 @@ def freed_memory_kept() -> Iterator[bool]:
             if _depth == 0:
                 mallopt(M_MMAP_THRESHOLD, AFTER_MMAP_BYTES)
                 mallopt(M_TRIM_THRESHOLD, AFTER_TRIM_BYTES)
-                trim(0)
+                give_back()

@@ -7,7 +7,7 @@ import pytest
 
 from leakaudit import allocator
 
-BLOCK = 40 << 20  # above the 32 MiB mmap threshold restored afterwards, far below the 1 GiB kept inside
+BLOCK = 80 << 20  # above the 32 MiB mmap threshold restored afterwards and the 64 MiB trim rule, far below 1 GiB
 GLIBC = platform.system() == "Linux" and platform.libc_ver()[0] == "glibc"
 
 
@@ -33,10 +33,12 @@ def _no_user_malloc_settings(monkeypatch):
 
 
 def _mapped_by_malloc(libc) -> bool:
-    """Whether a BLOCK-sized malloc gets its own mapping (True) or comes from the heap (False)."""
+    """Whether a large malloc gets its own mapping (True) or comes from the heap (False). Larger by BLOCK than
+    all free heap memory, so no free chunk can serve it."""
+    size = libc.mallinfo2().fordblks + BLOCK
     before = libc.mallinfo2().hblkhd
-    p = libc.malloc(BLOCK)
-    mapped = libc.mallinfo2().hblkhd - before >= BLOCK
+    p = libc.malloc(size)
+    mapped = libc.mallinfo2().hblkhd - before >= size
     libc.free(p)
     return mapped
 
@@ -48,12 +50,12 @@ def test_inside_a_pass_large_blocks_come_from_the_heap_and_stay_there_until_the_
         assert not _mapped_by_malloc(libc)
         with allocator.freed_memory_kept():  # a nested pass: leaving it restores nothing
             pass
-        p = libc.malloc(BLOCK)
+        p = libc.malloc(libc.mallinfo2().fordblks + BLOCK)
         grown = libc.mallinfo2().arena
         libc.free(p)
         assert libc.mallinfo2().arena >= grown - (1 << 20)  # freed, but kept in the heap (no trim)
         assert not _mapped_by_malloc(libc)
-    assert libc.mallinfo2().arena <= grown - BLOCK  # given back on the way out
+    assert libc.mallinfo2().arena <= grown - BLOCK  # more than 64 MiB free: given back on the way out
     assert _mapped_by_malloc(libc)  # and blocks above 32 MiB are mapped again
 
 
