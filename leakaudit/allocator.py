@@ -9,9 +9,8 @@ BENCHMARKS.md). Kept for the whole process, though, freed memory piled up across
 after it (the demo's peak RSS rose from 6.0 to 9.0 GB), so the setting holds only while scoring runs: on the
 way out `malloc_trim` returns what is free when that is over 64 MiB (the demo's peak fell from 6.0 to 4.35 GB)
 and the thresholds go to 32 / 64 MiB, the values glibc's own adjustment reaches in a process that frees large
-tensors. glibc only (elsewhere
-nothing happens); a user's own `MALLOC_*` / `GLIBC_TUNABLES` malloc settings are left alone, and
-`LEAKAUDIT_KEEP_FREED_MEMORY=0` turns it off.
+tensors. glibc only (elsewhere nothing happens); a user's own `MALLOC_*` / `GLIBC_TUNABLES` malloc settings are
+left alone, and `LEAKAUDIT_KEEP_FREED_MEMORY=0` turns it off.
 """
 
 from __future__ import annotations
@@ -32,7 +31,7 @@ _depth = 0  # nested or concurrent scoring passes: the first in sets, the last o
 
 
 def _glibc():
-    """glibc's mallopt and malloc_trim, or None (not glibc, or switched off, or the user tuned malloc)."""
+    """`_functions()`, or None when switched off or the user tuned malloc."""
     if os.environ.get("LEAKAUDIT_KEEP_FREED_MEMORY", "1").strip() == "0":
         return None
     if any(k in os.environ for k in USER_SETTINGS) or "glibc.malloc" in os.environ.get("GLIBC_TUNABLES", ""):
