@@ -36,7 +36,7 @@ def test_ddp_two_cpu_processes_match_one_process(tmp_path):
     script.write_text(RUNNER)
     cfg = json.dumps({**common, "out": str(tmp_path / "two"), "batch_size": 2})
     root = str(Path(__file__).resolve().parents[1])
-    env = {**os.environ, "OMP_NUM_THREADS": "1",
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TMPDIR": str(tmp_path),  # torchrun's temp dirs go with the test
            "PYTHONPATH": os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")]))}
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
                            "--master-port", "29533", str(script), cfg], env=env, capture_output=True, text=True,

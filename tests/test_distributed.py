@@ -68,7 +68,8 @@ def test_mia_and_user_inference_in_two_processes_match_one_process(tmp_path):
     driver = tmp_path / "driver.py"
     driver.write_text("import json, sys\nfrom leakaudit.cli import app\n"
                       "for argv in json.loads(sys.argv[1]):\n    app(argv, standalone_mode=False)\n")
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "LEAKAUDIT_DTYPE": "fp32"}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "LEAKAUDIT_DTYPE": "fp32",
+           "TMPDIR": str(tmp_path)}  # torchrun's temp dirs go with the test
     # torchrun is what `accelerate launch --multi_gpu` runs underneath (it sets the same RANK/WORLD_SIZE/
     # MASTER_* environment) and starts ~10 s faster; docs/attacks.md shows the accelerate form.
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
