@@ -21,7 +21,6 @@ import statistics
 import sys
 import time
 import types
-from functools import partial
 
 import torch
 
@@ -29,7 +28,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 sys.path.insert(0, os.path.dirname(__file__))
 
 from peers import cpu_kind  # noqa: E402
-from score import ab_summary, alternating_passes, bench_texts  # noqa: E402
+from score import ab_of_constant, bench_texts  # noqa: E402
 
 from leakaudit import scoring  # noqa: E402
 from leakaudit.models import load_model  # noqa: E402
@@ -84,13 +83,11 @@ def main() -> None:
     report["texts"], report["tokens"] = len(texts), sum(len(lm.tokenizer(t)["input_ids"]) for t in texts)
     scoring.score_texts(lm, texts[:4], cache=False, progress=False)  # warm-up
     for moments in (False, True):
-        settings = {size: partial(setattr, scoring, "CPU_BF16_HEAD_CHUNK_ELEMENTS", size) for size in (FORMER, BF16)}
-        times, results = alternating_passes(lm, texts, moments, settings, args.pairs)
-        run = {"moments": moments, **ab_summary(times, results, (FORMER, "former"), (BF16, "bf16_chunk"),
-                                                report["tokens"], ("logp",))}
+        run = {"moments": moments,
+               **ab_of_constant(lm, texts, moments, "CPU_BF16_HEAD_CHUNK_ELEMENTS", (FORMER, "former"),
+                                (BF16, "bf16_chunk"), args.pairs, report["tokens"], ("logp",))}
         report["passes"].append(run)
         print(json.dumps(run), flush=True)
-    scoring.CPU_BF16_HEAD_CHUNK_ELEMENTS = BF16
     print(json.dumps(report, indent=2))
 
 

@@ -17,13 +17,14 @@ import os
 import statistics
 import sys
 import time
+from functools import partial
 
 import numpy as np
 import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
-from leakaudit import resources  # noqa: E402
+from leakaudit import resources, scoring  # noqa: E402
 from leakaudit.models import load_model, resolve_device, resolve_dtype  # noqa: E402
 from leakaudit.scoring import score_texts  # noqa: E402
 
@@ -120,6 +121,19 @@ def alternating_passes(lm, texts: list[str], moments: bool, settings: dict, pair
             results[label] = score_texts(lm, texts, moments=moments, cache=False, progress=False)
             times[label].append(time.perf_counter() - t)
     return times, results
+
+
+def ab_of_constant(lm, texts: list[str], moments: bool, name: str, before: tuple, after: tuple, pairs: int,
+                   tokens: int, fields: tuple[str, ...]) -> dict:
+    """`ab_summary` of `alternating_passes` between two values of one constant of leakaudit.scoring; `before` and
+    `after` are (value, name) pairs. The constant gets back the value it had."""
+    saved = getattr(scoring, name)
+    settings = {value: partial(setattr, scoring, name, value) for value, _ in (before, after)}
+    try:
+        times, results = alternating_passes(lm, texts, moments, settings, pairs)
+    finally:
+        setattr(scoring, name, saved)
+    return ab_summary(times, results, before, after, tokens, fields)
 
 
 def largest_difference(a, b, field: str) -> float:

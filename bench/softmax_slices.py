@@ -12,14 +12,13 @@ import argparse
 import json
 import os
 import sys
-from functools import partial
 
 import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 sys.path.insert(0, os.path.dirname(__file__))
 
-from score import ab_summary, alternating_passes, bench_texts  # noqa: E402
+from score import ab_of_constant, bench_texts  # noqa: E402
 
 from leakaudit import scoring  # noqa: E402
 from leakaudit.models import cpu_has_fast_bf16, load_model  # noqa: E402
@@ -43,14 +42,12 @@ def main() -> None:
         report["tokens"] = tokens = sum(len(lm.tokenizer(t)["input_ids"]) for t in texts)
         scoring.score_texts(lm, texts[:4], cache=False, progress=False)  # warm-up
         for moments in (False, True):
-            settings = {size: partial(setattr, scoring, "CPU_SOFTMAX_SLICE_ELEMENTS", size) for size in (WHOLE_CHUNK, SLICED)}
-            times, results = alternating_passes(lm, texts, moments, settings, args.pairs)
             run = {"dtype": dname, "moments": moments,
-                   **ab_summary(times, results, (WHOLE_CHUNK, "whole_chunk"), (SLICED, "sliced"), tokens,
-                                ("logp", "mu", "var") if moments else ("logp",))}
+                   **ab_of_constant(lm, texts, moments, "CPU_SOFTMAX_SLICE_ELEMENTS", (WHOLE_CHUNK, "whole_chunk"),
+                                    (SLICED, "sliced"), args.pairs, tokens,
+                                    ("logp", "mu", "var") if moments else ("logp",))}
             report["runs"].append(run)
             print(json.dumps(run), flush=True)
-    scoring.CPU_SOFTMAX_SLICE_ELEMENTS = SLICED
     print(json.dumps(report, indent=2))
 
 

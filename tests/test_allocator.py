@@ -19,14 +19,10 @@ HEAP_CHECK = textwrap.dedent('''
 
     BLOCK = 80 << 20  # above the 32 MiB mmap threshold restored afterwards and the 64 MiB trim rule, below 1 GiB
 
-    class MallInfo2(ctypes.Structure):
-        _fields_ = [(n, ctypes.c_size_t) for n in ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks",
-                                                   "fsmblks", "uordblks", "fordblks", "keepcost")]
-
     libc = ctypes.CDLL(None)
     libc.malloc.argtypes, libc.malloc.restype = [ctypes.c_size_t], ctypes.c_void_p
     libc.free.argtypes, libc.free.restype = [ctypes.c_void_p], None
-    libc.mallinfo2.restype = MallInfo2
+    libc.mallinfo2.restype = allocator._MallInfo2
 
     def mapped_by_malloc():
         """Whether a block larger by BLOCK than all free heap (so no free chunk can serve it) gets its own
