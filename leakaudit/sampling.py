@@ -99,13 +99,18 @@ def row_seed(seed: int, prompt_id: str, sample_index: int) -> int:
     return int.from_bytes(h[:8], "little") & ((1 << 63) - 1)
 
 
-def resolve_backend(lm: LoadedModel, backend: str) -> str:
+VLLM_MAX_TEMPERATURE = 2.0  # vLLM refuses higher sampling temperatures (seen with vLLM 0.26 on an H200)
+
+
+def resolve_backend(lm: LoadedModel, backend: str, config: SamplingConfig | None = None) -> str:
     """`auto` -> `vllm` where the vLLM adapter can run (vLLM installed, a CUDA GPU, a full saved model: not
-    an adapter or a `random:` model), else the `hf` reference; so one experiment file runs on a laptop and
-    uses vLLM on a GPU machine. Any other backend is returned as is."""
+    an adapter or a `random:` model; a temperature vLLM takes), else the `hf` reference; so one experiment
+    file runs on a laptop and uses vLLM on a GPU machine. Any other backend is returned as is."""
     if backend != "auto":
         return backend
     if importlib.util.find_spec("vllm") is None or not torch.cuda.is_available():
+        return "hf"
+    if config is not None and not _vllm_takes(config):
         return "hf"
     from leakaudit.models import resolve_spec
 
@@ -137,7 +142,10 @@ def sample(lm: LoadedModel, prompts: Sequence[str], config: SamplingConfig, *,
     config.validate()
     if backend not in BACKENDS:
         raise InputError(f"unknown backend '{backend}'; use one of {', '.join(BACKENDS)}", field="--backend")
-    backend = resolve_backend(lm, backend)
+    backend = resolve_backend(lm, backend, config)
+    if backend == "vllm" and not _vllm_takes(config):
+        raise InputError(f"vLLM samples at temperatures up to {VLLM_MAX_TEMPERATURE:g}, not "
+                         f"{config.temperature:g}; use --backend hf", field="--temperature")
     rows_per_batch = _parse_batch_size(batch_size)
     ids_list = [str(i) for i in range(len(prompts))] if prompt_ids is None else [str(p) for p in prompt_ids]
     if len(ids_list) != len(prompts):
@@ -417,6 +425,10 @@ def _vllm_generate(lm: LoadedModel, batch: list[_Row], config: SamplingConfig) -
     prompts = [{"prompt_token_ids": r.ids} for r in batch]
     outputs = llm.generate(prompts, params, use_tqdm=False)
     return [list(o.outputs[0].token_ids) for o in outputs]
+
+
+def _vllm_takes(config: SamplingConfig) -> bool:
+    return config.greedy or config.temperature <= VLLM_MAX_TEMPERATURE
 
 
 _VLLM_ENGINES: dict[tuple[str, str], object] = {}

@@ -279,6 +279,26 @@ def test_vllm_adapter_asks_for_what_leakaudit_promises(tiny_neox, monkeypatch):
     assert [e["dtype"] for e in fake.engines] == ["float32", "bfloat16"]
 
 
+def test_vllm_is_not_asked_for_temperatures_it_refuses(tiny_neox, monkeypatch):
+    """vLLM refuses temperatures above 2 (seen on a GPU): `auto` samples those with HF, and an explicit
+    `vllm` is a one-line error before any engine starts."""
+    import sys
+
+    fake = _FakeVllm()
+    monkeypatch.setitem(sys.modules, "vllm", fake.module)
+    monkeypatch.setattr(sampling, "_VLLM_ENGINES", {})
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda *a: (60 * 2**30, 140 * 2**30))
+    hot, warm = (SamplingConfig(max_new_tokens=3, temperature=t) for t in (2.5, 2.0))
+    assert sampling.resolve_backend(tiny_neox, "auto", warm) == "vllm"
+    assert sampling.resolve_backend(tiny_neox, "auto", hot) == "hf"
+    assert sampling.resolve_backend(tiny_neox, "auto", SamplingConfig(greedy=True)) == "vllm"
+    with pytest.raises(InputError, match="up to 2, not 2.5") as err:
+        sample(tiny_neox, ["Hello"], hot, backend="vllm", progress=False)
+    assert err.value.field == "--temperature" and fake.engines == []
+    assert len(sample(tiny_neox, ["Hello"], hot, backend="auto", progress=False)) == 1 and fake.engines == []
+
+
 def test_a_start_longer_than_a_sliding_window_is_not_shared(tiny_neox, monkeypatch):
     """A sliding-window layer keeps only the window's last keys, so a start that long is not cached whole:
     the batch runs without a shared start (and still equals one-at-a-time runs)."""

@@ -65,6 +65,27 @@ def _vllm_ids(lm, prompts: list[str], cfg, num_samples: int = 1) -> list[tuple[l
     return [(r.ids, new) for r, new in zip(rows, _vllm_generate(lm, rows, cfg), strict=True)]
 
 
+def test_generate_cli_with_vllm_backend(model_dir, tmp_path):
+    """`python -m leakaudit generate continuation --backend vllm` end to end: vLLM starts its engine in a
+    spawned process once CUDA is initialised, and that child re-imports the parent's main module. It runs first:
+    the engines the later tests keep in this process would leave its own engine little free memory."""
+    import subprocess
+    import sys
+
+    data = tmp_path / "texts.jsonl"
+    data.write_text("".join(json.dumps({"text": p + " and then some more words follow here"}) + "\n"
+                            for p in PROMPTS))
+    out = tmp_path / "continuations.jsonl"
+    cmd = [sys.executable, "-m", "leakaudit", "generate", "continuation", "--model", str(model_dir),
+           "--data", str(data), "--out", str(out), "--backend", "vllm", "--prompt-tokens", "4",
+           "--max-new-tokens", "8", "--num-samples", "2", "--device", "cuda"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=500)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    rows = [json.loads(x) for x in out.read_text().splitlines()]
+    assert len(rows) == 2 * len(PROMPTS) and all(1 <= r["n_new_tokens"] <= 8 for r in rows)
+    assert len({r["generated"] for r in rows}) > len(PROMPTS)  # sampled: a prompt's two rows mostly differ
+
+
 def test_vllm_greedy_takes_hf_most_likely_token_fp32_with_memory_already_held(model_dir):
     from leakaudit.models import load_model
     from leakaudit.sampling import SamplingConfig, resolve_backend, sample
@@ -89,21 +110,27 @@ def test_vllm_greedy_takes_hf_most_likely_token_fp32_with_memory_already_held(mo
 
 
 def test_vllm_rows_seeded_one_by_one_and_resumed_fp32(model_dir, tmp_path):
-    """fp32, so that batch shapes cannot move a draw across a token boundary by rounding."""
+    """fp32, so that batch shapes cannot move a draw across a token boundary by rounding. Rows keep their ids
+    (the prompt texts) when the order changes: the default ids are positions, and an id seeds its rows. (The
+    first H200 run left the ids to positions and so compared other rows: it failed, as HF does then.)"""
     from leakaudit.models import load_model
     from leakaudit.sampling import SamplingConfig, sample
 
     lm = load_model(str(model_dir), device="cuda", dtype="fp32")
     cfg = SamplingConfig(max_new_tokens=16, temperature=1.0, num_samples=3, seed=7, stop_at_eos=False)
     out = tmp_path / "samples.jsonl"
-    first = sample(lm, PROMPTS, cfg, backend="vllm", out_path=out, progress=False)
+    first = sample(lm, PROMPTS, cfg, prompt_ids=PROMPTS, backend="vllm", out_path=out, progress=False)
     assert len(first) == len(PROMPTS) * 3 and len(out.read_text().splitlines()) == len(first)
     # the same rows again, in another order and other batch sizes
-    again = sample(lm, PROMPTS[::-1], cfg, backend="vllm", progress=False, batch_size=2)
+    again = sample(lm, PROMPTS[::-1], cfg, prompt_ids=PROMPTS[::-1], backend="vllm", progress=False,
+                   batch_size=2)
     by_key = {(s.prompt, s.sample_index): s.text for s in again}
-    assert all(by_key[s.prompt, s.sample_index] == s.text for s in first)
+    same = sum(by_key[s.prompt, s.sample_index] == s.text for s in first)
+    print(f"vLLM fp32 rows identical under another order and batch size: {same}/{len(first)}")
+    assert same == len(first)
     # another seed draws other rows; a prompt's samples are not all one text
-    other = sample(lm, PROMPTS, SamplingConfig(**{**cfg.__dict__, "seed": 8}), backend="vllm", progress=False)
+    other = sample(lm, PROMPTS, SamplingConfig(**{**cfg.__dict__, "seed": 8}), prompt_ids=PROMPTS,
+                   backend="vllm", progress=False)
     assert sum(a.text != b.text for a, b in zip(first, other, strict=True)) >= len(first) // 3
     texts: dict[str, set[str]] = {}
     for s in first:
@@ -111,7 +138,7 @@ def test_vllm_rows_seeded_one_by_one_and_resumed_fp32(model_dir, tmp_path):
     assert sum(len(t) > 1 for t in texts.values()) >= len(PROMPTS) // 2  # HF sampling: 5 of 6 (3 seeds)
     # resume: a second run with the same file samples nothing new and returns the same rows
     rows_before = out.read_text()
-    resumed = sample(lm, PROMPTS, cfg, backend="vllm", out_path=out, progress=False)
+    resumed = sample(lm, PROMPTS, cfg, prompt_ids=PROMPTS, backend="vllm", out_path=out, progress=False)
     assert [s.text for s in resumed] == [s.text for s in first] and out.read_text() == rows_before
     assert len({json.loads(x)["run"] for x in rows_before.splitlines()}) == 1
 
@@ -122,7 +149,7 @@ def test_vllm_bf16_sampling_keeps_to_top_k_and_repeats(model_dir):
     from leakaudit.sampling import SamplingConfig, sample
 
     lm = load_model(str(model_dir), device="cuda", dtype="bf16")
-    cfg = SamplingConfig(max_new_tokens=16, temperature=3.0, top_k=5, num_samples=3, seed=7,
+    cfg = SamplingConfig(max_new_tokens=16, temperature=2.0, top_k=5, num_samples=3, seed=7,
                          stop_at_eos=False)
     first = sample(lm, PROMPTS, cfg, backend="vllm", progress=False)
     repeat = sample(lm, PROMPTS, cfg, backend="vllm", progress=False)
@@ -133,28 +160,8 @@ def test_vllm_bf16_sampling_keeps_to_top_k_and_repeats(model_dir):
         chosen = logits.gather(1, torch.tensor(new_ids, device=lm.device)[:, None])
         assert len(new_ids) == 16
         ranks += (logits > chosen).sum(dim=1).tolist()
-    # rank < 8 leaves room for bf16 near ties at the 5th place; without top-k, temperature 3 puts 22% of
-    # the tokens at rank 8 or beyond (HF sampling, this model)
+    # rank < 8 leaves room for bf16 near ties at the 5th place; without top-k, temperature 2 puts about half
+    # the tokens at rank 8 or beyond (HF sampling, this model, on a CPU; vLLM refuses temperatures above 2)
     print(f"ranks under HF: max {max(ranks)}, beyond the top 5: {sum(r >= 5 for r in ranks)}",
           f"of {len(ranks)}")
     assert max(ranks) < 8 and len(set(ranks)) > 1
-
-
-def test_generate_cli_with_vllm_backend(model_dir, tmp_path):
-    """`python -m leakaudit generate continuation --backend vllm` end to end: vLLM starts its engine in a
-    spawned process once CUDA is initialised, and that child re-imports the parent's main module."""
-    import subprocess
-    import sys
-
-    data = tmp_path / "texts.jsonl"
-    data.write_text("".join(json.dumps({"text": p + " and then some more words follow here"}) + "\n"
-                            for p in PROMPTS))
-    out = tmp_path / "continuations.jsonl"
-    cmd = [sys.executable, "-m", "leakaudit", "generate", "continuation", "--model", str(model_dir),
-           "--data", str(data), "--out", str(out), "--backend", "vllm", "--prompt-tokens", "4",
-           "--max-new-tokens", "8", "--num-samples", "2", "--device", "cuda"]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=500)
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    rows = [json.loads(x) for x in out.read_text().splitlines()]
-    assert len(rows) == 2 * len(PROMPTS) and all(1 <= r["n_new_tokens"] <= 8 for r in rows)
-    assert len({r["generated"] for r in rows}) > len(PROMPTS)  # sampled: a prompt's two rows mostly differ
