@@ -7,11 +7,11 @@
 #   device 1:  bash .dev1/vllm_device.sh stash $OUT (carry .dev1): wheels, keep part 1, run the GPU tests
 #   device 2:  bash .dev2/vllm_device.sh test $OUT (carry .dev2): the next call, while the machine is warm
 # bundle adds .dev1/ and .dev2/ to .git/info/exclude, so that each travels only when carried.
-# The tree + part 2 is over 64 MiB unless the big data under leakaudit/resources (backdoor-extraction,
-# enron-users, enron-exposure, enron-emails, pii-enron-pil/*shot*) is moved out for the two calls; the GPU tests
-# need only the tiny tokenizer's corpus. GPU_TESTS=0 skips test_gpu.py in `stash`; VLLM_K picks tests (-k).
+# The tree + part 2 is over 64 MiB unless the big data under leakaudit/resources is out of the tree for the two
+# calls (`hold` before, `unhold` after; the GPU tests need only the tiny tokenizer's corpus).
+# GPU_TESTS=0 skips test_gpu.py in `stash`; VLLM_K picks tests (-k) in `test`.
 set -u
-step=${1:?usage: bench/vllm_device.sh bundle|stash OUT|test OUT}
+step=${1:?usage: bench/vllm_device.sh bundle|hold|unhold|stash OUT|test OUT}
 VLLM=0.26.0
 # On the machine's image (KINDS.md) but needed: leakaudit's and vLLM's imports that it lacks.
 WHEELS="pydantic==2.14.4 pydantic-core==2.50.5 annotated-types typing-inspection typing-extensions gguf opacus
@@ -27,7 +27,7 @@ bundle)
   here=$(cd "$(dirname "$0")/.." && pwd); tmp=$(mktemp -d); cd "$here" || exit 1
   plat="--only-binary=:all: --python-version 3.12 --implementation cp --platform any"
   for t in manylinux1 manylinux2014 manylinux_2_17 manylinux_2_24 manylinux_2_26 manylinux_2_27 \
-           manylinux_2_28; do plat="$plat --platform ${t}_x86_64"; done
+           manylinux_2_28 manylinux_2_31; do plat="$plat --platform ${t}_x86_64"; done
   grep -qx /.dev1/ .git/info/exclude 2>/dev/null || printf '/.dev1/\n/.dev2/\n' >> .git/info/exclude
   rm -rf .dev1 .dev2 && mkdir -p .dev1 .dev2
   for w in $WHEELS; do python3 -m pip download -q --no-deps $plat -d .dev1 "$w" || exit 2; done
@@ -40,6 +40,14 @@ bundle)
   tail -c +30000001 "$tmp/vllm.tar.xz" > .dev2/vllm.part2
   cp "$0" .dev1/ && cp "$0" .dev2/ && rm -rf "$tmp"
   du -sh .dev1 .dev2;;
+hold)  # big data out of the tree for the two device calls (unhold puts it back)
+  cd "$(dirname "$0")/.." || exit 1; held=../.leakaudit-held; r=leakaudit/resources
+  for f in $r/backdoor-extraction $r/enron-users $r/enron-exposure $r/enron-emails $r/pii-enron-pil/*shot*.jsonl; do
+    mkdir -p "$held/$(dirname "$f")" && mv "$f" "$held/$f" || exit 1; done
+  du -sh "$held";;
+unhold)
+  cd "$(dirname "$0")/.." || exit 1; held=../.leakaudit-held
+  (cd "$held" && tar -cf - .) | tar -xf - && rm -rf "$held" && git status --short;;
 stash)
   out=${2:?OUT}; export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
   mkdir -p /tmp/stash && cp .dev1/vllm.part1 /tmp/stash/
