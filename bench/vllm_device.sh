@@ -72,5 +72,5 @@ test)
 print('vllm', vllm.__version__, 'imports')" 2>&1 | grep -v "INFO\|WARNING" | tail -4
   timeout 420 python3 -m pytest -m gpu tests/gpu/test_vllm.py ${VLLM_K:+-k "$VLLM_K"} -q -s -p no:cacheprovider -rA \
     > "$out/vllm_tests.txt" 2>&1
-  echo "vllm tests rc=$?"; grep -E "vLLM fp32|ranks under|passed|failed|Error" "$out/vllm_tests.txt" | tail -30;;
+  echo "vllm tests rc=$?"; grep -E "vLLM |ranks under|free before|passed|failed|Error" "$out/vllm_tests.txt" | tail -30;;
 esac

@@ -21,6 +21,7 @@ The HF backend is the reference; `backend="vllm"` is a thin adapter for GPUs wit
 from __future__ import annotations
 
 import contextlib
+import gc
 import hashlib
 import importlib.util
 import json
@@ -436,10 +437,11 @@ VLLM_MEMORY_SHARE = 0.9  # of the GPU memory still free when the engine starts
 
 
 def _vllm_engine(lm: LoadedModel):
-    """One vLLM engine per (model, dtype), kept for the process. It takes 90% of the GPU memory that is free
-    when it starts, not vLLM's default share of the whole card: the HF model leakaudit scores with (and any
-    engine started before) already holds some, and vLLM refuses to start when its share exceeds what is
-    free."""
+    """The vLLM engine of (model, dtype), kept until another is asked for. It takes 90% of the GPU memory
+    that is free when it starts, not vLLM's default share of the whole card: the HF model leakaudit scores
+    with already holds some, and vLLM refuses to start when its share exceeds what is free. So one engine
+    at a time: kept side by side, a second would get a tenth of the memory, a third a hundredth (a study
+    samples from five or more models)."""
     if importlib.util.find_spec("vllm") is None:
         raise InputError("vLLM is not installed (pip install vllm); use --backend hf", field="--backend")
     if not torch.cuda.is_available():
@@ -457,10 +459,24 @@ def _vllm_engine(lm: LoadedModel):
     if (lm.spec, dtype) not in _VLLM_ENGINES:
         from vllm import LLM
 
+        close_vllm_engines()
         free, total = torch.cuda.mem_get_info()
         _VLLM_ENGINES[lm.spec, dtype] = LLM(model=str(where), dtype=dtype, trust_remote_code=False,
                                             gpu_memory_utilization=VLLM_MEMORY_SHARE * free / total)
     return _VLLM_ENGINES[lm.spec, dtype]
+
+
+def close_vllm_engines() -> None:
+    """Shut down the kept vLLM engine (its engine process, and its memory with it)."""
+    while _VLLM_ENGINES:
+        _, llm = _VLLM_ENGINES.popitem()
+        core = getattr(getattr(llm, "llm_engine", None), "engine_core", None)
+        if core is not None:
+            core.shutdown()
+        del llm
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
 
 
 # ----------------------------------------------------------------------------------------- checkpoint file

@@ -226,9 +226,13 @@ class _FakeVllm:
         self.module.__spec__ = importlib.machinery.ModuleSpec("vllm", None)
         fake = self
 
+        self.shut_down: list[dict] = []
+
         class LLM:
             def __init__(self, **kwargs):
                 fake.engines.append(kwargs)
+                core = types.SimpleNamespace(shutdown=lambda: fake.shut_down.append(kwargs))
+                self.llm_engine = types.SimpleNamespace(engine_core=core)
 
             def generate(self, prompts, params, use_tqdm=True):
                 out = []
@@ -243,7 +247,7 @@ class _FakeVllm:
 
 
 def test_vllm_adapter_asks_for_what_leakaudit_promises(tiny_neox, monkeypatch):
-    """Per-row seeds, no detokenising (leakaudit decodes), one engine per model and dtype, and a memory
+    """Per-row seeds, no detokenising (leakaudit decodes), one engine at a time, and a memory
     share of what is free (vLLM refuses to start when its share of the card exceeds the free memory, and
     the HF model already holds some). The real engine runs in tests/gpu/test_vllm.py."""
     import dataclasses
@@ -275,8 +279,13 @@ def test_vllm_adapter_asks_for_what_leakaudit_promises(tiny_neox, monkeypatch):
     assert len(fake.engines) == 1 and fake.requests[-1][1]["temperature"] == 0.0
     assert fake.requests[-1][1]["top_k"] == -1 and fake.requests[-1][1]["top_p"] == 1.0
     bf16 = dataclasses.replace(tiny_neox, dtype=torch.bfloat16)
+    assert fake.shut_down == []
     sample(bf16, ["Hello there"], cfg, backend="vllm", progress=False)
     assert [e["dtype"] for e in fake.engines] == ["float32", "bfloat16"]
+    # one engine at a time: the fp32 one was shut down before the bf16 one started
+    assert fake.shut_down == fake.engines[:1] and list(sampling._VLLM_ENGINES) == [(tiny_neox.spec, "bfloat16")]
+    sampling.close_vllm_engines()
+    assert fake.shut_down == fake.engines and sampling._VLLM_ENGINES == {}
 
 
 def test_vllm_is_not_asked_for_temperatures_it_refuses(tiny_neox, monkeypatch):

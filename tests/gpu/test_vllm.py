@@ -165,3 +165,22 @@ def test_vllm_bf16_sampling_keeps_to_top_k_and_repeats(model_dir):
     print(f"ranks under HF: max {max(ranks)}, beyond the top 5: {sum(r >= 5 for r in ranks)}",
           f"of {len(ranks)}")
     assert max(ranks) < 8 and len(set(ranks)) > 1
+
+
+def test_vllm_engines_one_at_a_time_give_the_card_back(model_dir):
+    """Three engines one after another, as a study samples from several models: each starts with 90% of
+    what is free, which only works if the one before gave its memory back; closing the last one does too."""
+    from leakaudit.models import load_model
+    from leakaudit.sampling import SamplingConfig, close_vllm_engines, sample
+
+    close_vllm_engines()
+    free_before = torch.cuda.mem_get_info()[0]
+    cfg = SamplingConfig(max_new_tokens=4, greedy=True, stop_at_eos=False)
+    for dtype in ("fp32", "bf16", "fp32"):
+        lm = load_model(str(model_dir), device="cuda", dtype=dtype)
+        assert len(sample(lm, PROMPTS[:2], cfg, backend="vllm", progress=False)) == 2
+        print(f"vLLM engine {dtype}: {torch.cuda.mem_get_info()[0] / 2**30:.1f} GiB free beside it")
+    close_vllm_engines()
+    free_after = torch.cuda.mem_get_info()[0]
+    print(f"free before the engines {free_before / 2**30:.1f} GiB, after closing them {free_after / 2**30:.1f}")
+    assert free_after > 0.9 * free_before
