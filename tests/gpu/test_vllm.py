@@ -2,7 +2,8 @@
 
 vLLM's sampler is its own, so its samples are not HF's; what must hold is what leakaudit promises of a
 backend: greedy decoding takes the model's most likely token, top-k keeps to the k most likely, per-row
-seeds make every row reproducible and independent of batching, and a run resumes from its output file.
+seeds make every row reproducible and independent of batching, a run resumes from its output file, and
+engines (one at a time) give the card back.
 """
 
 from __future__ import annotations
