@@ -23,6 +23,7 @@ from __future__ import annotations
 import contextlib
 import gc
 import hashlib
+import importlib.metadata
 import importlib.util
 import json
 import os
@@ -121,9 +122,18 @@ def resolve_backend(lm: LoadedModel, backend: str, config: SamplingConfig | None
 
 def run_key(lm: LoadedModel, config: SamplingConfig, backend: str) -> str:
     """What identifies a sampling run in its output file: model weights, options, backend, engine version."""
-    blob = json.dumps({"v": SAMPLING_VERSION, "model": lm.fingerprint, "dtype": str(lm.dtype),
-                       "config": asdict(config), "backend": backend}, sort_keys=True)
-    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+    what = {"v": SAMPLING_VERSION, "model": lm.fingerprint, "dtype": str(lm.dtype), "config": asdict(config),
+            "backend": backend}
+    if backend == "vllm":  # vLLM's sampler is its own: another release may draw other rows
+        what["vllm"] = _vllm_version()
+    return hashlib.sha256(json.dumps(what, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _vllm_version() -> str:
+    try:
+        return importlib.metadata.version("vllm")
+    except importlib.metadata.PackageNotFoundError:
+        return "not installed"
 
 
 # ----------------------------------------------------------------------------------------- public entry
@@ -468,6 +478,8 @@ def _vllm_engine(lm: LoadedModel):
 
 def close_vllm_engines() -> None:
     """Shut down the kept vLLM engine (its engine process, and its memory with it)."""
+    if not _VLLM_ENGINES:
+        return
     while _VLLM_ENGINES:
         _, llm = _VLLM_ENGINES.popitem()
         core = getattr(getattr(llm, "llm_engine", None), "engine_core", None)

@@ -234,6 +234,35 @@ def test_edit_reruns_only_downstream_stages(study_run, tmp_path):
     assert all(keys[sid] != edited[sid] for sid in keys)
 
 
+def test_a_finetune_stage_starts_with_vllm_engines_shut_down(tmp_path, monkeypatch):
+    """A generate stage's vLLM engine holds 90% of the GPU memory it found free: the run shuts it down
+    before a fine-tune stage (as it drops its loaded models), not before every stage."""
+    import types
+
+    from leakaudit import sampling
+    from leakaudit.experiment import engine
+
+    shut: list[str] = []
+    kept_at_finetune: list[list] = []
+
+    def fake_kind_stage(ctx):  # stands in for a generate/evaluate stage that sampled with vLLM
+        core = types.SimpleNamespace(shutdown=lambda: shut.append(ctx.stage.id))
+        sampling._VLLM_ENGINES[ctx.stage.id, "bfloat16"] = types.SimpleNamespace(
+            llm_engine=types.SimpleNamespace(engine_core=core))
+        return {}
+
+    def fake_finetune(ctx):
+        kept_at_finetune.append(list(sampling._VLLM_ENGINES))
+        return {"model_dir": "model", "checkpoints": []}
+
+    monkeypatch.setattr(sampling, "_VLLM_ENGINES", {})
+    monkeypatch.setattr(engine, "run_kind_stage", fake_kind_stage)
+    monkeypatch.setitem(engine.RUNNERS, "finetune", fake_finetune)
+    engine.run_plan(Plan(parse_experiment(STUDY)), tmp_path / "out", log=_quiet)
+    assert kept_at_finetune == [[]] and sorted(shut) == ["generate/continued", "generate/replaced"]
+    assert len(sampling._VLLM_ENGINES) == 4  # the evaluations after it: kept, for the stages that follow
+
+
 def test_edited_input_file_reruns_its_readers(tmp_path):
     data = tmp_path / "texts.jsonl"
     data.write_text("".join(json.dumps({"text": f"line number {i} of the file"}) + "\n" for i in range(6)))

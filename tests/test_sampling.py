@@ -308,6 +308,25 @@ def test_vllm_is_not_asked_for_temperatures_it_refuses(tiny_neox, monkeypatch):
     assert len(sample(tiny_neox, ["Hello"], hot, backend="auto", progress=False)) == 1 and fake.engines == []
 
 
+def test_a_vllm_run_key_names_the_vllm_release(tiny_neox, monkeypatch):
+    """A file sampled with one vLLM release is not resumed with another (its sampler is its own); HF keys do
+    not change with vLLM's version."""
+    cfg = SamplingConfig(max_new_tokens=3)
+    keys = {}
+    for release in ("0.26.0", "0.27.0"):
+        monkeypatch.setattr(sampling, "_vllm_version", lambda r=release: r)
+        keys[release] = (sampling.run_key(tiny_neox, cfg, "vllm"), sampling.run_key(tiny_neox, cfg, "hf"))
+    assert keys["0.26.0"][0] != keys["0.27.0"][0] and keys["0.26.0"][1] == keys["0.27.0"][1]
+    monkeypatch.undo()
+    import importlib.metadata
+
+    def missing(name):
+        raise importlib.metadata.PackageNotFoundError(name)
+
+    monkeypatch.setattr(importlib.metadata, "version", missing)
+    assert sampling._vllm_version() == "not installed"  # no vLLM: still a key, not a traceback
+
+
 def test_a_start_longer_than_a_sliding_window_is_not_shared(tiny_neox, monkeypatch):
     """A sliding-window layer keeps only the window's last keys, so a start that long is not cached whole:
     the batch runs without a shared start (and still equals one-at-a-time runs)."""

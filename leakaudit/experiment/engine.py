@@ -83,7 +83,10 @@ def run_plan(plan: Plan, out: Path, *, log: Callable[[str], None] = print,
         sdir.mkdir(parents=True, exist_ok=True)
         keyfile.write_text(stage.key)
         if stage.kind == "finetune":
+            from leakaudit.sampling import close_vllm_engines
+
             cache.clear()  # free memory for training; nothing loaded so far is needed by it
+            close_vllm_engines()  # nor a generate stage's vLLM engine, which holds 90% of the GPU it found free
         log(f"[{i}/{n}] {stage.id}: running ({stage.kind})")
         t0 = time.perf_counter()
         ctx = StageContext(stage, sdir, out, plan, results, cache)
@@ -134,7 +137,7 @@ def versions() -> dict[str, str]:
     import platform
 
     out = {"python": platform.python_version()}
-    for pkg in ("leakaudit", "torch", "transformers", "peft", "tokenizers", "numpy", "scikit-learn"):
+    for pkg in ("leakaudit", "torch", "transformers", "peft", "tokenizers", "numpy", "scikit-learn", "vllm"):
         try:
             out[pkg] = md.version(pkg)
         except md.PackageNotFoundError:
