@@ -154,9 +154,8 @@ def sample(lm: LoadedModel, prompts: Sequence[str], config: SamplingConfig, *,
     if backend not in BACKENDS:
         raise InputError(f"unknown backend '{backend}'; use one of {', '.join(BACKENDS)}", field="--backend")
     backend = resolve_backend(lm, backend, config)
-    if backend == "vllm" and not _vllm_takes(config):
-        raise InputError(f"vLLM samples at temperatures up to {VLLM_MAX_TEMPERATURE:g}, not "
-                         f"{config.temperature:g}; use --backend hf", field="--temperature")
+    if backend == "vllm":
+        _check_vllm_can_run(lm, config)
     rows_per_batch = _parse_batch_size(batch_size)
     ids_list = [str(i) for i in range(len(prompts))] if prompt_ids is None else [str(p) for p in prompt_ids]
     if len(ids_list) != len(prompts):
@@ -442,6 +441,26 @@ def _vllm_takes(config: SamplingConfig) -> bool:
     return config.greedy or config.temperature <= VLLM_MAX_TEMPERATURE
 
 
+def _check_vllm_can_run(lm: LoadedModel, config: SamplingConfig) -> None:
+    """Why vLLM cannot sample this run, as a one-line error before any work (or output file) starts."""
+    if importlib.util.find_spec("vllm") is None:
+        raise InputError("vLLM is not installed (pip install vllm); use --backend hf", field="--backend")
+    if not torch.cuda.is_available():
+        raise InputError("the vLLM backend needs a GPU; use --backend hf", field="--backend")
+    from leakaudit.models import resolve_spec
+
+    kind, _ = resolve_spec(lm.spec)
+    if kind == "adapter":
+        raise InputError("the vLLM backend takes full models; merge the adapter first (leakaudit merge)",
+                         field="--backend")
+    if kind == "random":
+        raise InputError("the vLLM backend loads saved weights; random: models run on --backend hf",
+                         field="--backend")
+    if not _vllm_takes(config):
+        raise InputError(f"vLLM samples at temperatures up to {VLLM_MAX_TEMPERATURE:g}, not "
+                         f"{config.temperature:g}; use --backend hf", field="--temperature")
+
+
 _VLLM_ENGINES: dict[tuple[str, str], object] = {}
 VLLM_MEMORY_SHARE = 0.9  # of the GPU memory still free when the engine starts
 
@@ -452,19 +471,9 @@ def _vllm_engine(lm: LoadedModel):
     with already holds some, and vLLM refuses to start when its share exceeds what is free. So one engine
     at a time: kept side by side, a second would get a tenth of the memory, a third a hundredth (a study
     samples from five or more models)."""
-    if importlib.util.find_spec("vllm") is None:
-        raise InputError("vLLM is not installed (pip install vllm); use --backend hf", field="--backend")
-    if not torch.cuda.is_available():
-        raise InputError("the vLLM backend needs a GPU; use --backend hf", field="--backend")
     from leakaudit.models import resolve_spec
 
-    kind, where = resolve_spec(lm.spec)
-    if kind == "adapter":
-        raise InputError("the vLLM backend takes full models; merge the adapter first (leakaudit merge)",
-                         field="--backend")
-    if kind == "random":
-        raise InputError("the vLLM backend loads saved weights; random: models run on --backend hf",
-                         field="--backend")
+    _, where = resolve_spec(lm.spec)
     dtype = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}[lm.dtype]
     if (lm.spec, dtype) not in _VLLM_ENGINES:
         from vllm import LLM

@@ -206,10 +206,11 @@ def test_bad_batch_size_and_duplicate_ids(tiny_neox):
         sample(tiny_neox, ["a", "b"], SamplingConfig(), prompt_ids=["x", "x"], progress=False)
 
 
-def test_vllm_backend_reports_missing_install(tiny_neox):
+def test_vllm_backend_reports_missing_install(tiny_neox, tmp_path):
+    """Before any work: no output file is started."""
     with pytest.raises(InputError) as err:
-        sample(tiny_neox, ["a"], SamplingConfig(), backend="vllm", progress=False)
-    assert err.value.field == "--backend"
+        sample(tiny_neox, ["a"], SamplingConfig(), backend="vllm", out_path=tmp_path / "s.jsonl", progress=False)
+    assert err.value.field == "--backend" and list(tmp_path.iterdir()) == []
 
 
 class _FakeVllm:
