@@ -113,6 +113,8 @@ def resolve_backend(lm: LoadedModel, backend: str, config: SamplingConfig | None
     if importlib.util.find_spec("vllm") is None or not torch.cuda.is_available():
         return "hf"
     if config is not None and not _vllm_takes(config):
+        warn_once(f"vLLM refuses temperatures above {VLLM_MAX_TEMPERATURE:g}: sampling at {config.temperature:g} "
+                  "with the HF backend")
         return "hf"
     from leakaudit.models import resolve_spec
 

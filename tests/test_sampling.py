@@ -289,7 +289,7 @@ def test_vllm_adapter_asks_for_what_leakaudit_promises(tiny_neox, monkeypatch):
     assert fake.shut_down == fake.engines and sampling._VLLM_ENGINES == {}
 
 
-def test_vllm_is_not_asked_for_temperatures_it_refuses(tiny_neox, monkeypatch):
+def test_vllm_is_not_asked_for_temperatures_it_refuses(tiny_neox, monkeypatch, capsys):
     """vLLM refuses temperatures above 2 (seen on a GPU): `auto` samples those with HF, and an explicit
     `vllm` is a one-line error before any engine starts."""
     import sys
@@ -302,6 +302,7 @@ def test_vllm_is_not_asked_for_temperatures_it_refuses(tiny_neox, monkeypatch):
     hot, warm = (SamplingConfig(max_new_tokens=3, temperature=t) for t in (2.5, 2.0))
     assert sampling.resolve_backend(tiny_neox, "auto", warm) == "vllm"
     assert sampling.resolve_backend(tiny_neox, "auto", hot) == "hf"
+    assert "sampling at 2.5 with the HF backend" in capsys.readouterr().err  # said once, on stderr
     assert sampling.resolve_backend(tiny_neox, "auto", SamplingConfig(greedy=True)) == "vllm"
     with pytest.raises(InputError, match="up to 2, not 2.5") as err:
         sample(tiny_neox, ["Hello"], hot, backend="vllm", progress=False)
