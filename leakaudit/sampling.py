@@ -105,21 +105,16 @@ VLLM_MAX_TEMPERATURE = 2.0  # vLLM refuses higher sampling temperatures (seen wi
 
 
 def resolve_backend(lm: LoadedModel, backend: str, config: SamplingConfig | None = None) -> str:
-    """`auto` -> `vllm` where the vLLM adapter can run (vLLM installed, a CUDA GPU, a full saved model: not
-    an adapter or a `random:` model; a temperature vLLM takes), else the `hf` reference; so one experiment
-    file runs on a laptop and uses vLLM on a GPU machine. Any other backend is returned as is."""
+    """`auto` -> `vllm` where the vLLM adapter can run (vLLM installed, a CUDA GPU, a temperature vLLM takes, a
+    full saved model: not an adapter or a `random:` model), else the `hf` reference; so one experiment file
+    runs on a laptop and uses vLLM on a GPU machine. Any other backend is returned as is."""
     if backend != "auto":
         return backend
-    if importlib.util.find_spec("vllm") is None or not torch.cuda.is_available():
-        return "hf"
-    if config is not None and not _vllm_takes(config):
+    obstacle = _vllm_obstacle(lm, config)
+    if obstacle is not None and obstacle.field == "--temperature":
         warn_once(f"vLLM refuses temperatures above {VLLM_MAX_TEMPERATURE:g}: sampling at {config.temperature:g} "
                   "with the HF backend")
-        return "hf"
-    from leakaudit.models import resolve_spec
-
-    kind, _ = resolve_spec(lm.spec)
-    return "hf" if kind in ("adapter", "random") else "vllm"
+    return "hf" if obstacle is not None else "vllm"
 
 
 def run_key(lm: LoadedModel, config: SamplingConfig, backend: str) -> str:
@@ -155,9 +150,9 @@ def sample(lm: LoadedModel, prompts: Sequence[str], config: SamplingConfig, *,
     config.validate()
     if backend not in BACKENDS:
         raise InputError(f"unknown backend '{backend}'; use one of {', '.join(BACKENDS)}", field="--backend")
-    backend = resolve_backend(lm, backend, config)
-    if backend == "vllm":
-        _check_vllm_can_run(lm, config)
+    if backend == "vllm" and (obstacle := _vllm_obstacle(lm, config)) is not None:
+        raise obstacle  # before any work (or output file) starts
+    backend = resolve_backend(lm, backend, config)  # `auto` takes vLLM only where it has no obstacle
     rows_per_batch = _parse_batch_size(batch_size)
     ids_list = [str(i) for i in range(len(prompts))] if prompt_ids is None else [str(p) for p in prompt_ids]
     if len(ids_list) != len(prompts):
@@ -439,28 +434,25 @@ def _vllm_generate(lm: LoadedModel, batch: list[_Row], config: SamplingConfig) -
     return [list(o.outputs[0].token_ids) for o in outputs]
 
 
-def _vllm_takes(config: SamplingConfig) -> bool:
-    return config.greedy or config.temperature <= VLLM_MAX_TEMPERATURE
-
-
-def _check_vllm_can_run(lm: LoadedModel, config: SamplingConfig) -> None:
-    """Why vLLM cannot sample this run, as a one-line error before any work (or output file) starts."""
+def _vllm_obstacle(lm: LoadedModel, config: SamplingConfig | None) -> InputError | None:
+    """Why vLLM cannot sample this run (None when it can): `auto` then takes HF, an explicit `vllm` fails."""
     if importlib.util.find_spec("vllm") is None:
-        raise InputError("vLLM is not installed (pip install vllm); use --backend hf", field="--backend")
+        return InputError("vLLM is not installed (pip install vllm); use --backend hf", field="--backend")
     if not torch.cuda.is_available():
-        raise InputError("the vLLM backend needs a GPU; use --backend hf", field="--backend")
+        return InputError("the vLLM backend needs a GPU; use --backend hf", field="--backend")
+    if config is not None and not config.greedy and config.temperature > VLLM_MAX_TEMPERATURE:
+        return InputError(f"vLLM samples at temperatures up to {VLLM_MAX_TEMPERATURE:g}, not "
+                          f"{config.temperature:g}; use --backend hf", field="--temperature")
     from leakaudit.models import resolve_spec
 
     kind, _ = resolve_spec(lm.spec)
     if kind == "adapter":
-        raise InputError("the vLLM backend takes full models; merge the adapter first (leakaudit merge)",
-                         field="--backend")
+        return InputError("the vLLM backend takes full models; merge the adapter first (leakaudit merge)",
+                          field="--backend")
     if kind == "random":
-        raise InputError("the vLLM backend loads saved weights; random: models run on --backend hf",
-                         field="--backend")
-    if not _vllm_takes(config):
-        raise InputError(f"vLLM samples at temperatures up to {VLLM_MAX_TEMPERATURE:g}, not "
-                         f"{config.temperature:g}; use --backend hf", field="--temperature")
+        return InputError("the vLLM backend loads saved weights; random: models run on --backend hf",
+                          field="--backend")
+    return None
 
 
 _VLLM_ENGINES: dict[tuple[str, str], object] = {}
