@@ -141,6 +141,54 @@ def test_resume_continues_where_it_stopped(plain_data, tmp_path):
     assert finetune(cfg, progress=False) == out  # a finished run is returned as is
 
 
+def test_last_checkpoint_skips_optimizer_state_and_final_weights_are_not_written_twice(plain_data, tmp_path):
+    """Only a resume reads a checkpoint's optimizer state, and nothing is left to resume after the last step."""
+    import os
+
+    from transformers import TrainerCallback
+
+    class Saved(TrainerCallback):
+        def __init__(self):
+            self.optimizer_saved = {}
+
+        def on_save(self, args, state, control, **kwargs):
+            ckpt = tmp_path / "full" / f"checkpoint-{state.global_step}"
+            self.optimizer_saved[state.global_step] = (ckpt / "optimizer.pt").exists()
+
+    saved = Saved()
+    out = finetune(_cfg(plain_data, tmp_path / "full", method="full", learning_rate=3e-3), progress=False,
+                   callbacks=[saved])
+    assert saved.optimizer_saved == {2: True, 4: False}
+    # the final model's weights are the last checkpoint's file, linked, not a second write
+    assert os.path.samefile(out / "model.safetensors", out / "checkpoint-4" / "model.safetensors")
+    assert not (out / "trainer_state.json").exists() and (out / "config.json").exists()
+    load_model(str(out), dtype="fp32")
+
+
+def test_a_run_killed_after_its_last_checkpoint_finishes_without_optimizer_state(plain_data, tmp_path):
+    from transformers import TrainerCallback
+
+    class KillAfterLastSave(TrainerCallback):
+        def on_save(self, args, state, control, **kwargs):
+            if state.global_step == state.max_steps:
+                raise _Kill
+
+    cfg = _cfg(plain_data, tmp_path / "killed", lora_dropout=0.0)
+    with pytest.raises(_Kill):
+        finetune(cfg, progress=False, callbacks=[KillAfterLastSave()])
+    assert not (tmp_path / "killed" / "checkpoint-4" / "optimizer.pt").exists()
+    assert not (tmp_path / "killed" / "adapter_model.safetensors").exists()
+    out = finetune(cfg, progress=False)
+    straight = finetune(_cfg(plain_data, tmp_path / "straight", lora_dropout=0.0), progress=False)
+    a = load_file(str(out / "adapter_model.safetensors"))
+    b = load_file(str(straight / "adapter_model.safetensors"))
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-6)
+    log = [json.loads(x) for x in (out / "train_log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in log if "loss" in r] == [1, 2, 3, 4]
+
+
 def test_bad_input_names_file_line_field(tmp_path):
     bad = tmp_path / "bad.jsonl"
     bad.write_text(json.dumps({"text": "fine"}) + "\n" + json.dumps({"txt": "oops"}) + "\n")

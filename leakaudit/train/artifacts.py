@@ -6,6 +6,7 @@ checkpoints, so none of them imports the fine-tuning entry point for these helpe
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -59,6 +60,8 @@ def last_checkpoint(out: Path) -> Path | None:
 
 # What a checkpoint holds only so that training can resume (the Trainer's files, and DP-SGD's optimizer).
 RESUME_ONLY = ("optimizer", "scheduler", "scaler", "rng_state", "dp_optimizer")
+# What a Trainer checkpoint holds beside the loadable files and is not one of them.
+CHECKPOINT_ONLY = ("trainer_state", "training_args")
 
 
 def drop_resume_state(out: Path) -> None:
@@ -73,3 +76,22 @@ def drop_resume_state(out: Path) -> None:
                 shutil.rmtree(entry)
             else:
                 entry.unlink()
+
+
+def link_loadable(checkpoint: Path, directory: Path) -> None:
+    """Give `directory` the loadable files of a checkpoint that holds the final weights: the files
+    `save_loadable` would write, without writing the weights a second time (538 MB for the default model in
+    fp32). Weights are hard-linked (copied where the file system has no links): safetensors files are never
+    written in place; the small files are copied, so no later write to one can change the other."""
+    for src in checkpoint.iterdir():
+        if not src.is_file() or src.name.startswith(RESUME_ONLY + CHECKPOINT_ONLY):
+            continue
+        dest = directory / src.name
+        dest.unlink(missing_ok=True)
+        if src.suffix == ".safetensors":
+            try:
+                os.link(src, dest)
+                continue
+            except OSError:
+                pass
+        shutil.copy2(src, dest)

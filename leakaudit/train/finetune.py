@@ -32,7 +32,7 @@ from leakaudit.distributed import is_main
 from leakaudit.errors import InputError, warn_once
 from leakaudit.models import attention_kernels
 from leakaudit.train import examples as ex
-from leakaudit.train.artifacts import drop_resume_state, last_checkpoint, save_loadable
+from leakaudit.train.artifacts import drop_resume_state, last_checkpoint, link_loadable, save_loadable
 from leakaudit.train.defenses import DefenseReport, dedup_and_cap, pii_scrubber
 
 DEFAULT_TARGETS = {"gpt_neox": ["query_key_value"], "opt": ["q_proj", "v_proj"], "llama": ["q_proj", "v_proj"]}
@@ -288,6 +288,31 @@ def finetune(config: FinetuneConfig, progress: bool = True, callbacks: list | No
     return out
 
 
+def _last_step_checkpoint(ckpt: Path | None) -> Path | None:
+    """`ckpt` when the Trainer saved it at the run's last step (so it holds the final weights), else None."""
+    if ckpt is None:
+        return None
+    state = json.loads((ckpt / "trainer_state.json").read_text())
+    return ckpt if state.get("global_step", 0) >= state.get("max_steps", float("inf")) else None
+
+
+def _lean_trainer_class():
+    from transformers import Trainer
+
+    class LeanLastCheckpointTrainer(Trainer):
+        """The Trainer, except that the checkpoint of the last step leaves out the optimizer and scheduler
+        states: only a resume reads them, a run killed after that checkpoint is finished from it without
+        training (`_train_trainer`), and a finished run deletes them anyway. A full fine-tune of the default
+        model writes 1.1 GB less (AdamW's two moments): ~8 s of a ~100 s demo stage on a disk that takes
+        ~120 MB/s once its write cache is full (BENCHMARKS.md)."""
+
+        def _save_optimizer_and_scheduler(self, output_dir: str) -> None:
+            if self.state.global_step < self.state.max_steps:
+                super()._save_optimizer_and_scheduler(output_dir)
+
+    return LeanLastCheckpointTrainer
+
+
 def fit_context(config: FinetuneConfig, lm) -> int:
     """Tokens per example: `--max-length`, clamped (with one warning) to the model's context, because longer
     sequences index past learned position embeddings (OPT: IndexError) or leave the trained range (RoPE).
@@ -372,21 +397,33 @@ def _train_trainer(config: FinetuneConfig, lm, model, train: list[ex.Example], h
         callbacks.append(RichProgressCallback())
     if config.early_stopping_patience is not None and evaluate:
         callbacks.append(EarlyStoppingCallback(early_stopping_patience=config.early_stopping_patience))
-    trainer = Trainer(model=model, args=args, train_dataset=ex.ExampleDataset(train),
-                      eval_dataset=ex.ExampleDataset(held_out) if evaluate else None, data_collator=collator,
-                      processing_class=lm.tokenizer, callbacks=callbacks + list(extra_callbacks))
+    # The final weights can be the last checkpoint's own file when the Trainer saved a plain model there and
+    # loads nothing back at the end (FSDP checkpoints hold shards; PiSSA's final adapter is converted).
+    lean = config.method != "pissa" and not config.fsdp and not args.load_best_model_at_end
+    trainer = (_lean_trainer_class() if lean else Trainer)(
+        model=model, args=args, train_dataset=ex.ExampleDataset(train),
+        eval_dataset=ex.ExampleDataset(held_out) if evaluate else None, data_collator=collator,
+        processing_class=lm.tokenizer, callbacks=callbacks + list(extra_callbacks))
     trainer.remove_callback(PrinterCallback)
     trainer.remove_callback(ProgressCallback)
     resume = last_checkpoint(out)
-    with attention_kernels(lm.device):
-        trainer.train(resume_from_checkpoint=str(resume) if resume else None)
+    # A run killed after its last checkpoint has nothing left to train (resumed there, the Trainer would take
+    # one step more, with the optimizer state that checkpoint leaves out).
+    final = _last_step_checkpoint(resume) if lean else None
+    if final is None:
+        with attention_kernels(lm.device):
+            trainer.train(resume_from_checkpoint=str(resume) if resume else None)
+        final = _last_step_checkpoint(last_checkpoint(out)) if lean else None
     # Under FSDP every rank holds a shard: gather the full weights (a collective, so on every rank) first.
     state_dict = trainer.accelerator.get_state_dict(trainer.model) if trainer.is_fsdp_enabled else None
     if trainer.is_world_process_zero():
-        model = trainer.accelerator.unwrap_model(trainer.model)
-        save_loadable(model, out, config, lm.tokenizer, state_dict=state_dict)
-        if config.method == "full":
-            model.config.save_pretrained(str(out))
+        if final is not None:
+            link_loadable(final, out)  # not written a second time
+        else:
+            model = trainer.accelerator.unwrap_model(trainer.model)
+            save_loadable(model, out, config, lm.tokenizer, state_dict=state_dict)
+            if config.method == "full":
+                model.config.save_pretrained(str(out))
         (out / "training_args.bin").unlink(missing_ok=True)
     if int(os.environ.get("WORLD_SIZE", "1")) > 1 and torch.distributed.is_initialized():
         torch.distributed.barrier()
