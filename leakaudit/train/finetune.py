@@ -21,6 +21,7 @@ import hashlib
 import json
 import os
 import random
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Any, Literal
 
@@ -34,6 +35,7 @@ from leakaudit.models import attention_kernels
 from leakaudit.train import examples as ex
 from leakaudit.train.artifacts import drop_resume_state, last_checkpoint, link_loadable, save_loadable
 from leakaudit.train.defenses import DefenseReport, dedup_and_cap, pii_scrubber
+from leakaudit.train.packed_attention import packed_attention
 
 DEFAULT_TARGETS = {"gpt_neox": ["query_key_value"], "opt": ["q_proj", "v_proj"], "llama": ["q_proj", "v_proj"]}
 DONE_MARKER = "finetune_done.json"
@@ -411,7 +413,7 @@ def _train_trainer(config: FinetuneConfig, lm, model, train: list[ex.Example], h
     # one step more, with the optimizer state that checkpoint leaves out).
     final = _last_step_checkpoint(resume) if lean else None
     if final is None:
-        with attention_kernels(lm.device):
+        with attention_kernels(lm.device), packed_attention(model, lm.device) if pack else nullcontext():
             trainer.train(resume_from_checkpoint=str(resume) if resume else None)
         final = _last_step_checkpoint(last_checkpoint(out)) if lean else None
     # Under FSDP every rank holds a shard: gather the full weights (a collective, so on every rank) first.
