@@ -4,13 +4,14 @@ by example instead of as one row-long attention under a block-diagonal mask.
 Why: a packed row (examples concatenated, position ids restarting per example) makes transformers build a
 block-diagonal causal mask, and sdpa then computes every one of the row's L x L scores, of which the mask keeps
 about 1/n for n examples, forward and backward. On a 2-core AMD EPYC the demo's exposure fine-tune (8 messages
-in one row of 703 tokens, default model) ran forward + backward 1.18x faster in fp32 and 1.25x with bf16
+in one row of 701 tokens, default model) ran forward + backward 1.19x faster in fp32 and 1.28x with bf16
 autocast (BENCHMARKS.md, "Fine-tuning"). Each example's attention is the computation the mask asked for: the
 fp32 loss is the same to the last digit printed.
 
 Training only (`packed_attention`, around the Trainer's run on packed batches), on CPUs only (on GPUs sdpa's
 kernels are as measured there). A row is split where its position ids do not go up by one, the rule
-transformers' own packed-sequence mask follows. Without position ids, with a padding mask beside them, or with
+transformers' own packed-sequence mask follows, and only when the mask transformers built is exactly that
+block-diagonal causal mask. Without position ids, without such a mask (a padding mask beside them), or with
 anything this does not handle the way sdpa does (sliding windows, soft-capping, attention sinks, a position
 bias, a non-causal module, a key/value cache), the call goes to transformers' sdpa function unchanged.
 """
@@ -27,7 +28,7 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 NAME = "leakaudit_packed"
-# Per mask (or position-id) tensor of one forward: the rows' example bounds, or None (not plain packing).
+# Per mask tensor of one forward: the rows' example bounds, or None (not plain packing).
 # Keyed weakly by identity: an entry goes with its tensor, so a new forward never meets an old plan.
 _PLANS = WeakIdKeyDictionary()
 _UNHANDLED = ("softcap", "s_aux", "sinks", "position_bias", "sliding_window")
@@ -41,8 +42,9 @@ def per_example_attention(module: torch.nn.Module, query: torch.Tensor, key: tor
     (b, L); returns (b, L, heads, d_v)."""
     causal = getattr(module, "is_causal", True) if is_causal is None else is_causal
     segments = None
-    if (position_ids is not None and position_ids.shape == (query.shape[0], query.shape[2]) and causal
-            and key.shape[2] == query.shape[2] and all(kwargs.get(k) is None for k in _UNHANDLED)):
+    if (position_ids is not None and attention_mask is not None and causal
+            and position_ids.shape == (query.shape[0], query.shape[2]) and key.shape[2] == query.shape[2]
+            and all(kwargs.get(k) is None for k in _UNHANDLED)):
         segments = _segments(attention_mask, position_ids)
     if segments is None:
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
@@ -58,23 +60,22 @@ def per_example_attention(module: torch.nn.Module, query: torch.Tensor, key: tor
     return out.transpose(1, 2).contiguous(), None
 
 
-def _segments(mask: torch.Tensor | None, position_ids: torch.Tensor) -> list[list[tuple[int, int]]] | None:
+def _segments(mask: torch.Tensor, position_ids: torch.Tensor) -> list[list[tuple[int, int]]] | None:
     """Per row, the (start, end) of each example, a new one wherever the position does not go up by one; None
-    when the mask hides more than other examples and later tokens (a padding mask beside the packing). Worked
-    out once per forward (every layer gets the same tensors) and kept while they live."""
-    key = mask if mask is not None else position_ids
-    if key in _PLANS:
-        return _PLANS[key]
+    unless the mask hides exactly the other examples and later tokens (not, say, padding beside the packing).
+    Worked out once per forward (every layer gets the same mask tensor) and kept while it lives."""
+    if mask in _PLANS:
+        return _PLANS[mask]
     new = torch.ones_like(position_ids, dtype=torch.bool)
     new[:, 1:] = position_ids[:, 1:] - position_ids[:, :-1] != 1
     plan = None
-    if mask is None or _block_diagonal_causal(mask, new.cumsum(1)):
+    if _block_diagonal_causal(mask, new.cumsum(1)):
         length = position_ids.shape[1]
         plan = []
         for row in new.cpu():
             first = row.nonzero().flatten().tolist()
             plan.append(list(zip(first, first[1:] + [length], strict=True)))
-    _PLANS[key] = plan
+    _PLANS[mask] = plan
     return plan
 
 
