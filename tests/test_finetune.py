@@ -112,6 +112,14 @@ class _Kill(Exception):
     pass
 
 
+def _assert_same_adapter(a_dir, b_dir) -> None:
+    a = load_file(str(a_dir / "adapter_model.safetensors"))
+    b = load_file(str(b_dir / "adapter_model.safetensors"))
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-6)
+
+
 def test_resume_continues_where_it_stopped(plain_data, tmp_path):
     from transformers import TrainerCallback
 
@@ -133,11 +141,7 @@ def test_resume_continues_where_it_stopped(plain_data, tmp_path):
     log = [json.loads(x) for x in (out / "train_log.jsonl").read_text().splitlines()]
     assert [r["step"] for r in log if "loss" in r] == [1, 2, 3, 4]
     straight = finetune(_cfg(plain_data, tmp_path / "straight", lora_dropout=0.0), progress=False)
-    a = load_file(str(out / "adapter_model.safetensors"))
-    b = load_file(str(straight / "adapter_model.safetensors"))
-    assert a.keys() == b.keys()
-    for k in a:
-        torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-6)
+    _assert_same_adapter(out, straight)
     assert finetune(cfg, progress=False) == out  # a finished run is returned as is
 
 
@@ -180,11 +184,7 @@ def test_a_run_killed_after_its_last_checkpoint_finishes_without_optimizer_state
     assert not (tmp_path / "killed" / "adapter_model.safetensors").exists()
     out = finetune(cfg, progress=False)
     straight = finetune(_cfg(plain_data, tmp_path / "straight", lora_dropout=0.0), progress=False)
-    a = load_file(str(out / "adapter_model.safetensors"))
-    b = load_file(str(straight / "adapter_model.safetensors"))
-    assert a.keys() == b.keys()
-    for k in a:
-        torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-6)
+    _assert_same_adapter(out, straight)
     log = [json.loads(x) for x in (out / "train_log.jsonl").read_text().splitlines()]
     assert [r["step"] for r in log if "loss" in r] == [1, 2, 3, 4]
 

@@ -21,13 +21,13 @@ bias, dropout) goes to transformers' sdpa function unchanged.
 
 from __future__ import annotations
 
-import contextlib
-
 import torch
 from torch.utils.weak import WeakIdKeyDictionary
 from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+from leakaudit.models.dtype import sdpa_replaced
 
 NAME = "leakaudit_cpu_blocks"
 BLOCK = 64  # query rows per block: 64 and 96 measured alike and ahead of 128 and 192 (BENCHMARKS.md)
@@ -107,18 +107,8 @@ AttentionInterface.register(NAME, blocked_attention)
 AttentionMaskInterface.register(NAME, sdpa_mask)  # the same boolean masks sdpa gets
 
 
-@contextlib.contextmanager
 def scoring_attention(model: torch.nn.Module, device: torch.device):
-    """Within this block a bf16 model on a CPU whose attention is sdpa runs `blocked_attention`; any other
+    """A context: within it a bf16 model on a CPU whose attention is sdpa runs `blocked_attention`; any other
     model, dtype or device is untouched. Restored afterwards."""
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    config = base.config
-    if (device.type != "cpu" or getattr(config, "_attn_implementation", None) != "sdpa"
-            or next(base.parameters()).dtype != torch.bfloat16):
-        yield
-        return
-    base.set_attn_implementation(NAME)
-    try:
-        yield
-    finally:
-        base.set_attn_implementation("sdpa")
+    bf16 = next(model.parameters()).dtype == torch.bfloat16
+    return sdpa_replaced(model, NAME, when=device.type == "cpu" and bf16)

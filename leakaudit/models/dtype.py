@@ -65,6 +65,22 @@ def attention_kernels(device: torch.device):
         torch.backends.cuda.enable_cudnn_sdp(before)
 
 
+@contextlib.contextmanager
+def sdpa_replaced(model: torch.nn.Module, name: str, when: bool = True):
+    """Within this block a model whose attention is sdpa runs the attention function registered as `name` with
+    transformers (when `when` holds); any other model is untouched. Restored afterwards. Used by the CPU
+    attention of scoring (models/cpu_attention.py) and of packed training (train/packed_attention.py)."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    if not when or getattr(base.config, "_attn_implementation", None) != "sdpa":
+        yield
+        return
+    base.set_attn_implementation(name)
+    try:
+        yield
+    finally:
+        base.set_attn_implementation("sdpa")
+
+
 @lru_cache(maxsize=1)
 def cpu_has_fast_bf16() -> bool:
     """True when this CPU runs bf16 matmuls natively (AVX512-BF16 or AMX); emulated bf16 is very slow."""

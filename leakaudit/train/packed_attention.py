@@ -18,14 +18,14 @@ bias, a non-causal module, a key/value cache), the call goes to transformers' sd
 
 from __future__ import annotations
 
-import contextlib
-
 import torch
 import torch.nn.functional as F
 from torch.utils.weak import WeakIdKeyDictionary
 from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+from leakaudit.models.dtype import sdpa_replaced
 
 NAME = "leakaudit_packed"
 # Per mask tensor of one forward: the rows' example bounds, or None (not plain packing).
@@ -93,16 +93,7 @@ AttentionInterface.register(NAME, per_example_attention)
 AttentionMaskInterface.register(NAME, sdpa_mask)  # the same boolean masks sdpa gets (checked, then not used)
 
 
-@contextlib.contextmanager
 def packed_attention(model: torch.nn.Module, device: torch.device):
-    """Within this block a model on a CPU whose attention is sdpa runs `per_example_attention`; any other
+    """A context: within it a model on a CPU whose attention is sdpa runs `per_example_attention`; any other
     model or device is untouched. Restored afterwards."""
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    if device.type != "cpu" or getattr(base.config, "_attn_implementation", None) != "sdpa":
-        yield
-        return
-    base.set_attn_implementation(NAME)
-    try:
-        yield
-    finally:
-        base.set_attn_implementation("sdpa")
+    return sdpa_replaced(model, NAME, when=device.type == "cpu")
