@@ -34,6 +34,13 @@ M0 = {"method": "full", "epochs": 2, "learning_rate": 3e-4, "batch_size": 8, "gr
       "max_length": 96}
 
 
+def demo_texts(n: int) -> list[str]:
+    """Shipped Enron messages cut to 200 characters, as the demo's corpus P."""
+    rows = [r for r in enron_exposure() if len(r["text"]) <= 400]
+    random.Random(0).shuffle(rows)
+    return [r["text"][:200] for r in rows[:n]]
+
+
 def written_bytes() -> int:
     """Bytes this process passed to write() so far (/proc/self/io wchar)."""
     for line in Path("/proc/self/io").read_text().splitlines():
@@ -66,14 +73,12 @@ def main() -> None:
     if args.child:
         child(args.child[0], args.child[1], args.child[2] == "1")
         return
-    rows = [r for r in enron_exposure() if len(r["text"]) <= 400]
-    random.Random(0).shuffle(rows)
     env = {**os.environ, "LEAKAUDIT_DTYPE": args.dtype}
     print(f"CPU: {cpu_kind()}; dtype {args.dtype}; {args.rows} Enron messages; demo m0 options {M0}")
     results: dict[str, list[dict[str, float]]] = {"plain": [], "lean": []}
     with tempfile.TemporaryDirectory() as tmp:
         data = Path(tmp) / "p.jsonl"
-        write_jsonl(data, ({"text": r["text"][:200]} for r in rows[: args.rows]))
+        write_jsonl(data, ({"text": t} for t in demo_texts(args.rows)))
         for pair in range(args.pairs):
             for name in ("plain", "lean"):
                 out = Path(tmp) / f"{name}{pair}"

@@ -11,7 +11,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import random
 import statistics
 import subprocess
 import sys
@@ -24,18 +23,10 @@ import torch
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 sys.path.insert(0, os.path.dirname(__file__))
 
-from checkpoint_writes import M0  # noqa: E402
+from checkpoint_writes import M0, demo_texts  # noqa: E402
 from peers import cpu_kind  # noqa: E402
 
-from leakaudit.data.builtin import enron_exposure  # noqa: E402
 from leakaudit.data.io import write_jsonl  # noqa: E402
-
-
-def demo_texts(n: int) -> list[str]:
-    """Shipped Enron messages cut to 200 characters, as the demo's corpus P."""
-    rows = [r for r in enron_exposure() if len(r["text"]) <= 400]
-    random.Random(0).shuffle(rows)
-    return [r["text"][:200] for r in rows[:n]]
 
 
 def steps(repeats: int) -> None:

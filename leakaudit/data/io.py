@@ -10,6 +10,8 @@ from __future__ import annotations
 import csv
 import io
 import json
+import os
+import shutil
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -238,3 +240,11 @@ def write_json(path: str | Path, obj: Any) -> None:
     tmp = p.with_suffix(p.suffix + ".tmp")
     tmp.write_text(json.dumps(obj, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
     tmp.replace(p)
+
+
+def link_or_copy(src: str | Path, dest: str | Path) -> None:
+    """Hard-link `src` as `dest` (no second copy on disk), or copy it where the file system has no links."""
+    try:
+        os.link(src, dest)
+    except OSError:
+        shutil.copy2(src, dest)

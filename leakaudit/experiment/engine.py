@@ -4,7 +4,6 @@ run.json, then write the report."""
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import time
 from collections.abc import Callable
@@ -12,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from leakaudit.config import ConfigError, Experiment
-from leakaudit.data.io import write_json
+from leakaudit.data.io import link_or_copy, write_json
 from leakaudit.errors import InputError
 from leakaudit.experiment.checks import check_plan, prepare_out, resolve_models, stage_roles
 from leakaudit.experiment.plan import Plan, remove_stale, stage_dir
@@ -40,12 +39,6 @@ def reuse_stage(source: Path, stage_folder: str, key: str, out: Path, dest: Path
         return None
     if dest.exists() or dest.is_symlink():
         remove_stale(out, dest)  # the engine's one deleting path, which refuses anything outside --out
-
-    def link_or_copy(a: str, b: str) -> None:
-        try:
-            os.link(a, b)
-        except OSError:
-            shutil.copy2(a, b)
 
     shutil.copytree(src, dest, copy_function=link_or_copy)
     return done

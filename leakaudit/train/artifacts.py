@@ -6,11 +6,10 @@ checkpoints, so none of them imports the fine-tuning entry point for these helpe
 from __future__ import annotations
 
 import json
-import os
 import shutil
 from pathlib import Path
 
-from leakaudit.data.io import write_json
+from leakaudit.data.io import link_or_copy, write_json
 
 
 def base_reference(spec: str) -> str:
@@ -88,10 +87,4 @@ def link_loadable(checkpoint: Path, directory: Path) -> None:
             continue
         dest = directory / src.name
         dest.unlink(missing_ok=True)
-        if src.suffix == ".safetensors":
-            try:
-                os.link(src, dest)
-                continue
-            except OSError:
-                pass
-        shutil.copy2(src, dest)
+        (link_or_copy if src.suffix == ".safetensors" else shutil.copy2)(src, dest)
