@@ -120,7 +120,10 @@ def _assert_same_adapter(a_dir, b_dir) -> None:
         torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-6)
 
 
-def test_resume_continues_where_it_stopped(plain_data, tmp_path):
+@pytest.mark.parametrize("method", ["lora", "pissa"])
+def test_resume_continues_where_it_stopped(method, plain_data, tmp_path):
+    """PiSSA too: its checkpoints hold a converted adapter in adapter/, which the Trainer once loaded back as
+    a second adapter on resume, and the next checkpoint's conversion then failed."""
     from transformers import TrainerCallback
 
     class KillAtStep3(TrainerCallback):
@@ -128,7 +131,7 @@ def test_resume_continues_where_it_stopped(plain_data, tmp_path):
             if state.global_step == 3:
                 raise _Kill
 
-    cfg = _cfg(plain_data, tmp_path / "resumed", lora_dropout=0.0)
+    cfg = _cfg(plain_data, tmp_path / "resumed", method=method, lora_dropout=0.0)
     with pytest.raises(_Kill):
         finetune(cfg, progress=False, callbacks=[KillAtStep3()])
     assert (tmp_path / "resumed" / "checkpoint-2").exists() and not (tmp_path / "resumed" / "finetune_done.json").exists()
@@ -140,7 +143,7 @@ def test_resume_continues_where_it_stopped(plain_data, tmp_path):
     assert not {n for n in kept if n.startswith(("optimizer", "scheduler", "rng_state"))}, kept
     log = [json.loads(x) for x in (out / "train_log.jsonl").read_text().splitlines()]
     assert [r["step"] for r in log if "loss" in r] == [1, 2, 3, 4]
-    straight = finetune(_cfg(plain_data, tmp_path / "straight", lora_dropout=0.0), progress=False)
+    straight = finetune(_cfg(plain_data, tmp_path / "straight", method=method, lora_dropout=0.0), progress=False)
     _assert_same_adapter(out, straight)
     assert finetune(cfg, progress=False) == out  # a finished run is returned as is
 
@@ -169,17 +172,22 @@ def test_last_checkpoint_skips_optimizer_state_and_final_weights_are_not_written
     load_model(str(out), dtype="fp32")
 
 
+class _KillAfterLastSave:
+    def __new__(cls):
+        from transformers import TrainerCallback
+
+        class KillAfterLastSave(TrainerCallback):
+            def on_save(self, args, state, control, **kwargs):
+                if state.global_step == state.max_steps:
+                    raise _Kill
+
+        return KillAfterLastSave()
+
+
 def test_a_run_killed_after_its_last_checkpoint_finishes_without_optimizer_state(plain_data, tmp_path):
-    from transformers import TrainerCallback
-
-    class KillAfterLastSave(TrainerCallback):
-        def on_save(self, args, state, control, **kwargs):
-            if state.global_step == state.max_steps:
-                raise _Kill
-
     cfg = _cfg(plain_data, tmp_path / "killed", lora_dropout=0.0)
     with pytest.raises(_Kill):
-        finetune(cfg, progress=False, callbacks=[KillAfterLastSave()])
+        finetune(cfg, progress=False, callbacks=[_KillAfterLastSave()])
     assert not (tmp_path / "killed" / "checkpoint-4" / "optimizer.pt").exists()
     assert not (tmp_path / "killed" / "adapter_model.safetensors").exists()
     out = finetune(cfg, progress=False)
@@ -187,6 +195,22 @@ def test_a_run_killed_after_its_last_checkpoint_finishes_without_optimizer_state
     _assert_same_adapter(out, straight)
     log = [json.loads(x) for x in (out / "train_log.jsonl").read_text().splitlines()]
     assert [r["step"] for r in log if "loss" in r] == [1, 2, 3, 4]
+
+
+def test_a_pissa_run_killed_after_its_last_checkpoint_takes_no_extra_step(plain_data, tmp_path):
+    """PiSSA keeps the Trainer's full checkpoints (its final adapter is converted), so a run killed after the
+    last one resumes through the Trainer, which would otherwise train one step past max_steps: with a constant
+    learning rate that step changes the weights."""
+    kw = dict(method="pissa", lora_dropout=0.0, lr_scheduler="constant")
+    cfg = _cfg(plain_data, tmp_path / "killed", **kw)
+    with pytest.raises(_Kill):
+        finetune(cfg, progress=False, callbacks=[_KillAfterLastSave()])
+    assert (tmp_path / "killed" / "checkpoint-4" / "optimizer.pt").exists()
+    out = finetune(cfg, progress=False)
+    log = [json.loads(x) for x in (out / "train_log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in log if "loss" in r] == [1, 2, 3, 4]
+    straight = finetune(_cfg(plain_data, tmp_path / "straight", **kw), progress=False)
+    _assert_same_adapter(out, straight)
 
 
 def test_bad_input_names_file_line_field(tmp_path):

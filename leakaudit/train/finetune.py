@@ -298,21 +298,40 @@ def _last_step_checkpoint(ckpt: Path | None) -> Path | None:
     return ckpt if state.get("global_step", 0) >= state.get("max_steps", float("inf")) else None
 
 
-def _lean_trainer_class():
+def _trainer_class(lean: bool):
     from transformers import Trainer
 
-    class LeanLastCheckpointTrainer(Trainer):
-        """The Trainer, except that the checkpoint of the last step leaves out the optimizer and scheduler
-        states: only a resume reads them, a run killed after that checkpoint is finished from it without
-        training (`_train_trainer`), and a finished run deletes them anyway. A full fine-tune of the default
-        model writes 1.1 GB less (AdamW's two moments): ~8 s of a ~100 s demo stage on a disk that takes
-        ~120 MB/s once its write cache is full (BENCHMARKS.md)."""
+    class LeakauditTrainer(Trainer):
+        """The Trainer with three fixes around resuming (private hooks; pyproject asks for transformers >= 5.3,
+        the first with `_run_epoch`):
+        - a run resumed from the checkpoint of its last step trains no more (the Trainer would take one
+          step past max_steps, which under a constant learning rate changes the weights);
+        - a PiSSA checkpoint's converted adapter in checkpoint-N/adapter/ is not loaded as a second adapter
+          (the Trainer loads every adapter subfolder, and the next conversion then failed);
+        - with `lean`, the last step's checkpoint leaves out the optimizer and scheduler states: only a resume
+          reads them, a run killed after that checkpoint resumes into no training (above), and a finished run
+          deletes them anyway. A full fine-tune of the default model writes 1.1 GB less (AdamW's two
+          moments): ~8 s of a ~100 s demo stage on a disk that takes ~120 MB/s once its write cache is full
+          (BENCHMARKS.md)."""
+
+        def _run_epoch(self, *args, **kwargs):
+            if self.state.global_step >= self.state.max_steps > 0:
+                self.control.should_training_stop = True
+                return None
+            return super()._run_epoch(*args, **kwargs)
+
+        def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
+            model = model or self.model
+            if getattr(getattr(model, "peft_config", {}).get("default"), "init_lora_weights", None) == "pissa":
+                model.load_adapter(resume_from_checkpoint, "default", is_trainable=True)
+                return
+            super()._load_from_checkpoint(resume_from_checkpoint, model)
 
         def _save_optimizer_and_scheduler(self, output_dir: str) -> None:
-            if self.state.global_step < self.state.max_steps:
+            if not lean or self.state.global_step < self.state.max_steps:
                 super()._save_optimizer_and_scheduler(output_dir)
 
-    return LeanLastCheckpointTrainer
+    return LeakauditTrainer
 
 
 def fit_context(config: FinetuneConfig, lm) -> int:
@@ -349,7 +368,7 @@ def _use_bf16(config: FinetuneConfig, device: torch.device) -> bool:
 
 def _train_trainer(config: FinetuneConfig, lm, model, train: list[ex.Example], held_out: list[ex.Example],
                    out: Path, progress: bool, extra_callbacks: list) -> None:
-    from transformers import EarlyStoppingCallback, Trainer, TrainingArguments
+    from transformers import EarlyStoppingCallback, TrainingArguments
     from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
     from leakaudit.train.callbacks import JsonlLogCallback, LoadableCheckpointCallback, RichProgressCallback
@@ -402,20 +421,16 @@ def _train_trainer(config: FinetuneConfig, lm, model, train: list[ex.Example], h
     # The final weights can be the last checkpoint's own file when the Trainer saved a plain model there and
     # loads nothing back at the end (FSDP checkpoints hold shards; PiSSA's final adapter is converted).
     lean = config.method != "pissa" and not config.fsdp and not args.load_best_model_at_end
-    trainer = (_lean_trainer_class() if lean else Trainer)(
+    trainer = _trainer_class(lean)(
         model=model, args=args, train_dataset=ex.ExampleDataset(train),
         eval_dataset=ex.ExampleDataset(held_out) if evaluate else None, data_collator=collator,
         processing_class=lm.tokenizer, callbacks=callbacks + list(extra_callbacks))
     trainer.remove_callback(PrinterCallback)
     trainer.remove_callback(ProgressCallback)
     resume = last_checkpoint(out)
-    # A run killed after its last checkpoint has nothing left to train (resumed there, the Trainer would take
-    # one step more, with the optimizer state that checkpoint leaves out).
-    final = _last_step_checkpoint(resume) if lean else None
-    if final is None:
-        with attention_kernels(lm.device), packed_attention(model, lm.device) if pack else nullcontext():
-            trainer.train(resume_from_checkpoint=str(resume) if resume else None)
-        final = _last_step_checkpoint(last_checkpoint(out)) if lean else None
+    with attention_kernels(lm.device), packed_attention(model, lm.device) if pack else nullcontext():
+        trainer.train(resume_from_checkpoint=str(resume) if resume else None)
+    final = _last_step_checkpoint(last_checkpoint(out)) if lean else None
     # Under FSDP every rank holds a shard: gather the full weights (a collective, so on every rank) first.
     state_dict = trainer.accelerator.get_state_dict(trainer.model) if trainer.is_fsdp_enabled else None
     if trainer.is_world_process_zero():
