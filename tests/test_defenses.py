@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
+import torch
 from safetensors.torch import load_file
 
 from leakaudit.models import load_model
@@ -76,6 +78,48 @@ def test_early_stopping_holds_out_rows_and_stops(user_data, tmp_path):
     assert len(evals) >= 2
     # stopped as soon as the held-out loss failed to improve, well before the 8 epochs
     assert len(evals) < 8 and evals[-1] >= min(evals[:-1])
+
+
+def test_early_stopping_resumes_to_the_straight_run_and_keeps_the_best_checkpoint(user_data, tmp_path):
+    """Killed after any checkpoint, an early-stopped full fine-tune resumes to the straight run's steps and
+    weights (the patience counter and the stop decision survive the kill), and its final model is the best
+    checkpoint's, every weight of it (GPT-NeoX's output layer is saved as `embed_out`; the Trainer's own
+    loading skipped it)."""
+    from transformers import TrainerCallback
+
+    class Kill(Exception):
+        pass
+
+    class KillAfterSave(TrainerCallback):
+        def __init__(self, step):
+            self.step = step
+
+        def on_save(self, args, state, control, **kwargs):
+            if state.global_step == self.step:
+                raise Kill
+
+    def cfg(name):
+        return FinetuneConfig(model="tiny-gpt-neox", data=str(user_data), out=str(tmp_path / name), method="full",
+                              epochs=8, batch_size=4, gradient_accumulation=1, learning_rate=0.5,
+                              early_stopping_patience=2, eval_fraction=0.3, max_grad_norm=None)
+
+    def steps(out):
+        return [json.loads(x)["step"] for x in (out / "train_log.jsonl").read_text().splitlines()
+                if "loss" in json.loads(x)]
+
+    straight = finetune(cfg("straight"), progress=False)
+    final = load_file(str(straight / "model.safetensors"))
+    state = json.loads((straight / f"checkpoint-{steps(straight)[-1]}" / "trainer_state.json").read_text())
+    best = load_file(str(Path(state["best_model_checkpoint"]) / "model.safetensors"))
+    assert Path(state["best_model_checkpoint"]).name != f"checkpoint-{steps(straight)[-1]}"  # stopped after worse
+    assert best.keys() == final.keys() and all(torch.equal(best[k], final[k]) for k in best)
+    for step in [s for s in steps(straight) if s % 2 == 0]:  # two steps per epoch, a checkpoint per epoch
+        with pytest.raises(Kill):
+            finetune(cfg(f"killed{step}"), progress=False, callbacks=[KillAfterSave(step)])
+        out = finetune(cfg(f"killed{step}"), progress=False)
+        assert steps(out) == steps(straight), step
+        resumed = load_file(str(out / "model.safetensors"))
+        assert all(torch.equal(resumed[k], final[k]) for k in final), step
 
 
 def test_dp_sgd_lora_changes_adapter_lowers_loss_and_reports_epsilon(tmp_path, tiny_neox):

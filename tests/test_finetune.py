@@ -112,18 +112,21 @@ class _Kill(Exception):
     pass
 
 
-def _assert_same_adapter(a_dir, b_dir) -> None:
-    a = load_file(str(a_dir / "adapter_model.safetensors"))
-    b = load_file(str(b_dir / "adapter_model.safetensors"))
+def _assert_same_weights(a_dir, b_dir) -> None:
+    """The adapters (or, for a full fine-tune, the models) in two dirs hold the same tensors."""
+    name = "adapter_model.safetensors" if (a_dir / "adapter_model.safetensors").exists() else "model.safetensors"
+    a = load_file(str(a_dir / name))
+    b = load_file(str(b_dir / name))
     assert a.keys() == b.keys()
     for k in a:
         torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-6)
 
 
-@pytest.mark.parametrize("method", ["lora", "pissa"])
+@pytest.mark.parametrize("method", ["lora", "pissa", "full"])
 def test_resume_continues_where_it_stopped(method, plain_data, tmp_path):
-    """PiSSA too: its checkpoints hold a converted adapter in adapter/, which the Trainer once loaded back as
-    a second adapter on resume, and the next checkpoint's conversion then failed."""
+    """PiSSA: its checkpoints hold a converted adapter in adapter/, which the Trainer once loaded back as a
+    second adapter on resume, and the next checkpoint's conversion then failed. Full: GPT-NeoX's output layer
+    is saved as `embed_out`, which the Trainer's resume skipped (training went on from its initial values)."""
     from transformers import TrainerCallback
 
     class KillAtStep3(TrainerCallback):
@@ -131,7 +134,8 @@ def test_resume_continues_where_it_stopped(method, plain_data, tmp_path):
             if state.global_step == 3:
                 raise _Kill
 
-    cfg = _cfg(plain_data, tmp_path / "resumed", method=method, lora_dropout=0.0)
+    kw = dict(method=method, lora_dropout=0.0, learning_rate=3e-3 if method == "full" else 1e-2)
+    cfg = _cfg(plain_data, tmp_path / "resumed", **kw)
     with pytest.raises(_Kill):
         finetune(cfg, progress=False, callbacks=[KillAtStep3()])
     assert (tmp_path / "resumed" / "checkpoint-2").exists() and not (tmp_path / "resumed" / "finetune_done.json").exists()
@@ -139,12 +143,12 @@ def test_resume_continues_where_it_stopped(method, plain_data, tmp_path):
     out = finetune(cfg, progress=False)
     # a finished run drops what only a resume reads; its checkpoints keep their weights
     kept = {p.name for ckpt in out.glob("checkpoint-*") for p in ckpt.iterdir()}
-    assert "adapter_model.safetensors" in kept and "trainer_state.json" in kept
+    assert {"adapter_model.safetensors", "model.safetensors"} & kept and "trainer_state.json" in kept
     assert not {n for n in kept if n.startswith(("optimizer", "scheduler", "rng_state"))}, kept
     log = [json.loads(x) for x in (out / "train_log.jsonl").read_text().splitlines()]
     assert [r["step"] for r in log if "loss" in r] == [1, 2, 3, 4]
-    straight = finetune(_cfg(plain_data, tmp_path / "straight", method=method, lora_dropout=0.0), progress=False)
-    _assert_same_adapter(out, straight)
+    straight = finetune(_cfg(plain_data, tmp_path / "straight", **kw), progress=False)
+    _assert_same_weights(out, straight)
     assert finetune(cfg, progress=False) == out  # a finished run is returned as is
 
 
@@ -192,7 +196,7 @@ def test_a_run_killed_after_its_last_checkpoint_finishes_without_optimizer_state
     assert not (tmp_path / "killed" / "adapter_model.safetensors").exists()
     out = finetune(cfg, progress=False)
     straight = finetune(_cfg(plain_data, tmp_path / "straight", lora_dropout=0.0), progress=False)
-    _assert_same_adapter(out, straight)
+    _assert_same_weights(out, straight)
     log = [json.loads(x) for x in (out / "train_log.jsonl").read_text().splitlines()]
     assert [r["step"] for r in log if "loss" in r] == [1, 2, 3, 4]
 
@@ -210,7 +214,7 @@ def test_a_pissa_run_killed_after_its_last_checkpoint_takes_no_extra_step(plain_
     log = [json.loads(x) for x in (out / "train_log.jsonl").read_text().splitlines()]
     assert [r["step"] for r in log if "loss" in r] == [1, 2, 3, 4]
     straight = finetune(_cfg(plain_data, tmp_path / "straight", **kw), progress=False)
-    _assert_same_adapter(out, straight)
+    _assert_same_weights(out, straight)
 
 
 def test_bad_input_names_file_line_field(tmp_path):

@@ -302,10 +302,13 @@ def _trainer_class(lean: bool):
     from transformers import Trainer
 
     class LeakauditTrainer(Trainer):
-        """The Trainer with three fixes around resuming (private hooks; pyproject asks for transformers >= 5.3,
+        """The Trainer with four fixes around checkpoints (private hooks; pyproject asks for transformers >= 5.3,
         the first with `_run_epoch`):
-        - a run resumed from the checkpoint of its last step trains no more (the Trainer would take one
-          step past max_steps, which under a constant learning rate changes the weights);
+        - a run resumed from a checkpoint saved when training was to stop (its last step, or early stopping's
+          decision) trains no more (the Trainer would take another step, past max_steps, or go on to the next
+          evaluation);
+        - a full model's checkpoint is loaded back (on resume, and as the best model under early stopping)
+          through transformers' loader, which maps the saved names to the model's (`_load_saved_weights`);
         - a PiSSA checkpoint's converted adapter in checkpoint-N/adapter/ is not loaded as a second adapter
           (the Trainer loads every adapter subfolder, and the next conversion then failed);
         - with `lean`, the last step's checkpoint leaves out the optimizer and scheduler states: only a resume
@@ -315,7 +318,8 @@ def _trainer_class(lean: bool):
           (BENCHMARKS.md)."""
 
         def _run_epoch(self, *args, **kwargs):
-            if self.state.global_step >= self.state.max_steps > 0:
+            saved_control = self.state.stateful_callbacks.get("TrainerControl", {}).get("args", {})
+            if self.state.global_step >= self.state.max_steps > 0 or saved_control.get("should_training_stop"):
                 self.control.should_training_stop = True
                 return None
             return super()._run_epoch(*args, **kwargs)
@@ -324,14 +328,37 @@ def _trainer_class(lean: bool):
             model = model or self.model
             if getattr(getattr(model, "peft_config", {}).get("default"), "init_lora_weights", None) == "pissa":
                 model.load_adapter(resume_from_checkpoint, "default", is_trainable=True)
-                return
-            super()._load_from_checkpoint(resume_from_checkpoint, model)
+            elif self._plain_weights(model, resume_from_checkpoint):
+                _load_saved_weights(model, resume_from_checkpoint)
+            else:
+                super()._load_from_checkpoint(resume_from_checkpoint, model)
+
+        def _load_best_model(self) -> None:
+            if self._plain_weights(self.model, self.state.best_model_checkpoint):
+                _load_saved_weights(self.model, self.state.best_model_checkpoint)
+            else:
+                super()._load_best_model()
+
+        def _plain_weights(self, model, checkpoint: str) -> bool:
+            """A whole model saved with save_pretrained (not an adapter, not FSDP shards)."""
+            return (not hasattr(model, "peft_config") and not self.is_fsdp_enabled
+                    and any((Path(checkpoint) / name).exists()
+                            for name in ("model.safetensors", "model.safetensors.index.json")))
 
         def _save_optimizer_and_scheduler(self, output_dir: str) -> None:
             if not lean or self.state.global_step < self.state.max_steps:
                 super()._save_optimizer_and_scheduler(output_dir)
 
     return LeakauditTrainer
+
+
+def _load_saved_weights(model, checkpoint: str) -> None:
+    """Load a checkpoint's weights into `model` in place through transformers' own loader. save_pretrained
+    writes weights under their original names (GPT-NeoX's `lm_head` as `embed_out`), which the Trainer's
+    `load_state_dict(strict=False)` skipped: a resumed Pythia run went on with its initial output layer, and
+    an early-stopped one kept the last step's instead of the best checkpoint's."""
+    saved = type(model).from_pretrained(checkpoint, dtype=model.dtype)
+    model.load_state_dict(saved.state_dict())  # strict: every weight found under the model's own name
 
 
 def fit_context(config: FinetuneConfig, lm) -> int:
@@ -398,6 +425,7 @@ def _train_trainer(config: FinetuneConfig, lm, model, train: list[ex.Example], h
         eval_steps=config.save_steps if evaluate else None,
         load_best_model_at_end=evaluate and config.early_stopping_patience is not None,
         metric_for_best_model="eval_loss" if evaluate else None,
+        restore_callback_states_from_checkpoint=True,  # early stopping's patience counter survives a kill
         greater_is_better=False if evaluate else None,
         logging_steps=1,
         report_to="none",
