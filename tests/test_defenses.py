@@ -141,6 +141,25 @@ def test_dp_sgd_lora_changes_adapter_lowers_loss_and_reports_epsilon(tmp_path, t
     assert after < perplexity(tiny_neox, texts, progress=False).nll_per_token - 0.02  # nats per token
 
 
+def test_dp_resume_loads_every_weight_of_a_full_checkpoint(tmp_path, tiny_neox):
+    """DP-SGD's resume of a full fine-tune restores all weights, GPT-NeoX's output layer too (saved under its
+    original name `embed_out`, which a plain load_state_dict skipped)."""
+    from transformers import AutoModelForCausalLM
+
+    from leakaudit.train.dp import _load_trainable
+
+    trained = AutoModelForCausalLM.from_config(tiny_neox.model.config)
+    with torch.no_grad():
+        for p in trained.parameters():
+            p.add_(torch.randn_like(p))
+    trained.save_pretrained(str(tmp_path / "checkpoint-1"))
+    assert "embed_out.weight" in load_file(str(tmp_path / "checkpoint-1" / "model.safetensors"))
+    fresh = AutoModelForCausalLM.from_config(tiny_neox.model.config)
+    _load_trainable(fresh, tmp_path / "checkpoint-1", "full")
+    want = trained.state_dict()
+    assert all(torch.equal(v, want[k]) for k, v in fresh.state_dict().items())
+
+
 def test_dp_sgd_resumes_after_a_kill_with_the_same_privacy_spent(tmp_path, monkeypatch):
     from leakaudit.train import dp
 

@@ -33,6 +33,15 @@ def save_loadable(model, directory: Path, config, tokenizer=None, state_dict=Non
     fix_adapter_base(directory, config.model)
 
 
+def load_saved_weights(model, checkpoint: Path | str) -> None:
+    """Load a saved full model's weights into `model` in place through transformers' own loader.
+    save_pretrained writes weights under their original names (GPT-NeoX's `lm_head` as `embed_out`), which a
+    plain `load_state_dict(strict=False)` skips: a resumed Pythia run went on with its initial output layer,
+    and an early-stopped one kept the last step's instead of the best checkpoint's."""
+    saved = type(model).from_pretrained(str(checkpoint), dtype=model.dtype)
+    model.load_state_dict(saved.state_dict())  # strict: every weight found under the model's own name
+
+
 def fix_adapter_base(directory: Path, spec: str) -> None:
     """Make a saved adapter name `spec` (absolute when local) as its base, so it loads from any cwd."""
     cfg_path = directory / "adapter_config.json"

@@ -21,6 +21,7 @@ import torch
 from leakaudit.data.io import write_json
 from leakaudit.errors import InputError
 from leakaudit.train import examples as ex
+from leakaudit.train.artifacts import load_saved_weights
 
 
 def _tensors(train: list[ex.Example], pad_id: int) -> torch.utils.data.TensorDataset:
@@ -52,7 +53,7 @@ def _load_trainable(model, ckpt: Path, method: str) -> None:
     from safetensors.torch import load_file
 
     if method == "full":
-        model.load_state_dict(load_file(str(ckpt / "model.safetensors")), strict=False)
+        load_saved_weights(model, ckpt)
     else:
         from peft import set_peft_model_state_dict
 

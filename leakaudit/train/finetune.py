@@ -33,7 +33,13 @@ from leakaudit.distributed import is_main
 from leakaudit.errors import InputError, warn_once
 from leakaudit.models import attention_kernels
 from leakaudit.train import examples as ex
-from leakaudit.train.artifacts import drop_resume_state, last_checkpoint, link_loadable, save_loadable
+from leakaudit.train.artifacts import (
+    drop_resume_state,
+    last_checkpoint,
+    link_loadable,
+    load_saved_weights,
+    save_loadable,
+)
 from leakaudit.train.defenses import DefenseReport, dedup_and_cap, pii_scrubber
 from leakaudit.train.packed_attention import packed_attention
 
@@ -308,7 +314,7 @@ def _trainer_class(lean: bool):
           decision) trains no more (the Trainer would take another step, past max_steps, or go on to the next
           evaluation);
         - a full model's checkpoint is loaded back (on resume, and as the best model under early stopping)
-          through transformers' loader, which maps the saved names to the model's (`_load_saved_weights`);
+          through transformers' loader, which maps the saved names to the model's (`load_saved_weights`);
         - a PiSSA checkpoint's converted adapter in checkpoint-N/adapter/ is not loaded as a second adapter
           (the Trainer loads every adapter subfolder, and the next conversion then failed);
         - with `lean`, the last step's checkpoint leaves out the optimizer and scheduler states: only a resume
@@ -329,13 +335,13 @@ def _trainer_class(lean: bool):
             if getattr(getattr(model, "peft_config", {}).get("default"), "init_lora_weights", None) == "pissa":
                 model.load_adapter(resume_from_checkpoint, "default", is_trainable=True)
             elif self._plain_weights(model, resume_from_checkpoint):
-                _load_saved_weights(model, resume_from_checkpoint)
+                load_saved_weights(model, resume_from_checkpoint)
             else:
                 super()._load_from_checkpoint(resume_from_checkpoint, model)
 
         def _load_best_model(self) -> None:
             if self._plain_weights(self.model, self.state.best_model_checkpoint):
-                _load_saved_weights(self.model, self.state.best_model_checkpoint)
+                load_saved_weights(self.model, self.state.best_model_checkpoint)
             else:
                 super()._load_best_model()
 
@@ -350,15 +356,6 @@ def _trainer_class(lean: bool):
                 super()._save_optimizer_and_scheduler(output_dir)
 
     return LeakauditTrainer
-
-
-def _load_saved_weights(model, checkpoint: str) -> None:
-    """Load a checkpoint's weights into `model` in place through transformers' own loader. save_pretrained
-    writes weights under their original names (GPT-NeoX's `lm_head` as `embed_out`), which the Trainer's
-    `load_state_dict(strict=False)` skipped: a resumed Pythia run went on with its initial output layer, and
-    an early-stopped one kept the last step's instead of the best checkpoint's."""
-    saved = type(model).from_pretrained(checkpoint, dtype=model.dtype)
-    model.load_state_dict(saved.state_dict())  # strict: every weight found under the model's own name
 
 
 def fit_context(config: FinetuneConfig, lm) -> int:
