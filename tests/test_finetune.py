@@ -122,7 +122,7 @@ def _assert_same_weights(a_dir, b_dir) -> None:
         torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-6)
 
 
-@pytest.mark.parametrize("method", ["lora", "pissa", "full"])
+@pytest.mark.parametrize("method", ["lora", "dora", "pissa", "full"])
 def test_resume_continues_where_it_stopped(method, plain_data, tmp_path):
     """PiSSA: its checkpoints hold a converted adapter in adapter/, which the Trainer once loaded back as a
     second adapter on resume, and the next checkpoint's conversion then failed. Full: GPT-NeoX's output layer
