@@ -149,6 +149,9 @@ def test_resume_continues_where_it_stopped(method, plain_data, tmp_path):
     assert [r["step"] for r in log if "loss" in r] == [1, 2, 3, 4]
     straight = finetune(_cfg(plain_data, tmp_path / "straight", **kw), progress=False)
     _assert_same_weights(out, straight)
+    # the summary row's mean loss is the whole run's, not only the steps after the resume
+    summary = [json.loads(x) for x in (straight / "train_log.jsonl").read_text().splitlines()][-1]
+    assert log[-1]["train_loss"] == pytest.approx(summary["train_loss"], rel=1e-6)
     assert finetune(cfg, progress=False) == out  # a finished run is returned as is
 
 
@@ -215,6 +218,9 @@ def test_a_pissa_run_killed_after_its_last_checkpoint_takes_no_extra_step(plain_
     assert [r["step"] for r in log if "loss" in r] == [1, 2, 3, 4]
     straight = finetune(_cfg(plain_data, tmp_path / "straight", **kw), progress=False)
     _assert_same_weights(out, straight)
+    # the summary row's mean loss is the whole run's, not only the steps after the resume
+    summary = [json.loads(x) for x in (straight / "train_log.jsonl").read_text().splitlines()][-1]
+    assert log[-1]["train_loss"] == pytest.approx(summary["train_loss"], rel=1e-6)
 
 
 def test_bad_input_names_file_line_field(tmp_path):

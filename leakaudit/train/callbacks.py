@@ -29,6 +29,11 @@ class JsonlLogCallback(TrainerCallback):
     def on_log(self, args, state, control, logs=None, **kwargs):
         if not state.is_world_process_zero or not logs:
             return
+        if "train_loss" in logs and self.path.exists():
+            # the Trainer averages the steps since the last resume (0.0 when none were left); the whole run's
+            # mean is the mean of the per-step losses logged here
+            losses = [r["loss"] for r in map(json.loads, self.path.read_text().splitlines()) if "loss" in r]
+            logs = {**logs, "train_loss": sum(losses) / len(losses)} if losses else logs
         row = {"step": state.global_step, "epoch": round(state.epoch or 0.0, 4),
                "elapsed_s": round(time.perf_counter() - self.start, 3), **logs}
         with self.path.open("a", encoding="utf-8") as fh:
