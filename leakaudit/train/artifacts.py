@@ -22,10 +22,15 @@ def save_loadable(model, directory: Path, config, tokenizer=None, state_dict=Non
     """Save the model/adapter so `load_model(directory)` works (adapters name the original base spec).
 
     `config`: the run's FinetuneConfig (its method, out and model are read); `state_dict`: the full weights gathered from every rank when the model is sharded (FSDP)."""
+    import torch
+
     directory.mkdir(parents=True, exist_ok=True)
     if config.method == "pissa":
-        model.save_pretrained(str(directory), path_initial_model_for_weight_conversion=str(
-            Path(config.out) / "pissa_init"))
+        # the conversion loads the initial adapter, which draws from torch's RNG: mid-run (a checkpoint) that
+        # would make the next steps' dropout differ from a run resumed there
+        with torch.random.fork_rng():
+            model.save_pretrained(str(directory), path_initial_model_for_weight_conversion=str(
+                Path(config.out) / "pissa_init"))
     else:
         model.save_pretrained(str(directory), state_dict=state_dict)
     if tokenizer is not None:
