@@ -45,6 +45,28 @@ def test_adapter_reloads_and_merges_with_identical_logits(spec, method, data, tm
         p.requires_grad for p in base.model.parameters())
 
 
+def test_an_adapter_on_a_tied_lm_head_folds_in_without_changing_the_embeddings(data, tmp_path):
+    """tiny-opt ties its LM head to the input embeddings; an adapter on the head trains the head only, so
+    folding it in (on load, and in merge) must not move the shared embeddings."""
+    out = finetune(FinetuneConfig(model="tiny-opt", data=str(data), out=str(tmp_path / "a"), method="lora",
+                                  target_modules="q_proj,v_proj,lm_head", epochs=1, batch_size=3,
+                                  gradient_accumulation=1, learning_rate=5e-2, max_steps=2, lora_dropout=0.0),
+                   progress=False)
+    unmerged = load_model(str(out), dtype="fp32", for_training=True)
+    unmerged.model.eval()
+    folded = load_model(str(out), dtype="fp32")
+    merged = load_model(str(merge_adapter(out, tmp_path / "merged")), dtype="fp32")
+    base = load_model("tiny-opt", dtype="fp32")
+    ids = torch.tensor([base.tokenizer(TEXTS[1])["input_ids"]])
+    with torch.no_grad():
+        u, f, m, b = (x.model(input_ids=ids).logits for x in (unmerged, folded, merged, base))
+    assert not torch.allclose(u, b, atol=1e-3)  # the adapter does something
+    torch.testing.assert_close(f, u, atol=2e-5, rtol=1e-5)
+    torch.testing.assert_close(m, u, atol=2e-5, rtol=1e-5)
+    for lm in (folded, merged):
+        torch.testing.assert_close(lm.model.get_input_embeddings().weight, base.model.get_input_embeddings().weight)
+
+
 def test_perplexity_matches_hand_computation(tiny_neox):
     res = perplexity(tiny_neox, TEXTS, batch_size=2, progress=False)
     nll, n, per_text = 0.0, 0, []
