@@ -160,6 +160,21 @@ def test_dp_resume_loads_every_weight_of_a_full_checkpoint(tmp_path, tiny_neox):
     assert all(torch.equal(v, want[k]) for k, v in fresh.state_dict().items())
 
 
+def test_dp_sgd_on_layers_opacus_cannot_handle_is_a_clear_error(tmp_path):
+    """OPT's full fine-tune: Opacus fails inside its hooks (position embeddings take the attention mask,
+    fc1/fc2 see batch and sequence flattened); the first step turns that into one line naming the option."""
+    from leakaudit.errors import InputError
+
+    data = tmp_path / "d.jsonl"
+    data.write_text("".join(json.dumps({"text": f"Private row {i} says hello."}) + "\n" for i in range(8)))
+    cfg = FinetuneConfig(model="tiny-opt", data=str(data), out=str(tmp_path / "o"), method="full", epochs=1,
+                         batch_size=4, gradient_accumulation=1, dp_epsilon=8.0)
+    with pytest.raises(InputError) as err:
+        finetune(cfg, progress=False)
+    assert err.value.field == "--method" and "per-example gradients" in str(err.value)
+    assert not list((tmp_path / "o").glob("checkpoint-*"))
+
+
 def test_dp_sgd_resumes_after_a_kill_with_the_same_privacy_spent(tmp_path, monkeypatch):
     from leakaudit.train import dp
 

@@ -60,6 +60,17 @@ def _load_trainable(model, ckpt: Path, method: str) -> None:
         set_peft_model_state_dict(model, load_file(str(ckpt / "adapter_model.safetensors")))
 
 
+def _unsupported(config, exc: BaseException) -> InputError:
+    """Opacus computes per-example gradients layer by layer from each layer's input and fails inside its
+    hooks on layers it cannot handle (OPT's learned position embeddings take the attention mask; OPT's
+    decoder flattens batch and sequence before fc1/fc2): say so on the first step instead of a traceback."""
+    from leakaudit.models.spec import first_line
+
+    return InputError(f"Opacus cannot compute per-example gradients for {config.model} with --method "
+                      f"{config.method} ({first_line(exc)}); LoRA on the attention projections (the default "
+                      "--target-modules) works with GPT-NeoX, OPT and Llama", field="--method")
+
+
 def train_dp(config, lm, model, train: list[ex.Example], out: Path, progress: bool = True) -> dict:
     """Train with DP-SGD; saves a checkpoint per epoch and the final model; returns the privacy report."""
     import json
@@ -105,7 +116,7 @@ def train_dp(config, lm, model, train: list[ex.Example], out: Path, progress: bo
     total = epochs * len(loader) if config.max_steps is None else min(config.max_steps, epochs * len(loader))
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: max(0.0, 1 - s / max(1, total)))
     log_path = out / "train_log.jsonl"
-    start_epoch, step = 0, 0
+    start_epoch, step, stepped = 0, 0, False
     if state:
         ckpt = out / state["checkpoint"]
         _load_trainable(model, ckpt, config.method)
@@ -129,10 +140,16 @@ def train_dp(config, lm, model, train: list[ex.Example], out: Path, progress: bo
                 continue
             width = int(mask.sum(1).max())
             ids, mask, labels = (t[:, :width].to(lm.device) for t in (ids, mask, labels))
-            logits = dp_model(input_ids=ids, attention_mask=mask, use_cache=False).logits
-            loss = per_example_loss(logits, labels).mean()
-            loss.backward()
-            optimizer.step()
+            try:
+                logits = dp_model(input_ids=ids, attention_mask=mask, use_cache=False).logits
+                loss = per_example_loss(logits, labels).mean()
+                loss.backward()
+                optimizer.step()
+            except (AttributeError, RuntimeError) as exc:
+                if stepped or isinstance(exc, torch.OutOfMemoryError):
+                    raise
+                raise _unsupported(config, exc) from None
+            stepped = True
             optimizer.zero_grad(set_to_none=True)
             scheduler.step()
             with log_path.open("a", encoding="utf-8") as fh:
