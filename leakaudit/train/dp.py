@@ -66,9 +66,10 @@ def _unsupported(config, exc: BaseException) -> InputError:
     decoder flattens batch and sequence before fc1/fc2): say so on the first step instead of a traceback."""
     from leakaudit.models.spec import first_line
 
+    targets = f" --target-modules {','.join(config.target_modules)}" if config.target_modules else ""
     return InputError(f"Opacus cannot compute per-example gradients for {config.model} with --method "
-                      f"{config.method} ({first_line(exc)}); LoRA on the attention projections (the default "
-                      "--target-modules) works with GPT-NeoX, OPT and Llama", field="--method")
+                      f"{config.method}{targets} ({first_line(exc)}); LoRA on the attention projections (the "
+                      "default --target-modules) works with GPT-NeoX, OPT and Llama", field="--method")
 
 
 def train_dp(config, lm, model, train: list[ex.Example], out: Path, progress: bool = True) -> dict:
