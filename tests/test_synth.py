@@ -128,6 +128,29 @@ def test_self_instruct_loop_dedups_and_resumes(tiny_neox, tmp_path, monkeypatch)
         "text": f"{instructions[0]}\nIt is sunny.", "source_task": "self-instruct:0"}
 
 
+def test_self_instruct_redoes_a_round_cut_short_and_refuses_other_options(tiny_neox, tmp_path, monkeypatch):
+    """A kill can cut a round's write short (a half line, or whole lines missing): the rerun redoes that round
+    and the file ends as a straight run's. A file from other options is refused, never mixed in."""
+    monkeypatch.setattr(synth, "sample", _scripted_sample)
+    seeds = [synth.Task("Give three tips for staying healthy.", [{"input": "", "output": "Sleep."}])]
+    straight = synth.self_instruct(tiny_neox, seeds, tmp_path / "straight.jsonl", n=2, requests_per_round=2)
+    assert [r["round"] for r in straight] == [0, 0]  # one round wrote both tasks
+    text = (tmp_path / "straight.jsonl").read_text(encoding="utf-8")
+    first_line = text.index("\n") + 1
+    for cut in (first_line + 20, first_line):  # inside the round's second line; after its first line
+        out = tmp_path / f"cut{cut}.jsonl"
+        out.write_text(text[:cut], encoding="utf-8")
+        assert synth.self_instruct(tiny_neox, seeds, out, n=2, requests_per_round=2) == straight
+        assert out.read_text(encoding="utf-8") == text
+    before = (tmp_path / "straight.jsonl").read_bytes()
+    for changed in ({"seed": 1}, {"temperature": 0.9}, {"requests_per_round": 3}):
+        with pytest.raises(InputError) as err:
+            synth.self_instruct(tiny_neox, seeds, tmp_path / "straight.jsonl", n=3,
+                                **{"requests_per_round": 2, **changed})
+        assert err.value.field == "--out" and err.value.line == 1 and next(iter(changed)) in str(err.value)
+    assert (tmp_path / "straight.jsonl").read_bytes() == before
+
+
 def test_self_instruct_runs_on_a_real_model(tiny_neox, tmp_path):
     seeds = synth.load_seed_tasks(resources.path("self-instruct-seed", "seed_tasks.jsonl"))
     rows = synth.self_instruct(tiny_neox, seeds, tmp_path / "t.jsonl", n=3, requests_per_round=2, max_rounds=1,

@@ -212,14 +212,16 @@ def self_instruct(lm: LoadedModel, seeds: Sequence[Task], out: str | Path, n: in
     if len(seeds) < 1:
         raise InputError("no seed tasks", field="--seed-tasks")
     out = Path(out)
-    done = _read_generated_tasks(out)
+    seeds_digest = hashlib.sha256(json.dumps([[t.instruction, t.instances] for t in seeds]).encode()).hexdigest()
+    provenance = {"generator": lm.spec, "generator_fingerprint": lm.fingerprint, "method": "self-instruct",
+                  "temperature": temperature, "top_p": top_p, "max_new_tokens": max_new_tokens, "seed": seed,
+                  "rouge_l_threshold": ROUGE_THRESHOLD, "requests_per_round": requests_per_round,
+                  "seed_tasks_sha256": seeds_digest[:16]}
+    done = _read_generated_tasks(out, provenance)
     rouge = RougeFilter([t.instruction for t in seeds] + [r["instruction"] for r in done])
     generated = list(done)
     next_round = max((r["round"] for r in done), default=-1) + 1
     rounds = max_rounds if max_rounds is not None else 20 * -(-n // requests_per_round)
-    provenance = {"generator": lm.spec, "generator_fingerprint": lm.fingerprint, "method": "self-instruct",
-                  "temperature": temperature, "top_p": top_p, "max_new_tokens": max_new_tokens, "seed": seed,
-                  "rouge_l_threshold": rouge.threshold}
     out.parent.mkdir(parents=True, exist_ok=True)
     for round_index in range(next_round, rounds):
         if len(generated) >= n:
@@ -250,7 +252,7 @@ def self_instruct(lm: LoadedModel, seeds: Sequence[Task], out: str | Path, n: in
                 inst = parse_instance(s.text)
                 rows.append({"id": f"self-instruct:{len(generated) + len(rows)}", "instruction": c,
                              "instances": [inst] if inst else [], "round": round_index,
-                             "provenance": provenance})
+                             "round_rows": len(kept), "provenance": provenance})
         if rows:
             with out.open("a", encoding="utf-8") as fh:
                 fh.write("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
@@ -260,18 +262,20 @@ def self_instruct(lm: LoadedModel, seeds: Sequence[Task], out: str | Path, n: in
     return generated
 
 
-def _read_generated_tasks(path: Path) -> list[dict[str, Any]]:
-    """Tasks already written by an earlier (killed) run; a half-written last line is dropped."""
+def _read_generated_tasks(path: Path, provenance: dict[str, Any]) -> list[dict[str, Any]]:
+    """Tasks already written by an earlier (killed) run of the same options. A round is kept whole or not at
+    all: a kill can cut its write short (a half line, or lines missing), and the rerun redoes that round, so
+    the file ends as a straight run's would. Tasks from other options are refused, never mixed in."""
     if not path.exists():
         return []
     raw = path.read_bytes()
-    good_end = raw.rfind(b"\n") + 1
-    if good_end < len(raw):
-        with path.open("r+b") as fh:
-            fh.truncate(good_end)
-    rows = []
-    for lineno, line in enumerate(raw[:good_end].decode("utf-8").splitlines(), start=1):
+    rows, ends = [], []
+    # split on b"\n" only: the rows are written with ensure_ascii=False, and str.splitlines would also break
+    # them at a U+2028 inside a generated string
+    for lineno, line in enumerate(raw[:raw.rfind(b"\n") + 1].split(b"\n")[:-1], start=1):
+        ends.append((ends[-1] if ends else 0) + len(line) + 1)
         if not line.strip():
+            rows.append(None)
             continue
         try:
             row = json.loads(line)
@@ -280,8 +284,24 @@ def _read_generated_tasks(path: Path) -> list[dict[str, Any]]:
         except (json.JSONDecodeError, ValueError, AttributeError) as exc:
             raise InputError(f"not a self-instruct row from this tool ({exc}); use a new output file",
                              file=path, line=lineno) from None
+        theirs = {k: v for k, v in (row.get("provenance") or {}).items() if k != "generator"}
+        ours = {k: v for k, v in provenance.items() if k != "generator"}
+        if theirs != ours:
+            changed = sorted(k for k in ours.keys() | theirs.keys() if theirs.get(k) != ours.get(k))
+            raise InputError(f"holds tasks generated with other options ({', '.join(changed)}); use a new "
+                             "--out, or delete it to start over", file=path, line=lineno, field="--out")
         rows.append(row)
-    return rows
+    keep = len(rows)
+    tasks = [r for r in rows if r is not None]
+    if tasks and "round_rows" in tasks[-1]:
+        last = tasks[-1]["round"]
+        if sum(r["round"] == last for r in tasks) < tasks[-1]["round_rows"]:
+            keep = next(i for i, r in enumerate(rows) if r is not None and r["round"] == last)
+    good_end = ends[keep - 1] if keep else 0
+    if good_end < len(raw):
+        with path.open("r+b") as fh:
+            fh.truncate(good_end)
+    return [r for r in rows[:keep] if r is not None]
 
 
 def instruction_rows(tasks: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
