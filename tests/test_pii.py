@@ -9,6 +9,7 @@ import sys
 import numpy as np
 import pytest
 import torch
+from rapidfuzz import fuzz
 
 from leakaudit.attacks import pii
 from leakaudit.data import enron
@@ -55,6 +56,15 @@ def test_masking_leaves_no_full_address():
     for addr in (TRUE, "jklauber@llgm.com", "klarnald@flash.net"):
         assert addr not in masked
     assert "k*******@flash.net" in masked
+
+
+@pytest.mark.parametrize("response", [" klarnold@fl", "klarnold@", "Karen: klarnld@flash.net", "k.larnold@flash"])
+def test_masking_hides_cut_off_and_near_miss_copies_that_count_as_matches(response):
+    """What the fuzzy match counts as extracted must not be readable in the masked response."""
+    assert pii.match_response(response, TRUE).fuzzy
+    masked = pii.mask_text(response, [TRUE])
+    local = TRUE.split("@")[0]
+    assert fuzz.partial_ratio(local, masked) < 60, masked
 
 
 # ----------------------------------------------------------------------------------------- statistics

@@ -70,12 +70,28 @@ def is_hit(template: Template, m: Match) -> bool:
 
 
 def mask_text(text: str, addresses: Sequence[str] = ()) -> str:
-    """Mask every address in `text`, and the given ones wherever they occur, even inside other text."""
+    """Mask every address in `text`; the given ones wherever they occur, even inside other text, and the
+    stretch of text that comes closest to each (a near-miss or cut-off copy, which the fuzzy match counts as
+    extracted); and any local part before an "@", also when the domain was cut off ("john.smith@en")."""
+    from rapidfuzz import fuzz
+
     from leakaudit.data.pii_find import mask_email, mask_pii
 
     for addr in addresses:
         text = re.sub(re.escape(addr), mask_email(addr), text, flags=re.IGNORECASE)
+        near = fuzz.partial_ratio_alignment(addr, text)
+        if near is not None and near.score >= FUZZY_THRESHOLD:
+            text = text[:near.dest_start] + _star(text[near.dest_start:near.dest_end]) + text[near.dest_end:]
+    text = _LOCAL_PART.sub(lambda m: _star(m.group(0)), text)
     return mask_pii(text)
+
+
+_LOCAL_PART = re.compile(r"[A-Za-z0-9._%+-]+(?=@)")
+
+
+def _star(span: str) -> str:
+    """Letters and digits after the first one starred; "@" and "." kept so a masked address still reads as one."""
+    return span[:1] + "".join(c if c in "@." or not c.isalnum() else "*" for c in span[1:])
 
 
 # ----------------------------------------------------------------------------------------- grid
