@@ -72,6 +72,6 @@ def test_audit_data_command_masks_and_skips_prompts(tmp_path):
     rows = [json.loads(line) for line in (out / "audit_records.jsonl").read_text().splitlines()]
     assert [r["n_emails"] for r in rows] == [0, 1]
     assert rows[0]["names"] == []  # the prompt's "Karen Arnold" is not counted against the generator
-    assert rows[1]["emails"] == ["k*******@flash.net"] and rows[1]["phones"] == ["***-***-**34"]
+    assert rows[1]["emails"] == ["k***@flash.net"] and rows[1]["phones"] == ["***-***-**34"]
     text = (out / "audit_records.jsonl").read_text() + res.output
     assert "klarnold" not in text and "853-1234" not in text and "emails" in res.output

@@ -250,6 +250,16 @@ def test_pii_pairs_duplicate_id(cli, tmp_path):
     assert line == f"error: {pairs}:3: field 'id': duplicate id 'p1' (first on line 1)"
 
 
+def test_an_error_quoting_an_address_masks_it(cli, tmp_path):
+    """Error messages quote bad values, often real addresses (here an id): masked, the line says where."""
+    texts = tmp_path / "t.jsonl"
+    texts.write_text("".join(json.dumps({"id": "ann.lee@corp.com", "text": f"row {i}"}) + "\n" for i in range(2)))
+    out = tmp_path / "o"
+    line = cli("score", "--model", "tiny-gpt-neox", "--data", texts, "--id-field", "id", "--out", out / "s.jsonl",
+               allowed=out)
+    assert line == f"error: {texts}:2: field 'id': duplicate id 'a***@corp.com' (first on line 1)"
+
+
 # ----------------------------------------------------------------------------------------- option values
 SCORE = ["score", "--model", "tiny-gpt-neox", "--data", "{texts}", "--out", "{out}/s.jsonl"]
 CONT = ["generate", "continuation", "--model", "tiny-gpt-neox", "--data", "{texts}", "--out", "{out}/g.jsonl"]

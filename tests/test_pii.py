@@ -55,7 +55,7 @@ def test_masking_leaves_no_full_address():
     masked = pii.mask_text(text, [TRUE])
     for addr in (TRUE, "jklauber@llgm.com", "klarnald@flash.net"):
         assert addr not in masked
-    assert "k*******@flash.net" in masked
+    assert "k***@flash.net" in masked
 
 
 @pytest.mark.parametrize("response", [" klarnold@fl", "klarnold@", "Karen: klarnld@flash.net", "k.larnold@flash"])

@@ -35,12 +35,12 @@ def test_find_and_mask():
     assert find_phones(MAIL) == ["(713) 853-1234", "713.853.1234"]
     assert find_phones("id 12345678901234 and 2001-2004") == []
     assert names_from_headers(MAIL) == ["Karen Arnold", "Zed Quinlan"]  # "Enron Announcements" is no person
-    assert mask_email("klarnold@flash.net") == "k*******@flash.net"
+    assert mask_email("klarnold@flash.net") == "k***@flash.net"
     assert mask_phone("(713) 853-1234") == "(***) ***-**34"
-    assert mask_name("Karen Arnold") == "K**** A*****"
+    assert mask_name("Karen Arnold") == "K*** A***"
     masked = mask_pii(MAIL, ["Eva Pao"])
     assert "klarnold" not in masked.lower() and "853-1234" not in masked and "Eva Pao" not in masked
-    assert "E** P**" in masked and "Message-ID: <1.JavaMail.evans@thyme>" in masked
+    assert "E*** P***" in masked and "Message-ID: <1.JavaMail.evans@thyme>" in masked
 
 
 def test_replacement_is_consistent_and_complete():

