@@ -119,8 +119,9 @@ class ScoreCache:
     def make_key(fingerprint: str, options: ScoreOptions, prefix: str | None, text: str) -> str:
         h = hashlib.sha256()
         for part in (fingerprint, options.key(), "\x00" if prefix is None else "P" + prefix, text):
-            h.update(part.encode("utf-8", "surrogatepass"))
-            h.update(b"\x1f")
+            data = part.encode("utf-8", "surrogatepass")
+            h.update(len(data).to_bytes(8, "little"))  # length-prefixed: no two (prefix, text) pairs share a key
+            h.update(data)
         return h.hexdigest()
 
     def get_many(self, keys: Sequence[str], need_moments: bool) -> dict[str, TokenScores]:
@@ -161,6 +162,8 @@ def _segments(index: int, ctx: list[int], ids: list[int], window: int, stride: i
     """Split context+text into windows; each token of the text is scored exactly once."""
     seq = ctx + ids
     start_score = max(len(ctx), 1)
+    if start_score >= len(seq):  # nothing to score (an empty or one-token text): no forward pass at all
+        return []
     if len(seq) <= window:
         return [_Segment(index, 0, seq, start_score)]
     segs: list[_Segment] = []

@@ -11,7 +11,7 @@ import torch
 from conftest import torch_threads
 
 from leakaudit import scoring
-from leakaudit.scoring import ScoreCache, score_texts
+from leakaudit.scoring import ScoreCache, score_ids, score_texts
 
 TEXTS = [
     "The quick brown fox jumps over the lazy dog.",
@@ -329,6 +329,27 @@ def test_cache_hit_does_not_call_model(tiny_neox, tmp_path, monkeypatch):
     # Different options are a different key: this must compute (and hit the patched function).
     with pytest.raises(AssertionError, match="cache hit"):
         score_texts(tiny_neox, TEXTS, max_length=32, cache=store)
+
+
+def test_a_separator_inside_prefix_or_text_is_not_a_cache_collision(tiny_neox, tmp_path):
+    """The key hashes its parts length-prefixed: ("A\x1fB", "C D E") and ("A", "B\x1fC D E") once shared one."""
+    store = ScoreCache(tmp_path / "c.sqlite")
+    score_texts(tiny_neox, ["C D E"], prefixes=["A\x1fB"], cache=store, progress=False)
+    cached = score_texts(tiny_neox, ["B\x1fC D E"], prefixes=["A"], cache=store, progress=False)[0]
+    fresh = score_texts(tiny_neox, ["B\x1fC D E"], prefixes=["A"], cache=False, progress=False)[0]
+    assert np.array_equal(cached.logp, fresh.logp)
+
+
+@pytest.mark.parametrize("batch_size", [1, "auto", 7])
+def test_empty_and_one_token_texts_score_as_nothing(tiny_model, batch_size):
+    """Nothing to score (no token has a left context): zero tokens, no forward pass, beside other texts."""
+    one = tiny_model.tokenizer.decode(tiny_model.tokenizer("Hi")["input_ids"][:1])
+    texts = ["", one, TEXTS[0]]
+    got = score_texts(tiny_model, texts, moments=True, batch_size=batch_size, cache=False, progress=False)
+    assert [g.n_tokens for g in got[:2]] == [0, 0] and got[0].mu is not None
+    alone = score_texts(tiny_model, [TEXTS[0]], moments=True, cache=False, progress=False)[0]
+    np.testing.assert_allclose(got[2].logp, alone.logp, atol=1e-5)
+    assert score_ids(tiny_model, [[]], [[]], cache=False)[0].n_tokens == 0
 
 
 def test_duplicate_texts_scored_once(tiny_neox, monkeypatch):
