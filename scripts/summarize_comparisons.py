@@ -3,7 +3,8 @@
 
 Reads only each output dir's summary.json and prints Markdown: per evaluation and metric, one row per variant
 with every seed's Δ [95% paired CI] → verdict and relative change, then the mean Δ over seeds with the
-smallest seed's detectable effect (the CI half-width); then the values behind them (baseline and variant).
+smallest effect every seed could detect (the largest of their CI half-widths); then the values behind them
+(baseline and variant).
 
     python scripts/summarize_comparisons.py out/fp-s0 out/fp-s1 out/fp-s2 > table.md
 """
@@ -41,10 +42,12 @@ def main(dirs: list[str]) -> None:
             variants = keys.setdefault((c["evaluation"], c["metric"]), [])
             if c["variant"] not in variants:
                 variants.append(c["variant"])
-    print(f"Paired difference against `{runs[0][1][0]['baseline'] if runs[0][1] else '?'}` per seed "
-          f"(seeds {', '.join(map(str, seeds))}): Δ [95% paired bootstrap CI] (relative change) → verdict.\n")
+    print(f"Paired difference against each evaluation's baseline per seed (seeds {', '.join(map(str, seeds))}): "
+          "Δ [95% paired bootstrap CI] (relative change) → verdict.\n")
     for (evaluation, metric), variants in keys.items():
-        print(f"**{evaluation}: {metric}**\n")
+        baselines = sorted({c["baseline"] for _, comps in runs for c in comps
+                            if (c["evaluation"], c["metric"]) == (evaluation, metric)})
+        print(f"**{evaluation}: {metric}** (against {', '.join(f'`{b}`' for b in baselines)})\n")
         print("| variant | " + " | ".join(f"seed {s}" for s in seeds) + " | mean Δ over seeds (SD) | smallest detectable |")
         print("|---|" + "---|" * len(seeds) + "---|---|")
         for v in variants:
@@ -64,7 +67,7 @@ def main(dirs: list[str]) -> None:
                     halves.append(c["detectable_effect"])
             sd = f" ({statistics.stdev(deltas):.3f})" if len(deltas) > 1 else ""
             mean = f"{statistics.mean(deltas):+.3f}{sd}" if deltas else "–"
-            print(f"| {v} | " + " | ".join(cells) + f" | {mean} | {f(min(halves)) if halves else '–'} |")
+            print(f"| {v} | " + " | ".join(cells) + f" | {mean} | {f(max(halves)) if halves else '–'} |")
         print()
     print("Values behind the differences (baseline → variant), per seed:\n")
     print("| evaluation | metric | variant | " + " | ".join(f"seed {s}" for s in seeds) + " |")

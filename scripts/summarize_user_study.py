@@ -48,7 +48,11 @@ def ci(c):
 
 def main(dirs: list[str]) -> None:
     runs = [load(Path(d)) for d in dirs]
+    # the user-AUC comparisons only (a run may compare other measures too), against their own baseline
+    user = [c for run in runs for c in run["comparisons"] if c.get("metric") == "user AUC"]
     arms = list(runs[0]["arms"])
+    if user:
+        arms = [user[0]["baseline"]] + [a for a in arms if a != user[0]["baseline"]]
     ms = list((runs[0]["arms"][arms[0]]["ui"].get("per_m") or {}).keys())
     print("User AUC per m (95% bootstrap CI for the largest m), training samples kept, held-out perplexity:\n")
     print("| arm | seed | " + " | ".join(f"AUC m={m}" for m in ms) + " | samples kept | perplexity |")
@@ -60,13 +64,14 @@ def main(dirs: list[str]) -> None:
             cells = [f(per_m.get(m, {}).get("auc")) + (ci(per_m.get(m, {}).get("auc_ci")) if m == ms[-1] else "")
                      for m in ms]
             print(f"| {arm} | {run['seed']} | " + " | ".join(cells) + f" | {a.get('kept', '–')} | {f(a.get('ppl'), 2)} |")
-    print("\nPaired difference in user AUC (largest m) against no mitigation, same users, paired bootstrap:\n")
+    print(f"\nPaired difference in user AUC (largest m) against `{arms[0]}`, same users, paired bootstrap:\n")
     print("| arm | " + " | ".join(f"seed {r['seed']}: Δ [95% CI] → verdict" for r in runs) + " | mean Δ over seeds |")
     print("|---|" + "---|" * len(runs) + "---|")
     for arm in arms[1:]:
         cells, deltas = [], []
         for run in runs:
-            comp = next((c for c in run["comparisons"] if c.get("variant") == arm), None)
+            comp = next((c for c in run["comparisons"]
+                         if c.get("metric") == "user AUC" and c.get("variant") == arm), None)
             if comp is None or comp.get("delta") is None:
                 cells.append("–")
                 continue
@@ -74,7 +79,7 @@ def main(dirs: list[str]) -> None:
             cells.append(f"{comp['delta']:+.3f}{ci(comp.get('ci'))} → {comp.get('verdict', '')}")
         mean = sum(deltas) / len(deltas) if deltas else None
         print(f"| {arm} | " + " | ".join(cells) + f" | {'–' if mean is None else f'{mean:+.3f}'} |")
-    print("\nWho is exposed (no mitigation; Spearman rank correlation over training users, 95% bootstrap CI):\n")
+    print(f"\nWho is exposed (`{arms[0]}`; Spearman rank correlation over training users, 95% bootstrap CI):\n")
     print("| seed | ρ(score, user's training samples) | ρ(score, user's NLL under the base model) | users |")
     print("|---|---|---|---|")
     for run in runs:

@@ -123,6 +123,29 @@ def test_mia_comparison_pairs_texts_by_id(tmp_path):
     assert by["flat"]["verdict"] == "no change: Δ = 0 in every bootstrap resample"  # scores + 3: same order
 
 
+def test_a_comparison_bootstraps_with_the_seed_the_stage_ran_with(tmp_path):
+    """The kinds record their seed (the run's --seed unless the options give one); the paired bootstrap of a
+    comparison draws with it, not with 0."""
+    import random
+
+    from leakaudit.kinds.mia import MiaResult
+
+    rng = random.Random(1)
+    rows = {name: [{"id": f"t{i}", "label": i % 2, "loss": rng.random() + (i % 2) * shift} for i in range(40)]
+            for name, shift in (("m0", 0.3), ("ft", 0.5))}
+
+    def ci(seed: int | None, copy: str = "") -> list[float]:
+        out = tmp_path / f"s{seed}{copy}"
+        result = {"attacks": {"loss": {"auc": 0.5, "auc_ci": [0.4, 0.6]}}, "scores_file": "scores.jsonl"}
+        stages = [_write_stage(out, "mia", "mia", name, {"scores.jsonl": r},
+                               result if seed is None else {**result, "seed": seed},
+                               {"compare_to": "m0", "n_bootstrap": 200}) for name, r in rows.items()]
+        return MiaResult.comparisons([StageView(s, out) for s in stages])[0]["delta_ci"]
+
+    seven = ci(7)
+    assert ci(None) == ci(0) and ci(7, "again") == seven and seven != ci(0, "again")
+
+
 def test_pii_comparison_from_extraction_rows(tmp_path):
     """Per-sample rows of extractions.jsonl: a target x cell is hit when any of its samples is."""
     from leakaudit.kinds.pii import PiiResult

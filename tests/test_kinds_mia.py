@@ -101,6 +101,7 @@ def test_cli_and_experiment_give_the_same_numbers(study, monkeypatch, capsys):
     assert code == 0, err
     cli, exp = (json.loads((d / "mia.json").read_text()) for d in (study / "cli", run / "evaluate/m/base"))
     assert set(cli["attacks"]) == {"loss", "zlib", "min_k", "ref"}
+    assert cli["seed"] == exp["seed"] == 0  # recorded: comparisons bootstrap with it
     for attack, m in cli["attacks"].items():
         assert m["auc"] == pytest.approx(exp["attacks"][attack]["auc"], abs=1e-12)
         assert m["auc_ci"] == pytest.approx(exp["attacks"][attack]["auc_ci"], abs=1e-12)

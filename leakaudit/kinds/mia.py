@@ -164,10 +164,11 @@ class Mia(Kind):
         members, nonmembers = ctx.records("members"), ctx.records("nonmembers")
         names = attack_names(options.attacks, ctx.models.get("reference") is not None)
         target, reference = ctx.model("target"), ctx.model("reference")
+        seed = ctx.seed if options.seed is None else options.seed
         try:
             report = run_mia(target, [r.text for r in members], [r.text for r in nonmembers], names,
                              reference=reference, attack_options=dict(options.attack_options),
-                             n_bootstrap=options.n_bootstrap, seed=ctx.seed if options.seed is None else options.seed,
+                             n_bootstrap=options.n_bootstrap, seed=seed,
                              batch_size=options.batch_size, max_length=options.max_length, stride=options.stride,
                              cache=options.cache, progress=ctx.progress)
         except TooShortError as exc:
@@ -177,7 +178,7 @@ class Mia(Kind):
                              line=rec.line, field=ctx.data_fields.get(role, {}).get("text_field", "text")) from None
         data = {**report.to_json(), "target": ctx.models.get("target"), "reference": ctx.models.get("reference"),
                 **{role: str(ctx.data[role]) if role in ctx.data else None for role in ("members", "nonmembers")},
-                "scores_file": "scores.jsonl"}
+                "seed": seed, "scores_file": "scores.jsonl"}  # comparisons' paired bootstrap reads the seed
         if is_main():  # under a launcher every process has the result; one writes it
             write_jsonl(ctx.out / "scores.jsonl", report.rows([r.id for r in members], [r.id for r in nonmembers]))
             plot_roc(report.metrics, ctx.out / "roc.png", title=f"membership inference: {ctx.models.get('target')}")

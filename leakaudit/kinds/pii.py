@@ -253,7 +253,8 @@ class Pii(Kind):
                           show_pii=ctx.show_pii, progress=ctx.progress, log=ctx.log)
         rows = read_jsonl(ctx.out / "results_purified.jsonl")
         data: dict[str, Any] = {"rows": [r for r in rows if r.get("role", "model") == "model"],
-                                "baseline_rows": [r for r in rows if r.get("role") == "baseline"]}
+                                "baseline_rows": [r for r in rows if r.get("role") == "baseline"],
+                                "seed": seed}  # comparisons' paired bootstrap reads the seed
         part = next(iter(summary["protocols"].values()))
         data["match_rate"] = part["grid_mean"]["hit_rate"]
         data["match_rate_ci"] = part["grid_mean"]["hit_rate_ci"]

@@ -277,6 +277,7 @@ class PiiLogprob(Kind):
         write_jsonl(ctx.out / "logprobs.jsonl", [shown(r) for rows in all_rows.values() for r in rows])
         data = {"model": str(models["model"]), "baseline": models["baseline"], "n_targets": len(targets),
                 "n_candidates": len(candidates[0]), "templates": summary,
-                "boundary_merged": int(sum(r["boundary_merged"] for r in all_rows["model"]))}
+                "boundary_merged": int(sum(r["boundary_merged"] for r in all_rows["model"])),
+                "seed": seed}  # comparisons' paired bootstrap reads the seed
         write_json(ctx.out / "pii_logprob.json", data)
         return PiiLogprobResult(data)
