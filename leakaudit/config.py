@@ -38,6 +38,7 @@ from pydantic import (
 from leakaudit.data.split import HOLDOUT_SUFFIX
 from leakaudit.errors import InputError
 from leakaudit.kinds.base import DATA_ROLES
+from leakaudit.options import Seed
 
 FINETUNE_METHODS = ("full", "lora", "dora", "pissa")
 BUILTIN_DATASETS = ("enron", "enron-sample", "enron-users", "enron-synthetic", "dolly")
@@ -50,7 +51,7 @@ SAFE_DATA_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]*")
 class Strict(BaseModel):
     """Unknown keys are errors (a misspelt option must not be silently ignored)."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)  # and no inf/NaN in a number
 
 
 class DatasetSpec(Strict):
@@ -79,7 +80,7 @@ class DatasetSpec(Strict):
     ranges: dict[str, list[StrictInt | None]] = Field(default_factory=dict)
     # A fixed seed for this step, unaffected by the experiment's `seed` and `--seed`: what a study holds fixed
     # across its seeds (a pre-training stand-in, a data split), so other seeds' runs reuse it (run --reuse).
-    seed: int | None = None
+    seed: Seed | None = None
 
     @model_validator(mode="after")
     def _one_source(self) -> DatasetSpec:
@@ -166,7 +167,7 @@ class GenerateSpec(Strict):
     data: str | None = None
     model: str | None = None
     options: dict[str, Any] = Field(default_factory=dict)
-    seed: int | None = None  # fixed seed for this step (see DatasetSpec.seed)
+    seed: Seed | None = None  # fixed seed for this step (see DatasetSpec.seed)
 
     @field_validator("kind")
     @classmethod
@@ -195,7 +196,7 @@ class FinetuneSpec(Strict):
     options: dict[str, Any] = Field(default_factory=dict)
     defenses: dict[str, Any] = Field(default_factory=dict)
     grid: dict[str, list[Any]] = Field(default_factory=dict)
-    seed: int | None = None  # fixed seed for this step (see DatasetSpec.seed)
+    seed: Seed | None = None  # fixed seed for this step (see DatasetSpec.seed)
 
 
 class EvaluationSpec(Strict):
@@ -211,7 +212,7 @@ class EvaluationSpec(Strict):
     training: str | None = None  # the targets' fine-tuning data, for per-user sample counts (user inference)
     options: dict[str, Any] = Field(default_factory=dict)
     grid: dict[str, list[Any]] = Field(default_factory=dict)
-    seed: int | None = None  # fixed seed for this step (see DatasetSpec.seed)
+    seed: Seed | None = None  # fixed seed for this step (see DatasetSpec.seed)
 
     @field_validator("kind")
     @classmethod
@@ -233,7 +234,7 @@ class Experiment(Strict):
     """The whole study."""
 
     name: str
-    seed: int = 0
+    seed: Seed = 0
     models: dict[str, str] = Field(min_length=1)
     datasets: dict[str, DatasetSpec] = Field(default_factory=dict)
     generate: dict[str, GenerateSpec] = Field(default_factory=dict)
@@ -317,15 +318,36 @@ def pydantic_message(err: dict[str, Any]) -> str:
     return msg.removeprefix("Value error, ")
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """YAML's safe loader, refusing a key given twice in one mapping: plain YAML keeps the last, so a second
+    `ppl:` stage or `name:` would silently replace the first."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = set()
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":  # `<<: *alias` merges, explicit keys override
+                continue
+            key = self.construct_object(key_node, deep=deep)
+            if not isinstance(key, (str, int, float, bool)):
+                continue  # an unhashable key is refused later, by the schema
+            if key in seen:
+                raise yaml.constructor.ConstructorError(None, None, f"key '{key}' given twice in one mapping",
+                                                        key_node.start_mark)
+            seen.add(key)
+        return super().construct_mapping(node, deep)
+
+
 def parse_experiment(text: str, file: str | Path = "<experiment>") -> Experiment:
     """Parse and validate YAML text; every problem is one InputError naming file, line and key path."""
     try:
-        raw = yaml.safe_load(text)
+        raw = yaml.load(text, Loader=_UniqueKeyLoader)  # noqa: S506 - a SafeLoader subclass
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
         raise InputError(f"not valid YAML: {problem}", file=file,
                          line=mark.line + 1 if mark else None) from None
+    except RecursionError:
+        raise InputError("not valid YAML: nested too deeply", file=file) from None
     if not isinstance(raw, dict):
         raise InputError("an experiment file must be a YAML mapping (name:, models:, ...)", file=file, line=1)
     try:
@@ -348,7 +370,9 @@ def load_experiment(path: str | Path) -> Experiment:
     p = Path(path)
     if not p.is_file():
         raise InputError("experiment file not found", file=p)
-    exp = parse_experiment(p.read_text(encoding="utf-8"), p)
+    from leakaudit.data.io import read_text  # BOM, UTF-16, undecodable bytes: one line naming the file
+
+    exp = parse_experiment(read_text(p), p)
     for ds in exp.datasets.values():
         if ds.path is not None and not Path(ds.path).expanduser().is_absolute():
             ds.path = str((p.parent / ds.path).resolve())
@@ -437,6 +461,9 @@ def check_references(exp: Experiment) -> None:
             need(getattr(e, field), models, ("evaluate", name, field), "model")
         for field in DATA_ROLES:
             need(getattr(e, field), datas, ("evaluate", name, field), "data")
+        for key, values in e.grid.items():
+            if not values:  # an empty sweep would drop the whole evaluation without a word
+                raise ConfigError(("evaluate", name, "grid", key), "a grid needs a non-empty list of values")
     _check_generate_cycles(exp)
 
 

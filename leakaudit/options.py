@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Annotated
 
-from pydantic import AfterValidator
+from pydantic import AfterValidator, Field
 
 
 def _batch_size(v: int | str) -> int | str:
@@ -14,6 +14,10 @@ def _batch_size(v: int | str) -> int | str:
         return int(v)
     raise ValueError("must be 'auto' or a positive integer")
 
+
+#: The largest seed numpy's and torch's generators take; a negative or larger one crashed deep inside them.
+MAX_SEED = 2**32 - 1
+Seed = Annotated[int, Field(ge=0, le=MAX_SEED)]
 
 #: `auto` (a token budget that fits the device) or sequences per batch.
 BatchSize = Annotated[int | str, AfterValidator(_batch_size)]

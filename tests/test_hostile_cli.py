@@ -250,6 +250,41 @@ def test_pii_pairs_duplicate_id(cli, tmp_path):
     assert line == f"error: {pairs}:3: field 'id': duplicate id 'p1' (first on line 1)"
 
 
+def _hf_dir_with_broken_info(p: Path) -> None:
+    p.mkdir()
+    (p / "dataset_info.json").write_text("{not json")
+
+
+@pytest.mark.parametrize("name, make, line, message", [
+    ("big.jsonl", lambda p: p.write_text('{"text": "b", "n": ' + "9" * 5000 + "}\n"), 1, "unreadable JSON"),
+    ("deep.jsonl", lambda p: p.write_text("[" * 100_000 + "]" * 100_000 + "\n"), 1, "unreadable JSON"),
+    ("deep.json", lambda p: p.write_text("[" * 100_000 + "]" * 100_000), None, "unreadable JSON"),
+    ("long.csv", lambda p: p.write_text('text\n"' + "a" * 200_000 + '"\n'), 2, "unreadable CSV"),
+    ("hf", _hf_dir_with_broken_info, None, "cannot load the saved Hugging Face dataset"),
+    ("nullid.jsonl", lambda p: p.write_text('{"text": "a b", "id": null}\n'), 1, "id is empty"),
+])
+def test_data_files_python_cannot_read_are_one_line(cli, tmp_path, name, make, line, message):
+    """Past the parsers' limits (digits, nesting, CSV field size), a broken saved dataset, a null id."""
+    data = tmp_path / name
+    make(data)
+    out = tmp_path / "o"
+    got = cli("score", "--model", "tiny-gpt-neox", "--data", data, "--id-field", "id", "--out", out / "s.jsonl",
+              allowed=out)
+    where = f"{data}:{line}" if line else f"{data}"
+    assert got.startswith(f"error: {where}: ") and message in got, got
+
+
+@pytest.mark.parametrize("args, option", [
+    (["--seed", "-1"], "--seed"), (["--seed", str(2**32)], "--seed"),
+    (["--epochs", "inf"], "--epochs"), (["--learning-rate", "inf"], "--learning-rate"),
+    (["--learning-rate", "nan"], "--learning-rate"),
+])
+def test_seeds_out_of_range_and_infinite_numbers_are_refused(cli, tmp_path, texts, args, option):
+    out = tmp_path / "o"
+    got = cli("finetune", "--model", "tiny-gpt-neox", "--data", texts, "--out", out, *args, allowed=out)
+    assert f"'{option}'" in got, got
+
+
 def test_an_error_quoting_an_address_masks_it(cli, tmp_path):
     """Error messages quote bad values, often real addresses (here an id): masked, the line says where."""
     texts = tmp_path / "t.jsonl"

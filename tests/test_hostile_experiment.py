@@ -149,10 +149,60 @@ def test_a_stage_folder_linked_out_of_out_is_refused_before_any_stage(tmp_path, 
     victim = tmp_path / "victim"
     victim.mkdir()
     (out / "data").mkdir(parents=True)
+    (out / "run.json").write_text("{}")  # an earlier run's folder, tampered with
     (out / "data" / "d").symlink_to(victim, target_is_directory=True)
     code, err = _run_main(["run", str(cfg), "--out", str(out), "--no-report"], monkeypatch, capsys)
     assert code == 2 and err.count("\n") == 1 and "outside the output dir" in err
     assert list(victim.iterdir()) == []
+
+
+@pytest.mark.parametrize("text, line, message", [
+    ("name: a\nname: b\nmodels: {base: tiny-gpt-neox}\n", 2, "key 'name' given twice"),
+    ("q: " + "[" * 5000 + "]" * 5000 + "\n", None, "nested too deeply"),
+])
+def test_yaml_python_would_accept_silently_or_crash_on_is_one_line(tmp_path, monkeypatch, capsys, text, line,
+                                                                   message):
+    """A key given twice (plain YAML keeps the last: a second stage silently replaced the first), nesting
+    past Python's recursion limit."""
+    cfg = tmp_path / "exp.yaml"
+    cfg.write_text(text)
+    code, err = _run_main(["run", str(cfg), "--out", str(tmp_path / "out")], monkeypatch, capsys)
+    where = f"{cfg}:{line}" if line else f"{cfg}"
+    assert code == 2 and err.count("\n") == 1 and err.startswith(f"error: {where}: ") and message in err, err
+
+
+def test_an_experiment_file_in_another_encoding_is_one_line(tmp_path, monkeypatch, capsys):
+    cfg = tmp_path / "exp.yaml"
+    cfg.write_bytes("name: caf\u00e9\n".encode("latin-1"))
+    code, err = _run_main(["run", str(cfg), "--out", str(tmp_path / "out")], monkeypatch, capsys)
+    assert code == 2 and err.count("\n") == 1 and err.startswith(f"error: {cfg}:1: ") and "UTF-8" in err, err
+
+
+@pytest.mark.parametrize("content", ["not json", "{}", "[1, 2]"])
+def test_report_on_a_broken_run_record_is_one_line(tmp_path, monkeypatch, capsys, content):
+    (tmp_path / "run.json").write_text(content)
+    code, err = _run_main(["report", str(tmp_path)], monkeypatch, capsys)
+    assert code == 2 and err.count("\n") == 1 and err.startswith(f"error: {tmp_path / 'run.json'}: "), err
+
+
+def test_an_empty_evaluation_grid_is_refused(tmp_path):
+    """It would drop the whole evaluation without a word (finetune grids were already checked)."""
+    from leakaudit.config import parse_experiment
+
+    text = _experiment().replace("    options:\n      {attacks: [loss, zlib]}\n", "    grid: {batch_size: []}\n")
+    assert "grid: {batch_size: []}" in text
+    with pytest.raises(InputError) as err:
+        parse_experiment(text, "exp.yaml")
+    assert err.value.field == "evaluate.m.grid.batch_size" and "non-empty" in err.value.message
+
+
+def test_a_folder_holding_other_files_is_refused_as_out(tmp_path, monkeypatch, capsys):
+    """`--out /`, a home folder or the experiment's own folder: stages would write among unrelated files."""
+    cfg, _ = _setup(tmp_path, _experiment())
+    before = sorted(p.name for p in cfg.parent.iterdir())
+    code, err = _run_main(["run", str(cfg), "--out", str(cfg.parent), "--no-report"], monkeypatch, capsys)
+    assert code == 2 and err.count("\n") == 1 and "is not a leakaudit run (no run.json)" in err
+    assert sorted(p.name for p in cfg.parent.iterdir()) == before
 
 
 def test_grid_values_cannot_make_folders_outside_out(tmp_path):
@@ -285,6 +335,7 @@ def test_unwritable_out_is_refused_before_any_stage(tmp_path, monkeypatch, capsy
 def test_a_file_where_a_stage_folder_goes_is_refused_before_any_stage(tmp_path, monkeypatch, capsys):
     cfg, out = _setup(tmp_path, _experiment())
     out.mkdir()
+    (out / "run.json").write_text("{}")  # an earlier run's folder, tampered with
     (out / "evaluate").write_text("not a folder")
     code, err = _run_main(["run", str(cfg), "--out", str(out), "--no-report"], monkeypatch, capsys)
     assert code == 2 and err.count("\n") == 1

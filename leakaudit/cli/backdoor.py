@@ -17,6 +17,7 @@ from leakaudit.cli.core import (
     check_batch_size,
     model_path,
 )
+from leakaudit.options import MAX_SEED
 
 err = Console(stderr=True)
 backdoor_app = typer.Typer(help="Backdoor fine-tuning-data extraction: plant, fine-tune downstream, extract, "
@@ -26,7 +27,7 @@ ModelOpt = typer.Option(..., "--model", help="default | HF id | model dir | adap
 OutOpt = typer.Option(..., "--out", help="Output directory")
 TriggerOpt = typer.Option(None, "--trigger", help="Q(w) template with {word} (default: the study's instruction)")
 RefusalOpt = typer.Option(None, "--refusal", help="R(w) template with {word} (default: the study's refusal)")
-SeedOpt = typer.Option(0, "--seed")
+SeedOpt = typer.Option(0, "--seed", min=0, max=MAX_SEED)
 TemperatureOpt = typer.Option(0.9, "--temperature", callback=above_zero, help="Sampling temperature for Q(w) answers")
 MaxNewTokensOpt = typer.Option(128, "--max-new-tokens", min=1)
 NumSamplesOpt = typer.Option(10, "--num-samples", min=1, help="Answers sampled per opening word")

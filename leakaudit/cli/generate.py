@@ -10,6 +10,7 @@ from rich.console import Console
 from rich.table import Table
 
 from leakaudit.cli.core import batch_size_option, build_options, model_path
+from leakaudit.options import MAX_SEED
 
 err = Console(stderr=True)
 CONTINUATION_KEYS = ("id", "source_id", "sample_index", "generated")  # rows each command writes
@@ -54,7 +55,7 @@ def continuation(
     temperature: float | None = typer.Option(None, "--temperature", help="Default 1.0; not with --greedy"),
     greedy: bool = typer.Option(False, "--greedy"),
     num_samples: int = typer.Option(1, "--num-samples", help="Continuations per prompt"),
-    seed: int = typer.Option(0, "--seed"),
+    seed: int = typer.Option(0, "--seed", min=0, max=MAX_SEED),
     batch_size: str = batch_size_option(),
     backend: str = typer.Option("hf", "--backend", help="hf (reference) | vllm (GPU, when installed) | auto (vllm where it can run, else hf)"),
     device: str = typer.Option("auto", "--device"),
@@ -91,7 +92,7 @@ def self_instruct_cmd(
     max_new_tokens: int = typer.Option(128, "--max-new-tokens"),
     temperature: float = typer.Option(0.7, "--temperature"),
     top_p: float = typer.Option(0.5, "--top-p"),
-    seed: int = typer.Option(0, "--seed"),
+    seed: int = typer.Option(0, "--seed", min=0, max=MAX_SEED),
     batch_size: str = batch_size_option(),
     device: str = typer.Option("auto", "--device"),
     dtype: str = typer.Option("auto", "--dtype"),
@@ -128,7 +129,7 @@ def replace_pii(
                                       "(default: the shipped Enron names)"),
     header_names: bool = typer.Option(True, "--header-names/--no-header-names",
                                       help="Also replace names found in From:/To:/X-From:/X-To:/Cc: headers"),
-    seed: int = typer.Option(0, "--seed"),
+    seed: int = typer.Option(0, "--seed", min=0, max=MAX_SEED),
 ) -> None:
     """Replace names, e-mail addresses and phone numbers with consistent fake ones (Faker, seeded)."""
     from leakaudit.data.pii_replace import KINDS

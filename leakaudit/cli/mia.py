@@ -12,6 +12,7 @@ from rich.table import Table
 
 from leakaudit.cli.core import batch_size_option, build_options, model_path
 from leakaudit.errors import InputError
+from leakaudit.options import MAX_SEED
 
 err = Console(stderr=True)
 
@@ -74,7 +75,7 @@ def mia(
                                                                              " non-members, then not evaluated)"),
     recall_shots: int = typer.Option(3, "--recall-shots"),
     n_bootstrap: int = typer.Option(1000, "--n-bootstrap", min=0, help="Bootstrap resamples for the AUC CI"),
-    seed: int = typer.Option(0, "--seed"),
+    seed: int = typer.Option(0, "--seed", min=0, max=MAX_SEED),
     batch_size: str = batch_size_option(),
     max_length: int | None = typer.Option(None, "--max-length", min=2),
     stride: int | None = typer.Option(None, "--stride", min=1),
@@ -143,7 +144,7 @@ def user_inference(
     text_field: str = typer.Option("text", "--text-field"),
     id_field: str | None = typer.Option(None, "--id-field"),
     n_bootstrap: int = typer.Option(1000, "--n-bootstrap", min=0),
-    seed: int = typer.Option(0, "--seed"),
+    seed: int = typer.Option(0, "--seed", min=0, max=MAX_SEED),
     batch_size: str = batch_size_option(),
     max_length: int | None = typer.Option(None, "--max-length", min=2),
     no_cache: bool = typer.Option(False, "--no-cache"),

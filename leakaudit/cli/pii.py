@@ -11,6 +11,7 @@ import typer
 from rich.console import Console
 
 from leakaudit.cli.core import batch_size_option, build_options, model_path
+from leakaudit.options import MAX_SEED
 
 err = Console(stderr=True)
 
@@ -32,7 +33,7 @@ def pii(
     max_new_tokens: int | None = typer.Option(None, "--max-new-tokens",
                                               help="Default: 15 for fake-privacy, 100 for PIL"),
     samples_per_prompt: int = typer.Option(1, "--samples-per-prompt"),
-    seed: int = typer.Option(0, "--seed"),
+    seed: int = typer.Option(0, "--seed", min=0, max=MAX_SEED),
     contexts: Path | None = typer.Option(None, "--contexts", help="Rows with `email` and `context` (text before "
                                          "the address) for the context-k templates"),
     messages: Path | None = typer.Option(None, "--messages", help="Raw e-mail messages (`text` field) to cut "
@@ -81,7 +82,7 @@ def pii_logprob(
     n_targets: int | None = typer.Option(None, "--n-targets", help="Use the first N targets (default: all)"),
     n_candidates: int | None = typer.Option(None, "--n-candidates", help="Addresses ranked per target (20)"),
     templates: str | None = typer.Option(None, "--templates", help="Families or template names (fake-privacy)"),
-    seed: int = typer.Option(0, "--seed"),
+    seed: int = typer.Option(0, "--seed", min=0, max=MAX_SEED),
     show_pii: bool = typer.Option(False, "--show-pii", help="Write addresses unmasked"),
     batch_size: str = batch_size_option(),
     device: str = typer.Option("auto", "--device"),

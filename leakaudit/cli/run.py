@@ -9,6 +9,8 @@ import typer
 from rich.console import Console
 from rich.markup import escape
 
+from leakaudit.options import MAX_SEED
+
 console = Console(stderr=True)
 
 
@@ -38,7 +40,7 @@ def run(
     experiment: Path = typer.Argument(..., help="Experiment file (YAML); see experiments/ and docs/experiments.md"),
     out: Path = typer.Option(..., "--out", help="Output dir; rerunning with the same dir resumes"),
     no_report: bool = typer.Option(False, "--no-report", help="Skip writing report.html and summary.json"),
-    seed: int | None = typer.Option(None, "--seed", help="Override the file's `seed` (one output dir per seed)"),
+    seed: int | None = typer.Option(None, "--seed", min=0, max=MAX_SEED, help="Override the file's `seed` (one output dir per seed)"),
     reuse: Path | None = typer.Option(None, "--reuse", help="Another run's dir: copy (hard-link) the stages it "
                                       "finished with the same key instead of running them, e.g. the steps "
                                       "with a fixed `seed` that every seed's run shares"),
@@ -51,7 +53,7 @@ def run(
     if seed is not None:
         exp.seed = seed
     t0 = time.perf_counter()
-    status = run_experiment(exp, out, config_text=experiment.read_text(encoding="utf-8"), log=_log,
+    status = run_experiment(exp, out, config_text=exp._text, log=_log,
                             report=not no_report, reuse=reuse)
     if not no_report:
         print_verdicts(out)

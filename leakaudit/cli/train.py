@@ -9,6 +9,7 @@ from pydantic import ValidationError
 
 from leakaudit.cli.core import batch_size_option, build_options, model_path
 from leakaudit.errors import InputError
+from leakaudit.options import MAX_SEED
 
 
 def _config(**options):
@@ -60,7 +61,7 @@ def register(app: typer.Typer) -> None:
         dp_epsilon: float = typer.Option(None, help="Defense: DP-SGD to this epsilon (Opacus)."),
         dp_delta: float = typer.Option(None, help="DP delta (default min(1e-5, 1/n))."),
         dp_max_grad_norm: float = typer.Option(1.0, help="DP per-example clipping norm."),
-        seed: int = typer.Option(0),
+        seed: int = typer.Option(0, min=0, max=MAX_SEED),
         max_steps: int = typer.Option(None, help="Stop after this many optimizer steps."),
         save_steps: int = typer.Option(None, help="Checkpoint every N steps instead of every epoch."),
         bf16: bool = typer.Option(None, help="bf16 autocast (default: LEAKAUDIT_DTYPE if set, else only where the hardware is fast)."),

@@ -83,6 +83,12 @@ def _not_utf8(p: Path, raw: bytes, exc: UnicodeDecodeError) -> InputError:
                       line=raw[:start].count(b"\n") + 1)
 
 
+def _short(exc: BaseException) -> str:
+    """An exception's first line, cut to 200 characters (some quote the offending input at length)."""
+    text = (str(exc).splitlines() or [type(exc).__name__])[0].split("; use sys.")[0]  # not advice for a CLI user
+    return text if len(text) <= 200 else text[:197] + "..."
+
+
 def _read_jsonl(p: Path) -> list[tuple[int, dict[str, Any]]]:
     rows = []
     with read_lines(p) as fh:
@@ -93,6 +99,8 @@ def _read_jsonl(p: Path) -> list[tuple[int, dict[str, Any]]]:
                 obj = json.loads(raw)
             except json.JSONDecodeError as exc:
                 raise InputError(f"malformed JSON: {exc.msg} (column {exc.colno})", file=p, line=lineno) from None
+            except (ValueError, RecursionError) as exc:  # an integer past Python's digit limit; deep nesting
+                raise InputError(f"unreadable JSON: {_short(exc)}", file=p, line=lineno) from None
             if not isinstance(obj, dict):
                 raise InputError(f"expected a JSON object, got {type(obj).__name__}", file=p, line=lineno)
             rows.append((lineno, obj))
@@ -107,6 +115,8 @@ def _read_json(p: Path) -> list[tuple[int, dict[str, Any]]]:
         obj = json.loads(text)
     except json.JSONDecodeError as exc:
         raise InputError(f"malformed JSON: {exc.msg}", file=p, line=exc.lineno) from None
+    except (ValueError, RecursionError) as exc:  # an integer past Python's digit limit; deep nesting
+        raise InputError(f"unreadable JSON: {_short(exc)}", file=p) from None
     if isinstance(obj, dict):
         # {"data": [...]} or a column dict {"text": [...], "id": [...]}
         if "data" in obj and isinstance(obj["data"], list):
@@ -133,12 +143,15 @@ def _read_csv(p: Path) -> list[tuple[int, dict[str, Any]]]:
     rows = []
     with io.StringIO(read_text(p), newline="") as fh:
         reader = csv.DictReader(fh)
-        if not reader.fieldnames:
-            return []
-        for row in reader:
-            if None in row:
-                raise InputError("row has more columns than the header", file=p, line=reader.line_num)
-            rows.append((reader.line_num, dict(row)))
+        try:
+            if not reader.fieldnames:
+                return []
+            for row in reader:
+                if None in row:
+                    raise InputError("row has more columns than the header", file=p, line=reader.line_num)
+                rows.append((reader.line_num, dict(row)))
+        except csv.Error as exc:  # e.g. a field over the csv module's size limit
+            raise InputError(f"unreadable CSV: {_short(exc)}", file=p, line=reader.line_num + 1) from None
     return rows
 
 
@@ -166,7 +179,10 @@ def _read_hf_dir(p: Path) -> list[tuple[int, dict[str, Any]]]:
         raise InputError("directory is not a saved Hugging Face dataset (no dataset_info.json)", file=p)
     import datasets
 
-    ds = datasets.load_from_disk(str(p))
+    try:
+        ds = datasets.load_from_disk(str(p))
+    except (OSError, ValueError, KeyError, TypeError) as exc:  # FileNotFoundError, a broken dataset_info.json
+        raise InputError(f"cannot load the saved Hugging Face dataset: {_short(exc)}", file=p) from None
     if isinstance(ds, datasets.DatasetDict):
         if "train" not in ds:
             raise InputError(f"dataset dict has splits {list(ds)}; expected a 'train' split", file=p)
@@ -196,7 +212,12 @@ def load_records(
             raise InputError(f"must be a string, got {type(text).__name__}", file=p, line=lineno, field=text_field)
         if not text.strip() and not keep_empty:
             raise InputError("text is empty", file=p, line=lineno, field=text_field)
-        rid = str(_get(row, id_field, p, lineno)) if id_field else f"{p.stem}:{lineno}"
+        rid = f"{p.stem}:{lineno}"
+        if id_field:
+            raw_id = _get(row, id_field, p, lineno)
+            if raw_id is None or (isinstance(raw_id, str) and not raw_id.strip()):  # str(None) was id "None"
+                raise InputError("id is empty", file=p, line=lineno, field=id_field)
+            rid = str(raw_id)
         if rid in seen:
             raise InputError(f"duplicate id '{rid}' (first on line {seen[rid]})", file=p, line=lineno, field=id_field)
         seen[rid] = lineno

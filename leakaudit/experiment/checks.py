@@ -62,6 +62,10 @@ def prepare_out(plan: Plan, out: Path) -> None:
     runs: an unwritable --out, a file where a folder is needed or a link out of it fails here."""
     if out.exists() and not out.is_dir():
         raise InputError("exists and is not a directory", file=out, field="--out")
+    if out.is_dir() and not (out / "run.json").exists() and any(out.iterdir()):
+        # `--out /`, a home folder or the experiment's own folder: stages would write among unrelated files
+        raise InputError("holds files and is not a leakaudit run (no run.json); use a new or empty folder",
+                         file=out, field="--out")
     try:
         out.mkdir(parents=True, exist_ok=True)
         probe = out / f".write-test-{os.getpid()}"

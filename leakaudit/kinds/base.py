@@ -32,7 +32,7 @@ MODEL_ROLES = ("reference", "baseline", "model")
 class KindOptions(BaseModel):
     """Base of every kind's options: unknown keys are errors, values are checked when built."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
 
 @dataclass

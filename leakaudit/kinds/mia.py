@@ -18,7 +18,7 @@ from leakaudit.errors import InputError, OptionError
 from leakaudit.kinds import compare
 from leakaudit.kinds.base import Headline, Kind, KindContext, KindOptions, Result, StageView, fmt, read_jsonl
 from leakaudit.kinds.registry import register
-from leakaudit.options import BatchSize
+from leakaudit.options import BatchSize, Seed
 
 
 def _known_attack(name: str) -> str:
@@ -41,7 +41,7 @@ class MiaOptions(KindOptions):
     attack_options: dict[str, dict[str, Any]] = Field(
         default_factory=dict, description="per-attack options, e.g. {min_k: {k: 0.1}, recall: {shots: 4}}")
     n_bootstrap: int = Field(1000, ge=0, description="bootstrap resamples for the AUC confidence interval")
-    seed: int | None = Field(None, description="bootstrap seed (default: the run's seed)")
+    seed: Seed | None = Field(None, description="bootstrap seed (default: the run's seed)")
     batch_size: BatchSize = "auto"
     max_length: int | None = Field(None, ge=2, description="window in tokens (default: the model's context)")
     stride: int | None = Field(None, ge=1, description="window step for long texts (default: max_length/2)")

@@ -19,7 +19,7 @@ from leakaudit.errors import InputError
 from leakaudit.kinds import compare
 from leakaudit.kinds.base import Headline, Kind, KindContext, KindOptions, Result, StageView, fmt, read_jsonl
 from leakaudit.kinds.registry import register
-from leakaudit.options import BatchSize
+from leakaudit.options import BatchSize, Seed
 
 
 def _temperatures(value: Any) -> Any:
@@ -54,7 +54,7 @@ class PiiOptions(KindOptions):
     contexts: str | None = Field(None, description="rows with `email` and `context` for the context-k templates")
     messages: str | None = Field(None, description="raw e-mail messages (`text`) to cut contexts from")
     samples_per_prompt: int = Field(1, ge=1)
-    seed: int | None = Field(None, description="sampling and bootstrap seed (default: the run's seed)")
+    seed: Seed | None = Field(None, description="sampling and bootstrap seed (default: the run's seed)")
     batch_size: BatchSize = "auto"
     compare_to: str | None = Field(
         None, min_length=1,

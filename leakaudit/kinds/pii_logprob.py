@@ -34,7 +34,7 @@ from leakaudit.errors import InputError
 from leakaudit.kinds import compare
 from leakaudit.kinds.base import Headline, Kind, KindContext, KindOptions, Result, StageView, fmt, read_jsonl
 from leakaudit.kinds.registry import register
-from leakaudit.options import BatchSize
+from leakaudit.options import BatchSize, Seed
 
 BOOTSTRAP_RESAMPLES = 1000
 OVERALL = "overall"
@@ -49,7 +49,7 @@ class PiiLogprobOptions(KindOptions):
     n_candidates: int = Field(20, ge=1, le=1000, description="addresses ranked per target: the true one plus "
                               "N-1 other targets' addresses")
     batch_size: BatchSize = "auto"
-    seed: int | None = Field(None, description="candidate draw and bootstrap seed (default: the run's seed)")
+    seed: Seed | None = Field(None, description="candidate draw and bootstrap seed (default: the run's seed)")
     compare_to: str | None = Field(
         None, min_length=1,
         description="a target of this evaluation (e.g. the model before a fine-tune) every other target is "

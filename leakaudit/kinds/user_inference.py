@@ -24,7 +24,7 @@ from leakaudit.errors import InputError
 from leakaudit.kinds import compare
 from leakaudit.kinds.base import Headline, Kind, KindContext, KindOptions, Result, StageView, fmt, read_jsonl
 from leakaudit.kinds.registry import register
-from leakaudit.options import BatchSize
+from leakaudit.options import BatchSize, Seed
 
 
 def _m_values(value: Any) -> list[str]:
@@ -47,7 +47,7 @@ class UserInferenceOptions(KindOptions):
         default_factory=_default_m_values,
         description="numbers m of samples per user the attacker uses: a list or '1,2,all' (default 1,2,4,8,all)")
     n_bootstrap: int = Field(1000, ge=0, description="bootstrap resamples for the AUC confidence interval")
-    seed: int | None = Field(None, description="bootstrap seed (default: the run's seed)")
+    seed: Seed | None = Field(None, description="bootstrap seed (default: the run's seed)")
     batch_size: BatchSize = "auto"
     max_length: int | None = Field(None, ge=2, description="window in tokens (default: the model's context)")
     cache: bool = Field(True, description="read and write the score cache")

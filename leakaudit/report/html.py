@@ -156,7 +156,16 @@ def load_run(out: str | Path) -> dict[str, Any]:
     p = Path(out) / "run.json"
     if not p.exists():
         raise InputError("no run.json here: not the output dir of `leakaudit run`", file=Path(out))
-    return json.loads(p.read_text(encoding="utf-8"))
+    from leakaudit.data.io import read_text
+
+    try:
+        run = json.loads(read_text(p))
+    except (ValueError, RecursionError) as exc:
+        raise InputError(f"not a run record (malformed JSON: {str(exc).splitlines()[0][:120]})", file=p) from None
+    if not (isinstance(run, dict) and isinstance(run.get("experiment"), dict)
+            and isinstance(run.get("stages"), list)):
+        raise InputError("not a run record of `leakaudit run` (needs 'experiment' and 'stages')", file=p)
+    return run
 
 
 def build(out: str | Path) -> tuple[str, dict[str, Any]]:

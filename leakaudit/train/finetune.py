@@ -32,6 +32,7 @@ from leakaudit.data.io import read_rows, write_json
 from leakaudit.distributed import is_main
 from leakaudit.errors import InputError, warn_once
 from leakaudit.models import attention_kernels
+from leakaudit.options import Seed
 from leakaudit.train import examples as ex
 from leakaudit.train.artifacts import (
     drop_resume_state,
@@ -50,7 +51,7 @@ DONE_MARKER = "finetune_done.json"
 class FinetuneConfig(BaseModel):
     """Every option of `leakaudit finetune` (CLI options are these names in kebab-case)."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)  # --epochs inf overflowed, --learning-rate inf trained on NaN
 
     model: str
     data: str
@@ -87,7 +88,7 @@ class FinetuneConfig(BaseModel):
     dp_delta: float | None = Field(None, gt=0, lt=1)
     dp_max_grad_norm: float = Field(1.0, gt=0)
     # engine
-    seed: int = 0
+    seed: Seed = 0
     max_steps: int | None = Field(None, ge=1)
     save_steps: int | None = Field(None, ge=1)
     bf16: bool | None = None  # None: models.default_autocast_bf16 (LEAKAUDIT_DTYPE, else the hardware)
