@@ -135,5 +135,5 @@ def test_pii_targets_are_the_addresses_in_data(tmp_path, monkeypatch, capsys, on
     texts.write_text(json.dumps({"text": "no address here"}) + "\n")
     code, err = _main(monkeypatch, capsys, "run", exp, "--out", tmp_path / "run2")
     assert code == 2 and "Traceback" not in err and err.count("error:") == 1
-    assert err.splitlines()[-1] == ("error: field 'evaluate.ev.data': stage evaluate/ev/base: no target address "
-                                    "occurs in this evaluation's data")
+    assert err.splitlines()[-1] == (f"error: {exp}:13: field 'evaluate.ev.data': stage evaluate/ev/base: no target "
+                                    "address occurs in this evaluation's data")  # line 13: `data: d2.all`

@@ -156,6 +156,8 @@ def test_ranges_follow_python_slices_and_an_empty_range_is_one_error(tmp_path):
         run_plan(Plan(load_experiment(tmp_path / "e.yaml")), tmp_path / "out2", log=_quiet)
     assert (exc.value.message, exc.value.field) == ("stage data/P: range 'late' is empty (10 rows in all)",
                                                   "datasets.P.ranges.late")
+    lines = (tmp_path / "e.yaml").read_text().splitlines()  # a stage's error names the key's line too
+    assert exc.value.file == str(tmp_path / "e.yaml") and lines[exc.value.line - 1].strip().startswith("ranges:")
 
 
 @pytest.mark.parametrize(("extra", "field", "message"), [

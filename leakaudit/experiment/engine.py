@@ -18,6 +18,9 @@ from leakaudit.experiment.plan import Plan, remove_stale, stage_dir
 from leakaudit.experiment.stages import RUNNERS, StageContext, run_kind_stage
 from leakaudit.kinds.base import ModelCache
 
+#: top-level sections of an experiment file, whose key paths have a line in it
+FILE_SECTIONS = ("models", "datasets", "generate", "finetune", "evaluate")
+
 
 def is_done(stage_dir: Path, key: str) -> dict[str, Any] | None:
     marker = stage_dir / "stage.json"
@@ -93,7 +96,10 @@ def run_plan(plan: Plan, out: Path, *, log: Callable[[str], None] = print,
             field = exc.field[2:].replace("-", "_") if exc.field and exc.field.startswith("--") else exc.field
             if field in stage_roles(stage):  # a kind's input role (data, members, ...): its key in the file
                 field = ".".join((*stage.origin, field))
-            raise InputError(f"stage {stage.id}: {exc.message}", field=field) from None
+            message = f"stage {stage.id}: {exc.message}"
+            if field and field.split(".")[0] in FILE_SECTIONS:  # a key of the file: name its line too
+                raise plan.exp.error(tuple(field.split(".")), message) from None
+            raise InputError(message, file=plan.exp._file, field=field) from None
         seconds = round(time.perf_counter() - t0, 2)
         write_json(sdir / "stage.json", {"id": stage.id, "kind": stage.kind, "key": stage.key,
                                           "params": stage.params, "deps": stage.deps, "seconds": seconds,
