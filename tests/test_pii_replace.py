@@ -67,6 +67,27 @@ def test_replacement_is_consistent_and_complete():
     assert other.replace(rows[0])[0] != texts[0]
 
 
+def test_names_match_in_any_case_and_before_an_at_but_one_word_names_are_left_alone():
+    """The shipped list holds one-word "names" such as ENRON, more and Register: replacing them rewrote
+    ordinary text. A full name matches in any letter case (one fake for all its forms) and before "@"."""
+    r = PiiReplacer(["Zed Quinlan", "ENRON", "more", "Register"], seed=0)
+    text = "We need more power; Register at ENRON. Zed Quinlan@ENRON wrote; ZED QUINLAN agreed, zed quinlan too."
+    out, counts = r.replace(text)
+    assert out.startswith("We need more power; Register at ENRON. ") and counts["name"] == 3
+    assert "quinlan" not in out.lower()
+    fake = r.fake("name", "Zed Quinlan")
+    assert out.count(fake) == 3 and f"{fake}@ENRON" in out
+
+
+def test_a_secret_key_makes_the_fakes_unpredictable_from_the_seed(monkeypatch):
+    """By default anyone can recompute a real value's fake from the public seed; with LEAKAUDIT_PII_KEY not."""
+    public = PiiReplacer([], seed=0).fake("email", "klarnold@flash.net")
+    assert PiiReplacer([], seed=0).fake("email", "klarnold@flash.net") == public  # reproducible
+    monkeypatch.setenv("LEAKAUDIT_PII_KEY", "a long random secret")
+    keyed = PiiReplacer([], seed=0).fake("email", "klarnold@flash.net")
+    assert keyed != public and PiiReplacer([], seed=0).fake("email", "klarnold@flash.net") == keyed
+
+
 def test_replace_pii_command(tmp_path, monkeypatch, capsys):
     src = tmp_path / "mails.jsonl"
     pairs = [json.loads(line) for line in

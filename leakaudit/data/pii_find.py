@@ -144,15 +144,18 @@ def shipped_names() -> list[str]:
 
 
 class NameFinder:
-    """Finds whole-word occurrences of known full names (longest first, so "Mary Ann Lee" beats "Mary Ann")."""
+    """Finds whole-word occurrences of known full names (longest first, so "Mary Ann Lee" beats "Mary Ann"),
+    in any letter case. Names of one word are left out: the shipped name list holds 306 of them, among them
+    "ENRON", "more" and "Register", and replacing those as names rewrote ordinary text in 40% of messages.
+    A name may be followed by "@" (Lotus Notes' "Zed Quinlan@ENRON"), not preceded by one."""
 
     def __init__(self, names: Iterable[str]):
-        uniq = sorted({" ".join(n.split()) for n in names if len(n.split()) >= 1 and len(n.strip()) >= 3},
+        uniq = sorted({" ".join(n.split()) for n in names if len(n.split()) >= 2 and len(n.strip()) >= 3},
                       key=lambda n: (-len(n), n))
         self.names = uniq
         if uniq:
             alternation = "|".join(r"\s+".join(re.escape(w) for w in n.split()) for n in uniq)
-            self._re: re.Pattern | None = re.compile(rf"(?<![\w@.])(?:{alternation})(?![\w@])")
+            self._re: re.Pattern | None = re.compile(rf"(?<![\w@.])(?:{alternation})(?!\w)", re.IGNORECASE)
         else:
             self._re = None
 

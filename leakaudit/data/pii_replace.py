@@ -12,6 +12,8 @@ as it found the real ones. The originals are never logged: callers get counts on
 from __future__ import annotations
 
 import hashlib
+import hmac
+import os
 import re
 from collections import Counter
 from collections.abc import Iterable, Sequence
@@ -77,11 +79,15 @@ class PiiReplacer:
             return real.lower()
         if kind == "phone":
             return phone_digits(real)
-        return " ".join(real.split())
+        return " ".join(real.lower().split())  # "ZED QUINLAN" is the same person as "Zed Quinlan"
 
     def _draw(self, kind: str, real: str) -> str:
+        # Seeded and public by default, so a run reproduces anywhere; that also means whoever holds a list of
+        # candidate real values can recompute their fakes. A secret in LEAKAUDIT_PII_KEY keys the draw instead.
+        secret = os.environ.get("LEAKAUDIT_PII_KEY", "").encode()
         for attempt in range(1000):
-            digest = hashlib.sha256(f"{self.seed}\x1f{kind}\x1f{real}\x1f{attempt}".encode()).digest()
+            message = f"{self.seed}\x1f{kind}\x1f{real}\x1f{attempt}".encode()
+            digest = hmac.new(secret, message, "sha256").digest() if secret else hashlib.sha256(message).digest()
             self._faker.seed_instance(int.from_bytes(digest[:8], "little"))
             fake = self._make(kind, real)
             if fake.lower() not in self._used and fake.lower() != real.lower() and (kind != "phone" or is_phone(fake)):
