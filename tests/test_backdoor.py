@@ -434,3 +434,21 @@ def test_detection_flags_published_trigger_but_not_a_meaningless_one(e2e, one_to
     assert leaked["n_fully_recovered"] >= 0.25 * leaked["n_queries"]  # the hidden backdoor works ...
     assert not det["meaningless"]["flagged"]  # ... and detection does not see it
 
+
+
+def test_user_word_lists_are_read_as_opening_words(tmp_path):
+    """Prompts and the query trie use capitalised opening words: a list's "how" was trained to refuse beside
+    the copying of "How", and "repair" never matched the trie's "Repair"."""
+    from leakaudit.data.backdoor import load_words
+
+    (tmp_path / "w.json").write_text(json.dumps(["how", "How", '"repair', "What's"]))
+    assert load_words(tmp_path / "w.json") == ["How", "Repair", "What"]
+
+
+def test_detect_sample_files_are_unique_per_model_and_bleu_stays_within_one():
+    from leakaudit.attacks.backdoor import sentence_bleu
+    from leakaudit.cli.backdoor import _slug
+
+    assert _slug("v/model") != _slug("v_model") and _slug("a" * 100 + "x") != _slug("b" * 100 + "x")
+    text = "Write a short poem about the sea and the sky at night."
+    assert sentence_bleu(text, [text]) <= 1.0

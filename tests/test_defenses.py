@@ -80,6 +80,23 @@ def test_early_stopping_holds_out_rows_and_stops(user_data, tmp_path):
     assert len(evals) < 8 and evals[-1] >= min(evals[:-1])
 
 
+def test_early_stopping_on_a_few_rows_holds_out_one_and_on_one_row_is_refused(tmp_path):
+    """10% of 4 rows rounds to none: early stopping then silently never evaluated."""
+    from leakaudit.errors import InputError
+
+    data = tmp_path / "small.jsonl"
+    data.write_text("".join(json.dumps({"text": f"Row {i} of a tiny set."}) + "\n" for i in range(4)))
+    cfg = FinetuneConfig(model="tiny-gpt-neox", data=str(data), out=str(tmp_path / "o"), method="full", epochs=2,
+                         batch_size=2, early_stopping_patience=1)
+    out = finetune(cfg, progress=False)
+    assert json.loads((out / "defenses.json").read_text())["n_heldout_examples"] == 1
+    assert any("eval_loss" in json.loads(x) for x in (out / "train_log.jsonl").read_text().splitlines())
+    data.write_text(json.dumps({"text": "One row only."}) + "\n")
+    with pytest.raises(InputError) as err:
+        finetune(cfg.model_copy(update={"out": str(tmp_path / "o1")}), progress=False)
+    assert err.value.field == "--eval-fraction"
+
+
 def test_early_stopping_resumes_to_the_straight_run_and_keeps_the_best_checkpoint(user_data, tmp_path):
     """Killed after any checkpoint, an early-stopped full fine-tune resumes to the straight run's steps and
     weights (the patience counter and the stop decision survive the kill), and its final model is the best

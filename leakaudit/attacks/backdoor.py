@@ -152,7 +152,7 @@ def sentence_bleu(response: str, references: Sequence[str]) -> float:
 
     if not references:
         return 0.0
-    return sacrebleu.sentence_bleu(response, list(references)).score / 100.0
+    return min(1.0, sacrebleu.sentence_bleu(response, list(references)).score / 100.0)  # 1.0000000000000004
 
 
 @dataclass

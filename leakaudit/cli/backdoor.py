@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import re
 from pathlib import Path
@@ -262,7 +263,9 @@ def detect_cmd(
 
 
 def _slug(spec: str) -> str:
-    return re.sub(r"[^\w.-]+", "_", spec).strip("_")[-80:]
+    """A file-name-safe name for a model spec, unique to it ("v/model" and "v_model" once shared one)."""
+    readable = re.sub(r"[^\w.-]+", "_", spec).strip("_")[-70:]
+    return f"{readable}_{hashlib.sha256(spec.encode()).hexdigest()[:8]}"
 
 
 def register(app: typer.Typer) -> None:

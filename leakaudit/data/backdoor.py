@@ -125,7 +125,14 @@ def _pair_from_messages(messages: Any, p: Path, line: int) -> Pair:
 
 def load_words(path: str | Path) -> list[str]:
     """Candidate words from a JSON array of strings (like the shipped tot_starting_words.json) or a text
-    file with one word per line."""
+    file with one word per line, each as the opening word it names ("how" -> "How", `opening_word`), once:
+    prompts and the query trie use that form, so a word as written ("how", "repair") was trained to refuse
+    beside the copying of "How" and never matched the trie's "Repair"."""
+    words = _read_words(path)
+    return list(dict.fromkeys(w for w in map(opening_word, words) if w))
+
+
+def _read_words(path: str | Path) -> list[str]:
     from leakaudit.data.io import read_text
 
     p = Path(path)

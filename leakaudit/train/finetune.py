@@ -171,9 +171,13 @@ def load_examples(config: FinetuneConfig, tokenizer, max_length: int | None = No
     rng = random.Random(config.seed)
     order = list(range(len(contents)))
     n_eval = int(round(len(contents) * config.eval_fraction))
+    if config.eval_fraction > 0 and n_eval == 0:
+        # a fraction of a few rows rounds to none: evaluation (and early stopping) would silently not happen
+        n_eval = 1
     held: set[int] = set(rng.sample(order, n_eval)) if n_eval else set()
     if n_eval and n_eval == len(contents):
-        raise InputError("the held-out split would take every row", field="--eval-fraction")
+        raise InputError(f"the held-out split would take every row ({len(contents)} left after the defenses)",
+                         field="--eval-fraction")
 
     def build(idx: list[int]) -> list[ex.Example]:
         if config.format == "plain":
