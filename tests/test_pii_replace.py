@@ -79,6 +79,19 @@ def test_names_match_in_any_case_and_before_an_at_but_one_word_names_are_left_al
     assert out.count(fake) == 3 and f"{fake}@ENRON" in out
 
 
+def test_mailbox_headers_exchange_ids_and_last_first_names_are_replaced():
+    """Forms no detector read: X-Origin/X-FileName/X-Folder values, Exchange ids, Outlook's "Last, First"."""
+    r = PiiReplacer(["Phillip K Allen", "Zed Quinlan"], seed=0)
+    text = ("X-To: Quinlan, Zed </O=ENRON/OU=NA/CN=RECIPIENTS/CN=ZQUINLAN>\nX-cc: \n"
+            "X-Folder: \\Phillip_Allen_Dec2000\\Notes Folders\\'sent mail\nX-Origin: Allen-P\n"
+            "X-FileName: pallen.nsf\n\nHi Zed Quinlan")
+    out, counts = r.replace(text)
+    assert not re.search(r"quinlan|allen|pallen", out, re.IGNORECASE), out
+    assert "X-cc: \n" in out and "/CN=RECIPIENTS/CN=" in out and counts["name"] == 6
+    last, first = out.split("\n")[0].removeprefix("X-To: ").split(" <")[0].split(", ")
+    assert out.endswith(f"Hi {first} {last}")  # one fake person in both orders
+
+
 def test_a_secret_key_makes_the_fakes_unpredictable_from_the_seed(monkeypatch):
     """By default anyone can recompute a real value's fake from the public seed; with LEAKAUDIT_PII_KEY not."""
     public = PiiReplacer([], seed=0).fake("email", "klarnold@flash.net")

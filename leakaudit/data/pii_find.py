@@ -145,7 +145,7 @@ def shipped_names() -> list[str]:
 
 class NameFinder:
     """Finds whole-word occurrences of known full names (longest first, so "Mary Ann Lee" beats "Mary Ann"),
-    in any letter case. Names of one word are left out: the shipped name list holds 306 of them, among them
+    in any letter case and also as "Last, First". Names of one word are left out: the shipped name list holds 306 of them, among them
     "ENRON", "more" and "Register", and replacing those as names rewrote ordinary text in 40% of messages.
     A name may be followed by "@" (Lotus Notes' "Zed Quinlan@ENRON"), not preceded by one."""
 
@@ -154,7 +154,10 @@ class NameFinder:
                       key=lambda n: (-len(n), n))
         self.names = uniq
         if uniq:
-            alternation = "|".join(r"\s+".join(re.escape(w) for w in n.split()) for n in uniq)
+            # also "Last, First" (Outlook's X-To: "Quinlan, Zed"), longest first like the names themselves
+            forms = sorted({*uniq, *(f"{n.split()[-1]}, {' '.join(n.split()[:-1])}" for n in uniq)},
+                           key=lambda n: (-len(n), n))
+            alternation = "|".join(r"\s+".join(re.escape(w) for w in n.split()) for n in forms)
             self._re: re.Pattern | None = re.compile(rf"(?<![\w@.])(?:{alternation})(?!\w)", re.IGNORECASE)
         else:
             self._re = None

@@ -26,6 +26,11 @@ from leakaudit.data.pii_find import NameFinder, find_pii, is_phone, names_from_h
 from leakaudit.errors import InputError
 
 KINDS = ("email", "name", "phone")
+# Mailbox metadata that names its owner in forms no detector reads: "X-Origin: Allen-P",
+# "X-FileName: pallen.nsf", "X-Folder: \\Phillip_Allen_Dec2000\\...", and Exchange ids
+# ("</O=ENRON/OU=NA/CN=RECIPIENTS/CN=PALLEN>"). Their values are replaced whole, as names.
+_MAILBOX_HEADER = re.compile(r"^(X-Origin|X-FileName|X-Folder):[ \t]*(\S[^\n]*)$", re.MULTILINE | re.IGNORECASE)
+_EXCHANGE_CN = re.compile(r"(?<=/CN=)(?!RECIPIENTS\b)[A-Za-z0-9._'-]+", re.IGNORECASE)
 
 
 class PiiReplacer:
@@ -47,6 +52,7 @@ class PiiReplacer:
     def replace(self, text: str) -> tuple[str, Counter[str]]:
         """`text` with every detected e-mail, phone and name replaced; returns it with per-kind counts."""
         counts: Counter[str] = Counter()
+        text = self._replace_mailbox_ids(text, counts)
         out, pos = [], 0
         for span in find_pii(text, self.names):
             out.append(text[pos:span.start])
@@ -56,6 +62,19 @@ class PiiReplacer:
         out.append(text[pos:])
         self.counts.update(counts)
         return "".join(out), counts
+
+    def _replace_mailbox_ids(self, text: str, counts: Counter[str]) -> str:
+        """Mailbox headers' values and Exchange ids replaced by fakes of the same value (counted as names)."""
+        def header(m: re.Match) -> str:
+            counts["name"] += 1
+            return f"{m.group(1)}: {self.fake('name', m.group(2).strip())}"
+
+        def exchange_id(m: re.Match) -> str:
+            counts["name"] += 1
+            first, *_, last = self.fake("name", m.group(0)).split()
+            return (first[0] + last).upper()
+
+        return _EXCHANGE_CN.sub(exchange_id, _MAILBOX_HEADER.sub(header, text))
 
     @property
     def n_distinct(self) -> dict[str, int]:
@@ -71,6 +90,9 @@ class PiiReplacer:
         fake = self._map[key]
         if kind == "phone":
             return _with_layout(real, fake)
+        if kind == "name" and "," in real:  # "Last, First" stays in that order
+            *rest, last = fake.split()
+            return f"{last}, {' '.join(rest)}"
         return fake
 
     @staticmethod
@@ -79,6 +101,9 @@ class PiiReplacer:
             return real.lower()
         if kind == "phone":
             return phone_digits(real)
+        if "," in real:  # "Quinlan, Zed" is "Zed Quinlan"
+            last, _, rest = real.partition(",")
+            real = f"{rest} {last}"
         return " ".join(real.lower().split())  # "ZED QUINLAN" is the same person as "Zed Quinlan"
 
     def _draw(self, kind: str, real: str) -> str:
