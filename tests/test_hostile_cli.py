@@ -262,6 +262,7 @@ def _hf_dir_with_broken_info(p: Path) -> None:
     ("long.csv", lambda p: p.write_text('text\n"' + "a" * 200_000 + '"\n'), 2, "unreadable CSV"),
     ("hf", _hf_dir_with_broken_info, None, "cannot load the saved Hugging Face dataset"),
     ("nullid.jsonl", lambda p: p.write_text('{"text": "a b", "id": null}\n'), 1, "id is empty"),
+    ("twice.csv", lambda p: p.write_text("text,id,text\na,1,b\n"), 1, "column 'text' appears twice"),
 ])
 def test_data_files_python_cannot_read_are_one_line(cli, tmp_path, name, make, line, message):
     """Past the parsers' limits (digits, nesting, CSV field size), a broken saved dataset, a null id."""

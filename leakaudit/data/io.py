@@ -146,6 +146,9 @@ def _read_csv(p: Path) -> list[tuple[int, dict[str, Any]]]:
         try:
             if not reader.fieldnames:
                 return []
+            twice = sorted({f for f in reader.fieldnames if reader.fieldnames.count(f) > 1})
+            if twice:  # csv keeps the last column of a name silently
+                raise InputError(f"column '{twice[0]}' appears twice in the header", file=p, line=1, field=twice[0])
             for row in reader:
                 if None in row:
                     raise InputError("row has more columns than the header", file=p, line=reader.line_num)
