@@ -185,6 +185,19 @@ def test_report_on_a_broken_run_record_is_one_line(tmp_path, monkeypatch, capsys
     assert code == 2 and err.count("\n") == 1 and err.startswith(f"error: {tmp_path / 'run.json'}: "), err
 
 
+def test_a_fine_tune_starting_from_an_adapter_is_refused_before_any_stage(tmp_path):
+    from leakaudit.config import parse_experiment
+    from leakaudit.experiment.checks import check_plan
+    from leakaudit.experiment.plan import Plan
+
+    (tmp_path / "data.jsonl").write_text('{"text": "a b c"}\n')
+    text = (f"name: x\nmodels: {{base: tiny-gpt-neox}}\ndatasets:\n  d: {{path: {tmp_path / 'data.jsonl'}}}\n"
+            "finetune:\n  a: {model: base, data: d, method: lora}\n  b: {model: a, data: d, method: lora}\n")
+    with pytest.raises(InputError) as err:
+        check_plan(Plan(parse_experiment(text, "exp.yaml")))
+    assert (err.value.field, err.value.line) == ("finetune.b.model", 7) and "lora adapter" in err.value.message
+
+
 def test_an_empty_evaluation_grid_is_refused(tmp_path):
     """It would drop the whole evaluation without a word (finetune grids were already checked)."""
     from leakaudit.config import parse_experiment

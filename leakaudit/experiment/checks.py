@@ -23,6 +23,12 @@ def check_plan(plan: Plan) -> None:
         try:
             if stage.kind == "finetune":
                 _finetune_config(stage, "-")
+                base = plan.stages.get(stage.params["model"].get("stage", ""))
+                if base is not None and base.kind == "finetune" and base.params["method"] != "full":
+                    # it would fail only when this stage runs, after every stage before it
+                    raise ConfigError((*stage.origin, "model"), f"starts from '{base.origin[1]}', a "
+                                      f"{base.params['method']} adapter; fine-tuning starts from a full model "
+                                      "(fine-tune that one with method: full, or merge it first)")
             elif stage.kind != "dataset":
                 stage_options(stage)
         except ConfigError as exc:
