@@ -160,3 +160,4 @@ def test_report_masks_a_summary_built_from_an_unmasked_run_record(tmp_path):
         assert ADDRESS not in text and PHONE not in text, f
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert summary["stages"] == {"data/********64": {"note": "by j***@enron.com"}}
+    assert summary["pii"] == "masked"  # the file says what it holds

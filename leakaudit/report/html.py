@@ -194,6 +194,7 @@ def build(out: str | Path) -> tuple[str, dict[str, Any]]:
     if not show_pii:  # a last pass over the whole page: addresses and phone numbers never reach it
         html = _mask_page(html)
     summary = {"experiment": exp["name"], "generated": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+               "pii": "shown" if show_pii else "masked",  # says so before anyone shares the file
                "headline": rows, "comparisons": comparisons,
                "stages": {s["id"]: s.get("result") for s in stages},
                "versions": run.get("versions", {})}
