@@ -128,7 +128,11 @@ def load_words(path: str | Path) -> list[str]:
     file with one word per line, each as the opening word it names ("how" -> "How", `opening_word`), once:
     prompts and the query trie use that form, so a word as written ("how", "repair") was trained to refuse
     beside the copying of "How" and never matched the trie's "Repair"."""
-    words = _read_words(path)
+    return opening_words(_read_words(path))
+
+
+def opening_words(words: list[str]) -> list[str]:
+    """Each word as the opening word it names, once, in order (`opening_word`)."""
     return list(dict.fromkeys(w for w in map(opening_word, words) if w))
 
 

@@ -82,12 +82,18 @@ class Backdoor(Kind):
 
     def run(self, ctx: KindContext, options: BackdoorOptions) -> BackdoorResult:
         from leakaudit.attacks import backdoor as bd
-        from leakaudit.data.backdoor import d2_queries, load_words, opening_word, study_refusal, study_trigger
+        from leakaudit.data.backdoor import (
+            d2_queries,
+            load_words,
+            opening_words,
+            study_refusal,
+            study_trigger,
+        )
         from leakaudit.data.io import write_json, write_jsonl
 
         queries = d2_queries(ctx.data.get("data"), options.query_field, options.limit)
         tries = bd.build_tries(queries)
-        words = (list(dict.fromkeys(w for w in map(opening_word, options.words) if w)) if options.words is not None
+        words = (opening_words(options.words) if options.words is not None
                  else load_words(options.words_file) if options.words_file is not None else sorted(tries))
         refusal = options.refusal or study_refusal()
         lm = ctx.model("target")
