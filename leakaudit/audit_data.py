@@ -28,6 +28,7 @@ from leakaudit.data.pii_find import (
     mask_email,
     mask_name,
     mask_phone,
+    name_key,
     names_from_headers,
     phone_digits,
 )
@@ -70,12 +71,11 @@ class SourceIndex:
                 idx.emails.setdefault(e.lower(), e)
             for p in find_phones(t):
                 idx.phones.setdefault(phone_digits(p), p)
-            for m in finder.find(t):
-                name = " ".join(m.group(0).split())
-                idx.names.setdefault(name, name)
+            for m in finder.find(t):  # one entry per person, however the name is spelt
+                idx.names.setdefault(name_key(m.group(0)), " ".join(m.group(0).split()))
             chunks.append(_hashes(word_ngrams(t, n)))
         idx.ngram_hashes = np.unique(np.concatenate(chunks)) if chunks else idx.ngram_hashes
-        idx.name_finder = NameFinder(idx.names)  # only names that really occur in the source
+        idx.name_finder = NameFinder(idx.names)  # only names that really occur in the source (any case)
         return idx
 
 
@@ -107,7 +107,8 @@ class RecordAudit:
 def audit_record(idx: SourceIndex, rid: str, text: str) -> RecordAudit:
     emails = {e.lower() for e in find_emails(text)} & idx.emails.keys()
     phones = {phone_digits(p) for p in find_phones(text)} & idx.phones.keys()
-    names = {" ".join(m.group(0).split()) for m in idx.name_finder.find(text)} if idx.name_finder else set()
+    names = ({name_key(m.group(0)) for m in idx.name_finder.find(text)} & idx.names.keys()
+             if idx.name_finder else set())
     grams = _hashes(word_ngrams(text, idx.n))
     hits = int(np.isin(grams, idx.ngram_hashes, assume_unique=False).sum()) if grams.size else 0
     return RecordAudit(rid, sorted(idx.emails[e] for e in emails), sorted(idx.phones[p] for p in phones),

@@ -75,3 +75,15 @@ def test_audit_data_command_masks_and_skips_prompts(tmp_path):
     assert rows[1]["emails"] == ["k***@flash.net"] and rows[1]["phones"] == ["***-***-**34"]
     text = (out / "audit_records.jsonl").read_text() + res.output
     assert "klarnold" not in text and "853-1234" not in text and "emails" in res.output
+
+
+def test_one_person_is_one_name_however_it_is_spelt():
+    """Names match in any case and as "Last, First": each person counts once, in the source and reproduced
+    (a differently spelt copy raised KeyError)."""
+    from leakaudit.audit_data import audit
+
+    summary, rows = audit(["Cy Doe wrote. Later CY DOE wrote again. Doe, Cy signed."],
+                          [("g1", "Doe, Cy replied"), ("g2", "then cy doe replied"), ("g3", "nobody")],
+                          names=["Cy Doe"])
+    assert summary["pii"]["names"]["in_source"] == 1 and summary["pii"]["names"]["reproduced"] == 1
+    assert [r.names for r in rows] == [["Cy Doe"], ["Cy Doe"], []]

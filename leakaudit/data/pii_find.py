@@ -143,6 +143,14 @@ def shipped_names() -> list[str]:
     return load_name_list(resources.path("pii-enron-pil", "name2email.jsonl"))
 
 
+def name_key(name: str) -> str:
+    """One key per person for a name as `NameFinder` matches it: any case, "Last, First" as "First Last"."""
+    if "," in name:
+        last, _, rest = name.partition(",")
+        name = f"{rest} {last}"
+    return " ".join(name.lower().split())
+
+
 class NameFinder:
     """Finds whole-word occurrences of known full names (longest first, so "Mary Ann Lee" beats "Mary Ann"),
     in any letter case and also as "Last, First". Names of one word are left out: the shipped name list holds 306 of them, among them

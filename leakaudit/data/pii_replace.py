@@ -22,7 +22,7 @@ from typing import Any
 
 from faker import Faker
 
-from leakaudit.data.pii_find import NameFinder, find_pii, is_phone, names_from_headers, phone_digits
+from leakaudit.data.pii_find import NameFinder, find_pii, is_phone, name_key, names_from_headers, phone_digits
 from leakaudit.errors import InputError
 
 KINDS = ("email", "name", "phone")
@@ -101,10 +101,7 @@ class PiiReplacer:
             return real.lower()
         if kind == "phone":
             return phone_digits(real)
-        if "," in real:  # "Quinlan, Zed" is "Zed Quinlan"
-            last, _, rest = real.partition(",")
-            real = f"{rest} {last}"
-        return " ".join(real.lower().split())  # "ZED QUINLAN" is the same person as "Zed Quinlan"
+        return name_key(real)  # "ZED QUINLAN" and "Quinlan, Zed" are "Zed Quinlan"
 
     def _draw(self, kind: str, real: str) -> str:
         # Seeded and public by default, so a run reproduces anywhere; that also means whoever holds a list of
