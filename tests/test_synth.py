@@ -27,6 +27,15 @@ def test_continuation_prompt_is_first_n_tokens(tiny_neox):
     assert (err.value.field, err.value.file) == ("p", "src.jsonl")
 
 
+def test_a_prompt_is_always_the_start_of_its_record(tiny_neox):
+    """Byte-level tokens can end inside a character; the cut steps back a token instead of ending in U+FFFD."""
+    text = "Hi \U0001F600 caf\u00e9 \u65e5\u672c\u8a9e end"
+    record = Record(id="a", text=text, line=1)
+    n_ids = len(tiny_neox.tokenizer(text, add_special_tokens=False)["input_ids"])
+    prompts = [synth.continuation_prompts(tiny_neox, [record], prompt_tokens=n)[0] for n in range(1, n_ids + 1)]
+    assert all(text.startswith(p) and p for p in prompts) and prompts[-1] == text
+
+
 def test_continuations_carry_provenance_and_resume(tiny_neox, tmp_path):
     out = tmp_path / "gen.jsonl"
     cfg = SamplingConfig(max_new_tokens=6, top_k=100, num_samples=2, seed=4)

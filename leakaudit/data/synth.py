@@ -53,7 +53,18 @@ def continuation_prompts(lm: LoadedModel, records: Sequence[Record], *, prompt_t
     if n < 1:
         raise InputError("must be at least 1", field="--prompt-tokens")
     ids = lm.tokenizer([r.text for r in records], add_special_tokens=False)["input_ids"]
-    return [lm.tokenizer.decode(x[:n], skip_special_tokens=True) for x in ids]
+    return [_prefix_prompt(lm.tokenizer, r.text, x, n) for r, x in zip(records, ids, strict=True)]
+
+
+def _prefix_prompt(tokenizer, text: str, ids: list[int], n: int) -> str:
+    """The first n tokens decoded, one token shorter while the cut splits a character: byte-level tokens can
+    end inside one, which decodes to U+FFFD, a prompt that is not the start of the record."""
+    k = min(n, len(ids))
+    prompt = tokenizer.decode(ids[:k], skip_special_tokens=True)
+    while k > 1 and prompt.endswith("\ufffd") and not text.startswith(prompt):
+        k -= 1
+        prompt = tokenizer.decode(ids[:k], skip_special_tokens=True)
+    return prompt
 
 
 def generate_continuations(lm: LoadedModel, records: Sequence[Record], out: str | Path,
