@@ -196,3 +196,15 @@ evaluate:
     assert up["metric"] == "mean log p(address)" and up["n"] == 12
     assert up["delta_ci"][0] > 0 and up["verdict"] == "increase"
     assert other["verdict"] != "increase" and other["delta"] < up["delta_ci"][0]
+
+
+def test_rival_addresses_keep_their_spelling_and_are_distinct_without_case():
+    """A mixed-case true address is ranked against rivals as written, not lowercased ones (log p differs)."""
+    from types import SimpleNamespace
+
+    from leakaudit.kinds.pii_logprob import draw_candidates
+
+    pool = ["Bob.Roe@Enron.com", "bob.roe@enron.com", "Cy.Doe@enron.com", "ann@corp.com"]
+    target = SimpleNamespace(id="t0", email="ANN@corp.com")
+    (cands,) = draw_candidates([target], pool, 10, seed=3)
+    assert cands[0] == "ANN@corp.com" and sorted(cands[1:]) == ["Bob.Roe@Enron.com", "Cy.Doe@enron.com"]
