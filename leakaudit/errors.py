@@ -52,3 +52,23 @@ def warn_once(message: str) -> None:
         return
     _WARNED.add(message)
     print(f"warning: {message}", file=sys.stderr, flush=True)
+
+
+def first_line(exc: BaseException) -> str:
+    """A library's message fit for one line: its first line (and the next, when the first ends in ':')."""
+    lines = [x.strip() for x in str(exc).splitlines() if x.strip()]
+    if not lines:
+        return type(exc).__name__
+    text = lines[0]
+    for more in lines[1:]:
+        if not text.endswith(":"):
+            break
+        text += " " + more
+    return f"missing key {text}" if isinstance(exc, KeyError) else text
+
+
+def one_line(exc: BaseException, limit: int = 200) -> str:
+    """`first_line`, cut to `limit` characters (some messages quote the offending input at length) and
+    without Python's advice to call sys.set_int_max_str_digits, which is not for a CLI user."""
+    text = first_line(exc).split("; use sys.")[0]
+    return text if len(text) <= limit else text[:limit - 3] + "..."

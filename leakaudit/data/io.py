@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from leakaudit.errors import InputError
+from leakaudit.errors import InputError, one_line
 
 SUPPORTED = (".jsonl", ".json", ".csv", ".arrow", ".parquet", "HF dataset dir")
 
@@ -83,12 +83,6 @@ def _not_utf8(p: Path, raw: bytes, exc: UnicodeDecodeError) -> InputError:
                       line=raw[:start].count(b"\n") + 1)
 
 
-def _short(exc: BaseException) -> str:
-    """An exception's first line, cut to 200 characters (some quote the offending input at length)."""
-    text = (str(exc).splitlines() or [type(exc).__name__])[0].split("; use sys.")[0]  # not advice for a CLI user
-    return text if len(text) <= 200 else text[:197] + "..."
-
-
 def _read_jsonl(p: Path) -> list[tuple[int, dict[str, Any]]]:
     rows = []
     with read_lines(p) as fh:
@@ -100,7 +94,7 @@ def _read_jsonl(p: Path) -> list[tuple[int, dict[str, Any]]]:
             except json.JSONDecodeError as exc:
                 raise InputError(f"malformed JSON: {exc.msg} (column {exc.colno})", file=p, line=lineno) from None
             except (ValueError, RecursionError) as exc:  # an integer past Python's digit limit; deep nesting
-                raise InputError(f"unreadable JSON: {_short(exc)}", file=p, line=lineno) from None
+                raise InputError(f"unreadable JSON: {one_line(exc)}", file=p, line=lineno) from None
             if not isinstance(obj, dict):
                 raise InputError(f"expected a JSON object, got {type(obj).__name__}", file=p, line=lineno)
             rows.append((lineno, obj))
@@ -116,7 +110,7 @@ def _read_json(p: Path) -> list[tuple[int, dict[str, Any]]]:
     except json.JSONDecodeError as exc:
         raise InputError(f"malformed JSON: {exc.msg}", file=p, line=exc.lineno) from None
     except (ValueError, RecursionError) as exc:  # an integer past Python's digit limit; deep nesting
-        raise InputError(f"unreadable JSON: {_short(exc)}", file=p) from None
+        raise InputError(f"unreadable JSON: {one_line(exc)}", file=p) from None
     if isinstance(obj, dict):
         # {"data": [...]} or a column dict {"text": [...], "id": [...]}
         if "data" in obj and isinstance(obj["data"], list):
@@ -154,7 +148,7 @@ def _read_csv(p: Path) -> list[tuple[int, dict[str, Any]]]:
                     raise InputError("row has more columns than the header", file=p, line=reader.line_num)
                 rows.append((reader.line_num, dict(row)))
         except csv.Error as exc:  # e.g. a field over the csv module's size limit
-            raise InputError(f"unreadable CSV: {_short(exc)}", file=p, line=reader.line_num + 1) from None
+            raise InputError(f"unreadable CSV: {one_line(exc)}", file=p, line=reader.line_num + 1) from None
     return rows
 
 
@@ -185,7 +179,7 @@ def _read_hf_dir(p: Path) -> list[tuple[int, dict[str, Any]]]:
     try:
         ds = datasets.load_from_disk(str(p))
     except (OSError, ValueError, KeyError, TypeError) as exc:  # FileNotFoundError, a broken dataset_info.json
-        raise InputError(f"cannot load the saved Hugging Face dataset: {_short(exc)}", file=p) from None
+        raise InputError(f"cannot load the saved Hugging Face dataset: {one_line(exc)}", file=p) from None
     if isinstance(ds, datasets.DatasetDict):
         if "train" not in ds:
             raise InputError(f"dataset dict has splits {list(ds)}; expected a 'train' split", file=p)

@@ -9,11 +9,11 @@ from typing import Any
 
 import torch
 
-from leakaudit.errors import InputError
+from leakaudit.errors import InputError, first_line
 from leakaudit.models.dtype import resolve_device, resolve_dtype
 from leakaudit.models.factories import RANDOM_PREFIX, build_tiny_tokenizer, random_model_config
 from leakaudit.models.fingerprint import dir_fingerprint, tensor_fingerprint
-from leakaudit.models.spec import adapter_base, check_model_dir, first_line, resolve_spec
+from leakaudit.models.spec import adapter_base, check_model_dir, resolve_spec
 
 
 @dataclass

@@ -12,7 +12,7 @@ import json
 import os
 from pathlib import Path
 
-from leakaudit.errors import InputError
+from leakaudit.errors import InputError, first_line
 from leakaudit.models.factories import RANDOM_PREFIX, TINY_SPECS, random_model_config, tiny_model_dir
 from leakaudit.models.gguf import default_gguf_path, gguf_to_safetensors
 
@@ -119,19 +119,6 @@ def check_model_spec(spec: str, *, allow_pickle: bool = False) -> None:
         check_model_dir(Path(where), allow_pickle)
     elif kind == "adapter":
         check_model_spec(adapter_base(Path(where), allow_pickle), allow_pickle=allow_pickle)
-
-
-def first_line(exc: BaseException) -> str:
-    """A library's message fit for one line: its first line (and the next, when the first ends in ':')."""
-    lines = [x.strip() for x in str(exc).splitlines() if x.strip()]
-    if not lines:
-        return type(exc).__name__
-    text = lines[0]
-    for more in lines[1:]:
-        if not text.endswith(":"):
-            break
-        text += " " + more
-    return f"missing key {text}" if isinstance(exc, KeyError) else text
 
 
 def _read_json_object(file: Path) -> dict:

@@ -17,7 +17,7 @@ from typing import Any
 from leakaudit.data.io import write_json
 from leakaudit.data.pii_find import mask_obj
 from leakaudit.data.pii_find import mask_pii as mask
-from leakaudit.errors import InputError
+from leakaudit.errors import InputError, one_line
 from leakaudit.kinds import get_kind, kind_names
 from leakaudit.kinds.base import StageView, fmt
 
@@ -161,7 +161,7 @@ def load_run(out: str | Path) -> dict[str, Any]:
     try:
         run = json.loads(read_text(p))
     except (ValueError, RecursionError) as exc:
-        raise InputError(f"not a run record (malformed JSON: {str(exc).splitlines()[0][:120]})", file=p) from None
+        raise InputError(f"not a run record (malformed JSON: {one_line(exc, 120)})", file=p) from None
     if not (isinstance(run, dict) and isinstance(run.get("experiment"), dict)
             and isinstance(run.get("stages"), list)):
         raise InputError("not a run record of `leakaudit run` (needs 'experiment' and 'stages')", file=p)

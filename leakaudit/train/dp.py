@@ -64,7 +64,7 @@ def _unsupported(config, exc: BaseException) -> InputError:
     """Opacus computes per-example gradients layer by layer from each layer's input and fails inside its
     hooks on layers it cannot handle (OPT's learned position embeddings take the attention mask; OPT's
     decoder flattens batch and sequence before fc1/fc2): say so on the first step instead of a traceback."""
-    from leakaudit.models.spec import first_line
+    from leakaudit.errors import first_line
 
     targets = f" --target-modules {','.join(config.target_modules)}" if config.target_modules else ""
     return InputError(f"Opacus cannot compute per-example gradients for {config.model} with --method "
