@@ -122,6 +122,19 @@ def _assert_same_weights(a_dir, b_dir) -> None:
         torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-6)
 
 
+def _train_log(out) -> list[dict]:
+    return [json.loads(x) for x in (out / "train_log.jsonl").read_text().splitlines()]
+
+
+def _assert_resumed_like_straight(resumed, straight) -> None:
+    """A resumed run ends as the straight one: steps 1-4 logged once, the same weights, and the summary row's
+    mean loss the whole run's, not only the steps after the resume."""
+    log = _train_log(resumed)
+    assert [r["step"] for r in log if "loss" in r] == [1, 2, 3, 4]
+    _assert_same_weights(resumed, straight)
+    assert log[-1]["train_loss"] == pytest.approx(_train_log(straight)[-1]["train_loss"], rel=1e-6)
+
+
 @pytest.mark.parametrize("method", ["lora", "dora", "pissa", "full"])
 def test_resume_continues_where_it_stopped(method, plain_data, tmp_path):
     """PiSSA: its checkpoints hold a converted adapter in adapter/, which the Trainer once loaded back as a
@@ -147,13 +160,7 @@ def test_resume_continues_where_it_stopped(method, plain_data, tmp_path):
     kept = {p.name for ckpt in out.glob("checkpoint-*") for p in ckpt.iterdir()}
     assert {"adapter_model.safetensors", "model.safetensors"} & kept and "trainer_state.json" in kept
     assert not {n for n in kept if n.startswith(("optimizer", "scheduler", "rng_state"))}, kept
-    log = [json.loads(x) for x in (out / "train_log.jsonl").read_text().splitlines()]
-    assert [r["step"] for r in log if "loss" in r] == [1, 2, 3, 4]
-    straight = finetune(_cfg(plain_data, tmp_path / "straight", **kw), progress=False)
-    _assert_same_weights(out, straight)
-    # the summary row's mean loss is the whole run's, not only the steps after the resume
-    summary = [json.loads(x) for x in (straight / "train_log.jsonl").read_text().splitlines()][-1]
-    assert log[-1]["train_loss"] == pytest.approx(summary["train_loss"], rel=1e-6)
+    _assert_resumed_like_straight(out, finetune(_cfg(plain_data, tmp_path / "straight", **kw), progress=False))
     assert finetune(cfg, progress=False) == out  # a finished run is returned as is
 
 
@@ -200,10 +207,8 @@ def test_a_run_killed_after_its_last_checkpoint_finishes_without_optimizer_state
     assert not (tmp_path / "killed" / "checkpoint-4" / "optimizer.pt").exists()
     assert not (tmp_path / "killed" / "adapter_model.safetensors").exists()
     out = finetune(cfg, progress=False)
-    straight = finetune(_cfg(plain_data, tmp_path / "straight", lora_dropout=0.0), progress=False)
-    _assert_same_weights(out, straight)
-    log = [json.loads(x) for x in (out / "train_log.jsonl").read_text().splitlines()]
-    assert [r["step"] for r in log if "loss" in r] == [1, 2, 3, 4]
+    _assert_resumed_like_straight(out, finetune(_cfg(plain_data, tmp_path / "straight", lora_dropout=0.0),
+                                                progress=False))
 
 
 def test_a_pissa_run_killed_after_its_last_checkpoint_takes_no_extra_step(plain_data, tmp_path):
@@ -216,13 +221,7 @@ def test_a_pissa_run_killed_after_its_last_checkpoint_takes_no_extra_step(plain_
         finetune(cfg, progress=False, callbacks=[_KillAfterLastSave()])
     assert (tmp_path / "killed" / "checkpoint-4" / "optimizer.pt").exists()
     out = finetune(cfg, progress=False)
-    log = [json.loads(x) for x in (out / "train_log.jsonl").read_text().splitlines()]
-    assert [r["step"] for r in log if "loss" in r] == [1, 2, 3, 4]
-    straight = finetune(_cfg(plain_data, tmp_path / "straight", **kw), progress=False)
-    _assert_same_weights(out, straight)
-    # the summary row's mean loss is the whole run's, not only the steps after the resume
-    summary = [json.loads(x) for x in (straight / "train_log.jsonl").read_text().splitlines()][-1]
-    assert log[-1]["train_loss"] == pytest.approx(summary["train_loss"], rel=1e-6)
+    _assert_resumed_like_straight(out, finetune(_cfg(plain_data, tmp_path / "straight", **kw), progress=False))
 
 
 def test_bad_input_names_file_line_field(tmp_path):
