@@ -12,6 +12,7 @@ from typer.testing import CliRunner
 from leakaudit import resources
 from leakaudit.cli import app, main
 from leakaudit.data.pii_find import (
+    NameFinder,
     find_emails,
     find_phones,
     mask_email,
@@ -77,6 +78,11 @@ def test_names_match_in_any_case_and_before_an_at_but_one_word_names_are_left_al
     assert "quinlan" not in out.lower()
     fake = r.fake("name", "Zed Quinlan")
     assert out.count(fake) == 3 and f"{fake}@ENRON" in out
+    # found in the lower-cased text, or, where lower-casing moves offsets ("\u0130" becomes two characters), in
+    # the text itself: the same spans either way
+    for text in ("So ZED QUINLAN said", "\u0130 So ZED QUINLAN said"):
+        (m,) = NameFinder(["Zed Quinlan"]).find(text)
+        assert m.group(0) == "ZED QUINLAN" and text[m.start():m.end()] == "ZED QUINLAN"
 
 
 def test_mailbox_headers_exchange_ids_and_last_first_names_are_replaced():

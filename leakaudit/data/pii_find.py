@@ -143,6 +143,24 @@ def shipped_names() -> list[str]:
     return load_name_list(resources.path("pii-enron-pil", "name2email.jsonl"))
 
 
+@dataclass(frozen=True)
+class _Found:
+    """A name found in the lower-cased text, read back from the original: the part of re.Match callers use."""
+
+    text: str
+    begin: int
+    stop: int
+
+    def start(self) -> int:
+        return self.begin
+
+    def end(self) -> int:
+        return self.stop
+
+    def group(self, index: int = 0) -> str:
+        return self.text[self.begin:self.stop]
+
+
 def name_key(name: str) -> str:
     """One key per person for a name as `NameFinder` matches it: any case, "Last, First" as "First Last"."""
     if "," in name:
@@ -165,13 +183,23 @@ class NameFinder:
             # also "Last, First" (Outlook's X-To: "Quinlan, Zed"), longest first like the names themselves
             forms = sorted({*uniq, *(f"{n.split()[-1]}, {' '.join(n.split()[:-1])}" for n in uniq)},
                            key=lambda n: (-len(n), n))
-            alternation = "|".join(r"\s+".join(re.escape(w) for w in n.split()) for n in forms)
-            self._re: re.Pattern | None = re.compile(rf"(?<![\w@.])(?:{alternation})(?!\w)", re.IGNORECASE)
+            alternation = "|".join(r"\s+".join(re.escape(w) for w in n.lower().split()) for n in forms)
+            pattern = rf"(?<![\w@.])(?:{alternation})(?!\w)"
+            # Matched on the lower-cased text where lower-casing keeps every offset (nearly always): the
+            # same matches, 4x faster than re.IGNORECASE over thousands of alternatives.
+            self._re: re.Pattern | None = re.compile(pattern)
+            self._re_any_case: re.Pattern | None = re.compile(pattern, re.IGNORECASE)
         else:
-            self._re = None
+            self._re = self._re_any_case = None
 
     def find(self, text: str) -> list[re.Match]:
-        return list(self._re.finditer(text)) if self._re is not None else []
+        """Matches with their offsets and text in `text` (match.group(0) as written there)."""
+        if self._re is None:
+            return []
+        lower = text.lower()
+        if len(lower) != len(text):  # a character whose lower case is longer ("İ"): offsets would shift
+            return list(self._re_any_case.finditer(text))
+        return [_Found(text, m.start(), m.end()) for m in self._re.finditer(lower)]
 
 
 def find_pii(text: str, names: NameFinder | None = None) -> list[PiiSpan]:
