@@ -23,7 +23,6 @@ from __future__ import annotations
 import contextlib
 import gc
 import hashlib
-import importlib.metadata
 import importlib.util
 import json
 import os
@@ -33,6 +32,7 @@ from pathlib import Path
 
 import torch
 
+from leakaudit import package_version
 from leakaudit.errors import InputError, warn_once
 from leakaudit.models import LoadedModel, attention_kernels, host_memory
 from leakaudit.scoring import cache_keyword, returned_cache, shared_prefixes
@@ -122,15 +122,8 @@ def run_key(lm: LoadedModel, config: SamplingConfig, backend: str) -> str:
     what = {"v": SAMPLING_VERSION, "model": lm.fingerprint, "dtype": str(lm.dtype), "config": asdict(config),
             "backend": backend}
     if backend == "vllm":  # vLLM's sampler is its own: another release may draw other rows
-        what["vllm"] = _vllm_version()
+        what["vllm"] = package_version("vllm")
     return hashlib.sha256(json.dumps(what, sort_keys=True).encode()).hexdigest()[:16]
-
-
-def _vllm_version() -> str:
-    try:
-        return importlib.metadata.version("vllm")
-    except importlib.metadata.PackageNotFoundError:
-        return "not installed"
 
 
 # ----------------------------------------------------------------------------------------- public entry

@@ -316,7 +316,7 @@ def test_a_vllm_run_key_names_the_vllm_release(tiny_neox, monkeypatch):
     cfg = SamplingConfig(max_new_tokens=3)
     keys = {}
     for release in ("0.26.0", "0.27.0"):
-        monkeypatch.setattr(sampling, "_vllm_version", lambda r=release: r)
+        monkeypatch.setattr(sampling, "package_version", lambda name, r=release: r)
         keys[release] = (sampling.run_key(tiny_neox, cfg, "vllm"), sampling.run_key(tiny_neox, cfg, "hf"))
     assert keys["0.26.0"][0] != keys["0.27.0"][0] and keys["0.26.0"][1] == keys["0.27.0"][1]
     monkeypatch.undo()
@@ -326,7 +326,7 @@ def test_a_vllm_run_key_names_the_vllm_release(tiny_neox, monkeypatch):
         raise importlib.metadata.PackageNotFoundError(name)
 
     monkeypatch.setattr(importlib.metadata, "version", missing)
-    assert sampling._vllm_version() == "not installed"  # no vLLM: still a key, not a traceback
+    assert sampling.package_version("vllm") == "not installed"  # no vLLM: still a key, not a traceback
 
 
 def test_a_start_longer_than_a_sliding_window_is_not_shared(tiny_neox, monkeypatch):

@@ -132,15 +132,13 @@ def write_run_record(plan: Plan, out: Path, config_text: str, status: dict[str, 
 
 def versions() -> dict[str, str]:
     """Versions of leakaudit and the libraries that change the numbers."""
-    import importlib.metadata as md
     import platform
+
+    from leakaudit import package_version
 
     out = {"python": platform.python_version()}
     for pkg in ("leakaudit", "torch", "transformers", "peft", "tokenizers", "numpy", "scikit-learn", "vllm"):
-        try:
-            out[pkg] = md.version(pkg)
-        except md.PackageNotFoundError:
-            out[pkg] = "not installed"
+        out[pkg] = package_version(pkg)
     return out
 
 

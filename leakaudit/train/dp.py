@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 from leakaudit.data.io import write_json
-from leakaudit.errors import InputError
+from leakaudit.errors import InputError, one_line
 from leakaudit.train import examples as ex
 from leakaudit.train.artifacts import load_saved_weights
 
@@ -112,7 +112,7 @@ def train_dp(config, lm, model, train: list[ex.Example], out: Path, progress: bo
                 dp_model, optimizer, loader = engine.make_private_with_epsilon(
                     target_epsilon=config.dp_epsilon, target_delta=delta, epochs=epochs, **common)
         except (NotImplementedError, ValueError) as exc:
-            raise InputError(f"Opacus cannot make this model private: {str(exc).splitlines()[0]}",
+            raise InputError(f"Opacus cannot make this model private: {one_line(exc)}",
                              field="--dp-epsilon") from None
     total = epochs * len(loader) if config.max_steps is None else min(config.max_steps, epochs * len(loader))
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: max(0.0, 1 - s / max(1, total)))
