@@ -47,6 +47,19 @@ def test_default_ids_are_file_and_line(tmp_path):
     assert [r.id for r in load_records(tmp_path / "x.jsonl")] == ["x:1", "x:3"]
 
 
+def test_json_rows_keep_their_element_ids_and_report_their_file_lines(tmp_path):
+    """A pretty-printed JSON array: errors point at the row's line, ids count elements (so reformatting the
+    file keeps them); a column dict has no line per row and reports its index."""
+    rows = [{"text": "a"}, {"text": "b\nc"}, {"text": "d"}]
+    (tmp_path / "x.json").write_text(json.dumps(rows, indent=2))
+    records = load_records(tmp_path / "x.json")
+    assert [r.id for r in records] == ["x:1", "x:2", "x:3"] and [r.line for r in records] == [2, 5, 8]
+    (tmp_path / "x.json").write_text(json.dumps({"data": rows}, indent=1))
+    assert [r.line for r in load_records(tmp_path / "x.json")] == [3, 6, 9]
+    (tmp_path / "x.json").write_text(json.dumps({"text": ["a", "b"]}, indent=2))
+    assert [(r.id, r.line) for r in load_records(tmp_path / "x.json")] == [("x:1", 1), ("x:2", 2)]
+
+
 @pytest.mark.parametrize(
     ("content", "suffix", "expected"),
     [
@@ -56,7 +69,10 @@ def test_default_ids_are_file_and_line(tmp_path):
         ("", ".jsonl", "x.jsonl: file is empty"),
         ("\n\n", ".jsonl", "x.jsonl: file is empty"),
         ('{"id": 1, "text": "a"}\n{"id": 1, "text": "b"}\n', ".jsonl", "x.jsonl:2: field 'id': duplicate id '1'"),
-        ('[{"text": "a"}, 5]', ".json", "x.json:2: element 2: expected an object"),
+        ('[{"text": "a"}, 5]', ".json", "x.json:1: element 2: expected an object"),
+        ('[\n  {"text": "a"},\n\n  {\n    "body": "b"\n  }\n]', ".json", "x.json:4: field 'text': missing"),
+        ('{"meta": {"x": [1, "]"]},\n "data": [{"text": "a"},\n  {"text": 3}]}', ".json",
+         "x.json:3: field 'text': must be a string"),
         ("text\nfine\n", ".txt", "unsupported file type '.txt'"),
         ("id,text\n1,a,extra\n", ".csv", "x.csv:2: row has more columns"),
         ('{"text": "   "}\n', ".jsonl", "x.jsonl:1: field 'text': text is empty"),

@@ -1,8 +1,8 @@
 """Load text datasets from any common file format with strict, line-precise validation.
 
 Why strict: a membership-inference number computed on a silently half-parsed file is worse than no
-number. Every problem is an InputError naming the file, the line (1-based; for CSV the file line of
-the row, for JSON arrays the element index + 1) and the field.
+number. Every problem is an InputError naming the file, the line (1-based; for CSV and JSON the file line
+where the row starts, for Parquet/Arrow/HF datasets the row number) and the field.
 """
 
 from __future__ import annotations
@@ -11,6 +11,7 @@ import csv
 import io
 import json
 import os
+import re
 import shutil
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -125,12 +126,42 @@ def _read_json(p: Path) -> list[tuple[int, dict[str, Any]]]:
             raise InputError("expected a JSON array of objects (or {\"data\": [...]})", file=p, line=1)
     if not isinstance(obj, list):
         raise InputError("expected a JSON array of objects", file=p, line=1)
+    lines = _element_lines(text, obj)
     rows = []
-    for i, item in enumerate(obj, start=1):
+    for i, (item, line) in enumerate(zip(obj, lines, strict=True), start=1):
         if not isinstance(item, dict):
-            raise InputError(f"element {i}: expected an object, got {type(item).__name__}", file=p, line=i)
-        rows.append((i, item))
+            raise InputError(f"element {i}: expected an object, got {type(item).__name__}", file=p, line=line)
+        rows.append((line, item))
     return rows
+
+
+_JSON_SPACE = re.compile(r"[ \t\n\r]*")
+_JSON_SEPARATOR = re.compile(r"[ \t\n\r]*[,:]?[ \t\n\r]*")
+
+
+def _element_lines(text: str, rows: list) -> list[int]:
+    """The file line where each row of a valid JSON file starts, so an error in a pretty-printed array
+    points at its line; rows that come from a column dict (no line of their own) get their index."""
+    decoder = json.JSONDecoder()
+    at = _JSON_SPACE.match(text).end()
+    if text[at] == "{":  # {"data": [...]}: find where its (last) "data" value starts
+        at, start = at + 1, None
+        while text[at := _JSON_SEPARATOR.match(text, at).end()] != "}":
+            key, at = decoder.raw_decode(text, at)
+            at = _JSON_SEPARATOR.match(text, at).end()
+            if key == "data":
+                start = at
+            _, at = decoder.raw_decode(text, at)
+        if start is None or text[start] != "[":
+            return list(range(1, len(rows) + 1))
+        at = start
+    lines, line, done = [], 1, 0
+    at += 1
+    while text[at := _JSON_SEPARATOR.match(text, at).end()] != "]":
+        line, done = line + text.count("\n", done, at), at
+        lines.append(line)
+        _, at = decoder.raw_decode(text, at)
+    return lines
 
 
 def _read_csv(p: Path) -> list[tuple[int, dict[str, Any]]]:
@@ -203,13 +234,13 @@ def load_records(
     rows = read_rows(p)
     records: list[Record] = []
     seen: dict[str, int] = {}
-    for lineno, row in rows:
+    for index, (lineno, row) in enumerate(rows, start=1):
         text = _get(row, text_field, p, lineno)
         if not isinstance(text, str):
             raise InputError(f"must be a string, got {type(text).__name__}", file=p, line=lineno, field=text_field)
         if not text.strip() and not keep_empty:
             raise InputError("text is empty", file=p, line=lineno, field=text_field)
-        rid = f"{p.stem}:{lineno}"
+        rid = f"{p.stem}:{index if p.suffix.lower() == '.json' else lineno}"  # a JSON id survives reformatting
         if id_field:
             raw_id = _get(row, id_field, p, lineno)
             if raw_id is None or (isinstance(raw_id, str) and not raw_id.strip()):  # str(None) was id "None"
