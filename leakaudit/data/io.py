@@ -165,22 +165,29 @@ def _element_lines(text: str, rows: list) -> list[int]:
 
 
 def _read_csv(p: Path) -> list[tuple[int, dict[str, Any]]]:
+    """Rows with the file line each ends on (its id). Strict quoting: an unclosed quote is an error naming the
+    line the unreadable row starts after, where the lenient default read the rest of the file into one field."""
     rows = []
     with io.StringIO(read_text(p), newline="") as fh:
-        reader = csv.DictReader(fh)
+        reader = csv.DictReader(fh, strict=True)
+        start = 1
         try:
             if not reader.fieldnames:
                 return []
             twice = sorted({f for f in reader.fieldnames if reader.fieldnames.count(f) > 1})
             if twice:  # csv keeps the last column of a name silently
                 raise InputError(f"column '{twice[0]}' appears twice in the header", file=p, line=1, field=twice[0])
-            for row in reader:
+            while True:
+                start = reader.line_num + 1
+                row = next(reader, None)
+                if row is None:
+                    return rows
                 if None in row:
                     raise InputError("row has more columns than the header", file=p, line=reader.line_num)
                 rows.append((reader.line_num, dict(row)))
-        except csv.Error as exc:  # e.g. a field over the csv module's size limit
-            raise InputError(f"unreadable CSV: {one_line(exc)}", file=p, line=reader.line_num + 1) from None
-    return rows
+        except csv.Error as exc:  # an unclosed quote, a field over the csv module's size limit
+            problem = "a quoted field is never closed" if "unexpected end of data" in str(exc) else one_line(exc)
+            raise InputError(f"unreadable CSV: {problem}", file=p, line=start) from None
 
 
 def _read_table(p: Path) -> list[tuple[int, dict[str, Any]]]:
