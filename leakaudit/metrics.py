@@ -9,7 +9,7 @@ higher score means "member" (label 1).
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -161,6 +161,11 @@ def paired_difference(values_a: Sequence[float], values_b: Sequence[float], labe
     resample left with one class is skipped), else the mean. `clusters` (one key per item, e.g. the target of
     a target x template row) makes the resampling unit the cluster: its items are drawn together.
 
+    A mean's interval is Hesterberg's expanded percentile interval: the quantiles are moved out so that it
+    has a t-interval's width for the number of units n (z = sqrt(n / (n - 1)) t(n - 1)), because the plain
+    percentile interval is too narrow below ~30 units (simulated here: a direction claimed for a zero
+    difference 10% of the time at 10 units, 5.5% expanded, nominal 5%).
+
     The relative change is delta / |stat(a)| (so its sign is the delta's, also for a negative log p), its
     interval computed per resample (resamples where stat(a) is 0 left out); None when stat(a) is 0.
     Returns {value_a, value_b, delta, ci, relative, relative_ci, n, n_bootstrap (resamples used)} (ci and
@@ -202,13 +207,36 @@ def paired_difference(values_a: Sequence[float], values_b: Sequence[float], labe
     rb = np.concatenate(sb) if sb else np.empty(0)
     d = rb - ra
     delta = value_b - value_a
+    level = ci if y is not None else expanded_level(ci, n_groups)
     relative = relative_ci = None
     if value_a != 0 and math.isfinite(value_a):
         relative = delta / abs(value_a)
         with np.errstate(invalid="ignore", divide="ignore"):
-            relative_ci = _percentile_ci(np.where(ra != 0, d / np.abs(ra), np.nan), ci)
-    return {"value_a": value_a, "value_b": value_b, "delta": delta, "ci": _percentile_ci(d, ci),
+            relative_ci = _percentile_ci(np.where(ra != 0, d / np.abs(ra), np.nan), level)
+    return {"value_a": value_a, "value_b": value_b, "delta": delta, "ci": _percentile_ci(d, level),
             "relative": relative, "relative_ci": relative_ci, "n": len(a), "n_bootstrap": int(np.isfinite(d).sum())}
+
+
+def bootstrap_ci(stat: Callable[[np.ndarray], float], n: int, seed: int, n_resamples: int = 1000,
+                 ci: float = 0.95) -> list[float] | None:
+    """Interval of a mean-like `stat(indices)` over n resampled units (e.g. targets): the expanded percentile
+    interval of `paired_difference`. [0, 0] without units; None when no resample gives a finite value."""
+    if n == 0:
+        return [0.0, 0.0]
+    rng = np.random.default_rng(seed)
+    values = np.array([stat(rng.integers(0, n, n)) for _ in range(n_resamples)], dtype=np.float64)
+    return _percentile_ci(values, expanded_level(ci, n))
+
+
+def expanded_level(ci: float, n: int) -> float:
+    """The percentile level that gives a bootstrap distribution of a mean over n units the width of a
+    t-interval at `ci` (Hesterberg 2015, "What teachers should know about the bootstrap", sec. 4.1)."""
+    from scipy.stats import norm, t
+
+    if n < 2:
+        return ci
+    z = math.sqrt(n / (n - 1)) * float(t.ppf(1 - (1 - ci) / 2, n - 1))
+    return 1 - 2 * float(norm.cdf(-z))
 
 
 def paired_auc_difference(scores_a: Sequence[float], scores_b: Sequence[float], labels: Sequence[int],

@@ -2,9 +2,9 @@
 (leakaudit/resources/experiments/fake-privacy-cpu.yaml, or the demo).
 
 Reads only each output dir's summary.json and prints Markdown: per evaluation and metric, one row per variant
-with every seed's Δ [95% paired CI] → verdict and relative change, then the mean Δ over seeds with the
-smallest effect every seed could detect (the largest of their CI half-widths); then the values behind them
-(baseline and variant).
+with every seed's Δ [95% paired CI] → verdict and relative change, then the mean Δ over seeds and the largest
+of the seeds' CI half-widths h (every seed detects a true |Δ| of 1.43 h with 80% power, one of h only about
+half of the time); then the values behind them (baseline and variant).
 
     python scripts/summarize_comparisons.py out/fp-s0 out/fp-s1 out/fp-s2 > table.md
 """
@@ -26,7 +26,10 @@ def signed(x, d=3):
 
 
 def short_verdict(v: str) -> str:
-    return v.split(" (|Δ|")[0].replace(" at this size", "")
+    """The verdict without the interval's reading: "increase", "no detectable change", "too few targets"."""
+    if ": too few " in v:
+        return "too few " + v.split(": too few ")[1].split(" (")[0]
+    return v.split(" (")[0].replace(" at this size", "")
 
 
 def main(dirs: list[str]) -> None:
@@ -48,7 +51,7 @@ def main(dirs: list[str]) -> None:
         baselines = sorted({c["baseline"] for _, comps in runs for c in comps
                             if (c["evaluation"], c["metric"]) == (evaluation, metric)})
         print(f"**{evaluation}: {metric}** (against {', '.join(f'`{b}`' for b in baselines)})\n")
-        print("| variant | " + " | ".join(f"seed {s}" for s in seeds) + " | mean Δ over seeds (SD) | smallest detectable |")
+        print("| variant | " + " | ".join(f"seed {s}" for s in seeds) + " | mean Δ over seeds (SD) | largest CI half-width |")
         print("|---|" + "---|" * len(seeds) + "---|---|")
         for v in variants:
             cells, deltas, halves = [], [], []
@@ -63,8 +66,8 @@ def main(dirs: list[str]) -> None:
                 cells.append(f"{signed(c['delta'])} [{signed(ci[0])}, {signed(ci[1])}]{rel} → "
                              f"{short_verdict(c['verdict'])}")
                 deltas.append(c["delta"])
-                if c.get("detectable_effect") is not None:
-                    halves.append(c["detectable_effect"])
+                if ci[0] is not None:  # from the bounds: summaries before 2026-12-05 kept the half-width
+                    halves.append((ci[1] - ci[0]) / 2)  # as detectable_effect, later ones 1.43 x it
             sd = f" ({statistics.stdev(deltas):.3f})" if len(deltas) > 1 else ""
             mean = f"{statistics.mean(deltas):+.3f}{sd}" if deltas else "–"
             print(f"| {v} | " + " | ".join(cells) + f" | {mean} | {f(max(halves)) if halves else '–'} |")

@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from leakaudit.kinds.base import StageView
@@ -68,7 +69,8 @@ def test_logprob_comparison_by_hand(tmp_path):
     assert 1.0 <= lo < 1.95 < hi <= 2.9 and c["ci"] == c["delta_ci"]  # every pair moved up: CI excludes 0
     rlo, rhi = c["relative_ci"]
     assert 0 < rlo < 1.95 / 25 < rhi
-    assert c["verdict"] == "increase" and c["detectable_effect"] == pytest.approx((hi - lo) / 2)
+    assert c["verdict"] == "increase" and c["ci_half_width"] == pytest.approx((hi - lo) / 2)
+    assert c["detectable_effect"] == pytest.approx(1.4294 * (hi - lo) / 2, rel=1e-4)  # (1.96 + 0.84) / 1.96
     assert (c["n"], c["n_units"], c["baseline"], c["evaluation"]) == (20, 10, "m0", "logprob")
     r = by[("ft", "address rank-1 rate")]
     assert (r["value_baseline"], r["value_variant"]) == (pytest.approx(0.3), pytest.approx(0.4))
@@ -76,20 +78,78 @@ def test_logprob_comparison_by_hand(tmp_path):
     # identical rows (order and a stray row aside): Δ 0 on every resample
     s = by[("same", "mean log p(address)")]
     assert s["n"] == 20 and s["delta"] == 0 and s["delta_ci"] == [0.0, 0.0] and s["relative_ci"] == [0.0, 0.0]
-    assert s["verdict"] == "no change: Δ = 0 in every bootstrap resample"
+    assert s["verdict"] == "no change: the CI is [0, 0]"
 
 
 def test_verdict_wording():
     from leakaudit.kinds.compare import verdict
 
     assert verdict([0.01, 0.2]) == "increase" and verdict([-0.3, -0.02]) == "decrease"
-    assert verdict([-0.1, 0.05]) == "no detectable change at this size (|Δ| < 0.075, the CI half-width)"
-    assert verdict([-2.5, 1.0]) == "no detectable change at this size (|Δ| < 1.75, the CI half-width)"
-    assert verdict([0.0, 0.3]) == "no detectable change at this size (|Δ| < 0.15, the CI half-width)"  # 0 in it
+    assert verdict([-0.1, 0.05]) == "no detectable change at this size (the CI allows |Δ| up to 0.1)"
+    assert verdict([-2.5, 1.0]) == "no detectable change at this size (the CI allows |Δ| up to 2.5)"
+    assert verdict([0.0, 0.018]) == "no detectable change at this size (the CI allows |Δ| up to 0.018)"  # 0 in it
     assert verdict([0.01, 0.2], "effect") == "increases" and verdict([-0.3, -0.02], "effect") == "reduces"
-    assert verdict([-0.1, 0.05], "effect") == "no detectable effect (|Δ| < 0.075, the CI half-width)"
+    assert verdict([-0.075, 0.025], "effect") == "no detectable effect (the CI allows |Δ| up to 0.075)"
+    assert verdict([-0.0004, 0.0003], "effect") == "no detectable effect (the CI allows |Δ| up to 0.0004)"
     assert verdict(None).startswith("no CI")
-    assert verdict([0.0, 0.0]) == "no change: Δ = 0 in every bootstrap resample"  # e.g. both AUCs at 1
+    assert verdict([0.0, 0.0]) == "no change: the CI is [0, 0]"  # e.g. both AUCs at 1
+    assert verdict([0.5, 0.6], too_few="too few texts") == "no detectable change at this size: too few texts"
+
+
+def _view(target: str, opts: dict | None = None):
+    class View:
+        evaluation, result, record = "ev", {}, {"params": {"options": opts or {}}}
+    v = View()
+    v.target = target
+    return v
+
+
+def test_too_few_units_claim_no_direction():
+    """One pair, or one member and one non-member, gives a zero-width interval away from 0: the verdict
+    refuses a direction below 10 units for a mean and 5 of each label for an AUC, and gives it at those sizes."""
+    from leakaudit.kinds.compare import Series, compare
+
+    one = compare(_view("base"), _view("ft"), Series("m", {"x": 1.0}, items="texts"),
+                  Series("m", {"x": 1.001}, items="texts"))
+    assert one["ci"] == [pytest.approx(0.001), pytest.approx(0.001)]
+    assert one["verdict"] == "no detectable change at this size: too few texts (1; a verdict needs 10)"
+    ten = {f"t{i}": float(i) for i in range(10)}
+    up = compare(_view("base"), _view("ft"), Series("m", ten, items="texts"),
+                 Series("m", {k: v + 1 + 0.01 * len(k) for k, v in ten.items()}, items="texts"))
+    assert up["verdict"] == "increase"
+    labels = {"p": 1, "q": 0}
+    auc = compare(_view("base"), _view("ft"), Series("a", {"p": 1.0, "q": 0.0}, labels=labels, items="users"),
+                  Series("a", {"p": 0.0, "q": 1.0}, labels=labels, items="users"))
+    assert auc["ci"] == [-1.0, -1.0]
+    assert auc["verdict"] == ("no detectable change at this size: too few users (1 members, 1 non-members; a "
+                              "verdict needs 5 of each)")
+    labels = {f"u{i}": int(i < 5) for i in range(10)}
+    flip = compare(_view("base"), _view("ft"), Series("a", {u: float(y) for u, y in labels.items()}, labels=labels),
+                   Series("a", {u: float(1 - y) for u, y in labels.items()}, labels=labels), style="effect")
+    assert flip["delta"] == -1.0 and flip["verdict"] == "reduces"
+
+
+def test_a_mean_interval_is_widened_to_a_t_interval_at_few_units():
+    """Hesterberg's expanded percentile interval: at n units its level matches a t-interval's z; at many
+    units it is the plain 95%. The paired interval of a mean widens accordingly."""
+    from scipy.stats import norm, t
+
+    from leakaudit.metrics import expanded_level, paired_difference
+
+    level = expanded_level(0.95, 10)
+    assert norm.ppf(1 - (1 - level) / 2) == pytest.approx((10 / 9) ** 0.5 * t.ppf(0.975, 9))
+    assert expanded_level(0.95, 100_000) == pytest.approx(0.95, abs=1e-4) and expanded_level(0.95, 1) == 0.95
+    a = [0.0] * 10
+    b = [0.3, -0.2, 0.5, 0.1, -0.4, 0.2, 0.6, -0.1, 0.3, 0.0]
+    d = paired_difference(a, b, n_bootstrap=4000, seed=1)
+    plain = np.quantile(_bootstrap_means(np.array(b), 4000, 1), [0.025, 0.975])
+    assert d["ci"][0] < plain[0] and d["ci"][1] > plain[1]  # wider than the plain percentile interval
+
+
+def _bootstrap_means(x, n_boot, seed):
+    rng = np.random.default_rng(seed)
+    draw = rng.integers(0, len(x), size=(n_boot, len(x)))
+    return x[draw].mean(axis=1)
 
 
 def _mia_stages(tmp_path: Path) -> list[dict]:
@@ -120,7 +180,7 @@ def test_mia_comparison_pairs_texts_by_id(tmp_path):
     lo, hi = c["delta_ci"]
     assert lo <= -0.5 <= hi < 0 and c["verdict"] == "decrease"
     assert by["flat"]["delta"] == 0 and by["flat"]["delta_ci"] == [0.0, 0.0]
-    assert by["flat"]["verdict"] == "no change: Δ = 0 in every bootstrap resample"  # scores + 3: same order
+    assert by["flat"]["verdict"] == "no change: the CI is [0, 0]"  # scores + 3: same order
 
 
 def test_a_comparison_bootstraps_with_the_seed_the_stage_ran_with(tmp_path):

@@ -253,12 +253,12 @@ def test_comparisons_from_hand_written_stages(tmp_path):
     assert by["cap"]["delta"] == pytest.approx(-0.5)  # by hand: 0.5 − 1
     lo, hi = by["cap"]["ci"]
     assert lo <= -0.5 <= hi < 0 and by["cap"]["verdict"] == "reduces"
-    assert by["cap"]["detectable_effect"] == pytest.approx((hi - lo) / 2)
+    assert by["cap"]["ci_half_width"] == pytest.approx((hi - lo) / 2)
     assert by["same"]["delta"] == 0 and by["same"]["ci"] == [0.0, 0.0]
-    assert by["same"]["verdict"] == "no change: Δ = 0 in every bootstrap resample"
+    assert by["same"]["verdict"] == "no change: the CI is [0, 0]"
     # the verdict follows the interval alone
     assert verdict([0.01, 0.2], "effect") == "increases" and verdict([-0.3, -0.02], "effect") == "reduces"
-    assert verdict([-0.1, 0.05], "effect") == "no detectable effect (|Δ| < 0.075, the CI half-width)"
+    assert verdict([-0.1, 0.05], "effect") == "no detectable effect (the CI allows |Δ| up to 0.1)"
     assert verdict(None).startswith("no CI")
 
     # summary.json and report.html carry them, with TPR@1% shown n/a for 20 held-out users

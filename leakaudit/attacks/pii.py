@@ -269,14 +269,11 @@ def baseline_subtraction(model_hits: set[str], baseline_hits: set[str], target_i
             "change_ci": _bootstrap_ci(lambda idx: m[idx].mean() - b[idx].mean(), n, seed)}
 
 
-def _bootstrap_ci(stat: Callable[[np.ndarray], float], n: int, seed: int) -> list[float]:
-    """Percentile 95% interval of `stat` over resampled target indices."""
-    if n == 0:
-        return [0.0, 0.0]
-    rng = np.random.default_rng(seed)
-    values = [stat(rng.integers(0, n, n)) for _ in range(BOOTSTRAP_RESAMPLES)]
-    lo, hi = np.percentile(values, [2.5, 97.5])
-    return [float(lo), float(hi)]
+def _bootstrap_ci(stat: Callable[[np.ndarray], float], n: int, seed: int) -> list[float] | None:
+    """95% interval of `stat` over resampled target indices (metrics.bootstrap_ci)."""
+    from leakaudit.metrics import bootstrap_ci
+
+    return bootstrap_ci(stat, n, seed, BOOTSTRAP_RESAMPLES)
 
 
 def _grid_mean(results: Sequence[CellResult], seed: int) -> dict[str, Any]:

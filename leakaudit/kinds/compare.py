@@ -4,8 +4,13 @@ option names (e.g. each fine-tune against the model it started from, or each mit
 Why paired: two models scored on the same texts, targets or users share most of their variance (which items
 are easy); resampling the items once and computing both models' statistics on every resample cancels it, so
 the interval of the difference is far narrower than two separate intervals would suggest. A verdict claims
-a direction only when that interval excludes 0; otherwise it says how large an effect could still hide in it
-(the half-width), which is what "no change" means at this sample size.
+a direction only when that interval excludes 0 and there are enough resampling units for the interval to be
+trusted (MIN_UNITS for a mean, MIN_PER_LABEL of each label for an AUC: with fewer, a percentile bootstrap has
+no room to cover its nominal 95%, e.g. one item gives a zero-width interval); otherwise it says how large an
+effect the interval still allows (its far end from 0), which is what "no change" means at this sample size.
+Each row also carries `detectable_effect`: the true |Δ| this design detects 80% of the time at the 5% level,
+(z(0.975) + z(0.8)) / z(0.975) ≈ 1.43 times the CI half-width (normal approximation); an effect as large as
+the half-width itself is detected only about half of the time.
 
 A kind supplies, per finished stage, its per-item values as `Series` (one per metric); `comparisons` pairs
 them and returns the rows summary.json lists and the report's verdict section reads (see Result.comparisons).
@@ -22,21 +27,28 @@ from leakaudit.kinds.base import StageView
 
 #: verdict wording: "change" (a fine-tune against its base: study 1), "effect" (a mitigation against none)
 Style = Literal["change", "effect"]
-_WORDS = {"change": ("decrease", "increase", "no detectable change at this size", ".3g"),
-          "effect": ("reduces", "increases", "no detectable effect", ".3f")}
+_WORDS = {"change": ("decrease", "increase", "no detectable change at this size"),
+          "effect": ("reduces", "increases", "no detectable effect")}
+#: fewest resampling units (items, or clusters when items cluster) for a mean's verdict to claim a direction
+MIN_UNITS = 10
+#: fewest items of each label for an AUC's verdict to claim a direction
+MIN_PER_LABEL = 5
+#: detectable effect at 80% power, two-sided 5%, per CI half-width: (z(0.975) + z(0.8)) / z(0.975)
+POWER_80 = (1.959964 + 0.841621) / 1.959964
 
 
 @dataclass
 class Series:
     """One metric's per-item values on one target: item key -> value. With `labels`, the statistic is the
     AUC of the values against them (items are pairs only when both targets give the same label); else the
-    mean. `cluster` maps an item key to its resampling unit (e.g. a target x template row to its target)."""
+    mean. `cluster` maps an item key to its resampling unit (e.g. a target x template row to its target);
+    `items` names the resampling units ("texts", "targets", "users") in verdicts."""
 
     metric: str
     values: dict[Hashable, float]
     labels: dict[Hashable, int] | None = None
     cluster: Callable[[Hashable], Hashable] | None = None
-    items: str = "items"  # what an item is, for the messages ("texts", "targets", "users")
+    items: str = "items"
     extra: dict[str, Any] = field(default_factory=dict)  # copied into each comparison row (e.g. {"m": "all"})
 
 
@@ -58,20 +70,33 @@ def finite(x: Any) -> bool:
 
 
 # ----------------------------------------------------------------------------------------- verdicts
-def verdict(ci: list[float] | None, style: Style = "change") -> str:
-    """What a paired difference's interval supports: a direction only when it excludes 0; otherwise how large
-    an effect could still hide in it (the half-width)."""
-    down, up, none, digits = _WORDS[style]
+def verdict(ci: list[float] | None, style: Style = "change", too_few: str | None = None) -> str:
+    """What a paired difference's interval supports: a direction only when it excludes 0 (and `too_few`, the
+    reason the units are too few to trust it, is None); otherwise how large an effect it still allows."""
+    down, up, none = _WORDS[style]
     if not ci:
         return "no CI (n_bootstrap = 0 or no usable resample)"
     lo, hi = ci
+    if too_few is not None:
+        return f"{none}: {too_few}"
     if hi < 0:
         return down
     if lo > 0:
         return up
     if lo == hi == 0:  # e.g. both AUCs at 1, or no extraction by either: no width to read an effect size from
-        return "no change: Δ = 0 in every bootstrap resample"
-    return f"{none} (|Δ| < {(hi - lo) / 2:{digits}}, the CI half-width)"
+        return "no change: the CI is [0, 0]"
+    return f"{none} (the CI allows |Δ| up to {max(abs(lo), abs(hi)):.3g})"
+
+
+def too_few_units(n_units: int, n_pos: int | None = None, n_neg: int | None = None, items: str = "items") -> str | None:
+    """Why a comparison has too few resampling units for its interval to claim a direction, or None."""
+    if n_pos is not None and n_neg is not None:
+        if min(n_pos, n_neg) < MIN_PER_LABEL:
+            return f"too few {items} ({n_pos} members, {n_neg} non-members; a verdict needs {MIN_PER_LABEL} of each)"
+        return None
+    if n_units < MIN_UNITS:
+        return f"too few {items} ({n_units}; a verdict needs {MIN_UNITS})"
+    return None
 
 
 # ----------------------------------------------------------------------------------------- stages
@@ -117,7 +142,7 @@ def compare(base: StageView, other: StageView, a: Series, b: Series, style: Styl
     entry: dict[str, Any] = {"evaluation": base.evaluation, "metric": a.metric, "baseline": base.target,
                              "variant": other.target, **a.extra, "value_baseline": None, "value_variant": None,
                              "delta": None, "delta_ci": None, "ci": None, "relative": None, "relative_ci": None,
-                             "n": len(keys), "detectable_effect": None}
+                             "n": len(keys), "ci_half_width": None, "detectable_effect": None}
     labels = [int(a.labels[k]) for k in keys] if a.labels is not None else None
     if labels is not None:
         n_pos = sum(labels)
@@ -129,6 +154,8 @@ def compare(base: StageView, other: StageView, a: Series, b: Series, style: Styl
     clusters = [a.cluster(k) for k in keys] if a.cluster is not None else None
     if clusters is not None:
         entry["n_units"] = len(set(clusters))
+    too_few = (too_few_units(len(keys), entry["n_pos"], entry["n_neg"], a.items) if labels is not None
+               else too_few_units(entry.get("n_units", len(keys)), items=a.items))
     n_boot, seed = option(base, "n_bootstrap"), option(base, "seed")
     d = paired_difference([a.values[k] for k in keys], [b.values[k] for k in keys], labels,
                           n_bootstrap=1000 if n_boot is None else int(n_boot), seed=0 if seed is None else int(seed),
@@ -136,8 +163,9 @@ def compare(base: StageView, other: StageView, a: Series, b: Series, style: Styl
     ci = d["ci"]
     return {**entry, "value_baseline": d["value_a"], "value_variant": d["value_b"], "delta": d["delta"],
             "delta_ci": ci, "ci": ci, "relative": d["relative"], "relative_ci": d["relative_ci"],
-            "n_bootstrap": d["n_bootstrap"], "detectable_effect": (ci[1] - ci[0]) / 2 if ci else None,
-            "verdict": verdict(ci, style)}
+            "n_bootstrap": d["n_bootstrap"], "ci_half_width": (ci[1] - ci[0]) / 2 if ci else None,
+            "detectable_effect": POWER_80 * (ci[1] - ci[0]) / 2 if ci else None,
+            "verdict": verdict(ci, style, too_few)}
 
 
 def comparisons(stages: list[StageView], series: Callable[[StageView, StageView], list[Series]],
@@ -148,7 +176,8 @@ def comparisons(stages: list[StageView], series: Callable[[StageView, StageView]
 
     Row keys: evaluation, metric, baseline, variant, value_baseline, value_variant, delta, delta_ci (also as
     `ci`), relative (delta / |value_baseline|), relative_ci, n (items paired), n_pos/n_neg (AUC), n_units
-    (resampling units when items cluster), detectable_effect (the CI half-width), verdict.
+    (resampling units when items cluster), ci_half_width, detectable_effect (the |Δ| detected with 80% power:
+    POWER_80 x the half-width), verdict.
     """
     out = []
     for group in by_evaluation(stages).values():

@@ -135,12 +135,11 @@ def draw_candidates(targets: list[Any], pool: list[str], n: int, seed: int) -> l
 
 
 # ----------------------------------------------------------------------------------------- statistics
-def _ci(stat: Callable[[np.ndarray], float], n: int, seed: int) -> list[float]:
-    """Percentile 95% bootstrap interval of `stat` over resampled target indices."""
-    rng = np.random.default_rng(seed)
-    values = [stat(rng.integers(0, n, n)) for _ in range(BOOTSTRAP_RESAMPLES)]
-    lo, hi = np.percentile(values, [2.5, 97.5])
-    return [float(lo), float(hi)]
+def _ci(stat: Callable[[np.ndarray], float], n: int, seed: int) -> list[float] | None:
+    """95% interval of `stat` over resampled target indices (metrics.bootstrap_ci)."""
+    from leakaudit.metrics import bootstrap_ci
+
+    return bootstrap_ci(stat, n, seed, BOOTSTRAP_RESAMPLES)
 
 
 def _matrices(rows: list[dict[str, Any]], ids: list[str], names: list[str]) -> dict[str, np.ndarray]:

@@ -137,8 +137,8 @@ class UserInferenceResult(Result):
                 "is at the headline m. ρ: Spearman rank correlation over in-training users of the score with "
                 "the user's rows in the training file (n_train, before the fine-tune's own cap or dedup) and "
                 "with their mean token NLL under the reference (an outlier measure), 95% bootstrap CI. "
-                "Δ AUC = AUC(variant) − AUC(vs) on the same users, resampled together; its CI half-width is "
-                "the smallest effect these users can detect.")
+                "Δ AUC = AUC(variant) − AUC(vs) on the same users, resampled together; these users detect a true "
+                "|Δ| of 1.43 x its CI half-width 80% of the time.")
         return {"id": "user-inference", "title": "User inference", "figures": figures,
                 "note": " ".join([note, *notes]), "tables": tables}
 
