@@ -33,6 +33,7 @@ from pathlib import Path
 import torch
 
 from leakaudit import package_version
+from leakaudit.data.io import json_line
 from leakaudit.errors import InputError, warn_once
 from leakaudit.models import LoadedModel, attention_kernels, host_memory
 from leakaudit.scoring import cache_keyword, returned_cache, shared_prefixes
@@ -358,7 +359,8 @@ def _hf_generate(lm: LoadedModel, batch: list[_Row], config: SamplingConfig) -> 
         input_ids[i, width - len(rest):] = torch.tensor(rest, dtype=torch.long)
         mask[i, width - len(rest):] = 1
     cache = _decoding_cache(lm, batch, groups, start, width + config.max_new_tokens)
-    eos = sorted(_eos_ids(lm)) if config.stop_at_eos else None
+    # [] not None: None would let generate() fill in the model's own EOS and stop there anyway
+    eos = sorted(_eos_ids(lm)) if config.stop_at_eos else []
     # Every field that could change tokens is set here, so the model's own generation_config cannot
     # slip in a repetition penalty or sampling defaults; sampling itself is done by _GumbelSampler.
     gen_config = GenerationConfig(
@@ -499,7 +501,8 @@ def _read_checkpoint(path: Path, key: str) -> dict[tuple[str, int], Sample]:
             fh.truncate(good_end)
         raw = raw[:good_end]
     done: dict[tuple[str, int], Sample] = {}
-    for lineno, line in enumerate(raw.decode("utf-8").splitlines(), start=1):
+    # "\n" only: files of earlier versions may hold a raw U+2028 inside a string, which splitlines breaks at
+    for lineno, line in enumerate(raw.decode("utf-8").split("\n"), start=1):
         if not line.strip():
             continue
         try:
@@ -525,7 +528,7 @@ def _appender(path: str | Path | None):
     p.parent.mkdir(parents=True, exist_ok=True)
     with p.open("a", encoding="utf-8") as fh:
         def append(rows: list[dict]) -> None:
-            fh.write("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+            fh.write("".join(json_line(r) for r in rows))
             fh.flush()
             os.fsync(fh.fileno())
 

@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from leakaudit.data.io import load_records
+from leakaudit.data.io import load_records, write_jsonl
 from leakaudit.errors import InputError
 
 ROWS = [{"id": "a", "text": "first text", "user": "u1"}, {"id": "b", "text": "second text", "user": "u2"}]
@@ -127,3 +127,19 @@ def test_cli_bad_input_is_one_line_exit_2(tmp_path):
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: ") and "bad.jsonl:2" in lines[0]
     assert "Traceback" not in proc.stderr
+
+
+def test_jsonl_rows_stay_one_per_line_with_unicode_line_separators(tmp_path):
+    """JSON leaves U+2028, U+2029 and U+0085 raw with ensure_ascii=False: json_line escapes them, and a stage
+    file's reader splits on "\\n" only, so a file of an earlier version (raw separators) reads too."""
+    from leakaudit.data.io import json_line
+    from leakaudit.kinds.base import read_jsonl
+
+    rows = [{"text": "a\u2028b\u2029c\x85d é"}, {"text": "plain"}]
+    write_jsonl(tmp_path / "x.jsonl", rows)
+    text = (tmp_path / "x.jsonl").read_text(encoding="utf-8")
+    assert len(text.splitlines()) == 2 and "é" in text and json_line(rows[1]) == '{"text": "plain"}\n'
+    assert [r.text for r in load_records(tmp_path / "x.jsonl")] == [r["text"] for r in rows]
+    raw = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
+    (tmp_path / "old.jsonl").write_text(raw, encoding="utf-8")
+    assert read_jsonl(tmp_path / "old.jsonl") == rows

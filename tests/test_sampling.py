@@ -341,3 +341,34 @@ def test_a_start_longer_than_a_sliding_window_is_not_shared(tiny_neox, monkeypat
     monkeypatch.setattr(tiny_neox.model.config, "sliding_window", None)
     sample(tiny_neox, prompts, cfg, batch_size=2, progress=False)
     assert calls == [[2]]
+
+
+def test_stop_at_eos_false_runs_past_the_models_own_eos(tiny_neox, monkeypatch):
+    """With every token the model's EOS (its generation_config), stopping at EOS gives one token per sample;
+    `stop_at_eos=False` gives max_new_tokens whatever the batch (generate() used to fill the model's EOS back
+    in, so a row alone stopped early and the same row batched beside a longer one did not)."""
+    every = list(range(tiny_neox.model.config.vocab_size))
+    monkeypatch.setattr(tiny_neox.model.generation_config, "eos_token_id", every)
+    prompts = ["Hello there", "A much longer prompt about the weather today", "x"]
+    stop = sample(tiny_neox, prompts, SamplingConfig(max_new_tokens=6, greedy=True), progress=False)
+    assert [s.n_new_tokens for s in stop] == [1, 1, 1]
+    for batch_size in (1, 3):
+        run = sample(tiny_neox, prompts, SamplingConfig(max_new_tokens=6, greedy=True, stop_at_eos=False),
+                     batch_size=batch_size, progress=False)
+        assert [s.n_new_tokens for s in run] == [6, 6, 6]
+
+
+def test_a_checkpoint_with_unicode_line_separators_resumes(tiny_neox, tmp_path):
+    """U+2028/U+2029/U+0085 in a prompt or sample: written escaped, so the rerun reads one row per line
+    (str.splitlines broke the row at them and every resume of the file failed)."""
+    cfg = SamplingConfig(max_new_tokens=3, greedy=True)
+    prompts = ["Dear Karen,\u2028please call", "one\u2029two\x85three", "hello"]
+    out = tmp_path / "s.jsonl"
+    first = sample(tiny_neox, prompts, cfg, out_path=out, progress=False)
+    assert len(out.read_text(encoding="utf-8").splitlines()) == 3
+    again = sample(tiny_neox, prompts, cfg, out_path=out, progress=False)
+    assert [(s.prompt, s.text) for s in again] == [(s.prompt, s.text) for s in first]
+    assert again[0].prompt == "Dear Karen,\u2028please call"
+    # a file of an earlier version, with the separator raw inside a string, is read too
+    out.write_text(out.read_text(encoding="utf-8").replace("\\u2028", "\u2028"), encoding="utf-8")
+    assert [s.text for s in sample(tiny_neox, prompts, cfg, out_path=out, progress=False)] == [s.text for s in first]

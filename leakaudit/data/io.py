@@ -278,6 +278,15 @@ def _get(row: dict[str, Any], name: str, p: Path, lineno: int) -> Any:
     return cur
 
 
+_LINE_BREAKS_JSON_KEEPS = str.maketrans({"\u2028": "\\u2028", "\u2029": "\\u2029", "\x85": "\\u0085"})
+
+
+def json_line(row: Any) -> str:
+    """One JSONL line, readable text (not \\u-escaped) but with the line breaks JSON leaves raw (U+2028,
+    U+2029, U+0085) escaped, so any line reader (str.splitlines, editors) sees one row per line."""
+    return json.dumps(row, ensure_ascii=False).translate(_LINE_BREAKS_JSON_KEEPS) + "\n"
+
+
 def write_jsonl(path: str | Path, rows: Iterable[dict[str, Any]]) -> None:
     """Write rows atomically (temp file + rename) so a kill never leaves a half-written result."""
     p = Path(path)
@@ -285,7 +294,7 @@ def write_jsonl(path: str | Path, rows: Iterable[dict[str, Any]]) -> None:
     tmp = p.with_suffix(p.suffix + ".tmp")
     with tmp.open("w", encoding="utf-8") as fh:
         for row in rows:
-            fh.write(json.dumps(row, ensure_ascii=False) + "\n")
+            fh.write(json_line(row))
     tmp.replace(p)
 
 

@@ -27,7 +27,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from leakaudit.data.io import Record, read_rows, write_jsonl
+from leakaudit.data.io import Record, json_line, read_rows, write_jsonl
 from leakaudit.errors import InputError
 from leakaudit.models import LoadedModel
 from leakaudit.sampling import SamplingConfig, sample
@@ -266,7 +266,7 @@ def self_instruct(lm: LoadedModel, seeds: Sequence[Task], out: str | Path, n: in
                              "round_rows": len(kept), "provenance": provenance})
         if rows:
             with out.open("a", encoding="utf-8") as fh:
-                fh.write("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+                fh.write("".join(json_line(r) for r in rows))
         generated += rows
         if on_round is not None:
             on_round(round_index, len(rows), len(generated))

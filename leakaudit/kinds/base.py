@@ -221,4 +221,5 @@ def read_jsonl(path: Path) -> list[dict[str, Any]]:
 
     if not path.exists():
         return []
-    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    # "\n" only: files of earlier versions may hold a raw U+2028 inside a string, which splitlines breaks at
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").split("\n") if line.strip()]
