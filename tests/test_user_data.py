@@ -66,12 +66,27 @@ def test_holdout_is_deterministic_for_a_seed(enron_users):
 
 
 def test_holdout_drops_the_other_copies_of_a_held_out_text():
-    rows = [{"id": f"{u}{i}", "user": u, "text": t} for u in "ab" for i, t in enumerate("xxyz")]
+    rows = [{"id": f"{u}{i}", "user": u, "text": u + t} for u in "ab" for i, t in enumerate("xxyz")]
     parts = holdout_per_user({"p": rows}, 2, seed=0)
     for u in "ab":
         held = [r["text"] for r in parts["p_holdout"] if r["user"] == u]
         kept = [r["text"] for r in parts["p"] if r["user"] == u]
         assert len(held) == 2 and not set(held) & set(kept) and kept
+
+
+def test_a_text_other_users_share_is_never_held_out():
+    """A "Thanks!" several users wrote: held out for one, it would still be trained on through another
+    (a non-member's attacker sample in the training set), so only a user's own texts are held out."""
+    rows = [{"id": f"{u}{i}", "user": u, "text": t} for u in "abcdef"
+            for i, t in enumerate([*(f"{u} message {j}" for j in range(4)), "Thanks!", "See attached."])]
+    for seed in range(20):
+        parts = holdout_per_user(split_rows(shuffled(rows, seed, "users"), {"in": 0.5, "out": 0.5}, by="user"),
+                                 3, seed=seed)
+        held = {r["text"] for name in ("in_holdout", "out_holdout") for r in parts[name]}
+        assert len(held) == 18 and not held & {r["text"] for name in ("in", "out") for r in parts[name]}
+    with pytest.raises(InputError, match="has 6 rows, 4 of them no other user's; holding out 5 per user needs "
+                                         "5 texts no other user has"):
+        holdout_per_user({"p": rows}, 5, seed=0)
 
 
 def test_a_user_with_too_few_rows_is_refused():

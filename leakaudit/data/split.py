@@ -42,36 +42,46 @@ def holdout_per_user(parts: dict[str, list[dict[str, Any]]], k: int, seed: int, 
     """Each part P becomes P (what is trained on) and P_holdout: k samples of each of P's users, a seeded
     choice, never trained on — the attacker's samples of user inference (Kandpal et al. 2023).
 
-    The choice is among a user's distinct texts, and the other copies of a held-out text leave P too: an
-    attacker sample whose exact text was trained on would not be held out. A user needs more than k
-    distinct texts (k to hold out, at least one to train on); fewer is an InputError naming `dataset`."""
+    The choice is among the user's distinct texts that no other user has, and the other copies of a
+    held-out text leave P too: an attacker sample whose exact text was trained on (by this user, or by
+    another, e.g. a shared "Thanks!") would not be held out. A user needs more than k distinct texts (k to
+    hold out, at least one to train on), k of them their own; fewer is an InputError naming `dataset`."""
+    owners: dict[str, set[Any]] = {}
+    for rows in parts.values():
+        for r in rows:
+            owners.setdefault(r["text"], set()).add(r.get("user"))
     out: dict[str, list[dict[str, Any]]] = {}
     for name, rows in parts.items():
         by_user: dict[Any, list[dict[str, Any]]] = {}
         for r in rows:
             by_user.setdefault(r.get("user"), []).append(r)
         held_ids: set[int] = set()
-        held_texts: set[tuple[Any, str]] = set()
+        held_texts: set[str] = set()
         for user, mine in by_user.items():
             first_of: dict[str, dict[str, Any]] = {}  # the first row of each distinct text
             for r in mine:
                 first_of.setdefault(r["text"], r)
-            firsts = list(first_of.values())
-            if len(firsts) <= k:
-                raise _too_few(name, user, len(mine), len(firsts), k, dataset)
+            own = [r for r in first_of.values() if len(owners[r["text"]]) == 1]
+            if len(first_of) <= k or len(own) < k:
+                raise _too_few(name, user, len(mine), len(first_of), len(own), k, dataset)
             rng = random.Random(f"{seed}:holdout:{name}:{user}")
-            for i in rng.sample(range(len(firsts)), k):
-                held_ids.add(id(firsts[i]))
-                held_texts.add((user, firsts[i]["text"]))
-        out[name] = [r for r in rows if (r.get("user"), r["text"]) not in held_texts]
+            for i in rng.sample(range(len(own)), k):
+                held_ids.add(id(own[i]))
+                held_texts.add(own[i]["text"])
+        out[name] = [r for r in rows if r["text"] not in held_texts]
         out[name + HOLDOUT_SUFFIX] = [r for r in rows if id(r) in held_ids]
     return out
 
 
-def _too_few(part: str, user: Any, n: int, distinct: int, k: int, dataset: str | None) -> InputError:
+def _too_few(part: str, user: Any, n: int, distinct: int, own: int, k: int, dataset: str | None) -> InputError:
     from leakaudit.data.pii_find import mask_pii
 
     texts = f"{n} rows" + (f" ({distinct} distinct texts)" if distinct != n else "")
+    if distinct > k:  # enough texts, but too few that only this user has
+        texts += f", {own} of them no other user's"
+        need = f"{k} texts no other user has"
+    else:
+        need = f"at least {k + 1} distinct texts"
     return InputError(f"user {mask_pii(str(user))} of split '{part}' has {texts}; holding out {k} per user "
-                      f"needs at least {k + 1} distinct texts (lower holdout_per_user or drop such users)",
+                      f"needs {need} (lower holdout_per_user or drop such users)",
                       field=f"datasets.{dataset}.holdout_per_user" if dataset else "holdout_per_user")
