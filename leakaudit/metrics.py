@@ -11,7 +11,6 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import numpy as np
 
@@ -298,33 +297,3 @@ def binomial_ci(k: int, n: int, alpha: float = 0.05) -> tuple[float, float]:
     lo = 0.0 if k == 0 else float(beta.ppf(alpha / 2, k, n - k + 1))
     hi = 1.0 if k == n else float(beta.ppf(1 - alpha / 2, k + 1, n - k))
     return lo, hi
-
-
-def plot_roc(curves: dict[str, RocMetrics], path: str | Path, title: str = "ROC") -> Path:
-    """Draw ROC curves on a log-scale FPR axis (where low-FPR differences are visible) to a PNG file."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    p = Path(path)
-    p.parent.mkdir(parents=True, exist_ok=True)
-    fig, ax = plt.subplots(figsize=(5.5, 5))
-    floor = 1e-4
-    for name, m in curves.items():
-        ax.plot(np.clip(m.fpr, floor, 1), m.tpr, label=f"{name} (AUC {m.auc:.3f})")
-    grid = np.logspace(-4, 0, 100)
-    ax.plot(grid, grid, "k--", lw=0.8, label="chance")
-    ax.set_xscale("log")
-    ax.set_xlim(floor, 1)
-    ax.set_ylim(0, 1)
-    ax.set_xlabel("false positive rate (log scale)")
-    ax.set_ylabel("true positive rate")
-    ax.set_title(title)
-    ax.legend(loc="lower right", fontsize=8)
-    fig.tight_layout()
-    tmp = p.with_name(p.stem + ".tmp.png")
-    fig.savefig(tmp, dpi=120)
-    plt.close(fig)
-    tmp.replace(p)
-    return p

@@ -11,7 +11,6 @@ from leakaudit.metrics import (
     _auc_by_ranks,
     binomial_ci,
     paired_auc_difference,
-    plot_roc,
     roc_metrics,
     spearman_with_ci,
     tpr_at_fpr,
@@ -108,10 +107,15 @@ def test_clopper_pearson_closed_forms():
         binomial_ci(3, 2)
 
 
-def test_plot_roc_writes_png(tmp_path):
+def test_plot_roc_writes_png_whatever_the_title_holds(tmp_path):
+    """A model path with dollar signs is a title, not TeX (matplotlib's mathtext raised on it, after the
+    attack had run)."""
+    from leakaudit.report.plots import plot_roc
+
     m = roc_metrics([0.9, 0.8, 0.3, 0.1], [1, 0, 1, 0], n_bootstrap=0)
-    out = plot_roc({"loss": m}, tmp_path / "roc.png")
-    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    for title in ("ROC", "membership inference: /tmp/cost_$5_vs_$10", "a $\\frac{ unbalanced"):
+        out = plot_roc({"loss $x": m}, tmp_path / "roc.png", title=title)
+        assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 def test_without_bootstrap_the_ci_is_null_in_json():

@@ -159,7 +159,7 @@ class Mia(Kind):
         from leakaudit.attacks.mia import TooShortError, run_mia
         from leakaudit.data.io import write_json, write_jsonl
         from leakaudit.distributed import is_main
-        from leakaudit.metrics import plot_roc
+        from leakaudit.report.plots import plot_roc
 
         members, nonmembers = ctx.records("members"), ctx.records("nonmembers")
         names = attack_names(options.attacks, ctx.models.get("reference") is not None)

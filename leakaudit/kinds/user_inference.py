@@ -217,7 +217,7 @@ class UserInference(Kind):
         from leakaudit.attacks.user_inference import UserClashError, group_users, run_user_inference
         from leakaudit.data.io import write_json, write_jsonl
         from leakaudit.distributed import is_main
-        from leakaudit.metrics import plot_roc
+        from leakaudit.report.plots import plot_roc
 
         ins = ctx.records("members", user_field="user")  # the engine's datasets name the user `user`
         outs = ctx.records("nonmembers", user_field="user")

@@ -17,6 +17,8 @@ def _plt():
     import matplotlib
 
     matplotlib.use("Agg")
+    # titles and labels hold model paths and names: "$5_vs_$10" is text, not TeX (mathtext raised on it)
+    matplotlib.rcParams["text.parse_math"] = False
     import matplotlib.pyplot as plt
 
     return plt
@@ -35,9 +37,7 @@ def png_uri(path: str | Path) -> str:
 
 
 def roc_figure(curves: dict[str, Any], title: str) -> str:
-    """ROC curves (name → metrics.RocMetrics) on a log-scale FPR axis, drawn by metrics.plot_roc."""
-    from leakaudit.metrics import plot_roc
-
+    """ROC curves (name → metrics.RocMetrics) on a log-scale FPR axis, drawn by plot_roc."""
     with tempfile.TemporaryDirectory() as tmp:
         return png_uri(plot_roc(curves, Path(tmp) / "roc.png", title=title))
 
@@ -185,3 +185,31 @@ def forest_figure(panels: list[dict[str, Any]]) -> str:
                bbox_to_anchor=(0.5, 1.0))
     fig.tight_layout(rect=(0, 0, 1, 1 - 0.35 / fig.get_figheight()))
     return _data_uri(fig)
+
+
+def plot_roc(curves: dict[str, Any], path: str | Path, title: str = "ROC") -> Path:
+    """Draw ROC curves on a log-scale FPR axis (where low-FPR differences are visible) to a PNG file."""
+    import numpy as np
+
+    plt = _plt()
+    p = Path(path)
+    p.parent.mkdir(parents=True, exist_ok=True)
+    fig, ax = plt.subplots(figsize=(5.5, 5))
+    floor = 1e-4
+    for name, m in curves.items():
+        ax.plot(np.clip(m.fpr, floor, 1), m.tpr, label=f"{name} (AUC {m.auc:.3f})")
+    grid = np.logspace(-4, 0, 100)
+    ax.plot(grid, grid, "k--", lw=0.8, label="chance")
+    ax.set_xscale("log")
+    ax.set_xlim(floor, 1)
+    ax.set_ylim(0, 1)
+    ax.set_xlabel("false positive rate (log scale)")
+    ax.set_ylabel("true positive rate")
+    ax.set_title(title)
+    ax.legend(loc="lower right", fontsize=8)
+    fig.tight_layout()
+    tmp = p.with_name(p.stem + ".tmp.png")
+    fig.savefig(tmp, dpi=120)
+    plt.close(fig)
+    tmp.replace(p)
+    return p
