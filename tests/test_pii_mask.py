@@ -161,3 +161,11 @@ def test_report_masks_a_summary_built_from_an_unmasked_run_record(tmp_path):
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert summary["stages"] == {"data/********64": {"note": "by j***@enron.com"}}
     assert summary["pii"] == "masked"  # the file says what it holds
+
+
+def test_addresses_whose_local_part_starts_with_a_dot_or_underscore_are_masked():
+    """Enron's headers hold "legal <.taylor@enron.com>"; the address pattern required a letter or digit first."""
+    from leakaudit.data.pii_find import mask_pii
+
+    assert mask_pii("legal <.taylor@enron.com>") == "legal <.***@enron.com>"
+    assert mask_pii("user '_john.smith@example.com' appears") == "user '_***@example.com' appears"
