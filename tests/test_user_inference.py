@@ -146,6 +146,11 @@ def test_user_inference_cli(tmp_path, monkeypatch, capsys):
     assert code == 2 and err.strip().startswith("error: ") and "users.jsonl:4: field 'who'" in err, err
     code, err = run("--data", str(data), "--samples-per-user", "0", "--out", str(tmp_path / "o2"))
     assert code == 2 and "field '--samples-per-user'" in err
+    rows[3]["in"] = 1
+    rows[5]["text"] = "a"  # one token: nothing to score (it counted as a score of 0 in the user's mean)
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    code, err = run("--data", str(data), "--out", str(tmp_path / "o3"))
+    assert code == 2 and "users.jsonl:6: field 'text': text has fewer than 2 tokens" in err, err
 
 
 # ----------------------------------------------------------------------------------------- who is vulnerable

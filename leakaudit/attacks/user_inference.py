@@ -79,6 +79,17 @@ class UserClashError(InputError):
                          "data by user", line=record.line, field="user")
 
 
+class TooShortSampleError(InputError):
+    """A sample with fewer than 2 tokens: no token of it can be scored, so it would count as a score of 0 in
+    its user's mean (mia refuses such a text the same way). `record` and `label` let the front ends name the
+    file and line."""
+
+    def __init__(self, record: Record, label: int):
+        self.record, self.label = record, label
+        super().__init__("text has fewer than 2 tokens; no token can be scored (drop such samples)",
+                         line=record.line, field="text")
+
+
 def group_users(records_in: Sequence[Record], records_out: Sequence[Record]
                 ) -> tuple[dict[str, list[str]], dict[str, int]]:
     """Each user's texts in input order and label (1 = in training); a user on both sides is an error."""
@@ -123,6 +134,13 @@ def run_user_inference(target: LoadedModel, reference: LoadedModel, records_in: 
     texts = [t for u in users for t in samples[u]]
     opts = {"batch_size": batch_size, "max_length": max_length, "cache": cache, "progress": progress}
     tgt = score_texts_distributed(target, texts, description="scoring (target)", **opts)
+    short = next((i for i, s in enumerate(tgt) if s.n_tokens == 0), None)
+    if short is not None:  # before the reference pass; the target's scores stay in the score cache
+        by_user: dict[str, list[Record]] = {}
+        for r in [*records_in, *records_out]:
+            by_user.setdefault(str(r.user), []).append(r)
+        record = [r for u in users for r in by_user[u]][short]
+        raise TooShortSampleError(record, labels[str(record.user)])
     ref = score_texts_distributed(reference, texts, description="scoring (reference)", **opts)
     ratio = np.array([t.sum_logp - r.sum_logp for t, r in zip(tgt, ref, strict=True)])
     per_user: dict[str, np.ndarray] = {}

@@ -214,7 +214,12 @@ class UserInference(Kind):
     summary = "user inference: users of `members` (in training) vs of `nonmembers`, from m samples each"
 
     def run(self, ctx: KindContext, options: UserInferenceOptions) -> UserInferenceResult:
-        from leakaudit.attacks.user_inference import UserClashError, group_users, run_user_inference
+        from leakaudit.attacks.user_inference import (
+            TooShortSampleError,
+            UserClashError,
+            group_users,
+            run_user_inference,
+        )
         from leakaudit.data.io import write_json, write_jsonl
         from leakaudit.distributed import is_main
         from leakaudit.report.plots import plot_roc
@@ -229,10 +234,15 @@ class UserInference(Kind):
         has_training = "training" in ctx.data or "training" in ctx.loaded
         train_counts = Counter(r.user for r in ctx.records("training", user_field="user")) if has_training else None
         seed = ctx.seed if options.seed is None else options.seed
-        report = run_user_inference(ctx.model("target"), ctx.model("reference"), ins, outs, options.m_values,
-                                    n_bootstrap=options.n_bootstrap, seed=seed,
-                                    batch_size=options.batch_size, max_length=options.max_length,
-                                    cache=options.cache, progress=ctx.progress)
+        try:
+            report = run_user_inference(ctx.model("target"), ctx.model("reference"), ins, outs, options.m_values,
+                                        n_bootstrap=options.n_bootstrap, seed=seed,
+                                        batch_size=options.batch_size, max_length=options.max_length,
+                                        cache=options.cache, progress=ctx.progress)
+        except TooShortSampleError as exc:
+            role = "members" if exc.label == 1 else "nonmembers"
+            raise InputError(exc.message, file=ctx.data.get(role), line=exc.record.line,
+                             field=ctx.data_fields.get(role, {}).get("text_field", "text")) from None
         rows = report.rows()
         if train_counts is not None:
             for r in rows:
