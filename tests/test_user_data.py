@@ -206,3 +206,17 @@ def test_min_texts_per_user_leaves_out_users_whose_truncated_texts_repeat(tmp_pa
         distinct.setdefault(r["user"], set()).add(r["text"])
     assert all(len(t) >= 12 for t in distinct.values())
     assert len(distinct) < len({r["user"] for r in builtin_dataset("enron-users", seed=0, limit=None)})
+
+
+def test_fractions_summing_to_one_place_every_row_and_user():
+    """Each part ends at its rounded cumulative fraction: 13 users at 0.5 / 0.5 are 6 + 7 (rounding each part
+    on its own gave 6 + 6 and silently dropped a user); the shipped splits (80 and 500 rows at 0.4/0.2/0.4,
+    40 users at 0.5/0.5) are as before."""
+    users = [{"user": f"u{i}", "text": str(i)} for i in range(13)]
+    parts = split_rows(users, {"in": 0.5, "out": 0.5}, by="user")
+    assert sorted(len(p) for p in parts.values()) == [6, 7] and sum(map(len, parts.values())) == 13
+    for n, sizes in ((80, [32, 16, 32]), (500, [200, 100, 200]), (7, [3, 1, 3])):
+        rows = [{"text": str(i)} for i in range(n)]
+        parts = split_rows(rows, {"targets": 0.4, "prompts": 0.2, "nonmembers": 0.4})
+        assert [len(p) for p in parts.values()] == sizes
+    assert [len(p) for p in split_rows(users, {"a": 0.3, "b": 0.3}).values()] == [4, 4]  # the rest left out

@@ -29,11 +29,14 @@ def split_rows(rows: list[dict[str, Any]], split: dict[str, float], by: str = "r
         users = list(dict.fromkeys(r.get("user") for r in rows))
         parts = split_rows([{"user": u} for u in users], split)
         return {name: [r for r in rows if r.get("user") in {p["user"] for p in part}] for name, part in parts.items()}
-    out, start = {}, 0
+    # part ends at rounded cumulative fractions: fractions summing to 1 place every row (rounding each part
+    # on its own dropped one of 13 users at 0.5 / 0.5)
+    out, start, cumulative = {}, 0, 0.0
     for name, frac in split.items():
-        n = int(round(frac * len(rows)))
-        out[name] = rows[start:start + n]
-        start += n
+        cumulative += frac
+        end = min(len(rows), int(round(cumulative * len(rows))))
+        out[name] = rows[start:end]
+        start = end
     return out
 
 
