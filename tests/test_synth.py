@@ -34,6 +34,10 @@ def test_a_prompt_is_always_the_start_of_its_record(tiny_neox):
     n_ids = len(tiny_neox.tokenizer(text, add_special_tokens=False)["input_ids"])
     prompts = [synth.continuation_prompts(tiny_neox, [record], prompt_tokens=n)[0] for n in range(1, n_ids + 1)]
     assert all(text.startswith(p) and p for p in prompts) and prompts[-1] == text
+    for first in ("\U0001F642 hello", "\u65e5\u672c\u8a9e\u306e\u30e1\u30fc\u30eb", "\u00e9 is here"):
+        # the first character alone is more than one token: a one-token prompt runs to its end
+        prompt = synth.continuation_prompts(tiny_neox, [Record(id="b", text=first, line=1)], prompt_tokens=1)[0]
+        assert prompt and first.startswith(prompt) and "\ufffd" not in prompt, (first, prompt)
 
 
 def test_continuations_carry_provenance_and_resume(tiny_neox, tmp_path):

@@ -58,11 +58,19 @@ def continuation_prompts(lm: LoadedModel, records: Sequence[Record], *, prompt_t
 
 def _prefix_prompt(tokenizer, text: str, ids: list[int], n: int) -> str:
     """The first n tokens decoded, one token shorter while the cut splits a character: byte-level tokens can
-    end inside one, which decodes to U+FFFD, a prompt that is not the start of the record."""
+    end inside one, which decodes to U+FFFD, a prompt that is not the start of the record. When even the
+    first token splits the first character (an emoji, a CJK character), the prompt runs to that character's
+    end instead."""
+    def split(prompt: str) -> bool:
+        return prompt.endswith("\ufffd") and not text.startswith(prompt)
+
     k = min(n, len(ids))
     prompt = tokenizer.decode(ids[:k], skip_special_tokens=True)
-    while k > 1 and prompt.endswith("\ufffd") and not text.startswith(prompt):
+    while k > 1 and split(prompt):
         k -= 1
+        prompt = tokenizer.decode(ids[:k], skip_special_tokens=True)
+    while k < len(ids) and split(prompt):
+        k += 1
         prompt = tokenizer.decode(ids[:k], skip_special_tokens=True)
     return prompt
 
