@@ -491,18 +491,20 @@ def close_vllm_engines() -> None:
 
 # ----------------------------------------------------------------------------------------- checkpoint file
 def _read_checkpoint(path: Path, key: str) -> dict[tuple[str, int], Sample]:
-    """Rows already written by this run; a half-written last line (a kill mid-write) is cut off."""
+    """Rows already written by this run; a half-written last line (a kill mid-write) is cut off, once every
+    whole line has proved to be this run's (a file that is not is refused untouched)."""
     if not path.exists():
         return {}
     raw = path.read_bytes()
     good_end = raw.rfind(b"\n") + 1
-    if good_end < len(raw):  # unterminated last line: the write was interrupted
-        with path.open("r+b") as fh:
-            fh.truncate(good_end)
-        raw = raw[:good_end]
+    try:
+        text = raw[:good_end].decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise InputError("not a sample file: not valid UTF-8", file=path,
+                         line=raw[:exc.start].count(b"\n") + 1) from None
     done: dict[tuple[str, int], Sample] = {}
     # "\n" only: files of earlier versions may hold a raw U+2028 inside a string, which splitlines breaks at
-    for lineno, line in enumerate(raw.decode("utf-8").split("\n"), start=1):
+    for lineno, line in enumerate(text.split("\n"), start=1):
         if not line.strip():
             continue
         try:
@@ -515,6 +517,9 @@ def _read_checkpoint(path: Path, key: str) -> dict[tuple[str, int], Sample]:
         except (json.JSONDecodeError, KeyError, TypeError, ValueError, AttributeError) as exc:
             raise InputError(f"not a sample row ({type(exc).__name__}: {exc})", file=path, line=lineno) from None
         done[(s.prompt_id, s.sample_index)] = s
+    if good_end < len(raw):  # unterminated last line: the write was interrupted
+        with path.open("r+b") as fh:
+            fh.truncate(good_end)
     return done
 
 

@@ -184,6 +184,15 @@ def test_checkpoint_from_other_options_is_refused(tiny_neox, tmp_path):
     with pytest.raises(InputError, match="another model or other sampling options") as err:
         sample(tiny_neox, PROMPTS[:2], SamplingConfig(max_new_tokens=3, seed=2), out_path=out, progress=False)
     assert err.value.line == 1 and err.value.file == str(out)
+    # refused untouched: an unterminated last line is cut off only from a file this run wrote
+    before = out.read_bytes() + b'{"half": '
+    out.write_bytes(before)
+    with pytest.raises(InputError, match="another model or other sampling options"):
+        sample(tiny_neox, PROMPTS[:2], SamplingConfig(max_new_tokens=3, seed=2), out_path=out, progress=False)
+    assert out.read_bytes() == before
+    out.write_bytes(b'\xff\xfe not text\n')
+    with pytest.raises(InputError, match="not valid UTF-8"):
+        sample(tiny_neox, PROMPTS[:2], SamplingConfig(max_new_tokens=3, seed=2), out_path=out, progress=False)
 
 
 @pytest.mark.parametrize("kwargs, field", [
