@@ -143,3 +143,18 @@ def test_jsonl_rows_stay_one_per_line_with_unicode_line_separators(tmp_path):
     raw = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
     (tmp_path / "old.jsonl").write_text(raw, encoding="utf-8")
     assert read_jsonl(tmp_path / "old.jsonl") == rows
+
+
+def test_a_lone_surrogate_escape_is_refused_naming_its_line_and_field(tmp_path):
+    """JSON can escape half of a surrogate pair; the string is then not text (the tokenizer raised a TypeError
+    on it, writing it back a UnicodeEncodeError). A whole pair is an emoji and loads."""
+    (tmp_path / "x.jsonl").write_text('{"text": "ok \\ud83d\\ude00"}\n{"text": "fine", "meta": {"who": "a\\ud83d"}}\n')
+    with pytest.raises(InputError) as err:
+        load_records(tmp_path / "x.jsonl")
+    assert "x.jsonl:2: field 'meta.who': holds a lone surrogate" in err.value.format()
+    (tmp_path / "x.jsonl").write_text('{"text": "ok \\ud83d\\ude00"}\n')
+    assert load_records(tmp_path / "x.jsonl")[0].text == "ok \U0001F600"
+    (tmp_path / "x.json").write_text('[\n {"text": "a"},\n {"text": "\\udc00 b"}\n]')
+    with pytest.raises(InputError, match="holds a lone surrogate") as err:
+        load_records(tmp_path / "x.json")
+    assert (err.value.line, err.value.field) == (3, "text")

@@ -98,8 +98,32 @@ def _read_jsonl(p: Path) -> list[tuple[int, dict[str, Any]]]:
                 raise InputError(f"unreadable JSON: {one_line(exc)}", file=p, line=lineno) from None
             if not isinstance(obj, dict):
                 raise InputError(f"expected a JSON object, got {type(obj).__name__}", file=p, line=lineno)
+            if _SURROGATE_ESCAPE.search(raw):
+                _refuse_lone_surrogates(obj, p, lineno)
             rows.append((lineno, obj))
     return rows
+
+
+# a UTF-8 file holds no surrogate; only a JSON escape can make one, alone (half of an emoji's pair)
+_SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")
+
+
+def _refuse_lone_surrogates(obj: Any, p: Path, line: int, field: str | None = None) -> None:
+    """A string with a lone surrogate escape (e.g. "\\ud83d" without its pair) is not text: tokenizers raise
+    on it and it cannot be written back as UTF-8, so it is refused here, naming its field."""
+    if isinstance(obj, str):
+        try:
+            obj.encode("utf-8")
+        except UnicodeEncodeError:
+            raise InputError("holds a lone surrogate escape (half of a \\uD8xx\\uDCxx pair), not valid text",
+                             file=p, line=line, field=field) from None
+    elif isinstance(obj, dict):
+        for key, value in obj.items():
+            _refuse_lone_surrogates(key, p, line, field)
+            _refuse_lone_surrogates(value, p, line, key if field is None else f"{field}.{key}")
+    elif isinstance(obj, list):
+        for value in obj:
+            _refuse_lone_surrogates(value, p, line, field)
 
 
 def _read_json(p: Path) -> list[tuple[int, dict[str, Any]]]:
@@ -128,9 +152,12 @@ def _read_json(p: Path) -> list[tuple[int, dict[str, Any]]]:
         raise InputError("expected a JSON array of objects", file=p, line=1)
     lines = _element_lines(text, obj)
     rows = []
+    surrogates = _SURROGATE_ESCAPE.search(text) is not None
     for i, (item, line) in enumerate(zip(obj, lines, strict=True), start=1):
         if not isinstance(item, dict):
             raise InputError(f"element {i}: expected an object, got {type(item).__name__}", file=p, line=line)
+        if surrogates:
+            _refuse_lone_surrogates(item, p, line)
         rows.append((line, item))
     return rows
 
