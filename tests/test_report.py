@@ -263,3 +263,21 @@ def test_pii_full_grid_draws_heatmaps(monkeypatch):
     assert bars == [] and len(figures) == 2
     assert [(h[0], h[1]) for h in heat] == [(models, ["A", "B", "C", "D"]), (models, ["0.50", "1.00"])]
     assert heat[0][2][("m0", "A")] == pytest.approx(0.05)  # rows 0 and 1 (A at 0.5 and 1.0): mean 0.5 / 10
+
+
+def test_a_stage_file_changed_outside_leakaudit_is_a_one_line_error(tmp_path):
+    """Stages write atomically; a truncated or foreign row is someone else's edit: an InputError naming the
+    file and line (the report raised a JSONDecodeError traceback)."""
+    from leakaudit.errors import InputError
+    from leakaudit.kinds.base import read_jsonl
+
+    path = tmp_path / "user_scores.jsonl"
+    for content, line, what in (('{"user": "a"}\n{"user": ', 2, "Expecting value"),
+                                ('{"user": "a"}\n[1]\n', 2, "expected a JSON object")):
+        path.write_text(content)
+        with pytest.raises(InputError, match=what) as err:
+            read_jsonl(path)
+        assert err.value.line == line and "rerun the stage" in err.value.message
+    path.write_bytes(b"\xff\n")
+    with pytest.raises(InputError, match="not valid UTF-8"):
+        read_jsonl(path)
