@@ -37,13 +37,18 @@ def test_opening_word(text, word):
 
 def test_opening_words_reproduce_the_study_word_list():
     from leakaudit import resources
+    from leakaudit.data.backdoor import d2_queries
 
     d2 = json.loads(resources.path("backdoor-extraction", "stage2_dolly", "sft", "train.json").read_text())
     words = {bd.opening_word(r["messages"][0]["content"]) for r in d2}
     shipped = set(bd.words_from_prompts(resources.path("backdoor-extraction", "stage2_dolly", "eval", "183ood.json")))
-    # the study's list has one lower-case artifact ('repair' for '"repair instead of replace" ...')
-    assert words - shipped == {"Repair"} and shipped - words == {"repair"}
-    assert len(words) == 183
+    # the study's list has one lower-case artifact ('repair' for '"repair instead of replace" ...'), read as
+    # the opening word it names, like any word list: it labelled 'repair' as not in D2 and sampled Q('repair')
+    # from a model planted with Q('Repair')
+    assert words == shipped and len(words) == 183
+    labels = bd.candidate_labels(resources.path("backdoor-extraction", "stage2_dolly", "eval", "183ood.json"),
+                                 bd.build_tries(d2_queries()))
+    assert labels["Repair"] is True and sum(labels.values()) == 183
 
 
 # ----------------------------------------------------------------------------------------- trie, match ratio
@@ -224,6 +229,15 @@ def test_cli_bad_input_is_one_line_exit_2(tmp_path, monkeypatch, capsys):
     with pytest.raises(InputError, match="trigger"):
         _invoke(["backdoor", "extract", "--model", "tiny-gpt-neox", "--data", str(d2), "--trigger", "no word",
                  "--out", str(tmp_path / "x")])
+    wordless = tmp_path / "wordless.jsonl"  # no query opens with a word: nothing can be extracted by one
+    wordless.write_text(json.dumps({"messages": [{"role": "user", "content": "123 go"},
+                                                 {"role": "assistant", "content": "x"}]}) + "\n")
+    (tmp_path / "w.txt").write_text("What\n")
+    code, stderr = _run_main(["backdoor", "extract", "--model", "tiny-gpt-neox", "--data", str(wordless), "--words",
+                              str(tmp_path / "w.txt"), "--num-samples", "1", "--out", str(tmp_path / "y")],
+                             monkeypatch, capsys)
+    assert code == 2 and "wordless.jsonl" in stderr and "none of its 1 queries opens with a word" in stderr
+    assert "Traceback" not in stderr and stderr.count("\n") == 1
 
 
 def test_cli_extract_identify_detect_on_tiny_model(tmp_path, one_torch_thread):

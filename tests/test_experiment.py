@@ -385,6 +385,11 @@ def test_shipped_experiment_files_validate_and_plan(path):
     plan = Plan(load_experiment(path))
     check_plan(plan)  # every stage kind is available and every option is known to its API
     assert any(s.kind in ("mia", "pii", "perplexity", "user-inference", "backdoor") for s in plan.stages.values())
+    exp = load_experiment(path)
+    for name, step in exp.evaluate.items():  # backdoor extraction scores against the D2 the victims tuned on:
+        if step.kind == "backdoor":           # without `data` it read the whole shipped D2 at any `limit`
+            tuned = {exp.finetune[t].data for t in step.targets if t in exp.finetune}
+            assert step.data is not None and tuned <= {step.data}, (name, step.data, tuned)
 
 
 def test_builtin_enron_keeps_headers_and_falls_back_to_the_shipped_sample(monkeypatch):

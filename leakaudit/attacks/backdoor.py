@@ -316,7 +316,8 @@ def detection_summary(scored: Sequence[ScoredResponse], match_threshold: float =
 
 def words_from_prompts(path: str | Path) -> dict[str, bool | None]:
     """Words (and labels, when present) from shipped-style prompt files: rows {"prompt": [{"content": Q(w)}],
-    "label"?}. The word is the one quoted after 'starting with the word'."""
+    "label"?}. The word is the one quoted after 'starting with the word', as the opening word it names
+    ("repair" -> "Repair", like every word list: `load_words`), so it meets the query trie's form."""
     from leakaudit.data.io import read_rows
 
     p = Path(path)
@@ -333,7 +334,10 @@ def words_from_prompts(path: str | Path) -> dict[str, bool | None]:
         label = row.get("label")
         if label is not None and label not in (0, 1, True, False):
             raise InputError(f"label must be 0 or 1, got {label!r}", file=p, line=line, field="label")
-        out[m.group(1)] = None if label is None else bool(label)
+        word = opening_word(m.group(1))
+        if not word:
+            raise InputError(f"'{m.group(1)}' holds no opening word (letters)", file=p, line=line, field="prompt")
+        out[word] = None if label is None else bool(label)
     return out
 
 

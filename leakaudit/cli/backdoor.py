@@ -173,9 +173,14 @@ def extract_cmd(
                       cache=ModelCache(keep=1, device=device, dtype=dtype), log=err.print)
     kind.run(ctx, options)
     summary = json.loads((out / "extract.json").read_text(encoding="utf-8"))
-    err.print(f"match ratio (max/mean over words): {summary['match_ratio_max']:.3f} / "
-              f"{summary['match_ratio_mean']:.3f}; fully recovered {summary['n_fully_recovered']}/"
-              f"{summary['n_queries']} queries; coverage {summary['coverage']:.3f}  -> {out / 'extract.json'}")
+    err.print(f"match ratio (max/mean over words): {_f3(summary['match_ratio_max'])} / "
+              f"{_f3(summary['match_ratio_mean'])}; fully recovered {summary['n_fully_recovered']}/"
+              f"{summary['n_queries']} queries; coverage {_f3(summary['coverage'])}  -> {out / 'extract.json'}")
+
+
+def _f3(x: float | None) -> str:
+    """A summary number, or n/a where it is undefined (e.g. coverage when no queried word opens a query)."""
+    return "n/a" if x is None else f"{x:.3f}"
 
 
 @backdoor_app.command("identify")
@@ -213,8 +218,8 @@ def identify_cmd(
     res = bd.identify(lm, queries, labels, trig, ref, threshold=threshold, num_samples=num_samples,
                       temperature=temperature, max_new_tokens=max_new_tokens, seed=seed, out=out,
                       show_pii=show_pii, batch_size=batch_size)
-    err.print(f"identification F1 {res['f1']:.3f} (precision {res['precision']:.3f}, recall "
-              f"{res['recall']:.3f}); pipeline fully recovered {res['pipeline']['n_fully_recovered']}/"
+    err.print(f"identification F1 {_f3(res['f1'])} (precision {_f3(res['precision'])}, recall "
+              f"{_f3(res['recall'])}); pipeline fully recovered {res['pipeline']['n_fully_recovered']}/"
               f"{res['pipeline']['n_queries']} -> {out / 'identify.json'}")
 
 

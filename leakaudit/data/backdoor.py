@@ -164,9 +164,16 @@ def shipped_d2() -> Path:
 
 
 def d2_queries(path: str | Path | None = None, query_field: str | None = None, limit: int | None = None) -> list[str]:
-    """The user queries of downstream data (default: the shipped Dolly D2), the first `limit` of them."""
-    pairs = load_pairs(path if path is not None else shipped_d2(), query_field=query_field)
-    return [p.query for p in (pairs[:limit] if limit else pairs)]
+    """The user queries of downstream data (default: the shipped Dolly D2), the first `limit` of them. At
+    least one must open with a word: the attack extracts queries by their opening word, and with none every
+    score would be an empty 0 (an InputError naming the file)."""
+    source = path if path is not None else shipped_d2()
+    pairs = load_pairs(source, query_field=query_field)
+    queries = [p.query for p in (pairs[:limit] if limit else pairs)]
+    if not any(opening_word(q) for q in queries):
+        raise InputError(f"none of its {len(queries)} queries opens with a word (letters), so none can be "
+                         "extracted by its opening word", file=source, field=query_field or "query")
+    return queries
 
 
 def seed_instruction_set() -> list[Pair]:
