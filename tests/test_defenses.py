@@ -245,3 +245,53 @@ def test_dp_sgd_resumes_after_a_kill_with_the_same_privacy_spent(tmp_path, monke
     assert [r["epoch"] for r in log if "epsilon" in r] == [1, 2]
     steps = [r["step"] for r in log if "loss" in r]
     assert steps == sorted(set(steps)) and steps[0] == 1
+
+
+def test_dp_sgd_refuses_options_its_loop_would_ignore():
+    """DP-SGD trains in its own Opacus loop; options it has no use for were silently ignored (a held-out split
+    never used, no warmup, checkpoints only per epoch, half an epoch trained as a whole one)."""
+    from pydantic import ValidationError
+
+    base = {"model": "tiny-gpt-neox", "data": "d.jsonl", "out": "o", "dp_epsilon": 8.0}
+    for extra, word in (({"early_stopping_patience": 1}, "early_stopping_patience"),
+                        ({"eval_fraction": 0.2}, "eval_fraction"), ({"warmup_steps": 5}, "warmup_steps"),
+                        ({"lr_scheduler": "cosine"}, "lr_scheduler"), ({"epochs": 0.5}, "whole epochs"),
+                        ({"save_steps": 1}, "checkpoints each epoch"), ({"method": "dora"}, "lora or full")):
+        with pytest.raises(ValidationError, match=word):
+            FinetuneConfig(**base, **extra)
+    FinetuneConfig(**base, epochs=2.0, lr_scheduler="linear")  # what the loop does is accepted
+    with pytest.raises(ValidationError, match="linear"):  # a bad name is a one-line error, not a traceback later
+        FinetuneConfig(**{**base, "dp_epsilon": None}, lr_scheduler="bogus")
+    assert FinetuneConfig(**{**base, "dp_epsilon": None}, max_grad_norm=0).max_grad_norm is None  # 0 = off
+
+
+def test_dp_sgd_refuses_layers_it_would_clip_per_token(tmp_path):
+    """OPT flattens batch and tokens before fc1/fc2: Opacus gives one gradient per token there and clipped
+    tokens, not examples, while privacy.json reported the epsilon. The first step refuses it."""
+    from leakaudit.errors import InputError
+
+    data = tmp_path / "d.jsonl"
+    data.write_text("".join(json.dumps({"text": f"Private row {i} says hello."}) + "\n" for i in range(8)))
+    for modules in ("fc1", "fc2"):
+        cfg = FinetuneConfig(model="tiny-opt", data=str(data), out=str(tmp_path / modules), method="lora",
+                             target_modules=modules, epochs=1, batch_size=4, gradient_accumulation=1,
+                             max_length=64, dp_epsilon=8.0)
+        with pytest.raises(InputError, match="clip per token, not per example, for " + modules) as err:
+            finetune(cfg, progress=False)
+        assert err.value.field == "--target-modules" and not (tmp_path / modules / "privacy.json").exists()
+
+
+def test_dp_privacy_report_gives_the_rate_opacus_accounts_at(tmp_path):
+    """n 10, batch 4: Opacus samples each example with probability 1/3 (1 / batches per epoch), not 0.4;
+    privacy.json gives that rate, and Opacus' accountant fed the report's own numbers gives its epsilon."""
+    from opacus.accountants import RDPAccountant
+
+    data = tmp_path / "d.jsonl"
+    data.write_text("".join(json.dumps({"text": f"Row {i} of the private set."}) + "\n" for i in range(10)))
+    cfg = FinetuneConfig(model="tiny-gpt-neox", data=str(data), out=str(tmp_path / "dp"), method="lora",
+                         epochs=2, batch_size=4, gradient_accumulation=1, learning_rate=1e-2, dp_epsilon=8.0)
+    report = json.loads((finetune(cfg, progress=False) / "privacy.json").read_text())
+    assert report["sample_rate"] == pytest.approx(1 / 3) and report["expected_batch_size"] == pytest.approx(10 / 3)
+    accountant = RDPAccountant()
+    accountant.history = [(report["noise_multiplier"], report["sample_rate"], report["steps"])]
+    assert accountant.get_epsilon(report["delta"]) == pytest.approx(report["epsilon"], rel=1e-9)

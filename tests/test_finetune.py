@@ -6,6 +6,7 @@ import json
 
 import pytest
 import torch
+from pydantic import ValidationError
 from safetensors.torch import load_file
 
 from leakaudit.errors import InputError
@@ -237,8 +238,10 @@ def test_fsdp_is_refused_where_it_cannot_run(plain_data, tmp_path):
     with pytest.raises(InputError, match="on CPU scale out with DDP") as err:
         finetune(_cfg(plain_data, tmp_path / "cpu", fsdp=True, device="cpu"), progress=False)
     assert err.value.field == "--fsdp" and not (tmp_path / "cpu").exists()
-    with pytest.raises(InputError, match="DP-SGD"):
-        finetune(_cfg(plain_data, tmp_path / "dp", fsdp=True, dp_epsilon=8.0), progress=False)
+    with pytest.raises(ValidationError, match="DP-SGD"):  # _cfg's save_steps is refused first: also ignored
+        _cfg(plain_data, tmp_path / "dp", fsdp=True, dp_epsilon=8.0)
+    with pytest.raises(ValidationError, match="DP-SGD"):
+        _cfg(plain_data, tmp_path / "dp", fsdp=True, dp_epsilon=8.0, save_steps=None)
     with pytest.raises(InputError, match="PiSSA"):
         finetune(_cfg(plain_data, tmp_path / "pissa", fsdp=True, method="pissa"), progress=False)
 

@@ -64,7 +64,8 @@ class FinetuneConfig(BaseModel):
     gradient_accumulation: int = Field(8, ge=1)
     weight_decay: float = Field(0.0, ge=0)
     warmup_steps: int = Field(0, ge=0)
-    lr_scheduler: str = "linear"
+    lr_scheduler: Literal["linear", "cosine", "cosine_with_restarts", "polynomial", "constant",
+                          "constant_with_warmup", "inverse_sqrt"] = "linear"  # those needing no extra arguments
     lora_r: int = Field(8, ge=1)
     lora_alpha: float = Field(16, gt=0)
     lora_dropout: float = Field(0.05, ge=0, lt=1)
@@ -100,6 +101,43 @@ class FinetuneConfig(BaseModel):
     def _split_modules(cls, v: Any) -> Any:
         if isinstance(v, str):
             return [m.strip() for m in v.split(",") if m.strip()] or None
+        return v
+
+    @field_validator("max_grad_norm", mode="before")
+    @classmethod
+    def _zero_clip_norm_is_off(cls, v: Any) -> Any:
+        """0 turns clipping off, as documented and as the CLI's --max-grad-norm 0 does."""
+        return None if v == 0 and not isinstance(v, bool) else v
+
+    @field_validator("dp_epsilon")
+    @classmethod
+    def _dp_runs_its_own_loop(cls, v: Any, info: ValidationInfo) -> Any:
+        """DP-SGD trains in its own Opacus loop: whole epochs, linear decay without warmup, no held-out data.
+        An option that loop would silently ignore is refused."""
+        if v is None:
+            return v
+        d = info.data
+        if d.get("method") in ("dora", "pissa"):
+            raise ValueError("DP-SGD supports method lora or full")
+        for name, ignored in (("early_stopping_patience", d.get("early_stopping_patience")),
+                              ("eval_fraction", d.get("eval_fraction")),
+                              ("warmup_steps", d.get("warmup_steps")),
+                              ("lr_scheduler", d.get("lr_scheduler", "linear") != "linear")):
+            if ignored:
+                raise ValueError(f"DP-SGD's training loop has no {name} (it decays the learning rate linearly "
+                                 "from the first step and holds nothing out): drop it or train without DP")
+        epochs = d.get("epochs")
+        if epochs is not None and epochs != int(epochs):
+            raise ValueError(f"DP-SGD trains whole epochs (its accountant counts Poisson-sampled epochs), not "
+                             f"{epochs:g}: use a whole number, or max_steps")
+        return v
+
+    @field_validator("save_steps", "fsdp")
+    @classmethod
+    def _not_with_dp(cls, v: Any, info: ValidationInfo) -> Any:
+        """DP-SGD checkpoints once per epoch in one process: these would be silently ignored."""
+        if v and info.data.get("dp_epsilon") is not None:
+            raise ValueError("not available with DP-SGD (dp_epsilon): it checkpoints each epoch, in one process")
         return v
 
     @model_validator(mode="before")
