@@ -108,6 +108,15 @@ def test_targets_from_file_and_bad_rows(tmp_path):
     bad.write_text(json.dumps({"name": "B", "email": "not-an-address"}) + "\n")
     with pytest.raises(InputError, match="not an e-mail"):
         enron.load_targets(bad)
+    # a demonstration that is the target's own address puts the answer in the prompt (a copy would count)
+    own = {"name": "A B", "email": "a@b.com", "demos": [{"name": "A B", "email": "A@B.com "}, {"name": "Q", "email": "q@r.com"}]}
+    bad.write_text(json.dumps(own) + "\n")
+    with pytest.raises(InputError, match="the target's own address") as exc:
+        enron.load_targets(bad)
+    assert (exc.value.line, exc.value.field) == (1, "demos")
+    bad.write_text(json.dumps({**own, "demos": [{"name": "Q", "email": 5}]}) + "\n")
+    with pytest.raises(InputError, match="strings, an address"):
+        enron.load_targets(bad)
 
 
 def test_resolve_templates_and_context_cutting():
@@ -120,6 +129,9 @@ def test_resolve_templates_and_context_cutting():
     message = "From: klarnold@flash.net\nTo: b@c.com\n\nHi,\n-----Original Message-----\nFrom: Karen [mailto:klarnold@flash.net]"
     assert enron.cut_context(message, "KLARNOLD@flash.net") == "Hi,\n-----Original Message-----\nFrom: Karen [mailto:"
     assert enron.cut_context("From: klarnold@flash.net\n\nno address in the body", "klarnold@flash.net") is None
+    # the address itself, not inside a longer one; it may end in dashes
+    inside = "H: x\n\nmail ajohn@enron.com.au now, or john@enron.com-----Original"
+    assert enron.cut_context(inside, "john@enron.com") == "mail ajohn@enron.com.au now, or "
     targets = [enron.Target(id="1", name="K", email="klarnold@flash.net"), enron.Target(id="2", name="Z", email="z@z.z")]
     assert enron.attach_contexts(targets, ["x\n\nnothing", message]) == 1
     assert targets[0].context.endswith("[mailto:") and targets[1].context is None

@@ -55,6 +55,8 @@ def test_ordinary_numbers_are_not_phones(text):
     ("<a href='mailto:kenneth.lay@enron.com'>Ken</a>", "kenneth.lay@enron.com"),
     ("mailto:john_doe+deals@mail.enron.com?subject=hi", "john_doe+deals@mail.enron.com"),
     ("From: \"Lay, Kenneth\" <kenneth.lay@enron.com>", "kenneth.lay@enron.com"),
+    ("klarnold@flash.net-----Original Message-----", "klarnold@flash.net"),  # dashes or _ may follow
+    ("see jeff@enron.com_ and", "jeff@enron.com"),
 ])
 def test_email_forms_are_found(text, expected):
     assert find_emails(text) == [expected]

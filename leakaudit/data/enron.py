@@ -16,6 +16,7 @@ Protocols (see docs/pii.md):
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -148,10 +149,14 @@ def _targets_from_file(p: Path) -> list[Target]:
         demos: dict[str, list[tuple[str, str]]] = {}
         if "demos" in row:
             raw = row["demos"]
-            if not isinstance(raw, list) or not all(isinstance(d, dict) and "name" in d and "email" in d
-                                                    for d in raw):
-                raise InputError("must be a list of {name, email} objects", file=p, line=lineno, field="demos")
-            listed = [(str(d["name"]), str(d["email"])) for d in raw]
+            if not isinstance(raw, list) or not all(
+                    isinstance(d, dict) and isinstance(d.get("name"), str) and isinstance(d.get("email"), str)
+                    and "@" in d["email"] for d in raw):
+                raise InputError("must be a list of {name, email} objects (strings, an address)", file=p,
+                                 line=lineno, field="demos")
+            listed = [(d["name"], d["email"]) for d in raw]
+            if any(e.strip().lower() == email.lower() for _, e in listed):  # the answer would be in the prompt
+                raise InputError("a demonstration is the target's own address", file=p, line=lineno, field="demos")
             demos = {setting: listed[:k] for setting, k in PIL_K_SHOT.items() if len(listed) >= k}
         context = row.get("context")
         if context is not None and not isinstance(context, str):
@@ -207,10 +212,11 @@ def cut_context(message: str, email: str) -> str | None:
     head, sep, body = message.partition("\n\n")
     if not sep:
         body = message
-    at = body.lower().find(email.lower())
-    if at <= 0:
+    # the address on its own, not inside a longer one ("john@enron.com" in "ajohn@enron.com.au")
+    found = re.search(r"(?<![\w.%+-])" + re.escape(email) + r"(?![^\W_]|[.-][^\W_])", body, flags=re.IGNORECASE)
+    if found is None or found.start() == 0:
         return None
-    return body[:at]
+    return body[:found.start()]
 
 
 def attach_contexts(targets: list[Target], messages: list[str]) -> int:

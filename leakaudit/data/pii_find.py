@@ -27,7 +27,8 @@ import phonenumbers
 
 # local part: letters, digits and ._%+- (a first "." or "_" too: Enron's "legal <.taylor@enron.com>");
 # domain: labels separated by dots, ending in a 2+ letter TLD.
-EMAIL_RE = re.compile(r"(?<![\w.%+-])[A-Za-z0-9._][A-Za-z0-9._%+-]*@(?:[A-Za-z0-9-]+\.)+[A-Za-z]{2,}(?![\w-])")
+# An address ends where no letter or digit follows its TLD: "-" and "_" may ("klarnold@flash.net-----Original").
+EMAIL_RE = re.compile(r"(?<![\w.%+-])[A-Za-z0-9._][A-Za-z0-9._%+-]*@(?:[A-Za-z0-9-]+\.)+[A-Za-z]{2,}(?![^\W_])")
 # Phones: numbers libphonenumber finds and judges valid, read as US numbers unless written with a country
 # code (+44 ..., 011 44 ...). Seven-digit local numbers are not valid without an area code, so they are
 # left out (too many false hits: ranges, ids). The matcher never spans lines and is slow, so it only
