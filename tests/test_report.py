@@ -281,3 +281,22 @@ def test_a_stage_file_changed_outside_leakaudit_is_a_one_line_error(tmp_path):
     path.write_bytes(b"\xff\n")
     with pytest.raises(InputError, match="not valid UTF-8"):
         read_jsonl(path)
+
+
+def test_pii_figures_draw_each_protocols_own_hits(monkeypatch):
+    """A PIL cell's hit is an exact match: 7 fuzzy matches but 1 exact hit of 10 targets is drawn as 0.1 (the
+    figure drew the fuzzy rate, 0.7, beside a headline of 0.1)."""
+    from leakaudit.kinds.pii import PiiResult
+    from leakaudit.report import plots
+
+    bars = []
+    real = plots.bars_figure
+    monkeypatch.setattr(plots, "bars_figure", lambda *a, **k: bars.append(a) or real(*a, **k))
+    rows = [{"template": "zero_shot-a", "temperature": 0.0, "matches": 7, "exact_matches": 1, "hits": 1,
+             "n_targets": 10}]
+    stage = StageView({"id": "evaluate/pii/m0", "kind": "pii", "folder": "evaluate/pii/m0",
+                       "params": {"target_label": "m0", "evaluation": "pii"}, "result": {"rows": rows}},
+                      Path("/nonexistent"))
+    section = PiiResult.section([stage])
+    assert bars[0][0] == {"m0": pytest.approx(0.1)}
+    assert section["tables"][0]["rows"][0][4:] == [1, 7, 1, 10]
