@@ -43,6 +43,7 @@ def _message(line: str) -> str:
 @pytest.mark.parametrize("kind, flags, options, flag, key", [
     ("pii", ["--templates", "A,Z"], "{templates: 'A,Z'}", "--templates", "templates"),
     ("pii", ["--temperatures", "0.5,-1"], "{temperatures: [0.5, -1]}", "--temperatures", "temperatures"),
+    ("pii", ["--temperatures", "0,greedy"], "{temperatures: [0, 0.0]}", "--temperatures", "temperatures"),
     ("pii", ["--samples-per-prompt", "0"], "{samples_per_prompt: 0}", "--samples-per-prompt", "samples_per_prompt"),
     ("backdoor", ["--trigger", "no word here"], "{trigger: no word here}", "--trigger", "trigger"),
     ("backdoor", ["--temperature", "0"], "{temperature: 0}", "--temperature", "temperature"),

@@ -38,6 +38,10 @@ def _temperatures(value: Any) -> Any:
         for t in value:
             if isinstance(t, (int, float)) and not isinstance(t, bool) and t < 0:
                 raise ValueError(f"temperature {t:g} is negative (0 means greedy)")
+        numbers = [float(t) for t in value if isinstance(t, (int, float)) and not isinstance(t, bool)]
+        twice = sorted({t for t in numbers if numbers.count(t) > 1})
+        if twice:  # one cell per temperature: a repeat would sample the same prompts twice under one id
+            raise ValueError(f"temperature {twice[0]:g} is given twice ('greedy' is 0)")
     return value
 
 
