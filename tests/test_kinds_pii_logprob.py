@@ -208,3 +208,16 @@ def test_rival_addresses_keep_their_spelling_and_are_distinct_without_case():
     target = SimpleNamespace(id="t0", email="ANN@corp.com")
     (cands,) = draw_candidates([target], pool, 10, seed=3)
     assert cands[0] == "ANN@corp.com" and sorted(cands[1:]) == ["Bob.Roe@Enron.com", "Cy.Doe@enron.com"]
+
+
+def test_a_top1_rate_with_every_target_alike_gets_an_exact_interval():
+    """No target ranked first: the bootstrap interval is [0, 0], as if 0 were known exactly; the rate's
+    Clopper-Pearson interval over the targets is given instead ([0, 0.3085] for 0 of 10)."""
+    from leakaudit.kinds.pii_logprob import OVERALL, summarize
+
+    ids, names = [f"t{i}" for i in range(10)], ["A"]
+    rows = [{"target": t, "template": "A", "logp": -float(i), "rank": 2} for i, t in enumerate(ids)]
+    out = summarize(rows, ids, names, seed=0)
+    for part in (out["A"], out[OVERALL]):
+        assert part["top1_rate"] == 0 and part["top1_rate_ci"] == [0.0, pytest.approx(0.30850, abs=1e-4)]
+        assert part["mean_logp_ci"][0] < part["mean_logp_ci"][1]  # a spread value keeps its bootstrap interval

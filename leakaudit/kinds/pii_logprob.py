@@ -168,6 +168,12 @@ def summarize(rows: list[dict[str, Any]], ids: list[str], names: list[str], seed
             v = pick(m[key])
             part[label] = float(v.mean())
             part[f"{label}_ci"] = _ci(lambda idx, v=v: float(v[idx].mean()), n, seed)
+            if key == "top1" and n and part[f"{label}_ci"] and part[f"{label}_ci"][0] == part[f"{label}_ci"][1]:
+                # every target alike (e.g. none ranked first): the bootstrap has no width; a rate's exact
+                # interval over the n targets does (as the pii kind's grid mean falls back to)
+                from leakaudit.metrics import binomial_ci
+
+                part[f"{label}_ci"] = [float(x) for x in binomial_ci(round(part[label] * n), n)]
             if b is not None:
                 d = v - pick(b[key])
                 part[f"{label}_baseline"] = float(pick(b[key]).mean())
