@@ -103,17 +103,44 @@ class ScoreOptions:
 
 # ----------------------------------------------------------------------------------------- cache
 class ScoreCache:
-    """SQLite store of TokenScores keyed by sha256(model fingerprint, options, prefix, text)."""
+    """SQLite store of TokenScores keyed by sha256(model fingerprint, options, prefix, text).
+
+    A cache is only an accelerator: a file that is not a readable database (cut short, overwritten) is moved
+    aside to `scores.sqlite.corrupt` and rebuilt, and a row whose values cannot be scores (a cut blob,
+    moments of another length, a positive or non-finite log p) is a miss, scored again and overwritten."""
 
     def __init__(self, path: Path | None = None):
         self.path = Path(path) if path else cache_dir() / "scores.sqlite"
         self.path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            self._open()
+        except sqlite3.DatabaseError as exc:
+            if isinstance(exc, sqlite3.OperationalError):  # locked, no disk space: not the file's content
+                raise
+            self._rebuild(exc)
+
+    def _open(self) -> None:
         self._conn = sqlite3.connect(str(self.path), timeout=120)
-        with contextlib.suppress(sqlite3.OperationalError):
-            self._conn.execute("PRAGMA journal_mode=WAL")
-        self._conn.execute("CREATE TABLE IF NOT EXISTS scores (key TEXT PRIMARY KEY, logp BLOB NOT NULL,"
-                           " mu BLOB, var BLOB)")
-        self._conn.commit()
+        try:
+            with contextlib.suppress(sqlite3.OperationalError):
+                self._conn.execute("PRAGMA journal_mode=WAL")
+            self._conn.execute("CREATE TABLE IF NOT EXISTS scores (key TEXT PRIMARY KEY, logp BLOB NOT NULL,"
+                               " mu BLOB, var BLOB)")
+            self._conn.commit()
+        except sqlite3.DatabaseError:
+            self._conn.close()
+            raise
+
+    def _rebuild(self, exc: sqlite3.DatabaseError) -> None:
+        with contextlib.suppress(sqlite3.Error, AttributeError):
+            self._conn.close()
+        aside = self.path.with_name(self.path.name + ".corrupt")
+        os.replace(self.path, aside)
+        for extra in ("-wal", "-shm"):  # the write-ahead log of the broken file belongs to it
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(self.path.with_name(self.path.name + extra))
+        warn_once(f"score cache {self.path} was unreadable ({exc}): moved to {aside.name}, scoring again")
+        self._open()
 
     @staticmethod
     def make_key(fingerprint: str, options: ScoreOptions, prefix: str | None, text: str) -> str:
@@ -126,27 +153,58 @@ class ScoreCache:
 
     def get_many(self, keys: Sequence[str], need_moments: bool) -> dict[str, TokenScores]:
         found: dict[str, TokenScores] = {}
-        for start in range(0, len(keys), 500):
-            chunk = list(keys[start:start + 500])
-            marks = ",".join("?" * len(chunk))
-            for key, lp, mu, var in self._conn.execute(f"SELECT key, logp, mu, var FROM scores WHERE key IN ({marks})",
-                                                       chunk):
-                if need_moments and mu is None:
-                    continue
-                found[key] = TokenScores(np.frombuffer(lp, dtype=np.float32).copy(),
-                                         None if mu is None else np.frombuffer(mu, dtype=np.float32).copy(),
-                                         None if var is None else np.frombuffer(var, dtype=np.float32).copy())
+        try:
+            for start in range(0, len(keys), 500):
+                chunk = list(keys[start:start + 500])
+                marks = ",".join("?" * len(chunk))
+                for key, lp, mu, var in self._conn.execute(
+                        f"SELECT key, logp, mu, var FROM scores WHERE key IN ({marks})", chunk):
+                    if need_moments and mu is None:
+                        continue
+                    scores = _stored_scores(lp, mu, var)
+                    if scores is None:
+                        warn_once(f"score cache {self.path}: a row holds no valid scores; scoring its text again")
+                        continue
+                    found[key] = scores
+        except sqlite3.DatabaseError as exc:
+            if isinstance(exc, sqlite3.OperationalError):
+                raise
+            self._rebuild(exc)
+            return {}
         return found
 
     def put_many(self, items: Sequence[tuple[str, TokenScores]]) -> None:
         rows = [(k, s.logp.astype(np.float32).tobytes(),
                  None if s.mu is None else s.mu.astype(np.float32).tobytes(),
                  None if s.var is None else s.var.astype(np.float32).tobytes()) for k, s in items]
-        self._conn.executemany("INSERT OR REPLACE INTO scores VALUES (?, ?, ?, ?)", rows)
-        self._conn.commit()
+        try:
+            self._conn.executemany("INSERT OR REPLACE INTO scores VALUES (?, ?, ?, ?)", rows)
+            self._conn.commit()
+        except sqlite3.DatabaseError as exc:
+            if isinstance(exc, sqlite3.OperationalError):
+                raise
+            self._rebuild(exc)
+            self._conn.executemany("INSERT OR REPLACE INTO scores VALUES (?, ?, ?, ?)", rows)
+            self._conn.commit()
 
     def close(self) -> None:
         self._conn.close()
+
+
+def _stored_scores(lp: Any, mu: Any, var: Any) -> TokenScores | None:
+    """A cache row's blobs as TokenScores, or None when they cannot be scores: bytes that are not whole
+    float32s, moments of another length than log p (or only one of them), a log p above 0 or not finite, a
+    negative variance."""
+    if not isinstance(lp, bytes) or len(lp) % 4 or (mu is None) != (var is None):
+        return None
+    if mu is not None and not (isinstance(mu, bytes) and isinstance(var, bytes) and len(mu) == len(var) == len(lp)):
+        return None
+    logp = np.frombuffer(lp, dtype=np.float32).copy()
+    m = None if mu is None else np.frombuffer(mu, dtype=np.float32).copy()
+    v = None if var is None else np.frombuffer(var, dtype=np.float32).copy()
+    if not np.isfinite(logp).all() or (logp > 1e-4).any() or (v is not None and (v < -1e-4).any()):
+        return None
+    return TokenScores(logp, m, v)
 
 
 # ----------------------------------------------------------------------------------------- segments

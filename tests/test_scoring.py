@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 
 import numpy as np
 import pytest
@@ -329,6 +330,32 @@ def test_cache_hit_does_not_call_model(tiny_neox, tmp_path, monkeypatch):
     # Different options are a different key: this must compute (and hit the patched function).
     with pytest.raises(AssertionError, match="cache hit"):
         score_texts(tiny_neox, TEXTS, max_length=32, cache=store)
+
+
+def test_a_broken_cache_file_or_row_is_rebuilt_not_trusted(tiny_neox, tmp_path):
+    """A cache is an accelerator: a file cut short or overwritten (a raw sqlite3.DatabaseError before) is
+    moved aside and rebuilt; a row whose values cannot be scores (a cut blob, a positive log p) is a miss,
+    scored again, never handed to the attacks."""
+    import sqlite3
+
+    path = tmp_path / "c.sqlite"
+    fresh = score_texts(tiny_neox, TEXTS, moments=True, cache=False, progress=False)
+    store = ScoreCache(path)
+    score_texts(tiny_neox, TEXTS, moments=True, cache=store, progress=False)
+    store.close()
+    path.write_bytes(os.urandom(100))
+    store = ScoreCache(path)
+    again = score_texts(tiny_neox, TEXTS, moments=True, cache=store, progress=False)
+    store.close()
+    assert all(np.array_equal(a.logp, b.logp) for a, b in zip(again, fresh, strict=True))
+    assert (tmp_path / "c.sqlite.corrupt").exists()
+    with sqlite3.connect(str(path)) as conn:
+        keys = [k for (k,) in conn.execute("SELECT key FROM scores")]
+        conn.execute("UPDATE scores SET logp = ? WHERE key = ?", (np.array([1.0, 2.0], np.float32).tobytes(), keys[0]))
+        conn.execute("UPDATE scores SET logp = ? WHERE key = ?", (b"abc", keys[1]))
+    again = score_texts(tiny_neox, TEXTS, moments=True, cache=ScoreCache(path), progress=False)
+    assert all(np.array_equal(a.logp, b.logp) and np.array_equal(a.var, b.var)
+               for a, b in zip(again, fresh, strict=True))
 
 
 def test_a_separator_inside_prefix_or_text_is_not_a_cache_collision(tiny_neox, tmp_path):
