@@ -543,6 +543,12 @@ def score_texts(
             raise ValueError("prefixes must match texts in length")
     window = fit_window(lm, max_length)
     step = stride or max(1, window // 2)
+    if step >= window and window == lm.max_length and window > 1:
+        # the window is this model's whole context: the stride was meant for a longer one (a target's, when this
+        # is a reference with a shorter context), and refusing it here would come after the target's pass
+        warn_once(f"--stride {step} does not fit the {window}-token context of {lm.spec}: scoring it with "
+                  f"stride {window // 2}")
+        step = window // 2
     if not 0 < step < window:
         raise InputError(f"stride must be between 1 and max length - 1 ({window - 1})", field="--stride")
     if batch_size != "auto":

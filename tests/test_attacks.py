@@ -91,6 +91,22 @@ def test_ref_across_tokenizers_by_hand(tiny_neox, tiny_opt):
     assert np.allclose(score("ref", tiny_neox, reference=tiny_opt), want, rtol=1e-5, atol=1e-6)
 
 
+def test_a_stride_for_the_target_fits_a_reference_with_a_shorter_context(tiny_neox, capsys):
+    """--stride 100 suits the target's 256-token context; a reference of 64 tokens scores with its own half
+    window (a warning) instead of refusing the stride after the whole target pass."""
+    import dataclasses
+
+    short = copy.deepcopy(tiny_neox.model)
+    short.config.max_position_embeddings = 64
+    reference = dataclasses.replace(tiny_neox, model=short, spec="short-ref", fingerprint="short-ref")
+    long_text = " ".join(TEXTS * 6)  # longer than 64 tokens: the reference needs its windows
+    report = run_mia(tiny_neox, [long_text, TEXTS[0]], TEXTS[1:3], ["loss", "ref"], reference=reference,
+                     stride=100, n_bootstrap=0, **NO_CACHE)
+    assert "--stride 100 does not fit the 64-token context of short-ref: scoring it with stride 32" \
+        in capsys.readouterr().err
+    assert np.isfinite(report.scores["ref"]).all()
+
+
 def test_lowercase_by_hand(tiny_neox):
     want = [-hand(tiny_neox, t.lower())["logp"].mean() / -hand(tiny_neox, t)["logp"].mean() for t in TEXTS]
     assert np.allclose(score("lowercase", tiny_neox), want, rtol=1e-5)
