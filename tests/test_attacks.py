@@ -285,6 +285,9 @@ def test_mia_cli_writes_design_outputs(tmp_path, monkeypatch, capsys):
     assert all(set(r) == {"id", "label", "loss", "min_k", "recall"} for r in rows)
     assert (tmp_path / "out" / "roc.png").stat().st_size > 1000
     assert "recall: the first 2 non-members" in err
+    # the low-FPR warning is printed (once for all attacks) and the table says what an n/a needs
+    assert err.count("warning: only 4 non-members: TPR at FPR 0.01 needs at least 100 to be resolved") == 1
+    assert "n/a (needs" in err  # the table cell (wrapped to its column)
 
 
 @pytest.mark.parametrize("rows,args,expect", [

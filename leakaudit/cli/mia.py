@@ -40,8 +40,11 @@ def _context(out: Path, ins: list, outs: list, src_in: Path, src_out: Path, mode
                        cache=ModelCache(device=device, dtype=dtype, allow_pickle=allow_pickle), log=_say)
 
 
-def _summary(title: str, metrics: dict[str, dict]) -> None:
-    """The ROC numbers of each attack (or each m) as they appear in mia.json / user_inference.json."""
+def _summary(title: str, metrics: dict[str, dict], unit: str = "non-members") -> None:
+    """The ROC numbers of each attack (or each m) as they appear in mia.json / user_inference.json; a TPR at
+    a low FPR the negatives cannot resolve says how many it needs."""
+    from leakaudit.metrics import tpr_text
+
     table = Table(title=title)
     for col in ("", "AUC", "95% CI", "TPR@1%FPR", "TPR@0.1%FPR", "advantage"):
         table.add_column(col)
@@ -51,9 +54,9 @@ def _summary(title: str, metrics: dict[str, dict]) -> None:
 
     for name, m in metrics.items():
         ci = m.get("auc_ci") or [None, None]
-        tpr = m.get("tpr_at_fpr") or {}
-        table.add_row(name, f(m["auc"]), f"[{f(ci[0])}, {f(ci[1])}]", f(tpr.get("0.01")), f(tpr.get("0.001")),
-                      f(m.get("advantage")))
+        tpr, needs = m.get("tpr_at_fpr") or {}, m.get("tpr_needs_nonmembers") or {}
+        table.add_row(name, f(m["auc"]), f"[{f(ci[0])}, {f(ci[1])}]",
+                      *(tpr_text(tpr.get(k), needs.get(k), unit) for k in ("0.01", "0.001")), f(m.get("advantage")))
     err.print(table)
 
 
@@ -173,7 +176,8 @@ def user_inference(
     res = kind.run(ctx, options).to_json()
     if not is_main():
         return
-    _summary(f"user inference on {target} (samples per user m)", {f"m={m}": r for m, r in res["per_m"].items()})
+    _summary(f"user inference on {target} (samples per user m)", {f"m={m}": r for m, r in res["per_m"].items()},
+             "held-out users")
     _say(f"wrote {out / 'user_inference.json'}, user_scores.jsonl, roc_users.png")
 
 

@@ -183,6 +183,8 @@ class Mia(Kind):
             write_jsonl(ctx.out / "scores.jsonl", report.rows([r.id for r in members], [r.id for r in nonmembers]))
             plot_roc(report.metrics, ctx.out / "roc.png", title=f"membership inference: {ctx.models.get('target')}")
             write_json(ctx.out / "mia.json", data)
-            for w in data["warnings"]:
+            # the run's warnings, then each attack's (the same low-FPR warning for every attack: said once)
+            said = dict.fromkeys([*data["warnings"], *(w for m in report.metrics.values() for w in m.warnings)])
+            for w in said:
                 ctx.log(f"warning: {w}")
         return MiaResult(data)
