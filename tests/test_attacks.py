@@ -307,3 +307,11 @@ def test_mia_cli_bad_input_is_one_line_exit_2(tmp_path, monkeypatch, capsys, row
     lines = err.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: ") and expect in lines[0], err
     assert "Traceback" not in err
+
+
+def test_min_k_takes_the_floor_of_k_times_t_as_written():
+    """⌊0.29 · 100⌋ = 29 lowest values; int(0.29 * 100) was 28 (the product is 28.999999999999996)."""
+    from leakaudit.attacks.mia import _lowest_k_mean
+
+    assert _lowest_k_mean(np.arange(100.0), 0.29) == pytest.approx(14.0)  # mean of 0..28
+    assert _lowest_k_mean(np.arange(100.0), 0.2) == pytest.approx(9.5) and _lowest_k_mean(np.arange(3.0), 0.2) == 0

@@ -24,8 +24,9 @@ REFERENCE_FREE = ("loss", "zlib", "min_k", "min_k_pp")
 
 
 def _lowest_k_mean(values: np.ndarray, k: float) -> float:
-    """Mean of the max(1, floor(k*T)) smallest of T values."""
-    n = max(1, int(k * len(values)))
+    """Mean of the max(1, floor(k*T)) smallest of T values (floor of the product as written: 0.29 * 100 is
+    28.999999999999996 in floating point, and int() of it took 28 values, not 29)."""
+    n = max(1, math.floor(k * len(values) + 1e-9))
     return float(np.sort(values.astype(np.float64))[:n].mean())
 
 
