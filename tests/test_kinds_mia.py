@@ -65,6 +65,8 @@ def _message(err: str) -> str:
      ("--k", "evaluate.m.options.attack_options.min_k.k")),
     (["--attacks", "loss,ref"], "{attacks: [loss, ref]}", ("--attacks", "evaluate.m.options.attacks[1]")),
     (["--attacks", "loss,loss"], "{attacks: [loss, loss]}", ("--attacks", "evaluate.m.options.attacks")),
+    (["--max-length", "16", "--stride", "16"], "{max_length: 16, stride: 16}",
+     ("--stride", "evaluate.m.options.stride")),  # refused before any scoring, as scoring itself would
 ])
 def test_cli_and_experiment_refuse_a_bad_option_alike(study, monkeypatch, capsys, cli_args, option, where):
     code, cli_err = _main(["mia", "--target", "tiny-gpt-neox", "--data", study / "data.jsonl", "--out",

@@ -152,8 +152,8 @@ class Mia(Kind):
         for name in options.attack_options:
             if name not in names:
                 raise OptionError(("attack_options", name), f"attack '{name}' is not run")
-        if options.max_length is not None and options.stride is not None and options.stride > options.max_length:
-            raise OptionError(("stride",), f"{options.stride} is larger than max_length {options.max_length}")
+        if options.max_length is not None and options.stride is not None and options.stride >= options.max_length:
+            raise OptionError(("stride",), f"stride must be between 1 and max length - 1 ({options.max_length - 1})")
 
     def run(self, ctx: KindContext, options: MiaOptions) -> MiaResult:
         from leakaudit.attacks.mia import TooShortError, run_mia
