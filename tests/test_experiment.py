@@ -462,6 +462,48 @@ def test_fixed_seed_steps_are_shared_across_seeds_and_reused(tmp_path):
     assert set(again.values()) == {"cached"}  # reused stages are this run's own from now on
 
 
+def test_a_kill_mid_copy_or_mid_delete_never_leaves_a_stage_that_reads_as_finished(tmp_path, monkeypatch):
+    """A `--reuse` copy killed after stage.json (often copied first), or a stale folder's deletion killed
+    after its outputs went but before its marker, was taken as finished on the next run, outputs missing."""
+    import shutil
+
+    from leakaudit.experiment import engine, plan
+
+    cfg = yaml.safe_load(SMALL)
+    cfg["evaluate"] = {}
+    exp = parse_experiment(yaml.safe_dump(cfg))
+    run_experiment(exp, tmp_path / "s0", log=_quiet, report=False)
+
+    def killed_copy(src, dest, **kw):
+        Path(dest).mkdir(parents=True)
+        shutil.copy(Path(src) / "stage.json", Path(dest) / "stage.json")
+        raise KeyboardInterrupt
+
+    with monkeypatch.context() as m:
+        m.setattr(engine.shutil, "copytree", killed_copy)
+        with pytest.raises(KeyboardInterrupt):
+            run_experiment(exp, tmp_path / "s1", log=_quiet, report=False, reuse=tmp_path / "s0")
+    status = run_experiment(exp, tmp_path / "s1", log=_quiet, report=False)
+    assert status["data/emails"] == "ran" and (tmp_path / "s1/data/emails/members.jsonl").exists()
+
+    model = tmp_path / "s0/finetune/real/model"
+    real_rmtree = shutil.rmtree
+
+    def killed_delete(path, *a, **kw):  # the outputs go, the kill comes before the folder itself
+        for child in Path(path).iterdir():
+            real_rmtree(child) if child.is_dir() else child.unlink()
+        raise KeyboardInterrupt
+
+    changed = yaml.safe_load(yaml.safe_dump(cfg))
+    changed["finetune"]["real"]["options"]["learning_rate"] = 0.02
+    with monkeypatch.context() as m:
+        m.setattr(plan.shutil, "rmtree", killed_delete)
+        with pytest.raises(KeyboardInterrupt):
+            run_experiment(parse_experiment(yaml.safe_dump(changed)), tmp_path / "s0", log=_quiet, report=False)
+    status = run_experiment(exp, tmp_path / "s0", log=_quiet, report=False)  # back to the first options
+    assert status["finetune/real"] == "ran" and (model / "adapter_model.safetensors").exists()
+
+
 def test_reuse_needs_a_run_dir(tmp_path):
     with pytest.raises(InputError, match="not a run dir"):
         run_experiment(parse_experiment(SMALL), tmp_path / "out", log=_quiet, reuse=tmp_path / "missing")

@@ -14,7 +14,7 @@ from leakaudit.config import ConfigError, Experiment
 from leakaudit.data.io import link_or_copy, write_json
 from leakaudit.errors import InputError
 from leakaudit.experiment.checks import check_plan, prepare_out, resolve_models, stage_roles
-from leakaudit.experiment.plan import Plan, remove_stale, stage_dir
+from leakaudit.experiment.plan import Plan, inside, remove_stale, stage_dir
 from leakaudit.experiment.stages import RUNNERS, StageContext, run_kind_stage
 from leakaudit.kinds.base import ModelCache
 
@@ -42,8 +42,13 @@ def reuse_stage(source: Path, stage_folder: str, key: str, out: Path, dest: Path
         return None
     if dest.exists() or dest.is_symlink():
         remove_stale(out, dest)  # the engine's one deleting path, which refuses anything outside --out
-
-    shutil.copytree(src, dest, copy_function=link_or_copy)
+    # copied beside it, then renamed: a kill mid-copy never leaves a folder whose stage.json (often copied
+    # first) says finished while its outputs are missing
+    partial = inside(out, dest.with_name(dest.name + ".reusing"))
+    if partial.exists() or partial.is_symlink():
+        remove_stale(out, partial)
+    shutil.copytree(src, partial, copy_function=link_or_copy)
+    partial.rename(dest)
     return done
 
 

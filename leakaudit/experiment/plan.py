@@ -60,11 +60,14 @@ def inside(out: Path, path: Path) -> Path:
 
 def remove_stale(out: Path, path: Path) -> None:
     """Delete the outputs of an older version of a stage: the one place the engine deletes a folder, and
-    only ever one inside `out`."""
+    only ever one inside `out`. Its finished marker goes first, so a kill halfway through the deletion never
+    leaves a folder that reads as finished."""
     inside(out, path)
     if path.is_symlink() or not path.is_dir():
         path.unlink()
     else:
+        for marker in ("stage.json", ".key"):
+            (path / marker).unlink(missing_ok=True)
         shutil.rmtree(path)
 
 
