@@ -149,7 +149,7 @@ def test_a_stage_folder_linked_out_of_out_is_refused_before_any_stage(tmp_path, 
     victim = tmp_path / "victim"
     victim.mkdir()
     (out / "data").mkdir(parents=True)
-    (out / "run.json").write_text("{}")  # an earlier run's folder, tampered with
+    (out / "run.json").write_text(json.dumps({"experiment": {"name": "hostile"}, "stages": []}))  # an earlier run, tampered with
     (out / "data" / "d").symlink_to(victim, target_is_directory=True)
     code, err = _run_main(["run", str(cfg), "--out", str(out), "--no-report"], monkeypatch, capsys)
     assert code == 2 and err.count("\n") == 1 and "outside the output dir" in err
@@ -216,6 +216,24 @@ def test_a_folder_holding_other_files_is_refused_as_out(tmp_path, monkeypatch, c
     code, err = _run_main(["run", str(cfg), "--out", str(cfg.parent), "--no-report"], monkeypatch, capsys)
     assert code == 2 and err.count("\n") == 1 and "is not a leakaudit run (no run.json)" in err
     assert sorted(p.name for p in cfg.parent.iterdir()) == before
+
+
+def test_out_holding_a_fake_or_another_experiments_run_is_refused_before_anything_is_deleted(
+        tmp_path, monkeypatch, capsys):
+    """A run.json is what makes --out deletable: an empty '{}' or another experiment's run is refused (the
+    user's file inside what would be a stage folder was deleted, another run's stages replaced)."""
+    cfg, _ = _setup(tmp_path, _experiment())
+    out = tmp_path / "u"
+    (out / "data" / "d").mkdir(parents=True)
+    (out / "data" / "d" / "notes.txt").write_text("precious")
+    (out / "run.json").write_text("{}")
+    code, err = _run_main(["run", str(cfg), "--out", str(out), "--no-report"], monkeypatch, capsys)
+    assert code == 2 and err.count("\n") == 1 and "not a leakaudit run record" in err, err
+    assert (out / "data" / "d" / "notes.txt").read_text() == "precious"
+    (out / "run.json").write_text(json.dumps({"experiment": {"name": "other"}, "stages": []}))
+    code, err = _run_main(["run", str(cfg), "--out", str(out), "--no-report"], monkeypatch, capsys)
+    assert code == 2 and "holds a run of experiment 'other'" in err, err
+    assert (out / "data" / "d" / "notes.txt").exists()
 
 
 def test_grid_values_cannot_make_folders_outside_out(tmp_path):
@@ -348,7 +366,7 @@ def test_unwritable_out_is_refused_before_any_stage(tmp_path, monkeypatch, capsy
 def test_a_file_where_a_stage_folder_goes_is_refused_before_any_stage(tmp_path, monkeypatch, capsys):
     cfg, out = _setup(tmp_path, _experiment())
     out.mkdir()
-    (out / "run.json").write_text("{}")  # an earlier run's folder, tampered with
+    (out / "run.json").write_text(json.dumps({"experiment": {"name": "hostile"}, "stages": []}))  # an earlier run, tampered with
     (out / "evaluate").write_text("not a folder")
     code, err = _run_main(["run", str(cfg), "--out", str(out), "--no-report"], monkeypatch, capsys)
     assert code == 2 and err.count("\n") == 1

@@ -72,6 +72,8 @@ def prepare_out(plan: Plan, out: Path) -> None:
         # `--out /`, a home folder or the experiment's own folder: stages would write among unrelated files
         raise InputError("holds files and is not a leakaudit run (no run.json); use a new or empty folder",
                          file=out, field="--out")
+    if (out / "run.json").exists():  # stale stage folders of the run there get deleted: it must be this one's
+        _check_earlier_run(out / "run.json", plan.exp.name)
     try:
         out.mkdir(parents=True, exist_ok=True)
         probe = out / f".write-test-{os.getpid()}"
@@ -85,6 +87,25 @@ def prepare_out(plan: Plan, out: Path) -> None:
             q = out / p
             if q != out and q.exists() and not q.is_dir():
                 raise InputError("exists and is not a directory (a stage folder goes here)", file=q, field="--out")
+
+
+def _check_earlier_run(record: Path, name: str) -> None:
+    """`--out` may hold an earlier run of this experiment (edited: its stale stages are replaced); a run.json
+    that is not a leakaudit run record, or one of another experiment, is refused before anything is deleted."""
+    try:
+        run = json.loads(record.read_text(encoding="utf-8"))
+        earlier = run["experiment"]["name"]
+        if not isinstance(run.get("stages"), (list, dict)) or not isinstance(earlier, str):
+            raise TypeError
+    except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError):
+        raise InputError("holds a run.json that is not a leakaudit run record; use a new or empty folder",
+                         file=record.parent, field="--out") from None
+    from leakaudit.data.pii_find import mask_pii
+
+    if earlier not in (name, mask_pii(name)):  # run.json is masked: a digit run in a name may read as a phone
+        raise InputError(f"holds a run of experiment '{earlier}', not '{name}': rerunning here would replace its "
+                         "stages; use a new folder (--reuse it to copy the stages they share)",
+                         file=record.parent, field="--out")
 
 
 def _option_loc(stage: Stage, key: Any, section: str = "options", *sub: Any) -> tuple[Any, ...]:
