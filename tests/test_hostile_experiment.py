@@ -413,3 +413,20 @@ def test_early_stopping_without_eval_fraction_holds_out_data_in_both_front_ends(
     assert config.eval_fraction == 0.1
     assert FinetuneConfig(model="m", data="d", out="o", early_stopping_patience=2, eval_fraction=0.2).eval_fraction == 0.2
     assert FinetuneConfig(model="m", data="d", out="o").eval_fraction == 0.0
+
+
+@pytest.mark.parametrize("extra, key", [
+    ("    options: {data: other.jsonl}\n", "finetune.ft.options.data"),
+    ("    options: {out: elsewhere}\n", "finetune.ft.options.out"),
+    ("    defenses: {model: tiny-opt}\n", "finetune.ft.defenses.model"),
+    ("    grid: {data: [a, b]}\n", "finetune.ft.grid.data"),
+])
+def test_a_finetune_option_naming_the_steps_own_key_is_one_line(tmp_path, extra, key):
+    """`options: {data: ...}` gave FinetuneConfig the value twice: a TypeError traceback, exit 1."""
+    from leakaudit.config import load_experiment
+    from leakaudit.experiment import Plan, check_plan
+
+    cfg, _ = _setup(tmp_path, _experiment() + "finetune:\n  ft:\n    model: base\n    data: d.a\n" + extra)
+    with pytest.raises(InputError) as err:
+        check_plan(Plan(load_experiment(cfg)))
+    assert err.value.field == key and "is set by" in err.value.message and err.value.line is not None

@@ -169,6 +169,11 @@ def _finetune_config(stage: Stage, out: str) -> Any:
     from leakaudit.train.finetune import FinetuneConfig as config_cls
     p = stage.params
     fields = {**p["options"], **p["defenses"]}
+    for key in ("model", "data", "method", "out"):  # the step's own keys (and --out): FinetuneConfig raised a
+        if key in fields:                            # TypeError for a value given twice
+            section = "defenses" if key in p["defenses"] else "options"
+            where = "--out" if key == "out" else f"the step's own `{key}`"
+            raise ConfigError(_option_loc(stage, key, section), f"'{key}' is set by {where}, not as an option")
     fields.setdefault("seed", p.get("seed", 0))
     try:
         return config_cls(model=p.get("model_path") or p["model"].get("spec", "-").split("#", 1)[0],
