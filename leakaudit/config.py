@@ -103,6 +103,8 @@ class DatasetSpec(Strict):
     @model_validator(mode="after")
     def _unions(self) -> DatasetSpec:
         for name, parts in self.unions.items():
+            if name == "all":
+                raise ValueError("union 'all' would be the whole dataset's file (all.jsonl); name it otherwise")
             if name in self.split:
                 raise ValueError(f"union '{name}' clashes with the split part of that name")
             unknown = [p for p in parts if p not in self.split]
@@ -133,6 +135,8 @@ class DatasetSpec(Strict):
     @field_validator("split")
     @classmethod
     def _fractions(cls, v: dict[str, float]) -> dict[str, float]:
+        if "all" in v:  # a part named 'all' overwrote all.jsonl, which `dataset` (no part) reads
+            raise ValueError("part 'all' is the whole dataset (all.jsonl); name the part otherwise")
         for name, frac in v.items():
             if not 0 < frac <= 1:
                 raise ValueError(f"fraction of '{name}' must be in (0, 1], got {frac}")

@@ -430,3 +430,17 @@ def test_a_finetune_option_naming_the_steps_own_key_is_one_line(tmp_path, extra,
     with pytest.raises(InputError) as err:
         check_plan(Plan(load_experiment(cfg)))
     assert err.value.field == key and "is set by" in err.value.message and err.value.line is not None
+
+
+@pytest.mark.parametrize("parts, key", [
+    ("    split: {all: 0.25, rest: 0.75}\n", "datasets.d.split"),
+    ("    split: {a: 0.5, b: 0.5}\n    unions: {all: [a, b]}\n", "datasets.d"),
+])
+def test_a_part_named_all_is_refused(tmp_path, parts, key):
+    """'all.jsonl' is the whole dataset (a reference without a part): a part or union named 'all' overwrote it."""
+    from leakaudit.config import parse_experiment
+
+    text = "name: x\nmodels: {base: tiny-gpt-neox}\ndatasets:\n  d:\n    builtin: enron-sample\n" + parts
+    with pytest.raises(InputError, match="'all'") as err:
+        parse_experiment(text, "exp.yaml")
+    assert err.value.field.startswith(key) and err.value.line is not None
