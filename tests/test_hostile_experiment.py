@@ -444,3 +444,18 @@ def test_a_part_named_all_is_refused(tmp_path, parts, key):
     with pytest.raises(InputError, match="'all'") as err:
         parse_experiment(text, "exp.yaml")
     assert err.value.field.startswith(key) and err.value.line is not None
+
+
+@pytest.mark.parametrize("grid", ["{n_bootstrap: [20, 20]}", "{n_bootstrap: [20, \"20\"]}",
+                                  "{attacks: [\"loss,zlib\", \"loss, zlib\"]}"])
+def test_grid_variants_that_are_one_stage_or_share_a_folder_are_refused(tmp_path, grid):
+    """A value given twice silently became one variant; labels differing only in characters a folder name
+    cannot hold shared one folder and overwrote each other on every run."""
+    from leakaudit.config import load_experiment
+    from leakaudit.experiment import Plan
+
+    text = _experiment().replace("    options:\n      {attacks: [loss, zlib]}\n", f"    grid: {grid}\n")
+    cfg, _ = _setup(tmp_path, text)
+    with pytest.raises(InputError, match="give each value once") as err:
+        Plan(load_experiment(cfg))
+    assert err.value.field == "evaluate.m.grid" and err.value.line is not None

@@ -126,6 +126,14 @@ class Plan:
         return {"stage": sids[0]}, [sids[0]]
 
     def _add(self, stage: Stage) -> None:
+        # two grid variants that are one stage, or that share a folder, would silently overwrite each other
+        # (a value given twice: [0.001, 0.001], [20, "20"]; labels that differ only in characters a folder
+        # name cannot hold: "A,D" and "A, D")
+        twin = self.stages.get(stage.id) or next((s for s in self.stages.values() if s.folder == stage.folder), None)
+        if twin is not None:
+            raise self.exp.error((*stage.origin, "grid"), f"grid variants '{twin.id}' and '{stage.id}' "
+                                 f"{'are the same' if twin.id == stage.id else 'share the folder ' + stage.folder}; "
+                                 "give each value once")
         payload = {"v": STAGE_VERSION, "kind": stage.kind, "params": stage.params, "seed": stage.seed,
                    "deps": {d: self.stages[d].key for d in stage.deps}}
         stage.key = _hash(payload)[:24]
