@@ -341,6 +341,12 @@ class _UniqueKeyLoader(yaml.SafeLoader):
         return super().construct_mapping(node, deep)
 
 
+# YAML 1.1 (PyYAML) reads a float only with a dot: `1e-4` was the string "1e-4" (a grid variant named by it,
+# a key apart from 0.0001's). Exponent-only numbers are floats here, as YAML 1.2 and every other tool read them.
+_UniqueKeyLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float", re.compile(r"^[-+]?[0-9][0-9_]*[eE][-+]?[0-9]+$"), list("-+0123456789"))
+
+
 def parse_experiment(text: str, file: str | Path = "<experiment>") -> Experiment:
     """Parse and validate YAML text; every problem is one InputError naming file, line and key path."""
     try:

@@ -524,3 +524,16 @@ def test_dataset_unions_join_whole_parts(tmp_path):
     cfg["datasets"]["emails"]["unions"] = {"trained": ["targets", "other"]}
     with pytest.raises(InputError, match="union 'trained' must list parts of 'split'"):
         parse_experiment(yaml.safe_dump(cfg))
+
+
+def test_exponent_only_numbers_are_floats_as_the_docs_grid_example_says():
+    """PyYAML read `1e-4` as a string: the docs' grid variant was named 'learning_rate=1e-4', a stage key
+    apart from 0.0001's."""
+    text = yaml.safe_dump(yaml.safe_load(SMALL))
+    exp = parse_experiment(text.replace("learning_rate: 0.001", "learning_rate: 1e-3"))
+    assert exp.finetune["real"].options["learning_rate"] == 0.001
+    assert Plan(exp).stages["finetune/real"].key == Plan(parse_experiment(text)).stages["finetune/real"].key
+    cfg = yaml.safe_load(SMALL)
+    cfg["finetune"]["real"]["grid"] = {"learning_rate": ["PLACEHOLDER"]}
+    stages = Plan(parse_experiment(yaml.safe_dump(cfg).replace("PLACEHOLDER", "1e-4"))).stages
+    assert "finetune/real[learning_rate=0.0001]" in stages, list(stages)
