@@ -537,3 +537,30 @@ def test_exponent_only_numbers_are_floats_as_the_docs_grid_example_says():
     cfg["finetune"]["real"]["grid"] = {"learning_rate": ["PLACEHOLDER"]}
     stages = Plan(parse_experiment(yaml.safe_dump(cfg).replace("PLACEHOLDER", "1e-4"))).stages
     assert "finetune/real[learning_rate=0.0001]" in stages, list(stages)
+
+
+def test_stage_keys_cover_option_files_show_pii_and_the_enron_corpus(tmp_path, monkeypatch):
+    """Editing a file an option names (pii `pairs`), switching report.show_pii (which masks the outputs) or
+    pointing LEAKAUDIT_ENRON_MESSAGES at another corpus re-ran nothing; each changes exactly its stages now."""
+    pairs = tmp_path / "pairs.jsonl"
+    pairs.write_text('{"name": "Ann Lee", "email": "ann@x.org"}\n')
+    text = ("name: k\nmodels: {base: tiny-gpt-neox}\ndatasets:\n  mail: {builtin: enron}\n  other: {builtin: dolly}\n"
+            "evaluate:\n  ext:\n    kind: pii\n    targets: [base]\n"
+            f"    options: {{pairs: {json.dumps(str(pairs))}, templates: A}}\n"
+            "  ppl:\n    kind: perplexity\n    targets: [base]\n    data: other\n")
+    monkeypatch.delenv("LEAKAUDIT_ENRON_MESSAGES", raising=False)
+
+    def keys(t: str = text) -> dict[str, str]:
+        return {sid: s.key for sid, s in Plan(parse_experiment(t)).stages.items()}
+
+    before = keys()
+    pairs.write_text('{"name": "Bo Chan", "email": "bo@x.org"}\n')
+    edited = keys()
+    assert {s for s in before if before[s] != edited[s]} == {"evaluate/ext/base"}
+    shown = keys(text + "report: {show_pii: true}\n")
+    assert {s for s in edited if edited[s] != shown[s]} == {"evaluate/ext/base", "evaluate/ppl/base"}
+    corpus = tmp_path / "messages.jsonl"
+    corpus.write_text('{"text": "From: a@b.com\\n\\nhi"}\n')
+    monkeypatch.setenv("LEAKAUDIT_ENRON_MESSAGES", str(corpus))
+    full = keys()
+    assert {s for s in edited if edited[s] != full[s]} == {"data/mail"}

@@ -139,6 +139,14 @@ class Plan:
         stage.key = _hash(payload)[:24]
         self.stages[stage.id] = stage
 
+    def _read_outside(self, options: dict[str, Any]) -> dict[str, Any]:
+        """What a generate or evaluate stage reads besides its inputs, for its key: the content of every file
+        an option names (pii `pairs`, self-instruct `seed_tasks`, backdoor `words_file`, ...), and
+        `report.show_pii`, which decides whether its outputs are masked. Nothing when neither applies, so
+        keys of stages without them stay as they were."""
+        files = {k: file_identity(v) for k, v in sorted(options.items()) if _names_a_file(v)}
+        return {**({"files": files} if files else {}), **({"show_pii": True} if self.exp.report.show_pii else {})}
+
     def _seed(self, spec: Any) -> int:
         return self.exp.seed if spec.seed is None else spec.seed
 
@@ -156,6 +164,12 @@ class Plan:
                     raise InputError("data file not found", file=p, field=f"datasets.{name}.path")
                 params["content"] = file_identity(p)
             params["name"] = name
+            if ds.builtin == "enron":  # the corpus LEAKAUDIT_ENRON_MESSAGES points at, else the shipped sample
+                from leakaudit.data.builtin import enron_messages_path
+
+                corpus = enron_messages_path()
+                if corpus is not None:
+                    params["corpus"] = file_identity(corpus)
             self._add(Stage(f"data/{name}", "dataset", params, origin=("datasets", name), seed=self._seed(ds)))
         for section, name in _build_order(exp):  # a step after the steps it reads from
             if section == "generate":
@@ -165,7 +179,7 @@ class Plan:
         for name, e in exp.evaluate.items():
             for label, overrides in expand_grid(name, e.grid):
                 options = {**e.options, **overrides}
-                common: dict[str, Any] = {"options": options}
+                common: dict[str, Any] = {"options": options, **self._read_outside(options)}
                 deps: list[str] = []
                 for role in DATA_ROLES:
                     ref = getattr(e, role)
@@ -189,7 +203,7 @@ class Plan:
 
     def _add_generate(self, name: str) -> None:
         g = self.exp.generate[name]
-        params: dict[str, Any] = {"kind": g.kind, "options": g.options}
+        params: dict[str, Any] = {"kind": g.kind, "options": g.options, **self._read_outside(g.options)}
         deps: list[str] = []
         if g.data:
             sid, fname = self.data_stage(g.data)
@@ -213,6 +227,16 @@ class Plan:
                           overrides=overrides, seed=self._seed(f))
             self._add(stage)
             self.finetune_variants[name].append(stage.id)
+
+
+def _names_a_file(value: Any) -> bool:
+    """An option value that is the path of an existing file (any other string, e.g. a template, is not)."""
+    if not isinstance(value, str) or not value or "\x00" in value or len(value) > 4096:
+        return False
+    try:
+        return Path(value).expanduser().is_file()
+    except (OSError, RuntimeError):  # a name too long for the file system; "~user" of no such user
+        return False
 
 
 def _build_order(exp: Experiment) -> list[tuple[str, str]]:
