@@ -459,3 +459,17 @@ def test_grid_variants_that_are_one_stage_or_share_a_folder_are_refused(tmp_path
     with pytest.raises(InputError, match="give each value once") as err:
         Plan(load_experiment(cfg))
     assert err.value.field == "evaluate.m.grid" and err.value.line is not None
+
+
+def test_compare_to_naming_no_target_is_refused_before_any_stage(tmp_path):
+    """A compare_to that names no target ran the whole study and drew no comparison (a note only)."""
+    from leakaudit.config import load_experiment
+    from leakaudit.experiment import Plan, check_plan
+
+    cfg, _ = _setup(tmp_path, _experiment(options="{attacks: [loss], compare_to: ghost}"))
+    with pytest.raises(InputError) as err:
+        check_plan(Plan(load_experiment(cfg)))
+    assert err.value.field == "evaluate.m.options.compare_to" and err.value.line is not None
+    assert "'ghost' is not a target of this evaluation; its targets are base" in err.value.message
+    cfg.write_text(_experiment(options="{attacks: [loss], compare_to: base}"))
+    check_plan(Plan(load_experiment(cfg)))
