@@ -473,3 +473,17 @@ def test_compare_to_naming_no_target_is_refused_before_any_stage(tmp_path):
     assert "'ghost' is not a target of this evaluation; its targets are base" in err.value.message
     cfg.write_text(_experiment(options="{attacks: [loss], compare_to: base}"))
     check_plan(Plan(load_experiment(cfg)))
+
+
+def test_a_grid_finetune_where_one_model_is_needed_names_the_line(tmp_path):
+    """The error had no file or line, only `field 'real'`."""
+    from leakaudit.config import load_experiment
+    from leakaudit.experiment import Plan
+
+    text = _experiment().replace("    targets: [base]\n", "    targets: [base]\n    reference: ft\n") + (
+        "finetune:\n  ft:\n    model: base\n    data: d.a\n    grid: {learning_rate: [0.001, 0.002]}\n")
+    assert "reference: ft" in text
+    cfg, _ = _setup(tmp_path, text)
+    with pytest.raises(InputError, match="is a grid of 2 variants") as err:
+        Plan(load_experiment(cfg))
+    assert err.value.field == "evaluate.m.reference" and err.value.line is not None and err.value.file is not None

@@ -115,14 +115,16 @@ class Plan:
             return [(ref, None)]
         return [(sid.split("/", 1)[1], sid) for sid in self.finetune_variants[ref]]
 
-    def _model_param(self, ref: str | None) -> tuple[Any, list[str]]:
+    def _model_param(self, ref: str | None, loc: tuple[str, ...]) -> tuple[Any, list[str]]:
+        """A model reference as a stage parameter; `loc` is its key path, for the error's line."""
         if ref is None:
             return None, []
         if ref in self.exp.models:
             return {"spec": model_identity(self.exp.models[ref])}, []
         sids = self.finetune_variants[ref]
         if len(sids) != 1:
-            raise InputError(f"'{ref}' is a grid of {len(sids)} variants; name one model here", field=ref)
+            raise self.exp.error(loc, f"'{ref}' is a grid of {len(sids)} variants, and this needs one model: "
+                                      "give that variant its own finetune entry (or drop the grid)")
         return {"stage": sids[0]}, [sids[0]]
 
     def _add(self, stage: Stage) -> None:
@@ -188,7 +190,7 @@ class Plan:
                         common[role] = [sid, fname]
                         deps.append(sid)
                 for role in ("reference", "baseline"):
-                    model, mdeps = self._model_param(getattr(e, role))
+                    model, mdeps = self._model_param(getattr(e, role), ("evaluate", name, role))
                     common[role] = model
                     deps += mdeps
                 for target in e.targets:
@@ -209,7 +211,7 @@ class Plan:
             sid, fname = self.data_stage(g.data)
             params["data"] = [sid, fname]
             deps.append(sid)
-        model, mdeps = self._model_param(g.model)
+        model, mdeps = self._model_param(g.model, ("generate", name, "model"))
         params["model"] = model
         self._add(Stage(f"generate/{name}", "generate", params, deps + mdeps, origin=("generate", name),
                         seed=self._seed(g)))
@@ -220,7 +222,8 @@ class Plan:
         for label, overrides in expand_grid(name, f.grid):
             options = {**f.options, **{k: v for k, v in overrides.items() if k not in ("method", "model")}}
             sid, fname = self.data_stage(f.data)
-            model, mdeps = self._model_param(overrides.get("model", f.model))  # a base or a tuned model
+            loc = ("finetune", name, "grid") if "model" in overrides else ("finetune", name, "model")
+            model, mdeps = self._model_param(overrides.get("model", f.model), loc)  # a base or a tuned model
             params = {"model": model, "method": overrides.get("method", f.method), "options": options,
                       "defenses": f.defenses, "data": [sid, fname]}
             stage = Stage(f"finetune/{label}", "finetune", params, [sid, *mdeps], origin=("finetune", name),
