@@ -508,6 +508,29 @@ def test_a_kill_mid_copy_or_mid_delete_never_leaves_a_stage_that_reads_as_finish
 def test_reuse_needs_a_run_dir(tmp_path):
     with pytest.raises(InputError, match="not a run dir"):
         run_experiment(parse_experiment(SMALL), tmp_path / "out", log=_quiet, reuse=tmp_path / "missing")
+    assert not (tmp_path / "out").exists()  # refused before --out is touched
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(InputError, match="not a run dir"):
+        run_experiment(parse_experiment(SMALL), tmp_path / "out", log=_quiet, reuse=tmp_path / "empty")
+
+
+def test_a_rerun_drops_the_earlier_summary_until_it_ends(tmp_path, monkeypatch):
+    """summary.json and report.html describe the run that wrote them: a rerun that is killed (here: fails)
+    after an edit must not leave the earlier numbers looking current."""
+    from leakaudit.experiment import engine
+
+    cfg = yaml.safe_load(SMALL)
+    cfg["evaluate"] = {"ppl": cfg["evaluate"]["ppl"]}
+    run_experiment(parse_experiment(yaml.safe_dump(cfg)), tmp_path, log=_quiet)
+    assert (tmp_path / "summary.json").exists() and (tmp_path / "report.html").exists()
+
+    def killed(*a, **kw):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(engine, "run_plan", killed)
+    with pytest.raises(KeyboardInterrupt):
+        run_experiment(parse_experiment(yaml.safe_dump(cfg)), tmp_path, log=_quiet)
+    assert not (tmp_path / "summary.json").exists() and not (tmp_path / "report.html").exists()
 
 
 def test_dataset_unions_join_whole_parts(tmp_path):

@@ -156,10 +156,12 @@ def run_experiment(exp: Experiment, out: str | Path, *, config_text: str = "",
     plan = Plan(exp)
     check_plan(plan)
     resolve_models(plan)
+    if reuse is not None and not (Path(reuse) / "run.json").is_file():
+        raise InputError("not a run dir (no run.json)", file=reuse, field="--reuse")
     prepare_out(plan, out)
     write_run_record(plan, out, config_text, {})  # so `leakaudit report` works on a run still in progress
-    if reuse is not None and not Path(reuse).is_dir():
-        raise InputError("not a run dir", file=reuse, field="--reuse")
+    for stale in ("summary.json", "report.html"):  # an earlier run's numbers: written again when this one ends
+        (out / stale).unlink(missing_ok=True)
     status = run_plan(plan, out, log=log, after_stage=lambda st: write_run_record(plan, out, config_text, st),
                       reuse=Path(reuse) if reuse is not None else None)
     write_run_record(plan, out, config_text, status)
