@@ -263,3 +263,16 @@ def test_instruction_and_chat_formats_train_end_to_end(fmt, tmp_path):
     log = [json.loads(x) for x in (out / "train_log.jsonl").read_text().splitlines()]
     assert [r["step"] for r in log if "loss" in r] == [1, 2] and (out / "adapter_model.safetensors").exists()
     assert json.loads((out / "defenses.json").read_text())["n_train_examples"] == 6
+
+
+def test_the_resume_fingerprint_reads_local_paths_by_content(tmp_path, monkeypatch):
+    """A killed fine-tune rerun with `--out kk` then `--out $PWD/kk` (or a moved folder) was refused as 'a run
+    with different options': the fingerprint hashed how the paths were written, not what they hold."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "d.jsonl").write_text('{"text": "a b c"}\n')
+    rel = FinetuneConfig(model="tiny-gpt-neox", data="d.jsonl", out="kk")
+    absolute = FinetuneConfig(model="tiny-gpt-neox", data=str(tmp_path / "d.jsonl"), out=str(tmp_path / "kk"))
+    before = rel.fingerprint()
+    assert before == absolute.fingerprint()
+    (tmp_path / "d.jsonl").write_text('{"text": "another text"}\n')
+    assert rel.fingerprint() != before

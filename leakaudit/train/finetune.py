@@ -158,8 +158,16 @@ class FinetuneConfig(BaseModel):
         return v
 
     def fingerprint(self) -> str:
-        """Hash of everything that changes the trained weights (to refuse resuming a different run)."""
+        """Hash of everything that changes the trained weights (to refuse resuming a different run). Local
+        data and model paths enter by content, so the same run reached by another path (`--out kk` and then
+        `--out $PWD/kk`, a moved folder) resumes."""
+        from leakaudit.models import dir_fingerprint, file_sha256
+
         keep = self.model_dump(exclude={"out", "device", "fsdp"})
+        for name in ("model", "data"):
+            p = Path(keep[name]).expanduser()
+            if p.exists():
+                keep[name] = dir_fingerprint(p) if p.is_dir() else file_sha256(p)
         return hashlib.sha256(json.dumps(keep, sort_keys=True).encode()).hexdigest()[:16]
 
 
