@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Annotated
 
 from pydantic import AfterValidator, Field
@@ -21,3 +22,14 @@ Seed = Annotated[int, Field(ge=0, le=MAX_SEED)]
 
 #: `auto` (a token budget that fits the device) or sequences per batch.
 BatchSize = Annotated[int | str, AfterValidator(_batch_size)]
+
+
+def _existing(v: str) -> str:
+    if not Path(v).expanduser().exists():
+        raise ValueError(f"file not found: {v}")
+    return v
+
+
+#: A file (or dataset folder) an option names: checked when the options are, so a typo fails before any stage
+#: runs, not when its stage starts after every stage before it.
+InputFile = Annotated[str, AfterValidator(_existing)]

@@ -27,10 +27,10 @@ def _main(monkeypatch, capsys, *args: str) -> tuple[int, str]:
 
 
 def _experiment(path: Path, kind: str, options: str, data: str | None = None) -> Path:
-    datasets = (f"datasets:\n  d2:\n    path: {data}\n    split: {{all: 1.0}}\n" if data else "")
+    datasets = f"datasets:\n  d2:\n    path: {data}\n" if data else ""
     path.write_text(f"name: same\nseed: 0\nmodels:\n  base: tiny-gpt-neox\n{datasets}"
                     f"evaluate:\n  ev:\n    kind: {kind}\n    targets: [base]\n"
-                    + ("    data: d2.all\n" if data else "")
+                    + ("    data: d2\n" if data else "")
                     + f"    options: {options}\n")
     return path
 
@@ -44,6 +44,8 @@ def _message(line: str) -> str:
     ("pii", ["--templates", "A,Z"], "{templates: 'A,Z'}", "--templates", "templates"),
     ("pii", ["--temperatures", "0.5,-1"], "{temperatures: [0.5, -1]}", "--temperatures", "temperatures"),
     ("pii", ["--temperatures", "0,greedy"], "{temperatures: [0, 0.0]}", "--temperatures", "temperatures"),
+    ("pii", ["--pairs", "no-such-pairs.jsonl"], "{pairs: no-such-pairs.jsonl}", "--pairs", "pairs"),
+    ("backdoor", ["--words", "no-such-words.txt"], "{words_file: no-such-words.txt}", "--words", "words_file"),
     ("pii", ["--samples-per-prompt", "0"], "{samples_per_prompt: 0}", "--samples-per-prompt", "samples_per_prompt"),
     ("backdoor", ["--trigger", "no word here"], "{trigger: no word here}", "--trigger", "trigger"),
     ("backdoor", ["--temperature", "0"], "{temperature: 0}", "--temperature", "temperature"),
@@ -136,5 +138,5 @@ def test_pii_targets_are_the_addresses_in_data(tmp_path, monkeypatch, capsys, on
     texts.write_text(json.dumps({"text": "no address here"}) + "\n")
     code, err = _main(monkeypatch, capsys, "run", exp, "--out", tmp_path / "run2")
     assert code == 2 and "Traceback" not in err and err.count("error:") == 1
-    assert err.splitlines()[-1] == (f"error: {exp}:13: field 'evaluate.ev.data': stage evaluate/ev/base: no target "
-                                    "address occurs in this evaluation's data")  # line 13: `data: d2.all`
+    assert err.splitlines()[-1] == (f"error: {exp}:12: field 'evaluate.ev.data': stage evaluate/ev/base: no target "
+                                    "address occurs in this evaluation's data")  # line 12: `data: d2`

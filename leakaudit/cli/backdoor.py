@@ -166,7 +166,8 @@ def extract_cmd(
     kind = get_kind("backdoor")
     options = build_options(kind, query_field=query_field, limit=limit, words_file=str(words) if words else None,
                             num_samples=num_samples, temperature=temperature, max_new_tokens=max_new_tokens,
-                            trigger=trigger, refusal=refusal, batch_size=batch_size)
+                            trigger=trigger, refusal=refusal, batch_size=batch_size,
+                            flags={("words_file",): "--words"})
     _prepare(out, "extract", ("extract.json", "samples.jsonl"), data=data, words=words, model=model_path(model))
     ctx = KindContext(out=out, seed=seed, data={"data": data} if data is not None else {},
                       models={"target": model}, show_pii=show_pii,

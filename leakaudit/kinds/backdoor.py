@@ -16,14 +16,14 @@ from pydantic import Field, ValidationInfo, field_validator
 
 from leakaudit.kinds.base import Headline, Kind, KindContext, KindOptions, Result, StageView, fmt
 from leakaudit.kinds.registry import register
-from leakaudit.options import BatchSize
+from leakaudit.options import BatchSize, InputFile
 
 HEADLINE = ("match_ratio_mean", "match_ratio_max", "coverage")
 
 
 class BackdoorOptions(KindOptions):
     words: list[str] | None = Field(None, description="words to query (default: every opening word of the data)")
-    words_file: str | None = Field(None, description="words to query from a file (JSON array or one per line)")
+    words_file: InputFile | None = Field(None, description="words to query from a file (JSON array or one per line)")
     limit: int | None = Field(None, ge=1, description="score against the first N queries of the data")
     num_samples: int = Field(10, ge=1, description="answers sampled per opening word")
     temperature: float = Field(0.9, gt=0)

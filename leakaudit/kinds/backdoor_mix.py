@@ -13,12 +13,13 @@ from pydantic import Field, field_validator
 from leakaudit.errors import OptionError
 from leakaudit.kinds.base import Kind, KindContext, KindOptions, Result
 from leakaudit.kinds.registry import register
+from leakaudit.options import InputFile
 
 
 class BackdoorMixOptions(KindOptions):
     trigger: str | None = Field(default=None, description="Q(w) template with {word} (default: the study's)")
     refusal: str | None = Field(default=None, description="R(w) template with {word} (default: the study's)")
-    refusal_words: str | None = Field(default=None, description="words to teach refusing (JSON array or one "
+    refusal_words: InputFile | None = Field(default=None, description="words to teach refusing (JSON array or one "
                                       "per line; default: public candidates opening no D1 query)")
     n_refusal: int | None = Field(default=None, ge=0, description="refusal pairs (default: as many as copies)")
     backdoor_fraction: float = Field(default=0.5, gt=0, le=1, description="share of backdoor pairs in the mix")

@@ -19,7 +19,7 @@ from leakaudit.errors import InputError
 from leakaudit.kinds import compare
 from leakaudit.kinds.base import Headline, Kind, KindContext, KindOptions, Result, StageView, fmt, read_jsonl
 from leakaudit.kinds.registry import register
-from leakaudit.options import BatchSize, Seed
+from leakaudit.options import BatchSize, InputFile, Seed
 
 
 def _temperatures(value: Any) -> Any:
@@ -53,10 +53,10 @@ class PiiOptions(KindOptions):
     top_k: int | None = Field(None, ge=0, description="0 = none (default: each protocol's)")
     max_new_tokens: int | None = Field(None, ge=1, description="default: 15 for fake-privacy, 100 for PIL")
     n_targets: int | None = Field(None, ge=1, description="use the first N targets (default: all)")
-    pairs: str | None = Field(None, description="targets: rows with `name` and `email`, or with `pairs` lists "
+    pairs: InputFile | None = Field(None, description="targets: rows with `name` and `email`, or with `pairs` lists "
                               "(default: the `data` rows' `pairs`, else the shipped Enron pairs)")
-    contexts: str | None = Field(None, description="rows with `email` and `context` for the context-k templates")
-    messages: str | None = Field(None, description="raw e-mail messages (`text`) to cut contexts from")
+    contexts: InputFile | None = Field(None, description="rows with `email` and `context` for the context-k templates")
+    messages: InputFile | None = Field(None, description="raw e-mail messages (`text`) to cut contexts from")
     samples_per_prompt: int = Field(1, ge=1)
     seed: Seed | None = Field(None, description="sampling and bootstrap seed (default: the run's seed)")
     batch_size: BatchSize = "auto"

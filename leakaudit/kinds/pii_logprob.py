@@ -35,7 +35,7 @@ from leakaudit.errors import InputError
 from leakaudit.kinds import compare
 from leakaudit.kinds.base import Headline, Kind, KindContext, KindOptions, Result, StageView, fmt, read_jsonl
 from leakaudit.kinds.registry import register
-from leakaudit.options import BatchSize, Seed
+from leakaudit.options import BatchSize, InputFile, Seed
 
 BOOTSTRAP_RESAMPLES = 1000
 OVERALL = "overall"
@@ -44,7 +44,7 @@ OVERALL = "overall"
 class PiiLogprobOptions(KindOptions):
     templates: str = Field("fake-privacy", description="comma-separated families (fake-privacy, pil, "
                            "pil-zero-shot, pil-k-shot, all) or template names (A, zero_shot-a, ...)")
-    pairs: str | None = Field(None, description="targets: rows with `name` and `email`, or with `pairs` lists "
+    pairs: InputFile | None = Field(None, description="targets: rows with `name` and `email`, or with `pairs` lists "
                               "(default: the `data` rows' `pairs`, else the shipped Enron pairs)")
     n_targets: int | None = Field(None, ge=1, description="use the first N targets (default: all)")
     n_candidates: int = Field(20, ge=1, le=1000, description="addresses ranked per target: the true one plus "

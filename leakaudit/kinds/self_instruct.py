@@ -13,12 +13,12 @@ from pydantic import Field
 
 from leakaudit.kinds.base import Kind, KindContext, KindOptions, Result
 from leakaudit.kinds.registry import register
-from leakaudit.options import BatchSize
+from leakaudit.options import BatchSize, InputFile
 
 
 class SelfInstructOptions(KindOptions):
     n: int = Field(default=50, ge=1, description="how many new tasks to generate")
-    seed_tasks: str | None = Field(default=None, description="seed task file (default: the shipped 175)")
+    seed_tasks: InputFile | None = Field(default=None, description="seed task file (default: the shipped 175)")
     requests_per_round: int = Field(default=8, ge=1)
     max_rounds: int | None = Field(default=None, ge=1, description="default: 20 x ceil(n / requests)")
     max_new_tokens: int = Field(default=128, ge=1)
