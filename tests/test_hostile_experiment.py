@@ -487,3 +487,13 @@ def test_a_grid_finetune_where_one_model_is_needed_names_the_line(tmp_path):
     with pytest.raises(InputError, match="is a grid of 2 variants") as err:
         Plan(load_experiment(cfg))
     assert err.value.field == "evaluate.m.reference" and err.value.line is not None and err.value.file is not None
+
+
+def test_a_target_listed_twice_is_refused_at_its_line(tmp_path):
+    from leakaudit.config import load_experiment
+    from leakaudit.experiment import Plan
+
+    cfg, _ = _setup(tmp_path, _experiment().replace("targets: [base]", "targets: [base, base]"))
+    with pytest.raises(InputError, match="'base' is listed twice") as err:
+        Plan(load_experiment(cfg))
+    assert err.value.field == "evaluate.m.targets" and err.value.line is not None

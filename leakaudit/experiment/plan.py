@@ -179,6 +179,9 @@ class Plan:
             else:
                 self._add_finetune(name)
         for name, e in exp.evaluate.items():
+            twice = sorted({t for t in e.targets if e.targets.count(t) > 1})
+            if twice:  # it silently ran once
+                raise exp.error(("evaluate", name, "targets"), f"'{twice[0]}' is listed twice")
             for label, overrides in expand_grid(name, e.grid):
                 options = {**e.options, **overrides}
                 common: dict[str, Any] = {"options": options, **self._read_outside(options)}
