@@ -225,7 +225,13 @@ class EvaluationSpec(Strict):
 
     @model_validator(mode="after")
     def _needs(self) -> EvaluationSpec:
+        from leakaudit.kinds import get_kind
+
         _missing_roles(self, self.kind)
+        roles = get_kind(self.kind).roles
+        for role in ("reference", "baseline", "members", "nonmembers", "data", "training"):
+            if getattr(self, role) is not None and role not in roles:  # it would be silently ignored
+                raise ValueError(f"'{self.kind}' does not read '{role}' (it reads {', '.join(roles) or 'none'})")
         return self
 
 

@@ -497,3 +497,14 @@ def test_a_target_listed_twice_is_refused_at_its_line(tmp_path):
     with pytest.raises(InputError, match="'base' is listed twice") as err:
         Plan(load_experiment(cfg))
     assert err.value.field == "evaluate.m.targets" and err.value.line is not None
+
+
+def test_an_input_the_evaluation_kind_does_not_read_is_refused(tmp_path):
+    """mia given `data:` (or perplexity given `members:`) ran without it, silently; generate steps already
+    refused such a role."""
+    from leakaudit.config import load_experiment
+
+    cfg, _ = _setup(tmp_path, _experiment().replace("    targets: [base]\n", "    targets: [base]\n    data: d.a\n"))
+    with pytest.raises(InputError, match="'mia' does not read 'data'") as err:
+        load_experiment(cfg)
+    assert err.value.field.startswith("evaluate.m") and err.value.line is not None
