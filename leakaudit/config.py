@@ -51,7 +51,8 @@ SAFE_DATA_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]*")
 class Strict(BaseModel):
     """Unknown keys are errors (a misspelt option must not be silently ignored)."""
 
-    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)  # and no inf/NaN in a number
+    # and no inf/NaN in a number; strict: `seed: true` or `limit: "5"` is an error, not 1 and 5
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False, strict=True)
 
 
 class DatasetSpec(Strict):

@@ -508,3 +508,18 @@ def test_an_input_the_evaluation_kind_does_not_read_is_refused(tmp_path):
     with pytest.raises(InputError, match="'mia' does not read 'data'") as err:
         load_experiment(cfg)
     assert err.value.field.startswith("evaluate.m") and err.value.line is not None
+
+
+@pytest.mark.parametrize("line, key", [("seed: true\n", "seed"), ("seed: \"5\"\n", "seed")])
+def test_a_value_of_the_wrong_type_is_not_coerced(tmp_path, line, key):
+    """`seed: true` ran with seed 1 and `seed: "5"` with 5: a typed file is taken at its word."""
+    from leakaudit.config import parse_experiment
+
+    with pytest.raises(InputError) as err:
+        parse_experiment(_experiment().replace("name: hostile\n", "name: hostile\n" + line), "exp.yaml")
+    assert err.value.field == key and err.value.line == 2
+    text = _experiment().replace("    path: data.jsonl\n", "    path: data.jsonl\n    limit: \"5\"\n")
+    assert 'limit: "5"' in text
+    with pytest.raises(InputError) as err:
+        parse_experiment(text, "exp.yaml")
+    assert err.value.field.endswith("limit")
