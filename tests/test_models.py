@@ -135,6 +135,44 @@ def test_bad_specs(tmp_path):
         load_model(str(tmp_path / "missing.gguf"))
 
 
+def test_a_file_that_is_not_gguf_is_one_line_and_leaves_no_half_conversion(tmp_path, monkeypatch):
+    """Random bytes or a cut header named .gguf raised ValueError / struct.error tracebacks, and each failed
+    conversion left a tmp dir in the cache."""
+    monkeypatch.setenv("LEAKAUDIT_CACHE", str(tmp_path / "cache"))
+    for name, content in (("noise.gguf", os.urandom(1000)), ("cut.gguf", b"GGUF\x03\x00\x00\x00")):
+        (tmp_path / name).write_bytes(content)
+        with pytest.raises(InputError, match="not a readable GGUF model") as err:
+            load_model(str(tmp_path / name))
+        assert err.value.field == "--model"
+    models_dir = tmp_path / "cache" / "models"
+    assert not models_dir.exists() or [p.name for p in models_dir.iterdir() if ".tmp" in p.name] == []
+
+
+def test_fingerprints_see_every_file_that_changes_the_model(tmp_path):
+    """Weights rewritten with the same size and their old mtime restored (cp -p, rsync -a, touch -r), a chat
+    template in chat_template.jinja, and shards an index names in a subfolder each left the fingerprint (and
+    so cached scores) unchanged."""
+    d = tmp_path / "m"
+    d.mkdir()
+    (d / "config.json").write_text("{}")
+    weights = d / "model.safetensors"
+    weights.write_bytes(b"a" * 64)
+    before = models.dir_fingerprint(d)
+    st = weights.stat()
+    weights.write_bytes(b"b" * 64)
+    os.utime(weights, ns=(st.st_atime_ns, st.st_mtime_ns))
+    assert models.dir_fingerprint(d) != before
+    with_template = models.dir_fingerprint(d)
+    (d / "chat_template.jinja").write_text("{{ messages }}")
+    assert models.dir_fingerprint(d) != with_template
+    (d / "shards").mkdir()
+    (d / "shards" / "w.safetensors").write_bytes(b"c" * 64)
+    (d / "model.safetensors.index.json").write_text(json.dumps({"weight_map": {"x": "shards/w.safetensors"}}))
+    indexed = models.dir_fingerprint(d)
+    (d / "shards" / "w.safetensors").write_bytes(b"d" * 64)
+    assert models.dir_fingerprint(d) != indexed
+
+
 def test_concurrent_conversion_is_safe(tmp_path):
     """Two processes building the same cached model at once both succeed with identical files."""
     script = textwrap.dedent("""

@@ -21,9 +21,12 @@ def cache_dir() -> Path:
 
 
 def file_sha256(path: Path) -> str:
-    """Content hash of a file, memoised in the cache by (path, size, mtime) so big weights hash once."""
+    """Content hash of a file, memoised in the cache by (path, inode, size, mtime, ctime) so big weights hash
+    once. ctime and inode too: `cp -p`, `rsync -a`, `tar x` and `touch -r` restore an mtime, and weights
+    rewritten in place with the same size and an old mtime kept their old hash (and cached scores)."""
     st = path.stat()
-    memo_key = hashlib.sha256(f"{path.resolve()}|{st.st_size}|{st.st_mtime_ns}".encode()).hexdigest()
+    memo_key = hashlib.sha256(f"{path.resolve()}|{st.st_ino}|{st.st_size}|{st.st_mtime_ns}|{st.st_ctime_ns}"
+                              .encode()).hexdigest()
     memo = cache_dir() / "filehash" / memo_key
     if memo.exists():
         return memo.read_text().strip()
@@ -39,16 +42,30 @@ def file_sha256(path: Path) -> str:
     return digest
 
 
-_FINGERPRINT_FILES = (".safetensors", ".json", ".model", ".txt", ".gguf", ".bin", ".pt", ".pth")
+#: a model dir's files that change what it computes: weights, configs, tokenizer (chat templates in .jinja)
+_FINGERPRINT_FILES = (".safetensors", ".json", ".model", ".txt", ".gguf", ".bin", ".pt", ".pth", ".jinja")
 
 
 def dir_fingerprint(path: Path) -> str:
-    """Hash of the weight, config and tokenizer files of a model or adapter dir (not logs or checkpoints)."""
+    """Hash of the weight, config and tokenizer files of a model or adapter dir (not logs or checkpoints),
+    and of the shards a weights index names in a subfolder (transformers loads them from there)."""
+    import json
+
+    files = {f.name: f for f in path.iterdir()
+             if f.is_file() and f.suffix in _FINGERPRINT_FILES and f.name not in ("train_log.jsonl", "trainer_state.json")}
+    for index in [f for name, f in files.items() if name.endswith(".index.json")]:
+        try:
+            shards = set((json.loads(index.read_text()).get("weight_map") or {}).values())
+        except (ValueError, AttributeError, OSError):
+            continue  # not an index loading would accept either; the file itself is hashed
+        for rel in shards:
+            shard = path / str(rel)
+            if isinstance(rel, str) and rel not in files and shard.is_file():
+                files[rel] = shard
     h = hashlib.sha256()
-    for f in sorted(path.iterdir()):
-        if f.is_file() and f.suffix in _FINGERPRINT_FILES and f.name not in ("train_log.jsonl", "trainer_state.json"):
-            h.update(f.name.encode())
-            h.update(file_sha256(f).encode())
+    for name in sorted(files):
+        h.update(name.encode())
+        h.update(file_sha256(files[name]).encode())
     return h.hexdigest()[:32]
 
 
@@ -80,7 +97,11 @@ def build_once(key: str, build) -> Path:
         tmp = target.with_name(f"{target.name}.tmp{os.getpid()}")
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
-        build(tmp)
+        try:
+            build(tmp)
+        except BaseException:  # a failed build (a bad file, a kill the process sees) leaves nothing behind
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
         shutil.rmtree(target, ignore_errors=True)
         tmp.rename(target)
     return target

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import struct
 from pathlib import Path
 
 from leakaudit.errors import InputError, first_line
@@ -48,7 +49,10 @@ def resolve_spec(spec: str) -> tuple[str, Path | str]:
     if p.suffix == ".gguf":
         if not p.is_file():
             raise InputError("GGUF file not found", file=p, field="--model")
-        return "dir", gguf_to_safetensors(p.resolve())
+        try:
+            return "dir", gguf_to_safetensors(p.resolve())
+        except (ValueError, KeyError, IndexError, OSError, struct.error) as exc:  # what gguf's reader raises
+            raise InputError(f"not a readable GGUF model: {first_line(exc)}", file=p, field="--model") from None
     if p.is_dir():
         if (p / "adapter_config.json").exists():
             return "adapter", p.resolve()
