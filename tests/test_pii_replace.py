@@ -98,6 +98,43 @@ def test_mailbox_headers_exchange_ids_and_last_first_names_are_replaced():
     assert out.endswith(f"Hi {first} {last}")  # one fake person in both orders
 
 
+def test_phone_layouts_keep_the_country_code_and_the_555_exchange():
+    """An extension or a non-US country code shifted the fake's digits (a leading "1" padded every extra
+    digit): the same number got two fakes and the 555 exchange moved."""
+    r = PiiReplacer([], seed=0)
+    plain = r.replace("713-853-1234")[0]
+    with_ext = r.replace("713-853-1234 ext. 55")[0]
+    assert with_ext.startswith(plain + " ext. ") and plain[4:7] == "555"
+    assert r.replace("1-713-853-1234")[0] == "1-" + plain
+    uk = r.replace("Call +44 20 7946 0958")[0]
+    assert uk.startswith("Call +44 ") and re.sub(r"\D", "", uk)[:2] == "44" and uk != "Call +44 20 7946 0958"
+    assert r.replace("011 44 20 7946 0958")[0].startswith("011 44 ")
+
+
+def test_fakes_never_merge_two_people_or_equal_a_real_value_of_the_file():
+    """Exchange ids were "first initial + last name" of a fake name, unchecked: 474 ids gave 452 fakes, one
+    equal to a real id; a fake address or phone could equal a real one elsewhere in the file."""
+    r = PiiReplacer([], seed=0)
+    ids = [f"/CN=USER{i:04d}" for i in range(400)]
+    out = r.replace(" ".join(ids))[0]
+    fakes = out.split()
+    assert len(set(fakes)) == 400 and not set(fakes) & set(ids)
+    taken = PiiReplacer([], seed=0).fake("email", "a@x.com")  # what a@x.com would become
+    r = PiiReplacer([], seed=0)
+    text = f"To: a@x.com\nCc: {taken}"
+    r.reserve([text])
+    out = r.replace(text)[0]
+    assert taken not in out.split("\n")[0] and len(set(find_emails(out))) == 2
+
+
+def test_signature_dashes_and_lotus_notes_headers_are_read():
+    """"-tglaze@serc1.org" (a shipped PIL target after a signature dash) was never found, so it survived
+    replacement; "X-To: Karen Arnold/HOU/ECT@ECT" (Enron's commonest form) gave no name."""
+    assert find_emails("-x\n-tglaze@serc1.org --jdoe@aol.com") == ["tglaze@serc1.org", "jdoe@aol.com"]
+    assert names_from_headers("X-To: Karen Arnold/HOU/ECT@ECT, Zed Quinlan/Corp/Enron@ENRON\n") == [
+        "Karen Arnold", "Zed Quinlan"]
+
+
 def test_a_secret_key_makes_the_fakes_unpredictable_from_the_seed(monkeypatch):
     """By default anyone can recompute a real value's fake from the public seed; with LEAKAUDIT_PII_KEY not."""
     public = PiiReplacer([], seed=0).fake("email", "klarnold@flash.net")

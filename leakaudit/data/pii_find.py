@@ -28,7 +28,9 @@ import phonenumbers
 # local part: letters, digits and ._%+- (a first "." or "_" too: Enron's "legal <.taylor@enron.com>");
 # domain: labels separated by dots, ending in a 2+ letter TLD.
 # An address ends where no letter or digit follows its TLD: "-" and "_" may ("klarnold@flash.net-----Original").
-EMAIL_RE = re.compile(r"(?<![\w.%+-])[A-Za-z0-9._][A-Za-z0-9._%+-]*@(?:[A-Za-z0-9-]+\.)+[A-Za-z]{2,}(?![^\W_])")
+# Dashes or pluses right before it are not part of it: a signature's "-tglaze@serc1.org", "--jdoe@aol.com".
+EMAIL_RE = re.compile(r"(?<![\w.%+-])[-+]*(?P<address>[A-Za-z0-9._][A-Za-z0-9._%+-]*@(?:[A-Za-z0-9-]+\.)+"
+                      r"[A-Za-z]{2,})(?![^\W_])")
 # Phones: numbers libphonenumber finds and judges valid, read as US numbers unless written with a country
 # code (+44 ..., 011 44 ...). Seven-digit local numbers are not valid without an area code, so they are
 # left out (too many false hits: ranges, ids). The matcher never spans lines and is slow, so it only
@@ -63,7 +65,8 @@ def find_emails(text: str) -> list[str]:
 
 def email_spans(text: str) -> list[tuple[int, int]]:
     """(start, end) of every e-mail address in `text` (a sentence's final dot is not part of it)."""
-    return [(m.start(), m.start() + len(m.group(0).rstrip("."))) for m in EMAIL_RE.finditer(text)]
+    return [(m.start("address"), m.start("address") + len(m.group("address").rstrip(".")))
+            for m in EMAIL_RE.finditer(text)]
 
 
 def phone_spans(text: str) -> list[tuple[int, int]]:
@@ -104,6 +107,7 @@ def names_from_headers(text: str) -> list[str]:
         value = re.sub(r"<[^>]*>", ",", m.group(1))      # drop <address> parts
         value = EMAIL_RE.sub(",", value)
         for part in re.split(r"[,;\n]", value):
+            part = part.split("/", 1)[0]  # Lotus Notes: "Karen Arnold/HOU/ECT@ECT" names Karen Arnold
             cand = " ".join(part.replace('"', " ").replace("'", " ").split())
             if NAME_RE.match(cand) and not (set(cand.replace(".", "").split()) & NOT_NAMES):
                 names.append(cand)

@@ -49,6 +49,14 @@ class PiiReplacer:
         self.names = NameFinder([*self.names.names, *names])
         self._used.update(n.lower() for n in self.names.names)
 
+    def reserve(self, texts: Iterable[str]) -> None:
+        """Never draw a fake equal to a real value of these texts (a fake address that is another real one in
+        the same file would merge two people and leave a real address standing)."""
+        for text in texts:
+            for span in find_pii(text):
+                self._used.add(phone_digits(span.value) if span.kind == "phone" else span.value.lower())
+            self._used.update(m.group(0).lower() for m in _EXCHANGE_CN.finditer(text))
+
     def replace(self, text: str) -> tuple[str, Counter[str]]:
         """`text` with every detected e-mail, phone and name replaced; returns it with per-kind counts."""
         counts: Counter[str] = Counter()
@@ -71,15 +79,14 @@ class PiiReplacer:
 
         def exchange_id(m: re.Match) -> str:
             counts["name"] += 1
-            first, *_, last = self.fake("name", m.group(0)).split()
-            return (first[0] + last).upper()
+            return self.fake("exchange_id", m.group(0))
 
         return _EXCHANGE_CN.sub(exchange_id, _MAILBOX_HEADER.sub(header, text))
 
     @property
     def n_distinct(self) -> dict[str, int]:
         """How many distinct real values of each kind have been replaced so far."""
-        c = Counter(kind for kind, _ in self._map)
+        c = Counter("name" if kind == "exchange_id" else kind for kind, _ in self._map)  # ids name people
         return {k: c.get(k, 0) for k in KINDS}
 
     def fake(self, kind: str, real: str) -> str:
@@ -97,7 +104,7 @@ class PiiReplacer:
 
     @staticmethod
     def _normal(kind: str, real: str) -> str:
-        if kind == "email":
+        if kind in ("email", "exchange_id"):
             return real.lower()
         if kind == "phone":
             return phone_digits(real)
@@ -124,6 +131,8 @@ class PiiReplacer:
             return f"{f.first_name().lower()}.{f.last_name().lower()}{f.random_int(1, 99)}@{domain}"
         if kind == "phone":
             return f"{f.random_int(201, 989)}555{f.random_int(0, 9999):04d}"
+        if kind == "exchange_id":  # "/CN=KLARNOLD": an initial and a last name, like Exchange's own ids
+            return (f.first_name()[0] + f.last_name()).upper()
         n_words = len(real.split())
         middle = [f"{f.random_uppercase_letter()}." if n_words == 3 else f.first_name()
                   for _ in range(max(0, n_words - 2))]
@@ -150,6 +159,7 @@ def replace_pii_file(path: str | Path, fields: Sequence[str] = ("text",), *, nam
     replacer = PiiReplacer(shipped_names() if names is None else names, seed=seed)
     if header_names:
         replacer.add_names(n for _, row in rows for f in fields for n in names_from_headers(row[f]))
+    replacer.reserve(row[f] for _, row in rows for f in fields)
     out = []
     for _, row in rows:
         new = dict(row)
@@ -165,7 +175,24 @@ def replace_pii_file(path: str | Path, fields: Sequence[str] = ("text",), *, nam
 
 
 def _with_layout(original: str, digits10: str) -> str:
-    """Write the fake 10 digits in the original's layout ("(713) 853-1234" -> "(415) 555-0199")."""
-    n = sum(c.isdigit() for c in original)
-    fill = iter(("1" * max(0, n - 10)) + digits10)  # a leading country code stays "1"
+    """Write the fake 10 digits in the original's layout ("(713) 853-1234" -> "(415) 555-0199"): a written
+    country code (+44, 011 44, a leading 1) is kept, the fake fills the number, and an extension's digits
+    ("ext. 55") follow from the fake's again, so the 555 exchange stays in place whatever comes around it."""
+    import phonenumbers
+
+    digits = re.sub(r"\D", "", original)
+    keep = ""
+    stripped = original.lstrip()
+    try:
+        cc = str(phonenumbers.parse(original, "US").country_code)
+    except phonenumbers.NumberParseException:
+        cc = ""
+    if stripped.startswith("+") and digits.startswith(cc):
+        keep = cc
+    elif stripped.startswith("011") and digits.startswith("011" + cc):
+        keep = "011" + cc
+    elif cc == "1" and len(digits) >= 11 and digits.startswith("1"):
+        keep = "1"
+    rest = len(digits) - len(keep)
+    fill = iter(keep + (digits10 * (rest // 10 + 1))[:rest])
     return re.sub(r"\d", lambda _: next(fill), original)
