@@ -174,3 +174,18 @@ def test_self_instruct_runs_on_a_real_model(tiny_neox, tmp_path):
         assert pool.accept(r["instruction"])
         assert r["provenance"]["generator"] == "tiny-gpt-neox"
     assert len(rows) <= 3
+
+
+def test_rouge_filter_reads_every_script_and_matches_rouge_score_on_ascii():
+    """rouge-score's tokenizer keeps [a-z0-9] only: two identical Chinese instructions scored 0 and both
+    passed the duplicate filter."""
+    from rouge_score import rouge_scorer
+
+    from leakaudit.data.synth import RougeFilter
+
+    assert RougeFilter(["写一首关于秋天的诗"]).max_similarity("写一首关于秋天的诗") == 1.0
+    assert not RougeFilter(["Напиши стихотворение об осени"]).accept("Напиши стихотворение об осени")
+    plain = rouge_scorer.RougeScorer(["rougeL"])
+    for a, b in (("Give three tips for staying healthy.", "Give me 3 tips to stay healthy!"),
+                 ("Sort the list: [3, 1, 2]", "sort_the list 3 1 2"), ("What's 2+2?", "what is 2 + 2")):
+        assert RougeFilter([a]).max_similarity(b) == pytest.approx(plain.score(a, b)["rougeL"].fmeasure)

@@ -131,13 +131,22 @@ def load_seed_tasks(path: str | Path) -> list[Task]:
 
 
 # ----------------------------------------------------------------------------------------- filters
+class _WordTokenizer:
+    """rouge-score's tokenizer for every script: lower case, split on what is not a letter or digit. Its own
+    keeps only [a-z0-9], so two instructions in Chinese or Russian had no tokens and a ROUGE-L of 0: never
+    duplicates. On ASCII text the tokens are the same as its own."""
+
+    def tokenize(self, text: str) -> list[str]:
+        return re.sub(r"[\W_]+", " ", text.lower()).split()
+
+
 class RougeFilter:
     """Rejects instructions too similar to any in the pool: ROUGE-L F1 > threshold (the paper's 0.7)."""
 
     def __init__(self, pool: Sequence[str] = (), threshold: float = ROUGE_THRESHOLD):
         from rouge_score import rouge_scorer
 
-        self.scorer = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=False)
+        self.scorer = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=False, tokenizer=_WordTokenizer())
         self.threshold = threshold
         self.pool: list[str] = list(pool)
 
