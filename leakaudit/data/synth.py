@@ -166,7 +166,8 @@ BLOCKED_WORDS = ("image", "images", "graph", "graphs", "picture", "pictures", "f
 
 
 def passes_quality(instruction: str) -> bool:
-    """The paper's heuristics: 3..150 words, nothing a text model cannot do, starts with a letter or digit."""
+    """The paper's heuristics: 3..150 words, nothing a text model cannot do, not "write a program", starts
+    with an ASCII letter or digit."""
     words = instruction.split()
     if not 3 <= len(words) <= 150:
         return False
