@@ -133,6 +133,9 @@ def test_signature_dashes_and_lotus_notes_headers_are_read():
     assert find_emails("-x\n-tglaze@serc1.org --jdoe@aol.com") == ["tglaze@serc1.org", "jdoe@aol.com"]
     assert names_from_headers("X-To: Karen Arnold/HOU/ECT@ECT, Zed Quinlan/Corp/Enron@ENRON\n") == [
         "Karen Arnold", "Zed Quinlan"]
+    # Outlook's "Last, First <address>" (the docs' example) is one person, not two one-word names
+    assert names_from_headers("X-To: Quinlan, Zed </O=ENRON/OU=NA/CN=RECIPIENTS/CN=ZQUINLAN>, Bob Smith\n") == [
+        "Zed Quinlan", "Bob Smith"]
 
 
 def test_a_secret_key_makes_the_fakes_unpredictable_from_the_seed(monkeypatch):

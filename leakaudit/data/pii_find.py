@@ -100,11 +100,20 @@ def phone_digits(phone: str) -> str:
     return national if num.country_code == 1 else f"{num.country_code}{national}"
 
 
+_LAST_FIRST_ENTRY = re.compile(r"(?<![\w'-])([A-Z][\w'-]+), ([A-Z][\w'.-]*(?: [A-Z][\w'.-]*)?)\s*<[^>]*>")
+
+
 def names_from_headers(text: str) -> list[str]:
     """Personal names in e-mail header fields ("X-From: Karen Arnold <...>", "X-To: A Smith, B Jones")."""
     names: list[str] = []
     for m in HEADER_RE.finditer(text):
-        value = re.sub(r"<[^>]*>", ",", m.group(1))      # drop <address> parts
+        # Outlook's "Quinlan, Zed <...>": a comma inside one entry, told apart from a list by the address after it
+        for last, first in _LAST_FIRST_ENTRY.findall(m.group(1)):
+            cand = f"{first} {last}"
+            if NAME_RE.match(cand) and not (set(cand.replace(".", "").split()) & NOT_NAMES):
+                names.append(cand)
+        value = _LAST_FIRST_ENTRY.sub(",", m.group(1))
+        value = re.sub(r"<[^>]*>", ",", value)      # drop <address> parts
         value = EMAIL_RE.sub(",", value)
         for part in re.split(r"[,;\n]", value):
             part = part.split("/", 1)[0]  # Lotus Notes: "Karen Arnold/HOU/ECT@ECT" names Karen Arnold
