@@ -63,14 +63,14 @@ def test_audit_data_command_masks_and_skips_prompts(tmp_path):
     gen.write_text("".join(json.dumps({"id": i, "text": SOURCE[0][:60] + g, "generated": g}) + "\n"
                            for i, g in enumerate([CLEAN, PLANTED_PII])))
     out = tmp_path / "audit"
-    res = CliRunner().invoke(app, ["audit-data", "--source", str(src), "--generated", str(gen), "--out", str(out),
-                                   "--id-field", "id"])
+    res = CliRunner().invoke(app, ["audit-data", "--source", str(src), "--generated", str(gen), "--out", str(out)])
     assert res.exit_code == 0, res.output
     summary = json.loads((out / "audit_data.json").read_text())
     assert summary["generated_field"] == "generated"
     assert summary["pii"]["emails"]["reproduced"] == 1 and summary["pii"]["phones"]["reproduced"] == 1
     rows = [json.loads(line) for line in (out / "audit_records.jsonl").read_text().splitlines()]
     assert [r["n_emails"] for r in rows] == [0, 1]
+    assert [r["id"] for r in rows] == ["0", "1"]  # the rows' own ids (auto), as generate writes them
     assert rows[0]["names"] == []  # the prompt's "Karen Arnold" is not counted against the generator
     assert rows[1]["emails"] == ["k***@flash.net"] and rows[1]["phones"] == ["***-***-**34"]
     text = (out / "audit_records.jsonl").read_text() + res.output

@@ -154,7 +154,8 @@ def audit_data_cmd(
     generated_field: str = typer.Option("auto", "--generated-field",
                                         help="auto = 'generated' when rows have it (continuations: the prompt "
                                         "is excluded), else 'text'"),
-    id_field: str | None = typer.Option(None, "--id-field", help="Id field of the generated data"),
+    id_field: str = typer.Option("auto", "--id-field", help="Id field of the generated data (auto = 'id' "
+                                 "when rows have it, as generate's outputs do; else <file stem>:<line>)"),
     names: Path | None = typer.Option(None, "--names", help="Name list (default: the shipped Enron names); "
                                       "names in the source's e-mail headers are always added"),
     ngram: int = typer.Option(8, "--ngram", min=1, help="Verbatim span length in words"),
@@ -168,11 +169,13 @@ def audit_data_cmd(
     if out is not None:
         prepare_output(out, command="audit-data", files=("audit_data.json", "audit_records.jsonl"),
                        inputs={"--source": source, "--generated": generated, "--names": names})
+    first = read_rows(generated)[0][1]
     if generated_field == "auto":
-        first = read_rows(generated)[0][1]
         generated_field = "generated" if isinstance(first.get("generated"), str) else "text"
+    if id_field == "auto":
+        id_field = "id" if "id" in first else None
     src = load_records(source, text_field=source_field, keep_empty=True)
-    gen = load_records(generated, text_field=generated_field, id_field=id_field, keep_empty=True)
+    gen = load_records(generated, text_field=generated_field, id_field=id_field or None, keep_empty=True)
     summary, records = audit([r.text for r in src], [(r.id, r.text) for r in gen], names=_names(names), n=ngram)
     summary = {"source": str(source), "generated": str(generated), "generated_field": generated_field, **summary}
     if out is not None:
