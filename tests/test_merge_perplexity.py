@@ -121,3 +121,31 @@ def test_perplexity_kind_measures_checkpoints_only_when_asked(data, tmp_path):
         results[flag] = kind.run(ctx, kind.Options(checkpoints=flag)).data
     assert len(results[True]["checkpoints"]) == 3 and results[False]["checkpoints"] == []
     assert results[False]["perplexity"] == pytest.approx(results[True]["perplexity"])
+
+
+def test_merge_reruns_into_its_own_out_and_a_missing_target_names_its_flag(data, tmp_path, monkeypatch, capsys):
+    """A second `merge` into the folder the first wrote was refused as 'not written by leakaudit merge'; a
+    target that cannot load was reported as field '--model', a flag mia does not have."""
+    import sys
+
+    from leakaudit.cli import main
+
+    adapter = finetune(FinetuneConfig(model="tiny-gpt-neox", data=str(data), out=str(tmp_path / "a"),
+                                      max_steps=1, batch_size=4, gradient_accumulation=1), progress=False)
+
+    def run(*argv):
+        monkeypatch.setattr(sys, "argv", ["leakaudit", *map(str, argv)])
+        try:
+            main()
+        except SystemExit as exc:
+            return int(exc.code or 0), capsys.readouterr().err
+        return 0, capsys.readouterr().err
+
+    for _ in range(2):
+        code, err = run("merge", "--adapter", adapter, "--out", tmp_path / "merged")
+        assert code == 0, err
+    (tmp_path / "m.jsonl").write_text('{"text": "one member text here"}\n')
+    (tmp_path / "n.jsonl").write_text('{"text": "one other text here"}\n')
+    code, err = run("mia", "--target", tmp_path / "no-such-model", "--members", tmp_path / "m.jsonl",
+                    "--nonmembers", tmp_path / "n.jsonl", "--out", tmp_path / "o", "--no-cache")
+    assert code == 2 and "field '--target'" in err, err

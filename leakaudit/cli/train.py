@@ -92,7 +92,8 @@ def register(app: typer.Typer) -> None:
         from leakaudit.outputs import prepare_output
         from leakaudit.train.merge import merge_adapter
 
-        prepare_output(out, command="merge", marker=False, inputs={"--adapter": adapter})
+        prepare_output(out, command="merge", marker=False, files=("leakaudit_merge.json",),
+                       inputs={"--adapter": adapter})  # a rerun replaces what an earlier merge wrote
         typer.echo(str(merge_adapter(adapter, out)))
 
     @app.command()

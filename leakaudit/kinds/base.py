@@ -170,8 +170,14 @@ class KindContext:
         return self.outputs[name] if name in self.outputs else self.out / name
 
     def model(self, role: str = "target") -> Any:
-        """The loaded model of a role (None when the role is not given)."""
-        return self.cache.get(self.models.get(role))
+        """The loaded model of a role (None when the role is not given). A model that cannot be loaded is
+        an error naming the role's option (`--target`, `--reference`), not the loader's `--model`."""
+        try:
+            return self.cache.get(self.models.get(role))
+        except InputError as exc:
+            if exc.field == "--model":
+                exc.field = f"--{role}"
+            raise
 
     def records(self, role: str = "data", **defaults: Any) -> list[Any]:
         """The records of a data role, read with the fields the caller gave (text_field, id_field, ...);

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 from leakaudit.data.io import write_json
@@ -17,9 +18,12 @@ def merge_adapter(adapter_dir: str | Path, out_dir: str | Path) -> Path:
     if not (adapter / "adapter_config.json").exists():
         raise InputError("not an adapter dir (no adapter_config.json)", file=adapter, field="--adapter")
     out = Path(out_dir)
-    if out.exists() and any(out.iterdir()):
+    earlier = (out / "leakaudit_merge.json").is_file()  # an earlier merge's output: replaced, once this one loads
+    if out.exists() and any(out.iterdir()) and not earlier:
         raise InputError("output dir exists and is not empty", file=out, field="--out")
     lm = load_model(str(adapter), device="cpu", dtype="fp32")
+    if earlier:
+        shutil.rmtree(out)
     merged = lm.model  # load_model folds an adapter loaded for inference into the weights
     out.mkdir(parents=True, exist_ok=True)
     merged.save_pretrained(str(out), safe_serialization=True)
