@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -381,3 +382,20 @@ def test_python_m_leakaudit_runs_the_cli_only_as_the_main_module(monkeypatch):
     assert calls == []
     runpy.run_module("leakaudit.__main__", run_name="__main__")
     assert calls == [1]
+
+
+def test_a_long_warning_stays_one_line_when_piped(tmp_path):
+    """rich wrapped `warning:` lines at 80 columns on a pipe (a log grep then saw half a message)."""
+    import subprocess
+
+    members, nonmembers = tmp_path / "m.jsonl", tmp_path / "n.jsonl"
+    members.write_text('{"text": "Give three tips for staying healthy and well rested."}\n'
+                       '{"text": "Sort these numbers in increasing order please now."}\n')
+    nonmembers.write_text('{"text": "Translate this."}\n{"text": "Write a poem."}\n')
+    res = subprocess.run([sys.executable, "-m", "leakaudit", "mia", "--target", "tiny-gpt-neox", "--members",
+                          str(members), "--nonmembers", str(nonmembers), "--out", str(tmp_path / "o"), "--no-cache",
+                          "--n-bootstrap", "10"], capture_output=True, text=True,
+                         env={**os.environ, "OMP_NUM_THREADS": "1", "LEAKAUDIT_DTYPE": "fp32"})
+    assert res.returncode == 0, res.stderr
+    lines = [x for x in res.stderr.splitlines() if x.startswith("warning: text length alone")]
+    assert len(lines) == 1 and len(lines[0]) > 80 and lines[0].endswith("match the length distributions")

@@ -20,7 +20,7 @@ from leakaudit.cli.core import (
 )
 from leakaudit.options import MAX_SEED
 
-err = Console(stderr=True)
+err = Console(stderr=True, soft_wrap=True)  # a warning or summary line stays one line when piped
 backdoor_app = typer.Typer(help="Backdoor fine-tuning-data extraction: plant, fine-tune downstream, extract, "
                            "identify, detect.", no_args_is_help=True)
 

@@ -11,7 +11,7 @@ from rich.console import Console
 
 from leakaudit.errors import InputError
 
-err = Console(stderr=True)
+err = Console(stderr=True, soft_wrap=True)  # a warning or summary line stays one line when piped
 
 ModelOpt = typer.Option(..., "--model", help="default | HF id | model dir | adapter dir | .gguf | tiny-gpt-neox | tiny-opt")
 DeviceOpt = typer.Option("auto", "--device", help="auto (CUDA if present, else CPU), cpu, cuda, cuda:1 ...")

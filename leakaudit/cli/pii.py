@@ -13,7 +13,7 @@ from rich.console import Console
 from leakaudit.cli.core import batch_size_option, build_options, model_path
 from leakaudit.options import MAX_SEED
 
-err = Console(stderr=True)
+err = Console(stderr=True, soft_wrap=True)  # a warning or summary line stays one line when piped
 
 
 def pii(

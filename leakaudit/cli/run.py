@@ -11,7 +11,7 @@ from rich.markup import escape
 
 from leakaudit.options import MAX_SEED
 
-console = Console(stderr=True)
+console = Console(stderr=True, soft_wrap=True)  # a verdict line stays one line when piped
 
 
 def _log(message: str) -> None:
