@@ -43,7 +43,7 @@ def read_rows(path: str | Path) -> list[tuple[int, dict[str, Any]]]:
         return _read_hf_dir(p)
     suffix = p.suffix.lower()
     if suffix == ".jsonl":
-        rows = _read_jsonl(p)
+        rows = read_jsonl_rows(p)
     elif suffix == ".json":
         rows = _read_json(p)
     elif suffix == ".csv":
@@ -84,7 +84,8 @@ def _not_utf8(p: Path, raw: bytes, exc: UnicodeDecodeError) -> InputError:
                       line=raw[:start].count(b"\n") + 1)
 
 
-def _read_jsonl(p: Path) -> list[tuple[int, dict[str, Any]]]:
+def read_jsonl_rows(p: Path) -> list[tuple[int, dict[str, Any]]]:
+    """(line, row) of every non-blank line of a JSONL file; each row a JSON object (else an InputError)."""
     rows = []
     with read_lines(p) as fh:
         for lineno, raw in enumerate(fh, start=1):

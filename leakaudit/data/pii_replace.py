@@ -22,7 +22,15 @@ from typing import Any
 
 from faker import Faker
 
-from leakaudit.data.pii_find import NameFinder, find_pii, is_phone, name_key, names_from_headers, phone_digits
+from leakaudit.data.pii_find import (
+    PHONE_REGION,
+    NameFinder,
+    find_pii,
+    is_phone,
+    name_key,
+    names_from_headers,
+    phone_digits,
+)
 from leakaudit.errors import InputError
 
 KINDS = ("email", "name", "phone")
@@ -184,7 +192,7 @@ def _with_layout(original: str, digits10: str) -> str:
     keep = ""
     stripped = original.lstrip()
     try:
-        cc = str(phonenumbers.parse(original, "US").country_code)
+        cc = str(phonenumbers.parse(original, PHONE_REGION).country_code)
     except phonenumbers.NumberParseException:
         cc = ""
     if stripped.startswith("+") and digits.startswith(cc):

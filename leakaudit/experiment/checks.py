@@ -106,17 +106,18 @@ def prepare_out(plan: Plan, out: Path) -> None:
 
 def _check_earlier_run(record: Path, name: str) -> None:
     """`--out` may hold an earlier run of this experiment (edited: its stale stages are replaced); a run.json
-    that is not a leakaudit run record, or one of another experiment, is refused before anything is deleted."""
-    try:
-        run = json.loads(record.read_text(encoding="utf-8"))
-        earlier = run["experiment"]["name"]
-        if not isinstance(run.get("stages"), (list, dict)) or not isinstance(earlier, str):
-            raise TypeError
-    except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError):
-        raise InputError("holds a run.json that is not a leakaudit run record; use a new or empty folder",
-                         file=record.parent, field="--out") from None
+    that is not a leakaudit run record (report.html's `load_run` reads it), or one of another experiment, is
+    refused before anything is deleted."""
     from leakaudit.data.pii_find import mask_pii
+    from leakaudit.report.html import load_run
 
+    try:
+        earlier = load_run(record.parent)["experiment"].get("name")
+    except InputError:
+        earlier = None
+    if not isinstance(earlier, str):
+        raise InputError("holds a run.json that is not a leakaudit run record; use a new or empty folder",
+                         file=record.parent, field="--out")
     if earlier not in (name, mask_pii(name)):  # run.json is masked: a digit run in a name may read as a phone
         raise InputError(f"holds a run of experiment '{earlier}', not '{name}': rerunning here would replace its "
                          "stages; use a new folder (--reuse it to copy the stages they share)",

@@ -224,25 +224,12 @@ def fmt(x: Any, digits: int = 3) -> str:
 def read_jsonl(path: Path) -> list[dict[str, Any]]:
     """Rows of a JSONL file a stage wrote (empty when it is not there yet). Stages write atomically, so a bad
     row means the file was changed outside leakaudit: a one-line error naming it, for the report too."""
-    import json
+    from leakaudit.data.io import read_jsonl_rows
 
     if not path.exists():
         return []
     try:
-        text = path.read_text(encoding="utf-8")
-    except UnicodeDecodeError:
-        raise InputError("stage file changed outside leakaudit: not valid UTF-8; rerun the stage", file=path) from None
-    rows = []
-    # "\n" only: files of earlier versions may hold a raw U+2028 inside a string, which splitlines breaks at
-    for lineno, line in enumerate(text.split("\n"), start=1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-            if not isinstance(row, dict):
-                raise ValueError(f"expected a JSON object, got {type(row).__name__}")
-        except ValueError as exc:  # JSONDecodeError too
-            raise InputError(f"stage file changed outside leakaudit ({exc}); rerun the stage", file=path,
-                             line=lineno) from None
-        rows.append(row)
-    return rows
+        return [row for _, row in read_jsonl_rows(path)]
+    except InputError as exc:
+        raise InputError(f"stage file changed outside leakaudit ({exc.message}); rerun the stage", file=path,
+                         line=exc.line) from None
