@@ -91,9 +91,9 @@ class TooShortSampleError(InputError):
 
 
 def group_users(records_in: Sequence[Record], records_out: Sequence[Record]
-                ) -> tuple[dict[str, list[str]], dict[str, int]]:
-    """Each user's texts in input order and label (1 = in training); a user on both sides is an error."""
-    samples: dict[str, list[str]] = {}
+                ) -> tuple[dict[str, list[Record]], dict[str, int]]:
+    """Each user's records in input order and label (1 = in training); a user on both sides is an error."""
+    samples: dict[str, list[Record]] = {}
     labels: dict[str, int] = {}
     for records, label in ((records_in, 1), (records_out, 0)):
         for r in records:
@@ -101,7 +101,7 @@ def group_users(records_in: Sequence[Record], records_out: Sequence[Record]
                 raise InputError("record has no user", line=r.line, field="user")
             if labels.setdefault(r.user, label) != label:
                 raise UserClashError(r)
-            samples.setdefault(r.user, []).append(r.text)
+            samples.setdefault(r.user, []).append(r)
     return samples, labels
 
 
@@ -131,16 +131,13 @@ def run_user_inference(target: LoadedModel, reference: LoadedModel, records_in: 
     samples, labels = group_users(records_in, records_out)
     users = list(samples)
     ms = parse_m_values(m_values)
-    texts = [t for u in users for t in samples[u]]
+    records = [r for u in users for r in samples[u]]
+    texts = [r.text for r in records]
     opts = {"batch_size": batch_size, "max_length": max_length, "cache": cache, "progress": progress}
     tgt = score_texts_distributed(target, texts, description="scoring (target)", **opts)
     short = next((i for i, s in enumerate(tgt) if s.n_tokens == 0), None)
     if short is not None:  # before the reference pass; the target's scores stay in the score cache
-        by_user: dict[str, list[Record]] = {}
-        for r in [*records_in, *records_out]:
-            by_user.setdefault(str(r.user), []).append(r)
-        record = [r for u in users for r in by_user[u]][short]
-        raise TooShortSampleError(record, labels[str(record.user)])
+        raise TooShortSampleError(records[short], labels[records[short].user])
     ref = score_texts_distributed(reference, texts, description="scoring (reference)", **opts)
     ratio = np.array([t.sum_logp - r.sum_logp for t, r in zip(tgt, ref, strict=True)])
     per_user: dict[str, np.ndarray] = {}

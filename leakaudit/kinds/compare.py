@@ -161,11 +161,11 @@ def compare(base: StageView, other: StageView, a: Series, b: Series, style: Styl
                           n_bootstrap=1000 if n_boot is None else int(n_boot), seed=0 if seed is None else int(seed),
                           clusters=clusters)
     ci = d["ci"]
+    half = (ci[1] - ci[0]) / 2 if ci else None
     return {**entry, "value_baseline": d["value_a"], "value_variant": d["value_b"], "delta": d["delta"],
             "delta_ci": ci, "ci": ci, "relative": d["relative"], "relative_ci": d["relative_ci"],
-            "n_bootstrap": d["n_bootstrap"], "ci_half_width": (ci[1] - ci[0]) / 2 if ci else None,
-            "detectable_effect": POWER_80 * (ci[1] - ci[0]) / 2 if ci else None,
-            "verdict": verdict(ci, style, too_few)}
+            "n_bootstrap": d["n_bootstrap"], "ci_half_width": half,
+            "detectable_effect": None if half is None else POWER_80 * half, "verdict": verdict(ci, style, too_few)}
 
 
 def comparisons(stages: list[StageView], series: Callable[[StageView, StageView], list[Series]],
