@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import sys
 from pathlib import Path
 
 import pytest
@@ -89,3 +90,15 @@ def one_torch_thread():
     """One torch thread for the test (tiny-model training), restored afterwards."""
     with torch_threads(1):
         yield
+
+
+def run_main(args, monkeypatch, capsys) -> tuple[int, str]:
+    """The console entry point in-process: its exit code (0 when it returns) and stderr."""
+    from leakaudit.cli import main
+
+    monkeypatch.setattr(sys, "argv", ["leakaudit", *map(str, args)])
+    try:
+        main()
+    except SystemExit as exc:
+        return int(exc.code or 0), capsys.readouterr().err
+    return 0, capsys.readouterr().err

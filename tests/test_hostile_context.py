@@ -5,11 +5,11 @@ from __future__ import annotations
 
 import json
 import math
-import sys
 
 import numpy as np
 import pytest
 import torch
+from conftest import run_main
 
 from leakaudit import errors
 from leakaudit.errors import InputError
@@ -31,19 +31,6 @@ def _fresh_warnings():
     errors._WARNED.clear()
 
 
-def _run_main(args, monkeypatch, capsys) -> tuple[int, str]:
-    """The console entry point in-process: exit code and stderr (the path that prints `error:`/`warning:`)."""
-    from leakaudit.cli import main
-
-    monkeypatch.setattr(sys, "argv", ["leakaudit", *args])
-    code = 0
-    try:
-        main()
-    except SystemExit as exc:
-        code = int(exc.code or 0)
-    return code, capsys.readouterr().err
-
-
 def _lines(stderr: str, prefix: str) -> list[str]:
     return [x for x in stderr.splitlines() if x.startswith(prefix)]
 
@@ -57,7 +44,7 @@ def test_tiny_opt_lora_finetune_on_texts_longer_than_the_context(tmp_path, monke
     out = tmp_path / "run"
     argv = ["finetune", "--model", "tiny-opt", "--method", "lora", "--data", str(data), "--out", str(out),
             "--epochs", "1", "--max-steps", "1", "--gradient-accumulation", "1", "--batch-size", "2", "--no-bf16"]
-    code, err = _run_main(argv, monkeypatch, capsys)  # default --max-length 512 > tiny-opt's 256
+    code, err = run_main(argv, monkeypatch, capsys)  # default --max-length 512 > tiny-opt's 256
     assert code == 0, err
     assert "Traceback" not in err and not _lines(err, "error:")
     warned = _lines(err, "warning:")
@@ -68,7 +55,7 @@ def test_tiny_opt_lora_finetune_on_texts_longer_than_the_context(tmp_path, monke
     # Every text was split into chunks that fit (>= 3 chunks per text), none longer than the context.
     assert json.loads((out / "defenses.json").read_text())["n_train_examples"] >= 9
     # The clamp leaves the run's fingerprint alone: the same command finds its finished run.
-    code, err = _run_main(argv, monkeypatch, capsys)
+    code, err = run_main(argv, monkeypatch, capsys)
     assert code == 0 and "holds a run with different options" not in err, err
 
 
@@ -101,7 +88,7 @@ def test_scoring_with_a_window_above_the_context_is_clamped(tmp_path, monkeypatc
     data = tmp_path / "t.jsonl"
     data.write_text("".join(json.dumps({"id": str(i), "text": t}) + "\n" for i, t in enumerate(texts)))
     out = tmp_path / "s.jsonl"
-    code, err = _run_main(["score", "--model", "tiny-opt", "--data", str(data), "--id-field", "id", "--out", str(out),
+    code, err = run_main(["score", "--model", "tiny-opt", "--data", str(data), "--id-field", "id", "--out", str(out),
                            "--max-length", "4096", "--no-cache", "--dtype", "fp32"], monkeypatch, capsys)
     assert code == 0, err
     warned = _lines(err, "warning:")
@@ -132,7 +119,7 @@ def test_sampling_a_long_prompt_with_many_new_tokens(tmp_path, monkeypatch, caps
     data = tmp_path / "src.jsonl"
     data.write_text(json.dumps({"text": prompt}) + "\n")
     out = tmp_path / "g.jsonl"
-    code, err = _run_main(["generate", "continuation", "--model", "tiny-opt", "--data", str(data), "--out", str(out),
+    code, err = run_main(["generate", "continuation", "--model", "tiny-opt", "--data", str(data), "--out", str(out),
                            "--prompt-tokens", "400", "--max-new-tokens", "1000"], monkeypatch, capsys)
     assert code == 2 and err.count("\n") == 1 and err.startswith("error: ") and "Traceback" not in err, err
     assert "'--max-new-tokens'" in err and "256" in err

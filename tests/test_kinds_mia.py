@@ -4,10 +4,10 @@ option with the same message, and on the same texts they write the same numbers.
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
 import pytest
+from conftest import run_main
 
 ROWS = [{"id": f"r{i}", "user": f"u{i // 2}", "text": t} for i, t in enumerate([
     "Give three tips for staying healthy.", "Sort these numbers from small to large.",
@@ -31,18 +31,6 @@ def _experiment(options: str, evaluations: str = "") -> str:
             "    members: d.a\n"
             "    nonmembers: d.b\n"
             f"    options: {options}\n" + evaluations)
-
-
-def _main(args: list, monkeypatch, capsys) -> tuple[int, str]:
-    """The console entry point in-process: its exit code and stderr."""
-    from leakaudit.cli import main
-
-    monkeypatch.setattr(sys, "argv", ["leakaudit", *map(str, args)])
-    try:
-        main()
-    except SystemExit as exc:
-        return int(exc.code or 0), capsys.readouterr().err
-    return 0, capsys.readouterr().err
 
 
 @pytest.fixture
@@ -69,11 +57,11 @@ def _message(err: str) -> str:
      ("--stride", "evaluate.m.options.stride")),  # refused before any scoring, as scoring itself would
 ])
 def test_cli_and_experiment_refuse_a_bad_option_alike(study, monkeypatch, capsys, cli_args, option, where):
-    code, cli_err = _main(["mia", "--target", "tiny-gpt-neox", "--data", study / "data.jsonl", "--out",
+    code, cli_err = run_main(["mia", "--target", "tiny-gpt-neox", "--data", study / "data.jsonl", "--out",
                            study / "cli", *cli_args], monkeypatch, capsys)
     assert code == 2 and f"field '{where[0]}'" in cli_err, cli_err
     (study / "exp.yaml").write_text(_experiment(option))
-    code, exp_err = _main(["run", study / "exp.yaml", "--out", study / "run", "--no-report"], monkeypatch, capsys)
+    code, exp_err = run_main(["run", study / "exp.yaml", "--out", study / "run", "--no-report"], monkeypatch, capsys)
     assert code == 2 and f"exp.yaml:11: field '{where[1]}'" in exp_err, exp_err
     assert _message(cli_err) == _message(exp_err)
     if "mink" in option:
@@ -98,7 +86,7 @@ def test_cli_and_experiment_give_the_same_numbers(study, monkeypatch, capsys):
 
     common = ["--target", "tiny-gpt-neox", "--reference", "tiny-opt", "--n-bootstrap", "30", "--no-cache",
               "--id-field", "id"]
-    code, err = _main(["mia", *common, "--members", members, "--nonmembers", nonmembers, "--attacks",
+    code, err = run_main(["mia", *common, "--members", members, "--nonmembers", nonmembers, "--attacks",
                        "loss,zlib,min_k,ref", "--out", study / "cli"], monkeypatch, capsys)
     assert code == 0, err
     cli, exp = (json.loads((d / "mia.json").read_text()) for d in (study / "cli", run / "evaluate/m/base"))
@@ -113,7 +101,7 @@ def test_cli_and_experiment_give_the_same_numbers(study, monkeypatch, capsys):
     rows = [(study / "cli" / "scores.jsonl").read_text(), (run / "evaluate/m/base/scores.jsonl").read_text()]
     assert [json.loads(x)["id"] for x in rows[0].splitlines()] == [json.loads(x)["id"] for x in rows[1].splitlines()]
 
-    code, err = _main(["user-inference", *common, "--data", members, "--data-out", nonmembers, "--user-field",
+    code, err = run_main(["user-inference", *common, "--data", members, "--data-out", nonmembers, "--user-field",
                        "user", "--samples-per-user", "1,all", "--out", study / "cli-u"], monkeypatch, capsys)
     assert code == 0, err
     cli, exp = (json.loads((d / "user_inference.json").read_text()) for d in (study / "cli-u", run / "evaluate/u/base"))
@@ -129,7 +117,7 @@ def test_a_user_on_both_sides_is_one_error_naming_the_file(study, monkeypatch, c
     a, b = study / "a.jsonl", study / "b.jsonl"
     a.write_text("".join(json.dumps(r) + "\n" for r in ROWS[:6]))
     b.write_text("".join(json.dumps(r) + "\n" for r in [ROWS[6], {**ROWS[7], "user": "u1"}]))
-    code, err = _main(["user-inference", "--target", "tiny-gpt-neox", "--reference", "tiny-opt", "--data", a,
+    code, err = run_main(["user-inference", "--target", "tiny-gpt-neox", "--reference", "tiny-opt", "--data", a,
                        "--data-out", b, "--user-field", "user", "--out", study / "o"], monkeypatch, capsys)
     assert code == 2
     assert _message(err) == "user 'u1' appears among both in-training and held-out users; split the data by user"

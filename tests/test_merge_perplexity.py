@@ -7,6 +7,7 @@ import math
 
 import pytest
 import torch
+from conftest import run_main
 from typer.testing import CliRunner
 
 from leakaudit.models import load_model
@@ -126,20 +127,11 @@ def test_perplexity_kind_measures_checkpoints_only_when_asked(data, tmp_path):
 def test_merge_reruns_into_its_own_out_and_a_missing_target_names_its_flag(data, tmp_path, monkeypatch, capsys):
     """A second `merge` into the folder the first wrote was refused as 'not written by leakaudit merge'; a
     target that cannot load was reported as field '--model', a flag mia does not have."""
-    import sys
-
-    from leakaudit.cli import main
-
     adapter = finetune(FinetuneConfig(model="tiny-gpt-neox", data=str(data), out=str(tmp_path / "a"),
                                       max_steps=1, batch_size=4, gradient_accumulation=1), progress=False)
 
     def run(*argv):
-        monkeypatch.setattr(sys, "argv", ["leakaudit", *map(str, argv)])
-        try:
-            main()
-        except SystemExit as exc:
-            return int(exc.code or 0), capsys.readouterr().err
-        return 0, capsys.readouterr().err
+        return run_main(argv, monkeypatch, capsys)
 
     for _ in range(2):
         code, err = run("merge", "--adapter", adapter, "--out", tmp_path / "merged")
