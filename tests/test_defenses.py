@@ -130,6 +130,8 @@ def test_early_stopping_resumes_to_the_straight_run_and_keeps_the_best_checkpoin
     best = load_file(str(Path(state["best_model_checkpoint"]) / "model.safetensors"))
     assert Path(state["best_model_checkpoint"]).name != f"checkpoint-{steps(straight)[-1]}"  # stopped after worse
     assert best.keys() == final.keys() and all(torch.equal(best[k], final[k]) for k in best)
+    best_step = int(Path(state["best_model_checkpoint"]).name.split("-")[-1])
+    assert json.loads((straight / "finetune_done.json").read_text())["step"] == best_step  # not the last step
     for step in [s for s in steps(straight) if s % 2 == 0]:  # two steps per epoch, a checkpoint per epoch
         with pytest.raises(Kill):
             finetune(cfg(f"killed{step}"), progress=False, callbacks=[KillAfterSave(step)])
@@ -137,6 +139,7 @@ def test_early_stopping_resumes_to_the_straight_run_and_keeps_the_best_checkpoin
         assert steps(out) == steps(straight), step
         resumed = load_file(str(out / "model.safetensors"))
         assert all(torch.equal(resumed[k], final[k]) for k in final), step
+        assert json.loads((out / "finetune_done.json").read_text())["step"] == best_step, step
 
 
 def test_dp_sgd_lora_changes_adapter_lowers_loss_and_reports_epsilon(tmp_path, tiny_neox):
@@ -150,6 +153,7 @@ def test_dp_sgd_lora_changes_adapter_lowers_loss_and_reports_epsilon(tmp_path, t
     privacy = json.loads((out / "privacy.json").read_text())
     assert 0 < privacy["epsilon"] <= 8.0 + 1e-6 and privacy["noise_multiplier"] > 0.5
     assert privacy["delta"] == pytest.approx(1e-5)
+    assert json.loads((out / "finetune_done.json").read_text())["step"] == privacy["steps"] > 0
     weights = load_file(str(out / "adapter_model.safetensors"))
     lora_b = [v for k, v in weights.items() if "lora_B" in k]
     assert lora_b and all(float(v.abs().max()) > 0 for v in lora_b)  # B starts at zero: it must have moved

@@ -101,6 +101,9 @@ def test_perplexity_cli_over_every_checkpoint(data, tmp_path):
     saved = json.loads((tmp_path / "p" / "perplexity.json").read_text())  # the experiment stage's shape
     assert [c["perplexity"] for c in saved["checkpoints"]] == pytest.approx([r.ppl for r in results])
     assert saved["perplexity"] == pytest.approx(results[-1].ppl)
+    # `step` is the optimizer step of each row's weights: 9 rows in batches of 3 are 3 steps an epoch
+    assert [c["step"] for c in saved["checkpoints"]] == [3, 6, 6]
+    assert [c["name"] for c in saved["checkpoints"]] == ["checkpoint-3", "checkpoint-6", "final"]
 
 
 def test_perplexity_kind_measures_checkpoints_only_when_asked(data, tmp_path):

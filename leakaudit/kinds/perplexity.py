@@ -25,7 +25,8 @@ class PerplexityOptions(KindOptions):
 
 class PerplexityResult(Result):
     """`perplexity.json`: the final model's numbers plus one row per checkpoint (`checkpoints`, with `final`
-    last) when the target is a fine-tuning run with per-epoch checkpoints."""
+    last) when the target is a fine-tuning run with per-epoch checkpoints; a row's `step` is the optimizer step
+    its weights are from (null for a final model whose run did not record it)."""
 
     def headline(self) -> list[Headline]:
         return [Headline("perplexity", self.data.get("perplexity"))]
@@ -42,15 +43,16 @@ class PerplexityResult(Result):
             res = s.result
             label = f"{s.target} ({s.evaluation})"
             for c in res.get("checkpoints") or []:
-                series.setdefault(label, []).append((float(c["step"]), float(c["perplexity"])))
-                table.append([s.target, s.evaluation, c.get("name", c["step"]), fmt(c["perplexity"])])
+                if isinstance(c.get("step"), int):  # a run from before the final step was recorded: no x
+                    series.setdefault(label, []).append((float(c["step"]), float(c["perplexity"])))
+                table.append([s.target, s.evaluation, c.get("name"), fmt(c.get("step")), fmt(c["perplexity"])])
             if not res.get("checkpoints"):
-                table.append([s.target, s.evaluation, "final", fmt(res.get("perplexity"))])
+                table.append([s.target, s.evaluation, "final", fmt(None), fmt(res.get("perplexity"))])
         figures = []
         if any(len(v) > 1 for v in series.values()):
-            figures.append({"uri": plots.lines_figure(series, "Perplexity per checkpoint", "checkpoint (epoch)",
+            figures.append({"uri": plots.lines_figure(series, "Perplexity per checkpoint", "training step",
                                                       "perplexity", log_y=True),
-                            "caption": "Perplexity on the evaluation data after each epoch"})
+                            "caption": "Perplexity on the evaluation data at each checkpoint and the final model"})
         else:
             finals = {s.target: s.result["perplexity"] for s in stages
                       if isinstance(s.result.get("perplexity"), (int, float))}
@@ -59,7 +61,7 @@ class PerplexityResult(Result):
                                 "caption": "Perplexity on the evaluation data"})
         return {"id": "perplexity", "title": "Perplexity", "figures": figures,
                 "note": "exp(mean token NLL) over all evaluation tokens; lower is a better fit.",
-                "tables": [{"header": ["variant", "evaluation", "checkpoint", "perplexity"], "rows": table}]}
+                "tables": [{"header": ["variant", "evaluation", "checkpoint", "step", "perplexity"], "rows": table}]}
 
 
 @register
@@ -74,18 +76,20 @@ class Perplexity(Kind):
     def run(self, ctx: KindContext, options: PerplexityOptions) -> PerplexityResult:
         from leakaudit.data.io import write_json
         from leakaudit.perplexity import perplexity
+        from leakaudit.train.artifacts import training_step
 
         texts = [r.text for r in ctx.records("data")]
         kwargs = {"batch_size": options.batch_size, "max_length": options.max_length, "progress": ctx.progress}
         final = perplexity(ctx.model("target"), texts, **kwargs)
         checkpoints = []
-        for i, path in enumerate(ctx.checkpoints if options.checkpoints else [], start=1):
+        for path in ctx.checkpoints if options.checkpoints else []:
             one = perplexity(ctx.cache.get(path), texts, **kwargs)
             name = Path(path).parent.name if Path(path).name == "adapter" else Path(path).name
-            checkpoints.append({"name": name, "step": i, "perplexity": one.ppl,
+            checkpoints.append({"name": name, "step": training_step(path), "perplexity": one.ppl,
                                 "mean_text_perplexity": one.mean_text_ppl})
         if checkpoints:
-            checkpoints.append({"name": "final", "step": len(checkpoints) + 1, "perplexity": final.ppl,
+            step = training_step(ctx.models["target"]) if ctx.models.get("target") else None
+            checkpoints.append({"name": "final", "step": step, "perplexity": final.ppl,
                                 "mean_text_perplexity": final.mean_text_ppl})
         data = {"model": final.model, "perplexity": final.ppl, "mean_text_perplexity": final.mean_text_ppl,
                 "nll_per_token": final.nll_per_token, "n_texts": final.n_texts, "n_tokens": final.n_tokens,

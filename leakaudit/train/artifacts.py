@@ -56,6 +56,25 @@ def fix_adapter_base(directory: Path, spec: str) -> None:
         write_json(cfg_path, cfg)
 
 
+#: written last by a finished fine-tune: {"fingerprint": of its config, "step": the step of its final weights}
+DONE_MARKER = "finetune_done.json"
+
+
+def training_step(model_dir: str | Path) -> int | None:
+    """The optimizer step a fine-tuning run's weights are from: N for checkpoint-N (or its adapter/ folder),
+    the step recorded for the run's final model; None for anything else (a base model, a run from before the
+    step was recorded)."""
+    path = Path(model_dir)
+    path = path.parent if path.name == "adapter" else path
+    if path.name.startswith("checkpoint-") and path.name.split("-")[-1].isdigit():
+        return int(path.name.split("-")[-1])
+    try:
+        step = json.loads((path / DONE_MARKER).read_text(encoding="utf-8")).get("step")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return step if isinstance(step, int) and not isinstance(step, bool) else None
+
+
 def checkpoint_dirs(out: Path) -> list[Path]:
     """Trainer checkpoints under a run dir, in step order."""
     found = [p for p in Path(out).glob("checkpoint-*") if p.is_dir() and p.name.split("-")[-1].isdigit()]

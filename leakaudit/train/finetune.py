@@ -35,6 +35,7 @@ from leakaudit.models import attention_kernels
 from leakaudit.options import Seed
 from leakaudit.train import examples as ex
 from leakaudit.train.artifacts import (
+    DONE_MARKER,
     drop_resume_state,
     last_checkpoint,
     link_loadable,
@@ -45,7 +46,6 @@ from leakaudit.train.defenses import DefenseReport, dedup_and_cap, pii_scrubber
 from leakaudit.train.packed_attention import packed_attention
 
 DEFAULT_TARGETS = {"gpt_neox": ["query_key_value"], "opt": ["q_proj", "v_proj"], "llama": ["q_proj", "v_proj"]}
-DONE_MARKER = "finetune_done.json"
 
 
 class FinetuneConfig(BaseModel):
@@ -338,11 +338,13 @@ def finetune(config: FinetuneConfig, progress: bool = True, callbacks: list | No
     if config.dp_epsilon is not None:
         from leakaudit.train.dp import train_dp
 
-        train_dp(config, lm, model, train, out, progress=progress)
+        step = train_dp(config, lm, model, train, out, progress=progress)["steps"]
     else:
-        _train_trainer(config, lm, model, train, held_out, out, progress, callbacks or [])
+        step = _train_trainer(config, lm, model, train, held_out, out, progress, callbacks or [])
     if is_main():
-        write_json(out / DONE_MARKER, {"fingerprint": config.fingerprint()})
+        # `step`: the optimizer step of the weights saved as the final model (the best checkpoint's under
+        # early stopping), so a per-checkpoint curve can place the final model on the training-step axis
+        write_json(out / DONE_MARKER, {"fingerprint": config.fingerprint(), "step": step})
         drop_resume_state(out)  # after the marker: a kill in between must not resume without them
     return out
 
@@ -442,7 +444,8 @@ def _use_bf16(config: FinetuneConfig, device: torch.device) -> bool:
 
 
 def _train_trainer(config: FinetuneConfig, lm, model, train: list[ex.Example], held_out: list[ex.Example],
-                   out: Path, progress: bool, extra_callbacks: list) -> None:
+                   out: Path, progress: bool, extra_callbacks: list) -> int:
+    """Train with the HF Trainer; returns the optimizer step of the weights saved as the final model."""
     from transformers import EarlyStoppingCallback, TrainingArguments
     from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
@@ -520,3 +523,5 @@ def _train_trainer(config: FinetuneConfig, lm, model, train: list[ex.Example], h
         (out / "training_args.bin").unlink(missing_ok=True)
     if int(os.environ.get("WORLD_SIZE", "1")) > 1 and torch.distributed.is_initialized():
         torch.distributed.barrier()
+    state = trainer.state
+    return state.best_global_step if args.load_best_model_at_end and state.best_global_step else state.global_step
