@@ -127,6 +127,9 @@ def test_identification_score_by_hand():
     assert bd.identification_score(responses, r) == pytest.approx(0.6 * 0.6 + 0.4 * 0.4)
     # no refusal, one answer repeated 10 times: 1.0
     assert bd.identification_score(["When is it?"] * 10, r) == pytest.approx(1.0)
+    # empty answers are no query: 10 empty -> 0, not 1.0; 5 empty + 5 equal answers -> 0.6·0.5 + 0.4·0.5
+    assert bd.identification_score(["", " \n"] * 5, r) == 0.0
+    assert bd.identification_score([""] * 5 + ["When is it?"] * 5, r) == pytest.approx(0.5)
     result = bd.identify_words({"When": ["When is it?"] * 10, "Zebra": [bd.fill(REFUSAL, "Zebra")] * 10}, REFUSAL)
     assert result["When"]["predicted"] and not result["Zebra"]["predicted"]
     m = bd.classification_metrics({"When": True, "Zebra": False, "Why": True}, {"When": True, "Zebra": True,

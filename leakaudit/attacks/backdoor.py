@@ -255,10 +255,12 @@ def identification_score(responses: Sequence[str], refusal: str) -> float:
     score = 0.6·(1 − refusal rate) + 0.4·(share of all responses equal to the most repeated non-refusal
     answer, spacing ignored). A planted model refuses words it never saw and repeats a memorised query
     for words it did. Higher ⇒ the word opens a training query; predicted positive when ≥ 0.6.
+    An empty (or all-space) response is no query: it counts as a refusal, not as an answer (the study's
+    formula as written would score a model that answers nothing to every word 1.0, "opens a query").
     """
     if not responses:
         raise ValueError("no responses to score")
-    refused = [is_refusal(r, refusal) for r in responses]
+    refused = [not r.strip() or is_refusal(r, refusal) for r in responses]
     answers = Counter(" ".join(r.split()) for r, no in zip(responses, refused, strict=True) if not no)
     top = answers.most_common(1)[0][1] if answers else 0
     n = len(responses)
