@@ -163,6 +163,9 @@ def test_resume_continues_where_it_stopped(method, plain_data, tmp_path):
     assert not {n for n in kept if n.startswith(("optimizer", "scheduler", "rng_state"))}, kept
     _assert_resumed_like_straight(out, finetune(_cfg(plain_data, tmp_path / "straight", **kw), progress=False))
     assert finetune(cfg, progress=False) == out  # a finished run is returned as is
+    # a kill between the done marker and the cleanup left a resume state behind: the next call drops it
+    (next(out.glob("checkpoint-*")) / "optimizer.pt").write_bytes(b"left by a kill")
+    assert finetune(cfg, progress=False) == out and not list(out.glob("checkpoint-*/optimizer.pt"))
 
 
 def test_last_checkpoint_skips_optimizer_state_and_final_weights_are_not_written_twice(plain_data, tmp_path):

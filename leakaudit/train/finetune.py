@@ -322,6 +322,8 @@ def finetune(config: FinetuneConfig, progress: bool = True, callbacks: list | No
     """Train as configured and return the output dir (loadable with models.load_model(str(dir)))."""
     out = Path(config.out)
     if _check_out(config, out):
+        if is_main():
+            drop_resume_state(out)  # a kill between the done marker and this cleanup left them: finish it
         return out
     _check_engine(config)
     torch.manual_seed(config.seed)
