@@ -115,8 +115,6 @@ class ScoreCache:
         try:
             self._open()
         except sqlite3.DatabaseError as exc:
-            if isinstance(exc, sqlite3.OperationalError):  # locked, no disk space: not the file's content
-                raise
             self._rebuild(exc)
 
     def _open(self) -> None:
@@ -132,6 +130,10 @@ class ScoreCache:
             raise
 
     def _rebuild(self, exc: sqlite3.DatabaseError) -> None:
+        """Move a broken file aside and start an empty one; re-raise an error that is not the file's content
+        (OperationalError: locked, no disk space), which a new file would not mend."""
+        if isinstance(exc, sqlite3.OperationalError):
+            raise exc
         with contextlib.suppress(sqlite3.Error, AttributeError):
             self._conn.close()
         aside = self.path.with_name(self.path.name + ".corrupt")
@@ -167,8 +169,6 @@ class ScoreCache:
                         continue
                     found[key] = scores
         except sqlite3.DatabaseError as exc:
-            if isinstance(exc, sqlite3.OperationalError):
-                raise
             self._rebuild(exc)
             return {}
         return found
@@ -181,8 +181,6 @@ class ScoreCache:
             self._conn.executemany("INSERT OR REPLACE INTO scores VALUES (?, ?, ?, ?)", rows)
             self._conn.commit()
         except sqlite3.DatabaseError as exc:
-            if isinstance(exc, sqlite3.OperationalError):
-                raise
             self._rebuild(exc)
             self._conn.executemany("INSERT OR REPLACE INTO scores VALUES (?, ?, ?, ?)", rows)
             self._conn.commit()

@@ -358,6 +358,17 @@ def test_a_broken_cache_file_or_row_is_rebuilt_not_trusted(tiny_neox, tmp_path):
                for a, b in zip(again, fresh, strict=True))
 
 
+def test_a_locked_or_full_cache_is_an_error_not_a_rebuild(tmp_path):
+    """An OperationalError (locked by another process, disk full) says nothing about the file's content:
+    moving a good cache aside would throw away every score in it."""
+    import sqlite3
+
+    store = ScoreCache(tmp_path / "c.sqlite")
+    with pytest.raises(sqlite3.OperationalError):
+        store._rebuild(sqlite3.OperationalError("database is locked"))
+    assert not (tmp_path / "c.sqlite.corrupt").exists() and (tmp_path / "c.sqlite").exists()
+
+
 def test_a_separator_inside_prefix_or_text_is_not_a_cache_collision(tiny_neox, tmp_path):
     """The key hashes its parts length-prefixed: ("A\x1fB", "C D E") and ("A", "B\x1fC D E") once shared one."""
     store = ScoreCache(tmp_path / "c.sqlite")
