@@ -92,8 +92,9 @@ def one_torch_thread():
         yield
 
 
-def run_main(args, monkeypatch, capsys) -> tuple[int, str]:
-    """The console entry point in-process: its exit code (0 when it returns) and stderr."""
+def run_main(args, monkeypatch, capsys, *, must_exit: bool = False) -> tuple[int, str]:
+    """The console entry point in-process (the path that prints `error:`), without a subprocess's imports:
+    its exit code (0 when it returns) and stderr. `must_exit`: returning without SystemExit fails the test."""
     from leakaudit.cli import main
 
     monkeypatch.setattr(sys, "argv", ["leakaudit", *map(str, args)])
@@ -101,4 +102,6 @@ def run_main(args, monkeypatch, capsys) -> tuple[int, str]:
         main()
     except SystemExit as exc:
         return int(exc.code or 0), capsys.readouterr().err
+    if must_exit:
+        pytest.fail("the command returned instead of exiting")
     return 0, capsys.readouterr().err

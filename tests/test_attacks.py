@@ -10,7 +10,7 @@ import zlib
 import numpy as np
 import pytest
 import torch
-from conftest import torch_threads
+from conftest import run_main, torch_threads
 
 from leakaudit.attacks import ATTACKS, ScoringContext, get_attack
 from leakaudit.attacks.mia import REFERENCE_FREE, TooShortError, run_mia, split_warnings
@@ -245,17 +245,7 @@ def test_split_warnings():
 
 # ----------------------------------------------------------------------------------------- CLI
 def _cli(monkeypatch, capsys, *argv: str) -> tuple[int, str]:
-    import sys
-
-    from leakaudit.cli import main
-
-    monkeypatch.setattr(sys, "argv", ["leakaudit", *argv])
-    code = 0
-    try:
-        main()
-    except SystemExit as exc:
-        code = int(exc.code or 0)
-    return code, capsys.readouterr().err
+    return run_main(argv, monkeypatch, capsys)
 
 
 def _jsonl(path, rows):

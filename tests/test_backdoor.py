@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import json
 import os
+from functools import partial
 
 import pytest
+from conftest import run_main
 
 from leakaudit.attacks import backdoor as bd
 from leakaudit.errors import InputError
@@ -191,16 +193,7 @@ def test_load_pairs_formats_and_errors(tmp_path):
 
 
 # ----------------------------------------------------------------------------------------- CLI
-def _run_main(args, monkeypatch, capsys):
-    """The console entry point in-process (the path that prints `error:`), without a subprocess's imports."""
-    import sys
-
-    from leakaudit.cli import main
-
-    monkeypatch.setattr(sys, "argv", ["leakaudit", *args])
-    with pytest.raises(SystemExit) as exc:
-        main()
-    return exc.value.code, capsys.readouterr().err
+_run_main = partial(run_main, must_exit=True)  # the CLI's error path exits (SystemExit)
 
 
 def _invoke(args):

@@ -4,9 +4,9 @@ and its pairs serve the PII kinds as targets (from a file, and from an experimen
 from __future__ import annotations
 
 import json
-import sys
 
 import pytest
+from conftest import run_main
 
 from leakaudit.data.builtin import builtin_dataset
 
@@ -53,21 +53,14 @@ def test_message_rows_are_a_pairs_file(tmp_path, rows):
 
 def test_experiment_scores_the_pairs_of_its_data_split(tmp_path, monkeypatch, capsys):
     """`builtin: enron-exposure` split into parts; pii-logprob on one part takes that part's own pairs."""
-    from leakaudit.cli import main
-
     exp = tmp_path / "exp.yaml"
     exp.write_text("name: p\nseed: 0\nmodels:\n  base: tiny-gpt-neox\n"
                    "datasets:\n  P:\n    builtin: enron-exposure\n    limit: 12\n"
                    "    split: {targets: 0.5, rest: 0.5}\n"
                    "evaluate:\n  ev:\n    kind: pii-logprob\n    targets: [base]\n    data: P.targets\n"
                    "    options: {templates: D, n_targets: 4, n_candidates: 3}\n")
-    monkeypatch.setattr(sys, "argv", ["leakaudit", "run", str(exp), "--out", str(tmp_path / "run")])
-    try:
-        main()
-        code = 0
-    except SystemExit as stop:
-        code = stop.code or 0
-    assert code == 0, capsys.readouterr().err
+    code, err = run_main(["run", exp, "--out", tmp_path / "run"], monkeypatch, capsys)
+    assert code == 0, err
     split = [json.loads(line) for f in (tmp_path / "run").rglob("targets.jsonl")
              for line in f.read_text().splitlines()]
     own = {f"{r['id']}/{k}" for r in split for k in range(len(r["pairs"]))}

@@ -5,10 +5,11 @@ that cannot be resolved and output dirs that cannot be written all fail before a
 from __future__ import annotations
 
 import json
-import sys
+from functools import partial
 from pathlib import Path
 
 import pytest
+from conftest import run_main
 
 from leakaudit.errors import InputError
 
@@ -68,14 +69,7 @@ def _tree(root: Path, skip: Path | None = None) -> dict[str, tuple[int, int]]:
     return out
 
 
-def _run_main(args: list[str], monkeypatch, capsys) -> tuple[int, str]:
-    """The console entry point in-process (the path that prints `error:`), without a subprocess's imports."""
-    from leakaudit.cli import main
-
-    monkeypatch.setattr(sys, "argv", ["leakaudit", *args])
-    with pytest.raises(SystemExit) as exc:
-        main()
-    return exc.value.code, capsys.readouterr().err
+_run_main = partial(run_main, must_exit=True)  # the CLI's error path exits (SystemExit)
 
 
 def _refused(tmp_path: Path, text: str, monkeypatch, capsys, out: Path | None = None) -> str:

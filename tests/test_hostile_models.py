@@ -7,25 +7,17 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import sys
+from functools import partial
 from pathlib import Path
 
 import pytest
 import torch
+from conftest import run_main
 
 from leakaudit import models
 from leakaudit.errors import InputError
 
-
-def _run_main(args, monkeypatch, capsys):
-    """The console entry point in-process (the path that prints `error:`), without a subprocess's imports."""
-    from leakaudit.cli import main
-
-    monkeypatch.setattr(sys, "argv", ["leakaudit", *args])
-    with pytest.raises(SystemExit) as exc:
-        main()
-    captured = capsys.readouterr()
-    return exc.value.code, captured.err
+_run_main = partial(run_main, must_exit=True)  # the CLI's error path exits (SystemExit)
 
 
 def _tree(root: Path) -> dict[str, tuple[int, int]]:

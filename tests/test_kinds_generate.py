@@ -4,22 +4,15 @@ file go through the same options and the same code, so they refuse the same valu
 from __future__ import annotations
 
 import json
-import sys
+from functools import partial
 from pathlib import Path
 
 import pytest
+from conftest import run_main
 
 from leakaudit.errors import InputError
 
-
-def _main(args: list[str], monkeypatch, capsys) -> tuple[int, str]:
-    """The console entry point in-process (the path that prints `error:` and exits 2)."""
-    from leakaudit.cli import main
-
-    monkeypatch.setattr(sys, "argv", ["leakaudit", *map(str, args)])
-    with pytest.raises(SystemExit) as exc:
-        main()
-    return exc.value.code, capsys.readouterr().err
+_main = partial(run_main, must_exit=True)  # the CLI's error path exits (SystemExit)
 
 
 def _one_error_line(code: int, err: str) -> str:

@@ -5,25 +5,16 @@ inputs."""
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
 import pytest
+from conftest import run_main
 
 TRUE = "klarnold@flash.net"
 
 
 def _main(monkeypatch, capsys, *args: str) -> tuple[int, str]:
-    """Run the console entry point in-process; (exit status, stderr)."""
-    from leakaudit.cli import main
-
-    monkeypatch.setattr(sys, "argv", ["leakaudit", *map(str, args)])
-    try:
-        main()
-        code = 0
-    except SystemExit as exc:
-        code = exc.code or 0
-    return code, capsys.readouterr().err
+    return run_main(args, monkeypatch, capsys)
 
 
 def _experiment(path: Path, kind: str, options: str, data: str | None = None) -> Path:

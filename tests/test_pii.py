@@ -4,11 +4,11 @@ end-to-end run where a tiny model trained on planted pairs extracts them and an 
 from __future__ import annotations
 
 import json
-import sys
 
 import numpy as np
 import pytest
 import torch
+from conftest import run_main
 from rapidfuzz import fuzz
 
 from leakaudit.attacks import pii
@@ -222,16 +222,7 @@ def test_cells_decoding_alike_share_batches_and_draw_what_they_draw_alone(tiny_n
 
 
 def _cli(monkeypatch, capsys, *args: str) -> tuple[int, str]:
-    """Run the console entry point in-process; return (exit status, stderr)."""
-    from leakaudit.cli import main
-
-    monkeypatch.setattr(sys, "argv", ["leakaudit", *args])
-    try:
-        main()
-        code = 0
-    except SystemExit as exc:
-        code = exc.code or 0
-    return code, capsys.readouterr().err
+    return run_main(args, monkeypatch, capsys)
 
 
 def test_cli_runs_and_rejects_bad_input(tmp_path, monkeypatch, capsys, one_torch_thread):

@@ -9,7 +9,7 @@ import json
 import numpy as np
 import pytest
 import torch
-from conftest import torch_threads
+from conftest import run_main, torch_threads
 
 from leakaudit.attacks.user_inference import parse_m_values, run_user_inference
 from leakaudit.data.io import Record
@@ -116,24 +116,14 @@ def test_bad_m_values_and_conflicting_users(users, tiny_neox):
 
 
 def test_user_inference_cli(tmp_path, monkeypatch, capsys):
-    import sys
-
-    from leakaudit.cli import main
-
     rng = np.random.default_rng(1)
     rows = [{"text": t, "who": f"user{u}", "in": int(u < 2)} for u in range(4) for t in user_samples(u, 2, rng)]
     data = tmp_path / "users.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in rows))
 
     def run(*argv):
-        monkeypatch.setattr(sys, "argv", ["leakaudit", "user-inference", "--target", "tiny-gpt-neox", "--reference",
-                                          "tiny-opt", "--user-field", "who", "--label-field", "in", "--no-cache",
-                                          "--n-bootstrap", "10", *argv])
-        try:
-            main()
-        except SystemExit as exc:
-            return int(exc.code or 0), capsys.readouterr().err
-        return 0, capsys.readouterr().err
+        return run_main(["user-inference", "--target", "tiny-gpt-neox", "--reference", "tiny-opt", "--user-field",
+                         "who", "--label-field", "in", "--no-cache", "--n-bootstrap", "10", *argv], monkeypatch, capsys)
 
     code, err = run("--data", str(data), "--samples-per-user", "1,all", "--out", str(tmp_path / "o"))
     assert code == 0, err
