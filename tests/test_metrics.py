@@ -118,6 +118,31 @@ def test_plot_roc_writes_png_whatever_the_title_holds(tmp_path):
         assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def test_log_axes_label_their_ticks_as_numbers_not_raw_tex(tmp_path, monkeypatch):
+    """With parse_math off (for user text), the log axes' default tick labels showed as raw TeX
+    ("$\\mathdefault{10^{-4}}$") in every ROC plot and the per-checkpoint perplexity plot."""
+    import matplotlib.figure
+
+    from leakaudit.report import plots
+
+    labels: list[str] = []
+    save = matplotlib.figure.Figure.savefig
+
+    def spy(fig, *args, **kwargs):
+        fig.canvas.draw()
+        labels.extend(t.get_text() for ax in fig.axes for axis in (ax.xaxis, ax.yaxis)
+                      for t in axis.get_ticklabels(which="both") if t.get_text())
+        return save(fig, *args, **kwargs)
+
+    monkeypatch.setattr(matplotlib.figure.Figure, "savefig", spy)
+    m = roc_metrics([0.9, 0.8, 0.3, 0.1], [1, 0, 1, 0], n_bootstrap=0)
+    plots.plot_roc({"loss": m}, tmp_path / "roc.png")
+    plots.lines_figure({"ft": [(1, 25.0), (2, 31.0)]}, "ppl", "training step", "perplexity", log_y=True)
+    plots.scatter_figure([1, 10, 100], [0.1, 0.2, 0.3], "s", "n", "score", log_x=True)
+    assert "1e−04" in labels and "30" in labels and "100" in labels, labels
+    assert not [t for t in labels if "$" in t or "mathdefault" in t], labels
+
+
 def test_without_bootstrap_the_ci_is_null_in_json():
     import json
 

@@ -24,6 +24,17 @@ def _plt():
     return plt
 
 
+def _log_scale(ax, which: str) -> None:
+    """A log-scale axis whose tick labels are plain text ("1e-04", "20"): the default formatter writes TeX
+    ("$\\mathdefault{10^{-4}}$"), shown raw since parse_math is off for the user text around it."""
+    from matplotlib.ticker import LogFormatter
+
+    getattr(ax, f"set_{which}scale")("log")
+    axis = getattr(ax, f"{which}axis")
+    axis.set_major_formatter(LogFormatter())
+    axis.set_minor_formatter(LogFormatter(labelOnlyBase=False, minor_thresholds=(2, 0.4)))
+
+
 def _data_uri(fig) -> str:
     plt = _plt()
     buf = io.BytesIO()
@@ -87,7 +98,7 @@ def lines_figure(series: dict[str, list[tuple[float, float]]], title: str, xlabe
             ax.fill_between([b[0] for b in band], [b[1] for b in band], [b[2] for b in band],
                             color=line.get_color(), alpha=0.15, linewidth=0)
     if log_y:
-        ax.set_yscale("log")
+        _log_scale(ax, "y")
     if xticks:
         ax.set_xticks([t[0] for t in xticks], labels=[t[1] for t in xticks])
     ax.set_xlabel(xlabel)
@@ -106,7 +117,7 @@ def scatter_figure(x: list[float], y: list[float], title: str, xlabel: str, ylab
     fig, ax = plt.subplots(figsize=(5, 3.8))
     ax.scatter(x, y, s=14, alpha=0.7)
     if log_x:
-        ax.set_xscale("log")
+        _log_scale(ax, "x")
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
     ax.set_title(title)
@@ -200,7 +211,7 @@ def plot_roc(curves: dict[str, Any], path: str | Path, title: str = "ROC") -> Pa
         ax.plot(np.clip(m.fpr, floor, 1), m.tpr, label=f"{name} (AUC {m.auc:.3f})")
     grid = np.logspace(-4, 0, 100)
     ax.plot(grid, grid, "k--", lw=0.8, label="chance")
-    ax.set_xscale("log")
+    _log_scale(ax, "x")
     ax.set_xlim(floor, 1)
     ax.set_ylim(0, 1)
     ax.set_xlabel("false positive rate (log scale)")
