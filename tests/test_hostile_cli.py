@@ -295,6 +295,11 @@ def test_an_error_quoting_an_address_masks_it(cli, tmp_path):
     line = cli("score", "--model", "tiny-gpt-neox", "--data", texts, "--id-field", "id", "--out", out / "s.jsonl",
                allowed=out)
     assert line == f"error: {texts}:2: field 'id': duplicate id 'a***@corp.com' (first on line 1)"
+    # a phone number (here an id too) is masked as well; the masks keep the line readable
+    texts.write_text("".join(json.dumps({"id": "713-853-1234", "text": f"row {i}"}) + "\n" for i in range(2)))
+    line = cli("score", "--model", "tiny-gpt-neox", "--data", texts, "--id-field", "id", "--out", out / "s.jsonl",
+               allowed=out)
+    assert line == f"error: {texts}:2: field 'id': duplicate id '***-***-**34' (first on line 1)"
 
 
 # ----------------------------------------------------------------------------------------- option values

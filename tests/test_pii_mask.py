@@ -171,3 +171,18 @@ def test_addresses_whose_local_part_starts_with_a_dot_or_underscore_are_masked()
 
     assert mask_pii("legal <.taylor@enron.com>") == "legal <.***@enron.com>"
     assert mask_pii("user '_john.smith@example.com' appears") == "user '_***@example.com' appears"
+
+
+def test_internationalised_addresses_and_typographic_phone_punctuation_are_masked():
+    """Addresses with accented letters were never found (so shown and kept unreplaced), nor an ASCII address
+    glued to CJK text, nor phones written with typographic dashes or thin spaces."""
+    from leakaudit.data.pii_find import find_emails, find_phones, phone_digits
+
+    assert mask_pii("mail jörg.müller@énron.com now") == "mail j***@énron.com now"
+    assert mask_pii("Пётр <пётр@почта.рф>") == "Пётр <п***@почта.рф>"
+    assert find_emails("請寄到jeff@enron.com請") == ["jeff@enron.com"]  # CJK around it is not part of it
+    assert find_emails("x 2×3@x.com") == ["3@x.com"]  # a sign is no letter
+    for dash in ("\u2013", "\u2014", "\u2011", "\u2212", "\u2009", "\u202f"):
+        phone = f"713{dash}853{dash}1234"
+        assert find_phones(f"call {phone} today") == [phone], repr(dash)
+        assert mask_pii(phone) == f"***{dash}***{dash}**34" and phone_digits(phone) == "7138531234"

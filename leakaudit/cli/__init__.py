@@ -65,11 +65,9 @@ def _usage_line(exc) -> str:
 
 
 def _fail(message: str) -> None:
-    """Print the one error line, addresses masked: messages quote bad values, often real addresses (a label,
-    an id, a user); the file, line and field say where to look."""
-    from leakaudit.data.pii_find import email_spans, mask_email
+    """Print the one error line, addresses and phone numbers masked: messages quote bad values, often real
+    PII (a label, an id, a user); the file, line and field say where to look."""
+    from leakaudit.data.pii_find import mask_pii
 
-    for start, end in reversed(email_spans(message)):
-        message = message[:start] + mask_email(message[start:end]) + message[end:]
-    print(f"error: {message}", file=sys.stderr)
+    print(f"error: {mask_pii(message)}", file=sys.stderr)
     sys.exit(2)

@@ -29,8 +29,12 @@ import phonenumbers
 # domain: labels separated by dots, ending in a 2+ letter TLD.
 # An address ends where no letter or digit follows its TLD: "-" and "_" may ("klarnold@flash.net-----Original").
 # Dashes or pluses right before it are not part of it: a signature's "-tglaze@serc1.org", "--jdoe@aol.com".
-EMAIL_RE = re.compile(r"(?<![\w.%+-])[-+]*(?P<address>[A-Za-z0-9._][A-Za-z0-9._%+-]*@(?:[A-Za-z0-9-]+\.)+"
-                      r"[A-Za-z]{2,})(?![^\W_])")
+# Letters include the accented Latin, Greek and Cyrillic ones of internationalised addresses
+# ("jörg.müller@énron.com"); not those of scripts written without spaces (CJK, Thai): there the text
+# around an address is no part of it ("請寄到jeff@enron.com").
+_LETTER = "A-Za-z\u00c0-\u00d6\u00d8-\u00f6\u00f8-\u024f\u0388-\u03ce\u0400-\u04ff"
+EMAIL_RE = re.compile(rf"(?<![{_LETTER}0-9.%+_-])[-+]*(?P<address>[{_LETTER}0-9._][{_LETTER}0-9._%+-]*@"
+                      rf"(?:[{_LETTER}0-9-]+\.)+[{_LETTER}]{{2,}})(?![{_LETTER}0-9])")
 # Phones: numbers libphonenumber finds and judges valid, read as US numbers unless written with a country
 # code (+44 ..., 011 44 ...). Seven-digit local numbers are not valid without an area code, so they are
 # left out (too many false hits: ranges, ids). The matcher never spans lines and is slow, so it only
@@ -38,6 +42,11 @@ EMAIL_RE = re.compile(r"(?<![\w.%+-])[-+]*(?P<address>[A-Za-z0-9._][A-Za-z0-9._%
 PHONE_REGION = "US"
 _PHONE_LENIENCY = phonenumbers.Leniency.VALID
 _DIGIT_RUN = re.compile(r"\d(?:[^\S\n]{0,2}[().\-/]?[^\S\n]{0,2}\d){6,}")
+# Typographic dashes and spaces ("713–853–1234", a thin or no-break space) read as the ASCII ones the
+# matcher knows; one character for one, so every offset stays that of the original text.
+_PHONE_PUNCTUATION = str.maketrans({**dict.fromkeys("\u2010\u2011\u2012\u2013\u2014\u2015\u2212\ufe58\ufe63\uff0d", "-"),
+                                    **dict.fromkeys("\u00a0\u2000\u2001\u2002\u2003\u2004\u2005\u2006\u2007\u2008"
+                                                    "\u2009\u200a\u202f\u205f\u3000", " ")})
 _LINE = re.compile(r"[^\n]+")
 # Header lines that name people; X-* headers carry display names ("Karen Arnold <klarnold@flash.net>").
 HEADER_RE = re.compile(r"^(?:X-)?(?:From|To|Cc|Bcc|X-cc|X-bcc):[ \t]*(.*(?:\n[ \t]+.*)*)",
@@ -73,9 +82,10 @@ def phone_spans(text: str) -> list[tuple[int, int]]:
     """(start, end) of every phone number in `text`, in order (see PHONE_REGION for how they are found)."""
     spans = []
     for line in _LINE.finditer(text):
-        if _DIGIT_RUN.search(line.group(0)):
+        plain = line.group(0).translate(_PHONE_PUNCTUATION)
+        if _DIGIT_RUN.search(plain):
             spans += [(line.start() + m.start, line.start() + m.end)
-                      for m in phonenumbers.PhoneNumberMatcher(line.group(0), PHONE_REGION, leniency=_PHONE_LENIENCY)]
+                      for m in phonenumbers.PhoneNumberMatcher(plain, PHONE_REGION, leniency=_PHONE_LENIENCY)]
     return spans
 
 
