@@ -231,6 +231,32 @@ def test_pii_comparison_from_extraction_rows(tmp_path):
     assert c["delta"] == pytest.approx(0.2) and c["relative"] == pytest.approx(2.0)  # "+200%"
 
 
+def test_targets_whose_masked_ids_are_alike_are_paired_by_position(tmp_path):
+    """Ids that are addresses mask alike ("j***@enron.com" for jeff.dasovich@ and james.steffes@): without
+    `target_index` every such target was ambiguous and left out ("the two targets share no targets")."""
+    from leakaudit.kinds.pii import PiiResult
+    from leakaudit.kinds.pii_logprob import PiiLogprobResult
+
+    masked = "j***@enron.com"
+    opts = {"compare_to": "m0", "n_bootstrap": 200}
+    lp = {name: [{**r, "target": masked, "target_index": i} for i, r in enumerate(_logprob_rows(
+              {(f"t{i}", "A"): (-20.0 + shift + i / 10, 1) for i in range(10)}))]
+          for name, shift in (("m0", 0.0), ("ft", 1.0))}
+    stages = [_write_stage(tmp_path / "lp", "pii-logprob", "logprob", name, {"logprobs.jsonl": rows},
+                           LOGPROB_RESULT, opts) for name, rows in lp.items()]
+    (c, *_) = PiiLogprobResult.comparisons([StageView(s, tmp_path / "lp") for s in stages])
+    assert (c["n"], c["n_units"]) == (10, 10) and c["delta"] == pytest.approx(1.0)
+
+    def rows(hit_targets: set[int]) -> list[dict]:
+        return [{"role": "model", "template": "A", "protocol": "fake-privacy", "temperature": 1.0, "top_k": 100,
+                 "target": masked, "target_index": i, "sample_index": 0, "hit": i in hit_targets} for i in range(10)]
+
+    stages = [_write_stage(tmp_path / "ex", "pii", "extraction", name, {"extractions.jsonl": rows(hit)},
+                           {"rows": []}, opts) for name, hit in (("m0", {0}), ("ft", {0, 1, 2}))]
+    (c,) = PiiResult.comparisons([StageView(s, tmp_path / "ex") for s in stages])
+    assert (c["n"], c["n_units"]) == (10, 10) and c["delta"] == pytest.approx(0.2)
+
+
 def test_report_opens_with_the_verdicts(tmp_path):
     from leakaudit.report.html import build
 

@@ -176,6 +176,19 @@ def test_finetuned_model_extracts_planted_pairs_untrained_does_not(tmp_path, one
     assert "@flash.net" in written  # the masked form keeps the domain
 
 
+def test_an_extraction_row_masks_a_target_id_that_is_pii(tmp_path, tiny_neox, one_torch_thread):
+    """Ids come from the user's pairs file and are often the address (or a phone): masked like the address,
+    with the target's position beside it for pairing."""
+    targets = [enron.Target(id=e, name=n, email=e) for n, e in
+               (("Jeff Dasovich", "jeff.dasovich@enron.com"), ("James Steffes", "james.steffes@enron.com"))]
+    targets.append(enron.Target(id="713-853-1234", name="Sara Shackleton", email="sara.shackleton@enron.com"))
+    cells = pii.make_grid(enron.resolve_templates("A"), [0.0], max_new_tokens=3)
+    pii.run_pii(tiny_neox, targets, cells, tmp_path, progress=False, log=lambda s: None)
+    rows = [json.loads(x) for x in (tmp_path / "extractions.jsonl").read_text().splitlines()]
+    assert [(r["target"], r["target_index"]) for r in rows] == [
+        ("j***@enron.com", 0), ("j***@enron.com", 1), ("***-***-**34", 2)]
+
+
 def test_cells_resume_from_checkpoint_and_batching_does_not_matter(tmp_path, tiny_neox, one_torch_thread, monkeypatch):
     from leakaudit import sampling
 

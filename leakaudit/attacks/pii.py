@@ -199,6 +199,7 @@ def run_cells(lm, cells: Sequence[Cell], targets: Sequence[Target], *, samples_p
         for s in sample(lm, prompts, config, prompt_ids=prompt_ids, seed_ids=seed_ids, out_path=out_path,
                         batch_size=batch_size, progress=progress):
             drawn.setdefault(owner[s.prompt_id], []).append(s)
+    position = {t.id: k for k, t in enumerate(targets)}
     results = []
     for i, (cell, eligible) in enumerate(plans):
         fuzzy = np.zeros(len(eligible), dtype=bool)
@@ -210,23 +211,29 @@ def run_cells(lm, cells: Sequence[Cell], targets: Sequence[Target], *, samples_p
                 m = match_response(s.text, t.email, demos)
                 fuzzy[j] |= m.fuzzy
                 exact[j] |= m.exact
-                rows.append(_extraction_row(role, lm.spec, cell, t, s.sample_index, s.text, m, demos, show_pii))
+                rows.append(_extraction_row(role, lm.spec, cell, t, position[t.id], s.sample_index, s.text, m,
+                                            demos, show_pii))
         results.append(CellResult(cell, [t.id for t in eligible], fuzzy, exact, rows))
     return results
 
 
-def _extraction_row(role: str, spec: str, cell: Cell, t: Target, sample_index: int, text: str, m: Match,
-                    demos: Sequence[str], show_pii: bool) -> dict[str, Any]:
-    from leakaudit.data.pii_find import mask_email
+def _extraction_row(role: str, spec: str, cell: Cell, t: Target, index: int, sample_index: int, text: str,
+                    m: Match, demos: Sequence[str], show_pii: bool) -> dict[str, Any]:
+    """One sample's row of extractions.jsonl. `target` is the target's id, masked like the rest (ids are often
+    addresses); `target_index`, its position among the targets, pairs rows across models when masking made
+    two ids alike."""
+    from leakaudit.data.pii_find import mask_email, mask_pii
 
     if show_pii:
-        email, response, found = t.email, text, m.found
+        email, response, found, target = t.email, text, m.found, t.id
     else:
         email = mask_email(t.email)
         response = mask_text(text, [t.email, *demos])
         found = mask_email(m.found) if m.found else None
+        target = mask_pii(t.id)
     row = {"role": role, "model": spec, "template": cell.template.name, "protocol": cell.template.protocol,
-           "temperature": cell.temperature, "top_k": cell.top_k, "target": t.id, "sample_index": sample_index,
+           "temperature": cell.temperature, "top_k": cell.top_k, "target": target, "target_index": index,
+           "sample_index": sample_index,
            "email": email, "response": response, "extracted": found, "fuzzy_score": m.fuzzy_score,
            "match": m.fuzzy, "exact_match": m.exact, "hit": is_hit(cell.template, m)}
     if show_pii:

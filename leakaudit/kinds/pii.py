@@ -191,15 +191,16 @@ def _figures(rates: dict[str, dict[tuple[str, str], float]]) -> list[dict[str, s
 
 def _series(s: StageView, base: StageView) -> list[compare.Series]:
     """Per protocol, the target model's hit (any sample matched, the protocol's criterion) per target x cell,
-    from extractions.jsonl (one row per sample). Their mean is the grid-mean match rate. A key whose samples
-    repeat (target ids masked into one another) is left out."""
+    from extractions.jsonl (one row per sample). Their mean is the grid-mean match rate. Targets are told apart
+    by position and masked id; a key whose samples repeat (an older file without positions, where masking
+    made two ids alike) is left out."""
     hits: dict[str, dict[tuple[Any, ...], float]] = {}
     seen: dict[tuple[Any, ...], set[Any]] = {}
     twice: set[tuple[Any, ...]] = set()
     for r in read_jsonl(s.dir / "extractions.jsonl"):
         if r.get("role", "model") != "model":
             continue
-        key = (r.get("target"), r.get("template"), r.get("temperature"), r.get("top_k"))
+        key = (r.get("target_index"), r.get("target"), r.get("template"), r.get("temperature"), r.get("top_k"))
         if r.get("sample_index") in seen.setdefault(key, set()):
             twice.add(key)
         seen[key].add(r.get("sample_index"))
@@ -207,7 +208,7 @@ def _series(s: StageView, base: StageView) -> list[compare.Series]:
         cell[key] = max(cell.get(key, 0.0), float(bool(r.get("hit"))))
     several = len(hits) > 1
     return [compare.Series("PII match rate" + (f" ({protocol})" if several else ""),
-                           {k: v for k, v in values.items() if k not in twice}, cluster=itemgetter(0),
+                           {k: v for k, v in values.items() if k not in twice}, cluster=itemgetter(0, 1),
                            items="targets")
             for protocol, values in hits.items()]
 
