@@ -28,6 +28,7 @@ from leakaudit.data.pii_find import (
     mask_email,
     mask_name,
     mask_phone,
+    mask_pii,
     name_key,
     names_from_headers,
     phone_digits,
@@ -98,7 +99,8 @@ class RecordAudit:
         emails = self.emails if show_pii else [mask_email(e) for e in self.emails]
         phones = self.phones if show_pii else [mask_phone(p) for p in self.phones]
         names = self.names if show_pii else [mask_name(x) for x in self.names]
-        return {"id": self.id, "emails": emails, "phones": phones, "names": names,
+        record = self.id if show_pii else mask_pii(self.id)  # ids are often an address or a phone
+        return {"id": record, "emails": emails, "phones": phones, "names": names,
                 "n_emails": len(self.emails), "n_phones": len(self.phones), "n_names": len(self.names),
                 "verbatim_ngrams": self.ngrams, "n_ngrams": self.n_ngrams,
                 "ngram_fraction": round(self.ngram_fraction, 6)}

@@ -75,6 +75,14 @@ def test_audit_data_command_masks_and_skips_prompts(tmp_path):
     assert rows[1]["emails"] == ["k***@flash.net"] and rows[1]["phones"] == ["***-***-**34"]
     text = (out / "audit_records.jsonl").read_text() + res.output
     assert "klarnold" not in text and "853-1234" not in text and "emails" in res.output
+    # a record's own id is often PII too: masked like the values
+    gen.write_text("".join(json.dumps({"id": i, "text": SOURCE[0][:60] + g, "generated": g}) + "\n"
+                           for i, g in [("klarnold@flash.net", CLEAN), ("713-853-1234", PLANTED_PII)]))
+    res = CliRunner().invoke(app, ["audit-data", "--source", str(src), "--generated", str(gen), "--out",
+                                   str(tmp_path / "audit2")])
+    assert res.exit_code == 0, res.output
+    rows = [json.loads(line) for line in (tmp_path / "audit2" / "audit_records.jsonl").read_text().splitlines()]
+    assert [r["id"] for r in rows] == ["k***@flash.net", "***-***-**34"]
 
 
 def test_one_person_is_one_name_however_it_is_spelt():
