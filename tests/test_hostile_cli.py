@@ -404,3 +404,15 @@ def test_a_long_warning_stays_one_line_when_piped(tmp_path):
     assert res.returncode == 0, res.stderr
     lines = [x for x in res.stderr.splitlines() if x.startswith("warning: text length alone")]
     assert len(lines) == 1 and len(lines[0]) > 80 and lines[0].endswith("match the length distributions")
+
+
+def test_run_progress_lines_mask_the_pii_a_label_holds(capsys):
+    """Stage ids hold the experiment's labels: a model named by an address or a phone was printed whole in
+    `[3/9] evaluate/mia/...: running`, while the verdict lines masked it."""
+    from leakaudit.cli.run import _log
+
+    _log("[3/9] evaluate/mia/713-853-1234: running (mia)")
+    _log("[4/9] evaluate/mia/jeff.dasovich@enron.com: done in 1.0s")
+    out = capsys.readouterr().out
+    assert "***-***-**34: running" in out and "j***@enron.com: done" in out
+    assert "853-1234" not in out and "dasovich" not in out
