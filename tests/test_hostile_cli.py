@@ -413,6 +413,6 @@ def test_run_progress_lines_mask_the_pii_a_label_holds(capsys):
 
     _log("[3/9] evaluate/mia/713-853-1234: running (mia)")
     _log("[4/9] evaluate/mia/jeff.dasovich@enron.com: done in 1.0s")
-    out = capsys.readouterr().out
+    out = capsys.readouterr().err
     assert "***-***-**34: running" in out and "j***@enron.com: done" in out
     assert "853-1234" not in out and "dasovich" not in out
