@@ -186,3 +186,14 @@ def test_internationalised_addresses_and_typographic_phone_punctuation_are_maske
         phone = f"713{dash}853{dash}1234"
         assert find_phones(f"call {phone} today") == [phone], repr(dash)
         assert mask_pii(phone) == f"***{dash}***{dash}**34" and phone_digits(phone) == "7138531234"
+
+
+def test_an_experiment_files_numbers_are_not_masked_its_strings_and_comments_are():
+    from leakaudit.data.pii_find import mask_yaml_text
+
+    text = ("name: x  # call 713-853-1234\nseed: 2024061501\nreport: {title: \"j.doe@enron.com 713-853-1234\"}\n"
+            "grid: [7138531234, 1.0e-4]\nphone: 713-853-1234\n")
+    assert mask_yaml_text(text) == ("name: x  # call ***-***-**34\nseed: 2024061501\n"
+                                    "report: {title: \"j***@enron.com ***-***-**34\"}\n"
+                                    "grid: [7138531234, 1.0e-4]\nphone: ***-***-**34\n")
+    assert mask_yaml_text("a: [713-853-1234") == "a: [***-***-**34"  # not YAML: masked whole

@@ -129,8 +129,8 @@ def write_run_record(plan: Plan, out: Path, config_text: str, status: dict[str, 
     record = {"experiment": plan.exp.model_dump(mode="json"), "config_text": config_text,
               "versions": versions(), "stages": stages}
     if not plan.exp.report.show_pii:  # the stage folder stays as on disk: the report opens it
-        from leakaudit.data.pii_find import mask_obj
-        record = mask_obj(record, keep={"folder"})
+        from leakaudit.data.pii_find import mask_obj, mask_yaml_text
+        record = mask_obj({**record, "config_text": mask_yaml_text(config_text)}, keep={"folder", "config_text"})
     write_json(out / "run.json", record)
     return out / "run.json"
 

@@ -15,19 +15,21 @@ from pathlib import Path
 from typing import Any
 
 from leakaudit.data.io import write_json
-from leakaudit.data.pii_find import mask_obj
+from leakaudit.data.pii_find import mask_obj, mask_yaml_text
 from leakaudit.data.pii_find import mask_pii as mask
 from leakaudit.errors import InputError, one_line
 from leakaudit.kinds import get_kind, kind_names
 from leakaudit.kinds.base import StageView, fmt
 
-# inline figures: base64 data, never PII, and masking must not touch it
-_DATA_URI = re.compile(r"(data:[\w/+.-]+;base64,[A-Za-z0-9+/=]+)")
+# inline figures (base64 data, never PII, and masking must not touch it) and the experiment file's text, masked
+# before (mask_yaml_text, which keeps its numbers: a seed is no phone number)
+_UNMASKED = re.compile(r"(data:[\w/+.-]+;base64,[A-Za-z0-9+/=]+|<pre class=\"config\">.*?</pre>)", re.DOTALL)
 
 
 def _mask_page(html: str) -> str:
-    """Mask every address and phone number in the page's text, leaving inline figures alone."""
-    return "".join(part if i % 2 else mask(part) for i, part in enumerate(_DATA_URI.split(html)))
+    """Mask every address and phone number in the page's text, leaving inline figures and the (already
+    masked) experiment file alone."""
+    return "".join(part if i % 2 else mask(part) for i, part in enumerate(_UNMASKED.split(html)))
 
 
 # ----------------------------------------------------------------------------------------- headline numbers
@@ -189,7 +191,7 @@ def build(out: str | Path) -> tuple[str, dict[str, Any]]:
         title=title, name=exp["name"], show_pii=show_pii, headline_cols=cols, headline_rows=table_rows,
         verdicts=[verdict_sentence(c) for c in comparisons], verdict_figures=verdict_figures(comparisons),
         sections=sections, stages=stages, n_done=sum(1 for s in stages if s.get("result") is not None),
-        n_stages=len(stages), config_text=config_text if show_pii else mask(config_text),
+        n_stages=len(stages), config_text=config_text if show_pii else mask_yaml_text(config_text),
         versions=run.get("versions", {}))
     if not show_pii:  # a last pass over the whole page: addresses and phone numbers never reach it
         html = _mask_page(html)
