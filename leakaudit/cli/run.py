@@ -80,7 +80,7 @@ def report(
 def demo(
     out: Path = typer.Option(Path("out/demo"), "--out", help="Output dir; rerunning resumes"),
 ) -> None:
-    """The first study at laptop scale on the embedded default model (CPU, about 10 minutes)."""
+    """The first study at laptop scale on the embedded default model (CPU, 5-10 minutes)."""
     from leakaudit.demo import run_demo
 
     t0 = time.perf_counter()

@@ -57,7 +57,7 @@ def register(app: typer.Typer) -> None:
         max_grad_norm: float = typer.Option(1.0, help="Batch gradient clipping norm (0 = off)."),
         early_stopping_patience: int = typer.Option(None, help="Defense: stop after N evals without gain."),
         eval_fraction: float = typer.Option(0.0, help="Held-out fraction for early stopping (0.1 if unset)."),
-        scrub_pii: bool = typer.Option(False, help="Defense: replace e-mails/phones before training."),
+        scrub_pii: bool = typer.Option(False, help="Defense: replace e-mails, phones and names before training."),
         dp_epsilon: float = typer.Option(None, help="Defense: DP-SGD to this epsilon (Opacus)."),
         dp_delta: float = typer.Option(None, help="DP delta (default min(1e-5, 1/n))."),
         dp_max_grad_norm: float = typer.Option(1.0, help="DP per-example clipping norm."),
