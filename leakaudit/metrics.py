@@ -30,13 +30,17 @@ class RocMetrics:
     n_pos: int
     n_neg: int
     warnings: list[str] = field(default_factory=list)
+    #: the bootstrap interval of each resolved TPR at FPR (None where unresolved or without bootstrap)
+    tpr_ci: dict[float, tuple[float, float] | None] = field(default_factory=dict)
 
     def to_json(self) -> dict:
         """The documented shape (docs/attacks.md): tpr_at_fpr keys are the FPRs as strings ("0.01", "0.001"),
-        values null where too few non-members resolve that FPR (`tpr_needs_nonmembers` says how many)."""
+        values null where too few non-members resolve that FPR (`tpr_needs_nonmembers` says how many);
+        `tpr_ci` holds their intervals alike."""
         ci = None if any(math.isnan(x) for x in self.auc_ci) else list(self.auc_ci)  # no bootstrap: null
         return {"auc": self.auc, "auc_ci": ci,
                 "tpr_at_fpr": {_fpr_key(f): v for f, v in self.tpr_at_fpr.items()},
+                "tpr_ci": {_fpr_key(f): (list(c) if (c := self.tpr_ci.get(f)) else None) for f in self.tpr_at_fpr},
                 "tpr_needs_nonmembers": {_fpr_key(f): needed_negatives(f) for f in self.tpr_at_fpr},
                 "advantage": self.advantage, "n_members": self.n_pos, "n_nonmembers": self.n_neg,
                 "warnings": list(self.warnings)}
@@ -66,11 +70,13 @@ def needed_negatives(fpr: float) -> int:
     return math.ceil(1 / fpr - 1e-9)
 
 
-def tpr_text(value: float | None, needed: int | None, unit: str = "non-members", digits: int = 3) -> str:
-    """A TPR at low FPR as the report and CLI show it: 'n/a (needs ≥ N non-members)' when not resolved."""
+def tpr_text(value: float | None, needed: int | None, unit: str = "non-members", digits: int = 3,
+             ci: Sequence[float] | None = None) -> str:
+    """A TPR at low FPR as the report and CLI show it, with its interval when there is one ('0.112 [0.044,
+    0.212]'); 'n/a (needs ≥ N non-members)' when not resolved."""
     if value is None:
         return f"n/a (needs ≥ {needed} {unit})" if needed else "n/a"
-    return f"{value:.{digits}f}"
+    return f"{value:.{digits}f}" + (f" [{ci[0]:.{digits}f}, {ci[1]:.{digits}f}]" if ci else "")
 
 
 def tpr_at_fpr(fpr: np.ndarray, tpr: np.ndarray, target: float) -> float:
@@ -82,10 +88,13 @@ def tpr_at_fpr(fpr: np.ndarray, tpr: np.ndarray, target: float) -> float:
 def roc_metrics(scores: Sequence[float], labels: Sequence[int], n_bootstrap: int = 1000, seed: int = 0,
                 fprs: Sequence[float] = DEFAULT_FPRS, ci: float = 0.95) -> RocMetrics:
     """ROC curve, AUC with a percentile bootstrap CI (members and non-members resampled separately),
-    TPR at each FPR in `fprs`, and attacker advantage max_t (TPR - FPR).
+    TPR at each FPR in `fprs` with its percentile bootstrap CI from the same resamples (the threshold is
+    re-chosen in each, so the interval carries its uncertainty too), and attacker advantage max_t (TPR - FPR).
 
     A TPR at FPR f needs at least 1/f non-members to mean anything; with fewer it is None and the result
-    carries a warning.
+    carries a warning. When every resample gives the same AUC (a sample AUC of 1 or 0: perfect separation
+    survives resampling), the percentile interval has no width; the distribution-free interval of
+    Birnbaum and McCarty (1956) stands in (`auc_interval_without_width`).
     """
     from sklearn.metrics import roc_auc_score, roc_curve
 
@@ -95,11 +104,34 @@ def roc_metrics(scores: Sequence[float], labels: Sequence[int], n_bootstrap: int
     n_pos, n_neg = int(y.sum()), int(len(y) - y.sum())
     warnings = [f"only {n_neg} non-members: TPR at FPR {f:g} needs at least {needed_negatives(f)} to be resolved"
                 for f in fprs if n_neg < needed_negatives(f)]
-    lo, hi = bootstrap_auc_ci(s, y, n_bootstrap, seed, ci) if n_bootstrap > 0 else (float("nan"), float("nan"))
-    tprs = {float(f): tpr_at_fpr(fpr, tpr, f) if n_neg >= needed_negatives(f) else None for f in fprs}
+    resolved = [float(f) for f in fprs if n_neg >= needed_negatives(f)]
+    tprs = {float(f): tpr_at_fpr(fpr, tpr, f) if float(f) in resolved else None for f in fprs}
+    lo = hi = float("nan")
+    tpr_ci: dict[float, tuple[float, float] | None] = {float(f): None for f in fprs}
+    if n_bootstrap > 0:
+        (lo, hi), boot_tprs = _bootstrap_roc(s, y, n_bootstrap, seed, ci, resolved)
+        tpr_ci.update(boot_tprs)
+        if lo == hi:
+            lo, hi = auc_interval_without_width(auc, n_pos, n_neg, ci)
+            warnings.append(f"every resample gave AUC {auc:.3g} (perfect separation, or every score alike): "
+                            "its interval is the distribution-free Birnbaum-McCarty one")
     return RocMetrics(auc=auc, auc_ci=(lo, hi), tpr_at_fpr=tprs,
                       advantage=float(np.max(tpr - fpr)), fpr=fpr, tpr=tpr, n_pos=n_pos, n_neg=n_neg,
-                      warnings=warnings)
+                      warnings=warnings, tpr_ci=tpr_ci)
+
+
+def auc_interval_without_width(auc: float, n_pos: int, n_neg: int, ci: float = 0.95) -> tuple[float, float]:
+    """Where the AUC's bootstrap has no width: the AUCs θ with (AUC − θ)² ≤ z²·θ(1 − θ)/min(n_pos, n_neg), the
+    largest variance any score distributions allow (Birnbaum & McCarty 1956), in Wilson's form. At AUC 1 the
+    lower end is k/(k + z²) for k = min(n_pos, n_neg): 0.72 at 10 per class, 0.96 at 100."""
+    from scipy.stats import norm
+
+    z2 = float(norm.ppf(1 - (1 - ci) / 2)) ** 2
+    k = min(n_pos, n_neg)
+    a, b, c = k + z2, -(2 * auc * k + z2), k * auc * auc
+    root = math.sqrt(max(b * b - 4 * a * c, 0.0))
+    lo, hi = max(0.0, (-b - root) / (2 * a)), min(1.0, (-b + root) / (2 * a))
+    return (0.0 if auc <= 0 else lo), (1.0 if auc >= 1 else hi)  # the observed end exactly, not 1 - 2e-16
 
 
 def _auc_by_ranks(pos: np.ndarray, neg: np.ndarray) -> np.ndarray:
@@ -116,18 +148,41 @@ def _auc_by_ranks(pos: np.ndarray, neg: np.ndarray) -> np.ndarray:
 def bootstrap_auc_ci(scores: np.ndarray, labels: np.ndarray, n_bootstrap: int = 1000, seed: int = 0,
                      ci: float = 0.95) -> tuple[float, float]:
     """Percentile bootstrap interval of the AUC, resampling members and non-members separately."""
+    return _bootstrap_roc(scores, labels, n_bootstrap, seed, ci, [])[0]
+
+
+def _tpr_rows(pos: np.ndarray, neg: np.ndarray, fpr: float) -> np.ndarray:
+    """`tpr_at_fpr` of many resamples at once (rows): the share of members scoring above the non-member
+    score that the threshold must exceed to let at most floor(fpr · n) non-members through."""
+    allowed = math.floor(fpr * neg.shape[1] + 1e-9)
+    if allowed >= neg.shape[1]:
+        return np.ones(pos.shape[0])
+    threshold = -np.partition(-neg, allowed, axis=1)[:, allowed]  # the (allowed + 1)-th highest
+    return (pos > threshold[:, None]).mean(axis=1)
+
+
+def _bootstrap_roc(scores: np.ndarray, labels: np.ndarray, n_bootstrap: int, seed: int, ci: float,
+                   fprs: Sequence[float]) -> tuple[tuple[float, float], dict[float, tuple[float, float]]]:
+    """Percentile intervals of the AUC and of the TPR at each FPR in `fprs`, from the same resamples (members
+    and non-members resampled separately)."""
     rng = np.random.default_rng(seed)
     pos, neg = scores[labels == 1], scores[labels == 0]
-    aucs = []
+    aucs, tprs = [], {f: [] for f in fprs}
     rows = max(1, 2_000_000 // max(len(scores), 1))  # bounded memory per chunk
     for start in range(0, n_bootstrap, rows):
         n = min(rows, n_bootstrap - start)
         p = pos[rng.integers(0, len(pos), size=(n, len(pos)))]
         q = neg[rng.integers(0, len(neg), size=(n, len(neg)))]
         aucs.append(_auc_by_ranks(p, q))
-    all_aucs = np.concatenate(aucs)
+        for f in fprs:
+            tprs[f].append(_tpr_rows(p, q, f))
     alpha = (1 - ci) / 2
-    return float(np.quantile(all_aucs, alpha)), float(np.quantile(all_aucs, 1 - alpha))
+
+    def interval(values: list[np.ndarray]) -> tuple[float, float]:
+        v = np.concatenate(values)
+        return float(np.quantile(v, alpha)), float(np.quantile(v, 1 - alpha))
+
+    return interval(aucs), {f: interval(v) for f, v in tprs.items()}
 
 
 def _auc_rows(scores: np.ndarray, labels: np.ndarray) -> np.ndarray:

@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 from leakaudit.kinds.base import StageView
+from leakaudit.kinds.compare import ZERO_WIDTH
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -78,7 +79,7 @@ def test_logprob_comparison_by_hand(tmp_path):
     # identical rows (order and a stray row aside): Δ 0 on every resample
     s = by[("same", "mean log p(address)")]
     assert s["n"] == 20 and s["delta"] == 0 and s["delta_ci"] == [0.0, 0.0] and s["relative_ci"] == [0.0, 0.0]
-    assert s["verdict"] == "no change: the CI is [0, 0]"
+    assert s["verdict"] == ZERO_WIDTH
 
 
 def test_verdict_wording():
@@ -92,7 +93,7 @@ def test_verdict_wording():
     assert verdict([-0.075, 0.025], "effect") == "no detectable effect (the CI allows |Δ| up to 0.075)"
     assert verdict([-0.0004, 0.0003], "effect") == "no detectable effect (the CI allows |Δ| up to 0.0004)"
     assert verdict(None).startswith("no CI")
-    assert verdict([0.0, 0.0]) == "no change: the CI is [0, 0]"  # e.g. both AUCs at 1
+    assert verdict([0.0, 0.0]) == ZERO_WIDTH  # e.g. both AUCs at 1
     assert verdict([0.5, 0.6], too_few="too few texts") == "no detectable change at this size: too few texts"
 
 
@@ -180,7 +181,7 @@ def test_mia_comparison_pairs_texts_by_id(tmp_path):
     lo, hi = c["delta_ci"]
     assert lo <= -0.5 <= hi < 0 and c["verdict"] == "decrease"
     assert by["flat"]["delta"] == 0 and by["flat"]["delta_ci"] == [0.0, 0.0]
-    assert by["flat"]["verdict"] == "no change: the CI is [0, 0]"  # scores + 3: same order
+    assert by["flat"]["verdict"] == ZERO_WIDTH  # scores + 3: same order
 
 
 def test_a_comparison_bootstraps_with_the_seed_the_stage_ran_with(tmp_path):

@@ -192,3 +192,45 @@ def test_spearman_with_ci():
     assert r["ci"][0] < r["rho"] < r["ci"][1]
     assert spearman_with_ci([1, 2], [2, 1])["rho"] is None  # too few pairs
     assert spearman_with_ci([1, 2, 3], [5, 5, 5])["rho"] is None  # one side constant
+
+
+def test_tpr_at_low_fpr_has_a_bootstrap_interval_from_rechosen_thresholds():
+    """The docs promised intervals for TPR at low FPR and none was computed. Each resample re-chooses its
+    threshold (vectorised `_tpr_rows`), which must equal `tpr_at_fpr` on the ROC curve, ties included."""
+    from sklearn.metrics import roc_curve
+
+    from leakaudit.metrics import _tpr_rows, tpr_at_fpr
+
+    rng = np.random.default_rng(0)
+    for _ in range(300):
+        n_pos, n_neg = int(rng.integers(1, 30)), int(rng.integers(1, 250))
+        digits = int(rng.integers(0, 3))  # rounded scores tie
+        pos, neg = np.round(rng.normal(1, 1, n_pos), digits), np.round(rng.normal(0, 1, n_neg), digits)
+        fpr, tpr, _ = roc_curve(np.r_[np.ones(n_pos), np.zeros(n_neg)], np.r_[pos, neg], drop_intermediate=False)
+        for f in (0.5, 0.1, 0.0333, 0.01, 0.001):
+            assert _tpr_rows(pos[None], neg[None], f)[0] == tpr_at_fpr(fpr, tpr, f)
+    scores = np.r_[rng.normal(1.5, 1, 400), rng.normal(0, 1, 400)]
+    labels = np.r_[np.ones(400), np.zeros(400)]
+    m = roc_metrics(scores, labels, n_bootstrap=300)
+    lo, hi = m.tpr_ci[0.01]
+    assert lo < m.tpr_at_fpr[0.01] < hi and hi - lo > 0.02
+    assert m.tpr_ci[0.001] is None and m.tpr_at_fpr[0.001] is None  # 400 non-members do not resolve 0.1%
+    js = m.to_json()
+    assert js["tpr_ci"] == {"0.01": [lo, hi], "0.001": None}
+    assert roc_metrics(scores, labels, n_bootstrap=0).to_json()["tpr_ci"] == {"0.01": None, "0.001": None}
+
+
+def test_an_auc_every_resample_repeats_gets_the_distribution_free_interval():
+    """Perfect separation survives every resample, so the percentile interval was [1, 1] (coverage 0.38 at
+    10 per class for a true AUC of 0.99, simulated): Birnbaum-McCarty's bound stands in, k / (k + z²)."""
+    z2 = 1.959963984540054 ** 2
+    m = roc_metrics(list(range(20)), [0] * 10 + [1] * 10, n_bootstrap=200)
+    assert m.auc == 1.0 and m.auc_ci == (pytest.approx(10 / (10 + z2)), 1.0)
+    assert any("Birnbaum-McCarty" in w for w in m.warnings)
+    m = roc_metrics(list(range(30)), [1] * 10 + [0] * 20, n_bootstrap=200)  # AUC 0, 10 members
+    assert m.auc == 0.0 and m.auc_ci == (0.0, pytest.approx(1 - 10 / (10 + z2)))
+    m = roc_metrics([0.5] * 12, [0, 1] * 6, n_bootstrap=200)  # every score alike: AUC 0.5 on every resample
+    lo, hi = m.auc_ci
+    assert lo < 0.5 < hi and hi - lo > 0.4
+    m = roc_metrics([0.9, 0.8, 0.3, 0.1, 0.7, 0.2], [1, 0, 1, 0, 1, 0], n_bootstrap=200)  # resamples differ
+    assert not any("Birnbaum" in w for w in m.warnings)

@@ -14,6 +14,7 @@ from conftest import run_main, torch_threads
 from leakaudit.attacks.user_inference import parse_m_values, run_user_inference
 from leakaudit.data.io import Record
 from leakaudit.errors import InputError
+from leakaudit.kinds.compare import ZERO_WIDTH
 from leakaudit.models import LoadedModel
 
 WORDS = ("harbor lantern cobalt falcon meadow quartz river saddle timber violet walnut anchor bishop cactus "
@@ -250,7 +251,7 @@ def test_comparisons_from_hand_written_stages(tmp_path):
     assert lo <= -0.5 <= hi < 0 and by["cap"]["verdict"] == "reduces"
     assert by["cap"]["ci_half_width"] == pytest.approx((hi - lo) / 2)
     assert by["same"]["delta"] == 0 and by["same"]["ci"] == [0.0, 0.0]
-    assert by["same"]["verdict"] == "no change: the CI is [0, 0]"
+    assert by["same"]["verdict"] == ZERO_WIDTH
     # the verdict follows the interval alone
     assert verdict([0.01, 0.2], "effect") == "increases" and verdict([-0.3, -0.02], "effect") == "reduces"
     assert verdict([-0.1, 0.05], "effect") == "no detectable effect (the CI allows |Δ| up to 0.1)"

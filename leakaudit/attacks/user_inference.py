@@ -45,11 +45,11 @@ class UserInferenceReport:
         return ALL if ALL in self.per_m else max(self.per_m, key=int)
 
     def to_json(self) -> dict:
-        """`user_inference.json`: the headline m's auc, auc_ci, tpr_at_fpr, n_users_in/out, plus every m."""
+        """`user_inference.json`: the headline m's auc, auc_ci, tpr_at_fpr, tpr_ci, n_users_in/out, plus every m."""
 
         def one(m: RocMetrics) -> dict:
             js = m.to_json()
-            return {"auc": js["auc"], "auc_ci": js["auc_ci"], "tpr_at_fpr": js["tpr_at_fpr"],
+            return {"auc": js["auc"], "auc_ci": js["auc_ci"], "tpr_at_fpr": js["tpr_at_fpr"], "tpr_ci": js["tpr_ci"],
                     "tpr_needs_nonmembers": js["tpr_needs_nonmembers"], "advantage": js["advantage"],
                     "n_users_in": m.n_pos, "n_users_out": m.n_neg,
                     "warnings": js["warnings"]}

@@ -46,7 +46,7 @@ def _summary(title: str, metrics: dict[str, dict], unit: str = "non-members") ->
     from leakaudit.metrics import tpr_text
 
     table = Table(title=title)
-    for col in ("", "AUC", "95% CI", "TPR@1%FPR", "TPR@0.1%FPR", "advantage"):
+    for col in ("", "AUC", "95% CI", "TPR@1%FPR [95% CI]", "TPR@0.1%FPR [95% CI]", "advantage"):
         table.add_column(col)
 
     def f(x: Any) -> str:
@@ -54,9 +54,10 @@ def _summary(title: str, metrics: dict[str, dict], unit: str = "non-members") ->
 
     for name, m in metrics.items():
         ci = m.get("auc_ci") or [None, None]
-        tpr, needs = m.get("tpr_at_fpr") or {}, m.get("tpr_needs_nonmembers") or {}
+        tpr, needs, tpr_ci = m.get("tpr_at_fpr") or {}, m.get("tpr_needs_nonmembers") or {}, m.get("tpr_ci") or {}
         table.add_row(name, f(m["auc"]), f"[{f(ci[0])}, {f(ci[1])}]",
-                      *(tpr_text(tpr.get(k), needs.get(k), unit) for k in ("0.01", "0.001")), f(m.get("advantage")))
+                      *(tpr_text(tpr.get(k), needs.get(k), unit, ci=tpr_ci.get(k)) for k in ("0.01", "0.001")),
+                      f(m.get("advantage")))
     err.print(table)
 
 

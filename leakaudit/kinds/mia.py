@@ -62,7 +62,7 @@ def attack_names(attacks: list[str] | str | None, has_reference: bool) -> list[s
 
 
 class MiaResult(Result):
-    """`mia.json`: {attacks: {name: {auc, auc_ci, tpr_at_fpr: {"0.01", "0.001"}, advantage, n_members,
+    """`mia.json`: {attacks: {name: {auc, auc_ci, tpr_at_fpr: {"0.01", "0.001"}, tpr_ci, advantage, n_members,
     n_nonmembers, warnings}}, warnings, recall_prefix_nonmembers, target, reference, members, nonmembers,
     scores_file}."""
 
@@ -70,7 +70,8 @@ class MiaResult(Result):
         out = []
         for attack, m in (self.data.get("attacks") or {}).items():
             out.append(Headline(f"{attack} AUC", m.get("auc"), m.get("auc_ci")))
-            out.append(Headline(f"{attack} TPR@1%FPR", (m.get("tpr_at_fpr") or {}).get("0.01")))
+            out.append(Headline(f"{attack} TPR@1%FPR", (m.get("tpr_at_fpr") or {}).get("0.01"),
+                                (m.get("tpr_ci") or {}).get("0.01")))
         return out
 
     @classmethod
@@ -103,16 +104,17 @@ class MiaResult(Result):
             for attack, m in res.get("attacks", {}).items():
                 ci = m.get("auc_ci") or [None, None]
                 tpr, needs = m.get("tpr_at_fpr") or {}, m.get("tpr_needs_nonmembers") or {}
+                tpr_ci = m.get("tpr_ci") or {}
                 table.append([s.target, s.evaluation, attack, fmt(m.get("auc")), f"{fmt(ci[0])} – {fmt(ci[1])}",
-                              tpr_text(tpr.get("0.01"), needs.get("0.01")),
-                              tpr_text(tpr.get("0.001"), needs.get("0.001")), m.get("n_members", ""),
+                              *(tpr_text(tpr.get(k), needs.get(k), ci=tpr_ci.get(k)) for k in ("0.01", "0.001")),
+                              m.get("n_members", ""),
                               m.get("n_nonmembers", "")])
         return {"id": "mia", "title": "Membership inference",
                 "note": " ".join(["ROC curves on a log-scale false-positive axis; the low-FPR region is what "
                                   "matters for privacy.", *compare.notes(stages)]),
                 "figures": figures,
-                "tables": [{"header": ["variant", "evaluation", "attack", "AUC", "95% CI", "TPR@1%FPR",
-                                       "TPR@0.1%FPR", "members", "non-members"], "rows": table}]}
+                "tables": [{"header": ["variant", "evaluation", "attack", "AUC", "95% CI", "TPR@1%FPR [95% CI]",
+                                       "TPR@0.1%FPR [95% CI]", "members", "non-members"], "rows": table}]}
 
 
 def _series(s: StageView, base: StageView) -> list[compare.Series]:

@@ -110,19 +110,20 @@ class UserInferenceResult(Result):
             ci = res.get("auc_ci") or [None, None]
             n_out = res.get("n_users_out")
             tpr = (res.get("tpr_at_fpr") or {}).get(TABLE_FPR)
+            tpr_ci = (res.get("tpr_ci") or {}).get(TABLE_FPR)
             needs = (res.get("tpr_needs_nonmembers") or {}).get(TABLE_FPR, 100)
             if isinstance(n_out, int) and n_out < needs:  # results written before null meant "not resolved"
                 tpr = None
             vul = res.get("vulnerability") or {}
             table.append([s.target, s.evaluation, res.get("samples_per_user", ""), fmt(res.get("auc")),
-                          f"{fmt(ci[0])} – {fmt(ci[1])}", tpr_text(tpr, needs, "non-member users"),
+                          f"{fmt(ci[0])} – {fmt(ci[1])}", tpr_text(tpr, needs, "non-member users", ci=tpr_ci),
                           res.get("n_users_in", ""), n_out if n_out is not None else "",
                           _rho_text(vul.get("n_train")), _rho_text(vul.get("ref_nll"))])
             per_m = res.get("per_m") or {}
             by_m_rows.append([s.target, s.evaluation, *(_auc_text(per_m.get(m)) for m in order)])
         figures += _vulnerability_figures(stages, groups)
         tables = [
-            {"header": ["variant", "evaluation", "m", "user AUC", "95% CI", "TPR@1%FPR", "users in", "users out",
+            {"header": ["variant", "evaluation", "m", "user AUC", "95% CI", "TPR@1%FPR [95% CI]", "users in", "users out",
                         "ρ(score, n_train) [CI], n", "ρ(score, ref NLL) [CI], n"], "rows": table},
             {"header": ["variant", "evaluation", *(f"AUC m={m}" for m in order)], "rows": by_m_rows}]
         comparisons = cls.comparisons(stages)
