@@ -15,6 +15,10 @@ from dataclasses import dataclass, field
 import numpy as np
 
 DEFAULT_FPRS = (0.01, 0.001)
+# Below this many times 1/FPR non-members, the bootstrap interval of a TPR at that FPR undercovers: its
+# threshold is one of the few highest non-member scores, an extreme the bootstrap cannot resample well
+# (docs/attacks.md: 68-86% at 1x, 90-95% at 3x, simulated)
+FEW_NEGATIVES = 3
 
 
 @dataclass
@@ -105,6 +109,10 @@ def roc_metrics(scores: Sequence[float], labels: Sequence[int], n_bootstrap: int
     warnings = [f"only {n_neg} non-members: TPR at FPR {f:g} needs at least {needed_negatives(f)} to be resolved"
                 for f in fprs if n_neg < needed_negatives(f)]
     resolved = [float(f) for f in fprs if n_neg >= needed_negatives(f)]
+    warnings += [f"only {n_neg} non-members: the interval of TPR at FPR {f:g} is too narrow below about "
+                 f"{FEW_NEGATIVES * needed_negatives(f)} (it covered 68-86% of true values at "
+                 f"{needed_negatives(f)}, simulated)"
+                 for f in resolved if n_neg < FEW_NEGATIVES * needed_negatives(f) and n_bootstrap > 0]
     tprs = {float(f): tpr_at_fpr(fpr, tpr, f) if float(f) in resolved else None for f in fprs}
     lo = hi = float("nan")
     tpr_ci: dict[float, tuple[float, float] | None] = {float(f): None for f in fprs}

@@ -49,7 +49,10 @@ def test_tpr_at_one_percent_hand_made():
     assert tpr_at_fpr(m.fpr, m.tpr, 0.001) == pytest.approx(0.1)
     # 200 non-members resolve FPR 1% but not 0.1%
     assert m.tpr_at_fpr[0.001] is None
-    assert len(m.warnings) == 1 and "0.001" in m.warnings[0]
+    assert len(m.warnings) == 2 and "TPR at FPR 0.001 needs at least 1000" in m.warnings[0]
+    # and 200 < 3 x 100 non-members: the 1% interval undercovers there (simulated), which it says
+    assert "interval of TPR at FPR 0.01 is too narrow below about 300" in m.warnings[1]
+    assert len(roc_metrics(pos + neg, [1] * 100 + [0] * 200, n_bootstrap=0).warnings) == 1  # no interval
 
 
 def test_matches_sklearn_on_random_scores_with_ties():

@@ -185,8 +185,11 @@ class Mia(Kind):
             write_jsonl(ctx.out / "scores.jsonl", report.rows([r.id for r in members], [r.id for r in nonmembers]))
             plot_roc(report.metrics, ctx.out / "roc.png", title=f"membership inference: {ctx.models.get('target')}")
             write_json(ctx.out / "mia.json", data)
-            # the run's warnings, then each attack's (the same low-FPR warning for every attack: said once)
-            said = dict.fromkeys([*data["warnings"], *(w for m in report.metrics.values() for w in m.warnings)])
+            # the run's warnings, then each attack's: one every attack shares (low FPR unresolved) said once,
+            # another (an AUC every resample repeats) with its attack's name
+            shared = set.intersection(*(set(m.warnings) for m in report.metrics.values())) if report.metrics else set()
+            said = dict.fromkeys([*data["warnings"], *(w if w in shared else f"{name}: {w}"
+                                                       for name, m in report.metrics.items() for w in m.warnings)])
             for w in said:
                 ctx.log(f"warning: {w}")
         return MiaResult(data)
