@@ -119,10 +119,15 @@ def roc_metrics(scores: Sequence[float], labels: Sequence[int], n_bootstrap: int
     if n_bootstrap > 0:
         (lo, hi), boot_tprs = _bootstrap_roc(s, y, n_bootstrap, seed, ci, resolved)
         tpr_ci.update(boot_tprs)
-        if lo == hi:
+        if auc in (0.0, 1.0) or np.ptp(s) == 0:  # every resample repeats the AUC: the percentile CI has no width
             lo, hi = auc_interval_without_width(auc, n_pos, n_neg, ci)
-            warnings.append(f"every resample gave AUC {auc:.3g} (perfect separation, or every score alike): "
-                            "its interval is the distribution-free Birnbaum-McCarty one")
+            warnings.append(f"AUC {auc:.3g} (perfect separation, or every score alike) is the same on every "
+                            "resample: its interval is the distribution-free Birnbaum-McCarty one")
+        for f, (t_lo, t_hi) in boot_tprs.items():
+            if t_lo == t_hi:  # e.g. every member above every non-member: TPR 1 on every resample
+                tpr_ci[f] = binomial_ci(round(tprs[f] * n_pos), n_pos, 1 - ci)
+                warnings.append(f"TPR at FPR {f:g} is the same on every resample: its interval is the exact "
+                                "binomial one over the members (the threshold's own uncertainty left out)")
     return RocMetrics(auc=auc, auc_ci=(lo, hi), tpr_at_fpr=tprs,
                       advantage=float(np.max(tpr - fpr)), fpr=fpr, tpr=tpr, n_pos=n_pos, n_neg=n_neg,
                       warnings=warnings, tpr_ci=tpr_ci)

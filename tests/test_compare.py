@@ -256,6 +256,14 @@ def test_targets_whose_masked_ids_are_alike_are_paired_by_position(tmp_path):
                            {"rows": []}, opts) for name, hit in (("m0", {0}), ("ft", {0, 1, 2}))]
     (c,) = PiiResult.comparisons([StageView(s, tmp_path / "ex") for s in stages])
     assert (c["n"], c["n_units"]) == (10, 10) and c["delta"] == pytest.approx(0.2)
+    # a baseline cached from before target_index was written still pairs with a stage run now, by its ids
+    old = [{k: v for k, v in r.items() if k != "target_index"} | {"target": f"t{r['target_index']}"}
+           for r in rows({0})]
+    new = [r | {"target": f"t{r['target_index']}"} for r in rows({0, 1, 2})]
+    stages = [_write_stage(tmp_path / "mixed", "pii", "extraction", name, {"extractions.jsonl": r},
+                           {"rows": []}, opts) for name, r in (("m0", old), ("ft", new))]
+    (c,) = PiiResult.comparisons([StageView(s, tmp_path / "mixed") for s in stages])
+    assert (c["n"], c["n_units"]) == (10, 10) and c["delta"] == pytest.approx(0.2)
 
 
 def test_report_opens_with_the_verdicts(tmp_path):

@@ -406,13 +406,19 @@ def test_a_long_warning_stays_one_line_when_piped(tmp_path):
     assert len(lines) == 1 and len(lines[0]) > 80 and lines[0].endswith("match the length distributions")
 
 
-def test_run_progress_lines_mask_the_pii_a_label_holds(capsys):
-    """Stage ids hold the experiment's labels: a model named by an address or a phone was printed whole in
-    `[3/9] evaluate/mia/...: running`, while the verdict lines masked it."""
+def test_run_progress_lines_mask_the_pii_a_label_holds_and_keep_paths_and_seeds(capsys):
+    """Stage ids hold the experiment's labels: an address used as one was printed whole in `[3/9] ...: running`,
+    while the verdict lines masked it. Unquoted digits are paths, seeds and timestamps, not phone numbers:
+    masking them printed a report path that does not exist."""
     from leakaudit.cli.run import _log
+    from leakaudit.data.pii_find import mask_message
 
-    _log("[3/9] evaluate/mia/713-853-1234: running (mia)")
     _log("[4/9] evaluate/mia/jeff.dasovich@enron.com: done in 1.0s")
+    _log("[5/9] finetune/ft_seed=2024061501: running (finetune)")
+    _log("report: runs/2025061514/report.html")
     out = capsys.readouterr().err
-    assert "***-***-**34: running" in out and "j***@enron.com: done" in out
-    assert "853-1234" not in out and "dasovich" not in out
+    assert "j***@enron.com: done" in out and "dasovich" not in out
+    assert "ft_seed=2024061501: running" in out and "runs/2025061514/report.html" in out
+    # an error line: the quoted value is masked, the file's path is not
+    assert mask_message("runs/2025061514/d.jsonl:2: field 'id': duplicate id '713-853-1234' (first on line 1)") == (
+        "runs/2025061514/d.jsonl:2: field 'id': duplicate id '***-***-**34' (first on line 1)")

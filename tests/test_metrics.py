@@ -237,3 +237,10 @@ def test_an_auc_every_resample_repeats_gets_the_distribution_free_interval():
     assert lo < 0.5 < hi and hi - lo > 0.4
     m = roc_metrics([0.9, 0.8, 0.3, 0.1, 0.7, 0.2], [1, 0, 1, 0, 1, 0], n_bootstrap=200)  # resamples differ
     assert not any("Birnbaum" in w for w in m.warnings)
+    m = roc_metrics([0.9, 0.8, 0.3, 0.1, 0.7, 0.2], [1, 0, 1, 0, 1, 0], n_bootstrap=1)  # one resample: no width,
+    assert not any("Birnbaum" in w for w in m.warnings)  # but not for a reason the fallback speaks to
+    # the same for a TPR: every member above every non-member gives TPR 1 on every resample; the exact
+    # binomial interval over the members stands in for [1, 1]
+    m = roc_metrics(list(range(330)), [0] * 300 + [1] * 30, n_bootstrap=200)
+    assert m.tpr_at_fpr[0.01] == 1.0 and m.tpr_ci[0.01] == (pytest.approx(0.025 ** (1 / 30)), 1.0)
+    assert any("TPR at FPR 0.01 is the same on every resample" in w for w in m.warnings)

@@ -182,6 +182,11 @@ def test_internationalised_addresses_and_typographic_phone_punctuation_are_maske
     assert mask_pii("Пётр <пётр@почта.рф>") == "Пётр <п***@почта.рф>"
     assert find_emails("請寄到jeff@enron.com請") == ["jeff@enron.com"]  # CJK around it is not part of it
     assert find_emails("x 2×3@x.com") == ["3@x.com"]  # a sign is no letter
+    assert mask_pii("Άlex@x.com, nguyễn.văn@việt.vn") == "Ά***@x.com, n***@việt.vn"  # not "Ά" + "l***@x.com"
+    from leakaudit.data.enron import cut_context  # the context is cut where the finder sees the address
+
+    assert cut_context("h\n\n請寄到jeff@enron.com請", "jeff@enron.com") == "請寄到"
+    assert cut_context("h\n\nsee ajohn@enron.com.au, or john@enron.com.", "john@enron.com") == "see ajohn@enron.com.au, or "
     for dash in ("\u2013", "\u2014", "\u2011", "\u2212", "\u2009", "\u202f"):
         phone = f"713{dash}853{dash}1234"
         assert find_phones(f"call {phone} today") == [phone], repr(dash)

@@ -65,9 +65,9 @@ def _usage_line(exc) -> str:
 
 
 def _fail(message: str) -> None:
-    """Print the one error line, addresses and phone numbers masked: messages quote bad values, often real
-    PII (a label, an id, a user); the file, line and field say where to look."""
-    from leakaudit.data.pii_find import mask_pii
+    """Print the one error line, PII masked (`mask_message`): messages quote bad values, often real PII (a
+    label, an id, a user); the file, line and field say where to look."""
+    from leakaudit.data.pii_find import mask_message
 
-    print(f"error: {mask_pii(message)}", file=sys.stderr)
+    print(f"error: {mask_message(message)}", file=sys.stderr)
     sys.exit(2)

@@ -15,11 +15,11 @@ console = Console(stderr=True, soft_wrap=True)  # a verdict line stays one line 
 
 
 def _log(message: str) -> None:
-    """Stage progress lines (stages draw their own progress bars in between), addresses and phone numbers
-    masked as in the verdicts: a stage id holds the experiment's own labels."""
-    from leakaudit.data.pii_find import mask_pii
+    """Stage progress lines (stages draw their own progress bars in between), PII masked (`mask_message`): a
+    stage id holds the experiment's own labels."""
+    from leakaudit.data.pii_find import mask_message
 
-    message = mask_pii(message)
+    message = mask_message(message)
     style = "green" if message.endswith("cached") or " done in " in message or ": reused from " in message else "cyan"
     console.print(f"[{style}]{escape(message)}[/]", highlight=False)  # grid labels hold [brackets]
 

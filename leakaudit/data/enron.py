@@ -23,6 +23,7 @@ from typing import Any
 
 from leakaudit import resources
 from leakaudit.data.io import read_rows
+from leakaudit.data.pii_find import ADDRESS_BEFORE, ADDRESS_CHAR
 from leakaudit.errors import InputError
 
 PIL_DIR = "pii-enron-pil"
@@ -213,7 +214,8 @@ def cut_context(message: str, email: str) -> str | None:
     if not sep:
         body = message
     # the address on its own, not inside a longer one ("john@enron.com" in "ajohn@enron.com.au")
-    found = re.search(r"(?<![\w.%+-])" + re.escape(email) + r"(?![^\W_]|[.-][^\W_])", body, flags=re.IGNORECASE)
+    found = re.search(rf"{ADDRESS_BEFORE}{re.escape(email)}(?!{ADDRESS_CHAR}|[.-]{ADDRESS_CHAR})", body,
+                      flags=re.IGNORECASE)
     if found is None or found.start() == 0:
         return None
     return body[:found.start()]

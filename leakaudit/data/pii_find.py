@@ -32,9 +32,13 @@ import phonenumbers
 # Letters include the accented Latin, Greek and Cyrillic ones of internationalised addresses
 # ("jörg.müller@énron.com"); not those of scripts written without spaces (CJK, Thai): there the text
 # around an address is no part of it ("請寄到jeff@enron.com").
-_LETTER = "A-Za-z\u00c0-\u00d6\u00d8-\u00f6\u00f8-\u024f\u0388-\u03ce\u0400-\u04ff"
-EMAIL_RE = re.compile(rf"(?<![{_LETTER}0-9.%+_-])[-+]*(?P<address>[{_LETTER}0-9._][{_LETTER}0-9._%+-]*@"
-                      rf"(?:[{_LETTER}0-9-]+\.)+[{_LETTER}]{{2,}})(?![{_LETTER}0-9])")
+_LETTER = ("A-Za-z\u00c0-\u00d6\u00d8-\u00f6\u00f8-\u024f\u1e00-\u1eff"  # Latin, Vietnamese's too
+           "\u0386\u0388-\u03ce\u0400-\u04ff")  # Greek, Cyrillic
+# An address's boundary: no letter or digit of these alphabets touches it (enron.cut_context uses them too).
+ADDRESS_CHAR = rf"[{_LETTER}0-9]"
+ADDRESS_BEFORE = rf"(?<![{_LETTER}0-9.%+_-])"
+EMAIL_RE = re.compile(rf"{ADDRESS_BEFORE}[-+]*(?P<address>[{_LETTER}0-9._][{_LETTER}0-9._%+-]*@"
+                      rf"(?:[{_LETTER}0-9-]+\.)+[{_LETTER}]{{2,}})(?!{ADDRESS_CHAR})")
 # Phones: numbers libphonenumber finds and judges valid, read as US numbers unless written with a country
 # code (+44 ..., 011 44 ...). Seven-digit local numbers are not valid without an area code, so they are
 # left out (too many false hits: ranges, ids). The matcher never spans lines and is slow, so it only
@@ -303,6 +307,16 @@ def mask_pii(text: str, names: NameFinder | Iterable[str] | None = None) -> str:
         pos = s.end
     out.append(text[pos:])
     return "".join(out)
+
+
+def mask_message(text: str) -> str:
+    """A one-line message (an error, a progress line): addresses masked anywhere, phone numbers only inside
+    the '...' that quote values. Unquoted digits there are paths, seeds and timestamps ("runs/2025061514/",
+    "finetune[seed=2024061501]") that read as phone numbers, and masking them printed paths that do not exist."""
+    out = re.sub(r"'[^'\n]*'", lambda m: mask_pii(m.group(0)), text)
+    for start, end in reversed(email_spans(out)):
+        out = out[:start] + mask_email(out[start:end]) + out[end:]
+    return out
 
 
 def mask_yaml_text(text: str) -> str:

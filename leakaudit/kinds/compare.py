@@ -65,6 +65,17 @@ def unique(rows: Iterable[dict[str, Any]], key: Callable[[dict[str, Any]], Hasha
     return {k: r for k, r in out.items() if k not in twice}
 
 
+def target_key(rows: list[dict[str, Any]]) -> Callable[[dict[str, Any]], tuple[Any, Any]]:
+    """Who a PII row is about: its (masked) `target` id, with its `target_index` only where masking made
+    several targets' ids alike. Rows written before `target_index` existed keep pairing by id with new ones
+    (a stage cached from then, beside one run now), and their alike ids stay ambiguous, as before."""
+    positions: dict[Any, set[Any]] = {}
+    for r in rows:
+        positions.setdefault(r.get("target"), set()).add(r.get("target_index"))
+    alike = {t for t, seen in positions.items() if len(seen - {None}) > 1}
+    return lambda r: (r.get("target_index") if r.get("target") in alike else None, r.get("target"))
+
+
 def finite(x: Any) -> bool:
     return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
 

@@ -192,15 +192,15 @@ def _figures(rates: dict[str, dict[tuple[str, str], float]]) -> list[dict[str, s
 def _series(s: StageView, base: StageView) -> list[compare.Series]:
     """Per protocol, the target model's hit (any sample matched, the protocol's criterion) per target x cell,
     from extractions.jsonl (one row per sample). Their mean is the grid-mean match rate. Targets are told apart
-    by position and masked id; a key whose samples repeat (an older file without positions, where masking
-    made two ids alike) is left out."""
+    by masked id, and by position where masking made ids alike (compare.target_key); a key whose samples
+    repeat (ids alike in a file from before positions were written) is left out."""
     hits: dict[str, dict[tuple[Any, ...], float]] = {}
     seen: dict[tuple[Any, ...], set[Any]] = {}
     twice: set[tuple[Any, ...]] = set()
-    for r in read_jsonl(s.dir / "extractions.jsonl"):
-        if r.get("role", "model") != "model":
-            continue
-        key = (r.get("target_index"), r.get("target"), r.get("template"), r.get("temperature"), r.get("top_k"))
+    rows = [r for r in read_jsonl(s.dir / "extractions.jsonl") if r.get("role", "model") == "model"]
+    target = compare.target_key(rows)
+    for r in rows:
+        key = (*target(r), r.get("template"), r.get("temperature"), r.get("top_k"))
         if r.get("sample_index") in seen.setdefault(key, set()):
             twice.add(key)
         seen[key].add(r.get("sample_index"))

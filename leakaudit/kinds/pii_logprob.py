@@ -234,10 +234,12 @@ class PiiLogprobResult(Result):
 
 
 def _series(s: StageView, base: StageView) -> list[compare.Series]:
-    """The target model's rows (not its baseline's) keyed by (target's position, masked id, template); a key
-    that repeats (an older file without positions, where masking made two ids alike) is left out."""
-    rows = compare.unique((r for r in read_jsonl(s.dir / "logprobs.jsonl") if r.get("role", "model") == "model"),
-                          lambda r: (r.get("target_index"), r.get("target"), r.get("template")))
+    """The target model's rows (not its baseline's) keyed by (target, template), a target being its masked id
+    and, where masking made ids alike, its position (compare.target_key); a key that repeats (ids alike in a
+    file from before positions were written) is left out."""
+    own = [r for r in read_jsonl(s.dir / "logprobs.jsonl") if r.get("role", "model") == "model"]
+    who = compare.target_key(own)
+    rows = compare.unique(own, lambda r: (*who(r), r.get("template")))
     target = itemgetter(0, 1)  # the resampling unit of a (target, template) row
     series = [compare.Series("mean log p(address)", {k: r.get("logp") for k, r in rows.items()}, cluster=target,
                              items="targets")]
