@@ -81,14 +81,24 @@ def test_reference_free_scores_by_hand(tiny_model):
     assert np.allclose(score("min_k", tiny_model), [lowest_mean(x["logp"]) for x in h], rtol=1e-5)
     assert np.allclose(score("min_k", tiny_model, k=0.5), [lowest_mean(x["logp"], 0.5) for x in h], rtol=1e-5)
     zpp = [lowest_mean((x["logp"] - x["mu"]) / np.sqrt(x["var"])) for x in h]
-    # the engine keeps the moments in float32 (var = E[lp^2] - mu^2), good to ~2e-4 relative
+    # the engine keeps the moments in float32 (the variance from a second pass), good to ~2e-4 relative
     assert np.allclose(score("min_k_pp", tiny_model), zpp, rtol=1e-3)
 
 
 def test_ref_across_tokenizers_by_hand(tiny_neox, tiny_opt):
-    # OPT's tokenizer adds a BOS token, GPT-NeoX's does not: each model scores the text its own way.
-    want = [hand(tiny_neox, t)["logp"].mean() - hand(tiny_opt, t)["logp"].mean() for t in TEXTS]
-    assert np.allclose(score("ref", tiny_neox, reference=tiny_opt), want, rtol=1e-5, atol=1e-6)
+    """Each model scores the text with its own tokenizer. The two tiny models share one, so the reference gets
+    a copy of it that starts every text with a BOS token, as OPT's real tokenizer does."""
+    import dataclasses
+
+    from tokenizers.processors import TemplateProcessing
+
+    tok = copy.deepcopy(tiny_opt.tokenizer)
+    tok._tokenizer.post_processor = TemplateProcessing(single=f"{tok.bos_token} $A",
+                                                       special_tokens=[(tok.bos_token, tok.bos_token_id)])
+    reference = dataclasses.replace(tiny_opt, tokenizer=tok)
+    assert tok(TEXTS[0])["input_ids"][0] == tok.bos_token_id != tiny_neox.tokenizer(TEXTS[0])["input_ids"][0]
+    want = [hand(tiny_neox, t)["logp"].mean() - hand(reference, t)["logp"].mean() for t in TEXTS]
+    assert np.allclose(score("ref", tiny_neox, reference=reference), want, rtol=1e-5, atol=1e-6)
 
 
 def test_a_stride_for_the_target_fits_a_reference_with_a_shorter_context(tiny_neox, capsys):
@@ -152,12 +162,16 @@ def test_reference_free_attacks_share_one_scoring_pass(tiny_neox, monkeypatch):
     assert set(report.scores) == set(REFERENCE_FREE)
 
 
-def test_batched_and_unbatched_agree(tiny_opt):
-    attacks = ["loss", "zlib", "min_k", "min_k_pp", "lowercase"]
-    one = run_mia(tiny_opt, TEXTS[:2], TEXTS[2:], attacks, n_bootstrap=10, batch_size=1, **NO_CACHE)
-    auto = run_mia(tiny_opt, TEXTS[:2], TEXTS[2:], attacks, n_bootstrap=10, batch_size="auto", **NO_CACHE)
+def test_batched_and_unbatched_agree(tiny_opt, tiny_neox):
+    """Every attack that scores in batches, ref (the reference's own pass) and recall (texts after a shared
+    prefix) included: one text per batch, padded batches of 3, and "auto" give the same scores."""
+    attacks = ["loss", "zlib", "min_k", "min_k_pp", "lowercase", "ref", "recall"]
+    nonmembers = TEXTS[2:] + ["Tell me a joke about the weather.", "List five fruits.", "Name a colour."]
+    runs = [run_mia(tiny_opt, TEXTS[:2], nonmembers, attacks, tiny_neox, attack_options={"recall": {"shots": 2}},
+                    n_bootstrap=10, batch_size=b, **NO_CACHE) for b in (1, 3, "auto")]
     for name in attacks:
-        assert np.allclose(one.scores[name], auto.scores[name], rtol=1e-5, atol=1e-6), name
+        for other in runs[1:]:
+            assert np.allclose(runs[0].scores[name], other.scores[name], rtol=1e-5, atol=1e-6), name
 
 
 def _seed_instructions(n: int) -> list[str]:
@@ -208,6 +222,9 @@ def test_model_trained_on_members_ranks_them_higher(member_split, tiny_neox):
         assert aucs[name] > 0.6, aucs
     lo, hi = report.metrics["loss"].auc_ci
     assert lo <= aucs["loss"] <= hi
+    # lowercase and recall too (recall holds out its prefix non-members, so it runs on its own)
+    others = run_mia(tuned, members, nonmembers, ["lowercase", "recall"], n_bootstrap=0, **NO_CACHE)
+    assert all(m.auc > 0.6 for m in others.metrics.values()), {k: m.auc for k, m in others.metrics.items()}
     # the untrained model cannot tell the two sets apart as well
     base = run_mia(tiny_neox, members, nonmembers, ["loss"], n_bootstrap=0, **NO_CACHE)
     assert base.metrics["loss"].auc < aucs["loss"]

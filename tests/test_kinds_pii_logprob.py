@@ -45,7 +45,8 @@ def _hand_logp(lm, prompt: str, address: str) -> float:
     return float(sum(logp[pos - 1, ids[pos]] for pos in range(len(p_ids), len(ids))))
 
 
-def test_logp_and_rank_equal_a_hand_computation(tmp_path, tiny_neox):
+def test_logp_and_rank_equal_a_hand_computation(tmp_path, tiny_neox, monkeypatch):
+    monkeypatch.setenv("LEAKAUDIT_CACHE", str(tmp_path / "cache"))  # scored now, not read from earlier runs
     res, rows = _run(tmp_path, "a", {"target": "tiny-gpt-neox"}, pairs=str(_pairs_file(tmp_path)), n_targets=2,
                      n_candidates=3, templates="A", batch_size=4)
     assert [(r["template"], r["role"]) for r in rows] == [("A", "model")] * 2
@@ -66,6 +67,16 @@ def test_logp_and_rank_equal_a_hand_computation(tmp_path, tiny_neox):
     lo, hi = overall["mean_logp_ci"]
     assert lo <= overall["mean_logp"] <= hi
     assert [h.metric for h in res.headline()] == ["mean log p(address)", "address rank-1 rate"]
+    # one (prompt, address) per batch gives the same rows as the batches of 4 above
+    from leakaudit.data.enron import resolve_templates, select_targets
+    from leakaudit.kinds.pii_logprob import draw_candidates, score_targets
+
+    targets = select_targets(str(_pairs_file(tmp_path)), None)
+    one = score_targets(tiny_neox, targets[:2], resolve_templates("A"),
+                        draw_candidates(targets[:2], [t.email for t in targets], 3, 0), batch_size=1, progress=False,
+                        cache=False)
+    assert [r["logp"] for r in one] == pytest.approx([r["logp"] for r in rows], abs=1e-5)
+    assert [r["rank"] for r in one] == [r["rank"] for r in rows]
     from leakaudit.kinds.base import StageView
 
     stage = StageView({"id": "evaluate/ev/base", "folder": "a", "params": {}, "result": res.data}, tmp_path)

@@ -96,6 +96,11 @@ def test_statistic_by_hand(users, tiny_neox):
         assert report.user_scores["2"][u] == pytest.approx(want, rel=1e-4)
     rows = report.rows()
     assert len(rows) == 12 and json.dumps(rows)
+    # one sample per batch and padded batches give the same statistic
+    for batch in (1, 5):
+        again = run_user_inference(tuned, tiny_neox, attack_in, attack_out, m_values=[2], n_bootstrap=0,
+                                   batch_size=batch, **NO_CACHE)
+        assert again.user_scores["2"] == pytest.approx(report.user_scores["2"], rel=1e-5, abs=1e-5), batch
 
 
 def test_users_with_too_few_samples_are_left_out_for_that_m(users, tiny_neox):

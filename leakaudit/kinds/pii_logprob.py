@@ -79,7 +79,7 @@ def continuation(prompt: str, email: str) -> str:
 
 
 def score_targets(lm: Any, targets: list[Any], templates: list[Any], candidates: list[list[str]], *,
-                  batch_size: int | str = "auto", progress: bool = True) -> list[dict[str, Any]]:
+                  batch_size: int | str = "auto", progress: bool = True, cache: bool = True) -> list[dict[str, Any]]:
     """One row per target x template: logp and logp_per_token of the true address, its rank among the target's
     candidates (candidates[i][0] is target i's own address), and whether BPE would have merged across the
     prompt/address boundary. Every (prompt, candidate) is scored in one batched, cached pass."""
@@ -99,7 +99,7 @@ def score_targets(lm: Any, targets: list[Any], templates: list[Any], candidates:
                 contexts.append(p_ids)
                 conts.append(c_ids)
                 where.append((i, template.name, j))
-    scores = score_ids(lm, contexts, conts, batch_size=batch_size, progress=progress,
+    scores = score_ids(lm, contexts, conts, batch_size=batch_size, progress=progress, cache=cache,
                        description="scoring addresses")
     by_cell: dict[tuple[int, str], list[Any]] = {}
     for (i, name, _), s in zip(where, scores, strict=True):
