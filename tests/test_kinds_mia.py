@@ -122,3 +122,13 @@ def test_a_user_on_both_sides_is_one_error_naming_the_file(study, monkeypatch, c
     assert code == 2
     assert _message(err) == "user 'u1' appears among both in-training and held-out users; split the data by user"
     assert err.startswith(f"error: {b}:2: field 'user': ")
+
+
+def test_attack_warnings_say_a_shared_one_once_and_name_the_attack_of_the_others():
+    from leakaudit.kinds.mia import attack_warnings
+
+    low = "only 40 non-members: TPR at FPR 0.01 needs at least 100 to be resolved"
+    flat = "AUC 1 (perfect separation, or every score alike) is the same on every resample: ..."
+    assert attack_warnings(["length"], {"loss": [low, flat], "zlib": [low], "ref": [low, flat]}) == [
+        "length", low, f"loss: {flat}", f"ref: {flat}"]
+    assert attack_warnings([], {}) == []

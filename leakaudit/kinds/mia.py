@@ -61,6 +61,14 @@ def attack_names(attacks: list[str] | str | None, has_reference: bool) -> list[s
     return list(given) if given else [*REFERENCE_FREE, *(["ref"] if has_reference else [])]
 
 
+def attack_warnings(run: list[str], by_attack: dict[str, list[str]]) -> list[str]:
+    """The lines to print: the run's warnings, then each attack's — one that every attack shares (a low FPR
+    too few non-members resolve) once, another (an AUC every resample repeats) with its attack's name."""
+    shared = set.intersection(*map(set, by_attack.values())) if by_attack else set()
+    return list(dict.fromkeys([*run, *(w if w in shared else f"{name}: {w}"
+                                       for name, ws in by_attack.items() for w in ws)]))
+
+
 class MiaResult(Result):
     """`mia.json`: {attacks: {name: {auc, auc_ci, tpr_at_fpr: {"0.01", "0.001"}, tpr_ci, advantage, n_members,
     n_nonmembers, warnings}}, warnings, recall_prefix_nonmembers, target, reference, members, nonmembers,
@@ -185,11 +193,6 @@ class Mia(Kind):
             write_jsonl(ctx.out / "scores.jsonl", report.rows([r.id for r in members], [r.id for r in nonmembers]))
             plot_roc(report.metrics, ctx.out / "roc.png", title=f"membership inference: {ctx.models.get('target')}")
             write_json(ctx.out / "mia.json", data)
-            # the run's warnings, then each attack's: one every attack shares (low FPR unresolved) said once,
-            # another (an AUC every resample repeats) with its attack's name
-            shared = set.intersection(*(set(m.warnings) for m in report.metrics.values())) if report.metrics else set()
-            said = dict.fromkeys([*data["warnings"], *(w if w in shared else f"{name}: {w}"
-                                                       for name, m in report.metrics.items() for w in m.warnings)])
-            for w in said:
+            for w in attack_warnings(data["warnings"], {name: m.warnings for name, m in report.metrics.items()}):
                 ctx.log(f"warning: {w}")
         return MiaResult(data)
