@@ -133,6 +133,22 @@ def test_recall_by_hand(tiny_model):
     assert np.allclose(score("recall", tiny_model, prefix=prefix_texts), want, rtol=1e-4, atol=1e-6)
 
 
+def test_recall_warns_when_a_text_does_not_fit_the_window_after_its_prefix(tiny_neox, capsys):
+    """Past the window, strided windows start after the prefix: those tokens are scored without it in view."""
+    from leakaudit.errors import _WARNED
+
+    _WARNED.clear()
+    prefix_texts = ("Sort these numbers.", "Translate the sentence into German.")
+    n_prefix = len(tiny_neox.tokenizer("\n\n".join(prefix_texts) + "\n\n")["input_ids"])
+    ctx = ScoringContext(tiny_neox, list(TEXTS), score_options={**NO_CACHE, "max_length": n_prefix + 20})
+    get_attack("recall", prefix=prefix_texts).score(ctx)
+    err = capsys.readouterr().err
+    longer = sum(len(tiny_neox.tokenizer(t)["input_ids"]) > 20 for t in TEXTS)
+    assert 0 < longer < len(TEXTS) and f"recall: {longer} of {len(TEXTS)} texts do not fit" in err
+    score("recall", tiny_neox, prefix=prefix_texts)  # the model's own window holds them: no warning
+    assert "do not fit" not in capsys.readouterr().err
+
+
 def test_gradnorm_by_hand(tiny_opt):
     want = []
     model = copy.deepcopy(tiny_opt.model)

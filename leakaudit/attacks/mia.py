@@ -16,7 +16,7 @@ import numpy as np
 from pydantic import Field
 
 from leakaudit.attacks.base import ATTACKS, Attack, AttackConfig, ScoringContext, get_attack, register
-from leakaudit.errors import InputError
+from leakaudit.errors import InputError, warn_once
 from leakaudit.metrics import RocMetrics, roc_metrics
 from leakaudit.models import LoadedModel
 
@@ -199,8 +199,20 @@ class RecallAttack(Attack):
         return sep.join(self.config.prefix) + sep
 
     def score(self, ctx):
+        from leakaudit.scoring import fit_window
+
         _need_tokens(ctx)
-        cond = ctx.scores("target", prefix=self.prefix_text(), moments=False)
+        prefix = self.prefix_text()
+        cond = ctx.scores("target", prefix=prefix, moments=False)
+        # a text the window cannot hold after the prefix is scored in strided windows, and the later ones start
+        # past the prefix: those tokens are scored without it in view, so the score mixes both conditions
+        window = fit_window(ctx.target, ctx.score_options.get("max_length"))
+        n_prefix = len(ctx.target.tokenizer(prefix, add_special_tokens=True)["input_ids"])
+        over = sum(n_prefix + c.n_tokens > window for c in cond)
+        if over:
+            warn_once(f"recall: {over} of {len(cond)} texts do not fit the {window}-token window after the "
+                      f"{n_prefix}-token prefix; their tokens past it are scored without the prefix in view "
+                      "(fewer or shorter prefix texts, or a longer window, avoid it)")
         out = []
         for plain, c in zip(ctx.target_scores, cond, strict=True):
             # Without a prefix the first token may be unscored; compare over the same (last n) tokens.
