@@ -422,3 +422,4 @@ def test_run_progress_lines_mask_the_pii_a_label_holds_and_keep_paths_and_seeds(
     # an error line: the quoted value is masked, the file's path is not
     assert mask_message("runs/2025061514/d.jsonl:2: field 'id': duplicate id '713-853-1234' (first on line 1)") == (
         "runs/2025061514/d.jsonl:2: field 'id': duplicate id '***-***-**34' (first on line 1)")
+    assert mask_message("user 'Sara Shackleton' appears among both") == "user 'S*** S***' appears among both"

@@ -51,7 +51,7 @@ evaluate:
 
 
 # numbers of the experiment file that read as phone numbers, beside a phone number that is one
-CONFIG_NUMBERS = "notes: {paper_seed: 2024061501, desk: '713-853-1234'}  # or 713-853-1235\n"
+CONFIG_NUMBERS = "notes: {paper_seed: 2024061501, desk: '713-853-1234'}  # or 713-853-1235, Sara Shackleton\n"
 
 
 @pytest.fixture(scope="module")
@@ -118,6 +118,7 @@ def test_the_echoed_experiment_file_keeps_its_numbers_and_masks_its_pii(report_d
         assert "paper_seed: 2024061501" in text
         assert "853-1234" not in text and "853-1235" not in text and "***-***-**34" in text
         assert "kenneth.lay" not in text
+        assert "Shackleton" not in text and "S*** S***" in text  # a shipped Enron name
 
 
 def test_summary_lists_every_headline_number(report_dir):

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from leakaudit.data.io import write_json
-from leakaudit.data.pii_find import mask_obj, mask_yaml_text
+from leakaudit.data.pii_find import mask_obj, mask_yaml_text, shipped_name_finder
 from leakaudit.data.pii_find import mask_pii as mask
 from leakaudit.errors import InputError, one_line
 from leakaudit.kinds import get_kind, kind_names
@@ -27,9 +27,10 @@ _UNMASKED = re.compile(r"(data:[\w/+.-]+;base64,[A-Za-z0-9+/=]+|<pre class=\"con
 
 
 def _mask_page(html: str) -> str:
-    """Mask every address and phone number in the page's text, leaving inline figures and the (already
-    masked) experiment file alone."""
-    return "".join(part if i % 2 else mask(part) for i, part in enumerate(_UNMASKED.split(html)))
+    """Mask every address, phone number and shipped Enron name in the page's text, leaving inline figures and
+    the (already masked) experiment file alone."""
+    names = shipped_name_finder()
+    return "".join(part if i % 2 else mask(part, names) for i, part in enumerate(_UNMASKED.split(html)))
 
 
 # ----------------------------------------------------------------------------------------- headline numbers
@@ -191,7 +192,7 @@ def build(out: str | Path) -> tuple[str, dict[str, Any]]:
         title=title, name=exp["name"], show_pii=show_pii, headline_cols=cols, headline_rows=table_rows,
         verdicts=[verdict_sentence(c) for c in comparisons], verdict_figures=verdict_figures(comparisons),
         sections=sections, stages=stages, n_done=sum(1 for s in stages if s.get("result") is not None),
-        n_stages=len(stages), config_text=config_text if show_pii else mask_yaml_text(config_text),
+        n_stages=len(stages), config_text=config_text if show_pii else mask_yaml_text(config_text, shipped_name_finder()),
         versions=run.get("versions", {}))
     if not show_pii:  # a last pass over the whole page: addresses and phone numbers never reach it
         html = _mask_page(html)
@@ -201,7 +202,7 @@ def build(out: str | Path) -> tuple[str, dict[str, Any]]:
                "stages": {s["id"]: s.get("result") for s in stages},
                "versions": run.get("versions", {})}
     if not show_pii:  # run.json is masked when written, but it may predate that or have been edited
-        summary = mask_obj(summary)
+        summary = mask_obj(summary, shipped_name_finder())
     return html, summary
 
 
