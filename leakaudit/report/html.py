@@ -194,7 +194,7 @@ def build(out: str | Path) -> tuple[str, dict[str, Any]]:
         sections=sections, stages=stages, n_done=sum(1 for s in stages if s.get("result") is not None),
         n_stages=len(stages), config_text=config_text if show_pii else mask_yaml_text(config_text, shipped_name_finder()),
         versions=run.get("versions", {}))
-    if not show_pii:  # a last pass over the whole page: addresses and phone numbers never reach it
+    if not show_pii:  # a last pass over the whole page: addresses, phones and shipped names never reach it
         html = _mask_page(html)
     summary = {"experiment": exp["name"], "generated": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
                "pii": "shown" if show_pii else "masked",  # says so before anyone shares the file
