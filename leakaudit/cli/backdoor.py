@@ -8,7 +8,6 @@ import re
 from pathlib import Path
 
 import typer
-from rich.console import Console
 
 from leakaudit.cli.core import (
     DeviceOpt,
@@ -16,11 +15,11 @@ from leakaudit.cli.core import (
     above_zero,
     build_options,
     check_batch_size,
+    err,
     model_path,
 )
 from leakaudit.options import MAX_SEED
 
-err = Console(stderr=True, soft_wrap=True)  # a warning or summary line stays one line when piped
 backdoor_app = typer.Typer(help="Backdoor fine-tuning-data extraction: plant, fine-tune downstream, extract, "
                            "identify, detect.", no_args_is_help=True)
 

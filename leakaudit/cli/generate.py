@@ -9,10 +9,9 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from leakaudit.cli.core import batch_size_option, build_options, model_path
+from leakaudit.cli.core import batch_size_option, build_options, err, model_path
 from leakaudit.options import MAX_SEED
 
-err = Console(stderr=True, soft_wrap=True)  # a warning or summary line stays one line when piped
 CONTINUATION_KEYS = ("id", "source_id", "sample_index", "generated")  # rows each command writes
 TASK_KEYS = ("instruction", "instances", "round")
 FLAT_KEYS = ("instruction", "input", "output", "source_task")

@@ -7,14 +7,11 @@ from pathlib import Path
 from typing import Any
 
 import typer
-from rich.console import Console
 from rich.table import Table
 
-from leakaudit.cli.core import batch_size_option, build_options, model_path
+from leakaudit.cli.core import batch_size_option, build_options, err, model_path
 from leakaudit.errors import InputError
 from leakaudit.options import MAX_SEED
-
-err = Console(stderr=True, soft_wrap=True)  # a warning or summary line stays one line when piped
 
 #: option paths whose flag is not `--option-name`
 MIA_FLAGS = {("attack_options",): "--attacks", ("attack_options", "min_k", "k"): "--k",

@@ -8,12 +8,9 @@ import json
 from pathlib import Path
 
 import typer
-from rich.console import Console
 
-from leakaudit.cli.core import batch_size_option, build_options, model_path
+from leakaudit.cli.core import batch_size_option, build_options, err, model_path
 from leakaudit.options import MAX_SEED
-
-err = Console(stderr=True, soft_wrap=True)  # a warning or summary line stays one line when piped
 
 
 def pii(
