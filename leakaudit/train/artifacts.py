@@ -60,14 +60,20 @@ def fix_adapter_base(directory: Path, spec: str) -> None:
 DONE_MARKER = "finetune_done.json"
 
 
+def checkpoint_number(path: Path) -> int | None:
+    """N of a Trainer checkpoint folder `checkpoint-N` (its global step); None for any other name."""
+    tail = path.name.split("-")[-1]
+    return int(tail) if path.name.startswith("checkpoint-") and tail.isdigit() else None
+
+
 def training_step(model_dir: str | Path) -> int | None:
     """The optimizer step a fine-tuning run's weights are from: N for checkpoint-N (or its adapter/ folder),
     the step recorded for the run's final model; None for anything else (a base model, a run from before the
     step was recorded)."""
     path = Path(model_dir)
     path = path.parent if path.name == "adapter" else path
-    if path.name.startswith("checkpoint-") and path.name.split("-")[-1].isdigit():
-        return int(path.name.split("-")[-1])
+    if (number := checkpoint_number(path)) is not None:
+        return number
     try:
         step = json.loads((path / DONE_MARKER).read_text(encoding="utf-8")).get("step")
     except (OSError, ValueError, AttributeError):
@@ -77,8 +83,8 @@ def training_step(model_dir: str | Path) -> int | None:
 
 def checkpoint_dirs(out: Path) -> list[Path]:
     """Trainer checkpoints under a run dir, in step order."""
-    found = [p for p in Path(out).glob("checkpoint-*") if p.is_dir() and p.name.split("-")[-1].isdigit()]
-    return sorted(found, key=lambda p: int(p.name.split("-")[-1]))
+    found = [p for p in Path(out).glob("checkpoint-*") if p.is_dir() and checkpoint_number(p) is not None]
+    return sorted(found, key=checkpoint_number)
 
 
 def last_checkpoint(out: Path) -> Path | None:
