@@ -261,10 +261,12 @@ def _trie_pattern(forms: list[str]) -> str:
     return build(trie)
 
 
-def find_pii(text: str, names: NameFinder | None = None) -> list[PiiSpan]:
-    """E-mails, phones and (given) names in `text`, sorted by position, overlaps resolved left-first."""
+def find_pii(text: str, names: NameFinder | None = None, phones: bool = True) -> list[PiiSpan]:
+    """E-mails, phones (unless `phones=False`) and (given) names in `text`, sorted by position, overlaps
+    resolved left-first."""
     spans = [PiiSpan("email", a, b, text[a:b]) for a, b in email_spans(text)]
-    spans += [PiiSpan("phone", a, b, text[a:b]) for a, b in phone_spans(text)]
+    if phones:
+        spans += [PiiSpan("phone", a, b, text[a:b]) for a, b in phone_spans(text)]
     if names is not None:
         spans += [PiiSpan("name", m.start(), m.end(), " ".join(m.group(0).split())) for m in names.find(text)]
     spans.sort(key=lambda s: (s.start, -(s.end - s.start)))
@@ -323,10 +325,9 @@ def mask_message(text: str) -> str:
     timestamps ("runs/2025061514/", "finetune[seed=2024061501]") that read as phone numbers, and masking them
     printed paths that do not exist."""
     out = re.sub(r"'[^'\n]*'", lambda m: mask_pii(m.group(0)), text)
-    found = [(s.start, s.end, s.kind) for s in find_pii(out, shipped_name_finder()) if s.kind != "phone"]
     masks = {"email": mask_email, "name": mask_name}
-    for start, end, kind in reversed(found):
-        out = out[:start] + masks[kind](out[start:end]) + out[end:]
+    for s in reversed(find_pii(out, shipped_name_finder(), phones=False)):
+        out = out[:s.start] + masks[s.kind](out[s.start:s.end]) + out[s.end:]
     return out
 
 
