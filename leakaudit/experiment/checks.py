@@ -40,11 +40,9 @@ def _check_compare_to(plan: Plan) -> None:
     """`compare_to` must name a target of its evaluation (a model, or one variant of a grid fine-tune): a name
     that is none ran the whole study and left only a note in the report, no comparison."""
     for name, e in plan.exp.evaluate.items():
+        labels = [label for target in e.targets for label, _ in plan.model_refs(target)]
         for key, value in (("options", e.options.get("compare_to")), *(("grid", v) for v in e.grid.get("compare_to", []))):
-            if value is None:
-                continue
-            labels = [label for target in e.targets for label, _ in plan.model_refs(target)]
-            if value not in labels:
+            if value is not None and value not in labels:
                 loc = ("evaluate", name, "options", "compare_to") if key == "options" else ("evaluate", name, "grid")
                 raise plan.exp.error(loc, f"'{value}' is not a target of this evaluation; its targets are "
                                           f"{', '.join(labels)}")
