@@ -183,13 +183,8 @@ def _bootstrap_roc(scores: np.ndarray, labels: np.ndarray, n_bootstrap: int, see
         aucs.append(_auc_by_ranks(p, q))
         for f in fprs:
             tprs[f].append(_tpr_rows(p, q, f))
-    alpha = (1 - ci) / 2
-
-    def interval(values: list[np.ndarray]) -> tuple[float, float]:
-        v = np.concatenate(values)
-        return float(np.quantile(v, alpha)), float(np.quantile(v, 1 - alpha))
-
-    return _bca_auc_interval(pos, neg, np.concatenate(aucs), ci), {f: interval(v) for f, v in tprs.items()}
+    return (_bca_auc_interval(pos, neg, np.concatenate(aucs), ci),
+            {f: tuple(_percentile_ci(np.concatenate(v), ci)) for f, v in tprs.items()})
 
 
 def _bca_auc_interval(pos: np.ndarray, neg: np.ndarray, boot: np.ndarray, ci: float) -> tuple[float, float]:
