@@ -110,6 +110,7 @@ def test_coverage_and_fully_recovered_by_hand():
     when = summary["words"]["When"]
     assert when["coverage"] == pytest.approx(6 / 8)
     assert when["fully_recovered"] == pytest.approx(1 / 2)
+    assert when["recovered"] == [1, 0]  # "When did X start?" reproduced whole, "When is it?" not
     assert when["match_ratio_max"] == 1.0
     assert when["match_ratio_mean"] == pytest.approx((1.0 + 2 * 2 / (2 + 4)) / 2)
     assert summary["coverage"] == pytest.approx(6 / 10)

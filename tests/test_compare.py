@@ -385,3 +385,29 @@ def test_a_run_ends_with_the_verdict_lines(tmp_path, capsys):
     assert mia.endswith("→ decrease")
     print_verdicts(tmp_path / "missing")  # no summary: nothing printed, no error
     assert capsys.readouterr().err == ""
+
+
+def test_backdoor_comparison_by_hand(tmp_path):
+    """Per word match ratios paired by word; fully recovered paired by (word, query), resampled by word; the
+    values are extract.json's, so the baseline's statistic is its headline mean over words."""
+    from leakaudit.kinds.backdoor import BackdoorResult
+
+    words = [f"W{i}" for i in range(12)]
+    extract = {"clean": {w: {"match_ratio_mean": 0.1, "match_ratio_max": 0.2, "recovered": [0, 0]} for w in words},
+               "victim": {w: {"match_ratio_mean": 0.1 + 0.05 * i, "match_ratio_max": 0.2 + 0.05 * i,
+                              "recovered": [1, 0] if i < 4 else [0, 0]} for i, w in enumerate(words)}}
+    opts = {"compare_to": "clean", "n_bootstrap": 400}
+    stages = []
+    for name, per_word in extract.items():
+        stages.append(_write_stage(tmp_path, "backdoor", "extract", name, {}, {"headline": {}, "seed": 0}, opts))
+        (tmp_path / "evaluate" / "extract" / name / "extract.json").write_text(json.dumps({"words": per_word}))
+    by = {c["metric"]: c for c in BackdoorResult.comparisons([StageView(s, tmp_path) for s in stages])}
+    assert set(by) == {"match ratio (mean)", "match ratio (max)", "fully recovered"}
+    mean = by["match ratio (mean)"]
+    assert (mean["baseline"], mean["variant"], mean["n"]) == ("clean", "victim", 12)
+    assert mean["value_baseline"] == pytest.approx(0.1) and mean["delta"] == pytest.approx(0.05 * 5.5)
+    assert mean["delta_ci"][0] > 0 and mean["verdict"] == "increase"
+    full = by["fully recovered"]
+    assert (full["n"], full["n_units"]) == (24, 12)
+    assert full["value_baseline"] == 0 and full["value_variant"] == pytest.approx(4 / 24)
+    assert full["delta_ci"][0] > 0  # resampled by word: a resample holding none of the 4 is (8/12)^12 < 1%

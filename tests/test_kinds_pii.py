@@ -112,6 +112,36 @@ def test_backdoor_cli_and_engine_write_the_same_extraction(tmp_path, monkeypatch
     assert {h["metric"] for h in summary["headline"]} == {"match_ratio_mean", "match_ratio_max", "coverage"}
 
 
+def test_backdoor_compare_to_gives_paired_verdicts_in_summary_and_report(tmp_path, monkeypatch, capsys,
+                                                                           one_torch_thread):
+    """An experiment's backdoor evaluation with `compare_to`: summary.json carries a paired row per metric for
+    the other target, over the words and queries of extract.json, and the report states each as a verdict."""
+    from leakaudit import resources
+
+    shipped = json.loads(resources.path("backdoor-extraction", "stage2_dolly", "sft", "train.json").read_text())[:12]
+    d2 = tmp_path / "d2.jsonl"
+    d2.write_text("".join(json.dumps({"text": r["messages"][0]["content"], **r}) + "\n" for r in shipped))
+    exp = tmp_path / "exp.yaml"
+    exp.write_text(f"name: cmp\nseed: 0\nmodels:\n  base: tiny-gpt-neox\n  other: tiny-opt\n"
+                   f"datasets:\n  d2:\n    path: {d2}\nevaluate:\n  ev:\n    kind: backdoor\n"
+                   f"    targets: [base, other]\n    data: d2\n"
+                   f"    options: {{num_samples: 2, max_new_tokens: 4, compare_to: base}}\n")
+    code, err = _main(monkeypatch, capsys, "run", exp, "--out", tmp_path / "run")
+    assert code == 0, err
+    words = json.loads((tmp_path / "run/evaluate/ev/base/extract.json").read_text())["words"]
+    n_queries = sum(len(e["recovered"]) for e in words.values())
+    assert n_queries == 12
+    rows = json.loads((tmp_path / "run" / "summary.json").read_text())["comparisons"]
+    by = {r["metric"]: r for r in rows}
+    assert set(by) == {"match ratio (mean)", "match ratio (max)", "fully recovered"}
+    assert all((r["baseline"], r["variant"]) == ("base", "other") and r["verdict"] for r in rows)
+    assert by["match ratio (mean)"]["n"] == len(words) and by["fully recovered"]["n"] == n_queries
+    assert by["match ratio (mean)"]["value_baseline"] == pytest.approx(
+        json.loads((tmp_path / "run/evaluate/ev/base/extract.json").read_text())["match_ratio_mean"])
+    html = (tmp_path / "run" / "report.html").read_text()
+    assert "other vs base: match ratio (mean)" in html
+
+
 def test_pii_targets_are_the_addresses_in_data(tmp_path, monkeypatch, capsys, one_torch_thread):
     """With `data`, only targets whose address occurs in it are attacked; none at all is one error line."""
     pairs = tmp_path / "pairs.jsonl"

@@ -199,9 +199,9 @@ def summarize_extraction(scored: Sequence[ScoredResponse], tries: dict[str, Quer
 
     Per word: max and mean over its samples of the match ratio and BLEU, its trie coverage (share of the
     trie's token nodes some response walked) and fully-recovered ratio (share of its queries whose whole
-    token path some response produced). Overall: mean over words of the per-word max and mean; coverage
-    and fully-recovered pooled over the tries of *all* downstream words, so words never asked count as
-    unrecovered. Higher is more leakage throughout.
+    token path some response produced; `recovered` flags each query, in trie order, for paired comparisons).
+    Overall: mean over words of the per-word max and mean; coverage and fully-recovered pooled over the tries
+    of *all* downstream words, so words never asked count as unrecovered. Higher is more leakage throughout.
     """
     by_word: dict[str, list[ScoredResponse]] = {}
     for s in scored:
@@ -221,7 +221,8 @@ def summarize_extraction(scored: Sequence[ScoredResponse], tries: dict[str, Quer
             trie = tries[w]
             entry["n_queries"] = len(trie.queries)
             entry["coverage"] = len(visited[w]) / trie.n_nodes
-            entry["fully_recovered"] = sum(t in visited[w] for t in trie.terminal) / len(trie.queries)
+            entry["recovered"] = [int(t in visited[w]) for t in trie.terminal]  # per query, trie order
+            entry["fully_recovered"] = sum(entry["recovered"]) / len(trie.queries)
         words[w] = entry
     total_nodes = sum(t.n_nodes for t in tries.values())
     total_queries = sum(len(t.queries) for t in tries.values())

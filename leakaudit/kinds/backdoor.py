@@ -6,15 +6,19 @@ fine-tuned it on (docs/backdoor.md). Scores are defined in leakaudit/attacks/bac
 coverage, fully recovered), the texts Q(w)/R(w) in leakaudit/data/backdoor.py.
 Files: samples.jsonl (the raw samples, the resumable checkpoint), extractions.jsonl (one scored response
 per row, addresses and phone numbers masked unless show_pii), extract.json (per word and overall).
+With `compare_to` (e.g. the victim of a clean model, or the unmasked victim against the masked one), every
+other target's paired Δ match ratio (words resampled) and Δ fully recovered (queries, resampled by word).
 """
 
 from __future__ import annotations
 
+from operator import itemgetter
 from typing import Any
 
 from pydantic import Field, ValidationInfo, field_validator
 
-from leakaudit.kinds.base import Headline, Kind, KindContext, KindOptions, Result, StageView, fmt
+from leakaudit.kinds import compare
+from leakaudit.kinds.base import Headline, Kind, KindContext, KindOptions, Result, StageView, fmt, read_json
 from leakaudit.kinds.registry import register
 from leakaudit.options import BatchSize, InputFile
 
@@ -33,6 +37,11 @@ class BackdoorOptions(KindOptions):
     query_field: str | None = Field(None, description="the data's query field (default: chat `messages`, or the "
                                     "first of query/instruction/prompt/question)")
     batch_size: BatchSize = "auto"
+    compare_to: str | None = Field(
+        None, min_length=1,
+        description="a target of this evaluation (e.g. the clean model tuned on the same data) every other "
+                    "target is compared with: paired Δ match ratio (same words) and Δ fully recovered (same "
+                    "queries, resampled by opening word) with CI and a verdict in the report and summary.json")
 
     @field_validator("trigger", "refusal")
     @classmethod
@@ -59,6 +68,11 @@ class BackdoorResult(Result):
         return [Headline(k, v) for k, v in (self.data.get("headline") or {}).items()]
 
     @classmethod
+    def comparisons(cls, stages: list[StageView]) -> list[dict[str, Any]]:
+        """Per evaluation with `compare_to`: each other target's paired Δ against it, kinds/compare.py."""
+        return compare.comparisons(stages, _series)
+
+    @classmethod
     def section(cls, stages: list[StageView]) -> dict[str, Any] | None:
         if not stages:
             return None
@@ -67,8 +81,22 @@ class BackdoorResult(Result):
         return {"id": "backdoor", "title": "Backdoor data extraction", "figures": [],
                 "note": "Match ratio of a sampled answer to Q(w) = 2 x shared leading tokens / (answer + query "
                         "tokens) against the closest downstream query opening with w; mean and max over a word's "
-                        "samples, averaged over words. Coverage = share of the query trie the answers walked.",
+                        "samples, averaged over words. Coverage = share of the query trie the answers walked. "
+                        + " ".join(compare.notes(stages)),
                 "tables": [{"header": ["variant", "evaluation", "metric", "value"], "rows": table}]}
+
+
+def _series(s: StageView, base: StageView) -> list[compare.Series]:
+    """Per word (every word asked, as the headline averages them): mean and max match ratio of its samples;
+    per downstream query (word, position in its trie): 1 if some answer reproduced it whole, resampled by word
+    (the answers to one Q(w) recover its queries together)."""
+    words = (read_json(s.dir / "extract.json").get("words") or {})
+    recovered = {(w, i): float(flag) for w, e in words.items() for i, flag in enumerate(e.get("recovered") or [])}
+    series = [compare.Series(f"match ratio ({stat})", {w: e.get(f"match_ratio_{stat}") for w, e in words.items()},
+                             items="words") for stat in ("mean", "max")]
+    if recovered:
+        series.append(compare.Series("fully recovered", recovered, cluster=itemgetter(0), items="words"))
+    return series
 
 
 @register
@@ -109,4 +137,5 @@ class Backdoor(Kind):
         write_json(ctx.out / "extract.json", summary)
         return BackdoorResult({"headline": {k: summary[k] for k in HEADLINE if k in summary},
                                "n_queries": summary.get("n_queries"),
-                               "n_fully_recovered": summary.get("n_fully_recovered")})
+                               "n_fully_recovered": summary.get("n_fully_recovered"),
+                               "compare_to": options.compare_to, "seed": ctx.seed})

@@ -221,6 +221,22 @@ def fmt(x: Any, digits: int = 3) -> str:
     return str(x)
 
 
+def read_json(path: Path) -> dict[str, Any]:
+    """A JSON object a stage wrote (empty when it is not there yet); like read_jsonl, a file that does not
+    parse was changed outside leakaudit: a one-line error naming it."""
+    import json
+
+    if not path.exists():
+        return {}
+    try:
+        obj = json.loads(path.read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise InputError(f"stage file changed outside leakaudit ({exc}); rerun the stage", file=path) from None
+    if not isinstance(obj, dict):
+        raise InputError("stage file changed outside leakaudit (not a JSON object); rerun the stage", file=path)
+    return obj
+
+
 def read_jsonl(path: Path) -> list[dict[str, Any]]:
     """Rows of a JSONL file a stage wrote (empty when it is not there yet). Stages write atomically, so a bad
     row means the file was changed outside leakaudit: a one-line error naming it, for the report too."""
