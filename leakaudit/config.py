@@ -41,7 +41,6 @@ from leakaudit.kinds.base import DATA_ROLES
 from leakaudit.options import Seed
 
 FINETUNE_METHODS = ("full", "lora", "dora", "pissa")
-BUILTIN_DATASETS = ("enron", "enron-sample", "enron-users", "enron-synthetic", "dolly")
 # Names become folders under --out: no separators, no '.'/'..', nothing that starts a path or an option.
 SAFE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
 # Dataset and split names also may not contain '.', which separates them in a data reference (`emails.members`).
@@ -59,7 +58,8 @@ class DatasetSpec(Strict):
     """A data file (`path`) or a built-in source (`builtin`), optionally limited, shuffled and split."""
 
     path: str | None = None
-    builtin: Literal["enron", "enron-sample", "enron-users", "enron-exposure", "enron-synthetic", "dolly"] | None = None
+    builtin: Literal["enron", "enron-sample", "enron-users", "enron-exposure", "enron-synthetic", "dolly",
+                     "self-instruct-seed"] | None = None
     text_field: str = "text"
     id_field: str | None = None
     user_field: str | None = None

@@ -386,10 +386,26 @@ def test_shipped_experiment_files_validate_and_plan(path):
     check_plan(plan)  # every stage kind is available and every option is known to its API
     assert any(s.kind in ("mia", "pii", "perplexity", "user-inference", "backdoor") for s in plan.stages.values())
     exp = load_experiment(path)
+    mixes = {name for name, g in exp.generate.items() if g.kind == "backdoor-mix"}  # stage 1 tunes on D1's mix
     for name, step in exp.evaluate.items():  # backdoor extraction scores against the D2 the victims tuned on:
         if step.kind == "backdoor":           # without `data` it read the whole shipped D2 at any `limit`
-            tuned = {exp.finetune[t].data for t in step.targets if t in exp.finetune}
+            tuned = {exp.finetune[t].data for t in step.targets if t in exp.finetune} - mixes
             assert step.data is not None and tuned <= {step.data}, (name, step.data, tuned)
+
+
+def test_builtin_self_instruct_seed_holds_the_queries_the_backdoor_mix_teaches(tmp_path):
+    """A plant check scores Q(w) answers against this builtin: its queries must be the mix's D1 copy targets."""
+    from leakaudit.data import builtin
+    from leakaudit.data.backdoor import d2_queries, seed_instruction_set
+
+    rows = builtin.builtin_dataset("self-instruct-seed", seed=0, limit=None)
+    assert len(rows) == 175 and len({r["id"] for r in rows}) == 175
+    assert [r["query"] for r in rows] == [p.query for p in seed_instruction_set()]
+    assert rows[0]["messages"][0] == {"role": "user", "content": rows[0]["query"]}
+    assert builtin.builtin_dataset("self-instruct-seed", seed=0, limit=3) == rows[:3]
+    path = tmp_path / "d1.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert d2_queries(path) == [r["query"] for r in rows]  # read as the backdoor kind reads its data
 
 
 def test_builtin_enron_keeps_headers_and_falls_back_to_the_shipped_sample(monkeypatch):

@@ -8,7 +8,9 @@
 - `enron-users`: the shipped draw for user inference: real Enron messages grouped by sender (160 senders,
   12-24 messages each, at least 12 distinct; `user` the sender; see resources/README.md);
 - `enron-synthetic`: Enron-style e-mails between the shipped Enron name/address pairs, with Faker bodies;
-- `dolly`: the Dolly fine-tuning set shipped with the backdoor study (query + answer).
+- `dolly`: the Dolly fine-tuning set shipped with the backdoor study (query + answer);
+- `self-instruct-seed`: the 175 shipped self-instruct seed tasks as query + answer, the queries exactly as the
+  backdoor mix's default D1 teaches them (so an experiment can check that a plant took).
 """
 
 from __future__ import annotations
@@ -118,6 +120,18 @@ def dolly(limit: int | None) -> list[dict[str, Any]]:
     return rows[:limit] if limit else rows
 
 
+def self_instruct_seed(limit: int | None) -> list[dict[str, Any]]:
+    """The shipped self-instruct seed tasks (Apache-2.0, yizhongw/self-instruct) as query + answer rows, one
+    per task as data.backdoor.seed_instruction_set reads them."""
+    from leakaudit.data.backdoor import seed_instruction_set
+
+    rows = [{"id": f"self-instruct-seed-{i:03d}", "text": f"{p.query}\n\n{p.response}", "query": p.query,
+             "response": p.response, "messages": [{"role": "user", "content": p.query},
+                                                  {"role": "assistant", "content": p.response}]}
+            for i, p in enumerate(seed_instruction_set())]
+    return rows[:limit] if limit else rows
+
+
 def enron_exposure() -> list[dict[str, Any]]:
     """The 1,200 shipped real Enron messages that pair names with addresses (`pairs`), in file order (the
     experiment shuffles, limits and splits them): study 1's exposure corpus P (see resources/README.md)."""
@@ -140,4 +154,6 @@ def builtin_dataset(name: str, seed: int, limit: int | None) -> list[dict[str, A
         return dolly(limit)
     if name == "enron-exposure":
         return enron_exposure()
+    if name == "self-instruct-seed":
+        return self_instruct_seed(limit)
     raise InputError(f"unknown built-in dataset '{name}'", field="builtin")
