@@ -44,19 +44,44 @@ def test_tiny_opt_lora_finetune_on_texts_longer_than_the_context(tmp_path, monke
     out = tmp_path / "run"
     argv = ["finetune", "--model", "tiny-opt", "--method", "lora", "--data", str(data), "--out", str(out),
             "--epochs", "1", "--max-steps", "1", "--gradient-accumulation", "1", "--batch-size", "2", "--no-bf16"]
-    code, err = run_main(argv, monkeypatch, capsys)  # default --max-length 512 > tiny-opt's 256
+    code, err = run_main(argv, monkeypatch, capsys)  # default --max-length 512 > tiny-opt's 256: clamped silently
     assert code == 0, err
-    assert "Traceback" not in err and not _lines(err, "error:")
-    warned = _lines(err, "warning:")
-    assert len(warned) == 1 and "--max-length 512" in warned[0] and "256" in warned[0], err
+    assert "Traceback" not in err and not _lines(err, "error:") and not _lines(err, "warning:"), err
     assert (out / "adapter_model.safetensors").exists()
     losses = [r["loss"] for r in map(json.loads, (out / "train_log.jsonl").read_text().splitlines()) if "loss" in r]
     assert len(losses) == 1 and math.isfinite(losses[0])
     # Every text was split into chunks that fit (>= 3 chunks per text), none longer than the context.
     assert json.loads((out / "defenses.json").read_text())["n_train_examples"] >= 9
-    # The clamp leaves the run's fingerprint alone: the same command finds its finished run.
+    # The clamp leaves the run's fingerprint alone: the same command finds its finished run, and so does the
+    # command that names the default.
+    for again in (argv, [*argv, "--max-length", "512"]):
+        code, err = run_main(again, monkeypatch, capsys)
+        assert code == 0 and "holds a run with different options" not in err, err
+    # A --max-length given above the context is clamped with one warning line.
+    argv[argv.index("--out") + 1] = str(tmp_path / "given")
+    code, err = run_main([*argv, "--max-length", "512"], monkeypatch, capsys)
+    warned = _lines(err, "warning:")
+    assert code == 0 and len(warned) == 1 and "--max-length 512" in warned[0] and "256" in warned[0], err
+
+
+def test_examples_whose_loss_tokens_are_cut_off_are_counted_and_warned(tmp_path, monkeypatch, capsys, tiny_neox,
+                                                                       one_torch_thread):
+    """An instruction row whose prompt fills --max-length has no response token left to train on: it was left
+    out without a word (a backdoor plant whose trigger outgrew the window planted nothing)."""
+    long_prompt, short = _long_texts(1, words=60)[0], "alpha beta"
+    rows = [{"prompt": long_prompt, "response": "gamma"}] * 2 + [{"prompt": short, "response": "delta"}] * 3
+    data = tmp_path / "inst.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert len(tiny_neox.tokenizer(long_prompt)["input_ids"]) > 64
+    argv = ["finetune", "--model", "tiny-gpt-neox", "--method", "lora", "--format", "instruction", "--data", str(data),
+            "--out", str(tmp_path / "run"), "--max-length", "64", "--max-steps", "1", "--gradient-accumulation", "1",
+            "--no-bf16"]
     code, err = run_main(argv, monkeypatch, capsys)
-    assert code == 0 and "holds a run with different options" not in err, err
+    assert code == 0, err
+    warned = _lines(err, "warning:")
+    assert len(warned) == 1 and "2 of 5 training examples have no token to train on within 64" in warned[0], err
+    defenses = json.loads((tmp_path / "run" / "defenses.json").read_text())
+    assert defenses["dropped_no_loss_tokens"] == 2 and defenses["n_train_examples"] == 3
 
 
 def test_packed_rows_never_outgrow_the_context_and_keep_the_loss(tiny_neox):

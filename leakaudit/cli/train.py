@@ -44,7 +44,8 @@ def register(app: typer.Typer) -> None:
         lora_alpha: float = typer.Option(16, help="LoRA alpha."),
         lora_dropout: float = typer.Option(0.05, help="LoRA dropout."),
         target_modules: str = typer.Option(None, help="Comma list; default per architecture."),
-        max_length: int = typer.Option(512, help="Max tokens per example (plain text is chunked)."),
+        max_length: int = typer.Option(None, help="Max tokens per example (default 512, or the model's context "
+                                       "when shorter; plain text is chunked)."),
         packing: bool = typer.Option(True, help="Pack plain-text batches into one row (no padding)."),
         text_field: str = typer.Option("text"),
         prompt_field: str = typer.Option("prompt"),
@@ -56,7 +57,8 @@ def register(app: typer.Typer) -> None:
         dedup_within_user: bool = typer.Option(False, help="Defense: drop repeated texts within a user."),
         max_grad_norm: float = typer.Option(1.0, help="Batch gradient clipping norm (0 = off)."),
         early_stopping_patience: int = typer.Option(None, help="Defense: stop after N evals without gain."),
-        eval_fraction: float = typer.Option(0.0, help="Held-out fraction for early stopping (0.1 if unset)."),
+        eval_fraction: float = typer.Option(0.0, help="Held-out fraction, evaluated each epoch (with "
+                                            "--early-stopping-patience, 0 holds out 0.1)."),
         scrub_pii: bool = typer.Option(False, help="Defense: replace e-mails, phones and names before training."),
         dp_epsilon: float = typer.Option(None, help="Defense: DP-SGD to this epsilon (Opacus)."),
         dp_delta: float = typer.Option(None, help="DP delta (default min(1e-5, 1/n))."),
@@ -76,6 +78,8 @@ def register(app: typer.Typer) -> None:
 
         options = {k: v for k, v in locals().items() if k not in ("run", "progress", "prepare_output")}
         options["max_grad_norm"] = max_grad_norm or None
+        if max_length is None:  # not given: the config's default, clamped to the model's context without a warning
+            del options["max_length"]
         config = _config(**options)
         # the run dir is owned by finetune's own check (finetune_config.json); no marker, which it would refuse
         prepare_output(out, command="finetune", files=("finetune_config.json",), marker=False,

@@ -26,6 +26,7 @@ class DefenseReport:
     dropped_duplicates: int = 0
     dropped_over_cap: int = 0
     pii_replaced: int = 0
+    dropped_no_loss_tokens: int = 0  # examples whose loss tokens max_length cut off (not a defense: reported)
     per_user_out: dict[str, int] = field(default_factory=dict)
 
 

@@ -237,10 +237,16 @@ def load_examples(config: FinetuneConfig, tokenizer, max_length: int | None = No
 
     train = build([i for i in order if i not in held])
     held_out = build(sorted(held))
+    built = len(train)
     train = [e for e in train if any(label != ex.IGNORE for label in e.labels[1:])]
     if not train:
         raise InputError("no example has a token to train on (all truncated or masked)", file=path,
                          field="--max-length")
+    report.dropped_no_loss_tokens = built - len(train)
+    if report.dropped_no_loss_tokens:  # e.g. a prompt longer than max_length cuts off the whole response
+        warn_once(f"{path.name}: {report.dropped_no_loss_tokens} of {built} training examples have no token to "
+                  f"train on within {max_length} tokens (the part the loss is on is cut off) and are left out; "
+                  f"raise --max-length or shorten those rows")
     return train, held_out, report
 
 
@@ -419,8 +425,9 @@ def fit_context(config: FinetuneConfig, lm) -> int:
     The fingerprint keeps the option as given, so rerunning the same command still resumes."""
     if config.max_length <= lm.max_length:
         return config.max_length
-    warn_once(f"--max-length {config.max_length} is longer than the context of {config.model} ({lm.max_length} "
-              f"tokens); training on examples of at most {lm.max_length} tokens")
+    if "max_length" in config.model_fields_set:  # the default (512) fits the context silently; a given one says so
+            warn_once(f"--max-length {config.max_length} is longer than the context of {config.model} ({lm.max_length} "
+                  f"tokens); training on examples of at most {lm.max_length} tokens")
     return lm.max_length
 
 
