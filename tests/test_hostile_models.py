@@ -176,6 +176,33 @@ def test_malformed_tokenizer_files(model_copy, tmp_path, monkeypatch, capsys):
     _refused(_info(d), monkeypatch, capsys, tmp_path, "cannot load tokenizer", str(d))
 
 
+def test_model_dir_without_a_tokenizer_is_refused(model_copy, tmp_path, monkeypatch, capsys):
+    """Without tokenizer files AutoTokenizer built a 2-token tokenizer from config.json: every text scored as no
+    tokens (NaN), and mia blamed the texts for being too short."""
+    d = model_copy("notok")
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        (d / name).unlink()
+    _refused(_info(d), monkeypatch, capsys, tmp_path, "no tokenizer files", str(d))
+
+
+def test_tokenizer_with_more_tokens_than_embedding_rows_is_refused(tmp_path, monkeypatch, capsys):
+    """A tokenizer saved from another model reaches past the embeddings: IndexError in the first forward pass."""
+    from transformers import AutoModelForCausalLM
+
+    src = models.tiny_model_dir("tiny-opt")
+    model = AutoModelForCausalLM.from_pretrained(str(src))
+    rows = model.get_input_embeddings().num_embeddings
+    model.resize_token_embeddings(rows // 2)
+    d = tmp_path / "small-vocab"
+    model.save_pretrained(str(d))
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(src / name, d / name)
+    texts = tmp_path / "t.jsonl"
+    texts.write_text(json.dumps({"text": "hello there"}) + "\n")
+    for args in (_info(d), ["score", "--model", str(d), "--data", str(texts), "--out", str(tmp_path / "s.jsonl")]):
+        _refused(args, monkeypatch, capsys, tmp_path, "embeddings have", str(rows // 2), "another model")
+
+
 @pytest.mark.parametrize(("changes", "expect"), [
     ({"peft_type": "NOPE"}, "unknown peft_type 'NOPE'"),
     ({"r": "x"}, "cannot load adapter"),

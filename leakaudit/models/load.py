@@ -80,6 +80,7 @@ def load_model(spec: str, *, device: str | None = None, dtype: str | torch.dtype
     if kind == "hub":
         fingerprint = "hub-" + tensor_fingerprint(model)
     _finish_tokenizer(tokenizer)
+    _check_vocab(model, tokenizer, where)
     model.to(dev)
     model.train(for_training)
     return LoadedModel(model, tokenizer, spec, fingerprint, dev, dt)
@@ -104,6 +105,7 @@ def _load_adapter(spec: str, path: Path, dev: torch.device, dt: torch.dtype, all
         except Exception as exc:
             raise InputError(f"cannot load tokenizer: {first_line(exc)}", file=path, field="--model") from None
         _finish_tokenizer(tokenizer)
+    _check_vocab(model, tokenizer, path)
     fingerprint = hashlib.sha256((base.fingerprint + dir_fingerprint(path)).encode()).hexdigest()[:32]
     if not for_training:
         # Folded into the weights for inference: an unmerged adapter adds two matmuls to every adapted layer
@@ -144,6 +146,16 @@ def _untie_adapted_weights(model) -> None:
         config = model.get_base_model().config
         for cfg in {id(config): config, id(config.get_text_config()): config.get_text_config()}.values():
             cfg.tie_word_embeddings = False
+
+
+def _check_vocab(model, tokenizer, where: Path | str) -> None:
+    """A tokenizer whose ids reach past the model's embedding rows (one saved from another model) fails deep in
+    the first forward pass with "IndexError: index out of range in self": refuse it while loading."""
+    rows = model.get_input_embeddings().num_embeddings
+    if len(tokenizer) > rows:
+        raise InputError(f"the tokenizer has {len(tokenizer)} tokens but the model's embeddings have {rows} rows: "
+                         "ids past them cannot be looked up (a tokenizer from another model?)", file=str(where),
+                         field="--model")
 
 
 def _finish_tokenizer(tokenizer) -> None:

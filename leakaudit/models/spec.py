@@ -28,6 +28,10 @@ ADAPTER_SAFE, ADAPTER_PICKLE = "adapter_model.safetensors", "adapter_model.bin"
 # Other JSON files the loaders read when present; each must hold an object (else AttributeError deep inside).
 SIDE_JSON = ("tokenizer_config.json", "special_tokens_map.json", "generation_config.json", "tokenizer.json",
              "added_tokens.json")
+# Any one of these in a model dir is a tokenizer transformers can load; with none, AutoTokenizer built an empty
+# one from config.json (2 tokens) and every text scored as no tokens.
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "tokenizer.model", "spiece.model",
+                   "vocab.txt", "sentencepiece.bpe.model")
 HUB_TIMEOUT_S = 10  # one metadata request decides whether a hub id can load; no minute of download retries
 
 
@@ -137,12 +141,16 @@ def _read_json_object(file: Path) -> dict:
 
 def check_model_dir(path: Path, allow_pickle: bool) -> None:
     """Refuse before loading what from_pretrained would fail on with a traceback or should never run: a bad
-    config.json, an architecture that needs the model's own code, pickle weights, corrupt safetensors."""
+    config.json, an architecture that needs the model's own code, no tokenizer, pickle weights, corrupt
+    safetensors."""
     cfg_file = path / "config.json"
     cfg = _read_json_object(cfg_file)
     _check_architecture(cfg_file, cfg)
     _check_side_json(path)
     _check_config_fields(path)
+    if not any((path / name).is_file() for name in TOKENIZER_FILES):
+        raise InputError("no tokenizer files in this model dir (e.g. tokenizer.json); save the tokenizer beside "
+                         "the weights (tokenizer.save_pretrained(dir))", file=path, field="--model")
     for weights in _weight_files(path, cfg, allow_pickle):
         if weights.name.endswith(".safetensors"):
             _check_safetensors(weights)
