@@ -136,6 +136,13 @@ def test_signature_dashes_and_lotus_notes_headers_are_read():
     # Outlook's "Last, First <address>" (the docs' example) is one person, not two one-word names
     assert names_from_headers("X-To: Quinlan, Zed </O=ENRON/OU=NA/CN=RECIPIENTS/CN=ZQUINLAN>, Bob Smith\n") == [
         "Zed Quinlan", "Bob Smith"]
+    # Outlook's forwarded-message header puts the address in "[mailto:...]" (the name stayed beside a fake
+    # address), and "(E-mail)" after a name
+    assert names_from_headers("From: Derek Olsen [mailto:derek@example.com]\nTo: Quinlan, Zed [mailto:zq@x.com]; "
+                              "Bob Smith (E-mail)\n") == ["Derek Olsen", "Zed Quinlan", "Bob Smith"]
+    r = PiiReplacer(names_from_headers("From: Derek Olsen [mailto:derek@example.com]\n"), seed=0)
+    out, _ = r.replace("-----Original Message-----\nFrom: Derek Olsen [mailto:derek@example.com]\nhi")
+    assert "Derek" not in out and "Olsen" not in out and "derek@example.com" not in out, out
 
 
 def test_a_secret_key_makes_the_fakes_unpredictable_from_the_seed(monkeypatch):

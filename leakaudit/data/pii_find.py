@@ -115,11 +115,14 @@ def phone_digits(phone: str) -> str:
     return national if num.country_code == 1 else f"{num.country_code}{national}"
 
 
-_LAST_FIRST_ENTRY = re.compile(r"(?<![\w'-])([A-Z][\w'-]+), ([A-Z][\w'.-]*(?: [A-Z][\w'.-]*)?)\s*<[^>]*>")
+# where an entry's address goes: "<addr>" or Outlook's "[mailto:addr]" (its forwarded-message header)
+_ENTRY_ADDRESS = r"(?:<[^>]*>|\[mailto:[^\]]*\])"
+_LAST_FIRST_ENTRY = re.compile(rf"(?<![\w'-])([A-Z][\w'-]+), ([A-Z][\w'.-]*(?: [A-Z][\w'.-]*)?)\s*{_ENTRY_ADDRESS}")
 
 
 def names_from_headers(text: str) -> list[str]:
-    """Personal names in e-mail header fields ("X-From: Karen Arnold <...>", "X-To: A Smith, B Jones")."""
+    """Personal names in e-mail header fields ("X-From: Karen Arnold <...>", "X-To: A Smith, B Jones",
+    "From: Karen Arnold [mailto:...]")."""
     names: list[str] = []
     for m in HEADER_RE.finditer(text):
         # Outlook's "Quinlan, Zed <...>": a comma inside one entry, told apart from a list by the address after it
@@ -128,7 +131,8 @@ def names_from_headers(text: str) -> list[str]:
             if NAME_RE.match(cand) and not (set(cand.replace(".", "").split()) & NOT_NAMES):
                 names.append(cand)
         value = _LAST_FIRST_ENTRY.sub(",", m.group(1))
-        value = re.sub(r"<[^>]*>", ",", value)      # drop <address> parts
+        # drop <address>, [mailto:address] and Outlook's "(E-mail)" parts
+        value = re.sub(rf"{_ENTRY_ADDRESS}|\([^)]*\)", ",", value)
         value = EMAIL_RE.sub(",", value)
         for part in re.split(r"[,;\n]", value):
             part = part.split("/", 1)[0]  # Lotus Notes: "Karen Arnold/HOU/ECT@ECT" names Karen Arnold
