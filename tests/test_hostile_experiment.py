@@ -284,7 +284,10 @@ GENERATE = ("generate:\n"
 
 @pytest.mark.parametrize("section,options,line,where,message", [
     (FINETUNE, "{batch_size: -3}", 21, "finetune.t.options.batch_size", "greater than or equal to 1"),
-    (FINETUNE, "{epochz: 1}", 21, "finetune.t.options.epochz", "unknown option"),
+    (FINETUNE, "{epochz: 1}", 21, "finetune.t.options.epochz", "unknown option; valid: "),
+    (FINETUNE, "{epochz: 1}", 21, "finetune.t.options.epochz", " epochs, "),
+    (FINETUNE, "{user_field: author, max_samples_per_user: 2}", 21, "finetune.t.options.user_field",
+     "'author': an experiment's data names each row's user `user`"),
     (GENERATE, "{top_k: -1}", 22, "generate.g.options.top_k", "greater than or equal to 0"),  # 0 = no top-k
     (GENERATE, "{greedy: true, temperature: 0.7}", 22, "generate.g.options.temperature", "combined with greedy"),
     (GENERATE, "{temperature: -1}", 22, "generate.g.options.temperature", "greater than or equal to 0"),

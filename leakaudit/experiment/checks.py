@@ -189,6 +189,12 @@ def _finetune_config(stage: Stage, out: str) -> Any:
             where = "--out" if key == "out" else f"the step's own `{key}`"
             raise ConfigError(_option_loc(stage, key, section), f"'{key}' is set by {where}, not as an option")
     fields.setdefault("seed", p.get("seed", 0))
+    user = fields.get("user_field")
+    if user is not None and user != "user":  # the dataset step read the user from its own `user_field`
+        section = "defenses" if "user_field" in p["defenses"] else "options"
+        raise ConfigError(_option_loc(stage, "user_field", section),
+                          f"'{user}': an experiment's data names each row's user `user` (the dataset's own "
+                          "user_field says where to read it from); write user_field: user, or leave it out")
     try:
         return config_cls(model=p.get("model_path") or p["model"].get("spec", "-").split("#", 1)[0],
                           data=str(p.get("data_path", "-")),
@@ -197,5 +203,7 @@ def _finetune_config(stage: Stage, out: str) -> Any:
         err = exc.errors()[0]
         key = err["loc"][0] if err["loc"] else "options"
         section = "defenses" if key in p["defenses"] else "options"
-        msg = "unknown option" if err["type"] == "extra_forbidden" else pydantic_message(err)
+        valid = sorted(set(config_cls.model_fields) - {"model", "data", "method", "out"})
+        msg = (f"unknown option; valid: {', '.join(valid)}" if err["type"] == "extra_forbidden"
+               else pydantic_message(err))
         raise ConfigError(_option_loc(stage, key, section), msg) from None
