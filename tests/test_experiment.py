@@ -234,6 +234,38 @@ def test_edit_reruns_only_downstream_stages(study_run, tmp_path):
     assert all(keys[sid] != edited[sid] for sid in keys)
 
 
+def test_a_finished_stage_whose_files_changed_is_redone_and_the_report_refuses_it(study_run, tmp_path,
+                                                                                     monkeypatch, capsys):
+    """A deleted or cut result file of a finished stage changed the report's verdicts silently (its comparisons
+    are rebuilt from the files) while `run` said cached and exited 0: the stage records what it wrote."""
+    from conftest import run_main
+
+    from leakaudit.report.html import write_report
+
+    src, _, _ = study_run
+    out = tmp_path / "out"
+    shutil.copytree(src, out)
+    scores = out / "evaluate/mia/real/scores.jsonl"
+    want = scores.read_text()
+    assert "scores.jsonl" in json.loads((scores.parent / "stage.json").read_text())["outputs"]
+    scores.write_text("".join(want.splitlines(keepends=True)[:-3]))  # three rows gone, still valid JSONL
+    code, err = run_main(["report", str(out)], monkeypatch, capsys)
+    assert code == 2 and err.count("\n") == 1 and "stage evaluate/mia/real: scores.jsonl was changed after it " \
+        "finished" in err, err
+    logged = []
+    status = run_experiment(parse_experiment(STUDY), out, config_text=STUDY, log=logged.append)
+    assert [k for k, v in status.items() if v == "ran"] == ["evaluate/mia/real"]
+    assert any("evaluate/mia/real: scores.jsonl was changed after the stage finished; running it again" in x
+               for x in logged)
+    assert scores.read_text() == want  # the same rows again (the score cache serves them)
+    (out / "evaluate/mia/real/mia.json").unlink()
+    logged.clear()
+    status = run_experiment(parse_experiment(STUDY), out, config_text=STUDY, log=logged.append, report=False)
+    assert [k for k, v in status.items() if v == "ran"] == ["evaluate/mia/real"]
+    assert any("evaluate/mia/real: mia.json was deleted after the stage finished" in x for x in logged)
+    write_report(out)  # every stage is what it wrote again
+
+
 def test_a_finetune_stage_starts_with_vllm_engines_shut_down(tmp_path, monkeypatch):
     """A generate stage's vLLM engine holds 90% of the GPU memory it found free: the run shuts it down
     before a fine-tune stage (as it drops its loaded models), not before every stage."""

@@ -14,6 +14,7 @@ from leakaudit.config import ConfigError, Experiment
 from leakaudit.data.io import link_or_copy, write_json
 from leakaudit.errors import InputError
 from leakaudit.experiment.checks import check_plan, prepare_out, resolve_models, stage_roles
+from leakaudit.experiment.manifest import changed_output, output_manifest
 from leakaudit.experiment.plan import Plan, inside, remove_stale, stage_dir
 from leakaudit.experiment.stages import RUNNERS, StageContext, run_kind_stage
 from leakaudit.kinds.base import ModelCache
@@ -38,7 +39,7 @@ def reuse_stage(source: Path, stage_folder: str, key: str, out: Path, dest: Path
     run) into `dest`; files are hard-linked where the file system allows. None when `source` lacks it."""
     src = source / stage_folder
     done = is_done(src, key)
-    if done is None or src.resolve() == dest.resolve():
+    if done is None or src.resolve() == dest.resolve() or changed_output(src, done) is not None:
         return None
     if dest.exists() or dest.is_symlink():
         remove_stale(out, dest)  # the engine's one deleting path, which refuses anything outside --out
@@ -67,10 +68,14 @@ def run_plan(plan: Plan, out: Path, *, log: Callable[[str], None] = print,
         sdir = stage_dir(out, stage)
         done = is_done(sdir, stage.key)
         if done is not None:
-            results[stage.id] = done["result"]
-            status[stage.id] = "cached"
-            log(f"[{i}/{n}] {stage.id}: cached")
-            continue
+            changed = changed_output(sdir, done)
+            if changed is None:
+                results[stage.id] = done["result"]
+                status[stage.id] = "cached"
+                log(f"[{i}/{n}] {stage.id}: cached")
+                continue
+            log(f"[{i}/{n}] {stage.id}: {changed} after the stage finished; running it again")
+            remove_stale(out, sdir)
         if reuse is not None:
             done = reuse_stage(Path(reuse), stage.folder, stage.key, out, sdir)
             if done is not None:
@@ -108,7 +113,7 @@ def run_plan(plan: Plan, out: Path, *, log: Callable[[str], None] = print,
         seconds = round(time.perf_counter() - t0, 2)
         write_json(sdir / "stage.json", {"id": stage.id, "kind": stage.kind, "key": stage.key,
                                           "params": stage.params, "deps": stage.deps, "seconds": seconds,
-                                          "result": result})
+                                          "result": result, "outputs": output_manifest(sdir)})
         results[stage.id] = result
         status[stage.id] = "ran"
         log(f"[{i}/{n}] {stage.id}: done in {seconds:.1f}s")

@@ -171,6 +171,25 @@ def load_run(out: str | Path) -> dict[str, Any]:
     return run
 
 
+def _check_outputs(out: Path, stages: list[dict[str, Any]]) -> None:
+    """A finished stage's files must be what it wrote: the report recomputes comparisons from them, and a
+    deleted or cut file changed verdicts silently. `leakaudit run` redoes such a stage; the report refuses."""
+    from leakaudit.experiment.manifest import changed_output
+
+    for s in stages:
+        if s.get("result") is None or not s.get("folder"):
+            continue
+        marker = out / s["folder"] / "stage.json"
+        try:
+            info = json.loads(marker.read_text(encoding="utf-8"))
+        except (OSError, ValueError):  # no record to check against (`leakaudit run` redoes such a stage)
+            continue
+        changed = changed_output(marker.parent, info) if info.get("key") == s.get("key") else None
+        if changed is not None:
+            raise InputError(f"stage {s['id']}: {changed} after it finished; rerun `leakaudit run` with the same "
+                             "experiment and --out to redo it", file=marker.parent)
+
+
 def build(out: str | Path) -> tuple[str, dict[str, Any]]:
     """Render the report HTML and the summary dict from an output dir."""
     import jinja2
@@ -180,6 +199,7 @@ def build(out: str | Path) -> tuple[str, dict[str, Any]]:
     exp = run["experiment"]
     show_pii = bool(exp.get("report", {}).get("show_pii"))
     stages = run["stages"]
+    _check_outputs(out, stages)
     rows = headline(stages)
     cols, table_rows = _headline_table(rows)
     sections = [sec for sec in kind_sections(out, stages) if sec]
