@@ -5,6 +5,7 @@ that cannot be resolved and output dirs that cannot be written all fail before a
 from __future__ import annotations
 
 import json
+import os
 from functools import partial
 from pathlib import Path
 
@@ -520,3 +521,38 @@ def test_a_value_of_the_wrong_type_is_not_coerced(tmp_path, line, key):
     with pytest.raises(InputError) as err:
         parse_experiment(text, "exp.yaml")
     assert err.value.field.endswith("limit")
+
+
+# ----------------------------------------------------------------------------------------- the machine
+def test_a_second_run_on_an_output_dir_in_use_is_refused(tmp_path, monkeypatch, capsys):
+    """Two runs on one --out trained into the same folders at once and both exited 0: the first holds a lock."""
+    from leakaudit.experiment.engine import exclusive
+
+    cfg, out = _setup(tmp_path, _experiment())
+    out.mkdir()
+    with exclusive(out):
+        code, err = _run_main(["run", str(cfg), "--out", str(out), "--no-report"], monkeypatch, capsys)
+    assert code == 2 and err.count("\n") == 1, err
+    assert f"another leakaudit run (pid {os.getpid()}) is using this output dir" in err
+    assert not (out / "data").exists()
+    # released with the run (a killed run's lock goes with its process): the next run goes ahead
+    code, err = _run_main(["run", str(cfg), "--out", str(out), "--no-report"], monkeypatch, capsys)
+    assert code == 0, err
+
+
+@pytest.mark.parametrize("raised, code, line", [
+    (OSError(30, "Read-only file system", "/o/evaluate/m/base/stage.json"), 1,
+     "error: /o/evaluate/m/base/stage.json: Read-only file system"),
+    (KeyboardInterrupt(), 130, "interrupted: what finished is kept; rerun the same command to resume"),
+])
+def test_the_machine_failing_or_ctrl_c_is_one_line(raised, code, line, tmp_path, monkeypatch, capsys):
+    """A folder the run cannot write (or Ctrl-C) mid-run printed a traceback (or nothing)."""
+    from leakaudit.experiment import engine
+
+    def fail(*args, **kwargs):
+        raise raised
+
+    monkeypatch.setattr(engine, "run_plan", fail)
+    cfg, out = _setup(tmp_path, _experiment())
+    got, err = _run_main(["run", str(cfg), "--out", str(out)], monkeypatch, capsys)
+    assert (got, err) == (code, line + "\n")

@@ -26,6 +26,10 @@ for _topic in (core, mia, train, generate, pii, backdoor, run):
     _topic.register(app)
 
 
+#: the exit code of a run stopped by Ctrl-C (128 + SIGINT)
+INTERRUPTED = 130
+
+
 def main() -> None:
     """Console entry point: bad input (InputError or a click usage error) prints ONE `error: ...` line, exit 2."""
     # peft (<= 0.21) reads transformers' deprecated `is_gradient_checkpointing` on every adapter: noise to users.
@@ -43,12 +47,17 @@ def main() -> None:
         sys.exit(exc.exit_code)
     except clk.UsageError as exc:
         _fail(_usage_line(exc))
-    except typer.Abort:
-        print("Aborted.", file=sys.stderr)
+    except (typer.Abort, KeyboardInterrupt):  # Ctrl-C: say that nothing finished is lost
+        code = INTERRUPTED
+    except OSError as exc:  # the machine, not the input: a read-only or full disk, a folder that went away
+        where = f"{exc.filename}: " if exc.filename else ""
+        print(f"error: {where}{exc.strerror or exc}", file=sys.stderr)
         sys.exit(1)
     except clk.ClickException as exc:
         print(f"error: {exc.format_message()}", file=sys.stderr)
         sys.exit(exc.exit_code)
+    if code == INTERRUPTED:  # typer turns Ctrl-C into this exit code, silently
+        print("interrupted: what finished is kept; rerun the same command to resume", file=sys.stderr)
     sys.exit(code if isinstance(code, int) else 0)
 
 

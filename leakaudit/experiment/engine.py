@@ -4,9 +4,11 @@ run.json, then write the report."""
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +21,8 @@ from leakaudit.experiment.plan import Plan, inside, remove_stale, stage_dir
 from leakaudit.experiment.stages import RUNNERS, StageContext, run_kind_stage
 from leakaudit.kinds.base import ModelCache
 
+#: held by the run writing an output dir (engine.exclusive)
+LOCK = ".lock"
 #: top-level sections of an experiment file, whose key paths have a line in it
 FILE_SECTIONS = ("models", "datasets", "generate", "finetune", "evaluate")
 
@@ -166,15 +170,41 @@ def run_experiment(exp: Experiment, out: str | Path, *, config_text: str = "",
     if reuse is not None and not (Path(reuse) / "run.json").is_file():
         raise InputError("not a run dir (no run.json)", file=reuse, field="--reuse")
     prepare_out(plan, out)
-    write_run_record(plan, out, config_text, {})  # so `leakaudit report` works on a run still in progress
-    for stale in ("summary.json", "report.html"):  # an earlier run's numbers: written again when this one ends
-        (out / stale).unlink(missing_ok=True)
-    status = run_plan(plan, out, log=log, after_stage=lambda st: write_run_record(plan, out, config_text, st),
-                      reuse=Path(reuse) if reuse is not None else None)
-    write_run_record(plan, out, config_text, status)
-    if report:
-        from leakaudit.report.html import write_report
+    with exclusive(out):
+        write_run_record(plan, out, config_text, {})  # so `leakaudit report` works on a run still in progress
+        for stale in ("summary.json", "report.html"):  # an earlier run's numbers: written again when this ends
+            (out / stale).unlink(missing_ok=True)
+        status = run_plan(plan, out, log=log, after_stage=lambda st: write_run_record(plan, out, config_text, st),
+                          reuse=Path(reuse) if reuse is not None else None)
+        write_run_record(plan, out, config_text, status)
+        if report:
+            from leakaudit.report.html import write_report
 
-        path = write_report(out)
-        log(f"report: {path}")
+            path = write_report(out)
+            log(f"report: {path}")
     return status
+
+
+@contextmanager
+def exclusive(out: Path) -> Iterator[None]:
+    """Hold `out/.lock` for the run: a second `leakaudit run` on the same dir trained into the same folders at
+    once (interleaved train logs, stages overwritten under the first) and both exited 0. The lock is the
+    kernel's (flock), so a killed run never leaves it held."""
+    try:
+        import fcntl
+    except ImportError:  # not a POSIX system: no lock
+        yield
+        return
+    with (out / LOCK).open("a+") as fh:
+        try:
+            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            fh.seek(0)
+            holder = fh.read().strip() or "?"
+            raise InputError(f"another leakaudit run (pid {holder}) is using this output dir; wait for it to "
+                             "end, or use another --out", file=out, field="--out") from None
+        fh.seek(0)
+        fh.truncate()
+        fh.write(str(os.getpid()))
+        fh.flush()
+        yield
