@@ -315,6 +315,20 @@ def test_a_missing_local_model_is_refused_at_plan_time(tmp_path, monkeypatch, ca
     assert "no-such-model" in err
 
 
+def test_a_local_model_without_weights_is_refused_at_plan_time_naming_its_key(tmp_path, monkeypatch, capsys):
+    """It failed when its first stage loaded it, after the stages before, naming the API's '--target'."""
+    import shutil
+
+    from leakaudit import models
+
+    d = tmp_path / "cfgonly"
+    shutil.copytree(models.tiny_model_dir("tiny-opt"), d)
+    (d / "model.safetensors").unlink()
+    err = _refused(tmp_path, _experiment(model=str(d)), monkeypatch, capsys)
+    assert err.startswith(f"error: {tmp_path / 'study' / 'exp.yaml'}:3: field 'models.base': "), err
+    assert "--target" not in err and "weights" in err
+
+
 def test_an_unknown_hub_model_is_refused_at_plan_time_offline(tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     err = _refused(tmp_path, _experiment(model="bogus-model-xyz"), monkeypatch, capsys)

@@ -53,6 +53,7 @@ def resolve_models(plan: Plan) -> None:
     typo or a model that is not available fails in the first second, not after the data stage. Each spec is
     resolved once (tiny and default models are converted on first use, then found in the cache)."""
     from leakaudit.models import resolve_spec
+    from leakaudit.models.spec import check_model_dir
 
     done: set[str] = set()
     for name, spec in plan.exp.models.items():
@@ -64,6 +65,8 @@ def resolve_models(plan: Plan) -> None:
             done.add(one)
             try:
                 kind, where = resolve_spec(one)
+                if kind == "dir":  # its config, tokenizer and weight files (headers only): not at its first stage
+                    check_model_dir(Path(where), allow_pickle=False)
                 if kind == "adapter":
                     base = json.loads((Path(where) / "adapter_config.json").read_text()).get("base_model_name_or_path")
                     if not base:
