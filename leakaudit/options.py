@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Annotated
 
-from pydantic import AfterValidator, Field
+from pydantic import AfterValidator, BeforeValidator, Field
 
 
 def _batch_size(v: int | str) -> int | str:
@@ -33,3 +33,14 @@ def _existing(v: str) -> str:
 #: A file (or dataset folder) an option names: checked when the options are, so a typo fails before any stage
 #: runs, not when its stage starts after every stage before it.
 InputFile = Annotated[str, AfterValidator(_existing)]
+
+
+def _comma_joined(v: object) -> object:
+    if isinstance(v, list) and all(isinstance(x, str) for x in v):
+        return ",".join(v)
+    return v
+
+
+#: comma-separated names that an experiment file may also write as a YAML list (`templates: [C, D]`), as it
+#: writes `attacks` and `temperatures`
+CommaList = Annotated[str, BeforeValidator(_comma_joined)]

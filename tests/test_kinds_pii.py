@@ -161,3 +161,14 @@ def test_pii_targets_are_the_addresses_in_data(tmp_path, monkeypatch, capsys, on
     assert code == 2 and "Traceback" not in err and err.count("error:") == 1
     assert err.splitlines()[-1] == (f"error: {exp}:12: field 'evaluate.ev.data': stage evaluate/ev/base: no target "
                                     "address occurs in this evaluation's data")  # line 12: `data: d2`
+
+
+@pytest.mark.parametrize("kind", ["pii", "pii-logprob"])
+def test_templates_may_be_a_yaml_list_like_every_other_list_option(kind):
+    """`templates: [C, D]` failed "Input should be a valid string" while attacks and temperatures take lists."""
+    from leakaudit.kinds.registry import get_kind
+
+    options = get_kind(kind).Options
+    assert options(templates=["C", "D"]).templates == options(templates="C,D").templates == "C,D"
+    with pytest.raises(ValueError, match="Z"):
+        options(templates=["A", "Z"])

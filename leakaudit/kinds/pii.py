@@ -19,7 +19,7 @@ from leakaudit.errors import InputError
 from leakaudit.kinds import compare
 from leakaudit.kinds.base import Headline, Kind, KindContext, KindOptions, Result, StageView, fmt, read_jsonl
 from leakaudit.kinds.registry import register
-from leakaudit.options import BatchSize, InputFile, Seed
+from leakaudit.options import BatchSize, CommaList, InputFile, Seed
 
 
 def _temperatures(value: Any) -> Any:
@@ -46,7 +46,7 @@ def _temperatures(value: Any) -> Any:
 
 
 class PiiOptions(KindOptions):
-    templates: str = Field("fake-privacy", description="comma-separated families (fake-privacy, pil, "
+    templates: CommaList = Field("fake-privacy", description="comma-separated families (fake-privacy, pil, "
                            "pil-zero-shot, pil-k-shot, pil-context, all) or template names (A, zero_shot-a, ...)")
     temperatures: Annotated[list[float] | None, BeforeValidator(_temperatures)] = Field(
         None, description="0 = greedy (default: each protocol's own grid)")

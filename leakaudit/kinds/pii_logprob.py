@@ -35,14 +35,14 @@ from leakaudit.errors import InputError
 from leakaudit.kinds import compare
 from leakaudit.kinds.base import Headline, Kind, KindContext, KindOptions, Result, StageView, fmt, read_jsonl
 from leakaudit.kinds.registry import register
-from leakaudit.options import BatchSize, InputFile, Seed
+from leakaudit.options import BatchSize, CommaList, InputFile, Seed
 
 BOOTSTRAP_RESAMPLES = 1000
 OVERALL = "overall"
 
 
 class PiiLogprobOptions(KindOptions):
-    templates: str = Field("fake-privacy", description="comma-separated families (fake-privacy, pil, "
+    templates: CommaList = Field("fake-privacy", description="comma-separated families (fake-privacy, pil, "
                            "pil-zero-shot, pil-k-shot, all) or template names (A, zero_shot-a, ...)")
     pairs: InputFile | None = Field(None, description="targets: rows with `name` and `email`, or with `pairs` lists "
                               "(default: the `data` rows' `pairs`, else the shipped Enron pairs)")
