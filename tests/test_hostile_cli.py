@@ -423,3 +423,19 @@ def test_run_progress_lines_mask_the_pii_a_label_holds_and_keep_paths_and_seeds(
     assert mask_message("runs/2025061514/d.jsonl:2: field 'id': duplicate id '713-853-1234' (first on line 1)") == (
         "runs/2025061514/d.jsonl:2: field 'id': duplicate id '***-***-**34' (first on line 1)")
     assert mask_message("user 'Sara Shackleton' appears among both") == "user 'S*** S***' appears among both"
+
+
+def test_help_at_80_columns_shows_every_option_name_whole(monkeypatch, capsys):
+    """The boxed help cut long names at a terminal's 80 columns (`--gradient-accu…`, `--early-stoppin…`)."""
+    from leakaudit.cli import main
+
+    monkeypatch.setenv("COLUMNS", "80")
+    monkeypatch.setattr(sys, "argv", ["leakaudit", "finetune", "--help"])
+    with pytest.raises(SystemExit) as exit_:
+        main()
+    out = capsys.readouterr().out
+    assert exit_.value.code in (0, None)
+    for name in ("--gradient-accumulation", "--early-stopping-patience", "--max-samples-per-user",
+                 "--dedup-within-user / --no-dedup-within-user", "--dp-max-grad-norm"):
+        assert name in out, name
+    assert "…" not in out and max(map(len, out.splitlines())) <= 80
