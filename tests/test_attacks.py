@@ -315,6 +315,8 @@ def test_mia_cli_writes_design_outputs(tmp_path, monkeypatch, capsys):
 
 @pytest.mark.parametrize("rows,args,expect", [
     ([{"text": "Give three tips.", "label": "maybe"}], [], "data.jsonl:1: field 'label': label 'maybe'"),
+    ([{"body": "Give three tips.", "lbl": 1}], ["--text-field", "body"],
+     "data.jsonl:1: field 'label': missing (row has: body, lbl)"),
     ([{"text": "Give three tips.", "label": 1}, {"body": "x", "label": 0}], [], "data.jsonl:2: field 'text': missing"),
     ([{"text": "Give three tips.", "label": 1}, {"text": "Sort.", "label": 0}], ["--attacks", "loss,lira"],
      "unknown attack 'lira'; valid attacks: loss"),

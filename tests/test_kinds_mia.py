@@ -120,7 +120,7 @@ def test_a_user_on_both_sides_is_one_error_naming_the_file(study, monkeypatch, c
     code, err = run_main(["user-inference", "--target", "tiny-gpt-neox", "--reference", "tiny-opt", "--data", a,
                        "--data-out", b, "--user-field", "user", "--out", study / "o"], monkeypatch, capsys)
     assert code == 2
-    assert _message(err) == "user 'u1' appears among both in-training and held-out users; split the data by user"
+    assert _message(err) == "user 'u1' appears among both member (in-training) and non-member users; split the data by user"
     assert err.startswith(f"error: {b}:2: field 'user': ")
 
 

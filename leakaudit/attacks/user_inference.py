@@ -75,8 +75,8 @@ class UserClashError(InputError):
 
     def __init__(self, record: Record):
         self.record = record
-        super().__init__(f"user '{record.user}' appears among both in-training and held-out users; split the "
-                         "data by user", line=record.line, field="user")
+        super().__init__(f"user '{record.user}' appears among both member (in-training) and non-member users; "
+                         "split the data by user", line=record.line, field="user")
 
 
 class TooShortSampleError(InputError):

@@ -175,7 +175,7 @@ def user_inference(
     if not is_main():
         return
     _summary(f"user inference on {target} (samples per user m)", {f"m={m}": r for m, r in res["per_m"].items()},
-             "held-out users")
+             "non-member users")
     _say(f"wrote {out / 'user_inference.json'}, user_scores.jsonl, roc_users.png")
 
 

@@ -32,7 +32,9 @@ def split_labelled(path: Path, label_field: str, **fields: Any) -> tuple[list[Re
     outs: list[Record] = []
     for r in load_records(path, **fields):
         if label_field not in r.extra:
-            raise InputError("missing", file=path, line=r.line, field=label_field)
+            read = (fields.get("text_field", "text"), fields.get("id_field"), fields.get("user_field"))
+            have = ", ".join(sorted({*(f for f in read if f), *r.extra}))
+            raise InputError(f"missing (row has: {have})", file=path, line=r.line, field=label_field)
         (ins if parse_label(r.extra[label_field], path, r.line, label_field) else outs).append(r)
     return ins, outs
 
