@@ -117,7 +117,7 @@ def test_bad_m_values_and_conflicting_users(users, tiny_neox):
     assert parse_m_values("4, all,4") == ["4", "all"]
     tuned, attack_in, attack_out = users
     clash = [Record("x", "harbor harbor.", "user0", 1)]
-    with pytest.raises(InputError, match="both member (in-training) and non-member"):
+    with pytest.raises(InputError, match=r"both member \(in-training\) and non-member"):
         run_user_inference(tuned, tiny_neox, attack_in, clash, n_bootstrap=0, **NO_CACHE)
 
 
