@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: setup demo test lint bench clean study-users study-fake-privacy
+.PHONY: setup demo test lint bench clean study-users study-fake-privacy study-backdoor
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -33,7 +33,7 @@ test: $(STAMP) lint
 bench: $(STAMP)
 	$(BIN)/python bench/score.py
 
-# The two CPU studies of docs/studies.md, every seed, then their tables (about 30 min per seed each).
+# The three CPU studies of docs/studies.md, every seed, then their tables (docs/studies.md says how long each takes).
 EXP := leakaudit/resources/experiments
 study-users: $(STAMP)
 	for s in 0 1 2; do $(BIN)/leakaudit run $(EXP)/user-inference.yaml --out out/users-s$$s --seed $$s || exit 1; done
@@ -44,6 +44,12 @@ study-fake-privacy: $(STAMP)
 	for s in 1 2; do $(BIN)/leakaudit run $(EXP)/fake-privacy-cpu.yaml --out out/fake-privacy-s$$s --seed $$s \
 	  --reuse out/fake-privacy-s0 || exit 1; done
 	$(BIN)/python scripts/summarize_comparisons.py out/fake-privacy-s0 out/fake-privacy-s1 out/fake-privacy-s2
+
+study-backdoor: $(STAMP)
+	$(BIN)/leakaudit run $(EXP)/backdoor-cpu.yaml --out out/backdoor-s0 --seed 0
+	for s in 1 2; do $(BIN)/leakaudit run $(EXP)/backdoor-cpu.yaml --out out/backdoor-s$$s --seed $$s \
+	  --reuse out/backdoor-s0 || exit 1; done
+	$(BIN)/python scripts/summarize_comparisons.py out/backdoor-s0 out/backdoor-s1 out/backdoor-s2
 
 clean:
 	rm -rf $(VENV) out
