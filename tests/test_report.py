@@ -293,7 +293,7 @@ def test_a_stage_file_changed_outside_leakaudit_is_a_one_line_error(tmp_path):
         path.write_text(content)
         with pytest.raises(InputError, match=what) as err:
             read_jsonl(path)
-        assert err.value.line == line and "rerun the stage" in err.value.message
+        assert err.value.line == line and "delete the stage.json beside it and rerun" in err.value.message
     path.write_bytes(b"\xff\n")
     with pytest.raises(InputError, match="not valid UTF-8"):
         read_jsonl(path)

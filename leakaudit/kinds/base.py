@@ -221,6 +221,11 @@ def fmt(x: Any, digits: int = 3) -> str:
     return str(x)
 
 
+#: how to redo a stage whose file was damaged (a stage finished before stage.json recorded its files, which
+#: `leakaudit run` would otherwise keep as finished)
+REDO = "to redo its stage, delete the stage.json beside it and rerun `leakaudit run`"
+
+
 def read_json(path: Path) -> dict[str, Any]:
     """A JSON object a stage wrote (empty when it is not there yet); like read_jsonl, a file that does not
     parse was changed outside leakaudit: a one-line error naming it."""
@@ -231,9 +236,9 @@ def read_json(path: Path) -> dict[str, Any]:
     try:
         obj = json.loads(path.read_text(encoding="utf-8"))
     except (ValueError, UnicodeDecodeError) as exc:
-        raise InputError(f"stage file changed outside leakaudit ({exc}); rerun the stage", file=path) from None
+        raise InputError(f"stage file changed outside leakaudit ({exc}); {REDO}", file=path) from None
     if not isinstance(obj, dict):
-        raise InputError("stage file changed outside leakaudit (not a JSON object); rerun the stage", file=path)
+        raise InputError(f"stage file changed outside leakaudit (not a JSON object); {REDO}", file=path)
     return obj
 
 
@@ -247,5 +252,5 @@ def read_jsonl(path: Path) -> list[dict[str, Any]]:
     try:
         return [row for _, row in read_jsonl_rows(path)]
     except InputError as exc:
-        raise InputError(f"stage file changed outside leakaudit ({exc.message}); rerun the stage", file=path,
+        raise InputError(f"stage file changed outside leakaudit ({exc.message}); {REDO}", file=path,
                          line=exc.line) from None
