@@ -383,9 +383,7 @@ def parse_experiment(text: str, file: str | Path = "<experiment>") -> Experiment
 
 
 def load_experiment(path: str | Path) -> Experiment:
-    """Read an experiment file. Its relative paths are the file's folder's: data paths always, and a local
-    model or a file an option names wherever one exists there (else they stay as written: a hub id, a name
-    such as `default`, or a path from the working directory, as before)."""
+    """Read an experiment file; relative data paths are resolved against the file's folder."""
     p = Path(path)
     if not p.is_file():
         raise InputError("experiment file not found", file=p)
@@ -395,22 +393,7 @@ def load_experiment(path: str | Path) -> Experiment:
     for ds in exp.datasets.values():
         if ds.path is not None and not Path(ds.path).expanduser().is_absolute():
             ds.path = str((p.parent / ds.path).resolve())
-    exp.models = {name: _beside(p.parent, spec) for name, spec in exp.models.items()}
-    for step in (*exp.generate.values(), *exp.evaluate.values()):
-        step.options = {k: _beside(p.parent, v) if isinstance(v, str) else v for k, v in step.options.items()}
     return exp
-
-
-def _beside(folder: Path, value: str) -> str:
-    """`value` as a path from `folder` when it names something there (a model dir, a .gguf file, a pairs file),
-    else unchanged: templates, attack names and hub ids name nothing in the experiment's folder."""
-    if not value or "\x00" in value or len(value) > 4096 or Path(value).expanduser().is_absolute():
-        return value
-    try:
-        there = folder / value
-        return str(there.resolve()) if there.exists() else value
-    except (OSError, RuntimeError):  # a name too long for the file system
-        return value
 
 
 # ----------------------------------------------------------------------------------------- references

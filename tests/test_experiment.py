@@ -635,25 +635,3 @@ def test_stage_keys_cover_option_files_show_pii_and_the_enron_corpus(tmp_path, m
     monkeypatch.setenv("LEAKAUDIT_ENRON_MESSAGES", str(corpus))
     full = keys()
     assert {s for s in edited if edited[s] != full[s]} == {"data/mail"}
-
-
-def test_local_models_and_option_files_are_found_beside_the_experiment_file(tmp_path, monkeypatch):
-    """Datasets were the file's folder's but a local model dir and a pii `pairs` file were the working
-    directory's: the same file failed ("not a local path ... hf download models/neox") run from elsewhere."""
-    from leakaudit import models
-    from leakaudit.config import load_experiment
-
-    project = tmp_path / "project"
-    shutil.copytree(models.tiny_model_dir("tiny-opt"), project / "models" / "tiny")
-    (project / "pairs.jsonl").write_text(json.dumps({"name": "Ann Lee", "email": "ann@x.com"}) + "\n")
-    (project / "exp.yaml").write_text(
-        "name: x\nmodels:\n  base: models/tiny\n  hub: EleutherAI/pythia-70m\n  named: default\n"
-        "evaluate:\n  ev:\n    kind: pii\n    targets: [base]\n    options: {pairs: pairs.jsonl, templates: A}\n")
-    monkeypatch.chdir(tmp_path)
-    exp = load_experiment(project / "exp.yaml")
-    assert exp.models == {"base": str((project / "models" / "tiny").resolve()), "hub": "EleutherAI/pythia-70m",
-                          "named": "default"}
-    assert exp.evaluate["ev"].options == {"pairs": str((project / "pairs.jsonl").resolve()), "templates": "A"}
-    from leakaudit.experiment import check_plan
-
-    check_plan(Plan(exp))  # the pairs file is found when the options are checked, from this other folder

@@ -41,8 +41,8 @@ def _read_jsonl(path: Path) -> list[dict]:
 
 @pytest.fixture
 def paper(tmp_path, monkeypatch):
-    """The paper file copied into tmp_path with stand-in inputs in tmp_path/data (every path resolves against
-    the file's folder), loaded and planned from another working directory."""
+    """The paper file copied into tmp_path with stand-in inputs in tmp_path/data (dataset paths resolve
+    against the file, option paths against the working directory), loaded and planned."""
     shutil.copy(PAPER, tmp_path / "fake-privacy-paper.yaml")
     pil = [{"text": f"Message {i}: write to Person {i} at person{i}@enron.com",
             "pairs": [{"name": f"Person {i}", "email": f"person{i}@enron.com"}]} for i in range(N_PIL)]
@@ -50,13 +50,13 @@ def paper(tmp_path, monkeypatch):
     _write_jsonl(tmp_path / "data" / "pile-members.jsonl", [{"text": f"member text {i}"} for i in range(20)])
     _write_jsonl(tmp_path / "data" / "pile-nonmembers.jsonl", [{"text": f"other text {i}"} for i in range(20)])
     shutil.copy(resources.path("self-instruct-seed", "seed_tasks.jsonl"), tmp_path / "data" / "seed_tasks.jsonl")
-    monkeypatch.chdir(tmp_path.parent)  # every path is the file's folder's, from anywhere
+    monkeypatch.chdir(tmp_path)
     plan = Plan(load_experiment(tmp_path / "fake-privacy-paper.yaml"))
     return plan, pil, tmp_path
 
 
 def test_paper_file_plans_with_stand_in_inputs_and_the_expected_stages(paper):
-    plan, _, tmp_path = paper
+    plan, _, _ = paper
     check_plan(plan)  # every option known to its kind / FinetuneConfig; no model is resolved (hub ids, offline)
     exp = plan.exp
     assert exp.models == {"generator": "EleutherAI/pythia-12b", **MODELS}
@@ -88,8 +88,7 @@ def test_paper_file_plans_with_stand_in_inputs_and_the_expected_stages(paper):
     assert gen.params["options"] == {"prompt_tokens": 50, "max_new_tokens": 1000, "temperature": 0.75,
                                      "top_k": 100, "backend": "auto"}
     assert plan.stages["generate/replaced"].params["data"] == ["generate/gen", "data.jsonl"]
-    assert plan.stages["generate/selfinstruct"].params["options"]["seed_tasks"] == str(
-        (tmp_path / "data" / "seed_tasks.jsonl").resolve())
+    assert plan.stages["generate/selfinstruct"].params["options"]["seed_tasks"] == "data/seed_tasks.jsonl"
 
     evals = [s for s in plan.stages.values() if s.id.startswith("evaluate/")]
     for s in evals:
