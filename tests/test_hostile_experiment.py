@@ -570,3 +570,26 @@ def test_the_machine_failing_or_ctrl_c_is_one_line(raised, code, line, tmp_path,
     cfg, out = _setup(tmp_path, _experiment())
     got, err = _run_main(["run", str(cfg), "--out", str(out)], monkeypatch, capsys)
     assert (got, err) == (code, line + "\n")
+
+
+@pytest.mark.parametrize("what", ["model", "pairs"])
+def test_a_relative_model_or_option_file_beside_the_file_but_not_here_says_so(what, tmp_path, monkeypatch, capsys):
+    """Data paths are the experiment file's, models and option files the working directory's (stage keys hold
+    them as written): run from elsewhere, the error says the path exists beside the file."""
+    import shutil
+
+    from leakaudit import models
+
+    project = tmp_path / "project"
+    shutil.copytree(models.tiny_model_dir("tiny-opt"), project / "models" / "tiny")
+    (project / "pairs.jsonl").write_text(json.dumps({"name": "Ann Lee", "email": "ann@x.com"}) + "\n")
+    model, pairs = ("models/tiny", str(project / "pairs.jsonl")) if what == "model" else \
+        (str(project / "models" / "tiny"), "pairs.jsonl")
+    (project / "exp.yaml").write_text(
+        f"name: x\nmodels:\n  base: {model}\nevaluate:\n  ev:\n    kind: pii\n    targets: [base]\n"
+        f"    options: {{pairs: {pairs}, templates: A}}\n")
+    monkeypatch.chdir(tmp_path)
+    code, err = _run_main(["run", str(project / "exp.yaml"), "--out", str(tmp_path / "out")], monkeypatch, capsys)
+    assert code == 2 and err.count("\n") == 1, err
+    field = "models.base" if what == "model" else "evaluate.ev.options.pairs"
+    assert f"field '{field}'" in err and "exists beside the experiment file" in err, err

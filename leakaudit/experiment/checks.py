@@ -32,8 +32,23 @@ def check_plan(plan: Plan) -> None:
             elif stage.kind != "dataset":
                 stage_options(stage)
         except ConfigError as exc:
-            raise plan.exp.error(exc.loc, exc.message) from None
+            value = (stage.params.get("options") or {}).get(exc.loc[-1]) if exc.loc else None
+            raise plan.exp.error(exc.loc, exc.message + _beside_file_hint(plan, value)) from None
     _check_compare_to(plan)
+
+
+def _beside_file_hint(plan: Plan, value: Any) -> str:
+    """Local models and option files are read from the working directory (data paths from the experiment
+    file's folder): when a path that is missing here exists beside the file, say so. They are not rewritten,
+    since stage keys hold them as written."""
+    if not isinstance(value, str) or not value or Path(value).expanduser().is_absolute() or Path(value).exists():
+        return ""
+    try:
+        beside = (Path(plan.exp._file).parent / value).exists()
+    except (OSError, ValueError):
+        return ""
+    return (f" ('{value}' exists beside the experiment file, but a model's or an option's relative path is the "
+            "working directory's: run from the file's folder or write the full path)") if beside else ""
 
 
 def _check_compare_to(plan: Plan) -> None:
@@ -74,7 +89,7 @@ def resolve_models(plan: Plan) -> None:
                     todo.append(base)
             except InputError as exc:
                 what = f"model '{one}'" if one == spec else f"base model '{one}' of '{spec}'"
-                raise plan.exp.error(("models", name), f"{what}: {exc.message}") from None
+                raise plan.exp.error(("models", name), f"{what}: {exc.message}{_beside_file_hint(plan, one)}") from None
             except (OSError, ValueError) as exc:
                 raise plan.exp.error(("models", name), f"model '{one}': {exc}") from None
 
