@@ -266,6 +266,38 @@ def test_a_finished_stage_whose_files_changed_is_redone_and_the_report_refuses_i
     write_report(out)  # every stage is what it wrote again
 
 
+def test_a_redone_stage_reruns_what_read_it_and_leaves_no_old_result_in_run_json(study_run, tmp_path,
+                                                                                  monkeypatch):
+    """Run again with its key unchanged, a damaged fine-tune left its evaluations cached (they had read the old
+    weights); and a kill right after the damage was found left run.json listing the old result, which the
+    report then read from a folder already emptied."""
+    from leakaudit.experiment import engine
+
+    src, _, _ = study_run
+    out = tmp_path / "out"
+    shutil.copytree(src, out)
+    with (out / "finetune/real/model/train_log.jsonl").open("a") as fh:
+        fh.write("\n")
+    real_runner = engine.run_kind_stage
+
+    def killed(ctx):  # Ctrl-C as the first evaluation starts again
+        if ctx.stage.id == "evaluate/mia/real":
+            raise KeyboardInterrupt
+        return real_runner(ctx)
+
+    monkeypatch.setattr(engine, "run_kind_stage", killed)
+    logged = []
+    with pytest.raises(KeyboardInterrupt):
+        run_experiment(parse_experiment(STUDY), out, config_text=STUDY, log=logged.append)
+    assert any("finetune/real: model/train_log.jsonl was changed" in x for x in logged)
+    assert any("evaluate/mia/real: its input finetune/real was run again" in x for x in logged)
+    stages = {s["id"]: s for s in json.loads((out / "run.json").read_text())["stages"]}
+    assert stages["finetune/real"]["result"] is not None and stages["evaluate/mia/real"]["result"] is None
+    monkeypatch.setattr(engine, "run_kind_stage", real_runner)
+    status = run_experiment(parse_experiment(STUDY), out, config_text=STUDY, log=_quiet, report=False)
+    assert {k for k, v in status.items() if v == "ran"} == set(STAGES[4:])  # every evaluation of the model
+
+
 def test_a_finetune_stage_starts_with_vllm_engines_shut_down(tmp_path, monkeypatch):
     """A generate stage's vLLM engine holds 90% of the GPU memory it found free: the run shuts it down
     before a fine-tune stage (as it drops its loaded models), not before every stage."""

@@ -593,3 +593,28 @@ def test_a_relative_model_or_option_file_beside_the_file_but_not_here_says_so(wh
     assert code == 2 and err.count("\n") == 1, err
     field = "models.base" if what == "model" else "evaluate.ev.options.pairs"
     assert f"field '{field}'" in err and "exists beside the experiment file" in err, err
+
+
+def test_a_file_system_without_locks_runs_with_a_warning_and_other_os_errors_keep_their_traceback(
+        tmp_path, monkeypatch, capsys):
+    """NFS without lockd / Lustre without flock answer ENOLCK / ENOSYS: the run goes on (it did before the
+    lock); an OSError that is not the machine's (a missing file: maybe a bug) is not hidden in one line."""
+    import errno
+    import fcntl
+
+    from leakaudit.experiment import engine
+
+    def no_locks(fh, op):
+        raise OSError(errno.ENOLCK, "No locks available")
+
+    monkeypatch.setattr(fcntl, "flock", no_locks)
+    cfg, out = _setup(tmp_path, _experiment())
+    code, err = _run_main(["run", str(cfg), "--out", str(out), "--no-report"], monkeypatch, capsys)
+    assert code == 0 and "warning:" in err and "has no locks (No locks available)" in err, err
+
+    def missing(*args, **kwargs):
+        raise FileNotFoundError(errno.ENOENT, "No such file or directory", "/x/resource.json")
+
+    monkeypatch.setattr(engine, "run_plan", missing)
+    with pytest.raises(FileNotFoundError):
+        _run_main(["run", str(cfg), "--out", str(out), "--no-report"], monkeypatch, capsys)

@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import errno
 import importlib
+import os
 import sys
 import warnings
 
 import typer
 
-from leakaudit.errors import InputError
+from leakaudit.errors import InputError, first_line
 from leakaudit.threads import configure_threads
 
 app = typer.Typer(
@@ -29,6 +31,8 @@ for _topic in (core, mia, train, generate, pii, backdoor, run):
 
 #: the exit code of a run stopped by Ctrl-C (128 + SIGINT)
 INTERRUPTED = 130
+#: OSErrors that are the machine's, not the input's or a bug's: one line instead of a traceback
+MACHINE_ERRNOS = (errno.EROFS, errno.ENOSPC, errno.EDQUOT, errno.EACCES, errno.EPERM, errno.EIO)
 
 
 def main() -> None:
@@ -50,14 +54,16 @@ def main() -> None:
         _fail(_usage_line(exc))
     except (typer.Abort, KeyboardInterrupt):  # Ctrl-C: say that nothing finished is lost
         code = INTERRUPTED
-    except OSError as exc:  # the machine, not the input: a read-only or full disk, a folder that went away
+    except OSError as exc:
+        if exc.errno not in MACHINE_ERRNOS:  # anything else may be a bug: keep its traceback
+            raise
         where = f"{exc.filename}: " if exc.filename else ""
-        print(f"error: {where}{exc.strerror or exc}", file=sys.stderr)
+        print(f"error: {where}{first_line(exc) if exc.strerror is None else exc.strerror}", file=sys.stderr)
         sys.exit(1)
     except clk.ClickException as exc:
         print(f"error: {exc.format_message()}", file=sys.stderr)
         sys.exit(exc.exit_code)
-    if code == INTERRUPTED:  # typer turns Ctrl-C into this exit code, silently
+    if code == INTERRUPTED and int(os.environ.get("RANK", "0")) == 0:  # typer turns Ctrl-C into it, silently
         print("interrupted: what finished is kept; rerun the same command to resume", file=sys.stderr)
     sys.exit(code if isinstance(code, int) else 0)
 

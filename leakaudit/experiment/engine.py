@@ -3,10 +3,12 @@ run.json, then write the report."""
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import shutil
 import time
+import uuid
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -14,7 +16,7 @@ from typing import Any
 
 from leakaudit.config import ConfigError, Experiment
 from leakaudit.data.io import link_or_copy, write_json
-from leakaudit.errors import InputError
+from leakaudit.errors import InputError, warn_once
 from leakaudit.experiment.checks import check_plan, prepare_out, resolve_models, stage_roles
 from leakaudit.experiment.manifest import changed_output, output_manifest
 from leakaudit.experiment.plan import Plan, inside, remove_stale, stage_dir
@@ -57,6 +59,18 @@ def reuse_stage(source: Path, stage_folder: str, key: str, out: Path, dest: Path
     return done
 
 
+def _redone_input(deps: list[str], done: dict[str, Any], finished: dict[str, str | None]) -> str | None:
+    """Why a finished stage is stale although its key is not: an input stage was run again with its key
+    unchanged (its files were damaged) after this one read it, so this one read the old outputs. Each
+    finish gets a `done_id`, and a stage records those of its inputs; stages from before either existed
+    are not compared."""
+    for d in deps:
+        then, now = (done.get("inputs") or {}).get(d), finished.get(d)
+        if then is not None and now is not None and then != now:
+            return f"its input {d} was run again"
+    return None
+
+
 def run_plan(plan: Plan, out: Path, *, log: Callable[[str], None] = print,
              after_stage: Callable[[dict[str, str]], None] | None = None,
              reuse: Path | None = None) -> dict[str, str]:
@@ -67,23 +81,28 @@ def run_plan(plan: Plan, out: Path, *, log: Callable[[str], None] = print,
     cache = ModelCache()  # the run's loaded models (a fresh one: models on disk may have been retrained)
     status: dict[str, str] = {}
     results: dict[str, dict[str, Any]] = {}
+    finished: dict[str, str | None] = {}  # stage id -> the done_id of the outputs this run uses
     n = len(plan.stages)
     for i, stage in enumerate(plan.stages.values(), start=1):
         sdir = stage_dir(out, stage)
         done = is_done(sdir, stage.key)
         if done is not None:
-            changed = changed_output(sdir, done)
-            if changed is None:
+            stale = changed_output(sdir, done) or _redone_input(stage.deps, done, finished)
+            if stale is None:
                 results[stage.id] = done["result"]
+                finished[stage.id] = done.get("done_id")
                 status[stage.id] = "cached"
                 log(f"[{i}/{n}] {stage.id}: cached")
                 continue
-            log(f"[{i}/{n}] {stage.id}: {changed} after the stage finished; running it again")
+            log(f"[{i}/{n}] {stage.id}: {stale} after the stage finished; running it again")
             remove_stale(out, sdir)
+            if after_stage is not None:
+                after_stage(status)  # run.json no longer lists its old result (the report must not read it)
         if reuse is not None:
             done = reuse_stage(Path(reuse), stage.folder, stage.key, out, sdir)
             if done is not None:
                 results[stage.id] = done["result"]
+                finished[stage.id] = done.get("done_id")
                 status[stage.id] = "reused"
                 log(f"[{i}/{n}] {stage.id}: reused from {reuse}")
                 continue
@@ -115,9 +134,12 @@ def run_plan(plan: Plan, out: Path, *, log: Callable[[str], None] = print,
                 raise plan.exp.error(tuple(field.split(".")), message) from None
             raise InputError(message, file=plan.exp._file, field=field) from None
         seconds = round(time.perf_counter() - t0, 2)
+        finished[stage.id] = uuid.uuid4().hex
         write_json(sdir / "stage.json", {"id": stage.id, "kind": stage.kind, "key": stage.key,
                                           "params": stage.params, "deps": stage.deps, "seconds": seconds,
-                                          "result": result, "outputs": output_manifest(sdir)})
+                                          "result": result, "outputs": output_manifest(sdir),
+                                          "done_id": finished[stage.id],
+                                          "inputs": {d: finished.get(d) for d in stage.deps}})
         results[stage.id] = result
         status[stage.id] = "ran"
         log(f"[{i}/{n}] {stage.id}: done in {seconds:.1f}s")
@@ -203,6 +225,11 @@ def exclusive(out: Path) -> Iterator[None]:
             holder = fh.read().strip() or "?"
             raise InputError(f"another leakaudit run (pid {holder}) is using this output dir; wait for it to "
                              "end, or use another --out", file=out, field="--out") from None
+        except OSError as exc:  # a file system without locks (NFS without lockd, Lustre without -o flock)
+            if exc.errno not in (errno.ENOLCK, errno.ENOSYS, errno.EOPNOTSUPP, errno.EINVAL):
+                raise
+            warn_once(f"{out}: the file system has no locks ({exc.strerror}); nothing stops a second run "
+                      "from writing into this output dir at the same time")
         fh.seek(0)
         fh.truncate()
         fh.write(str(os.getpid()))

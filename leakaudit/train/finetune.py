@@ -420,14 +420,15 @@ def _trainer_class(lean: bool):
 
 
 def fit_context(config: FinetuneConfig, lm) -> int:
-    """Tokens per example: `--max-length`, clamped (with one warning) to the model's context, because longer
-    sequences index past learned position embeddings (OPT: IndexError) or leave the trained range (RoPE).
-    The fingerprint keeps the option as given, so rerunning the same command still resumes."""
+    """Tokens per example: `--max-length`, clamped to the model's context (with one warning when the option was
+    given; the default, 512, is clamped silently), because longer sequences index past learned position
+    embeddings (OPT: IndexError) or leave the trained range (RoPE). The fingerprint keeps the option as given,
+    so rerunning the same command still resumes."""
     if config.max_length <= lm.max_length:
         return config.max_length
-    if "max_length" in config.model_fields_set:  # the default (512) fits the context silently; a given one says so
-            warn_once(f"--max-length {config.max_length} is longer than the context of {config.model} ({lm.max_length} "
-                  f"tokens); training on examples of at most {lm.max_length} tokens")
+    if "max_length" in config.model_fields_set:
+        warn_once(f"--max-length {config.max_length} is longer than the context of {config.model} "
+                  f"({lm.max_length} tokens); training on examples of at most {lm.max_length} tokens")
     return lm.max_length
 
 
