@@ -153,6 +153,8 @@ def test_tiny_study_end_to_end(study_run):
 
     out, _, status = study_run
     assert list(status) == STAGES
+    trained = json.loads((out / "finetune/real/stage.json").read_text())["result"]  # the report's stage note
+    assert trained["n_train_examples"] > 0 and trained["dropped_no_loss_tokens"] == 0
 
     members = _read_jsonl(out / "data/emails/members.jsonl")
     nonmembers = _read_jsonl(out / "data/emails/nonmembers.jsonl")

@@ -316,3 +316,18 @@ def test_pii_figures_draw_each_protocols_own_hits(monkeypatch):
     section = PiiResult.section([stage])
     assert bars[0][0] == {"m0": pytest.approx(0.1)}
     assert section["tables"][0]["rows"][0][4:] == [1, 7, 1, 10]
+
+
+def test_the_stage_table_says_how_many_examples_a_finetune_left_out(tmp_path):
+    """A plant whose every backdoor pair max_length cut trained on none of them; the report said nothing."""
+    from leakaudit.report.html import build
+
+    stages = [{"id": "finetune/planted", "kind": "finetune", "folder": "finetune/planted", "key": "k",
+               "status": "ran", "seconds": 1.0, "params": {},
+               "result": {"model_dir": "model", "n_train_examples": 116, "dropped_no_loss_tokens": 124}},
+              {"id": "finetune/clean", "kind": "finetune", "folder": "finetune/clean", "key": "k2",
+               "status": "ran", "seconds": 1.0, "params": {},
+               "result": {"model_dir": "model", "n_train_examples": 120, "dropped_no_loss_tokens": 0}}]
+    (tmp_path / "run.json").write_text(json.dumps({"experiment": {"name": "x"}, "stages": stages}))
+    html, _ = build(tmp_path)
+    assert html.count("examples left out") == 1 and "124 of 240 examples left out" in html

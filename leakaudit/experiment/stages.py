@@ -3,6 +3,7 @@ evaluate step, which runs its registered kind (leakaudit/kinds) with inputs and 
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -138,7 +139,11 @@ def run_finetune_stage(ctx: StageContext) -> dict[str, Any]:
                                                    "model_path": ctx.model("model"), "seed": ctx.seed})
     model_dir = Path(finetune(_finetune_config(stage, str(ctx.dir / "model"))))
     checkpoints = [str(d.relative_to(ctx.dir)) for d in model_dirs(model_dir) if d != model_dir]
-    return {"model_dir": str(model_dir.relative_to(ctx.dir)), "checkpoints": checkpoints}
+    # how many examples it trained on, and how many max_length left without a loss token: the report shows
+    # the second (a plant whose every backdoor pair was cut trained on none of them, and said nothing)
+    defenses = json.loads((model_dir / "defenses.json").read_text()) if (model_dir / "defenses.json").exists() else {}
+    return {"model_dir": str(model_dir.relative_to(ctx.dir)), "checkpoints": checkpoints,
+            **{k: defenses[k] for k in ("n_train_examples", "dropped_no_loss_tokens") if k in defenses}}
 
 
 
