@@ -212,7 +212,7 @@ def _finetune_config(stage: Stage, out: str) -> Any:
         section = "defenses" if "user_field" in p["defenses"] else "options"
         raise ConfigError(_option_loc(stage, "user_field", section),
                           f"'{user}': an experiment's data names each row's user `user` (the dataset's own "
-                          "user_field says where to read it from); write user_field: user, or leave it out")
+                          "user_field says where to read it from); write user_field: user")
     try:
         return config_cls(model=p.get("model_path") or p["model"].get("spec", "-").split("#", 1)[0],
                           data=str(p.get("data_path", "-")),
