@@ -140,6 +140,9 @@ def test_signature_dashes_and_lotus_notes_headers_are_read():
     # address), and "(E-mail)" after a name
     assert names_from_headers("From: Derek Olsen [mailto:derek@example.com]\nTo: Quinlan, Zed [mailto:zq@x.com]; "
                               "Bob Smith (E-mail)\n") == ["Derek Olsen", "Zed Quinlan", "Bob Smith"]
+    assert names_from_headers("From: jdoe@x.com (John Doe)\n") == ["John Doe"]  # the RFC 822 comment form
+    assert names_from_headers("From: Gilbert R. Whitaker, Jr. [mailto:g@rice.edu]\n") == ["Gilbert R. Whitaker"]
+    assert names_from_headers("To: 713-853-1234 (Business Fax), Vince Kaminski (E-mail)\n") == ["Vince Kaminski"]
     r = PiiReplacer(names_from_headers("From: Derek Olsen [mailto:derek@example.com]\n"), seed=0)
     out, _ = r.replace("-----Original Message-----\nFrom: Derek Olsen [mailto:derek@example.com]\nhi")
     assert "Derek" not in out and "Olsen" not in out and "derek@example.com" not in out, out

@@ -59,7 +59,8 @@ HEADER_RE = re.compile(r"^(?:X-)?(?:From|To|Cc|Bcc|X-cc|X-bcc):[ \t]*(.*(?:\n[ \
 NAME_WORD = r"[A-Z][a-zA-Z'\-]*\.?"
 NAME_RE = re.compile(rf"^{NAME_WORD}(?: {NAME_WORD}){{1,3}}$")
 NOT_NAMES = {"Enron", "Corp", "Inc", "Team", "Group", "Mail", "Delivery", "Subsystem", "Announcements",
-             "Administrator", "Center", "Committee", "Department", "Services", "Support", "Desk", "List"}
+             "Administrator", "Center", "Committee", "Department", "Services", "Support", "Desk", "List",
+             "Fax", "Office", "Legal"}  # header comments such as "713-853-1234 (Business Fax)"
 
 
 @dataclass(frozen=True)
@@ -117,7 +118,9 @@ def phone_digits(phone: str) -> str:
 
 # where an entry's address goes: "<addr>" or Outlook's "[mailto:addr]" (its forwarded-message header)
 _ENTRY_ADDRESS = r"(?:<[^>]*>|\[mailto:[^\]]*\])"
-_LAST_FIRST_ENTRY = re.compile(rf"(?<![\w'-])([A-Z][\w'-]+), ([A-Z][\w'.-]*(?: [A-Z][\w'.-]*)?)\s*{_ENTRY_ADDRESS}")
+# ", Jr." / ", III" after a name is its suffix, not a first name ("Gilbert R. Whitaker, Jr. [mailto:...]")
+_LAST_FIRST_ENTRY = re.compile(rf"(?<![\w'-])([A-Z][\w'-]+), (?!(?:Jr|Sr|II|III|IV)\b)"
+                               rf"([A-Z][\w'.-]*(?: [A-Z][\w'.-]*)?)\s*{_ENTRY_ADDRESS}")
 
 
 def names_from_headers(text: str) -> list[str]:
@@ -131,8 +134,9 @@ def names_from_headers(text: str) -> list[str]:
             if NAME_RE.match(cand) and not (set(cand.replace(".", "").split()) & NOT_NAMES):
                 names.append(cand)
         value = _LAST_FIRST_ENTRY.sub(",", m.group(1))
-        # drop <address>, [mailto:address] and Outlook's "(E-mail)" parts
-        value = re.sub(rf"{_ENTRY_ADDRESS}|\([^)]*\)", ",", value)
+        # drop <address> and [mailto:address] parts; a parenthesis is its own entry: "addr (John Doe)" names
+        # John Doe, Outlook's "Bob Smith (E-mail)" leaves the one word "E-mail", no name
+        value = re.sub(_ENTRY_ADDRESS, ",", value).replace("(", ",").replace(")", ",")
         value = EMAIL_RE.sub(",", value)
         for part in re.split(r"[,;\n]", value):
             part = part.split("/", 1)[0]  # Lotus Notes: "Karen Arnold/HOU/ECT@ECT" names Karen Arnold
