@@ -34,10 +34,10 @@ def is_done(stage_dir: Path, key: str) -> dict[str, Any] | None:
     if not marker.exists():
         return None
     try:
-        info = json.loads(marker.read_text())
-    except json.JSONDecodeError:
+        info = json.loads(marker.read_text(encoding="utf-8"))
+    except ValueError:  # not JSON, or not UTF-8 text: not a finished stage's record
         return None
-    return info if info.get("key") == key else None
+    return info if isinstance(info, dict) and info.get("key") == key else None
 
 
 def reuse_stage(source: Path, stage_folder: str, key: str, out: Path, dest: Path) -> dict[str, Any] | None:

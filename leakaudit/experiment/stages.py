@@ -3,7 +3,6 @@ evaluate step, which runs its registered kind (leakaudit/kinds) with inputs and 
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,7 +14,7 @@ from leakaudit.data.split import holdout_per_user, shuffled, split_rows
 from leakaudit.errors import InputError
 from leakaudit.experiment.checks import _finetune_config, _option_kind, stage_options
 from leakaudit.experiment.plan import Plan, Stage
-from leakaudit.kinds.base import DATA_ROLES, ModelCache
+from leakaudit.kinds.base import DATA_ROLES, ModelCache, read_json
 
 
 @dataclass
@@ -141,7 +140,7 @@ def run_finetune_stage(ctx: StageContext) -> dict[str, Any]:
     checkpoints = [str(d.relative_to(ctx.dir)) for d in model_dirs(model_dir) if d != model_dir]
     # how many examples it trained on, and how many max_length left without a loss token: the report shows
     # the second (a plant whose every backdoor pair was cut trained on none of them, and said nothing)
-    defenses = json.loads((model_dir / "defenses.json").read_text()) if (model_dir / "defenses.json").exists() else {}
+    defenses = read_json(model_dir / "defenses.json")
     return {"model_dir": str(model_dir.relative_to(ctx.dir)), "checkpoints": checkpoints,
             **{k: defenses[k] for k in ("n_train_examples", "dropped_no_loss_tokens") if k in defenses}}
 

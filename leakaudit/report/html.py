@@ -174,20 +174,18 @@ def load_run(out: str | Path) -> dict[str, Any]:
 def _check_outputs(out: Path, stages: list[dict[str, Any]]) -> None:
     """A finished stage's files must be what it wrote: the report recomputes comparisons from them, and a
     deleted or cut file changed verdicts silently. `leakaudit run` redoes such a stage; the report refuses."""
+    from leakaudit.experiment.engine import is_done
     from leakaudit.experiment.manifest import changed_output
 
     for s in stages:
         if s.get("result") is None or not s.get("folder"):
             continue
-        marker = out / s["folder"] / "stage.json"
-        try:
-            info = json.loads(marker.read_text(encoding="utf-8"))
-        except (OSError, ValueError):  # no record to check against (`leakaudit run` redoes such a stage)
-            continue
-        changed = changed_output(marker.parent, info) if info.get("key") == s.get("key") else None
+        folder = out / s["folder"]
+        info = is_done(folder, s.get("key"))  # None: no record to check against (`leakaudit run` redoes it)
+        changed = changed_output(folder, info) if info is not None else None
         if changed is not None:
             raise InputError(f"stage {s['id']}: {changed} after it finished; rerun `leakaudit run` with the same "
-                             "experiment and --out to redo it", file=marker.parent)
+                             "experiment and --out to redo it", file=folder)
 
 
 def build(out: str | Path) -> tuple[str, dict[str, Any]]:
