@@ -4,7 +4,6 @@ run.json, then write the report."""
 from __future__ import annotations
 
 import errno
-import json
 import os
 import shutil
 import time
@@ -18,7 +17,7 @@ from leakaudit.config import ConfigError, Experiment
 from leakaudit.data.io import link_or_copy, write_json
 from leakaudit.errors import InputError, warn_once
 from leakaudit.experiment.checks import check_plan, prepare_out, resolve_models, stage_roles
-from leakaudit.experiment.manifest import changed_output, output_manifest
+from leakaudit.experiment.manifest import changed_output, is_done, output_manifest
 from leakaudit.experiment.plan import Plan, inside, remove_stale, stage_dir
 from leakaudit.experiment.stages import RUNNERS, StageContext, run_kind_stage
 from leakaudit.kinds.base import ModelCache
@@ -27,17 +26,6 @@ from leakaudit.kinds.base import ModelCache
 LOCK = ".lock"
 #: top-level sections of an experiment file, whose key paths have a line in it
 FILE_SECTIONS = ("models", "datasets", "generate", "finetune", "evaluate")
-
-
-def is_done(stage_dir: Path, key: str) -> dict[str, Any] | None:
-    marker = stage_dir / "stage.json"
-    if not marker.exists():
-        return None
-    try:
-        info = json.loads(marker.read_text(encoding="utf-8"))
-    except ValueError:  # not JSON, or not UTF-8 text: not a finished stage's record
-        return None
-    return info if isinstance(info, dict) and info.get("key") == key else None
 
 
 def reuse_stage(source: Path, stage_folder: str, key: str, out: Path, dest: Path) -> dict[str, Any] | None:

@@ -1,19 +1,33 @@
-"""What a finished stage wrote, recorded in its stage.json, so a file deleted, cut short or edited afterwards is
-noticed instead of read: the report rebuilt its comparisons from a stage's per-item files, so a missing
-logprobs.jsonl turned "increase" into "not comparable" and ten deleted rows moved an AUC, while the run said
-every stage was cached and exited 0.
+"""A finished stage's record (its stage.json: key, result, what it wrote), read by the engine and the report.
 
-Every file is recorded with its size and SHA-256 (models.file_sha256, memoised by inode, size and times, so
-checking a run of many models again hashes only what changed); files added later are not checked.
+What it wrote is recorded so that a file deleted, cut short or edited afterwards is noticed instead of read:
+the report rebuilt its comparisons from a stage's per-item files, so a missing logprobs.jsonl turned
+"increase" into "not comparable" and ten deleted rows moved an AUC, while the run said every stage was cached
+and exited 0. Every file is recorded with its size and SHA-256 (models.file_sha256, memoised by inode, size
+and times, so checking a run of many models again hashes only what changed); files added later are not
+checked.
 """
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
 #: the engine's own markers, written around the outputs
 MARKERS = ("stage.json", ".key")
+
+
+def is_done(stage_dir: Path, key: str) -> dict[str, Any] | None:
+    """The stage's record when it finished with this key, else None."""
+    marker = stage_dir / "stage.json"
+    if not marker.exists():
+        return None
+    try:
+        info = json.loads(marker.read_text(encoding="utf-8"))
+    except ValueError:  # not JSON, or not UTF-8 text: not a finished stage's record
+        return None
+    return info if isinstance(info, dict) and info.get("key") == key else None
 
 
 def output_manifest(stage_dir: Path) -> dict[str, list[Any]]:

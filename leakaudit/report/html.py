@@ -174,8 +174,7 @@ def load_run(out: str | Path) -> dict[str, Any]:
 def _check_outputs(out: Path, stages: list[dict[str, Any]]) -> None:
     """A finished stage's files must be what it wrote: the report recomputes comparisons from them, and a
     deleted or cut file changed verdicts silently. `leakaudit run` redoes such a stage; the report refuses."""
-    from leakaudit.experiment.engine import is_done
-    from leakaudit.experiment.manifest import changed_output
+    from leakaudit.experiment.manifest import changed_output, is_done
 
     for s in stages:
         if s.get("result") is None or not s.get("folder"):
