@@ -4,13 +4,16 @@ Why: scoring is embarrassingly parallel over texts. Process r of W takes texts r
 mix of lengths), scores them with the ordinary engine, and the per-token arrays are all-gathered as
 plain float32 tensors (no pickling) and put back in input order, so every process ends with the list a
 single process would have produced. With one process (no WORLD_SIZE, or 1) these helpers just call
-through. Only the main process should write outputs (`is_main()`).
+through. Only the main process should write outputs (`is_main()`). `leakaudit run` under a launcher runs the
+steps that are not data-parallel (generation, comparisons) on rank 0 alone (`alone()`) while the others wait.
 """
 
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from datetime import timedelta
 
 import numpy as np
 import torch
@@ -28,13 +31,19 @@ def is_main() -> bool:
     return world()[0] == 0
 
 
+#: how long a process waits in a collective for the others (torch's default is 30 min): under `leakaudit run`
+#: the other ranks wait while rank 0 alone generates text, which can take hours at a study's scale. A rank that
+#: dies does not leave the others waiting that long: the launcher stops them all.
+WAIT = timedelta(hours=24)
+
+
 def _group() -> None:
     """Join the launcher's process group once (gloo for the CPU tensors this module exchanges)."""
     import torch.distributed as dist
 
     if not dist.is_initialized():
         backend = "cpu:gloo,cuda:nccl" if torch.cuda.is_available() else "gloo"
-        dist.init_process_group(backend=backend)
+        dist.init_process_group(backend=backend, timeout=WAIT)
 
 
 def barrier() -> None:
@@ -44,6 +53,35 @@ def barrier() -> None:
 
         _group()
         dist.barrier()
+
+
+def broadcast_int(value: int) -> int:
+    """Rank 0's `value`, on every process (a decision only rank 0 may take, e.g. whether a stage is cached)."""
+    if world()[1] == 1:
+        return value
+    import torch.distributed as dist
+
+    _group()
+    t = torch.tensor([value], dtype=torch.int64)
+    dist.broadcast(t, src=0)
+    return int(t.item())
+
+
+@contextmanager
+def alone() -> Iterator[None]:
+    """Run a step on this process as if it were the only one (`world()` is (0, 1), WORLD_SIZE=1 for the
+    libraries that read it): for rank 0 doing a step that is not data-parallel while the others wait. Every
+    collective in it would otherwise wait for processes that never join."""
+    saved = {k: os.environ.get(k) for k in ("RANK", "WORLD_SIZE")}
+    os.environ.update(RANK="0", WORLD_SIZE="1")
+    try:
+        yield
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
 
 
 def shard(n: int) -> list[int]:

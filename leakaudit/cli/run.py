@@ -51,6 +51,7 @@ def run(
 ) -> None:
     """Run every stage of an experiment file (cached by a hash of its inputs), then write the report."""
     from leakaudit.config import load_experiment
+    from leakaudit.distributed import is_main
     from leakaudit.experiment import run_experiment
 
     exp = load_experiment(experiment)
@@ -59,6 +60,8 @@ def run(
     t0 = time.perf_counter()
     status = run_experiment(exp, out, config_text=exp._text, log=_log,
                             report=not no_report, reuse=reuse)
+    if not is_main():  # under a launcher rank 0 says how it went
+        return
     if not no_report:
         print_verdicts(out)
     ran = sum(1 for s in status.values() if s == "ran")

@@ -22,7 +22,7 @@ def check_plan(plan: Plan) -> None:
     for stage in plan.stages.values():
         try:
             if stage.kind == "finetune":
-                _finetune_config(stage, "-")
+                per_process(_finetune_config(stage, "-"), stage)
                 base = plan.stages.get(stage.params["model"].get("stage", ""))
                 if base is not None and base.kind == "finetune" and base.params["method"] != "full":
                     # it would fail only when this stage runs, after every stage before it
@@ -146,6 +146,27 @@ def _option_loc(stage: Stage, key: Any, section: str = "options", *sub: Any) -> 
     if key in stage.overrides:
         return (kind, name, "grid", key)
     return (kind, name, section, key, *sub)
+
+
+def per_process(config: Any, stage: Stage) -> Any:
+    """An experiment's `batch_size` x `gradient_accumulation` is the batch of one optimizer step, however many
+    processes a launcher started, so a launched run trains the model a single process trains (and the stage
+    key, which does not know the launcher, stays true). Each of W processes takes batch_size / W examples
+    a step; where batch_size is no multiple of W, fewer at a time and more accumulation steps."""
+    from leakaudit.distributed import world
+
+    size = world()[1]
+    total = config.batch_size * config.gradient_accumulation
+    if size == 1 or config.dp_epsilon is not None:  # DP-SGD: one process (rank 0 alone)
+        return config
+    if total % size:
+        raise ConfigError(_option_loc(stage, "batch_size", "options"),
+                          f"batch_size x gradient_accumulation = {total} examples per optimizer step cannot be "
+                          f"shared by the {size} processes the launcher started; make it a multiple of {size}")
+    accumulation = next(a for a in range(1, total + 1)
+                        if total % (a * size) == 0 and total // (a * size) <= config.batch_size)
+    return config.model_copy(update={"batch_size": total // (accumulation * size),
+                                     "gradient_accumulation": accumulation})
 
 
 def _option_kind(stage: Stage) -> str:

@@ -9,7 +9,7 @@ import shutil
 import time
 import uuid
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -18,8 +18,8 @@ from leakaudit.data.io import link_or_copy, write_json
 from leakaudit.errors import InputError, warn_once
 from leakaudit.experiment.checks import check_plan, prepare_out, resolve_models, stage_roles
 from leakaudit.experiment.manifest import changed_output, is_done, output_manifest
-from leakaudit.experiment.plan import Plan, inside, remove_stale, stage_dir
-from leakaudit.experiment.stages import RUNNERS, StageContext, run_kind_stage
+from leakaudit.experiment.plan import Plan, Stage, inside, remove_stale, stage_dir
+from leakaudit.experiment.stages import RUNNERS, StageContext, data_parallel, run_kind_stage
 from leakaudit.kinds.base import ModelCache
 
 #: held by the run writing an output dir (engine.exclusive)
@@ -63,8 +63,19 @@ def run_plan(plan: Plan, out: Path, *, log: Callable[[str], None] = print,
              after_stage: Callable[[dict[str, str]], None] | None = None,
              reuse: Path | None = None) -> dict[str, str]:
     """Run every stage not already finished with its current key (or finished with it in the run dir
-    `reuse`, then copied). Returns stage id → 'ran' | 'cached' | 'reused'."""
-    out.mkdir(parents=True, exist_ok=True)
+    `reuse`, then copied). Returns stage id → 'ran' | 'cached' | 'reused'.
+
+    Under a launcher (torchrun, accelerate launch) every process walks the plan: rank 0 alone decides what is
+    cached, touches the stage folders and records each finish; fine-tunes and data-parallel kinds run on
+    every process, every other stage on rank 0 alone (`distributed.alone`) while the others wait. The other
+    processes read each stage's result from its stage.json, so the output dir must be one all of them see."""
+    from leakaudit import distributed
+
+    main = distributed.is_main()
+    if main:
+        out.mkdir(parents=True, exist_ok=True)
+    else:
+        log = _quiet  # rank 0 tells the progress
     table = RUNNERS
     cache = ModelCache()  # the run's loaded models (a fresh one: models on disk may have been retrained)
     status: dict[str, str] = {}
@@ -73,32 +84,11 @@ def run_plan(plan: Plan, out: Path, *, log: Callable[[str], None] = print,
     n = len(plan.stages)
     for i, stage in enumerate(plan.stages.values(), start=1):
         sdir = stage_dir(out, stage)
-        done = is_done(sdir, stage.key)
-        if done is not None:
-            stale = changed_output(sdir, done) or _redone_input(stage.deps, done, finished)
-            if stale is None:
-                results[stage.id] = done["result"]
-                finished[stage.id] = done.get("done_id")
-                status[stage.id] = "cached"
-                log(f"[{i}/{n}] {stage.id}: cached")
-                continue
-            log(f"[{i}/{n}] {stage.id}: {stale} after the stage finished; running it again")
-            remove_stale(out, sdir)
-            if after_stage is not None:
-                after_stage(status)  # run.json no longer lists its old result (the report must not read it)
-        if reuse is not None:
-            done = reuse_stage(Path(reuse), stage.folder, stage.key, out, sdir)
-            if done is not None:
-                results[stage.id] = done["result"]
-                finished[stage.id] = done.get("done_id")
-                status[stage.id] = "reused"
-                log(f"[{i}/{n}] {stage.id}: reused from {reuse}")
-                continue
-        keyfile = sdir / ".key"
-        if sdir.exists() and (not keyfile.exists() or keyfile.read_text().strip() != stage.key):
-            remove_stale(out, sdir)  # outputs of an older version of this stage: start clean
-        sdir.mkdir(parents=True, exist_ok=True)
-        keyfile.write_text(stage.key)
+        how = _settle(i, n, stage, sdir, out, results, finished, status, log, after_stage, reuse) if main else ""
+        if distributed.broadcast_int(int(how == "run")) == 0:  # cached or reused, as rank 0 found it
+            if not main:
+                results[stage.id] = _finished(sdir, stage)
+            continue
         if stage.kind == "finetune":
             from leakaudit.sampling import close_vllm_engines
 
@@ -107,33 +97,93 @@ def run_plan(plan: Plan, out: Path, *, log: Callable[[str], None] = print,
         log(f"[{i}/{n}] {stage.id}: running ({stage.kind})")
         t0 = time.perf_counter()
         ctx = StageContext(stage, sdir, out, plan, results, cache)
-        try:
-            result = table.get(stage.kind, run_kind_stage)(ctx)
-        except ConfigError as exc:
-            raise plan.exp.error(exc.loc, exc.message) from None
-        except InputError as exc:  # say which stage, and map an API's --option to the experiment's key
-            if exc.file is not None:
-                raise
-            field = exc.field[2:].replace("-", "_") if exc.field and exc.field.startswith("--") else exc.field
-            if field in stage_roles(stage):  # a kind's input role (data, members, ...): its key in the file
-                field = ".".join((*stage.origin, field))
-            message = f"stage {stage.id}: {exc.message}"
-            if field and field.split(".")[0] in FILE_SECTIONS:  # a key of the file: name its line too
-                raise plan.exp.error(tuple(field.split(".")), message) from None
-            raise InputError(message, file=plan.exp._file, field=field) from None
-        seconds = round(time.perf_counter() - t0, 2)
-        finished[stage.id] = uuid.uuid4().hex
-        write_json(sdir / "stage.json", {"id": stage.id, "kind": stage.kind, "key": stage.key,
-                                          "params": stage.params, "deps": stage.deps, "seconds": seconds,
-                                          "result": result, "outputs": output_manifest(sdir),
-                                          "done_id": finished[stage.id],
-                                          "inputs": {d: finished.get(d) for d in stage.deps}})
-        results[stage.id] = result
-        status[stage.id] = "ran"
-        log(f"[{i}/{n}] {stage.id}: done in {seconds:.1f}s")
-        if after_stage is not None:
-            after_stage(status)
+        together = distributed.world()[1] == 1 or data_parallel(stage)
+        if together or main:
+            with nullcontext() if together else distributed.alone():
+                result = _run_stage(plan, stage, table, ctx)
+        if main:
+            seconds = round(time.perf_counter() - t0, 2)
+            finished[stage.id] = uuid.uuid4().hex
+            write_json(sdir / "stage.json", {"id": stage.id, "kind": stage.kind, "key": stage.key,
+                                              "params": stage.params, "deps": stage.deps, "seconds": seconds,
+                                              "result": result, "outputs": output_manifest(sdir),
+                                              "done_id": finished[stage.id],
+                                              "inputs": {d: finished.get(d) for d in stage.deps}})
+            results[stage.id] = result
+            status[stage.id] = "ran"
+            log(f"[{i}/{n}] {stage.id}: done in {seconds:.1f}s")
+            if after_stage is not None:
+                after_stage(status)
+        distributed.barrier()  # the others wait for rank 0's record (and for a stage it ran alone)
+        if not main:
+            results[stage.id] = _finished(sdir, stage)
     return status
+
+
+def _quiet(message: str) -> None:
+    """The log of a process other than rank 0."""
+
+
+def _settle(i: int, n: int, stage: Stage, sdir: Path, out: Path, results: dict[str, dict[str, Any]],
+            finished: dict[str, str | None], status: dict[str, str], log: Callable[[str], None],
+            after_stage: Callable[[dict[str, str]], None] | None, reuse: Path | None) -> str:
+    """'cached' (finished with its key, outputs intact, inputs the ones it read), 'reused' (copied from
+    `reuse`) or 'run' (its folder made ready: an older version's or a damaged one's outputs removed)."""
+    done = is_done(sdir, stage.key)
+    if done is not None:
+        stale = changed_output(sdir, done) or _redone_input(stage.deps, done, finished)
+        if stale is None:
+            results[stage.id] = done["result"]
+            finished[stage.id] = done.get("done_id")
+            status[stage.id] = "cached"
+            log(f"[{i}/{n}] {stage.id}: cached")
+            return "cached"
+        log(f"[{i}/{n}] {stage.id}: {stale} after the stage finished; running it again")
+        remove_stale(out, sdir)
+        if after_stage is not None:
+            after_stage(status)  # run.json no longer lists its old result (the report must not read it)
+    if reuse is not None:
+        done = reuse_stage(Path(reuse), stage.folder, stage.key, out, sdir)
+        if done is not None:
+            results[stage.id] = done["result"]
+            finished[stage.id] = done.get("done_id")
+            status[stage.id] = "reused"
+            log(f"[{i}/{n}] {stage.id}: reused from {reuse}")
+            return "reused"
+    keyfile = sdir / ".key"
+    if sdir.exists() and (not keyfile.exists() or keyfile.read_text().strip() != stage.key):
+        remove_stale(out, sdir)  # outputs of an older version of this stage: start clean
+    sdir.mkdir(parents=True, exist_ok=True)
+    keyfile.write_text(stage.key)
+    return "run"
+
+
+def _finished(sdir: Path, stage: Stage) -> dict[str, Any]:
+    """A stage's result as rank 0 recorded it (the other processes of a launched run read it here)."""
+    done = is_done(sdir, stage.key)
+    if done is None:
+        raise InputError("rank 0 recorded no finish here; every process of a launched run must see the same "
+                         "output dir (a shared file system)", file=sdir / "stage.json")
+    return done["result"]
+
+
+def _run_stage(plan: Plan, stage: Stage, table: dict[str, Callable[[StageContext], dict[str, Any]]],
+               ctx: StageContext) -> dict[str, Any]:
+    """Run one stage; an error names the stage and, where it can, the experiment file's key and line."""
+    try:
+        return table.get(stage.kind, run_kind_stage)(ctx)
+    except ConfigError as exc:
+        raise plan.exp.error(exc.loc, exc.message) from None
+    except InputError as exc:  # say which stage, and map an API's --option to the experiment's key
+        if exc.file is not None:
+            raise
+        field = exc.field[2:].replace("-", "_") if exc.field and exc.field.startswith("--") else exc.field
+        if field in stage_roles(stage):  # a kind's input role (data, members, ...): its key in the file
+            field = ".".join((*stage.origin, field))
+        message = f"stage {stage.id}: {exc.message}"
+        if field and field.split(".")[0] in FILE_SECTIONS:  # a key of the file: name its line too
+            raise plan.exp.error(tuple(field.split(".")), message) from None
+        raise InputError(message, file=plan.exp._file, field=field) from None
 
 
 def write_run_record(plan: Plan, out: Path, config_text: str, status: dict[str, str]) -> Path:
@@ -173,25 +223,34 @@ def run_experiment(exp: Experiment, out: str | Path, *, config_text: str = "",
                    reuse: str | Path | None = None) -> dict[str, str]:
     """Plan, check everything that can be checked without running a stage (options, model specs, the
     output dir), then run (resuming), record and report an experiment."""
+    from leakaudit import distributed
+
     out = Path(out)
+    main = distributed.is_main()
     plan = Plan(exp)
+    if not main:  # under a launcher rank 0 checks first: one error line, and a model converted once
+        distributed.barrier()
     check_plan(plan)
     resolve_models(plan)
     if reuse is not None and not (Path(reuse) / "run.json").is_file():
         raise InputError("not a run dir (no run.json)", file=reuse, field="--reuse")
-    prepare_out(plan, out)
-    with exclusive(out):
-        write_run_record(plan, out, config_text, {})  # so `leakaudit report` works on a run still in progress
-        for stale in ("summary.json", "report.html"):  # an earlier run's numbers: written again when this ends
-            (out / stale).unlink(missing_ok=True)
+    if main:
+        prepare_out(plan, out)
+    with exclusive(out) if main else nullcontext():
+        if main:
+            distributed.barrier()
+            write_run_record(plan, out, config_text, {})  # so `leakaudit report` works on a run in progress
+            for stale in ("summary.json", "report.html"):  # an earlier run's numbers: written again at the end
+                (out / stale).unlink(missing_ok=True)
         status = run_plan(plan, out, log=log, after_stage=lambda st: write_run_record(plan, out, config_text, st),
                           reuse=Path(reuse) if reuse is not None else None)
-        write_run_record(plan, out, config_text, status)
-        if report:
-            from leakaudit.report.html import write_report
+        if main:
+            write_run_record(plan, out, config_text, status)
+            if report:
+                from leakaudit.report.html import write_report
 
-            path = write_report(out)
-            log(f"report: {path}")
+                path = write_report(out)
+                log(f"report: {path}")
     return status
 
 

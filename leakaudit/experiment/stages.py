@@ -12,8 +12,8 @@ from leakaudit.config import ConfigError
 from leakaudit.data.io import load_records, write_jsonl
 from leakaudit.data.split import holdout_per_user, shuffled, split_rows
 from leakaudit.errors import InputError
-from leakaudit.experiment.checks import _finetune_config, _option_kind, stage_options
-from leakaudit.experiment.plan import Plan, Stage
+from leakaudit.experiment.checks import _finetune_config, _option_kind, per_process, stage_options
+from leakaudit.experiment.plan import Plan, Stage, remove_stale
 from leakaudit.kinds.base import DATA_ROLES, ModelCache, read_json
 
 
@@ -131,20 +131,32 @@ def run_finetune_stage(ctx: StageContext) -> dict[str, Any]:
 
     The trainer checkpoints every epoch inside the stage dir, so a killed stage resumes mid-training.
     """
+    from leakaudit.distributed import barrier, broadcast_int, is_main
     from leakaudit.perplexity import model_dirs
     from leakaudit.train.finetune import finetune
 
     stage = Stage(ctx.stage.id, ctx.stage.kind, {**ctx.stage.params, "data_path": ctx.data_path(),
                                                    "model_path": ctx.model("model"), "seed": ctx.seed})
-    model_dir = Path(finetune(_finetune_config(stage, str(ctx.dir / "model"))))
+    config = per_process(_finetune_config(stage, str(ctx.dir / "model")), stage)
+    saved = Path(config.out) / "finetune_config.json"
+    # same stage key, another fingerprint: a kill left a training started with another number of processes
+    # (another batch split) or on inputs since changed; its checkpoints cannot be taken up
+    stale = is_main() and saved.is_file() and read_json(saved).get("fingerprint") != config.fingerprint()
+    if broadcast_int(int(stale)):  # rank 0 looks, and deletes, while the others wait
+        if is_main():
+            from leakaudit.errors import warn_once
+
+            warn_once(f"{ctx.stage.id}: its unfinished training was started with other settings (another number "
+                      "of processes, or inputs since changed); training again from the start")
+            remove_stale(ctx.out, Path(config.out))
+        barrier()
+    model_dir = Path(finetune(config))
     checkpoints = [str(d.relative_to(ctx.dir)) for d in model_dirs(model_dir) if d != model_dir]
     # how many examples it trained on, and how many max_length left without a loss token: the report shows
     # the second (a plant whose every backdoor pair was cut trained on none of them, and said nothing)
     defenses = read_json(model_dir / "defenses.json")
     return {"model_dir": str(model_dir.relative_to(ctx.dir)), "checkpoints": checkpoints,
             **{k: defenses[k] for k in ("n_train_examples", "dropped_no_loss_tokens") if k in defenses}}
-
-
 
 
 def run_kind_stage(ctx: StageContext) -> dict[str, Any]:
@@ -175,3 +187,17 @@ RUNNERS: dict[str, Callable[[StageContext], dict[str, Any]]] = {
     "dataset": run_dataset,
     "finetune": run_finetune_stage,
 }
+
+
+def data_parallel(stage: Stage) -> bool:
+    """Whether every process of a launched run (torchrun, accelerate launch) runs the stage together: a
+    fine-tune (DDP or FSDP; DP-SGD is one process) and the kinds that score data-parallel. Rank 0 runs every
+    other stage alone while the rest wait."""
+    if stage.kind == "finetune":
+        p = stage.params
+        return {**p["options"], **p["defenses"]}.get("dp_epsilon") is None
+    if stage.kind == "dataset":
+        return False
+    from leakaudit.kinds import get_kind
+
+    return get_kind(_option_kind(stage)).data_parallel

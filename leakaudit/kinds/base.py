@@ -202,6 +202,9 @@ class Kind:
     #: True = required. `target` is implied for evaluations.
     roles: ClassVar[dict[str, bool]] = {}
     summary: ClassVar[str] = ""
+    #: True when `run` is data-parallel under a launcher (every process calls it; it scores through
+    #: leakaudit.distributed and writes on the main process only); otherwise rank 0 runs it alone
+    data_parallel: ClassVar[bool] = False
 
     def check(self, options: KindOptions, roles: set[str]) -> None:
         """Checks that need more than the options (e.g. an attack that needs a reference model).

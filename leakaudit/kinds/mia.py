@@ -143,6 +143,7 @@ class Mia(Kind):
     Result = MiaResult
     roles = {"members": True, "nonmembers": True, "reference": False}
     summary = "membership inference attacks on `members` vs `nonmembers`: AUC with CI, TPR at low FPR"
+    data_parallel = True
 
     def check(self, options: MiaOptions, roles: set[str]) -> None:
         """Attacks that need a reference only with one; options only for attacks that run; no attack twice."""

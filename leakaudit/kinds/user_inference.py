@@ -213,6 +213,7 @@ class UserInference(Kind):
     #: `training`: the target's fine-tuning data, read with its user field, for each user's n_train
     roles = {"members": True, "nonmembers": True, "reference": True, "training": False}
     summary = "user inference: users of `members` (in training) vs of `nonmembers`, from m samples each"
+    data_parallel = True
 
     def run(self, ctx: KindContext, options: UserInferenceOptions) -> UserInferenceResult:
         from leakaudit.attacks.user_inference import (

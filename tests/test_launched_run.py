@@ -1,0 +1,202 @@
+"""`leakaudit run` under a launcher (torchrun, 2 CPU processes, gloo): the experiment's output is the one a single
+process writes — generation and the other single-process stages byte for byte (rank 0 runs them alone), the
+fine-tune (DDP, the step's batch shared by the processes) and the scores within DDP's summation-order noise —
+and a launched rerun resumes from the files rank 0 recorded.
+
+Both fine-tunes train in fp32 whatever LEAKAUDIT_DTYPE says (`bf16: false`), as in tests/test_ddp.py: under
+bf16 autocast Adam turns rounding noise into whole +-lr steps, and no tolerance would tell a bug from it."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from leakaudit.config import parse_experiment
+from leakaudit.distributed import alone, world
+from leakaudit.errors import InputError
+from leakaudit.experiment import Plan, run_experiment
+from leakaudit.experiment.checks import check_plan
+
+REPO = Path(__file__).resolve().parent.parent
+
+STUDY = """\
+name: launched
+seed: 0
+models:
+  base: tiny-gpt-neox
+datasets:
+  emails:
+    builtin: enron-synthetic
+    limit: 16
+    max_chars: 200
+    split: {members: 0.5, nonmembers: 0.5}
+    split_by: user
+generate:
+  continued:
+    kind: continuation
+    model: base
+    data: emails.members
+    options: {prompt_tokens: 8, max_new_tokens: 8, top_k: 40}
+finetune:
+  real:
+    model: base
+    data: emails.members
+    method: lora
+    options: {epochs: 2, learning_rate: 0.001, batch_size: 4, gradient_accumulation: 1, max_length: 64,
+              lora_dropout: 0.0, bf16: false}
+  private:
+    model: base
+    data: emails.members
+    method: lora
+    options: {epochs: 1, learning_rate: 0.001, batch_size: 4, gradient_accumulation: 1, max_length: 64,
+              lora_dropout: 0.0, bf16: false}
+    defenses: {dp_epsilon: 8}
+evaluate:
+  mia:
+    kind: mia
+    targets: [real]
+    reference: base
+    members: emails.members
+    nonmembers: emails.nonmembers
+    options: {attacks: [loss, zlib, min_k, ref], n_bootstrap: 50}
+  users:
+    kind: user-inference
+    targets: [real]
+    reference: base
+    members: emails.members
+    nonmembers: emails.nonmembers
+    options: {m_values: [1], n_bootstrap: 50}
+  ppl:
+    kind: perplexity
+    targets: [real, private]
+    data: emails.nonmembers
+"""
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _launch(tmp_path: Path, exp: Path, out: Path) -> subprocess.CompletedProcess:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "LEAKAUDIT_DTYPE": "fp32", "TMPDIR": str(tmp_path),
+           "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port",
+           str(_free_port()), "-m", "leakaudit", "run", str(exp), "--out", str(out)]
+    return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=400, cwd=tmp_path)
+
+
+def _results(out: Path) -> dict[str, dict]:
+    return {s["id"]: s for s in json.loads((out / "run.json").read_text())["stages"]}
+
+
+def _rows(path: Path) -> list[dict]:
+    return [json.loads(x) for x in path.read_text().splitlines()]
+
+
+def test_launched_run_writes_what_one_process_writes_and_resumes(tmp_path):
+    exp = tmp_path / "exp.yaml"
+    exp.write_text(STUDY)
+    one, two = tmp_path / "one", tmp_path / "two"
+    run_experiment(parse_experiment(STUDY, exp), one, log=lambda m: None)
+    proc = _launch(tmp_path, exp, two)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    # rank 0 alone reports: one progress line per stage event, one closing line
+    assert proc.stderr.count("[1/8] data/emails: running") == 1, proc.stderr[-3000:]
+    assert proc.stderr.count("8 stages (8 ran, 0 reused, 0 cached)") == 1
+
+    files = {d: sorted(str(p.relative_to(d)) for p in d.rglob("*") if p.is_file() and p.name != ".lock")
+             for d in (one, two)}
+    assert files[one] == files[two]
+    for rel in ("data/emails/members.jsonl", "data/emails/nonmembers.jsonl", "generate/continued/data.jsonl"):
+        assert (one / rel).read_bytes() == (two / rel).read_bytes(), rel  # rank 0 ran them alone, same seed
+    r1, r2 = _results(one), _results(two)
+    assert set(r1) == set(r2) and all(s["status"] == "ran" for s in r2.values())
+    for sid in ("finetune/real", "finetune/private"):
+        assert r1[sid]["result"]["n_train_examples"] == r2[sid]["result"]["n_train_examples"] > 0
+        a, b = (load_file(str(d / sid / "model" / "adapter_model.safetensors")) for d in (one, two))
+        assert set(a) == set(b)
+        assert any(float(v.abs().max()) > 0 for k, v in a.items() if "lora_B" in k)  # trained at all
+        for k in a:
+            torch.testing.assert_close(b[k], a[k], rtol=1e-3, atol=1e-5)
+    # DDP with the step's 4 examples as 2 x 2 reaches the single process's losses (not 2 x 4: another run)
+    logs = [[r["loss"] for r in _rows(d / "finetune/real/model/train_log.jsonl") if "loss" in r] for d in (one, two)]
+    assert len(logs[1]) == len(logs[0]) > 0 and logs[1] == pytest.approx(logs[0], rel=2e-3)
+
+    s1, s2 = (_rows(d / "evaluate/mia/real/scores.jsonl") for d in (one, two))
+    assert [r["id"] for r in s1] == [r["id"] for r in s2] and len(s1) > 0
+    for name in ("loss", "zlib", "min_k", "ref"):
+        assert np.allclose([r[name] for r in s1], [r[name] for r in s2], rtol=1e-3, atol=1e-5), name
+    u1, u2 = (_rows(d / "evaluate/users/real/user_scores.jsonl") for d in (one, two))
+    assert [r["user"] for r in u1] == [r["user"] for r in u2]
+    assert np.allclose([r["score"] for r in u1], [r["score"] for r in u2], rtol=1e-3, atol=1e-5)
+    for target in ("real", "private"):
+        p1, p2 = (r[f"evaluate/ppl/{target}"]["result"]["perplexity"] for r in (r1, r2))
+        assert p2 == pytest.approx(p1, rel=1e-3)
+    assert (two / "report.html").is_file() and (two / "summary.json").is_file()
+
+    again = _launch(tmp_path, exp, two)  # a launched rerun finds every stage rank 0 recorded
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert again.stderr.count("8 stages (0 ran, 0 reused, 8 cached)") == 1, again.stderr[-3000:]
+
+
+def test_step_batch_is_shared_by_the_launched_processes(monkeypatch, tmp_path):
+    """batch_size x gradient_accumulation is one optimizer step's batch however many processes run it; a
+    step batch the processes cannot share fails at plan time naming the file's line."""
+    from leakaudit.experiment.checks import per_process
+
+    exp = parse_experiment(STUDY, tmp_path / "exp.yaml")
+    stages = Plan(exp).stages
+    real, private = stages["finetune/real"], stages["finetune/private"]
+    from leakaudit.experiment.checks import _finetune_config
+
+    config = _finetune_config(real, "-")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    split = per_process(config, real)
+    assert (split.batch_size, split.gradient_accumulation) == (2, 1)
+    one_at_a_time = config.model_copy(update={"batch_size": 1, "gradient_accumulation": 8})
+    split = per_process(one_at_a_time, real)
+    assert (split.batch_size, split.gradient_accumulation) == (1, 4)  # never more per process than asked
+    assert per_process(_finetune_config(private, "-"), private).batch_size == 4  # DP-SGD: one process
+    monkeypatch.setenv("WORLD_SIZE", "3")
+    with pytest.raises(InputError) as info:
+        check_plan(Plan(exp))
+    assert info.value.line is not None and "cannot be shared by the 3 processes" in info.value.message
+    assert "finetune.real.options.batch_size" in info.value.format()
+    with alone():
+        assert world() == (0, 1)
+    assert world() == (0, 3)
+
+
+def test_unfinished_training_of_another_split_starts_again(tmp_path, capsys):
+    """A kill left a fine-tune started with another number of processes (its fingerprint holds the batch
+    split): the stage trains again from the start with a warning, instead of `finetune`'s refusal to resume
+    a run with different options (which named an --out the experiment does not have)."""
+    text = STUDY.split("  private:")[0]  # the dataset, generation and one fine-tune
+    exp = parse_experiment(text, tmp_path / "exp.yaml")
+    stage = Plan(exp).stages["finetune/real"]
+    run_experiment(exp, tmp_path / "out", log=lambda m: None, report=False)  # finished; then made unfinished:
+    model = tmp_path / "out" / stage.folder / "model"
+    shutil.rmtree(model)
+    (model.parent / "stage.json").unlink()
+    model.mkdir()
+    (model.parent / ".key").write_text(stage.key)
+    (model / "finetune_config.json").write_text(json.dumps({"fingerprint": "another split"}))
+    (model / "checkpoint-2").mkdir()
+    status = run_experiment(exp, tmp_path / "out", log=lambda m: None, report=False)
+    assert status["finetune/real"] == "ran"
+    assert "training again from the start" in capsys.readouterr().err
+    assert not (model / "checkpoint-2").exists() and (model / "adapter_model.safetensors").is_file()
+    saved = json.loads((model / "finetune_config.json").read_text())["fingerprint"]
+    assert saved != "another split"
