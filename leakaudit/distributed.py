@@ -14,11 +14,17 @@ import os
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from datetime import timedelta
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import torch
 
-from leakaudit.scoring import TokenScores, score_texts
+if TYPE_CHECKING:
+    import torch
+
+    from leakaudit.scoring import TokenScores
+
+# torch and the scoring engine are imported where used: `world()` and `is_main()` are asked before a run
+# checks its experiment file, whose errors must not wait seconds for torch to load
 
 
 def world() -> tuple[int, int]:
@@ -31,39 +37,52 @@ def is_main() -> bool:
     return world()[0] == 0
 
 
-#: how long a process waits in a collective for the others (torch's default is 30 min): under `leakaudit run`
-#: the other ranks wait while rank 0 alone generates text, which can take hours at a study's scale. A rank that
-#: dies does not leave the others waiting that long: the launcher stops them all.
+#: how long `barrier` and `broadcast_int` wait for the other processes: under `leakaudit run` they wait while
+#: rank 0 alone generates text, which can take hours at a study's scale, past torch's default (30 min for
+#: gloo, 10 for NCCL). Only those waits get it (a group of their own): a hung collective in training still
+#: fails at the default. A rank that dies does not leave the others waiting: the launcher stops them all.
 WAIT = timedelta(hours=24)
+_waiting: Any = None  # the process group of the long waits, made once by every process
 
 
 def _group() -> None:
     """Join the launcher's process group once (gloo for the CPU tensors this module exchanges)."""
+    import torch
     import torch.distributed as dist
 
     if not dist.is_initialized():
         backend = "cpu:gloo,cuda:nccl" if torch.cuda.is_available() else "gloo"
-        dist.init_process_group(backend=backend, timeout=WAIT)
+        dist.init_process_group(backend=backend)
+
+
+def _wait_group() -> Any:
+    """A gloo group of every process with the long timeout (made by all of them at their first wait)."""
+    global _waiting
+    import torch.distributed as dist
+
+    _group()
+    if _waiting is None:
+        _waiting = dist.new_group(backend="gloo", timeout=WAIT)
+    return _waiting
 
 
 def barrier() -> None:
-    """Wait for every process (no-op with one process)."""
+    """Wait for every process (no-op with one process), as long as rank 0 takes (`WAIT`)."""
     if world()[1] > 1:
         import torch.distributed as dist
 
-        _group()
-        dist.barrier()
+        dist.barrier(group=_wait_group())
 
 
 def broadcast_int(value: int) -> int:
     """Rank 0's `value`, on every process (a decision only rank 0 may take, e.g. whether a stage is cached)."""
     if world()[1] == 1:
         return value
+    import torch
     import torch.distributed as dist
 
-    _group()
     t = torch.tensor([value], dtype=torch.int64)
-    dist.broadcast(t, src=0)
+    dist.broadcast(t, src=0, group=_wait_group())
     return int(t.item())
 
 
@@ -91,6 +110,7 @@ def shard(n: int) -> list[int]:
 
 
 def _all_gather(t: torch.Tensor) -> list[torch.Tensor]:
+    import torch
     import torch.distributed as dist
 
     out = [torch.empty_like(t) for _ in range(world()[1])]
@@ -103,6 +123,8 @@ def gather_ragged(local: Sequence[np.ndarray], n_total: int) -> list[np.ndarray]
     rank, size = world()
     if size == 1:
         return [np.asarray(a, dtype=np.float32) for a in local]
+    import torch
+
     _group()
     per_rank = [len(range(r, n_total, size)) for r in range(size)]
     if len(local) != per_rank[rank]:
@@ -139,6 +161,8 @@ def score_texts_distributed(lm, texts: Sequence[str], *, prefixes: str | Sequenc
 
     Every process returns the full list in input order. With one process it is exactly score_texts.
     """
+    from leakaudit.scoring import TokenScores, score_texts
+
     rank, size = world()
     if size == 1:
         return score_texts(lm, texts, prefixes=prefixes, moments=moments, **kwargs)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 
 import pytest
 import torch
@@ -279,3 +280,20 @@ def test_the_resume_fingerprint_reads_local_paths_by_content(tmp_path, monkeypat
     assert before == absolute.fingerprint()
     (tmp_path / "d.jsonl").write_text('{"text": "another text"}\n')
     assert rel.fingerprint() != before
+
+
+def test_training_leaves_the_environment_as_it_found_it(plain_data, tmp_path, monkeypatch):
+    """accelerate sets ACCELERATE_USE_FSDP=true for an FSDP run and never clears it; in one process that
+    fine-tunes twice (`leakaudit run`) the second, DDP run would then be sharded. Stand-in: a callback sets
+    it during training, as the Accelerator does."""
+    from transformers import TrainerCallback
+
+    class SetsFsdp(TrainerCallback):
+        def on_train_begin(self, args, state, control, **kwargs):
+            os.environ["ACCELERATE_USE_FSDP"] = "true"
+            os.environ["FSDP_SHARDING_STRATEGY"] = "FULL_SHARD"
+
+    monkeypatch.delenv("ACCELERATE_USE_FSDP", raising=False)  # (restored whatever happens)
+    monkeypatch.setenv("FSDP_SHARDING_STRATEGY", "NO_SHARD")  # one the user set stays theirs
+    finetune(_cfg(plain_data, tmp_path / "out", max_steps=1), progress=False, callbacks=[SetsFsdp()])
+    assert "ACCELERATE_USE_FSDP" not in os.environ and os.environ["FSDP_SHARDING_STRATEGY"] == "NO_SHARD"

@@ -1,7 +1,8 @@
 """`leakaudit run` under a launcher (torchrun, 2 CPU processes, gloo): the experiment's output is the one a single
 process writes — generation and the other single-process stages byte for byte (rank 0 runs them alone), the
-fine-tune (DDP, the step's batch shared by the processes) and the scores within DDP's summation-order noise —
-and a launched rerun resumes from the files rank 0 recorded.
+fine-tune (DDP, the step's batch shared by the processes; here a step batch that divides the data, and
+packed rows) and the scores within DDP's summation-order noise — and a launched rerun resumes from the files
+rank 0 recorded.
 
 Both fine-tunes train in fp32 whatever LEAKAUDIT_DTYPE says (`bf16: false`), as in tests/test_ddp.py: under
 bf16 autocast Adam turns rounding noise into whole +-lr steps, and no tolerance would tell a bug from it."""
@@ -123,6 +124,10 @@ def test_launched_run_writes_what_one_process_writes_and_resumes(tmp_path):
         assert (one / rel).read_bytes() == (two / rel).read_bytes(), rel  # rank 0 ran them alone, same seed
     r1, r2 = _results(one), _results(two)
     assert set(r1) == set(r2) and all(s["status"] == "ran" for s in r2.values())
+    # a launched fine-tune is not quite one process's (a short last step, length groups per process): the
+    # number of processes is in its key and in every key after it; DP-SGD and the stages before are as one's
+    assert [sid for sid in r1 if r1[sid]["key"] != r2[sid]["key"]] == [
+        "finetune/real", "evaluate/mia/real", "evaluate/users/real", "evaluate/ppl/real"]
     for sid in ("finetune/real", "finetune/private"):
         assert r1[sid]["result"]["n_train_examples"] == r2[sid]["result"]["n_train_examples"] > 0
         a, b = (load_file(str(d / sid / "model" / "adapter_model.safetensors")) for d in (one, two))
@@ -179,10 +184,10 @@ def test_step_batch_is_shared_by_the_launched_processes(monkeypatch, tmp_path):
     assert world() == (0, 3)
 
 
-def test_unfinished_training_of_another_split_starts_again(tmp_path, capsys):
-    """A kill left a fine-tune started with another number of processes (its fingerprint holds the batch
-    split): the stage trains again from the start with a warning, instead of `finetune`'s refusal to resume
-    a run with different options (which named an --out the experiment does not have)."""
+def test_unfinished_training_on_other_inputs_starts_again(tmp_path, capsys):
+    """A kill left a fine-tune whose inputs changed since under the same stage key (an input stage ran again,
+    its files damaged): the stage trains again from the start with a warning, instead of `finetune`'s refusal
+    to resume a run with different options (which named an --out the experiment does not have)."""
     text = STUDY.split("  private:")[0]  # the dataset, generation and one fine-tune
     exp = parse_experiment(text, tmp_path / "exp.yaml")
     stage = Plan(exp).stages["finetune/real"]
@@ -192,11 +197,23 @@ def test_unfinished_training_of_another_split_starts_again(tmp_path, capsys):
     (model.parent / "stage.json").unlink()
     model.mkdir()
     (model.parent / ".key").write_text(stage.key)
-    (model / "finetune_config.json").write_text(json.dumps({"fingerprint": "another split"}))
+    (model / "finetune_config.json").write_text(json.dumps({"fingerprint": "other inputs"}))
     (model / "checkpoint-2").mkdir()
     status = run_experiment(exp, tmp_path / "out", log=lambda m: None, report=False)
     assert status["finetune/real"] == "ran"
     assert "training again from the start" in capsys.readouterr().err
     assert not (model / "checkpoint-2").exists() and (model / "adapter_model.safetensors").is_file()
     saved = json.loads((model / "finetune_config.json").read_text())["fingerprint"]
-    assert saved != "another split"
+    assert saved != "other inputs"
+
+
+def test_a_bad_experiment_file_fails_before_torch_loads(tmp_path):
+    """Asking whether this is rank 0 (first thing `leakaudit run` does) must not load torch: a typo in the file
+    failed in ~1 s, and took ~6 s when the launcher helpers imported torch and the scoring engine."""
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("name: x\nmodels: {base: tiny-gpt-neox}\nevaluate:\n  e: {kind: nonsense, targets: [base]}\n")
+    code = ("import sys\nfrom leakaudit.cli import main\nsys.argv = ['leakaudit', 'run', sys.argv[1], '--out', "
+            "sys.argv[2]]\ntry:\n    main()\nexcept SystemExit as exc:\n    print('exit', exc.code, 'torch' in sys.modules)\n")
+    proc = subprocess.run([sys.executable, "-c", code, str(bad), str(tmp_path / "out")], capture_output=True,
+                          text=True, timeout=120, cwd=tmp_path)
+    assert "nonsense" in proc.stderr and proc.stdout.split() == ["exit", "2", "False"], (proc.stdout, proc.stderr)

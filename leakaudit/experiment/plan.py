@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from leakaudit.config import Experiment, expand_grid
+from leakaudit.distributed import world
 from leakaudit.errors import InputError
 from leakaudit.kinds.base import DATA_ROLES
 
@@ -92,6 +93,12 @@ def model_identity(spec: str) -> str:
 
 
 # ----------------------------------------------------------------------------------------- planning
+def trained_by_all(stage: Stage) -> bool:
+    """A fine-tune that every process of a launched run trains (DDP, FSDP); DP-SGD trains in one."""
+    p = stage.params
+    return stage.kind == "finetune" and {**p["options"], **p["defenses"]}.get("dp_epsilon") is None
+
+
 class Plan:
     """The stages of an experiment in run order, with reference resolution."""
 
@@ -138,6 +145,9 @@ class Plan:
                                  "give each value once")
         payload = {"v": STAGE_VERSION, "kind": stage.kind, "params": stage.params, "seed": stage.seed,
                    "deps": {d: self.stages[d].key for d in stage.deps}}
+        processes = world()[1]
+        if processes > 1 and trained_by_all(stage):  # not quite the one-process training: docs/experiments.md
+            payload["processes"] = processes
         stage.key = _hash(payload)[:24]
         self.stages[stage.id] = stage
 

@@ -13,7 +13,7 @@ from leakaudit.data.io import load_records, write_jsonl
 from leakaudit.data.split import holdout_per_user, shuffled, split_rows
 from leakaudit.errors import InputError
 from leakaudit.experiment.checks import _finetune_config, _option_kind, per_process, stage_options
-from leakaudit.experiment.plan import Plan, Stage, remove_stale
+from leakaudit.experiment.plan import Plan, Stage, remove_stale, trained_by_all
 from leakaudit.kinds.base import DATA_ROLES, ModelCache, read_json
 
 
@@ -139,15 +139,15 @@ def run_finetune_stage(ctx: StageContext) -> dict[str, Any]:
                                                    "model_path": ctx.model("model"), "seed": ctx.seed})
     config = per_process(_finetune_config(stage, str(ctx.dir / "model")), stage)
     saved = Path(config.out) / "finetune_config.json"
-    # same stage key, another fingerprint: a kill left a training started with another number of processes
-    # (another batch split) or on inputs since changed; its checkpoints cannot be taken up
+    # same stage key, another fingerprint: a kill left a training started on other inputs (an input stage ran
+    # again since, its files damaged); its checkpoints cannot be taken up
     stale = is_main() and saved.is_file() and read_json(saved).get("fingerprint") != config.fingerprint()
     if broadcast_int(int(stale)):  # rank 0 looks, and deletes, while the others wait
         if is_main():
             from leakaudit.errors import warn_once
 
-            warn_once(f"{ctx.stage.id}: its unfinished training was started with other settings (another number "
-                      "of processes, or inputs since changed); training again from the start")
+            warn_once(f"{ctx.stage.id}: its unfinished training was started on other inputs (an input stage ran "
+                      "again since); training again from the start")
             remove_stale(ctx.out, Path(config.out))
         barrier()
     model_dir = Path(finetune(config))
@@ -194,8 +194,7 @@ def data_parallel(stage: Stage) -> bool:
     fine-tune (DDP or FSDP; DP-SGD is one process) and the kinds that score data-parallel. Rank 0 runs every
     other stage alone while the rest wait."""
     if stage.kind == "finetune":
-        p = stage.params
-        return {**p["options"], **p["defenses"]}.get("dp_epsilon") is None
+        return trained_by_all(stage)
     if stage.kind == "dataset":
         return False
     from leakaudit.kinds import get_kind

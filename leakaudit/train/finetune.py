@@ -21,7 +21,8 @@ import hashlib
 import json
 import os
 import random
-from contextlib import nullcontext
+from collections.abc import Iterator
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from typing import Any, Literal
 
@@ -348,13 +349,28 @@ def finetune(config: FinetuneConfig, progress: bool = True, callbacks: list | No
 
         step = train_dp(config, lm, model, train, out, progress=progress)["steps"]
     else:
-        step = _train_trainer(config, lm, model, train, held_out, out, progress, callbacks or [])
+        with _environ_kept():
+            step = _train_trainer(config, lm, model, train, held_out, out, progress, callbacks or [])
     if is_main():
         # `step`: the optimizer step of the weights saved as the final model (the best checkpoint's under
         # early stopping), so a per-checkpoint curve can place the final model on the training-step axis
         write_json(out / DONE_MARKER, {"fingerprint": config.fingerprint(), "step": step})
         drop_resume_state(out)  # after the marker: a kill in between must not resume without them
     return out
+
+
+@contextmanager
+def _environ_kept() -> Iterator[None]:
+    """Leave os.environ as training found it. accelerate records its setup there and never clears it
+    (ACCELERATE_USE_FSDP=true after an FSDP run): in a process that fine-tunes again (`leakaudit run`, a
+    notebook) the next Trainer read it and sharded a run that asked for DDP."""
+    saved = dict(os.environ)
+    try:
+        yield
+    finally:
+        for key in set(os.environ) - set(saved):
+            del os.environ[key]
+        os.environ.update(saved)
 
 
 def _last_step_checkpoint(ckpt: Path | None) -> Path | None:
