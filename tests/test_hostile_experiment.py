@@ -289,6 +289,8 @@ GENERATE = ("generate:\n"
     (FINETUNE, "{epochz: 1}", 21, "finetune.t.options.epochz", " epochs, "),
     (FINETUNE, "{user_field: author, max_samples_per_user: 2}", 21, "finetune.t.options.user_field",
      "'author': an experiment's data names each row's user `user`"),
+    # FSDP on a CPU was refused only when the fine-tune stage began, after every stage before it
+    (FINETUNE, "{fsdp: true}", 21, "finetune.t.options.fsdp", "accelerate runs it on accelerators only"),
     (GENERATE, "{top_k: -1}", 22, "generate.g.options.top_k", "greater than or equal to 0"),  # 0 = no top-k
     (GENERATE, "{greedy: true, temperature: 0.7}", 22, "generate.g.options.temperature", "combined with greedy"),
     (GENERATE, "{temperature: -1}", 22, "generate.g.options.temperature", "greater than or equal to 0"),
@@ -300,6 +302,18 @@ def test_bad_training_and_generation_options_fail_before_any_stage(section, opti
     err = _refused(tmp_path, text, monkeypatch, capsys)
     assert err.startswith(f"error: {tmp_path / 'study' / 'exp.yaml'}:{line}: field '{where}': ")
     assert message in err
+
+
+def test_a_fine_tune_option_refused_when_training_starts_names_its_line(tmp_path, monkeypatch, capsys):
+    """Some options can only be checked against the loaded model (target modules): the error comes when the
+    stage runs, and names the option's key and line in the file (it said `field 'target_modules'`, no line)."""
+    text = _experiment() + FINETUNE.replace("{options}", "{target_modules: [no_such_module], max_steps: 1}")
+    cfg, out = _setup(tmp_path, text)
+    code, err = _run_main(["run", str(cfg), "--out", str(out), "--no-report"], monkeypatch, capsys)
+    last = err.strip().splitlines()[-1]  # after the progress lines of the stages before it
+    assert code == 2 and "Traceback" not in err, err
+    assert last.startswith(f"error: {cfg}:21: field 'finetune.t.options.target_modules': stage finetune/t: "
+                           "no module named no_such_module"), err
 
 
 def test_a_bad_value_from_a_grid_names_the_grid(tmp_path, monkeypatch, capsys):

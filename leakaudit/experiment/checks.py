@@ -22,7 +22,9 @@ def check_plan(plan: Plan) -> None:
     for stage in plan.stages.values():
         try:
             if stage.kind == "finetune":
-                per_process(_finetune_config(stage, "-"), stage)
+                config = per_process(_finetune_config(stage, "-"), stage)
+                if config.fsdp:  # refused on a CPU (and with DP-SGD, PiSSA): before the stages ahead of it
+                    _check_engine(stage, config)
                 base = plan.stages.get(stage.params["model"].get("stage", ""))
                 if base is not None and base.kind == "finetune" and base.params["method"] != "full":
                     # it would fail only when this stage runs, after every stage before it
@@ -167,6 +169,28 @@ def per_process(config: Any, stage: Stage) -> Any:
                         if total % (a * size) == 0 and total // (a * size) <= config.batch_size)
     return config.model_copy(update={"batch_size": total // (accumulation * size),
                                      "gradient_accumulation": accumulation})
+
+
+def _check_engine(stage: Stage, config: Any) -> None:
+    """The fine-tune's own check of its engine (FSDP needs GPUs ...), with the option's line in the file."""
+    from leakaudit.train.finetune import _check_engine as check
+
+    try:
+        check(config)
+    except InputError as exc:
+        raise ConfigError(finetune_option_loc(stage, exc.field), exc.message) from None
+
+
+def finetune_option_loc(stage: Stage, field: str | None) -> tuple[Any, ...] | None:
+    """The key path of the fine-tune option an error of `finetune` names (`--fsdp` → finetune.NAME.options.fsdp);
+    None when it names none."""
+    key = field[2:].replace("-", "_") if field and field.startswith("--") else field
+    if not key:
+        return None
+    if key in ("model", "data", "method"):  # the step's own keys
+        return (*stage.origin, key)
+    section = "defenses" if key in stage.params["defenses"] else "options"
+    return _option_loc(stage, key, section)
 
 
 def _option_kind(stage: Stage) -> str:

@@ -16,7 +16,13 @@ from typing import Any
 from leakaudit.config import ConfigError, Experiment
 from leakaudit.data.io import link_or_copy, write_json
 from leakaudit.errors import InputError, warn_once
-from leakaudit.experiment.checks import check_plan, prepare_out, resolve_models, stage_roles
+from leakaudit.experiment.checks import (
+    check_plan,
+    finetune_option_loc,
+    prepare_out,
+    resolve_models,
+    stage_roles,
+)
 from leakaudit.experiment.manifest import changed_output, is_done, output_manifest
 from leakaudit.experiment.plan import Plan, Stage, inside, remove_stale, stage_dir
 from leakaudit.experiment.stages import RUNNERS, StageContext, data_parallel, run_kind_stage
@@ -177,6 +183,8 @@ def _run_stage(plan: Plan, stage: Stage, table: dict[str, Callable[[StageContext
     except InputError as exc:  # say which stage, and map an API's --option to the experiment's key
         if exc.file is not None:
             raise
+        if stage.kind == "finetune" and exc.field:  # a fine-tune's --option: its key and line in the file
+            raise plan.exp.error(finetune_option_loc(stage, exc.field), f"stage {stage.id}: {exc.message}") from None
         field = exc.field[2:].replace("-", "_") if exc.field and exc.field.startswith("--") else exc.field
         if field in stage_roles(stage):  # a kind's input role (data, members, ...): its key in the file
             field = ".".join((*stage.origin, field))
