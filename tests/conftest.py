@@ -33,7 +33,7 @@ def pytest_configure(config):
 # BENCHMARKS.md), longest first. `make test` hands whole files to two workers in collection order (--dist loadfile
 # --no-loadscope-reorder), so with these first the last files handed out are short and both workers finish
 # together; xdist's default order puts the fewest-test files last, and those are these slow one-test files.
-LONGEST_FILES = ["test_backdoor.py", "test_experiment.py", "test_distributed.py", "test_models.py", "test_ddp.py",
+LONGEST_FILES = ["test_backdoor.py", "test_experiment.py", "test_launched_run.py", "test_distributed.py", "test_models.py", "test_ddp.py",
                  "test_report.py", "test_user_inference.py", "test_defenses.py", "test_kinds_pii_logprob.py"]
 
 

@@ -90,11 +90,12 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _launch(tmp_path: Path, exp: Path, out: Path) -> subprocess.CompletedProcess:
+def _launch(tmp_path: Path, *args: str) -> subprocess.CompletedProcess:
+    """`leakaudit ARGS` under torchrun with 2 CPU processes."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "LEAKAUDIT_DTYPE": "fp32", "TMPDIR": str(tmp_path),
            "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port",
-           str(_free_port()), "-m", "leakaudit", "run", str(exp), "--out", str(out)]
+           str(_free_port()), "-m", "leakaudit", *args]
     return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=400, cwd=tmp_path)
 
 
@@ -106,12 +107,12 @@ def _rows(path: Path) -> list[dict]:
     return [json.loads(x) for x in path.read_text().splitlines()]
 
 
-def test_launched_run_writes_what_one_process_writes_and_resumes(tmp_path):
+def test_launched_run_writes_what_one_process_writes_and_resumes(tmp_path, monkeypatch):
     exp = tmp_path / "exp.yaml"
     exp.write_text(STUDY)
     one, two = tmp_path / "one", tmp_path / "two"
     run_experiment(parse_experiment(STUDY, exp), one, log=lambda m: None)
-    proc = _launch(tmp_path, exp, two)
+    proc = _launch(tmp_path, "run", str(exp), "--out", str(two))
     assert proc.returncode == 0, proc.stderr[-3000:]
     # rank 0 alone reports: one progress line per stage event, one closing line
     assert proc.stderr.count("[1/8] data/emails: running") == 1, proc.stderr[-3000:]
@@ -151,9 +152,45 @@ def test_launched_run_writes_what_one_process_writes_and_resumes(tmp_path):
         assert p2 == pytest.approx(p1, rel=1e-3)
     assert (two / "report.html").is_file() and (two / "summary.json").is_file()
 
-    again = _launch(tmp_path, exp, two)  # a launched rerun finds every stage rank 0 recorded
+    # batch_size in the fine-tune's record is per process, and it says how many there were
+    configs = [json.loads((d / "finetune/real/model/finetune_config.json").read_text()) for d in (one, two)]
+    assert [(c["batch_size"], c["processes"]) for c in configs] == [(4, 1), (2, 2)]
+
+    again = _launch(tmp_path, "run", str(exp), "--out", str(two))  # a launched rerun finds what rank 0 recorded
     assert again.returncode == 0, again.stderr[-3000:]
     assert again.stderr.count("8 stages (0 ran, 0 reused, 8 cached)") == 1, again.stderr[-3000:]
+    # `leakaudit report` under a launcher: the other processes write nothing (rank 0 writes it, as in `run`)
+    from leakaudit.cli import app
+
+    (two / "report.html").unlink()
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    app(["report", str(two)], standalone_mode=False)
+    assert not (two / "report.html").exists()
+
+
+def test_a_launched_run_of_a_bad_file_prints_its_error_once(tmp_path):
+    """Every process met the bad file and each printed the error (the order was a race)."""
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("name: x\nbogus_key: 1\nmodels: {base: tiny-gpt-neox}\n")
+    proc = _launch(tmp_path, "run", str(bad), "--out", str(tmp_path / "out"))
+    assert proc.returncode != 0
+    errors = [line for line in proc.stderr.splitlines() if "error: " in line and "bogus_key" in line]
+    assert errors == [f"error: {bad}:2: field 'bogus_key': unknown key"], proc.stderr[-3000:]
+
+
+def test_an_error_of_another_rank_waits_then_names_the_rank(monkeypatch, capsys):
+    """A process other than rank 0 prints after a grace (the launcher stops it if rank 0 failed too), with its
+    rank: an error only it met (a file it cannot see) must not be lost."""
+    import leakaudit.cli as cli
+
+    monkeypatch.setattr(cli, "ECHO_GRACE_S", 0.0)
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(SystemExit) as exit_:
+        cli._fail("somewhere: not found")
+    assert exit_.value.code == 2
+    assert capsys.readouterr().err == "[rank 1] error: somewhere: not found\n"
 
 
 def test_step_batch_is_shared_by_the_launched_processes(monkeypatch, tmp_path):

@@ -58,10 +58,10 @@ def main() -> None:
         if exc.errno not in MACHINE_ERRNOS:  # anything else may be a bug: keep its traceback
             raise
         where = f"{exc.filename}: " if exc.filename else ""
-        print(f"error: {where}{first_line(exc) if exc.strerror is None else exc.strerror}", file=sys.stderr)
+        _say(f"error: {where}{first_line(exc) if exc.strerror is None else exc.strerror}")
         sys.exit(1)
     except clk.ClickException as exc:
-        print(f"error: {exc.format_message()}", file=sys.stderr)
+        _say(f"error: {exc.format_message()}")
         sys.exit(exc.exit_code)
     if code == INTERRUPTED and int(os.environ.get("RANK", "0")) == 0:  # typer turns Ctrl-C into it, silently
         print("interrupted: what finished is kept; rerun the same command to resume", file=sys.stderr)
@@ -85,5 +85,23 @@ def _fail(message: str) -> None:
     label, an id, a user); the file, line and field say where to look."""
     from leakaudit.data.pii_find import mask_message
 
-    print(f"error: {mask_message(message)}", file=sys.stderr)
+    _say(f"error: {mask_message(message)}")
     sys.exit(2)
+
+
+#: how long a launched process other than rank 0 waits before it prints its error: long enough for the
+#: launcher to stop it when rank 0 failed too (torchrun stops the others within a second of one failing)
+ECHO_GRACE_S = 3.0
+
+
+def _say(line: str) -> None:
+    """Print an error line. Under a launcher every process meets the same bad file or input, and each printed
+    it: a process other than rank 0 waits ECHO_GRACE_S first (stopped by then when rank 0 failed as well) and
+    names its rank, so an error only it met (a file it cannot see) is still shown."""
+    rank, size = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
+    if size > 1 and rank != 0:
+        import time
+
+        time.sleep(ECHO_GRACE_S)
+        line = f"[rank {rank}] {line}"
+    print(line, file=sys.stderr)

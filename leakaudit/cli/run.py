@@ -24,6 +24,10 @@ def _log(message: str) -> None:
     console.print(f"[{style}]{escape(message)}[/]", highlight=False)  # grid labels hold [brackets]
 
 
+def _quiet(message: str) -> None:
+    """The log of a launched process other than rank 0."""
+
+
 def print_verdicts(out: Path) -> None:
     """End a run the way its report opens: one verdict line per paired comparison (summary.json), so the answer
     is on the terminal without opening report.html. Nothing when the experiment compares nothing."""
@@ -74,8 +78,11 @@ def report(
     out: Path = typer.Argument(..., help="Output dir of `leakaudit run` or `leakaudit demo`"),
 ) -> None:
     """(Re)write report.html and summary.json from what a run left in DIR."""
+    from leakaudit.distributed import is_main
     from leakaudit.report.html import write_report
 
+    if not is_main():  # under a launcher one process writes it
+        return
     path = write_report(out)
     console.print(f"report: {path}")
 
@@ -85,9 +92,12 @@ def demo(
 ) -> None:
     """The first study at laptop scale on the embedded default model (CPU, 5-10 minutes)."""
     from leakaudit.demo import run_demo
+    from leakaudit.distributed import is_main
 
     t0 = time.perf_counter()
-    status = run_demo(out, log=_log)
+    status = run_demo(out, log=_log if is_main() else _quiet)
+    if not is_main():  # under a launcher rank 0 says how it went
+        return
     print_verdicts(out)
     console.print(f"demo finished: {len(status)} stages in {time.perf_counter() - t0:.0f}s; "
                   f"open {out / 'report.html'}")

@@ -152,9 +152,10 @@ def _option_loc(stage: Stage, key: Any, section: str = "options", *sub: Any) -> 
 
 def per_process(config: Any, stage: Stage) -> Any:
     """An experiment's `batch_size` x `gradient_accumulation` is the batch of one optimizer step, however many
-    processes a launcher started, so a launched run trains the model a single process trains (and the stage
-    key, which does not know the launcher, stays true). Each of W processes takes batch_size / W examples
-    a step; where batch_size is no multiple of W, fewer at a time and more accumulation steps."""
+    processes a launcher started: the file's numbers of examples per step and of steps hold. Each of W
+    processes takes batch_size / W examples a step; where batch_size is no multiple of W, fewer at a time and
+    more accumulation steps. (The training is still not exactly one process's, so the number of processes
+    is in the stage key: plan.Plan._add.)"""
     from leakaudit.distributed import world
 
     size = world()[1]

@@ -30,7 +30,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
 from leakaudit.data.io import read_rows, write_json
-from leakaudit.distributed import is_main
+from leakaudit.distributed import is_main, world
 from leakaudit.errors import InputError, warn_once
 from leakaudit.models import attention_kernels
 from leakaudit.options import Seed
@@ -339,7 +339,9 @@ def finetune(config: FinetuneConfig, progress: bool = True, callbacks: list | No
     train, held_out, report = load_examples(config, lm.tokenizer, fit_context(config, lm))
     if is_main():
         out.mkdir(parents=True, exist_ok=True)
-        write_json(out / "finetune_config.json", {"fingerprint": config.fingerprint(), **config.model_dump()})
+        # `processes`: batch_size is per process (an experiment's step batch was shared among them)
+        write_json(out / "finetune_config.json", {"fingerprint": config.fingerprint(), **config.model_dump(),
+                                                   "processes": world()[1]})
         write_json(out / "defenses.json", {**report.__dict__, "n_train_examples": len(train),
                                            "n_heldout_examples": len(held_out)})
     if config.method == "pissa":
