@@ -160,3 +160,27 @@ def test_the_files_the_suite_runs_first_exist():
 
     here = Path(__file__).parent
     assert [name for name in LONGEST_FILES if not (here / name).exists()] == []
+
+
+def test_file_hashes_and_the_report_need_no_torch(tmp_path):
+    """`leakaudit report` re-checks every stage's output hashes (experiment/manifest.py, models' file_sha256):
+    importing them through leakaudit.models loaded torch and transformers, 8 of the report's 10 s on a tiny
+    run. The package's names load on first use."""
+    import subprocess
+    import sys
+
+    (tmp_path / "f.bin").write_bytes(b"abc")
+    code = ("import sys\nimport leakaudit.report.html, leakaudit.experiment.manifest\n"
+            "from leakaudit.models import file_sha256\nfile_sha256(__import__('pathlib').Path(sys.argv[1]))\n"
+            "print(sorted(m for m in ('torch', 'transformers') if m in sys.modules))\n")
+    proc = subprocess.run([sys.executable, "-c", code, str(tmp_path / "f.bin")], capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 0 and proc.stdout.strip() == "[]", (proc.stdout, proc.stderr[-2000:])
+
+
+def test_the_models_package_names_load_on_first_use():
+    import leakaudit.models as models
+
+    assert models.load_model.__module__ == "leakaudit.models.load" and "load_model" in dir(models)
+    with __import__("pytest").raises(AttributeError, match="no attribute 'nope'"):
+        models.nope  # noqa: B018

@@ -17,52 +17,46 @@ default `~/.cache/leakaudit`), guarded by a file lock so two processes starting 
 One module per job: spec (what a spec names, whether it can load), load (LoadedModel, load_model), dtype
 (device and precision policy), cpu_attention (the attention scoring runs in bf16 on a CPU), fingerprint (cache
 dir, content hashes), gguf (GGUF conversion), factories (tiny and random: models). This package re-exports
-their public names.
+their public names, each imported on first use: a caller needing only file hashes (an experiment's
+stage records, the report) does not wait for torch and transformers.
 """
 
-from leakaudit.models.cpu_attention import scoring_attention
-from leakaudit.models.dtype import (
-    DTYPE_ENV,
-    attention_kernels,
-    cpu_has_fast_bf16,
-    default_autocast_bf16,
-    host_memory,
-    resolve_device,
-    resolve_dtype,
-)
-from leakaudit.models.factories import (
-    RANDOM_PREFIX,
-    RANDOM_SHAPES,
-    TINY_SPECS,
-    TINY_VOCAB,
-    build_tiny_model,
-    build_tiny_tokenizer,
-    random_model_config,
-    tiny_corpus,
-    tiny_model_dir,
-)
-from leakaudit.models.fingerprint import cache_dir, dir_fingerprint, file_sha256, tensor_fingerprint
-from leakaudit.models.gguf import DEFAULT_INSTALL, DEFAULT_PACKAGE, default_gguf_path, gguf_to_safetensors
-from leakaudit.models.load import LoadedModel, load_model
-from leakaudit.models.spec import (
-    ADAPTER_PICKLE,
-    ADAPTER_SAFE,
-    DEFAULT_SPEC,
-    HUB_TIMEOUT_S,
-    PICKLE_WEIGHTS,
-    SAFE_WEIGHTS,
-    SIDE_JSON,
-    VALID_SPECS,
-    check_model_spec,
-    resolve_spec,
-)
+from __future__ import annotations
 
-__all__ = [
-    "ADAPTER_PICKLE", "ADAPTER_SAFE", "DEFAULT_INSTALL", "DEFAULT_PACKAGE", "DEFAULT_SPEC", "DTYPE_ENV",
-    "HUB_TIMEOUT_S", "PICKLE_WEIGHTS", "RANDOM_PREFIX", "RANDOM_SHAPES", "SAFE_WEIGHTS", "SIDE_JSON", "TINY_SPECS",
-    "TINY_VOCAB", "VALID_SPECS", "LoadedModel", "attention_kernels", "build_tiny_model", "build_tiny_tokenizer",
-    "cache_dir", "check_model_spec", "cpu_has_fast_bf16", "default_autocast_bf16", "default_gguf_path",
-    "dir_fingerprint", "file_sha256", "gguf_to_safetensors", "host_memory", "load_model", "random_model_config",
-    "resolve_device", "resolve_dtype", "resolve_spec", "scoring_attention", "tensor_fingerprint", "tiny_corpus",
-    "tiny_model_dir",
-]
+import importlib
+from typing import Any
+
+#: public name -> the submodule that defines it
+_WHERE: dict[str, str] = {
+    **dict.fromkeys(["scoring_attention"],
+                    "cpu_attention"),
+    **dict.fromkeys(["DTYPE_ENV", "attention_kernels", "cpu_has_fast_bf16", "default_autocast_bf16",
+                    "host_memory", "resolve_device", "resolve_dtype"],
+                    "dtype"),
+    **dict.fromkeys(["RANDOM_PREFIX", "RANDOM_SHAPES", "TINY_SPECS", "TINY_VOCAB", "build_tiny_model",
+                    "build_tiny_tokenizer", "random_model_config", "tiny_corpus", "tiny_model_dir"],
+                    "factories"),
+    **dict.fromkeys(["cache_dir", "dir_fingerprint", "file_sha256", "tensor_fingerprint"],
+                    "fingerprint"),
+    **dict.fromkeys(["DEFAULT_INSTALL", "DEFAULT_PACKAGE", "default_gguf_path", "gguf_to_safetensors"],
+                    "gguf"),
+    **dict.fromkeys(["LoadedModel", "load_model"],
+                    "load"),
+    **dict.fromkeys(["ADAPTER_PICKLE", "ADAPTER_SAFE", "DEFAULT_SPEC", "HUB_TIMEOUT_S", "PICKLE_WEIGHTS",
+                    "SAFE_WEIGHTS", "SIDE_JSON", "VALID_SPECS", "check_model_spec", "resolve_spec"],
+                    "spec"),
+}
+
+__all__ = sorted(_WHERE)
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _WHERE:
+        raise AttributeError(f"module 'leakaudit.models' has no attribute '{name}'")
+    value = getattr(importlib.import_module(f"leakaudit.models.{_WHERE[name]}"), name)
+    globals()[name] = value  # the next lookup is a plain global
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_WHERE))

@@ -9,8 +9,10 @@ import hashlib
 import os
 import shutil
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch
+if TYPE_CHECKING:
+    import torch
 
 
 def cache_dir() -> Path:
@@ -71,6 +73,8 @@ def dir_fingerprint(path: Path) -> str:
 
 def tensor_fingerprint(model: torch.nn.Module) -> str:
     """Hash of the parameters themselves, for models changed in memory (e.g. after training in-process)."""
+    import torch  # here: file hashes (the experiment's stage records) need no torch
+
     h = hashlib.sha256()
     for name, p in sorted(model.state_dict().items()):
         h.update(name.encode())
