@@ -21,6 +21,7 @@ import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
+from test_experiment import STUDY as TINY_STUDY
 
 from leakaudit.config import parse_experiment
 from leakaudit.distributed import alone, world
@@ -30,58 +31,26 @@ from leakaudit.experiment.checks import check_plan
 
 REPO = Path(__file__).resolve().parent.parent
 
-STUDY = """\
-name: launched
-seed: 0
-models:
-  base: tiny-gpt-neox
-datasets:
-  emails:
-    builtin: enron-synthetic
-    limit: 16
-    max_chars: 200
-    split: {members: 0.5, nonmembers: 0.5}
-    split_by: user
-generate:
-  continued:
-    kind: continuation
-    model: base
-    data: emails.members
-    options: {prompt_tokens: 8, max_new_tokens: 8, top_k: 40}
+# test_experiment's tiny study up to its continuation step (data and one generation), then what this file
+# needs: a fine-tune every process trains and a DP-SGD one rank 0 trains alone
+STUDY = TINY_STUDY[:TINY_STUDY.index("  replaced:")].replace("name: tiny-study", "name: launched") + """\
 finetune:
   real:
     model: base
     data: emails.members
     method: lora
-    options: {epochs: 2, learning_rate: 0.001, batch_size: 4, gradient_accumulation: 1, max_length: 64,
-              lora_dropout: 0.0, bf16: false}
+    options: &train {epochs: 2, learning_rate: 0.001, batch_size: 4, gradient_accumulation: 1, max_length: 64,
+                     lora_dropout: 0.0, bf16: false}
   private:
     model: base
     data: emails.members
     method: lora
-    options: {epochs: 1, learning_rate: 0.001, batch_size: 4, gradient_accumulation: 1, max_length: 64,
-              lora_dropout: 0.0, bf16: false}
+    options: *train
     defenses: {dp_epsilon: 8}
-evaluate:
-  mia:
-    kind: mia
-    targets: [real]
-    reference: base
-    members: emails.members
-    nonmembers: emails.nonmembers
-    options: {attacks: [loss, zlib, min_k, ref], n_bootstrap: 50}
-  users:
-    kind: user-inference
-    targets: [real]
-    reference: base
-    members: emails.members
-    nonmembers: emails.nonmembers
-    options: {m_values: [1], n_bootstrap: 50}
-  ppl:
-    kind: perplexity
-    targets: [real, private]
-    data: emails.nonmembers
 """
+# and its evaluations (mia, user inference, perplexity), perplexity of both fine-tunes
+STUDY += TINY_STUDY[TINY_STUDY.index("evaluate:"):TINY_STUDY.index("  pii:")].replace(
+    "targets: [real]\n    data: emails.nonmembers", "targets: [real, private]\n    data: emails.nonmembers")
 
 
 def _free_port() -> int:
