@@ -80,6 +80,7 @@ def test_launched_run_writes_what_one_process_writes_and_resumes(tmp_path, monke
     exp = tmp_path / "exp.yaml"
     exp.write_text(STUDY)
     one, two = tmp_path / "one", tmp_path / "two"
+    monkeypatch.setenv("LEAKAUDIT_DTYPE", "fp32")  # as the launched processes score: the suite may force bf16
     run_experiment(parse_experiment(STUDY, exp), one, log=lambda m: None, report=False)
     proc = _launch(tmp_path, "run", str(exp), "--out", str(two))
     assert proc.returncode == 0, proc.stderr[-3000:]
