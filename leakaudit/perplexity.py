@@ -15,9 +15,9 @@ from pathlib import Path
 
 import numpy as np
 
+from leakaudit.distributed import score_texts_distributed
 from leakaudit.errors import InputError
 from leakaudit.models import LoadedModel
-from leakaudit.scoring import score_texts
 
 
 @dataclass
@@ -38,9 +38,10 @@ class PerplexityResult:
 def perplexity(lm: LoadedModel, texts: Sequence[str], *, batch_size: int | str = "auto",
                max_length: int | None = None, progress: bool = True, cache: bool = True) -> PerplexityResult:
     """Corpus and mean per-text perplexity from one batched scoring pass (served from the score cache unless
-    `cache=False`)."""
-    scores = [s for s in score_texts(lm, list(texts), batch_size=batch_size, max_length=max_length,
-                                     progress=progress, description="perplexity", cache=cache) if s.n_tokens]
+    `cache=False`); data-parallel under a launcher (each process scores a shard, every process gets all)."""
+    scores = [s for s in score_texts_distributed(lm, list(texts), batch_size=batch_size, max_length=max_length,
+                                                 progress=progress, description="perplexity", cache=cache)
+              if s.n_tokens]
     if not scores:
         raise InputError("no text has a token to score (texts need at least 2 tokens)", field="--data")
     total_nll = -sum(s.sum_logp for s in scores)

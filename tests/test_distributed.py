@@ -1,4 +1,5 @@
-"""`mia` and `user-inference` launched as 2 CPU processes (torchrun, gloo) give the results of one process."""
+"""`mia`, `user-inference` and `perplexity` launched as 2 CPU processes (torchrun, gloo) give the results of one
+process."""
 
 from __future__ import annotations
 
@@ -36,7 +37,9 @@ def _commands(out: Path, data: Path) -> list[list[str]]:
              "--out", str(out / "mia"), *common],
             ["user-inference", "--target", "tiny-gpt-neox", "--reference", "tiny-opt", "--data", str(data),
              "--user-field", "user", "--label-field", "ulabel", "--samples-per-user", "1,2,all",
-             "--out", str(out / "ui"), *common]]
+             "--out", str(out / "ui"), *common],
+            ["perplexity", "--model", "tiny-gpt-neox", "--data", str(data), "--out", str(out / "ppl"),
+             "--dtype", "fp32"]]
 
 
 def _free_port() -> int:
@@ -86,6 +89,10 @@ def test_mia_and_user_inference_in_two_processes_match_one_process(tmp_path):
     for name in ATTACKS.split(","):
         assert np.allclose([r[name] for r in s1], [r[name] for r in s2], rtol=1e-5, atol=1e-7), name
 
+    p1, p2 = (json.loads((d / "ppl" / "perplexity.json").read_text()) for d in (one, two))
+    for key in ("perplexity", "mean_text_perplexity", "nll_per_token"):
+        assert p1[key] == pytest.approx(p2[key], rel=1e-6), key
+    assert p1["n_texts"] == p2["n_texts"] == 27 and p1["n_tokens"] == p2["n_tokens"]
     u1, u2 = (json.loads((d / "ui" / "user_inference.json").read_text()) for d in (one, two))
     assert u1["n_users_in"] == u2["n_users_in"] == 5 and u1["n_users_out"] == u2["n_users_out"] == 4
     for m in ("1", "2", "all"):

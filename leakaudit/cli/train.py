@@ -113,6 +113,7 @@ def register(app: typer.Typer) -> None:
         device: str = typer.Option(None),
     ) -> None:
         """Perplexity (corpus and mean per text) of a model or of every checkpoint; writes perplexity.json."""
+        from leakaudit.distributed import is_main
         from leakaudit.kinds import get_kind
         from leakaudit.kinds.base import KindContext, ModelCache
         from leakaudit.outputs import prepare_output
@@ -132,5 +133,7 @@ def register(app: typer.Typer) -> None:
                           models={"target": target}, checkpoints=checkpoints,
                           cache=ModelCache(keep=1, device=device, dtype=dtype))
         res = kind.run(ctx, options).to_json()
+        if not is_main():  # under a launcher every process has the result; rank 0 prints it
+            return
         for c in res["checkpoints"] or [{"name": "final", **res}]:
             typer.echo(f"{c['name']}\tppl={c['perplexity']:.4f}\tmean_text_ppl={c['mean_text_perplexity']:.4f}")

@@ -72,9 +72,11 @@ class Perplexity(Kind):
     Result = PerplexityResult
     roles = {"data": True}
     summary = "perplexity of the target on `data` (and of each epoch's checkpoint of a fine-tuned target)"
+    data_parallel = True
 
     def run(self, ctx: KindContext, options: PerplexityOptions) -> PerplexityResult:
         from leakaudit.data.io import write_json
+        from leakaudit.distributed import is_main
         from leakaudit.perplexity import perplexity
         from leakaudit.train.artifacts import training_step
 
@@ -94,5 +96,6 @@ class Perplexity(Kind):
         data = {"model": final.model, "perplexity": final.ppl, "mean_text_perplexity": final.mean_text_ppl,
                 "nll_per_token": final.nll_per_token, "n_texts": final.n_texts, "n_tokens": final.n_tokens,
                 "checkpoints": checkpoints}
-        write_json(ctx.out / "perplexity.json", data)
+        if is_main():  # under a launcher every process has the result; one writes it
+            write_json(ctx.out / "perplexity.json", data)
         return PerplexityResult(data)
