@@ -316,6 +316,41 @@ def test_a_fine_tune_option_refused_when_training_starts_names_its_line(tmp_path
                            "no module named no_such_module"), err
 
 
+def test_a_fine_tune_error_names_an_option_only_when_it_is_one(tmp_path):
+    """An error naming an environment variable (LEAKAUDIT_DTYPE) or --out is no option of the file (it read
+    `finetune.t.options.LEAKAUDIT_DTYPE` at the `options:` line); a value a grid set names the grid."""
+    from leakaudit.config import load_experiment
+    from leakaudit.experiment.checks import finetune_option_loc
+    from leakaudit.experiment.plan import Plan
+
+    text = _experiment() + FINETUNE.replace("{options}", "{epochs: 1}") + "    grid: {method: [lora, full]}\n"
+    cfg, _ = _setup(tmp_path, text)
+    stages = Plan(load_experiment(cfg)).stages
+    stage = stages["finetune/t[method=full]"]
+    assert finetune_option_loc(stage, "LEAKAUDIT_DTYPE") is None and finetune_option_loc(stage, "--out") is None
+    assert finetune_option_loc(stage, "--epochs") == ("finetune", "t", "options", "epochs")
+    assert finetune_option_loc(stage, "--method") == ("finetune", "t", "grid")
+    assert finetune_option_loc(stage, "--data") == ("finetune", "t", "data")
+
+
+def test_a_finished_fsdp_fine_tune_stays_usable_on_a_cpu(tmp_path):
+    """FSDP is refused on a CPU at plan time, but not for a stage already finished with its key (trained on
+    GPUs, then rerun or --reuse'd on a CPU host to add evaluations): the run only reads it."""
+    from leakaudit.config import load_experiment
+    from leakaudit.experiment.checks import check_plan
+    from leakaudit.experiment.plan import Plan
+
+    text = _experiment() + FINETUNE.replace("{options}", "{fsdp: true}")
+    cfg, _ = _setup(tmp_path, text)
+    plan = Plan(load_experiment(cfg))
+    with pytest.raises(InputError, match="accelerators only"):
+        check_plan(plan, (tmp_path / "out",))
+    stage = plan.stages["finetune/t"]
+    (tmp_path / "gpu-run" / stage.folder).mkdir(parents=True)
+    (tmp_path / "gpu-run" / stage.folder / "stage.json").write_text(json.dumps({"key": stage.key, "result": {}}))
+    check_plan(plan, (tmp_path / "out", tmp_path / "gpu-run"))  # finished in the --reuse dir: no error
+
+
 def test_a_bad_value_from_a_grid_names_the_grid(tmp_path, monkeypatch, capsys):
     text = _experiment().replace("    options:\n", "    grid: {batch_size: [4, 0]}\n    options:\n")
     err = _refused(tmp_path, text, monkeypatch, capsys)

@@ -16,14 +16,19 @@ from leakaudit.experiment.plan import Plan, Stage, stage_dir
 from leakaudit.kinds.base import DATA_ROLES, MODEL_ROLES
 
 
-def check_plan(plan: Plan) -> None:
+def check_plan(plan: Plan, runs: tuple[Path | None, ...] = ()) -> None:
     """Fail before any work if a stage kind is not available, or an option is unknown to its API or has a
-    value the API would refuse; the error names the experiment file, line and key path."""
+    value the API would refuse; the error names the experiment file, line and key path. `runs`: the output
+    dir (and --reuse dir): a fine-tune finished there with its key is not checked against this machine (an
+    FSDP stage trained on GPUs stays usable on a CPU)."""
+    from leakaudit.experiment.manifest import is_done
+
     for stage in plan.stages.values():
         try:
             if stage.kind == "finetune":
                 config = per_process(_finetune_config(stage, "-"), stage)
-                if config.fsdp:  # refused on a CPU (and with DP-SGD, PiSSA): before the stages ahead of it
+                finished = any(run is not None and is_done(run / stage.folder, stage.key) is not None for run in runs)
+                if config.fsdp and not finished:  # refused on a CPU (and with DP-SGD, PiSSA): before any stage
                     _check_engine(stage, config)
                 base = plan.stages.get(stage.params["model"].get("stage", ""))
                 if base is not None and base.kind == "finetune" and base.params["method"] != "full":
@@ -183,11 +188,18 @@ def _check_engine(stage: Stage, config: Any) -> None:
 
 
 def finetune_option_loc(stage: Stage, field: str | None) -> tuple[Any, ...] | None:
-    """The key path of the fine-tune option an error of `finetune` names (`--fsdp` → finetune.NAME.options.fsdp);
-    None when it names none."""
-    key = field[2:].replace("-", "_") if field and field.startswith("--") else field
-    if not key:
+    """The key path of the fine-tune option an error of `finetune` names (`--fsdp` → finetune.NAME.options.fsdp,
+    or its grid when the variant's value came from there); None when it names no option (an environment
+    variable, a data column)."""
+    from leakaudit.train.finetune import FinetuneConfig
+
+    if not field or not field.startswith("--"):
         return None
+    key = field[2:].replace("-", "_")
+    if key not in FinetuneConfig.model_fields or key == "out":
+        return None
+    if key in stage.overrides:
+        return (*stage.origin, "grid")
     if key in ("model", "data", "method"):  # the step's own keys
         return (*stage.origin, key)
     section = "defenses" if key in stage.params["defenses"] else "options"

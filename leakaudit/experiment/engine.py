@@ -183,8 +183,9 @@ def _run_stage(plan: Plan, stage: Stage, table: dict[str, Callable[[StageContext
     except InputError as exc:  # say which stage, and map an API's --option to the experiment's key
         if exc.file is not None:
             raise
-        if stage.kind == "finetune" and exc.field:  # a fine-tune's --option: its key and line in the file
-            raise plan.exp.error(finetune_option_loc(stage, exc.field), f"stage {stage.id}: {exc.message}") from None
+        loc = finetune_option_loc(stage, exc.field) if stage.kind == "finetune" else None
+        if loc is not None:  # a fine-tune's --option: its key and line in the file
+            raise plan.exp.error(loc, f"stage {stage.id}: {exc.message}") from None
         field = exc.field[2:].replace("-", "_") if exc.field and exc.field.startswith("--") else exc.field
         if field in stage_roles(stage):  # a kind's input role (data, members, ...): its key in the file
             field = ".".join((*stage.origin, field))
@@ -238,7 +239,7 @@ def run_experiment(exp: Experiment, out: str | Path, *, config_text: str = "",
     plan = Plan(exp)
     if not main:  # under a launcher rank 0 checks first: one error line, and a model converted once
         distributed.barrier()
-    check_plan(plan)
+    check_plan(plan, (out, Path(reuse) if reuse is not None else None))
     resolve_models(plan)
     if reuse is not None and not (Path(reuse) / "run.json").is_file():
         raise InputError("not a run dir (no run.json)", file=reuse, field="--reuse")
