@@ -183,3 +183,20 @@ def score_texts_distributed(lm, texts: Sequence[str], *, prefixes: str | Sequenc
     mu = gather_ragged([s.mu for s in local], len(texts))
     var = gather_ragged([s.var for s in local], len(texts))
     return [TokenScores(a, b, c) for a, b, c in zip(logp, mu, var, strict=True)]
+
+
+def score_ids_distributed(lm, contexts: Sequence[Sequence[int]], ids: Sequence[Sequence[int]],
+                          **kwargs) -> list[TokenScores]:
+    """`scoring.score_ids` with the same signature, data-parallel across launched processes (each a shard of
+    the (context, ids) pairs, all gathered); exactly score_ids with one process."""
+    from leakaudit.scoring import TokenScores, score_ids
+
+    rank, size = world()
+    if size == 1:
+        return score_ids(lm, contexts, ids, **kwargs)
+    if len(contexts) != len(ids):
+        raise ValueError("contexts must match ids in length")
+    mine = shard(len(ids))
+    local = score_ids(lm, [contexts[i] for i in mine], [ids[i] for i in mine],
+                      progress=kwargs.pop("progress", True) and rank == 0, **kwargs)
+    return [TokenScores(lp) for lp in gather_ragged([s.logp for s in local], len(ids))]

@@ -1,5 +1,5 @@
-"""`mia`, `user-inference` and `perplexity` launched as 2 CPU processes (torchrun, gloo) give the results of one
-process."""
+"""`mia`, `user-inference`, `perplexity` and `pii-logprob` launched as 2 CPU processes (torchrun, gloo) give the
+results of one process."""
 
 from __future__ import annotations
 
@@ -39,7 +39,9 @@ def _commands(out: Path, data: Path) -> list[list[str]]:
              "--user-field", "user", "--label-field", "ulabel", "--samples-per-user", "1,2,all",
              "--out", str(out / "ui"), *common],
             ["perplexity", "--model", "tiny-gpt-neox", "--data", str(data), "--out", str(out / "ppl"),
-             "--dtype", "fp32"]]
+             "--dtype", "fp32"],
+            ["pii-logprob", "--model", "tiny-gpt-neox", "--baseline", "tiny-opt", "--templates", "A,D",
+             "--n-targets", "7", "--n-candidates", "3", "--out", str(out / "pl"), "--dtype", "fp32"]]
 
 
 def _free_port() -> int:
@@ -93,6 +95,10 @@ def test_mia_and_user_inference_in_two_processes_match_one_process(tmp_path):
     for key in ("perplexity", "mean_text_perplexity", "nll_per_token"):
         assert p1[key] == pytest.approx(p2[key], rel=1e-6), key
     assert p1["n_texts"] == p2["n_texts"] == 27 and p1["n_tokens"] == p2["n_tokens"]
+    l1, l2 = ([json.loads(x) for x in (d / "pl" / "logprobs.jsonl").read_text().splitlines()] for d in (one, two))
+    assert len(l1) == 28 and [{k: r[k] for k in ("role", "target", "template", "rank")} for r in l1] == [
+        {k: r[k] for k in ("role", "target", "template", "rank")} for r in l2]
+    assert np.allclose([r["logp"] for r in l1], [r["logp"] for r in l2], rtol=1e-5, atol=1e-6)
     u1, u2 = (json.loads((d / "ui" / "user_inference.json").read_text()) for d in (one, two))
     assert u1["n_users_in"] == u2["n_users_in"] == 5 and u1["n_users_out"] == u2["n_users_out"] == 4
     for m in ("1", "2", "all"):

@@ -51,6 +51,13 @@ finetune:
 # and its evaluations (mia, user inference, perplexity), perplexity of both fine-tunes
 STUDY += TINY_STUDY[TINY_STUDY.index("evaluate:"):TINY_STUDY.index("  pii:")].replace(
     "targets: [real]\n    data: emails.nonmembers", "targets: [real, private]\n    data: emails.nonmembers")
+STUDY += """\
+  logprob:
+    kind: pii-logprob
+    targets: [real]
+    baseline: base
+    options: {templates: A, n_targets: 5, n_candidates: 3}
+"""
 
 
 def _free_port() -> int:
@@ -85,8 +92,8 @@ def test_launched_run_writes_what_one_process_writes_and_resumes(tmp_path, monke
     proc = _launch(tmp_path, "run", str(exp), "--out", str(two))
     assert proc.returncode == 0, proc.stderr[-3000:]
     # rank 0 alone reports: one progress line per stage event, one closing line
-    assert proc.stderr.count("[1/8] data/emails: running") == 1, proc.stderr[-3000:]
-    assert proc.stderr.count("8 stages (8 ran, 0 reused, 0 cached)") == 1
+    assert proc.stderr.count("[1/9] data/emails: running") == 1, proc.stderr[-3000:]
+    assert proc.stderr.count("9 stages (9 ran, 0 reused, 0 cached)") == 1
 
     files = {d: sorted(str(p.relative_to(d)) for p in d.rglob("*")
                        if p.is_file() and p.name not in (".lock", "report.html", "summary.json"))
@@ -99,7 +106,7 @@ def test_launched_run_writes_what_one_process_writes_and_resumes(tmp_path, monke
     # a launched fine-tune is not quite one process's (a short last step, length groups per process): the
     # number of processes is in its key and in every key after it; DP-SGD and the stages before are as one's
     assert [sid for sid in r1 if r1[sid]["key"] != r2[sid]["key"]] == [
-        "finetune/real", "evaluate/mia/real", "evaluate/users/real", "evaluate/ppl/real"]
+        "finetune/real", "evaluate/mia/real", "evaluate/users/real", "evaluate/ppl/real", "evaluate/logprob/real"]
     for sid in ("finetune/real", "finetune/private"):
         assert r1[sid]["result"]["n_train_examples"] == r2[sid]["result"]["n_train_examples"] > 0
         a, b = (load_file(str(d / sid / "model" / "adapter_model.safetensors")) for d in (one, two))
@@ -121,6 +128,9 @@ def test_launched_run_writes_what_one_process_writes_and_resumes(tmp_path, monke
     for target in ("real", "private"):
         p1, p2 = (r[f"evaluate/ppl/{target}"]["result"]["perplexity"] for r in (r1, r2))
         assert p2 == pytest.approx(p1, rel=1e-3)
+    l1, l2 = (_rows(d / "evaluate/logprob/real/logprobs.jsonl") for d in (one, two))
+    assert [(r["role"], r["target"], r["template"]) for r in l1] == [(r["role"], r["target"], r["template"]) for r in l2]
+    assert len(l1) == 10 and np.allclose([r["logp"] for r in l1], [r["logp"] for r in l2], rtol=1e-3, atol=1e-5)
     assert (two / "report.html").is_file() and (two / "summary.json").is_file()
 
     # batch_size in the fine-tune's record is per process, and it says how many there were
@@ -129,7 +139,7 @@ def test_launched_run_writes_what_one_process_writes_and_resumes(tmp_path, monke
 
     again = _launch(tmp_path, "run", str(exp), "--out", str(two), "--no-report")  # finds what rank 0 recorded
     assert again.returncode == 0, again.stderr[-3000:]
-    assert again.stderr.count("8 stages (0 ran, 0 reused, 8 cached)") == 1, again.stderr[-3000:]
+    assert again.stderr.count("9 stages (0 ran, 0 reused, 9 cached)") == 1, again.stderr[-3000:]
     # `leakaudit report` under a launcher: the other processes write nothing (rank 0 writes it, as in `run`)
     from leakaudit.cli import app
 

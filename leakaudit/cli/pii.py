@@ -96,9 +96,14 @@ def pii_logprob(
                             n_candidates=n_candidates, batch_size=batch_size)
     prepare_output(out, command="pii-logprob", files=("pii_logprob.json", "logprobs.jsonl"),
                    inputs={"--pairs": pairs, "--model": model_path(model), "--baseline": model_path(baseline)})
+    from leakaudit.distributed import is_main
+
     ctx = KindContext(out=out, seed=seed, models={"target": model, "baseline": baseline}, show_pii=show_pii,
-                      cache=ModelCache(device=device, dtype=dtype, allow_pickle=allow_pickle), log=err.print)
+                      cache=ModelCache(device=device, dtype=dtype, allow_pickle=allow_pickle),
+                      log=err.print if is_main() else lambda m: None)
     res = kind.run(ctx, options)
+    if not is_main():  # under a launcher every process has the result; rank 0 prints it
+        return
     for h in res.headline():
         ci = f" [{h.ci[0]:.3f}, {h.ci[1]:.3f}]" if h.ci else ""
         typer.echo(f"{h.metric}: {h.value:.3f}{ci}")

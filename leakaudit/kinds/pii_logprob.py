@@ -83,7 +83,7 @@ def score_targets(lm: Any, targets: list[Any], templates: list[Any], candidates:
     """One row per target x template: logp and logp_per_token of the true address, its rank among the target's
     candidates (candidates[i][0] is target i's own address), and whether BPE would have merged across the
     prompt/address boundary. Every (prompt, candidate) is scored in one batched, cached pass."""
-    from leakaudit.scoring import score_ids
+    from leakaudit.distributed import score_ids_distributed as score_ids  # one process: score_ids itself
 
     tok = lm.tokenizer
     contexts, conts, where, merged = [], [], [], []
@@ -258,11 +258,13 @@ class PiiLogprob(Kind):
     roles = {"data": False, "baseline": False}
     summary = ("teacher-forced log p(true e-mail address | extraction prompt) and its rank among other "
                "targets' addresses (only the addresses in `data` when given), against the baseline's")
+    data_parallel = True
 
     def run(self, ctx: KindContext, options: PiiLogprobOptions) -> PiiLogprobResult:
         from leakaudit.data.enron import resolve_templates, select_targets
         from leakaudit.data.io import write_json, write_jsonl
         from leakaudit.data.pii_find import mask_pii
+        from leakaudit.distributed import is_main
 
         templates = resolve_templates(options.templates)
         pool = select_targets(options.pairs, ctx.records("data") if "data" in ctx.data else None)
@@ -286,10 +288,11 @@ class PiiLogprob(Kind):
         def shown(r: dict[str, Any]) -> dict[str, Any]:
             return r if ctx.show_pii else {**r, "target": mask_pii(r["target"]), "email": mask_pii(r["email"])}
 
-        write_jsonl(ctx.out / "logprobs.jsonl", [shown(r) for rows in all_rows.values() for r in rows])
         data = {"model": str(models["model"]), "baseline": models["baseline"], "n_targets": len(targets),
                 "n_candidates": len(candidates[0]), "templates": summary,
                 "boundary_merged": int(sum(r["boundary_merged"] for r in all_rows["model"])),
                 "seed": seed}  # comparisons' paired bootstrap reads the seed
-        write_json(ctx.out / "pii_logprob.json", data)
+        if is_main():  # under a launcher every process has the result; one writes it
+            write_jsonl(ctx.out / "logprobs.jsonl", [shown(r) for rows in all_rows.values() for r in rows])
+            write_json(ctx.out / "pii_logprob.json", data)
         return PiiLogprobResult(data)
