@@ -87,6 +87,7 @@ def pii_logprob(
     allow_pickle: bool = typer.Option(False, "--allow-pickle"),
 ) -> None:
     """Teacher-forced log p(true address | extraction prompt) and its rank among candidate addresses."""
+    from leakaudit.distributed import is_main
     from leakaudit.kinds import get_kind
     from leakaudit.kinds.base import KindContext, ModelCache
     from leakaudit.outputs import prepare_output
@@ -96,8 +97,6 @@ def pii_logprob(
                             n_candidates=n_candidates, batch_size=batch_size)
     prepare_output(out, command="pii-logprob", files=("pii_logprob.json", "logprobs.jsonl"),
                    inputs={"--pairs": pairs, "--model": model_path(model), "--baseline": model_path(baseline)})
-    from leakaudit.distributed import is_main
-
     ctx = KindContext(out=out, seed=seed, models={"target": model, "baseline": baseline}, show_pii=show_pii,
                       cache=ModelCache(device=device, dtype=dtype, allow_pickle=allow_pickle),
                       log=err.print if is_main() else lambda m: None)
