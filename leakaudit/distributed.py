@@ -161,7 +161,7 @@ def score_texts_distributed(lm, texts: Sequence[str], *, prefixes: str | Sequenc
 
     Every process returns the full list in input order. With one process it is exactly score_texts.
     """
-    from leakaudit.scoring import TokenScores, score_texts
+    from leakaudit.scoring import score_texts
 
     rank, size = world()
     if size == 1:
@@ -177,11 +177,18 @@ def score_texts_distributed(lm, texts: Sequence[str], *, prefixes: str | Sequenc
         my_prefixes = [prefixes[i] for i in mine]
     local = score_texts(lm, [texts[i] for i in mine], prefixes=my_prefixes, moments=moments,
                         progress=kwargs.pop("progress", True) and rank == 0, **kwargs)
-    logp = gather_ragged([s.logp for s in local], len(texts))
+    return _gather_scores(local, len(texts), moments)
+
+
+def _gather_scores(local: Sequence[TokenScores], n_total: int, moments: bool) -> list[TokenScores]:
+    """Every process's token scores for its shard → all of them, in input order, on every process."""
+    from leakaudit.scoring import TokenScores
+
+    logp = gather_ragged([s.logp for s in local], n_total)
     if not moments:
         return [TokenScores(lp) for lp in logp]
-    mu = gather_ragged([s.mu for s in local], len(texts))
-    var = gather_ragged([s.var for s in local], len(texts))
+    mu = gather_ragged([s.mu for s in local], n_total)
+    var = gather_ragged([s.var for s in local], n_total)
     return [TokenScores(a, b, c) for a, b, c in zip(logp, mu, var, strict=True)]
 
 
@@ -189,7 +196,7 @@ def score_ids_distributed(lm, contexts: Sequence[Sequence[int]], ids: Sequence[S
                           **kwargs) -> list[TokenScores]:
     """`scoring.score_ids` with the same signature, data-parallel across launched processes (each a shard of
     the (context, ids) pairs, all gathered); exactly score_ids with one process."""
-    from leakaudit.scoring import TokenScores, score_ids
+    from leakaudit.scoring import score_ids
 
     rank, size = world()
     if size == 1:
@@ -199,4 +206,4 @@ def score_ids_distributed(lm, contexts: Sequence[Sequence[int]], ids: Sequence[S
     mine = shard(len(ids))
     local = score_ids(lm, [contexts[i] for i in mine], [ids[i] for i in mine],
                       progress=kwargs.pop("progress", True) and rank == 0, **kwargs)
-    return [TokenScores(lp) for lp in gather_ragged([s.logp for s in local], len(ids))]
+    return _gather_scores(local, len(ids), moments=False)

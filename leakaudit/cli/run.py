@@ -16,16 +16,16 @@ console = Console(stderr=True, soft_wrap=True)  # a verdict line stays one line 
 
 def _log(message: str) -> None:
     """Stage progress lines (stages draw their own progress bars in between), PII masked (`mask_message`): a
-    stage id holds the experiment's own labels."""
+    stage id holds the experiment's own labels. Under a launcher only rank 0 tells them."""
     from leakaudit.data.pii_find import mask_message
+    from leakaudit.distributed import is_main
+
+    if not is_main():
+        return
 
     message = mask_message(message)
     style = "green" if message.endswith("cached") or " done in " in message or ": reused from " in message else "cyan"
     console.print(f"[{style}]{escape(message)}[/]", highlight=False)  # grid labels hold [brackets]
-
-
-def _quiet(message: str) -> None:
-    """The log of a launched process other than rank 0."""
 
 
 def print_verdicts(out: Path) -> None:
@@ -95,7 +95,7 @@ def demo(
     from leakaudit.distributed import is_main
 
     t0 = time.perf_counter()
-    status = run_demo(out, log=_log if is_main() else _quiet)
+    status = run_demo(out, log=_log)
     if not is_main():  # under a launcher rank 0 says how it went
         return
     print_verdicts(out)

@@ -12,7 +12,7 @@ from pydantic import ValidationError
 
 from leakaudit.config import ConfigError, pydantic_message
 from leakaudit.errors import InputError, OptionError
-from leakaudit.experiment.plan import Plan, Stage, stage_dir
+from leakaudit.experiment.plan import Plan, Stage, stage_dir, trained_by_all
 from leakaudit.kinds.base import DATA_ROLES, MODEL_ROLES
 
 
@@ -27,8 +27,8 @@ def check_plan(plan: Plan, runs: tuple[Path | None, ...] = ()) -> None:
         try:
             if stage.kind == "finetune":
                 config = per_process(_finetune_config(stage, "-"), stage)
-                finished = any(run is not None and is_done(run / stage.folder, stage.key) is not None for run in runs)
-                if config.fsdp and not finished:  # refused on a CPU (and with DP-SGD, PiSSA): before any stage
+                if config.fsdp and not any(run is not None and is_done(run / stage.folder, stage.key) is not None
+                                           for run in runs):  # refused on a CPU (and with DP-SGD, PiSSA)
                     _check_engine(stage, config)
                 base = plan.stages.get(stage.params["model"].get("stage", ""))
                 if base is not None and base.kind == "finetune" and base.params["method"] != "full":
@@ -165,7 +165,7 @@ def per_process(config: Any, stage: Stage) -> Any:
 
     size = world()[1]
     total = config.batch_size * config.gradient_accumulation
-    if size == 1 or config.dp_epsilon is not None:  # DP-SGD: one process (rank 0 alone)
+    if size == 1 or not trained_by_all(stage):  # DP-SGD: one process (rank 0 alone)
         return config
     if total % size:
         raise ConfigError(_option_loc(stage, "batch_size", "options"),
