@@ -83,7 +83,7 @@ def _rows(path: Path) -> list[dict]:
     return [json.loads(x) for x in path.read_text().splitlines()]
 
 
-def test_launched_run_writes_what_one_process_writes_and_resumes(tmp_path, monkeypatch):
+def test_launched_run_writes_what_one_process_writes_and_resumes(tmp_path, monkeypatch, capsys):
     exp = tmp_path / "exp.yaml"
     exp.write_text(STUDY)
     one, two = tmp_path / "one", tmp_path / "two"
@@ -146,8 +146,11 @@ def test_launched_run_writes_what_one_process_writes_and_resumes(tmp_path, monke
     (two / "report.html").unlink(missing_ok=True)  # (the --no-report rerun removed the earlier one)
     monkeypatch.setenv("RANK", "1")
     monkeypatch.setenv("WORLD_SIZE", "2")
+    capsys.readouterr()
     app(["report", str(two)], standalone_mode=False)
     assert not (two / "report.html").exists()
+    # ... and says so: where a platform sets RANK for every pod, a silent exit 0 would look like a report
+    assert "not written by this process (rank 1 of 2" in capsys.readouterr().err
 
 
 def test_a_launched_run_of_a_bad_file_prints_its_error_once(tmp_path):

@@ -78,10 +78,13 @@ def report(
     out: Path = typer.Argument(..., help="Output dir of `leakaudit run` or `leakaudit demo`"),
 ) -> None:
     """(Re)write report.html and summary.json from what a run left in DIR."""
-    from leakaudit.distributed import is_main
+    from leakaudit.distributed import is_main, world
     from leakaudit.report.html import write_report
 
-    if not is_main():  # under a launcher one process writes it
+    if not is_main():  # under a launcher one process writes it; a platform that sets RANK for every pod too
+        rank, size = world()
+        console.print(f"report: not written by this process (rank {rank} of {size}, from RANK and WORLD_SIZE); "
+                      "rank 0 writes it")
         return
     path = write_report(out)
     console.print(f"report: {path}")
