@@ -187,6 +187,12 @@ def _check_engine(stage: Stage, config: Any) -> None:
         raise ConfigError(finetune_option_loc(stage, exc.field), exc.message) from None
 
 
+def option_key(field: str | None) -> str | None:
+    """The experiment file's key for a command-line option an error names (`--max-length` → max_length);
+    any other field as it is."""
+    return field[2:].replace("-", "_") if field and field.startswith("--") else field
+
+
 def finetune_option_loc(stage: Stage, field: str | None) -> tuple[Any, ...] | None:
     """The key path of the fine-tune option an error of `finetune` names (`--fsdp` → finetune.NAME.options.fsdp,
     or its grid when the variant's value came from there); None when it names no option (an environment
@@ -195,7 +201,7 @@ def finetune_option_loc(stage: Stage, field: str | None) -> tuple[Any, ...] | No
 
     if not field or not field.startswith("--"):
         return None
-    key = field[2:].replace("-", "_")
+    key = option_key(field)
     if key not in FinetuneConfig.model_fields or key == "out":
         return None
     if key in stage.overrides:

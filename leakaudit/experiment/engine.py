@@ -19,6 +19,7 @@ from leakaudit.errors import InputError, warn_once
 from leakaudit.experiment.checks import (
     check_plan,
     finetune_option_loc,
+    option_key,
     prepare_out,
     resolve_models,
     stage_roles,
@@ -186,7 +187,7 @@ def _run_stage(plan: Plan, stage: Stage, table: dict[str, Callable[[StageContext
         loc = finetune_option_loc(stage, exc.field) if stage.kind == "finetune" else None
         if loc is not None:  # a fine-tune's --option: its key and line in the file
             raise plan.exp.error(loc, f"stage {stage.id}: {exc.message}") from None
-        field = exc.field[2:].replace("-", "_") if exc.field and exc.field.startswith("--") else exc.field
+        field = option_key(exc.field)
         if field in stage_roles(stage):  # a kind's input role (data, members, ...): its key in the file
             field = ".".join((*stage.origin, field))
         message = f"stage {stage.id}: {exc.message}"
