@@ -35,6 +35,7 @@ from pydantic import (
     model_validator,
 )
 
+from leakaudit.data.builtin import BUILTIN_NAMES
 from leakaudit.data.split import HOLDOUT_SUFFIX
 from leakaudit.errors import InputError
 from leakaudit.kinds.base import DATA_ROLES
@@ -58,8 +59,7 @@ class DatasetSpec(Strict):
     """A data file (`path`) or a built-in source (`builtin`), optionally limited, shuffled and split."""
 
     path: str | None = None
-    builtin: Literal["enron", "enron-sample", "enron-users", "enron-exposure", "enron-synthetic", "dolly",
-                     "self-instruct-seed"] | None = None
+    builtin: Literal[BUILTIN_NAMES] | None = None  # type: ignore[valid-type]
     text_field: str = "text"
     id_field: str | None = None
     user_field: str | None = None

@@ -63,7 +63,7 @@ def score(name, lm, texts=TEXTS, reference=None, **config):
 
 
 def test_registry_lists_every_attack_and_rejects_unknown():
-    assert set(ATTACKS) == {"loss", "zlib", "min_k", "min_k_pp", "ref", "lowercase", "recall", "gradnorm"}
+    assert set(ATTACKS) == {"loss", "zlib", "min_k", "min_k_pp", "ref", "lowercase", "recall", "gradnorm", "dc_pdd"}
     with pytest.raises(InputError, match="valid attacks: loss, zlib"):
         get_attack("lira")
     with pytest.raises(InputError, match="attack 'min_k'") as err:
@@ -178,10 +178,51 @@ def test_reference_free_attacks_share_one_scoring_pass(tiny_neox, monkeypatch):
     assert set(report.scores) == set(REFERENCE_FREE)
 
 
+def test_dc_pdd_by_hand(tiny_model, tmp_path):
+    """Token frequencies counted by hand over a two-text corpus file, Laplace-smoothed over the tokenizer's
+    size; each distinct token's first occurrence among the scored tokens, p * -log f clipped at a."""
+    corpus = ["the report was sent to the board", "Give three tips; give them twice."]
+    path = tmp_path / "corpus.jsonl"
+    path.write_text("".join(f'{{"text": "{t}"}}\n' for t in corpus))
+    tok = tiny_model.tokenizer
+
+    def by_hand(a, max_tokens=None):
+        counts = np.zeros(len(tok))
+        for t in corpus:
+            for i in tok(t, add_special_tokens=False)["input_ids"][:max_tokens]:
+                counts[i] += 1
+        freq = (counts + 1) / (counts.sum() + len(tok))
+        want = []
+        for t in TEXTS:
+            logp = hand(tiny_model, t)["logp"]
+            ids = tok(t)["input_ids"][-len(logp):]
+            seen, terms = set(), []
+            for lp, i in zip(logp, ids, strict=True):
+                if i not in seen:
+                    seen.add(i)
+                    terms.append(min(math.exp(lp) * -math.log(freq[i]), a))
+            want.append(np.mean(terms))
+        return want
+
+    for a in (0.01, 1.0):  # 1.0 clips nothing on these texts: the unclipped terms are checked too
+        assert np.allclose(score("dc_pdd", tiny_model, corpus=str(path), a=a), by_hand(a), rtol=1e-4), a
+    # max_tokens cuts each corpus text before counting
+    one = score("dc_pdd", tiny_model, corpus=str(path), a=1.0, max_tokens=1)
+    assert np.allclose(one, by_hand(1.0, max_tokens=1), rtol=1e-4) and not np.allclose(one, by_hand(1.0))
+    with pytest.raises(InputError, match="attack 'dc_pdd': 'nowhere.jsonl' is neither a built-in dataset") as err:
+        score("dc_pdd", tiny_model, corpus="nowhere.jsonl")
+    assert err.value.field == "corpus"
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"text": "fine"}\n{"body": "no text field"}\n')
+    with pytest.raises(InputError) as err:
+        score("dc_pdd", tiny_model, corpus=str(bad))
+    assert (err.value.line, err.value.field) == (2, "text")
+
+
 def test_batched_and_unbatched_agree(tiny_opt, tiny_neox):
     """Every attack that scores in batches, ref (the reference's own pass) and recall (texts after a shared
     prefix) included: one text per batch, padded batches of 3, and "auto" give the same scores."""
-    attacks = ["loss", "zlib", "min_k", "min_k_pp", "lowercase", "ref", "recall"]
+    attacks = ["loss", "zlib", "min_k", "min_k_pp", "lowercase", "ref", "recall", "dc_pdd"]
     nonmembers = TEXTS[2:] + ["Tell me a joke about the weather.", "List five fruits.", "Name a colour."]
     runs = [run_mia(tiny_opt, TEXTS[:2], nonmembers, attacks, tiny_neox, attack_options={"recall": {"shots": 2}},
                     n_bootstrap=10, batch_size=b, **NO_CACHE) for b in (1, 3, "auto")]
@@ -229,7 +270,7 @@ def member_split(tiny_neox):
 
 def test_model_trained_on_members_ranks_them_higher(member_split, tiny_neox):
     tuned, members, nonmembers = member_split
-    attacks = ["loss", "zlib", "min_k", "min_k_pp", "ref", "gradnorm"]
+    attacks = ["loss", "zlib", "min_k", "min_k_pp", "ref", "gradnorm", "dc_pdd"]
     report = run_mia(tuned, members, nonmembers, attacks, reference=tiny_neox, n_bootstrap=200, **NO_CACHE)
     aucs = {name: m.auc for name, m in report.metrics.items()}
     assert aucs["loss"] > 0.8, aucs
@@ -311,6 +352,14 @@ def test_mia_cli_writes_design_outputs(tmp_path, monkeypatch, capsys):
     # the low-FPR warning is printed (once for all attacks) and the table says what an n/a needs
     assert err.count("warning: only 4 non-members: TPR at FPR 0.01 needs at least 100 to be resolved") == 1
     assert "n/a (needs" in err  # the table cell (wrapped to its column)
+    # dc_pdd with a corpus file of the user's: one more column, the same samples
+    corpus = _jsonl(tmp_path / "corpus.jsonl", [{"text": t} for t in _seed_instructions(40)[20:]])
+    code, err = _cli(monkeypatch, capsys, "mia", "--target", "tiny-gpt-neox", "--members", members, "--nonmembers",
+                     nonmembers, "--attacks", "loss,dc_pdd", "--dc-pdd-corpus", corpus, "--out",
+                     str(tmp_path / "dc"), "--n-bootstrap", "0", "--no-cache")
+    assert code == 0, err
+    dc = [json.loads(x) for x in (tmp_path / "dc" / "scores.jsonl").read_text().splitlines()]
+    assert len(dc) == 12 and all(0 < r["dc_pdd"] <= 0.01 for r in dc)
 
 
 @pytest.mark.parametrize("rows,args,expect", [
@@ -323,6 +372,9 @@ def test_mia_cli_writes_design_outputs(tmp_path, monkeypatch, capsys):
     ([{"text": "Give three tips.", "label": 1}, {"text": "Sort these.", "label": 0}, {"text": "a", "label": 0}], [],
      "data.jsonl:3: field 'text': text has fewer than 2 tokens"),
     ([{"text": "Give three tips.", "label": 1}], [], "no non-members"),
+    ([{"text": "Give three tips.", "label": 1}, {"text": "Sort these.", "label": 0}],
+     ["--attacks", "dc_pdd", "--dc-pdd-corpus", "c4.jsonl"],
+     "field '--dc-pdd-corpus': attack 'dc_pdd': 'c4.jsonl' is neither a built-in dataset"),
 ])
 def test_mia_cli_bad_input_is_one_line_exit_2(tmp_path, monkeypatch, capsys, rows, args, expect):
     data = _jsonl(tmp_path / "data.jsonl", rows)

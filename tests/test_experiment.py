@@ -339,6 +339,26 @@ def test_edited_input_file_reruns_its_readers(tmp_path):
     assert Plan(parse_experiment(text)).stages["data/d"].key != first
 
 
+def test_edited_file_named_by_a_nested_option_reruns_its_reader(tmp_path):
+    """dc_pdd's `corpus` sits two levels down in mia's options: its content enters the stage's key too."""
+    corpus = tmp_path / "corpus.jsonl"
+    corpus.write_text(json.dumps({"text": "general English text"}) + "\n")
+    cfg = yaml.safe_load(SMALL)
+    plain = {s.id: s.key for s in Plan(parse_experiment(yaml.safe_dump(cfg))).stages.values()}
+    cfg["evaluate"]["mia"]["options"] = {"attacks": ["loss", "dc_pdd"],
+                                         "attack_options": {"dc_pdd": {"corpus": str(corpus)}}}
+
+    def keys():
+        return {s.id: s.key for s in Plan(parse_experiment(yaml.safe_dump(cfg))).stages.values()}
+
+    first = keys()
+    corpus.write_text(json.dumps({"text": "other text"}) + "\n")
+    again = keys()
+    changed = sorted(i for i in first if first[i] != again[i])
+    assert changed and all(i.startswith("evaluate/mia") for i in changed), changed
+    assert all(first[i] == plain[i] for i in first if not i.startswith("evaluate/mia"))
+
+
 def test_split_by_user_keeps_each_user_in_one_part():
     from leakaudit.experiment import split_rows
 

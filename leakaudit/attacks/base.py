@@ -111,4 +111,4 @@ def get_attack(name: str, **config: Any) -> Attack:
     except ValidationError as exc:
         err = exc.errors()[0]
         loc = ".".join(str(x) for x in err["loc"]) or name
-        raise InputError(f"attack '{name}': {err['msg']}", field=loc) from None
+        raise InputError(f"attack '{name}': {err['msg'].removeprefix('Value error, ')}", field=loc) from None

@@ -11,9 +11,11 @@ import math
 import zlib
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Annotated
 
 import numpy as np
-from pydantic import Field
+from pydantic import AfterValidator, Field
 
 from leakaudit.attacks.base import ATTACKS, Attack, AttackConfig, ScoringContext, get_attack, register
 from leakaudit.errors import InputError, warn_once
@@ -219,6 +221,69 @@ class RecallAttack(Attack):
             n = plain.n_tokens
             out.append(plain.mean_logp - float(c.logp[-n:].astype(np.float64).mean()))
         return np.array(out)
+
+
+def _corpus(value: str) -> str:
+    from leakaudit.data.builtin import BUILTIN_NAMES
+
+    if value not in BUILTIN_NAMES and not Path(value).expanduser().is_file():
+        raise ValueError(f"'{value}' is neither a built-in dataset ({', '.join(BUILTIN_NAMES)}) nor a file")
+    return value
+
+
+class DcPddConfig(AttackConfig):
+    a: float = Field(0.01, gt=0, description="upper bound each token's term is clipped to")
+    corpus: Annotated[str, AfterValidator(_corpus)] = Field(
+        "dolly", description="reference corpus for the token frequencies: a built-in dataset name or a data file "
+                             "(JSONL/JSON/CSV/Parquet with a `text` field)")
+    max_tokens: int = Field(1024, ge=1, description="tokens counted per corpus text (its first)")
+
+
+@register
+class DcPddAttack(Attack):
+    """dc_pdd = mean over the first occurrences t of each distinct token in x of min(p(x_t | x_<t) * -log f(x_t),
+    a), with f the token's Laplace-smoothed frequency in a reference corpus, f(v) = (count(v) + 1) / (N + |V|)
+    (N tokens counted, |V| the tokenizer's size), and a = 0.01. A token the model predicts with a probability far
+    above its frequency in ordinary text is evidence of training; first occurrences only, so repeats do not
+    count twice; the clip keeps a few rare tokens from deciding. Over the scored tokens (without a BOS, all but
+    the first). Higher => member. Built for pre-training data (study 1's question); the frequencies come from
+    the reference corpus, never from the texts under attack (counting the non-members would mark their tokens
+    common and push their scores down).
+
+    Zhang et al., "Pretraining Data Detection for Large Language Models: A Divergence-based Calibration
+    Method", EMNLP 2024 (the paper counts C4; the default here is the shipped Dolly set, general English).
+    """
+
+    name = "dc_pdd"
+    paper = "Zhang et al. 2024, DC-PDD (divergence-based calibration)"
+    Config = DcPddConfig
+
+    def score(self, ctx):
+        _need_tokens(ctx)
+        tok = ctx.target.tokenizer
+        neg_log_f = -np.log(_smoothed_frequencies(tok, self.config.corpus, self.config.max_tokens))
+        out = []
+        for text, s in zip(ctx.texts, ctx.target_scores, strict=True):
+            ids = np.asarray(tok(text, add_special_tokens=True)["input_ids"][-s.n_tokens:])
+            first = np.sort(np.unique(ids, return_index=True)[1])
+            alpha = np.exp(s.logp[first].astype(np.float64)) * neg_log_f[ids[first]]
+            out.append(float(np.minimum(alpha, self.config.a).mean()))
+        return np.array(out)
+
+
+def _smoothed_frequencies(tokenizer, corpus: str, max_tokens: int) -> np.ndarray:
+    """(count(v) + 1) / (N + |V|) over the corpus's texts, each cut to its first `max_tokens` tokens."""
+    from leakaudit.data.builtin import BUILTIN_NAMES, builtin_dataset
+    from leakaudit.data.io import load_records
+
+    if corpus in BUILTIN_NAMES:
+        texts = [r["text"] for r in builtin_dataset(corpus, 0, None)]
+    else:
+        texts = [r.text for r in load_records(Path(corpus).expanduser())]
+    counts = np.zeros(len(tokenizer), dtype=np.float64)
+    for ids in tokenizer(texts, add_special_tokens=False)["input_ids"]:
+        np.add.at(counts, ids[:max_tokens], 1)
+    return (counts + 1) / (counts.sum() + len(counts))
 
 
 class GradNormConfig(AttackConfig):

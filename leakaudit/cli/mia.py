@@ -16,7 +16,8 @@ from leakaudit.options import MAX_SEED
 #: option paths whose flag is not `--option-name`
 MIA_FLAGS = {("attack_options",): "--attacks", ("attack_options", "min_k", "k"): "--k",
              ("attack_options", "min_k_pp", "k"): "--k", ("attack_options", "recall", "shots"): "--recall-shots",
-             ("attack_options", "recall", "prefix"): "--recall-prefix", ("cache",): "--no-cache"}
+             ("attack_options", "recall", "prefix"): "--recall-prefix", ("cache",): "--no-cache",
+             ("attack_options", "dc_pdd", "corpus"): "--dc-pdd-corpus"}
 USER_FLAGS = {("m_values",): "--samples-per-user", ("cache",): "--no-cache"}
 
 
@@ -75,6 +76,8 @@ def mia(
                                                                              " (default: first --recall-shots"
                                                                              " non-members, then not evaluated)"),
     recall_shots: int = typer.Option(3, "--recall-shots"),
+    dc_pdd_corpus: str = typer.Option("dolly", "--dc-pdd-corpus", help="Reference corpus for dc_pdd's token "
+                                      "frequencies: a built-in dataset or a data file with a `text` field"),
     n_bootstrap: int = typer.Option(1000, "--n-bootstrap", min=0, help="Bootstrap resamples for the AUC CI"),
     seed: int = typer.Option(0, "--seed", min=0, max=MAX_SEED),
     batch_size: str = batch_size_option(),
@@ -98,6 +101,8 @@ def mia(
     attack_options: dict[str, dict] = {name: {"k": k} for name in ("min_k", "min_k_pp") if name in names}
     if "recall" in names:  # only the options of attacks that run are checked
         attack_options["recall"] = {"shots": recall_shots}
+    if "dc_pdd" in names:
+        attack_options["dc_pdd"] = {"corpus": dc_pdd_corpus}
     values = {"attacks": attacks or None, "attack_options": attack_options, "n_bootstrap": n_bootstrap, "seed": seed,
               "batch_size": batch_size, "max_length": max_length, "stride": stride, "cache": not no_cache}
     roles = {"members", "nonmembers", *(["reference"] if reference else [])}
@@ -105,7 +110,8 @@ def mia(
     _one_source(members, nonmembers, data)
     prepare_output(out, command="mia", files=("mia.json", "scores.jsonl"),
                    inputs={"--members": members, "--nonmembers": nonmembers, "--data": data,
-                           "--recall-prefix": recall_prefix, "--target": model_path(target),
+                           "--recall-prefix": recall_prefix, "--dc-pdd-corpus": _file(dc_pdd_corpus),
+                           "--target": model_path(target),
                            "--reference": model_path(reference)})
     if "recall" in names and recall_prefix is not None:
         attack_options["recall"]["prefix"] = tuple(r.text for r in load_records(recall_prefix, text_field=text_field))
@@ -120,6 +126,11 @@ def mia(
     n_out = next(iter(res["attacks"].values()))["n_nonmembers"]
     _summary(f"MIA on {target} ({len(ins)} members, {n_out} non-members)", res["attacks"])
     _say(f"wrote {out / 'mia.json'}, scores.jsonl, roc.png")
+
+
+def _file(value: str) -> Path | None:
+    """A flag's value that names an existing file (else a built-in name)."""
+    return Path(value) if Path(value).expanduser().is_file() else None
 
 
 def _one_source(members: Path | None, nonmembers: Path | None, data: Path | None) -> None:

@@ -28,6 +28,9 @@ ENRON_ENV = "LEAKAUDIT_ENRON_MESSAGES"  # the full corpus's messages.jsonl, read
 ENRON_SAMPLE = ("enron-emails", "sample.jsonl")  # inside leakaudit/resources
 ENRON_USERS = ("enron-users", "messages.jsonl")  # already cleaned rows {id, text, user}
 KEEP_HEADERS = ("From", "To", "Subject")
+#: what `builtin:` (and dc_pdd's `corpus`) may name
+BUILTIN_NAMES = ("enron", "enron-sample", "enron-users", "enron-exposure", "enron-synthetic", "dolly",
+                 "self-instruct-seed")
 
 
 def enron_messages_path() -> Path | None:

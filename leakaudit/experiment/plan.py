@@ -153,10 +153,10 @@ class Plan:
 
     def _read_outside(self, options: dict[str, Any]) -> dict[str, Any]:
         """What a generate or evaluate stage reads besides its inputs, for its key: the content of every file
-        an option names (pii `pairs`, self-instruct `seed_tasks`, backdoor `words_file`, ...), and
-        `report.show_pii`, which decides whether its outputs are masked. Nothing when neither applies, so
+        an option names at any depth (pii `pairs`, self-instruct `seed_tasks`, backdoor `words_file`, mia's
+        `attack_options.dc_pdd.corpus`, ...), and `report.show_pii`, which decides whether its outputs are masked. Nothing when neither applies, so
         keys of stages without them stay as they were."""
-        files = {k: file_identity(v) for k, v in sorted(options.items()) if _names_a_file(v)}
+        files = {k: file_identity(v) for k, v in sorted(_flat(options).items()) if _names_a_file(v)}
         return {**({"files": files} if files else {}), **({"show_pii": True} if self.exp.report.show_pii else {})}
 
     def _seed(self, spec: Any) -> int:
@@ -243,6 +243,17 @@ class Plan:
                           overrides=overrides, seed=self._seed(f))
             self._add(stage)
             self.finetune_variants[name].append(stage.id)
+
+
+def _flat(options: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """Nested options as dotted keys (`attack_options.dc_pdd.corpus`): a file may be named at any depth."""
+    out: dict[str, Any] = {}
+    for k, v in options.items():
+        if isinstance(v, dict):
+            out.update(_flat(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
 
 
 def _names_a_file(value: Any) -> bool:
