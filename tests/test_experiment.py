@@ -564,6 +564,25 @@ def test_fixed_seed_steps_are_shared_across_seeds_and_reused(tmp_path):
     assert set(again.values()) == {"cached"}  # reused stages are this run's own from now on
 
 
+def test_a_seed_override_is_what_the_report_and_summary_say(tmp_path, monkeypatch, capsys):
+    """`run --seed 3` on a file that says seed 0: the report echoed the file (seed: 0) and the summary had no
+    seed, so every seed's shared report claimed seed 0."""
+    from conftest import run_main
+
+    cfg = yaml.safe_load(SMALL)
+    cfg["evaluate"], cfg["finetune"] = {}, {}
+    exp = tmp_path / "exp.yaml"
+    exp.write_text(yaml.safe_dump({**cfg, "seed": 0}))
+    code, err = run_main(["run", str(exp), "--out", str(tmp_path / "s3"), "--seed", "3"], monkeypatch, capsys)
+    assert code == 0, err
+    assert json.loads((tmp_path / "s3/summary.json").read_text())["seed"] == 3
+    html = (tmp_path / "s3/report.html").read_text()
+    assert "· seed 3 ·" in html and "# run with --seed 3, which overrides the file&#39;s seed (0)" in html
+    code, err = run_main(["run", str(exp), "--out", str(tmp_path / "s0")], monkeypatch, capsys)
+    html = (tmp_path / "s0/report.html").read_text()
+    assert code == 0 and "· seed 0 ·" in html and "overrides" not in html
+
+
 def test_a_kill_mid_copy_or_mid_delete_never_leaves_a_stage_that_reads_as_finished(tmp_path, monkeypatch):
     """A `--reuse` copy killed after stage.json (often copied first), or a stale folder's deletion killed
     after its outputs went but before its marker, was taken as finished on the next run, outputs missing."""

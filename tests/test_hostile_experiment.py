@@ -357,6 +357,13 @@ def test_a_bad_value_from_a_grid_names_the_grid(tmp_path, monkeypatch, capsys):
     assert err.startswith(f"error: {tmp_path / 'study' / 'exp.yaml'}:14: field 'evaluate.m.grid.batch_size': ")
 
 
+def test_a_missing_data_file_names_the_experiments_line(tmp_path, monkeypatch, capsys):
+    """It named the data file and the key, but not the experiment file and line every other check gives."""
+    err = _refused(tmp_path, _experiment().replace("path: data.jsonl", "path: nothere.jsonl"), monkeypatch, capsys)
+    assert err == (f"error: {tmp_path / 'study' / 'exp.yaml'}:6: field 'datasets.d.path': data file not found: "
+                   f"{tmp_path / 'study' / 'nothere.jsonl'}")
+
+
 # ----------------------------------------------------------------------------------------- models
 def test_a_missing_local_model_is_refused_at_plan_time(tmp_path, monkeypatch, capsys):
     err = _refused(tmp_path, _experiment(model="./no-such-model"), monkeypatch, capsys)

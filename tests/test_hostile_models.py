@@ -96,6 +96,12 @@ def test_model_bin_with_stray_safetensors_is_refused(model_copy, tmp_path, monke
     (d / "model.safetensors").rename(d / "extra.safetensors")
     torch.save(state, d / "pytorch_model.bin")
     _refused(_info(d), monkeypatch, capsys, tmp_path, "pytorch_model.bin", "pickle")
+    # `run` has no --allow-pickle: its error named that flag anyway ("No such option" when tried)
+    exp = tmp_path / "exp.yaml"
+    exp.write_text(f"name: x\nmodels: {{base: {d}}}\n")
+    err = _refused(["run", str(exp), "--out", str(tmp_path / "out")], monkeypatch, capsys, d,
+                   f"{exp}:2: field 'models.base'", "convert them to safetensors")
+    assert "pass --allow-pickle" not in err
 
 
 def test_config_naming_a_pickle_weights_file_is_refused(model_copy, tmp_path, monkeypatch, capsys):

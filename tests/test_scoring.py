@@ -423,6 +423,22 @@ def test_score_cli_writes_rows(tmp_path):
             assert math.isclose(r["sum_logp"], sum(r["token_logprobs"]), abs_tol=1e-3)
 
 
+def test_score_cli_writes_null_not_nan_for_a_text_with_no_scored_token(tmp_path, monkeypatch, capsys):
+    """A one-token text (no BOS) has no mean: the row said NaN, which strict JSON parsers refuse."""
+    from conftest import run_main
+
+    data = tmp_path / "t.jsonl"
+    data.write_text(json.dumps({"text": "Give three tips."}) + "\n" + json.dumps({"text": "a"}) + "\n")
+    out = tmp_path / "s.jsonl"
+    code, err = run_main(["score", "--model", "tiny-gpt-neox", "--data", str(data), "--out", str(out),
+                          "--no-cache"], monkeypatch, capsys)
+    assert code == 0, err
+    rows = [json.loads(x, parse_constant=lambda c: pytest.fail(f"{c} in the output")) for x in
+            out.read_text().splitlines()]
+    assert rows[1]["n_tokens"] == 0 and rows[1]["mean_logp"] is None and rows[0]["mean_logp"] < 0
+    assert "warning: 1 of 2 texts have no scored token" in err and f"the first: {data}:2" in err
+
+
 @pytest.mark.default_model
 def test_default_model_scores_finite(default_model):
     res = score_texts(default_model, ["The email address of Karen Arnold is"], moments=True, cache=False)[0]

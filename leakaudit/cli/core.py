@@ -122,8 +122,14 @@ def score(
     if not is_main():
         return
     rows = []
+    empty = [rec for rec, res in zip(records, results, strict=True) if res.n_tokens == 0]
+    if empty:  # no token to score: no mean (null, not NaN, which is not JSON)
+        err.print(f"warning: {len(empty)} of {len(records)} texts have no scored token (fewer than 2 tokens and no "
+                  f"BOS), so their mean_logp is null; the first: {data}:{empty[0].line}", markup=False,
+                  highlight=False)
     for rec, res in zip(records, results, strict=True):
-        row = {"id": rec.id, "n_tokens": res.n_tokens, "sum_logp": res.sum_logp, "mean_logp": res.mean_logp}
+        row = {"id": rec.id, "n_tokens": res.n_tokens, "sum_logp": res.sum_logp,
+               "mean_logp": res.mean_logp if res.n_tokens else None}
         if token_logprobs:
             row["token_logprobs"] = [round(float(x), 6) for x in res.logp]
         if moments:

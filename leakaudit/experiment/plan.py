@@ -173,7 +173,7 @@ class Plan:
             if ds.path is not None:
                 p = Path(ds.path).expanduser()
                 if not p.exists():
-                    raise InputError("data file not found", file=p, field=f"datasets.{name}.path")
+                    raise exp.error(("datasets", name, "path"), f"data file not found: {p}")
                 params["content"] = file_identity(p)
             params["name"] = name
             if ds.builtin == "enron":  # the corpus LEAKAUDIT_ENRON_MESSAGES points at, else the shipped sample

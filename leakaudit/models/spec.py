@@ -229,7 +229,8 @@ def _inside(root: Path, file: Path) -> bool:
 
 def _refuse_pickle(path: Path, names: list[str]) -> None:
     raise InputError(f"weights are pickle files ({', '.join(sorted(names)[:3])}), which can run code when loaded; "
-                     "convert them to safetensors or pass --allow-pickle if you trust the source",
+                     "convert them to safetensors (from_pretrained, then save_pretrained, where you trust them); "
+                     "the commands that have --allow-pickle load them if you trust the source",
                      file=path, field="--model")
 
 
