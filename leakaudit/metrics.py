@@ -90,13 +90,14 @@ def tpr_at_fpr(fpr: np.ndarray, tpr: np.ndarray, target: float) -> float:
 
 
 def roc_metrics(scores: Sequence[float], labels: Sequence[int], n_bootstrap: int = 1000, seed: int = 0,
-                fprs: Sequence[float] = DEFAULT_FPRS, ci: float = 0.95) -> RocMetrics:
+                fprs: Sequence[float] = DEFAULT_FPRS, ci: float = 0.95, negatives: str = "non-members") -> RocMetrics:
     """ROC curve, AUC with a BCa bootstrap CI (members and non-members resampled separately),
     TPR at each FPR in `fprs` with its percentile bootstrap CI from the same resamples (the threshold is
     re-chosen in each, so the interval carries its uncertainty too), and attacker advantage max_t (TPR - FPR).
 
     A TPR at FPR f needs at least 1/f non-members to mean anything; with fewer it is None and the result
-    carries a warning. When every resample gives the same AUC (a sample AUC of 1 or 0: perfect separation
+    carries a warning, which names the negatives as `negatives` says ("non-member users" for user inference).
+    When every resample gives the same AUC (a sample AUC of 1 or 0: perfect separation
     survives resampling), the percentile interval has no width; the distribution-free interval of
     Birnbaum and McCarty (1956) stands in (`auc_interval_without_width`).
     """
@@ -106,10 +107,10 @@ def roc_metrics(scores: Sequence[float], labels: Sequence[int], n_bootstrap: int
     fpr, tpr, _ = roc_curve(y, s, drop_intermediate=False)
     auc = float(roc_auc_score(y, s))
     n_pos, n_neg = int(y.sum()), int(len(y) - y.sum())
-    warnings = [f"only {n_neg} non-members: TPR at FPR {f:g} needs at least {needed_negatives(f)} to be resolved"
+    warnings = [f"only {n_neg} {negatives}: TPR at FPR {f:g} needs at least {needed_negatives(f)} to be resolved"
                 for f in fprs if n_neg < needed_negatives(f)]
     resolved = [float(f) for f in fprs if n_neg >= needed_negatives(f)]
-    warnings += [f"only {n_neg} non-members: the interval of TPR at FPR {f:g} is too narrow below about "
+    warnings += [f"only {n_neg} {negatives}: the interval of TPR at FPR {f:g} is too narrow below about "
                  f"{FEW_NEGATIVES * needed_negatives(f)} (it covered 68-86% of true values at "
                  f"{needed_negatives(f)}, simulated)"
                  for f in resolved if n_neg < FEW_NEGATIVES * needed_negatives(f) and n_bootstrap > 0]

@@ -546,11 +546,12 @@ def _progress(enabled: bool, description: str, total: int):
     if not enabled:
         yield lambda n: None
         return
-    from rich.console import Console
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+    from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeRemainingColumn
 
-    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
-                  console=Console(stderr=True), transient=True) as bar:
+    from leakaudit.progress import progress_bar
+
+    with progress_bar(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                      TimeRemainingColumn()) as bar:
         task = bar.add_task(description, total=total)
         advance: Callable[[int], None] = lambda n: bar.update(task, advance=n)  # noqa: E731
         yield advance

@@ -723,12 +723,13 @@ def _progress(enabled: bool, description: str, total: int):
     if not enabled or total < 20000:
         yield lambda n: None
         return
-    from rich.console import Console
-    from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
+    from rich.progress import BarColumn, TextColumn, TimeRemainingColumn
+
+    from leakaudit.progress import progress_bar
 
     columns = [TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total} tok"),
                TimeRemainingColumn()]
-    with Progress(*columns, console=Console(stderr=True), transient=True) as bar:
+    with progress_bar(*columns) as bar:
         task = bar.add_task(description, total=total)
         started = time.perf_counter()
         yield lambda n: bar.update(task, advance=n)

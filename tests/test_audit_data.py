@@ -75,6 +75,10 @@ def test_audit_data_command_masks_and_skips_prompts(tmp_path):
     assert rows[1]["emails"] == ["k***@flash.net"] and rows[1]["phones"] == ["***-***-**34"]
     text = (out / "audit_records.jsonl").read_text() + res.output
     assert "klarnold" not in text and "853-1234" not in text and "emails" in res.output
+    # the n-grams on their own line, in the generated data's own count (the table's columns are distinct values)
+    v = summary["verbatim"]
+    assert (f"verbatim 8-grams: {v['ngrams_reproduced']} of the generated data's {v['ngrams_total']} occur in the "
+            f"source") in " ".join(res.output.split())
     # a record's own id is often PII too: masked like the values
     gen.write_text("".join(json.dumps({"id": i, "text": SOURCE[0][:60] + g, "generated": g}) + "\n"
                            for i, g in [("klarnold@flash.net", CLEAN), ("713-853-1234", PLANTED_PII)]))

@@ -457,3 +457,22 @@ def test_default_model_scores_finite(default_model):
         parallel = score_texts(default_model, TEXTS, moments=True, cache=False, batch_size=1)
     for a, b in zip(serial, parallel, strict=True):
         assert np.array_equal(a.logp, b.logp) and np.array_equal(a.var, b.var)
+
+
+
+def test_a_progress_bar_prints_nothing_where_stderr_is_no_terminal(capsys):
+    """Into a pipe or log file rich drew nothing but an empty line when the bar ended: one blank line between
+    every progress line of a run's log. Every bar is this one (no other rich Progress in the package)."""
+    from pathlib import Path
+
+    from rich.progress import TextColumn
+
+    from leakaudit.progress import progress_bar
+
+    with progress_bar(TextColumn("x")) as bar:
+        bar.update(bar.add_task("a", total=2), advance=1)
+    assert capsys.readouterr().err == ""
+    package = Path(scoring.__file__).parent
+    others = [str(f.relative_to(package)) for f in package.rglob("*.py")
+              if "Progress(" in f.read_text() and f.name != "progress.py"]
+    assert others == []

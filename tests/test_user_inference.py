@@ -136,6 +136,7 @@ def test_user_inference_cli(tmp_path, monkeypatch, capsys):
     js = json.loads((tmp_path / "o" / "user_inference.json").read_text())
     assert js["n_users_in"] == 2 and js["n_users_out"] == 2 and set(js["per_m"]) == {"1", "all"}
     assert len((tmp_path / "o" / "user_scores.jsonl").read_text().splitlines()) == 4
+    assert "only 2 non-member users: TPR at FPR 0.01 needs at least 100" in err  # users, not texts
     rows[3]["in"] = 0  # user1 now has rows labelled in and out
     data.write_text("".join(json.dumps(r) + "\n" for r in rows))
     code, err = run("--data", str(data), "--out", str(tmp_path / "o2"))

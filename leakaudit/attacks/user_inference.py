@@ -160,7 +160,8 @@ def run_user_inference(target: LoadedModel, reference: LoadedModel, records_in: 
             warnings.append(f"m={m}: too few users with {m} samples in both groups; no result for this m")
             continue
         user_scores[m] = stats
-        per_m[m] = roc_metrics([stats[u] for u in keep], y, n_bootstrap=n_bootstrap, seed=seed)
+        per_m[m] = roc_metrics([stats[u] for u in keep], y, n_bootstrap=n_bootstrap, seed=seed,
+                               negatives="non-member users")
     if not per_m:
         raise InputError("no value of samples-per-user leaves users both in and out of training",
                          field="m_values")

@@ -186,10 +186,12 @@ def audit_data_cmd(
     for kind, s in summary["pii"].items():
         table.add_row(kind, str(s["in_source"]), str(s["reproduced"]), f"{s['fraction']:.3f}",
                       str(s["records_with_any"]))
-    v = summary["verbatim"]
-    table.add_row(f"{ngram}-grams", str(v["source_distinct_ngrams"]), str(v["ngrams_reproduced"]),
-                  f"{v['fraction']:.3f}", str(v["records_with_any"]))
     Console().print(table)
+    # its own line: the PII columns count distinct values, n-grams are counted in the generated data
+    v = summary["verbatim"]
+    Console().print(f"verbatim {ngram}-grams: {v['ngrams_reproduced']} of the generated data's {v['ngrams_total']} "
+                    f"occur in the source (fraction {v['fraction']:.3f}), in {v['records_with_any']} records; the "
+                    f"source has {v['source_distinct_ngrams']} distinct {ngram}-grams", highlight=False)
     if out is not None:
         err.print(f"wrote {out / 'audit_data.json'} and {out / 'audit_records.jsonl'}")
 

@@ -212,7 +212,9 @@ def _read_csv(p: Path) -> list[tuple[int, dict[str, Any]]]:
                     return rows
                 if None in row:
                     raise InputError("row has more columns than the header", file=p, line=reader.line_num)
-                rows.append((reader.line_num, dict(row)))
+                # a short row: csv fills the columns it lacks with None ("must be a string, got NoneType");
+                # leaving them out says which field the row is missing
+                rows.append((reader.line_num, {k: v for k, v in row.items() if v is not None}))
         except csv.Error as exc:  # an unclosed quote, a field over the csv module's size limit
             problem = "a quoted field is never closed" if "unexpected end of data" in str(exc) else one_line(exc)
             raise InputError(f"unreadable CSV: {problem}", file=p, line=start) from None

@@ -48,11 +48,12 @@ class SelfInstruct(Kind):
                   "top_p": options.top_p, "seed": ctx.seed, "batch_size": options.batch_size}
         tasks_file = ctx.output_file("tasks.jsonl")
         if ctx.progress:
-            from rich.console import Console
-            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
+            from rich.progress import BarColumn, MofNCompleteColumn, TextColumn
 
-            with Progress(TextColumn("self-instruct"), BarColumn(), MofNCompleteColumn(),
-                          TextColumn("{task.fields[r]}"), console=Console(stderr=True), transient=True) as bar:
+            from leakaudit.progress import progress_bar
+
+            with progress_bar(TextColumn("self-instruct"), BarColumn(), MofNCompleteColumn(),
+                              TextColumn("{task.fields[r]}")) as bar:
                 task = bar.add_task("tasks", total=options.n, r="")
                 tasks = self_instruct(lm, seeds, tasks_file, options.n, progress=False,
                                       on_round=lambda r, k, total: bar.update(task, completed=total,

@@ -72,12 +72,12 @@ class RichProgressCallback(TrainerCallback):
         self.task = None
 
     def on_train_begin(self, args, state, control, **kwargs):
-        from rich.console import Console
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+        from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeRemainingColumn
 
-        self.bar = Progress(TextColumn("fine-tuning"), BarColumn(), MofNCompleteColumn(),
-                            TextColumn("loss {task.fields[loss]}"), TimeRemainingColumn(),
-                            console=Console(stderr=True), transient=True)
+        from leakaudit.progress import progress_bar
+
+        self.bar = progress_bar(TextColumn("fine-tuning"), BarColumn(), MofNCompleteColumn(),
+                                TextColumn("loss {task.fields[loss]}"), TimeRemainingColumn())
         self.bar.start()
         self.task = self.bar.add_task("train", total=state.max_steps, completed=state.global_step, loss="-")
 
