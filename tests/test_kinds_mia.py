@@ -132,3 +132,33 @@ def test_attack_warnings_say_a_shared_one_once_and_name_the_attack_of_the_others
     assert attack_warnings(["length"], {"loss": [low, flat], "zlib": [low], "ref": [low, flat]}) == [
         "length", low, f"loss: {flat}", f"ref: {flat}"]
     assert attack_warnings([], {}) == []
+
+
+def test_a_ref_comparison_against_the_reference_itself_says_so(tmp_path):
+    """M0 against the base model with `reference: base`: the base's ref scores are all 0 (AUC 0.5 by
+    construction), so the verdict compares M0's ref AUC with chance; it read like any other change."""
+    from leakaudit.kinds.base import StageView
+    from leakaudit.kinds.mia import OWN_REFERENCE, MiaResult
+    from leakaudit.report.html import verdict_sentence
+
+    def stage(target, spec, scores):
+        folder = f"evaluate/mia/{target}"
+        (tmp_path / folder).mkdir(parents=True)
+        (tmp_path / folder / "scores.jsonl").write_text("".join(
+            json.dumps({"id": f"t{i}", "label": int(i < 10), "loss": s, "ref": s if spec != "base" else 0.0}) + "\n"
+            for i, s in enumerate(scores)))
+        result = {"attacks": {"loss": {"auc": 0.5}, "ref": {"auc": 0.5}}, "target": spec, "reference": "base",
+                  "scores_file": "scores.jsonl"}
+        return StageView({"id": folder, "kind": "mia", "folder": folder, "params": {
+            "target_label": target, "evaluation": "mia", "options": {"compare_to": "base", "n_bootstrap": 200}},
+            "result": result}, tmp_path)
+
+    base = stage("base", "base", [float(i % 7) for i in range(20)])
+    m0 = stage("m0", "out/m0", [float(20 - i) for i in range(20)])
+    by = {c["metric"]: c for c in MiaResult.comparisons([base, m0])}
+    assert by["ref AUC"]["value_baseline"] == pytest.approx(0.5) and by["ref AUC"]["note"] == OWN_REFERENCE
+    assert "note" not in by["loss AUC"]
+    assert verdict_sentence(by["ref AUC"]).endswith(f"({OWN_REFERENCE})")
+    # a baseline that is not the reference gets no note
+    base.record["result"]["target"] = "other"
+    assert "note" not in {c["metric"]: c for c in MiaResult.comparisons([base, m0])}["ref AUC"]

@@ -125,13 +125,20 @@ class MiaResult(Result):
                                        "TPR@0.1%FPR [95% CI]", "members", "non-members"], "rows": table}]}
 
 
+#: said with a `ref` comparison whose baseline is the reference model itself (e.g. M0 against the base model,
+#: `reference: base`): the baseline's ref scores are all 0, its AUC 0.5 by construction
+OWN_REFERENCE = "the baseline is its own reference, so its ref AUC is 0.5 by construction: this is the ref AUC against chance"
+
+
 def _series(s: StageView, base: StageView) -> list[compare.Series]:
     """Per attack of the stage, its per-text scores keyed by (label, id): a member and a non-member may share
     an id, and a text is paired only with itself."""
     rows = compare.unique(read_jsonl(s.dir / s.result.get("scores_file", "scores.jsonl")),
                           lambda r: (r.get("label"), r.get("id")))
+    own = base.result.get("reference") is not None and base.result.get("reference") == base.result.get("target")
     return [compare.Series(f"{attack} AUC", {k: r.get(attack) for k, r in rows.items()},
-                           labels={k: r.get("label") for k, r in rows.items()}, items="texts")
+                           labels={k: r.get("label") for k, r in rows.items()}, items="texts",
+                           extra={"note": OWN_REFERENCE} if attack == "ref" and own else {})
             for attack in s.result.get("attacks") or {}]
 
 

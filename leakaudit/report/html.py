@@ -101,8 +101,10 @@ def verdict_sentence(c: dict[str, Any]) -> str:
         return f"{head} → {c.get('verdict')}"
     rel = c.get("relative")
     rel_text = "" if rel is None else f" ({_signed(rel * 100, 1)}%{_interval(c.get('relative_ci'), 100, 1, '%')})"
+    note = f" ({c['note']})" if c.get("note") else ""
     return (f"{head} {fmt(c.get('value_variant'))} vs {fmt(c.get('value_baseline'))}, "
-            f"Δ {_signed(c['delta'])}{_interval(c.get('delta_ci') or c.get('ci'))}{rel_text} → {c.get('verdict')}")
+            f"Δ {_signed(c['delta'])}{_interval(c.get('delta_ci') or c.get('ci'))}{rel_text} → {c.get('verdict')}"
+            f"{note}")
 
 
 #: panels per forest figure: 3 evaluations x 6 metrics become 3 figures of 6, each still legible
