@@ -564,6 +564,17 @@ def test_fixed_seed_steps_are_shared_across_seeds_and_reused(tmp_path):
     assert set(again.values()) == {"cached"}  # reused stages are this run's own from now on
 
 
+def test_recorded_paths_do_not_depend_on_the_working_directory(tmp_path, monkeypatch):
+    """With a relative --out, the stages recorded the fine-tuned model as `rel/finetune/...`: relative to
+    wherever the run was started, so summary.json named a path that did not exist from anywhere else."""
+    monkeypatch.chdir(tmp_path)
+    run_experiment(parse_experiment(SMALL), "rel", log=_quiet, report=False)
+    record = json.loads((tmp_path / "rel/run.json").read_text())
+    paths = [v for s in record["stages"] for v in (s["result"] or {}).values()
+             if isinstance(v, str) and "finetune/real" in v]
+    assert paths and all(Path(p).is_absolute() and Path(p).exists() for p in paths), paths
+
+
 def test_a_seed_override_is_what_the_report_and_summary_say(tmp_path, monkeypatch, capsys):
     """`run --seed 3` on a file that says seed 0: the report echoed the file (seed: 0) and the summary had no
     seed, so every seed's shared report claimed seed 0."""

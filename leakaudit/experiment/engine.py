@@ -233,9 +233,13 @@ def run_experiment(exp: Experiment, out: str | Path, *, config_text: str = "",
                    reuse: str | Path | None = None) -> dict[str, str]:
     """Plan, check everything that can be checked without running a stage (options, model specs, the
     output dir), then run (resuming), record and report an experiment."""
+    import os
+
     from leakaudit import distributed
 
-    out = Path(out)
+    # absolute: the model and data paths the stages record (run.json, summary.json) do not depend on the
+    # directory the run was started from
+    out = Path(os.path.abspath(out))
     main = distributed.is_main()
     plan = Plan(exp)
     if not main:  # under a launcher rank 0 checks first: one error line, and a model converted once
