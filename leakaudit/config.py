@@ -239,6 +239,8 @@ class EvaluationSpec(Strict):
 class ReportSpec(Strict):
     title: str | None = None
     show_pii: bool = False
+    #: a name list (one per line, or JSONL with `name`) masked besides the shipped Enron names: your own people
+    mask_names: str | None = None
 
 
 class Experiment(Strict):
@@ -383,7 +385,8 @@ def parse_experiment(text: str, file: str | Path = "<experiment>") -> Experiment
 
 
 def load_experiment(path: str | Path) -> Experiment:
-    """Read an experiment file; relative data paths are resolved against the file's folder."""
+    """Read an experiment file; relative data paths (and `report.mask_names`) are resolved against the file's
+    folder."""
     p = Path(path)
     if not p.is_file():
         raise InputError("experiment file not found", file=p)
@@ -393,6 +396,9 @@ def load_experiment(path: str | Path) -> Experiment:
     for ds in exp.datasets.values():
         if ds.path is not None and not Path(ds.path).expanduser().is_absolute():
             ds.path = str((p.parent / ds.path).resolve())
+    names = exp.report.mask_names
+    if names is not None and not Path(names).expanduser().is_absolute():
+        exp.report.mask_names = str((p.parent / names).resolve())
     return exp
 
 

@@ -147,6 +147,44 @@ def test_show_pii_keeps_the_raw_values(tmp_path):
     assert json.loads(files["summary.json"])["experiment"] == f"leak {ADDRESS} {PHONE}"
 
 
+def test_a_name_list_of_your_own_is_masked_too(tmp_path, monkeypatch, capsys):
+    """Names were masked only when on the shipped Enron list: a study of your own people showed theirs in the
+    title, the configuration and run.json. `report.mask_names` adds a list (read before any stage)."""
+    from conftest import run_main
+
+    (tmp_path / "people.txt").write_text("Olga Novak\nBram de Vries\n")
+    text = EXPERIMENT.replace(f'title: "call {PHONE} or mailto:{ADDRESS}"',
+                              'title: "Audit for Olga Novak"  # and Bram de Vries\n  mask_names: people.txt')
+    exp = tmp_path / "exp.yaml"
+    exp.write_text(text)
+    code, err = run_main(["run", str(exp), "--out", str(tmp_path / "out")], monkeypatch, capsys)
+    assert code == 0, err
+    for f in ("run.json", "summary.json", "report.html"):
+        page = (tmp_path / "out" / f).read_text(encoding="utf-8")
+        assert "Olga Novak" not in page and "Bram de Vries" not in page and "Novak" not in page, f
+    assert "Audit for O*** N***" in (tmp_path / "out/report.html").read_text()
+    code, err = run_main(["report", str(tmp_path / "out")], monkeypatch, capsys)  # rewritten: still masked
+    assert code == 0 and "Olga Novak" not in (tmp_path / "out/report.html").read_text()
+    # the report masks them itself too: a run record written unmasked (by hand, or before the list was added)
+    from leakaudit.report.html import write_report
+
+    hand = tmp_path / "hand"
+    hand.mkdir()
+    (hand / "run.json").write_text(json.dumps({
+        "experiment": {"name": "x", "report": {"title": "t", "mask_names": str(tmp_path / "people.txt")}},
+        "config_text": "name: x", "versions": {}, "stages": [
+            {"id": "data/d", "kind": "dataset", "folder": "data/d", "key": "k", "params": {},
+             "status": "done", "seconds": 1.0, "result": {"note": "by Olga Novak"}}]}), encoding="utf-8")
+    write_report(hand)
+    for f in ("summary.json", "report.html"):
+        assert "Olga Novak" not in (hand / f).read_text(encoding="utf-8"), f
+    # a list that is not there fails before any stage, naming the key's line
+    exp.write_text(text.replace("mask_names: people.txt", "mask_names: nobody.txt"))
+    code, err = run_main(["run", str(exp), "--out", str(tmp_path / "out2")], monkeypatch, capsys)
+    assert code == 2 and err.startswith(f"error: {exp}:") and "field 'report.mask_names': name list not found" \
+        in err and not (tmp_path / "out2" / "data").exists(), err
+
+
 def test_report_masks_a_summary_built_from_an_unmasked_run_record(tmp_path):
     """A run.json written before masking existed (or edited by hand) still gives a masked summary and page."""
     from leakaudit.report.html import write_report

@@ -188,6 +188,21 @@ def shipped_name_finder() -> NameFinder:
     return NameFinder(shipped_names())
 
 
+def name_finder(mask_names: str | Path | None = None) -> NameFinder:
+    """The shipped Enron names plus those of a name list (an experiment's `report.mask_names`): what a run's
+    records and report mask. A list that cannot be read is an error, never a silently unmasked report."""
+    if mask_names is None:
+        return shipped_name_finder()
+    from leakaudit.errors import InputError
+
+    try:
+        extra = load_name_list(mask_names)
+    except InputError as exc:
+        exc.field = "report.mask_names"
+        raise
+    return NameFinder([*shipped_names(), *extra])
+
+
 @dataclass(frozen=True)
 class _Found:
     """A name found in the lower-cased text, read back from the original: the part of re.Match callers use."""

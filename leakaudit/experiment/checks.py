@@ -42,6 +42,7 @@ def check_plan(plan: Plan, runs: tuple[Path | None, ...] = ()) -> None:
             value = (stage.params.get("options") or {}).get(exc.loc[-1]) if exc.loc else None
             raise plan.exp.error(exc.loc, exc.message + _beside_file_hint(plan, value)) from None
     _check_compare_to(plan)
+    _check_mask_names(plan)
 
 
 def _beside_file_hint(plan: Plan, value: Any) -> str:
@@ -191,6 +192,19 @@ def option_key(field: str | None) -> str | None:
     """The experiment file's key for a command-line option an error names (`--max-length` → max_length);
     any other field as it is."""
     return field[2:].replace("-", "_") if field and field.startswith("--") else field
+
+
+def _check_mask_names(plan: Plan) -> None:
+    """`report.mask_names` read before any stage: a missing or unreadable list would otherwise fail only when
+    run.json is first written, or leave a report that was meant to hide those names."""
+    from leakaudit.data.pii_find import name_finder
+
+    names = plan.exp.report.mask_names
+    if names is None:
+        return
+    if not Path(names).expanduser().is_file():
+        raise plan.exp.error(("report", "mask_names"), f"name list not found: {names}")
+    name_finder(names)  # a bad line: an error naming the list's file and line
 
 
 def finetune_option_loc(stage: Stage, field: str | None) -> tuple[Any, ...] | None:

@@ -208,8 +208,8 @@ def write_run_record(plan: Plan, out: Path, config_text: str, status: dict[str, 
     record = {"experiment": plan.exp.model_dump(mode="json"), "config_text": config_text,
               "versions": versions(), "stages": stages}
     if not plan.exp.report.show_pii:  # the stage folder stays as on disk: the report opens it
-        from leakaudit.data.pii_find import mask_obj, mask_yaml_text, shipped_name_finder
-        names = shipped_name_finder()
+        from leakaudit.data.pii_find import mask_obj, mask_yaml_text, name_finder
+        names = name_finder(plan.exp.report.mask_names)
         record = mask_obj({**record, "config_text": mask_yaml_text(config_text, names)}, names,
                           keep={"folder", "config_text"})
     write_json(out / "run.json", record)

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from leakaudit.data.io import write_json
-from leakaudit.data.pii_find import mask_obj, mask_yaml_text, shipped_name_finder
+from leakaudit.data.pii_find import NameFinder, mask_obj, mask_yaml_text, name_finder
 from leakaudit.data.pii_find import mask_pii as mask
 from leakaudit.errors import InputError, one_line
 from leakaudit.kinds import get_kind, kind_names
@@ -26,10 +26,9 @@ from leakaudit.kinds.base import StageView, fmt
 _UNMASKED = re.compile(r"(data:[\w/+.-]+;base64,[A-Za-z0-9+/=]+|<pre class=\"config\">.*?</pre>)", re.DOTALL)
 
 
-def _mask_page(html: str) -> str:
-    """Mask every address, phone number and shipped Enron name in the page's text, leaving inline figures and
-    the (already masked) experiment file alone."""
-    names = shipped_name_finder()
+def _mask_page(html: str, names: NameFinder) -> str:
+    """Mask every address, phone number and known name (shipped, and `report.mask_names`) in the page's text,
+    leaving inline figures and the (already masked) experiment file alone."""
     return "".join(part if i % 2 else mask(part, names) for i, part in enumerate(_UNMASKED.split(html)))
 
 
@@ -197,6 +196,7 @@ def build(out: str | Path) -> tuple[str, dict[str, Any]]:
     run = load_run(out)
     exp = run["experiment"]
     show_pii = bool(exp.get("report", {}).get("show_pii"))
+    names = name_finder(exp.get("report", {}).get("mask_names")) if not show_pii else None
     stages = run["stages"]
     _check_outputs(out, stages)
     rows = headline(stages)
@@ -211,17 +211,17 @@ def build(out: str | Path) -> tuple[str, dict[str, Any]]:
         title=title, name=exp["name"], seed=exp.get("seed"), show_pii=show_pii, headline_cols=cols, headline_rows=table_rows,
         verdicts=[verdict_sentence(c) for c in comparisons], verdict_figures=verdict_figures(comparisons),
         sections=sections, stages=stages, n_done=sum(1 for s in stages if s.get("result") is not None),
-        n_stages=len(stages), config_text=config_text if show_pii else mask_yaml_text(config_text, shipped_name_finder()),
+        n_stages=len(stages), config_text=config_text if show_pii else mask_yaml_text(config_text, names),
         versions=run.get("versions", {}))
     if not show_pii:  # a last pass over the whole page: addresses, phones and shipped names never reach it
-        html = _mask_page(html)
+        html = _mask_page(html, names)
     summary = {"experiment": exp["name"], "seed": exp.get("seed"), "generated": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
                "pii": "shown" if show_pii else "masked",  # says so before anyone shares the file
                "headline": rows, "comparisons": comparisons,
                "stages": {s["id"]: s.get("result") for s in stages},
                "versions": run.get("versions", {})}
     if not show_pii:  # run.json is masked when written, but it may predate that or have been edited
-        summary = mask_obj(summary, shipped_name_finder())
+        summary = mask_obj(summary, names)
     return html, summary
 
 
