@@ -75,6 +75,11 @@ def test_audit_data_command_masks_and_skips_prompts(tmp_path):
     assert rows[1]["emails"] == ["k***@flash.net"] and rows[1]["phones"] == ["***-***-**34"]
     text = (out / "audit_records.jsonl").read_text() + res.output
     assert "klarnold" not in text and "853-1234" not in text and "emails" in res.output
+    # a CSV whose first row is short: the id column is still found (it was guessed from the first row alone)
+    csv_gen = tmp_path / "gen.csv"
+    csv_gen.write_text(f'text,id\n"{CLEAN}"\n"{PLANTED_PII}",g2\n')
+    res2 = CliRunner().invoke(app, ["audit-data", "--source", str(src), "--generated", str(csv_gen)])
+    assert "gen.csv:2: field 'id': missing" in res2.exception.format(), res2.exception
     # the n-grams on their own line, in the generated data's own count (the table's columns are distinct values)
     v = summary["verbatim"]
     assert (f"verbatim 8-grams: {v['ngrams_reproduced']} of the generated data's {v['ngrams_total']} occur in the "

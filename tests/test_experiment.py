@@ -339,7 +339,7 @@ def test_edited_input_file_reruns_its_readers(tmp_path):
     assert Plan(parse_experiment(text)).stages["data/d"].key != first
 
 
-def test_edited_file_named_by_a_nested_option_reruns_its_reader(tmp_path):
+def test_edited_file_named_by_a_nested_option_reruns_its_reader(tmp_path, monkeypatch):
     """dc_pdd's `corpus` sits two levels down in mia's options: its content enters the stage's key too."""
     corpus = tmp_path / "corpus.jsonl"
     corpus.write_text(json.dumps({"text": "general English text"}) + "\n")
@@ -357,6 +357,20 @@ def test_edited_file_named_by_a_nested_option_reruns_its_reader(tmp_path):
     changed = sorted(i for i in first if first[i] != again[i])
     assert changed and all(i.startswith("evaluate/mia") for i in changed), changed
     assert all(first[i] == plain[i] for i in first if not i.startswith("evaluate/mia"))
+    # named under ~ (it was a traceback: the key's hash opened '~/corpus.jsonl' as written)
+    monkeypatch.setenv("HOME", str(tmp_path))
+    cfg["evaluate"]["mia"]["options"]["attack_options"]["dc_pdd"]["corpus"] = "~/corpus.jsonl"
+    tilde = keys()
+    corpus.write_text(json.dumps({"text": "a third text"}) + "\n")
+    assert {i for i in tilde if tilde[i] != keys()[i]} == set(changed)
+    # `corpus: enron` counts the corpus LEAKAUDIT_ENRON_MESSAGES points at: another corpus, another key
+    cfg["evaluate"]["mia"]["options"]["attack_options"]["dc_pdd"]["corpus"] = "enron"
+    monkeypatch.setenv("LEAKAUDIT_ENRON_MESSAGES", str(corpus))
+    one = keys()
+    other = tmp_path / "other.jsonl"
+    other.write_text(json.dumps({"id": "1", "text": "From: a@b.c"}) + "\n")
+    monkeypatch.setenv("LEAKAUDIT_ENRON_MESSAGES", str(other))
+    assert {i for i in one if one[i] != keys()[i]} == {i for i in changed}
 
 
 def test_split_by_user_keeps_each_user_in_one_part():
@@ -566,13 +580,17 @@ def test_fixed_seed_steps_are_shared_across_seeds_and_reused(tmp_path):
 
 def test_recorded_paths_do_not_depend_on_the_working_directory(tmp_path, monkeypatch):
     """With a relative --out, the stages recorded the fine-tuned model as `rel/finetune/...`: relative to
-    wherever the run was started, so summary.json named a path that did not exist from anywhere else."""
+    wherever the run was started, so summary.json named a path that did not exist from anywhere else. run.json
+    and summary.json now name paths inside the run dir relative to it (no machine's directory names)."""
     monkeypatch.chdir(tmp_path)
-    run_experiment(parse_experiment(SMALL), "rel", log=_quiet, report=False)
+    run_experiment(parse_experiment(SMALL), "rel", log=_quiet)
+    for name in ("run.json", "summary.json"):
+        text = (tmp_path / "rel" / name).read_text()
+        assert str(tmp_path) not in text, name
     record = json.loads((tmp_path / "rel/run.json").read_text())
     paths = [v for s in record["stages"] for v in (s["result"] or {}).values()
              if isinstance(v, str) and "finetune/real" in v]
-    assert paths and all(Path(p).is_absolute() and Path(p).exists() for p in paths), paths
+    assert paths and all(not Path(p).is_absolute() and (tmp_path / "rel" / p).exists() for p in paths), paths
 
 
 def test_a_seed_override_is_what_the_report_and_summary_say(tmp_path, monkeypatch, capsys):
@@ -588,10 +606,16 @@ def test_a_seed_override_is_what_the_report_and_summary_say(tmp_path, monkeypatc
     assert code == 0, err
     assert json.loads((tmp_path / "s3/summary.json").read_text())["seed"] == 3
     html = (tmp_path / "s3/report.html").read_text()
-    assert "· seed 3 ·" in html and "# run with --seed 3, which overrides the file&#39;s seed (0)" in html
+    assert ('· seed <span class="seed">3</span> (given with --seed; the file below says <span class="seed">0</span>) ·'
+            in html)
     code, err = run_main(["run", str(exp), "--out", str(tmp_path / "s0")], monkeypatch, capsys)
     html = (tmp_path / "s0/report.html").read_text()
-    assert code == 0 and "· seed 0 ·" in html and "overrides" not in html
+    assert code == 0 and '· seed <span class="seed">0</span> ·' in html and "given with --seed" not in html
+    # a seed of 10 digits reads as a phone number: the page's masking must leave it alone
+    code, err = run_main(["run", str(exp), "--out", str(tmp_path / "big"), "--seed", "2024061501"], monkeypatch,
+                         capsys)
+    html = (tmp_path / "big/report.html").read_text()
+    assert code == 0 and '· seed <span class="seed">2024061501</span> (given' in html
 
 
 def test_a_kill_mid_copy_or_mid_delete_never_leaves_a_stage_that_reads_as_finished(tmp_path, monkeypatch):

@@ -178,6 +178,19 @@ def test_a_name_list_of_your_own_is_masked_too(tmp_path, monkeypatch, capsys):
     write_report(hand)
     for f in ("summary.json", "report.html"):
         assert "Olga Novak" not in (hand / f).read_text(encoding="utf-8"), f
+    # errors and progress lines of this process mask them too (the list was read when the plan was checked)
+    from leakaudit.data.pii_find import mask_message
+
+    assert mask_message("error: model 'Olga Novak' not found") == "error: model 'O*** N***' not found"
+    # a list under ~, and under a folder whose name reads as a phone number (run.json keeps its path as is)
+    home = tmp_path / "home" / "2024061512"
+    home.mkdir(parents=True)
+    (home / "people.txt").write_text("Olga Novak\n")
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    exp.write_text(text.replace("mask_names: people.txt", "mask_names: ~/2024061512/people.txt"))
+    code, err = run_main(["run", str(exp), "--out", str(tmp_path / "tilde")], monkeypatch, capsys)
+    assert code == 0, err
+    assert "Olga Novak" not in (tmp_path / "tilde/report.html").read_text()
     # a list that is not there fails before any stage, naming the key's line
     exp.write_text(text.replace("mask_names: people.txt", "mask_names: nobody.txt"))
     code, err = run_main(["run", str(exp), "--out", str(tmp_path / "out2")], monkeypatch, capsys)

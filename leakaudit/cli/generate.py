@@ -168,11 +168,11 @@ def audit_data_cmd(
     if out is not None:
         prepare_output(out, command="audit-data", files=("audit_data.json", "audit_records.jsonl"),
                        inputs={"--source": source, "--generated": generated, "--names": names})
-    first = read_rows(generated)[0][1]
+    rows = [row for _, row in read_rows(generated)]  # any row: a short first CSV row lacks the later columns
     if generated_field == "auto":
-        generated_field = "generated" if isinstance(first.get("generated"), str) else "text"
+        generated_field = "generated" if any(isinstance(r.get("generated"), str) for r in rows) else "text"
     if id_field == "auto":
-        id_field = "id" if "id" in first else None
+        id_field = "id" if any("id" in r for r in rows) else None
     src = load_records(source, text_field=source_field, keep_empty=True)
     gen = load_records(generated, text_field=generated_field, id_field=id_field or None, keep_empty=True)
     summary, records = audit([r.text for r in src], [(r.id, r.text) for r in gen], names=_names(names), n=ngram)

@@ -59,13 +59,10 @@ def run(
     from leakaudit.experiment import run_experiment
 
     exp = load_experiment(experiment)
-    config_text = exp._text
-    if seed is not None and seed != exp.seed:  # the report echoes the file: say that its seed was not the one used
-        config_text = f"# run with --seed {seed}, which overrides the file's seed ({exp.seed})\n{config_text}"
     if seed is not None:
         exp.seed = seed
     t0 = time.perf_counter()
-    status = run_experiment(exp, out, config_text=config_text, log=_log,
+    status = run_experiment(exp, out, config_text=exp._text, log=_log,
                             report=not no_report, reuse=reuse)
     if not is_main():  # under a launcher rank 0 says how it went
         return

@@ -152,7 +152,7 @@ def load_name_list(path: str | Path) -> list[str]:
     from leakaudit.data.io import read_lines
     from leakaudit.errors import InputError
 
-    p = Path(path)
+    p = Path(path).expanduser()
     if not p.exists():
         raise InputError("file not found", file=p, field="--names")
     names = []
@@ -190,17 +190,39 @@ def shipped_name_finder() -> NameFinder:
 
 def name_finder(mask_names: str | Path | None = None) -> NameFinder:
     """The shipped Enron names plus those of a name list (an experiment's `report.mask_names`): what a run's
-    records and report mask. A list that cannot be read is an error, never a silently unmasked report."""
+    records and report mask. A list that cannot be read is an error, never a silently unmasked report.
+    Built once per version of the list (a run record is written after every stage)."""
     if mask_names is None:
         return shipped_name_finder()
     from leakaudit.errors import InputError
 
+    p = Path(mask_names).expanduser()
     try:
-        extra = load_name_list(mask_names)
+        stat = p.stat()
+    except OSError:
+        raise InputError("file not found", file=p, field="report.mask_names") from None
+    try:
+        return _finder_of_list(str(p.resolve()), stat.st_mtime_ns, stat.st_size)
     except InputError as exc:
         exc.field = "report.mask_names"
         raise
-    return NameFinder([*shipped_names(), *extra])
+
+
+@functools.lru_cache(maxsize=4)
+def _finder_of_list(path: str, mtime_ns: int, size: int) -> NameFinder:
+    del mtime_ns, size  # the cache key: an edited list is read again
+    return NameFinder([*shipped_names(), *load_name_list(path)])
+
+
+#: the names `mask_message` masks besides the shipped ones: the list of the experiment this process runs
+_message_names: NameFinder | None = None
+
+
+def mask_names_in_messages(mask_names: str | Path | None) -> None:
+    """From now on errors and progress lines of this process mask that list's names too (set when an
+    experiment with `report.mask_names` is checked, before any stage)."""
+    global _message_names
+    _message_names = name_finder(mask_names) if mask_names is not None else None
 
 
 @dataclass(frozen=True)
@@ -343,13 +365,15 @@ def mask_pii(text: str, names: NameFinder | Iterable[str] | None = None) -> str:
 
 
 def mask_message(text: str) -> str:
-    """A one-line message (an error, a progress line): addresses and the shipped Enron names masked anywhere,
+    """A one-line message (an error, a progress line): addresses and the shipped Enron names (and those of the
+    running experiment's `report.mask_names`) masked anywhere,
     phone numbers only inside the '...' that quote values. Unquoted digits there are paths, seeds and
     timestamps ("runs/2025061514/", "finetune[seed=2024061501]") that read as phone numbers, and masking them
     printed paths that do not exist."""
-    out = re.sub(r"'[^'\n]*'", lambda m: mask_pii(m.group(0)), text)
+    names = _message_names or shipped_name_finder()
+    out = re.sub(r"'[^'\n]*'", lambda m: mask_pii(m.group(0), names), text)
     masks = {"email": mask_email, "name": mask_name}
-    for s in reversed(find_pii(out, shipped_name_finder(), phones=False)):
+    for s in reversed(find_pii(out, names, phones=False)):
         out = out[:s.start] + masks[s.kind](out[s.start:s.end]) + out[s.end:]
     return out
 

@@ -197,14 +197,17 @@ def option_key(field: str | None) -> str | None:
 def _check_mask_names(plan: Plan) -> None:
     """`report.mask_names` read before any stage: a missing or unreadable list would otherwise fail only when
     run.json is first written, or leave a report that was meant to hide those names."""
-    from leakaudit.data.pii_find import name_finder
+    from leakaudit.data.pii_find import mask_names_in_messages
 
     names = plan.exp.report.mask_names
-    if names is None:
-        return
-    if not Path(names).expanduser().is_file():
-        raise plan.exp.error(("report", "mask_names"), f"name list not found: {names}")
-    name_finder(names)  # a bad line: an error naming the list's file and line
+    if names is not None:
+        p = Path(names).expanduser()
+        if not p.is_file():
+            raise plan.exp.error(("report", "mask_names"), f"name list not found: {names}")
+        # absolute (a file given through the Python API is relative to the working directory): `leakaudit
+        # report` reads it from run.json wherever it runs
+        plan.exp.report.mask_names = str(p.resolve())
+    mask_names_in_messages(plan.exp.report.mask_names)  # a bad line: an error naming the list's file and line
 
 
 def finetune_option_loc(stage: Stage, field: str | None) -> tuple[Any, ...] | None:

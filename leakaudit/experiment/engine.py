@@ -196,6 +196,20 @@ def _run_stage(plan: Plan, stage: Stage, table: dict[str, Callable[[StageContext
         raise InputError(message, file=plan.exp._file, field=field) from None
 
 
+def _inside_out(obj: Any, out: Path) -> Any:
+    """A stage result with the paths inside the run dir written relative to it (`finetune/none/model`): the
+    record (and summary.json, made from it) then holds no machine's directory names and stays right when the
+    run dir is moved or shared."""
+    prefix = f"{out}{os.sep}"
+    if isinstance(obj, str):
+        return obj[len(prefix):] if obj.startswith(prefix) else obj
+    if isinstance(obj, dict):
+        return {k: _inside_out(v, out) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [_inside_out(v, out) for v in obj]
+    return obj
+
+
 def write_run_record(plan: Plan, out: Path, config_text: str, status: dict[str, str]) -> Path:
     """`run.json`: the exact configuration, versions and every stage's result (what the report reads)."""
     stages = []
@@ -204,14 +218,14 @@ def write_run_record(plan: Plan, out: Path, config_text: str, status: dict[str, 
         stages.append({"id": stage.id, "kind": stage.kind, "folder": stage.folder, "key": stage.key,
                        "params": stage.params, "status": status.get(stage.id, "done" if done else "pending"),
                        "seconds": done["seconds"] if done else None,
-                       "result": done["result"] if done else None})
+                       "result": _inside_out(done["result"], out) if done else None})
     record = {"experiment": plan.exp.model_dump(mode="json"), "config_text": config_text,
               "versions": versions(), "stages": stages}
     if not plan.exp.report.show_pii:  # the stage folder stays as on disk: the report opens it
         from leakaudit.data.pii_find import mask_obj, mask_yaml_text, name_finder
         names = name_finder(plan.exp.report.mask_names)
         record = mask_obj({**record, "config_text": mask_yaml_text(config_text, names)}, names,
-                          keep={"folder", "config_text"})
+                          keep={"folder", "config_text", "mask_names"})  # a path the report opens
     write_json(out / "run.json", record)
     return out / "run.json"
 
@@ -233,12 +247,10 @@ def run_experiment(exp: Experiment, out: str | Path, *, config_text: str = "",
                    reuse: str | Path | None = None) -> dict[str, str]:
     """Plan, check everything that can be checked without running a stage (options, model specs, the
     output dir), then run (resuming), record and report an experiment."""
-    import os
-
     from leakaudit import distributed
 
-    # absolute: the model and data paths the stages record (run.json, summary.json) do not depend on the
-    # directory the run was started from
+    # absolute: a path a stage records does not depend on the directory the run was started from (run.json
+    # writes those inside `out` relative to it)
     out = Path(os.path.abspath(out))
     main = distributed.is_main()
     plan = Plan(exp)

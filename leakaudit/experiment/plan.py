@@ -80,7 +80,7 @@ def file_identity(path: str | Path) -> str:
     """Content hash of an input file or model dir, so an edited file reruns what reads it."""
     from leakaudit.models import dir_fingerprint, file_sha256
 
-    p = Path(path)
+    p = Path(path).expanduser()  # `~/corpus.jsonl` as options may name it
     if p.is_dir():
         return dir_fingerprint(p)
     return file_sha256(p)
@@ -154,9 +154,16 @@ class Plan:
     def _read_outside(self, options: dict[str, Any]) -> dict[str, Any]:
         """What a generate or evaluate stage reads besides its inputs, for its key: the content of every file
         an option names at any depth (pii `pairs`, self-instruct `seed_tasks`, backdoor `words_file`, mia's
-        `attack_options.dc_pdd.corpus`, ...), and `report.show_pii`, which decides whether its outputs are masked. Nothing when neither applies, so
+        `attack_options.dc_pdd.corpus`, ...; the corpus LEAKAUDIT_ENRON_MESSAGES names for a `corpus: enron`),
+        and `report.show_pii`, which decides whether its outputs are masked. Nothing when neither applies, so
         keys of stages without them stay as they were."""
-        files = {k: file_identity(v) for k, v in sorted(_flat(options).items()) if _names_a_file(v)}
+        from leakaudit.data.builtin import enron_messages_path
+
+        flat = _flat(options)
+        files = {k: file_identity(v) for k, v in sorted(flat.items()) if _names_a_file(v)}
+        corpus = enron_messages_path()
+        if corpus is not None:  # dc_pdd counting `enron` reads the corpus LEAKAUDIT_ENRON_MESSAGES points at
+            files.update({k: file_identity(corpus) for k, v in flat.items() if k.endswith(".corpus") and v == "enron"})
         return {**({"files": files} if files else {}), **({"show_pii": True} if self.exp.report.show_pii else {})}
 
     def _seed(self, spec: Any) -> int:

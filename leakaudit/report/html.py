@@ -21,9 +21,10 @@ from leakaudit.errors import InputError, one_line
 from leakaudit.kinds import get_kind, kind_names
 from leakaudit.kinds.base import StageView, fmt
 
-# inline figures (base64 data, never PII, and masking must not touch it) and the experiment file's text, masked
-# before (mask_yaml_text, which keeps its numbers: a seed is no phone number)
-_UNMASKED = re.compile(r"(data:[\w/+.-]+;base64,[A-Za-z0-9+/=]+|<pre class=\"config\">.*?</pre>)", re.DOTALL)
+# inline figures (base64 data, never PII, and masking must not touch it), the experiment file's text, masked
+# before (mask_yaml_text, which keeps its numbers: a seed is no phone number), and the seeds in the page's header
+_UNMASKED = re.compile(r"(data:[\w/+.-]+;base64,[A-Za-z0-9+/=]+|<pre class=\"config\">.*?</pre>"
+                       r"|<span class=\"seed\">\d+</span>)", re.DOTALL)
 
 
 def _mask_page(html: str, names: NameFinder) -> str:
@@ -188,6 +189,19 @@ def _check_outputs(out: Path, stages: list[dict[str, Any]]) -> None:
                              "experiment and --out to redo it", file=folder)
 
 
+def _file_seed(config_text: str) -> int | None:
+    """The seed the echoed experiment file says (0 when it has none; None when the text is not such a file):
+    `run --seed N` overrides it, and the report says so next to the seed used."""
+    import yaml
+
+    try:
+        cfg = yaml.safe_load(config_text)
+    except yaml.YAMLError:
+        return None
+    seed = cfg.get("seed", 0) if isinstance(cfg, dict) else None
+    return seed if isinstance(seed, int) and not isinstance(seed, bool) else None
+
+
 def build(out: str | Path) -> tuple[str, dict[str, Any]]:
     """Render the report HTML and the summary dict from an output dir."""
     import jinja2
@@ -208,7 +222,7 @@ def build(out: str | Path) -> tuple[str, dict[str, Any]]:
                              autoescape=True, undefined=jinja2.StrictUndefined)
     title = exp.get("report", {}).get("title") or f"leakaudit report: {exp['name']}"
     html = env.get_template("report.html.j2").render(
-        title=title, name=exp["name"], seed=exp.get("seed"), show_pii=show_pii, headline_cols=cols, headline_rows=table_rows,
+        title=title, name=exp["name"], seed=exp.get("seed"), file_seed=_file_seed(config_text), show_pii=show_pii, headline_cols=cols, headline_rows=table_rows,
         verdicts=[verdict_sentence(c) for c in comparisons], verdict_figures=verdict_figures(comparisons),
         sections=sections, stages=stages, n_done=sum(1 for s in stages if s.get("result") is not None),
         n_stages=len(stages), config_text=config_text if show_pii else mask_yaml_text(config_text, names),
