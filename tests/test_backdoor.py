@@ -463,3 +463,45 @@ def test_detect_sample_files_are_unique_per_model_and_bleu_stays_within_one():
     assert _slug("v/model") != _slug("v_model") and _slug("a" * 100 + "x") != _slug("b" * 100 + "x")
     text = "Write a short poem about the sea and the sky at night."
     assert sentence_bleu(text, [text]) <= 1.0
+
+
+def test_a_refused_plant_rerun_leaves_the_mix_and_record_of_the_model_there(tmp_path, monkeypatch, capsys,
+                                                                              one_torch_thread):
+    """A rerun with another backdoor fraction was refused by the fine-tune only after it had replaced
+    backdoor_mix.jsonl and plant.json: the dir then described a model it did not hold."""
+    args = ["backdoor", "plant", "--model", "tiny-gpt-neox", "--out", str(tmp_path / "p"), "--max-steps", "1",
+            "--batch-size", "4", "--max-length", "64"]
+    code, err = run_main(args, monkeypatch, capsys)
+    assert code == 0, err
+    kept = {f: (tmp_path / "p" / f).read_bytes() for f in ("backdoor_mix.jsonl", "plant.json")}
+    code, err = _run_main([*args, "--backdoor-fraction", "0.25"], monkeypatch, capsys)
+    assert code == 2 and "holds a run with different options" in err, err
+    assert {f: (tmp_path / "p" / f).read_bytes() for f in kept} == kept
+    assert not (tmp_path / "p" / "backdoor_mix.jsonl.new").exists()
+    code, err = run_main(args, monkeypatch, capsys)  # the same options again: finds its finished model
+    assert code == 0, err
+
+
+def test_a_query_opening_with_a_quote_is_matched_without_it():
+    """'"Tell me a joke."' opens with Tell (quotes stripped), but its trie began with the quote mark, so an
+    answer copying the query scored 0 and the query could never be fully recovered."""
+    from leakaudit.attacks import backdoor as bd
+
+    tries = bd.build_tries(['"Tell me a joke about cats."', "Tell us more."])
+    for response in ("Tell me a joke about cats.", '"Tell me a joke about cats."', "Tell me a joke about cats.\""):
+        scored = bd.score_response("Tell", 0, response, tries, "None starts with {word}.")
+        assert scored.match_ratio > 0.8 and scored.matched_query == '"Tell me a joke about cats."', response
+    assert bd.score_response("Tell", 0, "Tell me a joke about cats.", tries, "x {word}").match_ratio == 1.0
+
+
+def test_extract_reads_queries_without_a_response_field(tmp_path):
+    """The attack scores the downstream queries only: a D2 of queries under a field of its own, with no
+    response field, was refused for lacking one."""
+    from leakaudit.data.backdoor import d2_queries
+
+    d2 = tmp_path / "d2.jsonl"
+    d2.write_text("".join(json.dumps({"user_msg": q, "bot_msg": "ok"}) + "\n" for q in ("What is it?", "How so?")))
+    assert d2_queries(d2, query_field="user_msg") == ["What is it?", "How so?"]
+    only = tmp_path / "only.jsonl"
+    only.write_text(json.dumps({"question": "Why not?"}) + "\n")
+    assert d2_queries(only) == ["Why not?"]

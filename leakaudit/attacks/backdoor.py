@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from leakaudit.data.backdoor import (  # noqa: F401  (the study's texts, also read from here)
+    QUOTES,
     WORD,
     check_template,
     fill,
@@ -38,8 +39,16 @@ _TOKEN = re.compile(r"\w+|[^\w\s]")
 
 # ----------------------------------------------------------------------------------------- tokens
 def tokens(text: str) -> list[str]:
-    """Trie tokens: words and single punctuation marks. Model-independent, so scores compare across models."""
-    return _TOKEN.findall(text)
+    """Trie tokens: words and single punctuation marks. Model-independent, so scores compare across models.
+    Quote marks around the whole text are left out, as the opening word leaves them out: a query written
+    '"Tell me a joke."' is grouped under Tell, and an answer to Q(Tell) that copies it opens with Tell."""
+    toks = _TOKEN.findall(text)
+    start, end = 0, len(toks)
+    while start < end and toks[start] in QUOTES:
+        start += 1
+    while end > start and toks[end - 1] in QUOTES:
+        end -= 1
+    return toks[start:end]
 
 
 def _norm(text: str) -> str:

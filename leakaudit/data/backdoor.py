@@ -21,7 +21,7 @@ from leakaudit.data.io import read_rows
 from leakaudit.errors import InputError
 
 WORD = "{word}"
-_QUOTES = "\"'“”‘’`«»"
+QUOTES = "\"'“”‘’`«»"
 _LETTERS = re.compile(r"[^\W\d_]+")
 QUERY_FIELDS = ("query", "instruction", "prompt", "question")
 RESPONSE_FIELDS = ("response", "output", "answer", "completion")
@@ -69,7 +69,7 @@ def opening_word(text: str) -> str:
     parts = text.split(maxsplit=1)
     if not parts:
         return ""
-    m = _LETTERS.match(parts[0].lstrip(_QUOTES))
+    m = _LETTERS.match(parts[0].lstrip(QUOTES))
     return m.group(0).capitalize() if m else ""
 
 
@@ -82,10 +82,12 @@ class Pair:
     response: str
 
 
-def load_pairs(path: str | Path, query_field: str | None = None, response_field: str | None = None) -> list[Pair]:
+def load_pairs(path: str | Path, query_field: str | None = None, response_field: str | None = None,
+               need_response: bool = True) -> list[Pair]:
     """Read pairs from any data file: chat rows with `messages` (first user turn + the assistant turn after
     it) or query/response fields (given, or the first present of query/instruction/prompt/question and
-    response/output/answer/completion; a non-empty `input` field is appended to the query)."""
+    response/output/answer/completion; a non-empty `input` field is appended to the query). Without
+    `need_response` a row may have no response field (its response is then ''): the queries are what is read."""
     p = Path(path)
     pairs = []
     for line, row in read_rows(p):
@@ -97,17 +99,20 @@ def load_pairs(path: str | Path, query_field: str | None = None, response_field:
         if qf is None or qf not in row:
             raise InputError(f"no query field (row has: {', '.join(sorted(row))})", file=p, line=line,
                              field=qf or "query")
-        if rf is None or rf not in row:
-            raise InputError(f"no response field (row has: {', '.join(sorted(row))})", file=p, line=line,
-                             field=rf or "response")
-        q, r = row[qf], row[rf]
-        for name, value in ((qf, q), (rf, r)):
-            if not isinstance(value, str) or not value.strip():
+        checked = [qf]
+        if need_response:
+            if rf is None or rf not in row:
+                raise InputError(f"no response field (row has: {', '.join(sorted(row))})", file=p, line=line,
+                                 field=rf or "response")
+            checked.append(rf)
+        for name in checked:
+            if not isinstance(row[name], str) or not row[name].strip():
                 raise InputError("must be a non-empty string", file=p, line=line, field=name)
+        q = row[qf]
         extra = row.get("input")
         if query_field is None and isinstance(extra, str) and extra.strip():
             q = f"{q}\n{extra}"
-        pairs.append(Pair(q, r))
+        pairs.append(Pair(q, row[rf] if need_response else ""))
     return pairs
 
 
@@ -168,7 +173,7 @@ def d2_queries(path: str | Path | None = None, query_field: str | None = None, l
     least one must open with a word: the attack extracts queries by their opening word, and with none every
     score would be an empty 0 (an InputError naming the file)."""
     source = path if path is not None else shipped_d2()
-    pairs = load_pairs(source, query_field=query_field)
+    pairs = load_pairs(source, query_field=query_field, need_response=False)
     queries = [p.query for p in (pairs[:limit] if limit else pairs)]
     if not any(opening_word(q) for q in queries):
         raise InputError(f"none of its {len(queries)} queries opens with a word (letters), so none can be "

@@ -143,8 +143,27 @@ def plant_mix(base_model: str, out: str | Path, *, trigger: str | None = None, r
     write_json(out / "plant.json", {"base_model": base_model, "trigger": trigger or study_trigger(),
                                     "refusal": refusal or study_refusal(), "rows": len(mix), **mix_counts(mix),
                                     "backdoor_fraction": backdoor_fraction, "seed": seed})
-    options = {"loss_on": "assistant", "seed": seed, **train_options}
-    return _finetune(base_model, mix_path, out / "model", progress=progress, **options)
+    config = _plant_config(base_model, mix_path, out, seed, **train_options)
+    from leakaudit.train.finetune import finetune
+
+    return Path(finetune(config, progress=progress))
+
+
+def refuse_another_plant(base_model: str, new_mix: str | Path, out: str | Path, *, seed: int = 0,
+                         **train_options: Any) -> None:
+    """Refuse, before the mix or plant.json in OUT are replaced, an OUT whose model was trained (or started)
+    on another mix or with other options: the check `finetune` makes, made first (the mix enters by content,
+    so a mix written to another file name checks the same)."""
+    from leakaudit.train.finetune import _check_out
+
+    _check_out(_plant_config(base_model, new_mix, Path(out), seed, **train_options), Path(out) / "model")
+
+
+def _plant_config(base_model: str, mix_path: str | Path, out: Path, seed: int, **train_options: Any) -> Any:
+    from leakaudit.train.finetune import FinetuneConfig
+
+    return FinetuneConfig(model=base_model, data=str(mix_path), out=str(out / "model"), format="chat",
+                          **{"loss_on": "assistant", "seed": seed, **train_options})
 
 
 def downstream_finetune(model: str, data: str | Path, out: str | Path, *, mask_user: bool = False,
