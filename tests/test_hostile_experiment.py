@@ -357,6 +357,27 @@ def test_a_bad_value_from_a_grid_names_the_grid(tmp_path, monkeypatch, capsys):
     assert err.startswith(f"error: {tmp_path / 'study' / 'exp.yaml'}:14: field 'evaluate.m.grid.batch_size': ")
 
 
+def test_a_query_field_naming_the_datasets_text_field_is_refused_at_its_line(tmp_path):
+    """The dataset step writes its text field as `text`: `query_field: ask` failed on the first row of a file in
+    the run dir ("no query field (row has: id, reply, text)"), after the stages before it."""
+    from leakaudit.config import parse_experiment
+    from leakaudit.experiment import Plan, check_plan
+
+    d1 = tmp_path / "d1.jsonl"
+    d1.write_text(json.dumps({"ask": "What is it?", "reply": "A thing."}) + "\n")
+    text = ("name: x\n"
+            "models: {base: tiny-gpt-neox}\n"
+            f"datasets:\n  d1: {{path: {d1}, text_field: ask}}\n"
+            "generate:\n  mix:\n    kind: backdoor-mix\n    data: d1\n"
+            "    options: {query_field: ask, response_field: reply}\n")
+    with pytest.raises(InputError) as err:
+        check_plan(Plan(parse_experiment(text, tmp_path / "exp.yaml")))
+    assert err.value.format() == (f"{tmp_path / 'exp.yaml'}:9: field 'generate.mix.options.query_field': "
+                                  "datasets.d1 reads 'ask' as its text field, and its rows hold it as 'text': "
+                                  "use query_field: text")
+    check_plan(Plan(parse_experiment(text.replace("query_field: ask", "query_field: text"), tmp_path / "e.yaml")))
+
+
 def test_a_missing_data_file_names_the_experiments_line(tmp_path, monkeypatch, capsys):
     """It named the data file and the key, but not the experiment file and line every other check gives."""
     err = _refused(tmp_path, _experiment().replace("path: data.jsonl", "path: nothere.jsonl"), monkeypatch, capsys)

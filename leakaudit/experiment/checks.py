@@ -38,6 +38,7 @@ def check_plan(plan: Plan, runs: tuple[Path | None, ...] = ()) -> None:
                                       "(fine-tune that one with method: full, or merge it first)")
             elif stage.kind != "dataset":
                 stage_options(stage)
+                _check_field_options(plan, stage)
         except ConfigError as exc:
             value = (stage.params.get("options") or {}).get(exc.loc[-1]) if exc.loc else None
             raise plan.exp.error(exc.loc, exc.message + _beside_file_hint(plan, value)) from None
@@ -192,6 +193,22 @@ def option_key(field: str | None) -> str | None:
     """The experiment file's key for a command-line option an error names (`--max-length` → max_length);
     any other field as it is."""
     return field[2:].replace("-", "_") if field and field.startswith("--") else field
+
+
+def _check_field_options(plan: Plan, stage: Stage) -> None:
+    """A `query_field`/`response_field` naming the field a dataset reads as its text: the dataset step writes
+    that field as `text`, so the stage would fail on its first row with "no query field" in a file of the run
+    dir. Said here, at the option's line."""
+    ref = stage.params.get("data")
+    if not (isinstance(ref, list) and ref and str(ref[0]).startswith("data/")):
+        return
+    name = ref[0].split("/", 1)[1]
+    text_field = plan.exp.datasets[name].text_field
+    options = stage.params.get("options") or {}
+    for key in ("query_field", "response_field"):
+        if text_field != "text" and options.get(key) == text_field:
+            raise ConfigError(_option_loc(stage, key), f"datasets.{name} reads '{text_field}' as its text "
+                              f"field, and its rows hold it as 'text': use {key}: text")
 
 
 def _check_mask_names(plan: Plan) -> None:
