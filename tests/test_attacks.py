@@ -392,3 +392,24 @@ def test_min_k_takes_the_floor_of_k_times_t_as_written():
 
     assert _lowest_k_mean(np.arange(100.0), 0.29) == pytest.approx(14.0)  # mean of 0..28
     assert _lowest_k_mean(np.arange(100.0), 0.2) == pytest.approx(9.5) and _lowest_k_mean(np.arange(3.0), 0.2) == 0
+
+
+def test_dc_pdd_counts_a_corpus_once_per_tokenizer_and_version(tiny_neox, tmp_path, monkeypatch):
+    """Seven mia stages of a study count the same corpus with the same tokenizer: once; an edited corpus
+    file is counted again."""
+    import dataclasses
+    import os
+
+    from leakaudit.attacks import mia
+
+    calls = []
+    real = mia._count_frequencies
+    monkeypatch.setattr(mia, "_count_frequencies", lambda *a: calls.append(a[1]) or real(*a))
+    corpus = tmp_path / "c.jsonl"
+    corpus.write_text('{"text": "the report was sent"}\n')
+    first = score("dc_pdd", tiny_neox, corpus=str(corpus))
+    other_copy = dataclasses.replace(tiny_neox, tokenizer=copy.deepcopy(tiny_neox.tokenizer))
+    assert np.array_equal(score("dc_pdd", other_copy, corpus=str(corpus)), first) and len(calls) == 1
+    corpus.write_text('{"text": "another text entirely, and longer"}\n')
+    os.utime(corpus, ns=(1, 1))  # a new version even within the clock's resolution
+    assert not np.array_equal(score("dc_pdd", tiny_neox, corpus=str(corpus)), first) and len(calls) == 2

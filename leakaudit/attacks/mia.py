@@ -271,8 +271,31 @@ class DcPddAttack(Attack):
         return np.array(out)
 
 
+#: token frequencies per (tokenizer, corpus version, max_tokens): the seven mia stages of a study count the
+#: same corpus with the same tokenizer (1-2 s each), every adapter of one base loading its own copy of it
+_FREQUENCIES: dict[tuple, np.ndarray] = {}
+
+
 def _smoothed_frequencies(tokenizer, corpus: str, max_tokens: int) -> np.ndarray:
     """(count(v) + 1) / (N + |V|) over the corpus's texts, each cut to its first `max_tokens` tokens."""
+    import hashlib
+
+    from leakaudit.data.builtin import BUILTIN_NAMES, enron_messages_path
+
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is None:  # a slow tokenizer: not kept
+        return _count_frequencies(tokenizer, corpus, max_tokens)
+    where = enron_messages_path() if corpus == "enron" else None if corpus in BUILTIN_NAMES else Path(corpus)
+    version = None if where is None else (str(where.expanduser().resolve()), where.expanduser().stat().st_mtime_ns,
+                                          where.expanduser().stat().st_size)
+    key = (hashlib.sha256(backend.to_str().encode()).hexdigest(), len(tokenizer), corpus, version, max_tokens)
+    if key not in _FREQUENCIES:
+        _FREQUENCIES.clear()  # one corpus at a time is what a study uses
+        _FREQUENCIES[key] = _count_frequencies(tokenizer, corpus, max_tokens)
+    return _FREQUENCIES[key]
+
+
+def _count_frequencies(tokenizer, corpus: str, max_tokens: int) -> np.ndarray:
     from leakaudit.data.builtin import BUILTIN_NAMES, builtin_dataset
     from leakaudit.data.io import load_records
 
