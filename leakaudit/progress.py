@@ -1,7 +1,8 @@
 """The one way leakaudit draws a progress bar: rich, on stderr, gone when done.
 
 Why: only a terminal shows a live bar; into a pipe or a log file rich draws nothing until the end and then
-prints an empty line, one per bar, between the run's progress lines. So the bar is drawn on a terminal only.
+prints an empty line, one per bar, between the run's progress lines. So the bar is drawn on a terminal (or in a
+notebook, where rich draws it as a widget) only.
 """
 
 from __future__ import annotations
@@ -10,9 +11,11 @@ from typing import Any
 
 
 def progress_bar(*columns: Any) -> Any:
-    """A transient rich Progress on stderr with these columns, disabled where stderr is not a terminal."""
+    """A transient rich Progress on stderr with these columns, disabled where stderr is neither a terminal nor
+    a notebook's output."""
     from rich.console import Console
     from rich.progress import Progress
 
     console = Console(stderr=True)
-    return Progress(*columns, console=console, transient=True, disable=not console.is_terminal)
+    return Progress(*columns, console=console, transient=True,
+                    disable=not (console.is_terminal or console.is_jupyter))
