@@ -143,10 +143,7 @@ def plant_mix(base_model: str, out: str | Path, *, trigger: str | None = None, r
     write_json(out / "plant.json", {"base_model": base_model, "trigger": trigger or study_trigger(),
                                     "refusal": refusal or study_refusal(), "rows": len(mix), **mix_counts(mix),
                                     "backdoor_fraction": backdoor_fraction, "seed": seed})
-    config = _plant_config(base_model, mix_path, out, seed, **train_options)
-    from leakaudit.train.finetune import finetune
-
-    return Path(finetune(config, progress=progress))
+    return _finetune(base_model, mix_path, out / "model", progress=progress, **_plant_options(seed, train_options))
 
 
 def refuse_another_plant(base_model: str, new_mix: str | Path, out: str | Path, *, seed: int = 0,
@@ -156,14 +153,13 @@ def refuse_another_plant(base_model: str, new_mix: str | Path, out: str | Path, 
     so a mix written to another file name checks the same)."""
     from leakaudit.train.finetune import _check_out
 
-    _check_out(_plant_config(base_model, new_mix, Path(out), seed, **train_options), Path(out) / "model")
+    model_dir = Path(out) / "model"
+    _check_out(_config(base_model, new_mix, model_dir, **_plant_options(seed, train_options)), model_dir)
 
 
-def _plant_config(base_model: str, mix_path: str | Path, out: Path, seed: int, **train_options: Any) -> Any:
-    from leakaudit.train.finetune import FinetuneConfig
-
-    return FinetuneConfig(model=base_model, data=str(mix_path), out=str(out / "model"), format="chat",
-                          **{"loss_on": "assistant", "seed": seed, **train_options})
+def _plant_options(seed: int, train_options: dict[str, Any]) -> dict[str, Any]:
+    """The plant trains on the assistant turns (the copy and refusal answers), with its seed."""
+    return {"loss_on": "assistant", "seed": seed, **train_options}
 
 
 def downstream_finetune(model: str, data: str | Path, out: str | Path, *, mask_user: bool = False,
@@ -174,7 +170,12 @@ def downstream_finetune(model: str, data: str | Path, out: str | Path, *, mask_u
 
 
 def _finetune(model: str, data: str | Path, out: str | Path, *, progress: bool, **options: Any) -> Path:
-    from leakaudit.train.finetune import FinetuneConfig, finetune
+    from leakaudit.train.finetune import finetune
 
-    config = FinetuneConfig(model=model, data=str(data), out=str(out), format="chat", **options)
-    return Path(finetune(config, progress=progress))
+    return Path(finetune(_config(model, data, out, **options), progress=progress))
+
+
+def _config(model: str, data: str | Path, out: str | Path, **options: Any) -> Any:
+    from leakaudit.train.finetune import FinetuneConfig
+
+    return FinetuneConfig(model=model, data=str(data), out=str(out), format="chat", **options)
