@@ -190,7 +190,8 @@ def audit_data_cmd(
     # its own line: the PII columns count distinct values, n-grams are counted in the generated data
     v = summary["verbatim"]
     Console().print(f"verbatim {ngram}-grams: {v['ngrams_reproduced']} of the generated data's {v['ngrams_total']} "
-                    f"occur in the source (fraction {v['fraction']:.3f}), in {v['records_with_any']} records; the "
+                    f"occur in the source (fraction {v['fraction']:.3f}), in {v['records_with_any']} "
+                    f"record{'' if v['records_with_any'] == 1 else 's'}; the "
                     f"source has {v['source_distinct_ngrams']} distinct {ngram}-grams", highlight=False)
     if out is not None:
         err.print(f"wrote {out / 'audit_data.json'} and {out / 'audit_records.jsonl'}")
