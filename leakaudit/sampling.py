@@ -182,7 +182,7 @@ def sample(lm: LoadedModel, prompts: Sequence[str], config: SamplingConfig, *,
             results[row.position] = got
         elif got is not None:
             raise InputError(f"prompt '{row.prompt_id}' differs from the one already sampled in this file; "
-                             "use a new output file", file=out_path)
+                             "use another --out, or delete this file", file=out_path)
         else:
             todo.append(row)
 
@@ -511,7 +511,7 @@ def _read_checkpoint(path: Path, key: str) -> dict[tuple[str, int], Sample]:
             obj = json.loads(line)
             if obj.get("run") != key:
                 raise InputError("this file holds samples from another model or other sampling options; "
-                                 "use a new output file or delete it", file=path, line=lineno, field="run")
+                                 "use another --out, or delete this file", file=path, line=lineno, field="run")
             s = Sample(str(obj["prompt_id"]), int(obj["sample_index"]), obj["prompt"], obj["text"],
                        int(obj["n_new_tokens"]))
         except (json.JSONDecodeError, KeyError, TypeError, ValueError, AttributeError) as exc:
