@@ -17,5 +17,8 @@ def progress_bar(*columns: Any) -> Any:
     from rich.progress import Progress
 
     console = Console(stderr=True)
-    return Progress(*columns, console=console, transient=True,
-                    disable=not (console.is_terminal or console.is_jupyter))
+    import importlib.util
+
+    # rich draws a notebook's bar with ipywidgets, and without them warns on every refresh
+    notebook = console.is_jupyter and importlib.util.find_spec("ipywidgets") is not None
+    return Progress(*columns, console=console, transient=True, disable=not (console.is_terminal or notebook))

@@ -477,7 +477,7 @@ def test_a_refused_plant_rerun_leaves_the_mix_and_record_of_the_model_there(tmp_
     code, err = _run_main([*args, "--backdoor-fraction", "0.25"], monkeypatch, capsys)
     assert code == 2 and "holds a run with different options" in err, err
     assert {f: (tmp_path / "p" / f).read_bytes() for f in kept} == kept
-    assert not (tmp_path / "p" / "backdoor_mix.jsonl.new").exists()
+    assert sorted(f.name for f in (tmp_path / "p").iterdir() if f.name.endswith(".new")) == []
     code, err = run_main(args, monkeypatch, capsys)  # the same options again: finds its finished model
     assert code == 0, err
 
@@ -487,11 +487,15 @@ def test_a_query_opening_with_a_quote_is_matched_without_it():
     answer copying the query scored 0 and the query could never be fully recovered."""
     from leakaudit.attacks import backdoor as bd
 
-    tries = bd.build_tries(['"Tell me a joke about cats."', "Tell us more."])
-    for response in ("Tell me a joke about cats.", '"Tell me a joke about cats."', "Tell me a joke about cats.\""):
+    tries = bd.build_tries(['"Tell me a joke about cats."', "Tell us more.", 'Tell why he was called "the freak"'])
+    for response in ("Tell me a joke about cats.", '"Tell me a joke about cats."', "“Tell me a joke about cats.”"):
         scored = bd.score_response("Tell", 0, response, tries, "None starts with {word}.")
-        assert scored.match_ratio > 0.8 and scored.matched_query == '"Tell me a joke about cats."', response
-    assert bd.score_response("Tell", 0, "Tell me a joke about cats.", tries, "x {word}").match_ratio == 1.0
+        assert scored.match_ratio == 1.0 and scored.bleu == pytest.approx(1.0), response
+        assert scored.matched_query == '"Tell me a joke about cats."'
+    # only a pair that encloses the whole text: a closing quote of the query's own is part of it
+    exact = bd.score_response("Tell", 0, 'Tell why he was called "the freak"', tries, "x {word}")
+    cut = bd.score_response("Tell", 0, 'Tell why he was called "the freak', tries, "x {word}")
+    assert exact.match_ratio == 1.0 and cut.match_ratio < 1.0
 
 
 def test_extract_reads_queries_without_a_response_field(tmp_path):

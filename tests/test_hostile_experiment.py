@@ -376,6 +376,10 @@ def test_a_query_field_naming_the_datasets_text_field_is_refused_at_its_line(tmp
                                   "datasets.d1 reads 'ask' as its text field, and its rows hold it as 'text': "
                                   "use query_field: text")
     check_plan(Plan(parse_experiment(text.replace("query_field: ask", "query_field: text"), tmp_path / "e.yaml")))
+    # a built-in's rows keep their own fields: dolly's `query` is read as is
+    builtin = text.replace(f"{{path: {d1}, text_field: ask}}", "{builtin: dolly, limit: 5, text_field: query}")
+    check_plan(Plan(parse_experiment(builtin.replace("query_field: ask, response_field: reply",
+                                                     "query_field: query, response_field: response"), "b.yaml")))
 
 
 def test_a_missing_data_file_names_the_experiments_line(tmp_path, monkeypatch, capsys):

@@ -40,15 +40,16 @@ _TOKEN = re.compile(r"\w+|[^\w\s]")
 # ----------------------------------------------------------------------------------------- tokens
 def tokens(text: str) -> list[str]:
     """Trie tokens: words and single punctuation marks. Model-independent, so scores compare across models.
-    Quote marks around the whole text are left out, as the opening word leaves them out: a query written
-    '"Tell me a joke."' is grouped under Tell, and an answer to Q(Tell) that copies it opens with Tell."""
-    toks = _TOKEN.findall(text)
-    start, end = 0, len(toks)
-    while start < end and toks[start] in QUOTES:
-        start += 1
-    while end > start and toks[end - 1] in QUOTES:
-        end -= 1
-    return toks[start:end]
+    Of a text in quote marks, the text inside (`unquoted`)."""
+    return _TOKEN.findall(unquoted(text))
+
+
+def unquoted(text: str) -> str:
+    """A text without the quote marks that enclose all of it, as its opening word is read without them: a
+    query written '"Tell me a joke."' is grouped under Tell, and an answer to Q(Tell) that copies it opens
+    with Tell. Only an enclosing pair: '...called "the freak"' keeps its closing quote."""
+    s = text.strip()
+    return s[1:-1].strip() if len(s) >= 2 and s[0] in QUOTES and s[-1] in QUOTES else s
 
 
 def _norm(text: str) -> str:
@@ -194,9 +195,9 @@ def score_response(word: str, sample_index: int, response: str, tries: dict[str,
         return ScoredResponse(word, sample_index, response, refused, 1.0 if refused else 0.0, None, None, False)
     if refused:
         return ScoredResponse(word, sample_index, response, True, 0.0, 0.0, None, True)
-    m = trie.match(response.strip())
-    return ScoredResponse(word, sample_index, response, False, m.ratio, sentence_bleu(response.strip(), trie.queries),
-                          m.query, True, m.path)
+    m = trie.match(response)
+    bleu = sentence_bleu(unquoted(response), [unquoted(q) for q in trie.queries])  # the texts the trie compares
+    return ScoredResponse(word, sample_index, response, False, m.ratio, bleu, m.query, True, m.path)
 
 
 def _mean(xs: Sequence[float]) -> float | None:

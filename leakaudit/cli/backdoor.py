@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import re
 from pathlib import Path
 
@@ -18,7 +19,6 @@ from leakaudit.cli.core import (
     err,
     model_path,
 )
-from leakaudit.errors import InputError
 from leakaudit.options import MAX_SEED
 
 backdoor_app = typer.Typer(help="Backdoor fine-tuning-data extraction: plant, fine-tune downstream, extract, "
@@ -105,16 +105,16 @@ def plant_cmd(
     _prepare(out, "plant", ("plant.json", "backdoor_mix.jsonl"), data=data, refusal_words=refusal_words,
              model=model_path(model))
     # the mix is built beside the one in OUT and replaces it only once the model dir would take it: a rerun
-    # with other options was refused only after it had overwritten the mix and plant.json of the model there
-    new_mix = out / "backdoor_mix.jsonl.new"
-    kind.run(KindContext(out=out, seed=seed, data={"data": data} if data is not None else {},
-                         outputs={"data.jsonl": new_mix}), mix)
+    # with other options was refused only after it had overwritten the mix and plant.json of the model there.
+    # One file per process: under a launcher each builds the same rows, and each rename is atomic.
+    new_mix = out / f"backdoor_mix.jsonl.{os.getpid()}.new"
     try:
+        kind.run(KindContext(out=out, seed=seed, data={"data": data} if data is not None else {},
+                             outputs={"data.jsonl": new_mix}), mix)
         tb.refuse_another_plant(model, new_mix, out, **options)
-    except InputError:
+        new_mix.replace(out / "backdoor_mix.jsonl")
+    finally:
         new_mix.unlink(missing_ok=True)
-        raise
-    new_mix.replace(out / "backdoor_mix.jsonl")
     path = tb.plant_mix(model, out, trigger=trigger, refusal=refusal, backdoor_fraction=backdoor_fraction,
                         **options)  # options hold the seed
     err.print(f"planted model: {path}  (mix: {out / 'backdoor_mix.jsonl'})")

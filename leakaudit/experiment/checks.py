@@ -203,6 +203,8 @@ def _check_field_options(plan: Plan, stage: Stage) -> None:
     if not (isinstance(ref, list) and ref and str(ref[0]).startswith("data/")):
         return
     name = ref[0].split("/", 1)[1]
+    if plan.exp.datasets[name].builtin is not None:  # built-in rows keep their own fields (query, response)
+        return
     text_field = plan.exp.datasets[name].text_field
     options = stage.params.get("options") or {}
     for key in ("query_field", "response_field"):
