@@ -507,5 +507,6 @@ def test_extract_reads_queries_without_a_response_field(tmp_path):
     d2.write_text("".join(json.dumps({"user_msg": q, "bot_msg": "ok"}) + "\n" for q in ("What is it?", "How so?")))
     assert d2_queries(d2, query_field="user_msg") == ["What is it?", "How so?"]
     only = tmp_path / "only.jsonl"
-    only.write_text(json.dumps({"question": "Why not?"}) + "\n")
-    assert d2_queries(only) == ["Why not?"]
+    only.write_text(json.dumps({"question": "Why not?"}) + "\n" +
+                    json.dumps({"messages": [{"role": "user", "content": "Who wrote it?"}]}) + "\n")
+    assert d2_queries(only) == ["Why not?", "Who wrote it?"]

@@ -92,7 +92,7 @@ def load_pairs(path: str | Path, query_field: str | None = None, response_field:
     pairs = []
     for line, row in read_rows(p):
         if "messages" in row and query_field is None:
-            pairs.append(_pair_from_messages(row["messages"], p, line))
+            pairs.append(_pair_from_messages(row["messages"], p, line, need_response))
             continue
         qf = query_field or next((f for f in QUERY_FIELDS if f in row), None)
         rf = response_field or next((f for f in RESPONSE_FIELDS if f in row), None)
@@ -116,7 +116,7 @@ def load_pairs(path: str | Path, query_field: str | None = None, response_field:
     return pairs
 
 
-def _pair_from_messages(messages: Any, p: Path, line: int) -> Pair:
+def _pair_from_messages(messages: Any, p: Path, line: int, need_response: bool = True) -> Pair:
     if not isinstance(messages, list) or not all(isinstance(m, dict) for m in messages):
         raise InputError("must be a list of {role, content} objects", file=p, line=line, field="messages")
     for i, m in enumerate(messages[:-1]):
@@ -125,6 +125,12 @@ def _pair_from_messages(messages: Any, p: Path, line: int) -> Pair:
             q, r = m.get("content"), nxt.get("content")
             if isinstance(q, str) and q.strip() and isinstance(r, str):
                 return Pair(q, r)
+    if not need_response:  # the queries are what is read: a user turn alone will do
+        for m in messages:
+            q = m.get("content")
+            if m.get("role") == "user" and isinstance(q, str) and q.strip():
+                return Pair(q, "")
+        raise InputError("no user turn", file=p, line=line, field="messages")
     raise InputError("no user turn followed by an assistant turn", file=p, line=line, field="messages")
 
 
