@@ -376,6 +376,11 @@ def test_a_query_field_naming_the_datasets_text_field_is_refused_at_its_line(tmp
                                   "datasets.d1 reads 'ask' as its text field, and its rows hold it as 'text': "
                                   "use query_field: text")
     check_plan(Plan(parse_experiment(text.replace("query_field: ask", "query_field: text"), tmp_path / "e.yaml")))
+    # replace-pii's fields to rewrite, the same
+    pii = text.replace("kind: backdoor-mix", "kind: replace-pii").replace(
+        "options: {query_field: ask, response_field: reply}", "options: {text_field: [ask]}")
+    with pytest.raises(InputError, match="field 'generate.mix.options.text_field': .* use text_field: text"):
+        check_plan(Plan(parse_experiment(pii, tmp_path / "exp.yaml")))
     # a built-in's rows keep their own fields: dolly's `query` is read as is
     builtin = text.replace(f"{{path: {d1}, text_field: ask}}", "{builtin: dolly, limit: 5, text_field: query}")
     check_plan(Plan(parse_experiment(builtin.replace("query_field: ask, response_field: reply",

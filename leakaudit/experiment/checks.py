@@ -196,9 +196,9 @@ def option_key(field: str | None) -> str | None:
 
 
 def _check_field_options(plan: Plan, stage: Stage) -> None:
-    """A `query_field`/`response_field` naming the field a dataset reads as its text: the dataset step writes
-    that field as `text`, so the stage would fail on its first row with "no query field" in a file of the run
-    dir. Said here, at the option's line."""
+    """A `query_field`/`response_field` (or replace-pii's `text_field`) naming the field a dataset reads as its
+    text: the dataset step writes that field as `text`, so the stage would fail on its first row ("no query
+    field") in a file of the run dir. Said here, at the option's line."""
     ref = stage.params.get("data")
     if not (isinstance(ref, list) and ref and str(ref[0]).startswith("data/")):
         return
@@ -207,8 +207,10 @@ def _check_field_options(plan: Plan, stage: Stage) -> None:
         return
     text_field = plan.exp.datasets[name].text_field
     options = stage.params.get("options") or {}
-    for key in ("query_field", "response_field"):
-        if text_field != "text" and options.get(key) == text_field:
+    for key in ("query_field", "response_field", "text_field"):  # replace-pii's text_field: fields to rewrite
+        value = options.get(key)
+        named = [f.strip() for f in value.split(",")] if isinstance(value, str) else value or []
+        if text_field != "text" and text_field in named:
             raise ConfigError(_option_loc(stage, key), f"datasets.{name} reads '{text_field}' as its text "
                               f"field, and its rows hold it as 'text': use {key}: text")
 
