@@ -366,10 +366,9 @@ def mask_pii(text: str, names: NameFinder | Iterable[str] | None = None) -> str:
 
 def mask_message(text: str) -> str:
     """A one-line message (an error, a progress line): addresses and the shipped Enron names (and those of the
-    running experiment's `report.mask_names`) masked anywhere,
-    phone numbers only inside the '...' that quote values. Unquoted digits there are paths, seeds and
-    timestamps ("runs/2025061514/", "finetune[seed=2024061501]") that read as phone numbers, and masking them
-    printed paths that do not exist."""
+    running experiment's `report.mask_names`) masked anywhere, phone numbers only inside the '...' that quote
+    values. Unquoted digits there are paths, seeds and timestamps ("runs/2025061514/",
+    "finetune[seed=2024061501]") that read as phone numbers, and masking them printed paths that do not exist."""
     names = _message_names or shipped_name_finder()
     out = re.sub(r"'[^'\n]*'", lambda m: mask_pii(m.group(0), names), text)
     masks = {"email": mask_email, "name": mask_name}

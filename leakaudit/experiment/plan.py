@@ -163,7 +163,8 @@ class Plan:
         files = {k: file_identity(v) for k, v in sorted(flat.items()) if _names_a_file(v)}
         corpus = enron_messages_path()
         if corpus is not None:  # dc_pdd counting `enron` reads the corpus LEAKAUDIT_ENRON_MESSAGES points at
-            files.update({k: file_identity(corpus) for k, v in flat.items() if k.endswith(".corpus") and v == "enron"})
+            files.update({k: file_identity(corpus) for k, v in flat.items()
+                          if k.endswith(".corpus") and v == "enron"})
         return {**({"files": files} if files else {}), **({"show_pii": True} if self.exp.report.show_pii else {})}
 
     def _seed(self, spec: Any) -> int:

@@ -127,7 +127,8 @@ class MiaResult(Result):
 
 #: said with a `ref` comparison whose baseline is the reference model itself (e.g. M0 against the base model,
 #: `reference: base`): the baseline's ref scores are all 0, its AUC 0.5 by construction
-OWN_REFERENCE = "the baseline is its own reference, so its ref AUC is 0.5 by construction: this is the ref AUC against chance"
+OWN_REFERENCE = ("the baseline is its own reference, so its ref AUC is 0.5 by construction: this is the ref AUC "
+                 "against chance")
 
 
 def _series(s: StageView, base: StageView) -> list[compare.Series]:

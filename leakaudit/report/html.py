@@ -222,14 +222,16 @@ def build(out: str | Path) -> tuple[str, dict[str, Any]]:
                              autoescape=True, undefined=jinja2.StrictUndefined)
     title = exp.get("report", {}).get("title") or f"leakaudit report: {exp['name']}"
     html = env.get_template("report.html.j2").render(
-        title=title, name=exp["name"], seed=exp.get("seed"), file_seed=_file_seed(config_text), show_pii=show_pii, headline_cols=cols, headline_rows=table_rows,
+        title=title, name=exp["name"], seed=exp.get("seed"), file_seed=_file_seed(config_text), show_pii=show_pii,
+        headline_cols=cols, headline_rows=table_rows,
         verdicts=[verdict_sentence(c) for c in comparisons], verdict_figures=verdict_figures(comparisons),
         sections=sections, stages=stages, n_done=sum(1 for s in stages if s.get("result") is not None),
         n_stages=len(stages), config_text=config_text if show_pii else mask_yaml_text(config_text, names),
         versions=run.get("versions", {}))
     if not show_pii:  # a last pass over the whole page: addresses, phones and shipped names never reach it
         html = _mask_page(html, names)
-    summary = {"experiment": exp["name"], "seed": exp.get("seed"), "generated": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+    summary = {"experiment": exp["name"], "seed": exp.get("seed"),
+               "generated": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
                "pii": "shown" if show_pii else "masked",  # says so before anyone shares the file
                "headline": rows, "comparisons": comparisons,
                "stages": {s["id"]: s.get("result") for s in stages},
