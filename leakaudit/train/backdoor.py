@@ -151,10 +151,10 @@ def refuse_another_plant(base_model: str, new_mix: str | Path, out: str | Path, 
     """Refuse, before the mix or plant.json in OUT are replaced, an OUT whose model was trained (or started)
     on another mix or with other options: the check `finetune` makes, made first (the mix enters by content,
     so a mix written to another file name checks the same)."""
-    from leakaudit.train.finetune import _check_out
+    from leakaudit.train.finetune import check_out
 
     model_dir = Path(out) / "model"
-    _check_out(_config(base_model, new_mix, model_dir, **_plant_options(seed, train_options)), model_dir)
+    check_out(_config(base_model, new_mix, model_dir, **_plant_options(seed, train_options)), model_dir)
 
 
 def _plant_options(seed: int, train_options: dict[str, Any]) -> dict[str, Any]:

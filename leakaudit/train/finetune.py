@@ -310,7 +310,7 @@ def save_pissa_init(model, out: Path) -> None:
 
 
 # ----------------------------------------------------------------------------------------- run
-def _check_out(config: FinetuneConfig, out: Path) -> bool:
+def check_out(config: FinetuneConfig, out: Path) -> bool:
     """True when `out` already holds this finished run; refuse an out dir holding a different run."""
     saved = out / "finetune_config.json"
     if saved.exists():
@@ -328,7 +328,7 @@ def _check_out(config: FinetuneConfig, out: Path) -> bool:
 def finetune(config: FinetuneConfig, progress: bool = True, callbacks: list | None = None) -> Path:
     """Train as configured and return the output dir (loadable with models.load_model(str(dir)))."""
     out = Path(config.out)
-    if _check_out(config, out):
+    if check_out(config, out):
         if is_main():
             drop_resume_state(out)  # a kill between the done marker and this cleanup left them: finish it
         return out
