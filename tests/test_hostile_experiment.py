@@ -375,6 +375,11 @@ def test_a_query_field_naming_the_datasets_text_field_is_refused_at_its_line(tmp
     assert err.value.format() == (f"{tmp_path / 'exp.yaml'}:9: field 'generate.mix.options.query_field': "
                                   "datasets.d1 reads 'ask' as its text field, and its rows hold it as 'text': "
                                   "use query_field: text")
+    # its id and user fields are renamed too
+    as_user = text.replace("text_field: ask}", "text_field: ask, user_field: reply}")
+    with pytest.raises(InputError, match="reads 'reply' as its user field, and its rows hold it as 'user': use "
+                                         "response_field: user"):
+        check_plan(Plan(parse_experiment(as_user.replace("query_field: ask", "query_field: text"), "u.yaml")))
     check_plan(Plan(parse_experiment(text.replace("query_field: ask", "query_field: text"), tmp_path / "e.yaml")))
     # replace-pii's fields to rewrite, the same
     pii = text.replace("kind: backdoor-mix", "kind: replace-pii").replace(

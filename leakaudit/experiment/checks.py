@@ -197,22 +197,26 @@ def option_key(field: str | None) -> str | None:
 
 def _check_field_options(plan: Plan, stage: Stage) -> None:
     """A `query_field`/`response_field` (or replace-pii's `text_field`) naming the field a dataset reads as its
-    text: the dataset step writes that field as `text`, so the stage would fail on its first row ("no query
-    field") in a file of the run dir. Said here, at the option's line."""
+    text (id, user): the dataset step writes that field as `text` (`id`, `user`), so the stage would fail on its
+    first row ("no query field") in a file of the run dir. Said here, at the option's line."""
     ref = stage.params.get("data")
     if not (isinstance(ref, list) and ref and str(ref[0]).startswith("data/")):
         return
     name = ref[0].split("/", 1)[1]
     if plan.exp.datasets[name].builtin is not None:  # built-in rows keep their own fields (query, response)
         return
-    text_field = plan.exp.datasets[name].text_field
+    ds = plan.exp.datasets[name]
+    renamed = {f: to for f, to in ((ds.text_field, "text"), (ds.id_field, "id"), (ds.user_field, "user"))
+               if f is not None and f != to}
     options = stage.params.get("options") or {}
     for key in ("query_field", "response_field", "text_field"):  # replace-pii's text_field: fields to rewrite
         value = options.get(key)
         named = [f.strip() for f in value.split(",")] if isinstance(value, str) else value or []
-        if text_field != "text" and text_field in named:
-            raise ConfigError(_option_loc(stage, key), f"datasets.{name} reads '{text_field}' as its text "
-                              f"field, and its rows hold it as 'text': use {key}: text")
+        for field in named:
+            if field in renamed:
+                to = renamed[field]
+                raise ConfigError(_option_loc(stage, key), f"datasets.{name} reads '{field}' as its {to} field, "
+                                  f"and its rows hold it as '{to}': use {key}: {to}")
 
 
 def _check_mask_names(plan: Plan) -> None:
