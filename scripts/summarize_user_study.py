@@ -54,7 +54,7 @@ def main(dirs: list[str]) -> None:
     if user:
         arms = [user[0]["baseline"]] + [a for a in arms if a != user[0]["baseline"]]
     ms = list((runs[0]["arms"][arms[0]]["ui"].get("per_m") or {}).keys())
-    print("User AUC per m (95% bootstrap CI for the largest m), training samples kept, held-out perplexity:\n")
+    print("User AUC per m (95% BCa bootstrap CI for the largest m), training samples kept, held-out perplexity:\n")
     print("| arm | seed | " + " | ".join(f"AUC m={m}" for m in ms) + " | samples kept | perplexity |")
     print("|---|---|" + "---|" * len(ms) + "---|---|")
     for arm in arms:
