@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import errno
 import importlib
-import os
 import sys
 import warnings
 
@@ -63,7 +62,9 @@ def main() -> None:
     except clk.ClickException as exc:
         _say(f"error: {exc.format_message()}")
         sys.exit(exc.exit_code)
-    if code == INTERRUPTED and int(os.environ.get("RANK", "0")) == 0:  # typer turns Ctrl-C into it, silently
+    from leakaudit.distributed import is_main
+
+    if code == INTERRUPTED and is_main():  # typer turns Ctrl-C into it, silently
         print("interrupted: what finished is kept; rerun the same command to resume", file=sys.stderr)
     sys.exit(code if isinstance(code, int) else 0)
 
@@ -98,7 +99,9 @@ def _say(line: str) -> None:
     """Print an error line. Under a launcher every process meets the same bad file or input, and each printed
     it: a process other than rank 0 waits ECHO_GRACE_S first (stopped by then when rank 0 failed as well) and
     names its rank, so an error only it met (a file it cannot see) is still shown."""
-    rank, size = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
+    from leakaudit.distributed import world
+
+    rank, size = world()
     if size > 1 and rank != 0:
         import time
 
