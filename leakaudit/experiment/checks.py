@@ -37,8 +37,7 @@ def check_plan(plan: Plan, runs: tuple[Path | None, ...] = ()) -> None:
                                       f"{base.params['method']} adapter; fine-tuning starts from a full model "
                                       "(fine-tune that one with method: full, or merge it first)")
             elif stage.kind != "dataset":
-                stage_options(stage)
-                _check_field_options(plan, stage)
+                _check_field_options(plan, stage, stage_options(stage))
         except ConfigError as exc:
             value = (stage.params.get("options") or {}).get(exc.loc[-1]) if exc.loc else None
             raise plan.exp.error(exc.loc, exc.message + _beside_file_hint(plan, value)) from None
@@ -195,24 +194,23 @@ def option_key(field: str | None) -> str | None:
     return field[2:].replace("-", "_") if field and field.startswith("--") else field
 
 
-def _check_field_options(plan: Plan, stage: Stage) -> None:
+def _check_field_options(plan: Plan, stage: Stage, options: dict[str, Any]) -> None:
     """A `query_field`/`response_field` (or replace-pii's `text_field`) naming the field a dataset reads as its
     text (id, user): the dataset step writes that field as `text` (`id`, `user`), so the stage would fail on its
-    first row ("no query field") in a file of the run dir. Said here, at the option's line."""
+    first row ("no query field") in a file of the run dir. Said here, at the option's line. `options`: the
+    stage's options as its kind validated them (replace-pii's text_field already a list)."""
     ref = stage.params.get("data")
     if not (isinstance(ref, list) and ref and str(ref[0]).startswith("data/")):
         return
     name = ref[0].split("/", 1)[1]
-    if plan.exp.datasets[name].builtin is not None:  # built-in rows keep their own fields (query, response)
-        return
     ds = plan.exp.datasets[name]
+    if ds.builtin is not None:  # built-in rows keep their own fields (query, response)
+        return
     renamed = {f: to for f, to in ((ds.text_field, "text"), (ds.id_field, "id"), (ds.user_field, "user"))
                if f is not None and f != to}
-    options = stage.params.get("options") or {}
     for key in ("query_field", "response_field", "text_field"):  # replace-pii's text_field: fields to rewrite
         value = options.get(key)
-        named = [f.strip() for f in value.split(",")] if isinstance(value, str) else value or []
-        for field in named:
+        for field in [value] if isinstance(value, str) else value or []:
             if field in renamed:
                 to = renamed[field]
                 raise ConfigError(_option_loc(stage, key), f"datasets.{name} reads '{field}' as its {to} field, "
