@@ -223,10 +223,20 @@ class RecallAttack(Attack):
         return np.array(out)
 
 
+def corpus_file(corpus: str) -> Path | None:
+    """The file dc_pdd's `corpus` reads: the path it names, or for `enron` the corpus LEAKAUDIT_ENRON_MESSAGES
+    points at; None for the other built-ins (shipped in the package)."""
+    from leakaudit.data.builtin import BUILTIN_NAMES, enron_messages_path
+
+    if corpus in BUILTIN_NAMES:
+        return enron_messages_path() if corpus == "enron" else None
+    return Path(corpus).expanduser()
+
+
 def _corpus(value: str) -> str:
     from leakaudit.data.builtin import BUILTIN_NAMES
 
-    if value not in BUILTIN_NAMES and not Path(value).expanduser().is_file():
+    if value not in BUILTIN_NAMES and not corpus_file(value).is_file():
         raise ValueError(f"'{value}' is neither a built-in dataset ({', '.join(BUILTIN_NAMES)}) nor a file")
     return value
 
@@ -280,14 +290,12 @@ def _smoothed_frequencies(tokenizer, corpus: str, max_tokens: int) -> np.ndarray
     """(count(v) + 1) / (N + |V|) over the corpus's texts, each cut to its first `max_tokens` tokens."""
     import hashlib
 
-    from leakaudit.data.builtin import BUILTIN_NAMES, enron_messages_path
-
     backend = getattr(tokenizer, "backend_tokenizer", None)
     if backend is None:  # a slow tokenizer: not kept
         return _count_frequencies(tokenizer, corpus, max_tokens)
-    where = enron_messages_path() if corpus == "enron" else None if corpus in BUILTIN_NAMES else Path(corpus)
-    version = None if where is None else (str(where.expanduser().resolve()), where.expanduser().stat().st_mtime_ns,
-                                          where.expanduser().stat().st_size)
+    where = corpus_file(corpus)
+    stat = where.stat() if where is not None else None
+    version = None if stat is None else (str(where.resolve()), stat.st_mtime_ns, stat.st_size)
     key = (hashlib.sha256(backend.to_str().encode()).hexdigest(), len(tokenizer), corpus, version, max_tokens)
     if key not in _FREQUENCIES:
         _FREQUENCIES.clear()  # one corpus at a time is what a study uses
@@ -302,7 +310,7 @@ def _count_frequencies(tokenizer, corpus: str, max_tokens: int) -> np.ndarray:
     if corpus in BUILTIN_NAMES:
         texts = [r["text"] for r in builtin_dataset(corpus, 0, None)]
     else:
-        texts = [r.text for r in load_records(Path(corpus).expanduser())]
+        texts = [r.text for r in load_records(corpus_file(corpus))]
     counts = np.zeros(len(tokenizer), dtype=np.float64)
     for ids in tokenizer(texts, add_special_tokens=False)["input_ids"]:
         np.add.at(counts, ids[:max_tokens], 1)

@@ -89,6 +89,7 @@ def mia(
     allow_pickle: bool = typer.Option(False, "--allow-pickle"),
 ) -> None:
     """Membership inference: score members and non-members with each attack; AUC with CI, TPR at low FPR."""
+    from leakaudit.attacks.mia import corpus_file
     from leakaudit.data.io import load_records
     from leakaudit.data.labels import member_sets
     from leakaudit.distributed import is_main
@@ -110,7 +111,7 @@ def mia(
     _one_source(members, nonmembers, data)
     prepare_output(out, command="mia", files=("mia.json", "scores.jsonl"),
                    inputs={"--members": members, "--nonmembers": nonmembers, "--data": data,
-                           "--recall-prefix": recall_prefix, "--dc-pdd-corpus": _file(dc_pdd_corpus),
+                           "--recall-prefix": recall_prefix, "--dc-pdd-corpus": corpus_file(dc_pdd_corpus),
                            "--target": model_path(target),
                            "--reference": model_path(reference)})
     if "recall" in names and recall_prefix is not None:
@@ -126,11 +127,6 @@ def mia(
     n_out = next(iter(res["attacks"].values()))["n_nonmembers"]
     _summary(f"MIA on {target} ({len(ins)} members, {n_out} non-members)", res["attacks"])
     _say(f"wrote {out / 'mia.json'}, scores.jsonl, roc.png")
-
-
-def _file(value: str) -> Path | None:
-    """A flag's value that names an existing file (else a built-in name)."""
-    return Path(value) if Path(value).expanduser().is_file() else None
 
 
 def _one_source(members: Path | None, nonmembers: Path | None, data: Path | None) -> None:
