@@ -412,4 +412,11 @@ def test_dc_pdd_counts_a_corpus_once_per_tokenizer_and_version(tiny_neox, tmp_pa
     assert np.array_equal(score("dc_pdd", other_copy, corpus=str(corpus)), first) and len(calls) == 1
     corpus.write_text('{"text": "another text entirely, and longer"}\n')
     os.utime(corpus, ns=(1, 1))  # a new version even within the clock's resolution
-    assert not np.array_equal(score("dc_pdd", tiny_neox, corpus=str(corpus)), first) and len(calls) == 2
+    second = score("dc_pdd", tiny_neox, corpus=str(corpus))
+    assert not np.array_equal(second, first) and len(calls) == 2
+    # an edit that keeps the size and has its mtime put back (`touch -r`, a restore) is a new version too
+    size = corpus.stat().st_size
+    corpus.write_text('{"text": "the model was tuned, and shorter!"}\n')
+    assert corpus.stat().st_size == size
+    os.utime(corpus, ns=(1, 1))
+    assert not np.array_equal(score("dc_pdd", tiny_neox, corpus=str(corpus)), second) and len(calls) == 3

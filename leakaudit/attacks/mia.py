@@ -293,9 +293,10 @@ def _smoothed_frequencies(tokenizer, corpus: str, max_tokens: int) -> np.ndarray
     backend = getattr(tokenizer, "backend_tokenizer", None)
     if backend is None:  # a slow tokenizer: not kept
         return _count_frequencies(tokenizer, corpus, max_tokens)
-    where = corpus_file(corpus)
-    stat = where.stat() if where is not None else None
-    version = None if stat is None else (str(where.resolve()), stat.st_mtime_ns, stat.st_size)
+    from leakaudit.models import file_sha256
+
+    where = corpus_file(corpus)  # a file by content: an edit that keeps its size and mtime is still seen
+    version = None if where is None else file_sha256(where)
     key = (hashlib.sha256(backend.to_str().encode()).hexdigest(), len(tokenizer), corpus, version, max_tokens)
     if key not in _FREQUENCIES:
         _FREQUENCIES.clear()  # one corpus at a time is what a study uses
