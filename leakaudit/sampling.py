@@ -346,9 +346,13 @@ def _hf_generate(lm: LoadedModel, batch: list[_Row], config: SamplingConfig) -> 
     window = getattr(lm.model.config, "sliding_window", None)
     if isinstance(window, int) and max(n for n, _ in groups) >= window:
         groups = [(0, batch)]  # a sliding-window layer keeps only part of a start this long: no sharing
-    shared = {id(r): n for n, rows in groups for r in rows}
-    start = max(shared.values())
-    width = start + max(len(r.ids) - shared[id(r)] for r in batch)
+    shared, start, width = _layout(batch, groups)
+    if width + config.max_new_tokens > lm.max_length:
+        # a short start padded to a longer one, and its rest to a longer rest, can make the batch wider than
+        # any of its prompts; every prompt fits the window, so run the batch unshared at its longest prompt's
+        # width rather than ask generate() for more tokens than the window holds
+        groups = [(0, batch)]
+        shared, start, width = _layout(batch, groups)
     input_ids = torch.full((len(batch), width), pad, dtype=torch.long)
     mask = torch.zeros((len(batch), width), dtype=torch.long)
     for i, r in enumerate(batch):
@@ -375,6 +379,13 @@ def _hf_generate(lm: LoadedModel, batch: list[_Row], config: SamplingConfig) -> 
                                 **{cache_keyword(lm.model): cache})
     new = out[:, width:].tolist()
     return new
+
+
+def _layout(batch: list[_Row], groups: list[tuple[int, list[_Row]]]) -> tuple[dict[int, int], int, int]:
+    """Per row (by id) the tokens its group shares, the longest shared start, and the batch's width."""
+    shared = {id(r): n for n, rows in groups for r in rows}
+    start = max(shared.values())
+    return shared, start, start + max(len(r.ids) - shared[id(r)] for r in batch)
 
 
 def _decoding_cache(lm: LoadedModel, batch: list[_Row], groups: list[tuple[int, list[_Row]]], length: int,

@@ -107,6 +107,26 @@ def test_prompts_of_several_starts_share_a_batch_and_change_nothing(tiny_model, 
                                                          skip_special_tokens=True)
 
 
+def test_a_batch_of_shared_starts_never_runs_wider_than_the_window(tiny_neox, monkeypatch):
+    """A short start padded to a longer one and a short rest padded to a longer rest made a batch wider than
+    any of its prompts: with prompts that fill the window, generate() ran past the model's window (transformers
+    warned "friendly reminder ... exceeded the model's predefined maximum length" on pii runs). Such a batch
+    runs unshared, no wider than its longest prompt, and still equals one-at-a-time runs."""
+    from transformers.generation import stopping_criteria
+
+    widths = []
+    real = stopping_criteria.MaxLengthCriteria.__call__
+    monkeypatch.setattr(stopping_criteria.MaxLengthCriteria, "__call__",
+                        lambda self, ids, scores, **kw: widths.append(ids.shape[1]) or real(self, ids, scores, **kw))
+    tail = " and then, after a long list of further names and addresses, Jeff Dasovich writes from"
+    prompts = [SHARED_START + "Tana", SHARED_START + "Sally Beck is", OTHER_START + "Kay Mann" + tail * 3]
+    longest = max(len(tiny_neox.tokenizer(p)["input_ids"]) for p in prompts)
+    cfg = SamplingConfig(max_new_tokens=tiny_neox.max_length - longest, greedy=True, stop_at_eos=False)
+    together = _texts(sample(tiny_neox, prompts, cfg, batch_size=3, progress=False))
+    assert max(widths) == tiny_neox.max_length
+    assert together == _texts(sample(tiny_neox, prompts, cfg, batch_size=1, progress=False))
+
+
 def test_seed_reproduces_and_changes_samples(tiny_neox):
     cfg = SamplingConfig(max_new_tokens=12, top_k=100, num_samples=3, seed=7)
     a = _texts(sample(tiny_neox, PROMPTS, cfg, progress=False))
