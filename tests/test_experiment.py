@@ -743,3 +743,16 @@ def test_stage_keys_cover_option_files_show_pii_and_the_enron_corpus(tmp_path, m
     monkeypatch.setenv("LEAKAUDIT_ENRON_MESSAGES", str(corpus))
     full = keys()
     assert {s for s in edited if edited[s] != full[s]} == {"data/mail"}
+
+
+def test_the_backdoor_dose_file_shares_its_common_stages_with_the_study_file():
+    """backdoor-cpu-epochs.yaml takes the released model and the 3-epoch victim from a backdoor-cpu run with
+    --reuse: every stage the two files have in common must have the same key (an edit to one file alone would
+    silently retrain the 20-minute plant)."""
+    from leakaudit.config import load_experiment
+
+    study = Plan(load_experiment(REPO / "experiments" / "backdoor-cpu.yaml")).stages
+    dose = Plan(load_experiment(REPO / "experiments" / "backdoor-cpu-epochs.yaml")).stages
+    common = set(study) & set(dose)
+    assert {"finetune/planted", "finetune/victim", "evaluate/extract/victim"} <= common
+    assert {s: dose[s].key for s in common} == {s: study[s].key for s in common}
