@@ -19,6 +19,8 @@ DEFAULT_FPRS = (0.01, 0.001)
 # threshold is one of the few highest non-member scores, an extreme the bootstrap cannot resample well
 # (docs/attacks.md: 68-86% at 1x, 90-95% at 3x, simulated)
 FEW_NEGATIVES = 3
+#: fewer bootstrap resamples than this and an interval's ends are mostly Monte Carlo noise: warned
+FEW_RESAMPLES = 200
 
 
 @dataclass
@@ -104,6 +106,8 @@ def roc_metrics(scores: Sequence[float], labels: Sequence[int], n_bootstrap: int
     from sklearn.metrics import roc_auc_score, roc_curve
 
     s, y = _check(scores, labels)
+    if bad := [f for f in fprs if not 0 < f < 1]:
+        raise ValueError(f"false-positive rates must lie strictly between 0 and 1 (got {bad[0]})")
     fpr, tpr, _ = roc_curve(y, s, drop_intermediate=False)
     auc = float(roc_auc_score(y, s))
     n_pos, n_neg = int(y.sum()), int(len(y) - y.sum())
@@ -114,6 +118,9 @@ def roc_metrics(scores: Sequence[float], labels: Sequence[int], n_bootstrap: int
                  f"{FEW_NEGATIVES * needed_negatives(f)} (it covered 68-86% of true values at "
                  f"{needed_negatives(f)}, simulated)"
                  for f in resolved if n_neg < FEW_NEGATIVES * needed_negatives(f) and n_bootstrap > 0]
+    if 0 < n_bootstrap < FEW_RESAMPLES:
+        warnings.append(f"only {n_bootstrap} bootstrap resamples: the interval's ends move from seed to seed "
+                        f"(use {FEW_RESAMPLES} or more)")
     tprs = {float(f): tpr_at_fpr(fpr, tpr, f) if float(f) in resolved else None for f in fprs}
     lo = hi = float("nan")
     tpr_ci: dict[float, tuple[float, float] | None] = {float(f): None for f in fprs}
@@ -174,7 +181,8 @@ def _bootstrap_roc(scores: np.ndarray, labels: np.ndarray, n_bootstrap: int, see
     """Intervals of the AUC (BCa) and of the TPR at each FPR in `fprs` (percentile), from the same resamples
     (members and non-members resampled separately)."""
     rng = np.random.default_rng(seed)
-    pos, neg = scores[labels == 1], scores[labels == 0]
+    # sorted: the resamples (and so the interval) depend on the seed and the scores, not the input's order
+    pos, neg = np.sort(scores[labels == 1]), np.sort(scores[labels == 0])
     aucs, tprs = [], {f: [] for f in fprs}
     rows = max(1, 2_000_000 // max(len(scores), 1))  # bounded memory per chunk
     for start in range(0, n_bootstrap, rows):
@@ -230,8 +238,16 @@ def _auc_rows(scores: np.ndarray, labels: np.ndarray) -> np.ndarray:
         return np.where((n_pos > 0) & (n_neg > 0), u / (n_pos * n_neg), np.nan)
 
 
-def _percentile_ci(values: np.ndarray, ci: float) -> list[float] | None:
-    values = values[np.isfinite(values)]
+def _bounded_away_from_zero(values: np.ndarray, level: float) -> bool:
+    """Whether the central `level` share of a statistic's resampled values keeps one sign. A relative change
+    divides by the baseline's statistic: where that could be 0, the ratio is unbounded and its interval
+    meaningless (a baseline mean of 0.001 made a +5000% point beside a [+1%, +146%] interval)."""
+    ends = _percentile_ci(values, level)
+    return ends is not None and (ends[0] > 0 or ends[1] < 0)
+
+
+def _percentile_ci(values: np.ndarray, ci: float, keep_infinite: bool = False) -> list[float] | None:
+    values = values[~np.isnan(values)] if keep_infinite else values[np.isfinite(values)]
     if values.size == 0:
         return None
     alpha = (1 - ci) / 2
@@ -253,7 +269,8 @@ def paired_difference(values_a: Sequence[float], values_b: Sequence[float], labe
     difference 10% of the time at 10 units, 5.5% expanded, nominal 5%).
 
     The relative change is delta / |stat(a)| (so its sign is the delta's, also for a negative log p), its
-    interval computed per resample (resamples where stat(a) is 0 left out); None when stat(a) is 0.
+    interval computed per resample; both None when stat(a) is 0, or could be (its resampled values' central
+    `ci` share does not keep one sign: a ratio to a value near 0 is unbounded, its interval meaningless).
     Returns {value_a, value_b, delta, ci, relative, relative_ci, n, n_bootstrap (resamples used)} (ci and
     relative_ci None without resamples).
     """
@@ -268,6 +285,11 @@ def paired_difference(values_a: Sequence[float], values_b: Sequence[float], labe
     if y is not None and clusters is not None:
         raise ValueError("clusters are for means; an AUC resamples single items")
     if clusters is None:
+        # items sorted by their values: the resamples depend on the seed and the data, not the items' order;
+        # by (min, max) of the pair first, so that b against a is exactly the mirror of a against b
+        keys = (b, a, np.maximum(a, b), np.minimum(a, b))
+        order = np.lexsort(keys if y is None else (*keys, y))
+        a, b, y = a[order], b[order], None if y is None else y[order]
         groups = np.arange(len(a))
     else:
         _, groups = np.unique(np.asarray([str(c) for c in clusters]), return_inverse=True)
@@ -295,10 +317,13 @@ def paired_difference(values_a: Sequence[float], values_b: Sequence[float], labe
     delta = value_b - value_a
     level = ci if y is not None else expanded_level(ci, n_groups)
     relative = relative_ci = None
-    if value_a != 0 and math.isfinite(value_a):
+    if value_a != 0 and math.isfinite(value_a) and (ra.size == 0 or _bounded_away_from_zero(ra, level)):
         relative = delta / abs(value_a)
-        with np.errstate(invalid="ignore", divide="ignore"):
-            relative_ci = _percentile_ci(np.where(ra != 0, d / np.abs(ra), np.nan), level)
+        with np.errstate(invalid="ignore", divide="ignore"):  # a resample with stat(a) = 0: ±inf (0 if d = 0)
+            ratio = np.where(ra != 0, d / np.abs(ra), np.where(d == 0, 0.0, np.sign(d) * np.inf))
+        relative_ci = _percentile_ci(ratio, level, keep_infinite=True)
+        if relative_ci is not None and not all(map(math.isfinite, relative_ci)):
+            relative = relative_ci = None
     return {"value_a": value_a, "value_b": value_b, "delta": delta, "ci": _percentile_ci(d, level),
             "relative": relative, "relative_ci": relative_ci, "n": len(a), "n_bootstrap": int(np.isfinite(d).sum())}
 
@@ -306,9 +331,9 @@ def paired_difference(values_a: Sequence[float], values_b: Sequence[float], labe
 def bootstrap_ci(stat: Callable[[np.ndarray], float], n: int, seed: int, n_resamples: int = 1000,
                  ci: float = 0.95) -> list[float] | None:
     """Interval of a mean-like `stat(indices)` over n resampled units (e.g. targets): the expanded percentile
-    interval of `paired_difference`. [0, 0] without units; None when no resample gives a finite value."""
+    interval of `paired_difference`. None without units, or when no resample gives a finite value."""
     if n == 0:
-        return [0.0, 0.0]
+        return None
     rng = np.random.default_rng(seed)
     values = np.array([stat(rng.integers(0, n, n)) for _ in range(n_resamples)], dtype=np.float64)
     return _percentile_ci(values, expanded_level(ci, n))
@@ -343,14 +368,17 @@ def paired_auc_difference(scores_a: Sequence[float], scores_b: Sequence[float], 
 def spearman_with_ci(x: Sequence[float], y: Sequence[float], n_bootstrap: int = 1000, seed: int = 0,
                      ci: float = 0.95) -> dict:
     """Spearman rank correlation of paired values with a percentile bootstrap CI over pairs (resamples where
-    either side is constant are skipped). {rho, ci, n}; rho None with fewer than 3 pairs or a constant side."""
+    either side is constant are skipped). {rho, ci, n}; rho None with fewer than 3 pairs or a constant side; ci
+    None, with a `note`, when every resample gives the same ρ. NaN or infinite pairs are left out (n counts
+    the rest)."""
     from scipy.stats import rankdata
 
     xs, ys = np.asarray(x, dtype=np.float64), np.asarray(y, dtype=np.float64)
     if xs.shape != ys.shape or xs.ndim != 1:
         raise ValueError(f"x and y must be 1-D of equal length (got {xs.shape} and {ys.shape})")
     ok = np.isfinite(xs) & np.isfinite(ys)
-    xs, ys = xs[ok], ys[ok]
+    order = np.lexsort((ys[ok], xs[ok]))  # the resamples depend on the seed and the pairs, not their order
+    xs, ys = xs[ok][order], ys[ok][order]
     n = len(xs)
 
     def rho_rows(px: np.ndarray, py: np.ndarray) -> np.ndarray:
@@ -372,7 +400,14 @@ def spearman_with_ci(x: Sequence[float], y: Sequence[float], n_bootstrap: int = 
     for start in range(0, n_bootstrap, rows):
         idx = rng.integers(0, n, size=(min(rows, n_bootstrap - start), n))
         rhos.append(rho_rows(xs[idx], ys[idx]))
-    return {"rho": rho, "ci": _percentile_ci(np.concatenate(rhos), ci) if rhos else None, "n": n}
+    interval = _percentile_ci(np.concatenate(rhos), ci) if rhos else None
+    if interval is not None and interval[0] == interval[1]:
+        # every resample kept the ranks' order (pairs in perfect rank order): a zero-width interval would
+        # claim a certainty that 5 such pairs cannot give; no interval instead
+        return {"rho": rho, "ci": None, "n": n,
+                "note": f"every resample gives ρ = {rho:.3g} (the {n} pairs are in perfect rank order): "
+                        "no interval"}
+    return {"rho": rho, "ci": interval, "n": n}
 
 
 def binomial_ci(k: int, n: int, alpha: float = 0.05) -> tuple[float, float]:

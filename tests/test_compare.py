@@ -75,7 +75,9 @@ def test_logprob_comparison_by_hand(tmp_path):
     assert (c["n"], c["n_units"], c["baseline"], c["evaluation"]) == (20, 10, "m0", "logprob")
     r = by[("ft", "address rank-1 rate")]
     assert (r["value_baseline"], r["value_variant"]) == (pytest.approx(0.3), pytest.approx(0.4))
-    assert r["delta"] == pytest.approx(0.1) and r["relative"] == pytest.approx(0.1 / 0.3)
+    # 3 of 10 targets: a resample can hold none of them, so the baseline rate could be 0 and Δ / 0.3 is no
+    # bounded ratio: no relative change (it was +33% [x, y] from the resamples that happened to hold one)
+    assert r["delta"] == pytest.approx(0.1) and r["relative"] is None and r["relative_ci"] is None
     # identical rows (order and a stray row aside): Δ 0 on every resample
     s = by[("same", "mean log p(address)")]
     assert s["n"] == 20 and s["delta"] == 0 and s["delta_ci"] == [0.0, 0.0] and s["relative_ci"] == [0.0, 0.0]
@@ -229,7 +231,9 @@ def test_pii_comparison_from_extraction_rows(tmp_path):
     (c,) = PiiResult.comparisons([StageView(s, tmp_path) for s in stages])
     assert (c["metric"], c["n"], c["n_units"]) == ("PII match rate", 20, 10)
     assert c["value_baseline"] == pytest.approx(0.1) and c["value_variant"] == pytest.approx(0.3)
-    assert c["delta"] == pytest.approx(0.2) and c["relative"] == pytest.approx(2.0)  # "+200%"
+    # one of 10 targets extracted by m0: its rate is 0 on about a third of the resamples, so "+200%" has no
+    # bounded interval (resamples without t0 were dropped from it): no relative change
+    assert c["delta"] == pytest.approx(0.2) and c["relative"] is None and c["relative_ci"] is None
 
 
 def test_targets_whose_masked_ids_are_alike_are_paired_by_position(tmp_path):
@@ -283,7 +287,8 @@ def test_report_opens_with_the_verdicts(tmp_path):
                 f"(-50.0% [{100 * rlo:.1f}%, {100 * rhi:.1f}%]) → decrease")
     assert sentence in html.replace("&gt;", ">")
     assert "logprob: ft vs m0: mean log p(address) -23.050 vs -25.000, Δ +1.950 [" in html
-    assert "logprob: same vs m0: address rank-1 rate 0.300 vs 0.300, Δ 0.000 [0.000, 0.000] (0.0% [0.0%, 0.0%])" in html
+    # a rate of 3 in 10 targets could be 0 on a resample: no relative change is claimed for it
+    assert "logprob: same vs m0: address rank-1 rate 0.300 vs 0.300, Δ 0.000 [0.000, 0.000] → no detectable" in html
 
 
 def test_paired_difference_clusters_and_negative_baseline():
@@ -411,3 +416,23 @@ def test_backdoor_comparison_by_hand(tmp_path):
     assert (full["n"], full["n_units"]) == (24, 12)
     assert full["value_baseline"] == 0 and full["value_variant"] == pytest.approx(4 / 24)
     assert full["delta_ci"][0] > 0  # resampled by word: a resample holding none of the 4 is (8/12)^12 < 1%
+
+
+def test_no_power_statement_where_the_interval_bounds_nothing(tmp_path):
+    """detectable_effect was 0.0 for a zero-width interval ("a true |Δ| of 0 detected with 80% power") and a
+    number where too few units forbid any verdict: null in both."""
+    from leakaudit.kinds import compare as C
+
+    def view(target):
+        return StageView({"result": {}, "params": {"target_label": target, "evaluation": "e"},
+                          "id": f"x/e/{target}", "folder": target}, tmp_path)
+
+    labels = {k: int(k >= 5) for k in range(10)}
+    row = C.compare(view("a"), view("b"), C.Series("auc", {k: float(k) for k in range(10)}, labels=labels),
+                    C.Series("auc", {k: 2.0 * k for k in range(10)}, labels=labels))
+    assert row["ci"] == [0.0, 0.0] and row["detectable_effect"] is None and row["verdict"] == C.ZERO_WIDTH
+    few = {k: int(k >= 4) for k in range(104)}  # 4 members: no verdict can claim a direction
+    rng = np.random.default_rng(0)
+    row = C.compare(view("a"), view("b"), C.Series("auc", {k: float(rng.normal()) for k in few}, labels=few),
+                    C.Series("auc", {k: float(rng.normal()) for k in few}, labels=few))
+    assert row["ci_half_width"] > 0 and row["detectable_effect"] is None and "too few" in row["verdict"]

@@ -44,7 +44,7 @@ def test_tpr_at_one_percent_hand_made():
     # 30 with two above (FPR 1%), 40 with three above (FPR 1.5%) -> TPR@1% = 0.6, TPR@0.1% = 0.1.
     neg = list(range(200))
     pos = [1000.0] * 10 + [198.5] * 20 + [197.5] * 30 + [196.5] * 40
-    m = roc_metrics(pos + neg, [1] * 100 + [0] * 200, n_bootstrap=100)
+    m = roc_metrics(pos + neg, [1] * 100 + [0] * 200, n_bootstrap=200)
     assert m.tpr_at_fpr[0.01] == pytest.approx(0.6)
     assert tpr_at_fpr(m.fpr, m.tpr, 0.001) == pytest.approx(0.1)
     # 200 non-members resolve FPR 1% but not 0.1%
@@ -184,7 +184,10 @@ def test_paired_auc_difference_identical_scores_and_skipped_one_class_resamples(
 def test_spearman_with_ci():
     x = np.arange(30.0)
     up = spearman_with_ci(x, np.exp(x / 5), n_bootstrap=200)  # monotone, not linear
-    assert up["rho"] == pytest.approx(1.0) and up["n"] == 30 and up["ci"] == pytest.approx([1.0, 1.0])
+    # every resample keeps the rank order: no zero-width [1, 1] interval (5 such pairs would claim it too)
+    assert up["rho"] == pytest.approx(1.0) and up["n"] == 30 and up["ci"] is None and "no interval" in up["note"]
+    five = spearman_with_ci([1, 2, 3, 4, 5], [2, 3, 5, 8, 9])
+    assert five["rho"] == pytest.approx(1.0) and five["ci"] is None
     assert spearman_with_ci(x, -x**3, n_bootstrap=50)["rho"] == pytest.approx(-1.0)
     from scipy.stats import spearmanr
 
@@ -268,3 +271,49 @@ def test_the_auc_interval_is_efrons_bca_as_scipy_computes_it():
                                                np.r_[rng.choice(pos, 30), rng.choice(neg, 30)])
                                  for _ in range(2000)]), [0.025, 0.975])
     assert lo < plain[0] and hi < plain[1]  # shifted down, away from the ceiling, as BCa is for a skewed AUC
+
+
+def test_intervals_do_not_depend_on_the_order_the_items_come_in():
+    """The same data and seed give the same interval whatever order a file lists the items in (the resamples
+    were drawn over the input order: reversing the members moved the AUC interval from (0.5125, 0.8525) to
+    (0.5133, 0.8413), and a paired verdict at the edge could flip)."""
+    from leakaudit.metrics import paired_difference
+
+    rng = np.random.default_rng(3)
+    pos, neg = rng.normal(1, 1, 20), rng.normal(0, 1, 20)
+    labels = [1] * 20 + [0] * 20
+    a = roc_metrics(np.r_[pos, neg], labels, fprs=(0.1,))
+    b = roc_metrics(np.r_[pos[::-1], neg[rng.permutation(20)]], labels, fprs=(0.1,))
+    assert a.auc_ci == b.auc_ci and a.tpr_ci == b.tpr_ci
+    x, y = rng.normal(size=30), rng.normal(size=30)
+    perm = rng.permutation(30)
+    for lab in (None, np.array([1] * 15 + [0] * 15)):
+        one = paired_difference(x, x + y * 0.3 + 0.1, lab)
+        two = paired_difference(x[perm], (x + y * 0.3 + 0.1)[perm], None if lab is None else lab[perm])
+        assert one["ci"] == two["ci"] and one["relative_ci"] == two["relative_ci"], lab
+    assert spearman_with_ci(x, y)["ci"] == spearman_with_ci(x[perm], y[perm])["ci"]
+
+
+def test_a_relative_change_needs_a_baseline_bounded_away_from_zero():
+    """Δ / |mean a| with a mean that could be 0: the point was +5000% beside a [+1%, +146%] interval."""
+    from leakaudit.metrics import paired_difference
+
+    a = np.arange(30) - 14.5 + 0.001
+    d = paired_difference(a, a + 0.05, seed=0)
+    assert d["ci"] == pytest.approx([0.05, 0.05]) and d["relative"] is None and d["relative_ci"] is None
+    far = paired_difference(a + 100, a + 100.05, seed=0)  # a baseline far from 0: a ratio, inside its interval
+    assert far["relative"] == pytest.approx(0.05 / 100.001)
+    assert far["relative_ci"][0] <= far["relative"] <= far["relative_ci"][1]
+    assert paired_difference(a + 100, a + 101, n_bootstrap=0)["relative"] == pytest.approx(1 / 100.001)
+
+
+def test_bad_rates_and_too_few_resamples_are_said():
+    from leakaudit.metrics import bootstrap_ci
+
+    scores, labels = [0.1, 0.9, 0.5, 0.3, 0.7, 0.2], [0, 1, 0, 1, 1, 0]
+    for fpr in (0.0, 1.0, -0.1):
+        with pytest.raises(ValueError, match="strictly between 0 and 1"):
+            roc_metrics(scores, labels, fprs=(fpr,))
+    assert any("only 50 bootstrap resamples" in w for w in roc_metrics(scores, labels, n_bootstrap=50).warnings)
+    assert not any("bootstrap resamples" in w for w in roc_metrics(scores, labels, n_bootstrap=0).warnings)
+    assert bootstrap_ci(lambda idx: 0.0, 0, seed=0) is None  # no units: no interval, not [0, 0]

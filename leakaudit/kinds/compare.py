@@ -179,10 +179,13 @@ def compare(base: StageView, other: StageView, a: Series, b: Series, style: Styl
                           clusters=clusters)
     ci = d["ci"]
     half = (ci[1] - ci[0]) / 2 if ci else None
+    # no power statement where the verdict cannot claim a direction anyway (too few units) or the interval
+    # has no width (it bounds nothing: "0 detected with 80% power" would be false)
+    detectable = None if half is None or half == 0 or too_few is not None else POWER_80 * half
     return {**entry, "value_baseline": d["value_a"], "value_variant": d["value_b"], "delta": d["delta"],
             "delta_ci": ci, "ci": ci, "relative": d["relative"], "relative_ci": d["relative_ci"],
             "n_bootstrap": d["n_bootstrap"], "ci_half_width": half,
-            "detectable_effect": None if half is None else POWER_80 * half, "verdict": verdict(ci, style, too_few)}
+            "detectable_effect": detectable, "verdict": verdict(ci, style, too_few)}
 
 
 def comparisons(stages: list[StageView], series: Callable[[StageView, StageView], list[Series]],
@@ -194,7 +197,8 @@ def comparisons(stages: list[StageView], series: Callable[[StageView, StageView]
     Row keys: evaluation, metric, baseline, variant, value_baseline, value_variant, delta, delta_ci (also as
     `ci`), relative (delta / |value_baseline|), relative_ci, n (items paired), n_pos/n_neg (AUC), n_units
     (resampling units when items cluster), ci_half_width, detectable_effect (the |Δ| detected with 80% power:
-    POWER_80 x the half-width), verdict.
+    POWER_80 x the half-width; None when the units are too few for a verdict or the interval has no width),
+    verdict.
     """
     out = []
     for group in by_evaluation(stages).values():

@@ -165,7 +165,8 @@ def _auc_text(m: dict[str, Any] | None) -> str:
 def _rho_text(v: dict[str, Any] | None) -> str:
     if not v:
         return "–"
-    return f"{fmt(v.get('rho'))} [{_ci_text(v.get('ci'))}], n = {v.get('n', 0)}"
+    ci = "none: every resample alike" if v.get("note") else _ci_text(v.get("ci"))
+    return f"{fmt(v.get('rho'))} [{ci}], n = {v.get('n', 0)}"
 
 
 def _score_at(row: dict[str, Any], m: str) -> float | None:
@@ -258,7 +259,7 @@ class UserInference(Kind):
         if is_main():  # under a launcher every process has the result; one writes it
             write_jsonl(ctx.out / "user_scores.jsonl", rows)
             plot_roc({f"m={m}": r for m, r in report.per_m.items()}, ctx.out / "roc_users.png",
-                     title=f"user inference: {ctx.models.get('target')}")
+                     title=f"user inference: {ctx.shown(ctx.models.get('target'))}")
             write_json(ctx.out / "user_inference.json", data)
             for w in data["warnings"]:
                 ctx.log(f"warning: {w}")
