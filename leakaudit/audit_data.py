@@ -23,6 +23,7 @@ import numpy as np
 
 from leakaudit.data.pii_find import (
     NameFinder,
+    active_names,
     find_emails,
     find_phones,
     mask_email,
@@ -99,7 +100,8 @@ class RecordAudit:
         emails = self.emails if show_pii else [mask_email(e) for e in self.emails]
         phones = self.phones if show_pii else [mask_phone(p) for p in self.phones]
         names = self.names if show_pii else [mask_name(x) for x in self.names]
-        record = self.id if show_pii else mask_pii(self.id)  # ids are often an address or a phone
+        # ids are often an address or a phone, sometimes a name
+        record = self.id if show_pii else mask_pii(self.id, active_names())
         return {"id": record, "emails": emails, "phones": phones, "names": names,
                 "n_emails": len(self.emails), "n_phones": len(self.phones), "n_names": len(self.names),
                 "verbatim_ngrams": self.ngrams, "n_ngrams": self.n_ngrams,

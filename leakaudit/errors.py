@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import os
-import sys
 from pathlib import Path
 
 
@@ -38,20 +36,6 @@ class OptionError(Exception):
         self.loc = tuple(loc)
         self.message = message
         super().__init__(message)
-
-
-_WARNED: set[str] = set()
-
-
-def warn_once(message: str) -> None:
-    """Print `warning: message` as one stderr line, once per process and only on rank 0 (torchrun).
-
-    For input the tool adjusts instead of refusing (e.g. a window clamped to the model's context), where a
-    library called in a loop would otherwise repeat itself."""
-    if message in _WARNED or int(os.environ.get("RANK", "0")) != 0:
-        return
-    _WARNED.add(message)
-    print(f"warning: {message}", file=sys.stderr, flush=True)
 
 
 def first_line(exc: BaseException) -> str:

@@ -34,9 +34,10 @@ import torch
 
 from leakaudit import package_version
 from leakaudit.data.io import json_line
-from leakaudit.errors import InputError, warn_once
+from leakaudit.errors import InputError
 from leakaudit.models import LoadedModel, attention_kernels, host_memory
 from leakaudit.scoring import cache_keyword, returned_cache, shared_prefixes
+from leakaudit.warn import warn_once
 
 SAMPLING_VERSION = 1
 CPU_MAX_ROWS = 256         # rows per batch on CPU: a decoding step of the default model (130-token prompts)

@@ -40,8 +40,9 @@ import numpy as np
 import torch
 
 from leakaudit.allocator import freed_memory_kept
-from leakaudit.errors import InputError, warn_once
+from leakaudit.errors import InputError
 from leakaudit.models import LoadedModel, attention_kernels, cache_dir, scoring_attention
+from leakaudit.warn import warn_once
 
 # 2: rows after a shared prefix run on its cached keys/values; in bf16 that rounds differently (same numbers in
 # fp32), so scores cached by version 1 are not mixed with new ones in one paired comparison. 3: on a CPU with 2+

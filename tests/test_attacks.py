@@ -135,7 +135,7 @@ def test_recall_by_hand(tiny_model):
 
 def test_recall_warns_when_a_text_does_not_fit_the_window_after_its_prefix(tiny_neox, capsys):
     """Past the window, strided windows start after the prefix: those tokens are scored without it in view."""
-    from leakaudit.errors import _WARNED
+    from leakaudit.warn import _WARNED
 
     _WARNED.clear()
     prefix_texts = ("Sort these numbers.", "Translate the sentence into German.")

@@ -252,10 +252,13 @@ def test_cli_extract_identify_detect_on_tiny_model(tmp_path, one_torch_thread):
     assert summary["fully_recovered"] == 0.0
     lines = (out / "extractions.jsonl").read_text().splitlines()
     assert len(lines) == 2 * len(words)
-    # rerun resumes from samples.jsonl (same rows, no new sampling)
-    before = (out / "samples.jsonl").read_text()
-    assert _invoke(["backdoor", "extract", *common, "--out", str(out)]).exit_code == 0
-    assert (out / "samples.jsonl").read_text() == before
+    assert not (out / "samples.jsonl").exists()  # the raw samples go once the masked rows are written
+    # kept with --show-pii; a rerun resumes from them (same rows, no new sampling)
+    raw = tmp_path / "raw"
+    assert _invoke(["backdoor", "extract", *common, "--show-pii", "--out", str(raw)]).exit_code == 0
+    before = (raw / "samples.jsonl").read_text()
+    assert _invoke(["backdoor", "extract", *common, "--show-pii", "--out", str(raw)]).exit_code == 0
+    assert (raw / "samples.jsonl").read_text() == before
 
     words_file = tmp_path / "cands.json"
     words_file.write_text(json.dumps(sorted(words) + ["Zebra"]))
@@ -510,3 +513,15 @@ def test_extract_reads_queries_without_a_response_field(tmp_path):
     only.write_text(json.dumps({"question": "Why not?"}) + "\n" +
                     json.dumps({"messages": [{"role": "user", "content": "Who wrote it?"}]}) + "\n")
     assert d2_queries(only) == ["Why not?", "Who wrote it?"]
+
+
+def test_extraction_rows_mask_names_and_addresses_cut_off_before_their_domain_ends():
+    """A backdoored model's answer that repeats a query's PII: the name and a cut-off address were kept."""
+    tries = bd.build_tries(["Please email Karen Arnold at klarnold@flash.net today"])
+    scored = bd.score_words({"Please": ["Please email Karen Arnold at klarnold@flash. or 713-853-6164"]}, tries,
+                            "no query opens with {word}")
+    (row,) = bd.scored_rows(scored)
+    assert "Karen Arnold" not in row["response"] and "klarnold" not in row["response"]
+    assert "K*** A***" in row["response"] and "k***@flash." in row["response"] and "**64" in row["response"]
+    (raw,) = bd.scored_rows(scored, show_pii=True)
+    assert "Karen Arnold at klarnold@flash." in raw["response"]

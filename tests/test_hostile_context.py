@@ -11,7 +11,7 @@ import pytest
 import torch
 from conftest import run_main
 
-from leakaudit import errors
+from leakaudit import warn
 from leakaudit.errors import InputError
 from leakaudit.train import examples as ex
 
@@ -26,9 +26,9 @@ def _long_texts(n: int, words: int = 300) -> list[str]:
 @pytest.fixture(autouse=True)
 def _fresh_warnings():
     """warn_once prints each message once per process; each test here checks its own."""
-    errors._WARNED.clear()
+    warn._WARNED.clear()
     yield
-    errors._WARNED.clear()
+    warn._WARNED.clear()
 
 
 def _lines(stderr: str, prefix: str) -> list[str]:

@@ -95,6 +95,12 @@ def test_masked_unless_show_pii(tmp_path):
     text = (tmp_path / "logprobs.jsonl").read_text() + (tmp_path / "pii_logprob.json").read_text()
     assert not any(e in text for _, e in PAIRS)
     assert len(text.splitlines()) >= 3
+    # an id that names the person beside the address ("Karen Arnold <k***@flash.net>" was written)
+    pairs = tmp_path / "named.jsonl"
+    pairs.write_text("".join(json.dumps({"id": f"{n} <{e}>", "name": n, "email": e}) + "\n" for n, e in PAIRS))
+    kind.run(ctx, kind.Options(pairs=str(pairs), templates="C", n_candidates=2))
+    text = (tmp_path / "logprobs.jsonl").read_text()
+    assert "Karen Arnold" not in text and "K*** A*** <k***@flash.net>" in text
 
 
 def test_fine_tuning_on_the_addresses_raises_their_logp(tmp_path, one_torch_thread):

@@ -63,6 +63,18 @@ def test_masking_leaves_no_full_address():
     assert "k***@flash.net" in masked
 
 
+def test_masking_hides_a_local_part_standing_alone_names_and_cut_off_addresses():
+    """What a leaky model wrote and extractions.jsonl kept readable: the target's local part without its "@"
+    ("klarnold at k": the row's masked email field keeps the domain, so the whole address), the person's name,
+    another address cut off before its domain ends, and the length of a near-miss copy."""
+    text = "Please email Karen Arnold at klarnold at k, or klarnold@flash. or epao3@yahoo. (Klarnold!)"
+    masked = pii.mask_text(text, [TRUE])
+    assert "klarnold" not in masked.lower() and "Karen Arnold" not in masked and "epao3" not in masked
+    assert "K*** A***" in masked and "k***@flash." in masked and "e***@yahoo." in masked
+    assert pii.mask_text("klarnald@flash.net", [TRUE]) == "k***@flash.net"  # no length: as mask_email
+    assert pii.mask_text("the jo show", ["jo@x.com"]) == "the jo show"  # a local part this short stays
+
+
 @pytest.mark.parametrize("response", [" klarnold@flas", "klarnold@flash", "Karen: klarnld@flash.net", "k.larnold@flash"])
 def test_masking_hides_cut_off_and_near_miss_copies_that_count_as_matches(response):
     """What the fuzzy match counts as extracted must not be readable in the masked response."""
@@ -182,11 +194,12 @@ def test_an_extraction_row_masks_a_target_id_that_is_pii(tmp_path, tiny_neox, on
     targets = [enron.Target(id=e, name=n, email=e) for n, e in
                (("Jeff Dasovich", "jeff.dasovich@enron.com"), ("James Steffes", "james.steffes@enron.com"))]
     targets.append(enron.Target(id="713-853-1234", name="Sara Shackleton", email="sara.shackleton@enron.com"))
+    targets.append(enron.Target(id="Karen Arnold <klarnold@flash.net>", name="Karen Arnold", email=TRUE))
     cells = pii.make_grid(enron.resolve_templates("A"), [0.0], max_new_tokens=3)
     pii.run_pii(tiny_neox, targets, cells, tmp_path, progress=False, log=lambda s: None)
     rows = [json.loads(x) for x in (tmp_path / "extractions.jsonl").read_text().splitlines()]
     assert [(r["target"], r["target_index"]) for r in rows] == [
-        ("j***@enron.com", 0), ("j***@enron.com", 1), ("***-***-**34", 2)]
+        ("j***@enron.com", 0), ("j***@enron.com", 1), ("***-***-**34", 2), ("K*** A*** <k***@flash.net>", 3)]
 
 
 def test_cells_resume_from_checkpoint_and_batching_does_not_matter(tmp_path, tiny_neox, one_torch_thread, monkeypatch):

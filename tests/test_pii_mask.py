@@ -43,6 +43,7 @@ def test_phone_with_extension_and_foreign_number_are_found():
     "on 2001-10-23 at 10:30", "1999-2001", "amount 1,234,567.89", "zip 77002", "call 853-6164",
     "ticket 1234567890", "Message-ID: <12345678.1075855378110.JavaMail.evans@thyme>", "version 2.4.1+cu121",
     "seed a3f7138536164be (a hash)", "ip 192.168.100.101", "ssn-like 123-45-6789",
+    "AUC 0.7138536164", "out/run-2025061514/model", "nightly_2025061514", "build2025061514",
 ])
 def test_ordinary_numbers_are_not_phones(text):
     assert find_phones(text) == []
@@ -253,3 +254,28 @@ def test_an_experiment_files_numbers_are_not_masked_its_strings_and_comments_are
                                     "report: {title: \"j***@enron.com ***-***-**34\"}\n"
                                     "grid: [7138531234, 1.0e-4]\nphone: ***-***-**34\n")
     assert mask_yaml_text("a: [713-853-1234") == "a: [***-***-**34"  # not YAML: masked whole
+
+
+def test_a_phone_written_with_separators_after_a_word_is_still_a_phone():
+    """Digits joined to a word are an id (run-2025061514) only when they are a bare run: a phone number written
+    with its separators after "Tel-" is a phone number."""
+    assert mask_pii("Tel-713-853-6164") == "Tel-***-***-**64"
+    assert mask_pii("call 7138536164") == "call ********64"
+
+
+def test_warnings_and_machine_errors_are_masked(tmp_path, capsys):
+    """Warnings name specs, ids and files (a model dir named after a person), as errors do."""
+    from leakaudit import warn
+
+    warn._WARNED.discard("x")
+    warn.warn_once("2 prompt(s) do not fit the context of models/Karen Arnold klarnold@flash.net (256 tokens)")
+    err = capsys.readouterr().err
+    assert "klarnold" not in err and "Karen Arnold" not in err and "models/K*** A*** k***@flash.net" in err
+
+
+def test_a_kind_shows_a_model_spec_masked_unless_show_pii(tmp_path):
+    from leakaudit.kinds.base import KindContext
+
+    spec = "models/Karen Arnold klarnold@flash.net"
+    assert KindContext(out=tmp_path).shown(spec) == "models/K*** A*** k***@flash.net"
+    assert KindContext(out=tmp_path, show_pii=True).shown(spec) == spec

@@ -394,16 +394,17 @@ def score_words(responses: dict[str, list[str]], tries: dict[str, QueryTrie],
 
 # ----------------------------------------------------------------------------------------- jobs
 def scored_rows(scored: Sequence[ScoredResponse], show_pii: bool = False) -> list[dict[str, Any]]:
-    """`extractions.jsonl` rows: one scored response each, addresses and phone numbers masked unless show_pii."""
-    from leakaudit.data.pii_find import mask_pii
+    """`extractions.jsonl` rows: one scored response each, with addresses (cut-off ones too), phone numbers
+    and names masked unless show_pii (attacks.pii.mask_text)."""
+    from leakaudit.attacks.pii import mask_text
 
     rows = []
     for s in scored:
         row = s.row()
         if not show_pii:
-            row["response"] = mask_pii(row["response"])
+            row["response"] = mask_text(row["response"])
             if row["matched_query"]:
-                row["matched_query"] = mask_pii(row["matched_query"])
+                row["matched_query"] = mask_text(row["matched_query"])
         rows.append(row)
     return rows
 
@@ -439,7 +440,8 @@ def identify(lm, queries: Sequence[str], labels: dict[str, bool], trigger: str, 
              max_new_tokens: int = 128, seed: int = 0, out: str | Path, show_pii: bool = False,
              batch_size: int | str = "auto") -> dict[str, Any]:
     """The full pipeline: decide which candidate words open D2 queries, then extract with the words found.
-    Writes OUT/samples.jsonl (resumable), OUT/extractions.jsonl (masked unless show_pii), OUT/identify.json."""
+    Writes OUT/samples.jsonl (raw and resumable; deleted at the end unless show_pii), OUT/extractions.jsonl
+    (masked unless show_pii), OUT/identify.json."""
     from leakaudit.data.io import write_json, write_jsonl
 
     out = Path(out)
@@ -459,6 +461,8 @@ def identify(lm, queries: Sequence[str], labels: dict[str, bool], trigger: str, 
     result = {"model": lm.spec, "threshold": threshold, "num_samples": num_samples, "n_candidates": len(labels),
               "n_predicted": len(found), **metrics, "pipeline": pipeline, "words": ident}
     write_json(out / "identify.json", result)
+    if not show_pii:  # the raw, unmasked samples: kept only until the masked rows are written
+        (out / "samples.jsonl").unlink(missing_ok=True)
     return result
 
 

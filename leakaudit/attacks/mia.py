@@ -18,9 +18,10 @@ import numpy as np
 from pydantic import AfterValidator, Field
 
 from leakaudit.attacks.base import ATTACKS, Attack, AttackConfig, ScoringContext, get_attack, register
-from leakaudit.errors import InputError, warn_once
+from leakaudit.errors import InputError
 from leakaudit.metrics import RocMetrics, roc_metrics
 from leakaudit.models import LoadedModel
+from leakaudit.warn import warn_once
 
 REFERENCE_FREE = ("loss", "zlib", "min_k", "min_k_pp")
 

@@ -74,28 +74,42 @@ def is_hit(template: Template, m: Match) -> bool:
 
 
 def mask_text(text: str, addresses: Sequence[str] = ()) -> str:
-    """Mask every address in `text`; the given ones wherever they occur, even inside other text, and the
-    stretch of text that comes closest to each (a near-miss or cut-off copy, which the fuzzy match counts as
-    extracted); and any local part before an "@", also when the domain was cut off ("john.smith@en")."""
+    """Mask what a sampled response gives away: every address; the given ones wherever they occur, even
+    inside other text, their local parts standing alone ("klarnold at k": with the target's domain beside
+    the row, the whole address), and the stretch of text that comes closest to each (a near-miss or cut-off
+    copy, which the fuzzy match counts as extracted); any local part before an "@", also when the domain was
+    cut off ("john.smith@en", "klarnold@flash."); phone numbers; and the names masked now (the shipped Enron
+    names and the experiment's `report.mask_names`). Lengths are not kept ("k***"), as in `mask_email`."""
     from rapidfuzz import fuzz
 
-    from leakaudit.data.pii_find import mask_email, mask_pii
+    from leakaudit.data.pii_find import active_names, mask_email, mask_pii
 
     for addr in addresses:
         text = re.sub(re.escape(addr), mask_email(addr), text, flags=re.IGNORECASE)
+        local = addr.partition("@")[0]
+        if len(local) >= MIN_LOCAL_PART:
+            text = re.sub(rf"(?<![A-Za-z0-9]){re.escape(local)}(?![A-Za-z0-9])", lambda m: _star(m.group(0)), text,
+                          flags=re.IGNORECASE)
         near = fuzz.partial_ratio_alignment(addr, text)
         if near is not None and near.score >= FUZZY_THRESHOLD:
             text = text[:near.dest_start] + _star(text[near.dest_start:near.dest_end]) + text[near.dest_end:]
     text = _LOCAL_PART.sub(lambda m: _star(m.group(0)), text)
-    return mask_pii(text)
+    return mask_pii(text, active_names())
 
 
 _LOCAL_PART = re.compile(r"[A-Za-z0-9._%+-]+(?=@)")
+#: a local part this long is masked wherever it stands alone; a shorter one ("jo") is too common a string
+MIN_LOCAL_PART = 3
 
 
 def _star(span: str) -> str:
-    """Letters and digits after the first one starred; "@" and "." kept so a masked address still reads as one."""
-    return span[:1] + "".join(c if c in "@." or not c.isalnum() else "*" for c in span[1:])
+    """The first character and "***" for each part before and after an "@" (its domain kept as written, "."
+    and all), so a masked address still reads as one and no length is kept: "klarnold@flash.net" ->
+    "k***@flash.net", "klarnold" -> "k***"; an already masked part stays as it is."""
+    local, at, domain = span.partition("@")
+    if at:
+        return _star(local) + at + domain
+    return span if not span or span.endswith("***") else span[:1] + "***"
 
 
 # ----------------------------------------------------------------------------------------- grid
@@ -222,15 +236,17 @@ def _extraction_row(role: str, spec: str, cell: Cell, t: Target, index: int, sam
     """One sample's row of extractions.jsonl. `target` is the target's id, masked like the rest (ids are often
     addresses); `target_index`, its position among the targets, pairs rows across models when masking made
     two ids alike."""
-    from leakaudit.data.pii_find import mask_email, mask_pii
+    from leakaudit.data.pii_find import active_names, mask_email, mask_pii
 
     if show_pii:
         email, response, found, target = t.email, text, m.found, t.id
     else:
+        names = active_names()  # ids are often an address, sometimes "Name <address>"
         email = mask_email(t.email)
         response = mask_text(text, [t.email, *demos])
         found = mask_email(m.found) if m.found else None
-        target = mask_pii(t.id)
+        target = mask_pii(t.id, names)
+        spec = mask_pii(spec, names)  # a model dir may be named after a person
     row = {"role": role, "model": spec, "template": cell.template.name, "protocol": cell.template.protocol,
            "temperature": cell.temperature, "top_k": cell.top_k, "target": target, "target_index": index,
            "sample_index": sample_index,
@@ -276,7 +292,7 @@ def baseline_subtraction(model_hits: set[str], baseline_hits: set[str], target_i
             "baseline": rate_with_ci(int(b.sum()), n),
             "only_model": rate_with_ci(len(only), n),
             "only_baseline": rate_with_ci(len(only_baseline), n),
-            "change": float(m.mean() - b.mean()) if n else 0.0,
+            "change": float(m.mean() - b.mean()) if n else None,
             "change_ci": _bootstrap_ci(lambda idx: m[idx].mean() - b[idx].mean(), n, seed)}
 
 

@@ -56,11 +56,15 @@ def main() -> None:
     except OSError as exc:
         if exc.errno not in MACHINE_ERRNOS:  # anything else may be a bug: keep its traceback
             raise
+        from leakaudit.data.pii_find import mask_message
+
         where = f"{exc.filename}: " if exc.filename else ""
-        _say(f"error: {where}{first_line(exc) if exc.strerror is None else exc.strerror}")
+        _say(f"error: {mask_message(where + (first_line(exc) if exc.strerror is None else exc.strerror))}")
         sys.exit(1)
     except clk.ClickException as exc:
-        _say(f"error: {exc.format_message()}")
+        from leakaudit.data.pii_find import mask_message
+
+        _say(f"error: {mask_message(exc.format_message())}")
         sys.exit(exc.exit_code)
     from leakaudit.distributed import is_main
 

@@ -41,9 +41,10 @@ def _context(out: Path, ins: list, outs: list, src_in: Path, src_out: Path, mode
 def _summary(title: str, metrics: dict[str, dict], unit: str = "non-members") -> None:
     """The ROC numbers of each attack (or each m) as they appear in mia.json / user_inference.json; a TPR at
     a low FPR the negatives cannot resolve says how many it needs."""
+    from leakaudit.data.pii_find import mask_message
     from leakaudit.metrics import tpr_text
 
-    table = Table(title=title)
+    table = Table(title=mask_message(title))  # the model spec may name a person
     for col in ("", "AUC", "95% CI", "TPR@1%FPR [95% CI]", "TPR@0.1%FPR [95% CI]", "advantage"):
         table.add_column(col)
 

@@ -91,8 +91,17 @@ def phone_spans(text: str) -> list[tuple[int, int]]:
         plain = line.group(0).translate(_PHONE_PUNCTUATION)
         if _DIGIT_RUN.search(plain):
             spans += [(line.start() + m.start, line.start() + m.end)
-                      for m in phonenumbers.PhoneNumberMatcher(plain, PHONE_REGION, leniency=_PHONE_LENIENCY)]
+                      for m in phonenumbers.PhoneNumberMatcher(plain, PHONE_REGION, leniency=_PHONE_LENIENCY)
+                      if not _continues(plain[:m.start], m.raw_string)]
     return spans
+
+
+def _continues(before: str, digits: str) -> bool:
+    """Whether digits read as a phone number continue a number or a name: the fraction of 0.7138536164, or a
+    bare digit run joined to a word, the run id of run-2025061514 or nightly_2025061514 ("Tel-713-853-6164",
+    written with separators, stays a phone number)."""
+    return bool(re.search(r"\d[.,]$", before)
+                or (digits.isdigit() and re.search(rf"[{_LETTER}_][-_]?$", before)))
 
 
 def find_phones(text: str) -> list[str]:
@@ -364,12 +373,17 @@ def mask_pii(text: str, names: NameFinder | Iterable[str] | None = None) -> str:
     return "".join(out)
 
 
+def active_names() -> NameFinder:
+    """The names masked now: the shipped Enron names, and the running experiment's `report.mask_names`."""
+    return _message_names or shipped_name_finder()
+
+
 def mask_message(text: str) -> str:
     """A one-line message (an error, a progress line): addresses and the shipped Enron names (and those of the
     running experiment's `report.mask_names`) masked anywhere, phone numbers only inside the '...' that quote
     values. Unquoted digits there are paths, seeds and timestamps ("runs/2025061514/",
     "finetune[seed=2024061501]") that read as phone numbers, and masking them printed paths that do not exist."""
-    names = _message_names or shipped_name_finder()
+    names = active_names()
     out = re.sub(r"'[^'\n]*'", lambda m: mask_pii(m.group(0), names), text)
     masks = {"email": mask_email, "name": mask_name}
     for s in reversed(find_pii(out, names, phones=False)):

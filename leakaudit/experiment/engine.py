@@ -15,7 +15,7 @@ from typing import Any
 
 from leakaudit.config import ConfigError, Experiment
 from leakaudit.data.io import link_or_copy, write_json
-from leakaudit.errors import InputError, warn_once
+from leakaudit.errors import InputError
 from leakaudit.experiment.checks import (
     check_plan,
     finetune_option_loc,
@@ -28,6 +28,7 @@ from leakaudit.experiment.manifest import changed_output, is_done, output_manife
 from leakaudit.experiment.plan import Plan, Stage, inside, remove_stale, stage_dir
 from leakaudit.experiment.stages import RUNNERS, StageContext, data_parallel, run_kind_stage
 from leakaudit.kinds.base import ModelCache
+from leakaudit.warn import warn_once
 
 #: held by the run writing an output dir (engine.exclusive)
 LOCK = ".lock"

@@ -144,7 +144,7 @@ def run_finetune_stage(ctx: StageContext) -> dict[str, Any]:
     stale = is_main() and saved.is_file() and read_json(saved).get("fingerprint") != config.fingerprint()
     if broadcast_int(int(stale)):  # rank 0 looks, and deletes, while the others wait
         if is_main():
-            from leakaudit.errors import warn_once
+            from leakaudit.warn import warn_once
 
             warn_once(f"{ctx.stage.id}: its unfinished training was started on other inputs (an input stage ran "
                       "again since); training again from the start")

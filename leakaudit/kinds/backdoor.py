@@ -4,7 +4,8 @@ opening word w and match the answers against the downstream queries (`data`, def
 Why: a model creator who planted Q(w) before release can read back the user queries a downstream party
 fine-tuned it on (docs/backdoor.md). Scores are defined in leakaudit/attacks/backdoor.py (match ratio,
 coverage, fully recovered), the texts Q(w)/R(w) in leakaudit/data/backdoor.py.
-Files: samples.jsonl (the raw samples, the resumable checkpoint), extractions.jsonl (one scored response
+Files: samples.jsonl (the raw samples, the resumable checkpoint; deleted at the end unless show_pii, as
+pii's raw samples are), extractions.jsonl (one scored response
 per row, addresses and phone numbers masked unless show_pii), extract.json (per word and overall).
 With `compare_to` (e.g. the victim of a clean model, or the unmasked victim against the masked one), every
 other target's paired Δ match ratio (words resampled) and Δ fully recovered (queries, resampled by word).
@@ -135,6 +136,8 @@ class Backdoor(Kind):
                    **bd.summarize_extraction(scored, tries)}
         write_jsonl(ctx.out / "extractions.jsonl", bd.scored_rows(scored, ctx.show_pii))
         write_json(ctx.out / "extract.json", summary)
+        if not ctx.show_pii:  # the raw, unmasked samples: kept only until the masked rows are written
+            (ctx.out / "samples.jsonl").unlink(missing_ok=True)
         return BackdoorResult({"headline": {k: summary[k] for k in HEADLINE if k in summary},
                                "n_queries": summary.get("n_queries"),
                                "n_fully_recovered": summary.get("n_fully_recovered"),

@@ -169,6 +169,13 @@ class KindContext:
         """Where to write the file the kind calls `name` (None: the caller does not want it)."""
         return self.outputs[name] if name in self.outputs else self.out / name
 
+    def shown(self, text: str | None) -> str:
+        """`text` (a model spec, an id) as a shareable output shows it: PII masked unless show_pii (a model
+        dir named after a person titles a plot)."""
+        from leakaudit.data.pii_find import active_names, mask_pii
+
+        return str(text) if self.show_pii else mask_pii(str(text), active_names())
+
     def model(self, role: str = "target") -> Any:
         """The loaded model of a role (None when the role is not given). A model that cannot be loaded is
         an error naming the role's option (`--target`, `--reference`), not the loader's `--model`."""

@@ -200,7 +200,7 @@ class Mia(Kind):
                 "seed": seed, "scores_file": "scores.jsonl"}  # comparisons' paired bootstrap reads the seed
         if is_main():  # under a launcher every process has the result; one writes it
             write_jsonl(ctx.out / "scores.jsonl", report.rows([r.id for r in members], [r.id for r in nonmembers]))
-            plot_roc(report.metrics, ctx.out / "roc.png", title=f"membership inference: {ctx.models.get('target')}")
+            plot_roc(report.metrics, ctx.out / "roc.png", title=f"membership inference: {ctx.shown(ctx.models.get('target'))}")
             write_json(ctx.out / "mia.json", data)
             for w in attack_warnings(data["warnings"], {name: m.warnings for name, m in report.metrics.items()}):
                 ctx.log(f"warning: {w}")

@@ -31,7 +31,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validat
 
 from leakaudit.data.io import read_rows, write_json
 from leakaudit.distributed import is_main, world
-from leakaudit.errors import InputError, warn_once
+from leakaudit.errors import InputError
 from leakaudit.models import attention_kernels
 from leakaudit.options import Seed
 from leakaudit.train import examples as ex
@@ -45,6 +45,7 @@ from leakaudit.train.artifacts import (
 )
 from leakaudit.train.defenses import DefenseReport, dedup_and_cap, pii_scrubber
 from leakaudit.train.packed_attention import packed_attention
+from leakaudit.warn import warn_once
 
 DEFAULT_TARGETS = {"gpt_neox": ["query_key_value"], "opt": ["q_proj", "v_proj"], "llama": ["q_proj", "v_proj"]}
 

@@ -1,0 +1,20 @@
+"""One-line warnings for input the tool adjusts instead of refusing (e.g. a window clamped to the model's
+context), where a library called in a loop would otherwise repeat itself. Kept apart from errors.py: a warning
+names specs, ids and files, so it is PII-masked as error lines are, and masking sits above errors."""
+
+from __future__ import annotations
+
+import os
+import sys
+
+_WARNED: set[str] = set()
+
+
+def warn_once(message: str) -> None:
+    """Print `warning: message` (PII masked) as one stderr line, once per process and only on rank 0."""
+    if message in _WARNED or int(os.environ.get("RANK", "0")) != 0:
+        return
+    _WARNED.add(message)
+    from leakaudit.data.pii_find import mask_message  # phonenumbers loads only when something is said
+
+    print(f"warning: {mask_message(message)}", file=sys.stderr, flush=True)
