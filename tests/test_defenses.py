@@ -249,6 +249,52 @@ def test_dp_sgd_resumes_after_a_kill_with_the_same_privacy_spent(tmp_path, monke
     assert [r["epoch"] for r in log if "epsilon" in r] == [1, 2]
     steps = [r["step"] for r in log if "loss" in r]
     assert steps == sorted(set(steps)) and steps[0] == 1
+    # the resumed run drew what an uninterrupted one draws: the same Poisson batches, learning rates, losses and
+    # weights (it replayed epoch 1's batches, and stepped its schedule once per empty batch too)
+    straight = finetune(cfg("straight"), progress=False)
+    assert (straight / "train_log.jsonl").read_text() == (resumed / "train_log.jsonl").read_text()
+    from safetensors.torch import load_file
+
+    a, b = (load_file(next(d.glob("adapter_model.safetensors"))) for d in (straight, resumed))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_dp_sgd_resumes_past_a_log_line_a_kill_cut_short(tmp_path, monkeypatch):
+    """The log is appended a row per step: a kill mid-write left half a line, and the resume died on it with a
+    JSONDecodeError traceback; a damaged checkpoint stopped it with torch's EOFError."""
+    from leakaudit.errors import InputError
+    from leakaudit.train import dp
+
+    data = tmp_path / "d.jsonl"
+    data.write_text("".join(json.dumps({"text": f"Private row {i} says hello."}) + "\n" for i in range(8)))
+    cfg = FinetuneConfig(model="tiny-gpt-neox", data=str(data), out=str(tmp_path / "o"), method="lora", epochs=2,
+                         batch_size=4, gradient_accumulation=1, learning_rate=1e-2, dp_epsilon=4.0)
+    real_write = dp.write_json
+
+    class Kill(Exception):
+        pass
+
+    def kill_after_first_epoch(path, obj):
+        real_write(path, obj)
+        if str(path).endswith("dp_state.json"):
+            raise Kill
+
+    monkeypatch.setattr(dp, "write_json", kill_after_first_epoch)
+    with pytest.raises(Kill):
+        finetune(cfg, progress=False)
+    log = tmp_path / "o" / "train_log.jsonl"
+    log.write_text(log.read_text() + '{"step": 3, "epoch": 2, "lo')  # the next step's row, cut short
+    monkeypatch.setattr(dp, "write_json", real_write)
+    state = json.loads((tmp_path / "o" / "dp_state.json").read_text())
+    optimizer = tmp_path / "o" / state["checkpoint"] / "dp_optimizer.pt"
+    kept = optimizer.read_bytes()
+    optimizer.write_bytes(b"")  # a damaged checkpoint: one line naming it, not torch's EOFError
+    with pytest.raises(InputError, match="dp_optimizer.pt cannot be read"):
+        finetune(cfg, progress=False)
+    optimizer.write_bytes(kept)
+    out = finetune(cfg, progress=False)
+    rows = [json.loads(x) for x in (out / "train_log.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in rows if "epsilon" in r] == [1, 2]
 
 
 def test_dp_sgd_refuses_options_its_loop_would_ignore():

@@ -439,3 +439,20 @@ def test_help_at_80_columns_shows_every_option_name_whole(monkeypatch, capsys):
                  "--dedup-within-user / --no-dedup-within-user", "--dp-max-grad-norm"):
         assert name in out, name
     assert "…" not in out and max(map(len, out.splitlines())) <= 80
+
+
+def test_an_eof_error_is_a_failure_not_an_interrupt(tmp_path, monkeypatch, capsys, texts):
+    """click turns any EOFError into Abort: a zero-byte checkpoint file read by torch.load printed "interrupted:
+    what finished is kept" and exit 130 on every rerun."""
+    import leakaudit.models
+    from leakaudit.cli import main
+
+    def eof(*args, **kwargs):
+        raise EOFError("Ran out of input")
+
+    monkeypatch.setattr(leakaudit.models, "load_model", eof)
+    monkeypatch.setattr(sys, "argv", ["leakaudit", "score", "--model", "tiny-gpt-neox", "--data", str(texts),
+                                      "--out", str(tmp_path / "o.jsonl")])
+    with pytest.raises(EOFError):
+        main()
+    assert "interrupted" not in capsys.readouterr().err

@@ -51,7 +51,9 @@ def main() -> None:
         sys.exit(exc.exit_code)
     except clk.UsageError as exc:
         _fail(_usage_line(exc))
-    except (typer.Abort, KeyboardInterrupt):  # Ctrl-C: say that nothing finished is lost
+    except (typer.Abort, KeyboardInterrupt) as exc:  # Ctrl-C: say that nothing finished is lost
+        if isinstance(exc.__cause__, EOFError):  # click turns any EOFError into Abort: a failure, not Ctrl-C
+            raise exc.__cause__ from None
         code = INTERRUPTED
     except OSError as exc:
         if exc.errno not in MACHINE_ERRNOS:  # anything else may be a bug: keep its traceback

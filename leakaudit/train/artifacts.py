@@ -88,11 +88,41 @@ def checkpoint_dirs(out: Path) -> list[Path]:
 
 
 def last_checkpoint(out: Path) -> Path | None:
-    """The newest complete checkpoint (one with trainer_state.json), to resume from."""
+    """The newest complete checkpoint (one with trainer_state.json, every file readable), to resume from. One
+    without trainer_state.json was half-written by a kill, one with a damaged file (a zero-byte optimizer.pt,
+    a cut safetensors) would stop the resume with a library's traceback: both are removed, with a warning
+    for the second, and the one before is taken."""
+    from leakaudit.warn import warn_once
+
     for ckpt in reversed(checkpoint_dirs(out)):
         if (ckpt / "trainer_state.json").exists():
-            return ckpt
-        shutil.rmtree(ckpt, ignore_errors=True)  # half-written by a kill
+            bad = damaged_file(ckpt)
+            if bad is None:
+                return ckpt
+            warn_once(f"{ckpt}: {bad} cannot be read; resuming from the checkpoint before it")
+        shutil.rmtree(ckpt, ignore_errors=True)
+    return None
+
+
+def damaged_file(ckpt: Path) -> str | None:
+    """The first file of a checkpoint that cannot be read as what it claims to be (JSON that does not parse, a
+    safetensors file whose header or length is off, a torch file that is no zip archive), or None. Reads
+    headers only: cheap next to the resume itself."""
+    import zipfile
+
+    from safetensors import SafetensorError, safe_open
+
+    for f in sorted(p for p in Path(ckpt).rglob("*") if p.is_file()):
+        try:
+            if f.suffix == ".json":
+                json.loads(f.read_text(encoding="utf-8"))
+            elif f.suffix == ".safetensors":
+                with safe_open(str(f), "pt"):
+                    pass
+            elif f.suffix in (".pt", ".pth") and not zipfile.is_zipfile(f):
+                return str(f.relative_to(ckpt))
+        except (OSError, ValueError, SafetensorError):
+            return str(f.relative_to(ckpt))
     return None
 
 

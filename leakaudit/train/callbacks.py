@@ -9,6 +9,31 @@ from pathlib import Path
 from transformers import TrainerCallback
 
 
+def read_log(path: Path) -> list[dict]:
+    """The rows of a train_log.jsonl, without a last line a kill cut short mid-write (the log is appended a row
+    per step); a damaged line before the last is an error naming it."""
+    from leakaudit.errors import InputError
+
+    lines = [x for x in Path(path).read_text(encoding="utf-8").splitlines() if x.strip()]
+    rows = []
+    for n, line in enumerate(lines, 1):
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:
+            if n == len(lines):
+                break
+            raise InputError("damaged training log line; delete the --out folder to train again", file=path,
+                             line=n) from None
+    return rows
+
+
+def write_log(path: Path, rows: list[dict]) -> None:
+    """Replace a training log with `rows` (temp file + rename: a kill never leaves it half-written)."""
+    tmp = Path(path).with_suffix(".tmp")
+    tmp.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    tmp.replace(path)
+
+
 class JsonlLogCallback(TrainerCallback):
     """Append every logged step to train_log.jsonl; on resume, drop rows past the resumed step first."""
 
@@ -20,11 +45,10 @@ class JsonlLogCallback(TrainerCallback):
         self.start = time.perf_counter()
         if not state.is_world_process_zero or not self.path.exists():
             return
-        rows = [json.loads(x) for x in self.path.read_text().splitlines() if x.strip()]
-        kept = [r for r in rows if r.get("step", 0) <= state.global_step]
-        tmp = self.path.with_suffix(".tmp")
-        tmp.write_text("".join(json.dumps(r) + "\n" for r in kept))
-        tmp.replace(self.path)
+        # the steps up to the checkpoint resumed from; not the end-of-training row, which a run killed after
+        # its last step (before finetune_done.json) had written and the resumed Trainer writes again
+        write_log(self.path, [r for r in read_log(self.path)
+                              if r.get("step", 0) <= state.global_step and "train_runtime" not in r])
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         if not state.is_world_process_zero or not logs:
@@ -32,7 +56,7 @@ class JsonlLogCallback(TrainerCallback):
         if "train_loss" in logs and self.path.exists():
             # the Trainer averages the steps since the last resume (0.0 when none were left); the whole run's
             # mean is the mean of the per-step losses logged here
-            losses = [r["loss"] for r in map(json.loads, self.path.read_text().splitlines()) if "loss" in r]
+            losses = [r["loss"] for r in read_log(self.path) if "loss" in r]
             logs = {**logs, "train_loss": sum(losses) / len(losses)} if losses else logs
         row = {"step": state.global_step, "epoch": round(state.epoch or 0.0, 4),
                "elapsed_s": round(time.perf_counter() - self.start, 3), **logs}

@@ -6,9 +6,10 @@ sampling (expected size batch_size x gradient_accumulation) as its RDP accountan
 example's gradient to `dp_max_grad_norm` and adds noise calibrated to reach `dp_epsilon` after the
 configured epochs. Each example's loss is its own mean token NLL, so clipping acts on whole examples.
 Default delta: min(1e-5, 1 / n_examples). The result is written to `privacy.json`.
-Resume: after each epoch the trainable weights, the optimizer state, the noise multiplier and the accountant's
-history are saved, so a killed run continues from the last finished epoch with the privacy spent so far (the
-Poisson batches drawn after a resume differ from an uninterrupted run; the accounting does not).
+Resume: after each epoch the trainable weights, the optimizer state, the learning-rate schedule's position, the
+noise multiplier and the accountant's history are saved, so a killed run continues from the last finished epoch
+with the privacy spent so far; each epoch draws its Poisson batches, noise and dropout from its own seed, so the
+resumed run draws what an uninterrupted one draws.
 """
 
 from __future__ import annotations
@@ -16,12 +17,14 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from leakaudit.data.io import write_json
 from leakaudit.errors import InputError, one_line
 from leakaudit.train import examples as ex
-from leakaudit.train.artifacts import load_saved_weights
+from leakaudit.train.artifacts import damaged_file, load_saved_weights
+from leakaudit.train.callbacks import read_log, write_log
 
 
 def _tensors(train: list[ex.Example], pad_id: int) -> torch.utils.data.TensorDataset:
@@ -106,8 +109,8 @@ def train_dp(config, lm, model, train: list[ex.Example], out: Path, progress: bo
     epochs = max(1, math.ceil(config.epochs))
     data = _tensors(train, lm.tokenizer.pad_token_id)
     logical_batch = min(n, config.batch_size * config.gradient_accumulation)
-    loader = torch.utils.data.DataLoader(data, batch_size=logical_batch, shuffle=True,
-                                         generator=torch.Generator().manual_seed(config.seed))
+    batches = torch.Generator().manual_seed(config.seed)  # Opacus' Poisson sampler draws from it
+    loader = torch.utils.data.DataLoader(data, batch_size=logical_batch, shuffle=True, generator=batches)
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=config.learning_rate, weight_decay=config.weight_decay)
@@ -136,17 +139,26 @@ def train_dp(config, lm, model, train: list[ex.Example], out: Path, progress: bo
     start_epoch, step, stepped = 0, 0, False
     if state:
         ckpt = out / state["checkpoint"]
+        if (bad := damaged_file(ckpt)) is not None:  # the accountant's history is this checkpoint's alone
+            raise InputError(f"{bad} cannot be read, so this DP-SGD run cannot resume; delete the folder to "
+                             "train again", file=ckpt)
         _load_trainable(model, ckpt, config.method)
         optimizer.original_optimizer.load_state_dict(torch.load(ckpt / "dp_optimizer.pt", weights_only=True))
         engine.accountant.history = [tuple(h) for h in state["accountant_history"]]
         start_epoch, step = state["epoch"], state["step"]
-        for _ in range(step):
+        for _ in range(state.get("optimizer_steps", step)):  # an empty batch steps neither (older states: all)
             scheduler.step()
-        rows = [json.loads(x) for x in log_path.read_text().splitlines()] if log_path.exists() else []
-        log_path.write_text("".join(json.dumps(r) + "\n" for r in rows if r["step"] <= step))
+        rows = read_log(log_path) if log_path.exists() else []
+        write_log(log_path, [r for r in rows if r["step"] <= step])
     else:
         log_path.unlink(missing_ok=True)
     for epoch in range(start_epoch, epochs):
+        # each epoch draws its Poisson batches, its noise and its dropout from a seed of its own, so a run
+        # resumed at an epoch's end draws what an uninterrupted one draws (one generator seeded once had a
+        # resumed run replay epoch 1's batches)
+        epoch_seed = int(np.random.SeedSequence([config.seed, epoch]).generate_state(1)[0])
+        batches.manual_seed(epoch_seed)
+        torch.manual_seed(epoch_seed)
         for ids, mask, labels in loader:
             if step >= total:
                 break
@@ -181,6 +193,7 @@ def train_dp(config, lm, model, train: list[ex.Example], out: Path, progress: bo
         save_loadable(model, ckpt, config, lm.tokenizer)
         torch.save(optimizer.original_optimizer.state_dict(), ckpt / "dp_optimizer.pt")
         write_json(state_path, {"checkpoint": ckpt.name, "epoch": epoch + 1, "step": step,
+                                "optimizer_steps": scheduler.last_epoch,
                                 "noise_multiplier": optimizer.noise_multiplier,
                                 "accountant_history": [list(h) for h in engine.accountant.history]})
     # the rate Opacus samples and accounts at: 1 / batches per epoch, which is not batch / n when the batch
