@@ -22,6 +22,7 @@ only the tokens not scored before, each with at least max_length - stride tokens
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import copy
 import hashlib
@@ -64,6 +65,8 @@ CPU_BF16_HEAD_CHUNK_ELEMENTS = 1 << 23
 CPU_SOFTMAX_SLICE_ELEMENTS = 1 << 20
 MIN_SHARED_PREFIX = 16  # tokens; a shorter shared prefix saves less than its own forward pass costs
 CPU_BATCH_WORKERS = 2  # batches scored at once on a CPU, each on its share of the torch threads (BENCHMARKS.md)
+#: seconds between the cache writes of a long pass: a kill loses at most this much scoring (it lost it all)
+CACHE_SAVE_S = 30.0
 
 
 @dataclass
@@ -622,6 +625,18 @@ def _score_keyed(lm: LoadedModel, keys: list[str], tokenized, options: ScoreOpti
         total = sum(len(s.ids) for s in segs)
         budget = _token_budget(lm, total)
         pieces: dict[int, list[tuple[int, TokenScores]]] = {j: [] for j in range(len(todo))}
+        expected = collections.Counter(s.text_index for s in segs)  # a text longer than the window has several
+        merged: dict[int, TokenScores] = {}
+        unsaved: list[int] = []
+
+        def finish(j: int) -> None:
+            merged[j] = _concat([r for _, r in sorted(pieces[j], key=lambda x: x[0])], moments)
+            unsaved.append(j)
+
+        def save() -> None:
+            if store is not None and unsaved:
+                store.put_many([(keys[todo[j]], merged[j]) for j in unsaved])
+            unsaved.clear()
 
         plan = [(common, group, _batches(group, rows, budget)) for common, group in shared_prefixes(segs)]
 
@@ -640,20 +655,23 @@ def _score_keyed(lm: LoadedModel, keys: list[str], tokenized, options: ScoreOpti
             with (_progress(progress, description, total) as advance, _hidden_state_head(lm.model) as head,
                   scoring_attention(lm.model, lm.device), freed_memory_kept(),
                   _batch_workers(lm, sum(len(b) for _, _, b in plan)) as (pool, workers)):
+                saved_at = time.monotonic()
                 for (batch, _), scored in _as_finished(pool, workers, run, jobs()):
                     for seg, res in zip(batch, scored, strict=True):
                         pieces[seg.text_index].append((seg.order, res))
+                        if len(pieces[seg.text_index]) == expected[seg.text_index]:
+                            finish(seg.text_index)
                     advance(sum(len(s.ids) for s in batch))
+                    if time.monotonic() - saved_at >= CACHE_SAVE_S:  # what a kill would otherwise lose
+                        save()
+                        saved_at = time.monotonic()
         finally:
             lm.model.train(was_training)
-        new_items = []
         for j, i in enumerate(todo):
-            parts = [r for _, r in sorted(pieces[j], key=lambda x: x[0])]
-            merged = _concat(parts, moments)
-            results[i] = merged
-            new_items.append((keys[i], merged))
-        if store is not None:
-            store.put_many(new_items)
+            if j not in merged:  # no segment at all
+                finish(j)
+            results[i] = merged[j]
+        save()
     for i, k in enumerate(keys):  # duplicates of a text scored in this call
         if i not in results:
             results[i] = results[todo_keys[k]]

@@ -313,6 +313,49 @@ def test_cpu_budget_gives_each_batch_worker_two_batches(tiny_neox, monkeypatch):
         assert scoring._token_budget(tiny_neox, 5625) == 300
 
 
+def test_a_killed_pass_keeps_the_texts_it_finished(tiny_neox, tmp_path, monkeypatch):
+    """The cache was written only after the whole pass: a kill late in a long one lost everything scored. Texts
+    are stored as they finish (every CACHE_SAVE_S), so the rerun scores only what was left, to the same values;
+    a text longer than the window is stored only once all its windows are in."""
+    monkeypatch.setattr(scoring, "CACHE_SAVE_S", 0.0)
+    real, calls = scoring._score_batch, []
+
+    class Kill(Exception):
+        pass
+
+    def killed_after(n):
+        def batch(*args, **kwargs):
+            calls.append(1)
+            if len(calls) > n:
+                raise Kill
+            return real(*args, **kwargs)
+        return batch
+
+    def killed_then_rerun(texts, kill_after, **kw):
+        store = ScoreCache(tmp_path / f"c{kill_after}.sqlite")
+        calls.clear()
+        monkeypatch.setattr(scoring, "_score_batch", killed_after(kill_after))
+        with pytest.raises(Kill):
+            score_texts(tiny_neox, texts, batch_size=1, cache=store, progress=False, **kw)
+        calls.clear()
+        monkeypatch.setattr(scoring, "_score_batch", killed_after(10 ** 6))
+        return score_texts(tiny_neox, texts, batch_size=1, cache=store, progress=False, **kw), len(calls)
+
+    calls.clear()
+    monkeypatch.setattr(scoring, "_score_batch", killed_after(10 ** 6))
+    straight = score_texts(tiny_neox, TEXTS, batch_size=1, cache=False, progress=False)
+    batches = len(calls)  # one window per text ("x" has no token to score: none)
+    again, rescored = killed_then_rerun(TEXTS, 3)
+    assert batches > 3 and rescored == batches - 3  # the three texts scored before the kill were kept
+    assert all(np.allclose(a.logp, b.logp, atol=1e-5) for a, b in zip(straight, again, strict=True))
+    long = [" ".join(TEXTS) * 2]
+    windows = len(scoring._segments(0, [], tiny_neox.tokenizer(long[0])["input_ids"], 32, 16))
+    again, rescored = killed_then_rerun(long, 2, max_length=32)
+    assert windows > 2 and rescored == windows  # half a text is never stored
+    (straight,) = score_texts(tiny_neox, long, batch_size=1, cache=False, max_length=32, progress=False)
+    assert np.allclose(straight.logp, again[0].logp, atol=1e-5)
+
+
 def test_cache_hit_does_not_call_model(tiny_neox, tmp_path, monkeypatch):
     store = ScoreCache(tmp_path / "c.sqlite")
     first = score_texts(tiny_neox, TEXTS, moments=True, cache=store)
