@@ -456,3 +456,28 @@ def test_an_eof_error_is_a_failure_not_an_interrupt(tmp_path, monkeypatch, capsy
     with pytest.raises(EOFError):
         main()
     assert "interrupted" not in capsys.readouterr().err
+
+
+def test_sigterm_stops_in_order_and_says_what_is_kept(tmp_path):
+    """`kill` (or a batch scheduler's SIGTERM) ended a command silently, mid-write and with its lock held; it
+    now stops as Ctrl-C does: the one 'interrupted' line, exit 143."""
+    import signal
+    import subprocess
+    import time
+
+    ready = tmp_path / "loading"
+    code = ("import sys, time, pathlib, leakaudit.models\n"
+            "def slow(*a, **k):\n"
+            f"    pathlib.Path({str(ready)!r}).touch(); time.sleep(60)\n"
+            "leakaudit.models.load_model = slow\n"
+            "from leakaudit.cli import main\n"
+            "sys.argv = ['leakaudit', 'model-info', '--model', 'tiny-gpt-neox']\n"
+            "main()\n")
+    proc = subprocess.Popen([sys.executable, "-c", code], stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while not ready.exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 143, err
+    assert "interrupted: what finished is kept" in err and "Traceback" not in err

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import errno
 import importlib
+import signal
 import sys
 import warnings
 
@@ -28,14 +29,39 @@ for _topic in (core, mia, train, generate, pii, backdoor, run):
     _topic.register(app)
 
 
-#: the exit code of a run stopped by Ctrl-C (128 + SIGINT)
+#: the exit code of a run stopped by Ctrl-C (128 + SIGINT), and by SIGTERM (128 + SIGTERM: `kill`, a scheduler)
 INTERRUPTED = 130
+TERMINATED = 143
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised where Python next runs: the same orderly stop as Ctrl-C (locks released, the message
+    printed) instead of dying silently mid-write."""
+
+
+#: set when SIGTERM arrived: typer turns the KeyboardInterrupt it raises into a plain exit code 130
+_terminated = False
+
+
+def _on_sigterm(signum, frame) -> None:
+    global _terminated
+    _terminated = True
+    raise Terminated
 #: OSErrors that are the machine's, not the input's or a bug's: one line instead of a traceback
 MACHINE_ERRNOS = (errno.EROFS, errno.ENOSPC, errno.EDQUOT, errno.EACCES, errno.EPERM, errno.EIO)
 
 
 def main() -> None:
-    """Console entry point: bad input (InputError or a click usage error) prints ONE `error: ...` line, exit 2."""
+    """Console entry point: bad input (InputError or a click usage error) prints ONE `error: ...` line, exit 2;
+    Ctrl-C and SIGTERM stop in order and say that what finished is kept."""
+    previous = signal.signal(signal.SIGTERM, _on_sigterm)
+    try:
+        _main()
+    finally:
+        signal.signal(signal.SIGTERM, previous)  # called in-process (tests, a notebook): the caller's again
+
+
+def _main() -> None:
     # peft (<= 0.21) reads transformers' deprecated `is_gradient_checkpointing` on every adapter: noise to users.
     warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
     configure_threads()  # before torch starts: one thread per CPU this process may use (leakaudit/threads.py)
@@ -70,7 +96,9 @@ def main() -> None:
         sys.exit(exc.exit_code)
     from leakaudit.distributed import is_main
 
-    if code == INTERRUPTED and is_main():  # typer turns Ctrl-C into it, silently
+    if code == INTERRUPTED and _terminated:
+        code = TERMINATED
+    if code in (INTERRUPTED, TERMINATED) and is_main():  # typer turns Ctrl-C into it, silently
         print("interrupted: what finished is kept; rerun the same command to resume", file=sys.stderr)
     sys.exit(code if isinstance(code, int) else 0)
 
