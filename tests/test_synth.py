@@ -155,6 +155,13 @@ def test_self_instruct_redoes_a_round_cut_short_and_refuses_other_options(tiny_n
         out.write_text(text[:cut], encoding="utf-8")
         assert synth.self_instruct(tiny_neox, seeds, out, n=2, requests_per_round=2) == straight
         assert out.read_text(encoding="utf-8") == text
+    # a round missing a row that is not the last round (a hand edit): it and every later round are redone, not
+    # kept with a duplicate id (only the last round's count was checked)
+    rows = [json.loads(x) for x in text.splitlines()]
+    later = {**rows[0], "round": 1, "round_rows": 1}
+    gapped = tmp_path / "gapped.jsonl"
+    gapped.write_text("".join(json.dumps(r) + "\n" for r in (rows[1], later)), encoding="utf-8")
+    assert synth._read_generated_tasks(gapped, rows[0]["provenance"]) == [] and gapped.read_bytes() == b""
     before = (tmp_path / "straight.jsonl").read_bytes()
     for changed in ({"seed": 1}, {"temperature": 0.9}, {"requests_per_round": 3}):
         with pytest.raises(InputError) as err:

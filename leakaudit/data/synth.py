@@ -22,6 +22,7 @@ import hashlib
 import json
 import random
 import re
+from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -320,12 +321,11 @@ def _read_generated_tasks(path: Path, provenance: dict[str, Any]) -> list[dict[s
             raise InputError(f"holds tasks generated with other options ({', '.join(changed)}); use a new "
                              "--out, or delete it to start over", file=path, line=lineno, field="--out")
         rows.append(row)
-    keep = len(rows)
-    tasks = [r for r in rows if r is not None]
-    if tasks and "round_rows" in tasks[-1]:
-        last = tasks[-1]["round"]
-        if sum(r["round"] == last for r in tasks) < tasks[-1]["round_rows"]:
-            keep = next(i for i, r in enumerate(rows) if r is not None and r["round"] == last)
+    # the first round with fewer rows than it wrote (the last one, cut by a kill; or one edited by hand) and
+    # everything after it, which was generated with it in view, are redone
+    counts = Counter(r["round"] for r in rows if r is not None)
+    keep = next((i for i, r in enumerate(rows)
+                 if r is not None and counts[r["round"]] < r.get("round_rows", 0)), len(rows))
     good_end = ends[keep - 1] if keep else 0
     if good_end < len(raw):
         with path.open("r+b") as fh:
