@@ -387,7 +387,7 @@ def test_a_run_ends_with_the_verdict_lines(tmp_path, capsys):
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert len(lines) == 1 + len(summary["comparisons"]) == 7
     mia = next(line for line in lines if "mia: ft vs m0: loss AUC 0.500 vs 1.000, Δ -0.500 [" in line)
-    assert mia.endswith("→ decrease")
+    assert mia.endswith("→ decrease (26 paired)")  # Δ -0.5 on every resample: no power statement
     print_verdicts(tmp_path / "missing")  # no summary: nothing printed, no error
     assert capsys.readouterr().err == ""
 

@@ -81,7 +81,13 @@ def test_logp_and_rank_equal_a_hand_computation(tmp_path, tiny_neox, monkeypatch
 
     stage = StageView({"id": "evaluate/ev/base", "folder": "a", "params": {}, "result": res.data}, tmp_path)
     section = type(res).section([stage])
-    assert [r[1] for r in section["tables"][0]["rows"]] == ["overall", "A"] and len(section["figures"]) == 1
+    assert [r[2] for r in section["tables"][0]["rows"]] == ["overall", "A"] and len(section["figures"]) == 1
+    header = section["tables"][0]["header"]
+    assert "rank-1 rate" in header and "change vs baseline" not in header  # 3 candidates; no baseline
+    # one candidate: every rank is 1, so no rank columns (they read 1.000 for every model)
+    one_candidate = StageView({"id": "evaluate/ev/base", "folder": "a", "params": {},
+                               "result": {**res.data, "n_candidates": 1}}, tmp_path)
+    assert "rank-1 rate" not in type(res).section([one_candidate])["tables"][0]["header"]
 
 
 def test_masked_unless_show_pii(tmp_path):

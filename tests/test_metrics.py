@@ -142,7 +142,7 @@ def test_log_axes_label_their_ticks_as_numbers_not_raw_tex(tmp_path, monkeypatch
     plots.plot_roc({"loss": m}, tmp_path / "roc.png")
     plots.lines_figure({"ft": [(1, 25.0), (2, 31.0)]}, "ppl", "training step", "perplexity", log_y=True)
     plots.scatter_figure([1, 10, 100], [0.1, 0.2, 0.3], "s", "n", "score", log_x=True)
-    assert "1e−04" in labels and "30" in labels and "100" in labels, labels
+    assert "1e−01" in labels and "30" in labels and "100" in labels, labels  # the ROC axis starts at 1/2
     assert not [t for t in labels if "$" in t or "mathdefault" in t], labels
 
 
@@ -317,3 +317,14 @@ def test_bad_rates_and_too_few_resamples_are_said():
     assert any("only 50 bootstrap resamples" in w for w in roc_metrics(scores, labels, n_bootstrap=50).warnings)
     assert not any("bootstrap resamples" in w for w in roc_metrics(scores, labels, n_bootstrap=0).warnings)
     assert bootstrap_ci(lambda idx: 0.0, 0, seed=0) is None  # no units: no interval, not [0, 0]
+
+
+def test_a_tied_roc_segment_stays_straight_in_fpr_on_the_log_axis():
+    """An attack whose scores are all alike has the ROC (0, 0) -> (1, 1): drawn point to point on a log FPR axis
+    it looked like TPR 0.5 at FPR 1%; filled in linearly in FPR, the drawn TPR equals the FPR everywhere."""
+    from leakaudit.report.plots import _linear_segments
+
+    x, y = _linear_segments(np.array([0.0, 1.0]), np.array([0.0, 1.0]), 0.01)
+    assert x[0] == 0.01 and np.allclose(y[1:], x[1:]) and x[-1] == 1.0
+    x, y = _linear_segments(np.array([0.0, 0.0, 0.5, 1.0]), np.array([0.0, 0.4, 0.8, 1.0]), 0.01)
+    assert np.isclose(np.interp(0.25, x, y), 0.6, atol=0.01)  # halfway along the (0, 0.4) -> (0.5, 0.8) segment

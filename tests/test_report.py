@@ -194,7 +194,8 @@ def test_verdicts_open_with_a_forest_plot(verdict_dir, monkeypatch):
     (panels,) = calls  # one figure: two panels, one per (evaluation, metric); mia0 has no CI to draw
     assert [p["title"] for p in panels] == ["mia: loss AUC", "mia: zlib AUC"]
     for p in panels:
-        assert {r[0]: r[4] for r in p["rows"]} == {"up": "increase", "down": "decrease", "flat": "none"}
+        # `flat` has Δ 0 on every resample: a point with no interval is no evidence, its sentence says so
+        assert {r[0]: r[4] for r in p["rows"]} == {"up": "increase", "down": "decrease"}
         up = next(r for r in p["rows"] if r[0] == "up")
         assert up[2] <= up[1] <= up[3] and up[2] > 0  # the point sits in its CI, which excludes 0
     forest = re.findall(r'<figure class="wide forest"><img src="(data:image/png;base64,[^"]+)"', html)
@@ -331,3 +332,52 @@ def test_the_stage_table_says_how_many_examples_a_finetune_left_out(tmp_path):
     (tmp_path / "run.json").write_text(json.dumps({"experiment": {"name": "x"}, "stages": stages}))
     html, _ = build(tmp_path)
     assert html.count("examples left out") == 1 and "124 of 240 examples left out" in html
+
+
+def test_the_report_shows_the_warnings_its_stages_recorded(tmp_path):
+    """A stage's warnings (members overlapping non-members, too few non-members for a low FPR) were in mia.json
+    and on the terminal but nowhere on the page: a contamination warning went unseen by its readers."""
+    from leakaudit.report.html import build
+
+    n = 20
+    stages = [_mia_stage(tmp_path, "mia", t, [float(i) for i in range(n)], [i + 0.5 for i in range(n)], 50)
+              for t in ("m0", "ft")]
+    overlap = "1 non-member texts also appear among the members; remove them for a clean measurement"
+    for s in stages:
+        s["result"]["warnings"] = [overlap]
+    stages[1]["result"]["attacks"]["loss"]["warnings"] = ["AUC 1 is the same on every resample"]
+    (tmp_path / "run.json").write_text(json.dumps({"experiment": {"name": "w"}, "stages": stages}))
+    html, _ = build(tmp_path)
+    assert f"warning: {overlap} (every stage)" in html
+    assert "warning: loss: AUC 1 is the same on every resample (mia · ft)" in html
+
+
+def test_numbers_print_alike_and_a_small_bound_is_not_zero():
+    """0.7525 and 0.7525000000000001 (one AUC reached two ways) printed 0.752 and 0.753; a CI bound of
+    0.000124 beside "increase" printed as 0.000, the same as a bound of 0 beside "no detectable change"."""
+    from leakaudit.kinds.base import ci_text, fmt
+
+    assert fmt(0.7525) == fmt(0.7525000000000001) == "0.752"
+    assert fmt(0.000124) == "0.00012" and fmt(-0.00025) == "-0.00025" and fmt(0.0) == "0.000"
+    assert ci_text([0.000124, 0.0049]) == "[0.00012, 0.005]" and ci_text(None) == "–"
+
+
+def test_a_verdict_says_how_many_items_and_what_it_can_detect():
+    from leakaudit.report.html import verdict_sentence
+
+    row = {"evaluation": "mia", "variant": "ft", "baseline": "m0", "metric": "loss AUC", "value_variant": 0.61,
+           "value_baseline": 0.55, "delta": 0.06, "delta_ci": [0.01, 0.11], "relative": None, "n": 64,
+           "detectable_effect": 0.0715, "verdict": "increase"}
+    assert verdict_sentence(row).endswith("→ increase (64 paired; detects |Δ| ≥ 0.071 with 80% power)")
+    clustered = {**row, "n": 400, "n_units": 100, "detectable_effect": None}
+    assert verdict_sentence(clustered).endswith("→ increase (100 units)")
+
+
+def test_a_run_without_compare_to_says_why_it_has_no_verdicts(tmp_path):
+    from leakaudit.report.html import build
+
+    stage = _mia_stage(tmp_path, "mia", "m0", [1.0, 2.0, 3.0], [0.5, 1.5, 2.5], 0)
+    del stage["params"]["options"]["compare_to"]
+    (tmp_path / "run.json").write_text(json.dumps({"experiment": {"name": "n"}, "stages": [stage]}))
+    html, _ = build(tmp_path)
+    assert 'id="verdicts"' not in html and "No evaluation sets <code>compare_to</code>" in html

@@ -223,12 +223,30 @@ class Kind:
 
 # ----------------------------------------------------------------------------------------- report helpers
 def fmt(x: Any, digits: int = 3) -> str:
-    """A number as the report shows it ('–' for missing or not finite)."""
+    """A number as the report shows it ('–' for missing or not finite). Rounded from its 12 significant digits,
+    so 0.7525 and 0.7525000000000001 (one AUC reached two ways) print alike; a value that is not 0 but rounds
+    to it keeps two significant digits (a CI bound of 0.00012 beside "increase" printed as 0.000)."""
     if x is None or (isinstance(x, float) and not math.isfinite(x)):
         return "–"
     if isinstance(x, float):
+        x = float(f"{x:.12g}")
+        if x != 0 and abs(x) < 0.5 * 10 ** -digits:
+            return f"{x:.2g}"
         return f"{x:.{digits}f}" if abs(x) < 1000 else f"{x:.4g}"
     return str(x)
+
+
+def warning_lines(warned: dict[str, list[str]], n_stages: int) -> list[str]:
+    """A report section's warnings: each once, with the stages that gave it ("every stage" when all did)."""
+    return [f"{w} ({'every stage' if len(where) == n_stages and n_stages > 1 else ', '.join(where)})"
+            for w, where in warned.items()]
+
+
+def ci_text(ci: Any, digits: int = 3) -> str:
+    """An interval as every table of the report writes it: '[lo, hi]' ('–' without one)."""
+    if not ci or len(ci) != 2 or ci[0] is None:
+        return "–"
+    return f"[{fmt(ci[0], digits)}, {fmt(ci[1], digits)}]"
 
 
 #: how to redo a stage whose file was damaged (a stage finished before stage.json recorded its files, which

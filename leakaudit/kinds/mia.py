@@ -16,7 +16,18 @@ from pydantic import AfterValidator, BeforeValidator, Field
 
 from leakaudit.errors import InputError, OptionError
 from leakaudit.kinds import compare
-from leakaudit.kinds.base import Headline, Kind, KindContext, KindOptions, Result, StageView, fmt, read_jsonl
+from leakaudit.kinds.base import (
+    Headline,
+    Kind,
+    KindContext,
+    KindOptions,
+    Result,
+    StageView,
+    ci_text,
+    fmt,
+    read_jsonl,
+    warning_lines,
+)
 from leakaudit.kinds.registry import register
 from leakaudit.options import BatchSize, Seed
 
@@ -96,7 +107,8 @@ class MiaResult(Result):
         if not stages:
             return None
         figures, table = [], []
-        for s in stages:
+        warned: dict[str, list[str]] = {}  # a stage's warning (an overlap of members and non-members, too few
+        for s in stages:                   # non-members for a low FPR) -> the stages that gave it
             res = s.result
             label = f"{s.evaluation} · {s.target}"
             rows = read_jsonl(s.dir / res.get("scores_file", "scores.jsonl"))
@@ -109,17 +121,22 @@ class MiaResult(Result):
             if curves:
                 figures.append({"uri": plots.roc_figure(curves, f"ROC: {label}"),
                                 "caption": f"Membership inference ROC, {label} (log-scale FPR)"})
+            for w in attack_warnings(res.get("warnings") or [],
+                                     {a: m.get("warnings") or [] for a, m in (res.get("attacks") or {}).items()}):
+                warned.setdefault(w, []).append(label)
             for attack, m in res.get("attacks", {}).items():
-                ci = m.get("auc_ci") or [None, None]
                 tpr, needs = m.get("tpr_at_fpr") or {}, m.get("tpr_needs_nonmembers") or {}
                 tpr_ci = m.get("tpr_ci") or {}
-                table.append([s.target, s.evaluation, attack, fmt(m.get("auc")), f"{fmt(ci[0])} – {fmt(ci[1])}",
+                table.append([s.target, s.evaluation, attack, fmt(m.get("auc")), ci_text(m.get("auc_ci")),
                               *(tpr_text(tpr.get(k), needs.get(k), ci=tpr_ci.get(k)) for k in ("0.01", "0.001")),
                               m.get("n_members", ""),
                               m.get("n_nonmembers", "")])
         return {"id": "mia", "title": "Membership inference",
-                "note": " ".join(["ROC curves on a log-scale false-positive axis; the low-FPR region is what "
-                                  "matters for privacy.", *compare.notes(stages)]),
+                "note": " ".join(["Every attack's score is higher for texts it takes for members; an AUC of 0.5 "
+                                  "is chance (one below 0.5 whose interval holds 0.5 is chance too). ROC curves "
+                                  "on a log-scale false-positive axis, from one non-member's share up; the "
+                                  "low-FPR region is what matters for privacy.", *compare.notes(stages)]),
+                "warnings": warning_lines(warned, len(stages)),
                 "figures": figures,
                 "tables": [{"header": ["variant", "evaluation", "attack", "AUC", "95% CI", "TPR@1%FPR [95% CI]",
                                        "TPR@0.1%FPR [95% CI]", "members", "non-members"], "rows": table}]}

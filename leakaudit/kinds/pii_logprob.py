@@ -33,7 +33,17 @@ from pydantic import Field, field_validator
 
 from leakaudit.errors import InputError
 from leakaudit.kinds import compare
-from leakaudit.kinds.base import Headline, Kind, KindContext, KindOptions, Result, StageView, fmt, read_jsonl
+from leakaudit.kinds.base import (
+    Headline,
+    Kind,
+    KindContext,
+    KindOptions,
+    Result,
+    StageView,
+    ci_text,
+    fmt,
+    read_jsonl,
+)
 from leakaudit.kinds.registry import register
 from leakaudit.options import BatchSize, CommaList, InputFile, Seed
 
@@ -211,12 +221,17 @@ class PiiLogprobResult(Result):
         if not stages:
             return None
         table, bars = [], {}
+        # a rank among one candidate is always 1, and a change column with no baseline is empty: shown only
+        # where some stage has them
+        ranked = any((s.result.get("n_candidates") or 1) > 1 for s in stages)
+        changed = any(part.get("mean_logp_change") is not None for s in stages
+                      for part in (s.result.get("templates") or {}).values())
         for s in stages:
             for name, part in (s.result.get("templates") or {}).items():
-                ci = part.get("mean_logp_ci") or [None, None]
-                table.append([s.target, name, fmt(part.get("mean_logp")), f"[{fmt(ci[0])}, {fmt(ci[1])}]",
-                              fmt(part.get("top1_rate")), fmt(part.get("mrr")),
-                              fmt(part.get("mean_logp_change"))])
+                table.append([s.target, s.evaluation, name, fmt(part.get("mean_logp")),
+                              ci_text(part.get("mean_logp_ci")),
+                              *((fmt(part.get("top1_rate")), fmt(part.get("mrr"))) if ranked else ()),
+                              *((fmt(part.get("mean_logp_change")),) if changed else ())])
                 if name == OVERALL and isinstance(part.get("mean_logp"), (int, float)):
                     bars[f"{s.target} ({s.evaluation})"] = part["mean_logp"]
         figures = []
@@ -225,12 +240,15 @@ class PiiLogprobResult(Result):
                             "caption": "Teacher-forced log-probability of the true address after the extraction "
                                        "prompt, mean over targets and templates (higher = more memorised)"})
         return {"id": "pii-logprob", "title": "PII log-probability (teacher-forced)", "figures": figures,
-                "note": " ".join(["log p = summed log-probability of the address tokens after the template "
-                                  "prompt; rank among the candidate addresses (1 = the true one is most "
-                                  "likely); 95% bootstrap intervals over targets. Addresses are not shown.",
-                                  *compare.notes(stages)]),
-                "tables": [{"header": ["variant", "template", "mean log p", "95% CI", "rank-1 rate", "MRR",
-                                       "change vs baseline"], "rows": table}]}
+                "note": " ".join(["log p = summed log-probability (nats) of the address tokens after the "
+                                  "template prompt, higher = more memorised; 95% bootstrap intervals over "
+                                  "targets."
+                                  + (" Rank among the candidate addresses: 1 = the true one is the most likely."
+                                     if ranked else " Only the true address was scored (n_candidates 1): no "
+                                     "ranks.") + " Addresses are not shown.", *compare.notes(stages)]),
+                "tables": [{"header": ["variant", "evaluation", "template", "mean log p", "95% CI",
+                                       *(("rank-1 rate", "MRR") if ranked else ()),
+                                       *(("change vs baseline",) if changed else ())], "rows": table}]}
 
 
 def _series(s: StageView, base: StageView) -> list[compare.Series]:

@@ -22,7 +22,17 @@ from pydantic import BeforeValidator, Field
 
 from leakaudit.errors import InputError
 from leakaudit.kinds import compare
-from leakaudit.kinds.base import Headline, Kind, KindContext, KindOptions, Result, StageView, fmt, read_jsonl
+from leakaudit.kinds.base import (
+    Headline,
+    Kind,
+    KindContext,
+    KindOptions,
+    Result,
+    StageView,
+    ci_text,
+    fmt,
+    read_jsonl,
+)
 from leakaudit.kinds.registry import register
 from leakaudit.options import BatchSize, Seed
 
@@ -99,7 +109,7 @@ class UserInferenceResult(Result):
             if any(series.values()):
                 figures.append({"uri": plots.lines_figure(
                     series, f"User AUC vs samples per user ({evaluation})", "samples per user m", "user AUC",
-                    bands=bands, xticks=[(x, m) for m, x in order.items()]),
+                    bands=bands, xticks=[(x, m) for m, x in order.items()], chance=0.5),
                     "caption": f"User AUC against the attacker's samples per user m, one line per target, "
                                f"shaded 95% bootstrap CI ({evaluation})"})
             problem = compare.baseline(group)[1]
@@ -107,7 +117,6 @@ class UserInferenceResult(Result):
                 notes.append(problem)
         for s in stages:
             res = s.result
-            ci = res.get("auc_ci") or [None, None]
             n_out = res.get("n_users_out")
             tpr = (res.get("tpr_at_fpr") or {}).get(TABLE_FPR)
             tpr_ci = (res.get("tpr_ci") or {}).get(TABLE_FPR)
@@ -116,7 +125,7 @@ class UserInferenceResult(Result):
                 tpr = None
             vul = res.get("vulnerability") or {}
             table.append([s.target, s.evaluation, res.get("samples_per_user", ""), fmt(res.get("auc")),
-                          f"{fmt(ci[0])} – {fmt(ci[1])}", tpr_text(tpr, needs, "non-member users", ci=tpr_ci),
+                          ci_text(res.get("auc_ci")), tpr_text(tpr, needs, "non-member users", ci=tpr_ci),
                           res.get("n_users_in", ""), n_out if n_out is not None else "",
                           _rho_text(vul.get("n_train")), _rho_text(vul.get("ref_nll"))])
             per_m = res.get("per_m") or {}
@@ -131,7 +140,7 @@ class UserInferenceResult(Result):
             tables.append({"header": ["variant", "vs", "evaluation", "m", "AUC vs", "AUC variant", "Δ AUC",
                                       "95% CI (paired)", "users paired (in/out)", "verdict"],
                            "rows": [[c["variant"], c["baseline"], c["evaluation"], c["m"], fmt(c["auc_baseline"]),
-                                     fmt(c["auc_variant"]), fmt(c["delta"]), _ci_text(c["ci"]),
+                                     fmt(c["auc_variant"]), fmt(c["delta"]), ci_text(c["ci"]),
                                      f"{c['n_users']} ({c['n_users_in']}/{c['n_users_out']})", c["verdict"]]
                                     for c in comparisons]})
         note = ("Score per user: mean over the user's samples of log p_target(x) − log p_ref(x); the table's AUC "
@@ -151,22 +160,18 @@ def _m_order(ms: list[str]) -> dict[str, int]:
     return {m: i for i, m in enumerate(nums + [m for m in ms if not m.isdigit()])}
 
 
-def _ci_text(ci: list[float] | None) -> str:
-    return f"{fmt(ci[0])} – {fmt(ci[1])}" if ci else "–"
-
-
 def _auc_text(m: dict[str, Any] | None) -> str:
     if not m:
         return "–"
     ci = m.get("auc_ci")
-    return f"{fmt(m.get('auc'))} [{_ci_text(ci)}]" if ci else fmt(m.get("auc"))
+    return f"{fmt(m.get('auc'))} {ci_text(ci)}" if ci else fmt(m.get("auc"))
 
 
 def _rho_text(v: dict[str, Any] | None) -> str:
     if not v:
         return "–"
-    ci = "none: every resample alike" if v.get("note") else _ci_text(v.get("ci"))
-    return f"{fmt(v.get('rho'))} [{ci}], n = {v.get('n', 0)}"
+    ci = "[none: every resample alike]" if v.get("note") else ci_text(v.get("ci"))
+    return f"{fmt(v.get('rho'))} {ci}, n = {v.get('n', 0)}"
 
 
 def _score_at(row: dict[str, Any], m: str) -> float | None:

@@ -75,8 +75,22 @@ def _finished(out: Path, stages: list[dict[str, Any]], name: str) -> list[StageV
 
 
 def kind_sections(out: Path, stages: list[dict[str, Any]]) -> list[dict[str, Any] | None]:
-    """One section per registered evaluation kind, each drawn by its Result from its finished stages."""
-    return [get_kind(name).Result.section(_finished(out, stages, name)) for name in kind_names("evaluate")]
+    """One section per registered evaluation kind, each drawn by its Result from its finished stages, with the
+    warnings its stages recorded (a kind whose section does not gather them itself: its results' `warnings`)."""
+    from leakaudit.kinds.base import warning_lines
+
+    sections = []
+    for name in kind_names("evaluate"):
+        views = _finished(out, stages, name)
+        section = get_kind(name).Result.section(views)
+        if section is not None and "warnings" not in section:
+            warned: dict[str, list[str]] = {}
+            for v in views:
+                for w in v.result.get("warnings") or []:
+                    warned.setdefault(str(w), []).append(f"{v.evaluation} · {v.target}")
+            section["warnings"] = warning_lines(warned, len(views))
+        sections.append(section)
+    return sections
 
 
 def kind_comparisons(out: Path, stages: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -95,16 +109,21 @@ def _interval(ci: list[float] | None, scale: float = 1.0, digits: int = 3, unit:
 
 def verdict_sentence(c: dict[str, Any]) -> str:
     """One comparison as the verdict section states it: "<evaluation>: <variant> vs <baseline>: <metric>
-    <value variant> vs <value baseline>, Δ <delta> [CI] (<relative>% [CI]) → <verdict>"."""
+    <value variant> vs <value baseline>, Δ <delta> [CI] (<relative>% [CI]) → <verdict> (<n> paired; detects
+    |Δ| ≥ <detectable effect> with 80% power)"."""
     head = f"{c.get('evaluation')}: {c.get('variant')} vs {c.get('baseline')}: {c.get('metric')}"
     if c.get("delta") is None:
         return f"{head} → {c.get('verdict')}"
     rel = c.get("relative")
     rel_text = "" if rel is None else f" ({_signed(rel * 100, 1)}%{_interval(c.get('relative_ci'), 100, 1, '%')})"
+    units = c.get("n_units") or c.get("n")
+    power = (f"; detects |Δ| ≥ {fmt(c['detectable_effect'])} with 80% power"
+             if c.get("detectable_effect") is not None else "")
+    size = f" ({units} {'units' if c.get('n_units') else 'paired'}{power})" if units else ""
     note = f" ({c['note']})" if c.get("note") else ""
     return (f"{head} {fmt(c.get('value_variant'))} vs {fmt(c.get('value_baseline'))}, "
             f"Δ {_signed(c['delta'])}{_interval(c.get('delta_ci') or c.get('ci'))}{rel_text} → {c.get('verdict')}"
-            f"{note}")
+            f"{size}{note}")
 
 
 #: panels per forest figure: 3 evaluations x 6 metrics become 3 figures of 6, each still legible
@@ -137,8 +156,8 @@ def verdict_figures(comparisons: list[dict[str, Any]]) -> list[dict[str, str]]:
     panels: dict[tuple[Any, Any], dict[str, Any]] = {}
     for c in comparisons:
         ci = c.get("delta_ci") or c.get("ci")
-        if not (finite(c.get("delta")) and ci and len(ci) == 2 and all(finite(x) for x in ci)):
-            continue
+        if not (finite(c.get("delta")) and ci and len(ci) == 2 and all(finite(x) for x in ci)) or ci[0] == ci[1]:
+            continue  # no CI, or one of no width (e.g. nothing extracted by either): its sentence says so
         metric = str(c.get("metric"))
         panel = panels.setdefault((c.get("evaluation"), metric), {
             "title": f"{c.get('evaluation')}: {metric}",

@@ -32,7 +32,8 @@ def _log_scale(ax, which: str) -> None:
     getattr(ax, f"set_{which}scale")("log")
     axis = getattr(ax, f"{which}axis")
     axis.set_major_formatter(LogFormatter())
-    axis.set_minor_formatter(LogFormatter(labelOnlyBase=False, minor_thresholds=(2, 0.4)))
+    # minor ticks labelled only on an axis of under one decade (over more they crowded into each other)
+    axis.set_minor_formatter(LogFormatter(labelOnlyBase=False, minor_thresholds=(1, 0.4)))
 
 
 def _data_uri(fig) -> str:
@@ -85,11 +86,14 @@ def heatmap_figure(rows: list[str], cols: list[str], values: dict[tuple[str, str
 
 def lines_figure(series: dict[str, list[tuple[float, float]]], title: str, xlabel: str, ylabel: str,
                  log_y: bool = False, bands: dict[str, list[tuple[float, float, float]]] | None = None,
-                 xticks: list[tuple[float, str]] | None = None) -> str:
+                 xticks: list[tuple[float, str]] | None = None, chance: float | None = None) -> str:
     """One line per series of (x, y) points, e.g. perplexity per checkpoint for each variant; `bands` adds a
-    shaded (x, low, high) interval per series (a CI), `xticks` names positions (e.g. m = 1, 2, ..., all)."""
+    shaded (x, low, high) interval per series (a CI), `xticks` names positions (e.g. m = 1, 2, ..., all),
+    `chance` draws the level that means no signal (an AUC's 0.5). The legend sits beside the plot."""
     plt = _plt()
-    fig, ax = plt.subplots(figsize=(6, 3.8))
+    fig, ax = plt.subplots(figsize=(7.5, 3.8))
+    if chance is not None:
+        ax.axhline(chance, color="k", ls="--", lw=0.8, label="chance")
     for name, points in series.items():
         pts = sorted(points)
         line, = ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=name)
@@ -105,7 +109,7 @@ def lines_figure(series: dict[str, list[tuple[float, float]]], title: str, xlabe
     ax.set_ylabel(ylabel)
     ax.set_title(title)
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)
     fig.tight_layout()
     return _data_uri(fig)
 
@@ -146,6 +150,7 @@ def bars_figure(values: dict[str, float] | dict[str, dict[str, float]], title: s
                label=name if nested else None)
     ax.set_xticks(range(len(groups)), labels=groups, rotation=20 if len(groups) > 1 else 0, ha="right"
                   if len(groups) > 1 else "center")
+    ax.axhline(0, color="k", lw=0.6)  # a bar of 0 sits on a visible line, not in empty space
     ax.set_ylabel(ylabel)
     if xlabel:
         ax.set_xlabel(xlabel)
@@ -198,6 +203,24 @@ def forest_figure(panels: list[dict[str, Any]]) -> str:
     return _data_uri(fig)
 
 
+def _linear_segments(fpr, tpr, floor: float):
+    """The ROC's points with each segment filled in linearly in FPR, so that a run of tied scores (a straight
+    segment of the ROC) stays straight in FPR on the log axis: drawn point to point, an attack whose scores
+    are all alike went from (1e-4, 0) straight to (1, 1) and looked like TPR 0.5 at 1% FPR."""
+    import numpy as np
+
+    xs, ys = [max(float(fpr[0]), floor)], [float(tpr[0])]
+    for f0, t0, f1, t1 in zip(fpr[:-1], tpr[:-1], fpr[1:], tpr[1:], strict=True):
+        if f1 > f0 and f1 > floor:
+            grid = np.logspace(np.log10(max(f0, floor)), np.log10(f1), 24)[1:]
+            xs += grid.tolist()
+            ys += (t0 + (t1 - t0) * (grid - f0) / (f1 - f0)).tolist()
+        else:
+            xs.append(max(float(f1), floor))
+            ys.append(float(t1))
+    return np.array(xs), np.array(ys)
+
+
 def plot_roc(curves: dict[str, Any], path: str | Path, title: str = "ROC") -> Path:
     """Draw ROC curves on a log-scale FPR axis (where low-FPR differences are visible) to a PNG file."""
     import numpy as np
@@ -205,19 +228,23 @@ def plot_roc(curves: dict[str, Any], path: str | Path, title: str = "ROC") -> Pa
     plt = _plt()
     p = Path(path)
     p.parent.mkdir(parents=True, exist_ok=True)
-    fig, ax = plt.subplots(figsize=(5.5, 5))
-    floor = 1e-4
-    for name, m in curves.items():
-        ax.plot(np.clip(m.fpr, floor, 1), m.tpr, label=f"{name} (AUC {m.auc:.3f})")
-    grid = np.logspace(-4, 0, 100)
+    fig, ax = plt.subplots(figsize=(7.2, 5))
+    # the axis starts at one non-member's share: below it the data say nothing (it started at 1e-4 whatever n)
+    n_neg = max((getattr(m, "n_neg", 0) for m in curves.values()), default=0)
+    floor = 1.0 / n_neg if n_neg > 1 else 1e-4
+    styles = ["-", "--", "-.", ":"]
+    for i, (name, m) in enumerate(curves.items()):
+        fpr, tpr = _linear_segments(np.asarray(m.fpr, float), np.asarray(m.tpr, float), floor)
+        ax.plot(fpr, tpr, styles[i % len(styles)], label=f"{name} (AUC {m.auc:.3f})")
+    grid = np.logspace(np.log10(floor), 0, 100)
     ax.plot(grid, grid, "k--", lw=0.8, label="chance")
     _log_scale(ax, "x")
     ax.set_xlim(floor, 1)
     ax.set_ylim(0, 1)
-    ax.set_xlabel("false positive rate (log scale)")
+    ax.set_xlabel("false positive rate (log scale, from 1 / non-members)")
     ax.set_ylabel("true positive rate")
     ax.set_title(title)
-    ax.legend(loc="lower right", fontsize=8)
+    ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=8, frameon=False)
     fig.tight_layout()
     tmp = p.with_name(p.stem + ".tmp.png")
     fig.savefig(tmp, dpi=120)
