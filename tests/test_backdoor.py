@@ -267,12 +267,18 @@ def test_cli_extract_identify_detect_on_tiny_model(tmp_path, one_torch_thread):
     ident = json.loads((tmp_path / "id" / "identify.json").read_text())
     assert ident["n_candidates"] == len(words) + 1 and ident["words"]["Zebra"]["label"] is False
     assert all(0 <= v["score"] <= 1 for v in ident["words"].values())
+    assert not (tmp_path / "id" / "samples.jsonl").exists()  # raw samples: gone once the masked rows are in
 
-    r = _invoke(["backdoor", "detect", "--model", "tiny-gpt-neox", "--data", str(d2), "--n-words", "2",
-                  "--num-samples", "1", "--max-new-tokens", "8", "--out", str(tmp_path / "det")])
+    detect = ["backdoor", "detect", "--model", "tiny-gpt-neox", "--data", str(d2), "--n-words", "2",
+              "--num-samples", "1", "--max-new-tokens", "8"]
+    r = _invoke([*detect, "--out", str(tmp_path / "det")])
     assert r.exit_code == 0, r.output
     det = json.loads((tmp_path / "det" / "detect.json").read_text())
     assert det["models"]["tiny-gpt-neox"]["n_probes"] == 2 * 3 and not det["models"]["tiny-gpt-neox"]["flagged"]
+    # the raw probe answers (they can quote the defender's queries) were left behind; kept with --show-pii
+    assert not list((tmp_path / "det").glob("samples_*")) and (tmp_path / "det" / "detect.json").exists()
+    assert _invoke([*detect, "--show-pii", "--out", str(tmp_path / "raw")]).exit_code == 0
+    assert len(list((tmp_path / "raw").glob("samples_*_probe*.jsonl"))) == 3
 
 
 # ----------------------------------------------------------------------------------------- end to end

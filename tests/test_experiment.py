@@ -756,3 +756,14 @@ def test_the_backdoor_dose_file_shares_its_common_stages_with_the_study_file():
     common = set(study) & set(dose)
     assert {"finetune/planted", "finetune/victim", "evaluate/extract/victim"} <= common
     assert {s: dose[s].key for s in common} == {s: study[s].key for s in common}
+
+
+def test_the_report_line_names_the_report_as_the_user_named_out(tmp_path, monkeypatch):
+    """`run --out out/tiny` printed `report: /abs/path/out/tiny/report.html` beside `outputs in out/tiny`."""
+    cfg = yaml.safe_load(SMALL)
+    cfg["evaluate"] = {"ppl": cfg["evaluate"]["ppl"]}
+    del cfg["finetune"]
+    monkeypatch.chdir(tmp_path)
+    lines: list[str] = []
+    run_experiment(parse_experiment(yaml.safe_dump(cfg)), Path("out/tiny"), log=lines.append)
+    assert "report: out/tiny/report.html" in lines

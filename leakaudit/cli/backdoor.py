@@ -252,6 +252,8 @@ def detect_cmd(
     batch_size: str = SampleBatchOpt,
     device: str = DeviceOpt,
     dtype: str = DtypeOpt,
+    show_pii: bool = typer.Option(False, "--show-pii", help="Keep the raw probe samples (they may quote your "
+                                  "training queries)"),
 ) -> None:
     """The defense: probe with extraction-style instructions; flag models that emit training queries."""
     from leakaudit.attacks import backdoor as bd
@@ -275,6 +277,9 @@ def detect_cmd(
                   f"({'FLAGGED' if results[spec]['flagged'] else 'not flagged'})")
     write_json(out / "detect.json", {"n_words": len(words), "n_probes_templates": len(templates),
                                      "models": results})
+    if not show_pii:  # the raw answers, kept while probing so a kill resumes, may quote the defender's queries
+        for raw in out.glob("samples_*_probe*.jsonl"):
+            raw.unlink()
 
 
 def _slug(spec: str) -> str:

@@ -93,7 +93,7 @@ def report(
 def demo(
     out: Path = typer.Option(Path("out/demo"), "--out", help="Output dir; rerunning resumes"),
 ) -> None:
-    """The first study at laptop scale on the embedded default model (CPU, 5-10 minutes)."""
+    """The first study at laptop scale on the embedded default model (4-8 minutes on a 2-core CPU)."""
     from leakaudit.demo import run_demo
     from leakaudit.distributed import is_main
 
