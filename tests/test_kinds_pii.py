@@ -140,6 +140,11 @@ def test_backdoor_compare_to_gives_paired_verdicts_in_summary_and_report(tmp_pat
         json.loads((tmp_path / "run/evaluate/ev/base/extract.json").read_text())["match_ratio_mean"])
     html = (tmp_path / "run" / "report.html").read_text()
     assert "other vs base: match ratio (mean)" in html
+    # the section's table says what each number is over: words, answers, and queries with an exact interval
+    # (it listed metric/value pairs only, and "fully recovered" was nowhere on the page)
+    recovered = sum(sum(e["recovered"]) for e in words.values())
+    assert "<th scope=\"col\">fully recovered [95% CI]</th>" in html and f"{recovered} of 12 (" in html
+    assert f"<td>{len(words)}</td><td>{2 * len(words)}</td>" in html  # words asked, answers sampled
 
 
 def test_pii_targets_are_the_addresses_in_data(tmp_path, monkeypatch, capsys, one_torch_thread):
