@@ -195,6 +195,7 @@ def test_tiny_study_end_to_end(study_run):
     for section in ('id="headline-table"', 'id="mia"', 'id="user-inference"', 'id="pii"', 'id="perplexity"', 'id="config"'):
         assert section in html
     assert "http://" not in html and "https://" not in html
+    assert "<caption>User AUC by the attacker samples per user m (95% CI)</caption>" in html  # says what it holds
 
     again = run_experiment(parse_experiment(STUDY), out, config_text=STUDY, log=_quiet)
     assert set(again.values()) == {"cached"}

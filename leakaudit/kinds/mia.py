@@ -132,8 +132,8 @@ class MiaResult(Result):
                               m.get("n_members", ""),
                               m.get("n_nonmembers", "")])
         return {"id": "mia", "title": "Membership inference",
-                "note": " ".join(["Every attack's score is higher for texts it takes for members; an AUC of 0.5 "
-                                  "is chance (one below 0.5 whose interval holds 0.5 is chance too). ROC curves "
+                "note": " ".join(["Every attack's score is higher for texts it takes for members (each is "
+                                  "defined, with its paper, in docs/attacks.md); an AUC of 0.5 is chance (one below 0.5 whose interval holds 0.5 is chance too). ROC curves "
                                   "on a log-scale false-positive axis, from one non-member's share up; the "
                                   "low-FPR region is what matters for privacy.", *compare.notes(stages)]),
                 "warnings": warning_lines(warned, len(stages)),

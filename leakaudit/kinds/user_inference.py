@@ -132,19 +132,23 @@ class UserInferenceResult(Result):
             by_m_rows.append([s.target, s.evaluation, *(_auc_text(per_m.get(m)) for m in order)])
         figures += _vulnerability_figures(stages, groups)
         tables = [
-            {"header": ["variant", "evaluation", "m", "user AUC", "95% CI", "TPR@1%FPR [95% CI]", "users in", "users out",
+            {"caption": "User AUC at the headline m, and who is exposed",
+             "header": ["variant", "evaluation", "m", "user AUC", "95% CI", "TPR@1%FPR [95% CI]", "users in", "users out",
                         "ρ(score, n_train) [CI], n", "ρ(score, ref NLL) [CI], n"], "rows": table},
-            {"header": ["variant", "evaluation", *(f"AUC m={m}" for m in order)], "rows": by_m_rows}]
+            {"caption": "User AUC by the attacker samples per user m (95% CI)",
+             "header": ["variant", "evaluation", *(f"AUC m={m}" for m in order)], "rows": by_m_rows}]
         comparisons = cls.comparisons(stages)
         if comparisons:
-            tables.append({"header": ["variant", "vs", "evaluation", "m", "AUC vs", "AUC variant", "Δ AUC",
+            tables.append({"caption": "Paired Δ user AUC against compare_to (the verdicts above)",
+                           "header": ["variant", "vs", "evaluation", "m", "AUC vs", "AUC variant", "Δ AUC",
                                       "95% CI (paired)", "users paired (in/out)", "verdict"],
                            "rows": [[c["variant"], c["baseline"], c["evaluation"], c["m"], fmt(c["auc_baseline"]),
                                      fmt(c["auc_variant"]), fmt(c["delta"]), ci_text(c["ci"]),
                                      f"{c['n_users']} ({c['n_users_in']}/{c['n_users_out']})", c["verdict"]]
                                     for c in comparisons]})
-        note = ("Score per user: mean over the user's samples of log p_target(x) − log p_ref(x); the table's AUC "
-                "is at the headline m. ρ: Spearman rank correlation over in-training users of the score with "
+        note = ("Score per user: mean over the user's samples of log p_target(x) − log p_ref(x) (nats per token; "
+                "higher means \"in training\"); the table's AUC is at the headline m, and 0.5 is chance (an AUC "
+                "below 0.5 whose interval holds 0.5 is chance too). ρ: Spearman rank correlation over in-training users of the score with "
                 "the user's rows in the training file (n_train, before the fine-tune's own cap or dedup) and "
                 "with their mean token NLL under the reference (an outlier measure), 95% bootstrap CI. "
                 "Δ AUC = AUC(variant) − AUC(vs) on the same users, resampled together; these users detect a true "
