@@ -286,7 +286,8 @@ def paired_difference(values_a: Sequence[float], values_b: Sequence[float], labe
         raise ValueError("clusters are for means; an AUC resamples single items")
     if clusters is None:
         # items sorted by their values: the resamples depend on the seed and the data, not the items' order;
-        # by (min, max) of the pair first, so that b against a is exactly the mirror of a against b
+        # by (min, max) of the pair first, so that b against a mirrors a against b (but for pairs that tie
+        # on both and differ only in which side holds which value)
         keys = (b, a, np.maximum(a, b), np.minimum(a, b))
         order = np.lexsort(keys if y is None else (*keys, y))
         a, b, y = a[order], b[order], None if y is None else y[order]

@@ -638,6 +638,14 @@ def _score_keyed(lm: LoadedModel, keys: list[str], tokenized, options: ScoreOpti
                 store.put_many([(keys[todo[j]], merged[j]) for j in unsaved])
             unsaved.clear()
 
+        def save_on_the_way() -> None:
+            """A save while scoring goes on is a kill's insurance, not the result: a cache that cannot be
+            written now (locked, disk full) is said once, and the pass goes on (its end saves again)."""
+            try:
+                save()
+            except sqlite3.Error as exc:
+                warn_once(f"the score cache could not be written while scoring ({exc}); trying again at the end")
+
         plan = [(common, group, _batches(group, rows, budget)) for common, group in shared_prefixes(segs)]
 
         def jobs() -> Iterator[tuple[list[_Segment], _Prefix | None]]:
@@ -663,8 +671,11 @@ def _score_keyed(lm: LoadedModel, keys: list[str], tokenized, options: ScoreOpti
                             finish(seg.text_index)
                     advance(sum(len(s.ids) for s in batch))
                     if time.monotonic() - saved_at >= CACHE_SAVE_S:  # what a kill would otherwise lose
-                        save()
+                        save_on_the_way()
                         saved_at = time.monotonic()
+        except BaseException:
+            save_on_the_way()  # Ctrl-C, SIGTERM or a failure: the texts finished since the last save are kept
+            raise
         finally:
             lm.model.train(was_training)
         for j, i in enumerate(todo):

@@ -215,6 +215,20 @@ def test_a_damaged_newest_checkpoint_resumes_from_the_one_before(damage, plain_d
     _assert_same_weights(out, finetune(_cfg(plain_data, tmp_path / "straight", method="lora"), progress=False))
 
 
+def test_only_the_writing_rank_removes_a_checkpoint(tmp_path):
+    """Another rank may look while rank 0 is still writing a checkpoint: it skips what it cannot read, and
+    deletes nothing (it removed rank 0's final weights mid-save)."""
+    from leakaudit.train.artifacts import last_checkpoint
+
+    for step in (2, 4):
+        (tmp_path / f"checkpoint-{step}").mkdir()
+        (tmp_path / f"checkpoint-{step}" / "trainer_state.json").write_text("{}")
+    (tmp_path / "checkpoint-4" / "optimizer.pt").write_bytes(b"")  # being written
+    assert last_checkpoint(tmp_path, remove=False) == tmp_path / "checkpoint-2"
+    assert (tmp_path / "checkpoint-4").exists()
+    assert last_checkpoint(tmp_path) == tmp_path / "checkpoint-2" and not (tmp_path / "checkpoint-4").exists()
+
+
 def test_last_checkpoint_skips_optimizer_state_and_final_weights_are_not_written_twice(plain_data, tmp_path):
     """Only a resume reads a checkpoint's optimizer state, and nothing is left to resume after the last step."""
     import os

@@ -73,6 +73,9 @@ def test_masking_hides_a_local_part_standing_alone_names_and_cut_off_addresses()
     assert "K*** A***" in masked and "k***@flash." in masked and "e***@yahoo." in masked
     assert pii.mask_text("klarnald@flash.net", [TRUE]) == "k***@flash.net"  # no length: as mask_email
     assert pii.mask_text("the jo show", ["jo@x.com"]) == "the jo show"  # a local part this short stays
+    # the text before the target's local part inside another address ("x." was left after the local part was
+    # starred first)
+    assert pii.mask_text("x.klarnold@enron.com or mr-klarnold@aol.com", [TRUE]) == "x***@enron.com or m***@aol.com"
 
 
 @pytest.mark.parametrize("response", [" klarnold@flas", "klarnold@flash", "Karen: klarnld@flash.net", "k.larnold@flash"])

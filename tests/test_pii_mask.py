@@ -261,6 +261,10 @@ def test_a_phone_written_with_separators_after_a_word_is_still_a_phone():
     with its separators after "Tel-" is a phone number."""
     assert mask_pii("Tel-713-853-6164") == "Tel-***-***-**64"
     assert mask_pii("call 7138536164") == "call ********64"
+    # a phone label joined by a hyphen, and a comma-separated list, are phones (a first rule read both as ids)
+    assert mask_pii("cell-7138536164 or Phone-7138536165") == "cell-********64 or Phone-********65"
+    assert mask_pii("office 713-853-6164,713-853-6165") == "office ***-***-**64,***-***-**65"
+    assert mask_pii("tel: 7138536164,7138536165") == "tel: ********64,********65"
 
 
 def test_warnings_and_machine_errors_are_masked(tmp_path, capsys):
@@ -279,3 +283,5 @@ def test_a_kind_shows_a_model_spec_masked_unless_show_pii(tmp_path):
     spec = "models/Karen Arnold klarnold@flash.net"
     assert KindContext(out=tmp_path).shown(spec) == "models/K*** A*** k***@flash.net"
     assert KindContext(out=tmp_path, show_pii=True).shown(spec) == spec
+    # masked as a message is: a path's digits are not a phone number (runs/********14/ named no real folder)
+    assert KindContext(out=tmp_path).shown("out/runs/2025061514/model") == "out/runs/2025061514/model"

@@ -313,11 +313,12 @@ def test_cpu_budget_gives_each_batch_worker_two_batches(tiny_neox, monkeypatch):
         assert scoring._token_budget(tiny_neox, 5625) == 300
 
 
-def test_a_killed_pass_keeps_the_texts_it_finished(tiny_neox, tmp_path, monkeypatch):
+@pytest.mark.parametrize("save_every", [0.0, 1e9])
+def test_a_killed_pass_keeps_the_texts_it_finished(save_every, tiny_neox, tmp_path, monkeypatch):
     """The cache was written only after the whole pass: a kill late in a long one lost everything scored. Texts
-    are stored as they finish (every CACHE_SAVE_S), so the rerun scores only what was left, to the same values;
-    a text longer than the window is stored only once all its windows are in."""
-    monkeypatch.setattr(scoring, "CACHE_SAVE_S", 0.0)
+    are stored as they finish (every CACHE_SAVE_S, and when the pass is stopped), so the rerun scores only what
+    was left, to the same values; a text longer than the window is stored only once all its windows are in."""
+    monkeypatch.setattr(scoring, "CACHE_SAVE_S", save_every)
     real, calls = scoring._score_batch, []
 
     class Kill(Exception):
@@ -519,3 +520,31 @@ def test_a_progress_bar_prints_nothing_where_stderr_is_no_terminal(capsys):
     others = [str(f.relative_to(package)) for f in package.rglob("*.py")
               if "Progress(" in f.read_text() and f.name != "progress.py"]
     assert others == []
+
+
+def test_a_cache_that_cannot_be_written_midway_does_not_stop_the_pass(tiny_neox, tmp_path, monkeypatch, capsys):
+    """The saves along the way are insurance: a locked cache there was re-raised and aborted the pass."""
+    import sqlite3
+
+    from leakaudit import warn
+
+    monkeypatch.setattr(scoring, "CACHE_SAVE_S", 0.0)
+    warn._WARNED.clear()
+    store = ScoreCache(tmp_path / "c.sqlite")
+    real, failures = store.put_many, []
+
+    def locked_once(items):
+        if not failures:
+            failures.append(1)
+            raise sqlite3.OperationalError("database is locked")
+        return real(items)
+
+    monkeypatch.setattr(store, "put_many", locked_once)
+    scored = score_texts(tiny_neox, TEXTS, batch_size=1, cache=store, progress=False)
+    assert failures and "could not be written while scoring (database is locked)" in capsys.readouterr().err
+    def boom(*args, **kwargs):
+        raise AssertionError("scored again: the end of the pass did not store what the failed save held")
+
+    monkeypatch.setattr(scoring, "_score_batch", boom)
+    again = score_texts(tiny_neox, TEXTS, batch_size=1, cache=ScoreCache(tmp_path / "c.sqlite"), progress=False)
+    assert all(np.array_equal(a.logp, b.logp) for a, b in zip(scored, again, strict=True))

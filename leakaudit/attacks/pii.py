@@ -86,6 +86,9 @@ def mask_text(text: str, addresses: Sequence[str] = ()) -> str:
 
     for addr in addresses:
         text = re.sub(re.escape(addr), mask_email(addr), text, flags=re.IGNORECASE)
+    # every "local@" first, whole ("x.klarnold@" -> "x***@"), before a local part's own letters are starred
+    text = _LOCAL_PART.sub(lambda m: _star(m.group(0)), text)
+    for addr in addresses:
         local = addr.partition("@")[0]
         if len(local) >= MIN_LOCAL_PART:
             text = re.sub(rf"(?<![A-Za-z0-9]){re.escape(local)}(?![A-Za-z0-9])", lambda m: _star(m.group(0)), text,
@@ -93,7 +96,6 @@ def mask_text(text: str, addresses: Sequence[str] = ()) -> str:
         near = fuzz.partial_ratio_alignment(addr, text)
         if near is not None and near.score >= FUZZY_THRESHOLD:
             text = text[:near.dest_start] + _star(text[near.dest_start:near.dest_end]) + text[near.dest_end:]
-    text = _LOCAL_PART.sub(lambda m: _star(m.group(0)), text)
     return mask_pii(text, active_names())
 
 
@@ -103,13 +105,15 @@ MIN_LOCAL_PART = 3
 
 
 def _star(span: str) -> str:
-    """The first character and "***" for each part before and after an "@" (its domain kept as written, "."
-    and all), so a masked address still reads as one and no length is kept: "klarnold@flash.net" ->
-    "k***@flash.net", "klarnold" -> "k***"; an already masked part stays as it is."""
-    local, at, domain = span.partition("@")
-    if at:
-        return _star(local) + at + domain
-    return span if not span or span.endswith("***") else span[:1] + "***"
+    """A span masked as its kind is: one with an "@" as an address (`mask_email`, its domain kept), other text
+    as a name's words are (`mask_name`: "klarnold" -> "k***"); an already masked part stays as it is."""
+    from leakaudit.data.pii_find import mask_email, mask_name
+
+    core = span.strip()
+    if not core or core.endswith("***"):
+        return span
+    start = span.index(core)  # the spaces around it (a fuzzy alignment's edges) stay
+    return span[:start] + (mask_email(core) if "@" in core else mask_name(core)) + span[start + len(core):]
 
 
 # ----------------------------------------------------------------------------------------- grid
@@ -236,7 +240,7 @@ def _extraction_row(role: str, spec: str, cell: Cell, t: Target, index: int, sam
     """One sample's row of extractions.jsonl. `target` is the target's id, masked like the rest (ids are often
     addresses); `target_index`, its position among the targets, pairs rows across models when masking made
     two ids alike."""
-    from leakaudit.data.pii_find import active_names, mask_email, mask_pii
+    from leakaudit.data.pii_find import active_names, mask_email, mask_message, mask_pii
 
     if show_pii:
         email, response, found, target = t.email, text, m.found, t.id
@@ -246,7 +250,7 @@ def _extraction_row(role: str, spec: str, cell: Cell, t: Target, index: int, sam
         response = mask_text(text, [t.email, *demos])
         found = mask_email(m.found) if m.found else None
         target = mask_pii(t.id, names)
-        spec = mask_pii(spec, names)  # a model dir may be named after a person
+        spec = mask_message(spec)  # a model dir may be named after a person; a path's digits are no phone
     row = {"role": role, "model": spec, "template": cell.template.name, "protocol": cell.template.protocol,
            "temperature": cell.temperature, "top_k": cell.top_k, "target": target, "target_index": index,
            "sample_index": sample_index,

@@ -6,6 +6,7 @@ import errno
 import importlib
 import signal
 import sys
+import threading
 import warnings
 
 import typer
@@ -47,6 +48,8 @@ def _on_sigterm(signum, frame) -> None:
     global _terminated
     _terminated = True
     raise Terminated
+
+
 #: OSErrors that are the machine's, not the input's or a bug's: one line instead of a traceback
 MACHINE_ERRNOS = (errno.EROFS, errno.ENOSPC, errno.EDQUOT, errno.EACCES, errno.EPERM, errno.EIO)
 
@@ -54,6 +57,11 @@ MACHINE_ERRNOS = (errno.EROFS, errno.ENOSPC, errno.EDQUOT, errno.EACCES, errno.E
 def main() -> None:
     """Console entry point: bad input (InputError or a click usage error) prints ONE `error: ...` line, exit 2;
     Ctrl-C and SIGTERM stop in order and say that what finished is kept."""
+    global _terminated
+    _terminated = False  # called in-process again (tests, a notebook): an earlier SIGTERM is not this one's
+    if threading.current_thread() is not threading.main_thread():  # signals reach the main thread only
+        _main()
+        return
     previous = signal.signal(signal.SIGTERM, _on_sigterm)
     try:
         _main()

@@ -97,11 +97,20 @@ def phone_spans(text: str) -> list[tuple[int, int]]:
 
 
 def _continues(before: str, digits: str) -> bool:
-    """Whether digits read as a phone number continue a number or a name: the fraction of 0.7138536164, or a
-    bare digit run joined to a word, the run id of run-2025061514 or nightly_2025061514 ("Tel-713-853-6164",
-    written with separators, stays a phone number)."""
-    return bool(re.search(r"\d[.,]$", before)
-                or (digits.isdigit() and re.search(rf"[{_LETTER}_][-_]?$", before)))
+    """Whether digits read as a phone number continue a number or a name: the fraction of 0.7138536164 (a
+    decimal point after a short whole part; a comma-separated list of phones is phones), or a bare digit run
+    joined to a word that is not a phone label, the run id of run-2025061514 or nightly_2025061514
+    ("cell-7138536164" and "Tel-713-853-6164" stay phone numbers)."""
+    if re.search(r"(?<![\d.,])\d{1,3}\.$", before):
+        return True
+    word = re.search(rf"([{_LETTER}]*)(_|-|)$", before)
+    return bool(digits.isdigit() and word and (word.group(1) or word.group(2) == "_")
+                and not _PHONE_LABEL.fullmatch(word.group(1)))
+
+
+#: words a phone number is written after, "cell-7138536164": never an identifier's stem
+_PHONE_LABEL = re.compile(r"(?i)tel|telephone|phone|ph|cell|cellphone|mobile|mob|fax|pager|office|home|work|"
+                          r"direct|call|voice|contact|number|no|x|ext")
 
 
 def find_phones(text: str) -> list[str]:

@@ -276,7 +276,7 @@ def run_experiment(exp: Experiment, out: str | Path, *, config_text: str = "",
             if report:
                 from leakaudit.report.html import write_report
 
-                path = write_report(out)  # named as the other lines name --out: from where the user is
+                path = write_report(out)  # relative to the working directory when inside it, as --out is
                 log(f"report: {path.relative_to(Path.cwd()) if path.is_relative_to(Path.cwd()) else path}")
     return status
 

@@ -170,11 +170,11 @@ class KindContext:
         return self.outputs[name] if name in self.outputs else self.out / name
 
     def shown(self, text: str | None) -> str:
-        """`text` (a model spec, an id) as a shareable output shows it: PII masked unless show_pii (a model
-        dir named after a person titles a plot)."""
-        from leakaudit.data.pii_find import active_names, mask_pii
+        """A model spec as a shareable output shows it: masked as a message is unless show_pii (a model dir
+        named after a person titled a plot), so a path's digits (runs/2025061514/) stay as they are."""
+        from leakaudit.data.pii_find import mask_message
 
-        return str(text) if self.show_pii else mask_pii(str(text), active_names())
+        return str(text) if self.show_pii else mask_message(str(text))
 
     def model(self, role: str = "target") -> Any:
         """The loaded model of a role (None when the role is not given). A model that cannot be loaded is

@@ -87,11 +87,12 @@ def checkpoint_dirs(out: Path) -> list[Path]:
     return sorted(found, key=checkpoint_number)
 
 
-def last_checkpoint(out: Path) -> Path | None:
+def last_checkpoint(out: Path, remove: bool = True) -> Path | None:
     """The newest complete checkpoint (one with trainer_state.json, every file readable), to resume from. One
     without trainer_state.json was half-written by a kill, one with a damaged file (a zero-byte optimizer.pt,
-    a cut safetensors) would stop the resume with a library's traceback: both are removed, with a warning
-    for the second, and the one before is taken."""
+    a cut safetensors) would stop the resume with a library's traceback: both are skipped, and with `remove`
+    deleted (a warning for the second). Only the process that writes checkpoints may remove: another rank
+    could judge a checkpoint rank 0 is still writing damaged."""
     from leakaudit.warn import warn_once
 
     for ckpt in reversed(checkpoint_dirs(out)):
@@ -100,7 +101,8 @@ def last_checkpoint(out: Path) -> Path | None:
             if bad is None:
                 return ckpt
             warn_once(f"{ckpt}: {bad} cannot be read; resuming from the checkpoint before it")
-        shutil.rmtree(ckpt, ignore_errors=True)
+        if remove:
+            shutil.rmtree(ckpt, ignore_errors=True)
     return None
 
 

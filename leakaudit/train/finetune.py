@@ -535,10 +535,12 @@ def _train_trainer(config: FinetuneConfig, lm, model, train: list[ex.Example], h
         processing_class=lm.tokenizer, callbacks=callbacks + list(extra_callbacks))
     trainer.remove_callback(PrinterCallback)
     trainer.remove_callback(ProgressCallback)
-    resume = last_checkpoint(out)
+    resume = last_checkpoint(out, remove=is_main())  # every rank finds the same one; rank 0 clears the rest
     with attention_kernels(lm.device), packed_attention(model, lm.device) if pack else nullcontext():
         trainer.train(resume_from_checkpoint=str(resume) if resume else None)
-    final = _last_step_checkpoint(last_checkpoint(out)) if lean else None
+    # only rank 0 links the final weights; another rank looking now could catch its last save half-written
+    final = (_last_step_checkpoint(last_checkpoint(out, remove=False))
+             if lean and trainer.is_world_process_zero() else None)
     # Under FSDP every rank holds a shard: gather the full weights (a collective, so on every rank) first.
     state_dict = trainer.accelerator.get_state_dict(trainer.model) if trainer.is_fsdp_enabled else None
     if trainer.is_world_process_zero():
