@@ -381,3 +381,16 @@ def test_a_run_without_compare_to_says_why_it_has_no_verdicts(tmp_path):
     (tmp_path / "run.json").write_text(json.dumps({"experiment": {"name": "n"}, "stages": [stage]}))
     html, _ = build(tmp_path)
     assert 'id="verdicts"' not in html and "No evaluation sets <code>compare_to</code>" in html
+
+
+def test_the_perplexity_table_says_over_how_many_texts_and_tokens(tmp_path):
+    """A perplexity with no n could not be judged (27.80 against 28.31: of 5 texts or of 252?)."""
+    from leakaudit.kinds.base import StageView
+    from leakaudit.kinds.perplexity import PerplexityResult
+
+    stage = StageView({"id": "evaluate/u/none", "folder": "u", "params": {"target_label": "none", "evaluation": "u"},
+                       "result": {"perplexity": 28.31, "n_texts": 252, "n_tokens": 17451, "checkpoints": []}},
+                      tmp_path)
+    (table,) = PerplexityResult.section([stage])["tables"]
+    assert table["header"][-2:] == ["texts", "tokens"] and table["rows"] == [
+        ["none", "u", "final", "–", "28.310", 252, 17451]]

@@ -45,9 +45,11 @@ class PerplexityResult(Result):
             for c in res.get("checkpoints") or []:
                 if isinstance(c.get("step"), int):  # a run from before the final step was recorded: no x
                     series.setdefault(label, []).append((float(c["step"]), float(c["perplexity"])))
-                table.append([s.target, s.evaluation, c.get("name"), fmt(c.get("step")), fmt(c["perplexity"])])
+                table.append([s.target, s.evaluation, c.get("name"), fmt(c.get("step")), fmt(c["perplexity"]),
+                              res.get("n_texts", "–"), res.get("n_tokens", "–")])
             if not res.get("checkpoints"):
-                table.append([s.target, s.evaluation, "final", fmt(None), fmt(res.get("perplexity"))])
+                table.append([s.target, s.evaluation, "final", fmt(None), fmt(res.get("perplexity")),
+                              res.get("n_texts", "–"), res.get("n_tokens", "–")])
         figures = []
         if any(len(v) > 1 for v in series.values()):
             figures.append({"uri": plots.lines_figure(series, "Perplexity per checkpoint", "training step",
@@ -60,8 +62,11 @@ class PerplexityResult(Result):
                 figures.append({"uri": plots.bars_figure(finals, "Perplexity", "perplexity"),
                                 "caption": "Perplexity on the evaluation data"})
         return {"id": "perplexity", "title": "Perplexity", "figures": figures,
-                "note": "exp(mean token NLL) over all evaluation tokens; lower is a better fit.",
-                "tables": [{"header": ["variant", "evaluation", "checkpoint", "step", "perplexity"], "rows": table}]}
+                "note": "exp(mean token NLL) over all evaluation tokens; lower is a better fit. No interval: compare "
+                        "targets on the same texts by their difference, which a few percent of noise in training "
+                        "can move (docs/studies.md gives seed-to-seed spreads).",
+                "tables": [{"header": ["variant", "evaluation", "checkpoint", "step", "perplexity", "texts", "tokens"],
+                            "rows": table}]}
 
 
 @register
