@@ -196,6 +196,19 @@ def test_dp_sgd_on_layers_opacus_cannot_handle_is_a_clear_error(tmp_path):
     assert not list((tmp_path / "o").glob("checkpoint-*"))
 
 
+class _EpochKill(Exception):
+    pass
+
+
+def _kill_after_first_epoch(real_write):
+    """DP-SGD's write_json, raising once the first epoch's state is saved: a kill at that moment."""
+    def write(path, obj):
+        real_write(path, obj)
+        if str(path).endswith("dp_state.json"):
+            raise _EpochKill
+    return write
+
+
 def test_dp_sgd_resumes_after_a_kill_with_the_same_privacy_spent(tmp_path, monkeypatch):
     from leakaudit.train import dp
 
@@ -207,14 +220,7 @@ def test_dp_sgd_resumes_after_a_kill_with_the_same_privacy_spent(tmp_path, monke
                               epochs=2, batch_size=4, gradient_accumulation=1, learning_rate=1e-2, dp_epsilon=4.0)
 
     real_write = dp.write_json
-
-    class Kill(Exception):
-        pass
-
-    def kill_after_first_epoch(path, obj):
-        real_write(path, obj)
-        if str(path).endswith("dp_state.json"):
-            raise Kill
+    kill_after_first_epoch = _kill_after_first_epoch(real_write)
 
     import opacus.privacy_engine
 
@@ -227,7 +233,7 @@ def test_dp_sgd_resumes_after_a_kill_with_the_same_privacy_spent(tmp_path, monke
 
     monkeypatch.setattr(opacus.privacy_engine, "get_noise_multiplier", counted_search)
     monkeypatch.setattr(dp, "write_json", kill_after_first_epoch)
-    with pytest.raises(Kill):
+    with pytest.raises(_EpochKill):
         finetune(cfg("resumed"), progress=False)
     noise = json.loads((tmp_path / "resumed" / "dp_state.json").read_text())["noise_multiplier"]
     assert [p.name for p in (tmp_path / "resumed").glob("checkpoint-*/dp_optimizer.pt")]  # kept to resume
@@ -270,17 +276,10 @@ def test_dp_sgd_resumes_past_a_log_line_a_kill_cut_short(tmp_path, monkeypatch):
     cfg = FinetuneConfig(model="tiny-gpt-neox", data=str(data), out=str(tmp_path / "o"), method="lora", epochs=2,
                          batch_size=4, gradient_accumulation=1, learning_rate=1e-2, dp_epsilon=4.0)
     real_write = dp.write_json
-
-    class Kill(Exception):
-        pass
-
-    def kill_after_first_epoch(path, obj):
-        real_write(path, obj)
-        if str(path).endswith("dp_state.json"):
-            raise Kill
+    kill_after_first_epoch = _kill_after_first_epoch(real_write)
 
     monkeypatch.setattr(dp, "write_json", kill_after_first_epoch)
-    with pytest.raises(Kill):
+    with pytest.raises(_EpochKill):
         finetune(cfg, progress=False)
     log = tmp_path / "o" / "train_log.jsonl"
     log.write_text(log.read_text() + '{"step": 3, "epoch": 2, "lo')  # the next step's row, cut short

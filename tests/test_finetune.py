@@ -169,19 +169,25 @@ def test_resume_continues_where_it_stopped(method, plain_data, tmp_path):
     assert finetune(cfg, progress=False) == out and not list(out.glob("checkpoint-*/optimizer.pt"))
 
 
-def test_a_kill_after_the_last_step_resumes_to_the_same_log(plain_data, tmp_path):
-    """Killed after training ended but before finetune_done.json: the rerun resumes from the last checkpoint and
-    the Trainer logs its end-of-training row again (the log had two), and a row the kill cut short mid-write
-    stopped the resume with a JSONDecodeError traceback."""
+def _killed_after_training(data, out) -> FinetuneConfig:
+    """A LoRA run killed after its last step, before finetune_done.json: its config, to resume."""
     from transformers import TrainerCallback
 
     class KillAtEnd(TrainerCallback):
         def on_train_end(self, args, state, control, **kwargs):
             raise _Kill
 
-    cfg = _cfg(plain_data, tmp_path / "resumed", method="lora")
+    cfg = _cfg(data, out, method="lora")
     with pytest.raises(_Kill):
         finetune(cfg, progress=False, callbacks=[KillAtEnd()])
+    return cfg
+
+
+def test_a_kill_after_the_last_step_resumes_to_the_same_log(plain_data, tmp_path):
+    """Killed after training ended but before finetune_done.json: the rerun resumes from the last checkpoint and
+    the Trainer logs its end-of-training row again (the log had two), and a row the kill cut short mid-write
+    stopped the resume with a JSONDecodeError traceback."""
+    cfg = _killed_after_training(plain_data, tmp_path / "resumed")
     log = tmp_path / "resumed" / "train_log.jsonl"
     assert sum("train_runtime" in r for r in _train_log(tmp_path / "resumed")) == 1
     log.write_text(log.read_text() + '{"step": 4, "epo')
@@ -199,15 +205,7 @@ def test_a_damaged_newest_checkpoint_resumes_from_the_one_before(damage, plain_d
     """A zero-byte optimizer.pt or a cut file in the newest checkpoint stopped every resume (EOFError, shown as
     "interrupted"; SafetensorError and JSONDecodeError tracebacks): it is dropped with a warning and training
     resumes from the checkpoint before it, to the weights of an uninterrupted run."""
-    from transformers import TrainerCallback
-
-    class KillAtEnd(TrainerCallback):
-        def on_train_end(self, args, state, control, **kwargs):
-            raise _Kill
-
-    cfg = _cfg(plain_data, tmp_path / "resumed", method="lora")
-    with pytest.raises(_Kill):
-        finetune(cfg, progress=False, callbacks=[KillAtEnd()])
+    cfg = _killed_after_training(plain_data, tmp_path / "resumed")
     victim = tmp_path / "resumed" / "checkpoint-4" / damage
     victim.write_bytes(victim.read_bytes()[: len(victim.read_bytes()) // 2] if damage != "optimizer.pt" else b"")
     out = finetune(cfg, progress=False)
