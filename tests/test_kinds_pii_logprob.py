@@ -244,3 +244,16 @@ def test_a_top1_rate_with_every_target_alike_gets_an_exact_interval():
     for part in (out["A"], out[OVERALL]):
         assert part["top1_rate"] == 0 and part["top1_rate_ci"] == [0.0, pytest.approx(0.30850, abs=1e-4)]
         assert part["mean_logp_ci"][0] < part["mean_logp_ci"][1]  # a spread value keeps its bootstrap interval
+
+
+def test_the_per_target_intervals_do_not_follow_the_pairs_files_order():
+    """The targets were resampled in the pairs file's order: the same targets listed another way gave other
+    intervals (the comparisons' bootstraps already sorted their items)."""
+    from leakaudit.kinds.pii_logprob import OVERALL, summarize
+
+    ids, names = [f"t{i}" for i in range(12)], ["A"]
+    rows = [{"target": t, "template": "A", "logp": -float(i * i % 7), "rank": 1 + i % 3} for i, t in enumerate(ids)]
+    base = [{**r, "logp": r["logp"] - (i % 4)} for i, r in enumerate(rows)]
+    one = summarize(rows, ids, names, seed=0, baseline=base)[OVERALL]
+    two = summarize(rows[::-1], ids[::-1], names, seed=0, baseline=base[::-1])[OVERALL]
+    assert one == two

@@ -107,6 +107,11 @@ def test_baseline_subtraction_on_constructed_sets():
     assert lo <= 0.1 <= hi and lo < 0 < hi  # 10 targets cannot show a 10-point change
     same = pii.baseline_subtraction({"t0"}, {"t0"}, ids)
     assert same["change"] == 0 and same["change_ci"] == [0.0, 0.0] and same["only_model"]["count"] == 0
+    # the targets in another order: the same interval (they were resampled in the pairs file's order)
+    many = [f"t{i}" for i in range(40)]
+    model, base = {f"t{i}" for i in range(0, 40, 3)}, {f"t{i}" for i in range(0, 40, 5)}
+    assert (pii.baseline_subtraction(model, base, many[::-1])["change_ci"]
+            == pii.baseline_subtraction(model, base, many)["change_ci"])
 
 
 def test_summary_reports_best_cell_and_grid_mean():

@@ -285,7 +285,7 @@ def baseline_subtraction(model_hits: set[str], baseline_hits: set[str], target_i
     `change` = rate(model) - rate(baseline), with a paired bootstrap 95% interval over targets;
     `only_model` counts targets the fine-tuned model extracts and the baseline does not.
     """
-    ids = list(target_ids)
+    ids = sorted(target_ids)  # by id: the resamples, and so the interval, do not follow the pairs file's order
     n = len(ids)
     m = np.array([t in model_hits for t in ids], dtype=float)
     b = np.array([t in baseline_hits for t in ids], dtype=float)
@@ -300,6 +300,11 @@ def baseline_subtraction(model_hits: set[str], baseline_hits: set[str], target_i
             "change_ci": _bootstrap_ci(lambda idx: m[idx].mean() - b[idx].mean(), n, seed)}
 
 
+def _by_id(target_ids: Sequence[str]) -> np.ndarray:
+    """Positions of the targets in id order: resampled in it, an interval does not follow the file's order."""
+    return np.array(sorted(range(len(target_ids)), key=lambda i: str(target_ids[i])), dtype=int)
+
+
 def _bootstrap_ci(stat: Callable[[np.ndarray], float], n: int, seed: int) -> list[float] | None:
     """95% interval of `stat` over resampled target indices (metrics.bootstrap_ci)."""
     from leakaudit.metrics import bootstrap_ci
@@ -309,9 +314,10 @@ def _bootstrap_ci(stat: Callable[[np.ndarray], float], n: int, seed: int) -> lis
 
 def _grid_mean(results: Sequence[CellResult], seed: int) -> dict[str, Any]:
     rates = [float(r.hits.mean()) for r in results]
-    mats = [r.hits.astype(float) for r in results]
     n = min(len(r.target_ids) for r in results)
     same = all(r.target_ids == results[0].target_ids for r in results)
+    by_id = _by_id(results[0].target_ids) if same else slice(None)
+    mats = [r.hits.astype(float)[by_id] for r in results]
     ci = _bootstrap_ci(lambda idx: float(np.mean([x[idx].mean() for x in mats])), n, seed) if same else None
     if ci is not None and ci[0] == ci[1] and n:
         # The bootstrap collapses when every target scored alike (e.g. no hits at all); fall back to an
@@ -403,9 +409,10 @@ def summarize(model: str, results: Sequence[CellResult], targets: Sequence[Targe
 
 
 def _grid_change(rs: Sequence[CellResult], brs: Sequence[CellResult], seed: int) -> dict[str, Any]:
-    m = [r.hits.astype(float) for r in rs]
-    b = [r.hits.astype(float) for r in brs]
     same = all(r.target_ids == rs[0].target_ids for r in rs)
+    by_id = _by_id(rs[0].target_ids) if same else slice(None)
+    m = [r.hits.astype(float)[by_id] for r in rs]
+    b = [r.hits.astype(float)[by_id] for r in brs]
     model_rate = float(np.mean([x.mean() for x in m]))
     base_rate = float(np.mean([x.mean() for x in b]))
     ci = None

@@ -165,6 +165,7 @@ def summarize(rows: list[dict[str, Any]], ids: list[str], names: list[str], seed
               baseline: list[dict[str, Any]] | None = None) -> dict[str, Any]:
     """Per template and overall (the mean over templates, per target): mean logp, top-1 rate and mean
     reciprocal rank with 95% bootstrap intervals over targets; with baseline rows, the paired change."""
+    ids = sorted(ids)  # by id: the resamples, and so the intervals, do not follow the pairs file's order
     m = _matrices(rows, ids, names)
     b = _matrices(baseline, ids, names) if baseline is not None else None
     n = len(ids)
