@@ -230,7 +230,7 @@ def _stage(out, evaluation, target, scores, options=None, per_m=None):
             "result": result}
 
 
-def test_comparisons_from_hand_written_stages(tmp_path):
+def test_comparisons_from_hand_written_stages(tmp_path, monkeypatch):
     from leakaudit.kinds.base import StageView
     from leakaudit.kinds.compare import verdict
     from leakaudit.kinds.user_inference import UserInferenceResult
@@ -273,6 +273,14 @@ def test_comparisons_from_hand_written_stages(tmp_path):
     assert "User AUC against the attacker&#39;s samples per user m" in html
     # AUC vs m, then score vs n_train and vs ref NLL for the compare_to target only: three figures in all
     assert html.count("<figure>") == 3
+    # the AUC-vs-m plot shades the compare_to target's band only (every target's band made one brown mass)
+    from leakaudit.kinds.user_inference import UserInferenceResult as UIR
+    from leakaudit.report import plots
+
+    shaded = []
+    monkeypatch.setattr(plots, "lines_figure", lambda *a, **k: shaded.append(sorted(k["bands"])) or "data:,")
+    UIR.section([StageView(s, tmp_path) for s in stages])
+    assert shaded == [["none"]]
     assert "Who is vulnerable (training samples)" in html and "Who is vulnerable (outlier measure)" in html
     assert "users · none" in html and "users · cap" not in html
 

@@ -101,17 +101,21 @@ class UserInferenceResult(Result):
         figures, notes, table, by_m_rows = [], [], [], []
         for evaluation, group in groups.items():
             series, bands = {}, {}
+            # with compare_to, only its target's band is shaded: seven overlapping bands were one brown mass
+            shaded = compare.baseline(group)[0]
             for s in group:
                 name = f"{evaluation} · {s.target}" if several else s.target
                 per_m = s.result.get("per_m") or {}
                 series[name] = [(order[m], r["auc"]) for m, r in per_m.items() if r.get("auc") is not None]
-                bands[name] = [(order[m], *r["auc_ci"]) for m, r in per_m.items() if r.get("auc_ci")]
+                if shaded is None or s is shaded:
+                    bands[name] = [(order[m], *r["auc_ci"]) for m, r in per_m.items() if r.get("auc_ci")]
             if any(series.values()):
+                whose = f"{shaded.target}'s" if shaded is not None else "each line's"
                 figures.append({"uri": plots.lines_figure(
                     series, f"User AUC vs samples per user ({evaluation})", "samples per user m", "user AUC",
                     bands=bands, xticks=[(x, m) for m, x in order.items()], chance=0.5),
                     "caption": f"User AUC against the attacker's samples per user m, one line per target, "
-                               f"shaded 95% bootstrap CI ({evaluation})"})
+                               f"{whose} 95% bootstrap CI shaded, 0.5 = chance ({evaluation})"})
             problem = compare.baseline(group)[1]
             if problem:
                 notes.append(problem)
