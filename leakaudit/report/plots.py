@@ -211,7 +211,7 @@ def _linear_segments(fpr, tpr, floor: float):
 
     xs, ys = [max(float(fpr[0]), floor)], [float(tpr[0])]
     for f0, t0, f1, t1 in zip(fpr[:-1], tpr[:-1], fpr[1:], tpr[1:], strict=True):
-        if f1 > f0 and f1 > floor:
+        if f1 > f0 and t1 != t0 and f1 > floor:  # a diagonal (tied) segment; flat and vertical ones stay as drawn
             grid = np.logspace(np.log10(max(f0, floor)), np.log10(f1), 24)[1:]
             xs += grid.tolist()
             ys += (t0 + (t1 - t0) * (grid - f0) / (f1 - f0)).tolist()
