@@ -196,6 +196,8 @@ def test_tiny_study_end_to_end(study_run):
         assert section in html
     assert "http://" not in html and "https://" not in html
     assert "<caption>User AUC by the attacker samples per user m (95% CI)</caption>" in html  # says what it holds
+    assert html.count("<thead>") == html.count("<table") - 1  # every table has its header row (the versions
+    # list's rows are headed one by one)
 
     again = run_experiment(parse_experiment(STUDY), out, config_text=STUDY, log=_quiet)
     assert set(again.values()) == {"cached"}
