@@ -19,7 +19,7 @@ from leakaudit.data.pii_find import NameFinder, mask_obj, mask_yaml_text, name_f
 from leakaudit.data.pii_find import mask_pii as mask
 from leakaudit.errors import InputError, one_line
 from leakaudit.kinds import get_kind, kind_names
-from leakaudit.kinds.base import StageView, fmt
+from leakaudit.kinds.base import StageView, ci_text, fmt
 
 # inline figures (base64 data, never PII, and masking must not touch it), the experiment file's text, masked
 # before (mask_yaml_text, which keeps its numbers: a seed is no phone number), and the seeds in the page's header
@@ -64,7 +64,7 @@ def _headline_table(rows: list[dict[str, Any]]) -> tuple[list[str], list[dict[st
         if col not in cols:
             cols.append(col)
         ci = r["ci"]
-        cell = {"value": fmt(r["value"]), "ci": f"{fmt(ci[0])}, {fmt(ci[1])}" if ci else ""}
+        cell = {"value": fmt(r["value"]), "ci": ci_text(ci) if ci else ""}
         by_variant.setdefault(r["variant"], {})[col] = cell
     return cols, [{"variant": v, "cells": c} for v, c in by_variant.items()]
 
