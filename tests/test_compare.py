@@ -6,6 +6,7 @@ is loaded anywhere in this file."""
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import numpy as np
@@ -70,6 +71,9 @@ def test_logprob_comparison_by_hand(tmp_path):
     assert 1.0 <= lo < 1.95 < hi <= 2.9 and c["ci"] == c["delta_ci"]  # every pair moved up: CI excludes 0
     rlo, rhi = c["relative_ci"]
     assert 0 < rlo < 1.95 / 25 < rhi
+    # a log p: e^Δ is the (geometric mean) likelihood ratio, its interval the CI's ends exponentiated
+    assert c["likelihood_ratio"] == pytest.approx(math.exp(1.95))
+    assert c["likelihood_ratio_ci"] == pytest.approx([math.exp(lo), math.exp(hi)])
     assert c["verdict"] == "increase" and c["ci_half_width"] == pytest.approx((hi - lo) / 2)
     assert c["detectable_effect"] == pytest.approx(1.4294 * (hi - lo) / 2, rel=1e-4)  # (1.96 + 0.84) / 1.96
     assert (c["n"], c["n_units"], c["baseline"], c["evaluation"]) == (20, 10, "m0", "logprob")
@@ -78,6 +82,7 @@ def test_logprob_comparison_by_hand(tmp_path):
     # 3 of 10 targets: a resample can hold none of them, so the baseline rate could be 0 and Δ / 0.3 is no
     # bounded ratio: no relative change (it was +33% [x, y] from the resamples that happened to hold one)
     assert r["delta"] == pytest.approx(0.1) and r["relative"] is None and r["relative_ci"] is None
+    assert "likelihood_ratio" not in r  # a rate is no log p
     # identical rows (order and a stray row aside): Δ 0 on every resample
     s = by[("same", "mean log p(address)")]
     assert s["n"] == 20 and s["delta"] == 0 and s["delta_ci"] == [0.0, 0.0] and s["relative_ci"] == [0.0, 0.0]

@@ -372,6 +372,12 @@ def test_a_verdict_says_how_many_items_and_what_it_can_detect():
     clustered = {**row, "n": 400, "n_units": 100, "detectable_effect": None}
     assert verdict_sentence(clustered).endswith("→ increase (100 units)")
 
+    # a log p gives how many times as likely (e^Δ), not a percent of a log p
+    logp = {**row, "metric": "mean log p(address)", "value_variant": -19.1, "value_baseline": -19.3, "delta": 0.2,
+            "delta_ci": [0.1, 0.3], "relative": 0.0104, "relative_ci": [0.005, 0.0155], "likelihood_ratio": 1.2214,
+            "likelihood_ratio_ci": [1.1052, 1.3499]}
+    assert "Δ +0.200 [0.100, 0.300] (×1.221 [1.105, 1.350] as likely) → increase" in verdict_sentence(logp)
+
 
 def test_a_run_without_compare_to_says_why_it_has_no_verdicts(tmp_path):
     from leakaudit.report.html import build

@@ -50,6 +50,10 @@ class Series:
     cluster: Callable[[Hashable], Hashable] | None = None
     items: str = "items"
     extra: dict[str, Any] = field(default_factory=dict)  # copied into each comparison row (e.g. {"m": "all"})
+    #: the values are log-probabilities (nats): Δ of their mean is the log of a likelihood ratio, so a row
+    #: also gives e^Δ, "the variant finds the text e^Δ times as likely" (geometric mean over items), which
+    #: reads better than a percent of a log p
+    log_scale: bool = False
 
 
 def unique(rows: Iterable[dict[str, Any]], key: Callable[[dict[str, Any]], Hashable]) -> dict[Hashable, dict[str, Any]]:
@@ -160,6 +164,8 @@ def compare(base: StageView, other: StageView, a: Series, b: Series, style: Styl
                              "variant": other.target, **a.extra, "value_baseline": None, "value_variant": None,
                              "delta": None, "delta_ci": None, "ci": None, "relative": None, "relative_ci": None,
                              "n": len(keys), "ci_half_width": None, "detectable_effect": None}
+    if a.log_scale:
+        entry.update(likelihood_ratio=None, likelihood_ratio_ci=None)
     labels = [int(a.labels[k]) for k in keys] if a.labels is not None else None
     if labels is not None:
         n_pos = sum(labels)
@@ -182,6 +188,8 @@ def compare(base: StageView, other: StageView, a: Series, b: Series, style: Styl
     # no power statement where the verdict cannot claim a direction anyway (too few units) or the interval
     # has no width (it bounds nothing: "0 detected with 80% power" would be false)
     detectable = None if half is None or half == 0 or too_few is not None else POWER_80 * half
+    if a.log_scale:
+        entry.update(likelihood_ratio=math.exp(d["delta"]), likelihood_ratio_ci=[math.exp(x) for x in ci] if ci else None)
     return {**entry, "value_baseline": d["value_a"], "value_variant": d["value_b"], "delta": d["delta"],
             "delta_ci": ci, "ci": ci, "relative": d["relative"], "relative_ci": d["relative_ci"],
             "n_bootstrap": d["n_bootstrap"], "ci_half_width": half,
@@ -196,7 +204,8 @@ def comparisons(stages: list[StageView], series: Callable[[StageView, StageView]
 
     Row keys: evaluation, metric, baseline, variant, value_baseline, value_variant, delta, delta_ci (also as
     `ci`), relative (delta / |value_baseline|), relative_ci, n (items paired), n_pos/n_neg (AUC), n_units
-    (resampling units when items cluster), ci_half_width, detectable_effect (the |Δ| detected with 80% power:
+    (resampling units when items cluster), likelihood_ratio and likelihood_ratio_ci (e^Δ and its CI, for
+    log-probability metrics only), ci_half_width, detectable_effect (the |Δ| detected with 80% power:
     POWER_80 x the half-width; None when the units are too few for a verdict or the interval has no width),
     verdict.
     """

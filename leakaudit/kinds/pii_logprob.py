@@ -261,7 +261,7 @@ def _series(s: StageView, base: StageView) -> list[compare.Series]:
     rows = compare.unique(own, lambda r: (*who(r), r.get("template")))
     target = itemgetter(0, 1)  # the resampling unit of a (target, template) row
     series = [compare.Series("mean log p(address)", {k: r.get("logp") for k, r in rows.items()}, cluster=target,
-                             items="targets")]
+                             items="targets", log_scale=True)]
     if any((r.get("n_candidates") or 0) > 1 for r in rows.values()):  # a rank among one candidate is always 1
         series.append(compare.Series("address rank-1 rate", {k: float(r["rank"] == 1) for k, r in rows.items()
                                                              if "rank" in r}, cluster=target, items="targets"))

@@ -109,13 +109,16 @@ def _interval(ci: list[float] | None, scale: float = 1.0, digits: int = 3, unit:
 
 def verdict_sentence(c: dict[str, Any]) -> str:
     """One comparison as the verdict section states it: "<evaluation>: <variant> vs <baseline>: <metric>
-    <value variant> vs <value baseline>, Δ <delta> [CI] (<relative>% [CI]) → <verdict> (<n> paired; detects
-    |Δ| ≥ <detectable effect> with 80% power)"."""
+    <value variant> vs <value baseline>, Δ <delta> [CI] (<relative>% [CI], or ×e^Δ [CI] as likely for a log p)
+    → <verdict> (<n> paired; detects |Δ| ≥ <detectable effect> with 80% power)"."""
     head = f"{c.get('evaluation')}: {c.get('variant')} vs {c.get('baseline')}: {c.get('metric')}"
     if c.get("delta") is None:
         return f"{head} → {c.get('verdict')}"
-    rel = c.get("relative")
-    rel_text = "" if rel is None else f" ({_signed(rel * 100, 1)}%{_interval(c.get('relative_ci'), 100, 1, '%')})"
+    rel, ratio = c.get("relative"), c.get("likelihood_ratio")
+    if ratio is not None:  # a log p: e^Δ says how many times as likely, where a percent of a log p says little
+        rel_text = f" (×{fmt(ratio)}{_interval(c.get('likelihood_ratio_ci'))} as likely)"
+    else:
+        rel_text = "" if rel is None else f" ({_signed(rel * 100, 1)}%{_interval(c.get('relative_ci'), 100, 1, '%')})"
     units = c.get("n_units") or c.get("n")
     power = (f"; detects |Δ| ≥ {fmt(c['detectable_effect'])} with 80% power"
              if c.get("detectable_effect") is not None else "")
