@@ -400,3 +400,25 @@ def test_the_perplexity_table_says_over_how_many_texts_and_tokens(tmp_path):
     (table,) = PerplexityResult.section([stage])["tables"]
     assert table["header"][-2:] == ["texts", "tokens"] and table["rows"] == [
         ["none", "u", "final", "–", "28.310", 252, 17451]]
+
+
+def test_the_mia_section_says_what_each_attack_it_shows_measures(tmp_path):
+    """The page named attacks (min_k_pp, dc_pdd) and pointed to docs/attacks.md, which a reader of a mailed
+    report.html does not have: each attack shown gets one plain line and its paper, and no other attack."""
+    from leakaudit.attacks import ATTACKS
+    from leakaudit.report.html import build
+
+    stage = _mia_stage(tmp_path, "mia", "m0", [1.0, 2.0, 3.0], [0.5, 1.5, 2.5], 0)
+    (tmp_path / "run.json").write_text(json.dumps({"experiment": {"name": "g"}, "stages": [stage]}))
+    html, _ = build(tmp_path)
+    shown = set(stage["result"]["attacks"])
+    assert shown and all(ATTACKS[a].summary.replace("'", "&#39;") in html for a in shown)
+    assert all(ATTACKS[a].summary.replace("'", "&#39;") not in html for a in set(ATTACKS) - shown)
+    assert "what its score measures (higher ⇒ member)" in html
+
+
+def test_every_attack_says_in_one_line_what_it_measures():
+    from leakaudit.attacks import ATTACKS
+
+    for name, attack in ATTACKS.items():
+        assert attack.summary and "\n" not in attack.summary and attack.paper, name

@@ -11,14 +11,16 @@ from __future__ import annotations
 import difflib
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict, ValidationError
 
 from leakaudit.errors import InputError
-from leakaudit.models import LoadedModel
-from leakaudit.scoring import TokenScores
+
+if TYPE_CHECKING:  # the registry (names, papers, summaries) is read by the report, which needs no torch
+    from leakaudit.models import LoadedModel
+    from leakaudit.scoring import TokenScores
 
 
 class AttackConfig(BaseModel):
@@ -63,10 +65,11 @@ class ScoringContext:
 
 
 class Attack:
-    """Base class: subclasses set `name`, `paper`, `definition`, optionally `Config`, and implement `score`."""
+    """Base class: subclasses set `name`, `paper`, `summary`, optionally `Config`, and implement `score`."""
 
     name: ClassVar[str]
     paper: ClassVar[str]
+    summary: ClassVar[str]  # one plain line, for the report's reader: what the score measures (higher => member)
     needs_reference: ClassVar[bool] = False
     needs_moments: ClassVar[bool] = False
     Config: ClassVar[type[AttackConfig]] = AttackConfig

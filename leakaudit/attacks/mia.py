@@ -12,7 +12,7 @@ import zlib
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import numpy as np
 from pydantic import AfterValidator, Field
@@ -20,8 +20,10 @@ from pydantic import AfterValidator, Field
 from leakaudit.attacks.base import ATTACKS, Attack, AttackConfig, ScoringContext, get_attack, register
 from leakaudit.errors import InputError
 from leakaudit.metrics import RocMetrics, roc_metrics
-from leakaudit.models import LoadedModel
 from leakaudit.warn import warn_once
+
+if TYPE_CHECKING:
+    from leakaudit.models import LoadedModel
 
 REFERENCE_FREE = ("loss", "zlib", "min_k", "min_k_pp")
 
@@ -59,6 +61,7 @@ class LossAttack(Attack):
     """
 
     name = "loss"
+    summary = "the text's mean token log-probability: members were fit, so it is higher"
     paper = "Yeom et al. 2018, Privacy Risk in Machine Learning"
 
     def score(self, ctx):
@@ -75,6 +78,8 @@ class ZlibAttack(Attack):
     """
 
     name = "zlib"
+    summary = ("the mean token log-probability per byte of the zlib-compressed text: loss calibrated by how "
+               "compressible the text is")
     paper = "Carlini et al. 2021, Extracting Training Data from Large Language Models"
 
     def score(self, ctx):
@@ -96,6 +101,8 @@ class MinKAttack(Attack):
     """
 
     name = "min_k"
+    summary = ("the mean log-probability of the text's least likely tokens (the lowest k = 20% by default): a member "
+               "has few very unlikely tokens")
     paper = "Shi et al. 2024, Detecting Pretraining Data from Large Language Models (Min-K%)"
     Config = MinKConfig
 
@@ -115,6 +122,8 @@ class MinKPlusPlusAttack(Attack):
     """
 
     name = "min_k_pp"
+    summary = ("min_k over each token's log-probability standardised by the mean and spread of the model's own "
+               "predictions at that position")
     paper = "Zhang et al. 2025, Min-K%++"
     needs_moments = True
     Config = MinKConfig
@@ -141,6 +150,8 @@ class ReferenceAttack(Attack):
     """
 
     name = "ref"
+    summary = ("how much more likely the target finds the text than a reference model that did not train on "
+               "it")
     paper = "Carlini et al. 2021; Mireshghallah et al. 2022 (reference model calibration)"
     needs_reference = True
 
@@ -162,6 +173,7 @@ class LowercaseAttack(Attack):
     """
 
     name = "lowercase"
+    summary = "how much likelihood the text loses when lowercased: a member's exact casing was memorised"
     paper = "Carlini et al. 2021, Extracting Training Data from Large Language Models"
 
     def score(self, ctx):
@@ -192,6 +204,7 @@ class RecallAttack(Attack):
     """
 
     name = "recall"
+    summary = "how much the text's likelihood drops when non-member texts are put before it (ReCaLL)"
     paper = "Xie et al. 2024, ReCaLL"
     Config = RecallConfig
 
@@ -266,6 +279,8 @@ class DcPddAttack(Attack):
     """
 
     name = "dc_pdd"
+    summary = ("how far the model's token probabilities rise above the tokens' everyday frequency in a "
+               "reference corpus")
     paper = "Zhang et al. 2024, DC-PDD (divergence-based calibration)"
     Config = DcPddConfig
 
@@ -334,6 +349,8 @@ class GradNormAttack(Attack):
     """
 
     name = "gradnorm"
+    summary = ("minus the size of the loss gradient over all parameters (white-box): training flattened it "
+               "at members")
     paper = "Nasr et al. 2019, Comprehensive Privacy Analysis of Deep Learning (white-box gradients)"
     Config = GradNormConfig
 

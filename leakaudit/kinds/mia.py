@@ -139,7 +139,22 @@ class MiaResult(Result):
                 "warnings": warning_lines(warned, len(stages)),
                 "figures": figures,
                 "tables": [{"header": ["variant", "evaluation", "attack", "AUC", "95% CI", "TPR@1%FPR [95% CI]",
-                                       "TPR@0.1%FPR [95% CI]", "members", "non-members"], "rows": table}]}
+                                       "TPR@0.1%FPR [95% CI]", "members", "non-members"], "rows": table},
+                           glossary([a for s in stages for a in s.result.get("attacks") or {}])]}
+
+
+def glossary(names: list[str]) -> dict[str, Any]:
+    """The attacks a section shows, each in one plain line with its paper, so the page reads without
+    docs/attacks.md at hand (unknown names, e.g. from a newer version's run, are listed as such)."""
+    from leakaudit.attacks import ATTACKS
+
+    rows = []
+    for name in dict.fromkeys(names):
+        attack = ATTACKS.get(name)
+        rows.append([name, attack.summary if attack else "(not an attack of this version)",
+                     attack.paper if attack else ""])
+    return {"header": ["attack", "what its score measures (higher ⇒ member)", "paper"], "rows": rows,
+            "caption": "The attacks (exact definitions: docs/attacks.md)"}
 
 
 #: said with a `ref` comparison whose baseline is the reference model itself (e.g. M0 against the base model,
