@@ -43,13 +43,13 @@ study-fake-privacy: $(STAMP)
 	$(BIN)/leakaudit run $(EXP)/fake-privacy-cpu.yaml --out out/fake-privacy-s0 --seed 0
 	for s in 1 2; do $(BIN)/leakaudit run $(EXP)/fake-privacy-cpu.yaml --out out/fake-privacy-s$$s --seed $$s \
 	  --reuse out/fake-privacy-s0 || exit 1; done
-	$(BIN)/python scripts/summarize_comparisons.py out/fake-privacy-s0 out/fake-privacy-s1 out/fake-privacy-s2
+	$(BIN)/leakaudit seeds out/fake-privacy-s0 out/fake-privacy-s1 out/fake-privacy-s2
 
 study-backdoor: $(STAMP)
 	$(BIN)/leakaudit run $(EXP)/backdoor-cpu.yaml --out out/backdoor-s0 --seed 0
 	for s in 1 2; do $(BIN)/leakaudit run $(EXP)/backdoor-cpu.yaml --out out/backdoor-s$$s --seed $$s \
 	  --reuse out/backdoor-s0 || exit 1; done
-	$(BIN)/python scripts/summarize_comparisons.py out/backdoor-s0 out/backdoor-s1 out/backdoor-s2
+	$(BIN)/leakaudit seeds out/backdoor-s0 out/backdoor-s1 out/backdoor-s2
 
 clean:
 	rm -rf $(VENV) out

@@ -1,4 +1,4 @@
-"""`leakaudit run EXPERIMENT.yaml`, `leakaudit report DIR` and `leakaudit demo`."""
+"""`leakaudit run EXPERIMENT.yaml`, `leakaudit report DIR`, `leakaudit seeds DIR...` and `leakaudit demo`."""
 
 from __future__ import annotations
 
@@ -90,6 +90,29 @@ def report(
     console.print(f"report: {path}")
 
 
+def seeds(
+    dirs: list[Path] = typer.Argument(..., help="Output dirs of one experiment's runs, one per seed"),
+    markdown_out: Path | None = typer.Option(None, "--markdown", help="Also write the tables to this file"),
+    json_out: Path | None = typer.Option(None, "--json", help="Also write the rows as JSON to this file"),
+) -> None:
+    """One experiment over its seeds: every seed's paired comparisons side by side, the mean Δ over seeds
+    with a 95% interval over seeds (training runs resampled), as Markdown on stdout."""
+    import json
+
+    from leakaudit.seeds import combine, markdown, read_runs
+
+    runs = read_runs(dirs)
+    rows = combine(runs)
+    text = markdown(runs, rows)
+    if markdown_out is not None:
+        markdown_out.write_text(text + "\n", encoding="utf-8")
+    if json_out is not None:
+        json_out.write_text(json.dumps({"experiment": runs[0].experiment.get("name"), "seeds": [r.seed for r in runs],
+                                        "dirs": [str(r.out) for r in runs], "rows": rows}, indent=1) + "\n",
+                            encoding="utf-8")
+    typer.echo(text)
+
+
 def demo(
     out: Path = typer.Option(Path("out/demo"), "--out", help="Output dir; rerunning resumes"),
 ) -> None:
@@ -107,7 +130,8 @@ def demo(
 
 
 def register(app: typer.Typer) -> None:
-    """Add `run`, `report` and `demo` to the app."""
+    """Add `run`, `report`, `seeds` and `demo` to the app."""
     app.command("run")(run)
     app.command("report")(report)
+    app.command("seeds")(seeds)
     app.command("demo")(demo)

@@ -1,0 +1,194 @@
+"""One experiment run over several seeds, read back as one result: every seed's paired comparisons side by
+side, and the mean difference over seeds with an interval over seeds.
+
+Why over seeds: a run's intervals resample its items (texts, targets, users) and so speak about the models
+that run trained; a new seed trains new models (other data draws, batches, initialisation). The spread of a
+comparison's Δ across seeds is that training-run variance, which no single run's interval holds. The mean Δ
+over n seeds gets a 95% interval with both parts: the seeds' spread (t with n - 1 degrees of freedom times
+SD / sqrt(n); t = 4.30 for 3 seeds) and the items' (the seeds' mean CI half-width, not shrunk by the number of
+seeds because seeds often score the same items), added in quadrature. Where each seed draws its own items,
+the spread already holds item variance and the interval errs wide. Every seed is shown, none left out (a
+study's result is all the seeds it ran); a comparison equal in every seed is a stage the runs share (e.g. a
+model trained once with a fixed seed): one run, not n.
+
+Reads only each run's run.json (which experiment, which seed) and summary.json (its `comparisons`).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import statistics
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from leakaudit.errors import InputError
+
+
+@dataclass
+class SeedRun:
+    """One output dir of `leakaudit run`: its seed and the comparisons its summary.json lists."""
+
+    out: Path
+    seed: int
+    experiment: dict[str, Any]
+    comparisons: list[dict[str, Any]]
+
+
+def _read_json(path: Path, what: str) -> dict[str, Any]:
+    if not path.is_file():
+        raise InputError(f"no {path.name}: {what}", file=path.parent)
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise InputError(f"not JSON ({e.__class__.__name__}): was it written by leakaudit?", file=path) from None
+    if not isinstance(data, dict):
+        raise InputError("not a JSON object: was it written by leakaudit?", file=path)
+    return data
+
+
+def read_run(out: str | Path) -> SeedRun:
+    """A finished run's seed, experiment and comparisons; a one-line error when DIR is not one."""
+    out = Path(out)
+    if not out.is_dir():
+        raise InputError("not a directory (an output dir of `leakaudit run` is expected)", file=out)
+    record = _read_json(out / "run.json", "not an output dir of `leakaudit run`")
+    summary = _read_json(out / "summary.json", f"the run has no report yet: `leakaudit report {out}` writes it")
+    experiment = record.get("experiment")
+    if not isinstance(experiment, dict) or not isinstance(experiment.get("seed"), int):
+        raise InputError("no experiment with a seed in it", file=out / "run.json", field="experiment.seed")
+    comparisons = summary.get("comparisons")
+    if not isinstance(comparisons, list):
+        raise InputError("no comparisons list (was the report written by an older leakaudit? `leakaudit report "
+                         "DIR` rewrites it)", file=out / "summary.json", field="comparisons")
+    return SeedRun(out, experiment["seed"], experiment, comparisons)
+
+
+def _first_difference(a: Any, b: Any, path: str = "") -> str | None:
+    """The key path of the first place two parsed experiments differ (None when equal)."""
+    if isinstance(a, dict) and isinstance(b, dict):
+        for k in list(a) + [k for k in b if k not in a]:
+            where = f"{path}.{k}" if path else str(k)
+            if k not in a or k not in b:
+                return where
+            found = _first_difference(a[k], b[k], where)
+            if found:
+                return found
+        return None
+    return None if a == b else (path or "experiment")
+
+
+def read_runs(dirs: list[str | Path]) -> list[SeedRun]:
+    """The runs, in seed order, after checking they are seeds of one experiment: same experiment but for its
+    seed, each seed once."""
+    if not dirs:
+        raise InputError("name the output dirs of the seeds' runs, e.g. out/s0 out/s1 out/s2")
+    runs = [read_run(d) for d in dirs]
+    first = runs[0]
+    seen: dict[int, Path] = {}
+    for r in runs:
+        if r.seed in seen:
+            raise InputError(f"seed {r.seed} again (also in {seen[r.seed]}): each seed counts once",
+                             file=r.out / "run.json", field="experiment.seed")
+        seen[r.seed] = r.out
+        other = _first_difference({k: v for k, v in first.experiment.items() if k != "seed"},
+                                  {k: v for k, v in r.experiment.items() if k != "seed"})
+        if other:
+            raise InputError(f"differs from {first.out}'s experiment: these are not seeds of one experiment",
+                             file=r.out / "run.json", field=f"experiment.{other}")
+    return sorted(runs, key=lambda r: r.seed)
+
+
+def _t975(df: int) -> float:
+    from scipy.stats import t
+
+    return float(t.ppf(0.975, df))
+
+
+def combine(runs: list[SeedRun]) -> list[dict[str, Any]]:
+    """One row per (evaluation, metric, variant) that any seed compares: `seeds` (per seed: seed, delta, ci,
+    verdict; None where that seed has no such comparison), `n_seeds` (seeds with a Δ), `mean_delta`, `sd`
+    (across seeds), `seed_half_width` (t x SD / sqrt(n)), `item_half_width` (the seeds' mean CI half-width),
+    `mean_ci` (mean ± both in quadrature; None without a seed's interval), `same_in_every_seed`,
+    `increase`/`decrease` (seeds whose own interval excludes 0 that way)."""
+    rows: dict[tuple[str, str, str], dict[str, Any]] = {}
+    for r in runs:
+        for c in r.comparisons:
+            key = (str(c.get("evaluation")), str(c.get("metric")), str(c.get("variant")))
+            rows.setdefault(key, {"evaluation": key[0], "metric": key[1], "variant": key[2], "baselines": []})
+            if c.get("baseline") not in rows[key]["baselines"]:
+                rows[key]["baselines"].append(c.get("baseline"))
+    out = []
+    for key, row in rows.items():
+        per_seed: list[dict[str, Any] | None] = []
+        for r in runs:
+            c = next((c for c in r.comparisons
+                      if (str(c.get("evaluation")), str(c.get("metric")), str(c.get("variant"))) == key), None)
+            per_seed.append(None if c is None else {"seed": r.seed, "delta": c.get("delta"),
+                                                    "ci": (c.get("delta_ci") or c.get("ci"))
+                                                    if c.get("delta") is not None else None,
+                                                    "verdict": c.get("verdict")})
+        given = [s for s in per_seed if s and s["delta"] is not None]
+        deltas = [s["delta"] for s in given]
+        halves = [(s["ci"][1] - s["ci"][0]) / 2 for s in given if s["ci"]]
+        n = len(deltas)
+        mean = statistics.fmean(deltas) if deltas else None
+        sd = statistics.stdev(deltas) if n > 1 else None
+        seed_half = _t975(n - 1) * sd / math.sqrt(n) if sd is not None else None
+        item_half = statistics.fmean(halves) if halves and len(halves) == n else None
+        mean_ci = None
+        if mean is not None and item_half is not None and (seed_half is not None or n == 1):
+            half = math.hypot(seed_half or 0.0, item_half)
+            mean_ci = [mean - half, mean + half]
+        ups = sum(1 for s in given if s["ci"] and s["ci"][0] > 0)
+        downs = sum(1 for s in given if s["ci"] and s["ci"][1] < 0)
+        out.append({**row, "seeds": per_seed, "n_seeds": n, "mean_delta": mean, "sd": sd,
+                    "seed_half_width": seed_half, "item_half_width": item_half, "mean_ci": mean_ci,
+                    "same_in_every_seed": n > 1 and len(set(deltas)) == 1, "increase": ups, "decrease": downs})
+    return out
+
+
+def _signed(x: float | None) -> str:
+    from leakaudit.kinds.base import fmt
+
+    return "–" if x is None else ("+" if x > 0 else "") + fmt(x)
+
+
+def _arrow(ci: list[float] | None) -> str:
+    return "↑" if ci and ci[0] > 0 else "↓" if ci and ci[1] < 0 else ""
+
+
+def markdown(runs: list[SeedRun], rows: list[dict[str, Any]]) -> str:
+    """The rows as Markdown tables, one per (evaluation, metric): a row per variant, a column per seed."""
+    seeds = [r.seed for r in runs]
+    lines = [f"Experiment `{runs[0].experiment.get('name')}`, seeds {', '.join(map(str, seeds))}: each seed's paired "
+             "Δ against the evaluation's baseline with its 95% CI (items resampled; ↑/↓: the CI excludes 0), then "
+             "the mean Δ over seeds with a 95% interval for training runs and items together (the seeds' spread, "
+             "t with n - 1 degrees of freedom, and their mean CI half-width, in quadrature). \"same in every "
+             "seed\": a stage the runs share, one run, not n.", ""]
+    groups: dict[tuple[str, str], list[dict[str, Any]]] = {}
+    for row in rows:
+        groups.setdefault((row["evaluation"], row["metric"]), []).append(row)
+    for (evaluation, metric), group in groups.items():
+        baselines = sorted({str(b) for row in group for b in row["baselines"]})
+        lines += [f"**{evaluation}: {metric}** (against {', '.join(f'`{b}`' for b in baselines)})", "",
+                  "| variant | " + " | ".join(f"seed {s}" for s in seeds)
+                  + " | seeds ↑ / ↓ | mean Δ over seeds [95% CI: runs and items] |",
+                  "|---|" + "---|" * len(seeds) + "---|---|"]
+        for row in group:
+            cells = []
+            for s in row["seeds"]:
+                if s is None or s["delta"] is None:
+                    cells.append("–" if s is None else str(s["verdict"]).split(":")[0])
+                    continue
+                ci = s["ci"]
+                cells.append(f"{_signed(s['delta'])}" + (f" [{_signed(ci[0])}, {_signed(ci[1])}]{_arrow(ci)}"
+                                                         if ci else ""))
+            ci = row["mean_ci"]
+            mean = _signed(row["mean_delta"]) + (f" [{_signed(ci[0])}, {_signed(ci[1])}]{_arrow(ci)}" if ci else "")
+            counts = ("same in every seed" if row["same_in_every_seed"]
+                      else f"{row['increase']} / {row['decrease']} of {row['n_seeds']}")
+            lines.append(f"| `{row['variant']}` | " + " | ".join(cells) + f" | {counts} | {mean} |")
+        lines.append("")
+    return "\n".join(lines)

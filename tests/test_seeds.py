@@ -1,0 +1,127 @@
+"""`leakaudit seeds`: one experiment's runs over seeds read back as one result (leakaudit/seeds.py). Values by
+hand; the interval's coverage simulated; bad dirs give one line naming the file and field."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+from conftest import run_main
+from scipy.stats import t
+
+from leakaudit.errors import InputError
+from leakaudit.seeds import SeedRun, combine, markdown, read_runs
+
+EXPERIMENT = {"name": "study", "models": {"base": "tiny-gpt-neox"}, "finetune": {"ft": {"options": {"epochs": 2}}}}
+
+
+def _comparison(variant: str, delta: float | None, ci: list[float] | None, metric: str = "loss AUC") -> dict:
+    return {"evaluation": "mia", "metric": metric, "baseline": "m0", "variant": variant, "delta": delta,
+            "delta_ci": ci, "ci": ci, "verdict": "increase" if ci and ci[0] > 0 else "no detectable change"}
+
+
+def _run_dir(root: Path, seed: int, comparisons: list[dict], experiment: dict | None = None) -> Path:
+    out = root / f"s{seed}"
+    out.mkdir()
+    (out / "run.json").write_text(json.dumps({"experiment": {**(experiment or EXPERIMENT), "seed": seed},
+                                              "stages": []}))
+    (out / "summary.json").write_text(json.dumps({"comparisons": comparisons}))
+    return out
+
+
+def test_the_mean_over_seeds_and_its_interval_by_hand(tmp_path):
+    dirs = [_run_dir(tmp_path, s, [_comparison("ft", d, [d - h, d + h]), _comparison("m0b", 0.3, [0.2, 0.4])])
+            for s, d, h in ((2, 0.05, 0.02), (0, 0.01, 0.03), (1, 0.03, 0.01))]
+    runs = read_runs(dirs)
+    assert [r.seed for r in runs] == [0, 1, 2]  # in seed order, whatever order the dirs were named in
+    rows = {r["variant"]: r for r in combine(runs)}
+    ft = rows["ft"]
+    assert [s["delta"] for s in ft["seeds"]] == [0.01, 0.03, 0.05]
+    assert ft["mean_delta"] == pytest.approx(0.03) and ft["sd"] == pytest.approx(0.02)
+    seed_half = t.ppf(0.975, 2) * 0.02 / math.sqrt(3)                 # 4.303 x 0.02 / 1.732 = 0.0497
+    assert ft["seed_half_width"] == pytest.approx(seed_half)
+    assert ft["item_half_width"] == pytest.approx(0.02)              # mean of 0.03, 0.01, 0.02
+    half = math.sqrt(seed_half ** 2 + 0.02 ** 2)
+    assert ft["mean_ci"] == pytest.approx([0.03 - half, 0.03 + half])
+    assert (ft["increase"], ft["decrease"], ft["same_in_every_seed"]) == (2, 0, False)  # seed 0's CI holds 0
+    # a comparison the runs share: the same in every seed, one run, its interval the seeds' own
+    shared = rows["m0b"]
+    assert shared["same_in_every_seed"] and shared["sd"] == 0 and shared["mean_ci"] == pytest.approx([0.2, 0.4])
+    text = markdown(runs, combine(runs))
+    assert "| `m0b` | +0.300 [+0.200, +0.400]↑ | +0.300 [+0.200, +0.400]↑ | +0.300 [+0.200, +0.400]↑ | same in every seed" in text
+    assert "| `ft` | +0.010 [-0.020, +0.040] | +0.030 [+0.020, +0.040]↑ | +0.050 [+0.030, +0.070]↑ | 2 / 0 of 3 |" in text
+
+
+def test_a_seed_without_the_comparison_or_its_delta_is_shown_not_dropped(tmp_path):
+    dirs = [_run_dir(tmp_path, 0, [_comparison("ft", 0.1, [0.0, 0.2])]),
+            _run_dir(tmp_path, 1, [_comparison("ft", None, None)]),
+            _run_dir(tmp_path, 2, [])]
+    (row,) = combine(read_runs(dirs))
+    assert row["n_seeds"] == 1 and row["seeds"][1]["delta"] is None and row["seeds"][2] is None
+    assert row["mean_ci"] == pytest.approx([0.0, 0.2])  # one seed: its own interval
+
+
+def test_the_interval_covers_a_zero_effect_at_least_95_percent():
+    """Δ = 0; the items' error shared by every seed (seeds scored the same texts) or drawn per seed, and the
+    seeds' own training noise from none to 10x the items': the interval holds 0 at least 95% of the time
+    (3 seeds, 3000 simulated studies each)."""
+    rng = np.random.default_rng(0)
+    for shared in (True, False):
+        for ratio in (0.0, 1.0, 10.0):
+            held = 0
+            for _ in range(3000):
+                items = np.repeat(rng.normal(), 3) if shared else rng.normal(size=3)
+                deltas = items + rng.normal(scale=ratio, size=3)
+                runs = [SeedRun(Path(f"s{s}"), s, {}, [_comparison("ft", float(d), [d - 1.96, d + 1.96])])
+                        for s, d in enumerate(deltas)]
+                lo, hi = combine(runs)[0]["mean_ci"]
+                held += lo <= 0 <= hi
+            assert held / 3000 >= 0.94, (shared, ratio, held / 3000)
+
+
+@pytest.mark.parametrize("case", ["other experiment", "seed twice", "no summary", "not json", "no dir"])
+def test_dirs_that_are_not_seeds_of_one_experiment_are_one_line_errors(tmp_path, case):
+    a = _run_dir(tmp_path, 0, [])
+    if case == "other experiment":
+        b = _run_dir(tmp_path, 1, [], {**EXPERIMENT, "finetune": {"ft": {"options": {"epochs": 3}}}})
+        where = f"{b / 'run.json'}: field 'experiment.finetune.ft.options.epochs'"
+    elif case == "seed twice":
+        b = tmp_path / "again"
+        b.mkdir()
+        for f in ("run.json", "summary.json"):
+            (b / f).write_text((a / f).read_text())
+        where = f"{b / 'run.json'}: field 'experiment.seed': seed 0 again"
+    elif case == "no summary":
+        b = _run_dir(tmp_path, 1, [])
+        (b / "summary.json").unlink()
+        where = f"{b}: no summary.json: the run has no report yet: `leakaudit report {b}` writes it"
+    elif case == "not json":
+        b = _run_dir(tmp_path, 1, [])
+        (b / "run.json").write_text("{half")
+        where = f"{b / 'run.json'}: not JSON"
+    else:
+        b = tmp_path / "missing"
+        where = f"{b}: not a directory"
+    with pytest.raises(InputError) as e:
+        read_runs([a, b])
+    assert str(e.value).startswith(where) and "\n" not in str(e.value)
+
+
+def test_the_command_prints_the_tables_and_writes_json(tmp_path, monkeypatch, capsys):
+    from typer.testing import CliRunner
+
+    from leakaudit.cli import app
+
+    dirs = [_run_dir(tmp_path, s, [_comparison("ft", d, [d - 0.01, d + 0.01])]) for s, d in ((0, 0.1), (1, 0.2))]
+    result = CliRunner().invoke(app, ["seeds", *map(str, dirs), "--json", str(tmp_path / "seeds.json"),
+                                      "--markdown", str(tmp_path / "seeds.md")])
+    assert result.exit_code == 0, result.output
+    assert "| `ft` | +0.100 [+0.090, +0.110]↑ | +0.200 [+0.190, +0.210]↑ | 2 / 0 of 2 |" in result.output
+    saved = json.loads((tmp_path / "seeds.json").read_text())
+    assert saved["seeds"] == [0, 1] and saved["rows"][0]["mean_delta"] == pytest.approx(0.15)
+    assert (tmp_path / "seeds.md").read_text().strip() == result.output.strip()
+    code, err = run_main(["seeds", tmp_path / "nowhere"], monkeypatch, capsys)
+    assert code == 2 and err == f"error: {tmp_path / 'nowhere'}: not a directory (an output dir of `leakaudit run` is expected)\n"
