@@ -709,3 +709,36 @@ def test_a_file_system_without_locks_runs_with_a_warning_and_other_os_errors_kee
     monkeypatch.setattr(engine, "run_plan", missing)
     with pytest.raises(FileNotFoundError):
         _run_main(["run", str(cfg), "--out", str(out), "--no-report"], monkeypatch, capsys)
+
+
+def test_user_inference_on_a_file_read_without_users_is_refused_before_any_stage(tmp_path):
+    """The dataset step writes a row's `user` from the dataset's user_field only; without it user inference
+    failed on its first row, in a file of the run dir, after every stage before it."""
+    from leakaudit.config import load_experiment
+    from leakaudit.experiment import Plan, check_plan
+
+    text = _experiment(options="{}").replace("kind: mia", "kind: user-inference").replace(
+        "    members:", "    reference: base\n    members:")
+    cfg, _ = _setup(tmp_path, text.replace("    split:", "    split_by: user\n    split:"))
+    with pytest.raises(InputError) as err:
+        check_plan(Plan(load_experiment(cfg)))
+    assert err.value.field == "evaluate.m.members" and err.value.line == 14
+    assert "user inference needs each row's user, and datasets.d reads none: set its user_field" in err.value.message
+    cfg.write_text(text.replace("    path: data.jsonl\n", "    path: data.jsonl\n    user_field: user\n"))
+    check_plan(Plan(load_experiment(cfg)))
+
+
+def test_a_data_file_taken_whole_keeps_its_order_and_a_chosen_part_is_drawn(tmp_path):
+    """A file with nothing chosen from it was shuffled anyway, so "a user's first m samples" in a run were
+    other samples than the single command's on the same file."""
+    from leakaudit.config import load_experiment
+    from leakaudit.experiment import run_experiment
+    from leakaudit.kinds.base import read_jsonl
+
+    text = ("name: order\nseed: 3\nmodels: {base: tiny-gpt-neox}\ndatasets:\n  whole: {path: data.jsonl}\n"
+            "  drawn: {path: data.jsonl, limit: 6}\n")
+    cfg, out = _setup(tmp_path, text)
+    run_experiment(load_experiment(cfg), out, log=lambda m: None, report=False)
+    assert [r["text"] for r in read_jsonl(out / "data" / "whole" / "all.jsonl")] == [r["text"] for r in DATA_ROWS]
+    drawn = [r["text"] for r in read_jsonl(out / "data" / "drawn" / "all.jsonl")]
+    assert sorted(drawn) == sorted(r["text"] for r in DATA_ROWS) and drawn != [r["text"] for r in DATA_ROWS]

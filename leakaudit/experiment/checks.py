@@ -38,6 +38,7 @@ def check_plan(plan: Plan, runs: tuple[Path | None, ...] = ()) -> None:
                                       "(fine-tune that one with method: full, or merge it first)")
             elif stage.kind != "dataset":
                 _check_field_options(plan, stage, stage_options(stage))
+                _check_users(plan, stage)
         except ConfigError as exc:
             value = (stage.params.get("options") or {}).get(exc.loc[-1]) if exc.loc else None
             raise plan.exp.error(exc.loc, exc.message + _beside_file_hint(plan, value)) from None
@@ -215,6 +216,25 @@ def _check_field_options(plan: Plan, stage: Stage, options: dict[str, Any]) -> N
                 to = renamed[field]
                 raise ConfigError(_option_loc(stage, key), f"datasets.{name} reads '{field}' as its {to} field, "
                                   f"and its rows hold it as '{to}': use {key}: {to}")
+
+
+def _check_users(plan: Plan, stage: Stage) -> None:
+    """User inference groups rows by user: a data file read without `user_field` gives its rows no user (the
+    dataset step writes `text`, `id` and `user` from the fields it maps), which failed on the stage's first
+    row, after every stage before it. Said here, at the evaluation's data role."""
+    if stage.kind != "user-inference":
+        return
+    from leakaudit.kinds.base import DATA_ROLES
+
+    for role in DATA_ROLES:
+        ref = stage.params.get(role)
+        if not (isinstance(ref, list) and ref and str(ref[0]).startswith("data/")):
+            continue
+        name = ref[0].split("/", 1)[1]
+        ds = plan.exp.datasets[name]
+        if ds.builtin is None and ds.user_field is None:
+            raise ConfigError((*stage.origin, role), f"user inference needs each row's user, and datasets.{name} "
+                              "reads none: set its user_field (the column that names each row's user)")
 
 
 def _check_mask_names(plan: Plan) -> None:

@@ -59,8 +59,8 @@ Runner = Callable[[StageContext], dict[str, Any]]
 
 
 def run_dataset(ctx: StageContext) -> dict[str, Any]:
-    """Load (file or built-in), shuffle with the experiment seed (not with `ranges`: they index the source's
-    order), truncate, keep users with enough distinct texts, keep the first users / rows, split (and hold
+    """Load (file or built-in), shuffle with the experiment seed where rows are chosen (not with `ranges`: they
+    index the source's order), truncate, keep users with enough distinct texts, keep the first users / rows, split (and hold
     out per user) or cut the row ranges, add the unions of parts; write JSONL."""
     p = ctx.stage.params
     if p["builtin"] is not None:
@@ -78,7 +78,10 @@ def run_dataset(ctx: StageContext) -> dict[str, Any]:
                 row["user"] = r.user
             rows.append(row)
     ranges = p.get("ranges") or {}
-    if not ranges:  # row ranges index the source's own order
+    # shuffled only where rows are chosen (a split, a limit, the first users): row ranges index the source's
+    # own order, and a file taken whole keeps it, so "a user's first m samples" are the file's first m, as in
+    # the single commands
+    if not ranges and (p["split"] or p["limit"] or p.get("max_users")):
         rows = shuffled(rows, ctx.seed, p["name"])
     if p["max_chars"]:
         for row in rows:
