@@ -370,7 +370,8 @@ def spearman_with_ci(x: Sequence[float], y: Sequence[float], n_bootstrap: int = 
                      ci: float = 0.95) -> dict:
     """Spearman rank correlation of paired values with a percentile bootstrap CI over pairs (resamples where
     either side is constant are skipped). {rho, ci, n}; rho None with fewer than 3 pairs or a constant side; ci
-    None, with a `note`, when every resample gives the same ρ. NaN or infinite pairs are left out (n counts
+    None, with a `note`, when every resample gives the same ρ or more than (1 - ci) / 2 of them have a
+    constant side (a few pairs give that side all its spread). NaN or infinite pairs are left out (n counts
     the rest)."""
     from scipy.stats import rankdata
 
@@ -401,7 +402,16 @@ def spearman_with_ci(x: Sequence[float], y: Sequence[float], n_bootstrap: int = 
     for start in range(0, n_bootstrap, rows):
         idx = rng.integers(0, n, size=(min(rows, n_bootstrap - start), n))
         rhos.append(rho_rows(xs[idx], ys[idx]))
-    interval = _percentile_ci(np.concatenate(rhos), ci) if rhos else None
+    values = np.concatenate(rhos) if rhos else np.array([])
+    undefined = float(np.isnan(values).mean()) if len(values) else 0.0
+    if undefined > (1 - ci) / 2:
+        # resamples that leave out the few units giving one side its spread have no ρ; the interval over the
+        # rest is conditioned on those units and can miss ρ itself (ρ 0.52, [0.53, 0.88] with one user of
+        # ten differing): no interval
+        return {"rho": rho, "ci": None, "n": n,
+                "note": f"{undefined:.0%} of resamples have no spread on one side (a few of the {n} pairs give "
+                        "it all): no interval"}
+    interval = _percentile_ci(values, ci) if rhos else None
     if interval is not None and interval[0] == interval[1]:
         # every resample kept the ranks' order (pairs in perfect rank order): a zero-width interval would
         # claim a certainty that 5 such pairs cannot give; no interval instead

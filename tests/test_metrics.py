@@ -198,6 +198,10 @@ def test_spearman_with_ci():
     assert r["ci"][0] < r["rho"] < r["ci"][1]
     assert spearman_with_ci([1, 2], [2, 1])["rho"] is None  # too few pairs
     assert spearman_with_ci([1, 2, 3], [5, 5, 5])["rho"] is None  # one side constant
+    # one pair of ten gives y its spread: 35% of resamples leave it out and have no ρ; the interval over the
+    # rest excluded ρ itself (0.522, [0.525, 0.880])
+    one = spearman_with_ci(list(range(1, 11)), [4] * 9 + [5], seed=0)
+    assert one["rho"] == pytest.approx(0.5222, abs=1e-4) and one["ci"] is None and "no spread" in one["note"]
 
 
 def test_tpr_at_low_fpr_has_a_bootstrap_interval_from_rechosen_thresholds():
