@@ -581,6 +581,40 @@ def test_fixed_seed_steps_are_shared_across_seeds_and_reused(tmp_path):
     assert set(again.values()) == {"cached"}  # reused stages are this run's own from now on
 
 
+def test_a_reused_fine_tune_of_a_fine_tune_reads_this_runs_base(tmp_path):
+    """A LoRA fine-tune of a full fine-tune names its base by absolute path: reused into another run it named
+    the first run's base — retrained there, the second run's scores came from it silently; deleted, every
+    rerun of the second run failed while the fine-tune stayed cached."""
+    import shutil
+
+    cfg = yaml.safe_load(SMALL)
+    cfg["finetune"] = {"m0": {**cfg["finetune"]["real"], "method": "full"},
+                       "ft": {**cfg["finetune"]["real"], "model": "m0"}}
+    cfg["evaluate"] = {"mia": {**cfg["evaluate"]["mia"], "targets": ["ft"]}}
+    text = yaml.safe_dump(cfg, sort_keys=False)
+    run_experiment(parse_experiment(text), tmp_path / "a", log=_quiet, report=False)
+    cfg["evaluate"]["mia"]["options"]["n_bootstrap"] = 30  # another evaluation: m0 and ft come from run a
+    b = tmp_path / "b"
+    status = run_experiment(parse_experiment(yaml.safe_dump(cfg, sort_keys=False)), b, log=_quiet, report=False, reuse=tmp_path / "a")
+    assert status["finetune/m0"] == status["finetune/ft"] == "reused"
+    base_of = lambda run: json.loads((run / "finetune/ft/model/adapter_config.json").read_text())[  # noqa: E731
+        "base_model_name_or_path"]
+    assert base_of(b) == str((b / "finetune/m0/model").resolve())
+    assert base_of(tmp_path / "a") == str((tmp_path / "a" / "finetune/m0/model").resolve())  # a's own file kept
+    scores = (b / "evaluate/mia/ft/scores.jsonl").read_text()
+    shutil.rmtree(tmp_path / "a")
+    again = run_experiment(parse_experiment(yaml.safe_dump(cfg, sort_keys=False)), b, log=_quiet, report=False)
+    assert set(again.values()) == {"cached"}
+    moved = tmp_path / "moved"
+    b.rename(moved)  # a run dir moved: its stages stay cached and read the moved base
+    cfg["evaluate"]["mia"]["options"]["n_bootstrap"] = 40
+    status = run_experiment(parse_experiment(yaml.safe_dump(cfg, sort_keys=False)), moved, log=_quiet, report=False)
+    assert status["finetune/ft"] == "cached" and status["evaluate/mia/ft"] == "ran"
+    assert base_of(moved) == str((moved / "finetune/m0/model").resolve())
+    assert [json.loads(r)["loss"] for r in (moved / "evaluate/mia/ft/scores.jsonl").read_text().splitlines()] == [
+        json.loads(r)["loss"] for r in scores.splitlines()]
+
+
 def test_recorded_paths_do_not_depend_on_the_working_directory(tmp_path, monkeypatch):
     """With a relative --out, the stages recorded the fine-tuned model as `rel/finetune/...`: relative to
     wherever the run was started, so summary.json named a path that did not exist from anywhere else. run.json

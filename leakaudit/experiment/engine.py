@@ -93,6 +93,8 @@ def run_plan(plan: Plan, out: Path, *, log: Callable[[str], None] = print,
     for i, stage in enumerate(plan.stages.values(), start=1):
         sdir = stage_dir(out, stage)
         how = _settle(i, n, stage, sdir, out, results, finished, status, log, after_stage, reuse) if main else ""
+        if how in ("cached", "reused"):
+            _rebase_adapters(plan, stage, sdir, out, results)
         if distributed.broadcast_int(int(how == "run")) == 0:  # cached or reused, as rank 0 found it
             if not main:
                 results[stage.id] = _finished(sdir, stage)
@@ -126,6 +128,32 @@ def run_plan(plan: Plan, out: Path, *, log: Callable[[str], None] = print,
         if not main:
             results[stage.id] = _finished(sdir, stage)
     return status
+
+
+def _rebase_adapters(plan: Plan, stage: Stage, sdir: Path, out: Path, results: dict[str, dict[str, Any]]) -> None:
+    """Point a finished fine-tune of a fine-tune at this run's base. Its adapters name their base by absolute
+    path (adapter_config.json, as PEFT reads it): copied from another run (`--reuse`), or in a run dir that was
+    copied or moved, they named the other run's base, which may since have been retrained (scores then came
+    from another model, silently) or deleted (every later run failed). Rewritten by replacing the file (a
+    reused stage's files are hard links into the other run); the stage's record follows, so the stage stays
+    cached."""
+    import json
+
+    from leakaudit.train.artifacts import base_reference
+
+    base_sid = (stage.params.get("model") or {}).get("stage") if stage.kind == "finetune" else None
+    if base_sid is None or "model_dir" not in results.get(base_sid, {}):
+        return
+    base = base_reference(str(out / plan.stages[base_sid].folder / results[base_sid]["model_dir"]))
+    changed = False
+    for cfg in sorted(sdir.rglob("adapter_config.json")):
+        data = json.loads(cfg.read_text(encoding="utf-8"))
+        if isinstance(data, dict) and data.get("base_model_name_or_path") not in (None, base):
+            write_json(cfg, {**data, "base_model_name_or_path": base})
+            changed = True
+    if changed:
+        record = json.loads((sdir / "stage.json").read_text(encoding="utf-8"))
+        write_json(sdir / "stage.json", {**record, "outputs": output_manifest(sdir)})
 
 
 def _quiet(message: str) -> None:
