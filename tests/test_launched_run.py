@@ -161,6 +161,31 @@ def test_a_launched_run_of_a_bad_file_prints_its_error_once(tmp_path):
     assert proc.returncode != 0
     errors = [line for line in proc.stderr.splitlines() if "error: " in line and "bogus_key" in line]
     assert errors == [f"error: {bad}:2: field 'bogus_key': unknown key"], proc.stderr[-3000:]
+    # rank 1, stopped by torchrun while it waited to echo, printed a chained traceback ending in the message
+    # (torchrun's own ChildFailedError summary after it is the launcher's)
+    assert "InputError" not in proc.stderr and "leakaudit/cli" not in proc.stderr, proc.stderr[-3000:]
+
+
+def test_another_rank_stopped_while_it_waits_to_echo_ends_quietly(tmp_path):
+    """torchrun stops the other processes within a second of rank 0 failing; SIGTERM raised inside the error
+    handler of rank 1 and printed a traceback holding the message unmasked (a label's e-mail address)."""
+    import signal
+    import subprocess
+    import sys
+
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"text": "hello there", "label": "jane.doe@secret-corp.com"}\n')
+    script = ("import os, signal, sys, threading\n"
+              "from leakaudit import cli\n"
+              "threading.Timer(1.5, lambda: os.kill(os.getpid(), signal.SIGTERM)).start()\n"
+              f"sys.argv = ['leakaudit', 'mia', '--target', 'tiny-gpt-neox', '--data', {str(bad)!r}, '--out', "
+              f"{str(tmp_path / 'out')!r}]\n"
+              "cli.main()\n")
+    env = {**os.environ, "RANK": "1", "WORLD_SIZE": "2", "LOCAL_RANK": "1", "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=120,
+                          cwd=tmp_path)
+    assert proc.returncode == 128 + signal.SIGTERM, proc.stderr[-3000:]
+    assert "jane.doe" not in proc.stderr and "Traceback" not in proc.stderr, proc.stderr[-3000:]
 
 
 def test_an_error_of_another_rank_waits_then_names_the_rank(monkeypatch, capsys):

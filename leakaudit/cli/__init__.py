@@ -145,8 +145,13 @@ def _say(line: str) -> None:
 
     rank, size = world()
     if size > 1 and rank != 0:
+        import os
         import time
 
+        if threading.current_thread() is threading.main_thread():
+            # stopped by the launcher while waiting: end quietly. SIGTERM raised Terminated inside the handler
+            # of the error, and the chained traceback printed the unmasked message rank 0 had masked
+            signal.signal(signal.SIGTERM, lambda *_: os._exit(TERMINATED))
         time.sleep(ECHO_GRACE_S)
         line = f"[rank {rank}] {line}"
     print(line, file=sys.stderr)
