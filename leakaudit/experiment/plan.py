@@ -77,19 +77,82 @@ def _hash(obj: Any) -> str:
 
 
 def file_identity(path: str | Path) -> str:
-    """Content hash of an input file or model dir, so an edited file reruns what reads it."""
+    """Content hash of an input file or dir, so an edited file reruns what reads it. A model or adapter dir
+    (config.json or adapter_config.json at its top) by its weight, config and tokenizer files (dir_fingerprint:
+    not the checkpoints and logs a fine-tune leaves there); any other dir (a saved Hugging Face dataset: .arrow
+    files, a split per subfolder) by every file under it, so a row edited and saved again reruns its readers."""
     from leakaudit.models import dir_fingerprint, file_sha256
 
     p = Path(path).expanduser()  # `~/corpus.jsonl` as options may name it
     if p.is_dir():
-        return dir_fingerprint(p)
+        if (p / "config.json").exists() or (p / "adapter_config.json").exists():
+            return dir_fingerprint(p)
+        return _tree_fingerprint(p)
     return file_sha256(p)
 
 
+def _tree_fingerprint(root: Path) -> str:
+    """Hash of every file under `root` (relative path and content), in dir_fingerprint's format: a dir whose
+    files all sit at its top with a suffix dir_fingerprint reads keeps the key it had when dirs were hashed so."""
+    import os
+
+    from leakaudit.models import file_sha256
+
+    files: dict[str, Path] = {}
+    seen: set[Path] = set()
+    for top, dirs, names in os.walk(root, followlinks=True):
+        real = Path(top).resolve()
+        if real in seen:  # a symlink loop (or a folder linked twice): read once
+            dirs[:] = []
+            continue
+        seen.add(real)
+        dirs.sort()
+        for name in names:
+            f = Path(top) / name
+            if f.is_file():
+                files[f.relative_to(root).as_posix()] = f
+    h = hashlib.sha256()
+    for rel in sorted(files):
+        h.update(rel.encode())
+        h.update(file_sha256(files[rel]).encode())
+    return h.hexdigest()[:32]
+
+
 def model_identity(spec: str) -> str:
-    """A model spec as it enters a key: local files by content, names (default, tiny-*, HF ids) as is."""
+    """A model spec as it enters a key: local files by content, names (default, tiny-*, HF ids) as is. An
+    adapter dir whose base_model_name_or_path is a local path holds that base's identity too (and its base's,
+    for a chain), so base weights rewritten in place rerun what reads the adapter."""
+    return _model_identity(spec, frozenset())
+
+
+def _model_identity(spec: str, seen: frozenset[Path]) -> str:
     p = Path(spec).expanduser()
-    return f"{spec}#{file_identity(p)}" if p.exists() else spec
+    if not p.exists():
+        return spec
+    identity = f"{spec}#{file_identity(p)}"
+    real = p.resolve()
+    base = _adapter_base_path(p)
+    if base is None or real in seen:  # not an adapter of a local base; or a cycle, each dir counted once
+        return identity
+    return f"{identity}|base:{_model_identity(base, seen | {real})}"
+
+
+def _adapter_base_path(p: Path) -> str | None:
+    """The base_model_name_or_path of an adapter dir when it is a local path that exists (resolved as loading
+    resolves it), else None: a hub id or tiny-* name enters the adapter's key through its config file."""
+    cfg = p / "adapter_config.json"
+    if not p.is_dir() or not cfg.is_file():
+        return None
+    try:
+        base = json.loads(cfg.read_text()).get("base_model_name_or_path")
+    except (ValueError, AttributeError, OSError, UnicodeDecodeError):
+        return None  # loading refuses it; the file itself is hashed
+    if not isinstance(base, str) or not base.strip() or "\x00" in base:
+        return None
+    try:
+        return base if Path(base).expanduser().exists() else None
+    except (OSError, RuntimeError):  # a name too long for the file system; "~user" of no such user
+        return None
 
 
 # ----------------------------------------------------------------------------------------- planning
@@ -265,13 +328,19 @@ def _flat(options: dict[str, Any], prefix: str = "") -> dict[str, Any]:
 
 
 def _names_a_file(value: Any) -> bool:
-    """An option value that is the path of an existing file (any other string, e.g. a template, is not)."""
+    """An option value that is the path of an existing file or saved dataset folder (any other string, e.g. a
+    template, is not; nor any other folder, which an option naming it by chance would make the key hash)."""
     if not isinstance(value, str) or not value or "\x00" in value or len(value) > 4096:
         return False
     try:
-        return Path(value).expanduser().is_file()
+        p = Path(value).expanduser()
+        return p.is_file() or (p.is_dir() and any((p / f).is_file() for f in _DATASET_DIR_FILES))
     except (OSError, RuntimeError):  # a name too long for the file system; "~user" of no such user
         return False
+
+
+#: what `datasets`' save_to_disk writes at the top of a saved dataset (or dataset dict) folder
+_DATASET_DIR_FILES = ("dataset_info.json", "state.json", "dataset_dict.json")
 
 
 def _build_order(exp: Experiment) -> list[tuple[str, str]]:
