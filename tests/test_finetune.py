@@ -355,3 +355,25 @@ def test_training_leaves_the_environment_as_it_found_it(plain_data, tmp_path, mo
     monkeypatch.setenv("FSDP_SHARDING_STRATEGY", "NO_SHARD")  # one the user set stays theirs
     finetune(_cfg(plain_data, tmp_path / "out", max_steps=1), progress=False, callbacks=[SetsFsdp()])
     assert "ACCELERATE_USE_FSDP" not in os.environ and os.environ["FSDP_SHARDING_STRATEGY"] == "NO_SHARD"
+
+
+def test_an_unfinished_run_is_not_resumed_by_another_number_of_processes(tmp_path):
+    """batch_size is per process: a run killed under torchrun with 2 processes and resumed by one went on with
+    another step batch from a data position counted in the old one (81 steps instead of 42), exit 0."""
+    import json
+
+    from leakaudit.errors import InputError
+    from leakaudit.train.artifacts import DONE_MARKER
+    from leakaudit.train.finetune import FinetuneConfig, check_out
+
+    data = tmp_path / "d.jsonl"
+    data.write_text('{"text": "a line to train on"}\n')
+    out = tmp_path / "out"
+    out.mkdir()
+    config = FinetuneConfig(model="tiny-gpt-neox", data=str(data), method="lora", out=str(out))
+    (out / "finetune_config.json").write_text(json.dumps({"fingerprint": config.fingerprint(), "processes": 2}))
+    with pytest.raises(InputError) as err:
+        check_out(config, out)
+    assert "unfinished run trained by 2 processes; resume it with 2 (it has 1 now)" in err.value.message
+    (out / DONE_MARKER).write_text("{}")
+    assert check_out(config, out) is True  # a finished run is a result, whoever trained it

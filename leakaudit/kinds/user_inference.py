@@ -150,8 +150,8 @@ class UserInferenceResult(Result):
                                      fmt(c["auc_variant"]), fmt(c["delta"]), ci_text(c["ci"]),
                                      f"{c['n_users']} ({c['n_users_in']}/{c['n_users_out']})", c["verdict"]]
                                     for c in comparisons]})
-        note = ("Score per user: mean over the user's samples of log p_target(x) − log p_ref(x) (nats per token; "
-                "higher means \"in training\"); the table's AUC is at the headline m, and 0.5 is chance (an AUC "
+        note = ("Score per user: mean over the user's samples of log p_target(x) − log p_ref(x) (each the whole "
+                "sample's log-likelihood, in nats, so long samples weigh more; higher means \"in training\"); the table's AUC is at the headline m, and 0.5 is chance (an AUC "
                 "below 0.5 whose interval holds 0.5 is chance too). ρ: Spearman rank correlation over in-training users of the score with "
                 "the user's rows in the training file (n_train, before the fine-tune's own cap or dedup) and "
                 "with their mean token NLL under the reference (an outlier measure), 95% bootstrap CI. "

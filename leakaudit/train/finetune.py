@@ -319,7 +319,15 @@ def check_out(config: FinetuneConfig, out: Path) -> bool:
         if previous.get("fingerprint") != config.fingerprint():
             raise InputError("this output dir holds a run with different options; use a new --out",
                              file=out, field="--out")
-        return (out / DONE_MARKER).exists()
+        done = (out / DONE_MARKER).exists()
+        before, now = previous.get("processes"), world()[1]
+        if not done and before is not None and before != now:
+            # batch_size is per process: resumed with another count, the run went on with another step batch
+            # from a data position counted in the old one (81 steps instead of 42, epochs going backwards)
+            raise InputError(f"this output dir holds an unfinished run trained by {before} process"
+                             f"{'es' if before != 1 else ''}; resume it with {before} (it has {now} now) or use "
+                             "a new --out", file=out, field="--out")
+        return done
     if is_main() and out.exists() and any(out.iterdir()):
         raise InputError("output dir exists and is not a leakaudit fine-tuning run; use a new --out",
                          file=out, field="--out")
