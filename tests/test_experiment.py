@@ -615,6 +615,26 @@ def test_a_reused_fine_tune_of_a_fine_tune_reads_this_runs_base(tmp_path):
         json.loads(r)["loss"] for r in scores.splitlines()]
 
 
+def test_a_stage_computed_in_another_precision_is_not_cached_or_reused(tmp_path, monkeypatch):
+    """LEAKAUDIT_DTYPE (or the machine's default) was in no key: a run finished in bf16 stayed cached for a
+    rerun asked to compute in fp32 (another adapter, other numbers). The dataset step computes nothing."""
+    monkeypatch.setenv("LEAKAUDIT_DTYPE", "fp32")
+    run_experiment(parse_experiment(SMALL), tmp_path / "a", log=_quiet, report=False)
+    assert set(run_experiment(parse_experiment(SMALL), tmp_path / "a", log=_quiet, report=False).values()) == {
+        "cached"}
+    monkeypatch.setenv("LEAKAUDIT_DTYPE", "bf16")
+    logged: list[str] = []
+    reused = run_experiment(parse_experiment(SMALL), tmp_path / "b", log=logged.append, report=False,
+                            reuse=tmp_path / "a")
+    assert reused == {"data/emails": "reused", "finetune/real": "ran", "evaluate/mia/real": "ran",
+                      "evaluate/ppl/base": "ran"}
+    logged.clear()
+    again = run_experiment(parse_experiment(SMALL), tmp_path / "a", log=logged.append, report=False)
+    assert again == {"data/emails": "cached", "finetune/real": "ran", "evaluate/mia/real": "ran",
+                     "evaluate/ppl/base": "ran"}
+    assert any("finetune/real: it computed in float32 and this run computes in bfloat16" in x for x in logged)
+
+
 def test_recorded_paths_do_not_depend_on_the_working_directory(tmp_path, monkeypatch):
     """With a relative --out, the stages recorded the fine-tuned model as `rel/finetune/...`: relative to
     wherever the run was started, so summary.json named a path that did not exist from anywhere else. run.json

@@ -115,6 +115,7 @@ def run_plan(plan: Plan, out: Path, *, log: Callable[[str], None] = print,
             seconds = round(time.perf_counter() - t0, 2)
             finished[stage.id] = uuid.uuid4().hex
             write_json(sdir / "stage.json", {"id": stage.id, "kind": stage.kind, "key": stage.key,
+                                              "precision": default_precision(stage),
                                               "params": stage.params, "deps": stage.deps, "seconds": seconds,
                                               "result": result, "outputs": output_manifest(sdir),
                                               "done_id": finished[stage.id],
@@ -168,17 +169,19 @@ def _settle(i: int, n: int, stage: Stage, sdir: Path, out: Path, results: dict[s
     done = is_done(sdir, stage.key)
     if done is not None:
         stale = changed_output(sdir, done) or _redone_input(stage.deps, done, finished)
+        stale = f"{stale} after the stage finished" if stale else _other_precision(stage, done)
         if stale is None:
             results[stage.id] = done["result"]
             finished[stage.id] = done.get("done_id")
             status[stage.id] = "cached"
             log(f"[{i}/{n}] {stage.id}: cached")
             return "cached"
-        log(f"[{i}/{n}] {stage.id}: {stale} after the stage finished; running it again")
+        log(f"[{i}/{n}] {stage.id}: {stale}; running it again")
         remove_stale(out, sdir)
         if after_stage is not None:
             after_stage(status)  # run.json no longer lists its old result (the report must not read it)
-    if reuse is not None:
+    theirs = is_done(Path(reuse) / stage.folder, stage.key) if reuse is not None else None
+    if theirs is not None and _other_precision(stage, theirs) is None:  # never a stage computed in another dtype
         done = reuse_stage(Path(reuse), stage.folder, stage.key, out, sdir)
         if done is not None:
             results[stage.id] = done["result"]
@@ -192,6 +195,27 @@ def _settle(i: int, n: int, stage: Stage, sdir: Path, out: Path, results: dict[s
     sdir.mkdir(parents=True, exist_ok=True)
     keyfile.write_text(stage.key)
     return "run"
+
+
+def default_precision(stage: Stage) -> str | None:
+    """The dtype a stage's models compute in by default (LEAKAUDIT_DTYPE, else what the hardware runs fast);
+    None for a dataset step, which computes nothing. Recorded with each finish: it is not in the keys (a
+    machine's default would rerun every run moved to another machine), and a stage finished in bf16 would
+    otherwise stay cached for a run asked to compute in fp32."""
+    if stage.kind == "dataset":
+        return None
+    from leakaudit.models.dtype import resolve_device, resolve_dtype
+
+    return str(resolve_dtype(None, resolve_device(None))).removeprefix("torch.")
+
+
+def _other_precision(stage: Stage, done: dict[str, Any]) -> str | None:
+    """Why a finished stage is stale: it computed in another default precision than this run's (records from
+    before precision was recorded are not compared)."""
+    then, now = done.get("precision"), default_precision(stage)
+    if then is None or now is None or then == now:
+        return None
+    return f"it computed in {then} and this run computes in {now} (LEAKAUDIT_DTYPE or this machine's default)"
 
 
 def _finished(sdir: Path, stage: Stage) -> dict[str, Any]:
