@@ -12,6 +12,7 @@ from typer.testing import CliRunner
 from leakaudit import resources
 from leakaudit.cli import app, main
 from leakaudit.data.pii_find import (
+    NAME_RE,
     NameFinder,
     find_emails,
     find_phones,
@@ -182,3 +183,68 @@ def test_replace_pii_command(tmp_path, monkeypatch, capsys):
         main()
     assert exit_info.value.code == 2
     assert capsys.readouterr().err.strip() == f"error: {bad}:2: field 'text': missing or not a string"
+
+
+# A name of ASCII letters and its twin written with accents or in another script: the header forms of
+# names_from_headers held only ASCII names, so "From: Émile Dubois <...>" kept its name through replace-pii,
+# --scrub-pii and the report's masking while "From: Emile Dubois <...>" lost it.
+TWINS = [("Emile Dubois", "Émile Dubois"), ("Jose Garcia", "José García"), ("Zoe Olberg", "Zoë Ølberg"),
+         ("Lukasz Zolw", "Łukasz Żółw"), ("Dmitry Ivanov", "Дмитрий Иванов"), ("Eleni Papadaki", "Ελένη Παπαδάκη"),
+         ("Emile Dubois", "E\u0301mile Dubois")]  # the last one decomposed: E and a combining acute accent
+
+
+def _headers(name: str) -> str:
+    """One person named in every header form names_from_headers reads."""
+    first, last = name.split()
+    return (f"From: {name} <boss@acme.org>\nTo: {last}, {first} <boss@acme.org>; {name}/HOU/ECT@ECT\n"
+            f"Cc: boss@acme.org ({name}), \"{name}\" [mailto:boss@acme.org]\nX-To: {name} (E-mail)\n")
+
+
+@pytest.mark.parametrize("ascii_name,name", TWINS)
+def test_non_ascii_names_are_read_from_headers_like_their_ascii_twins(ascii_name, name):
+    assert names_from_headers(_headers(ascii_name)) == [ascii_name] * 6
+    assert names_from_headers(_headers(name)) == [name] * 6
+    assert NAME_RE.match(name)
+
+
+@pytest.mark.parametrize("ascii_name,name", TWINS)
+def test_non_ascii_names_are_replaced_and_masked_like_their_ascii_twins(ascii_name, name):
+    def mail(n: str) -> str:
+        return f"{_headers(n)}\nHi {n}, {n.upper()} wrote to {n.split()[1]}, {n.split()[0]}; ask {n}@ENRON."
+
+    counts = {}
+    for n in (ascii_name, name):
+        r = PiiReplacer(names_from_headers(mail(n)), seed=0)
+        out, counts[n] = r.replace(mail(n))
+        assert n not in out and n.upper() not in out and n.split()[1] not in out, out
+        masked = mask_pii(mail(n), names_from_headers(mail(n)))
+        assert n not in masked and n.upper() not in masked and masked.count(mask_name(n)) == 8, masked
+    assert counts[name] == counts[ascii_name] == {"email": 4, "name": 10}
+
+
+@pytest.mark.parametrize("ascii_text,text", [
+    ("To: emile dubois <e@acme.org>\n", "To: émile dubois <e@acme.org>\n"),  # lower case: no name
+    ("To: Under 2000, Emile dubois\n", "To: Über 2000, Émile ølberg\n"),
+    ("To: dubois, emile <e@acme.org>\n", "To: dubois, émile <e@acme.org>\n"),
+    ("To: Dubois, emile <e@acme.org>\n", "To: Dubois, émile <e@acme.org>\n"),
+    ("To: wang wei <w@acme.cn>\n", "To: 王 伟 <w@acme.cn>\n"),  # a script without case has no capital to go by
+    ("To: _Emile Dubois, Emile Dubois2\n", "To: _Émile Dubois, Émile Dubois\u0662\n"),  # an Arabic-Indic digit
+    ("To: Emile Dubois2, 12 Dubois\n", "To: Émile Dubois\u00b2, \u216b Dubois\n"),  # superscript two, Roman twelve
+    ("To: @bc Dubois\n", "To: \u24b6bc Dubois\n"),  # a circled A is upper case but no letter
+    ("From: Emile Dubois Corp <e@acme.org>\n", "From: Émile Dubois Corp <e@acme.org>\n"),
+])
+def test_non_ascii_words_that_are_no_names_are_left_alone_like_their_ascii_twins(ascii_text, text):
+    assert names_from_headers(ascii_text) == [] == names_from_headers(text)
+    assert PiiReplacer(names_from_headers(text), seed=0).replace(text)[1].get("name", 0) == 0
+
+
+def test_replace_pii_command_replaces_non_ascii_header_names(tmp_path):
+    src, out = tmp_path / "mails.jsonl", tmp_path / "replaced.jsonl"
+    src.write_text(json.dumps({"text": "From: Émile Dubois <edubois@acme.org>\nHi all. Émile Dubois"}) + "\n"
+                   + json.dumps({"text": "From: Emile Dubois <edubois2@acme.org>\nHi all. Emile Dubois"}) + "\n",
+                   encoding="utf-8")
+    res = CliRunner().invoke(app, ["generate", "replace-pii", "--data", str(src), "--out", str(out)])
+    assert res.exit_code == 0, res.output
+    rows = [json.loads(line) for line in out.read_text(encoding="utf-8").splitlines()]
+    assert [r["pii_replaced"] for r in rows] == [{"email": 1, "name": 2, "phone": 0}] * 2
+    assert not any("Dubois" in r["text"] for r in rows), rows

@@ -19,6 +19,7 @@ from __future__ import annotations
 import functools
 import json
 import re
+import sys
 from collections.abc import Collection, Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -56,8 +57,11 @@ _LINE = re.compile(r"[^\n]+")
 # Header lines that name people; X-* headers carry display names ("Karen Arnold <klarnold@flash.net>").
 HEADER_RE = re.compile(r"^(?:X-)?(?:From|To|Cc|Bcc|X-cc|X-bcc):[ \t]*(.*(?:\n[ \t]+.*)*)",
                        re.IGNORECASE | re.MULTILINE)
-NAME_WORD = r"[A-Z][a-zA-Z'\-]*\.?"
-NAME_RE = re.compile(rf"^{NAME_WORD}(?: {NAME_WORD}){{1,3}}$")
+# A name's words: an upper- or title-case letter of any script ("Émile", "Ølberg", "Дмитрий", "Ελένη"), then
+# letters (combining accents too: "E\u0301mile" as typed decomposed), apostrophes or hyphens, maybe an initial's
+# dot. Python's re has no \p{Lu}, so the two letter classes are built from str.isalpha/isupper on first use
+# (0.1 s, not paid by processes that never read a header): `NAME_WORD` and `NAME_RE` (a match is a name's shape,
+# 2 to 4 words) are made then; for ASCII text they are the old [A-Z][a-zA-Z'-]*.?, word for word.
 NOT_NAMES = {"Enron", "Corp", "Inc", "Team", "Group", "Mail", "Delivery", "Subsystem", "Announcements",
              "Administrator", "Center", "Committee", "Department", "Services", "Support", "Desk", "List",
              "Fax", "Office", "Legal"}  # header comments such as "713-853-1234 (Business Fax)"
@@ -136,22 +140,69 @@ def phone_digits(phone: str) -> str:
 
 # where an entry's address goes: "<addr>" or Outlook's "[mailto:addr]" (its forwarded-message header)
 _ENTRY_ADDRESS = r"(?:<[^>]*>|\[mailto:[^\]]*\])"
-# ", Jr." / ", III" after a name is its suffix, not a first name ("Gilbert R. Whitaker, Jr. [mailto:...]")
-_LAST_FIRST_ENTRY = re.compile(rf"(?<![\w'-])([A-Z][\w'-]+), (?!(?:Jr|Sr|II|III|IV)\b)"
-                               rf"([A-Z][\w'.-]*(?: [A-Z][\w'.-]*)?)\s*{_ENTRY_ADDRESS}")
+
+
+@functools.cache
+def _name_letters() -> tuple[str, str]:
+    """The bodies of two regex classes: the letters a name's word starts with (upper and title case, any script)
+    and the letters it goes on with (any letter)."""
+    def ranges(codes: list[int]) -> str:
+        runs: list[list[int]] = []
+        for c in codes:
+            if runs and runs[-1][1] == c - 1:
+                runs[-1][1] = c
+            else:
+                runs.append([c, c])
+        return "".join(chr(a) if a == b else f"{chr(a)}-{chr(b)}" for a, b in runs)  # letters need no escape
+
+    letters = [c for c in range(sys.maxunicode + 1) if chr(c).isalpha()]
+    return ranges([c for c in letters if chr(c).isupper() or chr(c).istitle()]), ranges(letters)
+
+
+# combining accents (not \w to re), which a name typed decomposed holds: "E\u0301mile"
+_MARKS = r"\u0300-\u036f"
+
+
+def _name_word() -> str:
+    upper, letter = _name_letters()
+    return rf"[{upper}][{letter}{_MARKS}'\-]*\.?"
+
+
+@functools.cache
+def _name_re() -> re.Pattern:
+    return re.compile(rf"^{_name_word()}(?: {_name_word()}){{1,3}}$")
+
+
+@functools.cache
+def _last_first_entry() -> re.Pattern:
+    """Outlook's "Quinlan, Zed <address>": the last name and the first name(s). ", Jr." / ", III" after a name
+    is its suffix, not a first name ("Gilbert R. Whitaker, Jr. [mailto:...]")."""
+    upper = _name_letters()[0]
+    return re.compile(rf"(?<![\w{_MARKS}'-])([{upper}][\w{_MARKS}'-]+), (?!(?:Jr|Sr|II|III|IV)\b)"
+                      rf"([{upper}][\w{_MARKS}'.-]*(?: [{upper}][\w{_MARKS}'.-]*)?)\s*{_ENTRY_ADDRESS}")
+
+
+def __getattr__(name: str) -> Any:
+    """`NAME_WORD` and `NAME_RE`, built on first use (see their comment at the top)."""
+    if name == "NAME_WORD":
+        return _name_word()
+    if name == "NAME_RE":
+        return _name_re()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def names_from_headers(text: str) -> list[str]:
     """Personal names in e-mail header fields ("X-From: Karen Arnold <...>", "X-To: A Smith, B Jones",
     "From: Karen Arnold [mailto:...]")."""
     names: list[str] = []
+    name_re, last_first = _name_re(), _last_first_entry()
     for m in HEADER_RE.finditer(text):
         # Outlook's "Quinlan, Zed <...>": a comma inside one entry, told apart from a list by the address after it
-        for last, first in _LAST_FIRST_ENTRY.findall(m.group(1)):
+        for last, first in last_first.findall(m.group(1)):
             cand = f"{first} {last}"
-            if NAME_RE.match(cand) and not (set(cand.replace(".", "").split()) & NOT_NAMES):
+            if name_re.match(cand) and not (set(cand.replace(".", "").split()) & NOT_NAMES):
                 names.append(cand)
-        value = _LAST_FIRST_ENTRY.sub(",", m.group(1))
+        value = last_first.sub(",", m.group(1))
         # drop <address> and [mailto:address] parts; a parenthesis is its own entry: "addr (John Doe)" names
         # John Doe, Outlook's "Bob Smith (E-mail)" leaves the one word "E-mail", no name
         value = re.sub(_ENTRY_ADDRESS, ",", value).replace("(", ",").replace(")", ",")
@@ -159,7 +210,7 @@ def names_from_headers(text: str) -> list[str]:
         for part in re.split(r"[,;\n]", value):
             part = part.split("/", 1)[0]  # Lotus Notes: "Karen Arnold/HOU/ECT@ECT" names Karen Arnold
             cand = " ".join(part.replace('"', " ").replace("'", " ").split())
-            if NAME_RE.match(cand) and not (set(cand.replace(".", "").split()) & NOT_NAMES):
+            if name_re.match(cand) and not (set(cand.replace(".", "").split()) & NOT_NAMES):
                 names.append(cand)
     return names
 
