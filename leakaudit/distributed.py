@@ -66,12 +66,26 @@ def _wait_group() -> Any:
     return _waiting
 
 
+@contextmanager
+def _peer_guard() -> Iterator[None]:
+    """A process other than rank 0 waiting on rank 0 when rank 0 stops (it failed on bad input and printed the
+    one error line, or was interrupted): the collective raises (gloo: "Connection closed by peer"), and the
+    traceback buried rank 0's line under 45 more. This process ends quietly with exit status 1 instead."""
+    try:
+        yield
+    except RuntimeError:
+        if world()[0] == 0:
+            raise
+        raise SystemExit(1) from None
+
+
 def barrier() -> None:
     """Wait for every process (no-op with one process), as long as rank 0 takes (`WAIT`)."""
     if world()[1] > 1:
         import torch.distributed as dist
 
-        dist.barrier(group=_wait_group())
+        with _peer_guard():
+            dist.barrier(group=_wait_group())
 
 
 def broadcast_int(value: int) -> int:
@@ -82,7 +96,8 @@ def broadcast_int(value: int) -> int:
     import torch.distributed as dist
 
     t = torch.tensor([value], dtype=torch.int64)
-    dist.broadcast(t, src=0, group=_wait_group())
+    with _peer_guard():
+        dist.broadcast(t, src=0, group=_wait_group())
     return int(t.item())
 
 

@@ -263,3 +263,18 @@ def test_a_bad_experiment_file_fails_before_torch_loads(tmp_path):
     proc = subprocess.run([sys.executable, "-c", code, str(bad), str(tmp_path / "out")], capture_output=True,
                           text=True, timeout=120, cwd=tmp_path)
     assert "nonsense" in proc.stderr and proc.stdout.split() == ["exit", "2", "False"], (proc.stdout, proc.stderr)
+
+
+def test_a_stage_rank_0_runs_alone_failing_ends_the_others_quietly(tmp_path):
+    """Rank 0 failed a stage it runs alone (sampling with more new tokens than the window) and printed its one
+    line; rank 1, waiting at the barrier, printed a 45-line gloo traceback ("Connection closed by peer")."""
+    exp = tmp_path / "exp.yaml"
+    exp.write_text("name: late\nmodels: {base: tiny-gpt-neox}\n"
+                   "datasets: {emails: {builtin: enron-synthetic, limit: 8, max_chars: 200}}\n"
+                   "evaluate:\n  pii:\n    kind: pii\n    targets: [base]\n"
+                   "    options: {templates: A, temperatures: [1.0], n_targets: 2, max_new_tokens: 300}\n")
+    proc = _launch(tmp_path, "run", str(exp), "--out", str(tmp_path / "out"))
+    assert proc.returncode != 0
+    errors = [line for line in proc.stderr.splitlines() if line.startswith(("error: ", "[rank"))]
+    assert len(errors) == 1 and errors[0].startswith("error: ") and "max_new_tokens" in errors[0], proc.stderr[-3000:]
+    assert "Connection closed" not in proc.stderr and "RuntimeError" not in proc.stderr, proc.stderr[-3000:]
