@@ -278,3 +278,25 @@ def test_a_stage_rank_0_runs_alone_failing_ends_the_others_quietly(tmp_path):
     errors = [line for line in proc.stderr.splitlines() if line.startswith(("error: ", "[rank"))]
     assert len(errors) == 1 and errors[0].startswith("error: ") and "max_new_tokens" in errors[0], proc.stderr[-3000:]
     assert "Connection closed" not in proc.stderr and "RuntimeError" not in proc.stderr, proc.stderr[-3000:]
+
+
+def test_a_command_that_does_not_run_data_parallel_runs_once_under_a_launcher(tmp_path):
+    """`leakaudit pii` under torchrun: every process sampled everything, printed every line and appended to the
+    same resumable sample file (each sample twice). Rank 0 runs it alone now; the others stop."""
+    out = tmp_path / "pii"
+    proc = _launch(tmp_path, "pii", "--model", "tiny-gpt-neox", "--out", str(out), "--templates", "A",
+                   "--temperatures", "1.0", "--n-targets", "3", "--max-new-tokens", "4", "--show-pii")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stderr.count("runs in one process: rank 0 does it alone") == 1, proc.stderr[-3000:]
+    samples = [row for f in sorted((out / ".samples").glob("*.jsonl")) for row in _rows(f)]
+    assert len(samples) == 3, len(samples)  # 3 targets x 1 template x 1 temperature, once
+
+
+def test_a_launched_finetune_prints_its_output_dir_once(tmp_path):
+    data = tmp_path / "d.jsonl"
+    data.write_text("".join(json.dumps({"text": f"line {i} of the training data"}) + "\n" for i in range(8)))
+    out = tmp_path / "ft"
+    proc = _launch(tmp_path, "finetune", "--model", "tiny-gpt-neox", "--data", str(data), "--method", "lora",
+                   "--epochs", "1", "--batch-size", "2", "--gradient-accumulation", "1", "--out", str(out))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.splitlines().count(str(out)) == 1, proc.stdout

@@ -8,6 +8,8 @@ import signal
 import sys
 import threading
 import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import typer
 
@@ -59,14 +61,41 @@ def main() -> None:
     Ctrl-C and SIGTERM stop in order and say that what finished is kept."""
     global _terminated
     _terminated = False  # called in-process again (tests, a notebook): an earlier SIGTERM is not this one's
-    if threading.current_thread() is not threading.main_thread():  # signals reach the main thread only
-        _main()
+    with _one_process():
+        if threading.current_thread() is not threading.main_thread():  # signals reach the main thread only
+            _main()
+            return
+        previous = signal.signal(signal.SIGTERM, _on_sigterm)
+        try:
+            _main()
+        finally:
+            signal.signal(signal.SIGTERM, previous)  # called in-process (tests, a notebook): the caller's again
+
+
+#: commands that do not run data-parallel (sampling, generation, merging): under a launcher rank 0 runs them
+#: alone; every process did all the work, printed every line and appended to the same resumable sample file
+ONE_PROCESS = ("pii", "generate", "audit-data", "merge", "model-info", "backdoor extract", "backdoor identify",
+               "backdoor detect")
+
+
+@contextmanager
+def _one_process() -> Iterator[None]:
+    """Under a launcher, a command of ONE_PROCESS runs on rank 0 as if alone; the other processes stop at once
+    (exit 0) and rank 0 says so."""
+    from leakaudit.distributed import alone, world
+
+    words = [a for a in sys.argv[1:] if not a.startswith("-")][:2]
+    command = next((c for c in (" ".join(words), words[0] if words else "") if c in ONE_PROCESS), None)
+    rank, size = world()
+    if size == 1 or command is None:
+        yield
         return
-    previous = signal.signal(signal.SIGTERM, _on_sigterm)
-    try:
-        _main()
-    finally:
-        signal.signal(signal.SIGTERM, previous)  # called in-process (tests, a notebook): the caller's again
+    if rank != 0:
+        sys.exit(0)
+    print(f"note: `leakaudit {command}` runs in one process: rank 0 does it alone, the other {size - 1} "
+          f"process{'es' if size > 2 else ''} stopped", file=sys.stderr)
+    with alone():
+        yield
 
 
 def _main() -> None:

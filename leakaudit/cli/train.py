@@ -85,7 +85,10 @@ def register(app: typer.Typer) -> None:
         prepare_output(out, command="finetune", files=("finetune_config.json",), marker=False,
                        inputs={"--data": data, "--model": model_path(model)})
         path = run(config, progress=progress)
-        typer.echo(str(path))
+        from leakaudit.distributed import is_main
+
+        if is_main():  # under a launcher every process trained it; rank 0 says where it is
+            typer.echo(str(path))
 
     @app.command()
     def merge(
