@@ -635,6 +635,20 @@ def test_a_stage_computed_in_another_precision_is_not_cached_or_reused(tmp_path,
     assert any("finetune/real: it computed in float32 and this run computes in bfloat16" in x for x in logged)
 
 
+def test_a_stage_reused_onto_this_runs_own_inputs_stays_cached(tmp_path):
+    """A fine-tune reused from another run recorded that run's finish of its data step; here the data step
+    was this run's own (the same files), so the next plain rerun took it for a redone input and ran the
+    fine-tune and everything after it again."""
+    cfg = yaml.safe_load(SMALL)
+    run_experiment(parse_experiment(SMALL), tmp_path / "s0", log=_quiet, report=False)
+    cfg["finetune"]["real"]["options"]["learning_rate"] = 0.002
+    run_experiment(parse_experiment(yaml.safe_dump(cfg, sort_keys=False)), tmp_path / "s1", log=_quiet, report=False)
+    status = run_experiment(parse_experiment(SMALL), tmp_path / "s1", log=_quiet, report=False, reuse=tmp_path / "s0")
+    assert status["data/emails"] == "cached" and status["finetune/real"] == "reused"
+    again = run_experiment(parse_experiment(SMALL), tmp_path / "s1", log=_quiet, report=False)
+    assert set(again.values()) == {"cached"}, again
+
+
 def test_recorded_paths_do_not_depend_on_the_working_directory(tmp_path, monkeypatch):
     """With a relative --out, the stages recorded the fine-tuned model as `rel/finetune/...`: relative to
     wherever the run was started, so summary.json named a path that did not exist from anywhere else. run.json

@@ -92,7 +92,7 @@ def run_plan(plan: Plan, out: Path, *, log: Callable[[str], None] = print,
     n = len(plan.stages)
     for i, stage in enumerate(plan.stages.values(), start=1):
         sdir = stage_dir(out, stage)
-        how = _settle(i, n, stage, sdir, out, results, finished, status, log, after_stage, reuse) if main else ""
+        how = _settle(i, n, plan, stage, sdir, out, results, finished, status, log, after_stage, reuse) if main else ""
         if how in ("cached", "reused"):
             _rebase_adapters(plan, stage, sdir, out, results)
         if distributed.broadcast_int(int(how == "run")) == 0:  # cached or reused, as rank 0 found it
@@ -161,7 +161,7 @@ def _quiet(message: str) -> None:
     """The log of a process other than rank 0."""
 
 
-def _settle(i: int, n: int, stage: Stage, sdir: Path, out: Path, results: dict[str, dict[str, Any]],
+def _settle(i: int, n: int, plan: Plan, stage: Stage, sdir: Path, out: Path, results: dict[str, dict[str, Any]],
             finished: dict[str, str | None], status: dict[str, str], log: Callable[[str], None],
             after_stage: Callable[[dict[str, str]], None] | None, reuse: Path | None) -> str:
     """'cached' (finished with its key, outputs intact, inputs the ones it read), 'reused' (copied from
@@ -181,9 +181,15 @@ def _settle(i: int, n: int, stage: Stage, sdir: Path, out: Path, results: dict[s
         if after_stage is not None:
             after_stage(status)  # run.json no longer lists its old result (the report must not read it)
     theirs = is_done(Path(reuse) / stage.folder, stage.key) if reuse is not None else None
-    if theirs is not None and _other_precision(stage, theirs) is None:  # never a stage computed in another dtype
+    if (theirs is not None and _other_precision(stage, theirs) is None  # never a stage computed in another dtype
+            and _read_the_same(plan, stage, theirs, Path(reuse), out, finished)):
         done = reuse_stage(Path(reuse), stage.folder, stage.key, out, sdir)
         if done is not None:
+            mine = {d: finished.get(d) for d in stage.deps}
+            if (done.get("inputs") or {}) != mine and done.get("inputs") is not None:
+                # this run's inputs, which hold what the other run's held: the next rerun finds it cached
+                done = {**done, "inputs": mine}
+                write_json(sdir / "stage.json", done)  # replaced, not written through the hard link
             results[stage.id] = done["result"]
             finished[stage.id] = done.get("done_id")
             status[stage.id] = "reused"
@@ -195,6 +201,23 @@ def _settle(i: int, n: int, stage: Stage, sdir: Path, out: Path, results: dict[s
     sdir.mkdir(parents=True, exist_ok=True)
     keyfile.write_text(stage.key)
     return "run"
+
+
+def _read_the_same(plan: Plan, stage: Stage, theirs: dict[str, Any], reuse: Path, out: Path,
+                   finished: dict[str, str | None]) -> bool:
+    """Whether the other run's stage read what this run's inputs hold: each input finished here as the one
+    it read (the same finish, e.g. reused from there too), or finished on its own with the same outputs (a
+    data step each run ran or cached). A reused stage recorded the other run's inputs, so the next plain rerun
+    took them for redone inputs and ran it again."""
+    for d in stage.deps:
+        then, now = (theirs.get("inputs") or {}).get(d), finished.get(d)
+        if then is None or now is None or then == now:
+            continue
+        dep = plan.stages[d]
+        mine, other = is_done(out / dep.folder, dep.key), is_done(reuse / dep.folder, dep.key)
+        if not (mine and other and mine.get("outputs") and mine.get("outputs") == other.get("outputs")):
+            return False
+    return True
 
 
 def default_precision(stage: Stage) -> str | None:
