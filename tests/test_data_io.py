@@ -119,6 +119,20 @@ def test_missing_user_field(tmp_path):
         load_records(tmp_path / "x.jsonl", user_field="user")
 
 
+def test_a_float_user_column_keeps_its_users_and_refuses_a_missing_one(tmp_path):
+    """A parquet integer user column with a missing value is read as floats: NaN became a user "nan" (counted
+    among the non-member users) and 3.0 a user other than 3."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    rows = [{"text": f"text {i}", "user": u} for i, u in enumerate([1.0, 3.0, 3.0])]
+    pq.write_table(pa.Table.from_pylist(rows), tmp_path / "u.parquet")
+    assert [r.user for r in load_records(tmp_path / "u.parquet", user_field="user")] == ["1", "3", "3"]
+    pq.write_table(pa.Table.from_pylist([*rows, {"text": "text 3", "user": float("nan")}]), tmp_path / "n.parquet")
+    with pytest.raises(InputError, match=r"n.parquet:4: field 'user': user is empty"):
+        load_records(tmp_path / "n.parquet", user_field="user")
+
+
 def test_cli_bad_input_is_one_line_exit_2(tmp_path):
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"text": "fine"}\n{"text": \n')

@@ -649,6 +649,13 @@ def test_a_second_run_on_an_output_dir_in_use_is_refused(tmp_path, monkeypatch, 
     (OSError(30, "Read-only file system", "/o/evaluate/m/base/stage.json"), 1,
      "error: /o/evaluate/m/base/stage.json: Read-only file system"),
     (KeyboardInterrupt(), 130, "interrupted: what finished is kept; rerun the same command to resume"),
+    # safetensors and sqlite say a full disk in their own exception types: 78 lines of traceback
+    (__import__("safetensors").SafetensorError("Error while serializing: IoError(Os { code: 28, kind: "
+                                               "StorageFull, message: \"No space left on device\" })"), 1,
+     "error: Error while serializing: IoError(Os { code: 28, kind: StorageFull, message: \"No space left on "
+     "device\" }) (the disk is full: free space and rerun the same command to resume)"),
+    (__import__("sqlite3").OperationalError("database or disk is full"), 1,
+     "error: database or disk is full (the disk is full: free space and rerun the same command to resume)"),
 ])
 def test_the_machine_failing_or_ctrl_c_is_one_line(raised, code, line, tmp_path, monkeypatch, capsys):
     """A folder the run cannot write (or Ctrl-C) mid-run printed a traceback (or nothing)."""

@@ -131,6 +131,14 @@ def _main() -> None:
 
         _say(f"error: {mask_message(exc.format_message())}")
         sys.exit(exc.exit_code)
+    except Exception as exc:
+        if not _full_disk(exc):  # anything else may be a bug: keep its traceback
+            raise
+        from leakaudit.data.pii_find import mask_message
+
+        _say(f"error: {mask_message(first_line(exc))} (the disk is full: free space and rerun the same command to "
+             "resume)")
+        sys.exit(1)
     from leakaudit.distributed import is_main
 
     if code == INTERRUPTED and _terminated:
@@ -138,6 +146,17 @@ def _main() -> None:
     if code in (INTERRUPTED, TERMINATED) and is_main():  # typer turns Ctrl-C into it, silently
         print("interrupted: what finished is kept; rerun the same command to resume", file=sys.stderr)
     sys.exit(code if isinstance(code, int) else 0)
+
+
+#: how libraries that are not Python's file API say the disk is full: safetensors ("No space left on device
+#: (os error 28)", a SafetensorError), sqlite ("database or disk is full", "disk I/O error")
+FULL_DISK = ("No space left on device", "os error 28", "database or disk is full", "disk I/O error")
+
+
+def _full_disk(exc: BaseException) -> bool:
+    """A full disk reported by a library as its own exception type (a traceback of 78 lines, where Python's
+    own OSError ENOSPC gets one)."""
+    return any(text in str(exc) for text in FULL_DISK)
 
 
 def _usage_line(exc) -> str:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import math
 import os
 import re
 import shutil
@@ -289,9 +290,11 @@ def load_records(
         user = None
         if user_field:
             u = _get(row, user_field, p, lineno)
-            if u is None or (isinstance(u, str) and not u.strip()):
+            if u is None or (isinstance(u, str) and not u.strip()) or (isinstance(u, float) and not math.isfinite(u)):
+                # a NaN (a float column's missing value in parquet or CSV) became the user "nan"
                 raise InputError("user is empty", file=p, line=lineno, field=user_field)
-            user = str(u)
+            # 3.0 is user 3: an integer column with a missing value is read as floats
+            user = str(int(u)) if isinstance(u, float) and u.is_integer() else str(u)
         extra = {k: v for k, v in row.items() if k not in {text_field, id_field, user_field}}
         records.append(Record(id=rid, text=text, user=user, line=lineno, extra=extra))
     return records
