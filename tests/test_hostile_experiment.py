@@ -749,3 +749,14 @@ def test_a_data_file_taken_whole_keeps_its_order_and_a_chosen_part_is_drawn(tmp_
     assert [r["text"] for r in read_jsonl(out / "data" / "whole" / "all.jsonl")] == [r["text"] for r in DATA_ROWS]
     drawn = [r["text"] for r in read_jsonl(out / "data" / "drawn" / "all.jsonl")]
     assert sorted(drawn) == sorted(r["text"] for r in DATA_ROWS) and drawn != [r["text"] for r in DATA_ROWS]
+
+
+def test_members_and_nonmembers_naming_the_same_data_are_refused_before_any_stage(tmp_path):
+    from leakaudit.config import load_experiment
+    from leakaudit.experiment import Plan, check_plan
+
+    cfg, _ = _setup(tmp_path, _experiment().replace('    nonmembers: "d.b"', '    nonmembers: "d.a"'))
+    with pytest.raises(InputError) as err:
+        check_plan(Plan(load_experiment(cfg)))
+    assert err.value.field == "evaluate.m.nonmembers" and err.value.line == 13
+    assert "names the same data as members" in err.value.message

@@ -39,6 +39,10 @@ def check_plan(plan: Plan, runs: tuple[Path | None, ...] = ()) -> None:
             elif stage.kind != "dataset":
                 _check_field_options(plan, stage, stage_options(stage))
                 _check_users(plan, stage)
+                if stage.params.get("members") is not None and stage.params.get("members") == stage.params.get(
+                        "nonmembers"):  # it ran the whole study to an AUC of 0.5 and a warning inside mia.json
+                    raise ConfigError((*stage.origin, "nonmembers"), "names the same data as members: an attack "
+                                      "cannot tell a set from itself")
         except ConfigError as exc:
             value = (stage.params.get("options") or {}).get(exc.loc[-1]) if exc.loc else None
             raise plan.exp.error(exc.loc, exc.message + _beside_file_hint(plan, value)) from None
