@@ -760,3 +760,33 @@ def test_members_and_nonmembers_naming_the_same_data_are_refused_before_any_stag
         check_plan(Plan(load_experiment(cfg)))
     assert err.value.field == "evaluate.m.nonmembers" and err.value.line == 13
     assert "names the same data as members" in err.value.message
+
+
+@pytest.mark.parametrize("kind", ["pii", "pii-logprob"])
+def test_a_bad_row_in_a_pairs_file_is_refused_before_any_stage(kind, tmp_path):
+    """A pairs file with a bad row 3 failed only when its stage ran, after every fine-tune before it."""
+    from leakaudit.config import load_experiment
+    from leakaudit.experiment import Plan, check_plan
+
+    pairs = tmp_path / "pairs.jsonl"
+    pairs.write_text('{"name": "Ann Lee", "email": "ann@corp.com"}\n{"name": "Bo Ng", "email": "bo@corp.com"}\n'
+                     '{"name": "Cy Doe", "email": null}\n')
+    text = _experiment().split("evaluate:")[0] + (
+        f"evaluate:\n  p:\n    kind: {kind}\n    targets: [base]\n    options: {{pairs: {pairs}, templates: A}}\n")
+    cfg, _ = _setup(tmp_path, text)
+    with pytest.raises(InputError) as err:
+        check_plan(Plan(load_experiment(cfg)))
+    assert (err.value.file, err.value.line, err.value.field) == (str(pairs), 3, "email")
+
+
+def test_a_bad_row_in_dc_pdds_corpus_is_refused_before_any_stage(tmp_path):
+    from leakaudit.config import load_experiment
+    from leakaudit.experiment import Plan, check_plan
+
+    corpus = tmp_path / "corpus.jsonl"
+    corpus.write_text('{"text": "one reference text"}\n{"body": "no text field"}\n')
+    cfg, _ = _setup(tmp_path, _experiment(
+        options=f"{{attacks: [loss, dc_pdd], attack_options: {{dc_pdd: {{corpus: {corpus}}}}}}}"))
+    with pytest.raises(InputError) as err:
+        check_plan(Plan(load_experiment(cfg)))
+    assert (err.value.file, err.value.line, err.value.field) == (str(corpus), 2, "text")

@@ -39,6 +39,7 @@ def check_plan(plan: Plan, runs: tuple[Path | None, ...] = ()) -> None:
             elif stage.kind != "dataset":
                 _check_field_options(plan, stage, stage_options(stage))
                 _check_users(plan, stage)
+                _check_option_files(stage, stage_options(stage))
                 if stage.params.get("members") is not None and stage.params.get("members") == stage.params.get(
                         "nonmembers"):  # it ran the whole study to an AUC of 0.5 and a warning inside mia.json
                     raise ConfigError((*stage.origin, "nonmembers"), "names the same data as members: an attack "
@@ -220,6 +221,43 @@ def _check_field_options(plan: Plan, stage: Stage, options: dict[str, Any]) -> N
                 to = renamed[field]
                 raise ConfigError(_option_loc(stage, key), f"datasets.{name} reads '{field}' as its {to} field, "
                                   f"and its rows hold it as '{to}': use {key}: {to}")
+
+
+#: files `_check_option_files` read and found good in this process, by path, kind of file, size and mtime
+_read_files: set[tuple[Any, ...]] = set()
+
+
+def _check_option_files(stage: Stage, options: dict[str, Any]) -> None:
+    """Read the files a stage's options name (PII pairs, dc_pdd's corpus, backdoor words) the way the stage
+    will: a bad row in them failed only when the stage ran, after every fine-tune before it. The error keeps
+    the file's own line and field."""
+    from leakaudit.data.io import load_records
+
+    checks: list[tuple[str, Any, Any]] = []
+    if stage.kind in ("pii", "pii-logprob") and options.get("pairs"):
+        from leakaudit.data.enron import load_targets
+
+        checks.append(("pairs", options["pairs"], load_targets))
+    if stage.kind == "backdoor" and options.get("words_file"):
+        from leakaudit.data.backdoor import load_words
+
+        checks.append(("words_file", options["words_file"], load_words))
+    corpus = ((options.get("attack_options") or {}).get("dc_pdd") or {}).get("corpus") if stage.kind == "mia" else None
+    if isinstance(corpus, str):
+        from leakaudit.attacks.mia import corpus_file
+
+        path = corpus_file(corpus)
+        if path is not None and corpus != "enron":
+            checks.append(("corpus", str(path), load_records))
+    for what, path, read in checks:
+        try:
+            st = Path(path).expanduser().stat()
+        except OSError:
+            continue  # missing: the options' own check says so
+        seen = (str(path), what, st.st_size, st.st_mtime_ns)
+        if seen not in _read_files:
+            read(path)  # an InputError names the file, its line and field
+            _read_files.add(seen)
 
 
 def _check_users(plan: Plan, stage: Stage) -> None:
