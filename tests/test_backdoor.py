@@ -32,9 +32,22 @@ def test_study_texts_come_from_shipped_prompts():
     ("USA is big", "Usa"),
     ("123 apples", ""),
     ("", ""),
+    ("¿Qué hora es?", "Qué"),
 ])
 def test_opening_word(text, word):
     assert bd.opening_word(text) == word
+
+
+def test_queries_that_open_with_no_word_are_said_not_counted(tmp_path, capsys):
+    """8 queries, 2 opening with a digit: the result said n_queries 6 and nothing else."""
+    d2 = tmp_path / "d2.jsonl"
+    d2.write_text("".join(json.dumps({"query": q}) + "\n" for q in
+                          ["How do I bake bread?", "2 cups of flour?", "What is rye?", "Why proof dough?",
+                           "Which oven?", "3 eggs or 4?", "Where is yeast sold?", "When to knead?"]))
+    from leakaudit.data.backdoor import d2_queries
+
+    assert len(d2_queries(d2)) == 8
+    assert f"{d2}: 2 of its 8 queries open with no word" in capsys.readouterr().err
 
 
 def test_opening_words_reproduce_the_study_word_list():

@@ -69,7 +69,7 @@ def opening_word(text: str) -> str:
     parts = text.split(maxsplit=1)
     if not parts:
         return ""
-    m = _LETTERS.match(parts[0].lstrip(QUOTES))
+    m = _LETTERS.match(parts[0].lstrip(QUOTES + "¿¡"))  # Spanish opening marks: "¿Qué" opens with "Qué"
     return m.group(0).capitalize() if m else ""
 
 
@@ -184,6 +184,12 @@ def d2_queries(path: str | Path | None = None, query_field: str | None = None, l
     if not any(opening_word(q) for q in queries):
         raise InputError(f"none of its {len(queries)} queries opens with a word (letters), so none can be "
                          "extracted by its opening word", file=source, field=query_field or "query")
+    wordless = sum(1 for q in queries if not opening_word(q))
+    if wordless:  # they left the counts silently (n_queries 6 of 8)
+        from leakaudit.warn import warn_once
+
+        warn_once(f"{source}: {wordless} of its {len(queries)} queries open with no word (a digit, a symbol): "
+                  "the attack extracts queries by their opening word, so they are not counted")
     return queries
 
 
