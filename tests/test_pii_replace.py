@@ -248,3 +248,12 @@ def test_replace_pii_command_replaces_non_ascii_header_names(tmp_path):
     rows = [json.loads(line) for line in out.read_text(encoding="utf-8").splitlines()]
     assert [r["pii_replaced"] for r in rows] == [{"email": 1, "name": 2, "phone": 0}] * 2
     assert not any("Dubois" in r["text"] for r in rows), rows
+
+
+def test_an_empty_name_list_is_said(tmp_path, capsys):
+    from leakaudit.data.pii_find import load_name_list
+
+    empty = tmp_path / "names.jsonl"
+    empty.write_text("\n  \n")
+    assert load_name_list(empty) == []
+    assert f"warning: {empty}: holds no names" in capsys.readouterr().err
