@@ -470,7 +470,7 @@ def _check_engine(config: FinetuneConfig) -> None:
                          "with --fsdp, or DDP for PiSSA", field="--fsdp")
     if config.fsdp and resolve_device(config.device).type != "cuda":
         raise InputError("FSDP shards over GPUs and accelerate runs it on accelerators only; on CPU scale out "
-                         "with DDP instead (torchrun --nproc-per-node N leakaudit finetune ...)", field="--fsdp")
+                         "with DDP instead (torchrun --nproc-per-node N -m leakaudit finetune ...)", field="--fsdp")
 
 
 def _use_bf16(config: FinetuneConfig, device: torch.device) -> bool:
