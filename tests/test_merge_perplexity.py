@@ -145,3 +145,12 @@ def test_merge_reruns_into_its_own_out_and_a_missing_target_names_its_flag(data,
     code, err = run("mia", "--target", tmp_path / "no-such-model", "--members", tmp_path / "m.jsonl",
                     "--nonmembers", tmp_path / "n.jsonl", "--out", tmp_path / "o", "--no-cache")
     assert code == 2 and "field '--target'" in err, err
+
+
+def test_a_perplexity_model_that_cannot_load_names_its_own_flag(data, tmp_path, monkeypatch, capsys):
+    """The error named `--target`, an option perplexity does not have."""
+    empty = tmp_path / "empty_model"
+    empty.mkdir()
+    code, err = run_main(["perplexity", "--model", empty, "--data", data, "--out", tmp_path / "p"], monkeypatch,
+                         capsys)
+    assert code == 2 and "field '--model'" in err and "--target" not in err, err

@@ -133,7 +133,7 @@ def register(app: typer.Typer) -> None:
                 raise InputError("no model or checkpoint found in this dir", file=model, field="--model")
             target, checkpoints = str(dirs[-1]), [str(d) for d in dirs[:-1]]
         ctx = KindContext(out=Path(out), data={"data": Path(data)}, data_fields={"data": {"text_field": text_field}},
-                          models={"target": target}, checkpoints=checkpoints,
+                          models={"target": target}, model_flags={"target": "--model"}, checkpoints=checkpoints,
                           cache=ModelCache(keep=1, device=device, dtype=dtype))
         res = kind.run(ctx, options).to_json()
         if not is_main():  # under a launcher every process has the result; rank 0 prints it

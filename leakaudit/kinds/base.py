@@ -164,6 +164,8 @@ class KindContext:
     #: where each file the kind writes goes, by its usual name ("data.jsonl" -> the CLI's --out); a name not
     #: here goes to `out / name`, a name mapped to None is not written (an optional CLI output not asked for)
     outputs: dict[str, Path | None] = field(default_factory=dict)
+    #: role -> the option a command names it by where that is not `--ROLE` (perplexity's target is `--model`)
+    model_flags: dict[str, str] = field(default_factory=dict)
 
     def output_file(self, name: str) -> Path | None:
         """Where to write the file the kind calls `name` (None: the caller does not want it)."""
@@ -183,7 +185,7 @@ class KindContext:
             return self.cache.get(self.models.get(role))
         except InputError as exc:
             if exc.field == "--model":
-                exc.field = f"--{role}"
+                exc.field = self.model_flags.get(role, f"--{role}")
             raise
 
     def records(self, role: str = "data", **defaults: Any) -> list[Any]:
