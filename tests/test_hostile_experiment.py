@@ -670,7 +670,7 @@ def test_the_machine_failing_or_ctrl_c_is_one_line(raised, code, line, tmp_path,
     assert (got, err) == (code, line + "\n")
 
 
-@pytest.mark.parametrize("what", ["model", "pairs"])
+@pytest.mark.parametrize("what", ["model", "pairs", "corpus"])
 def test_a_relative_model_or_option_file_beside_the_file_but_not_here_says_so(what, tmp_path, monkeypatch, capsys):
     """Data paths are the experiment file's, models and option files the working directory's (stage keys hold
     them as written): run from elsewhere, the error says the path exists beside the file."""
@@ -686,10 +686,19 @@ def test_a_relative_model_or_option_file_beside_the_file_but_not_here_says_so(wh
     (project / "exp.yaml").write_text(
         f"name: x\nmodels:\n  base: {model}\nevaluate:\n  ev:\n    kind: pii\n    targets: [base]\n"
         f"    options: {{pairs: {pairs}, templates: A}}\n")
+    if what == "corpus":  # a nested option: dc_pdd's corpus inside attack_options
+        for name, text in (("in.jsonl", "a member"), ("out.jsonl", "not a member")):
+            (project / name).write_text(json.dumps({"text": text}) + "\n")
+        (project / "exp.yaml").write_text(
+            f"name: x\nmodels:\n  base: {project / 'models' / 'tiny'}\n"
+            "datasets:\n  d: {path: in.jsonl}\n  d2: {path: out.jsonl}\n"
+            "evaluate:\n  ev:\n    kind: mia\n    targets: [base]\n    members: d\n    nonmembers: d2\n"
+            "    options: {attacks: [dc_pdd], attack_options: {dc_pdd: {corpus: pairs.jsonl}}}\n")
     monkeypatch.chdir(tmp_path)
     code, err = _run_main(["run", str(project / "exp.yaml"), "--out", str(tmp_path / "out")], monkeypatch, capsys)
     assert code == 2 and err.count("\n") == 1, err
-    field = "models.base" if what == "model" else "evaluate.ev.options.pairs"
+    field = {"model": "models.base", "pairs": "evaluate.ev.options.pairs",
+             "corpus": "evaluate.ev.options.attack_options.dc_pdd.corpus"}[what]
     assert f"field '{field}'" in err and "exists beside the experiment file" in err, err
 
 

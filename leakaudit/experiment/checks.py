@@ -45,10 +45,22 @@ def check_plan(plan: Plan, runs: tuple[Path | None, ...] = ()) -> None:
                     raise ConfigError((*stage.origin, "nonmembers"), "names the same data as members: an attack "
                                       "cannot tell a set from itself")
         except ConfigError as exc:
-            value = (stage.params.get("options") or {}).get(exc.loc[-1]) if exc.loc else None
+            value = _option_value(stage.params.get("options") or {}, exc.loc)
             raise plan.exp.error(exc.loc, exc.message + _beside_file_hint(plan, value)) from None
     _check_compare_to(plan)
     _check_mask_names(plan)
+
+
+def _option_value(options: dict[str, Any], loc: tuple[Any, ...]) -> Any:
+    """The option value an error's key path names (`attack_options.dc_pdd.corpus` too, not only top-level
+    keys): the value a relative-path hint is about."""
+    for start in range(len(loc)):  # the path inside the options, after the file's own keys
+        value: Any = options
+        for key in loc[start:]:
+            value = value.get(key) if isinstance(value, dict) else None
+        if value is not None:
+            return value
+    return None
 
 
 def _beside_file_hint(plan: Plan, value: Any) -> str:
