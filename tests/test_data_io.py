@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -173,3 +174,28 @@ def test_a_lone_surrogate_escape_is_refused_naming_its_line_and_field(tmp_path):
     with pytest.raises(InputError, match="holds a lone surrogate") as err:
         load_records(tmp_path / "x.json")
     assert (err.value.line, err.value.field) == (3, "text")
+
+
+def test_a_failed_atomic_write_leaves_no_tmp_and_names_its_file(tmp_path, monkeypatch):
+    """A full disk mid-write: the error line said only "No space left on device" and a partial .tmp stayed."""
+    import errno
+
+    from leakaudit.data.io import write_json
+
+    target = tmp_path / "summary.json"
+
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    real_open = Path.open
+
+    def open_full(self, *args, **kwargs):
+        fh = real_open(self, *args, **kwargs)
+        monkeypatch.setattr(fh, "write", full)
+        return fh
+
+    monkeypatch.setattr(Path, "open", open_full)
+    with pytest.raises(OSError) as err:
+        write_json(target, {"a": 1})
+    assert err.value.errno == errno.ENOSPC and err.value.filename == str(target)
+    assert list(tmp_path.iterdir()) == []

@@ -322,22 +322,31 @@ def json_line(row: Any) -> str:
 
 def write_jsonl(path: str | Path, rows: Iterable[dict[str, Any]]) -> None:
     """Write rows atomically (temp file + rename) so a kill never leaves a half-written result."""
-    p = Path(path)
-    p.parent.mkdir(parents=True, exist_ok=True)
-    tmp = p.with_suffix(p.suffix + ".tmp")
-    with tmp.open("w", encoding="utf-8") as fh:
-        for row in rows:
-            fh.write(json_line(row))
-    tmp.replace(p)
+    write_atomic(path, lambda fh: fh.writelines(json_line(row) for row in rows))
 
 
 def write_json(path: str | Path, obj: Any) -> None:
     """Write JSON atomically."""
+    text = json.dumps(obj, indent=2, ensure_ascii=False) + "\n"
+    write_atomic(path, lambda fh: fh.write(text))
+
+
+def write_atomic(path: str | Path, write: Any) -> None:
+    """`write(file)` into PATH.tmp, then rename it over PATH. A failed write (a full disk) leaves no .tmp and
+    names PATH: an OSError from write() carries no file name, so the error line said only "No space left on
+    device"."""
     p = Path(path)
     p.parent.mkdir(parents=True, exist_ok=True)
     tmp = p.with_suffix(p.suffix + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-    tmp.replace(p)
+    try:
+        with tmp.open("w", encoding="utf-8") as fh:
+            write(fh)
+        tmp.replace(p)
+    except OSError as exc:
+        tmp.unlink(missing_ok=True)
+        if exc.filename is None and exc.errno is not None:
+            raise OSError(exc.errno, exc.strerror, str(p)) from None
+        raise
 
 
 def link_or_copy(src: str | Path, dest: str | Path) -> None:

@@ -14,7 +14,7 @@ import re
 from pathlib import Path
 from typing import Any
 
-from leakaudit.data.io import write_json
+from leakaudit.data.io import write_atomic, write_json
 from leakaudit.data.pii_find import NameFinder, mask_obj, mask_yaml_text, name_finder
 from leakaudit.data.pii_find import mask_pii as mask
 from leakaudit.errors import InputError, one_line
@@ -267,8 +267,6 @@ def write_report(out: str | Path) -> Path:
     """Write `report.html` and `summary.json` into the output dir; returns the HTML path."""
     out = Path(out)
     html, summary = build(out)
-    tmp = out / "report.html.tmp"
-    tmp.write_text(html, encoding="utf-8")
-    tmp.replace(out / "report.html")
+    write_atomic(out / "report.html", lambda fh: fh.write(html))
     write_json(out / "summary.json", summary)
     return out / "report.html"
