@@ -8,10 +8,11 @@ over n seeds gets a 95% interval with both parts: the seeds' spread (t with n - 
 SD / sqrt(n); t = 4.30 for 3 seeds) and the items' (the seeds' mean CI half-width, not shrunk by the number of
 seeds because seeds often score the same items), added in quadrature. Where each seed draws its own items,
 the spread already holds item variance and the interval errs wide. Every seed is shown, none left out (a
-study's result is all the seeds it ran); a comparison equal in every seed is a stage the runs share (e.g. a
-model trained once with a fixed seed): one run, not n.
+study's result is all the seeds it ran); a comparison every run computed in the same stages (the same stage
+keys, e.g. a model trained once with a fixed seed) is one run, not n.
 
-Reads only each run's run.json (which experiment, which seed) and summary.json (its `comparisons`).
+Reads only each run's run.json (which experiment, which seed, its stage keys) and summary.json (its
+`comparisons`).
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from __future__ import annotations
 import json
 import math
 import statistics
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +35,7 @@ class SeedRun:
     seed: int
     experiment: dict[str, Any]
     comparisons: list[dict[str, Any]]
+    stage_keys: dict[str, str] = field(default_factory=dict)  # stage id -> key (run.json)
 
 
 def _read_json(path: Path, what: str) -> dict[str, Any]:
@@ -62,7 +64,8 @@ def read_run(out: str | Path) -> SeedRun:
     if not isinstance(comparisons, list):
         raise InputError("no comparisons list (was the report written by an older leakaudit? `leakaudit report "
                          "DIR` rewrites it)", file=out / "summary.json", field="comparisons")
-    return SeedRun(out, experiment["seed"], experiment, comparisons)
+    keys = {str(st.get("id")): str(st.get("key")) for st in record.get("stages") or [] if isinstance(st, dict)}
+    return SeedRun(out, experiment["seed"], experiment, comparisons, keys)
 
 
 def _first_difference(a: Any, b: Any, path: str = "") -> str | None:
@@ -110,7 +113,8 @@ def combine(runs: list[SeedRun]) -> list[dict[str, Any]]:
     """One row per (evaluation, metric, variant) that any seed compares: `seeds` (per seed: seed, delta, ci,
     verdict; None where that seed has no such comparison), `n_seeds` (seeds with a Δ), `mean_delta`, `sd`
     (across seeds), `seed_half_width` (t x SD / sqrt(n)), `item_half_width` (the seeds' mean CI half-width),
-    `mean_ci` (mean ± both in quadrature; None without a seed's interval), `same_in_every_seed`,
+    `mean_ci` (mean ± both in quadrature; None without a seed's interval), `same_in_every_seed` (every run
+    computed it in the same stages: one run, not n),
     `increase`/`decrease` (seeds whose own interval excludes 0 that way)."""
     rows: dict[tuple[str, str, str], dict[str, Any]] = {}
     for r in runs:
@@ -145,8 +149,19 @@ def combine(runs: list[SeedRun]) -> list[dict[str, Any]]:
         downs = sum(1 for s in given if s["ci"] and s["ci"][1] < 0)
         out.append({**row, "seeds": per_seed, "n_seeds": n, "mean_delta": mean, "sd": sd,
                     "seed_half_width": seed_half, "item_half_width": item_half, "mean_ci": mean_ci,
-                    "same_in_every_seed": n > 1 and len(set(deltas)) == 1, "increase": ups, "decrease": downs})
+                    "same_in_every_seed": n > 1 and _shared(runs, key[0], key[2], row["baselines"]),
+                    "increase": ups, "decrease": downs})
     return out
+
+
+def _shared(runs: list[SeedRun], evaluation: str, variant: str, baselines: list[Any]) -> bool:
+    """Whether every run computed this comparison in the same stages (the variant's and the baseline's
+    evaluation stage has one key in all of them: e.g. M0 against the base model, trained once with a fixed
+    seed). Equal Δs alone do not say so: three independent runs can each recover 0 of 120 queries."""
+    ids = [f"evaluate/{evaluation}/{t}" for t in (variant, *baselines)]
+    return len(baselines) == 1 and all(
+        all(i in r.stage_keys for i in ids) and [r.stage_keys[i] for i in ids] == [runs[0].stage_keys.get(i) for i in ids]
+        for r in runs)
 
 
 def _signed(x: float | None) -> str:

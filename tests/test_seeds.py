@@ -23,11 +23,17 @@ def _comparison(variant: str, delta: float | None, ci: list[float] | None, metri
             "delta_ci": ci, "ci": ci, "verdict": "increase" if ci and ci[0] > 0 else "no detectable change"}
 
 
-def _run_dir(root: Path, seed: int, comparisons: list[dict], experiment: dict | None = None) -> Path:
+def _run_dir(root: Path, seed: int, comparisons: list[dict], experiment: dict | None = None,
+             keys: dict[str, str] | None = None) -> Path:
+    """A run dir; `keys`: stage id -> key in its run.json (by default every evaluation stage has a key of its
+    own seed, except m0's and m0b's, which the runs share)."""
     out = root / f"s{seed}"
     out.mkdir()
+    if keys is None:
+        keys = {f"evaluate/mia/{t}": f"k-{t}-{seed}" for t in ("ft", "zero")}
+        keys.update({"evaluate/mia/m0": "k-m0", "evaluate/mia/m0b": "k-m0b"})
     (out / "run.json").write_text(json.dumps({"experiment": {**(experiment or EXPERIMENT), "seed": seed},
-                                              "stages": []}))
+                                              "stages": [{"id": i, "key": k} for i, k in keys.items()]}))
     (out / "summary.json").write_text(json.dumps({"comparisons": comparisons}))
     return out
 
@@ -53,6 +59,15 @@ def test_the_mean_over_seeds_and_its_interval_by_hand(tmp_path):
     text = markdown(runs, combine(runs))
     assert "| `m0b` | +0.300 [+0.200, +0.400]↑ | +0.300 [+0.200, +0.400]↑ | +0.300 [+0.200, +0.400]↑ | same in every seed" in text
     assert "| `ft` | +0.010 [-0.020, +0.040] | +0.030 [+0.020, +0.040]↑ | +0.050 [+0.030, +0.070]↑ | 2 / 0 of 3 |" in text
+
+
+def test_equal_deltas_of_independent_runs_are_not_one_shared_run(tmp_path):
+    """Three seeds each recovering 0 of 120 queries gave Δ 0 three times: that is three runs, not one."""
+    dirs = [_run_dir(tmp_path, s, [_comparison("zero", 0.0, [0.0, 0.0])]) for s in range(3)]
+    (row,) = combine(read_runs(dirs))
+    assert not row["same_in_every_seed"] and row["n_seeds"] == 3
+    assert "| `zero` | 0.000 [0.000, 0.000] | 0.000 [0.000, 0.000] | 0.000 [0.000, 0.000] | 0 / 0 of 3 |" in markdown(
+        read_runs(dirs), [row])
 
 
 def test_a_seed_without_the_comparison_or_its_delta_is_shown_not_dropped(tmp_path):
