@@ -615,9 +615,11 @@ def test_a_reused_fine_tune_of_a_fine_tune_reads_this_runs_base(tmp_path):
         json.loads(r)["loss"] for r in scores.splitlines()]
 
 
-def test_a_stage_computed_in_another_precision_is_not_cached_or_reused(tmp_path, monkeypatch):
-    """LEAKAUDIT_DTYPE (or the machine's default) was in no key: a run finished in bf16 stayed cached for a
-    rerun asked to compute in fp32 (another adapter, other numbers). The dataset step computes nothing."""
+def test_a_stage_computed_in_another_precision_is_not_cached_or_reused(tmp_path, monkeypatch, capsys):
+    """LEAKAUDIT_DTYPE was in no key: a run finished in bf16 stayed cached for a rerun asked to compute in fp32
+    (another adapter, other numbers). Asked for explicitly, another precision reruns the model stages (not the
+    dataset step, which computes nothing); a machine whose default differs keeps them, with a warning (a run
+    dir moved to a CPU without fast bf16 lost every fine-tune)."""
     monkeypatch.setenv("LEAKAUDIT_DTYPE", "fp32")
     run_experiment(parse_experiment(SMALL), tmp_path / "a", log=_quiet, report=False)
     assert set(run_experiment(parse_experiment(SMALL), tmp_path / "a", log=_quiet, report=False).values()) == {
@@ -632,7 +634,17 @@ def test_a_stage_computed_in_another_precision_is_not_cached_or_reused(tmp_path,
     again = run_experiment(parse_experiment(SMALL), tmp_path / "a", log=logged.append, report=False)
     assert again == {"data/emails": "cached", "finetune/real": "ran", "evaluate/mia/real": "ran",
                      "evaluate/ppl/base": "ran"}
-    assert any("finetune/real: it computed in float32 and this run computes in bfloat16" in x for x in logged)
+    assert any("finetune/real: it computed in float32 and LEAKAUDIT_DTYPE=bf16 asks for bfloat16" in x
+               for x in logged)
+    # another machine's default (a record no machine here gives), no LEAKAUDIT_DTYPE: kept, said once
+    for record in (tmp_path / "a").glob("*/*/stage.json"):
+        if "precision" in (data := json.loads(record.read_text())) and data["precision"]:
+            record.write_text(json.dumps({**data, "precision": "float64"}))
+    monkeypatch.delenv("LEAKAUDIT_DTYPE")
+    capsys.readouterr()
+    kept = run_experiment(parse_experiment(SMALL), tmp_path / "a", log=_quiet, report=False)
+    assert set(kept.values()) == {"cached"}
+    assert "stages computed in float64 are kept, though this machine computes in" in capsys.readouterr().err
 
 
 def test_a_stage_reused_onto_this_runs_own_inputs_stays_cached(tmp_path):

@@ -222,9 +222,8 @@ def _read_the_same(plan: Plan, stage: Stage, theirs: dict[str, Any], reuse: Path
 
 def default_precision(stage: Stage) -> str | None:
     """The dtype a stage's models compute in by default (LEAKAUDIT_DTYPE, else what the hardware runs fast);
-    None for a dataset step, which computes nothing. Recorded with each finish: it is not in the keys (a
-    machine's default would rerun every run moved to another machine), and a stage finished in bf16 would
-    otherwise stay cached for a run asked to compute in fp32."""
+    None for a dataset step, which computes nothing. Recorded with each finish, not put in the keys: a
+    machine's default would then rerun every run dir moved to another machine."""
     if stage.kind == "dataset":
         return None
     from leakaudit.models.dtype import resolve_device, resolve_dtype
@@ -233,12 +232,24 @@ def default_precision(stage: Stage) -> str | None:
 
 
 def _other_precision(stage: Stage, done: dict[str, Any]) -> str | None:
-    """Why a finished stage is stale: it computed in another default precision than this run's (records from
-    before precision was recorded are not compared)."""
+    """Why a finished stage is stale: it computed in another precision than the one LEAKAUDIT_DTYPE asks this
+    run for (a run asked for fp32 kept stages computed in bf16). Without LEAKAUDIT_DTYPE, this machine's
+    default differing (a run dir moved from a CPU with fast bf16 to one without) keeps the stage, with a
+    warning: the results are those of the machine that computed them. Records from before precision was
+    recorded are not compared."""
+    import os
+
+    from leakaudit.models.dtype import DTYPE_ENV, _env_dtype
+
     then, now = done.get("precision"), default_precision(stage)
     if then is None or now is None or then == now:
         return None
-    return f"it computed in {then} and this run computes in {now} (LEAKAUDIT_DTYPE or this machine's default)"
+    if _env_dtype() is None:
+        warn_once(f"stages computed in {then} are kept, though this machine computes in {now} by default "
+                  f"(set {DTYPE_ENV}={now.replace('bfloat16', 'bf16').replace('float32', 'fp32')} to recompute "
+                  "them)")
+        return None
+    return f"it computed in {then} and {DTYPE_ENV}={os.environ.get(DTYPE_ENV)} asks for {now}"
 
 
 def _finished(sdir: Path, stage: Stage) -> dict[str, Any]:
