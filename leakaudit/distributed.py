@@ -66,16 +66,31 @@ def _wait_group() -> Any:
     return _waiting
 
 
+#: how long a process other than rank 0 whose wait on rank 0 failed waits before it says so: the launcher
+#: stops it first when rank 0 failed (and printed its own error line); otherwise the failure is its own
+PEER_GRACE_S = 3.0
+
+
 @contextmanager
 def _peer_guard() -> Iterator[None]:
     """A process other than rank 0 waiting on rank 0 when rank 0 stops (it failed on bad input and printed the
     one error line, or was interrupted): the collective raises (gloo: "Connection closed by peer"), and the
-    traceback buried rank 0's line under 45 more. This process ends quietly with exit status 1 instead."""
+    traceback buried rank 0's line under 45 more. This process waits PEER_GRACE_S (the launcher stops it then)
+    and otherwise says what failed in one line, exit 1: a failure of its own (a timed-out wait, a broken
+    group) is not hidden."""
     try:
         yield
-    except RuntimeError:
-        if world()[0] == 0:
+    except RuntimeError as exc:
+        rank = world()[0]
+        if rank == 0:
             raise
+        import sys
+        import time
+
+        from leakaudit.errors import one_line
+
+        time.sleep(PEER_GRACE_S)
+        print(f"[rank {rank}] error: waiting on rank 0 failed: {one_line(exc)}", file=sys.stderr, flush=True)
         raise SystemExit(1) from None
 
 

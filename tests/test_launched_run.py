@@ -300,3 +300,20 @@ def test_a_launched_finetune_prints_its_output_dir_once(tmp_path):
                    "--epochs", "1", "--batch-size", "2", "--gradient-accumulation", "1", "--out", str(out))
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stdout.splitlines().count(str(out)) == 1, proc.stdout
+
+
+def test_a_failed_wait_of_another_rank_is_said_when_the_launcher_does_not_stop_it(monkeypatch, capsys):
+    """A wait that failed on its own (a timeout, a broken group) ended rank 1 with exit 1 and no word."""
+    import leakaudit.distributed as dist_mod
+
+    monkeypatch.setattr(dist_mod, "PEER_GRACE_S", 0.0)
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(SystemExit) as exit_, dist_mod._peer_guard():
+        raise RuntimeError("Timed out waiting 86400000ms for recv operation to complete")
+    assert exit_.value.code == 1
+    assert capsys.readouterr().err == ("[rank 1] error: waiting on rank 0 failed: Timed out waiting 86400000ms for "
+                                       "recv operation to complete\n")
+    monkeypatch.setenv("RANK", "0")
+    with pytest.raises(RuntimeError), dist_mod._peer_guard():
+        raise RuntimeError("rank 0's own failure keeps its traceback")
