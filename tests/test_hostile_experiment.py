@@ -758,6 +758,11 @@ def test_a_data_file_taken_whole_keeps_its_order_and_a_chosen_part_is_drawn(tmp_
     assert [r["text"] for r in read_jsonl(out / "data" / "whole" / "all.jsonl")] == [r["text"] for r in DATA_ROWS]
     drawn = [r["text"] for r in read_jsonl(out / "data" / "drawn" / "all.jsonl")]
     assert sorted(drawn) == sorted(r["text"] for r in DATA_ROWS) and drawn != [r["text"] for r in DATA_ROWS]
+    # the whole file's step has a key of its own (a run dir built before kept its shuffled rows as cached)
+    from leakaudit.experiment import Plan
+
+    stages = Plan(load_experiment(cfg)).stages
+    assert stages["data/whole"].params["order"] == "source" and "order" not in stages["data/drawn"].params
 
 
 def test_members_and_nonmembers_naming_the_same_data_are_refused_before_any_stage(tmp_path):

@@ -247,6 +247,10 @@ class Plan:
                     raise exp.error(("datasets", name, "path"), f"data file not found: {p}")
                 params["content"] = file_identity(p)
             params["name"] = name
+            if not (ds.ranges or ds.split or ds.limit or ds.max_users):
+                # taken whole, its rows keep the source's order (they were shuffled before): a run dir made
+                # before keeps its step as it was built, not as cached under this key
+                params["order"] = "source"
             if ds.builtin == "enron":  # the corpus LEAKAUDIT_ENRON_MESSAGES points at, else the shipped sample
                 from leakaudit.data.builtin import enron_messages_path
 
