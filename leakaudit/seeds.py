@@ -64,8 +64,18 @@ def read_run(out: str | Path) -> SeedRun:
     if not isinstance(comparisons, list):
         raise InputError("no comparisons list (was the report written by an older leakaudit? `leakaudit report "
                          "DIR` rewrites it)", file=out / "summary.json", field="comparisons")
+    for i, c in enumerate(comparisons):  # hand-edited or damaged: one line, not a traceback in statistics
+        ci = c.get("delta_ci") or c.get("ci") if isinstance(c, dict) else None
+        if not isinstance(c, dict) or not (c.get("delta") is None or _finite(c["delta"])) or not (
+                ci is None or (isinstance(ci, list) and len(ci) == 2 and all(map(_finite, ci)))):
+            raise InputError("not a comparison with a finite delta and a [lo, hi] interval",
+                             file=out / "summary.json", field=f"comparisons[{i}]")
     keys = {str(st.get("id")): str(st.get("key")) for st in record.get("stages") or [] if isinstance(st, dict)}
     return SeedRun(out, experiment["seed"], experiment, comparisons, keys)
+
+
+def _finite(x: Any) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
 
 
 def _first_difference(a: Any, b: Any, path: str = "") -> str | None:
@@ -113,7 +123,8 @@ def combine(runs: list[SeedRun]) -> list[dict[str, Any]]:
     """One row per (evaluation, metric, variant) that any seed compares: `seeds` (per seed: seed, delta, ci,
     verdict; None where that seed has no such comparison), `n_seeds` (seeds with a Δ), `mean_delta`, `sd`
     (across seeds), `seed_half_width` (t x SD / sqrt(n)), `item_half_width` (the seeds' mean CI half-width),
-    `mean_ci` (mean ± both in quadrature; None without a seed's interval), `same_in_every_seed` (every run
+    `mean_ci` (mean ± both in quadrature; None under two seeds or without the seeds' intervals),
+    `same_in_every_seed` (every run
     computed it in the same stages: one run, not n),
     `increase`/`decrease` (seeds whose own interval excludes 0 that way)."""
     rows: dict[tuple[str, str, str], dict[str, Any]] = {}
@@ -142,8 +153,8 @@ def combine(runs: list[SeedRun]) -> list[dict[str, Any]]:
         seed_half = _t975(n - 1) * sd / math.sqrt(n) if sd is not None else None
         item_half = statistics.fmean(halves) if halves and len(halves) == n else None
         mean_ci = None
-        if mean is not None and item_half is not None and (seed_half is not None or n == 1):
-            half = math.hypot(seed_half or 0.0, item_half)
+        if item_half is not None and seed_half is not None:  # one seed: no training-run variance to hold
+            half = math.hypot(seed_half, item_half)
             mean_ci = [mean - half, mean + half]
         ups = sum(1 for s in given if s["ci"] and s["ci"][0] > 0)
         downs = sum(1 for s in given if s["ci"] and s["ci"][1] < 0)

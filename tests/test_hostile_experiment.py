@@ -804,3 +804,18 @@ def test_a_bad_row_in_dc_pdds_corpus_is_refused_before_any_stage(tmp_path):
     with pytest.raises(InputError) as err:
         check_plan(Plan(load_experiment(cfg)))
     assert (err.value.file, err.value.line, err.value.field) == (str(corpus), 2, "text")
+
+
+def test_only_a_librarys_own_full_disk_error_is_one_line():
+    """The words alone are no full disk: another error quoting them (torch's /dev/shm message) keeps its
+    traceback, and sqlite's generic 'disk I/O error' is not called a full disk."""
+    import sqlite3
+
+    import safetensors
+
+    from leakaudit.cli import _full_disk
+
+    assert _full_disk(safetensors.SafetensorError("IoError: No space left on device (os error 28)"))
+    assert _full_disk(sqlite3.OperationalError("database or disk is full"))
+    assert not _full_disk(sqlite3.OperationalError("disk I/O error"))
+    assert not _full_disk(RuntimeError("unable to write to file </torch_1_2>: No space left on device (28)"))

@@ -69,7 +69,7 @@ class Attack:
 
     name: ClassVar[str]
     paper: ClassVar[str]
-    summary: ClassVar[str]  # one plain line, for the report's reader: what the score measures (higher => member)
+    summary: ClassVar[str] = ""  # one plain line for the report's reader: what the score measures (higher => member)
     needs_reference: ClassVar[bool] = False
     needs_moments: ClassVar[bool] = False
     Config: ClassVar[type[AttackConfig]] = AttackConfig

@@ -74,8 +74,8 @@ def main() -> None:
 
 #: commands that do not run data-parallel (sampling, generation, merging): under a launcher rank 0 runs them
 #: alone; every process did all the work, printed every line and appended to the same resumable sample file
-ONE_PROCESS = ("pii", "generate", "audit-data", "merge", "model-info", "backdoor extract", "backdoor identify",
-               "backdoor detect")
+ONE_PROCESS = ("pii", "generate", "audit-data", "merge", "model-info", "seeds", "backdoor extract",
+               "backdoor identify", "backdoor detect")
 
 
 @contextmanager
@@ -148,15 +148,17 @@ def _main() -> None:
     sys.exit(code if isinstance(code, int) else 0)
 
 
-#: how libraries that are not Python's file API say the disk is full: safetensors ("No space left on device
-#: (os error 28)", a SafetensorError), sqlite ("database or disk is full", "disk I/O error")
-FULL_DISK = ("No space left on device", "os error 28", "database or disk is full", "disk I/O error")
+#: how libraries that are not Python's file API say the disk is full, by their exception type's name:
+#: safetensors ("No space left on device (os error 28)"), sqlite (the score cache: "database or disk is full")
+FULL_DISK = {"SafetensorError": ("No space left on device", "os error 28"),
+             "OperationalError": ("database or disk is full",)}
 
 
 def _full_disk(exc: BaseException) -> bool:
     """A full disk reported by a library as its own exception type (a traceback of 78 lines, where Python's
-    own OSError ENOSPC gets one)."""
-    return any(text in str(exc) for text in FULL_DISK)
+    own OSError ENOSPC gets one). Only those types and messages: another error that quotes the words keeps its
+    traceback."""
+    return any(text in str(exc) for text in FULL_DISK.get(type(exc).__name__, ()))
 
 
 def _usage_line(exc) -> str:
