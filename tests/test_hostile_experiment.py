@@ -819,3 +819,29 @@ def test_only_a_librarys_own_full_disk_error_is_one_line():
     assert _full_disk(sqlite3.OperationalError("database or disk is full"))
     assert not _full_disk(sqlite3.OperationalError("disk I/O error"))
     assert not _full_disk(RuntimeError("unable to write to file </torch_1_2>: No space left on device (28)"))
+
+
+@pytest.mark.parametrize("where", ["evaluate", "generate"])
+def test_more_new_tokens_than_the_models_window_are_refused_before_any_stage(where, tmp_path):
+    """pii's max_new_tokens: 300 on a 256-token model failed when its stage ran, after the fine-tunes."""
+    from leakaudit.config import load_experiment
+    from leakaudit.experiment import Plan, check_plan
+
+    head = _experiment().split("evaluate:")[0]
+    if where == "evaluate":
+        text = head + ("finetune:\n  ft: {model: base, data: d.a, options: {epochs: 1}}\n"
+                       "evaluate:\n  p:\n    kind: pii\n    targets: [ft]\n"
+                       "    options: {templates: A, max_new_tokens: 300}\n")
+        field = "evaluate.p.options.max_new_tokens"
+    else:
+        text = head + ("generate:\n  g:\n    kind: continuation\n    model: base\n    data: d.a\n"
+                       "    options: {max_new_tokens: 256}\n")
+        field = "generate.g.options.max_new_tokens"
+    cfg, _ = _setup(tmp_path, text)
+    with pytest.raises(InputError) as err:
+        check_plan(Plan(load_experiment(cfg)))
+    assert err.value.field == field and err.value.line is not None
+    assert "new tokens do not fit the model's context of 256 tokens" in err.value.message
+    cfg.write_text(text.replace("max_new_tokens: 300", "max_new_tokens: 16").replace("max_new_tokens: 256",
+                                                                                     "max_new_tokens: 16"))
+    check_plan(Plan(load_experiment(cfg)))

@@ -3,6 +3,7 @@ model spec resolved, the output dir writable. What a newcomer's typo meets in th
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 from pathlib import Path
@@ -40,6 +41,7 @@ def check_plan(plan: Plan, runs: tuple[Path | None, ...] = ()) -> None:
                 _check_field_options(plan, stage, stage_options(stage))
                 _check_users(plan, stage)
                 _check_option_files(stage, stage_options(stage))
+                _check_window(plan, stage, stage_options(stage))
                 if stage.params.get("members") is not None and stage.params.get("members") == stage.params.get(
                         "nonmembers"):  # it ran the whole study to an AUC of 0.5 and a warning inside mia.json
                     raise ConfigError((*stage.origin, "nonmembers"), "names the same data as members: an attack "
@@ -270,6 +272,47 @@ def _check_option_files(stage: Stage, options: dict[str, Any]) -> None:
         if seen not in _read_files:
             read(path)  # an InputError names the file, its line and field
             _read_files.add(seen)
+
+
+def _check_window(plan: Plan, stage: Stage, options: dict[str, Any]) -> None:
+    """`max_new_tokens` at least the sampled model's context window: refused when the stage ran, after every
+    fine-tune before it. The window is read from the model's config.json (the base of a fine-tune's chain);
+    hub and random models are left to the stage."""
+    n = options.get("max_new_tokens")
+    if not isinstance(n, int):
+        return
+    param = stage.params.get("target" if stage.origin[0] == "evaluate" else "model")
+    for _ in range(len(plan.stages)):  # a fine-tune's model: the stage it starts from, down to a spec
+        if not isinstance(param, dict) or "stage" not in param:
+            break
+        param = plan.stages[param["stage"]].params.get("model")
+    spec = param.get("spec") if isinstance(param, dict) else None
+    window = _config_window(spec.split("#", 1)[0]) if isinstance(spec, str) else None
+    if window is not None and n >= window:
+        raise ConfigError(_option_loc(stage, "max_new_tokens"),
+                          f"{n} new tokens do not fit the model's context of {window} tokens")
+
+
+@functools.cache
+def _config_window(spec: str) -> int | None:
+    """The context window a local model's (or an adapter's base's) config.json gives; None where it does not."""
+    from leakaudit.models import resolve_spec
+
+    try:
+        kind, where = resolve_spec(spec)
+        if kind == "adapter":
+            base = json.loads((Path(where) / "adapter_config.json").read_text()).get("base_model_name_or_path")
+            return _config_window(base) if isinstance(base, str) else None
+        if kind != "dir":
+            return None
+        cfg = json.loads((Path(where) / "config.json").read_text())
+    except (InputError, OSError, ValueError):
+        return None  # the model checks say what is wrong with it
+    for name in ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length"):
+        value = cfg.get(name) if isinstance(cfg, dict) else None
+        if isinstance(value, int) and value > 0:
+            return value
+    return None
 
 
 def _check_users(plan: Plan, stage: Stage) -> None:
