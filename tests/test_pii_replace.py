@@ -250,10 +250,14 @@ def test_replace_pii_command_replaces_non_ascii_header_names(tmp_path):
     assert not any("Dubois" in r["text"] for r in rows), rows
 
 
-def test_an_empty_name_list_is_said(tmp_path, capsys):
-    from leakaudit.data.pii_find import load_name_list
+def test_an_empty_name_list_is_said(tmp_path, monkeypatch, capsys):
+    """A blank --names replaced the shipped list silently: "Sara Shackleton" stayed in the body."""
+    from conftest import run_main
 
     empty = tmp_path / "names.jsonl"
     empty.write_text("\n  \n")
-    assert load_name_list(empty) == []
-    assert f"warning: {empty}: holds no names" in capsys.readouterr().err
+    data = tmp_path / "d.jsonl"
+    data.write_text('{"text": "Hi Sara, see you."}\n')
+    code, err = run_main(["generate", "replace-pii", "--data", data, "--names", empty, "--out", tmp_path / "r.jsonl"],
+                         monkeypatch, capsys)
+    assert code == 0 and f"warning: {empty}: holds no names" in err, err

@@ -240,12 +240,11 @@ def load_name_list(path: str | Path) -> list[str]:
                 raw = obj["name"].strip()
             if raw:
                 names.append(raw)
-    if not names:  # e.g. a blank file: it replaced the shipped list, and names it holds were left in place
-        from leakaudit.warn import warn_once
-
-        warn_once(f"{p}: holds no names, so no name from a list is replaced or masked (names read from e-mail "
-                  "headers still are)")
     return names
+
+
+#: said where a name list the user gave holds none (a blank file replaced the shipped list silently)
+NO_NAMES = "{path}: holds no names, so no name from a list is replaced (names read from e-mail headers still are)"
 
 
 def shipped_names() -> list[str]:
