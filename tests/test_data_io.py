@@ -199,3 +199,13 @@ def test_a_failed_atomic_write_leaves_no_tmp_and_names_its_file(tmp_path, monkey
         write_json(target, {"a": 1})
     assert err.value.errno == errno.ENOSPC and err.value.filename == str(target)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_csv_row_spanning_lines_is_named_by_its_first_line(tmp_path):
+    """A quoted text over three lines was named by its last line (its id and any error pointed past it)."""
+    (tmp_path / "m.csv").write_text('text,user\n"one\ntwo\nthree",a\nfour,\n')
+    with pytest.raises(InputError) as err:
+        load_records(tmp_path / "m.csv", user_field="user")
+    assert err.value.line == 5  # the short row after it: its own line
+    records = load_records(tmp_path / "m.csv")
+    assert [r.id for r in records] == ["m:2", "m:5"]

@@ -212,10 +212,11 @@ def _read_csv(p: Path) -> list[tuple[int, dict[str, Any]]]:
                 if row is None:
                     return rows
                 if None in row:
-                    raise InputError("row has more columns than the header", file=p, line=reader.line_num)
+                    raise InputError("row has more columns than the header", file=p, line=start)
                 # a short row: csv fills the columns it lacks with None ("must be a string, got NoneType");
-                # leaving them out says which field the row is missing
-                rows.append((reader.line_num, {k: v for k, v in row.items() if v is not None}))
+                # leaving them out says which field the row is missing. A row is named by the line it starts
+                # on (line_num is the last line of a quoted field spanning several)
+                rows.append((start, {k: v for k, v in row.items() if v is not None}))
         except csv.Error as exc:  # an unclosed quote, a field over the csv module's size limit
             problem = "a quoted field is never closed" if "unexpected end of data" in str(exc) else one_line(exc)
             raise InputError(f"unreadable CSV: {problem}", file=p, line=start) from None
