@@ -209,3 +209,11 @@ def test_a_csv_row_spanning_lines_is_named_by_its_first_line(tmp_path):
     assert err.value.line == 5  # the short row after it: its own line
     records = load_records(tmp_path / "m.csv")
     assert [r.id for r in records] == ["m:2", "m:5"]
+
+
+def test_a_chat_row_without_text_says_what_it_needs(tmp_path):
+    (tmp_path / "c.jsonl").write_text(json.dumps({"messages": [{"role": "user", "content": "hi"}]}) + "\n")
+    for field in ("text", "messages"):
+        with pytest.raises(InputError) as err:
+            load_records(tmp_path / "c.jsonl", text_field=field)
+        assert "a chat row needs a text field too" in err.value.message and err.value.line == 1

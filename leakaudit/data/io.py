@@ -257,6 +257,12 @@ def _read_hf_dir(p: Path) -> list[tuple[int, dict[str, Any]]]:
     return [(i, r) for i, r in enumerate(ds.to_list(), start=1)]
 
 
+#: said where a chat row (`messages`) has no text: the attacks and the dataset step read a text, fine-tuning
+#: with format: chat reads the messages kept beside it
+CHAT_HINT = ("; a chat row needs a text field too (e.g. its turns joined), `messages` is kept beside it for "
+             "fine-tuning with format: chat")
+
+
 def load_records(
     path: str | Path,
     *,
@@ -274,9 +280,14 @@ def load_records(
     records: list[Record] = []
     seen: dict[str, int] = {}
     for index, (lineno, row) in enumerate(rows, start=1):
-        text = _get(row, text_field, p, lineno)
+        chat = isinstance(row, dict) and isinstance(row.get("messages"), list)
+        try:
+            text = _get(row, text_field, p, lineno)
+        except InputError as exc:
+            raise InputError(exc.message + (CHAT_HINT if chat else ""), file=p, line=lineno, field=text_field) from None
         if not isinstance(text, str):
-            raise InputError(f"must be a string, got {type(text).__name__}", file=p, line=lineno, field=text_field)
+            raise InputError(f"must be a string, got {type(text).__name__}" + (CHAT_HINT if chat else ""), file=p,
+                             line=lineno, field=text_field)
         if not text.strip() and not keep_empty:
             raise InputError("text is empty", file=p, line=lineno, field=text_field)
         rid = f"{p.stem}:{index if p.suffix.lower() == '.json' else lineno}"  # a JSON id survives reformatting
