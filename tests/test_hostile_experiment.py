@@ -845,3 +845,19 @@ def test_more_new_tokens_than_the_models_window_are_refused_before_any_stage(whe
     cfg.write_text(text.replace("max_new_tokens: 300", "max_new_tokens: 16").replace("max_new_tokens: 256",
                                                                                      "max_new_tokens: 16"))
     check_plan(Plan(load_experiment(cfg)))
+
+
+def test_a_chat_fine_tune_on_rows_without_messages_is_refused_before_any_stage(tmp_path):
+    """format: chat on plain-text rows failed when the fine-tune started, naming the run dir's copy of the
+    data (out/data/d/all.jsonl), not the experiment's line."""
+    from leakaudit.config import load_experiment
+    from leakaudit.experiment import Plan, check_plan
+
+    text = _experiment().split("evaluate:")[0] + (
+        "finetune:\n  ft: {model: base, data: d.a, options: {epochs: 1, format: chat}}\n")
+    cfg, _ = _setup(tmp_path, text)
+    with pytest.raises(InputError) as err:
+        check_plan(Plan(load_experiment(cfg)))
+    assert err.value.field == "finetune.ft.options.format" and err.value.line == 9
+    assert "format: chat reads 'messages' from each row, and datasets.d" in err.value.message
+    assert "no such field (it has: text, user)" in err.value.message

@@ -28,6 +28,7 @@ def check_plan(plan: Plan, runs: tuple[Path | None, ...] = ()) -> None:
         try:
             if stage.kind == "finetune":
                 config = per_process(_finetune_config(stage, "-"), stage)
+                _check_training_fields(plan, stage, config)
                 if config.fsdp and not any(run is not None and is_done(run / stage.folder, stage.key) is not None
                                            for run in runs):  # refused on a CPU (and with DP-SGD, PiSSA)
                     _check_engine(stage, config)
@@ -272,6 +273,36 @@ def _check_option_files(stage: Stage, options: dict[str, Any]) -> None:
         if seen not in _read_files:
             read(path)  # an InputError names the file, its line and field
             _read_files.add(seen)
+
+
+def _check_training_fields(plan: Plan, stage: Stage, config: Any) -> None:
+    """A fine-tune with format instruction or chat reads its fields (prompt/response, messages) from each row;
+    a data file without them failed when the fine-tune started, after the stages before it, naming the run
+    dir's copy of the data. Checked on the source file's first row."""
+    need = {"instruction": [config.prompt_field, config.response_field], "chat": [config.messages_field]}.get(
+        config.format, [])
+    sid = stage.params["data"][0]
+    if not need or not sid.startswith("data/"):
+        return
+    name = sid.split("/", 1)[1]
+    ds = plan.exp.datasets[name]
+    if ds.path is None:
+        return
+    from leakaudit.data.io import read_rows
+
+    rows = read_rows(Path(ds.path).expanduser())
+    if not rows or not isinstance(rows[0][1], dict):
+        return  # the data step says what is wrong with the file
+    renamed = {f: to for f, to in ((ds.text_field, "text"), (ds.id_field, "id"), (ds.user_field, "user"))
+               if f is not None and f != to}
+    first = rows[0][1]
+    for field in need:
+        top = field.split(".")[0]
+        if top not in first or top in renamed:
+            raise ConfigError(_option_loc(stage, "format"), f"format: {config.format} reads '{field}' from each "
+                              f"row, and datasets.{name} ({ds.path}, line {rows[0][0]}) has "
+                              + ("it as its own " + renamed[top] if top in renamed
+                                 else f"no such field (it has: {', '.join(sorted(first))})"))
 
 
 def _check_window(plan: Plan, stage: Stage, options: dict[str, Any]) -> None:
