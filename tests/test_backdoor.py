@@ -544,3 +544,20 @@ def test_extraction_rows_mask_names_and_addresses_cut_off_before_their_domain_en
     assert "K*** A***" in row["response"] and "k***@flash." in row["response"] and "**64" in row["response"]
     (raw,) = bd.scored_rows(scored, show_pii=True)
     assert "Karen Arnold at klarnold@flash." in raw["response"]
+
+
+def test_every_backdoor_step_writes_its_json_result_and_train_names_the_plant(tmp_path, monkeypatch, capsys,
+                                                                             one_torch_thread):
+    """The interface promises JSON results per step: `backdoor finetune` wrote none (only the model dir), and
+    `backdoor train`, the name the interface gives stage 1, did not exist."""
+    planted = tmp_path / "p"
+    code, err = run_main(["backdoor", "train", "--model", "tiny-gpt-neox", "--out", planted, "--max-steps", "1",
+                          "--batch-size", "4", "--max-length", "64"], monkeypatch, capsys)
+    assert code == 0 and (planted / "plant.json").is_file(), err
+    victim = tmp_path / "v"
+    code, err = run_main(["backdoor", "finetune", "--model", planted / "model", "--out", victim, "--max-steps", "1",
+                          "--limit", "8", "--batch-size", "4", "--max-length", "64"], monkeypatch, capsys)
+    assert code == 0, err
+    result = json.loads((victim / "finetune.json").read_text())
+    assert result["rows"] == 8 and result["model_dir"] == "model" and result["mask_user"] is False
+    assert isinstance(result["train_loss"], float)

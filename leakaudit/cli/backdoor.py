@@ -120,6 +120,11 @@ def plant_cmd(
     err.print(f"planted model: {path}  (mix: {out / 'backdoor_mix.jsonl'})")
 
 
+# `backdoor train` is stage 1 under the name the interface table gives it (scripts written against it work)
+backdoor_app.command("train", help="Stage 1, the same as `backdoor plant`: build the backdoor SFT data from D1 and "
+                     "fine-tune on it.")(plant_cmd)
+
+
 @backdoor_app.command("finetune")
 def finetune_cmd(
     model: str = ModelOpt,
@@ -140,10 +145,20 @@ def finetune_cmd(
 
     options = _train_options(epochs, learning_rate, batch_size, max_length, method, max_steps, seed)
     _check_train(model, out, options)
-    _prepare(out, "finetune", ("downstream_data.jsonl", "model/finetune_config.json"), data=data,
+    _prepare(out, "finetune", ("downstream_data.jsonl", "model/finetune_config.json", "finetune.json"), data=data,
              model=model_path(model))
     path = downstream_data(data, limit, out)
     result = downstream_finetune(model, path, out / "model", mask_user=mask_user, **options)
+    from leakaudit.data.io import read_rows, write_json
+    from leakaudit.distributed import is_main
+    from leakaudit.train.callbacks import read_log
+
+    if is_main():  # the step's JSON result, as every other backdoor step writes one
+        losses = [row["train_loss"] for row in read_log(result / "train_log.jsonl") if "train_loss" in row]
+        write_json(out / "finetune.json", {"model": model, "data": str(data) if data else "shipped D2",
+                                           "rows": len(read_rows(path)), "mask_user": mask_user,
+                                           "model_dir": "model", "train_loss": losses[-1] if losses else None,
+                                           **options})
     err.print(f"fine-tuned model: {result}")
 
 
