@@ -481,3 +481,15 @@ def test_sigterm_stops_in_order_and_says_what_is_kept(tmp_path):
     _, err = proc.communicate(timeout=60)
     assert proc.returncode == 143, err
     assert "interrupted: what finished is kept" in err and "Traceback" not in err
+
+
+def test_a_cache_directory_that_cannot_be_one_is_a_one_line_error(tmp_path, monkeypatch, capsys):
+    """LEAKAUDIT_CACHE naming a file (or a path under /proc) ended in a 76-line traceback, exit 1."""
+    from conftest import run_main
+
+    not_a_dir = tmp_path / "cachefile"
+    not_a_dir.write_text("x")
+    monkeypatch.setenv("LEAKAUDIT_CACHE", str(not_a_dir))
+    code, err = run_main(["model-info", "--model", "tiny-gpt-neox"], monkeypatch, capsys)
+    assert code == 2 and err.count("\n") == 1, err
+    assert err.startswith(f"error: {not_a_dir}: field 'LEAKAUDIT_CACHE': cannot be the cache directory"), err

@@ -18,7 +18,13 @@ if TYPE_CHECKING:
 def cache_dir() -> Path:
     """Where converted models and score caches live (`LEAKAUDIT_CACHE`, default ~/.cache/leakaudit)."""
     d = Path(os.environ.get("LEAKAUDIT_CACHE", Path.home() / ".cache" / "leakaudit"))
-    d.mkdir(parents=True, exist_ok=True)
+    try:
+        d.mkdir(parents=True, exist_ok=True)
+    except (FileExistsError, FileNotFoundError, NotADirectoryError) as exc:  # a file there, a path under /proc
+        from leakaudit.errors import InputError
+
+        raise InputError(f"cannot be the cache directory ({exc.strerror})", file=d,
+                         field="LEAKAUDIT_CACHE" if "LEAKAUDIT_CACHE" in os.environ else None) from None
     return d
 
 
