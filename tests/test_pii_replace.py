@@ -261,3 +261,17 @@ def test_an_empty_name_list_is_said(tmp_path, monkeypatch, capsys):
     code, err = run_main(["generate", "replace-pii", "--data", data, "--names", empty, "--out", tmp_path / "r.jsonl"],
                          monkeypatch, capsys)
     assert code == 0 and f"warning: {empty}: holds no names" in err, err
+
+
+def test_replaced_rows_say_where_they_came_from_and_keep_a_generators_provenance(tmp_path):
+    """The interface promises provenance fields in every generate output; replace-pii's rows had none."""
+    from leakaudit.data.pii_replace import replace_pii_file
+
+    src = tmp_path / "gen.jsonl"
+    src.write_text(json.dumps({"text": "Call Sara Shackleton", "provenance": {"generator": "m0"}}) + "\n"
+                   + json.dumps({"id": "r2", "text": "nothing here"}) + "\n")
+    rows, _ = replace_pii_file(src, seed=3)
+    first, second = (r["provenance"] for r in rows)
+    assert first == {"method": "replace-pii", "source_id": "gen:1", "fields": ["text"], "names": "shipped",
+                     "header_names": True, "seed": 3, "from": {"generator": "m0"}}
+    assert second["source_id"] == "r2" and "from" not in second

@@ -150,7 +150,7 @@ class PiiReplacer:
 def replace_pii_file(path: str | Path, fields: Sequence[str] = ("text",), *, names: Iterable[str] | None = None,
                      header_names: bool = True, seed: int = 0) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     """The rows of a data file with PII replaced in `fields` (every other field kept), each with its
-    `pii_replaced` counts, and a summary {rows, replaced, distinct} (counts only, never a value).
+    `pii_replaced` counts and `provenance` (source row id, fields, name list, seed), and a summary {rows, replaced, distinct} (counts only, never a value).
 
     `names`: the names to detect (default: the shipped Enron names); with `header_names`, the people named
     in the e-mail headers anywhere in the file are added first, so a name is replaced in every row
@@ -169,13 +169,19 @@ def replace_pii_file(path: str | Path, fields: Sequence[str] = ("text",), *, nam
         replacer.add_names(n for _, row in rows for f in fields for n in names_from_headers(row[f]))
     replacer.reserve(row[f] for _, row in rows for f in fields)
     out = []
-    for _, row in rows:
+    stem = Path(path).stem
+    for lineno, row in rows:
         new = dict(row)
         counts: Counter[str] = Counter()
         for f in fields:
             new[f], c = replacer.replace(row[f])
             counts.update(c)
         new["pii_replaced"] = {k: counts.get(k, 0) for k in KINDS}
+        # where the row came from and how it was made, as the generators' rows say it (no PII: counts only)
+        new["provenance"] = {"method": "replace-pii", "source_id": str(row.get("id", f"{stem}:{lineno}")),
+                             "fields": list(fields), "names": "shipped" if names is None else "given",
+                             "header_names": header_names, "seed": seed,
+                             **({"from": row["provenance"]} if "provenance" in row else {})}  # a generator's kept
         out.append(new)
     summary = {"rows": len(out), "replaced": {k: replacer.counts.get(k, 0) for k in KINDS},
                "distinct": replacer.n_distinct}
