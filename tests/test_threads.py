@@ -82,3 +82,18 @@ def test_busy_elsewhere_sees_a_busy_loop():
     finally:
         loop.kill()
         loop.wait()
+
+
+def test_the_command_chooses_threads_before_numpy_or_torch_start(tmp_path):
+    """The launcher check (cli._one_process) imported numpy before the threads were chosen: numpy's BLAS
+    threads, spinning up, were counted as other processes' busy CPUs and every command ran on one thread
+    (the demo 7 min instead of 5; mia 17 s instead of 12)."""
+    import subprocess
+    import sys
+
+    script = ("import sys\nimport leakaudit.cli as cli\nseen = {}\n"
+              "def spy():\n    seen.update(numpy='numpy' in sys.modules, torch='torch' in sys.modules)\n    return 1\n"
+              "cli.configure_threads = spy\nsys.argv = ['leakaudit', 'mia', '--help']\n"
+              "try:\n    cli.main()\nexcept SystemExit:\n    pass\nprint(seen)\n")
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    assert out.stdout.strip().splitlines()[-1] == "{'numpy': False, 'torch': False}", out.stdout + out.stderr

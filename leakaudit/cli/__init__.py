@@ -61,6 +61,9 @@ def main() -> None:
     Ctrl-C and SIGTERM stop in order and say that what finished is kept."""
     global _terminated
     _terminated = False  # called in-process again (tests, a notebook): an earlier SIGTERM is not this one's
+    # first of all: before numpy or torch start (leakaudit/threads.py). numpy's BLAS threads, started by an
+    # import before it, were counted as other processes' busy CPUs, and every command ran on one thread
+    configure_threads()
     with _one_process():
         if threading.current_thread() is not threading.main_thread():  # signals reach the main thread only
             _main()
@@ -101,7 +104,6 @@ def _one_process() -> Iterator[None]:
 def _main() -> None:
     # peft (<= 0.21) reads transformers' deprecated `is_gradient_checkpointing` on every adapter: noise to users.
     warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
-    configure_threads()  # before torch starts: one thread per CPU this process may use (leakaudit/threads.py)
     # typer may vendor its own click; its exception classes live where typer.BadParameter does
     clk = importlib.import_module(typer.BadParameter.__module__)
     try:
