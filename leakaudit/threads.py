@@ -47,9 +47,25 @@ def _cgroup_quota() -> int | None:
     return None
 
 
+def _own_running_threads() -> int:
+    """This process's threads running now (at least the one asking): a library started before the choice
+    (numpy's BLAS pool spinning up) is this process's work, not another's."""
+    running = 0
+    try:
+        for task in Path("/proc/self/task").iterdir():
+            try:
+                stat = (task / "stat").read_text()
+            except OSError:
+                continue
+            running += stat.rsplit(")", 1)[-1].split()[0] == "R"  # the state field, after the command name
+    except OSError:
+        return 1
+    return max(1, running)
+
+
 def busy_elsewhere(samples: int = 5, interval_s: float = 0.01) -> int:
     """CPUs kept busy by other processes now: the median over a few samples of the kernel's count of running
-    tasks (/proc/stat `procs_running`) less this process's own thread. 0 when unknown."""
+    tasks (/proc/stat `procs_running`) less this process's own running threads. 0 when unknown."""
     counts = []
     for i in range(samples):
         try:
@@ -59,7 +75,7 @@ def busy_elsewhere(samples: int = 5, interval_s: float = 0.01) -> int:
         line = next((x for x in text.splitlines() if x.startswith("procs_running")), None)
         if line is None:
             return 0
-        counts.append(max(0, int(line.split()[1]) - 1))
+        counts.append(max(0, int(line.split()[1]) - _own_running_threads()))
         if i + 1 < samples:
             time.sleep(interval_s)
     return sorted(counts)[len(counts) // 2]

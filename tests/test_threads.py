@@ -97,3 +97,37 @@ def test_the_command_chooses_threads_before_numpy_or_torch_start(tmp_path):
               "try:\n    cli.main()\nexcept SystemExit:\n    pass\nprint(seen)\n")
     out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120, cwd=tmp_path)
     assert out.stdout.strip().splitlines()[-1] == "{'numpy': False, 'torch': False}", out.stdout + out.stderr
+
+
+def test_this_processs_own_busy_threads_are_not_another_processs(monkeypatch):
+    """Threads of this process spinning (numpy's BLAS pool started before the choice) were counted as other
+    processes' busy CPUs, and the command took one thread on an idle 2-core machine."""
+    import threading
+
+    import torch
+
+    real_read = threads.Path.read_text
+
+    def proc_stat(self, *args, **kwargs):  # the kernel sees 3 running tasks: all of them this process's
+        return "procs_running 3\n" if str(self) == "/proc/stat" else real_read(self, *args, **kwargs)
+
+    monkeypatch.setattr(threads.Path, "read_text", proc_stat)
+    monkeypatch.setattr(threads, "_own_running_threads", lambda: 3)
+    assert threads.busy_elsewhere(samples=1) == 0
+    monkeypatch.undo()
+    # and a thread of this process computing (torch releases the GIL) is seen running
+    stop = threading.Event()
+    a = torch.randn(256, 256)
+
+    def work():
+        while not stop.is_set():
+            a @ a
+
+    worker = threading.Thread(target=work, daemon=True)
+    worker.start()
+    try:
+        seen = max(threads._own_running_threads() for _ in range(50))
+    finally:
+        stop.set()
+        worker.join()
+    assert seen >= 2
