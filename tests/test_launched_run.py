@@ -166,7 +166,8 @@ def test_a_launched_run_of_a_bad_file_prints_its_error_once(tmp_path):
     assert "InputError" not in proc.stderr and "leakaudit/cli" not in proc.stderr, proc.stderr[-3000:]
 
 
-def test_another_rank_stopped_while_it_waits_to_echo_ends_quietly(tmp_path):
+@pytest.mark.parametrize("when", ["waiting to echo", "formatting the error"])
+def test_another_rank_stopped_while_it_waits_to_echo_ends_quietly(tmp_path, when):
     """torchrun stops the other processes within a second of rank 0 failing; SIGTERM raised inside the error
     handler of rank 1 and printed a traceback holding the message unmasked (a label's e-mail address)."""
     import signal
@@ -175,7 +176,9 @@ def test_another_rank_stopped_while_it_waits_to_echo_ends_quietly(tmp_path):
 
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"text": "hello there", "label": "jane.doe@secret-corp.com"}\n')
-    script = ("import os, signal, sys, threading\n"
+    slow = ("import time\nimport leakaudit.data.pii_find as pf\nreal = pf.mask_message\n"
+            "pf.mask_message = lambda m: (time.sleep(3), real(m))[1]\n") if when == "formatting the error" else ""
+    script = ("import os, signal, sys, threading\n" + slow +
               "from leakaudit import cli\n"
               "threading.Timer(1.5, lambda: os.kill(os.getpid(), signal.SIGTERM)).start()\n"
               f"sys.argv = ['leakaudit', 'mia', '--target', 'tiny-gpt-neox', '--data', {str(bad)!r}, '--out', "

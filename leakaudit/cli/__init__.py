@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import errno
 import importlib
+import os
 import signal
 import sys
 import threading
@@ -49,7 +50,19 @@ _terminated = False
 def _on_sigterm(signum, frame) -> None:
     global _terminated
     _terminated = True
+    if sys.exc_info()[0] is not None and _other_rank():
+        # a launched process other than rank 0, stopped by the launcher while it reports an error (rank 0
+        # reports it): raised here, Terminated chained onto that error and printed its unmasked message
+        os._exit(TERMINATED)
     raise Terminated
+
+
+def _other_rank() -> bool:
+    """A launched process other than rank 0 (RANK and WORLD_SIZE as torchrun and accelerate set them)."""
+    try:
+        return int(os.environ.get("WORLD_SIZE", "1")) > 1 and int(os.environ.get("RANK", "0")) != 0
+    except ValueError:
+        return False
 
 
 #: OSErrors that are the machine's, not the input's or a bug's: one line instead of a traceback
@@ -197,7 +210,6 @@ def _say(line: str) -> None:
 
     rank, size = world()
     if size > 1 and rank != 0:
-        import os
         import time
 
         if threading.current_thread() is threading.main_thread():
