@@ -324,3 +324,16 @@ def test_a_failed_wait_of_another_rank_is_said_when_the_launcher_does_not_stop_i
     monkeypatch.setenv("RANK", "0")
     with pytest.raises(RuntimeError), dist_mod._peer_guard():
         raise RuntimeError("rank 0's own failure keeps its traceback")
+
+
+def test_a_one_process_command_under_a_launcher_stops_the_other_ranks_and_help_says_nothing_more(
+        tmp_path, monkeypatch, capsys):
+    from conftest import run_main
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "1")
+    code, err = run_main(["seeds", tmp_path / "nowhere"], monkeypatch, capsys)
+    assert (code, err) == (0, "")  # rank 1 stops at once: rank 0 does it (and says what is wrong)
+    monkeypatch.setenv("RANK", "0")
+    code, err = run_main(["pii", "--help"], monkeypatch, capsys)
+    assert code == 0 and "runs in one process" not in err

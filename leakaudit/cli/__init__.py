@@ -108,8 +108,9 @@ def _one_process() -> Iterator[None]:
         return
     if rank != 0:
         sys.exit(0)
-    print(f"note: `leakaudit {command}` runs in one process: rank 0 does it alone, the other {size - 1} "
-          f"process{'es' if size > 2 else ''} stopped", file=sys.stderr)
+    if "--help" not in sys.argv:
+        print(f"note: `leakaudit {command}` runs in one process: rank 0 does it alone, the other {size - 1} "
+              f"process{'es' if size > 2 else ''} stopped", file=sys.stderr)
     with alone():
         yield
 

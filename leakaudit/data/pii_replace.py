@@ -150,7 +150,8 @@ class PiiReplacer:
 def replace_pii_file(path: str | Path, fields: Sequence[str] = ("text",), *, names: Iterable[str] | None = None,
                      header_names: bool = True, seed: int = 0) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     """The rows of a data file with PII replaced in `fields` (every other field kept), each with its
-    `pii_replaced` counts and `provenance` (source row id, fields, name list, seed), and a summary {rows, replaced, distinct} (counts only, never a value).
+    `pii_replaced` counts and `provenance` (source row id, fields, name list, seed), and a summary
+    {rows, replaced, distinct} (counts only, never a value).
 
     `names`: the names to detect (default: the shipped Enron names); with `header_names`, the people named
     in the e-mail headers anywhere in the file are added first, so a name is replaced in every row
