@@ -861,3 +861,20 @@ def test_a_chat_fine_tune_on_rows_without_messages_is_refused_before_any_stage(t
     assert err.value.field == "finetune.ft.options.format" and err.value.line == 9
     assert "format: chat reads 'messages' from each row, and datasets.d" in err.value.message
     assert "no such field (it has: text, user)" in err.value.message
+
+
+def test_a_k_shot_template_with_pairs_without_demonstrations_is_refused_before_any_stage(tmp_path):
+    from leakaudit.config import load_experiment
+    from leakaudit.experiment import Plan, check_plan
+
+    pairs = tmp_path / "pairs.jsonl"
+    pairs.write_text('{"name": "Ann Lee", "email": "ann@corp.com"}\n{"name": "Bo Ng", "email": "bo@corp.com"}\n')
+    text = _experiment().split("evaluate:")[0] + (
+        f"evaluate:\n  p:\n    kind: pii\n    targets: [base]\n    options: {{pairs: {pairs}, templates: five_shot}}\n")
+    cfg, _ = _setup(tmp_path, text)
+    with pytest.raises(InputError) as err:
+        check_plan(Plan(load_experiment(cfg)))
+    assert err.value.field == "evaluate.p.options.templates"
+    assert f"template 'five_shot' needs k-shot demonstrations, and no row of {pairs} has `demos`" in err.value.message
+    cfg.write_text(text.replace("five_shot", "A"))
+    check_plan(Plan(load_experiment(cfg)))

@@ -269,21 +269,21 @@ def test_a_bad_experiment_file_fails_before_torch_loads(tmp_path):
 
 
 def test_a_stage_rank_0_runs_alone_failing_ends_the_others_quietly(tmp_path):
-    """Rank 0 failed a stage it runs alone (k-shot sampling with pairs that hold no demonstrations) and printed
-    its one line; rank 1, waiting at the barrier, printed a 45-line gloo traceback ("Connection closed by
-    peer")."""
-    pairs = tmp_path / "pairs.jsonl"
-    pairs.write_text('{"name": "Ann Lee", "email": "ann@corp.com"}\n{"name": "Bo Ng", "email": "bo@corp.com"}\n')
+    """Rank 0 failed a stage it runs alone (PII contexts rows without an address, read when the stage runs)
+    and printed its one line; rank 1, waiting at the barrier, printed a 45-line gloo traceback ("Connection
+    closed by peer")."""
+    contexts = tmp_path / "contexts.jsonl"
+    contexts.write_text('{"context": "no address in this row"}\n')
     exp = tmp_path / "exp.yaml"
     exp.write_text("name: late\nmodels: {base: tiny-gpt-neox}\n"
                    "datasets: {emails: {builtin: enron-synthetic, limit: 8, max_chars: 200}}\n"
                    "evaluate:\n  pii:\n    kind: pii\n    targets: [base]\n"
-                   f"    options: {{templates: five_shot, pairs: {pairs}, max_new_tokens: 8}}\n")
+                   f"    options: {{templates: A, contexts: {contexts}, n_targets: 2, max_new_tokens: 8}}\n")
     proc = _launch(tmp_path, "run", str(exp), "--out", str(tmp_path / "out"))
     assert proc.returncode != 0
     assert "data/emails: done" in proc.stderr, proc.stderr[-3000:]  # the failure came at the stage, not before
     errors = [line for line in proc.stderr.splitlines() if line.startswith(("error: ", "[rank"))]
-    assert len(errors) == 1 and errors[0].startswith("error: ") and "demonstrations" in errors[0], proc.stderr[-3000:]
+    assert len(errors) == 1 and errors[0].startswith("error: ") and "field 'email'" in errors[0], proc.stderr[-3000:]
     assert "Connection closed" not in proc.stderr and "RuntimeError" not in proc.stderr, proc.stderr[-3000:]
 
 

@@ -238,8 +238,9 @@ def _check_field_options(plan: Plan, stage: Stage, options: dict[str, Any]) -> N
                                   f"and its rows hold it as '{to}': use {key}: {to}")
 
 
-#: files `_check_option_files` read and found good in this process, by path, kind of file, size and mtime
-_read_files: set[tuple[Any, ...]] = set()
+#: what `_check_option_files` read from files it found good in this process, by path, kind of file, size
+#: and mtime
+_read_files: dict[tuple[Any, ...], Any] = {}
 
 
 def _check_option_files(stage: Stage, options: dict[str, Any]) -> None:
@@ -271,8 +272,20 @@ def _check_option_files(stage: Stage, options: dict[str, Any]) -> None:
             continue  # missing: the options' own check says so
         seen = (str(path), what, st.st_size, st.st_mtime_ns)
         if seen not in _read_files:
-            read(path)  # an InputError names the file, its line and field
-            _read_files.add(seen)
+            _read_files[seen] = read(path)  # an InputError names the file, its line and field
+        if what == "pairs" and stage.kind == "pii":
+            _check_demos(stage, options, _read_files[seen])
+
+
+def _check_demos(stage: Stage, options: dict[str, Any], targets: list[Any]) -> None:
+    """A k-shot template needs each target's demonstrations (`demos` in the pairs rows): with none in the whole
+    file the stage failed on its first target, after the fine-tunes."""
+    from leakaudit.data.enron import PIL_K_SHOT, resolve_templates
+
+    for template in resolve_templates(options.get("templates") or "fake-privacy"):
+        if template.name in PIL_K_SHOT and not any(t.demos.get(template.name) for t in targets):
+            raise ConfigError(_option_loc(stage, "templates"), f"template '{template.name}' needs k-shot "
+                              f"demonstrations, and no row of {options['pairs']} has `demos`")
 
 
 def _check_training_fields(plan: Plan, stage: Stage, config: Any) -> None:
