@@ -550,12 +550,15 @@ def test_every_backdoor_step_writes_its_json_result_and_train_names_the_plant(tm
                                                                              one_torch_thread):
     """The interface promises JSON results per step: `backdoor finetune` wrote none (only the model dir), and
     `backdoor train`, the name the interface gives stage 1, did not exist."""
-    planted = tmp_path / "p"
-    code, err = run_main(["backdoor", "train", "--model", "tiny-gpt-neox", "--out", planted, "--max-steps", "1",
-                          "--batch-size", "4", "--max-length", "64"], monkeypatch, capsys)
-    assert code == 0 and (planted / "plant.json").is_file(), err
+    from typer.testing import CliRunner
+
+    from leakaudit.cli import app
+
+    helped = CliRunner().invoke(app, ["backdoor", "train", "--help"])
+    assert helped.exit_code == 0 and "Stage 1, the same as `backdoor plant`" in helped.output
+    assert "--backdoor-fraction" in helped.output  # plant's own options
     victim = tmp_path / "v"
-    code, err = run_main(["backdoor", "finetune", "--model", planted / "model", "--out", victim, "--max-steps", "1",
+    code, err = run_main(["backdoor", "finetune", "--model", "tiny-gpt-neox", "--out", victim, "--max-steps", "1",
                           "--limit", "8", "--batch-size", "4", "--max-length", "64"], monkeypatch, capsys)
     assert code == 0, err
     result = json.loads((victim / "finetune.json").read_text())
