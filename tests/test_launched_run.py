@@ -287,26 +287,44 @@ def test_a_stage_rank_0_runs_alone_failing_ends_the_others_quietly(tmp_path):
     assert "Connection closed" not in proc.stderr and "RuntimeError" not in proc.stderr, proc.stderr[-3000:]
 
 
-def test_a_command_that_does_not_run_data_parallel_runs_once_under_a_launcher(tmp_path):
+def test_a_command_that_does_not_run_data_parallel_runs_once_under_a_launcher(tmp_path, monkeypatch, capsys):
     """`leakaudit pii` under torchrun: every process sampled everything, printed every line and appended to the
-    same resumable sample file (each sample twice). Rank 0 runs it alone now; the others stop."""
+    same resumable sample file (each sample twice). Rank 0 runs it alone now; the others stop at once (the
+    next test)."""
+    from conftest import run_main
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "0")
     out = tmp_path / "pii"
-    proc = _launch(tmp_path, "pii", "--model", "tiny-gpt-neox", "--out", str(out), "--templates", "A",
-                   "--temperatures", "1.0", "--n-targets", "3", "--max-new-tokens", "4", "--show-pii")
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert proc.stderr.count("runs in one process: rank 0 does it alone") == 1, proc.stderr[-3000:]
+    code, err = run_main(["pii", "--model", "tiny-gpt-neox", "--out", out, "--templates", "A", "--temperatures", "1.0",
+                          "--n-targets", "3", "--max-new-tokens", "4", "--show-pii"], monkeypatch, capsys)
+    assert code == 0, err
+    assert err.count("runs in one process: rank 0 does it alone, the other 1 process stopped") == 1, err
     samples = [row for f in sorted((out / ".samples").glob("*.jsonl")) for row in _rows(f)]
     assert len(samples) == 3, len(samples)  # 3 targets x 1 template x 1 temperature, once
 
 
-def test_a_launched_finetune_prints_its_output_dir_once(tmp_path):
+def test_a_launched_finetune_prints_its_output_dir_once(tmp_path, monkeypatch, capsys):
+    """Under a launcher every process trained it and each printed the dir; rank 0 alone says where it is
+    (the training itself is the launched fine-tune's, tested in test_ddp.py)."""
+    import leakaudit.train.finetune as ft
+    from leakaudit.cli import main
+
+    monkeypatch.setattr(ft, "finetune", lambda config, progress=True: Path(config.out))
     data = tmp_path / "d.jsonl"
     data.write_text("".join(json.dumps({"text": f"line {i} of the training data"}) + "\n" for i in range(8)))
-    out = tmp_path / "ft"
-    proc = _launch(tmp_path, "finetune", "--model", "tiny-gpt-neox", "--data", str(data), "--method", "lora",
-                   "--epochs", "1", "--batch-size", "2", "--gradient-accumulation", "1", "--out", str(out))
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert proc.stdout.splitlines().count(str(out)) == 1, proc.stdout
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    printed = {}
+    for rank in ("1", "0"):
+        monkeypatch.setenv("RANK", rank)
+        monkeypatch.setattr(sys, "argv", ["leakaudit", "finetune", "--model", "tiny-gpt-neox", "--data", str(data),
+                                          "--method", "lora", "--out", str(tmp_path / f"ft{rank}")])
+        with pytest.raises(SystemExit) as exit_:
+            main()
+        out = capsys.readouterr()
+        assert exit_.value.code == 0, out.err
+        printed[rank] = out.out
+    assert printed == {"1": "", "0": f"{tmp_path / 'ft0'}\n"}
 
 
 def test_a_failed_wait_of_another_rank_is_said_when_the_launcher_does_not_stop_it(monkeypatch, capsys):
