@@ -56,3 +56,21 @@ def one_line(exc: BaseException, limit: int = 200) -> str:
     without Python's advice to call sys.set_int_max_str_digits, which is not for a CLI user."""
     text = first_line(exc).split("; use sys.")[0]
     return text if len(text) <= limit else text[:limit - 3] + "..."
+
+
+def check_texts(texts: object, name: str = "texts") -> None:
+    """A Python caller's list of texts: one string is a sequence of characters, and each was scored as a text
+    (score_texts(lm, "hello world") gave 11 results); a None among them failed deep inside the tokenizer."""
+    if isinstance(texts, (str, bytes)):
+        raise TypeError(f"{name}: expected a list of texts, got one string (write [{name}])")
+    for i, text in enumerate(texts):  # type: ignore[arg-type]
+        if not isinstance(text, str):
+            raise TypeError(f"{name}[{i}]: expected a string, got {type(text).__name__}")
+
+
+def check_model(lm: object, name: str = "lm") -> None:
+    """A loaded model, not its spec: run_mia("tiny-gpt-neox", ...) failed with "'str' object has no attribute
+    'max_length'" inside the scoring engine."""
+    if not (hasattr(lm, "model") and hasattr(lm, "tokenizer")):
+        raise TypeError(f"{name}: expected a loaded model (leakaudit.models.load_model(spec)), got "
+                        f"{type(lm).__name__}")

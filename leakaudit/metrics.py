@@ -284,6 +284,8 @@ def paired_difference(values_a: Sequence[float], values_b: Sequence[float], labe
         b, _ = _check(b, labels)
     if y is not None and clusters is not None:
         raise ValueError("clusters are for means; an AUC resamples single items")
+    if clusters is not None and len(clusters) != len(a):  # numpy's broadcast error named no argument
+        raise ValueError(f"clusters: one key per item expected ({len(a)} items), got {len(clusters)}")
     if clusters is None:
         # items sorted by their values: the resamples depend on the seed and the data, not the items' order;
         # by (min, max) of the pair first, so that b against a mirrors a against b (but for pairs that tie
@@ -427,6 +429,8 @@ def binomial_ci(k: int, n: int, alpha: float = 0.05) -> tuple[float, float]:
 
     if n <= 0 or not 0 <= k <= n:
         raise ValueError(f"need 0 <= k <= n and n > 0 (got k={k}, n={n})")
+    if not 0 < alpha < 1:  # alpha=2 gave the interval (1.0, 0.0)
+        raise ValueError(f"alpha must be between 0 and 1 (got {alpha})")
     lo = 0.0 if k == 0 else float(beta.ppf(alpha / 2, k, n - k + 1))
     hi = 1.0 if k == n else float(beta.ppf(1 - alpha / 2, k + 1, n - k))
     return lo, hi

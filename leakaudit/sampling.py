@@ -34,7 +34,7 @@ import torch
 
 from leakaudit import package_version
 from leakaudit.data.io import json_line
-from leakaudit.errors import InputError
+from leakaudit.errors import InputError, check_model, check_texts
 from leakaudit.models import LoadedModel, attention_kernels, host_memory
 from leakaudit.scoring import cache_keyword, returned_cache, shared_prefixes
 from leakaudit.warn import warn_once
@@ -142,6 +142,8 @@ def sample(lm: LoadedModel, prompts: Sequence[str], config: SamplingConfig, *,
     Prompt + `max_new_tokens` must fit the model's context: `max_new_tokens` of the context or more is an
     InputError; a prompt too long for the room left keeps its last tokens, with a warning.
     """
+    check_model(lm)
+    check_texts(prompts, "prompts")
     config.validate()
     if backend not in BACKENDS:
         raise InputError(f"unknown backend '{backend}'; use one of {', '.join(BACKENDS)}", field="--backend")

@@ -41,7 +41,7 @@ import numpy as np
 import torch
 
 from leakaudit.allocator import freed_memory_kept
-from leakaudit.errors import InputError
+from leakaudit.errors import InputError, check_model, check_texts
 from leakaudit.models import LoadedModel, attention_kernels, cache_dir, scoring_attention
 from leakaudit.warn import warn_once
 
@@ -536,6 +536,8 @@ def score_texts(
     `moments=True` also returns mu/var for Min-K%++. Results come back in input order.
     `padding_side` only matters for testing: both sides give the same numbers (explicit position ids).
     """
+    check_model(lm)
+    check_texts(texts)
     texts = list(texts)
     if isinstance(prefixes, str) or prefixes is None:
         prefix_list: list[str | None] = [prefixes] * len(texts)

@@ -95,6 +95,8 @@ def _first_difference(a: Any, b: Any, path: str = "") -> str | None:
 def read_runs(dirs: list[str | Path]) -> list[SeedRun]:
     """The runs, in seed order, after checking they are seeds of one experiment: same experiment but for its
     seed, each seed once."""
+    if isinstance(dirs, (str, Path)):  # one path: its characters were read as dirs
+        raise TypeError("dirs: expected a list of output dirs, got one path (write [dirs])")
     if not dirs:
         raise InputError("name the output dirs of the seeds' runs, e.g. out/s0 out/s1 out/s2")
     runs = [read_run(d) for d in dirs]

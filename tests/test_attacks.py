@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import math
+import re
 import zlib
 
 import numpy as np
@@ -420,3 +421,28 @@ def test_dc_pdd_counts_a_corpus_once_per_tokenizer_and_version(tiny_neox, tmp_pa
     assert corpus.stat().st_size == size
     os.utime(corpus, ns=(1, 1))
     assert not np.array_equal(score("dc_pdd", tiny_neox, corpus=str(corpus)), second) and len(calls) == 3
+
+
+def test_python_callers_passing_one_string_or_a_spec_get_a_clear_type_error(tiny_neox, tmp_path):
+    """score_texts(lm, "hello world") scored 11 one-character texts; run_mia(..., "loss") asked for attacks
+    l, o, s, s; run_mia("tiny-gpt-neox", ...) failed on "'str' object has no attribute 'max_length'"."""
+    from leakaudit.attacks.mia import run_mia
+    from leakaudit.attacks.user_inference import run_user_inference
+    from leakaudit.sampling import SamplingConfig, sample
+    from leakaudit.scoring import score_texts
+    from leakaudit.seeds import read_runs
+
+    texts = ["a member text here", "another one"]
+    cases = [
+        (lambda: score_texts(tiny_neox, "hello world"), "texts: expected a list of texts, got one string"),
+        (lambda: score_texts(tiny_neox, ["fine", None]), "texts[1]: expected a string, got NoneType"),
+        (lambda: sample(tiny_neox, "Hello", SamplingConfig(max_new_tokens=2)), "prompts: expected a list"),
+        (lambda: run_mia("tiny-gpt-neox", texts, texts, ["loss"]), "target: expected a loaded model"),
+        (lambda: run_mia(tiny_neox, texts, texts, "loss"), "attacks: expected a list of attack names"),
+        (lambda: run_mia(tiny_neox, "abc def", texts, ["loss"]), "members: expected a list of texts"),
+        (lambda: run_user_inference(tiny_neox, tiny_neox, texts, texts), "records_in: expected leakaudit"),
+        (lambda: read_runs(str(tmp_path)), "dirs: expected a list of output dirs"),
+    ]
+    for call, message in cases:
+        with pytest.raises(TypeError, match=re.escape(message)):
+            call()

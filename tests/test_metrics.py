@@ -11,6 +11,7 @@ from leakaudit.metrics import (
     _auc_by_ranks,
     binomial_ci,
     paired_auc_difference,
+    paired_difference,
     roc_metrics,
     spearman_with_ci,
     tpr_at_fpr,
@@ -332,3 +333,11 @@ def test_a_tied_roc_segment_stays_straight_in_fpr_on_the_log_axis():
     assert x[0] == 0.01 and np.allclose(y[1:], x[1:]) and x[-1] == 1.0
     x, y = _linear_segments(np.array([0.0, 0.0, 0.5, 1.0]), np.array([0.0, 0.4, 0.8, 1.0]), 0.01)
     assert np.isclose(np.interp(0.25, x, y), 0.6, atol=0.01)  # halfway along the (0, 0.4) -> (0.5, 0.8) segment
+
+
+def test_metric_arguments_that_cannot_be_are_refused_by_name():
+    """binomial_ci(1, 3, alpha=2) gave (1.0, 0.0); clusters of the wrong length a numpy broadcast error."""
+    with pytest.raises(ValueError, match="alpha must be between 0 and 1"):
+        binomial_ci(1, 3, alpha=2)
+    with pytest.raises(ValueError, match=r"clusters: one key per item expected \(3 items\), got 2"):
+        paired_difference([1.0, 2.0, 3.0], [2.0, 3.0, 4.0], clusters=[0, 1])

@@ -469,6 +469,15 @@ def run_mia(target: LoadedModel, members: list[str], nonmembers: list[str], atta
     prefix texts, the first `shots` non-members become the prefix and are left out of every attack's evaluation
     (so all attacks are compared on the same samples).
     """
+    from leakaudit.errors import check_model, check_texts
+
+    check_model(target, "target")
+    if reference is not None:
+        check_model(reference, "reference")
+    check_texts(members, "members")
+    check_texts(nonmembers, "nonmembers")
+    if isinstance(attacks, str):  # "loss" was read as the attacks l, o, s, s
+        raise TypeError(f"attacks: expected a list of attack names, got one string (write [{attacks!r}])")
     chosen = _resolve(attacks, attack_options)
     if any(a.needs_reference for a in chosen) and reference is None:
         need = [a.name for a in chosen if a.needs_reference]

@@ -128,6 +128,15 @@ def run_user_inference(target: LoadedModel, reference: LoadedModel, records_in: 
                        max_length: int | None = None, cache: bool = True, progress: bool = True,
                        ) -> UserInferenceReport:
     """Score every sample once under target and reference, then aggregate per user for each m."""
+    from leakaudit.errors import check_model
+
+    check_model(target, "target")
+    check_model(reference, "reference")
+    for name, records in (("records_in", records_in), ("records_out", records_out)):
+        bad = next((r for r in records if not hasattr(r, "user") or not hasattr(r, "text")), None)
+        if bad is not None or isinstance(records, str):  # strings or dicts failed on "no attribute 'user'"
+            raise TypeError(f"{name}: expected leakaudit.data.io.Record rows (load_records(path, "
+                            f"user_field=...)), got {type(records if bad is None else bad).__name__}")
     samples, labels = group_users(records_in, records_out)
     users = list(samples)
     ms = parse_m_values(m_values)
