@@ -58,14 +58,17 @@ def one_line(exc: BaseException, limit: int = 200) -> str:
     return text if len(text) <= limit else text[:limit - 3] + "..."
 
 
-def check_texts(texts: object, name: str = "texts") -> None:
-    """A Python caller's list of texts: one string is a sequence of characters, and each was scored as a text
-    (score_texts(lm, "hello world") gave 11 results); a None among them failed deep inside the tokenizer."""
+def check_texts(texts: object, name: str = "texts") -> list[str]:
+    """A Python caller's texts as a list (a generator is read once, here): one string is a sequence of
+    characters, and each was scored as a text (score_texts(lm, "hello world") gave 11 results); a None among
+    them failed deep inside the tokenizer."""
     if isinstance(texts, (str, bytes)):
         raise TypeError(f"{name}: expected a list of texts, got one string (write [{name}])")
-    for i, text in enumerate(texts):  # type: ignore[arg-type]
+    texts = list(texts)  # type: ignore[call-overload]
+    for i, text in enumerate(texts):
         if not isinstance(text, str):
             raise TypeError(f"{name}[{i}]: expected a string, got {type(text).__name__}")
+    return texts
 
 
 def check_model(lm: object, name: str = "lm") -> None:

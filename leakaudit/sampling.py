@@ -143,7 +143,7 @@ def sample(lm: LoadedModel, prompts: Sequence[str], config: SamplingConfig, *,
     InputError; a prompt too long for the room left keeps its last tokens, with a warning.
     """
     check_model(lm)
-    check_texts(prompts, "prompts")
+    prompts = check_texts(prompts, "prompts")
     config.validate()
     if backend not in BACKENDS:
         raise InputError(f"unknown backend '{backend}'; use one of {', '.join(BACKENDS)}", field="--backend")

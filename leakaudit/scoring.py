@@ -537,8 +537,7 @@ def score_texts(
     `padding_side` only matters for testing: both sides give the same numbers (explicit position ids).
     """
     check_model(lm)
-    check_texts(texts)
-    texts = list(texts)
+    texts = check_texts(texts)
     if isinstance(prefixes, str) or prefixes is None:
         prefix_list: list[str | None] = [prefixes] * len(texts)
     else:

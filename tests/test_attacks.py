@@ -446,3 +446,10 @@ def test_python_callers_passing_one_string_or_a_spec_get_a_clear_type_error(tiny
     for call, message in cases:
         with pytest.raises(TypeError, match=re.escape(message)):
             call()
+
+
+def test_texts_given_as_a_generator_are_all_scored(tiny_neox):
+    from leakaudit.scoring import score_texts
+
+    texts = ["a member text here", "another one", "and a third"]
+    assert len(score_texts(tiny_neox, (t for t in texts), cache=False, progress=False)) == 3

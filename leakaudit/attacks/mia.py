@@ -474,8 +474,7 @@ def run_mia(target: LoadedModel, members: list[str], nonmembers: list[str], atta
     check_model(target, "target")
     if reference is not None:
         check_model(reference, "reference")
-    check_texts(members, "members")
-    check_texts(nonmembers, "nonmembers")
+    members, nonmembers = check_texts(members, "members"), check_texts(nonmembers, "nonmembers")
     if isinstance(attacks, str):  # "loss" was read as the attacks l, o, s, s
         raise TypeError(f"attacks: expected a list of attack names, got one string (write [{attacks!r}])")
     chosen = _resolve(attacks, attack_options)
