@@ -377,3 +377,17 @@ def test_an_unfinished_run_is_not_resumed_by_another_number_of_processes(tmp_pat
     assert "unfinished run trained by 2 processes; resume it with 2 (it has 1 now)" in err.value.message
     (out / DONE_MARKER).write_text("{}")
     assert check_out(config, out) is True  # a finished run is a result, whoever trained it
+
+
+def test_an_output_that_is_a_file_is_refused_by_name(tmp_path):
+    """FinetuneConfig(out=the data file) ended in NotADirectoryError from pathlib (the Python API has no CLI
+    output check in front of it)."""
+    from leakaudit.errors import InputError
+    from leakaudit.train.finetune import FinetuneConfig, finetune
+
+    data = tmp_path / "d.jsonl"
+    data.write_text('{"text": "a line to train on"}\n')
+    with pytest.raises(InputError) as err:
+        finetune(FinetuneConfig(model="tiny-gpt-neox", data=str(data), method="lora", out=str(data)), progress=False)
+    assert err.value.file == str(data) and "is a file, not an output directory" in err.value.message
+    assert data.read_text() == '{"text": "a line to train on"}\n'  # nothing written over it

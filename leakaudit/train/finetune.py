@@ -313,6 +313,8 @@ def save_pissa_init(model, out: Path) -> None:
 # ----------------------------------------------------------------------------------------- run
 def check_out(config: FinetuneConfig, out: Path) -> bool:
     """True when `out` already holds this finished run; refuse an out dir holding a different run."""
+    if out.exists() and not out.is_dir():  # e.g. the data file itself: NotADirectoryError from pathlib
+        raise InputError("is a file, not an output directory; use a new --out", file=out, field="--out")
     saved = out / "finetune_config.json"
     if saved.exists():
         previous = json.loads(saved.read_text())
