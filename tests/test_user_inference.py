@@ -77,6 +77,11 @@ def test_in_training_users_are_separated(users, tiny_neox):
     null = run_user_inference(tiny_neox, tiny_neox, attack_in, attack_out, m_values="all", n_bootstrap=0,
                               **NO_CACHE)
     assert null.per_m["all"].auc == pytest.approx(0.5)
+    # records given as generators are all read (a type check must not consume them)
+    again = run_user_inference(tuned, tiny_neox, (r for r in attack_in), (r for r in attack_out), m_values="all",
+                               n_bootstrap=0, **NO_CACHE)
+    assert (again.per_m["all"].n_pos, again.per_m["all"].n_neg) == (6, 6)
+    assert again.per_m["all"].auc == pytest.approx(report.per_m["all"].auc)
 
 
 def test_statistic_by_hand(users, tiny_neox):

@@ -132,11 +132,15 @@ def run_user_inference(target: LoadedModel, reference: LoadedModel, records_in: 
 
     check_model(target, "target")
     check_model(reference, "reference")
+    checked = []
     for name, records in (("records_in", records_in), ("records_out", records_out)):
-        bad = next((r for r in records if not hasattr(r, "user") or not hasattr(r, "text")), None)
-        if bad is not None or isinstance(records, str):  # strings or dicts failed on "no attribute 'user'"
+        rows = [records] if isinstance(records, str) else list(records)  # a generator is read once, here
+        bad = next((r for r in rows if not hasattr(r, "user") or not hasattr(r, "text")), None)
+        if bad is not None:  # strings or dicts failed on "no attribute 'user'"
             raise TypeError(f"{name}: expected leakaudit.data.io.Record rows (load_records(path, "
-                            f"user_field=...)), got {type(records if bad is None else bad).__name__}")
+                            f"user_field=...)), got {type(bad).__name__}")
+        checked.append(rows)
+    records_in, records_out = checked
     samples, labels = group_users(records_in, records_out)
     users = list(samples)
     ms = parse_m_values(m_values)
