@@ -39,10 +39,11 @@ def check_plan(plan: Plan, runs: tuple[Path | None, ...] = ()) -> None:
                                       f"{base.params['method']} adapter; fine-tuning starts from a full model "
                                       "(fine-tune that one with method: full, or merge it first)")
             elif stage.kind != "dataset":
-                _check_field_options(plan, stage, stage_options(stage))
+                options = stage_options(stage)  # validated once, read by every check below
+                _check_field_options(plan, stage, options)
                 _check_users(plan, stage)
-                _check_option_files(stage, stage_options(stage))
-                _check_window(plan, stage, stage_options(stage))
+                _check_option_files(stage, options)
+                _check_window(plan, stage, options)
                 if stage.params.get("members") is not None and stage.params.get("members") == stage.params.get(
                         "nonmembers"):  # it ran the whole study to an AUC of 0.5 and a warning inside mia.json
                     raise ConfigError((*stage.origin, "nonmembers"), "names the same data as members: an attack "
@@ -215,20 +216,31 @@ def option_key(field: str | None) -> str | None:
     return field[2:].replace("-", "_") if field and field.startswith("--") else field
 
 
+def _dataset_read(plan: Plan, ref: Any) -> tuple[str, Any]:
+    """(name, entry) of the `datasets` entry a stage's data role reads; ("", None) for a generate step's data
+    or a role not given."""
+    if not (isinstance(ref, list) and ref and str(ref[0]).startswith("data/")):
+        return "", None
+    name = ref[0].split("/", 1)[1]
+    return name, plan.exp.datasets[name]
+
+
+def _renamed_fields(ds: Any) -> dict[str, str]:
+    """A data file's fields the dataset step writes under another name (its text_field as `text`, id_field as
+    `id`, user_field as `user`): source name -> the name its rows hold."""
+    return {f: to for f, to in ((ds.text_field, "text"), (ds.id_field, "id"), (ds.user_field, "user"))
+            if f is not None and f != to}
+
+
 def _check_field_options(plan: Plan, stage: Stage, options: dict[str, Any]) -> None:
     """A `query_field`/`response_field` (or replace-pii's `text_field`) naming the field a dataset reads as its
     text (id, user): the dataset step writes that field as `text` (`id`, `user`), so the stage would fail on its
     first row ("no query field") in a file of the run dir. Said here, at the option's line. `options`: the
     stage's options as its kind validated them (replace-pii's text_field already a list)."""
-    ref = stage.params.get("data")
-    if not (isinstance(ref, list) and ref and str(ref[0]).startswith("data/")):
+    name, ds = _dataset_read(plan, stage.params.get("data"))
+    if ds is None or ds.builtin is not None:  # built-in rows keep their own fields (query, response)
         return
-    name = ref[0].split("/", 1)[1]
-    ds = plan.exp.datasets[name]
-    if ds.builtin is not None:  # built-in rows keep their own fields (query, response)
-        return
-    renamed = {f: to for f, to in ((ds.text_field, "text"), (ds.id_field, "id"), (ds.user_field, "user"))
-               if f is not None and f != to}
+    renamed = _renamed_fields(ds)
     for key in ("query_field", "response_field", "text_field"):  # replace-pii's text_field: fields to rewrite
         value = options.get(key)
         for field in [value] if isinstance(value, str) else value or []:
@@ -238,8 +250,7 @@ def _check_field_options(plan: Plan, stage: Stage, options: dict[str, Any]) -> N
                                   f"and its rows hold it as '{to}': use {key}: {to}")
 
 
-#: what `_check_option_files` read from files it found good in this process, by path, kind of file, size
-#: and mtime
+#: what the checks read from files they found good in this process, by path, kind of file, size and mtime
 _read_files: dict[tuple[Any, ...], Any] = {}
 
 
@@ -266,15 +277,24 @@ def _check_option_files(stage: Stage, options: dict[str, Any]) -> None:
         if path is not None and corpus != "enron":
             checks.append(("corpus", str(path), load_records))
     for what, path, read in checks:
-        try:
-            st = Path(path).expanduser().stat()
-        except OSError:
+        content = _read_once(path, what, read)  # an InputError names the file, its line and field
+        if content is None:
             continue  # missing: the options' own check says so
-        seen = (str(path), what, st.st_size, st.st_mtime_ns)
-        if seen not in _read_files:
-            _read_files[seen] = read(path)  # an InputError names the file, its line and field
         if what == "pairs" and stage.kind == "pii":
-            _check_demos(stage, options, _read_files[seen])
+            _check_demos(stage, options, content)
+
+
+def _read_once(path: Any, what: str, read: Any) -> Any:
+    """`read(path)`, once per process for a file as it is now (by path, size and mtime): stages that share a
+    file (seven fine-tunes of one dataset) do not read it seven times. None when it cannot be found."""
+    try:
+        st = Path(path).expanduser().stat()
+    except OSError:
+        return None
+    seen = (str(path), what, st.st_size, st.st_mtime_ns)
+    if seen not in _read_files:
+        _read_files[seen] = read(path)
+    return _read_files[seen]
 
 
 def _check_demos(stage: Stage, options: dict[str, Any], targets: list[Any]) -> None:
@@ -294,20 +314,15 @@ def _check_training_fields(plan: Plan, stage: Stage, config: Any) -> None:
     dir's copy of the data. Checked on the source file's first row."""
     need = {"instruction": [config.prompt_field, config.response_field], "chat": [config.messages_field]}.get(
         config.format, [])
-    sid = stage.params["data"][0]
-    if not need or not sid.startswith("data/"):
-        return
-    name = sid.split("/", 1)[1]
-    ds = plan.exp.datasets[name]
-    if ds.path is None:
+    name, ds = _dataset_read(plan, stage.params["data"])
+    if not need or ds is None or ds.path is None:
         return
     from leakaudit.data.io import read_rows
 
-    rows = read_rows(Path(ds.path).expanduser())
+    rows = _read_once(Path(ds.path).expanduser(), "rows", read_rows)
     if not rows or not isinstance(rows[0][1], dict):
         return  # the data step says what is wrong with the file
-    renamed = {f: to for f, to in ((ds.text_field, "text"), (ds.id_field, "id"), (ds.user_field, "user"))
-               if f is not None and f != to}
+    renamed = _renamed_fields(ds)
     first = rows[0][1]
     for field in need:
         top = field.split(".")[0]
@@ -365,15 +380,9 @@ def _check_users(plan: Plan, stage: Stage) -> None:
     row, after every stage before it. Said here, at the evaluation's data role."""
     if stage.kind != "user-inference":
         return
-    from leakaudit.kinds.base import DATA_ROLES
-
     for role in DATA_ROLES:
-        ref = stage.params.get(role)
-        if not (isinstance(ref, list) and ref and str(ref[0]).startswith("data/")):
-            continue
-        name = ref[0].split("/", 1)[1]
-        ds = plan.exp.datasets[name]
-        if ds.builtin is None and ds.user_field is None:
+        name, ds = _dataset_read(plan, stage.params.get(role))
+        if ds is not None and ds.builtin is None and ds.user_field is None:
             raise ConfigError((*stage.origin, role), f"user inference needs each row's user, and datasets.{name} "
                               "reads none: set its user_field (the column that names each row's user)")
 
