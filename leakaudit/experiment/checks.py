@@ -356,6 +356,7 @@ def _check_window(plan: Plan, stage: Stage, options: dict[str, Any]) -> None:
 def _config_window(spec: str) -> int | None:
     """The context window a local model's (or an adapter's base's) config.json gives; None where it does not."""
     from leakaudit.models import resolve_spec
+    from leakaudit.models.spec import context_window
 
     try:
         kind, where = resolve_spec(spec)
@@ -367,11 +368,7 @@ def _config_window(spec: str) -> int | None:
         cfg = json.loads((Path(where) / "config.json").read_text())
     except (InputError, OSError, ValueError):
         return None  # the model checks say what is wrong with it
-    for name in ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length"):
-        value = cfg.get(name) if isinstance(cfg, dict) else None
-        if isinstance(value, int) and value > 0:
-            return value
-    return None
+    return context_window(cfg) if isinstance(cfg, dict) else None
 
 
 def _check_users(plan: Plan, stage: Stage) -> None:

@@ -13,7 +13,7 @@ from leakaudit.errors import InputError, first_line
 from leakaudit.models.dtype import resolve_device, resolve_dtype
 from leakaudit.models.factories import RANDOM_PREFIX, build_tiny_tokenizer, random_model_config
 from leakaudit.models.fingerprint import dir_fingerprint, tensor_fingerprint
-from leakaudit.models.spec import adapter_base, check_model_dir, resolve_spec
+from leakaudit.models.spec import adapter_base, check_model_dir, context_window, resolve_spec
 
 
 @dataclass
@@ -30,12 +30,7 @@ class LoadedModel:
     @property
     def max_length(self) -> int:
         """The model's context window in tokens."""
-        cfg = self.model.config
-        for name in ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length"):
-            value = getattr(cfg, name, None)
-            if isinstance(value, int) and value > 0:
-                return value
-        return 2048
+        return context_window(self.model.config) or 2048
 
 
 def _load_errors() -> tuple[type[BaseException], ...]:

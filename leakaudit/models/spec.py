@@ -35,6 +35,20 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "tok
 HUB_TIMEOUT_S = 10  # one metadata request decides whether a hub id can load; no minute of download retries
 
 
+#: the config fields a model states its context window in, by architecture
+CONTEXT_FIELDS = ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length")
+
+
+def context_window(config: object) -> int | None:
+    """The context window a model config states (a transformers config object or its config.json as a dict);
+    None where it states none. Read by the loaded model and, before anything loads, by the plan checks."""
+    for name in CONTEXT_FIELDS:
+        value = config.get(name) if isinstance(config, dict) else getattr(config, name, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return None
+
+
 def resolve_spec(spec: str) -> tuple[str, Path | str]:
     """Classify a model spec: ('dir'|'adapter'|'hub'|'random', location), without loading weights.
 
