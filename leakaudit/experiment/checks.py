@@ -13,7 +13,7 @@ from pydantic import ValidationError
 
 from leakaudit.config import ConfigError, pydantic_message
 from leakaudit.errors import InputError, OptionError
-from leakaudit.experiment.plan import Plan, Stage, stage_dir, trained_by_all
+from leakaudit.experiment.plan import Plan, Stage, local_adapter_base, stage_dir, trained_by_all
 from leakaudit.kinds.base import DATA_ROLES, MODEL_ROLES
 
 
@@ -360,9 +360,9 @@ def _config_window(spec: str) -> int | None:
 
     try:
         kind, where = resolve_spec(spec)
-        if kind == "adapter":
-            base = json.loads((Path(where) / "adapter_config.json").read_text()).get("base_model_name_or_path")
-            return _config_window(base) if isinstance(base, str) else None
+        if kind == "adapter":  # its base's window (a hub base: left to the stage)
+            base = local_adapter_base(Path(where))
+            return _config_window(base) if base is not None else None
         if kind != "dir":
             return None
         cfg = json.loads((Path(where) / "config.json").read_text())

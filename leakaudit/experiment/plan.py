@@ -131,13 +131,13 @@ def _model_identity(spec: str, seen: frozenset[Path]) -> str:
         return spec
     identity = f"{spec}#{file_identity(p)}"
     real = p.resolve()
-    base = _adapter_base_path(p)
+    base = local_adapter_base(p)
     if base is None or real in seen:  # not an adapter of a local base; or a cycle, each dir counted once
         return identity
     return f"{identity}|base:{_model_identity(base, seen | {real})}"
 
 
-def _adapter_base_path(p: Path) -> str | None:
+def local_adapter_base(p: Path) -> str | None:
     """The base_model_name_or_path of an adapter dir when it is a local path that exists (resolved as loading
     resolves it), else None: a hub id or tiny-* name enters the adapter's key through its config file."""
     cfg = p / "adapter_config.json"
