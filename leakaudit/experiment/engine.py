@@ -152,8 +152,8 @@ def _rebase_adapters(plan: Plan, stage: Stage, sdir: Path, out: Path, results: d
         if isinstance(data, dict) and data.get("base_model_name_or_path") not in (None, base):
             write_json(cfg, {**data, "base_model_name_or_path": base})
             changed = True
-    if changed:
-        record = json.loads((sdir / "stage.json").read_text(encoding="utf-8"))
+    record = is_done(sdir, stage.key) if changed else None  # the finish just settled: cached or reused
+    if record is not None:
         write_json(sdir / "stage.json", {**record, "outputs": output_manifest(sdir)})
 
 
