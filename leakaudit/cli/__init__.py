@@ -58,11 +58,14 @@ def _on_sigterm(signum, frame) -> None:
 
 
 def _other_rank() -> bool:
-    """A launched process other than rank 0 (RANK and WORLD_SIZE as torchrun and accelerate set them)."""
+    """A launched process other than rank 0 (distributed.world, already imported by `_one_process`)."""
+    from leakaudit.distributed import world
+
     try:
-        return int(os.environ.get("WORLD_SIZE", "1")) > 1 and int(os.environ.get("RANK", "0")) != 0
-    except ValueError:
+        rank, size = world()
+    except ValueError:  # a launcher's variable that is no number: not this handler's to say
         return False
+    return size > 1 and rank != 0
 
 
 #: OSErrors that are the machine's, not the input's or a bug's: one line instead of a traceback
