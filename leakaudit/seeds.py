@@ -126,22 +126,24 @@ def combine(runs: list[SeedRun]) -> list[dict[str, Any]]:
     verdict; None where that seed has no such comparison), `n_seeds` (seeds with a Δ), `mean_delta`, `sd`
     (across seeds), `seed_half_width` (t x SD / sqrt(n)), `item_half_width` (the seeds' mean CI half-width),
     `mean_ci` (mean ± both in quadrature; None under two seeds or without the seeds' intervals),
-    `same_in_every_seed` (every run
-    computed it in the same stages: one run, not n),
-    `increase`/`decrease` (seeds whose own interval excludes 0 that way)."""
+    `same_in_every_seed` (every run computed it in the same stages: one run, not n), `increase`/`decrease`
+    (seeds whose own interval excludes 0 that way)."""
+    by_run: list[dict[tuple[str, str, str], dict[str, Any]]] = []  # per run: key -> its (first) comparison
     rows: dict[tuple[str, str, str], dict[str, Any]] = {}
     for r in runs:
+        mine: dict[tuple[str, str, str], dict[str, Any]] = {}
         for c in r.comparisons:
             key = (str(c.get("evaluation")), str(c.get("metric")), str(c.get("variant")))
+            mine.setdefault(key, c)
             rows.setdefault(key, {"evaluation": key[0], "metric": key[1], "variant": key[2], "baselines": []})
             if c.get("baseline") not in rows[key]["baselines"]:
                 rows[key]["baselines"].append(c.get("baseline"))
+        by_run.append(mine)
     out = []
     for key, row in rows.items():
         per_seed: list[dict[str, Any] | None] = []
-        for r in runs:
-            c = next((c for c in r.comparisons
-                      if (str(c.get("evaluation")), str(c.get("metric")), str(c.get("variant"))) == key), None)
+        for r, mine in zip(runs, by_run, strict=True):
+            c = mine.get(key)
             per_seed.append(None if c is None else {"seed": r.seed, "delta": c.get("delta"),
                                                     "ci": (c.get("delta_ci") or c.get("ci"))
                                                     if c.get("delta") is not None else None,
