@@ -275,3 +275,17 @@ def test_replaced_rows_say_where_they_came_from_and_keep_a_generators_provenance
     assert first == {"method": "replace-pii", "source_id": "gen:1", "fields": ["text"], "names": "shipped",
                      "header_names": True, "seed": 3, "from": {"generator": "m0"}}
     assert second["source_id"] == "r2" and "from" not in second
+
+
+def test_an_empty_name_list_is_said_by_audit_data_too(tmp_path, monkeypatch, capsys):
+    """The warning lived in replace-pii alone: `audit-data --names` with a blank list looked for no listed name
+    and said nothing."""
+    from conftest import run_main
+
+    empty = tmp_path / "names.txt"
+    empty.write_text("\n")
+    src, gen = tmp_path / "s.jsonl", tmp_path / "g.jsonl"
+    src.write_text('{"text": "Hi Sara Shackleton, see you."}\n')
+    gen.write_text('{"text": "Sara Shackleton wrote."}\n')
+    code, err = run_main(["audit-data", "--source", src, "--generated", gen, "--names", empty], monkeypatch, capsys)
+    assert code == 0 and err.count(f"warning: {empty}: holds no names") == 1, err

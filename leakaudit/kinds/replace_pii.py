@@ -44,12 +44,7 @@ class ReplacePii(Kind):
         from leakaudit.data.pii_find import load_name_list
         from leakaudit.data.pii_replace import replace_pii_file
 
-        names = load_name_list(options.names) if options.names else None
-        if names == []:
-            from leakaudit.data.pii_find import NO_NAMES
-            from leakaudit.warn import warn_once
-
-            warn_once(NO_NAMES.format(path=options.names))
+        names = load_name_list(options.names) if options.names else None  # an empty list is warned of there
         rows, summary = replace_pii_file(ctx.data["data"], options.text_field, names=names,
                                          header_names=options.header_names, seed=ctx.seed)
         write_jsonl(ctx.output_file("data.jsonl"), rows)
