@@ -55,7 +55,9 @@ def read_run(out: str | Path) -> SeedRun:
     out = Path(out)
     if not out.is_dir():
         raise InputError("not a directory (an output dir of `leakaudit run` is expected)", file=out)
-    record = _read_json(out / "run.json", "not an output dir of `leakaudit run`")
+    from leakaudit.report.html import load_run  # the report's check of run.json, one message for both
+
+    record = load_run(out)
     summary = _read_json(out / "summary.json", f"the run has no report yet: `leakaudit report {out}` writes it")
     experiment = record.get("experiment")
     if not isinstance(experiment, dict) or not isinstance(experiment.get("seed"), int):

@@ -116,7 +116,7 @@ def test_dirs_that_are_not_seeds_of_one_experiment_are_one_line_errors(tmp_path,
     elif case == "not json":
         b = _run_dir(tmp_path, 1, [])
         (b / "run.json").write_text("{half")
-        where = f"{b / 'run.json'}: not JSON"
+        where = f"{b / 'run.json'}: not a run record (malformed JSON"
     elif case == "nan":  # a hand-edited summary: statistics raised AttributeError
         b = _run_dir(tmp_path, 1, [_comparison("ft", 0.1, [0.0, 0.2]), _comparison("ft2", float("nan"), [0.0, 0.2])])
         where = f"{b / 'summary.json'}: field 'comparisons[1]': not a comparison with a finite delta"
