@@ -850,3 +850,69 @@ def test_the_report_line_names_the_report_as_the_user_named_out(tmp_path, monkey
     lines: list[str] = []
     run_experiment(parse_experiment(yaml.safe_dump(cfg)), Path("out/tiny"), log=lines.append)
     assert "report: out/tiny/report.html" in lines
+
+
+def _moved_project(tmp_path: Path, name: str) -> tuple[Path, Path]:
+    """A project folder: its data file beside its experiment file (a relative `path`), as a checkout holds it."""
+    proj = tmp_path / name
+    proj.mkdir()
+    (proj / "texts.jsonl").write_text("".join(json.dumps({"text": f"line {i} of the file, user {i % 3}",
+                                                          "user": i % 3}) + "\n" for i in range(12)))
+    cfg = yaml.safe_load(SMALL)
+    cfg["datasets"] = {"emails": {"path": "texts.jsonl", "user_field": "user", "split": {"members": 0.5,
+                                                                                          "nonmembers": 0.5}}}
+    (proj / "exp.yaml").write_text(yaml.safe_dump(cfg, sort_keys=False))
+    return proj, proj / "exp.yaml"
+
+
+def test_a_moved_project_keeps_its_stages_and_a_copy_elsewhere_can_be_reused(tmp_path):
+    """A data file entered its readers' keys by absolute path: a checkout moved (or a colleague's copy of the
+    project) reran every stage, and `--reuse` of a run dir made in another folder reused nothing."""
+    import shutil
+
+    from leakaudit.config import load_experiment
+
+    proj, exp = _moved_project(tmp_path, "a")
+    first = run_experiment(load_experiment(exp), proj / "out", log=_quiet, report=False)
+    assert set(first.values()) == {"ran"}
+    shutil.copytree(proj, tmp_path / "moved")
+    moved = run_experiment(load_experiment(tmp_path / "moved" / "exp.yaml"), tmp_path / "moved" / "out", log=_quiet,
+                           report=False)
+    assert set(moved.values()) == {"cached"}
+    other, other_exp = _moved_project(tmp_path, "colleague")  # the same files, in a folder of their own
+    reused = run_experiment(load_experiment(other_exp), other / "out", log=_quiet, report=False, reuse=proj / "out")
+    assert set(reused.values()) == {"reused"}
+    # the file's name stays in the key: its rows' ids are `<file stem>:<line>`
+    (other / "texts.jsonl").rename(other / "renamed.jsonl")
+    other_exp.write_text(other_exp.read_text().replace("texts.jsonl", "renamed.jsonl"))
+    assert set(run_experiment(load_experiment(other_exp), other / "out", log=_quiet, report=False).values()) == {"ran"}
+
+
+def test_a_run_dir_finished_under_the_earlier_keys_is_adopted_not_rerun(tmp_path, capsys):
+    """Run dirs finished before data files were keyed by name hold the keys of then (plan's `earlier_key`):
+    a plain rerun takes them over (every stage cached, a reused stage's hard-linked marker left alone in the
+    run it came from); `--reuse` of such a dir says how to update it instead of silently running everything."""
+    from leakaudit.config import load_experiment
+
+    proj, exp = _moved_project(tmp_path, "p")
+    plan = Plan(load_experiment(exp))
+    assert all(s.earlier_key != s.key for s in plan.stages.values())  # every stage reads the file
+    builtin = Plan(parse_experiment(SMALL))
+    assert all(s.earlier_key == s.key for s in builtin.stages.values())  # built-in data: keys as they were
+    run_experiment(load_experiment(exp), proj / "old", log=_quiet, report=False)
+    run_experiment(load_experiment(exp), proj / "linked", log=_quiet, report=False, reuse=proj / "old")
+    for run in ("old", "linked"):  # what leakaudit before this change wrote
+        for s in plan.stages.values():
+            record = json.loads((proj / run / s.folder / "stage.json").read_text())
+            (proj / run / s.folder / "stage.json").write_text(json.dumps({**record, "key": s.earlier_key}))
+            if run == "old":
+                (proj / run / s.folder / ".key").write_text(s.earlier_key)
+    capsys.readouterr()
+    status = run_experiment(load_experiment(exp), proj / "new", log=_quiet, report=False, reuse=proj / "old")
+    assert set(status.values()) == {"ran"}
+    assert "finished by an earlier leakaudit, so its stages are not reused" in capsys.readouterr().err
+    assert set(run_experiment(load_experiment(exp), proj / "linked", log=_quiet, report=False).values()) == {"cached"}
+    for s in plan.stages.values():
+        assert (proj / "old" / s.folder / ".key").read_text() == s.earlier_key  # not written through the link
+        assert json.loads((proj / "old" / s.folder / "stage.json").read_text())["key"] == s.earlier_key
+    assert set(run_experiment(load_experiment(exp), proj / "old", log=_quiet, report=False).values()) == {"cached"}

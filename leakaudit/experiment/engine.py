@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from leakaudit.config import ConfigError, Experiment
-from leakaudit.data.io import link_or_copy, write_json
+from leakaudit.data.io import link_or_copy, write_atomic, write_json
 from leakaudit.errors import InputError
 from leakaudit.experiment.checks import (
     check_plan,
@@ -181,6 +181,8 @@ def _settle(i: int, n: int, plan: Plan, stage: Stage, sdir: Path, out: Path, res
         if after_stage is not None:
             after_stage(status)  # run.json no longer lists its old result (the report must not read it)
     theirs = is_done(Path(reuse) / stage.folder, stage.key) if reuse is not None else None
+    if reuse is not None and theirs is None:
+        _older_there(Path(reuse), stage)
     if (theirs is not None and _other_precision(stage, theirs) is None  # never a stage computed in another dtype
             and _read_the_same(plan, stage, theirs, Path(reuse), out, finished)):
         done = reuse_stage(Path(reuse), stage.folder, stage.key, out, sdir)
@@ -351,6 +353,7 @@ def run_experiment(exp: Experiment, out: str | Path, *, config_text: str = "",
         prepare_out(plan, out)
     with exclusive(out) if main else nullcontext():
         if main:
+            adopt_earlier_keys(plan, out)
             distributed.barrier()
             write_run_record(plan, out, config_text, {})  # so `leakaudit report` works on a run in progress
             for stale in ("summary.json", "report.html"):  # an earlier run's numbers: written again at the end
@@ -365,6 +368,28 @@ def run_experiment(exp: Experiment, out: str | Path, *, config_text: str = "",
                 path = write_report(out)  # relative to the working directory when inside it, as --out is
                 log(f"report: {path.relative_to(Path.cwd()) if path.is_relative_to(Path.cwd()) else path}")
     return status
+
+
+def adopt_earlier_keys(plan: Plan, out: Path) -> None:
+    """Stages this run dir finished under the key they had before data files entered keys by name (plan's
+    `earlier_key`) take the key they have now: the same inputs, so cached, not run again."""
+    for stage in plan.stages.values():
+        if stage.earlier_key == stage.key:
+            continue
+        sdir = out / stage.folder
+        record = is_done(sdir, stage.earlier_key) if is_done(sdir, stage.key) is None else None
+        if record is not None:
+            write_json(sdir / "stage.json", {**record, "key": stage.key})  # replaced, never written through a link
+            if (sdir / ".key").exists():
+                write_atomic(sdir / ".key", lambda fh, key=stage.key: fh.write(key))
+
+
+def _older_there(reuse: Path, stage: Stage) -> None:
+    """Say why a --reuse dir finished by an earlier leakaudit offers nothing: its records hold the earlier keys
+    until a plain run of it takes the current ones (every stage cached)."""
+    if stage.earlier_key != stage.key and is_done(reuse / stage.folder, stage.earlier_key) is not None:
+        warn_once(f"{reuse}: finished by an earlier leakaudit, so its stages are not reused; `leakaudit run` "
+                  f"with its experiment and --out {reuse} updates it (every stage cached), then reuse it")
 
 
 @contextmanager

@@ -28,6 +28,9 @@ class Stage:
     params: dict[str, Any]
     deps: list[str] = field(default_factory=list)
     key: str = ""
+    # the key this stage had when a data file entered keys by its absolute path (moving a checkout or a run
+    # dir reran everything): a run dir finished under it is adopted, not rerun (engine.adopt_earlier_keys)
+    earlier_key: str = ""
     seed: int = 0  # the step's own `seed` when it has one, else the experiment's
     # Not hashed: where the stage comes from in the file (section, name) and its grid overrides, for errors.
     origin: tuple[str, str] = ("", "")
@@ -70,6 +73,15 @@ def remove_stale(out: Path, path: Path) -> None:
         for marker in ("stage.json", ".key"):
             (path / marker).unlink(missing_ok=True)
         shutil.rmtree(path)
+
+
+def _key_params(stage: Stage) -> dict[str, Any]:
+    """A stage's parameters as its key holds them: a data file by its name and content, not the folder it sits
+    in (its rows' ids are `<file stem>:<line>`; the folder changes nothing a step writes), so a moved checkout
+    or a colleague's copy of the project finds its run dirs cached and can `--reuse` them."""
+    if stage.kind == "dataset" and stage.params.get("path") is not None:
+        return {**stage.params, "path": Path(stage.params["path"]).name}
+    return stage.params
 
 
 def _hash(obj: Any) -> str:
@@ -206,13 +218,17 @@ class Plan:
             raise self.exp.error((*stage.origin, "grid"), f"grid variants '{twin.id}' and '{stage.id}' "
                                  f"{'are the same' if twin.id == stage.id else 'share the folder ' + stage.folder}; "
                                  "give each value once")
-        payload = {"v": STAGE_VERSION, "kind": stage.kind, "params": stage.params, "seed": stage.seed,
-                   "deps": {d: self.stages[d].key for d in stage.deps}}
+        stage.key = self._key(stage, _key_params(stage), "key")
+        stage.earlier_key = self._key(stage, stage.params, "earlier_key")
+        self.stages[stage.id] = stage
+
+    def _key(self, stage: Stage, params: dict[str, Any], chain: str) -> str:
+        payload = {"v": STAGE_VERSION, "kind": stage.kind, "params": params, "seed": stage.seed,
+                   "deps": {d: getattr(self.stages[d], chain) for d in stage.deps}}
         processes = world()[1]
         if processes > 1 and trained_by_all(stage):  # not quite the one-process training: docs/experiments.md
             payload["processes"] = processes
-        stage.key = _hash(payload)[:24]
-        self.stages[stage.id] = stage
+        return _hash(payload)[:24]
 
     def _read_outside(self, options: dict[str, Any]) -> dict[str, Any]:
         """What a generate or evaluate stage reads besides its inputs, for its key: the content of every file
