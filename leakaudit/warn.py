@@ -18,3 +18,15 @@ def warn_once(message: str) -> None:
     from leakaudit.data.pii_find import mask_message  # phonenumbers loads only when something is said
 
     print(f"warning: {mask_message(message)}", file=sys.stderr, flush=True)
+
+
+NO_NAMES = "{path}: holds no names, so none of its names can be found, replaced or masked (an empty list)"
+
+
+def warn_if_no_names(names: list[str], path: object) -> list[str]:
+    """`names` as read from the list at `path`, said once when it is empty: a blank list looked like a list of
+    one's own and silently left every name in place. Called wherever a list is read (replace-pii, audit-data,
+    report.mask_names); not in pii_find's reader, which this module imports to mask."""
+    if not names:
+        warn_once(NO_NAMES.format(path=path))
+    return names

@@ -289,3 +289,20 @@ def test_an_empty_name_list_is_said_by_audit_data_too(tmp_path, monkeypatch, cap
     gen.write_text('{"text": "Sara Shackleton wrote."}\n')
     code, err = run_main(["audit-data", "--source", src, "--generated", gen, "--names", empty], monkeypatch, capsys)
     assert code == 0 and err.count(f"warning: {empty}: holds no names") == 1, err
+
+
+def test_an_empty_mask_names_list_is_said_before_any_stage(tmp_path, capsys):
+    """`report.mask_names` naming a blank list masked none of the names its author meant to hide, silently."""
+    import yaml
+    from test_experiment import SMALL
+
+    from leakaudit.config import parse_experiment
+    from leakaudit.experiment import Plan
+    from leakaudit.experiment.checks import check_plan
+
+    empty = tmp_path / "hide.txt"
+    empty.write_text("  \n")
+    cfg = yaml.safe_load(SMALL)
+    cfg["report"] = {"mask_names": str(empty)}
+    check_plan(Plan(parse_experiment(yaml.safe_dump(cfg))), (tmp_path / "out", None))
+    assert f"warning: {empty}: holds no names" in capsys.readouterr().err

@@ -21,8 +21,9 @@ generate_app = typer.Typer(help="Make synthetic data: continuations, self-instru
 
 def _names(names: Path | None) -> list[str]:
     from leakaudit.data.pii_find import load_name_list, shipped_names
+    from leakaudit.warn import warn_if_no_names
 
-    return load_name_list(names) if names is not None else shipped_names()
+    return warn_if_no_names(load_name_list(names), names) if names is not None else shipped_names()
 
 
 def _run(name: str, options, out: Path, *, seed: int, data: Path | None = None, model: str | None = None,

@@ -240,15 +240,10 @@ def load_name_list(path: str | Path) -> list[str]:
                 raw = obj["name"].strip()
             if raw:
                 names.append(raw)
-    if not names:  # said wherever a list is read (replace-pii, audit-data, report masking), not per caller
-        from leakaudit.warn import warn_once
-
-        warn_once(NO_NAMES.format(path=p))
     return names
 
 
 #: said where a name list the user gave holds none (a blank file replaced the shipped list silently)
-NO_NAMES = "{path}: holds no names, so no name from this list is found or replaced (names read from e-mail headers still are)"
 
 
 def shipped_names() -> list[str]:

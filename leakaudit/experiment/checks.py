@@ -397,6 +397,10 @@ def _check_mask_names(plan: Plan) -> None:
         # absolute (a file given through the Python API is relative to the working directory): `leakaudit
         # report` reads it from run.json wherever it runs
         plan.exp.report.mask_names = str(p.resolve())
+        from leakaudit.data.pii_find import load_name_list
+        from leakaudit.warn import warn_if_no_names
+
+        warn_if_no_names(load_name_list(p), names)  # a bad line: an error naming the list's file and line
     mask_names_in_messages(plan.exp.report.mask_names)  # a bad line: an error naming the list's file and line
 
 

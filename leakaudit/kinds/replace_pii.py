@@ -43,8 +43,9 @@ class ReplacePii(Kind):
         from leakaudit.data.io import write_jsonl
         from leakaudit.data.pii_find import load_name_list
         from leakaudit.data.pii_replace import replace_pii_file
+        from leakaudit.warn import warn_if_no_names
 
-        names = load_name_list(options.names) if options.names else None  # an empty list is warned of there
+        names = warn_if_no_names(load_name_list(options.names), options.names) if options.names else None
         rows, summary = replace_pii_file(ctx.data["data"], options.text_field, names=names,
                                          header_names=options.header_names, seed=ctx.seed)
         write_jsonl(ctx.output_file("data.jsonl"), rows)
