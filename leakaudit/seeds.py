@@ -109,12 +109,22 @@ def read_runs(dirs: list[str | Path]) -> list[SeedRun]:
             raise InputError(f"seed {r.seed} again (also in {seen[r.seed]}): each seed counts once",
                              file=r.out / "run.json", field="experiment.seed")
         seen[r.seed] = r.out
-        other = _first_difference({k: v for k, v in first.experiment.items() if k != "seed"},
-                                  {k: v for k, v in r.experiment.items() if k != "seed"})
+        other = _first_difference(_as_keyed(first.experiment), _as_keyed(r.experiment))
         if other:
             raise InputError(f"differs from {first.out}'s experiment: these are not seeds of one experiment",
                              file=r.out / "run.json", field=f"experiment.{other}")
     return sorted(runs, key=lambda r: r.seed)
+
+
+def _as_keyed(experiment: dict[str, Any]) -> dict[str, Any]:
+    """An experiment without its seed, a data file named as stage keys name it (its file name: the folder a
+    checkout sits in differs between machines and changes no number)."""
+    out = {k: v for k, v in experiment.items() if k != "seed"}
+    datasets = out.get("datasets")
+    if isinstance(datasets, dict):
+        out["datasets"] = {n: {**d, "path": Path(d["path"]).name} if isinstance(d, dict) and isinstance(
+            d.get("path"), str) else d for n, d in datasets.items()}
+    return out
 
 
 def _t975(df: int) -> float:

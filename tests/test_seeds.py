@@ -143,3 +143,15 @@ def test_the_command_prints_the_tables_and_writes_json(tmp_path, monkeypatch, ca
     assert (tmp_path / "seeds.md").read_text().strip() == result.output.strip()
     code, err = run_main(["seeds", tmp_path / "nowhere"], monkeypatch, capsys)
     assert code == 2 and err == f"error: {tmp_path / 'nowhere'}: not a directory (an output dir of `leakaudit run` is expected)\n"
+
+
+def test_seeds_run_in_two_checkouts_are_one_experiment(tmp_path):
+    """A data file's folder is the checkout's: seeds run on two machines (or a moved one) were refused as
+    different experiments although stage keys, by name and content, call their data the same."""
+    exp = {**EXPERIMENT, "datasets": {"d": {"path": "/home/a/project/texts.jsonl"}}}
+    a = _run_dir(tmp_path, 0, [], exp)
+    b = _run_dir(tmp_path, 1, [], {**exp, "datasets": {"d": {"path": "/srv/b/checkout/texts.jsonl"}}})
+    assert [r.seed for r in read_runs([a, b])] == [0, 1]
+    c = _run_dir(tmp_path, 2, [], {**exp, "datasets": {"d": {"path": "/home/a/project/other.jsonl"}}})
+    with pytest.raises(InputError, match="field 'experiment.datasets.d.path'"):
+        read_runs([a, c])
