@@ -56,20 +56,21 @@ def test_tpr_at_one_percent_is_resolved_with_exactly_100_non_members():
 
 
 def test_bootstrap_roc_resamples_each_class_at_its_own_size():
-    """M18: non-members are redrawn 300 at a time, as many as there are, not 10 (the members' count).
+    """M18: non-members are redrawn 300 at a time, as many as there are, not 30 (the members' count;
+    30 members, so the bootstrap's own interval is the one reported).
 
     The resamples are drawn here by hand in the code's order (seed 7: all member rows, then all non-member
     rows, each over the class's sorted scores); each resample's AUC counts pairs, its TPR at FPR 0.01 is the
     share of members above the 4th highest non-member (3 of 300 may pass). The AUC ends are then Efron's BCa
     of those AUCs, the TPR ends their 2.5% and 97.5% quantiles."""
     rng = np.random.default_rng(1)
-    pos, neg = np.sort(rng.normal(1, 1, 10)), np.sort(rng.normal(0, 1, 300))
+    pos, neg = np.sort(rng.normal(1, 1, 30)), np.sort(rng.normal(0, 1, 300))
     n_boot = 500
-    m = roc_metrics(np.r_[pos, neg], np.r_[np.ones(10), np.zeros(300)], n_bootstrap=n_boot, seed=7,
+    m = roc_metrics(np.r_[pos, neg], np.r_[np.ones(30), np.zeros(300)], n_bootstrap=n_boot, seed=7,
                     fprs=(0.01,))
 
     draw = np.random.default_rng(7)
-    p = pos[draw.integers(0, 10, size=(n_boot, 10))]
+    p = pos[draw.integers(0, 30, size=(n_boot, 30))]
     q = neg[draw.integers(0, 300, size=(n_boot, 300))]
     above, tied = p[:, :, None] > q[:, None, :], p[:, :, None] == q[:, None, :]
     aucs = above.mean((1, 2)) + 0.5 * tied.mean((1, 2))

@@ -233,20 +233,22 @@ def test_tpr_at_low_fpr_has_a_bootstrap_interval_from_rechosen_thresholds():
 
 def test_an_auc_every_resample_repeats_gets_the_distribution_free_interval():
     """Perfect separation survives every resample, so the percentile interval was [1, 1] (coverage 0.38 at
-    10 per class for a true AUC of 0.99, simulated): Birnbaum-McCarty's bound stands in, k / (k + z²)."""
-    z2 = 1.959963984540054 ** 2
+    10 per class for a true AUC of 0.99, simulated): the exact bound stands in, P(AUC = 1) ≤ θ^k over k
+    disjoint pairs, so the lower end is 0.025^(1/k) (the normal-form k / (k + z²) it replaced: 0.72 at 10,
+    above the exact 0.69, and 0.21 at 1 per class, where 1 vs 1 separates with probability θ)."""
     m = roc_metrics(list(range(20)), [0] * 10 + [1] * 10, n_bootstrap=200)
-    assert m.auc == 1.0 and m.auc_ci == (pytest.approx(10 / (10 + z2)), 1.0)
-    assert any("Birnbaum-McCarty" in w for w in m.warnings)
+    assert m.auc == 1.0 and m.auc_ci == (pytest.approx(0.025 ** (1 / 10)), 1.0)
+    assert any("worst case" in w for w in m.warnings)
     m = roc_metrics(list(range(30)), [1] * 10 + [0] * 20, n_bootstrap=200)  # AUC 0, 10 members
-    assert m.auc == 0.0 and m.auc_ci == (0.0, pytest.approx(1 - 10 / (10 + z2)))
+    assert m.auc == 0.0 and m.auc_ci == (0.0, pytest.approx(1 - 0.025 ** (1 / 10)))
+    assert roc_metrics([0.0, 1.0], [0, 1], n_bootstrap=200).auc_ci == (pytest.approx(0.025), 1.0)  # 1 vs 1
     m = roc_metrics([0.5] * 12, [0, 1] * 6, n_bootstrap=200)  # every score alike: AUC 0.5 on every resample
     lo, hi = m.auc_ci
     assert lo < 0.5 < hi and hi - lo > 0.4
     m = roc_metrics([0.9, 0.8, 0.3, 0.1, 0.7, 0.2], [1, 0, 1, 0, 1, 0], n_bootstrap=200)  # resamples differ
-    assert not any("Birnbaum" in w for w in m.warnings)
+    assert not any("worst case" in w for w in m.warnings)
     m = roc_metrics([0.9, 0.8, 0.3, 0.1, 0.7, 0.2], [1, 0, 1, 0, 1, 0], n_bootstrap=1)  # one resample: no width,
-    assert not any("Birnbaum" in w for w in m.warnings)  # but not for a reason the fallback speaks to
+    assert not any("worst case" in w for w in m.warnings)  # but not for a reason the fallback speaks to
     # the same for a TPR: every member above every non-member gives TPR 1 on every resample; the exact
     # binomial interval over the members stands in for [1, 1]
     m = roc_metrics(list(range(330)), [0] * 300 + [1] * 30, n_bootstrap=200)
@@ -341,3 +343,36 @@ def test_metric_arguments_that_cannot_be_are_refused_by_name():
         binomial_ci(1, 3, alpha=2)
     with pytest.raises(ValueError, match=r"clusters: one key per item expected \(3 items\), got 2"):
         paired_difference([1.0, 2.0, 3.0], [2.0, 3.0, 4.0], clusters=[0, 1])
+
+
+def test_one_class_of_a_handful_against_many_gets_the_worst_case_interval():
+    """One member against 500 non-members: the bootstrap cannot vary the one member, so the AUC's interval was
+    [0.451, 0.477] with 5,000 (it covered 1% of true values, simulated); 2-10 members against 1,000 covered
+    49-91%. Below SMALL_CLASS items against LOPSIDED times as many, the interval is the worst case over score
+    distributions, the Wilson-form θ with (AUC − θ)² ≤ z²θ(1 − θ)/k (solved here by hand); a balanced small
+    set keeps its bootstrap interval (it covered 95-99%)."""
+    import math
+
+    z2 = 1.959963984540054 ** 2
+
+    def by_hand(auc, k):  # the two roots of (k + z²)θ² − (2k·auc + z²)θ + k·auc² = 0
+        a, b, c = k + z2, -(2 * k * auc + z2), k * auc * auc
+        r = math.sqrt(b * b - 4 * a * c)
+        return (-b - r) / (2 * a), (-b + r) / (2 * a)
+
+    rng = np.random.default_rng(0)
+    neg = rng.normal(0, 1, 500)
+    for k in (1, 5):
+        pos = rng.normal(1, 1, k)
+        m = roc_metrics([*pos, *neg], [1] * k + [0] * 500, n_bootstrap=200)
+        assert 0 < m.auc < 1 and m.auc_ci == pytest.approx(by_hand(m.auc, k))
+        assert m.auc_ci[1] - m.auc_ci[0] > 0.4  # wide, as a handful of members must leave it
+        assert any(f"only {k} member{'s' if k > 1 else ''} against 500" in w and "worst case" in w
+                   for w in m.warnings), m.warnings
+    m = roc_metrics([*rng.normal(0, 1, 3), *rng.normal(1, 1, 300)], [0] * 3 + [1] * 300, n_bootstrap=200,
+                    negatives="non-member users")  # the few are the non-members
+    assert any("only 3 non-member users against 300" in w for w in m.warnings), m.warnings
+    m = roc_metrics([*rng.normal(1, 1, 8), *rng.normal(0, 1, 8)], [1] * 8 + [0] * 8, n_bootstrap=200)
+    assert not any("worst case" in w for w in m.warnings)  # 8 vs 8: the bootstrap's own
+    m = roc_metrics([*rng.normal(1, 1, 20), *rng.normal(0, 1, 500)], [1] * 20 + [0] * 500, n_bootstrap=200)
+    assert not any("worst case" in w for w in m.warnings)  # 20 members: enough (94% at 20 vs 1,000)
