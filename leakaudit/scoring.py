@@ -475,8 +475,11 @@ def _token_budget(lm: LoadedModel, total: int) -> int:
     Why: with fewer, uneven batches one worker runs the last, largest one alone on its share of the threads:
     the demo's 64 MIA texts made 3 batches of 1,853, 3,854 and 450 padded tokens at 8,192, and two workers
     scored them 0.87x as fast as one (fp32); at a budget of 1,400, 1.10x (BENCHMARKS.md)."""
-    env = os.environ.get("LEAKAUDIT_TOKEN_BUDGET")
+    env = os.environ.get("LEAKAUDIT_TOKEN_BUDGET", "").strip()
     if env:
+        if not env.isdigit() or int(env) < 1:  # int("abc") was a traceback; 0 made every batch one text
+            raise InputError(f"must be a whole number of tokens of at least 1, got {env!r}",
+                             field="LEAKAUDIT_TOKEN_BUDGET")
         return int(env)
     if lm.device.type == "cuda":
         free, _ = torch.cuda.mem_get_info(lm.device)

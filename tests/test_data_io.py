@@ -217,3 +217,29 @@ def test_a_chat_row_without_text_says_what_it_needs(tmp_path):
         with pytest.raises(InputError) as err:
             load_records(tmp_path / "c.jsonl", text_field=field)
         assert "a chat row needs a text field too" in err.value.message and err.value.line == 1
+
+
+def test_a_csv_cell_longer_than_the_csv_modules_limit_is_read(tmp_path):
+    """csv's default field limit (131,072 characters, ~30k tokens) refused a long document in one cell that
+    the same file as JSONL read; the process's own limit is left as it was."""
+    import csv
+
+    long = "word " * 40_000  # 200,000 characters
+    (tmp_path / "x.csv").write_text(f'text\n"{long}"\nshort\n')
+    limit = csv.field_size_limit()
+    assert [len(r.text) for r in load_records(tmp_path / "x.csv")] == [len(long), 5]
+    assert csv.field_size_limit() == limit
+
+
+@pytest.mark.parametrize("value", ["abc", "0", "-5", "1.5"])
+def test_a_bad_token_budget_is_one_line(value, tmp_path, monkeypatch, capsys):
+    """LEAKAUDIT_TOKEN_BUDGET=abc was a ValueError traceback; 0 was taken (every batch one text)."""
+    from conftest import run_main
+
+    monkeypatch.setenv("LEAKAUDIT_TOKEN_BUDGET", value)
+    data = tmp_path / "t.jsonl"
+    write_jsonl(data, [{"text": "a few words to score"}])
+    code, err = run_main(["score", "--model", "tiny-gpt-neox", "--data", str(data), "--out", str(tmp_path / "o.jsonl")],
+                         monkeypatch, capsys)
+    assert code == 2 and err.strip().splitlines() == [
+        f"error: field 'LEAKAUDIT_TOKEN_BUDGET': must be a whole number of tokens of at least 1, got {value!r}"]

@@ -196,6 +196,17 @@ def _element_lines(text: str, rows: list) -> list[int]:
 def _read_csv(p: Path) -> list[tuple[int, dict[str, Any]]]:
     """Rows with the file line each ends on (its id). Strict quoting: an unclosed quote is an error naming the
     line the unreadable row starts after, where the lenient default read the rest of the file into one field."""
+    # the csv module's default field limit is 131,072 characters (~30k tokens): a long document in one cell
+    # was refused though the same text in JSONL scores fine. Raised for this read only (a caller's own limit,
+    # process-wide, comes back)
+    before = csv.field_size_limit(2**31 - 1)
+    try:
+        return _read_csv_rows(p)
+    finally:
+        csv.field_size_limit(before)
+
+
+def _read_csv_rows(p: Path) -> list[tuple[int, dict[str, Any]]]:
     rows = []
     with io.StringIO(read_text(p), newline="") as fh:
         reader = csv.DictReader(fh, strict=True)
