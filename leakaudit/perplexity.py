@@ -39,11 +39,17 @@ def perplexity(lm: LoadedModel, texts: Sequence[str], *, batch_size: int | str =
                max_length: int | None = None, progress: bool = True, cache: bool = True) -> PerplexityResult:
     """Corpus and mean per-text perplexity from one batched scoring pass (served from the score cache unless
     `cache=False`); data-parallel under a launcher (each process scores a shard, every process gets all)."""
-    scores = [s for s in score_texts_distributed(lm, list(texts), batch_size=batch_size, max_length=max_length,
+    texts = list(texts)
+    scores = [s for s in score_texts_distributed(lm, texts, batch_size=batch_size, max_length=max_length,
                                                  progress=progress, description="perplexity", cache=cache)
               if s.n_tokens]
     if not scores:
         raise InputError("no text has a token to score (texts need at least 2 tokens)", field="--data")
+    if len(scores) < len(texts):  # n_texts said fewer than were given, and nothing said why
+        from leakaudit.warn import warn_once
+
+        warn_once(f"{len(texts) - len(scores)} of {len(texts)} texts have no scored token (fewer than 2 tokens "
+                  "and no BOS) and are left out of the perplexity (n_texts counts the others)")
     total_nll = -sum(s.sum_logp for s in scores)
     n_tokens = sum(s.n_tokens for s in scores)
     per_text = [math.exp(-s.mean_logp) for s in scores]

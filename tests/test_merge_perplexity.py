@@ -154,3 +154,11 @@ def test_a_perplexity_model_that_cannot_load_names_its_own_flag(data, tmp_path, 
     code, err = run_main(["perplexity", "--model", empty, "--data", data, "--out", tmp_path / "p"], monkeypatch,
                          capsys)
     assert code == 2 and "field '--model'" in err and "--target" not in err, err
+
+
+def test_texts_with_no_scored_token_are_said_when_left_out(tiny_neox, capsys):
+    """A one-token text has no scored token: perplexity left it out and reported n_texts 3 of 4, silently."""
+    one_token = next(c for c in "xyzab" if len(tiny_neox.tokenizer(c)["input_ids"]) == 1)
+    res = perplexity(tiny_neox, [*TEXTS, one_token], progress=False, cache=False)
+    assert res.n_texts == len(TEXTS)
+    assert f"1 of {len(TEXTS) + 1} texts have no scored token" in capsys.readouterr().err
