@@ -453,3 +453,13 @@ def test_texts_given_as_a_generator_are_all_scored(tiny_neox):
 
     texts = ["a member text here", "another one", "and a third"]
     assert len(score_texts(tiny_neox, (t for t in texts), cache=False, progress=False)) == 3
+
+
+def test_gradnorm_says_when_it_cuts_a_text_to_the_window(tiny_opt, capsys):
+    """gradnorm takes the gradient over the first window of a longer text, where the other attacks score it whole
+    in strided windows, and said nothing; its score is the one of the cut text."""
+    long = " ".join(["word"] * 40)
+    cut = tiny_opt.tokenizer.decode(tiny_opt.tokenizer(long)["input_ids"][:8], skip_special_tokens=True)
+    got = score("gradnorm", tiny_opt, [long, "Hi there"], max_length=8)
+    assert "gradnorm: 1 of 2 texts are longer than the 8-token window" in capsys.readouterr().err
+    assert got[0] == pytest.approx(score("gradnorm", tiny_opt, [cut], max_length=8)[0], rel=1e-5)

@@ -356,10 +356,16 @@ class GradNormAttack(Attack):
 
     def score(self, ctx):
         from leakaudit.distributed import gather_floats, shard
+        from leakaudit.scoring import fit_window
 
         _need_tokens(ctx)
         mine = shard(len(ctx.texts))
         local = [gradient_norm(ctx.target, ctx.texts[i], self.config.max_length) for i in mine]
+        window = fit_window(ctx.target, self.config.max_length)
+        over = sum(s.n_tokens + 1 > window for s in ctx.target_scores)  # n_tokens: the text's tokens after the first
+        if over:  # the other attacks score such texts whole (strided windows): say where gradnorm differs
+            warn_once(f"gradnorm: {over} of {len(ctx.texts)} texts are longer than the {window}-token window; "
+                      "their gradient is taken over the first window only")
         return -gather_floats(local, len(ctx.texts))
 
 
