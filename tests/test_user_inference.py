@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import json
+import re
 
 import numpy as np
 import pytest
@@ -142,6 +143,7 @@ def test_user_inference_cli(tmp_path, monkeypatch, capsys):
     assert js["n_users_in"] == 2 and js["n_users_out"] == 2 and set(js["per_m"]) == {"1", "all"}
     assert len((tmp_path / "o" / "user_scores.jsonl").read_text().splitlines()) == 4
     assert "only 2 non-member users: TPR at FPR 0.01 needs at least 100" in err  # users, not texts
+    assert "in/out" in err and re.search(r"m=1\s*│\s*2/2\s*│", err), err  # each m's users, on screen
     rows[3]["in"] = 0  # user1 now has rows labelled in and out
     data.write_text("".join(json.dumps(r) + "\n" for r in rows))
     code, err = run("--data", str(data), "--out", str(tmp_path / "o2"))

@@ -38,14 +38,16 @@ def _context(out: Path, ins: list, outs: list, src_in: Path, src_out: Path, mode
                        cache=ModelCache(device=device, dtype=dtype, allow_pickle=allow_pickle), log=_say)
 
 
-def _summary(title: str, metrics: dict[str, dict], unit: str = "non-members") -> None:
+def _summary(title: str, metrics: dict[str, dict], unit: str = "non-members", counts: str | None = None) -> None:
     """The ROC numbers of each attack (or each m) as they appear in mia.json / user_inference.json; a TPR at
-    a low FPR the negatives cannot resolve says how many it needs."""
+    a low FPR the negatives cannot resolve says how many it needs. `counts` heads a column of each m's users
+    in/out of training (user inference: each m keeps only the users with m samples)."""
     from leakaudit.data.pii_find import mask_message
     from leakaudit.metrics import tpr_text
 
     table = Table(title=mask_message(title))  # the model spec may name a person
-    for col in ("", "AUC", "95% CI", "TPR@1%FPR [95% CI]", "TPR@0.1%FPR [95% CI]", "advantage"):
+    for col in ("", *([counts] if counts else []), "AUC", "95% CI", "TPR@1%FPR [95% CI]", "TPR@0.1%FPR [95% CI]",
+                "advantage"):
         table.add_column(col)
 
     def f(x: Any) -> str:
@@ -54,7 +56,8 @@ def _summary(title: str, metrics: dict[str, dict], unit: str = "non-members") ->
     for name, m in metrics.items():
         ci = m.get("auc_ci") or [None, None]
         tpr, needs, tpr_ci = m.get("tpr_at_fpr") or {}, m.get("tpr_needs_nonmembers") or {}, m.get("tpr_ci") or {}
-        table.add_row(name, f(m["auc"]), f"[{f(ci[0])}, {f(ci[1])}]",
+        table.add_row(name, *([f"{m['n_users_in']}/{m['n_users_out']}"] if counts else []),
+                      f(m["auc"]), f"[{f(ci[0])}, {f(ci[1])}]",
                       *(tpr_text(tpr.get(k), needs.get(k), unit, ci=tpr_ci.get(k)) for k in ("0.01", "0.001")),
                       f(m.get("advantage")))
     err.print(table)
@@ -183,7 +186,7 @@ def user_inference(
     if not is_main():
         return
     _summary(f"user inference on {target} (samples per user m)", {f"m={m}": r for m, r in res["per_m"].items()},
-             "non-member users")
+             "non-member users", counts="users in/out")
     _say(f"wrote {out / 'user_inference.json'}, user_scores.jsonl, roc_users.png")
 
 
