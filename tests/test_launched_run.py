@@ -96,7 +96,7 @@ def test_launched_run_writes_what_one_process_writes_and_resumes(tmp_path, monke
     assert proc.stderr.count("9 stages (9 ran, 0 reused, 0 cached)") == 1
 
     files = {d: sorted(str(p.relative_to(d)) for p in d.rglob("*")
-                       if p.is_file() and p.name not in (".lock", "report.html", "summary.json"))
+                       if p.is_file() and p.name not in (".lock", ".report.lock", "report.html", "summary.json"))
              for d in (one, two)}
     assert files[one] == files[two]
     for rel in ("data/emails/members.jsonl", "data/emails/nonmembers.jsonl", "generate/continued/data.jsonl"):

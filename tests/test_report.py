@@ -422,3 +422,59 @@ def test_every_attack_says_in_one_line_what_it_measures():
 
     for name, attack in ATTACKS.items():
         assert attack.summary and "\n" not in attack.summary and attack.paper, name
+
+
+def test_a_report_read_before_a_run_finished_never_overwrites_the_runs_final_one(tmp_path, monkeypatch):
+    """`leakaudit report` on a run in progress read its stages, the run then wrote its final report, and the
+    stale page and summary.json (which `leakaudit seeds` reads) landed over it. Reading and writing now
+    happen under one lock: whichever writes last read last."""
+    import threading
+
+    import leakaudit.report.html as html
+
+    read_stale, go_on = threading.Event(), threading.Event()
+    state = {"run": "in progress"}
+
+    def build(out):
+        seen = state["run"]
+        if seen == "in progress":
+            read_stale.set()
+            assert go_on.wait(10)
+        return f"<p>{seen}</p>", {"state": seen}
+
+    monkeypatch.setattr(html, "build", build)
+    (tmp_path / "run.json").write_text(json.dumps({"experiment": {"name": "x"}, "stages": []}))
+    stale = threading.Thread(target=html.write_report, args=(tmp_path,))
+    stale.start()
+    assert read_stale.wait(10)
+    state["run"] = "finished"  # the run's last stage is done; it writes its final report
+    final = threading.Thread(target=html.write_report, args=(tmp_path,))
+    final.start()
+    final.join(0.5)
+    go_on.set()
+    stale.join(10)
+    final.join(10)
+    assert (tmp_path / "report.html").read_text() == "<p>finished</p>"
+    assert json.loads((tmp_path / "summary.json").read_text()) == {"state": "finished"}
+
+
+def test_two_writers_of_one_file_use_temp_files_of_their_own(tmp_path):
+    """write_atomic's temp file was PATH.tmp for every process: two reports at once renamed each other's
+    half-written file, and one failed with FileNotFoundError on the rename."""
+    import os
+
+    from leakaudit.data.io import write_atomic
+
+    seen = []
+    write_atomic(tmp_path / "r.html", lambda fh: seen.append(fh.name) or fh.write("x"))
+    assert seen == [str(tmp_path / f"r.html.{os.getpid()}.tmp")] and (tmp_path / "r.html").read_text() == "x"
+    assert [p.name for p in tmp_path.iterdir()] == ["r.html"]
+
+
+def test_a_report_of_a_folder_that_is_no_run_leaves_no_lock_file_there(tmp_path, monkeypatch, capsys):
+    """The report's lock file must not be left in a folder that is not a run: `leakaudit run --out` there
+    would then refuse it as a folder holding other files."""
+    from conftest import run_main
+
+    code, err = run_main(["report", str(tmp_path)], monkeypatch, capsys)
+    assert code == 2 and "no run.json here" in err and list(tmp_path.iterdir()) == []

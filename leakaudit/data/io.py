@@ -360,7 +360,7 @@ def write_atomic(path: str | Path, write: Any) -> None:
     device"."""
     p = Path(path)
     p.parent.mkdir(parents=True, exist_ok=True)
-    tmp = p.with_suffix(p.suffix + ".tmp")
+    tmp = p.with_name(f"{p.name}.{os.getpid()}.tmp")  # one per process: two writers shared PATH.tmp
     try:
         with tmp.open("w", encoding="utf-8") as fh:
             write(fh)

@@ -129,7 +129,7 @@ def prepare_out(plan: Plan, out: Path) -> None:
     runs: an unwritable --out, a file where a folder is needed or a link out of it fails here."""
     if out.exists() and not out.is_dir():
         raise InputError("exists and is not a directory", file=out, field="--out")
-    if out.is_dir() and not (out / "run.json").exists() and any(p.name != ".lock" for p in out.iterdir()):
+    if out.is_dir() and not (out / "run.json").exists() and any(p.name not in (".lock", ".report.lock") for p in out.iterdir()):
         # `--out /`, a home folder or the experiment's own folder: stages would write among unrelated files
         raise InputError("holds files and is not a leakaudit run (no run.json); use a new or empty folder",
                          file=out, field="--out")

@@ -263,10 +263,20 @@ def build(out: str | Path) -> tuple[str, dict[str, Any]]:
     return html, summary
 
 
+#: held while a report is read from run.json and written, by `leakaudit report` and by a run's final report
+REPORT_LOCK = ".report.lock"
+
+
 def write_report(out: str | Path) -> Path:
-    """Write `report.html` and `summary.json` into the output dir; returns the HTML path."""
+    """Write `report.html` and `summary.json` into the output dir; returns the HTML path. Reading and writing
+    happen under REPORT_LOCK: a `leakaudit report` that read a run in progress wrote its stale page (and
+    summary.json, which `leakaudit seeds` reads) over the one the run wrote on finishing."""
+    from filelock import FileLock
+
     out = Path(out)
-    html, summary = build(out)
-    write_atomic(out / "report.html", lambda fh: fh.write(html))
-    write_json(out / "summary.json", summary)
+    load_run(out)  # not a run dir: its one-line error, before a lock file is left in a folder that is no run
+    with FileLock(str(out / REPORT_LOCK)):
+        html, summary = build(out)
+        write_atomic(out / "report.html", lambda fh: fh.write(html))
+        write_json(out / "summary.json", summary)
     return out / "report.html"
