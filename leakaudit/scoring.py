@@ -606,7 +606,7 @@ def _score_keyed(lm: LoadedModel, keys: list[str], tokenized, options: ScoreOpti
     moments, window, step = options.moments, options.max_length, options.stride
     store: ScoreCache | None = None
     if cache is True:
-        store = ScoreCache()
+        store = _open_cache()
     elif isinstance(cache, ScoreCache):
         store = cache
     results: dict[int, TokenScores] = {}
@@ -686,13 +686,26 @@ def _score_keyed(lm: LoadedModel, keys: list[str], tokenized, options: ScoreOpti
             if j not in merged:  # no segment at all
                 finish(j)
             results[i] = merged[j]
-        save()
+        try:
+            save()
+        except sqlite3.Error as exc:  # read-only, full: the scores are computed, only not kept for next time
+            warn_once(f"the score cache could not be written ({exc}); these scores are not cached")
     for i, k in enumerate(keys):  # duplicates of a text scored in this call
         if i not in results:
             results[i] = results[todo_keys[k]]
     if cache is True and store is not None:
         store.close()
     return [results[i] for i in range(len(keys))]
+
+
+def _open_cache() -> ScoreCache | None:
+    """The score cache, or None (with a warning) where it cannot be opened: a read-only or full cache dir (a
+    team's shared one) made every scoring command fail with a traceback, though the cache only saves time."""
+    try:
+        return ScoreCache()
+    except (OSError, sqlite3.OperationalError) as exc:
+        warn_once(f"the score cache in {cache_dir()} cannot be used ({exc}): scoring without it")
+        return None
 
 
 @contextlib.contextmanager

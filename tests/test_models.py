@@ -247,3 +247,66 @@ def test_allow_pickle_still_prefers_safetensors(tmp_path):
     want, _ = models.build_tiny_model("tiny-opt")
     assert models.tensor_fingerprint(lm.model) == models.tensor_fingerprint(want)
     assert models.tensor_fingerprint(lm.model) != models.tensor_fingerprint(other)
+
+
+def test_a_build_killed_before_leaves_nothing_the_next_build_keeps(tmp_path, monkeypatch):
+    """A conversion killed with -9 left models/<key>.tmp<pid> (up to the model's size) that nothing removed;
+    the next build of that key, holding its lock, clears them."""
+    from leakaudit.models.fingerprint import build_once
+
+    monkeypatch.setenv("LEAKAUDIT_CACHE", str(tmp_path))
+    killed = tmp_path / "models" / "k1.tmp99999999"
+    killed.mkdir(parents=True)
+    (killed / "model.safetensors").write_bytes(b"half")
+    other = tmp_path / "models" / "k2.tmp99999999"  # another key's: not this build's to judge
+    other.mkdir()
+    target = build_once("k1", lambda d: (d / "config.json").write_text("{}"))
+    assert (target / "config.json").exists() and not killed.exists() and other.exists()
+
+
+def test_a_cache_that_cannot_be_written_scores_without_it(tmp_path, monkeypatch, capsys):
+    """A read-only cache dir (a team's shared one) made `score` fail with a 56-line sqlite traceback, and a
+    cache whose final save failed lost the whole pass; the cache only saves time, so it is warned of and
+    the scores are the uncached ones."""
+    import sqlite3
+
+    import leakaudit.scoring as scoring
+    from leakaudit.models import load_model
+
+    lm = load_model("tiny-gpt-neox", dtype="fp32")
+    want = [s.sum_logp for s in scoring.score_texts(lm, ["some words here", "and more words"], cache=False)]
+    monkeypatch.setenv("LEAKAUDIT_CACHE", str(tmp_path / "cache"))
+
+    def unopenable(*a, **k):
+        raise sqlite3.OperationalError("unable to open database file")
+
+    monkeypatch.setattr(scoring.ScoreCache, "_open", unopenable)
+    got = [s.sum_logp for s in scoring.score_texts(lm, ["some words here", "and more words"], cache=True)]
+    assert got == pytest.approx(want) and "cannot be used (unable to open database file): scoring without it" in (
+        capsys.readouterr().err)
+    monkeypatch.undo()
+    monkeypatch.setenv("LEAKAUDIT_CACHE", str(tmp_path / "cache2"))
+
+    def readonly(self, items):
+        raise sqlite3.OperationalError("attempt to write a readonly database")
+
+    monkeypatch.setattr(scoring.ScoreCache, "put_many", readonly)
+    got = [s.sum_logp for s in scoring.score_texts(lm, ["some words here", "and more words"], cache=True)]
+    assert got == pytest.approx(want) and "the score cache could not be written (attempt to write a readonly" in (
+        capsys.readouterr().err)
+
+
+def test_a_file_hash_is_returned_when_its_memo_cannot_be_kept(tmp_path, monkeypatch, capsys):
+    """`leakaudit run` on a read-only cache failed in one line on the file-hash memo ('filehash/<key>.<pid>:
+    Read-only file system'): the hash is computed either way, only not kept."""
+    import hashlib
+
+    from leakaudit.models.fingerprint import file_sha256
+
+    monkeypatch.setenv("LEAKAUDIT_CACHE", str(tmp_path / "cache"))
+    (tmp_path / "cache").mkdir()
+    (tmp_path / "cache" / "filehash").write_text("a file where the memo folder goes")
+    data = tmp_path / "d.txt"
+    data.write_bytes(b"some bytes")
+    assert file_sha256(data) == hashlib.sha256(b"some bytes").hexdigest()
+    assert "cannot be written" in capsys.readouterr().err

@@ -5,6 +5,7 @@ once do not clash."""
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import shutil
@@ -43,10 +44,18 @@ def file_sha256(path: Path) -> str:
         for chunk in iter(lambda: fh.read(1 << 24), b""):
             h.update(chunk)
     digest = h.hexdigest()
-    memo.parent.mkdir(parents=True, exist_ok=True)
     tmp = memo.with_suffix(f".{os.getpid()}")
-    tmp.write_text(digest)
-    tmp.replace(memo)
+    try:
+        memo.parent.mkdir(parents=True, exist_ok=True)
+        tmp.write_text(digest)
+        tmp.replace(memo)
+    except OSError as exc:  # a read-only or full cache (a team's shared one): the hash is known, only not kept
+        with contextlib.suppress(OSError):
+            tmp.unlink(missing_ok=True)
+        from leakaudit.warn import warn_once
+
+        warn_once(f"the cache {cache_dir()} cannot be written ({exc.strerror or exc}): file hashes are computed "
+                  "again each time")
     return digest
 
 
@@ -104,8 +113,9 @@ def build_once(key: str, build) -> Path:
     with FileLock(str(target) + ".lock"):
         if (target / "config.json").exists():
             return target
+        for stale in target.parent.glob(f"{target.name}.tmp*"):  # a build killed (-9) before: none runs now,
+            shutil.rmtree(stale, ignore_errors=True)               # we hold the lock (up to a model's size each)
         tmp = target.with_name(f"{target.name}.tmp{os.getpid()}")
-        shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
         try:
             build(tmp)
