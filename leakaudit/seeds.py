@@ -72,7 +72,13 @@ def read_run(out: str | Path) -> SeedRun:
                 ci is None or (isinstance(ci, list) and len(ci) == 2 and all(map(_finite, ci)))):
             raise InputError("not a comparison with a finite delta and a [lo, hi] interval",
                              file=out / "summary.json", field=f"comparisons[{i}]")
-    keys = {str(st.get("id")): str(st.get("key")) for st in record.get("stages") or [] if isinstance(st, dict)}
+    stages = [st for st in record.get("stages") or [] if isinstance(st, dict)]
+    pending = [str(st.get("id")) for st in stages if st.get("status") == "pending"]
+    if pending:  # its comparisons that need those stages are missing: "over seeds" would be over fewer seeds
+        raise InputError(f"{len(pending)} of {len(stages)} stages are not finished (the first: {pending[0]}); finish "
+                         f"the run (`leakaudit run` with its experiment and --out {out}) and it writes its report",
+                         file=out / "run.json")
+    keys = {str(st.get("id")): str(st.get("key")) for st in stages}
     return SeedRun(out, experiment["seed"], experiment, comparisons, keys)
 
 

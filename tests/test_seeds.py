@@ -97,7 +97,8 @@ def test_the_interval_covers_a_zero_effect_at_least_95_percent():
             assert held / 3000 >= 0.94, (shared, ratio, held / 3000)
 
 
-@pytest.mark.parametrize("case", ["other experiment", "seed twice", "no summary", "not json", "no dir", "nan"])
+@pytest.mark.parametrize("case", ["other experiment", "seed twice", "no summary", "not json", "no dir", "nan",
+                                  "unfinished"])
 def test_dirs_that_are_not_seeds_of_one_experiment_are_one_line_errors(tmp_path, case):
     a = _run_dir(tmp_path, 0, [])
     if case == "other experiment":
@@ -120,6 +121,12 @@ def test_dirs_that_are_not_seeds_of_one_experiment_are_one_line_errors(tmp_path,
     elif case == "nan":  # a hand-edited summary: statistics raised AttributeError
         b = _run_dir(tmp_path, 1, [_comparison("ft", 0.1, [0.0, 0.2]), _comparison("ft2", float("nan"), [0.0, 0.2])])
         where = f"{b / 'summary.json'}: field 'comparisons[1]': not a comparison with a finite delta"
+    elif case == "unfinished":  # killed after some stages, then reported: its comparisons were missing silently
+        b = _run_dir(tmp_path, 1, [])
+        record = json.loads((b / "run.json").read_text())
+        record["stages"][0]["status"] = "pending"
+        (b / "run.json").write_text(json.dumps(record))
+        where = f"{b / 'run.json'}: 1 of 4 stages are not finished (the first: evaluate/mia/ft)"
     else:
         b = tmp_path / "missing"
         where = f"{b}: not a directory"
