@@ -260,7 +260,6 @@ def _hf_dir_with_broken_info(p: Path) -> None:
     ("big.jsonl", lambda p: p.write_text('{"text": "b", "n": ' + "9" * 5000 + "}\n"), 1, "unreadable JSON"),
     ("deep.jsonl", lambda p: p.write_text("[" * 100_000 + "]" * 100_000 + "\n"), 1, "unreadable JSON"),
     ("deep.json", lambda p: p.write_text("[" * 100_000 + "]" * 100_000), None, "unreadable JSON"),
-    ("long.csv", lambda p: p.write_text('text\n"' + "a" * 200_000 + '"\n'), 2, "unreadable CSV"),
     ("hf", _hf_dir_with_broken_info, None, "cannot load the saved Hugging Face dataset"),
     ("nullid.jsonl", lambda p: p.write_text('{"text": "a b", "id": null}\n'), 1, "id is empty"),
     ("twice.csv", lambda p: p.write_text("text,id,text\na,1,b\n"), 1, "column 'text' appears twice"),
