@@ -182,7 +182,8 @@ def verdict_figures(comparisons: list[dict[str, Any]]) -> list[dict[str, str]]:
 def load_run(out: str | Path) -> dict[str, Any]:
     p = Path(out) / "run.json"
     if not p.exists():
-        raise InputError("no run.json here: not the output dir of `leakaudit run`", file=Path(out))
+        raise InputError("no run.json here: not the output dir of `leakaudit run` (or one whose run has not "
+                         "checked its experiment yet)", file=Path(out))
     from leakaudit.data.io import read_text
 
     try:
