@@ -299,6 +299,9 @@ def paired_difference(values_a: Sequence[float], values_b: Sequence[float], labe
     b = np.asarray(values_b, dtype=np.float64)
     if a.shape != b.shape or a.ndim != 1:
         raise ValueError(f"values must be 1-D of equal length (got {a.shape} and {b.shape})")
+    for name, v in (("values_a", a), ("values_b", b)):  # a NaN made the delta NaN and every resample dropped
+        if not np.isfinite(v).all():
+            raise ValueError(f"{name}: {int((~np.isfinite(v)).sum())} values are NaN or infinite")
     y = None
     if labels is not None:
         a, y = _check(a, labels)

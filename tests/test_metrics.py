@@ -376,3 +376,11 @@ def test_one_class_of_a_handful_against_many_gets_the_worst_case_interval():
     assert not any("worst case" in w for w in m.warnings)  # 8 vs 8: the bootstrap's own
     m = roc_metrics([*rng.normal(1, 1, 20), *rng.normal(0, 1, 500)], [1] * 20 + [0] * 500, n_bootstrap=200)
     assert not any("worst case" in w for w in m.warnings)  # 20 members: enough (94% at 20 vs 1,000)
+
+
+def test_a_paired_difference_of_nan_values_is_a_value_error_naming_them():
+    """A NaN in one model's values gave delta NaN and no interval, without saying which input held it."""
+    with pytest.raises(ValueError, match="values_a: 1 values are NaN or infinite"):
+        paired_difference([1.0, float("nan"), 3.0], [1.0, 2.0, 3.0])
+    with pytest.raises(ValueError, match="values_b: 1 values are NaN or infinite"):
+        paired_difference([1.0, 2.0, 3.0], [1.0, 2.0, float("inf")])
