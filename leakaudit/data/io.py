@@ -355,7 +355,7 @@ def write_json(path: str | Path, obj: Any) -> None:
 
 
 def write_atomic(path: str | Path, write: Any) -> None:
-    """`write(file)` into PATH.tmp, then rename it over PATH. A failed write (a full disk) leaves no .tmp and
+    """`write(file)` into PATH.<pid>.tmp, then rename it over PATH. A failed write (a full disk) leaves no .tmp and
     names PATH: an OSError from write() carries no file name, so the error line said only "No space left on
     device"."""
     p = Path(path)
