@@ -469,18 +469,26 @@ def _head_scores(model, head, h: torch.Tensor, targets: torch.Tensor,
     return joined(lp_parts), joined(mu_parts) if moments else None, joined(var_parts) if moments else None
 
 
+def _env_token_budget() -> int | None:
+    """LEAKAUDIT_TOKEN_BUDGET, checked before any scoring (also when every text is cached): int("abc") was a
+    traceback, and 0 made every batch one text."""
+    env = os.environ.get("LEAKAUDIT_TOKEN_BUDGET", "").strip()
+    if not env:
+        return None
+    if not env.isdigit() or int(env) < 1:
+        raise InputError(f"must be a whole number of tokens of at least 1, got {env!r}", field="LEAKAUDIT_TOKEN_BUDGET")
+    return int(env)
+
+
 def _token_budget(lm: LoadedModel, total: int) -> int:
     """Tokens per batch for `--batch-size auto`: sized to free memory on GPU; on CPU a fixed budget, cut for
     batch workers so that `total` tokens make at least two batches per worker (not below MIN_CPU_TOKEN_BUDGET).
     Why: with fewer, uneven batches one worker runs the last, largest one alone on its share of the threads:
     the demo's 64 MIA texts made 3 batches of 1,853, 3,854 and 450 padded tokens at 8,192, and two workers
     scored them 0.87x as fast as one (fp32); at a budget of 1,400, 1.10x (BENCHMARKS.md)."""
-    env = os.environ.get("LEAKAUDIT_TOKEN_BUDGET", "").strip()
-    if env:
-        if not env.isdigit() or int(env) < 1:  # int("abc") was a traceback; 0 made every batch one text
-            raise InputError(f"must be a whole number of tokens of at least 1, got {env!r}",
-                             field="LEAKAUDIT_TOKEN_BUDGET")
-        return int(env)
+    env = _env_token_budget()
+    if env is not None:
+        return env
     if lm.device.type == "cuda":
         free, _ = torch.cuda.mem_get_info(lm.device)
         cfg = lm.model.config
@@ -604,6 +612,7 @@ def _score_keyed(lm: LoadedModel, keys: list[str], tokenized, options: ScoreOpti
     """The cached, batched pass shared by `score_texts` and `score_ids`: `tokenized(indices)` gives the
     (context ids, ids) of the sequences not in the cache."""
     moments, window, step = options.moments, options.max_length, options.stride
+    _env_token_budget()
     store: ScoreCache | None = None
     if cache is True:
         store = _open_cache()
