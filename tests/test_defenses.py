@@ -153,6 +153,9 @@ def test_dp_sgd_lora_changes_adapter_lowers_loss_and_reports_epsilon(tmp_path, t
     privacy = json.loads((out / "privacy.json").read_text())
     assert 0 < privacy["epsilon"] <= 8.0 + 1e-6 and privacy["noise_multiplier"] > 0.5
     assert privacy["delta"] == pytest.approx(1e-5)
+    # what the bound is for: one training row; no cap on a user's rows was set
+    assert privacy["unit"].startswith("training row") and privacy["n_rows"] == 16
+    assert privacy["max_rows_per_user"] is None and privacy["dp_max_grad_norm"] == 1.0
     assert json.loads((out / "finetune_done.json").read_text())["step"] == privacy["steps"] > 0
     weights = load_file(str(out / "adapter_model.safetensors"))
     lora_b = [v for k, v in weights.items() if "lora_B" in k]
@@ -344,3 +347,26 @@ def test_dp_privacy_report_gives_the_rate_opacus_accounts_at(tmp_path):
     accountant = RDPAccountant()
     accountant.history = [(report["noise_multiplier"], report["sample_rate"], report["steps"])]
     assert accountant.get_epsilon(report["delta"]) == pytest.approx(report["epsilon"], rel=1e-9)
+
+
+def test_dp_sgd_refuses_rows_it_would_split_and_a_batch_clip_it_would_ignore(tmp_path):
+    """A plain row longer than max_length was split into several examples, which DP-SGD samples, clips and
+    accounts one by one: one 300-word row became 63 of 70 examples while privacy.json said epsilon 8 (for the
+    row, only a group bound holds). And max_grad_norm was accepted with DP and ignored (DP clips each example at
+    dp_max_grad_norm), while privacy.json showed the DP clip under its name."""
+    from leakaudit.errors import InputError
+
+    data = tmp_path / "d.jsonl"
+    rows = [{"text": f"short row {i}"} for i in range(6)]
+    rows.insert(3, {"text": " ".join(["word"] * 300)})
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    cfg = FinetuneConfig(model="tiny-gpt-neox", data=str(data), out=str(tmp_path / "dp"), method="lora", epochs=1,
+                         batch_size=2, max_length=32, dp_epsilon=8.0)
+    with pytest.raises(InputError) as err:
+        finetune(cfg, progress=False)
+    assert err.value.line == 4 and err.value.field == "--dp-epsilon"
+    assert "1 rows are longer than 32 tokens and would be split" in str(err.value)
+    assert not (tmp_path / "dp" / "privacy.json").exists()
+    with pytest.raises(ValueError, match="max_grad_norm .* is not used there"):
+        FinetuneConfig(model="tiny-gpt-neox", data=str(data), out=str(tmp_path / "x"), dp_epsilon=8.0,
+                       max_grad_norm=0.01)

@@ -198,8 +198,13 @@ def train_dp(config, lm, model, train: list[ex.Example], out: Path, progress: bo
                                 "accountant_history": [list(h) for h in engine.accountant.history]})
     # the rate Opacus samples and accounts at: 1 / batches per epoch, which is not batch / n when the batch
     # does not divide n (n 10, batch 4: 1/3, not 0.4; the epsilon recomputed from 0.4 was 9.17, not 8.00)
+    # the unit the bound is for: one training row (a plain row longer than max_length is refused before
+    # training, so rows and examples are one); a user with k rows is protected as a group of k (epsilon up to
+    # k times as large, delta grows too), k bounded only by max_samples_per_user
     report = {"epsilon": engine.get_epsilon(delta), "target_epsilon": config.dp_epsilon, "delta": delta,
-              "noise_multiplier": optimizer.noise_multiplier, "max_grad_norm": config.dp_max_grad_norm,
+              "unit": "training row (example-level DP)", "n_rows": n,
+              "max_rows_per_user": config.max_samples_per_user,
+              "noise_multiplier": optimizer.noise_multiplier, "dp_max_grad_norm": config.dp_max_grad_norm,
               "expected_batch_size": loader.sample_rate * n, "sample_rate": loader.sample_rate, "steps": step,
               "epochs": epochs, "accountant": "rdp"}
     save_loadable(model, out, config, lm.tokenizer)

@@ -128,6 +128,9 @@ class FinetuneConfig(BaseModel):
             if ignored:
                 raise ValueError(f"DP-SGD's training loop has no {name} (it decays the learning rate linearly "
                                  "from the first step and holds nothing out): drop it or train without DP")
+        if d.get("max_grad_norm") not in (None, 1.0):  # the default: the CLI always passes it
+            raise ValueError("DP-SGD clips each example at dp_max_grad_norm; max_grad_norm (the batch's clip) "
+                             "is not used there: drop it, or set dp_max_grad_norm")
         epochs = d.get("epochs")
         if epochs is not None and epochs != int(epochs):
             raise ValueError(f"DP-SGD trains whole epochs (its accountant counts Poisson-sampled epochs), not "
@@ -211,6 +214,7 @@ def load_examples(config: FinetuneConfig, tokenizer, max_length: int | None = No
                                  dedup_within_user=config.dedup_within_user,
                                  max_samples_per_user=config.max_samples_per_user)
     items = [items[i] for i in keep]
+    lines = [rows[i][0] for i in keep]
     if config.scrub_pii:
         items, report.pii_replaced = _scrub(items, config.format, config.seed)
     contents = [c for _, c in items]
@@ -237,6 +241,8 @@ def load_examples(config: FinetuneConfig, tokenizer, max_length: int | None = No
         except ValueError as exc:
             raise InputError(str(exc), file=path, field=config.messages_field) from None
 
+    if config.dp_epsilon is not None and config.format == "plain":
+        _one_example_per_row(tokenizer, contents, lines, max_length, path)
     train = build([i for i in order if i not in held])
     held_out = build(sorted(held))
     built = len(train)
@@ -250,6 +256,20 @@ def load_examples(config: FinetuneConfig, tokenizer, max_length: int | None = No
                   f"train on within {max_length} tokens (the part the loss is on is cut off) and are left out; "
                   f"raise --max-length or shorten those rows")
     return train, held_out, report
+
+
+def _one_example_per_row(tokenizer, texts: list[str], lines: list[int], max_length: int, path: Path) -> None:
+    """DP-SGD samples, clips and accounts per training example; a plain row longer than max_length is split
+    into several, and was then protected only as a group of them (one 300-word row made 63 of 70 examples
+    while privacy.json said epsilon 8). Refused, naming the first such row."""
+    eos = len(ex._eos(tokenizer))
+    lengths = [len(ids) + eos for ids in tokenizer(texts, add_special_tokens=True)["input_ids"]]
+    split = [i for i, n in enumerate(lengths) if n // max_length + (n % max_length >= 2) > 1]
+    if split:
+        raise InputError(f"{len(split)} rows are longer than {max_length} tokens and would be split into several "
+                         "training examples, which DP-SGD protects one by one, not as the row: raise --max-length "
+                         "or shorten the rows (a dataset's max_chars)", file=path, line=lines[split[0]],
+                         field="--dp-epsilon")
 
 
 def _scrub(items: list[tuple[str | None, Any]], fmt: str, seed: int) -> tuple[list[tuple[str | None, Any]], int]:
