@@ -475,7 +475,7 @@ def _env_token_budget() -> int | None:
     env = os.environ.get("LEAKAUDIT_TOKEN_BUDGET", "").strip()
     if not env:
         return None
-    if not env.isdigit() or int(env) < 1:
+    if not (env.isascii() and env.isdecimal()) or int(env) < 1:
         raise InputError(f"must be a whole number of tokens of at least 1, got {env!r}", field="LEAKAUDIT_TOKEN_BUDGET")
     return int(env)
 
@@ -697,7 +697,7 @@ def _score_keyed(lm: LoadedModel, keys: list[str], tokenized, options: ScoreOpti
             results[i] = merged[j]
         try:
             save()
-        except sqlite3.Error as exc:  # read-only, full: the scores are computed, only not kept for next time
+        except sqlite3.OperationalError as exc:  # read-only, full, locked: the scores are computed, not kept
             warn_once(f"the score cache could not be written ({exc}); these scores are not cached")
     for i, k in enumerate(keys):  # duplicates of a text scored in this call
         if i not in results:

@@ -36,6 +36,7 @@ class SeedRun:
     experiment: dict[str, Any]
     comparisons: list[dict[str, Any]]
     stage_keys: dict[str, str] = field(default_factory=dict)  # stage id -> key (run.json)
+    data_content: dict[str, str] = field(default_factory=dict)  # dataset name -> its file's content hash
 
 
 def _read_json(path: Path, what: str) -> dict[str, Any]:
@@ -79,7 +80,9 @@ def read_run(out: str | Path) -> SeedRun:
                          f"the run (`leakaudit run` with its experiment and --out {out}) and it writes its report",
                          file=out / "run.json")
     keys = {str(st.get("id")): str(st.get("key")) for st in stages}
-    return SeedRun(out, experiment["seed"], experiment, comparisons, keys)
+    content = {str(st["id"]).removeprefix("data/"): str(st["params"].get("content")) for st in stages
+               if str(st.get("id", "")).startswith("data/") and isinstance(st.get("params"), dict)}
+    return SeedRun(out, experiment["seed"], experiment, comparisons, keys, content)
 
 
 def _finite(x: Any) -> bool:
@@ -115,21 +118,23 @@ def read_runs(dirs: list[str | Path]) -> list[SeedRun]:
             raise InputError(f"seed {r.seed} again (also in {seen[r.seed]}): each seed counts once",
                              file=r.out / "run.json", field="experiment.seed")
         seen[r.seed] = r.out
-        other = _first_difference(_as_keyed(first.experiment), _as_keyed(r.experiment))
+        other = _first_difference(_as_keyed(first), _as_keyed(r))
         if other:
             raise InputError(f"differs from {first.out}'s experiment: these are not seeds of one experiment",
                              file=r.out / "run.json", field=f"experiment.{other}")
     return sorted(runs, key=lambda r: r.seed)
 
 
-def _as_keyed(experiment: dict[str, Any]) -> dict[str, Any]:
-    """An experiment without its seed, a data file named as stage keys name it (its file name: the folder a
-    checkout sits in differs between machines and changes no number)."""
-    out = {k: v for k, v in experiment.items() if k != "seed"}
+def _as_keyed(run: SeedRun) -> dict[str, Any]:
+    """A run's experiment without its seed, a data file as stage keys hold it: its file name and content (the
+    folder a checkout sits in differs between machines and changes no number; two files of one name in two
+    folders may differ)."""
+    out = {k: v for k, v in run.experiment.items() if k != "seed"}
     datasets = out.get("datasets")
     if isinstance(datasets, dict):
-        out["datasets"] = {n: {**d, "path": Path(d["path"]).name} if isinstance(d, dict) and isinstance(
-            d.get("path"), str) else d for n, d in datasets.items()}
+        out["datasets"] = {n: {**d, "path": f"{Path(d['path']).name}#{run.data_content.get(n)}"}
+                           if isinstance(d, dict) and isinstance(d.get("path"), str) else d
+                           for n, d in datasets.items()}
     return out
 
 

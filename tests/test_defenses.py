@@ -365,8 +365,13 @@ def test_dp_sgd_refuses_rows_it_would_split_and_a_batch_clip_it_would_ignore(tmp
     with pytest.raises(InputError) as err:
         finetune(cfg, progress=False)
     assert err.value.line == 4 and err.value.field == "--dp-epsilon"
-    assert "1 rows are longer than 32 tokens and would be split" in str(err.value)
+    assert "1 row is longer than 32 tokens and would be split" in str(err.value)
     assert not (tmp_path / "dp" / "privacy.json").exists()
-    with pytest.raises(ValueError, match="max_grad_norm .* is not used there"):
+    for given in (0.01, 1.0):  # the default's value given explicitly is unused as well
+        with pytest.raises(ValueError, match="max_grad_norm .* is not used by DP-SGD"):
+            FinetuneConfig(model="tiny-gpt-neox", data=str(data), out=str(tmp_path / "x"), dp_epsilon=8.0,
+                           max_grad_norm=given)
+    for off in (0, None):  # off asks for nothing DP-SGD does not do
         FinetuneConfig(model="tiny-gpt-neox", data=str(data), out=str(tmp_path / "x"), dp_epsilon=8.0,
-                       max_grad_norm=0.01)
+                       max_grad_norm=off)
+    assert FinetuneConfig(model="tiny-gpt-neox", data=str(data), out=str(tmp_path / "x")).max_grad_norm == 1.0

@@ -916,3 +916,13 @@ def test_a_run_dir_finished_under_the_earlier_keys_is_adopted_not_rerun(tmp_path
         assert (proj / "old" / s.folder / ".key").read_text() == s.earlier_key  # not written through the link
         assert json.loads((proj / "old" / s.folder / "stage.json").read_text())["key"] == s.earlier_key
     assert set(run_experiment(load_experiment(exp), proj / "old", log=_quiet, report=False).values()) == {"cached"}
+    # a stage killed while it ran under the earlier key (its .key, no stage.json) resumes in its folder
+    s = plan.stages["finetune/real"]
+    (proj / "old" / s.folder / "stage.json").unlink()
+    (proj / "old" / s.folder / ".key").write_text(s.earlier_key)
+    (proj / "old" / s.folder / "partial-work").write_text("kept")
+    from leakaudit.experiment.engine import adopt_earlier_keys
+
+    adopt_earlier_keys(plan, proj / "old")
+    assert (proj / "old" / s.folder / ".key").read_text() == s.key
+    assert (proj / "old" / s.folder / "partial-work").read_text() == "kept"

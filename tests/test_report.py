@@ -478,3 +478,22 @@ def test_a_report_of_a_folder_that_is_no_run_leaves_no_lock_file_there(tmp_path,
 
     code, err = run_main(["report", str(tmp_path)], monkeypatch, capsys)
     assert code == 2 and "no run.json here" in err and list(tmp_path.iterdir()) == []
+
+
+def test_a_report_on_a_file_system_without_locks_is_written_with_a_warning(tmp_path, monkeypatch, capsys):
+    """A run on NFS without lockd finished every stage, then failed on the report's lock (ENOLCK) with no
+    report; it is written unlocked, said once, as a run there is."""
+    import errno
+    import fcntl
+
+    import leakaudit.report.html as html
+
+    def no_locks(fd, op):
+        raise OSError(errno.ENOLCK, "No locks available")
+
+    monkeypatch.setattr(fcntl, "flock", no_locks)
+    monkeypatch.setattr(html, "build", lambda out: ("<p>ok</p>", {"ok": True}))
+    (tmp_path / "run.json").write_text(json.dumps({"experiment": {"name": "x"}, "stages": []}))
+    html.write_report(tmp_path)
+    assert (tmp_path / "report.html").read_text() == "<p>ok</p>"
+    assert "the file system has no locks (No locks available)" in capsys.readouterr().err

@@ -155,10 +155,18 @@ def test_the_command_prints_the_tables_and_writes_json(tmp_path, monkeypatch, ca
 def test_seeds_run_in_two_checkouts_are_one_experiment(tmp_path):
     """A data file's folder is the checkout's: seeds run on two machines (or a moved one) were refused as
     different experiments although stage keys, by name and content, call their data the same."""
-    exp = {**EXPERIMENT, "datasets": {"d": {"path": "/home/a/project/texts.jsonl"}}}
-    a = _run_dir(tmp_path, 0, [], exp)
-    b = _run_dir(tmp_path, 1, [], {**exp, "datasets": {"d": {"path": "/srv/b/checkout/texts.jsonl"}}})
+    def with_data(seed, path, content):
+        out = _run_dir(tmp_path, seed, [], {**EXPERIMENT, "datasets": {"d": {"path": path}}})
+        record = json.loads((out / "run.json").read_text())
+        record["stages"].append({"id": "data/d", "key": f"kd{seed}", "params": {"content": content}})
+        (out / "run.json").write_text(json.dumps(record))
+        return out
+
+    a = with_data(0, "/home/a/project/texts.jsonl", "c1")
+    b = with_data(1, "/srv/b/checkout/texts.jsonl", "c1")
     assert [r.seed for r in read_runs([a, b])] == [0, 1]
-    c = _run_dir(tmp_path, 2, [], {**exp, "datasets": {"d": {"path": "/home/a/project/other.jsonl"}}})
-    with pytest.raises(InputError, match="field 'experiment.datasets.d.path'"):
-        read_runs([a, c])
+    c = with_data(2, "/home/a/project/other.jsonl", "c1")  # another file name: other ids
+    d = with_data(3, "/srv/b/checkout/texts.jsonl", "c2")  # the same name, other rows
+    for other in (c, d):
+        with pytest.raises(InputError, match="field 'experiment.datasets.d.path'"):
+            read_runs([a, other])

@@ -55,7 +55,8 @@ def register(app: typer.Typer) -> None:
         user_field: str = typer.Option(None, help="Field naming each row's user (for per-user defenses)."),
         max_samples_per_user: int = typer.Option(None, help="Defense: keep the first N samples of each user."),
         dedup_within_user: bool = typer.Option(False, help="Defense: drop repeated texts within a user."),
-        max_grad_norm: float = typer.Option(1.0, help="Batch gradient clipping norm (0 = off)."),
+        max_grad_norm: float = typer.Option(None, help="Batch gradient clipping norm (0 = off; default 1.0, "
+                                            "without DP-SGD, which clips each example instead)."),
         early_stopping_patience: int = typer.Option(None, help="Defense: stop after N evals without gain."),
         eval_fraction: float = typer.Option(0.0, help="Held-out fraction, evaluated each epoch (with "
                                             "--early-stopping-patience, 0 holds out 0.1)."),
@@ -77,7 +78,8 @@ def register(app: typer.Typer) -> None:
         from leakaudit.train.finetune import finetune as run
 
         options = {k: v for k, v in locals().items() if k not in ("run", "progress", "prepare_output")}
-        options["max_grad_norm"] = max_grad_norm or None
+        if max_grad_norm is None:  # not given: the config's default (1.0; DP-SGD refuses one given beside it)
+            del options["max_grad_norm"]
         if max_length is None:  # not given: the config's default, clamped to the model's context without a warning
             del options["max_length"]
         config = _config(**options)

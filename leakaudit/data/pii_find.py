@@ -243,9 +243,6 @@ def load_name_list(path: str | Path) -> list[str]:
     return names
 
 
-#: said where a name list the user gave holds none (a blank file replaced the shipped list silently)
-
-
 def shipped_names() -> list[str]:
     """The names of the shipped Enron name/e-mail pairs."""
     from leakaudit import resources

@@ -29,8 +29,10 @@ def check_plan(plan: Plan, runs: tuple[Path | None, ...] = ()) -> None:
             if stage.kind == "finetune":
                 config = per_process(_finetune_config(stage, "-"), stage)
                 _check_training_fields(plan, stage, config)
-                if config.fsdp and not any(run is not None and is_done(run / stage.folder, stage.key) is not None
-                                           for run in runs):  # refused on a CPU (and with DP-SGD, PiSSA)
+                if config.fsdp and not any(run is not None and is_done(run / stage.folder, key) is not None
+                                           for run in runs for key in (stage.key, stage.earlier_key)):
+                    # refused on a CPU (and with DP-SGD, PiSSA); a stage finished under its earlier key is
+                    # adopted after these checks
                     _check_engine(stage, config)
                 base = plan.stages.get(stage.params["model"].get("stage", ""))
                 if base is not None and base.kind == "finetune" and base.params["method"] != "full":
@@ -400,7 +402,7 @@ def _check_mask_names(plan: Plan) -> None:
         from leakaudit.data.pii_find import load_name_list
         from leakaudit.warn import warn_if_no_names
 
-        warn_if_no_names(load_name_list(p), names)  # a bad line: an error naming the list's file and line
+        warn_if_no_names(load_name_list(p), names)
     mask_names_in_messages(plan.exp.report.mask_names)  # a bad line: an error naming the list's file and line
 
 

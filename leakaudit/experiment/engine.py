@@ -380,8 +380,9 @@ def adopt_earlier_keys(plan: Plan, out: Path) -> None:
         record = is_done(sdir, stage.earlier_key) if is_done(sdir, stage.key) is None else None
         if record is not None:
             write_json(sdir / "stage.json", {**record, "key": stage.key})  # replaced, never written through a link
-            if (sdir / ".key").exists():
-                write_atomic(sdir / ".key", lambda fh, key=stage.key: fh.write(key))
+        keyfile = sdir / ".key"
+        if keyfile.is_file() and keyfile.read_text().strip() == stage.earlier_key:  # also a stage in progress:
+            write_atomic(keyfile, lambda fh, key=stage.key: fh.write(key))      # it resumes, not starts clean
 
 
 def _older_there(reuse: Path, stage: Stage) -> None:

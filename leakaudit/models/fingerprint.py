@@ -36,14 +36,22 @@ def file_sha256(path: Path) -> str:
     st = path.stat()
     memo_key = hashlib.sha256(f"{path.resolve()}|{st.st_ino}|{st.st_size}|{st.st_mtime_ns}|{st.st_ctime_ns}"
                               .encode()).hexdigest()
-    memo = cache_dir() / "filehash" / memo_key
-    if memo.exists():
+    try:
+        memo: Path | None = cache_dir() / "filehash" / memo_key
+    except OSError as exc:  # a cache dir that cannot be made (a read-only file system): hash without the memo
+        from leakaudit.warn import warn_once
+
+        warn_once(f"the cache cannot be made ({exc.strerror or exc}): file hashes are computed again each time")
+        memo = None
+    if memo is not None and memo.exists():
         return memo.read_text().strip()
     h = hashlib.sha256()
     with path.open("rb") as fh:
         for chunk in iter(lambda: fh.read(1 << 24), b""):
             h.update(chunk)
     digest = h.hexdigest()
+    if memo is None:
+        return digest
     tmp = memo.with_suffix(f".{os.getpid()}")
     try:
         memo.parent.mkdir(parents=True, exist_ok=True)

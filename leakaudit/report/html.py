@@ -9,8 +9,12 @@ experiment sets `report.show_pii: true`.
 from __future__ import annotations
 
 import datetime as dt
+import errno
 import json
+import os
 import re
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -268,15 +272,39 @@ def build(out: str | Path) -> tuple[str, dict[str, Any]]:
 REPORT_LOCK = ".report.lock"
 
 
+@contextmanager
+def _report_lock(out: Path) -> Iterator[None]:
+    """REPORT_LOCK held (the kernel's flock, released by a kill). Opened read-only: another user of a group's
+    run dir can lock a file they cannot write. A file system without locks (NFS without lockd) is said once
+    and the report written unlocked, as a run there is."""
+    try:
+        import fcntl
+    except ImportError:  # not a POSIX system: no lock
+        yield
+        return
+    fd = os.open(out / REPORT_LOCK, os.O_RDONLY | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        except OSError as exc:
+            if exc.errno not in (errno.ENOLCK, errno.ENOSYS, errno.EOPNOTSUPP, errno.EINVAL):
+                raise
+            from leakaudit.warn import warn_once
+
+            warn_once(f"{out}: the file system has no locks ({exc.strerror}); a report written at the same "
+                      "time as this one could land over it")
+        yield
+    finally:
+        os.close(fd)
+
+
 def write_report(out: str | Path) -> Path:
     """Write `report.html` and `summary.json` into the output dir; returns the HTML path. Reading and writing
     happen under REPORT_LOCK: a `leakaudit report` that read a run in progress wrote its stale page (and
     summary.json, which `leakaudit seeds` reads) over the one the run wrote on finishing."""
-    from filelock import FileLock
-
     out = Path(out)
     load_run(out)  # not a run dir: its one-line error, before a lock file is left in a folder that is no run
-    with FileLock(str(out / REPORT_LOCK)):
+    with _report_lock(out):
         html, summary = build(out)
         write_atomic(out / "report.html", lambda fh: fh.write(html))
         write_json(out / "summary.json", summary)

@@ -128,9 +128,6 @@ class FinetuneConfig(BaseModel):
             if ignored:
                 raise ValueError(f"DP-SGD's training loop has no {name} (it decays the learning rate linearly "
                                  "from the first step and holds nothing out): drop it or train without DP")
-        if d.get("max_grad_norm") not in (None, 1.0):  # the default: the CLI always passes it
-            raise ValueError("DP-SGD clips each example at dp_max_grad_norm; max_grad_norm (the batch's clip) "
-                             "is not used there: drop it, or set dp_max_grad_norm")
         epochs = d.get("epochs")
         if epochs is not None and epochs != int(epochs):
             raise ValueError(f"DP-SGD trains whole epochs (its accountant counts Poisson-sampled epochs), not "
@@ -144,6 +141,17 @@ class FinetuneConfig(BaseModel):
         if v and info.data.get("dp_epsilon") is not None:
             raise ValueError("not available with DP-SGD (dp_epsilon): it checkpoints each epoch, in one process")
         return v
+
+    @model_validator(mode="before")
+    @classmethod
+    def _no_batch_clip_with_dp(cls, data: Any) -> Any:
+        """DP-SGD clips each example at dp_max_grad_norm; a max_grad_norm given beside it (the batch's clip)
+        was silently unused. Given as 0 or None (off) it asks for nothing DP does not do."""
+        if isinstance(data, dict) and data.get("dp_epsilon") is not None and data.get("max_grad_norm") not in (
+                None, 0):
+            raise ValueError("max_grad_norm (the batch's clip) is not used by DP-SGD, which clips each example at "
+                             "dp_max_grad_norm: drop it, or set dp_max_grad_norm")
+        return data
 
     @model_validator(mode="before")
     @classmethod
@@ -266,10 +274,11 @@ def _one_example_per_row(tokenizer, texts: list[str], lines: list[int], max_leng
     lengths = [len(ids) + eos for ids in tokenizer(texts, add_special_tokens=True)["input_ids"]]
     split = [i for i, n in enumerate(lengths) if n // max_length + (n % max_length >= 2) > 1]
     if split:
-        raise InputError(f"{len(split)} rows are longer than {max_length} tokens and would be split into several "
-                         "training examples, which DP-SGD protects one by one, not as the row: raise --max-length "
-                         "or shorten the rows (a dataset's max_chars)", file=path, line=lines[split[0]],
-                         field="--dp-epsilon")
+        rows = "1 row is" if len(split) == 1 else f"{len(split)} rows are"
+        raise InputError(f"{rows} longer than {max_length} tokens and would be split into several training "
+                         "examples, which DP-SGD protects one by one, not as the row: raise --max-length (up to the "
+                         "model's context) or shorten the rows (a dataset's max_chars)", file=path,
+                         line=lines[split[0]], field="--dp-epsilon")
 
 
 def _scrub(items: list[tuple[str | None, Any]], fmt: str, seed: int) -> tuple[list[tuple[str | None, Any]], int]:
