@@ -182,6 +182,16 @@ def _last_first_entry() -> re.Pattern:
                       rf"([{upper}][\w{_MARKS}'.-]*(?: [{upper}][\w{_MARKS}'.-]*)?)\s*{_ENTRY_ADDRESS}")
 
 
+@functools.cache
+def _quoted_last_first() -> re.Pattern:
+    """A quoted display name "Beck, Sally": one entry whatever follows it (the comma is inside the quotes); and
+    a header holding nothing but "Beck, Sally" (no address after it, no other entry)."""
+    upper = _name_letters()[0]
+    pair = (rf"([{upper}][\w{_MARKS}'-]+), (?!(?:Jr|Sr|II|III|IV)\b)"
+            rf"([{upper}][\w{_MARKS}'.-]*(?: [{upper}][\w{_MARKS}'.-]*)?)")
+    return re.compile(rf'"{pair}"|^\s*{pair}\s*$')
+
+
 def __getattr__(name: str) -> Any:
     """`NAME_WORD` and `NAME_RE`, built on first use (see their comment at the top)."""
     if name == "NAME_WORD":
@@ -195,14 +205,18 @@ def names_from_headers(text: str) -> list[str]:
     """Personal names in e-mail header fields ("X-From: Karen Arnold <...>", "X-To: A Smith, B Jones",
     "From: Karen Arnold [mailto:...]")."""
     names: list[str] = []
-    name_re, last_first = _name_re(), _last_first_entry()
+    name_re, last_first, quoted = _name_re(), _last_first_entry(), _quoted_last_first()
     for m in HEADER_RE.finditer(text):
-        # Outlook's "Quinlan, Zed <...>": a comma inside one entry, told apart from a list by the address after it
-        for last, first in last_first.findall(m.group(1)):
+        # Outlook's "Quinlan, Zed <...>": a comma inside one entry, told apart from a list by the address after
+        # it, or by quotes around it ('"Beck, Sally" <...>' and a bare 'X-cc: Beck, Sally' were left whole)
+        pairs = [(q[0] or q[2], q[1] or q[3]) for q in quoted.findall(m.group(1))]
+        value = quoted.sub(",", m.group(1))
+        pairs += last_first.findall(value)
+        for last, first in pairs:
             cand = f"{first} {last}"
             if name_re.match(cand) and not (set(cand.replace(".", "").split()) & NOT_NAMES):
                 names.append(cand)
-        value = last_first.sub(",", m.group(1))
+        value = last_first.sub(",", value)
         # drop <address> and [mailto:address] parts; a parenthesis is its own entry: "addr (John Doe)" names
         # John Doe, Outlook's "Bob Smith (E-mail)" leaves the one word "E-mail", no name
         value = re.sub(_ENTRY_ADDRESS, ",", value).replace("(", ",").replace(")", ",")
@@ -212,7 +226,22 @@ def names_from_headers(text: str) -> list[str]:
             cand = " ".join(part.replace('"', " ").replace("'", " ").split())
             if name_re.match(cand) and not (set(cand.replace(".", "").split()) & NOT_NAMES):
                 names.append(cand)
+    # forwarded header blocks in a body ("\t\t cc: ...", a list continued on the next lines): an entry with
+    # an address after it is a name wherever it stands (the quotes, or the address, make it one entry)
+    for q in _entry_with_address().findall(text):
+        cand = f"{q[1] or q[3]} {q[0] or q[2]}"
+        if name_re.match(cand) and not (set(cand.replace(".", "").split()) & NOT_NAMES) and cand not in names:
+            names.append(cand)
     return names
+
+
+@functools.cache
+def _entry_with_address() -> re.Pattern:
+    """'"Beck, Sally" <address>' or 'Beck, Sally <address>' anywhere in a text (forwarded headers)."""
+    upper = _name_letters()[0]
+    pair = (rf"([{upper}][\w{_MARKS}'-]+), (?!(?:Jr|Sr|II|III|IV)\b)"
+            rf"([{upper}][\w{_MARKS}'.-]*(?: [{upper}][\w{_MARKS}'.-]*)?)")
+    return re.compile(rf'"{pair}"\s*{_ENTRY_ADDRESS}|(?<![\w{_MARKS}\'"-]){pair}\s*{_ENTRY_ADDRESS}')
 
 
 def load_name_list(path: str | Path) -> list[str]:
