@@ -177,18 +177,21 @@ def _name_re() -> re.Pattern:
 def _last_first_entry() -> re.Pattern:
     """Outlook's "Quinlan, Zed <address>": the last name and the first name(s). ", Jr." / ", III" after a name
     is its suffix, not a first name ("Gilbert R. Whitaker, Jr. [mailto:...]")."""
+    return re.compile(rf"(?<![\w{_MARKS}'-]){_last_first_pair()}\s*{_ENTRY_ADDRESS}")
+
+
+def _last_first_pair() -> str:
+    """'Last, First' (two groups: last, first names), not 'Whitaker, Jr.': the pattern the entries share."""
     upper = _name_letters()[0]
-    return re.compile(rf"(?<![\w{_MARKS}'-])([{upper}][\w{_MARKS}'-]+), (?!(?:Jr|Sr|II|III|IV)\b)"
-                      rf"([{upper}][\w{_MARKS}'.-]*(?: [{upper}][\w{_MARKS}'.-]*)?)\s*{_ENTRY_ADDRESS}")
+    return (rf"([{upper}][\w{_MARKS}'-]+), (?!(?:Jr|Sr|II|III|IV)\b)"
+            rf"([{upper}][\w{_MARKS}'.-]*(?: [{upper}][\w{_MARKS}'.-]*)?)")
 
 
 @functools.cache
 def _quoted_last_first() -> re.Pattern:
     """A quoted display name "Beck, Sally": one entry whatever follows it (the comma is inside the quotes); and
     a header holding nothing but "Beck, Sally" (no address after it, no other entry)."""
-    upper = _name_letters()[0]
-    pair = (rf"([{upper}][\w{_MARKS}'-]+), (?!(?:Jr|Sr|II|III|IV)\b)"
-            rf"([{upper}][\w{_MARKS}'.-]*(?: [{upper}][\w{_MARKS}'.-]*)?)")
+    pair = _last_first_pair()
     return re.compile(rf'"{pair}"|^\s*{pair}\s*$')
 
 
@@ -203,7 +206,7 @@ def __getattr__(name: str) -> Any:
 
 def names_from_headers(text: str) -> list[str]:
     """Personal names in e-mail header fields ("X-From: Karen Arnold <...>", "X-To: A Smith, B Jones",
-    "From: Karen Arnold [mailto:...]")."""
+    "From: Karen Arnold [mailto:...]"), and "Last, First" entries with an address anywhere (forwarded headers)."""
     names: list[str] = []
     name_re, last_first, quoted = _name_re(), _last_first_entry(), _quoted_last_first()
     for m in HEADER_RE.finditer(text):
@@ -238,9 +241,7 @@ def names_from_headers(text: str) -> list[str]:
 @functools.cache
 def _entry_with_address() -> re.Pattern:
     """'"Beck, Sally" <address>' or 'Beck, Sally <address>' anywhere in a text (forwarded headers)."""
-    upper = _name_letters()[0]
-    pair = (rf"([{upper}][\w{_MARKS}'-]+), (?!(?:Jr|Sr|II|III|IV)\b)"
-            rf"([{upper}][\w{_MARKS}'.-]*(?: [{upper}][\w{_MARKS}'.-]*)?)")
+    pair = _last_first_pair()
     return re.compile(rf'"{pair}"\s*{_ENTRY_ADDRESS}|(?<![\w{_MARKS}\'"-]){pair}\s*{_ENTRY_ADDRESS}')
 
 
