@@ -926,3 +926,21 @@ def test_a_run_dir_finished_under_the_earlier_keys_is_adopted_not_rerun(tmp_path
     adopt_earlier_keys(plan, proj / "old")
     assert (proj / "old" / s.folder / ".key").read_text() == s.key
     assert (proj / "old" / s.folder / "partial-work").read_text() == "kept"
+
+
+def test_a_vllm_backend_that_cannot_run_is_refused_before_any_stage(tmp_path, monkeypatch):
+    """`backend: vllm` without vLLM (or a GPU) failed only at its stage, after the data and the stages before
+    it, with a message naming the CLI's --backend; it is refused at its line when the plan is checked."""
+    import importlib.util
+
+    from leakaudit.experiment.checks import check_plan
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "vllm" else real(name, *a))
+    text = STUDY.replace("options: {prompt_tokens: 8, max_new_tokens: 8, top_k: 40}",
+                         "options: {prompt_tokens: 8, max_new_tokens: 8, top_k: 40, backend: vllm}")
+    assert text != STUDY
+    with pytest.raises(InputError) as err:
+        check_plan(Plan(parse_experiment(text)), (tmp_path / "out", None))
+    assert "field 'generate.continued.options.backend'" in str(err.value) and "use backend: hf" in str(err.value)
+    assert str(err.value).startswith("<experiment>:17: ")  # the line of the option in the file

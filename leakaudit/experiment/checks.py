@@ -46,6 +46,7 @@ def check_plan(plan: Plan, runs: tuple[Path | None, ...] = ()) -> None:
                 _check_users(plan, stage)
                 _check_option_files(stage, options)
                 _check_window(plan, stage, options)
+                _check_backend(stage, options)
                 if stage.params.get("members") is not None and stage.params.get("members") == stage.params.get(
                         "nonmembers"):  # it ran the whole study to an AUC of 0.5 and a warning inside mia.json
                     raise ConfigError((*stage.origin, "nonmembers"), "names the same data as members: an attack "
@@ -55,6 +56,22 @@ def check_plan(plan: Plan, runs: tuple[Path | None, ...] = ()) -> None:
             raise plan.exp.error(exc.loc, exc.message + _beside_file_hint(plan, value)) from None
     _check_compare_to(plan)
     _check_mask_names(plan)
+
+
+def _check_backend(stage: Stage, options: dict[str, Any]) -> None:
+    """`backend: vllm` where vLLM cannot run failed only when its stage was reached, after the stages before it
+    (and its message named the command line's --backend)."""
+    if options.get("backend") != "vllm":
+        return
+    import importlib.util
+
+    if importlib.util.find_spec("vllm") is None:
+        raise ConfigError(_option_loc(stage, "backend"), "vLLM is not installed (pip install vllm): use backend: "
+                          "hf, or auto (vLLM where it can run, else hf)")
+    import torch
+
+    if not torch.cuda.is_available():
+        raise ConfigError(_option_loc(stage, "backend"), "the vLLM backend needs a GPU: use backend: hf, or auto")
 
 
 def _option_value(options: dict[str, Any], loc: tuple[Any, ...]) -> Any:
