@@ -861,6 +861,8 @@ def _moved_project(tmp_path: Path, name: str) -> tuple[Path, Path]:
     cfg = yaml.safe_load(SMALL)
     cfg["datasets"] = {"emails": {"path": "texts.jsonl", "user_field": "user", "split": {"members": 0.5,
                                                                                           "nonmembers": 0.5}}}
+    del cfg["finetune"]  # a data step and a stage reading it are all these tests need (fast)
+    cfg["evaluate"] = {"ppl": cfg["evaluate"]["ppl"]}
     (proj / "exp.yaml").write_text(yaml.safe_dump(cfg, sort_keys=False))
     return proj, proj / "exp.yaml"
 
@@ -917,7 +919,7 @@ def test_a_run_dir_finished_under_the_earlier_keys_is_adopted_not_rerun(tmp_path
         assert json.loads((proj / "old" / s.folder / "stage.json").read_text())["key"] == s.earlier_key
     assert set(run_experiment(load_experiment(exp), proj / "old", log=_quiet, report=False).values()) == {"cached"}
     # a stage killed while it ran under the earlier key (its .key, no stage.json) resumes in its folder
-    s = plan.stages["finetune/real"]
+    s = plan.stages["evaluate/ppl/base"]
     (proj / "old" / s.folder / "stage.json").unlink()
     (proj / "old" / s.folder / ".key").write_text(s.earlier_key)
     (proj / "old" / s.folder / "partial-work").write_text("kept")
