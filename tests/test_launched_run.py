@@ -45,7 +45,7 @@ finetune:
     model: base
     data: emails.members
     method: lora
-    options: {epochs: 2, learning_rate: 0.001, batch_size: 4, gradient_accumulation: 1, max_length: 192,
+    options: {epochs: 2, learning_rate: 0.001, batch_size: 4, gradient_accumulation: 1, max_length: 112,
               lora_dropout: 0.0, bf16: false}  # a whole row per example: DP-SGD refuses rows it would split
     defenses: {dp_epsilon: 8}
 """
