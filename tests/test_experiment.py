@@ -946,3 +946,23 @@ def test_a_vllm_backend_that_cannot_run_is_refused_before_any_stage(tmp_path, mo
         check_plan(Plan(parse_experiment(text)), (tmp_path / "out", None))
     assert "field 'generate.continued.options.backend'" in str(err.value) and "use backend: hf" in str(err.value)
     assert str(err.value).startswith("<experiment>:17: ")  # the line of the option in the file
+
+
+def test_plan_checks_take_a_stage_finished_under_its_earlier_key_as_finished(tmp_path):
+    """The plan checks ran before earlier keys were adopted: a GPU fine-tune (fsdp) finished under its earlier
+    key, its run dir reopened on a CPU to report on it, was refused as if it had to train again here."""
+    from leakaudit.config import load_experiment
+    from leakaudit.experiment.checks import check_plan
+
+    proj, exp = _moved_project(tmp_path, "p")
+    cfg = yaml.safe_load(exp.read_text())
+    cfg["finetune"] = {"gpu": {"model": "base", "data": "emails.members", "options": {"fsdp": True, "epochs": 1}}}
+    exp.write_text(yaml.safe_dump(cfg, sort_keys=False))
+    plan = Plan(load_experiment(exp))
+    stage = plan.stages["finetune/gpu"]
+    out = proj / "out"
+    (out / stage.folder).mkdir(parents=True)
+    with pytest.raises(InputError, match="accelerators only"):  # not finished here: refused on a CPU
+        check_plan(plan, (out, None))
+    (out / stage.folder / "stage.json").write_text(json.dumps({"key": stage.earlier_key, "result": {}}))
+    check_plan(plan, (out, None))  # finished under the earlier key: not trained again, so not refused
