@@ -375,3 +375,12 @@ def test_dp_sgd_refuses_rows_it_would_split_and_a_batch_clip_it_would_ignore(tmp
         FinetuneConfig(model="tiny-gpt-neox", data=str(data), out=str(tmp_path / "x"), dp_epsilon=8.0,
                        max_grad_norm=off)
     assert FinetuneConfig(model="tiny-gpt-neox", data=str(data), out=str(tmp_path / "x")).max_grad_norm == 1.0
+
+
+def test_rows_without_a_user_field_are_no_user_in_the_report():
+    """defenses.json listed rows read without a user field under a user called "None"."""
+    from leakaudit.train.defenses import dedup_and_cap
+
+    keep, report = dedup_and_cap([(None, "a"), (None, "b")])
+    assert keep == [0, 1] and report.per_user_out == {}
+    assert dedup_and_cap([("1", "a"), ("u", "b"), ("u", "c")])[1].per_user_out == {"1": 1, "u": 2}

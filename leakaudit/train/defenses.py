@@ -50,7 +50,7 @@ def dedup_and_cap(rows: list[tuple[str | None, str]], *, dedup_within_user: bool
         count[user] += 1
         keep.append(i)
     report.n_out = len(keep)
-    report.per_user_out = {str(u): n for u, n in count.items()}
+    report.per_user_out = {str(u): n for u, n in count.items() if u is not None}  # no user field: no users
     return keep, report
 
 
