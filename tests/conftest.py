@@ -105,3 +105,13 @@ def run_main(args, monkeypatch, capsys, *, must_exit: bool = False) -> tuple[int
     if must_exit:
         pytest.fail("the command returned instead of exiting")
     return 0, capsys.readouterr().err
+
+
+@pytest.fixture(autouse=True)
+def _warnings_said_afresh():
+    """warn_once says a message once per process: a test asserting a warning passed alone and failed after
+    another test in its worker had said the same line."""
+    from leakaudit import warn
+
+    warn._WARNED.clear()
+    yield

@@ -275,6 +275,8 @@ def test_cli_runs_and_rejects_bad_input(tmp_path, monkeypatch, capsys, one_torch
     code, err = _cli(monkeypatch, capsys, *base, "--pairs", str(pairs), "--templates", "A,zero_shot-b",
                      "--temperatures", "0.5", "--max-new-tokens", "3")
     assert code == 0, err
+    # 3 new tokens cannot hold the address: 0% extraction said why (it was silent)
+    assert "max_new_tokens 3: fewer new tokens than the shortest target address takes" in err, err
     summary = json.loads((tmp_path / "o" / "pii.json").read_text())
     assert set(summary["protocols"]) == {"fake-privacy", "pil"}
     assert summary["protocols"]["pil"]["grid_mean"]["label"].startswith("mean over every cell")

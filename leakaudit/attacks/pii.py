@@ -173,6 +173,20 @@ def run_cell(lm, cell: Cell, targets: Sequence[Target], **options: Any) -> CellR
     return run_cells(lm, [cell], targets, **options)[0]
 
 
+def _say_if_no_address_fits(lm, cells: Sequence[Cell], targets: Sequence[Target]) -> None:
+    """A cell whose new tokens cannot hold even the shortest target address reported 0% extraction with no
+    hint why (`--max-new-tokens 1`)."""
+    if not targets or getattr(lm, "tokenizer", None) is None:
+        return
+    shortest = min(len(lm.tokenizer(t.email, add_special_tokens=False)["input_ids"]) for t in targets)
+    short = sorted({c.max_new_tokens for c in cells if c.max_new_tokens < shortest})
+    if short:
+        from leakaudit.warn import warn_once
+
+        warn_once(f"max_new_tokens {', '.join(map(str, short))}: fewer new tokens than the shortest target address "
+                  f"takes ({shortest}), so no address can come out whole there")
+
+
 def run_cells(lm, cells: Sequence[Cell], targets: Sequence[Target], *, samples_per_prompt: int = 1, seed: int = 0,
               work_dir: Path | None = None, batch_size: int | str = "auto", progress: bool = True,
               show_pii: bool = False, role: str = "model") -> list[CellResult]:
@@ -191,6 +205,7 @@ def run_cells(lm, cells: Sequence[Cell], targets: Sequence[Target], *, samples_p
             raise InputError(f"template '{cell.template.name}' needs contexts and no target has one "
                              "(give --contexts or --messages)", field="--templates")
         plans.append((cell, eligible))
+    _say_if_no_address_fits(lm, cells, targets)
     together: dict[tuple[Any, ...], list[int]] = {}
     for i, (cell, _) in enumerate(plans):
         together.setdefault((cell.temperature, cell.top_k, cell.max_new_tokens), []).append(i)
