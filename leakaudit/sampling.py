@@ -443,12 +443,20 @@ def _vllm_generate(lm: LoadedModel, batch: list[_Row], config: SamplingConfig) -
     return [list(o.outputs[0].token_ids) for o in outputs]
 
 
+def vllm_missing() -> str | None:
+    """Why vLLM cannot run on this machine at all (None when it can): read by the sampler and, before any
+    stage, by an experiment's plan checks."""
+    if importlib.util.find_spec("vllm") is None:
+        return "vLLM is not installed (pip install vllm)"
+    if not torch.cuda.is_available():
+        return "the vLLM backend needs a GPU"
+    return None
+
+
 def _vllm_obstacle(lm: LoadedModel, config: SamplingConfig | None) -> InputError | None:
     """Why vLLM cannot sample this run (None when it can): `auto` then takes HF, an explicit `vllm` fails."""
-    if importlib.util.find_spec("vllm") is None:
-        return InputError("vLLM is not installed (pip install vllm); use --backend hf", field="--backend")
-    if not torch.cuda.is_available():
-        return InputError("the vLLM backend needs a GPU; use --backend hf", field="--backend")
+    if (missing := vllm_missing()) is not None:
+        return InputError(f"{missing}; use --backend hf", field="--backend")
     if config is not None and not config.greedy and config.temperature > VLLM_MAX_TEMPERATURE:
         return InputError(f"vLLM samples at temperatures up to {VLLM_MAX_TEMPERATURE:g}, not "
                           f"{config.temperature:g}; use --backend hf", field="--temperature")

@@ -63,15 +63,12 @@ def _check_backend(stage: Stage, options: dict[str, Any]) -> None:
     (and its message named the command line's --backend)."""
     if options.get("backend") != "vllm":
         return
-    import importlib.util
+    from leakaudit.sampling import vllm_missing
 
-    if importlib.util.find_spec("vllm") is None:
-        raise ConfigError(_option_loc(stage, "backend"), "vLLM is not installed (pip install vllm): use backend: "
-                          "hf, or auto (vLLM where it can run, else hf)")
-    import torch
-
-    if not torch.cuda.is_available():
-        raise ConfigError(_option_loc(stage, "backend"), "the vLLM backend needs a GPU: use backend: hf, or auto")
+    missing = vllm_missing()
+    if missing is not None:
+        raise ConfigError(_option_loc(stage, "backend"), f"{missing}: use backend: hf, or auto (vLLM where it "
+                          "can run, else hf)")
 
 
 def _option_value(options: dict[str, Any], loc: tuple[Any, ...]) -> Any:

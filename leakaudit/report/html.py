@@ -183,11 +183,17 @@ def verdict_figures(comparisons: list[dict[str, Any]]) -> list[dict[str, str]]:
 
 
 # ----------------------------------------------------------------------------------------- assembly
-def load_run(out: str | Path) -> dict[str, Any]:
+def run_record(out: str | Path) -> Path:
+    """`out`/run.json, or the one-line error of a folder that is not (yet) a run's output dir."""
     p = Path(out) / "run.json"
     if not p.exists():
         raise InputError("no run.json here: not the output dir of `leakaudit run` (or one whose run has not "
                          "checked its experiment yet)", file=Path(out))
+    return p
+
+
+def load_run(out: str | Path) -> dict[str, Any]:
+    p = run_record(out)
     from leakaudit.data.io import read_text
 
     try:
@@ -303,7 +309,7 @@ def write_report(out: str | Path) -> Path:
     happen under REPORT_LOCK: a `leakaudit report` that read a run in progress wrote its stale page (and
     summary.json, which `leakaudit seeds` reads) over the one the run wrote on finishing."""
     out = Path(out)
-    load_run(out)  # not a run dir: its one-line error, before a lock file is left in a folder that is no run
+    run_record(out)  # not a run dir: its one-line error, before a lock file is left in a folder that is no run
     with _report_lock(out):
         html, summary = build(out)
         write_atomic(out / "report.html", lambda fh: fh.write(html))
