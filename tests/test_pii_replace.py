@@ -277,6 +277,18 @@ def test_replaced_rows_say_where_they_came_from_and_keep_a_generators_provenance
     assert second["source_id"] == "r2" and "from" not in second
 
 
+def test_a_replaced_rows_source_id_is_the_id_its_source_row_loads_with(tmp_path):
+    """In a JSON array file a row's id is its element number (it survives reformatting), but replace-pii's
+    provenance named the line the element starts on: a source_id that found no row, or the wrong one."""
+    from leakaudit.data.io import load_records
+    from leakaudit.data.pii_replace import replace_pii_file
+
+    src = tmp_path / "msgs.json"
+    src.write_text(json.dumps([{"text": "Call Sara Shackleton"}, {"text": "nothing here"}], indent=2))
+    rows, _ = replace_pii_file(src)
+    assert [r["provenance"]["source_id"] for r in rows] == [r.id for r in load_records(src)] == ["msgs:1", "msgs:2"]
+
+
 def test_an_empty_name_list_is_said_by_audit_data_too(tmp_path, monkeypatch, capsys):
     """The warning lived in replace-pii alone: `audit-data --names` with a blank list looked for no listed name
     and said nothing."""

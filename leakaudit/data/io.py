@@ -274,6 +274,13 @@ CHAT_HINT = ("; a chat row needs a text field too (e.g. its turns joined), `mess
              "fine-tuning with format: chat")
 
 
+def default_id(path: Path, index: int, lineno: int) -> str:
+    """The id of a row without one: `<file stem>:<line>`, or `<file stem>:<element>` (counted from 1) in a JSON
+    array file, where the id then survives reformatting the file. Loaders and generators' provenance share it,
+    so a generated row's source_id finds its source row."""
+    return f"{path.stem}:{index if path.suffix.lower() == '.json' else lineno}"
+
+
 def load_records(
     path: str | Path,
     *,
@@ -301,7 +308,7 @@ def load_records(
                              line=lineno, field=text_field)
         if not text.strip() and not keep_empty:
             raise InputError("text is empty", file=p, line=lineno, field=text_field)
-        rid = f"{p.stem}:{index if p.suffix.lower() == '.json' else lineno}"  # a JSON id survives reformatting
+        rid = default_id(p, index, lineno)
         if id_field:
             raw_id = _get(row, id_field, p, lineno)
             if raw_id is None or (isinstance(raw_id, str) and not raw_id.strip()):  # str(None) was id "None"

@@ -157,7 +157,7 @@ def replace_pii_file(path: str | Path, fields: Sequence[str] = ("text",), *, nam
     in the e-mail headers anywhere in the file are added first, so a name is replaced in every row
     once it heads any of them. What `generate replace-pii` and the experiment's replace-pii step run.
     """
-    from leakaudit.data.io import read_rows
+    from leakaudit.data.io import default_id, read_rows
     from leakaudit.data.pii_find import shipped_names
 
     rows = read_rows(path)
@@ -170,8 +170,7 @@ def replace_pii_file(path: str | Path, fields: Sequence[str] = ("text",), *, nam
         replacer.add_names(n for _, row in rows for f in fields for n in names_from_headers(row[f]))
     replacer.reserve(row[f] for _, row in rows for f in fields)
     out = []
-    stem = Path(path).stem
-    for lineno, row in rows:
+    for index, (lineno, row) in enumerate(rows, start=1):
         new = dict(row)
         counts: Counter[str] = Counter()
         for f in fields:
@@ -179,7 +178,7 @@ def replace_pii_file(path: str | Path, fields: Sequence[str] = ("text",), *, nam
             counts.update(c)
         new["pii_replaced"] = {k: counts.get(k, 0) for k in KINDS}
         # where the row came from and how it was made, as the generators' rows say it (no PII: counts only)
-        new["provenance"] = {"method": "replace-pii", "source_id": str(row.get("id", f"{stem}:{lineno}")),
+        new["provenance"] = {"method": "replace-pii", "source_id": str(row.get("id", default_id(Path(path), index, lineno))),
                              "fields": list(fields), "names": "shipped" if names is None else "given",
                              "header_names": header_names, "seed": seed,
                              **({"from": row["provenance"]} if "provenance" in row else {})}  # a generator's kept
