@@ -252,11 +252,14 @@ def test_prefix_cut_scores_each_token_once():
         assert len(expect) + len(row.ids) - row.first_scored == 20 - first
 
 
-def test_strided_window_scores_every_token_once(tiny_neox):
+def test_strided_window_scores_every_token_once(tiny_neox, capsys):
     text = " ".join(f"word{i}" for i in range(150))
     n = len(tiny_neox.tokenizer(text)["input_ids"])
     assert n > 200  # longer than the 64-token window below
-    res = score_texts(tiny_neox, [text], max_length=64, stride=16, cache=False)[0]
+    res = score_texts(tiny_neox, [text, TEXTS[0]], max_length=64, stride=16, cache=False)[0]
+    # said, not silent: a long text's later tokens are scored with less context than the model's
+    assert ("warning: 1 of 2 texts are longer than the 64-token window of tiny-gpt-neox: each is scored in windows "
+            "advancing by 16 tokens (every token scored once, after at least 48 earlier tokens)") in capsys.readouterr().err
     assert res.n_tokens == n - 1
     # The first window is scored with full context from the start: equal to scoring the first 64 tokens.
     first = tiny_neox.tokenizer.decode(tiny_neox.tokenizer(text)["input_ids"][:64])
