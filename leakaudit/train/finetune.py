@@ -44,7 +44,6 @@ from leakaudit.train.artifacts import (
     save_loadable,
 )
 from leakaudit.train.defenses import DefenseReport, dedup_and_cap, pii_scrubber
-from leakaudit.train.packed_attention import packed_attention
 from leakaudit.warn import warn_once
 
 DEFAULT_TARGETS = {"gpt_neox": ["query_key_value"], "opt": ["q_proj", "v_proj"], "llama": ["q_proj", "v_proj"]}
@@ -518,6 +517,8 @@ def _train_trainer(config: FinetuneConfig, lm, model, train: list[ex.Example], h
     from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
     from leakaudit.train.callbacks import JsonlLogCallback, LoadableCheckpointCallback, RichProgressCallback
+    from leakaudit.train.packed_attention import packed_attention  # imports transformers' modeling: not for a
+    # plan check, which reads FinetuneConfig only (a cached rerun skips ~2 s of imports)
 
     pack = config.packing and config.format == "plain" and ex.packing_is_exact(model, lm.tokenizer)
     collator = ex.PackedCollator(lm.max_length) if pack else ex.PaddedCollator(lm.tokenizer.pad_token_id)
