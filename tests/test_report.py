@@ -497,3 +497,54 @@ def test_a_report_on_a_file_system_without_locks_is_written_with_a_warning(tmp_p
     html.write_report(tmp_path)
     assert (tmp_path / "report.html").read_text() == "<p>ok</p>"
     assert "the file system has no locks (No locks available)" in capsys.readouterr().err
+
+
+def test_labels_keep_a_seed_and_stay_apart_when_masked_alike():
+    """Stage ids and grid labels were masked as data text: a seed 2024061501 read as a phone number, and two
+    values masked alike (********01; a***@acme.com) made two variants one."""
+    from leakaudit.data.pii_find import mask_labels
+
+    ids = ["finetune/ft[seed=2024061501]", "finetune/ft[seed=2024071501]", "evaluate/plp[pairs=alice.smith@acme.com]/base",
+           "evaluate/plp[pairs=adam.jones@acme.com]/base", "evaluate/plp[pairs=alice.smith@acme.com]/ft[seed=2024061501]",
+           "plp[pairs=adam.jones@acme.com]"]
+    masked = mask_labels(ids)
+    assert masked["finetune/ft[seed=2024061501]"] == "finetune/ft[seed=2024061501]"
+    assert masked["evaluate/plp[pairs=alice.smith@acme.com]/base"] == "evaluate/plp[pairs=a***@acme.com]/base"
+    assert masked["evaluate/plp[pairs=adam.jones@acme.com]/base"] == "evaluate/plp[pairs=a***@acme.com]~2/base"
+    assert masked["plp[pairs=adam.jones@acme.com]"] == "plp[pairs=a***@acme.com]~2"  # a part masks alike everywhere
+    assert masked["evaluate/plp[pairs=alice.smith@acme.com]/ft[seed=2024061501]"] == (
+        "evaluate/plp[pairs=a***@acme.com]/ft[seed=2024061501]")
+    assert len(set(masked.values())) == len(ids)
+    assert mask_labels(["data/7138536164"]) == {"data/7138536164": "data/********64"}  # a number, not a grid value
+    assert "alice" not in str(list(masked.values())) and "adam" not in str(list(masked.values()))
+
+
+def test_a_grid_of_long_seeds_keeps_every_variant_apart_in_the_report(tmp_path):
+    """Reproduced: an evaluation grid {seed: [2024061501, 2124061501]} merged into one group ("********01"):
+    the headline lost a column, summary.json a stage, and the verdicts compared base with base."""
+    exp = tmp_path / "exp.yaml"
+    exp.write_text("""\
+name: seeds
+models: {base: tiny-gpt-neox, other: tiny-opt}
+datasets:
+  emails: {builtin: enron-synthetic, limit: 16, max_chars: 120, split: {members: 0.5, nonmembers: 0.5}}
+evaluate:
+  mia:
+    kind: mia
+    targets: [base, other]
+    members: emails.members
+    nonmembers: emails.nonmembers
+    options: {attacks: [loss], n_bootstrap: 20, compare_to: base}
+    grid: {seed: [2024061501, 2124061501]}
+""")
+    run_experiment(parse_experiment(exp.read_text(), exp), tmp_path / "out", log=lambda m: None)
+    summary = json.loads((tmp_path / "out" / "summary.json").read_text())
+    run = json.loads((tmp_path / "out" / "run.json").read_text())
+    expected = {f"evaluate/mia[seed={s}]/{t}" for s in (2024061501, 2124061501) for t in ("base", "other")}
+    assert expected <= set(summary["stages"]) and expected <= {s["id"] for s in run["stages"]}
+    assert {(h["evaluation"], h["variant"]) for h in summary["headline"]} == {
+        (f"mia[seed={s}]", t) for s in (2024061501, 2124061501) for t in ("base", "other")}
+    assert sorted((c["evaluation"], c["baseline"], c["variant"]) for c in summary["comparisons"]) == [
+        ("mia[seed=2024061501]", "base", "other"), ("mia[seed=2124061501]", "base", "other")]
+    html = (tmp_path / "out" / "report.html").read_text()
+    assert "mia[seed=2024061501]" in html and "mia[seed=2124061501]" in html and "********01" not in html

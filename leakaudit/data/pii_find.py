@@ -20,7 +20,7 @@ import functools
 import json
 import re
 import sys
-from collections.abc import Collection, Iterable
+from collections.abc import Collection, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -504,19 +504,58 @@ def mask_yaml_text(text: str, names: NameFinder | None = None) -> str:
     return "".join(out)
 
 
-def mask_obj(obj: Any, names: NameFinder | Iterable[str] | None = None, *, keep: Collection[str] = ()) -> Any:
+def mask_labels(ids: Iterable[str], names: NameFinder | None = None) -> dict[str, str]:
+    """Stage ids and labels (made of an experiment's step names and grid values) → masked forms that stay
+    apart: each /-separated part masked, but a grid value that is a number is kept as the experiment file's
+    copy keeps it (the seed 2024061501 is no phone number), and a part that masks like an earlier one gets "~2",
+    "~3" (two addresses of one domain, a***@acme.com). Masked alike, two variants became one row of the report
+    and one entry of summary.json, and their comparisons compared a variant with itself."""
+    parts: dict[str, str] = {}
+    taken: set[str] = set()
+    ids = list(dict.fromkeys(ids))
+    for part in (p for i in ids for p in i.split("/")):
+        if part in parts:
+            continue
+        kept = [s for s in find_pii(part, names) if not _grid_number(part, s)]
+        masked, pos = [], 0
+        for s in kept:
+            masked += [part[pos:s.start], {"email": mask_email, "phone": mask_phone, "name": mask_name}[s.kind](s.value)]
+            pos = s.end
+        first = "".join([*masked, part[pos:]])
+        label, n = first, 1
+        while label in taken:
+            n += 1
+            label = f"{first}~{n}"
+        parts[part] = label
+        taken.add(label)
+    return {i: "/".join(parts[p] for p in i.split("/")) for i in ids}
+
+
+def _grid_number(label: str, span: PiiSpan) -> bool:
+    """A "phone number" that is a grid label's number value (`seed=2024061501` in "ft[seed=2024061501,lr=1]")."""
+    return (span.kind == "phone" and span.value.isdigit() and label[span.start - 1:span.start] == "="
+            and label[span.end:span.end + 1] in (",", "]"))
+
+
+def mask_obj(obj: Any, names: NameFinder | Iterable[str] | None = None, *, keep: Collection[str] = (),
+             labels: Mapping[str, str] | None = None) -> Any:
     """A copy of a JSON-like value with every string in it masked by `mask_pii`, dict keys included
     (stage ids and labels are keys and can hold an address). Values under a key in `keep` are copied as
-    they are: e.g. a run record's stage `folder`, a path on disk the report must still open."""
+    they are: e.g. a run record's stage `folder`, a path on disk the report must still open. A string that is
+    one of `labels` (from `mask_labels`) becomes its masked form there."""
     finder = names if isinstance(names, NameFinder) or names is None else NameFinder(names)
+    labels = labels or {}
+
+    def mask(x: str) -> str:
+        return labels[x] if x in labels else mask_pii(x, finder)
 
     def walk(x: Any) -> Any:
         if isinstance(x, str):
-            return mask_pii(x, finder)
+            return mask(x)
         if isinstance(x, dict):
             out: dict[Any, Any] = {}
             for k, v in x.items():
-                mk = mask_pii(k, finder) if isinstance(k, str) else k
+                mk = mask(k) if isinstance(k, str) else k
                 while mk in out:  # two keys that mask alike stay two entries
                     mk = f"{mk}'"
                 out[mk] = v if k in keep else walk(v)

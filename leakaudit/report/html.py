@@ -13,13 +13,15 @@ import errno
 import json
 import os
 import re
-from collections.abc import Iterator
+from collections.abc import Collection, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+import markupsafe
+
 from leakaudit.data.io import write_atomic, write_json
-from leakaudit.data.pii_find import NameFinder, mask_obj, mask_yaml_text, name_finder
+from leakaudit.data.pii_find import NameFinder, mask_labels, mask_obj, mask_yaml_text, name_finder
 from leakaudit.data.pii_find import mask_pii as mask
 from leakaudit.errors import InputError, one_line
 from leakaudit.kinds import get_kind, kind_names
@@ -31,10 +33,24 @@ _UNMASKED = re.compile(r"(data:[\w/+.-]+;base64,[A-Za-z0-9+/=]+|<pre class=\"con
                        r"|<span class=\"seed\">\d+</span>)", re.DOTALL)
 
 
-def _mask_page(html: str, names: NameFinder) -> str:
+def _mask_page(html: str, names: NameFinder, labels: Collection[str] = ()) -> str:
     """Mask every address, phone number and known name (shipped, and `report.mask_names`) in the page's text,
-    leaving inline figures and the (already masked) experiment file alone."""
-    return "".join(part if i % 2 else mask(part, names) for i, part in enumerate(_UNMASKED.split(html)))
+    leaving inline figures, the (already masked) experiment file and the (already masked) `labels` alone."""
+    unmasked = _UNMASKED
+    if labels:
+        escaped = sorted({str(markupsafe.escape(x)) for x in labels}, key=len, reverse=True)
+        unmasked = re.compile(f"({_UNMASKED.pattern[1:-1]}|{'|'.join(map(re.escape, escaped))})", re.DOTALL)
+    return "".join(part if i % 2 else mask(part, names) for i, part in enumerate(unmasked.split(html)))
+
+
+def _masked_labels(stages: list[dict[str, Any]], names: NameFinder) -> set[str]:
+    """The stage ids and labels of a run record that its masking left as they are (`mask_labels`: a seed
+    2024061501 in a grid label is no phone number): the page's and summary's last masking pass keeps them, or
+    "ft[seed=2024061501]" and "ft[seed=2024071501]" both read "ft[seed=********01]" there. A label a record
+    still holds unmasked (one that predates masking, or edited) is masked by that pass."""
+    found = {x for s in stages for x in (s.get("id"), s.get("params", {}).get("target_label"),
+                                         s.get("params", {}).get("evaluation")) if isinstance(x, str)}
+    return {x for x in found if mask_labels([x], names)[x] == x}
 
 
 # ----------------------------------------------------------------------------------------- headline numbers
@@ -261,8 +277,9 @@ def build(out: str | Path) -> tuple[str, dict[str, Any]]:
         sections=sections, stages=stages, n_done=sum(1 for s in stages if s.get("result") is not None),
         n_stages=len(stages), config_text=config_text if show_pii else mask_yaml_text(config_text, names),
         versions=run.get("versions", {}))
+    labels = _masked_labels(stages, names) if not show_pii else set()
     if not show_pii:  # a last pass over the whole page: addresses, phones and shipped names never reach it
-        html = _mask_page(html, names)
+        html = _mask_page(html, names, labels)
     summary = {"experiment": exp["name"], "seed": exp.get("seed"),
                "generated": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
                "pii": "shown" if show_pii else "masked",  # says so before anyone shares the file
@@ -270,7 +287,7 @@ def build(out: str | Path) -> tuple[str, dict[str, Any]]:
                "stages": {s["id"]: s.get("result") for s in stages},
                "versions": run.get("versions", {})}
     if not show_pii:  # run.json is masked when written, but it may predate that or have been edited
-        summary = mask_obj(summary, names)
+        summary = mask_obj(summary, names, labels={x: x for x in labels})
     return html, summary
 
 
