@@ -74,7 +74,7 @@ def read_run(out: str | Path) -> SeedRun:
             raise InputError("not a comparison with a finite delta and a [lo, hi] interval",
                              file=out / "summary.json", field=f"comparisons[{i}]")
     stages = [st for st in record.get("stages") or [] if isinstance(st, dict)]
-    pending = [str(st.get("id")) for st in stages if st.get("status") == "pending"]
+    pending = [str(st.get("id")) for st in stages if st.get("status") in ("pending", "failed")]
     if pending:  # its comparisons that need those stages are missing: "over seeds" would be over fewer seeds
         raise InputError(f"{len(pending)} of {len(stages)} stages are not finished (the first: {pending[0]}); finish "
                          f"the run (`leakaudit run` with its experiment and --out {out}) and it writes its report",

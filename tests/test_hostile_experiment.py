@@ -314,6 +314,14 @@ def test_a_fine_tune_option_refused_when_training_starts_names_its_line(tmp_path
     assert code == 2 and "Traceback" not in err, err
     assert last.startswith(f"error: {cfg}:21: field 'finetune.t.options.target_modules': stage finetune/t: "
                            "no module named no_such_module"), err
+    # the run record says it failed and why (it said "pending", as of a stage not run yet), and the report too
+    record = {s["id"]: s for s in json.loads((out / "run.json").read_text())["stages"]}
+    assert record["finetune/t"]["status"] == "failed" and "no module named no_such_module" in record["finetune/t"]["error"]
+    assert record["data/d"]["status"] == "ran" and "error" not in record["data/d"]
+    code, err = _run_main(["report", str(out)], monkeypatch, capsys)
+    assert code == 0 and "<b>failed</b>: " in (out / "report.html").read_text()
+    code, err = _run_main(["seeds", str(out), str(out)], monkeypatch, capsys)
+    assert code == 2 and "stages are not finished (the first: finetune/t)" in err
 
 
 def test_a_fine_tune_error_names_an_option_only_when_it_is_one(tmp_path):

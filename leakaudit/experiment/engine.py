@@ -15,7 +15,7 @@ from typing import Any
 
 from leakaudit.config import ConfigError, Experiment
 from leakaudit.data.io import link_or_copy, write_atomic, write_json
-from leakaudit.errors import InputError
+from leakaudit.errors import InputError, one_line
 from leakaudit.experiment.checks import (
     check_plan,
     finetune_option_loc,
@@ -69,9 +69,10 @@ def _redone_input(deps: list[str], done: dict[str, Any], finished: dict[str, str
 
 def run_plan(plan: Plan, out: Path, *, log: Callable[[str], None] = print,
              after_stage: Callable[[dict[str, str]], None] | None = None,
-             reuse: Path | None = None) -> dict[str, str]:
+             reuse: Path | None = None, failures: dict[str, str] | None = None) -> dict[str, str]:
     """Run every stage not already finished with its current key (or finished with it in the run dir
-    `reuse`, then copied). Returns stage id → 'ran' | 'cached' | 'reused'.
+    `reuse`, then copied). Returns stage id → 'ran' | 'cached' | 'reused'. A stage that fails is 'failed'
+    (its one-line error in `failures`) for a last `after_stage` before the error goes on.
 
     Under a launcher (torchrun, accelerate launch) every process walks the plan: rank 0 alone decides what is
     cached, touches the stage folders and records each finish; fine-tunes and data-parallel kinds run on
@@ -109,8 +110,16 @@ def run_plan(plan: Plan, out: Path, *, log: Callable[[str], None] = print,
         ctx = StageContext(stage, sdir, out, plan, results, cache)
         together = distributed.world()[1] == 1 or data_parallel(stage)
         if together or main:
-            with nullcontext() if together else distributed.alone():
-                result = _run_stage(plan, stage, table, ctx)
+            try:
+                with nullcontext() if together else distributed.alone():
+                    result = _run_stage(plan, stage, table, ctx)
+            except Exception as exc:  # a kill (KeyboardInterrupt, SIGTERM) leaves it pending: it resumes
+                if main and after_stage is not None:
+                    status[stage.id] = "failed"  # not "pending": the record said so of a stage that had failed
+                    if failures is not None:
+                        failures[stage.id] = exc.format() if isinstance(exc, InputError) else one_line(exc)
+                    after_stage(status)
+                raise
         if main:
             seconds = round(time.perf_counter() - t0, 2)
             finished[stage.id] = uuid.uuid4().hex
@@ -299,15 +308,18 @@ def _inside_out(obj: Any, out: Path) -> Any:
     return obj
 
 
-def write_run_record(plan: Plan, out: Path, config_text: str, status: dict[str, str]) -> Path:
-    """`run.json`: the exact configuration, versions and every stage's result (what the report reads)."""
+def write_run_record(plan: Plan, out: Path, config_text: str, status: dict[str, str],
+                     failures: dict[str, str] | None = None) -> Path:
+    """`run.json`: the exact configuration, versions and every stage's result (what the report reads), and
+    the error of a stage that failed."""
     stages = []
     for stage in plan.stages.values():
         done = is_done(out / stage.folder, stage.key)
         stages.append({"id": stage.id, "kind": stage.kind, "folder": stage.folder, "key": stage.key,
                        "params": stage.params, "status": status.get(stage.id, "done" if done else "pending"),
                        "seconds": done["seconds"] if done else None,
-                       "result": _inside_out(done["result"], out) if done else None})
+                       "result": _inside_out(done["result"], out) if done else None,
+                       **({"error": _inside_out(failures[stage.id], out)} if failures and stage.id in failures else {})})
     record = {"experiment": plan.exp.model_dump(mode="json"), "config_text": config_text,
               "versions": versions(), "stages": stages}
     if not plan.exp.report.show_pii:  # the stage folder stays as on disk: the report opens it
@@ -360,8 +372,10 @@ def run_experiment(exp: Experiment, out: str | Path, *, config_text: str = "",
             write_run_record(plan, out, config_text, {})  # so `leakaudit report` works on a run in progress
             for stale in ("summary.json", "report.html"):  # an earlier run's numbers: written again at the end
                 (out / stale).unlink(missing_ok=True)
-        status = run_plan(plan, out, log=log, after_stage=lambda st: write_run_record(plan, out, config_text, st),
-                          reuse=Path(reuse) if reuse is not None else None)
+        failures: dict[str, str] = {}
+        status = run_plan(plan, out, log=log,
+                          after_stage=lambda st: write_run_record(plan, out, config_text, st, failures),
+                          reuse=Path(reuse) if reuse is not None else None, failures=failures)
         if main:
             write_run_record(plan, out, config_text, status)
             if report:
