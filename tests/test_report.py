@@ -316,7 +316,7 @@ def test_pii_figures_draw_each_protocols_own_hits(monkeypatch):
                       Path("/nonexistent"))
     section = PiiResult.section([stage])
     assert bars[0][0] == {"m0": pytest.approx(0.1)}
-    assert section["tables"][0]["rows"][0][4:] == [1, 7, 1, 10]
+    assert section["tables"][0]["rows"][0][5:] == [1, 7, 1, 10]
 
 
 def test_the_stage_table_says_how_many_examples_a_finetune_left_out(tmp_path):
@@ -548,3 +548,44 @@ evaluate:
         ("mia[seed=2024061501]", "base", "other"), ("mia[seed=2124061501]", "base", "other")]
     html = (tmp_path / "out" / "report.html").read_text()
     assert "mia[seed=2024061501]" in html and "mia[seed=2124061501]" in html and "********01" not in html
+
+
+def test_two_evaluations_of_one_kind_on_one_target_are_both_drawn(tmp_path, monkeypatch):
+    """The PII and perplexity figures keyed their data by target alone: a second evaluation of the same
+    target (templates A and B; members and non-members) drew over the first, whose numbers were then in no
+    figure. Rates share one colour scale (0-1); a base model without checkpoints is a level in the checkpoint
+    figure, the reference the fine-tune moves from (it was left out)."""
+    from leakaudit.kinds.perplexity import PerplexityResult
+    from leakaudit.kinds.pii import PiiResult
+    from leakaudit.report import plots
+
+    drawn: list[tuple[str, tuple, dict]] = []
+    for name in ("bars_figure", "heatmap_figure", "lines_figure"):
+        monkeypatch.setattr(plots, name, lambda *a, _n=name, **k: drawn.append((_n, a, k)) or "data:,")
+
+    def stage(evaluation, target, result):
+        return StageView({"id": f"evaluate/{evaluation}/{target}", "folder": f"evaluate/{evaluation}/{target}",
+                          "params": {"evaluation": evaluation, "target_label": target}, "result": result}, tmp_path)
+
+    def rows(template, rate):
+        return {"rows": [{"template": template, "temperature": t, "n_targets": 10, "hits": round(10 * rate),
+                          "matches": round(10 * rate)} for t in (0.5, 1.0)]}
+
+    PiiResult.section([stage("pii_a", "base", rows("A", 0.2)), stage("pii_b", "base", rows("B", 0.4))])
+    assert [(n, a[3]) for n, a, _ in drawn] == [("heatmap_figure", "PII match rate: base (pii_a)"),
+                                                 ("heatmap_figure", "PII match rate: base (pii_b)")]
+    assert [a[2] for _, a, _ in drawn] == [{("A", "0.50"): 0.2, ("A", "1.00"): 0.2}, {("B", "0.50"): 0.4, ("B", "1.00"): 0.4}]
+    assert all(k["limits"] == (0.0, 1.0) for _, _, k in drawn)
+
+    drawn.clear()
+    PerplexityResult.section([stage("ppl_members", "base", {"perplexity": 1057.0}),
+                              stage("ppl_nonmembers", "base", {"perplexity": 1050.0})])
+    (name, args, _), = drawn
+    assert name == "bars_figure" and args[0] == {"base (ppl_members)": 1057.0, "base (ppl_nonmembers)": 1050.0}
+
+    drawn.clear()
+    ckpts = [{"name": f"checkpoint-{k}", "step": k, "perplexity": p} for k, p in ((2, 900.0), (4, 819.0))]
+    PerplexityResult.section([stage("ppl", "base", {"perplexity": 1053.0}),
+                              stage("ppl", "ft", {"perplexity": 819.0, "checkpoints": ckpts})])
+    (name, args, kwargs), = drawn
+    assert name == "lines_figure" and list(args[0]) == ["ft"] and kwargs["levels"] == {"base (no checkpoints)": 1053.0}

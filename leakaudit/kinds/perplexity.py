@@ -39,12 +39,17 @@ class PerplexityResult(Result):
             return None
         series: dict[str, list[tuple[float, float]]] = {}
         table = []
+        several = len({s.evaluation for s in stages}) > 1
+
+        def label(s: StageView) -> str:  # two evaluations of one target are two bars, not one drawn over the other
+            return f"{s.target} ({s.evaluation})" if several else s.target
+
+        finals = {label(s): s.result["perplexity"] for s in stages if isinstance(s.result.get("perplexity"), (int, float))}
         for s in stages:
             res = s.result
-            label = f"{s.target} ({s.evaluation})"
             for c in res.get("checkpoints") or []:
                 if isinstance(c.get("step"), int):  # a run from before the final step was recorded: no x
-                    series.setdefault(label, []).append((float(c["step"]), float(c["perplexity"])))
+                    series.setdefault(label(s), []).append((float(c["step"]), float(c["perplexity"])))
                 table.append([s.target, s.evaluation, c.get("name"), fmt(c.get("step")), fmt(c["perplexity"]),
                               res.get("n_texts", "–"), res.get("n_tokens", "–")])
             if not res.get("checkpoints"):
@@ -52,12 +57,13 @@ class PerplexityResult(Result):
                               res.get("n_texts", "–"), res.get("n_tokens", "–")])
         figures = []
         if any(len(v) > 1 for v in series.values()):
+            levels = {f"{name} (no checkpoints)": value for name, value in finals.items() if name not in series}
             figures.append({"uri": plots.lines_figure(series, "Perplexity per checkpoint", "training step",
-                                                      "perplexity", log_y=True),
-                            "caption": "Perplexity on the evaluation data at each checkpoint and the final model"})
+                                                      "perplexity", log_y=True, levels=levels),
+                            "caption": "Perplexity on the evaluation data at each checkpoint and the final model"
+                                       + ("; a dotted line for a model without checkpoints (a base model)"
+                                          if levels else "")})
         else:
-            finals = {s.target: s.result["perplexity"] for s in stages
-                      if isinstance(s.result.get("perplexity"), (int, float))}
             if finals:
                 figures.append({"uri": plots.bars_figure(finals, "Perplexity", "perplexity"),
                                 "caption": "Perplexity on the evaluation data"})

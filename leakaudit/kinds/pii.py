@@ -109,24 +109,26 @@ class PiiResult(Result):
             return None
         rates: dict[str, dict[tuple[str, str], float]] = {}
         table = []
-        for s in stages:
+        several = len({s.evaluation for s in stages}) > 1  # then a model is drawn once per evaluation, not
+        for s in stages:                                      # the last evaluation over the others'
+            model = f"{s.target} ({s.evaluation})" if several else s.target
             cells: dict[tuple[str, str], list[float]] = {}
             for r in s.result.get("rows") or []:
                 if r.get("n_targets"):
                     key = (str(r["template"]), fmt(float(r["temperature"]), 2))
                     # the protocol's own hits: fuzzy matches for fake-privacy cells, exact ones for PIL
                     cells.setdefault(key, []).append(r.get("hits", r["matches"]) / r["n_targets"])
-                table.append([s.target, r.get("template"), r.get("temperature"), r.get("top_k", ""),
+                table.append([s.target, s.evaluation, r.get("template"), r.get("temperature"), r.get("top_k", ""),
                               r.get("hits", r.get("matches")), r.get("matches"), r.get("exact_matches", ""),
                               r.get("n_targets")])
             if cells:
-                rates[s.target] = {k: sum(v) / len(v) for k, v in cells.items()}
+                rates[model] = {k: sum(v) / len(v) for k, v in cells.items()}
         return {"id": "pii", "title": "PII extraction", "figures": _figures(rates),
                 "note": " ".join(["Hit rate = targets hit / targets, per prompt template and sampling "
                                   "temperature; a hit is the template's own criterion (a fuzzy match for the "
                                   "fake-privacy templates, an exact one for PIL's). Extracted text is not shown.",
                                   *compare.notes(stages)]),
-                "tables": [{"header": ["variant", "template", "temperature", "top-k", "hits", "fuzzy matches",
+                "tables": [{"header": ["variant", "evaluation", "template", "temperature", "top-k", "hits", "fuzzy matches",
                                        "exact", "targets"], "rows": table}]}
 
 
@@ -168,7 +170,8 @@ def _figures(rates: dict[str, dict[tuple[str, str], float]]) -> list[dict[str, s
         by = mean_over(1 - axis)  # (model, value on the varying axis) -> rate
         caption = f"PII extraction match rate by {name} ({fixed})"
         if len(models) * len(values) > MAX_BARS:
-            uri = plots.heatmap_figure(models, values, by, f"PII match rate ({fixed})", name, "model")
+            uri = plots.heatmap_figure(models, values, by, f"PII match rate ({fixed})", name, "model",
+                                       limits=(0.0, 1.0))
         elif len(models) == 1:
             uri = plots.bars_figure({v: by[(models[0], v)] for v in values if (models[0], v) in by},
                                     f"PII match rate: {models[0]} ({fixed})", "match rate", name)
@@ -180,10 +183,10 @@ def _figures(rates: dict[str, dict[tuple[str, str], float]]) -> list[dict[str, s
         return [{"uri": uri, "caption": caption}]
     if len(models) <= MAX_HEATMAPS:
         return [{"uri": plots.heatmap_figure(templates, temps, rates[m], f"PII match rate: {m}", "temperature",
-                                             "template"),
+                                             "template", limits=(0.0, 1.0)),
                  "caption": f"PII extraction match rate by template and temperature, {m}"} for m in models]
     return [{"uri": plots.heatmap_figure(models, values, mean_over(axis), f"PII match rate, mean over {other}s",
-                                         name, "model"),
+                                         name, "model", limits=(0.0, 1.0)),
              "caption": f"PII extraction match rate by model and {name} (mean over {other}s)"}
             for axis, name, other, values in ((1, "template", "temperature", templates),
                                               (0, "temperature", "template", temps))]

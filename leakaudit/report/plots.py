@@ -55,8 +55,9 @@ def roc_figure(curves: dict[str, Any], title: str) -> str:
 
 
 def heatmap_figure(rows: list[str], cols: list[str], values: dict[tuple[str, str], float], title: str,
-                   xlabel: str, ylabel: str, fmt: str = "{:.3f}") -> str:
-    """A labelled heatmap (e.g. PII match rate by template × temperature); missing cells stay blank."""
+                   xlabel: str, ylabel: str, fmt: str = "{:.3f}", limits: tuple[float, float] | None = None) -> str:
+    """A labelled heatmap (e.g. PII match rate by template × temperature); missing cells stay blank. `limits`
+    fixes the colour scale (a rate's 0-1), so one colour means one value in every heatmap of a report."""
     import numpy as np
 
     plt = _plt()
@@ -66,14 +67,15 @@ def heatmap_figure(rows: list[str], cols: list[str], values: dict[tuple[str, str
             if (r, c) in values:
                 grid[i, j] = values[(r, c)]
     fig, ax = plt.subplots(figsize=(max(4.0, 0.9 * len(cols) + 2.5), max(2.2, 0.45 * len(rows) + 1.4)))
-    im = ax.imshow(grid, aspect="auto", cmap="viridis")
+    vmin, vmax = limits or (None, None)
+    im = ax.imshow(grid, aspect="auto", cmap="viridis", vmin=vmin, vmax=vmax)
     ax.set_xticks(range(len(cols)), labels=cols)
     ax.set_yticks(range(len(rows)), labels=rows)
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
     ax.set_title(title)
     finite = grid[np.isfinite(grid)]
-    mid = float(finite.mean()) if finite.size else 0.0
+    mid = sum(limits) / 2 if limits else float(finite.mean()) if finite.size else 0.0
     for i in range(len(rows)):
         for j in range(len(cols)):
             if math.isfinite(grid[i, j]):
@@ -86,10 +88,12 @@ def heatmap_figure(rows: list[str], cols: list[str], values: dict[tuple[str, str
 
 def lines_figure(series: dict[str, list[tuple[float, float]]], title: str, xlabel: str, ylabel: str,
                  log_y: bool = False, bands: dict[str, list[tuple[float, float, float]]] | None = None,
-                 xticks: list[tuple[float, str]] | None = None, chance: float | None = None) -> str:
+                 xticks: list[tuple[float, str]] | None = None, chance: float | None = None,
+                 levels: dict[str, float] | None = None) -> str:
     """One line per series of (x, y) points, e.g. perplexity per checkpoint for each variant; `bands` adds a
     shaded (x, low, high) interval per series (a CI), `xticks` names positions (e.g. m = 1, 2, ..., all),
-    `chance` draws the level that means no signal (an AUC's 0.5). The legend sits beside the plot."""
+    `chance` draws the level that means no signal (an AUC's 0.5), `levels` a dotted line per value with no x
+    (a base model's perplexity, the reference the checkpoints move from). The legend sits beside the plot."""
     plt = _plt()
     fig, ax = plt.subplots(figsize=(7.5, 3.8))
     if chance is not None:
@@ -101,6 +105,8 @@ def lines_figure(series: dict[str, list[tuple[float, float]]], title: str, xlabe
         if band:
             ax.fill_between([b[0] for b in band], [b[1] for b in band], [b[2] for b in band],
                             color=line.get_color(), alpha=0.15, linewidth=0)
+    for i, (name, value) in enumerate((levels or {}).items(), start=len(series)):
+        ax.axhline(value, ls=":", lw=1.4, color=f"C{i % 10}", label=name)
     if log_y:
         _log_scale(ax, "y")
     if xticks:
