@@ -303,3 +303,28 @@ def test_compare_to_naming_no_target_is_a_note(tmp_path):
     section = UserInferenceResult.section(stages)
     assert "compare_to 'nonee' names no finished target of evaluation 'users' (finished: none, cap)" in section["note"]
     assert len(section["tables"]) == 2  # no comparison table
+
+
+def test_who_is_vulnerable_draws_a_target_whose_users_scores_differ(tmp_path, monkeypatch):
+    """With `compare_to: base` and `reference: base`, the figures were drawn for base, whose score against
+    itself is 0 for every user (one dot, "ρ = – –"), and the fine-tune's users were in no figure."""
+    from leakaudit.kinds import compare
+    from leakaudit.kinds.base import StageView
+    from leakaudit.kinds.user_inference import _vulnerability_figures
+    from leakaudit.report import plots
+
+    stages = []
+    for target, scores in (("base", [0.0, 0.0, 0.0]), ("ft", [0.3, -0.1, 0.8])):
+        folder = tmp_path / "evaluate" / "users" / target
+        folder.mkdir(parents=True)
+        (folder / "user_scores.jsonl").write_text("".join(
+            json.dumps({"user": f"u{i}", "label": 1, "score": s, "n_train": i + 1, "ref_nll": 2.0 + i}) + "\n"
+            for i, s in enumerate(scores)))
+        stages.append(StageView({"id": f"evaluate/users/{target}", "folder": f"evaluate/users/{target}",
+                                 "params": {"evaluation": "users", "target_label": target,
+                                            "options": {"compare_to": "base"}}, "result": {}}, tmp_path))
+    drawn = []
+    monkeypatch.setattr(plots, "scatter_figure", lambda x, y, title, *a, **k: drawn.append((title, y)) or "data:,")
+    figures = _vulnerability_figures(stages, compare.by_evaluation(stages))
+    assert len(figures) == 2 and [t.split(":")[0] for t, _ in drawn] == ["ft", "ft"]
+    assert drawn[0][1] == [0.3, -0.1, 0.8]

@@ -196,12 +196,23 @@ def _series(s: StageView, base: StageView) -> list[compare.Series]:
 
 def _vulnerability_figures(stages: list[StageView], groups: dict[str, list[StageView]]) -> list[dict[str, Any]]:
     """Score against n_train and against ref NLL over in-training users, for one target only (the first
-    evaluation's `compare_to` target, else the first stage): two figures at most, the page stays readable."""
+    evaluation's `compare_to` target, else the first stage whose in-training users' scores differ: a target
+    that is its own reference scores every user 0, a flat line): two figures at most, the page stays readable."""
     from leakaudit.report import plots
 
-    pick = next((b for b in (compare.baseline(g)[0] for g in groups.values()) if b is not None), stages[0])
-    rows = [r for r in read_jsonl(pick.dir / pick.result.get("scores_file", "user_scores.jsonl"))
-            if r.get("label") == 1 and r.get("score") is not None]
+    def in_training(stage: StageView) -> list[dict[str, Any]]:
+        return [r for r in read_jsonl(stage.dir / stage.result.get("scores_file", "user_scores.jsonl"))
+                if r.get("label") == 1 and r.get("score") is not None]
+
+    baselines = [b for b in (compare.baseline(g)[0] for g in groups.values()) if b is not None]
+    pick, rows = stages[0], []
+    for stage in [*baselines, *stages]:
+        rows = in_training(stage)
+        if len({r["score"] for r in rows}) > 1:
+            pick = stage
+            break
+    else:
+        rows = []
     vul = pick.result.get("vulnerability") or {}
     figures = []
     for key, xlabel, what in (("n_train", "user's samples in the training data (n_train)", "training samples"),
