@@ -589,3 +589,11 @@ def test_two_evaluations_of_one_kind_on_one_target_are_both_drawn(tmp_path, monk
                               stage("ppl", "ft", {"perplexity": 819.0, "checkpoints": ckpts})])
     (name, args, kwargs), = drawn
     assert name == "lines_figure" and list(args[0]) == ["ft"] and kwargs["levels"] == {"base (no checkpoints)": 1053.0}
+
+
+def test_a_report_of_an_experiment_without_evaluations_says_so(tmp_path):
+    """It said "No evaluation has finished yet.", as of a run still going, for a data-only experiment."""
+    exp = "name: data-only\nmodels: {base: tiny-gpt-neox}\ndatasets: {d: {builtin: enron-synthetic, limit: 4}}\n"
+    run_experiment(parse_experiment(exp), tmp_path / "out", log=lambda m: None)
+    html = (tmp_path / "out" / "report.html").read_text()
+    assert "has no evaluations" in html and "No evaluation has finished yet" not in html
