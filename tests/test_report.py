@@ -259,7 +259,7 @@ def test_pii_grid_of_one_temperature_draws_bars_not_a_heatmap(monkeypatch):
     assert heat == [] and len(bars) == 1 and len(figures) == 1
     values = bars[0][0]  # grouped: model -> template -> rate
     assert values == {m: {f"template {t}": i / 10 for i, t in enumerate("ABCD")} for m in ("m0", "ft")}
-    assert figures[0]["uri"].startswith("data:image/png;base64,") and "temperature 0.70" in figures[0]["caption"]
+    assert figures[0]["uri"].startswith("data:image/png;base64,") and "temperature 0.7)" in figures[0]["caption"]
 
 
 def test_pii_grid_of_one_cell_draws_one_chart_across_models(monkeypatch):
@@ -273,12 +273,12 @@ def test_pii_full_grid_draws_heatmaps(monkeypatch):
     figures, heat, bars = _pii_figures(monkeypatch, {"m0": cells})
     assert bars == [] and len(heat) == 1 and len(figures) == 1
     rows, cols = heat[0][:2]
-    assert (rows, cols) == (["A", "B", "C", "D"], ["0.50", "1.00"])
+    assert (rows, cols) == (["A", "B", "C", "D"], ["0.5", "1"])
     # many models: one model x template and one model x temperature heatmap, not one per model
     models = [f"m{i}" for i in range(5)]
     figures, heat, bars = _pii_figures(monkeypatch, {m: cells for m in models})
     assert bars == [] and len(figures) == 2
-    assert [(h[0], h[1]) for h in heat] == [(models, ["A", "B", "C", "D"]), (models, ["0.50", "1.00"])]
+    assert [(h[0], h[1]) for h in heat] == [(models, ["A", "B", "C", "D"]), (models, ["0.5", "1"])]
     assert heat[0][2][("m0", "A")] == pytest.approx(0.05)  # rows 0 and 1 (A at 0.5 and 1.0): mean 0.5 / 10
 
 
@@ -574,8 +574,14 @@ def test_two_evaluations_of_one_kind_on_one_target_are_both_drawn(tmp_path, monk
     PiiResult.section([stage("pii_a", "base", rows("A", 0.2)), stage("pii_b", "base", rows("B", 0.4))])
     assert [(n, a[3]) for n, a, _ in drawn] == [("heatmap_figure", "PII match rate: base (pii_a)"),
                                                  ("heatmap_figure", "PII match rate: base (pii_b)")]
-    assert [a[2] for _, a, _ in drawn] == [{("A", "0.50"): 0.2, ("A", "1.00"): 0.2}, {("B", "0.50"): 0.4, ("B", "1.00"): 0.4}]
+    assert [a[2] for _, a, _ in drawn] == [{("A", "0.5"): 0.2, ("A", "1"): 0.2}, {("B", "0.5"): 0.4, ("B", "1"): 0.4}]
     assert all(k["limits"] == (0.0, 1.0) for _, _, k in drawn)
+    drawn.clear()  # temperatures are cells by value: 0.12 and 0.125 were one cell ("0.12"), their rates averaged
+    cells = {"rows": [{"template": "A", "temperature": t, "n_targets": 10, "hits": h, "matches": h}
+                      for t, h in ((0.12, 1), (0.125, 9))]}
+    PiiResult.section([stage("pii_a", "base", cells)])
+    (_, args, _), = drawn
+    assert args[0] == {"0.12": 0.1, "0.125": 0.9}
 
     drawn.clear()
     PerplexityResult.section([stage("ppl_members", "base", {"perplexity": 1057.0}),

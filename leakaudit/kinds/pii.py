@@ -17,7 +17,7 @@ from pydantic import BeforeValidator, Field, field_validator
 
 from leakaudit.errors import InputError
 from leakaudit.kinds import compare
-from leakaudit.kinds.base import Headline, Kind, KindContext, KindOptions, Result, StageView, fmt, read_jsonl
+from leakaudit.kinds.base import Headline, Kind, KindContext, KindOptions, Result, StageView, read_jsonl
 from leakaudit.kinds.registry import register
 from leakaudit.options import BatchSize, CommaList, InputFile, Seed
 
@@ -115,7 +115,7 @@ class PiiResult(Result):
             cells: dict[tuple[str, str], list[float]] = {}
             for r in s.result.get("rows") or []:
                 if r.get("n_targets"):
-                    key = (str(r["template"]), fmt(float(r["temperature"]), 2))
+                    key = (str(r["template"]), f"{float(r['temperature']):g}")
                     # the protocol's own hits: fuzzy matches for fake-privacy cells, exact ones for PIL
                     cells.setdefault(key, []).append(r.get("hits", r["matches"]) / r["n_targets"])
                 table.append([s.target, s.evaluation, r.get("template"), r.get("temperature"), r.get("top_k", ""),
