@@ -391,3 +391,20 @@ def test_an_output_that_is_a_file_is_refused_by_name(tmp_path):
         finetune(FinetuneConfig(model="tiny-gpt-neox", data=str(data), method="lora", out=str(data)), progress=False)
     assert err.value.file == str(data) and "is a file, not an output directory" in err.value.message
     assert data.read_text() == '{"text": "a line to train on"}\n'  # nothing written over it
+
+
+def test_accelerates_mixed_precision_does_not_override_the_fine_tunes_own(plain_data, tmp_path, monkeypatch,
+                                                                         capsys, one_torch_thread):
+    """`accelerate launch --mixed_precision bf16` (or an accelerate config saying bf16) exports
+    ACCELERATE_MIXED_PRECISION, which the Trainer applied over `--no-bf16`: other weights, while
+    finetune_config.json and the stage's precision said fp32 (and a later fp32 rerun found it cached)."""
+    from safetensors.torch import load_file
+
+    plain = finetune(_cfg(plain_data, tmp_path / "plain", method="lora", bf16=False), progress=False)
+    monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "bf16")
+    capsys.readouterr()
+    told = finetune(_cfg(plain_data, tmp_path / "told", method="lora", bf16=False), progress=False)
+    assert ("ACCELERATE_MIXED_PRECISION=bf16 (accelerate launch --mixed_precision, or its config) is not applied: "
+            "this fine-tune trains with bf16 off") in capsys.readouterr().err
+    a, b = (load_file(str(d / "adapter_model.safetensors")) for d in (plain, told))
+    assert set(a) == set(b) and all(torch.equal(a[k], b[k]) for k in a)

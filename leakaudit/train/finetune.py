@@ -561,6 +561,12 @@ def _train_trainer(config: FinetuneConfig, lm, model, train: list[ex.Example], h
         disable_tqdm=True,
         dataloader_num_workers=0,
     )
+    wanted = "bf16" if args.bf16 else "no"
+    if args.mixed_precision != wanted:  # accelerate's own setting, which the Trainer would apply over `bf16`
+        warn_once(f"ACCELERATE_MIXED_PRECISION={args.mixed_precision} (accelerate launch --mixed_precision, or its "
+                  f"config) is not applied: this fine-tune trains with bf16 {'on' if args.bf16 else 'off'}, as its "
+                  "options say (--bf16/--no-bf16, `bf16:`), and records that")
+        args.mixed_precision = wanted
     callbacks = [JsonlLogCallback(out / "train_log.jsonl"), LoadableCheckpointCallback(config, model, lm.tokenizer)]
     if progress and is_main():
         callbacks.append(RichProgressCallback())
