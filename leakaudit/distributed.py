@@ -94,6 +94,17 @@ def _peer_guard() -> Iterator[None]:
         raise SystemExit(1) from None
 
 
+def join() -> None:
+    """Join the group of the long waits now (no-op with one process). Called by every process before rank 0
+    checks an experiment: when a check fails, rank 0 exits and the others' wait ends at once on the closed
+    connection. Joined only at the first wait, they sat in the group's set-up for a rank 0 that never came,
+    where the launcher's SIGTERM does not reach Python: torchrun killed them 30 s later, and a process
+    started without torchrun (one per pod) waited the 30-minute store timeout."""
+    if world()[1] > 1:
+        with _peer_guard():
+            _wait_group()
+
+
 def barrier() -> None:
     """Wait for every process (no-op with one process), as long as rank 0 takes (`WAIT`)."""
     if world()[1] > 1:

@@ -167,6 +167,21 @@ def test_a_launched_run_of_a_bad_file_prints_its_error_once(tmp_path):
     assert "InputError" not in proc.stderr and "leakaudit/cli" not in proc.stderr, proc.stderr[-3000:]
 
 
+def test_a_check_rank_0_fails_alone_ends_the_other_ranks_at_once(tmp_path):
+    """Rank 0 checks the plan first; failing there (a step batch 3 processes cannot share, a locked --out), it
+    exited before joining the process group, and rank 1 sat in the group's set-up, deaf to torchrun's SIGTERM,
+    until torchrun killed it 30 s later ("forcefully exiting via 9"; 34 s in all)."""
+    exp = tmp_path / "exp.yaml"
+    exp.write_text("name: early\nmodels: {base: tiny-gpt-neox}\n"
+                   "datasets: {d: {builtin: enron-synthetic, limit: 8, max_chars: 100}}\n"
+                   "finetune:\n  ft: {model: base, data: d, method: lora, options: {batch_size: 3, gradient_accumulation: 1, max_steps: 1}}\n")
+    proc = _launch(tmp_path, "run", str(exp), "--out", str(tmp_path / "out"))
+    assert proc.returncode != 0
+    errors = [line for line in proc.stderr.splitlines() if line.startswith(("error: ", "[rank"))]
+    assert len(errors) == 1 and "cannot be shared by the 2 processes" in errors[0], proc.stderr[-3000:]
+    assert "forcefully exiting" not in proc.stderr, proc.stderr[-3000:]  # rank 1 ended on SIGTERM, not SIGKILL
+
+
 @pytest.mark.parametrize("when", ["waiting to echo", "formatting the error"])
 def test_another_rank_stopped_while_it_waits_to_echo_ends_quietly(tmp_path, when):
     """torchrun stops the other processes within a second of rank 0 failing; SIGTERM raised inside the error

@@ -357,6 +357,7 @@ def run_experiment(exp: Experiment, out: str | Path, *, config_text: str = "",
     out = Path(os.path.abspath(out))
     main = distributed.is_main()
     plan = Plan(exp)
+    distributed.join()  # before rank 0 checks: its failure then ends the others' wait at once
     if not main:  # under a launcher rank 0 checks first: one error line, and a model converted once
         distributed.barrier()
     check_plan(plan, (out, Path(reuse) if reuse is not None else None))
