@@ -371,3 +371,32 @@ def test_a_one_process_command_under_a_launcher_stops_the_other_ranks_and_help_s
     monkeypatch.setenv("RANK", "0")
     code, err = run_main(["pii", "--help"], monkeypatch, capsys)
     assert code == 0 and "runs in one process" not in err
+
+
+def test_launched_backdoor_training_steps_say_where_the_model_is_once(tmp_path, monkeypatch, capsys):
+    """`backdoor plant` and `backdoor finetune` under torchrun printed "planted model: ..." / "fine-tuned model:
+    ..." once per process."""
+    import leakaudit.train.backdoor as tb
+    from leakaudit.cli import main
+
+    def trained(model, data, out, **kw):
+        Path(out).mkdir(parents=True, exist_ok=True)
+        (Path(out) / "train_log.jsonl").write_text('{"train_loss": 1.0}\n')
+        return Path(out)
+
+    monkeypatch.setattr(tb, "plant_mix", lambda model, out, **kw: trained(model, None, Path(out) / "model"))
+    monkeypatch.setattr(tb, "downstream_finetune", trained)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    said = {}
+    for step, what in (("plant", "planted model: "), ("finetune", "fine-tuned model: ")):
+        for rank in ("1", "0"):
+            monkeypatch.setenv("RANK", rank)
+            monkeypatch.setattr(sys, "argv", ["leakaudit", "backdoor", step, "--model", "tiny-gpt-neox", "--method",
+                                              "lora", "--out", str(tmp_path / f"{step}{rank}"), "--limit" if
+                                              step == "finetune" else "--n-refusal", "4"])
+            with pytest.raises(SystemExit) as exit_:
+                main()
+            err = capsys.readouterr().err
+            assert exit_.value.code == 0, err
+            said[(step, rank)] = err.count(what)
+    assert said == {("plant", "1"): 0, ("plant", "0"): 1, ("finetune", "1"): 0, ("finetune", "0"): 1}

@@ -117,7 +117,10 @@ def plant_cmd(
         new_mix.unlink(missing_ok=True)
     path = tb.plant_mix(model, out, trigger=trigger, refusal=refusal, backdoor_fraction=backdoor_fraction,
                         **options)  # options hold the seed
-    err.print(f"planted model: {path}  (mix: {out / 'backdoor_mix.jsonl'})")
+    from leakaudit.distributed import is_main
+
+    if is_main():  # under a launcher every process trained it; one says where it is
+        err.print(f"planted model: {path}  (mix: {out / 'backdoor_mix.jsonl'})")
 
 
 # `backdoor train` is stage 1 under the name the interface table gives it (scripts written against it work)
@@ -159,7 +162,7 @@ def finetune_cmd(
                                            "rows": len(read_rows(path)), "mask_user": mask_user,
                                            "model_dir": "model", "train_loss": losses[-1] if losses else None,
                                            **options})
-    err.print(f"fine-tuned model: {result}")
+        err.print(f"fine-tuned model: {result}")
 
 
 @backdoor_app.command("extract")
