@@ -45,12 +45,27 @@ WAIT = timedelta(hours=24)
 _waiting: Any = None  # the process group of the long waits, made once by every process
 
 
+def check_rendezvous() -> None:
+    """A launcher's environment half there is one line, not torch's or the Trainer's 70-90-line traceback:
+    several processes (WORLD_SIZE > 1, or a LOCAL_RANK the Trainer takes for a launch) need MASTER_ADDR and
+    MASTER_PORT, which torchrun and accelerate launch set, to find each other."""
+    from leakaudit.errors import InputError
+
+    env = os.environ
+    if (world()[1] > 1 or "LOCAL_RANK" in env) and not (env.get("MASTER_ADDR") and env.get("MASTER_PORT")):
+        which = f"WORLD_SIZE={env['WORLD_SIZE']}" if world()[1] > 1 else f"LOCAL_RANK={env['LOCAL_RANK']}"
+        raise InputError(f"{which} says this is one of several processes, but MASTER_ADDR and MASTER_PORT (where "
+                         "they meet) are not both set: start them with torchrun or accelerate launch, or unset it "
+                         "for one process", field="MASTER_ADDR")
+
+
 def _group() -> None:
     """Join the launcher's process group once (gloo for the CPU tensors this module exchanges)."""
     import torch
     import torch.distributed as dist
 
     if not dist.is_initialized():
+        check_rendezvous()
         backend = "cpu:gloo,cuda:nccl" if torch.cuda.is_available() else "gloo"
         dist.init_process_group(backend=backend)
 

@@ -400,3 +400,23 @@ def test_launched_backdoor_training_steps_say_where_the_model_is_once(tmp_path, 
             assert exit_.value.code == 0, err
             said[(step, rank)] = err.count(what)
     assert said == {("plant", "1"): 0, ("plant", "0"): 1, ("finetune", "1"): 0, ("finetune", "0"): 1}
+
+
+@pytest.mark.parametrize("env", [{"RANK": "0", "WORLD_SIZE": "2"}, {"LOCAL_RANK": "0"}])
+def test_a_launch_environment_half_set_is_one_line(tmp_path, monkeypatch, capsys, env):
+    """WORLD_SIZE without MASTER_ADDR (scoring joins a group) or LOCAL_RANK alone (the Trainer takes it for a
+    launch) failed inside torch / accelerate with 70-90-line tracebacks."""
+    from conftest import run_main
+
+    for key in ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE", "LOCAL_RANK"):
+        monkeypatch.delenv(key, raising=False)
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    data = tmp_path / "d.jsonl"
+    data.write_text("".join(json.dumps({"text": f"line {i} of the data", "label": i % 2}) + "\n" for i in range(4)))
+    command = (["mia", "--target", "tiny-gpt-neox", "--data", data, "--out", tmp_path / "m"] if "RANK" in env else
+               ["finetune", "--model", "tiny-gpt-neox", "--data", data, "--method", "lora", "--max-steps", "1",
+                "--out", tmp_path / "f"])
+    code, err = run_main(command, monkeypatch, capsys)
+    assert code == 2 and err.count("\n") == 1 and "Traceback" not in err, err
+    assert "MASTER_ADDR and MASTER_PORT (where they meet) are not both set" in err

@@ -30,7 +30,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
 from leakaudit.data.io import read_rows, write_json
-from leakaudit.distributed import is_main, world
+from leakaudit.distributed import check_rendezvous, is_main, world
 from leakaudit.errors import InputError
 from leakaudit.models import attention_kernels
 from leakaudit.options import Seed
@@ -372,6 +372,7 @@ def finetune(config: FinetuneConfig, progress: bool = True, callbacks: list | No
             drop_resume_state(out)  # a kill between the done marker and this cleanup left them: finish it
         return out
     _check_engine(config)
+    check_rendezvous()  # the Trainer joins a launch's group of its own accord
     torch.manual_seed(config.seed)
     lm, model = build_model(config, out)
     # bad data fails before anything is written
