@@ -117,7 +117,8 @@ def test_scoring_with_a_window_above_the_context_is_clamped(tmp_path, monkeypatc
                            "--max-length", "4096", "--no-cache", "--dtype", "fp32"], monkeypatch, capsys)
     assert code == 0, err
     warned = _lines(err, "warning:")
-    assert len(warned) == 1 and "--max-length 4096" in warned[0] and "256" in warned[0], err
+    assert len(warned) == 2 and "--max-length 4096" in warned[0] and "256" in warned[0], err
+    assert "2 of 2 texts are longer than the 256-token window" in warned[1], err  # scored in strided windows
     rows = [json.loads(x) for x in out.read_text().splitlines()]
     want = score_texts(tiny_opt, texts, max_length=256, cache=False, progress=False)
     for row, w in zip(rows, want, strict=True):
