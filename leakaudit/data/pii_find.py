@@ -20,7 +20,7 @@ import functools
 import json
 import re
 import sys
-from collections.abc import Collection, Iterable, Mapping
+from collections.abc import Callable, Collection, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -451,12 +451,16 @@ def mask_name(name: str) -> str:
     return " ".join(w[0] + "***" for w in name.split())
 
 
-def mask_pii(text: str, names: NameFinder | Iterable[str] | None = None) -> str:
-    """`text` with every e-mail address and phone number (and the given names) masked."""
+def mask_pii(text: str, names: NameFinder | Iterable[str] | None = None,
+             keep: Callable[[PiiSpan], bool] | None = None) -> str:
+    """`text` with every e-mail address and phone number (and the given names) masked, but the spans `keep`
+    says to leave."""
     finder = names if isinstance(names, NameFinder) or names is None else NameFinder(names)
     masks = {"email": mask_email, "phone": mask_phone, "name": mask_name}
     out, pos = [], 0
     for s in find_pii(text, finder):
+        if keep is not None and keep(s):
+            continue
         out.append(text[pos:s.start])
         out.append(masks[s.kind](text[s.start:s.end]))
         pos = s.end
@@ -516,12 +520,7 @@ def mask_labels(ids: Iterable[str], names: NameFinder | None = None) -> dict[str
     for part in (p for i in ids for p in i.split("/")):
         if part in parts:
             continue
-        kept = [s for s in find_pii(part, names) if not _grid_number(part, s)]
-        masked, pos = [], 0
-        for s in kept:
-            masked += [part[pos:s.start], {"email": mask_email, "phone": mask_phone, "name": mask_name}[s.kind](s.value)]
-            pos = s.end
-        first = "".join([*masked, part[pos:]])
+        first = mask_pii(part, names, keep=functools.partial(_grid_number, part))
         label, n = first, 1
         while label in taken:
             n += 1
