@@ -603,3 +603,18 @@ def test_a_report_of_an_experiment_without_evaluations_says_so(tmp_path):
     run_experiment(parse_experiment(exp), tmp_path / "out", log=lambda m: None)
     html = (tmp_path / "out" / "report.html").read_text()
     assert "has no evaluations" in html and "No evaluation has finished yet" not in html
+
+
+def test_the_page_pass_keeps_only_labels_it_would_have_masked():
+    """Labels kept from the page's last mask are the ones holding a grid's number; a plain label ("ft") kept
+    as well split "ft@enron.com" around it, and neither half read as an address any more."""
+    from leakaudit.data.pii_find import shipped_name_finder
+    from leakaudit.report.html import _mask_page, _masked_labels
+
+    stages = [{"id": f"evaluate/mia/{t}", "params": {"target_label": t, "evaluation": "mia"}}
+              for t in ("ft", "ft[seed=2024061501]")]
+    labels = _masked_labels(stages, shipped_name_finder())
+    assert labels == {"ft[seed=2024061501]", "evaluate/mia/ft[seed=2024061501]"}
+    page = _mask_page("<p>ft[seed=2024061501] and ft, mail ft@enron.com, call 7138531234</p>", shipped_name_finder(),
+                      labels)
+    assert page == "<p>ft[seed=2024061501] and ft, mail f***@enron.com, call ********34</p>"

@@ -44,13 +44,14 @@ def _mask_page(html: str, names: NameFinder, labels: Collection[str] = ()) -> st
 
 
 def _masked_labels(stages: list[dict[str, Any]], names: NameFinder) -> set[str]:
-    """The stage ids and labels of a run record that its masking left as they are (`mask_labels`: a seed
-    2024061501 in a grid label is no phone number): the page's and summary's last masking pass keeps them, or
-    "ft[seed=2024061501]" and "ft[seed=2024071501]" both read "ft[seed=********01]" there. A label a record
-    still holds unmasked (one that predates masking, or edited) is masked by that pass."""
+    """The stage ids and labels of a run record that its masking left as they are though `mask_pii` would not
+    (`mask_labels`: a seed 2024061501 in a grid label is no phone number): the page's and summary's last
+    masking pass keeps them, or "ft[seed=2024061501]" and "ft[seed=2024071501]" both read "ft[seed=********01]"
+    there. Only those: a label such as "ft" kept everywhere would also keep the "ft" of "ft@enron.com" from the
+    address's mask. A label a record still holds unmasked (one that predates masking, or edited) is masked."""
     found = {x for s in stages for x in (s.get("id"), s.get("params", {}).get("target_label"),
                                          s.get("params", {}).get("evaluation")) if isinstance(x, str)}
-    return {x for x in found if mask_labels([x], names)[x] == x}
+    return {x for x in found if mask_labels([x], names)[x] == x != mask(x, names)}
 
 
 # ----------------------------------------------------------------------------------------- headline numbers
