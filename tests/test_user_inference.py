@@ -328,3 +328,24 @@ def test_who_is_vulnerable_draws_a_target_whose_users_scores_differ(tmp_path, mo
     figures = _vulnerability_figures(stages, compare.by_evaluation(stages))
     assert len(figures) == 2 and [t.split(":")[0] for t, _ in drawn] == ["ft", "ft"]
     assert drawn[0][1] == [0.3, -0.1, 0.8]
+
+
+def test_a_baseline_that_is_its_own_reference_is_said_in_the_verdict(tmp_path):
+    """As the MIA verdict says of `ref`: with `reference: base` and `compare_to: base` the base scores every
+    user 0, so its user AUC is 0.5 by construction and the comparison is one against chance."""
+    from leakaudit.kinds.base import StageView
+    from leakaudit.kinds.user_inference import OWN_REFERENCE, UserInferenceResult
+
+    stages = []
+    for target, scores in (("base", [0.0] * 6), ("ft", [0.9, 0.8, 0.7, 0.1, 0.2, 0.3])):
+        folder = tmp_path / "evaluate" / "users" / target
+        folder.mkdir(parents=True)
+        (folder / "user_scores.jsonl").write_text("".join(
+            json.dumps({"user": f"u{i}", "label": int(i < 3), "score": s}) + "\n" for i, s in enumerate(scores)))
+        stages.append(StageView({"id": f"evaluate/users/{target}", "folder": f"evaluate/users/{target}",
+                                 "params": {"evaluation": "users", "target_label": target,
+                                            "options": {"compare_to": "base", "n_bootstrap": 50}},
+                                 "result": {"target": target, "reference": "base", "samples_per_user": "all"}},
+                                tmp_path))
+    (c,) = UserInferenceResult.comparisons(stages)
+    assert c["note"] == OWN_REFERENCE and c["variant"] == "ft"

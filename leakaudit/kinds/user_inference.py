@@ -190,8 +190,16 @@ def _series(s: StageView, base: StageView) -> list[compare.Series]:
     """A stage's user scores at the base's headline m, users keyed by `user`, labelled in/out."""
     m = str(base.result.get("samples_per_user") or "all")
     rows = compare.unique(read_jsonl(s.dir / s.result.get("scores_file", "user_scores.jsonl")), lambda r: r["user"])
+    own = base.result.get("reference") is not None and base.result.get("reference") == base.result.get("target")
     return [compare.Series("user AUC", {u: _score_at(r, m) for u, r in rows.items()},
-                           labels={u: r.get("label") for u, r in rows.items()}, items="users", extra={"m": m})]
+                           labels={u: r.get("label") for u, r in rows.items()}, items="users",
+                           extra={"m": m, **({"note": OWN_REFERENCE} if own else {})})]
+
+
+#: said when the baseline is the reference model itself (`reference: base`, `compare_to: base`): every user's
+#: score (the target's log-likelihood ratio to the reference) is 0, the baseline's user AUC 0.5 by construction
+OWN_REFERENCE = ("the baseline is its own reference, so every user scores 0 and its user AUC is 0.5 by "
+                 "construction: this is the user AUC against chance")
 
 
 def _vulnerability_figures(stages: list[StageView], groups: dict[str, list[StageView]]) -> list[dict[str, Any]]:
