@@ -20,7 +20,6 @@ import os
 import statistics
 import sys
 import time
-import types
 
 import torch
 
@@ -41,10 +40,9 @@ BF16 = scoring.CPU_BF16_HEAD_CHUNK_ELEMENTS
 def head_alone(sizes: list[int]) -> list[dict]:
     """ms per ROWS rows through `_head_scores` for each rows-per-chunk size, sizes interleaved per round."""
     out = []
-    bare = types.SimpleNamespace(config=types.SimpleNamespace())
     for dtype in (torch.bfloat16, torch.float32):
         torch.manual_seed(0)
-        head = torch.nn.Linear(HIDDEN, VOCAB, bias=False).to(dtype)
+        head = scoring._Head(torch.nn.Linear(HIDDEN, VOCAB, bias=False).to(dtype), None)
         h = torch.randn(ROWS, HIDDEN, dtype=dtype)
         targets = torch.randint(0, VOCAB, (ROWS,))
         setting = "CPU_BF16_HEAD_CHUNK_ELEMENTS" if dtype == torch.bfloat16 else "HEAD_CHUNK_ELEMENTS"
@@ -58,7 +56,7 @@ def head_alone(sizes: list[int]) -> list[dict]:
                     for rows in sizes:
                         setattr(scoring, setting, rows * VOCAB)
                         t = time.perf_counter()
-                        lp = scoring._head_scores(bare, head, h, targets, moments)[0]
+                        lp = scoring._head_scores(head, h, targets, moments)[0]
                         times[rows].append(time.perf_counter() - t)
                         first = lp if first is None else first
                         diff = max(diff, float(abs(lp - first).max()))

@@ -31,6 +31,7 @@ import json
 import os
 import sqlite3
 import time
+import weakref
 from collections.abc import Iterable, Iterator, Sequence
 from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 from dataclasses import dataclass
@@ -50,8 +51,10 @@ from leakaudit.warn import warn_once
 # torch threads batches run on a share of the threads each (_batch_workers), which rounds differently in bf16. 4: in
 # bf16 on a CPU attention runs in causal blocks on bf16 matmuls (models.cpu_attention), which rounds differently.
 # 5: those blocks scale the queries, not the scores (bit for bit the same at head size 64, a power of two; other
-# head sizes round differently)
-SCORING_VERSION = 5
+# head sizes round differently). 6: soft-capped (Gemma 2/3) and logit-scaled (Cohere) models had their forward's
+# transform applied to the hidden states and again to the logits: wrong log-probabilities (other models' numbers
+# are unchanged, scored once more)
+SCORING_VERSION = 6
 CPU_TOKEN_BUDGET = 8192
 MIN_CPU_TOKEN_BUDGET = 1024  # smaller batches when splitting work between batch workers, down to this
 MAX_PADDING = 0.1  # padded positions per real token an auto-sized batch may carry (BENCHMARKS.md)
@@ -302,10 +305,36 @@ def common_length(a: Sequence[int], b: Sequence[int]) -> int:
 
 
 # ----------------------------------------------------------------------------------------- forward
+@dataclass
+class _Head:
+    """The model's LM head, run by the engine on real positions only, and the soft-cap the model's forward
+    puts on the head's output (`final_logit_softcapping`, Gemma 2/3), which the engine applies itself."""
+
+    module: torch.nn.Module
+    softcap: float | None
+
+    def __call__(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.module(hidden)
+
+    @property
+    def vocab(self) -> int | None:
+        weight = getattr(self.module, "weight", None)
+        return weight.shape[0] if weight is not None else None
+
+    def fp32_logits(self, raw: torch.Tensor) -> torch.Tensor:
+        """The head's output in fp32, soft-capped as the model's forward caps it."""
+        logits = raw.float()
+        return self.softcap * torch.tanh(logits / self.softcap) if self.softcap else logits
+
+
 @contextlib.contextmanager
 def _hidden_state_head(model):
     """Temporarily replace the LM head by identity so the forward returns final hidden states (one swap per
-    scoring pass: its batches, on any worker, get the head passed in)."""
+    scoring pass: its batches, on any worker, get the head passed in). What the forward does after its head
+    then meets the hidden states: a scaling (Cohere's logit_scale, Granite's logits_scaling) gives there what
+    it gives on the logits (a bias-free head is linear), but a soft-cap does not (tanh): the model's own cap is
+    turned off for the pass and the engine caps the logits (`_Head`). Applying it twice scored Gemma 2 and
+    Cohere models with wrong log-probabilities; `_check_head_path` compares with the model's own logits."""
     head = model.get_output_embeddings()
     owner, attr = None, None
     for mod in model.modules():
@@ -317,24 +346,43 @@ def _hidden_state_head(model):
             break
     if owner is None:
         raise RuntimeError("cannot locate the LM head of this model")
+    config = model.config
+    cap = getattr(config, "final_logit_softcapping", None)
     setattr(owner, attr, torch.nn.Identity())
+    if cap:
+        config.final_logit_softcapping = None
     try:
-        yield head
+        yield _Head(head, cap or None)
     finally:
         setattr(owner, attr, head)
+        if cap:
+            config.final_logit_softcapping = cap
 
 
-def _fp32_logits(model, raw: torch.Tensor) -> torch.Tensor:
-    """The LM head's output in fp32, with any logit scaling/soft-capping the architecture defines."""
-    logits = raw.float()
-    cfg = model.config
-    scale = getattr(cfg, "logit_scale", None)
-    if isinstance(scale, (int, float)) and scale != 1:
-        logits = logits * scale
-    cap = getattr(cfg, "final_logit_softcapping", None)
-    if cap:
-        logits = cap * torch.tanh(logits / cap)
-    return logits
+#: models whose head path `_check_head_path` has compared with their own logits in this process
+_HEAD_CHECKED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+@torch.inference_mode()
+def _check_head_path(lm: LoadedModel) -> None:
+    """Once per model: the engine's logits (hidden states, then the head and `_Head.fp32_logits`) against the
+    model's own forward on a few tokens. An architecture whose forward treats its logits in a way the engine
+    does not reproduce is refused in one line, never scored wrongly."""
+    model = lm.model
+    if model in _HEAD_CHECKED:
+        return
+    vocab = model.get_output_embeddings().weight.shape[0]
+    ids = (torch.arange(1, 9) * 7919 % vocab)[None].to(lm.device)
+    with attention_kernels(lm.device):
+        want = torch.log_softmax(model(input_ids=ids, use_cache=False).logits.float(), dim=-1)
+        with _hidden_state_head(model) as head:
+            got = torch.log_softmax(head.fp32_logits(head(model(input_ids=ids, use_cache=False).logits)), dim=-1)
+    gap = float((got - want).abs().max())
+    if not gap <= (1e-3 if lm.dtype == torch.float32 else 5e-2):
+        raise InputError(f"{lm.spec}: its forward changes the logits after the LM head in a way the scoring engine "
+                         f"does not reproduce (log-probabilities {gap:.3g} nats apart on a test input), so its scores "
+                         "would be wrong", field="--model")
+    _HEAD_CHECKED[model] = True
 
 
 def cache_keyword(model) -> str:
@@ -380,7 +428,7 @@ def _run_prefix(lm: LoadedModel, common: list[int], moments: bool, head) -> _Pre
         out = lm.model(input_ids=ids, attention_mask=torch.ones_like(ids), position_ids=positions,
                        use_cache=True)
         targets = torch.tensor(common[1:length + 1], dtype=torch.long, device=lm.device)
-        lp, mu, var = _head_scores(lm.model, head, out.logits[0], targets, moments)
+        lp, mu, var = _head_scores(head, out.logits[0], targets, moments)
     return _Prefix(length, returned_cache(out), TokenScores(lp, mu, var))
 
 
@@ -425,7 +473,7 @@ def _score_batch(lm: LoadedModel, batch: list[_Segment], moments: bool, padding_
         r = torch.tensor(rows, dtype=torch.long, device=dev)
         c = torch.tensor(cols, dtype=torch.long, device=dev)
         h = hidden[r, c]  # (N, H): real positions only
-        lp, mu_all, var_all = _head_scores(model, head, h, ids[r, c + 1], moments)
+        lp, mu_all, var_all = _head_scores(head, h, ids[r, c + 1], moments)
     out: list[TokenScores] = []
     pos = 0
     for seg, (_, before) in zip(batch, parts, strict=True):
@@ -437,11 +485,11 @@ def _score_batch(lm: LoadedModel, batch: list[_Segment], moments: bool, padding_
     return out
 
 
-def _head_scores(model, head, h: torch.Tensor, targets: torch.Tensor,
+def _head_scores(head: _Head, h: torch.Tensor, targets: torch.Tensor,
                  moments: bool) -> tuple[np.ndarray, np.ndarray | None, np.ndarray | None]:
     """log p(target) (and the Min-K%++ moments) from final hidden states `h` (N, H), through the LM head in
     chunks so the N x V logits never exist at once."""
-    vocab = head.weight.shape[0] if hasattr(head, "weight") else h.shape[-1]
+    vocab = head.vocab or h.shape[-1]
     cpu = h.device.type == "cpu"
     size = CPU_BF16_HEAD_CHUNK_ELEMENTS if cpu and h.dtype == torch.bfloat16 else HEAD_CHUNK_ELEMENTS
     chunk = max(1, size // max(vocab, 1))
@@ -451,7 +499,7 @@ def _head_scores(model, head, h: torch.Tensor, targets: torch.Tensor,
     for first in range(0, h.shape[0], chunk):
         raw = head(h[first:first + chunk])
         for start in range(0, raw.shape[0], piece):
-            logprobs = torch.log_softmax(_fp32_logits(model, raw[start:start + piece]), dim=-1)
+            logprobs = torch.log_softmax(head.fp32_logits(raw[start:start + piece]), dim=-1)
             at = first + start
             lp_parts.append(logprobs.gather(1, targets[at:at + logprobs.shape[0], None])[:, 0])
             if moments:  # in place where possible: these vocabulary-wide passes are memory-bound
@@ -684,6 +732,7 @@ def _score_keyed(lm: LoadedModel, keys: list[str], tokenized, options: ScoreOpti
         was_training = lm.model.training
         lm.model.eval()
         try:
+            _check_head_path(lm)
             with (_progress(progress, description, total) as advance, _hidden_state_head(lm.model) as head,
                   scoring_attention(lm.model, lm.device), freed_memory_kept(),
                   _batch_workers(lm, sum(len(b) for _, _, b in plan)) as (pool, workers)):

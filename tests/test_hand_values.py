@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 from types import SimpleNamespace
+from typing import Any
 
 import numpy as np
 import pytest
@@ -94,32 +95,63 @@ def test_cluster_bootstrap_mean_divides_by_items_drawn_ci_1_to_4():
 
 
 # ----------------------------------------------------------------------------------------- scoring
-def test_final_logit_softcapping_applies_cap_times_tanh(tiny_neox, monkeypatch):
-    """S08: soft-capping is cap * tanh(logits / cap); dropping the `cap *` squashed every logit into [-1, 1].
+def _tiny_of(arch: str, tmp_path, **config) -> Any:
+    """A tiny model of another architecture (Gemma 2, Cohere) with the tiny tokenizer, loaded as a user's own."""
+    import transformers
 
-    GPT-NeoX's forward ignores the attribute, so only leakaudit's own transform of the head's output applies
-    it; the hand values come from the model's raw logits. A cap of 0.25 is well inside the tiny model's logit
-    range (about +-0.6), so the capped values differ from the raw ones."""
+    from leakaudit.models import load_model
+    from leakaudit.models.factories import build_tiny_tokenizer
+
+    tokenizer = build_tiny_tokenizer()
+    cfg = getattr(transformers, f"{arch}Config")(
+        vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=16, max_position_embeddings=256, bos_token_id=0, eos_token_id=0,
+        pad_token_id=0, **config)
+    torch.manual_seed(0)
+    model = getattr(transformers, f"{arch}ForCausalLM")(cfg)
+    out = tmp_path / arch
+    model.save_pretrained(out, safe_serialization=True)
+    tokenizer.save_pretrained(out)
+    return load_model(str(out), dtype="fp32")
+
+
+@pytest.mark.parametrize("arch, config", [("Gemma2", {"final_logit_softcapping": 0.5}),
+                                          ("Cohere", {"logit_scale": 0.0625})])
+def test_soft_capped_and_logit_scaled_models_score_their_own_logits(arch, config, tmp_path):
+    """S08/S09: the engine runs the head itself, on hidden states the forward returns with the head swapped
+    out; the forward's own soft-cap (Gemma 2) or logit_scale (Cohere) then met the hidden states and the engine
+    applied it again: Cohere's logits were scaled by 0.0625^2, Gemma 2's capped twice (a helper's probe: mean
+    log p -6.686 against -8.494). Hand values: the model's own forward."""
     from leakaudit.scoring import score_texts
 
-    cap = 0.25
-    monkeypatch.setattr(tiny_neox.model.config, "final_logit_softcapping", cap, raising=False)
-    got = score_texts(tiny_neox, TEXTS, cache=False, progress=False)
+    lm = _tiny_of(arch, tmp_path, **config)
+    got = score_texts(lm, TEXTS, cache=False, progress=False, moments=True)
     for text, s in zip(TEXTS, got, strict=True):
-        want = _hand_logp(tiny_neox, text, lambda x: cap * torch.tanh(x / cap))
-        assert not np.allclose(want, _hand_logp(tiny_neox, text), atol=1e-3)  # the cap bites here
+        want = _hand_logp(lm, text)
+        assert not np.allclose(want, _hand_logp(lm, text, lambda x: x * 16 if arch == "Cohere" else x / 0.5),
+                               atol=1e-2)  # the transform matters here
         np.testing.assert_allclose(s.logp, want, atol=1e-5)
+    assert lm.model.config.final_logit_softcapping if arch == "Gemma2" else True  # restored after the pass
 
 
-def test_logit_scale_multiplies_the_logits(tiny_neox, monkeypatch):
-    """S09: `logit_scale` multiplies the head's logits (as Cohere's models define it); dividing by it inverts
-    the scaling. Hand values: log_softmax(0.5 * raw logits)."""
+def test_a_forward_that_changes_its_logits_otherwise_is_refused(monkeypatch):
+    """An architecture whose forward transforms its logits in a way the engine does not reproduce (here a tanh
+    the config does not name) is refused in one line before any score, never scored wrongly."""
+    from leakaudit.errors import InputError
+    from leakaudit.models import load_model
     from leakaudit.scoring import score_texts
 
-    monkeypatch.setattr(tiny_neox.model.config, "logit_scale", 0.5, raising=False)
-    got = score_texts(tiny_neox, TEXTS, cache=False, progress=False)
-    for text, s in zip(TEXTS, got, strict=True):
-        np.testing.assert_allclose(s.logp, _hand_logp(tiny_neox, text, lambda x: x * 0.5), atol=1e-5)
+    lm = load_model("tiny-gpt-neox", dtype="fp32")  # its own copy: the forward is patched
+    forward = lm.model.forward
+
+    def squashed(*args, **kwargs):
+        out = forward(*args, **kwargs)
+        out.logits = torch.tanh(out.logits)
+        return out
+
+    monkeypatch.setattr(lm.model, "forward", squashed)
+    with pytest.raises(InputError, match="changes the logits after the LM head"):
+        score_texts(lm, TEXTS, cache=False, progress=False)
 
 
 def test_perplexity_nll_per_token_is_total_nll_over_tokens(tiny_neox):

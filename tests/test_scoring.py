@@ -86,23 +86,22 @@ def test_softmax_slices_give_the_unsliced_numbers(tiny_model, monkeypatch):
 def test_bf16_head_on_a_cpu_runs_in_its_own_smaller_chunks(monkeypatch):
     """A bf16 LM head on a CPU takes its chunk size from CPU_BF16_HEAD_CHUNK_ELEMENTS, an fp32 one from
     HEAD_CHUNK_ELEMENTS; either way every row gets the log p of a plain full-vocabulary log-softmax."""
-    import types
 
     torch.manual_seed(0)
     vocab, hidden, n = 50, 16, 23
-    model = types.SimpleNamespace(config=types.SimpleNamespace())  # no logit scaling or soft-capping
     monkeypatch.setattr(scoring, "HEAD_CHUNK_ELEMENTS", 7 * vocab)
     monkeypatch.setattr(scoring, "CPU_BF16_HEAD_CHUNK_ELEMENTS", 3 * vocab)
     monkeypatch.setattr(scoring, "CPU_SOFTMAX_SLICE_ELEMENTS", 2 * vocab)
     for dtype, rows in ((torch.bfloat16, 3), (torch.float32, 7)):
-        head = torch.nn.Linear(hidden, vocab, bias=False).to(dtype)
+        linear = torch.nn.Linear(hidden, vocab, bias=False).to(dtype)
+        head = scoring._Head(linear, None)  # no soft-capping
         seen: list[int] = []
-        head.register_forward_hook(lambda _m, args, _out, seen=seen: seen.append(args[0].shape[0]))
+        linear.register_forward_hook(lambda _m, args, _out, seen=seen: seen.append(args[0].shape[0]))
         h = torch.randn(n, hidden, dtype=dtype)
         targets = torch.randint(0, vocab, (n,))
         with torch.no_grad():
-            lp, _, _ = scoring._head_scores(model, head, h, targets, moments=False)
-            expected = torch.log_softmax(head(h).float(), -1).gather(1, targets[:, None])[:, 0].numpy()
+            lp, _, _ = scoring._head_scores(head, h, targets, moments=False)
+            expected = torch.log_softmax(linear(h).float(), -1).gather(1, targets[:, None])[:, 0].numpy()
         assert seen[:-1] == [rows] * (n // rows) + [n % rows]
         np.testing.assert_allclose(lp, expected, rtol=0, atol=1e-5)
 
