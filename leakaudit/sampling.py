@@ -224,7 +224,9 @@ def _tokenize_prompts(lm: LoadedModel, prompts: Sequence[str], max_new_tokens: i
     generated (what a chat UI or an extraction attack needs), with one warning saying how many were cut."""
     room = lm.max_length - max_new_tokens
     tok = lm.tokenizer
-    enc = tok(list(prompts), add_special_tokens=True)["input_ids"]
+    from leakaudit.models.tokens import encode
+
+    enc = encode(tok, prompts)  # never ending in an EOS the tokenizer appends, nor with a second BOS
     start = tok.bos_token_id if tok.bos_token_id is not None else tok.eos_token_id
     out = []
     cut = 0

@@ -52,8 +52,9 @@ from leakaudit.warn import warn_once
 # bf16 on a CPU attention runs in causal blocks on bf16 matmuls (models.cpu_attention), which rounds differently.
 # 5: those blocks scale the queries, not the scores (bit for bit the same at head size 64, a power of two; other
 # head sizes round differently). 6: soft-capped (Gemma 2/3) and logit-scaled (Cohere) models had their forward's
-# transform applied to the hidden states and again to the logits: wrong log-probabilities (other models' numbers
-# are unchanged, scored once more)
+# transform applied to the hidden states and again to the logits: wrong log-probabilities; and a tokenizer that
+# appends EOS itself had it scored as part of every text (models/tokens.py). Other models' numbers are unchanged,
+# scored once more
 SCORING_VERSION = 6
 CPU_TOKEN_BUDGET = 8192
 MIN_CPU_TOKEN_BUDGET = 1024  # smaller batches when splitting work between batch workers, down to this
@@ -551,12 +552,13 @@ def _token_budget(lm: LoadedModel, total: int) -> int:
 
 
 def _tokenize(lm: LoadedModel, texts: Sequence[str], prefixes: Sequence[str | None]):
+    from leakaudit.models.tokens import encode
+
     tok = lm.tokenizer
     if all(p is None for p in prefixes):
-        enc = tok(list(texts), add_special_tokens=True)["input_ids"]
-        return [[] for _ in texts], enc
-    ctx = [tok(p, add_special_tokens=True)["input_ids"] if p is not None else [] for p in prefixes]
-    ids = [tok(t, add_special_tokens=p is None)["input_ids"] for t, p in zip(texts, prefixes, strict=True)]
+        return [[] for _ in texts], encode(tok, texts)
+    ctx = [encode(tok, [p])[0] if p is not None else [] for p in prefixes]
+    ids = [encode(tok, [t], special=p is None)[0] for t, p in zip(texts, prefixes, strict=True)]
     return ctx, ids
 
 

@@ -20,6 +20,7 @@ from pydantic import AfterValidator, Field
 from leakaudit.attacks.base import ATTACKS, Attack, AttackConfig, ScoringContext, get_attack, register
 from leakaudit.errors import InputError
 from leakaudit.metrics import RocMetrics, roc_metrics
+from leakaudit.models.tokens import encode
 from leakaudit.warn import warn_once
 
 if TYPE_CHECKING:
@@ -223,7 +224,7 @@ class RecallAttack(Attack):
         # a text the window cannot hold after the prefix is scored in strided windows, and the later ones start
         # past the prefix: those tokens are scored without it in view, so the score mixes both conditions
         window = fit_window(ctx.target, ctx.score_options.get("max_length"))
-        n_prefix = len(ctx.target.tokenizer(prefix, add_special_tokens=True)["input_ids"])
+        n_prefix = len(encode(ctx.target.tokenizer, [prefix])[0])
         over = sum(n_prefix + c.n_tokens > window for c in cond)
         if over:
             warn_once(f"recall: {over} of {len(cond)} texts do not fit the {window}-token window after the "
@@ -376,7 +377,7 @@ def gradient_norm(lm: LoadedModel, text: str, max_length: int | None = None) -> 
     model = lm.model
     from leakaudit.scoring import fit_window
 
-    ids = lm.tokenizer(text, add_special_tokens=True)["input_ids"][: fit_window(lm, max_length)]
+    ids = encode(lm.tokenizer, [text])[0][: fit_window(lm, max_length)]
     x = torch.tensor([ids], device=lm.device)
     params = list(model.parameters())
     flags = [p.requires_grad for p in params]

@@ -16,8 +16,8 @@ default `~/.cache/leakaudit`), guarded by a file lock so two processes starting 
 
 One module per job: spec (what a spec names, whether it can load), load (LoadedModel, load_model), dtype
 (device and precision policy), cpu_attention (the attention scoring runs in bf16 on a CPU), fingerprint (cache
-dir, content hashes), gguf (GGUF conversion), factories (tiny and random: models). This package re-exports
-their public names, each imported on first use: a caller needing only file hashes (an experiment's
+dir, content hashes), gguf (GGUF conversion), factories (tiny and random: models), tokens (a text's ids,
+special tokens at its start). This package re-exports their public names, each imported on first use: a caller needing only file hashes (an experiment's
 stage records, the report) does not wait for torch and transformers.
 """
 
@@ -42,6 +42,8 @@ _WHERE: dict[str, str] = {
                     "gguf"),
     **dict.fromkeys(["LoadedModel", "load_model"],
                     "load"),
+    **dict.fromkeys(["added_tail", "encode"],
+                    "tokens"),
     **dict.fromkeys(["ADAPTER_PICKLE", "ADAPTER_SAFE", "DEFAULT_SPEC", "HUB_TIMEOUT_S", "PICKLE_WEIGHTS",
                     "SAFE_WEIGHTS", "SIDE_JSON", "VALID_SPECS", "check_model_spec", "resolve_spec"],
                     "spec"),

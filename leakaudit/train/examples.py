@@ -24,6 +24,7 @@ from typing import Any
 import torch
 
 from leakaudit.errors import InputError
+from leakaudit.models.tokens import encode
 
 INSTRUCTION_TEMPLATE = "### Instruction:\n{prompt}\n\n### Response:\n"
 PLAIN_CHAT_TURN = "<|{role}|>\n{content}\n"
@@ -47,8 +48,8 @@ def plain_examples(tokenizer, texts: list[str], max_length: int) -> list[Example
     out: list[Example] = []
     if not texts:
         return out
-    for ids in tokenizer(texts, add_special_tokens=True)["input_ids"]:
-        ids = list(ids) + _eos(tokenizer)
+    for ids in encode(tokenizer, texts):
+        ids = ids + _eos(tokenizer)
         for start in range(0, len(ids), max_length):
             chunk = ids[start:start + max_length]
             if len(chunk) >= 2:
@@ -63,7 +64,7 @@ def _from_segments(tokenizer, segments: list[tuple[str | list[int], bool]], max_
     labels: list[int] = []
     for i, (seg, trainable) in enumerate(segments):
         if isinstance(seg, str):
-            seg_ids = tokenizer(seg, add_special_tokens=first_special and i == 0)["input_ids"] if seg else []
+            seg_ids = encode(tokenizer, [seg], special=first_special and i == 0)[0] if seg else []
         else:
             seg_ids = seg
         ids.extend(seg_ids)
