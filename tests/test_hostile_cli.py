@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from conftest import run_main
 
 from leakaudit.errors import InputError
 from leakaudit.outputs import MARKER, prepare_output
@@ -492,3 +493,26 @@ def test_a_cache_directory_that_cannot_be_one_is_a_one_line_error(tmp_path, monk
     code, err = run_main(["model-info", "--model", "tiny-gpt-neox"], monkeypatch, capsys)
     assert code == 2 and err.count("\n") == 1, err
     assert err.startswith(f"error: {not_a_dir}: field 'LEAKAUDIT_CACHE': cannot be the cache directory"), err
+
+
+@pytest.mark.parametrize("args, name", [
+    (["mia", "--target", "tiny-opt", "--data", "d.jsonl", "--out", "o", "--attacks", "loss", "--attacks=zlib"],
+     "--attacks"),
+    (["pii", "--model", "tiny-opt", "--out", "o", "--templates", "A", "--templates", "B"], "--templates"),
+    (["score", "--model", "tiny-opt", "--model", "tiny-gpt-neox", "--data", "d.jsonl", "--out", "o.jsonl"], "--model"),
+])
+def test_an_option_given_twice_is_refused_not_cut_to_its_last_value(args, name, tmp_path, monkeypatch, capsys):
+    """`--attacks loss --attacks zlib` ran zlib alone, `--templates A --templates B` B alone, two --model the
+    second: click keeps the last value silently."""
+    monkeypatch.chdir(tmp_path)
+    code, err = run_main(args, monkeypatch, capsys)
+    assert code == 2 and err == (f"error: option '{name}': given twice: it takes one value, and the last would win "
+                                 f"silently (a list is one comma list: {name} a,b)\n")
+
+
+def test_repeatable_options_and_repeated_flags_are_not_refused(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    for args in (["backdoor", "detect", "--model", "tiny-opt", "--model", "tiny-gpt-neox", "--help"],
+                 ["mia", "--no-cache", "--no-cache", "--help"]):
+        code, err = run_main(args, monkeypatch, capsys)
+        assert code == 0 and "given twice" not in err

@@ -13,6 +13,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 
 import typer
+import typer.main
 
 from leakaudit.errors import InputError, first_line
 from leakaudit.threads import configure_threads
@@ -124,6 +125,9 @@ def _main() -> None:
     # typer may vendor its own click; its exception classes live where typer.BadParameter does
     clk = importlib.import_module(typer.BadParameter.__module__)
     try:
+        if (twice := _repeated_option(sys.argv[1:])) is not None:
+            _fail(f"option '{twice}': given twice: it takes one value, and the last would win silently (a list is "
+                  f"one comma list: {twice} a,b)")
         code = app(standalone_mode=False)  # errors come back to us instead of click's multi-line usage box
     except InputError as exc:
         _fail(exc.format())
@@ -178,6 +182,32 @@ def _full_disk(exc: BaseException) -> bool:
     own OSError ENOSPC gets one). Only those types and messages: another error that quotes the words keeps its
     traceback."""
     return any(text in str(exc) for text in FULL_DISK.get(type(exc).__name__, ()))
+
+
+def _repeated_option(args: list[str]) -> str | None:
+    """The first option that takes one value given twice (refused: click keeps the last silently, and `--attacks
+    loss --attacks zlib` ran zlib alone; `backdoor detect --model` is repeatable, so the habit comes from there)."""
+    command = typer.main.get_command(app)
+    rest = list(args)
+    while hasattr(command, "commands"):  # a group: on to the subcommand the arguments name
+        word = next((w for w in rest if not w.startswith("-")), None)
+        if word is None or word not in command.commands:
+            return None  # click says what is wrong
+        rest = rest[rest.index(word) + 1:]
+        command = command.commands[word]
+    options = {name: p for p in command.params if getattr(p, "param_type_name", "") == "option"
+               for name in (*p.opts, *p.secondary_opts)}
+    seen: dict[str, int] = {}
+    for arg in rest:
+        if arg == "--":
+            break
+        param = options.get(arg.split("=", 1)[0])
+        if param is None or param.multiple or param.is_flag or param.count:
+            continue
+        seen[param.name] = seen.get(param.name, 0) + 1
+        if seen[param.name] == 2:
+            return param.opts[0]
+    return None
 
 
 def _usage_line(exc) -> str:
