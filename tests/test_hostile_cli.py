@@ -516,3 +516,16 @@ def test_repeatable_options_and_repeated_flags_are_not_refused(tmp_path, monkeyp
                  ["mia", "--no-cache", "--no-cache", "--help"]):
         code, err = run_main(args, monkeypatch, capsys)
         assert code == 0 and "given twice" not in err
+
+
+def test_mia_help_names_every_attack_and_the_real_default(monkeypatch, capsys):
+    """It said the default was "every reference-free attack" (4 of the 8 are run) and named none."""
+    from leakaudit.attacks.base import ATTACKS
+    from leakaudit.attacks.mia import REFERENCE_FREE
+    from leakaudit.cli import main
+
+    monkeypatch.setattr("sys.argv", ["leakaudit", "mia", "--help"])
+    with pytest.raises(SystemExit):
+        main()
+    text = " ".join(capsys.readouterr().out.replace("│", " ").split())  # the help box's borders out
+    assert all(name in text for name in ATTACKS) and f"default: {','.join(REFERENCE_FREE)}" in text

@@ -64,14 +64,15 @@ def _summary(title: str, metrics: dict[str, dict], unit: str = "non-members", co
 
 
 def mia(
-    target: str = typer.Option(..., "--target", help="Model under attack (any model spec)"),
+    target: str = typer.Option(..., "--target", "--model", help="Model under attack (any model spec)"),
     reference: str | None = typer.Option(None, "--reference", help="Reference model for `ref` (any model spec)"),
     members: Path | None = typer.Option(None, "--members", help="Texts used in training"),
     nonmembers: Path | None = typer.Option(None, "--nonmembers", help="Texts not used in training"),
     data: Path | None = typer.Option(None, "--data", help="One file with both, labelled by --label-field"),
     label_field: str = typer.Option("label", "--label-field", help="1/0, true/false, member/nonmember"),
-    attacks: str | None = typer.Option(None, "--attacks", help="Comma list (default: every reference-free"
-                                                               " attack, plus ref when --reference is given)"),
+    attacks: str | None = typer.Option(None, "--attacks", help="Comma list of loss, zlib, min_k, min_k_pp, "
+                                       "lowercase, recall, dc_pdd, gradnorm, ref (default: loss,zlib,min_k,min_k_pp, "
+                                       "plus ref when --reference is given; docs/attacks.md defines each)"),
     out: Path = typer.Option(..., "--out", help="Output dir: mia.json, scores.jsonl, roc.png"),
     text_field: str = typer.Option("text", "--text-field"),
     id_field: str | None = typer.Option(None, "--id-field", help="Default: <file stem>:<line>"),
@@ -143,7 +144,7 @@ def _one_source(members: Path | None, nonmembers: Path | None, data: Path | None
 
 
 def user_inference(
-    target: str = typer.Option(..., "--target", help="Fine-tuned model under attack"),
+    target: str = typer.Option(..., "--target", "--model", help="Fine-tuned model under attack"),
     reference: str = typer.Option(..., "--reference", help="Model not tuned on any of these users"),
     data: Path = typer.Option(..., "--data", help="Users' samples; in/out by --label-field, or all in with"
                                                   " --data-out"),
