@@ -529,3 +529,17 @@ def test_mia_help_names_every_attack_and_the_real_default(monkeypatch, capsys):
         main()
     text = " ".join(capsys.readouterr().out.replace("│", " ").split())  # the help box's borders out
     assert all(name in text for name in ATTACKS) and f"default: {','.join(REFERENCE_FREE)}" in text
+
+
+@pytest.mark.parametrize("command", ["mia", "user-inference"])
+def test_the_model_under_attack_is_also_named_by_model(command, tmp_path, monkeypatch, capsys):
+    """`mia --model X` said `No such option: --model (Possible options: --help)`: every other command names the
+    model --model. Both names are one option (given both, it is given twice)."""
+    monkeypatch.chdir(tmp_path)
+    users = ["--user-field", "user"] if command == "user-inference" else []
+    code, err = run_main([command, "--model", "tiny-opt", "--reference", "tiny-opt", "--data", "missing.jsonl",
+                          "--out", "o", *users], monkeypatch, capsys)
+    assert code == 2 and "missing.jsonl" in err and "No such option" not in err, err
+    code, err = run_main([command, "--model", "tiny-opt", "--target", "tiny-opt", "--data", "d.jsonl", "--out", "o"],
+                         monkeypatch, capsys)
+    assert code == 2 and "option '--target': given twice" in err
