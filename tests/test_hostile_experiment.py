@@ -229,6 +229,11 @@ def test_out_holding_a_fake_or_another_experiments_run_is_refused_before_anythin
     code, err = _run_main(["run", str(cfg), "--out", str(out), "--no-report"], monkeypatch, capsys)
     assert code == 2 and "holds a run of experiment 'other'" in err, err
     assert (out / "data" / "d" / "notes.txt").exists()
+    # `run --seed 3` over seed 0's run dir replaced it silently, though the help says one output dir per seed
+    (out / "run.json").write_text(json.dumps({"experiment": {"name": "hostile", "seed": 0}, "stages": []}))
+    code, err = _run_main(["run", str(cfg), "--out", str(out), "--no-report", "--seed", "3"], monkeypatch, capsys)
+    assert code == 2 and "holds the run of seed 0, not 3: one output dir per seed" in err, err
+    assert (out / "data" / "d" / "notes.txt").exists()
 
 
 def test_grid_values_cannot_make_folders_outside_out(tmp_path):

@@ -150,7 +150,7 @@ def prepare_out(plan: Plan, out: Path) -> None:
         raise InputError("holds files and is not a leakaudit run (no run.json); use a new or empty folder",
                          file=out, field="--out")
     if (out / "run.json").exists():  # stale stage folders of the run there get deleted: it must be this one's
-        _check_earlier_run(out / "run.json", plan.exp.name)
+        _check_earlier_run(out / "run.json", plan.exp.name, plan.exp.seed)
     try:
         out.mkdir(parents=True, exist_ok=True)
         probe = out / f".write-test-{os.getpid()}"
@@ -166,7 +166,7 @@ def prepare_out(plan: Plan, out: Path) -> None:
                 raise InputError("exists and is not a directory (a stage folder goes here)", file=q, field="--out")
 
 
-def _check_earlier_run(record: Path, name: str) -> None:
+def _check_earlier_run(record: Path, name: str, seed: int) -> None:
     """`--out` may hold an earlier run of this experiment (edited: its stale stages are replaced); a run.json
     that is not a leakaudit run record (report.html's `load_run` reads it), or one of another experiment, is
     refused before anything is deleted."""
@@ -183,6 +183,12 @@ def _check_earlier_run(record: Path, name: str) -> None:
     if earlier not in (name, mask_pii(name)):  # run.json is masked: a digit run in a name may read as a phone
         raise InputError(f"holds a run of experiment '{earlier}', not '{name}': rerunning here would replace its "
                          "stages; use a new folder (--reuse it to copy the stages they share)",
+                         file=record.parent, field="--out")
+    earlier_seed = load_run(record.parent)["experiment"].get("seed")
+    if isinstance(earlier_seed, int) and earlier_seed != seed:  # `run --seed 3` over seed 0's dir replaced it
+        raise InputError(f"holds the run of seed {earlier_seed}, not {seed}: one output dir per seed (`leakaudit "
+                         "seeds` compares them), and rerunning here would replace it; use a new folder (--reuse it "
+                         "to copy the stages they share), or delete it to replace it",
                          file=record.parent, field="--out")
 
 
