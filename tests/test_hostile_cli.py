@@ -543,3 +543,15 @@ def test_the_model_under_attack_is_also_named_by_model(command, tmp_path, monkey
     code, err = run_main([command, "--model", "tiny-opt", "--target", "tiny-opt", "--data", "d.jsonl", "--out", "o"],
                          monkeypatch, capsys)
     assert code == 2 and "option '--target': given twice" in err
+
+
+def test_version_and_short_help(monkeypatch, capsys):
+    from leakaudit import package_version
+    from leakaudit.cli import main
+
+    for args, want in ((["--version"], f"leakaudit {package_version('leakaudit')}\n"), (["score", "-h"], "--model")):
+        monkeypatch.setattr("sys.argv", ["leakaudit", *args])
+        with pytest.raises(SystemExit) as exit_:
+            main()
+        out = capsys.readouterr().out
+        assert exit_.value.code == 0 and (out == want if args == ["--version"] else want in out)

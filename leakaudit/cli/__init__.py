@@ -25,7 +25,22 @@ app = typer.Typer(
     add_completion=False,
     pretty_exceptions_enable=False,
     rich_markup_mode=None,
+    context_settings={"help_option_names": ["-h", "--help"]},
 )
+
+
+def _print_version(value: bool) -> None:
+    if value:
+        from leakaudit import package_version
+
+        print(f"leakaudit {package_version('leakaudit')}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(version: bool = typer.Option(False, "--version", help="Print leakaudit's version and exit.",
+                                       is_eager=True, callback=_print_version)) -> None:
+    """Measure what a fine-tuned language model leaks about the data it was tuned on."""
 
 # One module per topic; each defines register(app).
 from leakaudit.cli import backdoor, core, generate, mia, pii, run, train  # noqa: E402
