@@ -555,3 +555,16 @@ def test_version_and_short_help(monkeypatch, capsys):
             main()
         out = capsys.readouterr().out
         assert exit_.value.code == 0 and (out == want if args == ["--version"] else want in out)
+
+
+@pytest.mark.parametrize("command", [["finetune", "--data", "d.jsonl"], ["backdoor", "finetune", "--limit", "4"]])
+def test_fine_tuning_an_adapter_is_refused_before_anything_is_written(command, tmp_path, monkeypatch, capsys):
+    """`finetune --model ADAPTER` left an empty --out dir, `backdoor finetune` its downstream data, before
+    "merge the adapter first"."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "adapter").mkdir()
+    (tmp_path / "adapter" / "adapter_config.json").write_text("{}")
+    (tmp_path / "d.jsonl").write_text('{"text": "a line of training data"}\n')
+    code, err = run_main([*command, "--model", "adapter", "--method", "lora", "--out", "out"], monkeypatch, capsys)
+    assert code == 2 and "merge the adapter first" in err, err
+    assert not (tmp_path / "out").exists()

@@ -56,8 +56,10 @@ def _train_options(epochs, learning_rate, batch_size, max_length, method, max_st
 def _check_train(model: str, out: Path, options: dict) -> None:
     """Refuse bad training options (FinetuneConfig's own rules) before any data is built or model loaded."""
     from leakaudit.cli.train import _config
+    from leakaudit.train.finetune import check_base
 
     _config(model=model, data="-", out=str(out / "model"), format="chat", **options)
+    check_base(model)
 
 
 def _prepare(out: Path, command: str, files: tuple[str, ...], **inputs) -> None:

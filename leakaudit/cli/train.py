@@ -83,6 +83,9 @@ def register(app: typer.Typer) -> None:
         if max_length is None:  # not given: the config's default, clamped to the model's context without a warning
             del options["max_length"]
         config = _config(**options)
+        from leakaudit.train.finetune import check_base
+
+        check_base(config.model)
         # the run dir is owned by finetune's own check (finetune_config.json); no marker, which it would refuse
         prepare_output(out, command="finetune", files=("finetune_config.json",), marker=False,
                        inputs={"--data": data, "--model": model_path(model)})
