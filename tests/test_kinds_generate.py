@@ -217,3 +217,22 @@ def test_self_instruct_that_writes_no_task_fails_at_its_own_step(tmp_path, monke
     ctx.cache._loaded["m"] = Model()
     with pytest.raises(InputError, match="wrote no task that passed the filters in 2 rounds"):
         kind.run(ctx, kind.Options(n=1, requests_per_round=1, max_rounds=2))
+
+
+def test_prompt_tokens_beside_prompt_field_is_refused(tmp_path, monkeypatch, capsys):
+    """A prompt is cut from the text (prompt_tokens) or read from a field (prompt_field): given both, the
+    first was silently unused."""
+    from leakaudit.config import parse_experiment
+    from leakaudit.experiment import Plan
+    from leakaudit.experiment.checks import check_plan
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "c.jsonl").write_text('{"text": "hello there friend of mine", "p": "hello"}\n')
+    code, err = run_main(["generate", "continuation", "--model", "tiny-gpt-neox", "--data", "c.jsonl", "--out",
+                          "o.jsonl", "--prompt-field", "p", "--prompt-tokens", "7"], monkeypatch, capsys)
+    assert code == 2 and "field '--prompt-tokens': cannot be combined with prompt_field" in err, err
+    exp = ("name: c\nmodels: {base: tiny-gpt-neox}\ndatasets: {d: {path: c.jsonl}}\ngenerate:\n  g:\n"
+           "    kind: continuation\n    model: base\n    data: d\n    options: {prompt_field: p, prompt_tokens: 7}\n")
+    with pytest.raises(InputError) as info:
+        check_plan(Plan(parse_experiment(exp, tmp_path / "e.yaml")))
+    assert info.value.line == 9 and "cannot be combined with prompt_field" in info.value.message

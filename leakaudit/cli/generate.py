@@ -46,7 +46,8 @@ def continuation(
     out: Path = typer.Option(..., "--out", help="Output JSONL data file"),
     text_field: str = typer.Option("text", "--text-field"),
     id_field: str | None = typer.Option(None, "--id-field", help="Default: <file stem>:<line>"),
-    prompt_tokens: int = typer.Option(50, "--prompt-tokens", help="Prompt = the first N tokens of each text"),
+    prompt_tokens: int | None = typer.Option(None, "--prompt-tokens", help="Prompt = the first N tokens of each "
+                                             "text (default 50; not with --prompt-field)"),
     prompt_field: str | None = typer.Option(None, "--prompt-field", help="Take prompts from this field instead"),
     limit: int | None = typer.Option(None, "--limit", help="Use only the first N source records"),
     max_new_tokens: int = typer.Option(1000, "--max-new-tokens"),
@@ -69,7 +70,7 @@ def continuation(
     options = build_options(get_kind("continuation"), prompt_tokens=prompt_tokens, prompt_field=prompt_field,
                             limit=limit, max_new_tokens=max_new_tokens, top_k=top_k, top_p=top_p,
                             temperature=temperature, greedy=greedy, num_samples=num_samples,
-                            batch_size=batch_size, backend=backend)
+                            batch_size=batch_size, backend=backend, roles={"data", "model"})
     prepare_output(out, command="generate continuation", inputs={"--data": data, "--model": model_path(model)},
                    kind="file", suffixes=(".jsonl",), keys=CONTINUATION_KEYS)
     res = _run("continuation", options, out, seed=seed, data=data, model=model,

@@ -12,6 +12,7 @@ from typing import Literal
 
 from pydantic import Field, ValidationInfo, field_validator
 
+from leakaudit.errors import OptionError
 from leakaudit.kinds.base import Kind, KindContext, KindOptions, Result
 from leakaudit.kinds.registry import register
 from leakaudit.options import BatchSize
@@ -19,7 +20,8 @@ from leakaudit.options import BatchSize
 
 class ContinuationOptions(KindOptions):
     prompt_tokens: int = Field(default=50, ge=1, description="prompt = the first N tokens of each text")
-    prompt_field: str | None = Field(default=None, description="take prompts from this field instead")
+    prompt_field: str | None = Field(default=None, description="take prompts from this field instead (not with "
+                                                                  "prompt_tokens)")
     limit: int | None = Field(default=None, ge=1, description="use only the first N source records")
     max_new_tokens: int = Field(default=1000, ge=1)
     greedy: bool = False  # before temperature: its validator reads it
@@ -68,6 +70,13 @@ class Continuation(Kind):
     Result = ContinuationResult
     roles = {"data": True, "model": True}
     summary = "the `model` continues a prompt cut from every text of `data` (rows: prompt, generated, text)"
+
+    def check(self, options: ContinuationOptions, roles: set[str]) -> None:
+        """A prompt is cut from the text or read from a field: prompt_tokens given beside prompt_field was
+        silently unused."""
+        if options.prompt_field is not None and "prompt_tokens" in options.model_fields_set:
+            raise OptionError(("prompt_tokens",), "cannot be combined with prompt_field: a prompt is cut from the "
+                                                  "text, or read from the field")
 
     def run(self, ctx: KindContext, options: ContinuationOptions) -> ContinuationResult:
         from leakaudit.data.synth import generate_continuations
