@@ -568,3 +568,23 @@ def test_fine_tuning_an_adapter_is_refused_before_anything_is_written(command, t
     code, err = run_main([*command, "--model", "adapter", "--method", "lora", "--out", "out"], monkeypatch, capsys)
     assert code == 2 and "merge the adapter first" in err, err
     assert not (tmp_path / "out").exists()
+
+
+def test_n_targets_zero_means_all_in_both_pii_commands_and_recall_shots_is_not_negative(tmp_path, monkeypatch,
+                                                                                         capsys):
+    """`pii --n-targets 0` is all targets, `pii-logprob --n-targets 0` was refused; `--recall-shots -2` passed
+    unchecked when recall was not among the attacks."""
+    import json
+
+    from leakaudit import resources
+
+    monkeypatch.chdir(tmp_path)
+    rows = resources.path("pii-enron-pil", "name2email.jsonl").read_text().splitlines()[:4]
+    (tmp_path / "pairs.jsonl").write_text("\n".join(rows) + "\n")
+    code, err = run_main(["pii-logprob", "--model", "tiny-opt", "--templates", "A", "--n-targets", "0",
+                          "--n-candidates", "2", "--pairs", "pairs.jsonl", "--out", "pl"], monkeypatch, capsys)
+    assert code == 0, err
+    assert json.loads((tmp_path / "pl" / "pii_logprob.json").read_text())["n_targets"] == 4  # all of them
+    code, err = run_main(["mia", "--target", "tiny-opt", "--data", "d.jsonl", "--out", "m", "--recall-shots", "-2"],
+                         monkeypatch, capsys)
+    assert code == 2 and "--recall-shots" in err

@@ -80,7 +80,7 @@ def mia(
     recall_prefix: Path | None = typer.Option(None, "--recall-prefix", help="Non-member texts for the ReCaLL prefix"
                                                                              " (default: first --recall-shots"
                                                                              " non-members, then not evaluated)"),
-    recall_shots: int = typer.Option(3, "--recall-shots"),
+    recall_shots: int = typer.Option(3, "--recall-shots", min=0),
     dc_pdd_corpus: str = typer.Option("dolly", "--dc-pdd-corpus", help="Reference corpus for dc_pdd's token "
                                       "frequencies: a built-in dataset or a data file with a `text` field"),
     n_bootstrap: int = typer.Option(1000, "--n-bootstrap", min=0, help="Bootstrap resamples for the AUC CI"),

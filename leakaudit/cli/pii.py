@@ -76,7 +76,8 @@ def pii_logprob(
     baseline: str | None = typer.Option(None, "--baseline", help="Reference model, e.g. before fine-tuning"),
     pairs: Path | None = typer.Option(None, "--pairs", help="Targets: rows with `name` and `email`, or with "
                                       "`pairs` lists (default: the shipped Enron pairs)"),
-    n_targets: int | None = typer.Option(None, "--n-targets", help="Use the first N targets (default: all)"),
+    n_targets: int | None = typer.Option(None, "--n-targets", min=0, help="Use the first N targets (default and "
+                                         "0: all, as in `pii`)"),
     n_candidates: int | None = typer.Option(None, "--n-candidates", help="Addresses ranked per target (20)"),
     templates: str | None = typer.Option(None, "--templates", help="Families or template names (fake-privacy)"),
     seed: int = typer.Option(0, "--seed", min=0, max=MAX_SEED),
@@ -93,7 +94,7 @@ def pii_logprob(
     from leakaudit.outputs import prepare_output
 
     kind = get_kind("pii-logprob")
-    options = build_options(kind, templates=templates, pairs=str(pairs) if pairs else None, n_targets=n_targets,
+    options = build_options(kind, templates=templates, pairs=str(pairs) if pairs else None, n_targets=n_targets or None,
                             n_candidates=n_candidates, batch_size=batch_size)
     prepare_output(out, command="pii-logprob", files=("pii_logprob.json", "logprobs.jsonl"),
                    inputs={"--pairs": pairs, "--model": model_path(model), "--baseline": model_path(baseline)})
