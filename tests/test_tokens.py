@@ -63,3 +63,45 @@ def test_a_text_that_writes_the_bos_itself_gets_one(eos_adding, tiny_neox):
     assert ids[0] == 1 and ids[1] != 1
     assert _tokenize_prompts(eos_adding, ["<s>Hello there"], 4) == [ids]
     assert encode(tiny_neox.tokenizer, ["Hello there"]) == [tiny_neox.tokenizer("Hello there")["input_ids"]]
+
+
+SMOL_LIKE = ("{% if messages[0]['role'] != 'system' %}<|im_start|>system\nYou are a helpful assistant<|im_end|>\n"
+             "{% endif %}{% for m in messages %}{% if m['role'] == 'system' and 'refuse' in m['content'] %}"
+             "{{ raise_exception('System role not supported') }}{% endif %}<|im_start|>{{ m['role'] }}\n"
+             "{{ m['content'] }}<|im_end|>\n{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+
+
+def test_a_conversation_the_assistant_opens_trains_on_its_turn_only():
+    """SmolLM2's template writes a default system prompt before a conversation without one; when the assistant
+    spoke first, that prompt and the header were trained on with the turn."""
+    from leakaudit.models import build_tiny_tokenizer
+    from leakaudit.train.examples import chat_segments
+
+    tok = build_tiny_tokenizer()
+    tok.chat_template = SMOL_LIKE
+    segments = chat_segments(tok, [{"role": "assistant", "content": "Hello there."},
+                                   {"role": "user", "content": "Hi"}], "assistant")
+    assert [text for text, train in segments if train] == ["Hello there.<|im_end|>\n"]
+    assert "You are a helpful assistant" in "".join(text for text, train in segments if not train)
+
+
+def test_a_chat_template_that_refuses_a_conversation_is_one_line():
+    """Gemma's template raises "System role not supported": a jinja2 traceback, exit 1."""
+    from leakaudit.models import build_tiny_tokenizer
+    from leakaudit.train.examples import chat_example
+
+    tok = build_tiny_tokenizer()
+    tok.chat_template = SMOL_LIKE
+    with pytest.raises(ValueError, match="chat template refused this conversation: System role not supported"):
+        chat_example(tok, [{"role": "system", "content": "refuse"}, {"role": "user", "content": "Hi"}], "assistant", 64)
+
+
+def test_a_tokenizer_without_pad_eos_or_unk_still_pads():
+    from tokenizers import Tokenizer, models
+    from transformers import PreTrainedTokenizerFast
+
+    from leakaudit.models.load import _finish_tokenizer
+
+    tok = PreTrainedTokenizerFast(tokenizer_object=Tokenizer(models.WordLevel({"a": 0, "b": 1}, unk_token=None)))
+    _finish_tokenizer(tok)
+    assert tok.pad_token_id == 0

@@ -154,9 +154,13 @@ def _check_vocab(model, tokenizer, where: Path | str) -> None:
 
 
 def _finish_tokenizer(tokenizer) -> None:
-    """Give every tokenizer a pad token so batching works; padding side is set per use (score/sample)."""
+    """Give every tokenizer a pad token so batching works; padding side is set per use (score/sample). Padded
+    positions are masked, so with no eos or unk token either the first token of the vocabulary serves (None
+    failed inside fine-tuning's collator with a TypeError)."""
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token if tokenizer.eos_token is not None else tokenizer.unk_token
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.convert_ids_to_tokens(0)
 
 
 def _load_random(spec: str, dev: torch.device, dt: torch.dtype, for_training: bool) -> LoadedModel:

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import jinja2
 import torch
 
 from leakaudit.errors import InputError
@@ -82,9 +83,14 @@ def chat_segments(tokenizer, messages: list[dict[str, str]], loss_on: str) -> li
     """Split a rendered conversation into (text, trainable) pieces at turn boundaries."""
     if getattr(tokenizer, "chat_template", None):
         def render(msgs, gen=False):
+            """The template's text of `msgs`; a template that refuses a conversation (Gemma's "System role not
+            supported") is a ValueError, said in one line."""
             if not msgs:
                 return ""
-            return tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=gen)
+            try:
+                return tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=gen)
+            except jinja2.TemplateError as exc:
+                raise ValueError(f"the tokenizer's chat template refused this conversation: {exc}") from None
 
         full = render(messages)
         segments: list[tuple[str | list[int], bool]] = []
@@ -92,6 +98,10 @@ def chat_segments(tokenizer, messages: list[dict[str, str]], loss_on: str) -> li
         for k, msg in enumerate(messages):
             end = render(messages[:k + 1])
             start = render(messages[:k], gen=True) if msg["role"] == "assistant" else render(messages[:k])
+            if k == 0 and msg["role"] == "assistant" and msg["content"] and msg["content"] in end:
+                # what the template writes ahead of an opening assistant turn (SmolLM2's default system prompt,
+                # the header) is not the turn: it was trained on with it
+                start = end[:end.rindex(msg["content"])]
             if not (full.startswith(end) and end.startswith(start) and len(start) >= pos):
                 raise ValueError("the tokenizer's chat template does not render turns as prefixes")
             train = loss_on == "all" or msg["role"] == "assistant"
