@@ -125,11 +125,18 @@ def build_once(key: str, build) -> Path:
             shutil.rmtree(stale, ignore_errors=True)               # we hold the lock (up to a model's size each)
         tmp = target.with_name(f"{target.name}.tmp{os.getpid()}")
         tmp.mkdir(parents=True)
-        try:
+        from transformers.utils import logging as hf_logging
+
+        bars = hf_logging.is_progress_bar_enabled()
+        hf_logging.disable_progress_bar()  # transformers' "Writing model shards" bar: noise before a command's
+        try:                               # first line (and before its one-line error on bad input)
             build(tmp)
         except BaseException:  # a failed build (a bad file, a kill the process sees) leaves nothing behind
             shutil.rmtree(tmp, ignore_errors=True)
             raise
+        finally:
+            if bars:
+                hf_logging.enable_progress_bar()
         shutil.rmtree(target, ignore_errors=True)
         tmp.rename(target)
     return target

@@ -307,22 +307,21 @@ def target_modules_for(model, requested: list[str] | None) -> list[str] | None:
     return DEFAULT_TARGETS.get(getattr(model.config, "model_type", ""))
 
 
-def check_base(spec: str) -> None:
+def check_base(spec: str, kind: str | None = None) -> None:
     """Fine-tuning starts from a full model: an adapter is refused, by the commands before they write anything
-    (`finetune` left an empty --out, `backdoor finetune` its downstream data)."""
-    from leakaudit.models import resolve_spec
-
-    kind, _ = resolve_spec(spec)
-    if kind == "adapter":
+    (`finetune` left an empty --out, `backdoor finetune` its downstream data). `kind`: what resolve_spec found;
+    without it only a local adapter dir is recognised, cheaply (nothing is built, converted or fetched)."""
+    p = Path(spec).expanduser()
+    if kind == "adapter" or (kind is None and p.is_dir() and (p / "adapter_config.json").exists()):
         raise InputError("fine-tuning starts from a full model; merge the adapter first (leakaudit merge)",
                          field="--model")
 
 
 def build_model(config: FinetuneConfig, out: Path):
     """Load the base in fp32 and wrap it for the chosen method."""
-    from leakaudit.models import load_model
+    from leakaudit.models import load_model, resolve_spec
 
-    check_base(config.model)
+    check_base(config.model, resolve_spec(config.model)[0])
     lm = load_model(config.model, device=config.device, dtype="fp32", for_training=True)
     model = lm.model
     if config.method == "full":
