@@ -588,3 +588,21 @@ def test_n_targets_zero_means_all_in_both_pii_commands_and_recall_shots_is_not_n
     code, err = run_main(["mia", "--target", "tiny-opt", "--data", "d.jsonl", "--out", "m", "--recall-shots", "-2"],
                          monkeypatch, capsys)
     assert code == 2 and "--recall-shots" in err
+
+
+def test_perplexity_and_pii_logprob_take_no_cache_as_the_other_scoring_commands_do(tmp_path, monkeypatch, capsys):
+    """`score`, `mia`, `user-inference` had --no-cache; `perplexity` and `pii-logprob`, which score through the
+    same cache, did not."""
+    import leakaudit.scoring as scoring
+    from leakaudit import resources
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(scoring, "_open_cache", lambda: pytest.fail("the score cache was opened"))
+    (tmp_path / "d.jsonl").write_text('{"text": "a line of text to measure"}\n')
+    rows = resources.path("pii-enron-pil", "name2email.jsonl").read_text().splitlines()[:3]
+    (tmp_path / "pairs.jsonl").write_text("\n".join(rows) + "\n")
+    for args in (["perplexity", "--model", "tiny-opt", "--data", "d.jsonl", "--out", "p"],
+                 ["pii-logprob", "--model", "tiny-opt", "--templates", "A", "--n-candidates", "2", "--pairs",
+                  "pairs.jsonl", "--out", "pl"]):
+        code, err = run_main([*args, "--no-cache"], monkeypatch, capsys)
+        assert code == 0, err

@@ -83,6 +83,7 @@ def pii_logprob(
     seed: int = typer.Option(0, "--seed", min=0, max=MAX_SEED),
     show_pii: bool = typer.Option(False, "--show-pii", help="Write addresses unmasked"),
     batch_size: str = batch_size_option(),
+    no_cache: bool = typer.Option(False, "--no-cache", help="Do not read or write the score cache"),
     device: str = typer.Option("auto", "--device"),
     dtype: str = typer.Option("auto", "--dtype"),
     allow_pickle: bool = typer.Option(False, "--allow-pickle"),
@@ -95,7 +96,8 @@ def pii_logprob(
 
     kind = get_kind("pii-logprob")
     options = build_options(kind, templates=templates, pairs=str(pairs) if pairs else None, n_targets=n_targets or None,
-                            n_candidates=n_candidates, batch_size=batch_size)
+                            n_candidates=n_candidates, batch_size=batch_size, cache=False if no_cache else None,
+                            flags={("cache",): "--no-cache"})
     prepare_output(out, command="pii-logprob", files=("pii_logprob.json", "logprobs.jsonl"),
                    inputs={"--pairs": pairs, "--model": model_path(model), "--baseline": model_path(baseline)})
     ctx = KindContext(out=out, seed=seed, models={"target": model, "baseline": baseline}, show_pii=show_pii,

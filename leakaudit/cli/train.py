@@ -119,6 +119,7 @@ def register(app: typer.Typer) -> None:
         max_length: int = typer.Option(None, min=2, help="Window in tokens (default the model's context)."),
         dtype: str = typer.Option(None, help="auto | fp32 | bf16"),
         device: str = typer.Option(None),
+        no_cache: bool = typer.Option(False, "--no-cache", help="Do not read or write the score cache"),
     ) -> None:
         """Perplexity (corpus and mean per text) of a model or of every checkpoint; writes perplexity.json."""
         from leakaudit.distributed import is_main
@@ -130,7 +131,8 @@ def register(app: typer.Typer) -> None:
         prepare_output(out, command="perplexity", files=("perplexity.json",),
                        inputs={"--data": data, "--model": model_path(model)})
         kind = get_kind("perplexity")
-        options = build_options(kind, batch_size=batch_size, max_length=max_length)
+        options = build_options(kind, batch_size=batch_size, max_length=max_length, cache=False if no_cache else None,
+                                flags={("cache",): "--no-cache"})
         target, checkpoints = model, []
         if all_checkpoints:
             dirs = model_dirs(model)

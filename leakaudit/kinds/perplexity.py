@@ -21,6 +21,7 @@ class PerplexityOptions(KindOptions):
     max_length: int | None = Field(default=None, ge=2, description="window in tokens (default: the context)")
     checkpoints: bool = Field(default=True, description="also measure each epoch's checkpoint of a fine-tuned "
                               "target (one more pass over `data` per epoch)")
+    cache: bool = Field(True, description="read and write the score cache")
 
 
 class PerplexityResult(Result):
@@ -92,7 +93,8 @@ class Perplexity(Kind):
         from leakaudit.train.artifacts import training_step
 
         texts = [r.text for r in ctx.records("data")]
-        kwargs = {"batch_size": options.batch_size, "max_length": options.max_length, "progress": ctx.progress}
+        kwargs = {"batch_size": options.batch_size, "max_length": options.max_length, "progress": ctx.progress,
+                  "cache": options.cache}
         final = perplexity(ctx.model("target"), texts, **kwargs)
         checkpoints = []
         for path in ctx.checkpoints if options.checkpoints else []:

@@ -60,6 +60,7 @@ class PiiLogprobOptions(KindOptions):
     n_candidates: int = Field(20, ge=1, le=1000, description="addresses ranked per target: the true one plus "
                               "N-1 other targets' addresses")
     batch_size: BatchSize = "auto"
+    cache: bool = Field(True, description="read and write the score cache")
     seed: Seed | None = Field(None, description="candidate draw and bootstrap seed (default: the run's seed)")
     compare_to: str | None = Field(
         None, min_length=1,
@@ -300,7 +301,8 @@ class PiiLogprob(Kind):
                 continue
             all_rows[role] = [{"role": role, "model": str(spec), **r} for r in
                               score_targets(ctx.cache.get(spec), targets, templates, candidates,
-                                            batch_size=options.batch_size, progress=ctx.progress)]
+                                            batch_size=options.batch_size, progress=ctx.progress,
+                                            cache=options.cache)]
         ids, names = [t.id for t in targets], [t.name for t in templates]
         summary = summarize(all_rows["model"], ids, names, seed, all_rows.get("baseline"))
 
