@@ -95,8 +95,9 @@ def test_cluster_bootstrap_mean_divides_by_items_drawn_ci_1_to_4():
 
 
 # ----------------------------------------------------------------------------------------- scoring
-def _tiny_of(arch: str, tmp_path, **config) -> Any:
-    """A tiny model of another architecture (Gemma 2, Cohere) with the tiny tokenizer, loaded as a user's own."""
+def _tiny_of(arch: str, tmp_path, dtype: str = "fp32", head_scale: float = 1.0, **config) -> Any:
+    """A tiny model of another architecture (Gemma 2, Cohere) with the tiny tokenizer, loaded as a user's own;
+    `head_scale` multiplies the output embeddings (logits the size a trained model's are, ~±20)."""
     import transformers
 
     from leakaudit.models import load_model
@@ -109,10 +110,12 @@ def _tiny_of(arch: str, tmp_path, **config) -> Any:
         pad_token_id=0, **config)
     torch.manual_seed(0)
     model = getattr(transformers, f"{arch}ForCausalLM")(cfg)
+    with torch.no_grad():
+        model.get_output_embeddings().weight.mul_(head_scale)
     out = tmp_path / arch
     model.save_pretrained(out, safe_serialization=True)
     tokenizer.save_pretrained(out)
-    return load_model(str(out), dtype="fp32")
+    return load_model(str(out), dtype=dtype)
 
 
 @pytest.mark.parametrize("arch, config", [("Gemma2", {"final_logit_softcapping": 0.5}),
@@ -132,6 +135,23 @@ def test_soft_capped_and_logit_scaled_models_score_their_own_logits(arch, config
                                atol=1e-2)  # the transform matters here
         np.testing.assert_allclose(s.logp, want, atol=1e-5)
     assert lm.model.config.final_logit_softcapping if arch == "Gemma2" else True  # restored after the pass
+
+
+@pytest.mark.parametrize("arch, config", [("Gemma2", {"final_logit_softcapping": 30.0}),
+                                          ("Cohere", {"logit_scale": 0.8333})])
+def test_soft_capped_and_logit_scaled_models_in_bf16_are_scored_not_refused(arch, config, tmp_path):
+    """The head-path check compared the model's bf16 cap with the engine's fp32 one at a fixed 0.05 nats: real
+    Gemma 2 and Command R+ sized logits (±15-28) differ by 0.09-0.16 from rounding alone, and bf16 is the GPU
+    default (a review's reproduction). Scored now, within bf16 rounding of the model's own logits."""
+    from leakaudit.scoring import score_texts
+
+    lm = _tiny_of(arch, tmp_path, dtype="bf16", head_scale=20.0, **config)  # logits of 15-25
+    ids = lm.tokenizer(TEXTS[0])["input_ids"]
+    with torch.no_grad():
+        assert float(lm.model(torch.tensor([ids])).logits.float().abs().max()) > 10  # logits of a trained size
+    got = score_texts(lm, TEXTS, cache=False, progress=False)
+    for text, s in zip(TEXTS, got, strict=True):
+        np.testing.assert_allclose(s.logp, _hand_logp(lm, text), atol=0.35)
 
 
 def test_a_forward_that_changes_its_logits_otherwise_is_refused(monkeypatch):
