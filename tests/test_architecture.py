@@ -205,3 +205,14 @@ def test_the_models_package_names_load_on_first_use(monkeypatch):
     assert models.resolve_spec is real  # (a first lookup kept in the package outlived the patch)
     with __import__("pytest").raises(AttributeError, match="no attribute 'nope'"):
         models.nope  # noqa: B018
+
+
+def test_whole_texts_are_tokenised_in_one_place():
+    """Special tokens at a text's start only (models/tokens.encode): four callers that still asked the tokenizer
+    for its special tokens themselves (pii-logprob contexts, dc_pdd's token ids, DP-SGD's row lengths, the
+    packing probe) scored after, counted or paired tokens with an EOS the others leave off."""
+    offenders = [f"{path.relative_to(PACKAGE.parent)}:{n}" for path in sorted(PACKAGE.rglob("*.py"))
+                 if path.name != "tokens.py"
+                 for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1)
+                 if "add_special_tokens=True" in line]
+    assert offenders == []

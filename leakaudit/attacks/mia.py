@@ -291,7 +291,7 @@ class DcPddAttack(Attack):
         neg_log_f = -np.log(_smoothed_frequencies(tok, self.config.corpus, self.config.max_tokens))
         out = []
         for text, s in zip(ctx.texts, ctx.target_scores, strict=True):
-            ids = np.asarray(tok(text, add_special_tokens=True)["input_ids"][-s.n_tokens:])
+            ids = np.asarray(encode(tok, [text])[0][-s.n_tokens:])  # the tokens the engine scored
             first = np.sort(np.unique(ids, return_index=True)[1])
             alpha = np.exp(s.logp[first].astype(np.float64)) * neg_log_f[ids[first]]
             out.append(float(np.minimum(alpha, self.config.a).mean()))

@@ -95,17 +95,18 @@ def score_targets(lm: Any, targets: list[Any], templates: list[Any], candidates:
     candidates (candidates[i][0] is target i's own address), and whether BPE would have merged across the
     prompt/address boundary. Every (prompt, candidate) is scored in one batched, cached pass."""
     from leakaudit.distributed import score_ids_distributed as score_ids  # one process: score_ids itself
+    from leakaudit.models.tokens import encode
 
     tok = lm.tokenizer
     contexts, conts, where, merged = [], [], [], []
     for i, t in enumerate(targets):
         for template in templates:
             prompt = template.render(t, tok)
-            p_ids = tok(prompt, add_special_tokens=True)["input_ids"]
+            p_ids = encode(tok, [prompt])[0]  # special tokens at the start only, as every scored text
             for j, email in enumerate(candidates[i]):
                 c_ids = tok(continuation(prompt, email), add_special_tokens=False)["input_ids"]
                 if j == 0:
-                    joined = tok(prompt + continuation(prompt, email), add_special_tokens=True)["input_ids"]
+                    joined = encode(tok, [prompt + continuation(prompt, email)])[0]
                     merged.append(joined != p_ids + c_ids)
                 contexts.append(p_ids)
                 conts.append(c_ids)

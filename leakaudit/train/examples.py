@@ -213,8 +213,7 @@ class PaddedCollator:
 @torch.no_grad()
 def packing_is_exact(model, tokenizer) -> bool:
     """Probe whether this architecture honours packed position ids (block-diagonal mask); e.g. OPT does not."""
-    a = tokenizer("The first short text.", add_special_tokens=True)["input_ids"]
-    b = tokenizer("A second, different text here.", add_special_tokens=True)["input_ids"]
+    a, b = encode(tokenizer, ["The first short text.", "A second, different text here."])
     dev = next(model.parameters()).device
     pos = torch.tensor([list(range(len(a))) + list(range(len(b)))], device=dev)
     was = model.training

@@ -33,6 +33,7 @@ from leakaudit.data.io import read_rows, write_json
 from leakaudit.distributed import check_rendezvous, is_main, world
 from leakaudit.errors import InputError
 from leakaudit.models import attention_kernels
+from leakaudit.models.tokens import encode
 from leakaudit.options import Seed
 from leakaudit.train import examples as ex
 from leakaudit.train.artifacts import (
@@ -270,7 +271,7 @@ def _one_example_per_row(tokenizer, texts: list[str], lines: list[int], max_leng
     into several, and was then protected only as a group of them (one 300-word row made 63 of 70 examples
     while privacy.json said epsilon 8). Refused, naming the first such row."""
     eos = len(ex._eos(tokenizer))
-    lengths = [len(ids) + eos for ids in tokenizer(texts, add_special_tokens=True)["input_ids"]]
+    lengths = [len(ids) + eos for ids in encode(tokenizer, texts)]  # as plain_examples counts them
     split = [i for i, n in enumerate(lengths) if n // max_length + (n % max_length >= 2) > 1]
     if split:
         rows = "1 row is" if len(split) == 1 else f"{len(split)} rows are"
