@@ -507,7 +507,7 @@ def test_labels_keep_a_seed_and_stay_apart_when_masked_alike():
     ids = ["finetune/ft[seed=2024061501]", "finetune/ft[seed=2024071501]", "evaluate/plp[pairs=alice.smith@acme.com]/base",
            "evaluate/plp[pairs=adam.jones@acme.com]/base", "evaluate/plp[pairs=alice.smith@acme.com]/ft[seed=2024061501]",
            "plp[pairs=adam.jones@acme.com]"]
-    masked = mask_labels(ids)
+    masked = mask_labels(ids, numbers={"2024061501", "2024071501"})  # the grid's YAML numbers
     assert masked["finetune/ft[seed=2024061501]"] == "finetune/ft[seed=2024061501]"
     assert masked["evaluate/plp[pairs=alice.smith@acme.com]/base"] == "evaluate/plp[pairs=a***@acme.com]/base"
     assert masked["evaluate/plp[pairs=adam.jones@acme.com]/base"] == "evaluate/plp[pairs=a***@acme.com]~2/base"
@@ -515,7 +515,9 @@ def test_labels_keep_a_seed_and_stay_apart_when_masked_alike():
     assert masked["evaluate/plp[pairs=alice.smith@acme.com]/ft[seed=2024061501]"] == (
         "evaluate/plp[pairs=a***@acme.com]/ft[seed=2024061501]")
     assert len(set(masked.values())) == len(ids)
-    assert mask_labels(["data/7138536164"]) == {"data/7138536164": "data/********64"}  # a number, not a grid value
+    assert mask_labels(["data/7138536164"], numbers={"7138536164"}) == {"data/7138536164": "data/********64"}
+    # a grid value the file quotes is a string, masked there and here (only YAML numbers stay)
+    assert mask_labels(["ft[phone=7138536161]"], numbers=set()) == {"ft[phone=7138536161]": "ft[phone=********61]"}
     assert "alice" not in str(list(masked.values())) and "adam" not in str(list(masked.values()))
 
 
@@ -613,7 +615,7 @@ def test_the_page_pass_keeps_only_labels_it_would_have_masked():
 
     stages = [{"id": f"evaluate/mia/{t}", "params": {"target_label": t, "evaluation": "mia"}}
               for t in ("ft", "ft[seed=2024061501]")]
-    labels = _masked_labels(stages, shipped_name_finder())
+    labels = _masked_labels(stages, shipped_name_finder(), {"2024061501"})
     assert labels == {"ft[seed=2024061501]", "evaluate/mia/ft[seed=2024061501]"}
     page = _mask_page("<p>ft[seed=2024061501] and ft, mail ft@enron.com, call 7138531234</p>", shipped_name_finder(),
                       labels)

@@ -508,10 +508,11 @@ def mask_yaml_text(text: str, names: NameFinder | None = None) -> str:
     return "".join(out)
 
 
-def mask_labels(ids: Iterable[str], names: NameFinder | None = None) -> dict[str, str]:
+def mask_labels(ids: Iterable[str], names: NameFinder | None = None, numbers: Collection[str] = ()) -> dict[str, str]:
     """Stage ids and labels (made of an experiment's step names and grid values) → masked forms that stay
-    apart: each /-separated part masked, but a grid value that is a number is kept as the experiment file's
-    copy keeps it (the seed 2024061501 is no phone number), and a part that masks like an earlier one gets "~2",
+    apart: each /-separated part masked, but a grid value that is one of the grid's `numbers` (`grid_numbers`:
+    YAML numbers, not strings) is kept as the experiment file's copy keeps it (the seed 2024061501 is no phone
+    number; a quoted "7138536161" is masked there and here), and a part that masks like an earlier one gets "~2",
     "~3" (two addresses of one domain, a***@acme.com). Masked alike, two variants became one row of the report
     and one entry of summary.json, and their comparisons compared a variant with itself."""
     parts: dict[str, str] = {}
@@ -520,7 +521,7 @@ def mask_labels(ids: Iterable[str], names: NameFinder | None = None) -> dict[str
     for part in (p for i in ids for p in i.split("/")):
         if part in parts:
             continue
-        first = mask_pii(part, names, keep=functools.partial(_grid_number, part))
+        first = mask_pii(part, names, keep=functools.partial(_grid_number, part, frozenset(numbers)))
         label, n = first, 1
         while label in taken:
             n += 1
@@ -530,10 +531,29 @@ def mask_labels(ids: Iterable[str], names: NameFinder | None = None) -> dict[str
     return {i: "/".join(parts[p] for p in i.split("/")) for i in ids}
 
 
-def _grid_number(label: str, span: PiiSpan) -> bool:
+def _grid_number(label: str, numbers: frozenset[str], span: PiiSpan) -> bool:
     """A "phone number" that is a grid label's number value (`seed=2024061501` in "ft[seed=2024061501,lr=1]")."""
-    return (span.kind == "phone" and span.value.isdigit() and label[span.start - 1:span.start] == "="
+    return (span.kind == "phone" and span.value in numbers and label[span.start - 1:span.start] == "="
             and label[span.end:span.end + 1] in (",", "]"))
+
+
+def grid_numbers(experiment: Any) -> set[str]:
+    """The integers of an experiment's grids (its model_dump, or run.json's `experiment`), as labels write
+    them: the values `mask_labels` may keep."""
+    found: set[str] = set()
+
+    def walk(x: Any, in_grid: bool) -> None:
+        if isinstance(x, dict):
+            for k, v in x.items():
+                walk(v, in_grid or k == "grid")
+        elif isinstance(x, list):
+            for v in x:
+                walk(v, in_grid)
+        elif in_grid and isinstance(x, int) and not isinstance(x, bool):
+            found.add(str(x))
+
+    walk(experiment, False)
+    return found
 
 
 def mask_obj(obj: Any, names: NameFinder | Iterable[str] | None = None, *, keep: Collection[str] = (),

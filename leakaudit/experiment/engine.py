@@ -323,10 +323,11 @@ def write_run_record(plan: Plan, out: Path, config_text: str, status: dict[str, 
     record = {"experiment": plan.exp.model_dump(mode="json"), "config_text": config_text,
               "versions": versions(), "stages": stages}
     if not plan.exp.report.show_pii:  # the stage folder stays as on disk: the report opens it
-        from leakaudit.data.pii_find import mask_labels, mask_obj, mask_yaml_text, name_finder
+        from leakaudit.data.pii_find import grid_numbers, mask_labels, mask_obj, mask_yaml_text, name_finder
         names = name_finder(plan.exp.report.mask_names)
         labels = mask_labels([x for st in plan.stages.values() for x in (
-            st.id, st.params.get("target_label"), st.params.get("evaluation")) if isinstance(x, str)], names)
+            st.id, st.params.get("target_label"), st.params.get("evaluation")) if isinstance(x, str)], names,
+            grid_numbers(record["experiment"]))
         record = mask_obj({**record, "config_text": mask_yaml_text(config_text, names)}, names,
                           keep={"folder", "config_text", "mask_names"}, labels=labels)  # a path the report opens
     write_json(out / "run.json", record)

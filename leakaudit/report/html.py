@@ -21,7 +21,14 @@ from typing import Any
 import markupsafe
 
 from leakaudit.data.io import write_atomic, write_json
-from leakaudit.data.pii_find import NameFinder, mask_labels, mask_obj, mask_yaml_text, name_finder
+from leakaudit.data.pii_find import (
+    NameFinder,
+    grid_numbers,
+    mask_labels,
+    mask_obj,
+    mask_yaml_text,
+    name_finder,
+)
 from leakaudit.data.pii_find import mask_pii as mask
 from leakaudit.errors import InputError, one_line
 from leakaudit.kinds import get_kind, kind_names
@@ -43,7 +50,7 @@ def _mask_page(html: str, names: NameFinder, labels: Collection[str] = ()) -> st
     return "".join(part if i % 2 else mask(part, names) for i, part in enumerate(unmasked.split(html)))
 
 
-def _masked_labels(stages: list[dict[str, Any]], names: NameFinder) -> set[str]:
+def _masked_labels(stages: list[dict[str, Any]], names: NameFinder, numbers: set[str]) -> set[str]:
     """The stage ids and labels of a run record that its masking left as they are though `mask_pii` would not
     (`mask_labels`: a seed 2024061501 in a grid label is no phone number): the page's and summary's last
     masking pass keeps them, or "ft[seed=2024061501]" and "ft[seed=2024071501]" both read "ft[seed=********01]"
@@ -51,7 +58,7 @@ def _masked_labels(stages: list[dict[str, Any]], names: NameFinder) -> set[str]:
     address's mask. A label a record still holds unmasked (one that predates masking, or edited) is masked."""
     found = {x for s in stages for x in (s.get("id"), s.get("params", {}).get("target_label"),
                                          s.get("params", {}).get("evaluation")) if isinstance(x, str)}
-    return {x for x in found if mask_labels([x], names)[x] == x != mask(x, names)}
+    return {x for x in found if mask_labels([x], names, numbers)[x] == x != mask(x, names)}
 
 
 # ----------------------------------------------------------------------------------------- headline numbers
@@ -279,7 +286,7 @@ def build(out: str | Path) -> tuple[str, dict[str, Any]]:
         n_done=sum(1 for s in stages if s.get("result") is not None),
         n_stages=len(stages), config_text=config_text if show_pii else mask_yaml_text(config_text, names),
         versions=run.get("versions", {}))
-    labels = _masked_labels(stages, names) if not show_pii else set()
+    labels = _masked_labels(stages, names, grid_numbers(exp)) if not show_pii else set()
     if not show_pii:  # a last pass over the whole page: addresses, phones and shipped names never reach it
         html = _mask_page(html, names, labels)
     summary = {"experiment": exp["name"], "seed": exp.get("seed"),
