@@ -83,6 +83,11 @@ def test_a_conversation_the_assistant_opens_trains_on_its_turn_only():
                                    {"role": "user", "content": "Hi"}], "assistant")
     assert [text for text, train in segments if train] == ["Hello there.<|im_end|>\n"]
     assert "You are a helpful assistant" in "".join(text for text, train in segments if not train)
+    # a turn whose text also occurs in the template's markers (found by its last occurrence, the turn was lost
+    # and "<|im_end|>" cut in half)
+    for content in ("end", "im", "assistant"):
+        segments = chat_segments(tok, [{"role": "assistant", "content": content}], "assistant")
+        assert [text for text, train in segments if train] == [f"{content}<|im_end|>\n"]
 
 
 def test_a_chat_template_that_refuses_a_conversation_is_one_line():

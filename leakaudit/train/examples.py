@@ -79,6 +79,10 @@ def instruction_example(tokenizer, prompt: str, response: str, max_length: int) 
                                       (_eos(tokenizer), True)], max_length, first_special=True)
 
 
+#: a turn's stand-in content, to find where a template puts a turn's text
+TURN_PROBE = "\u2063leakaudit-turn\u2063"
+
+
 def chat_segments(tokenizer, messages: list[dict[str, str]], loss_on: str) -> list[tuple[str | list[int], bool]]:
     """Split a rendered conversation into (text, trainable) pieces at turn boundaries."""
     if getattr(tokenizer, "chat_template", None):
@@ -98,10 +102,13 @@ def chat_segments(tokenizer, messages: list[dict[str, str]], loss_on: str) -> li
         for k, msg in enumerate(messages):
             end = render(messages[:k + 1])
             start = render(messages[:k], gen=True) if msg["role"] == "assistant" else render(messages[:k])
-            if k == 0 and msg["role"] == "assistant" and msg["content"] and msg["content"] in end:
+            if k == 0 and msg["role"] == "assistant":
                 # what the template writes ahead of an opening assistant turn (SmolLM2's default system prompt,
-                # the header) is not the turn: it was trained on with it
-                start = end[:end.rindex(msg["content"])]
+                # the header) is not the turn: it was trained on with it. Found by rendering a stand-in content
+                # (the turn's own text can also occur in the template's markers: "end" in "<|im_end|>")
+                probe = render([{**msg, "content": TURN_PROBE}])
+                ahead = probe[:probe.find(TURN_PROBE)] if TURN_PROBE in probe else ""
+                start = ahead if end.startswith(ahead) else start
             if not (full.startswith(end) and end.startswith(start) and len(start) >= pos):
                 raise ValueError("the tokenizer's chat template does not render turns as prefixes")
             train = loss_on == "all" or msg["role"] == "assistant"
