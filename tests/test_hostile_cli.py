@@ -513,9 +513,14 @@ def test_an_option_given_twice_is_refused_not_cut_to_its_last_value(args, name, 
 def test_repeatable_options_and_repeated_flags_are_not_refused(tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
     for args in (["backdoor", "detect", "--model", "tiny-opt", "--model", "tiny-gpt-neox", "--help"],
-                 ["mia", "--no-cache", "--no-cache", "--help"]):
+                 ["mia", "--no-cache", "--no-cache", "--help"], ["mia", "--attacks", "a", "--attacks", "b", "-h"]):
         code, err = run_main(args, monkeypatch, capsys)
         assert code == 0 and "given twice" not in err
+    from leakaudit.cli import _repeated_option
+
+    # an option's value that looks like an option is a value (a field named "--out")
+    assert _repeated_option(["score", "--id-field", "--out", "--out", "o.jsonl"]) is None
+    assert _repeated_option(["score", "--out=a.jsonl", "--out", "b.jsonl"]) == "--out"
 
 
 def test_mia_help_names_every_attack_and_the_real_default(monkeypatch, capsys):

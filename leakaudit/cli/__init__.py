@@ -212,12 +212,21 @@ def _repeated_option(args: list[str]) -> str | None:
         command = command.commands[word]
     options = {name: p for p in command.params if getattr(p, "param_type_name", "") == "option"
                for name in (*p.opts, *p.secondary_opts)}
+    if any(arg in ("-h", "--help") for arg in rest):
+        return None  # the help, whatever else is given
     seen: dict[str, int] = {}
+    value_next = False
     for arg in rest:
-        if arg == "--":
-            break
+        if value_next or arg == "--":  # an option's value (`--id-field --out` names a field "--out"), or the end
+            if arg == "--":
+                break
+            value_next = False
+            continue
         param = options.get(arg.split("=", 1)[0])
-        if param is None or param.multiple or param.is_flag or param.count:
+        if param is None or param.is_flag or param.count:
+            continue
+        value_next = "=" not in arg
+        if param.multiple:
             continue
         seen[param.name] = seen.get(param.name, 0) + 1
         if seen[param.name] == 2:
