@@ -318,6 +318,11 @@ def test_building_a_cached_model_prints_nothing(tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("LEAKAUDIT_CACHE", str(tmp_path / "cache"))
     from transformers.utils import logging as hf_logging
 
-    models.tiny_model_dir("tiny-opt")
-    assert capsys.readouterr().err == ""
-    assert hf_logging.is_progress_bar_enabled()  # as it was
+    was = hf_logging.is_progress_bar_enabled()
+    hf_logging.enable_progress_bar()  # as in a user's process (another test may have turned the bars off)
+    try:
+        models.tiny_model_dir("tiny-opt")
+        assert capsys.readouterr().err == ""
+        assert hf_logging.is_progress_bar_enabled()  # as it was
+    finally:
+        (hf_logging.enable_progress_bar if was else hf_logging.disable_progress_bar)()
