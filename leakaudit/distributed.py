@@ -10,6 +10,7 @@ steps that are not data-parallel (generation, comparisons) on rank 0 alone (`alo
 
 from __future__ import annotations
 
+import atexit
 import os
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -43,6 +44,7 @@ def is_main() -> bool:
 #: fails at the default. A rank that dies does not leave the others waiting: the launcher stops them all.
 WAIT = timedelta(hours=24)
 _waiting: Any = None  # the process group of the long waits, made once by every process
+_leaving = False  # whether the group is destroyed at exit (registered once)
 
 
 def check_rendezvous() -> None:
@@ -68,6 +70,22 @@ def _group() -> None:
         check_rendezvous()
         backend = "cpu:gloo,cuda:nccl" if torch.cuda.is_available() else "gloo"
         dist.init_process_group(backend=backend)
+    global _leaving
+    if not _leaving:  # also a group the Trainer (accelerate) made first
+        _leaving = True
+        atexit.register(_leave_group)
+
+
+def _leave_group() -> None:
+    """Destroy the process group at exit: left to the interpreter's teardown, gloo's threads were destroyed
+    while still joinable and a process aborted after its work was done ("terminate called without an active
+    exception", exit -6: a launched rerun failed though every stage was cached)."""
+    import torch.distributed as dist
+
+    global _waiting
+    if dist.is_initialized():
+        dist.destroy_process_group()
+    _waiting = None
 
 
 def _wait_group() -> Any:
