@@ -309,9 +309,16 @@ def test_fsdp_is_refused_where_it_cannot_run(plain_data, tmp_path):
 
 
 def test_output_dir_of_another_run_is_refused(plain_data, tmp_path):
+    """...naming the options that differ (it said only "different options")."""
     finetune(_cfg(plain_data, tmp_path / "run", max_steps=1), progress=False)
-    with pytest.raises(InputError, match="different options"):
+    with pytest.raises(InputError, match=r"different options \(max_steps: 1 then, 2 now\)"):
         finetune(_cfg(plain_data, tmp_path / "run", max_steps=2), progress=False)
+    plain_data_copy = tmp_path / "train.jsonl"  # the same options, other data in the file
+    plain_data_copy.write_text(plain_data.read_text().replace("Record 1:", "Record one:"))
+    finetune(_cfg(plain_data_copy, tmp_path / "run2", max_steps=1), progress=False)
+    plain_data_copy.write_text(plain_data.read_text())
+    with pytest.raises(InputError, match="the same options, but the content of the data or model files changed"):
+        finetune(_cfg(plain_data_copy, tmp_path / "run2", max_steps=1), progress=False)
 
 
 @pytest.mark.parametrize("fmt", ["instruction", "chat"])

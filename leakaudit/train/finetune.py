@@ -347,6 +347,15 @@ def save_pissa_init(model, out: Path) -> None:
 
 
 # ----------------------------------------------------------------------------------------- run
+def _what_changed(previous: dict[str, Any], config: FinetuneConfig) -> str:
+    """The options that differ from an earlier run's finetune_config.json (it said only "different options")."""
+    now = config.model_dump(mode="json", exclude={"out", "device", "fsdp"})
+    changed = [f"{k}: {previous[k]!r} then, {v!r} now" for k, v in now.items() if k in previous and previous[k] != v]
+    if changed:
+        return "; ".join(changed[:3]) + (f"; {len(changed) - 3} more" if len(changed) > 3 else "")
+    return "the same options, but the content of the data or model files changed"
+
+
 def check_out(config: FinetuneConfig, out: Path) -> bool:
     """True when `out` already holds this finished run; refuse an out dir holding a different run."""
     if out.exists() and not out.is_dir():  # e.g. the data file itself: NotADirectoryError from pathlib
@@ -355,8 +364,8 @@ def check_out(config: FinetuneConfig, out: Path) -> bool:
     if saved.exists():
         previous = json.loads(saved.read_text())
         if previous.get("fingerprint") != config.fingerprint():
-            raise InputError("this output dir holds a run with different options; use a new --out",
-                             file=out, field="--out")
+            raise InputError(f"this output dir holds a run with different options ({_what_changed(previous, config)});"
+                             " use a new --out, or rerun with the options it was started with", file=out, field="--out")
         done = (out / DONE_MARKER).exists()
         before, now = previous.get("processes"), world()[1]
         if not done and before is not None and before != now:
