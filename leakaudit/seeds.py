@@ -244,4 +244,7 @@ def markdown(runs: list[SeedRun], rows: list[dict[str, Any]]) -> str:
                       else f"{row['increase']} / {row['decrease']} of {row['n_seeds']}")
             lines.append(f"| `{row['variant']}` | " + " | ".join(cells) + f" | {counts} | {mean} |")
         lines.append("")
+    if not groups:  # it printed the heading alone, as if something had gone missing
+        lines += ["No comparisons: none of the experiment's evaluations has a `compare_to` (the target each other "
+                  "target is compared with), so there is no paired Δ to put side by side over seeds.", ""]
     return "\n".join(lines)

@@ -170,3 +170,11 @@ def test_seeds_run_in_two_checkouts_are_one_experiment(tmp_path):
     for other in (c, d):
         with pytest.raises(InputError, match="field 'experiment.datasets.d.path'"):
             read_runs([a, other])
+
+
+def test_an_experiment_without_comparisons_says_so(tmp_path):
+    """It printed the heading alone, as if the tables had gone missing."""
+    dirs = [_run_dir(tmp_path, s, []) for s in (0, 1)]
+    runs = read_runs(dirs)
+    text = markdown(runs, combine(runs))
+    assert "No comparisons: none of the experiment's evaluations has a `compare_to`" in text
