@@ -236,3 +236,16 @@ def test_prompt_tokens_beside_prompt_field_is_refused(tmp_path, monkeypatch, cap
     with pytest.raises(InputError) as info:
         check_plan(Plan(parse_experiment(exp, tmp_path / "e.yaml")))
     assert info.value.line == 9 and "cannot be combined with prompt_field" in info.value.message
+
+
+def test_the_text_field_itself_can_be_the_prompt_field(tmp_path, monkeypatch, capsys):
+    """`--prompt-field text` (the text field) said the field was missing: the loader keeps the text apart from
+    the other fields. The whole text is the prompt."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "c.jsonl").write_text('{"body": "hello there friend of mine"}\n')
+    code, err = run_main(["generate", "continuation", "--model", "tiny-gpt-neox", "--data", "c.jsonl", "--out",
+                          "o.jsonl", "--text-field", "body", "--prompt-field", "body", "--max-new-tokens", "2"],
+                         monkeypatch, capsys)
+    assert code == 0, err
+    (row,) = [json.loads(x) for x in (tmp_path / "o.jsonl").read_text().splitlines()]
+    assert row["prompt"] == "hello there friend of mine"

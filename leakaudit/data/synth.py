@@ -40,12 +40,14 @@ ROUGE_THRESHOLD = 0.7
 
 # ----------------------------------------------------------------------------------------- continuation
 def continuation_prompts(lm: LoadedModel, records: Sequence[Record], *, prompt_tokens: int | None = None,
-                         prompt_field: str | None = None, source: str | Path | None = None) -> list[str]:
-    """The prompt of each record: the first `prompt_tokens` tokens of its text, or the value of a field."""
+                         prompt_field: str | None = None, source: str | Path | None = None,
+                         text_field: str = "text") -> list[str]:
+    """The prompt of each record: the first `prompt_tokens` tokens of its text, or the value of a field (the
+    text field itself too: the whole text is the prompt; it was said to be missing, kept apart from `extra`)."""
     if prompt_field is not None:
         out = []
         for r in records:
-            value = r.extra.get(prompt_field)
+            value = r.text if prompt_field == text_field else r.extra.get(prompt_field)
             if not isinstance(value, str) or not value.strip():
                 raise InputError("missing or not a non-empty string", file=source, line=r.line, field=prompt_field)
             out.append(value)
@@ -80,14 +82,14 @@ def generate_continuations(lm: LoadedModel, records: Sequence[Record], out: str 
                            config: SamplingConfig = CONTINUATION_DEFAULTS, *, prompt_tokens: int | None = None,
                            prompt_field: str | None = None, batch_size: int | str = "auto",
                            progress: bool = True, backend: str = "hf", source: str | Path | None = None,
-                           ) -> list[dict[str, Any]]:
+                           text_field: str = "text") -> list[dict[str, Any]]:
     """Continue every record's prompt `config.num_samples` times and write the data file `out` (JSONL).
 
     Samples are checkpointed next to `out` (`<out>.partial`) and the final file is written atomically.
     """
     out = Path(out)
     prompts = continuation_prompts(lm, records, prompt_tokens=prompt_tokens, prompt_field=prompt_field,
-                                   source=source)
+                                   source=source, text_field=text_field)
     partial = out.with_name(out.name + ".partial")
     samples = sample(lm, prompts, config, prompt_ids=[r.id for r in records], out_path=partial,
                      batch_size=batch_size, progress=progress, backend=backend)

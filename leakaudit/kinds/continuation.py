@@ -85,6 +85,7 @@ class Continuation(Kind):
         rows = generate_continuations(ctx.model("model"), records, ctx.output_file("data.jsonl"),
                                       options.sampling(ctx.seed), prompt_tokens=options.prompt_tokens,
                                       prompt_field=options.prompt_field, batch_size=options.batch_size,
-                                      progress=ctx.progress, backend=options.backend, source=ctx.data["data"])
+                                      progress=ctx.progress, backend=options.backend, source=ctx.data["data"],
+                                      text_field=ctx.data_fields.get("data", {}).get("text_field", "text"))
         return ContinuationResult({"rows": len(rows)}, n_prompts=len(records),
                                   n_new_tokens=sum(r["n_new_tokens"] for r in rows))
