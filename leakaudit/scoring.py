@@ -376,7 +376,7 @@ def _check_head_path(lm: LoadedModel) -> None:
     model = lm.model
     if model in _HEAD_CHECKED:
         return
-    vocab = model.get_output_embeddings().weight.shape[0]
+    vocab = model.get_input_embeddings().num_embeddings  # test ids any embedding table holds
     ids = (torch.arange(1, 9) * 7919 % vocab)[None].to(lm.device)
     with attention_kernels(lm.device):
         logits = model(input_ids=ids, use_cache=False).logits.float()
