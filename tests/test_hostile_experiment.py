@@ -891,3 +891,22 @@ def test_a_k_shot_template_with_pairs_without_demonstrations_is_refused_before_a
     assert f"template 'five_shot' needs k-shot demonstrations, and no row of {pairs} has `demos`" in err.value.message
     cfg.write_text(text.replace("five_shot", "A"))
     check_plan(Plan(load_experiment(cfg)))
+
+
+def test_a_lock_file_planted_as_a_link_is_refused_not_written_through(tmp_path, monkeypatch, capsys):
+    """A `.lock` symlink in a shared run dir made the next `leakaudit run` truncate the file it pointed to and
+    write its pid there; `.report.lock` made `report` create a file outside the run dir."""
+    cfg, _ = _setup(tmp_path, _experiment())
+    out = tmp_path / "shared"
+    out.mkdir()
+    (out / "run.json").write_text(json.dumps({"experiment": {"name": "hostile", "seed": 0}, "stages": []}))
+    victim = tmp_path / "victim.txt"
+    victim.write_text("precious")
+    (out / ".lock").symlink_to(victim)
+    code, err = _run_main(["run", str(cfg), "--out", str(out), "--no-report"], monkeypatch, capsys)
+    assert code == 2 and "is a symbolic link; a lock file is never written through one" in err, err
+    assert victim.read_text() == "precious"
+    (out / ".lock").unlink()
+    (out / ".report.lock").symlink_to(tmp_path / "elsewhere.lock")
+    code, err = _run_main(["report", str(out)], monkeypatch, capsys)
+    assert code == 2 and "symbolic link" in err and not (tmp_path / "elsewhere.lock").exists()

@@ -274,6 +274,18 @@ CHAT_HINT = ("; a chat row needs a text field too (e.g. its turns joined), `mess
              "fine-tuning with format: chat")
 
 
+def open_lock(path: Path, mode: int) -> int:
+    """A lock file's descriptor, never through a symbolic link: a `.lock` planted as a link in a shared run dir
+    made the next run truncate the file it pointed to and write its pid there (any file of the user's)."""
+    try:
+        return os.open(path, mode | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0), 0o644)
+    except OSError as exc:
+        if path.is_symlink():
+            raise InputError("is a symbolic link; a lock file is never written through one (remove it)",
+                             file=path, field="--out") from None
+        raise exc
+
+
 def default_id(path: Path, index: int, lineno: int) -> str:
     """The id of a row without one: `<file stem>:<line>`, or `<file stem>:<element>` (counted from 1) in a JSON
     array file, where the id then survives reformatting the file. Loaders and generators' provenance share it,

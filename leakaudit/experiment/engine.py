@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from leakaudit.config import ConfigError, Experiment
-from leakaudit.data.io import link_or_copy, write_atomic, write_json
+from leakaudit.data.io import link_or_copy, open_lock, write_atomic, write_json
 from leakaudit.errors import InputError, one_line
 from leakaudit.experiment.checks import (
     check_plan,
@@ -421,7 +421,7 @@ def exclusive(out: Path) -> Iterator[None]:
     except ImportError:  # not a POSIX system: no lock
         yield
         return
-    with (out / LOCK).open("a+") as fh:
+    with os.fdopen(open_lock(out / LOCK, os.O_RDWR), "r+") as fh:
         try:
             fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:

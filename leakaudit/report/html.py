@@ -20,7 +20,7 @@ from typing import Any
 
 import markupsafe
 
-from leakaudit.data.io import write_atomic, write_json
+from leakaudit.data.io import open_lock, write_atomic, write_json
 from leakaudit.data.pii_find import (
     NameFinder,
     grid_numbers,
@@ -314,7 +314,7 @@ def _report_lock(out: Path) -> Iterator[None]:
     except ImportError:  # not a POSIX system: no lock
         yield
         return
-    fd = os.open(out / REPORT_LOCK, os.O_RDONLY | os.O_CREAT, 0o644)
+    fd = open_lock(out / REPORT_LOCK, os.O_RDONLY)
     try:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX)
