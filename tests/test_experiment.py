@@ -570,11 +570,14 @@ def test_fixed_seed_steps_are_shared_across_seeds_and_reused(tmp_path):
     assert [sid for sid in k0 if k0[sid] == k1[sid]] == ["data/emails", "finetune/real"]
     exp0 = parse_experiment(yaml.safe_dump(cfg))
     run_experiment(exp0, tmp_path / "s0", log=_quiet, report=False)
+    (tmp_path / "secret.txt").write_text("outside")  # a link planted in the other run is not copied in
+    (tmp_path / "s0" / "data" / "emails" / "secret.txt").symlink_to(tmp_path / "secret.txt")
     exp1 = parse_experiment(yaml.safe_dump(cfg))
     exp1.seed = 1
     status = run_experiment(exp1, tmp_path / "s1", log=_quiet, report=False, reuse=tmp_path / "s0")
     assert status == {"data/emails": "reused", "finetune/real": "reused", "evaluate/mia/real": "ran",
                       "evaluate/ppl/base": "ran"}
+    assert not (tmp_path / "s1" / "data" / "emails" / "secret.txt").is_symlink()
     for rel in ("data/emails/members.jsonl", "finetune/real/model/adapter_model.safetensors"):
         assert (tmp_path / "s1" / rel).read_bytes() == (tmp_path / "s0" / rel).read_bytes()
     again = run_experiment(exp1, tmp_path / "s1", log=_quiet, report=False, reuse=tmp_path / "s0")
