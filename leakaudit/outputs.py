@@ -17,6 +17,7 @@ from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Literal
 
+from leakaudit.data.io import open_append
 from leakaudit.errors import InputError
 
 MARKER = ".leakaudit"
@@ -111,5 +112,5 @@ def _mark(p: Path, command: str) -> None:
     path = p / MARKER
     done = path.read_text(encoding="utf-8", errors="replace").splitlines() if path.exists() else []
     if command not in done:
-        with path.open("a", encoding="utf-8") as fh:
+        with open_append(path) as fh:
             fh.write(f"{command}\n")

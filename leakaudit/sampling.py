@@ -33,7 +33,7 @@ from pathlib import Path
 import torch
 
 from leakaudit import package_version
-from leakaudit.data.io import json_line
+from leakaudit.data.io import json_line, open_append
 from leakaudit.errors import InputError, check_model, check_texts
 from leakaudit.models import LoadedModel, attention_kernels, host_memory
 from leakaudit.scoring import cache_keyword, returned_cache, shared_prefixes
@@ -555,7 +555,7 @@ def _appender(path: str | Path | None):
         return
     p = Path(path)
     p.parent.mkdir(parents=True, exist_ok=True)
-    with p.open("a", encoding="utf-8") as fh:
+    with open_append(p) as fh:
         def append(rows: list[dict]) -> None:
             fh.write("".join(json_line(r) for r in rows))
             fh.flush()

@@ -904,9 +904,34 @@ def test_a_lock_file_planted_as_a_link_is_refused_not_written_through(tmp_path, 
     victim.write_text("precious")
     (out / ".lock").symlink_to(victim)
     code, err = _run_main(["run", str(cfg), "--out", str(out), "--no-report"], monkeypatch, capsys)
-    assert code == 2 and "is a symbolic link; a lock file is never written through one" in err, err
+    assert code == 2 and "is a symbolic link; leakaudit never writes through one" in err, err
     assert victim.read_text() == "precious"
     (out / ".lock").unlink()
     (out / ".report.lock").symlink_to(tmp_path / "elsewhere.lock")
     code, err = _run_main(["report", str(out)], monkeypatch, capsys)
     assert code == 2 and "symbolic link" in err and not (tmp_path / "elsewhere.lock").exists()
+
+
+def test_a_log_planted_as_a_link_is_not_appended_through(tmp_path):
+    """Train logs, sample checkpoints and self-instruct files are appended to on resume: one planted as a link
+    in an unfinished stage's folder had the resumed run append to the file it pointed to."""
+    from leakaudit.data.io import open_append
+    from leakaudit.train.callbacks import JsonlLogCallback
+
+    victim = tmp_path / "victim.txt"
+    victim.write_text("precious")
+    log = tmp_path / "train_log.jsonl"
+    log.symlink_to(victim)
+    with pytest.raises(InputError, match="is a symbolic link; leakaudit never writes through one"):
+        with open_append(log) as fh:
+            fh.write("x")
+    callback = JsonlLogCallback(log)
+    with pytest.raises(InputError, match="symbolic link"):
+        callback.on_log(None, type("S", (), {"global_step": 1, "epoch": 0.5, "is_world_process_zero": True})(), None,
+                        logs={"loss": 1.0})
+    assert victim.read_text() == "precious"
+    with open_append(tmp_path / "plain.jsonl") as fh:  # a plain file is appended to as before
+        fh.write("a\n")
+    with open_append(tmp_path / "plain.jsonl") as fh:
+        fh.write("b\n")
+    assert (tmp_path / "plain.jsonl").read_text() == "a\nb\n"

@@ -17,7 +17,7 @@ import shutil
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TextIO
 
 from leakaudit.errors import InputError, one_line
 
@@ -277,11 +277,21 @@ CHAT_HINT = ("; a chat row needs a text field too (e.g. its turns joined), `mess
 def open_lock(path: Path, mode: int) -> int:
     """A lock file's descriptor, never through a symbolic link: a `.lock` planted as a link in a shared run dir
     made the next run truncate the file it pointed to and write its pid there (any file of the user's)."""
+    return _no_follow(path, mode | os.O_CREAT)
+
+
+def open_append(path: str | Path) -> TextIO:
+    """A log or resumable file opened to append to, never through a symbolic link: one planted in an unfinished
+    stage's folder had the resumed run append to the file it pointed to."""
+    return os.fdopen(_no_follow(Path(path), os.O_WRONLY | os.O_APPEND | os.O_CREAT), "a", encoding="utf-8")
+
+
+def _no_follow(path: Path, flags: int) -> int:
     try:
-        return os.open(path, mode | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0), 0o644)
+        return os.open(path, flags | getattr(os, "O_NOFOLLOW", 0), 0o644)
     except OSError as exc:
         if path.is_symlink():
-            raise InputError("is a symbolic link; a lock file is never written through one (remove it)",
+            raise InputError("is a symbolic link; leakaudit never writes through one (remove it)",
                              file=path, field="--out") from None
         raise exc
 

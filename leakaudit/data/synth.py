@@ -28,7 +28,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from leakaudit.data.io import Record, json_line, read_rows, write_jsonl
+from leakaudit.data.io import Record, json_line, open_append, read_rows, write_jsonl
 from leakaudit.errors import InputError
 from leakaudit.models import LoadedModel
 from leakaudit.sampling import SamplingConfig, sample
@@ -286,7 +286,7 @@ def self_instruct(lm: LoadedModel, seeds: Sequence[Task], out: str | Path, n: in
                              "instances": [inst] if inst else [], "round": round_index,
                              "round_rows": len(kept), "provenance": provenance})
         if rows:
-            with out.open("a", encoding="utf-8") as fh:
+            with open_append(out) as fh:
                 fh.write("".join(json_line(r) for r in rows))
         generated += rows
         if on_round is not None:

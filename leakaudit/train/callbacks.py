@@ -8,6 +8,8 @@ from pathlib import Path
 
 from transformers import TrainerCallback
 
+from leakaudit.data.io import open_append
+
 
 def read_log(path: Path) -> list[dict]:
     """The rows of a train_log.jsonl, without a last line a kill cut short mid-write (the log is appended a row
@@ -60,7 +62,7 @@ class JsonlLogCallback(TrainerCallback):
             logs = {**logs, "train_loss": sum(losses) / len(losses)} if losses else logs
         row = {"step": state.global_step, "epoch": round(state.epoch or 0.0, 4),
                "elapsed_s": round(time.perf_counter() - self.start, 3), **logs}
-        with self.path.open("a", encoding="utf-8") as fh:
+        with open_append(self.path) as fh:
             fh.write(json.dumps(row) + "\n")
 
 

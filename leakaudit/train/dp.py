@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from leakaudit.data.io import write_json
+from leakaudit.data.io import open_append, write_json
 from leakaudit.errors import InputError, one_line
 from leakaudit.train import examples as ex
 from leakaudit.train.artifacts import damaged_file, load_saved_weights
@@ -183,11 +183,11 @@ def train_dp(config, lm, model, train: list[ex.Example], out: Path, progress: bo
             stepped = True
             optimizer.zero_grad(set_to_none=True)
             scheduler.step()
-            with log_path.open("a", encoding="utf-8") as fh:
+            with open_append(log_path) as fh:
                 fh.write(json.dumps({"step": step, "epoch": round(epoch + 1, 4), "loss": loss.item(),
                                      "learning_rate": scheduler.get_last_lr()[0], "batch": int(ids.shape[0])})
                          + "\n")
-        with log_path.open("a", encoding="utf-8") as fh:
+        with open_append(log_path) as fh:
             fh.write(json.dumps({"step": step, "epoch": epoch + 1, "epsilon": engine.get_epsilon(delta)}) + "\n")
         ckpt = out / f"checkpoint-{step}"
         save_loadable(model, ckpt, config, lm.tokenizer)
