@@ -174,9 +174,10 @@ def _check_earlier_run(record: Path, name: str, seed: int) -> None:
     from leakaudit.report.html import load_run
 
     try:
-        earlier = load_run(record.parent)["experiment"].get("name")
+        experiment = load_run(record.parent)["experiment"]
     except InputError:
-        earlier = None
+        experiment = {}
+    earlier = experiment.get("name")
     if not isinstance(earlier, str):
         raise InputError("holds a run.json that is not a leakaudit run record; use a new or empty folder",
                          file=record.parent, field="--out")
@@ -184,7 +185,7 @@ def _check_earlier_run(record: Path, name: str, seed: int) -> None:
         raise InputError(f"holds a run of experiment '{earlier}', not '{name}': rerunning here would replace its "
                          "stages; use a new folder (--reuse it to copy the stages they share)",
                          file=record.parent, field="--out")
-    earlier_seed = load_run(record.parent)["experiment"].get("seed")
+    earlier_seed = experiment.get("seed")
     if isinstance(earlier_seed, int) and earlier_seed != seed:  # `run --seed 3` over seed 0's dir replaced it
         raise InputError(f"holds the run of seed {earlier_seed}, not {seed}: one output dir per seed (`leakaudit "
                          "seeds` compares them), and rerunning here would replace it; use a new folder (--reuse it "
