@@ -209,6 +209,10 @@ def names_from_headers(text: str) -> list[str]:
     "From: Karen Arnold [mailto:...]"), and "Last, First" entries with an address anywhere (forwarded headers)."""
     names: list[str] = []
     name_re, last_first, quoted = _name_re(), _last_first_entry(), _quoted_last_first()
+
+    def is_name(cand: str) -> bool:  # the shape of a personal name, and no word that headers use otherwise
+        return bool(name_re.match(cand)) and not (set(cand.replace(".", "").split()) & NOT_NAMES)
+
     for m in HEADER_RE.finditer(text):
         # Outlook's "Quinlan, Zed <...>": a comma inside one entry, told apart from a list by the address after
         # it, or by quotes around it ('"Beck, Sally" <...>' and a bare 'X-cc: Beck, Sally' were left whole)
@@ -217,7 +221,7 @@ def names_from_headers(text: str) -> list[str]:
         pairs += last_first.findall(value)
         for last, first in pairs:
             cand = f"{first} {last}"
-            if name_re.match(cand) and not (set(cand.replace(".", "").split()) & NOT_NAMES):
+            if is_name(cand):
                 names.append(cand)
         value = last_first.sub(",", value)
         # drop <address> and [mailto:address] parts; a parenthesis is its own entry: "addr (John Doe)" names
@@ -227,13 +231,13 @@ def names_from_headers(text: str) -> list[str]:
         for part in re.split(r"[,;\n]", value):
             part = part.split("/", 1)[0]  # Lotus Notes: "Karen Arnold/HOU/ECT@ECT" names Karen Arnold
             cand = " ".join(part.replace('"', " ").replace("'", " ").split())
-            if name_re.match(cand) and not (set(cand.replace(".", "").split()) & NOT_NAMES):
+            if is_name(cand):
                 names.append(cand)
     # forwarded header blocks in a body ("\t\t cc: ...", a list continued on the next lines): an entry with
     # an address after it is a name wherever it stands (the quotes, or the address, make it one entry)
     for q in _entry_with_address().findall(text):
         cand = f"{q[1] or q[3]} {q[0] or q[2]}"
-        if name_re.match(cand) and not (set(cand.replace(".", "").split()) & NOT_NAMES) and cand not in names:
+        if is_name(cand) and cand not in names:
             names.append(cand)
     return names
 
