@@ -68,6 +68,14 @@ class StageView:
         return str(self.record["params"].get("evaluation") or self.record["id"].split("/")[1])
 
 
+def figure_names(stages: list[StageView]) -> Callable[[StageView], str]:
+    """How a section's figure names a stage: its target, and its evaluation too where several evaluations of
+    the kind are drawn together (keyed by target alone, a second evaluation of one target was drawn over the
+    first)."""
+    several = len({s.evaluation for s in stages}) > 1
+    return lambda s: f"{s.target} ({s.evaluation})" if several else s.target
+
+
 class Result:
     """A kind's outcome: JSON data plus how to read it. Kinds subclass it to add headline and section."""
 

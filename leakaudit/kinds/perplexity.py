@@ -11,7 +11,16 @@ from typing import Any
 
 from pydantic import Field
 
-from leakaudit.kinds.base import Headline, Kind, KindContext, KindOptions, Result, StageView, fmt
+from leakaudit.kinds.base import (
+    Headline,
+    Kind,
+    KindContext,
+    KindOptions,
+    Result,
+    StageView,
+    figure_names,
+    fmt,
+)
 from leakaudit.kinds.registry import register
 from leakaudit.options import BatchSize
 
@@ -40,11 +49,7 @@ class PerplexityResult(Result):
             return None
         series: dict[str, list[tuple[float, float]]] = {}
         table = []
-        several = len({s.evaluation for s in stages}) > 1
-
-        def label(s: StageView) -> str:  # two evaluations of one target are two bars, not one drawn over the other
-            return f"{s.target} ({s.evaluation})" if several else s.target
-
+        label = figure_names(stages)
         finals = {label(s): s.result["perplexity"] for s in stages if isinstance(s.result.get("perplexity"), (int, float))}
         for s in stages:
             res = s.result

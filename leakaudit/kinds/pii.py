@@ -17,7 +17,16 @@ from pydantic import BeforeValidator, Field, field_validator
 
 from leakaudit.errors import InputError
 from leakaudit.kinds import compare
-from leakaudit.kinds.base import Headline, Kind, KindContext, KindOptions, Result, StageView, read_jsonl
+from leakaudit.kinds.base import (
+    Headline,
+    Kind,
+    KindContext,
+    KindOptions,
+    Result,
+    StageView,
+    figure_names,
+    read_jsonl,
+)
 from leakaudit.kinds.registry import register
 from leakaudit.options import BatchSize, CommaList, InputFile, Seed
 
@@ -109,9 +118,8 @@ class PiiResult(Result):
             return None
         rates: dict[str, dict[tuple[str, str], float]] = {}
         table = []
-        several = len({s.evaluation for s in stages}) > 1  # then a model is drawn once per evaluation, not
-        for s in stages:                                      # the last evaluation over the others'
-            model = f"{s.target} ({s.evaluation})" if several else s.target
+        name = figure_names(stages)
+        for s in stages:
             cells: dict[tuple[str, str], list[float]] = {}
             for r in s.result.get("rows") or []:
                 if r.get("n_targets"):
@@ -122,7 +130,7 @@ class PiiResult(Result):
                               r.get("hits", r.get("matches")), r.get("matches"), r.get("exact_matches", ""),
                               r.get("n_targets")])
             if cells:
-                rates[model] = {k: sum(v) / len(v) for k, v in cells.items()}
+                rates[name(s)] = {k: sum(v) / len(v) for k, v in cells.items()}
         return {"id": "pii", "title": "PII extraction", "figures": _figures(rates),
                 "note": " ".join(["Hit rate = targets hit / targets, per prompt template and sampling "
                                   "temperature; a hit is the template's own criterion (a fuzzy match for the "
