@@ -178,7 +178,9 @@ def _say_if_no_address_fits(lm, cells: Sequence[Cell], targets: Sequence[Target]
     hint why (`--max-new-tokens 1`)."""
     if not targets or getattr(lm, "tokenizer", None) is None:
         return
-    shortest = min(len(lm.tokenizer(t.email, add_special_tokens=False)["input_ids"]) for t in targets)
+    from leakaudit.models.tokens import encode
+
+    shortest = min(map(len, encode(lm.tokenizer, [t.email for t in targets], special=False)))  # one batched call
     short = sorted({c.max_new_tokens for c in cells if c.max_new_tokens < shortest})
     if short:
         from leakaudit.warn import warn_once
