@@ -227,9 +227,16 @@ def test_batched_and_unbatched_agree(tiny_opt, tiny_neox):
     nonmembers = TEXTS[2:] + ["Tell me a joke about the weather.", "List five fruits.", "Name a colour."]
     runs = [run_mia(tiny_opt, TEXTS[:2], nonmembers, attacks, tiny_neox, attack_options={"recall": {"shots": 2}},
                     n_bootstrap=10, batch_size=b, **NO_CACHE) for b in (1, 3, "auto")]
+    # Min-K%++ divides (log p - mu) by sigma: a pass's fp32 rounding of log p and mu (a few ulps of |mu|, which
+    # differ between batch shapes on some CPUs' kernels) reaches z multiplied by 1/sigma, large on a random model.
+    from leakaudit.scoring import score_texts
+
+    token_scores = score_texts(tiny_opt, TEXTS + nonmembers[2:], moments=True, **NO_CACHE)
+    amplified = max(float(np.abs(s.mu).max() / np.sqrt(s.var).min()) for s in token_scores)
     for name in attacks:
+        atol = 16 * np.finfo(np.float32).eps * amplified if name == "min_k_pp" else 1e-6
         for other in runs[1:]:
-            assert np.allclose(runs[0].scores[name], other.scores[name], rtol=1e-5, atol=1e-6), name
+            assert np.allclose(runs[0].scores[name], other.scores[name], rtol=1e-5, atol=atol), name
 
 
 def _seed_instructions(n: int) -> list[str]:
