@@ -400,7 +400,9 @@ def test_a_broken_cache_file_or_row_is_rebuilt_not_trusted(tiny_neox, tmp_path):
         conn.execute("UPDATE scores SET logp = ? WHERE key = ?", (np.array([1.0, 2.0], np.float32).tobytes(), keys[0]))
         conn.execute("UPDATE scores SET logp = ? WHERE key = ?", (b"abc", keys[1]))
     again = score_texts(tiny_neox, TEXTS, moments=True, cache=ScoreCache(path), progress=False)
-    assert all(np.array_equal(a.logp, b.logp) and np.array_equal(a.var, b.var)
+    # the two rows are scored again in a batch of their own: equal up to the kernels' rounding for that batch
+    # shape (bit-equal on some CPUs, not on one without AVX-512); the broken values were 1.0/2.0 and 3 bytes
+    assert all(np.allclose(a.logp, b.logp, rtol=0, atol=1e-5) and np.allclose(a.var, b.var, rtol=1e-5, atol=0)
                for a, b in zip(again, fresh, strict=True))
 
 
