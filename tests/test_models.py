@@ -102,6 +102,46 @@ def test_dtype_policy(monkeypatch, fast):
         assert info.value.field == "LEAKAUDIT_DTYPE"
 
 
+@pytest.mark.parametrize("capability", [(7, 5), (8, 0)])
+def test_a_gpu_without_native_bf16_takes_fp16_and_trains_in_fp32(monkeypatch, capability):
+    """A T4/V100 (7.x) emulates bf16 (slow; vLLM refuses it), though torch's plain is_bf16_supported() says
+    True there: auto loads fp16 and training does not autocast. Simulated as torch reports such a card."""
+    monkeypatch.delenv("LEAKAUDIT_DTYPE", raising=False)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda *a: type("P", (), {"major": capability[0]}))
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(torch.cuda, "_check_bf16_tensor_supported", lambda device: True)  # a 7.x card makes one
+    gpu = torch.device("cuda", 0)
+    native = capability >= (8, 0)
+    assert torch.cuda.is_bf16_supported()  # torch's own answer says bf16 on both (emulated on 7.x)
+    assert models.resolve_dtype("auto", gpu) == (torch.bfloat16 if native else torch.float16)
+    assert models.default_autocast_bf16(gpu) is native
+
+
+@pytest.mark.parametrize(("count", "env", "want"), [
+    (2, {"LOCAL_RANK": "1"}, 1), (2, {}, 0), (1, {"LOCAL_RANK": "3"}, 0), (4, {"LOCAL_RANK": "2"}, 2)])
+def test_cuda_without_an_index_is_this_process_gpu(monkeypatch, count, env, want):
+    """Under torchrun/accelerate each rank's plain `--device cuda` (as `auto`) is its LOCAL_RANK's GPU, not
+    GPU 0 in every rank; a launcher that shows each process one GPU (CUDA_VISIBLE_DEVICES per task) gets it."""
+    monkeypatch.delenv("LOCAL_RANK", raising=False)
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: count)
+    assert models.resolve_device("cuda") == models.resolve_device("auto") == torch.device("cuda", want)
+    assert models.resolve_device("cuda:0") == torch.device("cuda", 0)  # an index given is kept
+
+
+def test_more_ranks_than_gpus_is_one_line(monkeypatch):
+    monkeypatch.setenv("LOCAL_RANK", "2")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    for asked in ("auto", "cuda"):
+        with pytest.raises(InputError, match="LOCAL_RANK 2 has no GPU of its own: this machine shows 2") as info:
+            models.resolve_device(asked)
+        assert info.value.field == "--device"
+
+
 def test_missing_default_model_says_how_to_install(monkeypatch):
     monkeypatch.setattr(models.gguf.importlib.util, "find_spec", lambda name: None)
     with pytest.raises(InputError) as info:

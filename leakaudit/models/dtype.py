@@ -26,9 +26,7 @@ def resolve_device(device: str | None = None) -> torch.device:
     """`auto`/None → CUDA when present (honouring LOCAL_RANK under torchrun/accelerate), else CPU; a device
     this machine lacks (or a bogus name) is an InputError on `--device` now, not a traceback at `model.to`."""
     if device in (None, "auto"):
-        if torch.cuda.is_available():
-            return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
-        return torch.device("cpu")
+        return _rank_gpu(device or "auto") if torch.cuda.is_available() else torch.device("cpu")
     try:
         dev = torch.device(device)
     except (RuntimeError, TypeError):
@@ -37,7 +35,9 @@ def resolve_device(device: str | None = None) -> torch.device:
         if not torch.cuda.is_available():
             raise InputError(f"'{device}' asked for, but CUDA is not available here; use --device cpu or auto",
                              field="--device")
-        if dev.index is not None and dev.index >= torch.cuda.device_count():
+        if dev.index is None:  # plain `cuda` means this process's GPU, not the current one (GPU 0 in every rank)
+            return _rank_gpu(device)
+        if dev.index >= torch.cuda.device_count():
             raise InputError(f"no device {dev}: this machine has {torch.cuda.device_count()} CUDA device(s)",
                              field="--device")
     elif dev.type != "cpu":
@@ -47,6 +47,28 @@ def resolve_device(device: str | None = None) -> torch.device:
             raise InputError(f"device '{device}' is not available in this torch build or on this machine; use "
                              "--device cpu or auto", field="--device") from None
     return dev
+
+
+def _rank_gpu(asked: str) -> torch.device:
+    """This process's GPU: LOCAL_RANK's under torchrun/accelerate (one GPU per process), the only visible one
+    where a launcher gives each process its own (CUDA_VISIBLE_DEVICES per task), else GPU 0."""
+    rank, count = int(os.environ.get("LOCAL_RANK", 0) or 0), torch.cuda.device_count()
+    if count == 1:
+        return torch.device("cuda", 0)
+    if rank >= count:
+        raise InputError(f"LOCAL_RANK {rank} has no GPU of its own: this machine shows {count} CUDA device(s); "
+                         "start at most one process per GPU", field="--device")
+    return torch.device("cuda", rank)
+
+
+def cuda_has_fast_bf16() -> bool:
+    """True when the GPU runs bf16 natively (compute capability 8.0 and newer). torch's plain
+    is_bf16_supported() also says True on 7.x cards (T4, V100), where bf16 is emulated: slow, and refused by
+    vLLM; those cards take fp16."""
+    try:
+        return torch.cuda.is_bf16_supported(including_emulation=False)
+    except TypeError:  # pragma: no cover - a torch without the argument
+        return torch.cuda.is_bf16_supported()
 
 
 @contextlib.contextmanager
@@ -119,7 +141,7 @@ def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torc
             except InputError as exc:
                 raise InputError(exc.message, field=DTYPE_ENV) from None
         if device.type == "cuda":
-            chosen = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+            chosen = torch.bfloat16 if cuda_has_fast_bf16() else torch.float16
         else:
             chosen = torch.bfloat16 if cpu_has_fast_bf16() else torch.float32
     else:
@@ -141,5 +163,5 @@ def default_autocast_bf16(device: torch.device) -> bool:
     if _env_dtype():
         return resolve_dtype(None, device) == torch.bfloat16
     if device.type == "cuda":
-        return torch.cuda.is_bf16_supported()
+        return cuda_has_fast_bf16()
     return cpu_has_fast_bf16()
