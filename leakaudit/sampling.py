@@ -107,8 +107,8 @@ VLLM_MAX_TEMPERATURE = 2.0  # vLLM refuses higher sampling temperatures (seen wi
 
 
 def resolve_backend(lm: LoadedModel, backend: str, config: SamplingConfig | None = None) -> str:
-    """`auto` -> `vllm` where the vLLM adapter can run (vLLM installed, a CUDA GPU, a temperature vLLM takes, a
-    full saved model: not an adapter or a `random:` model), else the `hf` reference; so one experiment file
+    """`auto` -> `vllm` where the vLLM adapter can run (vLLM installed, the model on the current CUDA GPU, a
+    temperature vLLM takes, a full saved model: not an adapter or a `random:` model), else the `hf` reference; so one experiment file
     runs on a laptop and uses vLLM on a GPU machine. Any other backend is returned as is."""
     if backend != "auto":
         return backend
@@ -116,6 +116,8 @@ def resolve_backend(lm: LoadedModel, backend: str, config: SamplingConfig | None
     if obstacle is not None and obstacle.field == "--temperature":
         warn_once(f"vLLM refuses temperatures above {VLLM_MAX_TEMPERATURE:g}: sampling at {config.temperature:g} "
                   "with the HF backend")
+    if obstacle is not None and obstacle.field == "--device":
+        warn_once(f"{obstacle.message}; sampling with the HF backend")
     return "hf" if obstacle is not None else "vllm"
 
 
@@ -462,6 +464,13 @@ def _vllm_obstacle(lm: LoadedModel, config: SamplingConfig | None) -> InputError
     if config is not None and not config.greedy and config.temperature > VLLM_MAX_TEMPERATURE:
         return InputError(f"vLLM samples at temperatures up to {VLLM_MAX_TEMPERATURE:g}, not "
                           f"{config.temperature:g}; use --backend hf", field="--temperature")
+    device = lm.device
+    if device.type != "cuda":
+        return InputError(f"the vLLM backend samples on a GPU, and {lm.spec} is loaded on {device} (--device)",
+                          field="--backend")
+    if device.index is not None and device.index != torch.cuda.current_device():  # where its engine starts
+        return InputError(f"the vLLM engine starts on cuda:{torch.cuda.current_device()}, not {device}: choose "
+                          "its GPU with CUDA_VISIBLE_DEVICES, or use --backend hf", field="--device")
     from leakaudit.models import resolve_spec
 
     kind, _ = resolve_spec(lm.spec)
@@ -492,7 +501,7 @@ def _vllm_engine(lm: LoadedModel):
         from vllm import LLM
 
         close_vllm_engines()
-        free, total = torch.cuda.mem_get_info()
+        free, total = torch.cuda.mem_get_info(lm.device)
         _VLLM_ENGINES[lm.spec, dtype] = LLM(model=str(where), dtype=dtype, trust_remote_code=False,
                                             gpu_memory_utilization=VLLM_MEMORY_SHARE * free / total)
     return _VLLM_ENGINES[lm.spec, dtype]

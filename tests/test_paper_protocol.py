@@ -12,6 +12,7 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
+import torch
 
 from leakaudit import resources
 from leakaudit.config import load_experiment, parse_experiment
@@ -211,6 +212,7 @@ def test_datasets_without_ranges_keep_their_stage_keys():
 # ----------------------------------------------------------------------------------------- backend: auto
 class _Lm:
     spec = "some/model"
+    device = torch.device("cuda")
 
 
 def test_auto_backend_takes_vllm_only_where_it_can_run(monkeypatch):

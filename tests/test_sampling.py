@@ -291,6 +291,7 @@ def test_vllm_adapter_asks_for_what_leakaudit_promises(tiny_neox, monkeypatch):
     monkeypatch.setattr(sampling, "_VLLM_ENGINES", {})
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "mem_get_info", lambda *a: (60 * 2**30, 140 * 2**30))
+    tiny_neox = dataclasses.replace(tiny_neox, device=torch.device("cuda"))  # as loaded on a GPU; vLLM samples
     cfg = SamplingConfig(max_new_tokens=5, num_samples=2, seed=3, top_k=7)
     got = sample(tiny_neox, ["Hello there", "Dear Jeff"], cfg, backend="vllm", progress=False)
     (engine,) = fake.engines
@@ -321,6 +322,7 @@ def test_vllm_adapter_asks_for_what_leakaudit_promises(tiny_neox, monkeypatch):
 def test_vllm_is_not_asked_for_temperatures_it_refuses(tiny_neox, monkeypatch, capsys):
     """vLLM refuses temperatures above 2 (seen on a GPU): `auto` samples those with HF, and an explicit
     `vllm` is a one-line error before any engine starts."""
+    import dataclasses
     import sys
 
     fake = _FakeVllm()
@@ -329,14 +331,41 @@ def test_vllm_is_not_asked_for_temperatures_it_refuses(tiny_neox, monkeypatch, c
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "mem_get_info", lambda *a: (60 * 2**30, 140 * 2**30))
     hot, warm = (SamplingConfig(max_new_tokens=3, temperature=t) for t in (2.5, 2.0))
-    assert sampling.resolve_backend(tiny_neox, "auto", warm) == "vllm"
-    assert sampling.resolve_backend(tiny_neox, "auto", hot) == "hf"
+    on_gpu = dataclasses.replace(tiny_neox, device=torch.device("cuda"))
+    assert sampling.resolve_backend(on_gpu, "auto", warm) == "vllm"
+    assert sampling.resolve_backend(on_gpu, "auto", hot) == "hf"
     assert "sampling at 2.5 with the HF backend" in capsys.readouterr().err  # said once, on stderr
-    assert sampling.resolve_backend(tiny_neox, "auto", SamplingConfig(greedy=True)) == "vllm"
+    assert sampling.resolve_backend(on_gpu, "auto", SamplingConfig(greedy=True)) == "vllm"
     with pytest.raises(InputError, match="up to 2, not 2.5") as err:
-        sample(tiny_neox, ["Hello"], hot, backend="vllm", progress=False)
+        sample(on_gpu, ["Hello"], hot, backend="vllm", progress=False)
     assert err.value.field == "--temperature" and fake.engines == []
     assert len(sample(tiny_neox, ["Hello"], hot, backend="auto", progress=False)) == 1 and fake.engines == []
+
+
+def test_vllm_samples_only_a_model_on_the_gpu_its_engine_starts_on(tiny_neox, monkeypatch, capsys):
+    """vLLM's engine process starts on the current CUDA device whatever the model's --device says: a model
+    loaded on the CPU, or on another GPU than the current one, samples with HF under `auto` (the second with a
+    warning) and is a one-line error under an explicit `vllm`, before any engine starts."""
+    import dataclasses
+    import sys
+
+    fake = _FakeVllm()
+    monkeypatch.setitem(sys.modules, "vllm", fake.module)
+    monkeypatch.setattr(sampling, "_VLLM_ENGINES", {})
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    cfg = SamplingConfig(max_new_tokens=3)
+    assert sampling.resolve_backend(tiny_neox, "auto", cfg) == "hf"  # --device cpu on a GPU machine
+    with pytest.raises(InputError, match="samples on a GPU, and tiny-gpt-neox is loaded on cpu") as err:
+        sample(tiny_neox, ["Hello"], cfg, backend="vllm", progress=False)
+    assert err.value.field == "--backend"
+    second = dataclasses.replace(tiny_neox, device=torch.device("cuda", 1))
+    assert sampling.resolve_backend(second, "auto", cfg) == "hf"
+    assert "starts on cuda:0, not cuda:1" in capsys.readouterr().err
+    with pytest.raises(InputError, match="CUDA_VISIBLE_DEVICES") as err:
+        sample(second, ["Hello"], cfg, backend="vllm", progress=False)
+    assert err.value.field == "--device" and fake.engines == []
+    assert sampling.resolve_backend(dataclasses.replace(tiny_neox, device=torch.device("cuda", 0)), "auto") == "vllm"
 
 
 def test_a_vllm_run_key_names_the_vllm_release(tiny_neox, monkeypatch):
