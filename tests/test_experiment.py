@@ -303,33 +303,42 @@ def test_a_redone_stage_reruns_what_read_it_and_leaves_no_old_result_in_run_json
     assert {k for k, v in status.items() if v == "ran"} == set(STAGES[4:])  # every evaluation of the model
 
 
-def test_a_finetune_stage_starts_with_vllm_engines_shut_down(tmp_path, monkeypatch):
-    """A generate stage's vLLM engine holds 90% of the GPU memory it found free: the run shuts it down
-    before a fine-tune stage (as it drops its loaded models), not before every stage."""
+def test_only_a_continuation_stage_keeps_the_vllm_engine(tmp_path, monkeypatch):
+    """A continuation stage's vLLM engine holds 90% of the GPU memory it found free: the run shuts it down
+    before any stage that does not sample with vLLM (replace-pii and self-instruct sample with HF, a
+    fine-tune trains, evaluations score: each sized to what is free), and keeps it for a continuation stage."""
     import types
 
     from leakaudit import sampling
     from leakaudit.experiment import engine
 
     shut: list[str] = []
-    kept_at_finetune: list[list] = []
+    found: dict[str, list] = {}
 
-    def fake_kind_stage(ctx):  # stands in for a generate/evaluate stage that sampled with vLLM
-        core = types.SimpleNamespace(shutdown=lambda: shut.append(ctx.stage.id))
-        sampling._VLLM_ENGINES[ctx.stage.id, "bfloat16"] = types.SimpleNamespace(
-            llm_engine=types.SimpleNamespace(engine_core=core))
+    def fake_kind_stage(ctx):
+        found[ctx.stage.id] = list(sampling._VLLM_ENGINES)
+        if ctx.stage.params.get("kind") == "continuation":  # stands in for a continuation stage that sampled with vLLM
+            core = types.SimpleNamespace(shutdown=lambda: shut.append(ctx.stage.id))
+            sampling._VLLM_ENGINES[ctx.stage.id, "bfloat16"] = types.SimpleNamespace(
+                llm_engine=types.SimpleNamespace(engine_core=core))
         return {}
 
     def fake_finetune(ctx):
-        kept_at_finetune.append(list(sampling._VLLM_ENGINES))
+        found[ctx.stage.id] = list(sampling._VLLM_ENGINES)
         return {"model_dir": "model", "checkpoints": []}
 
+    text = STUDY.replace("  replaced:\n", "  again:\n    kind: continuation\n    model: base\n    data: emails.members\n"
+                         "    options: {prompt_tokens: 8, max_new_tokens: 6}\n  replaced:\n")
+    assert text != STUDY
     monkeypatch.setattr(sampling, "_VLLM_ENGINES", {})
     monkeypatch.setattr(engine, "run_kind_stage", fake_kind_stage)
     monkeypatch.setitem(engine.RUNNERS, "finetune", fake_finetune)
-    engine.run_plan(Plan(parse_experiment(STUDY)), tmp_path / "out", log=_quiet)
-    assert kept_at_finetune == [[]] and sorted(shut) == ["generate/continued", "generate/replaced"]
-    assert len(sampling._VLLM_ENGINES) == 4  # the evaluations after it: kept, for the stages that follow
+    engine.run_plan(Plan(parse_experiment(text)), tmp_path / "out", log=_quiet)
+    assert found["generate/again"] == [("generate/continued", "bfloat16")]  # kept for the next continuation
+    assert sorted(shut) == ["generate/again", "generate/continued"]  # both, before generate/replaced
+    assert {stage: engines for stage, engines in found.items() if engines} == {
+        "generate/again": [("generate/continued", "bfloat16")]}  # every other stage started with none
+    assert "generate/replaced" in found and "finetune/real" in found and "evaluate/pii/real" in found
 
 
 def test_edited_input_file_reruns_its_readers(tmp_path):

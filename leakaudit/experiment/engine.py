@@ -103,11 +103,15 @@ def run_plan(plan: Plan, out: Path, *, log: Callable[[str], None] = print,
             if not main:
                 results[stage.id] = _finished(sdir, stage)
             continue
-        if stage.kind == "finetune":
+        if (stage.kind, stage.params.get("kind")) != ("generate", "continuation"):
             from leakaudit.sampling import close_vllm_engines
 
+            # a continuation stage's vLLM engine holds 90% of the GPU memory it found free; it is kept for the
+            # next continuation stage only: every other stage (HF sampling, training, scoring) sizes its
+            # batches to the memory that is free
+            close_vllm_engines()
+        if stage.kind == "finetune":
             cache.clear()  # free memory for training; nothing loaded so far is needed by it
-            close_vllm_engines()  # nor a generate stage's vLLM engine, which holds 90% of the GPU it found free
         log(f"[{i}/{n}] {stage.id}: running ({stage.kind})")
         t0 = time.perf_counter()
         ctx = StageContext(stage, sdir, out, plan, results, cache)
