@@ -246,14 +246,11 @@ def _auto_rows(lm: LoadedModel, width: int) -> int:
     """Rows per batch for `batch_size="auto"`, given prompt + new tokens per row: as many as the key/value
     cache and a step's logits fit in 60% of the GPU's free memory, or on CPU in CPU_KV_BYTES (at most an
     eighth of RAM)."""
-    cfg = lm.model.config
-    layers = getattr(cfg, "num_hidden_layers", 24)
-    hidden = getattr(cfg, "hidden_size", 1024)
-    heads = getattr(cfg, "num_attention_heads", 16)
-    kv_heads = getattr(cfg, "num_key_value_heads", None) or heads
-    kv_bytes = 2 * layers * kv_heads * (hidden // heads) * torch.finfo(lm.dtype).bits // 8
-    vocab = getattr(cfg, "vocab_size", 50000)
-    per_row = kv_bytes * width + vocab * 4 * 4  # KV cache + a few fp32 copies of one step's logits
+    from leakaudit.models import kv_cache_bytes_per_token
+
+    cfg = lm.model.config.get_text_config() if hasattr(lm.model.config, "get_text_config") else lm.model.config
+    vocab = getattr(cfg, "vocab_size", None) or len(lm.tokenizer)  # the logits' width
+    per_row = kv_cache_bytes_per_token(lm.model, lm.dtype) * width + vocab * 4 * 4  # + fp32 copies of logits
     if lm.device.type == "cuda":
         free, _ = torch.cuda.mem_get_info(lm.device)
         return int(max(1, min(GPU_MAX_ROWS, free * 0.6 // per_row)))

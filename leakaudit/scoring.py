@@ -534,9 +534,10 @@ def _env_token_budget() -> int | None:
     return int(env)
 
 
-def _token_budget(lm: LoadedModel, total: int) -> int:
-    """Tokens per batch for `--batch-size auto`: sized to free memory on GPU; on CPU a fixed budget, cut for
-    batch workers so that `total` tokens make at least two batches per worker (not below MIN_CPU_TOKEN_BUDGET).
+def _token_budget(lm: LoadedModel, total: int, cached: bool = False) -> int:
+    """Tokens per batch for `--batch-size auto`: sized to free memory on GPU (with each token's keys and values
+    when the rows run on a shared prefix's cache: `cached`); on CPU a fixed budget, cut for batch workers so
+    that `total` tokens make at least two batches per worker (not below MIN_CPU_TOKEN_BUDGET).
     Why: with fewer, uneven batches one worker runs the last, largest one alone on its share of the threads:
     the demo's 64 MIA texts made 3 batches of 1,853, 3,854 and 450 padded tokens at 8,192, and two workers
     scored them 0.87x as fast as one (fp32); at a budget of 1,400, 1.10x (BENCHMARKS.md)."""
@@ -544,11 +545,15 @@ def _token_budget(lm: LoadedModel, total: int) -> int:
     if env is not None:
         return env
     if lm.device.type == "cuda":
+        from leakaudit.models import kv_cache_bytes_per_token
+
         free, _ = torch.cuda.mem_get_info(lm.device)
-        cfg = lm.model.config
-        hidden = getattr(cfg, "hidden_size", 1024)
-        layers = getattr(cfg, "num_hidden_layers", 24)
+        cfg = lm.model.config.get_text_config() if hasattr(lm.model.config, "get_text_config") else lm.model.config
+        hidden = getattr(cfg, "hidden_size", None) or 1024
+        layers = getattr(cfg, "num_hidden_layers", None) or 24
         per_token = hidden * 4 * 24 + layers * 64  # activations of one layer at a time, generous
+        if cached:  # the rows' cache holds every layer's keys and values of the prefix and of the rows
+            per_token += kv_cache_bytes_per_token(lm.model, lm.dtype)
         return int(max(1024, min(262144, free * 0.5 // per_token)))
     workers = _cpu_workers(lm)
     if workers < 2:
@@ -702,7 +707,7 @@ def _score_keyed(lm: LoadedModel, keys: list[str], tokenized, options: ScoreOpti
         _say_strided(lm, segs, len(todo), window, step)
         rows = batch_size if isinstance(batch_size, int) else None
         total = sum(len(s.ids) for s in segs)
-        budget = _token_budget(lm, total)
+        budgets = {cached: _token_budget(lm, total, cached) for cached in (False, True)}
         pieces: dict[int, list[tuple[int, TokenScores]]] = {j: [] for j in range(len(todo))}
         expected = collections.Counter(s.text_index for s in segs)  # a text longer than the window has several
         merged: dict[int, TokenScores] = {}
@@ -725,7 +730,7 @@ def _score_keyed(lm: LoadedModel, keys: list[str], tokenized, options: ScoreOpti
             except sqlite3.Error as exc:
                 warn_once(f"the score cache could not be written while scoring ({exc}); trying again at the end")
 
-        plan = [(common, group, _batches(group, rows, budget)) for common, group in shared_prefixes(segs)]
+        plan = [(common, group, _batches(group, rows, budgets[common > 0])) for common, group in shared_prefixes(segs)]
 
         def jobs() -> Iterator[tuple[list[_Segment], _Prefix | None]]:
             for common, group, batches in plan:

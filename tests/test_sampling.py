@@ -430,3 +430,18 @@ def test_a_checkpoint_with_unicode_line_separators_resumes(tiny_neox, tmp_path):
     # a file of an earlier version, with the separator raw inside a string, is read too
     out.write_text(out.read_text(encoding="utf-8").replace("\\u2028", "\u2028"), encoding="utf-8")
     assert [s.text for s in sample(tiny_neox, prompts, cfg, out_path=out, progress=False)] == [s.text for s in first]
+
+
+def test_gpu_rows_per_batch_fit_the_real_cache_size(monkeypatch):
+    """Rows per sampling batch on a GPU come from each token's real cache size (the model's head size, the
+    text config): a Qwen3 head of 16 where hidden / heads is 8 took twice the rows that fit."""
+    import types
+
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+
+    model = Qwen3ForCausalLM(Qwen3Config(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                         num_attention_heads=4, num_key_value_heads=2, head_dim=16))
+    lm = types.SimpleNamespace(model=model, dtype=torch.float32, device=torch.device("cuda", 0), tokenizer=[0] * 64)
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda *a: (2**20, 2**30))
+    per_row = 2 * 2 * 2 * 16 * 4 * 100 + 64 * 16  # keys and values x layers x kv heads x head size x fp32, 100 tokens
+    assert sampling._auto_rows(lm, 100) == int(2**20 * 0.6 // per_row) == 12  # 23 with head size 8

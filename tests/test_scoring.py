@@ -315,6 +315,60 @@ def test_cpu_budget_gives_each_batch_worker_two_batches(tiny_neox, monkeypatch):
         assert scoring._token_budget(tiny_neox, 5625) == 300
 
 
+def test_gpu_budget_counts_the_cache_of_rows_after_a_shared_prefix(tiny_neox, monkeypatch):
+    """Rows scored after a shared prefix each hold every layer's keys and values of the prefix and their own
+    tokens: on a GPU their token budget leaves room for that cache (it did not: Pythia-6.9B in fp32 with 50 GiB
+    free batched 130 rows x 520 tokens, 66 GiB of cache); rows without a prefix keep the activations' budget."""
+    import dataclasses
+
+    from leakaudit.models import kv_cache_bytes_per_token
+
+    monkeypatch.delenv("LEAKAUDIT_TOKEN_BUDGET", raising=False)
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda *a: (50 * 2**30, 80 * 2**30))
+    on_gpu = dataclasses.replace(tiny_neox, device=torch.device("cuda", 0))
+    cfg = tiny_neox.model.config
+    activations = cfg.hidden_size * 96 + cfg.num_hidden_layers * 64
+    kv = 2 * cfg.num_hidden_layers * cfg.num_attention_heads * (cfg.hidden_size // cfg.num_attention_heads) * 4
+    assert kv_cache_bytes_per_token(tiny_neox.model, torch.float32) == kv
+    assert scoring._token_budget(on_gpu, 10**6) == min(262144, 25 * 2**30 // activations)
+    assert scoring._token_budget(on_gpu, 10**6, cached=True) == min(262144, 25 * 2**30 // (activations + kv))
+    # the plan sizes each group's batches with its own budget
+    monkeypatch.setattr(scoring, "_token_budget", lambda lm, total, cached=False: 40 if cached else 10**6)
+    sizes: dict[bool, list[int]] = {True: [], False: []}
+    real = scoring._score_batch
+
+    def recording(lm, batch, moments, padding_side, prefix, head):
+        sizes[prefix is not None].append(len(batch))
+        return real(lm, batch, moments, padding_side, prefix, head)
+
+    monkeypatch.setattr(scoring, "_score_batch", recording)
+    texts = [f"reply number {i} to the note" for i in range(6)]
+    score_texts(tiny_neox, texts, prefixes="A long shared instruction that every row is scored after:",
+                cache=False, progress=False)
+    score_texts(tiny_neox, texts, cache=False, progress=False)
+    assert len(sizes[True]) > 1 and max(sizes[True]) < 6 and sizes[False] == [6]
+
+
+def test_kv_cache_size_is_what_the_cache_holds():
+    """Per-token cache bytes from the text config and the model's own head size: a Qwen3 head of 16 where
+    hidden / heads is 8 (half the real size before), and a Gemma 3 wrapper whose top level has no layers."""
+    import types
+
+    from transformers import Gemma3Config, Qwen3Config, Qwen3ForCausalLM
+
+    from leakaudit.models import kv_cache_bytes_per_token
+
+    qwen = Qwen3ForCausalLM(Qwen3Config(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                        num_attention_heads=4, num_key_value_heads=2, head_dim=16)).eval()
+    with torch.no_grad():
+        cache = qwen(torch.tensor([[1, 2, 3, 4, 5]]), use_cache=True).past_key_values
+    held = sum(t.numel() * t.element_size() for layer in cache.layers for t in (layer.keys, layer.values))
+    assert kv_cache_bytes_per_token(qwen, torch.float32) == held / 5 == 512
+    gemma = Gemma3Config(text_config=dict(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=3,
+                                          num_attention_heads=4, num_key_value_heads=1, head_dim=24))
+    assert kv_cache_bytes_per_token(types.SimpleNamespace(config=gemma), torch.bfloat16) == 2 * 3 * 1 * 24 * 2
+
+
 @pytest.mark.parametrize("save_every", [0.0, 1e9])
 def test_a_killed_pass_keeps_the_texts_it_finished(save_every, tiny_neox, tmp_path, monkeypatch):
     """The cache was written only after the whole pass: a kill late in a long one lost everything scored. Texts

@@ -22,6 +22,19 @@ def host_memory() -> int:
         return 16 << 30
 
 
+def kv_cache_bytes_per_token(model: torch.nn.Module, dtype: torch.dtype) -> int:
+    """Bytes one token's keys and values take in the cache, over all layers: what sizes batches that keep a
+    cache (sampling, rows scored after a shared prefix). Read from the text config (a multimodal wrapper's
+    top level has no layer count) and its own head size (Qwen3's 128 is not hidden / heads = 64)."""
+    cfg = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    layers = getattr(cfg, "num_hidden_layers", None) or 24
+    hidden = getattr(cfg, "hidden_size", None) or 1024
+    heads = getattr(cfg, "num_attention_heads", None) or 16
+    kv_heads = getattr(cfg, "num_key_value_heads", None) or heads
+    head_dim = getattr(cfg, "head_dim", None) or hidden // heads
+    return 2 * layers * kv_heads * head_dim * torch.finfo(dtype).bits // 8
+
+
 def resolve_device(device: str | None = None) -> torch.device:
     """`auto`/None → CUDA when present (honouring LOCAL_RANK under torchrun/accelerate), else CPU; a device
     this machine lacks (or a bogus name) is an InputError on `--device` now, not a traceback at `model.to`."""
