@@ -246,14 +246,13 @@ def _auto_rows(lm: LoadedModel, width: int) -> int:
     """Rows per batch for `batch_size="auto"`, given prompt + new tokens per row: as many as the key/value
     cache and a step's logits fit in 60% of the GPU's free memory, or on CPU in CPU_KV_BYTES (at most an
     eighth of RAM)."""
-    from leakaudit.models import kv_cache_bytes_per_token
+    from leakaudit.models import gpu_free_bytes, kv_cache_bytes_per_token
 
     cfg = lm.model.config.get_text_config() if hasattr(lm.model.config, "get_text_config") else lm.model.config
     vocab = getattr(cfg, "vocab_size", None) or len(lm.tokenizer)  # the logits' width
     per_row = kv_cache_bytes_per_token(lm.model, lm.dtype) * width + vocab * 4 * 4  # + fp32 copies of logits
     if lm.device.type == "cuda":
-        free, _ = torch.cuda.mem_get_info(lm.device)
-        return int(max(1, min(GPU_MAX_ROWS, free * 0.6 // per_row)))
+        return int(max(1, min(GPU_MAX_ROWS, gpu_free_bytes(lm.device) * 0.6 // per_row)))
     return int(max(1, min(CPU_MAX_ROWS, min(CPU_KV_BYTES, host_memory() // 8) // per_row)))
 
 
@@ -498,6 +497,7 @@ def _vllm_engine(lm: LoadedModel):
         from vllm import LLM
 
         close_vllm_engines()
+        torch.cuda.empty_cache()  # what this process's allocator keeps reserved is not free to vLLM's process
         free, total = torch.cuda.mem_get_info(lm.device)
         _VLLM_ENGINES[lm.spec, dtype] = LLM(model=str(where), dtype=dtype, trust_remote_code=False,
                                             gpu_memory_utilization=VLLM_MEMORY_SHARE * free / total)

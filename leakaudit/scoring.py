@@ -545,9 +545,9 @@ def _token_budget(lm: LoadedModel, total: int, cached: bool = False) -> int:
     if env is not None:
         return env
     if lm.device.type == "cuda":
-        from leakaudit.models import kv_cache_bytes_per_token
+        from leakaudit.models import gpu_free_bytes, kv_cache_bytes_per_token
 
-        free, _ = torch.cuda.mem_get_info(lm.device)
+        free = gpu_free_bytes(lm.device)
         cfg = lm.model.config.get_text_config() if hasattr(lm.model.config, "get_text_config") else lm.model.config
         hidden = getattr(cfg, "hidden_size", None) or 1024
         layers = getattr(cfg, "num_hidden_layers", None) or 24

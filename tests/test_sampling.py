@@ -290,13 +290,16 @@ def test_vllm_adapter_asks_for_what_leakaudit_promises(tiny_neox, monkeypatch):
     monkeypatch.setitem(sys.modules, "vllm", fake.module)
     monkeypatch.setattr(sampling, "_VLLM_ENGINES", {})
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda *a: (60 * 2**30, 140 * 2**30))
+    calls: list[str] = []
+    monkeypatch.setattr(torch.cuda, "empty_cache", lambda: calls.append("empty_cache"))
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda *a: calls.append("mem_get_info") or (60 * 2**30, 140 * 2**30))
     tiny_neox = dataclasses.replace(tiny_neox, device=torch.device("cuda"))  # as loaded on a GPU; vLLM samples
     cfg = SamplingConfig(max_new_tokens=5, num_samples=2, seed=3, top_k=7)
     got = sample(tiny_neox, ["Hello there", "Dear Jeff"], cfg, backend="vllm", progress=False)
     (engine,) = fake.engines
     assert engine["dtype"] == "float32" and engine["trust_remote_code"] is False
     assert engine["gpu_memory_utilization"] == pytest.approx(0.9 * 60 / 140)
+    assert calls[-2:] == ["empty_cache", "mem_get_info"]  # as the engine starts: this process's reserve freed first
     assert engine["model"] == str(resolve_spec("tiny-gpt-neox")[1])
     assert len(fake.requests) == 4
     for (ids, p), s in zip(sorted(fake.requests, key=lambda r: r[1]["seed"]),

@@ -332,6 +332,12 @@ def test_gpu_budget_counts_the_cache_of_rows_after_a_shared_prefix(tiny_neox, mo
     assert kv_cache_bytes_per_token(tiny_neox.model, torch.float32) == kv
     assert scoring._token_budget(on_gpu, 10**6) == min(262144, 25 * 2**30 // activations)
     assert scoring._token_budget(on_gpu, 10**6, cached=True) == min(262144, 25 * 2**30 // (activations + kv))
+    # memory torch's allocator holds reserved but unused is free to the next batch (mem_get_info counts it taken)
+    monkeypatch.setattr(torch.cuda, "memory_reserved", lambda *a: 6 * 2**30)
+    monkeypatch.setattr(torch.cuda, "memory_allocated", lambda *a: 2 * 2**30)
+    assert scoring._token_budget(on_gpu, 10**6, cached=True) == min(262144, 27 * 2**30 // (activations + kv))
+    monkeypatch.undo()
+    monkeypatch.delenv("LEAKAUDIT_TOKEN_BUDGET", raising=False)
     # the plan sizes each group's batches with its own budget
     monkeypatch.setattr(scoring, "_token_budget", lambda lm, total, cached=False: 40 if cached else 10**6)
     sizes: dict[bool, list[int]] = {True: [], False: []}

@@ -31,7 +31,7 @@ _WHERE: dict[str, str] = {
     **dict.fromkeys(["scoring_attention"],
                     "cpu_attention"),
     **dict.fromkeys(["DTYPE_ENV", "attention_kernels", "cpu_has_fast_bf16", "default_autocast_bf16",
-                    "host_memory", "kv_cache_bytes_per_token", "resolve_device", "resolve_dtype"],
+                    "gpu_free_bytes", "host_memory", "kv_cache_bytes_per_token", "resolve_device", "resolve_dtype"],
                     "dtype"),
     **dict.fromkeys(["RANDOM_PREFIX", "RANDOM_SHAPES", "TINY_SPECS", "TINY_VOCAB", "build_tiny_model",
                     "build_tiny_tokenizer", "random_model_config", "tiny_corpus", "tiny_model_dir"],

@@ -22,6 +22,13 @@ def host_memory() -> int:
         return 16 << 30
 
 
+def gpu_free_bytes(device: torch.device) -> int:
+    """Memory a batch on this GPU can take: what the driver has free plus what torch's allocator keeps reserved
+    and unused (mem_get_info counts that as taken: each pass of a run saw less than the one before)."""
+    free, _ = torch.cuda.mem_get_info(device)
+    return free + max(0, torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device))
+
+
 def kv_cache_bytes_per_token(model: torch.nn.Module, dtype: torch.dtype) -> int:
     """Bytes one token's keys and values take in the cache, over all layers: what sizes batches that keep a
     cache (sampling, rows scored after a shared prefix). Read from the text config (a multimodal wrapper's
