@@ -127,6 +127,8 @@ def run_key(lm: LoadedModel, config: SamplingConfig, backend: str) -> str:
             "backend": backend}
     if backend == "vllm":  # vLLM's sampler is its own: another release may draw other rows
         what["vllm"] = package_version("vllm")
+    elif lm.device.type == "cuda":  # HF rows draw their noise from a CUDA generator there: another stream
+        what["device"] = "cuda"
     return hashlib.sha256(json.dumps(what, sort_keys=True).encode()).hexdigest()[:16]
 
 

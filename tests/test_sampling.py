@@ -380,6 +380,12 @@ def test_a_vllm_run_key_names_the_vllm_release(tiny_neox, monkeypatch):
         monkeypatch.setattr(sampling, "package_version", lambda name, r=release: r)
         keys[release] = (sampling.run_key(tiny_neox, cfg, "vllm"), sampling.run_key(tiny_neox, cfg, "hf"))
     assert keys["0.26.0"][0] != keys["0.27.0"][0] and keys["0.26.0"][1] == keys["0.27.0"][1]
+    # HF rows on a GPU draw from a CUDA generator (another stream than the CPU's): a file is not resumed across
+    import dataclasses
+
+    on_gpu = dataclasses.replace(tiny_neox, device=torch.device("cuda", 0))
+    assert sampling.run_key(on_gpu, cfg, "hf") != keys["0.26.0"][1]
+    assert sampling.run_key(on_gpu, cfg, "vllm") == keys["0.27.0"][0]  # vLLM samples on the GPU either way
     monkeypatch.undo()
     import importlib.metadata
 
