@@ -366,3 +366,26 @@ def test_building_a_cached_model_prints_nothing(tmp_path, monkeypatch, capsys):
         assert hf_logging.is_progress_bar_enabled()  # as it was
     finally:
         (hf_logging.enable_progress_bar if was else hf_logging.disable_progress_bar)()
+
+
+def test_a_hub_model_fingerprint_changes_with_its_tokenizer_alone(tmp_path, monkeypatch):
+    """A model fetched from the hub is fingerprinted by its tensors and its tokenizer's files: a revision that
+    changes only the tokenizer (here its chat template) no longer matches scores cached under the old one."""
+    import shutil
+
+    from transformers import AutoTokenizer
+
+    from leakaudit.models import load as load_module
+
+    first, second = tmp_path / "r1", tmp_path / "r2"
+    shutil.copytree(models.tiny_model_dir("tiny-opt"), first)
+    shutil.copytree(first, second)
+    tok = AutoTokenizer.from_pretrained(str(second))
+    tok.chat_template = "{% for m in messages %}{{ m['content'] }}{% endfor %}"
+    tok.save_pretrained(str(second))
+    monkeypatch.setattr(load_module, "resolve_spec", lambda spec: ("hub", str(tmp_path / spec)))
+    a, again, b = (load_model(name, device="cpu", dtype="fp32") for name in ("r1", "r1", "r2"))
+    assert a.fingerprint.startswith("hub-") and a.fingerprint == again.fingerprint  # stable
+    assert a.fingerprint != b.fingerprint
+    weights = zip(a.model.state_dict().values(), b.model.state_dict().values(), strict=True)
+    assert all(torch.equal(x, y) for x, y in weights)  # the same tensors

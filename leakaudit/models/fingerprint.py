@@ -94,6 +94,16 @@ def dir_fingerprint(path: Path) -> str:
     return h.hexdigest()[:32]
 
 
+def tokenizer_fingerprint(tokenizer) -> str:
+    """Hash of the files a tokenizer saves (vocabulary, merges, special tokens, chat template): with the weights,
+    what decides a model's scores; for a model fetched from the hub, whose files leakaudit never sees."""
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        tokenizer.save_pretrained(tmp)
+        return dir_fingerprint(Path(tmp))
+
+
 def tensor_fingerprint(model: torch.nn.Module) -> str:
     """Hash of the parameters themselves, for models changed in memory (e.g. after training in-process)."""
     import torch  # here: file hashes (the experiment's stage records) need no torch

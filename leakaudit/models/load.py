@@ -12,7 +12,7 @@ import torch
 from leakaudit.errors import InputError, first_line
 from leakaudit.models.dtype import resolve_device, resolve_dtype
 from leakaudit.models.factories import RANDOM_PREFIX, build_tiny_tokenizer, random_model_config
-from leakaudit.models.fingerprint import dir_fingerprint, tensor_fingerprint
+from leakaudit.models.fingerprint import dir_fingerprint, tensor_fingerprint, tokenizer_fingerprint
 from leakaudit.models.spec import adapter_base, check_model_dir, context_window, resolve_spec
 
 
@@ -72,8 +72,9 @@ def load_model(spec: str, *, device: str | None = None, dtype: str | torch.dtype
                                                      use_safetensors=None if allow_pickle else True)
     except _load_errors() as exc:
         raise InputError(f"cannot load model: {first_line(exc)}", file=str(where), field="--model") from None
-    if kind == "hub":
-        fingerprint = "hub-" + tensor_fingerprint(model)
+    if kind == "hub":  # a new revision may change the tokenizer alone: cached scores of the old one must not match
+        both = tensor_fingerprint(model) + tokenizer_fingerprint(tokenizer)
+        fingerprint = "hub-" + hashlib.sha256(both.encode()).hexdigest()[:32]
     _finish_tokenizer(tokenizer)
     _check_vocab(model, tokenizer, where)
     model.to(dev)
