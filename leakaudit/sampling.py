@@ -108,8 +108,8 @@ VLLM_MAX_TEMPERATURE = 2.0  # vLLM refuses higher sampling temperatures (seen wi
 
 def resolve_backend(lm: LoadedModel, backend: str, config: SamplingConfig | None = None) -> str:
     """`auto` -> `vllm` where the vLLM adapter can run (vLLM installed, the model on the current CUDA GPU, a
-    temperature vLLM takes, a full saved model: not an adapter or a `random:` model), else the `hf` reference; so one experiment file
-    runs on a laptop and uses vLLM on a GPU machine. Any other backend is returned as is."""
+    temperature vLLM takes, a full saved model: not an adapter or a `random:` model), else the `hf` reference;
+    so one experiment file runs on a laptop and uses vLLM on a GPU machine. Any other backend is returned as is."""
     if backend != "auto":
         return backend
     obstacle = _vllm_obstacle(lm, config)
@@ -248,10 +248,9 @@ def _auto_rows(lm: LoadedModel, width: int) -> int:
     """Rows per batch for `batch_size="auto"`, given prompt + new tokens per row: as many as the key/value
     cache and a step's logits fit in 60% of the GPU's free memory, or on CPU in CPU_KV_BYTES (at most an
     eighth of RAM)."""
-    from leakaudit.models import gpu_free_bytes, kv_cache_bytes_per_token
+    from leakaudit.models import gpu_free_bytes, kv_cache_bytes_per_token, text_config
 
-    cfg = lm.model.config.get_text_config() if hasattr(lm.model.config, "get_text_config") else lm.model.config
-    vocab = getattr(cfg, "vocab_size", None) or len(lm.tokenizer)  # the logits' width
+    vocab = getattr(text_config(lm.model), "vocab_size", None) or len(lm.tokenizer)  # the logits' width
     per_row = kv_cache_bytes_per_token(lm.model, lm.dtype) * width + vocab * 4 * 4  # + fp32 copies of logits
     if lm.device.type == "cuda":
         return int(max(1, min(GPU_MAX_ROWS, gpu_free_bytes(lm.device) * 0.6 // per_row)))

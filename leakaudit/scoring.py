@@ -43,7 +43,7 @@ import torch
 
 from leakaudit.allocator import freed_memory_kept
 from leakaudit.errors import InputError, check_model, check_texts
-from leakaudit.models import LoadedModel, attention_kernels, cache_dir, scoring_attention
+from leakaudit.models import LoadedModel, attention_kernels, cache_dir, scoring_attention, text_config
 from leakaudit.warn import warn_once
 
 # 2: rows after a shared prefix run on its cached keys/values; in bf16 that rounds differently (same numbers in
@@ -347,8 +347,7 @@ def _hidden_state_head(model):
             break
     if owner is None:
         raise RuntimeError("cannot locate the LM head of this model")
-    # a multimodal wrapper (Gemma 3n) reads its text model's config
-    config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    config = text_config(model)  # a multimodal wrapper (Gemma 3n) reads its text model's config
     cap = getattr(config, "final_logit_softcapping", None)
     setattr(owner, attr, torch.nn.Identity())
     if cap:
@@ -548,7 +547,7 @@ def _token_budget(lm: LoadedModel, total: int, cached: bool = False) -> int:
         from leakaudit.models import gpu_free_bytes, kv_cache_bytes_per_token
 
         free = gpu_free_bytes(lm.device)
-        cfg = lm.model.config.get_text_config() if hasattr(lm.model.config, "get_text_config") else lm.model.config
+        cfg = text_config(lm.model)
         hidden = getattr(cfg, "hidden_size", None) or 1024
         layers = getattr(cfg, "num_hidden_layers", None) or 24
         per_token = hidden * 4 * 24 + layers * 64  # activations of one layer at a time, generous

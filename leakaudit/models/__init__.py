@@ -45,7 +45,7 @@ _WHERE: dict[str, str] = {
     **dict.fromkeys(["added_tail", "encode"],
                     "tokens"),
     **dict.fromkeys(["ADAPTER_PICKLE", "ADAPTER_SAFE", "DEFAULT_SPEC", "HUB_TIMEOUT_S", "PICKLE_WEIGHTS",
-                    "SAFE_WEIGHTS", "SIDE_JSON", "VALID_SPECS", "check_model_spec", "resolve_spec"],
+                    "SAFE_WEIGHTS", "SIDE_JSON", "VALID_SPECS", "check_model_spec", "resolve_spec", "text_config"],
                     "spec"),
 }
 

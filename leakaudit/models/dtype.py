@@ -33,7 +33,9 @@ def kv_cache_bytes_per_token(model: torch.nn.Module, dtype: torch.dtype) -> int:
     """Bytes one token's keys and values take in the cache, over all layers: what sizes batches that keep a
     cache (sampling, rows scored after a shared prefix). Read from the text config (a multimodal wrapper's
     top level has no layer count) and its own head size (Qwen3's 128 is not hidden / heads = 64)."""
-    cfg = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    from leakaudit.models.spec import text_config
+
+    cfg = text_config(model)
     layers = getattr(cfg, "num_hidden_layers", None) or 24
     hidden = getattr(cfg, "hidden_size", None) or 1024
     heads = getattr(cfg, "num_attention_heads", None) or 16
@@ -46,7 +48,7 @@ def resolve_device(device: str | None = None) -> torch.device:
     """`auto`/None → CUDA when present (honouring LOCAL_RANK under torchrun/accelerate), else CPU; a device
     this machine lacks (or a bogus name) is an InputError on `--device` now, not a traceback at `model.to`."""
     if device in (None, "auto"):
-        return _rank_gpu(device or "auto") if torch.cuda.is_available() else torch.device("cpu")
+        return _rank_gpu() if torch.cuda.is_available() else torch.device("cpu")
     try:
         dev = torch.device(device)
     except (RuntimeError, TypeError):
@@ -56,7 +58,7 @@ def resolve_device(device: str | None = None) -> torch.device:
             raise InputError(f"'{device}' asked for, but CUDA is not available here; use --device cpu or auto",
                              field="--device")
         if dev.index is None:  # plain `cuda` means this process's GPU, not the current one (GPU 0 in every rank)
-            return _rank_gpu(device)
+            return _rank_gpu()
         if dev.index >= torch.cuda.device_count():
             raise InputError(f"no device {dev}: this machine has {torch.cuda.device_count()} CUDA device(s)",
                              field="--device")
@@ -69,7 +71,7 @@ def resolve_device(device: str | None = None) -> torch.device:
     return dev
 
 
-def _rank_gpu(asked: str) -> torch.device:
+def _rank_gpu() -> torch.device:
     """This process's GPU: LOCAL_RANK's under torchrun/accelerate (one GPU per process), the only visible one
     where a launcher gives each process its own (CUDA_VISIBLE_DEVICES per task), else GPU 0."""
     rank, count = int(os.environ.get("LOCAL_RANK", 0) or 0), torch.cuda.device_count()

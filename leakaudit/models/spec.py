@@ -12,6 +12,7 @@ import json
 import os
 import struct
 from pathlib import Path
+from typing import Any
 
 from leakaudit.errors import InputError, first_line
 from leakaudit.models.factories import RANDOM_PREFIX, TINY_SPECS, random_model_config, tiny_model_dir
@@ -37,6 +38,13 @@ HUB_TIMEOUT_S = 10  # one metadata request decides whether a hub id can load; no
 
 #: the config fields a model states its context window in, by architecture
 CONTEXT_FIELDS = ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length")
+
+
+def text_config(model: Any) -> Any:
+    """The config of a model's language part: a multimodal wrapper (Gemma 3, Llava) keeps its layer count,
+    head size and soft-cap there, not at its top level."""
+    config = model.config
+    return config.get_text_config() if hasattr(config, "get_text_config") else config
 
 
 def context_window(config: object) -> int | None:
