@@ -3,8 +3,9 @@ leakaudit did not write, and only where writing works (so a bad `--out` fails in
 
 The rule, the same for every command:
 - `--out` may not be an input, lie inside an input directory, or contain an input.
-- an existing output *file* is ours when its first row is a JSON object with the keys that command writes
-  (or it is empty); it is then resumed or replaced. Anything else is refused.
+- an existing output *file* is ours when its first row (or, written indented, the whole file) is a JSON object
+  with the keys that command writes, a text output's first line starts as that command writes it, or it is
+  empty; it is then resumed or replaced. Anything else is refused.
 - an existing non-empty output *directory* is ours when it holds the `.leakaudit` marker (written here on
   first use) or a file the command itself writes; anything else is refused.
 """
@@ -26,11 +27,12 @@ MARKER = ".leakaudit"
 def prepare_output(out: str | Path, *, command: str, inputs: Mapping[str, str | Path | None] | None = None,
                    kind: Literal["file", "dir"] = "dir", suffixes: Iterable[str] = (),
                    keys: Iterable[str] = (), files: Iterable[str] = (), marker: bool = True,
-                   option: str = "--out") -> Path:
+                   option: str = "--out", starts: str = "") -> Path:
     """Check `out` against the rule above, create it (dir) or its parent (file), and return it.
 
     `inputs`: option name -> path of every input (None for an absent option or a model spec that is no path).
-    `keys`: JSON keys of the rows a file output holds. `files`: names (relative paths) a dir output holds.
+    `keys`: JSON keys of the rows a file output holds; `starts`: how a text file output's first line begins.
+    `files`: names (relative paths) a dir output holds.
     `marker=False` for dirs another check owns (a fine-tuning run, a merged model): no marker is written.
     """
     p = Path(out)
@@ -46,7 +48,7 @@ def prepare_output(out: str | Path, *, command: str, inputs: Mapping[str, str | 
         if where in src.parents:
             raise InputError(f"contains the {name} path {inp}; write the output elsewhere", file=p, field=option)
     if kind == "file":
-        _check_file(p, command, tuple(suffixes), tuple(keys), option)
+        _check_file(p, command, tuple(suffixes), tuple(keys), option, starts)
         _writable_dir(p.parent, p, option)
     else:
         _check_dir(p, command, tuple(files), option)
@@ -55,26 +57,30 @@ def prepare_output(out: str | Path, *, command: str, inputs: Mapping[str, str | 
     return p
 
 
-def _check_file(p: Path, command: str, suffixes: tuple[str, ...], keys: tuple[str, ...], option: str) -> None:
+def _check_file(p: Path, command: str, suffixes: tuple[str, ...], keys: tuple[str, ...], option: str,
+                starts: str = "") -> None:
     if p.is_dir():
         raise InputError("is a directory; expected a file", file=p, field=option)
     if suffixes and p.suffix.lower() not in suffixes:
         raise InputError(f"output must be a {' or '.join(suffixes)} file", file=p, field=option)
-    if p.exists() and not _file_is_ours(p, keys):
+    if p.exists() and not _file_is_ours(p, keys, starts):
         raise InputError(f"exists and was not written by `leakaudit {command}`; use a new {option} or delete it",
                          file=p, field=option)
 
 
-def _file_is_ours(p: Path, keys: tuple[str, ...]) -> bool:
-    """Empty, or its first row is a JSON object with every key this command writes."""
+def _file_is_ours(p: Path, keys: tuple[str, ...], starts: str = "") -> bool:
+    """Empty, or its first row (the whole file when that row opens an indented object) is a JSON object with
+    every key this command writes, or its first line begins with `starts`."""
     try:
         with p.open("rb") as fh:
             first = fh.readline()
             while first and not first.strip():
                 first = fh.readline()
-        if not first.strip():
-            return True
-        row = json.loads(first)
+            if not first.strip():
+                return True
+            if starts:
+                return first.decode("utf-8").startswith(starts)
+            row = json.loads(first + fh.read() if first.strip() == b"{" else first)
     except (OSError, ValueError):  # unreadable, not UTF-8, not JSON
         return False
     return isinstance(row, dict) and bool(keys) and all(k in row for k in keys)

@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from leakaudit.errors import InputError
+from leakaudit.kinds.compare import direction
 
 
 @dataclass
@@ -148,9 +149,13 @@ def combine(runs: list[SeedRun]) -> list[dict[str, Any]]:
     """One row per (evaluation, metric, variant) that any seed compares: `seeds` (per seed: seed, delta, ci,
     verdict; None where that seed has no such comparison), `n_seeds` (seeds with a Δ), `mean_delta`, `sd`
     (across seeds), `seed_half_width` (t x SD / sqrt(n)), `item_half_width` (the seeds' mean CI half-width),
-    `mean_ci` (mean ± both in quadrature; None under two seeds or without the seeds' intervals),
-    `same_in_every_seed` (every run computed it in the same stages: one run, not n), `increase`/`decrease`
-    (seeds whose own interval excludes 0 that way)."""
+    `mean_ci` (mean ± both in quadrature; None under two seeds or without the seeds' intervals; the run's own
+    interval where every seed computed it in the same stages), `same_in_every_seed` (one run, not n),
+    `increase`/`decrease` (seeds whose own verdict claims that direction), `no_verdict` (why a seed's interval
+    excludes 0 but its verdict claims no direction, e.g. too few targets: then the mean claims none either).
+    A seed's interval of no width (Δ the same on every resample: both AUCs at 1, nothing extracted) bounds
+    nothing: it adds nothing to the items' half-width, and with no other seed's interval there is no mean
+    interval."""
     by_run: list[dict[tuple[str, str, str], dict[str, Any]]] = []  # per run: key -> its (first) comparison
     rows: dict[tuple[str, str, str], dict[str, Any]] = {}
     for r in runs:
@@ -170,25 +175,30 @@ def combine(runs: list[SeedRun]) -> list[dict[str, Any]]:
             per_seed.append(None if c is None else {"seed": r.seed, "delta": c.get("delta"),
                                                     "ci": (c.get("delta_ci") or c.get("ci"))
                                                     if c.get("delta") is not None else None,
-                                                    "verdict": c.get("verdict")})
+                                                    "verdict": c.get("verdict"), "direction": direction(c.get("verdict"))})
         given = [s for s in per_seed if s and s["delta"] is not None]
         deltas = [s["delta"] for s in given]
         halves = [(s["ci"][1] - s["ci"][0]) / 2 for s in given if s["ci"]]
+        widths = [h for h in halves if h > 0]  # an interval of no width bounds nothing
         n = len(deltas)
         mean = statistics.fmean(deltas) if deltas else None
         sd = statistics.stdev(deltas) if n > 1 else None
         seed_half = _t975(n - 1) * sd / math.sqrt(n) if sd is not None else None
-        item_half = statistics.fmean(halves) if halves and len(halves) == n else None
+        item_half = statistics.fmean(widths) if widths and len(halves) == n else None
+        shared = n > 1 and _shared(runs, key[0], key[2], row["baselines"])
         mean_ci = None
-        if item_half is not None and seed_half is not None:  # one seed: no training-run variance to hold
+        if shared:  # one run: its own interval, not one made up around it
+            mean_ci = given[0]["ci"] if widths else None
+        elif item_half is not None and seed_half is not None:  # one seed: no training-run variance to hold
             half = math.hypot(seed_half, item_half)
             mean_ci = [mean - half, mean + half]
-        ups = sum(1 for s in given if s["ci"] and s["ci"][0] > 0)
-        downs = sum(1 for s in given if s["ci"] and s["ci"][1] < 0)
+        withheld = [s["verdict"] for s in given if s["ci"] and _arrow(s["ci"]) and s["direction"] == "none"]
         out.append({**row, "seeds": per_seed, "n_seeds": n, "mean_delta": mean, "sd": sd,
                     "seed_half_width": seed_half, "item_half_width": item_half, "mean_ci": mean_ci,
-                    "same_in_every_seed": n > 1 and _shared(runs, key[0], key[2], row["baselines"]),
-                    "increase": ups, "decrease": downs})
+                    "same_in_every_seed": shared,
+                    "increase": sum(1 for s in given if s["direction"] == "increase"),
+                    "decrease": sum(1 for s in given if s["direction"] == "decrease"),
+                    "no_verdict": str(withheld[0]).partition(": ")[2] or str(withheld[0]) if withheld else None})
     return out
 
 
@@ -212,11 +222,15 @@ def _arrow(ci: list[float] | None) -> str:
     return "↑" if ci and ci[0] > 0 else "↓" if ci and ci[1] < 0 else ""
 
 
+MARKDOWN_START = "Experiment `"  # how the tables begin: what marks a --markdown file as `seeds`' own
+
+
 def markdown(runs: list[SeedRun], rows: list[dict[str, Any]]) -> str:
     """The rows as Markdown tables, one per (evaluation, metric): a row per variant, a column per seed."""
     seeds = [r.seed for r in runs]
-    lines = [f"Experiment `{runs[0].experiment.get('name')}`, seeds {', '.join(map(str, seeds))}: each seed's paired "
-             "Δ against the evaluation's baseline with its 95% CI (items resampled; ↑/↓: the CI excludes 0), then "
+    lines = [f"{MARKDOWN_START}{runs[0].experiment.get('name')}`, seeds {', '.join(map(str, seeds))}: each seed's paired "
+             "Δ against the evaluation's baseline with its 95% CI (items resampled; ↑/↓: the run's verdict claims that "
+             "direction, its CI excluding 0 with enough items), then "
              "the mean Δ over seeds with a 95% interval for training runs and items together (the seeds' spread, "
              "t with n - 1 degrees of freedom, and their mean CI half-width, in quadrature). \"same in every "
              "seed\": a stage the runs share, one run, not n.", ""]
@@ -236,12 +250,19 @@ def markdown(runs: list[SeedRun], rows: list[dict[str, Any]]) -> str:
                     cells.append("–" if s is None else str(s["verdict"]).split(":")[0])
                     continue
                 ci = s["ci"]
-                cells.append(f"{_signed(s['delta'])}" + (f" [{_signed(ci[0])}, {_signed(ci[1])}]{_arrow(ci)}"
+                claim = {"increase": "↑", "decrease": "↓"}.get(s["direction"], "")
+                cells.append(f"{_signed(s['delta'])}" + (f" [{_signed(ci[0])}, {_signed(ci[1])}]{claim}"
                                                          if ci else ""))
             ci = row["mean_ci"]
-            mean = _signed(row["mean_delta"]) + (f" [{_signed(ci[0])}, {_signed(ci[1])}]{_arrow(ci)}" if ci else "")
+            claim = "" if row["no_verdict"] else _arrow(ci)
+            mean = _signed(row["mean_delta"]) + (f" [{_signed(ci[0])}, {_signed(ci[1])}]{claim}" if ci else "")
+            if ci is None and row["n_seeds"] > 1 and all(s is None or not s["ci"] or s["ci"][0] == s["ci"][1]
+                                                        for s in row["seeds"]):
+                mean += " (no interval: Δ is the same on every resample)"
             counts = ("same in every seed" if row["same_in_every_seed"]
                       else f"{row['increase']} / {row['decrease']} of {row['n_seeds']}")
+            if row["no_verdict"]:
+                counts += f" (no verdict: {row['no_verdict']})"
             lines.append(f"| `{row['variant']}` | " + " | ".join(cells) + f" | {counts} | {mean} |")
         lines.append("")
     if not groups:  # it printed the heading alone, as if something had gone missing

@@ -221,8 +221,11 @@ def test_forest_figures_split_many_panels(monkeypatch):
     assert all(len(panel["rows"]) == 5 for p in calls for panel in p)  # the row without Δ is left out
     assert "part 2 of 3" in figures[1]["caption"]
     assert [r[4] for r in calls[0][0]["rows"]] == ["none", "increase", "increase", "increase", "increase"]
-    assert html._direction("reduces") == "decrease" and html._direction("increases") == "increase"
-    assert html._direction(verdict([-0.1, 0.1], "effect")) == "none"
+    from leakaudit.kinds.compare import direction
+
+    assert direction("reduces") == "decrease" and direction("increases") == "increase"
+    assert direction(verdict([-0.1, 0.1], "effect")) == "none"
+    assert direction(verdict([0.5, 1.0], too_few="too few targets (6; a verdict needs 10)")) == "none"
 
 
 def test_verdict_report_renders_in_headless_chromium(verdict_dir):

@@ -178,3 +178,68 @@ def test_an_experiment_without_comparisons_says_so(tmp_path):
     runs = read_runs(dirs)
     text = markdown(runs, combine(runs))
     assert "No comparisons: none of the experiment's evaluations has a `compare_to`" in text
+
+
+def test_a_seed_whose_verdict_withholds_a_direction_counts_none(tmp_path):
+    """Each run said "no detectable change ...: too few targets" beside an interval above 0; the seeds table
+    gave every seed ↑ and counted 3 increases. A direction is the run's verdict's, not the interval's."""
+    too_few = "no detectable change at this size: too few targets (6; a verdict needs 10)"
+    dirs = [_run_dir(tmp_path, s, [{**_comparison("ft", d, [d - 0.5, d + 0.5]), "verdict": too_few}])
+            for s, d in ((0, 2.1), (1, 2.2), (2, 1.4))]
+    runs = read_runs(dirs)
+    (row,) = combine(runs)
+    assert (row["increase"], row["decrease"]) == (0, 0)
+    assert row["no_verdict"] == "too few targets (6; a verdict needs 10)"
+    assert row["mean_ci"][0] > 0  # the numbers stay; only the claim goes
+    text = markdown(runs, [row])
+    assert "↑" not in text.split("| `ft` |")[1]
+    assert "| 0 / 0 of 3 (no verdict: too few targets (6; a verdict needs 10)) |" in text
+
+
+def test_an_interval_of_no_width_bounds_nothing_over_seeds(tmp_path):
+    """A seed whose Δ is the same on every resample ([0, 0]) added a half-width of 0 (narrowing the items'
+    part), and three of them made a [0, 0] "95% interval over seeds"."""
+    dirs = [_run_dir(tmp_path, s, [_comparison("ft", d, [d - h, d + h])])
+            for s, d, h in ((0, 0.1, 0.073), (1, 0.2, 0.042), (2, 0.0, 0.0))]
+    (row,) = combine(read_runs(dirs))
+    assert row["item_half_width"] == pytest.approx((0.073 + 0.042) / 2)  # not (0.073 + 0.042 + 0) / 3
+    (tmp_path / "z").mkdir()
+    runs = read_runs([_run_dir(tmp_path / "z", s, [_comparison("ft", 0.0, [0.0, 0.0])]) for s in range(3)])
+    (row,) = combine(runs)
+    assert row["mean_ci"] is None and row["mean_delta"] == 0
+    assert "| 0 / 0 of 3 | 0.000 (no interval: Δ is the same on every resample) |" in markdown(runs, [row])
+
+
+def test_a_comparison_every_seed_shares_keeps_its_own_interval(tmp_path):
+    """One run computed it (the same stages in every seed): its mean column is that run's percentile interval,
+    not mean ± its half-width (which moved [+0.212, +0.619] to [+0.206, +0.613])."""
+    dirs = [_run_dir(tmp_path, s, [_comparison("m0b", 0.410, [0.212, 0.619])]) for s in range(3)]
+    (row,) = combine(read_runs(dirs))
+    assert row["same_in_every_seed"] and row["mean_ci"] == [0.212, 0.619]
+
+
+def test_seeds_outputs_never_replace_an_input_or_a_file_it_did_not_write(tmp_path, monkeypatch, capsys):
+    """`--json experiment.yaml` replaced the experiment, `--json s1/summary.json` a run's summary (the next
+    `seeds` then failed on it), and an output in a missing or unwritable place was a traceback."""
+    dirs = [_run_dir(tmp_path, s, [_comparison("ft", d, [d - 0.01, d + 0.01])]) for s, d in ((0, 0.1), (1, 0.2))]
+    experiment = tmp_path / "study.yaml"
+    experiment.write_text("name: study\n")
+    summary = (dirs[1] / "summary.json").read_text()
+    for option, target, message in (
+            ("--json", experiment, "output must be a .json file"),
+            ("--json", tmp_path / "other.json", "exists and was not written by `leakaudit seeds`"),
+            ("--json", dirs[1] / "summary.json", f"is inside the run dir {dirs[1]} directory"),
+            ("--markdown", experiment, "exists and was not written by `leakaudit seeds`"),
+            ("--markdown", dirs[0], f"is the same path as run dir {dirs[0]}"),
+            ("--markdown", tmp_path, f"contains the run dir {dirs[0]} path")):
+        if target.name == "other.json":
+            target.write_text('{"mine": 1}\n')
+        code, err = run_main(["seeds", *dirs, option, target], monkeypatch, capsys)
+        assert code == 2 and err.startswith(f"error: {target}: ") and message in err and err.count("\n") == 1, err
+    assert experiment.read_text() == "name: study\n" and (dirs[1] / "summary.json").read_text() == summary
+    # its own outputs are replaced on a rerun (the JSON is written indented: the whole file is read)
+    for _ in range(2):
+        code, _err = run_main(["seeds", *dirs, "--json", tmp_path / "o" / "seeds.json", "--markdown",
+                               tmp_path / "o" / "seeds.md"], monkeypatch, capsys)
+        assert code == 0
+    assert json.loads((tmp_path / "o" / "seeds.json").read_text())["seeds"] == [0, 1]

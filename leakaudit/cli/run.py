@@ -99,18 +99,28 @@ def seeds(
     with a 95% interval over seeds (training runs resampled), as Markdown on stdout."""
     import json
 
-    from leakaudit.seeds import combine, markdown, read_runs
+    from leakaudit.data.io import write_atomic
+    from leakaudit.outputs import prepare_output
+    from leakaudit.seeds import MARKDOWN_START, combine, markdown, read_runs
 
     runs = read_runs(dirs)
+    inputs = {f"run dir {d}": d for d in dirs}
+    for out, option, what in ((markdown_out, "--markdown", {"starts": MARKDOWN_START}),
+                              (json_out, "--json", {"keys": JSON_KEYS, "suffixes": (".json",)})):
+        if out is not None:  # never over a run's own files, nor a file `seeds` did not write
+            prepare_output(out, command="seeds", inputs=inputs, kind="file", option=option, **what)
     rows = combine(runs)
     text = markdown(runs, rows)
     if markdown_out is not None:
-        markdown_out.write_text(text + "\n", encoding="utf-8")
+        write_atomic(markdown_out, lambda fh: fh.write(text + "\n"))
     if json_out is not None:
-        json_out.write_text(json.dumps({"experiment": runs[0].experiment.get("name"), "seeds": [r.seed for r in runs],
-                                        "dirs": [str(r.out) for r in runs], "rows": rows}, indent=1) + "\n",
-                            encoding="utf-8")
+        record = {"experiment": runs[0].experiment.get("name"), "seeds": [r.seed for r in runs],
+                  "dirs": [str(r.out) for r in runs], "rows": rows}
+        write_atomic(json_out, lambda fh: fh.write(json.dumps(record, indent=1) + "\n"))
     typer.echo(text)
+
+
+JSON_KEYS = ("experiment", "seeds", "dirs", "rows")  # what `seeds --json` writes
 
 
 def demo(

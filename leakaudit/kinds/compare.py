@@ -21,7 +21,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Hashable, Iterable
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 from leakaudit.kinds.base import StageView
 
@@ -107,6 +107,18 @@ def verdict(ci: list[float] | None, style: Style = "change", too_few: str | None
     if lo == hi == 0:  # e.g. both AUCs at 1, or no extraction by either: not evidence that the change is 0
         return ZERO_WIDTH
     return f"{none} (the CI allows |Δ| up to {max(abs(lo), abs(hi)):.3g})"
+
+
+def direction(verdict_text: Any) -> str:
+    """'increase', 'decrease' or 'none': what a comparison's verdict claims, read from verdict()'s own wording
+    in either style (asked of it, so a rewording cannot silently change it). A verdict that its units are too
+    few for claims none, whatever its interval."""
+    for style in get_args(Style):
+        if verdict_text == verdict([0.5, 1.0], style):
+            return "increase"
+        if verdict_text == verdict([-1.0, -0.5], style):
+            return "decrease"
+    return "none"
 
 
 def too_few_units(n_units: int, n_pos: int | None = None, n_neg: int | None = None, items: str = "items") -> str | None:

@@ -161,27 +161,11 @@ def verdict_sentence(c: dict[str, Any]) -> str:
 MAX_FOREST_PANELS = 6
 
 
-def _direction(verdict: Any) -> str:
-    """'increase', 'decrease' or 'none', from compare.verdict's wording in either style (asked of it, so a
-    rewording there cannot silently turn every point grey)."""
-    from typing import get_args
-
-    from leakaudit.kinds.compare import Style
-    from leakaudit.kinds.compare import verdict as word
-
-    for style in get_args(Style):
-        if verdict == word([0.5, 1.0], style):
-            return "increase"
-        if verdict == word([-1.0, -0.5], style):
-            return "decrease"
-    return "none"
-
-
 def verdict_figures(comparisons: list[dict[str, Any]]) -> list[dict[str, str]]:
     """The verdicts as forest plots: a panel per (evaluation, metric) (their scales differ), a row per variant
     at Δ with its CI; comparisons without Δ or CI stay sentences only. At most MAX_FOREST_PANELS panels a
     figure, so many metrics make several figures rather than one unreadably tall one."""
-    from leakaudit.kinds.compare import finite
+    from leakaudit.kinds.compare import direction, finite
     from leakaudit.report import plots
 
     panels: dict[tuple[Any, Any], dict[str, Any]] = {}
@@ -194,7 +178,7 @@ def verdict_figures(comparisons: list[dict[str, Any]]) -> list[dict[str, str]]:
             "title": f"{c.get('evaluation')}: {metric}",
             "xlabel": f"Δ {metric} (variant − {c.get('baseline')})", "rows": []})
         panel["rows"].append((str(c.get("variant")), float(c["delta"]), float(ci[0]), float(ci[1]),
-                              _direction(c.get("verdict"))))
+                              direction(c.get("verdict"))))
     ordered = list(panels.values())
     chunks = [ordered[i:i + MAX_FOREST_PANELS] for i in range(0, len(ordered), MAX_FOREST_PANELS)]
     figures = []
