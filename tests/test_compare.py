@@ -101,7 +101,7 @@ def test_verdict_wording():
     assert verdict([-0.0004, 0.0003], "effect") == "no detectable effect (the CI allows |Δ| up to 0.0004)"
     assert verdict(None).startswith("no CI")
     assert verdict([0.0, 0.0]) == ZERO_WIDTH  # e.g. both AUCs at 1
-    assert verdict([0.5, 0.6], too_few="too few texts") == "no detectable change at this size: too few texts"
+    assert verdict([0.5, 0.6], too_few="too few texts") == "no verdict: too few texts"
 
 
 def _view(target: str, opts: dict | None = None):
@@ -120,7 +120,7 @@ def test_too_few_units_claim_no_direction():
     one = compare(_view("base"), _view("ft"), Series("m", {"x": 1.0}, items="texts"),
                   Series("m", {"x": 1.001}, items="texts"))
     assert one["ci"] == [pytest.approx(0.001), pytest.approx(0.001)]
-    assert one["verdict"] == "no detectable change at this size: too few texts (1; a verdict needs 10)"
+    assert one["verdict"] == "no verdict: too few texts (1; a verdict needs 10)"
     ten = {f"t{i}": float(i) for i in range(10)}
     up = compare(_view("base"), _view("ft"), Series("m", ten, items="texts"),
                  Series("m", {k: v + 1 + 0.01 * len(k) for k, v in ten.items()}, items="texts"))
@@ -129,7 +129,7 @@ def test_too_few_units_claim_no_direction():
     auc = compare(_view("base"), _view("ft"), Series("a", {"p": 1.0, "q": 0.0}, labels=labels, items="users"),
                   Series("a", {"p": 0.0, "q": 1.0}, labels=labels, items="users"))
     assert auc["ci"] == [-1.0, -1.0]
-    assert auc["verdict"] == ("no detectable change at this size: too few users (1 members, 1 non-members; a "
+    assert auc["verdict"] == ("no verdict: too few users (1 members, 1 non-members; a "
                               "verdict needs 5 of each)")
     labels = {f"u{i}": int(i < 5) for i in range(10)}
     flip = compare(_view("base"), _view("ft"), Series("a", {u: float(y) for u, y in labels.items()}, labels=labels),

@@ -181,9 +181,9 @@ def test_an_experiment_without_comparisons_says_so(tmp_path):
 
 
 def test_a_seed_whose_verdict_withholds_a_direction_counts_none(tmp_path):
-    """Each run said "no detectable change ...: too few targets" beside an interval above 0; the seeds table
+    """Each run said "no verdict: too few targets" beside an interval above 0; the seeds table
     gave every seed ↑ and counted 3 increases. A direction is the run's verdict's, not the interval's."""
-    too_few = "no detectable change at this size: too few targets (6; a verdict needs 10)"
+    too_few = "no verdict: too few targets (6; a verdict needs 10)"
     dirs = [_run_dir(tmp_path, s, [{**_comparison("ft", d, [d - 0.5, d + 0.5]), "verdict": too_few}])
             for s, d in ((0, 2.1), (1, 2.2), (2, 1.4))]
     runs = read_runs(dirs)

@@ -98,8 +98,8 @@ def verdict(ci: list[float] | None, style: Style = "change", too_few: str | None
     if not ci:
         return "no CI (n_bootstrap = 0 or no usable resample)"
     lo, hi = ci
-    if too_few is not None:
-        return f"{none}: {too_few}"
+    if too_few is not None:  # not "no detectable change": the interval may well exclude 0
+        return f"no verdict: {too_few}"
     if hi < 0:
         return down
     if lo > 0:
