@@ -104,3 +104,18 @@ def test_one_person_is_one_name_however_it_is_spelt():
                           names=["Cy Doe"])
     assert summary["pii"]["names"]["in_source"] == 1 and summary["pii"]["names"]["reproduced"] == 1
     assert [r.names for r in rows] == [["Cy Doe"], ["Cy Doe"], []]
+
+
+def test_the_ngram_lookup_counts_what_isin_counts():
+    """The per-record lookup is a binary search in the sorted source hashes (np.isin sorted the whole index
+    again for every record): the same counts, at both ends of the index and with repeated n-grams."""
+    import numpy as np
+
+    from leakaudit.audit_data import _found_in
+
+    rng = np.random.default_rng(0)
+    source = np.unique(rng.integers(-2**62, 2**62, 5000))
+    for grams in (rng.integers(-2**62, 2**62, 300), rng.choice(source, 300), np.r_[source[[0, -1, 0]], [2**63 - 1]],
+                  np.r_[rng.choice(source, 50), rng.integers(-2**62, 2**62, 50)], np.zeros(0, dtype=np.int64)):
+        assert _found_in(source, grams) == int(np.isin(grams, source).sum())
+    assert _found_in(np.zeros(0, dtype=np.int64), source[:3]) == 0
