@@ -123,7 +123,7 @@ def resolve_backend(lm: LoadedModel, backend: str, config: SamplingConfig | None
 
 def run_key(lm: LoadedModel, config: SamplingConfig, backend: str) -> str:
     """What identifies a sampling run in its output file: model weights, options, backend, engine version."""
-    what = {"v": SAMPLING_VERSION, "model": lm.fingerprint, "dtype": str(lm.dtype), "config": asdict(config),
+    what = {"v": SAMPLING_VERSION, "model": lm.current_fingerprint(), "dtype": str(lm.dtype), "config": asdict(config),
             "backend": backend}
     if backend == "vllm":  # vLLM's sampler is its own: another release may draw other rows
         what["vllm"] = package_version("vllm")

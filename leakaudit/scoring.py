@@ -633,7 +633,7 @@ def score_texts(
             raise InputError("must be 'auto' or a positive integer", field="--batch-size")
     options = ScoreOptions(window, step, moments, str(lm.dtype).replace("torch.", ""))
 
-    keys = [ScoreCache.make_key(lm.fingerprint, options, p, t) for t, p in zip(texts, prefix_list, strict=True)]
+    keys = [ScoreCache.make_key(lm.current_fingerprint(), options, p, t) for t, p in zip(texts, prefix_list, strict=True)]
     return _score_keyed(lm, keys, lambda todo: _tokenize(lm, [texts[i] for i in todo], [prefix_list[i] for i in todo]),
                         options, batch_size, cache, progress, description, padding_side)
 
@@ -668,7 +668,7 @@ def score_ids(
     if batch_size != "auto":
         batch_size = int(batch_size)
     options = ScoreOptions(window, max(1, window // 2), False, str(lm.dtype).replace("torch.", ""))
-    space = lm.fingerprint + "\x00ids"  # never a text key: a fingerprint holds no NUL
+    space = lm.current_fingerprint() + "\x00ids"  # never a text key: a fingerprint holds no NUL
     keys = [ScoreCache.make_key(space, options, ",".join(map(str, c)), ",".join(map(str, x)))
             for c, x in zip(contexts, ids, strict=True)]
     return _score_keyed(lm, keys, lambda todo: ([list(contexts[i]) for i in todo], [list(ids[i]) for i in todo]),

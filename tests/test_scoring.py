@@ -612,3 +612,29 @@ def test_a_cache_that_cannot_be_written_midway_does_not_stop_the_pass(tiny_neox,
     monkeypatch.setattr(scoring, "_score_batch", boom)
     again = score_texts(tiny_neox, TEXTS, batch_size=1, cache=ScoreCache(tmp_path / "c.sqlite"), progress=False)
     assert all(np.array_equal(a.logp, b.logp) for a, b in zip(scored, again, strict=True))
+
+
+def test_scores_follow_weights_changed_in_place(tmp_path):
+    """A notebook's in-place change to a loaded model's weights (p.mul_(3), load_state_dict, a training step)
+    returned the scores cached for the weights it had at load: the fingerprint was taken once, from the files."""
+    from leakaudit.models import load_model
+
+    lm = load_model("tiny-gpt-neox", dtype="fp32")
+    store = ScoreCache(tmp_path / "c.sqlite")
+    before = score_texts(lm, TEXTS[:2], cache=store, progress=False)
+    loaded = lm.fingerprint
+    assert score_texts(lm, TEXTS[:2], cache=store, progress=False)[0].logp.tolist() == before[0].logp.tolist()
+    assert lm.current_fingerprint() == loaded  # scoring itself changes no weight
+    saved = {k: v.clone() for k, v in lm.model.state_dict().items()}
+    with torch.no_grad():
+        for p in lm.model.parameters():
+            p.mul_(3)
+    after = score_texts(lm, TEXTS[:2], cache=store, progress=False)
+    fresh = score_texts(lm, TEXTS[:2], cache=False, progress=False)
+    assert lm.fingerprint.startswith("mem-") and lm.fingerprint != loaded
+    assert all(np.array_equal(a.logp, f.logp) for a, f in zip(after, fresh, strict=True))
+    assert not np.allclose(after[0].logp, before[0].logp)
+    lm.model.load_state_dict(saved)  # back to the loaded weights: their scores again (hashed, not the file's key)
+    back = score_texts(lm, TEXTS[:2], cache=store, progress=False)
+    assert all(np.allclose(a.logp, b.logp, atol=1e-6) for a, b in zip(back, before, strict=True))
+    store.close()

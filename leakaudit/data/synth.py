@@ -93,7 +93,7 @@ def generate_continuations(lm: LoadedModel, records: Sequence[Record], out: str 
     partial = out.with_name(out.name + ".partial")
     samples = sample(lm, prompts, config, prompt_ids=[r.id for r in records], out_path=partial,
                      batch_size=batch_size, progress=progress, backend=backend)
-    provenance = {"generator": lm.spec, "generator_fingerprint": lm.fingerprint, "sampling": asdict(config),
+    provenance = {"generator": lm.spec, "generator_fingerprint": lm.current_fingerprint(), "sampling": asdict(config),
                   "prompt": {"field": prompt_field} if prompt_field else
                   {"first_tokens": prompt_tokens or DEFAULT_PROMPT_TOKENS}}
     rows = [{"id": f"{s.prompt_id}#{s.sample_index}", "source_id": s.prompt_id, "sample_index": s.sample_index,
@@ -245,7 +245,7 @@ def self_instruct(lm: LoadedModel, seeds: Sequence[Task], out: str | Path, n: in
         raise InputError("no seed tasks", field="--seed-tasks")
     out = Path(out)
     seeds_digest = hashlib.sha256(json.dumps([[t.instruction, t.instances] for t in seeds]).encode()).hexdigest()
-    provenance = {"generator": lm.spec, "generator_fingerprint": lm.fingerprint, "method": "self-instruct",
+    provenance = {"generator": lm.spec, "generator_fingerprint": lm.current_fingerprint(), "method": "self-instruct",
                   "temperature": temperature, "top_p": top_p, "max_new_tokens": max_new_tokens, "seed": seed,
                   "rouge_l_threshold": ROUGE_THRESHOLD, "requests_per_round": requests_per_round,
                   "seed_tasks_sha256": seeds_digest[:16]}

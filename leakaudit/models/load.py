@@ -18,7 +18,8 @@ from leakaudit.models.spec import adapter_base, check_model_dir, context_window,
 
 @dataclass
 class LoadedModel:
-    """A model ready to score or sample, with what identifies its exact weights."""
+    """A model ready to score or sample, with what identifies its exact weights: `fingerprint` as loaded,
+    `current_fingerprint()` as they are now (what cached scores and sample files are keyed by)."""
 
     model: Any
     tokenizer: Any
@@ -27,10 +28,31 @@ class LoadedModel:
     device: torch.device
     dtype: torch.dtype
 
+    def __post_init__(self) -> None:
+        self._weights_seen = _weight_versions(self.model)
+
+    def current_fingerprint(self) -> str:
+        """The fingerprint of the weights as they are now. Weights changed in place since it was taken (a
+        training step, load_state_dict, a merge, `p.mul_(3)` in a notebook: every in-place change counts up
+        torch's version of that tensor) are hashed again, so their scores are not the cache's old ones."""
+        now = _weight_versions(self.model)
+        if now != self._weights_seen:
+            self.fingerprint = "mem-" + tensor_fingerprint(self.model)
+            self._weights_seen = now
+        return self.fingerprint
+
     @property
     def max_length(self) -> int:
         """The model's context window in tokens."""
         return context_window(self.model.config) or 2048
+
+
+def _weight_versions(model: Any) -> tuple:
+    """Each parameter's and buffer's identity and in-place version: cheap (no data read), and changed by any
+    write to the weights or a tensor put in one's place."""
+    if not isinstance(model, torch.nn.Module):
+        return ()
+    return tuple((name, id(t), t._version) for name, t in (*model.named_parameters(), *model.named_buffers()))
 
 
 def _load_errors() -> tuple[type[BaseException], ...]:
