@@ -211,6 +211,21 @@ def test_a_csv_row_spanning_lines_is_named_by_its_first_line(tmp_path):
     assert [r.id for r in records] == ["m:2", "m:5"]
 
 
+def test_csv_rows_after_blank_lines_keep_their_own_line(tmp_path):
+    """Blank lines (which csv skips) made every later row's line, default id and error point lines too early:
+    a bad cell on line 6 was reported at line 3."""
+    (tmp_path / "b.csv").write_text('text,user\nhello,a\n\n\nworld,b\n\n\n"two\n\nlines",c\n\nthird,d,extra\n')
+    with pytest.raises(InputError) as err:
+        load_records(tmp_path / "b.csv")
+    assert err.value.line == 12 and "more columns" in err.value.message
+    (tmp_path / "b.csv").write_text('text,user\nhello,a\n\n\nworld,b\n\n\n"two\n\nlines",c\n\nthird,\n')
+    assert [(r.id, r.line) for r in load_records(tmp_path / "b.csv")] == [
+        ("b:2", 2), ("b:5", 5), ("b:8", 8), ("b:12", 12)]
+    with pytest.raises(InputError) as err:
+        load_records(tmp_path / "b.csv", user_field="user")
+    assert err.value.line == 12 and err.value.field == "user"
+
+
 def test_a_chat_row_without_text_says_what_it_needs(tmp_path):
     (tmp_path / "c.jsonl").write_text(json.dumps({"messages": [{"role": "user", "content": "hi"}]}) + "\n")
     for field in ("text", "messages"):

@@ -209,25 +209,29 @@ def _read_csv(p: Path) -> list[tuple[int, dict[str, Any]]]:
 def _read_csv_rows(p: Path) -> list[tuple[int, dict[str, Any]]]:
     rows = []
     with io.StringIO(read_text(p), newline="") as fh:
-        reader = csv.DictReader(fh, strict=True)
+        # csv.reader, not DictReader: DictReader skips blank lines inside its next(), so the line counted
+        # before it was the blank line's, and every row after one was named (and its id numbered) too early
+        reader = csv.reader(fh, strict=True)
         start = 1
         try:
-            if not reader.fieldnames:
+            header = next(reader, None)
+            if not header:
                 return []
-            twice = sorted({f for f in reader.fieldnames if reader.fieldnames.count(f) > 1})
-            if twice:  # csv keeps the last column of a name silently
+            twice = sorted({f for f in header if header.count(f) > 1})
+            if twice:  # a dict keeps the last column of a name silently
                 raise InputError(f"column '{twice[0]}' appears twice in the header", file=p, line=1, field=twice[0])
             while True:
                 start = reader.line_num + 1
-                row = next(reader, None)
-                if row is None:
+                values = next(reader, None)
+                if values is None:
                     return rows
-                if None in row:
+                if not values:  # a blank line: no row
+                    continue
+                if len(values) > len(header):
                     raise InputError("row has more columns than the header", file=p, line=start)
-                # a short row: csv fills the columns it lacks with None ("must be a string, got NoneType");
-                # leaving them out says which field the row is missing. A row is named by the line it starts
-                # on (line_num is the last line of a quoted field spanning several)
-                rows.append((start, {k: v for k, v in row.items() if v is not None}))
+                # a short row leaves out the fields it lacks (that says which field the row is missing). A row
+                # is named by the line it starts on (line_num is the last line of a quoted field spanning several)
+                rows.append((start, dict(zip(header, values, strict=False))))
         except csv.Error as exc:  # an unclosed quote, a field over the csv module's size limit
             problem = "a quoted field is never closed" if "unexpected end of data" in str(exc) else one_line(exc)
             raise InputError(f"unreadable CSV: {problem}", file=p, line=start) from None
