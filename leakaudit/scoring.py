@@ -30,6 +30,7 @@ import inspect
 import json
 import os
 import sqlite3
+import threading
 import time
 import weakref
 from collections.abc import Iterable, Iterator, Sequence
@@ -326,6 +327,18 @@ class _Head:
         """The head's output in fp32, soft-capped as the model's forward caps it."""
         logits = raw.float()
         return self.softcap * torch.tanh(logits / self.softcap) if self.softcap else logits
+
+
+_PASS_LOCKS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+_PASS_LOCKS_GUARD = threading.Lock()
+
+
+def _pass_lock(model) -> threading.RLock:
+    """The lock of one model's scoring passes. A pass changes the model for its duration (its LM head swapped
+    for identity, its attention function, eval mode): two passes on one model from two threads crashed ("index
+    448 is out of bounds"), the second reading hidden states as logits. Passes on other models run at once."""
+    with _PASS_LOCKS_GUARD:
+        return _PASS_LOCKS.setdefault(model, threading.RLock())
 
 
 @contextlib.contextmanager
@@ -741,6 +754,8 @@ def _score_keyed(lm: LoadedModel, keys: list[str], tokenized, options: ScoreOpti
             return _score_batch(lm, job[0], moments, padding_side, job[1], head)
 
         was_training = lm.model.training
+        pass_lock = _pass_lock(lm.model)
+        pass_lock.acquire()  # the pass swaps the model's head, attention and mode: one pass at a time
         lm.model.eval()
         try:
             _check_head_path(lm)
@@ -762,6 +777,7 @@ def _score_keyed(lm: LoadedModel, keys: list[str], tokenized, options: ScoreOpti
             raise
         finally:
             lm.model.train(was_training)
+            pass_lock.release()
         for j, i in enumerate(todo):
             if j not in merged:  # no segment at all
                 finish(j)

@@ -638,3 +638,31 @@ def test_scores_follow_weights_changed_in_place(tmp_path):
     back = score_texts(lm, TEXTS[:2], cache=store, progress=False)
     assert all(np.allclose(a.logp, b.logp, atol=1e-6) for a, b in zip(back, before, strict=True))
     store.close()
+
+
+def test_two_threads_scoring_one_model_get_its_scores(tiny_neox):
+    """A pass swaps the model's LM head for identity: a second pass on the same model from another thread read
+    hidden states as logits ("index 448 is out of bounds for dimension 1 with size 64"). Passes on one model
+    now take turns; each thread gets the scores one thread alone gets."""
+    import threading
+
+    texts = [f"{t} ({i})" for i in range(6) for t in TEXTS]
+    alone = score_texts(tiny_neox, texts, cache=False, progress=False, moments=True)
+    got: dict[int, list] = {}
+    errors: list[BaseException] = []
+
+    def work(k: int) -> None:
+        try:
+            got[k] = score_texts(tiny_neox, texts, cache=False, progress=False, moments=True, batch_size=2)
+        except BaseException as exc:  # noqa: BLE001 - reported by the assertion below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=work, args=(k,)) for k in range(3)]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join()
+    assert not errors and sorted(got) == [0, 1, 2]
+    for scores in got.values():
+        assert all(np.allclose(a.logp, b.logp, atol=1e-5) and np.allclose(a.var, b.var, atol=1e-5)
+                   for a, b in zip(scores, alone, strict=True))
