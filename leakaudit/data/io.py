@@ -86,9 +86,11 @@ def _not_utf8(p: Path, raw: bytes, exc: UnicodeDecodeError) -> InputError:
 
 
 def read_jsonl_rows(p: Path) -> list[tuple[int, dict[str, Any]]]:
-    """(line, row) of every non-blank line of a JSONL file; each row a JSON object (else an InputError)."""
+    """(line, row) of every non-blank line of a JSONL file; each row a JSON object (else an InputError).
+    Rows end at "\n" only, as JSON Lines says ("\r\n" too: "\r" is JSON whitespace): universal newlines cut a
+    row at a raw "\r" between its tokens, and counted lines the not-UTF-8 error (counting "\n") did not."""
     rows = []
-    with read_lines(p) as fh:
+    with io.StringIO(read_text(p), newline="\n") as fh:
         for lineno, raw in enumerate(fh, start=1):
             if not raw.strip():
                 continue
