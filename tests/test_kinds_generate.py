@@ -133,6 +133,9 @@ def test_self_instruct_cli_flat_rows_are_the_stage_rows(tmp_path, monkeypatch, c
     class Model:
         spec, fingerprint = "scripted", "0"
 
+        def current_fingerprint(self) -> str:
+            return self.fingerprint
+
     monkeypatch.setattr(synth, "sample", scripted)
     kind = get_kind("self-instruct")
     options = kind.Options(n=1, requests_per_round=1)
@@ -211,6 +214,9 @@ def test_self_instruct_that_writes_no_task_fails_at_its_own_step(tmp_path, monke
 
     class Model:
         spec, fingerprint = "scripted", "0"
+
+        def current_fingerprint(self) -> str:
+            return self.fingerprint
 
     kind = get_kind("self-instruct")
     ctx = KindContext(out=tmp_path, models={"model": "m"}, progress=False)

@@ -152,7 +152,7 @@ def test_grid_options_override_protocol_defaults():
 # ----------------------------------------------------------------------------------------- end to end
 def _train_on_pairs(targets, steps=150):
     """Plain full fine-tuning of a fresh tiny model on `Name [mailto:address]` lines (planted pairs)."""
-    from leakaudit.models import load_model, tensor_fingerprint
+    from leakaudit.models import load_model
 
     lm = load_model("tiny-gpt-neox", dtype="fp32", for_training=True)
     tok = lm.tokenizer
@@ -165,8 +165,7 @@ def _train_on_pairs(targets, steps=150):
         opt.zero_grad()
         loss.backward()
         opt.step()
-    lm.model.eval()
-    lm.fingerprint = tensor_fingerprint(lm.model)
+    lm.model.eval()  # its fingerprint follows the trained weights by itself (LoadedModel.current_fingerprint)
     return lm
 
 
