@@ -812,23 +812,36 @@ def _batch_workers(lm: LoadedModel, n_batches: int):
     (bench/batch_workers.py): a small model's pass is many small matmuls, attention and elementwise kernels
     that split poorly across threads. The last batch may run alone on its share; with many batches that costs
     little, and a single batch keeps every thread."""
-    threads = torch.get_num_threads()
     workers = min(_cpu_workers(lm), n_batches)
     if workers < 2:
         yield None, 1
         return
-    share = threads // workers
-    torch.set_num_threads(share)
+    # torch's thread count is the process's: passes in several threads lower it from one saved count, and the
+    # last to end restores it (each restoring what it found left a count another pass had lowered)
+    with _LOWERED_LOCK:
+        if not _LOWERED["passes"]:
+            _LOWERED["threads"] = torch.get_num_threads()
+        _LOWERED["passes"] += 1
+        share = max(1, _LOWERED["threads"] // workers)
+        torch.set_num_threads(share)
     try:
         with ThreadPoolExecutor(workers, initializer=torch.set_num_threads, initargs=(share,)) as pool:
             yield pool, workers
     finally:
-        torch.set_num_threads(threads)
+        with _LOWERED_LOCK:
+            _LOWERED["passes"] -= 1
+            if not _LOWERED["passes"]:
+                torch.set_num_threads(_LOWERED["threads"])
+
+
+_LOWERED_LOCK = threading.Lock()
+_LOWERED = {"passes": 0, "threads": 0}  # passes holding torch's threads lowered; the count before the first
 
 
 def _cpu_workers(lm: LoadedModel) -> int:
     """How many batches `_batch_workers` may score at once: CPU_BATCH_WORKERS on a CPU, up to one per thread."""
-    return min(CPU_BATCH_WORKERS, torch.get_num_threads()) if lm.device.type == "cpu" else 1
+    threads = _LOWERED["threads"] if _LOWERED["passes"] else torch.get_num_threads()  # not another pass's share
+    return min(CPU_BATCH_WORKERS, threads) if lm.device.type == "cpu" else 1
 
 
 def _as_finished(pool: ThreadPoolExecutor | None, workers: int, fn, items: Iterable) -> Iterator[tuple[Any, Any]]:

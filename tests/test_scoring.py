@@ -666,3 +666,19 @@ def test_two_threads_scoring_one_model_get_its_scores(tiny_neox):
     for scores in got.values():
         assert all(np.allclose(a.logp, b.logp, atol=1e-5) and np.allclose(a.var, b.var, atol=1e-5)
                    for a, b in zip(scores, alone, strict=True))
+
+
+def test_passes_in_two_threads_leave_torchs_thread_count_as_they_found_it(tiny_neox, tiny_opt):
+    """torch's thread count is the process's: a pass lowers it for its batch workers and restores it. Two passes
+    overlapping in two threads each restored what it had found, so the one ending last left the other's lowered
+    count for good (4 threads: 2 after). Entered A, B, left A, B in that order here, by hand."""
+    from leakaudit.scoring import _batch_workers
+
+    with torch_threads(4):
+        a, b = _batch_workers(tiny_neox, 8), _batch_workers(tiny_opt, 8)
+        (_, workers_a), (_, workers_b) = a.__enter__(), b.__enter__()
+        assert (workers_a, workers_b) == (2, 2) and torch.get_num_threads() == 2  # both on shares of the 4
+        a.__exit__(None, None, None)
+        assert torch.get_num_threads() == 2  # B still runs on its share
+        b.__exit__(None, None, None)
+        assert torch.get_num_threads() == 4
