@@ -35,7 +35,7 @@ import torch
 from leakaudit import package_version
 from leakaudit.data.io import json_line, open_append
 from leakaudit.errors import InputError, check_model, check_texts
-from leakaudit.models import LoadedModel, attention_kernels, host_memory
+from leakaudit.models import LoadedModel, attention_kernels, host_memory, model_lock
 from leakaudit.scoring import cache_keyword, returned_cache, shared_prefixes
 from leakaudit.warn import warn_once
 
@@ -377,7 +377,7 @@ def _hf_generate(lm: LoadedModel, batch: list[_Row], config: SamplingConfig) -> 
         bos_token_id=tok.bos_token_id, use_cache=True, disable_compile=True,
     )
     processors = LogitsProcessorList([] if config.greedy else [_GumbelSampler(batch, config, lm.device)])
-    with torch.inference_mode(), attention_kernels(lm.device):
+    with model_lock(lm.model), torch.inference_mode(), attention_kernels(lm.device):  # not mid-way a scoring pass
         out = lm.model.generate(input_ids=input_ids.to(lm.device), attention_mask=mask.to(lm.device),
                                 generation_config=gen_config, logits_processor=processors,
                                 **{cache_keyword(lm.model): cache})
@@ -468,6 +468,9 @@ def _vllm_obstacle(lm: LoadedModel, config: SamplingConfig | None) -> InputError
     if device.index is not None and device.index != torch.cuda.current_device():  # where its engine starts
         return InputError(f"the vLLM engine starts on cuda:{torch.cuda.current_device()}, not {device}: choose "
                           "its GPU with CUDA_VISIBLE_DEVICES, or use --backend hf", field="--device")
+    if lm.changed_since_loaded():
+        return InputError(f"the weights of {lm.spec} changed in memory since loading, and the vLLM engine loads "
+                          "its files; use --backend hf", field="--backend")
     from leakaudit.models import resolve_spec
 
     kind, _ = resolve_spec(lm.spec)

@@ -44,7 +44,14 @@ import torch
 
 from leakaudit.allocator import freed_memory_kept
 from leakaudit.errors import InputError, check_model, check_texts
-from leakaudit.models import LoadedModel, attention_kernels, cache_dir, scoring_attention, text_config
+from leakaudit.models import (
+    LoadedModel,
+    attention_kernels,
+    cache_dir,
+    model_lock,
+    scoring_attention,
+    text_config,
+)
 from leakaudit.warn import warn_once
 
 # 2: rows after a shared prefix run on its cached keys/values; in bf16 that rounds differently (same numbers in
@@ -327,18 +334,6 @@ class _Head:
         """The head's output in fp32, soft-capped as the model's forward caps it."""
         logits = raw.float()
         return self.softcap * torch.tanh(logits / self.softcap) if self.softcap else logits
-
-
-_PASS_LOCKS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
-_PASS_LOCKS_GUARD = threading.Lock()
-
-
-def _pass_lock(model) -> threading.RLock:
-    """The lock of one model's scoring passes. A pass changes the model for its duration (its LM head swapped
-    for identity, its attention function, eval mode): two passes on one model from two threads crashed ("index
-    448 is out of bounds"), the second reading hidden states as logits. Passes on other models run at once."""
-    with _PASS_LOCKS_GUARD:
-        return _PASS_LOCKS.setdefault(model, threading.RLock())
 
 
 @contextlib.contextmanager
@@ -753,9 +748,9 @@ def _score_keyed(lm: LoadedModel, keys: list[str], tokenized, options: ScoreOpti
         def run(job: tuple[list[_Segment], _Prefix | None]) -> list[TokenScores]:
             return _score_batch(lm, job[0], moments, padding_side, job[1], head)
 
-        was_training = lm.model.training
-        pass_lock = _pass_lock(lm.model)
+        pass_lock = model_lock(lm.model)
         pass_lock.acquire()  # the pass swaps the model's head, attention and mode: one pass at a time
+        was_training = lm.model.training  # read under the lock: not another pass's eval mode
         lm.model.eval()
         try:
             _check_head_path(lm)

@@ -214,6 +214,10 @@ class _Lm:
     spec = "some/model"
     device = torch.device("cuda")
 
+    @staticmethod
+    def changed_since_loaded() -> bool:
+        return False
+
 
 def test_auto_backend_takes_vllm_only_where_it_can_run(monkeypatch):
     import importlib.util

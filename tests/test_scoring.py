@@ -682,3 +682,33 @@ def test_passes_in_two_threads_leave_torchs_thread_count_as_they_found_it(tiny_n
         assert torch.get_num_threads() == 2  # B still runs on its share
         b.__exit__(None, None, None)
         assert torch.get_num_threads() == 4
+
+
+def test_a_pass_waiting_for_another_keeps_the_mode_and_fingerprint_it_finds(tmp_path):
+    """Another thread's pass holds the model (eval mode, LM head swapped out): a pass waiting for it read the
+    model's mode before waiting (so a training model came back in eval mode), and a fingerprint taken meanwhile
+    hashed the model without its head (a lasting `mem-` key that missed the cache ever after)."""
+    import threading
+    import time
+
+    from leakaudit.models import load_model, model_lock
+    from leakaudit.scoring import _hidden_state_head
+
+    lm = load_model("tiny-gpt-neox", dtype="fp32")
+    loaded = lm.fingerprint
+    lock = model_lock(lm.model)
+    got: dict[str, object] = {}
+    with lock:  # stands in for another thread's pass, mid-way
+        lm.model.eval()
+        with _hidden_state_head(lm.model):
+            waiting = [threading.Thread(target=lambda: got.update(fp=lm.current_fingerprint())),
+                       threading.Thread(target=lambda: got.update(scores=score_texts(lm, TEXTS[:1], cache=False,
+                                                                                     progress=False)))]
+            for th in waiting:
+                th.start()
+            time.sleep(0.3)
+            assert all(th.is_alive() for th in waiting) and not got  # both wait for the pass
+        lm.model.train(True)  # the pass ends, restoring the training mode it found
+    for th in waiting:
+        th.join()
+    assert got["fp"] == loaded == lm.fingerprint and lm.model.training and len(got["scores"]) == 1

@@ -40,7 +40,7 @@ _WHERE: dict[str, str] = {
                     "fingerprint"),
     **dict.fromkeys(["DEFAULT_INSTALL", "DEFAULT_PACKAGE", "default_gguf_path", "gguf_to_safetensors"],
                     "gguf"),
-    **dict.fromkeys(["LoadedModel", "load_model"],
+    **dict.fromkeys(["LoadedModel", "load_model", "model_lock"],
                     "load"),
     **dict.fromkeys(["added_tail", "encode"],
                     "tokens"),

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import hashlib
+import threading
+import weakref
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -30,21 +32,43 @@ class LoadedModel:
 
     def __post_init__(self) -> None:
         self._weights_seen = _weight_versions(self.model)
+        self._loaded_fingerprint = self.fingerprint
 
     def current_fingerprint(self) -> str:
         """The fingerprint of the weights as they are now. Weights changed in place since it was taken (a
-        training step, load_state_dict, a merge, `p.mul_(3)` in a notebook: every in-place change counts up
-        torch's version of that tensor) are hashed again, so their scores are not the cache's old ones."""
-        now = _weight_versions(self.model)
-        if now != self._weights_seen:
-            self.fingerprint = "mem-" + tensor_fingerprint(self.model)
-            self._weights_seen = now
-        return self.fingerprint
+        training step, load_state_dict, `p.mul_(3)` in a notebook: every in-place change through torch counts
+        up that tensor's version) or replaced are hashed again, so their scores are not the cache's old ones.
+        A write through `p.data` bypasses the version: after one, set `fingerprint` yourself
+        (`tensor_fingerprint(lm.model)`)."""
+        with model_lock(self.model):  # not while another thread's pass has the head swapped out
+            now = _weight_versions(self.model)
+            if now != self._weights_seen:
+                self.fingerprint = "mem-" + tensor_fingerprint(self.model)
+                self._weights_seen = now
+            return self.fingerprint
+
+    def changed_since_loaded(self) -> bool:
+        """Whether the weights in memory are no longer the files' (what a backend that loads the files, vLLM,
+        would sample instead)."""
+        return self.current_fingerprint() != self._loaded_fingerprint
 
     @property
     def max_length(self) -> int:
         """The model's context window in tokens."""
         return context_window(self.model.config) or 2048
+
+
+_MODEL_LOCKS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+_MODEL_LOCKS_GUARD = threading.Lock()
+
+
+def model_lock(model: Any) -> threading.RLock:
+    """The lock of one model's passes. A scoring pass changes the model for its duration (its LM head swapped
+    for identity, its attention function, eval mode): a second pass, a sampling run or a fingerprint taken
+    from another thread meanwhile read hidden states as logits ("index 448 is out of bounds") or hashed the
+    model without its head. Re-entrant (a pass may read the fingerprint); other models are not held up."""
+    with _MODEL_LOCKS_GUARD:
+        return _MODEL_LOCKS.setdefault(model, threading.RLock())
 
 
 def _weight_versions(model: Any) -> tuple:
