@@ -369,6 +369,15 @@ def test_vllm_samples_only_a_model_on_the_gpu_its_engine_starts_on(tiny_neox, mo
         sample(second, ["Hello"], cfg, backend="vllm", progress=False)
     assert err.value.field == "--device" and fake.engines == []
     assert sampling.resolve_backend(dataclasses.replace(tiny_neox, device=torch.device("cuda", 0)), "auto") == "vllm"
+    # weights changed in memory: vLLM would sample the files' weights under the new weights' key
+    from leakaudit.models import load_model
+
+    changed = dataclasses.replace(load_model("tiny-gpt-neox", device="cpu", dtype="fp32"), device=torch.device("cuda", 0))
+    with torch.no_grad():
+        next(changed.model.parameters()).mul_(2)
+    assert sampling.resolve_backend(changed, "auto", cfg) == "hf"
+    with pytest.raises(InputError, match="changed in memory since loading"):
+        sample(changed, ["Hello"], cfg, backend="vllm", progress=False)
 
 
 def test_a_vllm_run_key_names_the_vllm_release(tiny_neox, monkeypatch):
