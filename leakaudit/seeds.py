@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from leakaudit.errors import InputError
-from leakaudit.kinds.compare import direction
+from leakaudit.kinds.compare import NO_VERDICT, direction
 
 
 @dataclass
@@ -151,8 +151,8 @@ def combine(runs: list[SeedRun]) -> list[dict[str, Any]]:
     (across seeds), `seed_half_width` (t x SD / sqrt(n)), `item_half_width` (the seeds' mean CI half-width),
     `mean_ci` (mean ± both in quadrature; None under two seeds or without the seeds' intervals; the run's own
     interval where every seed computed it in the same stages), `same_in_every_seed` (one run, not n),
-    `increase`/`decrease` (seeds whose own verdict claims that direction), `no_verdict` (why a seed's interval
-    excludes 0 but its verdict claims no direction, e.g. too few targets: then the mean claims none either).
+    `increase`/`decrease` (seeds whose own verdict claims that direction), `no_verdict` (why a seed's verdict
+    was withheld, e.g. too few targets: the items are too few for the mean to claim a direction either).
     A seed's interval of no width (Δ the same on every resample: both AUCs at 1, nothing extracted) bounds
     nothing: it adds nothing to the items' half-width, and with no other seed's interval there is no mean
     interval."""
@@ -192,13 +192,13 @@ def combine(runs: list[SeedRun]) -> list[dict[str, Any]]:
         elif item_half is not None and seed_half is not None:  # one seed: no training-run variance to hold
             half = math.hypot(seed_half, item_half)
             mean_ci = [mean - half, mean + half]
-        withheld = [s["verdict"] for s in given if s["ci"] and _arrow(s["ci"]) and s["direction"] == "none"]
+        withheld = [s["verdict"] for s in given if str(s["verdict"]).startswith(NO_VERDICT)]
         out.append({**row, "seeds": per_seed, "n_seeds": n, "mean_delta": mean, "sd": sd,
                     "seed_half_width": seed_half, "item_half_width": item_half, "mean_ci": mean_ci,
                     "same_in_every_seed": shared,
                     "increase": sum(1 for s in given if s["direction"] == "increase"),
                     "decrease": sum(1 for s in given if s["direction"] == "decrease"),
-                    "no_verdict": str(withheld[0]).partition(": ")[2] or str(withheld[0]) if withheld else None})
+                    "no_verdict": str(withheld[0]).removeprefix(NO_VERDICT) if withheld else None})
     return out
 
 
@@ -256,8 +256,8 @@ def markdown(runs: list[SeedRun], rows: list[dict[str, Any]]) -> str:
             ci = row["mean_ci"]
             claim = "" if row["no_verdict"] else _arrow(ci)
             mean = _signed(row["mean_delta"]) + (f" [{_signed(ci[0])}, {_signed(ci[1])}]{claim}" if ci else "")
-            if ci is None and row["n_seeds"] > 1 and all(s is None or not s["ci"] or s["ci"][0] == s["ci"][1]
-                                                        for s in row["seeds"]):
+            given = [s for s in row["seeds"] if s is not None and s["delta"] is not None]
+            if ci is None and len(given) > 1 and all(s["ci"] and s["ci"][0] == s["ci"][1] for s in given):
                 mean += " (no interval: Δ is the same on every resample)"
             counts = ("same in every seed" if row["same_in_every_seed"]
                       else f"{row['increase']} / {row['decrease']} of {row['n_seeds']}")

@@ -243,3 +243,20 @@ def test_seeds_outputs_never_replace_an_input_or_a_file_it_did_not_write(tmp_pat
                                tmp_path / "o" / "seeds.md"], monkeypatch, capsys)
         assert code == 0
     assert json.loads((tmp_path / "o" / "seeds.json").read_text())["seeds"] == [0, 1]
+
+
+def test_withheld_verdicts_with_intervals_over_0_claim_nothing_over_seeds_either(tmp_path):
+    """Every seed withheld its verdict (too few targets) with intervals that held 0: the mean over seeds still
+    got an arrow (the withheld rule looked only at intervals that excluded 0). And without any resampling
+    (n_bootstrap 0: no interval at all) the mean was said to have "Δ the same on every resample"."""
+    too_few = "no verdict: too few targets (6; a verdict needs 10)"
+    dirs = [_run_dir(tmp_path, s, [{**_comparison("ft", d, [-0.01, d + 0.05]), "verdict": too_few}])
+            for s, d in ((0, 0.20), (1, 0.21), (2, 0.22))]
+    runs = read_runs(dirs)
+    (row,) = combine(runs)
+    assert row["mean_ci"][0] > 0 and row["no_verdict"] == "too few targets (6; a verdict needs 10)"
+    assert "↑" not in markdown(runs, [row]).split("| `ft` |")[1]
+    (tmp_path / "n").mkdir()
+    runs = read_runs([_run_dir(tmp_path / "n", s, [_comparison("ft", d, None)]) for s, d in ((0, 0.1), (1, 0.3))])
+    (row,) = combine(runs)
+    assert row["mean_ci"] is None and "every resample" not in markdown(runs, [row])

@@ -91,6 +91,9 @@ def finite(x: Any) -> bool:
 ZERO_WIDTH = "no detectable change at this size (Δ is 0 on every resample: the interval cannot bound an effect)"
 
 
+NO_VERDICT = "no verdict: "  # how a verdict withheld for too few units begins
+
+
 def verdict(ci: list[float] | None, style: Style = "change", too_few: str | None = None) -> str:
     """What a paired difference's interval supports: a direction only when it excludes 0 (and `too_few`, the
     reason the units are too few to trust it, is None); otherwise how large an effect it still allows."""
@@ -99,7 +102,7 @@ def verdict(ci: list[float] | None, style: Style = "change", too_few: str | None
         return "no CI (n_bootstrap = 0 or no usable resample)"
     lo, hi = ci
     if too_few is not None:  # not "no detectable change": the interval may well exclude 0
-        return f"no verdict: {too_few}"
+        return f"{NO_VERDICT}{too_few}"
     if hi < 0:
         return down
     if lo > 0:
