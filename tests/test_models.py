@@ -104,16 +104,20 @@ def test_dtype_policy(monkeypatch, fast):
 
 @pytest.mark.parametrize("capability", [(7, 5), (8, 0)])
 def test_a_gpu_without_native_bf16_takes_fp16_and_trains_in_fp32(monkeypatch, capability):
-    """A T4/V100 (7.x) emulates bf16 (slow; vLLM refuses it), though torch's plain is_bf16_supported() says
-    True there: auto loads fp16 and training does not autocast. Simulated as torch reports such a card."""
+    """A T4/V100 (7.x) emulates bf16 (slow; vLLM refuses it), though torch's is_bf16_supported() says True
+    there: auto loads fp16 and training does not autocast; asked of the process's own GPU, not the current one.
+    Simulated as torch reports such cards."""
     monkeypatch.delenv("LEAKAUDIT_DTYPE", raising=False)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda *a: type("P", (), {"major": capability[0]}))
+    cards = {0: (9, 0), 1: capability}  # GPU 0, the current one, is an H100; the process's own is cuda:1
+    monkeypatch.setattr(torch.cuda, "get_device_properties",
+                        lambda d=None: type("P", (), {"major": cards[torch.device(d or "cuda:0").index or 0][0]}))
     monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
     monkeypatch.setattr(torch.cuda, "_check_bf16_tensor_supported", lambda device: True)  # a 7.x card makes one
-    gpu = torch.device("cuda", 0)
+    monkeypatch.setattr(torch.version, "hip", None)
+    gpu = torch.device("cuda", 1)
     native = capability >= (8, 0)
-    assert torch.cuda.is_bf16_supported()  # torch's own answer says bf16 on both (emulated on 7.x)
+    assert torch.cuda.is_bf16_supported()  # torch's own answer, of the current GPU, says bf16
     assert models.resolve_dtype("auto", gpu) == (torch.bfloat16 if native else torch.float16)
     assert models.default_autocast_bf16(gpu) is native
 

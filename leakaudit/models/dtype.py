@@ -83,14 +83,13 @@ def _rank_gpu() -> torch.device:
     return torch.device("cuda", rank)
 
 
-def cuda_has_fast_bf16() -> bool:
-    """True when the GPU runs bf16 natively (compute capability 8.0 and newer). torch's plain
+def cuda_has_fast_bf16(device: torch.device) -> bool:
+    """True when this GPU runs bf16 natively (compute capability 8.0 and newer; ROCm GPUs do). torch's
     is_bf16_supported() also says True on 7.x cards (T4, V100), where bf16 is emulated: slow, and refused by
-    vLLM; those cards take fp16."""
-    try:
-        return torch.cuda.is_bf16_supported(including_emulation=False)
-    except TypeError:  # pragma: no cover - a torch without the argument
-        return torch.cuda.is_bf16_supported()
+    vLLM; those cards take fp16. Asked of `device`, not the current GPU (a machine may mix generations)."""
+    if torch.version.hip:
+        return True
+    return torch.cuda.get_device_properties(device).major >= 8
 
 
 @contextlib.contextmanager
@@ -163,7 +162,7 @@ def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torc
             except InputError as exc:
                 raise InputError(exc.message, field=DTYPE_ENV) from None
         if device.type == "cuda":
-            chosen = torch.bfloat16 if cuda_has_fast_bf16() else torch.float16
+            chosen = torch.bfloat16 if cuda_has_fast_bf16(device) else torch.float16
         else:
             chosen = torch.bfloat16 if cpu_has_fast_bf16() else torch.float32
     else:
@@ -185,5 +184,5 @@ def default_autocast_bf16(device: torch.device) -> bool:
     if _env_dtype():
         return resolve_dtype(None, device) == torch.bfloat16
     if device.type == "cuda":
-        return cuda_has_fast_bf16()
+        return cuda_has_fast_bf16(device)
     return cpu_has_fast_bf16()
