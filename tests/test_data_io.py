@@ -270,3 +270,21 @@ def test_jsonl_rows_end_at_newlines_only(tmp_path):
     with pytest.raises(InputError) as err:
         load_records(p)
     assert err.value.line == 1 and "malformed JSON" in err.value.message
+
+
+def test_blank_lines_before_a_csv_header_are_skipped(tmp_path):
+    """A CSV starting with blank lines read as empty (no rows, no error): the header is the first line with cells."""
+    (tmp_path / "h.csv").write_text("\n\ntext,id\nhello,a\n\nworld,b\n")
+    assert [(r.text, r.line) for r in load_records(tmp_path / "h.csv")] == [("hello", 4), ("world", 6)]
+    (tmp_path / "d.csv").write_text("\ntext,text\nhello,a\n")
+    with pytest.raises(InputError) as err:
+        load_records(tmp_path / "d.csv")
+    assert err.value.line == 2 and err.value.field == "text"
+
+
+def test_a_jsonl_name_list_reads_rows_as_jsonl_does(tmp_path):
+    """`--names x.jsonl` read with universal newlines: a raw carriage return inside a row cut it."""
+    from leakaudit.data.pii_find import load_name_list
+
+    (tmp_path / "n.jsonl").write_bytes(b'{"name":\r "Ann Lee"}\r\n{"name": "Bo Stone"}\n')
+    assert [n for n in load_name_list(tmp_path / "n.jsonl")] == ["Ann Lee", "Bo Stone"]

@@ -74,8 +74,9 @@ def read_text(path: str | Path) -> str:
 
 
 def read_lines(path: str | Path) -> io.StringIO:
-    """`read_text` as a file object to iterate line by line (universal newlines, like a text-mode file)."""
-    return io.StringIO(read_text(path), newline=None)
+    """`read_text` as a file object to iterate line by line: universal newlines, like a text-mode file; a
+    `.jsonl` file's rows end at "\n" only, as JSON Lines says (a raw "\r" inside a row is JSON whitespace)."""
+    return io.StringIO(read_text(path), newline="\n" if Path(path).suffix.lower() == ".jsonl" else None)
 
 
 def _not_utf8(p: Path, raw: bytes, exc: UnicodeDecodeError) -> InputError:
@@ -87,8 +88,7 @@ def _not_utf8(p: Path, raw: bytes, exc: UnicodeDecodeError) -> InputError:
 
 def read_jsonl_rows(p: Path) -> list[tuple[int, dict[str, Any]]]:
     """(line, row) of every non-blank line of a JSONL file; each row a JSON object (else an InputError).
-    Rows end at "\n" only, as JSON Lines says ("\r\n" too: "\r" is JSON whitespace): universal newlines cut a
-    row at a raw "\r" between its tokens, and counted lines the not-UTF-8 error (counting "\n") did not."""
+    Rows end at "\n" only (`read_lines`): universal newlines cut a row at a raw "\r" between its tokens."""
     rows = []
     with io.StringIO(read_text(p), newline="\n") as fh:
         for lineno, raw in enumerate(fh, start=1):
@@ -217,11 +217,14 @@ def _read_csv_rows(p: Path) -> list[tuple[int, dict[str, Any]]]:
         start = 1
         try:
             header = next(reader, None)
+            while header == []:  # blank lines before the header
+                header = next(reader, None)
             if not header:
                 return []
             twice = sorted({f for f in header if header.count(f) > 1})
             if twice:  # a dict keeps the last column of a name silently
-                raise InputError(f"column '{twice[0]}' appears twice in the header", file=p, line=1, field=twice[0])
+                raise InputError(f"column '{twice[0]}' appears twice in the header", file=p, line=reader.line_num,
+                                 field=twice[0])
             while True:
                 start = reader.line_num + 1
                 values = next(reader, None)
