@@ -26,6 +26,7 @@ from typing import Any
 
 from leakaudit.errors import InputError
 from leakaudit.kinds.compare import NO_VERDICT, direction
+from leakaudit.warn import warn_once
 
 
 @dataclass
@@ -37,6 +38,7 @@ class SeedRun:
     experiment: dict[str, Any]
     comparisons: list[dict[str, Any]]
     stage_keys: dict[str, str] = field(default_factory=dict)  # stage id -> key (run.json)
+    precision: dict[str, str] = field(default_factory=dict)  # stage id -> the dtype it computed in (run.json)
     data_content: dict[str, str] = field(default_factory=dict)  # dataset name -> its file's content hash
 
 
@@ -83,7 +85,9 @@ def read_run(out: str | Path) -> SeedRun:
     keys = {str(st.get("id")): str(st.get("key")) for st in stages}
     content = {str(st["id"]).removeprefix("data/"): str(st["params"].get("content")) for st in stages
                if str(st.get("id", "")).startswith("data/") and isinstance(st.get("params"), dict)}
-    return SeedRun(out, experiment["seed"], experiment, comparisons, keys, content)
+    precision = {str(st.get("id")): str(st["precision"]) for st in stages if st.get("precision")}
+    return SeedRun(out, experiment["seed"], experiment, comparisons, stage_keys=keys, data_content=content,
+                   precision=precision)
 
 
 def _finite(x: Any) -> bool:
@@ -123,6 +127,10 @@ def read_runs(dirs: list[str | Path]) -> list[SeedRun]:
         if other:
             raise InputError(f"differs from {first.out}'s experiment: these are not seeds of one experiment",
                              file=r.out / "run.json", field=f"experiment.{other}")
+        mixed = next((s for s, p in r.precision.items() if first.precision.get(s, p) != p), None)
+        if mixed:  # the spread over seeds would hold the precisions' difference too
+            warn_once(f"{r.out} computed {mixed} in {r.precision[mixed]}, {first.out} in {first.precision[mixed]}: "
+                      "the seeds' spread includes that difference (LEAKAUDIT_DTYPE pins one precision)")
     return sorted(runs, key=lambda r: r.seed)
 
 

@@ -260,3 +260,22 @@ def test_withheld_verdicts_with_intervals_over_0_claim_nothing_over_seeds_either
     runs = read_runs([_run_dir(tmp_path / "n", s, [_comparison("ft", d, None)]) for s, d in ((0, 0.1), (1, 0.3))])
     (row,) = combine(runs)
     assert row["mean_ci"] is None and "every resample" not in markdown(runs, [row])
+
+
+def test_seeds_computed_in_two_precisions_are_said_to_differ(tmp_path, capsys):
+    """A seed run in bf16 and another in fp32 (LEAKAUDIT_DTYPE, or two machines): their spread holds the
+    precisions' difference too, which the table does not show; it is said once."""
+    from leakaudit.warn import _WARNED
+
+    dirs = [_run_dir(tmp_path, s, [_comparison("ft", 0.1 * (s + 1), [0.0, 0.3])]) for s in range(2)]
+    for d, dtype in zip(dirs, ("bfloat16", "float32"), strict=True):
+        record = json.loads((d / "run.json").read_text())
+        for st in record["stages"]:
+            st["precision"] = dtype
+        (d / "run.json").write_text(json.dumps(record))
+    _WARNED.clear()
+    read_runs(dirs)
+    err = capsys.readouterr().err
+    assert err.count("warning:") == 1 and "in float32" in err and "in bfloat16" in err
+    read_runs(dirs[:1] + dirs[:0])  # one precision: nothing said
+    assert "warning" not in capsys.readouterr().err

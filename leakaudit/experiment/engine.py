@@ -325,6 +325,7 @@ def write_run_record(plan: Plan, out: Path, config_text: str, status: dict[str, 
         stages.append({"id": stage.id, "kind": stage.kind, "folder": stage.folder, "key": stage.key,
                        "params": stage.params, "status": status.get(stage.id, "done" if done else "pending"),
                        "seconds": done["seconds"] if done else None,
+                       **({"precision": done["precision"]} if done and done.get("precision") else {}),
                        "result": _inside_out(done["result"], out) if done else None,
                        **({"error": _inside_out(failures[stage.id], out)} if failures and stage.id in failures else {})})
     record = {"experiment": plan.exp.model_dump(mode="json"), "config_text": config_text,
