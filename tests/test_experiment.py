@@ -155,8 +155,11 @@ def test_tiny_study_end_to_end(study_run):
     assert list(status) == STAGES
     # run.json says the precision every computing stage ran in (what `seeds` compares across runs)
     precision = {st["id"]: st.get("precision") for st in json.loads((out / "run.json").read_text())["stages"]}
-    assert precision["data/emails"] is None and precision["finetune/real"] == "float32"
-    assert {precision[s] for s in STAGES[1:]} == {"float32"}  # the suite pins fp32
+    from leakaudit.experiment.engine import default_precision
+
+    assert precision["data/emails"] is None and precision["finetune/real"] in ("float32", "bfloat16")
+    assert {precision[s] for s in STAGES[1:]} == {precision["finetune/real"]}  # LEAKAUDIT_DTYPE pins one
+    assert precision["finetune/real"] == default_precision(Plan(parse_experiment(STUDY)).stages["finetune/real"])
     trained = json.loads((out / "finetune/real/stage.json").read_text())["result"]  # the report's stage note
     assert trained["n_train_examples"] > 0 and trained["dropped_no_loss_tokens"] == 0
 
