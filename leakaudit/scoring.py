@@ -641,7 +641,8 @@ def score_texts(
             raise InputError("must be 'auto' or a positive integer", field="--batch-size")
     options = ScoreOptions(window, step, moments, str(lm.dtype).replace("torch.", ""))
 
-    keys = [ScoreCache.make_key(lm.current_fingerprint(), options, p, t) for t, p in zip(texts, prefix_list, strict=True)]
+    fingerprint = lm.current_fingerprint()  # once: it walks every weight's version
+    keys = [ScoreCache.make_key(fingerprint, options, p, t) for t, p in zip(texts, prefix_list, strict=True)]
     return _score_keyed(lm, keys, lambda todo: _tokenize(lm, [texts[i] for i in todo], [prefix_list[i] for i in todo]),
                         options, batch_size, cache, progress, description, padding_side)
 
