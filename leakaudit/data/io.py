@@ -73,10 +73,11 @@ def read_text(path: str | Path) -> str:
         raise _not_utf8(p, raw, exc) from None
 
 
-def read_lines(path: str | Path) -> io.StringIO:
-    """`read_text` as a file object to iterate line by line: universal newlines, like a text-mode file; a
-    `.jsonl` file's rows end at "\n" only, as JSON Lines says (a raw "\r" inside a row is JSON whitespace)."""
-    return io.StringIO(read_text(path), newline="\n" if Path(path).suffix.lower() == ".jsonl" else None)
+def read_lines(path: str | Path, jsonl: bool = False) -> io.StringIO:
+    """`read_text` as a file object to iterate line by line: universal newlines, like a text-mode file; with
+    `jsonl`, lines end at "\n" only, as JSON Lines says (a raw "\r" inside a row is JSON whitespace, and
+    universal newlines cut the row there)."""
+    return io.StringIO(read_text(path), newline="\n" if jsonl else None)
 
 
 def _not_utf8(p: Path, raw: bytes, exc: UnicodeDecodeError) -> InputError:
@@ -87,10 +88,9 @@ def _not_utf8(p: Path, raw: bytes, exc: UnicodeDecodeError) -> InputError:
 
 
 def read_jsonl_rows(p: Path) -> list[tuple[int, dict[str, Any]]]:
-    """(line, row) of every non-blank line of a JSONL file; each row a JSON object (else an InputError).
-    Rows end at "\n" only (`read_lines`): universal newlines cut a row at a raw "\r" between its tokens."""
+    """(line, row) of every non-blank line of a JSONL file; each row a JSON object (else an InputError)."""
     rows = []
-    with io.StringIO(read_text(p), newline="\n") as fh:
+    with read_lines(p, jsonl=True) as fh:
         for lineno, raw in enumerate(fh, start=1):
             if not raw.strip():
                 continue

@@ -259,7 +259,7 @@ def load_name_list(path: str | Path) -> list[str]:
     if not p.exists():
         raise InputError("file not found", file=p, field="--names")
     names = []
-    with read_lines(p) as fh:  # bytes that are not UTF-8: an InputError naming the line
+    with read_lines(p, jsonl=p.suffix == ".jsonl") as fh:  # bytes that are not UTF-8: an InputError naming the line
         for lineno, raw in enumerate(fh, start=1):
             raw = raw.strip()
             if not raw:
