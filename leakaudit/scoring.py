@@ -111,10 +111,13 @@ class ScoreOptions:
     stride: int
     moments: bool
     dtype: str
+    device: str = "cpu"  # the device type: a GPU's kernels round otherwise than a CPU's at the same dtype
 
     def key(self) -> str:
-        return json.dumps({"v": SCORING_VERSION, "L": self.max_length, "s": self.stride, "dtype": self.dtype},
-                          sort_keys=True)
+        parts = {"v": SCORING_VERSION, "L": self.max_length, "s": self.stride, "dtype": self.dtype}
+        if self.device != "cpu":  # CPU keys stay as they were, so the caches users have stay valid
+            parts["device"] = self.device
+        return json.dumps(parts, sort_keys=True)
 
 
 # ----------------------------------------------------------------------------------------- cache
@@ -639,7 +642,7 @@ def score_texts(
             raise InputError("must be 'auto' or a positive integer", field="--batch-size") from None
         if batch_size < 1:
             raise InputError("must be 'auto' or a positive integer", field="--batch-size")
-    options = ScoreOptions(window, step, moments, str(lm.dtype).replace("torch.", ""))
+    options = ScoreOptions(window, step, moments, str(lm.dtype).replace("torch.", ""), device=lm.device.type)
 
     fingerprint = lm.current_fingerprint()  # once: it walks every weight's version
     keys = [ScoreCache.make_key(fingerprint, options, p, t) for t, p in zip(texts, prefix_list, strict=True)]
@@ -676,7 +679,8 @@ def score_ids(
     window = fit_window(lm, None)
     if batch_size != "auto":
         batch_size = int(batch_size)
-    options = ScoreOptions(window, max(1, window // 2), False, str(lm.dtype).replace("torch.", ""))
+    options = ScoreOptions(window, max(1, window // 2), False, str(lm.dtype).replace("torch.", ""),
+                           device=lm.device.type)
     space = lm.current_fingerprint() + "\x00ids"  # never a text key: a fingerprint holds no NUL
     keys = [ScoreCache.make_key(space, options, ",".join(map(str, c)), ",".join(map(str, x)))
             for c, x in zip(contexts, ids, strict=True)]

@@ -438,6 +438,21 @@ def test_cache_hit_does_not_call_model(tiny_neox, tmp_path, monkeypatch):
         score_texts(tiny_neox, TEXTS, max_length=32, cache=store)
 
 
+def test_a_gpu_score_is_cached_apart_from_a_cpu_score(tiny_neox, monkeypatch):
+    """A GPU's kernels round otherwise than a CPU's at the same dtype: a cache shared by both (a home directory
+    on a cluster) keeps their scores apart; a CPU's keys are those it had before the device joined the key."""
+    import dataclasses
+
+    seen = []
+    monkeypatch.setattr(scoring, "_score_keyed", lambda lm, keys, tok, options, *a: seen.append((options, keys)))
+    for device in ("cpu", "cuda"):
+        score_texts(dataclasses.replace(tiny_neox, device=torch.device(device)), TEXTS[:1], progress=False)
+    (cpu, cpu_keys), (gpu, gpu_keys) = seen
+    assert (cpu.device, gpu.device) == ("cpu", "cuda") and cpu_keys != gpu_keys
+    assert json.loads(cpu.key()) == {"v": scoring.SCORING_VERSION, "L": cpu.max_length, "s": cpu.stride,
+                                     "dtype": cpu.dtype}
+
+
 def test_a_broken_cache_file_or_row_is_rebuilt_not_trusted(tiny_neox, tmp_path):
     """A cache is an accelerator: a file cut short or overwritten (a raw sqlite3.DatabaseError before) is
     moved aside and rebuilt; a row whose values cannot be scores (a cut blob, a positive log p) is a miss,
