@@ -736,8 +736,29 @@ def test_a_file_system_without_locks_runs_with_a_warning_and_other_os_errors_kee
         raise FileNotFoundError(errno.ENOENT, "No such file or directory", "/x/resource.json")
 
     monkeypatch.setattr(engine, "run_plan", missing)
-    with pytest.raises(FileNotFoundError):
-        _run_main(["run", str(cfg), "--out", str(out), "--no-report"], monkeypatch, capsys)
+    code, err = _run_main(["run", str(cfg), "--out", str(out), "--no-report"], monkeypatch, capsys)
+    assert code == 1 and "Traceback (most recent call last)" in err and "in missing" in err, err
+    assert "FileNotFoundError: [Errno 2] No such file or directory: '/x/resource.json'" in err
+
+
+def test_the_traceback_of_a_bug_keeps_its_frames_and_masks_the_data_its_messages_quote(
+        tmp_path, monkeypatch, capsys):
+    """A library's message quotes the data it choked on, and a traceback goes into bug reports and CI logs: its
+    messages (each of a chain) are masked as error lines are; its frames (paths, source lines) are code."""
+    from leakaudit.experiment import engine
+
+    def broken(*args, **kwargs):
+        try:
+            raise KeyError("karen.arnold@enron.com")
+        except KeyError as exc:
+            raise ValueError("no token for 'call 713-853-1234 or karen.arnold@enron.com'") from exc
+
+    monkeypatch.setattr(engine, "run_plan", broken)
+    cfg, out = _setup(tmp_path, _experiment())
+    code, err = _run_main(["run", str(cfg), "--out", str(out), "--no-report"], monkeypatch, capsys)
+    assert code == 1 and "in broken" in err and 'raise KeyError("karen.arnold@enron.com")' in err, err
+    assert "KeyError: 'k***@enron.com'" in err and "ValueError: no token for 'call ***-***-**34 or k***@enron.com'" in err
+    assert "direct cause" in err and err.count("karen.arnold@enron.com") == 2  # the two source lines
 
 
 def test_user_inference_on_a_file_read_without_users_is_refused_before_any_stage(tmp_path):

@@ -158,7 +158,7 @@ def _main() -> None:
         code = INTERRUPTED
     except OSError as exc:
         if exc.errno not in MACHINE_ERRNOS:  # anything else may be a bug: keep its traceback
-            raise
+            _bug(exc)
         from leakaudit.data.pii_find import mask_message
 
         where = f"{exc.filename}: " if exc.filename else ""
@@ -171,7 +171,7 @@ def _main() -> None:
         sys.exit(exc.exit_code)
     except Exception as exc:
         if not _full_disk(exc):  # anything else may be a bug: keep its traceback
-            raise
+            _bug(exc)
         from leakaudit.data.pii_find import mask_message
 
         _say(f"error: {mask_message(first_line(exc))} (the disk is full: free space and rerun the same command to "
@@ -184,6 +184,21 @@ def _main() -> None:
     if code in (INTERRUPTED, TERMINATED) and is_main():  # typer turns Ctrl-C into it, silently
         print("interrupted: what finished is kept; rerun the same command to resume", file=sys.stderr)
     sys.exit(code if isinstance(code, int) else 0)
+
+
+def _bug(exc: BaseException) -> None:
+    """Print the traceback of an error that may be a bug, its messages PII-masked (`mask_message`), and exit 1.
+    Why: a library's message quotes the data it choked on (a tokenizer's text, a KeyError's address), and a
+    traceback is what users paste into a bug report or a CI log. Frames (paths and source lines) are code."""
+    import traceback
+
+    from leakaudit.data.pii_find import mask_message
+
+    parts = traceback.format_exception(exc)
+    text = "".join(p if p.startswith("  File ") else "".join(mask_message(line) for line in p.splitlines(True))
+                   for p in parts)
+    sys.stderr.write(text)
+    sys.exit(1)
 
 
 #: how libraries that are not Python's file API say the disk is full, by their exception type's name:
