@@ -295,6 +295,25 @@ def test_bad_input_names_file_line_field(tmp_path):
     assert err.value.line == 2 and err.value.field == "text" and err.value.file == str(bad)
 
 
+def test_fsdp_arguments_ask_for_fsdp2_wrapped_and_resharded_in_the_form_this_transformers_takes(tmp_path):
+    """The string form ("full_shard auto_wrap") is deprecated where transformers has the fsdp_config API (a
+    warning on every --fsdp fine-tune, and it goes); the plugin transformers builds must be FSDP2 with every
+    layer wrapped and parameters resharded after the forward, whichever form this version takes."""
+    from transformers import TrainingArguments
+
+    from leakaudit.train.finetune import fsdp_arguments
+
+    kwargs = fsdp_arguments(True)
+    if hasattr(TrainingArguments, "_apply_legacy_fsdp_to_config"):
+        assert kwargs["fsdp"] is True
+    args = TrainingArguments(output_dir=str(tmp_path), use_cpu=True, report_to="none", **kwargs)
+    plugin = args.fsdp_plugin_args
+    assert (plugin["fsdp_version"], plugin["auto_wrap_policy"], plugin["reshard_after_forward"]) == (
+        2, "TRANSFORMER_BASED_WRAP", True)
+    assert not TrainingArguments(output_dir=str(tmp_path), use_cpu=True, report_to="none",
+                                 **fsdp_arguments(False)).fsdp
+
+
 def test_fsdp_is_refused_where_it_cannot_run(plain_data, tmp_path):
     """FSDP needs GPUs (accelerate shards on accelerators only); the GPU run itself is tests/gpu."""
     with pytest.raises(InputError, match="on CPU scale out with DDP") as err:

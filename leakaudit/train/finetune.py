@@ -521,6 +521,21 @@ def _check_engine(config: FinetuneConfig) -> None:
                          "with DDP instead (torchrun --nproc-per-node N -m leakaudit finetune ...)", field="--fsdp")
 
 
+def fsdp_arguments(on: bool) -> dict[str, Any]:
+    """TrainingArguments for FSDP2, every layer its own shard unit, parameters resharded after each forward.
+    Why two spellings: transformers 5.3 takes the options as a string ("full_shard auto_wrap"; `fsdp=True`
+    there is full_shard without wrapping the layers), later releases (the fsdp_config API) say the string is
+    deprecated and going, and wrap the layers by default. Resharding is asked for by name: 5.3 left it off for
+    FSDP2 unless told (a fine-tune held every layer's full weights from forward to backward), later ones on."""
+    from transformers import TrainingArguments
+
+    if not on:
+        return {"fsdp": None, "fsdp_config": None}
+    if hasattr(TrainingArguments, "_apply_legacy_fsdp_to_config"):  # the fsdp_config API
+        return {"fsdp": True, "fsdp_config": {"version": 2, "reshard_after_forward": True}}
+    return {"fsdp": "full_shard auto_wrap", "fsdp_config": {"version": 2, "reshard_after_forward": True}}
+
+
 def _use_bf16(config: FinetuneConfig, device: torch.device) -> bool:
     """`--bf16/--no-bf16` when given, else the one policy shared with the load dtype (LEAKAUDIT_DTYPE)."""
     from leakaudit.models import default_autocast_bf16
@@ -572,8 +587,7 @@ def _train_trainer(config: FinetuneConfig, lm, model, train: list[ex.Example], h
         bf16=_use_bf16(config, lm.device),
         use_cpu=lm.device.type == "cpu",
         ddp_backend="gloo" if lm.device.type == "cpu" and int(os.environ.get("WORLD_SIZE", "1")) > 1 else None,
-        fsdp="full_shard auto_wrap" if config.fsdp else None,
-        fsdp_config={"version": 2} if config.fsdp else None,
+        **fsdp_arguments(config.fsdp),
         train_sampling_strategy="random" if pack else "group_by_length",
         remove_unused_columns=False,
         disable_tqdm=True,
