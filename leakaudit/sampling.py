@@ -377,12 +377,32 @@ def _hf_generate(lm: LoadedModel, batch: list[_Row], config: SamplingConfig) -> 
         bos_token_id=tok.bos_token_id, use_cache=True, disable_compile=True,
     )
     processors = LogitsProcessorList([] if config.greedy else [_GumbelSampler(batch, config, lm.device)])
-    with model_lock(lm.model), torch.inference_mode(), attention_kernels(lm.device):  # not mid-way a scoring pass
+    with model_lock(lm.model), torch.inference_mode(), attention_kernels(lm.device), \
+            _no_model_generation_defaults(lm.model):  # not mid-way a scoring pass
         out = lm.model.generate(input_ids=input_ids.to(lm.device), attention_mask=mask.to(lm.device),
                                 generation_config=gen_config, logits_processor=processors,
                                 **{cache_keyword(lm.model): cache})
     new = out[:, width:].tolist()
     return new
+
+
+@contextlib.contextmanager
+def _no_model_generation_defaults(model):
+    """Hide the model's own generation_config (its generation_config.json) for one generate() call: transformers
+    fills every field our config leaves unset from it, and fields with no neutral value (suppress_tokens,
+    bad_words_ids, sequence_bias, forced_bos_token_id, stop_strings, max_time) changed or cut the samples, or
+    raised, instead of drawing from the model's distribution."""
+    from transformers import GenerationConfig
+
+    held = [(m, m.generation_config) for m in model.modules()  # the owners, not a PEFT wrapper forwarding it
+            if isinstance(vars(m).get("generation_config"), GenerationConfig)]
+    try:
+        for m, _ in held:
+            m.generation_config = GenerationConfig()
+        yield
+    finally:
+        for m, gc_ in held:
+            m.generation_config = gc_
 
 
 def _layout(batch: list[_Row], groups: list[tuple[int, list[_Row]]]) -> tuple[dict[int, int], int, int]:

@@ -434,6 +434,22 @@ def test_stop_at_eos_false_runs_past_the_models_own_eos(tiny_neox, monkeypatch):
         assert [s.n_new_tokens for s in run] == [6, 6, 6]
 
 
+@pytest.mark.parametrize("greedy", [True, False])
+def test_the_models_generation_config_changes_no_sample(tiny_neox, monkeypatch, greedy):
+    """A generation_config.json's fields that leakaudit's config leaves unset (suppress_tokens, sequence_bias,
+    stop_strings) were filled in by generate(): the samples came out different, or it raised for want of a
+    tokenizer. The model's own EOS still stops a sample (read before generate)."""
+    from transformers import GenerationConfig
+
+    cfg = SamplingConfig(max_new_tokens=8, greedy=greedy, top_k=40, seed=1)
+    plain = _texts(sample(tiny_neox, PROMPTS, cfg, batch_size=2, progress=False))
+    odd = GenerationConfig(bos_token_id=0, eos_token_id=0, suppress_tokens=list(range(10, 1000)),
+                           sequence_bias=[[[5], 50.0]], stop_strings=["e"], forced_bos_token_id=7)
+    monkeypatch.setattr(tiny_neox.model, "generation_config", odd)
+    assert _texts(sample(tiny_neox, PROMPTS, cfg, batch_size=2, progress=False)) == plain
+    assert tiny_neox.model.generation_config is odd
+
+
 def test_a_checkpoint_with_unicode_line_separators_resumes(tiny_neox, tmp_path):
     """U+2028/U+2029/U+0085 in a prompt or sample: written escaped, so the rerun reads one row per line
     (str.splitlines broke the row at them and every resume of the file failed)."""
