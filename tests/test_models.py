@@ -217,6 +217,25 @@ def test_fingerprints_see_every_file_that_changes_the_model(tmp_path):
     assert models.dir_fingerprint(d) != indexed
 
 
+def test_fingerprint_sees_the_weights_config_names_in_a_subfolder(tmp_path):
+    """config.json's `transformers_weights` may name a file in a subfolder (or under any name), which
+    from_pretrained loads: two dirs alike but for those weights, or the weights rewritten, kept one fingerprint
+    and so the first's cached scores."""
+    d = tmp_path / "m"
+    (d / "w").mkdir(parents=True)
+    (d / "config.json").write_text(json.dumps({"transformers_weights": "w/model.safetensors"}))
+    (d / "w" / "model.safetensors").write_bytes(b"a" * 64)
+    before = models.dir_fingerprint(d)
+    (d / "w" / "model.safetensors").write_bytes(b"b" * 64)
+    assert models.dir_fingerprint(d) != before
+    (d / "config.json").write_text(json.dumps({"transformers_weights": "w/model.safetensors.index.json"}))
+    (d / "w" / "model.safetensors.index.json").write_text(json.dumps({"weight_map": {"x": "w/s.safetensors"}}))
+    (d / "w" / "s.safetensors").write_bytes(b"c" * 64)
+    indexed = models.dir_fingerprint(d)
+    (d / "w" / "s.safetensors").write_bytes(b"d" * 64)
+    assert models.dir_fingerprint(d) != indexed
+
+
 def test_concurrent_conversion_is_safe(tmp_path):
     """Two processes building the same cached model at once both succeed with identical files."""
     script = textwrap.dedent("""

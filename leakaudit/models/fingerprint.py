@@ -73,11 +73,18 @@ _FINGERPRINT_FILES = (".safetensors", ".json", ".model", ".txt", ".gguf", ".bin"
 
 def dir_fingerprint(path: Path) -> str:
     """Hash of the weight, config and tokenizer files of a model or adapter dir (not logs or checkpoints),
-    and of the shards a weights index names in a subfolder (transformers loads them from there)."""
+    of the file config.json's `transformers_weights` names (transformers loads it instead, from a subfolder or
+    under any name), and of the shards a weights index names in a subfolder (transformers loads them from there)."""
     import json
 
     files = {f.name: f for f in path.iterdir()
              if f.is_file() and f.suffix in _FINGERPRINT_FILES and f.name not in ("train_log.jsonl", "trainer_state.json")}
+    try:
+        explicit = json.loads((path / "config.json").read_text()).get("transformers_weights")
+    except (ValueError, AttributeError, OSError):
+        explicit = None  # no config (an adapter) or not one loading would accept
+    if isinstance(explicit, str) and explicit and (path / explicit).is_file():
+        files.setdefault(explicit, path / explicit)
     for index in [f for name, f in files.items() if name.endswith(".index.json")]:
         try:
             shards = set((json.loads(index.read_text()).get("weight_map") or {}).values())
