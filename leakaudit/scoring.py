@@ -247,8 +247,8 @@ def _segments(index: int, ctx: list[int], ids: list[int], window: int, stride: i
     while True:
         end = min(begin + window, len(seq))
         first = max(prev_end, start_score)  # absolute position of the first new token to score
-        if first < end:
-            segs.append(_Segment(index, len(segs), seq[begin:end], first - begin))
+        if first < end:  # numbered by window, not by segment kept: a window after a context that did not fit
+            segs.append(_Segment(index, begin // stride, seq[begin:end], first - begin))  # is a later one
         prev_end = end
         if end == len(seq):
             return segs

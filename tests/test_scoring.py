@@ -269,6 +269,15 @@ def test_strided_window_scores_every_token_once(tiny_neox, capsys):
     np.testing.assert_allclose(short.logp, score_texts(tiny_neox, [TEXTS[0]], cache=False)[0].logp, atol=1e-5)
 
 
+def test_a_context_longer_than_the_window_is_warned_of(tiny_neox, capsys):
+    """A text scored after a context (a prompt, a prefix) the window cannot hold sees only the context's last
+    tokens. When all its tokens fit the last window, that window was the first one kept and no warning said
+    so (pii-logprob on a model of short context scored addresses after a cut prompt in silence)."""
+    prefix = " ".join(TEXTS)
+    score_texts(tiny_neox, ["a@b.com"], prefixes=prefix, max_length=16, stride=8, cache=False, progress=False)
+    assert "1 of 1 texts are longer than the 16-token window" in capsys.readouterr().err
+
+
 def test_segments_cover_each_token_once():
     ids = list(range(50))
     for window, stride in [(10, 5), (10, 9), (7, 3), (60, 30)]:
