@@ -97,6 +97,21 @@ def test_early_stopping_on_a_few_rows_holds_out_one_and_on_one_row_is_refused(tm
     assert err.value.field == "--eval-fraction"
 
 
+def test_mitigation_numbers_are_not_booleans():
+    """pydantic reads true as 1: `dp_epsilon=True` trained at epsilon 1, `max_samples_per_user=True` kept one
+    row per user."""
+    from pydantic import ValidationError
+
+    base = {"model": "tiny-gpt-neox", "data": "d.jsonl", "out": "o", "user_field": "user"}
+    for key in ("dp_epsilon", "max_samples_per_user", "early_stopping_patience", "max_grad_norm", "epochs"):
+        with pytest.raises(ValidationError, match="must be a number, not true") as err:
+            FinetuneConfig(**base, **{key: True})
+        assert err.value.errors()[0]["loc"] == (key,)
+    with pytest.raises(ValidationError) as err:  # named at its key, not at no field (`--option`)
+        FinetuneConfig(**base, dp_epsilon=8.0, max_grad_norm=0.5)
+    assert err.value.errors()[0]["loc"] == ("max_grad_norm",)
+
+
 def test_early_stopping_resumes_to_the_straight_run_and_keeps_the_best_checkpoint(user_data, tmp_path, monkeypatch):
     """Killed after any checkpoint, an early-stopped full fine-tune resumes to the straight run's steps and
     weights (the patience counter and the stop decision survive the kill), and its final model is the best

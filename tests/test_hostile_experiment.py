@@ -521,6 +521,21 @@ def test_a_per_user_cap_without_users_is_refused_by_both_front_ends(tmp_path, mo
     assert not (tmp_path / "ft").exists()
 
 
+@pytest.mark.parametrize("defenses, key, words", [
+    ("      max_samples_per_user: true\n", "max_samples_per_user", "must be a number, not true"),
+    ("      dp_epsilon: yes\n", "dp_epsilon", "must be a number, not true"),
+    ("      dp_epsilon: 8\n      max_grad_norm: 0.5\n", "max_grad_norm", "not used by DP-SGD"),
+])
+def test_a_bad_mitigation_value_names_its_own_key(tmp_path, monkeypatch, capsys, defenses, key, words):
+    """`max_samples_per_user: true` kept one row per user and `dp_epsilon: yes` trained at epsilon 1, silently
+    (pydantic reads true as 1); a batch clip beside DP-SGD was refused at `finetune.capped.options.options`."""
+    text = FINETUNE_STUDY.replace("      max_samples_per_user: 2\n", defenses).replace(
+        "    data: d\n", "    data: d\n    options: {user_field: user}\n")
+    line = _refused(tmp_path, text, monkeypatch, capsys)
+    assert f"field 'finetune.capped.defenses.{key}'" in line and words in line, line
+    assert f"exp.yaml:{13 + defenses.count(chr(10)) - 1}:" in line, line
+
+
 def test_early_stopping_without_eval_fraction_holds_out_data_in_both_front_ends():
     """The other CLI-only rule: early stopping needs held-out data, so both front ends hold out 10%."""
     from leakaudit.train.finetune import FinetuneConfig

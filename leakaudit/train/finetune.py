@@ -27,7 +27,16 @@ from pathlib import Path
 from typing import Any, Literal
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
+from pydantic_core import InitErrorDetails, PydanticCustomError
 
 from leakaudit.data.io import read_rows, write_json
 from leakaudit.distributed import check_rendezvous, is_main, world
@@ -105,6 +114,18 @@ class FinetuneConfig(BaseModel):
             return [m.strip() for m in v.split(",") if m.strip()] or None
         return v
 
+    @field_validator("epochs", "learning_rate", "batch_size", "gradient_accumulation", "weight_decay", "warmup_steps",
+                     "lora_r", "lora_alpha", "lora_dropout", "max_length", "max_samples_per_user", "max_grad_norm",
+                     "early_stopping_patience", "eval_fraction", "dp_epsilon", "dp_delta", "dp_max_grad_norm", "seed",
+                     "max_steps", "save_steps", mode="before")
+    @classmethod
+    def _numbers_are_not_booleans(cls, v: Any) -> Any:
+        """pydantic reads true as 1: an experiment's `dp_epsilon: yes` trained at epsilon 1 and
+        `max_samples_per_user: true` kept one row per user, silently."""
+        if isinstance(v, bool):
+            raise ValueError(f"must be a number, not {str(v).lower()}")
+        return v
+
     @field_validator("max_grad_norm", mode="before")
     @classmethod
     def _zero_clip_norm_is_off(cls, v: Any) -> Any:
@@ -149,8 +170,13 @@ class FinetuneConfig(BaseModel):
         was silently unused. Given as 0 or None (off) it asks for nothing DP does not do."""
         if isinstance(data, dict) and data.get("dp_epsilon") is not None and data.get("max_grad_norm") not in (
                 None, 0):
-            raise ValueError("max_grad_norm (the batch's clip) is not used by DP-SGD, which clips each example at "
-                             "dp_max_grad_norm: drop it, or set dp_max_grad_norm")
+            # raised at max_grad_norm's own key: a plain ValueError here has no field, so the error named
+            # `--option` / `finetune.NAME.options.options` and the line of `options:`, not the option
+            msg = ("max_grad_norm (the batch's clip) is not used by DP-SGD, which clips each example at "
+                   "dp_max_grad_norm: drop it, or set dp_max_grad_norm")
+            raise ValidationError.from_exception_data(cls.__name__, [InitErrorDetails(
+                type=PydanticCustomError("value_error", msg), loc=("max_grad_norm",),
+                input=data["max_grad_norm"])])
         return data
 
     @model_validator(mode="before")
