@@ -72,7 +72,8 @@ def test_early_stopping_holds_out_rows_and_stops(user_data, tmp_path):
                          early_stopping_patience=1, eval_fraction=0.3, max_grad_norm=None)
     out = finetune(cfg, progress=False)
     report = json.loads((out / "defenses.json").read_text())
-    assert report["n_heldout_examples"] == 2 and report["n_train_examples"] == 5
+    # 30% of 7 rows is 2, one of them user a's repeated text, whose copy is held out with it
+    assert report["n_heldout_examples"] == 3 and report["n_train_examples"] == 4
     log = [json.loads(x) for x in (out / "train_log.jsonl").read_text().splitlines()]
     evals = [r["eval_loss"] for r in log if "eval_loss" in r]
     assert len(evals) >= 2
@@ -97,6 +98,20 @@ def test_early_stopping_on_a_few_rows_holds_out_one_and_on_one_row_is_refused(tm
     assert err.value.field == "--eval-fraction"
 
 
+def test_early_stopping_holds_out_every_copy_of_a_held_out_text(tmp_path, tiny_neox):
+    """Rows were held out one by one, so a repeated text could be both held out and trained on: the eval
+    loss early stopping watches then scored trained text (3 of 25 held-out messages in study 3, seed 0)."""
+    data = tmp_path / "dups.jsonl"
+    rows = [{"text": f"Message {i % 4} from a sender.", "user": "u"} for i in range(12)]  # 4 texts, 3 copies each
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    cfg = FinetuneConfig(model="tiny-gpt-neox", data=str(data), out=str(tmp_path / "o"), user_field="user",
+                         early_stopping_patience=1, eval_fraction=0.25, max_length=64)
+    train, held, _ = load_examples(cfg, tiny_neox.tokenizer)
+    trained = {tuple(e.input_ids) for e in train}
+    assert held and train and not any(tuple(e.input_ids) in trained for e in held)
+    assert len(train) + len(held) == 12 and len(held) % 3 == 0  # whole texts, each with its copies
+
+
 def test_mitigation_numbers_are_not_booleans():
     """pydantic reads true as 1: `dp_epsilon=True` trained at epsilon 1, `max_samples_per_user=True` kept one
     row per user."""
@@ -116,7 +131,7 @@ def test_early_stopping_resumes_to_the_straight_run_and_keeps_the_best_checkpoin
     """Killed after any checkpoint, an early-stopped full fine-tune resumes to the straight run's steps and
     weights (the patience counter and the stop decision survive the kill), and its final model is the best
     checkpoint's, every weight of it (GPT-NeoX's output layer is saved as `embed_out`; the Trainer's own
-    loading skipped it). The held-out losses are scripted by step: the real ones of 5 rows at learning rate 0.5
+    loading skipped it). The held-out losses are scripted by step: the real ones of 3 rows at learning rate 0.5
     wander with the CPU and precision (in bf16 on one Xeon they never stopped the run)."""
     import transformers
     from transformers import TrainerCallback
@@ -145,8 +160,8 @@ def test_early_stopping_resumes_to_the_straight_run_and_keeps_the_best_checkpoin
 
     def cfg(name):
         return FinetuneConfig(model="tiny-gpt-neox", data=str(user_data), out=str(tmp_path / name), method="full",
-                              epochs=8, batch_size=4, gradient_accumulation=1, learning_rate=0.5,
-                              early_stopping_patience=2, eval_fraction=0.3, max_grad_norm=None)
+                              epochs=8, batch_size=2, gradient_accumulation=1, learning_rate=0.5,
+                              early_stopping_patience=2, eval_fraction=0.3, max_grad_norm=None)  # 4 rows trained
 
     def steps(out):
         return [json.loads(x)["step"] for x in (out / "train_log.jsonl").read_text().splitlines()
