@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import types
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any, Union, get_args, get_origin
 
-from pydantic import AfterValidator, BeforeValidator, Field
+from pydantic import AfterValidator, BeforeValidator, Field, ValidationInfo
 
 
 def _batch_size(v: int | str) -> int | str:
@@ -44,3 +45,14 @@ def _comma_joined(v: object) -> object:
 #: comma-separated names that an experiment file may also write as a YAML list (`templates: [C, D]`), as it
 #: writes `attacks` and `temperatures`
 CommaList = Annotated[str, BeforeValidator(_comma_joined)]
+
+
+def numbers_are_not_booleans(cls: Any, v: Any, info: ValidationInfo) -> Any:
+    """A `field_validator("*", mode="before")` for option models that are not strict (a CLI hands them
+    strings): pydantic reads true as 1, so `dp_epsilon: yes` trained at epsilon 1, `max_samples_per_user: true`
+    kept one row per user and `n_bootstrap: true` drew one resample, silently. A number field refuses a bool."""
+    annotation = cls.model_fields[info.field_name].annotation
+    members = set(get_args(annotation)) if get_origin(annotation) in (Union, types.UnionType) else {annotation}
+    if isinstance(v, bool) and bool not in members and members & {int, float}:
+        raise ValueError(f"must be a number, not {str(v).lower()}")
+    return v

@@ -264,6 +264,10 @@ def test_grid_values_cannot_make_folders_outside_out(tmp_path):
     ("{attacks: [loss], attack_options: {min_k: {k: 0.2}}}", "evaluate.m.options.attack_options.min_k",
      "not run"),
     ("{attacks: [min_k], attack_options: {min_k: {k: 7}}}", "evaluate.m.options.attack_options.min_k.k", "min_k"),
+    # pydantic reads true as 1: one bootstrap resample, Min-K% over every token, silently
+    ("{n_bootstrap: true}", "evaluate.m.options.n_bootstrap", "must be a number, not true"),
+    ("{attacks: [min_k], attack_options: {min_k: {k: yes}}}", "evaluate.m.options.attack_options.min_k.k",
+     "must be a number, not true"),
 ])
 def test_bad_evaluation_options_fail_before_any_stage(options, where, message, tmp_path, monkeypatch, capsys):
     err = _refused(tmp_path, _experiment(options=options), monkeypatch, capsys)
@@ -300,6 +304,8 @@ GENERATE = ("generate:\n"
     (GENERATE, "{greedy: true, temperature: 0.7}", 22, "generate.g.options.temperature", "combined with greedy"),
     (GENERATE, "{temperature: -1}", 22, "generate.g.options.temperature", "greater than or equal to 0"),
     (GENERATE, "{prompt_tokenz: 5}", 22, "generate.g.options.prompt_tokenz", "unknown option"),
+    (GENERATE, "{max_new_tokens: true}", 22, "generate.g.options.max_new_tokens", "must be a number, not true"),
+    (FINETUNE, "{epochs: on}", 21, "finetune.t.options.epochs", "must be a number, not true"),
 ])
 def test_bad_training_and_generation_options_fail_before_any_stage(section, options, line, where, message,
                                                                     tmp_path, monkeypatch, capsys):

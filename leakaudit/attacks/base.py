@@ -14,9 +14,10 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic import BaseModel, ConfigDict, ValidationError, field_validator
 
 from leakaudit.errors import InputError
+from leakaudit.options import numbers_are_not_booleans
 
 if TYPE_CHECKING:  # the registry (names, papers, summaries) is read by the report, which needs no torch
     from leakaudit.models import LoadedModel
@@ -27,6 +28,7 @@ class AttackConfig(BaseModel):
     """Options of one attack; unknown options are errors, not silently ignored."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
+    _numbers_are_not_booleans = field_validator("*", mode="before")(numbers_are_not_booleans)
 
 
 @dataclass

@@ -19,9 +19,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar, Literal
 
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, field_validator
 
 from leakaudit.errors import InputError
+from leakaudit.options import numbers_are_not_booleans
 
 Section = Literal["evaluate", "generate"]
 #: The data roles a step can be given in an experiment file (a data reference each) and the model roles.
@@ -33,6 +34,7 @@ class KindOptions(BaseModel):
     """Base of every kind's options: unknown keys are errors, values are checked when built."""
 
     model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
+    _numbers_are_not_booleans = field_validator("*", mode="before")(numbers_are_not_booleans)
 
 
 @dataclass

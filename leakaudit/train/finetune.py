@@ -43,7 +43,7 @@ from leakaudit.distributed import check_rendezvous, is_main, world
 from leakaudit.errors import InputError
 from leakaudit.models import attention_kernels
 from leakaudit.models.tokens import encode
-from leakaudit.options import Seed
+from leakaudit.options import Seed, numbers_are_not_booleans
 from leakaudit.train import examples as ex
 from leakaudit.train.artifacts import (
     DONE_MARKER,
@@ -114,17 +114,7 @@ class FinetuneConfig(BaseModel):
             return [m.strip() for m in v.split(",") if m.strip()] or None
         return v
 
-    @field_validator("epochs", "learning_rate", "batch_size", "gradient_accumulation", "weight_decay", "warmup_steps",
-                     "lora_r", "lora_alpha", "lora_dropout", "max_length", "max_samples_per_user", "max_grad_norm",
-                     "early_stopping_patience", "eval_fraction", "dp_epsilon", "dp_delta", "dp_max_grad_norm", "seed",
-                     "max_steps", "save_steps", mode="before")
-    @classmethod
-    def _numbers_are_not_booleans(cls, v: Any) -> Any:
-        """pydantic reads true as 1: an experiment's `dp_epsilon: yes` trained at epsilon 1 and
-        `max_samples_per_user: true` kept one row per user, silently."""
-        if isinstance(v, bool):
-            raise ValueError(f"must be a number, not {str(v).lower()}")
-        return v
+    _numbers_are_not_booleans = field_validator("*", mode="before")(numbers_are_not_booleans)
 
     @field_validator("max_grad_norm", mode="before")
     @classmethod
