@@ -110,6 +110,27 @@ def test_early_stopping_holds_out_every_copy_of_a_held_out_text(tmp_path, tiny_n
     trained = {tuple(e.input_ids) for e in train}
     assert held and train and not any(tuple(e.input_ids) in trained for e in held)
     assert len(train) + len(held) == 12 and len(held) % 3 == 0  # whole texts, each with its copies
+    # a run killed under the row-by-row split is not resumed on this one: the held-out rule is in its fingerprint
+    plain = FinetuneConfig(model="tiny-gpt-neox", data=str(data), out=str(tmp_path / "o"), user_field="user")
+    assert "heldout" in json.dumps(_fingerprint_parts(cfg)) and "heldout" not in json.dumps(_fingerprint_parts(plain))
+
+
+def _fingerprint_parts(cfg: FinetuneConfig) -> dict:
+    """What `fingerprint` hashes, read back by patching its hash."""
+    import hashlib
+    from unittest import mock
+
+    seen = {}
+    real = hashlib.sha256
+
+    def spy(data=b""):
+        if data.startswith(b"{"):  # the options' JSON; file hashes on the way start empty
+            seen["parts"] = json.loads(data.decode())
+        return real(data)
+
+    with mock.patch("leakaudit.train.finetune.hashlib.sha256", spy):
+        cfg.fingerprint()
+    return seen["parts"]
 
 
 def test_mitigation_numbers_are_not_booleans():

@@ -193,6 +193,10 @@ class FinetuneConfig(BaseModel):
         from leakaudit.models import dir_fingerprint, file_sha256
 
         keep = self.model_dump(exclude={"out", "device", "fsdp"})
+        if self.eval_fraction > 0 or self.early_stopping_patience is not None:
+            # the held-out split takes every copy of a held-out text (since 2026-12-06): a run killed under the
+            # row-by-row split is not resumed on another split
+            keep["heldout"] = "whole texts"
         for name in ("model", "data"):
             p = Path(keep[name]).expanduser()
             if p.exists():
