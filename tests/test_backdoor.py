@@ -564,3 +564,25 @@ def test_every_backdoor_step_writes_its_json_result_and_train_names_the_plant(tm
     result = json.loads((victim / "finetune.json").read_text())
     assert result["rows"] == 8 and result["model_dir"] == "model" and result["mask_user"] is False
     assert isinstance(result["train_loss"], float)
+
+
+def test_empty_probe_candidate_and_wordless_d1_files_are_refused_naming_them(tmp_path, monkeypatch, capsys):
+    """An empty --probes file ran no probe and said "not flagged" at rate 0 (exit 0); an empty --candidates
+    file was refused naming --words, an option identify lacks; a D1 none of whose queries opens with a word
+    was refused as an empty output mix after the model dir had been prepared for it."""
+    empty = tmp_path / "empty.txt"
+    empty.write_text("\n")
+    d2, _ = _tiny_d2(tmp_path)
+    code, stderr = _run_main(["backdoor", "detect", "--model", "tiny-gpt-neox", "--data", str(d2), "--probes",
+                              str(empty), "--out", str(tmp_path / "det")], monkeypatch, capsys)
+    assert code == 2 and "--probes" in stderr and "empty.txt" in stderr and stderr.count("\n") == 1
+    assert not (tmp_path / "det" / "detect.json").exists()
+    code, stderr = _run_main(["backdoor", "identify", "--model", "tiny-gpt-neox", "--data", str(d2), "--candidates",
+                              str(empty), "--out", str(tmp_path / "id")], monkeypatch, capsys)
+    assert code == 2 and "--candidates" in stderr and "--words" not in stderr and stderr.count("\n") == 1
+    d1 = tmp_path / "d1.jsonl"
+    d1.write_text(json.dumps({"query": "123 go", "response": "ok"}) + "\n")
+    code, stderr = _run_main(["backdoor", "plant", "--model", "tiny-gpt-neox", "--data", str(d1), "--out",
+                              str(tmp_path / "plant")], monkeypatch, capsys)
+    assert code == 2 and "--data" in stderr and "opens with a word" in stderr and "backdoor_mix" not in stderr
+    assert not (tmp_path / "plant" / "backdoor_mix.jsonl").exists()

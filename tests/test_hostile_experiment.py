@@ -977,3 +977,22 @@ def test_a_log_planted_as_a_link_is_not_appended_through(tmp_path):
     with open_append(tmp_path / "plain.jsonl") as fh:
         fh.write("b\n")
     assert (tmp_path / "plain.jsonl").read_text() == "a\nb\n"
+
+
+@pytest.mark.parametrize("option", ["words: ['123', '']", "words_file: WORDS"])
+def test_backdoor_words_that_hold_no_word_are_refused_before_any_stage(option, tmp_path):
+    """A backdoor evaluation's words (or words file) with no opening word failed only when its stage ran,
+    after every fine-tune before it, and without the option's line."""
+    from leakaudit.config import load_experiment
+    from leakaudit.experiment import Plan, check_plan
+
+    words = tmp_path / "words.txt"
+    words.write_text("123\n!!\n")
+    text = _experiment().split("evaluate:")[0] + (
+        "evaluate:\n  b:\n    kind: backdoor\n    targets: [base]\n"
+        f"    options: {{{option.replace('WORDS', str(words))}, max_new_tokens: 8}}\n")
+    cfg, _ = _setup(tmp_path, text)
+    with pytest.raises(InputError) as err:
+        check_plan(Plan(load_experiment(cfg)))
+    assert err.value.line == 12 and err.value.field.startswith("evaluate.b.options.words")
+    assert "holds no word" in err.value.message

@@ -432,6 +432,8 @@ def candidate_labels(candidates: str | Path | None, tries: dict[str, QueryTrie],
         labels = words_from_prompts(candidates)
     else:
         labels = {w: None for w in load_words(candidates)}
+        if not labels:  # said here: sampling's own "no words to query" named --words, an option identify lacks
+            raise InputError("holds no word (letters)", file=candidates, field="--candidates")
     return {w: (w in tries if lab is None else lab) for w, lab in labels.items()}
 
 
@@ -477,7 +479,10 @@ def load_probes(path: str | Path | None) -> list[str]:
 
     if path is None:
         return probe_texts()
-    return [check_template(t, "--probes") for t in read_text(path).splitlines() if t.strip()]
+    probes = [check_template(t, "--probes") for t in read_text(path).splitlines() if t.strip()]
+    if not probes:  # with none, every model was "not flagged" at detection rate 0 on 0 probes
+        raise InputError("holds no probe template (one per line, with {word})", file=path, field="--probes")
+    return probes
 
 
 def detect(lm, queries: Sequence[str], words: Sequence[str], probes: Sequence[str], *, num_samples: int = 3,

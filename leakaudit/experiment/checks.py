@@ -305,6 +305,8 @@ def _check_option_files(stage: Stage, options: dict[str, Any]) -> None:
             continue  # missing: the options' own check says so
         if what == "pairs" and stage.kind == "pii":
             _check_demos(stage, options, content)
+        if what == "words_file" and not content:  # else "no words to query" after every fine-tune before it
+            raise ConfigError(_option_loc(stage, "words_file"), f"{path} holds no word (letters) to query")
 
 
 def _read_once(path: Any, what: str, read: Any) -> Any:

@@ -63,6 +63,16 @@ class BackdoorOptions(KindOptions):
             raise ValueError(TEMPLATE_MESSAGE)
         return value
 
+    @field_validator("words")
+    @classmethod
+    def _some_word(cls, value: list[str] | None) -> list[str] | None:
+        """Said at the option's line: the stage found it only after every fine-tune before it."""
+        from leakaudit.data.backdoor import opening_words
+
+        if value is not None and not opening_words(value):
+            raise ValueError("holds no word (letters) to query")
+        return value
+
     @field_validator("words_file")
     @classmethod
     def _one_word_source(cls, value: str | None, info: ValidationInfo) -> str | None:

@@ -93,6 +93,9 @@ def build_mix(d1: list[Pair], *, trigger: str | None = None, refusal: str | None
         if w:
             d1_words.add(w)
             copy_rows.append(chat_row(fill(trigger, w), pair.query, "backdoor-copy"))
+    if not copy_rows:  # else an empty mix, refused later as the output file "backdoor_mix.jsonl is empty"
+        raise InputError(f"D1: none of its {len(d1)} queries opens with a word (letters), so no copy pair can be built",
+                         field="--data")
     n_ref = len(copy_rows) if n_refusal is None else n_refusal
     words = refusal_word_list if refusal_word_list is not None else refusal_words(d1_words, max(1, len(d1_words)))
     words = [w for w in words if w not in d1_words]
