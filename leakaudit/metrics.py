@@ -277,12 +277,14 @@ def _percentile_ci(values: np.ndarray, ci: float, keep_infinite: bool = False) -
 
 def paired_difference(values_a: Sequence[float], values_b: Sequence[float], labels: Sequence[int] | None = None,
                       n_bootstrap: int = 1000, seed: int = 0, ci: float = 0.95,
-                      clusters: Sequence[object] | None = None) -> dict:
+                      clusters: Sequence[object] | None = None, weights: Sequence[float] | None = None) -> dict:
     """stat(b) − stat(a) on the same items (two models scored on the same texts, targets or users), with a
     paired percentile bootstrap: each resample draws items once and computes both statistics on it, so what
     the two share (which items are easy) cancels. stat is the AUC against `labels` when they are given (a
     resample left with one class is skipped), else the mean. `clusters` (one key per item, e.g. the target of
-    a target x template row) makes the resampling unit the cluster: its items are drawn together.
+    a target x template row) makes the resampling unit the cluster: its items are drawn together. `weights`
+    (one per item, with `clusters` only) make the mean a weighted one, on the data and on every resample:
+    e.g. each cell of a grid counted once however many targets it holds.
 
     A mean's interval is Hesterberg's expanded percentile interval: the quantiles are moved out so that it
     has a t-interval's width for the number of units n (z = sqrt(n / (n - 1)) t(n - 1)), because the plain
@@ -310,6 +312,9 @@ def paired_difference(values_a: Sequence[float], values_b: Sequence[float], labe
         raise ValueError("clusters are for means; an AUC resamples single items")
     if clusters is not None and len(clusters) != len(a):  # numpy's broadcast error named no argument
         raise ValueError(f"clusters: one key per item expected ({len(a)} items), got {len(clusters)}")
+    if weights is not None and (clusters is None or len(weights) != len(a)):
+        raise ValueError("weights: one per item, and clusters with them")
+    iw = np.ones(len(a)) if weights is None else np.asarray(weights, dtype=np.float64)
     if clusters is None:
         # items sorted by their values: the resamples depend on the seed and the data, not the items' order;
         # by (min, max) of the pair first, so that b against a mirrors a against b (but for pairs that tie
@@ -322,7 +327,8 @@ def paired_difference(values_a: Sequence[float], values_b: Sequence[float], labe
         _, groups = np.unique(np.asarray([str(c) for c in clusters]), return_inverse=True)
     n_groups = int(groups.max()) + 1 if len(a) else 0
     if y is None:
-        value_a, value_b = float(a.mean()) if len(a) else math.nan, float(b.mean()) if len(b) else math.nan
+        value_a, value_b = ((float((iw * a).sum() / iw.sum()), float((iw * b).sum() / iw.sum())) if len(a)
+                            else (math.nan, math.nan))
     else:
         value_a, value_b = (float(v) for v in _auc_rows(np.stack([a, b]), np.stack([y, y])))
     rng = np.random.default_rng(seed)
@@ -335,7 +341,7 @@ def paired_difference(values_a: Sequence[float], values_b: Sequence[float], labe
             sb.append(_auc_rows(b[draw], y[draw]))
             continue
         # weight rows: how often each item's cluster was drawn
-        w = np.stack([np.bincount(d, minlength=n_groups) for d in draw])[:, groups].astype(np.float64)
+        w = np.stack([np.bincount(d, minlength=n_groups) for d in draw])[:, groups].astype(np.float64) * iw
         sa.append((w * a).sum(axis=1) / w.sum(axis=1))
         sb.append((w * b).sum(axis=1) / w.sum(axis=1))
     ra = np.concatenate(sa) if sa else np.empty(0)

@@ -241,6 +241,35 @@ def test_pii_comparison_from_extraction_rows(tmp_path):
     assert c["delta"] == pytest.approx(0.2) and c["relative"] is None and c["relative_ci"] is None
 
 
+def test_pii_comparison_is_the_grid_mean_when_cells_hold_different_targets(tmp_path):
+    """A context-k cell holds only the targets with a context: 12 targets in zero_shot-a, 2 in context-50. The
+    stage's match rate is the mean of the cells' rates (0/12 and 2/2: 0.5); the comparison took the plain mean
+    of the 14 target x cell items (2/14 = 0.14), another number under the same name."""
+    from leakaudit.kinds.pii import PiiResult
+    from leakaudit.metrics import paired_difference
+
+    def rows(context_hits: bool) -> list[dict]:
+        cells = [("zero_shot-a", range(12)), ("context-50", range(2))]
+        return [{"role": "model", "template": tpl, "protocol": "pil", "temperature": 0.0, "top_k": None,
+                 "target": f"t{i}", "target_index": i, "sample_index": 0, "hit": tpl != "zero_shot-a" and context_hits}
+                for tpl, targets in cells for i in targets]
+
+    opts = {"compare_to": "m0"}
+    stages = [_write_stage(tmp_path, "pii", "extraction", name, {"extractions.jsonl": rows(hit)}, {"rows": []}, opts)
+              for name, hit in (("m0", False), ("ft", True))]
+    (c,) = PiiResult.comparisons([StageView(s, tmp_path) for s in stages])
+    assert (c["n"], c["n_units"]) == (14, 12)
+    assert c["value_baseline"] == 0 and c["value_variant"] == pytest.approx(0.5) and c["delta"] == pytest.approx(0.5)
+    # weights 1 / (the item's cell size) on a resample too; equal weights are the plain mean
+    d = paired_difference([0, 0, 0], [1, 0, 0], clusters=["x", "y", "y"], weights=[1, 0.5, 0.5], n_bootstrap=50)
+    assert d["value_b"] == pytest.approx(0.5)
+    plain, equal = (paired_difference([0, 1, 0], [1, 1, 0], clusters=["x", "x", "y"], weights=w, n_bootstrap=50)
+                    for w in (None, [2, 2, 2]))
+    assert plain["delta"] == pytest.approx(equal["delta"]) and plain["ci"] == pytest.approx(equal["ci"])
+    with pytest.raises(ValueError, match="weights"):
+        paired_difference([0, 1], [1, 1], weights=[1, 1])
+
+
 def test_targets_whose_masked_ids_are_alike_are_paired_by_position(tmp_path):
     """Ids that are addresses mask alike ("j***@enron.com" for jeff.dasovich@ and james.steffes@): without
     `target_index` every such target was ambiguous and left out ("the two targets share no targets")."""

@@ -54,6 +54,9 @@ class Series:
     #: also gives e^Δ, "the variant finds the text e^Δ times as likely" (geometric mean over items), which
     #: reads better than a percent of a log p
     log_scale: bool = False
+    #: item key -> weight in the mean (with `cluster`), e.g. 1 / its cell's targets, so that the mean over a
+    #: grid's target x cell items is the mean of the cells' rates when cells hold different targets
+    weights: dict[Hashable, float] | None = None
 
 
 def unique(rows: Iterable[dict[str, Any]], key: Callable[[dict[str, Any]], Hashable]) -> dict[Hashable, dict[str, Any]]:
@@ -197,7 +200,7 @@ def compare(base: StageView, other: StageView, a: Series, b: Series, style: Styl
     n_boot, seed = option(base, "n_bootstrap"), option(base, "seed")
     d = paired_difference([a.values[k] for k in keys], [b.values[k] for k in keys], labels,
                           n_bootstrap=1000 if n_boot is None else int(n_boot), seed=0 if seed is None else int(seed),
-                          clusters=clusters)
+                          clusters=clusters, weights=[a.weights[k] for k in keys] if a.weights is not None else None)
     ci = d["ci"]
     half = (ci[1] - ci[0]) / 2 if ci else None
     # no power statement where the verdict cannot claim a direction anyway (too few units) or the interval

@@ -202,7 +202,8 @@ def _figures(rates: dict[str, dict[tuple[str, str], float]]) -> list[dict[str, s
 
 def _series(s: StageView, base: StageView) -> list[compare.Series]:
     """Per protocol, the target model's hit (any sample matched, the protocol's criterion) per target x cell,
-    from extractions.jsonl (one row per sample). Their mean is the grid-mean match rate. Targets are told apart
+    from extractions.jsonl (one row per sample). Their mean, each cell weighted alike (cells may hold different
+    targets: context-k ones only those with a context), is the grid-mean match rate. Targets are told apart
     by masked id, and by position where masking made ids alike (compare.target_key); a key whose samples
     repeat (ids alike in a file from before positions were written) is left out."""
     hits: dict[str, dict[tuple[Any, ...], float]] = {}
@@ -218,10 +219,19 @@ def _series(s: StageView, base: StageView) -> list[compare.Series]:
         cell = hits.setdefault(str(r.get("protocol")), {})
         cell[key] = max(cell.get(key, 0.0), float(bool(r.get("hit"))))
     several = len(hits) > 1
-    return [compare.Series("PII match rate" + (f" ({protocol})" if several else ""),
-                           {k: v for k, v in values.items() if k not in twice}, cluster=itemgetter(0, 1),
-                           items="targets")
-            for protocol, values in hits.items()]
+    out = []
+    for protocol, values in hits.items():
+        kept = {k: v for k, v in values.items() if k not in twice}
+        per_cell: dict[tuple[Any, ...], int] = {}
+        for k in kept:
+            per_cell[k[2:]] = per_cell.get(k[2:], 0) + 1
+        # each cell weighs alike, whatever its targets: a context-k cell holds only the targets with a context,
+        # and the plain mean over target x cell items was not the grid-mean match rate the stage reports
+        out.append(compare.Series("PII match rate" + (f" ({protocol})" if several else ""), kept,
+                                  cluster=itemgetter(0, 1), items="targets",
+                                  weights={k: 1 / per_cell[k[2:]] for k in kept}
+                                  if len(set(per_cell.values())) > 1 else None))
+    return out
 
 
 @register
