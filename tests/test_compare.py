@@ -450,6 +450,12 @@ def test_backdoor_comparison_by_hand(tmp_path):
     assert (full["n"], full["n_units"]) == (24, 12)
     assert full["value_baseline"] == 0 and full["value_variant"] == pytest.approx(4 / 24)
     assert full["delta_ci"][0] > 0  # resampled by word: a resample holding none of the 4 is (8/12)^12 < 1%
+    # `words` asking for some of the data's words: the rate is over their queries, not the table's "k of all the
+    # data's queries" (8 of 17 there beside 0.727 here, under one name): the name says which
+    for st in stages:
+        st["result"]["n_queries"] = 30
+    by = {c["metric"]: c for c in BackdoorResult.comparisons([StageView(s, tmp_path) for s in stages])}
+    assert by["fully recovered (queries of the words asked)"]["value_variant"] == pytest.approx(4 / 24)
 
 
 def test_no_power_statement_where_the_interval_bounds_nothing(tmp_path):

@@ -137,7 +137,12 @@ def _series(s: StageView, base: StageView) -> list[compare.Series]:
     series = [compare.Series(f"match ratio ({stat})", {w: e.get(f"match_ratio_{stat}") for w, e in words.items()},
                              items="words") for stat in ("mean", "max")]
     if recovered:
-        series.append(compare.Series("fully recovered", recovered, cluster=itemgetter(0), items="words"))
+        # with `words` naming some of the data's opening words, only their queries are asked for: the rate is
+        # over those, which the report's table (k of all the data's queries) is not, so the name says so
+        total = s.result.get("n_queries")
+        name = "fully recovered" + (" (queries of the words asked)" if isinstance(total, int) and
+                                    len(recovered) < total else "")
+        series.append(compare.Series(name, recovered, cluster=itemgetter(0), items="words"))
     return series
 
 
