@@ -66,6 +66,23 @@ def test_opening_words_reproduce_the_study_word_list():
     assert labels["Repair"] is True and sum(labels.values()) == 183
 
 
+def test_candidate_labels_that_disagree_with_the_data_are_said(tmp_path, capsys):
+    """The shipped identify_200.json labels words by the shipped D2; scored against one's own D2 its labels
+    (91 of 200 wrong for a 17-query D2) made precision and recall wrong in silence. They are kept (the file's
+    labels are the documented ground truth), and a warning says how many disagree."""
+    from leakaudit import resources, warn
+    from leakaudit.data.backdoor import d2_queries
+
+    path = resources.path("backdoor-extraction", "stage2_dolly", "eval", "identify_200.json")
+    warn._WARNED.clear()
+    shipped = bd.candidate_labels(path, bd.build_tries(d2_queries()))
+    assert "disagree" not in capsys.readouterr().err  # the shipped D2 agrees with every label
+    mine = bd.candidate_labels(path, bd.build_tries(["Why is the sky blue?", "How do I bake bread?"]))
+    wrong = sum(lab != (w in ("Why", "How")) for w, lab in mine.items())
+    assert mine == shipped and wrong > 0
+    assert f"warning: {wrong} of {len(mine)} labels in {path} disagree" in capsys.readouterr().err
+
+
 # ----------------------------------------------------------------------------------------- trie, match ratio
 QUERIES = ["When did X start?", "When is it?", "Why not"]
 

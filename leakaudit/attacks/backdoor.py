@@ -33,6 +33,7 @@ from leakaudit.data.backdoor import (  # noqa: F401  (the study's texts, also re
     study_trigger,
 )
 from leakaudit.errors import InputError
+from leakaudit.warn import warn_once
 
 _TOKEN = re.compile(r"\w+|[^\w\s]")
 
@@ -434,6 +435,11 @@ def candidate_labels(candidates: str | Path | None, tries: dict[str, QueryTrie],
         labels = {w: None for w in load_words(candidates)}
         if not labels:  # said here: sampling's own "no words to query" named --words, an option identify lacks
             raise InputError("holds no word (letters)", file=candidates, field="--candidates")
+    disagree = sum(lab is not None and lab != (w in tries) for w, lab in labels.items())
+    if disagree:  # the shipped labels describe the shipped D2: against other data, precision and recall are off
+        warn_once(f"{disagree} of {len(labels)} labels in {candidates} disagree with the data's queries (whether a "
+                  "query opens with the word): the file's labels are scored, as given; drop them (a word list) "
+                  "to label the words by the data")
     return {w: (w in tries if lab is None else lab) for w, lab in labels.items()}
 
 
