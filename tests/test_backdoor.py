@@ -603,3 +603,8 @@ def test_empty_probe_candidate_and_wordless_d1_files_are_refused_naming_them(tmp
                               str(tmp_path / "plant")], monkeypatch, capsys)
     assert code == 2 and "--data" in stderr and "opens with a word" in stderr and "backdoor_mix" not in stderr
     assert not (tmp_path / "plant" / "backdoor_mix.jsonl").exists()
+    # a model that cannot load: refused before the mix and a plant.json naming it are written
+    code, stderr = _run_main(["backdoor", "plant", "--model", str(tmp_path / "no-model"), "--out",
+                              str(tmp_path / "plant2")], monkeypatch, capsys)
+    assert code == 2 and "--model" in stderr and stderr.count("\n") == 1
+    assert not (tmp_path / "plant2").exists() or not any((tmp_path / "plant2").iterdir())

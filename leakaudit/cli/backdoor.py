@@ -54,12 +54,15 @@ def _train_options(epochs, learning_rate, batch_size, max_length, method, max_st
 
 
 def _check_train(model: str, out: Path, options: dict) -> None:
-    """Refuse bad training options (FinetuneConfig's own rules) before any data is built or model loaded."""
+    """Refuse bad training options (FinetuneConfig's own rules) and a model that cannot load before any data is
+    built or model loaded (`plant` wrote its mix and a plant.json naming a model that did not exist)."""
     from leakaudit.cli.train import _config
+    from leakaudit.models import check_model_spec
     from leakaudit.train.finetune import check_base
 
     _config(model=model, data="-", out=str(out / "model"), format="chat", **options)
     check_base(model)
+    check_model_spec(model)
 
 
 def _prepare(out: Path, command: str, files: tuple[str, ...], **inputs) -> None:
