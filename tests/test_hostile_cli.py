@@ -517,6 +517,10 @@ def test_repeatable_options_and_repeated_flags_are_not_refused(tmp_path, monkeyp
                  ["mia", "--no-cache", "--no-cache", "--help"], ["mia", "--attacks", "a", "--attacks", "b", "-h"]):
         code, err = run_main(args, monkeypatch, capsys)
         assert code == 0 and "given twice" not in err
+    # ... but one model named twice would be probed twice with one result kept
+    code, err = run_main(["backdoor", "detect", "--model", "tiny-opt", "--model", "tiny-opt", "--out", "d"],
+                         monkeypatch, capsys)
+    assert code == 2 and err.strip() == "error: field '--model': 'tiny-opt' given twice" and not (tmp_path / "d").exists()
     from leakaudit.cli import _repeated_option
 
     # an option's value that looks like an option is a value (a field named "--out")

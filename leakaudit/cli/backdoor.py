@@ -282,8 +282,12 @@ def detect_cmd(
     from leakaudit.attacks import backdoor as bd
     from leakaudit.data.backdoor import d2_queries
     from leakaudit.data.io import write_json
+    from leakaudit.errors import InputError
     from leakaudit.models import load_model
 
+    twice = next((spec for i, spec in enumerate(model) if spec in model[:i]), None)
+    if twice is not None:  # probed twice, one result kept (detect.json is keyed by the spec)
+        raise InputError(f"'{twice}' given twice", field="--model")
     _prepare(out, "detect", ("detect.json",), data=data, probes=probes,
              **{f"model {spec}": model_path(spec) for spec in model})
     queries = d2_queries(data, limit=limit)
