@@ -35,7 +35,7 @@ import torch
 from leakaudit import package_version
 from leakaudit.data.io import json_line, open_append
 from leakaudit.errors import InputError, check_model, check_texts
-from leakaudit.models import LoadedModel, attention_kernels, host_memory, model_lock
+from leakaudit.models import LoadedModel, attention_kernels, host_memory, model_lock, text_config
 from leakaudit.scoring import cache_keyword, returned_cache, shared_prefixes
 from leakaudit.warn import warn_once
 
@@ -244,25 +244,34 @@ def _tokenize_prompts(lm: LoadedModel, prompts: Sequence[str], max_new_tokens: i
     return out
 
 
-def _auto_rows(lm: LoadedModel, width: int) -> int:
+def _auto_rows(lm: LoadedModel, width: int, room: tuple[int, float, int] | None = None) -> int:
     """Rows per batch for `batch_size="auto"`, given prompt + new tokens per row: as many as the key/value
     cache and a step's logits fit in 60% of the GPU's free memory, or on CPU in CPU_KV_BYTES (at most an
-    eighth of RAM)."""
-    from leakaudit.models import gpu_free_bytes, kv_cache_bytes_per_token, text_config
-
+    eighth of RAM). `room`: `_room(lm)`, asked once for all the batches of a call."""
+    most, free, per_token = room or _room(lm)
     vocab = getattr(text_config(lm.model), "vocab_size", None) or len(lm.tokenizer)  # the logits' width
-    per_row = kv_cache_bytes_per_token(lm.model, lm.dtype) * width + vocab * 4 * 4  # + fp32 copies of logits
+    per_row = per_token * width + vocab * 4 * 4  # + fp32 copies of logits
+    return int(max(1, min(most, free // per_row)))
+
+
+def _room(lm: LoadedModel) -> tuple[int, float, int]:
+    """(most rows, bytes the rows may take, cache bytes per token): what `_auto_rows` needs besides a row's
+    width. Once per call, not once per row: on a GPU each row asked the driver for its free memory."""
+    from leakaudit.models import gpu_free_bytes, kv_cache_bytes_per_token
+
+    per_token = kv_cache_bytes_per_token(lm.model, lm.dtype)
     if lm.device.type == "cuda":
-        return int(max(1, min(GPU_MAX_ROWS, gpu_free_bytes(lm.device) * 0.6 // per_row)))
-    return int(max(1, min(CPU_MAX_ROWS, min(CPU_KV_BYTES, host_memory() // 8) // per_row)))
+        return GPU_MAX_ROWS, gpu_free_bytes(lm.device) * 0.6, per_token
+    return CPU_MAX_ROWS, min(CPU_KV_BYTES, host_memory() // 8), per_token
 
 
 def _make_batches(lm: LoadedModel, rows: list[_Row], config: SamplingConfig,
                   rows_per_batch: int | None) -> list[list[_Row]]:
     batches: list[list[_Row]] = []
     cur: list[_Row] = []
+    room = _room(lm) if rows_per_batch is None and rows else None
     for row in rows:  # rows are sorted by length, so the last row of a batch is its longest
-        limit = rows_per_batch or _auto_rows(lm, len(row.ids) + config.max_new_tokens)
+        limit = rows_per_batch or _auto_rows(lm, len(row.ids) + config.max_new_tokens, room)
         if cur and len(cur) >= limit:
             batches.append(cur)
             cur = []

@@ -479,3 +479,9 @@ def test_gpu_rows_per_batch_fit_the_real_cache_size(monkeypatch):
     monkeypatch.setattr(torch.cuda, "mem_get_info", lambda *a: (2**20, 2**30))
     per_row = 2 * 2 * 2 * 16 * 4 * 100 + 64 * 16  # keys and values x layers x kv heads x head size x fp32, 100 tokens
     assert sampling._auto_rows(lm, 100) == int(2**20 * 0.6 // per_row) == 12  # 23 with head size 8
+    # planning a call's batches asks the driver once, not once per row
+    asked = []
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda *a: asked.append(1) or (2**20, 2**30))
+    rows = [sampling._Row(i, str(i), 0, "p", [1] * 90, str(i)) for i in range(30)]
+    batches = sampling._make_batches(lm, rows, SamplingConfig(max_new_tokens=10), None)
+    assert [len(b) for b in batches] == [12, 12, 6] and len(asked) == 1
