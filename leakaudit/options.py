@@ -50,9 +50,31 @@ CommaList = Annotated[str, BeforeValidator(_comma_joined)]
 def numbers_are_not_booleans(cls: Any, v: Any, info: ValidationInfo) -> Any:
     """A `field_validator("*", mode="before")` for option models that are not strict (a CLI hands them
     strings): pydantic reads true as 1, so `dp_epsilon: yes` trained at epsilon 1, `max_samples_per_user: true`
-    kept one row per user and `n_bootstrap: true` drew one resample, silently. A number field refuses a bool."""
+    kept one row per user and `n_bootstrap: true` drew one resample, silently. A number field refuses a bool,
+    and so does a list of numbers any item of it (`temperatures: [true, 0.7]` sampled at 1)."""
     annotation = cls.model_fields[info.field_name].annotation
-    members = set(get_args(annotation)) if get_origin(annotation) in (Union, types.UnionType) else {annotation}
-    if isinstance(v, bool) and bool not in members and members & {int, float}:
+    if isinstance(v, bool) and _numbers_only(annotation):
         raise ValueError(f"must be a number, not {str(v).lower()}")
+    if isinstance(v, (list, tuple)) and any(isinstance(x, bool) for x in v) and any(
+            get_origin(m) in (list, tuple, set) and any(_numbers_only(a) for a in get_args(m) if a is not ...)
+            for m in _members(annotation)):
+        bad = next(x for x in v if isinstance(x, bool))
+        raise ValueError(f"must be numbers, not {str(bad).lower()}")
     return v
+
+
+def _members(annotation: Any) -> set[Any]:
+    """The types a value of `annotation` may have: unions flattened and Annotated unwrapped at any depth
+    (`Seed | None` is Optional[Annotated[int, ...]]: read at its top only, `seed: true` passed as seed 1)."""
+    origin = get_origin(annotation)
+    if origin is Annotated:
+        return _members(get_args(annotation)[0])
+    if origin in (Union, types.UnionType):
+        return set().union(*(_members(a) for a in get_args(annotation)))
+    return {annotation}
+
+
+def _numbers_only(annotation: Any) -> bool:
+    """Whether `annotation` takes a number and not a bool."""
+    members = _members(annotation)
+    return bool not in members and bool(members & {int, float})

@@ -268,6 +268,8 @@ def test_grid_values_cannot_make_folders_outside_out(tmp_path):
     ("{n_bootstrap: true}", "evaluate.m.options.n_bootstrap", "must be a number, not true"),
     ("{attacks: [min_k], attack_options: {min_k: {k: yes}}}", "evaluate.m.options.attack_options.min_k.k",
      "must be a number, not true"),
+    # an optional seed (Seed | None: Annotated inside a union) was passed as seed 1
+    ("{seed: true}", "evaluate.m.options.seed", "must be a number, not true"),
 ])
 def test_bad_evaluation_options_fail_before_any_stage(options, where, message, tmp_path, monkeypatch, capsys):
     err = _refused(tmp_path, _experiment(options=options), monkeypatch, capsys)

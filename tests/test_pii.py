@@ -306,3 +306,20 @@ def test_grid_mean_interval_never_collapses_on_zero_hits():
     lo, hi = grid["hit_rate_ci"]
     # Clopper-Pearson upper bound for 0/16 at 95%: 1 - 0.025 ** (1 / 16)
     assert lo == 0 and hi == pytest.approx(1 - 0.025 ** (1 / 16), abs=1e-6)
+
+
+def test_a_boolean_is_no_seed_or_temperature_of_the_pii_kinds():
+    """pydantic reads true as 1: `seed: true` (an optional Seed, Annotated inside a union) sampled with seed
+    1 and `temperatures: [true, 0.7]` at temperature 1, silently; the shared validator saw neither."""
+    from pydantic import ValidationError
+
+    from leakaudit.kinds.pii import PiiOptions
+    from leakaudit.kinds.pii_logprob import PiiLogprobOptions
+
+    for options, key in ((dict(seed=True), "seed"), (dict(temperatures=[True, 0.7]), "temperatures")):
+        with pytest.raises(ValidationError, match="not true") as err:
+            PiiOptions(**options)
+        assert err.value.errors()[0]["loc"] == (key,)
+    with pytest.raises(ValidationError, match="must be a number, not false"):
+        PiiLogprobOptions(seed=False)
+    assert PiiOptions(seed=3, temperatures=[0, 0.7]).temperatures == [0.0, 0.7]
