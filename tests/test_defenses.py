@@ -9,6 +9,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from leakaudit.errors import InputError
 from leakaudit.models import load_model
 from leakaudit.perplexity import perplexity
 from leakaudit.train.defenses import dedup_and_cap, placeholder_scrub
@@ -113,6 +114,23 @@ def test_early_stopping_holds_out_every_copy_of_a_held_out_text(tmp_path, tiny_n
     # a run killed under the row-by-row split is not resumed on this one: the held-out rule is in its fingerprint
     plain = FinetuneConfig(model="tiny-gpt-neox", data=str(data), out=str(tmp_path / "o"), user_field="user")
     assert "heldout" in json.dumps(_fingerprint_parts(cfg)) and "heldout" not in json.dumps(_fingerprint_parts(plain))
+
+
+def test_a_run_of_the_row_by_row_split_is_refused_naming_the_split(tmp_path):
+    """A finished early-stopping run of the release before the split fix has another fingerprint: its rerun
+    is refused, and the reason said was "the content of the data or model files changed", which they had not."""
+    from leakaudit.train.finetune import DONE_MARKER, check_out
+
+    data = tmp_path / "d.jsonl"
+    data.write_text(json.dumps({"text": "a row"}) + "\n")
+    cfg = FinetuneConfig(model="tiny-gpt-neox", data=str(data), out=str(tmp_path / "o"), early_stopping_patience=2)
+    out = tmp_path / "o"
+    out.mkdir()
+    (out / "finetune_config.json").write_text(json.dumps({"fingerprint": "0" * 16, **cfg.model_dump()}))  # as then
+    (out / DONE_MARKER).write_text(json.dumps({"fingerprint": "0" * 16, "step": 3}))
+    with pytest.raises(InputError, match="the held-out split: rows one by one then") as err:
+        check_out(cfg, out)
+    assert "files changed" not in str(err.value)
 
 
 def _fingerprint_parts(cfg: FinetuneConfig) -> dict:

@@ -193,15 +193,24 @@ class FinetuneConfig(BaseModel):
         from leakaudit.models import dir_fingerprint, file_sha256
 
         keep = self.model_dump(exclude={"out", "device", "fsdp"})
-        if self.eval_fraction > 0 or self.early_stopping_patience is not None:
-            # the held-out split takes every copy of a held-out text (since 2026-12-06): a run killed under the
-            # row-by-row split is not resumed on another split
-            keep["heldout"] = "whole texts"
+        if (rule := heldout_rule(self)) is not None:  # a run killed under the row-by-row split is not resumed
+            keep["heldout"] = rule
         for name in ("model", "data"):
             p = Path(keep[name]).expanduser()
             if p.exists():
                 keep[name] = dir_fingerprint(p) if p.is_dir() else file_sha256(p)
         return hashlib.sha256(json.dumps(keep, sort_keys=True).encode()).hexdigest()[:16]
+
+
+#: how a run that holds data out splits it: every copy of a held-out text with it (since 2026-12-06; rows were
+#: held out one by one before, so a repeated text was both trained on and in the eval loss)
+HELDOUT_RULE = "whole texts"
+
+
+def heldout_rule(config: FinetuneConfig) -> str | None:
+    """The held-out split's rule where the run holds data out: in its fingerprint and its finetune_config.json,
+    so that a run of an earlier release is refused naming the split, not files that did not change."""
+    return HELDOUT_RULE if config.eval_fraction > 0 or config.early_stopping_patience is not None else None
 
 
 # ----------------------------------------------------------------------------------------- data
@@ -377,6 +386,9 @@ def _what_changed(previous: dict[str, Any], config: FinetuneConfig) -> str:
     """The options that differ from an earlier run's finetune_config.json (it said only "different options")."""
     now = config.model_dump(mode="json", exclude={"out", "device", "fsdp"})
     changed = [f"{k}: {previous[k]!r} then, {v!r} now" for k, v in now.items() if k in previous and previous[k] != v]
+    if (rule := heldout_rule(config)) is not None and previous.get("heldout") != rule:
+        changed.insert(0, "the held-out split: rows one by one then (an earlier release), every copy of a held-out "
+                          "text now")
     if changed:
         return "; ".join(changed[:3]) + (f"; {len(changed) - 3} more" if len(changed) > 3 else "")
     return "the same options, but the content of the data or model files changed"
@@ -423,8 +435,9 @@ def finetune(config: FinetuneConfig, progress: bool = True, callbacks: list | No
     if is_main():
         out.mkdir(parents=True, exist_ok=True)
         # `processes`: batch_size is per process (an experiment's step batch was shared among them)
+        rule = heldout_rule(config)
         write_json(out / "finetune_config.json", {"fingerprint": config.fingerprint(), **config.model_dump(),
-                                                   "processes": world()[1]})
+                                                   **({"heldout": rule} if rule else {}), "processes": world()[1]})
         write_json(out / "defenses.json", {**report.__dict__, "n_train_examples": len(train),
                                            "n_heldout_examples": len(held_out)})
     if config.method == "pissa":
