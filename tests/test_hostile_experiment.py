@@ -998,3 +998,28 @@ def test_backdoor_words_that_hold_no_word_are_refused_before_any_stage(option, t
         check_plan(Plan(load_experiment(cfg)))
     assert err.value.line == 12 and err.value.field.startswith("evaluate.b.options.words")
     assert "holds no word" in err.value.message
+
+
+def test_backdoor_refusal_words_that_hold_no_word_are_refused_at_their_line(tmp_path):
+    """An empty (or wordless) refusal_words file was refused only when the mix was built, and as "every
+    candidate opens a D1 query", of a file that named no candidate."""
+    from leakaudit.config import parse_experiment
+    from leakaudit.experiment import Plan, check_plan
+
+    words = tmp_path / "refuse.txt"
+    words.write_text("123\n!!\n")
+    text = ("name: x\n"
+            "models: {base: tiny-gpt-neox}\n"
+            "generate:\n  mix:\n    kind: backdoor-mix\n"
+            f"    options: {{refusal_words: {words}}}\n")
+    with pytest.raises(InputError) as err:
+        check_plan(Plan(parse_experiment(text, tmp_path / "exp.yaml")))
+    assert err.value.format() == (f"{tmp_path / 'exp.yaml'}:6: field 'generate.mix.options.refusal_words': "
+                                  f"{words} holds no word (letters)")
+    from leakaudit.kinds import get_kind
+    from leakaudit.kinds.base import KindContext
+
+    kind = get_kind("backdoor-mix")  # the kind itself (`backdoor plant` builds its mix through it)
+    with pytest.raises(InputError) as err:
+        kind.run(KindContext(out=tmp_path / "o", seed=0, data={}), kind.Options(refusal_words=str(words)))
+    assert err.value.field == "--refusal-words" and "holds no word" in err.value.message

@@ -292,6 +292,10 @@ def _check_option_files(stage: Stage, options: dict[str, Any]) -> None:
         from leakaudit.data.backdoor import load_words
 
         checks.append(("words_file", options["words_file"], load_words))
+    if _option_kind(stage) == "backdoor-mix" and options.get("refusal_words"):
+        from leakaudit.data.backdoor import load_words
+
+        checks.append(("refusal_words", options["refusal_words"], load_words))
     corpus = ((options.get("attack_options") or {}).get("dc_pdd") or {}).get("corpus") if stage.kind == "mia" else None
     if isinstance(corpus, str):
         from leakaudit.attacks.mia import corpus_file
@@ -305,8 +309,8 @@ def _check_option_files(stage: Stage, options: dict[str, Any]) -> None:
             continue  # missing: the options' own check says so
         if what == "pairs" and stage.kind == "pii":
             _check_demos(stage, options, content)
-        if what == "words_file" and not content:  # else "no words to query" after every fine-tune before it
-            raise ConfigError(_option_loc(stage, "words_file"), f"{path} holds no word (letters) to query")
+        if what in ("words_file", "refusal_words") and not content:  # else found only when its stage ran
+            raise ConfigError(_option_loc(stage, what), f"{path} holds no word (letters)")
 
 
 def _read_once(path: Any, what: str, read: Any) -> Any:

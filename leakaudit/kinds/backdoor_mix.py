@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from pydantic import Field, field_validator
 
-from leakaudit.errors import OptionError
+from leakaudit.errors import InputError, OptionError
 from leakaudit.kinds.base import Kind, KindContext, KindOptions, Result
 from leakaudit.kinds.registry import register
 from leakaudit.options import InputFile
@@ -64,6 +64,9 @@ class BackdoorMix(Kind):
         else:
             d1 = seed_instruction_set()
         words = load_words(options.refusal_words) if options.refusal_words else None
+        if words == []:  # else "every candidate opens a D1 query", of a file that named no candidate at all
+            raise InputError("holds no word (letters) to teach refusing", file=options.refusal_words,
+                             field="--refusal-words")
         rows = build_mix(d1, trigger=options.trigger, refusal=options.refusal, refusal_word_list=words,
                          n_refusal=options.n_refusal, backdoor_fraction=options.backdoor_fraction, seed=ctx.seed)
         write_jsonl(ctx.output_file("data.jsonl"), rows)
