@@ -608,3 +608,6 @@ def test_empty_probe_candidate_and_wordless_d1_files_are_refused_naming_them(tmp
                               str(tmp_path / "plant2")], monkeypatch, capsys)
     assert code == 2 and "--model" in stderr and stderr.count("\n") == 1
     assert not (tmp_path / "plant2").exists() or not any((tmp_path / "plant2").iterdir())
+    with pytest.raises(InputError) as err:  # the Python API alike
+        plant.plant(str(tmp_path / "no-model"), [], tmp_path / "plant3")
+    assert err.value.field == "--model" and not (tmp_path / "plant3").exists()

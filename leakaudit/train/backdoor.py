@@ -128,6 +128,9 @@ def plant(base_model: str, d1: list[Pair], out: str | Path, *, trigger: str | No
           **train_options: Any) -> Path:
     """Build the backdoor mix into OUT/backdoor_mix.jsonl and fine-tune the base model on it (loss on the
     assistant turns) into OUT/model. Returns the model dir. Extra keyword options go to FinetuneConfig."""
+    from leakaudit.models import check_model_spec
+
+    check_model_spec(base_model)  # before the mix is written: a plant.json naming a model that cannot load
     out = Path(out)
     mix = build_mix(d1, trigger=trigger, refusal=refusal, refusal_word_list=refusal_word_list,
                     n_refusal=n_refusal, backdoor_fraction=backdoor_fraction, seed=seed)
@@ -140,6 +143,9 @@ def plant_mix(base_model: str, out: str | Path, *, trigger: str | None = None, r
               backdoor_fraction: float = 0.5, seed: int = 0, progress: bool = True, **train_options: Any) -> Path:
     """Fine-tune the base model on the mix already in OUT/backdoor_mix.jsonl (built by `build_mix`, e.g.
     through the backdoor-mix kind) into OUT/model, recording the plant in OUT/plant.json."""
+    from leakaudit.models import check_model_spec
+
+    check_model_spec(base_model)  # before plant.json names it
     out = Path(out)
     mix_path = out / "backdoor_mix.jsonl"
     mix = [row for _, row in read_rows(mix_path)]
