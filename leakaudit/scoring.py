@@ -650,12 +650,15 @@ def score_texts(
                         options, batch_size, cache, progress, description, padding_side)
 
 
-def _say_strided(lm: LoadedModel, segs: list[_Segment], n_texts: int, window: int, step: int) -> None:
+def _say_strided(lm: LoadedModel, segs: list[_Segment], n_texts: int, window: int, step: int,
+                 contexts: bool = False) -> None:
     """Say once that texts did not fit the window: their later tokens are scored with a shorter context than
-    the model could use on a shorter text, which a membership score of a long text then reflects."""
+    the model could use on a shorter text, which a membership score of a long text then reflects. With
+    `contexts` (a prompt or prefix before each text) it may be the context that did not fit: said so."""
     long = len({s.text_index for s in segs if s.order > 0})
     if long:
-        warn_once(f"{long} of {n_texts} texts are longer than the {window}-token window of {lm.spec}: each is "
+        what = "texts with the context before them" if contexts else "texts"
+        warn_once(f"{long} of {n_texts} {what} are longer than the {window}-token window of {lm.spec}: each is "
                   f"scored in windows advancing by {step} tokens (every token scored once, after at least "
                   f"{window - step} earlier tokens)")
 
@@ -716,7 +719,7 @@ def _score_keyed(lm: LoadedModel, keys: list[str], tokenized, options: ScoreOpti
         segs: list[_Segment] = []
         for j, (c, x) in enumerate(zip(ctx, ids, strict=True)):
             segs.extend(_segments(j, c, x, window, step))
-        _say_strided(lm, segs, len(todo), window, step)
+        _say_strided(lm, segs, len(todo), window, step, contexts=any(ctx))
         rows = batch_size if isinstance(batch_size, int) else None
         total = sum(len(s.ids) for s in segs)
         budgets = {cached: _token_budget(lm, total, cached) for cached in (False, True)}

@@ -275,7 +275,7 @@ def test_a_context_longer_than_the_window_is_warned_of(tiny_neox, capsys):
     so (pii-logprob on a model of short context scored addresses after a cut prompt in silence)."""
     prefix = " ".join(TEXTS)
     score_texts(tiny_neox, ["a@b.com"], prefixes=prefix, max_length=16, stride=8, cache=False, progress=False)
-    assert "1 of 1 texts are longer than the 16-token window" in capsys.readouterr().err
+    assert "1 of 1 texts with the context before them are longer than the 16-token window" in capsys.readouterr().err
 
 
 def test_segments_cover_each_token_once():
