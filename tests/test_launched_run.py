@@ -249,11 +249,16 @@ def test_step_batch_is_shared_by_the_launched_processes(monkeypatch, tmp_path):
     assert world() == (0, 3)
 
 
-def test_unfinished_training_on_other_inputs_starts_again(tmp_path, capsys):
+@pytest.mark.parametrize("early", [False, True])
+def test_unfinished_training_on_other_inputs_starts_again(tmp_path, capsys, early):
     """A kill left a fine-tune whose inputs changed since under the same stage key (an input stage ran again,
     its files damaged): the stage trains again from the start with a warning, instead of `finetune`'s refusal
-    to resume a run with different options (which named an --out the experiment does not have)."""
+    to resume a run with different options (which named an --out the experiment does not have). An
+    early-stopping run of a release that held rows out one by one is told apart: its inputs did not change."""
     text = STUDY.split("  private:")[0]  # the dataset, generation and one fine-tune
+    if early:
+        text = text.replace("lora_dropout: 0.0, bf16: false}\n", "lora_dropout: 0.0, bf16: false}\n"
+                            "    defenses: {early_stopping_patience: 1, eval_fraction: 0.25}\n", 1)
     exp = parse_experiment(text, tmp_path / "exp.yaml")
     stage = Plan(exp).stages["finetune/real"]
     run_experiment(exp, tmp_path / "out", log=lambda m: None, report=False)  # finished; then made unfinished:
@@ -266,7 +271,9 @@ def test_unfinished_training_on_other_inputs_starts_again(tmp_path, capsys):
     (model / "checkpoint-2").mkdir()
     status = run_experiment(exp, tmp_path / "out", log=lambda m: None, report=False)
     assert status["finetune/real"] == "ran"
-    assert "training again from the start" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "training again from the start" in err
+    assert ("held-out split of an earlier release" in err) == early and ("other inputs" in err) != early, err
     assert not (model / "checkpoint-2").exists() and (model / "adapter_model.safetensors").is_file()
     saved = json.loads((model / "finetune_config.json").read_text())["fingerprint"]
     assert saved != "other inputs"
