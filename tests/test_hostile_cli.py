@@ -449,14 +449,17 @@ def test_an_eof_error_is_a_failure_not_an_interrupt(tmp_path, monkeypatch, capsy
     from leakaudit.cli import main
 
     def eof(*args, **kwargs):
-        raise EOFError("Ran out of input")
+        raise EOFError("Ran out of input reading 'karen.arnold@enron.com'")
 
     monkeypatch.setattr(leakaudit.models, "load_model", eof)
     monkeypatch.setattr(sys, "argv", ["leakaudit", "score", "--model", "tiny-gpt-neox", "--data", str(texts),
                                       "--out", str(tmp_path / "o.jsonl")])
-    with pytest.raises(EOFError):
+    with pytest.raises(SystemExit) as exit_:
         main()
-    assert "interrupted" not in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert exit_.value.code == 1 and "interrupted" not in err and "Traceback" in err
+    # a bug's traceback, masked as every other one is (it was re-raised raw)
+    assert "EOFError: Ran out of input reading 'k***@enron.com'" in err and "Abort" not in err, err
 
 
 def test_sigterm_stops_in_order_and_says_what_is_kept(tmp_path):

@@ -154,7 +154,8 @@ def _main() -> None:
         _fail(_usage_line(exc))
     except (typer.Abort, KeyboardInterrupt) as exc:  # Ctrl-C: say that nothing finished is lost
         if isinstance(exc.__cause__, EOFError):  # click turns any EOFError into Abort: a failure, not Ctrl-C
-            raise exc.__cause__ from None
+            exc.__cause__.__suppress_context__ = True
+            _bug(exc.__cause__)
         code = INTERRUPTED
     except OSError as exc:
         if exc.errno not in MACHINE_ERRNOS:  # anything else may be a bug: keep its traceback
