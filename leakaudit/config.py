@@ -384,12 +384,30 @@ def parse_experiment(text: str, file: str | Path = "<experiment>") -> Experiment
     return exp
 
 
+def shipped_experiment(name: str | Path) -> Path | None:
+    """The experiment file leakaudit ships under that name (`demo`, `demo.yaml`, `experiments/demo.yaml`), or
+    None. The docs' `experiments/NAME.yaml` is a link into the package in a checkout; an installed package has
+    only the copy inside it."""
+    from leakaudit import resources
+
+    stem = Path(name).name.removesuffix(".yaml")
+    shipped = resources.ROOT / "experiments" / f"{stem}.yaml"
+    return shipped if stem and shipped.is_file() else None
+
+
+def _shipped_hint(p: Path) -> str:
+    shipped = shipped_experiment(p)
+    if shipped is None:
+        return ""
+    return f"; leakaudit ships '{p.name}' inside the package: {shipped} (run it from there, or copy it to edit it)"
+
+
 def load_experiment(path: str | Path) -> Experiment:
     """Read an experiment file; relative data paths (and `report.mask_names`) are resolved against the file's
     folder."""
     p = Path(path)
     if not p.is_file():
-        raise InputError("experiment file not found", file=p)
+        raise InputError("experiment file not found" + _shipped_hint(p), file=p)
     from leakaudit.data.io import read_text  # BOM, UTF-16, undecodable bytes: one line naming the file
 
     exp = parse_experiment(read_text(p), p)
