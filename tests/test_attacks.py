@@ -323,6 +323,10 @@ def test_split_warnings():
     assert any("also appear among the members" in w for w in overlap)
     lengths = split_warnings(["x" * 100, "y" * 120, "z" * 110], ["short", "tiny", "small"])
     assert any("text length alone" in w for w in lengths)
+    # 20 copies of one member were 20 items of the AUC and its bootstrap, in silence
+    repeated = split_warnings(["the same text"] * 20 + ["another"], ["g h i", "j k l", "j  k l"])
+    assert [w.split(";")[0] for w in repeated if "repeat" in w] == [
+        "19 of 21 member texts repeat another member text", "1 of 3 non-member texts repeat another non-member text"]
 
 
 # ----------------------------------------------------------------------------------------- CLI

@@ -442,6 +442,13 @@ def split_warnings(members: Sequence[str], nonmembers: Sequence[str], threshold:
     shared = sum(1 for t in nonmembers if " ".join(t.split()) in norm)
     if shared:
         out.append(f"{shared} non-member texts also appear among the members; remove them for a clean measurement")
+    for name, texts in (("member", members), ("non-member", nonmembers)):
+        # each copy is an item of the AUC and its bootstrap: n looks larger than the texts behind it, and the
+        # interval narrower than they support
+        repeats = len(texts) - len({" ".join(t.split()) for t in texts})
+        if repeats:
+            out.append(f"{repeats} of {len(texts)} {name} texts repeat another {name} text; each copy counts as a "
+                       "text, so the intervals are narrower than the distinct texts support — deduplicate them")
     lengths = [len(t) for t in members] + [len(t) for t in nonmembers]
     labels = [1] * len(members) + [0] * len(nonmembers)
     if len(set(labels)) == 2 and len(set(lengths)) > 1:
