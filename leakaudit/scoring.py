@@ -646,16 +646,18 @@ def score_texts(
 
     fingerprint = lm.current_fingerprint()  # once: it walks every weight's version
     keys = [ScoreCache.make_key(fingerprint, options, p, t) for t, p in zip(texts, prefix_list, strict=True)]
+    # a cached text's length, for the window warning: its scored tokens and the first; unknown after a prefix
+    length = (lambda i, scores: None) if any(p is not None for p in prefix_list) else (
+        lambda i, scores: scores.n_tokens + 1)
     return _score_keyed(lm, keys, lambda todo: _tokenize(lm, [texts[i] for i in todo], [prefix_list[i] for i in todo]),
-                        options, batch_size, cache, progress, description, padding_side)
+                        options, batch_size, cache, progress, description, padding_side, length,
+                        contexts=any(p is not None for p in prefix_list))
 
 
-def _say_strided(lm: LoadedModel, segs: list[_Segment], n_texts: int, window: int, step: int,
-                 contexts: bool = False) -> None:
-    """Say once that texts did not fit the window: their later tokens are scored with a shorter context than
-    the model could use on a shorter text, which a membership score of a long text then reflects. With
-    `contexts` (a prompt or prefix before each text) it may be the context that did not fit: said so."""
-    long = len({s.text_index for s in segs if s.order > 0})
+def _say_strided(lm: LoadedModel, long: int, n_texts: int, window: int, step: int, contexts: bool = False) -> None:
+    """Say once that `long` of `n_texts` texts did not fit the window: their later tokens are scored with a
+    shorter context than the model could use on a shorter text, which a membership score of a long text then
+    reflects. With `contexts` (a prompt or prefix before each text) it may be the context that did not fit."""
     if long:
         what = "texts with the context before them" if contexts else "texts"
         warn_once(f"{long} of {n_texts} {what} are longer than the {window}-token window of {lm.spec}: each is "
@@ -688,14 +690,17 @@ def score_ids(
     keys = [ScoreCache.make_key(space, options, ",".join(map(str, c)), ",".join(map(str, x)))
             for c, x in zip(contexts, ids, strict=True)]
     return _score_keyed(lm, keys, lambda todo: ([list(contexts[i]) for i in todo], [list(ids[i]) for i in todo]),
-                        options, batch_size, cache, progress, description, "right")
+                        options, batch_size, cache, progress, description, "right",
+                        lambda i, scores: len(contexts[i]) + len(ids[i]), contexts=any(map(len, contexts)))
 
 
 def _score_keyed(lm: LoadedModel, keys: list[str], tokenized, options: ScoreOptions, batch_size: int | str,
                  cache: bool | ScoreCache, progress: bool, description: str,
-                 padding_side: str) -> list[TokenScores]:
+                 padding_side: str, cached_length=lambda i, scores: None, contexts: bool = False
+                 ) -> list[TokenScores]:
     """The cached, batched pass shared by `score_texts` and `score_ids`: `tokenized(indices)` gives the
-    (context ids, ids) of the sequences not in the cache."""
+    (context ids, ids) of the sequences not in the cache; `cached_length(i, scores)` the length (context and
+    text) of a cached one where it is known, so that the window warning counts it as a rerun's first run did."""
     moments, window, step = options.moments, options.max_length, options.stride
     _env_token_budget()
     store: ScoreCache | None = None
@@ -714,12 +719,18 @@ def _score_keyed(lm: LoadedModel, keys: list[str], tokenized, options: ScoreOpti
         if i not in results and k not in todo_keys:
             todo_keys[k] = i  # identical (prefix, text) pairs are scored once
     todo = list(todo_keys.values())
+    cached_lengths = [n for n in (cached_length(i, results[i]) for i in {k: i for i, k in enumerate(keys)
+                                                                         if i in results}.values()) if n is not None]
+    long_cached = sum(n > window for n in cached_lengths)
+    if not todo:
+        _say_strided(lm, long_cached, len(cached_lengths), window, step, contexts)
     if todo:
         ctx, ids = tokenized(todo)
         segs: list[_Segment] = []
         for j, (c, x) in enumerate(zip(ctx, ids, strict=True)):
             segs.extend(_segments(j, c, x, window, step))
-        _say_strided(lm, segs, len(todo), window, step, contexts=any(ctx))
+        _say_strided(lm, len({s.text_index for s in segs if s.order > 0}) + long_cached,
+                     len(todo) + len(cached_lengths), window, step, contexts or any(ctx))
         rows = batch_size if isinstance(batch_size, int) else None
         total = sum(len(s.ids) for s in segs)
         budgets = {cached: _token_budget(lm, total, cached) for cached in (False, True)}

@@ -269,6 +269,24 @@ def test_strided_window_scores_every_token_once(tiny_neox, capsys):
     np.testing.assert_allclose(short.logp, score_texts(tiny_neox, [TEXTS[0]], cache=False)[0].logp, atol=1e-5)
 
 
+def test_the_window_warning_counts_the_texts_served_from_the_cache(tiny_neox, tmp_path, capsys):
+    """The warning counted only the texts scored in this pass: a rerun served from the cache said nothing, and a
+    partly cached run counted its new texts only ("1 of 6" for 2 long texts of 22)."""
+    from leakaudit import warn
+
+    long = [" ".join(f"word{i}" for i in range(150)), " ".join(f"term{i}" for i in range(150))]
+    store = ScoreCache(tmp_path / "c.sqlite")
+    said = "2 of 4 texts are longer than the 64-token window"
+    for n, texts in enumerate(([long[0], TEXTS[0]], long + TEXTS[:2], long + TEXTS[:2])):  # then partly, all cached
+        warn._WARNED.clear()
+        capsys.readouterr()
+        score_texts(tiny_neox, texts, max_length=64, stride=16, cache=store, progress=False)
+        assert n == 0 or said in capsys.readouterr().err, n
+    warn._WARNED.clear()
+    score_texts(tiny_neox, [long[1], TEXTS[2]], max_length=64, stride=16, cache=store, progress=False)
+    assert "1 of 2 texts are longer" in capsys.readouterr().err  # one cached, one new
+
+
 def test_a_context_longer_than_the_window_is_warned_of(tiny_neox, capsys):
     """A text scored after a context (a prompt, a prefix) the window cannot hold sees only the context's last
     tokens. When all its tokens fit the last window, that window was the first one kept and no warning said
@@ -453,7 +471,7 @@ def test_a_gpu_score_is_cached_apart_from_a_cpu_score(tiny_neox, monkeypatch):
     import dataclasses
 
     seen = []
-    monkeypatch.setattr(scoring, "_score_keyed", lambda lm, keys, tok, options, *a: seen.append((options, keys)))
+    monkeypatch.setattr(scoring, "_score_keyed", lambda lm, keys, tok, options, *a, **k: seen.append((options, keys)))
     for device in ("cpu", "cuda"):
         score_texts(dataclasses.replace(tiny_neox, device=torch.device(device)), TEXTS[:1], progress=False)
     (cpu, cpu_keys), (gpu, gpu_keys) = seen
