@@ -151,6 +151,26 @@ def _fingerprint_parts(cfg: FinetuneConfig) -> dict:
     return seen["parts"]
 
 
+def test_the_fine_tune_reads_users_as_user_inference_does(tmp_path, tiny_neox, capsys):
+    """The per-user defenses read users by their own rule: 3.0 and 3 were two users (two caps), a NaN was the
+    user "nan", and ids in two Unicode forms split a person's cap in silence. One rule now (data.io.user_value),
+    and the look-alike warning."""
+    from leakaudit import warn
+
+    data = tmp_path / "u.jsonl"
+    users = [3, 3.0, 3, "Jos\u00e9", "Jose\u0301", "Jos\u00e9"]
+    data.write_text("".join(json.dumps({"text": f"row {i}", "user": u}) + "\n" for i, u in enumerate(users)))
+    cfg = FinetuneConfig(model="tiny-gpt-neox", data=str(data), out=str(tmp_path / "o"), user_field="user",
+                         max_samples_per_user=1, max_grad_norm=None)
+    warn._WARNED.clear()
+    _, _, report = load_examples(cfg, tiny_neox.tokenizer)
+    assert report.dropped_over_cap == 3  # user 3 keeps 1 of 3, José (one form) 1 of 2, José (the other) its 1
+    assert "1 user id(s) are written in more than one Unicode form" in capsys.readouterr().err
+    data.write_text(json.dumps({"text": "row", "user": float("nan")}) + "\n")  # NaN: JSON as Python writes it
+    with pytest.raises(InputError, match="user is empty"):
+        load_examples(cfg, tiny_neox.tokenizer)
+
+
 def test_mitigation_numbers_are_not_booleans():
     """pydantic reads true as 1: `dp_epsilon=True` trained at epsilon 1, `max_samples_per_user=True` kept one
     row per user."""

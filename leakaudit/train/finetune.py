@@ -38,7 +38,7 @@ from pydantic import (
 )
 from pydantic_core import InitErrorDetails, PydanticCustomError
 
-from leakaudit.data.io import read_rows, write_json
+from leakaudit.data.io import read_rows, say_lookalike_users, user_value, write_json
 from leakaudit.distributed import check_rendezvous, is_main, world
 from leakaudit.errors import InputError
 from leakaudit.models import attention_kernels
@@ -232,13 +232,12 @@ def load_examples(config: FinetuneConfig, tokenizer, max_length: int | None = No
     max_length = max_length or config.max_length
     rows = read_rows(path)
     items: list[tuple[str | None, Any]] = []  # (user, content) per row
+    users: list[tuple[str, int]] = []  # (user, line), for the look-alike check
     for line, row in rows:
         user = None
         if config.user_field:
-            u = _field(row, config.user_field, path, line, kind=object)
-            if u is None or str(u).strip() == "":
-                raise InputError("user is empty", file=path, line=line, field=config.user_field)
-            user = str(u)
+            user = user_value(_field(row, config.user_field, path, line, kind=object), path, line, config.user_field)
+            users.append((user, line))
         if config.format == "plain":
             content: Any = _field(row, config.text_field, path, line)
         elif config.format == "instruction":
@@ -247,6 +246,8 @@ def load_examples(config: FinetuneConfig, tokenizer, max_length: int | None = No
             content = ex.validate_messages(_field(row, config.messages_field, path, line, kind=object), path, line,
                                            config.messages_field)
         items.append((user, content))
+    if users:
+        say_lookalike_users(users, path, config.user_field)
     keep, report = dedup_and_cap([(u, json.dumps(c, sort_keys=True)) for u, c in items],
                                  dedup_within_user=config.dedup_within_user,
                                  max_samples_per_user=config.max_samples_per_user)
