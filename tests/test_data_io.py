@@ -136,21 +136,23 @@ def test_a_float_user_column_keeps_its_users_and_refuses_a_missing_one(tmp_path)
 
 def test_user_ids_written_in_two_unicode_forms_are_said(tmp_path, capsys):
     """"José" with é as one code point and as e + U+0301 print alike and were two users, each with part of the
-    person's rows, in silence: kept apart as given, with a warning naming the first row."""
+    person's rows, in silence: kept apart as given, with a warning naming the first row, wherever users are
+    read for user inference (a kind's records, an experiment's dataset step; the fine-tune: test_defenses)."""
     from leakaudit import warn
+    from leakaudit.kinds.base import KindContext
 
     rows = [{"text": f"mail {i}", "user": "Jos\u00e9" if i < 2 else "Jose\u0301"} for i in range(4)]
     rows.append({"text": "mail 4", "user": "Ann"})
     (tmp_path / "u.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     warn._WARNED.clear()
-    users = [r.user for r in load_records(tmp_path / "u.jsonl", user_field="user")]
+    users = [r.user for r in KindContext(out=tmp_path, data={"members": tmp_path / "u.jsonl"}).records(
+        "members", user_field="user")]
     assert len(set(users)) == 3
     err = capsys.readouterr().err
     assert f"warning: {tmp_path / 'u.jsonl'}:1: field 'user': 1 user id(s) are written in more than one Unicode form" in err
-    load_records(tmp_path / "u.jsonl")  # without users: nothing to say
     (tmp_path / "v.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows[:2] + rows[4:]))
     warn._WARNED.clear()
-    load_records(tmp_path / "v.jsonl", user_field="user")
+    KindContext(out=tmp_path, data={"members": tmp_path / "v.jsonl"}).records("members", user_field="user")
     assert "Unicode form" not in capsys.readouterr().err
 
 

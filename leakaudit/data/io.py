@@ -351,8 +351,6 @@ def load_records(
         user = user_value(_get(row, user_field, p, lineno), p, lineno, user_field) if user_field else None
         extra = {k: v for k, v in row.items() if k not in {text_field, id_field, user_field}}
         records.append(Record(id=rid, text=text, user=user, line=lineno, extra=extra))
-    if user_field:
-        say_lookalike_users([(r.user, r.line) for r in records], p, user_field)
     return records
 
 
@@ -364,24 +362,6 @@ def user_value(u: Any, path: Path, line: int, field: str) -> str:
         raise InputError("user is empty", file=path, line=line, field=field)
     return str(int(u)) if isinstance(u, float) and u.is_integer() else str(u)
 
-
-def say_lookalike_users(users: list[tuple[str, int]], path: Path, field: str) -> None:
-    """Warn when two user ids (with their lines) differ only in Unicode form ("José" with é as one code point
-    or as e + U+0301): they print alike and are two users, each with part of the person's rows (and, under a
-    per-user cap, a cap each). Kept apart, as given."""
-    import unicodedata
-
-    from leakaudit.warn import warn_once
-
-    forms: dict[str, set[str]] = {}
-    for user, _ in users:
-        forms.setdefault(unicodedata.normalize("NFC", user), set()).add(user)
-    alike = [ids for ids in forms.values() if len(ids) > 1]
-    if alike:
-        user, line = next((u, n) for u, n in users if u in alike[0])
-        warn_once(f"{path}:{line}: field '{field}': {len(alike)} user id(s) are written in more than one Unicode "
-                  f"form (e.g. '{user}'): they print alike and count as different users; write each user's id one "
-                  "way (NFC) to join them")
 
 
 def _get(row: dict[str, Any], name: str, p: Path, lineno: int) -> Any:

@@ -70,6 +70,10 @@ def run_dataset(ctx: StageContext) -> dict[str, Any]:
     else:
         records = load_records(p["path"], text_field=p["text_field"], id_field=p["id_field"],
                                user_field=p["user_field"])
+        if p["user_field"]:
+            from leakaudit.warn import say_lookalike_users
+
+            say_lookalike_users([(r.user, r.line) for r in records], p["path"], p["user_field"])
         rows = []
         for r in records:
             row = {k: v for k, v in r.extra.items() if k not in ("id", "text", "user")}

@@ -207,7 +207,13 @@ class KindContext:
             return self.loaded[role]
         if role not in self.data:
             raise InputError(f"this evaluation needs '{role}'", field=role)
-        return load_records(self.data[role], **{**defaults, **self.data_fields.get(role, {})})
+        fields = {**defaults, **self.data_fields.get(role, {})}
+        records = load_records(self.data[role], **fields)
+        if fields.get("user_field"):
+            from leakaudit.warn import say_lookalike_users
+
+            say_lookalike_users([(r.user, r.line) for r in records], self.data[role], fields["user_field"])
+        return records
 
 
 class Kind:

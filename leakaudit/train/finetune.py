@@ -38,7 +38,7 @@ from pydantic import (
 )
 from pydantic_core import InitErrorDetails, PydanticCustomError
 
-from leakaudit.data.io import read_rows, say_lookalike_users, user_value, write_json
+from leakaudit.data.io import read_rows, user_value, write_json
 from leakaudit.distributed import check_rendezvous, is_main, world
 from leakaudit.errors import InputError
 from leakaudit.models import attention_kernels
@@ -54,7 +54,7 @@ from leakaudit.train.artifacts import (
     save_loadable,
 )
 from leakaudit.train.defenses import DefenseReport, dedup_and_cap, pii_scrubber
-from leakaudit.warn import warn_once
+from leakaudit.warn import say_lookalike_users, warn_once
 
 DEFAULT_TARGETS = {"gpt_neox": ["query_key_value"], "opt": ["q_proj", "v_proj"], "llama": ["q_proj", "v_proj"]}
 
