@@ -36,12 +36,14 @@ class PerplexityResult:
 
 
 def perplexity(lm: LoadedModel, texts: Sequence[str], *, batch_size: int | str = "auto",
-               max_length: int | None = None, progress: bool = True, cache: bool = True) -> PerplexityResult:
+               max_length: int | None = None, stride: int | None = None, progress: bool = True,
+               cache: bool = True) -> PerplexityResult:
     """Corpus and mean per-text perplexity from one batched scoring pass (served from the score cache unless
     `cache=False`); data-parallel under a launcher (each process scores a shard, every process gets all)."""
     texts = list(texts)
     scores = [s for s in score_texts_distributed(lm, texts, batch_size=batch_size, max_length=max_length,
-                                                 progress=progress, description="perplexity", cache=cache)
+                                                 stride=stride, progress=progress, description="perplexity",
+                                                 cache=cache)
               if s.n_tokens]
     if not scores:
         raise InputError("no text has a token to score (texts need at least 2 tokens)", field="--data")
@@ -75,7 +77,8 @@ def model_dirs(run_dir: str | Path) -> list[Path]:
 
 def perplexity_per_checkpoint(run_dir: str | Path, texts: Sequence[str], *, device: str | None = None,
                               dtype: str | None = None, batch_size: int | str = "auto",
-                              max_length: int | None = None, progress: bool = True) -> list[PerplexityResult]:
+                              max_length: int | None = None, stride: int | None = None,
+                              progress: bool = True) -> list[PerplexityResult]:
     """Perplexity of every checkpoint and the final model of a run (one model in memory at a time)."""
     from leakaudit.models import load_model
 
@@ -85,6 +88,7 @@ def perplexity_per_checkpoint(run_dir: str | Path, texts: Sequence[str], *, devi
     results = []
     for d in dirs:
         lm = load_model(str(d), device=device, dtype=dtype)
-        results.append(perplexity(lm, texts, batch_size=batch_size, max_length=max_length, progress=progress))
+        results.append(perplexity(lm, texts, batch_size=batch_size, max_length=max_length, stride=stride,
+                                  progress=progress))
         del lm
     return results

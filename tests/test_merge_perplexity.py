@@ -87,6 +87,38 @@ def test_perplexity_matches_hand_computation(tiny_neox):
     assert unbatched.ppl == pytest.approx(res.ppl, rel=1e-5)
 
 
+def test_stride_reaches_the_scoring_pass_of_perplexity_and_user_inference(tiny_neox, monkeypatch, capsys):
+    """`--stride` was mia's and score's only: perplexity and user inference scored long texts at max length / 2
+    whatever one wanted. Both take it now (command, kind, Python API), and a stride the window cannot hold is
+    refused at its own key."""
+    from leakaudit import scoring
+    from leakaudit.attacks.user_inference import run_user_inference
+    from leakaudit.data.io import Record
+    from leakaudit.kinds import get_kind
+
+    long = " ".join(f"word{i}" for i in range(120))
+    strided = scoring.score_texts(tiny_neox, [long], max_length=32, stride=8, cache=False, progress=False)[0]
+    halves = scoring.score_texts(tiny_neox, [long], max_length=32, cache=False, progress=False)[0]
+    assert abs(strided.sum_logp - halves.sum_logp) > 1e-3  # the stride changes the numbers
+    res = perplexity(tiny_neox, [long], max_length=32, stride=8, progress=False, cache=False)
+    assert res.ppl == pytest.approx(math.exp(-strided.sum_logp / strided.n_tokens), rel=1e-5)
+    from leakaudit.attacks import user_inference
+
+    seen = []
+    real = user_inference.score_texts_distributed
+    monkeypatch.setattr(user_inference, "score_texts_distributed",
+                        lambda lm, texts, **kw: seen.append(kw["stride"]) or real(lm, texts, **kw))
+    records = [Record(id=f"{u}{i}", text=f"{long} {u} {i}", user=u, line=i) for u in "abcd" for i in range(2)]
+    report = run_user_inference(tiny_neox, tiny_neox, records[:4], records[4:], m_values=[1], n_bootstrap=0,
+                                max_length=32, stride=8, cache=False, progress=False)
+    assert set(report.user_scores["1"]) == set("abcd") and seen == [8, 8]  # target and reference passes
+    for name in ("perplexity", "user-inference"):
+        options = get_kind(name).Options
+        assert options(max_length=32, stride=8).stride == 8
+        with pytest.raises(ValueError, match="stride must be between 1 and max length - 1 \\(31\\)"):
+            options(max_length=32, stride=32)
+
+
 def test_perplexity_cli_over_every_checkpoint(data, tmp_path):
     from leakaudit.cli import app
 

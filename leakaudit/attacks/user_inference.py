@@ -125,8 +125,8 @@ def parse_m_values(spec: str | Sequence[int | str]) -> list[str]:
 def run_user_inference(target: LoadedModel, reference: LoadedModel, records_in: Sequence[Record],
                        records_out: Sequence[Record], m_values: str | Sequence[int | str] = DEFAULT_M_VALUES, *,
                        n_bootstrap: int = 1000, seed: int = 0, batch_size: int | str = "auto",
-                       max_length: int | None = None, cache: bool = True, progress: bool = True,
-                       ) -> UserInferenceReport:
+                       max_length: int | None = None, stride: int | None = None, cache: bool = True,
+                       progress: bool = True) -> UserInferenceReport:
     """Score every sample once under target and reference, then aggregate per user for each m."""
     from leakaudit.errors import check_model
 
@@ -146,7 +146,8 @@ def run_user_inference(target: LoadedModel, reference: LoadedModel, records_in: 
     ms = parse_m_values(m_values)
     records = [r for u in users for r in samples[u]]
     texts = [r.text for r in records]
-    opts = {"batch_size": batch_size, "max_length": max_length, "cache": cache, "progress": progress}
+    opts = {"batch_size": batch_size, "max_length": max_length, "stride": stride, "cache": cache,
+            "progress": progress}
     tgt = score_texts_distributed(target, texts, description="scoring (target)", **opts)
     short = next((i for i, s in enumerate(tgt) if s.n_tokens == 0), None)
     if short is not None:  # before the reference pass; the target's scores stay in the score cache

@@ -160,6 +160,8 @@ def user_inference(
     seed: int = typer.Option(0, "--seed", min=0, max=MAX_SEED),
     batch_size: str = batch_size_option(),
     max_length: int | None = typer.Option(None, "--max-length", min=2),
+    stride: int | None = typer.Option(None, "--stride", min=1, help="Window step for texts longer than the window "
+                                      "(default: max length / 2)"),
     no_cache: bool = typer.Option(False, "--no-cache"),
     device: str = typer.Option("auto", "--device"),
     dtype: str = typer.Option("auto", "--dtype"),
@@ -174,7 +176,7 @@ def user_inference(
     kind = get_kind("user-inference")
     options = build_options(kind, flags=USER_FLAGS, roles={"members", "nonmembers", "reference"},
                             m_values=samples_per_user, n_bootstrap=n_bootstrap, seed=seed, batch_size=batch_size,
-                            max_length=max_length, cache=not no_cache)
+                            max_length=max_length, stride=stride, cache=not no_cache)
     prepare_output(out, command="user-inference", files=("user_inference.json", "user_scores.jsonl"),
                    inputs={"--data": data, "--data-out": data_out, "--target": model_path(target),
                            "--reference": model_path(reference)})

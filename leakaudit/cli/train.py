@@ -117,6 +117,8 @@ def register(app: typer.Typer) -> None:
         all_checkpoints: bool = typer.Option(False, help="Every checkpoint of a run dir plus its final model."),
         batch_size: str = batch_size_option(),
         max_length: int = typer.Option(None, min=2, help="Window in tokens (default the model's context)."),
+        stride: int = typer.Option(None, min=1, help="Window step for texts longer than the window (default: max "
+                                   "length / 2)."),
         dtype: str = typer.Option(None, help="auto | fp32 | bf16"),
         device: str = typer.Option(None),
         no_cache: bool = typer.Option(False, "--no-cache", help="Do not read or write the score cache"),
@@ -131,7 +133,8 @@ def register(app: typer.Typer) -> None:
         prepare_output(out, command="perplexity", files=("perplexity.json",),
                        inputs={"--data": data, "--model": model_path(model)})
         kind = get_kind("perplexity")
-        options = build_options(kind, batch_size=batch_size, max_length=max_length, cache=False if no_cache else None,
+        options = build_options(kind, batch_size=batch_size, max_length=max_length, stride=stride,
+                                cache=False if no_cache else None,
                                 flags={("cache",): "--no-cache"})
         target, checkpoints = model, []
         if all_checkpoints:

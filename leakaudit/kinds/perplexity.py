@@ -9,7 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from pydantic import Field
+from pydantic import Field, ValidationInfo, field_validator
 
 from leakaudit.kinds.base import (
     Headline,
@@ -28,6 +28,16 @@ from leakaudit.options import BatchSize
 class PerplexityOptions(KindOptions):
     batch_size: BatchSize = "auto"
     max_length: int | None = Field(default=None, ge=2, description="window in tokens (default: the context)")
+    stride: int | None = Field(None, ge=1, description="window step for long texts (default: max_length/2)")
+
+    @field_validator("stride")
+    @classmethod
+    def _stride_inside_the_window(cls, v: int | None, info: ValidationInfo) -> int | None:
+        """Said at the option's line, as mia says it, not when the stage's scoring pass begins."""
+        window = info.data.get("max_length")
+        if v is not None and window is not None and v >= window:
+            raise ValueError(f"stride must be between 1 and max length - 1 ({window - 1})")
+        return v
     checkpoints: bool = Field(default=True, description="also measure each epoch's checkpoint of a fine-tuned "
                               "target (one more pass over `data` per epoch)")
     cache: bool = Field(True, description="read and write the score cache")
@@ -98,8 +108,8 @@ class Perplexity(Kind):
         from leakaudit.train.artifacts import training_step
 
         texts = [r.text for r in ctx.records("data")]
-        kwargs = {"batch_size": options.batch_size, "max_length": options.max_length, "progress": ctx.progress,
-                  "cache": options.cache}
+        kwargs = {"batch_size": options.batch_size, "max_length": options.max_length, "stride": options.stride,
+                  "progress": ctx.progress, "cache": options.cache}
         final = perplexity(ctx.model("target"), texts, **kwargs)
         checkpoints = []
         for path in ctx.checkpoints if options.checkpoints else []:

@@ -18,7 +18,7 @@ from __future__ import annotations
 from collections import Counter
 from typing import Annotated, Any
 
-from pydantic import BeforeValidator, Field
+from pydantic import BeforeValidator, Field, ValidationInfo, field_validator
 
 from leakaudit.errors import InputError
 from leakaudit.kinds import compare
@@ -60,6 +60,16 @@ class UserInferenceOptions(KindOptions):
     seed: Seed | None = Field(None, description="bootstrap seed (default: the run's seed)")
     batch_size: BatchSize = "auto"
     max_length: int | None = Field(None, ge=2, description="window in tokens (default: the model's context)")
+    stride: int | None = Field(None, ge=1, description="window step for long texts (default: max_length/2)")
+
+    @field_validator("stride")
+    @classmethod
+    def _stride_inside_the_window(cls, v: int | None, info: ValidationInfo) -> int | None:
+        """Said at the option's line, as mia says it, not when the stage's scoring pass begins."""
+        window = info.data.get("max_length")
+        if v is not None and window is not None and v >= window:
+            raise ValueError(f"stride must be between 1 and max length - 1 ({window - 1})")
+        return v
     cache: bool = Field(True, description="read and write the score cache")
     compare_to: str | None = Field(
         None, min_length=1,
@@ -273,7 +283,7 @@ class UserInference(Kind):
             report = run_user_inference(ctx.model("target"), ctx.model("reference"), ins, outs, options.m_values,
                                         n_bootstrap=options.n_bootstrap, seed=seed,
                                         batch_size=options.batch_size, max_length=options.max_length,
-                                        cache=options.cache, progress=ctx.progress)
+                                        stride=options.stride, cache=options.cache, progress=ctx.progress)
         except TooShortSampleError as exc:
             role = "members" if exc.label == 1 else "nonmembers"
             raise InputError(exc.message, file=ctx.data.get(role), line=exc.record.line,
