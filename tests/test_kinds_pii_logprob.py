@@ -233,6 +233,20 @@ def test_rival_addresses_keep_their_spelling_and_are_distinct_without_case():
     assert cands[0] == "ANN@corp.com" and sorted(cands[1:]) == ["Bob.Roe@Enron.com", "Cy.Doe@enron.com"]
 
 
+def test_a_targets_rivals_do_not_follow_the_pairs_files_order():
+    """The rivals were drawn from the pool in the pairs file's order: the same pairs listed another way ranked
+    each target (same id, same seed) against other addresses."""
+    from types import SimpleNamespace
+
+    from leakaudit.kinds.pii_logprob import draw_candidates
+
+    pool = [f"user{i}@corp{i % 3}.com" for i in range(30)]
+    targets = [SimpleNamespace(id=f"t{i}", email=pool[i]) for i in range(5)]
+    one = draw_candidates(targets, pool, 6, seed=0)
+    two = draw_candidates(targets, pool[::-1], 6, seed=0)
+    assert one == two
+
+
 def test_a_top1_rate_with_every_target_alike_gets_an_exact_interval():
     """No target ranked first: the bootstrap interval is [0, 0], as if 0 were known exactly; the rate's
     Clopper-Pearson interval over the targets is given instead ([0, 0.3085] for 0 of 10)."""

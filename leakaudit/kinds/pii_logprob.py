@@ -133,14 +133,16 @@ def score_targets(lm: Any, targets: list[Any], templates: list[Any], candidates:
 def draw_candidates(targets: list[Any], pool: list[str], n: int, seed: int) -> list[list[str]]:
     """Per target: its own address first, then n-1 other addresses from `pool` (case-insensitively distinct,
     each as first written: lowercasing them, as before, set a mixed-case true address against lowercased
-    rivals, whose log p differs), drawn with a generator seeded by (seed, target id), so a target's
-    candidates do not depend on the other targets."""
+    rivals, whose log p differs), drawn with a generator seeded by (seed, target id) from the pool sorted by
+    address, so a target's candidates depend neither on the other targets nor on the order the pairs file
+    lists them in (drawn from the file's order, the same targets shuffled ranked against other rivals)."""
     first_written: dict[str, str] = {}
     for e in pool:
         first_written.setdefault(e.lower(), e)
+    ordered = sorted(first_written.items())
     out = []
     for t in targets:
-        others = [e for key, e in first_written.items() if key != t.email.lower()]
+        others = [e for key, e in ordered if key != t.email.lower()]
         rng = random.Random(f"pii-logprob:{seed}:{t.id}")
         out.append([t.email, *rng.sample(others, min(n - 1, len(others)))])
     return out
