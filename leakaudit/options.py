@@ -78,3 +78,12 @@ def _numbers_only(annotation: Any) -> bool:
     """Whether `annotation` takes a number and not a bool."""
     members = _members(annotation)
     return bool not in members and bool(members & {int, float})
+
+
+def stride_inside_the_window(cls: Any, v: int | None, info: ValidationInfo) -> int | None:
+    """A `field_validator("stride")` for options that also take `max_length` (declared before it): a stride
+    the window cannot hold is said at the option's line, not when the stage's scoring pass begins."""
+    window = info.data.get("max_length")
+    if v is not None and window is not None and v >= window:
+        raise ValueError(f"stride must be between 1 and max length - 1 ({window - 1})")
+    return v

@@ -9,7 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from pydantic import Field, ValidationInfo, field_validator
+from pydantic import Field, field_validator
 
 from leakaudit.kinds.base import (
     Headline,
@@ -22,22 +22,14 @@ from leakaudit.kinds.base import (
     fmt,
 )
 from leakaudit.kinds.registry import register
-from leakaudit.options import BatchSize
+from leakaudit.options import BatchSize, stride_inside_the_window
 
 
 class PerplexityOptions(KindOptions):
     batch_size: BatchSize = "auto"
     max_length: int | None = Field(default=None, ge=2, description="window in tokens (default: the context)")
     stride: int | None = Field(None, ge=1, description="window step for long texts (default: max_length/2)")
-
-    @field_validator("stride")
-    @classmethod
-    def _stride_inside_the_window(cls, v: int | None, info: ValidationInfo) -> int | None:
-        """Said at the option's line, as mia says it, not when the stage's scoring pass begins."""
-        window = info.data.get("max_length")
-        if v is not None and window is not None and v >= window:
-            raise ValueError(f"stride must be between 1 and max length - 1 ({window - 1})")
-        return v
+    _stride_inside_the_window = field_validator("stride")(stride_inside_the_window)
     checkpoints: bool = Field(default=True, description="also measure each epoch's checkpoint of a fine-tuned "
                               "target (one more pass over `data` per epoch)")
     cache: bool = Field(True, description="read and write the score cache")

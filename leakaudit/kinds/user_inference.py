@@ -18,7 +18,7 @@ from __future__ import annotations
 from collections import Counter
 from typing import Annotated, Any
 
-from pydantic import BeforeValidator, Field, ValidationInfo, field_validator
+from pydantic import BeforeValidator, Field, field_validator
 
 from leakaudit.errors import InputError
 from leakaudit.kinds import compare
@@ -34,7 +34,7 @@ from leakaudit.kinds.base import (
     read_jsonl,
 )
 from leakaudit.kinds.registry import register
-from leakaudit.options import BatchSize, Seed
+from leakaudit.options import BatchSize, Seed, stride_inside_the_window
 
 
 def _m_values(value: Any) -> list[str]:
@@ -61,15 +61,7 @@ class UserInferenceOptions(KindOptions):
     batch_size: BatchSize = "auto"
     max_length: int | None = Field(None, ge=2, description="window in tokens (default: the model's context)")
     stride: int | None = Field(None, ge=1, description="window step for long texts (default: max_length/2)")
-
-    @field_validator("stride")
-    @classmethod
-    def _stride_inside_the_window(cls, v: int | None, info: ValidationInfo) -> int | None:
-        """Said at the option's line, as mia says it, not when the stage's scoring pass begins."""
-        window = info.data.get("max_length")
-        if v is not None and window is not None and v >= window:
-            raise ValueError(f"stride must be between 1 and max length - 1 ({window - 1})")
-        return v
+    _stride_inside_the_window = field_validator("stride")(stride_inside_the_window)
     cache: bool = Field(True, description="read and write the score cache")
     compare_to: str | None = Field(
         None, min_length=1,
