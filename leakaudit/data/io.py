@@ -363,7 +363,6 @@ def user_value(u: Any, path: Path, line: int, field: str) -> str:
     return str(int(u)) if isinstance(u, float) and u.is_integer() else str(u)
 
 
-
 def _get(row: dict[str, Any], name: str, p: Path, lineno: int) -> Any:
     """Field lookup supporting dotted paths (`meta.user`) with a precise error when absent."""
     cur: Any = row
