@@ -276,11 +276,13 @@ def _batches(segs: list[_Segment], batch_size: int | None, token_budget: int) ->
     chunk_tokens = CHUNK_BATCHES * (batch_size * widest if batch_size else token_budget)
     out: list[list[_Segment]] = []
     chunk: list[_Segment] = []
+    tokens = 0  # in `chunk`, kept as it grows: summed anew per text it was quadratic in a chunk's texts
     for text in texts:
         chunk.extend(text)
-        if sum(len(s.ids) for s in chunk) >= chunk_tokens:
+        tokens += sum(len(s.ids) for s in text)
+        if tokens >= chunk_tokens:
             out.extend(_length_sorted_batches(chunk, batch_size, token_budget))
-            chunk = []
+            chunk, tokens = [], 0
     out.extend(_length_sorted_batches(chunk, batch_size, token_budget))
     return out
 
