@@ -244,25 +244,26 @@ def _tokenize_prompts(lm: LoadedModel, prompts: Sequence[str], max_new_tokens: i
     return out
 
 
-def _auto_rows(lm: LoadedModel, width: int, room: tuple[int, float, int] | None = None) -> int:
+def _auto_rows(lm: LoadedModel, width: int, room: tuple[int, float, int, int] | None = None) -> int:
     """Rows per batch for `batch_size="auto"`, given prompt + new tokens per row: as many as the key/value
     cache and a step's logits fit in 60% of the GPU's free memory, or on CPU in CPU_KV_BYTES (at most an
     eighth of RAM). `room`: `_room(lm)`, asked once for all the batches of a call."""
-    most, free, per_token = room or _room(lm)
-    vocab = getattr(text_config(lm.model), "vocab_size", None) or len(lm.tokenizer)  # the logits' width
-    per_row = per_token * width + vocab * 4 * 4  # + fp32 copies of logits
-    return int(max(1, min(most, free // per_row)))
+    most, free, per_token, logits = room or _room(lm)
+    return int(max(1, min(most, free // (per_token * width + logits))))
 
 
-def _room(lm: LoadedModel) -> tuple[int, float, int]:
-    """(most rows, bytes the rows may take, cache bytes per token): what `_auto_rows` needs besides a row's
-    width. Once per call, not once per row: on a GPU each row asked the driver for its free memory."""
+def _room(lm: LoadedModel) -> tuple[int, float, int, int]:
+    """(most rows, bytes the rows may take, cache bytes per token, a row's logits bytes): what `_auto_rows`
+    needs besides a row's width. Once per call, not once per row: on a GPU each row asked the driver for its
+    free memory."""
     from leakaudit.models import gpu_free_bytes, kv_cache_bytes_per_token
 
     per_token = kv_cache_bytes_per_token(lm.model, lm.dtype)
+    vocab = getattr(text_config(lm.model), "vocab_size", None) or len(lm.tokenizer)  # the logits' width
+    logits = vocab * 4 * 4  # fp32 copies of a step's logits
     if lm.device.type == "cuda":
-        return GPU_MAX_ROWS, gpu_free_bytes(lm.device) * 0.6, per_token
-    return CPU_MAX_ROWS, min(CPU_KV_BYTES, host_memory() // 8), per_token
+        return GPU_MAX_ROWS, gpu_free_bytes(lm.device) * 0.6, per_token, logits
+    return CPU_MAX_ROWS, min(CPU_KV_BYTES, host_memory() // 8), per_token, logits
 
 
 def _make_batches(lm: LoadedModel, rows: list[_Row], config: SamplingConfig,
