@@ -949,6 +949,45 @@ def test_a_run_dir_finished_under_the_earlier_keys_is_adopted_not_rerun(tmp_path
     assert (proj / "old" / s.folder / "partial-work").read_text() == "kept"
 
 
+def test_a_stage_whose_kind_changed_since_it_finished_runs_again_saying_why(tmp_path, monkeypatch, capsys):
+    """A fix that changes a kind's results for the same inputs (its `version`) reruns that kind's finished
+    stages and what read them, saying why; every other stage stays cached (version 1 is not in keys: the
+    STUDY keys below are those of the release before versions), and a --reuse of such a dir does not take
+    them. A fine-tune that holds data out is at version 2 (the held-out split changed)."""
+    from leakaudit.kinds.perplexity import Perplexity
+
+    study = Plan(parse_experiment(STUDY))
+    assert {s.id: s.key for s in study.stages.values() if s.id != "evaluate/pii/real"} == {
+        "data/emails": "d58c10b0cf32835037c2de26", "generate/continued": "923f049dd4c167e48aab028b",
+        "generate/replaced": "805ab7b6bc0d0be09d87785c", "finetune/real": "af1ecbf72523c9a311bbe5d3",
+        "evaluate/mia/real": "7def15fc532ed7c87a05923f", "evaluate/users/real": "e6126de279220a0351c53694",
+        "evaluate/ppl/real": "953e1577b5b5aa3983a696da"}
+    pii = study.stages["evaluate/pii/real"]  # pii is at version 2: its key moved, its older key is the old one
+    assert pii.older_key == "f356f9df5ce3c68a476c648e" != pii.key and "demonstration's address" in pii.changed
+    early = SMALL.replace("gradient_accumulation: 1, max_length: 48}",
+                          "gradient_accumulation: 1, max_length: 48, early_stopping_patience: 1, eval_fraction: 0.3}")
+    assert early != SMALL
+    held = Plan(parse_experiment(early))
+    assert held.stages["finetune/real"].key != held.stages["finetune/real"].older_key
+    assert "held-out split changed" in held.stages["evaluate/mia/real"].changed  # what read it says so too
+    assert held.stages["evaluate/ppl/base"].changed == ""
+
+    lines: list[str] = []
+    run_experiment(parse_experiment(SMALL), tmp_path / "old", log=_quiet, report=False)
+    monkeypatch.setattr(Perplexity, "version", 2)
+    monkeypatch.setattr(Perplexity, "changed", "the mean counts every token")
+    capsys.readouterr()
+    reused = run_experiment(parse_experiment(SMALL), tmp_path / "new", log=_quiet, report=False, reuse=tmp_path / "old")
+    assert reused["evaluate/ppl/base"] == "ran" and reused["evaluate/mia/real"] == "reused"
+    assert "evaluate/ppl/base was finished by an earlier leakaudit; since then perplexity changed" in capsys.readouterr().err
+    status = run_experiment(parse_experiment(SMALL), tmp_path / "old", log=lines.append, report=False)
+    assert status == {"data/emails": "cached", "finetune/real": "cached", "evaluate/mia/real": "cached",
+                      "evaluate/ppl/base": "ran"}
+    assert ("[4/4] evaluate/ppl/base: finished by an earlier leakaudit; since then perplexity changed: the mean "
+            "counts every token, so it runs again") in lines
+    assert set(run_experiment(parse_experiment(SMALL), tmp_path / "old", log=_quiet, report=False).values()) == {"cached"}
+
+
 def test_a_vllm_backend_that_cannot_run_is_refused_before_any_stage(tmp_path, monkeypatch):
     """`backend: vllm` without vLLM (or a GPU) failed only at its stage, after the data and the stages before
     it, with a message naming the CLI's --backend; it is refused at its line when the plan is checked."""

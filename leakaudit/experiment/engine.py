@@ -215,6 +215,9 @@ def _settle(i: int, n: int, plan: Plan, stage: Stage, sdir: Path, out: Path, res
             return "reused"
     keyfile = sdir / ".key"
     if sdir.exists() and (not keyfile.exists() or keyfile.read_text().strip() != stage.key):
+        if stage.older_key != stage.key and keyfile.is_file() and keyfile.read_text().strip() == stage.older_key:
+            log(f"[{i}/{n}] {stage.id}: {'finished' if is_done(sdir, stage.older_key) else 'started'} by an earlier "
+                f"leakaudit; since then {stage.changed}, so it runs again")
         remove_stale(out, sdir)  # outputs of an older version of this stage: start clean
     sdir.mkdir(parents=True, exist_ok=True)
     keyfile.write_text(stage.key)
@@ -400,7 +403,7 @@ def adopt_earlier_keys(plan: Plan, out: Path) -> None:
     """Stages this run dir finished under the key they had before data files entered keys by name (plan's
     `earlier_key`) take the key they have now: the same inputs, so cached, not run again."""
     for stage in plan.stages.values():
-        if stage.earlier_key == stage.key:
+        if stage.earlier_key == stage.key or stage.older_key != stage.key:  # not adopted where results changed since
             continue
         sdir = out / stage.folder
         record = is_done(sdir, stage.earlier_key) if is_done(sdir, stage.key) is None else None
@@ -414,7 +417,10 @@ def adopt_earlier_keys(plan: Plan, out: Path) -> None:
 def _older_there(reuse: Path, stage: Stage) -> None:
     """Say why a --reuse dir finished by an earlier leakaudit offers nothing: its records hold the earlier keys
     until a plain run of it takes the current ones (every stage cached)."""
-    if stage.earlier_key != stage.key and is_done(reuse / stage.folder, stage.earlier_key) is not None:
+    if stage.older_key != stage.key and is_done(reuse / stage.folder, stage.older_key) is not None:
+        warn_once(f"{reuse}: {stage.id} was finished by an earlier leakaudit; since then {stage.changed}, so it is "
+                  "not reused (it runs here)")
+    elif stage.earlier_key != stage.key and is_done(reuse / stage.folder, stage.earlier_key) is not None:
         warn_once(f"{reuse}: finished by an earlier leakaudit, so its stages are not reused; `leakaudit run` "
                   f"with its experiment and --out {reuse} updates it (every stage cached), then reuse it")
 

@@ -31,6 +31,10 @@ class Stage:
     # the key this stage had when a data file entered keys by its absolute path (moving a checkout or a run
     # dir reran everything): a run dir finished under it is adopted, not rerun (engine.adopt_earlier_keys)
     earlier_key: str = ""
+    # the key it had before its kind's results, or an input's, changed (stage_version): a run dir finished
+    # under it runs the stage again, and `changed` says why
+    older_key: str = ""
+    changed: str = ""
     seed: int = 0  # the step's own `seed` when it has one, else the experiment's
     # Not hashed: where the stage comes from in the file (section, name) and its grid overrides, for errors.
     origin: tuple[str, str] = ("", "")
@@ -73,6 +77,24 @@ def remove_stale(out: Path, path: Path) -> None:
         for marker in ("stage.json", ".key"):
             (path / marker).unlink(missing_ok=True)
         shutil.rmtree(path)
+
+
+def stage_version(stage: Stage) -> tuple[int, str]:
+    """The version of what a stage computes and what changed at the last one: an evaluation's or generation's
+    kind's `version` and `changed`; a fine-tune that holds data out (early stopping, eval_fraction) is at 2
+    since every copy of a held-out text is held out with it (train.finetune.HELDOUT_RULE)."""
+    from leakaudit.kinds import get_kind
+
+    if stage.kind == "dataset":
+        return 1, ""
+    if stage.kind == "finetune":
+        fields = {**stage.params["options"], **(stage.params["defenses"] or {})}
+        if fields.get("eval_fraction") or fields.get("early_stopping_patience") is not None:
+            return 2, ("the fine-tune's held-out split changed: every copy of a held-out text is held out with it "
+                       "(rows were held out one by one, so a repeated text was trained on and evaluated)")
+        return 1, ""
+    kind = get_kind(stage.params["kind"] if stage.kind == "generate" else stage.kind)
+    return kind.version, f"{kind.name} changed: {kind.changed}"
 
 
 def _key_params(stage: Stage) -> dict[str, Any]:
@@ -218,13 +240,19 @@ class Plan:
             raise self.exp.error((*stage.origin, "grid"), f"grid variants '{twin.id}' and '{stage.id}' "
                                  f"{'are the same' if twin.id == stage.id else 'share the folder ' + stage.folder}; "
                                  "give each value once")
-        stage.key = self._key(stage, _key_params(stage), "key")
+        version, changed = stage_version(stage)
+        stage.key = self._key(stage, _key_params(stage), "key", version)
+        stage.older_key = self._key(stage, _key_params(stage), "older_key")
         stage.earlier_key = self._key(stage, stage.params, "earlier_key")
+        stage.changed = changed if version > 1 else next((f"its input {self.stages[d].id} changed ({self.stages[d].changed})"
+                                                          for d in stage.deps if self.stages[d].changed), "")
         self.stages[stage.id] = stage
 
-    def _key(self, stage: Stage, params: dict[str, Any], chain: str) -> str:
+    def _key(self, stage: Stage, params: dict[str, Any], chain: str, version: int = 1) -> str:
         payload = {"v": STAGE_VERSION, "kind": stage.kind, "params": params, "seed": stage.seed,
                    "deps": {d: getattr(self.stages[d], chain) for d in stage.deps}}
+        if version > 1:
+            payload["kind_version"] = version
         processes = world()[1]
         if processes > 1 and trained_by_all(stage):  # not quite the one-process training: docs/experiments.md
             payload["processes"] = processes

@@ -230,6 +230,11 @@ class Kind:
     #: True when `run` is data-parallel under a launcher (every process calls it; it scores through
     #: leakaudit.distributed and writes on the main process only); otherwise rank 0 runs it alone
     data_parallel: ClassVar[bool] = False
+    #: raised when the kind's results for the same inputs and options change (a fix), with `changed` saying
+    #: how: an experiment's stages of it finished by an earlier release run again, and the log says why
+    #: (version 1 stays out of stage keys, so raising one kind's keeps every other stage cached)
+    version: ClassVar[int] = 1
+    changed: ClassVar[str] = ""
 
     def check(self, options: KindOptions, roles: set[str]) -> None:
         """Checks that need more than the options (e.g. an attack that needs a reference model).

@@ -241,6 +241,9 @@ class Pii(Kind):
     Options = PiiOptions
     Result = PiiResult
     roles = {"data": False, "baseline": False}
+    version = 2
+    changed = ("a demonstration's address is cut from a response only where it stands as an address of its own "
+               "(it was cut from inside the target's own address)")
     summary = ("e-mail addresses the target completes from names (only the addresses in `data` when given), "
                "minus the baseline's")
 

@@ -279,6 +279,8 @@ class PiiLogprob(Kind):
     Options = PiiLogprobOptions
     Result = PiiLogprobResult
     roles = {"data": False, "baseline": False}
+    version = 2
+    changed = "each address's rivals are drawn from the pool in sorted order (they followed the pairs file's order)"
     summary = ("teacher-forced log p(true e-mail address | extraction prompt) and its rank among other "
                "targets' addresses (only the addresses in `data` when given), against the baseline's")
     data_parallel = True
