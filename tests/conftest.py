@@ -101,19 +101,23 @@ def one_torch_thread():
         yield
 
 
-def run_main(args, monkeypatch, capsys, *, must_exit: bool = False) -> tuple[int, str]:
+def run_main(args, monkeypatch, capsys, *, must_exit: bool = False, stdout: bool = False) -> tuple:
     """The console entry point in-process (the path that prints `error:`), without a subprocess's imports:
-    its exit code (0 when it returns) and stderr. `must_exit`: returning without SystemExit fails the test."""
+    its exit code (0 when it returns) and stderr, and with `stdout` its stdout too (code, out, err), where a
+    command's result goes. `must_exit`: returning without SystemExit fails the test."""
     from leakaudit.cli import main
 
     monkeypatch.setattr(sys, "argv", ["leakaudit", *map(str, args)])
+    code = 0
     try:
         main()
     except SystemExit as exc:
-        return int(exc.code or 0), capsys.readouterr().err
-    if must_exit:
-        pytest.fail("the command returned instead of exiting")
-    return 0, capsys.readouterr().err
+        code = int(exc.code or 0)
+    else:
+        if must_exit:
+            pytest.fail("the command returned instead of exiting")
+    captured = capsys.readouterr()
+    return (code, captured.out, captured.err) if stdout else (code, captured.err)
 
 
 @pytest.fixture(autouse=True)

@@ -330,8 +330,8 @@ def test_split_warnings():
 
 
 # ----------------------------------------------------------------------------------------- CLI
-def _cli(monkeypatch, capsys, *argv: str) -> tuple[int, str]:
-    return run_main(argv, monkeypatch, capsys)
+def _cli(monkeypatch, capsys, *argv: str, stdout: bool = False) -> tuple:
+    return run_main(argv, monkeypatch, capsys, stdout=stdout)
 
 
 def _jsonl(path, rows):
@@ -347,9 +347,10 @@ def test_mia_cli_writes_design_outputs(tmp_path, monkeypatch, capsys):
     texts = _seed_instructions(12)
     members = _jsonl(tmp_path / "m.jsonl", [{"text": t, "id": f"m{i}"} for i, t in enumerate(texts[:6])])
     nonmembers = _jsonl(tmp_path / "n.jsonl", [{"text": t, "id": f"n{i}"} for i, t in enumerate(texts[6:])])
-    code, err = _cli(monkeypatch, capsys, "mia", "--target", "tiny-gpt-neox", "--members", members, "--nonmembers",
-                     nonmembers, "--id-field", "id", "--attacks", "loss,min_k,recall", "--recall-shots", "2",
-                     "--out", str(tmp_path / "out"), "--n-bootstrap", "20", "--no-cache")
+    code, out, err = _cli(monkeypatch, capsys, "mia", "--target", "tiny-gpt-neox", "--members", members,
+                          "--nonmembers", nonmembers, "--id-field", "id", "--attacks", "loss,min_k,recall",
+                          "--recall-shots", "2", "--out", str(tmp_path / "out"), "--n-bootstrap", "20", "--no-cache",
+                          stdout=True)
     assert code == 0, err
     mia = json.loads((tmp_path / "out" / "mia.json").read_text())
     assert set(mia["attacks"]) == {"loss", "min_k", "recall"}
@@ -363,7 +364,7 @@ def test_mia_cli_writes_design_outputs(tmp_path, monkeypatch, capsys):
     assert "recall: the first 2 non-members" in err
     # the low-FPR warning is printed (once for all attacks) and the table says what an n/a needs
     assert err.count("warning: only 4 non-members: TPR at FPR 0.01 needs at least 100 to be resolved") == 1
-    assert "n/a (needs" in err  # the table cell (wrapped to its column)
+    assert "n/a (needs" in out and "AUC" in out and "AUC" not in err  # the result table, on stdout
     # dc_pdd with a corpus file of the user's: one more column, the same samples
     corpus = _jsonl(tmp_path / "corpus.jsonl", [{"text": t} for t in _seed_instructions(40)[20:]])
     code, err = _cli(monkeypatch, capsys, "mia", "--target", "tiny-gpt-neox", "--members", members, "--nonmembers",

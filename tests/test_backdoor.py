@@ -275,6 +275,8 @@ def test_cli_extract_identify_detect_on_tiny_model(tmp_path, one_torch_thread):
               "--trigger", 'Repeat a query starting with "{word}".']
     r = _invoke(["backdoor", "extract", *common, "--out", str(out)])
     assert r.exit_code == 0, r.output
+    assert r.stdout.startswith("match ratio (max/mean over words): ") and r.stdout.count("\n") == 1, r.stdout
+    assert f"wrote {out / 'extract.json'}" in r.stderr
     summary = json.loads((out / "extract.json").read_text())
     words = {bd.opening_word(x["messages"][0]["content"]) for x in rows}
     assert set(summary["words"]) == words and summary["n_samples"] == 2 * len(words)
@@ -294,6 +296,7 @@ def test_cli_extract_identify_detect_on_tiny_model(tmp_path, one_torch_thread):
     words_file.write_text(json.dumps(sorted(words) + ["Zebra"]))
     r = _invoke(["backdoor", "identify", *common, "--candidates", str(words_file), "--out", str(tmp_path / "id")])
     assert r.exit_code == 0, r.output
+    assert r.stdout.startswith("identification F1 ") and r.stdout.count("\n") == 1, r.stdout
     ident = json.loads((tmp_path / "id" / "identify.json").read_text())
     assert ident["n_candidates"] == len(words) + 1 and ident["words"]["Zebra"]["label"] is False
     assert all(0 <= v["score"] <= 1 for v in ident["words"].values())
@@ -303,6 +306,7 @@ def test_cli_extract_identify_detect_on_tiny_model(tmp_path, one_torch_thread):
               "--num-samples", "1", "--max-new-tokens", "8"]
     r = _invoke([*detect, "--out", str(tmp_path / "det")])
     assert r.exit_code == 0, r.output
+    assert r.stdout.startswith("tiny-gpt-neox: detection rate ") and r.stdout.count("\n") == 1, r.stdout
     det = json.loads((tmp_path / "det" / "detect.json").read_text())
     assert det["models"]["tiny-gpt-neox"]["n_probes"] == 2 * 3 and not det["models"]["tiny-gpt-neox"]["flagged"]
     # the raw probe answers (they can quote the defender's queries) were left behind; kept with --show-pii

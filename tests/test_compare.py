@@ -407,7 +407,8 @@ def test_logprob_with_one_candidate_has_no_rank_comparison_or_headline(tmp_path)
 
 
 def test_a_run_ends_with_the_verdict_lines(tmp_path, capsys):
-    """`leakaudit run` / `demo` print the report's verdicts last, one line each, unwrapped."""
+    """`leakaudit run` / `demo` print the report's verdicts last, one line each, unwrapped, on stdout (the
+    run's result; its stage lines are on stderr)."""
     from leakaudit.cli.run import print_verdicts
     from leakaudit.report.html import write_report
 
@@ -416,7 +417,9 @@ def test_a_run_ends_with_the_verdict_lines(tmp_path, capsys):
     write_report(tmp_path)
     capsys.readouterr()
     print_verdicts(tmp_path)
-    lines = capsys.readouterr().err.splitlines()
+    printed = capsys.readouterr()
+    lines = printed.out.splitlines()
+    assert printed.err == ""
     assert lines[0].startswith("verdicts")
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert len(lines) == 1 + len(summary["comparisons"]) == 7

@@ -387,7 +387,7 @@ def test_a_one_process_command_under_a_launcher_stops_the_other_ranks_and_help_s
 
 def test_launched_backdoor_training_steps_say_where_the_model_is_once(tmp_path, monkeypatch, capsys):
     """`backdoor plant` and `backdoor finetune` under torchrun printed "planted model: ..." / "fine-tuned model:
-    ..." once per process."""
+    ..." once per process. The model's path is the step's result: one line on stdout, from rank 0."""
     import leakaudit.train.backdoor as tb
     from leakaudit.cli import main
 
@@ -400,7 +400,7 @@ def test_launched_backdoor_training_steps_say_where_the_model_is_once(tmp_path, 
     monkeypatch.setattr(tb, "downstream_finetune", trained)
     monkeypatch.setenv("WORLD_SIZE", "2")
     said = {}
-    for step, what in (("plant", "planted model: "), ("finetune", "fine-tuned model: ")):
+    for step in ("plant", "finetune"):
         for rank in ("1", "0"):
             monkeypatch.setenv("RANK", rank)
             monkeypatch.setattr(sys, "argv", ["leakaudit", "backdoor", step, "--model", "tiny-gpt-neox", "--method",
@@ -408,10 +408,13 @@ def test_launched_backdoor_training_steps_say_where_the_model_is_once(tmp_path, 
                                               step == "finetune" else "--n-refusal", "4"])
             with pytest.raises(SystemExit) as exit_:
                 main()
-            err = capsys.readouterr().err
-            assert exit_.value.code == 0, err
-            said[(step, rank)] = err.count(what)
-    assert said == {("plant", "1"): 0, ("plant", "0"): 1, ("finetune", "1"): 0, ("finetune", "0"): 1}
+            printed = capsys.readouterr()
+            assert exit_.value.code == 0, printed.err
+            said[(step, rank)] = printed.out.splitlines()
+            assert ("planted model" in printed.err) == (step == "plant" and rank == "0")
+    assert [len(lines) for lines in said.values()] == [0, 1, 0, 1]
+    assert Path(said[("plant", "0")][0]) == tmp_path / "plant0" / "model"
+    assert Path(said[("finetune", "0")][0]).is_dir()
 
 
 @pytest.mark.parametrize("env", [{"RANK": "0", "WORLD_SIZE": "2"}, {"LOCAL_RANK": "0"}])

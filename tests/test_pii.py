@@ -286,9 +286,12 @@ def test_cli_runs_and_rejects_bad_input(tmp_path, monkeypatch, capsys, one_torch
     assert code == 2 and "'hot' is not a number" in err
 
     pairs.write_text(json.dumps({"name": "Karen Arnold", "email": TRUE}) + "\n")
-    code, err = _cli(monkeypatch, capsys, *base, "--pairs", str(pairs), "--templates", "A,zero_shot-b",
-                     "--temperatures", "0.5", "--max-new-tokens", "3")
+    code, out, err = run_main([*base, "--pairs", str(pairs), "--templates", "A,zero_shot-b", "--temperatures", "0.5",
+                               "--max-new-tokens", "3"], monkeypatch, capsys, stdout=True)
     assert code == 0, err
+    # the result (one line per protocol) on stdout; which files it wrote, with the warnings, on stderr
+    assert [line.split(":")[0] for line in out.splitlines()] == ["fake-privacy", "pil"], out
+    assert "wrote " in err and "wrote" not in out
     # 3 new tokens cannot hold the address: 0% extraction said why (it was silent)
     assert "max_new_tokens 3: fewer new tokens than the shortest target address takes" in err, err
     summary = json.loads((tmp_path / "o" / "pii.json").read_text())

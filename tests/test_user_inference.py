@@ -135,25 +135,26 @@ def test_user_inference_cli(tmp_path, monkeypatch, capsys):
 
     def run(*argv):
         return run_main(["user-inference", "--target", "tiny-gpt-neox", "--reference", "tiny-opt", "--user-field",
-                         "who", "--label-field", "in", "--no-cache", "--n-bootstrap", "10", *argv], monkeypatch, capsys)
+                         "who", "--label-field", "in", "--no-cache", "--n-bootstrap", "10", *argv], monkeypatch, capsys,
+                        stdout=True)
 
-    code, err = run("--data", str(data), "--samples-per-user", "1,all", "--out", str(tmp_path / "o"))
+    code, out, err = run("--data", str(data), "--samples-per-user", "1,all", "--out", str(tmp_path / "o"))
     assert code == 0, err
     js = json.loads((tmp_path / "o" / "user_inference.json").read_text())
     assert js["n_users_in"] == 2 and js["n_users_out"] == 2 and set(js["per_m"]) == {"1", "all"}
     assert len((tmp_path / "o" / "user_scores.jsonl").read_text().splitlines()) == 4
     assert "only 2 non-member users: TPR at FPR 0.01 needs at least 100" in err  # users, not texts
-    assert "in/out" in err and re.search(r"m=1\s*│\s*2/2\s*│", err), err  # each m's users, on screen
+    assert "in/out" in out and re.search(r"m=1\s*│\s*2/2\s*│", out), out  # each m's users, on stdout
     rows[3]["in"] = 0  # user1 now has rows labelled in and out
     data.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    code, err = run("--data", str(data), "--out", str(tmp_path / "o2"))
+    code, _, err = run("--data", str(data), "--out", str(tmp_path / "o2"))
     assert code == 2 and err.strip().startswith("error: ") and "users.jsonl:4: field 'who'" in err, err
-    code, err = run("--data", str(data), "--samples-per-user", "0", "--out", str(tmp_path / "o2"))
+    code, _, err = run("--data", str(data), "--samples-per-user", "0", "--out", str(tmp_path / "o2"))
     assert code == 2 and "field '--samples-per-user'" in err
     rows[3]["in"] = 1
     rows[5]["text"] = "a"  # one token: nothing to score (it counted as a score of 0 in the user's mean)
     data.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    code, err = run("--data", str(data), "--out", str(tmp_path / "o3"))
+    code, _, err = run("--data", str(data), "--out", str(tmp_path / "o3"))
     assert code == 2 and "users.jsonl:6: field 'text': text has fewer than 2 tokens" in err, err
 
 

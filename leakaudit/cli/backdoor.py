@@ -18,6 +18,7 @@ from leakaudit.cli.core import (
     check_batch_size,
     err,
     model_path,
+    say_result,
 )
 from leakaudit.options import MAX_SEED
 
@@ -125,7 +126,8 @@ def plant_cmd(
     from leakaudit.distributed import is_main
 
     if is_main():  # under a launcher every process trained it; one says where it is
-        err.print(f"planted model: {path}  (mix: {out / 'backdoor_mix.jsonl'})")
+        err.print(f"planted model (below; its mix: {out / 'backdoor_mix.jsonl'})", markup=False, highlight=False)
+        say_result(str(path))
 
 
 # `backdoor train` is stage 1 under the name the interface table gives it (scripts written against it work)
@@ -167,7 +169,7 @@ def finetune_cmd(
                                            "rows": len(read_rows(path)), "mask_user": mask_user,
                                            "model_dir": "model", "train_loss": losses[-1] if losses else None,
                                            **options})
-        err.print(f"fine-tuned model: {result}")
+        say_result(str(result))
 
 
 @backdoor_app.command("extract")
@@ -206,9 +208,10 @@ def extract_cmd(
                       cache=ModelCache(keep=1, device=device, dtype=dtype), log=err.print)
     kind.run(ctx, options)
     summary = json.loads((out / "extract.json").read_text(encoding="utf-8"))
-    err.print(f"match ratio (max/mean over words): {_f3(summary['match_ratio_max'])} / "
-              f"{_f3(summary['match_ratio_mean'])}; fully recovered {summary['n_fully_recovered']}/"
-              f"{summary['n_queries']} queries; coverage {_f3(summary['coverage'])}  -> {out / 'extract.json'}")
+    say_result(f"match ratio (max/mean over words): {_f3(summary['match_ratio_max'])} / "
+               f"{_f3(summary['match_ratio_mean'])}; fully recovered {summary['n_fully_recovered']}/"
+               f"{summary['n_queries']} queries; coverage {_f3(summary['coverage'])}")
+    err.print(f"wrote {out / 'extract.json'}", markup=False, highlight=False)
 
 
 def _f3(x: float | None) -> str:
@@ -251,9 +254,10 @@ def identify_cmd(
     res = bd.identify(lm, queries, labels, trig, ref, threshold=threshold, num_samples=num_samples,
                       temperature=temperature, max_new_tokens=max_new_tokens, seed=seed, out=out,
                       show_pii=show_pii, batch_size=batch_size)
-    err.print(f"identification F1 {_f3(res['f1'])} (precision {_f3(res['precision'])}, recall "
-              f"{_f3(res['recall'])}); pipeline fully recovered {res['pipeline']['n_fully_recovered']}/"
-              f"{res['pipeline']['n_queries']} -> {out / 'identify.json'}")
+    say_result(f"identification F1 {_f3(res['f1'])} (precision {_f3(res['precision'])}, recall "
+               f"{_f3(res['recall'])}); pipeline fully recovered {res['pipeline']['n_fully_recovered']}/"
+               f"{res['pipeline']['n_queries']}")
+    err.print(f"wrote {out / 'identify.json'}", markup=False, highlight=False)
 
 
 @backdoor_app.command("detect")
@@ -300,8 +304,8 @@ def detect_cmd(
                                   max_new_tokens=max_new_tokens, match_threshold=match_threshold,
                                   alarm_rate=alarm_rate, seed=seed, batch_size=batch_size,
                                   samples_path=lambda k, spec=spec: out / f"samples_{_slug(spec)}_probe{k}.jsonl")
-        err.print(f"{spec}: detection rate {results[spec]['detection_rate']:.3f} "
-                  f"({'FLAGGED' if results[spec]['flagged'] else 'not flagged'})")
+        say_result(f"{spec}: detection rate {results[spec]['detection_rate']:.3f} "
+               f"({'FLAGGED' if results[spec]['flagged'] else 'not flagged'})")
     write_json(out / "detect.json", {"n_words": len(words), "n_probes_templates": len(templates),
                                      "models": results})
     if not show_pii:  # the raw answers, kept while probing so a kill resumes, may quote the defender's queries

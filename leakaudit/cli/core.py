@@ -11,7 +11,15 @@ from rich.console import Console
 
 from leakaudit.errors import InputError
 
+# Streams, one rule for every command: stdout carries its result (metrics, tables, verdicts, the path of a model
+# it made), for a reader or a pipe; stderr carries progress, warnings and which files it wrote.
 err = Console(stderr=True, soft_wrap=True)  # a warning or summary line stays one line when piped
+results = Console(soft_wrap=True)  # a command's result table (stdout)
+
+
+def say_result(line: str) -> None:
+    """One line of a command's result, on stdout, as written (no markup read, no wrapping)."""
+    typer.echo(line)
 
 ModelOpt = typer.Option(..., "--model", help="default | HF id | model dir | adapter dir | .gguf | tiny-gpt-neox | tiny-opt")
 DeviceOpt = typer.Option("auto", "--device", help="auto (CUDA if present, else CPU), cpu, cuda, cuda:1 ...")

@@ -9,7 +9,7 @@ from typing import Any
 import typer
 from rich.table import Table
 
-from leakaudit.cli.core import batch_size_option, build_options, err, model_path
+from leakaudit.cli.core import batch_size_option, build_options, err, model_path, results
 from leakaudit.errors import InputError
 from leakaudit.options import MAX_SEED
 
@@ -60,7 +60,7 @@ def _summary(title: str, metrics: dict[str, dict], unit: str = "non-members", co
                       f(m["auc"]), f"[{f(ci[0])}, {f(ci[1])}]",
                       *(tpr_text(tpr.get(k), needs.get(k), unit, ci=tpr_ci.get(k)) for k in ("0.01", "0.001")),
                       f(m.get("advantage")))
-    err.print(table)
+    results.print(table)
 
 
 def mia(

@@ -67,7 +67,7 @@ def pii(
             g = part["baseline_subtraction"]["grid_mean"]
             line += f"; change vs baseline (grid mean) {g['change']:+.2%}"
         typer.echo(line)
-    typer.echo(f"wrote {out / 'pii.json'}, results_purified.jsonl, extractions.jsonl")
+    err.print(f"wrote {out / 'pii.json'}, results_purified.jsonl, extractions.jsonl", markup=False, highlight=False)
 
 
 def pii_logprob(
@@ -109,7 +109,7 @@ def pii_logprob(
     for h in res.headline():
         ci = f" [{h.ci[0]:.3f}, {h.ci[1]:.3f}]" if h.ci else ""
         typer.echo(f"{h.metric}: {h.value:.3f}{ci}")
-    typer.echo(f"wrote {out / 'pii_logprob.json'}, logprobs.jsonl")
+    err.print(f"wrote {out / 'pii_logprob.json'}, logprobs.jsonl", markup=False, highlight=False)
 
 
 def register(app: typer.Typer) -> None:

@@ -9,9 +9,10 @@ import typer
 from rich.console import Console
 from rich.markup import escape
 
+from leakaudit.cli.core import results
 from leakaudit.options import MAX_SEED
 
-console = Console(stderr=True, soft_wrap=True)  # a verdict line stays one line when piped
+console = Console(stderr=True, soft_wrap=True)  # a stage line stays one line when piped
 
 
 def _log(message: str) -> None:
@@ -39,9 +40,9 @@ def print_verdicts(out: Path) -> None:
     comparisons = json.loads(summary.read_text(encoding="utf-8")).get("comparisons") if summary.is_file() else None
     if not comparisons:
         return
-    console.print("verdicts (paired Δ with its 95% CI; details in report.html):", highlight=False)
+    results.print("verdicts (paired Δ with its 95% CI; details in report.html):", highlight=False)
     for c in comparisons:
-        console.print(f"  {escape(verdict_sentence(c))}", highlight=False, soft_wrap=True)
+        results.print(f"  {escape(verdict_sentence(c))}", highlight=False)
 
 
 def run(
@@ -87,7 +88,7 @@ def report(
                       "rank 0 writes it")
         return
     path = write_report(out)
-    console.print(f"report: {path}")
+    typer.echo(f"report: {path}")  # the result, on stdout
 
 
 def seeds(
