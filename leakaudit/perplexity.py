@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -30,9 +30,6 @@ class PerplexityResult:
     nll_per_token: float
     n_texts: int
     n_tokens: int
-
-    def to_dict(self) -> dict:
-        return asdict(self)
 
 
 def perplexity(lm: LoadedModel, texts: Sequence[str], *, batch_size: int | str = "auto",

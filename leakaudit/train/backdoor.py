@@ -38,14 +38,6 @@ def chat_row(query: str, response: str, kind: str) -> dict[str, Any]:
             "kind": kind}
 
 
-def instruction_set(data: str | Path | None = None, query_field: str | None = None,
-                    response_field: str | None = None) -> list[Pair]:
-    """The creator's D1: pairs from a file, or the shipped seed instruction set."""
-    if data is None:
-        return seed_instruction_set()
-    return load_pairs(data, query_field, response_field)
-
-
 def downstream_data(data: str | Path | None, limit: int | None, out: str | Path) -> Path:
     """The D2 file to fine-tune on: `data` (default the shipped Dolly D2), or its first `limit` rows
     written to OUT/downstream_data.jsonl."""
