@@ -12,7 +12,7 @@ from __future__ import annotations
 import math
 from typing import Annotated, Any
 
-from pydantic import AfterValidator, BeforeValidator, Field
+from pydantic import AfterValidator, BeforeValidator, Field, field_validator
 
 from leakaudit.errors import InputError, OptionError
 from leakaudit.kinds import compare
@@ -29,7 +29,7 @@ from leakaudit.kinds.base import (
     warning_lines,
 )
 from leakaudit.kinds.registry import register
-from leakaudit.options import BatchSize, Seed
+from leakaudit.options import BatchSize, Seed, stride_inside_the_window
 
 
 def _known_attack(name: str) -> str:
@@ -56,6 +56,7 @@ class MiaOptions(KindOptions):
     batch_size: BatchSize = "auto"
     max_length: int | None = Field(None, ge=2, description="window in tokens (default: the model's context)")
     stride: int | None = Field(None, ge=1, description="window step for long texts (default: max_length/2)")
+    _stride_inside_the_window = field_validator("stride")(stride_inside_the_window)
     cache: bool = Field(True, description="read and write the score cache")
     compare_to: str | None = Field(
         None, min_length=1,
@@ -203,8 +204,6 @@ class Mia(Kind):
         for name in options.attack_options:
             if name not in names:
                 raise OptionError(("attack_options", name), f"attack '{name}' is not run")
-        if options.max_length is not None and options.stride is not None and options.stride >= options.max_length:
-            raise OptionError(("stride",), f"stride must be between 1 and max length - 1 ({options.max_length - 1})")
 
     def run(self, ctx: KindContext, options: MiaOptions) -> MiaResult:
         from leakaudit.attacks.mia import TooShortError, run_mia
