@@ -31,10 +31,10 @@ import numpy as np
 
 from leakaudit.data.enron import Target, Template
 from leakaudit.errors import InputError
+from leakaudit.metrics import bootstrap_ci
 
 FUZZY_THRESHOLD = 80
 FREQ_BINS = ((1, 1, "1"), (2, 10, "2-10"), (11, 100, "11-100"), (101, 1000, "101-1000"), (1001, None, ">1000"))
-BOOTSTRAP_RESAMPLES = 1000
 BEST_LABEL = ("maximum over the grid: what the original papers report; optimistic, because the cell is "
               "chosen after seeing the results")
 MEAN_LABEL = "mean over every cell of the grid (templates x temperatures): the unselected estimate"
@@ -324,19 +324,12 @@ def baseline_subtraction(model_hits: set[str], baseline_hits: set[str], target_i
             "only_model": rate_with_ci(len(only), n),
             "only_baseline": rate_with_ci(len(only_baseline), n),
             "change": float(m.mean() - b.mean()) if n else None,
-            "change_ci": _bootstrap_ci(lambda idx: m[idx].mean() - b[idx].mean(), n, seed)}
+            "change_ci": bootstrap_ci(lambda idx: m[idx].mean() - b[idx].mean(), n, seed)}
 
 
 def _by_id(target_ids: Sequence[str]) -> np.ndarray:
     """Positions of the targets in id order: resampled in it, an interval does not follow the file's order."""
     return np.array(sorted(range(len(target_ids)), key=lambda i: str(target_ids[i])), dtype=int)
-
-
-def _bootstrap_ci(stat: Callable[[np.ndarray], float], n: int, seed: int) -> list[float] | None:
-    """95% interval of `stat` over resampled target indices (metrics.bootstrap_ci)."""
-    from leakaudit.metrics import bootstrap_ci
-
-    return bootstrap_ci(stat, n, seed, BOOTSTRAP_RESAMPLES)
 
 
 def _grid_mean(results: Sequence[CellResult], seed: int) -> dict[str, Any]:
@@ -345,7 +338,7 @@ def _grid_mean(results: Sequence[CellResult], seed: int) -> dict[str, Any]:
     same = all(r.target_ids == results[0].target_ids for r in results)
     by_id = _by_id(results[0].target_ids) if same else slice(None)
     mats = [r.hits.astype(float)[by_id] for r in results]
-    ci = _bootstrap_ci(lambda idx: float(np.mean([x[idx].mean() for x in mats])), n, seed) if same else None
+    ci = bootstrap_ci(lambda idx: float(np.mean([x[idx].mean() for x in mats])), n, seed) if same else None
     if ci is not None and ci[0] == ci[1] and n:
         # The bootstrap collapses when every target scored alike (e.g. no hits at all); fall back to an
         # exact interval, conservatively treating the grid mean as one rate over the n targets.
@@ -444,7 +437,7 @@ def _grid_change(rs: Sequence[CellResult], brs: Sequence[CellResult], seed: int)
     base_rate = float(np.mean([x.mean() for x in b]))
     ci = None
     if same:
-        ci = _bootstrap_ci(lambda idx: float(np.mean([x[idx].mean() for x in m]) - np.mean([x[idx].mean() for x in b])),
+        ci = bootstrap_ci(lambda idx: float(np.mean([x[idx].mean() for x in m]) - np.mean([x[idx].mean() for x in b])),
                            len(rs[0].target_ids), seed)
     only = float(np.mean([np.mean(x.astype(bool) & ~y.astype(bool)) for x, y in zip(m, b, strict=True)]))
     return {"model_rate": model_rate, "baseline_rate": base_rate, "only_model_rate": only,

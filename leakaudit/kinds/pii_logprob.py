@@ -24,7 +24,6 @@ bootstrap interval over targets; with a baseline, the paired change).
 from __future__ import annotations
 
 import random
-from collections.abc import Callable
 from operator import itemgetter
 from typing import Any
 
@@ -45,9 +44,9 @@ from leakaudit.kinds.base import (
     read_jsonl,
 )
 from leakaudit.kinds.registry import register
+from leakaudit.metrics import bootstrap_ci
 from leakaudit.options import BatchSize, CommaList, InputFile, Seed
 
-BOOTSTRAP_RESAMPLES = 1000
 OVERALL = "overall"
 
 
@@ -149,13 +148,6 @@ def draw_candidates(targets: list[Any], pool: list[str], n: int, seed: int) -> l
 
 
 # ----------------------------------------------------------------------------------------- statistics
-def _ci(stat: Callable[[np.ndarray], float], n: int, seed: int) -> list[float] | None:
-    """95% interval of `stat` over resampled target indices (metrics.bootstrap_ci)."""
-    from leakaudit.metrics import bootstrap_ci
-
-    return bootstrap_ci(stat, n, seed, BOOTSTRAP_RESAMPLES)
-
-
 def _matrices(rows: list[dict[str, Any]], ids: list[str], names: list[str]) -> dict[str, np.ndarray]:
     """targets x templates arrays of logp, top-1 and reciprocal rank."""
     at = {(r["target"], r["template"]): r for r in rows}
@@ -182,7 +174,7 @@ def summarize(rows: list[dict[str, Any]], ids: list[str], names: list[str], seed
         for key, label in (("logp", "mean_logp"), ("top1", "top1_rate"), ("rr", "mrr")):
             v = pick(m[key])
             part[label] = float(v.mean())
-            part[f"{label}_ci"] = _ci(lambda idx, v=v: float(v[idx].mean()), n, seed)
+            part[f"{label}_ci"] = bootstrap_ci(lambda idx, v=v: float(v[idx].mean()), n, seed)
             if key == "top1" and n and part[f"{label}_ci"] and part[f"{label}_ci"][0] == part[f"{label}_ci"][1]:
                 # every target alike (e.g. none ranked first): the bootstrap has no width; a rate's exact
                 # interval over the n targets does (as the pii kind's grid mean falls back to)
@@ -193,7 +185,7 @@ def summarize(rows: list[dict[str, Any]], ids: list[str], names: list[str], seed
                 d = v - pick(b[key])
                 part[f"{label}_baseline"] = float(pick(b[key]).mean())
                 part[f"{label}_change"] = float(d.mean())
-                part[f"{label}_change_ci"] = _ci(lambda idx, d=d: float(d[idx].mean()), n, seed)
+                part[f"{label}_change_ci"] = bootstrap_ci(lambda idx, d=d: float(d[idx].mean()), n, seed)
         out[name] = part
     return out
 
