@@ -98,13 +98,6 @@ def test_fake_phones_are_valid_numbers_the_detector_finds():
     assert len(set(fakes)) == 40
 
 
-def test_placeholder_scrub_uses_the_shared_detector():
-    from leakaudit.train.defenses import placeholder_scrub
-
-    text, n = placeholder_scrub(f"Mail {ADDRESS} or call {PHONE} in 2001")
-    assert (text, n) == ("Mail [EMAIL] or call [PHONE] in 2001", 2)
-
-
 # ----------------------------------------------------------------------------------------- artifacts
 EXPERIMENT = f"""\
 # owner: Name.Surname@ECT.ENRON.COM, {PHONE}

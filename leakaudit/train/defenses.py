@@ -4,9 +4,9 @@
   driven by duplication (repeated samples are memorised and extracted far more often).
 - `max_samples_per_user N`: keep at most the first N samples (file order, after dedup) of each user.
   Bounds any one user's influence on the model, the signal user-inference attacks measure.
-- `scrub_pii`: replace e-mail addresses and phone numbers in the training text before training, so the
-  model never sees them (protects against PII extraction). Uses the project's consistent fake
-  replacement (`leakaudit.data.pii_replace`, also names) when present, else placeholders `[EMAIL]`, `[PHONE]`.
+- `scrub_pii`: replace e-mail addresses, phone numbers and names in the training text before training, so
+  the model never sees them (protects against PII extraction), with the project's consistent fake
+  replacement (`leakaudit.data.pii_replace`).
 Batch gradient clipping (`max_grad_norm`), early stopping and DP-SGD live in the training loop.
 """
 
@@ -54,33 +54,15 @@ def dedup_and_cap(rows: list[tuple[str | None, str]], *, dedup_within_user: bool
     return keep, report
 
 
-def placeholder_scrub(text: str) -> tuple[str, int]:
-    """Replace e-mails and phone numbers by `[EMAIL]` / `[PHONE]`; returns (text, number replaced)."""
-    from leakaudit.data.pii_find import find_pii
-
-    spans = find_pii(text)
-    for s in reversed(spans):
-        text = text[:s.start] + f"[{s.kind.upper()}]" + text[s.end:]
-    return text, len(spans)
-
-
 def pii_scrubber(seed: int = 0) -> Callable[[list[str]], tuple[list[str], int]]:
     """The project's consistent fake replacement (names from the shipped list and e-mail headers, e-mails,
-    phones) when it is installed, else placeholder scrubbing. Returns texts -> (texts, number replaced)."""
-    try:
-        from leakaudit.data.pii_find import names_from_headers, shipped_names
-        from leakaudit.data.pii_replace import PiiReplacer
-    except ImportError:
-        PiiReplacer = None  # noqa: N806 - optional module
-    if PiiReplacer is not None:
-        def project(texts: list[str]) -> tuple[list[str], int]:
-            replacer = PiiReplacer(names=shipped_names(), seed=seed)
-            replacer.add_names({n for t in texts for n in names_from_headers(t)})
-            out = [replacer.replace(t)[0] for t in texts]
-            return out, sum(replacer.counts.values())
-        return project
+    phones), seeded. Returns texts -> (texts, number replaced)."""
+    from leakaudit.data.pii_find import names_from_headers, shipped_names
+    from leakaudit.data.pii_replace import PiiReplacer
 
-    def own(texts: list[str]) -> tuple[list[str], int]:
-        results = [placeholder_scrub(t) for t in texts]
-        return [r[0] for r in results], sum(r[1] for r in results)
-    return own
+    def project(texts: list[str]) -> tuple[list[str], int]:
+        replacer = PiiReplacer(names=shipped_names(), seed=seed)
+        replacer.add_names({n for t in texts for n in names_from_headers(t)})
+        out = [replacer.replace(t)[0] for t in texts]
+        return out, sum(replacer.counts.values())
+    return project
