@@ -438,7 +438,7 @@ BAD = [
     ("name: x\nmodels: {base: tiny-opt}\nevaluate:\n  m:\n    kind: mia\n    targets: [base]\n",
      "evaluate.m", 4, "needs 'members' and 'nonmembers'"),
     ("name: x\nmodels: {base: tiny-opt}\nevaluate:\n  m: {kind: attack, targets: [base]}\n", "evaluate.m.kind", 4,
-     "unknown kind 'attack' valid: "),
+     "unknown kind 'attack'; valid: "),
     ("name: x\nmodels: {base: tiny-opt}\ndatasets:\n  d: {builtin: enron}\nfinetune:\n  base: {model: base, data: d}\n",
      "finetune.base", 6, "already used"),
     ("name: x\nmodels: {base: tiny-opt}\ndatasets:\n  d: {builtin: enron}\ngenerate:\n"

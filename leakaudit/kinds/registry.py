@@ -31,7 +31,7 @@ def unknown_kind_message(name: str, section: Section | None = None) -> str:
     """'unknown kind 'mai'; did you mean 'mia'? valid: ...' (shared by every front end)."""
     valid = kind_names(section)
     close = difflib.get_close_matches(name, valid, n=1)
-    hint = f"; did you mean '{close[0]}'?" if close else ""
+    hint = f"; did you mean '{close[0]}'?" if close else ";"
     return f"unknown kind '{name}'{hint} valid: {', '.join(valid)}"
 
 
