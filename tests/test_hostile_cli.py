@@ -99,6 +99,23 @@ def test_out_inside_an_input_dir(cli, tmp_path, texts):
     assert "inside the --model directory" in line
 
 
+def test_out_inside_a_model_dir_named_from_home(cli, tmp_path, texts, monkeypatch):
+    """`--model ~/my-model`, as a shell leaves it when quoted: the loader reads it from the home dir, so the
+    output inside it is refused as for any model dir (it was taken for a hub id, not an input)."""
+    monkeypatch.setenv("HOME", str(tmp_path))
+    (tmp_path / "my-model").mkdir()
+    line = cli("score", "--model", "~/my-model", "--data", texts, "--out", tmp_path / "my-model" / "s.jsonl")
+    assert "inside the --model directory" in line
+
+
+def test_score_stride_as_long_as_the_window(cli, texts):
+    """score refuses a stride the window cannot hold, as the kinds' options do (it passed a stride equal to
+    --max-length, which the scoring pass halved with a warning where the window was the model's context)."""
+    line = cli("score", "--model", "tiny-gpt-neox", "--data", texts, "--out", texts.with_name("s.jsonl"),
+               "--max-length", "16", "--stride", "16")
+    assert line == "error: field '--stride': stride must be between 1 and max length - 1 (15)"
+
+
 def test_self_instruct_flat_is_its_out(cli, tmp_path):
     out = tmp_path / "tasks.jsonl"
     line = cli("generate", "self-instruct", "--model", "tiny-gpt-neox", "--n", "2", "--out", out, "--flat", out,

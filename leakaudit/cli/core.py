@@ -88,14 +88,18 @@ def above_zero(value: float | None) -> float | None:
 
 
 def check_window(max_length: int | None, stride: int | None) -> None:
-    """A window step longer than the window would skip tokens."""
-    if max_length is not None and stride is not None and stride > max_length:
-        raise InputError(f"{stride} is larger than --max-length {max_length}", field="--stride")
+    """The rule the kinds' options hold (options.stride_inside_the_window): a window step as long as the window
+    has no context to score a window's tokens with, a longer one skips tokens. (Passed on, a stride equal to a
+    window that is the model's whole context was halved by the scoring pass with a warning.)"""
+    if max_length is not None and stride is not None and stride >= max_length:
+        raise InputError(f"stride must be between 1 and max length - 1 ({max_length - 1})", field="--stride")
 
 
 def model_path(spec: str | None) -> str | None:
-    """A model spec that names a local path (an input the output may not overwrite), else None."""
-    return spec if spec is not None and Path(spec).exists() else None
+    """The local path a model spec names (an input the output may not overwrite), `~/m` read as the model
+    loader reads it; None for any other spec."""
+    path = Path(spec).expanduser() if spec is not None else None
+    return str(path) if path is not None and path.exists() else None
 
 
 def score(
