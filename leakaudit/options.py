@@ -8,13 +8,17 @@ from typing import Annotated, Any, Union, get_args, get_origin
 
 from pydantic import AfterValidator, BeforeValidator, Field, ValidationInfo
 
+BATCH_SIZE_RULE = "must be 'auto' or a positive integer"
 
-def _batch_size(v: int | str) -> int | str:
+
+def parse_batch_size(v: int | str) -> int | str:
+    """'auto' or a positive number of sequences (digits read as one): the one rule of the kinds' options, the
+    CLI's flags and the scoring and sampling APIs (ValueError otherwise; true is not 1)."""
     if v == "auto" or (isinstance(v, int) and not isinstance(v, bool) and v >= 1):
         return v
     if isinstance(v, str) and v.isdigit() and int(v) >= 1:
         return int(v)
-    raise ValueError("must be 'auto' or a positive integer")
+    raise ValueError(BATCH_SIZE_RULE)
 
 
 #: The largest seed numpy's and torch's generators take; a negative or larger one crashed deep inside them.
@@ -22,7 +26,7 @@ MAX_SEED = 2**32 - 1
 Seed = Annotated[int, Field(ge=0, le=MAX_SEED)]
 
 #: `auto` (a token budget that fits the device) or sequences per batch.
-BatchSize = Annotated[int | str, AfterValidator(_batch_size)]
+BatchSize = Annotated[int | str, AfterValidator(parse_batch_size)]
 
 
 def _existing(v: str) -> str:

@@ -36,6 +36,7 @@ from leakaudit import package_version
 from leakaudit.data.io import json_line, open_append
 from leakaudit.errors import InputError, check_model, check_texts
 from leakaudit.models import LoadedModel, attention_kernels, host_memory, model_lock, text_config
+from leakaudit.options import parse_batch_size
 from leakaudit.scoring import cache_keyword, returned_cache, shared_prefixes
 from leakaudit.warn import warn_once
 
@@ -209,15 +210,12 @@ def sample(lm: LoadedModel, prompts: Sequence[str], config: SamplingConfig, *,
 
 # ----------------------------------------------------------------------------------------- preparation
 def _parse_batch_size(batch_size: int | str) -> int | None:
-    if batch_size == "auto":
-        return None
+    """Rows per batch, None for auto (options.parse_batch_size's rule)."""
     try:
-        n = int(batch_size)
-    except (TypeError, ValueError):
-        raise InputError("must be 'auto' or a positive integer", field="--batch-size") from None
-    if n < 1:
-        raise InputError("must be 'auto' or a positive integer", field="--batch-size")
-    return n
+        n = parse_batch_size(batch_size)
+    except ValueError as exc:
+        raise InputError(str(exc), field="--batch-size") from None
+    return None if n == "auto" else int(n)
 
 
 def _tokenize_prompts(lm: LoadedModel, prompts: Sequence[str], max_new_tokens: int) -> list[list[int]]:

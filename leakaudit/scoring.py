@@ -52,6 +52,7 @@ from leakaudit.models import (
     scoring_attention,
     text_config,
 )
+from leakaudit.options import parse_batch_size
 from leakaudit.warn import warn_once
 
 # 2: rows after a shared prefix run on its cached keys/values; in bf16 that rounds differently (same numbers in
@@ -662,13 +663,10 @@ def score_texts(
         step = window // 2
     if not 0 < step < window:
         raise InputError(f"stride must be between 1 and max length - 1 ({window - 1})", field="--stride")
-    if batch_size != "auto":
-        try:
-            batch_size = int(batch_size)
-        except ValueError:
-            raise InputError("must be 'auto' or a positive integer", field="--batch-size") from None
-        if batch_size < 1:
-            raise InputError("must be 'auto' or a positive integer", field="--batch-size")
+    try:
+        batch_size = parse_batch_size(batch_size)
+    except ValueError as exc:
+        raise InputError(str(exc), field="--batch-size") from None
     options = ScoreOptions(window, step, moments, str(lm.dtype).replace("torch.", ""), device=lm.device.type)
 
     fingerprint = lm.current_fingerprint()  # once: it walks every weight's version

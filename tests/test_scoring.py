@@ -107,6 +107,21 @@ def test_bf16_head_on_a_cpu_runs_in_its_own_smaller_chunks(monkeypatch):
         np.testing.assert_allclose(lp, expected, rtol=0, atol=1e-5)
 
 
+def test_batch_size_has_one_rule_for_the_apis_and_the_options(tiny_model):
+    """The scoring and sampling APIs read a batch size by the options' rule (options.parse_batch_size): they
+    took True as 1 and " 3" as 3, which a kind's options and the CLI refuse."""
+    from leakaudit.errors import InputError
+    from leakaudit.sampling import SamplingConfig, sample
+
+    assert len(score_texts(tiny_model, TEXTS[:2], batch_size="1", cache=False)) == 2
+    for bad in (True, " 3", 0, "many"):
+        with pytest.raises(InputError, match="must be 'auto' or a positive integer") as err:
+            score_texts(tiny_model, TEXTS[:2], batch_size=bad, cache=False)
+        assert err.value.field == "--batch-size"
+        with pytest.raises(InputError, match="must be 'auto' or a positive integer"):
+            sample(tiny_model, ["a b"], SamplingConfig(max_new_tokens=2), batch_size=bad, progress=False)
+
+
 def test_left_and_right_padding_agree(tiny_model):
     right = score_texts(tiny_model, TEXTS, batch_size=len(TEXTS), moments=True, cache=False)
     left = score_texts(tiny_model, TEXTS, batch_size=len(TEXTS), moments=True, cache=False, padding_side="left")

@@ -70,10 +70,14 @@ def check_options(kind: Any, options: Any, roles: set[str]) -> None:
 
 
 def check_batch_size(value: str) -> str:
-    """`auto` or a positive number of sequences, refused at parse time (before any model loads)."""
-    if value is not None and value != "auto" and not (value.isdigit() and int(value) >= 1):
-        raise typer.BadParameter(f"'{value}' is not 'auto' or a positive integer")
-    return value
+    """`auto` or a positive number of sequences (options.parse_batch_size), refused at parse time (before any
+    model loads)."""
+    from leakaudit.options import parse_batch_size
+
+    try:
+        return value if value is None else str(parse_batch_size(value))
+    except ValueError:
+        raise typer.BadParameter(f"'{value}' is not 'auto' or a positive integer") from None
 
 
 def batch_size_option(help: str = "auto (token budget) or sequences per batch") -> Any:
