@@ -102,9 +102,10 @@ def test_early_stopping_holds_out_every_copy_of_a_held_out_text(tmp_path, tiny_n
     data.write_text("".join(json.dumps(r) + "\n" for r in rows))
     cfg = FinetuneConfig(model="tiny-gpt-neox", data=str(data), out=str(tmp_path / "o"), user_field="user",
                          early_stopping_patience=1, eval_fraction=0.25, max_length=64)
-    train, held, _ = load_examples(cfg, tiny_neox.tokenizer)
+    train, held, report = load_examples(cfg, tiny_neox.tokenizer)
     trained = {tuple(e.input_ids) for e in train}
     assert held and train and not any(tuple(e.input_ids) in trained for e in held)
+    assert report.per_user_out == {"u": len(train)}  # the rows the user trains on (it counted the held-out too)
     assert len(train) + len(held) == 12 and len(held) % 3 == 0  # whole texts, each with its copies
     # a run killed under the row-by-row split is not resumed on this one: the held-out rule is in its fingerprint
     plain = FinetuneConfig(model="tiny-gpt-neox", data=str(data), out=str(tmp_path / "o"), user_field="user")
@@ -242,17 +243,19 @@ def test_early_stopping_resumes_to_the_straight_run_and_keeps_the_best_checkpoin
 def test_dp_sgd_lora_changes_adapter_lowers_loss_and_reports_epsilon(tmp_path, tiny_neox):
     data = tmp_path / "d.jsonl"
     texts = [f"The secret code of row {i} is alpha bravo charlie." for i in range(16)]
-    data.write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
+    data.write_text("".join(json.dumps({"text": t, "user": "ab"[i % 5 == 0]}) + "\n" for i, t in enumerate(texts)))
     cfg = FinetuneConfig(model="tiny-gpt-neox", data=str(data), out=str(tmp_path / "dp"), method="lora",
                          epochs=3, batch_size=4, gradient_accumulation=2, learning_rate=3e-2, lora_dropout=0.0,
-                         dp_epsilon=8.0)
+                         dp_epsilon=8.0, user_field="user")
     out = finetune(cfg, progress=False)
     privacy = json.loads((out / "privacy.json").read_text())
     assert 0 < privacy["epsilon"] <= 8.0 + 1e-6 and privacy["noise_multiplier"] > 0.5
     assert privacy["delta"] == pytest.approx(1e-5)
-    # what the bound is for: one training row; no cap on a user's rows was set
+    # what the bound is for: one training row; the group a user is: the most rows one user trained on (user
+    # a: 12 of the 16; it said the cap, null here, as if no user had more than one row's protection to share)
     assert privacy["unit"].startswith("training row") and privacy["n_rows"] == 16
-    assert privacy["max_rows_per_user"] is None and privacy["dp_max_grad_norm"] == 1.0
+    assert privacy["max_rows_per_user"] == 12 and privacy["rows_per_user_cap"] is None
+    assert privacy["dp_max_grad_norm"] == 1.0
     assert json.loads((out / "finetune_done.json").read_text())["step"] == privacy["steps"] > 0
     weights = load_file(str(out / "adapter_model.safetensors"))
     lora_b = [v for k, v in weights.items() if "lora_B" in k]

@@ -93,8 +93,11 @@ def _check_per_example(dp_model, batch: int, config) -> None:
                          field="--target-modules" if config.target_modules else "--method")
 
 
-def train_dp(config, lm, model, train: list[ex.Example], out: Path, progress: bool = True) -> dict:
-    """Train with DP-SGD; saves a checkpoint per epoch and the final model; returns the privacy report."""
+def train_dp(config, lm, model, train: list[ex.Example], out: Path, progress: bool = True,
+             rows_per_user: dict[str, int] | None = None) -> dict:
+    """Train with DP-SGD; saves a checkpoint per epoch and the final model; returns the privacy report.
+    `rows_per_user` (the training rows of each user, where the data names users) gives the report the group
+    size a user-level reading of the bound needs."""
     import json
     import warnings
 
@@ -200,10 +203,12 @@ def train_dp(config, lm, model, train: list[ex.Example], out: Path, progress: bo
     # does not divide n (n 10, batch 4: 1/3, not 0.4; the epsilon recomputed from 0.4 was 9.17, not 8.00)
     # the unit the bound is for: one training row (a plain row longer than max_length is refused before
     # training, so rows and examples are one); a user with k rows is protected as a group of k (epsilon up to
-    # k times as large, delta grows too), k bounded only by max_samples_per_user
+    # k times as large, delta grows too): k is the most rows a user trained (max_rows_per_user, where the data
+    # names users), which max_samples_per_user caps
     report = {"epsilon": engine.get_epsilon(delta), "target_epsilon": config.dp_epsilon, "delta": delta,
               "unit": "training row (example-level DP)", "n_rows": n,
-              "max_rows_per_user": config.max_samples_per_user,
+              "max_rows_per_user": max(rows_per_user.values(), default=0) if rows_per_user else None,
+              "rows_per_user_cap": config.max_samples_per_user,
               "noise_multiplier": optimizer.noise_multiplier, "dp_max_grad_norm": config.dp_max_grad_norm,
               "expected_batch_size": loader.sample_rate * n, "sample_rate": loader.sample_rate, "steps": step,
               "epochs": epochs, "accountant": "rdp"}

@@ -21,6 +21,7 @@ import hashlib
 import json
 import os
 import random
+from collections import Counter
 from collections.abc import Iterator
 from contextlib import contextmanager, nullcontext
 from pathlib import Path
@@ -274,6 +275,9 @@ def load_examples(config: FinetuneConfig, tokenizer, max_length: int | None = No
     if n_eval and n_eval == len(contents):
         raise InputError(f"the held-out split would take every row ({len(contents)} left after the defenses)",
                          field="--eval-fraction")
+    if held and report.per_user_out:  # the rows each user trains: held-out rows are evaluated, not trained on
+        trained = Counter(str(items[i][0]) for i in order if i not in held and items[i][0] is not None)
+        report.per_user_out = {u: trained[u] for u in report.per_user_out}
 
     def build(idx: list[int]) -> list[ex.Example]:
         if config.format == "plain":
@@ -446,7 +450,8 @@ def finetune(config: FinetuneConfig, progress: bool = True, callbacks: list | No
     if config.dp_epsilon is not None:
         from leakaudit.train.dp import train_dp
 
-        step = train_dp(config, lm, model, train, out, progress=progress)["steps"]
+        step = train_dp(config, lm, model, train, out, progress=progress,
+                        rows_per_user=report.per_user_out)["steps"]
     else:
         with _environ_kept():
             step = _train_trainer(config, lm, model, train, held_out, out, progress, callbacks or [])
