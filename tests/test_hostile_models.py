@@ -90,6 +90,24 @@ def test_adapter_bin_with_stray_safetensors_is_refused_unless_allowed(tmp_path, 
     models.check_model_spec(str(d), allow_pickle=True)
 
 
+def test_every_command_that_loads_a_model_takes_allow_pickle(tmp_path, monkeypatch, capsys):
+    """The refusal points at --allow-pickle: `perplexity` and `backdoor extract/identify/detect` had no such
+    flag (a trusted pickled adapter could be scored but not measured there)."""
+    d = _lora_adapter(tmp_path / "adapter", safe=False)
+    texts = tmp_path / "t.jsonl"
+    texts.write_text(json.dumps({"text": "one two three four"}) + "\n")
+    d2 = tmp_path / "d2.jsonl"
+    d2.write_text(json.dumps({"query": "Name three rivers"}) + "\n")
+    bd = ["--data", str(d2), "--num-samples", "1", "--max-new-tokens", "2"]
+    for command in (["perplexity", "--model", str(d), "--data", str(texts), "--out", str(tmp_path / "p")],
+                    ["backdoor", "extract", "--model", str(d), "--out", str(tmp_path / "e"), *bd],
+                    ["backdoor", "identify", "--model", str(d), "--out", str(tmp_path / "i"), *bd],
+                    ["backdoor", "detect", "--model", str(d), "--out", str(tmp_path / "x"), *bd, "--n-words", "1"]):
+        _refused(command, monkeypatch, capsys, d, "adapter_model.bin", "--allow-pickle")
+        code, err = _run_main([*command, "--allow-pickle"], monkeypatch, capsys)
+        assert code == 0, (command, err)
+
+
 def test_model_bin_with_stray_safetensors_is_refused(model_copy, tmp_path, monkeypatch, capsys):
     d = model_copy("m")
     state = {k: v for k, v in models.build_tiny_model("tiny-opt")[0].state_dict().items()}

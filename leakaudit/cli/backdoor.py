@@ -13,6 +13,7 @@ import typer
 from leakaudit.cli.core import (
     DeviceOpt,
     DtypeOpt,
+    PickleOpt,
     above_zero,
     build_options,
     check_batch_size,
@@ -192,6 +193,7 @@ def extract_cmd(
     batch_size: str = typer.Option("auto", "--batch-size", help="auto or prompts per batch"),
     device: str = DeviceOpt,
     dtype: str = DtypeOpt,
+    allow_pickle: bool = PickleOpt,
 ) -> None:
     """Sample Q(w) per opening word and score the answers against D2's queries (match ratio, BLEU, coverage)."""
     from leakaudit.kinds import get_kind
@@ -205,7 +207,8 @@ def extract_cmd(
     _prepare(out, "extract", ("extract.json", "samples.jsonl"), data=data, words=words, model=model_path(model))
     ctx = KindContext(out=out, seed=seed, data={"data": data} if data is not None else {},
                       models={"target": model}, show_pii=show_pii,
-                      cache=ModelCache(keep=1, device=device, dtype=dtype), log=err.print)
+                      cache=ModelCache(keep=1, device=device, dtype=dtype, allow_pickle=allow_pickle),
+                      log=err.print)
     kind.run(ctx, options)
     summary = json.loads((out / "extract.json").read_text(encoding="utf-8"))
     say_result(f"match ratio (max/mean over words): {_f3(summary['match_ratio_max'])} / "
@@ -239,6 +242,7 @@ def identify_cmd(
     batch_size: str = SampleBatchOpt,
     device: str = DeviceOpt,
     dtype: str = DtypeOpt,
+    allow_pickle: bool = PickleOpt,
 ) -> None:
     """Decide which candidate words open D2 queries, then extract with the words found (the full pipeline)."""
     from leakaudit.attacks import backdoor as bd
@@ -250,7 +254,7 @@ def identify_cmd(
              model=model_path(model))
     queries = d2_queries(data, limit=limit)
     labels = bd.candidate_labels(candidates, bd.build_tries(queries), top_n)
-    lm = load_model(model, device=device, dtype=dtype)
+    lm = load_model(model, device=device, dtype=dtype, allow_pickle=allow_pickle)
     res = bd.identify(lm, queries, labels, trig, ref, threshold=threshold, num_samples=num_samples,
                       temperature=temperature, max_new_tokens=max_new_tokens, seed=seed, out=out,
                       show_pii=show_pii, batch_size=batch_size)
@@ -279,6 +283,7 @@ def detect_cmd(
     batch_size: str = SampleBatchOpt,
     device: str = DeviceOpt,
     dtype: str = DtypeOpt,
+    allow_pickle: bool = PickleOpt,
     show_pii: bool = typer.Option(False, "--show-pii", help="Keep the raw probe samples (they may quote your "
                                   "training queries)"),
 ) -> None:
@@ -299,7 +304,7 @@ def detect_cmd(
     templates = bd.load_probes(probes)
     results = {}
     for spec in model:
-        lm = load_model(spec, device=device, dtype=dtype)
+        lm = load_model(spec, device=device, dtype=dtype, allow_pickle=allow_pickle)
         results[spec] = bd.detect(lm, queries, words, templates, num_samples=num_samples, temperature=temperature,
                                   max_new_tokens=max_new_tokens, match_threshold=match_threshold,
                                   alarm_rate=alarm_rate, seed=seed, batch_size=batch_size,

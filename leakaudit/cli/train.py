@@ -7,7 +7,7 @@ from pathlib import Path
 import typer
 from pydantic import ValidationError
 
-from leakaudit.cli.core import batch_size_option, build_options, model_path
+from leakaudit.cli.core import DeviceOpt, DtypeOpt, PickleOpt, batch_size_option, build_options, model_path
 from leakaudit.errors import InputError
 from leakaudit.options import MAX_SEED
 
@@ -119,8 +119,9 @@ def register(app: typer.Typer) -> None:
         max_length: int = typer.Option(None, min=2, help="Window in tokens (default the model's context)."),
         stride: int = typer.Option(None, min=1, help="Window step for texts longer than the window (default: max "
                                    "length / 2)."),
-        dtype: str = typer.Option(None, help="auto | fp32 | bf16"),
-        device: str = typer.Option(None),
+        dtype: str = DtypeOpt,
+        device: str = DeviceOpt,
+        allow_pickle: bool = PickleOpt,
         no_cache: bool = typer.Option(False, "--no-cache", help="Do not read or write the score cache"),
     ) -> None:
         """Perplexity (corpus and mean per text) of a model or of every checkpoint; writes perplexity.json."""
@@ -144,7 +145,7 @@ def register(app: typer.Typer) -> None:
             target, checkpoints = str(dirs[-1]), [str(d) for d in dirs[:-1]]
         ctx = KindContext(out=Path(out), data={"data": Path(data)}, data_fields={"data": {"text_field": text_field}},
                           models={"target": target}, model_flags={"target": "--model"}, checkpoints=checkpoints,
-                          cache=ModelCache(keep=1, device=device, dtype=dtype))
+                          cache=ModelCache(keep=1, device=device, dtype=dtype, allow_pickle=allow_pickle))
         res = kind.run(ctx, options).to_json()
         if not is_main():  # under a launcher every process has the result; rank 0 prints it
             return
