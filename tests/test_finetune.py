@@ -434,3 +434,40 @@ def test_accelerates_mixed_precision_does_not_override_the_fine_tunes_own(plain_
             "this fine-tune trains with bf16 off") in capsys.readouterr().err
     a, b = (load_file(str(d / "adapter_model.safetensors")) for d in (plain, told))
     assert set(a) == set(b) and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_a_killed_run_puts_its_progress_bar_away(plain_data, tmp_path, monkeypatch):
+    """Ctrl-C or SIGTERM mid-training: the Trainer calls no on_train_end on an exception, and the live bar went
+    on drawing below the `interrupted:` line and left the terminal's cursor hidden."""
+    from transformers import TrainerCallback
+
+    import leakaudit.progress
+
+    bars = []
+
+    class Bar:
+        def __init__(self, *columns):
+            self.running = False
+            bars.append(self)
+
+        def start(self):
+            self.running = True
+
+        def stop(self):
+            self.running = False
+
+        def add_task(self, *args, **kwargs):
+            return 0
+
+        def update(self, *args, **kwargs):
+            pass
+
+    class KillAtStep1(TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            if state.global_step == 1:
+                raise KeyboardInterrupt
+
+    monkeypatch.setattr(leakaudit.progress, "progress_bar", Bar)
+    with pytest.raises(KeyboardInterrupt):
+        finetune(_cfg(plain_data, tmp_path / "killed", method="lora"), progress=True, callbacks=[KillAtStep1()])
+    assert len(bars) == 1 and not bars[0].running

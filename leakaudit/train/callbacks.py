@@ -116,6 +116,11 @@ class RichProgressCallback(TrainerCallback):
             self.bar.update(self.task, loss=f"{logs['loss']:.4f}")
 
     def on_train_end(self, args, state, control, **kwargs):
+        self.close()
+
+    def close(self) -> None:
+        """Stop the bar. Also when training stops on an exception (Ctrl-C, SIGTERM), where the Trainer calls no
+        on_train_end: the live bar went on drawing over the `interrupted:` line and left the cursor hidden."""
         if self.bar is not None:
             self.bar.stop()
             self.bar = None

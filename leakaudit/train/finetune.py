@@ -659,8 +659,13 @@ def _train_trainer(config: FinetuneConfig, lm, model, train: list[ex.Example], h
     trainer.remove_callback(PrinterCallback)
     trainer.remove_callback(ProgressCallback)
     resume = last_checkpoint(out, remove=is_main())  # every rank finds the same one; rank 0 clears the rest
-    with attention_kernels(lm.device), packed_attention(model, lm.device) if pack else nullcontext():
-        trainer.train(resume_from_checkpoint=str(resume) if resume else None)
+    try:
+        with attention_kernels(lm.device), packed_attention(model, lm.device) if pack else nullcontext():
+            trainer.train(resume_from_checkpoint=str(resume) if resume else None)
+    finally:  # a kill mid-training: the bar is put away before the `interrupted:` line
+        for callback in callbacks:
+            if isinstance(callback, RichProgressCallback):
+                callback.close()
     # only rank 0 links the final weights; another rank looking now could catch its last save half-written
     final = (_last_step_checkpoint(last_checkpoint(out, remove=False))
              if lean and trainer.is_world_process_zero() else None)
