@@ -613,7 +613,7 @@ def _progress(enabled: bool, description: str, total: int):
     from leakaudit.progress import progress_bar
 
     with progress_bar(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-                      TimeRemainingColumn()) as bar:
+                      TimeRemainingColumn(), unit="rows") as bar:
         task = bar.add_task(description, total=total)
         advance: Callable[[int], None] = lambda n: bar.update(task, advance=n)  # noqa: E731
         yield advance

@@ -924,7 +924,7 @@ def _progress(enabled: bool, description: str, total: int):
 
     columns = [TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total} tok"),
                TimeRemainingColumn()]
-    with progress_bar(*columns) as bar:
+    with progress_bar(*columns, unit="tok") as bar:
         task = bar.add_task(description, total=total)
         started = time.perf_counter()
         yield lambda n: bar.update(task, advance=n)

@@ -446,7 +446,7 @@ def test_a_killed_run_puts_its_progress_bar_away(plain_data, tmp_path, monkeypat
     bars = []
 
     class Bar:
-        def __init__(self, *columns):
+        def __init__(self, *columns, **options):
             self.running = False
             bars.append(self)
 

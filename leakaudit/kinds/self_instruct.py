@@ -53,11 +53,11 @@ class SelfInstruct(Kind):
             from leakaudit.progress import progress_bar
 
             with progress_bar(TextColumn("self-instruct"), BarColumn(), MofNCompleteColumn(),
-                              TextColumn("{task.fields[r]}")) as bar:
-                task = bar.add_task("tasks", total=options.n, r="")
+                              TextColumn("round {task.fields[round]}"), unit="tasks") as bar:
+                task = bar.add_task("self-instruct", total=options.n, round="-")
                 tasks = self_instruct(lm, seeds, tasks_file, options.n, progress=False,
                                       on_round=lambda r, k, total: bar.update(task, completed=total,
-                                                                              r=f"round {r}"), **kwargs)
+                                                                              round=str(r)), **kwargs)
         else:
             tasks = self_instruct(lm, seeds, tasks_file, options.n, progress=False, **kwargs)
         if not tasks:  # else the failure surfaces later as "empty file" in whatever trains on it

@@ -103,9 +103,9 @@ class RichProgressCallback(TrainerCallback):
         from leakaudit.progress import progress_bar
 
         self.bar = progress_bar(TextColumn("fine-tuning"), BarColumn(), MofNCompleteColumn(),
-                                TextColumn("loss {task.fields[loss]}"), TimeRemainingColumn())
+                                TextColumn("loss {task.fields[loss]}"), TimeRemainingColumn(), unit="steps")
         self.bar.start()
-        self.task = self.bar.add_task("train", total=state.max_steps, completed=state.global_step, loss="-")
+        self.task = self.bar.add_task("fine-tuning", total=state.max_steps, completed=state.global_step, loss="-")
 
     def on_step_end(self, args, state, control, **kwargs):
         if self.bar is not None:
