@@ -1024,3 +1024,25 @@ def test_plan_checks_take_a_stage_finished_under_its_earlier_key_as_finished(tmp
         check_plan(plan, (out, None))
     (out / stage.folder / "stage.json").write_text(json.dumps({"key": stage.earlier_key, "result": {}}))
     check_plan(plan, (out, None))  # finished under the earlier key: not trained again, so not refused
+
+
+def test_an_evaluation_stage_shows_its_progress(tmp_path, monkeypatch):
+    """The engine ran every evaluation with progress off: on a terminal a run's scoring and sampling stages (most
+    of a study's time) drew no bar, while its fine-tunes did."""
+    from leakaudit.kinds.registry import get_kind
+
+    kind = type(get_kind("perplexity"))
+    seen = []
+    original = kind.run
+
+    def run(self, ctx, options):
+        seen.append(ctx.progress)
+        return original(self, ctx, options)
+
+    monkeypatch.setattr(kind, "run", run)
+    data = tmp_path / "texts.jsonl"
+    data.write_text("".join(json.dumps({"text": f"line number {i} of the file"}) + "\n" for i in range(4)))
+    text = (f"name: p\nmodels: {{base: tiny-gpt-neox}}\ndatasets:\n  d: {{path: {data}}}\n"
+            "evaluate:\n  ppl:\n    kind: perplexity\n    targets: [base]\n    data: d\n")
+    run_experiment(parse_experiment(text), tmp_path / "out", log=_quiet, report=False)
+    assert seen == [True]

@@ -186,7 +186,7 @@ def run_kind_stage(ctx: StageContext) -> dict[str, Any]:
         checkpoints = [str(tdir / rel) for rel in ctx.results[target["stage"]].get("checkpoints") or []]
     kctx = KindContext(out=ctx.dir, seed=ctx.seed, data=data, models=models, checkpoints=checkpoints,
                        data_fields=fields, show_pii=ctx.plan.exp.report.show_pii, cache=ctx.cache,
-                       log=lambda m: None, progress=False)
+                       log=lambda m: None)  # progress on: a bar on a terminal, a line now and then in a log
     return kind.run(kctx, options).to_json()
 
 
