@@ -46,9 +46,11 @@ def _summary(title: str, metrics: dict[str, dict], unit: str = "non-members", co
     from leakaudit.metrics import tpr_text
 
     table = Table(title=mask_message(title))  # the model spec may name a person
-    for col in ("", *([counts] if counts else []), "AUC", "95% CI", "TPR@1%FPR [95% CI]", "TPR@0.1%FPR [95% CI]",
-                "advantage"):
+    heads = ("", *([counts] if counts else []), "AUC", "95% CI", "TPR@1%FPR [95% CI]", "TPR@0.1%FPR [95% CI]",
+             "advantage")
+    for col in heads:
         table.add_column(col)
+    rows = []
 
     def f(x: Any) -> str:
         return "–" if x is None else f"{x:.3f}"
@@ -56,11 +58,32 @@ def _summary(title: str, metrics: dict[str, dict], unit: str = "non-members", co
     for name, m in metrics.items():
         ci = m.get("auc_ci") or [None, None]
         tpr, needs, tpr_ci = m.get("tpr_at_fpr") or {}, m.get("tpr_needs_nonmembers") or {}, m.get("tpr_ci") or {}
-        table.add_row(name, *([f"{m['n_users_in']}/{m['n_users_out']}"] if counts else []),
-                      f(m["auc"]), f"[{f(ci[0])}, {f(ci[1])}]",
-                      *(tpr_text(tpr.get(k), needs.get(k), unit, ci=tpr_ci.get(k)) for k in ("0.01", "0.001")),
-                      f(m.get("advantage")))
-    results.print(table)
+        rows.append((name, *([f"{m['n_users_in']}/{m['n_users_out']}"] if counts else []),
+                     f(m["auc"]), f"[{f(ci[0])}, {f(ci[1])}]",
+                     *(tpr_text(tpr.get(k), needs.get(k), unit, ci=tpr_ci.get(k)) for k in ("0.01", "0.001")),
+                     f(m.get("advantage"))))
+        table.add_row(*rows[-1])
+    _print_table(table, heads, rows)
+
+
+def _print_table(table: Table, heads: tuple[str, ...], rows: list[tuple[str, ...]]) -> None:
+    """The table as wide as its cells where it fits or where no terminal sets the width (a log: rich drew it at 80
+    columns, a cell over five lines and `non-memb…`); on a terminal too narrow for it, one plain line per row
+    (at 40 columns every number was cut to `0.5…` and min_k and min_k_pp both read `mi…`)."""
+    from rich.measure import Measurement
+
+    width = Measurement.get(results, results.options.update_width(10_000), table).maximum
+    if not results.is_terminal:  # rich caps a print's width at the console's: a console as wide as the table
+        from rich.console import Console
+
+        Console(file=results.file, width=width, color_system=None).print(table)
+    elif width <= results.width:
+        results.print(table)
+    else:
+        results.print(table.title, markup=False, highlight=False)
+        for row in rows:
+            results.print(f"{row[0]}: " + ", ".join(f"{head} {cell}" for head, cell in zip(heads[1:], row[1:], strict=True)),
+                      markup=False, highlight=False)
 
 
 def mia(

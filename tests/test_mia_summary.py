@@ -1,0 +1,29 @@
+"""The MIA and user-inference summary tables keep every number, on a narrow terminal and in a log."""
+
+from __future__ import annotations
+
+import io
+
+import pytest
+from rich.console import Console
+
+METRICS = {name: {"auc": 0.501, "auc_ci": [0.471, 0.534], "tpr_at_fpr": {"0.01": 0.008, "0.001": None},
+                  "tpr_needs_nonmembers": {"0.001": 1000}, "tpr_ci": {"0.01": [0.002, 0.052]}, "advantage": 0.072}
+           for name in ("loss", "min_k", "min_k_pp")}
+
+
+@pytest.mark.parametrize("terminal,width", [(True, 40), (False, 80)])
+def test_the_mia_summary_keeps_every_number_in_a_narrow_terminal_and_in_a_log(monkeypatch, terminal, width):
+    """At 40 columns rich cut every cell to `0.5…` (min_k and min_k_pp both read `mi…`); into a log it drew the
+    table at 80 columns, a row over five lines and `non-memb…` cut."""
+    import leakaudit.cli.mia as cli_mia
+
+    out = io.StringIO()
+    monkeypatch.setattr(cli_mia, "results", Console(file=out, width=width, force_terminal=terminal, soft_wrap=True,
+                                                no_color=True))
+    cli_mia._summary("MIA on m (150 members, 150 non-members)", METRICS)
+    text = out.getvalue()
+    assert "…" not in text
+    rows = [line for line in text.splitlines() if "min_k_pp" in line]
+    assert len(rows) == 1 and all(x in rows[0] for x in ("0.501", "[0.471, 0.534]", "0.008 [0.002, 0.052]",
+                                                         "1000 non-members", "0.072")), text
