@@ -20,7 +20,7 @@ def test_the_mia_summary_keeps_every_number_in_a_narrow_terminal_and_in_a_log(mo
 
     out = io.StringIO()
     monkeypatch.setattr(cli_mia, "results", Console(file=out, width=width, force_terminal=terminal, soft_wrap=True,
-                                                no_color=True))
+                                                    no_color=True))
     cli_mia._summary("MIA on m (150 members, 150 non-members)", METRICS)
     text = out.getvalue()
     assert "…" not in text
