@@ -238,7 +238,8 @@ def _tokenize_prompts(lm: LoadedModel, prompts: Sequence[str], max_new_tokens: i
         out.append(ids[-room:])
     if cut:
         warn_once(f"{cut} prompt(s) do not fit the context of {lm.spec} ({lm.max_length} tokens) with "
-                  f"--max-new-tokens {max_new_tokens}; keeping the last {room} tokens of each")
+                  f"--max-new-tokens {max_new_tokens}; keeping the last {room} tokens of each",
+                  key=f"prompts cut {lm.max_length} {max_new_tokens}")  # not again per round, stage and model
     return out
 
 

@@ -687,7 +687,7 @@ def _say_strided(lm: LoadedModel, long: int, n_texts: int, window: int, step: in
         what = "texts with the context before them" if contexts else "texts"
         warn_once(f"{long} of {n_texts} {what} are longer than the {window}-token window of {lm.spec}: each is "
                   f"scored in windows advancing by {step} tokens (every token scored once, after at least "
-                  f"{window - step} earlier tokens)")
+                  f"{window - step} earlier tokens)", key=f"strided {window} {step} {what}")  # once per window
 
 
 def score_ids(
@@ -707,8 +707,10 @@ def score_ids(
     if len(contexts) != len(ids):
         raise ValueError("contexts must match ids in length")
     window = fit_window(lm, None)
-    if batch_size != "auto":
-        batch_size = int(batch_size)
+    try:
+        batch_size = parse_batch_size(batch_size)
+    except ValueError as exc:
+        raise InputError(str(exc), field="--batch-size") from None
     options = ScoreOptions(window, max(1, window // 2), False, str(lm.dtype).replace("torch.", ""),
                            device=lm.device.type)
     space = lm.current_fingerprint() + "\x00ids"  # never a text key: a fingerprint holds no NUL

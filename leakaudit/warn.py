@@ -10,11 +10,14 @@ import sys
 _WARNED: set[str] = set()
 
 
-def warn_once(message: str) -> None:
-    """Print `warning: message` (PII masked) as one stderr line, once per process and only on rank 0."""
-    if message in _WARNED or int(os.environ.get("RANK", "0")) != 0:
+def warn_once(message: str, key: str | None = None) -> None:
+    """Print `warning: message` (PII masked) as one stderr line, once per process and only on rank 0. `key`:
+    what makes two warnings the same where the message also holds counts or a model's name (a window warning
+    said once per scoring pass was said 13 times by one experiment, once per stage and model)."""
+    said = message if key is None else f"\0{key}"
+    if said in _WARNED or int(os.environ.get("RANK", "0")) != 0:
         return
-    _WARNED.add(message)
+    _WARNED.add(said)
     from leakaudit.data.pii_find import mask_message  # phonenumbers loads only when something is said
 
     print(f"warning: {mask_message(message)}", file=sys.stderr, flush=True)

@@ -695,6 +695,17 @@ def test_recorded_paths_do_not_depend_on_the_working_directory(tmp_path, monkeyp
     assert paths and all(not Path(p).is_absolute() and (tmp_path / "rel" / p).exists() for p in paths), paths
 
 
+def test_a_run_says_an_evaluations_warnings_once(tmp_path, capsys):
+    """The attacks' warnings (a TPR at a low FPR the non-members cannot resolve) reached only the report: the
+    run's kinds logged into nothing. Said once per evaluation, not again for its next target."""
+    text = SMALL.replace("    targets: [real]\n    members:", "    targets: [base, real]\n    members:")
+    assert text != SMALL
+    status = run_experiment(parse_experiment(text), tmp_path / "out", log=_quiet, report=False)
+    assert {"evaluate/mia/base", "evaluate/mia/real"} <= set(status)
+    err = capsys.readouterr().err
+    assert err.count("warning: evaluate/mia: only 6 non-members: TPR at FPR 0.01 needs at least 100") == 1, err
+
+
 def test_a_seed_override_is_what_the_report_and_summary_say(tmp_path, monkeypatch, capsys):
     """`run --seed 3` on a file that says seed 0: the report echoed the file (seed: 0) and the summary had no
     seed, so every seed's shared report claimed seed 0."""

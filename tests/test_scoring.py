@@ -285,6 +285,17 @@ def test_strided_window_scores_every_token_once(tiny_neox, capsys):
     np.testing.assert_allclose(short.logp, score_texts(tiny_neox, [TEXTS[0]], cache=False)[0].logp, atol=1e-5)
 
 
+def test_the_window_warning_is_said_once_per_window_not_per_pass(tiny_neox, capsys):
+    """One experiment said it 13 times (once per stage and model, each count a new message): once per window
+    and stride now; another window is another warning."""
+    long = [" ".join(f"word{i}" for i in range(150)), " ".join(f"term{i}" for i in range(150))]
+    for texts in ([long[0]], long, long + TEXTS[:1]):
+        score_texts(tiny_neox, texts, max_length=64, stride=16, cache=False, progress=False)
+    score_texts(tiny_neox, long, max_length=96, stride=16, cache=False, progress=False)
+    err = capsys.readouterr().err
+    assert err.count("longer than the 64-token window") == 1 and err.count("longer than the 96-token window") == 1
+
+
 def test_the_window_warning_counts_the_texts_served_from_the_cache(tiny_neox, tmp_path, capsys):
     """The warning counted only the texts scored in this pass: a rerun served from the cache said nothing, and a
     partly cached run counted its new texts only ("1 of 6" for 2 long texts of 22)."""

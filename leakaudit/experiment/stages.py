@@ -186,8 +186,18 @@ def run_kind_stage(ctx: StageContext) -> dict[str, Any]:
         checkpoints = [str(tdir / rel) for rel in ctx.results[target["stage"]].get("checkpoints") or []]
     kctx = KindContext(out=ctx.dir, seed=ctx.seed, data=data, models=models, checkpoints=checkpoints,
                        data_fields=fields, show_pii=ctx.plan.exp.report.show_pii, cache=ctx.cache,
-                       log=lambda m: None)  # progress on: a bar on a terminal, a line now and then in a log
+                       log=_warnings_of(stage))  # progress on: a bar on a terminal, a line now and then in a log
     return kind.run(kctx, options).to_json()
+
+
+def _warnings_of(stage: Stage) -> Callable[[str], None]:
+    """A kind's log inside a run: its `warning:` lines said once per evaluation (`evaluate/mia: only 160
+    non-members: ...`, not again for each target), its other lines (counts the CLI prints) not at all. The run
+    printed none of them: a TPR at a low FPR the non-members cannot resolve was said only in the report."""
+    from leakaudit.warn import warn_once
+
+    step = "/".join(stage.id.split("/")[:2])
+    return lambda m: warn_once(f"{step}: {m.removeprefix('warning: ')}") if m.startswith("warning: ") else None
 
 
 # The engine's own stages; every other stage (generate steps, evaluations) runs its registered kind.
