@@ -151,11 +151,14 @@ def run_finetune_stage(ctx: StageContext) -> dict[str, Any]:
     previous = read_json(saved) if is_main() and saved.is_file() else None
     stale = previous is not None and previous.get("fingerprint") != config.fingerprint()
     if broadcast_int(int(stale)):  # rank 0 looks, and deletes, while the others wait
-        if is_main():  # (one of an earlier release's held-out split has another key: engine._settle cleared it)
+        if is_main():
+            from leakaudit.train.finetune import heldout_rule
             from leakaudit.warn import warn_once
 
-            warn_once(f"{ctx.stage.id}: its unfinished training was started on other inputs (an input stage ran "
-                      "again since); training again from the start")
+            why = ("on the held-out split of an earlier release (rows one by one; every copy of a held-out text "
+                   "now)" if (rule := heldout_rule(config)) is not None and previous.get("heldout") != rule
+                   else "on other inputs (an input stage ran again since)")
+            warn_once(f"{ctx.stage.id}: its unfinished training was started {why}; training again from the start")
             remove_stale(ctx.out, Path(config.out))
         barrier()
     model_dir = Path(finetune(config))
