@@ -964,7 +964,7 @@ def test_a_stage_whose_kind_changed_since_it_finished_runs_again_saying_why(tmp_
     """A fix that changes a kind's results for the same inputs (its `version`) reruns that kind's finished
     stages and what read them, saying why; every other stage stays cached (version 1 is not in keys: the
     STUDY keys below are those of the release before versions), and a --reuse of such a dir does not take
-    them. A fine-tune that holds data out is at version 2 (the held-out split changed)."""
+    them. A fine-tune's key has no version: what it trained on is in its own record (next test)."""
     from leakaudit.kinds.perplexity import Perplexity
 
     study = Plan(parse_experiment(STUDY))
@@ -974,14 +974,7 @@ def test_a_stage_whose_kind_changed_since_it_finished_runs_again_saying_why(tmp_
         "evaluate/mia/real": "7def15fc532ed7c87a05923f", "evaluate/users/real": "e6126de279220a0351c53694",
         "evaluate/ppl/real": "953e1577b5b5aa3983a696da"}
     pii = study.stages["evaluate/pii/real"]  # pii is at version 2: its key moved, its older key is the old one
-    assert pii.older_key == "f356f9df5ce3c68a476c648e" != pii.key and "demonstration's address" in pii.changed
-    early = SMALL.replace("gradient_accumulation: 1, max_length: 48}",
-                          "gradient_accumulation: 1, max_length: 48, early_stopping_patience: 1, eval_fraction: 0.3}")
-    assert early != SMALL
-    held = Plan(parse_experiment(early))
-    assert held.stages["finetune/real"].key != held.stages["finetune/real"].older_key
-    assert "held-out split changed" in held.stages["evaluate/mia/real"].changed  # what read it says so too
-    assert held.stages["evaluate/ppl/base"].changed == ""
+    assert pii.older_key == "f356f9df5ce3c68a476c648e" != pii.key and "pii version 2 (a demonstration's" in pii.changed
 
     lines: list[str] = []
     run_experiment(parse_experiment(SMALL), tmp_path / "old", log=_quiet, report=False)
@@ -990,13 +983,54 @@ def test_a_stage_whose_kind_changed_since_it_finished_runs_again_saying_why(tmp_
     capsys.readouterr()
     reused = run_experiment(parse_experiment(SMALL), tmp_path / "new", log=_quiet, report=False, reuse=tmp_path / "old")
     assert reused["evaluate/ppl/base"] == "ran" and reused["evaluate/mia/real"] == "reused"
-    assert "evaluate/ppl/base was finished by an earlier leakaudit; since then perplexity changed" in capsys.readouterr().err
+    assert ("evaluate/ppl/base was finished by an earlier leakaudit, which may predate perplexity version 2 (the "
+            "mean counts every token); not reused") in capsys.readouterr().err
     status = run_experiment(parse_experiment(SMALL), tmp_path / "old", log=lines.append, report=False)
     assert status == {"data/emails": "cached", "finetune/real": "cached", "evaluate/mia/real": "cached",
                       "evaluate/ppl/base": "ran"}
-    assert ("[4/4] evaluate/ppl/base: finished by an earlier leakaudit; since then perplexity changed: the mean "
-            "counts every token, so it runs again") in lines
+    assert ("[4/4] evaluate/ppl/base: finished by an earlier leakaudit, which may predate perplexity version 2 "
+            "(the mean counts every token); running it again") in lines
     assert set(run_experiment(parse_experiment(SMALL), tmp_path / "old", log=_quiet, report=False).values()) == {"cached"}
+    monkeypatch.setattr(Perplexity, "version", 3)  # the next change: the key of version 2 is the older one
+    lines.clear()
+    assert run_experiment(parse_experiment(SMALL), tmp_path / "old", log=lines.append,
+                          report=False)["evaluate/ppl/base"] == "ran"
+    assert any("may predate perplexity version 3" in line for line in lines), lines
+
+
+def test_a_fine_tune_an_earlier_release_trained_on_the_row_by_row_split_runs_again(tmp_path):
+    """Early stopping held rows out one by one before the split's fix (a repeated text both trained on and
+    evaluated); a fine-tune finished so was cached for good. Its finetune_config.json, which records the
+    held-out rule since the fix, tells: without it the fine-tune and what read it run again, saying why; with
+    it (a release that had the fix) everything stays cached. A fine-tune that holds nothing out is never
+    touched."""
+    early = SMALL.replace("gradient_accumulation: 1, max_length: 48}",
+                          "gradient_accumulation: 1, max_length: 48, early_stopping_patience: 1, eval_fraction: 0.3}")
+    assert early != SMALL
+    plan = Plan(parse_experiment(early))
+    assert all(s.older_key == s.key for s in plan.stages.values())  # no version in a fine-tune's key
+    out = tmp_path / "out"
+    run_experiment(parse_experiment(early), out, log=_quiet, report=False)
+    assert set(run_experiment(parse_experiment(early), out, log=_quiet, report=False).values()) == {"cached"}
+    config = out / plan.stages["finetune/real"].folder / "model" / "finetune_config.json"
+    saved = json.loads(config.read_text())
+    assert saved["heldout"] == "whole texts"
+    config.write_text(json.dumps({k: v for k, v in saved.items() if k != "heldout"}))  # as before the fix,
+    from leakaudit.experiment.manifest import output_manifest  # which recorded that file so
+
+    record = config.parent.parent / "stage.json"
+    record.write_text(json.dumps({**json.loads(record.read_text()), "outputs": output_manifest(config.parent.parent)}))
+    lines: list[str] = []
+    status = run_experiment(parse_experiment(early), out, log=lines.append, report=False)
+    assert status == {"data/emails": "cached", "finetune/real": "ran", "evaluate/mia/real": "ran",
+                      "evaluate/ppl/base": "cached"}
+    assert any("finetune/real: trained on the held-out split of an earlier release" in x for x in lines), lines
+    assert json.loads(config.read_text())["heldout"] == "whole texts"
+    plain = tmp_path / "plain"  # holds nothing out: no rule recorded, none needed
+    run_experiment(parse_experiment(SMALL), plain, log=_quiet, report=False)
+    assert "heldout" not in json.loads((plain / plan.stages["finetune/real"].folder / "model" /
+                                        "finetune_config.json").read_text())
+    assert set(run_experiment(parse_experiment(SMALL), plain, log=_quiet, report=False).values()) == {"cached"}
 
 
 def test_a_vllm_backend_that_cannot_run_is_refused_before_any_stage(tmp_path, monkeypatch):

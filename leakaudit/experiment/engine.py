@@ -4,6 +4,7 @@ run.json, then write the report."""
 from __future__ import annotations
 
 import errno
+import json
 import os
 import shutil
 import time
@@ -185,7 +186,8 @@ def _settle(i: int, n: int, plan: Plan, stage: Stage, sdir: Path, out: Path, res
     done = is_done(sdir, stage.key)
     if done is not None:
         stale = changed_output(sdir, done) or _redone_input(stage.deps, done, finished)
-        stale = f"{stale} after the stage finished" if stale else _other_precision(stage, done)
+        stale = f"{stale} after the stage finished" if stale else (_other_precision(stage, done)
+                                                                    or _older_split(stage, sdir))
         if stale is None:
             results[stage.id] = done["result"]
             finished[stage.id] = done.get("done_id")
@@ -200,6 +202,7 @@ def _settle(i: int, n: int, plan: Plan, stage: Stage, sdir: Path, out: Path, res
     if reuse is not None and theirs is None:
         _older_there(Path(reuse), stage)
     if (theirs is not None and _other_precision(stage, theirs) is None  # never a stage computed in another dtype
+            and _older_split(stage, Path(reuse) / stage.folder) is None
             and _read_the_same(plan, stage, theirs, Path(reuse), out, finished)):
         done = reuse_stage(Path(reuse), stage.folder, stage.key, out, sdir)
         if done is not None:
@@ -217,7 +220,7 @@ def _settle(i: int, n: int, plan: Plan, stage: Stage, sdir: Path, out: Path, res
     if sdir.exists() and (not keyfile.exists() or keyfile.read_text().strip() != stage.key):
         if stage.older_key != stage.key and keyfile.is_file() and keyfile.read_text().strip() == stage.older_key:
             log(f"[{i}/{n}] {stage.id}: {'finished' if is_done(sdir, stage.older_key) else 'started'} by an earlier "
-                f"leakaudit; since then {stage.changed}, so it runs again")
+                f"leakaudit, which may predate {stage.changed}; running it again")
         remove_stale(out, sdir)  # outputs of an older version of this stage: start clean
     sdir.mkdir(parents=True, exist_ok=True)
     keyfile.write_text(stage.key)
@@ -250,6 +253,27 @@ def default_precision(stage: Stage) -> str | None:
     from leakaudit.models.dtype import resolve_device, resolve_dtype
 
     return str(resolve_dtype(None, resolve_device(None))).removeprefix("torch.")
+
+
+def _older_split(stage: Stage, sdir: Path) -> str | None:
+    """Why a finished fine-tune that held data out is stale: an earlier release held rows out one by one, so a
+    repeated text was both trained on and in the eval loss early stopping watches; its finetune_config.json
+    records no held-out rule (every release since the fix records `heldout`). None for any other stage."""
+    if stage.kind != "finetune":
+        return None
+    try:
+        record = json.loads((sdir / "model" / "finetune_config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None  # a damaged stage is found stale by its outputs' hashes
+    if not isinstance(record, dict) or not (record.get("eval_fraction") or record.get("early_stopping_patience")
+                                            is not None):
+        return None
+    from leakaudit.train.finetune import HELDOUT_RULE
+
+    if record.get("heldout") == HELDOUT_RULE:
+        return None
+    return ("trained on the held-out split of an earlier release (rows held out one by one, so a repeated text was "
+            "trained on and evaluated; every copy of a held-out text is held out with it now)")
 
 
 def _other_precision(stage: Stage, done: dict[str, Any]) -> str | None:
@@ -418,7 +442,7 @@ def _older_there(reuse: Path, stage: Stage) -> None:
     """Say why a --reuse dir finished by an earlier leakaudit offers nothing: its records hold the earlier keys
     until a plain run of it takes the current ones (every stage cached)."""
     if stage.older_key != stage.key and is_done(reuse / stage.folder, stage.older_key) is not None:
-        warn_once(f"{reuse}: {stage.id} was finished by an earlier leakaudit; since then {stage.changed}, so it is "
+        warn_once(f"{reuse}: {stage.id} was finished by an earlier leakaudit, which may predate {stage.changed}; "
                   "not reused (it runs here)")
     elif stage.earlier_key != stage.key and is_done(reuse / stage.folder, stage.earlier_key) is not None:
         warn_once(f"{reuse}: finished by an earlier leakaudit, so its stages are not reused; `leakaudit run` "

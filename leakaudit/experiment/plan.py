@@ -31,8 +31,8 @@ class Stage:
     # the key this stage had when a data file entered keys by its absolute path (moving a checkout or a run
     # dir reran everything): a run dir finished under it is adopted, not rerun (engine.adopt_earlier_keys)
     earlier_key: str = ""
-    # the key it had before its kind's results, or an input's, changed (stage_version): a run dir finished
-    # under it runs the stage again, and `changed` says why
+    # the key it had at its kind's version before this one (stage_version), with its inputs' keys of then: a run
+    # dir finished under it runs the stage again, and `changed` says what that version changed
     older_key: str = ""
     changed: str = ""
     seed: int = 0  # the step's own `seed` when it has one, else the experiment's
@@ -80,21 +80,15 @@ def remove_stale(out: Path, path: Path) -> None:
 
 
 def stage_version(stage: Stage) -> tuple[int, str]:
-    """The version of what a stage computes and what changed at the last one: an evaluation's or generation's
-    kind's `version` and `changed`; a fine-tune that holds data out (early stopping, eval_fraction) is at 2
-    since every copy of a held-out text is held out with it (train.finetune.HELDOUT_RULE)."""
+    """The version of what a stage's kind computes (its `version`) and what that version changed. Data and
+    fine-tune steps have none: a fine-tune records what it trained on (finetune_config.json), and the engine
+    reads it (engine._older_split)."""
     from leakaudit.kinds import get_kind
 
-    if stage.kind == "dataset":
-        return 1, ""
-    if stage.kind == "finetune":
-        fields = {**stage.params["options"], **(stage.params["defenses"] or {})}
-        if fields.get("eval_fraction") or fields.get("early_stopping_patience") is not None:
-            return 2, ("the fine-tune's held-out split changed: every copy of a held-out text is held out with it "
-                       "(rows were held out one by one, so a repeated text was trained on and evaluated)")
+    if stage.kind in ("dataset", "finetune"):
         return 1, ""
     kind = get_kind(stage.params["kind"] if stage.kind == "generate" else stage.kind)
-    return kind.version, f"{kind.name} changed: {kind.changed}"
+    return kind.version, f"{kind.name} version {kind.version} ({kind.changed})"
 
 
 def _key_params(stage: Stage) -> dict[str, Any]:
@@ -242,16 +236,16 @@ class Plan:
                                  "give each value once")
         version, changed = stage_version(stage)
         stage.key = self._key(stage, _key_params(stage), "key", version)
-        stage.older_key = self._key(stage, _key_params(stage), "older_key")
+        stage.older_key = self._key(stage, _key_params(stage), "older_key", version - 1)
         stage.earlier_key = self._key(stage, stage.params, "earlier_key")
-        stage.changed = changed if version > 1 else next((f"its input {self.stages[d].id} changed ({self.stages[d].changed})"
+        stage.changed = changed if version > 1 else next((f"its input {self.stages[d].id}, which runs again"
                                                           for d in stage.deps if self.stages[d].changed), "")
         self.stages[stage.id] = stage
 
     def _key(self, stage: Stage, params: dict[str, Any], chain: str, version: int = 1) -> str:
         payload = {"v": STAGE_VERSION, "kind": stage.kind, "params": params, "seed": stage.seed,
                    "deps": {d: getattr(self.stages[d], chain) for d in stage.deps}}
-        if version > 1:
+        if version > 1:  # version 1 stays out: raising one kind's leaves every other stage's key as it was
             payload["kind_version"] = version
         processes = world()[1]
         if processes > 1 and trained_by_all(stage):  # not quite the one-process training: docs/experiments.md
