@@ -82,6 +82,11 @@ def read_run(out: str | Path) -> SeedRun:
         raise InputError(f"{len(pending)} of {len(stages)} stages are not finished (the first: {pending[0]}); finish "
                          f"the run (`leakaudit run` with its experiment and --out {out}) and it writes its report",
                          file=out / "run.json")
+    from leakaudit.experiment.manifest import older_results
+
+    if older := older_results(out, stages):  # pooled with runs of this release, the spread holds the change
+        warn_once(f"{out}: {len(older)} stage(s) hold results an earlier leakaudit computed ({'; '.join(older)}): "
+                  f"`leakaudit run` with its experiment and --out {out} computes them anew")
     keys = {str(st.get("id")): str(st.get("key")) for st in stages}
     content = {str(st["id"]).removeprefix("data/"): str(st["params"].get("content")) for st in stages
                if str(st.get("id", "")).startswith("data/") and isinstance(st.get("params"), dict)}

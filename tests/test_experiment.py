@@ -980,7 +980,15 @@ def test_a_stage_whose_kind_changed_since_it_finished_runs_again_saying_why(tmp_
     run_experiment(parse_experiment(SMALL), tmp_path / "old", log=_quiet, report=False)
     monkeypatch.setattr(Perplexity, "version", 2)
     monkeypatch.setattr(Perplexity, "changed", "the mean counts every token")
+    from leakaudit.report.html import write_report
+
     capsys.readouterr()
+    write_report(tmp_path / "old")  # the report of the old dir, not rerun, says which results are old
+    assert "1 finished stage(s) hold results an earlier leakaudit computed" in capsys.readouterr().err
+    summary = json.loads((tmp_path / "old" / "summary.json").read_text())
+    assert summary["older_results"] == ["evaluate/ppl/base: computed by an earlier leakaudit, which may predate "
+                                        "perplexity version 2 (the mean counts every token)"]
+    assert "may predate perplexity version 2" in (tmp_path / "old" / "report.html").read_text()
     reused = run_experiment(parse_experiment(SMALL), tmp_path / "new", log=_quiet, report=False, reuse=tmp_path / "old")
     assert reused["evaluate/ppl/base"] == "ran" and reused["evaluate/mia/real"] == "reused"
     assert ("evaluate/ppl/base was finished by an earlier leakaudit, which may predate perplexity version 2 (the "
@@ -991,6 +999,8 @@ def test_a_stage_whose_kind_changed_since_it_finished_runs_again_saying_why(tmp_
     assert ("[4/4] evaluate/ppl/base: finished by an earlier leakaudit, which may predate perplexity version 2 "
             "(the mean counts every token); running it again") in lines
     assert set(run_experiment(parse_experiment(SMALL), tmp_path / "old", log=_quiet, report=False).values()) == {"cached"}
+    write_report(tmp_path / "old")
+    assert "older_results" not in json.loads((tmp_path / "old" / "summary.json").read_text())
     monkeypatch.setattr(Perplexity, "version", 3)  # the next change: the key of version 2 is the older one
     lines.clear()
     assert run_experiment(parse_experiment(SMALL), tmp_path / "old", log=lines.append,
@@ -1020,6 +1030,12 @@ def test_a_fine_tune_an_earlier_release_trained_on_the_row_by_row_split_runs_aga
 
     record = config.parent.parent / "stage.json"
     record.write_text(json.dumps({**json.loads(record.read_text()), "outputs": output_manifest(config.parent.parent)}))
+    from leakaudit.report.html import write_report
+
+    write_report(out)  # before the rerun the report says it
+    assert json.loads((out / "summary.json").read_text())["older_results"] == [
+        "finetune/real: trained on the held-out split of an earlier release (rows held out one by one, so a "
+        "repeated text was trained on and evaluated; every copy of a held-out text is held out with it now)"]
     lines: list[str] = []
     status = run_experiment(parse_experiment(early), out, log=lines.append, report=False)
     assert status == {"data/emails": "cached", "finetune/real": "ran", "evaluate/mia/real": "ran",

@@ -262,6 +262,24 @@ def test_withheld_verdicts_with_intervals_over_0_claim_nothing_over_seeds_either
     assert row["mean_ci"] is None and "every resample" not in markdown(runs, [row])
 
 
+def test_a_seed_with_results_of_an_earlier_kind_version_is_said(tmp_path, capsys):
+    """A run dir of a release before a kind's fix, pooled with runs of this one: its stages of that kind hold
+    the old numbers, and the spread over seeds the change (the report says it too, test_experiment)."""
+    from leakaudit.kinds.pii_logprob import PiiLogprob
+
+    assert PiiLogprob.version == 2
+    dirs = [_run_dir(tmp_path, s, [_comparison("ft", 0.1 * (s + 1), [0.0, 0.3])]) for s in range(2)]
+    for d, version in zip(dirs, (None, 2), strict=True):  # seed 0 from before versions, seed 1 from this release
+        record = json.loads((d / "run.json").read_text())
+        record["stages"].append({"id": "evaluate/lp/ft", "kind": "pii-logprob", "folder": "evaluate/lp/ft",
+                                 "result": {}, **({"version": version} if version else {})})
+        (d / "run.json").write_text(json.dumps(record))
+    read_runs(dirs)
+    err = capsys.readouterr().err
+    assert err.count("warning:") == 1 and f"{dirs[0]}: 1 stage(s) hold results an earlier leakaudit computed" in err
+    assert "evaluate/lp/ft: computed by an earlier leakaudit, which may predate pii-logprob version 2" in err
+
+
 def test_seeds_computed_in_two_precisions_are_said_to_differ(tmp_path, capsys):
     """A seed run in bf16 and another in fp32 (LEAKAUDIT_DTYPE, or two machines): their spread holds the
     precisions' difference too, which the table does not show; it is said once."""

@@ -4,7 +4,6 @@ run.json, then write the report."""
 from __future__ import annotations
 
 import errno
-import json
 import os
 import shutil
 import time
@@ -25,8 +24,8 @@ from leakaudit.experiment.checks import (
     resolve_models,
     stage_roles,
 )
-from leakaudit.experiment.manifest import changed_output, is_done, output_manifest
-from leakaudit.experiment.plan import Plan, Stage, inside, remove_stale, stage_dir
+from leakaudit.experiment.manifest import changed_output, is_done, older_split, output_manifest
+from leakaudit.experiment.plan import Plan, Stage, inside, remove_stale, stage_dir, stage_version
 from leakaudit.experiment.stages import RUNNERS, StageContext, data_parallel, run_kind_stage
 from leakaudit.kinds.base import ModelCache
 from leakaudit.warn import warn_once
@@ -187,7 +186,7 @@ def _settle(i: int, n: int, plan: Plan, stage: Stage, sdir: Path, out: Path, res
     if done is not None:
         stale = changed_output(sdir, done) or _redone_input(stage.deps, done, finished)
         stale = f"{stale} after the stage finished" if stale else (_other_precision(stage, done)
-                                                                    or _older_split(stage, sdir))
+                                                                    or older_split(stage.kind, sdir))
         if stale is None:
             results[stage.id] = done["result"]
             finished[stage.id] = done.get("done_id")
@@ -202,7 +201,7 @@ def _settle(i: int, n: int, plan: Plan, stage: Stage, sdir: Path, out: Path, res
     if reuse is not None and theirs is None:
         _older_there(Path(reuse), stage)
     if (theirs is not None and _other_precision(stage, theirs) is None  # never a stage computed in another dtype
-            and _older_split(stage, Path(reuse) / stage.folder) is None
+            and older_split(stage.kind, Path(reuse) / stage.folder) is None
             and _read_the_same(plan, stage, theirs, Path(reuse), out, finished)):
         done = reuse_stage(Path(reuse), stage.folder, stage.key, out, sdir)
         if done is not None:
@@ -253,27 +252,6 @@ def default_precision(stage: Stage) -> str | None:
     from leakaudit.models.dtype import resolve_device, resolve_dtype
 
     return str(resolve_dtype(None, resolve_device(None))).removeprefix("torch.")
-
-
-def _older_split(stage: Stage, sdir: Path) -> str | None:
-    """Why a finished fine-tune that held data out is stale: an earlier release held rows out one by one, so a
-    repeated text was both trained on and in the eval loss early stopping watches; its finetune_config.json
-    records no held-out rule (every release since the fix records `heldout`). None for any other stage."""
-    if stage.kind != "finetune":
-        return None
-    try:
-        record = json.loads((sdir / "model" / "finetune_config.json").read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return None  # a damaged stage is found stale by its outputs' hashes
-    if not isinstance(record, dict) or not (record.get("eval_fraction") or record.get("early_stopping_patience")
-                                            is not None):
-        return None
-    from leakaudit.train.finetune import HELDOUT_RULE
-
-    if record.get("heldout") == HELDOUT_RULE:
-        return None
-    return ("trained on the held-out split of an earlier release (rows held out one by one, so a repeated text was "
-            "trained on and evaluated; every copy of a held-out text is held out with it now)")
 
 
 def _other_precision(stage: Stage, done: dict[str, Any]) -> str | None:
@@ -349,8 +327,9 @@ def write_run_record(plan: Plan, out: Path, config_text: str, status: dict[str, 
     stages = []
     for stage in plan.stages.values():
         done = is_done(out / stage.folder, stage.key)
+        version = stage_version(stage)[0]
         stages.append({"id": stage.id, "kind": stage.kind, "folder": stage.folder, "key": stage.key,
-                       "params": stage.params, "status": status.get(stage.id, "done" if done else "pending"),
+                       **({"version": version} if version > 1 else {}), "params": stage.params, "status": status.get(stage.id, "done" if done else "pending"),
                        "seconds": done["seconds"] if done else None,
                        **({"precision": done["precision"]} if done and done.get("precision") else {}),
                        "result": _inside_out(done["result"], out) if done else None,

@@ -54,3 +54,49 @@ def changed_output(stage_dir: Path, info: dict[str, Any]) -> str | None:
         if p.stat().st_size != size or (digest is not None and file_sha256(p) != digest):
             return f"{rel} was changed"
     return None
+
+
+def older_split(kind: str, sdir: Path) -> str | None:
+    """Why a finished fine-tune that held data out is stale: an earlier release held rows out one by one, so a
+    repeated text was both trained on and in the eval loss early stopping watches; its finetune_config.json
+    records no held-out rule (every release since the fix records `heldout`). None for any other stage."""
+    if kind != "finetune":
+        return None
+    try:
+        record = json.loads((sdir / "model" / "finetune_config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None  # a damaged stage is found stale by its outputs' hashes
+    if not isinstance(record, dict) or not (record.get("eval_fraction") or record.get("early_stopping_patience")
+                                            is not None):
+        return None
+    from leakaudit.train.finetune import HELDOUT_RULE
+
+    if record.get("heldout") == HELDOUT_RULE:
+        return None
+    return ("trained on the held-out split of an earlier release (rows held out one by one, so a repeated text was "
+            "trained on and evaluated; every copy of a held-out text is held out with it now)")
+
+
+def older_results(out: Path, records: list[dict[str, Any]]) -> list[str]:
+    """The finished stages of a run dir (run.json's records) whose results an earlier leakaudit computed and
+    this one computes anew, one line each: a kind's `version` above the one recorded (run.json records it from
+    2 on, so a release before versions recorded none), or a fine-tune on an earlier held-out split. Why: the
+    report and `leakaudit seeds` read what is there, and a plain `leakaudit run` reruns these."""
+    from leakaudit.kinds import get_kind
+
+    notes = []
+    for r in records:
+        if r.get("result") is None or not r.get("folder"):
+            continue
+        if (why := older_split(str(r.get("kind")), out / r["folder"])) is not None:
+            notes.append(f"{r['id']}: {why}")
+            continue
+        name = (r.get("params") or {}).get("kind") if r.get("kind") == "generate" else r.get("kind")
+        try:
+            kind = get_kind(str(name))
+        except ValueError:  # a dataset or fine-tune step, or a kind this release no longer has
+            continue
+        if kind.version > int(r.get("version") or 1):
+            notes.append(f"{r['id']}: computed by an earlier leakaudit, which may predate {kind.name} version "
+                         f"{kind.version} ({kind.changed})")
+    return notes

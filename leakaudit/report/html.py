@@ -230,6 +230,20 @@ def _check_outputs(out: Path, stages: list[dict[str, Any]]) -> None:
                              "experiment and --out to redo it", file=folder)
 
 
+def _older_results(out: Path, stages: list[dict[str, Any]]) -> list[str]:
+    """Stages an earlier leakaudit computed that this one computes anew (experiment.manifest.older_results):
+    said once on stderr and at the report's top, as the report reads them as they are."""
+    from leakaudit.experiment.manifest import older_results
+    from leakaudit.warn import warn_once
+
+    notes = older_results(out, stages)
+    if notes:
+        warn_once(f"{out}: {len(notes)} finished stage(s) hold results an earlier leakaudit computed, which this one "
+                  f"computes anew ({'; '.join(notes)}); `leakaudit run` with the experiment and this --out reruns "
+                  "them")
+    return notes
+
+
 def _file_seed(config_text: str) -> int | None:
     """The seed the echoed experiment file says (0 when it has none; None when the text is not such a file):
     `run --seed N` overrides it, and the report says so next to the seed used."""
@@ -254,6 +268,7 @@ def build(out: str | Path) -> tuple[str, dict[str, Any]]:
     names = name_finder(exp.get("report", {}).get("mask_names")) if not show_pii else None
     stages = run["stages"]
     _check_outputs(out, stages)
+    older = _older_results(out, stages)
     rows = headline(stages)
     cols, table_rows = _headline_table(rows)
     sections = [sec for sec in kind_sections(out, stages) if sec]
@@ -269,7 +284,7 @@ def build(out: str | Path) -> tuple[str, dict[str, Any]]:
         sections=sections, stages=stages, has_evaluations=any(str(s["id"]).startswith("evaluate/") for s in stages),
         n_done=sum(1 for s in stages if s.get("result") is not None),
         n_stages=len(stages), config_text=config_text if show_pii else mask_yaml_text(config_text, names),
-        versions=run.get("versions", {}))
+        versions=run.get("versions", {}), older=older)
     labels = _masked_labels(stages, names, grid_numbers(exp)) if not show_pii else set()
     if not show_pii:  # a last pass over the whole page: addresses, phones and shipped names never reach it
         html = _mask_page(html, names, labels)
@@ -278,7 +293,7 @@ def build(out: str | Path) -> tuple[str, dict[str, Any]]:
                "pii": "shown" if show_pii else "masked",  # says so before anyone shares the file
                "headline": rows, "comparisons": comparisons,
                "stages": {s["id"]: s.get("result") for s in stages},
-               "versions": run.get("versions", {})}
+               **({"older_results": older} if older else {}), "versions": run.get("versions", {})}
     if not show_pii:  # run.json is masked when written, but it may predate that or have been edited
         summary = mask_obj(summary, names, labels={x: x for x in labels})
     return html, summary
