@@ -270,6 +270,24 @@ def test_warnings_and_machine_errors_are_masked(tmp_path, capsys):
     assert "klarnold" not in err and "Karen Arnold" not in err and "models/K*** A*** k***@flash.net" in err
 
 
+def test_the_lines_saying_what_a_command_wrote_are_masked(tmp_path, monkeypatch, capsys):
+    """Warnings were masked, the lines naming the files written were not: an --out named after a person
+    (`out/jane.doe@enron.com/`) was printed whole by score, pii, generate and run."""
+    from conftest import run_main
+
+    texts = tmp_path / "t.jsonl"
+    texts.write_text(json.dumps({"text": "one two three four five"}) + "\n")
+    where = tmp_path / "jane.doe@enron.com"
+    where.mkdir()
+    code, out, err = run_main(["score", "--model", "tiny-gpt-neox", "--data", texts, "--out", where / "s.jsonl",
+                               "--no-cache"], monkeypatch, capsys, stdout=True)
+    assert code == 0, err
+    assert "-> " in err and "jane.doe@enron.com" not in err + out, err
+    code, out, err = run_main(["generate", "replace-pii", "--data", texts, "--out", where / "r.jsonl"], monkeypatch,
+                              capsys, stdout=True)
+    assert code == 0 and "wrote 1 rows to " in err and "jane.doe@enron.com" not in err + out, err
+
+
 def test_a_kind_shows_a_model_spec_masked_unless_show_pii(tmp_path):
     from leakaudit.kinds.base import KindContext
 

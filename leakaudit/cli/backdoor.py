@@ -17,8 +17,8 @@ from leakaudit.cli.core import (
     above_zero,
     build_options,
     check_batch_size,
-    err,
     model_path,
+    say,
     say_result,
 )
 from leakaudit.options import MAX_SEED
@@ -127,8 +127,8 @@ def plant_cmd(
     from leakaudit.distributed import is_main
 
     if is_main():  # under a launcher every process trained it; one says where it is
-        err.print(f"planted model (below; its mix: {out / 'backdoor_mix.jsonl'})", markup=False, highlight=False)
-        say_result(str(path))
+        say(f"planted model (below; its mix: {out / 'backdoor_mix.jsonl'})")
+        typer.echo(str(path))
 
 
 # `backdoor train` is stage 1 under the name the interface table gives it (scripts written against it work)
@@ -170,7 +170,7 @@ def finetune_cmd(
                                            "rows": len(read_rows(path)), "mask_user": mask_user,
                                            "model_dir": "model", "train_loss": losses[-1] if losses else None,
                                            **options})
-        say_result(str(result))
+        typer.echo(str(result))
 
 
 @backdoor_app.command("extract")
@@ -208,13 +208,13 @@ def extract_cmd(
     ctx = KindContext(out=out, seed=seed, data={"data": data} if data is not None else {},
                       models={"target": model}, show_pii=show_pii,
                       cache=ModelCache(keep=1, device=device, dtype=dtype, allow_pickle=allow_pickle),
-                      log=err.print)
+                      log=say)
     kind.run(ctx, options)
     summary = json.loads((out / "extract.json").read_text(encoding="utf-8"))
     say_result(f"match ratio (max/mean over words): {_f3(summary['match_ratio_max'])} / "
                f"{_f3(summary['match_ratio_mean'])}; fully recovered {summary['n_fully_recovered']}/"
                f"{summary['n_queries']} queries; coverage {_f3(summary['coverage'])}")
-    err.print(f"wrote {out / 'extract.json'}", markup=False, highlight=False)
+    say(f"wrote {out / 'extract.json'}")
 
 
 def _f3(x: float | None) -> str:
@@ -261,7 +261,7 @@ def identify_cmd(
     say_result(f"identification F1 {_f3(res['f1'])} (precision {_f3(res['precision'])}, recall "
                f"{_f3(res['recall'])}); pipeline fully recovered {res['pipeline']['n_fully_recovered']}/"
                f"{res['pipeline']['n_queries']}")
-    err.print(f"wrote {out / 'identify.json'}", markup=False, highlight=False)
+    say(f"wrote {out / 'identify.json'}")
 
 
 @backdoor_app.command("detect")

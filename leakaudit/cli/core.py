@@ -18,8 +18,20 @@ results = Console(soft_wrap=True)  # a command's result table (stdout)
 
 
 def say_result(line: str) -> None:
-    """One line of a command's result, on stdout, as written (no markup read, no wrapping)."""
-    typer.echo(line)
+    """One line of a command's result, on stdout, as written (no markup read, no wrapping), PII masked as log
+    lines are (a model spec or path may name a person). A path a command made, which scripts read, goes out as
+    given (typer.echo)."""
+    from leakaudit.data.pii_find import mask_message
+
+    typer.echo(mask_message(line))
+
+
+def say(line: str) -> None:
+    """One line on stderr (which files were written, a kind's counts and warnings), PII masked: an --out or a
+    model path may hold an address (`wrote out/jane.doe@enron.com/...`), and logs are shared."""
+    from leakaudit.data.pii_find import mask_message
+
+    err.print(mask_message(line), markup=False, highlight=False)
 
 ModelOpt = typer.Option(..., "--model", help="default | HF id | model dir | adapter dir | .gguf | tiny-gpt-neox | tiny-opt")
 DeviceOpt = typer.Option("auto", "--device", help="auto (CUDA if present, else CPU), cpu, cuda, cuda:1 ...")
@@ -154,7 +166,7 @@ def score(
         rows.append(row)
     write_jsonl(out, rows)
     n_tok = sum(r["n_tokens"] for r in rows)
-    err.print(f"scored {len(rows)} texts ({n_tok} tokens) with {model} ({lm.dtype}, {lm.device}) -> {out}", markup=False, highlight=False)
+    say(f"scored {len(rows)} texts ({n_tok} tokens) with {model} ({lm.dtype}, {lm.device}) -> {out}")
 
 
 def model_info(

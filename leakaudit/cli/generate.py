@@ -9,7 +9,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from leakaudit.cli.core import batch_size_option, build_options, err, model_path
+from leakaudit.cli.core import batch_size_option, build_options, model_path, say
 from leakaudit.options import MAX_SEED
 
 CONTINUATION_KEYS = ("id", "source_id", "sample_index", "generated")  # rows each command writes
@@ -35,7 +35,7 @@ def _run(name: str, options, out: Path, *, seed: int, data: Path | None = None, 
     ctx = KindContext(out=out.parent, seed=seed, data={"data": data} if data is not None else {},
                       models={"model": model} if model is not None else {},
                       data_fields={"data": data_fields or {}}, outputs=outputs or {"data.jsonl": out},
-                      cache=ModelCache(keep=1, **load_options), log=err.print)
+                      cache=ModelCache(keep=1, **load_options), log=say)
     return get_kind(name).run(ctx, options)
 
 
@@ -76,7 +76,7 @@ def continuation(
     res = _run("continuation", options, out, seed=seed, data=data, model=model,
                data_fields={"text_field": text_field, "id_field": id_field},
                device=device, dtype=dtype, allow_pickle=allow_pickle)
-    err.print(f"wrote {res.data['rows']} continuations ({res.n_new_tokens} new tokens) of {res.n_prompts} "
+    say(f"wrote {res.data['rows']} continuations ({res.n_new_tokens} new tokens) of {res.n_prompts} "
               f"prompts to {out}")
 
 
@@ -118,7 +118,7 @@ def self_instruct_cmd(
                device=device, dtype=dtype, allow_pickle=allow_pickle)
     tasks = res.data["tasks"]
     short = "" if tasks >= n else f" (stopped after the round limit, short of {n})"
-    err.print(f"{tasks} tasks in {out}{short}" + (f"; {res.data['rows']} instruction rows in {flat}" if flat else ""))
+    say(f"{tasks} tasks in {out}{short}" + (f"; {res.data['rows']} instruction rows in {flat}" if flat else ""))
 
 
 @generate_app.command("replace-pii")
@@ -143,7 +143,7 @@ def replace_pii(
                    suffixes=(".jsonl",), keys=("pii_replaced",))
     res = _run("replace-pii", options, out, seed=seed, data=data).data
     total, distinct = res["replaced"], res["distinct"]
-    err.print(f"wrote {res['rows']} rows to {out}; replaced "
+    say(f"wrote {res['rows']} rows to {out}; replaced "
               + ", ".join(f"{total[k]} {k}s ({distinct[k]} distinct)" for k in KINDS))
 
 
@@ -196,7 +196,7 @@ def audit_data_cmd(
                     f"record{'' if v['records_with_any'] == 1 else 's'}; the "
                     f"source has {v['source_distinct_ngrams']} distinct {ngram}-grams", highlight=False)
     if out is not None:
-        err.print(f"wrote {out / 'audit_data.json'} and {out / 'audit_records.jsonl'}")
+        say(f"wrote {out / 'audit_data.json'} and {out / 'audit_records.jsonl'}")
 
 
 def register(app: typer.Typer) -> None:

@@ -9,7 +9,7 @@ from typing import Any
 import typer
 from rich.table import Table
 
-from leakaudit.cli.core import batch_size_option, build_options, err, model_path, results
+from leakaudit.cli.core import batch_size_option, build_options, model_path, results, say
 from leakaudit.errors import InputError
 from leakaudit.options import MAX_SEED
 
@@ -22,7 +22,7 @@ USER_FLAGS = {("m_values",): "--samples-per-user", ("cache",): "--no-cache"}
 
 
 def _say(message: str) -> None:
-    err.print(message, markup=False, highlight=False)
+    say(message)
 
 
 def _context(out: Path, ins: list, outs: list, src_in: Path, src_out: Path, models: dict[str, str | None],

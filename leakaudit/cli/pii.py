@@ -9,7 +9,7 @@ from pathlib import Path
 
 import typer
 
-from leakaudit.cli.core import batch_size_option, build_options, err, model_path
+from leakaudit.cli.core import batch_size_option, build_options, model_path, say
 from leakaudit.options import MAX_SEED
 
 
@@ -56,7 +56,7 @@ def pii(
                    inputs={"--pairs": pairs, "--contexts": contexts, "--messages": messages,
                            "--model": model_path(model), "--baseline": model_path(baseline)})
     ctx = KindContext(out=out, seed=seed, models={"target": model, "baseline": baseline}, show_pii=show_pii,
-                      cache=ModelCache(device=device, dtype=dtype, allow_pickle=allow_pickle), log=err.print)
+                      cache=ModelCache(device=device, dtype=dtype, allow_pickle=allow_pickle), log=say)
     kind.run(ctx, options)
     summary = json.loads((out / "pii.json").read_text(encoding="utf-8"))
     for protocol, part in summary["protocols"].items():
@@ -67,7 +67,7 @@ def pii(
             g = part["baseline_subtraction"]["grid_mean"]
             line += f"; change vs baseline (grid mean) {g['change']:+.2%}"
         typer.echo(line)
-    err.print(f"wrote {out / 'pii.json'}, results_purified.jsonl, extractions.jsonl", markup=False, highlight=False)
+    say(f"wrote {out / 'pii.json'}, results_purified.jsonl, extractions.jsonl")
 
 
 def pii_logprob(
@@ -102,14 +102,14 @@ def pii_logprob(
                    inputs={"--pairs": pairs, "--model": model_path(model), "--baseline": model_path(baseline)})
     ctx = KindContext(out=out, seed=seed, models={"target": model, "baseline": baseline}, show_pii=show_pii,
                       cache=ModelCache(device=device, dtype=dtype, allow_pickle=allow_pickle),
-                      log=err.print if is_main() else lambda m: None)
+                      log=say if is_main() else lambda m: None)
     res = kind.run(ctx, options)
     if not is_main():  # under a launcher every process has the result; rank 0 prints it
         return
     for h in res.headline():
         ci = f" [{h.ci[0]:.3f}, {h.ci[1]:.3f}]" if h.ci else ""
         typer.echo(f"{h.metric}: {h.value:.3f}{ci}")
-    err.print(f"wrote {out / 'pii_logprob.json'}, logprobs.jsonl", markup=False, highlight=False)
+    say(f"wrote {out / 'pii_logprob.json'}, logprobs.jsonl")
 
 
 def register(app: typer.Typer) -> None:

@@ -9,7 +9,7 @@ import typer
 from rich.console import Console
 from rich.markup import escape
 
-from leakaudit.cli.core import results
+from leakaudit.cli.core import results, say
 from leakaudit.options import MAX_SEED
 
 console = Console(stderr=True, soft_wrap=True)  # a stage line stays one line when piped
@@ -71,8 +71,8 @@ def run(
         print_verdicts(out)
     ran = sum(1 for s in status.values() if s == "ran")
     reused = sum(1 for s in status.values() if s == "reused")
-    console.print(f"{len(status)} stages ({ran} ran, {reused} reused, {len(status) - ran - reused} cached) in "
-                  f"{time.perf_counter() - t0:.0f}s; outputs in {escape(str(out))}")
+    say(f"{len(status)} stages ({ran} ran, {reused} reused, {len(status) - ran - reused} cached) in "
+        f"{time.perf_counter() - t0:.0f}s; outputs in {out}")
 
 
 def report(
@@ -136,8 +136,7 @@ def demo(
     if not is_main():  # under a launcher rank 0 says how it went
         return
     print_verdicts(out)
-    console.print(f"demo finished: {len(status)} stages in {time.perf_counter() - t0:.0f}s; "
-                  f"open {out / 'report.html'}")
+    say(f"demo finished: {len(status)} stages in {time.perf_counter() - t0:.0f}s; open {out / 'report.html'}")
 
 
 def register(app: typer.Typer) -> None:
