@@ -240,6 +240,23 @@ def test_early_stopping_resumes_to_the_straight_run_and_keeps_the_best_checkpoin
         assert json.loads((out / "finetune_done.json").read_text())["step"] == best_step, step
 
 
+def test_dp_sgd_shows_its_progress_without_library_noise(tmp_path, monkeypatch, capsys):
+    """DP-SGD runs its own loop, which drew no bar (a log got nothing for a whole run), and every run printed
+    Opacus's secure-RNG note and torch's backward-hook warning with their source lines."""
+    import warnings
+
+    data = tmp_path / "d.jsonl"
+    data.write_text("".join(json.dumps({"text": f"Row {i} says alpha bravo."}) + "\n" for i in range(16)))
+    monkeypatch.setenv("LEAKAUDIT_PROGRESS_INTERVAL", "0.000001")  # a line at every step, into the captured log
+    cfg = FinetuneConfig(model="tiny-gpt-neox", data=str(data), out=str(tmp_path / "dp"), method="lora", epochs=1,
+                         batch_size=4, gradient_accumulation=1, dp_epsilon=8.0)  # 4 steps
+    with warnings.catch_warnings(record=True) as said:
+        warnings.simplefilter("always")
+        finetune(cfg, progress=True)
+    assert not [str(w.message) for w in said if "Secure RNG" in str(w.message) or "backward hook" in str(w.message)]
+    assert "fine-tuning (DP-SGD): " in capsys.readouterr().err
+
+
 def test_dp_sgd_lora_changes_adapter_lowers_loss_and_reports_epsilon(tmp_path, tiny_neox):
     data = tmp_path / "d.jsonl"
     texts = [f"The secret code of row {i} is alpha bravo charlie." for i in range(16)]

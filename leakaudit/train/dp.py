@@ -15,6 +15,8 @@ resumed run draws what an uninterrupted one draws.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -93,6 +95,24 @@ def _check_per_example(dp_model, batch: int, config) -> None:
                          field="--target-modules" if config.target_modules else "--method")
 
 
+@contextmanager
+def _progress(progress: bool, total: int, done: int) -> Iterator[Callable[[int, float | None], None]]:
+    """The fine-tuning bar the Trainer's runs draw (a line now and then in a log): steps and the last loss.
+    DP-SGD runs its own loop, which drew none."""
+    if not progress:
+        yield lambda step, loss: None
+        return
+    from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeRemainingColumn
+
+    from leakaudit.progress import progress_bar
+
+    bar = progress_bar(TextColumn("fine-tuning (DP-SGD)"), BarColumn(), MofNCompleteColumn(),
+                       TextColumn("loss {task.fields[loss]}"), TimeRemainingColumn(), unit="steps")
+    with bar:
+        task = bar.add_task("fine-tuning (DP-SGD)", total=total, completed=done, loss="-")
+        yield lambda step, loss: bar.update(task, completed=step, **({} if loss is None else {"loss": f"{loss:.4f}"}))
+
+
 def train_dp(config, lm, model, train: list[ex.Example], out: Path, progress: bool = True,
              rows_per_user: dict[str, int] | None = None) -> dict:
     """Train with DP-SGD; saves a checkpoint per epoch and the final model; returns the privacy report.
@@ -117,7 +137,10 @@ def train_dp(config, lm, model, train: list[ex.Example], out: Path, progress: bo
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=config.learning_rate, weight_decay=config.weight_decay)
-    engine = PrivacyEngine(accountant="rdp", secure_mode=False)
+    with warnings.catch_warnings():  # "Secure RNG turned off ... perfectly fine for experimentation": the noise
+        # is torch's seeded generator, as the run's resumability needs; said in docs/finetune.md, not every run
+        warnings.filterwarnings("ignore", message="Secure RNG turned off", category=UserWarning)
+        engine = PrivacyEngine(accountant="rdp", secure_mode=False)
     state_path = out / "dp_state.json"
     state = json.loads(state_path.read_text()) if state_path.exists() else None
     common = {"module": model, "optimizer": optimizer, "data_loader": loader,
@@ -155,50 +178,56 @@ def train_dp(config, lm, model, train: list[ex.Example], out: Path, progress: bo
         write_log(log_path, [r for r in rows if r["step"] <= step])
     else:
         log_path.unlink(missing_ok=True)
-    for epoch in range(start_epoch, epochs):
-        # each epoch draws its Poisson batches, its noise and its dropout from a seed of its own, so a run
-        # resumed at an epoch's end draws what an uninterrupted one draws (one generator seeded once had a
-        # resumed run replay epoch 1's batches)
-        epoch_seed = int(np.random.SeedSequence([config.seed, epoch]).generate_state(1)[0])
-        batches.manual_seed(epoch_seed)
-        torch.manual_seed(epoch_seed)
-        for ids, mask, labels in loader:
-            if step >= total:
-                break
-            step += 1
-            if ids.shape[0] == 0:  # an empty Poisson batch still costs privacy: account it, at the rate the
-                # optimizer's own steps are accounted at (expected_batch_size / n is rounded down: less privacy)
-                engine.accountant.step(noise_multiplier=optimizer.noise_multiplier, sample_rate=loader.sample_rate)
-                continue
-            width = int(mask.sum(1).max())
-            ids, mask, labels = (t[:, :width].to(lm.device) for t in (ids, mask, labels))
-            try:
-                logits = dp_model(input_ids=ids, attention_mask=mask, use_cache=False).logits
-                loss = per_example_loss(logits, labels).mean()
-                loss.backward()
-                if not stepped:
-                    _check_per_example(dp_model, int(ids.shape[0]), config)
-                optimizer.step()
-            except (AttributeError, RuntimeError) as exc:
-                if stepped or isinstance(exc, torch.OutOfMemoryError):
-                    raise
-                raise _unsupported(config, exc) from None
-            stepped = True
-            optimizer.zero_grad(set_to_none=True)
-            scheduler.step()
+    with _progress(progress, total, step) as shown, warnings.catch_warnings():
+        # torch says so at every step where the first layer's inputs need no gradient (a frozen embedding, as
+        # under LoRA): Opacus's per-sample hooks are fine with it; noise to users
+        warnings.filterwarnings("ignore", message="Full backward hook is firing", category=UserWarning)
+        for epoch in range(start_epoch, epochs):
+            # each epoch draws its Poisson batches, its noise and its dropout from a seed of its own, so a run
+            # resumed at an epoch's end draws what an uninterrupted one draws (one generator seeded once had a
+            # resumed run replay epoch 1's batches)
+            epoch_seed = int(np.random.SeedSequence([config.seed, epoch]).generate_state(1)[0])
+            batches.manual_seed(epoch_seed)
+            torch.manual_seed(epoch_seed)
+            for ids, mask, labels in loader:
+                if step >= total:
+                    break
+                step += 1
+                if ids.shape[0] == 0:  # an empty Poisson batch still costs privacy: account it, at the rate the
+                    # optimizer's own steps are accounted at (expected_batch_size / n is rounded down: less privacy)
+                    engine.accountant.step(noise_multiplier=optimizer.noise_multiplier, sample_rate=loader.sample_rate)
+                    shown(step, None)
+                    continue
+                width = int(mask.sum(1).max())
+                ids, mask, labels = (t[:, :width].to(lm.device) for t in (ids, mask, labels))
+                try:
+                    logits = dp_model(input_ids=ids, attention_mask=mask, use_cache=False).logits
+                    loss = per_example_loss(logits, labels).mean()
+                    loss.backward()
+                    if not stepped:
+                        _check_per_example(dp_model, int(ids.shape[0]), config)
+                    optimizer.step()
+                except (AttributeError, RuntimeError) as exc:
+                    if stepped or isinstance(exc, torch.OutOfMemoryError):
+                        raise
+                    raise _unsupported(config, exc) from None
+                stepped = True
+                optimizer.zero_grad(set_to_none=True)
+                scheduler.step()
+                with open_append(log_path) as fh:
+                    fh.write(json.dumps({"step": step, "epoch": round(epoch + 1, 4), "loss": loss.item(),
+                                         "learning_rate": scheduler.get_last_lr()[0], "batch": int(ids.shape[0])})
+                             + "\n")
+                shown(step, loss.item())
             with open_append(log_path) as fh:
-                fh.write(json.dumps({"step": step, "epoch": round(epoch + 1, 4), "loss": loss.item(),
-                                     "learning_rate": scheduler.get_last_lr()[0], "batch": int(ids.shape[0])})
-                         + "\n")
-        with open_append(log_path) as fh:
-            fh.write(json.dumps({"step": step, "epoch": epoch + 1, "epsilon": engine.get_epsilon(delta)}) + "\n")
-        ckpt = out / f"checkpoint-{step}"
-        save_loadable(model, ckpt, config, lm.tokenizer)
-        torch.save(optimizer.original_optimizer.state_dict(), ckpt / "dp_optimizer.pt")
-        write_json(state_path, {"checkpoint": ckpt.name, "epoch": epoch + 1, "step": step,
-                                "optimizer_steps": scheduler.last_epoch,
-                                "noise_multiplier": optimizer.noise_multiplier,
-                                "accountant_history": [list(h) for h in engine.accountant.history]})
+                fh.write(json.dumps({"step": step, "epoch": epoch + 1, "epsilon": engine.get_epsilon(delta)}) + "\n")
+            ckpt = out / f"checkpoint-{step}"
+            save_loadable(model, ckpt, config, lm.tokenizer)
+            torch.save(optimizer.original_optimizer.state_dict(), ckpt / "dp_optimizer.pt")
+            write_json(state_path, {"checkpoint": ckpt.name, "epoch": epoch + 1, "step": step,
+                                    "optimizer_steps": scheduler.last_epoch,
+                                    "noise_multiplier": optimizer.noise_multiplier,
+                                    "accountant_history": [list(h) for h in engine.accountant.history]})
     # the rate Opacus samples and accounts at: 1 / batches per epoch, which is not batch / n when the batch
     # does not divide n (n 10, batch 4: 1/3, not 0.4; the epsilon recomputed from 0.4 was 9.17, not 8.00)
     # the unit the bound is for: one training row (a plain row longer than max_length is refused before
