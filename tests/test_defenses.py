@@ -329,7 +329,7 @@ def _kill_after_first_epoch(real_write):
     return write
 
 
-def test_dp_sgd_resumes_after_a_kill_with_the_same_privacy_spent(tmp_path, monkeypatch):
+def test_dp_sgd_resumes_after_a_kill_with_the_same_privacy_spent(tmp_path, monkeypatch, capsys):
     from leakaudit.train import dp
 
     data = tmp_path / "d.jsonl"
@@ -358,7 +358,9 @@ def test_dp_sgd_resumes_after_a_kill_with_the_same_privacy_spent(tmp_path, monke
     noise = json.loads((tmp_path / "resumed" / "dp_state.json").read_text())["noise_multiplier"]
     assert [p.name for p in (tmp_path / "resumed").glob("checkpoint-*/dp_optimizer.pt")]  # kept to resume
     monkeypatch.setattr(dp, "write_json", real_write)
-    resumed = finetune(cfg("resumed"), progress=False)
+    capsys.readouterr()
+    resumed = finetune(cfg("resumed"), progress=True)
+    assert "resuming from checkpoint-2 (a killed run's last checkpoint in " in capsys.readouterr().err
     assert not list(resumed.glob("checkpoint-*/dp_optimizer.pt")) and list(resumed.glob("checkpoint-*/adapter_*"))
     privacy = json.loads((resumed / "privacy.json").read_text())
     # the resumed run reuses the saved noise instead of searching for it again (seconds of RDP accounting)

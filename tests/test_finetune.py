@@ -208,8 +208,10 @@ def test_a_damaged_newest_checkpoint_resumes_from_the_one_before(damage, plain_d
     cfg = _killed_after_training(plain_data, tmp_path / "resumed")
     victim = tmp_path / "resumed" / "checkpoint-4" / damage
     victim.write_bytes(victim.read_bytes()[: len(victim.read_bytes()) // 2] if damage != "optimizer.pt" else b"")
-    out = finetune(cfg, progress=False)
-    assert f"checkpoint-4: {damage} cannot be read; resuming from the checkpoint before it" in capsys.readouterr().err
+    out = finetune(cfg, progress=True)
+    err = capsys.readouterr().err
+    assert f"checkpoint-4: {damage} cannot be read; resuming from the checkpoint before it" in err
+    assert "resuming from checkpoint-2 (a killed run's last checkpoint in " in err  # a rerun said nothing of it
     _assert_same_weights(out, finetune(_cfg(plain_data, tmp_path / "straight", method="lora"), progress=False))
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import sys
 import time
 from pathlib import Path
 
@@ -124,3 +125,12 @@ class RichProgressCallback(TrainerCallback):
         if self.bar is not None:
             self.bar.stop()
             self.bar = None
+
+
+def say_resuming(checkpoint: Path) -> None:
+    """One stderr line when a fine-tune goes on from the checkpoint a killed run left: a rerun said only that the
+    stage was running, and trained on in silence (PII masked: the path may name a person)."""
+    from leakaudit.data.pii_find import mask_message
+
+    print(mask_message(f"resuming from {checkpoint.name} (a killed run's last checkpoint in {checkpoint.parent})"),
+          file=sys.stderr, flush=True)

@@ -26,7 +26,7 @@ from leakaudit.data.io import open_append, write_json
 from leakaudit.errors import InputError, one_line
 from leakaudit.train import examples as ex
 from leakaudit.train.artifacts import damaged_file, load_saved_weights
-from leakaudit.train.callbacks import read_log, write_log
+from leakaudit.train.callbacks import read_log, say_resuming, write_log
 
 
 def _tensors(train: list[ex.Example], pad_id: int) -> torch.utils.data.TensorDataset:
@@ -165,6 +165,8 @@ def train_dp(config, lm, model, train: list[ex.Example], out: Path, progress: bo
     start_epoch, step, stepped = 0, 0, False
     if state:
         ckpt = out / state["checkpoint"]
+        if progress:
+            say_resuming(ckpt)
         if (bad := damaged_file(ckpt)) is not None:  # the accountant's history is this checkpoint's alone
             raise InputError(f"{bad} cannot be read, so this DP-SGD run cannot resume; delete the folder to "
                              "train again", file=ckpt)

@@ -594,7 +594,12 @@ def _train_trainer(config: FinetuneConfig, lm, model, train: list[ex.Example], h
     from transformers import EarlyStoppingCallback, TrainingArguments
     from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
-    from leakaudit.train.callbacks import JsonlLogCallback, LoadableCheckpointCallback, RichProgressCallback
+    from leakaudit.train.callbacks import (
+        JsonlLogCallback,
+        LoadableCheckpointCallback,
+        RichProgressCallback,
+        say_resuming,
+    )
     from leakaudit.train.packed_attention import packed_attention  # imports transformers' modeling: not for a
     # plan check, which reads FinetuneConfig only (a cached rerun skips ~2 s of imports)
 
@@ -659,6 +664,8 @@ def _train_trainer(config: FinetuneConfig, lm, model, train: list[ex.Example], h
     trainer.remove_callback(PrinterCallback)
     trainer.remove_callback(ProgressCallback)
     resume = last_checkpoint(out, remove=is_main())  # every rank finds the same one; rank 0 clears the rest
+    if resume is not None and progress and is_main():  # a rerun said "running" and trained on in silence
+        say_resuming(resume)
     try:
         with attention_kernels(lm.device), packed_attention(model, lm.device) if pack else nullcontext():
             trainer.train(resume_from_checkpoint=str(resume) if resume else None)
