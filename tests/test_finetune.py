@@ -473,3 +473,18 @@ def test_a_killed_run_puts_its_progress_bar_away(plain_data, tmp_path, monkeypat
     with pytest.raises(KeyboardInterrupt):
         finetune(_cfg(plain_data, tmp_path / "killed", method="lora"), progress=True, callbacks=[KillAtStep1()])
     assert len(bars) == 1 and not bars[0].running
+
+
+def test_the_command_says_what_it_trained_above_the_models_path(plain_data, tmp_path, monkeypatch, capsys):
+    """`finetune` printed only the model's path: the bar that showed the loss is gone when it ends. The path
+    stays the one line on stdout (`MODEL=$(leakaudit finetune ...)`); what the run did goes to stderr."""
+    from conftest import run_main
+
+    out = tmp_path / "o"
+    code, printed, err = run_main(["finetune", "--model", "tiny-gpt-neox", "--data", plain_data, "--out", out,
+                                   "--max-steps", "2", "--batch-size", "4"], monkeypatch, capsys, stdout=True)
+    assert code == 0, err
+    assert printed == f"{out}\n"
+    log = [json.loads(x) for x in (out / "train_log.jsonl").read_text().splitlines()]
+    last = [r["loss"] for r in log if "loss" in r][-1]
+    assert f"fine-tuned: model of step 2, last logged loss {last:.4f}, " in err, err

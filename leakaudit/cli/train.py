@@ -2,12 +2,22 @@
 
 from __future__ import annotations
 
+import json
+import time
 from pathlib import Path
 
 import typer
 from pydantic import ValidationError
 
-from leakaudit.cli.core import DeviceOpt, DtypeOpt, PickleOpt, batch_size_option, build_options, model_path
+from leakaudit.cli.core import (
+    DeviceOpt,
+    DtypeOpt,
+    PickleOpt,
+    batch_size_option,
+    build_options,
+    model_path,
+    say,
+)
 from leakaudit.errors import InputError
 from leakaudit.options import MAX_SEED
 
@@ -22,6 +32,19 @@ def _config(**options):
         err = exc.errors()[0]
         name = "--" + str(err["loc"][0]).replace("_", "-") if err["loc"] else "option"
         raise InputError(pydantic_message(err), field=name) from None
+
+
+def _say_trained(path: Path, seconds: float) -> None:
+    """What the run did, on stderr, above the model's path: the bar that showed the loss is gone when it ends
+    (a rerun of a finished run trains nothing: it says so)."""
+    from leakaudit.train.callbacks import read_log
+
+    rows = read_log(path / "train_log.jsonl") if (path / "train_log.jsonl").is_file() else []
+    losses = [r["loss"] for r in rows if "loss" in r]
+    done = json.loads((path / "finetune_done.json").read_text()) if (path / "finetune_done.json").is_file() else {}
+    eps = next((r["epsilon"] for r in reversed(rows) if "epsilon" in r), None)
+    say(f"fine-tuned: model of step {done.get('step', '?')}" + (f", last logged loss {losses[-1]:.4f}" if losses else "")
+        + (f", ε {eps:.2f} spent" if eps is not None else "") + f", {seconds:.0f}s (model dir below)")
 
 
 def register(app: typer.Typer) -> None:
@@ -89,10 +112,12 @@ def register(app: typer.Typer) -> None:
         # the run dir is owned by finetune's own check (finetune_config.json); no marker, which it would refuse
         prepare_output(out, command="finetune", files=("finetune_config.json",), marker=False,
                        inputs={"--data": data, "--model": model_path(model)})
+        started = time.perf_counter()
         path = run(config, progress=progress)
         from leakaudit.distributed import is_main
 
         if is_main():  # under a launcher every process trained it; rank 0 says where it is
+            _say_trained(Path(path), time.perf_counter() - started)
             typer.echo(str(path))
 
     @app.command()
