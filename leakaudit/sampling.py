@@ -137,13 +137,15 @@ def run_key(lm: LoadedModel, config: SamplingConfig, backend: str) -> str:
 def sample(lm: LoadedModel, prompts: Sequence[str], config: SamplingConfig, *,
            prompt_ids: Sequence[str] | None = None, seed_ids: Sequence[str] | None = None,
            out_path: str | Path | None = None,
-           batch_size: int | str = "auto", progress: bool = True, backend: str = "hf") -> list[Sample]:
+           batch_size: int | str = "auto", progress: bool = True, backend: str = "hf",
+           description: str = "sampling") -> list[Sample]:
     """Generate `config.num_samples` continuations of every prompt; return them in input order.
 
     `batch_size`: "auto" (sized to the device and the longest prompt + max_new_tokens) or a number of
     rows per batch. `seed_ids` (default: the prompt ids) seed each prompt's rows, so prompts sampled
     together under new ids (several cells of a grid at once) draw what they draw when sampled alone.
-    With `out_path`, rows already in that JSONL (same model and options) are reused.
+    With `out_path`, rows already in that JSONL (same model and options) are reused. `description` labels the
+    progress bar (which model samples, where a job samples two).
     Prompt + `max_new_tokens` must fit the model's context: `max_new_tokens` of the context or more is an
     InputError; a prompt too long for the room left keeps its last tokens, with a warning.
     """
@@ -197,7 +199,7 @@ def sample(lm: LoadedModel, prompts: Sequence[str], config: SamplingConfig, *,
     generate = _hf_generate if backend == "hf" else _vllm_generate
     todo.sort(key=lambda r: (len(r.ids), r.position))  # length-sorted: little padding per batch
     batches = _make_batches(lm, todo, config, rows_per_batch)
-    with _progress(progress and bool(todo), "sampling", len(todo)) as advance, _appender(out_path) as append:
+    with _progress(progress and bool(todo), description, len(todo)) as advance, _appender(out_path) as append:
         for batch in batches:
             new_ids = generate(lm, batch, config)
             samples = [_to_sample(lm, row, ids, config) for row, ids in zip(batch, new_ids, strict=True)]

@@ -485,3 +485,11 @@ def test_gpu_rows_per_batch_fit_the_real_cache_size(monkeypatch):
     rows = [sampling._Row(i, str(i), 0, "p", [1] * 90, str(i)) for i in range(30)]
     batches = sampling._make_batches(lm, rows, SamplingConfig(max_new_tokens=10), None)
     assert [len(b) for b in batches] == [12, 12, 6] and len(asked) == 1
+
+
+def test_the_progress_line_names_what_samples(tiny_neox, monkeypatch, capsys):
+    """`pii` samples the target, then the baseline: both bars read "sampling"; the caller names them."""
+    monkeypatch.setenv("LEAKAUDIT_PROGRESS_INTERVAL", "0.000001")  # a line per prompt, into the captured log
+    sample(tiny_neox, ["a b", "c d", "e f"], SamplingConfig(max_new_tokens=2, seed=0), batch_size=1,
+           description="sampling (baseline)")
+    assert "sampling (baseline): 1/3" in capsys.readouterr().err

@@ -242,7 +242,7 @@ def run_cells(lm, cells: Sequence[Cell], targets: Sequence[Target], *, samples_p
                 names = hashlib.sha256(names.encode()).hexdigest()[:12]
             out_path = work_dir / f"{role}-{names}-{run_key(lm, config, 'hf')}.jsonl"
         for s in sample(lm, prompts, config, prompt_ids=prompt_ids, seed_ids=seed_ids, out_path=out_path,
-                        batch_size=batch_size, progress=progress):
+                        batch_size=batch_size, progress=progress, description=f"sampling ({role})"):
             drawn.setdefault(owner[s.prompt_id], []).append(s)
     position = {t.id: k for k, t in enumerate(targets)}
     results = []
