@@ -329,7 +329,8 @@ def write_run_record(plan: Plan, out: Path, config_text: str, status: dict[str, 
         done = is_done(out / stage.folder, stage.key)
         version = stage_version(stage)[0]
         stages.append({"id": stage.id, "kind": stage.kind, "folder": stage.folder, "key": stage.key,
-                       **({"version": version} if version > 1 else {}), "params": stage.params, "status": status.get(stage.id, "done" if done else "pending"),
+                       **({"version": version} if version > 1 else {}), "params": stage.params,
+                       "status": status.get(stage.id, "done" if done else "pending"),
                        "seconds": done["seconds"] if done else None,
                        **({"precision": done["precision"]} if done and done.get("precision") else {}),
                        "result": _inside_out(done["result"], out) if done else None,

@@ -69,7 +69,7 @@ def older_split(kind: str, sdir: Path) -> str | None:
     if not isinstance(record, dict) or not (record.get("eval_fraction") or record.get("early_stopping_patience")
                                             is not None):
         return None
-    from leakaudit.train.finetune import HELDOUT_RULE
+    from leakaudit.train.defenses import HELDOUT_RULE
 
     if record.get("heldout") == HELDOUT_RULE:
         return None

@@ -82,7 +82,7 @@ def remove_stale(out: Path, path: Path) -> None:
 def stage_version(stage: Stage) -> tuple[int, str]:
     """The version of what a stage's kind computes (its `version`) and what that version changed. Data and
     fine-tune steps have none: a fine-tune records what it trained on (finetune_config.json), and the engine
-    reads it (engine._older_split)."""
+    reads it (manifest.older_split)."""
     from leakaudit.kinds import get_kind
 
     if stage.kind in ("dataset", "finetune"):

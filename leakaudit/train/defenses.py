@@ -16,6 +16,11 @@ from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+#: how a run that holds data out (early stopping, eval_fraction) splits it: every copy of a held-out text with
+#: it (since 2026-12-06; rows were held out one by one before, so a repeated text was both trained on and in the
+#: eval loss). Here, not in finetune.py: the experiment engine reads it on every rerun without importing torch.
+HELDOUT_RULE = "whole texts"
+
 
 @dataclass
 class DefenseReport:

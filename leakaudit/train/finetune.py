@@ -54,7 +54,7 @@ from leakaudit.train.artifacts import (
     load_saved_weights,
     save_loadable,
 )
-from leakaudit.train.defenses import DefenseReport, dedup_and_cap, pii_scrubber
+from leakaudit.train.defenses import HELDOUT_RULE, DefenseReport, dedup_and_cap, pii_scrubber
 from leakaudit.warn import say_lookalike_users, warn_once
 
 DEFAULT_TARGETS = {"gpt_neox": ["query_key_value"], "opt": ["q_proj", "v_proj"], "llama": ["q_proj", "v_proj"]}
@@ -201,11 +201,6 @@ class FinetuneConfig(BaseModel):
             if p.exists():
                 keep[name] = dir_fingerprint(p) if p.is_dir() else file_sha256(p)
         return hashlib.sha256(json.dumps(keep, sort_keys=True).encode()).hexdigest()[:16]
-
-
-#: how a run that holds data out splits it: every copy of a held-out text with it (since 2026-12-06; rows were
-#: held out one by one before, so a repeated text was both trained on and in the eval loss)
-HELDOUT_RULE = "whole texts"
 
 
 def heldout_rule(config: FinetuneConfig) -> str | None:
