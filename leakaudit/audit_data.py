@@ -23,17 +23,13 @@ import numpy as np
 
 from leakaudit.data.pii_find import (
     NameFinder,
-    active_names,
     find_emails,
     find_phones,
-    mask_email,
-    mask_name,
-    mask_phone,
-    mask_pii,
     name_key,
     names_from_headers,
     phone_digits,
 )
+from leakaudit.data.pii_mask import active_names, mask_email, mask_name, mask_phone, mask_pii
 
 KINDS = ("emails", "phones", "names")
 

@@ -96,6 +96,6 @@ def _clock(seconds: float) -> str:
 
 def _say(line: str) -> None:
     """One line on stderr, PII masked as every log line is (a description may name a model spec)."""
-    from leakaudit.data.pii_find import mask_message
+    from leakaudit.data.pii_mask import mask_message
 
     print(mask_message(line), file=sys.stderr, flush=True)

@@ -18,7 +18,7 @@ def warn_once(message: str, key: str | None = None) -> None:
     if said in _WARNED or int(os.environ.get("RANK", "0")) != 0:
         return
     _WARNED.add(said)
-    from leakaudit.data.pii_find import mask_message  # phonenumbers loads only when something is said
+    from leakaudit.data.pii_mask import mask_message  # phonenumbers loads only when something is said
 
     print(f"warning: {mask_message(message)}", file=sys.stderr, flush=True)
 
@@ -29,7 +29,7 @@ NO_NAMES = "{path}: holds no names, so none of its names can be found, replaced 
 def warn_if_no_names(names: list[str], path: object) -> list[str]:
     """`names` as read from the list at `path`, said once when it is empty: a blank list looked like a list of
     one's own and silently left every name in place. Called wherever a list is read (replace-pii, audit-data,
-    report.mask_names); not in pii_find's reader, which this module imports to mask."""
+    report.mask_names); not in pii_find's reader, which the masker this module imports (pii_mask) imports."""
     if not names:
         warn_once(NO_NAMES.format(path=path))
     return names

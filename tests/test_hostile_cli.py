@@ -429,7 +429,7 @@ def test_run_progress_lines_mask_the_pii_a_label_holds_and_keep_paths_and_seeds(
     while the verdict lines masked it. Unquoted digits are paths, seeds and timestamps, not phone numbers:
     masking them printed a report path that does not exist."""
     from leakaudit.cli.run import _log
-    from leakaudit.data.pii_find import mask_message
+    from leakaudit.data.pii_mask import mask_message
 
     _log("[4/9] evaluate/mia/jeff.dasovich@enron.com: done in 1.0s")
     _log("[5/9] finetune/ft_seed=2024061501: running (finetune)")

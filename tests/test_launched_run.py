@@ -192,8 +192,8 @@ def test_another_rank_stopped_while_it_waits_to_echo_ends_quietly(tmp_path, when
 
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"text": "hello there", "label": "jane.doe@secret-corp.com"}\n')
-    slow = ("import time\nimport leakaudit.data.pii_find as pf\nreal = pf.mask_message\n"
-            "pf.mask_message = lambda m: (time.sleep(3), real(m))[1]\n") if when == "formatting the error" else ""
+    slow = ("import time\nimport leakaudit.data.pii_mask as pm\nreal = pm.mask_message\n"
+            "pm.mask_message = lambda m: (time.sleep(3), real(m))[1]\n") if when == "formatting the error" else ""
     script = ("import os, signal, sys, threading\n" + slow +
               "from leakaudit import cli\n"
               "threading.Timer(1.5, lambda: os.kill(os.getpid(), signal.SIGTERM)).start()\n"

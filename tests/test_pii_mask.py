@@ -1,5 +1,6 @@
-"""The one PII module (leakaudit.data.pii_find): what it detects, what it leaves alone, how it masks, and that
-every artifact of an experiment run (run.json, summary.json, report.html) goes through it."""
+"""The PII finder (leakaudit.data.pii_find) and masker (leakaudit.data.pii_mask): what they detect, what they
+leave alone, how they mask, and that every artifact of an experiment run (run.json, summary.json, report.html)
+goes through them."""
 
 from __future__ import annotations
 
@@ -7,15 +8,8 @@ import json
 
 import pytest
 
-from leakaudit.data.pii_find import (
-    find_emails,
-    find_phones,
-    find_pii,
-    is_phone,
-    mask_obj,
-    mask_pii,
-    phone_digits,
-)
+from leakaudit.data.pii_find import find_emails, find_phones, find_pii, is_phone, phone_digits
+from leakaudit.data.pii_mask import mask_obj, mask_pii
 
 PHONE = "7138536164"
 ADDRESS = "jeff.skilling@enron.com"
@@ -173,7 +167,7 @@ def test_a_name_list_of_your_own_is_masked_too(tmp_path, monkeypatch, capsys):
     for f in ("summary.json", "report.html"):
         assert "Olga Novak" not in (hand / f).read_text(encoding="utf-8"), f
     # errors and progress lines of this process mask them too (the list was read when the plan was checked)
-    from leakaudit.data.pii_find import mask_message
+    from leakaudit.data.pii_mask import mask_message
 
     assert mask_message("error: model 'Olga Novak' not found") == "error: model 'O*** N***' not found"
     # a list under ~, and under a folder whose name reads as a phone number (run.json keeps its path as is)
@@ -212,7 +206,7 @@ def test_report_masks_a_summary_built_from_an_unmasked_run_record(tmp_path):
 
 def test_addresses_whose_local_part_starts_with_a_dot_or_underscore_are_masked():
     """Enron's headers hold "legal <.taylor@enron.com>"; the address pattern required a letter or digit first."""
-    from leakaudit.data.pii_find import mask_pii
+    from leakaudit.data.pii_mask import mask_pii
 
     assert mask_pii("legal <.taylor@enron.com>") == "legal <.***@enron.com>"
     assert mask_pii("user '_john.smith@example.com' appears") == "user '_***@example.com' appears"
@@ -239,7 +233,7 @@ def test_internationalised_addresses_and_typographic_phone_punctuation_are_maske
 
 
 def test_an_experiment_files_numbers_are_not_masked_its_strings_and_comments_are():
-    from leakaudit.data.pii_find import mask_yaml_text
+    from leakaudit.data.pii_mask import mask_yaml_text
 
     text = ("name: x  # call 713-853-1234\nseed: 2024061501\nreport: {title: \"j.doe@enron.com 713-853-1234\"}\n"
             "grid: [7138531234, 1.0e-4]\nphone: 713-853-1234\n")

@@ -16,13 +16,10 @@ from leakaudit.data.pii_find import (
     NameFinder,
     find_emails,
     find_phones,
-    mask_email,
-    mask_name,
-    mask_phone,
-    mask_pii,
     names_from_headers,
     shipped_names,
 )
+from leakaudit.data.pii_mask import mask_email, mask_name, mask_phone, mask_pii
 from leakaudit.data.pii_replace import PiiReplacer
 
 MAIL = ("Message-ID: <1.JavaMail.evans@thyme>\nFrom: klarnold@flash.net\nTo: epao3@yahoo.com\n"

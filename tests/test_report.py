@@ -505,7 +505,7 @@ def test_a_report_on_a_file_system_without_locks_is_written_with_a_warning(tmp_p
 def test_labels_keep_a_seed_and_stay_apart_when_masked_alike():
     """Stage ids and grid labels were masked as data text: a seed 2024061501 read as a phone number, and two
     values masked alike (********01; a***@acme.com) made two variants one."""
-    from leakaudit.data.pii_find import mask_labels
+    from leakaudit.data.pii_mask import mask_labels
 
     ids = ["finetune/ft[seed=2024061501]", "finetune/ft[seed=2024071501]", "evaluate/plp[pairs=alice.smith@acme.com]/base",
            "evaluate/plp[pairs=adam.jones@acme.com]/base", "evaluate/plp[pairs=alice.smith@acme.com]/ft[seed=2024061501]",

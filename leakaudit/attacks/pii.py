@@ -92,7 +92,7 @@ def mask_text(text: str, addresses: Sequence[str] = ()) -> str:
     names and the experiment's `report.mask_names`). Lengths are not kept ("k***"), as in `mask_email`."""
     from rapidfuzz import fuzz
 
-    from leakaudit.data.pii_find import active_names, mask_email, mask_pii
+    from leakaudit.data.pii_mask import active_names, mask_email, mask_pii
 
     for addr in addresses:
         text = re.sub(re.escape(addr), mask_email(addr), text, flags=re.IGNORECASE)
@@ -117,7 +117,7 @@ MIN_LOCAL_PART = 3
 def _star(span: str) -> str:
     """A span masked as its kind is: one with an "@" as an address (`mask_email`, its domain kept), other text
     as a name's words are (`mask_name`: "klarnold" -> "k***"); an already masked part stays as it is."""
-    from leakaudit.data.pii_find import mask_email, mask_name
+    from leakaudit.data.pii_mask import mask_email, mask_name
 
     core = span.strip()
     if not core or core.endswith("***"):
@@ -267,7 +267,7 @@ def _extraction_row(role: str, spec: str, cell: Cell, t: Target, index: int, sam
     """One sample's row of extractions.jsonl. `target` is the target's id, masked like the rest (ids are often
     addresses); `target_index`, its position among the targets, pairs rows across models when masking made
     two ids alike."""
-    from leakaudit.data.pii_find import active_names, mask_email, mask_message, mask_pii
+    from leakaudit.data.pii_mask import active_names, mask_email, mask_message, mask_pii
 
     if show_pii:
         email, response, found, target = t.email, text, m.found, t.id

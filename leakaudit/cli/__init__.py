@@ -160,20 +160,20 @@ def _main() -> None:
     except OSError as exc:
         if exc.errno not in MACHINE_ERRNOS:  # anything else may be a bug: keep its traceback
             _bug(exc)
-        from leakaudit.data.pii_find import mask_message
+        from leakaudit.data.pii_mask import mask_message
 
         where = f"{exc.filename}: " if exc.filename else ""
         _say(f"error: {mask_message(where + (first_line(exc) if exc.strerror is None else exc.strerror))}")
         sys.exit(1)
     except clk.ClickException as exc:
-        from leakaudit.data.pii_find import mask_message
+        from leakaudit.data.pii_mask import mask_message
 
         _say(f"error: {mask_message(exc.format_message())}")
         sys.exit(exc.exit_code)
     except Exception as exc:
         if not _full_disk(exc):  # anything else may be a bug: keep its traceback
             _bug(exc)
-        from leakaudit.data.pii_find import mask_message
+        from leakaudit.data.pii_mask import mask_message
 
         _say(f"error: {mask_message(first_line(exc))} (the disk is full: free space and rerun the same command to "
              "resume)")
@@ -193,7 +193,7 @@ def _bug(exc: BaseException) -> None:
     traceback is what users paste into a bug report or a CI log. Frames (paths and source lines) are code."""
     import traceback
 
-    from leakaudit.data.pii_find import mask_message
+    from leakaudit.data.pii_mask import mask_message
 
     parts = traceback.format_exception(exc)
     text = "".join(p if p.startswith("  File ") else "".join(mask_message(line) for line in p.splitlines(True))
@@ -265,7 +265,7 @@ def _usage_line(exc) -> str:
 def _fail(message: str) -> None:
     """Print the one error line, PII masked (`mask_message`): messages quote bad values, often real PII (a
     label, an id, a user); the file, line and field say where to look."""
-    from leakaudit.data.pii_find import mask_message
+    from leakaudit.data.pii_mask import mask_message
 
     _say(f"error: {mask_message(message)}")
     sys.exit(2)

@@ -21,7 +21,7 @@ def say_result(line: str) -> None:
     """One line of a command's result, on stdout, as written (no markup read, no wrapping), PII masked as log
     lines are (a model spec or path may name a person). A path a command made, which scripts read, goes out as
     given (typer.echo)."""
-    from leakaudit.data.pii_find import mask_message
+    from leakaudit.data.pii_mask import mask_message
 
     typer.echo(mask_message(line))
 
@@ -29,7 +29,7 @@ def say_result(line: str) -> None:
 def say(line: str) -> None:
     """One line on stderr (which files were written, a kind's counts and warnings), PII masked: an --out or a
     model path may hold an address (`wrote out/jane.doe@enron.com/...`), and logs are shared."""
-    from leakaudit.data.pii_find import mask_message
+    from leakaudit.data.pii_mask import mask_message
 
     err.print(mask_message(line), markup=False, highlight=False)
 

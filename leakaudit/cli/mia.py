@@ -42,7 +42,7 @@ def _summary(title: str, metrics: dict[str, dict], unit: str = "non-members", co
     """The ROC numbers of each attack (or each m) as they appear in mia.json / user_inference.json; a TPR at
     a low FPR the negatives cannot resolve says how many it needs. `counts` heads a column of each m's users
     in/out of training (user inference: each m keeps only the users with m samples)."""
-    from leakaudit.data.pii_find import mask_message
+    from leakaudit.data.pii_mask import mask_message
     from leakaudit.metrics import tpr_text
 
     table = Table(title=mask_message(title))  # the model spec may name a person

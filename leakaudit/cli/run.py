@@ -18,7 +18,7 @@ console = Console(stderr=True, soft_wrap=True)  # a stage line stays one line wh
 def _log(message: str) -> None:
     """Stage progress lines (stages draw their own progress bars in between), PII masked (`mask_message`): a
     stage id holds the experiment's own labels. Under a launcher only rank 0 tells them."""
-    from leakaudit.data.pii_find import mask_message
+    from leakaudit.data.pii_mask import mask_message
     from leakaudit.distributed import is_main
 
     if not is_main():

@@ -77,7 +77,7 @@ def holdout_per_user(parts: dict[str, list[dict[str, Any]]], k: int, seed: int, 
 
 
 def _too_few(part: str, user: Any, n: int, distinct: int, own: int, k: int, dataset: str | None) -> InputError:
-    from leakaudit.data.pii_find import mask_pii
+    from leakaudit.data.pii_mask import mask_pii
 
     texts = f"{n} rows" + (f" ({distinct} distinct texts)" if distinct != n else "")
     if distinct > k:  # enough texts, but too few that only this user has

@@ -170,7 +170,7 @@ def _check_earlier_run(record: Path, name: str, seed: int) -> None:
     """`--out` may hold an earlier run of this experiment (edited: its stale stages are replaced); a run.json
     that is not a leakaudit run record (report.html's `load_run` reads it), or one of another experiment, is
     refused before anything is deleted."""
-    from leakaudit.data.pii_find import mask_pii
+    from leakaudit.data.pii_mask import mask_pii
     from leakaudit.report.html import load_run
 
     try:
@@ -416,7 +416,7 @@ def _check_users(plan: Plan, stage: Stage) -> None:
 def _check_mask_names(plan: Plan) -> None:
     """`report.mask_names` read before any stage: a missing or unreadable list would otherwise fail only when
     run.json is first written, or leave a report that was meant to hide those names."""
-    from leakaudit.data.pii_find import mask_names_in_messages
+    from leakaudit.data.pii_mask import mask_names_in_messages
 
     names = plan.exp.report.mask_names
     if names is not None:

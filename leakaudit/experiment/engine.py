@@ -338,7 +338,8 @@ def write_run_record(plan: Plan, out: Path, config_text: str, status: dict[str, 
     record = {"experiment": plan.exp.model_dump(mode="json"), "config_text": config_text,
               "versions": versions(), "stages": stages}
     if not plan.exp.report.show_pii:  # the stage folder stays as on disk: the report opens it
-        from leakaudit.data.pii_find import grid_numbers, mask_labels, mask_obj, mask_yaml_text, name_finder
+        from leakaudit.data.pii_find import name_finder
+        from leakaudit.data.pii_mask import grid_numbers, mask_labels, mask_obj, mask_yaml_text
         names = name_finder(plan.exp.report.mask_names)
         labels = mask_labels([x for st in plan.stages.values() for x in (
             st.id, st.params.get("target_label"), st.params.get("evaluation")) if isinstance(x, str)], names,

@@ -184,7 +184,7 @@ class KindContext:
     def shown(self, text: str | None) -> str:
         """A model spec as a shareable output shows it: masked as a message is unless show_pii (a model dir
         named after a person titled a plot), so a path's digits (runs/2025061514/) stay as they are."""
-        from leakaudit.data.pii_find import mask_message
+        from leakaudit.data.pii_mask import mask_message
 
         return str(text) if self.show_pii else mask_message(str(text))
 

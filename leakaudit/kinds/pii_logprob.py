@@ -280,7 +280,7 @@ class PiiLogprob(Kind):
     def run(self, ctx: KindContext, options: PiiLogprobOptions) -> PiiLogprobResult:
         from leakaudit.data.enron import resolve_templates, select_targets
         from leakaudit.data.io import write_json, write_jsonl
-        from leakaudit.data.pii_find import active_names, mask_pii
+        from leakaudit.data.pii_mask import active_names, mask_pii
         from leakaudit.distributed import is_main
 
         templates = resolve_templates(options.templates)

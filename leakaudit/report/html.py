@@ -21,15 +21,9 @@ from typing import Any
 import markupsafe
 
 from leakaudit.data.io import open_lock, write_atomic, write_json
-from leakaudit.data.pii_find import (
-    NameFinder,
-    grid_numbers,
-    mask_labels,
-    mask_obj,
-    mask_yaml_text,
-    name_finder,
-)
-from leakaudit.data.pii_find import mask_pii as mask
+from leakaudit.data.pii_find import NameFinder, name_finder
+from leakaudit.data.pii_mask import grid_numbers, mask_labels, mask_obj, mask_yaml_text
+from leakaudit.data.pii_mask import mask_pii as mask
 from leakaudit.errors import InputError, one_line
 from leakaudit.kinds import get_kind, kind_names
 from leakaudit.kinds.base import StageView, ci_text, fmt

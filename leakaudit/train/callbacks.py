@@ -130,7 +130,7 @@ class RichProgressCallback(TrainerCallback):
 def say_resuming(checkpoint: Path) -> None:
     """One stderr line when a fine-tune goes on from the checkpoint a killed run left: a rerun said only that the
     stage was running, and trained on in silence (PII masked: the path may name a person)."""
-    from leakaudit.data.pii_find import mask_message
+    from leakaudit.data.pii_mask import mask_message
 
     print(mask_message(f"resuming from {checkpoint.name} (a killed run's last checkpoint in {checkpoint.parent})"),
           file=sys.stderr, flush=True)
