@@ -310,7 +310,7 @@ def detect_cmd(
                                   alarm_rate=alarm_rate, seed=seed, batch_size=batch_size,
                                   samples_path=lambda k, spec=spec: out / f"samples_{_slug(spec)}_probe{k}.jsonl")
         say_result(f"{spec}: detection rate {results[spec]['detection_rate']:.3f} "
-               f"({'FLAGGED' if results[spec]['flagged'] else 'not flagged'})")
+                   f"({'FLAGGED' if results[spec]['flagged'] else 'not flagged'})")
     write_json(out / "detect.json", {"n_words": len(words), "n_probes_templates": len(templates),
                                      "models": results})
     if not show_pii:  # the raw answers, kept while probing so a kill resumes, may quote the defender's queries

@@ -19,8 +19,8 @@ results = Console(soft_wrap=True)  # a command's result table (stdout)
 
 def say_result(line: str) -> None:
     """One line of a command's result, on stdout, as written (no markup read, no wrapping), PII masked as log
-    lines are (a model spec or path may name a person). A path a command made, which scripts read, goes out as
-    given (typer.echo)."""
+    lines are (a model spec or path may name a person). The path of a model a command made is not a line of
+    this kind: it goes out unmasked (typer.echo), as scripts read it."""
     from leakaudit.data.pii_mask import mask_message
 
     typer.echo(mask_message(line))

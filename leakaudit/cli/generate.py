@@ -77,7 +77,7 @@ def continuation(
                data_fields={"text_field": text_field, "id_field": id_field},
                device=device, dtype=dtype, allow_pickle=allow_pickle)
     say(f"wrote {res.data['rows']} continuations ({res.n_new_tokens} new tokens) of {res.n_prompts} "
-              f"prompts to {out}")
+        f"prompts to {out}")
 
 
 @generate_app.command("self-instruct")
@@ -144,7 +144,7 @@ def replace_pii(
     res = _run("replace-pii", options, out, seed=seed, data=data).data
     total, distinct = res["replaced"], res["distinct"]
     say(f"wrote {res['rows']} rows to {out}; replaced "
-              + ", ".join(f"{total[k]} {k}s ({distinct[k]} distinct)" for k in KINDS))
+        + ", ".join(f"{total[k]} {k}s ({distinct[k]} distinct)" for k in KINDS))
 
 
 def audit_data_cmd(

@@ -82,8 +82,8 @@ def _print_table(table: Table, heads: tuple[str, ...], rows: list[tuple[str, ...
     else:
         results.print(table.title, markup=False, highlight=False)
         for row in rows:
-            results.print(f"{row[0]}: " + ", ".join(f"{head} {cell}" for head, cell in zip(heads[1:], row[1:], strict=True)),
-                      markup=False, highlight=False)
+            cells = ", ".join(f"{head} {cell}" for head, cell in zip(heads[1:], row[1:], strict=True))
+            results.print(f"{row[0]}: {cells}", markup=False, highlight=False)
 
 
 def mia(
