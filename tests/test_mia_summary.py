@@ -16,14 +16,16 @@ METRICS = {name: {"auc": 0.501, "auc_ci": [0.471, 0.534], "tpr_at_fpr": {"0.01":
 def test_the_mia_summary_keeps_every_number_in_a_narrow_terminal_and_in_a_log(monkeypatch, terminal, width):
     """At 40 columns rich cut every cell to `0.5…` (min_k and min_k_pp both read `mi…`); into a log it drew the
     table at 80 columns, a row over five lines and `non-memb…` cut."""
+    import leakaudit.cli.core as cli_core
     import leakaudit.cli.mia as cli_mia
 
     out = io.StringIO()
-    monkeypatch.setattr(cli_mia, "results", Console(file=out, width=width, force_terminal=terminal, soft_wrap=True,
+    monkeypatch.setattr(cli_core, "results", Console(file=out, width=width, force_terminal=terminal, soft_wrap=True,
                                                     no_color=True))
     cli_mia._summary("MIA on m (150 members, 150 non-members)", METRICS)
     text = out.getvalue()
     assert "…" not in text
+    assert text.splitlines()[0].strip() == "MIA on m (150 members, 150 non-members)"
     rows = [line for line in text.splitlines() if "min_k_pp" in line]
     assert len(rows) == 1 and all(x in rows[0] for x in ("0.501", "[0.471, 0.534]", "0.008 [0.002, 0.052]",
                                                          "1000 non-members", "0.072")), text

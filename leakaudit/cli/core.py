@@ -33,6 +33,36 @@ def say(line: str) -> None:
 
     err.print(mask_message(line), markup=False, highlight=False)
 
+
+def print_table(table: Any, heads: tuple[str, ...], rows: list[tuple[str, ...]]) -> None:
+    """A result table on stdout (mia, user-inference, audit-data): as wide as its cells where it fits or where no
+    terminal sets the width (a log: rich drew it at 80 columns, a cell over five lines and `non-memb…`); on a
+    terminal too narrow for it, one plain line per row (at 40 columns every number was cut to `0.5…` and min_k
+    and min_k_pp both read `mi…`). Into a pipe or a file the title is a line of its own: rich wraps a title
+    to the table's width, and one naming a long model path or file came out over several lines. The title is
+    PII masked (it names a model spec or a file); the cells are the caller's to mask."""
+    from rich.measure import Measurement
+
+    from leakaudit.data.pii_mask import mask_message
+
+    title = table.title
+    if title is not None:
+        table.title = title = mask_message(str(title))
+    width = Measurement.get(results, results.options.update_width(10_000), table).maximum
+    if not results.is_terminal:  # rich caps a print's width at the console's: a console as wide as the table
+        if title is not None:
+            print(title, file=results.file)
+            table.title = None
+        Console(file=results.file, width=width, color_system=None).print(table)
+    elif width <= results.width:
+        results.print(table)
+    else:
+        if title is not None:
+            results.print(title, markup=False, highlight=False)
+        for row in rows:
+            cells = ", ".join(f"{head} {cell}" for head, cell in zip(heads[1:], row[1:], strict=True))
+            results.print(f"{row[0]}: {cells}", markup=False, highlight=False)
+
 ModelOpt = typer.Option(..., "--model", help="default | HF id | model dir | adapter dir | .gguf | tiny-gpt-neox | tiny-opt")
 DeviceOpt = typer.Option("auto", "--device", help="auto (CUDA if present, else CPU), cpu, cuda, cuda:1 ...")
 DtypeOpt = typer.Option("auto", "--dtype", help="auto (bf16 where the hardware is fast at it, else fp32), fp32, bf16")
@@ -152,9 +182,8 @@ def score(
     rows = []
     empty = [rec for rec, res in zip(records, results, strict=True) if res.n_tokens == 0]
     if empty:  # no token to score: no mean (null, not NaN, which is not JSON)
-        err.print(f"warning: {len(empty)} of {len(records)} texts have no scored token (fewer than 2 tokens and no "
-                  f"BOS), so their mean_logp is null; the first: {data}:{empty[0].line}", markup=False,
-                  highlight=False)
+        say(f"warning: {len(empty)} of {len(records)} texts have no scored token (fewer than 2 tokens and no "
+            f"BOS), so their mean_logp is null; the first: {data}:{empty[0].line}")  # masked: the path may name one
     for rec, res in zip(records, results, strict=True):
         row = {"id": rec.id, "n_tokens": res.n_tokens, "sum_logp": res.sum_logp,
                "mean_logp": res.mean_logp if res.n_tokens else None}

@@ -6,10 +6,9 @@ from __future__ import annotations
 from pathlib import Path
 
 import typer
-from rich.console import Console
 from rich.table import Table
 
-from leakaudit.cli.core import batch_size_option, build_options, model_path, say
+from leakaudit.cli.core import batch_size_option, build_options, model_path, print_table, say, say_result
 from leakaudit.options import MAX_SEED
 
 CONTINUATION_KEYS = ("id", "source_id", "sample_index", "generated")  # rows each command writes
@@ -183,18 +182,20 @@ def audit_data_cmd(
         write_jsonl(out / "audit_records.jsonl", [r.row(show_pii) for r in records])
         write_json(out / "audit_data.json", summary)
     table = Table(title=f"leakage of {source.name} in {generated.name} ({len(records)} generated records)")
-    for col in ("what", "in source", "reproduced", "fraction", "records with any"):
+    heads = ("what", "in source", "reproduced", "fraction", "records with any")
+    for col in heads:
         table.add_column(col, justify="left" if col == "what" else "right")
-    for kind, s in summary["pii"].items():
-        table.add_row(kind, str(s["in_source"]), str(s["reproduced"]), f"{s['fraction']:.3f}",
-                      str(s["records_with_any"]))
-    Console().print(table)
+    rows = [(kind, str(s["in_source"]), str(s["reproduced"]), f"{s['fraction']:.3f}", str(s["records_with_any"]))
+            for kind, s in summary["pii"].items()]
+    for row in rows:
+        table.add_row(*row)
+    print_table(table, heads, rows)  # title masked (a file name may be a person's address); never cut at 80 columns
     # its own line: the PII columns count distinct values, n-grams are counted in the generated data
     v = summary["verbatim"]
-    Console().print(f"verbatim {ngram}-grams: {v['ngrams_reproduced']} of the generated data's {v['ngrams_total']} "
-                    f"occur in the source (fraction {v['fraction']:.3f}), in {v['records_with_any']} "
-                    f"record{'' if v['records_with_any'] == 1 else 's'}; the "
-                    f"source has {v['source_distinct_ngrams']} distinct {ngram}-grams", highlight=False)
+    say_result(f"verbatim {ngram}-grams: {v['ngrams_reproduced']} of the generated data's {v['ngrams_total']} "
+               f"occur in the source (fraction {v['fraction']:.3f}), in {v['records_with_any']} "
+               f"record{'' if v['records_with_any'] == 1 else 's'}; the "
+               f"source has {v['source_distinct_ngrams']} distinct {ngram}-grams")
     if out is not None:
         say(f"wrote {out / 'audit_data.json'} and {out / 'audit_records.jsonl'}")
 

@@ -9,7 +9,7 @@ from typing import Any
 import typer
 from rich.table import Table
 
-from leakaudit.cli.core import batch_size_option, build_options, model_path, results, say
+from leakaudit.cli.core import batch_size_option, build_options, model_path, print_table, say
 from leakaudit.errors import InputError
 from leakaudit.options import MAX_SEED
 
@@ -63,27 +63,7 @@ def _summary(title: str, metrics: dict[str, dict], unit: str = "non-members", co
                      *(tpr_text(tpr.get(k), needs.get(k), unit, ci=tpr_ci.get(k)) for k in ("0.01", "0.001")),
                      f(m.get("advantage"))))
         table.add_row(*rows[-1])
-    _print_table(table, heads, rows)
-
-
-def _print_table(table: Table, heads: tuple[str, ...], rows: list[tuple[str, ...]]) -> None:
-    """The table as wide as its cells where it fits or where no terminal sets the width (a log: rich drew it at 80
-    columns, a cell over five lines and `non-memb…`); on a terminal too narrow for it, one plain line per row
-    (at 40 columns every number was cut to `0.5…` and min_k and min_k_pp both read `mi…`)."""
-    from rich.measure import Measurement
-
-    width = Measurement.get(results, results.options.update_width(10_000), table).maximum
-    if not results.is_terminal:  # rich caps a print's width at the console's: a console as wide as the table
-        from rich.console import Console
-
-        Console(file=results.file, width=width, color_system=None).print(table)
-    elif width <= results.width:
-        results.print(table)
-    else:
-        results.print(table.title, markup=False, highlight=False)
-        for row in rows:
-            cells = ", ".join(f"{head} {cell}" for head, cell in zip(heads[1:], row[1:], strict=True))
-            results.print(f"{row[0]}: {cells}", markup=False, highlight=False)
+    print_table(table, heads, rows)
 
 
 def mia(

@@ -9,7 +9,7 @@ import typer
 from rich.console import Console
 from rich.markup import escape
 
-from leakaudit.cli.core import results, say
+from leakaudit.cli.core import say, say_result
 from leakaudit.options import MAX_SEED
 
 console = Console(stderr=True, soft_wrap=True)  # a stage line stays one line when piped
@@ -40,9 +40,9 @@ def print_verdicts(out: Path) -> None:
     comparisons = json.loads(summary.read_text(encoding="utf-8")).get("comparisons") if summary.is_file() else None
     if not comparisons:
         return
-    results.print("verdicts (paired Δ with its 95% CI; details in report.html):", highlight=False)
-    for c in comparisons:
-        results.print(f"  {escape(verdict_sentence(c))}", highlight=False)
+    say_result("verdicts (paired Δ with its 95% CI; details in report.html):")
+    for c in comparisons:  # masked as the stage lines are: a variant's name holds the experiment's own labels
+        say_result(f"  {verdict_sentence(c)}")
 
 
 def run(
@@ -88,7 +88,8 @@ def report(
                       "rank 0 writes it")
         return
     path = write_report(out)
-    typer.echo(f"report: {path}")  # the result, on stdout
+    say_result(f"report: {path}")  # the result, on stdout, masked as `run` masks the same line (an --out may be
+    # named after a person); only the path of a model a command made goes out unmasked
 
 
 def seeds(
@@ -118,7 +119,7 @@ def seeds(
         record = {"experiment": runs[0].experiment.get("name"), "seeds": [r.seed for r in runs],
                   "dirs": [str(r.out) for r in runs], "rows": rows}
         write_atomic(json_out, lambda fh: fh.write(json.dumps(record, indent=1) + "\n"))
-    typer.echo(text)
+    say_result(text)  # masked: the experiment's name and its labels are free text
 
 
 JSON_KEYS = ("experiment", "seeds", "dirs", "rows")  # what `seeds --json` writes

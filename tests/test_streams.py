@@ -1,0 +1,77 @@
+"""The streams rule (README "Commands"): stdout holds a command's result and stderr the rest, each line PII
+masked (only the path of a model a command made goes out as given), and a result piped into a file or `head`
+is whole lines, never a table or a sentence cut at 80 columns."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from conftest import run_main
+
+ADDRESS = "jane.doe@enron.com"
+
+
+def test_audit_data_piped_is_whole_lines_and_names_no_address(tmp_path, monkeypatch, capsys):
+    """Drawn by a console of 80 columns into a pipe: the verbatim sentence came out over two lines, and a title
+    naming a long generated file over three, with the file's name (a person's address) unmasked on stdout."""
+    src = tmp_path / "src.jsonl"
+    src.write_text("".join(json.dumps({"text": f"Hello team, the meeting on day {i} moved to the big room at "
+                                               f"noon, thanks."}) + "\n" for i in range(4)))
+    gen = tmp_path / f"{ADDRESS}.continuations_of_the_enron_study_pipeline_v2.jsonl"
+    gen.write_text(src.read_text())
+    out = tmp_path / ADDRESS / "audit"
+    code, stdout, stderr = run_main(["audit-data", "--source", src, "--generated", gen, "--out", out], monkeypatch,
+                                    capsys, stdout=True)
+    assert code == 0, stderr
+    assert ADDRESS not in stdout + stderr
+    lines = stdout.splitlines()
+    assert lines[0].startswith("leakage of src.jsonl in j***@enron.com.continuations_of") and "records)" in lines[0]
+    assert lines[-1].startswith("verbatim 8-grams: ") and lines[-1].endswith("distinct 8-grams")
+    assert "\x1b" not in stdout and "wrote" not in stdout
+    assert stderr.startswith("wrote ") and stderr.count("\n") == 1
+
+
+def test_report_seeds_and_verdicts_mask_what_they_print(tmp_path, monkeypatch, capsys):
+    """`report` printed its path whole (an --out named after a person), where `run` masks the same line;
+    `seeds` and a run's verdicts printed the experiment's free-text name and labels whole."""
+    import leakaudit.report.html as html
+    from leakaudit.cli.run import print_verdicts
+
+    made = tmp_path / ADDRESS / "study" / "report.html"
+    monkeypatch.setattr(html, "write_report", lambda out: made)
+    code, stdout, stderr = run_main(["report", tmp_path / ADDRESS / "study"], monkeypatch, capsys, stdout=True)
+    assert (code, stderr) == (0, "") and stdout == f"report: {tmp_path}/j***@enron.com/study/report.html\n"
+
+    dirs = []
+    for seed in (0, 1):
+        d = tmp_path / f"s{seed}"
+        d.mkdir()
+        (d / "run.json").write_text(json.dumps({
+            "experiment": {"name": f"mail of {ADDRESS}", "models": {"base": "tiny-gpt-neox"}, "seed": seed},
+            "stages": [{"id": "evaluate/mia/ft", "key": f"k{seed}"}]}))
+        comparison = {"evaluation": "mia", "metric": "loss AUC", "baseline": "m0", "variant": f"ft[to={ADDRESS}]",
+                      "delta": 0.1, "delta_ci": [0.0, 0.2], "ci": [0.0, 0.2], "verdict": "no detectable change"}
+        (d / "summary.json").write_text(json.dumps({"comparisons": [comparison]}))
+        dirs.append(d)
+    code, stdout, stderr = run_main(["seeds", *dirs], monkeypatch, capsys, stdout=True)
+    assert (code, stderr) == (0, "") and stdout.startswith("Experiment `mail of j***@enron.com`, seeds 0, 1")
+    assert ADDRESS not in stdout
+
+    print_verdicts(dirs[0])
+    captured = capsys.readouterr()
+    assert captured.err == "" and captured.out.startswith("verdicts (paired Δ with its 95% CI")
+    assert "ft[to=j***@enron.com] vs m0" in captured.out and ADDRESS not in captured.out
+
+
+def test_score_masks_the_data_path_its_warning_names(tmp_path, monkeypatch, capsys):
+    """The warning for texts with no scored token was printed apart from `say`, the data's path unmasked."""
+    data = tmp_path / ADDRESS / "short.jsonl"
+    data.parent.mkdir()
+    data.write_text(json.dumps({"text": "a"}) + "\n" + json.dumps({"text": "hello world foo"}) + "\n")
+    code, stdout, stderr = run_main(["score", "--model", "tiny-gpt-neox", "--data", data, "--out",
+                                     tmp_path / "scores.jsonl"], monkeypatch, capsys, stdout=True)
+    assert code == 0 and stdout == "", stderr
+    assert "warning: 1 of 2 texts have no scored token" in stderr and "j***@enron.com/short.jsonl:1" in stderr
+    assert ADDRESS not in stderr
+    assert Path(tmp_path / "scores.jsonl").is_file()
