@@ -483,6 +483,19 @@ def test_a_report_of_a_folder_that_is_no_run_leaves_no_lock_file_there(tmp_path,
     assert code == 2 and "no run.json here" in err and list(tmp_path.iterdir()) == []
 
 
+def test_a_run_record_whose_stage_lacks_its_kind_is_one_error_line(tmp_path, monkeypatch, capsys):
+    """A hand-edited or cut run.json whose stage has no `kind` (or is no record) made `leakaudit report` exit 1
+    with a KeyError's traceback; it is refused naming the stage's field."""
+    from conftest import run_main
+
+    for stages, field in (([{"id": "evaluate/mia/m0"}], "stages[0].kind"), ([{"kind": "mia"}, 3], "stages[0].id"),
+                          ([{"id": "a", "kind": "mia"}, 3], "stages[1].id")):
+        (tmp_path / "run.json").write_text(json.dumps({"experiment": {"name": "x"}, "stages": stages}))
+        code, err = run_main(["report", str(tmp_path)], monkeypatch, capsys)
+        assert code == 2 and err.count("\n") == 1, err
+        assert f"run.json: field '{field}': not a stage record of `leakaudit run`" in err, err
+
+
 def test_a_report_on_a_file_system_without_locks_is_written_with_a_warning(tmp_path, monkeypatch, capsys):
     """A run on NFS without lockd finished every stage, then failed on the report's lock (ENOLCK) with no
     report; it is written unlocked, said once, as a run there is."""

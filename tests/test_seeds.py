@@ -32,8 +32,10 @@ def _run_dir(root: Path, seed: int, comparisons: list[dict], experiment: dict | 
     if keys is None:
         keys = {f"evaluate/mia/{t}": f"k-{t}-{seed}" for t in ("ft", "zero")}
         keys.update({"evaluate/mia/m0": "k-m0", "evaluate/mia/m0b": "k-m0b"})
+    stages = [{"id": i, "kind": "mia" if i.startswith("evaluate/") else i.split("/")[0], "key": k}
+              for i, k in keys.items()]
     (out / "run.json").write_text(json.dumps({"experiment": {**(experiment or EXPERIMENT), "seed": seed},
-                                              "stages": [{"id": i, "key": k} for i, k in keys.items()]}))
+                                              "stages": stages}))
     (out / "summary.json").write_text(json.dumps({"comparisons": comparisons}))
     return out
 
@@ -158,7 +160,7 @@ def test_seeds_run_in_two_checkouts_are_one_experiment(tmp_path):
     def with_data(seed, path, content):
         out = _run_dir(tmp_path, seed, [], {**EXPERIMENT, "datasets": {"d": {"path": path}}})
         record = json.loads((out / "run.json").read_text())
-        record["stages"].append({"id": "data/d", "key": f"kd{seed}", "params": {"content": content}})
+        record["stages"].append({"id": "data/d", "kind": "dataset", "key": f"kd{seed}", "params": {"content": content}})
         (out / "run.json").write_text(json.dumps(record))
         return out
 

@@ -205,6 +205,12 @@ def load_run(out: str | Path) -> dict[str, Any]:
     if not (isinstance(run, dict) and isinstance(run.get("experiment"), dict)
             and isinstance(run.get("stages"), list)):
         raise InputError("not a run record of `leakaudit run` (needs 'experiment' and 'stages')", file=p)
+    for i, stage in enumerate(run["stages"]):  # a hand-edited or cut record: one line, not a KeyError's traceback
+        missing = next((k for k in ("id", "kind") if not (isinstance(stage, dict) and isinstance(stage.get(k), str))),
+                       None)
+        if missing is not None:
+            raise InputError(f"not a stage record of `leakaudit run` (no '{missing}')", file=p,
+                             field=f"stages[{i}].{missing}")
     return run
 
 
