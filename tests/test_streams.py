@@ -49,7 +49,7 @@ def test_report_seeds_and_verdicts_mask_what_they_print(tmp_path, monkeypatch, c
         d.mkdir()
         (d / "run.json").write_text(json.dumps({
             "experiment": {"name": f"mail of {ADDRESS}", "models": {"base": "tiny-gpt-neox"}, "seed": seed},
-            "stages": [{"id": "evaluate/mia/ft", "key": f"k{seed}"}]}))
+            "stages": [{"id": "evaluate/mia/ft", "kind": "mia", "key": f"k{seed}"}]}))
         comparison = {"evaluation": "mia", "metric": "loss AUC", "baseline": "m0", "variant": f"ft[to={ADDRESS}]",
                       "delta": 0.1, "delta_ci": [0.0, 0.2], "ci": [0.0, 0.2], "verdict": "no detectable change"}
         (d / "summary.json").write_text(json.dumps({"comparisons": [comparison]}))
