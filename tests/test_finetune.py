@@ -488,3 +488,20 @@ def test_the_command_says_what_it_trained_above_the_models_path(plain_data, tmp_
     log = [json.loads(x) for x in (out / "train_log.jsonl").read_text().splitlines()]
     last = [r["loss"] for r in log if "loss" in r][-1]
     assert f"fine-tuned: model of step 2, last logged loss {last:.4f}, " in err, err
+    assert "PAD/BOS/EOS" not in err  # the Trainer's note on the pad leakaudit's loader set: every run, noise
+
+
+def test_only_the_pad_alignment_note_is_quieted():
+    """A BOS or EOS the user's tokenizer changed is still said; the pad leakaudit set is not."""
+    import logging
+
+    from leakaudit.train.finetune import _PadAlignmentNote
+
+    def note(tokens: str) -> logging.LogRecord:
+        return logging.LogRecord("transformers.trainer_utils", logging.WARNING, __file__, 1,
+                                 "The tokenizer has new PAD/BOS/EOS tokens that differ from the model config and "
+                                 f"generation config. ... Updated tokens: {tokens}.", None, None)
+
+    quiet = _PadAlignmentNote()
+    assert not quiet.filter(note("{'pad_token_id': 0}"))
+    assert quiet.filter(note("{'eos_token_id': 2, 'pad_token_id': 0}")) and quiet.filter(note("{'bos_token_id': 1}"))

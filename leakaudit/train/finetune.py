@@ -19,8 +19,10 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import random
+import re
 from collections import Counter
 from collections.abc import Iterator
 from contextlib import contextmanager, nullcontext
@@ -583,6 +585,23 @@ def _use_bf16(config: FinetuneConfig, device: torch.device) -> bool:
     return config.bf16 if config.bf16 is not None else default_autocast_bf16(device)
 
 
+class _PadAlignmentNote(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        return not (message.startswith("The tokenizer has new PAD/BOS/EOS tokens")
+                    and re.search(r"Updated tokens: \{'pad_token_id': \d+\}\.$", message))
+
+
+def _quiet_token_alignment() -> None:
+    """The Trainer notes on every fine-tune of a model whose config's pad token differs from the tokenizer's
+    that it aligned the config: where only the pad differs, that pad is the one leakaudit's loader gave the
+    tokenizer (models/load.py), and the note, a `[transformers]` line in every run's log, says nothing the user
+    did. A BOS or EOS the user's tokenizer changed is still said; the alignment itself stays."""
+    trainer_utils = logging.getLogger("transformers.trainer_utils")
+    if not any(isinstance(f, _PadAlignmentNote) for f in trainer_utils.filters):
+        trainer_utils.addFilter(_PadAlignmentNote())
+
+
 def _train_trainer(config: FinetuneConfig, lm, model, train: list[ex.Example], held_out: list[ex.Example],
                    out: Path, progress: bool, extra_callbacks: list) -> int:
     """Train with the HF Trainer; returns the optimizer step of the weights saved as the final model."""
@@ -597,6 +616,8 @@ def _train_trainer(config: FinetuneConfig, lm, model, train: list[ex.Example], h
     )
     from leakaudit.train.packed_attention import packed_attention  # imports transformers' modeling: not for a
     # plan check, which reads FinetuneConfig only (a cached rerun skips ~2 s of imports)
+
+    _quiet_token_alignment()
 
     pack = config.packing and config.format == "plain" and ex.packing_is_exact(model, lm.tokenizer)
     collator = ex.PackedCollator(lm.max_length) if pack else ex.PaddedCollator(lm.tokenizer.pad_token_id)
