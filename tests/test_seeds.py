@@ -149,7 +149,8 @@ def test_the_command_prints_the_tables_and_writes_json(tmp_path, monkeypatch, ca
     assert "| `ft` | +0.100 [+0.090, +0.110]↑ | +0.200 [+0.190, +0.210]↑ | 2 / 0 of 2 |" in result.output
     saved = json.loads((tmp_path / "seeds.json").read_text())
     assert saved["seeds"] == [0, 1] and saved["rows"][0]["mean_delta"] == pytest.approx(0.15)
-    assert (tmp_path / "seeds.md").read_text().strip() == result.output.strip()
+    assert (tmp_path / "seeds.md").read_text().strip() == result.stdout.strip()  # the tables, stdout's only content
+    assert f"wrote {tmp_path / 'seeds.md'}" in result.stderr and f"wrote {tmp_path / 'seeds.json'}" in result.stderr
     code, err = run_main(["seeds", tmp_path / "nowhere"], monkeypatch, capsys)
     assert code == 2 and err == f"error: {tmp_path / 'nowhere'}: not a directory (an output dir of `leakaudit run` is expected)\n"
 

@@ -75,3 +75,16 @@ def test_score_masks_the_data_path_its_warning_names(tmp_path, monkeypatch, caps
     assert "warning: 1 of 2 texts have no scored token" in stderr and "j***@enron.com/short.jsonl:1" in stderr
     assert ADDRESS not in stderr
     assert Path(tmp_path / "scores.jsonl").is_file()
+
+
+def test_perplexity_and_seeds_say_which_files_they_wrote(tmp_path, monkeypatch, capsys):
+    """Every other command names the files it wrote on stderr; perplexity and `seeds --markdown/--json` wrote
+    theirs in silence. The result stays stdout's only content."""
+    texts = tmp_path / "t.jsonl"
+    texts.write_text(json.dumps({"text": "one two three four five six"}) + "\n")
+    out = tmp_path / "ppl"
+    code, stdout, stderr = run_main(["perplexity", "--model", "tiny-gpt-neox", "--data", texts, "--out", out,
+                                     "--no-cache"], monkeypatch, capsys, stdout=True)
+    assert code == 0, stderr
+    assert stdout.startswith("final\tppl=") and stdout.count("\n") == 1
+    assert f"wrote {out / 'perplexity.json'}" in stderr

@@ -170,6 +170,7 @@ def finetune_cmd(
                                            "rows": len(read_rows(path)), "mask_user": mask_user,
                                            "model_dir": "model", "train_loss": losses[-1] if losses else None,
                                            **options})
+        say(f"wrote {out / 'finetune.json'}; fine-tuned model (below)")
         typer.echo(str(result))
 
 
@@ -313,6 +314,7 @@ def detect_cmd(
                    f"({'FLAGGED' if results[spec]['flagged'] else 'not flagged'})")
     write_json(out / "detect.json", {"n_words": len(words), "n_probes_templates": len(templates),
                                      "models": results})
+    say(f"wrote {out / 'detect.json'}")
     if not show_pii:  # the raw answers, kept while probing so a kill resumes, may quote the defender's queries
         for raw in out.glob("samples_*_probe*.jsonl"):
             raw.unlink()

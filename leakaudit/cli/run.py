@@ -115,10 +115,12 @@ def seeds(
     text = markdown(runs, rows)
     if markdown_out is not None:
         write_atomic(markdown_out, lambda fh: fh.write(text + "\n"))
+        say(f"wrote {markdown_out}")
     if json_out is not None:
         record = {"experiment": runs[0].experiment.get("name"), "seeds": [r.seed for r in runs],
                   "dirs": [str(r.out) for r in runs], "rows": rows}
         write_atomic(json_out, lambda fh: fh.write(json.dumps(record, indent=1) + "\n"))
+        say(f"wrote {json_out}")
     say_result(text)  # masked: the experiment's name and its labels are free text
 
 

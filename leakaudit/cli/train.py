@@ -176,3 +176,4 @@ def register(app: typer.Typer) -> None:
             return
         for c in res["checkpoints"] or [{"name": "final", **res}]:
             typer.echo(f"{c['name']}\tppl={c['perplexity']:.4f}\tmean_text_ppl={c['mean_text_perplexity']:.4f}")
+        say(f"wrote {Path(out) / 'perplexity.json'}")
