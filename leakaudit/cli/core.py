@@ -195,7 +195,8 @@ def score(
         rows.append(row)
     write_jsonl(out, rows)
     n_tok = sum(r["n_tokens"] for r in rows)
-    say(f"scored {len(rows)} texts ({n_tok} tokens) with {model} ({lm.dtype}, {lm.device}) -> {out}")
+    dtype = str(lm.dtype).removeprefix("torch.")  # as model-info and run.json name it
+    say(f"scored {len(rows)} texts ({n_tok} tokens) with {model} ({dtype}, {lm.device}) -> {out}")
 
 
 def model_info(
