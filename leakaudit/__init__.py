@@ -1,6 +1,6 @@
 """leakaudit: measure what a fine-tuned language model leaks about the data it was tuned on."""
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 
 def package_version(name: str) -> str:
