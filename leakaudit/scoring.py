@@ -66,6 +66,7 @@ from leakaudit.warn import warn_once
 # scored once more
 SCORING_VERSION = 6
 CPU_TOKEN_BUDGET = 8192
+PROGRESS_MIN_TOKENS = 20000  # a pass scoring fewer tokens shows no progress (seconds of work)
 MIN_CPU_TOKEN_BUDGET = 1024  # smaller batches when splitting work between batch workers, down to this
 MAX_PADDING = 0.1  # padded positions per real token an auto-sized batch may carry (BENCHMARKS.md)
 HEAD_CHUNK_ELEMENTS = 1 << 25  # logits elements per LM-head chunk (128 MiB in fp32)
@@ -800,7 +801,10 @@ def _score_keyed(lm: LoadedModel, keys: list[str], tokenized, options: ScoreOpti
         lm.model.eval()
         try:
             _check_head_path(lm)
-            with (_progress(progress, description, total) as advance, _hidden_state_head(lm.model) as head,
+            # the bar counts the tokens scored, as the pass's result does (n_tokens); windows' context tokens,
+            # which the budget counts, made a total of 1,189,736 for a pass that said "707000 tokens" at its end
+            scored_total = sum(len(s.ids) - s.first_scored for s in segs)
+            with (_progress(progress, description, scored_total) as advance, _hidden_state_head(lm.model) as head,
                   scoring_attention(lm.model, lm.device), freed_memory_kept(),
                   _batch_workers(lm, sum(len(b) for _, _, b in plan)) as (pool, workers)):
                 saved_at = time.monotonic()
@@ -809,7 +813,7 @@ def _score_keyed(lm: LoadedModel, keys: list[str], tokenized, options: ScoreOpti
                         pieces[seg.text_index].append((seg.order, res))
                         if len(pieces[seg.text_index]) == expected[seg.text_index]:
                             finish(seg.text_index)
-                    advance(sum(len(s.ids) for s in batch))
+                    advance(sum(len(s.ids) - s.first_scored for s in batch))
                     if time.monotonic() - saved_at >= CACHE_SAVE_S:  # what a kill would otherwise lose
                         save_on_the_way()
                         saved_at = time.monotonic()
@@ -916,8 +920,8 @@ def _concat(parts: list[TokenScores], moments: bool) -> TokenScores:
 
 @contextlib.contextmanager
 def _progress(enabled: bool, description: str, total: int):
-    """A rich progress bar over tokens (shown on stderr only for long work)."""
-    if not enabled or total < 20000:
+    """A rich progress bar over the tokens a pass scores (shown on stderr only for long work)."""
+    if not enabled or total < PROGRESS_MIN_TOKENS:
         yield lambda n: None
         return
     from rich.progress import BarColumn, TextColumn, TimeRemainingColumn
@@ -928,6 +932,4 @@ def _progress(enabled: bool, description: str, total: int):
                TimeRemainingColumn()]
     with progress_bar(*columns, unit="tok") as bar:
         task = bar.add_task(description, total=total)
-        started = time.perf_counter()
         yield lambda n: bar.update(task, advance=n)
-        del started

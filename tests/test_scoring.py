@@ -800,3 +800,15 @@ def test_a_pass_waiting_for_another_keeps_the_mode_and_fingerprint_it_finds(tmp_
     for th in waiting:
         th.join()
     assert got["fp"] == loaded == lm.fingerprint and lm.model.training and len(got["scores"]) == 1
+
+
+def test_the_progress_counts_the_tokens_the_pass_scores(tiny_neox, monkeypatch, capsys):
+    """The bar counted every window's tokens, context included: a pass that scored 707,000 tokens showed a
+    total of 1,189,736. It counts the scored tokens now, the n_tokens its result sums to."""
+    monkeypatch.setenv("LEAKAUDIT_PROGRESS_INTERVAL", "0.000001")  # a line per batch, into the captured log
+    monkeypatch.setattr(scoring, "PROGRESS_MIN_TOKENS", 0)
+    long = [" ".join(f"word{i}" for i in range(150)), " ".join(f"term{i}" for i in range(150))]
+    res = score_texts(tiny_neox, long, max_length=64, stride=16, batch_size=1, cache=False)
+    scored = sum(r.n_tokens for r in res)
+    lines = [x for x in capsys.readouterr().err.splitlines() if x.startswith("scoring: ")]
+    assert lines and all(f"/{scored} tok" in x for x in lines), (scored, lines[:2])
