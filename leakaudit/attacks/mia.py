@@ -438,14 +438,15 @@ def split_warnings(members: Sequence[str], nonmembers: Sequence[str], threshold:
     from sklearn.metrics import roc_auc_score
 
     out = []
-    norm = {" ".join(t.split()) for t in members}
-    shared = sum(1 for t in nonmembers if " ".join(t.split()) in norm)
+    distinct_in = {" ".join(t.split()) for t in members}  # whitespace aside; each text normalised once
+    norm_out = [" ".join(t.split()) for t in nonmembers]
+    shared = sum(1 for t in norm_out if t in distinct_in)
     if shared:
         out.append(f"{shared} non-member texts also appear among the members; remove them for a clean measurement")
-    for name, texts in (("member", members), ("non-member", nonmembers)):
+    for name, texts, distinct in (("member", members, distinct_in), ("non-member", nonmembers, set(norm_out))):
         # each copy is an item of the AUC and its bootstrap: n looks larger than the texts behind it, and the
         # interval narrower than they support
-        repeats = len(texts) - len({" ".join(t.split()) for t in texts})
+        repeats = len(texts) - len(distinct)
         if repeats:
             out.append(f"{repeats} of {len(texts)} {name} texts repeat another {name} text; each copy counts as a "
                        "text, so the intervals are narrower than the distinct texts support — deduplicate them")
