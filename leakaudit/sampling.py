@@ -36,8 +36,7 @@ from leakaudit import package_version
 from leakaudit.data.io import json_line, open_append
 from leakaudit.errors import InputError, check_model, check_texts
 from leakaudit.models import LoadedModel, attention_kernels, host_memory, model_lock, text_config
-from leakaudit.options import parse_batch_size
-from leakaudit.scoring import cache_keyword, returned_cache, shared_prefixes
+from leakaudit.scoring import cache_keyword, checked_batch_size, returned_cache, shared_prefixes
 from leakaudit.warn import warn_once
 
 SAMPLING_VERSION = 1
@@ -212,11 +211,8 @@ def sample(lm: LoadedModel, prompts: Sequence[str], config: SamplingConfig, *,
 
 # ----------------------------------------------------------------------------------------- preparation
 def _parse_batch_size(batch_size: int | str) -> int | None:
-    """Rows per batch, None for auto (options.parse_batch_size's rule)."""
-    try:
-        n = parse_batch_size(batch_size)
-    except ValueError as exc:
-        raise InputError(str(exc), field="--batch-size") from None
+    """Rows per batch, None for auto (scoring.checked_batch_size's rule)."""
+    n = checked_batch_size(batch_size)
     return None if n == "auto" else int(n)
 
 

@@ -664,20 +664,26 @@ def score_texts(
         step = window // 2
     if not 0 < step < window:
         raise InputError(f"stride must be between 1 and max length - 1 ({window - 1})", field="--stride")
-    try:
-        batch_size = parse_batch_size(batch_size)
-    except ValueError as exc:
-        raise InputError(str(exc), field="--batch-size") from None
+    batch_size = checked_batch_size(batch_size)
     options = ScoreOptions(window, step, moments, str(lm.dtype).replace("torch.", ""), device=lm.device.type)
 
     fingerprint = lm.current_fingerprint()  # once: it walks every weight's version
     keys = [ScoreCache.make_key(fingerprint, options, p, t) for t, p in zip(texts, prefix_list, strict=True)]
+    prefixed = any(p is not None for p in prefix_list)
     # a cached text's length, for the window warning: its scored tokens and the first; unknown after a prefix
-    length = (lambda i, scores: None) if any(p is not None for p in prefix_list) else (
-        lambda i, scores: scores.n_tokens + 1)
+    length = (lambda i, scores: None) if prefixed else (lambda i, scores: scores.n_tokens + 1)
     return _score_keyed(lm, keys, lambda todo: _tokenize(lm, [texts[i] for i in todo], [prefix_list[i] for i in todo]),
-                        options, batch_size, cache, progress, description, padding_side, length,
-                        contexts=any(p is not None for p in prefix_list))
+                        options, batch_size, cache, progress, description, padding_side, length, contexts=prefixed)
+
+
+def checked_batch_size(batch_size: int | str) -> int | str:
+    """`auto` or a positive number of sequences (options.parse_batch_size, the one rule), an InputError on
+    `--batch-size` otherwise: for the scoring and sampling APIs, which are called with values no option model
+    checked."""
+    try:
+        return parse_batch_size(batch_size)
+    except ValueError as exc:
+        raise InputError(str(exc), field="--batch-size") from None
 
 
 def _say_strided(lm: LoadedModel, long: int, n_texts: int, window: int, step: int, contexts: bool = False) -> None:
@@ -708,10 +714,7 @@ def score_ids(
     if len(contexts) != len(ids):
         raise ValueError("contexts must match ids in length")
     window = fit_window(lm, None)
-    try:
-        batch_size = parse_batch_size(batch_size)
-    except ValueError as exc:
-        raise InputError(str(exc), field="--batch-size") from None
+    batch_size = checked_batch_size(batch_size)
     options = ScoreOptions(window, max(1, window // 2), False, str(lm.dtype).replace("torch.", ""),
                            device=lm.device.type)
     space = lm.current_fingerprint() + "\x00ids"  # never a text key: a fingerprint holds no NUL
