@@ -34,31 +34,34 @@ def say(line: str) -> None:
     err.print(mask_message(line), markup=False, highlight=False)
 
 
-def print_table(table: Any, heads: tuple[str, ...], rows: list[tuple[str, ...]]) -> None:
-    """A result table on stdout (mia, user-inference, audit-data): as wide as its cells where it fits or where no
-    terminal sets the width (a log: rich drew it at 80 columns, a cell over five lines and `non-memb…`); on a
-    terminal too narrow for it, one plain line per row (at 40 columns every number was cut to `0.5…` and min_k
-    and min_k_pp both read `mi…`). Into a pipe or a file the title is a line of its own: rich wraps a title
-    to the table's width, and one naming a long model path or file came out over several lines. The title is
-    PII masked (it names a model spec or a file); the cells are the caller's to mask."""
+def print_table(title: str, heads: tuple[str, ...], rows: list[tuple[str, ...]], justify: str = "left") -> None:
+    """A result table on stdout (mia, user-inference, audit-data), its cells `justify`-aligned but the first: as
+    wide as its cells where it fits or where no terminal sets the width (a log: rich drew it at 80 columns, a
+    cell over five lines and `non-memb…`); on a terminal too narrow for it, one plain line per row (at 40
+    columns every number was cut to `0.5…` and min_k and min_k_pp both read `mi…`). Into a pipe or a file the
+    title is a line of its own: rich wraps a title to the table's width, and one naming a long model path or
+    file came out over several lines. The title is PII masked (it names a model spec or a file); the cells are
+    the caller's to mask."""
     from rich.measure import Measurement
+    from rich.table import Table
 
     from leakaudit.data.pii_mask import mask_message
 
-    title = table.title
-    if title is not None:
-        table.title = title = mask_message(str(title))
+    title = mask_message(title)
+    table = Table(title=title)
+    for i, head in enumerate(heads):
+        table.add_column(head, justify="left" if i == 0 else justify)
+    for row in rows:
+        table.add_row(*row)
     width = Measurement.get(results, results.options.update_width(10_000), table).maximum
     if not results.is_terminal:  # rich caps a print's width at the console's: a console as wide as the table
-        if title is not None:
-            print(title, file=results.file)
-            table.title = None
+        print(title, file=results.file)
+        table.title = None
         Console(file=results.file, width=width, color_system=None).print(table)
     elif width <= results.width:
         results.print(table)
     else:
-        if title is not None:
-            results.print(title, markup=False, highlight=False)
+        results.print(title, markup=False, highlight=False)
         for row in rows:
             cells = ", ".join(f"{head} {cell}" for head, cell in zip(heads[1:], row[1:], strict=True))
             results.print(f"{row[0]}: {cells}", markup=False, highlight=False)

@@ -6,7 +6,6 @@ from __future__ import annotations
 from pathlib import Path
 
 import typer
-from rich.table import Table
 
 from leakaudit.cli.core import batch_size_option, build_options, model_path, print_table, say, say_result
 from leakaudit.options import MAX_SEED
@@ -181,15 +180,11 @@ def audit_data_cmd(
     if out is not None:
         write_jsonl(out / "audit_records.jsonl", [r.row(show_pii) for r in records])
         write_json(out / "audit_data.json", summary)
-    table = Table(title=f"leakage of {source.name} in {generated.name} ({len(records)} generated records)")
-    heads = ("what", "in source", "reproduced", "fraction", "records with any")
-    for col in heads:
-        table.add_column(col, justify="left" if col == "what" else "right")
     rows = [(kind, str(s["in_source"]), str(s["reproduced"]), f"{s['fraction']:.3f}", str(s["records_with_any"]))
             for kind, s in summary["pii"].items()]
-    for row in rows:
-        table.add_row(*row)
-    print_table(table, heads, rows)  # title masked (a file name may be a person's address); never cut at 80 columns
+    # title masked there (a file name may be a person's address); never cut at 80 columns
+    print_table(f"leakage of {source.name} in {generated.name} ({len(records)} generated records)",
+                ("what", "in source", "reproduced", "fraction", "records with any"), rows, justify="right")
     # its own line: the PII columns count distinct values, n-grams are counted in the generated data
     v = summary["verbatim"]
     say_result(f"verbatim {ngram}-grams: {v['ngrams_reproduced']} of the generated data's {v['ngrams_total']} "

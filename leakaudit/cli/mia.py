@@ -7,7 +7,6 @@ from pathlib import Path
 from typing import Any
 
 import typer
-from rich.table import Table
 
 from leakaudit.cli.core import batch_size_option, build_options, model_path, print_table, say
 from leakaudit.errors import InputError
@@ -21,10 +20,6 @@ MIA_FLAGS = {("attack_options",): "--attacks", ("attack_options", "min_k", "k"):
 USER_FLAGS = {("m_values",): "--samples-per-user", ("cache",): "--no-cache"}
 
 
-def _say(message: str) -> None:
-    say(message)
-
-
 def _context(out: Path, ins: list, outs: list, src_in: Path, src_out: Path, models: dict[str, str | None],
              fields: dict[str, Any], seed: int, device: str, dtype: str, allow_pickle: bool) -> Any:
     """The kind's context: the records read here (labelled files are split by the CLI), their files for
@@ -35,21 +30,17 @@ def _context(out: Path, ins: list, outs: list, src_in: Path, src_out: Path, mode
                        data_fields={"members": fields, "nonmembers": fields},
                        loaded={"members": ins, "nonmembers": outs},
                        models={role: spec for role, spec in models.items() if spec is not None},
-                       cache=ModelCache(device=device, dtype=dtype, allow_pickle=allow_pickle), log=_say)
+                       cache=ModelCache(device=device, dtype=dtype, allow_pickle=allow_pickle), log=say)
 
 
 def _summary(title: str, metrics: dict[str, dict], unit: str = "non-members", counts: str | None = None) -> None:
     """The ROC numbers of each attack (or each m) as they appear in mia.json / user_inference.json; a TPR at
     a low FPR the negatives cannot resolve says how many it needs. `counts` heads a column of each m's users
     in/out of training (user inference: each m keeps only the users with m samples)."""
-    from leakaudit.data.pii_mask import mask_message
     from leakaudit.metrics import tpr_text
 
-    table = Table(title=mask_message(title))  # the model spec may name a person
     heads = ("", *([counts] if counts else []), "AUC", "95% CI", "TPR@1%FPR [95% CI]", "TPR@0.1%FPR [95% CI]",
              "advantage")
-    for col in heads:
-        table.add_column(col)
     rows = []
 
     def f(x: Any) -> str:
@@ -62,8 +53,7 @@ def _summary(title: str, metrics: dict[str, dict], unit: str = "non-members", co
                      f(m["auc"]), f"[{f(ci[0])}, {f(ci[1])}]",
                      *(tpr_text(tpr.get(k), needs.get(k), unit, ci=tpr_ci.get(k)) for k in ("0.01", "0.001")),
                      f(m.get("advantage"))))
-        table.add_row(*rows[-1])
-    print_table(table, heads, rows)
+    print_table(title, heads, rows)  # the title masked there: the model spec may name a person
 
 
 def mia(
@@ -134,7 +124,7 @@ def mia(
         return
     n_out = next(iter(res["attacks"].values()))["n_nonmembers"]
     _summary(f"MIA on {target} ({len(ins)} members, {n_out} non-members)", res["attacks"])
-    _say(f"wrote {out / 'mia.json'}, scores.jsonl, roc.png")
+    say(f"wrote {out / 'mia.json'}, scores.jsonl, roc.png")
 
 
 def _one_source(members: Path | None, nonmembers: Path | None, data: Path | None) -> None:
@@ -193,7 +183,7 @@ def user_inference(
         return
     _summary(f"user inference on {target} (samples per user m)", {f"m={m}": r for m, r in res["per_m"].items()},
              "non-member users", counts="users in/out")
-    _say(f"wrote {out / 'user_inference.json'}, user_scores.jsonl, roc_users.png")
+    say(f"wrote {out / 'user_inference.json'}, user_scores.jsonl, roc_users.png")
 
 
 def register(app: typer.Typer) -> None:
