@@ -216,8 +216,9 @@ def _settle(i: int, n: int, plan: Plan, stage: Stage, sdir: Path, out: Path, res
             log(f"[{i}/{n}] {stage.id}: reused from {reuse}")
             return "reused"
     keyfile = sdir / ".key"
-    if sdir.exists() and (not keyfile.exists() or keyfile.read_text().strip() != stage.key):
-        if stage.older_key != stage.key and keyfile.is_file() and keyfile.read_text().strip() == stage.older_key:
+    had = keyfile.read_text().strip() if sdir.exists() and keyfile.exists() else None  # the key it ran under
+    if sdir.exists() and had != stage.key:
+        if stage.older_key != stage.key and had == stage.older_key:
             log(f"[{i}/{n}] {stage.id}: {'finished' if is_done(sdir, stage.older_key) else 'started'} by an earlier "
                 f"leakaudit, which may predate {stage.changed}; running it again")
         remove_stale(out, sdir)  # outputs of an older version of this stage: start clean
