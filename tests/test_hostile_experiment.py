@@ -441,6 +441,24 @@ def test_a_local_model_without_weights_is_refused_at_plan_time_naming_its_key(tm
     assert "--target" not in err and "weights" in err
 
 
+def test_an_adapter_without_weights_is_refused_at_plan_time(tmp_path, monkeypatch, capsys):
+    """Only its config's base was read: an adapter dir without weights (or with a pickle) failed at its first
+    stage, after the stages before it."""
+    from peft import LoraConfig, get_peft_model
+
+    from leakaudit import models
+
+    model, _ = models.build_tiny_model("tiny-gpt-neox")
+    d = tmp_path / "adapter"
+    get_peft_model(model, LoraConfig(r=2, target_modules=["query_key_value"])).save_pretrained(d)
+    cfg = json.loads((d / "adapter_config.json").read_text())
+    (d / "adapter_config.json").write_text(json.dumps({**cfg, "base_model_name_or_path": "tiny-gpt-neox"}))
+    (d / "adapter_model.safetensors").unlink()
+    err = _refused(tmp_path, _experiment(model=str(d)), monkeypatch, capsys)
+    assert err.startswith(f"error: {tmp_path / 'study' / 'exp.yaml'}:3: field 'models.base': "), err
+    assert "no adapter weights" in err and not (tmp_path / "study" / "out" / "data").exists()
+
+
 def test_an_unknown_hub_model_is_refused_at_plan_time_offline(tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     err = _refused(tmp_path, _experiment(model="bogus-model-xyz"), monkeypatch, capsys)

@@ -114,7 +114,7 @@ def resolve_models(plan: Plan) -> None:
     typo or a model that is not available fails in the first second, not after the data stage. Each spec is
     resolved once (tiny and default models are converted on first use, then found in the cache)."""
     from leakaudit.models import resolve_spec
-    from leakaudit.models.spec import check_model_dir
+    from leakaudit.models.spec import adapter_base, check_model_dir
 
     done: set[str] = set()
     for name, spec in plan.exp.models.items():
@@ -128,11 +128,8 @@ def resolve_models(plan: Plan) -> None:
                 kind, where = resolve_spec(one)
                 if kind == "dir":  # its config, tokenizer and weight files (headers only): not at its first stage
                     check_model_dir(Path(where), allow_pickle=False)
-                if kind == "adapter":
-                    base = json.loads((Path(where) / "adapter_config.json").read_text()).get("base_model_name_or_path")
-                    if not base:
-                        raise InputError("adapter_config.json has no base_model_name_or_path")
-                    todo.append(base)
+                if kind == "adapter":  # its config and weights file, as loading checks them, then its base
+                    todo.append(adapter_base(Path(where), allow_pickle=False))
             except InputError as exc:
                 what = f"model '{one}'" if one == spec else f"base model '{one}' of '{spec}'"
                 raise plan.exp.error(("models", name), f"{what}: {exc.message}{_beside_file_hint(plan, one)}") from None
