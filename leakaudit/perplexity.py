@@ -21,7 +21,7 @@ from leakaudit.models import LoadedModel
 
 
 @dataclass
-class PerplexityResult:
+class ModelPerplexity:
     """Perplexity of one model on a set of texts."""
 
     model: str
@@ -34,7 +34,7 @@ class PerplexityResult:
 
 def perplexity(lm: LoadedModel, texts: Sequence[str], *, batch_size: int | str = "auto",
                max_length: int | None = None, stride: int | None = None, progress: bool = True,
-               cache: bool = True) -> PerplexityResult:
+               cache: bool = True) -> ModelPerplexity:
     """Corpus and mean per-text perplexity from one batched scoring pass (served from the score cache unless
     `cache=False`); data-parallel under a launcher (each process scores a shard, every process gets all)."""
     texts = list(texts)
@@ -52,7 +52,7 @@ def perplexity(lm: LoadedModel, texts: Sequence[str], *, batch_size: int | str =
     total_nll = -sum(s.sum_logp for s in scores)
     n_tokens = sum(s.n_tokens for s in scores)
     per_text = [math.exp(-s.mean_logp) for s in scores]
-    return PerplexityResult(model=lm.spec, ppl=math.exp(total_nll / n_tokens),
+    return ModelPerplexity(model=lm.spec, ppl=math.exp(total_nll / n_tokens),
                             mean_text_ppl=float(np.mean(per_text)), nll_per_token=total_nll / n_tokens,
                             n_texts=len(scores), n_tokens=n_tokens)
 
@@ -75,7 +75,7 @@ def model_dirs(run_dir: str | Path) -> list[Path]:
 def perplexity_per_checkpoint(run_dir: str | Path, texts: Sequence[str], *, device: str | None = None,
                               dtype: str | None = None, batch_size: int | str = "auto",
                               max_length: int | None = None, stride: int | None = None,
-                              progress: bool = True) -> list[PerplexityResult]:
+                              progress: bool = True) -> list[ModelPerplexity]:
     """Perplexity of every checkpoint and the final model of a run (one model in memory at a time)."""
     from leakaudit.models import load_model
 
