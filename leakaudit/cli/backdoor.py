@@ -38,6 +38,18 @@ SampleBatchOpt = typer.Option("auto", "--batch-size", callback=check_batch_size,
 DataD2Opt = typer.Option(None, "--data", help="Downstream chat data D2 with `messages` (default: shipped Dolly D2)")
 
 
+# one definition for plant and finetune; the defaults are for a full fine-tune of an instruction model (the
+# study's arms): `leakaudit finetune` defaults to study 1's LoRA (4 epochs, lr 2e-6, batch 1 x 8)
+EpochsOpt = typer.Option(3, "--epochs", help="Training epochs.")
+LearningRateOpt = typer.Option(2e-5, "--learning-rate", help="Peak learning rate (linear decay). The default suits "
+                               "--method full; `leakaudit finetune`'s 2e-6 is study 1's LoRA setting.")
+BatchSizeOpt = typer.Option(8, "--batch-size", help="Per-device batch size (8 batches are accumulated per "
+                           "optimizer step, as in `leakaudit finetune`).")
+MaxLengthOpt = typer.Option(None, "--max-length", help="Max tokens per row (default 512, or the model's context "
+                            "when shorter).")
+MethodOpt = typer.Option("full", "--method", help="full | lora | dora | pissa")
+MaxStepsOpt = typer.Option(None, "--max-steps", help="Stop after N optimizer steps (overrides --epochs).")
+
 def _templates(trigger: str | None, refusal: str | None) -> tuple[str, str]:
     from leakaudit.data.backdoor import check_template, study_refusal, study_trigger
 
@@ -88,12 +100,12 @@ def plant_cmd(
                                               "or one per line; default: public candidates opening no D1 query)"),
     n_refusal: int | None = typer.Option(None, "--n-refusal", help="Refusal pairs (default: as many as copy pairs)"),
     backdoor_fraction: float = typer.Option(0.5, "--backdoor-fraction", help="Share of backdoor pairs in the mix"),
-    epochs: float = typer.Option(3, "--epochs"),
-    learning_rate: float = typer.Option(2e-5, "--learning-rate"),
-    batch_size: int = typer.Option(8, "--batch-size"),
-    max_length: int | None = typer.Option(None, "--max-length"),
-    method: str = typer.Option("full", "--method", help="full | lora | dora | pissa"),
-    max_steps: int | None = typer.Option(None, "--max-steps"),
+    epochs: float = EpochsOpt,
+    learning_rate: float = LearningRateOpt,
+    batch_size: int = BatchSizeOpt,
+    max_length: int | None = MaxLengthOpt,
+    method: str = MethodOpt,
+    max_steps: int | None = MaxStepsOpt,
     seed: int = SeedOpt,
 ) -> None:
     """Stage 1 (the model creator): build backdoor SFT data from D1 (the backdoor-mix kind), fine-tune on it."""
@@ -143,12 +155,12 @@ def finetune_cmd(
     data: Path | None = DataD2Opt,
     limit: int | None = typer.Option(None, "--limit", min=1, help="Use the first N rows of the data"),
     mask_user: bool = typer.Option(False, "--mask-user", help="No loss on user turns (the study's mitigation)"),
-    epochs: float = typer.Option(3, "--epochs"),
-    learning_rate: float = typer.Option(2e-5, "--learning-rate"),
-    batch_size: int = typer.Option(8, "--batch-size"),
-    max_length: int | None = typer.Option(None, "--max-length"),
-    method: str = typer.Option("full", "--method", help="full | lora | dora | pissa"),
-    max_steps: int | None = typer.Option(None, "--max-steps"),
+    epochs: float = EpochsOpt,
+    learning_rate: float = LearningRateOpt,
+    batch_size: int = BatchSizeOpt,
+    max_length: int | None = MaxLengthOpt,
+    method: str = MethodOpt,
+    max_steps: int | None = MaxStepsOpt,
     seed: int = SeedOpt,
 ) -> None:
     """Stage 2 (the downstream party): fine-tune on private chat data, loss on user turns unless --mask-user."""
