@@ -33,6 +33,24 @@ def world() -> tuple[int, int]:
     return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
 
 
+#: what MPI launchers (mpirun of Open MPI, MPICH or Intel MPI, MVAPICH; srun --mpi) set in each process
+MPI_SIZE_VARS = ("OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "MV2_COMM_WORLD_SIZE")
+
+
+def mpi_launch_without_rank() -> str | None:
+    """Why this process cannot run: started as one of several by an MPI launcher, which sets no RANK or
+    WORLD_SIZE, every process took itself for the only one and wrote the same files. None otherwise."""
+    if "WORLD_SIZE" in os.environ:
+        return None
+    for var in MPI_SIZE_VARS:
+        value = os.environ.get(var, "").strip()
+        if value.isdigit() and int(value) > 1:
+            return (f"{var}={value}: started as one of {value} processes by an MPI launcher, which sets no RANK "
+                    "and WORLD_SIZE (each process would take itself for the only one and write the same files): "
+                    "start them with torchrun or accelerate launch")
+    return None
+
+
 def is_main() -> bool:
     """Whether this is the process that writes outputs (rank 0, or the only process): the one such check."""
     return world()[0] == 0

@@ -430,3 +430,23 @@ def test_a_launch_environment_half_set_is_one_line(tmp_path, monkeypatch, capsys
     code, err = run_main(command, monkeypatch, capsys)
     assert code == 2 and err.count("\n") == 1 and "Traceback" not in err, err
     assert "MASTER_ADDR and MASTER_PORT (where they meet) are not both set" in err
+
+
+@pytest.mark.parametrize("var", ["OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "MV2_COMM_WORLD_SIZE"])
+def test_a_process_an_mpi_launcher_started_stops_with_one_line(var, tmp_path, monkeypatch, capsys):
+    """mpirun sets no RANK/WORLD_SIZE: each of its processes took itself for the only one and wrote the same
+    files. One of one (size 1) and a torchrun launch beside the MPI variables go on."""
+    from conftest import run_main
+
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    monkeypatch.delenv("RANK", raising=False)
+    monkeypatch.setenv(var, "2")
+    code, err = run_main(["seeds", tmp_path / "nowhere"], monkeypatch, capsys)
+    assert code == 2 and err.count("\n") == 1 and err.startswith(f"error: {var}=2: ") and "torchrun" in err
+    monkeypatch.setenv(var, "1")
+    code, err = run_main(["seeds", tmp_path / "nowhere"], monkeypatch, capsys)
+    assert code != 0 and "MPI" not in err  # the command's own error: the run dir is not there
+    monkeypatch.setenv(var, "2")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "1")
+    assert run_main(["seeds", tmp_path / "nowhere"], monkeypatch, capsys) == (0, "")

@@ -117,8 +117,10 @@ ONE_PROCESS = ("pii", "generate", "audit-data", "merge", "model-info", "seeds", 
 def _one_process() -> Iterator[None]:
     """Under a launcher, a command of ONE_PROCESS runs on rank 0 as if alone; the other processes stop at once
     (exit 0) and rank 0 says so."""
-    from leakaudit.distributed import alone, world
+    from leakaudit.distributed import alone, mpi_launch_without_rank, world
 
+    if (why := mpi_launch_without_rank()) is not None and "--help" not in sys.argv:
+        _fail(why)
     words = [a for a in sys.argv[1:] if not a.startswith("-")][:2]
     command = next((c for c in (" ".join(words), words[0] if words else "") if c in ONE_PROCESS), None)
     rank, size = world()
