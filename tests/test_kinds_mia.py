@@ -162,3 +162,25 @@ def test_a_ref_comparison_against_the_reference_itself_says_so(tmp_path):
     # a baseline that is not the reference gets no note
     base.record["result"]["target"] = "other"
     assert "note" not in {c["metric"]: c for c in MiaResult.comparisons([base, m0])}["ref AUC"]
+
+
+def test_k_reaches_every_attack_that_takes_one(study, monkeypatch, capsys):
+    """`--k` went to min_k and min_k_pp by name: an attack added with a `k` of its own ran at its default,
+    whatever --k said, and a bad --k for it was blamed on --attacks."""
+    import numpy as np
+
+    from leakaudit.attacks.base import ATTACKS, Attack
+    from leakaudit.attacks.mia import MinKConfig
+    from leakaudit.cli.mia import takes_k
+
+    class LowestK(Attack):
+        name, paper, Config = "lowest_k", "test", MinKConfig
+
+        def score(self, ctx):
+            return np.zeros(len(ctx.texts))
+
+    monkeypatch.setitem(ATTACKS, "lowest_k", LowestK)
+    assert takes_k(["loss", "min_k", "lowest_k", "min_k_pp", "ref"]) == ["min_k", "lowest_k", "min_k_pp"]
+    code, err = run_main(["mia", "--target", "tiny-gpt-neox", "--data", study / "data.jsonl", "--out",
+                          study / "cli", "--attacks", "lowest_k", "--k", "0"], monkeypatch, capsys)
+    assert code == 2 and "field '--k': attack 'lowest_k'" in err, err

@@ -12,12 +12,23 @@ from leakaudit.cli.core import batch_size_option, build_options, model_path, pri
 from leakaudit.errors import InputError
 from leakaudit.options import MAX_SEED
 
-#: option paths whose flag is not `--option-name`
-MIA_FLAGS = {("attack_options",): "--attacks", ("attack_options", "min_k", "k"): "--k",
-             ("attack_options", "min_k_pp", "k"): "--k", ("attack_options", "recall", "shots"): "--recall-shots",
+#: option paths whose flag is not `--option-name` (`--k` is added for each attack that takes `k`: _k_flags)
+MIA_FLAGS = {("attack_options",): "--attacks", ("attack_options", "recall", "shots"): "--recall-shots",
              ("attack_options", "recall", "prefix"): "--recall-prefix", ("cache",): "--no-cache",
              ("attack_options", "dc_pdd", "corpus"): "--dc-pdd-corpus"}
 USER_FLAGS = {("m_values",): "--samples-per-user", ("cache",): "--no-cache"}
+
+
+def takes_k(names: list[str]) -> list[str]:
+    """The attacks among `names` whose options have a `k` (min_k, min_k_pp, and any attack added with one):
+    `--k` is theirs, so a new attack with a `k` gets the flag without a list here to extend."""
+    from leakaudit.attacks import ATTACKS
+
+    return [n for n in names if n in ATTACKS and "k" in ATTACKS[n].Config.model_fields]
+
+
+def _k_flags(names: list[str]) -> dict[tuple, str]:
+    return {**MIA_FLAGS, **{("attack_options", n, "k"): "--k" for n in takes_k(names)}}
 
 
 def _context(out: Path, ins: list, outs: list, src_in: Path, src_out: Path, models: dict[str, str | None],
@@ -69,7 +80,8 @@ def mia(
     out: Path = typer.Option(..., "--out", help="Output dir: mia.json, scores.jsonl, roc.png"),
     text_field: str = typer.Option("text", "--text-field"),
     id_field: str | None = typer.Option(None, "--id-field", help="Default: <file stem>:<line>"),
-    k: float = typer.Option(0.2, "--k", help="Fraction of lowest tokens for min_k and min_k_pp (0 < k <= 1)"),
+    k: float = typer.Option(0.2, "--k", help="Fraction of lowest tokens, for every attack that takes one "
+                            "(min_k, min_k_pp; 0 < k <= 1)"),
     recall_prefix: Path | None = typer.Option(None, "--recall-prefix", help="Non-member texts for the ReCaLL prefix"
                                                                              " (default: first --recall-shots"
                                                                              " non-members, then not evaluated)"),
@@ -97,7 +109,7 @@ def mia(
 
     kind = get_kind("mia")
     names = attack_names(attacks, reference is not None)
-    attack_options: dict[str, dict] = {name: {"k": k} for name in ("min_k", "min_k_pp") if name in names}
+    attack_options: dict[str, dict] = {name: {"k": k} for name in takes_k(names)}
     if "recall" in names:  # only the options of attacks that run are checked
         attack_options["recall"] = {"shots": recall_shots}
     if "dc_pdd" in names:
@@ -105,7 +117,7 @@ def mia(
     values = {"attacks": attacks or None, "attack_options": attack_options, "n_bootstrap": n_bootstrap, "seed": seed,
               "batch_size": batch_size, "max_length": max_length, "stride": stride, "cache": not no_cache}
     roles = {"members", "nonmembers", *(["reference"] if reference else [])}
-    options = build_options(kind, flags=MIA_FLAGS, roles=roles, **values)
+    options = build_options(kind, flags=_k_flags(names), roles=roles, **values)
     _one_source(members, nonmembers, data)
     prepare_output(out, command="mia", files=("mia.json", "scores.jsonl"),
                    inputs={"--members": members, "--nonmembers": nonmembers, "--data": data,
@@ -114,7 +126,7 @@ def mia(
                            "--reference": model_path(reference)})
     if "recall" in names and recall_prefix is not None:
         attack_options["recall"]["prefix"] = tuple(r.text for r in load_records(recall_prefix, text_field=text_field))
-        options = build_options(kind, flags=MIA_FLAGS, roles=roles, **values)
+        options = build_options(kind, flags=_k_flags(names), roles=roles, **values)
     fields = {"text_field": text_field, "id_field": id_field}
     ins, outs, src_in, src_out = member_sets(members, nonmembers, data, label_field, **fields)
     ctx = _context(out, ins, outs, src_in, src_out, {"target": target, "reference": reference}, fields, seed,
