@@ -67,7 +67,10 @@ class ScoringContext:
 
 
 class Attack:
-    """Base class: subclasses set `name`, `paper`, `summary`, optionally `Config`, and implement `score`."""
+    """Base class: subclasses set `name`, `paper`, `summary`, optionally `Config`, `needs_reference` and
+    `needs_moments`, implement `score` (one float per text of `ctx.texts`, higher => member, read from the
+    context's shared passes) and register with `@register`. docs/architecture.md, "Adding a membership-inference
+    score", lists the docs and tests a new attack takes."""
 
     name: ClassVar[str]
     paper: ClassVar[str]
