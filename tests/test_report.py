@@ -636,3 +636,20 @@ def test_the_page_pass_keeps_only_labels_it_would_have_masked():
     page = _mask_page("<p>ft[seed=2024061501] and ft, mail ft@enron.com, call 7138531234</p>", shipped_name_finder(),
                       labels)
     assert page == "<p>ft[seed=2024061501] and ft, mail f***@enron.com, call ********34</p>"
+
+
+def test_a_stage_of_a_kind_this_release_lacks_is_left_out_with_a_warning(tmp_path, monkeypatch, capsys):
+    """A run dir with an evaluation of a kind this leakaudit does not register (made by a newer release, or on
+    a branch that added a kind) made `leakaudit report` die with get_kind's ValueError and a traceback; the
+    engine's own check of older results skips such a stage, and the report now does too, saying so."""
+    from conftest import run_main
+
+    stage = _mia_stage(tmp_path, "mia", "m0", [1.0, 2.0, 3.0], [0.5, 1.5, 2.5], 0)
+    other = {"id": "evaluate/ct/m0", "kind": "count-tokens", "folder": "evaluate/ct/m0", "key": "k", "status": "ran",
+             "seconds": 1, "params": {"target_label": "m0", "evaluation": "ct"}, "result": {"n_tokens": 42}}
+    (tmp_path / "run.json").write_text(json.dumps({"experiment": {"name": "k"}, "stages": [stage, other]}))
+    code, err = run_main(["report", str(tmp_path)], monkeypatch, capsys)
+    assert code == 0 and "Traceback" not in err, err
+    assert "evaluate/ct/m0: its kind 'count-tokens' is not one this leakaudit has" in err, err
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert {h["kind"] for h in summary["headline"]} == {"mia"} and summary["stages"]["evaluate/ct/m0"]
