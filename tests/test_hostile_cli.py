@@ -372,10 +372,9 @@ def test_zero_and_contradictory_values(cli, tmp_path, texts, command, extra, opt
     assert f"'{option}'" in line
 
 
-def test_recall_shots_zero_is_fine_without_recall(cli, tmp_path, texts):
-    out = tmp_path / "out"
-    with pytest.raises(ModelLoaded):  # got past every check, up to loading the target
-        cli("mia", "--target", "tiny-gpt-neox", "--data", texts, "--recall-shots", "0", "--out", out, allowed=out)
+def test_recall_shots_without_recall_is_refused_as_unused_not_as_a_bad_value(cli, tmp_path, texts):
+    line = cli("mia", "--target", "tiny-gpt-neox", "--data", texts, "--recall-shots", "0", "--out", tmp_path / "out")
+    assert line.startswith("error: field '--recall-shots': no attack that runs takes it (it is for recall; "), line
 
 
 def test_help_and_usage_errors_stay_click_like(tmp_path, monkeypatch, capsys):

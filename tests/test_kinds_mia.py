@@ -184,3 +184,39 @@ def test_k_reaches_every_attack_that_takes_one(study, monkeypatch, capsys):
     code, err = run_main(["mia", "--target", "tiny-gpt-neox", "--data", study / "data.jsonl", "--out",
                           study / "cli", "--attacks", "lowest_k", "--k", "0"], monkeypatch, capsys)
     assert code == 2 and "field '--k': attack 'lowest_k'" in err, err
+
+
+def test_a_reference_no_attack_uses_is_refused_by_both_front_ends(study, monkeypatch, capsys):
+    """A reference given beside attacks without `ref` was loaded and recorded in mia.json for nothing: the result
+    read as calibrated by a model no attack used."""
+    code, cli_err = run_main(["mia", "--target", "tiny-gpt-neox", "--reference", "tiny-opt", "--attacks", "loss,zlib",
+                              "--data", study / "data.jsonl", "--out", study / "cli"], monkeypatch, capsys)
+    assert code == 2 and "field '--attacks'" in cli_err, cli_err
+    (study / "exp.yaml").write_text(_experiment("{attacks: [loss, zlib]}").replace(
+        "    members: d.a", "    reference: ref\n    members: d.a"))
+    code, exp_err = run_main(["run", study / "exp.yaml", "--out", study / "run", "--no-report"], monkeypatch, capsys)
+    assert code == 2 and "field 'evaluate.m.options.attacks'" in exp_err, exp_err
+    assert _message(cli_err) == _message(exp_err) == ("a reference model is given but no attack uses it (loss, zlib): "
+                                                      "add ref, or give no reference")
+    assert not (study / "cli").exists() and not (study / "run" / "data").exists()
+
+
+@pytest.mark.parametrize("flag, value, attacks, used_by", [
+    ("--k", "0.1", "loss,zlib", "min_k, min_k_pp"),
+    ("--recall-shots", "2", "loss", "recall"),
+    ("--recall-prefix", "data.jsonl", "min_k", "recall"),
+    ("--dc-pdd-corpus", "dolly", None, "dc_pdd"),
+])
+def test_a_flag_of_an_attack_that_does_not_run_is_refused(study, monkeypatch, capsys, flag, value, attacks, used_by):
+    """`--attacks loss --k 0.1` ran and ignored --k in silence (an experiment's attack_options for an attack not
+    run is refused); given with an attack that takes it, the flag is used."""
+    value = str(study / value) if value.endswith(".jsonl") else value
+    (study / "labelled.jsonl").write_text("".join(json.dumps({**r, "label": i % 2}) + "\n" for i, r in enumerate(ROWS)))
+    common = ["mia", "--target", "tiny-gpt-neox", "--data", study / "labelled.jsonl", "--n-bootstrap", "0"]
+    chosen = ["--attacks", attacks] if attacks else []
+    code, err = run_main([*common, "--out", study / "cli", *chosen, flag, value], monkeypatch, capsys)
+    assert code == 2 and _message(err).startswith(f"no attack that runs takes it (it is for {used_by}; "), err
+    assert f"field '{flag}'" in err and not (study / "cli").exists()
+    code, err = run_main([*common, "--out", study / "used", "--attacks", used_by.split(", ")[0], flag, value],
+                         monkeypatch, capsys)
+    assert code == 0, err

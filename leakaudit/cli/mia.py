@@ -31,6 +31,19 @@ def _k_flags(names: list[str]) -> dict[tuple, str]:
     return {**MIA_FLAGS, **{("attack_options", n, "k"): "--k" for n in takes_k(names)}}
 
 
+def _refuse_unused_flags(ctx: typer.Context, names: list[str]) -> None:
+    """A flag given for an attack that does not run was ignored in silence (`--attacks loss --k 0.1` ran
+    without complaint): refused as an experiment file's `attack_options` for an attack not run is."""
+    users = {"k": ("--k", takes_k(names), "min_k, min_k_pp"), "recall_shots": ("--recall-shots", "recall", "recall"),
+             "recall_prefix": ("--recall-prefix", "recall", "recall"),
+             "dc_pdd_corpus": ("--dc-pdd-corpus", "dc_pdd", "dc_pdd")}
+    for param, (flag, used, which) in users.items():
+        runs = bool(used) if isinstance(used, list) else used in names
+        if not runs and getattr(ctx.get_parameter_source(param), "name", None) == "COMMANDLINE":  # typer's click
+            raise InputError(f"no attack that runs takes it (it is for {which}; the attacks are "
+                             f"{', '.join(names)})", field=flag)
+
+
 def _context(out: Path, ins: list, outs: list, src_in: Path, src_out: Path, models: dict[str, str | None],
              fields: dict[str, Any], seed: int, device: str, dtype: str, allow_pickle: bool) -> Any:
     """The kind's context: the records read here (labelled files are split by the CLI), their files for
@@ -68,6 +81,7 @@ def _summary(title: str, metrics: dict[str, dict], unit: str = "non-members", co
 
 
 def mia(
+    ctx: typer.Context,
     target: str = typer.Option(..., "--target", "--model", help="Model under attack (any model spec)"),
     reference: str | None = typer.Option(None, "--reference", help="Reference model for `ref` (any model spec)"),
     members: Path | None = typer.Option(None, "--members", help="Texts used in training"),
@@ -109,6 +123,7 @@ def mia(
 
     kind = get_kind("mia")
     names = attack_names(attacks, reference is not None)
+    _refuse_unused_flags(ctx, names)
     attack_options: dict[str, dict] = {name: {"k": k} for name in takes_k(names)}
     if "recall" in names:  # only the options of attacks that run are checked
         attack_options["recall"] = {"shots": recall_shots}

@@ -191,6 +191,7 @@ class Mia(Kind):
         from leakaudit.attacks import get_attack
 
         names = attack_names(options.attacks, "reference" in roles)
+        uses_reference = False
         for i, name in enumerate(names):
             loc = ("attacks", i) if options.attacks else ("attacks",)
             try:
@@ -199,8 +200,13 @@ class Mia(Kind):
                 raise OptionError(("attack_options", name, *(exc.field or "").split(".")), exc.message) from None
             if attack.needs_reference and "reference" not in roles:
                 raise OptionError(loc, f"attack '{name}' needs a reference model; give a reference")
+            uses_reference |= attack.needs_reference
         if len(set(names)) != len(names):
             raise OptionError(("attacks",), f"an attack is listed twice: {', '.join(names)}")
+        if "reference" in roles and not uses_reference:
+            # it was loaded and recorded in mia.json for no attack: the result read as if calibrated by it
+            raise OptionError(("attacks",), f"a reference model is given but no attack uses it ({', '.join(names)}):"
+                                            " add ref, or give no reference")
         for name in options.attack_options:
             if name not in names:
                 raise OptionError(("attack_options", name), f"attack '{name}' is not run")
