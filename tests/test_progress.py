@@ -40,3 +40,47 @@ def test_a_lines_fields_are_named(monkeypatch, capsys):
     _pass([(0, 1), (0.15, 1)], unit="steps", loss="6.9219")
     assert capsys.readouterr().err.rstrip().endswith("left, loss 6.9219")
 
+
+
+def test_a_dumb_terminal_gets_the_log_lines_not_a_live_bar(monkeypatch):
+    """TERM=dumb (an editor's shell, some CI runners) is a terminal that cannot redraw a line: it gets the plain
+    lines a log gets."""
+    monkeypatch.setenv("TTY_COMPATIBLE", "1")  # rich reads stderr as a terminal
+    monkeypatch.setenv("TERM", "xterm")
+    assert not progress_bar(TextColumn("{task.description}")).disable  # a real terminal: the live bar
+    monkeypatch.setenv("TERM", "dumb")
+    assert progress_bar(TextColumn("{task.description}")).disable
+
+
+def test_an_interval_that_is_no_number_is_the_default(monkeypatch):
+    """A progress setting is not worth stopping a run for, nor a line at every step of it."""
+    from leakaudit.progress import LOG_INTERVAL_S, log_interval
+
+    monkeypatch.setenv("LEAKAUDIT_PROGRESS_INTERVAL", "a minute")
+    assert log_interval() == LOG_INTERVAL_S
+    monkeypatch.setenv("LEAKAUDIT_PROGRESS_INTERVAL", "2.5")
+    assert log_interval() == 2.5
+
+
+def test_a_line_counts_hours_and_leaves_out_fields_not_set_yet():
+    """An hour-long pass reads 1:02:05, not 62:05; a loss not logged yet (`-`) is no field of the line."""
+    from types import SimpleNamespace
+
+    from leakaudit.progress import _line
+
+    task = SimpleNamespace(description="fine-tuning", completed=30, total=120, time_remaining=None, elapsed=3725,
+                           fields={"loss": "-"})
+    assert _line(task, "steps") == "fine-tuning: 30/120 steps (25%), 1:02:05 elapsed"
+    task.fields, task.time_remaining = {"loss": "2.5000"}, 59
+    assert _line(task, "steps") == "fine-tuning: 30/120 steps (25%), 1:02:05 elapsed, about 0:59 left, loss 2.5000"
+
+
+def test_a_line_is_pii_masked(monkeypatch, capsys):
+    """A pass's description names a model spec, which may name a person."""
+    monkeypatch.setenv("LEAKAUDIT_PROGRESS_INTERVAL", "0.000001")
+    with progress_bar(TextColumn("{task.description}"), unit="tok") as bar:
+        task = bar.add_task("scoring (models/jane.doe@enron.com)", total=10)
+        time.sleep(0.01)
+        bar.update(task, advance=1)
+    err = capsys.readouterr().err
+    assert err.startswith("scoring (models/j***@enron.com): 1/10 tok") and "jane.doe" not in err
