@@ -29,3 +29,23 @@ def test_the_mia_summary_keeps_every_number_in_a_narrow_terminal_and_in_a_log(mo
     rows = [line for line in text.splitlines() if "min_k_pp" in line]
     assert len(rows) == 1 and all(x in rows[0] for x in ("0.501", "[0.471, 0.534]", "0.008 [0.002, 0.052]",
                                                          "1000 non-members", "0.072")), text
+
+
+def test_a_result_table_keeps_its_first_column_left_and_a_narrow_terminal_names_each_cell(monkeypatch):
+    """audit-data's table right-aligns its counts, not the row names; too narrow a terminal gets a line per row
+    with each number after its column's name."""
+    import leakaudit.cli.core as cli_core
+
+    heads, rows = ("what", "in source", "reproduced"), [("email", "12", "3"), ("phone", "4", "0")]
+    out = io.StringIO()
+    monkeypatch.setattr(cli_core, "results", Console(file=out, width=80, soft_wrap=True, no_color=True))
+    cli_core.print_table("leakage", heads, rows, justify="right")
+    assert out.getvalue().splitlines()[0] == "leakage" and out.getvalue().count("leakage") == 1  # its own line
+    email = next(line for line in out.getvalue().splitlines() if "email" in line)
+    assert "│ email " in email and "│          3 │" in email, out.getvalue()
+    out = io.StringIO()
+    monkeypatch.setattr(cli_core, "results", Console(file=out, width=20, force_terminal=True, soft_wrap=True,
+                                                    no_color=True))
+    cli_core.print_table("leakage", heads, rows, justify="right")
+    assert out.getvalue().splitlines() == ["leakage", "email: in source 12, reproduced 3",
+                                           "phone: in source 4, reproduced 0"]

@@ -88,3 +88,17 @@ def test_perplexity_and_seeds_say_which_files_they_wrote(tmp_path, monkeypatch, 
     assert code == 0, stderr
     assert stdout.startswith("final\tppl=") and stdout.count("\n") == 1
     assert f"wrote {out / 'perplexity.json'}" in stderr
+
+
+def test_a_line_on_stderr_keeps_its_brackets(monkeypatch):
+    """A grid variant's folder (`ft[lr=0.1]`) read as rich markup lost its brackets and value."""
+    import io
+
+    from rich.console import Console
+
+    import leakaudit.cli.core as cli_core
+
+    out = io.StringIO()
+    monkeypatch.setattr(cli_core, "err", Console(file=out, soft_wrap=True))
+    cli_core.say("wrote out/finetune/ft[lr=0.1]/model")
+    assert out.getvalue() == "wrote out/finetune/ft[lr=0.1]/model\n"
