@@ -120,6 +120,11 @@ def test_batch_size_has_one_rule_for_the_apis_and_the_options(tiny_model):
         assert err.value.field == "--batch-size"
         with pytest.raises(InputError, match="must be 'auto' or a positive integer"):
             sample(tiny_model, ["a b"], SamplingConfig(max_new_tokens=2), batch_size=bad, progress=False)
+        with pytest.raises(InputError, match="must be 'auto' or a positive integer"):
+            score_ids(tiny_model, [[]], [[1, 2, 3]], batch_size=bad, cache=False)
+    from leakaudit.options import parse_batch_size
+
+    assert parse_batch_size("3") == 3 and isinstance(parse_batch_size("3"), int)  # digits read as one number
 
 
 def test_left_and_right_padding_agree(tiny_model):
@@ -294,6 +299,15 @@ def test_the_window_warning_is_said_once_per_window_not_per_pass(tiny_neox, caps
     score_texts(tiny_neox, long, max_length=96, stride=16, cache=False, progress=False)
     err = capsys.readouterr().err
     assert err.count("longer than the 64-token window") == 1 and err.count("longer than the 96-token window") == 1
+
+
+def test_the_window_warning_names_the_context_where_any_text_has_one(tiny_neox, capsys):
+    """Texts scored after a prefix are counted with it: a prefix on one of them makes the warning's texts
+    those with their context (it asked whether every text had one)."""
+    long = [" ".join(f"word{i}" for i in range(150)), " ".join(f"term{i}" for i in range(150))]
+    score_texts(tiny_neox, long, prefixes=[None, "Subject: notes"], max_length=64, stride=16, cache=False,
+                progress=False)
+    assert "2 of 2 texts with the context before them are longer than the 64-token" in capsys.readouterr().err
 
 
 def test_the_window_warning_counts_the_texts_served_from_the_cache(tiny_neox, tmp_path, capsys):
@@ -812,3 +826,21 @@ def test_the_progress_counts_the_tokens_the_pass_scores(tiny_neox, monkeypatch, 
     scored = sum(r.n_tokens for r in res)
     lines = [x for x in capsys.readouterr().err.splitlines() if x.startswith("scoring: ")]
     assert lines and all(f"/{scored} tok" in x for x in lines), (scored, lines[:2])
+
+
+def test_the_progress_advances_by_the_tokens_it_counts(tiny_neox, monkeypatch):
+    """Its total is the scored tokens, so each batch advances it by its scored tokens, not its windows' (which
+    ran it past its total)."""
+    import contextlib
+
+    seen = {"advanced": 0}
+
+    @contextlib.contextmanager
+    def progress(enabled, description, total):
+        seen["total"] = total
+        yield lambda n: seen.__setitem__("advanced", seen["advanced"] + n)
+
+    monkeypatch.setattr(scoring, "_progress", progress)
+    long = [" ".join(f"word{i}" for i in range(150)), " ".join(f"term{i}" for i in range(150))]
+    res = score_texts(tiny_neox, long, max_length=64, stride=16, batch_size=1, cache=False)
+    assert seen["advanced"] == seen["total"] == sum(r.n_tokens for r in res)
