@@ -1036,6 +1036,8 @@ def test_a_fine_tune_an_earlier_release_trained_on_the_row_by_row_split_runs_aga
     assert json.loads((out / "summary.json").read_text())["older_results"] == [
         "finetune/real: trained on the held-out split of an earlier release (rows held out one by one, so a "
         "repeated text was trained on and evaluated; every copy of a held-out text is held out with it now)"]
+    reused = run_experiment(parse_experiment(early), tmp_path / "other", log=_quiet, report=False, reuse=out)
+    assert reused["data/emails"] == "reused" and reused["finetune/real"] == "ran"  # not taken by a --reuse either
     lines: list[str] = []
     status = run_experiment(parse_experiment(early), out, log=lines.append, report=False)
     assert status == {"data/emails": "cached", "finetune/real": "ran", "evaluate/mia/real": "ran",
@@ -1047,6 +1049,97 @@ def test_a_fine_tune_an_earlier_release_trained_on_the_row_by_row_split_runs_aga
     assert "heldout" not in json.loads((plain / plan.stages["finetune/real"].folder / "model" /
                                         "finetune_config.json").read_text())
     assert set(run_experiment(parse_experiment(SMALL), plain, log=_quiet, report=False).values()) == {"cached"}
+
+
+def test_which_finished_stages_hold_older_results(tmp_path, monkeypatch):
+    """manifest.older_split and older_results on hand-made records: a fine-tune is older only where it held
+    data out (a held-out fraction, or early stopping, which held rows out without one before it set its own)
+    and records no held-out rule; a damaged record is left to the outputs' hashes; a stage not finished holds
+    no result to be older; a generate step is read by the kind it generates with."""
+    from leakaudit.experiment.manifest import older_results, older_split
+    from leakaudit.kinds.replace_pii import ReplacePii
+
+    def fine_tune(name: str, record: dict | str) -> Path:
+        (tmp_path / name / "model").mkdir(parents=True)
+        text = record if isinstance(record, str) else json.dumps(record)
+        (tmp_path / name / "model" / "finetune_config.json").write_text(text)
+        return tmp_path / name
+
+    assert older_split("finetune", fine_tune("early", {"early_stopping_patience": 2})) is not None
+    assert older_split("finetune", fine_tune("eval", {"eval_fraction": 0.2})) is not None
+    assert older_split("finetune", fine_tune("fixed", {"eval_fraction": 0.2, "heldout": "whole texts"})) is None
+    assert older_split("finetune", fine_tune("all", {"eval_fraction": 0.0})) is None  # held nothing out
+    assert older_split("finetune", fine_tune("damaged", '{"eval_fraction": 0.2')) is None
+    assert older_split("finetune", tmp_path / "nowhere") is None and older_split("mia", tmp_path / "eval") is None
+
+    monkeypatch.setattr(ReplacePii, "version", 2)
+    monkeypatch.setattr(ReplacePii, "changed", "names are replaced too")
+    records = [{"id": "finetune/early", "kind": "finetune", "folder": "early", "result": {}},
+               {"id": "finetune/eval", "kind": "finetune", "folder": "eval", "result": None},  # not finished
+               {"id": "generate/r", "kind": "generate", "folder": "r", "params": {"kind": "replace-pii"}, "result": {}},
+               {"id": "generate/r2", "kind": "generate", "folder": "r2", "params": {"kind": "replace-pii"},
+                "result": {}, "version": 2},
+               {"id": "evaluate/ppl/m", "kind": "perplexity", "folder": "q", "result": {}},
+               {"id": "evaluate/pii/m", "kind": "pii", "folder": "p", "result": None}]
+    notes = older_results(tmp_path, records)
+    assert [n.split(":")[0] for n in notes] == ["finetune/early", "generate/r"], notes
+    assert notes[1] == ("generate/r: computed by an earlier leakaudit, which may predate replace-pii version 2 "
+                        "(names are replaced too)")
+
+
+def test_a_stage_reading_a_changed_step_names_it_as_what_changed(monkeypatch):
+    """A stage whose input's kind changed runs again with it (its older key is made of its inputs' older
+    keys), and its rerun line names that input: it has no version of its own to name."""
+    from leakaudit.kinds.replace_pii import ReplacePii
+
+    text = STUDY.replace("    data: emails.nonmembers\n  pii:", "    data: replaced\n  pii:")
+    assert text != STUDY
+    monkeypatch.setattr(ReplacePii, "version", 2)
+    monkeypatch.setattr(ReplacePii, "changed", "names are replaced too")
+    stages = Plan(parse_experiment(text)).stages
+    assert stages["generate/replaced"].changed == "replace-pii version 2 (names are replaced too)"
+    ppl, mia = stages["evaluate/ppl/real"], stages["evaluate/mia/real"]
+    assert ppl.older_key != ppl.key and ppl.changed == "its input generate/replaced, which runs again"
+    assert mia.older_key == mia.key and mia.changed == ""
+
+
+def test_the_rerun_line_tells_a_started_stage_from_a_finished_one_and_no_other(tmp_path, monkeypatch):
+    """Under a kind's new version, a folder an earlier leakaudit started (a killed run: its key, no record) is
+    said to be started, not finished; a folder under any other key (an edited step) is not said to be an
+    earlier release's at all."""
+    from leakaudit.kinds.perplexity import Perplexity
+
+    text = ("name: p\nmodels: {base: tiny-gpt-neox}\ndatasets:\n  d: {builtin: enron-synthetic, limit: 4, max_chars: 80}\n"
+            "evaluate:\n  a: {kind: perplexity, targets: [base], data: d}\n"
+            "  b: {kind: perplexity, targets: [base], data: d}\n")
+    out = tmp_path / "out"
+    run_experiment(parse_experiment(text), out, log=_quiet, report=False)
+    plan = Plan(parse_experiment(text))
+    a, b = plan.stages["evaluate/a/base"], plan.stages["evaluate/b/base"]
+    (out / a.folder / "stage.json").unlink()  # started, not finished
+    (out / b.folder / ".key").write_text("0" * 24)  # another key altogether
+    monkeypatch.setattr(Perplexity, "version", 2)
+    monkeypatch.setattr(Perplexity, "changed", "the mean counts every token")
+    lines: list[str] = []
+    status = run_experiment(parse_experiment(text), out, log=lines.append, report=False)
+    assert status["evaluate/a/base"] == status["evaluate/b/base"] == "ran"
+    said = [x for x in lines if "earlier leakaudit" in x]
+    assert len(said) == 1 and said[0].endswith(
+        "evaluate/a/base: started by an earlier leakaudit, which may predate perplexity version 2 (the mean "
+        "counts every token); running it again"), lines
+
+
+def test_a_kinds_log_inside_a_run_says_its_warnings_only(capsys):
+    """A kind's counts (the lines the CLI prints) are not said inside a run; a warning once per evaluation,
+    whichever of its targets says it."""
+    from leakaudit.experiment.plan import Stage
+    from leakaudit.experiment.stages import _warnings_of
+
+    for target in ("base", "real"):
+        log = _warnings_of(Stage(id=f"evaluate/mia/{target}", kind="mia", params={}))
+        log("scored 6 members and 6 non-members")
+        log("warning: only 6 non-members")
+    assert capsys.readouterr().err == "warning: evaluate/mia: only 6 non-members\n"
 
 
 def test_a_vllm_backend_that_cannot_run_is_refused_before_any_stage(tmp_path, monkeypatch):
