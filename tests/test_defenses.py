@@ -255,6 +255,8 @@ def test_dp_sgd_shows_its_progress_without_library_noise(tmp_path, monkeypatch, 
         finetune(cfg, progress=True)
     assert not [str(w.message) for w in said if "Secure RNG" in str(w.message) or "backward hook" in str(w.message)]
     assert "fine-tuning (DP-SGD): " in capsys.readouterr().err
+    privacy = json.loads((tmp_path / "dp" / "privacy.json").read_text())
+    assert privacy["max_rows_per_user"] is None and privacy["rows_per_user_cap"] is None  # no users named
 
 
 def test_dp_sgd_lora_changes_adapter_lowers_loss_and_reports_epsilon(tmp_path, tiny_neox):
@@ -263,15 +265,15 @@ def test_dp_sgd_lora_changes_adapter_lowers_loss_and_reports_epsilon(tmp_path, t
     data.write_text("".join(json.dumps({"text": t, "user": "ab"[i % 5 == 0]}) + "\n" for i, t in enumerate(texts)))
     cfg = FinetuneConfig(model="tiny-gpt-neox", data=str(data), out=str(tmp_path / "dp"), method="lora",
                          epochs=3, batch_size=4, gradient_accumulation=2, learning_rate=3e-2, lora_dropout=0.0,
-                         dp_epsilon=8.0, user_field="user")
+                         dp_epsilon=8.0, user_field="user", max_samples_per_user=13)
     out = finetune(cfg, progress=False)
     privacy = json.loads((out / "privacy.json").read_text())
     assert 0 < privacy["epsilon"] <= 8.0 + 1e-6 and privacy["noise_multiplier"] > 0.5
     assert privacy["delta"] == pytest.approx(1e-5)
     # what the bound is for: one training row; the group a user is: the most rows one user trained on (user
-    # a: 12 of the 16; it said the cap, null here, as if no user had more than one row's protection to share)
+    # a: 12 of the 16; it said the cap, 13 here and null uncapped, as if the cap were what a user trained on)
     assert privacy["unit"].startswith("training row") and privacy["n_rows"] == 16
-    assert privacy["max_rows_per_user"] == 12 and privacy["rows_per_user_cap"] is None
+    assert privacy["max_rows_per_user"] == 12 and privacy["rows_per_user_cap"] == 13
     assert privacy["dp_max_grad_norm"] == 1.0
     assert json.loads((out / "finetune_done.json").read_text())["step"] == privacy["steps"] > 0
     weights = load_file(str(out / "adapter_model.safetensors"))
