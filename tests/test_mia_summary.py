@@ -36,16 +36,17 @@ def test_a_result_table_keeps_its_first_column_left_and_a_narrow_terminal_names_
     with each number after its column's name."""
     import leakaudit.cli.core as cli_core
 
-    heads, rows = ("what", "in source", "reproduced"), [("email", "12", "3"), ("phone", "4", "0")]
+    heads, rows = ("what", "in source", "reproduced"), [("email", "12", "3"), ("ip", "4", "0")]
     out = io.StringIO()
     monkeypatch.setattr(cli_core, "results", Console(file=out, width=80, soft_wrap=True, no_color=True))
     cli_core.print_table("leakage", heads, rows, justify="right")
     assert out.getvalue().splitlines()[0] == "leakage" and out.getvalue().count("leakage") == 1  # its own line
-    email = next(line for line in out.getvalue().splitlines() if "email" in line)
-    assert "│ email " in email and "│          3 │" in email, out.getvalue()
+    lines = out.getvalue().splitlines()
+    email, ip = (next(x for x in lines if x.startswith(f"│ {name} ")) for name in ("email", "ip"))
+    assert "│          3 │" in email and ip.startswith("│ ip    │"), out.getvalue()
     out = io.StringIO()
     monkeypatch.setattr(cli_core, "results", Console(file=out, width=20, force_terminal=True, soft_wrap=True,
                                                     no_color=True))
     cli_core.print_table("leakage", heads, rows, justify="right")
     assert out.getvalue().splitlines() == ["leakage", "email: in source 12, reproduced 3",
-                                           "phone: in source 4, reproduced 0"]
+                                           "ip: in source 4, reproduced 0"]
