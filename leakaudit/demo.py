@@ -2,16 +2,18 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 from leakaudit import resources
 from leakaudit.data.builtin import dolly  # noqa: F401  (re-exported for callers not yet moved to data.builtin)
 from leakaudit.errors import InputError
+from leakaudit.progress import say
 
 DEMO_EXPERIMENT = resources.ROOT / "experiments" / "demo.yaml"  # also linked from experiments/
 
 
-def run_demo(out: str | Path, log=print) -> dict[str, str]:
+def run_demo(out: str | Path, log: Callable[[str], None] = say) -> dict[str, str]:
     """Run experiments/demo.yaml into `out` (resumable), writing report.html and summary.json."""
     from leakaudit.config import load_experiment
     from leakaudit.experiment import run_experiment

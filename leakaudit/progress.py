@@ -65,7 +65,7 @@ def _log_lines(columns: tuple, console: Any, unit: str) -> Any:
                 return
             now = self.get_time()
             if now - self._said.get(task_id, task.start_time) >= interval and not task.finished:
-                _say(_line(task, unit))
+                say(_line(task, unit))
                 self._said[task_id] = self.get_time()  # after the line: its first one loads the PII masker
 
         def advance(self, task_id: Any, advance: float = 1) -> None:
@@ -94,8 +94,10 @@ def _clock(seconds: float) -> str:
     return f"{hours}:{rest // 60:02d}:{rest % 60:02d}" if hours else f"{rest // 60}:{rest % 60:02d}"
 
 
-def _say(line: str) -> None:
-    """One line on stderr, PII masked as every log line is (a description may name a model spec)."""
+def say(line: str) -> None:
+    """One line on stderr, PII masked as every log line is (a description may name a model spec). The default
+    `log` of the library's long calls (run_experiment, run_demo, run_pii, a kind's context): what they say is
+    progress, not a result, so it goes where the CLI's does and never onto a notebook's or a script's stdout."""
     from leakaudit.data.pii_mask import mask_message
 
     print(mask_message(line), file=sys.stderr, flush=True)

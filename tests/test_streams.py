@@ -102,3 +102,21 @@ def test_a_line_on_stderr_keeps_its_brackets(monkeypatch):
     monkeypatch.setattr(cli_core, "err", Console(file=out, soft_wrap=True))
     cli_core.say("wrote out/finetune/ft[lr=0.1]/model")
     assert out.getvalue() == "wrote out/finetune/ft[lr=0.1]/model\n"
+
+
+def test_the_library_says_its_progress_on_stderr_masked(capsys):
+    """Called from Python (a notebook, a script), run_experiment printed its stage lines and `report: OUT/...`
+    on stdout, the address in an --out named after a person whole: the library's default log was `print`.
+    Progress goes where the CLI's goes: stderr, PII masked."""
+    import inspect
+
+    from leakaudit.attacks.pii import run_pii
+    from leakaudit.demo import run_demo
+    from leakaudit.experiment.engine import run_experiment, run_plan
+    from leakaudit.kinds.base import KindContext
+
+    defaults = [inspect.signature(f).parameters["log"].default for f in (run_experiment, run_plan, run_demo, run_pii)]
+    for log in [*defaults, KindContext(out=Path(".")).log]:
+        log(f"report: out/{ADDRESS}/study/report.html")
+        out, err = capsys.readouterr()
+        assert out == "" and err == "report: out/j***@enron.com/study/report.html\n"

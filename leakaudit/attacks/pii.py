@@ -32,6 +32,7 @@ import numpy as np
 from leakaudit.data.enron import Target, Template
 from leakaudit.errors import InputError
 from leakaudit.metrics import bootstrap_ci
+from leakaudit.progress import say
 
 FUZZY_THRESHOLD = 80
 FREQ_BINS = ((1, 1, "1"), (2, 10, "2-10"), (11, 100, "11-100"), (101, 1000, "101-1000"), (1001, None, ">1000"))
@@ -448,7 +449,7 @@ def _grid_change(rs: Sequence[CellResult], brs: Sequence[CellResult], seed: int)
 def run_pii(model: Any, targets: Sequence[Target], cells: Sequence[Cell], out: str | Path, *,
             baseline: Any = None, samples_per_prompt: int = 1, seed: int = 0,
             batch_size: int | str = "auto", show_pii: bool = False, progress: bool = True,
-            log: Callable[[str], None] = print, **load_options: Any) -> dict[str, Any]:
+            log: Callable[[str], None] = say, **load_options: Any) -> dict[str, Any]:
     """Run every cell on the model (and the baseline), write the three output files, return the summary.
 
     `model` and `baseline` are model specs (loaded with `load_options`) or already loaded models. Raw samples are checkpointed under OUT/.samples (so a killed run resumes) and deleted once the masked

@@ -28,6 +28,7 @@ from leakaudit.experiment.manifest import changed_output, is_done, older_split, 
 from leakaudit.experiment.plan import Plan, Stage, inside, remove_stale, stage_dir, stage_version
 from leakaudit.experiment.stages import RUNNERS, StageContext, data_parallel, run_kind_stage
 from leakaudit.kinds.base import ModelCache
+from leakaudit.progress import say
 from leakaudit.warn import warn_once
 
 #: held by the run writing an output dir (engine.exclusive)
@@ -70,7 +71,7 @@ def _redone_input(deps: list[str], done: dict[str, Any], finished: dict[str, str
     return None
 
 
-def run_plan(plan: Plan, out: Path, *, log: Callable[[str], None] = print,
+def run_plan(plan: Plan, out: Path, *, log: Callable[[str], None] = say,
              after_stage: Callable[[dict[str, str]], None] | None = None,
              reuse: Path | None = None, failures: dict[str, str] | None = None) -> dict[str, str]:
     """Run every stage not already finished with its current key (or finished with it in the run dir
@@ -364,7 +365,7 @@ def versions() -> dict[str, str]:
 
 
 def run_experiment(exp: Experiment, out: str | Path, *, config_text: str = "",
-                   log: Callable[[str], None] = print, report: bool = True,
+                   log: Callable[[str], None] = say, report: bool = True,
                    reuse: str | Path | None = None) -> dict[str, str]:
     """Plan, check everything that can be checked without running a stage (options, model specs, the
     output dir), then run (resuming), record and report an experiment."""

@@ -23,6 +23,7 @@ from pydantic import BaseModel, ConfigDict, field_validator
 
 from leakaudit.errors import InputError
 from leakaudit.options import numbers_are_not_booleans
+from leakaudit.progress import say
 
 Section = Literal["evaluate", "generate"]
 #: The data roles a step can be given in an experiment file (a data reference each) and the model roles.
@@ -169,7 +170,7 @@ class KindContext:
     loaded: dict[str, list[Any]] = field(default_factory=dict)
     show_pii: bool = False
     cache: ModelCache = field(default_factory=ModelCache)
-    log: Callable[[str], None] = print
+    log: Callable[[str], None] = say
     progress: bool = True
     #: where each file the kind writes goes, by its usual name ("data.jsonl" -> the CLI's --out); a name not
     #: here goes to `out / name`, a name mapped to None is not written (an optional CLI output not asked for)
