@@ -13,6 +13,7 @@ import pytest
 os.environ.setdefault("LEAKAUDIT_CACHE", str(Path(__file__).resolve().parent.parent / ".cache" / "test"))
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")  # as the CLI's main() sets it; load_model keeps a caller's
 # The one precision switch (load dtype and training autocast, models.default_autocast_bf16): fp32 unless the
 # caller sets it, so `LEAKAUDIT_DTYPE=bf16 pytest` runs the suite as a CPU with fast bf16 would.
 os.environ.setdefault("LEAKAUDIT_DTYPE", "fp32")

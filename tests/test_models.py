@@ -412,3 +412,21 @@ def test_a_hub_model_fingerprint_changes_with_its_tokenizer_alone(tmp_path, monk
     assert a.fingerprint != b.fingerprint
     weights = zip(a.model.state_dict().values(), b.model.state_dict().values(), strict=True)
     assert all(torch.equal(x, y) for x, y in weights)  # the same tensors
+
+
+def test_loading_leaves_the_callers_progress_bars_as_they_were():
+    """load_model turned transformers' (and the hub's) progress bars off for the whole process: in a notebook,
+    a later from_pretrained or Trainer of the user's own showed none. Off while loading, then as found."""
+    from transformers.utils import logging as hf_logging
+
+    was = hf_logging.is_progress_bar_enabled()
+    try:
+        for state in (True, False):
+            (hf_logging.enable_progress_bar if state else hf_logging.disable_progress_bar)()
+            load_model("tiny-opt", dtype="fp32")
+            assert hf_logging.is_progress_bar_enabled() is state
+            with pytest.raises(InputError):  # and after a spec that fails
+                load_model("./no/such/dir")
+            assert hf_logging.is_progress_bar_enabled() is state
+    finally:
+        (hf_logging.enable_progress_bar if was else hf_logging.disable_progress_bar)()

@@ -96,6 +96,9 @@ def main() -> None:
     # first of all: before numpy or torch start (leakaudit/threads.py). numpy's BLAS threads, started by an
     # import before it, were counted as other processes' busy CPUs, and every command ran on one thread
     configure_threads()
+    # transformers' and the hub's tqdm bars (loading weights, writing shards) are noise among a command's lines;
+    # read when they are imported, after this. A library caller's own setting is left alone (models/load.py)
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     with _one_process():
         if threading.current_thread() is not threading.main_thread():  # signals reach the main thread only
             _main()

@@ -92,10 +92,23 @@ def _load_errors() -> tuple[type[BaseException], ...]:
 def load_model(spec: str, *, device: str | None = None, dtype: str | torch.dtype | None = None,
                allow_pickle: bool = False, for_training: bool = False) -> LoadedModel:
     """Load a model spec for scoring, sampling or training (training keeps fp32 master weights)."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
     from transformers.utils import logging as hf_logging
 
+    # transformers' loading bar off while loading, then as the caller had it: turned off for good, a notebook's
+    # later from_pretrained and Trainer showed no bar (the CLI keeps them off: HF_HUB_DISABLE_PROGRESS_BARS)
+    bars = hf_logging.is_progress_bar_enabled()
     hf_logging.disable_progress_bar()
+    try:
+        return _load_model(spec, device, dtype, allow_pickle, for_training)
+    finally:
+        if bars:
+            hf_logging.enable_progress_bar()
+
+
+def _load_model(spec: str, device: str | None, dtype: str | torch.dtype | None, allow_pickle: bool,
+                for_training: bool) -> LoadedModel:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
     dev = resolve_device(device)
     dt = torch.float32 if for_training and dtype in (None, "auto") else resolve_dtype(dtype, dev)
     if spec.startswith(RANDOM_PREFIX):
