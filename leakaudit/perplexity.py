@@ -37,7 +37,9 @@ def perplexity(lm: LoadedModel, texts: Sequence[str], *, batch_size: int | str =
                cache: bool = True) -> ModelPerplexity:
     """Corpus and mean per-text perplexity from one batched scoring pass (served from the score cache unless
     `cache=False`); data-parallel under a launcher (each process scores a shard, every process gets all)."""
-    texts = list(texts)
+    from leakaudit.errors import check_texts
+
+    texts = check_texts(texts)  # one string was read as its characters: "no text has a token to score"
     scores = [s for s in score_texts_distributed(lm, texts, batch_size=batch_size, max_length=max_length,
                                                  stride=stride, progress=progress, description="perplexity",
                                                  cache=cache)
@@ -77,8 +79,10 @@ def perplexity_per_checkpoint(run_dir: str | Path, texts: Sequence[str], *, devi
                               max_length: int | None = None, stride: int | None = None,
                               progress: bool = True) -> list[ModelPerplexity]:
     """Perplexity of every checkpoint and the final model of a run (one model in memory at a time)."""
+    from leakaudit.errors import check_texts
     from leakaudit.models import load_model
 
+    texts = check_texts(texts)  # a generator was read up by the first checkpoint, and the next had no texts
     dirs = model_dirs(run_dir)
     if not dirs:
         raise InputError("no model or checkpoint found in this dir", file=run_dir, field="--model")

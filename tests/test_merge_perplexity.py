@@ -194,3 +194,16 @@ def test_texts_with_no_scored_token_are_said_when_left_out(tiny_neox, capsys):
     res = perplexity(tiny_neox, [*TEXTS, one_token], progress=False, cache=False)
     assert res.n_texts == len(TEXTS)
     assert f"1 of {len(TEXTS) + 1} texts have no scored token" in capsys.readouterr().err
+
+
+def test_perplexity_takes_texts_as_a_list_as_scoring_does(tiny_neox, data, tmp_path):
+    """perplexity(lm, "one text") read the string as its characters and said `field '--data': no text has a
+    token to score`; perplexity_per_checkpoint(run, generator) gave the generator's texts to the first
+    checkpoint only, and the next had none."""
+    with pytest.raises(TypeError, match="one string"):
+        perplexity(tiny_neox, "The quick brown fox jumps over the lazy dog.")
+    run = tmp_path / "run"
+    finetune(FinetuneConfig(model="tiny-gpt-neox", data=str(data), out=str(run), epochs=2, batch_size=3,
+                            gradient_accumulation=1, learning_rate=2e-2), progress=False)
+    results = perplexity_per_checkpoint(run, (t for t in TEXTS), progress=False)
+    assert [r.n_texts for r in results] == [3, 3, 3]
