@@ -19,6 +19,7 @@ from __future__ import annotations
 import itertools
 import json
 import re
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
 
@@ -356,8 +357,14 @@ _UniqueKeyLoader.add_implicit_resolver(
     "tag:yaml.org,2002:float", re.compile(r"^[-+]?[0-9][0-9_]*[eE][-+]?[0-9]+$"), list("-+0123456789"))
 
 
-def parse_experiment(text: str, file: str | Path = "<experiment>") -> Experiment:
-    """Parse and validate YAML text; every problem is one InputError naming file, line and key path."""
+def parse_experiment(text: str | Mapping[str, Any], file: str | Path = "<experiment>") -> Experiment:
+    """Parse and validate YAML text; every problem is one InputError naming file, line and key path. `text` may
+    also be the file's content as a dict (what `yaml.safe_load` gives): its problems name the key path alone."""
+    if isinstance(text, Mapping):  # a notebook's dict: read as text was `'dict' object has no attribute 'read'`
+        return _validated(dict(text), "", file)
+    if not isinstance(text, str):
+        raise TypeError(f"text: expected an experiment's YAML text or a dict, got {type(text).__name__} (a file: "
+                        "leakaudit.config.load_experiment(path))")
     try:
         raw = yaml.load(text, Loader=_UniqueKeyLoader)  # noqa: S506 - a SafeLoader subclass
     except yaml.YAMLError as exc:
@@ -369,6 +376,14 @@ def parse_experiment(text: str, file: str | Path = "<experiment>") -> Experiment
         raise InputError("not valid YAML: nested too deeply", file=file) from None
     if not isinstance(raw, dict):
         raise InputError("an experiment file must be a YAML mapping (name:, models:, ...)", file=file, line=1)
+    return _validated(raw, text, file)
+
+
+def _validated(raw: dict[str, Any], text: str, file: str | Path) -> Experiment:
+    """The experiment `raw` describes, checked; `text` its YAML (lines for errors), or "" for a dict."""
+    def line(loc: tuple[Any, ...]) -> int | None:
+        return line_of(text, loc) if text else None
+
     try:
         exp = Experiment.model_validate(raw)
         check_references(exp)
@@ -377,9 +392,9 @@ def parse_experiment(text: str, file: str | Path = "<experiment>") -> Experiment
         loc = tuple(err["loc"])
         # Literal unions report the union member in loc; drop pydantic's internal tags.
         loc = tuple(p for p in loc if not (isinstance(p, str) and p.startswith(("literal[", "function-"))))
-        raise InputError(pydantic_message(err), file=file, line=line_of(text, loc), field=key_path(loc)) from None
+        raise InputError(pydantic_message(err), file=file, line=line(loc), field=key_path(loc)) from None
     except ConfigError as exc:
-        raise InputError(exc.message, file=file, line=line_of(text, exc.loc), field=key_path(exc.loc)) from None
+        raise InputError(exc.message, file=file, line=line(exc.loc), field=key_path(exc.loc)) from None
     exp._file, exp._text = str(file), text
     return exp
 

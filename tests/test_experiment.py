@@ -1200,3 +1200,23 @@ def test_an_evaluation_stage_shows_its_progress(tmp_path, monkeypatch):
             "evaluate:\n  ppl:\n    kind: perplexity\n    targets: [base]\n    data: d\n")
     run_experiment(parse_experiment(text), tmp_path / "out", log=_quiet, report=False)
     assert seen == [True]
+
+
+def test_an_experiment_from_a_dict_or_text_in_python(tmp_path):
+    """From Python: parse_experiment(dict) failed with "'dict' object has no attribute 'read'",
+    run_experiment(yaml_text) with "'str' object has no attribute 'datasets'", and a run from parsed text
+    recorded no config text in run.json unless the caller passed it again."""
+    from leakaudit.config import parse_experiment
+
+    cfg = yaml.safe_load(SMALL)
+    keys = {s.id: s.key for s in Plan(parse_experiment(SMALL)).stages.values()}
+    assert {s.id: s.key for s in Plan(parse_experiment(cfg)).stages.values()} == keys
+    cfg["evaluate"]["mia"]["targets"] = ["nope"]
+    with pytest.raises(InputError) as err:
+        parse_experiment(cfg)
+    assert err.value.field.startswith("evaluate.mia.targets") and err.value.line is None  # a dict has no lines
+    with pytest.raises(TypeError, match="parse_experiment"):
+        run_experiment(SMALL, tmp_path / "out")
+    text = "name: x\nmodels: {base: tiny-opt}\ndatasets:\n  d: {builtin: enron-sample, limit: 4}\n"
+    assert run_experiment(parse_experiment(text), tmp_path / "out", log=_quiet, report=False) == {"data/d": "ran"}
+    assert json.loads((tmp_path / "out" / "run.json").read_text())["config_text"] == text

@@ -364,12 +364,21 @@ def versions() -> dict[str, str]:
     return out
 
 
-def run_experiment(exp: Experiment, out: str | Path, *, config_text: str = "",
+def run_experiment(exp: Experiment, out: str | Path, *, config_text: str | None = None,
                    log: Callable[[str], None] = say, report: bool = True,
                    reuse: str | Path | None = None) -> dict[str, str]:
     """Plan, check everything that can be checked without running a stage (options, model specs, the
-    output dir), then run (resuming), record and report an experiment."""
+    output dir), then run (resuming), record and report an experiment. `exp` comes from
+    `leakaudit.config.parse_experiment` (YAML text or a dict) or `load_experiment` (a file); `config_text`, the
+    text run.json and the report quote, defaults to the text it was parsed from. Returns stage id -> 'ran',
+    'cached' or 'reused'; the results are under `out` (`leakaudit.report.html.load_run`, summary.json)."""
     from leakaudit import distributed
+
+    if not isinstance(exp, Experiment):  # YAML text or a path failed on "'str' object has no attribute ..."
+        raise TypeError(f"exp: expected an Experiment (leakaudit.config.parse_experiment(text or dict), "
+                        f"load_experiment(path)), got {type(exp).__name__}")
+    if config_text is None:
+        config_text = exp._text
 
     # absolute: a path a stage records does not depend on the directory the run was started from (run.json
     # writes those inside `out` relative to it)
