@@ -315,6 +315,9 @@ def test_bad_input(tiny_neox):
     with pytest.raises(TooShortError) as err:
         run_mia(tiny_neox, TEXTS[:2], TEXTS[2:] + ["a"], ["loss"], **NO_CACHE)
     assert err.value.index == 4
+    # from Python the message names the caller's own list and index ("text #5" counted both lists, from 1)
+    assert (err.value.role, err.value.row) == ("nonmembers", len(TEXTS[2:]))
+    assert str(err.value) == f"nonmembers[{len(TEXTS[2:])}] has fewer than 2 tokens, so no token can be scored"
 
 
 def test_split_warnings():

@@ -527,6 +527,9 @@ def run_mia(target: LoadedModel, members: list[str], nonmembers: list[str], atta
             i = exc.index
             exc.role, exc.row = ("members", i) if i < len(members) else ("nonmembers",
                                                                          nonmember_index[i - len(members)])
+            # a caller's own lists: "text #23" counted members and non-members together, from 1
+            exc.message = f"{exc.role}[{exc.row}] has fewer than 2 tokens, so no token can be scored"
+            exc.args = (exc.format(),)
             raise
         scores[a.name] = s
         metrics[a.name] = roc_metrics(s, labels, n_bootstrap=n_bootstrap, seed=seed)
