@@ -207,7 +207,9 @@ def run_cells(lm, cells: Sequence[Cell], targets: Sequence[Target], *, samples_p
 
     Cells that decode alike (temperature, top-k, new tokens) are sampled together: their templates' prompts
     share batches, each template's demonstrations still run once per batch, and a decoding step serves more
-    rows. Every row is seeded by its target id, so a cell draws the same text whatever it is sampled with."""
+    rows. Every row is seeded by its target id, so a cell draws the same text whatever it is sampled with.
+    Each result's `extractions` rows mask the true and extracted addresses, the response and the target id
+    unless `show_pii` (its `target_ids`, `fuzzy` and `exact` are as given)."""
     from leakaudit.sampling import SamplingConfig, run_key, sample
 
     plans = []
