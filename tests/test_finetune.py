@@ -505,3 +505,22 @@ def test_only_the_pad_alignment_note_is_quieted():
     quiet = _PadAlignmentNote()
     assert not quiet.filter(note("{'pad_token_id': 0}"))
     assert quiet.filter(note("{'eos_token_id': 2, 'pad_token_id': 0}")) and quiet.filter(note("{'bos_token_id': 1}"))
+
+
+@pytest.mark.parametrize("flags, field, setting", [
+    (["--method", "full", "--lora-r", "16"], "--lora-r", "--method lora, dora or pissa"),
+    (["--dp-delta", "1e-6"], "--dp-delta", "--dp-epsilon (DP-SGD)"),
+    (["--loss-on", "all"], "--loss-on", "--format chat"),
+    (["--prompt-field", "question"], "--prompt-field", "--format instruction"),
+    (["--format", "chat", "--no-packing"], "--packing/--no-packing", "--format plain"),
+])
+def test_a_flag_the_run_would_not_read_is_refused(plain_data, tmp_path, monkeypatch, capsys, flags, field, setting):
+    """`--method full --lora-r 16` trained in full and dropped the rank in silence (so did `--dp-delta` without
+    DP-SGD and a field or loss flag of another format). The same value from its default is fine."""
+    from conftest import run_main
+
+    out = tmp_path / "o"
+    code, err = run_main(["finetune", "--model", "tiny-gpt-neox", "--data", plain_data, "--out", out, *flags],
+                         monkeypatch, capsys)
+    assert code == 2 and err == f"error: field '{field}': applies only with {setting}; this run would ignore it\n"
+    assert not out.exists()

@@ -34,6 +34,28 @@ def _config(**options):
         raise InputError(pydantic_message(err), field=name) from None
 
 
+#: finetune's flags that only some settings read: (flags' parameters, whether the config reads them, which setting)
+_USED_WHEN = (
+    (("lora_r", "lora_alpha", "lora_dropout", "target_modules"), lambda c: c.method != "full",
+     "--method lora, dora or pissa"),
+    (("dp_delta", "dp_max_grad_norm"), lambda c: c.dp_epsilon is not None, "--dp-epsilon (DP-SGD)"),
+    (("text_field", "packing"), lambda c: c.format == "plain", "--format plain"),
+    (("prompt_field", "response_field"), lambda c: c.format == "instruction", "--format instruction"),
+    (("messages_field", "loss_on"), lambda c: c.format == "chat", "--format chat"),
+)
+
+
+def _refuse_unused_flags(ctx: typer.Context, config) -> None:
+    """A flag the run would not read (`--method full --lora-r 16`, `--dp-delta` without `--dp-epsilon`,
+    `--loss-on all` on plain text) was ignored in silence: the user believed it applied. Only flags given on the
+    command line: an experiment's grid over `method` shares its options among variants on purpose."""
+    for params, used, setting in _USED_WHEN:
+        for param in params:
+            if getattr(ctx.get_parameter_source(param), "name", None) == "COMMANDLINE" and not used(config):
+                flag = "--" + param.replace("_", "-") + ("/--no-packing" if param == "packing" else "")
+                raise InputError(f"applies only with {setting}; this run would ignore it", field=flag)
+
+
 def _say_trained(path: Path, seconds: float) -> None:
     """What the run did, on stderr, above the model's path: the bar that showed the loss is gone when it ends
     (a rerun of a finished run trains nothing: it says so)."""
@@ -52,6 +74,7 @@ def register(app: typer.Typer) -> None:
 
     @app.command()
     def finetune(
+        ctx: typer.Context,
         model: str = typer.Option(..., help="Base model spec (default, tiny-gpt-neox, HF id, dir, .gguf)."),
         data: str = typer.Option(..., help="Training data file (.jsonl/.json/.csv/.parquet/.arrow/HF dir)."),
         out: str = typer.Option(..., help="Output dir (rerun the same command to resume)."),
@@ -100,12 +123,13 @@ def register(app: typer.Typer) -> None:
         from leakaudit.outputs import prepare_output
         from leakaudit.train.finetune import finetune as run
 
-        options = {k: v for k, v in locals().items() if k not in ("run", "progress", "prepare_output")}
+        options = {k: v for k, v in locals().items() if k not in ("ctx", "run", "progress", "prepare_output")}
         if max_grad_norm is None:  # not given: the config's default (1.0; DP-SGD refuses one given beside it)
             del options["max_grad_norm"]
         if max_length is None:  # not given: the config's default, clamped to the model's context without a warning
             del options["max_length"]
         config = _config(**options)
+        _refuse_unused_flags(ctx, config)
         from leakaudit.train.finetune import check_base
 
         check_base(config.model)
