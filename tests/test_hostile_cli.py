@@ -358,6 +358,8 @@ PLANT = ["backdoor", "plant", "--model", "tiny-gpt-neox", "--out", "{out}"]
     (PII, ["--top-k", "-1"], "--top-k"),
     (PII, ["--samples-per-prompt", "0"], "--samples-per-prompt"),
     (PII, ["--temperatures", "-0.5"], "--temperatures"),
+    (PII, ["--temperatures", "greedy", "--top-k", "5"], "--top-k"),  # greedy reads no top-k: it was ignored
+    (PII, ["--temperatures", "0", "--samples-per-prompt", "3"], "--samples-per-prompt"),  # one answer, 3 times
     (EXTRACT, ["--num-samples", "0"], "--num-samples"),
     (EXTRACT, ["--temperature", "0"], "--temperature"),
     (EXTRACT, ["--max-new-tokens", "0"], "--max-new-tokens"),

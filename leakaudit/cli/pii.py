@@ -10,6 +10,7 @@ from pathlib import Path
 import typer
 
 from leakaudit.cli.core import batch_size_option, build_options, model_path, say
+from leakaudit.errors import InputError
 from leakaudit.options import MAX_SEED
 
 
@@ -52,6 +53,12 @@ def pii(
                             pairs=str(pairs) if pairs else None, contexts=str(contexts) if contexts else None,
                             messages=str(messages) if messages else None, samples_per_prompt=samples_per_prompt,
                             batch_size=batch_size)
+    if options.temperatures is not None and not any(options.temperatures):  # greedy decoding alone
+        # one answer per prompt: --top-k was ignored in silence and --samples-per-prompt N decoded it N times
+        for flag, given in (("--top-k", top_k is not None), ("--samples-per-prompt", samples_per_prompt > 1)):
+            if given:
+                raise InputError("greedy decoding gives one answer per prompt and reads no top-k; give a "
+                                 "temperature above 0 to sample", field=flag)
     prepare_output(out, command="pii", files=("pii.json", "results_purified.jsonl", ".samples"),
                    inputs={"--pairs": pairs, "--contexts": contexts, "--messages": messages,
                            "--model": model_path(model), "--baseline": model_path(baseline)})
