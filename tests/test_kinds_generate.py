@@ -59,6 +59,24 @@ def test_cli_and_experiment_refuse_greedy_with_temperature(tmp_path, monkeypatch
     assert not (tmp_path / "run" / "data").exists()  # refused before any stage
 
 
+@pytest.mark.parametrize("flag, value, option", [("--top-k", "5", "top_k: 5"), ("--top-p", "0.9", "top_p: 0.9"),
+                                                  ("--num-samples", "3", "num_samples: 3")])
+def test_cli_and_experiment_refuse_greedy_with_what_greedy_does_not_read(flag, value, option, tmp_path,
+                                                                          monkeypatch, capsys):
+    """Greedy decoding reads no top-k or top-p (given, they were ignored in silence) and gives one continuation
+    per prompt (num_samples 3 wrote the same one three times)."""
+    data = _write(tmp_path / "texts.jsonl", [{"id": "a", "text": "Hello there, how are you today?"}])
+    out = tmp_path / "gen.jsonl"
+    why = "cannot be combined with greedy (greedy decoding gives one continuation per prompt and reads no top-k or top-p)"
+    cli = _one_error_line(*_main(["generate", "continuation", "--model", "tiny-gpt-neox", "--data", data,
+                                  "--out", out, "--greedy", flag, value], monkeypatch, capsys))
+    assert cli == f"error: field '{flag}': {why}" and not out.exists()
+    cfg = tmp_path / "exp.yaml"
+    cfg.write_text(EXPERIMENT.format(data=data, kind="continuation", options=f"{{greedy: true, {option}}}"))
+    run = _one_error_line(*_main(["run", cfg, "--out", tmp_path / "run", "--no-report"], monkeypatch, capsys))
+    assert run == f"error: {cfg}:13: field 'generate.g.options.{option.split(':')[0]}': {why}"
+
+
 def test_an_unknown_generate_kind_suggests_the_closest(tmp_path):
     from leakaudit.config import parse_experiment
 

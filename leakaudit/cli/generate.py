@@ -49,7 +49,7 @@ def continuation(
     prompt_field: str | None = typer.Option(None, "--prompt-field", help="Take prompts from this field instead"),
     limit: int | None = typer.Option(None, "--limit", help="Use only the first N source records"),
     max_new_tokens: int = typer.Option(1000, "--max-new-tokens"),
-    top_k: int = typer.Option(100, "--top-k", help="0 = no top-k"),
+    top_k: int | None = typer.Option(None, "--top-k", help="0 = no top-k (default 100; not with --greedy)"),
     top_p: float | None = typer.Option(None, "--top-p"),
     temperature: float | None = typer.Option(None, "--temperature", help="Default 1.0; not with --greedy"),
     greedy: bool = typer.Option(False, "--greedy"),

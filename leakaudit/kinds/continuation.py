@@ -73,10 +73,17 @@ class Continuation(Kind):
 
     def check(self, options: ContinuationOptions, roles: set[str]) -> None:
         """A prompt is cut from the text or read from a field: prompt_tokens given beside prompt_field was
-        silently unused."""
+        silently unused. Greedy decoding reads no top-k or top-p (they were ignored in silence) and gives one
+        continuation per prompt (num_samples N wrote it N times)."""
         if options.prompt_field is not None and "prompt_tokens" in options.model_fields_set:
             raise OptionError(("prompt_tokens",), "cannot be combined with prompt_field: a prompt is cut from the "
                                                   "text, or read from the field")
+        if options.greedy:
+            for name, given in (("top_k", "top_k" in options.model_fields_set), ("top_p", options.top_p is not None),
+                                ("num_samples", options.num_samples > 1)):
+                if given:
+                    raise OptionError((name,), "cannot be combined with greedy (greedy decoding gives one "
+                                               "continuation per prompt and reads no top-k or top-p)")
 
     def run(self, ctx: KindContext, options: ContinuationOptions) -> ContinuationResult:
         from leakaudit.data.synth import generate_continuations
