@@ -87,7 +87,7 @@ def mia(
     members: Path | None = typer.Option(None, "--members", help="Texts used in training"),
     nonmembers: Path | None = typer.Option(None, "--nonmembers", help="Texts not used in training"),
     data: Path | None = typer.Option(None, "--data", help="One file with both, labelled by --label-field"),
-    label_field: str = typer.Option("label", "--label-field", help="1/0, true/false, member/nonmember"),
+    label_field: str = typer.Option("label", "--label-field", help="1/0, true/false, yes/no, member/nonmember, in/out"),
     attacks: str | None = typer.Option(None, "--attacks", help="Comma list of loss, zlib, min_k, min_k_pp, "
                                        "lowercase, recall, dc_pdd, gradnorm, ref (default: loss,zlib,min_k,min_k_pp, "
                                        "plus ref when --reference is given; docs/attacks.md defines each)"),
@@ -102,7 +102,7 @@ def mia(
     recall_shots: int = typer.Option(3, "--recall-shots", min=0),
     dc_pdd_corpus: str = typer.Option("dolly", "--dc-pdd-corpus", help="Reference corpus for dc_pdd's token "
                                       "frequencies: a built-in dataset or a data file with a `text` field"),
-    n_bootstrap: int = typer.Option(1000, "--n-bootstrap", min=0, help="Bootstrap resamples for the AUC CI"),
+    n_bootstrap: int = typer.Option(1000, "--n-bootstrap", min=0, help="Bootstrap resamples for the AUC and TPR intervals (0: none)"),
     seed: int = typer.Option(0, "--seed", min=0, max=MAX_SEED),
     batch_size: str = batch_size_option(),
     max_length: int | None = typer.Option(None, "--max-length", min=2),
@@ -170,13 +170,16 @@ def user_inference(
                                                   " --data-out"),
     user_field: str = typer.Option(..., "--user-field", help="Field naming each sample's user"),
     data_out: Path | None = typer.Option(None, "--data-out", help="Samples of users not in training"),
-    label_field: str = typer.Option("label", "--label-field", help="1/0 etc.; same for all of a user's rows"),
+    label_field: str = typer.Option("label", "--label-field", help="1/0, true/false, yes/no, member/nonmember, "
+                                    "in/out; the same for all of a user's rows"),
     samples_per_user: str = typer.Option("1,2,4,8,all", "--samples-per-user",
-                                         help="Values of m: samples per user the attacker uses"),
+                                         help="Values of m: samples per user the attacker scores (`m_values` in an "
+                                         "experiment file; not finetune's --max-samples-per-user)"),
     out: Path = typer.Option(..., "--out", help="Output dir: user_inference.json, user_scores.jsonl, roc_users.png"),
     text_field: str = typer.Option("text", "--text-field"),
     id_field: str | None = typer.Option(None, "--id-field"),
-    n_bootstrap: int = typer.Option(1000, "--n-bootstrap", min=0),
+    n_bootstrap: int = typer.Option(1000, "--n-bootstrap", min=0,
+                                    help="Bootstrap resamples for the AUC and TPR intervals (0: none)"),
     seed: int = typer.Option(0, "--seed", min=0, max=MAX_SEED),
     batch_size: str = batch_size_option(),
     max_length: int | None = typer.Option(None, "--max-length", min=2),

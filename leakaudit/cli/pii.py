@@ -17,7 +17,8 @@ from leakaudit.options import MAX_SEED
 def pii(
     model: str = typer.Option(..., "--model", help="Model to attack: default | HF id | dir | adapter | .gguf | tiny-*"),
     out: Path = typer.Option(..., "--out", help="Output directory"),
-    baseline: str | None = typer.Option(None, "--baseline", help="Reference model, e.g. before fine-tuning"),
+    baseline: str | None = typer.Option(None, "--baseline", help="Model to subtract, e.g. before fine-tuning: "
+                                        "the change in hit rate on the same targets"),
     pairs: Path | None = typer.Option(None, "--pairs", help="Targets with `name` and `email` fields "
                                       "(default: the shipped Enron pairs)"),
     n_targets: int | None = typer.Option(1000, "--n-targets", min=0, help="Use the first N targets (0 = all)"),
@@ -80,11 +81,12 @@ def pii(
 def pii_logprob(
     model: str = typer.Option(..., "--model", help="Model to measure: default | HF id | dir | adapter | .gguf | tiny-*"),
     out: Path = typer.Option(..., "--out", help="Output directory"),
-    baseline: str | None = typer.Option(None, "--baseline", help="Reference model, e.g. before fine-tuning"),
+    baseline: str | None = typer.Option(None, "--baseline", help="Model to subtract, e.g. before fine-tuning: "
+                                        "the change in log p and rank on the same targets"),
     pairs: Path | None = typer.Option(None, "--pairs", help="Targets: rows with `name` and `email`, or with "
                                       "`pairs` lists (default: the shipped Enron pairs)"),
     n_targets: int | None = typer.Option(None, "--n-targets", min=0, help="Use the first N targets (default and "
-                                         "0: all, as in `pii`)"),
+                                         "0: all; `pii` defaults to 1000)"),
     n_candidates: int | None = typer.Option(None, "--n-candidates", help="Addresses ranked per target (20)"),
     templates: str | None = typer.Option(None, "--templates", help="Families or template names (fake-privacy)"),
     seed: int = typer.Option(0, "--seed", min=0, max=MAX_SEED),

@@ -98,7 +98,7 @@ def seeds(
     json_out: Path | None = typer.Option(None, "--json", help="Also write the rows as JSON to this file"),
 ) -> None:
     """One experiment over its seeds: every seed's paired comparisons side by side, the mean Δ over seeds
-    with a 95% interval over seeds (training runs resampled), as Markdown on stdout."""
+    with a 95% interval that holds the seeds' spread and the items' error, as Markdown on stdout."""
     import json
 
     from leakaudit.data.io import write_atomic

@@ -81,7 +81,7 @@ def register(app: typer.Typer) -> None:
         method: str = typer.Option("lora", help="full | lora | dora | pissa"),
         format: str = typer.Option("plain", help="plain | instruction | chat"),
         epochs: float = typer.Option(4, help="Training epochs."),
-        learning_rate: float = typer.Option(2e-6, help="Peak learning rate (linear decay, no warmup)."),
+        learning_rate: float = typer.Option(2e-6, help="Peak learning rate (linear decay, after --warmup-steps of warmup)."),
         batch_size: int = typer.Option(1, help="Per-device batch size."),
         gradient_accumulation: int = typer.Option(8, help="Batches per optimizer step."),
         weight_decay: float = typer.Option(0.0),
@@ -163,7 +163,8 @@ def register(app: typer.Typer) -> None:
         data: str = typer.Option(..., help="Texts to measure."),
         out: str = typer.Option(..., help="Output dir for perplexity.json."),
         text_field: str = typer.Option("text"),
-        all_checkpoints: bool = typer.Option(False, help="Every checkpoint of a run dir plus its final model."),
+        all_checkpoints: bool = typer.Option(False, help="Every checkpoint of a run dir plus its final model (an "
+                                              "experiment's `checkpoints`, on by default there)."),
         batch_size: str = batch_size_option(),
         max_length: int = typer.Option(None, min=2, help="Window in tokens (default the model's context)."),
         stride: int = typer.Option(None, min=1, help="Window step for texts longer than the window (default: max "
