@@ -34,8 +34,9 @@ def file_sha256(path: Path) -> str:
     once. ctime and inode too: `cp -p`, `rsync -a`, `tar x` and `touch -r` restore an mtime, and weights
     rewritten in place with the same size and an old mtime kept their old hash (and cached scores)."""
     st = path.stat()
-    memo_key = hashlib.sha256(f"{path.resolve()}|{st.st_ino}|{st.st_size}|{st.st_mtime_ns}|{st.st_ctime_ns}"
-                              .encode()).hexdigest()
+    # the path as the file system's bytes: a name that is not UTF-8 (a Latin-1 folder) is text with surrogates
+    memo_key = hashlib.sha256(os.fsencode(path.resolve()) + f"|{st.st_ino}|{st.st_size}|{st.st_mtime_ns}|"
+                              f"{st.st_ctime_ns}".encode()).hexdigest()
     try:
         memo: Path | None = cache_dir() / "filehash" / memo_key
     except OSError as exc:  # a cache dir that cannot be made (a read-only file system): hash without the memo

@@ -1,0 +1,38 @@
+"""Paths and environments users have: names that are not UTF-8 (a Latin-1 folder on Linux), the cache dir's
+environment variables. Each case is one clear line or works; none is a traceback after the work."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+
+import pytest
+
+from leakaudit.errors import InputError
+
+
+def _latin1(parent: Path, name: bytes) -> Path:
+    """parent/name with `name` in Latin-1 bytes, or a skip where the file system takes UTF-8 names only (macOS)."""
+    p = parent / os.fsdecode(name)
+    try:
+        p.mkdir()
+    except (OSError, UnicodeEncodeError):
+        pytest.skip("this file system takes UTF-8 names only")
+    p.rmdir()
+    return p
+
+
+def test_file_hash_under_a_latin1_folder(tmp_path, monkeypatch):
+    """The memo key named the path as UTF-8 text: a data file under a Latin-1 folder failed `run`'s plan."""
+    from leakaudit.models.fingerprint import file_sha256
+
+    monkeypatch.setenv("LEAKAUDIT_CACHE", str(tmp_path / "cache"))
+    folder = _latin1(tmp_path, b"caf\xe9")
+    folder.mkdir()
+    f = folder / "d.jsonl"
+    f.write_bytes(b'{"text": "x"}\n')
+    assert file_sha256(f) == hashlib.sha256(b'{"text": "x"}\n').hexdigest()
+    assert file_sha256(f) == hashlib.sha256(b'{"text": "x"}\n').hexdigest()  # from the memo
+
