@@ -36,3 +36,16 @@ def test_file_hash_under_a_latin1_folder(tmp_path, monkeypatch):
     assert file_sha256(f) == hashlib.sha256(b'{"text": "x"}\n').hexdigest()
     assert file_sha256(f) == hashlib.sha256(b'{"text": "x"}\n').hexdigest()  # from the memo
 
+
+def test_json_writers_keep_a_latin1_path(tmp_path):
+    """A record naming a Latin-1 path (run.json's dataset path) is written, and read back as the same path."""
+    from leakaudit.data.io import json_line, write_json, write_jsonl
+
+    row = {"path": os.fsdecode(b"/data/caf\xe9/d.jsonl"), "text": "é 日本"}
+    assert json.loads(json_line(row)) == row
+    write_json(tmp_path / "r.json", row)
+    assert json.loads((tmp_path / "r.json").read_text(encoding="utf-8")) == row
+    write_jsonl(tmp_path / "r.jsonl", [row])
+    assert json.loads((tmp_path / "r.jsonl").read_text(encoding="utf-8")) == row
+    assert "é 日本" in (tmp_path / "r.jsonl").read_text(encoding="utf-8")  # text stays readable, unescaped
+

@@ -374,7 +374,10 @@ def _get(row: dict[str, Any], name: str, p: Path, lineno: int) -> Any:
     return cur
 
 
-_LINE_BREAKS_JSON_KEEPS = str.maketrans({"\u2028": "\\u2028", "\u2029": "\\u2029", "\x85": "\\u0085"})
+# and lone surrogates, escaped as JSON writes them with ensure_ascii: a path whose name is not UTF-8 (a Latin-1
+# folder) is text with surrogates, which no UTF-8 file can hold raw; escaped, json.loads gives the same path back
+_LINE_BREAKS_JSON_KEEPS = str.maketrans({"\u2028": "\\u2028", "\u2029": "\\u2029", "\x85": "\\u0085",
+                                         **{chr(c): f"\\u{c:04x}" for c in range(0xD800, 0xE000)}})
 
 
 def json_line(row: Any) -> str:
@@ -390,7 +393,7 @@ def write_jsonl(path: str | Path, rows: Iterable[dict[str, Any]]) -> None:
 
 def write_json(path: str | Path, obj: Any) -> None:
     """Write JSON atomically."""
-    text = json.dumps(obj, indent=2, ensure_ascii=False) + "\n"
+    text = json.dumps(obj, indent=2, ensure_ascii=False).translate(_LINE_BREAKS_JSON_KEEPS) + "\n"
     write_atomic(path, lambda fh: fh.write(text))
 
 
