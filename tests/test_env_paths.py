@@ -49,3 +49,17 @@ def test_json_writers_keep_a_latin1_path(tmp_path):
     assert json.loads((tmp_path / "r.jsonl").read_text(encoding="utf-8")) == row
     assert "é 日本" in (tmp_path / "r.jsonl").read_text(encoding="utf-8")  # text stays readable, unescaped
 
+
+def test_default_id_of_a_latin1_file_name(tmp_path):
+    """`<file stem>:<line>` of a file named in Latin-1: `score` scored it, then failed writing the ids."""
+    from leakaudit.data.io import load_records, write_jsonl
+
+    f = tmp_path / os.fsdecode(b"caf\xe9.jsonl")
+    try:
+        f.write_text('{"text": "a"}\n{"text": "b"}\n')
+    except (OSError, UnicodeEncodeError):
+        pytest.skip("this file system takes UTF-8 names only")
+    ids = [r.id for r in load_records(f)]
+    assert ids == ["caf\\xe9:1", "caf\\xe9:2"]
+    write_jsonl(tmp_path / "out.jsonl", [{"id": i} for i in ids])
+

@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from leakaudit import resources
-from leakaudit.data.io import read_rows
+from leakaudit.data.io import id_stem, read_rows
 from leakaudit.data.pii_find import ADDRESS_BEFORE, ADDRESS_CHAR
 from leakaudit.errors import InputError
 
@@ -127,7 +127,7 @@ def _targets_from_file(p: Path) -> list[Target]:
     ids: dict[str, int] = {}  # a target id names its rows in every output file
     for lineno, row in read_rows(p):
         if "pairs" in row and "name" not in row:  # a message row (e.g. enron-exposure): each of its pairs
-            rid = str(row.get("id", f"{p.stem}:{lineno}"))
+            rid = str(row.get("id", f"{id_stem(p)}:{lineno}"))
             for k, (name, email) in enumerate(row_pairs(row["pairs"], file=p, line=lineno)):
                 if email.lower() not in seen and not is_demo_address(email):
                     seen[email.lower()] = lineno
@@ -165,7 +165,7 @@ def _targets_from_file(p: Path) -> list[Target]:
         f = row.get("freq", freq.get(email.lower()))
         if f is not None and (isinstance(f, bool) or not isinstance(f, int) or f < 0):
             raise InputError("must be a non-negative integer", file=p, line=lineno, field="freq")
-        tid = str(row.get("id", f"{p.stem}:{lineno}"))
+        tid = str(row.get("id", f"{id_stem(p)}:{lineno}"))
         if tid in ids:
             raise InputError(f"duplicate id '{tid}' (first on line {ids[tid]})", file=p, line=lineno, field="id")
         ids[tid] = lineno

@@ -309,7 +309,13 @@ def default_id(path: Path, index: int, lineno: int) -> str:
     """The id of a row without one: `<file stem>:<line>`, or `<file stem>:<element>` (counted from 1) in a JSON
     array file, where the id then survives reformatting the file. Loaders and generators' provenance share it,
     so a generated row's source_id finds its source row."""
-    return f"{path.stem}:{index if path.suffix.lower() == '.json' else lineno}"
+    return f"{id_stem(path)}:{index if path.suffix.lower() == '.json' else lineno}"
+
+
+def id_stem(path: Path) -> str:
+    """A file's stem as the text of an id: a name that is not UTF-8 (Latin-1 bytes, read as surrogates) shows its
+    bad bytes as `\\xe9`, since an id with a surrogate cannot be written (`score` failed after scoring)."""
+    return os.fsencode(path.stem).decode("utf-8", "backslashreplace")
 
 
 def load_records(
