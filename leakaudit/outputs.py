@@ -13,6 +13,7 @@ The rule, the same for every command:
 from __future__ import annotations
 
 import json
+import os
 import tempfile
 from collections.abc import Iterable, Mapping
 from pathlib import Path
@@ -36,6 +37,7 @@ def prepare_output(out: str | Path, *, command: str, inputs: Mapping[str, str | 
     `marker=False` for dirs another check owns (a fine-tuning run, a merged model): no marker is written.
     """
     p = Path(out)
+    require_utf8(p, option)
     where = p.resolve()
     for name, inp in (inputs or {}).items():
         if inp is None:
@@ -55,6 +57,18 @@ def prepare_output(out: str | Path, *, command: str, inputs: Mapping[str, str | 
         # the marker is the write test where there is one (no stray temp file another rank could see)
         _writable_dir(p, p, option, mark=command if marker else None)
     return p
+
+
+def require_utf8(p: Path, option: str = "--out") -> None:
+    """A path whose name is not UTF-8 (a folder named in Latin-1 bytes) is refused before any work: Python reads
+    it as text with surrogates, and the tokenizer's and the JSON writers' UTF-8 cannot write it (a fine-tune
+    failed at its first checkpoint with a traceback). The error shows the bad byte as `\\xe9`."""
+    try:
+        str(p.absolute()).encode("utf-8")
+    except UnicodeEncodeError:
+        shown = os.fsencode(p).decode("utf-8", "backslashreplace")
+        raise InputError("the path is not valid UTF-8 (a name in another encoding): leakaudit cannot write there; "
+                         "rename it or choose another path", file=shown, field=option) from None
 
 
 def _check_file(p: Path, command: str, suffixes: tuple[str, ...], keys: tuple[str, ...], option: str,

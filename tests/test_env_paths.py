@@ -63,3 +63,14 @@ def test_default_id_of_a_latin1_file_name(tmp_path):
     assert ids == ["caf\\xe9:1", "caf\\xe9:2"]
     write_jsonl(tmp_path / "out.jsonl", [{"id": i} for i in ids])
 
+
+def test_out_not_utf8_is_one_line(tmp_path):
+    """An --out the model libraries cannot write (a fine-tune failed at its first checkpoint) is refused first."""
+    from leakaudit.outputs import prepare_output
+
+    out = _latin1(tmp_path, b"caf\xe9")
+    with pytest.raises(InputError) as err:
+        prepare_output(out, command="mia")
+    assert err.value.field == "--out" and "not valid UTF-8" in err.value.message
+    assert err.value.file.endswith("caf\\xe9")
+    assert not out.exists()

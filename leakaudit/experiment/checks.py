@@ -140,6 +140,9 @@ def resolve_models(plan: Plan) -> None:
 def prepare_out(plan: Plan, out: Path) -> None:
     """Create the output dir and make sure every stage folder can be written inside it, before any stage
     runs: an unwritable --out, a file where a folder is needed or a link out of it fails here."""
+    from leakaudit.outputs import require_utf8
+
+    require_utf8(out)
     if out.exists() and not out.is_dir():
         raise InputError("exists and is not a directory", file=out, field="--out")
     if out.is_dir() and not (out / "run.json").exists() and any(p.name not in (".lock", ".report.lock") for p in out.iterdir()):
