@@ -74,3 +74,48 @@ def test_out_not_utf8_is_one_line(tmp_path):
     assert err.value.field == "--out" and "not valid UTF-8" in err.value.message
     assert err.value.file.endswith("caf\\xe9")
     assert not out.exists()
+
+
+def test_empty_cache_variable_is_unset(tmp_path, monkeypatch):
+    """`LEAKAUDIT_CACHE=` made the working directory the cache (models/, filehash/ and scores.sqlite there)."""
+    from leakaudit.models.fingerprint import cache_dir
+
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.setenv("LEAKAUDIT_CACHE", "")
+    monkeypatch.chdir(tmp_path)
+    assert cache_dir() == tmp_path / "home" / ".cache" / "leakaudit"
+    monkeypatch.setenv("LEAKAUDIT_CACHE", "~/c")  # `~` is the home folder, not a folder named `~` here
+    assert cache_dir() == tmp_path / "home" / "c"
+    assert not (tmp_path / "~").exists()
+
+
+def test_no_home_directory_is_one_line(monkeypatch):
+    """No HOME and no passwd entry (a container run with an arbitrary uid): Path.home() raised RuntimeError."""
+    from leakaudit.models import fingerprint
+
+    monkeypatch.delenv("LEAKAUDIT_CACHE", raising=False)
+
+    def no_home():
+        raise RuntimeError("Could not determine home directory.")
+
+    monkeypatch.setattr(fingerprint.Path, "home", staticmethod(no_home))
+    with pytest.raises(InputError) as err:
+        fingerprint.cache_dir()
+    assert err.value.field == "LEAKAUDIT_CACHE" and "set LEAKAUDIT_CACHE" in err.value.message
+
+
+def test_unwritable_cache_says_what_to_set(tmp_path, monkeypatch):
+    """A read-only HOME: "error: /home/u/.cache: Permission denied" did not say it is leakaudit's cache."""
+    from leakaudit.models import fingerprint
+
+    monkeypatch.delenv("LEAKAUDIT_CACHE", raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path))
+
+    def refuse(self, *args, **kwargs):
+        raise PermissionError(13, "Permission denied", str(self))
+
+    monkeypatch.setattr(fingerprint.Path, "mkdir", refuse)
+    with pytest.raises(PermissionError) as err:  # still an OSError: file_sha256 and the score cache go on without
+        fingerprint.cache_dir()
+    assert "set LEAKAUDIT_CACHE to a writable directory" in err.value.strerror
+    assert err.value.filename == str(tmp_path / ".cache" / "leakaudit")

@@ -17,16 +17,35 @@ if TYPE_CHECKING:
 
 
 def cache_dir() -> Path:
-    """Where converted models and score caches live (`LEAKAUDIT_CACHE`, default ~/.cache/leakaudit)."""
-    d = Path(os.environ.get("LEAKAUDIT_CACHE", Path.home() / ".cache" / "leakaudit"))
+    """Where converted models and score caches live (`LEAKAUDIT_CACHE`, default ~/.cache/leakaudit). An empty
+    LEAKAUDIT_CACHE (`LEAKAUDIT_CACHE= cmd`, a blank line in a .env file) is unset: it was the working directory,
+    which then got models/, filehash/ and scores.sqlite; `~` in it is the home folder, not a folder named `~`."""
+    from leakaudit.errors import InputError
+
+    given = os.environ.get("LEAKAUDIT_CACHE", "")
+    if given:
+        d = Path(given).expanduser()
+    else:
+        try:
+            d = Path.home() / ".cache" / "leakaudit"
+        except (RuntimeError, KeyError):  # no HOME and no passwd entry (a container run with an arbitrary uid)
+            raise InputError("no home directory to keep the cache in: set LEAKAUDIT_CACHE to a writable "
+                             "directory", field="LEAKAUDIT_CACHE") from None
     try:
         d.mkdir(parents=True, exist_ok=True)
     except (FileExistsError, FileNotFoundError, NotADirectoryError) as exc:  # a file there, a path under /proc
-        from leakaudit.errors import InputError
-
         raise InputError(f"cannot be the cache directory ({exc.strerror})", file=d,
-                         field="LEAKAUDIT_CACHE" if "LEAKAUDIT_CACHE" in os.environ else None) from None
+                         field="LEAKAUDIT_CACHE" if given else None) from None
+    except OSError as exc:  # read-only (a read-only HOME): still an OSError, for the callers that go on without
+        raise _unwritable_cache(exc) from None
     return d
+
+
+def _unwritable_cache(exc: OSError) -> OSError:
+    """`exc` saying which directory it is and what to do: "error: /home/u/.cache: Permission denied" left a user
+    wondering why leakaudit writes there."""
+    return type(exc)(exc.errno, f"{exc.strerror or exc} (leakaudit's cache: set LEAKAUDIT_CACHE to a writable "
+                     "directory)", exc.filename)
 
 
 def file_sha256(path: Path) -> str:
@@ -135,7 +154,10 @@ def build_once(key: str, build) -> Path:
     target = _converted_dir(key)
     if (target / "config.json").exists():
         return target
-    target.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:  # a read-only LEAKAUDIT_CACHE
+        raise _unwritable_cache(exc) from None
     with FileLock(str(target) + ".lock"):
         if (target / "config.json").exists():
             return target
