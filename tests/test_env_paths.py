@@ -119,3 +119,21 @@ def test_unwritable_cache_says_what_to_set(tmp_path, monkeypatch):
         fingerprint.cache_dir()
     assert "set LEAKAUDIT_CACHE to a writable directory" in err.value.strerror
     assert err.value.filename == str(tmp_path / ".cache" / "leakaudit")
+
+
+def test_stdout_not_in_utf8_writes_every_result(monkeypatch):
+    """stdout in cp1252 (Windows, redirected to a file): mia's table failed on its `≥` with a traceback, exit 1."""
+    import io
+    import sys
+
+    from leakaudit import cli
+
+    raw = io.BytesIO()
+    stdout = io.TextIOWrapper(raw, encoding="cp1252", errors="strict")
+    monkeypatch.setattr(sys, "stdout", stdout)
+    cli._printable_streams()
+    from leakaudit.cli.core import print_table
+
+    print_table("MIA on m", ("attack", "TPR"), [("loss", "n/a (needs ≥ 100 non-members)")])
+    stdout.flush()
+    assert b"needs \\u2265 100" in raw.getvalue()

@@ -99,6 +99,7 @@ def main() -> None:
     # transformers' and the hub's tqdm bars (loading weights, writing shards) are noise among a command's lines;
     # read when they are imported, after this. A library caller's own setting is left alone (models/load.py)
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    _printable_streams()
     with _one_process():
         if threading.current_thread() is not threading.main_thread():  # signals reach the main thread only
             _main()
@@ -108,6 +109,16 @@ def main() -> None:
             _main()
         finally:
             signal.signal(signal.SIGTERM, previous)  # called in-process (tests, a notebook): the caller's again
+
+
+def _printable_streams() -> None:
+    """stdout that writes any text, as stderr already does (backslashreplace): one not in UTF-8 (Windows with
+    stdout redirected to a file writes cp1252) failed on the first `≥` of mia's table with a rich traceback and
+    exit 1, after the command's work, where a character it cannot show is now written as `\\u2265`."""
+    stream = sys.stdout
+    encoding = (getattr(stream, "encoding", None) or "").lower().replace("-", "").replace("_", "")
+    if encoding != "utf8" and getattr(stream, "errors", None) == "strict" and hasattr(stream, "reconfigure"):
+        stream.reconfigure(errors="backslashreplace")
 
 
 #: commands that do not run data-parallel (sampling, generation, merging): under a launcher rank 0 runs them
