@@ -137,3 +137,19 @@ def test_stdout_not_in_utf8_writes_every_result(monkeypatch):
     print_table("MIA on m", ("attack", "TPR"), [("loss", "n/a (needs ≥ 100 non-members)")])
     stdout.flush()
     assert b"needs \\u2265 100" in raw.getvalue()
+
+
+def test_a_title_in_a_script_the_font_lacks_warns_nothing(tmp_path):
+    """A run dir named `日本 run` put four matplotlib "Glyph ... missing from font(s)" warnings per ROC figure on
+    the run's stderr."""
+    import warnings
+
+    from leakaudit.metrics import roc_metrics
+    from leakaudit.report.plots import plot_roc
+
+    m = roc_metrics([0.9, 0.8, 0.3, 0.1], [1, 1, 0, 0])
+    with warnings.catch_warnings(record=True) as got:
+        warnings.simplefilter("always")
+        plot_roc({"loss": m}, tmp_path / "roc.png", title="membership inference: 日本 run/model")
+    assert not [w for w in got if "missing from font" in str(w.message)]
+    assert (tmp_path / "roc.png").stat().st_size > 0

@@ -14,7 +14,14 @@ from typing import Any
 
 
 def _plt():
+    import warnings
+
     import matplotlib
+
+    # a title or legend naming a path or model in a script the font lacks (日本, a run dir named in Japanese):
+    # the figure shows boxes there (the report's text shows the name), and four UserWarnings per figure, each
+    # with a line of plots.py, filled a run's stderr
+    warnings.filterwarnings("ignore", message=r"Glyph \d+ .*missing from font", category=UserWarning)
 
     matplotlib.use("Agg")
     # titles and labels hold model paths and names: "$5_vs_$10" is text, not TeX (mathtext raised on it)
