@@ -153,3 +153,16 @@ def test_a_title_in_a_script_the_font_lacks_warns_nothing(tmp_path):
         plot_roc({"loss": m}, tmp_path / "roc.png", title="membership inference: 日本 run/model")
     assert not [w for w in got if "missing from font" in str(w.message)]
     assert (tmp_path / "roc.png").stat().st_size > 0
+
+
+def test_tilde_after_an_equals_sign_is_the_home(tmp_path, monkeypatch, capsys):
+    """`--data=~/d.jsonl` (the shell leaves `~` after `=` as it is) named `./~/d.jsonl`, and `--out=~/x` wrote
+    into a folder named `~` in the working directory."""
+    from conftest import run_main
+
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.chdir(tmp_path)
+    code, err = run_main(["score", "--model", "tiny-gpt-neox", "--data=~/missing.jsonl", "--out=~/o.jsonl"],
+                         monkeypatch, capsys)
+    assert code == 2 and err.strip() == f"error: {tmp_path / 'home' / 'missing.jsonl'}: file not found", err
+    assert not (tmp_path / "~").exists()

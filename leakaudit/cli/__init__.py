@@ -159,7 +159,8 @@ def _main() -> None:
         if (twice := _repeated_option(sys.argv[1:])) is not None:
             _fail(f"option '{twice}': given twice: it takes one value, and the last would win silently (a list is "
                   f"one comma list: {twice} a,b)")
-        code = app(standalone_mode=False)  # errors come back to us instead of click's multi-line usage box
+        # errors come back to us instead of click's multi-line usage box
+        code = app(args=[_home_in_value(a) for a in sys.argv[1:]], standalone_mode=False)
     except InputError as exc:
         _fail(exc.format())
     except clk.NoArgsIsHelpError as exc:  # no arguments: the help (typer prints it while raising), exit 2
@@ -264,6 +265,15 @@ def _repeated_option(args: list[str]) -> str | None:
         if seen[param.name] == 2:
             return param.opts[0]
     return None
+
+
+def _home_in_value(arg: str) -> str:
+    """`--out=~/runs/x` as the shell reads `--out ~/runs/x`: bash and zsh expand `~` only at a word's start, and
+    the path given was a folder named `~` in the working directory (a later `rm -rf ~` removes the home)."""
+    option, eq, value = arg.partition("=")
+    if arg.startswith("--") and eq and (value == "~" or value.startswith("~/")):
+        return f"{option}={os.path.expanduser(value)}"
+    return arg
 
 
 def _usage_line(exc) -> str:
