@@ -30,7 +30,24 @@ if TYPE_CHECKING:
 
 def world() -> tuple[int, int]:
     """(rank, world size) from the launcher's environment; (0, 1) when not launched in parallel."""
-    return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    return _launcher_number("RANK", 0), _launcher_number("WORLD_SIZE", 1)
+
+
+def _launcher_number(name: str, default: int) -> int:
+    """A launcher's variable as a number; set empty (`RANK= cmd`, a blank line in a .env file) it is unset, and
+    anything else not a number is one `error:` line naming it (every command failed with a ValueError
+    traceback before it read its arguments)."""
+    value = os.environ.get(name, "").strip()
+    if not value:
+        return default
+    try:
+        return int(value)
+    except ValueError:
+        from leakaudit.errors import InputError
+
+        what = "index" if name == "RANK" else "count"
+        raise InputError(f"'{value}' is not a number (a launcher's process {what}, which torchrun sets): unset it "
+                         "to run as one process", field=name) from None
 
 
 #: what MPI launchers (mpirun of Open MPI, MPICH or Intel MPI, MVAPICH; srun --mpi) set in each process
@@ -40,7 +57,7 @@ MPI_SIZE_VARS = ("OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "MV2_COMM_WORLD_SIZE")
 def mpi_launch_without_rank() -> str | None:
     """Why this process cannot run: started as one of several by an MPI launcher, which sets no RANK or
     WORLD_SIZE, every process took itself for the only one and wrote the same files. None otherwise."""
-    if "WORLD_SIZE" in os.environ:
+    if os.environ.get("WORLD_SIZE", "").strip():  # a launch torchrun or accelerate made (empty is unset)
         return None
     for var in MPI_SIZE_VARS:
         value = os.environ.get(var, "").strip()

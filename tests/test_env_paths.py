@@ -166,3 +166,19 @@ def test_tilde_after_an_equals_sign_is_the_home(tmp_path, monkeypatch, capsys):
                          monkeypatch, capsys)
     assert code == 2 and err.strip() == f"error: {tmp_path / 'home' / 'missing.jsonl'}: file not found", err
     assert not (tmp_path / "~").exists()
+
+
+def test_launcher_variables_that_are_no_number(monkeypatch, capsys):
+    """`RANK=abc` failed every command with a ValueError traceback before it read its arguments; `RANK=` set
+    empty is unset."""
+    from conftest import run_main
+
+    from leakaudit.distributed import world
+
+    monkeypatch.setenv("RANK", "")
+    monkeypatch.setenv("WORLD_SIZE", " ")
+    assert world() == (0, 1)
+    monkeypatch.setenv("RANK", "abc")
+    code, err = run_main(["model-info", "--model", "tiny-gpt-neox"], monkeypatch, capsys)
+    assert code == 2 and err == ("error: field 'RANK': 'abc' is not a number (a launcher's process index, which "
+                                 "torchrun sets): unset it to run as one process\n"), err

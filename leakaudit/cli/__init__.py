@@ -79,7 +79,7 @@ def _other_rank() -> bool:
 
     try:
         rank, size = world()
-    except ValueError:  # a launcher's variable that is no number: not this handler's to say
+    except (ValueError, InputError):  # a launcher's variable that is no number: not this handler's to say
         return False
     return size > 1 and rank != 0
 
@@ -100,6 +100,12 @@ def main() -> None:
     # read when they are imported, after this. A library caller's own setting is left alone (models/load.py)
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     _printable_streams()
+    from leakaudit.distributed import world
+
+    try:
+        world()
+    except InputError as exc:  # RANK=abc: before anything asks which process this is
+        _fail(exc.format())
     with _one_process():
         if threading.current_thread() is not threading.main_thread():  # signals reach the main thread only
             _main()
@@ -308,7 +314,10 @@ def _say(line: str) -> None:
     names its rank, so an error only it met (a file it cannot see) is still shown."""
     from leakaudit.distributed import world
 
-    rank, size = world()
+    try:
+        rank, size = world()
+    except InputError:  # the error being said may be that RANK is no number
+        rank, size = 0, 1
     if size > 1 and rank != 0:
         import time
 
