@@ -182,3 +182,20 @@ def test_launcher_variables_that_are_no_number(monkeypatch, capsys):
     code, err = run_main(["model-info", "--model", "tiny-gpt-neox"], monkeypatch, capsys)
     assert code == 2 and err == ("error: field 'RANK': 'abc' is not a number (a launcher's process index, which "
                                  "torchrun sets): unset it to run as one process\n"), err
+
+
+def test_a_write_refused_names_the_file_not_its_temp(tmp_path, monkeypatch):
+    """`leakaudit report` on a read-only run dir said `error: run/report.html.7607.tmp: Permission denied`."""
+    from leakaudit.data import io as dio
+
+    real_open = Path.open
+
+    def refuse(self, mode="r", *args, **kwargs):
+        if "w" in mode and self.name.endswith(".tmp"):
+            raise PermissionError(13, "Permission denied", str(self))
+        return real_open(self, mode, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "open", refuse)
+    with pytest.raises(PermissionError) as err:
+        dio.write_json(tmp_path / "report.json", {"a": 1})
+    assert err.value.filename == str(tmp_path / "report.json")

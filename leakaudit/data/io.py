@@ -416,8 +416,8 @@ def write_atomic(path: str | Path, write: Any) -> None:
         tmp.replace(p)
     except OSError as exc:
         tmp.unlink(missing_ok=True)
-        if exc.filename is None and exc.errno is not None:
-            raise OSError(exc.errno, exc.strerror, str(p)) from None
+        if exc.errno is not None and exc.filename in (None, str(tmp)):  # the temp file is ours, not the user's:
+            raise OSError(exc.errno, exc.strerror, str(p)) from None  # a read-only run dir said `report.html.7607.tmp`
         raise
 
 
