@@ -199,3 +199,14 @@ def test_a_write_refused_names_the_file_not_its_temp(tmp_path, monkeypatch):
     with pytest.raises(PermissionError) as err:
         dio.write_json(tmp_path / "report.json", {"a": 1})
     assert err.value.filename == str(tmp_path / "report.json")
+
+
+def test_a_name_longer_than_the_file_system_allows(tmp_path, monkeypatch, capsys):
+    """A name of over 255 bytes (90 CJK characters) in --out, --data or an experiment file's path: every
+    command failed with an OSError traceback (ENAMETOOLONG) from its first look at the path."""
+    from conftest import run_main
+
+    long = tmp_path / ("日" * 90 + ".jsonl")
+    code, err = run_main(["report", long], monkeypatch, capsys)
+    assert code == 2 and err.count("\n") == 1 and "longer than the file system allows" in err, err
+    assert err.startswith(f"error: {long}")

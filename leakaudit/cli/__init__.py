@@ -181,6 +181,8 @@ def _main() -> None:
             _bug(exc.__cause__)
         code = INTERRUPTED
     except OSError as exc:
+        if exc.errno == errno.ENAMETOOLONG:  # a path given (a name of 90 CJK characters is 270 bytes): bad input
+            _fail(f"{exc.filename}: a name in this path is longer than the file system allows ({exc.strerror})")
         if exc.errno not in MACHINE_ERRNOS:  # anything else may be a bug: keep its traceback
             _bug(exc)
         from leakaudit.data.pii_mask import mask_message
