@@ -138,6 +138,15 @@ def test_stdout_not_in_utf8_writes_every_result(monkeypatch):
     stdout.flush()
     assert b"needs \\u2265 100" in raw.getvalue()
 
+    # LC_ALL=C where Python stays in ASCII: its stdout's surrogateescape wrote a path's bytes but failed on `≥`
+    raw = io.BytesIO()
+    stdout = io.TextIOWrapper(raw, encoding="ascii", errors="surrogateescape")
+    monkeypatch.setattr(sys, "stdout", stdout)
+    cli._printable_streams()
+    print("needs ≥ 100; report: " + os.fsdecode(b"run\xe9/report.html") + "\udcff≥")
+    stdout.flush()
+    assert raw.getvalue() == b"needs \\u2265 100; report: run\xe9/report.html\xff\\u2265\n"
+
 
 def test_a_title_in_a_script_the_font_lacks_warns_nothing(tmp_path):
     """A run dir named `日本 run` put four matplotlib "Glyph ... missing from font(s)" warnings per ROC figure on

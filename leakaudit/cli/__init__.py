@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import codecs
 import errno
 import importlib
 import os
@@ -119,12 +120,32 @@ def main() -> None:
 
 def _printable_streams() -> None:
     """stdout that writes any text, as stderr already does (backslashreplace): one not in UTF-8 (Windows with
-    stdout redirected to a file writes cp1252) failed on the first `≥` of mia's table with a rich traceback and
-    exit 1, after the command's work, where a character it cannot show is now written as `\\u2265`."""
+    stdout redirected to a file writes cp1252; LC_ALL=C where Python does not switch to UTF-8 writes ASCII)
+    failed on the first `≥` of mia's table with a rich traceback and exit 1, after the command's work, where a
+    character it cannot show is now written as `\\u2265`. A path's undecodable bytes (surrogates) still go out
+    as the bytes they were, as the C locale's surrogateescape wrote them."""
     stream = sys.stdout
     encoding = (getattr(stream, "encoding", None) or "").lower().replace("-", "").replace("_", "")
-    if encoding != "utf8" and getattr(stream, "errors", None) == "strict" and hasattr(stream, "reconfigure"):
-        stream.reconfigure(errors="backslashreplace")
+    if (encoding != "utf8" and getattr(stream, "errors", None) in ("strict", "surrogateescape")
+            and hasattr(stream, "reconfigure")):
+        codecs.register_error("leakaudit.escape", _escape_or_bytes)
+        stream.reconfigure(errors="leakaudit.escape")
+
+
+def _escape_or_bytes(exc: UnicodeError) -> tuple[str | bytes, int]:
+    """The error handler of `_printable_streams`: a run of surrogateescape'd bytes goes out as those bytes, any
+    other character the encoding lacks as its backslash escape."""
+    if not isinstance(exc, UnicodeEncodeError):
+        raise exc
+    text = exc.object
+    end = exc.start
+    if "\udc80" <= text[end] <= "\udcff":
+        while end < exc.end and "\udc80" <= text[end] <= "\udcff":
+            end += 1
+        return bytes(ord(c) - 0xDC00 for c in text[exc.start:end]), end
+    while end < exc.end and not "\udc80" <= text[end] <= "\udcff":
+        end += 1
+    return text[exc.start:end].encode("ascii", "backslashreplace").decode("ascii"), end
 
 
 #: commands that do not run data-parallel (sampling, generation, merging): under a launcher rank 0 runs them
