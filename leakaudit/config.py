@@ -421,6 +421,8 @@ def load_experiment(path: str | Path) -> Experiment:
     """Read an experiment file; relative data paths (and `report.mask_names`) are resolved against the file's
     folder."""
     p = Path(path)
+    if p.is_dir():  # "not found" of a folder that is there (a run's --out given first) sent users looking for it
+        raise InputError("is a directory; expected an experiment file (YAML)", file=p)
     if not p.is_file():
         raise InputError("experiment file not found" + _shipped_hint(p), file=p)
     from leakaudit.data.io import read_text  # BOM, UTF-16, undecodable bytes: one line naming the file

@@ -219,3 +219,12 @@ def test_a_name_longer_than_the_file_system_allows(tmp_path, monkeypatch, capsys
     code, err = run_main(["report", long], monkeypatch, capsys)
     assert code == 2 and err.count("\n") == 1 and "longer than the file system allows" in err, err
     assert err.startswith(f"error: {long}")
+
+
+def test_an_experiment_file_that_is_a_directory(tmp_path, monkeypatch, capsys):
+    """`leakaudit run out/ ...` (a run dir first): "experiment file not found" of a folder that is there."""
+    from conftest import run_main
+
+    (tmp_path / "exp.yaml").mkdir()
+    code, err = run_main(["run", tmp_path / "exp.yaml", "--out", tmp_path / "out"], monkeypatch, capsys)
+    assert code == 2 and err == f"error: {tmp_path / 'exp.yaml'}: is a directory; expected an experiment file (YAML)\n"
