@@ -228,3 +228,20 @@ def test_an_experiment_file_that_is_a_directory(tmp_path, monkeypatch, capsys):
     (tmp_path / "exp.yaml").mkdir()
     code, err = run_main(["run", tmp_path / "exp.yaml", "--out", tmp_path / "out"], monkeypatch, capsys)
     assert code == 2 and err == f"error: {tmp_path / 'exp.yaml'}: is a directory; expected an experiment file (YAML)\n"
+
+
+@pytest.mark.parametrize("encode, says", [
+    (lambda text: text.encode("utf-16"), "is UTF-16 (its first bytes say so), not UTF-8: save it as UTF-8"),
+    (lambda text: __import__("gzip").compress(text.encode()), "is gzip-compressed: decompress it first (gunzip)"),
+    (lambda text: b"\xff\xfe not text\n", None),  # binary that opens like a UTF-16 mark: the line, as before
+])
+def test_a_data_file_in_utf16_or_gzip_says_which(tmp_path, encode, says):
+    """Excel's "Unicode text" export (UTF-16) and a gzip'd JSONL were each "not valid UTF-8 (a binary file, or
+    another text encoding?)"."""
+    from leakaudit.data.io import load_records
+
+    path = tmp_path / "d.jsonl"
+    path.write_bytes(encode('{"text": "é 日本"}\n{"text": "two"}\n'))
+    with pytest.raises(InputError) as err:
+        load_records(path)
+    assert err.value.message == (says or "not valid UTF-8 (a binary file, or another text encoding?)")

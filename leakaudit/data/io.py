@@ -83,8 +83,23 @@ def read_lines(path: str | Path, jsonl: bool = False) -> io.StringIO:
 def _not_utf8(p: Path, raw: bytes, exc: UnicodeDecodeError) -> InputError:
     """`FILE:LINE: not valid UTF-8`, the line being the one that holds the first bad byte."""
     start = exc.start + (3 if raw.startswith(b"\xef\xbb\xbf") else 0)  # utf-8-sig counts after the BOM
+    # what the first bytes say it is (Excel's "Unicode text" export is UTF-16; `x.jsonl` may be gzip'd)
+    if raw.startswith((b"\xff\xfe", b"\xfe\xff")) and _mostly_ascii_utf16(raw):
+        return InputError("is UTF-16 (its first bytes say so), not UTF-8: save it as UTF-8", file=p)
+    if raw.startswith(b"\x1f\x8b"):
+        return InputError("is gzip-compressed: decompress it first (gunzip)", file=p)
     return InputError("not valid UTF-8 (a binary file, or another text encoding?)", file=p,
                       line=raw[:start].count(b"\n") + 1)
+
+
+def _mostly_ascii_utf16(raw: bytes) -> bool:
+    """Whether bytes that open with a UTF-16 byte-order mark read as UTF-16 text of the kind data files hold
+    (nine in ten characters ASCII), not as binary that happens to start with those two bytes."""
+    try:
+        text = raw[:4096 - len(raw[:4096]) % 2].decode("utf-16")
+    except UnicodeDecodeError:
+        return False
+    return bool(text) and sum(c < "\x80" for c in text) >= 0.9 * len(text)
 
 
 def read_jsonl_rows(p: Path) -> list[tuple[int, dict[str, Any]]]:
