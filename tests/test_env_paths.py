@@ -245,3 +245,16 @@ def test_a_data_file_in_utf16_or_gzip_says_which(tmp_path, encode, says):
     with pytest.raises(InputError) as err:
         load_records(path)
     assert err.value.message == (says or "not valid UTF-8 (a binary file, or another text encoding?)")
+
+
+def test_a_working_directory_deleted_under_the_shell(monkeypatch, capsys):
+    """A cwd deleted under the shell: torch's import died with "Intel oneMKL FATAL ERROR: Cannot load
+    .../libtorch_cpu.so", which reads as a broken install."""
+    from conftest import run_main
+
+    def gone():
+        raise FileNotFoundError(2, "No such file or directory")
+
+    monkeypatch.setattr(os, "getcwd", gone)
+    code, err = run_main(["model-info", "--model", "tiny-gpt-neox"], monkeypatch, capsys)
+    assert code == 2 and err.startswith("error: the working directory no longer exists") and err.count("\n") == 1

@@ -94,6 +94,11 @@ def main() -> None:
     Ctrl-C and SIGTERM stop in order and say that what finished is kept."""
     global _terminated
     _terminated = False  # called in-process again (tests, a notebook): an earlier SIGTERM is not this one's
+    try:
+        os.getcwd()
+    except FileNotFoundError:  # deleted under the shell (rebuilt in another terminal): torch's import then dies
+        _fail("the working directory no longer exists (deleted or moved since the shell entered it): cd into an "
+              "existing folder and rerun")  # with "Intel oneMKL FATAL ERROR: Cannot load libtorch_cpu.so", exit 2
     # first of all: before numpy or torch start (leakaudit/threads.py). numpy's BLAS threads, started by an
     # import before it, were counted as other processes' busy CPUs, and every command ran on one thread
     configure_threads()
