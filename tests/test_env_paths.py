@@ -258,3 +258,21 @@ def test_a_working_directory_deleted_under_the_shell(monkeypatch, capsys):
     monkeypatch.setattr(os, "getcwd", gone)
     code, err = run_main(["model-info", "--model", "tiny-gpt-neox"], monkeypatch, capsys)
     assert code == 2 and err.startswith("error: the working directory no longer exists") and err.count("\n") == 1
+
+
+def test_stage_names_that_differ_only_in_case(tmp_path):
+    """`finetune: {Real: ..., real: ...}`: one folder on macOS and Windows, where the second trained over the
+    first and both evaluations read one model; refused on every system, so an experiment file moves."""
+    import yaml
+
+    from leakaudit.config import parse_experiment
+    from leakaudit.experiment import Plan
+
+    ft = {"model": "base", "data": "emails"}
+    cfg = {"name": "x", "models": {"base": "tiny-gpt-neox"},
+           "datasets": {"emails": {"builtin": "enron-synthetic", "limit": 4}},
+           "finetune": {"Real": ft, "real": {**ft, "options": {"epochs": 2}}}}
+    with pytest.raises(InputError) as err:
+        Plan(parse_experiment(yaml.safe_dump(cfg, sort_keys=False), "exp.yaml"))
+    assert err.value.file == "exp.yaml" and err.value.line == 12 and err.value.field == "finetune.real"
+    assert "'finetune/Real' and 'finetune/real' differ only in letter case" in err.value.message

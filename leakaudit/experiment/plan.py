@@ -230,6 +230,11 @@ class Plan:
         # (a value given twice: [0.001, 0.001], [20, "20"]; labels that differ only in characters a folder
         # name cannot hold: "A,D" and "A, D")
         twin = self.stages.get(stage.id) or next((s for s in self.stages.values() if s.folder == stage.folder), None)
+        cased = next((s for s in self.stages.values() if s.folder.casefold() == stage.folder.casefold()), None)
+        if twin is None and cased is not None:  # `Real` and `real`: one folder on macOS and Windows, where the
+            # second stage trained over the first and both evaluations read one model
+            raise self.exp.error(stage.origin, f"'{cased.id}' and '{stage.id}' differ only in letter case: on macOS "
+                                 "and Windows (file systems blind to case) they would share one folder; rename one")
         if twin is not None:
             raise self.exp.error((*stage.origin, "grid"), f"grid variants '{twin.id}' and '{stage.id}' "
                                  f"{'are the same' if twin.id == stage.id else 'share the folder ' + stage.folder}; "
