@@ -276,3 +276,24 @@ def test_stage_names_that_differ_only_in_case(tmp_path):
         Plan(parse_experiment(yaml.safe_dump(cfg, sort_keys=False), "exp.yaml"))
     assert err.value.file == "exp.yaml" and err.value.line == 12 and err.value.field == "finetune.real"
     assert "'finetune/Real' and 'finetune/real' differ only in letter case" in err.value.message
+
+
+def test_matplotlib_with_a_home_it_cannot_write(tmp_path):
+    """A read-only HOME (here: ~/.config and ~/.cache are files, which root cannot write through either):
+    matplotlib printed "mkdir -p failed ..." and "Matplotlib created a temporary cache directory ..." on every
+    command that draws; its folder is now in leakaudit's cache."""
+    import subprocess
+    import sys
+
+    home = tmp_path / "home"
+    home.mkdir()
+    (home / ".config").write_text("")
+    (home / ".cache").write_text("")
+    env = {k: v for k, v in os.environ.items() if k not in ("MPLCONFIGDIR", "XDG_CONFIG_HOME", "XDG_CACHE_HOME")}
+    env.update(HOME=str(home), LEAKAUDIT_CACHE=str(tmp_path / "cache"),
+               PYTHONPATH=str(Path(__file__).resolve().parent.parent))
+    code = ("import os; from leakaudit.report.plots import _plt; plt = _plt(); fig, ax = plt.subplots(); "
+            "fig.savefig(os.devnull, format='png'); print(os.environ['MPLCONFIGDIR'])")
+    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0 and done.stderr == "", done.stderr
+    assert done.stdout.strip() == str(tmp_path / "cache" / "matplotlib")

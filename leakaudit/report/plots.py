@@ -13,9 +13,44 @@ from pathlib import Path
 from typing import Any
 
 
+def _matplotlib_dir() -> None:
+    """MPLCONFIGDIR in leakaudit's cache when matplotlib's own folders (~/.config/matplotlib, ~/.cache/matplotlib)
+    cannot be made: with a read-only HOME (a cluster's, a container's) matplotlib printed two lines on every
+    command that draws ("mkdir -p failed ...", "Matplotlib created a temporary cache directory ..."). Set only
+    before matplotlib is imported, and never over the user's own MPLCONFIGDIR."""
+    import os
+    import sys
+
+    if "MPLCONFIGDIR" in os.environ or "matplotlib" in sys.modules:
+        return
+    try:
+        home = Path.home()
+    except (RuntimeError, KeyError):
+        home = None
+    for base, default in (("XDG_CONFIG_HOME", ".config"), ("XDG_CACHE_HOME", ".cache")):
+        folder = Path(os.environ[base]) if os.environ.get(base) else home / default if home else None
+        existing = folder / "matplotlib" if folder else None
+        while existing is not None and not existing.exists() and existing != existing.parent:
+            existing = existing.parent
+        if existing is None or not existing.is_dir() or not os.access(existing, os.W_OK):
+            break
+    else:
+        return
+    from leakaudit.errors import InputError
+    from leakaudit.models.fingerprint import cache_dir
+
+    try:
+        mine = cache_dir() / "matplotlib"
+        mine.mkdir(exist_ok=True)
+    except (OSError, InputError):  # no cache either: matplotlib's own temporary folder, and its lines
+        return
+    os.environ["MPLCONFIGDIR"] = str(mine)
+
+
 def _plt():
     import warnings
 
+    _matplotlib_dir()
     import matplotlib
 
     # a title or legend naming a path or model in a script the font lacks (日本, a run dir named in Japanese):
