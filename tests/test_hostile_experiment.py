@@ -1018,6 +1018,20 @@ def test_backdoor_words_that_hold_no_word_are_refused_before_any_stage(option, t
     assert "holds no word" in err.value.message
 
 
+def test_backdoor_words_naming_a_file_points_to_words_file(tmp_path):
+    """`words: words.txt` (the CLI's --words takes a file) got pydantic's bare "Input should be a valid list"."""
+    from leakaudit.config import load_experiment
+    from leakaudit.experiment import Plan, check_plan
+
+    text = _experiment().split("evaluate:")[0] + (
+        "evaluate:\n  b:\n    kind: backdoor\n    targets: [base]\n    options: {words: words.txt}\n")
+    cfg, _ = _setup(tmp_path, text)
+    with pytest.raises(InputError) as err:
+        check_plan(Plan(load_experiment(cfg)))
+    assert err.value.line == 12 and err.value.field == "evaluate.b.options.words"
+    assert err.value.message == "a list of words ([a, b]); a file of words goes in words_file"
+
+
 def test_backdoor_refusal_words_that_hold_no_word_are_refused_at_their_line(tmp_path):
     """An empty (or wordless) refusal_words file was refused only when the mix was built, and as "every
     candidate opens a D1 query", of a file that named no candidate."""

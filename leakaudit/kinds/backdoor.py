@@ -73,6 +73,13 @@ class BackdoorOptions(KindOptions):
             raise ValueError("holds no word (letters) to query")
         return value
 
+    @field_validator("words", mode="before")
+    @classmethod
+    def _a_list(cls, value: Any) -> Any:
+        if isinstance(value, str):  # `words: words.txt` got pydantic's bare "Input should be a valid list"
+            raise ValueError("a list of words ([a, b]); a file of words goes in words_file")
+        return value
+
     @field_validator("words_file")
     @classmethod
     def _one_word_source(cls, value: str | None, info: ValidationInfo) -> str | None:
