@@ -75,6 +75,7 @@ def test_json_rows_keep_their_element_ids_and_report_their_file_lines(tmp_path):
         ('{"meta": {"x": [1, "]"]},\n "data": [{"text": "a"},\n  {"text": 3}]}', ".json",
          "x.json:3: field 'text': must be a string"),
         ("text\nfine\n", ".txt", "unsupported file type '.txt'"),
+        ('{"text": "a"}\n', "", "x: no file type: the format is read from the name's suffix"),  # <(zcat ...)
         ("id,text\n1,a,extra\n", ".csv", "x.csv:2: row has more columns"),
         ("id,text\n1,a\n2\n", ".csv", "x.csv:3: field 'text': missing (row has: id)"),  # a short row
         ('id,text\n1,ok\n2,"never closed\n3,swallowed\n', ".csv", "x.csv:3: unreadable CSV: a quoted field is never"),

@@ -51,6 +51,9 @@ def read_rows(path: str | Path) -> list[tuple[int, dict[str, Any]]]:
         rows = _read_csv(p)
     elif suffix in (".parquet", ".arrow"):
         rows = _read_table(p)
+    elif not suffix:  # `--data <(zcat x.jsonl.gz)` is /dev/fd/63: the format is read from the name
+        raise InputError(f"no file type: the format is read from the name's suffix ({', '.join(SUPPORTED)}); "
+                         "a pipe or process substitution has none: write it to a file first", file=p)
     else:
         raise InputError(f"unsupported file type '{suffix}'; use one of {', '.join(SUPPORTED)}", file=p)
     if not rows:
