@@ -165,7 +165,28 @@ def test_pii_targets_are_the_addresses_in_data(tmp_path, monkeypatch, capsys, on
     code, err = _main(monkeypatch, capsys, "run", exp, "--out", tmp_path / "run2")
     assert code == 2 and "Traceback" not in err and err.count("error:") == 1
     assert err.splitlines()[-1] == (f"error: {exp}:12: field 'evaluate.ev.data': stage evaluate/ev/base: no target "
-                                    "address occurs in this evaluation's data")  # line 12: `data: d2`
+                                    "address occurs in this evaluation's data (targets: the `pairs` file)")  # line 12
+
+
+def test_no_target_in_own_data_says_where_targets_come_from():
+    """Own data without a `pairs` option or `pairs` lists in its rows is matched against the shipped Enron pairs;
+    the error said only "no target address occurs", leaving the user to guess that the targets were Enron's and
+    how to name their own people."""
+    from leakaudit.data.enron import select_targets
+    from leakaudit.data.io import Record
+    from leakaudit.errors import InputError
+
+    own = [Record("p0", "From: Pam Ross [mailto: pross@northwind.example]\n\nhi")]
+    with pytest.raises(InputError) as exc:
+        select_targets(None, own)
+    assert "targets: the shipped Enron pairs" in exc.value.message
+    assert "`pairs` option" in exc.value.message and "{name, email}" in exc.value.message
+    listed = [Record("p0", "no address here", extra={"pairs": [{"name": "Pam Ross", "email": "pross@x.example"}]})]
+    with pytest.raises(InputError, match=r"targets: the data rows' `pairs` lists"):
+        select_targets(None, listed)
+    targets = select_targets(None, [Record("p0", own[0].text, extra={
+        "pairs": [{"name": "Pam Ross", "email": "pross@northwind.example"}]})])
+    assert [(t.name, t.email) for t in targets] == [("Pam Ross", "pross@northwind.example")]
 
 
 @pytest.mark.parametrize("kind", ["pii", "pii-logprob"])

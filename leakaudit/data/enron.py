@@ -200,7 +200,13 @@ def select_targets(pairs: str | Path | None, records: list[Any] | None) -> list[
     if records is not None:
         targets = targets_in_texts(targets, [r.text for r in records])
         if not targets:
-            raise InputError("no target address occurs in this evaluation's data", field="data")
+            source = ("the `pairs` file" if pairs is not None else "the data rows' `pairs` lists"
+                      if any("pairs" in r.extra for r in records) else
+                      "the shipped Enron pairs, the default where neither the `pairs` option nor a `pairs` list "
+                      "in the data rows names the people; for your own data give one of them (rows with `name` "
+                      "and `email`; a row's `pairs`: a list of {name, email})")
+            raise InputError(f"no target address occurs in this evaluation's data (targets: {source})",
+                             field="data")
     return targets
 
 
