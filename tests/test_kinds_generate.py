@@ -243,6 +243,37 @@ def test_self_instruct_that_writes_no_task_fails_at_its_own_step(tmp_path, monke
         kind.run(ctx, kind.Options(n=1, requests_per_round=1, max_rounds=2))
 
 
+def test_self_instruct_whose_tasks_have_no_instance_fails_at_its_own_step(tmp_path, monkeypatch):
+    """A generator that writes instructions but never an input/output for them (the tiny models) left the step
+    "done" with an empty data.jsonl, and the fine-tune on it failed with "file is empty" naming only that
+    file; the step itself now says what happened."""
+    from leakaudit.data import synth
+    from leakaudit.errors import InputError
+    from leakaudit.kinds import get_kind
+    from leakaudit.kinds.base import KindContext
+    from leakaudit.sampling import Sample
+
+    def scripted(lm, prompts, config, **kw):  # instructions that pass the filters; no "Output:" for any
+        return [Sample(str(i), 0, p, "" if p.endswith("Input:") else
+                       f" Name {i + 3} unusual zebra facts for curious children.\n", 1)
+                for i, p in enumerate(prompts)]
+
+    monkeypatch.setattr(synth, "sample", scripted)
+
+    class Model:
+        spec, fingerprint = "scripted", "0"
+
+        def current_fingerprint(self) -> str:
+            return self.fingerprint
+
+    kind = get_kind("self-instruct")
+    ctx = KindContext(out=tmp_path, models={"model": "m"}, progress=False)
+    ctx.cache._loaded["m"] = Model()
+    with pytest.raises(InputError, match=r"wrote 1 task\(s\) but no input and output for any of them"):
+        kind.run(ctx, kind.Options(n=1, requests_per_round=1, max_rounds=2))
+    assert len((tmp_path / "tasks.jsonl").read_text().splitlines()) == 1  # kept: a rerun continues from it
+
+
 def test_prompt_tokens_beside_prompt_field_is_refused(tmp_path, monkeypatch, capsys):
     """A prompt is cut from the text (prompt_tokens) or read from a field (prompt_field): given both, the
     first was silently unused."""

@@ -66,6 +66,10 @@ class SelfInstruct(Kind):
                              "instruction-following generator", field="model")
         rows = instruction_rows(tasks)
         flat_file = ctx.output_file("data.jsonl")
+        if flat_file is not None and not rows:  # the same later "file is empty" as above, one step on
+            raise InputError(f"the model wrote {len(tasks)} task(s) but no input and output for any of them, so "
+                             "there is no instruction row to train on (the tasks are kept for a rerun); "
+                             "self-instruct needs an instruction-following generator", field="model")
         if flat_file is not None:
             write_jsonl(flat_file, rows)
         return Result({"rows": len(rows), "tasks": len(tasks)})
