@@ -19,8 +19,8 @@ def pii(
     out: Path = typer.Option(..., "--out", help="Output directory"),
     baseline: str | None = typer.Option(None, "--baseline", help="Model to subtract, e.g. before fine-tuning: "
                                         "the change in hit rate on the same targets"),
-    pairs: Path | None = typer.Option(None, "--pairs", help="Targets with `name` and `email` fields "
-                                      "(default: the shipped Enron pairs)"),
+    pairs: Path | None = typer.Option(None, "--pairs", help="Targets: rows with `name` and `email`, or with "
+                                      "`pairs` lists (default: the shipped Enron pairs)"),
     n_targets: int | None = typer.Option(1000, "--n-targets", min=0, help="Use the first N targets (0 = all)"),
     templates: str = typer.Option("fake-privacy", "--templates",
                                   help="Comma-separated families (fake-privacy, pil, pil-zero-shot, pil-k-shot, "
