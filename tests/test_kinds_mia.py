@@ -220,3 +220,30 @@ def test_a_flag_of_an_attack_that_does_not_run_is_refused(study, monkeypatch, ca
     code, err = run_main([*common, "--out", study / "used", "--attacks", used_by.split(", ")[0], flag, value],
                          monkeypatch, capsys)
     assert code == 0, err
+
+
+def test_mia_baseline_gives_the_comparisons_an_experiment_gives(study, monkeypatch, capsys):
+    """The command-by-command route had no paired Δ AUC (an experiment's `compare_to` did): `--baseline` scores
+    the same texts with a second model and writes the experiment's comparison rows and verdict lines."""
+    from leakaudit.config import load_experiment
+    from leakaudit.experiment import run_experiment
+
+    run = study / "run"
+    (study / "exp.yaml").write_text(_experiment("{attacks: [loss, zlib], n_bootstrap: 30, cache: false, "
+                                                "compare_to: ref}").replace("targets: [base]", "targets: [ref, base]"))
+    run_experiment(load_experiment(study / "exp.yaml"), run, log=lambda m: None)
+    want = json.loads((run / "summary.json").read_text())["comparisons"]
+    code, printed, err = run_main(["mia", "--target", "tiny-gpt-neox", "--baseline", "tiny-opt", "--members",
+                                   run / "data/d/a.jsonl", "--nonmembers", run / "data/d/b.jsonl", "--id-field", "id",
+                                   "--attacks", "loss,zlib", "--n-bootstrap", "30", "--no-cache", "--out",
+                                   study / "cli"], monkeypatch, capsys, stdout=True)
+    assert code == 0, err
+    got = json.loads((study / "cli" / "comparisons.json").read_text())
+    assert (got["target"], got["baseline"]) == ("tiny-gpt-neox", "tiny-opt")
+    assert [r["metric"] for r in got["comparisons"]] == [r["metric"] for r in want] == ["loss AUC", "zlib AUC"]
+    for g, w in zip(got["comparisons"], want, strict=True):
+        assert (g["delta"], g["delta_ci"], g["n"], g["verdict"]) == (w["delta"], w["delta_ci"], w["n"], w["verdict"])
+    assert printed.count("mia: tiny-gpt-neox vs tiny-opt: ") == 2
+    base = json.loads((study / "cli" / "baseline" / "mia.json").read_text())
+    assert base["target"] == "tiny-opt" and base["attacks"]["loss"]["auc"] == pytest.approx(
+        json.loads((run / "evaluate/m/ref/mia.json").read_text())["attacks"]["loss"]["auc"], abs=1e-12)

@@ -81,9 +81,13 @@ def _summary(title: str, metrics: dict[str, dict], unit: str = "non-members", co
 
 
 def mia(
-    ctx: typer.Context,
+    command: typer.Context,
     target: str = typer.Option(..., "--target", "--model", help="Model under attack (any model spec)"),
     reference: str | None = typer.Option(None, "--reference", help="Reference model for `ref` (any model spec)"),
+    baseline: str | None = typer.Option(None, "--baseline", help="A model to compare the target with on the same "
+                                        "texts (e.g. the one it was fine-tuned from): paired Δ AUC per attack with "
+                                        "its 95% CI, a verdict line each (comparisons.json; its scores in "
+                                        "OUT/baseline)"),
     members: Path | None = typer.Option(None, "--members", help="Texts used in training"),
     nonmembers: Path | None = typer.Option(None, "--nonmembers", help="Texts not used in training"),
     data: Path | None = typer.Option(None, "--data", help="One file with both, labelled by --label-field"),
@@ -123,7 +127,7 @@ def mia(
 
     kind = get_kind("mia")
     names = attack_names(attacks, reference is not None)
-    _refuse_unused_flags(ctx, names)
+    _refuse_unused_flags(command, names)
     attack_options: dict[str, dict] = {name: {"k": k} for name in takes_k(names)}
     if "recall" in names:  # only the options of attacks that run are checked
         attack_options["recall"] = {"shots": recall_shots}
@@ -134,24 +138,63 @@ def mia(
     roles = {"members", "nonmembers", *(["reference"] if reference else [])}
     options = build_options(kind, flags=_k_flags(names), roles=roles, **values)
     _one_source(members, nonmembers, data)
-    prepare_output(out, command="mia", files=("mia.json", "scores.jsonl"),
+    prepare_output(out, command="mia", files=("mia.json", "scores.jsonl", "comparisons.json", "baseline"),
                    inputs={"--members": members, "--nonmembers": nonmembers, "--data": data,
                            "--recall-prefix": recall_prefix, "--dc-pdd-corpus": corpus_file(dc_pdd_corpus),
-                           "--target": model_path(target),
-                           "--reference": model_path(reference)})
+                           "--target": model_path(target), "--reference": model_path(reference),
+                           "--baseline": model_path(baseline)})
     if "recall" in names and recall_prefix is not None:
         attack_options["recall"]["prefix"] = tuple(r.text for r in load_records(recall_prefix, text_field=text_field))
         options = build_options(kind, flags=_k_flags(names), roles=roles, **values)
     fields = {"text_field": text_field, "id_field": id_field}
     ins, outs, src_in, src_out = member_sets(members, nonmembers, data, label_field, **fields)
-    ctx = _context(out, ins, outs, src_in, src_out, {"target": target, "reference": reference}, fields, seed,
-                   device, dtype, allow_pickle)
-    res = kind.run(ctx, options).to_json()
+    kctx = _context(out, ins, outs, src_in, src_out, {"target": target, "reference": reference}, fields, seed,
+                    device, dtype, allow_pickle)
+    said: set[str] = set()
+    kctx.log = lambda line: (said.add(line), say(line))
+    res = kind.run(kctx, options).to_json()
+    base_res = None
+    if baseline is not None:  # the same texts, options and seed: its scores pair with the target's text by text
+        (out / "baseline").mkdir(parents=True, exist_ok=True)
+        bctx = _context(out / "baseline", ins, outs, src_in, src_out, {"target": baseline, "reference": reference},
+                        fields, seed, device, dtype, allow_pickle)
+        bctx.cache = kctx.cache  # the reference loads once
+        bctx.log = lambda line: None if line in said else say(line)  # a warning both runs give, once
+        base_res = kind.run(bctx, options).to_json()
     if not is_main():
         return
     n_out = next(iter(res["attacks"].values()))["n_nonmembers"]
     _summary(f"MIA on {target} ({len(ins)} members, {n_out} non-members)", res["attacks"])
-    say(f"wrote {out / 'mia.json'}, scores.jsonl, roc.png")
+    if base_res is None:
+        say(f"wrote {out / 'mia.json'}, scores.jsonl, roc.png")
+        return
+    _summary(f"MIA on {baseline} (the baseline)", base_res["attacks"])
+    _compare(out, res, base_res, *((target, baseline) if target != baseline else ("target", "baseline")),
+             n_bootstrap=options.n_bootstrap)
+    say(f"wrote {out / 'mia.json'}, scores.jsonl, roc.png, comparisons.json and the baseline's in "
+        f"{out / 'baseline'}")
+
+
+def _compare(out: Path, res: dict, base_res: dict, label: str, base_label: str, n_bootstrap: int) -> None:
+    """The target against the baseline, per attack, as an experiment's `compare_to` compares them (the same
+    rows in comparisons.json as in summary.json, the same verdict lines as `leakaudit run` prints)."""
+    from leakaudit.cli.core import say_result
+    from leakaudit.data.io import write_json
+    from leakaudit.kinds.base import StageView
+    from leakaudit.kinds.mia import MiaResult
+    from leakaudit.report.html import verdict_sentence
+
+    def view(folder: str, label: str, result: dict) -> StageView:
+        return StageView({"id": f"evaluate/mia/{label}", "kind": "mia", "folder": folder, "result": result,
+                          "params": {"evaluation": "mia", "target_label": label,
+                                     "options": {"compare_to": base_label, "n_bootstrap": n_bootstrap}}}, out)
+
+    rows = MiaResult.comparisons([view("baseline", base_label, base_res), view(".", label, res)])
+    write_json(out / "comparisons.json", {"target": res.get("target"), "baseline": base_res.get("target"),
+                                          "comparisons": rows})
+    say_result("verdicts (paired Δ with its 95% CI; the baseline's numbers in baseline/mia.json):")
+    for c in rows:
+        say_result(f"  {verdict_sentence(c)}")
 
 
 def _one_source(members: Path | None, nonmembers: Path | None, data: Path | None) -> None:
