@@ -247,3 +247,27 @@ def test_mia_baseline_gives_the_comparisons_an_experiment_gives(study, monkeypat
     base = json.loads((study / "cli" / "baseline" / "mia.json").read_text())
     assert base["target"] == "tiny-opt" and base["attacks"]["loss"]["auc"] == pytest.approx(
         json.loads((run / "evaluate/m/ref/mia.json").read_text())["attacks"]["loss"]["auc"], abs=1e-12)
+
+
+def test_user_inference_baseline_gives_the_comparison_an_experiment_gives(study, monkeypatch, capsys):
+    """As for mia: `--baseline` gives the paired Δ user AUC an experiment's `compare_to` gives, by command."""
+    from leakaudit.config import load_experiment
+    from leakaudit.experiment import run_experiment
+
+    users = ("  u:\n    kind: user-inference\n    targets: [ref, base]\n    reference: ref\n    members: d.a\n"
+             "    nonmembers: d.b\n    options: {m_values: [1, all], n_bootstrap: 30, cache: false, compare_to: ref}\n")
+    run = study / "run"
+    (study / "exp.yaml").write_text(_experiment("{attacks: [loss], n_bootstrap: 30}", users))
+    run_experiment(load_experiment(study / "exp.yaml"), run, log=lambda m: None)
+    want = [c for c in json.loads((run / "summary.json").read_text())["comparisons"] if c["evaluation"] == "u"]
+    code, printed, err = run_main(["user-inference", "--target", "tiny-gpt-neox", "--baseline", "tiny-opt",
+                                   "--reference", "tiny-opt", "--data", run / "data/d/a.jsonl", "--data-out",
+                                   run / "data/d/b.jsonl", "--user-field", "user", "--id-field", "id",
+                                   "--samples-per-user", "1,all", "--n-bootstrap", "30", "--no-cache", "--out",
+                                   study / "cli"], monkeypatch, capsys, stdout=True)
+    assert code == 0, err
+    got = json.loads((study / "cli" / "comparisons.json").read_text())["comparisons"]
+    assert len(got) == len(want) == 1
+    for key in ("metric", "delta", "delta_ci", "n_users", "m", "verdict", "note"):
+        assert got[0][key] == want[0][key], key
+    assert printed.count("user-inference: tiny-gpt-neox vs tiny-opt: user AUC") == 1, printed

@@ -3,6 +3,7 @@ leakaudit/kinds/mia.py and leakaudit/kinds/user_inference.py, which write the ou
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -150,17 +151,9 @@ def mia(
     ins, outs, src_in, src_out = member_sets(members, nonmembers, data, label_field, **fields)
     kctx = _context(out, ins, outs, src_in, src_out, {"target": target, "reference": reference}, fields, seed,
                     device, dtype, allow_pickle)
-    said: set[str] = set()
-    kctx.log = lambda line: (said.add(line), say(line))
-    res = kind.run(kctx, options).to_json()
-    base_res = None
-    if baseline is not None:  # the same texts, options and seed: its scores pair with the target's text by text
-        (out / "baseline").mkdir(parents=True, exist_ok=True)
-        bctx = _context(out / "baseline", ins, outs, src_in, src_out, {"target": baseline, "reference": reference},
-                        fields, seed, device, dtype, allow_pickle)
-        bctx.cache = kctx.cache  # the reference loads once
-        bctx.log = lambda line: None if line in said else say(line)  # a warning both runs give, once
-        base_res = kind.run(bctx, options).to_json()
+    res, base_res = _run_with_baseline(kind, options, kctx, baseline, lambda: _context(
+        out / "baseline", ins, outs, src_in, src_out, {"target": baseline, "reference": reference}, fields, seed,
+        device, dtype, allow_pickle))
     if not is_main():
         return
     n_out = next(iter(res["attacks"].values()))["n_nonmembers"]
@@ -169,30 +162,47 @@ def mia(
         say(f"wrote {out / 'mia.json'}, scores.jsonl, roc.png")
         return
     _summary(f"MIA on {baseline} (the baseline)", base_res["attacks"])
-    _compare(out, res, base_res, *((target, baseline) if target != baseline else ("target", "baseline")),
-             n_bootstrap=options.n_bootstrap)
+    _compare(kind, out, res, base_res, target, baseline, options.n_bootstrap)
     say(f"wrote {out / 'mia.json'}, scores.jsonl, roc.png, comparisons.json and the baseline's in "
         f"{out / 'baseline'}")
 
 
-def _compare(out: Path, res: dict, base_res: dict, label: str, base_label: str, n_bootstrap: int) -> None:
-    """The target against the baseline, per attack, as an experiment's `compare_to` compares them (the same
-    rows in comparisons.json as in summary.json, the same verdict lines as `leakaudit run` prints)."""
+def _run_with_baseline(kind: Any, options: Any, kctx: Any, baseline: str | None,
+                       baseline_context: Callable[[], Any]) -> tuple[dict, dict | None]:
+    """Run the kind on the target, then, with `--baseline`, on the baseline model in OUT/baseline: the same
+    records, options and seed, so its scores pair with the target's item by item. A warning both runs give
+    is said once; the reference model is loaded once."""
+    said: set[str] = set()
+    kctx.log = lambda line: (said.add(line), say(line))
+    res = kind.run(kctx, options).to_json()
+    if baseline is None:
+        return res, None
+    bctx = baseline_context()
+    bctx.out.mkdir(parents=True, exist_ok=True)
+    bctx.cache = kctx.cache
+    bctx.log = lambda line: None if line in said else say(line)
+    return res, kind.run(bctx, options).to_json()
+
+
+def _compare(kind: Any, out: Path, res: dict, base_res: dict, target: str, baseline: str, n_bootstrap: int) -> None:
+    """The target against the baseline as an experiment's `compare_to` compares them: the kind's own
+    comparison rows (comparisons.json; the rows summary.json lists) and the verdict lines `leakaudit run`
+    prints."""
     from leakaudit.cli.core import say_result
     from leakaudit.data.io import write_json
     from leakaudit.kinds.base import StageView
-    from leakaudit.kinds.mia import MiaResult
     from leakaudit.report.html import verdict_sentence
 
-    def view(folder: str, label: str, result: dict) -> StageView:
-        return StageView({"id": f"evaluate/mia/{label}", "kind": "mia", "folder": folder, "result": result,
-                          "params": {"evaluation": "mia", "target_label": label,
-                                     "options": {"compare_to": base_label, "n_bootstrap": n_bootstrap}}}, out)
+    label, base_label = (target, baseline) if target != baseline else ("target", "baseline")
 
-    rows = MiaResult.comparisons([view("baseline", base_label, base_res), view(".", label, res)])
-    write_json(out / "comparisons.json", {"target": res.get("target"), "baseline": base_res.get("target"),
-                                          "comparisons": rows})
-    say_result("verdicts (paired Δ with its 95% CI; the baseline's numbers in baseline/mia.json):")
+    def view(folder: str, name: str, result: dict) -> StageView:
+        return StageView({"id": f"evaluate/{kind.name}/{name}", "kind": kind.name, "folder": folder,
+                          "result": {**result, "compare_to": base_label}, "params": {"evaluation": kind.name, "target_label": name, "options": {
+                              "compare_to": base_label, "n_bootstrap": n_bootstrap}}}, out)
+
+    rows = kind.Result.comparisons([view("baseline", base_label, base_res), view(".", label, res)])
+    write_json(out / "comparisons.json", {"target": target, "baseline": baseline, "comparisons": rows})
+    say_result("verdicts (paired Δ with its 95% CI; the baseline's own numbers in baseline/):")
     for c in rows:
         say_result(f"  {verdict_sentence(c)}")
 
@@ -209,6 +219,9 @@ def _one_source(members: Path | None, nonmembers: Path | None, data: Path | None
 def user_inference(
     target: str = typer.Option(..., "--target", "--model", help="Fine-tuned model under attack"),
     reference: str = typer.Option(..., "--reference", help="Model not tuned on any of these users"),
+    baseline: str | None = typer.Option(None, "--baseline", help="A model to compare the target with on the same "
+                                        "users (e.g. one trained without the mitigation): paired Δ user AUC with "
+                                        "its 95% CI, a verdict line (comparisons.json; its scores in OUT/baseline)"),
     data: Path = typer.Option(..., "--data", help="Users' samples; in/out by --label-field, or all in with"
                                                   " --data-out"),
     user_field: str = typer.Option(..., "--user-field", help="Field naming each sample's user"),
@@ -243,20 +256,30 @@ def user_inference(
     options = build_options(kind, flags=USER_FLAGS, roles={"members", "nonmembers", "reference"},
                             m_values=samples_per_user, n_bootstrap=n_bootstrap, seed=seed, batch_size=batch_size,
                             max_length=max_length, stride=stride, cache=not no_cache)
-    prepare_output(out, command="user-inference", files=("user_inference.json", "user_scores.jsonl"),
+    prepare_output(out, command="user-inference", files=("user_inference.json", "user_scores.jsonl",
+                                                          "comparisons.json", "baseline"),
                    inputs={"--data": data, "--data-out": data_out, "--target": model_path(target),
-                           "--reference": model_path(reference)})
+                           "--reference": model_path(reference), "--baseline": model_path(baseline)})
     fields = {"text_field": text_field, "id_field": id_field, "user_field": user_field}
     ins, outs, src_in, src_out = (member_sets(data, data_out, None, label_field, **fields) if data_out is not None
                                   else member_sets(None, None, data, label_field, **fields))
-    ctx = _context(out, ins, outs, src_in, src_out, {"target": target, "reference": reference}, fields, seed,
-                   device, dtype, allow_pickle)
-    res = kind.run(ctx, options).to_json()
+    kctx = _context(out, ins, outs, src_in, src_out, {"target": target, "reference": reference}, fields, seed,
+                    device, dtype, allow_pickle)
+    res, base_res = _run_with_baseline(kind, options, kctx, baseline, lambda: _context(
+        out / "baseline", ins, outs, src_in, src_out, {"target": baseline, "reference": reference}, fields, seed,
+        device, dtype, allow_pickle))
     if not is_main():
         return
     _summary(f"user inference on {target} (samples per user m)", {f"m={m}": r for m, r in res["per_m"].items()},
              "non-member users", counts="users in/out")
-    say(f"wrote {out / 'user_inference.json'}, user_scores.jsonl, roc_users.png")
+    if base_res is None:
+        say(f"wrote {out / 'user_inference.json'}, user_scores.jsonl, roc_users.png")
+        return
+    _summary(f"user inference on {baseline} (the baseline)", {f"m={m}": r for m, r in base_res["per_m"].items()},
+             "non-member users", counts="users in/out")
+    _compare(kind, out, res, base_res, target, baseline, options.n_bootstrap)
+    say(f"wrote {out / 'user_inference.json'}, user_scores.jsonl, roc_users.png, comparisons.json and the "
+        f"baseline's in {out / 'baseline'}")
 
 
 def register(app: typer.Typer) -> None:
