@@ -103,3 +103,10 @@ def configure_threads() -> int:
     if torch is not None and torch.get_num_threads() != n:
         torch.set_num_threads(n)
     return n
+
+
+def in_use() -> int | None:
+    """torch's thread count now, or None before torch is loaded (a stage that computed nothing). Recorded per
+    stage: in bf16 the rounding, and so the numbers, depend on it (docs: README "CPU threads")."""
+    torch = sys.modules.get("torch")
+    return torch.get_num_threads() if torch is not None else None

@@ -160,6 +160,12 @@ def test_tiny_study_end_to_end(study_run):
     assert precision["data/emails"] is None and precision["finetune/real"] in ("float32", "bfloat16")
     assert {precision[s] for s in STAGES[1:]} == {precision["finetune/real"]}  # LEAKAUDIT_DTYPE pins one
     assert precision["finetune/real"] == default_precision(Plan(parse_experiment(STUDY)).stages["finetune/real"])
+    # ... and the torch threads it ran on: in bf16 the rounding, so the numbers, depend on them (a loaded
+    # machine starts fewer); the data step may run before torch is loaded and records none
+    import torch
+
+    threads = {st["id"]: st.get("threads") for st in json.loads((out / "run.json").read_text())["stages"]}
+    assert {threads[s] for s in STAGES[1:]} == {torch.get_num_threads()}, threads
     trained = json.loads((out / "finetune/real/stage.json").read_text())["result"]  # the report's stage note
     assert trained["n_train_examples"] > 0 and trained["dropped_no_loss_tokens"] == 0
 

@@ -13,6 +13,7 @@ from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from typing import Any
 
+from leakaudit import threads
 from leakaudit.config import ConfigError, Experiment
 from leakaudit.data.io import link_or_copy, open_lock, write_atomic, write_json
 from leakaudit.errors import InputError, one_line
@@ -132,7 +133,7 @@ def run_plan(plan: Plan, out: Path, *, log: Callable[[str], None] = say,
             seconds = round(time.perf_counter() - t0, 2)
             finished[stage.id] = uuid.uuid4().hex
             write_json(sdir / "stage.json", {"id": stage.id, "kind": stage.kind, "key": stage.key,
-                                              "precision": default_precision(stage),
+                                              "precision": default_precision(stage), "threads": threads.in_use(),
                                               "params": stage.params, "deps": stage.deps, "seconds": seconds,
                                               "result": result, "outputs": output_manifest(sdir),
                                               "done_id": finished[stage.id],
@@ -335,6 +336,7 @@ def write_run_record(plan: Plan, out: Path, config_text: str, status: dict[str, 
                        "status": status.get(stage.id, "done" if done else "pending"),
                        "seconds": done["seconds"] if done else None,
                        **({"precision": done["precision"]} if done and done.get("precision") else {}),
+                       **({"threads": done["threads"]} if done and done.get("threads") else {}),
                        "result": _inside_out(done["result"], out) if done else None,
                        **({"error": _inside_out(failures[stage.id], out)} if failures and stage.id in failures else {})})
     record = {"experiment": plan.exp.model_dump(mode="json"), "config_text": config_text,
