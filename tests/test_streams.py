@@ -90,18 +90,15 @@ def test_perplexity_and_seeds_say_which_files_they_wrote(tmp_path, monkeypatch, 
     assert f"wrote {out / 'perplexity.json'}" in stderr
 
 
-def test_a_line_on_stderr_keeps_its_brackets(monkeypatch):
-    """A grid variant's folder (`ft[lr=0.1]`) read as rich markup lost its brackets and value."""
-    import io
-
-    from rich.console import Console
-
+def test_a_line_on_stderr_keeps_its_brackets_and_colons(capsys):
+    """A grid variant's folder (`ft[lr=0.1]`) read as rich markup lost its brackets and value; a folder named
+    `a:fire:b` came out as `a🔥b` (rich's emoji codes). The CLI and the library say a line one way."""
     import leakaudit.cli.core as cli_core
+    import leakaudit.progress as progress
 
-    out = io.StringIO()
-    monkeypatch.setattr(cli_core, "err", Console(file=out, soft_wrap=True))
-    cli_core.say("wrote out/finetune/ft[lr=0.1]/model")
-    assert out.getvalue() == "wrote out/finetune/ft[lr=0.1]/model\n"
+    assert cli_core.say is progress.say
+    cli_core.say("wrote out/finetune/ft[lr=0.1]/model, runs/a:fire:b")
+    assert capsys.readouterr().err == "wrote out/finetune/ft[lr=0.1]/model, runs/a:fire:b\n"
 
 
 def test_the_library_says_its_progress_on_stderr_masked(capsys):

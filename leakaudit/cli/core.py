@@ -10,10 +10,10 @@ import typer
 from rich.console import Console
 
 from leakaudit.errors import InputError
+from leakaudit.progress import say  # noqa: F401  (the commands' stderr line: one function with the library's log)
 
 # Streams, one rule for every command: stdout carries its result (metrics, tables, verdicts, the path of a model
 # it made), for a reader or a pipe; stderr carries progress, warnings and which files it wrote.
-err = Console(stderr=True, soft_wrap=True)  # a warning or summary line stays one line when piped
 results = Console(soft_wrap=True)  # a command's result table (stdout)
 
 
@@ -24,14 +24,6 @@ def say_result(line: str) -> None:
     from leakaudit.data.pii_mask import mask_message
 
     typer.echo(mask_message(line))
-
-
-def say(line: str) -> None:
-    """One line on stderr (which files were written, a kind's counts and warnings), PII masked: an --out or a
-    model path may hold an address (`wrote out/jane.doe@enron.com/...`), and logs are shared."""
-    from leakaudit.data.pii_mask import mask_message
-
-    err.print(mask_message(line), markup=False, highlight=False)
 
 
 def print_table(title: str, heads: tuple[str, ...], rows: list[tuple[str, ...]], justify: str = "left") -> None:
