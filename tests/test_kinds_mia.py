@@ -271,3 +271,17 @@ def test_user_inference_baseline_gives_the_comparison_an_experiment_gives(study,
     for key in ("metric", "delta", "delta_ci", "n_users", "m", "verdict", "note"):
         assert got[0][key] == want[0][key], key
     assert printed.count("user-inference: tiny-gpt-neox vs tiny-opt: user AUC") == 1, printed
+
+
+def test_a_rerun_without_baseline_leaves_no_comparison_of_the_earlier_one(study, monkeypatch, capsys):
+    """`--baseline` then the same --out without it: comparisons.json still held the earlier run's verdicts beside
+    the new mia.json, a comparison this run never made."""
+    labelled = study / "labelled.jsonl"
+    labelled.write_text("".join(json.dumps({**r, "label": i % 2}) + "\n" for i, r in enumerate(ROWS)))
+    common = ["mia", "--target", "tiny-gpt-neox", "--data", labelled, "--attacks", "loss", "--n-bootstrap", "0",
+              "--out", study / "cli"]
+    code, err = run_main([*common, "--baseline", "tiny-opt"], monkeypatch, capsys)
+    assert code == 0 and (study / "cli" / "comparisons.json").exists(), err
+    code, err = run_main(common, monkeypatch, capsys)
+    assert code == 0, err
+    assert not (study / "cli" / "comparisons.json").exists()

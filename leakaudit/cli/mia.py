@@ -176,6 +176,10 @@ def _run_with_baseline(kind: Any, options: Any, kctx: Any, baseline: str | None,
     kctx.log = lambda line: (said.add(line), say(line))
     res = kind.run(kctx, options).to_json()
     if baseline is None:
+        from leakaudit.distributed import is_main
+
+        if is_main():  # an earlier run's --baseline: its verdicts are of results this run replaced
+            (kctx.out / "comparisons.json").unlink(missing_ok=True)
         return res, None
     bctx = baseline_context()
     bctx.out.mkdir(parents=True, exist_ok=True)
