@@ -277,8 +277,13 @@ def test_the_lines_saying_what_a_command_wrote_are_masked(tmp_path, monkeypatch,
                                "--no-cache"], monkeypatch, capsys, stdout=True)
     assert code == 0, err
     assert "-> " in err and "jane.doe@enron.com" not in err + out, err
-    # the dtype as model-info and run.json name it (it said torch.float32); bfloat16 where the suite forces bf16
-    assert "(float32, cpu)" in err or "(bfloat16, cpu)" in err, err
+    # the dtype as model-info and run.json name it (it said torch.float32): the one the run resolves
+    # (LEAKAUDIT_DTYPE; bfloat16 where the suite forces bf16), not either of two
+    import torch
+
+    from leakaudit.models.dtype import resolve_dtype
+
+    assert f"({str(resolve_dtype(None, torch.device('cpu'))).removeprefix('torch.')}, cpu)" in err, err
     code, out, err = run_main(["generate", "replace-pii", "--data", texts, "--out", where / "r.jsonl"], monkeypatch,
                               capsys, stdout=True)
     assert code == 0 and "wrote 1 rows to " in err and "jane.doe@enron.com" not in err + out, err
