@@ -284,4 +284,4 @@ def test_a_rerun_without_baseline_leaves_no_comparison_of_the_earlier_one(study,
     assert code == 0 and (study / "cli" / "comparisons.json").exists(), err
     code, err = run_main(common, monkeypatch, capsys)
     assert code == 0, err
-    assert not (study / "cli" / "comparisons.json").exists()
+    assert not (study / "cli" / "comparisons.json").exists() and not (study / "cli" / "baseline").exists()

@@ -179,7 +179,10 @@ def _run_with_baseline(kind: Any, options: Any, kctx: Any, baseline: str | None,
         from leakaudit.distributed import is_main
 
         if is_main():  # an earlier run's --baseline: its verdicts are of results this run replaced
+            import shutil
+
             (kctx.out / "comparisons.json").unlink(missing_ok=True)
+            shutil.rmtree(kctx.out / "baseline", ignore_errors=True)  # OUT is this command's (prepare_output)
         return res, None
     bctx = baseline_context()
     bctx.out.mkdir(parents=True, exist_ok=True)
