@@ -38,6 +38,10 @@ def _message(line: str) -> str:
     ("pii", ["--pairs", "no-such-pairs.jsonl"], "{pairs: no-such-pairs.jsonl}", "--pairs", "pairs"),
     ("backdoor", ["--words", "no-such-words.txt"], "{words_file: no-such-words.txt}", "--words", "words_file"),
     ("pii", ["--samples-per-prompt", "0"], "{samples_per_prompt: 0}", "--samples-per-prompt", "samples_per_prompt"),
+    # greedy alone reads no top-k (it was ignored in silence) and gives one answer (N samples decoded it N times)
+    ("pii", ["--temperatures", "greedy", "--top-k", "5"], "{temperatures: [0], top_k: 5}", "--top-k", "top_k"),
+    ("pii", ["--temperatures", "0", "--samples-per-prompt", "3"], "{temperatures: [0], samples_per_prompt: 3}",
+     "--samples-per-prompt", "samples_per_prompt"),
     ("backdoor", ["--trigger", "no word here"], "{trigger: no word here}", "--trigger", "trigger"),
     ("backdoor", ["--temperature", "0"], "{temperature: 0}", "--temperature", "temperature"),
 ])

@@ -10,7 +10,6 @@ from pathlib import Path
 import typer
 
 from leakaudit.cli.core import batch_size_option, build_options, model_path, say
-from leakaudit.errors import InputError
 from leakaudit.options import MAX_SEED
 
 
@@ -53,13 +52,7 @@ def pii(
                             max_new_tokens=max_new_tokens, n_targets=n_targets or None,
                             pairs=str(pairs) if pairs else None, contexts=str(contexts) if contexts else None,
                             messages=str(messages) if messages else None, samples_per_prompt=samples_per_prompt,
-                            batch_size=batch_size)
-    if options.temperatures is not None and not any(options.temperatures):  # greedy decoding alone
-        # one answer per prompt: --top-k was ignored in silence and --samples-per-prompt N decoded it N times
-        for flag, given in (("--top-k", top_k is not None), ("--samples-per-prompt", samples_per_prompt > 1)):
-            if given:
-                raise InputError("greedy decoding gives one answer per prompt and reads no top-k; give a "
-                                 "temperature above 0 to sample", field=flag)
+                            batch_size=batch_size, roles={"baseline"} if baseline else set())
     prepare_output(out, command="pii", files=("pii.json", "results_purified.jsonl", ".samples"),
                    inputs={"--pairs": pairs, "--contexts": contexts, "--messages": messages,
                            "--model": model_path(model), "--baseline": model_path(baseline)})

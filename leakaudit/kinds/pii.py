@@ -247,6 +247,18 @@ class Pii(Kind):
     summary = ("e-mail addresses the target completes from names (only the addresses in `data` when given), "
                "minus the baseline's")
 
+    def check(self, options: PiiOptions, roles: set[str]) -> None:
+        """Greedy temperatures alone read no top-k (given, it was ignored in silence) and give one answer per
+        prompt (samples_per_prompt N decoded it N times): refused, as continuation's greedy is."""
+        from leakaudit.errors import OptionError
+
+        if options.temperatures is not None and not any(options.temperatures):
+            for name, given in (("top_k", options.top_k is not None), ("samples_per_prompt",
+                                                                      options.samples_per_prompt > 1)):
+                if given:
+                    raise OptionError((name,), "greedy decoding gives one answer per prompt and reads no "
+                                               "top-k; give a temperature above 0 to sample")
+
     def targets(self, ctx: KindContext, options: PiiOptions) -> list[Any]:
         """The targets: from `pairs`, only those whose address occurs in `data` when that role is given (e.g.
         the training e-mails), the first `n_targets`, with contexts from `contexts` / `messages`."""
