@@ -50,3 +50,16 @@ def test_a_result_table_keeps_its_first_column_left_and_a_narrow_terminal_names_
     cli_core.print_table("leakage", heads, rows, justify="right")
     assert out.getvalue().splitlines() == ["leakage", "email: in source 12, reproduced 3",
                                            "ip: in source 4, reproduced 0"]
+
+
+def test_a_table_on_a_terminal_shows_its_title_and_cells_as_written(monkeypatch):
+    """rich read the title and cells as markup and emoji codes on a terminal: a grid variant's `ft[lr=0.1]`
+    lost its `[lr=0.1]` and a path's `:fire:` became an emoji."""
+    import leakaudit.cli.core as cli_core
+
+    out = io.StringIO()
+    monkeypatch.setattr(cli_core, "results", Console(file=out, width=120, force_terminal=True, soft_wrap=True,
+                                                    no_color=True))
+    cli_core.print_table("MIA on runs/a:fire:b/ft[lr=0.1]", ("", "AUC"), [("ft[lr=0.1]", "[0.4, 0.6]")])
+    text = out.getvalue()
+    assert "runs/a:fire:b/ft[lr=0.1]" in text and "│ ft[lr=0.1] │ [0.4, 0.6] │" in text, text

@@ -208,7 +208,8 @@ def _main() -> None:
         code = INTERRUPTED
     except OSError as exc:
         if exc.errno == errno.ENAMETOOLONG:  # a path given (a name of 90 CJK characters is 270 bytes): bad input
-            _fail(f"{exc.filename}: a name in this path is longer than the file system allows ({exc.strerror})")
+            where = f"{exc.filename}: " if exc.filename else ""
+            _fail(f"{where}a name in a path is longer than the file system allows ({exc.strerror})")
         if exc.errno not in MACHINE_ERRNOS:  # anything else may be a bug: keep its traceback
             _bug(exc)
         from leakaudit.data.pii_mask import mask_message

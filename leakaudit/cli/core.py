@@ -36,15 +36,18 @@ def print_table(title: str, heads: tuple[str, ...], rows: list[tuple[str, ...]],
     the caller's to mask."""
     from rich.measure import Measurement
     from rich.table import Table
+    from rich.text import Text
 
     from leakaudit.data.pii_mask import mask_message
 
     title = mask_message(title)
-    table = Table(title=title)
+    # as Text, not strings: rich read a string as markup and emoji codes (`ft[lr=0.1]` lost its `[lr=0.1]`,
+    # `:fire:` in a path became an emoji) on a terminal
+    table = Table(title=Text(title))
     for i, head in enumerate(heads):
-        table.add_column(head, justify="left" if i == 0 else justify)
+        table.add_column(Text(head), justify="left" if i == 0 else justify)
     for row in rows:
-        table.add_row(*row)
+        table.add_row(*(Text(str(cell)) for cell in row))
     width = Measurement.get(results, results.options.update_width(10_000), table).maximum
     if not results.is_terminal:  # rich caps a print's width at the console's: a console as wide as the table
         print(title, file=results.file)
