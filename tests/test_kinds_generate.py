@@ -223,22 +223,12 @@ def test_self_instruct_that_writes_no_task_fails_at_its_own_step(tmp_path, monke
     generate step with one message, not a later step with "file is empty"."""
     from leakaudit.data import synth
     from leakaudit.errors import InputError
-    from leakaudit.kinds import get_kind
-    from leakaudit.kinds.base import KindContext
     from leakaudit.sampling import Sample
 
     monkeypatch.setattr(synth, "sample", lambda lm, prompts, config, **kw: [
         Sample(str(i), 0, p, "", 1) for i, p in enumerate(prompts)])
 
-    class Model:
-        spec, fingerprint = "scripted", "0"
-
-        def current_fingerprint(self) -> str:
-            return self.fingerprint
-
-    kind = get_kind("self-instruct")
-    ctx = KindContext(out=tmp_path, models={"model": "m"}, progress=False)
-    ctx.cache._loaded["m"] = Model()
+    kind, ctx = _self_instruct_on_a_scripted_model(tmp_path)
     with pytest.raises(InputError, match="wrote no task that passed the filters in 2 rounds"):
         kind.run(ctx, kind.Options(n=1, requests_per_round=1, max_rounds=2))
 
@@ -249,8 +239,6 @@ def test_self_instruct_whose_tasks_have_no_instance_fails_at_its_own_step(tmp_pa
     file; the step itself now says what happened."""
     from leakaudit.data import synth
     from leakaudit.errors import InputError
-    from leakaudit.kinds import get_kind
-    from leakaudit.kinds.base import KindContext
     from leakaudit.sampling import Sample
 
     def scripted(lm, prompts, config, **kw):  # instructions that pass the filters; no "Output:" for any
@@ -260,15 +248,7 @@ def test_self_instruct_whose_tasks_have_no_instance_fails_at_its_own_step(tmp_pa
 
     monkeypatch.setattr(synth, "sample", scripted)
 
-    class Model:
-        spec, fingerprint = "scripted", "0"
-
-        def current_fingerprint(self) -> str:
-            return self.fingerprint
-
-    kind = get_kind("self-instruct")
-    ctx = KindContext(out=tmp_path, models={"model": "m"}, progress=False)
-    ctx.cache._loaded["m"] = Model()
+    kind, ctx = _self_instruct_on_a_scripted_model(tmp_path)
     with pytest.raises(InputError, match=r"wrote 1 task\(s\) but no input and output for any of them"):
         kind.run(ctx, kind.Options(n=1, requests_per_round=1, max_rounds=2))
     assert len((tmp_path / "tasks.jsonl").read_text().splitlines()) == 1  # kept: a rerun continues from it
@@ -304,3 +284,19 @@ def test_the_text_field_itself_can_be_the_prompt_field(tmp_path, monkeypatch, ca
     assert code == 0, err
     (row,) = [json.loads(x) for x in (tmp_path / "o.jsonl").read_text().splitlines()]
     assert row["prompt"] == "hello there friend of mine"
+
+
+def _self_instruct_on_a_scripted_model(tmp_path):
+    """The self-instruct kind and a context whose model is a stand-in (its samples are monkeypatched)."""
+    from leakaudit.kinds import get_kind
+    from leakaudit.kinds.base import KindContext
+
+    class Model:
+        spec, fingerprint = "scripted", "0"
+
+        def current_fingerprint(self) -> str:
+            return self.fingerprint
+
+    ctx = KindContext(out=tmp_path, models={"model": "m"}, progress=False)
+    ctx.cache._loaded["m"] = Model()
+    return get_kind("self-instruct"), ctx
