@@ -285,14 +285,18 @@ def test_a_bad_token_budget_is_one_line(value, tmp_path, monkeypatch, capsys):
 
 def test_jsonl_rows_end_at_newlines_only(tmp_path):
     """A raw carriage return between a row's tokens is JSON whitespace (a row was cut there and refused as
-    malformed); CRLF rows read as before; a file of CR-only line ends is one line, as JSON Lines reads it."""
+    malformed); CRLF rows read as before; a file of CR-only line ends is one line, as JSON Lines reads it, refused saying so (it said "Extra data")."""
     p = tmp_path / "r.jsonl"
     p.write_bytes(b'{"text": "a",\r "id": "x"}\r\n{"text": "b", "id": "y"}\n')
     assert [(r.id, r.text, r.line) for r in load_records(p, id_field="id")] == [("x", "a", 1), ("y", "b", 2)]
     p.write_bytes(b'{"text": "a"}\r{"text": "b"}\r')
     with pytest.raises(InputError) as err:
         load_records(p)
-    assert err.value.line == 1 and "malformed JSON" in err.value.message
+    assert err.value.line == 1 and err.value.message.startswith("lines end in CR alone (an old Mac text file)")
+    p.write_bytes(b'{"text": "a"} {"text": "b"}\n')  # two values on one line: still malformed JSON
+    with pytest.raises(InputError) as err:
+        load_records(p)
+    assert err.value.line == 1 and "malformed JSON: Extra data" in err.value.message
 
 
 def test_blank_lines_before_a_csv_header_are_skipped(tmp_path):

@@ -115,6 +115,9 @@ def read_jsonl_rows(p: Path) -> list[tuple[int, dict[str, Any]]]:
             try:
                 obj = json.loads(raw)
             except json.JSONDecodeError as exc:
+                if exc.msg == "Extra data" and "\r" in raw.rstrip("\r\n"):  # a JSON value ended at a bare CR
+                    raise InputError("lines end in CR alone (an old Mac text file); save it with LF line ends",
+                                     file=p, line=lineno) from None
                 raise InputError(f"malformed JSON: {exc.msg} (column {exc.colno})", file=p, line=lineno) from None
             except (ValueError, RecursionError) as exc:  # an integer past Python's digit limit; deep nesting
                 raise InputError(f"unreadable JSON: {one_line(exc)}", file=p, line=lineno) from None
