@@ -202,10 +202,11 @@ def _compare(kind: Any, out: Path, res: dict, base_res: dict, target: str, basel
 
     label, base_label = (target, baseline) if target != baseline else ("target", "baseline")
 
-    def view(folder: str, name: str, result: dict) -> StageView:
+    def view(folder: str, name: str, result: dict) -> StageView:  # as run.json records an evaluation's stage
+        options = {"compare_to": base_label, "n_bootstrap": n_bootstrap}
         return StageView({"id": f"evaluate/{kind.name}/{name}", "kind": kind.name, "folder": folder,
-                          "result": {**result, "compare_to": base_label}, "params": {"evaluation": kind.name, "target_label": name, "options": {
-                              "compare_to": base_label, "n_bootstrap": n_bootstrap}}}, out)
+                          "result": {**result, "compare_to": base_label},
+                          "params": {"evaluation": kind.name, "target_label": name, "options": options}}, out)
 
     rows = kind.Result.comparisons([view("baseline", base_label, base_res), view(".", label, res)])
     write_json(out / "comparisons.json", {"target": target, "baseline": baseline, "comparisons": rows})
