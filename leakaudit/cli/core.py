@@ -26,6 +26,12 @@ def say_result(line: str) -> None:
     typer.echo(mask_message(line))
 
 
+def given_on_command_line(ctx: typer.Context, param: str) -> bool:
+    """Whether the user typed the flag of `param` (not its default): a flag the run would not read is refused
+    only then. Compared by name: typer may carry its own copy of click's ParameterSource."""
+    return getattr(ctx.get_parameter_source(param), "name", None) == "COMMANDLINE"
+
+
 def print_table(title: str, heads: tuple[str, ...], rows: list[tuple[str, ...]], justify: str = "left") -> None:
     """A result table on stdout (mia, user-inference, audit-data), its cells `justify`-aligned but the first: as
     wide as its cells where it fits or where no terminal sets the width (a log: rich drew it at 80 columns, a

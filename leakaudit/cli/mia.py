@@ -9,7 +9,14 @@ from typing import Any
 
 import typer
 
-from leakaudit.cli.core import batch_size_option, build_options, model_path, print_table, say
+from leakaudit.cli.core import (
+    batch_size_option,
+    build_options,
+    given_on_command_line,
+    model_path,
+    print_table,
+    say,
+)
 from leakaudit.errors import InputError
 from leakaudit.options import MAX_SEED
 
@@ -35,13 +42,13 @@ def _k_flags(names: list[str]) -> dict[tuple, str]:
 def _refuse_unused_flags(ctx: typer.Context, names: list[str]) -> None:
     """A flag given for an attack that does not run was ignored in silence (`--attacks loss --k 0.1` ran
     without complaint): refused as an experiment file's `attack_options` for an attack not run is."""
-    users = {"k": ("--k", takes_k(names), "min_k, min_k_pp"), "recall_shots": ("--recall-shots", "recall", "recall"),
-             "recall_prefix": ("--recall-prefix", "recall", "recall"),
-             "dc_pdd_corpus": ("--dc-pdd-corpus", "dc_pdd", "dc_pdd")}
-    for param, (flag, used, which) in users.items():
-        runs = bool(used) if isinstance(used, list) else used in names
-        if not runs and getattr(ctx.get_parameter_source(param), "name", None) == "COMMANDLINE":  # typer's click
-            raise InputError(f"no attack that runs takes it (it is for {which}; the attacks are "
+    from leakaudit.attacks import ATTACKS
+
+    readers = {"k": ("--k", takes_k(list(ATTACKS))), "recall_shots": ("--recall-shots", ["recall"]),
+               "recall_prefix": ("--recall-prefix", ["recall"]), "dc_pdd_corpus": ("--dc-pdd-corpus", ["dc_pdd"])}
+    for param, (flag, which) in readers.items():
+        if given_on_command_line(ctx, param) and not set(which) & set(names):
+            raise InputError(f"no attack that runs takes it (it is for {', '.join(which)}; the attacks are "
                              f"{', '.join(names)})", field=flag)
 
 

@@ -15,6 +15,7 @@ from leakaudit.cli.core import (
     PickleOpt,
     batch_size_option,
     build_options,
+    given_on_command_line,
     model_path,
     say,
 )
@@ -51,7 +52,7 @@ def _refuse_unused_flags(ctx: typer.Context, config) -> None:
     command line: an experiment's grid over `method` shares its options among variants on purpose."""
     for params, used, setting in _USED_WHEN:
         for param in params:
-            if getattr(ctx.get_parameter_source(param), "name", None) == "COMMANDLINE" and not used(config):
+            if given_on_command_line(ctx, param) and not used(config):
                 flag = "--" + param.replace("_", "-") + ("/--no-packing" if param == "packing" else "")
                 raise InputError(f"applies only with {setting}; this run would ignore it", field=flag)
 
