@@ -106,12 +106,14 @@ def main() -> None:
     # read when they are imported, after this. A library caller's own setting is left alone (models/load.py)
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     _printable_streams()
-    from leakaudit.distributed import world
+    from leakaudit.distributed import mpi_launch_without_rank, world
 
-    try:
-        world()
-    except InputError as exc:  # RANK=abc: before anything asks which process this is
+    try:  # the launch itself, before anything asks which process this is
+        world()  # RANK=abc
+    except InputError as exc:
         _fail(exc.format())
+    if (why := mpi_launch_without_rank()) is not None and "--help" not in sys.argv:
+        _fail(why)
     with _one_process():
         if threading.current_thread() is not threading.main_thread():  # signals reach the main thread only
             _main()
@@ -163,10 +165,8 @@ ONE_PROCESS = ("pii", "generate", "audit-data", "merge", "model-info", "seeds", 
 def _one_process() -> Iterator[None]:
     """Under a launcher, a command of ONE_PROCESS runs on rank 0 as if alone; the other processes stop at once
     (exit 0) and rank 0 says so."""
-    from leakaudit.distributed import alone, mpi_launch_without_rank, world
+    from leakaudit.distributed import alone, world
 
-    if (why := mpi_launch_without_rank()) is not None and "--help" not in sys.argv:
-        _fail(why)
     words = [a for a in sys.argv[1:] if not a.startswith("-")][:2]
     command = next((c for c in (" ".join(words), words[0] if words else "") if c in ONE_PROCESS), None)
     rank, size = world()
