@@ -13,13 +13,12 @@ The rule, the same for every command:
 from __future__ import annotations
 
 import json
-import os
 import tempfile
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Literal
 
-from leakaudit.data.io import open_append
+from leakaudit.data.io import as_text, open_append
 from leakaudit.errors import InputError
 
 MARKER = ".leakaudit"
@@ -66,9 +65,8 @@ def require_utf8(p: Path, option: str = "--out") -> None:
     try:
         str(p.absolute()).encode("utf-8")
     except UnicodeEncodeError:
-        shown = os.fsencode(p).decode("utf-8", "backslashreplace")
         raise InputError("the path is not valid UTF-8 (a name in another encoding): leakaudit cannot write there; "
-                         "rename it or choose another path", file=shown, field=option) from None
+                         "rename it or choose another path", file=as_text(p), field=option) from None
 
 
 def _check_file(p: Path, command: str, suffixes: tuple[str, ...], keys: tuple[str, ...], option: str,

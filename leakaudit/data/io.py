@@ -336,7 +336,12 @@ def default_id(path: Path, index: int, lineno: int) -> str:
 def id_stem(path: Path) -> str:
     """A file's stem as the text of an id: a name that is not UTF-8 (Latin-1 bytes, read as surrogates) shows its
     bad bytes as `\\xe9`, since an id with a surrogate cannot be written (`score` failed after scoring)."""
-    return os.fsencode(path.stem).decode("utf-8", "backslashreplace")
+    return as_text(path.stem)
+
+
+def as_text(path: str | Path) -> str:
+    """A path as text any UTF-8 writer takes: bytes of a name that is not UTF-8 (read as surrogates) as `\\xe9`."""
+    return os.fsencode(path).decode("utf-8", "backslashreplace")
 
 
 def load_records(
