@@ -55,8 +55,8 @@ def perplexity(lm: LoadedModel, texts: Sequence[str], *, batch_size: int | str =
     n_tokens = sum(s.n_tokens for s in scores)
     per_text = [math.exp(-s.mean_logp) for s in scores]
     return ModelPerplexity(model=lm.spec, ppl=math.exp(total_nll / n_tokens),
-                            mean_text_ppl=float(np.mean(per_text)), nll_per_token=total_nll / n_tokens,
-                            n_texts=len(scores), n_tokens=n_tokens)
+                           mean_text_ppl=float(np.mean(per_text)), nll_per_token=total_nll / n_tokens,
+                           n_texts=len(scores), n_tokens=n_tokens)
 
 
 def model_dirs(run_dir: str | Path) -> list[Path]:

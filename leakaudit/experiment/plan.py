@@ -230,8 +230,9 @@ class Plan:
         # (a value given twice: [0.001, 0.001], [20, "20"]; labels that differ only in characters a folder
         # name cannot hold: "A,D" and "A, D")
         twin = self.stages.get(stage.id) or next((s for s in self.stages.values() if s.folder == stage.folder), None)
-        cased = next((s for s in self.stages.values() if s.folder.casefold() == stage.folder.casefold()), None)
-        if twin is None and cased is not None:  # `Real` and `real`: one folder on macOS and Windows, where the
+        cased = None if twin is not None else next(
+            (s for s in self.stages.values() if s.folder.casefold() == stage.folder.casefold()), None)
+        if cased is not None:  # `Real` and `real`: one folder on macOS and Windows, where the
             # second stage trained over the first and both evaluations read one model
             raise self.exp.error(stage.origin, f"'{cased.id}' and '{stage.id}' differ only in letter case: on macOS "
                                  "and Windows (file systems blind to case) they would share one folder; rename one")
