@@ -480,17 +480,19 @@ def test_an_eof_error_is_a_failure_not_an_interrupt(tmp_path, monkeypatch, capsy
     assert "EOFError: Ran out of input reading 'k***@enron.com'" in err and "Abort" not in err, err
 
 
-def test_sigterm_stops_in_order_and_says_what_is_kept(tmp_path):
-    """`kill` (or a batch scheduler's SIGTERM) ended a command silently, mid-write and with its lock held; it
-    now stops as Ctrl-C does: the one 'interrupted' line, exit 143."""
-    import signal
+def _signalled_while_loading(tmp_path, signum, *, ignore_first: bool = False) -> tuple[int, str]:
+    """Start `leakaudit model-info` with a model load that sleeps, send SIGNUM once it is loading; return the
+    exit code and stderr. `ignore_first`: the signal is ignored before leakaudit starts (as `nohup` does), and
+    the load ends after 2 s."""
     import subprocess
     import time
 
     ready = tmp_path / "loading"
-    code = ("import sys, time, pathlib, leakaudit.models\n"
-            "def slow(*a, **k):\n"
-            f"    pathlib.Path({str(ready)!r}).touch(); time.sleep(60)\n"
+    code = ("import sys, time, pathlib, signal, leakaudit.models\n"
+            + (f"signal.signal({int(signum)}, signal.SIG_IGN)\n" if ignore_first else "")
+            + "def slow(*a, **k):\n"
+            f"    pathlib.Path({str(ready)!r}).touch(); time.sleep({2 if ignore_first else 60})\n"
+            "    raise SystemExit(7)\n"
             "leakaudit.models.load_model = slow\n"
             "from leakaudit.cli import main\n"
             "sys.argv = ['leakaudit', 'model-info', '--model', 'tiny-gpt-neox']\n"
@@ -499,10 +501,33 @@ def test_sigterm_stops_in_order_and_says_what_is_kept(tmp_path):
     deadline = time.time() + 120
     while not ready.exists() and proc.poll() is None and time.time() < deadline:
         time.sleep(0.05)
-    proc.send_signal(signal.SIGTERM)
+    proc.send_signal(signum)
     _, err = proc.communicate(timeout=60)
-    assert proc.returncode == 143, err
+    return proc.returncode, err
+
+
+def test_sigterm_stops_in_order_and_says_what_is_kept(tmp_path):
+    """`kill` (or a batch scheduler's SIGTERM) ended a command silently, mid-write and with its lock held; it
+    now stops as Ctrl-C does: the one 'interrupted' line, exit 143."""
+    import signal
+
+    code, err = _signalled_while_loading(tmp_path, signal.SIGTERM)
+    assert code == 143, err
     assert "interrupted: what finished is kept" in err and "Traceback" not in err
+
+
+@pytest.mark.skipif(not hasattr(__import__("signal"), "SIGHUP"), reason="Windows has no SIGHUP")
+def test_sighup_stops_in_order_and_nohup_keeps_running(tmp_path):
+    """A terminal closed under a run started without nohup (SIGHUP) killed it outright, mid-write, as SIGTERM
+    once did: it now stops as SIGTERM does, exit 129. Under nohup (SIGHUP ignored) the command goes on."""
+    import signal
+
+    code, err = _signalled_while_loading(tmp_path, signal.SIGHUP)
+    assert code == 128 + signal.SIGHUP, err
+    assert "interrupted: what finished is kept" in err and "Traceback" not in err
+    (tmp_path / "nohup").mkdir()
+    code, err = _signalled_while_loading(tmp_path / "nohup", signal.SIGHUP, ignore_first=True)
+    assert code == 7 and "interrupted" not in err, err  # the load ran to its end
 
 
 def test_a_cache_directory_that_cannot_be_one_is_a_one_line_error(tmp_path, monkeypatch, capsys):

@@ -56,22 +56,34 @@ TERMINATED = 143
 
 
 class Terminated(KeyboardInterrupt):
-    """SIGTERM, raised where Python next runs: the same orderly stop as Ctrl-C (locks released, the message
-    printed) instead of dying silently mid-write."""
+    """SIGTERM or SIGHUP, raised where Python next runs: the same orderly stop as Ctrl-C (locks released, the
+    texts scored so far saved, the message printed) instead of dying silently mid-write."""
 
 
-#: set when SIGTERM arrived: typer turns the KeyboardInterrupt it raises into a plain exit code 130
-_terminated = False
+#: the signal that stopped the command (SIGTERM, SIGHUP), if one did: typer turns the KeyboardInterrupt it
+#: raises into a plain exit code 130, and the process exits 128 + this number instead
+_terminated: int | None = None
 
 
-def _on_sigterm(signum, frame) -> None:
+def _on_signal(signum, frame) -> None:
     global _terminated
-    _terminated = True
+    _terminated = signum
     if sys.exc_info()[0] is not None and _other_rank():
         # a launched process other than rank 0, stopped by the launcher while it reports an error (rank 0
         # reports it): raised here, Terminated chained onto that error and printed its unmasked message
-        os._exit(TERMINATED)
+        os._exit(128 + signum)
     raise Terminated
+
+
+def _stop_signals() -> list[int]:
+    """SIGTERM (`kill`, a scheduler, a launcher) and SIGHUP (the terminal closed under a run started without
+    nohup: the process died outright, mid-write). SIGHUP only where it is not ignored already: under `nohup`
+    the run goes on, as asked. Windows has no SIGHUP."""
+    stops = [signal.SIGTERM]
+    hup = getattr(signal, "SIGHUP", None)
+    if hup is not None and signal.getsignal(hup) is signal.SIG_DFL:
+        stops.append(hup)
+    return stops
 
 
 def _other_rank() -> bool:
@@ -93,7 +105,7 @@ def main() -> None:
     """Console entry point: bad input (InputError or a click usage error) prints ONE `error: ...` line, exit 2;
     Ctrl-C and SIGTERM stop in order and say that what finished is kept."""
     global _terminated
-    _terminated = False  # called in-process again (tests, a notebook): an earlier SIGTERM is not this one's
+    _terminated = None  # called in-process again (tests, a notebook): an earlier SIGTERM is not this one's
     try:
         os.getcwd()
     except FileNotFoundError:  # deleted under the shell (rebuilt in another terminal): torch's import then dies
@@ -118,11 +130,12 @@ def main() -> None:
         if threading.current_thread() is not threading.main_thread():  # signals reach the main thread only
             _main()
             return
-        previous = signal.signal(signal.SIGTERM, _on_sigterm)
+        previous = {signum: signal.signal(signum, _on_signal) for signum in _stop_signals()}
         try:
             _main()
         finally:
-            signal.signal(signal.SIGTERM, previous)  # called in-process (tests, a notebook): the caller's again
+            for signum, handler in previous.items():  # called in-process (tests, a notebook): the caller's again
+                signal.signal(signum, handler)
 
 
 def _printable_streams() -> None:
@@ -232,10 +245,13 @@ def _main() -> None:
         sys.exit(1)
     from leakaudit.distributed import is_main
 
-    if code == INTERRUPTED and _terminated:
-        code = TERMINATED
-    if code in (INTERRUPTED, TERMINATED) and is_main():  # typer turns Ctrl-C into it, silently
-        print("interrupted: what finished is kept; rerun the same command to resume", file=sys.stderr)
+    if code == INTERRUPTED and _terminated is not None:
+        code = 128 + _terminated
+    if (code == INTERRUPTED or _terminated is not None and code == 128 + _terminated) and is_main():
+        try:  # typer turns Ctrl-C into the code, silently
+            print("interrupted: what finished is kept; rerun the same command to resume", file=sys.stderr)
+        except OSError:  # SIGHUP: the terminal it would go to is gone
+            pass
     sys.exit(code if isinstance(code, int) else 0)
 
 
