@@ -76,6 +76,25 @@ def default_model():
     return load_model("default", dtype="fp32")
 
 
+@pytest.fixture(scope="session")
+def tiny_mlm_dir(tmp_path_factory) -> Path:
+    """A tiny BERT masked LM (random, seeded) with the tiny models' tokenizer, saved as safetensors: the
+    neighbourhood attack's word-swap proposer (no masked LM ships)."""
+    import torch
+    from transformers import BertConfig, BertForMaskedLM
+
+    from leakaudit.models.factories import build_tiny_tokenizer
+
+    out = tmp_path_factory.mktemp("tiny-mlm")
+    tok = build_tiny_tokenizer()
+    torch.manual_seed(0)
+    model = BertForMaskedLM(BertConfig(vocab_size=len(tok), hidden_size=32, num_hidden_layers=2,
+                                       num_attention_heads=2, intermediate_size=64, max_position_embeddings=256))
+    model.save_pretrained(out)
+    tok.save_pretrained(out)
+    return out
+
+
 @pytest.fixture(params=["tiny-gpt-neox", "tiny-opt"])
 def tiny_model(request, tiny_neox, tiny_opt):
     """Each tiny architecture in turn."""

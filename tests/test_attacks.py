@@ -64,7 +64,8 @@ def score(name, lm, texts=TEXTS, reference=None, **config):
 
 
 def test_registry_lists_every_attack_and_rejects_unknown():
-    assert set(ATTACKS) == {"loss", "zlib", "min_k", "min_k_pp", "ref", "lowercase", "recall", "gradnorm", "dc_pdd"}
+    assert set(ATTACKS) == {"loss", "zlib", "min_k", "min_k_pp", "ref", "lowercase", "recall", "gradnorm", "dc_pdd",
+                            "neighbourhood"}
     with pytest.raises(InputError, match="valid attacks: loss, zlib"):
         get_attack("lira")
     with pytest.raises(InputError, match="attack 'min_k'") as err:
@@ -274,6 +275,15 @@ def member_split(tiny_neox):
     model.eval()
     tuned = LoadedModel(model, tok, "tiny-gpt-neox+members", "test-tuned-neox-300", tiny_neox.device, tiny_neox.dtype)
     return tuned, members, nonmembers
+
+
+def test_neighbourhood_ranks_the_members_a_model_was_trained_on_higher(member_split, tiny_mlm_dir):
+    """Members' loss sits below their one-word neighbours' (which were not trained on); non-members' does not.
+    The proposer is a random tiny BERT: its swaps are arbitrary words, enough on a model fitted this hard."""
+    tuned, members, nonmembers = member_split
+    report = run_mia(tuned, members, nonmembers, ["neighbourhood"], n_bootstrap=0,
+                     attack_options={"neighbourhood": {"model": str(tiny_mlm_dir), "n_neighbours": 10}}, **NO_CACHE)
+    assert report.metrics["neighbourhood"].auc > 0.8
 
 
 def test_model_trained_on_members_ranks_them_higher(member_split, tiny_neox):

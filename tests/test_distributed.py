@@ -17,7 +17,7 @@ from conftest import torch_threads
 from leakaudit.distributed import gather_ragged, score_texts_distributed, shard, world
 from leakaudit.scoring import score_texts
 
-ATTACKS = "loss,zlib,min_k,min_k_pp,ref,lowercase,recall,gradnorm"
+ATTACKS = "loss,zlib,min_k,min_k_pp,ref,lowercase,recall,gradnorm,neighbourhood"
 
 
 def _write_data(d: Path) -> None:
@@ -31,10 +31,10 @@ def _write_data(d: Path) -> None:
                                  "ulabel": int((i // 3) % 2 == 0)}) + "\n")
 
 
-def _commands(out: Path, data: Path) -> list[list[str]]:
+def _commands(out: Path, data: Path, mlm: Path) -> list[list[str]]:
     common = ["--n-bootstrap", "50", "--no-cache", "--dtype", "fp32"]
     return [["mia", "--target", "tiny-gpt-neox", "--reference", "tiny-opt", "--data", str(data), "--attacks", ATTACKS,
-             "--out", str(out / "mia"), *common],
+             "--neighbour-model", str(mlm), "--neighbours", "4", "--out", str(out / "mia"), *common],
             ["user-inference", "--target", "tiny-gpt-neox", "--reference", "tiny-opt", "--data", str(data),
              "--user-field", "user", "--label-field", "ulabel", "--samples-per-user", "1,2,all",
              "--out", str(out / "ui"), *common],
@@ -60,7 +60,7 @@ def test_single_process_helpers_call_through(tiny_neox):
     assert all(np.array_equal(x.logp, y.logp) and np.array_equal(x.var, y.var) for x, y in zip(a, b, strict=True))
 
 
-def test_mia_and_user_inference_in_two_processes_match_one_process(tmp_path):
+def test_mia_and_user_inference_in_two_processes_match_one_process(tmp_path, tiny_mlm_dir):
 
     from leakaudit.cli import app
 
@@ -68,7 +68,7 @@ def test_mia_and_user_inference_in_two_processes_match_one_process(tmp_path):
     data = tmp_path / "labelled.jsonl"
     one, two = tmp_path / "one", tmp_path / "two"
     with torch_threads(1):
-        for argv in _commands(one, data):
+        for argv in _commands(one, data, tiny_mlm_dir):
             app(argv, standalone_mode=False)
     driver = tmp_path / "driver.py"
     driver.write_text("import json, sys\nfrom leakaudit.cli import app\n"
@@ -78,7 +78,7 @@ def test_mia_and_user_inference_in_two_processes_match_one_process(tmp_path):
     # torchrun is what `accelerate launch --multi_gpu` runs underneath (it sets the same RANK/WORLD_SIZE/
     # MASTER_* environment) and starts ~10 s faster; docs/attacks.md shows the accelerate form.
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
-           str(_free_port()), str(driver), json.dumps(_commands(two, data))]
+           str(_free_port()), str(driver), json.dumps(_commands(two, data, tiny_mlm_dir))]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
 

@@ -4,6 +4,7 @@
 """
 
 from leakaudit.attacks import mia as _mia  # noqa: F401  (registers the attacks)
+from leakaudit.attacks import neighbourhood as _neighbourhood  # noqa: F401
 from leakaudit.attacks.base import ATTACKS, Attack, AttackConfig, ScoringContext, get_attack
 
 __all__ = ["ATTACKS", "Attack", "AttackConfig", "ScoringContext", "get_attack"]

@@ -47,11 +47,13 @@ class TooShortError(InputError):
     place among the scored texts; `run_mia` adds `role` ('members' or 'nonmembers') and `row` (its index in
     that input list) so a front end can name the file and line."""
 
+    why = "has fewer than 2 tokens, so no token can be scored"
+
     def __init__(self, index: int):
         self.index = index
         self.role: str | None = None
         self.row: int | None = None
-        super().__init__(f"text #{index + 1} has fewer than 2 tokens, so no token can be scored")
+        super().__init__(f"text #{index + 1} {self.why}")
 
 
 @register
@@ -528,7 +530,7 @@ def run_mia(target: LoadedModel, members: list[str], nonmembers: list[str], atta
             exc.role, exc.row = ("members", i) if i < len(members) else ("nonmembers",
                                                                          nonmember_index[i - len(members)])
             # a caller's own lists: "text #23" counted members and non-members together, from 1
-            exc.message = f"{exc.role}[{exc.row}] has fewer than 2 tokens, so no token can be scored"
+            exc.message = f"{exc.role}[{exc.row}] {exc.why}"
             exc.args = (exc.format(),)
             raise
         scores[a.name] = s

@@ -23,7 +23,9 @@ from leakaudit.options import MAX_SEED
 #: option paths whose flag is not `--option-name` (`--k` is added for each attack that takes `k`: _k_flags)
 MIA_FLAGS = {("attack_options",): "--attacks", ("attack_options", "recall", "shots"): "--recall-shots",
              ("attack_options", "recall", "prefix"): "--recall-prefix", ("cache",): "--no-cache",
-             ("attack_options", "dc_pdd", "corpus"): "--dc-pdd-corpus"}
+             ("attack_options", "dc_pdd", "corpus"): "--dc-pdd-corpus",
+             ("attack_options", "neighbourhood", "model"): "--neighbour-model",
+             ("attack_options", "neighbourhood", "n_neighbours"): "--neighbours"}
 USER_FLAGS = {("m_values",): "--samples-per-user", ("cache",): "--no-cache"}
 
 
@@ -45,7 +47,9 @@ def _refuse_unused_flags(ctx: typer.Context, names: list[str]) -> None:
     from leakaudit.attacks import ATTACKS
 
     readers = {"k": ("--k", takes_k(list(ATTACKS))), "recall_shots": ("--recall-shots", ["recall"]),
-               "recall_prefix": ("--recall-prefix", ["recall"]), "dc_pdd_corpus": ("--dc-pdd-corpus", ["dc_pdd"])}
+               "recall_prefix": ("--recall-prefix", ["recall"]), "dc_pdd_corpus": ("--dc-pdd-corpus", ["dc_pdd"]),
+               "neighbour_model": ("--neighbour-model", ["neighbourhood"]),
+               "neighbours": ("--neighbours", ["neighbourhood"])}
     for param, (flag, which) in readers.items():
         if given_on_command_line(ctx, param) and not set(which) & set(names):
             raise InputError(f"no attack that runs takes it (it is for {', '.join(which)}; the attacks are "
@@ -101,7 +105,7 @@ def mia(
     data: Path | None = typer.Option(None, "--data", help="One file with both, labelled by --label-field"),
     label_field: str = typer.Option("label", "--label-field", help="1/0, true/false, yes/no, member/nonmember, in/out"),
     attacks: str | None = typer.Option(None, "--attacks", help="Comma list of loss, zlib, min_k, min_k_pp, "
-                                       "lowercase, recall, dc_pdd, gradnorm, ref (default: loss,zlib,min_k,min_k_pp, "
+                                       "lowercase, recall, dc_pdd, gradnorm, neighbourhood, ref (default: loss,zlib,min_k,min_k_pp, "
                                        "plus ref when --reference is given; docs/attacks.md defines each)"),
     out: Path = typer.Option(..., "--out", help="Output dir: mia.json, scores.jsonl, roc.png"),
     text_field: str = typer.Option("text", "--text-field"),
@@ -114,6 +118,10 @@ def mia(
     recall_shots: int = typer.Option(3, "--recall-shots", min=0),
     dc_pdd_corpus: str = typer.Option("dolly", "--dc-pdd-corpus", help="Reference corpus for dc_pdd's token "
                                       "frequencies: a built-in dataset or a data file with a `text` field"),
+    neighbour_model: str | None = typer.Option(None, "--neighbour-model", help="Masked language model that "
+                                               "proposes the neighbourhood attack's word swaps (a local folder or a "
+                                               "hub id, e.g. bert-base-uncased)"),
+    neighbours: int = typer.Option(25, "--neighbours", min=1, help="Neighbours per text, for neighbourhood"),
     n_bootstrap: int = typer.Option(1000, "--n-bootstrap", min=0, help="Bootstrap resamples for the AUC and TPR intervals (0: none)"),
     seed: int = typer.Option(0, "--seed", min=0, max=MAX_SEED),
     batch_size: str = batch_size_option(),
@@ -141,6 +149,8 @@ def mia(
         attack_options["recall"] = {"shots": recall_shots}
     if "dc_pdd" in names:
         attack_options["dc_pdd"] = {"corpus": dc_pdd_corpus}
+    if "neighbourhood" in names:
+        attack_options["neighbourhood"] = {"model": neighbour_model, "n_neighbours": neighbours}
     values = {"attacks": attacks or None, "attack_options": attack_options, "n_bootstrap": n_bootstrap, "seed": seed,
               "batch_size": batch_size, "max_length": max_length, "stride": stride, "cache": not no_cache}
     roles = {"members", "nonmembers", *(["reference"] if reference else [])}
@@ -150,7 +160,7 @@ def mia(
                    inputs={"--members": members, "--nonmembers": nonmembers, "--data": data,
                            "--recall-prefix": recall_prefix, "--dc-pdd-corpus": corpus_file(dc_pdd_corpus),
                            "--target": model_path(target), "--reference": model_path(reference),
-                           "--baseline": model_path(baseline)})
+                           "--baseline": model_path(baseline), "--neighbour-model": model_path(neighbour_model)})
     if "recall" in names and recall_prefix is not None:
         attack_options["recall"]["prefix"] = tuple(r.text for r in load_records(recall_prefix, text_field=text_field))
         options = build_options(kind, flags=_k_flags(names), roles=roles, **values)
@@ -249,6 +259,10 @@ def user_inference(
     out: Path = typer.Option(..., "--out", help="Output dir: user_inference.json, user_scores.jsonl, roc_users.png"),
     text_field: str = typer.Option("text", "--text-field"),
     id_field: str | None = typer.Option(None, "--id-field"),
+    neighbour_model: str | None = typer.Option(None, "--neighbour-model", help="Masked language model that "
+                                               "proposes the neighbourhood attack's word swaps (a local folder or a "
+                                               "hub id, e.g. bert-base-uncased)"),
+    neighbours: int = typer.Option(25, "--neighbours", min=1, help="Neighbours per text, for neighbourhood"),
     n_bootstrap: int = typer.Option(1000, "--n-bootstrap", min=0,
                                     help="Bootstrap resamples for the AUC and TPR intervals (0: none)"),
     seed: int = typer.Option(0, "--seed", min=0, max=MAX_SEED),

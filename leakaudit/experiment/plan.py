@@ -376,13 +376,14 @@ def _flat(options: dict[str, Any], prefix: str = "") -> dict[str, Any]:
 
 
 def _names_a_file(value: Any) -> bool:
-    """An option value that is the path of an existing file or saved dataset folder (any other string, e.g. a
-    template, is not; nor any other folder, which an option naming it by chance would make the key hash)."""
+    """An option value that is the path of an existing file, saved dataset folder or model folder (the
+    neighbourhood attack's masked LM); any other string, e.g. a template, is not, nor any other folder, which an
+    option naming it by chance would make the key hash."""
     if not isinstance(value, str) or not value or "\x00" in value or len(value) > 4096:
         return False
     try:
         p = Path(value).expanduser()
-        return p.is_file() or (p.is_dir() and any((p / f).is_file() for f in _DATASET_DIR_FILES))
+        return p.is_file() or (p.is_dir() and any((p / f).is_file() for f in (*_DATASET_DIR_FILES, "config.json")))
     except (OSError, RuntimeError):  # a name too long for the file system; "~user" of no such user
         return False
 

@@ -230,7 +230,7 @@ class Mia(Kind):
         except TooShortError as exc:
             role = exc.role or "members"
             rec = (members if role == "members" else nonmembers)[exc.row or 0]
-            raise InputError("text has fewer than 2 tokens; no token can be scored", file=ctx.data.get(role),
+            raise InputError(f"text {exc.why}", file=ctx.data.get(role),
                              line=rec.line, field=ctx.data_fields.get(role, {}).get("text_field", "text")) from None
         data = {**report.to_json(), "target": ctx.models.get("target"), "reference": ctx.models.get("reference"),
                 **{role: str(ctx.data[role]) if role in ctx.data else None for role in ("members", "nonmembers")},

@@ -151,6 +151,18 @@ def check_model_spec(spec: str, *, allow_pickle: bool = False) -> None:
         check_model_spec(adapter_base(Path(where), allow_pickle), allow_pickle=allow_pickle)
 
 
+def check_masked_lm_spec(spec: str) -> Path | str:
+    """The folder (or hub id) of a masked language model, checked as a causal model's is (safetensors only, no
+    model code): the neighbourhood attack's word-swap proposer. Returns where to load it from."""
+    kind, where = resolve_spec(spec)
+    if kind in ("adapter", "random"):
+        what = "an adapter" if kind == "adapter" else "an untrained causal model"
+        raise InputError(f"'{spec}' is not a masked language model ({what})", field="--model")
+    if kind == "dir":
+        check_model_dir(Path(where), allow_pickle=False, task="masked")
+    return where
+
+
 def _read_json_object(file: Path) -> dict:
     try:
         data = json.loads(file.read_text(encoding="utf-8"))
@@ -161,13 +173,13 @@ def _read_json_object(file: Path) -> dict:
     return data
 
 
-def check_model_dir(path: Path, allow_pickle: bool) -> None:
+def check_model_dir(path: Path, allow_pickle: bool, task: str = "causal") -> None:
     """Refuse before loading what from_pretrained would fail on with a traceback or should never run: a bad
-    config.json, an architecture that needs the model's own code, no tokenizer, pickle weights, corrupt
-    safetensors."""
+    config.json, an architecture that needs the model's own code or is not a `task` ("causal" or "masked")
+    language model, no tokenizer, pickle weights, corrupt safetensors."""
     cfg_file = path / "config.json"
     cfg = _read_json_object(cfg_file)
-    _check_architecture(cfg_file, cfg)
+    _check_architecture(cfg_file, cfg, task)
     _check_side_json(path)
     _check_config_fields(path)
     if not any((path / name).is_file() for name in TOKENIZER_FILES):
@@ -178,11 +190,14 @@ def check_model_dir(path: Path, allow_pickle: bool) -> None:
             _check_safetensors(weights)
 
 
-def _check_architecture(cfg_file: Path, cfg: dict) -> None:
+def _check_architecture(cfg_file: Path, cfg: dict, task: str = "causal") -> None:
     """Loadable by transformers' own classes: trust_remote_code stays off, so code shipped with a model never runs."""
     import transformers
     from transformers.models.auto.configuration_auto import CONFIG_MAPPING
-    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+    from transformers.models.auto.modeling_auto import (
+        MODEL_FOR_CAUSAL_LM_MAPPING_NAMES,
+        MODEL_FOR_MASKED_LM_MAPPING_NAMES,
+    )
 
     model_type = cfg.get("model_type")
     if not isinstance(model_type, str) or not model_type:
@@ -195,8 +210,10 @@ def _check_architecture(cfg_file: Path, cfg: dict) -> None:
                              field="--model")
         raise InputError(f"model_type '{model_type}' is unknown to transformers {transformers.__version__}",
                          file=cfg_file, field="--model")
-    if model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
-        raise InputError(f"model_type '{model_type}' is not a causal language model", file=cfg_file, field="--model")
+    names = MODEL_FOR_MASKED_LM_MAPPING_NAMES if task == "masked" else MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+    if model_type not in names:
+        raise InputError(f"model_type '{model_type}' is not a {task} language model", file=cfg_file,
+                         field="--model")
 
 
 def _check_side_json(path: Path) -> None:

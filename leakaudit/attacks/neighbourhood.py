@@ -1,0 +1,236 @@
+"""The neighbourhood attack: a text's loss against the loss of texts a masked language model makes from it by
+swapping one word (or a piece of one).
+
+Why: a low loss alone says the text is easy, not that it was trained on. Its neighbours are as easy (same
+topic, same style, one word different), but only the text itself was fitted, so a member's loss sits below its
+neighbours' and a non-member's does not. The neighbours calibrate the score without a reference model trained
+on the same distribution (which `ref` needs and a user often lacks).
+
+Mattern et al., "Membership Inference Attacks against Language Models via Neighbourhood Comparison", Findings
+of ACL 2023: swaps proposed by a BERT-style masked LM with dropout on the swapped word's embedding (the word
+stays in view, so the proposals fit it), each scored p(swap) / (1 - p(word)), the best n kept. As in their
+code, a swap replaces one token; here it is spliced into the original text (decoding an uncased BERT's tokens
+lowercased the whole neighbour) and keeps the token's kind (a word for a word, a piece for a piece).
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Annotated, Any
+
+import numpy as np
+from pydantic import AfterValidator, Field
+
+from leakaudit.attacks.base import Attack, AttackConfig, register
+from leakaudit.attacks.mia import TooShortError, _need_tokens
+from leakaudit.errors import InputError
+
+if TYPE_CHECKING:
+    import torch
+
+
+def _masked_lm_spec(spec: str | None) -> str:
+    """A local model folder or hub id of a masked LM that loads without its own code or pickles."""
+    from leakaudit.models.spec import check_masked_lm_spec
+
+    if spec is None:  # nothing ships: none is small enough to carry, and a causal LM cannot propose in context
+        raise ValueError("the neighbourhood attack needs a masked language model to propose its word swaps (e.g. "
+                         "bert-base-uncased, the paper's, or a local model folder)")
+    try:
+        check_masked_lm_spec(spec)
+    except InputError as exc:
+        raise ValueError(f"{exc.file + ': ' if exc.file else ''}{exc.message}") from None
+    return spec
+
+
+class NeighbourhoodConfig(AttackConfig):
+    model: Annotated[str | None, AfterValidator(_masked_lm_spec)] = Field(
+        None, validate_default=True, description="masked language model that proposes the swaps: a local model folder or a hub id "
+                    "(e.g. bert-base-uncased, the paper's)")
+    n_neighbours: int = Field(25, ge=1, description="neighbours per text (the paper's best: 25 to 100)")
+    per_position: int = Field(10, ge=1, description="swaps proposed at each word, before the best n are kept")
+    dropout: float = Field(0.7, gt=0, lt=1, description="dropout on the swapped word's embedding (the paper's)")
+    seed: int = Field(0, ge=0, description="seeds the dropout; the same for every text")
+    max_length: int = Field(512, ge=2, description="masked-LM tokens per text: words past them are not swapped")
+
+
+@dataclass
+class MaskedLM:
+    model: Any
+    tokenizer: Any
+    device: torch.device
+
+
+#: (spec, device) -> the loaded masked LM: every mia stage of a study with this attack loads the same one
+_LOADED: dict[tuple[str, str], MaskedLM] = {}
+
+
+def load_masked_lm(spec: str, device: torch.device) -> MaskedLM:
+    """The masked LM in float32 (its proposals must not depend on the machine's bf16), safetensors only, without
+    the model's own code."""
+    import torch
+    from transformers import AutoModelForMaskedLM, AutoTokenizer
+
+    from leakaudit.models.spec import check_masked_lm_spec
+
+    key = (spec, str(device))
+    if key not in _LOADED:
+        where = check_masked_lm_spec(spec)
+        tokenizer = AutoTokenizer.from_pretrained(str(where), trust_remote_code=False)
+        if not tokenizer.is_fast:  # character offsets place each swap in the original text
+            raise InputError("the masked LM's tokenizer gives no character offsets (a slow tokenizer); save a "
+                             "fast one (tokenizer.json) beside it", file=str(where), field="neighbourhood.model")
+        model = AutoModelForMaskedLM.from_pretrained(str(where), dtype=torch.float32, trust_remote_code=False,
+                                                     use_safetensors=True)
+        _LOADED[key] = MaskedLM(model.to(device).eval(), tokenizer, device)
+    return _LOADED[key]
+
+
+#: letters and digits (and `_`) of any script: what a swap may replace and replace it with
+_WORD = re.compile(r"\w+")
+
+
+def _swappable_span(text: str, start: int, end: int) -> tuple[int, int] | None:
+    """The token's characters without the space a byte-level tokenizer counts in them ("Ġword"), if they are
+    letters or digits: a word or a piece of one (the paper's code swaps any token), not punctuation."""
+    while start < end and text[start].isspace():
+        start += 1
+    while end > start and text[end - 1].isspace():
+        end -= 1
+    return (start, end) if _WORD.fullmatch(text[start:end]) else None
+
+
+def _cased(word: str, like: str) -> str:
+    """`word` with the letter case of the word it replaces: an uncased BERT proposes "paris" for "London", a
+    cased one "The" for "the" mid-sentence; a swap that also changes case changes the loss for two reasons."""
+    if len(like) > 1 and like.isupper():
+        return word.upper()
+    first = word[:1].upper() if like[:1].isupper() else word[:1].lower()
+    return first + word[1:]
+
+
+#: how tokenizers mark a token that starts a word after a space (byte-level BPE: "Ġword"; SentencePiece:
+#: "▁word") and one that goes on a word (WordPiece: "##ing"): a swap keeps the token's kind, so a word stays a
+#: word and a piece a piece ("quart|erly" does not become "quart erly")
+_MARKS = ("Ġ", "▁", "##")
+
+
+def neighbours(mlm: MaskedLM, text: str, *, n: int = 25, per_position: int = 10, dropout: float = 0.7,
+               seed: int = 0, max_length: int = 512, batch_size: int = 32) -> list[str]:
+    """Up to `n` distinct texts that differ from `text` in one token, best first: at each token that is a word or
+    a piece of one, the masked LM sees the text with dropout on that token's embedding; its `per_position`
+    likeliest other tokens w of the same kind are each scored p(w) / (1 - p(token)); the `n` best over all
+    tokens are kept (ties: the earlier token first)."""
+    import torch
+
+    tok = mlm.tokenizer
+    enc = tok(text, return_offsets_mapping=True, truncation=True, max_length=max_length)
+    ids, offsets = enc["input_ids"], enc["offset_mapping"]
+    special = set(tok.all_special_ids)
+    spans = {i: span for i, (a, b) in enumerate(offsets)
+             if ids[i] not in special and (span := _swappable_span(text, a, b)) is not None}
+    positions = list(spans)
+    if not positions:
+        return []
+    embed = mlm.model.get_input_embeddings()
+    generator = torch.Generator().manual_seed(seed)  # per text: its neighbours do not depend on the other texts
+    with torch.no_grad():
+        base = embed(torch.tensor([ids], device=mlm.device))[0]
+        keep = (torch.rand(len(positions), base.shape[-1], generator=generator) >= dropout).to(base)
+        keep = keep.to(mlm.device) / (1 - dropout)
+        found: list[tuple[float, int, str]] = []
+        for lo in range(0, len(positions), batch_size):
+            chunk = positions[lo:lo + batch_size]
+            rows = base.unsqueeze(0).repeat(len(chunk), 1, 1)
+            at = torch.arange(len(chunk), device=mlm.device)
+            rows[at, chunk] = rows[at, chunk] * keep[lo:lo + len(chunk)]
+            logits = mlm.model(inputs_embeds=rows, attention_mask=torch.ones(rows.shape[:2], dtype=torch.long,
+                                                                               device=mlm.device)).logits
+            probs = torch.softmax(logits[at, chunk].float(), dim=-1).cpu()
+            for j, p in enumerate(chunk):
+                found += _swaps(tok, text, spans[p], ids[p], probs[j], per_position, special, p)
+    found.sort(key=lambda f: (-f[0], f[1]))
+    out: list[str] = []
+    for _, _, new in found:
+        if new not in out and new != text:
+            out.append(new)
+            if len(out) == n:
+                break
+    return out
+
+
+def _swaps(tok, text: str, span: tuple[int, int], original: int, probs, per_position: int, special: set[int],
+           position: int) -> list[tuple[float, int, str]]:
+    """The `per_position` likeliest tokens of the original's kind other than it, as (score, place, text)."""
+    a, b = span
+    word = text[a:b]
+    p_original = float(probs[original])
+    kind = _mark(tok.convert_ids_to_tokens(original))
+    out: list[tuple[float, int, str]] = []
+    for p, cid in zip(*(x.tolist() for x in probs.topk(min(len(probs), per_position * 4 + len(special) + 1))),
+                      strict=True):
+        piece = tok.convert_ids_to_tokens(cid)
+        if cid == original or cid in special or _mark(piece) != kind:
+            continue
+        new = piece[2:] if kind == "##" else tok.decode([cid]).strip()
+        if not _WORD.fullmatch(new) or new.lower() == word.lower():
+            continue
+        out.append((p / max(1.0 - p_original, 1e-12), position, text[:a] + _cased(new, word) + text[b:]))
+        if len(out) == per_position:
+            break
+    return out
+
+
+def _mark(piece: str) -> str | None:
+    return next((m for m in _MARKS if piece.startswith(m)), None)
+
+
+class NoNeighbourError(TooShortError):
+    """A text with no word the masked LM can swap: no neighbour, no score (named as a too-short text is)."""
+
+    why = "has no word the masked LM can swap, so it has no neighbour to compare with"
+
+
+@register
+class NeighbourhoodAttack(Attack):
+    """neighbourhood = mean_j NLL(x̃_j) - NLL(x), over the n neighbours x̃_j of x (one word or word piece swapped
+    each, proposed by a masked LM). A member was fitted and its neighbours were not, so its NLL sits below theirs: higher =>
+    member. One masked-LM pass per word of a text, and one target pass over all neighbours (cached).
+
+    Mattern et al., "Membership Inference Attacks against Language Models via Neighbourhood Comparison",
+    Findings of ACL 2023.
+    """
+
+    name = "neighbourhood"
+    summary = ("how far the text's loss sits below the loss of texts one word away from it, which the model was "
+               "not trained on")
+    paper = "Mattern et al. 2023, Neighbourhood Comparison"
+    Config = NeighbourhoodConfig
+
+    def score(self, ctx):
+        from leakaudit.distributed import gather_floats, shard, world
+        from leakaudit.scoring import score_texts
+
+        _need_tokens(ctx)
+        cfg = self.config
+        mlm = load_masked_lm(cfg.model, ctx.target.device)
+        mine = shard(len(ctx.texts))
+        options = {**ctx.score_options}
+        progress = options.pop("progress", True) and world()[0] == 0
+        found: list[list[str]] = []
+        for i in mine:
+            texts = neighbours(mlm, ctx.texts[i], n=cfg.n_neighbours, per_position=cfg.per_position,
+                               dropout=cfg.dropout, seed=cfg.seed, max_length=cfg.max_length)
+            if not texts:
+                raise NoNeighbourError(i)
+            found.append(texts)
+        flat = [t for texts in found for t in texts]
+        scored = score_texts(ctx.target, flat, progress=progress, description="scoring (neighbours)", **options)
+        local, pos = [], 0
+        for i, texts in zip(mine, found, strict=True):
+            nll = [-s.mean_logp for s in scored[pos:pos + len(texts)] if s.n_tokens]
+            pos += len(texts)
+            local.append(float(np.mean(nll)) + ctx.target_scores[i].mean_logp)
+        return gather_floats(local, len(ctx.texts))
+

@@ -1,0 +1,145 @@
+"""The neighbourhood attack: its neighbours (one whole word swapped, in the text's case, seeded), its score
+against NLLs computed by hand, batched = unbatched, and the errors of a missing or wrong masked LM."""
+
+from __future__ import annotations
+
+import re
+
+import numpy as np
+import pytest
+import torch
+from conftest import run_main, torch_threads
+from test_attacks import hand
+
+from leakaudit.attacks import ScoringContext, get_attack
+from leakaudit.attacks.mia import run_mia
+from leakaudit.attacks.neighbourhood import load_masked_lm, neighbours
+from leakaudit.errors import InputError
+
+TEXTS = ["Alice Smith sent the quarterly report to John on Monday.",
+         "Give three tips for staying healthy and happy.",
+         "What is the capital of France?"]
+NO_CACHE = {"cache": False, "progress": False}
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    with torch_threads(1):
+        yield
+
+
+@pytest.fixture(scope="module")
+def mlm(tiny_mlm_dir):
+    return load_masked_lm(str(tiny_mlm_dir), torch.device("cpu"))
+
+
+def _words(text: str) -> list[str]:
+    return re.findall(r"\w+|[^\w\s]", text)
+
+
+def test_each_neighbour_swaps_one_word_or_piece_in_the_words_case(mlm):
+    for text in TEXTS:
+        got = neighbours(mlm, text, n=8)
+        assert 0 < len(got) <= 8 and len(set(got)) == len(got) and text not in got
+        for new in got:
+            a, b = _words(text), _words(new)
+            assert len(a) == len(b), (text, new)
+            diff = [(x, y) for x, y in zip(a, b, strict=True) if x != y]
+            assert len(diff) == 1, (text, new)
+            old, swapped = diff[0]
+            assert swapped.lower() != old.lower() and swapped[:1].isupper() == old[:1].isupper(), diff
+    assert neighbours(mlm, TEXTS[0], n=8) == neighbours(mlm, TEXTS[0], n=8)  # seeded
+    assert neighbours(mlm, TEXTS[0], n=8, seed=1) != neighbours(mlm, TEXTS[0], n=8)
+    # the positions a batch holds do not change what is proposed
+    assert neighbours(mlm, TEXTS[0], n=8, batch_size=1) == neighbours(mlm, TEXTS[0], n=8, batch_size=64)
+    assert neighbours(mlm, "!!! ...") == []  # no word to swap
+
+
+def test_score_is_the_mean_neighbour_nll_minus_the_texts_by_hand(tiny_opt, mlm, tiny_mlm_dir):
+    """neighbourhood = mean_j NLL(x̃_j) − NLL(x), each NLL from one unbatched float64 pass."""
+    ctx = ScoringContext(tiny_opt, TEXTS, score_options=NO_CACHE)
+    got = get_attack("neighbourhood", model=str(tiny_mlm_dir), n_neighbours=5).score(ctx)
+    want = []
+    for text in TEXTS:
+        nll = [-hand(tiny_opt, t)["logp"].mean() for t in neighbours(mlm, text, n=5)]
+        want.append(np.mean(nll) + hand(tiny_opt, text)["logp"].mean())
+    assert np.allclose(got, want, rtol=1e-4, atol=1e-5), (got, want)
+    one = ScoringContext(tiny_opt, TEXTS, score_options={**NO_CACHE, "batch_size": 1})
+    assert np.allclose(get_attack("neighbourhood", model=str(tiny_mlm_dir), n_neighbours=5).score(one), got,
+                       rtol=1e-4, atol=1e-5)
+
+
+def test_a_missing_or_causal_masked_lm_is_one_clear_error(tmp_path, tiny_mlm_dir):
+    with pytest.raises(InputError, match="needs a masked language model") as err:
+        get_attack("neighbourhood")
+    assert err.value.field == "model"
+    with pytest.raises(InputError, match="is not a masked language model"):
+        get_attack("neighbourhood", model="tiny-gpt-neox")
+    with pytest.raises(InputError, match="path not found"):
+        get_attack("neighbourhood", model=str(tmp_path / "nothing-here"))
+    with pytest.raises(InputError, match="greater than or equal to 1"):
+        get_attack("neighbourhood", model=str(tiny_mlm_dir), n_neighbours=0)
+
+
+def test_a_text_without_a_word_to_swap_is_named(tiny_opt, tiny_mlm_dir):
+    with pytest.raises(InputError) as err:
+        run_mia(tiny_opt, TEXTS[:2], [TEXTS[2], "!!! ... ???"], ["neighbourhood"],
+                attack_options={"neighbourhood": {"model": str(tiny_mlm_dir)}}, n_bootstrap=0, **NO_CACHE)
+    assert str(err.value).startswith("nonmembers[1] has no word the masked LM can swap"), err.value
+
+
+def test_cli_takes_the_masked_lm_and_refuses_its_flags_without_the_attack(tmp_path, monkeypatch, capsys,
+                                                                          tiny_mlm_dir):
+    import json
+
+    members, nonmembers = tmp_path / "m.jsonl", tmp_path / "n.jsonl"
+    members.write_text("".join(json.dumps({"text": t}) + "\n" for t in TEXTS[:2]))
+    nonmembers.write_text("".join(json.dumps({"text": t}) + "\n" for t in [TEXTS[2], "The cat sat on the mat."]))
+    base = ["mia", "--model", "tiny-opt", "--members", str(members), "--nonmembers", str(nonmembers),
+            "--n-bootstrap", "0", "--no-cache"]
+    code, err = run_main([*base, "--out", str(tmp_path / "a"), "--attacks", "loss,neighbourhood"], monkeypatch,
+                         capsys)
+    assert code == 2 and err.startswith("error: field '--neighbour-model': ") and "needs a masked" in err, err
+    code, err = run_main([*base, "--out", str(tmp_path / "b"), "--neighbour-model", str(tiny_mlm_dir)],
+                         monkeypatch, capsys)
+    assert code == 2 and "field '--neighbour-model': no attack that runs takes it" in err, err
+    code, err = run_main([*base, "--out", str(tmp_path / "c"), "--attacks", "loss,neighbourhood",
+                          "--neighbour-model", str(tiny_mlm_dir), "--neighbours", "4"], monkeypatch, capsys)
+    assert code == 0, err
+    res = json.loads((tmp_path / "c" / "mia.json").read_text())
+    assert set(res["attacks"]) == {"loss", "neighbourhood"}
+    rows = [json.loads(x) for x in (tmp_path / "c" / "scores.jsonl").read_text().splitlines()]
+    assert len(rows) == 4 and all(np.isfinite(r["neighbourhood"]) for r in rows)
+
+
+def test_an_experiment_names_the_missing_masked_lm_and_runs_with_one(tmp_path, tiny_mlm_dir):
+    """The experiment file's route: the option's key path in the error, and the masked LM's folder in the
+    stage's key (an edited proposer reruns the stage, as an edited dc_pdd corpus does)."""
+    from leakaudit.config import parse_experiment
+    from leakaudit.experiment import Plan, run_experiment
+    from leakaudit.experiment.checks import check_plan
+
+    def study(options: str) -> str:
+        return ("name: nb\nmodels: {base: tiny-opt}\ndatasets:\n  d: {builtin: enron-synthetic, limit: 8, "
+                "max_chars: 120, split: {members: 0.5, nonmembers: 0.5}}\nevaluate:\n  m:\n    kind: mia\n"
+                f"    targets: [base]\n    members: d.members\n    nonmembers: d.nonmembers\n    options: {options}\n")
+
+    bad = study("{attacks: [loss, neighbourhood], n_bootstrap: 0}")
+    with pytest.raises(InputError) as err:
+        check_plan(Plan(parse_experiment(bad, tmp_path / "bad.yaml")), (tmp_path / "out", None))
+    assert "attack_options.neighbourhood.model" in err.value.format() and "needs a masked" in err.value.format()
+    good = study("{attacks: [loss, neighbourhood], n_bootstrap: 0, attack_options: {neighbourhood: "
+                 f"{{model: '{tiny_mlm_dir}', n_neighbours: 3}}}}}}")
+    plan = Plan(parse_experiment(good, tmp_path / "good.yaml"))
+    key = plan.stages["evaluate/m/base"].key
+    run_experiment(parse_experiment(good, tmp_path / "good.yaml"), tmp_path / "out", log=lambda m: None,
+                   report=False)
+    import json
+
+    res = json.loads((tmp_path / "out" / "evaluate/m/base/mia.json").read_text())
+    assert set(res["attacks"]) == {"loss", "neighbourhood"}
+    (tiny_mlm_dir / "config.json").write_text((tiny_mlm_dir / "config.json").read_text() + "\n")
+    try:
+        assert Plan(parse_experiment(good, tmp_path / "good.yaml")).stages["evaluate/m/base"].key != key
+    finally:
+        (tiny_mlm_dir / "config.json").write_text((tiny_mlm_dir / "config.json").read_text()[:-1])
