@@ -143,3 +143,16 @@ def test_an_experiment_names_the_missing_masked_lm_and_runs_with_one(tmp_path, t
         assert Plan(parse_experiment(good, tmp_path / "good.yaml")).stages["evaluate/m/base"].key != key
     finally:
         (tiny_mlm_dir / "config.json").write_text((tiny_mlm_dir / "config.json").read_text()[:-1])
+
+
+def test_a_text_longer_than_the_masked_lms_positions_is_swapped_in_its_first_tokens(tiny_opt, tiny_mlm_dir,
+                                                                                     mlm, capsys):
+    """A text past the masked LM's 256 positions failed inside BERT ("expanded size of the tensor"): only its
+    first tokens are swapped now, with a warning; its loss is the whole text's."""
+    long = "Alice Smith sent the quarterly report to John on Monday. " * 30
+    got = neighbours(mlm, long, n=5)
+    assert len(got) == 5 and all(g[-200:] == long[-200:] for g in got)
+    ctx = ScoringContext(tiny_opt, [long, TEXTS[0]], score_options=NO_CACHE)
+    scores = get_attack("neighbourhood", model=str(tiny_mlm_dir), n_neighbours=3).score(ctx)
+    assert np.isfinite(scores).all()
+    assert "neighbourhood: 1 of 2 texts are longer than the masked LM's 254-token window" in capsys.readouterr().err

@@ -25,6 +25,7 @@ from pydantic import AfterValidator, Field
 from leakaudit.attacks.base import Attack, AttackConfig, register
 from leakaudit.attacks.mia import TooShortError, _need_tokens
 from leakaudit.errors import InputError
+from leakaudit.warn import warn_once
 
 if TYPE_CHECKING:
     import torch
@@ -91,6 +92,13 @@ def load_masked_lm(spec: str, device: torch.device) -> MaskedLM:
 _WORD = re.compile(r"\w+")
 
 
+def window(mlm: MaskedLM, max_length: int) -> int:
+    """Tokens of a text the masked LM sees: `max_length`, at most what its positions hold (two kept free:
+    RoBERTa's positions start after its padding index) and its tokenizer's limit."""
+    positions = getattr(mlm.model.config, "max_position_embeddings", None) or max_length + 2
+    return max(2, min(max_length, positions - 2, mlm.tokenizer.model_max_length))
+
+
 def _swappable_span(text: str, start: int, end: int) -> tuple[int, int] | None:
     """The token's characters without the space a byte-level tokenizer counts in them ("Ġword"), if they are
     letters or digits: a word or a piece of one (the paper's code swaps any token), not punctuation."""
@@ -125,7 +133,7 @@ def neighbours(mlm: MaskedLM, text: str, *, n: int = 25, per_position: int = 10,
     import torch
 
     tok = mlm.tokenizer
-    enc = tok(text, return_offsets_mapping=True, truncation=True, max_length=max_length)
+    enc = tok(text, return_offsets_mapping=True, truncation=True, max_length=window(mlm, max_length))
     ids, offsets = enc["input_ids"], enc["offset_mapping"]
     special = set(tok.all_special_ids)
     spans = {i: span for i, (a, b) in enumerate(offsets)
@@ -216,6 +224,11 @@ class NeighbourhoodAttack(Attack):
         cfg = self.config
         mlm = load_masked_lm(cfg.model, ctx.target.device)
         mine = shard(len(ctx.texts))
+        seen = window(mlm, cfg.max_length)
+        over = sum(len(ids) > seen for ids in mlm.tokenizer(ctx.texts, truncation=False)["input_ids"])
+        if over:
+            warn_once(f"neighbourhood: {over} of {len(ctx.texts)} texts are longer than the masked LM's {seen}-token "
+                      "window; only their first tokens are swapped (their loss is still the whole text's)")
         options = {**ctx.score_options}
         progress = options.pop("progress", True) and world()[0] == 0
         found: list[list[str]] = []
