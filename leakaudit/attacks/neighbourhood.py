@@ -231,13 +231,7 @@ class NeighbourhoodAttack(Attack):
                       "window; only their first tokens are swapped (their loss is still the whole text's)")
         options = {**ctx.score_options}
         progress = options.pop("progress", True) and world()[0] == 0
-        found: list[list[str]] = []
-        for i in mine:
-            texts = neighbours(mlm, ctx.texts[i], n=cfg.n_neighbours, per_position=cfg.per_position,
-                               dropout=cfg.dropout, seed=cfg.seed, max_length=cfg.max_length)
-            if not texts:
-                raise NoNeighbourError(i)
-            found.append(texts)
+        found = _propose(mlm, ctx.texts, mine, cfg, progress)
         flat = [t for texts in found for t in texts]
         scored = score_texts(ctx.target, flat, progress=progress, description="scoring (neighbours)", **options)
         local, pos = [], 0
@@ -247,3 +241,29 @@ class NeighbourhoodAttack(Attack):
             local.append(float(np.mean(nll)) + ctx.target_scores[i].mean_logp)
         return gather_floats(local, len(ctx.texts))
 
+
+
+def _propose(mlm: MaskedLM, texts: list[str], mine: list[int], cfg: NeighbourhoodConfig,
+             progress: bool) -> list[list[str]]:
+    """The neighbours of texts[i] for each i in `mine`, with a bar: one masked-LM pass per token of each text is
+    minutes for a thousand texts on a CPU (a killed run proposes again, the same; their scores are cached)."""
+    from contextlib import nullcontext
+
+    from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeRemainingColumn
+
+    from leakaudit.progress import progress_bar
+
+    bar = progress_bar(TextColumn("proposing neighbours"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
+                       unit="texts") if progress else nullcontext()
+    found: list[list[str]] = []
+    with bar:
+        task = bar.add_task("neighbours", total=len(mine)) if progress else None
+        for i in mine:
+            got = neighbours(mlm, texts[i], n=cfg.n_neighbours, per_position=cfg.per_position, dropout=cfg.dropout,
+                             seed=cfg.seed, max_length=cfg.max_length)
+            if not got:
+                raise NoNeighbourError(i)
+            found.append(got)
+            if progress:
+                bar.update(task, advance=1)
+    return found
