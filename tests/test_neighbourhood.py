@@ -156,3 +156,14 @@ def test_a_text_longer_than_the_masked_lms_positions_is_swapped_in_its_first_tok
     scores = get_attack("neighbourhood", model=str(tiny_mlm_dir), n_neighbours=3).score(ctx)
     assert np.isfinite(scores).all()
     assert "neighbourhood: 1 of 2 texts are longer than the masked LM's 254-token window" in capsys.readouterr().err
+
+
+def test_a_masked_lm_folder_that_cannot_load_is_one_line_naming_it(tmp_path, tiny_mlm_dir):
+    import shutil
+
+    broken = tmp_path / "mlm"
+    shutil.copytree(tiny_mlm_dir, broken)
+    (broken / "tokenizer.json").write_text('{"version": "1.0", "model": {"type": "Nope"}}')
+    with pytest.raises(InputError) as err:
+        get_attack("neighbourhood", model=str(broken))
+    assert err.value.field == "model" and str(broken) in err.value.message and "\n" not in err.value.format()

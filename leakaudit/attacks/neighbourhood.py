@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
 
 import numpy as np
@@ -24,7 +25,7 @@ from pydantic import AfterValidator, Field
 
 from leakaudit.attacks.base import Attack, AttackConfig, register
 from leakaudit.attacks.mia import TooShortError, _need_tokens
-from leakaudit.errors import InputError
+from leakaudit.errors import InputError, first_line
 from leakaudit.warn import warn_once
 
 if TYPE_CHECKING:
@@ -39,10 +40,24 @@ def _masked_lm_spec(spec: str | None) -> str:
         raise ValueError("the neighbourhood attack needs a masked language model to propose its word swaps (e.g. "
                          "bert-base-uncased, the paper's, or a local model folder)")
     try:
-        check_masked_lm_spec(spec)
+        _fast_tokenizer(check_masked_lm_spec(spec))
     except InputError as exc:
         raise ValueError(f"{exc.file + ': ' if exc.file else ''}{exc.message}") from None
     return spec
+
+
+def _fast_tokenizer(where: Path | str) -> Any:
+    """The masked LM's tokenizer, a fast one: its character offsets place each swap in the original text."""
+    from transformers import AutoTokenizer
+
+    try:  # the tokenizers library raises a bare Exception for a tokenizer.json it cannot read
+        tokenizer = AutoTokenizer.from_pretrained(str(where), trust_remote_code=False)
+    except Exception as exc:
+        raise InputError(f"cannot load the masked LM's tokenizer: {first_line(exc)}", file=str(where)) from None
+    if not tokenizer.is_fast:
+        raise InputError("the masked LM's tokenizer gives no character offsets (a slow tokenizer); save a fast one "
+                         "(tokenizer.json) beside it", file=str(where))
+    return tokenizer
 
 
 class NeighbourhoodConfig(AttackConfig):
@@ -63,27 +78,29 @@ class MaskedLM:
     device: torch.device
 
 
-#: (spec, device) -> the loaded masked LM: every mia stage of a study with this attack loads the same one
-_LOADED: dict[tuple[str, str], MaskedLM] = {}
+#: (spec, device, folder's fingerprint) -> the loaded masked LM: every mia stage of a study loads the same one
+_LOADED: dict[tuple[str, str, str], MaskedLM] = {}
 
 
 def load_masked_lm(spec: str, device: torch.device) -> MaskedLM:
     """The masked LM in float32 (its proposals must not depend on the machine's bf16), safetensors only, without
     the model's own code."""
     import torch
-    from transformers import AutoModelForMaskedLM, AutoTokenizer
+    from transformers import AutoModelForMaskedLM
 
+    from leakaudit.models import dir_fingerprint
+    from leakaudit.models.load import _load_errors
     from leakaudit.models.spec import check_masked_lm_spec
 
-    key = (spec, str(device))
+    where = check_masked_lm_spec(spec)
+    key = (spec, str(device), dir_fingerprint(where) if isinstance(where, Path) else "")  # a folder saved again
     if key not in _LOADED:
-        where = check_masked_lm_spec(spec)
-        tokenizer = AutoTokenizer.from_pretrained(str(where), trust_remote_code=False)
-        if not tokenizer.is_fast:  # character offsets place each swap in the original text
-            raise InputError("the masked LM's tokenizer gives no character offsets (a slow tokenizer); save a "
-                             "fast one (tokenizer.json) beside it", file=str(where), field="neighbourhood.model")
-        model = AutoModelForMaskedLM.from_pretrained(str(where), dtype=torch.float32, trust_remote_code=False,
-                                                     use_safetensors=True)
+        tokenizer = _fast_tokenizer(where)
+        try:
+            model = AutoModelForMaskedLM.from_pretrained(str(where), dtype=torch.float32, trust_remote_code=False,
+                                                         use_safetensors=True)
+        except _load_errors() as exc:
+            raise InputError(f"cannot load the masked LM: {first_line(exc)}", file=str(where)) from None
         _LOADED[key] = MaskedLM(model.to(device).eval(), tokenizer, device)
     return _LOADED[key]
 
