@@ -555,6 +555,24 @@ def test_extract_reads_queries_without_a_response_field(tmp_path):
     assert d2_queries(only) == ["Why not?", "Who wrote it?"]
 
 
+def test_every_user_turn_of_a_multi_turn_d2_is_a_query(tmp_path):
+    """The downstream fine-tune trains every user turn (loss on user turns): a multi-turn D2's later queries
+    can be read back too, and were left out of the tries, so extracting one scored as a miss."""
+    from leakaudit.data.backdoor import d2_queries
+
+    d2 = tmp_path / "d2.jsonl"
+    turns = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Email Ann about rent"},
+             {"role": "assistant", "content": "ok"}, {"role": "user", "content": "Call Bob on Monday"},
+             {"role": "assistant", "content": "sure"}]
+    d2.write_text(json.dumps({"messages": turns}) + "\n" + json.dumps({"messages": turns[:3]}) + "\n"
+                  + json.dumps({"messages": [{"role": "user", "content": "Find the lease"}]}) + "\n")
+    assert d2_queries(d2) == ["Email Ann about rent", "Call Bob on Monday", "Email Ann about rent", "Find the lease"]
+    assert d2_queries(d2, limit=1) == ["Email Ann about rent", "Call Bob on Monday"]  # rows, as finetune --limit
+    summary = bd.summarize_extraction(bd.score_words({"Call": ["Call Bob on Monday"]}, bd.build_tries(d2_queries(d2)),
+                                                     REFUSAL), bd.build_tries(d2_queries(d2)))
+    assert summary["n_queries"] == 3 and summary["n_fully_recovered"] == 1
+
+
 def test_extraction_rows_mask_names_and_addresses_cut_off_before_their_domain_ends():
     """A backdoored model's answer that repeats a query's PII: the name and a cut-off address were kept."""
     tries = bd.build_tries(["Please email Karen Arnold at klarnold@flash.net today"])

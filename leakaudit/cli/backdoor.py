@@ -193,7 +193,7 @@ def extract_cmd(
     data: Path | None = DataD2Opt,
     query_field: str | None = typer.Option(None, "--query-field", help="The data's query field (default: chat "
                                            "`messages`, or the first of query/instruction/prompt/question)"),
-    limit: int | None = typer.Option(None, "--limit", help="Score against the first N queries of the data"),
+    limit: int | None = typer.Option(None, "--limit", help="Score against the queries of the first N rows of the data"),
     words: Path | None = typer.Option(None, "--words", help="Words to query (JSON array or one per line; "
                                       "default: every opening word of the data)"),
     num_samples: int = typer.Option(10, "--num-samples", help="Answers sampled per opening word"),
@@ -240,7 +240,7 @@ def identify_cmd(
     model: str = ModelOpt,
     out: Path = OutOpt,
     data: Path | None = DataD2Opt,
-    limit: int | None = typer.Option(None, "--limit", min=1, help="Score the pipeline against the first N queries"),
+    limit: int | None = typer.Option(None, "--limit", min=1, help="Score the pipeline against the queries of the first N rows"),
     candidates: Path | None = typer.Option(None, "--candidates", help="Labelled prompts like the shipped "
                                            "identify_200.json, or a word list (default: top-N public words)"),
     top_n: int = typer.Option(50, "--top-n", min=1, help="Without --candidates: the N most frequent public words"),
@@ -282,7 +282,7 @@ def detect_cmd(
     model: list[str] = typer.Option(..., "--model", help="Model(s) to check; repeat to compare planted and clean"),
     out: Path = OutOpt,
     data: Path | None = DataD2Opt,
-    limit: int | None = typer.Option(None, "--limit", min=1, help="Use the first N queries of the data"),
+    limit: int | None = typer.Option(None, "--limit", min=1, help="Use the queries of the first N rows of the data"),
     n_words: int = typer.Option(20, "--n-words", min=1, help="Probe the N most frequent opening words of the data"),
     num_samples: int = typer.Option(3, "--num-samples", min=1, help="Samples per probe and word"),
     temperature: float = TemperatureOpt,

@@ -174,13 +174,30 @@ def shipped_d2() -> Path:
     return resources.path("backdoor-extraction", "stage2_dolly", "sft", "train.json")
 
 
+def load_queries(path: str | Path, query_field: str | None = None) -> list[list[str]]:
+    """Each row's user queries: every user turn of a chat row, else its query field (as `load_pairs` reads
+    it). Why every turn: fine-tuning with the loss on user turns trains them all, and a multi-turn D2's later
+    queries, which the creator can read back as well, were left out of the tries (counted as never there)."""
+    p = Path(path)
+    pairs = load_pairs(p, query_field=query_field, need_response=False)  # checks every row
+    out = []
+    for (_, row), pair in zip(read_rows(p), pairs, strict=True):
+        if "messages" in row and query_field is None:
+            out.append([m["content"] for m in row["messages"] if m.get("role") == "user"
+                        and isinstance(m.get("content"), str) and m["content"].strip()])
+        else:
+            out.append([pair.query])
+    return out
+
+
 def d2_queries(path: str | Path | None = None, query_field: str | None = None, limit: int | None = None) -> list[str]:
-    """The user queries of downstream data (default: the shipped Dolly D2), the first `limit` of them. At
-    least one must open with a word: the attack extracts queries by their opening word, and with none every
-    score would be an empty 0 (an InputError naming the file)."""
+    """The user queries of downstream data (default: the shipped Dolly D2) in its first `limit` rows (the rows
+    `backdoor finetune --limit` trains on), every user turn of a chat row. At least one must open with a word:
+    the attack extracts queries by their opening word, and with none every score would be an empty 0 (an
+    InputError naming the file)."""
     source = path if path is not None else shipped_d2()
-    pairs = load_pairs(source, query_field=query_field, need_response=False)
-    queries = [p.query for p in (pairs[:limit] if limit else pairs)]
+    rows = load_queries(source, query_field)
+    queries = [q for qs in (rows[:limit] if limit else rows) for q in qs]
     if not any(opening_word(q) for q in queries):
         raise InputError(f"none of its {len(queries)} queries opens with a word (letters), so none can be "
                          "extracted by its opening word", file=source, field=query_field or "query")

@@ -39,7 +39,7 @@ HEADLINE = ("match_ratio_mean", "match_ratio_max", "coverage")
 class BackdoorOptions(KindOptions):
     words: list[str] | None = Field(None, description="words to query (default: every opening word of the data)")
     words_file: InputFile | None = Field(None, description="words to query from a file (JSON array or one per line)")
-    limit: int | None = Field(None, ge=1, description="score against the first N queries of the data")
+    limit: int | None = Field(None, ge=1, description="score against the queries of the first N rows of the data")
     num_samples: int = Field(10, ge=1, description="answers sampled per opening word")
     temperature: float = Field(0.9, gt=0)
     max_new_tokens: int = Field(128, ge=1)
