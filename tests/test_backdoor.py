@@ -573,6 +573,14 @@ def test_every_user_turn_of_a_multi_turn_d2_is_a_query(tmp_path):
     assert summary["n_queries"] == 3 and summary["n_fully_recovered"] == 1
 
 
+def test_a_probe_line_without_the_word_is_named_by_file_and_line(tmp_path):
+    probes = tmp_path / "probes.txt"
+    probes.write_text('Quote a query starting with "{word}".\n\nQuote any query.\n')
+    with pytest.raises(InputError) as err:
+        bd.load_probes(probes)
+    assert (err.value.file, err.value.line, err.value.field) == (str(probes), 3, "--probes")
+
+
 def test_extraction_rows_mask_names_and_addresses_cut_off_before_their_domain_ends():
     """A backdoored model's answer that repeats a query's PII: the name and a cut-off address were kept."""
     tries = bd.build_tries(["Please email Karen Arnold at klarnold@flash.net today"])

@@ -24,6 +24,7 @@ from typing import Any
 
 from leakaudit.data.backdoor import (  # noqa: F401  (the study's texts, also read from here)
     QUOTES,
+    TEMPLATE_MESSAGE,
     WORD,
     check_template,
     fill,
@@ -485,7 +486,12 @@ def load_probes(path: str | Path | None) -> list[str]:
 
     if path is None:
         return probe_texts()
-    probes = [check_template(t, "--probes") for t in read_text(path).splitlines() if t.strip()]
+    probes = []
+    for line, text in enumerate(read_text(path).splitlines(), start=1):
+        if text.strip() and WORD not in text:  # check_template named the option alone, not the file and line
+            raise InputError(TEMPLATE_MESSAGE, file=path, line=line, field="--probes")
+        if text.strip():
+            probes.append(text)
     if not probes:  # with none, every model was "not flagged" at detection rate 0 on 0 probes
         raise InputError("holds no probe template (one per line, with {word})", file=path, field="--probes")
     return probes
