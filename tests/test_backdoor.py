@@ -581,6 +581,22 @@ def test_a_probe_line_without_the_word_is_named_by_file_and_line(tmp_path):
     assert (err.value.file, err.value.line, err.value.field) == (str(probes), 3, "--probes")
 
 
+def test_a_bad_word_in_a_json_list_is_named_by_its_line(tmp_path):
+    """The element's index was given as the file's line: '["Email", 3]' was refused at line 2 of a one-line file."""
+    from leakaudit.data.backdoor import load_words
+
+    one = tmp_path / "one.json"
+    one.write_text('["Email", 3]')
+    with pytest.raises(InputError, match="element 2") as err:
+        load_words(one)
+    assert err.value.line == 1
+    pretty = tmp_path / "pretty.json"
+    pretty.write_text('[\n  "Email",\n  "Call",\n  ""\n]\n')
+    with pytest.raises(InputError, match="element 3") as err:
+        load_words(pretty)
+    assert err.value.line == 4
+
+
 def test_extraction_rows_mask_names_and_addresses_cut_off_before_their_domain_ends():
     """A backdoored model's answer that repeats a query's PII: the name and a cut-off address were kept."""
     tries = bd.build_tries(["Please email Karen Arnold at klarnold@flash.net today"])

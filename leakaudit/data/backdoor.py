@@ -148,21 +148,23 @@ def opening_words(words: list[str]) -> list[str]:
 
 
 def _read_words(path: str | Path) -> list[str]:
-    from leakaudit.data.io import read_text
+    from leakaudit.data.io import _element_lines, read_text
 
     p = Path(path)
     if not p.exists():
         raise InputError("file not found", file=p)
     if p.suffix == ".json":
+        text = read_text(p)
         try:
-            obj = json.loads(read_text(p))
+            obj = json.loads(text)
         except json.JSONDecodeError as exc:
             raise InputError(f"malformed JSON: {exc.msg}", file=p, line=exc.lineno) from None
         if not isinstance(obj, list):
             raise InputError("expected a JSON array of words", file=p, line=1)
-        for i, w in enumerate(obj, start=1):
+        # the element's own line, as data files name it: its index was given as a line ('["a", 3]' at line 2)
+        for i, (w, line) in enumerate(zip(obj, _element_lines(text, obj), strict=True), start=1):
             if not isinstance(w, str) or not w.strip():
-                raise InputError("expected a non-empty string", file=p, line=i)
+                raise InputError(f"element {i}: expected a non-empty string", file=p, line=line)
         return [w.strip() for w in obj]
     return [w.strip() for w in read_text(p).splitlines() if w.strip()]
 
