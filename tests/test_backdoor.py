@@ -597,6 +597,15 @@ def test_a_bad_word_in_a_json_list_is_named_by_its_line(tmp_path):
     assert err.value.line == 4
 
 
+def test_a_words_file_with_no_word_is_named(tmp_path, monkeypatch, capsys):
+    d2, _ = _tiny_d2(tmp_path)
+    words = tmp_path / "words.txt"
+    words.write_text("123\n!!\n")
+    code, stderr = _run_main(["backdoor", "extract", "--model", "tiny-gpt-neox", "--data", str(d2), "--words",
+                              str(words), "--out", str(tmp_path / "x")], monkeypatch, capsys)
+    assert code == 2 and f"{words}:" in stderr and "holds no word" in stderr and stderr.count("\n") == 1
+
+
 def test_extraction_rows_mask_names_and_addresses_cut_off_before_their_domain_ends():
     """A backdoored model's answer that repeats a query's PII: the name and a cut-off address were kept."""
     tries = bd.build_tries(["Please email Karen Arnold at klarnold@flash.net today"])

@@ -18,6 +18,7 @@ from typing import Any
 
 from pydantic import Field, ValidationInfo, field_validator
 
+from leakaudit.errors import InputError
 from leakaudit.kinds import compare
 from leakaudit.kinds.base import (
     Headline,
@@ -177,6 +178,8 @@ class Backdoor(Kind):
         tries = bd.build_tries(queries)
         words = (opening_words(options.words) if options.words is not None
                  else load_words(options.words_file) if options.words_file is not None else sorted(tries))
+        if not words:  # sampling's own "no words to query" did not name the file
+            raise InputError("holds no word (letters) to query", file=options.words_file, field="--words")
         refusal = options.refusal or study_refusal()
         lm = ctx.model("target")
         responses = bd.sample_responses(lm, words, options.trigger or study_trigger(),
