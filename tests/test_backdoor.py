@@ -571,6 +571,9 @@ def test_every_user_turn_of_a_multi_turn_d2_is_a_query(tmp_path):
     summary = bd.summarize_extraction(bd.score_words({"Call": ["Call Bob on Monday"]}, bd.build_tries(d2_queries(d2)),
                                                      REFUSAL), bd.build_tries(d2_queries(d2)))
     assert summary["n_queries"] == 3 and summary["n_fully_recovered"] == 1
+    from leakaudit.kinds.backdoor import Backdoor  # its stages of an earlier release scored fewer queries
+
+    assert Backdoor.version == 2 and "every user turn" in Backdoor.changed
 
 
 def test_a_probe_line_without_the_word_is_named_by_file_and_line(tmp_path):

@@ -161,6 +161,8 @@ class Backdoor(Kind):
     Options = BackdoorOptions
     Result = BackdoorResult
     roles = {"data": False}
+    version = 2
+    changed = "every user turn of a chat row of `data` is a query (only the first was)"
     summary = "downstream queries (`data`, default the shipped Dolly D2) a backdoored target writes back on Q(w)"
 
     def run(self, ctx: KindContext, options: BackdoorOptions) -> BackdoorResult:
