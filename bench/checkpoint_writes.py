@@ -49,14 +49,22 @@ def written_bytes() -> int:
     return 0
 
 
-def child(data: str, out: str, lean: bool) -> None:
-    from transformers import Trainer
-
+def plain_saving() -> None:
+    """The code path before the change: every checkpoint with its optimizer state, final weights written again.
+    finetune picks its Trainer with `_trainer_class(lean)`; the `_lean_trainer_class` this replaced before that
+    rename was read by nothing, so the plain runs saved lean too."""
     from leakaudit.train import finetune as ft
 
-    if not lean:  # the code path before the change: plain Trainer, final weights written again
-        ft._lean_trainer_class = lambda: Trainer
-        ft._last_step_checkpoint = lambda ckpt: None
+    trainer_class = ft._trainer_class
+    ft._trainer_class = lambda lean: trainer_class(False)
+    ft._last_step_checkpoint = lambda ckpt: None
+
+
+def child(data: str, out: str, lean: bool) -> None:
+    from leakaudit.train import finetune as ft
+
+    if not lean:
+        plain_saving()
     config = ft.FinetuneConfig(model="default", data=data, out=out, **M0)
     before, t = written_bytes(), time.perf_counter()
     ft.finetune(config, progress=False)
