@@ -68,13 +68,22 @@ def steps(repeats: int) -> None:
               f"{sdpa / per:.2f}x; loss {losses[False]:.7f} / {losses[True]:.7f}", flush=True)
 
 
-def child(data: str, out: str, per_example: bool) -> None:
+def sdpa_attention() -> None:
+    """Row-long sdpa under the block-diagonal mask: `packed_attention` replaced in its own module, which finetune
+    imports it from when it trains (since 569a711; replaced in finetune's namespace, it went unread and both
+    arms trained example by example)."""
     from contextlib import nullcontext
 
+    from leakaudit.train import packed_attention as pa
+
+    pa.packed_attention = lambda model, device: nullcontext()
+
+
+def child(data: str, out: str, per_example: bool) -> None:
     from leakaudit.train import finetune as ft
 
     if not per_example:
-        ft.packed_attention = lambda model, device: nullcontext()
+        sdpa_attention()
     t = time.perf_counter()
     ft.finetune(ft.FinetuneConfig(model="default", data=data, out=out, **M0), progress=False)
     print(json.dumps({"seconds": time.perf_counter() - t}))

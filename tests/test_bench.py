@@ -53,3 +53,20 @@ def test_checkpoint_writes_plain_arm_saves_the_optimizer_state_in_every_checkpoi
     ft.finetune(_cfg(data, tmp_path / "out", method="full"), progress=False, callbacks=[Saved()])
     assert saved == {2: True, 4: True}
 
+
+def test_packed_attention_sdpa_arm_trains_without_per_example_attention(data, tmp_path, monkeypatch):
+    """The sdpa arm replaced `packed_attention` in finetune's namespace, which finetune has imported inside the
+    function since the import moved there: its runs trained with per-example attention too."""
+    from leakaudit.train import packed_attention as pa
+
+    entered = []
+    real = pa.packed_attention
+
+    def spy(model, device):
+        entered.append(device)
+        return real(model, device)
+
+    monkeypatch.setattr(pa, "packed_attention", spy)  # put back after the bench's switch
+    _bench("packed_attention").sdpa_attention()
+    ft.finetune(_cfg(data, tmp_path / "out", method="full", device="cpu"), progress=False)
+    assert entered == []
