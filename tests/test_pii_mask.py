@@ -232,6 +232,18 @@ def test_internationalised_addresses_and_typographic_phone_punctuation_are_maske
         assert mask_pii(phone) == f"***{dash}***{dash}**34" and phone_digits(phone) == "7138531234"
 
 
+def test_an_address_glued_to_the_next_one_leaves_no_address_unmasked():
+    """"a@x.comjohn.doe@enron.com" was found as the address "a@x.comjohn.doe", and its mask showed
+    "john.doe@enron.com" whole; masking the masked text again changed it."""
+    from leakaudit.data.pii_find import find_pii
+    from leakaudit.data.pii_mask import mask_message
+
+    for mask in (mask_pii, mask_message):
+        masked = mask("sent to a@x.comjohn.doe@enron.com today")
+        assert masked == "sent to a***@x***@enron.com today"
+        assert find_pii(masked) == [] and mask(masked) == masked
+
+
 def test_an_experiment_files_numbers_are_not_masked_its_strings_and_comments_are():
     from leakaudit.data.pii_mask import mask_yaml_text
 

@@ -59,8 +59,16 @@ def mask_name(name: str) -> str:
 def mask_pii(text: str, names: NameFinder | Iterable[str] | None = None,
              keep: Callable[[PiiSpan], bool] | None = None) -> str:
     """`text` with every e-mail address and phone number (and the given names) masked, but the spans `keep`
-    says to leave."""
+    says to leave. Masked again until nothing changes: an address glued to the next one
+    ("a@x.comjohn.doe@enron.com") is found as "a@x.comjohn.doe", and its mask left "john.doe@enron.com" whole
+    (each pass stars the local part before one more "@", so it ends)."""
     finder = names if isinstance(names, NameFinder) or names is None else NameFinder(names)
+    while (masked := _mask_once(text, finder, keep)) != text:
+        text = masked
+    return text
+
+
+def _mask_once(text: str, finder: NameFinder | None, keep: Callable[[PiiSpan], bool] | None) -> str:
     masks = {"email": mask_email, "phone": mask_phone, "name": mask_name}
     out, pos = [], 0
     for s in find_pii(text, finder):
@@ -86,8 +94,11 @@ def mask_message(text: str) -> str:
     names = active_names()
     out = re.sub(r"'[^'\n]*'", lambda m: mask_pii(m.group(0), names), text)
     masks = {"email": mask_email, "name": mask_name}
-    for s in reversed(find_pii(out, names, phones=False)):
-        out = out[:s.start] + masks[s.kind](out[s.start:s.end]) + out[s.end:]
+    done = None
+    while done != out:  # until nothing changes, as in mask_pii (an address glued to the next one)
+        done = out
+        for s in reversed(find_pii(out, names, phones=False)):
+            out = out[:s.start] + masks[s.kind](out[s.start:s.end]) + out[s.end:]
     return out
 
 
