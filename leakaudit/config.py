@@ -491,7 +491,7 @@ def check_references(exp: Experiment) -> None:
     base_models = set(exp.models)
 
     def need(ref: str | None, valid: set[str], loc: tuple[Any, ...], what: str) -> None:
-        if ref is not None and ref not in valid:
+        if ref is not None and (not isinstance(ref, str) or ref not in valid):  # a grid's {a: 1} is unhashable
             raise ConfigError(loc, f"unknown {what} '{ref}'; defined: {', '.join(sorted(valid)) or 'none'}")
 
     for name, g in exp.generate.items():

@@ -449,6 +449,9 @@ BAD = [
      "finetune.base", 6, "already used"),
     ("name: x\nmodels: {base: tiny-opt}\ndatasets:\n  d: {builtin: enron}\ngenerate:\n"
      "  a: {kind: replace-pii, data: b}\n  b: {kind: replace-pii, data: a}\n", "generate.a.data", 6, "depends on itself"),
+    # a grid's model that is no name (a mapping, a list) raised TypeError: unhashable type
+    ("name: x\nmodels: {base: tiny-opt}\ndatasets:\n  d: {builtin: enron}\nfinetune:\n"
+     "  ft: {model: base, data: d, grid: {model: [{a: 1}]}}\n", "finetune.ft.grid.model[0]", 6, "unknown base model"),
 ]
 
 
