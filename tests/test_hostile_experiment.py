@@ -278,6 +278,19 @@ def test_bad_evaluation_options_fail_before_any_stage(options, where, message, t
     assert not (tmp_path / "study" / "out").exists()
 
 
+def test_attacks_null_is_the_default_and_an_empty_list_one_line(tmp_path, monkeypatch, capsys):
+    """`attacks: null` raised TypeError (min_length applied to None) from the option check: a traceback."""
+    from leakaudit.config import load_experiment
+    from leakaudit.experiment.checks import stage_options
+    from leakaudit.experiment.plan import Plan
+
+    cfg, _ = _setup(tmp_path, _experiment(options="{attacks: null}"))
+    assert stage_options(Plan(load_experiment(cfg)).stages["evaluate/m/base"]) == {"attacks": None}
+    (tmp_path / "empty").mkdir()
+    err = _refused(tmp_path / "empty", _experiment(options="{attacks: []}"), monkeypatch, capsys)
+    assert "field 'evaluate.m.options.attacks': " in err and "at least 1 item" in err
+
+
 FINETUNE = ("finetune:\n"              # line 16
             "  t:\n"
             "    model: base\n"

@@ -46,8 +46,9 @@ def _split(value: Any) -> Any:
 
 
 class MiaOptions(KindOptions):
-    attacks: Annotated[list[Annotated[str, AfterValidator(_known_attack)]] | None, BeforeValidator(_split),
-                       Field(min_length=1)] = Field(
+    # min_length on the list, not the union: on it, `attacks: null` raised TypeError (no length to check)
+    attacks: Annotated[Annotated[list[Annotated[str, AfterValidator(_known_attack)]], Field(min_length=1)] | None,
+                       BeforeValidator(_split)] = Field(
         None, description="attacks to run (default: the reference-free attacks, plus `ref` with a reference)")
     attack_options: dict[str, dict[str, Any]] = Field(
         default_factory=dict, description="per-attack options, e.g. {min_k: {k: 0.1}, recall: {shots: 4}}")
