@@ -22,7 +22,12 @@ class InputError(Exception):
             where = self.file if self.line is None else f"{self.file}:{self.line}"
             where += ": "
         field = f"field '{self.field}': " if self.field else ""
-        return f"{where}{field}{self.message}"
+        # a quoted value's line break (an id or label "a\nb" of a data file) split the one error line in two,
+        # and the masker, which reads quotes within a line, left a phone number in it unmasked
+        return f"{where}{field}{self.message}".translate(_LINE_BREAKS)
+
+
+_LINE_BREAKS = str.maketrans({"\n": "\\n", "\r": "\\r"})
 
 
 class OptionError(Exception):

@@ -168,6 +168,20 @@ def test_cli_bad_input_is_one_line_exit_2(tmp_path):
     assert "Traceback" not in proc.stderr
 
 
+def test_a_quoted_value_with_a_line_break_stays_on_the_error_line_and_masked(tmp_path):
+    """An id "a\\nb" split the error line in two; in a label, the masker (quotes within a line) left a phone
+    number on the first of them unmasked."""
+    from leakaudit.data.pii_mask import mask_message
+
+    dup = tmp_path / "dup.jsonl"
+    dup.write_text('{"text": "x", "id": "a\\nb"}\n{"text": "y", "id": "a\\nb"}\n')
+    with pytest.raises(InputError) as info:
+        load_records(dup, id_field="id")
+    assert info.value.format().endswith("field 'id': duplicate id 'a\\nb' (first on line 1)")
+    err = InputError("label '713-853-1234\r\nno' is not one of 1/0", file="x.jsonl", line=1, field="label")
+    assert mask_message(err.format()) == "x.jsonl:1: field 'label': label '***-***-**34\\r\\nno' is not one of 1/0"
+
+
 def test_jsonl_rows_stay_one_per_line_with_unicode_line_separators(tmp_path):
     """JSON leaves U+2028, U+2029 and U+0085 raw with ensure_ascii=False: json_line escapes them, and a stage
     file's reader splits on "\\n" only, so a file of an earlier version (raw separators) reads too."""
