@@ -124,6 +124,20 @@ def test_lowercase_by_hand(tiny_neox):
     assert np.allclose(score("lowercase", tiny_neox), want, rtol=1e-5)
 
 
+def test_lowercase_of_a_text_predicted_exactly_is_one_without_capitals():
+    """Texts without capitals score 1; one predicted exactly (mean log p 0 in float32: a memorised text) scored
+    0 / 1e-8 = 0, the least member-like score."""
+    from leakaudit.scoring import TokenScores
+
+    texts = ["all lower case", "Some Capitals"]
+    ctx = ScoringContext(object(), texts, moments=False)
+    exact = TokenScores(np.zeros(3, dtype=np.float32))
+    ctx._passes[("target", tuple(texts), None)] = [exact, exact]
+    ctx._passes[("target", ("all lower case", "some capitals"), None)] = [exact, TokenScores(np.full(3, -2, np.float32))]
+    lower, capitals = get_attack("lowercase").score(ctx)
+    assert lower == 1.0 and capitals > 1
+
+
 def test_recall_by_hand(tiny_model):
     prefix_texts = ("Sort these numbers.", "Translate the sentence into German.")
     prefix = "\n\n".join(prefix_texts) + "\n\n"

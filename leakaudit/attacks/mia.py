@@ -184,8 +184,10 @@ class LowercaseAttack(Attack):
         lower = ctx.scores("target", texts=[t.lower() for t in ctx.texts], moments=False)
         out = []
         for orig, low in zip(ctx.target_scores, lower, strict=True):
+            # both floored: a text predicted exactly (mean log p 0, a memorised one) and without capitals scored
+            # 0 / 1e-8 = 0, the least member-like score, where such a text scores 1
             nll_orig = max(-orig.mean_logp, 1e-8)
-            nll_low = -low.mean_logp if low.n_tokens else nll_orig
+            nll_low = max(-low.mean_logp, 1e-8) if low.n_tokens else nll_orig
             out.append(nll_low / nll_orig)
         return np.array(out)
 
