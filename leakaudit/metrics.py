@@ -109,13 +109,15 @@ def roc_metrics(scores: Sequence[float], labels: Sequence[int], n_bootstrap: int
     or one class is a handful of items against many (SMALL_CLASS, LOPSIDED), the bootstrap interval has no
     width or runs short; the worst case over score distributions stands in (`worst_case_auc_interval`).
     """
-    from sklearn.metrics import roc_auc_score, roc_curve
+    from sklearn.metrics import roc_curve
 
     s, y = _check(scores, labels)
     if bad := [f for f in fprs if not 0 < f < 1]:
         raise ValueError(f"false-positive rates must lie strictly between 0 and 1 (got {bad[0]})")
     fpr, tpr, _ = roc_curve(y, s, drop_intermediate=False)
-    auc = float(roc_auc_score(y, s))
+    # by ranks, as every resample's: sklearn's trapezoid sum gave 0.9999999999999999 for some perfectly separated
+    # scores with ties, which missed the AUC-1 check below and left the interval [1, 1]
+    auc = float(_auc_by_ranks(s[y == 1][None], s[y == 0][None])[0])
     n_pos, n_neg = int(y.sum()), int(len(y) - y.sum())
     warnings = [f"only {n_neg} {negatives}: TPR at FPR {f:g} needs at least {needed_negatives(f)} to be resolved"
                 for f in fprs if n_neg < needed_negatives(f)]

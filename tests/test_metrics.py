@@ -256,6 +256,15 @@ def test_an_auc_every_resample_repeats_gets_the_distribution_free_interval():
     assert any("TPR at FPR 0.01 is the same on every resample" in w for w in m.warnings)
 
 
+def test_perfect_separation_with_ties_is_auc_1_with_the_worst_case_interval():
+    """sklearn's trapezoid sum gave 0.9999999999999999 for these scores (3 members above 12 tied non-members),
+    so the AUC-1 check missed it and the interval was [1, 1], with the AUC outside it."""
+    members, nonmembers = [3.0] * 3, [1, 2, 2, 2, 0, 1, 1, 0, 1, 1, 2, 1]
+    m = roc_metrics(members + nonmembers, [1] * 3 + [0] * 12, n_bootstrap=200)
+    assert m.auc == 1.0 and m.auc_ci == (pytest.approx(0.025 ** (1 / 3)), 1.0)
+    assert any("worst case" in w for w in m.warnings)
+
+
 def test_the_auc_interval_is_efrons_bca_as_scipy_computes_it():
     """BCa (bias-corrected, accelerated) rather than the plain percentile interval, which runs short near a
     ceiling (simulated coverage in docs/attacks.md). Checked against scipy's own BCa bootstrap of the same
