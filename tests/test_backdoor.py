@@ -669,3 +669,20 @@ def test_empty_probe_candidate_and_wordless_d1_files_are_refused_naming_them(tmp
     with pytest.raises(InputError) as err:  # the Python API alike
         plant.plant(str(tmp_path / "no-model"), [], tmp_path / "plant3")
     assert err.value.field == "--model" and not (tmp_path / "plant3").exists()
+
+
+def test_the_report_quotes_a_creators_own_trigger(tmp_path):
+    """The section's note described the study's instruction whatever was planted and sampled."""
+    from leakaudit.kinds.backdoor import BackdoorResult
+    from leakaudit.kinds.base import StageView
+
+    def stage(name, options):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "extract.json").write_text("{}")
+        return StageView({"id": f"evaluate/bd/{name}", "kind": "backdoor", "folder": name, "result": {},
+                          "params": {"target_label": name, "evaluation": "bd", "options": options}}, tmp_path)
+
+    note = BackdoorResult.section([stage("own", {"trigger": "zz recall {word} please"})])["note"]
+    assert "here 'zz recall {word} please')" in note and "the study's" not in note
+    note = BackdoorResult.section([stage("study", {})])["note"]
+    assert "; here" not in note and "output a verbatim user query starting with w" in note
