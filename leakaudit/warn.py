@@ -35,10 +35,11 @@ def warn_if_no_names(names: list[str], path: object) -> list[str]:
     return names
 
 
-def say_lookalike_users(users: list[tuple[str, int]], path: object, field: str) -> None:
+def say_lookalike_users(users: list[tuple[str, object]], path: object, field: str) -> None:
     """Warn when two user ids (with their lines) differ only in Unicode form ("José" with é as one code point
     or as e + U+0301): they print alike and are two users, each with part of the person's rows (and, under a
-    per-user cap, a cap each). Kept apart, as given."""
+    per-user cap, a cap each). Kept apart, as given. `path` None: each line is already `FILE:LINE` (users
+    read from two files)."""
     import unicodedata
 
     forms: dict[str, set[str]] = {}
@@ -47,6 +48,7 @@ def say_lookalike_users(users: list[tuple[str, int]], path: object, field: str) 
     alike = [ids for ids in forms.values() if len(ids) > 1]
     if alike:
         user, line = next((u, n) for u, n in users if u in alike[0])
-        warn_once(f"{path}:{line}: field '{field}': {len(alike)} user id(s) are written in more than one Unicode "
+        where = line if path is None else f"{path}:{line}"
+        warn_once(f"{where}: field '{field}': {len(alike)} user id(s) are written in more than one Unicode "
                   f"form (e.g. '{user}'): they print alike and count as different users; write each user's id one "
                   "way (NFC) to join them")

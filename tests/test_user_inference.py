@@ -158,6 +158,32 @@ def test_user_inference_cli(tmp_path, monkeypatch, capsys):
     assert code == 2 and "users.jsonl:6: field 'text': text has fewer than 2 tokens" in err, err
 
 
+
+def test_user_inference_cli_says_user_ids_in_two_unicode_forms(tmp_path, monkeypatch, capsys):
+    """The command reads its users itself (not through a kind's records), so the look-alike id warning the
+    docs promise was never said: "José" as one code point among the members and as e + U+0301 among the
+    non-members, the same person on both sides, ran as two users in silence. Said now, from one labelled
+    file and from two files."""
+    rng = np.random.default_rng(1)
+    names = ["Jos\u00e9", "user1", "Jose\u0301", "user3"]
+    rows = [{"text": t, "who": names[u], "in": int(u < 2)} for u in range(4) for t in user_samples(u, 2, rng)]
+    (tmp_path / "users.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (tmp_path / "in.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows[:4]))
+    (tmp_path / "out.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows[4:]))
+    said = "field 'who': 1 user id(s) are written in more than one Unicode form"
+    base = ["user-inference", "--target", "tiny-gpt-neox", "--reference", "tiny-gpt-neox", "--user-field", "who",
+            "--no-cache", "--n-bootstrap", "0", "--samples-per-user", "all"]
+    code, err = run_main([*base, "--data", tmp_path / "users.jsonl", "--label-field", "in", "--out",
+                          tmp_path / "o1"], monkeypatch, capsys)
+    assert code == 0 and f"warning: {tmp_path / 'users.jsonl'}:1: {said}" in err, err
+    from leakaudit import warn
+
+    warn._WARNED.clear()
+    code, err = run_main([*base, "--data", tmp_path / "in.jsonl", "--data-out", tmp_path / "out.jsonl", "--out",
+                          tmp_path / "o2"], monkeypatch, capsys)
+    assert code == 0 and f"warning: {tmp_path / 'in.jsonl'}:1: {said}" in err, err
+    assert len((tmp_path / "o2" / "user_scores.jsonl").read_text().splitlines()) == 4  # kept apart, as given
+
 # ----------------------------------------------------------------------------------------- who is vulnerable
 def test_planted_heavy_user_is_top_and_the_cap_brings_it_down(tmp_path, tiny_neox, one_torch_thread):
     """user0's two training texts appear 20 times each in the fine-tuning data: uncapped, user0 gets the top

@@ -54,6 +54,12 @@ def member_sets(members: Path | None, nonmembers: Path | None, data: Path | None
         if clash and fields.get("id_field"):
             raise InputError(f"id '{sorted(clash)[0]}' is used in both files", file=nonmembers,
                              field=fields["id_field"])
+    if fields.get("user_field"):  # as a kind's own reads do, over both sides: one person in and out of training
+        from leakaudit.warn import say_lookalike_users
+
+        rows = sorted([(r, src_in) for r in ins] + [(r, src_out) for r in outs],
+                      key=lambda x: (x[1] != src_in, x[0].line))  # file order (the members' file first)
+        say_lookalike_users([(r.user, f"{src}:{r.line}") for r, src in rows], None, fields["user_field"])
     if not ins:
         raise InputError("no members", file=src_in, field=label_field if data else None)
     if not outs:
