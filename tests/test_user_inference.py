@@ -145,6 +145,10 @@ def test_user_inference_cli(tmp_path, monkeypatch, capsys):
     assert len((tmp_path / "o" / "user_scores.jsonl").read_text().splitlines()) == 4
     assert "only 2 non-member users: TPR at FPR 0.01 needs at least 100" in err  # users, not texts
     assert "in/out" in out and re.search(r"m=1\s*│\s*2/2\s*│", out), out  # each m's users, on stdout
+    # an m beyond every user's samples: the flag typed (not the experiment option's name) and what m would do
+    code, _, err = run("--data", str(data), "--samples-per-user", "3,8", "--out", str(tmp_path / "o2"))
+    assert code == 2 and "field '--samples-per-user': no value of samples-per-user" in err, err
+    assert "(the most samples an in-training user has: 2; a user not in training: 2)" in err, err
     rows[3]["in"] = 0  # user1 now has rows labelled in and out
     data.write_text("".join(json.dumps(r) + "\n" for r in rows))
     code, _, err = run("--data", str(data), "--out", str(tmp_path / "o2"))

@@ -176,8 +176,10 @@ def run_user_inference(target: LoadedModel, reference: LoadedModel, records_in: 
         user_scores[m] = stats
         per_m[m] = roc_metrics([stats[u] for u in keep], y, n_bootstrap=n_bootstrap, seed=seed,
                                negatives="non-member users")
-    if not per_m:
-        raise InputError("no value of samples-per-user leaves users both in and out of training",
+    if not per_m:  # the most samples each side's users have says which m would do
+        most = {lab: max((len(samples[u]) for u in users if labels[u] == lab), default=0) for lab in (1, 0)}
+        raise InputError(f"no value of samples-per-user leaves users both in and out of training (the most "
+                         f"samples an in-training user has: {most[1]}; a user not in training: {most[0]})",
                          field="m_values")
     return UserInferenceReport(per_m, users, labels, {u: len(samples[u]) for u in users}, user_scores, warnings,
                                ref_nll)

@@ -294,9 +294,14 @@ def user_inference(
                                   else member_sets(None, None, data, label_field, **fields))
     kctx = _context(out, ins, outs, src_in, src_out, {"target": target, "reference": reference}, fields, seed,
                     device, dtype, allow_pickle)
-    res, base_res = _run_with_baseline(kind, options, kctx, baseline, lambda: _context(
-        out / "baseline", ins, outs, src_in, src_out, {"target": baseline, "reference": reference}, fields, seed,
-        device, dtype, allow_pickle))
+    try:
+        res, base_res = _run_with_baseline(kind, options, kctx, baseline, lambda: _context(
+            out / "baseline", ins, outs, src_in, src_out, {"target": baseline, "reference": reference}, fields, seed,
+            device, dtype, allow_pickle))
+    except InputError as exc:  # an m no user has enough samples for: the flag, not the experiment option's name
+        if exc.field == "m_values":
+            exc.field = USER_FLAGS[("m_values",)]
+        raise
     if not is_main():
         return
     _summary(f"user inference on {target} (samples per user m)", {f"m={m}": r for m, r in res["per_m"].items()},
