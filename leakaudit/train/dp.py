@@ -174,8 +174,11 @@ def train_dp(config, lm, model, train: list[ex.Example], out: Path, progress: bo
         optimizer.original_optimizer.load_state_dict(torch.load(ckpt / "dp_optimizer.pt", weights_only=True))
         engine.accountant.history = [tuple(h) for h in state["accountant_history"]]
         start_epoch, step = state["epoch"], state["step"]
-        for _ in range(state.get("optimizer_steps", step)):  # an empty batch steps neither (older states: all)
-            scheduler.step()
+        with warnings.catch_warnings():  # torch's "lr_scheduler.step() before optimizer.step()": a fast-forward
+            # to the killed run's position, which skips nothing (the resumed run's rates are the straight run's)
+            warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step", category=UserWarning)
+            for _ in range(state.get("optimizer_steps", step)):  # an empty batch steps neither (older states: all)
+                scheduler.step()
         rows = read_log(log_path) if log_path.exists() else []
         write_log(log_path, [r for r in rows if r["step"] <= step])
     else:
