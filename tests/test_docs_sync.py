@@ -142,3 +142,15 @@ def test_user_inference_json_fields_are_documented():
     documented = set(re.findall(r"`([a-z_]+)`", part[:part.index("`user_scores.jsonl`")]))
     missing = sorted(set(report.to_json()) - documented)
     assert not missing, f"user_inference.json fields not in docs/attacks.md: {missing}"
+
+
+def test_study_3_power_paragraph_gives_its_tables_half_widths():
+    """docs/studies.md tells what study 3's users can detect from the half-widths h of its paired Δ AUC
+    intervals; it said 0.02–0.19 where its own table's intervals run from 0.015 (clipping, seed 1) to 0.200
+    (DP-SGD, seed 2). The range now comes from the table, checked here."""
+    section = (DOCS / "studies.md").read_text().split("## Study 3")[1].split("## Study 2")[0]
+    table = section.split("Paired difference in user AUC")[1].split("Over the three seeds")[0]
+    halves = [(float(hi) - float(lo)) / 2 for lo, hi in re.findall(r"\[(-?\d\.\d+), (-?\d\.\d+)\]", table)]
+    stated = re.search(r"half-widths h of (\d\.\d+)–(\d\.\d+)", section)
+    assert len(halves) == 18 and stated is not None
+    assert (float(stated[1]), float(stated[2])) == (round(min(halves), 3), round(max(halves), 3))
