@@ -167,3 +167,14 @@ def test_a_masked_lm_folder_that_cannot_load_is_one_line_naming_it(tmp_path, tin
     with pytest.raises(InputError) as err:
         get_attack("neighbourhood", model=str(broken))
     assert err.value.field == "model" and str(broken) in err.value.message and "\n" not in err.value.format()
+
+
+def test_the_output_layer_at_the_swapped_position_alone_proposes_what_the_full_one_does(mlm, monkeypatch):
+    """`_head_at` gives the masked LM's output layer one row's hidden state at its position, not all of them."""
+    from contextlib import nullcontext
+
+    from leakaudit.attacks import neighbourhood
+
+    fast = [neighbours(mlm, t, n=10) for t in TEXTS]
+    monkeypatch.setattr(neighbourhood, "_head_at", lambda *a: nullcontext())
+    assert [neighbours(mlm, t, n=10) for t in TEXTS] == fast

@@ -16,6 +16,8 @@ lowercased the whole neighbour) and keeps the token's kind (a word for a word, a
 from __future__ import annotations
 
 import re
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
@@ -170,9 +172,10 @@ def neighbours(mlm: MaskedLM, text: str, *, n: int = 25, per_position: int = 10,
             rows = base.unsqueeze(0).repeat(len(chunk), 1, 1)
             at = torch.arange(len(chunk), device=mlm.device)
             rows[at, chunk] = rows[at, chunk] * keep[lo:lo + len(chunk)]
-            logits = mlm.model(inputs_embeds=rows, attention_mask=torch.ones(rows.shape[:2], dtype=torch.long,
-                                                                               device=mlm.device)).logits
-            probs = torch.softmax(logits[at, chunk].float(), dim=-1).cpu()
+            with _head_at(mlm.model, at, chunk):
+                logits = mlm.model(inputs_embeds=rows, attention_mask=torch.ones(
+                    rows.shape[:2], dtype=torch.long, device=mlm.device)).logits
+            probs = torch.softmax((logits if logits.dim() == 2 else logits[at, chunk]).float(), dim=-1).cpu()
             for j, p in enumerate(chunk):
                 found += _swaps(tok, text, spans[p], ids[p], probs[j], per_position, special, p)
     found.sort(key=lambda f: (-f[0], f[1]))
@@ -183,6 +186,23 @@ def neighbours(mlm: MaskedLM, text: str, *, n: int = 25, per_position: int = 10,
             if len(out) == n:
                 break
     return out
+
+
+@contextmanager
+def _head_at(model: Any, at: torch.Tensor, chunk: list[int]) -> Iterator[None]:
+    """Row j's vocabulary logits at its position chunk[j] only: the masked LM's output layer (BERT's, RoBERTa's,
+    DistilBERT's: `get_output_embeddings`) gets those rows' hidden states alone, so the model returns (rows,
+    vocabulary) logits. Over every position it was a third of the masked LM's work (a 30k-50k-word vocabulary
+    for each of a text's tokens, in each of its rows), for one position's use."""
+    head = model.get_output_embeddings()
+    if head is None:
+        yield
+        return
+    handle = head.register_forward_pre_hook(lambda _, args: (args[0][at, chunk], *args[1:]))
+    try:
+        yield
+    finally:
+        handle.remove()
 
 
 def _swaps(tok, text: str, span: tuple[int, int], original: int, probs, per_position: int, special: set[int],
