@@ -374,6 +374,9 @@ def test_a_verdict_says_how_many_items_and_what_it_can_detect():
     assert verdict_sentence(row).endswith("→ increase (64 paired; detects |Δ| ≥ 0.071 with 80% power)")
     clustered = {**row, "n": 400, "n_units": 100, "detectable_effect": None}
     assert verdict_sentence(clustered).endswith("→ increase (100 units)")
+    # user inference names its m: the largest both targets have results for, not always the one asked
+    users = {**row, "evaluation": "users", "metric": "user AUC", "m": "4"}
+    assert verdict_sentence(users).startswith("users: ft vs m0: user AUC (m = 4) 0.610 vs 0.550")
 
     # a log p gives how many times as likely (e^Δ), not a percent of a log p
     logp = {**row, "metric": "mean log p(address)", "value_variant": -19.1, "value_baseline": -19.3, "delta": 0.2,

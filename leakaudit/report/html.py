@@ -140,7 +140,9 @@ def verdict_sentence(c: dict[str, Any]) -> str:
     """One comparison as the verdict section states it: "<evaluation>: <variant> vs <baseline>: <metric>
     <value variant> vs <value baseline>, Δ <delta> [CI] (<relative>% [CI], or ×e^Δ [CI] as likely for a log p)
     → <verdict> (<n> paired; detects |Δ| ≥ <detectable effect> with 80% power)"."""
-    head = f"{c.get('evaluation')}: {c.get('variant')} vs {c.get('baseline')}: {c.get('metric')}"
+    # user inference's m: the headline m is the largest one both targets have results for, not always the one asked
+    at_m = f" (m = {c['m']})" if c.get("m") is not None else ""
+    head = f"{c.get('evaluation')}: {c.get('variant')} vs {c.get('baseline')}: {c.get('metric')}{at_m}"
     if c.get("delta") is None:
         return f"{head} → {c.get('verdict')}"
     rel, ratio = c.get("relative"), c.get("likelihood_ratio")
