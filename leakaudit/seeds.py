@@ -39,6 +39,7 @@ class SeedRun:
     comparisons: list[dict[str, Any]]
     stage_keys: dict[str, str] = field(default_factory=dict)  # stage id -> key (run.json)
     precision: dict[str, str] = field(default_factory=dict)  # stage id -> the dtype it computed in (run.json)
+    threads: dict[str, int] = field(default_factory=dict)  # stage id -> the torch threads it ran on (run.json)
     data_content: dict[str, str] = field(default_factory=dict)  # dataset name -> its file's content hash
 
 
@@ -91,8 +92,9 @@ def read_run(out: str | Path) -> SeedRun:
     content = {str(st["id"]).removeprefix("data/"): str(st["params"].get("content")) for st in stages
                if str(st.get("id", "")).startswith("data/") and isinstance(st.get("params"), dict)}
     precision = {str(st.get("id")): str(st["precision"]) for st in stages if st.get("precision")}
+    used = {str(st.get("id")): st["threads"] for st in stages if isinstance(st.get("threads"), int)}
     return SeedRun(out, experiment["seed"], experiment, comparisons, stage_keys=keys, data_content=content,
-                   precision=precision)
+                   precision=precision, threads=used)
 
 
 def _finite(x: Any) -> bool:
@@ -136,6 +138,14 @@ def read_runs(dirs: list[str | Path]) -> list[SeedRun]:
         if mixed:  # the spread over seeds would hold the precisions' difference too
             warn_once(f"{r.out} computed {mixed} in {r.precision[mixed]}, {first.out} in {first.precision[mixed]}: "
                       "the seeds' spread includes that difference (LEAKAUDIT_DTYPE pins one precision)")
+        # in bf16 a thread count sums in another order, and rounds small fine-tune effects by about their CI
+        # (README, "CPU threads"); in float32 the difference is at the seventh digit
+        apart = next((s for s, n in r.threads.items() if first.threads.get(s, n) != n
+                      and "bfloat16" in (r.precision.get(s), first.precision.get(s))), None)
+        if apart:
+            warn_once(f"{r.out} computed {apart} on {r.threads[apart]} thread(s), {first.out} on "
+                      f"{first.threads[apart]}, in bfloat16: the seeds' spread includes that rounding "
+                      "(LEAKAUDIT_THREADS pins the count)")
     return sorted(runs, key=lambda r: r.seed)
 
 
