@@ -502,3 +502,14 @@ def test_gradnorm_says_when_it_cuts_a_text_to_the_window(tiny_opt, capsys):
     got = score("gradnorm", tiny_opt, [long, "Hi there"], max_length=8)
     assert "gradnorm: 1 of 2 texts are longer than the 8-token window" in capsys.readouterr().err
     assert got[0] == pytest.approx(score("gradnorm", tiny_opt, [cut], max_length=8)[0], rel=1e-5)
+
+
+def test_mia_json_records_each_attacks_options_but_not_the_recall_prefix(tiny_opt):
+    """mia.json said which attacks ran, not with what (k, the corpus, the masked LM): a result that cannot say
+    what it measured. Recall's prefix texts are non-members, which may hold PII: left out."""
+    nonmembers = TEXTS[2:] + ["The weather was mild and dry all week.", "Tell me about the history of tea."]
+    report = run_mia(tiny_opt, TEXTS[:2], nonmembers, ["min_k", "recall"], n_bootstrap=0,
+                     attack_options={"min_k": {"k": 0.3}, "recall": {"shots": 1}}, **NO_CACHE)
+    attacks = report.to_json()["attacks"]
+    assert attacks["min_k"]["options"] == {"k": 0.3}
+    assert attacks["recall"]["options"] == {"shots": 1, "separator": "\n\n"}

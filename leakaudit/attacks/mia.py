@@ -414,10 +414,12 @@ class MiaReport:
     nonmember_index: list[int]
     warnings: list[str] = field(default_factory=list)
     recall_prefix_index: list[int] = field(default_factory=list)  # non-members used as ReCaLL prefix, not scored
+    options: dict[str, dict] = field(default_factory=dict)  # each attack's options, as it ran
 
     def to_json(self) -> dict:
         """The `mia.json` shape of docs/attacks.md (plus advantage, warnings)."""
-        return {"attacks": {name: m.to_json() for name, m in self.metrics.items()},
+        return {"attacks": {name: {**m.to_json(), "options": self.options.get(name, {})}
+                            for name, m in self.metrics.items()},
                 "warnings": list(self.warnings),
                 "recall_prefix_nonmembers": list(self.recall_prefix_index)}
 
@@ -537,7 +539,11 @@ def run_mia(target: LoadedModel, members: list[str], nonmembers: list[str], atta
             raise
         scores[a.name] = s
         metrics[a.name] = roc_metrics(s, labels, n_bootstrap=n_bootstrap, seed=seed)
-    return MiaReport(metrics, scores, labels, list(range(len(members))), nonmember_index, warnings, prefix_index)
+    # each attack's options, as it ran (k, dc_pdd's corpus, the neighbourhood's masked LM): a mia.json says what
+    # it measured. Not recall's prefix texts: non-members, which may hold PII (`recall_prefix_nonmembers` names them)
+    options = {a.name: a.config.model_dump(mode="json", exclude={"prefix"}) for a in chosen}
+    return MiaReport(metrics, scores, labels, list(range(len(members))), nonmember_index, warnings, prefix_index,
+                     options)
 
 
 __all__ = ["ATTACKS", "REFERENCE_FREE", "MiaReport", "run_mia", "split_warnings", "gradient_norm", "get_attack"]
