@@ -112,6 +112,16 @@ def test_cli_takes_the_masked_lm_and_refuses_its_flags_without_the_attack(tmp_pa
     assert len(rows) == 4 and all(np.isfinite(r["neighbourhood"]) for r in rows)
 
 
+def test_user_inference_has_no_neighbourhood_flags(tmp_path, monkeypatch, capsys, tiny_mlm_dir):
+    """user-inference runs no attack of `--attacks`: its --neighbour-model and --neighbours were accepted and
+    read by nothing (a flag that does nothing is refused, as mia refuses them without the attack)."""
+    for flag, value in (("--neighbour-model", str(tiny_mlm_dir)), ("--neighbours", "4")):
+        code, err = run_main(["user-inference", "--target", "tiny-opt", "--reference", "tiny-opt", "--data",
+                              str(tmp_path / "missing.jsonl"), "--user-field", "user", "--out", str(tmp_path / "o"),
+                              flag, value], monkeypatch, capsys)
+        assert code == 2 and "no such option" in err.lower() and flag in err, err
+
+
 def test_an_experiment_names_the_missing_masked_lm_and_runs_with_one(tmp_path, tiny_mlm_dir):
     """The experiment file's route: the option's key path in the error, and the masked LM's folder in the
     stage's key (an edited proposer reruns the stage, as an edited dc_pdd corpus does)."""

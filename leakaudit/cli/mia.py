@@ -259,10 +259,6 @@ def user_inference(
     out: Path = typer.Option(..., "--out", help="Output dir: user_inference.json, user_scores.jsonl, roc_users.png"),
     text_field: str = typer.Option("text", "--text-field"),
     id_field: str | None = typer.Option(None, "--id-field"),
-    neighbour_model: str | None = typer.Option(None, "--neighbour-model", help="Masked language model that "
-                                               "proposes the neighbourhood attack's word swaps (a local folder or a "
-                                               "hub id, e.g. bert-base-uncased)"),
-    neighbours: int = typer.Option(25, "--neighbours", min=1, help="Neighbours per text, for neighbourhood"),
     n_bootstrap: int = typer.Option(1000, "--n-bootstrap", min=0,
                                     help="Bootstrap resamples for the AUC and TPR intervals (0: none)"),
     seed: int = typer.Option(0, "--seed", min=0, max=MAX_SEED),
