@@ -241,3 +241,19 @@ def test_an_option_naming_a_saved_dataset_folder_enters_the_key(tmp_path):
     other = tmp_path / "other"
     other.mkdir()
     assert _names_a_file(str(saved)) and not _names_a_file(str(other)) and not _names_a_file("A")
+
+
+def test_an_option_naming_a_model_folder_by_chance_stays_out_of_the_key(tmp_path, monkeypatch, base_dir):
+    """Only the neighbourhood attack's masked LM is hashed as a model folder: `compare_to: base` names a target,
+    and a model folder ./base beside the run (the target's own spec) made the stage hash it, so every such
+    stage of an earlier release ran again."""
+    from leakaudit.experiment.plan import _names_a_file
+
+    monkeypatch.chdir(tmp_path)
+    shutil.copytree(base_dir, tmp_path / "base")
+    cfg = ("name: k\nmodels: {base: base, tiny: tiny-opt}\ndatasets:\n  d: {builtin: enron-synthetic, limit: 8, "
+           "split: {members: 0.5, nonmembers: 0.5}}\nevaluate:\n  m:\n    kind: mia\n    targets: [base, tiny]\n"
+           "    members: d.members\n    nonmembers: d.nonmembers\n    options: {attacks: [loss], compare_to: base}\n")
+    for stage in Plan(parse_experiment(cfg)).stages.values():
+        assert "files" not in stage.params, (stage.id, stage.params.get("files"))
+    assert not _names_a_file("base") and _names_a_file("base", model_folder=True)

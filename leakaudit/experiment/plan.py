@@ -267,7 +267,8 @@ class Plan:
         from leakaudit.data.builtin import enron_messages_path
 
         flat = _flat(options)
-        files = {k: file_identity(v) for k, v in sorted(flat.items()) if _names_a_file(v)}
+        files = {k: file_identity(v) for k, v in sorted(flat.items())
+                 if _names_a_file(v, model_folder=k in MODEL_FOLDER_OPTIONS)}
         corpus = enron_messages_path()
         if corpus is not None:  # dc_pdd counting `enron` reads the corpus LEAKAUDIT_ENRON_MESSAGES points at
             files.update({k: file_identity(corpus) for k, v in flat.items()
@@ -375,15 +376,21 @@ def _flat(options: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     return out
 
 
-def _names_a_file(value: Any) -> bool:
-    """An option value that is the path of an existing file, saved dataset folder or model folder (the
-    neighbourhood attack's masked LM); any other string, e.g. a template, is not, nor any other folder, which an
-    option naming it by chance would make the key hash."""
+#: options (dotted, as `_flat` gives them) whose value may be a model folder: the neighbourhood attack's masked LM
+MODEL_FOLDER_OPTIONS = ("attack_options.neighbourhood.model",)
+
+
+def _names_a_file(value: Any, model_folder: bool = False) -> bool:
+    """An option value that is the path of an existing file, saved dataset folder or, for an option of
+    MODEL_FOLDER_OPTIONS (`model_folder`), model folder; any other string, e.g. a template, is not, nor any other
+    folder, which an option naming it by chance would make the key hash (`compare_to: base`, a target's label,
+    beside a model folder ./base: every such stage of an earlier release ran again)."""
     if not isinstance(value, str) or not value or "\x00" in value or len(value) > 4096:
         return False
+    markers = (*_DATASET_DIR_FILES, "config.json") if model_folder else _DATASET_DIR_FILES
     try:
         p = Path(value).expanduser()
-        return p.is_file() or (p.is_dir() and any((p / f).is_file() for f in (*_DATASET_DIR_FILES, "config.json")))
+        return p.is_file() or (p.is_dir() and any((p / f).is_file() for f in markers))
     except (OSError, RuntimeError):  # a name too long for the file system; "~user" of no such user
         return False
 
