@@ -88,6 +88,54 @@ def test_a_text_without_a_word_to_swap_is_named(tiny_opt, tiny_mlm_dir):
     assert str(err.value).startswith("nonmembers[1] has no word the masked LM can swap"), err.value
 
 
+def _as_rank_one_of_two(monkeypatch, ctx, rank_zero_flags: dict[int, float]) -> list[list[float]]:
+    """Score as process 1 of 2 (the shared pass computed first, as one process): each gather returns this
+    process's values at its texts and `rank_zero_flags` (else 0) at rank 0's; the gathers' inputs are recorded."""
+    import leakaudit.distributed as dist
+
+    assert ctx.target_scores
+    gathered: list[list[float]] = []
+
+    def gather(local, n):
+        gathered.append(list(local))
+        out = np.zeros(n)
+        out[1::2] = local
+        for i, v in rank_zero_flags.items():
+            out[i] = v
+        return out
+
+    monkeypatch.setattr(dist, "gather_floats", gather)
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    return gathered
+
+
+def test_under_a_launcher_every_process_raises_the_same_no_neighbour_error(tiny_opt, tiny_mlm_dir, monkeypatch):
+    """A text without a neighbour in one process's shard: that process raised while the others waited in the
+    gather (left to the launcher's kill). Every process now checks every text before proposing, and a text
+    the masked LM proposed nothing for is agreed on in a gather before the neighbours are scored."""
+    from leakaudit.attacks import neighbourhood
+    from leakaudit.attacks.neighbourhood import NoNeighbourError
+
+    attack = get_attack("neighbourhood", model=str(tiny_mlm_dir), n_neighbours=3)
+    ctx = ScoringContext(tiny_opt, ["!!! ... ???", *TEXTS[:2]], score_options=NO_CACHE)
+    gathered = _as_rank_one_of_two(monkeypatch, ctx, {})
+    with pytest.raises(NoNeighbourError) as err:  # rank 0's text 0: found by process 1 too, before proposing
+        attack.score(ctx)
+    assert err.value.index == 0 and gathered == []
+    monkeypatch.delenv("RANK")
+    monkeypatch.delenv("WORLD_SIZE")
+
+    ctx = ScoringContext(tiny_opt, TEXTS, score_options=NO_CACHE)
+    gathered = _as_rank_one_of_two(monkeypatch, ctx, {0: 1.0})  # rank 0 proposed nothing for text 0
+    real = neighbourhood.neighbours
+    monkeypatch.setattr(neighbourhood, "neighbours", lambda mlm, text, **kw: [] if text == TEXTS[0]
+                        else real(mlm, text, **kw))
+    with pytest.raises(NoNeighbourError) as err:
+        attack.score(ctx)
+    assert err.value.index == 0 and gathered == [[0.0]]  # its own text 1 had neighbours; no score was gathered
+
+
 def test_cli_takes_the_masked_lm_and_refuses_its_flags_without_the_attack(tmp_path, monkeypatch, capsys,
                                                                           tiny_mlm_dir):
     import json

@@ -152,11 +152,8 @@ def neighbours(mlm: MaskedLM, text: str, *, n: int = 25, per_position: int = 10,
     import torch
 
     tok = mlm.tokenizer
-    enc = tok(text, return_offsets_mapping=True, truncation=True, max_length=window(mlm, max_length))
-    ids, offsets = enc["input_ids"], enc["offset_mapping"]
+    ids, spans = _swappable_tokens(mlm, text, max_length)
     special = set(tok.all_special_ids)
-    spans = {i: span for i, (a, b) in enumerate(offsets)
-             if ids[i] not in special and (span := _swappable_span(text, a, b)) is not None}
     positions = list(spans)
     if not positions:
         return []
@@ -186,6 +183,16 @@ def neighbours(mlm: MaskedLM, text: str, *, n: int = 25, per_position: int = 10,
             if len(out) == n:
                 break
     return out
+
+
+def _swappable_tokens(mlm: MaskedLM, text: str, max_length: int) -> tuple[list[int], dict[int, tuple[int, int]]]:
+    """The text's masked-LM token ids, and the characters of each token a swap may replace, by its position."""
+    tok = mlm.tokenizer
+    enc = tok(text, return_offsets_mapping=True, truncation=True, max_length=window(mlm, max_length))
+    ids, offsets = enc["input_ids"], enc["offset_mapping"]
+    special = set(tok.all_special_ids)
+    return ids, {i: span for i, (a, b) in enumerate(offsets)
+                 if ids[i] not in special and (span := _swappable_span(text, a, b)) is not None}
 
 
 @contextmanager
@@ -266,9 +273,19 @@ class NeighbourhoodAttack(Attack):
         if over:
             warn_once(f"neighbourhood: {over} of {len(ctx.texts)} texts are longer than the masked LM's {seen}-token "
                       "window; only their first tokens are swapped (their loss is still the whole text's)")
+        # every process checks every text, before any proposes: a process raising on a text of its shard while
+        # the others waited in the gather below left them to the launcher's kill, and a single process met the
+        # text only after proposing for all before it (hours for a thousand texts on a CPU)
+        for i, text in enumerate(ctx.texts):
+            if not _swappable_tokens(mlm, text, cfg.max_length)[1]:
+                raise NoNeighbourError(i)
         options = {**ctx.score_options}
         progress = options.pop("progress", True) and world()[0] == 0
         found = _propose(mlm, ctx.texts, mine, cfg, progress)
+        # a text with swappable words the masked LM proposed nothing for: every process raises the same error
+        none = gather_floats([float(not texts) for texts in found], len(ctx.texts))
+        if none.any():
+            raise NoNeighbourError(int(np.flatnonzero(none)[0]))
         flat = [t for texts in found for t in texts]
         scored = score_texts(ctx.target, flat, progress=progress, description="scoring (neighbours)", **options)
         local, pos = [], 0
@@ -296,11 +313,8 @@ def _propose(mlm: MaskedLM, texts: list[str], mine: list[int], cfg: Neighbourhoo
     with bar:
         task = bar.add_task("neighbours", total=len(mine)) if progress else None
         for i in mine:
-            got = neighbours(mlm, texts[i], n=cfg.n_neighbours, per_position=cfg.per_position, dropout=cfg.dropout,
-                             seed=cfg.seed, max_length=cfg.max_length)
-            if not got:
-                raise NoNeighbourError(i)
-            found.append(got)
+            found.append(neighbours(mlm, texts[i], n=cfg.n_neighbours, per_position=cfg.per_position,
+                                    dropout=cfg.dropout, seed=cfg.seed, max_length=cfg.max_length))
             if progress:
                 bar.update(task, advance=1)
     return found
