@@ -530,6 +530,52 @@ def test_sighup_stops_in_order_and_nohup_keeps_running(tmp_path):
     assert code == 7 and "interrupted" not in err, err  # the load ran to its end
 
 
+@pytest.mark.skipif(not hasattr(__import__("signal"), "SIGHUP"), reason="Windows has no SIGHUP")
+def test_a_closed_terminal_stops_with_129_though_the_stop_writes_to_it(tmp_path):
+    """The terminal itself closed (not `kill -HUP` with stderr a pipe): the first write to it as the stop
+    unwound (a progress bar's last refresh) raised OSError EIO in place of the stop, exit 1 with a traceback."""
+    import os
+    import pty
+    import signal
+    import time
+
+    ready = tmp_path / "loading"
+    code = ("import sys, time, pathlib, leakaudit.models\n"
+            "def slow(*a, **k):\n"
+            f"    pathlib.Path({str(ready)!r}).touch()\n"
+            "    try:\n"
+            "        time.sleep(60)\n"
+            "    finally:\n"
+            "        print('last refresh', file=sys.stderr, flush=True)\n"
+            "leakaudit.models.load_model = slow\n"
+            "from leakaudit.cli import main\n"
+            "sys.argv = ['leakaudit', 'model-info', '--model', 'tiny-gpt-neox']\n"
+            "main()\n")
+    pid, fd = pty.fork()
+    if pid == 0:  # the child: a session on the pty, whose closing sends it SIGHUP
+        os.execv(sys.executable, [sys.executable, "-c", code])
+    try:
+        deadline = time.time() + 120
+        while not ready.exists() and time.time() < deadline:
+            time.sleep(0.05)
+        os.close(fd)  # the terminal closes
+        for _ in range(600):
+            done, status = os.waitpid(pid, os.WNOHANG)
+            if done:
+                break
+            time.sleep(0.1)
+        else:
+            os.kill(pid, signal.SIGKILL)
+            os.waitpid(pid, 0)
+            raise AssertionError("still running a minute after its terminal closed")
+    finally:
+        try:
+            os.close(fd)
+        except OSError:
+            pass
+    assert os.waitstatus_to_exitcode(status) == 128 + signal.SIGHUP
+
+
 def test_a_cache_directory_that_cannot_be_one_is_a_one_line_error(tmp_path, monkeypatch, capsys):
     """LEAKAUDIT_CACHE naming a file (or a path under /proc) ended in a 76-line traceback, exit 1."""
     from conftest import run_main

@@ -68,11 +68,31 @@ _terminated: int | None = None
 def _on_signal(signum, frame) -> None:
     global _terminated
     _terminated = signum
+    if signum == getattr(signal, "SIGHUP", None):
+        _off_the_closed_terminal()
     if sys.exc_info()[0] is not None and _other_rank():
         # a launched process other than rank 0, stopped by the launcher while it reports an error (rank 0
         # reports it): raised here, Terminated chained onto that error and printed its unmasked message
         os._exit(128 + signum)
     raise Terminated
+
+
+def _off_the_closed_terminal() -> None:
+    """Point stdout and stderr, where they were the terminal that hung up, at /dev/null: the first write to it
+    (a progress bar's last refresh as the stop unwinds it) raised OSError EIO in place of the stop, which
+    ended in exit 1 and a traceback, not 129. A hung-up terminal is a character device that is no longer a
+    tty; a stream sent to a file (or a terminal still open, under `kill -HUP`) keeps its lines."""
+    import stat
+
+    for fd in (1, 2):
+        try:
+            if not stat.S_ISCHR(os.fstat(fd).st_mode) or os.isatty(fd):
+                continue
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, fd)
+            os.close(devnull)
+        except OSError:  # a stream already closed
+            pass
 
 
 def _stop_signals() -> list[int]:
