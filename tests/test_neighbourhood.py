@@ -236,3 +236,14 @@ def test_the_output_layer_at_the_swapped_position_alone_proposes_what_the_full_o
     fast = [neighbours(mlm, t, n=10) for t in TEXTS]
     monkeypatch.setattr(neighbourhood, "_head_at", lambda *a: nullcontext())
     assert [neighbours(mlm, t, n=10) for t in TEXTS] == fast
+
+
+def test_a_piece_of_an_all_caps_word_is_swapped_in_capitals(mlm):
+    """A swap at one piece of "DUE" ("DU|E") took the piece's own case: "E" alone is not all caps, so the swap
+    came out "DUAmes", and one at "D" came out "SomeUE"."""
+    text = "THE QUARTERLY REPORT IS DUE, SAID ALICE."
+    got = neighbours(mlm, text, n=40)
+    assert len(got) == 40
+    for new in got:
+        swapped = [y for x, y in zip(_words(text), _words(new), strict=True) if x != y]
+        assert len(swapped) == 1 and swapped[0] == swapped[0].upper(), (text, new)

@@ -128,10 +128,12 @@ def _swappable_span(text: str, start: int, end: int) -> tuple[int, int] | None:
     return (start, end) if _WORD.fullmatch(text[start:end]) else None
 
 
-def _cased(word: str, like: str) -> str:
+def _cased(word: str, like: str, around: str) -> str:
     """`word` with the letter case of the word it replaces: an uncased BERT proposes "paris" for "London", a
-    cased one "The" for "the" mid-sentence; a swap that also changes case changes the loss for two reasons."""
-    if len(like) > 1 and like.isupper():
+    cased one "The" for "the" mid-sentence; a swap that also changes case changes the loss for two reasons.
+    `around` is the whole word the replaced token is in: a piece of an all-caps word is upper case too ("DU|E"
+    swapped at "E" or at "D" was "DUAmes" and "SomeUE")."""
+    if (len(like) > 1 and like.isupper()) or (len(around) > 1 and around.isupper()):
         return word.upper()
     first = word[:1].upper() if like[:1].isupper() else word[:1].lower()
     return first + word[1:]
@@ -217,6 +219,11 @@ def _swaps(tok, text: str, span: tuple[int, int], original: int, probs, per_posi
     """The `per_position` likeliest tokens of the original's kind other than it, as (score, place, text)."""
     a, b = span
     word = text[a:b]
+    lo, hi = a, b
+    while lo > 0 and _WORD.fullmatch(text[lo - 1]):
+        lo -= 1
+    while hi < len(text) and _WORD.fullmatch(text[hi]):
+        hi += 1
     p_original = float(probs[original])
     kind = _mark(tok.convert_ids_to_tokens(original))
     out: list[tuple[float, int, str]] = []
@@ -228,7 +235,8 @@ def _swaps(tok, text: str, span: tuple[int, int], original: int, probs, per_posi
         new = piece[2:] if kind == "##" else tok.decode([cid]).strip()
         if not _WORD.fullmatch(new) or new.lower() == word.lower():
             continue
-        out.append((p / max(1.0 - p_original, 1e-12), position, text[:a] + _cased(new, word) + text[b:]))
+        out.append((p / max(1.0 - p_original, 1e-12), position,
+                    text[:a] + _cased(new, word, text[lo:hi]) + text[b:]))
         if len(out) == per_position:
             break
     return out
