@@ -247,3 +247,24 @@ def test_a_piece_of_an_all_caps_word_is_swapped_in_capitals(mlm):
     for new in got:
         swapped = [y for x, y in zip(_words(text), _words(new), strict=True) if x != y]
         assert len(swapped) == 1 and swapped[0] == swapped[0].upper(), (text, new)
+
+
+def test_an_encoder_decoder_masked_lm_is_refused_before_it_runs(tmp_path, monkeypatch):
+    """transformers maps BART to a masked LM, but its logits need decoder inputs: it passed the checks and failed
+    in its forward pass with a traceback, after the target had scored (a hub id is refused once loaded)."""
+    from transformers import BartConfig, BartForConditionalGeneration
+
+    from leakaudit.models import spec
+    from leakaudit.models.factories import build_tiny_tokenizer
+
+    tok = build_tiny_tokenizer()
+    BartForConditionalGeneration(BartConfig(vocab_size=len(tok), d_model=16, encoder_layers=1, decoder_layers=1,
+                               encoder_attention_heads=2, decoder_attention_heads=2, encoder_ffn_dim=32,
+                               decoder_ffn_dim=32, max_position_embeddings=64)).save_pretrained(tmp_path)
+    tok.save_pretrained(tmp_path)
+    with pytest.raises(InputError, match="'bart' is an encoder-decoder model") as err:
+        get_attack("neighbourhood", model=str(tmp_path))
+    assert err.value.field == "model"
+    monkeypatch.setattr(spec, "check_model_dir", lambda *a, **k: None)  # as a hub id goes unchecked
+    with pytest.raises(InputError, match="'bart' is an encoder-decoder model"):
+        load_masked_lm(str(tmp_path), torch.device("cpu"))

@@ -92,7 +92,7 @@ def load_masked_lm(spec: str, device: torch.device) -> MaskedLM:
 
     from leakaudit.models import dir_fingerprint
     from leakaudit.models.load import _load_errors
-    from leakaudit.models.spec import check_masked_lm_spec
+    from leakaudit.models.spec import ENCODER_DECODER, check_masked_lm_spec
 
     where = check_masked_lm_spec(spec)
     key = (spec, str(device), dir_fingerprint(where) if isinstance(where, Path) else "")  # a folder saved again
@@ -103,6 +103,8 @@ def load_masked_lm(spec: str, device: torch.device) -> MaskedLM:
                                                          use_safetensors=True)
         except _load_errors() as exc:
             raise InputError(f"cannot load the masked LM: {first_line(exc)}", file=str(where)) from None
+        if model.config.is_encoder_decoder:  # a hub id: a folder's config was checked before loading
+            raise InputError(ENCODER_DECODER.format(model.config.model_type), file=str(where))
         _LOADED[key] = MaskedLM(model.to(device).eval(), tokenizer, device)
     return _LOADED[key]
 

@@ -214,6 +214,15 @@ def _check_architecture(cfg_file: Path, cfg: dict, task: str = "causal") -> None
     if model_type not in names:
         raise InputError(f"model_type '{model_type}' is not a {task} language model", file=cfg_file,
                          field="--model")
+    if task == "masked" and cfg.get("is_encoder_decoder", getattr(CONFIG_MAPPING[model_type], "is_encoder_decoder",
+                                                                  False)):
+        raise InputError(ENCODER_DECODER.format(model_type), file=cfg_file, field="--model")
+
+
+#: transformers counts BART, mBART and MVP as masked LMs, but their logits come from a decoder that needs its own
+#: input: the neighbourhood attack's proposer must predict each token in place from the whole text (an encoder)
+ENCODER_DECODER = ("model_type '{}' is an encoder-decoder model; the word swaps need an encoder masked language "
+                   "model that predicts each token in place (e.g. BERT, RoBERTa, DeBERTa)")
 
 
 def _check_side_json(path: Path) -> None:
