@@ -268,3 +268,16 @@ def test_an_encoder_decoder_masked_lm_is_refused_before_it_runs(tmp_path, monkey
     monkeypatch.setattr(spec, "check_model_dir", lambda *a, **k: None)  # as a hub id goes unchecked
     with pytest.raises(InputError, match="'bart' is an encoder-decoder model"):
         load_masked_lm(str(tmp_path), torch.device("cpu"))
+
+
+def test_counting_the_texts_past_the_window_does_not_warn_of_indexing_errors(tiny_opt, tiny_mlm_dir, mlm,
+                                                                             monkeypatch, caplog):
+    """The count behind the window's warning tokenised each text whole, and transformers warned that running a
+    text past the tokenizer's limit (BERT's 512) "will result in indexing errors"; only its window is run."""
+    monkeypatch.setattr(mlm.tokenizer, "model_max_length", 300)
+    monkeypatch.setattr(mlm.tokenizer, "deprecation_warnings", {})
+    ctx = ScoringContext(tiny_opt, ["Alice Smith sent the quarterly report to John on Monday. " * 30, TEXTS[0]],
+                         score_options=NO_CACHE)
+    assert np.isfinite(get_attack("neighbourhood", model=str(tiny_mlm_dir), n_neighbours=2,
+                                     max_length=32).score(ctx)).all()
+    assert "indexing errors" not in caplog.text

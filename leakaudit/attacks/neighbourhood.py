@@ -279,7 +279,8 @@ class NeighbourhoodAttack(Attack):
         mlm = load_masked_lm(cfg.model, ctx.target.device)
         mine = shard(len(ctx.texts))
         seen = window(mlm, cfg.max_length)
-        over = sum(len(ids) > seen for ids in mlm.tokenizer(ctx.texts, truncation=False)["input_ids"])
+        # verbose=False: a text past the tokenizer's 512 is counted here, not run ("will result in indexing errors")
+        over = sum(len(ids) > seen for ids in mlm.tokenizer(ctx.texts, truncation=False, verbose=False)["input_ids"])
         if over:
             warn_once(f"neighbourhood: {over} of {len(ctx.texts)} texts are longer than the masked LM's {seen}-token "
                       "window; only their first tokens are swapped (their loss is still the whole text's)")
