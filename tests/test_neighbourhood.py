@@ -281,3 +281,11 @@ def test_counting_the_texts_past_the_window_does_not_warn_of_indexing_errors(tin
     assert np.isfinite(get_attack("neighbourhood", model=str(tiny_mlm_dir), n_neighbours=2,
                                      max_length=32).score(ctx)).all()
     assert "indexing errors" not in caplog.text
+
+
+def test_a_character_split_into_bytes_is_not_swapped(mlm):
+    """A character the byte-level vocabulary lacks is several tokens with the same offsets ("鬱": three bytes):
+    a swap at one byte replaced the whole character, several tokens for the masked LM's guess at one."""
+    for text, char in [("He felt 鬱 today", "鬱"), ("Łódź is big", "Ł")]:
+        got = neighbours(mlm, text, n=60)
+        assert got and all(char in new for new in got), (text, [new for new in got if char not in new])

@@ -19,6 +19,7 @@ import re
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from itertools import pairwise
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
 
@@ -195,8 +196,17 @@ def _swappable_tokens(mlm: MaskedLM, text: str, max_length: int) -> tuple[list[i
     enc = tok(text, return_offsets_mapping=True, truncation=True, max_length=window(mlm, max_length))
     ids, offsets = enc["input_ids"], enc["offset_mapping"]
     special = set(tok.all_special_ids)
-    return ids, {i: span for i, (a, b) in enumerate(offsets)
-                 if ids[i] not in special and (span := _swappable_span(text, a, b)) is not None}
+    shared = _sharing(offsets, ids, special)
+    return ids, {i: span for i, (a, b) in enumerate(offsets) if ids[i] not in special and i not in shared
+                 and (span := _swappable_span(text, a, b)) is not None}
+
+
+def _sharing(offsets: list[tuple[int, int]], ids: list[int], special: set[int]) -> set[int]:
+    """Tokens that share a character with the token beside them: the bytes of a character a byte-level BPE
+    vocabulary lacks ("鬱" is three tokens, each with the character's offsets). A swap there replaced the whole
+    character, two or three tokens, for the masked LM's guess at one byte."""
+    real = [i for i, (a, b) in enumerate(offsets) if b > a and ids[i] not in special]
+    return {k for i, j in pairwise(real) if offsets[j][0] < offsets[i][1] for k in (i, j)}
 
 
 @contextmanager
