@@ -289,3 +289,40 @@ def test_a_character_split_into_bytes_is_not_swapped(mlm):
     for text, char in [("He felt 鬱 today", "鬱"), ("Łódź is big", "Ł")]:
         got = neighbours(mlm, text, n=60)
         assert got and all(char in new for new in got), (text, [new for new in got if char not in new])
+
+
+@pytest.fixture(scope="module")
+def sentencepiece_mlm(tmp_path_factory):
+    """A tiny XLM-R masked LM (random, seeded) with a SentencePiece-style tokenizer (Unigram, "▁" marks, a
+    Metaspace pre-tokenizer) over a hand-made vocabulary: no "▁東", so "東京" at a text's start is "▁", "東", "京"."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast, XLMRobertaConfig, XLMRobertaForMaskedLM
+
+    words = ["▁is", "▁big", "▁the", "▁cat", "▁dog", "▁city", "▁old", "▁new"]
+    pieces = ["<s>", "<pad>", "</s>", "<unk>", "<mask>", "▁", "東", "京", "大", "阪", "x", "y", *words]
+    tok = Tokenizer(models.Unigram([(p, -1.0) for p in pieces], unk_id=3))
+    tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="always")
+    tok.decoder = decoders.Metaspace(replacement="▁", prepend_scheme="always")
+    tok.post_processor = processors.TemplateProcessing(single="<s> $A </s>", special_tokens=[("<s>", 0), ("</s>", 2)])
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>",
+                                   pad_token="<pad>", cls_token="<s>", sep_token="</s>", mask_token="<mask>")
+    torch.manual_seed(0)
+    model = XLMRobertaForMaskedLM(XLMRobertaConfig(vocab_size=len(pieces), hidden_size=16, num_hidden_layers=1,
+                                                   num_attention_heads=2, intermediate_size=32,
+                                                   max_position_embeddings=34, pad_token_id=1))
+    out = tmp_path_factory.mktemp("tiny-sp-mlm")
+    model.save_pretrained(out)
+    fast.save_pretrained(out)
+    return load_masked_lm(str(out), torch.device("cpu"))
+
+
+def test_sentencepieces_bare_mark_before_a_texts_first_character_is_not_swapped(sentencepiece_mlm):
+    """SentencePiece's bare "▁" before a first character it has no "▁" piece for carries that character's
+    offsets: a word swapped there replaced "東" ("the京 is big"), a piece of a word for a word. "東" itself, a
+    piece, is still swapped for pieces."""
+    text = "東京 is big"
+    pieces = sentencepiece_mlm.tokenizer.convert_ids_to_tokens(sentencepiece_mlm.tokenizer(text)["input_ids"])
+    assert pieces[1:4] == ["▁", "東", "京"], pieces
+    got = neighbours(sentencepiece_mlm, text, n=100)
+    first = {new[:-len(text) + 1] for new in got if new.endswith(text[1:]) and not new.startswith("東")}
+    assert first and first <= {"京", "大", "阪", "x", "y"}, first

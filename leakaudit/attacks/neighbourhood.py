@@ -196,16 +196,19 @@ def _swappable_tokens(mlm: MaskedLM, text: str, max_length: int) -> tuple[list[i
     enc = tok(text, return_offsets_mapping=True, truncation=True, max_length=window(mlm, max_length))
     ids, offsets = enc["input_ids"], enc["offset_mapping"]
     special = set(tok.all_special_ids)
-    shared = _sharing(offsets, ids, special)
-    return ids, {i: span for i, (a, b) in enumerate(offsets) if ids[i] not in special and i not in shared
+    # a bare mark is a space, not a word: SentencePiece's "▁" before a text's first character ("▁", "東", "京")
+    # has that character's offsets, and a word swapped there replaced "東"
+    skip = {i for i, piece in enumerate(tok.convert_ids_to_tokens(ids)) if ids[i] in special or piece in _MARKS}
+    shared = _sharing(offsets, skip)
+    return ids, {i: span for i, (a, b) in enumerate(offsets) if i not in skip and i not in shared
                  and (span := _swappable_span(text, a, b)) is not None}
 
 
-def _sharing(offsets: list[tuple[int, int]], ids: list[int], special: set[int]) -> set[int]:
+def _sharing(offsets: list[tuple[int, int]], skip: set[int]) -> set[int]:
     """Tokens that share a character with the token beside them: the bytes of a character a byte-level BPE
     vocabulary lacks ("鬱" is three tokens, each with the character's offsets). A swap there replaced the whole
     character, two or three tokens, for the masked LM's guess at one byte."""
-    real = [i for i, (a, b) in enumerate(offsets) if b > a and ids[i] not in special]
+    real = [i for i, (a, b) in enumerate(offsets) if b > a and i not in skip]
     return {k for i, j in pairwise(real) if offsets[j][0] < offsets[i][1] for k in (i, j)}
 
 
