@@ -270,8 +270,9 @@ class NoNeighbourError(TooShortError):
 @register
 class NeighbourhoodAttack(Attack):
     """neighbourhood = mean_j NLL(x̃_j) - NLL(x), over the n neighbours x̃_j of x (one word or word piece swapped
-    each, proposed by a masked LM). A member was fitted and its neighbours were not, so its NLL sits below theirs: higher =>
-    member. One masked-LM pass per word of a text, and one target pass over all neighbours (cached).
+    each, proposed by a masked LM). A member was fitted and its neighbours were not, so its NLL sits below
+    theirs: higher => member. One masked-LM row per word piece of a text, and one target pass over all
+    neighbours (cached).
 
     Mattern et al., "Membership Inference Attacks against Language Models via Neighbourhood Comparison",
     Findings of ACL 2023.
@@ -318,7 +319,6 @@ class NeighbourhoodAttack(Attack):
             pos += len(texts)
             local.append(float(np.mean(nll)) + ctx.target_scores[i].mean_logp)
         return gather_floats(local, len(ctx.texts))
-
 
 
 def _propose(mlm: MaskedLM, texts: list[str], mine: list[int], cfg: NeighbourhoodConfig,
