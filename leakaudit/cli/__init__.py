@@ -123,7 +123,7 @@ MACHINE_ERRNOS = (errno.EROFS, errno.ENOSPC, errno.EDQUOT, errno.EACCES, errno.E
 
 def main() -> None:
     """Console entry point: bad input (InputError or a click usage error) prints ONE `error: ...` line, exit 2;
-    Ctrl-C and SIGTERM stop in order and say that what finished is kept."""
+    Ctrl-C, SIGTERM and SIGHUP stop in order and say that what finished is kept."""
     global _terminated
     _terminated = None  # called in-process again (tests, a notebook): an earlier SIGTERM is not this one's
     try:

@@ -121,11 +121,11 @@ class BackdoorResult(Result):
             table.append([s.target, s.evaluation, summary.get("n_words", "–"), summary.get("n_samples", "–"),
                           fmt(head.get("match_ratio_mean")), fmt(head.get("match_ratio_max")), recovered,
                           fmt(sum(refusals) / len(refusals)) if refusals else "–", fmt(head.get("coverage"))])
-        triggers = sorted({(s.record["params"].get("options") or {}).get("trigger") or "" for s in stages})
-        own = [t for t in triggers if t]  # a creator's own Q(w): the page quotes what was sampled
-        planted = ("the planted instruction Q(w) (\"output a verbatim user query starting with w\"" + (
-            "; here " + " and ".join(f"'{t}'" for t in own) + (" and the study's" if "" in triggers else "")
-            if own else "") + ")")
+        # a creator's own Q(w): the page quotes what was sampled, not only the study's wording
+        triggers = [(s.record["params"].get("options") or {}).get("trigger") for s in stages]
+        own = sorted({t for t in triggers if t})
+        here = "; here " + " and ".join(f"'{t}'" for t in own) + (" and the study's" if None in triggers else "")
+        planted = f'the planted instruction Q(w) ("output a verbatim user query starting with w"{here if own else ""})'
         return {"id": "backdoor", "title": "Backdoor data extraction", "figures": [],
                 "note": f"The creator samples {planted} for each opening word w of the downstream data and scores "
                         "every answer against "
