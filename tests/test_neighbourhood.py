@@ -326,3 +326,209 @@ def test_sentencepieces_bare_mark_before_a_texts_first_character_is_not_swapped(
     got = neighbours(sentencepiece_mlm, text, n=100)
     first = {new[:-len(text) + 1] for new in got if new.endswith(text[1:]) and not new.startswith("東")}
     assert first and first <= {"京", "大", "阪", "x", "y"}, first
+
+
+def test_a_word_after_a_space_is_swapped_not_only_the_first_word_and_pieces(mlm):
+    """A byte-level token "Ġsent" has the space in its offsets (" sent"): without the space left out it was no
+    word, and only the text's first token and the pieces inside words were ever swapped."""
+    from leakaudit.attacks.neighbourhood import _swappable_span
+
+    assert _swappable_span(" sent", 0, 5) == (1, 5) and _swappable_span("sent  ", 0, 6) == (0, 4)
+    assert _swappable_span(" Monday.", 0, 8) is None and _swappable_span("   ", 0, 3) is None  # not a word
+    text = "Alice Smith sent the report"
+    swapped = {x for new in neighbours(mlm, text, n=1000)
+               for x, y in zip(_words(text), _words(new), strict=True) if x != y}
+    assert {"Smith", "sent", "the"} <= swapped, swapped
+
+
+def test_each_swap_is_scored_p_swap_over_one_minus_p_word_best_first(mlm):
+    """_swaps at one token, on a hand-made distribution: p(w) / (1 - p(original)), per_position kept, the
+    original, its case-only variant, a special token and a token of another kind (a piece for a word) left out
+    even where they are likelier."""
+    from leakaudit.attacks.neighbourhood import _swaps
+
+    tok = mlm.tokenizer
+    ids = {w: tok.convert_tokens_to_ids(w) for w in ("Ġthe", "ĠThe", "Ġa", "Ġsent", "ĠSmith", "ing", "U", "ice")}
+    special = set(tok.all_special_ids)
+    text = "Alice Smith sent the report"
+    probs = torch.zeros(len(tok))
+    for w, p in (("Ġthe", 0.5), ("ĠThe", 0.3), ("ing", 0.15), ("Ġa", 0.1), ("Ġsent", 0.05), ("ĠSmith", 0.02)):
+        probs[ids[w]] = p
+    probs[next(iter(special))] = 0.2
+    got = _swaps(tok, text, (17, 20), ids["Ġthe"], probs, 2, special, 7)
+    assert [(round(s, 6), p, t) for s, p, t in got] == [(0.2, 7, "Alice Smith sent a report"),
+                                                      (0.1, 7, "Alice Smith sent sent report")], got
+    # a piece of an all-caps word at the text's second character: the whole word "DU" is upper case
+    probs = torch.zeros(len(tok))
+    probs[ids["U"]], probs[ids["ice"]] = 0.5, 0.25
+    assert _swaps(tok, "DU is", (1, 2), ids["U"], probs, 1, special, 1) == [(0.5, 1, "DICE is")]
+
+
+def test_the_neighbours_are_the_best_scored_over_all_tokens_ties_to_the_earlier(mlm, monkeypatch):
+    from leakaudit.attacks import neighbourhood
+
+    monkeypatch.setattr(neighbourhood, "_swaps", lambda tok, text, span, original, probs, per_position, special,
+                        position: [(0.5 if position % 2 else 0.9, position, f"{text} #{position}")])
+    got = [int(t.rsplit("#", 1)[1]) for t in neighbours(mlm, TEXTS[0], n=1000)]
+    assert got == sorted(got, key=lambda p: (p % 2, p)) and len(got) > 4, got
+    assert [int(t.rsplit("#", 1)[1]) for t in neighbours(mlm, TEXTS[0], n=3)] == got[:3]
+
+
+def test_the_swapped_tokens_embedding_gets_dropout_and_no_other(mlm, monkeypatch):
+    """The paper's proposal: the word stays in view, its embedding's entries dropped with p `dropout` and the
+    rest scaled by 1 / (1 - dropout); every other token's embedding as it is."""
+    from leakaudit.attacks.neighbourhood import _swappable_tokens
+
+    seen = []
+    handle = mlm.model.register_forward_pre_hook(lambda m, a, kw: seen.append(kw["inputs_embeds"].clone()),
+                                                 with_kwargs=True)
+    try:
+        neighbours(mlm, TEXTS[0], n=5, dropout=0.7)
+    finally:
+        handle.remove()
+    ids, spans = _swappable_tokens(mlm, TEXTS[0], 512)
+    with torch.no_grad():
+        base = mlm.model.get_input_embeddings()(torch.tensor([ids]))[0]
+    rows = torch.cat(seen)
+    assert rows.shape[0] == len(spans)
+    dropped = []
+    for row, p in zip(rows, spans, strict=True):
+        others = [i for i in range(len(ids)) if i != p]
+        assert torch.equal(row[others], base[others])
+        ratio = row[p] / base[p]
+        dropped.append(float((ratio == 0).float().mean()))
+        assert torch.allclose(ratio[ratio != 0], torch.tensor(1 / 0.3), rtol=1e-5)
+    assert 0.6 < np.mean(dropped) < 0.8, np.mean(dropped)
+
+
+def test_the_output_layer_gets_one_hidden_state_per_row(mlm):
+    """`_head_at` is what spares the output layer's work: it sees (rows, hidden), not (rows, tokens, hidden)."""
+    shapes = []
+    handle = mlm.model.get_output_embeddings().register_forward_hook(lambda m, a, o: shapes.append(a[0].dim()))
+    try:
+        neighbours(mlm, TEXTS[1], n=3)
+    finally:
+        handle.remove()
+    assert shapes and set(shapes) == {2}, shapes
+
+
+def test_the_window_is_the_least_of_max_length_the_positions_and_the_tokenizers_limit(mlm, monkeypatch):
+    from leakaudit.attacks.neighbourhood import window
+
+    assert window(mlm, 512) == 254 and window(mlm, 40) == 40 and window(mlm, 1) == 2
+    monkeypatch.setattr(mlm.tokenizer, "model_max_length", 100)
+    assert window(mlm, 512) == 100
+
+
+def test_a_text_of_exactly_the_window_is_not_counted_past_it(tiny_opt, tiny_mlm_dir, mlm, capsys):
+    n = len(mlm.tokenizer(TEXTS[0])["input_ids"])
+    ctx = ScoringContext(tiny_opt, [TEXTS[0], "The cat sat."], score_options=NO_CACHE)
+    get_attack("neighbourhood", model=str(tiny_mlm_dir), n_neighbours=2, max_length=n).score(ctx)
+    assert "longer than the masked LM's" not in capsys.readouterr().err
+    get_attack("neighbourhood", model=str(tiny_mlm_dir), n_neighbours=2, max_length=n - 1).score(ctx)
+    assert f"1 of 2 texts are longer than the masked LM's {n - 1}-token window" in capsys.readouterr().err
+
+
+def test_the_masked_lm_folder_saved_again_is_loaded_again(tmp_path, tiny_mlm_dir):
+    """The loaded-model cache is keyed by the folder's content: a masked LM saved again in place (a study's
+    stage rerun for it, its key changed) must not be proposed with by the one loaded before."""
+    import shutil
+
+    from transformers import BertForMaskedLM
+
+    where = tmp_path / "mlm"
+    shutil.copytree(tiny_mlm_dir, where)
+    first = load_masked_lm(str(where), torch.device("cpu"))
+    assert load_masked_lm(str(where), torch.device("cpu")) is first
+    torch.manual_seed(1)
+    BertForMaskedLM(first.model.config).save_pretrained(where)
+    again = load_masked_lm(str(where), torch.device("cpu"))
+    assert again is not first
+    assert not torch.equal(again.model.get_input_embeddings().weight, first.model.get_input_embeddings().weight)
+
+
+def test_the_first_text_without_a_neighbour_is_named_and_only_rank_zero_draws_the_bar(tiny_opt, tiny_mlm_dir,
+                                                                                     monkeypatch):
+    from leakaudit.attacks import neighbourhood
+    from leakaudit.attacks.neighbourhood import NoNeighbourError
+
+    bars = []
+    real = neighbourhood._propose
+    monkeypatch.setattr(neighbourhood, "_propose", lambda mlm, texts, mine, cfg, progress: (
+        bars.append(progress), real(mlm, texts, mine, cfg, False))[1])
+    attack = get_attack("neighbourhood", model=str(tiny_mlm_dir), n_neighbours=2)
+    attack.score(ScoringContext(tiny_opt, TEXTS[:2], score_options={"cache": False}))
+    assert bars == [True]  # progress unless told otherwise, as every scoring pass
+    ctx = ScoringContext(tiny_opt, TEXTS, score_options={"cache": False})
+    _as_rank_one_of_two(monkeypatch, ctx, {0: 1.0, 2: 1.0})  # rank 0 proposed nothing for texts 0 and 2
+    with pytest.raises(NoNeighbourError) as err:
+        attack.score(ctx)
+    assert err.value.index == 0 and bars == [True, False]
+
+
+@pytest.fixture(scope="module")
+def wordpiece_mlm(tmp_path_factory):
+    """A tiny uncased BERT (random, seeded) with a WordPiece tokenizer over a hand-made vocabulary, as
+    bert-base-uncased (the paper's) splits: "quarterly" is "quart", "##erly"."""
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
+    from transformers import BertConfig, BertForMaskedLM, PreTrainedTokenizerFast
+
+    pieces = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", ".", "the", "cat", "dog", "report", "quart", "is", "big",
+              "old", "new", "##erly", "##ing", "##s", "##ed"]
+    tok = Tokenizer(models.WordPiece({p: i for i, p in enumerate(pieces)}, unk_token="[UNK]"))
+    tok.normalizer = normalizers.BertNormalizer(lowercase=True)
+    tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    tok.decoder = decoders.WordPiece()
+    tok.post_processor = processors.TemplateProcessing(single="[CLS] $A [SEP]", special_tokens=[("[CLS]", 2),
+                                                                                                ("[SEP]", 3)])
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]", pad_token="[PAD]", cls_token="[CLS]",
+                                   sep_token="[SEP]", mask_token="[MASK]")
+    torch.manual_seed(0)
+    model = BertForMaskedLM(BertConfig(vocab_size=len(pieces), hidden_size=16, num_hidden_layers=1,
+                                       num_attention_heads=2, intermediate_size=32, max_position_embeddings=32))
+    out = tmp_path_factory.mktemp("tiny-wp-mlm")
+    model.save_pretrained(out)
+    fast.save_pretrained(out)
+    return load_masked_lm(str(out), torch.device("cpu"))
+
+
+def test_a_wordpiece_piece_is_swapped_for_a_piece_and_a_word_for_a_word(wordpiece_mlm):
+    """WordPiece marks a piece that goes on a word ("##erly"), not a word: a swap at "##erly" is another piece
+    without its "##" ("quarting"), never a whole word glued on ("quartdog"); one at "quart" a word
+    ("dogerly"); an uncased proposal takes the text's case."""
+    text = "The quarterly report is big."
+    tok = wordpiece_mlm.tokenizer
+    assert tok.convert_ids_to_tokens(tok(text)["input_ids"])[1:4] == ["the", "quart", "##erly"]
+    words = {"the", "cat", "dog", "report", "quart", "is", "big", "old", "new"}
+    got = neighbours(wordpiece_mlm, text, n=200)
+    assert got and not any("#" in new for new in got), got
+    at = {}
+    for new in got:
+        (old, swapped), = [(x, y) for x, y in zip(_words(text), _words(new), strict=True) if x != y]
+        at.setdefault(old, set()).add(swapped)
+    assert at["quarterly"] and at["quarterly"] <= ({"quarting", "quarts", "quarted"}
+                                                   | {w + "erly" for w in words - {"quart"}}), at["quarterly"]
+    assert at["quarterly"] & {"quarting", "quarts", "quarted"} and at["quarterly"] - {"quarting", "quarts",
+                                                                                          "quarted"}
+    assert at["The"] and all(w[:1].isupper() and w[1:].islower() and w.lower() in words for w in at["The"])
+
+
+def test_a_one_letter_capital_word_is_not_all_caps():
+    """"I" and "A" are upper case but not shouting: a swap for them is capitalised ("We"), not "WE"."""
+    from leakaudit.attacks.neighbourhood import _cased
+
+    assert _cased("we", "I", "I") == "We" and _cased("the", "A", "A") == "The"
+    assert _cased("we", "I", "IT") == "WE" and _cased("One", "a", "a") == "one"
+
+
+def test_proposing_shows_its_count_of_texts(mlm, tiny_mlm_dir, monkeypatch, capsys):
+    """One masked-LM pass per token of each text: minutes for a thousand texts on a CPU, counted as it goes."""
+    from leakaudit.attacks.neighbourhood import _propose
+
+    monkeypatch.setenv("LEAKAUDIT_PROGRESS_INTERVAL", "0.001")
+    cfg = get_attack("neighbourhood", model=str(tiny_mlm_dir), n_neighbours=2).config
+    _propose(mlm, TEXTS, [0, 1, 2], cfg, True)
+    err = capsys.readouterr().err
+    assert "1/3 texts" in err and "2/3 texts" in err, err
+    _propose(mlm, TEXTS, [0, 1, 2], cfg, False)
+    assert capsys.readouterr().err == ""
