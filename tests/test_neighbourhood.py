@@ -77,6 +77,8 @@ def test_a_missing_or_causal_masked_lm_is_one_clear_error(tmp_path, tiny_mlm_dir
         get_attack("neighbourhood", model="tiny-gpt-neox")
     with pytest.raises(InputError, match="path not found"):
         get_attack("neighbourhood", model=str(tmp_path / "nothing-here"))
+    with pytest.raises(InputError, match="is not a masked language model \\(an untrained causal model\\)"):
+        get_attack("neighbourhood", model="random:pythia-160m")
     with pytest.raises(InputError, match="greater than or equal to 1"):
         get_attack("neighbourhood", model=str(tiny_mlm_dir), n_neighbours=0)
 
@@ -151,11 +153,18 @@ def test_cli_takes_the_masked_lm_and_refuses_its_flags_without_the_attack(tmp_pa
     code, err = run_main([*base, "--out", str(tmp_path / "b"), "--neighbour-model", str(tiny_mlm_dir)],
                          monkeypatch, capsys)
     assert code == 2 and "field '--neighbour-model': no attack that runs takes it" in err, err
+    code, err = run_main([*base, "--out", str(tmp_path / "b"), "--neighbours", "4"], monkeypatch, capsys)
+    assert code == 2 and "field '--neighbours': no attack that runs takes it" in err, err
+    code, err = run_main([*base, "--out", str(tiny_mlm_dir / "out"), "--attacks", "neighbourhood",
+                          "--neighbour-model", str(tiny_mlm_dir)], monkeypatch, capsys)
+    assert code == 2 and "inside the --neighbour-model directory" in err, err
     code, err = run_main([*base, "--out", str(tmp_path / "c"), "--attacks", "loss,neighbourhood",
                           "--neighbour-model", str(tiny_mlm_dir), "--neighbours", "4"], monkeypatch, capsys)
     assert code == 0, err
     res = json.loads((tmp_path / "c" / "mia.json").read_text())
     assert set(res["attacks"]) == {"loss", "neighbourhood"}
+    options = res["attacks"]["neighbourhood"]["options"]
+    assert options["n_neighbours"] == 4 and options["model"] == str(tiny_mlm_dir), options
     rows = [json.loads(x) for x in (tmp_path / "c" / "scores.jsonl").read_text().splitlines()]
     assert len(rows) == 4 and all(np.isfinite(r["neighbourhood"]) for r in rows)
 
@@ -265,6 +274,13 @@ def test_an_encoder_decoder_masked_lm_is_refused_before_it_runs(tmp_path, monkey
     with pytest.raises(InputError, match="'bart' is an encoder-decoder model") as err:
         get_attack("neighbourhood", model=str(tmp_path))
     assert err.value.field == "model"
+    import json
+
+    cfg = json.loads((tmp_path / "config.json").read_text())
+    del cfg["is_encoder_decoder"]  # a hand-written config: BART's own default says encoder-decoder
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(InputError, match="'bart' is an encoder-decoder model"):
+        get_attack("neighbourhood", model=str(tmp_path))
     monkeypatch.setattr(spec, "check_model_dir", lambda *a, **k: None)  # as a hub id goes unchecked
     with pytest.raises(InputError, match="'bart' is an encoder-decoder model"):
         load_masked_lm(str(tmp_path), torch.device("cpu"))
