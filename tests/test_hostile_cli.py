@@ -708,3 +708,58 @@ def test_perplexity_and_pii_logprob_take_no_cache_as_the_other_scoring_commands_
                   "pairs.jsonl", "--out", "pl"]):
         code, err = run_main([*args, "--no-cache"], monkeypatch, capsys)
         assert code == 0, err
+
+
+def test_ctrl_c_in_process_after_an_earlier_sigterm_is_130_and_the_callers_handlers_are_back(tmp_path,
+                                                                                          monkeypatch, capsys):
+    """main() called again in-process (a notebook, tests): a SIGTERM that stopped an earlier call is not this
+    call's, so its Ctrl-C exits 130, not 143; and the caller's SIGTERM and SIGHUP handlers are its own again."""
+    import signal
+
+    from conftest import run_main
+
+    import leakaudit.cli as cli
+    import leakaudit.models
+
+    def interrupted(*a, **k):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(leakaudit.models, "load_model", interrupted)
+    monkeypatch.setattr(cli, "_terminated", signal.SIGTERM)  # left by an earlier, stopped call
+    def callers(*a):
+        pass
+
+    before = signal.signal(signal.SIGTERM, callers)
+    hup = getattr(signal, "SIGHUP", None)
+    hup_before = signal.signal(hup, signal.SIG_DFL) if hup is not None else None
+    try:
+        code, err = run_main(["model-info", "--model", "tiny-gpt-neox"], monkeypatch, capsys)
+        assert code == 130 and "interrupted: what finished is kept" in err, (code, err)
+        assert signal.getsignal(signal.SIGTERM) is callers
+        assert hup is None or signal.getsignal(hup) is signal.SIG_DFL
+    finally:
+        signal.signal(signal.SIGTERM, before)
+        if hup is not None:
+            signal.signal(hup, hup_before)
+
+
+@pytest.mark.skipif(not hasattr(__import__("signal"), "SIGHUP"), reason="Windows has no SIGHUP")
+def test_another_rank_stopped_while_reporting_an_error_exits_128_plus_the_signal(monkeypatch):
+    """A launched process other than rank 0, stopped while an error unwinds, exits at once with the signal's
+    code: 129 for SIGHUP, 143 for SIGTERM."""
+    import signal
+
+    import leakaudit.cli as cli
+
+    codes = []
+    monkeypatch.setattr(cli, "_terminated", None)  # the handler sets it: put back as it was after the test
+    monkeypatch.setattr(cli.os, "_exit", codes.append)
+    monkeypatch.setattr(cli, "_other_rank", lambda: True)
+    monkeypatch.setattr(cli, "_off_the_closed_terminal", lambda: None)
+    for signum in (signal.SIGHUP, signal.SIGTERM):
+        try:
+            raise ValueError("rank 1's error")
+        except ValueError:
+            with pytest.raises(cli.Terminated):  # os._exit recorded, not run: the handler goes on
+                cli._on_signal(signum, None)
+    assert codes == [129, 143]
