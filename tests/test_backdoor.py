@@ -568,6 +568,9 @@ def test_every_user_turn_of_a_multi_turn_d2_is_a_query(tmp_path):
                   + json.dumps({"messages": [{"role": "user", "content": "Find the lease"}]}) + "\n")
     assert d2_queries(d2) == ["Email Ann about rent", "Call Bob on Monday", "Email Ann about rent", "Find the lease"]
     assert d2_queries(d2, limit=1) == ["Email Ann about rent", "Call Bob on Monday"]  # rows, as finetune --limit
+    named = tmp_path / "named.jsonl"  # a query field named: it, not the chat's turns
+    named.write_text(json.dumps({"messages": turns, "ask": "Find the lease"}) + "\n")
+    assert d2_queries(named, query_field="ask") == ["Find the lease"]
     summary = bd.summarize_extraction(bd.score_words({"Call": ["Call Bob on Monday"]}, bd.build_tries(d2_queries(d2)),
                                                      REFUSAL), bd.build_tries(d2_queries(d2)))
     assert summary["n_queries"] == 3 and summary["n_fully_recovered"] == 1
@@ -686,3 +689,6 @@ def test_the_report_quotes_a_creators_own_trigger(tmp_path):
     assert "here 'zz recall {word} please')" in note and "the study's" not in note
     note = BackdoorResult.section([stage("study", {})])["note"]
     assert "; here" not in note and "output a verbatim user query starting with w" in note
+    note = BackdoorResult.section([stage("own2", {"trigger": "zz {word}"}),
+                                   stage("study2", {})])["note"]  # one stage planted its own, one the study's
+    assert "here 'zz {word}' and the study's)" in note, note

@@ -329,3 +329,11 @@ def test_a_jsonl_name_list_reads_rows_as_jsonl_does(tmp_path):
 
     (tmp_path / "n.jsonl").write_bytes(b'{"name":\r "Ann Lee"}\r\n{"name": "Bo Stone"}\n')
     assert [n for n in load_name_list(tmp_path / "n.jsonl")] == ["Ann Lee", "Bo Stone"]
+
+
+def test_a_file_name_with_a_line_break_stays_on_the_error_line():
+    """A file name may hold a line break too (legal on Linux): the `file:line:` part is escaped as the message is."""
+    from leakaudit.errors import InputError
+
+    assert InputError("bad row", file="a\nb.jsonl", line=3, field="x\ry").format() == \
+        "a\\nb.jsonl:3: field 'x\\ry': bad row"
