@@ -285,3 +285,21 @@ def test_a_rerun_without_baseline_leaves_no_comparison_of_the_earlier_one(study,
     code, err = run_main(common, monkeypatch, capsys)
     assert code == 0, err
     assert not (study / "cli" / "comparisons.json").exists() and not (study / "cli" / "baseline").exists()
+
+
+def test_a_warning_only_the_baseline_gives_says_it_is_the_baseline_s(tmp_path, monkeypatch, capsys):
+    """`--baseline` that is also the reference: its ref scores are all 0, so its run alone warns "ref: AUC 0.5
+    ... the same on every resample". Printed bare under the target's table (ref far from 0.5) it read as the
+    target's; it names the baseline."""
+    words = "alpha beta gamma delta epsilon zeta eta theta iota kappa lambda mu".split()
+    for name, shift in (("in", 0), ("out", 5)):
+        (tmp_path / f"{name}.jsonl").write_text("".join(
+            json.dumps({"text": f"The {words[(i + shift) % 12]} report reached {words[(3 * i + shift) % 12]} "
+                                f"on day {i + shift}."}) + "\n" for i in range(8)))
+    code, err = run_main(["mia", "--target", "tiny-opt", "--reference", "tiny-gpt-neox", "--baseline",
+                          "tiny-gpt-neox", "--members", tmp_path / "in.jsonl", "--nonmembers", tmp_path / "out.jsonl",
+                          "--attacks", "loss,ref", "--n-bootstrap", "30", "--no-cache", "--out", tmp_path / "o"],
+                         monkeypatch, capsys)
+    assert code == 0, err
+    lines = [x for x in err.splitlines() if "is the same on every resample" in x and x.startswith("warning: ")]
+    assert lines and all(x.startswith("warning: baseline tiny-gpt-neox: ref: ") for x in lines), lines

@@ -204,8 +204,15 @@ def _run_with_baseline(kind: Any, options: Any, kctx: Any, baseline: str | None,
     bctx = baseline_context()
     bctx.out.mkdir(parents=True, exist_ok=True)
     bctx.cache = kctx.cache
-    bctx.log = lambda line: None if line in said else say(line)
+    bctx.log = lambda line: None if line in said else say(_of_baseline(line, bctx.models.get("target")))
     return res, kind.run(bctx, options).to_json()
+
+
+def _of_baseline(line: str, baseline: str | None) -> str:
+    """A line only the baseline's run gave, saying so: "warning: ref: AUC 0.5 ..." under the target's table
+    (ref 0.98) read as the target's."""
+    head, sep, rest = line.partition(": ")
+    return f"{head}: baseline {baseline}: {rest}" if sep and head == "warning" else f"baseline {baseline}: {line}"
 
 
 def _compare(kind: Any, out: Path, res: dict, base_res: dict, target: str, baseline: str, n_bootstrap: int) -> None:
