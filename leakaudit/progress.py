@@ -9,8 +9,10 @@ pass wrote nothing at all between its start and its end, and a stalled job looke
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
+from collections.abc import Callable, Iterator
 from typing import Any
 
 #: seconds between two progress lines of one pass in a log (`LEAKAUDIT_PROGRESS_INTERVAL`; 0: none). A pass
@@ -25,6 +27,21 @@ def log_interval() -> float:
         return float(os.environ.get("LEAKAUDIT_PROGRESS_INTERVAL", LOG_INTERVAL_S))
     except ValueError:
         return LOG_INTERVAL_S
+
+
+@contextlib.contextmanager
+def counting(enabled: bool, description: str, total: int, unit: str) -> Iterator[Callable[[int], None]]:
+    """A bar over `total` items (sampled rows, proposed texts), "description ━━━ 3/8 0:01:02", yielding the
+    function that counts n more done; disabled, a function that does nothing."""
+    if not enabled:
+        yield lambda n: None
+        return
+    from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeRemainingColumn
+
+    with progress_bar(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
+                      unit=unit) as bar:
+        task = bar.add_task(description, total=total)
+        yield lambda n: bar.update(task, advance=n)
 
 
 def progress_bar(*columns: Any, unit: str = "") -> Any:

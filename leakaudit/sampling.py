@@ -26,7 +26,7 @@ import hashlib
 import importlib.util
 import json
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -36,6 +36,7 @@ from leakaudit import package_version
 from leakaudit.data.io import json_line, open_append
 from leakaudit.errors import InputError, check_model, check_texts
 from leakaudit.models import LoadedModel, attention_kernels, host_memory, model_lock, text_config
+from leakaudit.progress import counting
 from leakaudit.scoring import cache_keyword, checked_batch_size, returned_cache, shared_prefixes
 from leakaudit.warn import warn_once
 
@@ -198,7 +199,7 @@ def sample(lm: LoadedModel, prompts: Sequence[str], config: SamplingConfig, *,
     generate = _hf_generate if backend == "hf" else _vllm_generate
     todo.sort(key=lambda r: (len(r.ids), r.position))  # length-sorted: little padding per batch
     batches = _make_batches(lm, todo, config, rows_per_batch)
-    with _progress(progress and bool(todo), description, len(todo)) as advance, _appender(out_path) as append:
+    with counting(progress and bool(todo), description, len(todo), unit="rows") as advance, _appender(out_path) as append:
         for batch in batches:
             new_ids = generate(lm, batch, config)
             samples = [_to_sample(lm, row, ids, config) for row, ids in zip(batch, new_ids, strict=True)]
@@ -599,20 +600,3 @@ def _appender(path: str | Path | None):
             os.fsync(fh.fileno())
 
         yield append
-
-
-@contextlib.contextmanager
-def _progress(enabled: bool, description: str, total: int):
-    """A rich progress bar over rows (prompt x sample), on stderr."""
-    if not enabled:
-        yield lambda n: None
-        return
-    from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeRemainingColumn
-
-    from leakaudit.progress import progress_bar
-
-    with progress_bar(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-                      TimeRemainingColumn(), unit="rows") as bar:
-        task = bar.add_task(description, total=total)
-        advance: Callable[[int], None] = lambda n: bar.update(task, advance=n)  # noqa: E731
-        yield advance

@@ -65,8 +65,9 @@ def _fast_tokenizer(where: Path | str) -> Any:
 
 class NeighbourhoodConfig(AttackConfig):
     model: Annotated[str | None, AfterValidator(_masked_lm_spec)] = Field(
-        None, validate_default=True, description="masked language model that proposes the swaps: a local model folder or a hub id "
-                    "(e.g. bert-base-uncased, the paper's)")
+        None, validate_default=True,
+        description="masked language model that proposes the swaps: a local model folder or a hub id (e.g. "
+                    "bert-base-uncased, the paper's)")
     n_neighbours: int = Field(25, ge=1, description="neighbours per text (the paper's best: 25 to 100)")
     per_position: int = Field(10, ge=1, description="swaps proposed at each word, before the best n are kept")
     dropout: float = Field(0.7, gt=0, lt=1, description="dropout on the swapped word's embedding (the paper's)")
@@ -325,20 +326,12 @@ def _propose(mlm: MaskedLM, texts: list[str], mine: list[int], cfg: Neighbourhoo
              progress: bool) -> list[list[str]]:
     """The neighbours of texts[i] for each i in `mine`, with a bar: one masked-LM pass per token of each text is
     minutes for a thousand texts on a CPU (a killed run proposes again, the same; their scores are cached)."""
-    from contextlib import nullcontext
+    from leakaudit.progress import counting
 
-    from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeRemainingColumn
-
-    from leakaudit.progress import progress_bar
-
-    bar = progress_bar(TextColumn("proposing neighbours"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
-                       unit="texts") if progress else nullcontext()
     found: list[list[str]] = []
-    with bar:
-        task = bar.add_task("neighbours", total=len(mine)) if progress else None
+    with counting(progress, "proposing neighbours", len(mine), unit="texts") as advance:
         for i in mine:
             found.append(neighbours(mlm, texts[i], n=cfg.n_neighbours, per_position=cfg.per_position,
                                     dropout=cfg.dropout, seed=cfg.seed, max_length=cfg.max_length))
-            if progress:
-                bar.update(task, advance=1)
+            advance(1)
     return found
