@@ -548,3 +548,26 @@ def test_proposing_shows_its_count_of_texts(mlm, tiny_mlm_dir, monkeypatch, caps
     assert "1/3 texts" in err and "2/3 texts" in err, err
     _propose(mlm, TEXTS, [0, 1, 2], cfg, False)
     assert capsys.readouterr().err == ""
+
+
+def test_a_text_whose_neighbours_all_score_no_token_is_named_not_nan(tiny_neox, tiny_mlm_dir, monkeypatch):
+    """A neighbour of one token has no scored token under a target without a BOS (a swap that merged a short
+    text's two tokens): the mean over no neighbour was NaN, an AUC of garbage. Such neighbours are left out, and
+    a text with no other is named."""
+    from leakaudit.attacks import neighbourhood
+    from leakaudit.attacks.neighbourhood import UnscoredNeighboursError
+    from leakaudit.scoring import score_texts
+
+    one = next(w for w in ("a", "the", "I", "x") if score_texts(tiny_neox, [w], **NO_CACHE)[0].n_tokens == 0)
+    real = neighbourhood.neighbours
+    monkeypatch.setattr(neighbourhood, "neighbours", lambda mlm, text, **kw: [one, *real(mlm, text, **kw)]
+                        if text == TEXTS[0] else [one] * 3 if text == TEXTS[1] else real(mlm, text, **kw))
+    attack = get_attack("neighbourhood", model=str(tiny_mlm_dir), n_neighbours=3)
+    with pytest.raises(UnscoredNeighboursError) as err:
+        attack.score(ScoringContext(tiny_neox, TEXTS, score_options=NO_CACHE))
+    assert err.value.index == 1
+    got = attack.score(ScoringContext(tiny_neox, [TEXTS[0], TEXTS[2]], score_options=NO_CACHE))
+    mlm = load_masked_lm(str(tiny_mlm_dir), torch.device("cpu"))
+    want = np.mean([-hand(tiny_neox, t)["logp"].mean() for t in real(mlm, TEXTS[0], n=3)])
+    assert np.isfinite(got).all() and got[0] == pytest.approx(want + hand(tiny_neox, TEXTS[0])["logp"].mean(),
+                                                               rel=1e-4, abs=1e-5)

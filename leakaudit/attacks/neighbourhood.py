@@ -268,6 +268,13 @@ class NoNeighbourError(TooShortError):
     why = "has no word the masked LM can swap, so it has no neighbour to compare with"
 
 
+class UnscoredNeighboursError(TooShortError):
+    """A text whose every neighbour is too short for the target to score a token of (one token, no BOS: a swap
+    that merged its two tokens into one): the mean over no neighbour is no score."""
+
+    why = "has only one-token neighbours, of which the target scores no token, so no neighbour's loss to compare with"
+
+
 @register
 class NeighbourhoodAttack(Attack):
     """neighbourhood = mean_j NLL(x̃_j) - NLL(x), over the n neighbours x̃_j of x (one word or word piece swapped
@@ -316,10 +323,15 @@ class NeighbourhoodAttack(Attack):
         scored = score_texts(ctx.target, flat, progress=progress, description="scoring (neighbours)", **options)
         local, pos = [], 0
         for i, texts in zip(mine, found, strict=True):
+            # a neighbour of which the target scores no token says nothing of its loss and is left out; a text
+            # with no other (NaN here: the mean of nothing) is named after the gather, by every process alike
             nll = [-s.mean_logp for s in scored[pos:pos + len(texts)] if s.n_tokens]
             pos += len(texts)
-            local.append(float(np.mean(nll)) + ctx.target_scores[i].mean_logp)
-        return gather_floats(local, len(ctx.texts))
+            local.append(float(np.mean(nll)) + ctx.target_scores[i].mean_logp if nll else float("nan"))
+        scores = gather_floats(local, len(ctx.texts))
+        if np.isnan(scores).any():
+            raise UnscoredNeighboursError(int(np.flatnonzero(np.isnan(scores))[0]))
+        return scores
 
 
 def _propose(mlm: MaskedLM, texts: list[str], mine: list[int], cfg: NeighbourhoodConfig,
