@@ -23,6 +23,11 @@ from leakaudit.errors import InputError
 
 MARKER = ".leakaudit"
 
+#: folders this process created for its outputs, outermost first: a command refused for bad input before it wrote
+#: anything removes them again (`remove_unwritten`), as if it had not started (a typo in a data file left a new
+#: `--out` holding only the marker)
+_created: list[Path] = []
+
 
 def prepare_output(out: str | Path, *, command: str, inputs: Mapping[str, str | Path | None] | None = None,
                    kind: Literal["file", "dir"] = "dir", suffixes: Iterable[str] = (),
@@ -114,8 +119,10 @@ def _writable_dir(directory: Path, out: Path, option: str, mark: str | None = No
         existing = existing.parent
     if not existing.is_dir():
         raise InputError(f"{existing} is a file, not a directory", file=out, field=option)
+    new = [d for d in (directory, *directory.parents) if not d.exists()][::-1]
     try:
         directory.mkdir(parents=True, exist_ok=True)
+        _created.extend(new)
         if mark is not None:
             _mark(directory, mark)
         else:
@@ -132,3 +139,21 @@ def _mark(p: Path, command: str) -> None:
     if command not in done:
         with open_append(path) as fh:
             fh.write(f"{command}\n")
+
+
+def forget_created() -> None:
+    """Start a command's record of created folders afresh (commands called in one process: tests, a notebook)."""
+    _created.clear()
+
+
+def remove_unwritten() -> None:
+    """Remove the folders this process created that hold nothing but the marker, innermost first: what a command
+    refused for bad input leaves. Anything else in them (a result, a file another process wrote) keeps them."""
+    while _created:
+        d = _created.pop()
+        try:
+            if {p.name for p in d.iterdir()} <= {MARKER}:
+                (d / MARKER).unlink(missing_ok=True)
+                d.rmdir()
+        except OSError:  # gone, or written meanwhile: kept
+            continue

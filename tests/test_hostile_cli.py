@@ -763,3 +763,27 @@ def test_another_rank_stopped_while_reporting_an_error_exits_128_plus_the_signal
             with pytest.raises(cli.Terminated):  # os._exit recorded, not run: the handler goes on
                 cli._on_signal(signum, None)
     assert codes == [129, 143]
+
+
+def test_a_command_refused_for_bad_data_leaves_no_new_output_folder(tmp_path, monkeypatch, capsys):
+    """A typo in a data file left the new `--out` (and its new parents) holding only the `.leakaudit` marker;
+    a folder that was there before, or one holding anything else, stays."""
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"text": "hello world"}\n{"txt": "x"}\n')
+    good = tmp_path / "good.jsonl"
+    good.write_text('{"text": "hello there"}\n')
+    mia = ["mia", "--target", "tiny-gpt-neox", "--members", bad, "--nonmembers", good, "--attacks", "loss"]
+    code, err = run_main([*mia, "--out", tmp_path / "new" / "deeper"], monkeypatch, capsys)
+    assert code == 2 and "bad.jsonl:2: field 'text'" in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bad.jsonl", "good.jsonl"]
+    code, _ = run_main(["finetune", "--model", "tiny-gpt-neox", "--data", bad, "--out", tmp_path / "ft"],
+                       monkeypatch, capsys)
+    assert code == 2 and not (tmp_path / "ft").exists()
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "kept").mkdir()
+    (tmp_path / "kept" / MARKER).write_text("mia\n")
+    (tmp_path / "kept" / "notes.txt").write_text("a file of mine")
+    for out in ("mine", "kept"):
+        code, _ = run_main([*mia, "--out", tmp_path / out], monkeypatch, capsys)
+        assert code == 2 and (tmp_path / out).is_dir()
+    assert (tmp_path / "kept" / "notes.txt").read_text() == "a file of mine"

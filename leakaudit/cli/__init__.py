@@ -224,9 +224,15 @@ def _main() -> None:
         if (twice := _repeated_option(sys.argv[1:])) is not None:
             _fail(f"option '{twice}': given twice: it takes one value, and the last would win silently (a list is "
                   f"one comma list: {twice} a,b)")
+        from leakaudit.outputs import forget_created
+
+        forget_created()
         # errors come back to us instead of click's multi-line usage box
         code = app(args=[_home_in_value(a) for a in sys.argv[1:]], standalone_mode=False)
     except InputError as exc:
+        from leakaudit.outputs import remove_unwritten
+
+        remove_unwritten()
         _fail(exc.format())
     except clk.NoArgsIsHelpError as exc:  # no arguments: the help (typer prints it while raising), exit 2
         if exc.format_message().strip():
