@@ -189,7 +189,8 @@ def test_user_inference_cli_says_user_ids_in_two_unicode_forms(tmp_path, monkeyp
     assert len((tmp_path / "o2" / "user_scores.jsonl").read_text().splitlines()) == 4  # kept apart, as given
 
 # ----------------------------------------------------------------------------------------- who is vulnerable
-def test_planted_heavy_user_is_top_and_the_cap_brings_it_down(tmp_path, tiny_neox, one_torch_thread):
+def test_planted_heavy_user_is_top_and_the_cap_brings_it_down(tmp_path, tiny_neox, one_torch_thread, monkeypatch,
+                                                               capsys):
     """user0's two training texts appear 20 times each in the fine-tuning data: uncapped, user0 gets the top
     score of all users; the per-user cap (2 rows per user) brings its score down. n_train and ref_nll are in
     every user row, and the vulnerability correlations are in the result."""
@@ -247,6 +248,22 @@ def test_planted_heavy_user_is_top_and_the_cap_brings_it_down(tmp_path, tiny_neo
     res = kind.run(ctx, options).to_json()
     assert res["vulnerability"]["n_train"] is None and res["vulnerability"]["ref_nll"]["n"] == 5
     assert not any("n_train" in json.loads(x) for x in (out / "user_scores.jsonl").read_text().splitlines())
+    # the command takes the training file too (it was an experiment's role only): the same n_train and ρ
+    code, out, err = run_main(["user-inference", "--target", tmp_path / "none", "--reference", "tiny-gpt-neox", "--data",
+                          files["members"], "--data-out", files["nonmembers"], "--user-field", "user", "--id-field",
+                          "id", "--samples-per-user", "all", "--n-bootstrap", "50", "--no-cache", "--dtype", "fp32",
+                          "--training", files["training"], "--out", tmp_path / "cli"], monkeypatch, capsys,
+                         stdout=True)
+    assert code == 0, err
+    cli = json.loads((tmp_path / "cli" / "user_inference.json").read_text())
+    rho = cli["vulnerability"]["n_train"]["rho"]
+    assert f"who is vulnerable (in-training users' score, m = all): with their training rows: ρ {rho:.3f}" in out
+    kind_rows = (tmp_path / "ui-none" / "user_scores.jsonl").read_text().splitlines()
+    cli_rows = (tmp_path / "cli" / "user_scores.jsonl").read_text().splitlines()
+    assert [json.loads(x)["n_train"] for x in cli_rows] == [json.loads(x)["n_train"] for x in kind_rows]
+    assert cli["training"] == str(files["training"])
+    assert cli["vulnerability"]["n_train"]["rho"] == pytest.approx(
+        json.loads((tmp_path / "ui-none" / "user_inference.json").read_text())["vulnerability"]["n_train"]["rho"])
 
 
 # ----------------------------------------------------------------------------------------- arms compared

@@ -16,6 +16,7 @@ from leakaudit.cli.core import (
     model_path,
     print_table,
     say,
+    say_result,
 )
 from leakaudit.errors import InputError
 from leakaudit.options import MAX_SEED
@@ -219,7 +220,6 @@ def _compare(kind: Any, out: Path, res: dict, base_res: dict, target: str, basel
     """The target against the baseline as an experiment's `compare_to` compares them: the kind's own
     comparison rows (comparisons.json; the rows summary.json lists) and the verdict lines `leakaudit run`
     prints."""
-    from leakaudit.cli.core import say_result
     from leakaudit.data.io import write_json
     from leakaudit.kinds.base import StageView
     from leakaudit.report.html import verdict_sentence
@@ -258,6 +258,9 @@ def user_inference(
                                                   " --data-out"),
     user_field: str = typer.Option(..., "--user-field", help="Field naming each sample's user"),
     data_out: Path | None = typer.Option(None, "--data-out", help="Samples of users not in training"),
+    training: Path | None = typer.Option(None, "--training", help="The target's fine-tuning data (read with "
+                                         "--user-field and --text-field): each user's rows in it (n_train) and "
+                                         "their correlation with the score, who is vulnerable"),
     label_field: str = typer.Option("label", "--label-field", help="1/0, true/false, yes/no, member/nonmember, "
                                     "in/out; the same for all of a user's rows"),
     samples_per_user: str = typer.Option("1,2,4,8,all", "--samples-per-user",
@@ -285,22 +288,30 @@ def user_inference(
     from leakaudit.outputs import prepare_output
 
     kind = get_kind("user-inference")
-    options = build_options(kind, flags=USER_FLAGS, roles={"members", "nonmembers", "reference"},
+    options = build_options(kind, flags=USER_FLAGS, roles={"members", "nonmembers", "reference",
+                                                           *(["training"] if training is not None else [])},
                             m_values=samples_per_user, n_bootstrap=n_bootstrap, seed=seed, batch_size=batch_size,
                             max_length=max_length, stride=stride, cache=not no_cache)
     prepare_output(out, command="user-inference", files=("user_inference.json", "user_scores.jsonl",
                                                           "comparisons.json", "baseline"),
-                   inputs={"--data": data, "--data-out": data_out, "--target": model_path(target),
-                           "--reference": model_path(reference), "--baseline": model_path(baseline)})
+                   inputs={"--data": data, "--data-out": data_out, "--training": training,
+                           "--target": model_path(target), "--reference": model_path(reference),
+                           "--baseline": model_path(baseline)})
     fields = {"text_field": text_field, "id_field": id_field, "user_field": user_field}
     ins, outs, src_in, src_out = (member_sets(data, data_out, None, label_field, **fields) if data_out is not None
                                   else member_sets(None, None, data, label_field, **fields))
-    kctx = _context(out, ins, outs, src_in, src_out, {"target": target, "reference": reference}, fields, seed,
-                    device, dtype, allow_pickle)
+
+    def context(where: Path, model: str) -> Any:
+        kctx = _context(where, ins, outs, src_in, src_out, {"target": model, "reference": reference}, fields, seed,
+                        device, dtype, allow_pickle)
+        if training is not None:  # read by the kind, as an experiment's `training` role (named in its errors)
+            kctx.data["training"] = training
+            kctx.data_fields["training"] = {"text_field": text_field, "user_field": user_field}
+        return kctx
+
     try:
-        res, base_res = _run_with_baseline(kind, options, kctx, baseline, lambda: _context(
-            out / "baseline", ins, outs, src_in, src_out, {"target": baseline, "reference": reference}, fields, seed,
-            device, dtype, allow_pickle))
+        res, base_res = _run_with_baseline(kind, options, context(out, target), baseline,
+                                           lambda: context(out / "baseline", baseline))
     except InputError as exc:  # an m no user has enough samples for: the flag, not the experiment option's name
         if exc.field == "m_values":
             exc.field = USER_FLAGS[("m_values",)]
@@ -309,6 +320,7 @@ def user_inference(
         return
     _summary(f"user inference on {target} (samples per user m)", {f"m={m}": r for m, r in res["per_m"].items()},
              "non-member users", counts="users in/out")
+    _say_vulnerable(res)
     if base_res is None:
         say(f"wrote {out / 'user_inference.json'}, user_scores.jsonl, roc_users.png")
         return
@@ -317,6 +329,20 @@ def user_inference(
     _compare(kind, out, res, base_res, target, baseline, options.n_bootstrap)
     say(f"wrote {out / 'user_inference.json'}, user_scores.jsonl, roc_users.png, comparisons.json and the "
         f"baseline's in {out / 'baseline'}")
+
+
+def _say_vulnerable(res: dict) -> None:
+    """Who is vulnerable, as the report's table says it: Spearman ρ over in-training users of the score with
+    n_train (only with --training) and with ref_nll (how unusual a user's writing is)."""
+    from leakaudit.kinds.user_inference import rho_text
+
+    vul = res.get("vulnerability") or {}
+    parts = [f"{what}: ρ {rho_text(vul[key])}" for key, what in (("n_train", "with their training rows"),
+                                                                   ("ref_nll", "with ref NLL"))
+             if vul.get(key)]
+    if parts:
+        say_result(f"who is vulnerable (in-training users' score, m = {res.get('samples_per_user')}): "
+                   + "; ".join(parts))
 
 
 def register(app: typer.Typer) -> None:

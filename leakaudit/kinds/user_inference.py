@@ -133,7 +133,7 @@ class UserInferenceResult(Result):
             table.append([s.target, s.evaluation, res.get("samples_per_user", ""), fmt(res.get("auc")),
                           ci_text(res.get("auc_ci")), tpr_text(tpr, needs, "non-member users", ci=tpr_ci),
                           res.get("n_users_in", ""), n_out if n_out is not None else "",
-                          _rho_text(vul.get("n_train")), _rho_text(vul.get("ref_nll"))])
+                          rho_text(vul.get("n_train")), rho_text(vul.get("ref_nll"))])
             per_m = res.get("per_m") or {}
             by_m_rows.append([s.target, s.evaluation, *(_auc_text(per_m.get(m)) for m in order)])
         figures += _vulnerability_figures(stages, groups)
@@ -177,7 +177,7 @@ def _auc_text(m: dict[str, Any] | None) -> str:
     return f"{fmt(m.get('auc'))} {ci_text(ci)}" if ci else fmt(m.get("auc"))
 
 
-def _rho_text(v: dict[str, Any] | None) -> str:
+def rho_text(v: dict[str, Any] | None) -> str:
     if not v:
         return "–"
     ci = "[none: every resample alike]" if v.get("note") else ci_text(v.get("ci"))
@@ -232,7 +232,7 @@ def _vulnerability_figures(stages: list[StageView], groups: dict[str, list[Stage
             continue
         rho = vul.get(key) or {}
         figures.append({"uri": plots.scatter_figure(
-            [p[0] for p in pts], [p[1] for p in pts], f"{pick.target}: ρ = {_rho_text(rho)}", xlabel,
+            [p[0] for p in pts], [p[1] for p in pts], f"{pick.target}: ρ = {rho_text(rho)}", xlabel,
             "user score"),
             "caption": f"Who is vulnerable ({what}): per-user score of in-training users, {pick.evaluation} · "
                        f"{pick.target}"})
