@@ -19,10 +19,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar, Literal
 
-from pydantic import BaseModel, ConfigDict, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from leakaudit.errors import InputError
-from leakaudit.options import numbers_are_not_booleans
+from leakaudit.options import BatchSize, numbers_are_not_booleans, stride_inside_the_window
 from leakaudit.progress import say
 
 Section = Literal["evaluate", "generate"]
@@ -36,6 +36,17 @@ class KindOptions(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
     _numbers_are_not_booleans = field_validator("*", mode="before")(numbers_are_not_booleans)
+
+
+class ScoringPassOptions(KindOptions):
+    """Options of a kind that scores texts through the cached scoring engine (mia, user inference, perplexity):
+    one declaration, so the three take and check them alike."""
+
+    batch_size: BatchSize = "auto"
+    max_length: int | None = Field(None, ge=2, description="window in tokens (default: the model's context)")
+    stride: int | None = Field(None, ge=1, description="window step for long texts (default: max_length/2)")
+    _stride_inside_the_window = field_validator("stride")(stride_inside_the_window)
+    cache: bool = Field(True, description="read and write the score cache")
 
 
 @dataclass

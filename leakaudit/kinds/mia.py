@@ -12,7 +12,7 @@ from __future__ import annotations
 import math
 from typing import Annotated, Any
 
-from pydantic import AfterValidator, BeforeValidator, Field, field_validator
+from pydantic import AfterValidator, BeforeValidator, Field
 
 from leakaudit.errors import InputError, OptionError
 from leakaudit.kinds import compare
@@ -20,8 +20,8 @@ from leakaudit.kinds.base import (
     Headline,
     Kind,
     KindContext,
-    KindOptions,
     Result,
+    ScoringPassOptions,
     StageView,
     ci_text,
     fmt,
@@ -29,7 +29,7 @@ from leakaudit.kinds.base import (
     warning_lines,
 )
 from leakaudit.kinds.registry import register
-from leakaudit.options import BatchSize, Seed, stride_inside_the_window
+from leakaudit.options import Seed
 
 
 def _known_attack(name: str) -> str:
@@ -45,7 +45,7 @@ def _split(value: Any) -> Any:
     return [a.strip() for a in value.split(",") if a.strip()] if isinstance(value, str) else value
 
 
-class MiaOptions(KindOptions):
+class MiaOptions(ScoringPassOptions):
     # min_length on the list, not the union: on it, `attacks: null` raised TypeError (no length to check)
     attacks: Annotated[Annotated[list[Annotated[str, AfterValidator(_known_attack)]], Field(min_length=1)] | None,
                        BeforeValidator(_split)] = Field(
@@ -54,11 +54,6 @@ class MiaOptions(KindOptions):
         default_factory=dict, description="per-attack options, e.g. {min_k: {k: 0.1}, recall: {shots: 4}}")
     n_bootstrap: int = Field(1000, ge=0, description="bootstrap resamples for the AUC confidence interval")
     seed: Seed | None = Field(None, description="bootstrap seed (default: the run's seed)")
-    batch_size: BatchSize = "auto"
-    max_length: int | None = Field(None, ge=2, description="window in tokens (default: the model's context)")
-    stride: int | None = Field(None, ge=1, description="window step for long texts (default: max_length/2)")
-    _stride_inside_the_window = field_validator("stride")(stride_inside_the_window)
-    cache: bool = Field(True, description="read and write the score cache")
     compare_to: str | None = Field(
         None, min_length=1,
         description="a target of this evaluation (e.g. the model before a fine-tune) every other target is "

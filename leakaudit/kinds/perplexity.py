@@ -9,30 +9,24 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from pydantic import Field, field_validator
+from pydantic import Field
 
 from leakaudit.kinds.base import (
     Headline,
     Kind,
     KindContext,
-    KindOptions,
     Result,
+    ScoringPassOptions,
     StageView,
     figure_names,
     fmt,
 )
 from leakaudit.kinds.registry import register
-from leakaudit.options import BatchSize, stride_inside_the_window
 
 
-class PerplexityOptions(KindOptions):
-    batch_size: BatchSize = "auto"
-    max_length: int | None = Field(default=None, ge=2, description="window in tokens (default: the context)")
-    stride: int | None = Field(None, ge=1, description="window step for long texts (default: max_length/2)")
-    _stride_inside_the_window = field_validator("stride")(stride_inside_the_window)
+class PerplexityOptions(ScoringPassOptions):
     checkpoints: bool = Field(default=True, description="also measure each epoch's checkpoint of a fine-tuned "
                               "target (one more pass over `data` per epoch)")
-    cache: bool = Field(True, description="read and write the score cache")
 
 
 class PerplexityResult(Result):

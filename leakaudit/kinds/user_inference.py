@@ -18,7 +18,7 @@ from __future__ import annotations
 from collections import Counter
 from typing import Annotated, Any
 
-from pydantic import BeforeValidator, Field, field_validator
+from pydantic import BeforeValidator, Field
 
 from leakaudit.errors import InputError
 from leakaudit.kinds import compare
@@ -26,15 +26,15 @@ from leakaudit.kinds.base import (
     Headline,
     Kind,
     KindContext,
-    KindOptions,
     Result,
+    ScoringPassOptions,
     StageView,
     ci_text,
     fmt,
     read_jsonl,
 )
 from leakaudit.kinds.registry import register
-from leakaudit.options import BatchSize, Seed, stride_inside_the_window
+from leakaudit.options import Seed
 
 
 def _m_values(value: Any) -> list[str]:
@@ -52,17 +52,12 @@ def _default_m_values() -> list[str]:
     return list(DEFAULT_M_VALUES)
 
 
-class UserInferenceOptions(KindOptions):
+class UserInferenceOptions(ScoringPassOptions):
     m_values: Annotated[list[str], BeforeValidator(_m_values)] = Field(
         default_factory=_default_m_values,
         description="numbers m of samples per user the attacker uses: a list or '1,2,all' (default 1,2,4,8,all)")
     n_bootstrap: int = Field(1000, ge=0, description="bootstrap resamples for the AUC confidence interval")
     seed: Seed | None = Field(None, description="bootstrap seed (default: the run's seed)")
-    batch_size: BatchSize = "auto"
-    max_length: int | None = Field(None, ge=2, description="window in tokens (default: the model's context)")
-    stride: int | None = Field(None, ge=1, description="window step for long texts (default: max_length/2)")
-    _stride_inside_the_window = field_validator("stride")(stride_inside_the_window)
-    cache: bool = Field(True, description="read and write the score cache")
     compare_to: str | None = Field(
         None, min_length=1,
         description="a target of this evaluation (e.g. the unmitigated model) every other target is compared "
