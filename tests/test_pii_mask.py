@@ -309,3 +309,22 @@ def test_a_kind_shows_a_model_spec_masked_unless_show_pii(tmp_path):
     assert KindContext(out=tmp_path, show_pii=True).shown(spec) == spec
     # masked as a message is: a path's digits are not a phone number (runs/********14/ named no real folder)
     assert KindContext(out=tmp_path).shown("out/runs/2025061514/model") == "out/runs/2025061514/model"
+
+
+@pytest.mark.parametrize("text,phone", [
+    ("Facsimile (281) 518-7501sarah.mcconnell@compaq.com", "(281) 518-7501"),  # shipped Enron messages' lines
+    ("please call Mark at (713) 345-8897or Bob", "(713) 345-8897"),
+    ("> 713-223-5049fax", "713-223-5049"),
+    ("713.661.0245tfiandt@houston.rr.com", "713.661.0245"),
+    ("desk 713-853-1234ext5", "713-853-1234ext5"),  # an extension glued on stays the number's
+])
+def test_a_phone_with_a_word_glued_to_its_last_digit_is_found_and_masked(text, phone):
+    """A line break lost in a mail's re-wrapping glues the next word to the number: the matcher rejected any
+    number a letter touches, so these real numbers stayed in reports and in replace-pii's "fake" copies."""
+    assert find_phones(text) == [phone]
+    assert phone not in mask_pii(text)
+
+
+@pytest.mark.parametrize("text", ["id 7138536164abc", "build 2025061514rc1", "seed a3f7138536164be"])
+def test_a_bare_digit_run_glued_to_a_word_stays_an_id(text):
+    assert find_phones(text) == []
