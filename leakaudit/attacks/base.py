@@ -40,30 +40,63 @@ class ScoringContext:
     reference: LoadedModel | None = None
     moments: bool = True
     score_options: dict[str, Any] = field(default_factory=dict)  # batch_size, max_length, stride, cache, progress
+    #: the conversations under attack (format chat), or None for plain texts: `texts` are then their last replies'
+    #: contents, and each is scored as the fine-tune trained on it, in its conversation (`chat_rows`)
+    chats: list[list[dict[str, str]]] | None = None
     _passes: dict[tuple, list[TokenScores]] = field(default_factory=dict, repr=False)
 
     def scores(self, model: str = "target", texts: Sequence[str] | None = None, prefix: str | None = None,
                moments: bool | None = None) -> list[TokenScores]:
-        """Token scores of `texts` (default: the texts under attack) under the target or reference model."""
+        """Token scores of `texts` (default: the texts under attack) under the target or reference model. With
+        conversations, `texts` are contents for their last replies (e.g. lowercased), scored in context."""
         from leakaudit.distributed import score_texts_distributed
 
         lm = self.target if model == "target" else self.reference
         if lm is None:
             raise InputError("this attack needs a reference model", field="--reference")
         texts = self.texts if texts is None else list(texts)
+        prefixes: str | list[str] | None = prefix
+        if self.chats is not None:
+            if prefix is not None:  # an attack of its own prefix (recall): refused before scoring (run_mia)
+                raise InputError("a conversation is scored in its own context; this attack adds another",
+                                 field="attacks")
+            prefixes, texts = chat_rows(lm.tokenizer, self.chats, texts)
         want = self.moments if moments is None else moments
-        key = (model, tuple(texts), prefix)
+        key = (model, tuple(texts), prefixes if prefixes is None or isinstance(prefixes, str) else tuple(prefixes))
         have = self._passes.get(key)
         if have is None or (want and have and have[0].mu is None):
-            have = score_texts_distributed(lm, texts, prefixes=prefix, moments=want,
+            have = score_texts_distributed(lm, texts, prefixes=prefixes, moments=want,
                                            description=f"scoring ({model})", **self.score_options)
             self._passes[key] = have
         return have
+
+    def scored_ids(self) -> list[list[int]]:
+        """The token ids of what the target's shared pass scored, as the engine encodes them (a text alone with
+        its BOS; a conversation's reply after its context, without): an attack that weighs tokens by id reads
+        the scores' last n_tokens of each."""
+        from leakaudit.models.tokens import encode
+
+        tok = self.target.tokenizer
+        if self.chats is None:
+            return encode(tok, self.texts)
+        return encode(tok, chat_rows(tok, self.chats, self.texts)[1], special=False)
 
     @property
     def target_scores(self) -> list[TokenScores]:
         """The one shared pass of the target model over the texts (with moments when any attack needs them)."""
         return self.scores("target")
+
+
+def chat_rows(tokenizer: Any, chats: Sequence[list[dict[str, str]]],
+              replies: Sequence[str]) -> tuple[list[str], list[str]]:
+    """(contexts, texts) to score: each conversation's last reply given `replies[i]` as its content, rendered by
+    this model's chat template as a chat fine-tune renders it (each model its own: a reference's template may
+    differ), the reply's trained text after all that comes before it."""
+    from leakaudit.data.chat import with_reply
+    from leakaudit.train.examples import reply_in_context
+
+    pairs = [reply_in_context(tokenizer, with_reply(chat, reply)) for chat, reply in zip(chats, replies, strict=True)]
+    return [c for c, _ in pairs], [r for _, r in pairs]
 
 
 class Attack:
@@ -77,6 +110,9 @@ class Attack:
     summary: ClassVar[str] = ""  # one plain line for the report's reader: what the score measures (higher => member)
     needs_reference: ClassVar[bool] = False
     needs_moments: ClassVar[bool] = False
+    #: whether it scores conversations (format chat) through the context's passes; False for an attack that
+    #: scores texts its own way (a prefix of its own, its own forward passes, texts it makes)
+    scores_chats: ClassVar[bool] = True
     Config: ClassVar[type[AttackConfig]] = AttackConfig
 
     def __init__(self, config: AttackConfig | None = None):

@@ -209,6 +209,7 @@ class RecallAttack(Attack):
     """
 
     name = "recall"
+    scores_chats = False  # its own prefix P before each text
     summary = "how much the text's likelihood drops when non-member texts are put before it (ReCaLL)"
     paper = "Xie et al. 2024, ReCaLL"
     Config = RecallConfig
@@ -294,8 +295,8 @@ class DcPddAttack(Attack):
         tok = ctx.target.tokenizer
         neg_log_f = -np.log(_smoothed_frequencies(tok, self.config.corpus, self.config.max_tokens))
         out = []
-        for text, s in zip(ctx.texts, ctx.target_scores, strict=True):
-            ids = np.asarray(encode(tok, [text])[0][-s.n_tokens:])  # the tokens the engine scored
+        for scored, s in zip(ctx.scored_ids(), ctx.target_scores, strict=True):
+            ids = np.asarray(scored[-s.n_tokens:])  # the tokens the engine scored
             first = np.sort(np.unique(ids, return_index=True)[1])
             alpha = np.exp(s.logp[first].astype(np.float64)) * neg_log_f[ids[first]]
             out.append(float(np.minimum(alpha, self.config.a).mean()))
@@ -354,6 +355,7 @@ class GradNormAttack(Attack):
     """
 
     name = "gradnorm"
+    scores_chats = False  # its own forward and backward per text
     summary = ("minus the size of the loss gradient over all parameters (white-box): training flattened it "
                "at members")
     paper = "Nasr et al. 2019, Comprehensive Privacy Analysis of Deep Learning (white-box gradients)"
@@ -480,7 +482,11 @@ def _resolve(attacks: Sequence[str | Attack], attack_options: dict[str, dict] | 
     return out
 
 
-def run_mia(target: LoadedModel, members: list[str], nonmembers: list[str], attacks: Sequence[str | Attack],
+Conversation = list[dict[str, str]]
+
+
+def run_mia(target: LoadedModel, members: Sequence[str] | Sequence[Conversation],
+            nonmembers: Sequence[str] | Sequence[Conversation], attacks: Sequence[str | Attack],
             reference: LoadedModel | None = None, *, attack_options: dict[str, dict] | None = None,
             n_bootstrap: int = 1000, seed: int = 0, batch_size: int | str = "auto", max_length: int | None = None,
             stride: int | None = None, cache: bool = True, progress: bool = True) -> MiaReport:
@@ -489,16 +495,31 @@ def run_mia(target: LoadedModel, members: list[str], nonmembers: list[str], atta
     All reference-free attacks read one shared scoring pass of the target. For `recall` without explicit
     prefix texts, the first `shots` non-members become the prefix and are left out of every attack's evaluation
     (so all attacks are compared on the same samples).
+
+    Members and non-members may be conversations (lists of {role, content}, a chat fine-tune's rows): each is
+    then scored at its last assistant reply, the tokens a chat fine-tune's loss is on, in the conversation before
+    it, rendered by each model's chat template as `finetune --format chat` renders it.
     """
     from leakaudit.errors import check_model, check_texts
 
     check_model(target, "target")
     if reference is not None:
         check_model(reference, "reference")
-    members, nonmembers = check_texts(members, "members"), check_texts(nonmembers, "nonmembers")
     if isinstance(attacks, str):  # "loss" was read as the attacks l, o, s, s
         raise TypeError(f"attacks: expected a list of attack names, got one string (write [{attacks!r}])")
+    members, nonmembers = (side if isinstance(side, (str, bytes)) else list(side) for side in (members, nonmembers))
+    chats = _conversations(members, nonmembers)
+    if chats is None:
+        members, nonmembers = check_texts(members, "members"), check_texts(nonmembers, "nonmembers")
+    else:
+        from leakaudit.data.chat import last_reply
+
+        members, nonmembers = ([chat[last_reply(chat, None, None, "messages")]["content"] for chat in side]
+                               for side in (chats[:len(members)], chats[len(members):]))
     chosen = _resolve(attacks, attack_options)
+    if chats is not None and (plain := [a.name for a in chosen if not a.scores_chats]):
+        raise InputError(f"{', '.join(plain)}: scores plain texts only, not conversations (the attacks for them: "
+                         f"{', '.join(n for n, a in ATTACKS.items() if a.scores_chats)})", field="attacks")
     if any(a.needs_reference for a in chosen) and reference is None:
         need = [a.name for a in chosen if a.needs_reference]
         raise InputError(f"attack(s) {', '.join(need)} need a reference model", field="reference")
@@ -520,7 +541,7 @@ def run_mia(target: LoadedModel, members: list[str], nonmembers: list[str], atta
     labels = np.array([1] * len(members) + [0] * len(evaluated_nonmembers))
     ctx = ScoringContext(target, texts, reference, moments=any(a.needs_moments for a in chosen),
                          score_options={"batch_size": batch_size, "max_length": max_length, "stride": stride,
-                                        "cache": cache, "progress": progress})
+                                        "cache": cache, "progress": progress}, chats=chats)
     warnings = split_warnings(members, evaluated_nonmembers)
     if prefix_index:
         warnings.append(f"recall: the first {len(prefix_index)} non-members form the prefix and are not evaluated")
@@ -544,6 +565,18 @@ def run_mia(target: LoadedModel, members: list[str], nonmembers: list[str], atta
     options = {a.name: a.config.model_dump(mode="json", exclude={"prefix"}) for a in chosen}
     return MiaReport(metrics, scores, labels, list(range(len(members))), nonmember_index, warnings, prefix_index,
                      options)
+
+
+def _conversations(members: object, nonmembers: object) -> list[Conversation] | None:
+    """Both sides' conversations in order (members first), checked, or None when they are texts."""
+    from leakaudit.data.chat import validate_messages
+
+    if not (isinstance(members, list) and isinstance(nonmembers, list)):
+        return None  # one string, or texts: check_texts says what is wrong
+    if not any(isinstance(x, list) for x in [*members, *nonmembers]):
+        return None
+    return [validate_messages(x, None, None, f"{role}[{i}]")
+            for role, side in (("members", members), ("nonmembers", nonmembers)) for i, x in enumerate(side)]
 
 
 __all__ = ["ATTACKS", "REFERENCE_FREE", "MiaReport", "run_mia", "split_warnings", "gradient_norm", "get_attack"]

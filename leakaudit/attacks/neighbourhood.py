@@ -287,6 +287,7 @@ class NeighbourhoodAttack(Attack):
     """
 
     name = "neighbourhood"
+    scores_chats = False  # its neighbours are texts of their own
     summary = ("how far the text's loss sits below the loss of texts one word away from it, which the model was "
                "not trained on")
     paper = "Mattern et al. 2023, Neighbourhood Comparison"

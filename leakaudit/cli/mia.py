@@ -111,6 +111,11 @@ def mia(
     out: Path = typer.Option(..., "--out", help="Output dir: mia.json, scores.jsonl, roc.png"),
     text_field: str = typer.Option("text", "--text-field"),
     id_field: str | None = typer.Option(None, "--id-field", help="Default: <file stem>:<line>"),
+    data_format: str = typer.Option("text", "--format", help="text, or chat: rows of conversations "
+                                    "(--messages-field), each scored at its last assistant reply in its context, "
+                                    "as `finetune --format chat` trained on it"),
+    messages_field: str = typer.Option("messages", "--messages-field", help="The conversations' field (--format "
+                                       "chat)"),
     k: float = typer.Option(0.2, "--k", help="Fraction of lowest tokens, for every attack that takes one "
                             "(min_k, min_k_pp; 0 < k <= 1)"),
     recall_prefix: Path | None = typer.Option(None, "--recall-prefix", help="Non-member texts for the ReCaLL prefix"
@@ -153,7 +158,8 @@ def mia(
     if "neighbourhood" in names:
         attack_options["neighbourhood"] = {"model": neighbour_model, "n_neighbours": neighbours}
     values = {"attacks": attacks or None, "attack_options": attack_options, "n_bootstrap": n_bootstrap, "seed": seed,
-              "batch_size": batch_size, "max_length": max_length, "stride": stride, "cache": not no_cache}
+              "batch_size": batch_size, "max_length": max_length, "stride": stride, "cache": not no_cache,
+              "format": data_format, "messages_field": messages_field}
     roles = {"members", "nonmembers", *(["reference"] if reference else [])}
     options = build_options(kind, flags=_k_flags(names), roles=roles, **values)
     _one_source(members, nonmembers, data)
@@ -165,7 +171,8 @@ def mia(
     if "recall" in names and recall_prefix is not None:
         attack_options["recall"]["prefix"] = tuple(r.text for r in load_records(recall_prefix, text_field=text_field))
         options = build_options(kind, flags=_k_flags(names), roles=roles, **values)
-    fields = {"text_field": text_field, "id_field": id_field}
+    fields = {"text_field": text_field, "id_field": id_field,
+              **({"messages_field": messages_field} if options.format == "chat" else {})}
     ins, outs, src_in, src_out = member_sets(members, nonmembers, data, label_field, **fields)
     kctx = _context(out, ins, outs, src_in, src_out, {"target": target, "reference": reference}, fields, seed,
                     device, dtype, allow_pickle)

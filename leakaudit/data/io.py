@@ -298,10 +298,10 @@ def _read_hf_dir(p: Path) -> list[tuple[int, dict[str, Any]]]:
     return [(i, r) for i, r in enumerate(ds.to_list(), start=1)]
 
 
-#: said where a chat row (`messages`) has no text: the attacks and the dataset step read a text, fine-tuning
-#: with format: chat reads the messages kept beside it
-CHAT_HINT = ("; a chat row needs a text field too (e.g. its turns joined), `messages` is kept beside it for "
-             "fine-tuning with format: chat")
+#: said where a chat row (`messages`) has no text: the attacks and the dataset step read a text; fine-tuning
+#: and membership inference with format chat read the messages
+CHAT_HINT = ("; a chat row needs a text field too (e.g. its turns joined), or format chat where the command takes "
+             "it (finetune, mia: `messages` is read there)")
 
 
 def open_lock(path: Path, mode: int) -> int:
@@ -351,10 +351,13 @@ def load_records(
     id_field: str | None = None,
     user_field: str | None = None,
     keep_empty: bool = False,
+    messages_field: str | None = None,
 ) -> list[Record]:
     """Load and validate texts: the text field must be a string, ids unique, users present if asked.
 
-    Without `id_field`, ids are `<file stem>:<line>` so they stay stable and traceable.
+    Without `id_field`, ids are `<file stem>:<line>` so they stay stable and traceable. With `messages_field`
+    the rows are conversations (a chat fine-tune's): each record's text is its last assistant reply, and its
+    checked messages are kept in `extra` under that field (data/chat.py).
     """
     p = Path(path)
     rows = read_rows(p)
@@ -362,10 +365,19 @@ def load_records(
     seen: dict[str, int] = {}
     for index, (lineno, row) in enumerate(rows, start=1):
         chat = isinstance(row, dict) and isinstance(row.get("messages"), list)
-        try:
-            text = _get(row, text_field, p, lineno)
-        except InputError as exc:
-            raise InputError(exc.message + (CHAT_HINT if chat else ""), file=p, line=lineno, field=text_field) from None
+        if messages_field is not None:
+            from leakaudit.data.chat import last_reply, validate_messages
+
+            messages = validate_messages(_get(row, messages_field, p, lineno), p, lineno, messages_field)
+            row = {**row, messages_field: messages}
+            text_field = messages_field
+            text = messages[last_reply(messages, p, lineno, messages_field)]["content"]
+        else:
+            try:
+                text = _get(row, text_field, p, lineno)
+            except InputError as exc:
+                raise InputError(exc.message + (CHAT_HINT if chat else ""), file=p, line=lineno,
+                                 field=text_field) from None
         if not isinstance(text, str):
             raise InputError(f"must be a string, got {type(text).__name__}" + (CHAT_HINT if chat else ""), file=p,
                              line=lineno, field=text_field)
@@ -381,7 +393,7 @@ def load_records(
             raise InputError(f"duplicate id '{rid}' (first on line {seen[rid]})", file=p, line=lineno, field=id_field)
         seen[rid] = lineno
         user = user_value(_get(row, user_field, p, lineno), p, lineno, user_field) if user_field else None
-        extra = {k: v for k, v in row.items() if k not in {text_field, id_field, user_field}}
+        extra = {k: v for k, v in row.items() if k not in {text_field, id_field, user_field} or k == messages_field}
         records.append(Record(id=rid, text=text, user=user, line=lineno, extra=extra))
     return records
 

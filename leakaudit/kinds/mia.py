@@ -10,7 +10,7 @@ this file says which options a run takes, checks them, writes `scores.jsonl` (on
 from __future__ import annotations
 
 import math
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 from pydantic import AfterValidator, BeforeValidator, Field
 
@@ -54,6 +54,10 @@ class MiaOptions(ScoringPassOptions):
         default_factory=dict, description="per-attack options, e.g. {min_k: {k: 0.1}, recall: {shots: 4}}")
     n_bootstrap: int = Field(1000, ge=0, description="bootstrap resamples for the AUC confidence interval")
     seed: Seed | None = Field(None, description="bootstrap seed (default: the run's seed)")
+    format: Literal["text", "chat"] = Field(
+        "text", description="chat: the rows are conversations (`messages`), each scored at its last assistant reply "
+                            "in its context, as `finetune --format chat` trains on it")
+    messages_field: str = Field("messages", min_length=1, description="the conversations' field (format chat)")
     compare_to: str | None = Field(
         None, min_length=1,
         description="a target of this evaluation (e.g. the model before a fine-tune) every other target is "
@@ -196,6 +200,8 @@ class Mia(Kind):
                 raise OptionError(("attack_options", name, *(exc.field or "").split(".")), exc.message) from None
             if attack.needs_reference and "reference" not in roles:
                 raise OptionError(loc, f"attack '{name}' needs a reference model; give a reference")
+            if options.format == "chat" and not attack.scores_chats:  # before any stage runs, not at this one
+                raise OptionError(loc, f"attack '{name}' scores plain texts only, not conversations (format chat)")
             uses_reference |= attack.needs_reference
         if len(set(names)) != len(names):
             raise OptionError(("attacks",), f"an attack is listed twice: {', '.join(names)}")
@@ -213,12 +219,15 @@ class Mia(Kind):
         from leakaudit.distributed import is_main
         from leakaudit.report.plots import plot_roc
 
-        members, nonmembers = ctx.records("members"), ctx.records("nonmembers")
+        chat = options.format == "chat"
+        fields = {"messages_field": options.messages_field} if chat else {}
+        members, nonmembers = ctx.records("members", **fields), ctx.records("nonmembers", **fields)
         names = attack_names(options.attacks, ctx.models.get("reference") is not None)
         target, reference = ctx.model("target"), ctx.model("reference")
         seed = ctx.seed if options.seed is None else options.seed
         try:
-            report = run_mia(target, [r.text for r in members], [r.text for r in nonmembers], names,
+            report = run_mia(target, *([r.extra[options.messages_field] if chat else r.text for r in side]
+                                       for side in (members, nonmembers)), names,
                              reference=reference, attack_options=dict(options.attack_options),
                              n_bootstrap=options.n_bootstrap, seed=seed,
                              batch_size=options.batch_size, max_length=options.max_length, stride=options.stride,
@@ -230,7 +239,8 @@ class Mia(Kind):
                              line=rec.line, field=ctx.data_fields.get(role, {}).get("text_field", "text")) from None
         data = {**report.to_json(), "target": ctx.models.get("target"), "reference": ctx.models.get("reference"),
                 **{role: str(ctx.data[role]) if role in ctx.data else None for role in ("members", "nonmembers")},
-                "seed": seed, "scores_file": "scores.jsonl"}  # comparisons' paired bootstrap reads the seed
+                "seed": seed, "format": options.format,
+                "scores_file": "scores.jsonl"}  # comparisons' paired bootstrap reads the seed
         if is_main():  # under a launcher every process has the result; one writes it
             write_jsonl(ctx.out / "scores.jsonl", report.rows([r.id for r in members], [r.id for r in nonmembers]))
             plot_roc(report.metrics, ctx.out / "roc.png", title=f"membership inference: {ctx.shown(ctx.models.get('target'))}")

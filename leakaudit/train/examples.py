@@ -18,13 +18,11 @@ so the loss equals the unpacked loss while (almost) no compute goes to padding. 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import jinja2
 import torch
 
-from leakaudit.errors import InputError
 from leakaudit.models.tokens import encode
 
 INSTRUCTION_TEMPLATE = "### Instruction:\n{prompt}\n\n### Response:\n"
@@ -132,23 +130,25 @@ def chat_segments(tokenizer, messages: list[dict[str, str]], loss_on: str) -> li
     return segments
 
 
+def reply_in_context(tokenizer, messages: list[dict[str, str]]) -> tuple[str, str]:
+    """(context, reply) of a conversation ending in an assistant turn, as a chat fine-tune renders it: `reply` is
+    the text its loss is on at that turn (content and end marker), `context` all the template writes before it
+    (system prompt, earlier turns, the assistant header). A membership score of a chat fine-tune reads the
+    reply's tokens conditioned on the context, the tokens the loss was on, in the context the model saw."""
+    segments = [(s if isinstance(s, str) else tokenizer.decode(s), train)
+                for s, train in chat_segments(tokenizer, messages, "assistant")]
+    while segments and not segments[-1][1]:  # what a template writes after the last turn is not trained on
+        segments.pop()
+    start = len(segments)
+    while start and segments[start - 1][1]:
+        start -= 1
+    return "".join(s for s, _ in segments[:start]), "".join(s for s, _ in segments[start:])
+
+
 def chat_example(tokenizer, messages: list[dict[str, str]], loss_on: str, max_length: int) -> Example:
     """A conversation with loss on assistant turns (or on all turns)."""
     first_special = not getattr(tokenizer, "chat_template", None)
     return _from_segments(tokenizer, chat_segments(tokenizer, messages, loss_on), max_length, first_special)
-
-
-def validate_messages(value: Any, file: Path, line: int, field: str) -> list[dict[str, str]]:
-    """Check a `messages` value is a non-empty list of {role, content} strings."""
-    if not isinstance(value, list) or not value:
-        raise InputError("must be a non-empty list of {role, content}", file=file, line=line, field=field)
-    for m in value:
-        if not (isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)):
-            raise InputError("every message needs string 'role' and 'content'", file=file, line=line, field=field)
-        if m["role"] not in ("system", "user", "assistant"):
-            raise InputError(f"unknown role '{m['role']}' (use system, user, assistant)", file=file, line=line,
-                             field=field)
-    return [{"role": m["role"], "content": m["content"]} for m in value]
 
 
 class ExampleDataset(torch.utils.data.Dataset):

@@ -41,6 +41,7 @@ from pydantic import (
 )
 from pydantic_core import InitErrorDetails, PydanticCustomError
 
+from leakaudit.data.chat import validate_messages
 from leakaudit.data.io import read_rows, user_value, write_json
 from leakaudit.distributed import check_rendezvous, is_main, world
 from leakaudit.errors import InputError
@@ -241,8 +242,8 @@ def load_examples(config: FinetuneConfig, tokenizer, max_length: int | None = No
         elif config.format == "instruction":
             content = (_field(row, config.prompt_field, path, line), _field(row, config.response_field, path, line))
         else:
-            content = ex.validate_messages(_field(row, config.messages_field, path, line, kind=object), path, line,
-                                           config.messages_field)
+            content = validate_messages(_field(row, config.messages_field, path, line, kind=object), path, line,
+                                        config.messages_field)
         items.append((user, content))
     if users:
         say_lookalike_users(users, path, config.user_field)

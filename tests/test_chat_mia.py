@@ -1,0 +1,177 @@
+"""Membership inference on conversations (format chat): each is scored at its last assistant reply, the tokens a
+chat fine-tune's loss is on, in the context the model saw — checked against contexts and replies written out by
+hand from the two chat renderings (the plain template, a tokenizer's own template), the fine-tune's labels, and a
+chat fine-tune's members."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from conftest import run_main, torch_threads
+from test_attacks import hand
+
+from leakaudit.attacks import ScoringContext, get_attack
+from leakaudit.attacks.mia import run_mia
+from leakaudit.errors import InputError
+from leakaudit.models.tokens import encode
+from leakaudit.train.examples import IGNORE, chat_example
+
+ONE_TURN = [{"role": "user", "content": "What is the capital of France?"},
+            {"role": "assistant", "content": "Paris is the capital of France."}]
+LONGER = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Name a colour."},
+          {"role": "assistant", "content": "Blue."}, {"role": "user", "content": "Another one?"},
+          {"role": "assistant", "content": "Green, like the grass."}, {"role": "user", "content": "Thanks"}]
+OTHERS = [[{"role": "user", "content": "Give me a tip."}, {"role": "assistant", "content": "Drink water every day."}],
+          [{"role": "user", "content": "Say hi."}, {"role": "assistant", "content": "Hello there, my friend."}]]
+NO_CACHE = {"cache": False, "progress": False}
+#: a ChatML template as SmolLM2's (without its default system prompt): special markers around each turn
+CHATML = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+          "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    with torch_threads(1):
+        yield
+
+
+def _plain(eos: str) -> list[tuple[str, str]]:
+    """(context, reply) of ONE_TURN and LONGER under the plain template `<|role|>\\n{content}\\n`, EOS after each
+    assistant turn (docs/finetune.md), written out: LONGER's last user turn has nothing after it to score."""
+    return [("<|user|>\nWhat is the capital of France?\n<|assistant|>\n", "Paris is the capital of France.\n" + eos),
+            ("<|system|>\nBe brief.\n<|user|>\nName a colour.\n<|assistant|>\nBlue.\n" + eos
+             + "<|user|>\nAnother one?\n<|assistant|>\n", "Green, like the grass.\n" + eos)]
+
+
+def _chatml() -> list[tuple[str, str]]:
+    return [("<|im_start|>user\nWhat is the capital of France?<|im_end|>\n<|im_start|>assistant\n",
+             "Paris is the capital of France.<|im_end|>\n"),
+            ("<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nName a colour.<|im_end|>\n<|im_start|>"
+             "assistant\nBlue.<|im_end|>\n<|im_start|>user\nAnother one?<|im_end|>\n<|im_start|>assistant\n",
+             "Green, like the grass.<|im_end|>\n")]
+
+
+@pytest.fixture(params=["plain", "chatml"])
+def chat_lm(request, tiny_neox, monkeypatch):
+    """The tiny model with no chat template (the plain one), or with ChatML's; and its pairs written out."""
+    if request.param == "chatml":
+        monkeypatch.setattr(tiny_neox.tokenizer, "chat_template", CHATML, raising=False)
+        return tiny_neox, _chatml()
+    monkeypatch.setattr(tiny_neox.tokenizer, "chat_template", None, raising=False)
+    return tiny_neox, _plain(tiny_neox.tokenizer.eos_token)
+
+
+def test_the_last_reply_is_scored_in_its_context_by_hand(chat_lm):
+    """loss = mean log p(reply tokens | context), one unbatched float64 pass of context + reply; min_k and
+    min_k_pp over the same tokens; the batched pass gives the same."""
+    lm, pairs = chat_lm
+    report = run_mia(lm, [ONE_TURN], [LONGER], ["loss", "min_k", "min_k_pp", "zlib"], n_bootstrap=0, **NO_CACHE)
+    want = [hand(lm, reply, prefix=context) for context, reply in pairs]
+    assert np.allclose(report.scores["loss"], [w["logp"].mean() for w in want], rtol=1e-5, atol=1e-6)
+    n = [max(1, int(0.2 * len(w["logp"]))) for w in want]
+    assert np.allclose(report.scores["min_k"], [np.sort(w["logp"])[:k].mean() for w, k in zip(want, n, strict=True)], atol=1e-5)
+    z = [(w["logp"] - w["mu"]) / np.sqrt(w["var"]) for w in want]
+    assert np.allclose(report.scores["min_k_pp"], [np.sort(x)[:k].mean() for x, k in zip(z, n, strict=True)], atol=1e-4)
+    # zlib divides by the compressed reply's content (what the texts hold), not the rendered markers
+    import zlib
+
+    assert np.allclose(report.scores["zlib"], [w["logp"].mean() / len(zlib.compress(t.encode()))
+                                               for w, t in zip(want, ["Paris is the capital of France.",
+                                                                      "Green, like the grass."], strict=True)], atol=1e-6)
+    one = run_mia(lm, [ONE_TURN], [LONGER], ["loss"], n_bootstrap=0, batch_size=1, **NO_CACHE)
+    assert np.allclose(one.scores["loss"], report.scores["loss"], rtol=1e-5, atol=1e-6)
+
+
+def test_the_scored_tokens_are_the_tokens_the_chat_fine_tune_trained_at_that_turn(chat_lm):
+    lm, pairs = chat_lm
+    tok = lm.tokenizer
+    for chat, (_, reply) in zip([ONE_TURN, LONGER[:5]], pairs, strict=True):
+        example = chat_example(tok, chat, "assistant", 512)
+        trained = [t for t, label in zip(example.input_ids, example.labels, strict=True) if label != IGNORE]
+        scored = encode(tok, [reply], special=False)[0]
+        assert trained[-len(scored):] == scored  # the last turn's trained tokens, end marker included
+        # and nothing of the turn after them: its trained tokens end where the reply's do
+        assert example.labels[len(example.input_ids) - len(scored) - 1] == IGNORE
+
+
+def test_lowercase_and_dc_pdd_read_the_reply_in_its_context(chat_lm):
+    lm, pairs = chat_lm
+    ctx = ScoringContext(lm, ["Paris is the capital of France.", "Green, like the grass."], score_options=NO_CACHE,
+                         chats=[ONE_TURN, LONGER])
+    low = get_attack("lowercase").score(ctx)
+    pairs_low = [(c, r.replace("Paris", "paris").replace("France", "france").replace("Green", "green"))
+                 for c, r in pairs]
+    want = [hand(lm, r, prefix=c)["logp"].mean() / hand(lm, r0, prefix=c0)["logp"].mean()
+            for (c, r), (c0, r0) in zip(pairs_low, pairs, strict=True)]
+    assert np.allclose(low, want, rtol=1e-5)
+    assert ctx.scored_ids() == [encode(lm.tokenizer, [r], special=False)[0] for _, r in pairs]
+
+
+def test_attacks_that_score_texts_their_own_way_and_rows_without_a_reply_are_refused(tiny_neox):
+    for name in ("recall", "gradnorm"):
+        with pytest.raises(InputError, match=f"{name}: scores plain texts only, not conversations") as err:
+            run_mia(tiny_neox, [ONE_TURN], OTHERS, ["loss", name], n_bootstrap=0, **NO_CACHE)
+        assert err.value.field == "attacks"
+    with pytest.raises(InputError, match="has no assistant turn with content") as err:
+        run_mia(tiny_neox, [ONE_TURN], [[{"role": "user", "content": "hello?"}]], ["loss"], **NO_CACHE)
+    with pytest.raises(InputError, match="unknown role 'bot'") as err:
+        run_mia(tiny_neox, [[{"role": "bot", "content": "x"}]], OTHERS, ["loss"], **NO_CACHE)
+    assert err.value.field == "members[0]"
+    with pytest.raises(InputError, match="must be a non-empty list"):  # texts and conversations mixed
+        run_mia(tiny_neox, [ONE_TURN], ["a plain text"], ["loss"], **NO_CACHE)
+
+
+def test_cli_and_experiment_score_a_chat_fine_tunes_members_above_others(tmp_path, monkeypatch, capsys):
+    """`mia --format chat` and an experiment's `format: chat` give the same scores; a model fine-tuned with
+    format chat on the members ranks them above conversations it never saw."""
+    from leakaudit.config import parse_experiment
+    from leakaudit.experiment import run_experiment
+    from leakaudit.train.finetune import FinetuneConfig, finetune
+
+    rng = np.random.default_rng(0)
+    words = "alpha bravo charlie delta echo foxtrot golf hotel india juliet kilo lima mike".split()
+    chats = [[{"role": "user", "content": f"Question {i}: {' '.join(rng.choice(words, 3))}?"},
+              {"role": "assistant", "content": " ".join(rng.choice(words, 8)) + "."}] for i in range(24)]
+    files = {}
+    for name, rows in (("members", chats[:12]), ("nonmembers", chats[12:])):
+        files[name] = tmp_path / f"{name}.jsonl"
+        # a text beside the messages: an experiment's data step reads one (docs/experiments.md)
+        files[name].write_text("".join(json.dumps({"text": " ".join(m["content"] for m in c), "messages": c}) + "\n"
+                                       for c in rows))
+    model = finetune(FinetuneConfig(model="tiny-gpt-neox", data=str(files["members"]), out=str(tmp_path / "ft"),
+                                    format="chat", method="full", epochs=8, batch_size=4, gradient_accumulation=1,
+                                    learning_rate=3e-3, max_length=64), progress=False)
+    code, err = run_main(["mia", "--target", model, "--members", files["members"], "--nonmembers",
+                          files["nonmembers"], "--format", "chat", "--attacks", "loss,min_k", "--n-bootstrap", "100",
+                          "--no-cache", "--dtype", "fp32", "--out", tmp_path / "cli"], monkeypatch, capsys)
+    assert code == 0, err
+    cli = json.loads((tmp_path / "cli" / "mia.json").read_text())
+    assert cli["format"] == "chat" and cli["attacks"]["loss"]["auc"] > 0.75, cli["attacks"]["loss"]
+    yaml = f"""name: chat
+models: {{ft: {model}}}
+datasets:
+  members: {{path: {files['members']}}}
+  nonmembers: {{path: {files['nonmembers']}}}
+evaluate:
+  mia: {{kind: mia, targets: [ft], members: members, nonmembers: nonmembers,
+        options: {{format: chat, attacks: [loss, min_k], n_bootstrap: 100, cache: false}}}}
+"""
+    exp = tmp_path / "chat.yaml"
+    exp.write_text(yaml)
+    monkeypatch.setenv("LEAKAUDIT_DTYPE", "fp32")
+    run_experiment(parse_experiment(yaml, exp), tmp_path / "run", log=lambda m: None, report=False)
+    rows = [json.loads(x) for x in (tmp_path / "run" / "evaluate" / "mia" / "ft" / "scores.jsonl").read_text().splitlines()]
+    cli_rows = [json.loads(x) for x in (tmp_path / "cli" / "scores.jsonl").read_text().splitlines()]
+    assert [r["loss"] for r in rows] == pytest.approx([r["loss"] for r in cli_rows], rel=1e-5)
+
+
+def test_an_experiment_refuses_a_plain_text_attack_with_format_chat_before_it_runs(tmp_path, monkeypatch, capsys):
+    exp = tmp_path / "chat.yaml"
+    exp.write_text("name: chat\nmodels: {base: tiny-gpt-neox}\ndatasets:\n  d: {builtin: dolly, limit: 8}\n"
+                   "evaluate:\n  mia: {kind: mia, targets: [base], members: d, nonmembers: d,\n"
+                   "        options: {format: chat, attacks: [loss, recall]}}\n")
+    code, err = run_main(["run", exp, "--out", tmp_path / "run"], monkeypatch, capsys)
+    assert code == 2 and "attack 'recall' scores plain texts only, not conversations (format chat)" in err, err
+    assert f"{exp}:7:" in err and not (tmp_path / "run" / "evaluate").exists()
