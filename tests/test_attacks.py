@@ -139,14 +139,37 @@ def test_lowercase_of_a_text_predicted_exactly_is_one_without_capitals():
 
 
 def test_recall_by_hand(tiny_model):
+    """ReCaLL's score is the ratio LL(x|P) / LL(x) (Xie et al. 2024, and pred["recall"] in their src/run.py), over
+    the same tokens of x."""
     prefix_texts = ("Sort these numbers.", "Translate the sentence into German.")
     prefix = "\n\n".join(prefix_texts) + "\n\n"
     want = []
     for t in TEXTS:
         plain = hand(tiny_model, t)["logp"]
         cond = hand(tiny_model, t, prefix)["logp"]
-        want.append(plain.mean() - cond[-len(plain):].mean())
+        want.append(cond[-len(plain):].mean() / plain.mean())
     assert np.allclose(score("recall", tiny_model, prefix=prefix_texts), want, rtol=1e-4, atol=1e-6)
+
+
+def test_recall_is_the_relative_drop_not_the_difference(tiny_neox):
+    """The ratio ranks a text whose likelihood drops by a larger share above one whose drop is larger in nats:
+    NLL 1 -> 1.5 (ratio 1.5) is more member-like than NLL 4 -> 5 (1.25), where the difference LL(x) - LL(x|P)
+    (0.5 against 1) ranked them the other way. A text predicted exactly with and without P scores 1."""
+    from leakaudit.scoring import TokenScores
+
+    texts = ["first text", "second text", "third text"]
+    prefix_texts = ("Sort these numbers.",)
+    att = get_attack("recall", prefix=prefix_texts)
+    ctx = ScoringContext(tiny_neox, texts, moments=False, score_options=NO_CACHE)
+
+    def nll(value):  # two scored tokens of mean log-probability -value
+        return TokenScores(np.full(2, -value, np.float32))
+
+    ctx._passes[("target", tuple(texts), None)] = [nll(4.0), nll(1.0), nll(0.0)]
+    ctx._passes[("target", tuple(texts), att.prefix_text())] = [nll(5.0), nll(1.5), nll(0.0)]
+    small_drop, large_share, exact = att.score(ctx)
+    assert small_drop == pytest.approx(5 / 4) and large_share == pytest.approx(1.5 / 1)
+    assert exact == 1.0
 
 
 def test_recall_warns_when_a_text_does_not_fit_the_window_after_its_prefix(tiny_neox, capsys):

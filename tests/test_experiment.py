@@ -929,11 +929,14 @@ def test_a_moved_project_keeps_its_stages_and_a_copy_elsewhere_can_be_reused(tmp
     assert set(run_experiment(load_experiment(other_exp), other / "out", log=_quiet, report=False).values()) == {"ran"}
 
 
-def test_a_run_dir_finished_under_the_earlier_keys_is_adopted_not_rerun(tmp_path, capsys):
+def test_a_run_dir_finished_under_the_earlier_keys_is_adopted_not_rerun(tmp_path, capsys, monkeypatch):
     """Run dirs finished before data files were keyed by name hold the keys of then (plan's `earlier_key`):
     a plain rerun takes them over (every stage cached, a reused stage's hard-linked marker left alone in the
     run it came from); `--reuse` of such a dir says how to update it instead of silently running everything."""
     from leakaudit.config import load_experiment
+    from leakaudit.kinds.mia import Mia
+
+    monkeypatch.setattr(Mia, "version", 1)  # kinds unchanged since: a changed kind's stages are not adopted (below)
 
     proj, exp = _moved_project(tmp_path, "p")
     plan = Plan(load_experiment(exp))
@@ -977,13 +980,14 @@ def test_a_stage_whose_kind_changed_since_it_finished_runs_again_saying_why(tmp_
     from leakaudit.kinds.perplexity import Perplexity
 
     study = Plan(parse_experiment(STUDY))
-    assert {s.id: s.key for s in study.stages.values() if s.id != "evaluate/pii/real"} == {
+    assert {s.id: s.key for s in study.stages.values() if s.id not in ("evaluate/pii/real", "evaluate/mia/real")} == {
         "data/emails": "d58c10b0cf32835037c2de26", "generate/continued": "923f049dd4c167e48aab028b",
         "generate/replaced": "805ab7b6bc0d0be09d87785c", "finetune/real": "af1ecbf72523c9a311bbe5d3",
-        "evaluate/mia/real": "7def15fc532ed7c87a05923f", "evaluate/users/real": "e6126de279220a0351c53694",
-        "evaluate/ppl/real": "953e1577b5b5aa3983a696da"}
+        "evaluate/users/real": "e6126de279220a0351c53694", "evaluate/ppl/real": "953e1577b5b5aa3983a696da"}
     pii = study.stages["evaluate/pii/real"]  # pii is at version 2: its key moved, its older key is the old one
     assert pii.older_key == "f356f9df5ce3c68a476c648e" != pii.key and "pii version 2 (a demonstration's" in pii.changed
+    mia = study.stages["evaluate/mia/real"]  # and mia (recall's ratio)
+    assert mia.older_key == "7def15fc532ed7c87a05923f" != mia.key and "mia version 2 (recall is" in mia.changed
 
     lines: list[str] = []
     run_experiment(parse_experiment(SMALL), tmp_path / "old", log=_quiet, report=False)
@@ -1017,12 +1021,15 @@ def test_a_stage_whose_kind_changed_since_it_finished_runs_again_saying_why(tmp_
     assert any("may predate perplexity version 3" in line for line in lines), lines
 
 
-def test_a_fine_tune_an_earlier_release_trained_on_the_row_by_row_split_runs_again(tmp_path):
+def test_a_fine_tune_an_earlier_release_trained_on_the_row_by_row_split_runs_again(tmp_path, monkeypatch):
     """Early stopping held rows out one by one before the split's fix (a repeated text both trained on and
     evaluated); a fine-tune finished so was cached for good. Its finetune_config.json, which records the
     held-out rule since the fix, tells: without it the fine-tune and what read it run again, saying why; with
     it (a release that had the fix) everything stays cached. A fine-tune that holds nothing out is never
     touched."""
+    from leakaudit.kinds.mia import Mia
+
+    monkeypatch.setattr(Mia, "version", 1)  # no kind changed here: only the fine-tune's record decides
     early = SMALL.replace("gradient_accumulation: 1, max_length: 48}",
                           "gradient_accumulation: 1, max_length: 48, early_stopping_patience: 1, eval_fraction: 0.3}")
     assert early != SMALL
@@ -1099,10 +1106,12 @@ def test_which_finished_stages_hold_older_results(tmp_path, monkeypatch):
 def test_a_stage_reading_a_changed_step_names_it_as_what_changed(monkeypatch):
     """A stage whose input's kind changed runs again with it (its older key is made of its inputs' older
     keys), and its rerun line names that input: it has no version of its own to name."""
+    from leakaudit.kinds.mia import Mia
     from leakaudit.kinds.replace_pii import ReplacePii
 
     text = STUDY.replace("    data: emails.nonmembers\n  pii:", "    data: replaced\n  pii:")
     assert text != STUDY
+    monkeypatch.setattr(Mia, "version", 1)  # a stage whose own kind is unchanged (mia's real version is 2)
     monkeypatch.setattr(ReplacePii, "version", 2)
     monkeypatch.setattr(ReplacePii, "changed", "names are replaced too")
     stages = Plan(parse_experiment(text)).stages

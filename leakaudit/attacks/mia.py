@@ -200,17 +200,19 @@ class RecallConfig(AttackConfig):
 
 @register
 class RecallAttack(Attack):
-    """recall = mean_t log p(x_t | x_<t) - mean_t log p(x_t | P, x_<t) = LL(x) - LL(x|P), over the same tokens,
-    with P a concatenation of known non-member texts. Conditioning on non-members lowers the likelihood of
-    members more than that of non-members (ReCaLL's finding), so LL(x|P) - LL(x) is more negative for
-    members; its negation is used so that higher => member.
+    """recall = LL(x|P) / LL(x) = NLL(x|P) / NLL(x), the paper's ratio, with LL(x|P) = mean_t log p(x_t | P, x_<t)
+    over the same tokens as LL(x) and P a concatenation of known non-member texts. Conditioning on non-members
+    lowers the likelihood of members more than that of non-members (ReCaLL's finding), so the ratio is higher
+    for members: higher => member, as in the authors' code. Both NLLs are floored at 1e-8 (a text predicted
+    exactly with and without P scores 1). The difference LL(x) - LL(x|P), used before, ranks texts differently:
+    it leaves out the division by NLL(x) that makes the drop relative.
 
     Xie et al., "ReCaLL: Membership Inference via Relative Conditional Log-Likelihoods", EMNLP 2024.
     """
 
     name = "recall"
     scores_chats = False  # its own prefix P before each text
-    summary = "how much the text's likelihood drops when non-member texts are put before it (ReCaLL)"
+    summary = "by what factor the text's loss grows when non-member texts are put before it (ReCaLL)"
     paper = "Xie et al. 2024, ReCaLL"
     Config = RecallConfig
 
@@ -239,7 +241,9 @@ class RecallAttack(Attack):
         for plain, c in zip(ctx.target_scores, cond, strict=True):
             # Without a prefix the first token may be unscored; compare over the same (last n) tokens.
             n = plain.n_tokens
-            out.append(plain.mean_logp - float(c.logp[-n:].astype(np.float64).mean()))
+            nll = max(-plain.mean_logp, 1e-8)
+            nll_cond = max(-float(c.logp[-n:].astype(np.float64).mean()), 1e-8)
+            out.append(nll_cond / nll)
         return np.array(out)
 
 

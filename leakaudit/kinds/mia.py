@@ -183,6 +183,8 @@ class Mia(Kind):
     Options = MiaOptions
     Result = MiaResult
     roles = {"members": True, "nonmembers": True, "reference": False}
+    version = 2
+    changed = "recall is ReCaLL's ratio LL(x|P) / LL(x) (it was the difference LL(x) - LL(x|P))"
     summary = "membership inference attacks on `members` vs `nonmembers`: AUC with CI, TPR at low FPR"
     data_parallel = True
 
