@@ -980,10 +980,14 @@ def test_a_stage_whose_kind_changed_since_it_finished_runs_again_saying_why(tmp_
     from leakaudit.kinds.perplexity import Perplexity
 
     study = Plan(parse_experiment(STUDY))
-    assert {s.id: s.key for s in study.stages.values() if s.id not in ("evaluate/pii/real", "evaluate/mia/real")} == {
+    changed = ("evaluate/pii/real", "evaluate/mia/real", "generate/replaced")
+    assert {s.id: s.key for s in study.stages.values() if s.id not in changed} == {
         "data/emails": "d58c10b0cf32835037c2de26", "generate/continued": "923f049dd4c167e48aab028b",
-        "generate/replaced": "805ab7b6bc0d0be09d87785c", "finetune/real": "af1ecbf72523c9a311bbe5d3",
+        "finetune/real": "af1ecbf72523c9a311bbe5d3",
         "evaluate/users/real": "e6126de279220a0351c53694", "evaluate/ppl/real": "953e1577b5b5aa3983a696da"}
+    replaced = study.stages["generate/replaced"]  # and replace-pii (phone numbers with a word glued on)
+    assert replaced.older_key == "805ab7b6bc0d0be09d87785c" != replaced.key
+    assert "replace-pii version 2 (a phone number" in replaced.changed
     pii = study.stages["evaluate/pii/real"]  # pii is at version 2: its key moved, its older key is the old one
     assert pii.older_key == "f356f9df5ce3c68a476c648e" != pii.key and "pii version 2 (a demonstration's" in pii.changed
     mia = study.stages["evaluate/mia/real"]  # and mia (recall's ratio)
