@@ -315,4 +315,4 @@ def score_ids_distributed(lm, contexts: Sequence[Sequence[int]], ids: Sequence[S
     mine = shard(len(ids))
     local = score_ids(lm, [contexts[i] for i in mine], [ids[i] for i in mine],
                       progress=kwargs.pop("progress", True) and rank == 0, **kwargs)
-    return _gather_scores(local, len(ids), moments=False)
+    return _gather_scores(local, len(ids), moments=kwargs.get("moments", False))

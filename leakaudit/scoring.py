@@ -654,6 +654,21 @@ def score_texts(
         prefix_list = list(prefixes)
         if len(prefix_list) != len(texts):
             raise ValueError("prefixes must match texts in length")
+    batch_size = checked_batch_size(batch_size)
+    options = _score_options(lm, max_length, stride, moments)
+
+    fingerprint = lm.current_fingerprint()  # once: it walks every weight's version
+    keys = [ScoreCache.make_key(fingerprint, options, p, t) for t, p in zip(texts, prefix_list, strict=True)]
+    prefixed = any(p is not None for p in prefix_list)
+    # a cached text's length, for the window warning: its scored tokens and the first; unknown after a prefix
+    length = (lambda i, scores: None) if prefixed else (lambda i, scores: scores.n_tokens + 1)
+    return _score_keyed(lm, keys, lambda todo: _tokenize(lm, [texts[i] for i in todo], [prefix_list[i] for i in todo]),
+                        options, batch_size, cache, progress, description, padding_side, length, contexts=prefixed)
+
+
+def _score_options(lm: LoadedModel, max_length: int | None, stride: int | None, moments: bool) -> ScoreOptions:
+    """The window (default the model's context), its step (default half of it) and the rest of what changes
+    the numbers, checked."""
     window = fit_window(lm, max_length)
     step = stride or max(1, window // 2)
     if step >= window and window == lm.max_length and window > 1:
@@ -664,16 +679,7 @@ def score_texts(
         step = window // 2
     if not 0 < step < window:
         raise InputError(f"stride must be between 1 and max length - 1 ({window - 1})", field="--stride")
-    batch_size = checked_batch_size(batch_size)
-    options = ScoreOptions(window, step, moments, str(lm.dtype).replace("torch.", ""), device=lm.device.type)
-
-    fingerprint = lm.current_fingerprint()  # once: it walks every weight's version
-    keys = [ScoreCache.make_key(fingerprint, options, p, t) for t, p in zip(texts, prefix_list, strict=True)]
-    prefixed = any(p is not None for p in prefix_list)
-    # a cached text's length, for the window warning: its scored tokens and the first; unknown after a prefix
-    length = (lambda i, scores: None) if prefixed else (lambda i, scores: scores.n_tokens + 1)
-    return _score_keyed(lm, keys, lambda todo: _tokenize(lm, [texts[i] for i in todo], [prefix_list[i] for i in todo]),
-                        options, batch_size, cache, progress, description, padding_side, length, contexts=prefixed)
+    return ScoreOptions(window, step, moments, str(lm.dtype).replace("torch.", ""), device=lm.device.type)
 
 
 def checked_batch_size(batch_size: int | str) -> int | str:
@@ -702,21 +708,22 @@ def score_ids(
     contexts: Sequence[Sequence[int]],
     ids: Sequence[Sequence[int]],
     *,
+    moments: bool = False,
     batch_size: int | str = "auto",
+    max_length: int | None = None,
+    stride: int | None = None,
     cache: bool | ScoreCache = True,
     progress: bool = True,
     description: str = "scoring",
 ) -> list[TokenScores]:
     """`score_texts` for sequences already tokenised: every token of `ids[i]` scored after `contexts[i]`
     (no special tokens added). Why: a prompt and a continuation tokenised apart (the continuation a sampler
-    would emit after the prompt's tokens) can differ from the two texts tokenised together, where BPE merges
-    across the boundary."""
+    would emit after the prompt's tokens, a chat reply after its turns as the fine-tune tokenised them) can
+    differ from the two texts tokenised together, where BPE merges across the boundary."""
     if len(contexts) != len(ids):
         raise ValueError("contexts must match ids in length")
-    window = fit_window(lm, None)
     batch_size = checked_batch_size(batch_size)
-    options = ScoreOptions(window, max(1, window // 2), False, str(lm.dtype).replace("torch.", ""),
-                           device=lm.device.type)
+    options = _score_options(lm, max_length, stride, moments)
     space = lm.current_fingerprint() + "\x00ids"  # never a text key: a fingerprint holds no NUL
     keys = [ScoreCache.make_key(space, options, ",".join(map(str, c)), ",".join(map(str, x)))
             for c, x in zip(contexts, ids, strict=True)]

@@ -10,12 +10,10 @@ import json
 import numpy as np
 import pytest
 from conftest import run_main, torch_threads
-from test_attacks import hand
 
 from leakaudit.attacks import ScoringContext, get_attack
 from leakaudit.attacks.mia import run_mia
 from leakaudit.errors import InputError
-from leakaudit.models.tokens import encode
 from leakaudit.train.examples import IGNORE, chat_example
 
 ONE_TURN = [{"role": "user", "content": "What is the capital of France?"},
@@ -63,50 +61,71 @@ def chat_lm(request, tiny_neox, monkeypatch):
     return tiny_neox, _plain(tiny_neox.tokenizer.eos_token)
 
 
+def _trained_run(tok, chat: list[dict[str, str]]) -> tuple[list[int], list[int]]:
+    """(context, reply) ids as the chat fine-tune's own example holds them: the last run of tokens with loss."""
+    last = max(i for i, m in enumerate(chat) if m["role"] == "assistant")
+    example = chat_example(tok, chat[:last + 1], "assistant", 10**6)
+    end = max(i for i, label in enumerate(example.labels) if label != IGNORE) + 1
+    start = end
+    while start and example.labels[start - 1] != IGNORE:
+        start -= 1
+    return example.input_ids[:start], example.input_ids[start:end]
+
+
+def _by_hand(lm, context: list[int], reply: list[int]) -> dict[str, np.ndarray]:
+    """log p, and the Min-K%++ moments, of each reply token after the context: one unbatched float64 pass."""
+    import torch
+
+    seq = context + reply
+    with torch.no_grad():
+        lp = torch.log_softmax(lm.model(input_ids=torch.tensor([seq])).logits[0].double(), -1)
+    pos = range(max(len(context), 1), len(seq))
+    p = lp.exp()
+    mu = np.array([(p[t - 1] * lp[t - 1]).sum().item() for t in pos])
+    return {"logp": np.array([lp[t - 1, seq[t]].item() for t in pos]), "mu": mu,
+            "var": np.array([(p[t - 1] * lp[t - 1] ** 2).sum().item() for t in pos]) - mu**2}
+
+
 def test_the_last_reply_is_scored_in_its_context_by_hand(chat_lm):
-    """loss = mean log p(reply tokens | context), one unbatched float64 pass of context + reply; min_k and
-    min_k_pp over the same tokens; the batched pass gives the same."""
+    """loss = mean log p(reply tokens | context) over the tokens the chat fine-tune's loss is on at the last
+    reply, after the tokens before them as it tokenised them (one unbatched float64 pass); the rendering is the
+    one written out above; min_k, min_k_pp and zlib over the same tokens; the batched pass gives the same."""
     lm, pairs = chat_lm
+    tok = lm.tokenizer
+    runs = [_trained_run(tok, chat) for chat in (ONE_TURN, LONGER)]
+    assert [(tok.decode(c), tok.decode(r)) for c, r in runs] == pairs
     report = run_mia(lm, [ONE_TURN], [LONGER], ["loss", "min_k", "min_k_pp", "zlib"], n_bootstrap=0, **NO_CACHE)
-    want = [hand(lm, reply, prefix=context) for context, reply in pairs]
+    want = [_by_hand(lm, c, r) for c, r in runs]
     assert np.allclose(report.scores["loss"], [w["logp"].mean() for w in want], rtol=1e-5, atol=1e-6)
     n = [max(1, int(0.2 * len(w["logp"]))) for w in want]
-    assert np.allclose(report.scores["min_k"], [np.sort(w["logp"])[:k].mean() for w, k in zip(want, n, strict=True)], atol=1e-5)
+    assert np.allclose(report.scores["min_k"], [np.sort(w["logp"])[:k].mean()
+                                                for w, k in zip(want, n, strict=True)], atol=1e-5)
     z = [(w["logp"] - w["mu"]) / np.sqrt(w["var"]) for w in want]
-    assert np.allclose(report.scores["min_k_pp"], [np.sort(x)[:k].mean() for x, k in zip(z, n, strict=True)], atol=1e-4)
+    assert np.allclose(report.scores["min_k_pp"], [np.sort(x)[:k].mean() for x, k in zip(z, n, strict=True)],
+                       atol=1e-4)
     # zlib divides by the compressed reply's content (what the texts hold), not the rendered markers
     import zlib
 
     assert np.allclose(report.scores["zlib"], [w["logp"].mean() / len(zlib.compress(t.encode()))
                                                for w, t in zip(want, ["Paris is the capital of France.",
-                                                                      "Green, like the grass."], strict=True)], atol=1e-6)
+                                                                      "Green, like the grass."], strict=True)],
+                       atol=1e-6)
     one = run_mia(lm, [ONE_TURN], [LONGER], ["loss"], n_bootstrap=0, batch_size=1, **NO_CACHE)
     assert np.allclose(one.scores["loss"], report.scores["loss"], rtol=1e-5, atol=1e-6)
 
 
-def test_the_scored_tokens_are_the_tokens_the_chat_fine_tune_trained_at_that_turn(chat_lm):
-    lm, pairs = chat_lm
-    tok = lm.tokenizer
-    for chat, (_, reply) in zip([ONE_TURN, LONGER[:5]], pairs, strict=True):
-        example = chat_example(tok, chat, "assistant", 512)
-        trained = [t for t, label in zip(example.input_ids, example.labels, strict=True) if label != IGNORE]
-        scored = encode(tok, [reply], special=False)[0]
-        assert trained[-len(scored):] == scored  # the last turn's trained tokens, end marker included
-        # and nothing of the turn after them: its trained tokens end where the reply's do
-        assert example.labels[len(example.input_ids) - len(scored) - 1] == IGNORE
-
-
 def test_lowercase_and_dc_pdd_read_the_reply_in_its_context(chat_lm):
-    lm, pairs = chat_lm
+    lm, _ = chat_lm
+    tok = lm.tokenizer
     ctx = ScoringContext(lm, ["Paris is the capital of France.", "Green, like the grass."], score_options=NO_CACHE,
                          chats=[ONE_TURN, LONGER])
     low = get_attack("lowercase").score(ctx)
-    pairs_low = [(c, r.replace("Paris", "paris").replace("France", "france").replace("Green", "green"))
-                 for c, r in pairs]
-    want = [hand(lm, r, prefix=c)["logp"].mean() / hand(lm, r0, prefix=c0)["logp"].mean()
-            for (c, r), (c0, r0) in zip(pairs_low, pairs, strict=True)]
+    lowered = [[*chat[:-1], {**chat[-1], "content": chat[-1]["content"].lower()}]
+               for chat in (ONE_TURN, LONGER[:5])]
+    want = [_by_hand(lm, *_trained_run(tok, lo))["logp"].mean() / _by_hand(lm, *_trained_run(tok, chat))["logp"].mean()
+            for lo, chat in zip(lowered, (ONE_TURN, LONGER), strict=True)]
     assert np.allclose(low, want, rtol=1e-5)
-    assert ctx.scored_ids() == [encode(lm.tokenizer, [r], special=False)[0] for _, r in pairs]
+    assert ctx.scored_ids() == [_trained_run(tok, chat)[1] for chat in (ONE_TURN, LONGER)]  # dc_pdd's tokens
 
 
 def test_attacks_that_score_texts_their_own_way_and_rows_without_a_reply_are_refused(tiny_neox):
@@ -175,3 +194,17 @@ def test_an_experiment_refuses_a_plain_text_attack_with_format_chat_before_it_ru
     code, err = run_main(["run", exp, "--out", tmp_path / "run"], monkeypatch, capsys)
     assert code == 2 and "attack 'recall' scores plain texts only, not conversations (format chat)" in err, err
     assert f"{exp}:7:" in err and not (tmp_path / "run" / "evaluate").exists()
+
+
+def test_a_launched_chat_pass_keeps_the_min_k_pp_moments(tiny_neox, monkeypatch):
+    """score_ids_distributed gathered every process's log-probs but dropped the moments (pii-logprob never asked
+    for them); a chat pass under a launcher then gave min_k_pp nothing to read."""
+    import leakaudit.distributed as dist
+
+    monkeypatch.setattr(dist, "world", lambda: (0, 2))
+    monkeypatch.setattr(dist, "shard", lambda n: list(range(n)))  # this process scores all, the gather is a copy
+    monkeypatch.setattr(dist, "gather_ragged", lambda local, n: list(local))
+    context, reply = _trained_run(tiny_neox.tokenizer, ONE_TURN)
+    got = dist.score_ids_distributed(tiny_neox, [context], [reply], moments=True, cache=False, progress=False)
+    want = _by_hand(tiny_neox, context, reply)
+    assert got[0].mu is not None and np.allclose(got[0].mu, want["mu"], atol=1e-5)

@@ -49,24 +49,25 @@ class ScoringContext:
                moments: bool | None = None) -> list[TokenScores]:
         """Token scores of `texts` (default: the texts under attack) under the target or reference model. With
         conversations, `texts` are contents for their last replies (e.g. lowercased), scored in context."""
-        from leakaudit.distributed import score_texts_distributed
+        from leakaudit.distributed import score_ids_distributed, score_texts_distributed
 
         lm = self.target if model == "target" else self.reference
         if lm is None:
             raise InputError("this attack needs a reference model", field="--reference")
         texts = self.texts if texts is None else list(texts)
-        prefixes: str | list[str] | None = prefix
-        if self.chats is not None:
-            if prefix is not None:  # an attack of its own prefix (recall): refused before scoring (run_mia)
-                raise InputError("a conversation is scored in its own context; this attack adds another",
-                                 field="attacks")
-            prefixes, texts = chat_rows(lm.tokenizer, self.chats, texts)
+        if self.chats is not None and prefix is not None:  # an attack of its own prefix: refused in run_mia
+            raise InputError("a conversation is scored in its own context; this attack adds another", field="attacks")
         want = self.moments if moments is None else moments
-        key = (model, tuple(texts), prefixes if prefixes is None or isinstance(prefixes, str) else tuple(prefixes))
+        key = (model, tuple(texts), prefix)
         have = self._passes.get(key)
         if have is None or (want and have and have[0].mu is None):
-            have = score_texts_distributed(lm, texts, prefixes=prefixes, moments=want,
-                                           description=f"scoring ({model})", **self.score_options)
+            if self.chats is None:
+                have = score_texts_distributed(lm, texts, prefixes=prefix, moments=want,
+                                               description=f"scoring ({model})", **self.score_options)
+            else:
+                contexts, replies = chat_rows(lm.tokenizer, self.chats, texts)
+                have = score_ids_distributed(lm, contexts, replies, moments=want, description=f"scoring ({model})",
+                                             **self.score_options)
             self._passes[key] = have
         return have
 
@@ -77,9 +78,7 @@ class ScoringContext:
         from leakaudit.models.tokens import encode
 
         tok = self.target.tokenizer
-        if self.chats is None:
-            return encode(tok, self.texts)
-        return encode(tok, chat_rows(tok, self.chats, self.texts)[1], special=False)
+        return encode(tok, self.texts) if self.chats is None else chat_rows(tok, self.chats, self.texts)[1]
 
     @property
     def target_scores(self) -> list[TokenScores]:
@@ -88,10 +87,10 @@ class ScoringContext:
 
 
 def chat_rows(tokenizer: Any, chats: Sequence[list[dict[str, str]]],
-              replies: Sequence[str]) -> tuple[list[str], list[str]]:
-    """(contexts, texts) to score: each conversation's last reply given `replies[i]` as its content, rendered by
-    this model's chat template as a chat fine-tune renders it (each model its own: a reference's template may
-    differ), the reply's trained text after all that comes before it."""
+              replies: Sequence[str]) -> tuple[list[list[int]], list[list[int]]]:
+    """(context ids, reply ids) to score: each conversation's last reply given `replies[i]` as its content,
+    rendered by this model's chat template and tokenised as a chat fine-tune does (each model its own: a
+    reference's template may differ), the reply's trained tokens after all that comes before them."""
     from leakaudit.data.chat import with_reply
     from leakaudit.train.examples import reply_in_context
 

@@ -56,16 +56,18 @@ def plain_examples(tokenizer, texts: list[str], max_length: int) -> list[Example
     return out
 
 
+def _segment_ids(tokenizer, segments: list[tuple[str | list[int], bool]], first_special: bool) -> list[list[int]]:
+    """Each (text, trainable) segment's ids, tokenised one by one so label boundaries are exact."""
+    return [(encode(tokenizer, [seg], special=first_special and i == 0)[0] if seg else []) if isinstance(seg, str)
+            else list(seg) for i, (seg, _) in enumerate(segments)]
+
+
 def _from_segments(tokenizer, segments: list[tuple[str | list[int], bool]], max_length: int,
                    first_special: bool) -> Example:
-    """Tokenise (text, trainable) segments one by one so label boundaries are exact; truncate to max_length."""
+    """The segments' ids with loss on the trainable ones; truncated to max_length."""
     ids: list[int] = []
     labels: list[int] = []
-    for i, (seg, trainable) in enumerate(segments):
-        if isinstance(seg, str):
-            seg_ids = encode(tokenizer, [seg], special=first_special and i == 0)[0] if seg else []
-        else:
-            seg_ids = seg
+    for seg_ids, (_, trainable) in zip(_segment_ids(tokenizer, segments, first_special), segments, strict=True):
         ids.extend(seg_ids)
         labels.extend(seg_ids if trainable else [IGNORE] * len(seg_ids))
     return Example(ids[:max_length], labels[:max_length])
@@ -130,19 +132,20 @@ def chat_segments(tokenizer, messages: list[dict[str, str]], loss_on: str) -> li
     return segments
 
 
-def reply_in_context(tokenizer, messages: list[dict[str, str]]) -> tuple[str, str]:
-    """(context, reply) of a conversation ending in an assistant turn, as a chat fine-tune renders it: `reply` is
-    the text its loss is on at that turn (content and end marker), `context` all the template writes before it
-    (system prompt, earlier turns, the assistant header). A membership score of a chat fine-tune reads the
-    reply's tokens conditioned on the context, the tokens the loss was on, in the context the model saw."""
-    segments = [(s if isinstance(s, str) else tokenizer.decode(s), train)
-                for s, train in chat_segments(tokenizer, messages, "assistant")]
-    while segments and not segments[-1][1]:  # what a template writes after the last turn is not trained on
-        segments.pop()
-    start = len(segments)
+def reply_in_context(tokenizer, messages: list[dict[str, str]]) -> tuple[list[int], list[int]]:
+    """(context ids, reply ids) of a conversation ending in an assistant turn, tokenised as a chat fine-tune
+    tokenises it (`chat_example`): the reply is what its loss is on at that turn (content and end marker), the
+    context all before it (system prompt, earlier turns, the assistant header). A membership score of a chat
+    fine-tune reads the reply's tokens after the context: the tokens the loss was on, in the context seen."""
+    segments = chat_segments(tokenizer, messages, "assistant")
+    pieces = _segment_ids(tokenizer, segments, first_special=not getattr(tokenizer, "chat_template", None))
+    end = len(segments)
+    while end and not segments[end - 1][1]:  # what a template writes after the last turn is not trained on
+        end -= 1
+    start = end
     while start and segments[start - 1][1]:
         start -= 1
-    return "".join(s for s, _ in segments[:start]), "".join(s for s, _ in segments[start:])
+    return [t for p in pieces[:start] for t in p], [t for p in pieces[start:end] for t in p]
 
 
 def chat_example(tokenizer, messages: list[dict[str, str]], loss_on: str, max_length: int) -> Example:
