@@ -257,3 +257,25 @@ def test_an_option_naming_a_model_folder_by_chance_stays_out_of_the_key(tmp_path
     for stage in Plan(parse_experiment(cfg)).stages.values():
         assert "files" not in stage.params, (stage.id, stage.params.get("files"))
     assert not _names_a_file("base") and _names_a_file("base", model_folder=True)
+
+
+def test_each_model_folder_in_a_list_enters_the_key_and_other_lists_stay_out(tmp_path, base_dir):
+    """lira's `references` is a list: a file inside a list was not hashed, and an edited reference folder left
+    the stage cached. Each local folder in it enters by content, a spec in it (tiny-opt) by name only; a model
+    folder in the list of an option that names no model (recall's prefix texts) stays out."""
+    refs = [str(shutil.copytree(base_dir, tmp_path / f"r{i}")) for i in range(2)]
+
+    def stage(options: str):
+        cfg = ("name: l\nmodels: {t: tiny-gpt-neox}\ndatasets:\n  d: {builtin: enron-synthetic, limit: 8, "
+               "split: {members: 0.5, nonmembers: 0.5}}\nevaluate:\n  m:\n    kind: mia\n    targets: [t]\n"
+               f"    members: d.members\n    nonmembers: d.nonmembers\n    options: {options}\n")
+        return Plan(parse_experiment(cfg, tmp_path / "l.yaml")).stages["evaluate/m/t"]
+
+    lira = f"{{attacks: [lira], attack_options: {{lira: {{references: ['{refs[0]}', '{refs[1]}', tiny-opt]}}}}}}"
+    before = stage(lira)
+    assert set(before.params["files"]) == {"attack_options.lira.references.0", "attack_options.lira.references.1"}
+    assert stage(lira).key == before.key
+    _rewrite_same_size(tmp_path / "r1" / "model.safetensors")
+    assert stage(lira).key != before.key
+    recall = f"{{attacks: [recall], attack_options: {{recall: {{prefix: ['{refs[0]}', 'Some text.']}}}}}}"
+    assert "files" not in stage(recall).params

@@ -267,8 +267,8 @@ class Plan:
         from leakaudit.data.builtin import enron_messages_path
 
         flat = _flat(options)
-        files = {k: file_identity(v) for k, v in sorted(flat.items())
-                 if _names_a_file(v, model_folder=k in MODEL_FOLDER_OPTIONS)}
+        files = {key: file_identity(v) for k, value in sorted(flat.items())
+                 for key, v in _entries(k, value) if _names_a_file(v, model_folder=k in MODEL_FOLDER_OPTIONS)}
         corpus = enron_messages_path()
         if corpus is not None:  # dc_pdd counting `enron` reads the corpus LEAKAUDIT_ENRON_MESSAGES points at
             files.update({k: file_identity(corpus) for k, v in flat.items()
@@ -376,8 +376,18 @@ def _flat(options: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     return out
 
 
-#: options (dotted, as `_flat` gives them) whose value may be a model folder: the neighbourhood attack's masked LM
-MODEL_FOLDER_OPTIONS = ("attack_options.neighbourhood.model",)
+def _entries(key: str, value: Any) -> list[tuple[str, Any]]:
+    """An option's value as the key hashes its files: a list's strings each under `key.i` (lira's reference
+    folders: a file inside a list was not hashed, and an edited reference did not rerun the stage), anything
+    else as itself."""
+    if isinstance(value, (list, tuple)):
+        return [(f"{key}.{i}", v) for i, v in enumerate(value) if isinstance(v, str)]
+    return [(key, value)]
+
+
+#: options (dotted, as `_flat` gives them) whose value may be a model folder, or a list of them: the
+#: neighbourhood attack's masked LM, lira's reference models
+MODEL_FOLDER_OPTIONS = ("attack_options.neighbourhood.model", "attack_options.lira.references")
 
 
 def _names_a_file(value: Any, model_folder: bool = False) -> bool:
