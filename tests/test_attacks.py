@@ -65,9 +65,9 @@ def score(name, lm, texts=TEXTS, reference=None, **config):
 
 def test_registry_lists_every_attack_and_rejects_unknown():
     assert set(ATTACKS) == {"loss", "zlib", "min_k", "min_k_pp", "ref", "lowercase", "recall", "gradnorm", "dc_pdd",
-                            "neighbourhood"}
+                            "neighbourhood", "lira"}
     with pytest.raises(InputError, match="valid attacks: loss, zlib"):
-        get_attack("lira")
+        get_attack("likelihood")
     with pytest.raises(InputError, match="attack 'min_k'") as err:
         get_attack("min_k", k=0)
     assert err.value.field == "k"
@@ -430,8 +430,8 @@ def test_mia_cli_writes_design_outputs(tmp_path, monkeypatch, capsys):
     ([{"body": "Give three tips.", "lbl": 1}], ["--text-field", "body"],
      "data.jsonl:1: field 'label': missing (row has: body, lbl)"),
     ([{"text": "Give three tips.", "label": 1}, {"body": "x", "label": 0}], [], "data.jsonl:2: field 'text': missing"),
-    ([{"text": "Give three tips.", "label": 1}, {"text": "Sort.", "label": 0}], ["--attacks", "loss,lira"],
-     "unknown attack 'lira'; valid attacks: loss"),
+    ([{"text": "Give three tips.", "label": 1}, {"text": "Sort.", "label": 0}], ["--attacks", "loss,likelihood"],
+     "unknown attack 'likelihood'; valid attacks: loss"),
     ([{"text": "Give three tips.", "label": 1}, {"text": "Sort these.", "label": 0}, {"text": "a", "label": 0}], [],
      "data.jsonl:3: field 'text': text has fewer than 2 tokens"),
     ([{"text": "Give three tips.", "label": 1}], [], "no non-members"),

@@ -17,7 +17,7 @@ from conftest import torch_threads
 from leakaudit.distributed import gather_ragged, score_texts_distributed, shard, world
 from leakaudit.scoring import score_texts
 
-ATTACKS = "loss,zlib,min_k,min_k_pp,ref,lowercase,recall,gradnorm,neighbourhood"
+ATTACKS = "loss,zlib,min_k,min_k_pp,ref,lowercase,recall,gradnorm,neighbourhood,lira"
 
 
 def _write_data(d: Path) -> None:
@@ -34,7 +34,8 @@ def _write_data(d: Path) -> None:
 def _commands(out: Path, data: Path, mlm: Path) -> list[list[str]]:
     common = ["--n-bootstrap", "50", "--no-cache", "--dtype", "fp32"]
     return [["mia", "--target", "tiny-gpt-neox", "--reference", "tiny-opt", "--data", str(data), "--attacks", ATTACKS,
-             "--neighbour-model", str(mlm), "--neighbours", "4", "--out", str(out / "mia"), *common],
+             "--neighbour-model", str(mlm), "--neighbours", "4", "--lira-reference", "tiny-opt", "--lira-reference",
+             "tiny-gpt-neox", "--out", str(out / "mia"), *common],
             ["user-inference", "--target", "tiny-gpt-neox", "--reference", "tiny-opt", "--data", str(data),
              "--user-field", "user", "--label-field", "ulabel", "--samples-per-user", "1,2,all",
              "--out", str(out / "ui"), *common],

@@ -259,7 +259,7 @@ def test_grid_values_cannot_make_folders_outside_out(tmp_path):
     ("{n_bootstrap: -1}", "evaluate.m.options.n_bootstrap", "greater than or equal to 0"),
     ("{n_bootstrap: lots}", "evaluate.m.options.n_bootstrap", "valid integer"),
     ("{max_length: 1}", "evaluate.m.options.max_length", "greater than or equal to 2"),
-    ("{attacks: [loss, lira]}", "evaluate.m.options.attacks[1]", "unknown attack 'lira'"),
+    ("{attacks: [loss, likelihood]}", "evaluate.m.options.attacks[1]", "unknown attack 'likelihood'"),
     ("{attacks: [ref]}", "evaluate.m.options.attacks[0]", "needs a reference model"),
     ("{attacks: [loss], attack_options: {min_k: {k: 0.2}}}", "evaluate.m.options.attack_options.min_k",
      "not run"),

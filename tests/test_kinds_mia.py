@@ -48,7 +48,9 @@ def _message(err: str) -> str:
 
 @pytest.mark.parametrize("cli_args, option, where", [
     (["--attacks", "loss,mink"], "{attacks: [loss, mink]}", ("--attacks", "evaluate.m.options.attacks[1]")),
-    (["--attacks", "lira"], "{attacks: [lira]}", ("--attacks", "evaluate.m.options.attacks[0]")),
+    (["--attacks", "likelihood"], "{attacks: [likelihood]}", ("--attacks", "evaluate.m.options.attacks[0]")),
+    (["--attacks", "lira"], "{attacks: [lira]}",  # no reference models: the option, not the attack, is named
+     ("--lira-reference", "evaluate.m.options.attack_options.lira.references")),
     (["--attacks", "min_k", "--k", "0"], "{attacks: [min_k], attack_options: {min_k: {k: 0}}}",
      ("--k", "evaluate.m.options.attack_options.min_k.k")),
     (["--attacks", "loss,ref"], "{attacks: [loss, ref]}", ("--attacks", "evaluate.m.options.attacks[1]")),

@@ -9,7 +9,7 @@ once, and the scoring engine caches it on disk.
 from __future__ import annotations
 
 import difflib
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar
 
@@ -43,33 +43,40 @@ class ScoringContext:
     #: the conversations under attack (format chat), or None for plain texts: `texts` are then their last replies'
     #: contents, and each is scored as the fine-tune trained on it, in its conversation (`chat_rows`)
     chats: list[list[dict[str, str]]] | None = None
+    #: loads a model an attack's options name (lira's references) as the run loads its own (device, dtype,
+    #: pickle rule); None: `load_model` on the target's device and dtype
+    load: Callable[[str], LoadedModel] | None = None
     _passes: dict[tuple, list[TokenScores]] = field(default_factory=dict, repr=False)
 
     def scores(self, model: str = "target", texts: Sequence[str] | None = None, prefix: str | None = None,
                moments: bool | None = None) -> list[TokenScores]:
         """Token scores of `texts` (default: the texts under attack) under the target or reference model. With
         conversations, `texts` are contents for their last replies (e.g. lowercased), scored in context."""
-        from leakaudit.distributed import score_ids_distributed, score_texts_distributed
-
         lm = self.target if model == "target" else self.reference
         if lm is None:
             raise InputError("this attack needs a reference model", field="--reference")
         texts = self.texts if texts is None else list(texts)
-        if self.chats is not None and prefix is not None:  # an attack of its own prefix: refused in run_mia
-            raise InputError("a conversation is scored in its own context; this attack adds another", field="attacks")
         want = self.moments if moments is None else moments
         key = (model, tuple(texts), prefix)
         have = self._passes.get(key)
         if have is None or (want and have and have[0].mu is None):
-            if self.chats is None:
-                have = score_texts_distributed(lm, texts, prefixes=prefix, moments=want,
-                                               description=f"scoring ({model})", **self.score_options)
-            else:
-                contexts, replies = chat_rows(lm.tokenizer, self.chats, texts)
-                have = score_ids_distributed(lm, contexts, replies, moments=want, description=f"scoring ({model})",
-                                             **self.score_options)
+            have = self._pass(lm, texts, prefix, want, model)
             self._passes[key] = have
         return have
+
+    def _pass(self, lm: LoadedModel, texts: list[str], prefix: str | None, moments: bool,
+              name: str) -> list[TokenScores]:
+        """One scoring pass of `lm`: over the texts, or, with conversations, over their replies in context."""
+        from leakaudit.distributed import score_ids_distributed, score_texts_distributed
+
+        if self.chats is None:
+            return score_texts_distributed(lm, texts, prefixes=prefix, moments=moments,
+                                           description=f"scoring ({name})", **self.score_options)
+        if prefix is not None:  # an attack of its own prefix: refused in run_mia
+            raise InputError("a conversation is scored in its own context; this attack adds another", field="attacks")
+        contexts, replies = chat_rows(lm.tokenizer, self.chats, texts)
+        return score_ids_distributed(lm, contexts, replies, moments=moments, description=f"scoring ({name})",
+                                     **self.score_options)
 
     def scored_ids(self) -> list[list[int]]:
         """The token ids of what the target's shared pass scored, as the engine encodes them (a text alone with
@@ -79,6 +86,25 @@ class ScoringContext:
 
         tok = self.target.tokenizer
         return encode(tok, self.texts) if self.chats is None else chat_rows(tok, self.chats, self.texts)[1]
+
+    def reference_scores(self, spec: str, name: str) -> list[TokenScores]:
+        """Token scores of the texts under attack under the model `spec` (no moments), through the same cached,
+        batched and sharded engine: the model is loaded for this pass and released after it, so an attack that
+        reads several (lira) never holds more than one of them. `name` labels the progress bar."""
+        import gc
+
+        key = (f"spec:{spec}", tuple(self.texts), None)
+        if key not in self._passes:
+            if self.load is None:
+                from leakaudit.models import load_model
+
+                lm = load_model(spec, device=str(self.target.device), dtype=self.target.dtype)
+            else:
+                lm = self.load(spec)
+            self._passes[key] = self._pass(lm, self.texts, None, False, name)
+            del lm
+            gc.collect()  # its weights go now, before the next one loads
+        return self._passes[key]
 
     @property
     def target_scores(self) -> list[TokenScores]:

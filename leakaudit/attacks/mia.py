@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 import zlib
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated
@@ -493,8 +493,10 @@ def run_mia(target: LoadedModel, members: Sequence[str] | Sequence[Conversation]
             nonmembers: Sequence[str] | Sequence[Conversation], attacks: Sequence[str | Attack],
             reference: LoadedModel | None = None, *, attack_options: dict[str, dict] | None = None,
             n_bootstrap: int = 1000, seed: int = 0, batch_size: int | str = "auto", max_length: int | None = None,
-            stride: int | None = None, cache: bool = True, progress: bool = True) -> MiaReport:
-    """Score members and non-members with each attack and summarise each attack's ROC.
+            stride: int | None = None, cache: bool = True, progress: bool = True,
+            load: Callable[[str], LoadedModel] | None = None) -> MiaReport:
+    """Score members and non-members with each attack and summarise each attack's ROC. `load` loads the models
+    an attack's options name (lira's references; default: on the target's device and dtype).
 
     All reference-free attacks read one shared scoring pass of the target. For `recall` without explicit
     prefix texts, the first `shots` non-members become the prefix and are left out of every attack's evaluation
@@ -545,7 +547,7 @@ def run_mia(target: LoadedModel, members: Sequence[str] | Sequence[Conversation]
     labels = np.array([1] * len(members) + [0] * len(evaluated_nonmembers))
     ctx = ScoringContext(target, texts, reference, moments=any(a.needs_moments for a in chosen),
                          score_options={"batch_size": batch_size, "max_length": max_length, "stride": stride,
-                                        "cache": cache, "progress": progress}, chats=chats)
+                                        "cache": cache, "progress": progress}, chats=chats, load=load)
     warnings = split_warnings(members, evaluated_nonmembers)
     if prefix_index:
         warnings.append(f"recall: the first {len(prefix_index)} non-members form the prefix and are not evaluated")

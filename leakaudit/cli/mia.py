@@ -26,7 +26,8 @@ MIA_FLAGS = {("attack_options",): "--attacks", ("attack_options", "recall", "sho
              ("attack_options", "recall", "prefix"): "--recall-prefix", ("cache",): "--no-cache",
              ("attack_options", "dc_pdd", "corpus"): "--dc-pdd-corpus",
              ("attack_options", "neighbourhood", "model"): "--neighbour-model",
-             ("attack_options", "neighbourhood", "n_neighbours"): "--neighbours"}
+             ("attack_options", "neighbourhood", "n_neighbours"): "--neighbours",
+             ("attack_options", "lira", "references"): "--lira-reference"}
 USER_FLAGS = {("m_values",): "--samples-per-user", ("cache",): "--no-cache"}
 
 
@@ -50,7 +51,7 @@ def _refuse_unused_flags(ctx: typer.Context, names: list[str]) -> None:
     readers = {"k": ("--k", takes_k(list(ATTACKS))), "recall_shots": ("--recall-shots", ["recall"]),
                "recall_prefix": ("--recall-prefix", ["recall"]), "dc_pdd_corpus": ("--dc-pdd-corpus", ["dc_pdd"]),
                "neighbour_model": ("--neighbour-model", ["neighbourhood"]),
-               "neighbours": ("--neighbours", ["neighbourhood"])}
+               "neighbours": ("--neighbours", ["neighbourhood"]), "lira_reference": ("--lira-reference", ["lira"])}
     for param, (flag, which) in readers.items():
         if given_on_command_line(ctx, param) and not set(which) & set(names):
             raise InputError(f"no attack that runs takes it (it is for {', '.join(which)}; the attacks are "
@@ -106,7 +107,7 @@ def mia(
     data: Path | None = typer.Option(None, "--data", help="One file with both, labelled by --label-field"),
     label_field: str = typer.Option("label", "--label-field", help="1/0, true/false, yes/no, member/nonmember, in/out"),
     attacks: str | None = typer.Option(None, "--attacks", help="Comma list of loss, zlib, min_k, min_k_pp, "
-                                       "lowercase, recall, dc_pdd, gradnorm, neighbourhood, ref (default: loss,zlib,min_k,min_k_pp, "
+                                       "lowercase, recall, dc_pdd, gradnorm, neighbourhood, ref, lira (default: loss,zlib,min_k,min_k_pp, "
                                        "plus ref when --reference is given; docs/attacks.md defines each)"),
     out: Path = typer.Option(..., "--out", help="Output dir: mia.json, scores.jsonl, roc.png"),
     text_field: str = typer.Option("text", "--text-field"),
@@ -128,6 +129,9 @@ def mia(
                                                "proposes the neighbourhood attack's word swaps (a local folder or a "
                                                "hub id, e.g. bert-base-uncased)"),
     neighbours: int = typer.Option(25, "--neighbours", min=1, help="Neighbours per text, for neighbourhood"),
+    lira_reference: list[str] | None = typer.Option(None, "--lira-reference", help="A reference model for lira "
+                                                    "(any model spec), not trained on these texts; repeat it for "
+                                                    "each (at least 2)"),
     n_bootstrap: int = typer.Option(1000, "--n-bootstrap", min=0, help="Bootstrap resamples for the AUC and TPR intervals (0: none)"),
     seed: int = typer.Option(0, "--seed", min=0, max=MAX_SEED),
     batch_size: str = batch_size_option(),
@@ -157,6 +161,8 @@ def mia(
         attack_options["dc_pdd"] = {"corpus": dc_pdd_corpus}
     if "neighbourhood" in names:
         attack_options["neighbourhood"] = {"model": neighbour_model, "n_neighbours": neighbours}
+    if "lira" in names:
+        attack_options["lira"] = {"references": lira_reference or []}
     values = {"attacks": attacks or None, "attack_options": attack_options, "n_bootstrap": n_bootstrap, "seed": seed,
               "batch_size": batch_size, "max_length": max_length, "stride": stride, "cache": not no_cache,
               "format": data_format, "messages_field": messages_field}
@@ -167,7 +173,8 @@ def mia(
                    inputs={"--members": members, "--nonmembers": nonmembers, "--data": data,
                            "--recall-prefix": recall_prefix, "--dc-pdd-corpus": corpus_file(dc_pdd_corpus),
                            "--target": model_path(target), "--reference": model_path(reference),
-                           "--baseline": model_path(baseline), "--neighbour-model": model_path(neighbour_model)})
+                           "--baseline": model_path(baseline), "--neighbour-model": model_path(neighbour_model),
+                           **{f"--lira-reference {spec}": model_path(spec) for spec in lira_reference or []}})
     if "recall" in names and recall_prefix is not None:
         attack_options["recall"]["prefix"] = tuple(r.text for r in load_records(recall_prefix, text_field=text_field))
         options = build_options(kind, flags=_k_flags(names), roles=roles, **values)

@@ -141,6 +141,15 @@ class ModelCache:
         self._loaded[spec] = lm
         return lm
 
+    def load_once(self, spec: str) -> Any:
+        """A model used for one pass and then released (lira's reference models, one after another: n of them
+        must not sit in memory together): the held copy when there is one, else loaded and not kept."""
+        if spec in self._loaded:
+            return self._loaded[spec]
+        from leakaudit.models import load_model
+
+        return load_model(spec, **self.load_options)
+
     def _full(self, incoming: Any) -> bool:
         if self.keep is not None and len(self._loaded) >= self.keep:
             return True

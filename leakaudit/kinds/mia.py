@@ -233,7 +233,7 @@ class Mia(Kind):
                              reference=reference, attack_options=dict(options.attack_options),
                              n_bootstrap=options.n_bootstrap, seed=seed,
                              batch_size=options.batch_size, max_length=options.max_length, stride=options.stride,
-                             cache=options.cache, progress=ctx.progress)
+                             cache=options.cache, progress=ctx.progress, load=ctx.cache.load_once)
         except TooShortError as exc:
             role = exc.role or "members"
             rec = (members if role == "members" else nonmembers)[exc.row or 0]

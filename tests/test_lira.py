@@ -1,0 +1,194 @@
+"""Offline LiRA (`lira`): its score against one computed by hand from each model's unbatched float64 pass, in
+both variance modes; σ = 0; batched = unbatched; too few references; the CLI and experiment routes agree; an
+edited reference folder reruns the stage; and on models that could fail it, members score higher."""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import shutil
+
+import numpy as np
+import pytest
+import torch
+from conftest import run_main, torch_threads
+from test_attacks import TEXTS, _seed_instructions, hand
+
+from leakaudit.attacks import ScoringContext, get_attack
+from leakaudit.attacks.lira import SIGMA_FLOOR, lira_scores
+from leakaudit.attacks.mia import run_mia
+from leakaudit.errors import InputError
+from leakaudit.models import LoadedModel, load_model
+
+NO_CACHE = {"cache": False, "progress": False}
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    with torch_threads(1):
+        yield
+
+
+def _train(base: LoadedModel, texts: list[str], seed: int, steps: int = 120) -> torch.nn.Module:
+    """A copy of `base` fitted to `texts` (batches of 8, AdamW): hard enough that a tiny model memorises them."""
+    model = copy.deepcopy(base.model)
+    tok = base.tokenizer
+    rng = np.random.default_rng(seed)
+    torch.manual_seed(seed)
+    model.train()
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    for _ in range(steps):
+        batch = [texts[i] for i in rng.choice(len(texts), min(8, len(texts)), replace=False)]
+        enc = tok(batch, return_tensors="pt", padding=True)
+        loss = model(**enc, labels=enc["input_ids"].masked_fill(enc["attention_mask"] == 0, -100)).loss
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return model.eval()
+
+
+@pytest.fixture(scope="module")
+def study(tiny_neox, tmp_path_factory):
+    """Members and non-members drawn at random from one pool; a target fitted to the members; three reference
+    folders, each fitted to its own texts of the same pool, disjoint from both sets (OUT models)."""
+    texts = _seed_instructions(96)
+    order = np.random.default_rng(0).permutation(len(texts))
+    members, nonmembers = [texts[i] for i in order[:16]], [texts[i] for i in order[16:32]]
+    target = LoadedModel(_train(tiny_neox, members, 0), tiny_neox.tokenizer, "tuned", "test-lira-target",
+                         tiny_neox.device, tiny_neox.dtype)
+    folders = []
+    for j in range(3):
+        where = tmp_path_factory.mktemp("lira") / f"ref{j}"
+        _train(tiny_neox, [texts[i] for i in order[32 + 16 * j:48 + 16 * j]], j + 1).save_pretrained(where)
+        tiny_neox.tokenizer.save_pretrained(where)
+        folders.append(str(where))
+    return target, members, nonmembers, folders
+
+
+def test_score_by_hand_in_both_variance_modes(tiny_neox, study):
+    """(μ - NLL_target) / σ from each model's own unbatched float64 pass: σ per text (ddof 1), or pooled over all
+    residuals (ddof = the number of texts). One reference is a spec of another architecture, not a folder."""
+    target, _, _, folders = study
+    specs = [*folders[:2], "tiny-opt"]
+    nll_t = [-hand(target, t)["logp"].mean() for t in TEXTS]
+    nll_r = [[-hand(load_model(s, dtype="fp32"), t)["logp"].mean() for t in TEXTS] for s in specs]
+    n, m = len(specs), len(TEXTS)
+    mu = [sum(nll_r[j][i] for j in range(n)) / n for i in range(m)]
+    ss = [sum((nll_r[j][i] - mu[i]) ** 2 for j in range(n)) for i in range(m)]
+    pooled = math.sqrt(sum(ss) / (n * m - m))
+    want = {"per_text": [(mu[i] - nll_t[i]) / math.sqrt(ss[i] / (n - 1)) for i in range(m)],
+            "global": [(mu[i] - nll_t[i]) / pooled for i in range(m)]}
+    assert not np.allclose(want["per_text"], want["global"], rtol=1e-2)  # the two modes are told apart
+    for variance, expected in want.items():
+        ctx = ScoringContext(target, list(TEXTS), score_options=NO_CACHE)
+        got = get_attack("lira", references=specs, variance=variance).score(ctx)
+        assert np.allclose(got, expected, rtol=1e-4, atol=1e-5), (variance, got, expected)
+
+
+def test_members_score_higher_against_references_trained_on_other_texts(tiny_neox, study):
+    """The sanity check that could fail: a target fitted to the members, references fitted to disjoint texts."""
+    target, members, nonmembers, folders = study
+    report = run_mia(target, members, nonmembers, ["lira"], n_bootstrap=200,
+                     attack_options={"lira": {"references": folders}}, **NO_CACHE)
+    lo, _ = report.metrics["lira"].auc_ci
+    assert lo > 0.6, report.metrics["lira"]
+    assert report.options["lira"] == {"references": folders, "variance": "global"}
+    # the control: the model the target was fitted from never saw the members, and lira finds nothing in it
+    base = run_mia(tiny_neox, members, nonmembers, ["lira"], n_bootstrap=200,
+                   attack_options={"lira": {"references": folders}}, **NO_CACHE)
+    lo, hi = base.metrics["lira"].auc_ci
+    assert lo < 0.5 < hi, base.metrics["lira"]
+
+
+def test_batched_and_unbatched_agree(study):
+    target, members, nonmembers, folders = study
+    runs = [run_mia(target, members[:5], nonmembers[:5], ["lira"], n_bootstrap=0, batch_size=b,
+                    attack_options={"lira": {"references": folders, "variance": "per_text"}}, **NO_CACHE)
+            for b in (1, 3, "auto")]
+    for other in runs[1:]:
+        assert np.allclose(runs[0].scores["lira"], other.scores["lira"], rtol=1e-5, atol=1e-5)
+
+
+def test_sigma_zero_is_floored_not_divided_by():
+    """References that agree exactly on a text: σ floored (and counted), the score finite, its sign kept."""
+    nll_t = np.array([1.0, 2.0, 3.0])
+    refs = np.array([[1.5, 2.0, 2.5], [1.5, 2.4, 2.9]])  # text 0: σ 0 per text
+    per_text, floored = lira_scores(nll_t, refs, "per_text")
+    assert floored == 1 and np.isfinite(per_text).all()
+    assert per_text[0] == pytest.approx(0.5 / SIGMA_FLOOR) and per_text[2] < 0
+    same, floored = lira_scores(nll_t, np.array([[1.5, 2.2, 2.7]] * 2), "global")  # σ 0 everywhere
+    assert floored == 3 and np.isfinite(same).all() and list(np.argsort(same)) == [2, 1, 0]
+
+
+def test_a_reference_copied_twice_warns_of_its_floored_sigma(tiny_neox, study, tmp_path, capsys):
+    _, _, _, folders = study
+    twin = tmp_path / "twin"
+    shutil.copytree(folders[0], twin)
+    ctx = ScoringContext(tiny_neox, list(TEXTS), score_options=NO_CACHE)
+    got = get_attack("lira", references=[folders[0], str(twin)], variance="per_text").score(ctx)
+    assert np.isfinite(got).all()
+    assert f"lira: the reference models agree exactly on {len(TEXTS)} of {len(TEXTS)} texts" in capsys.readouterr().err
+
+
+def test_too_few_repeated_or_missing_references_are_one_line_naming_the_field(study, tmp_path):
+    _, _, _, folders = study
+    for references, says in (([], "got 0"), ([folders[0]], "got 1"), ([folders[0], folders[0]], "listed twice"),
+                             ([folders[0], str(tmp_path / "missing")], "references[1]")):
+        with pytest.raises(InputError) as err:
+            get_attack("lira", references=references)
+        assert err.value.field == "references" and says in err.value.format(), err.value.format()
+        assert "\n" not in err.value.format()
+    with pytest.raises(InputError):
+        get_attack("lira", references=folders[:2], variance="local")
+
+
+def test_the_cli_takes_repeated_references_and_refuses_them_without_lira(study, tmp_path, monkeypatch, capsys):
+    _, members, nonmembers, folders = study
+    m, n = tmp_path / "m.jsonl", tmp_path / "n.jsonl"
+    m.write_text("".join(json.dumps({"text": t}) + "\n" for t in members[:4]))
+    n.write_text("".join(json.dumps({"text": t}) + "\n" for t in nonmembers[:4]))
+    base = ["mia", "--model", "tiny-gpt-neox", "--members", m, "--nonmembers", n, "--n-bootstrap", "0", "--no-cache"]
+    code, err = run_main([*base, "--out", tmp_path / "a", "--lira-reference", folders[0]], monkeypatch, capsys)
+    assert code == 2 and "field '--lira-reference': no attack that runs takes it" in err, err
+    code, err = run_main([*base, "--out", tmp_path / "a", "--attacks", "lira", "--lira-reference", folders[0]],
+                         monkeypatch, capsys)
+    assert code == 2 and err.startswith("error: field '--lira-reference': ") and "at least 2" in err, err
+    assert len(err.strip().splitlines()) == 1
+    code, err = run_main([*base, "--out", tmp_path / "b", "--attacks", "loss,lira",
+                          *(x for f in folders for x in ("--lira-reference", f))], monkeypatch, capsys)
+    assert code == 0, err
+    res = json.loads((tmp_path / "b" / "mia.json").read_text())
+    assert res["attacks"]["lira"]["options"] == {"references": folders, "variance": "global"}
+
+
+def _experiment(references: list[str]) -> str:
+    refs = ", ".join(f"'{r}'" for r in references)
+    return ("name: l\nmodels: {t: tiny-gpt-neox}\ndatasets:\n  d: {builtin: enron-synthetic, limit: 8, "
+            "max_chars: 120, split: {members: 0.5, nonmembers: 0.5}}\nevaluate:\n  m:\n    kind: mia\n"
+            "    targets: [t]\n    members: d.members\n    nonmembers: d.nonmembers\n"
+            f"    options: {{attacks: [loss, lira], n_bootstrap: 0, attack_options: {{lira: {{references: [{refs}]}}}}}}\n")
+
+
+def test_the_experiment_and_the_cli_give_the_same_scores(study, tmp_path, monkeypatch, capsys):
+    from leakaudit.config import parse_experiment
+    from leakaudit.experiment import Plan, run_experiment
+    from leakaudit.experiment.checks import check_plan
+
+    _, _, _, folders = study
+    with pytest.raises(InputError) as err:
+        check_plan(Plan(parse_experiment(_experiment(folders[:1]), tmp_path / "bad.yaml")), (tmp_path / "o", None))
+    said = err.value.format()
+    assert "bad.yaml:" in said and "attack_options.lira.references" in said and "at least 2" in said, said
+    run_experiment(parse_experiment(_experiment(folders), tmp_path / "l.yaml"), tmp_path / "out", log=lambda m: None,
+                   report=False)
+    stage = tmp_path / "out" / "evaluate" / "m" / "t"
+    data = tmp_path / "out" / "data" / "d"
+    code, err = run_main(["mia", "--model", "tiny-gpt-neox", "--members", data / "members.jsonl", "--nonmembers",
+                          data / "nonmembers.jsonl", "--id-field", "id", "--n-bootstrap", "0", "--attacks",
+                          "loss,lira", "--out", tmp_path / "cli", *(x for f in folders for x in ("--lira-reference", f))],
+                         monkeypatch, capsys)
+    assert code == 0, err
+    rows = [{(r["label"], r["id"]): r["lira"] for r in map(json.loads, (d / "scores.jsonl").read_text().splitlines())}
+            for d in (stage, tmp_path / "cli")]
+    assert len(rows[0]) == 8 and rows[0] == pytest.approx(rows[1], rel=1e-6)
