@@ -30,7 +30,7 @@ def one_thread():
         yield
 
 
-def _train(base: LoadedModel, texts: list[str], seed: int, steps: int = 120) -> torch.nn.Module:
+def _train(base: LoadedModel, texts: list[str], seed: int, steps: int = 60) -> torch.nn.Module:
     """A copy of `base` fitted to `texts` (batches of 8, AdamW): hard enough that a tiny model memorises them."""
     model = copy.deepcopy(base.model)
     tok = base.tokenizer
@@ -192,3 +192,22 @@ def test_the_experiment_and_the_cli_give_the_same_scores(study, tmp_path, monkey
     rows = [{(r["label"], r["id"]): r["lira"] for r in map(json.loads, (d / "scores.jsonl").read_text().splitlines())}
             for d in (stage, tmp_path / "cli")]
     assert len(rows[0]) == 8 and rows[0] == pytest.approx(rows[1], rel=1e-6)
+
+
+def test_one_reference_is_held_at_a_time(study):
+    """Each reference is loaded for its pass and released before the next loads: n models never sit in memory
+    together (a weak reference to each must be dead when the next is asked for)."""
+    import weakref
+
+    target, _, _, folders = study
+    held: list[weakref.ref] = []
+
+    def load(spec: str) -> LoadedModel:
+        assert all(r() is None for r in held), "an earlier reference is still in memory"
+        lm = load_model(spec, dtype="fp32")
+        held.append(weakref.ref(lm.model))
+        return lm
+
+    ctx = ScoringContext(target, list(TEXTS), score_options=NO_CACHE, load=load)
+    get_attack("lira", references=folders).score(ctx)
+    assert len(held) == len(folders) and all(r() is None for r in held)
