@@ -180,6 +180,14 @@ def test_the_experiment_and_the_cli_give_the_same_scores(study, tmp_path, monkey
         check_plan(Plan(parse_experiment(_experiment(folders[:1]), tmp_path / "bad.yaml")), (tmp_path / "o", None))
     said = err.value.format()
     assert "bad.yaml:" in said and "attack_options.lira.references" in said and "at least 2" in said, said
+    for name, says in (("t", "give its spec 'tiny-gpt-neox'"), ("ft", "train the reference models in another run")):
+        named = _experiment([folders[0], name]).replace("evaluate:", "finetune:\n  ft: {model: t, data: d.members}\n"
+                                                                     "evaluate:")
+        with pytest.raises(InputError) as err:
+            check_plan(Plan(parse_experiment(named, tmp_path / "n.yaml")), (tmp_path / "o", None))
+        said = err.value.format()
+        assert "attack_options.lira.references" in said and f"'{name}' names a model of this experiment" in said
+        assert says in said, said
     run_experiment(parse_experiment(_experiment(folders), tmp_path / "l.yaml"), tmp_path / "out", log=lambda m: None,
                    report=False)
     stage = tmp_path / "out" / "evaluate" / "m" / "t"
