@@ -3,12 +3,17 @@
 from __future__ import annotations
 
 import types
+from contextvars import ContextVar
 from pathlib import Path
 from typing import Annotated, Any, Union, get_args, get_origin
 
 from pydantic import AfterValidator, BeforeValidator, Field, ValidationInfo
 
 BATCH_SIZE_RULE = "must be 'auto' or a positive integer"
+
+#: model names a list of model specs may hold that its caller resolves itself: an experiment's `models:` entries
+#: and fine-tunes, checked before their fine-tunes ran (a validator of specs lets them through, unresolved)
+NAMED_MODELS: ContextVar[frozenset[str]] = ContextVar("NAMED_MODELS", default=frozenset())
 
 
 def parse_batch_size(v: int | str) -> int | str:

@@ -180,14 +180,6 @@ def test_the_experiment_and_the_cli_give_the_same_scores(study, tmp_path, monkey
         check_plan(Plan(parse_experiment(_experiment(folders[:1]), tmp_path / "bad.yaml")), (tmp_path / "o", None))
     said = err.value.format()
     assert "bad.yaml:" in said and "attack_options.lira.references" in said and "at least 2" in said, said
-    for name, says in (("t", "give its spec 'tiny-gpt-neox'"), ("ft", "train the reference models in another run")):
-        named = _experiment([folders[0], name]).replace("evaluate:", "finetune:\n  ft: {model: t, data: d.members}\n"
-                                                                     "evaluate:")
-        with pytest.raises(InputError) as err:
-            check_plan(Plan(parse_experiment(named, tmp_path / "n.yaml")), (tmp_path / "o", None))
-        said = err.value.format()
-        assert "attack_options.lira.references" in said and f"'{name}' names a model of this experiment" in said
-        assert says in said, said
     run_experiment(parse_experiment(_experiment(folders), tmp_path / "l.yaml"), tmp_path / "out", log=lambda m: None,
                    report=False)
     stage = tmp_path / "out" / "evaluate" / "m" / "t"
@@ -219,3 +211,38 @@ def test_one_reference_is_held_at_a_time(study):
     ctx = ScoringContext(target, list(TEXTS), score_options=NO_CACHE, load=load)
     get_attack("lira", references=folders).score(ctx)
     assert len(held) == len(folders) and all(r() is None for r in held)
+
+
+def test_an_experiment_names_its_own_fine_tunes_and_models_as_references(tmp_path):
+    """`references: [ra, base]`: a fine-tune of the same file (its folder, once trained; the stage waits for it and
+    reruns when it changes) and a `models:` entry (its spec). A grid of fine-tunes is one error at its line."""
+    from leakaudit.config import parse_experiment
+    from leakaudit.experiment import Plan, run_experiment
+    from leakaudit.experiment.checks import check_plan
+
+    def study(references: str, learning_rate: float = 0.001, grid: str = "") -> str:
+        return ("name: l\nmodels: {base: tiny-gpt-neox}\ndatasets:\n  d: {builtin: enron-synthetic, limit: 24, "
+                "max_chars: 120, split: {members: 0.25, nonmembers: 0.25, a: 0.25, b: 0.25}}\nfinetune:\n"
+                f"  ra: {{model: base, data: d.a, options: {{epochs: 1, learning_rate: {learning_rate}, batch_size: 4, "
+                f"max_length: 48}}{grid}}}\n"
+                "evaluate:\n  m:\n    kind: mia\n    targets: [base]\n    members: d.members\n"
+                "    nonmembers: d.nonmembers\n"
+                f"    options: {{attacks: [lira], n_bootstrap: 0, attack_options: {{lira: {{references: {references}}}}}}}\n")
+
+    plan = Plan(parse_experiment(study("[ra, base]"), tmp_path / "l.yaml"))
+    stage = plan.stages["evaluate/m/base"]
+    assert "finetune/ra" in stage.deps and stage.params["named_models"]["attack_options.lira.references.0"] == {
+        "stage": "finetune/ra"}
+    check_plan(plan, (tmp_path / "out", None))
+    other = Plan(parse_experiment(study("[ra, base]", learning_rate=0.002), tmp_path / "l.yaml"))
+    assert other.stages["evaluate/m/base"].key != stage.key  # a reference trained otherwise reruns the attack
+    with pytest.raises(InputError) as err:
+        Plan(parse_experiment(study("[ra, base]", grid=", grid: {learning_rate: [0.001, 0.002]}"), tmp_path / "g.yaml"))
+    assert "g.yaml:" in err.value.format() and "a grid of 2 variants" in err.value.format(), err.value.format()
+    run_experiment(parse_experiment(study("[ra, base]"), tmp_path / "l.yaml"), tmp_path / "out", log=lambda m: None,
+                   report=False)
+    res = json.loads((tmp_path / "out" / "evaluate" / "m" / "base" / "mia.json").read_text())
+    ra = json.loads((tmp_path / "out" / "run.json").read_text())
+    model_dir = next(s["result"]["model_dir"] for s in ra["stages"] if s["id"] == "finetune/ra")
+    assert res["attacks"]["lira"]["options"]["references"] == [
+        str(tmp_path / "out" / "finetune" / "ra" / model_dir), "tiny-gpt-neox"]

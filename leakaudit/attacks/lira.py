@@ -29,12 +29,15 @@ SIGMA_FLOOR = 1e-6
 def _reference_specs(specs: tuple[str, ...]) -> tuple[str, ...]:
     """At least two distinct model specs, each one `load_model` can resolve (a typo fails before any scoring)."""
     from leakaudit.models import resolve_spec
+    from leakaudit.options import NAMED_MODELS
 
     if len(specs) < 2:
         raise ValueError(f"needs at least 2 reference models (their mean and spread), got {len(specs)}")
     for i, spec in enumerate(specs):
         if spec in specs[:i]:  # the same model twice: its losses agree exactly, and the spread shrinks for nothing
             raise ValueError(f"references[{i}] '{spec}' is listed twice")
+        if spec in NAMED_MODELS.get():  # a model of the experiment, resolved by its plan
+            continue
         try:
             resolve_spec(spec)
         except InputError as exc:

@@ -13,8 +13,9 @@ from pydantic import ValidationError
 
 from leakaudit.config import ConfigError, pydantic_message
 from leakaudit.errors import InputError, OptionError
-from leakaudit.experiment.plan import Plan, Stage, local_adapter_base, stage_dir, trained_by_all
+from leakaudit.experiment.plan import Plan, Stage, local_adapter_base, named_models, stage_dir, trained_by_all
 from leakaudit.kinds.base import DATA_ROLES, MODEL_ROLES
+from leakaudit.options import NAMED_MODELS
 
 
 def check_plan(plan: Plan, runs: tuple[Path | None, ...] = ()) -> None:
@@ -41,7 +42,6 @@ def check_plan(plan: Plan, runs: tuple[Path | None, ...] = ()) -> None:
                                       f"{base.params['method']} adapter; fine-tuning starts from a full model "
                                       "(fine-tune that one with method: full, or merge it first)")
             elif stage.kind != "dataset":
-                _check_lira_names(plan, stage)
                 options = stage_options(stage)  # validated once, read by every check below
                 _check_field_options(plan, stage, options)
                 _check_users(plan, stage)
@@ -57,20 +57,6 @@ def check_plan(plan: Plan, runs: tuple[Path | None, ...] = ()) -> None:
             raise plan.exp.error(exc.loc, exc.message + _beside_file_hint(plan, value)) from None
     _check_compare_to(plan)
     _check_mask_names(plan)
-
-
-def _check_lira_names(plan: Plan, stage: Stage) -> None:
-    """lira's references are model specs or folders, not the experiment's model names: a name there was looked up
-    as a hub id, and the error said it was not found, not why (docs/experiments.md)."""
-    lira = ((stage.params.get("options") or {}).get("attack_options") or {}).get("lira")
-    references = lira.get("references") if isinstance(lira, dict) else None
-    for ref in references if isinstance(references, list) else []:
-        if isinstance(ref, str) and ref in {**plan.exp.models, **plan.exp.finetune} and not Path(ref).exists():
-            hint = (f"give its spec '{plan.exp.models[ref]}'" if ref in plan.exp.models else
-                    "train the reference models in another run and give their folders")
-            raise ConfigError(_option_loc(stage, "attack_options", "options", "lira", "references"),
-                              f"'{ref}' names a model of this experiment, and lira's references are model specs or "
-                              f"folders: {hint}")
 
 
 def _check_backend(stage: Stage, options: dict[str, Any]) -> None:
@@ -489,11 +475,14 @@ def stage_options(stage: Stage) -> dict[str, Any]:
         key, *sub = err["loc"]
         raise ConfigError(_option_loc(stage, key, "options", *(x for x in sub if isinstance(x, int))),
                           pydantic_message(err)) from None
+    names = NAMED_MODELS.set(frozenset(named_models(stage)))  # resolved by the plan, after their fine-tunes
     try:
         registered.check(model.model_validate(raw), stage_roles(stage))
     except OptionError as exc:
         key, *sub = exc.loc
         raise ConfigError(_option_loc(stage, key, "options", *sub), exc.message) from None
+    finally:
+        NAMED_MODELS.reset(names)
     return opts
 
 

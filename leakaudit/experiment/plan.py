@@ -225,6 +225,24 @@ class Plan:
                                       "give that variant its own finetune entry (or drop the grid)")
         return {"stage": sids[0]}, [sids[0]]
 
+    def _named_models(self, kind: str, options: dict[str, Any], loc: tuple[str, ...]) -> tuple[dict[str, Any], list[str]]:
+        """The experiment's model names inside the kind's model_list_options (lira's references: `[ref_a, ref_b]`,
+        fine-tunes of this file) → {`path.i`: the model parameter a role gets}, and the stages they read."""
+        from leakaudit.kinds import get_kind
+
+        try:
+            paths = get_kind(kind).model_list_options
+        except ValueError:  # an unknown kind: the plan check names it
+            return {}, []
+        named: dict[str, Any] = {}
+        deps: list[str] = []
+        for path in paths:
+            for i, entry in enumerate(_at(options, path) or []):
+                if isinstance(entry, str) and (entry in self.exp.models or entry in self.finetune_variants):
+                    named[f"{path}.{i}"], mdeps = self._model_param(entry, (*loc, *path.split(".")))
+                    deps += mdeps
+        return named, deps
+
     def _add(self, stage: Stage) -> None:
         # two grid variants that are one stage, or that share a folder, would silently overwrite each other
         # (a value given twice: [0.001, 0.001], [20, "20"]; labels that differ only in characters a folder
@@ -326,6 +344,10 @@ class Plan:
                     model, mdeps = self._model_param(getattr(e, role), ("evaluate", name, role))
                     common[role] = model
                     deps += mdeps
+                named, mdeps = self._named_models(e.kind, options, ("evaluate", name, "options"))
+                if named:  # absent otherwise: the keys of stages that name no model stay as they were
+                    common["named_models"] = named
+                    deps += [d for d in mdeps if d not in deps]
                 for target in e.targets:
                     for tlabel, tsid in self.model_refs(target):
                         target_param = {"stage": tsid} if tsid else {"spec": model_identity(exp.models[target])}
@@ -373,6 +395,23 @@ def _flat(options: dict[str, Any], prefix: str = "") -> dict[str, Any]:
             out.update(_flat(v, f"{prefix}{k}."))
         else:
             out[f"{prefix}{k}"] = v
+    return out
+
+
+def _at(options: dict[str, Any], path: str) -> list | None:
+    """The list at a dotted option path (`attack_options.lira.references`), or None."""
+    value: Any = options
+    for part in path.split("."):
+        value = value.get(part) if isinstance(value, dict) else None
+    return value if isinstance(value, list) else None
+
+
+def named_models(stage: Stage) -> set[str]:
+    """The model names of the experiment a stage's options hold where a model spec goes (its `named_models`)."""
+    out = set()
+    for key in stage.params.get("named_models") or {}:
+        path, _, i = key.rpartition(".")
+        out.add((_at(stage.params.get("options") or {}, path) or [])[int(i)])
     return out
 
 

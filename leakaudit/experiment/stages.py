@@ -46,7 +46,10 @@ class StageContext:
 
     def model(self, role: str = "target") -> str | None:
         """A model role → a spec `load_model` understands (a spec string or a fine-tuned model dir)."""
-        param = self.stage.params.get(role)
+        return self.spec(self.stage.params.get(role))
+
+    def spec(self, param: dict[str, Any] | None) -> str | None:
+        """A model parameter of the plan ({spec} or {stage}) → a spec `load_model` understands."""
         if param is None:
             return None
         if "stage" in param:
@@ -177,7 +180,14 @@ def run_kind_stage(ctx: StageContext) -> dict[str, Any]:
 
     stage = ctx.stage
     kind = get_kind(_option_kind(stage))
-    options = kind.Options.model_validate(ctx.options)
+    raw = ctx.options
+    for key, param in (stage.params.get("named_models") or {}).items():  # lira's `[ref_a, ref_b]`: their folders
+        *path, i = key.split(".")
+        holder = raw
+        for part in path:
+            holder = holder[part]
+        holder[int(i)] = ctx.spec(param)
+    options = kind.Options.model_validate(raw)
     data = {role: ctx.data_path(role) for role in DATA_ROLES if stage.params.get(role)}
     fields = {role: {"id_field": "id"} for role in data}  # every text file a stage writes has an `id` per row
     models = {role: ctx.model(role) for role in ("target", "reference", "baseline", "model")

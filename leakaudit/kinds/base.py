@@ -256,6 +256,9 @@ class Kind:
     #: (version 1 stays out of stage keys, so raising one kind's keeps every other stage cached)
     version: ClassVar[int] = 1
     changed: ClassVar[str] = ""
+    #: dotted option paths holding a list of model specs in which an experiment may name its own models (a
+    #: `models:` entry, a fine-tune): the plan resolves each such name, the stage reads it as that model's spec
+    model_list_options: ClassVar[tuple[str, ...]] = ()
 
     def check(self, options: KindOptions, roles: set[str]) -> None:
         """Checks that need more than the options (e.g. an attack that needs a reference model).

@@ -187,6 +187,7 @@ class Mia(Kind):
     changed = "recall is ReCaLL's ratio LL(x|P) / LL(x) (it was the difference LL(x) - LL(x|P))"
     summary = "membership inference attacks on `members` vs `nonmembers`: AUC with CI, TPR at low FPR"
     data_parallel = True
+    model_list_options = ("attack_options.lira.references",)
 
     def check(self, options: MiaOptions, roles: set[str]) -> None:
         """Attacks that need a reference only with one; options only for attacks that run; no attack twice."""
