@@ -208,3 +208,24 @@ def test_a_launched_chat_pass_keeps_the_min_k_pp_moments(tiny_neox, monkeypatch)
     got = dist.score_ids_distributed(tiny_neox, [context], [reply], moments=True, cache=False, progress=False)
     want = _by_hand(tiny_neox, context, reply)
     assert got[0].mu is not None and np.allclose(got[0].mu, want["mu"], atol=1e-5)
+
+
+def test_lira_scores_the_conversations_under_each_reference_as_it_renders_them(tiny_neox, monkeypatch):
+    """Each reference renders and tokenises the conversations as its own chat fine-tune would (here the plain
+    template in two tokenizers), and lira reads those passes: (μ − NLL_target) / σ by hand, σ per text."""
+    from leakaudit.models import load_model
+    from leakaudit.models.factories import tiny_model_dir
+
+    monkeypatch.setattr(tiny_neox.tokenizer, "chat_template", None, raising=False)
+    specs = ["tiny-opt", str(tiny_model_dir("tiny-gpt-neox"))]  # the second: the target's weights in a folder
+    chats = [ONE_TURN, *OTHERS]
+    ctx = ScoringContext(tiny_neox, [c[-1]["content"] for c in chats], score_options=NO_CACHE, chats=chats,
+                         load=lambda spec: load_model(spec, dtype="fp32"))
+    got = get_attack("lira", references=specs, variance="per_text").score(ctx)
+    nll = {}
+    for spec in specs:
+        lm = load_model(spec, dtype="fp32")
+        nll[spec] = np.array([-_by_hand(lm, *_trained_run(lm.tokenizer, c))["logp"].mean() for c in chats])
+    target = np.array([-_by_hand(tiny_neox, *_trained_run(tiny_neox.tokenizer, c))["logp"].mean() for c in chats])
+    refs = np.stack(list(nll.values()))
+    assert np.allclose(got, (refs.mean(0) - target) / refs.std(0, ddof=1), rtol=1e-4, atol=1e-5)
