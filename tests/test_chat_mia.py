@@ -229,3 +229,31 @@ def test_lira_scores_the_conversations_under_each_reference_as_it_renders_them(t
     target = np.array([-_by_hand(tiny_neox, *_trained_run(tiny_neox.tokenizer, c))["logp"].mean() for c in chats])
     refs = np.stack(list(nll.values()))
     assert np.allclose(got, (refs.mean(0) - target) / refs.std(0, ddof=1), rtol=1e-4, atol=1e-5)
+
+
+def test_user_inference_scores_each_users_conversations_at_their_last_reply(tiny_neox, tiny_opt, tmp_path,
+                                                                           monkeypatch, capsys):
+    """S(u) = mean over u's conversations of log p_target(reply | context) − log p_ref(reply | context) (sums over
+    the reply's tokens, each model rendering its own), by hand; the command's --format chat gives the same."""
+    from leakaudit.attacks.user_inference import run_user_inference
+    from leakaudit.data.io import load_records
+
+    monkeypatch.setattr(tiny_neox.tokenizer, "chat_template", None, raising=False)
+    chats = [ONE_TURN, LONGER, *OTHERS]
+    rows = [{"user": f"u{i % 2}", "label": 1 - i % 2, "messages": c} for i, c in enumerate(chats)]
+    data = tmp_path / "users.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    records = load_records(data, user_field="user", messages_field="messages")
+    report = run_user_inference(tiny_neox, tiny_opt, [r for r in records if r.extra["label"] == 1],
+                                [r for r in records if r.extra["label"] == 0], "all", n_bootstrap=0,
+                                messages_field="messages", **NO_CACHE)
+    ratio = [_by_hand(tiny_neox, *_trained_run(tiny_neox.tokenizer, c))["logp"].sum()
+             - _by_hand(tiny_opt, *_trained_run(tiny_opt.tokenizer, c))["logp"].sum() for c in chats]
+    want = {"u0": np.mean(ratio[0::2]), "u1": np.mean(ratio[1::2])}
+    assert report.user_scores["all"] == pytest.approx(want, rel=1e-4, abs=1e-4)
+    code, err = run_main(["user-inference", "--target", "tiny-gpt-neox", "--reference", "tiny-opt", "--data", data,
+                          "--user-field", "user", "--format", "chat", "--samples-per-user", "all", "--n-bootstrap",
+                          "0", "--no-cache", "--dtype", "fp32", "--out", tmp_path / "ui"], monkeypatch, capsys)
+    assert code == 0, err
+    cli = {r["user"]: r["score"] for r in map(json.loads, (tmp_path / "ui" / "user_scores.jsonl").read_text().splitlines())}
+    assert cli == pytest.approx(want, rel=1e-4, abs=1e-4)

@@ -66,17 +66,7 @@ class ScoringContext:
 
     def _pass(self, lm: LoadedModel, texts: list[str], prefix: str | None, moments: bool,
               name: str) -> list[TokenScores]:
-        """One scoring pass of `lm`: over the texts, or, with conversations, over their replies in context."""
-        from leakaudit.distributed import score_ids_distributed, score_texts_distributed
-
-        if self.chats is None:
-            return score_texts_distributed(lm, texts, prefixes=prefix, moments=moments,
-                                           description=f"scoring ({name})", **self.score_options)
-        if prefix is not None:  # an attack of its own prefix: refused in run_mia
-            raise InputError("a conversation is scored in its own context; this attack adds another", field="attacks")
-        contexts, replies = chat_rows(lm.tokenizer, self.chats, texts)
-        return score_ids_distributed(lm, contexts, replies, moments=moments, description=f"scoring ({name})",
-                                     **self.score_options)
+        return scoring_pass(lm, texts, self.chats, prefix=prefix, moments=moments, name=name, **self.score_options)
 
     def scored_ids(self) -> list[list[int]]:
         """The token ids of what the target's shared pass scored, as the engine encodes them (a text alone with
@@ -110,6 +100,24 @@ class ScoringContext:
     def target_scores(self) -> list[TokenScores]:
         """The one shared pass of the target model over the texts (with moments when any attack needs them)."""
         return self.scores("target")
+
+
+def scoring_pass(lm: LoadedModel, texts: Sequence[str], chats: Sequence[list[dict[str, str]]] | None = None, *,
+                 prefix: str | None = None, moments: bool = False, name: str = "target",
+                 **score_options: Any) -> list[TokenScores]:
+    """One cached, batched (and, under a launcher, sharded) scoring pass of `lm`: over the texts, or, with
+    conversations, over their last replies (`texts` their contents) in context, as a chat fine-tune tokenised
+    them (`chat_rows`). The one place both kinds of row go through, for every attack and user inference."""
+    from leakaudit.distributed import score_ids_distributed, score_texts_distributed
+
+    if chats is None:
+        return score_texts_distributed(lm, list(texts), prefixes=prefix, moments=moments,
+                                       description=f"scoring ({name})", **score_options)
+    if prefix is not None:  # an attack of its own prefix: refused in run_mia
+        raise InputError("a conversation is scored in its own context; this attack adds another", field="attacks")
+    contexts, replies = chat_rows(lm.tokenizer, chats, texts)
+    return score_ids_distributed(lm, contexts, replies, moments=moments, description=f"scoring ({name})",
+                                 **score_options)
 
 
 def chat_rows(tokenizer: Any, chats: Sequence[list[dict[str, str]]],

@@ -16,7 +16,6 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from leakaudit.data.io import Record
-from leakaudit.distributed import score_texts_distributed
 from leakaudit.errors import InputError
 from leakaudit.metrics import RocMetrics, roc_metrics
 from leakaudit.models import LoadedModel
@@ -126,8 +125,11 @@ def run_user_inference(target: LoadedModel, reference: LoadedModel, records_in: 
                        records_out: Sequence[Record], m_values: str | Sequence[int | str] = DEFAULT_M_VALUES, *,
                        n_bootstrap: int = 1000, seed: int = 0, batch_size: int | str = "auto",
                        max_length: int | None = None, stride: int | None = None, cache: bool = True,
-                       progress: bool = True) -> UserInferenceReport:
-    """Score every sample once under target and reference, then aggregate per user for each m."""
+                       progress: bool = True, messages_field: str | None = None) -> UserInferenceReport:
+    """Score every sample once under target and reference, then aggregate per user for each m. With
+    `messages_field` the samples are conversations (records read with it: a chat fine-tune's users), each
+    scored at its last assistant reply in context, as `run_mia` scores them."""
+    from leakaudit.attacks.base import scoring_pass
     from leakaudit.errors import check_model
 
     check_model(target, "target")
@@ -146,13 +148,14 @@ def run_user_inference(target: LoadedModel, reference: LoadedModel, records_in: 
     ms = parse_m_values(m_values)
     records = [r for u in users for r in samples[u]]
     texts = [r.text for r in records]
+    chats = None if messages_field is None else [r.extra[messages_field] for r in records]
     opts = {"batch_size": batch_size, "max_length": max_length, "stride": stride, "cache": cache,
             "progress": progress}
-    tgt = score_texts_distributed(target, texts, description="scoring (target)", **opts)
+    tgt = scoring_pass(target, texts, chats, name="target", **opts)
     short = next((i for i, s in enumerate(tgt) if s.n_tokens == 0), None)
     if short is not None:  # before the reference pass; the target's scores stay in the score cache
         raise TooShortSampleError(records[short], labels[records[short].user])
-    ref = score_texts_distributed(reference, texts, description="scoring (reference)", **opts)
+    ref = scoring_pass(reference, texts, chats, name="reference", **opts)
     ratio = np.array([t.sum_logp - r.sum_logp for t, r in zip(tgt, ref, strict=True)])
     per_user: dict[str, np.ndarray] = {}
     ref_nll: dict[str, float | None] = {}

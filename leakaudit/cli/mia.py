@@ -28,6 +28,9 @@ MIA_FLAGS = {("attack_options",): "--attacks", ("attack_options", "recall", "sho
              ("attack_options", "neighbourhood", "model"): "--neighbour-model",
              ("attack_options", "neighbourhood", "n_neighbours"): "--neighbours",
              ("attack_options", "lira", "references"): "--lira-reference"}
+FORMAT_HELP = ("text, or chat: rows of conversations (--messages-field), each scored at its last assistant reply in "
+               "its context, as `finetune --format chat` trained on it")
+MESSAGES_HELP = "The conversations' field (--format chat)"
 USER_FLAGS = {("m_values",): "--samples-per-user", ("cache",): "--no-cache"}
 
 
@@ -112,11 +115,8 @@ def mia(
     out: Path = typer.Option(..., "--out", help="Output dir: mia.json, scores.jsonl, roc.png"),
     text_field: str = typer.Option("text", "--text-field"),
     id_field: str | None = typer.Option(None, "--id-field", help="Default: <file stem>:<line>"),
-    data_format: str = typer.Option("text", "--format", help="text, or chat: rows of conversations "
-                                    "(--messages-field), each scored at its last assistant reply in its context, "
-                                    "as `finetune --format chat` trained on it"),
-    messages_field: str = typer.Option("messages", "--messages-field", help="The conversations' field (--format "
-                                       "chat)"),
+    data_format: str = typer.Option("text", "--format", help=FORMAT_HELP),
+    messages_field: str = typer.Option("messages", "--messages-field", help=MESSAGES_HELP),
     k: float = typer.Option(0.2, "--k", help="Fraction of lowest tokens, for every attack that takes one "
                             "(min_k, min_k_pp; 0 < k <= 1)"),
     recall_prefix: Path | None = typer.Option(None, "--recall-prefix", help="Non-member texts for the ReCaLL prefix"
@@ -178,8 +178,7 @@ def mia(
     if "recall" in names and recall_prefix is not None:
         attack_options["recall"]["prefix"] = tuple(r.text for r in load_records(recall_prefix, text_field=text_field))
         options = build_options(kind, flags=_k_flags(names), roles=roles, **values)
-    fields = {"text_field": text_field, "id_field": id_field,
-              **({"messages_field": messages_field} if options.format == "chat" else {})}
+    fields = {"text_field": text_field, "id_field": id_field, **options.record_fields()}
     ins, outs, src_in, src_out = member_sets(members, nonmembers, data, label_field, **fields)
     kctx = _context(out, ins, outs, src_in, src_out, {"target": target, "reference": reference}, fields, seed,
                     device, dtype, allow_pickle)
@@ -283,6 +282,8 @@ def user_inference(
     out: Path = typer.Option(..., "--out", help="Output dir: user_inference.json, user_scores.jsonl, roc_users.png"),
     text_field: str = typer.Option("text", "--text-field"),
     id_field: str | None = typer.Option(None, "--id-field"),
+    data_format: str = typer.Option("text", "--format", help=FORMAT_HELP),
+    messages_field: str = typer.Option("messages", "--messages-field", help=MESSAGES_HELP),
     n_bootstrap: int = typer.Option(1000, "--n-bootstrap", min=0,
                                     help="Bootstrap resamples for the AUC and TPR intervals (0: none)"),
     seed: int = typer.Option(0, "--seed", min=0, max=MAX_SEED),
@@ -305,13 +306,14 @@ def user_inference(
     options = build_options(kind, flags=USER_FLAGS, roles={"members", "nonmembers", "reference",
                                                            *(["training"] if training is not None else [])},
                             m_values=samples_per_user, n_bootstrap=n_bootstrap, seed=seed, batch_size=batch_size,
-                            max_length=max_length, stride=stride, cache=not no_cache)
+                            max_length=max_length, stride=stride, cache=not no_cache, format=data_format,
+                            messages_field=messages_field)
     prepare_output(out, command="user-inference", files=("user_inference.json", "user_scores.jsonl",
                                                           "comparisons.json", "baseline"),
                    inputs={"--data": data, "--data-out": data_out, "--training": training,
                            "--target": model_path(target), "--reference": model_path(reference),
                            "--baseline": model_path(baseline)})
-    fields = {"text_field": text_field, "id_field": id_field, "user_field": user_field}
+    fields = {"text_field": text_field, "id_field": id_field, "user_field": user_field, **options.record_fields()}
     ins, outs, src_in, src_out = (member_sets(data, data_out, None, label_field, **fields) if data_out is not None
                                   else member_sets(None, None, data, label_field, **fields))
 
@@ -320,7 +322,8 @@ def user_inference(
                         device, dtype, allow_pickle)
         if training is not None:  # read by the kind, as an experiment's `training` role (named in its errors)
             kctx.data["training"] = training
-            kctx.data_fields["training"] = {"text_field": text_field, "user_field": user_field}
+            kctx.data_fields["training"] = {"text_field": text_field, "user_field": user_field,
+                                            **options.record_fields()}
         return kctx
 
     try:

@@ -49,6 +49,19 @@ class ScoringPassOptions(KindOptions):
     cache: bool = Field(True, description="read and write the score cache")
 
 
+class ScoredRowsOptions(ScoringPassOptions):
+    """Options of a kind whose rows may be a chat fine-tune's conversations (mia, user inference)."""
+
+    format: Literal["text", "chat"] = Field(
+        "text", description="chat: the rows are conversations (`messages`), each scored at its last assistant reply "
+                            "in its context, as `finetune --format chat` trains on it")
+    messages_field: str = Field("messages", min_length=1, description="the conversations' field (format chat)")
+
+    def record_fields(self) -> dict[str, str]:
+        """What the rows are read with beside the data's own fields: the conversations' field, in format chat."""
+        return {"messages_field": self.messages_field} if self.format == "chat" else {}
+
+
 @dataclass
 class Headline:
     """One headline number (summary.json, the report's first table)."""

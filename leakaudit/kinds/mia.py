@@ -10,7 +10,7 @@ this file says which options a run takes, checks them, writes `scores.jsonl` (on
 from __future__ import annotations
 
 import math
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any
 
 from pydantic import AfterValidator, BeforeValidator, Field
 
@@ -21,7 +21,7 @@ from leakaudit.kinds.base import (
     Kind,
     KindContext,
     Result,
-    ScoringPassOptions,
+    ScoredRowsOptions,
     StageView,
     ci_text,
     fmt,
@@ -45,7 +45,7 @@ def _split(value: Any) -> Any:
     return [a.strip() for a in value.split(",") if a.strip()] if isinstance(value, str) else value
 
 
-class MiaOptions(ScoringPassOptions):
+class MiaOptions(ScoredRowsOptions):
     # min_length on the list, not the union: on it, `attacks: null` raised TypeError (no length to check)
     attacks: Annotated[Annotated[list[Annotated[str, AfterValidator(_known_attack)]], Field(min_length=1)] | None,
                        BeforeValidator(_split)] = Field(
@@ -54,10 +54,6 @@ class MiaOptions(ScoringPassOptions):
         default_factory=dict, description="per-attack options, e.g. {min_k: {k: 0.1}, recall: {shots: 4}}")
     n_bootstrap: int = Field(1000, ge=0, description="bootstrap resamples for the AUC confidence interval")
     seed: Seed | None = Field(None, description="bootstrap seed (default: the run's seed)")
-    format: Literal["text", "chat"] = Field(
-        "text", description="chat: the rows are conversations (`messages`), each scored at its last assistant reply "
-                            "in its context, as `finetune --format chat` trains on it")
-    messages_field: str = Field("messages", min_length=1, description="the conversations' field (format chat)")
     compare_to: str | None = Field(
         None, min_length=1,
         description="a target of this evaluation (e.g. the model before a fine-tune) every other target is "
@@ -223,7 +219,7 @@ class Mia(Kind):
         from leakaudit.report.plots import plot_roc
 
         chat = options.format == "chat"
-        fields = {"messages_field": options.messages_field} if chat else {}
+        fields = options.record_fields()
         members, nonmembers = ctx.records("members", **fields), ctx.records("nonmembers", **fields)
         names = attack_names(options.attacks, ctx.models.get("reference") is not None)
         target, reference = ctx.model("target"), ctx.model("reference")

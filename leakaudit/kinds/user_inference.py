@@ -27,7 +27,7 @@ from leakaudit.kinds.base import (
     Kind,
     KindContext,
     Result,
-    ScoringPassOptions,
+    ScoredRowsOptions,
     StageView,
     ci_text,
     fmt,
@@ -52,7 +52,7 @@ def _default_m_values() -> list[str]:
     return list(DEFAULT_M_VALUES)
 
 
-class UserInferenceOptions(ScoringPassOptions):
+class UserInferenceOptions(ScoredRowsOptions):
     m_values: Annotated[list[str], BeforeValidator(_m_values)] = Field(
         default_factory=_default_m_values,
         description="numbers m of samples per user the attacker uses: a list or '1,2,all' (default 1,2,4,8,all)")
@@ -256,8 +256,9 @@ class UserInference(Kind):
         from leakaudit.distributed import is_main
         from leakaudit.report.plots import plot_roc
 
-        ins = ctx.records("members", user_field="user")  # the engine's datasets name the user `user`
-        outs = ctx.records("nonmembers", user_field="user")
+        fields = options.record_fields()
+        ins = ctx.records("members", user_field="user", **fields)  # the engine's datasets name the user `user`
+        outs = ctx.records("nonmembers", user_field="user", **fields)
         try:  # before any model is loaded
             group_users(ins, outs)
         except UserClashError as exc:
@@ -270,7 +271,8 @@ class UserInference(Kind):
             report = run_user_inference(ctx.model("target"), ctx.model("reference"), ins, outs, options.m_values,
                                         n_bootstrap=options.n_bootstrap, seed=seed,
                                         batch_size=options.batch_size, max_length=options.max_length,
-                                        stride=options.stride, cache=options.cache, progress=ctx.progress)
+                                        stride=options.stride, cache=options.cache, progress=ctx.progress,
+                                        messages_field=fields.get("messages_field"))
         except TooShortSampleError as exc:
             role = "members" if exc.label == 1 else "nonmembers"
             raise InputError(exc.message, file=ctx.data.get(role), line=exc.record.line,
