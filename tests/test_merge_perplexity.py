@@ -102,11 +102,11 @@ def test_stride_reaches_the_scoring_pass_of_perplexity_and_user_inference(tiny_n
     assert abs(strided.sum_logp - halves.sum_logp) > 1e-3  # the stride changes the numbers
     res = perplexity(tiny_neox, [long], max_length=32, stride=8, progress=False, cache=False)
     assert res.ppl == pytest.approx(math.exp(-strided.sum_logp / strided.n_tokens), rel=1e-5)
-    from leakaudit.attacks import user_inference
+    from leakaudit import distributed
 
     seen = []
-    real = user_inference.score_texts_distributed
-    monkeypatch.setattr(user_inference, "score_texts_distributed",
+    real = distributed.score_texts_distributed  # user inference's passes go through attacks.base.scoring_pass
+    monkeypatch.setattr(distributed, "score_texts_distributed",
                         lambda lm, texts, **kw: seen.append(kw["stride"]) or real(lm, texts, **kw))
     records = [Record(id=f"{u}{i}", text=f"{long} {u} {i}", user=u, line=i) for u in "abcd" for i in range(2)]
     report = run_user_inference(tiny_neox, tiny_neox, records[:4], records[4:], m_values=[1], n_bootstrap=0,
