@@ -656,3 +656,27 @@ def test_a_stage_of_a_kind_this_release_lacks_is_left_out_with_a_warning(tmp_pat
     assert "evaluate/ct/m0: its kind 'count-tokens' is not one this leakaudit has" in err, err
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert {h["kind"] for h in summary["headline"]} == {"mia"} and summary["stages"]["evaluate/ct/m0"]
+
+
+def test_the_mia_section_shows_each_attacks_options_as_run(tmp_path):
+    """mia.json records each attack's options (min_k's k, the neighbourhood's masked LM, dc_pdd's corpus), but
+    the page showed none and said "k = 20% by default" of a run with another k: a reader could not redo it.
+    Options alike in every stage are one text; options that differ name the stages that ran each."""
+    from leakaudit.report.html import build
+
+    stages = [_mia_stage(tmp_path, "mia", t, [1.0, 2.0, 3.0], [0.5, 1.5, 2.5], 0) for t in ("m0", "ft")]
+    for stage, k in zip(stages, (0.1, 0.35), strict=True):
+        stage["result"]["attacks"]["loss"]["options"] = {}
+        stage["result"]["attacks"]["zlib"]["options"] = {"corpus": "dolly", "k": k}
+    (tmp_path / "run.json").write_text(json.dumps({"experiment": {"name": "g"}, "stages": stages}))
+    html, _ = build(tmp_path)
+    glossary = html[html.index("options as run"):]
+    assert "<th scope=\"row\">loss</th>" in glossary and ">none</td>" in glossary
+    assert "corpus = dolly, k = 0.1 (mia · m0); corpus = dolly, k = 0.35 (mia · ft)" in glossary
+    # a mia.json of a leakaudit that did not record options: no options claimed
+    for stage in stages:
+        del stage["result"]["attacks"]["zlib"]["options"]
+        stage["result"]["attacks"]["loss"]["options"] = {"k": 0.2}
+    (tmp_path / "run.json").write_text(json.dumps({"experiment": {"name": "g"}, "stages": stages}))
+    html, _ = build(tmp_path)
+    assert ">k = 0.2</td>" in html and ">–</td>" in html[html.index("options as run"):]

@@ -137,20 +137,47 @@ class MiaResult(Result):
                 "figures": figures,
                 "tables": [{"header": ["variant", "evaluation", "attack", "AUC", "95% CI", "TPR@1%FPR [95% CI]",
                                        "TPR@0.1%FPR [95% CI]", "members", "non-members"], "rows": table},
-                           glossary([a for s in stages for a in s.result.get("attacks") or {}])]}
+                           glossary([a for s in stages for a in s.result.get("attacks") or {}],
+                                    attack_options(stages))]}
 
 
-def glossary(names: list[str]) -> dict[str, Any]:
+def _options_text(options: Any) -> str:
+    """An attack's options as mia.json records them, written as given ('k = 0.1, corpus = dolly'); 'none' for an attack that
+    takes none; '–' where mia.json predates the record."""
+    import json
+
+    if not isinstance(options, dict):
+        return "–"
+    return ", ".join(f"{k} = {v if isinstance(v, str) else json.dumps(v)}" for k, v in options.items()) or "none"
+
+
+def attack_options(stages: list[StageView]) -> dict[str, str]:
+    """Each attack's options as it ran (mia.json's `options`), so a reader can rerun it: one text where every
+    stage ran it alike, else each text with the stages (evaluation · target) that ran it so."""
+    ran: dict[str, dict[str, list[str]]] = {}
+    for s in stages:
+        for attack, m in (s.result.get("attacks") or {}).items():
+            text = _options_text(m.get("options") if isinstance(m, dict) else None)
+            ran.setdefault(attack, {}).setdefault(text, []).append(f"{s.evaluation} · {s.target}")
+    return {attack: next(iter(texts)) if len(texts) == 1 else
+            "; ".join(f"{text} ({', '.join(where)})" for text, where in texts.items())
+            for attack, texts in ran.items()}
+
+
+def glossary(names: list[str], options: dict[str, str] | None = None) -> dict[str, Any]:
     """The attacks a section shows, each in one plain line with its paper, so the page reads without
-    docs/attacks.md at hand (unknown names, e.g. from a newer version's run, are listed as such)."""
+    docs/attacks.md at hand (unknown names, e.g. from a newer version's run, are listed as such), and with
+    `options` the options each ran with (attack_options: the page said "k = 20% by default" of a min_k run
+    with k = 0.1, and never named the neighbourhood's masked LM or dc_pdd's corpus)."""
     from leakaudit.attacks import ATTACKS
 
     rows = []
     for name in dict.fromkeys(names):
         attack = ATTACKS.get(name)
         rows.append([name, attack.summary if attack else "(not an attack of this version)",
-                     attack.paper if attack else ""])
-    return {"header": ["attack", "what its score measures (higher ⇒ member)", "paper"], "rows": rows,
+                     attack.paper if attack else "", *([options.get(name, "–")] if options is not None else [])])
+    return {"header": ["attack", "what its score measures (higher ⇒ member)", "paper",
+                       *(["options as run"] if options is not None else [])], "rows": rows,
             "caption": "The attacks (exact definitions: docs/attacks.md)"}
 
 
