@@ -397,3 +397,23 @@ def test_a_baseline_that_is_its_own_reference_is_said_in_the_verdict(tmp_path):
                                 tmp_path))
     (c,) = UserInferenceResult.comparisons(stages)
     assert c["note"] == OWN_REFERENCE and c["variant"] == "ft"
+
+
+def test_a_correlation_without_a_value_or_an_interval_says_why(tmp_path):
+    """The base model of `reference: base` scores every user 0, so its ρ has no value: the table read
+    "– –, n = 12". A ρ without an interval because a few users give one side all its spread read "every
+    resample alike", which is the other case's reason."""
+    from leakaudit.kinds.base import StageView
+    from leakaudit.kinds.user_inference import UserInferenceResult
+
+    scores = {f"u{i}": (i % 2, float(i)) for i in range(12)}
+    stage = _stage(tmp_path, "users", "base", scores)
+    stage["result"]["vulnerability"] = {
+        "n_train": {"rho": 0.52, "ci": None, "n": 6, "note": "40% of resamples have no spread on one side (a few of "
+                                                             "the 6 pairs give it all): no interval"},
+        "ref_nll": {"rho": None, "ci": None, "n": 6}}
+    (table,) = [t for t in UserInferenceResult.section([StageView(stage, tmp_path)])["tables"] if "m" in t["header"]
+                and any("ρ" in h for h in t["header"])]
+    cells = table["rows"][0][-2:]
+    assert cells[1] == "undefined (one side has no spread), n = 6"
+    assert "a few users give one side all its spread" in cells[0] and "every resample alike" not in cells[0]

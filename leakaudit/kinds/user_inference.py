@@ -173,10 +173,18 @@ def _auc_text(m: dict[str, Any] | None) -> str:
 
 
 def rho_text(v: dict[str, Any] | None) -> str:
+    """ρ with its CI and n, or why there is none (metrics.spearman_with_ci): a ρ of no value read "– –, n = 12"
+    (the base model of `reference: base`, whose users all score 0), and a ρ without an interval because a few
+    users give one side all its spread read "every resample alike", which they are not."""
     if not v:
         return "–"
-    ci = "[none: every resample alike]" if v.get("note") else ci_text(v.get("ci"))
-    return f"{fmt(v.get('rho'))} {ci}, n = {v.get('n', 0)}"
+    n = v.get("n", 0)
+    if v.get("rho") is None:
+        return f"undefined ({'fewer than 3 users' if n < 3 else 'one side has no spread'}), n = {n}"
+    note = str(v.get("note") or "")
+    ci = ("[none: a few users give one side all its spread]" if "no spread" in note
+          else "[none: every resample alike]" if note else ci_text(v.get("ci")))
+    return f"{fmt(v.get('rho'))} {ci}, n = {n}"
 
 
 def _score_at(row: dict[str, Any], m: str) -> float | None:
