@@ -176,17 +176,22 @@ def combine(runs: list[SeedRun]) -> list[dict[str, Any]]:
     interval where every seed computed it in the same stages), `same_in_every_seed` (one run, not n),
     `increase`/`decrease` (seeds whose own verdict claims that direction), `no_verdict` (why a seed's verdict
     was withheld, e.g. too few targets: the items are too few for the mean to claim a direction either).
+    A comparison at an m (user inference: the largest m both targets have results for, which a seed's data
+    can move) is a row of its own per m, with `m`: seeds compared at m = 4 and at m = 1 were averaged as one.
     A seed's interval of no width (Δ the same on every resample: both AUCs at 1, nothing extracted) bounds
     nothing: it adds nothing to the items' half-width, and with no other seed's interval there is no mean
     interval."""
-    by_run: list[dict[tuple[str, str, str], dict[str, Any]]] = []  # per run: key -> its (first) comparison
-    rows: dict[tuple[str, str, str], dict[str, Any]] = {}
+    Key = tuple[str, str, str, str | None]
+    by_run: list[dict[Key, dict[str, Any]]] = []  # per run: key -> its (first) comparison
+    rows: dict[Key, dict[str, Any]] = {}
     for r in runs:
-        mine: dict[tuple[str, str, str], dict[str, Any]] = {}
+        mine: dict[Key, dict[str, Any]] = {}
         for c in r.comparisons:
-            key = (str(c.get("evaluation")), str(c.get("metric")), str(c.get("variant")))
+            m = None if c.get("m") is None else str(c.get("m"))
+            key = (str(c.get("evaluation")), str(c.get("metric")), str(c.get("variant")), m)
             mine.setdefault(key, c)
-            rows.setdefault(key, {"evaluation": key[0], "metric": key[1], "variant": key[2], "baselines": []})
+            rows.setdefault(key, {"evaluation": key[0], "metric": key[1], "variant": key[2],
+                                  **({"m": m} if m is not None else {}), "baselines": []})
             if c.get("baseline") not in rows[key]["baselines"]:
                 rows[key]["baselines"].append(c.get("baseline"))
         by_run.append(mine)
@@ -258,8 +263,9 @@ def markdown(runs: list[SeedRun], rows: list[dict[str, Any]]) -> str:
              "t with n - 1 degrees of freedom, and their mean CI half-width, in quadrature). \"same in every "
              "seed\": a stage the runs share, one run, not n.", ""]
     groups: dict[tuple[str, str], list[dict[str, Any]]] = {}
-    for row in rows:
-        groups.setdefault((row["evaluation"], row["metric"]), []).append(row)
+    for row in rows:  # a metric at an m is named with it, as the report's verdicts name it
+        metric = row["metric"] + (f" (m = {row['m']})" if row.get("m") is not None else "")
+        groups.setdefault((row["evaluation"], metric), []).append(row)
     for (evaluation, metric), group in groups.items():
         baselines = sorted({str(b) for row in group for b in row["baselines"]})
         lines += [f"**{evaluation}: {metric}** (against {', '.join(f'`{b}`' for b in baselines)})", "",

@@ -330,3 +330,26 @@ def test_seeds_computed_on_other_thread_counts_in_bf16_are_said_to_differ(tmp_pa
     read_runs(dirs)
     assert "thread" not in capsys.readouterr().err
     assert "warning" not in record("float32")
+
+
+def test_user_inference_compared_at_another_m_per_seed_is_not_averaged_as_one(tmp_path):
+    """A user-inference comparison is at the largest m both targets have results for, which a seed's data can
+    move: seeds compared at m = 4 and at m = 1 were one row, their Δs averaged as one quantity, under a heading
+    without m. Each m is a row of its own, named as the report's verdicts name it."""
+    def at(m, delta):
+        return {**_comparison("ft", delta, [delta - 0.1, delta + 0.1], metric="user AUC"), "evaluation": "users",
+                "m": m}
+
+    dirs = [_run_dir(tmp_path, 0, [at("4", 0.3)]), _run_dir(tmp_path, 1, [at("1", 0.05)]),
+            _run_dir(tmp_path, 2, [at("4", 0.25)])]
+    runs = read_runs(dirs)
+    rows = {r.get("m"): r for r in combine(runs)}
+    assert set(rows) == {"4", "1"}
+    assert rows["4"]["n_seeds"] == 2 and rows["4"]["mean_delta"] == pytest.approx(0.275)
+    assert rows["1"]["n_seeds"] == 1 and rows["1"]["seeds"][0] is None
+    text = markdown(runs, combine(runs))
+    assert "**users: user AUC (m = 4)**" in text and "**users: user AUC (m = 1)**" in text
+    # a metric without an m keeps its row and heading as they were
+    (tmp_path / "p").mkdir()
+    plain = combine(read_runs([_run_dir(tmp_path / "p", s, [_comparison("ft", 0.1, [0.0, 0.2])]) for s in (0, 1)]))
+    assert [("m" in r, r["metric"]) for r in plain] == [(False, "loss AUC")]
