@@ -680,3 +680,46 @@ def test_the_mia_section_shows_each_attacks_options_as_run(tmp_path):
     (tmp_path / "run.json").write_text(json.dumps({"experiment": {"name": "g"}, "stages": stages}))
     html, _ = build(tmp_path)
     assert ">k = 0.2</td>" in html and ">–</td>" in html[html.index("options as run"):]
+
+
+def _saved_figures(monkeypatch) -> list:
+    """Every matplotlib figure saved while the patch holds, kept for its layout to be measured."""
+    from matplotlib.figure import Figure
+
+    saved, real = [], Figure.savefig
+
+    def keep(fig, *args, **kwargs):
+        saved.append(fig)
+        return real(fig, *args, **kwargs)
+
+    monkeypatch.setattr(Figure, "savefig", keep)
+    return saved
+
+
+def test_a_long_variant_label_stays_inside_its_figure_and_leaves_the_plot_its_room(monkeypatch):
+    """A grid's variant label ("ft[learning_rate=...,dataset=...]") on one line squeezed a forest plot's panel
+    to a sliver beside it, and ran a ROC's title off the figure's left edge: labels and titles are wrapped."""
+    from leakaudit.metrics import roc_metrics
+    from leakaudit.report import plots
+
+    label = "ft[learning_rate=0.0001,epochs=3,lora_rank=16,dataset=enron-synthetic-with-a-long-suffix]"
+    saved = _saved_figures(monkeypatch)
+    plots.forest_figure([{"title": f"mia: loss AUC of {label}", "xlabel": "Δ",
+                          "rows": [(f"{label}~{i}", 0.01 * i, -0.05, 0.05, "none") for i in range(3)]}])
+    scores = [float(i % 7) for i in range(40)]
+    plots.roc_figure({"loss": roc_metrics(scores, [1] * 20 + [0] * 20, n_bootstrap=0)}, f"ROC: mia · {label}")
+    plots.bars_figure({f"{label}~1": 0.2, f"{label}~2": 0.3}, f"PII match rate, {label}", "rate")
+    assert len(saved) == 3
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    for fig in saved:
+        renderer = FigureCanvasAgg(fig).get_renderer()  # a closed figure's canvas draws nothing
+        width = fig.bbox.width
+        for ax in fig.axes:
+            assert ax.get_position().width > 0.4, "the plot is squeezed by its labels"
+            lo, hi = sorted(ax.get_xlim())  # an x tick beyond the axis's limits is not drawn
+            texts = [ax.title, fig.get_suptitle() and fig._suptitle, *ax.get_yticklabels(),
+                     *(t for t in ax.get_xticklabels() if lo <= t.get_position()[0] <= hi)]
+            for text in (t for t in texts if t and t.get_text()):
+                box = text.get_window_extent(renderer)
+                assert box.x0 >= 0 and box.x1 <= width, f"{text.get_text()!r} runs off the figure"

@@ -66,6 +66,35 @@ def _plt():
     return plt
 
 
+#: characters per line of a variant's label, and of a title per inch of its figure's width: a grid label such
+#: as "ft[learning_rate=0.0001,epochs=3,...]" on one line pushed a forest plot's panels to a sliver and ran a
+#: ROC's title off the figure's edge
+LABEL_CHARS, TITLE_CHARS_PER_INCH = 32, 6.2
+#: a bar chart's labels up to this many characters are drawn slanted on one line, as they always were
+SHORT_LABEL = 16
+
+
+def _wrap(text: Any, width: int = LABEL_CHARS) -> str:
+    """`text` in lines of at most `width` characters, a word longer than that broken (labels have no spaces)."""
+    import textwrap
+
+    text = str(text)
+    return "\n".join(textwrap.wrap(text, width, break_long_words=True, break_on_hyphens=False)) or text
+
+
+def _title(ax, title: Any, **kwargs: Any) -> None:
+    """A one-plot figure's title, wrapped to the figure's width and centred on the figure (over the axes, a
+    plot pushed right by long tick labels pushed its title off the right edge); with `kwargs` (a panel of
+    several) the axes' own title."""
+    text = _wrap(title, int(ax.figure.get_figwidth() * TITLE_CHARS_PER_INCH))
+    if kwargs:
+        ax.set_title(text, **kwargs)
+    else:
+        import matplotlib
+
+        ax.figure.suptitle(text, fontsize=matplotlib.rcParams["axes.titlesize"])
+
+
 def _log_scale(ax, which: str) -> None:
     """A log-scale axis whose tick labels are plain text ("1e-04", "20"): the default formatter writes TeX
     ("$\\mathdefault{10^{-4}}$"), shown raw since parse_math is off for the user text around it."""
@@ -112,10 +141,10 @@ def heatmap_figure(rows: list[str], cols: list[str], values: dict[tuple[str, str
     vmin, vmax = limits or (None, None)
     im = ax.imshow(grid, aspect="auto", cmap="viridis", vmin=vmin, vmax=vmax)
     ax.set_xticks(range(len(cols)), labels=cols)
-    ax.set_yticks(range(len(rows)), labels=rows)
+    ax.set_yticks(range(len(rows)), labels=[_wrap(r) for r in rows])
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
-    ax.set_title(title)
+    _title(ax, title)
     finite = grid[np.isfinite(grid)]
     mid = sum(limits) / 2 if limits else float(finite.mean()) if finite.size else 0.0
     for i in range(len(rows)):
@@ -155,7 +184,7 @@ def lines_figure(series: dict[str, list[tuple[float, float]]], title: str, xlabe
         ax.set_xticks([t[0] for t in xticks], labels=[t[1] for t in xticks])
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
-    ax.set_title(title)
+    _title(ax, title)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)
     fig.tight_layout()
@@ -172,7 +201,7 @@ def scatter_figure(x: list[float], y: list[float], title: str, xlabel: str, ylab
         _log_scale(ax, "x")
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
-    ax.set_title(title)
+    _title(ax, title)
     ax.grid(alpha=0.3)
     fig.tight_layout()
     return _data_uri(fig)
@@ -191,18 +220,30 @@ def bars_figure(values: dict[str, float] | dict[str, dict[str, float]], title: s
     names = list(dict.fromkeys(k for v in values.values() for k in v)) if nested else [""]
     width = 0.8 / len(names)
     n_bars = len(groups) * len(names)
-    fig, ax = plt.subplots(figsize=(min(12.0, max(4.0, 0.35 * n_bars + 0.5 * len(groups) + 2)), 3.5))
+    fig_width = min(12.0, max(4.0, 0.35 * n_bars + 0.5 * len(groups) + 2))
+    # labels longer than SHORT_LABEL (a grid's variants) wrap inside their bar's slot, upright: slanted, their
+    # lines ran into each other and off the figure's left edge
+    long_labels = max(len(str(g)) for g in groups) > SHORT_LABEL
+    if long_labels:
+        fig_width = min(12.0, max(fig_width, 1.6 * len(groups) + 2))
+        per_line = max(8, int((fig_width - 2) / len(groups) * 11))
+        labels = [_wrap(g, per_line) for g in groups]
+    fig, ax = plt.subplots(figsize=(fig_width, 3.5 + (0.16 * max(x.count("\n") for x in labels)
+                                                      if long_labels else 0)))
     for j, name in enumerate(names):
         heights = [(values[g].get(name, np.nan) if nested else values[g]) for g in groups]
         ax.bar(np.arange(len(groups)) + (j - (len(names) - 1) / 2) * width, heights, width,
                label=name if nested else None)
-    ax.set_xticks(range(len(groups)), labels=groups, rotation=20 if len(groups) > 1 else 0, ha="right"
-                  if len(groups) > 1 else "center")
+    if long_labels:
+        ax.set_xticks(range(len(groups)), labels=labels, fontsize=8)
+    else:
+        ax.set_xticks(range(len(groups)), labels=groups, rotation=20 if len(groups) > 1 else 0,
+                      ha="right" if len(groups) > 1 else "center")
     ax.axhline(0, color="k", lw=0.6)  # a bar of 0 sits on a visible line, not in empty space
     ax.set_ylabel(ylabel)
     if xlabel:
         ax.set_xlabel(xlabel)
-    ax.set_title(title)
+    _title(ax, title)
     if nested:
         ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)
     fig.tight_layout()
@@ -221,7 +262,8 @@ def forest_figure(panels: list[dict[str, Any]]) -> str:
     direction ('increase', 'decrease', 'none'). Panels are stacked, each on its own x scale (Δ AUC and
     Δ mean log p do not share one), rows top to bottom in the given order."""
     plt = _plt()
-    heights = [len(p["rows"]) * 0.32 + 0.9 for p in panels]
+    lines = [max((_wrap(r[0]).count("\n") + 1 for r in p["rows"]), default=1) for p in panels]
+    heights = [len(p["rows"]) * 0.32 * n + 0.9 for p, n in zip(panels, lines, strict=True)]
     fig, axes = plt.subplots(len(panels), 1, figsize=(7.5, sum(heights) + 0.6),
                              gridspec_kw={"height_ratios": heights}, squeeze=False)
     seen: set[str] = set()
@@ -239,8 +281,8 @@ def forest_figure(panels: list[dict[str, Any]]) -> str:
         pad = (right - left) * 0.08 or 0.05
         ax.set_xlim(left - pad, right + pad)
         ax.set_ylim(-0.6, len(rows) - 0.4)
-        ax.set_yticks(ys, labels=[str(r[0]) for r in rows])
-        ax.set_title(panel["title"], fontsize=10, loc="left")
+        ax.set_yticks(ys, labels=[_wrap(r[0]) for r in rows])
+        _title(ax, panel["title"], fontsize=10, loc="left")
         ax.set_xlabel(panel.get("xlabel", "Δ"), fontsize=9)
         ax.grid(axis="x", alpha=0.3)
     handles = [plt.Line2D([], [], color=FOREST_COLOURS[d], marker="o", linewidth=2.2, label=_FOREST_LABELS[d])
@@ -291,7 +333,7 @@ def plot_roc(curves: dict[str, Any], path: str | Path, title: str = "ROC") -> Pa
     ax.set_ylim(0, 1)
     ax.set_xlabel("false positive rate (log scale, from 1 / non-members)")
     ax.set_ylabel("true positive rate")
-    ax.set_title(title)
+    _title(ax, title)
     ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=8, frameon=False)
     fig.tight_layout()
     tmp = p.with_name(p.stem + ".tmp.png")
