@@ -723,3 +723,25 @@ def test_a_long_variant_label_stays_inside_its_figure_and_leaves_the_plot_its_ro
             for text in (t for t in texts if t and t.get_text()):
                 box = text.get_window_extent(renderer)
                 assert box.x0 >= 0 and box.x1 <= width, f"{text.get_text()!r} runs off the figure"
+
+
+def test_the_stage_table_says_which_models_and_data_each_stage_read(tmp_path):
+    """Sections name a target by its label ("base", "real"): which model was the reference, or the base of a
+    fine-tune, was left to a reading of the configuration. The stages table says what each stage read."""
+    from leakaudit.report.html import build
+
+    stage = _mia_stage(tmp_path, "mia", "real", [1.0, 2.0, 3.0], [0.5, 1.5, 2.5], 0)
+    stage["params"].update({"target": {"stage": "finetune/real"}, "reference": {"spec": "EleutherAI/pythia-70m"},
+                            "baseline": None, "members": ["data/emails", "members.jsonl"],
+                            "nonmembers": ["data/emails", "nonmembers.jsonl"]})
+    finetune = {"id": "finetune/real", "kind": "finetune", "status": "ran", "key": "f", "seconds": 2, "result": None,
+                "params": {"model": {"spec": "EleutherAI/pythia-70m"}, "data": ["data/emails", "members.jsonl"]}}
+    data = {"id": "data/emails", "kind": "dataset", "status": "ran", "key": "d", "seconds": 1, "result": None,
+            "params": {"builtin": "enron-synthetic", "path": None}}
+    (tmp_path / "run.json").write_text(json.dumps({"experiment": {"name": "g"}, "stages": [data, finetune, stage]}))
+    html, _ = build(tmp_path)
+    table = html[html.index('id="stages"'):html.index('id="config"')]
+    assert "<td>builtin enron-synthetic</td>" in table
+    assert "<td>model EleutherAI/pythia-70m · data data/emails/members.jsonl</td>" in table
+    assert ("<td>target finetune/real · reference EleutherAI/pythia-70m · members data/emails/members.jsonl · "
+            "nonmembers data/emails/nonmembers.jsonl</td>") in table

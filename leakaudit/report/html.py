@@ -253,6 +253,28 @@ def _older_results(out: Path, stages: list[dict[str, Any]]) -> list[str]:
     return notes
 
 
+def stage_inputs(stage: dict[str, Any]) -> str:
+    """What a stage read, as run.json records it: each model (its spec, or the stage that trained it) and each
+    data file (the stage that wrote it and the file), or a dataset's source. The page named stages only by
+    their labels ("base", "real"), so which model was the reference, or the base of a fine-tune, was left to
+    a reading of the configuration at its end (and of another run's, for a reused stage)."""
+    params = stage.get("params") if isinstance(stage.get("params"), dict) else {}
+    parts = []
+    for role in ("model", "target", "reference", "baseline"):
+        model = params.get(role)
+        if isinstance(model, dict) and (model.get("spec") or model.get("stage")):
+            parts.append(f"{role} {model.get('spec') or model.get('stage')}")
+    for role in ("data", "members", "nonmembers", "training"):
+        data = params.get(role)
+        if isinstance(data, list) and data and all(isinstance(x, str) for x in data):
+            parts.append(f"{role} {'/'.join(data)}")
+    if stage.get("kind") == "dataset":
+        source = params.get("builtin") or params.get("path")
+        if isinstance(source, str):
+            parts.append(f"{'builtin' if params.get('builtin') else 'file'} {source}")
+    return " · ".join(parts)
+
+
 def _file_seed(config_text: str) -> int | None:
     """The seed the echoed experiment file says (0 when it has none; None when the text is not such a file):
     `run --seed N` overrides it, and the report says so next to the seed used."""
@@ -290,7 +312,7 @@ def build(out: str | Path) -> tuple[str, dict[str, Any]]:
         title=title, name=exp["name"], seed=exp.get("seed"), file_seed=_file_seed(config_text), show_pii=show_pii,
         headline_cols=cols, headline_rows=table_rows,
         verdicts=[verdict_sentence(c) for c in comparisons], verdict_figures=verdict_figures(comparisons),
-        sections=sections, stages=stages, has_evaluations=any(str(s["id"]).startswith("evaluate/") for s in stages),
+        sections=sections, stages=stages, inputs={s["id"]: stage_inputs(s) for s in stages}, has_evaluations=any(str(s["id"]).startswith("evaluate/") for s in stages),
         n_done=sum(1 for s in stages if s.get("result") is not None),
         n_stages=len(stages), config_text=config_text if show_pii else mask_yaml_text(config_text, names),
         versions=run.get("versions", {}), older=older)
