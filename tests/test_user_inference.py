@@ -417,3 +417,21 @@ def test_a_correlation_without_a_value_or_an_interval_says_why(tmp_path):
     cells = table["rows"][0][-2:]
     assert cells[1] == "undefined (one side has no spread), n = 6"
     assert "a few users give one side all its spread" in cells[0] and "every resample alike" not in cells[0]
+
+
+def test_the_headline_table_names_the_m_of_each_user_auc(tmp_path):
+    """The verdicts said "user AUC (m = 4)" and the headline table's column only "user AUC": a reader of the
+    first table could not tell at how many samples per user the number was. Two evaluations at two m's are
+    two columns, each naming its m, and summary.json's rows carry it."""
+    from leakaudit.report.html import build
+
+    scores = {f"u{i}": (i % 2, float(i)) for i in range(12)}
+    stages = [_stage(tmp_path, "users", "ft", scores), _stage(tmp_path, "users1", "ft", scores)]
+    stages[0]["result"]["samples_per_user"] = "4"
+    stages[1]["result"]["samples_per_user"] = "1"
+    (tmp_path / "run.json").write_text(json.dumps({"experiment": {"name": "ui"}, "stages": stages}))
+    html, summary = build(tmp_path)
+    head = html[html.index('id="headline-table"'):]
+    head = head[:head.index("</table>")]
+    assert ">users: user AUC (m = 4)</th>" in head and ">users1: user AUC (m = 1)</th>" in head
+    assert sorted(r["m"] for r in summary["headline"] if r["metric"] == "user AUC") == ["1", "4"]

@@ -69,6 +69,7 @@ class Headline:
     metric: str
     value: Any
     ci: list[float] | None = None
+    m: str | None = None  # user inference's samples per user the number is at: the table's column names it
 
 
 @dataclass

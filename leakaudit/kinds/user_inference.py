@@ -75,7 +75,8 @@ class UserInferenceResult(Result):
     target, reference, members, nonmembers, training, compare_to, n_bootstrap, seed, scores_file."""
 
     def headline(self) -> list[Headline]:
-        return [Headline("user AUC", self.data.get("auc"), self.data.get("auc_ci"))]
+        m = self.data.get("samples_per_user")
+        return [Headline("user AUC", self.data.get("auc"), self.data.get("auc_ci"), None if m is None else str(m))]
 
     @classmethod
     def comparisons(cls, stages: list[StageView]) -> list[dict[str, Any]]:

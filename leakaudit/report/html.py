@@ -57,14 +57,15 @@ def _masked_labels(stages: list[dict[str, Any]], names: NameFinder, numbers: set
 
 # ----------------------------------------------------------------------------------------- headline numbers
 def headline(stages: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Every headline number as {variant, evaluation, metric, value, ci} (what summary.json lists)."""
+    """Every headline number as {variant, evaluation, kind, metric, value, ci}, and `m` for a user AUC (what
+    summary.json lists)."""
     rows: list[dict[str, Any]] = []
 
-    def add(stage, metric, value, ci=None):
+    def add(stage, metric, value, ci=None, m=None):
         if value is None:
             return
         rows.append({"variant": stage["params"].get("target_label"), "evaluation": stage["params"].get("evaluation"),
-                     "kind": stage["kind"], "metric": metric, "value": value,
+                     "kind": stage["kind"], "metric": metric, **({"m": m} if m is not None else {}), "value": value,
                      "ci": list(ci) if ci is not None else None})
 
     known = set(kind_names())
@@ -79,7 +80,7 @@ def headline(stages: list[dict[str, Any]]) -> list[dict[str, Any]]:
                       "run.json and are left out of the report")
             continue
         for h in get_kind(s["kind"]).Result(res).headline():
-            add(s, h.metric, h.value, h.ci)
+            add(s, h.metric, h.value, h.ci, h.m)
     return rows
 
 
@@ -89,7 +90,8 @@ def _headline_table(rows: list[dict[str, Any]]) -> tuple[list[str], list[dict[st
     for r in rows:
         if "TPR@" in r["metric"]:  # in summary.json and the sections; the table keeps to one number per score
             continue
-        col = f"{r['evaluation']}: {r['metric']}"
+        # a user AUC names its m, as the verdicts do: "user AUC" alone did not say at how many samples per user
+        col = f"{r['evaluation']}: {r['metric']}" + (f" (m = {r['m']})" if r.get("m") is not None else "")
         if col not in cols:
             cols.append(col)
         ci = r["ci"]
