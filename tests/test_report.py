@@ -745,3 +745,15 @@ def test_the_stage_table_says_which_models_and_data_each_stage_read(tmp_path):
     assert "<td>model EleutherAI/pythia-70m · data data/emails/members.jsonl</td>" in table
     assert ("<td>target finetune/real · reference EleutherAI/pythia-70m · members data/emails/members.jsonl · "
             "nonmembers data/emails/nonmembers.jsonl</td>") in table
+
+
+def test_a_report_of_a_commands_output_dir_says_it_is_one(tmp_path, monkeypatch, capsys):
+    """`leakaudit report` on `leakaudit mia --out DIR` said only what DIR is not (no run of `leakaudit run`);
+    it says it is a command's output, which writes no report, and what does."""
+    from conftest import run_main
+
+    (tmp_path / "mia.json").write_text("{}")
+    code, err = run_main(["report", str(tmp_path)], monkeypatch, capsys)
+    assert code == 2 and err.count("\n") == 1
+    assert "the output dir of a command (its mia.json)" in err and "leakaudit run" in err
+    assert not (tmp_path / "report.html").exists()

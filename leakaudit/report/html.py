@@ -196,10 +196,20 @@ def verdict_figures(comparisons: list[dict[str, Any]]) -> list[dict[str, str]]:
 
 
 # ----------------------------------------------------------------------------------------- assembly
+#: what a command's --out holds in place of run.json (mia, user-inference, perplexity, pii, backdoor extract)
+COMMAND_RESULTS = ("mia.json", "user_inference.json", "perplexity.json", "pii.json", "pii_logprob.json",
+                   "extract.json", "audit_data.json")
+
+
 def run_record(out: str | Path) -> Path:
     """`out`/run.json, or the one-line error of a folder that is not (yet) a run's output dir."""
     p = Path(out) / "run.json"
     if not p.exists():
+        command = next((f for f in COMMAND_RESULTS if (Path(out) / f).is_file()), None)
+        if command is not None:  # `leakaudit mia --out DIR`: the reader was told only what DIR is not
+            raise InputError(f"no run.json here: the output dir of a command (its {command}), which printed its "
+                             "results and writes no report; an experiment file run with `leakaudit "
+                             "run` gets one (docs/experiments.md)", file=Path(out))
         raise InputError("no run.json here: not the output dir of `leakaudit run` (or one whose run has not "
                          "checked its experiment yet)", file=Path(out))
     return p
