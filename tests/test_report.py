@@ -757,3 +757,19 @@ def test_a_report_of_a_commands_output_dir_says_it_is_one(tmp_path, monkeypatch,
     assert code == 2 and err.count("\n") == 1
     assert "the output dir of a command (its mia.json)" in err and "leakaudit run" in err
     assert not (tmp_path / "report.html").exists()
+
+
+def test_a_roc_figures_text_alternative_gives_its_aucs(tmp_path):
+    """The ROC's alt text said only "plot, described in the caption below", and the caption named the target:
+    read aloud, the figure said nothing of what it shows. Its alt gives each curve's AUC and where the rest is."""
+    from leakaudit.kinds.base import fmt
+    from leakaudit.metrics import roc_metrics
+    from leakaudit.report.html import build
+
+    members, nonmembers = [1.0, 2.0, 3.5, 4.0], [0.5, 1.5, 2.5, 3.0]
+    stage = _mia_stage(tmp_path, "mia", "m0", members, nonmembers, 0)
+    (tmp_path / "run.json").write_text(json.dumps({"experiment": {"name": "g"}, "stages": [stage]}))
+    html, _ = build(tmp_path)
+    auc = roc_metrics(members + nonmembers, [1] * 4 + [0] * 4, n_bootstrap=0).auc
+    (alt,) = re.findall(r'<figure><img src="data:image/png;base64,[^"]+" alt="([^"]+)"', html)
+    assert f"loss {fmt(auc)}, zlib {fmt(auc)}" in alt and "mia · m0" in alt
