@@ -253,10 +253,22 @@ def _arrow(ci: list[float] | None) -> str:
 MARKDOWN_START = "Experiment `"  # how the tables begin: what marks a --markdown file as `seeds`' own
 
 
+def _code(text: Any, cell: bool = True) -> str:
+    """`text` as a Markdown code span that holds it whole: a fence longer than any run of backticks in it (a
+    backtick in a name ended the span, and what followed, `<script>` included, was Markdown and HTML again),
+    and in a table `|` escaped (a grid value "a|b" split the row into one cell more than its header)."""
+    import re
+
+    text = str(text)
+    fence = "`" * (max((len(r) for r in re.findall("`+", text)), default=0) + 1)
+    pad = " " if text.startswith("`") or text.endswith("`") else ""
+    return f"{fence}{pad}{text.replace('|', chr(92) + '|') if cell else text}{pad}{fence}"
+
+
 def markdown(runs: list[SeedRun], rows: list[dict[str, Any]]) -> str:
     """The rows as Markdown tables, one per (evaluation, metric): a row per variant, a column per seed."""
     seeds = [r.seed for r in runs]
-    lines = [f"{MARKDOWN_START}{runs[0].experiment.get('name')}`, seeds {', '.join(map(str, seeds))}: each seed's paired "
+    lines = [f"Experiment {_code(runs[0].experiment.get('name'), cell=False)}, seeds {', '.join(map(str, seeds))}: each seed's paired "
              "Δ against the evaluation's baseline with its 95% CI (items resampled; ↑/↓: the run's verdict claims that "
              "direction, its CI excluding 0 with enough items), then "
              "the mean Δ over seeds with a 95% interval for training runs and items together (the seeds' spread, "
@@ -268,7 +280,7 @@ def markdown(runs: list[SeedRun], rows: list[dict[str, Any]]) -> str:
         groups.setdefault((row["evaluation"], metric), []).append(row)
     for (evaluation, metric), group in groups.items():
         baselines = sorted({str(b) for row in group for b in row["baselines"]})
-        lines += [f"**{evaluation}: {metric}** (against {', '.join(f'`{b}`' for b in baselines)})", "",
+        lines += [f"**{evaluation}: {metric}** (against {', '.join(_code(b, cell=False) for b in baselines)})", "",
                   "| variant | " + " | ".join(f"seed {s}" for s in seeds)
                   + " | seeds ↑ / ↓ | mean Δ over seeds [95% CI: runs and items] |",
                   "|---|" + "---|" * len(seeds) + "---|---|"]
@@ -292,7 +304,7 @@ def markdown(runs: list[SeedRun], rows: list[dict[str, Any]]) -> str:
                       else f"{row['increase']} / {row['decrease']} of {row['n_seeds']}")
             if row["no_verdict"]:
                 counts += f" (no verdict: {row['no_verdict']})"
-            lines.append(f"| `{row['variant']}` | " + " | ".join(cells) + f" | {counts} | {mean} |")
+            lines.append(f"| {_code(row['variant'])} | " + " | ".join(cells) + f" | {counts} | {mean} |")
         lines.append("")
     if not groups:  # it printed the heading alone, as if something had gone missing
         lines += ["No comparisons: none of the experiment's evaluations has a `compare_to` (the target each other "

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from pathlib import Path
 
 import numpy as np
@@ -353,3 +354,21 @@ def test_user_inference_compared_at_another_m_per_seed_is_not_averaged_as_one(tm
     (tmp_path / "p").mkdir()
     plain = combine(read_runs([_run_dir(tmp_path / "p", s, [_comparison("ft", 0.1, [0.0, 0.2])]) for s in (0, 1)]))
     assert [("m" in r, r["metric"]) for r in plain] == [(False, "loss AUC")]
+
+
+def test_a_name_with_a_backtick_or_a_bar_stays_inside_its_code_span_and_cell(tmp_path):
+    """A grid value with "|" (a trigger template, a path) split a row of the Markdown table into one cell more
+    than its header, and a backtick in the experiment's name ended its code span: what followed, `<script>`
+    included, was read as Markdown and HTML."""
+    name = "study `<script>alert(1)</script>` x"
+    experiment = {**EXPERIMENT, "name": name}
+    variant = "bd[trigger=Repeat | {word}]"
+    dirs = [_run_dir(tmp_path, s, [_comparison(variant, 0.1, [0.0, 0.2])], experiment=experiment) for s in (0, 1)]
+    runs = read_runs(dirs)
+    text = markdown(runs, combine(runs))
+    assert text.startswith(f"Experiment ``{name}``, seeds 0, 1")
+    (row,) = [line for line in text.splitlines() if line.startswith("| `bd")]
+    (header,) = [line for line in text.splitlines() if line.startswith("| variant")]
+    # cells are split at the bars that are not escaped: as many in the row as in its header
+    assert len(re.split(r"(?<!\\)\|", row)) == len(re.split(r"(?<!\\)\|", header))
+    assert row.startswith("| `bd[trigger=Repeat \\| {word}]` |")
