@@ -69,7 +69,7 @@ def _plt():
 #: characters per line of a variant's label, and of a title per inch of its figure's width: a grid label such
 #: as "ft[learning_rate=0.0001,epochs=3,...]" on one line pushed a forest plot's panels to a sliver and ran a
 #: ROC's title off the figure's edge
-LABEL_CHARS, TITLE_CHARS_PER_INCH = 32, 6.2
+LABEL_CHARS, TITLE_CHARS_PER_INCH = 32, 9
 #: a bar chart's labels up to this many characters are drawn slanted on one line, as they always were
 SHORT_LABEL = 16
 
