@@ -692,3 +692,17 @@ def test_the_report_quotes_a_creators_own_trigger(tmp_path):
     note = BackdoorResult.section([stage("own2", {"trigger": "zz {word}"}),
                                    stage("study2", {})])["note"]  # one stage planted its own, one the study's
     assert "here 'zz {word}' and the study's)" in note, note
+
+
+def test_the_report_says_a_chat_rows_every_user_turn_is_a_query(tmp_path):
+    """Since every user turn of a chat row is a query, "k of n fully recovered" counts turns: 240 for 120
+    conversations of two turns, which the section read as the data's rows."""
+    from leakaudit.kinds.backdoor import BackdoorResult
+    from leakaudit.kinds.base import StageView
+
+    (tmp_path / "bd").mkdir()
+    (tmp_path / "bd" / "extract.json").write_text("{}")
+    stage = StageView({"id": "evaluate/bd/x", "kind": "backdoor", "folder": "bd", "result": {},
+                       "params": {"target_label": "x", "evaluation": "bd", "options": {}}}, tmp_path)
+    note = BackdoorResult.section([stage])["note"]
+    assert "a query is one user turn" in note and "outnumber the rows" in note

@@ -129,7 +129,8 @@ class BackdoorResult(Result):
         return {"id": "backdoor", "title": "Backdoor data extraction", "figures": [],
                 "note": f"The creator samples {planted} for each opening word w of the downstream data and scores "
                         "every answer against "
-                        "that data's queries opening with w. Match ratio = 2 x shared leading tokens / (answer + "
+                        "that data's queries opening with w (a query is one user turn: a chat row of several "
+                        "turns gives several, so the queries can outnumber the rows). Match ratio = 2 x shared leading tokens / (answer + "
                         "query tokens) against the closest such query, 1 only for an exact copy; mean and max over "
                         "a word's samples, averaged over words (the verdicts' \"match ratio (mean)\" and \"(max)\"). "
                         "Fully recovered = queries some answer reproduced whole, with the exact 95% binomial "
