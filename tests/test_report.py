@@ -319,7 +319,7 @@ def test_pii_figures_draw_each_protocols_own_hits(monkeypatch):
                       Path("/nonexistent"))
     section = PiiResult.section([stage])
     assert bars[0][0] == {"m0": pytest.approx(0.1)}
-    assert section["tables"][0]["rows"][0][5:] == [1, 7, 1, 10]
+    assert section["tables"][0]["rows"][0][5:9] == [1, 7, 1, 10]
 
 
 def test_the_stage_table_says_how_many_examples_a_finetune_left_out(tmp_path):
@@ -773,3 +773,22 @@ def test_a_roc_figures_text_alternative_gives_its_aucs(tmp_path):
     auc = roc_metrics(members + nonmembers, [1] * 4 + [0] * 4, n_bootstrap=0).auc
     (alt,) = re.findall(r'<figure><img src="data:image/png;base64,[^"]+" alt="([^"]+)"', html)
     assert f"loss {fmt(auc)}, zlib {fmt(auc)}" in alt and "mia · m0" in alt
+
+
+def test_the_pii_table_gives_each_cells_hit_rate_with_its_exact_interval(monkeypatch):
+    """docs/pii.md defines a cell's hit rate with an exact 95% interval; the heatmap showed the rate alone and
+    the table the counts, so "0 of 3" read as a rate of 0 with nothing saying it still allows up to 71%."""
+    from leakaudit.kinds.base import ci_text, fmt
+    from leakaudit.kinds.pii import PiiResult
+    from leakaudit.metrics import binomial_ci
+
+    rows = [{"template": "A", "temperature": 1.0, "matches": 2, "hits": 2, "n_targets": 3},
+            {"template": "A", "temperature": 0.5, "matches": 0, "hits": 0, "n_targets": 3},
+            {"template": "B", "temperature": 0.5, "matches": 0, "hits": 0, "n_targets": 0}]
+    stage = StageView({"id": "evaluate/pii/m0", "kind": "pii", "folder": "evaluate/pii/m0",
+                       "params": {"target_label": "m0", "evaluation": "pii"}, "result": {"rows": rows}},
+                      Path("/nonexistent"))
+    (table,) = PiiResult.section([stage])["tables"]
+    assert table["header"][-1] == "hit rate [exact 95% CI]"
+    assert [r[-1] for r in table["rows"]] == [f"{fmt(2 / 3)} {ci_text(list(binomial_ci(2, 3)))}",
+                                              f"{fmt(0.0)} {ci_text(list(binomial_ci(0, 3)))}", "–"]

@@ -24,7 +24,9 @@ from leakaudit.kinds.base import (
     KindOptions,
     Result,
     StageView,
+    ci_text,
     figure_names,
+    fmt,
     read_jsonl,
 )
 from leakaudit.kinds.registry import register
@@ -128,7 +130,7 @@ class PiiResult(Result):
                     cells.setdefault(key, []).append(r.get("hits", r["matches"]) / r["n_targets"])
                 table.append([s.target, s.evaluation, r.get("template"), r.get("temperature"), r.get("top_k", ""),
                               r.get("hits", r.get("matches")), r.get("matches"), r.get("exact_matches", ""),
-                              r.get("n_targets")])
+                              r.get("n_targets"), _rate_text(r.get("hits", r.get("matches")), r.get("n_targets"))])
             if cells:
                 rates[name(s)] = {k: sum(v) / len(v) for k, v in cells.items()}
         return {"id": "pii", "title": "PII extraction", "figures": _figures(rates),
@@ -137,7 +139,18 @@ class PiiResult(Result):
                                   "fake-privacy templates, an exact one for PIL's). Extracted text is not shown.",
                                   *compare.notes(stages)]),
                 "tables": [{"header": ["variant", "evaluation", "template", "temperature", "top-k", "hits", "fuzzy matches",
-                                       "exact", "targets"], "rows": table}]}
+                                       "exact", "targets", "hit rate [exact 95% CI]"], "rows": table}]}
+
+
+def _rate_text(hits: Any, n: Any) -> str:
+    """A cell's hit rate with its exact (Clopper-Pearson) interval, as docs/pii.md defines it: the heatmaps
+    showed the rate alone and the table the counts, so 0 of 3 read as a rate of 0 with nothing to say that
+    it still allows up to 71%."""
+    from leakaudit.metrics import binomial_ci
+
+    if not (isinstance(hits, int) and isinstance(n, int) and 0 <= hits <= n and n > 0):
+        return "–"
+    return f"{fmt(hits / n)} {ci_text(list(binomial_ci(hits, n)))}"
 
 
 #: up to this many evaluated models get a template x temperature heatmap each; more get one figure per axis
