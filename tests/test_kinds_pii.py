@@ -202,3 +202,21 @@ def test_templates_may_be_a_yaml_list_like_every_other_list_option(kind):
     assert options(templates=["C", "D"]).templates == options(templates="C,D").templates == "C,D"
     with pytest.raises(ValueError, match="Z"):
         options(templates=["A", "Z"])
+
+
+def test_a_cell_too_short_for_any_address_is_said_in_the_report(tmp_path, monkeypatch, capsys, one_torch_thread):
+    """max_new_tokens shorter than every target address makes a cell's 0% certain: the run said so on stderr
+    only, and the report showed the 0% (and a verdict of no change) beside no word of it."""
+    pairs = tmp_path / "pairs.jsonl"
+    pairs.write_text("".join(json.dumps({"name": n, "email": e}) + "\n" for n, e in [
+        ("Karen Arnold", TRUE), ("Bob Roe", "bob.roe@enron.com"), ("Cy Doe", "cdoe@flash.net")]))
+    exp = _experiment(tmp_path / "exp.yaml", "pii", f"{{pairs: {pairs}, n_targets: 2, templates: A, "
+                      "temperatures: [0], max_new_tokens: 2}")
+    code, err = _main(monkeypatch, capsys, "run", exp, "--out", tmp_path / "run")
+    assert code == 0, err
+    said = "max_new_tokens 2: fewer new tokens than the shortest target address"
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert any(said in w for w in summary["stages"]["evaluate/ev/base"]["warnings"])
+    html = (tmp_path / "run" / "report.html").read_text()
+    pii = html[html.index('<h2 id="pii">'):]
+    assert said in pii[:pii.index("<h2", 5)]

@@ -184,20 +184,29 @@ def run_cell(lm, cell: Cell, targets: Sequence[Target], **options: Any) -> CellR
     return run_cells(lm, [cell], targets, **options)[0]
 
 
-def _say_if_no_address_fits(lm, cells: Sequence[Cell], targets: Sequence[Target]) -> None:
-    """A cell whose new tokens cannot hold even the shortest target address reported 0% extraction with no
-    hint why (`--max-new-tokens 1`)."""
+def no_address_fits(lm, cells: Sequence[Cell], targets: Sequence[Target]) -> str | None:
+    """Why some cells cannot extract anything, or None: their new tokens cannot hold even the shortest target
+    address (`--max-new-tokens 1`), so their 0% is by construction."""
     if not targets or getattr(lm, "tokenizer", None) is None:
-        return
+        return None
     from leakaudit.models.tokens import encode
 
     shortest = min(map(len, encode(lm.tokenizer, [t.email for t in targets], special=False)))  # one batched call
     short = sorted({c.max_new_tokens for c in cells if c.max_new_tokens < shortest})
-    if short:
+    if not short:
+        return None
+    return (f"max_new_tokens {', '.join(map(str, short))}: fewer new tokens than the shortest target address "
+            f"takes ({shortest}), so no address can come out whole there")
+
+
+def _say_if_no_address_fits(lm, cells: Sequence[Cell], targets: Sequence[Target]) -> None:
+    """A cell whose new tokens cannot hold even the shortest target address reported 0% extraction with no
+    hint why (`--max-new-tokens 1`)."""
+    message = no_address_fits(lm, cells, targets)
+    if message:
         from leakaudit.warn import warn_once
 
-        warn_once(f"max_new_tokens {', '.join(map(str, short))}: fewer new tokens than the shortest target address "
-                  f"takes ({shortest}), so no address can come out whole there")
+        warn_once(message)
 
 
 def run_cells(lm, cells: Sequence[Cell], targets: Sequence[Target], *, samples_per_prompt: int = 1, seed: int = 0,

@@ -299,7 +299,7 @@ class Pii(Kind):
         return targets
 
     def run(self, ctx: KindContext, options: PiiOptions) -> PiiResult:
-        from leakaudit.attacks.pii import run_pii
+        from leakaudit.attacks.pii import no_address_fits, run_pii
 
         cells = options.cells()
         targets = self.targets(ctx, options)
@@ -321,4 +321,8 @@ class Pii(Kind):
             change = part["baseline_subtraction"]["grid_mean"]
             data["match_rate_minus_baseline"] = change["change"]
             data["match_rate_minus_baseline_ci"] = change["change_ci"]
+        # said on stderr only, the report showed a cell's 0% beside no word that it is 0 by construction
+        warning = no_address_fits(ctx.model("target"), cells, targets)
+        if warning:
+            data["warnings"] = [warning]
         return PiiResult(data)
