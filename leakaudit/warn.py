@@ -4,16 +4,23 @@ names specs, ids and files, so it is PII-masked as error lines are, and masking 
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
+from collections.abc import Iterator
 
 _WARNED: set[str] = set()
+_COLLECTING: list[list[str]] = []  # the open collecting() blocks, innermost last
 
 
-def warn_once(message: str, key: str | None = None) -> None:
+def warn_once(message: str, key: str | None = None, *, collect: bool = True) -> None:
     """Print `warning: message` (PII masked) as one stderr line, once per process and only on rank 0. `key`:
     what makes two warnings the same where the message also holds counts or a model's name (a window warning
-    said once per scoring pass was said 13 times by one experiment, once per stage and model)."""
+    said once per scoring pass was said 13 times by one experiment, once per stage and model). `collect`
+    False: not for collecting() (a kind's own result warnings, which its report section shows already)."""
+    for sink in _COLLECTING if collect else ():  # before the once-per-process check: a second stage is told
+        if message not in sink:                      # what the first was
+            sink.append(message)
     said = message if key is None else f"\0{key}"
     if said in _WARNED or int(os.environ.get("RANK", "0")) != 0:
         return
@@ -21,6 +28,19 @@ def warn_once(message: str, key: str | None = None) -> None:
     from leakaudit.data.pii_mask import mask_message  # phonenumbers loads only when something is said
 
     print(f"warning: {mask_message(message)}", file=sys.stderr, flush=True)
+
+
+@contextlib.contextmanager
+def collecting() -> Iterator[list[str]]:
+    """Every warning warn_once is given inside the block (said or not: each once), in order. An experiment
+    stage keeps them in its result: said on stderr only, the report showed a number beside no word of what
+    the run had adjusted (a text cut to the masked LM's window, a cell too short for any address)."""
+    sink: list[str] = []
+    _COLLECTING.append(sink)
+    try:
+        yield sink
+    finally:
+        _COLLECTING.remove(sink)
 
 
 NO_NAMES = "{path}: holds no names, so none of its names can be found, replaced or masked (an empty list)"

@@ -792,3 +792,24 @@ def test_the_pii_table_gives_each_cells_hit_rate_with_its_exact_interval(monkeyp
     assert table["header"][-1] == "hit rate [exact 95% CI]"
     assert [r[-1] for r in table["rows"]] == [f"{fmt(2 / 3)} {ci_text(list(binomial_ci(2, 3)))}",
                                               f"{fmt(0.0)} {ci_text(list(binomial_ci(0, 3)))}", "–"]
+
+
+def test_what_a_stage_printed_while_it_ran_is_said_under_its_section(tmp_path):
+    """A window clamped to the model's context (or texts cut to the masked LM's window) was said on stderr
+    only, once per process: the report gave the numbers beside no word of it, and a second stage that met the
+    same was not told at all. Each stage keeps what it was told and the section says it, with the stages."""
+    from leakaudit.models import load_model
+
+    context = load_model("tiny-gpt-neox").max_length
+    experiment = EXPERIMENT.split("evaluate:")[0] + "evaluate:\n" + "".join(
+        f"  {name}:\n    kind: mia\n    targets: [base]\n    members: emails.members\n"
+        f"    nonmembers: emails.nonmembers\n    options: {{attacks: [loss], n_bootstrap: 0, max_length: {2 * context}}}\n"
+        for name in ("mia", "mia2"))
+    run_experiment(parse_experiment(experiment), tmp_path, config_text=experiment, log=lambda m: None)
+    said = f"--max-length {2 * context} is longer than the context of tiny-gpt-neox"
+    run = json.loads((tmp_path / "run.json").read_text())
+    assert all(any(said in w for w in s["result"]["warnings_said"]) for s in run["stages"] if s["kind"] == "mia")
+    html = (tmp_path / "report.html").read_text()
+    mia = html[html.index('<h2 id="mia">'):html.index('<h2 id="stages">')]
+    (line,) = [x for x in re.findall(r"<li>warning: (.*?)</li>", mia) if said in x]
+    assert line.endswith("(every stage)")

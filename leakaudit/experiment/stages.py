@@ -200,7 +200,14 @@ def run_kind_stage(ctx: StageContext) -> dict[str, Any]:
     kctx = KindContext(out=ctx.dir, seed=ctx.seed, data=data, models=models, checkpoints=checkpoints,
                        data_fields=fields, show_pii=ctx.plan.exp.report.show_pii, cache=ctx.cache,
                        log=_warnings_of(stage))  # progress on: a bar on a terminal, a line now and then in a log
-    return kind.run(kctx, options).to_json()
+    from leakaudit.kinds.base import WARNINGS_SAID
+    from leakaudit.warn import collecting
+
+    with collecting() as said:
+        result = kind.run(kctx, options).to_json()
+    if said:  # the report shows them under the kind's section (report.html.kind_sections)
+        result[WARNINGS_SAID] = said
+    return result
 
 
 def _warnings_of(stage: Stage) -> Callable[[str], None]:
@@ -210,7 +217,9 @@ def _warnings_of(stage: Stage) -> Callable[[str], None]:
     from leakaudit.warn import warn_once
 
     step = "/".join(stage.id.split("/")[:2])
-    return lambda m: warn_once(f"{step}: {m.removeprefix('warning: ')}") if m.startswith("warning: ") else None
+    # not collected into the stage's result: they are the kind's own result warnings, shown by its section
+    return lambda m: (warn_once(f"{step}: {m.removeprefix('warning: ')}", collect=False)
+                      if m.startswith("warning: ") else None)
 
 
 # The engine's own stages; every other stage (generate steps, evaluations) runs its registered kind.

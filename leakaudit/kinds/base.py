@@ -297,6 +297,11 @@ def fmt(x: Any, digits: int = 3) -> str:
     return str(x)
 
 
+#: a stage result's warnings printed while it ran (warn_once: a window clamped, texts cut), kept by the
+#: experiment engine beside a kind's own `warnings` and shown under the kind's section
+WARNINGS_SAID = "warnings_said"
+
+
 def warning_lines(warned: dict[str, list[str]], n_stages: int) -> list[str]:
     """A report section's warnings: each once, with the stages that gave it ("every stage" when all did)."""
     return [f"{w} ({'every stage' if len(where) == n_stages and n_stages > 1 else ', '.join(where)})"

@@ -107,19 +107,26 @@ def _finished(out: Path, stages: list[dict[str, Any]], name: str) -> list[StageV
 
 def kind_sections(out: Path, stages: list[dict[str, Any]]) -> list[dict[str, Any] | None]:
     """One section per registered evaluation kind, each drawn by its Result from its finished stages, with the
-    warnings its stages recorded (a kind whose section does not gather them itself: its results' `warnings`)."""
-    from leakaudit.kinds.base import warning_lines
+    warnings its stages recorded (a kind whose section does not gather them itself: its results' `warnings`)
+    and those each stage printed while it ran (WARNINGS_SAID, for every kind)."""
+    from leakaudit.kinds.base import WARNINGS_SAID, warning_lines
 
     sections = []
     for name in kind_names("evaluate"):
         views = _finished(out, stages, name)
         section = get_kind(name).Result.section(views)
-        if section is not None and "warnings" not in section:
+        if section is not None:
+            shown = section.get("warnings")  # a section that gathers its stages' `warnings` itself
             warned: dict[str, list[str]] = {}
             for v in views:
-                for w in v.result.get("warnings") or []:
-                    warned.setdefault(str(w), []).append(f"{v.evaluation} · {v.target}")
-            section["warnings"] = warning_lines(warned, len(views))
+                for w in [*(v.result.get("warnings") or [] if shown is None else []),
+                          *(v.result.get(WARNINGS_SAID) or [])]:
+                    if shown and any(str(w) in line for line in shown):
+                        continue  # said by the stage and kept in its own warnings too
+                    where = f"{v.evaluation} · {v.target}"
+                    if where not in warned.setdefault(str(w), []):
+                        warned[str(w)].append(where)
+            section["warnings"] = [*(shown or []), *warning_lines(warned, len(views))]
         sections.append(section)
     return sections
 
