@@ -11,6 +11,7 @@ import os
 import re
 from pathlib import Path
 
+import markupsafe
 import pytest
 
 from leakaudit.config import parse_experiment
@@ -813,3 +814,17 @@ def test_what_a_stage_printed_while_it_ran_is_said_under_its_section(tmp_path):
     mia = html[html.index('<h2 id="mia">'):html.index('<h2 id="stages">')]
     (line,) = [x for x in re.findall(r"<li>warning: (.*?)</li>", mia) if said in x]
     assert line.endswith("(every stage)")
+
+
+def test_the_sections_say_what_a_tpr_at_a_low_fpr_is(tmp_path):
+    """The tables' TPR@1%FPR and TPR@0.1%FPR columns were named and never defined: the share of members flagged
+    at the threshold that flags that share of non-members, unresolved below 1 / FPR non-members."""
+    from leakaudit.kinds.base import LOW_FPR
+    from leakaudit.report.html import build
+
+    stage = _mia_stage(tmp_path, "mia", "m0", [1.0, 2.0, 3.0], [0.5, 1.5, 2.5], 0)
+    (tmp_path / "run.json").write_text(json.dumps({"experiment": {"name": "g"}, "stages": [stage]}))
+    html, _ = build(tmp_path)
+    mia = html[html.index('<h2 id="mia">'):html.index('<h2 id="stages">')]
+    assert "the share of members an attacker flags at the score threshold that flags 1% of the non-members" in mia
+    assert "1 / FPR non-members" in LOW_FPR and str(markupsafe.escape(LOW_FPR)) in mia

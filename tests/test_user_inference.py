@@ -435,3 +435,14 @@ def test_the_headline_table_names_the_m_of_each_user_auc(tmp_path):
     head = head[:head.index("</table>")]
     assert ">users: user AUC (m = 4)</th>" in head and ">users1: user AUC (m = 1)</th>" in head
     assert sorted(r["m"] for r in summary["headline"] if r["metric"] == "user AUC") == ["1", "4"]
+
+
+def test_the_user_section_says_what_a_tpr_at_a_low_fpr_is(tmp_path):
+    """Its table's TPR@1%FPR column was named and never defined (the share of member users flagged at the
+    threshold that flags 1% of non-member users)."""
+    from leakaudit.kinds.base import StageView
+    from leakaudit.kinds.user_inference import UserInferenceResult
+
+    stage = _stage(tmp_path, "users", "ft", {f"u{i}": (i % 2, float(i)) for i in range(12)})
+    note = UserInferenceResult.section([StageView(stage, tmp_path)])["note"]
+    assert "the share of member users an attacker flags at the score threshold that flags 1% of the non-member users" in note

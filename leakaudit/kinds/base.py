@@ -297,6 +297,12 @@ def fmt(x: Any, digits: int = 3) -> str:
     return str(x)
 
 
+#: what the tables' TPR at a low FPR is, said beside them (the page named the columns and never said it)
+LOW_FPR = ("TPR@1%FPR = the share of members an attacker flags at the score threshold that flags 1% of the "
+           "non-members (0.1% likewise): how many members it exposes while rarely accusing anyone wrongly; 95% "
+           "bootstrap CI. It needs at least 1 / FPR non-members to be resolved, so with fewer it reads n/a.")
+
+
 #: a stage result's warnings printed while it ran (warn_once: a window clamped, texts cut), kept by the
 #: experiment engine beside a kind's own `warnings` and shown under the kind's section
 WARNINGS_SAID = "warnings_said"

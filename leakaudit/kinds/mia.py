@@ -17,6 +17,7 @@ from pydantic import AfterValidator, BeforeValidator, Field
 from leakaudit.errors import InputError, OptionError
 from leakaudit.kinds import compare
 from leakaudit.kinds.base import (
+    LOW_FPR,
     Headline,
     Kind,
     KindContext,
@@ -135,7 +136,7 @@ class MiaResult(Result):
                 "note": " ".join(["Every attack's score is higher for texts it takes for members (each is "
                                   "defined, with its paper, in docs/attacks.md); an AUC of 0.5 is chance (one below 0.5 whose interval holds 0.5 is chance too). ROC curves "
                                   "on a log-scale false-positive axis, from one non-member's share up; the "
-                                  "low-FPR region is what matters for privacy.", *compare.notes(stages)]),
+                                  "low-FPR region is what matters for privacy. " + LOW_FPR, *compare.notes(stages)]),
                 "warnings": warning_lines(warned, len(stages)),
                 "figures": figures,
                 "tables": [{"header": ["variant", "evaluation", "attack", "AUC", "95% CI", "TPR@1%FPR [95% CI]",

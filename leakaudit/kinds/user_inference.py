@@ -23,6 +23,7 @@ from pydantic import BeforeValidator, Field
 from leakaudit.errors import InputError
 from leakaudit.kinds import compare
 from leakaudit.kinds.base import (
+    LOW_FPR,
     Headline,
     Kind,
     KindContext,
@@ -154,7 +155,7 @@ class UserInferenceResult(Result):
                 "the user's rows in the training file (n_train, before the fine-tune's own cap or dedup) and "
                 "with their mean token NLL under the reference (an outlier measure), 95% bootstrap CI. "
                 "Δ AUC = AUC(variant) − AUC(vs) on the same users, resampled together; these users detect a true "
-                "|Δ| of 1.43 x its CI half-width 80% of the time.")
+                "|Δ| of 1.43 x its CI half-width 80% of the time. " + LOW_FPR.replace("members", "member users"))
         return {"id": "user-inference", "title": "User inference", "figures": figures,
                 "note": " ".join([note, *notes]), "tables": tables}
 
