@@ -828,3 +828,24 @@ def test_the_sections_say_what_a_tpr_at_a_low_fpr_is(tmp_path):
     mia = html[html.index('<h2 id="mia">'):html.index('<h2 id="stages">')]
     assert "the share of members an attacker flags at the score threshold that flags 1% of the non-members" in mia
     assert "1 / FPR non-members" in LOW_FPR and str(markupsafe.escape(LOW_FPR)) in mia
+
+
+def test_a_headline_interval_of_no_width_says_it_bounds_nothing(tmp_path):
+    """A PII rate minus the baseline's where neither model extracted anything has the interval [0, 0] on every
+    resample: the headline table showed "0.000 [0.000, 0.000]", a change known to be 0, where the verdicts
+    say the interval cannot bound an effect."""
+    from leakaudit.report.html import build
+
+    folder = "evaluate/pii/ft"
+    (tmp_path / folder).mkdir(parents=True)
+    result = {"rows": [{"template": "A", "temperature": 1.0, "matches": 0, "hits": 0, "n_targets": 3}],
+              "match_rate": 0.0, "match_rate_ci": [0.0, 0.7], "match_rate_minus_baseline": 0.0,
+              "match_rate_minus_baseline_ci": [0.0, 0.0]}
+    stage = {"id": folder, "kind": "pii", "folder": folder, "key": "k", "status": "ran", "seconds": 1,
+             "params": {"target_label": "ft", "evaluation": "pii"}, "result": result}
+    (tmp_path / "run.json").write_text(json.dumps({"experiment": {"name": "g"}, "stages": [stage]}))
+    html, _ = build(tmp_path)
+    table = html[html.index('id="headline-table"'):]
+    table = table[:table.index("</table>")]
+    cells = re.findall(r'<td class="num">(.*?)</td>', table)
+    assert len(cells) == 2 and "bounds nothing" not in cells[0] and "bounds nothing" in cells[1]

@@ -84,6 +84,10 @@ def headline(stages: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return rows
 
 
+#: said of a headline interval of no width (nothing extracted by either model, every resample alike)
+NO_WIDTH = "no width: the same on every resample, it bounds nothing"
+
+
 def _headline_table(rows: list[dict[str, Any]]) -> tuple[list[str], list[dict[str, Any]]]:
     cols: list[str] = []
     by_variant: dict[str, dict[str, Any]] = {}
@@ -96,6 +100,8 @@ def _headline_table(rows: list[dict[str, Any]]) -> tuple[list[str], list[dict[st
             cols.append(col)
         ci = r["ci"]
         cell = {"value": fmt(r["value"]), "ci": ci_text(ci) if ci else ""}
+        if ci and len(ci) == 2 and ci[0] == ci[1]:  # "[0.000, 0.000]" read as a change known to be 0
+            cell["ci"] += f" ({NO_WIDTH})"
         by_variant.setdefault(r["variant"], {})[col] = cell
     return cols, [{"variant": v, "cells": c} for v, c in by_variant.items()]
 
