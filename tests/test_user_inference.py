@@ -446,3 +446,18 @@ def test_the_user_section_says_what_a_tpr_at_a_low_fpr_is(tmp_path):
     stage = _stage(tmp_path, "users", "ft", {f"u{i}": (i % 2, float(i)) for i in range(12)})
     note = UserInferenceResult.section([StageView(stage, tmp_path)])["note"]
     assert "the share of member users an attacker flags at the score threshold that flags 1% of the non-member users" in note
+
+
+def test_the_user_figures_text_alternatives_give_what_they_draw(tmp_path):
+    """The AUC-by-m plot and the who-is-vulnerable scatters had the alt "plot, described in the caption
+    below", and the captions give no number: read aloud, the AUC at each m and the ρ were lost."""
+    from leakaudit.kinds.base import StageView, fmt
+    from leakaudit.kinds.user_inference import UserInferenceResult
+
+    scores = {f"u{i}": (i % 2, float(i)) for i in range(12)}
+    stage = _stage(tmp_path, "users", "ft", scores)
+    figures = UserInferenceResult.section([StageView(stage, tmp_path)])["figures"]
+    per_m = stage["result"]["per_m"]
+    assert f"ft m = 1 {fmt(per_m['1']['auc'])}, m = all {fmt(per_m['all']['auc'])}" in figures[0]["alt"]
+    rho = stage["result"]["vulnerability"]["n_train"]
+    assert f"ρ = {fmt(rho['rho'])}" in figures[1]["alt"] and "6 in-training users" in figures[1]["alt"]

@@ -114,7 +114,12 @@ class UserInferenceResult(Result):
                     series, f"User AUC vs samples per user ({evaluation})", "samples per user m", "user AUC",
                     bands=bands, xticks=[(x, m) for m, x in order.items()], chance=0.5),
                     "caption": f"User AUC against the attacker's samples per user m, one line per target, "
-                               f"{whose} 95% bootstrap CI shaded, 0.5 = chance ({evaluation})"})
+                               f"{whose} 95% bootstrap CI shaded, 0.5 = chance ({evaluation})",
+                    "alt": f"User AUC by samples per user m ({evaluation}): " + "; ".join(
+                        f"{name} " + ", ".join(f"m = {m} {fmt(r['auc'])}" for m, r in
+                                               sorted(((m, r) for m, r in (s.result.get("per_m") or {}).items()
+                                                       if r.get("auc") is not None), key=lambda x: order[x[0]]))
+                        for name, s in zip(series, group, strict=True)) + "; with CIs in the table below"})
             problem = compare.baseline(group)[1]
             if problem:
                 notes.append(problem)
@@ -240,7 +245,10 @@ def _vulnerability_figures(stages: list[StageView], groups: dict[str, list[Stage
             [p[0] for p in pts], [p[1] for p in pts], f"{pick.target}: ρ = {rho_text(rho)}", xlabel,
             "user score"),
             "caption": f"Who is vulnerable ({what}): per-user score of in-training users, {pick.evaluation} · "
-                       f"{pick.target}"})
+                       f"{pick.target}",
+            # the ρ the figure's title gives, which the default alt ("described in the caption") left out
+            "alt": f"Scatter of {len(pts)} in-training users of {pick.evaluation} · {pick.target}: user score "
+                   f"against {xlabel}; Spearman ρ = {rho_text(rho)}"})
     return figures
 
 
