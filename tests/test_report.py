@@ -849,3 +849,14 @@ def test_a_headline_interval_of_no_width_says_it_bounds_nothing(tmp_path):
     table = table[:table.index("</table>")]
     cells = re.findall(r'<td class="num">(.*?)</td>', table)
     assert len(cells) == 2 and "bounds nothing" not in cells[0] and "bounds nothing" in cells[1]
+
+
+def test_every_section_figure_has_a_text_alternative_that_says_what_it_draws(report_dir):
+    """Figures without an alt of their own (PII rates, perplexity) had "plot, described in the caption below",
+    which says nothing of what is drawn: they name it and point to the table that holds the values."""
+    write_report(report_dir)
+    html = (report_dir / "report.html").read_text()
+    alts = re.findall(r'<figure><img src="data:image/png;base64,[^"]+" alt="([^"]*)"><figcaption>([^<]*)<', html)
+    assert len(alts) == 3  # the ROC, the PII bars, the perplexity bars
+    assert not any("described in the caption" in alt for alt, _ in alts)
+    assert sum(caption in alt and "table below" in alt for alt, caption in alts) == 2
