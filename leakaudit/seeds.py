@@ -268,7 +268,8 @@ def _code(text: Any, cell: bool = True) -> str:
 def markdown(runs: list[SeedRun], rows: list[dict[str, Any]]) -> str:
     """The rows as Markdown tables, one per (evaluation, metric): a row per variant, a column per seed."""
     seeds = [r.seed for r in runs]
-    lines = [f"Experiment {_code(runs[0].experiment.get('name'), cell=False)}, seeds {', '.join(map(str, seeds))}: each seed's paired "
+    name = _code(runs[0].experiment.get("name"), cell=False)
+    lines = [f"Experiment {name}, seeds {', '.join(map(str, seeds))}: each seed's paired "
              "Δ against the evaluation's baseline with its 95% CI (items resampled; ↑/↓: the run's verdict claims that "
              "direction, its CI excluding 0 with enough items), then "
              "the mean Δ over seeds with a 95% interval for training runs and items together (the seeds' spread, "

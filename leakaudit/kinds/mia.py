@@ -146,8 +146,8 @@ class MiaResult(Result):
 
 
 def _options_text(options: Any) -> str:
-    """An attack's options as mia.json records them, written as given ('k = 0.1, corpus = dolly'); 'none' for an attack that
-    takes none; '–' where mia.json predates the record."""
+    """An attack's options as mia.json records them, written as given ('k = 0.1, corpus = dolly'); 'none'
+    for an attack that takes none; '–' where mia.json predates the record."""
     import json
 
     if not isinstance(options, dict):

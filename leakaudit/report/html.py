@@ -337,7 +337,8 @@ def build(out: str | Path) -> tuple[str, dict[str, Any]]:
         title=title, name=exp["name"], seed=exp.get("seed"), file_seed=_file_seed(config_text), show_pii=show_pii,
         headline_cols=cols, headline_rows=table_rows,
         verdicts=[verdict_sentence(c) for c in comparisons], verdict_figures=verdict_figures(comparisons),
-        sections=sections, stages=stages, inputs={s["id"]: stage_inputs(s) for s in stages}, has_evaluations=any(str(s["id"]).startswith("evaluate/") for s in stages),
+        sections=sections, stages=stages, inputs={s["id"]: stage_inputs(s) for s in stages},
+        has_evaluations=any(str(s["id"]).startswith("evaluate/") for s in stages),
         n_done=sum(1 for s in stages if s.get("result") is not None),
         n_stages=len(stages), config_text=config_text if show_pii else mask_yaml_text(config_text, names),
         versions=run.get("versions", {}), older=older)
