@@ -776,7 +776,7 @@ def test_a_roc_figures_text_alternative_gives_its_aucs(tmp_path):
     assert f"loss {fmt(auc)}, zlib {fmt(auc)}" in alt and "mia · m0" in alt
 
 
-def test_the_pii_table_gives_each_cells_hit_rate_with_its_exact_interval(monkeypatch):
+def test_the_pii_table_gives_each_cells_hit_rate_with_its_exact_interval():
     """docs/pii.md defines a cell's hit rate with an exact 95% interval; the heatmap showed the rate alone and
     the table the counts, so "0 of 3" read as a rate of 0 with nothing saying it still allows up to 71%."""
     from leakaudit.kinds.base import ci_text, fmt
