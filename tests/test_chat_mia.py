@@ -168,6 +168,7 @@ def test_cli_and_experiment_score_a_chat_fine_tunes_members_above_others(tmp_pat
     assert code == 0, err
     cli = json.loads((tmp_path / "cli" / "mia.json").read_text())
     assert cli["format"] == "chat" and cli["attacks"]["loss"]["auc"] > 0.75, cli["attacks"]["loss"]
+    assert cli["dtype"] == "float32"  # the precision the scores were computed in (bf16 moves them on a CPU)
     yaml = f"""name: chat
 models: {{ft: {model}}}
 datasets:
@@ -257,3 +258,4 @@ def test_user_inference_scores_each_users_conversations_at_their_last_reply(tiny
     assert code == 0, err
     cli = {r["user"]: r["score"] for r in map(json.loads, (tmp_path / "ui" / "user_scores.jsonl").read_text().splitlines())}
     assert cli == pytest.approx(want, rel=1e-4, abs=1e-4)
+    assert json.loads((tmp_path / "ui" / "user_inference.json").read_text())["dtype"] == "float32"

@@ -269,7 +269,7 @@ class Mia(Kind):
                              line=rec.line, field=ctx.data_fields.get(role, {}).get("text_field", "text")) from None
         data = {**report.to_json(), "target": ctx.models.get("target"), "reference": ctx.models.get("reference"),
                 **{role: str(ctx.data[role]) if role in ctx.data else None for role in ("members", "nonmembers")},
-                "seed": seed, "format": options.format,
+                "seed": seed, "format": options.format, "dtype": str(target.dtype).replace("torch.", ""),
                 "scores_file": "scores.jsonl"}  # comparisons' paired bootstrap reads the seed
         if is_main():  # under a launcher every process has the result; one writes it
             write_jsonl(ctx.out / "scores.jsonl", report.rows([r.id for r in members], [r.id for r in nonmembers]))

@@ -304,6 +304,7 @@ class UserInference(Kind):
                    for role in ("members", "nonmembers", "training")},
                 "vulnerability": vulnerability(rows, options.n_bootstrap, seed),
                 "compare_to": options.compare_to, "n_bootstrap": options.n_bootstrap, "seed": seed,
+                "dtype": str(ctx.model("target").dtype).replace("torch.", ""),  # scores move with it (bf16 on CPUs)
                 "scores_file": "user_scores.jsonl"}
         if is_main():  # under a launcher every process has the result; one writes it
             write_jsonl(ctx.out / "user_scores.jsonl", rows)
