@@ -259,3 +259,31 @@ def test_user_inference_scores_each_users_conversations_at_their_last_reply(tiny
     cli = {r["user"]: r["score"] for r in map(json.loads, (tmp_path / "ui" / "user_scores.jsonl").read_text().splitlines())}
     assert cli == pytest.approx(want, rel=1e-4, abs=1e-4)
     assert json.loads((tmp_path / "ui" / "user_inference.json").read_text())["dtype"] == "float32"
+
+
+def test_a_conversation_the_chat_template_refuses_is_named_by_file_and_line(tiny_neox, tmp_path, monkeypatch,
+                                                                            capsys):
+    """A template that refuses a conversation (Gemma's "System role not supported") raised a ValueError
+    traceback from the scoring pass; it is the row's one error line, as a text too short to score is."""
+    no_system = ("{% if messages[0]['role'] == 'system' %}{{ raise_exception('System role not supported') }}"
+                 "{% endif %}" + CHATML)
+    monkeypatch.setattr(tiny_neox.tokenizer, "chat_template", no_system, raising=False)
+    with pytest.raises(InputError, match=r"nonmembers\[0\] cannot be scored with tiny-gpt-neox: .*System role not "
+                                         "supported"):
+        run_mia(tiny_neox, [ONE_TURN], [LONGER], ["loss"], n_bootstrap=0, **NO_CACHE)
+    from leakaudit.kinds import get_kind
+    from leakaudit.kinds.base import KindContext, ModelCache
+
+    files = {}
+    for role, chats in (("members", [ONE_TURN, *OTHERS]), ("nonmembers", [OTHERS[0], LONGER])):
+        files[role] = tmp_path / f"{role}.jsonl"
+        files[role].write_text("".join(json.dumps({"messages": c}) + "\n" for c in chats))
+    cache = ModelCache(dtype="fp32")
+    cache._loaded["tiny-gpt-neox"] = tiny_neox  # the model with the refusing template
+    ctx = KindContext(out=tmp_path / "out", data=files, models={"target": "tiny-gpt-neox"},
+                      cache=cache, log=lambda m: None, progress=False)
+    (tmp_path / "out").mkdir()
+    kind = get_kind("mia")
+    with pytest.raises(InputError) as err:
+        kind.run(ctx, kind.Options(format="chat", attacks=["loss"], n_bootstrap=0, cache=False))
+    assert err.value.format().startswith(f"{files['nonmembers']}:2: field 'messages': conversation cannot be scored")

@@ -115,20 +115,27 @@ def scoring_pass(lm: LoadedModel, texts: Sequence[str], chats: Sequence[list[dic
                                        description=f"scoring ({name})", **score_options)
     if prefix is not None:  # an attack of its own prefix: refused in run_mia
         raise InputError("a conversation is scored in its own context; this attack adds another", field="attacks")
-    contexts, replies = chat_rows(lm.tokenizer, chats, texts)
+    contexts, replies = chat_rows(lm.tokenizer, chats, texts, model=lm.spec)
     return score_ids_distributed(lm, contexts, replies, moments=moments, description=f"scoring ({name})",
                                  **score_options)
 
 
-def chat_rows(tokenizer: Any, chats: Sequence[list[dict[str, str]]],
-              replies: Sequence[str]) -> tuple[list[list[int]], list[list[int]]]:
+def chat_rows(tokenizer: Any, chats: Sequence[list[dict[str, str]]], replies: Sequence[str],
+              model: str = "the target") -> tuple[list[list[int]], list[list[int]]]:
     """(context ids, reply ids) to score: each conversation's last reply given `replies[i]` as its content,
     rendered by this model's chat template and tokenised as a chat fine-tune does (each model its own: a
-    reference's template may differ), the reply's trained tokens after all that comes before them."""
+    reference's template may differ), the reply's trained tokens after all that comes before them. A
+    conversation the template refuses is named (`UnrenderableChatError`), not a traceback."""
+    from leakaudit.attacks.mia import UnrenderableChatError
     from leakaudit.data.chat import with_reply
     from leakaudit.train.examples import reply_in_context
 
-    pairs = [reply_in_context(tokenizer, with_reply(chat, reply)) for chat, reply in zip(chats, replies, strict=True)]
+    pairs = []
+    for i, (chat, reply) in enumerate(zip(chats, replies, strict=True)):
+        try:
+            pairs.append(reply_in_context(tokenizer, with_reply(chat, reply)))
+        except ValueError as exc:  # the template refused it, or does not render turns as prefixes
+            raise UnrenderableChatError(i, model, str(exc)) from None
     return [c for c, _ in pairs], [r for _, r in pairs]
 
 

@@ -56,6 +56,15 @@ class TooShortError(InputError):
         super().__init__(f"text #{index + 1} {self.why}")
 
 
+class UnrenderableChatError(TooShortError):
+    """A conversation a model's chat template refuses (Gemma's "System role not supported") or renders other
+    than turn by turn: its reply cannot be scored as the fine-tune trained on it. Named as a too-short text is."""
+
+    def __init__(self, index: int, model: str, reason: str):
+        self.why = f"cannot be scored with {model}: {reason}"
+        super().__init__(index)
+
+
 @register
 class LossAttack(Attack):
     """loss = -NLL(x) = mean_t log p(x_t | x_<t). Members were fit, so their loss is lower (score higher).

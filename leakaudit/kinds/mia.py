@@ -265,8 +265,9 @@ class Mia(Kind):
         except TooShortError as exc:
             role = exc.role or "members"
             rec = (members if role == "members" else nonmembers)[exc.row or 0]
-            raise InputError(f"text {exc.why}", file=ctx.data.get(role),
-                             line=rec.line, field=ctx.data_fields.get(role, {}).get("text_field", "text")) from None
+            field = options.messages_field if chat else ctx.data_fields.get(role, {}).get("text_field", "text")
+            raise InputError(f"{'conversation' if chat else 'text'} {exc.why}", file=ctx.data.get(role),
+                             line=rec.line, field=field) from None
         data = {**report.to_json(), "target": ctx.models.get("target"), "reference": ctx.models.get("reference"),
                 **{role: str(ctx.data[role]) if role in ctx.data else None for role in ("members", "nonmembers")},
                 "seed": seed, "format": options.format, "dtype": str(target.dtype).replace("torch.", ""),
