@@ -461,3 +461,27 @@ def test_the_user_figures_text_alternatives_give_what_they_draw(tmp_path):
     assert f"ft m = 1 {fmt(per_m['1']['auc'])}, m = all {fmt(per_m['all']['auc'])}" in figures[0]["alt"]
     rho = stage["result"]["vulnerability"]["n_train"]
     assert f"ρ = {fmt(rho['rho'])}" in figures[1]["alt"] and "6 in-training users" in figures[1]["alt"]
+
+
+def test_training_file_is_read_for_its_users_only(tmp_path, monkeypatch, capsys):
+    """--training counts each user's rows and reads nothing else: an instruction fine-tune's rows have no text
+    field, and a chat fine-tune's data may hold a conversation with no reply (finetune accepts it); both were
+    refused ("field 'text': missing", "has no assistant turn with content ... nothing of it to score")."""
+    rows = [{"text": f"Sample text number {i} written by one of the users.", "u": f"u{i % 6}",
+             "label": int(i % 6 < 3)} for i in range(12)]
+    data = tmp_path / "data.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    instruction = tmp_path / "instruction.jsonl"
+    instruction.write_text("".join(json.dumps({"prompt": "p", "response": f"r{i}", "u": f"u{i % 3}"}) + "\n"
+                                   for i in range(7)))
+    chat = tmp_path / "chat.jsonl"
+    chat.write_text("".join(json.dumps({"messages": [{"role": "user", "content": f"q{i}"}], "u": f"u{i % 3}"}) + "\n"
+                            for i in range(7)))
+    for name, training in (("instruction", instruction), ("chat", chat)):
+        code, err = run_main(["user-inference", "--target", "tiny-gpt-neox", "--reference", "tiny-opt", "--data",
+                                 data, "--user-field", "u", "--training", training, "--samples-per-user", "1",
+                                 "--n-bootstrap", "0", "--no-cache", "--dtype", "fp32", "--out", tmp_path / name],
+                                monkeypatch, capsys)
+        assert code == 0, err
+        scored = [json.loads(x) for x in (tmp_path / name / "user_scores.jsonl").read_text().splitlines()]
+        assert {r["user"]: r["n_train"] for r in scored if r["label"] == 1} == {"u0": 3, "u1": 2, "u2": 2}

@@ -271,8 +271,8 @@ def user_inference(
                                                   " --data-out"),
     user_field: str = typer.Option(..., "--user-field", help="Field naming each sample's user"),
     data_out: Path | None = typer.Option(None, "--data-out", help="Samples of users not in training"),
-    training: Path | None = typer.Option(None, "--training", help="The target's fine-tuning data (read with "
-                                         "--user-field and --text-field): each user's rows in it (n_train) and "
+    training: Path | None = typer.Option(None, "--training", help="The target's fine-tuning data (only its "
+                                         "--user-field is read): each user's rows in it (n_train) and "
                                          "their correlation with the score, who is vulnerable"),
     label_field: str = typer.Option("label", "--label-field", help="1/0, true/false, yes/no, member/nonmember, "
                                     "in/out; the same for all of a user's rows"),

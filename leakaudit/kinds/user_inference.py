@@ -283,7 +283,7 @@ class UserInference(Kind):
             field = ctx.data_fields.get("nonmembers", {}).get("user_field", "user")
             raise InputError(exc.message, file=ctx.data.get("nonmembers"), line=exc.record.line, field=field) from None
         has_training = "training" in ctx.data or "training" in ctx.loaded
-        train_counts = Counter(r.user for r in ctx.records("training", user_field="user")) if has_training else None
+        train_counts = Counter(training_users(ctx)) if has_training else None
         seed = ctx.seed if options.seed is None else options.seed
         try:
             report = run_user_inference(ctx.model("target"), ctx.model("reference"), ins, outs, options.m_values,
@@ -314,6 +314,25 @@ class UserInference(Kind):
             for w in data["warnings"]:
                 ctx.log(f"warning: {w}")
         return UserInferenceResult(data)
+
+
+def training_users(ctx: KindContext) -> list[str]:
+    """The user of each row of the `training` role (n_train counts them): only the user field is read. The
+    rows are the fine-tune's data, never scored: an instruction fine-tune's rows have no text field, and a chat
+    fine-tune's may hold a conversation with no reply (which `finetune --format chat` accepts); read as texts
+    or as conversations to score, both were refused."""
+    from pathlib import Path
+
+    from leakaudit.data.io import _get, read_rows, user_value
+    from leakaudit.warn import say_lookalike_users
+
+    if "training" in ctx.loaded:
+        return [r.user for r in ctx.loaded["training"]]
+    path = Path(ctx.data["training"])
+    field = ctx.data_fields.get("training", {}).get("user_field", "user")
+    users = [(user_value(_get(row, field, path, line), path, line, field), line) for line, row in read_rows(path)]
+    say_lookalike_users(users, path, field)
+    return [u for u, _ in users]
 
 
 def vulnerability(rows: list[dict[str, Any]], n_bootstrap: int, seed: int) -> dict[str, Any]:
