@@ -317,6 +317,7 @@ def test_a_kind_shows_a_model_spec_masked_unless_show_pii(tmp_path):
     ("> 713-223-5049fax", "713-223-5049"),
     ("713.661.0245tfiandt@houston.rr.com", "713.661.0245"),
     ("desk 713-853-1234ext5", "713-853-1234ext5"),  # an extension glued on stays the number's
+    ("713-853-1234extra copies", "713-853-1234"),  # a word that only begins like one does not
 ])
 def test_a_phone_with_a_word_glued_to_its_last_digit_is_found_and_masked(text, phone):
     """A line break lost in a mail's re-wrapping glues the next word to the number: the matcher rejected any

@@ -57,7 +57,7 @@ _LINE = re.compile(r"[^\n]+")
 # line break lost in a mail's re-wrapping; 5 of the 16 phone-shaped numbers of the shipped Enron messages that went
 # unfound, the others invalid numbers): the matcher rejects a number a letter touches, so the word's first letter
 # reads as a space to it (one character for one). Not an extension ("x123", "ext. 4"), read as part of the number.
-_GLUED_WORD = re.compile(r"(?<=\d)(?!ext)[^\W\d_](?=[^\W\d_])", re.IGNORECASE)
+_GLUED_WORD = re.compile(r"(?<=\d)(?!ext(?:ension)?(?![^\W\d_]))[^\W\d_](?=[^\W\d_])", re.IGNORECASE)
 # Header lines that name people; X-* headers carry display names ("Karen Arnold <klarnold@flash.net>").
 HEADER_RE = re.compile(r"^(?:X-)?(?:From|To|Cc|Bcc|X-cc|X-bcc):[ \t]*(.*(?:\n[ \t]+.*)*)",
                        re.IGNORECASE | re.MULTILINE)
