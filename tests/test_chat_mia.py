@@ -287,3 +287,38 @@ def test_a_conversation_the_chat_template_refuses_is_named_by_file_and_line(tiny
     with pytest.raises(InputError) as err:
         kind.run(ctx, kind.Options(format="chat", attacks=["loss"], n_bootstrap=0, cache=False))
     assert err.value.format().startswith(f"{files['nonmembers']}:2: field 'messages': conversation cannot be scored")
+
+
+def test_conversations_longer_than_the_chat_fine_tune_trained_on_are_counted(tiny_neox, tmp_path, monkeypatch):
+    """finetune --format chat cuts each conversation to its max_length: the last reply of a longer one was cut
+    or never trained on, yet scores whole; a run on such a fine-tune's folder says how many there are."""
+    import dataclasses
+
+    monkeypatch.setattr(tiny_neox.tokenizer, "chat_template", None, raising=False)
+    chats = [ONE_TURN, LONGER, *OTHERS]
+    lengths = [sum(map(len, _trained_run(tiny_neox.tokenizer, c))) for c in chats]
+    limit = sorted(lengths)[1]  # the two shortest fit, the others do not
+    (tmp_path / "finetune_config.json").write_text(json.dumps({"format": "chat", "max_length": limit}))
+    folder = dataclasses.replace(tiny_neox, spec=str(tmp_path))  # as loaded from the fine-tune's folder
+    report = run_mia(folder, chats[:2], chats[2:], ["loss"], n_bootstrap=0, **NO_CACHE)
+    over = sum(n > limit for n in lengths)
+    assert over == 2 and (f"{over} of 4 conversations are longer than the {limit} tokens the chat fine-tune "
+                          "trained on") in " ".join(report.warnings), report.warnings
+    plain = run_mia(tiny_neox, chats[:2], chats[2:], ["loss"], n_bootstrap=0, **NO_CACHE)  # no fine-tune's folder
+    assert not any("chat fine-tune trained on" in w for w in plain.warnings), plain.warnings
+
+
+def test_a_messages_field_for_text_rows_is_refused(tmp_path, monkeypatch, capsys):
+    """--messages-field without --format chat was read by nothing, in silence (every other unused flag is
+    refused)."""
+    from leakaudit.kinds import get_kind
+
+    for kind in ("mia", "user-inference"):
+        with pytest.raises(ValueError, match="is read with format chat only"):
+            get_kind(kind).Options(messages_field="conv")
+        assert get_kind(kind).Options(format="chat", messages_field="conv").messages_field == "conv"
+    rows = tmp_path / "rows.jsonl"
+    rows.write_text('{"text": "hello there"}\n{"text": "good morning"}\n')
+    code, err = run_main(["mia", "--target", "tiny-gpt-neox", "--members", rows, "--nonmembers", rows,
+                          "--messages-field", "conv", "--out", tmp_path / "out"], monkeypatch, capsys)
+    assert code == 2 and "field '--messages-field': is read with format chat only" in err, err

@@ -46,6 +46,11 @@ def _k_flags(names: list[str]) -> dict[tuple, str]:
     return {**MIA_FLAGS, **{("attack_options", n, "k"): "--k" for n in takes_k(names)}}
 
 
+def _messages_field(value: str) -> dict[str, str]:
+    """--messages-field as an option only where it is not the default: given for text rows, it is refused."""
+    return {"messages_field": value} if value != "messages" else {}
+
+
 def _refuse_unused_flags(ctx: typer.Context, names: list[str]) -> None:
     """A flag given for an attack that does not run was ignored in silence (`--attacks loss --k 0.1` ran
     without complaint): refused as an experiment file's `attack_options` for an attack not run is."""
@@ -165,7 +170,7 @@ def mia(
         attack_options["lira"] = {"references": lira_reference or []}
     values = {"attacks": attacks or None, "attack_options": attack_options, "n_bootstrap": n_bootstrap, "seed": seed,
               "batch_size": batch_size, "max_length": max_length, "stride": stride, "cache": not no_cache,
-              "format": data_format, "messages_field": messages_field}
+              "format": data_format, **_messages_field(messages_field)}
     roles = {"members", "nonmembers", *(["reference"] if reference else [])}
     options = build_options(kind, flags=_k_flags(names), roles=roles, **values)
     _one_source(members, nonmembers, data)
@@ -307,7 +312,7 @@ def user_inference(
                                                            *(["training"] if training is not None else [])},
                             m_values=samples_per_user, n_bootstrap=n_bootstrap, seed=seed, batch_size=batch_size,
                             max_length=max_length, stride=stride, cache=not no_cache, format=data_format,
-                            messages_field=messages_field)
+                            **_messages_field(messages_field))
     prepare_output(out, command="user-inference", files=("user_inference.json", "user_scores.jsonl",
                                                           "comparisons.json", "baseline"),
                    inputs={"--data": data, "--data-out": data_out, "--training": training,

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 
 from leakaudit.errors import InputError
 from leakaudit.options import BatchSize, numbers_are_not_booleans, stride_inside_the_window
@@ -56,6 +56,14 @@ class ScoredRowsOptions(ScoringPassOptions):
         "text", description="chat: the rows are conversations (`messages`), each scored at its last assistant reply "
                             "in its context, as `finetune --format chat` trains on it")
     messages_field: str = Field("messages", min_length=1, description="the conversations' field (format chat)")
+
+    @field_validator("messages_field")
+    @classmethod
+    def _messages_field_with_chat(cls, value: str, info: ValidationInfo) -> str:
+        """A conversations' field given for text rows was read by nothing, in silence (checked when given)."""
+        if info.data.get("format") != "chat":
+            raise ValueError("is read with format chat only: add format chat, or drop it")
+        return value
 
     def record_fields(self) -> dict[str, str]:
         """What the rows are read with beside the data's own fields: the conversations' field, in format chat."""

@@ -294,7 +294,8 @@ class UserInference(Kind):
         except TooShortSampleError as exc:
             role = "members" if exc.label == 1 else "nonmembers"
             raise InputError(exc.message, file=ctx.data.get(role), line=exc.record.line,
-                             field=ctx.data_fields.get(role, {}).get("text_field", "text")) from None
+                             field=fields.get("messages_field")
+                             or ctx.data_fields.get(role, {}).get("text_field", "text")) from None
         rows = report.rows()
         if train_counts is not None:
             for r in rows:
