@@ -31,6 +31,29 @@ class AttackConfig(BaseModel):
     _numbers_are_not_booleans = field_validator("*", mode="before")(numbers_are_not_booleans)
 
 
+class TooShortError(InputError):
+    """A text with no scored token (a single token without a BOS): no score can be defined. `index` is its
+    place among the scored texts; `run_mia` adds `role` ('members' or 'nonmembers') and `row` (its index in
+    that input list) so a front end can name the file and line."""
+
+    why = "has fewer than 2 tokens, so no token can be scored"
+
+    def __init__(self, index: int):
+        self.index = index
+        self.role: str | None = None
+        self.row: int | None = None
+        super().__init__(f"text #{index + 1} {self.why}")
+
+
+class UnrenderableChatError(TooShortError):
+    """A conversation a model's chat template refuses (Gemma's "System role not supported") or renders other
+    than turn by turn: its reply cannot be scored as the fine-tune trained on it. Named as a too-short text is."""
+
+    def __init__(self, index: int, model: str, reason: str):
+        self.why = f"cannot be scored with {model}: {reason}"
+        super().__init__(index)
+
+
 @dataclass
 class ScoringContext:
     """The texts under attack, the models, and scoring passes computed once and shared by all attacks."""
@@ -126,7 +149,6 @@ def chat_rows(tokenizer: Any, chats: Sequence[list[dict[str, str]]], replies: Se
     rendered by this model's chat template and tokenised as a chat fine-tune does (each model its own: a
     reference's template may differ), the reply's trained tokens after all that comes before them. A
     conversation the template refuses is named (`UnrenderableChatError`), not a traceback."""
-    from leakaudit.attacks.mia import UnrenderableChatError
     from leakaudit.data.chat import with_reply
     from leakaudit.train.examples import reply_in_context
 

@@ -17,7 +17,15 @@ from typing import TYPE_CHECKING, Annotated
 import numpy as np
 from pydantic import AfterValidator, Field
 
-from leakaudit.attacks.base import ATTACKS, Attack, AttackConfig, ScoringContext, get_attack, register
+from leakaudit.attacks.base import (
+    ATTACKS,
+    Attack,
+    AttackConfig,
+    ScoringContext,
+    TooShortError,
+    get_attack,
+    register,
+)
 from leakaudit.errors import InputError
 from leakaudit.metrics import RocMetrics, roc_metrics
 from leakaudit.models.tokens import encode
@@ -40,29 +48,6 @@ def _need_tokens(ctx: ScoringContext) -> None:
     for i, s in enumerate(ctx.target_scores):
         if s.n_tokens == 0:
             raise TooShortError(i)
-
-
-class TooShortError(InputError):
-    """A text with no scored token (a single token without a BOS): no score can be defined. `index` is its
-    place among the scored texts; `run_mia` adds `role` ('members' or 'nonmembers') and `row` (its index in
-    that input list) so a front end can name the file and line."""
-
-    why = "has fewer than 2 tokens, so no token can be scored"
-
-    def __init__(self, index: int):
-        self.index = index
-        self.role: str | None = None
-        self.row: int | None = None
-        super().__init__(f"text #{index + 1} {self.why}")
-
-
-class UnrenderableChatError(TooShortError):
-    """A conversation a model's chat template refuses (Gemma's "System role not supported") or renders other
-    than turn by turn: its reply cannot be scored as the fine-tune trained on it. Named as a too-short text is."""
-
-    def __init__(self, index: int, model: str, reason: str):
-        self.why = f"cannot be scored with {model}: {reason}"
-        super().__init__(index)
 
 
 @register
