@@ -343,3 +343,30 @@ def test_quoted_last_first_names_in_headers_are_replaced_and_audited(tmp_path, m
                          monkeypatch, capsys)
     assert code == 0, err
     assert json.loads((tmp_path / "a" / "audit_data.json").read_text())["pii"]["names"]["reproduced"] == 1
+
+
+def test_a_rows_chat_copy_is_replaced_with_the_texts_fakes(tmp_path):
+    """A row with `messages` beside its text (a chat data set, a backdoor mix) kept its real PII there: a
+    fine-tune with format chat on the "PII-replaced" copy trained on the raw addresses and numbers."""
+    from leakaudit.data.pii_find import find_emails, find_phones
+    from leakaudit.data.pii_replace import replace_pii_file
+    from leakaudit.errors import InputError
+
+    src = tmp_path / "chats.jsonl"
+    src.write_text(json.dumps({
+        "text": "Call 713-853-1234 or mail jeff.skilling@enron.com", "messages": [
+            {"role": "user", "content": "How do I reach Jeff? Is it 713-853-1234?"},
+            {"role": "assistant", "content": "Mail jeff.skilling@enron.com or call 713-853-1234."}]}) + "\n")
+    rows, summary = replace_pii_file(src)
+    (row,) = rows
+    contents = " ".join(m["content"] for m in row["messages"])
+    assert "713-853-1234" not in contents and "jeff.skilling@enron.com" not in contents
+    assert [m["role"] for m in row["messages"]] == ["user", "assistant"]
+    assert find_emails(contents) == find_emails(row["text"])  # the text's fake address, the same person
+    assert set(find_phones(contents)) == set(find_phones(row["text"]))
+    assert row["provenance"]["fields"] == ["text", "messages"] and row["pii_replaced"]["phone"] == 3
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps({"text": "hi", "messages": [{"role": "bot", "content": "x"}]}) + "\n")
+    with pytest.raises(InputError, match="unknown role 'bot'") as err:
+        replace_pii_file(bad)
+    assert err.value.line == 1 and err.value.field == "messages"

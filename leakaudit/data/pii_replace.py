@@ -147,6 +147,11 @@ class PiiReplacer:
         return " ".join([f.first_name(), *middle, f.last_name()])
 
 
+#: a row's chat copy of its text (a backdoor mix's rows, a chat data set's): replaced beside the text fields, else
+#: a fine-tune with format chat trained on the raw PII of a "PII-replaced" copy
+CHAT_FIELD = "messages"
+
+
 def replace_pii_file(path: str | Path, fields: Sequence[str] = ("text",), *, names: Iterable[str] | None = None,
                      header_names: bool = True, seed: int = 0) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     """The rows of a data file with PII replaced in `fields` (every other field kept), each with its
@@ -157,18 +162,23 @@ def replace_pii_file(path: str | Path, fields: Sequence[str] = ("text",), *, nam
     in the e-mail headers anywhere in the file are added first, so a name is replaced in every row
     once it heads any of them. What `generate replace-pii` and the experiment's replace-pii step run.
     """
+    from leakaudit.data.chat import validate_messages
     from leakaudit.data.io import default_id, read_rows
     from leakaudit.data.pii_find import shipped_names
 
     rows = read_rows(path)
-    for lineno, row in rows:
+    chats: dict[int, list[dict[str, str]]] = {}  # row index -> its checked `messages`, replaced beside the fields
+    for index, (lineno, row) in enumerate(rows):
         for f in fields:
             if not isinstance(row.get(f), str):
                 raise InputError("missing or not a string", file=path, line=lineno, field=f)
+        if CHAT_FIELD not in fields and CHAT_FIELD in row:  # a chat copy of the row's text: a fine-tune with
+            chats[index] = validate_messages(row[CHAT_FIELD], path, lineno, CHAT_FIELD)  # format chat reads it
     replacer = PiiReplacer(shipped_names() if names is None else names, seed=seed)
     if header_names:
         replacer.add_names(n for _, row in rows for f in fields for n in names_from_headers(row[f]))
-    replacer.reserve(row[f] for _, row in rows for f in fields)
+    replacer.reserve([*(row[f] for _, row in rows for f in fields),
+                      *(m["content"] for chat in chats.values() for m in chat)])
     out = []
     for index, (lineno, row) in enumerate(rows, start=1):
         new = dict(row)
@@ -176,10 +186,17 @@ def replace_pii_file(path: str | Path, fields: Sequence[str] = ("text",), *, nam
         for f in fields:
             new[f], c = replacer.replace(row[f])
             counts.update(c)
+        if index - 1 in chats:  # the same fakes as the text's: one replacer for the whole file
+            new[CHAT_FIELD] = []
+            for m in chats[index - 1]:
+                content, c = replacer.replace(m["content"])
+                new[CHAT_FIELD].append({**m, "content": content})
+                counts.update(c)
         new["pii_replaced"] = {k: counts.get(k, 0) for k in KINDS}
         # where the row came from and how it was made, as the generators' rows say it (no PII: counts only)
         new["provenance"] = {"method": "replace-pii", "source_id": str(row.get("id", default_id(Path(path), index, lineno))),
-                             "fields": list(fields), "names": "shipped" if names is None else "given",
+                             "fields": [*fields, *([CHAT_FIELD] if index - 1 in chats else [])],
+                             "names": "shipped" if names is None else "given",
                              "header_names": header_names, "seed": seed,
                              **({"from": row["provenance"]} if "provenance" in row else {})}  # a generator's kept
         out.append(new)

@@ -39,7 +39,8 @@ class ReplacePii(Kind):
     roles = {"data": True}
     summary = "`data` with names, e-mail addresses and phone numbers replaced by consistent fakes"
     version = 2
-    changed = "a phone number with a word glued to its last digit (\"713-223-5049fax\") is replaced too"
+    changed = ("a phone number with a word glued to its last digit (\"713-223-5049fax\") is replaced too, and a "
+               "row's chat copy (`messages`) with its text")
 
     def run(self, ctx: KindContext, options: ReplacePiiOptions) -> Result:
         from leakaudit.data.io import write_jsonl
