@@ -306,6 +306,16 @@ def test_conversations_longer_than_the_chat_fine_tune_trained_on_are_counted(tin
                           "trained on") in " ".join(report.warnings), report.warnings
     plain = run_mia(tiny_neox, chats[:2], chats[2:], ["loss"], n_bootstrap=0, **NO_CACHE)  # no fine-tune's folder
     assert not any("chat fine-tune trained on" in w for w in plain.warnings), plain.warnings
+    # user inference says it too, of the same conversations
+    from leakaudit.attacks.user_inference import run_user_inference
+    from leakaudit.data.io import load_records
+
+    data = tmp_path / "users.jsonl"
+    data.write_text("".join(json.dumps({"user": f"u{i}", "messages": c}) + "\n" for i, c in enumerate(chats)))
+    records = load_records(data, user_field="user", messages_field="messages")
+    users = run_user_inference(folder, tiny_neox, records[:2], records[2:], "all", n_bootstrap=0,
+                               messages_field="messages", **NO_CACHE)
+    assert any(f"{over} of 4 conversations are longer" in w for w in users.warnings), users.warnings
 
 
 def test_a_messages_field_for_text_rows_is_refused(tmp_path, monkeypatch, capsys):

@@ -143,6 +143,29 @@ def scoring_pass(lm: LoadedModel, texts: Sequence[str], chats: Sequence[list[dic
                                  **score_options)
 
 
+def past_trained_length(target: LoadedModel, chats: Sequence[list[dict[str, str]]],
+                        replies: Sequence[str]) -> str | None:
+    """Said when the target is a chat fine-tune's folder (its finetune_config.json) and conversations are longer
+    than the tokens it trained on: `finetune` cut each to its max_length, so the last reply of a longer one was
+    cut or not trained on at all, yet is scored whole (a member that reads as a non-member)."""
+    import json
+    from pathlib import Path
+
+    try:
+        config = json.loads((Path(target.spec) / "finetune_config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):  # not a fine-tune's folder (a hub id, a merged or copied model): unknown
+        return None
+    limit = config.get("max_length") if isinstance(config, dict) and config.get("format") == "chat" else None
+    if not isinstance(limit, int):
+        return None
+    contexts, ids = chat_rows(target.tokenizer, chats, replies, model=target.spec)
+    over = sum(len(c) + len(r) > limit for c, r in zip(contexts, ids, strict=True))
+    if not over:
+        return None
+    return (f"{over} of {len(chats)} conversations are longer than the {limit} tokens the chat fine-tune trained "
+            "on (its max_length): their last reply was cut or not trained on, and is scored whole")
+
+
 def chat_rows(tokenizer: Any, chats: Sequence[list[dict[str, str]]], replies: Sequence[str],
               model: str = "the target") -> tuple[list[list[int]], list[list[int]]]:
     """(context ids, reply ids) to score: each conversation's last reply given `replies[i]` as its content,

@@ -24,6 +24,7 @@ from leakaudit.attacks.base import (
     ScoringContext,
     TooShortError,
     get_attack,
+    past_trained_length,
     register,
 )
 from leakaudit.errors import InputError
@@ -543,7 +544,7 @@ def run_mia(target: LoadedModel, members: Sequence[str] | Sequence[Conversation]
                          score_options={"batch_size": batch_size, "max_length": max_length, "stride": stride,
                                         "cache": cache, "progress": progress}, chats=chats, load=load)
     warnings = split_warnings(members, evaluated_nonmembers)
-    if chats is not None and (note := _past_trained_length(target, chats, texts)):
+    if chats is not None and (note := past_trained_length(target, chats, texts)):
         warnings.append(note)
     if prefix_index:
         warnings.append(f"recall: the first {len(prefix_index)} non-members form the prefix and are not evaluated")
@@ -567,30 +568,6 @@ def run_mia(target: LoadedModel, members: Sequence[str] | Sequence[Conversation]
     options = {a.name: a.config.model_dump(mode="json", exclude={"prefix"}) for a in chosen}
     return MiaReport(metrics, scores, labels, list(range(len(members))), nonmember_index, warnings, prefix_index,
                      options)
-
-
-def _past_trained_length(target: LoadedModel, chats: list[Conversation], replies: list[str]) -> str | None:
-    """Said when the target is a chat fine-tune's folder (its finetune_config.json) and conversations are longer
-    than the tokens it trained on: `finetune` cut each to its max_length, so the last reply of a longer one was
-    cut or not trained on at all, yet is scored whole (a member that reads as a non-member)."""
-    import json
-    from pathlib import Path
-
-    from leakaudit.attacks.base import chat_rows
-
-    try:
-        config = json.loads((Path(target.spec) / "finetune_config.json").read_text(encoding="utf-8"))
-    except (OSError, ValueError):  # not a fine-tune's folder (a hub id, a merged or copied model): unknown
-        return None
-    limit = config.get("max_length") if isinstance(config, dict) and config.get("format") == "chat" else None
-    if not isinstance(limit, int):
-        return None
-    contexts, ids = chat_rows(target.tokenizer, chats, replies, model=target.spec)
-    over = sum(len(c) + len(r) > limit for c, r in zip(contexts, ids, strict=True))
-    if not over:
-        return None
-    return (f"{over} of {len(chats)} conversations are longer than the {limit} tokens the chat fine-tune trained "
-            "on (its max_length): their last reply was cut or not trained on, and is scored whole")
 
 
 def _conversations(members: object, nonmembers: object) -> list[Conversation] | None:
