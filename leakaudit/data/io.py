@@ -363,6 +363,8 @@ def load_records(
     rows = read_rows(p)
     records: list[Record] = []
     seen: dict[str, int] = {}
+    read = text_field if messages_field is None else messages_field  # the field each record's text comes from
+    dropped = {id_field, user_field, *([text_field] if messages_field is None else [])}  # the rest goes to extra
     for index, (lineno, row) in enumerate(rows, start=1):
         chat = isinstance(row, dict) and isinstance(row.get("messages"), list)
         if messages_field is not None:
@@ -370,7 +372,6 @@ def load_records(
 
             messages = validate_messages(_get(row, messages_field, p, lineno), p, lineno, messages_field)
             row = {**row, messages_field: messages}
-            text_field = messages_field
             text = messages[last_reply(messages, p, lineno, messages_field)]["content"]
         else:
             try:
@@ -380,9 +381,9 @@ def load_records(
                                  field=text_field) from None
         if not isinstance(text, str):
             raise InputError(f"must be a string, got {type(text).__name__}" + (CHAT_HINT if chat else ""), file=p,
-                             line=lineno, field=text_field)
+                             line=lineno, field=read)
         if not text.strip() and not keep_empty:
-            raise InputError("text is empty", file=p, line=lineno, field=text_field)
+            raise InputError("text is empty", file=p, line=lineno, field=read)
         rid = default_id(p, index, lineno)
         if id_field:
             raw_id = _get(row, id_field, p, lineno)
@@ -393,7 +394,7 @@ def load_records(
             raise InputError(f"duplicate id '{rid}' (first on line {seen[rid]})", file=p, line=lineno, field=id_field)
         seen[rid] = lineno
         user = user_value(_get(row, user_field, p, lineno), p, lineno, user_field) if user_field else None
-        extra = {k: v for k, v in row.items() if k not in {text_field, id_field, user_field} or k == messages_field}
+        extra = {k: v for k, v in row.items() if k not in dropped}
         records.append(Record(id=rid, text=text, user=user, line=lineno, extra=extra))
     return records
 
