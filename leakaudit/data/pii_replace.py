@@ -168,7 +168,7 @@ def replace_pii_file(path: str | Path, fields: Sequence[str] = ("text",), *, nam
 
     rows = read_rows(path)
     chats: dict[int, list[dict[str, str]]] = {}  # row index -> its checked `messages`, replaced beside the fields
-    for index, (lineno, row) in enumerate(rows):
+    for index, (lineno, row) in enumerate(rows, start=1):
         for f in fields:
             if not isinstance(row.get(f), str):
                 raise InputError("missing or not a string", file=path, line=lineno, field=f)
@@ -186,16 +186,16 @@ def replace_pii_file(path: str | Path, fields: Sequence[str] = ("text",), *, nam
         for f in fields:
             new[f], c = replacer.replace(row[f])
             counts.update(c)
-        if index - 1 in chats:  # the same fakes as the text's: one replacer for the whole file
+        if index in chats:  # the same fakes as the text's: one replacer for the whole file
             new[CHAT_FIELD] = []
-            for m in chats[index - 1]:
+            for m in chats[index]:
                 content, c = replacer.replace(m["content"])
                 new[CHAT_FIELD].append({**m, "content": content})
                 counts.update(c)
         new["pii_replaced"] = {k: counts.get(k, 0) for k in KINDS}
         # where the row came from and how it was made, as the generators' rows say it (no PII: counts only)
         new["provenance"] = {"method": "replace-pii", "source_id": str(row.get("id", default_id(Path(path), index, lineno))),
-                             "fields": [*fields, *([CHAT_FIELD] if index - 1 in chats else [])],
+                             "fields": [*fields, *([CHAT_FIELD] if index in chats else [])],
                              "names": "shipped" if names is None else "given",
                              "header_names": header_names, "seed": seed,
                              **({"from": row["provenance"]} if "provenance" in row else {})}  # a generator's kept
