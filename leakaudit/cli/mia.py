@@ -327,8 +327,7 @@ def user_inference(
                         device, dtype, allow_pickle)
         if training is not None:  # read by the kind, as an experiment's `training` role (named in its errors)
             kctx.data["training"] = training
-            kctx.data_fields["training"] = {"text_field": text_field, "user_field": user_field,
-                                            **options.record_fields()}
+            kctx.data_fields["training"] = {"user_field": user_field}  # only users are read (training_users)
         return kctx
 
     try:
