@@ -1,7 +1,7 @@
-"""Membership inference on conversations (format chat): each is scored at its last assistant reply, the tokens a
-chat fine-tune's loss is on, in the context the model saw — checked against contexts and replies written out by
-hand from the two chat renderings (the plain template, a tokenizer's own template), the fine-tune's labels, and a
-chat fine-tune's members."""
+"""Membership inference on conversations (format chat): each is scored at its assistant replies, the tokens a
+chat fine-tune's loss is on, each in the context the model saw — checked against contexts and replies written out
+by hand from the two chat renderings (the plain template, a tokenizer's own template), the fine-tune's labels, and
+a chat fine-tune's members."""
 
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ from conftest import run_main, torch_threads
 
 from leakaudit.attacks import ScoringContext, get_attack
 from leakaudit.attacks.mia import run_mia
+from leakaudit.data.chat import reply_text
 from leakaudit.errors import InputError
 from leakaudit.train.examples import IGNORE, chat_example
 
@@ -35,20 +36,24 @@ def one_thread():
         yield
 
 
-def _plain(eos: str) -> list[tuple[str, str]]:
-    """(context, reply) of ONE_TURN and LONGER under the plain template `<|role|>\\n{content}\\n`, EOS after each
-    assistant turn (docs/finetune.md), written out: LONGER's last user turn has nothing after it to score."""
-    return [("<|user|>\nWhat is the capital of France?\n<|assistant|>\n", "Paris is the capital of France.\n" + eos),
-            ("<|system|>\nBe brief.\n<|user|>\nName a colour.\n<|assistant|>\nBlue.\n" + eos
-             + "<|user|>\nAnother one?\n<|assistant|>\n", "Green, like the grass.\n" + eos)]
+def _plain(eos: str) -> list[list[tuple[str, str]]]:
+    """(context, reply) of each reply of ONE_TURN and LONGER under the plain template `<|role|>\\n{content}\\n`,
+    EOS after each assistant turn (docs/finetune.md), written out: LONGER's last user turn has nothing after it
+    to score."""
+    first = "<|system|>\nBe brief.\n<|user|>\nName a colour.\n<|assistant|>\n"
+    return [[("<|user|>\nWhat is the capital of France?\n<|assistant|>\n", "Paris is the capital of France.\n" + eos)],
+            [(first, "Blue.\n" + eos),
+             (first + "Blue.\n" + eos + "<|user|>\nAnother one?\n<|assistant|>\n", "Green, like the grass.\n" + eos)]]
 
 
-def _chatml() -> list[tuple[str, str]]:
-    return [("<|im_start|>user\nWhat is the capital of France?<|im_end|>\n<|im_start|>assistant\n",
-             "Paris is the capital of France.<|im_end|>\n"),
-            ("<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nName a colour.<|im_end|>\n<|im_start|>"
-             "assistant\nBlue.<|im_end|>\n<|im_start|>user\nAnother one?<|im_end|>\n<|im_start|>assistant\n",
-             "Green, like the grass.<|im_end|>\n")]
+def _chatml() -> list[list[tuple[str, str]]]:
+    first = ("<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nName a colour.<|im_end|>\n<|im_start|>"
+             "assistant\n")
+    return [[("<|im_start|>user\nWhat is the capital of France?<|im_end|>\n<|im_start|>assistant\n",
+              "Paris is the capital of France.<|im_end|>\n")],
+            [(first, "Blue.<|im_end|>\n"),
+             (first + "Blue.<|im_end|>\n<|im_start|>user\nAnother one?<|im_end|>\n<|im_start|>assistant\n",
+              "Green, like the grass.<|im_end|>\n")]]
 
 
 @pytest.fixture(params=["plain", "chatml"])
@@ -61,15 +66,19 @@ def chat_lm(request, tiny_neox, monkeypatch):
     return tiny_neox, _plain(tiny_neox.tokenizer.eos_token)
 
 
-def _trained_run(tok, chat: list[dict[str, str]]) -> tuple[list[int], list[int]]:
-    """(context, reply) ids as the chat fine-tune's own example holds them: the last run of tokens with loss."""
+def _trained_runs(tok, chat: list[dict[str, str]]) -> list[tuple[list[int], list[int]]]:
+    """(context, reply) ids of each run of tokens with loss, as the chat fine-tune's own example holds them."""
     last = max(i for i, m in enumerate(chat) if m["role"] == "assistant")
     example = chat_example(tok, chat[:last + 1], "assistant", 10**6)
-    end = max(i for i, label in enumerate(example.labels) if label != IGNORE) + 1
-    start = end
-    while start and example.labels[start - 1] != IGNORE:
-        start -= 1
-    return example.input_ids[:start], example.input_ids[start:end]
+    trained = [label != IGNORE for label in example.labels]
+    starts = [i for i, t in enumerate(trained) if t and (i == 0 or not trained[i - 1])]
+    ends = [i + 1 for i, t in enumerate(trained) if t and (i + 1 == len(trained) or not trained[i + 1])]
+    return [(example.input_ids[:a], example.input_ids[a:b]) for a, b in zip(starts, ends, strict=True)]
+
+
+def _trained_run(tok, chat: list[dict[str, str]]) -> tuple[list[int], list[int]]:
+    """(context, reply) ids of the last run of tokens with loss."""
+    return _trained_runs(tok, chat)[-1]
 
 
 def _by_hand(lm, context: list[int], reply: list[int]) -> dict[str, np.ndarray]:
@@ -86,16 +95,23 @@ def _by_hand(lm, context: list[int], reply: list[int]) -> dict[str, np.ndarray]:
             "var": np.array([(p[t - 1] * lp[t - 1] ** 2).sum().item() for t in pos]) - mu**2}
 
 
-def test_the_last_reply_is_scored_in_its_context_by_hand(chat_lm):
-    """loss = mean log p(reply tokens | context) over the tokens the chat fine-tune's loss is on at the last
-    reply, after the tokens before them as it tokenised them (one unbatched float64 pass); the rendering is the
-    one written out above; min_k, min_k_pp and zlib over the same tokens; the batched pass gives the same."""
+def _replies_by_hand(lm, chat: list[dict[str, str]]) -> dict[str, np.ndarray]:
+    """`_by_hand` of each of the conversation's replies in its context, one after another."""
+    parts = [_by_hand(lm, c, r) for c, r in _trained_runs(lm.tokenizer, chat)]
+    return {k: np.concatenate([p[k] for p in parts]) for k in ("logp", "mu", "var")}
+
+
+def test_every_reply_is_scored_in_its_context_by_hand(chat_lm):
+    """loss = mean log p(reply tokens | context) over the tokens the chat fine-tune's loss is on, every reply's,
+    each after the tokens before it as the fine-tune tokenised them (unbatched float64 passes); the rendering is
+    the one written out above; min_k, min_k_pp and zlib over the same tokens; the batched pass gives the same."""
     lm, pairs = chat_lm
     tok = lm.tokenizer
-    runs = [_trained_run(tok, chat) for chat in (ONE_TURN, LONGER)]
-    assert [(tok.decode(c), tok.decode(r)) for c, r in runs] == pairs
+    runs = [_trained_runs(tok, chat) for chat in (ONE_TURN, LONGER)]
+    assert [[(tok.decode(c), tok.decode(r)) for c, r in spans] for spans in runs] == pairs
     report = run_mia(lm, [ONE_TURN], [LONGER], ["loss", "min_k", "min_k_pp", "zlib"], n_bootstrap=0, **NO_CACHE)
-    want = [_by_hand(lm, c, r) for c, r in runs]
+    want = [_replies_by_hand(lm, chat) for chat in (ONE_TURN, LONGER)]
+    assert [len(w["logp"]) for w in want] == [sum(len(r) for _, r in spans) for spans in runs]
     assert np.allclose(report.scores["loss"], [w["logp"].mean() for w in want], rtol=1e-5, atol=1e-6)
     n = [max(1, int(0.2 * len(w["logp"]))) for w in want]
     assert np.allclose(report.scores["min_k"], [np.sort(w["logp"])[:k].mean()
@@ -103,29 +119,31 @@ def test_the_last_reply_is_scored_in_its_context_by_hand(chat_lm):
     z = [(w["logp"] - w["mu"]) / np.sqrt(w["var"]) for w in want]
     assert np.allclose(report.scores["min_k_pp"], [np.sort(x)[:k].mean() for x, k in zip(z, n, strict=True)],
                        atol=1e-4)
-    # zlib divides by the compressed reply's content (what the texts hold), not the rendered markers
+    # zlib divides by the compressed replies' contents (what the texts hold: one per line), not the markers
     import zlib
 
     assert np.allclose(report.scores["zlib"], [w["logp"].mean() / len(zlib.compress(t.encode()))
                                                for w, t in zip(want, ["Paris is the capital of France.",
-                                                                      "Green, like the grass."], strict=True)],
+                                                                      "Blue.\nGreen, like the grass."], strict=True)],
                        atol=1e-6)
     one = run_mia(lm, [ONE_TURN], [LONGER], ["loss"], n_bootstrap=0, batch_size=1, **NO_CACHE)
     assert np.allclose(one.scores["loss"], report.scores["loss"], rtol=1e-5, atol=1e-6)
 
 
-def test_lowercase_and_dc_pdd_read_the_reply_in_its_context(chat_lm):
+def test_lowercase_and_dc_pdd_read_the_replies_in_their_context(chat_lm):
     lm, _ = chat_lm
     tok = lm.tokenizer
-    ctx = ScoringContext(lm, ["Paris is the capital of France.", "Green, like the grass."], score_options=NO_CACHE,
-                         chats=[ONE_TURN, LONGER])
+    ctx = ScoringContext(lm, ["Paris is the capital of France.", "Blue.\nGreen, like the grass."],
+                         score_options=NO_CACHE, chats=[ONE_TURN, LONGER])
     low = get_attack("lowercase").score(ctx)
-    lowered = [[*chat[:-1], {**chat[-1], "content": chat[-1]["content"].lower()}]
-               for chat in (ONE_TURN, LONGER[:5])]
-    want = [_by_hand(lm, *_trained_run(tok, lo))["logp"].mean() / _by_hand(lm, *_trained_run(tok, chat))["logp"].mean()
+    lowered = [[{**m, "content": m["content"].lower()} if m["role"] == "assistant" else m for m in chat]
+               for chat in (ONE_TURN, LONGER[:5])]  # every reply lowercased, the other turns as they were
+    assert lowered[1][2]["content"] == "blue." and lowered[1][1]["content"] == "Name a colour."
+    want = [_replies_by_hand(lm, lo)["logp"].mean() / _replies_by_hand(lm, chat)["logp"].mean()
             for lo, chat in zip(lowered, (ONE_TURN, LONGER), strict=True)]
     assert np.allclose(low, want, rtol=1e-5)
-    assert ctx.scored_ids() == [_trained_run(tok, chat)[1] for chat in (ONE_TURN, LONGER)]  # dc_pdd's tokens
+    assert ctx.scored_ids() == [[t for _, r in _trained_runs(tok, chat) for t in r]
+                                for chat in (ONE_TURN, LONGER)]  # dc_pdd's tokens: every reply's
 
 
 def test_attacks_that_score_texts_their_own_way_and_rows_without_a_reply_are_refused(tiny_neox):
@@ -219,23 +237,23 @@ def test_lira_scores_the_conversations_under_each_reference_as_it_renders_them(t
 
     monkeypatch.setattr(tiny_neox.tokenizer, "chat_template", None, raising=False)
     specs = ["tiny-opt", str(tiny_model_dir("tiny-gpt-neox"))]  # the second: the target's weights in a folder
-    chats = [ONE_TURN, *OTHERS]
-    ctx = ScoringContext(tiny_neox, [c[-1]["content"] for c in chats], score_options=NO_CACHE, chats=chats,
+    chats = [ONE_TURN, LONGER, *OTHERS]
+    ctx = ScoringContext(tiny_neox, [reply_text(c) for c in chats], score_options=NO_CACHE, chats=chats,
                          load=lambda spec: load_model(spec, dtype="fp32"))
     got = get_attack("lira", references=specs, variance="per_text").score(ctx)
     nll = {}
     for spec in specs:
         lm = load_model(spec, dtype="fp32")
-        nll[spec] = np.array([-_by_hand(lm, *_trained_run(lm.tokenizer, c))["logp"].mean() for c in chats])
-    target = np.array([-_by_hand(tiny_neox, *_trained_run(tiny_neox.tokenizer, c))["logp"].mean() for c in chats])
+        nll[spec] = np.array([-_replies_by_hand(lm, c)["logp"].mean() for c in chats])
+    target = np.array([-_replies_by_hand(tiny_neox, c)["logp"].mean() for c in chats])
     refs = np.stack(list(nll.values()))
     assert np.allclose(got, (refs.mean(0) - target) / refs.std(0, ddof=1), rtol=1e-4, atol=1e-5)
 
 
-def test_user_inference_scores_each_users_conversations_at_their_last_reply(tiny_neox, tiny_opt, tmp_path,
-                                                                           monkeypatch, capsys):
-    """S(u) = mean over u's conversations of log p_target(reply | context) − log p_ref(reply | context) (sums over
-    the reply's tokens, each model rendering its own), by hand; the command's --format chat gives the same."""
+def test_user_inference_scores_each_users_conversations_at_their_replies(tiny_neox, tiny_opt, tmp_path,
+                                                                        monkeypatch, capsys):
+    """S(u) = mean over u's conversations of log p_target(replies | contexts) − log p_ref(replies | contexts)
+    (sums over every reply's tokens, each model rendering its own), by hand; `--format chat` gives the same."""
     from leakaudit.attacks.user_inference import run_user_inference
     from leakaudit.data.io import load_records
 
@@ -248,8 +266,8 @@ def test_user_inference_scores_each_users_conversations_at_their_last_reply(tiny
     report = run_user_inference(tiny_neox, tiny_opt, [r for r in records if r.extra["label"] == 1],
                                 [r for r in records if r.extra["label"] == 0], "all", n_bootstrap=0,
                                 messages_field="messages", **NO_CACHE)
-    ratio = [_by_hand(tiny_neox, *_trained_run(tiny_neox.tokenizer, c))["logp"].sum()
-             - _by_hand(tiny_opt, *_trained_run(tiny_opt.tokenizer, c))["logp"].sum() for c in chats]
+    ratio = [_replies_by_hand(tiny_neox, c)["logp"].sum() - _replies_by_hand(tiny_opt, c)["logp"].sum()
+             for c in chats]
     want = {"u0": np.mean(ratio[0::2]), "u1": np.mean(ratio[1::2])}
     assert report.user_scores["all"] == pytest.approx(want, rel=1e-4, abs=1e-4)
     code, err = run_main(["user-inference", "--target", "tiny-gpt-neox", "--reference", "tiny-opt", "--data", data,
@@ -290,8 +308,8 @@ def test_a_conversation_the_chat_template_refuses_is_named_by_file_and_line(tiny
 
 
 def test_conversations_longer_than_the_chat_fine_tune_trained_on_are_counted(tiny_neox, tmp_path, monkeypatch):
-    """finetune --format chat cuts each conversation to its max_length: the last reply of a longer one was cut
-    or never trained on, yet scores whole; a run on such a fine-tune's folder says how many there are."""
+    """finetune --format chat cuts each conversation to its max_length: the later replies of a longer one were
+    cut or never trained on, yet score whole; a run on such a fine-tune's folder says how many there are."""
     import dataclasses
 
     monkeypatch.setattr(tiny_neox.tokenizer, "chat_template", None, raising=False)

@@ -980,18 +980,21 @@ def test_a_stage_whose_kind_changed_since_it_finished_runs_again_saying_why(tmp_
     from leakaudit.kinds.perplexity import Perplexity
 
     study = Plan(parse_experiment(STUDY))
-    changed = ("evaluate/pii/real", "evaluate/mia/real", "generate/replaced")
+    changed = ("evaluate/pii/real", "evaluate/mia/real", "generate/replaced", "evaluate/users/real")
     assert {s.id: s.key for s in study.stages.values() if s.id not in changed} == {
         "data/emails": "d58c10b0cf32835037c2de26", "generate/continued": "923f049dd4c167e48aab028b",
-        "finetune/real": "af1ecbf72523c9a311bbe5d3",
-        "evaluate/users/real": "e6126de279220a0351c53694", "evaluate/ppl/real": "953e1577b5b5aa3983a696da"}
+        "finetune/real": "af1ecbf72523c9a311bbe5d3", "evaluate/ppl/real": "953e1577b5b5aa3983a696da"}
     replaced = study.stages["generate/replaced"]  # and replace-pii (phone numbers with a word glued on)
     assert replaced.older_key == "805ab7b6bc0d0be09d87785c" != replaced.key
     assert "replace-pii version 2 (a phone number" in replaced.changed
     pii = study.stages["evaluate/pii/real"]  # pii is at version 2: its key moved, its older key is the old one
     assert pii.older_key == "f356f9df5ce3c68a476c648e" != pii.key and "pii version 2 (a demonstration's" in pii.changed
-    mia = study.stages["evaluate/mia/real"]  # and mia (recall's ratio)
-    assert mia.older_key == "7def15fc532ed7c87a05923f" != mia.key and "mia version 2 (recall is" in mia.changed
+    mia = study.stages["evaluate/mia/real"]  # and mia (recall's ratio, then a conversation's every reply)
+    assert mia.older_key != mia.key and "mia version 3 (a conversation" in mia.changed
+    assert "version 2: recall is" in mia.changed
+    users = study.stages["evaluate/users/real"]  # and user inference (a conversation's every reply)
+    assert users.older_key == "e6126de279220a0351c53694" != users.key
+    assert "user-inference version 2 (a conversation" in users.changed
 
     lines: list[str] = []
     run_experiment(parse_experiment(SMALL), tmp_path / "old", log=_quiet, report=False)

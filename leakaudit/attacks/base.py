@@ -63,42 +63,55 @@ class ScoringContext:
     reference: LoadedModel | None = None
     moments: bool = True
     score_options: dict[str, Any] = field(default_factory=dict)  # batch_size, max_length, stride, cache, progress
-    #: the conversations under attack (format chat), or None for plain texts: `texts` are then their last replies'
-    #: contents, and each is scored as the fine-tune trained on it, in its conversation (`chat_rows`)
+    #: the conversations under attack (format chat), or None for plain texts: `texts` are then their replies'
+    #: contents (`reply_text`), and each reply is scored as the fine-tune trained on it, in its conversation
+    #: (`chat_rows`)
     chats: list[list[dict[str, str]]] | None = None
     #: loads a model an attack's options name (lira's references) as the run loads its own (device, dtype,
     #: pickle rule); None: `load_model` on the target's device and dtype
     load: Callable[[str], LoadedModel] | None = None
     _passes: dict[tuple, list[TokenScores]] = field(default_factory=dict, repr=False)
 
-    def scores(self, model: str = "target", texts: Sequence[str] | None = None, prefix: str | None = None,
+    def scores(self, model: str = "target", change: Callable[[str], str] | None = None, prefix: str | None = None,
                moments: bool | None = None) -> list[TokenScores]:
-        """Token scores of `texts` (default: the texts under attack) under the target or reference model. With
-        conversations, `texts` are contents for their last replies (e.g. lowercased), scored in context."""
+        """Token scores of the texts under attack under the target or reference model, each text first passed
+        through `change` (a variant: `str.lower`); with conversations, each reply's content is, and the replies
+        are scored in context."""
         lm = self.target if model == "target" else self.reference
         if lm is None:
             raise InputError("this attack needs a reference model", field="--reference")
-        texts = self.texts if texts is None else list(texts)
         want = self.moments if moments is None else moments
-        key = (model, tuple(texts), prefix)
+        key = (model, change, prefix)
         have = self._passes.get(key)
         if have is None or (want and have and have[0].mu is None):
-            have = self._pass(lm, texts, prefix, want, model)
+            have = self._pass(lm, change, prefix, want, model)
             self._passes[key] = have
         return have
 
-    def _pass(self, lm: LoadedModel, texts: list[str], prefix: str | None, moments: bool,
+    def _pass(self, lm: LoadedModel, change: Callable[[str], str] | None, prefix: str | None, moments: bool,
               name: str) -> list[TokenScores]:
-        return scoring_pass(lm, texts, self.chats, prefix=prefix, moments=moments, name=name, **self.score_options)
+        if self.chats is not None:
+            from leakaudit.data.chat import with_replies
+
+            return scoring_pass(lm, chats=[with_replies(c, change) for c in self.chats], prefix=prefix,
+                                moments=moments, name=name, **self.score_options)
+        texts = self.texts if change is None else [change(t) for t in self.texts]
+        return scoring_pass(lm, texts, prefix=prefix, moments=moments, name=name, **self.score_options)
 
     def scored_ids(self) -> list[list[int]]:
         """The token ids of what the target's shared pass scored, as the engine encodes them (a text alone with
-        its BOS; a conversation's reply after its context, without): an attack that weighs tokens by id reads
-        the scores' last n_tokens of each."""
+        its BOS; a conversation's replies, one after another, without their contexts): an attack that weighs
+        tokens by id reads the scores' last n_tokens of each."""
         from leakaudit.models.tokens import encode
 
         tok = self.target.tokenizer
-        return encode(tok, self.texts) if self.chats is None else chat_rows(tok, self.chats, self.texts)[1]
+        if self.chats is None:
+            return encode(tok, self.texts)
+        _, replies, owners = chat_rows(tok, self.chats)
+        joined: list[list[int]] = [[] for _ in self.chats]
+        for owner, reply in zip(owners, replies, strict=True):
+            joined[owner] += reply
+        return joined
 
     def reference_scores(self, spec: str, name: str) -> list[TokenScores]:
         """Token scores of the texts under attack under the model `spec` (no moments), through the same cached,
@@ -106,7 +119,7 @@ class ScoringContext:
         reads several (lira) never holds more than one of them. `name` labels the progress bar."""
         import gc
 
-        key = (f"spec:{spec}", tuple(self.texts), None)
+        key = (f"spec:{spec}", None, None)
         if key not in self._passes:
             if self.load is None:
                 from leakaudit.models import load_model
@@ -114,7 +127,7 @@ class ScoringContext:
                 lm = load_model(spec, device=str(self.target.device), dtype=self.target.dtype)
             else:
                 lm = self.load(spec)
-            self._passes[key] = self._pass(lm, self.texts, None, False, name)
+            self._passes[key] = self._pass(lm, None, None, False, name)
             del lm
             gc.collect()  # its weights go now, before the next one loads
         return self._passes[key]
@@ -125,29 +138,33 @@ class ScoringContext:
         return self.scores("target")
 
 
-def scoring_pass(lm: LoadedModel, texts: Sequence[str], chats: Sequence[list[dict[str, str]]] | None = None, *,
-                 prefix: str | None = None, moments: bool = False, name: str = "target",
-                 **score_options: Any) -> list[TokenScores]:
-    """One cached, batched (and, under a launcher, sharded) scoring pass of `lm`: over the texts, or, with
-    conversations, over their last replies (`texts` their contents) in context, as a chat fine-tune tokenised
-    them (`chat_rows`). The one place both kinds of row go through, for every attack and user inference."""
+def scoring_pass(lm: LoadedModel, texts: Sequence[str] | None = None,
+                 chats: Sequence[list[dict[str, str]]] | None = None, *, prefix: str | None = None,
+                 moments: bool = False, name: str = "target", **score_options: Any) -> list[TokenScores]:
+    """One cached, batched (and, under a launcher, sharded) scoring pass of `lm`: over the texts, or over the
+    conversations (`chats`, which then carry their own contents: `texts` is not read) at their replies, each in
+    its context as a chat fine-tune tokenised it (`chat_rows`), one TokenScores per conversation (its replies'
+    tokens in order). The one place both kinds of row go through, for every attack and user inference."""
     from leakaudit.distributed import score_ids_distributed, score_texts_distributed
+    from leakaudit.scoring import joined_scores
 
     if chats is None:
+        if texts is None:
+            raise ValueError("scoring_pass needs texts or chats")
         return score_texts_distributed(lm, list(texts), prefixes=prefix, moments=moments,
                                        description=f"scoring ({name})", **score_options)
     if prefix is not None:  # an attack of its own prefix: refused in run_mia
         raise InputError("a conversation is scored in its own context; this attack adds another", field="attacks")
-    contexts, replies = chat_rows(lm.tokenizer, chats, texts, model=lm.spec)
-    return score_ids_distributed(lm, contexts, replies, moments=moments, description=f"scoring ({name})",
-                                 **score_options)
+    contexts, replies, owners = chat_rows(lm.tokenizer, chats, model=lm.spec)
+    scores = score_ids_distributed(lm, contexts, replies, moments=moments, description=f"scoring ({name})",
+                                   **score_options)
+    return joined_scores(scores, owners, len(chats), moments)
 
 
-def past_trained_length(target: LoadedModel, chats: Sequence[list[dict[str, str]]],
-                        replies: Sequence[str]) -> str | None:
+def past_trained_length(target: LoadedModel, chats: Sequence[list[dict[str, str]]]) -> str | None:
     """Said when the target is a chat fine-tune's folder (its finetune_config.json) and conversations are longer
-    than the tokens it trained on: `finetune` cut each to its max_length, so the last reply of a longer one was
-    cut or not trained on at all, yet is scored whole (a member that reads as a non-member)."""
+    than the tokens it trained on: `finetune` cut each to its max_length, so the later replies of a longer one
+    were cut or not trained on at all, yet are scored whole (a member that reads as a non-member)."""
     import json
     from pathlib import Path
 
@@ -158,30 +175,39 @@ def past_trained_length(target: LoadedModel, chats: Sequence[list[dict[str, str]
     limit = config.get("max_length") if isinstance(config, dict) and config.get("format") == "chat" else None
     if not isinstance(limit, int):
         return None
-    contexts, ids = chat_rows(target.tokenizer, chats, replies, model=target.spec)
-    over = sum(len(c) + len(r) > limit for c, r in zip(contexts, ids, strict=True))
+    contexts, replies, owners = chat_rows(target.tokenizer, chats, model=target.spec)
+    longest = [0] * len(chats)
+    for context, reply, owner in zip(contexts, replies, owners, strict=True):
+        longest[owner] = max(longest[owner], len(context) + len(reply))
+    over = sum(n > limit for n in longest)
     if not over:
         return None
     return (f"{over} of {len(chats)} conversations are longer than the {limit} tokens the chat fine-tune trained "
-            "on (its max_length): their last reply was cut or not trained on, and is scored whole")
+            "on (its max_length): their later replies were cut or not trained on, and are scored whole")
 
 
-def chat_rows(tokenizer: Any, chats: Sequence[list[dict[str, str]]], replies: Sequence[str],
-              model: str = "the target") -> tuple[list[list[int]], list[list[int]]]:
-    """(context ids, reply ids) to score: each conversation's last reply given `replies[i]` as its content,
+def chat_rows(tokenizer: Any, chats: Sequence[list[dict[str, str]]],
+              model: str = "the target") -> tuple[list[list[int]], list[list[int]], list[int]]:
+    """(context ids, reply ids, conversation index) of every reply to score, conversation by conversation: each
     rendered by this model's chat template and tokenised as a chat fine-tune does (each model its own: a
-    reference's template may differ), the reply's trained tokens after all that comes before them. A
-    conversation the template refuses is named (`UnrenderableChatError`), not a traceback."""
-    from leakaudit.data.chat import with_reply
-    from leakaudit.train.examples import reply_in_context
+    reference's template may differ), a reply's trained tokens after all that comes before them. A conversation
+    the template refuses is named (`UnrenderableChatError`), not a traceback."""
+    from leakaudit.data.chat import with_replies
+    from leakaudit.train.examples import replies_in_context
 
-    pairs = []
-    for i, (chat, reply) in enumerate(zip(chats, replies, strict=True)):
+    contexts: list[list[int]] = []
+    replies: list[list[int]] = []
+    owners: list[int] = []
+    for i, chat in enumerate(chats):
         try:
-            pairs.append(reply_in_context(tokenizer, with_reply(chat, reply)))
+            spans = replies_in_context(tokenizer, with_replies(chat))
         except ValueError as exc:  # the template refused it, or does not render turns as prefixes
             raise UnrenderableChatError(i, model, str(exc)) from None
-    return [c for c, _ in pairs], [r for _, r in pairs]
+        for context, reply in spans:
+            contexts.append(context)
+            replies.append(reply)
+            owners.append(i)
+    return contexts, replies, owners
 
 
 class Attack:

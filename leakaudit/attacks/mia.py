@@ -176,7 +176,7 @@ class LowercaseAttack(Attack):
 
     def score(self, ctx):
         _need_tokens(ctx)
-        lower = ctx.scores("target", texts=[t.lower() for t in ctx.texts], moments=False)
+        lower = ctx.scores("target", change=str.lower, moments=False)
         out = []
         for orig, low in zip(ctx.target_scores, lower, strict=True):
             # both floored: a text predicted exactly (mean log p 0, a memorised one) and without capitals scored
@@ -498,7 +498,7 @@ def run_mia(target: LoadedModel, members: Sequence[str] | Sequence[Conversation]
     (so all attacks are compared on the same samples).
 
     Members and non-members may be conversations (lists of {role, content}, a chat fine-tune's rows): each is
-    then scored at its last assistant reply, the tokens a chat fine-tune's loss is on, in the conversation before
+    then scored at its assistant replies, the tokens a chat fine-tune's loss is on, each in the conversation before
     it, rendered by each model's chat template as `finetune --format chat` renders it.
     """
     from leakaudit.errors import check_model, check_texts
@@ -513,9 +513,9 @@ def run_mia(target: LoadedModel, members: Sequence[str] | Sequence[Conversation]
     if chats is None:
         members, nonmembers = check_texts(members, "members"), check_texts(nonmembers, "nonmembers")
     else:
-        from leakaudit.data.chat import last_reply
+        from leakaudit.data.chat import reply_text
 
-        members, nonmembers = ([chat[last_reply(chat, None, None, "messages")]["content"] for chat in side]
+        members, nonmembers = ([reply_text(chat) for chat in side]
                                for side in (chats[:len(members)], chats[len(members):]))
     chosen = _resolve(attacks, attack_options)
     if chats is not None and (plain := [a.name for a in chosen if not a.scores_chats]):
@@ -544,7 +544,7 @@ def run_mia(target: LoadedModel, members: Sequence[str] | Sequence[Conversation]
                          score_options={"batch_size": batch_size, "max_length": max_length, "stride": stride,
                                         "cache": cache, "progress": progress}, chats=chats, load=load)
     warnings = split_warnings(members, evaluated_nonmembers)
-    if chats is not None and (note := past_trained_length(target, chats, texts)):
+    if chats is not None and (note := past_trained_length(target, chats)):
         warnings.append(note)
     if prefix_index:
         warnings.append(f"recall: the first {len(prefix_index)} non-members form the prefix and are not evaluated")

@@ -128,7 +128,7 @@ def run_user_inference(target: LoadedModel, reference: LoadedModel, records_in: 
                        progress: bool = True, messages_field: str | None = None) -> UserInferenceReport:
     """Score every sample once under target and reference, then aggregate per user for each m. With
     `messages_field` the samples are conversations (records read with it: a chat fine-tune's users), each
-    scored at its last assistant reply in context, as `run_mia` scores them."""
+    scored at its assistant replies in context, as `run_mia` scores them."""
     from leakaudit.attacks.base import past_trained_length, scoring_pass
     from leakaudit.errors import check_model
 
@@ -169,7 +169,7 @@ def run_user_inference(target: LoadedModel, reference: LoadedModel, records_in: 
     per_m: dict[str, RocMetrics] = {}
     user_scores: dict[str, dict[str, float]] = {}
     warnings: list[str] = []
-    if chats is not None and (note := past_trained_length(target, chats, texts)):
+    if chats is not None and (note := past_trained_length(target, chats)):
         warnings.append(note)
     for m in ms:
         keep = [u for u in users if m == ALL or len(per_user[u]) >= int(m)]

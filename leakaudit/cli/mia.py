@@ -28,8 +28,8 @@ MIA_FLAGS = {("attack_options",): "--attacks", ("attack_options", "recall", "sho
              ("attack_options", "neighbourhood", "model"): "--neighbour-model",
              ("attack_options", "neighbourhood", "n_neighbours"): "--neighbours",
              ("attack_options", "lira", "references"): "--lira-reference"}
-FORMAT_HELP = ("text, or chat: rows of conversations (--messages-field), each scored at its last assistant reply in "
-               "its context, as `finetune --format chat` trained on it")
+FORMAT_HELP = ("text, or chat: rows of conversations (--messages-field), each scored at its assistant replies in "
+               "their context, as `finetune --format chat` trained on them")
 MESSAGES_HELP = "The conversations' field (--format chat)"
 USER_FLAGS = {("m_values",): "--samples-per-user", ("cache",): "--no-cache"}
 

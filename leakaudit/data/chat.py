@@ -1,12 +1,14 @@
 """Chat rows: a conversation's `messages` checked by one rule for every reader (fine-tuning with format chat,
-membership scoring of a chat fine-tune), and which reply a membership score reads.
+membership scoring of a chat fine-tune), and which replies a membership score reads.
 
-Why the last assistant turn: a chat fine-tune's loss is on the assistant turns (docs/finetune.md), so that is
-where a member differs from a non-member; the turns before it are what the model saw when it produced it.
+Why its assistant replies: a chat fine-tune's loss is on the assistant turns (docs/finetune.md), every one of them,
+so that is where a member differs from a non-member; the turns before each are what the model saw when it produced
+it. Turns after the last reply were not trained on.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -29,7 +31,8 @@ def validate_messages(value: Any, file: Path | str | None, line: int | None, fie
 
 
 def last_reply(messages: list[dict[str, str]], file: Path | str | None, line: int | None, field: str) -> int:
-    """The index of the conversation's last assistant turn with content: the reply a membership score reads."""
+    """The index of the conversation's last assistant turn with content: what a conversation needs to be scored
+    (the turns after it were not trained on)."""
     for i in range(len(messages) - 1, -1, -1):
         if messages[i]["role"] == "assistant" and messages[i]["content"].strip():
             return i
@@ -37,8 +40,18 @@ def last_reply(messages: list[dict[str, str]], file: Path | str | None, line: in
                      "so there is nothing of it to score", file=file, line=line, field=field)
 
 
-def with_reply(messages: list[dict[str, str]], content: str) -> list[dict[str, str]]:
-    """The conversation up to its last reply, that reply's content replaced (an attack's variant of the reply,
-    e.g. lowercased); the turns after it are dropped (nothing of them is scored)."""
+def reply_text(messages: list[dict[str, str]]) -> str:
+    """The contents of the assistant turns a membership score reads, one per line: the conversation's text where
+    an attack reads text (zlib's compressed length, the length check of members against non-members)."""
     k = last_reply(messages, None, None, "messages")
-    return [*messages[:k], {"role": "assistant", "content": content}]
+    return "\n".join(m["content"] for m in messages[:k + 1] if m["role"] == "assistant")
+
+
+def with_replies(messages: list[dict[str, str]], change: Callable[[str], str] | None = None) -> list[dict[str, str]]:
+    """The conversation up to its last reply, each assistant turn's content passed through `change` (an attack's
+    variant of the replies, e.g. lowercased); the turns after the last reply are dropped (nothing of them is
+    scored)."""
+    k = last_reply(messages, None, None, "messages")
+    if change is None:
+        return list(messages[:k + 1])
+    return [{**m, "content": change(m["content"])} if m["role"] == "assistant" else m for m in messages[:k + 1]]

@@ -356,8 +356,8 @@ def load_records(
     """Load and validate texts: the text field must be a string, ids unique, users present if asked.
 
     Without `id_field`, ids are `<file stem>:<line>` so they stay stable and traceable. With `messages_field`
-    the rows are conversations (a chat fine-tune's): each record's text is its last assistant reply, and its
-    checked messages are kept in `extra` under that field (data/chat.py).
+    the rows are conversations (a chat fine-tune's): each record's text is its assistant replies' contents (one per
+    line; `reply_text`), and its checked messages are kept in `extra` under that field (data/chat.py).
     """
     p = Path(path)
     rows = read_rows(p)
@@ -368,11 +368,12 @@ def load_records(
     for index, (lineno, row) in enumerate(rows, start=1):
         chat = isinstance(row, dict) and isinstance(row.get("messages"), list)
         if messages_field is not None:
-            from leakaudit.data.chat import last_reply, validate_messages
+            from leakaudit.data.chat import last_reply, reply_text, validate_messages
 
             messages = validate_messages(_get(row, messages_field, p, lineno), p, lineno, messages_field)
             row = {**row, messages_field: messages}
-            text = messages[last_reply(messages, p, lineno, messages_field)]["content"]
+            last_reply(messages, p, lineno, messages_field)  # a reply to score, or an error naming this line
+            text = reply_text(messages)
         else:
             try:
                 text = _get(row, text_field, p, lineno)

@@ -53,8 +53,8 @@ class ScoredRowsOptions(ScoringPassOptions):
     """Options of a kind whose rows may be a chat fine-tune's conversations (mia, user inference)."""
 
     format: Literal["text", "chat"] = Field(
-        "text", description="chat: the rows are conversations (`messages`), each scored at its last assistant reply "
-                            "in its context, as `finetune --format chat` trains on it")
+        "text", description="chat: the rows are conversations (`messages`), each scored at its assistant replies "
+                            "in their context, as `finetune --format chat` trains on them")
     messages_field: str = Field("messages", min_length=1, description="the conversations' field (format chat)")
 
     @field_validator("messages_field")

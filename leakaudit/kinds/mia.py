@@ -210,8 +210,9 @@ class Mia(Kind):
     Options = MiaOptions
     Result = MiaResult
     roles = {"members": True, "nonmembers": True, "reference": False}
-    version = 2
-    changed = "recall is ReCaLL's ratio LL(x|P) / LL(x) (it was the difference LL(x) - LL(x|P))"
+    version = 3
+    changed = ("a conversation (format chat) is scored at all its assistant replies (it was its last one); "
+               "version 2: recall is ReCaLL's ratio LL(x|P) / LL(x) (it was the difference LL(x) - LL(x|P))")
     summary = "membership inference attacks on `members` vs `nonmembers`: AUC with CI, TPR at low FPR"
     data_parallel = True
     model_list_options = ("attack_options.lira.references",)

@@ -255,6 +255,8 @@ def _vulnerability_figures(stages: list[StageView], groups: dict[str, list[Stage
 @register
 class UserInference(Kind):
     name = "user-inference"
+    version = 2
+    changed = "a conversation (format chat) is scored at all its assistant replies (it was its last one)"
     section = "evaluate"
     Options = UserInferenceOptions
     Result = UserInferenceResult

@@ -132,20 +132,30 @@ def chat_segments(tokenizer, messages: list[dict[str, str]], loss_on: str) -> li
     return segments
 
 
-def reply_in_context(tokenizer, messages: list[dict[str, str]]) -> tuple[list[int], list[int]]:
-    """(context ids, reply ids) of a conversation ending in an assistant turn, tokenised as a chat fine-tune
-    tokenises it (`chat_example`): the reply is what its loss is on at that turn (content and end marker), the
-    context all before it (system prompt, earlier turns, the assistant header). A membership score of a chat
-    fine-tune reads the reply's tokens after the context: the tokens the loss was on, in the context seen."""
+def replies_in_context(tokenizer, messages: list[dict[str, str]]) -> list[tuple[list[int], list[int]]]:
+    """(context ids, reply ids) of each assistant reply of a conversation, tokenised as a chat fine-tune
+    tokenises it (`chat_example`): a reply is what its loss is on at that turn (content and end marker), its
+    context all before it (system prompt, earlier turns and replies, the assistant header). A membership score of
+    a chat fine-tune reads every reply's tokens after its context: the tokens the loss was on, in the context seen
+    (what a template writes after the last reply was not trained on)."""
     segments = chat_segments(tokenizer, messages, "assistant")
     pieces = _segment_ids(tokenizer, segments, first_special=not getattr(tokenizer, "chat_template", None))
-    end = len(segments)
-    while end and not segments[end - 1][1]:  # what a template writes after the last turn is not trained on
-        end -= 1
-    start = end
-    while start and segments[start - 1][1]:
-        start -= 1
-    return [t for p in pieces[:start] for t in p], [t for p in pieces[start:end] for t in p]
+    spans: list[tuple[list[int], list[int]]] = []
+    before: list[int] = []
+    k = 0
+    while k < len(segments):
+        if not segments[k][1]:
+            before += pieces[k]
+            k += 1
+            continue
+        reply: list[int] = []
+        while k < len(segments) and segments[k][1]:  # a run of trained pieces is one reply
+            reply += pieces[k]
+            k += 1
+        if reply:
+            spans.append((list(before), reply))
+        before += reply
+    return spans
 
 
 def chat_example(tokenizer, messages: list[dict[str, str]], loss_on: str, max_length: int) -> Example:
