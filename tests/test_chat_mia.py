@@ -147,9 +147,11 @@ def test_lowercase_and_dc_pdd_read_the_replies_in_their_context(chat_lm):
 
 
 def test_attacks_that_score_texts_their_own_way_and_rows_without_a_reply_are_refused(tiny_neox):
-    for name in ("recall", "gradnorm"):
+    for name in ("recall", "neighbourhood"):
         with pytest.raises(InputError, match=f"{name}: scores plain texts only, not conversations") as err:
-            run_mia(tiny_neox, [ONE_TURN], OTHERS, ["loss", name], n_bootstrap=0, **NO_CACHE)
+            run_mia(tiny_neox, [ONE_TURN], OTHERS, ["loss", name], n_bootstrap=0,
+                    attack_options={"neighbourhood": {"model": "bert-base-uncased"}} if name == "neighbourhood" else None,
+                    **NO_CACHE)
         assert err.value.field == "attacks"
     with pytest.raises(InputError, match="has no assistant turn with content") as err:
         run_mia(tiny_neox, [ONE_TURN], [[{"role": "user", "content": "hello?"}]], ["loss"], **NO_CACHE)
@@ -213,6 +215,35 @@ def test_an_experiment_refuses_a_plain_text_attack_with_format_chat_before_it_ru
     code, err = run_main(["run", exp, "--out", tmp_path / "run"], monkeypatch, capsys)
     assert code == 2 and "attack 'recall' scores plain texts only, not conversations (format chat)" in err, err
     assert f"{exp}:7:" in err and not (tmp_path / "run" / "evaluate").exists()
+
+
+def test_gradnorm_of_a_conversation_is_the_norm_of_its_fine_tunes_loss_gradient(chat_lm, capsys):
+    """gradnorm = -||d loss / d theta|| with the loss the chat fine-tune's own on the conversation (HF's loss over
+    its example's labels: every reply's tokens), by hand; cut to a window, the gradient is the cut example's, and
+    a conversation whose first reply starts past the window is named."""
+    import torch
+
+    lm, _ = chat_lm
+    tok = lm.tokenizer
+
+    def by_hand(chat, window=10**6):
+        example = chat_example(tok, chat, "assistant", window)
+        params = [p for p in lm.model.parameters() if p.requires_grad]
+        loss = lm.model(input_ids=torch.tensor([example.input_ids]), labels=torch.tensor([example.labels])).loss
+        return -float(torch.sqrt(sum(g.double().square().sum() for g in torch.autograd.grad(loss, params))))
+
+    chats = [ONE_TURN, LONGER[:5]]
+    ctx = ScoringContext(lm, [reply_text(c) for c in chats], score_options=NO_CACHE, chats=chats)
+    got = get_attack("gradnorm").score(ctx)
+    assert np.allclose(got, [by_hand(c) for c in chats], rtol=1e-4)
+    first = len(_trained_runs(tok, LONGER)[0][0])  # the tokens before LONGER's first reply
+    window = first + 3  # its first reply in the window, not the second
+    cut = get_attack("gradnorm", max_length=window).score(ctx)
+    assert cut[1] == pytest.approx(by_hand(LONGER[:5], window), rel=1e-4) and cut[1] != pytest.approx(got[1])
+    over = sum(sum(map(len, _trained_run(tok, c))) > window for c in chats)
+    assert f"gradnorm: {over} of 2 conversations are longer than the {window}-token" in capsys.readouterr().err
+    with pytest.raises(InputError, match=r"text #2 has no reply token in gradnorm's first"):
+        get_attack("gradnorm", max_length=first).score(ctx)
 
 
 def test_a_launched_chat_pass_keeps_the_min_k_pp_moments(tiny_neox, monkeypatch):

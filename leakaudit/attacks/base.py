@@ -38,7 +38,9 @@ class TooShortError(InputError):
 
     why = "has fewer than 2 tokens, so no token can be scored"
 
-    def __init__(self, index: int):
+    def __init__(self, index: int, why: str | None = None):
+        if why is not None:  # another reason the text cannot be scored (the instance's, not the class's)
+            self.why = why
         self.index = index
         self.role: str | None = None
         self.row: int | None = None
@@ -50,8 +52,7 @@ class UnrenderableChatError(TooShortError):
     than turn by turn: its reply cannot be scored as the fine-tune trained on it. Named as a too-short text is."""
 
     def __init__(self, index: int, model: str, reason: str):
-        self.why = f"cannot be scored with {model}: {reason}"
-        super().__init__(index)
+        super().__init__(index, f"cannot be scored with {model}: {reason}")
 
 
 @dataclass

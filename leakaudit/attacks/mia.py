@@ -23,6 +23,7 @@ from leakaudit.attacks.base import (
     AttackConfig,
     ScoringContext,
     TooShortError,
+    chat_rows,
     get_attack,
     past_trained_length,
     register,
@@ -347,14 +348,14 @@ class GradNormConfig(AttackConfig):
 class GradNormAttack(Attack):
     """gradnorm = -||grad_theta NLL(x)||_2 over all parameters (white-box). Training drove the loss gradient
     of members towards zero, so members have smaller gradient norms; the negative norm makes higher => member.
-    One text per backward pass; texts longer than the window are cut to the first window.
+    One text per backward pass; texts longer than the window are cut to the first window. A conversation's NLL
+    is its chat fine-tune's loss on it: the mean over its replies' tokens, in one pass over the conversation.
 
     Nasr, Shokri, Houmansadr, "Comprehensive Privacy Analysis of Deep Learning: Passive and Active White-box
     Inference Attacks", IEEE S&P 2019 (gradient norms as the white-box membership signal).
     """
 
     name = "gradnorm"
-    scores_chats = False  # its own forward and backward per text
     summary = ("minus the size of the loss gradient over all parameters (white-box): training flattened it "
                "at members")
     paper = "Nasr et al. 2019, Comprehensive Privacy Analysis of Deep Learning (white-box gradients)"
@@ -365,25 +366,61 @@ class GradNormAttack(Attack):
         from leakaudit.scoring import fit_window
 
         _need_tokens(ctx)
-        mine = shard(len(ctx.texts))
-        local = [gradient_norm(ctx.target, ctx.texts[i], self.config.max_length) for i in mine]
         window = fit_window(ctx.target, self.config.max_length)
-        over = sum(s.n_tokens + 1 > window for s in ctx.target_scores)  # n_tokens: the text's tokens after the first
+        if ctx.chats is None:
+            lengths = [s.n_tokens + 1 for s in ctx.target_scores]  # n_tokens: the text's tokens after the first
+        else:  # checked on every process before the work is sharded: a refusal is every process's
+            contexts, replies, owners = chat_rows(ctx.target.tokenizer, ctx.chats, model=ctx.target.spec)
+            lengths = [0] * len(ctx.chats)
+            for context, reply, i in zip(contexts, replies, owners, strict=True):
+                if lengths[i] == 0 and len(context) >= window:  # its first reply has no token in the window
+                    raise TooShortError(i, f"has no reply token in gradnorm's first {window} tokens (its first "
+                                           f"reply starts at token {len(context) + 1}; gradnorm's max_length)")
+                lengths[i] = len(context) + len(reply)
+        mine = shard(len(ctx.texts))
+        if ctx.chats is None:
+            local = [gradient_norm(ctx.target, ctx.texts[i], self.config.max_length) for i in mine]
+        else:
+            local = [chat_gradient_norm(ctx.target, ctx.chats[i], self.config.max_length) for i in mine]
+        over = sum(n > window for n in lengths)
         if over:  # the other attacks score such texts whole (strided windows): say where gradnorm differs
-            warn_once(f"gradnorm: {over} of {len(ctx.texts)} texts are longer than the {window}-token window; "
+            what = "texts" if ctx.chats is None else "conversations"
+            warn_once(f"gradnorm: {over} of {len(ctx.texts)} {what} are longer than the {window}-token window; "
                       "their gradient is taken over the first window only")
         return -gather_floats(local, len(ctx.texts))
 
 
 def gradient_norm(lm: LoadedModel, text: str, max_length: int | None = None) -> float:
     """L2 norm of d NLL(x) / d theta over all parameters, in eval mode (no dropout)."""
-    import torch
-
-    model = lm.model
     from leakaudit.scoring import fit_window
 
     ids = encode(lm.tokenizer, [text])[0][: fit_window(lm, max_length)]
+    return _gradient_norm(lm, ids, [False] + [True] * (len(ids) - 1))
+
+
+def chat_gradient_norm(lm: LoadedModel, chat: list[dict[str, str]], max_length: int | None = None) -> float:
+    """`gradient_norm` of a conversation: the NLL is the mean over every reply's tokens, each predicted from all
+    before it (the chat fine-tune's loss on it; `chat_rows`), the conversation cut to the first window."""
+    from leakaudit.scoring import fit_window
+
+    contexts, replies, _ = chat_rows(lm.tokenizer, [chat], model=lm.spec)
+    ids = contexts[-1] + replies[-1]  # the last reply's context holds every turn and reply before it
+    scored = [False] * len(ids)
+    for context, reply in zip(contexts, replies, strict=True):
+        scored[len(context):len(context) + len(reply)] = [True] * len(reply)
+    scored[0] = False  # the first token has nothing before it
+    window = fit_window(lm, max_length)
+    return _gradient_norm(lm, ids[:window], scored[:window])
+
+
+def _gradient_norm(lm: LoadedModel, ids: list[int], scored: list[bool]) -> float:
+    """L2 norm over all parameters of the gradient of the mean NLL of the tokens of `ids` marked `scored`, each
+    given all before it; in eval mode (no dropout)."""
+    import torch
+
+    model = lm.model
     x = torch.tensor([ids], device=lm.device)
+    targets = torch.tensor([t if s else -100 for t, s in zip(ids[1:], scored[1:], strict=True)], device=lm.device)
     params = list(model.parameters())
     flags = [p.requires_grad for p in params]
     was_training = model.training
@@ -393,7 +430,7 @@ def gradient_norm(lm: LoadedModel, text: str, max_length: int | None = None) -> 
             p.requires_grad_(True)
         with torch.enable_grad():
             logits = model(input_ids=x, use_cache=False).logits[0, :-1].float()
-            nll = torch.nn.functional.cross_entropy(logits, x[0, 1:])
+            nll = torch.nn.functional.cross_entropy(logits, targets, ignore_index=-100)
             grads = torch.autograd.grad(nll, params, allow_unused=True)
         total = sum(float(g.double().square().sum()) for g in grads if g is not None)
     finally:
@@ -517,10 +554,11 @@ def run_mia(target: LoadedModel, members: Sequence[str] | Sequence[Conversation]
 
         members, nonmembers = ([reply_text(chat) for chat in side]
                                for side in (chats[:len(members)], chats[len(members):]))
-    chosen = _resolve(attacks, attack_options)
-    if chats is not None and (plain := [a.name for a in chosen if not a.scores_chats]):
+    classes = [ATTACKS.get(a) if isinstance(a, str) else type(a) for a in attacks]  # unknown names: _resolve
+    if chats is not None and (plain := [c.name for c in classes if c is not None and not c.scores_chats]):
         raise InputError(f"{', '.join(plain)}: scores plain texts only, not conversations (the attacks for them: "
                          f"{', '.join(n for n, a in ATTACKS.items() if a.scores_chats)})", field="attacks")
+    chosen = _resolve(attacks, attack_options)  # after: a refused attack's masked LM need not be found
     if any(a.needs_reference for a in chosen) and reference is None:
         need = [a.name for a in chosen if a.needs_reference]
         raise InputError(f"attack(s) {', '.join(need)} need a reference model", field="reference")
