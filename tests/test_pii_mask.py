@@ -329,3 +329,26 @@ def test_a_phone_with_a_word_glued_to_its_last_digit_is_found_and_masked(text, p
 @pytest.mark.parametrize("text", ["id 7138536164abc", "build 2025061514rc1", "seed a3f7138536164be"])
 def test_a_bare_digit_run_glued_to_a_word_stays_an_id(text):
     assert find_phones(text) == []
+
+
+@pytest.mark.parametrize("text, masked", [
+    ("call 713-053-1234 now", "call ***-***-**34 now"),  # an exchange starting with 0: not a valid number
+    ("call (713) 012-3456.", "call (***) ***-**56."),
+    ("555-123-4567", "***-***-**67"),  # area code 555
+    ("+1 555 012 3456 or 713-053-1234 x12", "+* *** *** **56 or ***-***-**** x12"),
+])
+def test_a_number_laid_out_as_a_phone_is_masked_even_where_it_is_not_a_valid_one(text, masked):
+    """A report masked only what libphonenumber calls a valid number, so a number a model recalled with one
+    digit wrong, or any invalid one, was shown whole; masking also takes the 3-3-4 layout. Finding PII
+    (extraction, replace-pii) keeps to valid numbers."""
+    from leakaudit.data.pii_find import find_phones
+
+    assert mask_pii(text) == masked
+    assert find_phones(text) == []  # none of them is a valid number
+
+
+@pytest.mark.parametrize("text", ["date 2001-10-12", "id 1234567890", "v1.713.053.1234", "12-713-053-1234",
+                                  "10.713.053.1234", "isbn 978-0-13-110362-7", "713-053-12345", "713-053-1234xyz",
+                                  "ratio 0.713 053 1234"])
+def test_digits_in_other_layouts_are_not_masked_as_phones(text):
+    assert mask_pii(text) == text

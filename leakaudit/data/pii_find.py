@@ -405,12 +405,28 @@ def _trie_pattern(forms: list[str]) -> str:
     return build(trie)
 
 
-def find_pii(text: str, names: NameFinder | None = None, phones: bool = True) -> list[PiiSpan]:
-    """E-mails, phones (unless `phones=False`) and (given) names in `text`, sorted by position, overlaps
-    resolved left-first."""
+#: the North American layout of a phone number, 3-3-4 digits with the last two groups apart: "713-053-1234",
+#: "(555) 123 4567", "+1 212.012.3456"; digits or word characters around it make it part of something else
+_PHONE_SHAPE = re.compile(r"(?<![\w.+-])(?:\+?1[-. ]?)?(?:\(\d{3}\)|\d{3})[-. ]?\d{3}[-. ]\d{4}"
+                          r"(?:\s?(?:x|ext\.?)\s?\d{1,5})?(?![\w]|[.-]\d)")
+
+
+def phone_shaped_spans(text: str) -> list[tuple[int, int]]:
+    """(start, end) of every digit group laid out as a North American phone number, valid or not: what a
+    report masks besides `phone_spans`' numbers, since a number libphonenumber rejects (an exchange starting
+    with 0 or 1, area code 555, a digit mistyped in what a model recalled) can still be someone's."""
+    return [m.span() for m in _PHONE_SHAPE.finditer(text)]
+
+
+def find_pii(text: str, names: NameFinder | None = None, phones: bool = True,
+             phone_shapes: bool = False) -> list[PiiSpan]:
+    """E-mails, phones (unless `phones=False`; with `phone_shapes` also digits laid out as one that is not a valid
+    number: masking's rule) and (given) names in `text`, sorted by position, overlaps resolved left-first."""
     spans = [PiiSpan("email", a, b, text[a:b]) for a, b in email_spans(text)]
     if phones:
         spans += [PiiSpan("phone", a, b, text[a:b]) for a, b in phone_spans(text)]
+    if phones and phone_shapes:
+        spans += [PiiSpan("phone", a, b, text[a:b]) for a, b in phone_shaped_spans(text)]
     if names is not None:
         spans += [PiiSpan("name", m.start(), m.end(), " ".join(m.group(0).split())) for m in names.find(text)]
     spans.sort(key=lambda s: (s.start, -(s.end - s.start)))

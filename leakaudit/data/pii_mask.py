@@ -71,7 +71,7 @@ def mask_pii(text: str, names: NameFinder | Iterable[str] | None = None,
 def _mask_once(text: str, finder: NameFinder | None, keep: Callable[[PiiSpan], bool] | None) -> str:
     masks = {"email": mask_email, "phone": mask_phone, "name": mask_name}
     out, pos = [], 0
-    for s in find_pii(text, finder):
+    for s in find_pii(text, finder, phone_shapes=True):
         if keep is not None and keep(s):
             continue
         out.append(text[pos:s.start])
