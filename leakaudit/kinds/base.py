@@ -50,7 +50,7 @@ class ScoringPassOptions(KindOptions):
 
 
 class ScoredRowsOptions(ScoringPassOptions):
-    """Options of a kind whose rows may be a chat fine-tune's conversations (mia, user inference)."""
+    """Options of a kind whose rows may be a chat fine-tune's conversations (mia, user inference, perplexity)."""
 
     format: Literal["text", "chat"] = Field(
         "text", description="chat: the rows are conversations (`messages`), each scored at its assistant replies "

@@ -2,6 +2,8 @@
 
 Why: perplexity is the utility side of every privacy number here (a defense that stops leakage by wrecking
 the model is no defense). Definitions live in leakaudit/perplexity.py (corpus and mean per-text perplexity).
+With `format: chat` the rows are a chat fine-tune's conversations, measured over their assistant replies in
+context: the tokens the fine-tune trains on, so its held-out perplexity is exp of its eval loss.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ from leakaudit.kinds.base import (
     Kind,
     KindContext,
     Result,
-    ScoringPassOptions,
+    ScoredRowsOptions,
     StageView,
     figure_names,
     fmt,
@@ -24,7 +26,7 @@ from leakaudit.kinds.base import (
 from leakaudit.kinds.registry import register
 
 
-class PerplexityOptions(ScoringPassOptions):
+class PerplexityOptions(ScoredRowsOptions):
     checkpoints: bool = Field(default=True, description="also measure each epoch's checkpoint of a fine-tuned "
                               "target (one more pass over `data` per epoch)")
 
@@ -32,7 +34,8 @@ class PerplexityOptions(ScoringPassOptions):
 class PerplexityResult(Result):
     """`perplexity.json`: the final model's numbers plus one row per checkpoint (`checkpoints`, with `final`
     last) when the target is a fine-tuning run with per-epoch checkpoints; a row's `step` is the optimizer step
-    its weights are from (null for a final model whose run did not record it)."""
+    its weights are from (null for a final model whose run did not record it). `format` (text or chat) says
+    what was measured: texts, or conversations at their assistant replies (`n_texts` counts them)."""
 
     def headline(self) -> list[Headline]:
         return [Headline("perplexity", self.data.get("perplexity"))]
@@ -69,10 +72,14 @@ class PerplexityResult(Result):
             if finals:
                 figures.append({"uri": plots.bars_figure(finals, "Perplexity", "perplexity"),
                                 "caption": "Perplexity on the evaluation data"})
+        chats = [f"{s.target} ({s.evaluation})" for s in stages if s.result.get("format") == "chat"]
         return {"id": "perplexity", "title": "Perplexity", "figures": figures,
                 "note": "exp(mean token NLL) over all evaluation tokens; lower is a better fit. No interval: compare "
                         "targets on the same texts by their difference, which a few percent of noise in training "
-                        "can move (docs/studies.md gives seed-to-seed spreads).",
+                        "can move (docs/studies.md gives seed-to-seed spreads)."
+                        + (f" Conversations (format chat: {', '.join(chats)}): over their assistant replies' tokens, "
+                           "each reply after the turns before it, the tokens a chat fine-tune trains on; `texts` "
+                           "counts conversations." if chats else ""),
                 "tables": [{"header": ["variant", "evaluation", "checkpoint", "step", "perplexity", "texts", "tokens"],
                             "rows": table}]}
 
@@ -88,28 +95,37 @@ class Perplexity(Kind):
     data_parallel = True
 
     def run(self, ctx: KindContext, options: PerplexityOptions) -> PerplexityResult:
+        from leakaudit.attacks.base import UnrenderableChatError
         from leakaudit.data.io import write_json
         from leakaudit.distributed import is_main
+        from leakaudit.errors import InputError
         from leakaudit.perplexity import perplexity
         from leakaudit.train.artifacts import training_step
 
-        texts = [r.text for r in ctx.records("data")]
+        chat = options.format == "chat"
+        records = ctx.records("data", **options.record_fields())
+        rows = ({"chats": [r.extra[options.messages_field] for r in records]} if chat
+                else {"texts": [r.text for r in records]})
         kwargs = {"batch_size": options.batch_size, "max_length": options.max_length, "stride": options.stride,
-                  "progress": ctx.progress, "cache": options.cache}
-        final = perplexity(ctx.model("target"), texts, **kwargs)
-        checkpoints = []
-        for path in ctx.checkpoints if options.checkpoints else []:
-            one = perplexity(ctx.cache.get(path), texts, **kwargs)
-            name = Path(path).parent.name if Path(path).name == "adapter" else Path(path).name
-            checkpoints.append({"name": name, "step": training_step(path), "perplexity": one.ppl,
-                                "mean_text_perplexity": one.mean_text_ppl})
+                  "progress": ctx.progress, "cache": options.cache, **rows}
+        try:
+            final = perplexity(ctx.model("target"), **kwargs)
+            checkpoints = []
+            for path in ctx.checkpoints if options.checkpoints else []:
+                one = perplexity(ctx.cache.get(path), **kwargs)
+                name = Path(path).parent.name if Path(path).name == "adapter" else Path(path).name
+                checkpoints.append({"name": name, "step": training_step(path), "perplexity": one.ppl,
+                                    "mean_text_perplexity": one.mean_text_ppl})
+        except UnrenderableChatError as exc:  # the template refused a conversation: its file and line
+            raise InputError(f"conversation {exc.why}", file=ctx.data.get("data"), line=records[exc.index].line,
+                             field=options.messages_field) from None
         if checkpoints:
             step = training_step(ctx.models["target"]) if ctx.models.get("target") else None
             checkpoints.append({"name": "final", "step": step, "perplexity": final.ppl,
                                 "mean_text_perplexity": final.mean_text_ppl})
         data = {"model": final.model, "perplexity": final.ppl, "mean_text_perplexity": final.mean_text_ppl,
                 "nll_per_token": final.nll_per_token, "n_texts": final.n_texts, "n_tokens": final.n_tokens,
-                "checkpoints": checkpoints}
+                "format": options.format, "checkpoints": checkpoints}
         if is_main():  # under a launcher every process has the result; one writes it
             write_json(ctx.out / "perplexity.json", data)
         return PerplexityResult(data)
