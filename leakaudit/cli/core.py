@@ -72,6 +72,16 @@ DeviceOpt = typer.Option("auto", "--device", help="auto (CUDA if present, else C
 DtypeOpt = typer.Option("auto", "--dtype", help="auto (bf16 where the hardware is fast at it, else fp32), fp32, bf16")
 PickleOpt = typer.Option(False, "--allow-pickle", help="Allow loading pickle weights (*.bin); only for trusted files")
 SCORE_KEYS = ("id", "n_tokens", "sum_logp", "mean_logp")  # what a `score` output row holds
+#: `--format` and `--messages-field` of every command that reads a chat fine-tune's conversations (score, mia,
+#: user-inference, perplexity)
+FORMAT_HELP = ("text, or chat: rows of conversations (--messages-field), each scored at its assistant replies in "
+               "their context, as `finetune --format chat` trained on them")
+MESSAGES_HELP = "The conversations' field (--format chat)"
+
+
+def messages_field_option(value: str) -> dict[str, str]:
+    """--messages-field as an option only where it is not the default: given for text rows, it is refused."""
+    return {"messages_field": value} if value != "messages" else {}
 
 
 def build_options(kind: Any, *, flags: dict[tuple, str] | None = None, roles: set[str] | None = None,
@@ -155,9 +165,12 @@ def model_path(spec: str | None) -> str | None:
 def score(
     model: str = ModelOpt,
     data: Path = typer.Option(..., "--data", help="Texts: .jsonl/.json/.csv/.arrow/.parquet or HF dataset dir"),
-    out: Path = typer.Option(..., "--out", help="Output JSONL, one row per text"),
+    out: Path = typer.Option(..., "--out", help="Output JSONL, one row per text (per conversation)"),
     text_field: str = typer.Option("text", "--text-field"),
     id_field: str | None = typer.Option(None, "--id-field", help="Default: <file stem>:<line>"),
+    data_format: str = typer.Option("text", "--format", help=FORMAT_HELP + " (a row's tokens: its replies', in "
+                                    "order)"),
+    messages_field: str = typer.Option("messages", "--messages-field", help=MESSAGES_HELP),
     batch_size: str = batch_size_option(),
     max_length: int | None = typer.Option(None, "--max-length", min=2, help="Window in tokens (default: model context)"),
     stride: int | None = typer.Option(None, "--stride", min=1, help="Window step for long texts (default: max-length/2)"),
@@ -168,19 +181,34 @@ def score(
     dtype: str = DtypeOpt,
     allow_pickle: bool = PickleOpt,
 ) -> None:
-    """Score texts with one batched, cached teacher-forced pass: per-text log-likelihood statistics."""
+    """Score texts with one batched, cached teacher-forced pass: per-text log-likelihood statistics (with
+    --format chat, per conversation: over its assistant replies' tokens, each in its context)."""
+    from types import SimpleNamespace
+
+    from leakaudit.attacks.base import UnrenderableChatError, scoring_pass
     from leakaudit.data.io import load_records, write_jsonl
-    from leakaudit.distributed import is_main, score_texts_distributed
+    from leakaudit.distributed import is_main
+    from leakaudit.kinds.base import ScoredRowsOptions
     from leakaudit.models import load_model
     from leakaudit.outputs import prepare_output
 
     check_window(max_length, stride)
+    # the rows' format checked by the rule mia's and perplexity's go through (--messages-field for text refused)
+    rows_options = build_options(SimpleNamespace(Options=ScoredRowsOptions), format=data_format,
+                                 **messages_field_option(messages_field))
+    chat = rows_options.format == "chat"
     prepare_output(out, command="score", inputs={"--data": data, "--model": model_path(model)}, kind="file",
                    suffixes=(".jsonl",), keys=SCORE_KEYS)
-    records = load_records(data, text_field=text_field, id_field=id_field)
+    records = load_records(data, text_field=text_field, id_field=id_field, **rows_options.record_fields())
     lm = load_model(model, device=device, dtype=dtype, allow_pickle=allow_pickle)
-    results = score_texts_distributed(lm, [r.text for r in records], moments=moments, batch_size=batch_size,
-                                      max_length=max_length, stride=stride, cache=not no_cache)
+    options = {"moments": moments, "batch_size": batch_size, "max_length": max_length, "stride": stride,
+               "cache": not no_cache}
+    try:
+        results = (scoring_pass(lm, chats=[r.extra[rows_options.messages_field] for r in records], **options)
+                   if chat else scoring_pass(lm, [r.text for r in records], **options))
+    except UnrenderableChatError as exc:  # the model's chat template refused one: its line
+        raise InputError(f"conversation {exc.why}", file=data, line=records[exc.index].line,
+                         field=rows_options.messages_field) from None
     if not is_main():
         return
     rows = []
@@ -200,7 +228,8 @@ def score(
     write_jsonl(out, rows)
     n_tok = sum(r["n_tokens"] for r in rows)
     dtype = str(lm.dtype).removeprefix("torch.")  # as model-info and run.json name it
-    say(f"scored {len(rows)} texts ({n_tok} tokens) with {model} ({dtype}, {lm.device}) -> {out}")
+    say(f"scored {len(rows)} {'conversations' if chat else 'texts'} ({n_tok} tokens) with {model} ({dtype}, "
+        f"{lm.device}) -> {out}")
 
 
 def model_info(

@@ -10,9 +10,12 @@ from typing import Any
 import typer
 
 from leakaudit.cli.core import (
+    FORMAT_HELP,
+    MESSAGES_HELP,
     batch_size_option,
     build_options,
     given_on_command_line,
+    messages_field_option,
     model_path,
     print_table,
     say,
@@ -28,9 +31,6 @@ MIA_FLAGS = {("attack_options",): "--attacks", ("attack_options", "recall", "sho
              ("attack_options", "neighbourhood", "model"): "--neighbour-model",
              ("attack_options", "neighbourhood", "n_neighbours"): "--neighbours",
              ("attack_options", "lira", "references"): "--lira-reference"}
-FORMAT_HELP = ("text, or chat: rows of conversations (--messages-field), each scored at its assistant replies in "
-               "their context, as `finetune --format chat` trained on them")
-MESSAGES_HELP = "The conversations' field (--format chat)"
 USER_FLAGS = {("m_values",): "--samples-per-user", ("cache",): "--no-cache"}
 
 
@@ -44,11 +44,6 @@ def takes_k(names: list[str]) -> list[str]:
 
 def _k_flags(names: list[str]) -> dict[tuple, str]:
     return {**MIA_FLAGS, **{("attack_options", n, "k"): "--k" for n in takes_k(names)}}
-
-
-def _messages_field(value: str) -> dict[str, str]:
-    """--messages-field as an option only where it is not the default: given for text rows, it is refused."""
-    return {"messages_field": value} if value != "messages" else {}
 
 
 def _refuse_unused_flags(ctx: typer.Context, names: list[str]) -> None:
@@ -170,7 +165,7 @@ def mia(
         attack_options["lira"] = {"references": lira_reference or []}
     values = {"attacks": attacks or None, "attack_options": attack_options, "n_bootstrap": n_bootstrap, "seed": seed,
               "batch_size": batch_size, "max_length": max_length, "stride": stride, "cache": not no_cache,
-              "format": data_format, **_messages_field(messages_field)}
+              "format": data_format, **messages_field_option(messages_field)}
     roles = {"members", "nonmembers", *(["reference"] if reference else [])}
     options = build_options(kind, flags=_k_flags(names), roles=roles, **values)
     _one_source(members, nonmembers, data)
@@ -312,7 +307,7 @@ def user_inference(
                                                            *(["training"] if training is not None else [])},
                             m_values=samples_per_user, n_bootstrap=n_bootstrap, seed=seed, batch_size=batch_size,
                             max_length=max_length, stride=stride, cache=not no_cache, format=data_format,
-                            **_messages_field(messages_field))
+                            **messages_field_option(messages_field))
     prepare_output(out, command="user-inference", files=("user_inference.json", "user_scores.jsonl",
                                                           "comparisons.json", "baseline"),
                    inputs={"--data": data, "--data-out": data_out, "--training": training,

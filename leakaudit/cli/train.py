@@ -10,12 +10,15 @@ import typer
 from pydantic import ValidationError
 
 from leakaudit.cli.core import (
+    FORMAT_HELP,
+    MESSAGES_HELP,
     DeviceOpt,
     DtypeOpt,
     PickleOpt,
     batch_size_option,
     build_options,
     given_on_command_line,
+    messages_field_option,
     model_path,
     say,
 )
@@ -161,9 +164,12 @@ def register(app: typer.Typer) -> None:
     @app.command()
     def perplexity(
         model: str = typer.Option(..., help="Model spec, or a finetune run dir with --all-checkpoints."),
-        data: str = typer.Option(..., help="Texts to measure."),
+        data: str = typer.Option(..., help="Texts (or, with --format chat, conversations) to measure."),
         out: str = typer.Option(..., help="Output dir for perplexity.json."),
         text_field: str = typer.Option("text"),
+        data_format: str = typer.Option("text", "--format", help=FORMAT_HELP + " (their perplexity: over "
+                                        "the replies' tokens, the chat fine-tune's eval loss)"),
+        messages_field: str = typer.Option("messages", "--messages-field", help=MESSAGES_HELP),
         all_checkpoints: bool = typer.Option(False, help="Every checkpoint of a run dir plus its final model (an "
                                               "experiment's `checkpoints`, on by default there)."),
         batch_size: str = batch_size_option(),
@@ -182,19 +188,20 @@ def register(app: typer.Typer) -> None:
         from leakaudit.outputs import prepare_output
         from leakaudit.perplexity import model_dirs
 
-        prepare_output(out, command="perplexity", files=("perplexity.json",),
-                       inputs={"--data": data, "--model": model_path(model)})
         kind = get_kind("perplexity")
         options = build_options(kind, batch_size=batch_size, max_length=max_length, stride=stride,
-                                cache=False if no_cache else None,
-                                flags={("cache",): "--no-cache"})
+                                cache=False if no_cache else None, format=data_format,
+                                **messages_field_option(messages_field), flags={("cache",): "--no-cache"})
+        prepare_output(out, command="perplexity", files=("perplexity.json",),
+                       inputs={"--data": data, "--model": model_path(model)})
         target, checkpoints = model, []
         if all_checkpoints:
             dirs = model_dirs(model)
             if not dirs:
                 raise InputError("no model or checkpoint found in this dir", file=model, field="--model")
             target, checkpoints = str(dirs[-1]), [str(d) for d in dirs[:-1]]
-        ctx = KindContext(out=Path(out), data={"data": Path(data)}, data_fields={"data": {"text_field": text_field}},
+        fields = {"text_field": text_field, **options.record_fields()}
+        ctx = KindContext(out=Path(out), data={"data": Path(data)}, data_fields={"data": fields},
                           models={"target": target}, model_flags={"target": "--model"}, checkpoints=checkpoints,
                           cache=ModelCache(keep=1, device=device, dtype=dtype, allow_pickle=allow_pickle))
         res = kind.run(ctx, options).to_json()
