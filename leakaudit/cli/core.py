@@ -87,10 +87,11 @@ def messages_field_option(value: str) -> dict[str, str]:
 def build_options(kind: Any, *, flags: dict[tuple, str] | None = None, roles: set[str] | None = None,
                   **values: Any) -> Any:
     """A kind's options from CLI flags (None = not given, the kind's default applies); a bad value is one
-    `error:` line naming the flag, from the same validators an experiment file goes through. With `roles`
+    `error:` line naming the flag, from the same validators an experiment file goes through. `kind` may be an
+    options class alone (a command of no kind that shares some kinds' options: `score`). With `roles`
     (the data and model roles the command was given) the kind's `check` runs too. `flags` names the flag of
     an option path that is not simply `--option-name` (the longest matching prefix wins)."""
-    from pydantic import ValidationError
+    from pydantic import BaseModel, ValidationError
 
     from leakaudit.config import pydantic_message
     from leakaudit.errors import OptionError
@@ -103,7 +104,7 @@ def build_options(kind: Any, *, flags: dict[tuple, str] | None = None, roles: se
 
     given = {k: v for k, v in values.items() if v is not None}
     try:
-        options = kind.Options(**given)
+        options = (kind if isinstance(kind, type) and issubclass(kind, BaseModel) else kind.Options)(**given)
     except ValidationError as exc:
         err = exc.errors()[0]
         raise InputError(pydantic_message(err), field=flag(tuple(err["loc"]))) from None
@@ -183,8 +184,6 @@ def score(
 ) -> None:
     """Score texts with one batched, cached teacher-forced pass: per-text log-likelihood statistics (with
     --format chat, per conversation: over its assistant replies' tokens, each in its context)."""
-    from types import SimpleNamespace
-
     from leakaudit.attacks.base import UnrenderableChatError, scoring_pass
     from leakaudit.data.io import load_records, write_jsonl
     from leakaudit.distributed import is_main
@@ -194,7 +193,7 @@ def score(
 
     check_window(max_length, stride)
     # the rows' format checked by the rule mia's and perplexity's go through (--messages-field for text refused)
-    rows_options = build_options(SimpleNamespace(Options=ScoredRowsOptions), format=data_format,
+    rows_options = build_options(ScoredRowsOptions, format=data_format,
                                  **messages_field_option(messages_field))
     chat = rows_options.format == "chat"
     prepare_output(out, command="score", inputs={"--data": data, "--model": model_path(model)}, kind="file",
