@@ -79,7 +79,7 @@ def perplexity(lm: LoadedModel, texts: Sequence[str] | None = None, *, chats: Se
 
 def _perplexity(lm: LoadedModel, texts: list[str] | None, chats: list[Conversation] | None,
                 score_options: dict[str, Any]) -> ModelPerplexity:
-    from leakaudit.attacks.base import UnrenderableChatError, past_trained_length, scoring_pass
+    from leakaudit.attacks.base import UnrenderableChatError, chat_training_notes, scoring_pass
     from leakaudit.warn import warn_once
 
     try:
@@ -95,7 +95,7 @@ def _perplexity(lm: LoadedModel, texts: list[str] | None, chats: list[Conversati
     if len(scores) < n_rows:  # n_texts said fewer than were given, and nothing said why
         warn_once(f"{n_rows - len(scores)} of {n_rows} texts have no scored token (fewer than 2 tokens "
                   "and no BOS) and are left out of the perplexity (n_texts counts the others)")
-    if chats is not None and (note := past_trained_length(lm, chats)):  # scored whole, trained on cut
+    for note in chat_training_notes(lm, chats) if chats is not None else []:  # scored other than trained
         warn_once(note)
     total_nll = -sum(s.sum_logp for s in scores)
     n_tokens = sum(s.n_tokens for s in scores)

@@ -365,6 +365,14 @@ def test_conversations_longer_than_the_chat_fine_tune_trained_on_are_counted(tin
     users = run_user_inference(folder, tiny_neox, records[:2], records[2:], "all", n_bootstrap=0,
                                messages_field="messages", **NO_CACHE)
     assert any(f"{over} of 4 conversations are longer" in w for w in users.warnings), users.warnings
+    assert not any("loss_on all" in w for w in [*report.warnings, *users.warnings])
+    # a fine-tune with loss on every turn trained on its user turns too: the replies are a part of it, said
+    (tmp_path / "finetune_config.json").write_text(json.dumps({"format": "chat", "max_length": 4096,
+                                                               "loss_on": "all"}))
+    report = run_mia(folder, chats[:2], chats[2:], ["loss"], n_bootstrap=0, **NO_CACHE)
+    assert [w for w in report.warnings if "chat fine-tune" in w] == [
+        "the chat fine-tune trained on every turn (loss_on all); the scores read its assistant replies only, a part "
+        "of what it trained on"]
 
 
 def test_a_messages_field_for_text_rows_is_refused(tmp_path, monkeypatch, capsys):

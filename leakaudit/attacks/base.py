@@ -162,29 +162,36 @@ def scoring_pass(lm: LoadedModel, texts: Sequence[str] | None = None,
     return joined_scores(scores, owners, len(chats), moments)
 
 
-def past_trained_length(target: LoadedModel, chats: Sequence[list[dict[str, str]]]) -> str | None:
-    """Said when the target is a chat fine-tune's folder (its finetune_config.json) and conversations are longer
-    than the tokens it trained on: `finetune` cut each to its max_length, so the later replies of a longer one
-    were cut or not trained on at all, yet are scored whole (a member that reads as a non-member)."""
+def chat_training_notes(target: LoadedModel, chats: Sequence[list[dict[str, str]]]) -> list[str]:
+    """What a run on a chat fine-tune's folder (its finetune_config.json) says where the scored tokens are not
+    the tokens it trained on: conversations longer than its max_length (`finetune` cut each, so the later
+    replies of a longer one were cut or not trained on at all, yet are scored whole: a member that reads as a
+    non-member), and a fine-tune with loss on every turn (`--loss-on all`: its user turns were trained on too,
+    and only the replies are scored)."""
     import json
     from pathlib import Path
 
     try:
         config = json.loads((Path(target.spec) / "finetune_config.json").read_text(encoding="utf-8"))
     except (OSError, ValueError):  # not a fine-tune's folder (a hub id, a merged or copied model): unknown
-        return None
-    limit = config.get("max_length") if isinstance(config, dict) and config.get("format") == "chat" else None
-    if not isinstance(limit, int):
-        return None
-    contexts, replies, owners = chat_rows(target.tokenizer, chats, model=target.spec)
-    longest = [0] * len(chats)
-    for context, reply, owner in zip(contexts, replies, owners, strict=True):
-        longest[owner] = max(longest[owner], len(context) + len(reply))
-    over = sum(n > limit for n in longest)
-    if not over:
-        return None
-    return (f"{over} of {len(chats)} conversations are longer than the {limit} tokens the chat fine-tune trained "
-            "on (its max_length): their later replies were cut or not trained on, and are scored whole")
+        return []
+    if not isinstance(config, dict) or config.get("format") != "chat":
+        return []
+    notes = []
+    if config.get("loss_on") == "all":
+        notes.append("the chat fine-tune trained on every turn (loss_on all); the scores read its assistant replies "
+                     "only, a part of what it trained on")
+    limit = config.get("max_length")
+    if isinstance(limit, int):
+        contexts, replies, owners = chat_rows(target.tokenizer, chats, model=target.spec)
+        longest = [0] * len(chats)
+        for context, reply, owner in zip(contexts, replies, owners, strict=True):
+            longest[owner] = max(longest[owner], len(context) + len(reply))
+        if over := sum(n > limit for n in longest):
+            notes.append(f"{over} of {len(chats)} conversations are longer than the {limit} tokens the chat "
+                         "fine-tune trained on (its max_length): their later replies were cut or not trained on, "
+                         "and are scored whole")
+    return notes
 
 
 def chat_rows(tokenizer: Any, chats: Sequence[list[dict[str, str]]],

@@ -24,8 +24,8 @@ from leakaudit.attacks.base import (
     ScoringContext,
     TooShortError,
     chat_rows,
+    chat_training_notes,
     get_attack,
-    past_trained_length,
     register,
 )
 from leakaudit.errors import InputError
@@ -582,8 +582,8 @@ def run_mia(target: LoadedModel, members: Sequence[str] | Sequence[Conversation]
                          score_options={"batch_size": batch_size, "max_length": max_length, "stride": stride,
                                         "cache": cache, "progress": progress}, chats=chats, load=load)
     warnings = split_warnings(members, evaluated_nonmembers)
-    if chats is not None and (note := past_trained_length(target, chats)):
-        warnings.append(note)
+    if chats is not None:
+        warnings += chat_training_notes(target, chats)
     if prefix_index:
         warnings.append(f"recall: the first {len(prefix_index)} non-members form the prefix and are not evaluated")
     scores: dict[str, np.ndarray] = {}

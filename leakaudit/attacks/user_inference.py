@@ -129,7 +129,7 @@ def run_user_inference(target: LoadedModel, reference: LoadedModel, records_in: 
     """Score every sample once under target and reference, then aggregate per user for each m. With
     `messages_field` the samples are conversations (records read with it: a chat fine-tune's users), each
     scored at its assistant replies in context, as `run_mia` scores them."""
-    from leakaudit.attacks.base import past_trained_length, scoring_pass
+    from leakaudit.attacks.base import chat_training_notes, scoring_pass
     from leakaudit.errors import check_model
 
     check_model(target, "target")
@@ -169,8 +169,8 @@ def run_user_inference(target: LoadedModel, reference: LoadedModel, records_in: 
     per_m: dict[str, RocMetrics] = {}
     user_scores: dict[str, dict[str, float]] = {}
     warnings: list[str] = []
-    if chats is not None and (note := past_trained_length(target, chats)):
-        warnings.append(note)
+    if chats is not None:
+        warnings += chat_training_notes(target, chats)
     for m in ms:
         keep = [u for u in users if m == ALL or len(per_user[u]) >= int(m)]
         stats = {u: float(per_user[u][: None if m == ALL else int(m)].mean()) for u in keep}
