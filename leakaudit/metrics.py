@@ -282,8 +282,9 @@ def paired_difference(values_a: Sequence[float], values_b: Sequence[float], labe
                       clusters: Sequence[object] | None = None, weights: Sequence[float] | None = None) -> dict:
     """stat(b) − stat(a) on the same items (two models scored on the same texts, targets or users), with a
     paired percentile bootstrap: each resample draws items once and computes both statistics on it, so what
-    the two share (which items are easy) cancels. stat is the AUC against `labels` when they are given (a
-    resample left with one class is skipped), else the mean. `clusters` (one key per item, e.g. the target of
+    the two share (which items are easy) cancels. stat is the AUC against `labels` when they are given (members
+    and non-members resampled separately, as `roc_metrics` resamples them: the two groups' sizes are the
+    design's, not drawn), else the mean. `clusters` (one key per item, e.g. the target of
     a target x template row) makes the resampling unit the cluster: its items are drawn together. `weights`
     (one per item, with `clusters` only) make the mean a weighted one, on the data and on every resample:
     e.g. each cell of a grid counted once however many targets it holds.
@@ -336,12 +337,15 @@ def paired_difference(values_a: Sequence[float], values_b: Sequence[float], labe
     rng = np.random.default_rng(seed)
     sa, sb = [], []
     rows = max(1, 1_000_000 // max(len(a), 1))  # bounded memory per chunk
+    strata = [np.flatnonzero(y == c) for c in (1, 0)] if y is not None else []
     for start in range(0, n_bootstrap if n_groups else 0, rows):
-        draw = rng.integers(0, n_groups, size=(min(rows, n_bootstrap - start), n_groups))
-        if y is not None:  # index rows: an item drawn k times is k tied copies
+        size = min(rows, n_bootstrap - start)
+        if y is not None:  # index rows, each group drawn within itself: an item drawn k times is k tied copies
+            draw = np.concatenate([g[rng.integers(0, len(g), size=(size, len(g)))] for g in strata], axis=1)
             sa.append(_auc_rows(a[draw], y[draw]))
             sb.append(_auc_rows(b[draw], y[draw]))
             continue
+        draw = rng.integers(0, n_groups, size=(size, n_groups))
         # weight rows: how often each item's cluster was drawn
         w = np.stack([np.bincount(d, minlength=n_groups) for d in draw])[:, groups].astype(np.float64) * iw
         sa.append((w * a).sum(axis=1) / w.sum(axis=1))
@@ -388,7 +392,7 @@ def expanded_level(ci: float, n: int) -> float:
 def paired_auc_difference(scores_a: Sequence[float], scores_b: Sequence[float], labels: Sequence[int],
                           n_bootstrap: int = 1000, seed: int = 0, ci: float = 0.95) -> dict:
     """AUC(b) − AUC(a) on the same items (e.g. the same users attacked on two models) with a paired
-    percentile bootstrap (`paired_difference` with labels). Resamples left with one class are skipped.
+    percentile bootstrap (`paired_difference` with labels: members and non-members resampled separately).
 
     Returns {delta, ci ([lo, hi], None without resamples), auc_a, auc_b, relative, relative_ci, n, n_pos,
     n_neg, n_bootstrap (used)}.

@@ -170,13 +170,13 @@ def test_paired_auc_difference_b_better_on_every_pair():
     assert r["delta"] == pytest.approx(-0.5) and r["ci"] == pytest.approx([-d["ci"][1], -d["ci"][0]])
 
 
-def test_paired_auc_difference_identical_scores_and_skipped_one_class_resamples():
+def test_paired_auc_difference_identical_scores_and_groups_resampled_apart():
     rng = np.random.default_rng(0)
     s = rng.normal(size=6)
-    labels = [1, 0, 0, 0, 0, 0]  # one member in six: many resamples miss it and are skipped
+    labels = [1, 0, 0, 0, 0, 0]  # one member in six: a resample of all six together missed it a third of the time
     d = paired_auc_difference(s, s, labels, n_bootstrap=300)
     assert d["delta"] == 0 and d["ci"] == [0.0, 0.0]
-    assert d["n_bootstrap"] < 300  # about (5/6)^6 = 33% of resamples hold no member
+    assert d["n_bootstrap"] == 300  # members and non-members drawn apart (as roc_metrics): every resample holds both
     assert paired_auc_difference(s, s, labels, n_bootstrap=0)["ci"] is None
     with pytest.raises(ValueError, match="equal length"):
         paired_auc_difference([1, 2], [1, 2, 3], [1, 0])
@@ -392,3 +392,25 @@ def test_a_paired_difference_of_nan_values_is_a_value_error_naming_them():
         paired_difference([1.0, float("nan"), 3.0], [1.0, 2.0, 3.0])
     with pytest.raises(ValueError, match="values_b: 1 values are NaN or infinite"):
         paired_difference([1.0, 2.0, 3.0], [1.0, 2.0, float("inf")])
+
+
+def test_paired_auc_difference_resamples_members_and_non_members_apart():
+    """The Δ AUC interval came from resamples of all items together, where the AUC's own interval (roc_metrics)
+    resamples each group within itself: the two group sizes are the design's. By hand: the percentile interval
+    of Δ over resamples drawn within each group, with the same generator."""
+    from leakaudit.metrics import _auc_rows
+
+    rng = np.random.default_rng(3)
+    y = np.array([1] * 8 + [0] * 12)
+    a = rng.normal(size=20) + y
+    b = a + rng.normal(scale=0.5, size=20) + 0.5 * y
+    d = paired_auc_difference(a, b, y, n_bootstrap=400, seed=7)
+    # the function sorts the items (the resamples depend on the data, not their order) before drawing
+    order = np.lexsort((b, a, np.maximum(a, b), np.minimum(a, b), y))
+    sa, sb, sy = a[order], b[order], y[order]
+    draw_rng = np.random.default_rng(7)
+    groups = [np.flatnonzero(sy == 1), np.flatnonzero(sy == 0)]
+    draw = np.concatenate([g[draw_rng.integers(0, len(g), size=(400, len(g)))] for g in groups], axis=1)
+    deltas = _auc_rows(sb[draw], sy[draw]) - _auc_rows(sa[draw], sy[draw])
+    assert (sy[draw].sum(axis=1) == 8).all()
+    assert d["ci"] == pytest.approx(list(np.percentile(deltas, [2.5, 97.5])))
