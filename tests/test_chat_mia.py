@@ -389,3 +389,23 @@ def test_a_messages_field_for_text_rows_is_refused(tmp_path, monkeypatch, capsys
     code, err = run_main(["mia", "--target", "tiny-gpt-neox", "--members", rows, "--nonmembers", rows,
                           "--messages-field", "conv", "--out", tmp_path / "out"], monkeypatch, capsys)
     assert code == 2 and "field '--messages-field': is read with format chat only" in err, err
+
+
+@pytest.mark.parametrize("command", [
+    ["mia", "--target", "tiny-gpt-neox", "--members", "{rows}", "--nonmembers", "{rows}"],
+    ["user-inference", "--target", "tiny-gpt-neox", "--reference", "tiny-opt", "--data", "{rows}", "--user-field",
+     "user"],
+    ["perplexity", "--model", "tiny-gpt-neox", "--data", "{rows}"],
+    ["score", "--model", "tiny-gpt-neox", "--data", "{rows}"],
+])
+def test_a_text_field_with_format_chat_is_refused(command, tmp_path, monkeypatch, capsys):
+    """--text-field with --format chat was ignored in silence (a conversation is read from --messages-field):
+    the user believed the rows' `body` was scored."""
+    rows = tmp_path / "rows.jsonl"
+    rows.write_text("".join(json.dumps({"user": "u", "label": 1, "body": "x", "messages": c}) + "\n"
+                            for c in (ONE_TURN, *OTHERS)))
+    out = tmp_path / ("out.jsonl" if command[0] == "score" else "out")
+    args = [str(rows) if a == "{rows}" else a for a in command] + ["--format", "chat", "--out", out]
+    code, err = run_main([*args, "--text-field", "body"], monkeypatch, capsys)
+    assert code == 2 and "field '--text-field': applies only with --format text" in err, err
+    assert not out.exists()

@@ -32,6 +32,14 @@ def given_on_command_line(ctx: typer.Context, param: str) -> bool:
     return getattr(ctx.get_parameter_source(param), "name", None) == "COMMANDLINE"
 
 
+def refuse_text_field_for_chat(ctx: typer.Context, data_format: str) -> None:
+    """`--text-field` with `--format chat` was ignored in silence (a conversation's text is its replies, read
+    from --messages-field): refused, as every flag the run would not read is."""
+    if data_format == "chat" and given_on_command_line(ctx, "text_field"):
+        raise InputError("applies only with --format text; a conversation is read from --messages-field",
+                         field="--text-field")
+
+
 def print_table(title: str, heads: tuple[str, ...], rows: list[tuple[str, ...]], justify: str = "left") -> None:
     """A result table on stdout (mia, user-inference, audit-data), its cells `justify`-aligned but the first: as
     wide as its cells where it fits or where no terminal sets the width (a log: rich drew it at 80 columns, a
@@ -164,6 +172,7 @@ def model_path(spec: str | None) -> str | None:
 
 
 def score(
+    command: typer.Context,
     model: str = ModelOpt,
     data: Path = typer.Option(..., "--data", help="Texts: .jsonl/.json/.csv/.arrow/.parquet or HF dataset dir"),
     out: Path = typer.Option(..., "--out", help="Output JSONL, one row per text (per conversation)"),
@@ -192,6 +201,7 @@ def score(
     from leakaudit.outputs import prepare_output
 
     check_window(max_length, stride)
+    refuse_text_field_for_chat(command, data_format)
     # the rows' format checked by the rule mia's and perplexity's go through (--messages-field for text refused)
     rows_options = build_options(ScoredRowsOptions, format=data_format,
                                  **messages_field_option(messages_field))

@@ -18,6 +18,7 @@ from leakaudit.cli.core import (
     messages_field_option,
     model_path,
     print_table,
+    refuse_text_field_for_chat,
     say,
     say_result,
 )
@@ -154,6 +155,7 @@ def mia(
     kind = get_kind("mia")
     names = attack_names(attacks, reference is not None)
     _refuse_unused_flags(command, names)
+    refuse_text_field_for_chat(command, data_format)
     attack_options: dict[str, dict] = {name: {"k": k} for name in takes_k(names)}
     if "recall" in names:  # only the options of attacks that run are checked
         attack_options["recall"] = {"shots": recall_shots}
@@ -262,6 +264,7 @@ def _one_source(members: Path | None, nonmembers: Path | None, data: Path | None
 
 
 def user_inference(
+    command: typer.Context,
     target: str = typer.Option(..., "--target", "--model", help="Fine-tuned model under attack"),
     reference: str = typer.Option(..., "--reference", help="Model not tuned on any of these users"),
     baseline: str | None = typer.Option(None, "--baseline", help="A model to compare the target with on the same "
@@ -303,6 +306,7 @@ def user_inference(
     from leakaudit.outputs import prepare_output
 
     kind = get_kind("user-inference")
+    refuse_text_field_for_chat(command, data_format)
     options = build_options(kind, flags=USER_FLAGS, roles={"members", "nonmembers", "reference",
                                                            *(["training"] if training is not None else [])},
                             m_values=samples_per_user, n_bootstrap=n_bootstrap, seed=seed, batch_size=batch_size,

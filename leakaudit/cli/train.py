@@ -20,6 +20,7 @@ from leakaudit.cli.core import (
     given_on_command_line,
     messages_field_option,
     model_path,
+    refuse_text_field_for_chat,
     say,
 )
 from leakaudit.errors import InputError
@@ -163,6 +164,7 @@ def register(app: typer.Typer) -> None:
 
     @app.command()
     def perplexity(
+        command: typer.Context,
         model: str = typer.Option(..., help="Model spec, or a finetune run dir with --all-checkpoints."),
         data: str = typer.Option(..., help="Texts (or, with --format chat, conversations) to measure."),
         out: str = typer.Option(..., help="Output dir for perplexity.json."),
@@ -189,6 +191,7 @@ def register(app: typer.Typer) -> None:
         from leakaudit.perplexity import model_dirs
 
         kind = get_kind("perplexity")
+        refuse_text_field_for_chat(command, data_format)
         options = build_options(kind, batch_size=batch_size, max_length=max_length, stride=stride,
                                 cache=False if no_cache else None, format=data_format,
                                 **messages_field_option(messages_field), flags={("cache",): "--no-cache"})
