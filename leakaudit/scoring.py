@@ -928,15 +928,6 @@ def _concat(parts: list[TokenScores], moments: bool) -> TokenScores:
                        np.concatenate([p.var for p in parts]) if moments else None)
 
 
-def joined_scores(parts: Sequence[TokenScores], owners: Sequence[int], n: int, moments: bool) -> list[TokenScores]:
-    """`n` rows' scores from the scores of their pieces (`owners[j]` the row of piece j, in order): a
-    conversation's replies scored one by one, each in its context, read as the one sequence of tokens they are."""
-    pieces: list[list[TokenScores]] = [[] for _ in range(n)]
-    for owner, part in zip(owners, parts, strict=True):
-        pieces[owner].append(part)
-    return [_concat(p, moments) for p in pieces]
-
-
 @contextlib.contextmanager
 def _progress(enabled: bool, description: str, total: int):
     """A rich progress bar over the tokens a pass scores (shown on stderr only for long work)."""

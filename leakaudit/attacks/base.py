@@ -145,9 +145,14 @@ def scoring_pass(lm: LoadedModel, texts: Sequence[str] | None = None,
     """One cached, batched (and, under a launcher, sharded) scoring pass of `lm`: over the texts, or over the
     conversations (`chats`, which then carry their own contents: `texts` is not read) at their replies, each in
     its context as a chat fine-tune tokenised it (`chat_rows`), one TokenScores per conversation (its replies'
-    tokens in order). The one place both kinds of row go through, for every attack and user inference."""
+    tokens in order). The one place both kinds of row go through, for every attack and user inference.
+
+    A conversation is one row of the engine: everything after the context of its first reply, scored in one
+    pass (each token after all before it, as in training), of which the replies' tokens are kept; scoring each
+    reply as a row of its own costs a pass over the conversation so far per reply (1.7x the time in fp32, 2.5x
+    in bf16 for three replies on the default model; bench/chat_rows.py, BENCHMARKS.md)."""
     from leakaudit.distributed import score_ids_distributed, score_texts_distributed
-    from leakaudit.scoring import joined_scores
+    from leakaudit.scoring import TokenScores
 
     if chats is None:
         if texts is None:
@@ -157,9 +162,24 @@ def scoring_pass(lm: LoadedModel, texts: Sequence[str] | None = None,
     if prefix is not None:  # an attack of its own prefix: refused in run_mia
         raise InputError("a conversation is scored in its own context; this attack adds another", field="attacks")
     contexts, replies, owners = chat_rows(lm.tokenizer, chats, model=lm.spec)
-    scores = score_ids_distributed(lm, contexts, replies, moments=moments, description=f"scoring ({name})",
+    spans: list[list[int]] = [[] for _ in chats]  # each conversation's spans, in order
+    for j, owner in enumerate(owners):
+        spans[owner].append(j)
+    rows = [i for i in range(len(chats)) if spans[i]]
+    firsts = [contexts[spans[i][0]] for i in rows]
+    rests = [(contexts[spans[i][-1]] + replies[spans[i][-1]])[len(first):] for i, first in zip(rows, firsts,
+                                                                                              strict=True)]
+    scored = score_ids_distributed(lm, firsts, rests, moments=moments, description=f"scoring ({name})",
                                    **score_options)
-    return joined_scores(scores, owners, len(chats), moments)
+    empty = np.zeros(0, np.float32)
+    out = [TokenScores(empty, empty if moments else None, empty if moments else None) for _ in chats]
+    for i, first, s in zip(rows, firsts, scored, strict=True):
+        start = max(len(first), 1)  # the engine scores the tokens from here on (the first has no context)
+        keep = np.array([p - start for j in spans[i] for p in range(len(contexts[j]), len(contexts[j]) +
+                                                                      len(replies[j])) if p >= start], dtype=int)
+        out[i] = TokenScores(s.logp[keep], None if s.mu is None else s.mu[keep], None if s.var is None else
+                             s.var[keep])
+    return out
 
 
 def chat_training_notes(target: LoadedModel, chats: Sequence[list[dict[str, str]]]) -> list[str]:
