@@ -7,7 +7,7 @@ A text's scored tokens are all but its first (which has no context; with a BOS, 
 a chat fine-tune's rows) are its assistant replies' tokens, each reply after all that comes before it, as
 `finetune --format chat` tokenises and trains on them (every token its loss is on, and no other): the corpus
 ppl of held-out conversations is exp of the chat fine-tune's eval loss over them, token-weighted; the prompts,
-system turns and the turns after the last reply are context or dropped, never counted.
+system turns and the turns after the last assistant turn are context or dropped, never counted.
 Lower ppl = the model fits the rows better (for members, a lower ppl hints at memorisation).
 """
 

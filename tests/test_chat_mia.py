@@ -146,6 +146,22 @@ def test_lowercase_and_dc_pdd_read_the_replies_in_their_context(chat_lm):
                                 for chat in (ONE_TURN, LONGER)]  # dc_pdd's tokens: every reply's
 
 
+def test_an_empty_assistant_turn_after_the_last_reply_is_scored_as_it_was_trained(chat_lm):
+    """A conversation ending in an assistant turn with no content: the chat fine-tune's loss is on that turn's end
+    marker (its example's labels), so its score reads it too (it was dropped with the turns after the last reply,
+    so the scored tokens were not those trained on, and perplexity not exp of the eval loss)."""
+    lm, _ = chat_lm
+    tok = lm.tokenizer
+    chats = [[*LONGER[:5], {"role": "user", "content": "Thanks"}, {"role": "assistant", "content": ""}],
+             [*ONE_TURN, {"role": "assistant", "content": " "}, {"role": "user", "content": "Bye"}]]
+    ctx = ScoringContext(lm, [reply_text(c) for c in chats], score_options=NO_CACHE, chats=chats)
+    for chat, ids in zip(chats, ctx.scored_ids(), strict=True):
+        example = chat_example(tok, chat, "assistant", 10**6)
+        assert ids == [t for t, label in zip(example.input_ids, example.labels, strict=True) if label != IGNORE]
+    assert np.allclose([s.mean_logp for s in ctx.target_scores],
+                       [_replies_by_hand(lm, chat)["logp"].mean() for chat in chats], rtol=1e-5, atol=1e-6)
+
+
 def test_attacks_that_score_texts_their_own_way_and_rows_without_a_reply_are_refused(tiny_neox):
     for name in ("recall", "neighbourhood"):
         with pytest.raises(InputError, match=f"{name}: scores plain texts only, not conversations") as err:

@@ -3,7 +3,7 @@ membership scoring of a chat fine-tune), and which replies a membership score re
 
 Why its assistant replies: a chat fine-tune's loss is on the assistant turns (docs/finetune.md), every one of them,
 so that is where a member differs from a non-member; the turns before each are what the model saw when it produced
-it. Turns after the last reply were not trained on.
+it. Turns after the last assistant turn were not trained on (an assistant turn with no content was: its end marker).
 """
 
 from __future__ import annotations
@@ -48,10 +48,12 @@ def reply_text(messages: list[dict[str, str]]) -> str:
 
 
 def with_replies(messages: list[dict[str, str]], change: Callable[[str], str] | None = None) -> list[dict[str, str]]:
-    """The conversation up to its last reply, each assistant turn's content passed through `change` (an attack's
-    variant of the replies, e.g. lowercased); the turns after the last reply are dropped (nothing of them is
-    scored)."""
-    k = last_reply(messages, None, None, "messages")
+    """The conversation up to its last assistant turn, each assistant turn's content passed through `change` (an
+    attack's variant of the replies, e.g. lowercased); the turns after it are dropped (nothing of them was trained
+    on). An assistant turn with no content after the last reply is kept: a chat fine-tune's loss is on its end
+    marker too (`chat_example`)."""
+    last_reply(messages, None, None, "messages")  # a reply with content, or the error that says there is none
+    k = max(i for i, m in enumerate(messages) if m["role"] == "assistant")
     if change is None:
         return list(messages[:k + 1])
     return [{**m, "content": change(m["content"])} if m["role"] == "assistant" else m for m in messages[:k + 1]]
