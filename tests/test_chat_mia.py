@@ -425,3 +425,21 @@ def test_a_text_field_with_format_chat_is_refused(command, tmp_path, monkeypatch
     code, err = run_main([*args, "--text-field", "body"], monkeypatch, capsys)
     assert code == 2 and "field '--text-field': applies only with --format text" in err, err
     assert not out.exists()
+
+
+@pytest.mark.parametrize("command", [
+    ["user-inference", "--target", "tiny-gpt-neox", "--reference", "tiny-opt", "--data", "{rows}", "--user-field",
+     "user", "--label-field", "label"],
+    ["perplexity", "--model", "tiny-gpt-neox", "--data", "{rows}"],
+    ["score", "--model", "tiny-gpt-neox", "--data", "{rows}"],
+])
+def test_chat_rows_read_as_texts_point_to_this_commands_format_chat(command, tmp_path, monkeypatch, capsys):
+    """Chat rows without a text field, read as texts: the error named only finetune and mia as reading
+    `messages` with format chat, though this command does too."""
+    rows = tmp_path / "rows.jsonl"
+    rows.write_text("".join(json.dumps({"user": "u", "label": 1, "messages": c}) + "\n" for c in (ONE_TURN, *OTHERS)))
+    out = tmp_path / ("out.jsonl" if command[0] == "score" else "out")
+    args = [str(rows) if a == "{rows}" else a for a in command] + ["--out", out]
+    code, err = run_main(args, monkeypatch, capsys)
+    assert code == 2 and "format chat where the command takes it" in err, err
+    assert command[0] in err.split("format chat where the command takes it")[1], err

@@ -298,10 +298,10 @@ def _read_hf_dir(p: Path) -> list[tuple[int, dict[str, Any]]]:
     return [(i, r) for i, r in enumerate(ds.to_list(), start=1)]
 
 
-#: said where a chat row (`messages`) has no text: the attacks and the dataset step read a text; fine-tuning
-#: and membership inference with format chat read the messages
+#: said where a chat row (`messages`) has no text: the attacks and the dataset step read a text; fine-tuning,
+#: membership and user inference, perplexity and score with format chat read the messages
 CHAT_HINT = ("; a chat row needs a text field too (e.g. its turns joined), or format chat where the command takes "
-             "it (finetune, mia: `messages` is read there)")
+             "it (finetune, mia, user-inference, perplexity, score: `messages` is read there)")
 
 
 def open_lock(path: Path, mode: int) -> int:
