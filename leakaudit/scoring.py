@@ -692,12 +692,14 @@ def checked_batch_size(batch_size: int | str) -> int | str:
         raise InputError(str(exc), field="--batch-size") from None
 
 
-def _say_strided(lm: LoadedModel, long: int, n_texts: int, window: int, step: int, contexts: bool = False) -> None:
+def _say_strided(lm: LoadedModel, long: int, n_texts: int, window: int, step: int, contexts: bool = False,
+                 counted: str | None = None) -> None:
     """Say once that `long` of `n_texts` texts did not fit the window: their later tokens are scored with a
     shorter context than the model could use on a shorter text, which a membership score of a long text then
-    reflects. With `contexts` (a prompt or prefix before each text) it may be the context that did not fit."""
+    reflects. With `contexts` (a prompt or prefix before each text) it may be the context that did not fit.
+    `counted` names what is counted where it is not texts (conversations)."""
     if long:
-        what = "texts with the context before them" if contexts else "texts"
+        what = counted or ("texts with the context before them" if contexts else "texts")
         warn_once(f"{long} of {n_texts} {what} are longer than the {window}-token window of {lm.spec}: each is "
                   f"scored in windows advancing by {step} tokens (every token scored once, after at least "
                   f"{window - step} earlier tokens)", key=f"strided {window} {step} {what}")  # once per window
@@ -715,11 +717,13 @@ def score_ids(
     cache: bool | ScoreCache = True,
     progress: bool = True,
     description: str = "scoring",
+    rows: str | None = None,
 ) -> list[TokenScores]:
     """`score_texts` for sequences already tokenised: every token of `ids[i]` scored after `contexts[i]`
     (no special tokens added). Why: a prompt and a continuation tokenised apart (the continuation a sampler
     would emit after the prompt's tokens, a chat reply after its turns as the fine-tune tokenised them) can
-    differ from the two texts tokenised together, where BPE merges across the boundary."""
+    differ from the two texts tokenised together, where BPE merges across the boundary. `rows` names the
+    sequences in the window warning where they are not texts ("conversations")."""
     if len(contexts) != len(ids):
         raise ValueError("contexts must match ids in length")
     batch_size = checked_batch_size(batch_size)
@@ -729,13 +733,14 @@ def score_ids(
             for c, x in zip(contexts, ids, strict=True)]
     return _score_keyed(lm, keys, lambda todo: ([list(contexts[i]) for i in todo], [list(ids[i]) for i in todo]),
                         options, batch_size, cache, progress, description, "right",
-                        lambda i, scores: len(contexts[i]) + len(ids[i]), contexts=any(map(len, contexts)))
+                        lambda i, scores: len(contexts[i]) + len(ids[i]), contexts=any(map(len, contexts)),
+                        counted=rows)
 
 
 def _score_keyed(lm: LoadedModel, keys: list[str], tokenized, options: ScoreOptions, batch_size: int | str,
                  cache: bool | ScoreCache, progress: bool, description: str,
-                 padding_side: str, cached_length=lambda i, scores: None, contexts: bool = False
-                 ) -> list[TokenScores]:
+                 padding_side: str, cached_length=lambda i, scores: None, contexts: bool = False,
+                 counted: str | None = None) -> list[TokenScores]:
     """The cached, batched pass shared by `score_texts` and `score_ids`: `tokenized(indices)` gives the
     (context ids, ids) of the sequences not in the cache; `cached_length(i, scores)` the length (context and
     text) of a cached one where it is known, so that the window warning counts it as a rerun's first run did."""
@@ -761,14 +766,14 @@ def _score_keyed(lm: LoadedModel, keys: list[str], tokenized, options: ScoreOpti
                                                                          if i in results}.values()) if n is not None]
     long_cached = sum(n > window for n in cached_lengths)
     if not todo:
-        _say_strided(lm, long_cached, len(cached_lengths), window, step, contexts)
+        _say_strided(lm, long_cached, len(cached_lengths), window, step, contexts, counted)
     if todo:
         ctx, ids = tokenized(todo)
         segs: list[_Segment] = []
         for j, (c, x) in enumerate(zip(ctx, ids, strict=True)):
             segs.extend(_segments(j, c, x, window, step))
         _say_strided(lm, len({s.text_index for s in segs if s.order > 0}) + long_cached,
-                     len(todo) + len(cached_lengths), window, step, contexts or any(ctx))
+                     len(todo) + len(cached_lengths), window, step, contexts or any(ctx), counted)
         rows = batch_size if isinstance(batch_size, int) else None
         total = sum(len(s.ids) for s in segs)
         budgets = {cached: _token_budget(lm, total, cached) for cached in (False, True)}

@@ -443,3 +443,14 @@ def test_chat_rows_read_as_texts_point_to_this_commands_format_chat(command, tmp
     code, err = run_main(args, monkeypatch, capsys)
     assert code == 2 and "format chat where the command takes it" in err, err
     assert command[0] in err.split("format chat where the command takes it")[1], err
+
+
+def test_the_window_warning_counts_conversations(tiny_neox, monkeypatch, capsys):
+    """The warning counted the pass's rows as texts ("13 of 31 texts" for 12 conversations when each reply was a
+    row); a conversation is one row now, and the warning names conversations."""
+    from leakaudit.attacks.base import scoring_pass
+
+    monkeypatch.setattr(tiny_neox.tokenizer, "chat_template", None, raising=False)
+    scoring_pass(tiny_neox, chats=[ONE_TURN, LONGER], max_length=16, stride=8, **NO_CACHE)
+    err = capsys.readouterr().err
+    assert "2 of 2 conversations are longer than the 16-token window" in err, err

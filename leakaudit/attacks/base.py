@@ -170,7 +170,7 @@ def scoring_pass(lm: LoadedModel, texts: Sequence[str] | None = None,
     rests = [(contexts[spans[i][-1]] + replies[spans[i][-1]])[len(first):] for i, first in zip(rows, firsts,
                                                                                               strict=True)]
     scored = score_ids_distributed(lm, firsts, rests, moments=moments, description=f"scoring ({name})",
-                                   **score_options)
+                                   rows="conversations", **score_options)
     empty = np.zeros(0, np.float32)
     out = [TokenScores(empty, empty if moments else None, empty if moments else None) for _ in chats]
     for i, first, s in zip(rows, firsts, scored, strict=True):
