@@ -73,24 +73,26 @@ class ScoringContext:
     load: Callable[[str], LoadedModel] | None = None
     _passes: dict[tuple, list[TokenScores]] = field(default_factory=dict, repr=False)
 
-    def scores(self, model: str = "target", change: Callable[[str], str] | None = None, prefix: str | None = None,
+    def scores(self, model: str = "target", change: Callable[[str], str] | None = None,
+               prefix: str | Sequence[list[dict[str, str]]] | None = None,
                moments: bool | None = None) -> list[TokenScores]:
         """Token scores of the texts under attack under the target or reference model, each text first passed
         through `change` (a variant: `str.lower`); with conversations, each reply's content is, and the replies
-        are scored in context."""
+        are scored in context. `prefix`: a text before each text, or with conversations, conversations put before
+        each as its earlier turns (`scoring_pass`)."""
         lm = self.target if model == "target" else self.reference
         if lm is None:
             raise InputError("this attack needs a reference model", field="--reference")
         want = self.moments if moments is None else moments
-        key = (model, change, prefix)
+        key = (model, change, _prefix_key(prefix))
         have = self._passes.get(key)
         if have is None or (want and have and have[0].mu is None):
             have = self._pass(lm, change, prefix, want, model)
             self._passes[key] = have
         return have
 
-    def _pass(self, lm: LoadedModel, change: Callable[[str], str] | None, prefix: str | None, moments: bool,
-              name: str) -> list[TokenScores]:
+    def _pass(self, lm: LoadedModel, change: Callable[[str], str] | None,
+              prefix: str | Sequence[list[dict[str, str]]] | None, moments: bool, name: str) -> list[TokenScores]:
         if self.chats is not None:
             from leakaudit.data.chat import with_replies
 
@@ -139,13 +141,25 @@ class ScoringContext:
         return self.scores("target")
 
 
+def _prefix_key(prefix: str | Sequence[list[dict[str, str]]] | None) -> str | tuple | None:
+    """A pass's prefix as a key of `ScoringContext._passes`: a text, or its conversations' (role, content)s."""
+    if prefix is None or isinstance(prefix, str):
+        return prefix
+    return tuple(tuple((m["role"], m["content"]) for m in chat) for chat in prefix)
+
+
 def scoring_pass(lm: LoadedModel, texts: Sequence[str] | None = None,
-                 chats: Sequence[list[dict[str, str]]] | None = None, *, prefix: str | None = None,
+                 chats: Sequence[list[dict[str, str]]] | None = None, *,
+                 prefix: str | Sequence[list[dict[str, str]]] | None = None,
                  moments: bool = False, name: str = "target", **score_options: Any) -> list[TokenScores]:
     """One cached, batched (and, under a launcher, sharded) scoring pass of `lm`: over the texts, or over the
     conversations (`chats`, which then carry their own contents: `texts` is not read) at their replies, each in
     its context as a chat fine-tune tokenised it (`chat_rows`), one TokenScores per conversation (its replies'
     tokens in order). The one place both kinds of row go through, for every attack and user inference.
+
+    `prefix`: for texts, a text before each (or one per text); for conversations, conversations put before each
+    as its earlier turns (`after_prefix`, ReCaLL's P), its replies' tokens still the ones scored: the prefix's
+    replies are context. The score cache keys a row by its token ids, so a prefixed row never reads a plain one.
 
     A conversation is one row of the engine: everything after the context of its first reply, scored in one
     pass (each token after all before it, as in training), of which the replies' tokens are kept; scoring each
@@ -159,9 +173,9 @@ def scoring_pass(lm: LoadedModel, texts: Sequence[str] | None = None,
             raise ValueError("scoring_pass needs texts or chats")
         return score_texts_distributed(lm, list(texts), prefixes=prefix, moments=moments,
                                        description=f"scoring ({name})", **score_options)
-    if prefix is not None:  # an attack of its own prefix: refused in run_mia
-        raise InputError("a conversation is scored in its own context; this attack adds another", field="attacks")
-    contexts, replies, owners = chat_rows(lm.tokenizer, chats, model=lm.spec)
+    if isinstance(prefix, str):  # a text cannot be put in a conversation: its prefix is conversations
+        raise InputError("a conversation's prefix is conversations (its earlier turns), not a text", field="prefix")
+    contexts, replies, owners = chat_rows(lm.tokenizer, chats, model=lm.spec, prefix=prefix)
     spans: list[list[int]] = [[] for _ in chats]  # each conversation's spans, in order
     for j, owner in enumerate(owners):
         spans[owner].append(j)
@@ -214,13 +228,19 @@ def chat_training_notes(target: LoadedModel, chats: Sequence[list[dict[str, str]
     return notes
 
 
-def chat_rows(tokenizer: Any, chats: Sequence[list[dict[str, str]]],
-              model: str = "the target") -> tuple[list[list[int]], list[list[int]], list[int]]:
+def chat_rows(tokenizer: Any, chats: Sequence[list[dict[str, str]]], model: str = "the target",
+              prefix: Sequence[list[dict[str, str]]] | None = None,
+              ) -> tuple[list[list[int]], list[list[int]], list[int]]:
     """(context ids, reply ids, conversation index) of every reply to score, conversation by conversation: each
     rendered by this model's chat template and tokenised as a chat fine-tune does (each model its own: a
     reference's template may differ), a reply's trained tokens after all that comes before them. A conversation
-    the template refuses is named (`UnrenderableChatError`), not a traceback."""
-    from leakaudit.data.chat import with_replies
+    the template refuses is named (`UnrenderableChatError`), not a traceback.
+
+    With `prefix` (conversations), each conversation is rendered after them as one conversation (`after_prefix`)
+    and only its own replies are kept, their contexts holding the prefix: their ids must be the ids of the
+    conversation rendered alone (a template that renders a turn by its place, or merges tokens across the
+    boundary, is named as one that refuses it), so that both passes score the same tokens."""
+    from leakaudit.data.chat import after_prefix, with_replies
     from leakaudit.train.examples import replies_in_context
 
     contexts: list[list[int]] = []
@@ -229,6 +249,12 @@ def chat_rows(tokenizer: Any, chats: Sequence[list[dict[str, str]]],
     for i, chat in enumerate(chats):
         try:
             spans = replies_in_context(tokenizer, with_replies(chat))
+            if prefix is not None:
+                joined = replies_in_context(tokenizer, after_prefix(list(prefix), with_replies(chat)))
+                mine = joined[len(joined) - len(spans):] if len(joined) >= len(spans) else []
+                if [r for _, r in mine] != [r for _, r in spans]:
+                    raise ValueError("its replies are tokenised otherwise after the prefix conversations")
+                spans = mine
         except ValueError as exc:  # the template refused it, or does not render turns as prefixes
             raise UnrenderableChatError(i, model, str(exc)) from None
         for context, reply in spans:

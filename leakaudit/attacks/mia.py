@@ -189,7 +189,8 @@ class LowercaseAttack(Attack):
 
 
 class RecallConfig(AttackConfig):
-    prefix: tuple[str, ...] = Field((), description="non-member texts that form the prefix P")
+    prefix: tuple[str, ...] = Field((), description="non-member texts that form the prefix P (texts only: with "
+                                                     "conversations P is the first `shots` non-members)")
     shots: int = Field(3, ge=1, description="non-members taken for P when no prefix is given")
     separator: str = "\n\n"
 
@@ -203,14 +204,25 @@ class RecallAttack(Attack):
     exactly with and without P scores 1). The difference LL(x) - LL(x|P), used before, ranks texts differently:
     it leaves out the division by NLL(x) that makes the drop relative.
 
+    On conversations (format chat) P is non-member conversations put before each as its earlier turns, the whole
+    rendered by the chat template as one conversation (`after_prefix`: the conversation's system turn first, then
+    P's turns without theirs, then its other turns), and x is its replies' tokens: NLL(x|P) is the NLL of those
+    tokens after P and its own earlier turns, NLL(x) the ordinary chat pass's (the same tokens, without P). P's
+    replies are context, not scored. `prefix_chats` holds P (run_mia sets it: the first `shots` non-members);
+    prefix texts are refused for conversations (a text is not a turn of one).
+
     Xie et al., "ReCaLL: Membership Inference via Relative Conditional Log-Likelihoods", EMNLP 2024.
     """
 
     name = "recall"
-    scores_chats = False  # its own prefix P before each text
     summary = "by what factor the text's loss grows when non-member texts are put before it (ReCaLL)"
     paper = "Xie et al. 2024, ReCaLL"
     Config = RecallConfig
+
+    def __init__(self, config: AttackConfig | None = None,
+                 prefix_chats: Sequence[list[dict[str, str]]] | None = None):
+        super().__init__(config)
+        self.prefix_chats = None if prefix_chats is None else [list(c) for c in prefix_chats]
 
     def prefix_text(self) -> str:
         if not self.config.prefix:
@@ -222,17 +234,29 @@ class RecallAttack(Attack):
         from leakaudit.scoring import fit_window
 
         _need_tokens(ctx)
-        prefix = self.prefix_text()
-        cond = ctx.scores("target", prefix=prefix, moments=False)
+        window = fit_window(ctx.target, ctx.score_options.get("max_length"))
         # a text the window cannot hold after the prefix is scored in strided windows, and the later ones start
         # past the prefix: those tokens are scored without it in view, so the score mixes both conditions
-        window = fit_window(ctx.target, ctx.score_options.get("max_length"))
-        n_prefix = len(encode(ctx.target.tokenizer, [prefix])[0])
-        over = sum(n_prefix + c.n_tokens > window for c in cond)
+        if ctx.chats is None:
+            prefix = self.prefix_text()
+            cond = ctx.scores("target", prefix=prefix, moments=False)
+            n_prefix = len(encode(ctx.target.tokenizer, [prefix])[0])
+            over = sum(n_prefix + c.n_tokens > window for c in cond)
+            what = f"texts do not fit the {window}-token window after the {n_prefix}-token prefix"
+        else:
+            if self.config.prefix or not self.prefix_chats:
+                raise InputError("recall on conversations puts non-member conversations before each (the first "
+                                 "`shots` non-members), not prefix texts", field="prefix")
+            cond = ctx.scores("target", prefix=self.prefix_chats, moments=False)
+            contexts, replies, owners = chat_rows(ctx.target.tokenizer, ctx.chats, model=ctx.target.spec,
+                                                  prefix=self.prefix_chats)
+            length = dict(zip(owners, (len(c) + len(r) for c, r in zip(contexts, replies, strict=True)),
+                              strict=False))  # the last reply's end: the joined conversation's length
+            over = sum(n > window for n in length.values())
+            what = f"conversations do not fit the {window}-token window after the prefix conversations"
         if over:
-            warn_once(f"recall: {over} of {len(cond)} texts do not fit the {window}-token window after the "
-                      f"{n_prefix}-token prefix; their tokens past it are scored without the prefix in view "
-                      "(fewer or shorter prefix texts, or a longer window, avoid it)")
+            warn_once(f"recall: {over} of {len(cond)} {what}; their tokens past it are scored without the prefix "
+                      "in view (fewer or shorter prefix texts, or a longer window, avoid it)")
         out = []
         for plain, c in zip(ctx.target_scores, cond, strict=True):
             # Without a prefix the first token may be unscored; compare over the same (last n) tokens.
@@ -559,6 +583,9 @@ def run_mia(target: LoadedModel, members: Sequence[str] | Sequence[Conversation]
         raise InputError(f"{', '.join(plain)}: scores plain texts only, not conversations (the attacks for them: "
                          f"{', '.join(n for n, a in ATTACKS.items() if a.scores_chats)})", field="attacks")
     chosen = _resolve(attacks, attack_options)  # after: a refused attack's masked LM need not be found
+    if chats is not None and any(isinstance(a, RecallAttack) and a.config.prefix for a in chosen):
+        raise InputError("recall: prefix texts cannot be put before a conversation; without them the first "
+                         "`shots` non-member conversations form the prefix", field="prefix")
     if any(a.needs_reference for a in chosen) and reference is None:
         need = [a.name for a in chosen if a.needs_reference]
         raise InputError(f"attack(s) {', '.join(need)} need a reference model", field="reference")
@@ -571,12 +598,22 @@ def run_mia(target: LoadedModel, members: Sequence[str] | Sequence[Conversation]
                 raise InputError(f"recall takes {shots} non-members as its prefix; need more than {shots + 1}",
                                  field="nonmembers")
             prefix_index = list(range(shots))
-            chosen[i] = RecallAttack(a.config.model_copy(update={"prefix": tuple(nonmembers[:shots])}))
+            if chats is not None:  # a prefix conversation is read up to its last reply: it needs one
+                from leakaudit.data.chat import last_reply
+
+                for j in prefix_index:
+                    last_reply(chats[len(members) + j], None, None, f"nonmembers[{j}]")
+            if chats is None:
+                chosen[i] = RecallAttack(a.config.model_copy(update={"prefix": tuple(nonmembers[:shots])}))
+            else:  # the conversations, as earlier turns of each (their replies' texts are not a conversation)
+                chosen[i] = RecallAttack(a.config, prefix_chats=chats[len(members):len(members) + shots])
             nonmember_index = nonmember_index[shots:]
     if not members or not nonmember_index:
         raise InputError("need at least one member and one non-member", field="members")
     evaluated_nonmembers = [nonmembers[i] for i in nonmember_index]
     texts = list(members) + evaluated_nonmembers
+    if chats is not None:  # the conversations evaluated: recall's prefix conversations are not
+        chats = chats[:len(members)] + [chats[len(members) + i] for i in nonmember_index]
     labels = np.array([1] * len(members) + [0] * len(evaluated_nonmembers))
     ctx = ScoringContext(target, texts, reference, moments=any(a.needs_moments for a in chosen),
                          score_options={"batch_size": batch_size, "max_length": max_length, "stride": stride,

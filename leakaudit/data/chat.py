@@ -57,3 +57,15 @@ def with_replies(messages: list[dict[str, str]], change: Callable[[str], str] | 
     if change is None:
         return list(messages[:k + 1])
     return [{**m, "content": change(m["content"])} if m["role"] == "assistant" else m for m in messages[:k + 1]]
+
+
+def after_prefix(prefix: list[list[dict[str, str]]], messages: list[dict[str, str]]) -> list[dict[str, str]]:
+    """The conversation with the `prefix` conversations before it as earlier turns of one conversation (ReCaLL's
+    prefix P, `recall` on conversations): its own system turn, when it opens with one, stays first (most chat
+    templates take a system turn first only, and SmolLM2's writes a default system prompt where the first turn is
+    not one), then each prefix conversation's turns up to its last assistant turn (`with_replies`) without their
+    system turns, then the conversation's other turns. Without a system turn of its own the template's default,
+    if any, opens the joined conversation as it opens the conversation alone."""
+    head = messages[:1] if messages and messages[0]["role"] == "system" else []
+    earlier = [m for p in prefix for m in with_replies(p) if m["role"] != "system"]
+    return [*head, *earlier, *messages[len(head):]]

@@ -233,6 +233,10 @@ class Mia(Kind):
                 raise OptionError(loc, f"attack '{name}' needs a reference model; give a reference")
             if options.format == "chat" and not attack.scores_chats:  # before any stage runs, not at this one
                 raise OptionError(loc, f"attack '{name}' scores plain texts only, not conversations (format chat)")
+            if options.format == "chat" and name == "recall" and attack.config.prefix:
+                raise OptionError(("attack_options", "recall", "prefix"), "recall's prefix texts cannot be put "
+                                  "before a conversation (format chat); without them the first `shots` non-member "
+                                  "conversations form the prefix")
             uses_reference |= attack.needs_reference
         if len(set(names)) != len(names):
             raise OptionError(("attacks",), f"an attack is listed twice: {', '.join(names)}")
