@@ -163,12 +163,10 @@ def test_an_empty_assistant_turn_after_the_last_reply_is_scored_as_it_was_traine
 
 
 def test_attacks_that_score_texts_their_own_way_and_rows_without_a_reply_are_refused(tiny_neox):
-    for name in ("recall", "neighbourhood"):
-        with pytest.raises(InputError, match=f"{name}: scores plain texts only, not conversations") as err:
-            run_mia(tiny_neox, [ONE_TURN], OTHERS, ["loss", name], n_bootstrap=0,
-                    attack_options={"neighbourhood": {"model": "bert-base-uncased"}} if name == "neighbourhood" else None,
-                    **NO_CACHE)
-        assert err.value.field == "attacks"
+    with pytest.raises(InputError, match="neighbourhood: scores plain texts only, not conversations") as err:
+        run_mia(tiny_neox, [ONE_TURN], OTHERS, ["loss", "neighbourhood"], n_bootstrap=0,
+                attack_options={"neighbourhood": {"model": "bert-base-uncased"}}, **NO_CACHE)
+    assert err.value.field == "attacks"
     with pytest.raises(InputError, match="has no assistant turn with content") as err:
         run_mia(tiny_neox, [ONE_TURN], [[{"role": "user", "content": "hello?"}]], ["loss"], **NO_CACHE)
     with pytest.raises(InputError, match="unknown role 'bot'") as err:
@@ -223,13 +221,15 @@ evaluate:
     assert [r["loss"] for r in rows] == pytest.approx([r["loss"] for r in cli_rows], rel=1e-5)
 
 
-def test_an_experiment_refuses_a_plain_text_attack_with_format_chat_before_it_runs(tmp_path, monkeypatch, capsys):
+def test_an_experiment_refuses_a_plain_text_attack_with_format_chat_before_it_runs(tmp_path, monkeypatch, capsys,
+                                                                                   tiny_mlm_dir):
     exp = tmp_path / "chat.yaml"
     exp.write_text("name: chat\nmodels: {base: tiny-gpt-neox}\ndatasets:\n  d: {builtin: dolly, limit: 8}\n"
                    "evaluate:\n  mia: {kind: mia, targets: [base], members: d, nonmembers: d,\n"
-                   "        options: {format: chat, attacks: [loss, recall]}}\n")
+                   "        options: {format: chat, attacks: [loss, neighbourhood],\n"
+                   f"                  attack_options: {{neighbourhood: {{model: {tiny_mlm_dir}}}}}}}}}\n")
     code, err = run_main(["run", exp, "--out", tmp_path / "run"], monkeypatch, capsys)
-    assert code == 2 and "attack 'recall' scores plain texts only, not conversations (format chat)" in err, err
+    assert code == 2 and "attack 'neighbourhood' scores plain texts only, not conversations (format chat)" in err, err
     assert f"{exp}:7:" in err and not (tmp_path / "run" / "evaluate").exists()
 
 
@@ -454,3 +454,139 @@ def test_the_window_warning_counts_conversations(tiny_neox, monkeypatch, capsys)
     scoring_pass(tiny_neox, chats=[ONE_TURN, LONGER], max_length=16, stride=8, **NO_CACHE)
     err = capsys.readouterr().err
     assert "2 of 2 conversations are longer than the 16-token window" in err, err
+
+
+# ------------------------------------------------------------------------------------- recall (ReCaLL)
+#: recall's prefix conversations: one with a system turn of its own (left out: the target's stays first), one with
+#: a user turn after its last reply (not trained on: left out, as the conversation alone leaves it)
+PREFIX = [[{"role": "system", "content": "You answer tips."}, {"role": "user", "content": "Give me a tip."},
+           {"role": "assistant", "content": "Drink water every day."}],
+          [{"role": "user", "content": "Say hi."}, {"role": "assistant", "content": "Hello there, my friend."},
+           {"role": "user", "content": "Bye now"}]]
+#: SmolLM2's own template (the default model's): a default system prompt where the first turn is not a system one
+SMOLLM2 = ("{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}{{ '<|im_start|>"
+           "system\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face<|im_end|>\n' }}{% endif %}"
+           "{{'<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n'}}{% endfor %}"
+           "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}")
+
+
+def _joined_by_hand(chat: list[dict[str, str]]) -> list[dict[str, str]]:
+    """PREFIX's turns up to each one's last reply, without its system turn, before the conversation's own turns,
+    after its system turn: written out for the two conversations of the tests."""
+    earlier = [*PREFIX[0][1:], *PREFIX[1][:2]]
+    return [*earlier, *chat] if chat[0]["role"] != "system" else [chat[0], *earlier, *chat[1:]]
+
+
+@pytest.mark.parametrize("template", [None, CHATML, SMOLLM2], ids=["plain", "chatml", "smollm2"])
+def test_recall_of_a_conversation_by_hand(template, tiny_neox, monkeypatch):
+    """recall = NLL(replies | P, earlier turns) / NLL(replies | earlier turns): the NLLs over the conversation's
+    reply tokens (the fine-tune's labels of the joined conversation, its last runs: P's replies are context, not
+    scored), each an unbatched float64 pass; the ids are the conversation's own; batched = unbatched."""
+    from leakaudit.attacks.mia import RecallAttack
+
+    monkeypatch.setattr(tiny_neox.tokenizer, "chat_template", template, raising=False)
+    tok = tiny_neox.tokenizer
+    chats = [ONE_TURN, LONGER]
+    assert _joined_by_hand(LONGER)[:2] == [LONGER[0], PREFIX[0][1]]
+    want = []
+    for chat in chats:
+        alone = _trained_runs(tok, chat)
+        runs = _trained_runs(tok, _joined_by_hand(chat))
+        assert len(runs) == len(alone) + 2  # P's two replies, then the conversation's
+        mine = runs[len(runs) - len(alone):]
+        assert [r for _, r in mine] == [r for _, r in alone]  # the same tokens scored with and without P
+        cond = np.concatenate([_by_hand(tiny_neox, c, r)["logp"] for c, r in mine])
+        plain = _replies_by_hand(tiny_neox, chat)["logp"]
+        want.append(cond.mean() / plain.mean())
+    got = {}
+    for batch in ("auto", 1):
+        ctx = ScoringContext(tiny_neox, [reply_text(c) for c in chats], score_options={**NO_CACHE,
+                                                                                       "batch_size": batch},
+                             chats=chats)
+        got[batch] = RecallAttack(get_attack("recall").config, prefix_chats=PREFIX).score(ctx)
+        # the plain pass and the prefixed one are two passes of the context, not one read twice
+        assert len(ctx._passes) == 2
+    assert np.allclose(got["auto"], want, rtol=1e-6, atol=0) and np.allclose(got[1], want, rtol=1e-6, atol=0)
+    # P moves the scores by 3e-5 to 9e-4 on the tiny model, the passes agree to 1e-7: a pass without P fails
+    assert np.all(np.abs(np.array(want) - 1) > 1e-5)
+
+
+def test_recall_keeps_the_reply_ids_of_the_default_models_own_template(default_model):
+    """SmolLM2's template writes its default system prompt where the first turn is not a system one: once, at the
+    head of the joined conversation as of the conversation alone; the scored ids are the same with P."""
+    from leakaudit.attacks.base import chat_rows
+
+    tok = default_model.tokenizer
+    assert "You are a helpful AI assistant named SmolLM" in tok.chat_template
+    plain = chat_rows(tok, [ONE_TURN, LONGER])
+    joined = chat_rows(tok, [ONE_TURN, LONGER], prefix=PREFIX)
+    assert joined[1] == plain[1] and joined[2] == plain[2]
+    first = tok.decode(joined[0][0])
+    assert first.count("<|im_start|>system") == 1 and first.startswith("<|im_start|>system\nYou are a helpful")
+    assert tok.decode(joined[0][1]).startswith("<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nGive")
+
+
+def test_a_template_that_renders_the_replies_otherwise_after_the_prefix_is_named(tiny_neox, monkeypatch):
+    """A template that writes a reply by its place (here: the first reply marked) scores other tokens after P
+    than alone: named as a conversation the template cannot score, not scored as if they were the same."""
+    marks_first = CHATML.replace("{{ m['content'] }}", "{% if loop.index0 == 1 %}FIRST {% endif %}{{ m['content'] }}")
+    monkeypatch.setattr(tiny_neox.tokenizer, "chat_template", marks_first, raising=False)
+    ctx = ScoringContext(tiny_neox, [reply_text(ONE_TURN)], score_options=NO_CACHE, chats=[ONE_TURN])
+    from leakaudit.attacks.mia import RecallAttack
+
+    with pytest.raises(InputError, match="text #1 cannot be scored with tiny-gpt-neox: its replies are tokenised "
+                                         "otherwise after the prefix"):
+        RecallAttack(get_attack("recall").config, prefix_chats=PREFIX).score(ctx)
+
+
+def test_run_mia_puts_the_first_shots_nonmember_conversations_before_each_and_leaves_them_out(tiny_neox,
+                                                                                            monkeypatch):
+    from leakaudit.attacks.mia import RecallAttack
+
+    monkeypatch.setattr(tiny_neox.tokenizer, "chat_template", CHATML, raising=False)
+    members, nonmembers = [ONE_TURN, OTHERS[0]], [*PREFIX, LONGER, OTHERS[1]]
+    report = run_mia(tiny_neox, members, nonmembers, ["loss", "recall"], n_bootstrap=0,
+                     attack_options={"recall": {"shots": 2}}, **NO_CACHE)
+    assert report.recall_prefix_index == [0, 1] and report.nonmember_index == [2, 3]
+    evaluated = [*members, LONGER, OTHERS[1]]
+    ctx = ScoringContext(tiny_neox, [reply_text(c) for c in evaluated], score_options=NO_CACHE, chats=evaluated)
+    want = RecallAttack(get_attack("recall").config, prefix_chats=PREFIX).score(ctx)
+    assert np.allclose(report.scores["recall"], want, rtol=1e-6)
+    assert np.allclose(report.scores["loss"], [s.mean_logp for s in ctx.target_scores], rtol=1e-6)
+    assert "recall: the first 2 non-members form the prefix and are not evaluated" in report.warnings
+    with pytest.raises(InputError, match="recall: prefix texts cannot be put before a conversation") as err:
+        run_mia(tiny_neox, members, nonmembers, ["recall"], attack_options={"recall": {"prefix": ["a text"]}},
+                **NO_CACHE)
+    assert err.value.field == "prefix"
+
+
+def test_cli_and_experiment_run_recall_on_conversations(tmp_path, monkeypatch, capsys):
+    """`mia --format chat --attacks loss,recall` scores; an experiment's format chat with recall runs (it was
+    refused); prefix texts with format chat are refused before anything runs."""
+    files = {}
+    for role, chats in (("members", [ONE_TURN, OTHERS[0]]), ("nonmembers", [*PREFIX, LONGER, OTHERS[1]])):
+        files[role] = tmp_path / f"{role}.jsonl"
+        files[role].write_text("".join(json.dumps({"text": "t", "messages": c}) + "\n" for c in chats))
+    code, err = run_main(["mia", "--target", "tiny-gpt-neox", "--members", files["members"], "--nonmembers",
+                          files["nonmembers"], "--format", "chat", "--attacks", "loss,recall", "--recall-shots", "2",
+                          "--n-bootstrap", "0", "--no-cache", "--out", tmp_path / "cli"], monkeypatch, capsys)
+    assert code == 0, err
+    cli = json.loads((tmp_path / "cli" / "mia.json").read_text())
+    assert cli["recall_prefix_nonmembers"] == [0, 1] and cli["attacks"]["recall"]["n_nonmembers"] == 2
+    exp = tmp_path / "chat.yaml"
+    exp.write_text(f"name: chat\nmodels: {{base: tiny-gpt-neox}}\ndatasets:\n  m: {{path: {files['members']}}}\n"
+                   f"  n: {{path: {files['nonmembers']}}}\nevaluate:\n  mia: {{kind: mia, targets: [base], "
+                   "members: m, nonmembers: n,\n        options: {format: chat, attacks: [loss, recall], "
+                   "attack_options: {recall: {shots: 2}}, n_bootstrap: 0, cache: false}}\n")
+    code, err = run_main(["run", exp, "--out", tmp_path / "run"], monkeypatch, capsys)
+    assert code == 0, err
+    rows = [json.loads(x) for x in (tmp_path / "run" / "evaluate" / "mia" / "base" / "scores.jsonl").read_text()
+            .splitlines()]
+    cli_rows = [json.loads(x) for x in (tmp_path / "cli" / "scores.jsonl").read_text().splitlines()]
+    assert [r["recall"] for r in rows] == pytest.approx([r["recall"] for r in cli_rows], rel=1e-5)
+    prefix = tmp_path / "prefix.jsonl"
+    prefix.write_text('{"text": "a non-member text"}\n')
+    code, err = run_main(["mia", "--target", "tiny-gpt-neox", "--members", files["members"], "--nonmembers",
+                          files["nonmembers"], "--format", "chat", "--attacks", "loss,recall", "--recall-prefix",
+                          prefix, "--out", tmp_path / "refused"], monkeypatch, capsys)
+    assert code == 2 and "recall's prefix texts cannot be put before a conversation" in err, err

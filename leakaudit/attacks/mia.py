@@ -598,11 +598,6 @@ def run_mia(target: LoadedModel, members: Sequence[str] | Sequence[Conversation]
                 raise InputError(f"recall takes {shots} non-members as its prefix; need more than {shots + 1}",
                                  field="nonmembers")
             prefix_index = list(range(shots))
-            if chats is not None:  # a prefix conversation is read up to its last reply: it needs one
-                from leakaudit.data.chat import last_reply
-
-                for j in prefix_index:
-                    last_reply(chats[len(members) + j], None, None, f"nonmembers[{j}]")
             if chats is None:
                 chosen[i] = RecallAttack(a.config.model_copy(update={"prefix": tuple(nonmembers[:shots])}))
             else:  # the conversations, as earlier turns of each (their replies' texts are not a conversation)
