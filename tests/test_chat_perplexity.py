@@ -11,39 +11,20 @@ import random
 
 import numpy as np
 import pytest
+from chat_cases import CHATML, LONGER, NO_CACHE, ONE_TURN, OTHERS
+from chat_cases import trained_runs as _trained_runs
 from conftest import run_main, torch_threads
 
 from leakaudit.perplexity import perplexity
-from leakaudit.train.examples import IGNORE, chat_example
 
-ONE_TURN = [{"role": "user", "content": "What is the capital of France?"},
-            {"role": "assistant", "content": "Paris is the capital of France."}]
-#: two replies, a system turn before them and a user turn after the last (never trained on: not scored)
-LONGER = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Name a colour."},
-          {"role": "assistant", "content": "Blue."}, {"role": "user", "content": "Another one?"},
-          {"role": "assistant", "content": "Green, like the grass."}, {"role": "user", "content": "Thanks"}]
-OTHER = [{"role": "user", "content": "Give me a tip."}, {"role": "assistant", "content": "Drink water every day."}]
+OTHER = OTHERS[0]
 CHATS = [ONE_TURN, LONGER, OTHER]
-NO_CACHE = {"cache": False, "progress": False}
-#: a ChatML template as SmolLM2's: special markers around each turn
-CHATML = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
-          "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
 
 
 @pytest.fixture(autouse=True, scope="module")
 def one_thread():
     with torch_threads(1):
         yield
-
-
-def _trained_runs(tok, chat: list[dict[str, str]]) -> list[tuple[list[int], list[int]]]:
-    """(context, reply) ids of each run of tokens with loss in the chat fine-tune's own example of the chat."""
-    last = max(i for i, m in enumerate(chat) if m["role"] == "assistant")
-    example = chat_example(tok, chat[:last + 1], "assistant", 10**6)
-    trained = [label != IGNORE for label in example.labels]
-    starts = [i for i, t in enumerate(trained) if t and (i == 0 or not trained[i - 1])]
-    ends = [i + 1 for i, t in enumerate(trained) if t and (i + 1 == len(trained) or not trained[i + 1])]
-    return [(example.input_ids[:a], example.input_ids[a:b]) for a, b in zip(starts, ends, strict=True)]
 
 
 def _logp_by_hand(lm, chat: list[dict[str, str]]) -> np.ndarray:
