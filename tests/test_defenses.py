@@ -16,6 +16,27 @@ from leakaudit.train.defenses import dedup_and_cap
 from leakaudit.train.finetune import FinetuneConfig, finetune, load_examples
 
 
+@pytest.fixture(scope="module", autouse=True)
+def _one_noise_search_per_setting():
+    """Opacus' search for the noise multiplier that spends a target epsilon is a pure function of its
+    arguments and takes 2-3 s of RDP accounting per call on the 2-core machine: the file's DP runs searched 9
+    times for 5 settings. Each setting is searched for once, for real, and its answer reused (the resume test,
+    which counts searches, wraps this function and still counts every call)."""
+    import opacus.privacy_engine
+
+    real, found = opacus.privacy_engine.get_noise_multiplier, {}
+
+    def search_once(**kwargs):
+        key = tuple(sorted(kwargs.items()))
+        if key not in found:
+            found[key] = real(**kwargs)
+        return found[key]
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(opacus.privacy_engine, "get_noise_multiplier", search_once)
+        yield
+
+
 def test_dedup_then_cap_keeps_first_samples_per_user_in_file_order():
     rows = [("a", "x"), ("a", "x"), ("b", "x"), ("a", "y"), ("a", "z"), ("b", "y"), ("a", "w")]
     keep, report = dedup_and_cap(rows, dedup_within_user=True, max_samples_per_user=2)
