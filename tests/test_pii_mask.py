@@ -336,6 +336,7 @@ def test_a_bare_digit_run_glued_to_a_word_stays_an_id(text):
     ("call (713) 012-3456.", "call (***) ***-**56."),
     ("555-123-4567", "***-***-**67"),  # area code 555
     ("+1 555 012 3456 or 713-053-1234 x12", "+* *** *** **56 or ***-***-**** x12"),
+    ("Tel.713-053-1234", "Tel.***-***-**34"),  # a label's dot before it (a number's dot is another thing)
 ])
 def test_a_number_laid_out_as_a_phone_is_masked_even_where_it_is_not_a_valid_one(text, masked):
     """A report masked only what libphonenumber calls a valid number, so a number a model recalled with one

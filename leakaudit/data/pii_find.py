@@ -406,8 +406,9 @@ def _trie_pattern(forms: list[str]) -> str:
 
 
 #: the North American layout of a phone number, 3-3-4 digits with the last two groups apart: "713-053-1234",
-#: "(555) 123 4567", "+1 212.012.3456"; digits or word characters around it make it part of something else
-_PHONE_SHAPE = re.compile(r"(?<![\w.+-])(?:\+?1[-. ]?)?(?:\(\d{3}\)|\d{3})[-. ]?\d{3}[-. ]\d{4}"
+#: "(555) 123 4567", "+1 212.012.3456", "Tel.713-053-1234"; digits or word characters around it (or a number's
+#: dot before it: "v1.713.053.1234") make it part of something else
+_PHONE_SHAPE = re.compile(r"(?<![\w+-])(?<!\d\.)(?:\+?1[-. ]?)?(?:\(\d{3}\)|\d{3})[-. ]?\d{3}[-. ]\d{4}"
                           r"(?:\s?(?:x|ext\.?)\s?\d{1,5})?(?![\w]|[.-]\d)")
 
 
