@@ -111,10 +111,7 @@ class ScoringContext:
         if self.chats is None:
             return encode(tok, self.texts)
         _, replies, owners = chat_rows(tok, self.chats)
-        joined: list[list[int]] = [[] for _ in self.chats]
-        for owner, reply in zip(owners, replies, strict=True):
-            joined[owner] += reply
-        return joined
+        return [[t for j in spans for t in replies[j]] for spans in conversation_spans(owners, len(self.chats))]
 
     def reference_scores(self, spec: str, name: str) -> list[TokenScores]:
         """Token scores of the texts under attack under the model `spec` (no moments), through the same cached,
@@ -176,9 +173,7 @@ def scoring_pass(lm: LoadedModel, texts: Sequence[str] | None = None,
     if isinstance(prefix, str):  # a text cannot be put in a conversation: its prefix is conversations
         raise InputError("a conversation's prefix is conversations (its earlier turns), not a text", field="prefix")
     contexts, replies, owners = chat_rows(lm.tokenizer, chats, model=lm.spec, prefix=prefix)
-    spans: list[list[int]] = [[] for _ in chats]  # each conversation's spans, in order
-    for j, owner in enumerate(owners):
-        spans[owner].append(j)
+    spans = conversation_spans(owners, len(chats))
     rows = [i for i in range(len(chats)) if spans[i]]
     firsts = [contexts[spans[i][0]] for i in rows]
     rests = [(contexts[spans[i][-1]] + replies[spans[i][-1]])[len(first):] for i, first in zip(rows, firsts,
@@ -218,14 +213,26 @@ def chat_training_notes(target: LoadedModel, chats: Sequence[list[dict[str, str]
     limit = config.get("max_length")
     if isinstance(limit, int):
         contexts, replies, owners = chat_rows(target.tokenizer, chats, model=target.spec)
-        longest = [0] * len(chats)
-        for context, reply, owner in zip(contexts, replies, owners, strict=True):
-            longest[owner] = max(longest[owner], len(context) + len(reply))
-        if over := sum(n > limit for n in longest):
+        if over := sum(n > limit for n in conversation_lengths(contexts, replies, owners, len(chats))):
             notes.append(f"{over} of {len(chats)} conversations are longer than the {limit} tokens the chat "
                          "fine-tune trained on (its max_length): their later replies were cut or not trained on, "
                          "and are scored whole")
     return notes
+
+
+def conversation_spans(owners: Sequence[int], n: int) -> list[list[int]]:
+    """For each of `n` conversations, the indices of its replies in `chat_rows`' lists, in order."""
+    spans: list[list[int]] = [[] for _ in range(n)]
+    for j, owner in enumerate(owners):
+        spans[owner].append(j)
+    return spans
+
+
+def conversation_lengths(contexts: Sequence[Sequence[int]], replies: Sequence[Sequence[int]],
+                         owners: Sequence[int], n: int) -> list[int]:
+    """Each conversation's tokens up to the end of its last reply (its last reply's context holds all before):
+    what a fine-tune's max_length or a scoring window is compared with. 0 for one with no reply to score."""
+    return [len(contexts[s[-1]]) + len(replies[s[-1]]) if s else 0 for s in conversation_spans(owners, n)]
 
 
 def chat_rows(tokenizer: Any, chats: Sequence[list[dict[str, str]]], model: str = "the target",

@@ -25,6 +25,8 @@ from leakaudit.attacks.base import (
     TooShortError,
     chat_rows,
     chat_training_notes,
+    conversation_lengths,
+    conversation_spans,
     get_attack,
     register,
 )
@@ -250,9 +252,7 @@ class RecallAttack(Attack):
             cond = ctx.scores("target", prefix=self.prefix_chats, moments=False)
             contexts, replies, owners = chat_rows(ctx.target.tokenizer, ctx.chats, model=ctx.target.spec,
                                                   prefix=self.prefix_chats)
-            length = dict(zip(owners, (len(c) + len(r) for c, r in zip(contexts, replies, strict=True)),
-                              strict=False))  # the last reply's end: the joined conversation's length
-            over = sum(n > window for n in length.values())
+            over = sum(n > window for n in conversation_lengths(contexts, replies, owners, len(ctx.chats)))
             what = f"conversations do not fit the {window}-token window after the prefix conversations"
         if over:
             warn_once(f"recall: {over} of {len(cond)} {what}; their tokens past it are scored without the prefix "
@@ -395,17 +395,19 @@ class GradNormAttack(Attack):
             lengths = [s.n_tokens + 1 for s in ctx.target_scores]  # n_tokens: the text's tokens after the first
         else:  # checked on every process before the work is sharded: a refusal is every process's
             contexts, replies, owners = chat_rows(ctx.target.tokenizer, ctx.chats, model=ctx.target.spec)
-            lengths = [0] * len(ctx.chats)
-            for context, reply, i in zip(contexts, replies, owners, strict=True):
-                if lengths[i] == 0 and len(context) >= window:  # its first reply has no token in the window
+            spans = conversation_spans(owners, len(ctx.chats))
+            for i, s in enumerate(spans):
+                if s and len(contexts[s[0]]) >= window:  # its first reply has no token in the window
                     raise TooShortError(i, f"has no reply token in gradnorm's first {window} tokens (its first "
-                                           f"reply starts at token {len(context) + 1}; gradnorm's max_length)")
-                lengths[i] = len(context) + len(reply)
+                                           f"reply starts at token {len(contexts[s[0]]) + 1}; gradnorm's max_length)")
+            lengths = conversation_lengths(contexts, replies, owners, len(ctx.chats))
         mine = shard(len(ctx.texts))
         if ctx.chats is None:
             local = [gradient_norm(ctx.target, ctx.texts[i], self.config.max_length) for i in mine]
-        else:
-            local = [chat_gradient_norm(ctx.target, ctx.chats[i], self.config.max_length) for i in mine]
+        else:  # the rows tokenised above, not again per conversation
+            local = [_gradient_norm(ctx.target, *_trained_mask([contexts[j] for j in spans[i]],
+                                                               [replies[j] for j in spans[i]], window))
+                     for i in mine]
         over = sum(n > window for n in lengths)
         if over:  # the other attacks score such texts whole (strided windows): say where gradnorm differs
             what = "texts" if ctx.chats is None else "conversations"
@@ -422,19 +424,16 @@ def gradient_norm(lm: LoadedModel, text: str, max_length: int | None = None) -> 
     return _gradient_norm(lm, ids, [False] + [True] * (len(ids) - 1))
 
 
-def chat_gradient_norm(lm: LoadedModel, chat: list[dict[str, str]], max_length: int | None = None) -> float:
-    """`gradient_norm` of a conversation: the NLL is the mean over every reply's tokens, each predicted from all
-    before it (the chat fine-tune's loss on it; `chat_rows`), the conversation cut to the first window."""
-    from leakaudit.scoring import fit_window
-
-    contexts, replies, _ = chat_rows(lm.tokenizer, [chat], model=lm.spec)
-    ids = contexts[-1] + replies[-1]  # the last reply's context holds every turn and reply before it
+def _trained_mask(contexts: list[list[int]], replies: list[list[int]], window: int) -> tuple[list[int], list[bool]]:
+    """One conversation's ids (its last reply's context holds every turn and reply before it) and which of them
+    its replies are, cut to the first `window` tokens: gradnorm's NLL of a conversation is the mean over every
+    reply's tokens, each predicted from all before it (the chat fine-tune's loss on it; `chat_rows`)."""
+    ids = contexts[-1] + replies[-1]
     scored = [False] * len(ids)
     for context, reply in zip(contexts, replies, strict=True):
         scored[len(context):len(context) + len(reply)] = [True] * len(reply)
     scored[0] = False  # the first token has nothing before it
-    window = fit_window(lm, max_length)
-    return _gradient_norm(lm, ids[:window], scored[:window])
+    return ids[:window], scored[:window]
 
 
 def _gradient_norm(lm: LoadedModel, ids: list[int], scored: list[bool]) -> float:
