@@ -337,6 +337,10 @@ def test_a_bare_digit_run_glued_to_a_word_stays_an_id(text):
     ("555-123-4567", "***-***-**67"),  # area code 555
     ("+1 555 012 3456 or 713-053-1234 x12", "+* *** *** **56 or ***-***-**** x12"),
     ("Tel.713-053-1234", "Tel.***-***-**34"),  # a label's dot before it (a number's dot is another thing)
+    ("at713-053-1234", "at***-***-**34"),  # a word glued before it (a line break lost)
+    ("Energy713/647-8690FAX", "Energy***/***-**90FAX"),  # and after it, with a slash: a shipped Enron signature
+    ("713 - 053 - 1234", "*** - *** - **34"),  # spaced dashes
+    ("call 713/053-1234.", "call ***/***-**34."),
 ])
 def test_a_number_laid_out_as_a_phone_is_masked_even_where_it_is_not_a_valid_one(text, masked):
     """A report masked only what libphonenumber calls a valid number, so a number a model recalled with one
@@ -349,7 +353,7 @@ def test_a_number_laid_out_as_a_phone_is_masked_even_where_it_is_not_a_valid_one
 
 
 @pytest.mark.parametrize("text", ["date 2001-10-12", "id 1234567890", "v1.713.053.1234", "12-713-053-1234",
-                                  "10.713.053.1234", "isbn 978-0-13-110362-7", "713-053-12345", "713-053-1234xyz",
-                                  "ratio 0.713 053 1234"])
+                                  "10.713.053.1234", "isbn 978-0-13-110362-7", "713-053-12345", "ratio 0.713 053 1234",
+                                  "build1-713-053-1234", "boundary part2_1e.e608831.2761c976_b"])
 def test_digits_in_other_layouts_are_not_masked_as_phones(text):
     assert mask_pii(text) == text

@@ -406,10 +406,12 @@ def _trie_pattern(forms: list[str]) -> str:
 
 
 #: the North American layout of a phone number, 3-3-4 digits with the last two groups apart: "713-053-1234",
-#: "(555) 123 4567", "+1 212.012.3456", "Tel.713-053-1234"; digits or word characters around it (or a number's
-#: dot before it: "v1.713.053.1234") make it part of something else
-_PHONE_SHAPE = re.compile(r"(?<![\w+-])(?<!\d\.)(?:\+?1[-. ]?)?(?:\(\d{3}\)|\d{3})[-. ]?\d{3}[-. ]\d{4}"
-                          r"(?:\s?(?:x|ext\.?)\s?\d{1,5})?(?![\w]|[.-]\d)")
+#: "(555) 123 4567", "+1 212.012.3456", "713 - 053 - 1234", "713/053-1234", "Tel.713-053-1234", and with a word
+#: glued to it where a line break was lost ("at713-053-1234", "713-053-1234ext"); digits around it (or a
+#: number's dot or dash before it, or a word before its country code: "v1.713.053.1234", "12-713-053-1234")
+#: make it part of something else, as a letter and a digit after it do (a hex id: "e608831.2761c976")
+_PHONE_SHAPE = re.compile(r"(?:(?<![\w+-])\+?1[-. ]?|(?<![\d_+-])(?<!\d\.))(?:\(\d{3}\) ?|\d{3}(?: ?[-./] ?| )?)"
+                          r"\d{3}(?: ?[-.] ?| )\d{4}(?:\s?(?:x|ext\.?)\s?\d{1,5})?(?![\d_]|[.-]\d|[A-Za-z]\d)")
 
 
 def phone_shaped_spans(text: str) -> list[tuple[int, int]]:
