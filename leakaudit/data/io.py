@@ -370,13 +370,13 @@ def load_records(
         if messages_field is not None:
             from leakaudit.data.chat import last_reply, reply_text, validate_messages
 
-            messages = validate_messages(_get(row, messages_field, p, lineno), p, lineno, messages_field)
+            messages = validate_messages(field_value(row, messages_field, p, lineno), p, lineno, messages_field)
             row = {**row, messages_field: messages}
             last_reply(messages, p, lineno, messages_field)  # a reply to score, or an error naming this line
             text = reply_text(messages)
         else:
             try:
-                text = _get(row, text_field, p, lineno)
+                text = field_value(row, text_field, p, lineno)
             except InputError as exc:
                 raise InputError(exc.message + (CHAT_HINT if chat else ""), file=p, line=lineno,
                                  field=text_field) from None
@@ -387,14 +387,14 @@ def load_records(
             raise InputError("text is empty", file=p, line=lineno, field=read)
         rid = default_id(p, index, lineno)
         if id_field:
-            raw_id = _get(row, id_field, p, lineno)
+            raw_id = field_value(row, id_field, p, lineno)
             if raw_id is None or (isinstance(raw_id, str) and not raw_id.strip()):  # str(None) was id "None"
                 raise InputError("id is empty", file=p, line=lineno, field=id_field)
             rid = str(raw_id)
         if rid in seen:
             raise InputError(f"duplicate id '{rid}' (first on line {seen[rid]})", file=p, line=lineno, field=id_field)
         seen[rid] = lineno
-        user = user_value(_get(row, user_field, p, lineno), p, lineno, user_field) if user_field else None
+        user = user_value(field_value(row, user_field, p, lineno), p, lineno, user_field) if user_field else None
         extra = {k: v for k, v in row.items() if k not in dropped}
         records.append(Record(id=rid, text=text, user=user, line=lineno, extra=extra))
     return records
@@ -409,7 +409,7 @@ def user_value(u: Any, path: Path, line: int, field: str) -> str:
     return str(int(u)) if isinstance(u, float) and u.is_integer() else str(u)
 
 
-def _get(row: dict[str, Any], name: str, p: Path, lineno: int) -> Any:
+def field_value(row: dict[str, Any], name: str, p: Path, lineno: int) -> Any:
     """Field lookup supporting dotted paths (`meta.user`) with a precise error when absent."""
     cur: Any = row
     for part in name.split("."):

@@ -326,14 +326,14 @@ def training_users(ctx: KindContext) -> list[str]:
     or as conversations to score, both were refused."""
     from pathlib import Path
 
-    from leakaudit.data.io import _get, read_rows, user_value
+    from leakaudit.data.io import field_value, read_rows, user_value
     from leakaudit.warn import say_lookalike_users
 
     if "training" in ctx.loaded:
         return [r.user for r in ctx.loaded["training"]]
     path = Path(ctx.data["training"])
     field = ctx.data_fields.get("training", {}).get("user_field", "user")
-    users = [(user_value(_get(row, field, path, line), path, line, field), line) for line, row in read_rows(path)]
+    users = [(user_value(field_value(row, field, path, line), path, line, field), line) for line, row in read_rows(path)]
     say_lookalike_users(users, path, field)
     return [u for u, _ in users]
 
