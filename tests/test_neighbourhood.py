@@ -372,19 +372,22 @@ def test_each_swap_is_scored_p_swap_over_one_minus_p_word_best_first(mlm):
         probs[ids[w]] = p
     probs[next(iter(special))] = 0.2
     got = _swaps(tok, text, (17, 20), ids["Ġthe"], probs, 2, special, 7)
-    assert [(round(s, 6), p, t) for s, p, t in got] == [(0.2, 7, "Alice Smith sent a report"),
-                                                      (0.1, 7, "Alice Smith sent sent report")], got
+    assert [(round(s.score, 6), s.position, s.apply(text)) for s in got] == [
+        (0.2, 7, "Alice Smith sent a report"), (0.1, 7, "Alice Smith sent sent report")], got
+    assert [s[2:] for s in got] == [(17, 20, "a"), (17, 20, "sent")]  # spans of the text, not new texts
     # a piece of an all-caps word at the text's second character: the whole word "DU" is upper case
     probs = torch.zeros(len(tok))
     probs[ids["U"]], probs[ids["ice"]] = 0.5, 0.25
-    assert _swaps(tok, "DU is", (1, 2), ids["U"], probs, 1, special, 1) == [(0.5, 1, "DICE is")]
+    got = _swaps(tok, "DU is", (1, 2), ids["U"], probs, 1, special, 1)
+    assert [(s.score, s.position, s.apply("DU is")) for s in got] == [(0.5, 1, "DICE is")]
 
 
 def test_the_neighbours_are_the_best_scored_over_all_tokens_ties_to_the_earlier(mlm, monkeypatch):
     from leakaudit.attacks import neighbourhood
 
     monkeypatch.setattr(neighbourhood, "_swaps", lambda tok, text, span, original, probs, per_position, special,
-                        position: [(0.5 if position % 2 else 0.9, position, f"{text} #{position}")])
+                        position: [neighbourhood.Swap(0.5 if position % 2 else 0.9, position, len(text), len(text),
+                                                      f" #{position}")])
     got = [int(t.rsplit("#", 1)[1]) for t in neighbours(mlm, TEXTS[0], n=1000)]
     assert got == sorted(got, key=lambda p: (p % 2, p)) and len(got) > 4, got
     assert [int(t.rsplit("#", 1)[1]) for t in neighbours(mlm, TEXTS[0], n=3)] == got[:3]
@@ -571,3 +574,27 @@ def test_a_text_whose_neighbours_all_score_no_token_is_named_not_nan(tiny_neox, 
     want = np.mean([-hand(tiny_neox, t)["logp"].mean() for t in real(mlm, TEXTS[0], n=3)])
     assert np.isfinite(got).all() and got[0] == pytest.approx(want + hand(tiny_neox, TEXTS[0])["logp"].mean(),
                                                                rel=1e-4, abs=1e-5)
+
+
+def test_the_texts_neighbours_are_those_proposed_before_swaps_were_spans(mlm):
+    """The neighbours of texts as proposed before the swaps became spans that a conversation's neighbours are
+    built from too (recorded from that code, commit 87f627a, with this fixture's masked LM): the same texts,
+    in the same order. Every one, for five texts, is checked by its digest."""
+    import hashlib
+    import json
+
+    assert neighbours(mlm, TEXTS[0], n=6) == [
+        "Aallice Smith sent the quarterly report to John on Monday.",
+        "Alice Smith sent the quarterly report to John on Sentonday.",
+        "Ronlice Smith sent the quarterly report to John on Monday.",
+        "Alice Smith sent the quarterly report to John on Monise.",
+        "Alice Smith sent the quarterly report to John on Monames.",
+        "Alice Smith sent the quarterly report to Jrown on Monday."]
+    assert neighbours(mlm, "Blue.\nGreen, like the grass.", n=6) == [
+        "Ballue.\nGreen, like the grass.", "Thlinklue.\nGreen, like the grass.", "Blue.\nGreen, like the grvel.",
+        "Blue.\nUrrentreen, like the grass.", "Blue.\nAgereen, like the grass.", "Blue.\nGreen, lron the grass."]
+    every = [neighbours(mlm, t, n=1000) for t in [*TEXTS, "Blue.\nGreen, like the grass.",
+                                                   "THE REPORT IS DUE, SAID ALICE."]]
+    assert [len(x) for x in every] == [142, 180, 107, 86, 210]
+    assert hashlib.sha256(json.dumps(every, ensure_ascii=False).encode()).hexdigest() == (
+        "ea667d15ee9813b2d379a907635e34a9462bccb61e0edbc77f53d2f7baef27e1")

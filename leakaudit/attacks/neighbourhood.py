@@ -21,7 +21,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from itertools import pairwise
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any, NamedTuple
 
 import numpy as np
 from pydantic import AfterValidator, Field
@@ -149,12 +149,27 @@ def _cased(word: str, like: str, around: str) -> str:
 _MARKS = ("Ġ", "▁", "##")
 
 
-def neighbours(mlm: MaskedLM, text: str, *, n: int = 25, per_position: int = 10, dropout: float = 0.7,
-               seed: int = 0, max_length: int = 512, batch_size: int = 32) -> list[str]:
-    """Up to `n` distinct texts that differ from `text` in one token, best first: at each token that is a word or
-    a piece of one, the masked LM sees the text with dropout on that token's embedding; its `per_position`
-    likeliest other tokens w of the same kind are each scored p(w) / (1 - p(token)); the `n` best over all
-    tokens are kept (ties: the earlier token first)."""
+class Swap(NamedTuple):
+    """One swap: `replacement` for the text's characters start:end (a word or a piece of one), scored p(swap) /
+    (1 - p(token)) at the masked-LM token `position`. A span, not the new text, so that a conversation's
+    neighbour can put it in the one reply it falls in."""
+
+    score: float
+    position: int
+    start: int
+    end: int
+    replacement: str
+
+    def apply(self, text: str) -> str:
+        return text[:self.start] + self.replacement + text[self.end:]
+
+
+def swaps(mlm: MaskedLM, text: str, *, n: int = 25, per_position: int = 10, dropout: float = 0.7, seed: int = 0,
+          max_length: int = 512, batch_size: int = 32) -> list[Swap]:
+    """Up to `n` swaps that each make a distinct text differing from `text` in one token, best first: at each
+    token that is a word or a piece of one, the masked LM sees the text with dropout on that token's embedding;
+    its `per_position` likeliest other tokens w of the same kind are each scored p(w) / (1 - p(token)); the `n`
+    best over all tokens are kept (ties: the earlier token first)."""
     import torch
 
     tok = mlm.tokenizer
@@ -169,7 +184,7 @@ def neighbours(mlm: MaskedLM, text: str, *, n: int = 25, per_position: int = 10,
         base = embed(torch.tensor([ids], device=mlm.device))[0]
         keep = (torch.rand(len(positions), base.shape[-1], generator=generator) >= dropout).to(base)
         keep = keep.to(mlm.device) / (1 - dropout)
-        found: list[tuple[float, int, str]] = []
+        found: list[Swap] = []
         for lo in range(0, len(positions), batch_size):
             chunk = positions[lo:lo + batch_size]
             rows = base.unsqueeze(0).repeat(len(chunk), 1, 1)
@@ -181,14 +196,22 @@ def neighbours(mlm: MaskedLM, text: str, *, n: int = 25, per_position: int = 10,
             probs = torch.softmax((logits if logits.dim() == 2 else logits[at, chunk]).float(), dim=-1).cpu()
             for j, p in enumerate(chunk):
                 found += _swaps(tok, text, spans[p], ids[p], probs[j], per_position, special, p)
-    found.sort(key=lambda f: (-f[0], f[1]))
-    out: list[str] = []
-    for _, _, new in found:
-        if new not in out and new != text:
-            out.append(new)
+    found.sort(key=lambda f: (-f.score, f.position))
+    out: list[Swap] = []
+    made: set[str] = set()
+    for swap in found:
+        new = swap.apply(text)
+        if new not in made and new != text:
+            made.add(new)
+            out.append(swap)
             if len(out) == n:
                 break
     return out
+
+
+def neighbours(mlm: MaskedLM, text: str, **options: Any) -> list[str]:
+    """The texts the best `swaps` (same options) make from `text`, best first."""
+    return [swap.apply(text) for swap in swaps(mlm, text, **options)]
 
 
 def _swappable_tokens(mlm: MaskedLM, text: str, max_length: int) -> tuple[list[int], dict[int, tuple[int, int]]]:
@@ -231,8 +254,8 @@ def _head_at(model: Any, at: torch.Tensor, chunk: list[int]) -> Iterator[None]:
 
 
 def _swaps(tok, text: str, span: tuple[int, int], original: int, probs, per_position: int, special: set[int],
-           position: int) -> list[tuple[float, int, str]]:
-    """The `per_position` likeliest tokens of the original's kind other than it, as (score, place, text)."""
+           position: int) -> list[Swap]:
+    """The `per_position` likeliest tokens of the original's kind other than it, each a swap of its span."""
     a, b = span
     word = text[a:b]
     lo, hi = a, b
@@ -242,7 +265,7 @@ def _swaps(tok, text: str, span: tuple[int, int], original: int, probs, per_posi
         hi += 1
     p_original = float(probs[original])
     kind = _mark(tok.convert_ids_to_tokens(original))
-    out: list[tuple[float, int, str]] = []
+    out: list[Swap] = []
     for p, cid in zip(*(x.tolist() for x in probs.topk(min(len(probs), per_position * 4 + len(special) + 1))),
                       strict=True):
         piece = tok.convert_ids_to_tokens(cid)
@@ -251,8 +274,7 @@ def _swaps(tok, text: str, span: tuple[int, int], original: int, probs, per_posi
         new = piece[2:] if kind == "##" else tok.decode([cid]).strip()
         if not _WORD.fullmatch(new) or new.lower() == word.lower():
             continue
-        out.append((p / max(1.0 - p_original, 1e-12), position,
-                    text[:a] + _cased(new, word, text[lo:hi]) + text[b:]))
+        out.append(Swap(p / max(1.0 - p_original, 1e-12), position, a, b, _cased(new, word, text[lo:hi])))
         if len(out) == per_position:
             break
     return out
