@@ -142,11 +142,25 @@ def test_an_empty_assistant_turn_after_the_last_reply_is_scored_as_it_was_traine
                        [_replies_by_hand(lm, chat)["logp"].mean() for chat in chats], rtol=1e-5, atol=1e-6)
 
 
-def test_attacks_that_score_texts_their_own_way_and_rows_without_a_reply_are_refused(tiny_neox):
-    with pytest.raises(InputError, match="neighbourhood: scores plain texts only, not conversations") as err:
-        run_mia(tiny_neox, [ONE_TURN], OTHERS, ["loss", "neighbourhood"], n_bootstrap=0,
-                attack_options={"neighbourhood": {"model": "bert-base-uncased"}}, **NO_CACHE)
-    assert err.value.field == "attacks"
+@pytest.fixture
+def plain_only(monkeypatch):
+    """An attack that scores plain texts only (`scores_chats = False`): none ships now (the neighbourhood was one
+    until it scored conversations), and the refusal stays for the next that scores texts its own way."""
+    from leakaudit.attacks.base import ATTACKS
+    from leakaudit.attacks.mia import LossAttack
+
+    class PlainOnly(LossAttack):
+        name = "plain_only"
+        scores_chats = False
+
+    monkeypatch.setitem(ATTACKS, "plain_only", PlainOnly)
+    return "plain_only"
+
+
+def test_attacks_that_score_texts_their_own_way_and_rows_without_a_reply_are_refused(tiny_neox, plain_only):
+    with pytest.raises(InputError, match="plain_only: scores plain texts only, not conversations") as err:
+        run_mia(tiny_neox, [ONE_TURN], OTHERS, ["loss", plain_only], n_bootstrap=0, **NO_CACHE)
+    assert err.value.field == "attacks" and "neighbourhood" in err.value.message  # among the attacks for them
     with pytest.raises(InputError, match="has no assistant turn with content") as err:
         run_mia(tiny_neox, [ONE_TURN], [[{"role": "user", "content": "hello?"}]], ["loss"], **NO_CACHE)
     with pytest.raises(InputError, match="unknown role 'bot'") as err:
@@ -202,14 +216,13 @@ evaluate:
 
 
 def test_an_experiment_refuses_a_plain_text_attack_with_format_chat_before_it_runs(tmp_path, monkeypatch, capsys,
-                                                                                   tiny_mlm_dir):
+                                                                                   plain_only):
     exp = tmp_path / "chat.yaml"
     exp.write_text("name: chat\nmodels: {base: tiny-gpt-neox}\ndatasets:\n  d: {builtin: dolly, limit: 8}\n"
                    "evaluate:\n  mia: {kind: mia, targets: [base], members: d, nonmembers: d,\n"
-                   "        options: {format: chat, attacks: [loss, neighbourhood],\n"
-                   f"                  attack_options: {{neighbourhood: {{model: {tiny_mlm_dir}}}}}}}}}\n")
+                   f"        options: {{format: chat, attacks: [loss, {plain_only}]}}}}\n")
     code, err = run_main(["run", exp, "--out", tmp_path / "run"], monkeypatch, capsys)
-    assert code == 2 and "attack 'neighbourhood' scores plain texts only, not conversations (format chat)" in err, err
+    assert code == 2 and "attack 'plain_only' scores plain texts only, not conversations (format chat)" in err, err
     assert f"{exp}:7:" in err and not (tmp_path / "run" / "evaluate").exists()
 
 

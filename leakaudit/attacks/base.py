@@ -148,7 +148,8 @@ def _prefix_key(prefix: str | Sequence[list[dict[str, str]]] | None) -> str | tu
 def scoring_pass(lm: LoadedModel, texts: Sequence[str] | None = None,
                  chats: Sequence[list[dict[str, str]]] | None = None, *,
                  prefix: str | Sequence[list[dict[str, str]]] | None = None,
-                 moments: bool = False, name: str = "target", **score_options: Any) -> list[TokenScores]:
+                 moments: bool = False, name: str = "target", local: bool = False,
+                 **score_options: Any) -> list[TokenScores]:
     """One cached, batched (and, under a launcher, sharded) scoring pass of `lm`: over the texts, or over the
     conversations (`chats`, which then carry their own contents: `texts` is not read) at their replies, each in
     its context as a chat fine-tune tokenised it (`chat_rows`), one TokenScores per conversation (its replies'
@@ -161,15 +162,20 @@ def scoring_pass(lm: LoadedModel, texts: Sequence[str] | None = None,
     A conversation is one row of the engine: everything after the context of its first reply, scored in one
     pass (each token after all before it, as in training), of which the replies' tokens are kept; scoring each
     reply as a row of its own costs a pass over the conversation so far per reply (1.7x the time in fp32, 2.5x
-    in bf16 for three replies on the default model; bench/chat_rows.py, BENCHMARKS.md)."""
-    from leakaudit.distributed import score_ids_distributed, score_texts_distributed
-    from leakaudit.scoring import TokenScores
+    in bf16 for three replies on the default model; bench/chat_rows.py, BENCHMARKS.md).
 
+    `local`: this process's rows alone, not sharded across launched processes: rows each process made for its own
+    shard (the neighbourhood's neighbours), which the others do not hold."""
+    from leakaudit.distributed import score_ids_distributed, score_texts_distributed
+    from leakaudit.scoring import TokenScores, score_ids, score_texts
+
+    score_texts_pass, score_ids_pass = (score_texts, score_ids) if local else (score_texts_distributed,
+                                                                               score_ids_distributed)
     if chats is None:
         if texts is None:
             raise ValueError("scoring_pass needs texts or chats")
-        return score_texts_distributed(lm, list(texts), prefixes=prefix, moments=moments,
-                                       description=f"scoring ({name})", **score_options)
+        return score_texts_pass(lm, list(texts), prefixes=prefix, moments=moments, description=f"scoring ({name})",
+                                **score_options)
     if isinstance(prefix, str):  # a text cannot be put in a conversation: its prefix is conversations
         raise InputError("a conversation's prefix is conversations (its earlier turns), not a text", field="prefix")
     contexts, replies, owners = chat_rows(lm.tokenizer, chats, model=lm.spec, prefix=prefix)
@@ -178,8 +184,8 @@ def scoring_pass(lm: LoadedModel, texts: Sequence[str] | None = None,
     firsts = [contexts[spans[i][0]] for i in rows]
     rests = [(contexts[spans[i][-1]] + replies[spans[i][-1]])[len(first):] for i, first in zip(rows, firsts,
                                                                                               strict=True)]
-    scored = score_ids_distributed(lm, firsts, rests, moments=moments, description=f"scoring ({name})",
-                                   rows="conversations", **score_options)
+    scored = score_ids_pass(lm, firsts, rests, moments=moments, description=f"scoring ({name})",
+                            rows="conversations", **score_options)
     empty = np.zeros(0, np.float32)
     out = [TokenScores(empty, empty if moments else None, empty if moments else None) for _ in chats]
     for i, first, s in zip(rows, firsts, scored, strict=True):
@@ -283,7 +289,8 @@ class Attack:
     needs_reference: ClassVar[bool] = False
     needs_moments: ClassVar[bool] = False
     #: whether it scores conversations (format chat) through the context's passes; False for an attack that
-    #: scores texts its own way (a prefix of its own, its own forward passes, texts it makes)
+    #: scores texts its own way (a prefix of its own, its own forward passes), refused with conversations (every
+    #: attack here scores them)
     scores_chats: ClassVar[bool] = True
     Config: ClassVar[type[AttackConfig]] = AttackConfig
 

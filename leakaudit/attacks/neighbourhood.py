@@ -1,5 +1,6 @@
 """The neighbourhood attack: a text's loss against the loss of texts a masked language model makes from it by
-swapping one word (or a piece of one).
+swapping one word (or a piece of one); a conversation's, against the conversations with one word of one of its
+assistant replies swapped.
 
 Why: a low loss alone says the text is easy, not that it was trained on. Its neighbours are as easy (same
 topic, same style, one word different), but only the text itself was fitted, so a member's loss sits below its
@@ -214,6 +215,24 @@ def neighbours(mlm: MaskedLM, text: str, **options: Any) -> list[str]:
     return [swap.apply(text) for swap in swaps(mlm, text, **options)]
 
 
+def chat_neighbours(mlm: MaskedLM, chat: list[dict[str, str]], **options: Any) -> list[list[dict[str, str]]]:
+    """The conversations the best `swaps` (same options) make from `chat`, best first, each with one word (or
+    piece) of one assistant reply swapped: proposed over the replies' text (`reply_text`, one per line), so the
+    masked LM sees every reply around the word as it sees a text, then put in the reply it falls in. A swap is
+    letters and digits, so it never takes the line break between two replies; the other turns are never swapped
+    (the fine-tune had no loss on them: a neighbour differs from the conversation in what it fitted)."""
+    from leakaudit.data.chat import reply_starts, reply_text
+
+    starts = reply_starts(chat)
+    out = []
+    for swap in swaps(mlm, reply_text(chat), **options):
+        k, at = next((k, at) for k, at in reversed(starts) if at <= swap.start)
+        content = chat[k]["content"]
+        new = content[:swap.start - at] + swap.replacement + content[swap.end - at:]
+        out.append([{**m, "content": new} if i == k else m for i, m in enumerate(chat)])
+    return out
+
+
 def _swappable_tokens(mlm: MaskedLM, text: str, max_length: int) -> tuple[list[int], dict[int, tuple[int, int]]]:
     """The text's masked-LM token ids, and the characters of each token a swap may replace, by its position."""
     tok = mlm.tokenizer
@@ -288,6 +307,8 @@ class NoNeighbourError(TooShortError):
     """A text with no word the masked LM can swap: no neighbour, no score (named as a too-short text is)."""
 
     why = "has no word the masked LM can swap, so it has no neighbour to compare with"
+    #: a conversation's words are its replies' alone: one whose user turns have words is still named
+    chat_why = "has no word in its assistant replies the masked LM can swap, so it has no neighbour to compare with"
 
 
 class UnscoredNeighboursError(TooShortError):
@@ -304,69 +325,86 @@ class NeighbourhoodAttack(Attack):
     theirs: higher => member. One masked-LM row per word piece of a text, and one target pass over all
     neighbours (cached).
 
+    On a conversation (format chat), NLL is over its assistant replies' tokens, each in its context (the shared
+    pass), and each x̃_j is the conversation with one word of one reply swapped, proposed over the replies' text
+    (one per line, the masked LM's context) and scored in its conversation alike: the fine-tune fitted the
+    replies as they were, after the turns before them, and the user and system turns are never swapped.
+
     Mattern et al., "Membership Inference Attacks against Language Models via Neighbourhood Comparison",
     Findings of ACL 2023.
     """
 
     name = "neighbourhood"
-    scores_chats = False  # its neighbours are texts of their own
     summary = ("how far the text's loss sits below the loss of texts one word away from it, which the model was "
                "not trained on")
     paper = "Mattern et al. 2023, Neighbourhood Comparison"
     Config = NeighbourhoodConfig
 
     def score(self, ctx):
+        from leakaudit.attacks.base import scoring_pass
+        from leakaudit.data.chat import reply_text
         from leakaudit.distributed import gather_floats, shard, world
-        from leakaudit.scoring import score_texts
 
         _need_tokens(ctx)
         cfg = self.config
         mlm = load_masked_lm(cfg.model, ctx.target.device)
-        mine = shard(len(ctx.texts))
+        # a conversation's words are its replies' (one per line): the masked LM proposes over them as over a text
+        texts = ctx.texts if ctx.chats is None else [reply_text(chat) for chat in ctx.chats]
+        why = None if ctx.chats is None else NoNeighbourError.chat_why
+        mine = shard(len(texts))
         seen = window(mlm, cfg.max_length)
         # verbose=False: a text past the tokenizer's 512 is counted here, not run ("will result in indexing errors")
-        over = sum(len(ids) > seen for ids in mlm.tokenizer(ctx.texts, truncation=False, verbose=False)["input_ids"])
-        if over:
-            warn_once(f"neighbourhood: {over} of {len(ctx.texts)} texts are longer than the masked LM's {seen}-token "
+        over = sum(len(ids) > seen for ids in mlm.tokenizer(texts, truncation=False, verbose=False)["input_ids"])
+        if over and ctx.chats is None:
+            warn_once(f"neighbourhood: {over} of {len(texts)} texts are longer than the masked LM's {seen}-token "
                       "window; only their first tokens are swapped (their loss is still the whole text's)")
+        elif over:
+            warn_once(f"neighbourhood: {over} of {len(texts)} conversations have replies longer together (one per "
+                      f"line) than the masked LM's {seen}-token window; only their first tokens are swapped (their "
+                      "loss is still every reply's)")
         # every process checks every text, before any proposes: a process raising on a text of its shard while
         # the others waited in the gather below left them to the launcher's kill, and a single process met the
         # text only after proposing for all before it (hours for a thousand texts on a CPU)
-        for i, text in enumerate(ctx.texts):
+        for i, text in enumerate(texts):
             if not _swappable_tokens(mlm, text, cfg.max_length)[1]:
-                raise NoNeighbourError(i)
+                raise NoNeighbourError(i, why)
         options = {**ctx.score_options}
         progress = options.pop("progress", True) and world()[0] == 0
-        found = _propose(mlm, ctx.texts, mine, cfg, progress)
+        found = _propose(mlm, texts if ctx.chats is None else ctx.chats, mine, cfg, progress)
         # a text with swappable words the masked LM proposed nothing for: every process raises the same error
-        none = gather_floats([float(not texts) for texts in found], len(ctx.texts))
+        none = gather_floats([float(not made) for made in found], len(texts))
         if none.any():
-            raise NoNeighbourError(int(np.flatnonzero(none)[0]))
-        flat = [t for texts in found for t in texts]
-        scored = score_texts(ctx.target, flat, progress=progress, description="scoring (neighbours)", **options)
+            raise NoNeighbourError(int(np.flatnonzero(none)[0]), why)
+        flat = [t for made in found for t in made]
+        # this process's neighbours alone (`local`): each process proposed for its own shard
+        rows = {"texts": flat} if ctx.chats is None else {"chats": flat}
+        scored = scoring_pass(ctx.target, **rows, name="neighbours", local=True, progress=progress, **options)
         local, pos = [], 0
-        for i, texts in zip(mine, found, strict=True):
+        for i, made in zip(mine, found, strict=True):
             # a neighbour of which the target scores no token says nothing of its loss and is left out; a text
             # with no other (NaN here: the mean of nothing) is named after the gather, by every process alike
-            nll = [-s.mean_logp for s in scored[pos:pos + len(texts)] if s.n_tokens]
-            pos += len(texts)
+            nll = [-s.mean_logp for s in scored[pos:pos + len(made)] if s.n_tokens]
+            pos += len(made)
             local.append(float(np.mean(nll)) + ctx.target_scores[i].mean_logp if nll else float("nan"))
-        scores = gather_floats(local, len(ctx.texts))
+        scores = gather_floats(local, len(texts))
         if np.isnan(scores).any():
             raise UnscoredNeighboursError(int(np.flatnonzero(np.isnan(scores))[0]))
         return scores
 
 
-def _propose(mlm: MaskedLM, texts: list[str], mine: list[int], cfg: NeighbourhoodConfig,
-             progress: bool) -> list[list[str]]:
-    """The neighbours of texts[i] for each i in `mine`, with a bar: one masked-LM pass per token of each text is
-    minutes for a thousand texts on a CPU (a killed run proposes again, the same; their scores are cached)."""
+def _propose(mlm: MaskedLM, items: list[str] | list[list[dict[str, str]]], mine: list[int],
+             cfg: NeighbourhoodConfig, progress: bool) -> list[list]:
+    """The neighbours of items[i] for each i in `mine` (texts, or conversations: `chat_neighbours`), with a bar:
+    one masked-LM pass per token of each is minutes for a thousand texts on a CPU (a killed run proposes again,
+    the same; their scores are cached)."""
     from leakaudit.progress import counting
 
-    found: list[list[str]] = []
-    with counting(progress, "proposing neighbours", len(mine), unit="texts") as advance:
+    chats = bool(items) and not isinstance(items[0], str)
+    make = chat_neighbours if chats else neighbours
+    found: list[list] = []
+    with counting(progress, "proposing neighbours", len(mine), unit="conversations" if chats else "texts") as advance:
         for i in mine:
-            found.append(neighbours(mlm, texts[i], n=cfg.n_neighbours, per_position=cfg.per_position,
-                                    dropout=cfg.dropout, seed=cfg.seed, max_length=cfg.max_length))
+            found.append(make(mlm, items[i], n=cfg.n_neighbours, per_position=cfg.per_position, dropout=cfg.dropout,
+                              seed=cfg.seed, max_length=cfg.max_length))
             advance(1)
     return found

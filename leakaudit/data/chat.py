@@ -47,6 +47,18 @@ def reply_text(messages: list[dict[str, str]]) -> str:
     return "\n".join(m["content"] for m in messages[:k + 1] if m["role"] == "assistant")
 
 
+def reply_starts(messages: list[dict[str, str]]) -> list[tuple[int, int]]:
+    """(message index, offset in `reply_text`) of each assistant turn it joins: where a span of the replies'
+    text (a word the neighbourhood attack swaps) lies in the conversation."""
+    k = last_reply(messages, None, None, "messages")
+    out, at = [], 0
+    for i, m in enumerate(messages[:k + 1]):
+        if m["role"] == "assistant":
+            out.append((i, at))
+            at += len(m["content"]) + 1  # the "\n" between two replies
+    return out
+
+
 def with_replies(messages: list[dict[str, str]], change: Callable[[str], str] | None = None) -> list[dict[str, str]]:
     """The conversation up to its last assistant turn, each assistant turn's content passed through `change` (an
     attack's variant of the replies, e.g. lowercased); the turns after it are dropped (nothing of them was trained
