@@ -473,8 +473,8 @@ def test_the_first_text_without_a_neighbour_is_named_and_only_rank_zero_draws_th
 
     bars = []
     real = neighbourhood._propose
-    monkeypatch.setattr(neighbourhood, "_propose", lambda mlm, texts, mine, cfg, progress: (
-        bars.append(progress), real(mlm, texts, mine, cfg, False))[1])
+    monkeypatch.setattr(neighbourhood, "_propose", lambda mlm, make, texts, mine, cfg, progress, unit: (
+        bars.append(progress), real(mlm, make, texts, mine, cfg, False, unit))[1])
     attack = get_attack("neighbourhood", model=str(tiny_mlm_dir), n_neighbours=2)
     attack.score(ScoringContext(tiny_opt, TEXTS[:2], score_options={"cache": False}))
     assert bars == [True]  # progress unless told otherwise, as every scoring pass
@@ -542,14 +542,14 @@ def test_a_one_letter_capital_word_is_not_all_caps():
 
 def test_proposing_shows_its_count_of_texts(mlm, tiny_mlm_dir, monkeypatch, capsys):
     """One masked-LM pass per token of each text: minutes for a thousand texts on a CPU, counted as it goes."""
-    from leakaudit.attacks.neighbourhood import _propose
+    from leakaudit.attacks.neighbourhood import _propose, neighbours
 
     monkeypatch.setenv("LEAKAUDIT_PROGRESS_INTERVAL", "0.001")
     cfg = get_attack("neighbourhood", model=str(tiny_mlm_dir), n_neighbours=2).config
-    _propose(mlm, TEXTS, [0, 1, 2], cfg, True)
+    _propose(mlm, neighbours, TEXTS, [0, 1, 2], cfg, True, "texts")
     err = capsys.readouterr().err
     assert "1/3 texts" in err and "2/3 texts" in err, err
-    _propose(mlm, TEXTS, [0, 1, 2], cfg, False)
+    _propose(mlm, neighbours, TEXTS, [0, 1, 2], cfg, False, "texts")
     assert capsys.readouterr().err == ""
 
 

@@ -210,6 +210,6 @@ def test_the_window_warning_and_the_progress_count_say_conversations(tiny_neox, 
            f"{n - 1}-token window" in err, err
     monkeypatch.setenv("LEAKAUDIT_PROGRESS_INTERVAL", "0.001")
     cfg = get_attack("neighbourhood", model=str(tiny_mlm_dir), n_neighbours=2).config
-    found = _propose(mlm, chats, [0, 1], cfg, True)
+    found = _propose(mlm, chat_neighbours, chats, [0, 1], cfg, True, "conversations")
     assert found == [chat_neighbours(mlm, c, n=2) for c in chats]
     assert "1/2 conversations" in capsys.readouterr().err

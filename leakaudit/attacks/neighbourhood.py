@@ -17,7 +17,7 @@ lowercased the whole neighbour) and keeps the token's kind (a word for a word, a
 from __future__ import annotations
 
 import re
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from itertools import pairwise
@@ -342,14 +342,13 @@ class NeighbourhoodAttack(Attack):
 
     def score(self, ctx):
         from leakaudit.attacks.base import scoring_pass
-        from leakaudit.data.chat import reply_text
         from leakaudit.distributed import gather_floats, shard, world
 
         _need_tokens(ctx)
         cfg = self.config
         mlm = load_masked_lm(cfg.model, ctx.target.device)
-        # a conversation's words are its replies' (one per line): the masked LM proposes over them as over a text
-        texts = ctx.texts if ctx.chats is None else [reply_text(chat) for chat in ctx.chats]
+        # a conversation's text is its replies' (`reply_text`, one per line): the masked LM proposes over it
+        texts = ctx.texts
         why = None if ctx.chats is None else NoNeighbourError.chat_why
         mine = shard(len(texts))
         seen = window(mlm, cfg.max_length)
@@ -370,7 +369,8 @@ class NeighbourhoodAttack(Attack):
                 raise NoNeighbourError(i, why)
         options = {**ctx.score_options}
         progress = options.pop("progress", True) and world()[0] == 0
-        found = _propose(mlm, texts if ctx.chats is None else ctx.chats, mine, cfg, progress)
+        found = (_propose(mlm, neighbours, texts, mine, cfg, progress, "texts") if ctx.chats is None else
+                 _propose(mlm, chat_neighbours, ctx.chats, mine, cfg, progress, "conversations"))
         # a text with swappable words the masked LM proposed nothing for: every process raises the same error
         none = gather_floats([float(not made) for made in found], len(texts))
         if none.any():
@@ -392,17 +392,15 @@ class NeighbourhoodAttack(Attack):
         return scores
 
 
-def _propose(mlm: MaskedLM, items: list[str] | list[list[dict[str, str]]], mine: list[int],
-             cfg: NeighbourhoodConfig, progress: bool) -> list[list]:
-    """The neighbours of items[i] for each i in `mine` (texts, or conversations: `chat_neighbours`), with a bar:
+def _propose(mlm: MaskedLM, make: Callable[..., list], items: list, mine: list[int], cfg: NeighbourhoodConfig,
+             progress: bool, unit: str) -> list[list]:
+    """`make`'s neighbours of items[i] for each i in `mine` (texts, or conversations: `chat_neighbours`), with a bar:
     one masked-LM pass per token of each is minutes for a thousand texts on a CPU (a killed run proposes again,
     the same; their scores are cached)."""
     from leakaudit.progress import counting
 
-    chats = bool(items) and not isinstance(items[0], str)
-    make = chat_neighbours if chats else neighbours
     found: list[list] = []
-    with counting(progress, "proposing neighbours", len(mine), unit="conversations" if chats else "texts") as advance:
+    with counting(progress, "proposing neighbours", len(mine), unit=unit) as advance:
         for i in mine:
             found.append(make(mlm, items[i], n=cfg.n_neighbours, per_position=cfg.per_position, dropout=cfg.dropout,
                               seed=cfg.seed, max_length=cfg.max_length))
