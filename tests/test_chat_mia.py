@@ -407,6 +407,26 @@ def test_a_messages_field_for_text_rows_is_refused(tmp_path, monkeypatch, capsys
     ["perplexity", "--model", "tiny-gpt-neox", "--data", "{rows}"],
     ["score", "--model", "tiny-gpt-neox", "--data", "{rows}"],
 ])
+def test_the_default_messages_field_typed_for_text_rows_is_refused(command, tmp_path, monkeypatch, capsys):
+    """`--messages-field messages` (its default, typed) without --format chat was read by nothing in silence:
+    score and perplexity measured the rows' joined text while the user believed their conversations were."""
+    rows = tmp_path / "rows.jsonl"
+    rows.write_text("".join(json.dumps({"user": "u", "label": 1, "text": "x y", "messages": c}) + "\n"
+                            for c in (ONE_TURN, *OTHERS)))
+    out = tmp_path / ("out.jsonl" if command[0] == "score" else "out")
+    args = [str(rows) if a == "{rows}" else a for a in command] + ["--out", out]
+    code, err = run_main([*args, "--messages-field", "messages"], monkeypatch, capsys)
+    assert code == 2 and "field '--messages-field': is read with format chat only" in err, err
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("command", [
+    ["mia", "--target", "tiny-gpt-neox", "--members", "{rows}", "--nonmembers", "{rows}"],
+    ["user-inference", "--target", "tiny-gpt-neox", "--reference", "tiny-opt", "--data", "{rows}", "--user-field",
+     "user"],
+    ["perplexity", "--model", "tiny-gpt-neox", "--data", "{rows}"],
+    ["score", "--model", "tiny-gpt-neox", "--data", "{rows}"],
+])
 def test_a_text_field_with_format_chat_is_refused(command, tmp_path, monkeypatch, capsys):
     """--text-field with --format chat was ignored in silence (a conversation is read from --messages-field):
     the user believed the rows' `body` was scored."""

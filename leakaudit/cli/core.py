@@ -87,9 +87,10 @@ FORMAT_HELP = ("text, or chat: rows of conversations (--messages-field), each sc
 MESSAGES_HELP = "The conversations' field (--format chat)"
 
 
-def messages_field_option(value: str) -> dict[str, str]:
-    """--messages-field as an option only where it is not the default: given for text rows, it is refused."""
-    return {"messages_field": value} if value != "messages" else {}
+def messages_field_option(ctx: typer.Context, value: str) -> dict[str, str]:
+    """--messages-field as an option only where it was typed: given for text rows, it is refused (also as
+    `--messages-field messages`, its default, which was read by nothing in silence)."""
+    return {"messages_field": value} if given_on_command_line(ctx, "messages_field") else {}
 
 
 def build_options(kind: Any, *, flags: dict[tuple, str] | None = None, roles: set[str] | None = None,
@@ -204,7 +205,7 @@ def score(
     refuse_text_field_for_chat(command, data_format)
     # the rows' format checked by the rule mia's and perplexity's go through (--messages-field for text refused)
     rows_options = build_options(ScoredRowsOptions, format=data_format,
-                                 **messages_field_option(messages_field))
+                                 **messages_field_option(command, messages_field))
     chat = rows_options.format == "chat"
     prepare_output(out, command="score", inputs={"--data": data, "--model": model_path(model)}, kind="file",
                    suffixes=(".jsonl",), keys=SCORE_KEYS)

@@ -167,7 +167,7 @@ def mia(
         attack_options["lira"] = {"references": lira_reference or []}
     values = {"attacks": attacks or None, "attack_options": attack_options, "n_bootstrap": n_bootstrap, "seed": seed,
               "batch_size": batch_size, "max_length": max_length, "stride": stride, "cache": not no_cache,
-              "format": data_format, **messages_field_option(messages_field)}
+              "format": data_format, **messages_field_option(command, messages_field)}
     roles = {"members", "nonmembers", *(["reference"] if reference else [])}
     options = build_options(kind, flags=_k_flags(names), roles=roles, **values)
     _one_source(members, nonmembers, data)
@@ -311,7 +311,7 @@ def user_inference(
                                                            *(["training"] if training is not None else [])},
                             m_values=samples_per_user, n_bootstrap=n_bootstrap, seed=seed, batch_size=batch_size,
                             max_length=max_length, stride=stride, cache=not no_cache, format=data_format,
-                            **messages_field_option(messages_field))
+                            **messages_field_option(command, messages_field))
     prepare_output(out, command="user-inference", files=("user_inference.json", "user_scores.jsonl",
                                                           "comparisons.json", "baseline"),
                    inputs={"--data": data, "--data-out": data_out, "--training": training,

@@ -194,7 +194,7 @@ def register(app: typer.Typer) -> None:
         refuse_text_field_for_chat(command, data_format)
         options = build_options(kind, batch_size=batch_size, max_length=max_length, stride=stride,
                                 cache=False if no_cache else None, format=data_format,
-                                **messages_field_option(messages_field), flags={("cache",): "--no-cache"})
+                                **messages_field_option(command, messages_field), flags={("cache",): "--no-cache"})
         prepare_output(out, command="perplexity", files=("perplexity.json",),
                        inputs={"--data": data, "--model": model_path(model)})
         target, checkpoints = model, []
