@@ -524,3 +524,20 @@ def test_a_flag_the_run_would_not_read_is_refused(plain_data, tmp_path, monkeypa
                          monkeypatch, capsys)
     assert code == 2 and err == f"error: field '{field}': applies only with {setting}; this run would ignore it\n"
     assert not out.exists()
+
+
+@pytest.mark.parametrize("turns", [[{"role": "user", "content": "hi"}], [{"role": "system", "content": "Be kind."}]])
+def test_a_conversation_with_no_assistant_turn_is_named_by_its_line(turns, tmp_path):
+    """With the loss on the assistant turns such a conversation has nothing to train on: it was left out under a
+    warning that said its loss tokens were cut off and to raise --max-length. Now one error naming its line, as
+    mia and perplexity give; with --loss-on all it trains."""
+    data = tmp_path / "d.jsonl"
+    good = {"messages": [{"role": "user", "content": "Question?"}, {"role": "assistant", "content": "Answer."}]}
+    data.write_text(json.dumps(good) + "\n" + json.dumps({"messages": turns}) + "\n")
+    with pytest.raises(InputError) as err:
+        finetune(_cfg(data, tmp_path / "a", format="chat", max_steps=1, save_steps=None), progress=False)
+    assert (err.value.file, err.value.line, err.value.field) == (str(data), 2, "messages"), err.value
+    assert "has no assistant turn" in err.value.message and "--loss-on all" in err.value.message
+    out = finetune(_cfg(data, tmp_path / "b", format="chat", loss_on="all", max_steps=1, save_steps=None),
+                   progress=False)
+    assert json.loads((out / "defenses.json").read_text())["n_train_examples"] == 2
