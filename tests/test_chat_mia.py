@@ -573,6 +573,23 @@ def test_run_mia_puts_the_first_shots_nonmember_conversations_before_each_and_le
     assert err.value.field == "prefix"
 
 
+def test_recalls_window_warning_does_not_call_conversations_that_fit_too_long(tiny_neox):
+    """Conversations that fit the window alone but not after recall's prefix conversations: the window warning
+    said '4 of 4 conversations are longer than the N-token window', false of every one of them."""
+    from leakaudit.attacks.base import chat_rows, conversation_lengths
+    from leakaudit.warn import collecting
+
+    members, nonmembers = [ONE_TURN, OTHERS[0]], [*PREFIX, LONGER, OTHERS[1]]
+    evaluated = [*members, LONGER, OTHERS[1]]
+    alone = max(conversation_lengths(*chat_rows(tiny_neox.tokenizer, evaluated, model=tiny_neox.spec), len(evaluated)))
+    with collecting() as said:
+        run_mia(tiny_neox, members, nonmembers, ["loss", "recall"], n_bootstrap=0, max_length=alone + 1,
+                attack_options={"recall": {"shots": 2}}, **NO_CACHE)
+    assert not any(" conversations are longer than" in w for w in said), said
+    assert any(w.startswith("4 of 4 conversations with the prefix conversations before them are longer than the "
+                            f"{alone + 1}-token window") for w in said), said
+
+
 def test_cli_and_experiment_run_recall_on_conversations(tmp_path, monkeypatch, capsys):
     """`mia --format chat --attacks loss,recall` scores; an experiment's format chat with recall runs (it was
     refused); prefix texts with format chat are refused before anything runs."""

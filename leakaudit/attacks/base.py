@@ -184,8 +184,11 @@ def scoring_pass(lm: LoadedModel, texts: Sequence[str] | None = None,
     firsts = [contexts[spans[i][0]] for i in rows]
     rests = [(contexts[spans[i][-1]] + replies[spans[i][-1]])[len(first):] for i, first in zip(rows, firsts,
                                                                                               strict=True)]
-    scored = score_ids_pass(lm, firsts, rests, moments=moments, description=f"scoring ({name})",
-                            rows="conversations", **score_options)
+    # with a prefix it is the prefix and the conversation together that may not fit: said so, not that the
+    # conversations are longer than the window
+    what = "conversations" if not prefix else "conversations with the prefix conversations before them"
+    scored = score_ids_pass(lm, firsts, rests, moments=moments, description=f"scoring ({name})", rows=what,
+                            **score_options)
     empty = np.zeros(0, np.float32)
     out = [TokenScores(empty, empty if moments else None, empty if moments else None) for _ in chats]
     for i, first, s in zip(rows, firsts, scored, strict=True):
