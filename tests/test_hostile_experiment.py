@@ -951,6 +951,22 @@ def test_a_chat_fine_tune_on_rows_without_messages_is_refused_before_any_stage(t
     assert "no such field (it has: text, user)" in err.value.message
 
 
+@pytest.mark.parametrize(("options", "field"), [("{format: chat, attacks: [loss]}", "format"),
+                                              ("{format: chat, messages_field: msgs, attacks: [loss]}",
+                                               "messages_field")])
+def test_a_chat_evaluation_on_rows_without_its_messages_field_is_refused_before_any_stage(options, field, tmp_path):
+    """mia (user-inference, perplexity) with format chat on rows without the field failed only when its stage
+    ran, after the fine-tunes and evaluations before it, naming the run dir's copy of the data."""
+    from leakaudit.config import load_experiment
+    from leakaudit.experiment import Plan, check_plan
+
+    cfg, _ = _setup(tmp_path, _experiment(options=options))
+    with pytest.raises(InputError) as err:
+        check_plan(Plan(load_experiment(cfg)))
+    assert err.value.field == f"evaluate.m.options.{field}" and err.value.line == 15, err.value
+    assert "no such field (it has: text, user)" in err.value.message and "datasets.d (" in err.value.message
+
+
 def test_a_k_shot_template_with_pairs_without_demonstrations_is_refused_before_any_stage(tmp_path):
     from leakaudit.config import load_experiment
     from leakaudit.experiment import Plan, check_plan

@@ -44,6 +44,7 @@ def check_plan(plan: Plan, runs: tuple[Path | None, ...] = ()) -> None:
             elif stage.kind != "dataset":
                 options = stage_options(stage)  # validated once, read by every check below
                 _check_field_options(plan, stage, options)
+                _check_chat_rows(plan, stage, options)
                 _check_users(plan, stage)
                 _check_option_files(stage, options)
                 _check_window(plan, stage, options)
@@ -359,6 +360,33 @@ def _check_training_fields(plan: Plan, stage: Stage, config: Any) -> None:
         if top not in first or top in renamed:
             raise ConfigError(_option_loc(stage, "format"), f"format: {config.format} reads '{field}' from each "
                               f"row, and datasets.{name} ({ds.path}, line {rows[0][0]}) has "
+                              + ("it as its own " + renamed[top] if top in renamed
+                                 else f"no such field (it has: {', '.join(sorted(first))})"))
+
+
+def _check_chat_rows(plan: Plan, stage: Stage, options: dict[str, Any]) -> None:
+    """An evaluation with format chat (mia, user-inference, perplexity) reads its `messages_field` from each row
+    of its data: a field missing from the data file failed only when the stage ran, after every fine-tune and
+    evaluation before it, naming the run dir's copy of the data. Checked on each source file's first row, as a
+    fine-tune's fields are."""
+    if options.get("format") != "chat":
+        return
+    field = options.get("messages_field") or "messages"
+    for role in ("members", "nonmembers", "data"):
+        name, ds = _dataset_read(plan, stage.params.get(role))
+        if ds is None or ds.path is None:
+            continue
+        from leakaudit.data.io import read_rows
+
+        rows = _read_once(Path(ds.path).expanduser(), "rows", read_rows)
+        if not rows or not isinstance(rows[0][1], dict):
+            continue  # the data step says what is wrong with the file
+        first, renamed = rows[0][1], _renamed_fields(ds)
+        top = field.split(".")[0]
+        if top not in first or top in renamed:
+            key = "messages_field" if "messages_field" in (stage.params.get("options") or {}) else "format"
+            raise ConfigError(_option_loc(stage, key), f"format: chat reads '{field}' from each row, and "
+                              f"datasets.{name} ({ds.path}, line {rows[0][0]}) has "
                               + ("it as its own " + renamed[top] if top in renamed
                                  else f"no such field (it has: {', '.join(sorted(first))})"))
 
