@@ -340,13 +340,28 @@ def _check_demos(stage: Stage, options: dict[str, Any], targets: list[Any]) -> N
 
 
 def _check_training_fields(plan: Plan, stage: Stage, config: Any) -> None:
-    """A fine-tune with format instruction or chat reads its fields (prompt/response, messages) from each row;
-    a data file without them failed when the fine-tune started, after the stages before it, naming the run
-    dir's copy of the data. Checked on the source file's first row."""
+    """A fine-tune with format instruction or chat reads its fields (prompt/response, messages) from each row."""
     need = {"instruction": [config.prompt_field, config.response_field], "chat": [config.messages_field]}.get(
         config.format, [])
-    name, ds = _dataset_read(plan, stage.params["data"])
-    if not need or ds is None or ds.path is None:
+    _check_first_row(plan, stage, stage.params["data"], need, config.format, "format")
+
+
+def _check_chat_rows(plan: Plan, stage: Stage, options: dict[str, Any]) -> None:
+    """An evaluation with format chat (mia, user-inference, perplexity) reads its `messages_field` from each row
+    of its data, as a fine-tune does."""
+    if options.get("format") != "chat":
+        return
+    field = options.get("messages_field") or "messages"
+    key = "messages_field" if "messages_field" in (stage.params.get("options") or {}) else "format"
+    for role in ("members", "nonmembers", "data"):
+        _check_first_row(plan, stage, stage.params.get(role), [field], "chat", key)
+
+
+def _check_first_row(plan: Plan, stage: Stage, source: Any, fields: list[str], data_format: str, key: str) -> None:
+    """`fields` are in the first row of the dataset `source` names: a data file without them failed when the stage
+    ran, after every stage before it, naming the run dir's copy of the data. Refused at the option `key`."""
+    name, ds = _dataset_read(plan, source)
+    if not fields or ds is None or ds.path is None:
         return
     from leakaudit.data.io import read_rows
 
@@ -355,37 +370,10 @@ def _check_training_fields(plan: Plan, stage: Stage, config: Any) -> None:
         return  # the data step says what is wrong with the file
     renamed = _renamed_fields(ds)
     first = rows[0][1]
-    for field in need:
+    for field in fields:
         top = field.split(".")[0]
         if top not in first or top in renamed:
-            raise ConfigError(_option_loc(stage, "format"), f"format: {config.format} reads '{field}' from each "
-                              f"row, and datasets.{name} ({ds.path}, line {rows[0][0]}) has "
-                              + ("it as its own " + renamed[top] if top in renamed
-                                 else f"no such field (it has: {', '.join(sorted(first))})"))
-
-
-def _check_chat_rows(plan: Plan, stage: Stage, options: dict[str, Any]) -> None:
-    """An evaluation with format chat (mia, user-inference, perplexity) reads its `messages_field` from each row
-    of its data: a field missing from the data file failed only when the stage ran, after every fine-tune and
-    evaluation before it, naming the run dir's copy of the data. Checked on each source file's first row, as a
-    fine-tune's fields are."""
-    if options.get("format") != "chat":
-        return
-    field = options.get("messages_field") or "messages"
-    for role in ("members", "nonmembers", "data"):
-        name, ds = _dataset_read(plan, stage.params.get(role))
-        if ds is None or ds.path is None:
-            continue
-        from leakaudit.data.io import read_rows
-
-        rows = _read_once(Path(ds.path).expanduser(), "rows", read_rows)
-        if not rows or not isinstance(rows[0][1], dict):
-            continue  # the data step says what is wrong with the file
-        first, renamed = rows[0][1], _renamed_fields(ds)
-        top = field.split(".")[0]
-        if top not in first or top in renamed:
-            key = "messages_field" if "messages_field" in (stage.params.get("options") or {}) else "format"
-            raise ConfigError(_option_loc(stage, key), f"format: chat reads '{field}' from each row, and "
+            raise ConfigError(_option_loc(stage, key), f"format: {data_format} reads '{field}' from each row, and "
                               f"datasets.{name} ({ds.path}, line {rows[0][0]}) has "
                               + ("it as its own " + renamed[top] if top in renamed
                                  else f"no such field (it has: {', '.join(sorted(first))})"))
