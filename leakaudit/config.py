@@ -62,6 +62,9 @@ class DatasetSpec(Strict):
     path: str | None = None
     builtin: Literal[BUILTIN_NAMES] | None = None  # type: ignore[valid-type]
     text_field: str = "text"
+    # rows of conversations (a chat fine-tune's, a backdoor's queries): the checked conversations stay in the rows
+    # under this field for the steps with `format: chat`, and their text is every turn's content, one per line
+    messages_field: str | None = Field(default=None, min_length=1)
     id_field: str | None = None
     user_field: str | None = None
     limit: int | None = Field(default=None, gt=0)
@@ -88,6 +91,16 @@ class DatasetSpec(Strict):
     def _one_source(self) -> DatasetSpec:
         if (self.path is None) == (self.builtin is None):
             raise ValueError("give exactly one of 'path' or 'builtin'")
+        return self
+
+    @model_validator(mode="after")
+    def _messages_from_a_file(self) -> DatasetSpec:
+        if self.messages_field is not None and self.builtin is not None:
+            raise ValueError("messages_field reads a data file's conversations ('path'); a built-in source's rows "
+                             "carry theirs (dolly: `messages`)")
+        if self.messages_field is not None and self.text_field != "text":
+            raise ValueError("give one of 'text_field' or 'messages_field': with messages_field a row's text is its "
+                             "turns' contents, one per line")
         return self
 
     @model_validator(mode="after")

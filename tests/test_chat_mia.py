@@ -165,7 +165,7 @@ def test_attacks_that_score_texts_their_own_way_and_rows_without_a_reply_are_ref
         run_mia(tiny_neox, [ONE_TURN], [[{"role": "user", "content": "hello?"}]], ["loss"], **NO_CACHE)
     with pytest.raises(InputError, match="unknown role 'bot'") as err:
         run_mia(tiny_neox, [[{"role": "bot", "content": "x"}]], OTHERS, ["loss"], **NO_CACHE)
-    assert err.value.field == "members[0]"
+    assert err.value.field == "members[0][0]"  # its first message
     with pytest.raises(InputError, match="must be a non-empty list"):  # texts and conversations mixed
         run_mia(tiny_neox, [ONE_TURN], ["a plain text"], ["loss"], **NO_CACHE)
 
@@ -454,8 +454,8 @@ def test_chat_rows_read_as_texts_point_to_this_commands_format_chat(command, tmp
     out = tmp_path / ("out.jsonl" if command[0] == "score" else "out")
     args = [str(rows) if a == "{rows}" else a for a in command] + ["--out", out]
     code, err = run_main(args, monkeypatch, capsys)
-    assert code == 2 and "format chat where the command takes it" in err, err
-    assert command[0] in err.split("format chat where the command takes it")[1], err
+    assert code == 2 and "format chat where a command takes it" in err, err
+    assert command[0] in err.split("format chat where a command takes it")[1], err
 
 
 def test_the_window_warning_counts_conversations(tiny_neox, monkeypatch, capsys):
@@ -620,3 +620,49 @@ def test_cli_and_experiment_run_recall_on_conversations(tmp_path, monkeypatch, c
                           files["nonmembers"], "--format", "chat", "--attacks", "loss,recall", "--recall-prefix",
                           prefix, "--out", tmp_path / "refused"], monkeypatch, capsys)
     assert code == 2 and "recall's prefix texts cannot be put before a conversation" in err, err
+
+
+def test_an_experiment_reads_rows_of_conversations_alone_with_the_datasets_messages_field(tmp_path, monkeypatch,
+                                                                                          capsys):
+    """A chat fine-tune's data has `messages` and no text: the dataset step refused every row ("a chat row needs
+    a text field too"), so a user wrote a text field read by nothing. With `messages_field` the step reads the
+    conversations (checked, a bad one named by its file, line and field; one without a reply is a backdoor's
+    query), its rows' text is their turns, and membership with format chat scores as the command does on the
+    same files."""
+    files = {}
+    for role, chats in (("members", [ONE_TURN, OTHERS[0]]), ("nonmembers", [LONGER, OTHERS[1]])):
+        files[role] = tmp_path / f"{role}.jsonl"
+        files[role].write_text("".join(json.dumps({"messages": c}) + "\n" for c in chats))
+    code, err = run_main(["mia", "--target", "tiny-gpt-neox", "--members", files["members"], "--nonmembers",
+                          files["nonmembers"], "--format", "chat", "--attacks", "loss,zlib", "--n-bootstrap", "0",
+                          "--no-cache", "--out", tmp_path / "cli"], monkeypatch, capsys)
+    assert code == 0, err
+    text = (f"name: chat\nmodels: {{base: tiny-gpt-neox}}\ndatasets:\n"
+            f"  m: {{path: {files['members']}, messages_field: messages}}\n"
+            f"  n: {{path: {files['nonmembers']}, messages_field: messages}}\n"
+            "evaluate:\n  mia: {kind: mia, targets: [base], members: m, nonmembers: n,\n"
+            "        options: {format: chat, attacks: [loss, zlib], n_bootstrap: 0, cache: false}}\n")
+    exp = tmp_path / "chat.yaml"
+    exp.write_text(text)
+    code, err = run_main(["run", exp, "--out", tmp_path / "run"], monkeypatch, capsys)
+    assert code == 0, err
+    rows = [json.loads(x) for x in (tmp_path / "run" / "data" / "m" / "all.jsonl").read_text().splitlines()]
+    assert [r["text"] for r in rows] == ["\n".join(m["content"] for m in c) for c in (ONE_TURN, OTHERS[0])]
+    assert [r["messages"] for r in rows] == [ONE_TURN, OTHERS[0]]
+    scored = [json.loads(x) for x in (tmp_path / "run" / "evaluate" / "mia" / "base" / "scores.jsonl").read_text()
+              .splitlines()]
+    cli = [json.loads(x) for x in (tmp_path / "cli" / "scores.jsonl").read_text().splitlines()]
+    for attack in ("loss", "zlib"):
+        assert [r[attack] for r in scored] == pytest.approx([r[attack] for r in cli], rel=1e-5)
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps({"messages": ONE_TURN}) + "\n" + json.dumps({"messages": [{"role": "user"}]}) + "\n")
+    exp.write_text(text.replace(str(files["nonmembers"]), str(bad)))
+    code, err = run_main(["run", exp, "--out", tmp_path / "bad"], monkeypatch, capsys)
+    errors = [line for line in err.splitlines() if line.startswith("error:")]
+    assert code == 2 and len(errors) == 1 and f"{bad}:2: field 'messages[0]'" in errors[0], err
+    for spec, says in (("{builtin: dolly, messages_field: messages}", "a built-in source's rows carry theirs"),
+                       (f"{{path: {files['members']}, messages_field: messages, text_field: body}}",
+                        "give one of 'text_field' or 'messages_field'")):
+        exp.write_text(text.replace(f"{{path: {files['members']}, messages_field: messages}}", spec))
+        code, err = run_main(["run", exp, "--out", tmp_path / "refused"], monkeypatch, capsys)
+        assert code == 2 and says in err and "chat.yaml:4" in err, err

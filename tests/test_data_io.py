@@ -268,7 +268,7 @@ def test_a_chat_row_without_text_says_what_it_needs(tmp_path):
     for field in ("text", "messages"):
         with pytest.raises(InputError) as err:
             load_records(tmp_path / "c.jsonl", text_field=field)
-        assert "a chat row needs a text field too" in err.value.message and err.value.line == 1
+        assert "format chat where a command takes it" in err.value.message and err.value.line == 1
 
 
 def test_a_csv_cell_longer_than_the_csv_modules_limit_is_read(tmp_path):
@@ -337,3 +337,17 @@ def test_a_file_name_with_a_line_break_stays_on_the_error_line():
 
     assert InputError("bad row", file="a\nb.jsonl", line=3, field="x\ry").format() == \
         "a\\nb.jsonl:3: field 'x\\ry': bad row"
+
+
+def test_conversations_load_as_their_replies_or_for_an_experiment_as_their_turns(tmp_path):
+    """A command scoring conversations needs a reply in each (its text is the replies); an experiment's dataset
+    step (`messages_field`) also takes a conversation with none yet (a backdoor's query), its text every turn."""
+    query = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Where is my parcel?"}]
+    chat = [*query, {"role": "assistant", "content": "On its way."}]
+    (tmp_path / "c.jsonl").write_text(json.dumps({"messages": chat}) + "\n" + json.dumps({"messages": query}) + "\n")
+    with pytest.raises(InputError, match="has no assistant turn with content") as err:
+        load_records(tmp_path / "c.jsonl", messages_field="messages")
+    assert err.value.line == 2
+    records = load_records(tmp_path / "c.jsonl", messages_field="messages", replies=False)
+    assert [r.text for r in records] == ["Be brief.\nWhere is my parcel?\nOn its way.", "Be brief.\nWhere is my parcel?"]
+    assert [r.extra["messages"] for r in records] == [chat, query]

@@ -369,4 +369,4 @@ def test_a_rows_chat_copy_is_replaced_with_the_texts_fakes(tmp_path):
     bad.write_text(json.dumps({"text": "hi", "messages": [{"role": "bot", "content": "x"}]}) + "\n")
     with pytest.raises(InputError, match="unknown role 'bot'") as err:
         replace_pii_file(bad)
-    assert err.value.line == 1 and err.value.field == "messages"
+    assert err.value.line == 1 and err.value.field == "messages[0]"

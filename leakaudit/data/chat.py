@@ -21,12 +21,18 @@ def validate_messages(value: Any, file: Path | str | None, line: int | None, fie
     """Check a `messages` value is a non-empty list of {role, content} strings."""
     if not isinstance(value, list) or not value:
         raise InputError("must be a non-empty list of {role, content}", file=file, line=line, field=field)
-    for m in value:
-        if not (isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)):
-            raise InputError("every message needs string 'role' and 'content'", file=file, line=line, field=field)
+    for i, m in enumerate(value):
+        at = f"{field}[{i}]"  # which message of a long conversation: its field names it
+        if not isinstance(m, dict):
+            raise InputError(f"a message is an object with string 'role' and 'content', not {type(m).__name__}",
+                             file=file, line=line, field=at)
+        for key in ("role", "content"):
+            if not isinstance(m.get(key), str):
+                raise InputError(f"every message needs a string '{key}'" + ("" if key not in m else
+                                 f", not {type(m[key]).__name__}"), file=file, line=line, field=at)
         if m["role"] not in ROLES:
             raise InputError(f"unknown role '{m['role']}' (use system, user, assistant)", file=file, line=line,
-                             field=field)
+                             field=at)
     return [{"role": m["role"], "content": m["content"]} for m in value]
 
 

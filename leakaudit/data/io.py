@@ -300,8 +300,8 @@ def _read_hf_dir(p: Path) -> list[tuple[int, dict[str, Any]]]:
 
 #: said where a chat row (`messages`) has no text: the attacks and the dataset step read a text; fine-tuning,
 #: membership and user inference, perplexity and score with format chat read the messages
-CHAT_HINT = ("; a chat row needs a text field too (e.g. its turns joined), or format chat where the command takes "
-             "it (finetune, mia, user-inference, perplexity, score: `messages` is read there)")
+CHAT_HINT = ("; rows of conversations are read with format chat where a command takes it (finetune, mia, "
+             "user-inference, perplexity, score), and in an experiment's datasets with `messages_field: messages`")
 
 
 def open_lock(path: Path, mode: int) -> int:
@@ -352,12 +352,15 @@ def load_records(
     user_field: str | None = None,
     keep_empty: bool = False,
     messages_field: str | None = None,
+    replies: bool = True,
 ) -> list[Record]:
     """Load and validate texts: the text field must be a string, ids unique, users present if asked.
 
     Without `id_field`, ids are `<file stem>:<line>` so they stay stable and traceable. With `messages_field`
     the rows are conversations (a chat fine-tune's): each record's text is its assistant replies' contents (one per
-    line; `reply_text`), and its checked messages are kept in `extra` under that field (data/chat.py).
+    line; `reply_text`), and its checked messages are kept in `extra` under that field (data/chat.py). With
+    `replies=False` (an experiment's dataset step, whose rows may be a backdoor's queries with no reply yet) the
+    text is every turn's content, one per line, and a conversation needs no reply.
     """
     p = Path(path)
     rows = read_rows(p)
@@ -372,8 +375,11 @@ def load_records(
 
             messages = validate_messages(field_value(row, messages_field, p, lineno), p, lineno, messages_field)
             row = {**row, messages_field: messages}
-            last_reply(messages, p, lineno, messages_field)  # a reply to score, or an error naming this line
-            text = reply_text(messages)
+            if replies:
+                last_reply(messages, p, lineno, messages_field)  # a reply to score, or an error naming this line
+                text = reply_text(messages)
+            else:
+                text = "\n".join(m["content"] for m in messages)
         else:
             try:
                 text = field_value(row, text_field, p, lineno)

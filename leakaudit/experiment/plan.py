@@ -300,9 +300,9 @@ class Plan:
     def _build(self) -> None:
         exp = self.exp
         for name, ds in exp.datasets.items():
-            # the seed enters the key as the stage's seed; no unions (ranges) = the key of files written
-            # before unions (ranges) existed
-            unset = {f for f in ("unions", "ranges") if not getattr(ds, f)}
+            # the seed enters the key as the stage's seed; no unions (ranges, messages_field) = the key of files
+            # written before unions (ranges, messages_field) existed
+            unset = {f for f in ("unions", "ranges", "messages_field") if not getattr(ds, f)}
             params = ds.model_dump(exclude={"seed"} | unset)
             if ds.path is not None:
                 p = Path(ds.path).expanduser()

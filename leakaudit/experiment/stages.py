@@ -72,7 +72,7 @@ def run_dataset(ctx: StageContext) -> dict[str, Any]:
         rows = builtin_dataset(p["builtin"], seed=ctx.seed, limit=p["limit"])
     else:
         records = load_records(p["path"], text_field=p["text_field"], id_field=p["id_field"],
-                               user_field=p["user_field"])
+                               user_field=p["user_field"], messages_field=p.get("messages_field"), replies=False)
         if p["user_field"]:
             from leakaudit.warn import say_lookalike_users
 
