@@ -95,6 +95,16 @@ def tiny_mlm_dir(tmp_path_factory) -> Path:
     return out
 
 
+@pytest.fixture(scope="module")
+def mlm(tiny_mlm_dir):
+    """The tiny masked LM loaded as the neighbourhood attack loads it."""
+    import torch
+
+    from leakaudit.attacks.neighbourhood import load_masked_lm
+
+    return load_masked_lm(str(tiny_mlm_dir), torch.device("cpu"))
+
+
 @pytest.fixture(params=["tiny-gpt-neox", "tiny-opt"])
 def tiny_model(request, tiny_neox, tiny_opt):
     """Each tiny architecture in turn."""

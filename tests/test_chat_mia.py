@@ -400,13 +400,17 @@ def test_a_messages_field_for_text_rows_is_refused(tmp_path, monkeypatch, capsys
     assert code == 2 and "field '--messages-field': is read with format chat only" in err, err
 
 
-@pytest.mark.parametrize("command", [
+#: the commands that read --messages-field (with --format chat), each with its other arguments
+READ_MESSAGES = [
     ["mia", "--target", "tiny-gpt-neox", "--members", "{rows}", "--nonmembers", "{rows}"],
     ["user-inference", "--target", "tiny-gpt-neox", "--reference", "tiny-opt", "--data", "{rows}", "--user-field",
      "user"],
     ["perplexity", "--model", "tiny-gpt-neox", "--data", "{rows}"],
     ["score", "--model", "tiny-gpt-neox", "--data", "{rows}"],
-])
+]
+
+
+@pytest.mark.parametrize("command", READ_MESSAGES)
 def test_the_default_messages_field_typed_for_text_rows_is_refused(command, tmp_path, monkeypatch, capsys):
     """`--messages-field messages` (its default, typed) without --format chat was read by nothing in silence:
     score and perplexity measured the rows' joined text while the user believed their conversations were."""
@@ -420,13 +424,7 @@ def test_the_default_messages_field_typed_for_text_rows_is_refused(command, tmp_
     assert not out.exists()
 
 
-@pytest.mark.parametrize("command", [
-    ["mia", "--target", "tiny-gpt-neox", "--members", "{rows}", "--nonmembers", "{rows}"],
-    ["user-inference", "--target", "tiny-gpt-neox", "--reference", "tiny-opt", "--data", "{rows}", "--user-field",
-     "user"],
-    ["perplexity", "--model", "tiny-gpt-neox", "--data", "{rows}"],
-    ["score", "--model", "tiny-gpt-neox", "--data", "{rows}"],
-])
+@pytest.mark.parametrize("command", READ_MESSAGES)
 def test_a_text_field_with_format_chat_is_refused(command, tmp_path, monkeypatch, capsys):
     """--text-field with --format chat was ignored in silence (a conversation is read from --messages-field):
     the user believed the rows' `body` was scored."""

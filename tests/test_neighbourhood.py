@@ -28,11 +28,6 @@ def one_thread():
         yield
 
 
-@pytest.fixture(scope="module")
-def mlm(tiny_mlm_dir):
-    return load_masked_lm(str(tiny_mlm_dir), torch.device("cpu"))
-
-
 def _words(text: str) -> list[str]:
     return re.findall(r"\w+|[^\w\s]", text)
 

@@ -9,7 +9,6 @@ import re
 
 import numpy as np
 import pytest
-import torch
 from chat_cases import CHATML, LONGER, NO_CACHE, ONE_TURN, OTHERS
 from conftest import run_main, torch_threads
 from test_chat_mia import _replies_by_hand
@@ -17,7 +16,7 @@ from test_neighbourhood import _as_rank_one_of_two
 
 from leakaudit.attacks import ScoringContext, get_attack
 from leakaudit.attacks.mia import run_mia
-from leakaudit.attacks.neighbourhood import NoNeighbourError, chat_neighbours, load_masked_lm, neighbours
+from leakaudit.attacks.neighbourhood import NoNeighbourError, chat_neighbours, neighbours
 from leakaudit.data.chat import reply_text
 
 #: words in the user turns, few in the replies: what a swap may take is the replies' alone
@@ -31,11 +30,6 @@ WORDY = [{"role": "system", "content": "Alice Smith sent the quarterly report."}
 def one_thread():
     with torch_threads(1):
         yield
-
-
-@pytest.fixture(scope="module")
-def mlm(tiny_mlm_dir):
-    return load_masked_lm(str(tiny_mlm_dir), torch.device("cpu"))
 
 
 @pytest.fixture(params=["plain", "chatml"])
