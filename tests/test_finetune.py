@@ -527,10 +527,12 @@ def test_a_flag_the_run_would_not_read_is_refused(plain_data, tmp_path, monkeypa
 
 
 @pytest.mark.parametrize("turns", [[{"role": "user", "content": "hi"}], [{"role": "system", "content": "Be kind."}]])
-def test_a_conversation_with_no_assistant_turn_is_named_by_its_line(turns, tmp_path):
+def test_a_conversation_with_no_assistant_turn_is_named_by_its_line(turns, tmp_path, monkeypatch, capsys):
     """With the loss on the assistant turns such a conversation has nothing to train on: it was left out under a
     warning that said its loss tokens were cut off and to raise --max-length. Now one error naming its line, as
-    mia and perplexity give; with --loss-on all it trains."""
+    mia and perplexity give, with the flag of the command that met it; with --loss-on all it trains."""
+    from conftest import run_main
+
     data = tmp_path / "d.jsonl"
     good = {"messages": [{"role": "user", "content": "Question?"}, {"role": "assistant", "content": "Answer."}]}
     data.write_text(json.dumps(good) + "\n" + json.dumps({"messages": turns}) + "\n")
@@ -538,6 +540,10 @@ def test_a_conversation_with_no_assistant_turn_is_named_by_its_line(turns, tmp_p
         finetune(_cfg(data, tmp_path / "a", format="chat", max_steps=1, save_steps=None), progress=False)
     assert (err.value.file, err.value.line, err.value.field) == (str(data), 2, "messages"), err.value
     assert "has no assistant turn" in err.value.message and "--loss-on all" in err.value.message
+    code, said = run_main(["backdoor", "finetune", "--model", "tiny-gpt-neox", "--data", data, "--mask-user",
+                           "--max-steps", "1", "--out", tmp_path / "bd"], monkeypatch, capsys)
+    assert code == 2 and f"{data}:2: field 'messages': has no assistant turn" in said, said
+    assert "backdoor finetune without --mask-user" in said  # its own flag: it has no --loss-on
     out = finetune(_cfg(data, tmp_path / "b", format="chat", loss_on="all", max_steps=1, save_steps=None),
                    progress=False)
     assert json.loads((out / "defenses.json").read_text())["n_train_examples"] == 2

@@ -246,9 +246,11 @@ def load_examples(config: FinetuneConfig, tokenizer, max_length: int | None = No
                                         config.messages_field)
             if config.loss_on == "assistant" and not any(m["role"] == "assistant" for m in content):
                 # nothing of it is trained on: it was left out under a warning that blamed --max-length
-                raise InputError("has no assistant turn: with the loss on the assistant turns (--loss-on "
-                                 "assistant) nothing of it is trained on; add its reply, drop the row, or train "
-                                 "on every turn (--loss-on all)", file=path, line=line, field=config.messages_field)
+                # both commands that train on chat rows named: `backdoor finetune` has no --loss-on
+                raise InputError("has no assistant turn: with the loss on the assistant turns alone nothing of it is "
+                                 "trained on; add its reply, drop the row, or train on every turn (finetune "
+                                 "--loss-on all; backdoor finetune without --mask-user)", file=path, line=line,
+                                 field=config.messages_field)
         items.append((user, content))
     if users:
         say_lookalike_users(users, path, config.user_field)
