@@ -485,3 +485,21 @@ def test_training_file_is_read_for_its_users_only(tmp_path, monkeypatch, capsys)
         assert code == 0, err
         scored = [json.loads(x) for x in (tmp_path / name / "user_scores.jsonl").read_text().splitlines()]
         assert {r["user"]: r["n_train"] for r in scored if r["label"] == 1} == {"u0": 3, "u1": 2, "u2": 2}
+
+
+def test_label_field_with_data_out_is_refused(tmp_path, monkeypatch, capsys):
+    """With --data-out every row of --data counts as an in-training user's, so a --label-field typed beside it was
+    ignored in silence: the users the file labels out of training were scored as members. Refused now, as is
+    mia's --label-field beside --members/--nonmembers, before any model loads."""
+    rows = [{"text": f"text {u} {i} here", "who": f"user{u}", "in": int(u < 2)} for u in range(4) for i in range(2)]
+    (tmp_path / "users.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (tmp_path / "more_out.jsonl").write_text(json.dumps({"text": "other text", "who": "user9"}) + "\n")
+    code, err = run_main(["user-inference", "--target", "tiny-gpt-neox", "--reference", "tiny-gpt-neox",
+                          "--user-field", "who", "--data", tmp_path / "users.jsonl", "--label-field", "in",
+                          "--data-out", tmp_path / "more_out.jsonl", "--out", tmp_path / "o"], monkeypatch, capsys)
+    assert code == 2 and err.startswith("error: field '--label-field': applies only without --data-out"), err
+    assert not (tmp_path / "o").exists()
+    code, err = run_main(["mia", "--target", "tiny-gpt-neox", "--members", tmp_path / "users.jsonl", "--nonmembers",
+                          tmp_path / "more_out.jsonl", "--label-field", "in", "--out", tmp_path / "m"],
+                         monkeypatch, capsys)
+    assert code == 2 and err.startswith("error: field '--label-field': applies only to one labelled --data"), err

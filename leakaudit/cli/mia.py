@@ -171,6 +171,9 @@ def mia(
     roles = {"members", "nonmembers", *(["reference"] if reference else [])}
     options = build_options(kind, flags=_k_flags(names), roles=roles, **values)
     _one_source(members, nonmembers, data)
+    if data is None and given_on_command_line(command, "label_field"):
+        raise InputError("applies only to one labelled --data file; --members and --nonmembers are read whole, "
+                         "their labels ignored: drop it, or give the labelled file as --data", field="--label-field")
     prepare_output(out, command="mia", files=("mia.json", "scores.jsonl", "comparisons.json", "baseline"),
                    inputs={"--members": members, "--nonmembers": nonmembers, "--data": data,
                            "--recall-prefix": recall_prefix, "--dc-pdd-corpus": corpus_file(dc_pdd_corpus),
@@ -307,6 +310,9 @@ def user_inference(
 
     kind = get_kind("user-inference")
     refuse_text_field_for_chat(command, data_format)
+    if data_out is not None and given_on_command_line(command, "label_field"):
+        raise InputError("applies only without --data-out: with it every row of --data is an in-training user's "
+                         "and its labels are ignored; drop it, or give the labelled file alone", field="--label-field")
     options = build_options(kind, flags=USER_FLAGS, roles={"members", "nonmembers", "reference",
                                                            *(["training"] if training is not None else [])},
                             m_values=samples_per_user, n_bootstrap=n_bootstrap, seed=seed, batch_size=batch_size,
