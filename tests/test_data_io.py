@@ -135,6 +135,17 @@ def test_a_float_user_column_keeps_its_users_and_refuses_a_missing_one(tmp_path)
         load_records(tmp_path / "n.parquet", user_field="user")
 
 
+def test_a_user_that_is_no_id_is_refused(tmp_path):
+    """A list, a mapping or true/false in the user field (a recipients list, a label column named by mistake) was
+    taken as its repr: "['a', 'b']" and "True" became users, scored and capped as people, in silence."""
+    for bad, kind in ((["a", "b"], "list"), ({"id": 1}, "dict"), (True, "bool")):
+        (tmp_path / "x.jsonl").write_text(json.dumps({"text": "a", "user": "u"}) + "\n"
+                                          + json.dumps({"text": "b", "user": bad}) + "\n")
+        with pytest.raises(InputError, match=rf"x.jsonl:2: field 'user': a user id must be a string or a number, "
+                                             rf"got {kind}"):
+            load_records(tmp_path / "x.jsonl", user_field="user")
+
+
 def test_user_ids_written_in_two_unicode_forms_are_said(tmp_path, capsys):
     """"José" with é as one code point and as e + U+0301 print alike and were two users, each with part of the
     person's rows, in silence: kept apart as given, with a warning naming the first row, wherever users are

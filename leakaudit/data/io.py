@@ -409,7 +409,11 @@ def load_records(
 def user_value(u: Any, path: Path, line: int, field: str) -> str:
     """A row's user id as text, the one rule for every reader of users (user inference, experiments, the
     fine-tune's per-user defenses): 3.0 is user 3 (an integer column with a missing value is read as floats),
-    and a missing one (None, blank, a float column's NaN, which became the user "nan") is an error."""
+    and a missing one (None, blank, a float column's NaN, which became the user "nan") is an error, as is one that is
+    no id (a list, a mapping, true/false: the field holds something else, and its repr became a user)."""
+    if isinstance(u, bool) or not isinstance(u, (str, int, float, type(None))):
+        raise InputError(f"a user id must be a string or a number, got {type(u).__name__}", file=path, line=line,
+                         field=field)
     if u is None or (isinstance(u, str) and not u.strip()) or (isinstance(u, float) and not math.isfinite(u)):
         raise InputError("user is empty", file=path, line=line, field=field)
     return str(int(u)) if isinstance(u, float) and u.is_integer() else str(u)
