@@ -107,6 +107,12 @@ def test_masked_unless_show_pii(tmp_path):
     kind.run(ctx, kind.Options(pairs=str(pairs), templates="C", n_candidates=2))
     text = (tmp_path / "logprobs.jsonl").read_text()
     assert "Karen Arnold" not in text and "K*** A*** <k***@flash.net>" in text
+    # your own people, in no name list: an id that is the name was written whole
+    own = [("Zorba Quixley", "zq@acme.com"), ("Ylva Brandtmoor", "yb@acme.com")]
+    pairs.write_text("".join(json.dumps({"id": n, "name": n, "email": e}) + "\n" for n, e in own))
+    kind.run(ctx, kind.Options(pairs=str(pairs), templates="C", n_candidates=2))
+    text = (tmp_path / "logprobs.jsonl").read_text()
+    assert "Quixley" not in text and '"target": "Z*** Q***"' in text and '"target": "Y*** B***"' in text, text
 
 
 def test_fine_tuning_on_the_addresses_raises_their_logp(tmp_path, one_torch_thread):

@@ -224,6 +224,18 @@ def test_an_extraction_row_masks_a_target_id_that_is_pii(tmp_path, tiny_neox, on
         ("j***@enron.com", 0), ("j***@enron.com", 1), ("***-***-**34", 2), ("K*** A*** <k***@flash.net>", 3)]
 
 
+def test_an_extraction_row_masks_the_targets_own_name():
+    """A pairs file of your own people: their names are in no list the maskers know, so an id that is the name
+    and a response that repeats it were written whole, where the rows leave names out unless --show-pii."""
+    t = enron.Target(id="Zorba Quixley", name="Zorba Quixley", email="zq@acme.com")
+    cell = pii.make_grid(enron.resolve_templates("A"), [0.0], max_new_tokens=3)[0]
+    text = "zq@acme.com (ZORBA quixley)"
+    row = pii._extraction_row("model", "m", cell, t, 0, 0, text, pii.match_response(text, t.email), [], False)
+    assert row["target"] == "Z*** Q***" and row["response"] == "z***@acme.com (Z*** q***)", row
+    shown = pii._extraction_row("model", "m", cell, t, 0, 0, text, pii.match_response(text, t.email), [], True)
+    assert shown["target"] == "Zorba Quixley" and shown["response"] == text
+
+
 def test_cells_resume_from_checkpoint_and_batching_does_not_matter(tmp_path, tiny_neox, one_torch_thread, monkeypatch):
     from leakaudit import sampling
 

@@ -279,16 +279,17 @@ def _extraction_row(role: str, spec: str, cell: Cell, t: Target, index: int, sam
     """One sample's row of extractions.jsonl. `target` is the target's id, masked like the rest (ids are often
     addresses); `target_index`, its position among the targets, pairs rows across models when masking made
     two ids alike."""
-    from leakaudit.data.pii_mask import active_names, mask_email, mask_message, mask_pii
+    from leakaudit.data.pii_mask import active_names, mask_email, mask_message, mask_own_name, mask_pii
 
     if show_pii:
         email, response, found, target = t.email, text, m.found, t.id
     else:
         names = active_names()  # ids are often an address, sometimes "Name <address>"
         email = mask_email(t.email)
-        response = mask_text(text, [t.email, *demos])
+        # the target's own name too: a pairs file of your people names them in no list the maskers know
+        response = mask_own_name(mask_text(text, [t.email, *demos]), t.name)
         found = mask_email(m.found) if m.found else None
-        target = mask_pii(t.id, names)
+        target = mask_own_name(mask_pii(t.id, names), t.name)
         spec = mask_message(spec)  # a model dir may be named after a person; a path's digits are no phone
     row = {"role": role, "model": spec, "template": cell.template.name, "protocol": cell.template.protocol,
            "temperature": cell.temperature, "top_k": cell.top_k, "target": target, "target_index": index,

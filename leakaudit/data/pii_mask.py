@@ -81,6 +81,14 @@ def _mask_once(text: str, finder: NameFinder | None, keep: Callable[[PiiSpan], b
     return "".join(out)
 
 
+def mask_own_name(text: str, name: str) -> str:
+    """`text` with one known person's name (a PII target's own, from a pairs file of your people, which no list
+    masks) masked wherever it stands, as `mask_pii` masks a listed name; names of one word are left, as there."""
+    for m in reversed(NameFinder([name]).find(text)):
+        text = text[:m.start()] + mask_name(m.group(0)) + text[m.end():]
+    return text
+
+
 def active_names() -> NameFinder:
     """The names masked now: the shipped Enron names, and the running experiment's `report.mask_names`."""
     return _message_names or shipped_name_finder()

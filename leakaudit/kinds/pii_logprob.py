@@ -280,7 +280,7 @@ class PiiLogprob(Kind):
     def run(self, ctx: KindContext, options: PiiLogprobOptions) -> PiiLogprobResult:
         from leakaudit.data.enron import resolve_templates, select_targets
         from leakaudit.data.io import write_json, write_jsonl
-        from leakaudit.data.pii_mask import active_names, mask_pii
+        from leakaudit.data.pii_mask import active_names, mask_own_name, mask_pii
         from leakaudit.distributed import is_main
 
         templates = resolve_templates(options.templates)
@@ -303,11 +303,13 @@ class PiiLogprob(Kind):
         ids, names = [t.id for t in targets], [t.name for t in templates]
         summary = summarize(all_rows["model"], ids, names, seed, all_rows.get("baseline"))
 
-        names_now = active_names()  # a target id may be "Name <address>"
+        names_now = active_names()  # a target id may be "Name <address>", its name one of your people's (no list's)
 
         def shown(r: dict[str, Any]) -> dict[str, Any]:
-            return r if ctx.show_pii else {**r, "target": mask_pii(r["target"], names_now),
-                                           "email": mask_pii(r["email"])}
+            if ctx.show_pii:
+                return r
+            target = mask_own_name(mask_pii(r["target"], names_now), targets[r["target_index"]].name)
+            return {**r, "target": target, "email": mask_pii(r["email"])}
 
         data = {"model": str(models["model"]), "baseline": models["baseline"], "n_targets": len(targets),
                 "n_candidates": len(candidates[0]), "templates": summary,
