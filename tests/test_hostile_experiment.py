@@ -1084,3 +1084,20 @@ def test_backdoor_refusal_words_that_hold_no_word_are_refused_at_their_line(tmp_
     with pytest.raises(InputError) as err:
         kind.run(KindContext(out=tmp_path / "o", seed=0, data={}), kind.Options(refusal_words=str(words)))
     assert err.value.field == "--refusal-words" and "holds no word" in err.value.message
+
+
+def test_a_fine_tune_options_error_about_a_row_names_the_options_key(tmp_path):
+    """DP-SGD refusing a row longer than max_length (found when the stage reads its data) named the run dir's
+    copy of the data and the command's flag (`out/data/d/a.jsonl:1: field '--dp-epsilon'`), no key of the
+    experiment file: now the option's key and line, the row it is about beside the message."""
+    from leakaudit.config import load_experiment
+    from leakaudit.experiment import run_experiment
+
+    text = _experiment().split("evaluate:")[0] + (
+        "finetune:\n  ft: {model: base, data: d.a, options: {epochs: 1, max_length: 4, dp_epsilon: 8}}\n")
+    cfg, out = _setup(tmp_path, text)
+    with pytest.raises(InputError) as err:
+        run_experiment(load_experiment(cfg), out, log=lambda m: None, report=False)
+    assert err.value.file == str(cfg) and err.value.line == 9, err.value
+    assert err.value.field == "finetune.ft.options.dp_epsilon", err.value
+    assert "stage finetune/ft: " in err.value.message and f"({out / 'data' / 'd' / 'a.jsonl'}:1)" in err.value.message

@@ -295,11 +295,12 @@ def _run_stage(plan: Plan, stage: Stage, table: dict[str, Callable[[StageContext
     except ConfigError as exc:
         raise plan.exp.error(exc.loc, exc.message) from None
     except InputError as exc:  # say which stage, and map an API's --option to the experiment's key
+        loc = finetune_option_loc(stage, exc.field) if stage.kind == "finetune" else None
+        if loc is not None:  # a fine-tune's --option: its key and line in the file, and the data row it is about
+            row = "" if exc.file is None else f" ({exc.file}" + ("" if exc.line is None else f":{exc.line}") + ")"
+            raise plan.exp.error(loc, f"stage {stage.id}: {exc.message}{row}") from None
         if exc.file is not None:
             raise
-        loc = finetune_option_loc(stage, exc.field) if stage.kind == "finetune" else None
-        if loc is not None:  # a fine-tune's --option: its key and line in the file
-            raise plan.exp.error(loc, f"stage {stage.id}: {exc.message}") from None
         field = option_key(exc.field)
         if field in stage_roles(stage):  # a kind's input role (data, members, ...): its key in the file
             field = ".".join((*stage.origin, field))
