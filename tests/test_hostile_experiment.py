@@ -1101,3 +1101,23 @@ def test_a_fine_tune_options_error_about_a_row_names_the_options_key(tmp_path):
     assert err.value.file == str(cfg) and err.value.line == 9, err.value
     assert err.value.field == "finetune.ft.options.dp_epsilon", err.value
     assert "stage finetune/ft: " in err.value.message and f"({out / 'data' / 'd' / 'a.jsonl'}:1)" in err.value.message
+
+
+def test_dp_settings_without_dp_epsilon_under_defenses_are_refused_unless_a_grid_sets_it(tmp_path):
+    """`defenses: {dp_delta: 1e-5}` without dp_epsilon trained with no DP at all, in silence: an arm named for DP
+    was undefended (the command refuses --dp-delta without --dp-epsilon). A grid over dp_epsilon with a null
+    value is a no-DP arm beside DP ones, its settings shared on purpose: it plans."""
+    from leakaudit.config import load_experiment
+    from leakaudit.experiment import Plan
+    from leakaudit.experiment.checks import check_plan
+
+    head = _experiment().split("evaluate:")[0] + "finetune:\n  dp:\n    model: base\n    data: d.a\n"
+    cfg, _ = _setup(tmp_path, head + "    defenses: {dp_max_grad_norm: 1.0, dp_delta: 1.0e-5}\n")
+    with pytest.raises(InputError) as err:
+        check_plan(Plan(load_experiment(cfg)))
+    assert (err.value.file, err.value.line, err.value.field) == (str(cfg), 12, "finetune.dp.defenses.dp_delta")
+    assert "applies only with dp_epsilon" in err.value.message
+    cfg.write_text(head + "    defenses: {dp_delta: 1.0e-5}\n    grid: {dp_epsilon: [null, 8]}\n")
+    plan = Plan(load_experiment(cfg))
+    check_plan(plan)
+    assert len(plan.stages) == 3  # the dataset and both arms

@@ -30,6 +30,7 @@ def check_plan(plan: Plan, runs: tuple[Path | None, ...] = ()) -> None:
             if stage.kind == "finetune":
                 config = per_process(_finetune_config(stage, "-"), stage)
                 _check_training_fields(plan, stage, config)
+                _check_dp_settings(stage, config)
                 if config.fsdp and not any(run is not None and is_done(run / stage.folder, key) is not None
                                            for run in runs for key in (stage.key, stage.earlier_key)):
                     # refused on a CPU (and with DP-SGD, PiSSA); a stage finished under its earlier key is
@@ -344,6 +345,18 @@ def _check_training_fields(plan: Plan, stage: Stage, config: Any) -> None:
     need = {"instruction": [config.prompt_field, config.response_field], "chat": [config.messages_field]}.get(
         config.format, [])
     _check_first_row(plan, stage, stage.params["data"], need, config.format, "format")
+
+
+def _check_dp_settings(stage: Stage, config: Any) -> None:
+    """DP-SGD's other settings under `defenses` without `dp_epsilon` trained with no DP at all, in silence: an
+    arm named for DP was undefended (the command refuses `--dp-delta` without `--dp-epsilon`). A grid over
+    `dp_epsilon` with a null value (a no-DP arm beside the DP ones) keeps them shared on purpose."""
+    if config.dp_epsilon is not None or "dp_epsilon" in stage.overrides:
+        return
+    for key in ("dp_delta", "dp_max_grad_norm"):
+        if key in stage.params["defenses"]:
+            raise ConfigError(_option_loc(stage, key, "defenses"), "applies only with dp_epsilon (DP-SGD); without "
+                              "it this fine-tune trains with no differential privacy: set dp_epsilon, or drop it")
 
 
 def _check_chat_rows(plan: Plan, stage: Stage, options: dict[str, Any]) -> None:
