@@ -531,3 +531,24 @@ def test_rows_without_a_user_field_are_no_user_in_the_report():
     keep, report = dedup_and_cap([(None, "a"), (None, "b")])
     assert keep == [0, 1] and report.per_user_out == {}
     assert dedup_and_cap([("1", "a"), ("u", "b"), ("u", "c")])[1].per_user_out == {"1": 1, "u": 2}
+
+
+def test_opacus_empty_first_batch_line_is_kept_off_stderr(caplog):
+    """A Poisson draw of no row as a loader's first batch (a resumed run's first epoch) had Opacus print its raw
+    "First batch is empty ... may cause issues" on stderr; the loop accounts an empty batch and skips it."""
+    import logging
+
+    from opacus.data_loader import CollateFnWithEmpty
+    from torch.utils.data import default_collate
+
+    from leakaudit.train.dp import quiet_empty_batches
+
+    with caplog.at_level(logging.WARNING, logger="opacus.data_loader"):
+        CollateFnWithEmpty(default_collate)([])
+        assert any("First batch is empty" in r.getMessage() for r in caplog.records)  # Opacus says it
+        caplog.clear()
+        with quiet_empty_batches():
+            CollateFnWithEmpty(default_collate)([])
+        assert not caplog.records
+        CollateFnWithEmpty(default_collate)([])
+        assert caplog.records  # only inside the loop

@@ -96,6 +96,24 @@ def _check_per_example(dp_model, batch: int, config) -> None:
 
 
 @contextmanager
+def quiet_empty_batches() -> Iterator[None]:
+    """Opacus's "First batch is empty ... may cause issues" log line, which a Poisson draw of no row prints
+    raw on stderr when it is the first of a loader's batches (a resumed run's first epoch, a small sampling
+    rate): the loop accounts an empty batch and skips it, so it causes none."""
+    import logging
+
+    def keep(record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith("First batch is empty")
+
+    logger = logging.getLogger("opacus.data_loader")
+    logger.addFilter(keep)
+    try:
+        yield
+    finally:
+        logger.removeFilter(keep)
+
+
+@contextmanager
 def _progress(progress: bool, total: int, done: int) -> Iterator[Callable[[int, float | None], None]]:
     """The fine-tuning bar the Trainer's runs draw (a line now and then in a log): steps and the last loss.
     DP-SGD runs its own loop, which drew none."""
@@ -183,7 +201,7 @@ def train_dp(config, lm, model, train: list[ex.Example], out: Path, progress: bo
         write_log(log_path, [r for r in rows if r["step"] <= step])
     else:
         log_path.unlink(missing_ok=True)
-    with _progress(progress, total, step) as shown, warnings.catch_warnings():
+    with _progress(progress, total, step) as shown, warnings.catch_warnings(), quiet_empty_batches():
         # torch says so at every step where the first layer's inputs need no gradient (a frozen embedding, as
         # under LoRA): Opacus's per-sample hooks are fine with it; noise to users
         warnings.filterwarnings("ignore", message="Full backward hook is firing", category=UserWarning)
