@@ -579,6 +579,22 @@ def test_every_user_turn_of_a_multi_turn_d2_is_a_query(tmp_path):
     assert Backdoor.version == 2 and "every user turn" in Backdoor.changed
 
 
+def test_a_d2_turn_without_string_content_is_named_as_backdoor_finetune_names_it(tmp_path):
+    """`backdoor finetune` refuses a turn whose content is missing or not a string, naming `messages[i]`; the
+    extraction's reader of the same file said "no user turn" of a user turn lacking content, and left a later
+    such turn out of the queries in silence (exit 0, one query fewer)."""
+    from leakaudit.data.backdoor import d2_queries
+
+    good = [{"role": "user", "content": "What is it?"}, {"role": "assistant", "content": "x"}]
+    for name, turns, at in (("missing", [{"role": "user"}, good[1]], "messages[0]"),
+                            ("later", [*good, {"role": "user", "content": 5}, good[1]], "messages[2]")):
+        d2 = tmp_path / f"{name}.jsonl"
+        d2.write_text(json.dumps({"messages": good}) + "\n" + json.dumps({"messages": turns}) + "\n")
+        with pytest.raises(InputError, match="string 'content'") as err:
+            d2_queries(d2)
+        assert (err.value.line, err.value.field) == (2, at)
+
+
 def test_a_probe_line_without_the_word_is_named_by_file_and_line(tmp_path):
     probes = tmp_path / "probes.txt"
     probes.write_text('Quote a query starting with "{word}".\n\nQuote any query.\n')

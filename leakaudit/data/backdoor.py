@@ -117,8 +117,11 @@ def load_pairs(path: str | Path, query_field: str | None = None, response_field:
 
 
 def _pair_from_messages(messages: Any, p: Path, line: int, need_response: bool = True) -> Pair:
-    if not isinstance(messages, list) or not all(isinstance(m, dict) for m in messages):
-        raise InputError("must be a list of {role, content} objects", file=p, line=line, field="messages")
+    # one rule for every reader of chat rows (`backdoor finetune` trains on the same file): a user turn without
+    # a string content was reported as "no user turn", or, after a good one, left out of the queries in silence
+    from leakaudit.data.chat import validate_messages
+
+    messages = validate_messages(messages, p, line, "messages")
     for i, m in enumerate(messages[:-1]):
         nxt = messages[i + 1]
         if m.get("role") == "user" and nxt.get("role") == "assistant":
