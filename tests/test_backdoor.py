@@ -660,6 +660,18 @@ def test_every_backdoor_step_writes_its_json_result_and_train_names_the_plant(tm
     assert isinstance(result["train_loss"], float)
 
 
+def test_identify_refuses_top_n_beside_candidates(tmp_path, monkeypatch, capsys):
+    """--top-n picks the public words only without --candidates: given with a candidates file it was read by
+    nothing and the run went on over the file's words (exit 0), as if the user's N had been used."""
+    d2, _ = _tiny_d2(tmp_path)
+    words = tmp_path / "cand.txt"
+    words.write_text("What\nWhich\n")
+    code, stderr = _run_main(["backdoor", "identify", "--model", "tiny-gpt-neox", "--data", str(d2), "--candidates",
+                              str(words), "--top-n", "5", "--out", str(tmp_path / "id")], monkeypatch, capsys)
+    assert code == 2 and stderr.startswith("error: field '--top-n'") and "--candidates" in stderr
+    assert stderr.count("\n") == 1 and not (tmp_path / "id" / "identify.json").exists()
+
+
 def test_empty_probe_candidate_and_wordless_d1_files_are_refused_naming_them(tmp_path, monkeypatch, capsys):
     """An empty --probes file ran no probe and said "not flagged" at rate 0 (exit 0); an empty --candidates
     file was refused naming --words, an option identify lacks; a D1 none of whose queries opens with a word

@@ -243,7 +243,8 @@ def identify_cmd(
     limit: int | None = typer.Option(None, "--limit", min=1, help="Score the pipeline against the queries of the first N rows"),
     candidates: Path | None = typer.Option(None, "--candidates", help="Labelled prompts like the shipped "
                                            "identify_200.json, or a word list (default: top-N public words)"),
-    top_n: int = typer.Option(50, "--top-n", min=1, help="Without --candidates: the N most frequent public words"),
+    top_n: int | None = typer.Option(None, "--top-n", min=1, help="Without --candidates: the N most frequent public "
+                                     "words (default 50)"),
     threshold: float = typer.Option(0.6, "--threshold", min=0, max=1),
     num_samples: int = NumSamplesOpt,
     temperature: float = TemperatureOpt,
@@ -262,11 +263,16 @@ def identify_cmd(
     from leakaudit.data.backdoor import d2_queries
     from leakaudit.models import load_model
 
+    if candidates is not None and top_n is not None:  # it was read by nothing: the file's words were asked
+        from leakaudit.errors import InputError
+
+        raise InputError("cannot be combined with --candidates: the candidates are the file's words, or the top N "
+                         "public words", field="--top-n")
     trig, ref = _templates(trigger, refusal)
     _prepare(out, "identify", ("identify.json", "samples.jsonl"), data=data, candidates=candidates,
              model=model_path(model))
     queries = d2_queries(data, limit=limit)
-    labels = bd.candidate_labels(candidates, bd.build_tries(queries), top_n)
+    labels = bd.candidate_labels(candidates, bd.build_tries(queries), 50 if top_n is None else top_n)
     lm = load_model(model, device=device, dtype=dtype, allow_pickle=allow_pickle)
     res = bd.identify(lm, queries, labels, trig, ref, threshold=threshold, num_samples=num_samples,
                       temperature=temperature, max_new_tokens=max_new_tokens, seed=seed, out=out,
