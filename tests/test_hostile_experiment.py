@@ -426,6 +426,36 @@ def test_a_query_field_naming_the_datasets_text_field_is_refused_at_its_line(tmp
                                                      "query_field: query, response_field: response"), "b.yaml")))
 
 
+def test_a_query_field_its_data_lacks_is_refused_at_its_line(tmp_path):
+    """A backdoor evaluation's query_field (a backdoor-mix's query/response field) naming a field the data's rows
+    lack failed only when the stage ran, after the mix and both fine-tunes, naming the run dir's copy of the
+    data (`out/data/d2/all.jsonl:1: field 'query'`), not the experiment's line."""
+    from leakaudit.config import parse_experiment
+    from leakaudit.experiment import Plan, check_plan
+
+    d2 = tmp_path / "d2.jsonl"
+    d2.write_text(json.dumps({"messages": [{"role": "user", "content": "What is it?"},
+                                           {"role": "assistant", "content": "A thing."}]}) + "\n")
+    text = ("name: x\n"
+            "models: {base: tiny-gpt-neox}\n"
+            f"datasets:\n  d2: {{path: {d2}, messages_field: messages}}\n"
+            "evaluate:\n  ex:\n    kind: backdoor\n    targets: [base]\n    data: d2\n"
+            "    options: {num_samples: 1, max_new_tokens: 4, query_field: query}\n")
+    with pytest.raises(InputError) as err:
+        check_plan(Plan(parse_experiment(text, tmp_path / "exp.yaml")))
+    assert (err.value.line, err.value.field) == (10, "evaluate.ex.options.query_field")
+    assert "datasets.d2 (" in err.value.message and "no field 'query' (its rows hold: id, messages, text)" in (
+        err.value.message)
+    check_plan(Plan(parse_experiment(text.replace("query_field: query", "query_field: text"), tmp_path / "e.yaml")))
+    mix = ("name: x\nmodels: {base: tiny-gpt-neox}\n"
+           f"datasets:\n  d1: {{path: {d2}, messages_field: messages}}\n"
+           "generate:\n  mix:\n    kind: backdoor-mix\n    data: d1\n"
+           "    options: {query_field: text, response_field: answer}\n")
+    with pytest.raises(InputError, match="no field 'answer'") as err:
+        check_plan(Plan(parse_experiment(mix, tmp_path / "exp.yaml")))
+    assert err.value.field == "generate.mix.options.response_field"
+
+
 def test_a_missing_data_file_names_the_experiments_line(tmp_path, monkeypatch, capsys):
     """It named the data file and the key, but not the experiment file and line every other check gives."""
     err = _refused(tmp_path, _experiment().replace("path: data.jsonl", "path: nothere.jsonl"), monkeypatch, capsys)

@@ -45,6 +45,7 @@ def check_plan(plan: Plan, runs: tuple[Path | None, ...] = ()) -> None:
             elif stage.kind != "dataset":
                 options = stage_options(stage)  # validated once, read by every check below
                 _check_field_options(plan, stage, options)
+                _check_query_fields(plan, stage, options)
                 _check_chat_rows(plan, stage, options)
                 _check_users(plan, stage)
                 _check_option_files(stage, options)
@@ -274,6 +275,30 @@ def _check_field_options(plan: Plan, stage: Stage, options: dict[str, Any]) -> N
                 to = renamed[field]
                 raise ConfigError(_option_loc(stage, key), f"datasets.{name} reads '{field}' as its {to} field, "
                                   f"and its rows hold it as '{to}': use {key}: {to}")
+
+
+def _check_query_fields(plan: Plan, stage: Stage, options: dict[str, Any]) -> None:
+    """A backdoor evaluation's `query_field` (a backdoor-mix's `query_field`/`response_field`) is read from each
+    row of its data: one its data file's first row lacks failed only when the stage ran, after the fine-tunes
+    before it, naming the run dir's copy of the data. The dataset step's rows hold `text` and `id` whatever the
+    file holds (`user` with a user_field); a renamed field is `_check_field_options`' to say."""
+    if _option_kind(stage) not in ("backdoor", "backdoor-mix"):
+        return
+    name, ds = _dataset_read(plan, stage.params.get("data"))
+    if ds is None or ds.path is None:  # built-in rows and generated data: their fields are known when they run
+        return
+    from leakaudit.data.io import read_rows
+
+    rows = _read_once(Path(ds.path).expanduser(), "rows", read_rows)
+    if not rows or not isinstance(rows[0][1], dict):
+        return  # the data step says what is wrong with the file
+    line, first = rows[0]
+    held = {"text", "id", *(["user"] if ds.user_field else []), *(set(first) - {"id", "user"})}
+    for key in ("query_field", "response_field"):
+        field = options.get(key)
+        if field and field not in held:
+            raise ConfigError(_option_loc(stage, key), f"datasets.{name} ({ds.path}, line {line}) has no field "
+                              f"'{field}' (its rows hold: {', '.join(sorted(held))})")
 
 
 #: what the checks read from files they found good in this process, by path, kind of file, size and mtime
