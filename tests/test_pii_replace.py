@@ -370,3 +370,16 @@ def test_a_rows_chat_copy_is_replaced_with_the_texts_fakes(tmp_path):
     with pytest.raises(InputError, match="unknown role 'bot'") as err:
         replace_pii_file(bad)
     assert err.value.line == 1 and err.value.field == "messages[0]"
+
+
+def test_a_field_named_twice_is_refused(tmp_path, monkeypatch, capsys):
+    """`--text-field text,text` rewrote the field once but counted each row's replacements twice (pii_replaced,
+    the summary line: 'replaced 160 emails' for 80) and listed the field twice in its provenance."""
+    from conftest import run_main
+
+    src = tmp_path / "s.jsonl"
+    src.write_text('{"text": "Mail ann@corp.com"}\n')
+    code, err = run_main(["generate", "replace-pii", "--data", src, "--out", tmp_path / "r.jsonl", "--text-field",
+                          "text,text"], monkeypatch, capsys)
+    assert code == 2 and err == "error: field '--text-field': 'text' given twice\n", err
+    assert not (tmp_path / "r.jsonl").exists()

@@ -28,6 +28,9 @@ class ReplacePiiOptions(KindOptions):
             v = [f.strip() for f in v.split(",") if f.strip()]
         if isinstance(v, list) and not v:
             raise ValueError("no field given")
+        twice = next((f for i, f in enumerate(v) if f in v[:i]), None) if isinstance(v, list) else None
+        if twice is not None:  # rewritten once, but counted (pii_replaced) and listed (provenance) twice
+            raise ValueError(f"'{twice}' given twice")
         return v
 
 
