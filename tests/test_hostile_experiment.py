@@ -1147,6 +1147,10 @@ def test_dp_settings_without_dp_epsilon_under_defenses_are_refused_unless_a_grid
         check_plan(Plan(load_experiment(cfg)))
     assert (err.value.file, err.value.line, err.value.field) == (str(cfg), 12, "finetune.dp.defenses.dp_delta")
     assert "applies only with dp_epsilon" in err.value.message
+    cfg.write_text(head + "    options: {epochs: 1, dp_max_grad_norm: 0.5}\n")  # in options, the same
+    with pytest.raises(InputError) as err:
+        check_plan(Plan(load_experiment(cfg)))
+    assert (err.value.line, err.value.field) == (12, "finetune.dp.options.dp_max_grad_norm")
     cfg.write_text(head + "    defenses: {dp_delta: 1.0e-5}\n    grid: {dp_epsilon: [null, 8]}\n")
     plan = Plan(load_experiment(cfg))
     check_plan(plan)

@@ -373,15 +373,17 @@ def _check_training_fields(plan: Plan, stage: Stage, config: Any) -> None:
 
 
 def _check_dp_settings(stage: Stage, config: Any) -> None:
-    """DP-SGD's other settings under `defenses` without `dp_epsilon` trained with no DP at all, in silence: an
-    arm named for DP was undefended (the command refuses `--dp-delta` without `--dp-epsilon`). A grid over
-    `dp_epsilon` with a null value (a no-DP arm beside the DP ones) keeps them shared on purpose."""
+    """DP-SGD's other settings (under `defenses` or `options`) without `dp_epsilon` trained with no DP at all,
+    in silence: an arm named for DP was undefended (the command refuses `--dp-delta` without `--dp-epsilon`). A
+    grid over `dp_epsilon` with a null value (a no-DP arm beside the DP ones) keeps them shared on purpose."""
     if config.dp_epsilon is not None or "dp_epsilon" in stage.overrides:
         return
-    for key in ("dp_delta", "dp_max_grad_norm"):
-        if key in stage.params["defenses"]:
-            raise ConfigError(_option_loc(stage, key, "defenses"), "applies only with dp_epsilon (DP-SGD); without "
-                              "it this fine-tune trains with no differential privacy: set dp_epsilon, or drop it")
+    for section in ("defenses", "options"):
+        for key in ("dp_delta", "dp_max_grad_norm"):
+            if key in (stage.params[section] or {}) and key not in stage.overrides:
+                raise ConfigError(_option_loc(stage, key, section), "applies only with dp_epsilon (DP-SGD); "
+                                  "without it this fine-tune trains with no differential privacy: set dp_epsilon, "
+                                  "or drop it")
 
 
 def _check_chat_rows(plan: Plan, stage: Stage, options: dict[str, Any]) -> None:
