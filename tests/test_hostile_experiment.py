@@ -1133,8 +1133,8 @@ def test_a_fine_tune_options_error_about_a_row_names_the_options_key(tmp_path):
     assert "stage finetune/ft: " in err.value.message and f"({out / 'data' / 'd' / 'a.jsonl'}:1)" in err.value.message
 
 
-def test_dp_settings_without_dp_epsilon_under_defenses_are_refused_unless_a_grid_sets_it(tmp_path):
-    """`defenses: {dp_delta: 1e-5}` without dp_epsilon trained with no DP at all, in silence: an arm named for DP
+def test_dp_settings_without_dp_epsilon_are_refused_unless_a_grid_sets_it(tmp_path):
+    """`defenses: {dp_delta: 1e-5}` (or options) without dp_epsilon trained with no DP at all, in silence: an arm named for DP
     was undefended (the command refuses --dp-delta without --dp-epsilon). A grid over dp_epsilon with a null
     value is a no-DP arm beside DP ones, its settings shared on purpose: it plans."""
     from leakaudit.config import load_experiment
