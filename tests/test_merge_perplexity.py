@@ -179,6 +179,20 @@ def test_merge_reruns_into_its_own_out_and_a_missing_target_names_its_flag(data,
     assert code == 2 and "field '--target'" in err, err
 
 
+def test_merge_refuses_to_write_over_its_adapters_base(data, tmp_path, monkeypatch, capsys):
+    """An adapter trained on an earlier merge's output, merged with --out that same folder, deleted its own base
+    and wrote base + adapter there (exit 0): the base was lost and the adapter then loaded onto itself."""
+    first = finetune(FinetuneConfig(model="tiny-gpt-neox", data=str(data), out=str(tmp_path / "a"),
+                                    max_steps=1, batch_size=4, gradient_accumulation=1), progress=False)
+    base = merge_adapter(first, tmp_path / "base")
+    second = finetune(FinetuneConfig(model=str(base), data=str(data), out=str(tmp_path / "b"),
+                                     max_steps=1, batch_size=4, gradient_accumulation=1), progress=False)
+    weights = (base / "model.safetensors").read_bytes()
+    code, err = run_main(["merge", "--adapter", second, "--out", base], monkeypatch, capsys)
+    assert code == 2 and "base_model_name_or_path" in err, err
+    assert (base / "model.safetensors").read_bytes() == weights
+
+
 def test_a_perplexity_model_that_cannot_load_names_its_own_flag(data, tmp_path, monkeypatch, capsys):
     """The error named `--target`, an option perplexity does not have."""
     empty = tmp_path / "empty_model"

@@ -155,11 +155,15 @@ def register(app: typer.Typer) -> None:
         out: str = typer.Option(..., help="Where to write the merged full model."),
     ) -> None:
         """Merge an adapter into its base model and save a full model dir."""
+        from leakaudit.experiment.plan import local_adapter_base
         from leakaudit.outputs import prepare_output
         from leakaudit.train.merge import merge_adapter
 
+        # the adapter's local base is an input too: a base that is an earlier merge's output was replaced by
+        # this merge (deleted, then rewritten as base + adapter), and the adapter then loaded onto itself
+        base = local_adapter_base(Path(adapter).expanduser())
         prepare_output(out, command="merge", marker=False, files=("leakaudit_merge.json",),
-                       inputs={"--adapter": adapter})  # a rerun replaces what an earlier merge wrote
+                       inputs={"--adapter": adapter, "base_model_name_or_path": base})  # a rerun replaces
         typer.echo(str(merge_adapter(adapter, out)))
 
     @app.command()
