@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -191,6 +192,20 @@ def test_merge_refuses_to_write_over_its_adapters_base(data, tmp_path, monkeypat
     code, err = run_main(["merge", "--adapter", second, "--out", base], monkeypatch, capsys)
     assert code == 2 and "base_model_name_or_path" in err, err
     assert (base / "model.safetensors").read_bytes() == weights
+
+
+def test_merge_of_a_pickle_adapter_names_its_own_flag(data, tmp_path, monkeypatch, capsys):
+    """merge refuses adapter_model.bin (no --allow-pickle there), but its error named field '--model', a flag
+    merge does not have."""
+    from safetensors.torch import load_file
+
+    adapter = Path(finetune(FinetuneConfig(model="tiny-gpt-neox", data=str(data), out=str(tmp_path / "a"),
+                                           max_steps=1, batch_size=4, gradient_accumulation=1), progress=False))
+    torch.save(load_file(adapter / "adapter_model.safetensors"), adapter / "adapter_model.bin")
+    (adapter / "adapter_model.safetensors").unlink()
+    code, err = run_main(["merge", "--adapter", adapter, "--out", tmp_path / "m"], monkeypatch, capsys)
+    assert code == 2 and "field '--adapter'" in err and "pickle" in err, err
+    assert not (tmp_path / "m" / "model.safetensors").exists()
 
 
 def test_a_perplexity_model_that_cannot_load_names_its_own_flag(data, tmp_path, monkeypatch, capsys):

@@ -21,7 +21,12 @@ def merge_adapter(adapter_dir: str | Path, out_dir: str | Path) -> Path:
     earlier = (out / "leakaudit_merge.json").is_file()  # an earlier merge's output: replaced, once this one loads
     if out.exists() and any(out.iterdir()) and not earlier:
         raise InputError("output dir exists and is not empty", file=out, field="--out")
-    lm = load_model(str(adapter), device="cpu", dtype="fp32")
+    try:
+        lm = load_model(str(adapter), device="cpu", dtype="fp32")
+    except InputError as exc:  # the loader names its own flag, '--model', which merge does not have
+        if exc.field != "--model":
+            raise
+        raise InputError(exc.message, file=exc.file, line=exc.line, field="--adapter") from None
     if earlier:
         shutil.rmtree(out)
     merged = lm.model  # load_model folds an adapter loaded for inference into the weights
