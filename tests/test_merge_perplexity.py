@@ -208,6 +208,30 @@ def test_merge_of_a_pickle_adapter_names_its_own_flag(data, tmp_path, monkeypatc
     assert not (tmp_path / "m" / "model.safetensors").exists()
 
 
+def test_a_merge_that_dies_while_saving_keeps_the_earlier_merge_and_reruns(data, tmp_path, monkeypatch, capsys):
+    """A merge killed or failing while saving deleted the earlier merge first, and left --out with weights but no
+    leakaudit_merge.json, so that its rerun was refused as 'not written by `leakaudit merge`'."""
+    from transformers import PreTrainedTokenizerBase
+
+    adapter = finetune(FinetuneConfig(model="tiny-gpt-neox", data=str(data), out=str(tmp_path / "a"),
+                                      max_steps=1, batch_size=4, gradient_accumulation=1), progress=False)
+    out = merge_adapter(adapter, tmp_path / "merged")
+    weights = (out / "model.safetensors").read_bytes()
+
+    def dies(*args, **kwargs):  # after the weights are written, as a kill or a full disk there would
+        raise RuntimeError("killed while saving")
+
+    with monkeypatch.context() as m:
+        m.setattr(PreTrainedTokenizerBase, "save_pretrained", dies)
+        for target in (out, tmp_path / "fresh"):
+            with pytest.raises(RuntimeError):
+                merge_adapter(adapter, target)
+    assert (out / "model.safetensors").read_bytes() == weights and (out / "leakaudit_merge.json").is_file()
+    code, err = run_main(["merge", "--adapter", adapter, "--out", tmp_path / "fresh"], monkeypatch, capsys)
+    assert code == 0, err
+    assert (tmp_path / "fresh" / "model.safetensors").read_bytes() == weights
+
+
 def test_a_perplexity_model_that_cannot_load_names_its_own_flag(data, tmp_path, monkeypatch, capsys):
     """The error named `--target`, an option perplexity does not have."""
     empty = tmp_path / "empty_model"

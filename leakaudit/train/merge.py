@@ -27,12 +27,20 @@ def merge_adapter(adapter_dir: str | Path, out_dir: str | Path) -> Path:
         if exc.field != "--model":
             raise
         raise InputError(exc.message, file=exc.file, line=exc.line, field="--adapter") from None
-    if earlier:
-        shutil.rmtree(out)
     merged = lm.model  # load_model folds an adapter loaded for inference into the weights
-    out.mkdir(parents=True, exist_ok=True)
-    merged.save_pretrained(str(out), safe_serialization=True)
-    lm.tokenizer.save_pretrained(str(out))
+    # Written beside --out, then moved into place: a merge killed or failing while saving left --out holding
+    # weights but no leakaudit_merge.json, which its rerun refused as not merge's; and an earlier merge's
+    # model was deleted before the new one was saved, so a failed save lost both.
+    target = out.resolve()  # a symlinked --out: its folder is replaced, not the link
+    staging = target.with_name(f".{target.name}.merging")
+    if staging.exists():  # what a killed merge left
+        shutil.rmtree(staging)
+    staging.mkdir(parents=True)
+    merged.save_pretrained(str(staging), safe_serialization=True)
+    lm.tokenizer.save_pretrained(str(staging))
     base = json.loads((adapter / "adapter_config.json").read_text()).get("base_model_name_or_path")
-    write_json(out / "leakaudit_merge.json", {"adapter": str(adapter.resolve()), "base": base})
+    write_json(staging / "leakaudit_merge.json", {"adapter": str(adapter.resolve()), "base": base})
+    if target.exists():  # an earlier merge's output, or the empty dir the output check made
+        shutil.rmtree(target)
+    staging.replace(target)
     return out
