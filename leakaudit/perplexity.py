@@ -109,7 +109,7 @@ def model_dirs(run_dir: str | Path) -> list[Path]:
     """Every loadable model in a fine-tuning run dir: each checkpoint (in step order), then the final one."""
     from leakaudit.train.artifacts import checkpoint_dirs
 
-    run = Path(run_dir)
+    run = Path(run_dir).expanduser()  # `~/run`, as --model reads it without --all-checkpoints
     found = []
     for ckpt in checkpoint_dirs(run):
         loadable = ckpt / "adapter" if (ckpt / "adapter" / "adapter_config.json").exists() else ckpt

@@ -140,6 +140,18 @@ def test_perplexity_cli_over_every_checkpoint(data, tmp_path):
     assert [c["name"] for c in saved["checkpoints"]] == ["checkpoint-3", "checkpoint-6", "final"]
 
 
+def test_perplexity_over_every_checkpoint_reads_a_home_relative_run_dir(data, tmp_path, monkeypatch, capsys):
+    """`--model '~/run' --all-checkpoints` said "no model or checkpoint found in this dir", while the same spec
+    loads without --all-checkpoints (and in every other command): `~` was not read as the home folder."""
+    finetune(FinetuneConfig(model="tiny-gpt-neox", data=str(data), out=str(tmp_path / "run"), max_steps=1,
+                            batch_size=4, gradient_accumulation=1, save_steps=1), progress=False)
+    monkeypatch.setenv("HOME", str(tmp_path))
+    code, out, err = run_main(["perplexity", "--model", "~/run", "--data", data, "--out", tmp_path / "p",
+                               "--all-checkpoints"], monkeypatch, capsys, stdout=True)
+    assert code == 0, err
+    assert "checkpoint-1\t" in out and "final\t" in out, out
+
+
 def test_perplexity_kind_measures_checkpoints_only_when_asked(data, tmp_path):
     from leakaudit.kinds import get_kind
     from leakaudit.kinds.base import KindContext, ModelCache
