@@ -152,6 +152,15 @@ def test_perplexity_over_every_checkpoint_reads_a_home_relative_run_dir(data, tm
     assert "checkpoint-1\t" in out and "final\t" in out, out
 
 
+def test_perplexity_over_every_checkpoint_of_a_model_name_says_it_is_not_a_dir(data, tmp_path, monkeypatch,
+                                                                               capsys):
+    """`--model tiny-gpt-neox --all-checkpoints` said "no model or checkpoint found in this dir" of a name that is
+    no dir at all."""
+    code, err = run_main(["perplexity", "--model", "tiny-gpt-neox", "--data", data, "--out", tmp_path / "p",
+                          "--all-checkpoints"], monkeypatch, capsys)
+    assert code == 2 and "not a directory" in err and "field '--model'" in err, err
+
+
 def test_perplexity_kind_measures_checkpoints_only_when_asked(data, tmp_path):
     from leakaudit.kinds import get_kind
     from leakaudit.kinds.base import KindContext, ModelCache

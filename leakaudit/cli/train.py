@@ -203,6 +203,9 @@ def register(app: typer.Typer) -> None:
                        inputs={"--data": data, "--model": model_path(model)})
         target, checkpoints = model, []
         if all_checkpoints:
+            if not Path(model).expanduser().is_dir():  # a name (tiny-gpt-neox, a hub id) or a .gguf file
+                raise InputError("--all-checkpoints takes a fine-tuning run dir (its checkpoint-N folders and final "
+                                 "model), and this is not a directory", file=model, field="--model")
             dirs = model_dirs(model)
             if not dirs:
                 raise InputError("no model or checkpoint found in this dir", file=model, field="--model")
