@@ -253,6 +253,18 @@ def test_a_merge_that_dies_while_saving_keeps_the_earlier_merge_and_reruns(data,
     assert (tmp_path / "fresh" / "model.safetensors").read_bytes() == weights
 
 
+def test_merge_reads_a_home_relative_adapter_as_model_specs_are_read(data, tmp_path, monkeypatch, capsys):
+    """`merge --adapter '~/a'` was refused as 'not an adapter dir', while `score --model '~/a'` loads it."""
+    finetune(FinetuneConfig(model="tiny-gpt-neox", data=str(data), out=str(tmp_path / "a"), max_steps=1,
+                            batch_size=4, gradient_accumulation=1), progress=False)
+    monkeypatch.setenv("HOME", str(tmp_path))
+    code, err = run_main(["merge", "--adapter", "~/a", "--out", tmp_path / "m"], monkeypatch, capsys)
+    assert code == 0, err
+    assert (tmp_path / "m" / "model.safetensors").is_file()
+    code, err = run_main(["merge", "--adapter", "~/a", "--out", tmp_path / "a" / "m"], monkeypatch, capsys)
+    assert code == 2 and "inside the --adapter directory" in err, err
+
+
 def test_a_perplexity_model_that_cannot_load_names_its_own_flag(data, tmp_path, monkeypatch, capsys):
     """The error named `--target`, an option perplexity does not have."""
     empty = tmp_path / "empty_model"

@@ -163,7 +163,7 @@ def register(app: typer.Typer) -> None:
         # this merge (deleted, then rewritten as base + adapter), and the adapter then loaded onto itself
         base = local_adapter_base(Path(adapter).expanduser())
         prepare_output(out, command="merge", marker=False, files=("leakaudit_merge.json",),
-                       inputs={"--adapter": adapter, "base_model_name_or_path": base})  # a rerun replaces
+                       inputs={"--adapter": Path(adapter).expanduser(), "base_model_name_or_path": base})  # a rerun replaces
         typer.echo(str(merge_adapter(adapter, out)))
 
     @app.command()

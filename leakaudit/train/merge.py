@@ -14,7 +14,7 @@ def merge_adapter(adapter_dir: str | Path, out_dir: str | Path) -> Path:
     """Load base + adapter in fp32 (folded into the weights on load), save safetensors + tokenizer."""
     from leakaudit.models import load_model
 
-    adapter = Path(adapter_dir)
+    adapter = Path(adapter_dir).expanduser()  # `~/adapter`, as every --model reads it
     if not (adapter / "adapter_config.json").exists():
         raise InputError("not an adapter dir (no adapter_config.json)", file=adapter, field="--adapter")
     out = Path(out_dir)
