@@ -90,6 +90,16 @@ def test_adapter_bin_with_stray_safetensors_is_refused_unless_allowed(tmp_path, 
     models.check_model_spec(str(d), allow_pickle=True)
 
 
+def test_adapter_weights_that_do_not_fit_their_config_are_one_line(tmp_path, monkeypatch, capsys):
+    """An adapter whose weights are of another rank than adapter_config.json says (or of another size of base)
+    stopped in PEFT's load_state_dict with a RuntimeError traceback and exit 1."""
+    d = _lora_adapter(tmp_path / "adapter", safe=True)
+    cfg = json.loads((d / "adapter_config.json").read_text())
+    cfg["r"] = 4  # the weights are rank 2
+    (d / "adapter_config.json").write_text(json.dumps(cfg))
+    _refused(_info(d), monkeypatch, capsys, tmp_path, "cannot load adapter", "size mismatch", "--model")
+
+
 def test_every_command_that_loads_a_model_takes_allow_pickle(tmp_path, monkeypatch, capsys):
     """The refusal points at --allow-pickle: `perplexity` and `backdoor extract/identify/detect` had no such
     flag (a trusted pickled adapter could be scored but not measured there)."""

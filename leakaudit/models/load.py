@@ -151,6 +151,12 @@ def _load_adapter(spec: str, path: Path, dev: torch.device, dt: torch.dtype, all
         model = PeftModel.from_pretrained(base.model, str(path), is_trainable=for_training)
     except (*_load_errors(), KeyError, TypeError) as exc:  # PEFT reads its config fields with little checking
         raise InputError(f"cannot load adapter: {first_line(exc)}", file=path, field="--model") from None
+    except RuntimeError as exc:  # torch's load_state_dict: weights of another rank or base ("size mismatch")
+        if not str(exc).startswith("Error(s) in loading state_dict"):
+            raise
+        detail = next((line.strip() for line in str(exc).splitlines()[1:] if line.strip()), "")
+        raise InputError(f"cannot load adapter: its weights do not fit the base model as adapter_config.json "
+                         f"describes it ({detail})", file=path, field="--model") from None
     tokenizer = base.tokenizer
     if (path / "tokenizer_config.json").exists():
         from transformers import AutoTokenizer
