@@ -100,6 +100,25 @@ def test_adapter_weights_that_do_not_fit_their_config_are_one_line(tmp_path, mon
     _refused(_info(d), monkeypatch, capsys, tmp_path, "cannot load adapter", "size mismatch", "--model")
 
 
+def test_weights_lacking_a_tensor_or_of_another_shape_are_refused(model_copy, tmp_path, monkeypatch, capsys):
+    """A model dir whose safetensors lacks a tensor loaded with that tensor random (transformers' warning only):
+    exit 0, and scores that differed on every --no-cache run. Weights of another shape than config.json says
+    stopped with transformers' RuntimeError traceback."""
+    from safetensors.torch import load_file, save_file
+
+    d = model_copy("lacking")
+    weights = load_file(str(d / "model.safetensors"))
+    dropped = next(k for k in weights if "layers.1" in k and k.endswith("weight"))
+    del weights[dropped]
+    save_file(weights, str(d / "model.safetensors"), metadata={"format": "pt"})
+    _refused(_info(d), monkeypatch, capsys, tmp_path, "lack 1", dropped, "--model")
+    d = model_copy("reshaped")
+    _edit_config(d, ffn_dim=json.loads((d / "config.json").read_text())["ffn_dim"] * 2)
+    code, err = _run_main(_info(d), monkeypatch, capsys)
+    assert code == 2 and "Traceback" not in err, err
+    assert err.splitlines()[-1].startswith("error: ") and "differ in shape" in err, err
+
+
 def test_every_command_that_loads_a_model_takes_allow_pickle(tmp_path, monkeypatch, capsys):
     """The refusal points at --allow-pickle: `perplexity` and `backdoor extract/identify/detect` had no such
     flag (a trusted pickled adapter could be scored but not measured there)."""

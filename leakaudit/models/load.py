@@ -127,10 +127,22 @@ def _load_model(spec: str, device: str | None, dtype: str | torch.dtype | None, 
         raise InputError(f"cannot load tokenizer: {first_line(exc)}", file=str(where), field="--model") from None
     try:
         # use_safetensors=True: transformers then never falls back to a pickle file; None prefers safetensors.
-        model = AutoModelForCausalLM.from_pretrained(str(where), dtype=dt, trust_remote_code=False,
-                                                     use_safetensors=None if allow_pickle else True)
+        model, info = AutoModelForCausalLM.from_pretrained(str(where), dtype=dt, trust_remote_code=False,
+                                                           use_safetensors=None if allow_pickle else True,
+                                                           output_loading_info=True)
     except _load_errors() as exc:
         raise InputError(f"cannot load model: {first_line(exc)}", file=str(where), field="--model") from None
+    except RuntimeError as exc:  # transformers' "size mismatch" refusal, after its load report
+        if "ignore_mismatched_sizes" not in str(exc) and not str(exc).startswith("Error(s) in loading state_dict"):
+            raise
+        raise InputError("cannot load model: tensors in the weights differ in shape from what config.json "
+                         "describes (the load report above lists them)", file=str(where), field="--model") from None
+    # Weights the files lack were initialised at random by transformers with a warning only: scores of a partly
+    # random model, different on every --no-cache run.
+    missing = sorted(info.get("missing_keys") or ())
+    if missing:
+        raise InputError(f"cannot load model: the weights files lack {len(missing)} of the model's tensors "
+                         f"(e.g. {missing[0]}), which would be random", file=str(where), field="--model")
     if kind == "hub":  # a new revision may change the tokenizer alone: cached scores of the old one must not match
         both = tensor_fingerprint(model) + tokenizer_fingerprint(tokenizer)
         fingerprint = "hub-" + hashlib.sha256(both.encode()).hexdigest()[:32]
