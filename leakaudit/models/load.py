@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import threading
+import warnings
 import weakref
 from dataclasses import dataclass
 from pathlib import Path
@@ -160,7 +161,13 @@ def _load_adapter(spec: str, path: Path, dev: torch.device, dt: torch.dtype, all
     base_spec = adapter_base(path, allow_pickle)  # also makes PEFT open adapter_model.safetensors, never the .bin
     base = load_model(base_spec, device=str(dev), dtype=dt, allow_pickle=allow_pickle, for_training=for_training)
     try:
-        model = PeftModel.from_pretrained(base.model, str(path), is_trainable=for_training)
+        with warnings.catch_warnings():  # PEFT only warns of adapter weights the file lacks, left at random
+            warnings.filterwarnings("error", message="Found missing adapter keys", category=UserWarning)
+            model = PeftModel.from_pretrained(base.model, str(path), is_trainable=for_training)
+    except UserWarning as exc:
+        missing = str(exc).partition("checkpoint: ")[2].strip(" .[]").split(",")[0].strip(" '\"")
+        raise InputError(f"cannot load adapter: the adapter weights file lacks some of its tensors (e.g. {missing}), "
+                         "which would be random", file=path, field="--model") from None
     except (*_load_errors(), KeyError, TypeError) as exc:  # PEFT reads its config fields with little checking
         raise InputError(f"cannot load adapter: {first_line(exc)}", file=path, field="--model") from None
     except RuntimeError as exc:  # torch's load_state_dict: weights of another rank or base ("size mismatch")
