@@ -160,10 +160,11 @@ def register(app: typer.Typer) -> None:
         from leakaudit.train.merge import merge_adapter
 
         # the adapter's local base is an input too: a base that is an earlier merge's output was replaced by
-        # this merge (deleted, then rewritten as base + adapter), and the adapter then loaded onto itself
+        # this merge (deleted, then rewritten as base + adapter), and the adapter then loaded onto itself; a
+        # rerun replaces what an earlier merge wrote
         base = local_adapter_base(Path(adapter).expanduser())
         prepare_output(out, command="merge", marker=False, files=("leakaudit_merge.json",),
-                       inputs={"--adapter": Path(adapter).expanduser(), "base_model_name_or_path": base})  # a rerun replaces
+                       inputs={"--adapter": Path(adapter).expanduser(), "base_model_name_or_path": base})
         typer.echo(str(merge_adapter(adapter, out)))
 
     @app.command()
