@@ -284,15 +284,9 @@ def _check_query_fields(plan: Plan, stage: Stage, options: dict[str, Any]) -> No
     file holds (`user` with a user_field); a renamed field is `_check_field_options`' to say."""
     if _option_kind(stage) not in ("backdoor", "backdoor-mix"):
         return
-    name, ds = _dataset_read(plan, stage.params.get("data"))
-    if ds is None or ds.path is None:  # built-in rows and generated data: their fields are known when they run
+    name, ds, line, first = _first_source_row(plan, stage.params.get("data"))
+    if first is None:
         return
-    from leakaudit.data.io import read_rows
-
-    rows = _read_once(Path(ds.path).expanduser(), "rows", read_rows)
-    if not rows or not isinstance(rows[0][1], dict):
-        return  # the data step says what is wrong with the file
-    line, first = rows[0]
     held = {"text", "id", *(["user"] if ds.user_field else []), *(set(first) - {"id", "user"})}
     for key in ("query_field", "response_field"):
         field = options.get(key)
@@ -397,24 +391,35 @@ def _check_chat_rows(plan: Plan, stage: Stage, options: dict[str, Any]) -> None:
         _check_first_row(plan, stage, stage.params.get(role), [field], "chat", key)
 
 
-def _check_first_row(plan: Plan, stage: Stage, source: Any, fields: list[str], data_format: str, key: str) -> None:
-    """`fields` are in the first row of the dataset `source` names: a data file without them failed when the stage
-    ran, after every stage before it, naming the run dir's copy of the data. Refused at the option `key`."""
+def _first_source_row(plan: Plan, source: Any) -> tuple[str, Any, int, dict[str, Any] | None]:
+    """(name, entry, line, row) of the first row of the data file the dataset `source` names; row None for a
+    built-in or generated source (its fields are known when it runs) or a file whose first row is no object
+    (the data step says what is wrong with it)."""
     name, ds = _dataset_read(plan, source)
-    if not fields or ds is None or ds.path is None:
-        return
+    if ds is None or ds.path is None:
+        return name, ds, 0, None
     from leakaudit.data.io import read_rows
 
     rows = _read_once(Path(ds.path).expanduser(), "rows", read_rows)
     if not rows or not isinstance(rows[0][1], dict):
-        return  # the data step says what is wrong with the file
+        return name, ds, 0, None
+    return name, ds, *rows[0]
+
+
+def _check_first_row(plan: Plan, stage: Stage, source: Any, fields: list[str], data_format: str, key: str) -> None:
+    """`fields` are in the first row of the dataset `source` names: a data file without them failed when the stage
+    ran, after every stage before it, naming the run dir's copy of the data. Refused at the option `key`."""
+    if not fields:  # a plain fine-tune reads no field of its own: its file is not read here
+        return
+    name, ds, line, first = _first_source_row(plan, source)
+    if first is None:
+        return
     renamed = _renamed_fields(ds)
-    first = rows[0][1]
     for field in fields:
         top = field.split(".")[0]
         if top not in first or top in renamed:
             raise ConfigError(_option_loc(stage, key), f"format: {data_format} reads '{field}' from each row, and "
-                              f"datasets.{name} ({ds.path}, line {rows[0][0]}) has "
+                              f"datasets.{name} ({ds.path}, line {line}) has "
                               + ("it as its own " + renamed[top] if top in renamed
                                  else f"no such field (it has: {', '.join(sorted(first))})"))
 
