@@ -396,6 +396,33 @@ def test_a_run_without_compare_to_says_why_it_has_no_verdicts(tmp_path):
     assert 'id="verdicts"' not in html and "No evaluation sets <code>compare_to</code>" in html
 
 
+def test_a_partial_run_lists_the_comparisons_it_could_not_draw(tmp_path, capsys):
+    """A run whose variant failed (or was stopped before it) said "No evaluation sets compare_to" where the
+    verdicts would be, and one with some verdicts left the others out without a word."""
+    from leakaudit.report.html import build
+
+    base = _mia_stage(tmp_path, "mia", "m0", [1.0, 2.0, 3.0], [0.5, 1.5, 2.5], 0)
+    failed = {**_mia_stage(tmp_path, "mia", "ft_a", [1.0, 2.0, 3.0], [0.5, 1.5, 2.5], 0), "result": None,
+              "status": "failed", "error": "RuntimeError: out of memory"}
+    pending = {**_mia_stage(tmp_path, "mia", "ft_b", [1.0, 2.0, 3.0], [0.5, 1.5, 2.5], 0), "result": None,
+               "status": "pending"}
+    for stages in ([base, failed, pending], [{**base, "result": None, "status": "pending"}, failed, pending]):
+        (tmp_path / "run.json").write_text(json.dumps({"experiment": {"name": "n"}, "stages": stages}))
+        html, summary = build(tmp_path)
+        assert "No evaluation sets <code>compare_to</code>" not in html and 'id="verdicts-missing"' in html
+        assert "ft_a vs m0: not compared: evaluate/mia/ft_a failed (RuntimeError: out of memory)" in html
+        assert "ft_b vs m0: not compared: evaluate/mia/ft_b has not finished" in html
+        assert ("evaluate/mia/m0 has not finished" in html) == (stages[0]["result"] is None)  # the baseline too
+        assert [(m["variant"], m["baseline"]) for m in summary["comparisons_missing"]] == [("ft_a", "m0"),
+                                                                                           ("ft_b", "m0")]
+    assert "2 comparison(s) that compare_to asks for are not drawn" in capsys.readouterr().err
+    # a finished pair is a verdict, and nothing is said missing
+    done = _mia_stage(tmp_path, "mia", "ft_c", [5.0, 6.0, 7.0], [0.5, 1.5, 2.5], 0)
+    (tmp_path / "run.json").write_text(json.dumps({"experiment": {"name": "n"}, "stages": [base, done]}))
+    html, summary = build(tmp_path)
+    assert "ft_c vs m0: loss AUC" in html and "verdicts-missing" not in html and "comparisons_missing" not in summary
+
+
 def test_the_perplexity_table_says_over_how_many_texts_and_tokens(tmp_path):
     """A perplexity with no n could not be judged (27.80 against 28.31: of 5 texts or of 252?)."""
     from leakaudit.kinds.base import StageView

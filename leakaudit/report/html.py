@@ -143,6 +143,48 @@ def kind_comparisons(out: Path, stages: list[dict[str, Any]]) -> list[dict[str, 
             for c in get_kind(name).Result.comparisons(_finished(out, stages, name))]
 
 
+def missing_comparisons(stages: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The comparisons an evaluation's `compare_to` asks for that a run has not drawn, because the variant's
+    stage or the baseline's has not finished (it failed, or the run was stopped before it): one row each,
+    {evaluation, variant, baseline, why}. A partial run's report listed the verdicts it had and left these
+    out without a word, and where none was drawn said that no evaluation sets `compare_to`."""
+    known = set(kind_names())
+    groups: dict[str, list[dict[str, Any]]] = {}
+    for s in stages:
+        params = s.get("params") if isinstance(s.get("params"), dict) else {}
+        if str(s.get("id", "")).startswith("evaluate/") and s.get("kind") in known:
+            groups.setdefault(str(params.get("evaluation") or s["id"].split("/")[1]), []).append(s)
+
+    def target(s: dict[str, Any]) -> str:
+        return str(s["params"].get("target_label") or s["id"].split("/", 1)[-1])
+
+    def state(s: dict[str, Any]) -> str:
+        if s.get("error") or s.get("status") == "failed":
+            return f"{s['id']} failed" + (f" ({s['error']})" if s.get("error") else "")
+        return f"{s['id']} has not finished"
+
+    out: list[dict[str, Any]] = []
+    for evaluation, group in groups.items():
+        wanted = next((v for v in ((s.get("result") or {}).get("compare_to")
+                                   or (s["params"].get("options") or {}).get("compare_to") for s in group) if v), None)
+        if wanted is None:
+            continue
+        base = next((s for s in group if target(s) == wanted), None)
+        for s in group:
+            if s is base or (s.get("result") and base is not None and base.get("result")):
+                continue
+            why = [state(x) for x in (s, base) if x is not None and not x.get("result")]
+            if base is None:
+                why.append(f"no stage of this evaluation is '{wanted}'")
+            out.append({"evaluation": evaluation, "variant": target(s), "baseline": wanted, "why": "; ".join(why)})
+    return out
+
+
+def missing_sentence(m: dict[str, Any]) -> str:
+    """A comparison not drawn, as the verdict section states it."""
+    return f"{m['evaluation']}: {m['variant']} vs {m['baseline']}: not compared: {m['why']}"
+
+
 def _signed(x: float, digits: int = 3) -> str:
     return ("+" if x > 0 else "") + fmt(float(x), digits)
 
@@ -329,6 +371,13 @@ def build(out: str | Path) -> tuple[str, dict[str, Any]]:
     cols, table_rows = _headline_table(rows)
     sections = [sec for sec in kind_sections(out, stages) if sec]
     comparisons = kind_comparisons(out, stages)
+    missing = missing_comparisons(stages)
+    if missing:
+        from leakaudit.warn import warn_once
+
+        warn_once(f"{out}: {len(missing)} comparison(s) that compare_to asks for are not drawn, as stages they need "
+                  f"have not finished (the first: {missing_sentence(missing[0])}); `leakaudit run` with the "
+                  "experiment and this --out finishes them")
     config_text = run.get("config_text") or json.dumps(exp, indent=2)
     env = jinja2.Environment(loader=jinja2.PackageLoader("leakaudit.report", "templates"),
                              autoescape=True, undefined=jinja2.StrictUndefined)
@@ -337,6 +386,9 @@ def build(out: str | Path) -> tuple[str, dict[str, Any]]:
         title=title, name=exp["name"], seed=exp.get("seed"), file_seed=_file_seed(config_text), show_pii=show_pii,
         headline_cols=cols, headline_rows=table_rows,
         verdicts=[verdict_sentence(c) for c in comparisons], verdict_figures=verdict_figures(comparisons),
+        missing=[missing_sentence(m) for m in missing],
+        compares=any((s.get("params") or {}).get("options", {}).get("compare_to") for s in stages
+                     if isinstance((s.get("params") or {}).get("options"), dict)),
         sections=sections, stages=stages, inputs={s["id"]: stage_inputs(s) for s in stages},
         has_evaluations=any(str(s["id"]).startswith("evaluate/") for s in stages),
         n_done=sum(1 for s in stages if s.get("result") is not None),
@@ -349,6 +401,7 @@ def build(out: str | Path) -> tuple[str, dict[str, Any]]:
                "generated": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
                "pii": "shown" if show_pii else "masked",  # says so before anyone shares the file
                "headline": rows, "comparisons": comparisons,
+               **({"comparisons_missing": missing} if missing else {}),
                "stages": {s["id"]: s.get("result") for s in stages},
                **({"older_results": older} if older else {}), "versions": run.get("versions", {})}
     if not show_pii:  # run.json is masked when written, but it may predate that or have been edited
