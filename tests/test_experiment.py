@@ -1255,3 +1255,79 @@ def test_run_json_records_which_default_model_the_spec_default_was():
     from leakaudit.models.gguf import DEFAULT_DISTRIBUTION
 
     assert versions()[DEFAULT_DISTRIBUTION] == package_version(DEFAULT_DISTRIBUTION)
+
+
+COMPARED = """\
+name: compared
+models:
+  base: tiny-gpt-neox
+datasets:
+  emails:
+    builtin: enron-synthetic
+    limit: 16
+    max_chars: 160
+    split: {members: 0.5, nonmembers: 0.5}
+    split_by: user
+finetune:
+  real:
+    model: base
+    data: emails.members
+    options: {epochs: 1, learning_rate: 0.001, batch_size: 4, gradient_accumulation: 1, max_length: 48}
+evaluate:
+  mia:
+    kind: mia
+    targets: [base, real]
+    members: emails.members
+    nonmembers: emails.nonmembers
+    options: {attacks: [loss], n_bootstrap: 20, compare_to: base}
+  users:
+    kind: user-inference
+    targets: [base, real]
+    reference: base
+    members: emails.members
+    nonmembers: emails.nonmembers
+    options: {m_values: [1], n_bootstrap: 20, compare_to: base}
+"""
+
+
+def test_editing_compare_to_keeps_every_stage_and_compares_anew(tmp_path):
+    """`compare_to` only picks the target the report compares the others with, from the stages' files; as an
+    option it was in the stage keys, so editing it sampled and scored every target of the evaluation again.
+    Stages finished (or started) under another compare_to are kept, here and from a --reuse dir, and say the
+    new one (run.json, stage.json, user_inference.json) while the comparisons follow it."""
+    from leakaudit.report.html import write_report
+
+    out = tmp_path / "out"
+    run_experiment(parse_experiment(COMPARED), out, log=_quiet)
+    before = {p: p.stat().st_mtime_ns for p in out.rglob("scores.jsonl")}
+
+    def summary() -> dict:
+        return json.loads((out / "summary.json").read_text())
+
+    assert {(c["evaluation"], c["variant"], c["baseline"]) for c in summary()["comparisons"]} == {
+        ("mia", "real", "base"), ("users", "real", "base")}
+    for value, pairs in (("real", {("mia", "base", "real"), ("users", "base", "real")}), (None, set())):
+        text = COMPARED.replace("compare_to: base", f"compare_to: {value}") if value else \
+            COMPARED.replace(", compare_to: base", "")
+        status = run_experiment(parse_experiment(text), out, log=_quiet)
+        assert set(status.values()) == {"cached"}, status
+        assert {(c["evaluation"], c["variant"], c["baseline"]) for c in summary()["comparisons"]} == pairs
+        for ui in out.glob("evaluate/users/*/user_inference.json"):
+            assert json.loads(ui.read_text())["compare_to"] == value
+        record = json.loads((out / "run.json").read_text())
+        assert {s["result"].get("compare_to") for s in record["stages"] if s["kind"] == "user-inference"} == {value}
+        write_report(out)  # the rewritten files are the recorded ones: the report does not refuse them
+    assert {p: p.stat().st_mtime_ns for p in out.rglob("scores.jsonl")} == before  # nothing scored again
+    # another run dir takes them from this one with --reuse, under yet another compare_to
+    status = run_experiment(parse_experiment(COMPARED), tmp_path / "other", log=_quiet, reuse=out)
+    assert set(status.values()) == {"reused"}, status
+    assert json.loads((tmp_path / "other/evaluate/users/real/user_inference.json").read_text())["compare_to"] == "base"
+    assert json.loads((out / "evaluate/users/real/user_inference.json").read_text())["compare_to"] is None  # not
+    # written through the hard link
+    # a stage started under another compare_to resumes in its folder rather than starting clean
+    started = out / "evaluate/mia/real"
+    (started / "stage.json").unlink()
+    (started / "kept").write_text("")
+    status = run_experiment(parse_experiment(COMPARED), out, log=_quiet)
+    assert status["evaluate/mia/real"] == "ran" and (started / "kept").exists()
+    assert [s for s, v in status.items() if v != "cached"] == ["evaluate/mia/real"]

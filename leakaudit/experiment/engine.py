@@ -25,7 +25,7 @@ from leakaudit.experiment.checks import (
     resolve_models,
     stage_roles,
 )
-from leakaudit.experiment.manifest import changed_output, is_done, older_split, output_manifest
+from leakaudit.experiment.manifest import MARKERS, changed_output, is_done, older_split, output_manifest
 from leakaudit.experiment.plan import Plan, Stage, inside, remove_stale, stage_dir, stage_version
 from leakaudit.experiment.stages import RUNNERS, StageContext, data_parallel, run_kind_stage
 from leakaudit.kinds.base import ModelCache
@@ -200,12 +200,20 @@ def _settle(i: int, n: int, plan: Plan, stage: Stage, sdir: Path, out: Path, res
         if after_stage is not None:
             after_stage(status)  # run.json no longer lists its old result (the report must not read it)
     theirs = is_done(Path(reuse) / stage.folder, stage.key) if reuse is not None else None
+    retold = None  # finished there under another compare_to: reused, then told this one's
+    if reuse is not None and theirs is None:
+        retold = _compare_to_record(plan, stage, Path(reuse) / stage.folder)
+        theirs = retold
     if reuse is not None and theirs is None:
         _older_there(Path(reuse), stage)
     if (theirs is not None and _other_precision(stage, theirs) is None  # never a stage computed in another dtype
             and older_split(stage.kind, Path(reuse) / stage.folder) is None
             and _read_the_same(plan, stage, theirs, Path(reuse), out, finished)):
-        done = reuse_stage(Path(reuse), stage.folder, stage.key, out, sdir)
+        done = reuse_stage(Path(reuse), stage.folder, stage.key if retold is None else retold["was"], out, sdir)
+        if done is not None and retold is not None:
+            done = _retell_compare_to(sdir, {k: v for k, v in retold.items() if k != "was"})
+            write_json(sdir / "stage.json", done)  # replaced, not written through the hard link
+            write_atomic(sdir / ".key", lambda fh, key=stage.key: fh.write(key))
         if done is not None:
             mine = {d: finished.get(d) for d in stage.deps}
             if (done.get("inputs") or {}) != mine and done.get("inputs") is not None:
@@ -403,6 +411,7 @@ def run_experiment(exp: Experiment, out: str | Path, *, config_text: str | None 
     with exclusive(out) if main else nullcontext():
         if main:
             adopt_earlier_keys(plan, out)
+            adopt_compare_to(plan, out, log)
             distributed.barrier()
             write_run_record(plan, out, config_text, {})  # so `leakaudit report` works on a run in progress
             for stale in ("summary.json", "report.html"):  # an earlier run's numbers: written again at the end
@@ -434,6 +443,73 @@ def adopt_earlier_keys(plan: Plan, out: Path) -> None:
         keyfile = sdir / ".key"
         if keyfile.is_file() and keyfile.read_text().strip() == stage.earlier_key:  # also a stage in progress:
             write_atomic(keyfile, lambda fh, key=stage.key: fh.write(key))      # it resumes, not starts clean
+
+
+def _compare_to_record(plan: Plan, stage: Stage, sdir: Path) -> dict[str, Any] | None:
+    """The record of a stage finished in `sdir` under the key it has with another `compare_to`
+    (plan.compare_to_keys), rewritten for this one: its key, parameters and result's `compare_to`, and the key
+    it was finished under as `was`. None when there is none (or it is finished with its own key)."""
+    import json
+
+    marker = sdir / "stage.json"
+    if not marker.is_file() or is_done(sdir, stage.key) is not None:
+        return None
+    try:
+        record = json.loads(marker.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    if not isinstance(record, dict):
+        return None
+    recorded = ((record.get("params") or {}).get("options") or {}) if isinstance(record.get("params"), dict) else {}
+    keys = plan.compare_to_keys(stage, also=recorded.get("compare_to") if isinstance(recorded, dict) else None)
+    if record.get("key") not in keys:
+        return None
+    now = (stage.params.get("options") or {}).get("compare_to")
+    result = record.get("result")
+    if isinstance(result, dict) and "compare_to" in result:  # user inference and backdoor keep it in theirs
+        result = {**result, "compare_to": now}
+    return {**record, "key": stage.key, "params": stage.params, "result": result, "was": record["key"]}
+
+
+def _retell_compare_to(sdir: Path, record: dict[str, Any]) -> dict[str, Any]:
+    """A stage's own JSON files that name the `compare_to` it ran with (user_inference.json) say the one it is
+    adopted under; its record's manifest follows. Files are replaced, never written through: a reused stage's
+    are hard links into the other run."""
+    import json
+
+    now = (record.get("params", {}).get("options") or {}).get("compare_to")
+    changed = False
+    for f in sorted(sdir.glob("*.json")):
+        if f.name in MARKERS:
+            continue
+        try:
+            data = json.loads(f.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            continue
+        if isinstance(data, dict) and "compare_to" in data and data["compare_to"] != now:
+            write_json(f, {**data, "compare_to": now})
+            changed = True
+    return {**record, "outputs": output_manifest(sdir)} if changed and record.get("outputs") is not None else record
+
+
+def adopt_compare_to(plan: Plan, out: Path, log: Callable[[str], None] = say) -> None:
+    """Evaluation stages finished (or started) here under another `compare_to` take this one's key: that option
+    only picks the target the report compares the others with, so their samples and scores stand. Editing it
+    sampled every PII target and scored every text again."""
+    for stage in plan.stages.values():
+        sdir = out / stage.folder
+        record = _compare_to_record(plan, stage, sdir)
+        if record is not None:
+            record.pop("was")
+            write_json(sdir / "stage.json", _retell_compare_to(sdir, record))  # replaced, never through a link
+            log(f"{stage.id}: compare_to changed, which changes none of its results; kept")
+        keyfile = sdir / ".key"
+        if keyfile.is_file() and is_done(sdir, stage.key) is None:  # a stage in progress: it resumes
+            had = keyfile.read_text().strip()
+            if had != stage.key and had in plan.compare_to_keys(stage):
+                write_atomic(keyfile, lambda fh, key=stage.key: fh.write(key))
+        elif record is not None:
+            write_atomic(keyfile, lambda fh, key=stage.key: fh.write(key))
 
 
 def _older_there(reuse: Path, stage: Stage) -> None:

@@ -266,6 +266,31 @@ class Plan:
                                                           for d in stage.deps if self.stages[d].changed), "")
         self.stages[stage.id] = stage
 
+    def compare_to_keys(self, stage: Stage, also: Any = None) -> dict[str, Any]:
+        """The keys an evaluation stage would have with its `compare_to` set otherwise: key -> that value (None:
+        unset), for unset, each target of its evaluation and `also` (the value a finished stage recorded).
+        `compare_to` only says which target the report compares the others with, from the finished stages'
+        files, yet it is an option, so in the key: a stage finished under one of these keys holds what this
+        one would compute, and editing `compare_to` need not sample and score every target again."""
+        options = stage.params.get("options")
+        if not stage.id.startswith("evaluate/") or not isinstance(options, dict) or "compare_to" in stage.overrides:
+            return {}  # a grid over compare_to: each value is a stage (and a folder) of its own
+        evaluation = self.exp.evaluate.get(stage.origin[1])
+        labels = [] if evaluation is None else [label for t in evaluation.targets for label, _ in self.model_refs(t)]
+        version = stage_version(stage)[0]
+        out: dict[str, Any] = {}
+        for value in dict.fromkeys([None, *labels, *([also] if isinstance(also, str) else [])]):
+            if value == options.get("compare_to"):
+                continue
+            opts = {k: v for k, v in options.items() if k != "compare_to"}
+            if value is not None:
+                opts["compare_to"] = value
+            params = {k: v for k, v in stage.params.items() if k not in ("files", "show_pii")}
+            params = {**params, "options": opts, **self._read_outside(opts)}
+            other = Stage(stage.id, stage.kind, params, stage.deps, seed=stage.seed)
+            out[self._key(other, _key_params(other), "key", version)] = value
+        return out
+
     def _key(self, stage: Stage, params: dict[str, Any], chain: str, version: int = 1) -> str:
         payload = {"v": STAGE_VERSION, "kind": stage.kind, "params": params, "seed": stage.seed,
                    "deps": {d: getattr(self.stages[d], chain) for d in stage.deps}}
