@@ -1331,3 +1331,24 @@ def test_editing_compare_to_keeps_every_stage_and_compares_anew(tmp_path):
     status = run_experiment(parse_experiment(COMPARED), out, log=_quiet)
     assert status["evaluate/mia/real"] == "ran" and (started / "kept").exists()
     assert [s for s, v in status.items() if v != "cached"] == ["evaluate/mia/real"]
+
+
+def test_a_moved_or_reused_runs_record_names_its_own_files(tmp_path):
+    """Stage results record the paths they read where they ran; run.json wrote those inside the run dir
+    relative to it, but a stage computed elsewhere (a run dir copied or moved, then rerun; a stage taken with
+    --reuse) kept the other place's: run.json and summary.json named the other run's model and data as what
+    this run's evaluation read, or a folder since deleted."""
+    import shutil
+
+    run_experiment(parse_experiment(SMALL), tmp_path / "a", log=_quiet)
+    shutil.copytree(tmp_path / "a", tmp_path / "b")
+    assert set(run_experiment(parse_experiment(SMALL), tmp_path / "b", log=_quiet).values()) == {"cached"}
+    assert set(run_experiment(parse_experiment(SMALL), tmp_path / "c", log=_quiet,
+                              reuse=tmp_path / "a").values()) == {"reused"}
+    for out in ("b", "c"):
+        for name in ("run.json", "summary.json"):
+            text = (tmp_path / out / name).read_text()
+            assert str(tmp_path / "a") not in text, (out, name)
+        mia = next(s for s in json.loads((tmp_path / out / "run.json").read_text())["stages"]
+                   if s["id"] == "evaluate/mia/real")["result"]
+        assert (mia["target"], mia["members"]) == ("finetune/real/model", "data/emails/members.jsonl")

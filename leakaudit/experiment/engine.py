@@ -318,18 +318,39 @@ def _run_stage(plan: Plan, stage: Stage, table: dict[str, Callable[[StageContext
         raise InputError(message, file=plan.exp._file, field=field) from None
 
 
-def _inside_out(obj: Any, out: Path) -> Any:
+def _inside_out(obj: Any, out: Path, folders: tuple[str, ...] = ()) -> Any:
     """A stage result with the paths inside the run dir written relative to it (`finetune/none/model`): the
     record (and summary.json, made from it) then holds no machine's directory names and stays right when the
-    run dir is moved or shared."""
+    run dir is moved or shared. A stage finished in another place — a run dir since moved or copied, or the
+    run a `--reuse` took it from — recorded that place's paths: one into a copy of `folders` (the stage's and
+    its inputs' folders) whose file this run dir holds is written as this run dir's (run.json named the other
+    run's model and data as what this one's evaluation read, or a folder that no longer exists)."""
     prefix = f"{out}{os.sep}"
     if isinstance(obj, str):
-        return obj[len(prefix):] if obj.startswith(prefix) else obj
+        if obj.startswith(prefix):
+            return obj[len(prefix):]
+        return _moved(obj, out, folders) if folders and os.path.isabs(obj) else obj
     if isinstance(obj, dict):
-        return {k: _inside_out(v, out) for k, v in obj.items()}
+        return {k: _inside_out(v, out, folders) for k, v in obj.items()}
     if isinstance(obj, list):
-        return [_inside_out(v, out) for v in obj]
+        return [_inside_out(v, out, folders) for v in obj]
     return obj
+
+
+def _moved(path: str, out: Path, folders: tuple[str, ...]) -> str:
+    """`path`, another place's copy of one of this run's stage `folders` (`/old/run/finetune/real/model`), as
+    the same file here (`finetune/real/model`) when this run dir holds it; else `path` itself."""
+    posix = path.replace(os.sep, "/")
+    for folder in folders:
+        at = posix.find(f"/{folder}")
+        while at >= 0:
+            end = at + 1 + len(folder)
+            if end == len(posix) or posix[end] == "/":
+                rel = posix[at + 1:]
+                if (out / rel).exists():
+                    return rel
+            at = posix.find(f"/{folder}", at + 1)
+    return path
 
 
 def write_run_record(plan: Plan, out: Path, config_text: str, status: dict[str, str],
@@ -346,7 +367,8 @@ def write_run_record(plan: Plan, out: Path, config_text: str, status: dict[str, 
                        "seconds": done["seconds"] if done else None,
                        **({"precision": done["precision"]} if done and done.get("precision") else {}),
                        **({"threads": done["threads"]} if done and done.get("threads") else {}),
-                       "result": _inside_out(done["result"], out) if done else None,
+                       "result": _inside_out(done["result"], out, (stage.folder, *(
+                           plan.stages[d].folder for d in stage.deps if d in plan.stages))) if done else None,
                        **({"error": _inside_out(failures[stage.id], out)} if failures and stage.id in failures else {})})
     record = {"experiment": plan.exp.model_dump(mode="json"), "config_text": config_text,
               "versions": versions(), "stages": stages}
