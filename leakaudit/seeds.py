@@ -210,6 +210,10 @@ def combine(runs: list[SeedRun]) -> list[dict[str, Any]]:
         widths = [h for h in halves if h > 0]  # an interval of no width bounds nothing
         n = len(deltas)
         mean = statistics.fmean(deltas) if deltas else None
+        if mean is not None and abs(mean) <= 1e-12 * max(map(abs, deltas)):
+            # the deltas cancel (-0.0025 and +0.0025, each a difference of two rounded AUCs): the rest is
+            # rounding noise, which the table printed as a mean of -2.8e-17
+            mean = 0.0
         sd = statistics.stdev(deltas) if n > 1 else None
         seed_half = _t975(n - 1) * sd / math.sqrt(n) if sd is not None else None
         item_half = statistics.fmean(widths) if widths and len(halves) == n else None

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import statistics
 import re
 from pathlib import Path
 
@@ -62,6 +63,18 @@ def test_the_mean_over_seeds_and_its_interval_by_hand(tmp_path):
     text = markdown(runs, combine(runs))
     assert "| `m0b` | +0.300 [+0.200, +0.400]↑ | +0.300 [+0.200, +0.400]↑ | +0.300 [+0.200, +0.400]↑ | same in every seed" in text
     assert "| `ft` | +0.010 [-0.020, +0.040] | +0.030 [+0.020, +0.040]↑ | +0.050 [+0.030, +0.070]↑ | 2 / 0 of 3 |" in text
+
+
+def test_deltas_that_cancel_average_to_zero_not_to_rounding_noise(tmp_path):
+    """Two seeds' Δ zlib AUC of -0.0025 and +0.0025, each the difference of two rounded AUCs
+    (0.49 - 0.4925, 0.615 - 0.6125), averaged to -2.8e-17, which the table printed as such."""
+    deltas = (0.49 - 0.4925, 0.615 - 0.6125)
+    assert statistics.fmean(deltas) != 0
+    dirs = [_run_dir(tmp_path, s, [_comparison("ft", d, [d - 0.01, d + 0.01])]) for s, d in enumerate(deltas)]
+    runs = read_runs(dirs)
+    (row,) = combine(runs)
+    assert row["mean_delta"] == 0.0 and row["mean_ci"][0] == -row["mean_ci"][1]
+    assert "| 0 / 0 of 2 | 0.000 [" in markdown(runs, [row])
 
 
 def test_equal_deltas_of_independent_runs_are_not_one_shared_run(tmp_path):
