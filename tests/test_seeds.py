@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import json
 import math
-import statistics
 import re
+import statistics
 from pathlib import Path
 
 import numpy as np
