@@ -377,7 +377,7 @@ def build(out: str | Path) -> tuple[str, dict[str, Any]]:
 
         warn_once(f"{out}: {len(missing)} comparison(s) that compare_to asks for are not drawn, as stages they need "
                   f"have not finished (the first: {missing_sentence(missing[0])}); `leakaudit run` with the "
-                  "experiment and this --out finishes them")
+                  "experiment and this --out finishes them (once what failed is fixed)")
     config_text = run.get("config_text") or json.dumps(exp, indent=2)
     env = jinja2.Environment(loader=jinja2.PackageLoader("leakaudit.report", "templates"),
                              autoescape=True, undefined=jinja2.StrictUndefined)
