@@ -1324,6 +1324,13 @@ def test_editing_compare_to_keeps_every_stage_and_compares_anew(tmp_path):
     assert json.loads((tmp_path / "other/evaluate/users/real/user_inference.json").read_text())["compare_to"] == "base"
     assert json.loads((out / "evaluate/users/real/user_inference.json").read_text())["compare_to"] is None  # not
     # written through the hard link
+    # one whose files changed since it finished is not taken over (its record would have been rewritten
+    # with the changed files' hashes): it runs again
+    scores = out / "evaluate/users/real/user_scores.jsonl"
+    scores.write_text(scores.read_text().replace('"label": 1', '"label": 0', 1))
+    status = run_experiment(parse_experiment(COMPARED.replace("compare_to: base", "compare_to: real")), out,
+                            log=_quiet)
+    assert status["evaluate/users/real"] == "ran" and status["evaluate/users/base"] == "cached"
     # a stage started under another compare_to resumes in its folder rather than starting clean
     started = out / "evaluate/mia/real"
     (started / "stage.json").unlink()

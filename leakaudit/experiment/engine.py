@@ -484,8 +484,8 @@ def _compare_to_record(plan: Plan, stage: Stage, sdir: Path) -> dict[str, Any] |
         return None
     recorded = ((record.get("params") or {}).get("options") or {}) if isinstance(record.get("params"), dict) else {}
     keys = plan.compare_to_keys(stage, also=recorded.get("compare_to") if isinstance(recorded, dict) else None)
-    if record.get("key") not in keys:
-        return None
+    if record.get("key") not in keys or changed_output(sdir, record) is not None:
+        return None  # a stage whose files changed since is not taken over: it runs again
     now = (stage.params.get("options") or {}).get("compare_to")
     result = record.get("result")
     if isinstance(result, dict) and "compare_to" in result:  # user inference and backdoor keep it in theirs
