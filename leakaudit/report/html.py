@@ -148,15 +148,17 @@ def missing_comparisons(stages: list[dict[str, Any]]) -> list[dict[str, Any]]:
     stage or the baseline's has not finished (it failed, or the run was stopped before it): one row each,
     {evaluation, variant, baseline, why}. A partial run's report listed the verdicts it had and left these
     out without a word, and where none was drawn said that no evaluation sets `compare_to`."""
+    def params(s: dict[str, Any]) -> dict[str, Any]:
+        return s["params"] if isinstance(s.get("params"), dict) else {}
+
     known = set(kind_names())
     groups: dict[str, list[dict[str, Any]]] = {}
     for s in stages:
-        params = s.get("params") if isinstance(s.get("params"), dict) else {}
         if str(s.get("id", "")).startswith("evaluate/") and s.get("kind") in known:
-            groups.setdefault(str(params.get("evaluation") or s["id"].split("/")[1]), []).append(s)
+            groups.setdefault(str(params(s).get("evaluation") or s["id"].split("/")[1]), []).append(s)
 
     def target(s: dict[str, Any]) -> str:
-        return str(s["params"].get("target_label") or s["id"].split("/", 1)[-1])
+        return str(params(s).get("target_label") or s["id"].split("/", 1)[-1])
 
     def state(s: dict[str, Any]) -> str:
         if s.get("error") or s.get("status") == "failed":
@@ -166,7 +168,7 @@ def missing_comparisons(stages: list[dict[str, Any]]) -> list[dict[str, Any]]:
     out: list[dict[str, Any]] = []
     for evaluation, group in groups.items():
         wanted = next((v for v in ((s.get("result") or {}).get("compare_to")
-                                   or (s["params"].get("options") or {}).get("compare_to") for s in group) if v), None)
+                                   or (params(s).get("options") or {}).get("compare_to") for s in group) if v), None)
         if wanted is None:
             continue
         base = next((s for s in group if target(s) == wanted), None)
