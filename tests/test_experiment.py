@@ -1359,3 +1359,19 @@ def test_a_moved_or_reused_runs_record_names_its_own_files(tmp_path):
         mia = next(s for s in json.loads((tmp_path / out / "run.json").read_text())["stages"]
                    if s["id"] == "evaluate/mia/real")["result"]
         assert (mia["target"], mia["members"]) == ("finetune/real/model", "data/emails/members.jsonl")
+
+
+def test_a_killed_writes_temporary_file_is_no_output_of_the_stage(tmp_path):
+    """A kill during an atomic write leaves NAME.PID.tmp in the stage folder; the stage resumed there recorded
+    it as one of its outputs, so deleting the leftover later reran the stage and everything that read it."""
+    out = tmp_path / "out"
+    run_experiment(parse_experiment(SMALL), out, log=_quiet, report=False)
+    data = out / "data/emails"
+    (data / "stage.json").unlink()  # killed before it finished, with a write cut short
+    (data / "all.jsonl.4242.tmp").write_text('{"id": "half')
+    (data / "train_log.tmp").write_text("")
+    status = run_experiment(parse_experiment(SMALL), out, log=_quiet, report=False)
+    assert status["data/emails"] == "ran" and not list(data.glob("*.tmp"))
+    assert not any(k.endswith(".tmp") for k in json.loads((data / "stage.json").read_text())["outputs"])
+    (data / "stray.5151.tmp").write_text("")  # one that turns up in a finished stage changes nothing
+    assert set(run_experiment(parse_experiment(SMALL), out, log=_quiet, report=False).values()) == {"cached"}

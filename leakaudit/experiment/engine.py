@@ -25,7 +25,14 @@ from leakaudit.experiment.checks import (
     resolve_models,
     stage_roles,
 )
-from leakaudit.experiment.manifest import MARKERS, changed_output, is_done, older_split, output_manifest
+from leakaudit.experiment.manifest import (
+    MARKERS,
+    changed_output,
+    drop_leftovers,
+    is_done,
+    older_split,
+    output_manifest,
+)
 from leakaudit.experiment.plan import Plan, Stage, inside, remove_stale, stage_dir, stage_version
 from leakaudit.experiment.stages import RUNNERS, StageContext, data_parallel, run_kind_stage
 from leakaudit.kinds.base import ModelCache
@@ -233,6 +240,7 @@ def _settle(i: int, n: int, plan: Plan, stage: Stage, sdir: Path, out: Path, res
                 f"leakaudit, which may predate {stage.changed}; running it again")
         remove_stale(out, sdir)  # outputs of an older version of this stage: start clean
     sdir.mkdir(parents=True, exist_ok=True)
+    drop_leftovers(sdir)  # a killed run's half-written files: they would be recorded as outputs
     keyfile.write_text(stage.key)
     return "run"
 

@@ -18,6 +18,20 @@ from typing import Any
 MARKERS = ("stage.json", ".key")
 
 
+def is_leftover(p: Path) -> bool:
+    """A temporary file a write left behind when it was killed (`data.io.write_atomic`'s NAME.PID.tmp, the
+    training log's .tmp): never an output, nor state a stage resumes from, as the write renames it into place
+    when it completes. Recorded as an output, it made the stage and all it fed run again once it was deleted."""
+    return p.suffix == ".tmp" and p.is_file()
+
+
+def drop_leftovers(stage_dir: Path) -> None:
+    """Delete the killed writes' temporary files of a stage about to run (or resume) in its folder."""
+    for p in sorted(stage_dir.rglob("*.tmp")):
+        if is_leftover(p):
+            p.unlink(missing_ok=True)
+
+
 def is_done(stage_dir: Path, key: str) -> dict[str, Any] | None:
     """The stage's record when it finished with this key, else None."""
     marker = stage_dir / "stage.json"
@@ -37,7 +51,7 @@ def output_manifest(stage_dir: Path) -> dict[str, list[Any]]:
     out = {}
     for p in sorted(stage_dir.rglob("*")):
         rel = p.relative_to(stage_dir).as_posix()
-        if p.is_file() and rel not in MARKERS:
+        if p.is_file() and rel not in MARKERS and not is_leftover(p):
             out[rel] = [p.stat().st_size, file_sha256(p)]
     return out
 
