@@ -526,13 +526,14 @@ def adopt_compare_to(plan: Plan, out: Path, log: Callable[[str], None] = say) ->
     """Evaluation stages finished (or started) here under another `compare_to` take this one's key: that option
     only picks the target the report compares the others with, so their samples and scores stand. Editing it
     sampled every PII target and scored every text again."""
+    kept: dict[str, list[str]] = {}  # evaluation -> the stages kept, said in one line each
     for stage in plan.stages.values():
         sdir = out / stage.folder
         record = _compare_to_record(plan, stage, sdir)
         if record is not None:
             record.pop("was")
             write_json(sdir / "stage.json", _retell_compare_to(sdir, record))  # replaced, never through a link
-            log(f"{stage.id}: compare_to changed, which changes none of its results; kept")
+            kept.setdefault(str(stage.params.get("evaluation")), []).append(stage.id)
         keyfile = sdir / ".key"
         if keyfile.is_file() and is_done(sdir, stage.key) is None:  # a stage in progress: it resumes
             had = keyfile.read_text().strip()
@@ -540,6 +541,9 @@ def adopt_compare_to(plan: Plan, out: Path, log: Callable[[str], None] = say) ->
                 write_atomic(keyfile, lambda fh, key=stage.key: fh.write(key))
         elif record is not None:
             write_atomic(keyfile, lambda fh, key=stage.key: fh.write(key))
+    for evaluation, ids in kept.items():
+        log(f"evaluate/{evaluation}: compare_to changed, which changes none of its results: {len(ids)} finished "
+            f"stage(s) kept")
 
 
 def _older_there(reuse: Path, stage: Stage) -> None:
