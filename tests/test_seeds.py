@@ -385,3 +385,11 @@ def test_a_name_with_a_backtick_or_a_bar_stays_inside_its_code_span_and_cell(tmp
     # cells are split at the bars that are not escaped: as many in the row as in its header
     assert len(re.split(r"(?<!\\)\|", row)) == len(re.split(r"(?<!\\)\|", header))
     assert row.startswith("| `bd[trigger=Repeat \\| {word}]` |")
+
+
+@pytest.mark.parametrize("command", ["report", "seeds"])
+def test_a_missing_run_dir_is_named_as_the_docs_name_it(command, monkeypatch, capsys):
+    """`leakaudit report` said "Missing argument 'out'" and `seeds` "'dirs'": names of Python parameters, where the
+    docs and the usage line say DIR."""
+    code, err = run_main([command], monkeypatch, capsys)
+    assert code == 2 and "Missing argument 'DIR'" in err, err

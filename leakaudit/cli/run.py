@@ -76,7 +76,7 @@ def run(
 
 
 def report(
-    out: Path = typer.Argument(..., help="Output dir of `leakaudit run` or `leakaudit demo`"),
+    out: Path = typer.Argument(..., metavar="DIR", help="Output dir of `leakaudit run` or `leakaudit demo`"),
 ) -> None:
     """(Re)write report.html and summary.json from what a run left in DIR."""
     from leakaudit.distributed import is_main, world
@@ -93,7 +93,7 @@ def report(
 
 
 def seeds(
-    dirs: list[Path] = typer.Argument(..., help="Output dirs of one experiment's runs, one per seed"),
+    dirs: list[Path] = typer.Argument(..., metavar="DIR", help="Output dirs of one experiment's runs, one per seed"),
     markdown_out: Path | None = typer.Option(None, "--markdown", help="Also write the tables to this file"),
     json_out: Path | None = typer.Option(None, "--json", help="Also write the rows as JSON to this file"),
 ) -> None:
