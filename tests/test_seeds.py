@@ -387,9 +387,9 @@ def test_a_name_with_a_backtick_or_a_bar_stays_inside_its_code_span_and_cell(tmp
     assert row.startswith("| `bd[trigger=Repeat \\| {word}]` |")
 
 
-@pytest.mark.parametrize("command", ["report", "seeds"])
-def test_a_missing_run_dir_is_named_as_the_docs_name_it(command, monkeypatch, capsys):
+@pytest.mark.parametrize(("command", "name"), [("report", "DIR"), ("seeds", "DIR"), ("run", "EXPERIMENT")])
+def test_a_missing_argument_is_named_as_the_docs_name_it(command, name, monkeypatch, capsys):
     """`leakaudit report` said "Missing argument 'out'" and `seeds` "'dirs'": names of Python parameters, where the
-    docs and the usage line say DIR."""
+    docs and the usage line say DIR (and `run`'s EXPERIMENT)."""
     code, err = run_main([command], monkeypatch, capsys)
-    assert code == 2 and "Missing argument 'DIR'" in err, err
+    assert code == 2 and f"Missing argument '{name}'" in err, err

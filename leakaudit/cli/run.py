@@ -46,7 +46,7 @@ def print_verdicts(out: Path) -> None:
 
 
 def run(
-    experiment: Path = typer.Argument(..., help="Experiment file (YAML); see experiments/ and docs/experiments.md"),
+    experiment: Path = typer.Argument(..., metavar="EXPERIMENT", help="Experiment file (YAML); see experiments/ and docs/experiments.md"),
     out: Path = typer.Option(..., "--out", help="Output dir; rerunning with the same dir resumes"),
     no_report: bool = typer.Option(False, "--no-report", help="Skip writing report.html and summary.json"),
     seed: int | None = typer.Option(None, "--seed", min=0, max=MAX_SEED, help="Override the file's `seed` (one output dir per seed)"),
