@@ -143,6 +143,22 @@ def test_too_few_repeated_or_missing_references_are_one_line_naming_the_field(st
         get_attack("lira", references=folders[:2], variance="local")
 
 
+def test_one_folder_spelt_twice_is_refused_as_a_spec_listed_twice(study, tmp_path, monkeypatch):
+    """'ref', 'ref/' and './ref' are one model: listed as two references it counted twice in μ and σ, unsaid."""
+    _, _, _, folders = study
+    monkeypatch.chdir(folders[0] + "/..")
+    name = folders[0].rsplit("/", 1)[1]
+    for twice in (folders[0] + "/", f"./{name}", name):
+        with pytest.raises(InputError) as err:
+            get_attack("lira", references=[folders[0], folders[1], twice])
+        said = err.value.format()
+        assert err.value.field == "references" and "references[2]" in said and "listed twice" in said, said
+    with pytest.raises(InputError, match="listed twice"):  # a tiny model's name and its folder
+        from leakaudit.models import resolve_spec
+
+        get_attack("lira", references=["tiny-opt", str(resolve_spec("tiny-opt")[1])])
+
+
 def test_the_cli_takes_repeated_references_and_refuses_them_without_lira(study, tmp_path, monkeypatch, capsys):
     _, members, nonmembers, folders = study
     m, n = tmp_path / "m.jsonl", tmp_path / "n.jsonl"

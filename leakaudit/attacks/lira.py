@@ -33,15 +33,21 @@ def _reference_specs(specs: tuple[str, ...]) -> tuple[str, ...]:
 
     if len(specs) < 2:
         raise ValueError(f"needs at least 2 reference models (their mean and spread), got {len(specs)}")
+    where: dict[object, int] = {}  # resolved location -> the first reference there
     for i, spec in enumerate(specs):
         if spec in specs[:i]:  # the same model twice: its losses agree exactly, and the spread shrinks for nothing
             raise ValueError(f"references[{i}] '{spec}' is listed twice")
         if spec in NAMED_MODELS.get():  # a model of the experiment, resolved by its plan
             continue
         try:
-            resolve_spec(spec)
+            location = resolve_spec(spec)
         except InputError as exc:
             raise ValueError(f"references[{i}] '{spec}': {exc.message}") from None
+        if location in where:  # the same folder spelt twice ('ref', 'ref/', './ref', tiny-opt and its folder)
+            first = where[location]
+            raise ValueError(f"references[{i}] '{spec}' is the model of references[{first}] '{specs[first]}' "
+                             "(the same folder), listed twice")
+        where[location] = i
     return specs
 
 
