@@ -131,6 +131,22 @@ def test_a_reference_copied_twice_warns_of_its_floored_sigma(tiny_neox, study, t
     assert f"lira: the reference models agree exactly on {len(TEXTS)} of {len(TEXTS)} texts" in capsys.readouterr().err
 
 
+def test_a_reference_that_is_the_target_or_a_copy_of_another_is_said(study, tmp_path, capsys):
+    """The target among its own references (its loss in μ and σ), or a copied reference folder (counted twice):
+    both scored without a word before."""
+    _, _, _, folders = study
+    twin = tmp_path / "twin"
+    shutil.copytree(folders[1], twin)
+    ctx = ScoringContext(load_model(folders[0], dtype="fp32"), list(TEXTS), score_options=NO_CACHE)
+    get_attack("lira", references=[folders[0], folders[1], str(twin)]).score(ctx)
+    err = capsys.readouterr().err
+    assert f"lira: references[0] '{folders[0]}' is the target itself" in err, err
+    assert f"lira: references[2] '{twin}' is a copy of references[1] '{folders[1]}'" in err, err
+    ctx = ScoringContext(load_model(folders[2], dtype="fp32"), list(TEXTS), score_options=NO_CACHE)
+    get_attack("lira", references=folders[:2]).score(ctx)
+    assert "lira: references" not in capsys.readouterr().err  # other models: nothing said
+
+
 def test_too_few_repeated_or_missing_references_are_one_line_naming_the_field(study, tmp_path):
     _, _, _, folders = study
     for references, says in (([], "got 0"), ([folders[0]], "got 1"), ([folders[0], folders[0]], "listed twice"),

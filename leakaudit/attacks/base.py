@@ -72,6 +72,8 @@ class ScoringContext:
     #: pickle rule); None: `load_model` on the target's device and dtype
     load: Callable[[str], LoadedModel] | None = None
     _passes: dict[tuple, list[TokenScores]] = field(default_factory=dict, repr=False)
+    #: spec -> fingerprint of each model `reference_scores` loaded (lira tells the target and copies apart)
+    reference_fingerprints: dict[str, str] = field(default_factory=dict, repr=False)
 
     def scores(self, model: str = "target", change: Callable[[str], str] | None = None,
                prefix: str | Sequence[list[dict[str, str]]] | None = None,
@@ -128,6 +130,7 @@ class ScoringContext:
             else:
                 lm = self.load(spec)
             self._passes[key] = self._pass(lm, None, None, False, name)
+            self.reference_fingerprints[spec] = lm.current_fingerprint()
             del lm
             gc.collect()  # its weights go now, before the next one loads
         return self._passes[key]

@@ -113,9 +113,31 @@ class LiraAttack(Attack):
                 if s.n_tokens == 0:
                     raise TooShortError(i)
                 nll_refs[j, i] = -s.mean_logp
+        _say_same_models(ctx, refs)
         nll_target = np.array([-s.mean_logp for s in ctx.target_scores])
         scores, floored = lira_scores(nll_target, nll_refs, self.config.variance)
         if floored:
             warn_once(f"lira: the reference models agree exactly on {floored} of {len(ctx.texts)} texts (σ 0); "
                       f"σ floored at {SIGMA_FLOOR:g} nats there, so those scores are (μ - NLL) / {SIGMA_FLOOR:g}")
         return scores
+
+
+def _say_same_models(ctx, refs: tuple[str, ...]) -> None:
+    """Warn of a reference that is the target itself, or a copy of another reference (the same weights and
+    tokenizer files): the target's loss in μ and σ pulls its own score towards 0 (lira becomes `ref` against the
+    other references), and a copy is counted twice. Said, not refused: an experiment's base model may be both a
+    target (the control) and a reference of its fine-tunes."""
+    seen: dict[str, int] = {}
+    target = ctx.target.current_fingerprint()
+    for j, spec in enumerate(refs):
+        fingerprint = ctx.reference_fingerprints.get(spec)
+        if fingerprint is None:
+            continue
+        if fingerprint == target:
+            warn_once(f"lira: references[{j}] '{spec}' is the target itself (the same weights): its loss enters μ "
+                      "and σ, so the score is in part the target against itself; a reference should not have "
+                      "trained on the texts")
+        elif fingerprint in seen:
+            warn_once(f"lira: references[{j}] '{spec}' is a copy of references[{seen[fingerprint]}] "
+                      f"'{refs[seen[fingerprint]]}' (the same weights): counted twice in μ and σ")
+        seen.setdefault(fingerprint, j)
