@@ -449,6 +449,31 @@ def test_mia_cli_bad_input_is_one_line_exit_2(tmp_path, monkeypatch, capsys, row
     assert "Traceback" not in err
 
 
+def test_recall_shots_beside_prefix_texts_are_refused_not_ignored(tmp_path, monkeypatch, capsys):
+    """`shots` is read only without prefix texts: `--recall-prefix F --recall-shots 2` (and the same in
+    attack_options) ran on F and dropped the 2 in silence."""
+    from leakaudit.errors import OptionError
+    from leakaudit.kinds import get_kind
+
+    with pytest.raises(InputError) as err:
+        get_attack("recall", prefix=["a non-member"], shots=2)
+    assert err.value.field == "shots" and "without prefix texts" in err.value.message
+    assert get_attack("recall", prefix=["a non-member"]).config.prefix == ("a non-member",)
+    kind = get_kind("mia")
+    with pytest.raises(OptionError) as err:  # an experiment file's attack_options: an error at the option's path
+        kind.check(kind.Options(attacks=["recall"], attack_options={"recall": {"prefix": ["x"], "shots": 2}}),
+                   {"members", "nonmembers"})
+    assert err.value.loc == ("attack_options", "recall", "shots") and "without prefix texts" in str(err.value)
+    rows = [{"text": t} for t in ("Give three tips.", "Sort these words.", "List five fruits.")]
+    files = [_jsonl(tmp_path / f"{name}.jsonl", rows) for name in ("m", "n", "p")]
+    base = ["mia", "--target", "tiny-gpt-neox", "--members", files[0], "--nonmembers", files[1], "--attacks",
+            "recall", "--recall-prefix", files[2], "--no-cache", "--n-bootstrap", "0"]
+    code, err = _cli(monkeypatch, capsys, *base, "--recall-shots", "2", "--out", str(tmp_path / "a"))
+    assert code == 2 and err.startswith("error: field '--recall-shots': is read only without --recall-prefix"), err
+    code, err = _cli(monkeypatch, capsys, *base, "--out", str(tmp_path / "b"))
+    assert code == 0, err
+
+
 def test_min_k_takes_the_floor_of_k_times_t_as_written():
     """⌊0.29 · 100⌋ = 29 lowest values; int(0.29 * 100) was 28 (the product is 28.999999999999996)."""
     from leakaudit.attacks.mia import _lowest_k_mean

@@ -569,6 +569,11 @@ def test_run_mia_puts_the_first_shots_nonmember_conversations_before_each_and_le
         run_mia(tiny_neox, members, nonmembers, ["recall"], attack_options={"recall": {"prefix": ["a text"]}},
                 **NO_CACHE)
     assert err.value.field == "prefix"
+    # the separator joins prefix texts: on conversations nothing reads it, and it was ignored in silence
+    with pytest.raises(InputError, match="recall: the separator joins prefix texts") as err:
+        run_mia(tiny_neox, members, nonmembers, ["recall"], attack_options={"recall": {"shots": 2, "separator": ""}},
+                **NO_CACHE)
+    assert err.value.field == "separator"
 
 
 def test_recalls_window_warning_does_not_call_conversations_that_fit_too_long(tiny_neox):
@@ -618,6 +623,9 @@ def test_cli_and_experiment_run_recall_on_conversations(tmp_path, monkeypatch, c
                           files["nonmembers"], "--format", "chat", "--attacks", "loss,recall", "--recall-prefix",
                           prefix, "--out", tmp_path / "refused"], monkeypatch, capsys)
     assert code == 2 and "recall's prefix texts cannot be put before a conversation" in err, err
+    exp.write_text(exp.read_text().replace("{recall: {shots: 2}}", "{recall: {shots: 2, separator: ''}}"))
+    code, err = run_main(["run", exp, "--out", tmp_path / "run2"], monkeypatch, capsys)
+    assert code == 2 and "attack_options.recall.separator" in err and "nothing reads it" in err, err
 
 
 def test_an_experiment_reads_rows_of_conversations_alone_with_the_datasets_messages_field(tmp_path, monkeypatch,

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Annotated
 
 import numpy as np
-from pydantic import AfterValidator, Field
+from pydantic import AfterValidator, Field, ValidationInfo, field_validator
 
 from leakaudit.attacks.base import (
     ATTACKS,
@@ -195,6 +195,15 @@ class RecallConfig(AttackConfig):
                                                      "conversations P is the first `shots` non-members)")
     shots: int = Field(3, ge=1, description="non-members taken for P when no prefix is given")
     separator: str = "\n\n"
+
+    @field_validator("shots")
+    @classmethod
+    def _shots_without_prefix(cls, shots: int, info: ValidationInfo) -> int:
+        """`shots` is read only where no prefix texts are given: beside them it was ignored in silence."""
+        if info.data.get("prefix"):
+            raise ValueError("is read only without prefix texts (the first `shots` non-members form P); give "
+                             "prefix texts or shots, not both")
+        return shots
 
 
 @register
@@ -585,6 +594,10 @@ def run_mia(target: LoadedModel, members: Sequence[str] | Sequence[Conversation]
     if chats is not None and any(isinstance(a, RecallAttack) and a.config.prefix for a in chosen):
         raise InputError("recall: prefix texts cannot be put before a conversation; without them the first "
                          "`shots` non-member conversations form the prefix", field="prefix")
+    if chats is not None and any(isinstance(a, RecallAttack) and "separator" in a.config.model_fields_set
+                                 for a in chosen):  # it joins prefix texts: conversations are joined as turns
+        raise InputError("recall: the separator joins prefix texts; conversations are put before each as its "
+                         "earlier turns, and nothing reads it", field="separator")
     if any(a.needs_reference for a in chosen) and reference is None:
         need = [a.name for a in chosen if a.needs_reference]
         raise InputError(f"attack(s) {', '.join(need)} need a reference model", field="reference")

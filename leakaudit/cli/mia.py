@@ -158,7 +158,10 @@ def mia(
     refuse_text_field_for_chat(command, data_format)
     attack_options: dict[str, dict] = {name: {"k": k} for name in takes_k(names)}
     if "recall" in names:  # only the options of attacks that run are checked
-        attack_options["recall"] = {"shots": recall_shots}
+        if recall_prefix is not None and given_on_command_line(command, "recall_shots"):
+            raise InputError("is read only without --recall-prefix (the first N non-members form the prefix); "
+                             "give one of them", field="--recall-shots")
+        attack_options["recall"] = {} if recall_prefix is not None else {"shots": recall_shots}
     if "dc_pdd" in names:
         attack_options["dc_pdd"] = {"corpus": dc_pdd_corpus}
     if "neighbourhood" in names:

@@ -237,6 +237,9 @@ class Mia(Kind):
                 raise OptionError(("attack_options", "recall", "prefix"), "recall's prefix texts cannot be put "
                                   "before a conversation (format chat); without them the first `shots` non-member "
                                   "conversations form the prefix")
+            if options.format == "chat" and name == "recall" and "separator" in attack.config.model_fields_set:
+                raise OptionError(("attack_options", "recall", "separator"), "joins prefix texts; with format "
+                                  "chat the prefix conversations are earlier turns, and nothing reads it")
             uses_reference |= attack.needs_reference
         if len(set(names)) != len(names):
             raise OptionError(("attacks",), f"an attack is listed twice: {', '.join(names)}")
