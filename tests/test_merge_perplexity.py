@@ -140,6 +140,25 @@ def test_perplexity_cli_over_every_checkpoint(data, tmp_path):
     assert [c["name"] for c in saved["checkpoints"]] == ["checkpoint-3", "checkpoint-6", "final"]
 
 
+def test_a_run_without_a_final_model_names_its_last_checkpoint_not_final(data, tmp_path, monkeypatch, capsys):
+    """A run killed mid-training has checkpoints and no final model: `--all-checkpoints` measured its last
+    checkpoint and called that row `final`, as if the run had finished."""
+    run = tmp_path / "run"
+    finetune(FinetuneConfig(model="tiny-gpt-neox", data=str(data), out=str(run), epochs=2, batch_size=3,
+                            gradient_accumulation=1), progress=False)
+    for name in ("adapter_config.json", "adapter_model.safetensors", "config.json", "finetune_done.json"):
+        (run / name).unlink(missing_ok=True)
+    code, out, err = run_main(["perplexity", "--model", run, "--data", data, "--out", tmp_path / "p",
+                               "--all-checkpoints"], monkeypatch, capsys, stdout=True)
+    assert code == 0, err
+    saved = json.loads((tmp_path / "p" / "perplexity.json").read_text())
+    assert [(c["name"], c["step"]) for c in saved["checkpoints"]] == [("checkpoint-3", 3), ("checkpoint-6", 6)]
+    assert "final" not in out and out.startswith("checkpoint-3\t"), out
+    code, out, err = run_main(["perplexity", "--model", run / "checkpoint-3", "--data", data, "--out",
+                               tmp_path / "q"], monkeypatch, capsys, stdout=True)
+    assert code == 0 and out.startswith("checkpoint-3\t"), (out, err)
+
+
 def test_perplexity_over_every_checkpoint_reads_a_home_relative_run_dir(data, tmp_path, monkeypatch, capsys):
     """`--model '~/run' --all-checkpoints` said "no model or checkpoint found in this dir", while the same spec
     loads without --all-checkpoints (and in every other command): `~` was not read as the home folder."""

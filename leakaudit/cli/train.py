@@ -192,6 +192,7 @@ def register(app: typer.Typer) -> None:
         from leakaudit.distributed import is_main
         from leakaudit.kinds import get_kind
         from leakaudit.kinds.base import KindContext, ModelCache
+        from leakaudit.kinds.perplexity import row_name
         from leakaudit.outputs import prepare_output
         from leakaudit.perplexity import model_dirs
 
@@ -218,6 +219,6 @@ def register(app: typer.Typer) -> None:
         res = kind.run(ctx, options).to_json()
         if not is_main():  # under a launcher every process has the result; rank 0 prints it
             return
-        for c in res["checkpoints"] or [{"name": "final", **res}]:
+        for c in res["checkpoints"] or [{"name": row_name(target), **res}]:
             typer.echo(f"{c['name']}\tppl={c['perplexity']:.4f}\tmean_text_ppl={c['mean_text_perplexity']:.4f}")
         say(f"wrote {Path(out) / 'perplexity.json'}")

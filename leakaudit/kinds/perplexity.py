@@ -84,6 +84,17 @@ class PerplexityResult(Result):
                             "rows": table}]}
 
 
+def row_name(model: str | None) -> str:
+    """A perplexity row's name: `checkpoint-N` for a checkpoint folder (or its adapter/), else `final`. A run
+    dir without a final model (a run killed mid-training) is measured at its last checkpoint, which was
+    labelled `final` as if the run had finished."""
+    from leakaudit.train.artifacts import checkpoint_number
+
+    path = Path(model or "")
+    path = path.parent if path.name == "adapter" else path
+    return path.name if checkpoint_number(path) is not None else "final"
+
+
 @register
 class Perplexity(Kind):
     name = "perplexity"
@@ -113,15 +124,14 @@ class Perplexity(Kind):
             checkpoints = []
             for path in ctx.checkpoints if options.checkpoints else []:
                 one = perplexity(ctx.cache.get(path), **kwargs)
-                name = Path(path).parent.name if Path(path).name == "adapter" else Path(path).name
-                checkpoints.append({"name": name, "step": training_step(path), "perplexity": one.ppl,
+                checkpoints.append({"name": row_name(path), "step": training_step(path), "perplexity": one.ppl,
                                     "mean_text_perplexity": one.mean_text_ppl})
         except UnrenderableChatError as exc:  # the template refused a conversation: its file and line
             raise InputError(f"conversation {exc.why}", file=ctx.data.get("data"), line=records[exc.index].line,
                              field=options.messages_field) from None
         if checkpoints:
             step = training_step(ctx.models["target"]) if ctx.models.get("target") else None
-            checkpoints.append({"name": "final", "step": step, "perplexity": final.ppl,
+            checkpoints.append({"name": row_name(ctx.models.get("target")), "step": step, "perplexity": final.ppl,
                                 "mean_text_perplexity": final.mean_text_ppl})
         data = {"model": final.model, "perplexity": final.ppl, "mean_text_perplexity": final.mean_text_ppl,
                 "nll_per_token": final.nll_per_token, "n_texts": final.n_texts, "n_tokens": final.n_tokens,
