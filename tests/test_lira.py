@@ -147,6 +147,22 @@ def test_a_reference_that_is_the_target_or_a_copy_of_another_is_said(study, tmp_
     assert "lira: references" not in capsys.readouterr().err  # other models: nothing said
 
 
+def test_a_text_one_token_long_under_a_references_tokenizer_names_that_model(tiny_neox, default_model):
+    """'Thanks' is 3 tokens to the tiny models and 1 to the default model's tokenizer: as a reference there it
+    said 'has fewer than 2 tokens', false of the text under the target (whose `loss` scored it)."""
+    from leakaudit.attacks.mia import TooShortError
+
+    members, nonmembers = ["Give three tips for staying healthy.", "Thanks"], ["Sort these words.", "List fruits."]
+    with pytest.raises(TooShortError) as err:
+        run_mia(tiny_neox, members, nonmembers, ["loss", "ref"], default_model, n_bootstrap=0, **NO_CACHE)
+    assert str(err.value).startswith("members[1] has fewer than 2 tokens under the tokenizer of the reference "
+                                     "default (under the target's it has more)"), str(err.value)
+    with pytest.raises(TooShortError) as err:
+        run_mia(tiny_neox, members, nonmembers, ["lira"], n_bootstrap=0,
+                attack_options={"lira": {"references": ["tiny-opt", "default"]}}, **NO_CACHE)
+    assert "under the tokenizer of lira's references[1] default" in str(err.value), str(err.value)
+
+
 def test_too_few_repeated_or_missing_references_are_one_line_naming_the_field(study, tmp_path):
     _, _, _, folders = study
     for references, says in (([], "got 0"), ([folders[0]], "got 1"), ([folders[0], folders[0]], "listed twice"),

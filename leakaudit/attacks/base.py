@@ -46,6 +46,13 @@ class TooShortError(InputError):
         self.row: int | None = None
         super().__init__(f"text #{index + 1} {self.why}")
 
+    @classmethod
+    def under(cls, index: int, model: str) -> TooShortError:
+        """A text the target scores but a reference model's own tokenizer makes one token: which model, since
+        the same text scored under the target ('has fewer than 2 tokens' alone read as false)."""
+        return cls(index, f"has fewer than 2 tokens under the tokenizer of {model} (under the target's it has "
+                          "more), so that model scores no token of it")
+
 
 class UnrenderableChatError(TooShortError):
     """A conversation a model's chat template refuses (Gemma's "System role not supported") or renders other

@@ -111,7 +111,7 @@ class LiraAttack(Attack):
                 raise
             for i, s in enumerate(scored):
                 if s.n_tokens == 0:
-                    raise TooShortError(i)
+                    raise TooShortError.under(i, f"lira's references[{j}] {spec}")
                 nll_refs[j, i] = -s.mean_logp
         _say_same_models(ctx, refs)
         nll_target = np.array([-s.mean_logp for s in ctx.target_scores])

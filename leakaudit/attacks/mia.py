@@ -161,7 +161,7 @@ class ReferenceAttack(Attack):
         ref = ctx.scores("reference", moments=False)
         for i, s in enumerate(ref):
             if s.n_tokens == 0:
-                raise TooShortError(i)
+                raise TooShortError.under(i, f"the reference {ctx.reference.spec}")
         return np.array([t.mean_logp - r.mean_logp for t, r in zip(ctx.target_scores, ref, strict=True)])
 
 
