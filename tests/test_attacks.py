@@ -258,6 +258,21 @@ def test_dc_pdd_by_hand(tiny_model, tmp_path):
     assert (err.value.line, err.value.field) == (2, "text")
 
 
+def test_dc_pdd_says_when_its_corpus_holds_texts_under_attack(tiny_neox, tmp_path, capsys):
+    """The non-members' own file given as the corpus (docs: "never the texts under attack") counted their tokens
+    as common and lowered their scores, an AUC of the split, and nothing said so."""
+    import json
+
+    corpus = tmp_path / "corpus.jsonl"
+    corpus.write_text("".join(json.dumps({"text": t}) + "\n" for t in [*TEXTS[2:], "the report was sent"]))
+    score("dc_pdd", tiny_neox, corpus=str(corpus))
+    err = capsys.readouterr().err
+    assert f"warning: dc_pdd: {len(TEXTS[2:])} of {len(TEXTS)} texts under attack are in its reference corpus" in err
+    corpus.write_text(json.dumps({"text": "the report was sent"}) + "\n")
+    score("dc_pdd", tiny_neox, corpus=str(corpus))
+    assert "dc_pdd:" not in capsys.readouterr().err
+
+
 def test_batched_and_unbatched_agree(tiny_opt, tiny_neox):
     """Every attack that scores in batches, ref (the reference's own pass) and recall (texts after a shared
     prefix) included: one text per batch, padded batches of 3, and "auto" give the same scores."""

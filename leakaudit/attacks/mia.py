@@ -327,6 +327,10 @@ class DcPddAttack(Attack):
         _need_tokens(ctx)
         tok = ctx.target.tokenizer
         neg_log_f = -np.log(_smoothed_frequencies(tok, self.config.corpus, self.config.max_tokens))
+        if shared := _in_corpus(self.config.corpus, ctx.texts):
+            warn_once(f"dc_pdd: {shared} of {len(ctx.texts)} texts under attack are in its reference corpus "
+                      f"'{self.config.corpus}': their tokens count as common there, which lowers their scores (the "
+                      "AUC then measures which texts were counted); use a corpus without them")
         out = []
         for scored, s in zip(ctx.scored_ids(), ctx.target_scores, strict=True):
             ids = np.asarray(scored[-s.n_tokens:])  # the tokens the engine scored
@@ -359,14 +363,25 @@ def _smoothed_frequencies(tokenizer, corpus: str, max_tokens: int) -> np.ndarray
     return _FREQUENCIES[key]
 
 
-def _count_frequencies(tokenizer, corpus: str, max_tokens: int) -> np.ndarray:
+def _corpus_texts(corpus: str) -> list[str]:
     from leakaudit.data.builtin import BUILTIN_NAMES, builtin_dataset
     from leakaudit.data.io import load_records
 
     if corpus in BUILTIN_NAMES:
-        texts = [r["text"] for r in builtin_dataset(corpus, 0, None)]
-    else:
-        texts = [r.text for r in load_records(corpus_file(corpus))]
+        return [r["text"] for r in builtin_dataset(corpus, 0, None)]
+    return [r.text for r in load_records(corpus_file(corpus))]
+
+
+def _in_corpus(corpus: str, texts: Sequence[str]) -> int:
+    """How many of `texts` (whitespace aside) dc_pdd's corpus holds: counted there, a text's own tokens look
+    common and its score drops, so a corpus holding the non-members (their file given as the corpus) makes an
+    AUC of the split, not of the model (docs/attacks.md)."""
+    counted = {" ".join(t.split()) for t in _corpus_texts(corpus)}
+    return sum(" ".join(t.split()) in counted for t in texts)
+
+
+def _count_frequencies(tokenizer, corpus: str, max_tokens: int) -> np.ndarray:
+    texts = _corpus_texts(corpus)
     counts = np.zeros(len(tokenizer), dtype=np.float64)
     for ids in tokenizer(texts, add_special_tokens=False)["input_ids"]:
         np.add.at(counts, ids[:max_tokens], 1)
