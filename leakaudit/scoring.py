@@ -421,6 +421,10 @@ def _check_head_path(lm: LoadedModel) -> None:
         logits = model(input_ids=ids, use_cache=False).logits.float()
         with _hidden_state_head(model) as head:
             got = torch.log_softmax(head.fp32_logits(head(model(input_ids=ids, use_cache=False).logits)), dim=-1)
+    if not bool(torch.isfinite(logits).all()):  # not a head the engine misreads: "nan nats apart" said that
+        raise InputError(f"{lm.spec}: its own forward gives NaN or infinite logits on a test input (weights that hold "
+                         f"NaN or inf, or an overflow in {str(lm.dtype).removeprefix('torch.')}), so no score of it "
+                         "would be a number", field="--model")
     gap = float((got - torch.log_softmax(logits, dim=-1)).abs().max())
     rounding = 2 * torch.finfo(lm.dtype).eps * float(logits.abs().max()) if lm.dtype != torch.float32 else 0.0
     if not gap <= max(1e-3 if lm.dtype == torch.float32 else 5e-2, rounding):

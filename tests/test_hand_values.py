@@ -174,6 +174,22 @@ def test_a_forward_that_changes_its_logits_otherwise_is_refused(monkeypatch):
         score_texts(lm, TEXTS, cache=False, progress=False)
 
 
+def test_a_model_whose_own_logits_are_nan_is_refused_as_such():
+    """Weights holding NaN (a diverged fine-tune, a bad conversion): the refusal said the forward "changes the
+    logits after the LM head ... nan nats apart", sending a user after an architecture that was fine."""
+    from leakaudit.errors import InputError
+    from leakaudit.models import load_model
+    from leakaudit.scoring import score_texts
+
+    lm = load_model("tiny-gpt-neox", dtype="fp32")  # its own copy: a weight is spoilt
+    with torch.no_grad():
+        lm.model.gpt_neox.final_layer_norm.weight[0] = float("nan")
+    with pytest.raises(InputError) as err:
+        score_texts(lm, TEXTS, cache=False, progress=False)
+    assert "its own forward gives NaN or infinite logits" in err.value.message, err.value.message
+    assert "changes the logits" not in err.value.message
+
+
 def test_perplexity_nll_per_token_is_total_nll_over_tokens(tiny_neox):
     """X04: nll_per_token is the corpus NLL over the scored tokens, not over the texts."""
     from leakaudit.perplexity import perplexity
