@@ -79,7 +79,7 @@ def perplexity(lm: LoadedModel, texts: Sequence[str] | None = None, *, chats: Se
 
 def _perplexity(lm: LoadedModel, texts: list[str] | None, chats: list[Conversation] | None,
                 score_options: dict[str, Any]) -> ModelPerplexity:
-    from leakaudit.attacks.base import UnrenderableChatError, chat_training_notes, scoring_pass
+    from leakaudit.attacks.base import TooShortError, UnrenderableChatError, chat_training_notes, scoring_pass
     from leakaudit.warn import warn_once
 
     try:
@@ -88,6 +88,10 @@ def _perplexity(lm: LoadedModel, texts: list[str] | None, chats: list[Conversati
         exc.message = f"chats[{exc.index}] {exc.why}"
         exc.args = (exc.format(),)
         raise
+    for i, s in enumerate(scored):  # a NaN row made the perplexity nan, said as a number
+        if not math.isfinite(s.sum_logp):
+            raise TooShortError(i, f"gets NaN or infinite log-probabilities from {lm.spec} (weights that hold NaN "
+                                   "or inf, or an overflow in its dtype), so no perplexity is a number")
     scores = [s for s in scored if s.n_tokens]
     n_rows = len(scored)
     if not scores:

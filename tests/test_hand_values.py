@@ -190,6 +190,37 @@ def test_a_model_whose_own_logits_are_nan_is_refused_as_such():
     assert "changes the logits" not in err.value.message
 
 
+def test_nan_log_probabilities_on_some_texts_name_the_first_not_a_traceback_or_a_nan(tmp_path, monkeypatch, capsys):
+    """A model whose one embedding row is NaN scores the texts holding that token as NaN: `mia` ended in
+    roc_metrics' ValueError traceback, `perplexity` printed ppl=nan as a number. Each is one error line naming
+    the first such text's file and line."""
+    from conftest import run_main
+
+    from leakaudit.models import load_model
+    from leakaudit.models.tokens import encode
+
+    lm = load_model("tiny-gpt-neox", dtype="fp32")
+    poisoned = encode(lm.tokenizer, ["Thanks"])[0][1]
+    with torch.no_grad():
+        lm.model.gpt_neox.embed_in.weight[poisoned] = float("nan")
+    lm.model.save_pretrained(tmp_path / "nan")
+    lm.tokenizer.save_pretrained(tmp_path / "nan")
+    members, nonmembers = tmp_path / "m.jsonl", tmp_path / "n.jsonl"
+    members.write_text("".join(json.dumps({"text": t}) + "\n" for t in ["Give three tips.", "Thanks, all."]))
+    nonmembers.write_text("".join(json.dumps({"text": t}) + "\n" for t in ["Sort these words.", "List fruits."]))
+    code, err = run_main(["mia", "--target", tmp_path / "nan", "--members", members, "--nonmembers", nonmembers,
+                          "--attacks", "loss", "--no-cache", "--n-bootstrap", "0", "--out", tmp_path / "o"],
+                         monkeypatch, capsys)
+    assert code == 2 and "Traceback" not in err, err
+    assert err.strip().endswith(f"{members}:2: field 'text': text has a NaN or infinite loss score (1 of 4 texts): "
+                                "a model gives NaN or infinite log-probabilities on it (weights that hold NaN or "
+                                "inf, or an overflow in its dtype)"), err
+    code, out, err = run_main(["perplexity", "--model", tmp_path / "nan", "--data", members, "--no-cache", "--out",
+                               tmp_path / "p"], monkeypatch, capsys, stdout=True)
+    assert code == 2 and "nan" not in out, out
+    assert f"{members}:2: field 'text': text gets NaN or infinite log-probabilities from" in err, err
+
+
 def test_perplexity_nll_per_token_is_total_nll_over_tokens(tiny_neox):
     """X04: nll_per_token is the corpus NLL over the scored tokens, not over the texts."""
     from leakaudit.perplexity import perplexity

@@ -650,6 +650,10 @@ def run_mia(target: LoadedModel, members: Sequence[str] | Sequence[Conversation]
     for a in chosen:
         try:
             s = np.asarray(a.score(ctx), dtype=np.float64)
+            if (bad := np.flatnonzero(~np.isfinite(s))).size:  # roc_metrics' ValueError was a traceback
+                raise TooShortError(int(bad[0]), f"has a NaN or infinite {a.name} score ({bad.size} of {len(s)} "
+                                    "texts): a model gives NaN or infinite log-probabilities on it (weights that "
+                                    "hold NaN or inf, or an overflow in its dtype)")
         except TooShortError as exc:
             i = exc.index
             exc.role, exc.row = ("members", i) if i < len(members) else ("nonmembers",

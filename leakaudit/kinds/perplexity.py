@@ -106,7 +106,7 @@ class Perplexity(Kind):
     data_parallel = True
 
     def run(self, ctx: KindContext, options: PerplexityOptions) -> PerplexityResult:
-        from leakaudit.attacks.base import UnrenderableChatError
+        from leakaudit.attacks.base import TooShortError
         from leakaudit.data.io import write_json
         from leakaudit.distributed import is_main
         from leakaudit.errors import InputError
@@ -126,9 +126,10 @@ class Perplexity(Kind):
                 one = perplexity(ctx.cache.get(path), **kwargs)
                 checkpoints.append({"name": row_name(path), "step": training_step(path), "perplexity": one.ppl,
                                     "mean_text_perplexity": one.mean_text_ppl})
-        except UnrenderableChatError as exc:  # the template refused a conversation: its file and line
-            raise InputError(f"conversation {exc.why}", file=ctx.data.get("data"), line=records[exc.index].line,
-                             field=options.messages_field) from None
+        except TooShortError as exc:  # the template refused a conversation, a model gave NaN: its file and line
+            field = options.messages_field if chat else ctx.data_fields.get("data", {}).get("text_field", "text")
+            raise InputError(f"{'conversation' if chat else 'text'} {exc.why}", file=ctx.data.get("data"),
+                             line=records[exc.index].line, field=field) from None
         if checkpoints:
             step = training_step(ctx.models["target"]) if ctx.models.get("target") else None
             checkpoints.append({"name": row_name(ctx.models.get("target")), "step": step, "perplexity": final.ppl,
