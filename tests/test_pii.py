@@ -299,18 +299,21 @@ def test_cli_runs_and_rejects_bad_input(tmp_path, monkeypatch, capsys, one_torch
 
     pairs.write_text(json.dumps({"name": "Karen Arnold", "email": TRUE}) + "\n")
     code, out, err = run_main([*base, "--pairs", str(pairs), "--templates", "A,zero_shot-b", "--temperatures", "0.5",
-                               "--max-new-tokens", "3"], monkeypatch, capsys, stdout=True)
+                               "--max-new-tokens", "3", "--baseline", "tiny-gpt-neox"], monkeypatch, capsys, stdout=True)
     assert code == 0, err
     # the result (one line per protocol) on stdout; which files it wrote, with the warnings, on stderr
     assert [line.split(":")[0] for line in out.splitlines()] == ["fake-privacy", "pil"], out
+    # the change against the baseline comes with its paired 95% interval (docs/studies.md: it printed none)
+    assert all("change vs baseline (grid mean) +0.00% [+0.00%, +0.00%]" in line for line in out.splitlines()), out
     assert "wrote " in err and "wrote" not in out
     # 3 new tokens cannot hold the address: 0% extraction said why (it was silent)
     assert "max_new_tokens 3: fewer new tokens than the shortest target address takes" in err, err
     summary = json.loads((tmp_path / "o" / "pii.json").read_text())
     assert set(summary["protocols"]) == {"fake-privacy", "pil"}
     assert summary["protocols"]["pil"]["grid_mean"]["label"].startswith("mean over every cell")
-    assert len((tmp_path / "o" / "extractions.jsonl").read_text().splitlines()) == 2
-    assert len((tmp_path / "o" / "results_purified.jsonl").read_text().splitlines()) == 2
+    # 2 cells of 1 target, for the model and the baseline
+    assert len((tmp_path / "o" / "extractions.jsonl").read_text().splitlines()) == 4
+    assert len((tmp_path / "o" / "results_purified.jsonl").read_text().splitlines()) == 4
 
 
 def test_grid_mean_interval_never_collapses_on_zero_hits():

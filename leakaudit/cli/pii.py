@@ -67,6 +67,8 @@ def pii(
         if "baseline_subtraction" in part:
             g = part["baseline_subtraction"]["grid_mean"]
             line += f"; change vs baseline (grid mean) {g['change']:+.2%}"
+            if g.get("change_ci"):  # its paired interval over targets, as pii-logprob prints its change's
+                line += f" [{g['change_ci'][0]:+.2%}, {g['change_ci'][1]:+.2%}]"
         typer.echo(line)
     say(f"wrote {out / 'pii.json'}, results_purified.jsonl, extractions.jsonl")
 
