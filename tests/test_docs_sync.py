@@ -154,3 +154,20 @@ def test_study_3_power_paragraph_gives_its_tables_half_widths():
     stated = re.search(r"half-widths h of (\d\.\d+)–(\d\.\d+)", section)
     assert len(halves) == 18 and stated is not None
     assert (float(stated[1]), float(stated[2])) == (round(min(halves), 3), round(max(halves), 3))
+
+
+def test_every_model_spec_list_in_help_names_random_specs():
+    """A `--model` help that lists the spec forms lists `random:` too (README "Model specs"): the lists named
+    default, HF ids, dirs, adapters, .gguf and tiny-* but not the random: specs added beside them."""
+    def walk(command, words):
+        for name, sub in getattr(command, "commands", {}).items():
+            yield from walk(sub, [*words, name])
+        if not hasattr(command, "commands"):
+            for p in command.params:
+                if "--model" in getattr(p, "opts", ()) and ".gguf" in (p.help or ""):
+                    yield " ".join(words), p.help
+
+    listed = list(walk(_commands(), []))
+    assert len(listed) >= 10  # score, model-info, finetune, pii, pii-logprob, generate, backdoor
+    stale = [f"{words}: {text}" for words, text in listed if "random:" not in text]
+    assert not stale, "\n".join(stale)

@@ -26,7 +26,7 @@ from leakaudit.options import MAX_SEED
 backdoor_app = typer.Typer(help="Backdoor fine-tuning-data extraction: plant, fine-tune downstream, extract, "
                            "identify, detect.", no_args_is_help=True)
 
-ModelOpt = typer.Option(..., "--model", help="default | HF id | model dir | adapter dir | .gguf | tiny-*")
+ModelOpt = typer.Option(..., "--model", help="default | HF id | model dir | adapter dir | .gguf | tiny-* | random:*")
 OutOpt = typer.Option(..., "--out", help="Output directory")
 TriggerOpt = typer.Option(None, "--trigger", help="Q(w) template with {word} (default: the study's instruction)")
 RefusalOpt = typer.Option(None, "--refusal", help="R(w) template with {word} (default: the study's refusal)")

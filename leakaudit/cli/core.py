@@ -75,7 +75,7 @@ def print_table(title: str, heads: tuple[str, ...], rows: list[tuple[str, ...]],
             cells = ", ".join(f"{head} {cell}" for head, cell in zip(heads[1:], row[1:], strict=True))
             results.print(f"{row[0]}: {cells}", markup=False, highlight=False)
 
-ModelOpt = typer.Option(..., "--model", help="default | HF id | model dir | adapter dir | .gguf | tiny-gpt-neox | tiny-opt")
+ModelOpt = typer.Option(..., "--model", help="default | HF id | model dir | adapter dir | .gguf | tiny-gpt-neox | tiny-opt | random:NAME")
 DeviceOpt = typer.Option("auto", "--device", help="auto (CUDA if present, else CPU), cpu, cuda, cuda:1 ...")
 DtypeOpt = typer.Option("auto", "--dtype", help="auto (bf16 where the hardware is fast at it, else fp32), fp32, bf16")
 PickleOpt = typer.Option(False, "--allow-pickle", help="Allow loading pickle weights (*.bin); only for trusted files")

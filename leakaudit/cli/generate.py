@@ -39,7 +39,7 @@ def _run(name: str, options, out: Path, *, seed: int, data: Path | None = None, 
 
 @generate_app.command("continuation")
 def continuation(
-    model: str = typer.Option(..., "--model", help="Generator: default | HF id | dir | adapter | .gguf | tiny-*"),
+    model: str = typer.Option(..., "--model", help="Generator: default | HF id | dir | adapter | .gguf | tiny-* | random:*"),
     data: Path = typer.Option(..., "--data", help="Source texts (.jsonl/.json/.csv/.parquet/HF dir)"),
     out: Path = typer.Option(..., "--out", help="Output JSONL data file"),
     text_field: str = typer.Option("text", "--text-field"),

@@ -14,7 +14,7 @@ from leakaudit.options import MAX_SEED
 
 
 def pii(
-    model: str = typer.Option(..., "--model", help="Model to attack: default | HF id | dir | adapter | .gguf | tiny-*"),
+    model: str = typer.Option(..., "--model", help="Model to attack: default | HF id | dir | adapter | .gguf | tiny-* | random:*"),
     out: Path = typer.Option(..., "--out", help="Output directory"),
     baseline: str | None = typer.Option(None, "--baseline", help="Model to subtract, e.g. before fine-tuning: "
                                         "the change in hit rate on the same targets"),
@@ -74,7 +74,7 @@ def pii(
 
 
 def pii_logprob(
-    model: str = typer.Option(..., "--model", help="Model to measure: default | HF id | dir | adapter | .gguf | tiny-*"),
+    model: str = typer.Option(..., "--model", help="Model to measure: default | HF id | dir | adapter | .gguf | tiny-* | random:*"),
     out: Path = typer.Option(..., "--out", help="Output directory"),
     baseline: str | None = typer.Option(None, "--baseline", help="Model to subtract, e.g. before fine-tuning: "
                                         "the change in log p and rank on the same targets"),

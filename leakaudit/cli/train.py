@@ -80,7 +80,7 @@ def register(app: typer.Typer) -> None:
     @app.command()
     def finetune(
         ctx: typer.Context,
-        model: str = typer.Option(..., help="Base model spec (default, tiny-gpt-neox, HF id, dir, .gguf)."),
+        model: str = typer.Option(..., help="Base model spec (default, tiny-gpt-neox, HF id, dir, .gguf, random:NAME)."),
         data: str = typer.Option(..., help="Training data file (.jsonl/.json/.csv/.parquet/.arrow/HF dir)."),
         out: str = typer.Option(..., help="Output dir (rerun the same command to resume)."),
         method: str = typer.Option("lora", help="full | lora | dora | pissa"),
