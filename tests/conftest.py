@@ -18,8 +18,8 @@ os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")  # as the CLI's main(
 # caller sets it, so `LEAKAUDIT_DTYPE=bf16 pytest` runs the suite as a CPU with fast bf16 would.
 os.environ.setdefault("LEAKAUDIT_DTYPE", "fp32")
 # One torch thread per test process: tiny models are thread-bound, not compute-bound, and with two threads
-# anything else running on the machine stalls a forward pass 3-10x (BENCHMARKS.md). `make test` runs two
-# such processes (pytest-xdist) instead. Set before torch is imported, so OpenMP never starts more.
+# anything else running on the machine stalls a forward pass 3-10x (BENCHMARKS.md). `make test` runs one
+# such process per CPU, at most 4 (pytest-xdist), instead. Set before torch is imported, so OpenMP never starts more.
 os.environ.setdefault("LEAKAUDIT_THREADS", "1")
 os.environ.setdefault("OMP_NUM_THREADS", os.environ["LEAKAUDIT_THREADS"])
 
@@ -31,8 +31,8 @@ def pytest_configure(config):
 
 
 # The files whose tests take longest (11-75 s each, summed over a file's tests, fp32, on the 2-core machine;
-# BENCHMARKS.md), longest first. `make test` hands whole files to two workers in collection order (--dist loadfile
-# --no-loadscope-reorder), so with these first the last files handed out are short and both workers finish
+# BENCHMARKS.md), longest first. `make test` hands whole files to its workers in collection order (--dist loadfile
+# --no-loadscope-reorder), so with these first the last files handed out are short and the workers finish
 # together; xdist's default order puts the fewest-test files last, and those are these slow one-test files.
 LONGEST_FILES = ["test_backdoor.py", "test_experiment.py", "test_launched_run.py", "test_distributed.py", "test_models.py", "test_ddp.py",
                  "test_report.py", "test_user_inference.py", "test_defenses.py", "test_kinds_pii_logprob.py"]
