@@ -3,7 +3,9 @@
 Definitions (per generated record g, against the whole source corpus S):
 - source PII: the e-mail addresses (case-insensitive), phone numbers (compared by their 10 digits) and
   names (from a name list plus the names in S's e-mail headers) that occur in S.
-- `emails` / `phones` / `names` of g: the distinct source PII values of that kind that g contains.
+- `emails` / `phones` / `names` of g: the distinct source PII values of that kind that g contains; for a
+  continuation, read after its prompt and counted when they reach into g (an address the generator
+  completes from the prompt's "<msagel@" is reproduced; one wholly in the prompt is not).
 - `ngrams`: the number of g's word n-grams (whitespace words, n = 8 by default, exact) that occur
   anywhere in S, and `ngram_fraction` = that number / g's n-gram count (0 for a text shorter than n).
   A reproduced 8-gram is a verbatim span of at least 8 words copied from the source.
@@ -23,11 +25,13 @@ import numpy as np
 
 from leakaudit.data.pii_find import (
     NameFinder,
+    email_spans,
     find_emails,
     find_phones,
     name_key,
     names_from_headers,
     phone_digits,
+    phone_spans,
 )
 from leakaudit.data.pii_mask import active_names, mask_email, mask_name, mask_phone, mask_pii
 
@@ -104,10 +108,15 @@ class RecordAudit:
                 "ngram_fraction": round(self.ngram_fraction, 6)}
 
 
-def audit_record(idx: SourceIndex, rid: str, text: str) -> RecordAudit:
-    emails = {e.lower() for e in find_emails(text)} & idx.emails.keys()
-    phones = {phone_digits(p) for p in find_phones(text)} & idx.phones.keys()
-    names = ({name_key(m.group(0)) for m in idx.name_finder.find(text)} & idx.names.keys()
+def audit_record(idx: SourceIndex, rid: str, text: str, prompt: str = "") -> RecordAudit:
+    """One generated text's leaks. `prompt`: the source text it continues (a continuation's prompt): a PII
+    value is read in prompt + text and counted when it reaches into the text, so an address or name the
+    generator completes ("... <msagel@" + "home.com>") counts, and one wholly in the prompt does not; the
+    n-grams are the text's own."""
+    full, start = prompt + text, len(prompt)
+    emails = {full[a:b].lower() for a, b in email_spans(full) if b > start} & idx.emails.keys()
+    phones = {phone_digits(full[a:b]) for a, b in phone_spans(full) if b > start} & idx.phones.keys()
+    names = ({name_key(m.group(0)) for m in idx.name_finder.find(full) if m.end() > start} & idx.names.keys()
              if idx.name_finder else set())
     grams = _hashes(word_ngrams(text, idx.n))
     return RecordAudit(rid, sorted(idx.emails[e] for e in emails), sorted(idx.phones[p] for p in phones),
@@ -123,11 +132,12 @@ def _found_in(sorted_hashes: np.ndarray, grams: np.ndarray) -> int:
     return int((sorted_hashes[at] == grams).sum())
 
 
-def audit(source_texts: Sequence[str], generated: Sequence[tuple[str, str]], *, names: Iterable[str] = (),
+def audit(source_texts: Sequence[str], generated: Sequence[tuple[str, ...]], *, names: Iterable[str] = (),
           n: int = 8) -> tuple[dict[str, Any], list[RecordAudit]]:
-    """Audit generated (id, text) pairs against the source texts; returns (summary, per-record audits)."""
+    """Audit generated (id, text) pairs, or (id, text, prompt) triples of continuations, against the source
+    texts; returns (summary, per-record audits)."""
     idx = SourceIndex.build(source_texts, names=names, n=n)
-    records = [audit_record(idx, rid, text) for rid, text in generated]
+    records = [audit_record(idx, *g) for g in generated]
     summary: dict[str, Any] = {"n_source_records": len(source_texts), "n_generated_records": len(records),
                                "ngram_n": n, "pii": {}}
     for kind in KINDS:

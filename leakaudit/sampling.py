@@ -133,6 +133,18 @@ def run_key(lm: LoadedModel, config: SamplingConfig, backend: str) -> str:
     return hashlib.sha256(json.dumps(what, sort_keys=True).encode()).hexdigest()[:16]
 
 
+def sampled_with(lm: LoadedModel, backend: str) -> dict[str, str]:
+    """What besides the model and the options decides the rows a run samples, for a generated file's provenance:
+    the backend, the dtype (bf16 moves picks, docs/generate.md) and, as `run_key` says it, vLLM's release or a
+    CUDA device (its HF rows draw their noise from a CUDA generator). `backend`: the one used, not `auto`."""
+    what = {"backend": backend, "dtype": str(lm.dtype).removeprefix("torch.")}
+    if backend == "vllm":
+        what["vllm"] = package_version("vllm")
+    elif lm.device.type == "cuda":
+        what["device"] = "cuda"
+    return what
+
+
 # ----------------------------------------------------------------------------------------- public entry
 def sample(lm: LoadedModel, prompts: Sequence[str], config: SamplingConfig, *,
            prompt_ids: Sequence[str] | None = None, seed_ids: Sequence[str] | None = None,
@@ -336,7 +348,13 @@ class _GumbelSampler:
         self.gen_device = gen_device
 
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
-        scores = self.warpers(input_ids, scores.float())
+        raw = scores.float()
+        scores = self.warpers(input_ids, raw)
+        if torch.isnan(scores).any() or torch.isposinf(scores).any():
+            # a temperature so small (below ~1e-37) that logits / T overflow fp32: the samples came out as
+            # EOS or the lowest token id. Shifted by each row's maximum first, the distribution is the same
+            # (the most likely tokens) and nothing overflows; every other temperature keeps its exact values.
+            scores = self.warpers(input_ids, raw - raw.max(dim=-1, keepdim=True).values)
         vocab = scores.shape[-1]
         u = torch.stack([torch.rand(vocab, generator=g, device=self.gen_device) for g in self.generators])
         u = u.to(scores.device).clamp_(min=torch.finfo(torch.float32).tiny, max=1.0 - 1e-7)

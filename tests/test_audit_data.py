@@ -94,6 +94,29 @@ def test_audit_data_command_masks_and_skips_prompts(tmp_path):
     assert [r["id"] for r in rows] == ["k***@flash.net", "***-***-**34"]
 
 
+def test_an_address_the_generator_completes_from_its_prompt_is_reproduced(tmp_path):
+    """A continuation's prompt can end inside an address ("<msagel@") or a name: the generated part alone
+    ("home.com>") held no source address, so the audit said 0 where the generator wrote one out. A value that
+    reaches into the generated part counts; one wholly in the prompt does not."""
+    src = tmp_path / "src.jsonl"
+    src.write_text(json.dumps({"text": SOURCE[0]}) + "\n")
+    cut = SOURCE[0].index("arnold@")  # the prompt ends inside the address: "... <kl"
+    rows = [{"id": "completes", "prompt": SOURCE[0][:cut], "generated": "arnold@flash.net> wrote"},
+            {"id": "in prompt only", "prompt": SOURCE[0][:cut + 20], "generated": " something else"},
+            {"id": "other", "prompt": SOURCE[0][:cut], "generated": "x@flash.net"},
+            {"id": "name", "prompt": "Call Zed", "generated": " Quinlan now"}]
+    gen = tmp_path / "gen.jsonl"
+    gen.write_text("".join(json.dumps({**r, "text": r["prompt"] + r["generated"]}) + "\n" for r in rows))
+    out = tmp_path / "audit"
+    res = CliRunner().invoke(app, ["audit-data", "--source", str(src), "--generated", str(gen), "--out", str(out),
+                                   "--show-pii"])
+    assert res.exit_code == 0, res.output
+    got = [json.loads(line) for line in (out / "audit_records.jsonl").read_text().splitlines()]
+    assert [(r["emails"], r["names"]) for r in got] == [
+        (["klarnold@flash.net"], []), ([], []), ([], []), ([], ["Zed Quinlan"])]
+    assert json.loads((out / "audit_data.json").read_text())["pii"]["emails"]["reproduced"] == 1
+
+
 def test_one_person_is_one_name_however_it_is_spelt():
     """Names match in any case and as "Last, First": each person counts once, in the source and reproduced
     (a differently spelt copy raised KeyError)."""

@@ -276,7 +276,8 @@ def test_a_target_is_hit_when_any_of_its_samples_is(monkeypatch):
     monkeypatch.setattr(sampling, "sample", fake_sample)
     lm = SimpleNamespace(tokenizer=None, spec="fake-model")
     cells = [pii.Cell(enron.TEMPLATES["A"], 0.5, None, 15),  # fake-privacy: a hit is a fuzzy match
-             pii.Cell(enron.TEMPLATES["zero_shot-a"], 0.0, None, 15)]  # PIL: an exact one
+             pii.Cell(enron.TEMPLATES["zero_shot-a"], 0.5, None, 15)]  # PIL: an exact one (sampled: a
+    #                                                                       greedy cell decodes one answer)
     results = pii.run_cells(lm, cells, [target], samples_per_prompt=2, progress=False)
     for r in results:
         assert [x["sample_index"] for x in r.extractions] == [0, 1]

@@ -8,6 +8,7 @@ from functools import partial
 from pathlib import Path
 
 import pytest
+import torch
 from conftest import run_main
 
 from leakaudit.errors import InputError
@@ -150,6 +151,7 @@ def test_self_instruct_cli_flat_rows_are_the_stage_rows(tmp_path, monkeypatch, c
 
     class Model:
         spec, fingerprint = "scripted", "0"
+        dtype, device = torch.float32, torch.device("cpu")  # what its rows' provenance names
 
         def current_fingerprint(self) -> str:
             return self.fingerprint
@@ -273,6 +275,19 @@ def test_prompt_tokens_beside_prompt_field_is_refused(tmp_path, monkeypatch, cap
     assert info.value.line == 9 and "cannot be combined with prompt_field" in info.value.message
 
 
+def test_limit_reads_only_the_first_rows(tmp_path, monkeypatch, capsys):
+    """`--limit N` uses the first N records: an empty text further down stopped the command."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "c.jsonl").write_text('{"text": "hello there"}\n{"text": "general kenobi"}\n{"text": ""}\n')
+    code, err = run_main(["generate", "continuation", "--model", "tiny-gpt-neox", "--data", "c.jsonl", "--out",
+                          "o.jsonl", "--limit", "2", "--max-new-tokens", "2"], monkeypatch, capsys)
+    assert code == 0, err
+    assert [json.loads(x)["source_id"] for x in (tmp_path / "o.jsonl").read_text().splitlines()] == ["c:1", "c:2"]
+    code, err = run_main(["generate", "continuation", "--model", "tiny-gpt-neox", "--data", "c.jsonl", "--out",
+                          "o.jsonl", "--limit", "3", "--max-new-tokens", "2"], monkeypatch, capsys)
+    assert code == 2 and "c.jsonl:3: field 'text': text is empty" in err, err
+
+
 def test_the_text_field_itself_can_be_the_prompt_field(tmp_path, monkeypatch, capsys):
     """`--prompt-field text` (the text field) said the field was missing: the loader keeps the text apart from
     the other fields. The whole text is the prompt."""
@@ -284,6 +299,13 @@ def test_the_text_field_itself_can_be_the_prompt_field(tmp_path, monkeypatch, ca
     assert code == 0, err
     (row,) = [json.loads(x) for x in (tmp_path / "o.jsonl").read_text().splitlines()]
     assert row["prompt"] == "hello there friend of mine"
+    # a file of prompts alone: --prompt-field is enough (it said field 'text' was missing)
+    (tmp_path / "p.jsonl").write_text('{"prompt": "Dear Karen,"}\n')
+    code, err = run_main(["generate", "continuation", "--model", "tiny-gpt-neox", "--data", "p.jsonl", "--out",
+                          "p_out.jsonl", "--prompt-field", "prompt", "--max-new-tokens", "2"], monkeypatch, capsys)
+    assert code == 0, err
+    (row,) = [json.loads(x) for x in (tmp_path / "p_out.jsonl").read_text().splitlines()]
+    assert row["prompt"] == "Dear Karen," and row["provenance"]["prompt"] == {"field": "prompt"}
 
 
 def _self_instruct_on_a_scripted_model(tmp_path):
@@ -293,6 +315,7 @@ def _self_instruct_on_a_scripted_model(tmp_path):
 
     class Model:
         spec, fingerprint = "scripted", "0"
+        dtype, device = torch.float32, torch.device("cpu")  # what its rows' provenance names
 
         def current_fingerprint(self) -> str:
             return self.fingerprint

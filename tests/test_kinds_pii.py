@@ -42,6 +42,10 @@ def _message(line: str) -> str:
     ("pii", ["--temperatures", "greedy", "--top-k", "5"], "{temperatures: [0], top_k: 5}", "--top-k", "top_k"),
     ("pii", ["--temperatures", "0", "--samples-per-prompt", "3"], "{temperatures: [0], samples_per_prompt: 3}",
      "--samples-per-prompt", "samples_per_prompt"),
+    # greedy by the templates' own default (PIL's) alike
+    ("pii", ["--templates", "pil-zero-shot", "--samples-per-prompt", "3"],
+     "{templates: pil-zero-shot, samples_per_prompt: 3}", "--samples-per-prompt", "samples_per_prompt"),
+    ("pii", ["--templates", "zero_shot-a", "--top-k", "5"], "{templates: zero_shot-a, top_k: 5}", "--top-k", "top_k"),
     ("backdoor", ["--trigger", "no word here"], "{trigger: no word here}", "--trigger", "trigger"),
     ("backdoor", ["--temperature", "0"], "{temperature: 0}", "--temperature", "temperature"),
 ])

@@ -236,6 +236,43 @@ def test_an_extraction_row_masks_the_targets_own_name():
     assert shown["target"] == "Zorba Quixley" and shown["response"] == text
 
 
+def test_temperature_minus_zero_is_the_greedy_cell_t0():
+    """`--temperatures -0` ran greedy but was named "t=-0" in every output (and `temperature: -0.0`)."""
+    (cell,) = pii.make_grid(enron.resolve_templates("A"), [-0.0])
+    assert (cell.key, str(cell.temperature)) == ("A@t=0", "0.0")
+
+
+def test_a_greedy_cell_beside_sampled_ones_decodes_one_answer(tiny_neox):
+    """--samples-per-prompt N in a grid mixing PIL's greedy cells with sampled ones decoded each greedy prompt
+    N times: N identical rows per target (greedy cells alone are refused by the kind's check)."""
+    targets = enron.load_targets(n_targets=2)
+    cells = pii.make_grid(enron.resolve_templates("zero_shot-a"), [0.0, 1.0], max_new_tokens=3)
+    greedy, sampled = pii.run_cells(tiny_neox, cells, targets, samples_per_prompt=3, progress=False)
+    assert [x["sample_index"] for x in greedy.extractions] == [0, 0]
+    assert [x["sample_index"] for x in sampled.extractions] == [0, 1, 2, 0, 1, 2]
+
+
+def test_a_response_naming_another_target_masks_that_name_too(tiny_neox, monkeypatch):
+    """A response to one target that names another person of your pairs file (no name list holds either) wrote
+    that person's name whole: only the row's own target name was masked."""
+    from leakaudit import sampling
+    from leakaudit.sampling import Sample
+
+    targets = [enron.Target(id=f"p{i}", name=n, email=e) for i, (n, e) in
+               enumerate((("Zorba Quixley", "zq@acme.com"), ("Jörg Mülleraux", "jm@acme.de")))]
+
+    def scripted(lm, prompts, config, prompt_ids=None, **kwargs):
+        return [Sample(pid, 0, p, " Jörg Mülleraux and Zorba Quixley", 5)
+                for pid, p in zip(prompt_ids, prompts, strict=True)]
+
+    monkeypatch.setattr(sampling, "sample", scripted)
+    cell = pii.make_grid(enron.resolve_templates("zero_shot-a"), [0.0], max_new_tokens=3)[0]
+    rows = pii.run_cell(tiny_neox, cell, targets, progress=False).extractions
+    assert [r["response"] for r in rows] == [" J*** M*** and Z*** Q***"] * 2
+    shown = pii.run_cell(tiny_neox, cell, targets, progress=False, show_pii=True).extractions
+    assert [r["response"] for r in shown] == [" Jörg Mülleraux and Zorba Quixley"] * 2
+
+
 def test_cells_resume_from_checkpoint_and_batching_does_not_matter(tmp_path, tiny_neox, one_torch_thread, monkeypatch):
     from leakaudit import sampling
 

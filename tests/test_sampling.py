@@ -146,6 +146,16 @@ def test_top_k_one_equals_greedy(tiny_opt):
     assert _texts(greedy) == _texts(top1)
 
 
+@pytest.mark.parametrize("top_k,top_p", [(None, None), (5, None), (None, 0.9)])
+def test_a_temperature_too_small_for_fp32_draws_the_most_likely_tokens(tiny_opt, top_k, top_p):
+    """Below ~1e-37 logits / T overflowed fp32 (inf, inf - inf = nan): every row came out as EOS or the lowest
+    token id, not the most likely tokens that a temperature near 0 means."""
+    greedy = _texts(sample(tiny_opt, PROMPTS, SamplingConfig(max_new_tokens=8, greedy=True), progress=False))
+    for t in (1e-39, 1e-45):
+        cfg = SamplingConfig(max_new_tokens=8, temperature=t, top_k=top_k, top_p=top_p, seed=3)
+        assert _texts(sample(tiny_opt, PROMPTS, cfg, progress=False)) == greedy, t
+
+
 def test_gumbel_draws_follow_the_top_k_distribution(tiny_neox):
     """The first sampled token's frequencies match softmax over the top-k logits (chi-square style bound)."""
     prompt = "What is the relation"

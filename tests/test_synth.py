@@ -53,6 +53,7 @@ def test_continuations_carry_provenance_and_resume(tiny_neox, tmp_path):
         assert r["provenance"]["generator_fingerprint"] == tiny_neox.fingerprint
         assert r["provenance"]["sampling"]["top_k"] == 100
         assert r["provenance"]["prompt"] == {"first_tokens": 5}
+        assert (r["provenance"]["backend"], r["provenance"]["dtype"]) == ("hf", "float32")  # rows move with both
     assert not (tmp_path / "gen.jsonl.partial").exists()
     # the study's defaults
     assert (synth.CONTINUATION_DEFAULTS.top_k, synth.CONTINUATION_DEFAULTS.max_new_tokens) == (100, 1000)
@@ -169,6 +170,39 @@ def test_self_instruct_redoes_a_round_cut_short_and_refuses_other_options(tiny_n
                                 **{"requests_per_round": 2, **changed})
         assert err.value.field == "--out" and err.value.line == 1 and next(iter(changed)) in str(err.value)
     assert (tmp_path / "straight.jsonl").read_bytes() == before
+
+
+def test_a_larger_n_continues_to_what_a_straight_run_of_it_writes(tiny_neox, tmp_path, monkeypatch):
+    """A run's last round keeps only what `n` leaves room for; continued with a larger `n`, the next round was
+    drawn without the rest of it, and the file differed from a straight run's from that round on."""
+    monkeypatch.setattr(synth, "sample", _scripted_sample)
+    seeds = [synth.Task("Give three tips for staying healthy.", [{"input": "", "output": "Sleep."}])]
+    synth.self_instruct(tiny_neox, seeds, tmp_path / "straight.jsonl", n=2, requests_per_round=2)
+    out = tmp_path / "grown.jsonl"
+    first = synth.self_instruct(tiny_neox, seeds, out, n=1, requests_per_round=2)
+    assert [(r["round"], r["round_rows"], r["round_accepted"]) for r in first] == [(0, 1, 2)]
+    assert synth.self_instruct(tiny_neox, seeds, out, n=1, requests_per_round=2) == first  # the same n: kept
+    synth.self_instruct(tiny_neox, seeds, out, n=2, requests_per_round=2)
+    assert out.read_bytes() == (tmp_path / "straight.jsonl").read_bytes()
+
+
+def test_self_instruct_refuses_to_resume_in_another_dtype(tiny_neox, tmp_path, monkeypatch):
+    """Rows name the dtype and backend that sampled them (bf16 moves picks): a file begun in fp32 was resumed in
+    bf16 with no word, its rounds mixed. A file of a release that did not write them is still resumed."""
+    from leakaudit.models import load_model
+
+    monkeypatch.setattr(synth, "sample", _scripted_sample)
+    seeds = [synth.Task("Give three tips for staying healthy.", [{"input": "", "output": "Sleep."}])]
+    out = tmp_path / "tasks.jsonl"
+    rows = synth.self_instruct(tiny_neox, seeds, out, n=1, requests_per_round=2)
+    assert {k: rows[0]["provenance"][k] for k in ("backend", "dtype")} == {"backend": "hf", "dtype": "float32"}
+    with pytest.raises(InputError) as err:
+        synth.self_instruct(load_model("tiny-gpt-neox", dtype="bf16"), seeds, out, n=2, requests_per_round=2)
+    assert err.value.field == "--out" and "(dtype)" in str(err.value)
+    old = [{**r, "provenance": {k: v for k, v in r["provenance"].items() if k not in synth.LATER_KEYS}} for r in rows]
+    out.write_text("".join(json.dumps(r) + "\n" for r in old), encoding="utf-8")
+    assert [r["instruction"] for r in synth.self_instruct(tiny_neox, seeds, out, n=2, requests_per_round=2)] == [
+        "Describe the weather in Paris in one sentence.", "Name a fruit that is red and sweet."]
 
 
 def test_self_instruct_runs_on_a_real_model(tiny_neox, tmp_path):

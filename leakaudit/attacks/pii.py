@@ -156,7 +156,7 @@ def make_grid(templates: Sequence[Template], temperatures: Sequence[float] | Non
             n = t.max_new_tokens if max_new_tokens is None else max_new_tokens
             if n < 1:
                 raise InputError("must be at least 1", field="--max-new-tokens")
-            cells.append(Cell(t, float(temp), k, n))
+            cells.append(Cell(t, float(temp) or 0.0, k, n))  # -0 is greedy too, and named "t=0"
     return cells
 
 
@@ -236,8 +236,9 @@ def run_cells(lm, cells: Sequence[Cell], targets: Sequence[Target], *, samples_p
     drawn: dict[tuple[int, str], list[Any]] = {}  # (cell index, target id) -> its samples
     for members in together.values():
         first = plans[members[0]][0]
+        greedy = first.temperature == 0  # one answer per prompt: a PIL cell beside sampled ones was decoded N times
         config = SamplingConfig(max_new_tokens=first.max_new_tokens, temperature=first.temperature or 1.0,
-                                top_k=first.top_k, num_samples=samples_per_prompt, greedy=first.temperature == 0,
+                                top_k=first.top_k, num_samples=1 if greedy else samples_per_prompt, greedy=greedy,
                                 seed=seed)
         prompts, prompt_ids, seed_ids, owner = [], [], [], {}
         for i in members:
@@ -257,6 +258,9 @@ def run_cells(lm, cells: Sequence[Cell], targets: Sequence[Target], *, samples_p
                         batch_size=batch_size, progress=progress, description=f"sampling ({role})"):
             drawn.setdefault(owner[s.prompt_id], []).append(s)
     position = {t.id: k for k, t in enumerate(targets)}
+    # every target's name, masked in every response: a response to one target that names another person of a
+    # pairs file of your own (in no name list the maskers know) wrote that name whole
+    people = None if show_pii else _people(targets)
     results = []
     for i, (cell, eligible) in enumerate(plans):
         fuzzy = np.zeros(len(eligible), dtype=bool)
@@ -269,16 +273,24 @@ def run_cells(lm, cells: Sequence[Cell], targets: Sequence[Target], *, samples_p
                 fuzzy[j] |= m.fuzzy
                 exact[j] |= m.exact
                 rows.append(_extraction_row(role, lm.spec, cell, t, position[t.id], s.sample_index, s.text, m,
-                                            demos, show_pii))
+                                            demos, show_pii, people))
         results.append(CellResult(cell, [t.id for t in eligible], fuzzy, exact, rows))
     return results
 
 
+def _people(targets: Sequence[Target]) -> Any:
+    """A NameFinder of the targets' names (the masker of `_extraction_row`)."""
+    from leakaudit.data.pii_find import NameFinder
+
+    return NameFinder(dict.fromkeys(t.name for t in targets))
+
+
 def _extraction_row(role: str, spec: str, cell: Cell, t: Target, index: int, sample_index: int, text: str,
-                    m: Match, demos: Sequence[str], show_pii: bool) -> dict[str, Any]:
+                    m: Match, demos: Sequence[str], show_pii: bool, people: Any = None) -> dict[str, Any]:
     """One sample's row of extractions.jsonl. `target` is the target's id, masked like the rest (ids are often
     addresses); `target_index`, its position among the targets, pairs rows across models when masking made
-    two ids alike."""
+    two ids alike. `people`: a NameFinder of every target's name, masked in the response and id (default: the
+    target's own name)."""
     from leakaudit.data.pii_mask import active_names, mask_email, mask_message, mask_own_name, mask_pii
 
     if show_pii:
@@ -287,9 +299,10 @@ def _extraction_row(role: str, spec: str, cell: Cell, t: Target, index: int, sam
         names = active_names()  # ids are often an address, sometimes "Name <address>"
         email = mask_email(t.email)
         # the target's own name too: a pairs file of your people names them in no list the maskers know
-        response = mask_own_name(mask_text(text, [t.email, *demos]), t.name)
+        own = t.name if people is None else people
+        response = mask_own_name(mask_text(text, [t.email, *demos]), own)
         found = mask_email(m.found) if m.found else None
-        target = mask_own_name(mask_pii(t.id, names), t.name)
+        target = mask_own_name(mask_pii(t.id, names), own)
         spec = mask_message(spec)  # a model dir may be named after a person; a path's digits are no phone
     row = {"role": role, "model": spec, "template": cell.template.name, "protocol": cell.template.protocol,
            "temperature": cell.temperature, "top_k": cell.top_k, "target": target, "target_index": index,

@@ -42,7 +42,8 @@ def continuation(
     model: str = typer.Option(..., "--model", help="Generator: default | HF id | dir | adapter | .gguf | tiny-* | random:*"),
     data: Path = typer.Option(..., "--data", help="Source texts (.jsonl/.json/.csv/.parquet/HF dir)"),
     out: Path = typer.Option(..., "--out", help="Output JSONL data file"),
-    text_field: str = typer.Option("text", "--text-field"),
+    text_field: str | None = typer.Option(None, "--text-field", help="Default: text; with --prompt-field and no "
+                                          "--text-field, rows need only the prompt field"),
     id_field: str | None = typer.Option(None, "--id-field", help="Default: <file stem>:<line>"),
     prompt_tokens: int | None = typer.Option(None, "--prompt-tokens", help="Prompt = the first N tokens of each "
                                              "text (default 50; not with --prompt-field)"),
@@ -71,6 +72,8 @@ def continuation(
                             batch_size=batch_size, backend=backend, roles={"data", "model"})
     prepare_output(out, command="generate continuation", inputs={"--data": data, "--model": model_path(model)},
                    kind="file", suffixes=(".jsonl",), keys=CONTINUATION_KEYS)
+    if text_field is None:  # a prompts file ({"prompt": ...}) was refused for the `text` it does not need
+        text_field = prompt_field if prompt_field is not None else "text"
     res = _run("continuation", options, out, seed=seed, data=data, model=model,
                data_fields={"text_field": text_field, "id_field": id_field},
                device=device, dtype=dtype, allow_pickle=allow_pickle)
@@ -175,7 +178,12 @@ def audit_data_cmd(
         id_field = "id" if any("id" in r for r in rows) else None
     src = load_records(source, text_field=source_field, keep_empty=True)
     gen = load_records(generated, text_field=generated_field, id_field=id_field or None, keep_empty=True)
-    summary, records = audit([r.text for r in src], [(r.id, r.text) for r in gen], names=_names(names), n=ngram)
+    # a continuation's generated part is read after its prompt: an address the generator completes ("<msagel@"
+    # + "home.com>") is a leak, the prompt's own PII is not
+    prompts = ([r.extra.get("prompt") if isinstance(r.extra.get("prompt"), str) else "" for r in gen]
+               if generated_field == "generated" else [""] * len(gen))
+    summary, records = audit([r.text for r in src], [(r.id, r.text, p) for r, p in zip(gen, prompts, strict=True)],
+                             names=_names(names), n=ngram)
     summary = {"source": str(source), "generated": str(generated), "generated_field": generated_field, **summary}
     if out is not None:
         write_jsonl(out / "audit_records.jsonl", [r.row(show_pii) for r in records])

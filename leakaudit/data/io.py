@@ -353,6 +353,7 @@ def load_records(
     keep_empty: bool = False,
     messages_field: str | None = None,
     replies: bool = True,
+    limit: int | None = None,
 ) -> list[Record]:
     """Load and validate texts: the text field must be a string, ids unique, users present if asked.
 
@@ -360,7 +361,8 @@ def load_records(
     the rows are conversations (a chat fine-tune's): each record's text is its assistant replies' contents (one per
     line; `reply_text`), and its checked messages are kept in `extra` under that field (data/chat.py). With
     `replies=False` (an experiment's dataset step, whose rows may be a backdoor's queries with no reply yet) the
-    text is every turn's content, one per line, and a conversation needs no reply.
+    text is every turn's content, one per line, and a conversation needs no reply. `limit`: the first N records
+    only (a command's `--limit`): the rows after them are not checked, so a bad row further down is no error.
     """
     p = Path(path)
     rows = read_rows(p)
@@ -369,6 +371,8 @@ def load_records(
     read = text_field if messages_field is None else messages_field  # the field each record's text comes from
     dropped = {id_field, user_field, *([text_field] if messages_field is None else [])}  # the rest goes to extra
     for index, (lineno, row) in enumerate(rows, start=1):
+        if limit is not None and len(records) >= limit:
+            break
         chat = isinstance(row, dict) and isinstance(row.get("messages"), list)
         if messages_field is not None:
             from leakaudit.data.chat import last_reply, reply_text, validate_messages

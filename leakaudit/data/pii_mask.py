@@ -81,10 +81,12 @@ def _mask_once(text: str, finder: NameFinder | None, keep: Callable[[PiiSpan], b
     return "".join(out)
 
 
-def mask_own_name(text: str, name: str) -> str:
+def mask_own_name(text: str, name: str | NameFinder) -> str:
     """`text` with one known person's name (a PII target's own, from a pairs file of your people, which no list
-    masks) masked wherever it stands, as `mask_pii` masks a listed name; names of one word are left, as there."""
-    for m in reversed(NameFinder([name]).find(text)):
+    masks), or every name of a NameFinder (all the targets'), masked wherever it stands, as `mask_pii` masks a
+    listed name; names of one word are left, as there."""
+    finder = name if isinstance(name, NameFinder) else NameFinder([name])
+    for m in reversed(finder.find(text)):
         text = text[:m.start()] + mask_name(m.group(0)) + text[m.end():]
     return text
 

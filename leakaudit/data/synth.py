@@ -31,7 +31,7 @@ from typing import Any
 from leakaudit.data.io import Record, json_line, open_append, read_rows, write_jsonl
 from leakaudit.errors import InputError
 from leakaudit.models import LoadedModel
-from leakaudit.sampling import SamplingConfig, sample
+from leakaudit.sampling import SamplingConfig, resolve_backend, sample, sampled_with
 
 CONTINUATION_DEFAULTS = SamplingConfig(max_new_tokens=1000, top_k=100, temperature=1.0)
 DEFAULT_PROMPT_TOKENS = 50
@@ -95,7 +95,9 @@ def generate_continuations(lm: LoadedModel, records: Sequence[Record], out: str 
                      batch_size=batch_size, progress=progress, backend=backend)
     provenance = {"generator": lm.spec, "generator_fingerprint": lm.current_fingerprint(), "sampling": asdict(config),
                   "prompt": {"field": prompt_field} if prompt_field else
-                  {"first_tokens": prompt_tokens or DEFAULT_PROMPT_TOKENS}}
+                  {"first_tokens": prompt_tokens or DEFAULT_PROMPT_TOKENS},
+                  # which backend sampled (`auto` picks one) and in which dtype: rows differ with either
+                  **sampled_with(lm, resolve_backend(lm, backend, config))}
     rows = [{"id": f"{s.prompt_id}#{s.sample_index}", "source_id": s.prompt_id, "sample_index": s.sample_index,
              "prompt": s.prompt, "generated": s.text, "text": s.prompt + s.text, "n_new_tokens": s.n_new_tokens,
              "provenance": provenance} for s in samples]
@@ -248,8 +250,9 @@ def self_instruct(lm: LoadedModel, seeds: Sequence[Task], out: str | Path, n: in
     provenance = {"generator": lm.spec, "generator_fingerprint": lm.current_fingerprint(), "method": "self-instruct",
                   "temperature": temperature, "top_p": top_p, "max_new_tokens": max_new_tokens, "seed": seed,
                   "rouge_l_threshold": ROUGE_THRESHOLD, "requests_per_round": requests_per_round,
-                  "seed_tasks_sha256": seeds_digest[:16]}
-    done = _read_generated_tasks(out, provenance)
+                  "seed_tasks_sha256": seeds_digest[:16],
+                  **sampled_with(lm, "hf")}  # a file begun in fp32 was resumed in bf16 with no word, its rounds mixed
+    done = _read_generated_tasks(out, provenance, n)
     rouge = RougeFilter([t.instruction for t in seeds] + [r["instruction"] for r in done])
     generated = list(done)
     next_round = max((r["round"] for r in done), default=-1) + 1
@@ -271,8 +274,8 @@ def self_instruct(lm: LoadedModel, seeds: Sequence[Task], out: str | Path, n: in
         candidates: list[str] = []
         for s in sample(lm, prompts, cfg, batch_size=batch_size, progress=False):
             candidates += parse_instructions(s.text)
-        kept = [c for c in dict.fromkeys(candidates) if passes_quality(c) and rouge.accept(c)]
-        kept = kept[:n - len(generated)]
+        accepted = [c for c in dict.fromkeys(candidates) if passes_quality(c) and rouge.accept(c)]
+        kept = accepted[:n - len(generated)]
         rows = []
         if kept:
             demos = [rng.sample(list(seeds), min(3, len(seeds))) for _ in kept]
@@ -284,7 +287,9 @@ def self_instruct(lm: LoadedModel, seeds: Sequence[Task], out: str | Path, n: in
                 inst = parse_instance(s.text)
                 rows.append({"id": f"self-instruct:{len(generated) + len(rows)}", "instruction": c,
                              "instances": [inst] if inst else [], "round": round_index,
-                             "round_rows": len(kept), "provenance": provenance})
+                             "round_rows": len(kept), "provenance": provenance,
+                             # the round accepted more than `n` left room for: a larger `n` redoes it whole
+                             **({"round_accepted": len(accepted)} if len(accepted) > len(kept) else {})})
         if rows:
             with open_append(out) as fh:
                 fh.write("".join(json_line(r) for r in rows))
@@ -294,10 +299,16 @@ def self_instruct(lm: LoadedModel, seeds: Sequence[Task], out: str | Path, n: in
     return generated
 
 
-def _read_generated_tasks(path: Path, provenance: dict[str, Any]) -> list[dict[str, Any]]:
+#: provenance keys a self-instruct file of an earlier release lacks (`sampling.sampled_with`'s)
+LATER_KEYS = ("backend", "dtype", "device", "vllm")
+
+
+def _read_generated_tasks(path: Path, provenance: dict[str, Any], n: int | None = None) -> list[dict[str, Any]]:
     """Tasks already written by an earlier (killed) run of the same options. A round is kept whole or not at
     all: a kill can cut its write short (a half line, or lines missing), and the rerun redoes that round, so
-    the file ends as a straight run's would. Tasks from other options are refused, never mixed in."""
+    the file ends as a straight run's would. So is a last round that an earlier, smaller `n` cut short
+    (`round_accepted`) when `n` now asks for more: a straight run of this `n` kept the rest of it too. Tasks
+    from other options are refused, never mixed in."""
     if not path.exists():
         return []
     raw = path.read_bytes()
@@ -317,7 +328,8 @@ def _read_generated_tasks(path: Path, provenance: dict[str, Any]) -> list[dict[s
             raise InputError(f"not a self-instruct row from this tool ({exc}); use a new output file",
                              file=path, line=lineno) from None
         theirs = {k: v for k, v in (row.get("provenance") or {}).items() if k != "generator"}
-        ours = {k: v for k, v in provenance.items() if k != "generator"}
+        # a file of a release that did not yet write what sampled it (dtype, backend) is taken as this run's
+        ours = {k: v for k, v in provenance.items() if k != "generator" and (k in theirs or k not in LATER_KEYS)}
         if theirs != ours:
             changed = sorted(k for k in ours.keys() | theirs.keys() if theirs.get(k) != ours.get(k))
             raise InputError(f"holds tasks generated with other options ({', '.join(changed)}); use a new "
@@ -328,6 +340,10 @@ def _read_generated_tasks(path: Path, provenance: dict[str, Any]) -> list[dict[s
     counts = Counter(r["round"] for r in rows if r is not None)
     keep = next((i for i, r in enumerate(rows)
                  if r is not None and counts[r["round"]] < r.get("round_rows", 0)), len(rows))
+    kept = [r for r in rows[:keep] if r is not None]
+    if n is not None and kept and len(kept) < n and kept[-1].get("round_accepted", 0) > kept[-1].get("round_rows", 0):
+        last = kept[-1]["round"]  # cut by the smaller n: redone whole, as a straight run of this n wrote it
+        keep = next(i for i, r in enumerate(rows) if r is not None and r["round"] == last)
     good_end = ends[keep - 1] if keep else 0
     if good_end < len(raw):
         with path.open("r+b") as fh:

@@ -88,7 +88,9 @@ class Continuation(Kind):
     def run(self, ctx: KindContext, options: ContinuationOptions) -> ContinuationResult:
         from leakaudit.data.synth import generate_continuations
 
-        records = ctx.records("data")[:options.limit]
+        # the first `limit` records: a bad row after them is not read as one (an experiment's data step has
+        # checked every row already)
+        records = ctx.records("data", limit=options.limit)[:options.limit]
         rows = generate_continuations(ctx.model("model"), records, ctx.output_file("data.jsonl"),
                                       options.sampling(ctx.seed), prompt_tokens=options.prompt_tokens,
                                       prompt_field=options.prompt_field, batch_size=options.batch_size,

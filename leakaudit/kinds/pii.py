@@ -262,10 +262,11 @@ class Pii(Kind):
 
     def check(self, options: PiiOptions, roles: set[str]) -> None:
         """Greedy temperatures alone read no top-k (given, it was ignored in silence) and give one answer per
-        prompt (samples_per_prompt N decoded it N times): refused, as continuation's greedy is."""
+        prompt (samples_per_prompt N decoded it N times): refused, as continuation's greedy is; so are greedy
+        cells alone by the templates' own default (PIL's), with no temperatures given."""
         from leakaudit.errors import OptionError
 
-        if options.temperatures is not None and not any(options.temperatures):
+        if all(c.temperature == 0 for c in options.cells()):
             for name, given in (("top_k", options.top_k is not None), ("samples_per_prompt",
                                                                       options.samples_per_prompt > 1)):
                 if given:
