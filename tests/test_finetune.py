@@ -547,3 +547,23 @@ def test_a_conversation_with_no_assistant_turn_is_named_by_its_line(turns, tmp_p
     out = finetune(_cfg(data, tmp_path / "b", format="chat", loss_on="all", max_steps=1, save_steps=None),
                    progress=False)
     assert json.loads((out / "defenses.json").read_text())["n_train_examples"] == 2
+
+
+def test_launched_dp_sgd_is_refused_before_anything_is_written(tmp_path, monkeypatch):
+    """Under a launcher DP-SGD was refused only in its training loop, after the out dir got a config saying
+    "trained by 2 processes": the one-process rerun the error asked for was then refused as a resume."""
+    data = tmp_path / "d.jsonl"
+    data.write_text("".join(json.dumps({"text": f"text number {i}"}) + "\n" for i in range(4)))
+    out = tmp_path / "dp"
+    config = FinetuneConfig(model="tiny-gpt-neox", data=str(data), method="lora", out=str(out), dp_epsilon=8.0,
+                            epochs=1, batch_size=2)
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")  # a launch: a process group would be joined past the check
+    monkeypatch.setenv("MASTER_PORT", "1")
+    from leakaudit.train import finetune as ft
+
+    monkeypatch.setattr(ft, "build_model", lambda *a: pytest.fail("loaded the model before refusing"))
+    with pytest.raises(InputError, match="without the launcher") as err:
+        finetune(config)
+    assert err.value.field == "--dp-epsilon" and not out.exists()

@@ -563,6 +563,11 @@ def _check_engine(config: FinetuneConfig) -> None:
 
     if config.fsdp and config.dp_epsilon is not None:
         raise InputError("DP-SGD (Opacus) runs in one process; drop --fsdp", field="--fsdp")
+    if config.dp_epsilon is not None and world()[1] > 1:
+        # here, not only in train_dp: refused there, after the model loaded, the out dir kept a config saying
+        # "trained by N processes", and the one-process rerun the error asks for was refused as a resume
+        raise InputError(f"DP-SGD (Opacus) runs in one process, and this is one of {world()[1]} launched ones: "
+                         "run this fine-tune without the launcher", field="--dp-epsilon")
     if config.fsdp and config.method == "pissa":
         raise InputError("PiSSA's adapter conversion needs the whole adapter in one process; use lora/dora "
                          "with --fsdp, or DDP for PiSSA", field="--fsdp")
