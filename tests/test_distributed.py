@@ -107,3 +107,45 @@ def test_mia_and_user_inference_in_two_processes_match_one_process(tmp_path, tin
     r1, r2 = ([json.loads(x) for x in (d / "ui" / "user_scores.jsonl").read_text().splitlines()] for d in (one, two))
     assert [r["user"] for r in r1] == [r["user"] for r in r2]
     assert np.allclose([r["scores"]["all"] for r in r1], [r["scores"]["all"] for r in r2], rtol=1e-5)
+
+
+def test_every_option_has_a_name_torchrun_passes_through():
+    """torchrun parses its whole command line with abbreviations on: an option of ours that abbreviates several
+    of its own (`generate self-instruct --n`: --nnodes, --nproc-per-node, ...) stopped it with a usage error,
+    so the command could not be launched at all. Each option needs one name it hands to leakaudit as given."""
+    import contextlib
+    import importlib
+    import io
+
+    import typer
+    from torch.distributed.run import get_args_parser
+
+    from leakaudit.cli import app
+
+    click = importlib.import_module(typer.BadParameter.__module__.rsplit(".", 1)[0])
+    root = typer.main.get_command(app)
+    ctx = click.Context(root)
+    parser = get_args_parser()
+
+    def passes(name: str) -> bool:
+        try:
+            with contextlib.redirect_stderr(io.StringIO()):
+                args = parser.parse_args(["-m", "leakaudit", "cmd", name, "1"])
+        except SystemExit:
+            return False
+        return args.training_script_args == ["cmd", name, "1"]
+
+    refused = []
+
+    def walk(command, path: list[str]) -> None:
+        if hasattr(command, "list_commands"):
+            for sub in command.list_commands(ctx):
+                walk(command.get_command(ctx, sub), [*path, sub])
+        for param in command.params:
+            names = [o for o in [*getattr(param, "opts", []), *getattr(param, "secondary_opts", [])]
+                     if o.startswith("--")]
+            if names and not any(passes(o) for o in names):
+                refused.append((" ".join(path), names))
+
+    walk(root, [])
+    assert refused == []

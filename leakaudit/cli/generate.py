@@ -85,7 +85,10 @@ def continuation(
 def self_instruct_cmd(
     model: str = typer.Option(..., "--model", help="Generator model"),
     out: Path = typer.Option(..., "--out", help="Output JSONL of tasks {instruction, instances, provenance}"),
-    n: int = typer.Option(..., "--n", help="How many new tasks to generate"),
+    # --n-tasks: torchrun's parser stops at the first `--n` of a command line (ambiguous with its --nnodes,
+    # --nproc-per-node, ...), so `torchrun ... -m leakaudit generate self-instruct --n 8` never started
+    n: int = typer.Option(..., "--n", "--n-tasks", help="How many new tasks to generate (--n-tasks: the same, "
+                          "for torchrun, which refuses --n as ambiguous with its own options)"),
     seed_tasks: Path | None = typer.Option(None, "--seed-tasks", help="Default: the shipped 175 seed tasks"),
     flat: Path | None = typer.Option(None, "--flat", help="Also write one {instruction, input, output, text} "
                                      "row per instance here (what an experiment's self-instruct step writes)"),
