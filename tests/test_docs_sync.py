@@ -171,3 +171,16 @@ def test_every_model_spec_list_in_help_names_random_specs():
     assert len(listed) >= 10  # score, model-info, finetune, pii, pii-logprob, generate, backdoor
     stale = [f"{words}: {text}" for words, text in listed if "random:" not in text]
     assert not stale, "\n".join(stale)
+
+
+def test_readme_names_every_command_a_launch_runs_on_rank_0_alone():
+    """README's "Scaling out" lists the commands rank 0 runs alone under a launcher; `seeds` was left out."""
+    from leakaudit.cli import ONE_PROCESS
+
+    text = (DOCS.parent / "README.md").read_text()
+    section = text[text.index("## Scaling out"):]
+    section = " ".join(section[:section.index("\n## ")].split())
+    for command in ONE_PROCESS:
+        first, _, sub = command.partition(" ")
+        named = f"`{command}`" in section or (sub and re.search(rf"`{first} [a-z|]*\b{sub}\b[a-z|]*`", section))
+        assert named, f"README's Scaling out does not name `{command}` among the commands rank 0 runs alone"
