@@ -450,3 +450,16 @@ def test_a_process_an_mpi_launcher_started_stops_with_one_line(var, tmp_path, mo
     monkeypatch.setenv("WORLD_SIZE", "2")
     monkeypatch.setenv("RANK", "1")
     assert run_main(["seeds", tmp_path / "nowhere"], monkeypatch, capsys) == (0, "")
+
+
+def test_help_and_version_under_a_launcher_are_printed_by_rank_0_alone(monkeypatch, capsys):
+    """`torchrun --nproc-per-node 2 -m leakaudit mia --help` (or `--version`) printed it once per process."""
+    from conftest import run_main
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    for args in (["mia", "--help"], ["finetune", "-h"], ["--version"]):
+        monkeypatch.setenv("RANK", "1")
+        assert run_main(args, monkeypatch, capsys, stdout=True) == (0, "", "")
+        monkeypatch.setenv("RANK", "0")
+        code, out, _ = run_main(args, monkeypatch, capsys, stdout=True)
+        assert code == 0 and ("Usage:" in out or "leakaudit " in out)

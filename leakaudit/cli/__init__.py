@@ -194,6 +194,10 @@ ONE_PROCESS = ("pii", "generate", "audit-data", "merge", "model-info", "seeds", 
                "backdoor identify", "backdoor detect")
 
 
+#: options that print and exit before any work: under a launcher rank 0 alone answers them
+ANSWERED_BY_RANK_0 = frozenset({"--help", "-h", "--version"})
+
+
 @contextmanager
 def _one_process() -> Iterator[None]:
     """Under a launcher, a command of ONE_PROCESS runs on rank 0 as if alone; the other processes stop at once
@@ -203,6 +207,8 @@ def _one_process() -> Iterator[None]:
     words = [a for a in sys.argv[1:] if not a.startswith("-")][:2]
     command = next((c for c in (" ".join(words), words[0] if words else "") if c in ONE_PROCESS), None)
     rank, size = world()
+    if size > 1 and rank != 0 and ANSWERED_BY_RANK_0.intersection(sys.argv[1:]):
+        sys.exit(0)  # help and the version are rank 0's to print: every process printed them, N copies on stdout
     if size == 1 or command is None:
         yield
         return
