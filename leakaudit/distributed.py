@@ -264,6 +264,32 @@ def gather_floats(local: Sequence[float], n_total: int) -> np.ndarray:
     return np.array([p[0] for p in parts], dtype=np.float64)
 
 
+@contextmanager
+def window_warning_of_all(lm) -> Iterator[None]:
+    """Around one process's scoring of its shard: the window warning it would say is said once, after, with
+    every process's counts summed. Said per shard, a launched run warned "14 of 14 texts are longer than the
+    16-token window" where one process said "27 of 27"."""
+    import torch
+    import torch.distributed as dist
+
+    from leakaudit import scoring
+
+    counts: list[tuple] = []
+    saved, scoring._strided_counts = scoring._strided_counts, counts
+    try:
+        yield
+    finally:
+        scoring._strided_counts = saved
+    total = torch.tensor([sum(c[0] for c in counts), sum(c[1] for c in counts), int(any(c[4] for c in counts))],
+                         dtype=torch.int64)
+    if world()[1] > 1:
+        _group()
+        dist.all_reduce(total)
+    if counts:  # every process scored (an empty shard too); window, step and what is counted are the same
+        _, _, window, step, _, counted = counts[0]
+        scoring._say_strided(lm, int(total[0]), int(total[1]), window, step, bool(total[2]), counted)
+
+
 def score_texts_distributed(lm, texts: Sequence[str], *, prefixes: str | Sequence[str | None] | None = None,
                             moments: bool = False, **kwargs) -> list[TokenScores]:
     """`scoring.score_texts` with the same signature, data-parallel across launched processes.
@@ -284,8 +310,9 @@ def score_texts_distributed(lm, texts: Sequence[str], *, prefixes: str | Sequenc
         if len(prefixes) != len(texts):
             raise ValueError("prefixes must match texts in length")
         my_prefixes = [prefixes[i] for i in mine]
-    local = score_texts(lm, [texts[i] for i in mine], prefixes=my_prefixes, moments=moments,
-                        progress=kwargs.pop("progress", True) and rank == 0, **kwargs)
+    with window_warning_of_all(lm):
+        local = score_texts(lm, [texts[i] for i in mine], prefixes=my_prefixes, moments=moments,
+                            progress=kwargs.pop("progress", True) and rank == 0, **kwargs)
     return _gather_scores(local, len(texts), moments)
 
 
@@ -313,6 +340,7 @@ def score_ids_distributed(lm, contexts: Sequence[Sequence[int]], ids: Sequence[S
     if len(contexts) != len(ids):
         raise ValueError("contexts must match ids in length")
     mine = shard(len(ids))
-    local = score_ids(lm, [contexts[i] for i in mine], [ids[i] for i in mine],
-                      progress=kwargs.pop("progress", True) and rank == 0, **kwargs)
+    with window_warning_of_all(lm):
+        local = score_ids(lm, [contexts[i] for i in mine], [ids[i] for i in mine],
+                          progress=kwargs.pop("progress", True) and rank == 0, **kwargs)
     return _gather_scores(local, len(ids), moments=kwargs.get("moments", False))

@@ -696,12 +696,20 @@ def checked_batch_size(batch_size: int | str) -> int | str:
         raise InputError(str(exc), field="--batch-size") from None
 
 
+#: where `_say_strided` leaves its counts instead of saying them: set by distributed's wrappers while this
+#: process scores its shard; they say the warning once with every process's counts (`window_warning_of_all`)
+_strided_counts: list[tuple] | None = None
+
+
 def _say_strided(lm: LoadedModel, long: int, n_texts: int, window: int, step: int, contexts: bool = False,
                  counted: str | None = None) -> None:
     """Say once that `long` of `n_texts` texts did not fit the window: their later tokens are scored with a
     shorter context than the model could use on a shorter text, which a membership score of a long text then
     reflects. With `contexts` (a prompt or prefix before each text) it may be the context that did not fit.
     `counted` names what is counted where it is not texts (conversations)."""
+    if _strided_counts is not None:
+        _strided_counts.append((long, n_texts, window, step, contexts, counted))
+        return
     if long:
         what = counted or ("texts with the context before them" if contexts else "texts")
         warn_once(f"{long} of {n_texts} {what} are longer than the {window}-token window of {lm.spec}: each is "

@@ -149,3 +149,21 @@ def test_every_option_has_a_name_torchrun_passes_through():
 
     walk(root, [])
     assert refused == []
+
+
+def test_launched_window_warning_counts_every_process_texts(tmp_path):
+    """Each process warned with its own shard's counts, and rank 0 said "3 of 3 texts are longer than the
+    16-token window" of 5 texts that all were: the warning now sums every process's counts, said once."""
+    data = tmp_path / "t.jsonl"
+    data.write_text("".join(json.dumps({"text": f"text {i} " + "with quite a few more words " * 4}) + "\n"
+                            for i in range(5)))
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "LEAKAUDIT_DTYPE": "fp32", "TMPDIR": str(tmp_path),
+           "PYTHONPATH": os.pathsep.join(filter(None, [str(Path(__file__).resolve().parents[1]),
+                                                        os.environ.get("PYTHONPATH")]))}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port",
+           str(_free_port()), "-m", "leakaudit", "score", "--model", "tiny-gpt-neox", "--data", str(data),
+           "--out", str(tmp_path / "s.jsonl"), "--max-length", "16", "--stride", "8", "--no-cache"]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    warnings = [line for line in proc.stderr.splitlines() if "-token window" in line]
+    assert len(warnings) == 1 and warnings[0].startswith("warning: 5 of 5 texts are longer"), proc.stderr[-3000:]
