@@ -263,6 +263,8 @@ def test_a_launched_chat_pass_keeps_the_min_k_pp_moments(tiny_neox, monkeypatch)
     monkeypatch.setattr(dist, "world", lambda: (0, 2))
     monkeypatch.setattr(dist, "shard", lambda n: list(range(n)))  # this process scores all, the gather is a copy
     monkeypatch.setattr(dist, "gather_ragged", lambda local, n: list(local))
+    monkeypatch.setattr(dist, "_group", lambda: None)  # no process group: the window counts' sum is this one's
+    monkeypatch.setattr("torch.distributed.all_reduce", lambda tensor: None)
     context, reply = _trained_run(tiny_neox.tokenizer, ONE_TURN)
     got = dist.score_ids_distributed(tiny_neox, [context], [reply], moments=True, cache=False, progress=False)
     want = _by_hand(tiny_neox, context, reply)
