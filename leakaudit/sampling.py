@@ -25,6 +25,7 @@ import gc
 import hashlib
 import importlib.util
 import json
+import math
 import os
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
@@ -350,7 +351,7 @@ class _GumbelSampler:
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
         raw = scores.float()
         scores = self.warpers(input_ids, raw)
-        if torch.isnan(scores).any() or torch.isposinf(scores).any():
+        if not bool(scores.max() < math.inf):  # a NaN or +inf anywhere (max keeps a NaN): one reduction a step
             # a temperature so small (below ~1e-37) that logits / T overflow fp32: the samples came out as
             # EOS or the lowest token id. Shifted by each row's maximum first, the distribution is the same
             # (the most likely tokens) and nothing overflows; every other temperature keeps its exact values.
