@@ -282,9 +282,8 @@ def window_warning_of_all(lm) -> Iterator[None]:
         scoring._strided_counts = saved
     total = torch.tensor([sum(c[0] for c in counts), sum(c[1] for c in counts), int(any(c[4] for c in counts))],
                          dtype=torch.int64)
-    if world()[1] > 1:
-        _group()
-        dist.all_reduce(total)
+    _group()  # the wrappers use it under a launcher only: with one process they are score_texts / score_ids
+    dist.all_reduce(total)
     if counts:  # every process scored (an empty shard too); window, step and what is counted are the same
         _, _, window, step, _, counted = counts[0]
         scoring._say_strided(lm, int(total[0]), int(total[1]), window, step, bool(total[2]), counted)
